@@ -1,0 +1,103 @@
+"""Model configuration: plain keyword-only dataclasses, validated when built.
+
+Error messages name the full config key (``model.moe.top_k``) because that is
+what the user types in YAML or on the command line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and the fix."""
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    num_experts: int = 8
+    """Routed experts per MoE layer."""
+    top_k: int = 2
+    """Experts each token is sent to."""
+    ffn_dim: int = 256
+    """Hidden size of one routed expert's SwiGLU (independent of the dense FFN)."""
+    router: Literal["topk_softmax"] = "topk_softmax"
+    """Routing rule; softmax over experts, then top-k (Mixtral/GShard)."""
+    renormalize: bool = True
+    """Rescale the k selected weights of a token to sum to one."""
+    aux_loss_coef: float = 0.01
+    """Weight of the Switch/GShard load-balancing loss (1.0 means balanced)."""
+    z_loss_coef: float = 0.001
+    """Weight of the router z-loss, mean(logsumexp(logits)^2)."""
+    capacity_factor: Optional[float] = None
+    """None: dropless. Otherwise each expert takes at most
+    ceil(capacity_factor * tokens * top_k / num_experts) copies per rank; the rest are dropped."""
+    num_shared_experts: int = 0
+    """Always-on experts applied to every token (DeepSeek/Qwen style)."""
+    shared_ffn_dim: Optional[int] = None
+    """Hidden size of the fused shared expert; default ffn_dim * num_shared_experts."""
+    every: int = 1
+    """After the first dense layers, every `every`-th block is an MoE block."""
+    first_dense_layers: int = 0
+    """Leading blocks that use a dense FFN."""
+    expert_compute: Literal["auto", "loop", "grouped_mm"] = "auto"
+    """auto: a loop of matmuls on CPU, torch._grouped_mm on GPU."""
+
+    def __post_init__(self) -> None:
+        require(self.num_experts >= 1, f"model.moe.num_experts={self.num_experts} must be >= 1")
+        require(1 <= self.top_k <= self.num_experts,
+                f"model.moe.top_k={self.top_k} must be between 1 and model.moe.num_experts={self.num_experts}")
+        require(self.ffn_dim >= 1, f"model.moe.ffn_dim={self.ffn_dim} must be >= 1")
+        require(self.capacity_factor is None or self.capacity_factor > 0,
+                f"model.moe.capacity_factor={self.capacity_factor} must be > 0, or null for dropless")
+        require(self.num_shared_experts >= 0, "model.moe.num_shared_experts must be >= 0")
+        require(self.every >= 1, f"model.moe.every={self.every} must be >= 1")
+        require(self.first_dense_layers >= 0, "model.moe.first_dense_layers must be >= 0")
+        require(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0,
+                "model.moe.aux_loss_coef and model.moe.z_loss_coef must be >= 0")
+
+    @property
+    def shared_hidden_dim(self) -> int:
+        return self.shared_ffn_dim or self.ffn_dim * self.num_shared_experts
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    vocab_size: int = 264
+    """Embedding rows; the byte tokenizer needs 257 (256 bytes + end of text)."""
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    """Grouped-query attention: key/value heads shared by n_heads / n_kv_heads query heads."""
+    ffn_dim: int = 512
+    """Hidden size of the dense SwiGLU blocks."""
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            require(getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be >= 1")
+        require(self.dim % self.n_heads == 0,
+                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        require((self.dim // self.n_heads) % 2 == 0,
+                f"model.dim / model.n_heads = {self.dim // self.n_heads} must be even for RoPE")
+        require(self.n_heads % self.n_kv_heads == 0,
+                f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        offset = layer - self.moe.first_dense_layers
+        return offset >= 0 and offset % self.moe.every == 0

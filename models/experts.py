@@ -1,0 +1,57 @@
+"""Routed experts as stacked weights, computed as one grouped SwiGLU.
+
+Shape legend: E local experts, D model dim, F expert hidden dim, S rows (token
+copies) grouped by expert.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def swiglu_loop(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_up_EDF: Tensor,
+                w_down_EFD: Tensor) -> Tensor:
+    """Reference and CPU fast path: one matmul chain per expert over its rows."""
+    outputs = [
+        (F.silu(x_rD @ w_gate_EDF[e]) * (x_rD @ w_up_EDF[e])) @ w_down_EFD[e]
+        for e, x_rD in enumerate(torch.split(x_SD, rows_per_expert))
+    ]
+    return torch.cat(outputs) if outputs else x_SD.new_zeros(0, w_down_EFD.shape[-1])
+
+
+def swiglu_grouped_mm(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_up_EDF: Tensor,
+                      w_down_EFD: Tensor) -> Tensor:
+    """GPU fast path: three grouped GEMMs over all experts at once."""
+    offs_E = torch.tensor(rows_per_expert, device=x_SD.device).cumsum(0).to(torch.int32)
+    h_SF = F.silu(torch._grouped_mm(x_SD, w_gate_EDF, offs=offs_E)) * torch._grouped_mm(x_SD, w_up_EDF, offs=offs_E)
+    return torch._grouped_mm(h_SF, w_down_EFD, offs=offs_E)
+
+
+class GroupedExperts(nn.Module):
+    """All experts of a layer (or this rank's shard of them) in three stacked weights."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int,
+                 compute: Literal["auto", "loop", "grouped_mm"] = "auto") -> None:
+        super().__init__()
+        self.compute = compute
+        self.w_gate_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w_up_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.w_gate_EDF.shape[0]
+
+    def forward(self, x_SD: Tensor, rows_per_expert: list[int]) -> Tensor:
+        use_grouped = self.compute == "grouped_mm" or (self.compute == "auto" and x_SD.is_cuda)
+        weights = (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD)
+        if use_grouped:
+            if torch.is_autocast_enabled(x_SD.device.type):
+                # _grouped_mm is not an autocast op: cast explicitly to the autocast dtype.
+                dtype = torch.get_autocast_dtype(x_SD.device.type)
+                x_SD, weights = x_SD.to(dtype), tuple(w.to(dtype) for w in weights)
+            return swiglu_grouped_mm(x_SD, rows_per_expert, *weights)
+        return swiglu_loop(x_SD, rows_per_expert, *weights)

@@ -1,0 +1,74 @@
+"""Dense transformer pieces: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Shape legend: B batch, T sequence, D model dim, H query heads, K key/value heads,
+Q head dim, F hidden dim of an FFN.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of shape [T, Q/2], computed in float32 for every position."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles_TQ = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return angles_TQ.cos(), angles_TQ.sin()
+
+
+def apply_rope(x_BHTQ: Tensor, cos_TQ: Tensor, sin_TQ: Tensor) -> Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) by the position's angle (the original RoFormer layout)."""
+    T = x_BHTQ.shape[-2]
+    cos, sin = cos_TQ[:T].to(x_BHTQ.dtype), sin_TQ[:T].to(x_BHTQ.dtype)
+    x_even, x_odd = x_BHTQ[..., 0::2], x_BHTQ[..., 1::2]
+    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return rotated.flatten(-2)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention through scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x_BTD: Tensor, cos_TQ: Tensor, sin_TQ: Tensor) -> Tensor:
+        B, T, _ = x_BTD.shape
+        q_BHTQ = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BKTQ = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BKTQ = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHTQ = apply_rope(q_BHTQ, cos_TQ, sin_TQ)
+        k_BKTQ = apply_rope(k_BKTQ, cos_TQ, sin_TQ)
+        out_BHTQ = F.scaled_dot_product_attention(
+            q_BHTQ, k_BKTQ, v_BKTQ, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        return self.wo(out_BHTQ.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    """The dense FFN: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden_dim, bias=False)
+        self.w_up = nn.Linear(dim, hidden_dim, bias=False)
+        self.w_down = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))

@@ -1,0 +1,96 @@
+"""The MoE layer as a local computation: route, permute, run experts, unpermute.
+
+Where the experts live is not this module's business: it hands the permuted
+rows to `self.exchange`, which by default runs the local experts in place.
+`moeyard.parallel.apply_expert_parallel` swaps in an exchange that sends rows
+to the ranks owning their experts (all-to-all) and brings the results back.
+
+Shape legend: B batch, T sequence, N = B*T tokens, D model dim, E experts,
+S kept token copies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .config import MoEConfig
+from .experts import GroupedExperts
+from .layers import SwiGLU
+from .permutation import expert_capacity, permute, plan_permutation, unpermute
+from .router import TopKRouter, load_balance_loss, router_z_loss
+
+
+class TokenExchange(Protocol):
+    """Moves expert-sorted rows to their experts and back; owns every collective of the layer."""
+
+    def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, experts: GroupedExperts) -> Tensor:
+        """Expert outputs for rows grouped by (global) expert, in the same order."""
+        ...
+
+    def sum_over_batch(self, counts: Tensor) -> Tensor:
+        """Sum of `counts` over every rank that holds part of the batch."""
+        ...
+
+
+class LocalExchange:
+    """Single process: all experts are here, the batch is all here."""
+
+    def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, experts: GroupedExperts) -> Tensor:
+        # Host sync: the row split per expert must be known on the CPU.
+        return experts(x_SD, tokens_per_expert_E.tolist())
+
+    def sum_over_batch(self, counts: Tensor) -> Tensor:
+        return counts
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    """What one MoE layer reports for a micro-batch; load numbers cover the global batch."""
+
+    tokens_per_expert_E: Tensor
+    """Token copies the router sent to each expert, summed over all ranks (int64)."""
+    dropped: Tensor
+    """Copies dropped for capacity, summed over all ranks (int64)."""
+    aux_loss: Tensor
+    """Unweighted load-balancing loss (1.0 is balanced); has a gradient."""
+    z_loss: Tensor
+    """Unweighted router z-loss; has a gradient."""
+
+
+class MoE(nn.Module):
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.renormalize)
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.ffn_dim, cfg.expert_compute)
+        self.shared_experts: Optional[SwiGLU] = (
+            SwiGLU(dim, cfg.shared_hidden_dim) if cfg.num_shared_experts > 0 else None
+        )
+        self.exchange: TokenExchange = LocalExchange()
+
+    def forward(self, x_BTD: Tensor) -> tuple[Tensor, MoEStats]:
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        routing = self.router(x_ND)
+        capacity = None
+        if self.cfg.capacity_factor is not None:
+            capacity = expert_capacity(x_ND.shape[0], self.cfg.top_k, self.cfg.num_experts, self.cfg.capacity_factor)
+        perm = plan_permutation(routing.expert_index_TK, self.cfg.num_experts, capacity)
+
+        # One small collective: global routed counts (for the aux loss and metrics) and drops.
+        load = self.exchange.sum_over_batch(torch.cat([perm.routed_per_expert_E, perm.dropped.view(1)]))
+        global_routed_E, global_dropped = load[:-1], load[-1]
+
+        y_SD = self.exchange.run_experts(permute(x_ND, perm), perm.tokens_per_expert_E, self.experts)
+        y_ND = unpermute(y_SD, perm, routing.weight_TK)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND)
+        stats = MoEStats(
+            tokens_per_expert_E=global_routed_E,
+            dropped=global_dropped,
+            aux_loss=load_balance_loss(routing.probs_TE, global_routed_E),
+            z_loss=router_z_loss(routing.logits_TE),
+        )
+        return y_ND.view_as(x_BTD), stats

@@ -1,0 +1,85 @@
+"""Sorting token copies by expert, dropping over capacity, and putting them back.
+
+Pure functions with explicit state: `plan_permutation` says where every copy
+goes, `unpermute` uses that plan to weight and sum expert outputs per token.
+
+Shape legend: T tokens, K experts per token, E experts, S kept copies (S <= T*K),
+D model dim.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """What `unpermute` needs to undo the sort; returned by the sort, never stored on a module."""
+
+    token_index_S: Tensor
+    """Source token of each kept copy, copies grouped by expert."""
+    copy_index_S: Tensor
+    """Flat index into the [T, K] routing tensors of each kept copy."""
+    tokens_per_expert_E: Tensor
+    """Kept copies per expert (int64), the row counts the experts compute."""
+    routed_per_expert_E: Tensor
+    """Copies the router sent to each expert, before any capacity drop (int64)."""
+    num_tokens: int
+
+    @property
+    def dropped(self) -> Tensor:
+        return self.routed_per_expert_E.sum() - self.tokens_per_expert_E.sum()
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Most copies one expert accepts from one rank's tokens (GShard: per group)."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def plan_permutation(expert_index_TK: Tensor, num_experts: int, capacity: Optional[int]) -> Permutation:
+    """Group copies by expert; with a capacity, keep the first `capacity` of each expert.
+
+    Copies are ordered choice-major (every token's first choice before any second
+    choice), then by token position, so a drop never costs a token its top
+    expert while a lower-ranked copy of another token survives.
+    """
+    T, K = expert_index_TK.shape
+    expert_of_copy_C = expert_index_TK.t().reshape(-1)  # choice-major: copy c = choice * T + token
+    sorted_expert_C, order_C = torch.sort(expert_of_copy_C, stable=True)
+    routed_per_expert_E = torch.bincount(expert_of_copy_C, minlength=num_experts)
+    token_C = order_C % T
+    choice_C = order_C // T
+    if capacity is not None:
+        group_start_E = torch.cumsum(routed_per_expert_E, 0) - routed_per_expert_E
+        position_C = torch.arange(order_C.numel(), device=order_C.device) - group_start_E[sorted_expert_C]
+        keep_C = position_C < capacity
+        token_C, choice_C = token_C[keep_C], choice_C[keep_C]
+        tokens_per_expert_E = routed_per_expert_E.clamp(max=capacity)
+    else:
+        tokens_per_expert_E = routed_per_expert_E
+    return Permutation(
+        token_index_S=token_C,
+        copy_index_S=token_C * K + choice_C,
+        tokens_per_expert_E=tokens_per_expert_E,
+        routed_per_expert_E=routed_per_expert_E,
+        num_tokens=T,
+    )
+
+
+def permute(x_TD: Tensor, perm: Permutation) -> Tensor:
+    """Rows of the kept copies, grouped by expert."""
+    return x_TD.index_select(0, perm.token_index_S)
+
+
+def unpermute(y_SD: Tensor, perm: Permutation, weight_TK: Tensor) -> Tensor:
+    """Weight each copy's expert output by its router weight and sum into its token.
+
+    A token whose copies were all dropped gets zeros (the residual carries it).
+    """
+    weight_S = weight_TK.reshape(-1).index_select(0, perm.copy_index_S).to(y_SD.dtype)
+    out_TD = y_SD.new_zeros(perm.num_tokens, y_SD.shape[-1])
+    return out_TD.index_add(0, perm.token_index_S, y_SD * weight_S.unsqueeze(-1))

@@ -1,0 +1,107 @@
+"""Decoder-only transformer with interleaved dense and MoE blocks.
+
+Single-device code: it runs in a plain process with no process group. The MoE
+blocks return their statistics and losses; nothing is kept on the module.
+
+Shape legend: B batch, T sequence, D model dim, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .experts import GroupedExperts
+from .layers import Attention, RMSNorm, SwiGLU, rope_tables
+from .moe import MoE, MoEStats
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    logits_BTV: Tensor
+    aux_loss: Tensor
+    """Sum over MoE layers of aux_loss_coef * load-balancing loss."""
+    z_loss: Tensor
+    """Sum over MoE layers of z_loss_coef * router z-loss."""
+    moe_stats: dict[int, MoEStats] = field(default_factory=dict)
+    """Per MoE layer, keyed by block index."""
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn: nn.Module = MoE(cfg.dim, cfg.moe) if cfg.is_moe_layer(layer) else SwiGLU(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEStats | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
+        h_BTD = self.ffn_norm(x_BTD)
+        if isinstance(self.ffn, MoE):
+            y_BTD, stats = self.ffn(h_BTD)
+            return x_BTD + y_BTD, stats
+        return x_BTD + self.ffn(h_BTD), None
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 style: N(0, std), output projections of residual branches scaled by 1/sqrt(2L).
+
+        Draws from the default generator in a fixed module order, so the same
+        seed gives the same model whatever the parallel layout applied later.
+        """
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)  # RMSNorm gains
+            elif name.endswith(("wo.weight", "w_down.weight", "w_down_EFD")):
+                nn.init.normal_(p, 0.0, residual_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def moe_layers(self) -> Iterator[tuple[int, MoE]]:
+        for i, block in enumerate(self.layers):
+            if isinstance(block.ffn, MoE):
+                yield i, block.ffn
+
+    def forward(self, tokens_BT: Tensor) -> ModelOutput:
+        T = tokens_BT.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x_BTD = self.tok_embeddings(tokens_BT)
+        aux_loss = z_loss = x_BTD.new_zeros((), dtype=torch.float32)
+        moe_stats: dict[int, MoEStats] = {}
+        for i, block in enumerate(self.layers):
+            x_BTD, stats = block(x_BTD, self.rope_cos, self.rope_sin)
+            if stats is not None:
+                moe_stats[i] = stats
+                aux_loss = aux_loss + self.cfg.moe.aux_loss_coef * stats.aux_loss
+                z_loss = z_loss + self.cfg.moe.z_loss_coef * stats.z_loss
+        logits_BTV = self.output(self.norm(x_BTD))
+        return ModelOutput(logits_BTV, aux_loss, z_loss, moe_stats)
+
+
+def expert_modules(model: nn.Module) -> Iterator[GroupedExperts]:
+    """Every routed-expert container of the model (the parameters sharded by EP)."""
+    return (m for m in model.modules() if isinstance(m, GroupedExperts))
