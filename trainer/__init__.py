@@ -1,1 +1,1 @@
-"""."""
+"""Training step and loop, data, optimizer, metrics and checkpoints."""

@@ -1,0 +1,99 @@
+"""The `moeyard` command.
+
+    moeyard train [CONFIG] [--nproc N] [--set key=value ...]
+    moeyard prepare SRC_DIR --out DATA_DIR [--glob '*.py']
+
+Everything that can be checked without workers (config, world size, run dir,
+corpus) is checked here first, so a mistake costs seconds, not a job.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from moeyard import configs
+from moeyard.models import ConfigError
+from moeyard.trainer.config import load_config, validate_for_world
+from moeyard.trainer.data import DataError, ensure_corpus, prepare_corpus
+
+from .env import DistEnv, LaunchError
+
+
+def _spawn_local_workers(nproc: int, config: str, overrides: list[str]) -> int:
+    """Start `nproc` workers on this machine through torch.distributed.run (torchrun)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    argv = ["--standalone", f"--nproc_per_node={nproc}", "-m", "moeyard.train", config]
+    for assignment in overrides:
+        argv += ["--set", assignment]
+    try:
+        run(get_args_parser().parse_args(argv))
+    except ChildFailedError as err:
+        failures = ", ".join(f"rank {f.rank} exit code {f.exitcode}" for f in err.failures.values())
+        print(f"error: training workers failed ({failures}); see their messages above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = args.config or str(configs.path("tiny.yaml"))
+    cfg = load_config(config, args.overrides)
+    nproc = args.nproc or cfg.parallel.ep
+    if nproc < 1:
+        raise LaunchError(f"--nproc={nproc} must be >= 1")
+    validate_for_world(cfg, nproc)
+    if (cfg.run_dir / "metrics.jsonl").exists():
+        raise LaunchError(f"run.dir {cfg.run_dir} already holds a run (metrics.jsonl exists): choose another with "
+                          f"--set run.dir=... or delete it")
+    ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)
+    print(f"training {config} on {nproc} process(es), ep={cfg.parallel.ep}; run dir {cfg.run_dir}", flush=True)
+    if nproc == 1:
+        from .worker import run_worker
+
+        run_worker(cfg, DistEnv(0, 1, 0, 1, "127.0.0.1", 0, "single"))
+        return 0
+    return _spawn_local_workers(nproc, config, args.overrides)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if (out / "meta.json").exists():
+        raise DataError(f"{out} already holds a prepared corpus; remove it or choose another --out")
+    meta = prepare_corpus(Path(args.src), out, args.glob)
+    print(f"prepared {meta['documents']} files, {meta['tokens']:,} tokens into {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeyard", description="Expert-parallel MoE training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model (default: configs/tiny.yaml on 2 local processes)")
+    train.add_argument("config", nargs="?", help="YAML config (default: the shipped configs/tiny.yaml)")
+    train.add_argument("--nproc", type=int, default=None,
+                       help="local worker processes (default: parallel.ep of the config)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    train.set_defaults(func=cmd_train)
+
+    prepare = sub.add_parser("prepare", help="tokenize a folder of text files into token shards")
+    prepare.add_argument("src", help="folder of text files, read recursively")
+    prepare.add_argument("--out", required=True, help="folder to create with the token shards")
+    prepare.add_argument("--glob", default="*.py", help="which files to read (default: *.py)")
+    prepare.set_defaults(func=cmd_prepare)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, LaunchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

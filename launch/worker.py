@@ -1,0 +1,95 @@
+"""One training worker: read the launcher's env, join the process group, train.
+
+Entry point of `python -m moeyard.train CONFIG [--set k=v ...]`, whatever
+started the process (torchrun, `moeyard train`, or nothing: one process).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from datetime import timedelta
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from moeyard.models import ConfigError
+from moeyard.trainer.config import Config, load_config, validate_for_world
+from moeyard.trainer.data import DataError, ensure_corpus
+from moeyard.trainer.loop import train
+
+from .env import DistEnv, LaunchError, resolve_env
+
+
+def pick_device(env: DistEnv, backend: str) -> tuple[torch.device, str]:
+    use_cuda = backend == "nccl" or (backend == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def init_distributed(env: DistEnv, backend: str, timeout_s: float) -> None:
+    timeout = timedelta(seconds=timeout_s)
+    if env.world_size == 1 and env.launcher == "single":
+        # A group of one needs no rendezvous: an in-memory store, no port.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                timeout=timeout)
+
+
+def set_cpu_threads(env: DistEnv) -> None:
+    """Share the cores among local workers unless the user chose (OMP_NUM_THREADS)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+
+
+def _prepare_corpus_once_per_machine(cfg: Config, env: DistEnv, device: torch.device) -> str:
+    """The first local worker tokenizes; every rank learns whether any machine failed."""
+    error: Optional[DataError] = None
+    if env.local_rank == 0:
+        try:
+            ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)
+        except DataError as err:
+            error = err
+    failed = torch.tensor([int(error is not None)], device=device)
+    dist.all_reduce(failed)  # doubles as the barrier the other local workers wait at
+    if error is not None:
+        raise error
+    if failed.item():
+        raise DataError("preparing the corpus failed on another machine; see its log")
+    return str(ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob))
+
+
+def run_worker(cfg: Config, env: DistEnv) -> None:
+    validate_for_world(cfg, env.world_size)
+    device, backend = pick_device(env, cfg.parallel.backend)
+    if device.type == "cpu":
+        set_cpu_threads(env)
+    init_distributed(env, backend, cfg.parallel.timeout_s)
+    try:
+        data_dir = _prepare_corpus_once_per_machine(cfg, env, device)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
+        train(cfg, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moeyard.train", description=__doc__)
+    parser.add_argument("config", nargs="?", help="YAML config (default: the shipped configs/tiny.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    args = parser.parse_args(argv)
+    from moeyard import configs
+
+    try:
+        cfg = load_config(args.config or configs.path("tiny.yaml"), args.overrides)
+        run_worker(cfg, resolve_env())
+    except (ConfigError, DataError, LaunchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

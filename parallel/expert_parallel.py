@@ -1,0 +1,26 @@
+"""Apply expert parallelism to a single-device model from the outside."""
+from __future__ import annotations
+
+from torch import nn
+
+from moeyard.models import Transformer
+
+from .dispatch import ExpertParallelExchange
+from .mesh import ParallelMesh
+
+
+def apply_expert_parallel(model: Transformer, pmesh: ParallelMesh) -> None:
+    """Keep this rank's slice of every expert weight (dim 0) and install the all-to-all exchange.
+
+    Call before building the optimizer: expert parameters are replaced by their shard.
+    """
+    for layer, moe in model.moe_layers():
+        num_experts = moe.cfg.num_experts
+        if num_experts % pmesh.ep != 0:
+            raise ValueError(f"model.moe.num_experts={num_experts} is not divisible by parallel.ep={pmesh.ep}")
+        local = num_experts // pmesh.ep
+        start = pmesh.ep_rank * local
+        experts = moe.experts
+        for name, weight in list(experts.named_parameters(recurse=False)):
+            setattr(experts, name, nn.Parameter(weight.detach()[start:start + local].clone()))
+        moe.exchange = ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group)

@@ -1,0 +1,110 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+
+Layout of one checkpoint, `run_dir/checkpoints/step_000100/`:
+  *.distcp, .metadata   DCP shards: model and AdamW state. Expert weights are one
+                        global tensor [num_experts, ...] sharded on dim 0, so the
+                        files do not depend on the ep/world layout that wrote them.
+  manifest.json         step, config, world layout, every file with size and sha256.
+Every rank writes into `.step_000100.tmp`; when all are done rank 0 writes the
+manifest and renames the folder, then moves `checkpoints/latest`. A folder
+without a manifest is incomplete by construction. Nothing in it is pickled:
+the non-tensor state lives in the JSON manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from moeyard.models import expert_modules
+from moeyard.parallel import ParallelMesh
+
+from .config import Config, to_dict
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _expert_param_ids(model: nn.Module) -> set[int]:
+    return {id(p) for m in expert_modules(model) for p in m.parameters()}
+
+
+def sharded_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, pmesh: ParallelMesh) -> dict[str, Any]:
+    """Model and AdamW state keyed by parameter name; expert shards wrapped as global DTensors."""
+    expert_ids = _expert_param_ids(model)
+
+    def globalize(t: Tensor, param: nn.Parameter) -> Tensor:
+        if id(param) in expert_ids:
+            # Replicated over edp, sharded over ep on dim 0: the global [E, ...] tensor.
+            return DTensor.from_local(t.detach(), pmesh.mesh, [Replicate(), Shard(0)], run_check=False)
+        return t.detach()
+
+    model_sd = {name: globalize(p, p) for name, p in model.named_parameters()}
+    optim_sd: dict[str, Any] = {}
+    for name, p in model.named_parameters():
+        state = optimizer.state.get(p)
+        if state:
+            optim_sd[name] = {k: globalize(v, p) if v.dim() > 0 else v.detach().clone() for k, v in state.items()}
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    pmesh: ParallelMesh, cfg: Config) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    root = run_dir / "checkpoints"
+    final = root / f"step_{step:06d}"
+    tmp = root / f".step_{step:06d}.tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash mid-save
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(sharded_state_dict(model, optimizer, pmesh), checkpoint_id=tmp)
+    dist.barrier()  # every rank's shards are on disk
+    if dist.get_rank() == 0:
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        manifest = {
+            "step": step,
+            "config": to_dict(cfg),
+            "world_size": dist.get_world_size(),
+            "ep": pmesh.ep,
+            "files": [{"name": p.name, "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files],
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / "latest")
+    dist.barrier()
+    return final
+
+
+def load_full_model(path: Path, model: nn.Module) -> dict[str, Any]:
+    """Load a checkpoint's weights into an unsharded model in this process (no process group needed).
+
+    Returns the manifest. DCP reads each global expert tensor whole, whatever
+    layout wrote it.
+    """
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{path} is not a complete moeyard checkpoint (no {MANIFEST})")
+    state = {"model": {name: p.detach() for name, p in model.named_parameters()}}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    return json.loads(manifest_path.read_text())

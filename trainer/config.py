@@ -1,0 +1,232 @@
+"""The whole run's configuration: YAML -> typed, validated dataclasses.
+
+One tree (run, model, parallel, train, optim, data, log, checkpoint). Overrides
+come as dotted keys (`--set optim.lr=3e-4`), parsed as YAML scalars. Unknown
+keys, wrong types and impossible combinations raise `ConfigError` naming the
+key before any worker starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from moeyard.models import ConfigError, ModelConfig
+from moeyard.models.config import require
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "run"
+    """Names the run; `{name}` in run.dir is replaced by it."""
+    dir: str = "runs/{name}"
+    """Where the resolved config, metrics, TensorBoard events and checkpoints go."""
+    seed: int = 0
+    """Seeds model initialisation and data order; the same on every rank."""
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    ep: int = 1
+    """Expert-parallel degree: ranks that share one copy of all experts. Divides the world size."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """auto: nccl when a GPU is present, gloo otherwise."""
+    timeout_s: float = 600.0
+    """A collective that waits longer than this fails the run instead of hanging it."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 300
+    """Optimizer steps of the whole run (the LR schedule spans them)."""
+    global_batch_tokens: int = 8192
+    """Tokens per optimizer step over all ranks; a multiple of train.seq_len."""
+    seq_len: int = 256
+    """Tokens per training sequence (at most model.max_seq_len)."""
+    micro_batch_size: Optional[int] = None
+    """Sequences per rank per forward/backward; null runs a rank's whole share at once.
+    Smaller values accumulate gradients over several micro-steps."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: float32 on CPU, bfloat16 autocast on GPU."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    """The cosine schedule ends here."""
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    """Applied to matrices only, not to norm gains."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "python-stdlib"
+    """A directory of text files to tokenize, or `python-stdlib` for this Python's own .py files."""
+    dir: Optional[str] = None
+    """Prepared token shards; null: a cache folder keyed by the source, prepared on first use."""
+    glob: str = "*.py"
+    """Which files of the source directory are read (recursively)."""
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    every: int = 10
+    """Write metrics.jsonl and TensorBoard every N steps (and at the last step)."""
+    tensorboard: bool = True
+    progress: bool = True
+    """Progress bar with loss, tokens/s and ETA on rank 0."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 0
+    """Save a sharded checkpoint every N steps; 0 saves only at the end of the run."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir.format(name=self.run.name))
+
+    @property
+    def global_batch_sequences(self) -> int:
+        return self.train.global_batch_tokens // self.train.seq_len
+
+
+# ---------------------------------------------------------------- building
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a type hint; ints widen to floats, nothing else is coerced."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        require(value in choices, f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        require(isinstance(value, dict), f"{key} must be a mapping of keys, got {value!r}")
+        return _build(hint, value, key)
+    if hint is bool:
+        require(isinstance(value, bool), f"{key}={value!r} must be true or false")
+    elif hint is int:
+        require(isinstance(value, int) and not isinstance(value, bool), f"{key}={value!r} must be an integer")
+    elif hint is float:
+        require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key}={value!r} must be a number")
+        return float(value)
+    elif hint is str:
+        require(isinstance(value, str), f"{key}={value!r} must be a string")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in known:
+            raise ConfigError(f"unknown config key {full!r}; valid keys here: {', '.join(known)}")
+        kwargs[key] = _convert(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    require(bool(sep) and bool(key), f"override {assignment!r} must look like key.path=value")
+    *parents, leaf = key.strip().split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        require(isinstance(node, dict), f"override {assignment!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def validate(cfg: Config) -> None:
+    """Checks that involve more than one section."""
+    t, m = cfg.train, cfg.model
+    for key in ("steps", "global_batch_tokens", "seq_len"):
+        require(getattr(t, key) >= 1, f"train.{key}={getattr(t, key)} must be >= 1")
+    require(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    require(t.global_batch_tokens % t.seq_len == 0,
+            f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of train.seq_len={t.seq_len}")
+    require(t.micro_batch_size is None or t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1 or null")
+    require(cfg.parallel.ep >= 1, f"parallel.ep={cfg.parallel.ep} must be >= 1")
+    require(m.moe.num_experts % cfg.parallel.ep == 0,
+            f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.ep={cfg.parallel.ep}")
+    require(cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0")
+    require(cfg.log.every >= 1, f"log.every={cfg.log.every} must be >= 1")
+    require(cfg.checkpoint.every >= 0, f"checkpoint.every={cfg.checkpoint.every} must be >= 0")
+    require(0 <= cfg.optim.warmup_steps, "optim.warmup_steps must be >= 0")
+    require(0 < cfg.optim.lr and 0 <= cfg.optim.min_lr <= cfg.optim.lr,
+            f"optim.lr={cfg.optim.lr} must be > 0 and optim.min_lr={cfg.optim.min_lr} between 0 and optim.lr")
+
+
+def validate_for_world(cfg: Config, world_size: int) -> None:
+    """Checks that need the number of processes."""
+    ep = cfg.parallel.ep
+    require(world_size % ep == 0,
+            f"world size {world_size} is not a multiple of parallel.ep={ep}: start a multiple of {ep} processes "
+            f"(--nproc) or change parallel.ep")
+    seqs = cfg.global_batch_sequences
+    require(seqs % world_size == 0,
+            f"train.global_batch_tokens={cfg.train.global_batch_tokens} is {seqs} sequences of train.seq_len, "
+            f"which do not split evenly over {world_size} processes")
+    mbs = cfg.train.micro_batch_size
+    if mbs is not None:
+        require((seqs // world_size) % mbs == 0,
+                f"train.micro_batch_size={mbs} does not divide the {seqs // world_size} sequences each of "
+                f"{world_size} processes gets")
+
+
+def load_config(path: Optional[str | Path], overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Read YAML (or start from defaults when `path` is None), apply overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        require(isinstance(tree, dict), f"config file {path} must hold a mapping at the top level")
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

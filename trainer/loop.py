@@ -1,0 +1,100 @@
+"""The training loop: build everything from the config, run the steps, log, checkpoint.
+
+Runs inside an initialised default process group (one process is a group of
+one); how the ranks were started is the launcher's business.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moeyard.models import Transformer
+from moeyard.parallel import apply_expert_parallel, build_mesh, split_parameters
+
+from .checkpoint import save_checkpoint
+from .config import Config, dump_yaml, validate_for_world
+from .data import DataError, TokenBatches
+from .metrics import MetricsLogger, step_record
+from .optim import build_optimizer, lr_at, set_lr
+from .step import train_step
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _agree_on_error(message: str | None) -> None:
+    """Rank 0's verdict becomes every rank's, so no rank is left waiting in a collective."""
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise RuntimeError(box[0])
+
+
+def _prepare_run_dir(cfg: Config) -> None:
+    message = None
+    if dist.get_rank() == 0:
+        run_dir = cfg.run_dir
+        if (run_dir / "metrics.jsonl").exists():
+            message = (f"run.dir {run_dir} already holds a run (metrics.jsonl exists): choose another with "
+                       f"--set run.dir=... or delete it")
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    _agree_on_error(message)
+
+
+def train(cfg: Config, device: torch.device) -> Path:
+    """Train `cfg.train.steps` steps; returns the run directory."""
+    if cfg.data.dir is None:
+        raise DataError("data.dir is not set: the launcher resolves it (see trainer.data.ensure_corpus)")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    validate_for_world(cfg, world)
+    _prepare_run_dir(cfg)
+    pmesh = build_mesh(cfg.parallel.ep, device.type)
+    dtype = resolve_dtype(cfg.train.dtype, device)
+
+    torch.manual_seed(cfg.run.seed)  # same full model on every rank, whatever the layout
+    model = Transformer(cfg.model)
+    apply_expert_parallel(model, pmesh)
+    model.to(device)
+    groups = split_parameters(model)
+    optimizer = build_optimizer(model, cfg.optim)
+
+    data = TokenBatches(Path(cfg.data.dir), cfg.train.seq_len, cfg.global_batch_sequences,
+                        pmesh.dp_rank, pmesh.dp, cfg.run.seed)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"the corpus uses {data.vocab_size} token ids but model.vocab_size={cfg.model.vocab_size}")
+    micro_batch_size = cfg.train.micro_batch_size or cfg.global_batch_sequences // pmesh.dp
+
+    total = cfg.train.steps
+    logger = None
+    if rank == 0:
+        logger = MetricsLogger(cfg.run_dir, total_steps=total, first_step=0,
+                               tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+    try:
+        for step in range(total):
+            lr = lr_at(step, total, cfg.optim)
+            set_lr(optimizer, lr)
+            start = time.perf_counter()
+            result = train_step(model, optimizer, data.batch(step), micro_batch_size=micro_batch_size,
+                                groups=groups, pmesh=pmesh, grad_clip=cfg.train.grad_clip, dtype=dtype)
+            tokens_per_s = result.tokens / (time.perf_counter() - start)
+            done = step + 1
+            if logger is not None:
+                logger.progress(result, tokens_per_s)
+                if done % cfg.log.every == 0 or done == total:
+                    logger.log(step_record(done, result, lr, tokens_per_s), total)
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total:
+                save_checkpoint(cfg.run_dir, done, model, optimizer, pmesh, cfg)
+    finally:
+        if logger is not None:
+            logger.close()
+    if rank == 0:
+        print(f"finished {total} steps; outputs in {cfg.run_dir}", flush=True)
+    return cfg.run_dir

@@ -1,0 +1,94 @@
+"""Where training numbers go: metrics.jsonl, TensorBoard and the console. Rank 0 only."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from .step import StepResult
+
+
+def load_summary(counts: list[int]) -> dict[str, float]:
+    """Balance of one layer: max/mean and coefficient of variation of expert load."""
+    mean = sum(counts) / len(counts)
+    if mean == 0:
+        return {"max_over_mean": 0.0, "cv": 0.0}
+    var = sum((c - mean) ** 2 for c in counts) / len(counts)
+    return {"max_over_mean": max(counts) / mean, "cv": var ** 0.5 / mean}
+
+
+def step_record(step: int, result: StepResult, lr: float, tokens_per_s: float) -> dict[str, Any]:
+    return {
+        "step": step,
+        "loss": result.loss,
+        "lm_loss": result.lm_loss,
+        "aux_loss": result.aux_loss,
+        "z_loss": result.z_loss,
+        "lr": lr,
+        "grad_norm": result.grad_norm,
+        "tokens_per_s": tokens_per_s,
+        "expert_load": {str(layer): counts for layer, counts in result.expert_load.items()},
+        "expert_load_balance": {str(layer): load_summary(c) for layer, c in result.expert_load.items()},
+        "dropped_fraction": {str(layer): f for layer, f in result.dropped_fraction.items()},
+    }
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, total_steps: int, first_step: int, tensorboard: bool, progress: bool) -> None:
+        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where used
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr, mininterval=0.5, disable=not sys.stderr.isatty())
+        self.print_lines = progress and (self.bar is None or self.bar.disable)
+
+    def progress(self, result: StepResult, tokens_per_s: float) -> None:
+        if self.bar is not None and not self.bar.disable:
+            self.bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            self.bar.update(1)
+
+    def log(self, record: dict[str, Any], total_steps: int) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.print_lines:  # no terminal (CI, log files): one line per logged step instead of a bar
+            print(f"step {record['step']}/{total_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                  f"grad_norm {record['grad_norm']:.3f} tok/s {record['tokens_per_s']:,.0f}", flush=True)
+        if self.writer is None:
+            return
+        step = record["step"]
+        for key in ("loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s"):
+            self.writer.add_scalar(f"train/{key}", record[key], step)
+        for layer, counts in record["expert_load"].items():
+            for key, value in record["expert_load_balance"][layer].items():
+                self.writer.add_scalar(f"moe/layer_{layer}/{key}", value, step)
+            self.writer.add_scalar(f"moe/layer_{layer}/dropped_fraction", record["dropped_fraction"][layer], step)
+            self._expert_histogram(f"moe/layer_{layer}/expert_load", counts, step)
+        self.writer.flush()
+
+    def _expert_histogram(self, tag: str, counts: list[int], step: int) -> None:
+        """One bucket per expert index, its height the tokens that expert received."""
+        n = len(counts)
+        total = sum(counts)
+        self.writer.add_histogram_raw(
+            tag, min=0, max=n - 1, num=total,
+            sum=float(sum(i * c for i, c in enumerate(counts))),
+            sum_squares=float(sum(i * i * c for i, c in enumerate(counts))),
+            bucket_limits=[i + 0.5 for i in range(n)], bucket_counts=counts, global_step=step,
+        )
+
+    def close(self, message: Optional[str] = None) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if message:
+            print(message, flush=True)
+        self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()

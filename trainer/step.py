@@ -1,0 +1,87 @@
+"""One optimizer step: micro-batches forward/backward, gradient reduction, clip, AdamW.
+
+Loss scaling makes every layout train the same model: a rank's language-model
+loss is its token-loss *sum* times dp / (global tokens), so averaging gradients
+over dp yields the gradient of the global batch's mean loss. Router losses are
+already means; they are divided by the number of micro-steps.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from moeyard.models import Transformer
+from moeyard.parallel import ParallelMesh, ParamGroups, clip_gradients, global_grad_norm, reduce_gradients
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    """lm_loss + aux_loss + z_loss of the global batch."""
+    lm_loss: float
+    aux_loss: float
+    """Weighted load-balancing loss, summed over MoE layers."""
+    z_loss: float
+    """Weighted router z-loss, summed over MoE layers."""
+    grad_norm: float
+    """Before clipping."""
+    tokens: int
+    """Tokens in the global batch."""
+    expert_load: dict[int, list[int]]
+    """Per MoE layer: token copies routed to each expert over the global batch."""
+    dropped_fraction: dict[int, float]
+    """Per MoE layer: fraction of routed copies dropped for capacity."""
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_step(model: Transformer, optimizer: torch.optim.Optimizer, batch_BT1: Tensor, *, micro_batch_size: int,
+               groups: ParamGroups, pmesh: ParallelMesh, grad_clip: float, dtype: torch.dtype) -> StepResult:
+    """`batch_BT1` is this rank's share of the global batch: [sequences, seq_len + 1] token ids."""
+    device = next(model.parameters()).device
+    batch_BT1 = batch_BT1.to(device, non_blocking=True)
+    micro_batches = batch_BT1.split(micro_batch_size)
+    global_tokens = batch_BT1.shape[0] * (batch_BT1.shape[1] - 1) * pmesh.dp
+    lm_scale = pmesh.dp / global_tokens
+
+    optimizer.zero_grad(set_to_none=True)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # lm sum, aux, z  (this rank)
+    load: dict[int, Tensor] = {}
+    dropped: dict[int, Tensor] = {}
+    for micro in micro_batches:
+        inputs_BT, targets_BT = micro[:, :-1], micro[:, 1:]
+        with autocast_context(device, dtype):
+            out = model(inputs_BT)
+        lm_sum = F.cross_entropy(out.logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="sum")
+        router_loss = (out.aux_loss + out.z_loss) / len(micro_batches)
+        (lm_sum * lm_scale + router_loss).backward()
+        sums += torch.stack([lm_sum.detach(), out.aux_loss.detach(), out.z_loss.detach()]).double()
+        for layer, stats in out.moe_stats.items():
+            load[layer] = load.get(layer, 0) + stats.tokens_per_expert_E
+            dropped[layer] = dropped.get(layer, 0) + stats.dropped
+
+    # Gradients exist only now, after the last micro-step: one reduction per step.
+    reduce_gradients(groups, pmesh)
+    grad_norm = global_grad_norm(groups, pmesh)
+    clip_gradients(groups, grad_norm, grad_clip)
+    optimizer.step()
+
+    dist.all_reduce(sums, group=pmesh.dp_group)  # metrics only; router stats are already global
+    lm_loss = sums[0].item() / global_tokens
+    aux_loss = sums[1].item() / (pmesh.dp * len(micro_batches))
+    z_loss = sums[2].item() / (pmesh.dp * len(micro_batches))
+    return StepResult(
+        loss=lm_loss + aux_loss + z_loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss,
+        grad_norm=grad_norm.item(), tokens=global_tokens,
+        expert_load={layer: counts.tolist() for layer, counts in load.items()},
+        dropped_fraction={layer: dropped[layer].item() / max(1, int(load[layer].sum())) for layer in load},
+    )
