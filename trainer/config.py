@@ -138,6 +138,11 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     elif hint is int:
         require(isinstance(value, int) and not isinstance(value, bool), f"{key}={value!r} must be an integer")
     elif hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key}={value!r} must be a number")
         return float(value)
     elif hint is str:

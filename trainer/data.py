@@ -141,6 +141,7 @@ class TokenBatches:
             raise DataError(f"the corpus in {data_dir} has {self.num_windows} sequences of {seq_len} tokens, "
                             f"fewer than one global batch ({global_batch}): use more data or a smaller batch")
         self.seq_len, self.global_batch = seq_len, global_batch
+        self.steps_per_epoch = self.num_windows // global_batch
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
@@ -149,19 +150,27 @@ class TokenBatches:
         start = (index - int(self.offsets[shard])) * self.seq_len
         return self.shards[shard][start:start + self.window]
 
-    def _global_index(self, position: int) -> int:
-        epoch, within = divmod(position, self.num_windows)
+    def _epoch_order(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._order = torch.randperm(self.num_windows, generator=g).numpy()
             self._epoch = epoch
-        return int(self._order[within])
+        return self._order
+
+    def window_ids(self, step: int) -> list[int]:
+        """Which windows of the corpus make up this rank's share of global batch `step`.
+
+        An epoch is a whole number of global batches (the few windows left over
+        change from epoch to epoch), so no batch straddles two shuffles.
+        """
+        epoch, within = divmod(step, self.steps_per_epoch)
+        per_rank = self.global_batch // self.dp_size
+        first = within * self.global_batch + self.dp_rank * per_rank
+        return self._epoch_order(epoch)[first:first + per_rank].tolist()
 
     def batch(self, step: int) -> torch.Tensor:
         """This rank's [global_batch / dp, seq_len + 1] int64 tokens of global batch `step`."""
-        per_rank = self.global_batch // self.dp_size
-        first = step * self.global_batch + self.dp_rank * per_rank
-        rows = [self._window(self._global_index(p)) for p in range(first, first + per_rank)]
+        rows = [self._window(i) for i in self.window_ids(step)]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 

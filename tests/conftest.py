@@ -1,0 +1,27 @@
+"""Shared fixtures. The tests folder is put on sys.path so spawned workers can import helpers."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A prepared corpus from one stdlib package (json + email: ~0.5 MB), shared by the session."""
+    from moeyard.trainer.data import prepare_corpus, stdlib_dir
+
+    src = tmp_path_factory.mktemp("corpus_src")
+    for package in ("json", "email"):
+        for path in sorted((stdlib_dir() / package).rglob("*.py")):
+            target = src / package / path.relative_to(stdlib_dir() / package)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    out = tmp_path_factory.mktemp("corpus") / "tokens"
+    prepare_corpus(src, out, "*.py")
+    return out

@@ -1,0 +1,77 @@
+"""Token shards and per-rank batches."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from moeyard.trainer.data import DataError, TokenBatches, prepare_corpus, read_meta
+from moeyard.trainer.tokenizer import ByteTokenizer
+
+
+def test_prepare_is_byte_exact(tmp_path) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.py").write_text("print('é')\n")
+    (src / "sub" / "b.py").write_text("x = 1\n")
+    (src / "notes.txt").write_text("ignored")
+    meta = prepare_corpus(src, tmp_path / "out", "*.py")
+    assert meta["documents"] == 2
+    tokens = np.fromfile(tmp_path / "out" / meta["shards"][0]["file"], dtype=np.uint16).tolist()
+    eos = ByteTokenizer.eos_id
+    assert tokens == list("print('é')\n".encode()) + [eos] + list(b"x = 1\n") + [eos]
+    assert not list(tmp_path.glob(".out.tmp-*")), "temporary folder left behind"
+
+
+def test_empty_source_and_truncated_shard_are_reported(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no files matching"):
+        prepare_corpus(tmp_path / "empty", tmp_path / "out", "*.py")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match="is not a directory"):
+        prepare_corpus(tmp_path / "missing", tmp_path / "out2", "*.py")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("a" * 100)
+    meta = prepare_corpus(src, tmp_path / "ok", "*.py")
+    shard = tmp_path / "ok" / meta["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(DataError, match="truncated"):
+        read_meta(tmp_path / "ok")
+    with pytest.raises(DataError, match="no meta.json"):
+        read_meta(tmp_path)
+
+
+def test_ranks_split_the_global_batch_without_overlap(small_corpus) -> None:
+    single = TokenBatches(small_corpus, 32, 8, dp_rank=0, dp_size=1, seed=5)
+    ranks = [TokenBatches(small_corpus, 32, 8, dp_rank=r, dp_size=4, seed=5) for r in range(4)]
+    for step in (0, 1, 7):
+        whole = single.batch(step)
+        parts = [b.batch(step) for b in ranks]
+        assert all(p.shape == (2, 33) for p in parts)
+        assert torch.equal(torch.cat(parts), whole)
+        ids = [i for b in ranks for i in b.window_ids(step)]
+        assert ids == single.window_ids(step) and len(set(ids)) == 8, "ranks overlap or a window repeats"
+    assert not torch.equal(single.batch(0), single.batch(1))
+    other_seed = TokenBatches(small_corpus, 32, 8, dp_rank=0, dp_size=1, seed=6)
+    assert not torch.equal(other_seed.batch(0), single.batch(0))
+
+
+def test_epochs_wrap_and_reshuffle(small_corpus) -> None:
+    b = TokenBatches(small_corpus, 32, 8, dp_rank=0, dp_size=1, seed=0)
+    steps_per_epoch = b.num_windows // 8
+    seen = [i for s in range(steps_per_epoch) for i in b.window_ids(s)]
+    assert len(set(seen)) == len(seen), "a window repeats within an epoch"
+    next_epoch = [i for s in range(steps_per_epoch, 2 * steps_per_epoch) for i in b.window_ids(s)]
+    assert next_epoch != seen and len(set(next_epoch)) == len(next_epoch)
+    assert b.batch(steps_per_epoch + 1).shape == (8, 33)
+
+
+def test_meta_format_is_checked(small_corpus, tmp_path) -> None:
+    meta = json.loads((small_corpus / "meta.json").read_text())
+    assert meta["tokenizer"] == "bytes" and meta["tokens"] > 100_000
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "format": "other"}))
+    with pytest.raises(DataError, match="format"):
+        read_meta(tmp_path)

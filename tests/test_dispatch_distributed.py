@@ -1,0 +1,30 @@
+"""Token exchange over real gloo process groups against the one-process computation."""
+from __future__ import annotations
+
+import pytest
+
+import dist_cases
+from multiprocess import run_distributed
+
+
+@pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2)])
+def test_dropless_round_trip_with_skewed_routing(world: int, ep: int) -> None:
+    results = run_distributed(dist_cases.dispatch_round_trip, world, ep, None)
+    routed = results[0]["routed"]
+    assert all(r["routed"] == routed for r in results), "ranks disagree on the global expert load"
+    assert routed[dist_cases.COLD] == 0
+    assert routed[dist_cases.HOT] == max(routed) > 0.35 * sum(routed)
+    assert sum(routed) == world * dist_cases.T * dist_cases.K
+    assert all(r["dropped"] == 0 for r in results)
+
+
+def test_capacity_mode_drops_and_counts_globally() -> None:
+    results = run_distributed(dist_cases.dispatch_round_trip, 2, 2, 1.0)
+    capacity = results[0]["capacity"]
+    assert capacity == 12  # ceil(1.0 * 48 tokens * 2 / 8 experts)
+    for r in results:
+        assert max(r["kept_per_expert"]) == capacity  # the hot expert is cut at capacity
+        assert r["local_dropped"] > 0
+    assert results[0]["dropped"] == sum(r["local_dropped"] for r in results)
+    total = sum(results[0]["routed"])
+    assert 0 < results[0]["dropped"] / total < 1

@@ -1,0 +1,99 @@
+"""The model as single-device code: no process group anywhere."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moeyard.models import ModelConfig, MoE, MoEConfig, Transformer
+from moeyard.models.experts import swiglu_grouped_mm, swiglu_loop
+from moeyard.models.router import TopKRouter, load_balance_loss, router_z_loss
+
+
+def tiny(**moe) -> ModelConfig:
+    return ModelConfig(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
+                       moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32, **moe))
+
+
+def test_forward_backward_without_process_group() -> None:
+    assert not dist.is_initialized()
+    torch.manual_seed(0)
+    model = Transformer(tiny(num_shared_experts=1))
+    out = model(torch.randint(0, 64, (2, 16)))
+    assert out.logits_BTV.shape == (2, 16, 64)
+    assert set(out.moe_stats) == {0, 1, 2, 3}
+    for stats in out.moe_stats.values():
+        assert int(stats.tokens_per_expert_E.sum()) == 2 * 16 * 2
+    (out.logits_BTV.square().mean() + out.aux_loss + out.z_loss).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_dense_and_moe_blocks_interleave() -> None:
+    cfg = ModelConfig(n_layers=6, moe=MoEConfig(first_dense_layers=1, every=2))
+    assert [cfg.is_moe_layer(i) for i in range(6)] == [False, True, False, True, False, True]
+    model = Transformer(tiny(first_dense_layers=2))
+    assert [i for i, _ in model.moe_layers()] == [2, 3]
+
+
+def test_same_seed_same_model() -> None:
+    torch.manual_seed(3)
+    a = Transformer(tiny())
+    torch.manual_seed(3)
+    b = Transformer(tiny())
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_grouped_mm_matches_loop_including_empty_experts() -> None:
+    torch.manual_seed(0)
+    rows = [5, 0, 7, 0]
+    x = torch.randn(12, 8, requires_grad=True)
+    weights = [torch.randn(4, 8, 16, requires_grad=True), torch.randn(4, 8, 16, requires_grad=True),
+               torch.randn(4, 16, 8, requires_grad=True)]
+    dy = torch.randn(12, 8)
+    y_loop = swiglu_loop(x, rows, *weights)
+    grads_loop = torch.autograd.grad((y_loop * dy).sum(), [x, *weights])
+    y_gmm = swiglu_grouped_mm(x, rows, *weights)
+    grads_gmm = torch.autograd.grad((y_gmm * dy).sum(), [x, *weights])
+    torch.testing.assert_close(y_gmm, y_loop, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_gmm, grads_loop):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_router_topk_and_renormalisation() -> None:
+    router = TopKRouter(2, 3, top_k=2, renormalize=True)
+    with torch.no_grad():
+        router.weight_ED.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    routing = router(torch.tensor([[2.0, 1.0]]))
+    assert routing.expert_index_TK.tolist() == [[0, 1]]
+    p = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0)
+    torch.testing.assert_close(routing.weight_TK, (p[:2] / p[:2].sum()).unsqueeze(0))
+    router.renormalize = False
+    torch.testing.assert_close(router(torch.tensor([[2.0, 1.0]])).weight_TK, p[:2].unsqueeze(0))
+
+
+def test_load_balance_loss_is_one_when_balanced_and_larger_when_not() -> None:
+    uniform = torch.full((8, 4), 0.25)
+    assert load_balance_loss(uniform, torch.tensor([4, 4, 4, 4])).item() == pytest.approx(1.0)
+    skewed = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(8, 1)
+    assert load_balance_loss(skewed, torch.tensor([16, 0, 0, 0])).item() == pytest.approx(4 * 0.7)
+
+
+def test_z_loss_hand_computed() -> None:
+    logits = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    expected = (torch.log(torch.tensor(2.0)) ** 2 + (1 + torch.log(torch.tensor(2.0))) ** 2) / 2
+    torch.testing.assert_close(router_z_loss(logits), expected)
+
+
+def test_capacity_factor_reports_drops() -> None:
+    torch.manual_seed(0)
+    moe = MoE(16, MoEConfig(num_experts=4, top_k=1, ffn_dim=8, capacity_factor=1.0))
+    with torch.no_grad():
+        moe.router.weight_ED.zero_()
+        moe.router.weight_ED[2] = 1.0  # every token with a positive sum goes to expert 2
+        for p in moe.experts.parameters():
+            p.normal_()
+    x = torch.randn(1, 32, 16).abs()
+    _, stats = moe(x)
+    assert stats.tokens_per_expert_E.tolist() == [0, 0, 32, 0]
+    assert int(stats.dropped) == 32 - 8  # capacity ceil(1.0 * 32 / 4) = 8
