@@ -1,0 +1,71 @@
+"""Run `moeyard train` as a user would, in a subprocess with a timeout, and read what it wrote."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from moeyard.models import Transformer
+from moeyard.trainer.checkpoint import load_full_model
+from moeyard.trainer.config import Config, load_config
+
+# A model small enough for 4 CPU processes on 2 cores, with every MoE feature switched on.
+SMALL = {
+    "run": {"name": "small", "seed": 7},
+    "model": {"vocab_size": 264, "dim": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 128,
+              "max_seq_len": 32,
+              "moe": {"num_experts": 8, "top_k": 2, "ffn_dim": 64, "first_dense_layers": 1,
+                      "num_shared_experts": 1, "aux_loss_coef": 0.01, "z_loss_coef": 0.001}},
+    "train": {"steps": 6, "global_batch_tokens": 512, "seq_len": 32, "grad_clip": 1.0},
+    "optim": {"lr": 1.0e-2, "min_lr": 1.0e-3, "warmup_steps": 2},
+    "log": {"every": 1, "tensorboard": False, "progress": False},
+    "checkpoint": {"every": 0},
+}
+
+
+def write_config(path: Path, corpus: Path, **sections: dict[str, Any]) -> Path:
+    tree = json.loads(json.dumps(SMALL))
+    tree["data"] = {"dir": str(corpus)}
+    for section, values in sections.items():
+        tree.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def moeyard_train(config: Path, run_dir: Path, nproc: int, *overrides: str,
+                  timeout_s: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "moeyard", "train", str(config), "--nproc", str(nproc),
+           "--set", f"run.dir={run_dir}", "--set", "parallel.timeout_s=120"]
+    for assignment in overrides:
+        cmd += ["--set", assignment]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"`{' '.join(cmd)}` did not finish within {timeout_s:.0f} s:\n{err.stderr}") from None
+    assert proc.returncode == 0, f"`{' '.join(cmd)}` failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_parameters(run_dir: Path) -> tuple[Config, dict[str, torch.Tensor]]:
+    """The last checkpoint's weights gathered into one unsharded model."""
+    cfg = load_config(run_dir / "config.yaml")
+    step = (run_dir / "checkpoints" / "latest").read_text().strip()
+    model = Transformer(cfg.model)
+    load_full_model(run_dir / "checkpoints" / step, model)
+    return cfg, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def initial_parameters(cfg: Config) -> dict[str, torch.Tensor]:
+    torch.manual_seed(cfg.run.seed)
+    return {name: p.detach().clone() for name, p in Transformer(cfg.model).named_parameters()}
