@@ -22,7 +22,7 @@ def test_train_writes_metrics_tensorboard_and_checkpoints(tmp_path, small_corpus
     assert "finished 4 steps" in proc.stdout
 
     metrics = read_metrics(run_dir)
-    assert [m["step"] for m in metrics] == [2, 4]
+    assert [m["step"] for m in metrics] == [1, 2, 4]
     for m in metrics:
         assert STEP_KEYS <= set(m)
         assert set(m["expert_load"]) == {"1", "2"}  # block 0 is dense
@@ -33,7 +33,7 @@ def test_train_writes_metrics_tensorboard_and_checkpoints(tmp_path, small_corpus
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"histograms": 0}).Reload()
     assert {"train/loss", "train/grad_norm", "moe/layer_1/dropped_fraction"} <= set(events.Tags()["scalars"])
-    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 4]
     hist = events.Histograms("moe/layer_1/expert_load")[-1].histogram_value
     assert list(hist.bucket) == metrics[-1]["expert_load"]["1"]
 
@@ -88,4 +88,4 @@ def test_default_command_prepares_the_stdlib_corpus_and_trains(tmp_path) -> None
     assert "on 2 process(es), ep=2" in proc.stdout and "prepared" in proc.stdout
     meta = json.loads(next((tmp_path / "cache" / "data").glob("python-stdlib-*/meta.json")).read_text())
     assert meta["documents"] > 500 and meta["tokens"] > 5_000_000
-    assert len(read_metrics(tmp_path / "tiny")) == 1  # log.every=10 in tiny.yaml: only the last step
+    assert [m["step"] for m in read_metrics(tmp_path / "tiny")] == [1, 2]  # first and last

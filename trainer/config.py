@@ -83,7 +83,7 @@ class DataConfig:
 @dataclass(kw_only=True)
 class LogConfig:
     every: int = 10
-    """Write metrics.jsonl and TensorBoard every N steps (and at the last step)."""
+    """Write metrics.jsonl and TensorBoard at step 1, every N steps, and at the last step."""
     tensorboard: bool = True
     progress: bool = True
     """Progress bar with loss, tokens/s and ETA on rank 0."""

@@ -88,7 +88,7 @@ def train(cfg: Config, device: torch.device) -> Path:
             done = step + 1
             if logger is not None:
                 logger.progress(result, tokens_per_s)
-                if done % cfg.log.every == 0 or done == total:
+                if done == 1 or done % cfg.log.every == 0 or done == total:
                     logger.log(step_record(done, result, lr, tokens_per_s), total)
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total:
                 save_checkpoint(cfg.run_dir, done, model, optimizer, pmesh, cfg)
