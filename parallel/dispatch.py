@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moeyard.models import GroupedExperts
+from moeyard.models.moe import LocalExchange
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,7 @@ class ExpertParallelExchange:
 
     def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, experts: GroupedExperts) -> Tensor:
         if self.ep == 1:
-            # Host sync: the row split per expert must be known on the CPU.
-            return experts(x_SD, tokens_per_expert_E.tolist())
+            return LocalExchange().run_experts(x_SD, tokens_per_expert_E, experts)
         layout = plan_exchange(tokens_per_expert_E, self.ep_group)
         x_RD = all_to_all(x_SD, layout.recv_splits, layout.send_splits, self.ep_group)
         order_R = local_expert_order(layout.recv_counts_PL)

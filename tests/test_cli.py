@@ -89,3 +89,12 @@ def test_default_command_prepares_the_stdlib_corpus_and_trains(tmp_path) -> None
     meta = json.loads(next((tmp_path / "cache" / "data").glob("python-stdlib-*/meta.json")).read_text())
     assert meta["documents"] > 500 and meta["tokens"] > 5_000_000
     assert [m["step"] for m in read_metrics(tmp_path / "tiny")] == [1, 2]  # first and last
+
+
+def test_same_config_same_run_bit_for_bit(tmp_path, small_corpus) -> None:
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 3})
+    for name in ("a", "b"):
+        moeyard_train(config, tmp_path / name, 2, "parallel.ep=2")
+    strip = [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in read_metrics(tmp_path / "a")]
+    again = [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in read_metrics(tmp_path / "b")]
+    assert strip == again and len(strip) == 3

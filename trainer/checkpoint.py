@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -106,5 +107,7 @@ def load_full_model(path: Path, model: nn.Module) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{path} is not a complete moeyard checkpoint (no {MANIFEST})")
     state = {"model": {name: p.detach() for name, p in model.named_parameters()}}
-    dcp.load(state, checkpoint_id=path, no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that no process group exists: that is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=True)
     return json.loads(manifest_path.read_text())
