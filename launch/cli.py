@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 
 from moeyard import configs
 from moeyard.models import ConfigError
-from moeyard.trainer.config import load_config, validate_for_world
-from moeyard.trainer.data import DataError, ensure_corpus, prepare_corpus
+from moeyard.trainer.config import check_vocab, load_config, validate_for_world
+from moeyard.trainer.data import DataError, ensure_corpus, prepare_corpus, read_meta
 
 from .env import DistEnv, LaunchError
 
@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if (cfg.run_dir / "metrics.jsonl").exists():
         raise LaunchError(f"run.dir {cfg.run_dir} already holds a run (metrics.jsonl exists): choose another with "
                           f"--set run.dir=... or delete it")
-    ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)
+    check_vocab(cfg, read_meta(ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)))
     print(f"training {config} on {nproc} process(es), ep={cfg.parallel.ep}; run dir {cfg.run_dir}", flush=True)
     if nproc == 1:
         from .worker import run_worker

@@ -35,6 +35,12 @@ def resolve_env(env: Mapping[str, str] | None = None) -> DistEnv:
     keys = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     present = [k for k in keys if k in env]
     if not present:
+        for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS"):
+            if env.get(key, "1").isdigit() and int(env.get(key, "1")) > 1:
+                # Without this, N processes would each train alone and race on one run directory.
+                raise LaunchError(f"{key}={env[key]}: started as one of several MPI/Slurm tasks, but moeyard "
+                                  f"reads only torchrun's variables for now; start it with torchrun or "
+                                  f"`moeyard train --nproc N`")
         return DistEnv(0, 1, 0, 1, "127.0.0.1", 0, "single")
     missing = [k for k in keys if k not in env]
     if missing:

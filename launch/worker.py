@@ -26,6 +26,12 @@ from .env import DistEnv, LaunchError, resolve_env
 def pick_device(env: DistEnv, backend: str) -> tuple[torch.device, str]:
     use_cuda = backend == "nccl" or (backend == "auto" and torch.cuda.is_available())
     if use_cuda:
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise LaunchError("parallel.backend=nccl needs a GPU and none is visible: use parallel.backend=gloo")
+        if env.local_rank >= gpus:
+            raise LaunchError(f"local rank {env.local_rank} has no GPU: this machine shows {gpus}; start at most "
+                              f"{gpus} processes per node")
         torch.cuda.set_device(env.local_rank)
         return torch.device("cuda", env.local_rank), "nccl"
     return torch.device("cpu"), "gloo"
@@ -49,11 +55,11 @@ def set_cpu_threads(env: DistEnv) -> None:
 
 def _prepare_corpus_once_per_machine(cfg: Config, env: DistEnv, device: torch.device) -> str:
     """The first local worker tokenizes; every rank learns whether any machine failed."""
-    error: Optional[DataError] = None
+    error: Optional[Exception] = None
     if env.local_rank == 0:
         try:
             ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)
-        except DataError as err:
+        except Exception as err:  # any failure must reach the all-reduce, or the other ranks wait forever
             error = err
     failed = torch.tensor([int(error is not None)], device=device)
     dist.all_reduce(failed)  # doubles as the barrier the other local workers wait at

@@ -29,7 +29,7 @@ class MoEConfig:
     router: Literal["topk_softmax"] = "topk_softmax"
     """Routing rule; softmax over experts, then top-k (Mixtral/GShard)."""
     renormalize: bool = True
-    """Rescale the k selected weights of a token to sum to one."""
+    """Rescale the k selected weights of a token to sum to one (top_k > 1 only; top-1 keeps its probability)."""
     aux_loss_coef: float = 0.01
     """Weight of the Switch/GShard load-balancing loss (1.0 means balanced)."""
     z_loss_coef: float = 0.001
@@ -91,6 +91,9 @@ class ModelConfig:
                 f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         require((self.dim // self.n_heads) % 2 == 0,
                 f"model.dim / model.n_heads = {self.dim // self.n_heads} must be even for RoPE")
+        require(any(self.is_moe_layer(i) for i in range(self.n_layers)),
+                f"model.moe.first_dense_layers={self.moe.first_dense_layers} leaves no MoE block among "
+                f"model.n_layers={self.n_layers}: lower it")
         require(self.n_heads % self.n_kv_heads == 0,
                 f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
 

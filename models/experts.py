@@ -46,12 +46,24 @@ class GroupedExperts(nn.Module):
         return self.w_gate_EDF.shape[0]
 
     def forward(self, x_SD: Tensor, rows_per_expert: list[int]) -> Tensor:
-        use_grouped = self.compute == "grouped_mm" or (self.compute == "auto" and x_SD.is_cuda)
         weights = (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD)
-        if use_grouped:
-            if torch.is_autocast_enabled(x_SD.device.type):
-                # _grouped_mm is not an autocast op: cast explicitly to the autocast dtype.
-                dtype = torch.get_autocast_dtype(x_SD.device.type)
-                x_SD, weights = x_SD.to(dtype), tuple(w.to(dtype) for w in weights)
+        device = x_SD.device.type
+        if torch.is_autocast_enabled(device):
+            # _grouped_mm is not an autocast op: cast explicitly to the autocast dtype.
+            dtype = torch.get_autocast_dtype(device)
+            x_SD, weights = x_SD.to(dtype), tuple(w.to(dtype) for w in weights)
+        if self._use_grouped_mm(x_SD):
             return swiglu_grouped_mm(x_SD, rows_per_expert, *weights)
         return swiglu_loop(x_SD, rows_per_expert, *weights)
+
+    def _use_grouped_mm(self, x_SD: Tensor) -> bool:
+        if self.compute == "loop" or (self.compute == "auto" and not x_SD.is_cuda):
+            return False
+        # The grouped GEMM needs 16-byte aligned rows: model dim and expert hidden dim in whole 16-byte units.
+        unit = 16 // x_SD.element_size()
+        aligned = all(n % unit == 0 for n in self.w_gate_EDF.shape[1:])
+        if self.compute == "grouped_mm" and not aligned:
+            raise ValueError(f"model.moe.expert_compute=grouped_mm needs model.dim and model.moe.ffn_dim to be "
+                             f"multiples of {unit} in {x_SD.dtype}; got {tuple(self.w_gate_EDF.shape[1:])}. "
+                             f"Use expert_compute=auto to fall back to the loop")
+        return aligned

@@ -76,10 +76,10 @@ def permute(x_TD: Tensor, perm: Permutation) -> Tensor:
 
 
 def unpermute(y_SD: Tensor, perm: Permutation, weight_TK: Tensor) -> Tensor:
-    """Weight each copy's expert output by its router weight and sum into its token.
+    """Weight each copy's expert output by its router weight and sum into its token, in float32.
 
     A token whose copies were all dropped gets zeros (the residual carries it).
     """
-    weight_S = weight_TK.reshape(-1).index_select(0, perm.copy_index_S).to(y_SD.dtype)
-    out_TD = y_SD.new_zeros(perm.num_tokens, y_SD.shape[-1])
-    return out_TD.index_add(0, perm.token_index_S, y_SD * weight_S.unsqueeze(-1))
+    weight_S = weight_TK.reshape(-1).index_select(0, perm.copy_index_S).float()
+    out_TD = y_SD.new_zeros(perm.num_tokens, y_SD.shape[-1], dtype=torch.float32)
+    return out_TD.index_add(0, perm.token_index_S, y_SD.float() * weight_S.unsqueeze(-1))

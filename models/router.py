@@ -38,7 +38,8 @@ class TopKRouter(nn.Module):
             logits_TE = x_TD.float() @ self.weight_ED.float().t()
         probs_TE = logits_TE.softmax(dim=-1)
         weight_TK, expert_index_TK = probs_TE.topk(self.top_k, dim=-1)
-        if self.renormalize:
+        if self.renormalize and self.top_k > 1:
+            # Not for top-1: p/p == 1 would cut the language-model gradient to the router (Switch keeps p).
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
         return Routing(expert_index_TK, weight_TK, probs_TE, logits_TE)
 

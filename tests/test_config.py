@@ -37,6 +37,10 @@ def test_overrides_are_typed() -> None:
     (["parallel.backend=mpi"], "parallel.backend='mpi' is not one of"),
     (["model.dim=130"], "model.dim=130 is not divisible by model.n_heads=4"),
     (["optim.lr"], "must look like key.path=value"),
+    (["train.grad_clip=-1"], "train.grad_clip=-1.0 must be >= 0"),
+    (["optim.beta2=1.5"], "optim.beta2=1.5 must be in [0, 1)"),
+    (["run.dir=runs/{nmae}"], "has a placeholder other than {name}"),
+    (["data.source=null"], "set data.dir to a prepared corpus"),
 ])
 def test_bad_values_name_the_key(override, fragment) -> None:
     with pytest.raises(ConfigError, match=None) as err:
@@ -52,6 +56,17 @@ def test_world_size_must_fit_ep_and_batch() -> None:
     cfg = load_config(configs.path("tiny.yaml"), ["train.global_batch_tokens=768", "train.seq_len=256"])
     with pytest.raises(ConfigError, match="3 sequences .* do not split evenly over 2 processes"):
         validate_for_world(cfg, 2)
+
+
+def test_vocab_too_small_for_the_corpus_fails_before_any_worker(tmp_path, small_corpus) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "moeyard", "train", "--set", f"run.dir={tmp_path}/run", "--set", "model.vocab_size=200",
+         "--set", f"data.dir={small_corpus}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "model.vocab_size=200 is smaller than the 257 token ids" in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_and_malformed_files(tmp_path) -> None:

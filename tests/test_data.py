@@ -75,3 +75,31 @@ def test_meta_format_is_checked(small_corpus, tmp_path) -> None:
     (tmp_path / "meta.json").write_text(json.dumps({**meta, "format": "other"}))
     with pytest.raises(DataError, match="format"):
         read_meta(tmp_path)
+
+
+def test_prepare_never_clobbers_a_foreign_folder(tmp_path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("x = 1\n")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(DataError, match="exists and is not a prepared corpus"):
+        prepare_corpus(src, foreign, "*.py")
+    assert (foreign / "keep.txt").read_text() == "mine" and len(list(foreign.iterdir())) == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare_corpus(src, empty, "*.py")
+    assert read_meta(empty)["documents"] == 1
+
+
+def test_a_data_dir_without_corpus_is_only_filled_from_an_explicit_source(tmp_path) -> None:
+    from moeyard.trainer.data import ensure_corpus
+
+    with pytest.raises(DataError, match="holds no prepared corpus"):
+        ensure_corpus(None, str(tmp_path / "typo"), "*.py")
+    assert not (tmp_path / "typo").exists()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("x = 1\n")
+    assert ensure_corpus(str(src), str(tmp_path / "new"), "*.py") == tmp_path / "new"

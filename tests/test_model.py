@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moeyard.models import ModelConfig, MoE, MoEConfig, Transformer
+from moeyard.models import ConfigError, GroupedExperts, ModelConfig, MoE, MoEConfig, Transformer
 from moeyard.models.experts import swiglu_grouped_mm, swiglu_loop
 from moeyard.models.router import TopKRouter, load_balance_loss, router_z_loss
 
@@ -97,3 +97,36 @@ def test_capacity_factor_reports_drops() -> None:
     _, stats = moe(x)
     assert stats.tokens_per_expert_E.tolist() == [0, 0, 32, 0]
     assert int(stats.dropped) == 32 - 8  # capacity ceil(1.0 * 32 / 4) = 8
+
+
+def test_top1_router_learns_from_the_language_model_loss() -> None:
+    """Renormalising a single weight would make it 1 and cut the router off from the LM gradient."""
+    torch.manual_seed(0)
+    moe = MoE(16, MoEConfig(num_experts=4, top_k=1, ffn_dim=8, renormalize=True))
+    for p in moe.experts.parameters():
+        torch.nn.init.normal_(p)
+    y, _ = moe(torch.randn(1, 8, 16))
+    y.square().sum().backward()  # no router losses in this objective
+    assert moe.router.weight_ED.grad.norm() > 1e-3
+
+
+def test_grouped_mm_under_bf16_autocast_matches_loop_and_rejects_misaligned_dims() -> None:
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 16, 32, compute="grouped_mm")
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, rows = torch.randn(10, 16), [3, 0, 5, 2]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_gmm = experts(x, rows)
+        experts.compute = "loop"
+        y_loop = experts(x, rows)
+    assert y_gmm.dtype == torch.bfloat16
+    torch.testing.assert_close(y_gmm.float(), y_loop.float(), rtol=2e-2, atol=2e-2)
+    odd = GroupedExperts(2, 12, 20, compute="grouped_mm")
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="multiples of 8"):
+        odd(torch.randn(4, 12), [2, 2])
+
+
+def test_model_without_moe_block_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="model.moe.first_dense_layers=4 leaves no MoE block"):
+        ModelConfig(n_layers=4, moe=MoEConfig(first_dense_layers=4))

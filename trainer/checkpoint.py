@@ -65,6 +65,37 @@ def sharded_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, pmesh
     return {"model": model_sd, "optim": optim_sd}
 
 
+def _write_durably(path: Path, text: str) -> None:
+    with path.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _describe_files(folder: Path) -> list[dict[str, Any]]:
+    """Sizes and sha256 of every file; each rank hashes a share, so no rank waits long on rank 0."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    mine = {n: {"name": n, "bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)}
+            for n in names[rank::world]}
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (names, mine))
+    for other_rank, (other_names, _) in enumerate(gathered):
+        if other_names != names:  # every rank sees the same lists, so every rank raises together
+            raise RuntimeError(f"rank {other_rank} sees different files in {folder} than rank {rank}: "
+                               f"run.dir must be on storage that all ranks share")
+    described = {n: d for _, part in gathered for n, d in part.items()}
+    return [described[n] for n in names]
+
+
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     pmesh: ParallelMesh, cfg: Config) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
@@ -75,24 +106,23 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash mid-save
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save(sharded_state_dict(model, optimizer, pmesh), checkpoint_id=tmp)
-    dist.barrier()  # every rank's shards are on disk
+    dcp.save(sharded_state_dict(model, optimizer, pmesh), checkpoint_id=tmp)  # fsyncs its own files
+    files = _describe_files(tmp)  # collective: every rank's shards are on disk once it returns
     if dist.get_rank() == 0:
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
         manifest = {
             "step": step,
             "config": to_dict(cfg),
             "world_size": dist.get_world_size(),
             "ep": pmesh.ep,
-            "files": [{"name": p.name, "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files],
+            "files": files,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        pointer = root / ".latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / "latest")
+        _write_durably(root / ".latest.tmp", final.name + "\n")
+        os.replace(root / ".latest.tmp", root / "latest")
+        _fsync_dir(root)
     dist.barrier()
     return final
 

@@ -72,10 +72,11 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    source: str = "python-stdlib"
-    """A directory of text files to tokenize, or `python-stdlib` for this Python's own .py files."""
+    source: Optional[str] = None
+    """A directory of text files to tokenize on first use, or `python-stdlib` for this Python's own .py
+    files; null: data.dir must already hold a prepared corpus (`moeyard prepare`)."""
     dir: Optional[str] = None
-    """Prepared token shards; null: a cache folder keyed by the source, prepared on first use."""
+    """Prepared token shards; null: a cache folder keyed by data.source."""
     glob: str = "*.py"
     """Which files of the source directory are read (recursively)."""
 
@@ -183,12 +184,24 @@ def validate(cfg: Config) -> None:
             f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of train.seq_len={t.seq_len}")
     require(t.micro_batch_size is None or t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1 or null")
     require(cfg.parallel.ep >= 1, f"parallel.ep={cfg.parallel.ep} must be >= 1")
+    require(cfg.data.source is not None or cfg.data.dir is not None,
+            "set data.dir to a prepared corpus (moeyard prepare) or data.source to a folder of text files "
+            "(or python-stdlib)")
     require(m.moe.num_experts % cfg.parallel.ep == 0,
             f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.ep={cfg.parallel.ep}")
     require(cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0")
     require(cfg.log.every >= 1, f"log.every={cfg.log.every} must be >= 1")
     require(cfg.checkpoint.every >= 0, f"checkpoint.every={cfg.checkpoint.every} must be >= 0")
-    require(0 <= cfg.optim.warmup_steps, "optim.warmup_steps must be >= 0")
+    require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    o = cfg.optim
+    require(0 <= o.warmup_steps, "optim.warmup_steps must be >= 0")
+    require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1,
+            f"optim.beta1={o.beta1} and optim.beta2={o.beta2} must be in [0, 1)")
+    require(o.eps > 0 and o.weight_decay >= 0, "optim.eps must be > 0 and optim.weight_decay >= 0")
+    try:
+        cfg.run.dir.format(name=cfg.run.name)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(f"run.dir={cfg.run.dir!r} has a placeholder other than {{name}}: {err}") from None
     require(0 < cfg.optim.lr and 0 <= cfg.optim.min_lr <= cfg.optim.lr,
             f"optim.lr={cfg.optim.lr} must be > 0 and optim.min_lr={cfg.optim.min_lr} between 0 and optim.lr")
 
@@ -208,6 +221,14 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
         require((seqs // world_size) % mbs == 0,
                 f"train.micro_batch_size={mbs} does not divide the {seqs // world_size} sequences each of "
                 f"{world_size} processes gets")
+
+
+def check_vocab(cfg: Config, corpus_meta: dict) -> None:
+    """The embedding table must cover every token id the corpus uses."""
+    need = corpus_meta["vocab_size"]
+    require(cfg.model.vocab_size >= need,
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the {need} token ids of the corpus "
+            f"({corpus_meta['tokenizer']} tokenizer): set model.vocab_size to at least {need}")
 
 
 def load_config(path: Optional[str | Path], overrides: tuple[str, ...] | list[str] = ()) -> Config:

@@ -100,14 +100,23 @@ def prepare_corpus(src: Path, out: Path, glob: str = "*.py") -> dict:
         meta = {"format": FORMAT, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "dtype": "uint16",
                 "source": str(src), "glob": glob, "documents": documents, "tokens": total, "shards": shards}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
+        _move_into_place(tmp, out)
         return meta
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished corpus to `out`; if another process got there first, keep theirs."""
+    if out.exists() and not (out / "meta.json").exists() and any(out.iterdir()):
+        raise DataError(f"{out} exists and is not a prepared corpus: remove it or choose another folder")
+    try:
+        os.replace(tmp, out)  # atomic; also replaces an empty folder
+    except OSError:
+        if not (out / "meta.json").is_file():
+            raise
+        shutil.rmtree(tmp)  # another process (or node sharing the cache) finished first
 
 
 def read_meta(data_dir: Path) -> dict:
@@ -174,10 +183,19 @@ class TokenBatches:
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
-def ensure_corpus(source: str, data_dir: str | None, glob: str) -> Path:
-    """The prepared corpus folder for a data config, tokenizing the source on first use."""
+def ensure_corpus(source: str | None, data_dir: str | None, glob: str) -> Path:
+    """The prepared corpus folder for a data config, tokenizing data.source on first use.
+
+    A data.dir without a corpus is only filled when data.source says from what:
+    a mistyped data.dir must not quietly become a new corpus of something else.
+    """
+    if data_dir is None and source is None:
+        raise DataError("set data.dir to a prepared corpus or data.source to a folder of text files")
     out = Path(data_dir) if data_dir else default_data_dir(source, glob)
     if not (out / "meta.json").is_file():
+        if source is None:
+            raise DataError(f"data.dir={out} holds no prepared corpus: run `moeyard prepare SRC --out {out}` "
+                            f"or set data.source")
         src = resolve_source(source)
         print(f"preparing corpus from {src} ({glob}) into {out} ...", flush=True)
         meta = prepare_corpus(src, out, glob)

@@ -15,8 +15,8 @@ from moeyard.models import Transformer
 from moeyard.parallel import apply_expert_parallel, build_mesh, split_parameters
 
 from .checkpoint import save_checkpoint
-from .config import Config, dump_yaml, validate_for_world
-from .data import DataError, TokenBatches
+from .config import Config, check_vocab, dump_yaml, validate_for_world
+from .data import DataError, TokenBatches, read_meta
 from .metrics import MetricsLogger, step_record
 from .optim import build_optimizer, lr_at, set_lr
 from .step import train_step
@@ -55,6 +55,7 @@ def train(cfg: Config, device: torch.device) -> Path:
         raise DataError("data.dir is not set: the launcher resolves it (see trainer.data.ensure_corpus)")
     world, rank = dist.get_world_size(), dist.get_rank()
     validate_for_world(cfg, world)
+    check_vocab(cfg, read_meta(Path(cfg.data.dir)))
     _prepare_run_dir(cfg)
     pmesh = build_mesh(cfg.parallel.ep, device.type)
     dtype = resolve_dtype(cfg.train.dtype, device)
@@ -68,8 +69,6 @@ def train(cfg: Config, device: torch.device) -> Path:
 
     data = TokenBatches(Path(cfg.data.dir), cfg.train.seq_len, cfg.global_batch_sequences,
                         pmesh.dp_rank, pmesh.dp, cfg.run.seed)
-    if data.vocab_size > cfg.model.vocab_size:
-        raise DataError(f"the corpus uses {data.vocab_size} token ids but model.vocab_size={cfg.model.vocab_size}")
     micro_batch_size = cfg.train.micro_batch_size or cfg.global_batch_sequences // pmesh.dp
 
     total = cfg.train.steps
