@@ -35,7 +35,7 @@ def _spawn_local_workers(nproc: int, config: str, overrides: list[str]) -> int:
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as err:
-        failures = ", ".join(f"rank {f.rank} exit code {f.exitcode}" for f in err.failures.values())
+        failures = ", ".join(f"rank {rank} exit code {f.exitcode}" for rank, f in sorted(err.failures.items()))
         print(f"error: training workers failed ({failures}); see their messages above", file=sys.stderr)
         return 1
     return 0

@@ -98,3 +98,14 @@ def test_same_config_same_run_bit_for_bit(tmp_path, small_corpus) -> None:
     strip = [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in read_metrics(tmp_path / "a")]
     again = [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in read_metrics(tmp_path / "b")]
     assert strip == again and len(strip) == 3
+
+
+def test_worker_failure_is_reported_with_ranks_and_exit_codes(tmp_path, small_corpus) -> None:
+    """A run that fails inside the workers (here: NCCL asked for on a machine without GPUs) ends with a summary."""
+    config = write_config(tmp_path / "c.yaml", small_corpus)
+    proc = subprocess.run([sys.executable, "-m", "moeyard", "train", str(config), "--nproc", "2", "--set",
+                           "parallel.ep=2", "--set", "parallel.backend=nccl", "--set", f"run.dir={tmp_path / 'r'}"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 1
+    assert "parallel.backend=nccl needs a GPU" in proc.stderr
+    assert "training workers failed (rank 0 exit code 2, rank 1 exit code 2)" in proc.stderr
