@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -108,4 +109,7 @@ def test_worker_failure_is_reported_with_ranks_and_exit_codes(tmp_path, small_co
                           capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 1
     assert "parallel.backend=nccl needs a GPU" in proc.stderr
-    assert "training workers failed (rank 0 exit code 2, rank 1 exit code 2)" in proc.stderr
+    # torchrun stops the other worker once one fails, so only one exit code is certain to be ours (2).
+    summary = re.search(r"training workers failed \((rank 0 exit code -?\d+), (rank 1 exit code -?\d+)\)",
+                        proc.stderr)
+    assert summary and "exit code 2" in summary.group(0), proc.stderr
