@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 
 def swiglu_loop(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_up_EDF: Tensor,
-                w_down_EFD: Tensor) -> Tensor:
+                     w_down_EFD: Tensor) -> Tensor:
     """Reference and CPU fast path: one matmul chain per expert over its rows."""
     outputs = [
         (F.silu(x_rD @ w_gate_EDF[e]) * (x_rD @ w_up_EDF[e])) @ w_down_EFD[e]
@@ -23,7 +23,7 @@ def swiglu_loop(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_
 
 
 def swiglu_grouped_mm(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_up_EDF: Tensor,
-                      w_down_EFD: Tensor) -> Tensor:
+                           w_down_EFD: Tensor) -> Tensor:
     """GPU fast path: three grouped GEMMs over all experts at once."""
     offs_E = torch.tensor(rows_per_expert, device=x_SD.device).cumsum(0).to(torch.int32)
     h_SF = F.silu(torch._grouped_mm(x_SD, w_gate_EDF, offs=offs_E)) * torch._grouped_mm(x_SD, w_up_EDF, offs=offs_E)
@@ -45,8 +45,17 @@ class GroupedExperts(nn.Module):
     def num_local_experts(self) -> int:
         return self.w_gate_EDF.shape[0]
 
+    @property
+    def weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD
+
     def forward(self, x_SD: Tensor, rows_per_expert: list[int]) -> Tensor:
-        weights = (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD)
+        return self.forward_with(x_SD, rows_per_expert, *self.weights)
+
+    def forward_with(self, x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_up_EDF: Tensor,
+                     w_down_EFD: Tensor) -> Tensor:
+        """The experts as a function of explicit weights, for executors that manage autograd themselves."""
+        weights = (w_gate_EDF, w_up_EDF, w_down_EFD)
         device = x_SD.device.type
         if torch.is_autocast_enabled(device):
             # _grouped_mm is not an autocast op: cast explicitly to the autocast dtype.

@@ -5,9 +5,9 @@ Experts are laid out contiguously: ep rank r owns experts [r*L, (r+1)*L) with
 L = E / ep, so the rows for rank r form one contiguous block.
 
 Stages, each a function: `plan_exchange` (exchange counts, one collective and a
-host sync), `all_to_all` (rows out, autograd-aware), `group_by_local_expert`
+host sync), `all_to_all` (rows out, autograd-aware), `local_expert_order`
 (received rows are ordered by source rank; experts want them by expert), and the
-reverse trip. `ExpertParallelExchange` composes them for the MoE layer.
+reverse trip; `overlap.pipelined_experts` runs the same stages in overlapped chunks. `ExpertParallelExchange` composes them for the MoE layer.
 
 Shape legend: S rows sent, R rows received, D model dim, E global experts,
 L local experts, P ranks in the ep group.
@@ -22,6 +22,9 @@ from torch import Tensor
 
 from moeyard.models import GroupedExperts
 from moeyard.models.moe import LocalExchange
+
+from .overlap import pipelined_experts
+from .regroup import inverse_permutation, local_expert_order
 
 
 @dataclass(frozen=True)
@@ -76,32 +79,22 @@ def all_to_all(x: Tensor, recv_splits: list[int], send_splits: list[int], group:
     return _AllToAll.apply(x, recv_splits, send_splits, group)
 
 
-def local_expert_order(recv_counts_PL: Tensor) -> Tensor:
-    """Permutation that reorders received rows from (source rank, expert) to (expert, source rank)."""
-    P, L = recv_counts_PL.shape
-    expert_of_row_R = torch.arange(L, device=recv_counts_PL.device).repeat(P).repeat_interleave(
-        recv_counts_PL.reshape(-1)
-    )
-    return torch.sort(expert_of_row_R, stable=True).indices
-
-
-def inverse_permutation(order: Tensor) -> Tensor:
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    return inverse
-
-
 class ExpertParallelExchange:
     """Runs a layer's experts across the ep group; installed by `apply_expert_parallel`."""
 
-    def __init__(self, ep_group: dist.ProcessGroup, batch_group: dist.ProcessGroup) -> None:
+    def __init__(self, ep_group: dist.ProcessGroup, batch_group: dist.ProcessGroup, chunks: int = 1) -> None:
         self.ep_group = ep_group
         self.batch_group = batch_group
         self.ep = dist.get_world_size(ep_group)
+        self.chunks = chunks
+        """Pipeline degree r from the plan; 1 is the plain reference path."""
 
     def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, experts: GroupedExperts) -> Tensor:
         if self.ep == 1:
             return LocalExchange().run_experts(x_SD, tokens_per_expert_E, experts)
+        if self.chunks > 1:
+            return pipelined_experts(x_SD, tokens_per_expert_E, self.chunks, self.ep_group, experts.forward_with,
+                                     experts.weights)
         layout = plan_exchange(tokens_per_expert_E, self.ep_group)
         x_RD = all_to_all(x_SD, layout.recv_splits, layout.send_splits, self.ep_group)
         order_R = local_expert_order(layout.recv_counts_PL)

@@ -1,0 +1,20 @@
+"""Reordering received rows between (source rank, expert) and (expert, source rank) order."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def local_expert_order(recv_counts_PL: Tensor) -> Tensor:
+    """Permutation that reorders received rows from (source rank, expert) to (expert, source rank)."""
+    P, L = recv_counts_PL.shape
+    expert_of_row_R = torch.arange(L, device=recv_counts_PL.device).repeat(P).repeat_interleave(
+        recv_counts_PL.reshape(-1)
+    )
+    return torch.sort(expert_of_row_R, stable=True).indices
+
+
+def inverse_permutation(order: Tensor) -> Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
