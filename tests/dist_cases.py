@@ -107,6 +107,7 @@ def step_gradients_match_single_process(rank: int, world: int, ep: int, micro_ba
 
     from moeyard.models import ModelConfig, MoEConfig, Transformer
     from moeyard.parallel import apply_expert_parallel, split_parameters
+    from moeyard.parallel.grad_sync import PlainSync
     from moeyard.trainer.step import train_step
 
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
@@ -126,9 +127,9 @@ def step_gradients_match_single_process(rank: int, world: int, ep: int, micro_ba
     torch.manual_seed(0)
     model = Transformer(cfg)
     apply_expert_parallel(model, pmesh)
-    frozen = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the gradients for inspection
+    frozen = PlainSync(split_parameters(model), pmesh, torch.optim.SGD(model.parameters(), lr=0.0))
     result = train_step(model, frozen, tokens[rank * per_rank:(rank + 1) * per_rank], micro_batch_size=micro_batch_size,
-                        groups=split_parameters(model), pmesh=pmesh, grad_clip=0.0, dtype=torch.float32)
+                        pmesh=pmesh, lr=0.0, grad_clip=0.0, dtype=torch.float32)
 
     local = cfg.moe.num_experts // ep
     expert_names = {n for n, _ in model.named_parameters() if ".experts." in n}
@@ -176,3 +177,68 @@ def pipelined_matches_plain(rank: int, world: int, ep: int, capacity_factor: flo
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
             worst = max(worst, float((a - b).norm() / b.norm()))
     return {"worst_rel": worst}
+
+
+def sync_strategies_agree(rank: int, world: int, ep: int, steps: int) -> dict:
+    """Plain reduction, bucketed overlapped all-reduce and ZeRO reduce-scatter + sharded AdamW:
+    the same parameters and AdamW state after `steps` steps (2 accumulated micro-steps each)."""
+    from moeyard.models import ModelConfig, MoEConfig, Transformer
+    from moeyard.parallel import apply_expert_parallel, split_parameters
+    from moeyard.parallel.buckets import BucketedReducer, backward_order, buckets_by_bytes
+    from moeyard.parallel.grad_sync import OverlappedSync, PlainSync, ShardedSync
+    from moeyard.parallel.zero import ShardedAdamW
+    from moeyard.trainer.step import train_step
+
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
+                      moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=32, num_shared_experts=1))
+    pmesh = build_mesh(ep, "cpu")
+    data = torch.randint(0, 64, (steps, world * 2, 17), generator=torch.Generator().manual_seed(11))
+    hyper = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+    def torch_adamw(model):
+        params = list(model.parameters())
+        return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                 lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+
+    def run(kind: str):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        apply_expert_parallel(model, pmesh)
+        groups = split_parameters(model)
+        small = 4096.0  # bytes: many small buckets, so several launch mid-backward
+        dense = buckets_by_bytes(backward_order(groups.dense), small)
+        expert = buckets_by_bytes(backward_order(groups.expert), small)
+        if kind == "plain":
+            sync = PlainSync(groups, pmesh, torch_adamw(model))
+        elif kind == "overlap":
+            sync = OverlappedSync(groups, pmesh, torch_adamw(model),
+                                  BucketedReducer(groups, pmesh, dense, expert, "all_reduce"))
+        else:
+            reducer = BucketedReducer(groups, pmesh, dense, expert, "reduce_scatter")
+            sync = ShardedSync(groups, pmesh, reducer, ShardedAdamW(reducer, **hyper))
+        norms = []
+        for step in range(steps):
+            result = train_step(model, sync, data[step, rank * 2:(rank + 1) * 2], micro_batch_size=1, pmesh=pmesh,
+                                lr=3e-3, grad_clip=0.5, dtype=torch.float32)
+            norms.append(result.grad_norm)
+        states = sync.param_states()
+        return model, {n: states[id(p)] for n, p in model.named_parameters()}, norms, len(dense) + len(expert)
+
+    ref_model, ref_states, ref_norms, _ = run("plain")
+    init = dict(Transformer(cfg).named_parameters())  # only for names; values are not used
+    worst = {}
+    for kind in ("overlap", "zero"):
+        model, states, norms, n_buckets = run(kind)
+        assert n_buckets > 4
+        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m: f"{kind} {name}: {m}")
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(states[name][key], ref_states[name][key], rtol=1e-5, atol=1e-9,
+                                           msg=lambda m: f"{kind} {name} {key}: {m}")
+            assert float(states[name]["step"]) == float(ref_states[name]["step"]) == steps
+        for a, b in zip(norms, ref_norms):
+            assert abs(a - b) <= 1e-5 * b, f"{kind}: grad norm {a} vs {b}"
+        worst[kind] = max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(model.parameters(), ref_model.parameters()))
+    assert set(init) == set(ref_states)
+    return worst

@@ -53,3 +53,9 @@ def test_pipelined_chunks_match_plain_exchange(world, ep, capacity_factor) -> No
     """r = 2, 4 (and more chunks than some experts have rows) equal r = 1 within 1e-6, forward and backward."""
     results = run_distributed(dist_cases.pipelined_matches_plain, world, ep, capacity_factor, (2, 4, 16))
     assert all(r["worst_rel"] < 1e-6 for r in results)
+
+
+@pytest.mark.parametrize("world,ep", [(2, 2), (4, 2)])
+def test_bucketed_and_zero_sharded_sync_match_plain_for_ten_steps(world: int, ep: int) -> None:
+    results = run_distributed(dist_cases.sync_strategies_agree, world, ep, 10, timeout_s=240)
+    assert all(set(r) == {"overlap", "zero"} for r in results)

@@ -61,3 +61,17 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, small_corpus) -> 
     moeyard_train(config, tmp_path / "whole", 1, "parallel.ep=1", no_aux)
     moeyard_train(config, tmp_path / "accum", 2, "parallel.ep=2", no_aux, "train.micro_batch_size=2")
     assert_same_run(tmp_path / "whole", tmp_path / "accum", "2 processes, 4 micro-steps")
+
+
+@pytest.mark.parametrize("nproc,ep,schedule", [
+    (2, 2, ["schedule.mode=manual", "schedule.chunks=4", "schedule.bucket_mb=0.01"]),
+    (4, 2, ["schedule.mode=manual", "schedule.chunks=2", "schedule.bucket_mb=0.02",
+            "schedule.grad_sync=reduce_scatter"]),
+    (4, 4, ["schedule.grad_sync=reduce_scatter"]),
+])
+def test_scheduled_runs_match_the_reference(config, reference, tmp_path, nproc, ep, schedule) -> None:
+    """Pipelined experts, bucketed overlapped reduction and the ZeRO-sharded optimizer change nothing learned."""
+    run_dir = tmp_path / "run"
+    proc = moeyard_train(config, run_dir, nproc, f"parallel.ep={ep}", *schedule)
+    assert "plan (" in proc.stdout
+    assert_same_run(reference, run_dir, f"{nproc} processes ep={ep} {' '.join(schedule)}")

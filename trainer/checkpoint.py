@@ -1,10 +1,11 @@
 """Sharded checkpoints with torch.distributed.checkpoint (DCP), written atomically.
 
 Layout of one checkpoint, `run_dir/checkpoints/step_000100/`:
-  *.distcp, .metadata   DCP shards: model and AdamW state. Expert weights are one
+  *.distcp, .metadata   DCP shards: model and AdamW state (unsharded per parameter,
+                        whether or not the optimizer ran ZeRO-sharded). Expert weights are one
                         global tensor [num_experts, ...] sharded on dim 0, so the
                         files do not depend on the ep/world layout that wrote them.
-  manifest.json         step, config, world layout, every file with size and sha256.
+  manifest.json         step, config, world layout, plan, every file with size and sha256.
 Every rank writes into `.step_000100.tmp`; when all are done rank 0 writes the
 manifest and renames the folder, then moves `checkpoints/latest`. A folder
 without a manifest is incomplete by construction. Nothing in it is pickled:
@@ -12,6 +13,7 @@ the non-tensor state lives in the JSON manifest.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,6 +30,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moeyard.models import expert_modules
 from moeyard.parallel import ParallelMesh
+from moeyard.parallel.grad_sync import GradSync
+from moeyard.parallel.plan import Plan
 
 from .config import Config, to_dict
 
@@ -46,7 +50,7 @@ def _expert_param_ids(model: nn.Module) -> set[int]:
     return {id(p) for m in expert_modules(model) for p in m.parameters()}
 
 
-def sharded_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, pmesh: ParallelMesh) -> dict[str, Any]:
+def sharded_state_dict(model: nn.Module, sync: GradSync, pmesh: ParallelMesh) -> dict[str, Any]:
     """Model and AdamW state keyed by parameter name; expert shards wrapped as global DTensors."""
     expert_ids = _expert_param_ids(model)
 
@@ -58,8 +62,9 @@ def sharded_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, pmesh
 
     model_sd = {name: globalize(p, p) for name, p in model.named_parameters()}
     optim_sd: dict[str, Any] = {}
+    states = sync.param_states()
     for name, p in model.named_parameters():
-        state = optimizer.state.get(p)
+        state = states.get(id(p))
         if state:
             optim_sd[name] = {k: globalize(v, p) if v.dim() > 0 else v.detach().clone() for k, v in state.items()}
     return {"model": model_sd, "optim": optim_sd}
@@ -96,8 +101,8 @@ def _describe_files(folder: Path) -> list[dict[str, Any]]:
     return [described[n] for n in names]
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    pmesh: ParallelMesh, cfg: Config) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, sync: GradSync, pmesh: ParallelMesh, cfg: Config,
+                    plan: Plan) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
     root = run_dir / "checkpoints"
     final = root / f"step_{step:06d}"
@@ -106,7 +111,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash mid-save
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save(sharded_state_dict(model, optimizer, pmesh), checkpoint_id=tmp)  # fsyncs its own files
+    dcp.save(sharded_state_dict(model, sync, pmesh), checkpoint_id=tmp)  # fsyncs its own files
     files = _describe_files(tmp)  # collective: every rank's shards are on disk once it returns
     if dist.get_rank() == 0:
         manifest = {
@@ -114,6 +119,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
             "config": to_dict(cfg),
             "world_size": dist.get_world_size(),
             "ep": pmesh.ep,
+            "plan": dataclasses.asdict(plan),
             "files": files,
         }
         _write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1))

@@ -41,6 +41,21 @@ class ParallelConfig:
 
 
 @dataclass(kw_only=True)
+class ScheduleConfig:
+    mode: Literal["off", "manual", "auto"] = "off"
+    """off: the plain reference path (r=1, gradients reduced after backward); manual: the values
+    below; auto: the planner picks r per layer and the buckets from measurements of this machine."""
+    chunks: int = 2
+    """manual: pipeline degree r of every MoE layer."""
+    bucket_mb: float = 4.0
+    """manual: gradient bucket size in MiB."""
+    grad_sync: Literal["all_reduce", "reduce_scatter"] = "all_reduce"
+    """reduce_scatter: ZeRO-style sharded optimizer state (dense over dp, experts over edp)."""
+    hardware: Optional[str] = None
+    """auto: plan from this hardware description (YAML) instead of profiling the machine."""
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     steps: int = 300
     """Optimizer steps of the whole run (the LR schedule spans them)."""
@@ -101,6 +116,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -129,6 +145,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         return _convert(value, inner, key)
     if origin is Literal:
         choices = typing.get_args(hint)
+        if isinstance(value, bool) and ("on" if value else "off") in choices:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
         require(value in choices, f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
         return value
     if dataclasses.is_dataclass(hint):
@@ -184,6 +202,8 @@ def validate(cfg: Config) -> None:
             f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of train.seq_len={t.seq_len}")
     require(t.micro_batch_size is None or t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1 or null")
     require(cfg.parallel.ep >= 1, f"parallel.ep={cfg.parallel.ep} must be >= 1")
+    require(cfg.schedule.chunks >= 1, f"schedule.chunks={cfg.schedule.chunks} must be >= 1")
+    require(cfg.schedule.bucket_mb > 0, f"schedule.bucket_mb={cfg.schedule.bucket_mb} must be > 0")
     require(cfg.data.source is not None or cfg.data.dir is not None,
             "set data.dir to a prepared corpus (moeyard prepare) or data.source to a folder of text files "
             "(or python-stdlib)")
@@ -245,6 +265,8 @@ def load_config(path: Optional[str | Path], overrides: tuple[str, ...] | list[st
         require(isinstance(tree, dict), f"config file {path} must hold a mapping at the top level")
     for assignment in overrides:
         _apply_override(tree, assignment)
+    if tree.get("schedule") in (False, "off"):  # `schedule: off` as shorthand for schedule.mode=off
+        tree["schedule"] = {"mode": "off"}
     cfg = _build(Config, tree, "")
     validate(cfg)
     return cfg

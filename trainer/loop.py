@@ -18,7 +18,8 @@ from .checkpoint import save_checkpoint
 from .config import Config, check_vocab, dump_yaml, validate_for_world
 from .data import DataError, TokenBatches, read_meta
 from .metrics import MetricsLogger, step_record
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import lr_at
+from .schedule import apply_plan_chunks, build_grad_sync, plan_for
 from .step import train_step
 
 
@@ -65,7 +66,11 @@ def train(cfg: Config, device: torch.device) -> Path:
     apply_expert_parallel(model, pmesh)
     model.to(device)
     groups = split_parameters(model)
-    optimizer = build_optimizer(model, cfg.optim)
+    plan = plan_for(cfg, model, groups)
+    apply_plan_chunks(model, plan)
+    sync = build_grad_sync(plan, model, groups, pmesh, cfg)
+    if rank == 0:
+        print(f"plan ({plan.source}): {plan.summary()}", flush=True)
 
     data = TokenBatches(Path(cfg.data.dir), cfg.train.seq_len, cfg.global_batch_sequences,
                         pmesh.dp_rank, pmesh.dp, cfg.run.seed)
@@ -79,10 +84,9 @@ def train(cfg: Config, device: torch.device) -> Path:
     try:
         for step in range(total):
             lr = lr_at(step, total, cfg.optim)
-            set_lr(optimizer, lr)
             start = time.perf_counter()
-            result = train_step(model, optimizer, data.batch(step), micro_batch_size=micro_batch_size,
-                                groups=groups, pmesh=pmesh, grad_clip=cfg.train.grad_clip, dtype=dtype)
+            result = train_step(model, sync, data.batch(step), micro_batch_size=micro_batch_size,
+                                pmesh=pmesh, lr=lr, grad_clip=cfg.train.grad_clip, dtype=dtype)
             tokens_per_s = result.tokens / (time.perf_counter() - start)
             done = step + 1
             if logger is not None:
@@ -90,7 +94,7 @@ def train(cfg: Config, device: torch.device) -> Path:
                 if done == 1 or done % cfg.log.every == 0 or done == total:
                     logger.log(step_record(done, result, lr, tokens_per_s), total)
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total:
-                save_checkpoint(cfg.run_dir, done, model, optimizer, pmesh, cfg)
+                save_checkpoint(cfg.run_dir, done, model, sync, pmesh, cfg, plan)
     finally:
         if logger is not None:
             logger.close()

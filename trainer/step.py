@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moeyard.models import Transformer
-from moeyard.parallel import ParallelMesh, ParamGroups, clip_gradients, global_grad_norm, reduce_gradients
+from moeyard.parallel import ParallelMesh
+from moeyard.parallel.grad_sync import GradSync
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.Abs
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train_step(model: Transformer, optimizer: torch.optim.Optimizer, batch_BT1: Tensor, *, micro_batch_size: int,
-               groups: ParamGroups, pmesh: ParallelMesh, grad_clip: float, dtype: torch.dtype) -> StepResult:
+def train_step(model: Transformer, sync: GradSync, batch_BT1: Tensor, *, micro_batch_size: int,
+               pmesh: ParallelMesh, lr: float, grad_clip: float, dtype: torch.dtype) -> StepResult:
     """`batch_BT1` is this rank's share of the global batch: [sequences, seq_len + 1] token ids."""
     device = next(model.parameters()).device
     batch_BT1 = batch_BT1.to(device, non_blocking=True)
@@ -53,11 +54,12 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, batch_BT1: 
     global_tokens = batch_BT1.shape[0] * (batch_BT1.shape[1] - 1) * pmesh.dp
     lm_scale = pmesh.dp / global_tokens
 
-    optimizer.zero_grad(set_to_none=True)
+    sync.zero_grad()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # lm sum, aux, z  (this rank)
     load: dict[int, Tensor] = {}
     dropped: dict[int, Tensor] = {}
-    for micro in micro_batches:
+    for i, micro in enumerate(micro_batches):
+        sync.begin_micro_step(last=i == len(micro_batches) - 1)  # earlier micro-steps only accumulate
         inputs_BT, targets_BT = micro[:, :-1], micro[:, 1:]
         with autocast_context(device, dtype):
             out = model(inputs_BT)
@@ -69,11 +71,7 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, batch_BT1: 
             load[layer] = load.get(layer, 0) + stats.tokens_per_expert_E
             dropped[layer] = dropped.get(layer, 0) + stats.dropped
 
-    # Gradients exist only now, after the last micro-step: one reduction per step.
-    reduce_gradients(groups, pmesh)
-    grad_norm = global_grad_norm(groups, pmesh)
-    clip_gradients(groups, grad_norm, grad_clip)
-    optimizer.step()
+    grad_norm = sync.step(lr, grad_clip)  # waits for (or runs) the gradient reduction, clips, updates
 
     dist.all_reduce(sums, group=pmesh.dp_group)  # metrics only; router stats are already global
     lm_loss = sums[0].item() / global_tokens

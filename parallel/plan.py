@@ -1,0 +1,48 @@
+"""The plan: how every MoE layer is pipelined and how gradients are bucketed.
+
+A frozen dataclass, made by the planner (or from manual settings), printed by
+`moeyard plan`, logged with the run and stored in checkpoints as JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+GradSync = Literal["all_reduce", "reduce_scatter"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    chunks: tuple[int, ...]
+    """Pipeline degree r of each MoE layer, in block order; 1 is the plain exchange."""
+    dense_buckets: tuple[int, ...]
+    """Dense parameters per gradient bucket, in backward order (reverse registration order)."""
+    expert_buckets: tuple[int, ...]
+    """Expert parameters per gradient bucket, in backward order."""
+    grad_sync: GradSync = "all_reduce"
+    """reduce_scatter shards the optimizer state (ZeRO-1/2) over dp for dense and edp for experts."""
+    overlap_grads: bool = True
+    """Launch bucket reductions from backward hooks; False reduces after backward (the reference)."""
+    node_limit: Optional[int] = None
+    """Most nodes one token's experts may span (multi-node only); None: no limit."""
+    predicted: dict[str, float] = field(default_factory=dict)
+    """Predicted seconds per stage and per step, from the cost model (empty when not planned)."""
+    source: str = "off"
+    """off, manual, or planner."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        data = dict(data)
+        for key in ("chunks", "dense_buckets", "expert_buckets"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+    def summary(self) -> str:
+        buckets = f"{len(self.dense_buckets)} dense + {len(self.expert_buckets)} expert buckets"
+        overlap = "overlapped with backward" if self.overlap_grads else "after backward"
+        return f"chunks per MoE layer {list(self.chunks)}; {buckets}, {self.grad_sync} {overlap}"
