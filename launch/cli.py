@@ -1,6 +1,7 @@
 """The `moeyard` command.
 
     moeyard train [CONFIG] [--nproc N] [--set key=value ...]
+    moeyard plan [CONFIG] [--world-size N] [--hardware FILE] [--set key=value ...]
     moeyard prepare SRC_DIR --out DATA_DIR [--glob '*.py']
 
 Everything that can be checked without workers (config, world size, run dir,
@@ -22,14 +23,14 @@ from moeyard.trainer.data import DataError, ensure_corpus, prepare_corpus, read_
 from .env import DistEnv, LaunchError
 
 
-def _spawn_local_workers(nproc: int, config: str, overrides: list[str]) -> int:
+def _spawn_local_workers(nproc: int, config: str, overrides: list[str], *extra: str) -> int:
     """Start `nproc` workers on this machine through torch.distributed.run (torchrun)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    argv = ["--standalone", f"--nproc_per_node={nproc}", "-m", "moeyard.train", config]
+    argv = ["--standalone", f"--nproc_per_node={nproc}", "-m", "moeyard.train", config, *extra]
     for assignment in overrides:
         argv += ["--set", assignment]
     try:
@@ -61,6 +62,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _spawn_local_workers(nproc, config, args.overrides)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    config = args.config or str(configs.path("tiny.yaml"))
+    cfg = load_config(config, args.overrides)
+    world = args.world_size or cfg.parallel.ep
+    validate_for_world(cfg, world)
+    if args.hardware:
+        from moeyard.trainer.plan_report import hardware_report
+
+        print(hardware_report(cfg, world, args.hardware))
+        return 0
+    if world == 1:
+        from .worker import run_worker
+
+        run_worker(cfg, DistEnv(0, 1, 0, 1, "127.0.0.1", 0, "single"), plan_only=True)
+        return 0
+    return _spawn_local_workers(world, config, args.overrides, "--plan-only")
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / "meta.json").exists():
@@ -81,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
     train.set_defaults(func=cmd_train)
+
+    plan = sub.add_parser("plan", help="print the schedule plan and its predicted step time")
+    plan.add_argument("config", nargs="?", help="YAML config (default: the shipped configs/tiny.yaml)")
+    plan.add_argument("--world-size", type=int, default=None,
+                      help="ranks to plan for (default: parallel.ep); without --hardware, that many local "
+                           "processes are started and profiled")
+    plan.add_argument("--hardware", default=None,
+                      help="plan for a described machine (e.g. configs/hardware/dgx-h100.yaml) instead of "
+                           "measuring this one")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value (repeatable)")
+    plan.set_defaults(func=cmd_plan)
 
     prepare = sub.add_parser("prepare", help="tokenize a folder of text files into token shards")
     prepare.add_argument("src", help="folder of text files, read recursively")

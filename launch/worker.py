@@ -19,6 +19,7 @@ from moeyard.models import ConfigError
 from moeyard.trainer.config import Config, load_config, validate_for_world
 from moeyard.trainer.data import DataError, ensure_corpus
 from moeyard.trainer.loop import train
+from moeyard.trainer.plan_report import measured_report
 
 from .env import DistEnv, LaunchError, resolve_env
 
@@ -70,13 +71,18 @@ def _prepare_corpus_once_per_machine(cfg: Config, env: DistEnv, device: torch.de
     return str(ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob))
 
 
-def run_worker(cfg: Config, env: DistEnv) -> None:
+def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> None:
     validate_for_world(cfg, env.world_size)
     device, backend = pick_device(env, cfg.parallel.backend)
     if device.type == "cpu":
         set_cpu_threads(env)
     init_distributed(env, backend, cfg.parallel.timeout_s)
     try:
+        if plan_only:
+            report = measured_report(cfg, device)
+            if env.rank == 0:
+                print(report, flush=True)
+            return
         data_dir = _prepare_corpus_once_per_machine(cfg, env, device)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
         train(cfg, device)
@@ -89,12 +95,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("config", nargs="?", help="YAML config (default: the shipped configs/tiny.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="profile this machine on the real process groups, print the plan, and exit")
     args = parser.parse_args(argv)
     from moeyard import configs
 
     try:
         cfg = load_config(args.config or configs.path("tiny.yaml"), args.overrides)
-        run_worker(cfg, resolve_env())
+        run_worker(cfg, resolve_env(), plan_only=args.plan_only)
     except (ConfigError, DataError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -70,18 +70,22 @@ def split_into_buckets(params: list[nn.Parameter], sizes: tuple[int, ...]) -> li
     return out
 
 
-def buckets_by_bytes(params: list[nn.Parameter], cap_bytes: float) -> tuple[int, ...]:
-    """Bucket sizes (parameters per bucket) closing a bucket once it holds at least `cap_bytes`."""
-    sizes, count, nbytes = [], 0, 0
-    for p in params:
+def bucket_sizes(nbytes: list[float], cap_bytes: float) -> tuple[int, ...]:
+    """Bucket sizes (items per bucket), closing a bucket once it holds at least `cap_bytes`."""
+    sizes, count, total = [], 0, 0.0
+    for n in nbytes:
         count += 1
-        nbytes += p.numel() * p.element_size()
-        if nbytes >= cap_bytes:
+        total += n
+        if total >= cap_bytes:
             sizes.append(count)
-            count, nbytes = 0, 0
+            count, total = 0, 0.0
     if count:
         sizes.append(count)
     return tuple(sizes)
+
+
+def buckets_by_bytes(params: list[nn.Parameter], cap_bytes: float) -> tuple[int, ...]:
+    return bucket_sizes([p.numel() * p.element_size() for p in params], cap_bytes)
 
 
 def backward_order(params: list[nn.Parameter]) -> list[nn.Parameter]:

@@ -41,9 +41,15 @@ def resolve_source(source: str) -> Path:
     return stdlib_dir() if source == STDLIB else Path(source)
 
 
+def default_cache_root() -> Path:
+    """$MOEYARD_CACHE, else $XDG_CACHE_HOME/moeyard, else ~/.cache/moeyard."""
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(os.environ.get("MOEYARD_CACHE", xdg / "moeyard"))
+
+
 def default_data_dir(source: str, glob: str) -> Path:
     """A per-machine cache folder keyed by what would be read."""
-    cache = Path(os.environ.get("MOEYARD_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moeyard"))
+    cache = default_cache_root()
     if source == STDLIB:
         tag = f"python-stdlib-{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
     else:

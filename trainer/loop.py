@@ -19,14 +19,9 @@ from .config import Config, check_vocab, dump_yaml, validate_for_world
 from .data import DataError, TokenBatches, read_meta
 from .metrics import MetricsLogger, step_record
 from .optim import lr_at
+from .precision import resolve_dtype
 from .schedule import apply_plan_chunks, build_grad_sync, plan_for
 from .step import train_step
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def _agree_on_error(message: str | None) -> None:
@@ -66,7 +61,7 @@ def train(cfg: Config, device: torch.device) -> Path:
     apply_expert_parallel(model, pmesh)
     model.to(device)
     groups = split_parameters(model)
-    plan = plan_for(cfg, model, groups)
+    plan = plan_for(cfg, model, groups, pmesh, device)
     apply_plan_chunks(model, plan)
     sync = build_grad_sync(plan, model, groups, pmesh, cfg)
     if rank == 0:
@@ -87,12 +82,12 @@ def train(cfg: Config, device: torch.device) -> Path:
             start = time.perf_counter()
             result = train_step(model, sync, data.batch(step), micro_batch_size=micro_batch_size,
                                 pmesh=pmesh, lr=lr, grad_clip=cfg.train.grad_clip, dtype=dtype)
-            tokens_per_s = result.tokens / (time.perf_counter() - start)
+            step_time = time.perf_counter() - start
             done = step + 1
             if logger is not None:
-                logger.progress(result, tokens_per_s)
+                logger.progress(result, result.tokens / step_time)
                 if done == 1 or done % cfg.log.every == 0 or done == total:
-                    logger.log(step_record(done, result, lr, tokens_per_s), total)
+                    logger.log(step_record(done, result, lr, step_time, plan.predicted.get("step_s")), total)
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total:
                 save_checkpoint(cfg.run_dir, done, model, sync, pmesh, cfg, plan)
     finally:

@@ -18,7 +18,8 @@ def load_summary(counts: list[int]) -> dict[str, float]:
     return {"max_over_mean": max(counts) / mean, "cv": var ** 0.5 / mean}
 
 
-def step_record(step: int, result: StepResult, lr: float, tokens_per_s: float) -> dict[str, Any]:
+def step_record(step: int, result: StepResult, lr: float, step_time_s: float,
+                predicted_step_s: Optional[float]) -> dict[str, Any]:
     return {
         "step": step,
         "loss": result.loss,
@@ -27,7 +28,9 @@ def step_record(step: int, result: StepResult, lr: float, tokens_per_s: float) -
         "z_loss": result.z_loss,
         "lr": lr,
         "grad_norm": result.grad_norm,
-        "tokens_per_s": tokens_per_s,
+        "tokens_per_s": result.tokens / step_time_s,
+        "step_time_s": step_time_s,
+        "predicted_step_s": predicted_step_s,
         "expert_load": {str(layer): counts for layer, counts in result.expert_load.items()},
         "expert_load_balance": {str(layer): load_summary(c) for layer, c in result.expert_load.items()},
         "dropped_fraction": {str(layer): f for layer, f in result.dropped_fraction.items()},
@@ -59,13 +62,17 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.print_lines:  # no terminal (CI, log files): one line per logged step instead of a bar
+            predicted = record["predicted_step_s"]
+            timing = f"{record['step_time_s']:.3f}s" + (f" (plan {predicted:.3f}s)" if predicted else "")
             print(f"step {record['step']}/{total_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                  f"grad_norm {record['grad_norm']:.3f} tok/s {record['tokens_per_s']:,.0f}", flush=True)
+                  f"grad_norm {record['grad_norm']:.3f} tok/s {record['tokens_per_s']:,.0f} {timing}", flush=True)
         if self.writer is None:
             return
         step = record["step"]
-        for key in ("loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s"):
-            self.writer.add_scalar(f"train/{key}", record[key], step)
+        for key in ("loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
+                    "predicted_step_s"):
+            if record[key] is not None:
+                self.writer.add_scalar(f"train/{key}", record[key], step)
         for layer, counts in record["expert_load"].items():
             for key, value in record["expert_load_balance"][layer].items():
                 self.writer.add_scalar(f"moe/layer_{layer}/{key}", value, step)

@@ -1,18 +1,26 @@
 """From the config's `schedule` section to a Plan, and from a Plan to the objects that run it."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from moeyard.models import ConfigError, Transformer
+from moeyard.models import Transformer
 from moeyard.parallel import ParallelMesh, ParamGroups
 from moeyard.parallel.buckets import BucketedReducer, backward_order, buckets_by_bytes
 from moeyard.parallel.grad_sync import GradSync, OverlappedSync, PlainSync, ShardedSync
 from moeyard.parallel.plan import Plan
+from moeyard.parallel.cost_model import Workload, workload_for
+from moeyard.parallel.hardware import Hardware, HardwareCosts
+from moeyard.parallel.planner import search
+from moeyard.parallel.profiler import MeasuredCosts, load_or_measure
 from moeyard.parallel.zero import ShardedAdamW
 
 from .config import Config
+from .data import default_cache_root
 from .optim import build_optimizer
+from .precision import resolve_dtype
 
 
 def fixed_plan(cfg: Config, model: Transformer, groups: ParamGroups) -> Plan:
@@ -52,7 +60,30 @@ def build_grad_sync(plan: Plan, model: nn.Module, groups: ParamGroups, pmesh: Pa
                           BucketedReducer(groups, pmesh, plan.dense_buckets, plan.expert_buckets, "all_reduce"))
 
 
-def plan_for(cfg: Config, model: Transformer, groups: ParamGroups) -> Plan:
-    if cfg.schedule.mode == "auto":
-        raise ConfigError("schedule.mode=auto needs the planner, which is not in this build: use off or manual")
-    return fixed_plan(cfg, model, groups)
+def workload(cfg: Config, dp: int, device: torch.device) -> Workload:
+    """Shapes of one rank's step for this run."""
+    per_rank = cfg.global_batch_sequences // dp
+    micro = cfg.train.micro_batch_size or per_rank
+    act_bytes = 2 if resolve_dtype(cfg.train.dtype, device) == torch.bfloat16 else 4
+    return workload_for(cfg.model, tokens=micro * cfg.train.seq_len, seq_len=cfg.train.seq_len, ep=cfg.parallel.ep,
+                        dp=dp, micro_steps=per_rank // micro, act_bytes=act_bytes)
+
+
+def profile_cache_dir() -> Path:
+    return default_cache_root() / "profiles"
+
+
+def plan_for(cfg: Config, model: Transformer, groups: ParamGroups, pmesh: ParallelMesh,
+             device: torch.device) -> Plan:
+    """off/manual: as configured. auto: measure this machine (or read schedule.hardware) and search."""
+    if cfg.schedule.mode != "auto":
+        return fixed_plan(cfg, model, groups)
+    w = workload(cfg, pmesh.dp, device)
+    if cfg.schedule.hardware:
+        costs = HardwareCosts(Hardware.load(cfg.schedule.hardware))
+    else:
+        profile, cached = load_or_measure(cfg.model, w, pmesh, device, resolve_dtype(cfg.train.dtype, device),
+                                          profile_cache_dir())
+        costs = MeasuredCosts(profile)
+    plan, _ = search(w, costs, cfg.schedule.grad_sync)
+    return plan
