@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from moeyard import configs
+
 from .cost_model import Phase, Workload
 
 
@@ -37,9 +39,14 @@ class Hardware:
 
     @classmethod
     def load(cls, path: str | Path) -> "Hardware":
+        """A YAML file, or the name of a shipped description (dgx-h100, cpu-2core)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"hardware description {path} does not exist")
+            shipped = configs.path(f"hardware/{path.name}.yaml")
+            if not shipped.is_file():
+                raise FileNotFoundError(f"hardware description {path} does not exist; shipped: "
+                                        f"{', '.join(p.stem for p in shipped.parent.glob('*.yaml'))}")
+            path = shipped
         data = yaml.safe_load(path.read_text()) or {}
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known

@@ -44,7 +44,8 @@ def moeyard_train(config: Path, run_dir: Path, nproc: int, *overrides: str,
            "--set", f"run.dir={run_dir}", "--set", "parallel.timeout_s=120"]
     for assignment in overrides:
         cmd += ["--set", assignment]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "MOEYARD_CACHE": str(run_dir.parent / "cache")}  # profiles measured fresh, never from a user's cache
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired as err:

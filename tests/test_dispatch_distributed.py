@@ -59,3 +59,16 @@ def test_pipelined_chunks_match_plain_exchange(world, ep, capacity_factor) -> No
 def test_bucketed_and_zero_sharded_sync_match_plain_for_ten_steps(world: int, ep: int) -> None:
     results = run_distributed(dist_cases.sync_strategies_agree, world, ep, 10, timeout_s=240)
     assert all(set(r) == {"overlap", "zero"} for r in results)
+
+
+def test_profiler_measures_real_groups_and_caches(tmp_path) -> None:
+    results = run_distributed(dist_cases.profile_and_cache, 2, str(tmp_path))
+    profile = results[0]["first"]
+    assert all(r["first"] == profile and r["again"] == profile for r in results), "ranks must plan from one profile"
+    assert [r["cached"] for r in results] == [(False, True), (False, True)]
+    assert profile.dense_fwd_s > 0 and profile.dense_bwd_s > 0 and profile.optimizer_s > 0
+    assert profile.experts_fwd[1] > 0 and profile.experts_bwd[1] > 0  # time per row
+    assert sum(profile.all_to_all) > 0 and sum(profile.all_reduce_dp) > 0
+    assert profile.all_reduce_edp == (0.0, 0.0)  # edp has one rank at world 2, ep 2: nothing to reduce
+    assert profile.overlap_slowdown >= 1.0
+    assert len(list(tmp_path.glob("profile-*.json"))) == 1

@@ -68,10 +68,13 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, small_corpus) -> 
     (4, 2, ["schedule.mode=manual", "schedule.chunks=2", "schedule.bucket_mb=0.02",
             "schedule.grad_sync=reduce_scatter"]),
     (4, 4, ["schedule.grad_sync=reduce_scatter"]),
+    (2, 2, ["schedule.mode=auto"]),
 ])
 def test_scheduled_runs_match_the_reference(config, reference, tmp_path, nproc, ep, schedule) -> None:
     """Pipelined experts, bucketed overlapped reduction and the ZeRO-sharded optimizer change nothing learned."""
     run_dir = tmp_path / "run"
     proc = moeyard_train(config, run_dir, nproc, f"parallel.ep={ep}", *schedule)
     assert "plan (" in proc.stdout
+    if "schedule.mode=auto" in schedule:  # planned from a fresh profile: the prediction is logged
+        assert all(m["predicted_step_s"] > 0 for m in read_metrics(run_dir))
     assert_same_run(reference, run_dir, f"{nproc} processes ep={ep} {' '.join(schedule)}")
