@@ -236,3 +236,11 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     micro_steps=micro_steps, params=tuple(reversed(infos)), act_bytes=act_bytes,
                     dense_flops=tuple(block_fwd_flops(cfg, tokens, seq_len, i) for i in range(cfg.n_layers)),
                     head_flops=2.0 * tokens * cfg.dim * cfg.vocab_size)
+
+
+def moe_layer_timeline(w: Workload, costs: Costs, chunks: int) -> Timeline:
+    """One MoE layer alone, forward then backward, pipelined in `chunks` pieces."""
+    s = Schedule()
+    last = _moe_pipeline(s, w, costs, chunks, "fwd", None, "moe.fwd")
+    _moe_pipeline(s, w, costs, chunks, "bwd", last, "moe.bwd")
+    return s.run(costs.overlap_slowdown)

@@ -87,16 +87,22 @@ class _Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def __call__(self, fn: Callable[[], object], group: dist.ProcessGroup | None = None) -> float:
-        """Median seconds of fn over repeats (after one warm-up), the slowest rank of `group`."""
-        fn()
+    def __call__(self, fn: Callable[..., object], group: dist.ProcessGroup | None = None,
+                 setup: Callable[[], object] | None = None) -> float:
+        """Median seconds of fn over repeats (after one warm-up), the slowest rank of `group`.
+
+        With `setup`, its result is passed to fn and only fn is timed (e.g. backward after an untimed forward).
+        """
+        call = (lambda: fn(setup())) if setup is not None else fn
+        call()
         samples = []
         for _ in range(self.repeats):
+            arg = setup() if setup is not None else None
             if group is not None:
                 dist.barrier(group=group)
             self._sync()
             start = time.perf_counter()
-            fn()
+            fn(arg) if setup is not None else fn()
             self._sync()
             samples.append(time.perf_counter() - start)
         slowest = torch.tensor([statistics.median(samples)], dtype=torch.float64, device=self.device)
@@ -138,27 +144,26 @@ def measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.de
             out = model(tokens_BT[:, :-1])
         return F.cross_entropy(out.logits_BTV.float().flatten(0, 1), tokens_BT[:, 1:].flatten()) + out.aux_loss
 
-    def forward_backward() -> None:
-        forward().backward()
-
     dense_fwd = timer(lambda: forward().item())
-    dense_bwd = max(0.0, timer(forward_backward) - dense_fwd)
+    dense_bwd = timer(lambda loss: loss.backward(), setup=forward)
 
-    # Experts: this rank's shard at two row counts, rows spread evenly over its experts.
+    # Experts: this rank's shard at the real row count and 4x it (a line through larger times is steadier),
+    # rows spread evenly over its experts.
     local = cfg.moe.num_experts // pmesh.ep
     experts = GroupedExperts(local, cfg.dim, cfg.moe.ffn_dim, cfg.moe.expert_compute).to(device)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.02)
     expert_fits: dict[Phase, list[tuple[int, float]]] = {"fwd": [], "bwd": []}
-    rows_hi = max(local, w.routed_rows)
-    for rows in (max(local, rows_hi // 4), rows_hi):
+    rows_real = max(local, w.routed_rows)
+    rows_hi = 4 * rows_real
+    for rows in (rows_real, rows_hi):
         x = torch.randn(rows, cfg.dim, device=device, requires_grad=True)
         split = [rows // local + (1 if i < rows % local else 0) for i in range(local)]
         dy = torch.randn(rows, cfg.dim, device=device)
         fwd = timer(lambda: experts(x, split).sum().item())
-        both = timer(lambda: (experts(x, split) * dy).sum().backward())
+        bwd = timer(lambda y: y.backward(dy), setup=lambda: experts(x, split))
         expert_fits["fwd"].append((rows, fwd))
-        expert_fits["bwd"].append((rows, max(0.0, both - fwd)))
+        expert_fits["bwd"].append((rows, bwd))
 
     def fit_rows(points: list[tuple[int, float]]) -> Fit:
         (x1, t1), (x2, t2) = points
@@ -207,8 +212,8 @@ def measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.de
     # Overlap: experts at full rows with a full-size all-to-all running beside them.
     slowdown = 1.0
     if pmesh.ep > 1:
-        x = torch.randn(rows_hi, cfg.dim, device=device)
-        split = [rows_hi // local + (1 if i < rows_hi % local else 0) for i in range(local)]
+        x = torch.randn(rows_real, cfg.dim, device=device)
+        split = [rows_real // local + (1 if i < rows_real % local else 0) for i in range(local)]
         n = max(pmesh.ep, a2a_hi // elem // pmesh.ep * pmesh.ep)
         buf = torch.empty(n, device=device, dtype=torch.float32 if elem == 4 else dtype)
         out = torch.empty_like(buf)

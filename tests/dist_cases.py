@@ -252,10 +252,10 @@ def profile_and_cache(rank: int, world: int, cache_dir: str) -> dict:
     from moeyard.parallel.cost_model import workload_for
     from moeyard.parallel.profiler import load_or_measure
 
-    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
-                      moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32))
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
+                      moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=64))
     pmesh = build_mesh(world, "cpu")
-    w = workload_for(cfg, tokens=64, seq_len=16, ep=world, dp=world, micro_steps=1)
+    w = workload_for(cfg, tokens=512, seq_len=16, ep=world, dp=world, micro_steps=1)
     first, cached_first = load_or_measure(cfg, w, pmesh, torch.device("cpu"), torch.float32, Path(cache_dir))
     again, cached_again = load_or_measure(cfg, w, pmesh, torch.device("cpu"), torch.float32, Path(cache_dir))
     return {"first": first, "again": again, "cached": (cached_first, cached_again)}

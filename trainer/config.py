@@ -52,7 +52,9 @@ class ScheduleConfig:
     grad_sync: Literal["all_reduce", "reduce_scatter"] = "all_reduce"
     """reduce_scatter: ZeRO-style sharded optimizer state (dense over dp, experts over edp)."""
     hardware: Optional[str] = None
-    """auto: plan from this hardware description (YAML) instead of profiling the machine."""
+    """auto: plan from this hardware description (YAML file or shipped name) instead of profiling."""
+    predict: bool = False
+    """off/manual: also profile (cached) and log the predicted step time next to the measured one."""
 
 
 @dataclass(kw_only=True)

@@ -66,6 +66,7 @@ def train(cfg: Config, device: torch.device) -> Path:
     sync = build_grad_sync(plan, model, groups, pmesh, cfg)
     if rank == 0:
         print(f"plan ({plan.source}): {plan.summary()}", flush=True)
+        (cfg.run_dir / "plan.json").write_text(plan.to_json())
 
     data = TokenBatches(Path(cfg.data.dir), cfg.train.seq_len, cfg.global_batch_sequences,
                         pmesh.dp_rank, pmesh.dp, cfg.run.seed)

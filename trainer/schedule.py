@@ -11,9 +11,9 @@ from moeyard.parallel import ParallelMesh, ParamGroups
 from moeyard.parallel.buckets import BucketedReducer, backward_order, buckets_by_bytes
 from moeyard.parallel.grad_sync import GradSync, OverlappedSync, PlainSync, ShardedSync
 from moeyard.parallel.plan import Plan
-from moeyard.parallel.cost_model import Workload, workload_for
+from moeyard.parallel.cost_model import Costs, Workload, predict, workload_for
 from moeyard.parallel.hardware import Hardware, HardwareCosts
-from moeyard.parallel.planner import search
+from moeyard.parallel.planner import search, with_prediction
 from moeyard.parallel.profiler import MeasuredCosts, load_or_measure
 from moeyard.parallel.zero import ShardedAdamW
 
@@ -73,17 +73,23 @@ def profile_cache_dir() -> Path:
     return default_cache_root() / "profiles"
 
 
+def _costs(cfg: Config, w: Workload, pmesh: ParallelMesh, device: torch.device) -> Costs:
+    if cfg.schedule.hardware:
+        return HardwareCosts(Hardware.load(cfg.schedule.hardware))
+    profile, _ = load_or_measure(cfg.model, w, pmesh, device, resolve_dtype(cfg.train.dtype, device),
+                                 profile_cache_dir())
+    return MeasuredCosts(profile)
+
+
 def plan_for(cfg: Config, model: Transformer, groups: ParamGroups, pmesh: ParallelMesh,
              device: torch.device) -> Plan:
-    """off/manual: as configured. auto: measure this machine (or read schedule.hardware) and search."""
+    """off/manual: as configured (predicted too with schedule.predict). auto: measure and search."""
     if cfg.schedule.mode != "auto":
-        return fixed_plan(cfg, model, groups)
+        plan = fixed_plan(cfg, model, groups)
+        if not cfg.schedule.predict:
+            return plan
+        w = workload(cfg, pmesh.dp, device)
+        return with_prediction(plan, predict(w, plan, _costs(cfg, w, pmesh, device)))
     w = workload(cfg, pmesh.dp, device)
-    if cfg.schedule.hardware:
-        costs = HardwareCosts(Hardware.load(cfg.schedule.hardware))
-    else:
-        profile, cached = load_or_measure(cfg.model, w, pmesh, device, resolve_dtype(cfg.train.dtype, device),
-                                          profile_cache_dir())
-        costs = MeasuredCosts(profile)
-    plan, _ = search(w, costs, cfg.schedule.grad_sync)
+    plan, _ = search(w, _costs(cfg, w, pmesh, device), cfg.schedule.grad_sync)
     return plan
