@@ -88,7 +88,7 @@ ExpertFn = Callable[..., Tensor]
 class _PipelinedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_SD: Tensor, schedule: ChunkSchedule, group: dist.ProcessGroup, expert_fn: ExpertFn,
-                *weights: Tensor) -> Tensor:
+                build_graph: bool, *weights: Tensor) -> Tensor:
         C = schedule.chunks
         with torch.enable_grad():
             weight_leaves = [w.detach().requires_grad_(w.requires_grad) for w in weights]
@@ -104,7 +104,7 @@ class _PipelinedExperts(torch.autograd.Function):
                 dispatch.append(_launch(recv[c + 1], sent[c + 1], schedule.recv_splits[c + 1],
                                         schedule.send_splits[c + 1], group))
             x_in = recv[c].index_select(0, schedule.recv_order[c]).detach().requires_grad_(x_SD.requires_grad)
-            with torch.enable_grad():
+            with torch.set_grad_enabled(build_graph):  # no per-chunk graphs under no_grad (evaluation)
                 y_in = expert_fn(x_in, schedule.rows_per_local_expert[c], *weight_leaves)
             graphs.append((x_in, y_in))
             y_recv = y_in.detach().index_select(0, inverse_permutation(schedule.recv_order[c]))
@@ -153,11 +153,12 @@ class _PipelinedExperts(torch.autograd.Function):
             returns[c].wait()
             grad_x_SD[schedule.send_index[c]] = home[c]
         ctx.graphs = None  # free the per-chunk graphs
-        return (grad_x_SD, None, None, None, *grad_weights)
+        return (grad_x_SD, None, None, None, None, *grad_weights)
 
 
 def pipelined_experts(x_SD: Tensor, tokens_per_expert_E: Tensor, chunks: int, group: dist.ProcessGroup,
                       expert_fn: ExpertFn, weights: tuple[Tensor, ...]) -> Tensor:
     """Dispatch -> experts -> combine in `chunks` overlapped pieces; rows in and out grouped by global expert."""
     schedule = plan_chunks(tokens_per_expert_E, chunks, group)
-    return _PipelinedExperts.apply(x_SD, schedule, group, expert_fn, *weights)
+    build_graph = torch.is_grad_enabled() and (x_SD.requires_grad or any(w.requires_grad for w in weights))
+    return _PipelinedExperts.apply(x_SD, schedule, group, expert_fn, build_graph, *weights)
