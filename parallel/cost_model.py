@@ -127,7 +127,7 @@ class _BucketLauncher:
                 if min(p.layer for p in bucket) < finished_down_to:
                     break
                 nbytes = sum(p.numel for p in bucket) * self.w.grad_bytes
-                self.s.add(f"grad.{'expert' if expert else 'dense'}{next_index[0]}", "comm",
+                self.s.add(f"grad.{'expert' if expert else 'dense'}{next_index[0]}", "grad",
                            self.costs.grad_reduce(self.w, nbytes, expert, self.plan.grad_sync), [after])
                 next_index[0] += 1
 
@@ -192,13 +192,13 @@ def _stage_sums(t: Timeline) -> dict[str, float]:
 def predict(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     final = build_step(w, plan, costs, with_grads=True).run(costs.overlap_slowdown)
     stages = _stage_sums(final)
-    step, exposed, comm = final.makespan, final.exposed_comm, final.work("comm")
+    step, exposed, comm = final.makespan, final.exposed_comm, final.work("comm") + final.work("grad")
     if w.micro_steps > 1:
         earlier = build_step(w, plan, costs, with_grads=False).run(costs.overlap_slowdown)
         n = w.micro_steps - 1
         step += n * earlier.makespan
         exposed += n * earlier.exposed_comm
-        comm += n * earlier.work("comm")
+        comm += n * (earlier.work("comm") + earlier.work("grad"))
         for kind, seconds in _stage_sums(earlier).items():
             stages[kind] = stages.get(kind, 0.0) + n * seconds
     stages["optimizer"] = costs.optimizer(w, plan.grad_sync)

@@ -65,15 +65,13 @@ def plan_chunks(tokens_per_expert_E: Tensor, chunks: int, group: dist.ProcessGro
     recv_PCL = torch.empty_like(send_PCL)
     dist.all_to_all_single(recv_PCL, send_PCL, group=group)
     order = torch.sort(chunk_of_row_S, stable=True).indices  # chunk-major, expert-grouped within a chunk
-    sizes = counts_CE.sum(dim=1).tolist()  # host sync, like every split-size computation
-    send_splits = send_PCL.sum(dim=2).t().tolist()
-    recv_splits = recv_PCL.sum(dim=2).t().tolist()
+    send_host, recv_host = send_PCL.cpu(), recv_PCL.cpu()  # one host sync for every split size below
     return ChunkSchedule(
-        send_index=list(order.split(sizes)),
-        send_splits=send_splits,
-        recv_splits=recv_splits,
+        send_index=list(order.split(send_host.sum(dim=(0, 2)).tolist())),
+        send_splits=send_host.sum(dim=2).t().tolist(),
+        recv_splits=recv_host.sum(dim=2).t().tolist(),
         recv_order=[local_expert_order(recv_PCL[:, c]) for c in range(chunks)],
-        rows_per_local_expert=[recv_PCL[:, c].sum(dim=0).tolist() for c in range(chunks)],
+        rows_per_local_expert=[recv_host[:, c].sum(dim=0).tolist() for c in range(chunks)],
     )
 
 
@@ -90,8 +88,11 @@ class _PipelinedExperts(torch.autograd.Function):
     def forward(ctx, x_SD: Tensor, schedule: ChunkSchedule, group: dist.ProcessGroup, expert_fn: ExpertFn,
                 build_graph: bool, *weights: Tensor) -> Tensor:
         C = schedule.chunks
-        with torch.enable_grad():
-            weight_leaves = [w.detach().requires_grad_(w.requires_grad) for w in weights]
+        device = x_SD.device.type
+        # Cast once for all chunks (under autocast the experts run in its dtype): one compute-dtype copy of
+        # the weights is saved, not one per chunk. Gradients are summed over chunks in float32.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        weight_leaves = [w.detach().to(dtype or w.dtype).requires_grad_(w.requires_grad) for w in weights]
         recv = [x_SD.new_empty(sum(schedule.recv_splits[c]), x_SD.shape[1]) for c in range(C)]
         sent = [x_SD.index_select(0, schedule.send_index[c]) for c in range(C)]
         back = [x_SD.new_empty(sent[c].shape) for c in range(C)]
@@ -116,6 +117,7 @@ class _PipelinedExperts(torch.autograd.Function):
             y_SD[schedule.send_index[c]] = back[c]
         ctx.schedule, ctx.group, ctx.graphs, ctx.weight_leaves = schedule, group, graphs, weight_leaves
         ctx.x_shape, ctx.x_dtype = x_SD.shape, x_SD.dtype
+        ctx.weight_dtypes = [w.dtype for w in weights]
         return y_SD
 
     @staticmethod
@@ -144,6 +146,7 @@ class _PipelinedExperts(torch.autograd.Function):
                 if w.requires_grad:
                     g = grads.pop(0)
                     if g is not None:
+                        g = g.float()
                         grad_weights[i] = g if grad_weights[i] is None else grad_weights[i] + g
             gx_recv = gx_in.index_select(0, inverse_permutation(schedule.recv_order[c])).to(ctx.x_dtype)
             home.append(grad_y_SD.new_empty(sent[c].shape[0], gx_recv.shape[1], dtype=ctx.x_dtype))
@@ -153,6 +156,7 @@ class _PipelinedExperts(torch.autograd.Function):
             returns[c].wait()
             grad_x_SD[schedule.send_index[c]] = home[c]
         ctx.graphs = None  # free the per-chunk graphs
+        grad_weights = [g if g is None else g.to(dt) for g, dt in zip(grad_weights, ctx.weight_dtypes)]
         return (grad_x_SD, None, None, None, None, *grad_weights)
 
 

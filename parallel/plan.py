@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 GradSync = Literal["all_reduce", "reduce_scatter"]
 
@@ -25,8 +25,6 @@ class Plan:
     """reduce_scatter shards the optimizer state (ZeRO-1/2) over dp for dense and edp for experts."""
     overlap_grads: bool = True
     """Launch bucket reductions from backward hooks; False reduces after backward (the reference)."""
-    node_limit: Optional[int] = None
-    """Most nodes one token's experts may span (multi-node only); None: no limit."""
     predicted: dict[str, float] = field(default_factory=dict)
     """Predicted seconds per stage and per step, from the cost model (empty when not planned)."""
     source: str = "off"

@@ -35,6 +35,9 @@ from .cost_model import Phase, Workload
 from .expert_parallel import apply_expert_parallel
 from .mesh import ParallelMesh
 
+PROFILER_VERSION = 2
+"""Part of the cache key: bump when what is measured changes, so old profiles are not reused."""
+
 Fit = tuple[float, float]
 """(fixed seconds, seconds per unit): a straight line through two measurements."""
 
@@ -115,18 +118,36 @@ def profile_key(cfg: ModelConfig, w: Workload, device: torch.device) -> str:
         hardware = torch.cuda.get_device_name(device)
     else:
         hardware = f"{platform.machine()}-{platform.processor()}-{os.cpu_count()}cpu-{torch.get_num_threads()}thr"
-    what = json.dumps([hardware, torch.__version__, dataclasses.asdict(cfg), w.tokens, w.seq_len, w.ep, w.dp,
-                       w.act_bytes], sort_keys=True, default=str)
+    world = [dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())),
+             dist.get_backend()]
+    what = json.dumps([PROFILER_VERSION, hardware, world, torch.__version__, dataclasses.asdict(cfg), w.tokens,
+                       w.seq_len, w.ep, w.dp, w.act_bytes], sort_keys=True, default=str)
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
 def measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.device, dtype: torch.dtype,
             repeats: int = 5) -> Profile:
     """Collective: every rank runs the same measurements."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _measure(cfg, w, pmesh, device, dtype, repeats)  # leaves the training RNG streams untouched
+
+
+def _measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.device, dtype: torch.dtype,
+             repeats: int) -> Profile:
     timer = _Timer(device, repeats)
     seqs = max(1, w.tokens // w.seq_len)
     tokens_BT = torch.randint(0, cfg.vocab_size, (seqs, w.seq_len + 1), device=device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else None
+
+    def in_dtype(fn: Callable[..., object]) -> Callable[..., object]:
+        """Run fn under the training autocast, so experts are timed in the dtype they train in."""
+        if autocast is None:
+            return fn
+
+        def wrapped(*args):
+            with torch.autocast(device.type, dtype=dtype):
+                return fn(*args)
+        return wrapped
 
     # Dense: the real model with expert work skipped.
     torch.manual_seed(0)
@@ -147,21 +168,20 @@ def measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.de
     dense_fwd = timer(lambda: forward().item())
     dense_bwd = timer(lambda loss: loss.backward(), setup=forward)
 
-    # Experts: this rank's shard at the real row count and 4x it (a line through larger times is steadier),
-    # rows spread evenly over its experts.
+    # Experts: this rank's shard at a quarter of the real row count and the real count (pipelined chunks run
+    # fewer rows than a whole layer), rows spread evenly over its experts.
     local = cfg.moe.num_experts // pmesh.ep
     experts = GroupedExperts(local, cfg.dim, cfg.moe.ffn_dim, cfg.moe.expert_compute).to(device)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.02)
     expert_fits: dict[Phase, list[tuple[int, float]]] = {"fwd": [], "bwd": []}
     rows_real = max(local, w.routed_rows)
-    rows_hi = 4 * rows_real
-    for rows in (rows_real, rows_hi):
+    for rows in (max(local, rows_real // 4), rows_real):
         x = torch.randn(rows, cfg.dim, device=device, requires_grad=True)
         split = [rows // local + (1 if i < rows % local else 0) for i in range(local)]
         dy = torch.randn(rows, cfg.dim, device=device)
-        fwd = timer(lambda: experts(x, split).sum().item())
-        bwd = timer(lambda y: y.backward(dy), setup=lambda: experts(x, split))
+        fwd = timer(in_dtype(lambda: experts(x, split).sum().item()))
+        bwd = timer(lambda y: y.backward(dy.to(y.dtype)), setup=in_dtype(lambda: experts(x, split)))
         expert_fits["fwd"].append((rows, fwd))
         expert_fits["bwd"].append((rows, bwd))
 
@@ -171,7 +191,7 @@ def measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.de
 
     # Communication: two sizes each, on the groups training uses.
     elem = w.act_bytes
-    a2a_hi = max(4096, int(w.routed_rows * cfg.dim * elem))
+    a2a_hi = max(4096, int(rows_real * cfg.dim * elem))
     def a2a(nbytes: int) -> float:
         n = max(pmesh.ep, nbytes // elem // pmesh.ep * pmesh.ep)
         buf = torch.empty(n, dtype=dtype if elem == 2 else torch.float32, device=device)
@@ -202,12 +222,14 @@ def measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.de
             for kind in ("all_reduce", "reduce_scatter", "all_gather")
             for name, group in (("dp", pmesh.dp_group), ("edp", pmesh.edp_group))}
 
-    # Optimizer: one AdamW step over as many parameters as this rank holds.
+    # Optimizer: AdamW over a slice of at most 16 M parameters, scaled to what this rank holds
+    # (element-wise work is linear in the count; a full-size copy could not fit beside a large model).
     numel = sum(p.numel for p in w.params)
-    flat = torch.nn.Parameter(torch.zeros(numel, device=device))
-    flat.grad = torch.randn(numel, device=device)
+    probe = min(numel, 1 << 24)
+    flat = torch.nn.Parameter(torch.zeros(probe, device=device))
+    flat.grad = torch.randn(probe, device=device)
     adamw = torch.optim.AdamW([flat], lr=1e-3)
-    optimizer_s = timer(adamw.step)
+    optimizer_s = timer(adamw.step) * numel / probe
 
     # Overlap: experts at full rows with a full-size all-to-all running beside them.
     slowdown = 1.0
@@ -218,14 +240,17 @@ def measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.de
         buf = torch.empty(n, device=device, dtype=torch.float32 if elem == 4 else dtype)
         out = torch.empty_like(buf)
 
-        def together() -> None:
-            work = dist.all_to_all_single(out, buf, group=pmesh.ep_group, async_op=True)
+        @in_dtype
+        def compute() -> None:
             with torch.no_grad():
                 experts(x, split)
+
+        def together() -> None:
+            work = dist.all_to_all_single(out, buf, group=pmesh.ep_group, async_op=True)
+            compute()
             work.wait()
 
-        with torch.no_grad():
-            t_c = timer(lambda: experts(x, split))
+        t_c = timer(compute)
         t_a = a2a(a2a_hi)
         t_both = timer(together, pmesh.ep_group)
         short, long = sorted((t_a, t_c))
@@ -249,12 +274,14 @@ def load_or_measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: 
     path = cache_dir / f"profile-{key}.json"
     box: list = [None]
     if dist.get_rank() == 0 and path.is_file():
-        box[0] = json.loads(path.read_text())
+        try:
+            data = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(path.read_text()).items()}
+            box[0] = Profile(**data)
+        except (ValueError, TypeError) as err:  # unreadable: measure again (every rank learns it below)
+            print(f"warning: ignoring unreadable profile cache {path}: {err}", flush=True)
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
-        data = box[0]
-        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return Profile(**data), True
+        return box[0], True
     profile = dataclasses.replace(measure(cfg, w, pmesh, device, dtype), key=key)
     box = [dataclasses.asdict(profile)]
     dist.broadcast_object_list(box, src=0)  # rank 0's numbers for everyone

@@ -2,8 +2,12 @@
 
 Each stream runs its tasks one at a time in the order they were issued; a task
 starts when the previous task on its stream and all its dependencies are done.
-While both streams are busy, both run `overlap_slowdown` times slower (they
-share memory bandwidth, cores or SMs), which is how overlap stops being free.
+Streams: "compute", "comm" (the MoE all-to-alls, on the ep communicator) and
+"grad" (gradient reductions, on the dp/edp communicators, which run beside the
+all-to-alls as separate communicators do). Contention: while compute and any
+communication run together, all of them run `overlap_slowdown` times slower
+(they share memory bandwidth, cores or SMs); communication streams running
+together share the link equally. That is how overlap stops being free.
 The cost model builds the tasks (from a profile or a hardware description);
 the planner compares the makespans of candidate plans.
 """
@@ -12,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Stream = Literal["compute", "comm"]
+Stream = Literal["compute", "comm", "grad"]
+STREAMS: tuple[Stream, ...] = ("compute", "comm", "grad")
 
 
 @dataclass
@@ -57,7 +62,7 @@ class Schedule:
 
     def run(self, overlap_slowdown: float = 1.0) -> Timeline:
         tasks = self.tasks
-        queues: dict[str, list[int]] = {"compute": [], "comm": []}
+        queues: dict[str, list[int]] = {stream: [] for stream in STREAMS}
         for i, t in enumerate(tasks):
             queues[t.stream].append(i)
         heads = {s: 0 for s in queues}
@@ -76,11 +81,13 @@ class Schedule:
             if not running:
                 blocked = [tasks[q[heads[s]]].name for s, q in queues.items() if heads[s] < len(q)]
                 raise ValueError(f"schedule deadlocks: {blocked} wait on tasks that never run")
-            rate = 1.0 / overlap_slowdown if len(running) == 2 else 1.0
-            step = min(remaining[i] for i in running.values()) / rate
+            comm_running = sum(1 for stream in running if stream != "compute")
+            contended = 1.0 / overlap_slowdown if comm_running and "compute" in running else 1.0
+            rate = {stream: contended / (comm_running if stream != "compute" else 1) for stream in running}
+            step = min(remaining[i] / rate[stream] for stream, i in running.items())
             now += step
             for stream, i in list(running.items()):
-                remaining[i] -= step * rate
+                remaining[i] -= step * rate[stream]
                 if remaining[i] <= 1e-15:
                     tasks[i].end = now
                     heads[stream] += 1

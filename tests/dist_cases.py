@@ -184,6 +184,23 @@ def pipelined_matches_plain(rank: int, world: int, ep: int, capacity_factor: flo
     return {"worst_rel": worst}
 
 
+def watch_launches(reducer, launches: list[bool]) -> None:
+    """Record, for every bucket launch, whether it came during backward rather than from finish()."""
+    launch, finish = reducer._launch, reducer.finish
+    finishing = [False]
+
+    def watched_launch(bucket) -> None:
+        launches.append(not finishing[0])
+        launch(bucket)
+
+    def watched_finish() -> None:
+        finishing[0] = True
+        finish()
+        finishing[0] = False
+
+    reducer._launch, reducer.finish = watched_launch, watched_finish
+
+
 def sync_strategies_agree(rank: int, world: int, ep: int, steps: int) -> dict:
     """Plain reduction, bucketed overlapped all-reduce and ZeRO reduce-scatter + sharded AdamW:
     the same parameters and AdamW state after `steps` steps (2 accumulated micro-steps each)."""
@@ -214,21 +231,26 @@ def sync_strategies_agree(rank: int, world: int, ep: int, steps: int) -> dict:
         small = 4096.0  # bytes: many small buckets, so several launch mid-backward
         dense = buckets_by_bytes(backward_order(groups.dense), small)
         expert = buckets_by_bytes(backward_order(groups.expert), small)
+        launches: list[bool] = []  # per bucket launch: did it happen during backward (from a hook)?
         if kind == "plain":
             sync = PlainSync(groups, pmesh, torch_adamw(model))
-        elif kind == "overlap":
-            sync = OverlappedSync(groups, pmesh, torch_adamw(model),
-                                  BucketedReducer(groups, pmesh, dense, expert, "all_reduce"))
         else:
-            reducer = BucketedReducer(groups, pmesh, dense, expert, "reduce_scatter")
-            sync = ShardedSync(groups, pmesh, reducer, ShardedAdamW(reducer, **hyper))
+            reducer = BucketedReducer(groups, pmesh, dense, expert, "all_reduce" if kind == "overlap"
+                                      else "reduce_scatter")
+            watch_launches(reducer, launches)
+            sync = (OverlappedSync(groups, pmesh, torch_adamw(model), reducer) if kind == "overlap"
+                    else ShardedSync(groups, pmesh, reducer, ShardedAdamW(reducer, **hyper)))
         norms = []
         for step in range(steps):
             result = train_step(model, sync, data[step, rank * 2:(rank + 1) * 2], micro_batch_size=1, pmesh=pmesh,
                                 lr=3e-3, grad_clip=0.5, dtype=torch.float32)
             norms.append(result.grad_norm)
         states = sync.param_states()
-        return model, {n: states[id(p)] for n, p in model.named_parameters()}, norms, len(dense) + len(expert)
+        n_buckets = len(dense) + len(expert)
+        if kind != "plain":
+            assert len(launches) == steps * n_buckets, "a bucket was reduced on a non-final micro-step"
+            assert sum(launches) >= steps, "no bucket was launched from a backward hook"
+        return model, {n: states[id(p)] for n, p in model.named_parameters()}, norms, n_buckets
 
     ref_model, ref_states, ref_norms, _ = run("plain")
     init = dict(Transformer(cfg).named_parameters())  # only for names; values are not used
@@ -263,4 +285,38 @@ def profile_and_cache(rank: int, world: int, cache_dir: str) -> dict:
     w = workload_for(cfg, tokens=512, seq_len=16, ep=world, dp=world, micro_steps=1)
     first, cached_first = load_or_measure(cfg, w, pmesh, torch.device("cpu"), torch.float32, Path(cache_dir))
     again, cached_again = load_or_measure(cfg, w, pmesh, torch.device("cpu"), torch.float32, Path(cache_dir))
-    return {"first": first, "again": again, "cached": (cached_first, cached_again)}
+    dist.barrier()
+    if rank == 0:
+        for path in Path(cache_dir).glob("profile-*.json"):
+            path.write_text("{not json")
+    dist.barrier()
+    _, cached_after_corruption = load_or_measure(cfg, w, pmesh, torch.device("cpu"), torch.float32, Path(cache_dir))
+    return {"first": first, "again": again, "cached": (cached_first, cached_again, cached_after_corruption)}
+
+
+def pipelined_bf16_matches_plain(rank: int, world: int) -> dict:
+    """Under bf16 autocast: r=4 vs r=1 agree to bf16 rounding; weight gradients stay float32."""
+    pmesh = build_mesh(world, "cpu")
+    g = torch.Generator().manual_seed(4321 + rank)
+    x0, idx = torch.randn(T, D, generator=g), skewed_routing(g, T)
+    w, dy = torch.rand(T, K, generator=g), torch.randn(T, D, generator=g)
+    experts = GroupedExperts(E // world, D, F)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5 + rank)) * 0.2)
+
+    def run(chunks: int):
+        experts.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = _layer(x, idx, w, experts, ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, chunks), None)
+        (y.float() * dy).sum().backward()
+        return y.detach().float(), x.grad, [p.grad.clone() for p in experts.parameters()]
+
+    y1, gx1, gw1 = run(1)
+    y4, gx4, gw4 = run(4)
+    assert all(p.grad.dtype == torch.float32 for p in experts.parameters())
+    for a, b in [(y4, y1), (gx4, gx1), *zip(gw4, gw1)]:
+        rel = float((a - b).norm() / b.norm())
+        assert rel < 1e-2, f"bf16 pipelined differs by {rel:.2e} relative (bf16 has 8 bits of mantissa)"
+    return {}

@@ -124,3 +124,12 @@ def test_plan_command_for_a_described_cluster() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "hardware description dgx-h100" in proc.stdout and "communication hidden:" in proc.stdout
     assert "predicted speed-up" in proc.stdout
+
+
+def test_two_communicators_share_the_link() -> None:
+    s = Schedule()
+    s.add("all_to_all", "comm", 1.0)
+    s.add("bucket", "grad", 1.0)
+    t = s.run()
+    assert t.makespan == pytest.approx(2.0)  # concurrent, at half bandwidth each
+    assert t.tasks[1].start == 0.0  # a gradient bucket does not queue behind an all-to-all
