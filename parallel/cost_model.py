@@ -72,6 +72,8 @@ class Workload:
 
 class Costs(Protocol):
     overlap_slowdown: float
+    chunk_overhead_s: float
+    """Host-side cost of each chunk beyond the first, per pass (splitting, launching, synchronising)."""
 
     def dense(self, w: Workload, layer: int, phase: Phase) -> float:
         """Everything in a block but the routed experts (attention, norms, router, dense or shared FFN);
@@ -97,6 +99,8 @@ def _moe_pipeline(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Ph
     for c in range(chunks):
         if c + 1 < chunks:  # issued once chunk c has arrived (and chunk c-1 computed: program order)
             dispatch.append(s.add(f"{tag}.a2a_in{c + 1}", "comm", a2a, [dispatch[c], prev_compute]))
+        if c > 0 and costs.chunk_overhead_s > 0:
+            prev_compute = s.add(f"{tag}.overhead{c}", "compute", costs.chunk_overhead_s, [prev_compute])
         prev_compute = s.add(f"{tag}.experts{c}", "compute", costs.experts(w, w.routed_rows / chunks, phase),
                              [dispatch[c], prev_compute])
         combines.append(s.add(f"{tag}.a2a_out{c}", "comm", a2a, [prev_compute]))
@@ -184,6 +188,7 @@ def _stage_sums(t: Timeline) -> dict[str, float]:
     sums: dict[str, float] = {}
     for task in t.tasks:
         kind = ("a2a" if ".a2a" in task.name else "experts" if ".experts" in task.name
+                else "chunk_overhead" if ".overhead" in task.name
                 else "grad_reduce" if task.name.startswith("grad.") else "dense")
         sums[kind] = sums.get(kind, 0.0) + task.seconds
     return sums

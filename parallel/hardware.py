@@ -34,6 +34,8 @@ class Hardware:
     """Device memory bandwidth (element-wise optimizer work)."""
     overlap_slowdown: float = 1.0
     """Factor by which compute and communication both slow down while they run together."""
+    chunk_overhead_us: float = 30.0
+    """Host cost of each extra pipeline chunk per pass: kernel launches and stream/event synchronisation."""
     act_bytes: int = 2
     """Bytes per activation element on the wire (2: bf16)."""
 
@@ -61,6 +63,7 @@ class HardwareCosts:
     def __init__(self, hw: Hardware) -> None:
         self.hw = hw
         self.overlap_slowdown = hw.overlap_slowdown
+        self.chunk_overhead_s = hw.chunk_overhead_us * 1e-6
 
     def _gemm(self, flops: float) -> float:
         return flops / (self.hw.gemm_tflops * 1e12)

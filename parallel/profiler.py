@@ -31,11 +31,12 @@ from torch import Tensor
 from moeyard.models import GroupedExperts, ModelConfig, Transformer
 
 from .buckets import all_gather, reduce_scatter
-from .cost_model import Phase, Workload
+from .cost_model import Phase, Workload, moe_layer_timeline
+from .dispatch import ExpertParallelExchange
 from .expert_parallel import apply_expert_parallel
 from .mesh import ParallelMesh
 
-PROFILER_VERSION = 2
+PROFILER_VERSION = 3
 """Part of the cache key: bump when what is measured changes, so old profiles are not reused."""
 
 Fit = tuple[float, float]
@@ -58,6 +59,8 @@ class Profile:
     all_gather_edp: Fit
     optimizer_s: float
     overlap_slowdown: float
+    chunk_overhead_s: float = 0.0
+    """Measured cost of each pipeline chunk beyond the first, per pass, that the parts above do not explain."""
 
 
 def _line(x1: float, t1: float, x2: float, t2: float) -> Fit:
@@ -258,9 +261,48 @@ def _measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.d
         if short > 0:
             slowdown = max(1.0, (t_both - long + short) / short)
 
-    return Profile(key="", dense_fwd_s=dense_fwd, dense_bwd_s=dense_bwd,
-                   experts_fwd=fit_rows(expert_fits["fwd"]), experts_bwd=fit_rows(expert_fits["bwd"]),
-                   all_to_all=a2a_fit, optimizer_s=optimizer_s, overlap_slowdown=slowdown, **fits)
+    parts = Profile(key="", dense_fwd_s=dense_fwd, dense_bwd_s=dense_bwd,
+                    experts_fwd=fit_rows(expert_fits["fwd"]), experts_bwd=fit_rows(expert_fits["bwd"]),
+                    all_to_all=a2a_fit, optimizer_s=optimizer_s, overlap_slowdown=slowdown, **fits)
+    if pmesh.ep == 1:
+        return parts
+    return dataclasses.replace(parts, chunk_overhead_s=_chunk_overhead(parts, w, pmesh, experts, timer, in_dtype))
+
+
+def _chunk_overhead(parts: Profile, w: Workload, pmesh: ParallelMesh, experts: GroupedExperts, timer: "_Timer",
+                    in_dtype: Callable) -> float:
+    """Run the real pipelined layer at r=1, 2, 4 and charge what the parts do not explain to the chunks.
+
+    Small collectives cost more inside a pipeline than in isolation (ranks arrive
+    at different times; with more ranks than cores each wait is a context switch),
+    and each chunk pays Python and launch costs. Measuring the executor itself
+    keeps the planner from choosing chunks that only look free.
+    """
+    device = next(experts.parameters()).device
+    E = w.num_experts
+    rows = max(E, w.routed_rows // E * E)
+    counts = torch.full((E,), rows // E, dtype=torch.int64, device=device)
+    x = torch.randn(rows, w.dim, device=device, requires_grad=True)
+    dy = torch.randn(rows, w.dim, device=device)
+
+    def layer(chunks: int) -> float:
+        exchange = ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, chunks)
+        run = in_dtype(lambda: exchange.run_experts(x, counts, experts))
+        return timer(lambda: (run().float() * dy).sum().backward(), pmesh.ep_group)
+
+    layer_w = dataclasses.replace(w, tokens=rows // w.top_k)
+    costs = MeasuredCosts(parts)
+    base_measured = layer(1)
+    base_modelled = moe_layer_timeline(layer_w, costs, 1).makespan
+    # Least squares through the origin: extra_measured - extra_modelled = overhead * (chunks beyond the first,
+    # summed over the forward and backward passes).
+    num = den = 0.0
+    for r in (2, 4):
+        unexplained = (layer(r) - base_measured) - (moe_layer_timeline(layer_w, costs, r).makespan - base_modelled)
+        extra_chunks = 2 * (r - 1)
+        num += unexplained * extra_chunks
+        den += extra_chunks ** 2
+    return max(0.0, num / den)
 
 
 def load_or_measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.device, dtype: torch.dtype,
@@ -300,6 +342,7 @@ class MeasuredCosts:
     def __init__(self, profile: Profile) -> None:
         self.p = profile
         self.overlap_slowdown = profile.overlap_slowdown
+        self.chunk_overhead_s = profile.chunk_overhead_s
 
     def dense(self, w: Workload, layer: int, phase: Phase) -> float:
         total = sum(w.dense_flops) + w.head_flops

@@ -54,6 +54,7 @@ class FakeCosts:
 
     overlap_slowdown: float = 1.0
     a2a_ms_per_mb: float = 1.0
+    chunk_overhead_s: float = 0.0
 
     def dense(self, w, layer, phase):
         return 1e-4 * (2 if phase == "bwd" else 1)
