@@ -19,18 +19,20 @@ from moeyard import configs
 from moeyard.models import ConfigError
 from moeyard.trainer.config import check_vocab, load_config, validate_for_world
 from moeyard.trainer.data import DataError, ensure_corpus, prepare_corpus, read_meta
+from moeyard.trainer.loop import holds_a_run
 
 from .env import DistEnv, LaunchError
 
 
-def _spawn_local_workers(nproc: int, config: str, overrides: list[str], *extra: str) -> int:
+def _spawn_local_workers(nproc: int, config: str, overrides: list[str], *extra: str, max_restarts: int = 0) -> int:
     """Start `nproc` workers on this machine through torch.distributed.run (torchrun)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    argv = ["--standalone", f"--nproc_per_node={nproc}", "-m", "moeyard.train", config, *extra]
+    argv = ["--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}", "-m", "moeyard.train",
+            config, *extra]
     for assignment in overrides:
         argv += ["--set", assignment]
     try:
@@ -44,22 +46,23 @@ def _spawn_local_workers(nproc: int, config: str, overrides: list[str], *extra: 
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = args.config or str(configs.path("tiny.yaml"))
+    if args.resume is not None:
+        args.overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_config(config, args.overrides)
     nproc = args.nproc or cfg.parallel.ep
     if nproc < 1:
         raise LaunchError(f"--nproc={nproc} must be >= 1")
     validate_for_world(cfg, nproc)
-    if (cfg.run_dir / "metrics.jsonl").exists():
-        raise LaunchError(f"run.dir {cfg.run_dir} already holds a run (metrics.jsonl exists): choose another with "
-                          f"--set run.dir=... or delete it")
+    if cfg.checkpoint.resume == "none" and holds_a_run(cfg.run_dir):
+        raise LaunchError(f"run.dir {cfg.run_dir} already holds a run and --resume none was asked: resume it "
+                          f"(--resume auto), choose another run.dir, or delete it")
     check_vocab(cfg, read_meta(ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)))
     print(f"training {config} on {nproc} process(es), ep={cfg.parallel.ep}; run dir {cfg.run_dir}", flush=True)
     if nproc == 1:
         from .worker import run_worker
 
-        run_worker(cfg, DistEnv(0, 1, 0, 1, "127.0.0.1", 0, "single"))
-        return 0
-    return _spawn_local_workers(nproc, config, args.overrides)
+        return run_worker(cfg, DistEnv(0, 1, 0, 1, "127.0.0.1", 0, "single"))
+    return _spawn_local_workers(nproc, config, args.overrides, max_restarts=args.max_restarts)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -99,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="local worker processes (default: parallel.ep of the config)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    train.add_argument("--resume", default=None, metavar="auto|none|PATH",
+                       help="auto (default): continue from the newest intact checkpoint of run.dir; none: start "
+                            "fresh; PATH: start from that checkpoint")
+    train.add_argument("--max-restarts", type=int, default=0,
+                       help="restart all workers up to N times after a failure; each restart resumes from the "
+                            "newest checkpoint (torchrun's --max-restarts)")
     train.set_defaults(func=cmd_train)
 
     plan = sub.add_parser("plan", help="print the schedule plan and its predicted step time")

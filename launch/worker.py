@@ -18,7 +18,8 @@ import torch.distributed as dist
 from moeyard.models import ConfigError
 from moeyard.trainer.config import Config, load_config, validate_for_world
 from moeyard.trainer.data import DataError, ensure_corpus
-from moeyard.trainer.loop import train
+from moeyard.trainer.checkpoint_store import CheckpointError
+from moeyard.trainer.loop import NonFiniteStop, train
 from moeyard.trainer.plan_report import measured_report
 
 from .env import DistEnv, LaunchError, resolve_env
@@ -71,7 +72,8 @@ def _prepare_corpus_once_per_machine(cfg: Config, env: DistEnv, device: torch.de
     return str(ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob))
 
 
-def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> None:
+def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
+    """Returns the process exit code: 0, or 128 + signal after a preemption checkpoint."""
     validate_for_world(cfg, env.world_size)
     device, backend = pick_device(env, cfg.parallel.backend)
     if device.type == "cpu":
@@ -82,12 +84,15 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> None:
             report = measured_report(cfg, device)
             if env.rank == 0:
                 print(report, flush=True)
-            return
+            return 0
         data_dir = _prepare_corpus_once_per_machine(cfg, env, device)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
-        train(cfg, device)
+        outcome = train(cfg, device)
     finally:
         dist.destroy_process_group()
+    # Preempted after a checkpoint: the conventional "killed by signal" code, which torchrun counts as a
+    # failure (restart, resume) and a Slurm batch script can test to requeue.
+    return 128 + outcome.signal if outcome.signal else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -102,8 +107,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         cfg = load_config(args.config or configs.path("tiny.yaml"), args.overrides)
-        run_worker(cfg, resolve_env(), plan_only=args.plan_only)
-    except (ConfigError, DataError, LaunchError) as err:
+        return run_worker(cfg, resolve_env(), plan_only=args.plan_only)
+    except (ConfigError, DataError, LaunchError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except NonFiniteStop as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3

@@ -25,14 +25,22 @@ class GradSync(Protocol):
         """Before each micro-step's backward; only the last one reduces."""
         ...
 
-    def step(self, lr: float, grad_clip: float) -> Tensor:
-        """Finish reduction, clip to `grad_clip` (0: off), update parameters; returns the pre-clip norm."""
+    def reduce(self) -> Tensor:
+        """Finish the gradient reduction; returns the global gradient norm (the same on every rank)."""
+        ...
+
+    def apply(self, lr: float, grad_clip: float, norm: Tensor) -> None:
+        """Clip to `grad_clip` (0: off) and update the parameters."""
         ...
 
     def zero_grad(self) -> None: ...
 
     def param_states(self) -> dict[int, dict[str, Tensor]]:
         """Optimizer state per parameter id, unsharded, in torch.optim.AdamW's keys."""
+        ...
+
+    def load_param_states(self, states: dict[int, dict[str, Tensor]]) -> None:
+        """The inverse of param_states (after a checkpoint load)."""
         ...
 
 
@@ -46,20 +54,26 @@ class PlainSync:
     def _reduce(self) -> None:
         reduce_gradients(self.groups, self.pmesh)
 
-    def step(self, lr: float, grad_clip: float) -> Tensor:
+    def reduce(self) -> Tensor:
         self._reduce()
-        norm = global_grad_norm(self.groups, self.pmesh)
+        return global_grad_norm(self.groups, self.pmesh)
+
+    def apply(self, lr: float, grad_clip: float, norm: Tensor) -> None:
         clip_gradients(self.groups, norm, grad_clip)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        return norm
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def param_states(self) -> dict[int, dict[str, Tensor]]:
         return {id(p): dict(state) for p, state in self.optimizer.state.items()}
+
+    def load_param_states(self, states: dict[int, dict[str, Tensor]]) -> None:
+        for p in self.groups.dense + self.groups.expert:
+            if id(p) in states:
+                self.optimizer.state[p] = {k: v.clone() for k, v in states[id(p)].items()}
 
 
 class OverlappedSync(PlainSync):
@@ -83,18 +97,19 @@ class ShardedSync:
     def begin_micro_step(self, last: bool) -> None:
         self.reducer.sync = last
 
-    def step(self, lr: float, grad_clip: float) -> Tensor:
+    def reduce(self) -> Tensor:
         self.reducer.finish()
         # Dense shards partition the dense gradient over dp; expert shards partition each ep rank's
         # experts over edp, and ep ranks hold disjoint experts: one sum over dp covers everything once.
         sq = self.optimizer.grad_sq_sum()
         dist.all_reduce(sq, group=self.pmesh.dp_group)
-        norm = sq.sqrt()
+        return sq.sqrt()
+
+    def apply(self, lr: float, grad_clip: float, norm: Tensor) -> None:
         if grad_clip > 0:
             self.optimizer.scale_grads((grad_clip / (norm + 1e-6)).clamp(max=1.0))
         self.optimizer.lr = lr
         self.optimizer.step()
-        return norm
 
     def zero_grad(self) -> None:
         for p in self.groups.dense + self.groups.expert:
@@ -102,3 +117,6 @@ class ShardedSync:
 
     def param_states(self) -> dict[int, dict[str, Tensor]]:
         return self.optimizer.full_states()
+
+    def load_param_states(self, states: dict[int, dict[str, Tensor]]) -> None:
+        self.optimizer.load_full_states(states)

@@ -116,3 +116,25 @@ class ShardedAdamW:
                 states[id(p)] = {"step": torch.tensor(float(self.step_count)),
                                  **{k: v[start:stop].view_as(p).clone() for k, v in full.items()}}
         return states
+
+    def load_full_states(self, states: dict[int, dict[str, Tensor]]) -> None:
+        """Take unsharded per-parameter AdamW state (keyed by id) into this rank's shards."""
+        steps = set()
+        for s in self.shards:
+            for seg in s.segments:
+                p = s.bucket.params[seg.param_index]
+                start = s.bucket.offsets[seg.param_index]  # where p begins in the bucket's flat layout
+                lo, hi = s.lo + seg.lo - start, s.lo + seg.hi - start  # the part of p in this shard
+                state = states[id(p)]
+                s.exp_avg[seg.lo:seg.hi] = state["exp_avg"].reshape(-1)[lo:hi]
+                s.exp_avg_sq[seg.lo:seg.hi] = state["exp_avg_sq"].reshape(-1)[lo:hi]
+                steps.add(int(state["step"]))
+            # Master copy of the parameters: the model holds the loaded values.
+            flat = torch.cat([q.detach().reshape(-1) for q in s.bucket.params])
+            end = min(s.lo + s.param.numel(), flat.numel())
+            s.param.zero_()
+            if end > s.lo:
+                s.param[:end - s.lo] = flat[s.lo:end]
+        if len(steps) > 1:
+            raise ValueError(f"optimizer state holds different step counts {sorted(steps)}")
+        self.step_count = steps.pop() if steps else 0

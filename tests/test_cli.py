@@ -73,10 +73,12 @@ def test_existing_run_is_not_overwritten(tmp_path, small_corpus) -> None:
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 1})
     moeyard_train(config, tmp_path / "run", 1, "parallel.ep=1")
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
-    proc = subprocess.run([sys.executable, "-m", "moeyard", "train", str(config), "--set",
-                           f"run.dir={tmp_path / 'run'}", "--set", "parallel.ep=1"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    base = [sys.executable, "-m", "moeyard", "train", str(config), "--set", f"run.dir={tmp_path / 'run'}",
+            "--set", "parallel.ep=1"]
+    again = subprocess.run(base, capture_output=True, text=True, timeout=120)  # resume=auto: already finished
+    assert again.returncode == 0 and "nothing to do: the run is at step 1" in again.stdout, again.stderr
+    fresh = subprocess.run(base + ["--resume", "none"], capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 2 and "already holds a run" in fresh.stderr
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 
 

@@ -1,26 +1,26 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP): what is in them, saving, loading.
 
-Layout of one checkpoint, `run_dir/checkpoints/step_000100/`:
-  *.distcp, .metadata   DCP shards: model and AdamW state (unsharded per parameter,
-                        whether or not the optimizer ran ZeRO-sharded). Expert weights are one
-                        global tensor [num_experts, ...] sharded on dim 0, so the
-                        files do not depend on the ep/world layout that wrote them.
-  manifest.json         step, config, world layout, plan, every file with size and sha256.
-Every rank writes into `.step_000100.tmp`; when all are done rank 0 writes the
-manifest and renames the folder, then moves `checkpoints/latest`. A folder
-without a manifest is incomplete by construction. Nothing in it is pickled:
-the non-tensor state lives in the JSON manifest.
+One checkpoint, `run_dir/checkpoints/step_000100/`:
+  *.distcp, .metadata   DCP shards: model weights, AdamW state (unsharded per parameter,
+                        whether or not the optimizer ran ZeRO-sharded), each rank's RNG state.
+                        Expert weights and their AdamW moments are one global tensor
+                        [num_experts, ...] sharded on dim 0, so any (world, ep) can load them.
+  manifest.json         step, samples consumed, config and its hash, world layout, plan,
+                        every file with size and sha256.
+Written into `.step_000100.tmp` by every rank; rank 0 publishes it (manifest,
+rename, `latest`) only when all ranks are done. Nothing in it is pickled: DCP
+holds tensors only, the rest is JSON.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,63 +33,51 @@ from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grad_sync import GradSync
 from moeyard.parallel.plan import Plan
 
+from .checkpoint_store import CheckpointError, CheckpointStore, read_manifest, sha256, verify
 from .config import Config, to_dict
 
-MANIFEST = "manifest.json"
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def config_hash(cfg: Config) -> str:
+    """What decides the trained model; run, log, checkpoint and schedule settings may change on resume."""
+    relevant = {k: v for k, v in to_dict(cfg).items() if k not in ("run", "log", "checkpoint", "schedule")}
+    relevant["seed"] = cfg.run.seed
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _expert_param_ids(model: nn.Module) -> set[int]:
+def _expert_ids(model: nn.Module) -> set[int]:
     return {id(p) for m in expert_modules(model) for p in m.parameters()}
 
 
-def sharded_state_dict(model: nn.Module, sync: GradSync, pmesh: ParallelMesh) -> dict[str, Any]:
-    """Model and AdamW state keyed by parameter name; expert shards wrapped as global DTensors."""
-    expert_ids = _expert_param_ids(model)
+def _state_dict(model: nn.Module, optim_states: dict[int, dict[str, Tensor]], pmesh: ParallelMesh,
+                with_rng: bool) -> dict[str, Any]:
+    """The DCP state dict, over live tensors: DCP saves from them or loads into them in place."""
+    expert_ids = _expert_ids(model)
 
     def globalize(t: Tensor, param: nn.Parameter) -> Tensor:
         if id(param) in expert_ids:
             # Replicated over edp, sharded over ep on dim 0: the global [E, ...] tensor.
-            return DTensor.from_local(t.detach(), pmesh.mesh, [Replicate(), Shard(0)], run_check=False)
-        return t.detach()
+            return DTensor.from_local(t, pmesh.mesh, [Replicate(), Shard(0)], run_check=False)
+        return t
 
-    model_sd = {name: globalize(p, p) for name, p in model.named_parameters()}
-    optim_sd: dict[str, Any] = {}
-    states = sync.param_states()
+    state: dict[str, Any] = {"model": {n: globalize(p.detach(), p) for n, p in model.named_parameters()}, "optim": {}}
     for name, p in model.named_parameters():
-        state = states.get(id(p))
-        if state:
-            optim_sd[name] = {k: globalize(v, p) if v.dim() > 0 else v.detach().clone() for k, v in state.items()}
-    return {"model": model_sd, "optim": optim_sd}
-
-
-def _write_durably(path: Path, text: str) -> None:
-    with path.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        if id(p) in optim_states:
+            s = optim_states[id(p)]
+            state["optim"][name] = {"step": s["step"], **{k: globalize(s[k], p) for k in ADAM_KEYS}}
+    if with_rng:  # one key per rank: RNG streams are not replicated state
+        state["rng"] = {f"cpu_rank{dist.get_rank()}": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["rng"][f"cuda_rank{dist.get_rank()}"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _describe_files(folder: Path) -> list[dict[str, Any]]:
     """Sizes and sha256 of every file; each rank hashes a share, so no rank waits long on rank 0."""
     rank, world = dist.get_rank(), dist.get_world_size()
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
-    mine = {n: {"name": n, "bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)}
+    mine = {n: {"name": n, "bytes": (folder / n).stat().st_size, "sha256": sha256(folder / n)}
             for n in names[rank::world]}
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, (names, mine))
@@ -101,36 +89,103 @@ def _describe_files(folder: Path) -> list[dict[str, Any]]:
     return [described[n] for n in names]
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, sync: GradSync, pmesh: ParallelMesh, cfg: Config,
-                    plan: Plan) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
-    root = run_dir / "checkpoints"
-    final = root / f"step_{step:06d}"
-    tmp = root / f".step_{step:06d}.tmp"
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash mid-save
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dcp.save(sharded_state_dict(model, sync, pmesh), checkpoint_id=tmp)  # fsyncs its own files
-    files = _describe_files(tmp)  # collective: every rank's shards are on disk once it returns
-    if dist.get_rank() == 0:
+@dataclasses.dataclass
+class PendingSave:
+    """An asynchronous save in flight: DCP writes in the background; `finish` publishes it."""
+
+    step: int
+    tmp: Path
+    future: Future
+    manifest: dict[str, Any]
+
+
+class Checkpointer:
+    """Saves and loads one run's checkpoints. Every method is collective."""
+
+    def __init__(self, cfg: Config, pmesh: ParallelMesh, plan: Plan) -> None:
+        self.cfg, self.pmesh, self.plan = cfg, pmesh, plan
+        self.store = CheckpointStore(cfg.run_dir / "checkpoints")
+        self.pending: Optional[PendingSave] = None
+
+    def save(self, step: int, model: nn.Module, sync: GradSync, asynchronous: bool = False) -> None:
+        self.finish()  # at most one save in flight
+        tmp = self.store.tmp_path(step)
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash mid-save
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        state = _state_dict(model, sync.param_states(), self.pmesh, with_rng=True)
         manifest = {
             "step": step,
-            "config": to_dict(cfg),
+            "samples": step * self.cfg.global_batch_sequences,
+            "config_hash": config_hash(self.cfg),
+            "config": to_dict(self.cfg),
             "world_size": dist.get_world_size(),
-            "ep": pmesh.ep,
-            "plan": dataclasses.asdict(plan),
-            "files": files,
+            "ep": self.pmesh.ep,
+            "plan": dataclasses.asdict(self.plan),
         }
-        _write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_durably(root / ".latest.tmp", final.name + "\n")
-        os.replace(root / ".latest.tmp", root / "latest")
-        _fsync_dir(root)
-    dist.barrier()
-    return final
+        if asynchronous:
+            # DCP copies the tensors to CPU memory before returning, so training may change them at once.
+            self.pending = PendingSave(step, tmp, dcp.async_save(state, checkpoint_id=tmp), manifest)
+        else:
+            dcp.save(state, checkpoint_id=tmp)  # fsyncs its files
+            self._publish(step, tmp, manifest)
+
+    def finish(self) -> None:
+        """Wait for an asynchronous save and publish it."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.future.result()
+            self._publish(pending.step, pending.tmp, pending.manifest)
+
+    def _publish(self, step: int, tmp: Path, manifest: dict[str, Any]) -> None:
+        files = _describe_files(tmp)  # collective: every rank's shards are on disk once it returns
+        if dist.get_rank() == 0:
+            self.store.publish(tmp, step, {**manifest, "files": files})
+            self.store.prune(self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+        dist.barrier()
+
+    def find_resume_point(self) -> Optional[Path]:
+        """checkpoint.resume: auto (newest intact in this run), none, or a path. Rank 0 decides for all."""
+        choice = self.cfg.checkpoint.resume
+        box: list[Any] = [None, ()]
+        if dist.get_rank() == 0:
+            if choice == "auto":
+                found = self.store.newest_intact()
+                box = [str(found.path) if found.path else None, found.skipped]
+            elif choice != "none":
+                box = [choice, ()]
+        dist.broadcast_object_list(box, src=0)
+        for reason in box[1]:
+            if dist.get_rank() == 0:
+                print(f"warning: skipping checkpoint: {reason}", flush=True)
+        return Path(box[0]) if box[0] else None
+
+    def load(self, path: Path, model: nn.Module, sync: GradSync) -> dict[str, Any]:
+        """Load weights, optimizer state and (same world size) RNG streams; returns the manifest."""
+        message, manifest = None, None
+        if dist.get_rank() == 0:
+            try:
+                manifest = verify(path)
+            except CheckpointError as err:
+                message = str(err)
+        box = [message, manifest]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise CheckpointError(box[0])
+        manifest = box[1]
+        same_world = manifest["world_size"] == dist.get_world_size()
+        optim_states = {id(p): {"step": torch.zeros((), dtype=torch.float32),
+                                **{k: torch.zeros_like(p, memory_format=torch.contiguous_format) for k in ADAM_KEYS}}
+                        for p in model.parameters() if p.requires_grad}
+        state = _state_dict(model, optim_states, self.pmesh, with_rng=same_world)
+        dcp.load(state, checkpoint_id=path)
+        sync.load_param_states(optim_states)
+        if same_world:
+            torch.set_rng_state(state["rng"][f"cpu_rank{dist.get_rank()}"])
+            if f"cuda_rank{dist.get_rank()}" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"][f"cuda_rank{dist.get_rank()}"])
+        return manifest
 
 
 def load_full_model(path: Path, model: nn.Module) -> dict[str, Any]:
@@ -139,11 +194,9 @@ def load_full_model(path: Path, model: nn.Module) -> dict[str, Any]:
     Returns the manifest. DCP reads each global expert tensor whole, whatever
     layout wrote it.
     """
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{path} is not a complete moeyard checkpoint (no {MANIFEST})")
+    manifest = read_manifest(path)
     state = {"model": {name: p.detach() for name, p in model.named_parameters()}}
     with warnings.catch_warnings():  # DCP warns that no process group exists: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path, no_dist=True)
-    return json.loads(manifest_path.read_text())
+    return manifest

@@ -72,6 +72,14 @@ class TrainConfig:
     """Clip the global gradient norm to this; 0 disables clipping."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: float32 on CPU, bfloat16 autocast on GPU."""
+    stop_at: Optional[int] = None
+    """Save a checkpoint at this step and exit cleanly; the LR schedule and data order still follow
+    train.steps, so the next launch (auto-resume) continues the same run. Splits a run into jobs."""
+    nonfinite: Literal["skip", "stop"] = "skip"
+    """A NaN/inf loss or gradient: skip that step (counted in metrics), or stop with a checkpoint of the
+    last good state."""
+    max_skipped_steps: int = 10
+    """nonfinite=skip: stop anyway after this many skipped steps in a row."""
 
 
 @dataclass(kw_only=True)
@@ -110,7 +118,17 @@ class LogConfig:
 @dataclass(kw_only=True)
 class CheckpointConfig:
     every: int = 0
-    """Save a sharded checkpoint every N steps; 0 saves only at the end of the run."""
+    """Save a sharded checkpoint every N steps; 0 saves only at the end of the run (and on stop_at,
+    preemption or a non-finite stop)."""
+    resume: str = "auto"
+    """auto: continue from the newest intact checkpoint of run.dir (if any); none: start fresh (refused
+    if run.dir already holds a run); or the path of a checkpoint folder to start from."""
+    keep_last: int = 3
+    """Keep the newest N complete checkpoints (0: keep all)."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0: none)."""
+    async_save: bool = False
+    """Write checkpoints in the background while training continues (published before the next one)."""
 
 
 @dataclass(kw_only=True)
@@ -213,7 +231,12 @@ def validate(cfg: Config) -> None:
             f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.ep={cfg.parallel.ep}")
     require(cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0")
     require(cfg.log.every >= 1, f"log.every={cfg.log.every} must be >= 1")
-    require(cfg.checkpoint.every >= 0, f"checkpoint.every={cfg.checkpoint.every} must be >= 0")
+    c = cfg.checkpoint
+    require(c.every >= 0, f"checkpoint.every={c.every} must be >= 0")
+    require(c.keep_last >= 0 and c.keep_every >= 0, "checkpoint.keep_last and checkpoint.keep_every must be >= 0")
+    require(t.stop_at is None or 1 <= t.stop_at <= t.steps,
+            f"train.stop_at={t.stop_at} must be between 1 and train.steps={t.steps}")
+    require(t.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1")
     require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     o = cfg.optim
     require(0 <= o.warmup_steps, "optim.warmup_steps must be >= 0")

@@ -1,11 +1,13 @@
-"""The training loop: build everything from the config, run the steps, log, checkpoint.
+"""The training loop: build everything from the config, resume, run the steps, log, checkpoint, stop.
 
 Runs inside an initialised default process group (one process is a group of
 one); how the ranks were started is the launcher's business.
 """
 from __future__ import annotations
 
+import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,7 +16,7 @@ import torch.distributed as dist
 from moeyard.models import Transformer
 from moeyard.parallel import apply_expert_parallel, build_mesh, split_parameters
 
-from .checkpoint import save_checkpoint
+from .checkpoint import Checkpointer, config_hash
 from .config import Config, check_vocab, dump_yaml, validate_for_world
 from .data import DataError, TokenBatches, read_meta
 from .metrics import MetricsLogger, step_record
@@ -22,6 +24,20 @@ from .optim import lr_at
 from .precision import resolve_dtype
 from .schedule import apply_plan_chunks, build_grad_sync, plan_for
 from .step import train_step
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class NonFiniteStop(RuntimeError):
+    """Training met NaN/inf and was told to stop; the last good state is checkpointed."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    step: int
+    """Steps completed when the loop ended."""
+    signal: int = 0
+    """The preemption signal that ended it early (0: none)."""
 
 
 def _agree_on_error(message: str | None) -> None:
@@ -32,21 +48,46 @@ def _agree_on_error(message: str | None) -> None:
         raise RuntimeError(box[0])
 
 
+def holds_a_run(run_dir: Path) -> bool:
+    return (run_dir / "metrics.jsonl").exists() or any((run_dir / "checkpoints").glob("step_*"))
+
+
 def _prepare_run_dir(cfg: Config) -> None:
     message = None
     if dist.get_rank() == 0:
         run_dir = cfg.run_dir
-        if (run_dir / "metrics.jsonl").exists():
-            message = (f"run.dir {run_dir} already holds a run (metrics.jsonl exists): choose another with "
-                       f"--set run.dir=... or delete it")
+        if cfg.checkpoint.resume == "none" and holds_a_run(run_dir):
+            message = (f"run.dir {run_dir} already holds a run and checkpoint.resume=none: resume it "
+                       f"(--resume auto), choose another run.dir, or delete it")
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     _agree_on_error(message)
 
 
-def train(cfg: Config, device: torch.device) -> Path:
-    """Train `cfg.train.steps` steps; returns the run directory."""
+class _Preemption:
+    """Remembers SIGTERM/SIGUSR1; the ranks agree on it at a step boundary (one tiny all-reduce)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.received = 0
+        self.device = device
+        self.previous = {s: signal.signal(s, self._on_signal) for s in PREEMPTION_SIGNALS}
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.received = signum
+
+    def agreed(self) -> int:
+        flag = torch.tensor([self.received], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train(cfg: Config, device: torch.device) -> Outcome:
+    """Train up to train.stop_at (or train.steps), resuming from a checkpoint if there is one."""
     if cfg.data.dir is None:
         raise DataError("data.dir is not set: the launcher resolves it (see trainer.data.ensure_corpus)")
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -64,36 +105,75 @@ def train(cfg: Config, device: torch.device) -> Path:
     plan = plan_for(cfg, model, groups, pmesh, device)
     apply_plan_chunks(model, plan)
     sync = build_grad_sync(plan, model, groups, pmesh, cfg)
+    checkpointer = Checkpointer(cfg, pmesh, plan)
+
+    first = 0
+    resume_from = checkpointer.find_resume_point()
+    if resume_from is not None:
+        manifest = checkpointer.load(resume_from, model, sync)
+        first = manifest["step"]
+        if rank == 0:
+            changed = " (the model or data config changed since it was saved)" \
+                if manifest["config_hash"] != config_hash(cfg) else ""
+            print(f"resumed from {resume_from} at step {first}{changed}", flush=True)
     if rank == 0:
         print(f"plan ({plan.source}): {plan.summary()}", flush=True)
         (cfg.run_dir / "plan.json").write_text(plan.to_json())
 
+    total = cfg.train.steps
+    last = cfg.train.stop_at or total
+    if first >= last:
+        if rank == 0:
+            print(f"nothing to do: the run is at step {first} (train.steps={total}, stop_at={cfg.train.stop_at})")
+        return Outcome(first)
+
     data = TokenBatches(Path(cfg.data.dir), cfg.train.seq_len, cfg.global_batch_sequences,
                         pmesh.dp_rank, pmesh.dp, cfg.run.seed)
     micro_batch_size = cfg.train.micro_batch_size or cfg.global_batch_sequences // pmesh.dp
-
-    total = cfg.train.steps
     logger = None
     if rank == 0:
-        logger = MetricsLogger(cfg.run_dir, total_steps=total, first_step=0,
+        logger = MetricsLogger(cfg.run_dir, total_steps=total, first_step=first,
                                tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+    preemption = _Preemption(device)
+    skipped_in_a_row = skipped_total = 0
+    done = first
     try:
-        for step in range(total):
+        for step in range(first, last):
             lr = lr_at(step, total, cfg.optim)
             start = time.perf_counter()
             result = train_step(model, sync, data.batch(step), micro_batch_size=micro_batch_size,
                                 pmesh=pmesh, lr=lr, grad_clip=cfg.train.grad_clip, dtype=dtype)
             step_time = time.perf_counter() - start
             done = step + 1
+            skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
+            skipped_total += result.skipped
             if logger is not None:
                 logger.progress(result, result.tokens / step_time)
-                if done == 1 or done % cfg.log.every == 0 or done == total:
-                    logger.log(step_record(done, result, lr, step_time, plan.predicted.get("step_s")), total)
-            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total:
-                save_checkpoint(cfg.run_dir, done, model, sync, pmesh, cfg, plan)
+                if done == first + 1 or done % cfg.log.every == 0 or done == last or result.skipped:
+                    record = step_record(done, result, lr, step_time, plan.predicted.get("step_s"))
+                    logger.log({**record, "skipped_steps": skipped_total}, total)
+            if result.skipped and (cfg.train.nonfinite == "stop" or skipped_in_a_row >= cfg.train.max_skipped_steps):
+                # The update was not applied: parameters and optimizer state are the last good ones.
+                checkpointer.save(done - 1, model, sync)
+                raise NonFiniteStop(
+                    f"non-finite loss or gradient at step {done} (loss {result.loss}, grad norm {result.grad_norm}); "
+                    f"saved the last good state as step {done - 1}. Lower optim.lr or raise train.grad_clip, "
+                    f"or set train.nonfinite=skip")
+            signum = preemption.agreed()
+            every = cfg.checkpoint.every and done % cfg.checkpoint.every == 0
+            if every or done == last or signum:
+                checkpointer.save(done, model, sync, asynchronous=cfg.checkpoint.async_save and not (
+                    done == last or signum))
+            if signum:
+                if rank == 0:
+                    print(f"received {signal.Signals(signum).name}: saved step {done}, exiting", flush=True)
+                return Outcome(done, signum)
+        checkpointer.finish()
     finally:
+        preemption.restore()
         if logger is not None:
             logger.close()
     if rank == 0:
-        print(f"finished {total} steps; outputs in {cfg.run_dir}", flush=True)
-    return cfg.run_dir
+        what = "finished" if done == total else f"stopped at train.stop_at={last} of"
+        print(f"{what} {total} steps; outputs in {cfg.run_dir}", flush=True)
+    return Outcome(done)

@@ -39,12 +39,18 @@ def step_record(step: int, result: StepResult, lr: float, step_time_s: float,
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, total_steps: int, first_step: int, tensorboard: bool, progress: bool) -> None:
-        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+        path = run_dir / "metrics.jsonl"
+        # Resuming at `first_step`: records of later steps belong to a try that did not reach a checkpoint;
+        # those steps run again, so their old records go.
+        kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
+                if line.strip() and json.loads(line)["step"] <= first_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.jsonl = path.open("a")
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where used
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=first_step + 1)
         self.bar = None
         if progress:
             from tqdm import tqdm

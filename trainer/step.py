@@ -37,6 +37,8 @@ class StepResult:
     """Per MoE layer: token copies routed to each expert over the global batch."""
     dropped_fraction: dict[int, float]
     """Per MoE layer: fraction of routed copies dropped for capacity."""
+    skipped: bool = False
+    """The loss or a gradient was NaN/inf: parameters and optimizer state were left unchanged."""
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -71,15 +73,17 @@ def train_step(model: Transformer, sync: GradSync, batch_BT1: Tensor, *, micro_b
             load[layer] = load.get(layer, 0) + stats.tokens_per_expert_E
             dropped[layer] = dropped.get(layer, 0) + stats.dropped
 
-    grad_norm = sync.step(lr, grad_clip)  # waits for (or runs) the gradient reduction, clips, updates
-
-    dist.all_reduce(sums, group=pmesh.dp_group)  # metrics only; router stats are already global
+    grad_norm = sync.reduce()  # waits for (or runs) the gradient reduction
+    dist.all_reduce(sums, group=pmesh.dp_group)  # global losses: the same on every rank, like the norm
+    finite = bool(torch.isfinite(sums).all()) and bool(torch.isfinite(grad_norm))
+    if finite:  # every rank takes the same decision from the same numbers
+        sync.apply(lr, grad_clip, grad_norm)
     lm_loss = sums[0].item() / global_tokens
     aux_loss = sums[1].item() / (pmesh.dp * len(micro_batches))
     z_loss = sums[2].item() / (pmesh.dp * len(micro_batches))
     return StepResult(
         loss=lm_loss + aux_loss + z_loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss,
-        grad_norm=grad_norm.item(), tokens=global_tokens,
+        grad_norm=grad_norm.item(), tokens=global_tokens, skipped=not finite,
         expert_load={layer: counts.tolist() for layer, counts in load.items()},
         dropped_fraction={layer: dropped[layer].item() / max(1, int(load[layer].sum())) for layer in load},
     )

@@ -1,0 +1,140 @@
+"""The checkpoints folder of a run: which checkpoints are complete and intact, and which to keep.
+
+    run_dir/checkpoints/
+      step_000100/        complete: has manifest.json, every listed file with its size and sha256
+      .step_000200.tmp/   being written (or left by a crash): never loaded, removed on the next save
+      latest              names the newest complete checkpoint; moved only after a rename
+
+Pure file-system logic, no process groups: the trainer calls it on rank 0 and
+broadcasts the verdict.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^step_(\d{6,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt; the message names it."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_durably(path: Path, text: str) -> None:
+    with path.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"{path} is not a complete moeyard checkpoint: no {MANIFEST}")
+    try:
+        return json.loads(manifest.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{manifest} is not valid JSON: {err}") from None
+
+
+def verify(path: Path, checksums: bool = True) -> dict[str, Any]:
+    """The manifest, after checking that every file it lists is there, whole and unchanged."""
+    manifest = read_manifest(path)
+    for entry in manifest.get("files", []):
+        f = path / entry["name"]
+        if not f.is_file():
+            raise CheckpointError(f"{path}: file {entry['name']} is missing")
+        if f.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"{path}: file {entry['name']} has {f.stat().st_size} bytes, the manifest says "
+                                  f"{entry['bytes']} (truncated?)")
+        if checksums and sha256(f) != entry["sha256"]:
+            raise CheckpointError(f"{path}: file {entry['name']} does not match its sha256 (corrupted)")
+    return manifest
+
+
+@dataclass(frozen=True)
+class Found:
+    path: Path | None
+    """The newest intact checkpoint, or None."""
+    skipped: tuple[str, ...]
+    """Why newer ones were passed over, one message each."""
+
+
+class CheckpointStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """Renamed checkpoint folders (complete by construction unless damaged later), oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in self.root.iterdir():
+            m = _NAME.match(p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def newest_intact(self) -> Found:
+        skipped = []
+        for step, path in reversed(self.complete()):
+            try:
+                verify(path)
+                return Found(path, tuple(skipped))
+            except CheckpointError as err:
+                skipped.append(str(err))
+        return Found(None, tuple(skipped))
+
+    def tmp_path(self, step: int) -> Path:
+        return self.root / f".step_{step:06d}.tmp"
+
+    def final_path(self, step: int) -> Path:
+        return self.root / f"step_{step:06d}"
+
+    def publish(self, tmp: Path, step: int, manifest: dict[str, Any]) -> Path:
+        """Write the manifest, rename into place, move `latest`: the checkpoint exists only once complete."""
+        write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        final = self.final_path(step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_durably(self.root / ".latest.tmp", final.name + "\n")
+        os.replace(self.root / ".latest.tmp", self.root / "latest")
+        fsync_dir(self.root)
+        return final
+
+    def prune(self, keep_last: int, keep_every: int) -> list[Path]:
+        """Delete complete checkpoints beyond the newest `keep_last`, sparing multiples of `keep_every`."""
+        complete = self.complete()
+        removed = []
+        for step, path in complete[:-keep_last] if keep_last > 0 else []:
+            if keep_every and step % keep_every == 0:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        for leftover in self.root.glob(".step_*.tmp"):  # from a crash mid-save: never loadable
+            shutil.rmtree(leftover, ignore_errors=True)
+        return removed
