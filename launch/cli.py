@@ -2,6 +2,7 @@
 
     moeyard train [CONFIG] [--nproc N] [--set key=value ...]
     moeyard plan [CONFIG] [--world-size N] [--hardware FILE] [--set key=value ...]
+    moeyard checkpoint inspect PATH | moeyard checkpoint export PATH --to DIR
     moeyard prepare SRC_DIR --out DATA_DIR [--glob '*.py']
 
 Everything that can be checked without workers (config, world size, run dir,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,13 +21,18 @@ from moeyard import configs
 from moeyard.models import ConfigError
 from moeyard.trainer.config import check_vocab, load_config, validate_for_world
 from moeyard.trainer.data import DataError, ensure_corpus, prepare_corpus, read_meta
-from moeyard.trainer.loop import holds_a_run
+from moeyard.trainer.checkpoint_store import CheckpointError
+from moeyard.trainer.loop import PREEMPTION_SIGNALS, NonFiniteStop, holds_a_run
 
 from .env import DistEnv, LaunchError
 
 
+PREEMPTED_CODES = {128 + s for s in PREEMPTION_SIGNALS}
+
+
 def _spawn_local_workers(nproc: int, config: str, overrides: list[str], *extra: str, max_restarts: int = 0) -> int:
     """Start `nproc` workers on this machine through torch.distributed.run (torchrun)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -38,9 +45,17 @@ def _spawn_local_workers(nproc: int, config: str, overrides: list[str], *extra: 
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as err:
+        codes = {f.exitcode for f in err.failures.values()}
         failures = ", ".join(f"rank {rank} exit code {f.exitcode}" for rank, f in sorted(err.failures.items()))
+        if len(codes) == 1 and codes.pop() in PREEMPTED_CODES:
+            print(f"workers saved a checkpoint and stopped on a signal ({failures}); run the same command to "
+                  f"resume", file=sys.stderr)
+            return err.failures[min(err.failures)].exitcode
         print(f"error: training workers failed ({failures}); see their messages above", file=sys.stderr)
         return 1
+    except SignalException as err:  # the launcher itself was told to stop; workers checkpoint on their way out
+        print(f"stopped by {signal.Signals(err.sigval).name}; run the same command to resume", file=sys.stderr)
+        return 128 + err.sigval
     return 0
 
 
@@ -83,6 +98,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return _spawn_local_workers(world, config, args.overrides, "--plan-only")
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from moeyard.trainer.checkpoint_tools import export_safetensors, inspect_checkpoint
+
+    path = Path(args.path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint folder (expected run_dir/checkpoints/step_NNNNNN)")
+    if args.action == "inspect":
+        print(inspect_checkpoint(path))
+    else:
+        if not args.to:
+            raise LaunchError("moeyard checkpoint export needs --to DIR")
+        print(f"wrote {export_safetensors(path, Path(args.to))}")
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / "meta.json").exists():
@@ -122,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a config value (repeatable)")
     plan.set_defaults(func=cmd_plan)
 
+    checkpoint = sub.add_parser("checkpoint", help="inspect a checkpoint, or export it as safetensors")
+    checkpoint.add_argument("action", choices=["inspect", "export"])
+    checkpoint.add_argument("path", help="a checkpoint folder, e.g. runs/tiny/checkpoints/step_000300")
+    checkpoint.add_argument("--to", default=None, help="export: the folder to write (must be new or empty)")
+    checkpoint.set_defaults(func=cmd_checkpoint)
+
     prepare = sub.add_parser("prepare", help="tokenize a folder of text files into token shards")
     prepare.add_argument("src", help="folder of text files, read recursively")
     prepare.add_argument("--out", required=True, help="folder to create with the token shards")
@@ -134,6 +170,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, LaunchError) as err:
+    except (ConfigError, DataError, LaunchError, CheckpointError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteStop as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3

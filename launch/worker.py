@@ -44,6 +44,14 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float) -> None:
     if env.world_size == 1 and env.launcher == "single":
         # A group of one needs no rendezvous: an in-memory store, no port.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    elif "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        # After a torchrun restart the store still holds the previous round's addresses; keys under a
+        # per-round prefix keep the new workers from dialling dead ones.
+        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False,
+                              timeout=timeout)
+        round_store = dist.PrefixStore(f"moeyard/round{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+        dist.init_process_group(backend, store=round_store, rank=env.rank, world_size=env.world_size,
+                                timeout=timeout)
     else:
         dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
                                 timeout=timeout)

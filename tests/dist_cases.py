@@ -320,3 +320,35 @@ def pipelined_bf16_matches_plain(rank: int, world: int) -> dict:
         rel = float((a - b).norm() / b.norm())
         assert rel < 1e-2, f"bf16 pipelined differs by {rel:.2e} relative (bf16 has 8 bits of mantissa)"
     return {}
+
+
+def nonfinite_step_is_skipped(rank: int, world: int) -> dict:
+    """A NaN gradient on one rank: every rank skips the update (parameters and AdamW state unchanged)."""
+    from moeyard.models import ModelConfig, MoEConfig, Transformer
+    from moeyard.parallel import apply_expert_parallel, split_parameters
+    from moeyard.parallel.grad_sync import PlainSync
+    from moeyard.trainer.step import train_step
+
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
+                      moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32))
+    pmesh = build_mesh(world, "cpu")
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    apply_expert_parallel(model, pmesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sync = PlainSync(split_parameters(model), pmesh, optimizer)
+    batch = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(rank))
+    poison = [rank == 1]
+
+    def maybe_nan(grad):
+        return torch.full_like(grad, float("nan")) if poison[0] else grad
+
+    model.output.weight.register_hook(maybe_nan)
+    before = [p.detach().clone() for p in model.parameters()]
+    bad = train_step(model, sync, batch, micro_batch_size=2, pmesh=pmesh, lr=1e-2, grad_clip=1.0, dtype=torch.float32)
+    unchanged = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    poison[0] = False
+    good = train_step(model, sync, batch, micro_batch_size=2, pmesh=pmesh, lr=1e-2, grad_clip=1.0, dtype=torch.float32)
+    changed = not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    return {"skipped": (bad.skipped, good.skipped), "unchanged_after_bad": unchanged, "changed_after_good": changed,
+            "optimizer_steps": int(next(iter(optimizer.state.values()))["step"])}

@@ -77,3 +77,11 @@ def test_profiler_measures_real_groups_and_caches(tmp_path) -> None:
 
 def test_pipelined_chunks_under_bf16_autocast() -> None:
     run_distributed(dist_cases.pipelined_bf16_matches_plain, 2)
+
+
+def test_nonfinite_gradient_on_one_rank_skips_the_step_everywhere() -> None:
+    results = run_distributed(dist_cases.nonfinite_step_is_skipped, 2)
+    for r in results:
+        assert r["skipped"] == (True, False)
+        assert r["unchanged_after_bad"] and r["changed_after_good"]
+        assert r["optimizer_steps"] == 1

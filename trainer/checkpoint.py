@@ -106,6 +106,9 @@ class Checkpointer:
         self.cfg, self.pmesh, self.plan = cfg, pmesh, plan
         self.store = CheckpointStore(cfg.run_dir / "checkpoints")
         self.pending: Optional[PendingSave] = None
+        # DCP's own collectives (plan and metadata exchange) go over a group of their own: an asynchronous
+        # save runs them on a background thread while training uses the default group.
+        self.group = dist.new_group(backend="gloo")
 
     def save(self, step: int, model: nn.Module, sync: GradSync, asynchronous: bool = False) -> None:
         self.finish()  # at most one save in flight
@@ -126,9 +129,10 @@ class Checkpointer:
         }
         if asynchronous:
             # DCP copies the tensors to CPU memory before returning, so training may change them at once.
-            self.pending = PendingSave(step, tmp, dcp.async_save(state, checkpoint_id=tmp), manifest)
+            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
+            self.pending = PendingSave(step, tmp, future, manifest)
         else:
-            dcp.save(state, checkpoint_id=tmp)  # fsyncs its files
+            dcp.save(state, checkpoint_id=tmp, process_group=self.group)  # fsyncs its files
             self._publish(step, tmp, manifest)
 
     def finish(self) -> None:
@@ -179,7 +183,7 @@ class Checkpointer:
                                 **{k: torch.zeros_like(p, memory_format=torch.contiguous_format) for k in ADAM_KEYS}}
                         for p in model.parameters() if p.requires_grad}
         state = _state_dict(model, optim_states, self.pmesh, with_rng=same_world)
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path, process_group=self.group)
         sync.load_param_states(optim_states)
         if same_world:
             torch.set_rng_state(state["rng"][f"cpu_rank{dist.get_rank()}"])
