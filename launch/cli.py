@@ -30,6 +30,29 @@ from .env import DistEnv, LaunchError
 PREEMPTED_CODES = {128 + s for s in PREEMPTION_SIGNALS}
 
 
+def _worker_pids() -> list[int]:
+    """This process's children that run moeyard.train (Linux /proc)."""
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                if b"moeyard.train" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    pids.append(int(pid))
+            except OSError:
+                continue
+    return pids
+
+
+def _forward_to_workers(signum: int, frame) -> None:
+    """torchrun forwards SIGTERM but not SIGUSR1 (Slurm's warning before the time limit): pass it on, so the
+    workers checkpoint at the next step boundary and exit."""
+    for pid in _worker_pids():
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
 def _spawn_local_workers(nproc: int, config: str, overrides: list[str], *extra: str, max_restarts: int = 0) -> int:
     """Start `nproc` workers on this machine through torch.distributed.run (torchrun)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -42,6 +65,7 @@ def _spawn_local_workers(nproc: int, config: str, overrides: list[str], *extra: 
             config, *extra]
     for assignment in overrides:
         argv += ["--set", assignment]
+    previous = signal.signal(signal.SIGUSR1, _forward_to_workers)
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as err:
@@ -56,6 +80,8 @@ def _spawn_local_workers(nproc: int, config: str, overrides: list[str], *extra: 
     except SignalException as err:  # the launcher itself was told to stop; workers checkpoint on their way out
         print(f"stopped by {signal.Signals(err.sigval).name}; run the same command to resume", file=sys.stderr)
         return 128 + err.sigval
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
     return 0
 
 

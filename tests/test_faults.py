@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from runs import moeyard_train, read_metrics, write_config
 
 from moeyard.trainer.checkpoint_store import CheckpointStore, verify
@@ -66,14 +67,16 @@ def logged_steps(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def test_sigterm_saves_then_exits_and_the_same_command_resumes(tmp_path, small_corpus) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_then_exits_and_the_same_command_resumes(tmp_path, small_corpus, signum) -> None:
+    """SIGTERM (torchrun forwards it) or SIGUSR1 (Slurm's warning; moeyard forwards it) to the launcher."""
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 400})
     run = tmp_path / "run"
     proc = start(config, run, 2)
     wait_for(lambda: logged_steps(run) >= 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     code, out, err = finish(proc)
-    assert code == 128 + signal.SIGTERM, err
+    assert code == 128 + signum, err
     steps = [m["step"] for m in read_metrics(run)]
     assert 3 <= steps[-1] < 400
     newest = CheckpointStore(run / "checkpoints").newest_intact().path
