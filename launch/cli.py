@@ -11,6 +11,7 @@ corpus) is checked here first, so a mistake costs seconds, not a job.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -22,12 +23,9 @@ from moeyard.models import ConfigError
 from moeyard.trainer.config import check_vocab, load_config, validate_for_world
 from moeyard.trainer.data import DataError, ensure_corpus, prepare_corpus, read_meta
 from moeyard.trainer.checkpoint_store import CheckpointError
-from moeyard.trainer.loop import PREEMPTION_SIGNALS, NonFiniteStop, holds_a_run
+from moeyard.trainer.loop import PREEMPTED, NonFiniteStop, holds_a_run
 
 from .env import DistEnv, LaunchError
-
-
-PREEMPTED_CODES = {128 + s for s in PREEMPTION_SIGNALS}
 
 
 def _worker_pids() -> list[int]:
@@ -53,7 +51,8 @@ def _forward_to_workers(signum: int, frame) -> None:
             pass
 
 
-def _spawn_local_workers(nproc: int, config: str, overrides: list[str], *extra: str, max_restarts: int = 0) -> int:
+def _spawn_local_workers(nproc: int, config: str, overrides: list[str], *extra: str, max_restarts: int = 0,
+                         run_dir: Path | None = None) -> int:
     """Start `nproc` workers on this machine through torch.distributed.run (torchrun)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -68,13 +67,13 @@ def _spawn_local_workers(nproc: int, config: str, overrides: list[str], *extra: 
     previous = signal.signal(signal.SIGUSR1, _forward_to_workers)
     try:
         run(get_args_parser().parse_args(argv))
+        if run_dir is not None and (run_dir / PREEMPTED).exists():
+            stopped = json.loads((run_dir / PREEMPTED).read_text())
+            print(f"workers saved step {stopped['step']} and stopped on {signal.Signals(stopped['signal']).name}; "
+                  f"run the same command to resume", file=sys.stderr)
+            return 128 + stopped["signal"]
     except ChildFailedError as err:
-        codes = {f.exitcode for f in err.failures.values()}
         failures = ", ".join(f"rank {rank} exit code {f.exitcode}" for rank, f in sorted(err.failures.items()))
-        if len(codes) == 1 and codes.pop() in PREEMPTED_CODES:
-            print(f"workers saved a checkpoint and stopped on a signal ({failures}); run the same command to "
-                  f"resume", file=sys.stderr)
-            return err.failures[min(err.failures)].exitcode
         print(f"error: training workers failed ({failures}); see their messages above", file=sys.stderr)
         return 1
     except SignalException as err:  # the launcher itself was told to stop; workers checkpoint on their way out
@@ -103,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .worker import run_worker
 
         return run_worker(cfg, DistEnv(0, 1, 0, 1, "127.0.0.1", 0, "single"))
-    return _spawn_local_workers(nproc, config, args.overrides, max_restarts=args.max_restarts)
+    return _spawn_local_workers(nproc, config, args.overrides, max_restarts=args.max_restarts, run_dir=cfg.run_dir)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

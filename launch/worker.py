@@ -19,7 +19,7 @@ from moeyard.models import ConfigError
 from moeyard.trainer.config import Config, load_config, validate_for_world
 from moeyard.trainer.data import DataError, ensure_corpus
 from moeyard.trainer.checkpoint_store import CheckpointError
-from moeyard.trainer.loop import NonFiniteStop, train
+from moeyard.trainer.loop import NonFiniteStop, Preemption, train
 from moeyard.trainer.plan_report import measured_report
 
 from .env import DistEnv, LaunchError, resolve_env
@@ -44,7 +44,7 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float) -> None:
     if env.world_size == 1 and env.launcher == "single":
         # A group of one needs no rendezvous: an in-memory store, no port.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    elif "TORCHELASTIC_RESTART_COUNT" in os.environ:
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "TORCHELASTIC_RESTART_COUNT" in os.environ:
         # After a torchrun restart the store still holds the previous round's addresses; keys under a
         # per-round prefix keep the new workers from dialling dead ones.
         store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False,
@@ -81,7 +81,13 @@ def _prepare_corpus_once_per_machine(cfg: Config, env: DistEnv, device: torch.de
 
 
 def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
-    """Returns the process exit code: 0, or 128 + signal after a preemption checkpoint."""
+    """Returns the process exit code: 0, or (alone, without a launcher) 128 + signal after a preemption
+    checkpoint.
+
+    Under torchrun a preempted worker exits 0 -- a non-zero code would make torchrun restart the job that
+    is being stopped -- and leaves run.dir/PREEMPTED, which `moeyard train` turns into 128 + signal.
+    """
+    preemption = Preemption()  # first: a signal during start-up is remembered, not fatal
     validate_for_world(cfg, env.world_size)
     device, backend = pick_device(env, cfg.parallel.backend)
     if device.type == "cpu":
@@ -95,12 +101,13 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
             return 0
         data_dir = _prepare_corpus_once_per_machine(cfg, env, device)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
-        outcome = train(cfg, device)
+        outcome = train(cfg, device, preemption)
     finally:
         dist.destroy_process_group()
-    # Preempted after a checkpoint: the conventional "killed by signal" code, which torchrun counts as a
-    # failure (restart, resume) and a Slurm batch script can test to requeue.
-    return 128 + outcome.signal if outcome.signal else 0
+        preemption.restore()
+    if outcome.signal and env.launcher == "single":
+        return 128 + outcome.signal  # the conventional "stopped by signal" code, for the shell or Slurm
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -34,6 +34,41 @@ def test_prune_keeps_the_newest_and_every_kth_and_clears_leftovers(tmp_path) -> 
     for step in range(100, 1100, 100):
         make(tmp_path, step)
     (tmp_path / ".step_001100.tmp").mkdir()
-    CheckpointStore(tmp_path).prune(keep_last=2, keep_every=500)
+    CheckpointStore(tmp_path).prune(keep_last=2, keep_every=500, current=1000)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["step_000500", "step_000900", "step_001000"]
+
+
+def test_resuming_from_an_older_step_sets_newer_ones_aside_and_pruning_spares_the_new_timeline(tmp_path) -> None:
+    for step in (100, 200, 400):
+        make(tmp_path, step)
+    store = CheckpointStore(tmp_path)
+    moved = store.set_aside_newer_than(100)  # rolled back to step 100 (or 200 and 400 were damaged)
+    assert sorted(p.name for p in moved) == [".abandoned_step_000200", ".abandoned_step_000400"]
+    make(tmp_path, 110)
+    store.prune(keep_last=1, keep_every=0, current=110)
+    assert [s for s, _ in store.complete()] == [110]
+    assert store.newest_intact().path == tmp_path / "step_000110"
+    assert (tmp_path / ".abandoned_step_000400" / "manifest.json").is_file()  # nothing deleted
+
+
+def test_republishing_a_step_replaces_it_without_a_gap(tmp_path) -> None:
+    make(tmp_path, 5, b"old")
+    tmp = tmp_path / ".step_000005.tmp"
+    tmp.mkdir()
+    (tmp / "__0_0.distcp").write_bytes(b"new")
+    files = [{"name": "__0_0.distcp", "bytes": 3, "sha256": sha256(tmp / "__0_0.distcp")}]
+    CheckpointStore(tmp_path).publish(tmp, 5, {"step": 5, "files": files})
+    assert (tmp_path / "step_000005" / "__0_0.distcp").read_bytes() == b"new"
+    assert verify(tmp_path / "step_000005")["step"] == 5
+    assert (tmp_path / "latest").read_text().strip() == "step_000005"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000005"]
+
+
+def test_metrics_cut_short_by_a_crash_do_not_block_a_restart(tmp_path) -> None:
+    from moeyard.trainer.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "lo')
+    MetricsLogger(tmp_path, total_steps=5, first_step=2, tensorboard=False, progress=False).close()
+    assert path.read_text() == '{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n'

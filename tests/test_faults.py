@@ -67,16 +67,19 @@ def logged_steps(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signal_saves_then_exits_and_the_same_command_resumes(tmp_path, small_corpus, signum) -> None:
-    """SIGTERM (torchrun forwards it) or SIGUSR1 (Slurm's warning; moeyard forwards it) to the launcher."""
+@pytest.mark.parametrize("signum,restarts", [(signal.SIGTERM, 0), (signal.SIGUSR1, 0), (signal.SIGUSR1, 2)])
+def test_preemption_signal_saves_then_exits_and_the_same_command_resumes(tmp_path, small_corpus, signum,
+                                                                         restarts) -> None:
+    """SIGTERM (torchrun forwards it) or SIGUSR1 (Slurm's warning; moeyard forwards it) to the launcher.
+    With restarts allowed, a preemption must still stop the job, not restart it."""
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 400})
     run = tmp_path / "run"
-    proc = start(config, run, 2)
+    proc = start(config, run, 2, restarts=restarts)
     wait_for(lambda: logged_steps(run) >= 3, proc)
     proc.send_signal(signum)
     code, out, err = finish(proc)
     assert code == 128 + signum, err
+    assert "resumed from" not in out, "a preempted job was restarted"
     steps = [m["step"] for m in read_metrics(run)]
     assert 3 <= steps[-1] < 400
     newest = CheckpointStore(run / "checkpoints").newest_intact().path

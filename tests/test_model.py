@@ -103,8 +103,8 @@ def test_top1_router_learns_from_the_language_model_loss() -> None:
     """Renormalising a single weight would make it 1 and cut the router off from the LM gradient."""
     torch.manual_seed(0)
     moe = MoE(16, MoEConfig(num_experts=4, top_k=1, ffn_dim=8, renormalize=True))
-    for p in moe.experts.parameters():
-        torch.nn.init.normal_(p)
+    for p in moe.parameters():  # modules leave init to Transformer.init_weights
+        torch.nn.init.normal_(p, std=0.1)
     y, _ = moe(torch.randn(1, 8, 16))
     y.square().sum().backward()  # no router losses in this objective
     assert moe.router.weight_ED.grad.norm() > 1e-3

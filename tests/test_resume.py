@@ -105,7 +105,25 @@ def test_nonfinite_stop_saves_the_last_good_state_and_says_why(tmp_path, small_c
 
     newest = CheckpointStore(run / "checkpoints").newest_intact().path
     assert verify(newest)["step"] == bad["step"] - 1
+    # A restart (torchrun would make one) refuses to repeat the stop, and says how to go on.
+    again = subprocess.run(
+        [sys.executable, "-m", "moeyard", "train", str(config), "--nproc", "1", "--set", "parallel.ep=1",
+         "--set", f"run.dir={run}"], capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "STOPPED_NONFINITE" in again.stderr
 
+
+def test_nonfinite_skip_counts_and_gives_up_after_max_skipped_steps_with_zero(tmp_path, small_corpus) -> None:
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 10})
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "moeyard", "train", str(config), "--nproc", "2", "--set", "parallel.ep=2",
+         "--set", f"run.dir={run}", "--set", "optim.lr=1e30", "--set", "optim.warmup_steps=0",
+         "--set", "train.grad_clip=0", "--set", "train.max_skipped_steps=3",
+         "--set", "schedule.grad_sync=reduce_scatter"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "non-finite loss or gradient" in proc.stderr
+    skipped = [m["skipped_steps"] for m in read_metrics(run)]
+    assert skipped[-3:] == [1, 2, 3]
 
 def test_checkpoint_inspect_and_export(tmp_path, small_corpus) -> None:
     from safetensors.torch import load_file

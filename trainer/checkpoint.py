@@ -33,7 +33,7 @@ from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grad_sync import GradSync
 from moeyard.parallel.plan import Plan
 
-from .checkpoint_store import CheckpointError, CheckpointStore, read_manifest, sha256, verify
+from .checkpoint_store import CheckpointError, CheckpointStore, check_files, read_manifest, sha256
 from .config import Config, to_dict
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -109,14 +109,35 @@ class Checkpointer:
         # DCP's own collectives (plan and metadata exchange) go over a group of their own: an asynchronous
         # save runs them on a background thread while training uses the default group.
         self.group = dist.new_group(backend="gloo")
+        self._last_saved = 0
+
+    def _on_rank0(self, action) -> Any:
+        """Run `action` on rank 0 and share its result -- or its failure, so no rank waits for a dead peer."""
+        box: list[Any] = [None, None]
+        if dist.get_rank() == 0:
+            try:
+                box[0] = action()
+            except Exception as err:  # noqa: BLE001 -- reported on every rank below
+                box[1] = f"{type(err).__name__}: {err}"
+        dist.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            raise CheckpointError(f"checkpoint step on rank 0 failed: {box[1]}")
+        return box[0]
+
+    def last_saved_step(self) -> int:
+        """The newest step saved or being saved by this run's checkpointer (0 before the first)."""
+        return self._last_saved
 
     def save(self, step: int, model: nn.Module, sync: GradSync, asynchronous: bool = False) -> None:
         self.finish()  # at most one save in flight
         tmp = self.store.tmp_path(step)
-        if dist.get_rank() == 0:
+
+        def fresh_tmp() -> None:
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash mid-save
             tmp.mkdir(parents=True)
-        dist.barrier()
+
+        self._on_rank0(fresh_tmp)
+        self._last_saved = step
         state = _state_dict(model, sync.param_states(), self.pmesh, with_rng=True)
         manifest = {
             "step": step,
@@ -144,40 +165,67 @@ class Checkpointer:
 
     def _publish(self, step: int, tmp: Path, manifest: dict[str, Any]) -> None:
         files = _describe_files(tmp)  # collective: every rank's shards are on disk once it returns
-        if dist.get_rank() == 0:
+
+        def publish() -> None:
             self.store.publish(tmp, step, {**manifest, "files": files})
-            self.store.prune(self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
-        dist.barrier()
+            self.store.prune(self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every, current=step)
 
-    def find_resume_point(self) -> Optional[Path]:
-        """checkpoint.resume: auto (newest intact in this run), none, or a path. Rank 0 decides for all."""
-        choice = self.cfg.checkpoint.resume
-        box: list[Any] = [None, ()]
-        if dist.get_rank() == 0:
-            if choice == "auto":
-                found = self.store.newest_intact()
-                box = [str(found.path) if found.path else None, found.skipped]
-            elif choice != "none":
-                box = [choice, ()]
-        dist.broadcast_object_list(box, src=0)
-        for reason in box[1]:
-            if dist.get_rank() == 0:
-                print(f"warning: skipping checkpoint: {reason}", flush=True)
-        return Path(box[0]) if box[0] else None
+        self._on_rank0(publish)
 
-    def load(self, path: Path, model: nn.Module, sync: GradSync) -> dict[str, Any]:
-        """Load weights, optimizer state and (same world size) RNG streams; returns the manifest."""
-        message, manifest = None, None
+    def _verify(self, path: Path) -> tuple[dict[str, Any] | None, str | None]:
+        """(manifest, None) if intact, else (None, why). Every rank checks a share of the files."""
+        try_manifest: list[Any] = [None, None]
         if dist.get_rank() == 0:
             try:
-                manifest = verify(path)
+                try_manifest[0] = read_manifest(path)
             except CheckpointError as err:
-                message = str(err)
-        box = [message, manifest]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            raise CheckpointError(box[0])
-        manifest = box[1]
+                try_manifest[1] = str(err)
+        dist.broadcast_object_list(try_manifest, src=0)
+        manifest, problem = try_manifest
+        if problem is not None:
+            return None, problem
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = check_files(path, manifest.get("files", [])[rank::world])
+        problems: list[Any] = [None] * world
+        dist.all_gather_object(problems, mine)
+        problem = next((p for p in problems if p), None)
+        return (None, problem) if problem else (manifest, None)
+
+    def find_resume_point(self) -> tuple[Path, dict[str, Any]] | None:
+        """checkpoint.resume: auto (newest intact in this run), none, or a path. Collective.
+
+        Damaged checkpoints are named and passed over; later checkpoints of this run are set aside when
+        resuming from an earlier one, so that the new timeline never mixes with the old.
+        """
+        choice = self.cfg.checkpoint.resume
+        if choice == "none":
+            return None
+        if choice != "auto":
+            manifest, problem = self._verify(Path(choice))
+            if problem:
+                raise CheckpointError(problem)
+            found = (Path(choice), manifest)
+        else:
+            found = None
+            candidates = self._on_rank0(lambda: [str(p) for _, p in reversed(self.store.complete())])
+            for candidate in map(Path, candidates):
+                manifest, problem = self._verify(candidate)
+                if manifest is not None:
+                    found = (candidate, manifest)
+                    break
+                if dist.get_rank() == 0:
+                    print(f"warning: skipping checkpoint: {problem}", flush=True)
+            if found is None and candidates:
+                raise CheckpointError(f"none of the {len(candidates)} checkpoints in {self.store.root} is intact "
+                                      f"(see the warnings above); not starting over on top of them: move them "
+                                      f"away or pass --resume PATH / --resume none with another run.dir")
+        if found is not None:
+            self._on_rank0(lambda: self.store.set_aside_newer_than(found[1]["step"]))
+            self._last_saved = found[1]["step"]
+        return found
+
+    def load(self, path: Path, manifest: dict[str, Any], model: nn.Module, sync: GradSync) -> None:
+        """Load weights, optimizer state and (same world size) RNG streams of a verified checkpoint."""
         same_world = manifest["world_size"] == dist.get_world_size()
         optim_states = {id(p): {"step": torch.zeros((), dtype=torch.float32),
                                 **{k: torch.zeros_like(p, memory_format=torch.contiguous_format) for k in ADAM_KEYS}}
@@ -189,7 +237,6 @@ class Checkpointer:
             torch.set_rng_state(state["rng"][f"cpu_rank{dist.get_rank()}"])
             if f"cuda_rank{dist.get_rank()}" in state["rng"]:
                 torch.cuda.set_rng_state(state["rng"][f"cuda_rank{dist.get_rank()}"])
-        return manifest
 
 
 def load_full_model(path: Path, model: nn.Module) -> dict[str, Any]:

@@ -60,18 +60,26 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{manifest} is not valid JSON: {err}") from None
 
 
-def verify(path: Path, checksums: bool = True) -> dict[str, Any]:
-    """The manifest, after checking that every file it lists is there, whole and unchanged."""
-    manifest = read_manifest(path)
-    for entry in manifest.get("files", []):
+def check_files(path: Path, entries: list[dict[str, Any]]) -> str | None:
+    """What is wrong with these manifest entries' files (missing, wrong size, wrong sha256), or None."""
+    for entry in entries:
         f = path / entry["name"]
         if not f.is_file():
-            raise CheckpointError(f"{path}: file {entry['name']} is missing")
+            return f"{path}: file {entry['name']} is missing"
         if f.stat().st_size != entry["bytes"]:
-            raise CheckpointError(f"{path}: file {entry['name']} has {f.stat().st_size} bytes, the manifest says "
-                                  f"{entry['bytes']} (truncated?)")
-        if checksums and sha256(f) != entry["sha256"]:
-            raise CheckpointError(f"{path}: file {entry['name']} does not match its sha256 (corrupted)")
+            return (f"{path}: file {entry['name']} has {f.stat().st_size} bytes, the manifest says "
+                    f"{entry['bytes']} (truncated?)")
+        if sha256(f) != entry["sha256"]:
+            return f"{path}: file {entry['name']} does not match its sha256 (corrupted)"
+    return None
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """The manifest, after checking that every file it lists is there, whole and unchanged."""
+    manifest = read_manifest(path)
+    problem = check_files(path, manifest.get("files", []))
+    if problem:
+        raise CheckpointError(problem)
     return manifest
 
 
@@ -115,20 +123,41 @@ class CheckpointStore:
         return self.root / f"step_{step:06d}"
 
     def publish(self, tmp: Path, step: int, manifest: dict[str, Any]) -> Path:
-        """Write the manifest, rename into place, move `latest`: the checkpoint exists only once complete."""
+        """Write the manifest, rename into place, move `latest`: the checkpoint exists only once complete.
+
+        A checkpoint of the same step already there is moved aside first and deleted only after the new
+        one is in place, so no moment exists without an intact checkpoint of that step.
+        """
         write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1))
         final = self.final_path(step)
+        old = self.root / f".replaced_step_{step:06d}"
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         write_durably(self.root / ".latest.tmp", final.name + "\n")
         os.replace(self.root / ".latest.tmp", self.root / "latest")
         fsync_dir(self.root)
+        shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def prune(self, keep_last: int, keep_every: int) -> list[Path]:
-        """Delete complete checkpoints beyond the newest `keep_last`, sparing multiples of `keep_every`."""
-        complete = self.complete()
+    def set_aside_newer_than(self, step: int) -> list[Path]:
+        """Resuming at `step` abandons later checkpoints (damaged ones passed over, or a timeline the user
+        rolled back from): rename them `.abandoned_step_*` so that neither auto-resume nor pruning mixes
+        them with the new timeline. Nothing is deleted."""
+        moved = []
+        for s, path in self.complete():
+            if s > step:
+                target = self.root / f".abandoned_{path.name}"
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(path, target)
+                moved.append(target)
+        return moved
+
+    def prune(self, keep_last: int, keep_every: int, current: int) -> list[Path]:
+        """Delete complete checkpoints older than the newest `keep_last` up to step `current` (the one just
+        written is among them), sparing multiples of `keep_every`."""
+        complete = [(s, p) for s, p in self.complete() if s <= current]
         removed = []
         for step, path in complete[:-keep_last] if keep_last > 0 else []:
             if keep_every and step % keep_every == 0:

@@ -5,6 +5,7 @@ one); how the ranks were started is the launcher's business.
 """
 from __future__ import annotations
 
+import json
 import signal
 import time
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ from .schedule import apply_plan_chunks, build_grad_sync, plan_for
 from .step import train_step
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTED = "PREEMPTED"
+"""Marker in run.dir: the last launch stopped on a signal after saving (JSON: step, signal)."""
+STOPPED_NONFINITE = "STOPPED_NONFINITE"
+"""Marker in run.dir: the run stopped on NaN/inf; restarts refuse to repeat it until it is deleted."""
 
 
 class NonFiniteStop(RuntimeError):
@@ -59,25 +64,31 @@ def _prepare_run_dir(cfg: Config) -> None:
         if cfg.checkpoint.resume == "none" and holds_a_run(run_dir):
             message = (f"run.dir {run_dir} already holds a run and checkpoint.resume=none: resume it "
                        f"(--resume auto), choose another run.dir, or delete it")
+        elif (run_dir / STOPPED_NONFINITE).exists():
+            stopped = json.loads((run_dir / STOPPED_NONFINITE).read_text())
+            message = (f"this run stopped on non-finite values at step {stopped['step']}; repeating it would "
+                       f"only stop again. Fix the cause (e.g. lower optim.lr), then delete "
+                       f"{run_dir / STOPPED_NONFINITE} to continue")
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            (run_dir / PREEMPTED).unlink(missing_ok=True)
     _agree_on_error(message)
 
 
-class _Preemption:
-    """Remembers SIGTERM/SIGUSR1; the ranks agree on it at a step boundary (one tiny all-reduce)."""
+class Preemption:
+    """Remembers SIGTERM/SIGUSR1 from the moment it is made (make it first thing in a worker);
+    the ranks agree on it at a step boundary (one tiny all-reduce)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self) -> None:
         self.received = 0
-        self.device = device
         self.previous = {s: signal.signal(s, self._on_signal) for s in PREEMPTION_SIGNALS}
 
     def _on_signal(self, signum: int, frame) -> None:
         self.received = signum
 
-    def agreed(self) -> int:
-        flag = torch.tensor([self.received], device=self.device)
+    def agreed(self, device: torch.device) -> int:
+        flag = torch.tensor([self.received], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
 
@@ -86,8 +97,25 @@ class _Preemption:
             signal.signal(s, handler)
 
 
-def train(cfg: Config, device: torch.device) -> Outcome:
+def _stop_on_nonfinite(cfg: Config, checkpointer: Checkpointer, model, sync, done: int, result) -> NonFiniteStop:
+    """The update was not applied: parameters and optimizer state are the last good ones; keep them."""
+    saved = f"saved the last good state as step {done - 1}"
+    if done - 1 > checkpointer.last_saved_step():
+        checkpointer.save(done - 1, model, sync)
+    elif done - 1 == 0:
+        saved = "no step had succeeded, so there is nothing to save"
+    else:
+        saved = f"the last good state is the checkpoint of step {done - 1}"
+    message = (f"non-finite loss or gradient at step {done} (loss {result.loss}, grad norm {result.grad_norm}); "
+               f"{saved}. Lower optim.lr or raise train.grad_clip, or set train.nonfinite=skip")
+    if dist.get_rank() == 0:
+        (cfg.run_dir / STOPPED_NONFINITE).write_text(json.dumps({"step": done, "message": message}))
+    return NonFiniteStop(message)
+
+
+def train(cfg: Config, device: torch.device, preemption: Preemption | None = None) -> Outcome:
     """Train up to train.stop_at (or train.steps), resuming from a checkpoint if there is one."""
+    preemption = preemption or Preemption()
     if cfg.data.dir is None:
         raise DataError("data.dir is not set: the launcher resolves it (see trainer.data.ensure_corpus)")
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -108,9 +136,10 @@ def train(cfg: Config, device: torch.device) -> Outcome:
     checkpointer = Checkpointer(cfg, pmesh, plan)
 
     first = 0
-    resume_from = checkpointer.find_resume_point()
-    if resume_from is not None:
-        manifest = checkpointer.load(resume_from, model, sync)
+    resume = checkpointer.find_resume_point()
+    if resume is not None:
+        resume_from, manifest = resume
+        checkpointer.load(resume_from, manifest, model, sync)
         first = manifest["step"]
         if rank == 0:
             changed = " (the model or data config changed since it was saved)" \
@@ -134,7 +163,6 @@ def train(cfg: Config, device: torch.device) -> Outcome:
     if rank == 0:
         logger = MetricsLogger(cfg.run_dir, total_steps=total, first_step=first,
                                tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
-    preemption = _Preemption(device)
     skipped_in_a_row = skipped_total = 0
     done = first
     try:
@@ -153,19 +181,15 @@ def train(cfg: Config, device: torch.device) -> Outcome:
                     record = step_record(done, result, lr, step_time, plan.predicted.get("step_s"))
                     logger.log({**record, "skipped_steps": skipped_total}, total)
             if result.skipped and (cfg.train.nonfinite == "stop" or skipped_in_a_row >= cfg.train.max_skipped_steps):
-                # The update was not applied: parameters and optimizer state are the last good ones.
-                checkpointer.save(done - 1, model, sync)
-                raise NonFiniteStop(
-                    f"non-finite loss or gradient at step {done} (loss {result.loss}, grad norm {result.grad_norm}); "
-                    f"saved the last good state as step {done - 1}. Lower optim.lr or raise train.grad_clip, "
-                    f"or set train.nonfinite=skip")
-            signum = preemption.agreed()
+                raise _stop_on_nonfinite(cfg, checkpointer, model, sync, done, result)
+            signum = preemption.agreed(device)
             every = cfg.checkpoint.every and done % cfg.checkpoint.every == 0
             if every or done == last or signum:
                 checkpointer.save(done, model, sync, asynchronous=cfg.checkpoint.async_save and not (
                     done == last or signum))
             if signum:
                 if rank == 0:
+                    (cfg.run_dir / PREEMPTED).write_text(json.dumps({"step": done, "signal": signum}))
                     print(f"received {signal.Signals(signum).name}: saved step {done}, exiting", flush=True)
                 return Outcome(done, signum)
         checkpointer.finish()

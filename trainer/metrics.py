@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -37,14 +38,24 @@ def step_record(step: int, result: StepResult, lr: float, step_time_s: float,
     }
 
 
+def _step_of(line: str) -> Optional[int]:
+    """The step of a metrics line; None for a line cut short by a crash mid-write."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, total_steps: int, first_step: int, tensorboard: bool, progress: bool) -> None:
         path = run_dir / "metrics.jsonl"
         # Resuming at `first_step`: records of later steps belong to a try that did not reach a checkpoint;
         # those steps run again, so their old records go.
         kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
-                if line.strip() and json.loads(line)["step"] <= first_step]
-        path.write_text("".join(line + "\n" for line in kept))
+                if _step_of(line) is not None and _step_of(line) <= first_step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)  # a crash here leaves the old file, never a half-written one
         self.jsonl = path.open("a")
         self.writer = None
         if tensorboard:
