@@ -1,6 +1,7 @@
 """The `moeyard` command.
 
-    moeyard train [CONFIG] [--nproc N] [--set key=value ...]
+    moeyard train [CONFIG] [--nproc N] [--nnodes N --node-rank I --rdzv-endpoint HOST:PORT] [--set key=value ...]
+    moeyard slurm [CONFIG] --nodes N --gpus-per-node G [--nproc-per-node P] [--submit] [--set key=value ...]
     moeyard plan [CONFIG] [--world-size N] [--hardware FILE] [--set key=value ...]
     moeyard checkpoint inspect PATH | moeyard checkpoint export PATH --to DIR
     moeyard prepare SRC_DIR --out DATA_DIR [--glob '*.py']
@@ -11,9 +12,7 @@ corpus) is checked here first, so a mistake costs seconds, not a job.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,64 +22,25 @@ from moeyard.models import ConfigError
 from moeyard.trainer.config import check_vocab, load_config, validate_for_world
 from moeyard.trainer.data import DataError, ensure_corpus, prepare_corpus, read_meta
 from moeyard.trainer.checkpoint_store import CheckpointError
-from moeyard.trainer.loop import PREEMPTED, NonFiniteStop, holds_a_run
+from moeyard.trainer.loop import NonFiniteStop, holds_a_run
 
-from .env import DistEnv, LaunchError
-
-
-def _worker_pids() -> list[int]:
-    """This process's children that run moeyard.train (Linux /proc)."""
-    pids = []
-    for task in Path("/proc/self/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            try:
-                if b"moeyard.train" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    pids.append(int(pid))
-            except OSError:
-                continue
-    return pids
+from .env import LaunchError, single_process
+from .torchrun import Nodes, launch_workers
 
 
-def _forward_to_workers(signum: int, frame) -> None:
-    """torchrun forwards SIGTERM but not SIGUSR1 (Slurm's warning before the time limit): pass it on, so the
-    workers checkpoint at the next step boundary and exit."""
-    for pid in _worker_pids():
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-
-def _spawn_local_workers(nproc: int, config: str, overrides: list[str], *extra: str, max_restarts: int = 0,
-                         run_dir: Path | None = None) -> int:
-    """Start `nproc` workers on this machine through torch.distributed.run (torchrun)."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    if "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    argv = ["--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}", "-m", "moeyard.train",
-            config, *extra]
+def _worker_args(config: str, overrides: list[str], *extra: str) -> list[str]:
+    args = [config, *extra]
     for assignment in overrides:
-        argv += ["--set", assignment]
-    previous = signal.signal(signal.SIGUSR1, _forward_to_workers)
-    try:
-        run(get_args_parser().parse_args(argv))
-        if run_dir is not None and (run_dir / PREEMPTED).exists():
-            stopped = json.loads((run_dir / PREEMPTED).read_text())
-            print(f"workers saved step {stopped['step']} and stopped on {signal.Signals(stopped['signal']).name}; "
-                  f"run the same command to resume", file=sys.stderr)
-            return 128 + stopped["signal"]
-    except ChildFailedError as err:
-        failures = ", ".join(f"rank {rank} exit code {f.exitcode}" for rank, f in sorted(err.failures.items()))
-        print(f"error: training workers failed ({failures}); see their messages above", file=sys.stderr)
-        return 1
-    except SignalException as err:  # the launcher itself was told to stop; workers checkpoint on their way out
-        print(f"stopped by {signal.Signals(err.sigval).name}; run the same command to resume", file=sys.stderr)
-        return 128 + err.sigval
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+        args += ["--set", assignment]
+    return args
+
+
+def _node_rank(given: Optional[int]) -> int:
+    """--node-rank, or under srun (one task per node) Slurm's node index."""
+    if given is not None:
+        return given
+    if "SLURM_STEP_ID" in os.environ and "SLURM_NODEID" in os.environ:
+        return int(os.environ["SLURM_NODEID"])
     return 0
 
 
@@ -89,20 +49,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         args.overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_config(config, args.overrides)
-    nproc = args.nproc or cfg.parallel.ep
+    nodes = Nodes(args.nnodes, _node_rank(args.node_rank), args.rdzv_endpoint,
+                  args.rdzv_id or f"moeyard-{cfg.run.name}")
+    nodes.check()
+    if args.nproc is None and cfg.parallel.ep % nodes.count:
+        raise LaunchError(f"--nnodes={nodes.count} does not divide parallel.ep={cfg.parallel.ep}: give --nproc, "
+                          f"the workers per node")
+    nproc = args.nproc or cfg.parallel.ep // nodes.count
     if nproc < 1:
         raise LaunchError(f"--nproc={nproc} must be >= 1")
-    validate_for_world(cfg, nproc)
-    if cfg.checkpoint.resume == "none" and holds_a_run(cfg.run_dir):
+    world = nproc * nodes.count
+    validate_for_world(cfg, world)
+    if cfg.checkpoint.resume == "none" and holds_a_run(cfg.run_dir) and nodes.rank == 0:
         raise LaunchError(f"run.dir {cfg.run_dir} already holds a run and --resume none was asked: resume it "
                           f"(--resume auto), choose another run.dir, or delete it")
     check_vocab(cfg, read_meta(ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)))
-    print(f"training {config} on {nproc} process(es), ep={cfg.parallel.ep}; run dir {cfg.run_dir}", flush=True)
-    if nproc == 1:
+    where = f"node {nodes.rank} of {nodes.count}, " if nodes.count > 1 else ""
+    print(f"training {config} on {where}{nproc} process(es) (world {world}), ep={cfg.parallel.ep}; "
+          f"run dir {cfg.run_dir}", flush=True)
+    if world == 1:
         from .worker import run_worker
 
-        return run_worker(cfg, DistEnv(0, 1, 0, 1, "127.0.0.1", 0, "single"))
-    return _spawn_local_workers(nproc, config, args.overrides, max_restarts=args.max_restarts, run_dir=cfg.run_dir)
+        return run_worker(cfg, single_process())
+    return launch_workers(nproc, _worker_args(config, args.overrides), nodes=nodes,
+                          max_restarts=args.max_restarts, rendezvous_timeout_s=cfg.parallel.rendezvous_timeout_s,
+                          run_dir=cfg.run_dir)
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from .slurm import SlurmJob, render_sbatch, submit
+
+    config = Path(args.config or configs.path("tiny.yaml")).resolve()
+    cfg = load_config(config, args.overrides)
+    nproc = args.nproc_per_node or args.gpus_per_node
+    if nproc < 1:
+        raise LaunchError("--gpus-per-node 0 (a CPU partition) needs --nproc-per-node, the workers per node")
+    job = SlurmJob(config=config, run_dir=cfg.run_dir.resolve(), nodes=args.nodes,
+                   gpus_per_node=args.gpus_per_node, nproc_per_node=nproc, overrides=args.overrides,
+                   layout=args.layout, partition=args.partition, time=args.time, account=args.account,
+                   signal_lead_s=args.signal_lead, max_restarts=args.max_restarts,
+                   job_name=f"moeyard-{cfg.run.name}")
+    script = render_sbatch(job)
+    validate_for_world(cfg, job.world_size)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the folder of --output
+    if not args.submit:
+        print(script, end="")
+        return 0
+    job_id = submit(script, cfg.run_dir / "job.sbatch")
+    print(job_id)
+    print(f"submitted job {job_id}; its log: {cfg.run_dir.resolve()}/slurm-{job_id}.out", file=sys.stderr)
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -118,9 +114,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if world == 1:
         from .worker import run_worker
 
-        run_worker(cfg, DistEnv(0, 1, 0, 1, "127.0.0.1", 0, "single"), plan_only=True)
+        run_worker(cfg, single_process(), plan_only=True)
         return 0
-    return _spawn_local_workers(world, config, args.overrides, "--plan-only")
+    return launch_workers(world, _worker_args(config, args.overrides, "--plan-only"),
+                          rendezvous_timeout_s=cfg.parallel.rendezvous_timeout_s)
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -163,7 +160,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-restarts", type=int, default=0,
                        help="restart all workers up to N times after a failure; each restart resumes from the "
                             "newest checkpoint (torchrun's --max-restarts)")
+    train.add_argument("--nnodes", type=int, default=1, help="nodes in the job, each running this command")
+    train.add_argument("--node-rank", type=int, default=None,
+                       help="this node's index, 0..nnodes-1 (default: SLURM_NODEID under srun, else 0); node 0 "
+                            "hosts the rendezvous")
+    train.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                       help="node 0's address for the c10d rendezvous, the same on every node")
+    train.add_argument("--rdzv-id", default=None,
+                       help="a job id, the same on every node (default: moeyard-<run.name>)")
     train.set_defaults(func=cmd_train)
+
+    slurm = sub.add_parser("slurm", help="render an sbatch script (or submit it) that trains, checkpoints before "
+                                         "the time limit and requeues itself")
+    slurm.add_argument("config", nargs="?", help="YAML config (default: the shipped configs/tiny.yaml)")
+    slurm.add_argument("--nodes", type=int, required=True)
+    slurm.add_argument("--gpus-per-node", type=int, required=True, help="0 for a CPU partition")
+    slurm.add_argument("--nproc-per-node", type=int, default=None,
+                       help="workers per node (default: --gpus-per-node)")
+    slurm.add_argument("--layout", choices=["torchrun", "srun"], default="torchrun",
+                       help="torchrun: one task per node starting its workers (default); srun: one task per "
+                            "worker")
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--time", default=None, help="time limit, e.g. 24:00:00")
+    slurm.add_argument("--account", default=None)
+    slurm.add_argument("--signal-lead", type=int, default=120,
+                       help="seconds before the time limit at which Slurm sends SIGUSR1 (default 120)")
+    slurm.add_argument("--max-restarts", type=int, default=0,
+                       help="torchrun layout: restart all workers up to N times after a failure")
+    slurm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value (repeatable)")
+    slurm.add_argument("--submit", action="store_true", help="sbatch the script and print the job id")
+    slurm.set_defaults(func=cmd_slurm)
 
     plan = sub.add_parser("plan", help="print the schedule plan and its predicted step time")
     plan.add_argument("config", nargs="?", help="YAML config (default: the shipped configs/tiny.yaml)")

@@ -39,11 +39,31 @@ def pick_device(env: DistEnv, backend: str) -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
-def init_distributed(env: DistEnv, backend: str, timeout_s: float) -> None:
+def _join_store(env: DistEnv, timeout: timedelta) -> dist.Store:
+    """Rank 0 hosts the rendezvous store at MASTER_ADDR:MASTER_PORT, the others dial it; a busy port or an
+    unreachable master becomes a message that names the address and the fix, not a stack trace or a hang."""
+    where = f"{env.master_addr}:{env.master_port}"
+    try:
+        return dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=env.rank == 0,
+                             timeout=timeout)
+    except dist.DistError as err:
+        if env.rank == 0 and "EADDRINUSE" in str(err):
+            raise LaunchError(f"rank 0 cannot listen on {where}: the port is in use. Export MASTER_PORT=<a free "
+                              f"port> to every task (and MASTER_ADDR if needed)") from None
+        raise LaunchError(f"rank {env.rank} could not reach the master at {where} within "
+                          f"{timeout.total_seconds():.0f} s ({env.launcher} launch): check that rank 0 started, "
+                          f"that {env.master_addr} resolves and is reachable from this node, or set "
+                          f"MASTER_ADDR/MASTER_PORT; parallel.rendezvous_timeout_s sets the wait") from None
+
+
+def init_distributed(env: DistEnv, backend: str, timeout_s: float, rendezvous_timeout_s: float) -> None:
     timeout = timedelta(seconds=timeout_s)
     if env.world_size == 1 and env.launcher == "single":
         # A group of one needs no rendezvous: an in-memory store, no port.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    elif env.launcher != "torchrun":  # Slurm or MPI: no agent hosts a store, rank 0 does
+        store = _join_store(env, timedelta(seconds=rendezvous_timeout_s))
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "TORCHELASTIC_RESTART_COUNT" in os.environ:
         # After a torchrun restart the store still holds the previous round's addresses; keys under a
         # per-round prefix keep the new workers from dialling dead ones.
@@ -81,8 +101,8 @@ def _prepare_corpus_once_per_machine(cfg: Config, env: DistEnv, device: torch.de
 
 
 def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
-    """Returns the process exit code: 0, or (alone, without a launcher) 128 + signal after a preemption
-    checkpoint.
+    """Returns the process exit code: 0, or 128 + signal after a preemption checkpoint (alone, or under
+    srun or mpirun, where that code tells the job script to requeue).
 
     Under torchrun a preempted worker exits 0 -- a non-zero code would make torchrun restart the job that
     is being stopped -- and leaves run.dir/PREEMPTED, which `moeyard train` turns into 128 + signal.
@@ -92,7 +112,7 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
     device, backend = pick_device(env, cfg.parallel.backend)
     if device.type == "cpu":
         set_cpu_threads(env)
-    init_distributed(env, backend, cfg.parallel.timeout_s)
+    init_distributed(env, backend, cfg.parallel.timeout_s, cfg.parallel.rendezvous_timeout_s)
     try:
         if plan_only:
             report = measured_report(cfg, device)
@@ -105,8 +125,8 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
     finally:
         dist.destroy_process_group()
         preemption.restore()
-    if outcome.signal and env.launcher == "single":
-        return 128 + outcome.signal  # the conventional "stopped by signal" code, for the shell or Slurm
+    if outcome.signal and env.launcher != "torchrun":
+        return 128 + outcome.signal  # the conventional "stopped by signal" code, for the shell, srun or mpirun
     return 0
 
 

@@ -38,6 +38,8 @@ class ParallelConfig:
     """auto: nccl when a GPU is present, gloo otherwise."""
     timeout_s: float = 600.0
     """A collective that waits longer than this fails the run instead of hanging it."""
+    rendezvous_timeout_s: float = 300.0
+    """How long workers wait for each other (and for the master's address) to start; then a clear error."""
 
 
 @dataclass(kw_only=True)
@@ -230,6 +232,7 @@ def validate(cfg: Config) -> None:
     require(m.moe.num_experts % cfg.parallel.ep == 0,
             f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.ep={cfg.parallel.ep}")
     require(cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0")
+    require(cfg.parallel.rendezvous_timeout_s > 0, "parallel.rendezvous_timeout_s must be > 0")
     require(cfg.log.every >= 1, f"log.every={cfg.log.every} must be >= 1")
     c = cfg.checkpoint
     require(c.every >= 0, f"checkpoint.every={c.every} must be >= 0")

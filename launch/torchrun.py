@@ -1,0 +1,137 @@
+"""Start this node's workers through torch.distributed.run (torchrun), on one node or as one of many.
+
+One node: `--standalone` (torchrun picks a free port). Several nodes: the c10d
+rendezvous at `--rdzv-endpoint`, hosted by node 0. The launcher forwards SIGUSR1
+to the workers (torchrun forwards only SIGTERM/SIGINT) and turns a preemption
+into exit code 128 + signal, the code Slurm job scripts and shells expect.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from moeyard.trainer.loop import PREEMPTED
+
+from .env import LaunchError
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """Where this node stands among the nodes of a job."""
+    count: int = 1
+    rank: int = 0
+    endpoint: Optional[str] = None
+    """host:port of the rendezvous, hosted by node 0; needed when count > 1."""
+    run_id: str = "moeyard"
+    """Same on every node of one job, different between jobs sharing an endpoint."""
+
+    def check(self) -> None:
+        if self.count < 1:
+            raise LaunchError(f"--nnodes={self.count} must be >= 1")
+        if not 0 <= self.rank < self.count:
+            raise LaunchError(f"--node-rank={self.rank} is outside --nnodes={self.count} (0..{self.count - 1})")
+        if self.count > 1:
+            if not self.endpoint:
+                raise LaunchError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT, the address of node 0, given "
+                                  "alike to every node")
+            self.host_port()
+
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = (self.endpoint or "").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise LaunchError(f"--rdzv-endpoint={self.endpoint!r} must be HOST:PORT, e.g. node001:29400")
+        return host, int(port)
+
+
+def _check_port_free(port: int) -> None:
+    """Node 0 hosts the rendezvous store: say so now if its port is taken, not after a confusing timeout."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise LaunchError(f"node 0 cannot host the rendezvous on port {port}: it is in use; choose "
+                                  f"another port in --rdzv-endpoint on every node") from None
+            raise
+
+
+def torchrun_argv(nproc: int, nodes: Nodes, max_restarts: int, rendezvous_timeout_s: float) -> list[str]:
+    argv = [f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
+    if nodes.count == 1:
+        return ["--standalone", *argv]
+    conf = f"join_timeout={int(rendezvous_timeout_s)},read_timeout={int(rendezvous_timeout_s)}," \
+           f"is_host={str(nodes.rank == 0).lower()}"  # only node 0 hosts: no guessing from host names
+    return [f"--nnodes={nodes.count}", f"--node-rank={nodes.rank}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={nodes.endpoint}", f"--rdzv-id={nodes.run_id}", f"--rdzv-conf={conf}", *argv]
+
+
+def _worker_pids() -> list[int]:
+    """This process's children that run moeyard.train (Linux /proc)."""
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                if b"moeyard.train" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    pids.append(int(pid))
+            except OSError:
+                continue
+    return pids
+
+
+def _forward_to_workers(signum: int, frame) -> None:
+    """Pass SIGUSR1 (Slurm's warning before the time limit) on, so the workers checkpoint at the next step
+    boundary and exit."""
+    for pid in _worker_pids():
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def launch_workers(nproc: int, worker_args: list[str], *, nodes: Nodes = Nodes(), max_restarts: int = 0,
+                   rendezvous_timeout_s: float = 300.0, run_dir: Optional[Path] = None) -> int:
+    """Run `python -m moeyard.train *worker_args` on `nproc` local processes; return the exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.run import get_args_parser, run
+
+    nodes.check()
+    if nodes.count > 1 and nodes.rank == 0:
+        _check_port_free(nodes.host_port()[1])
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    argv = [*torchrun_argv(nproc, nodes, max_restarts, rendezvous_timeout_s), "-m", "moeyard.train",
+            *worker_args]
+    previous = signal.signal(signal.SIGUSR1, _forward_to_workers)
+    try:
+        run(get_args_parser().parse_args(argv))
+        if run_dir is not None and (run_dir / PREEMPTED).exists():
+            stopped = json.loads((run_dir / PREEMPTED).read_text())
+            print(f"workers saved step {stopped['step']} and stopped on {signal.Signals(stopped['signal']).name}; "
+                  f"run the same command to resume", file=sys.stderr)
+            return 128 + stopped["signal"]
+    except ChildFailedError as err:
+        failures = ", ".join(f"rank {rank} exit code {f.exitcode}" for rank, f in sorted(err.failures.items()))
+        print(f"error: training workers failed ({failures}); see their messages above", file=sys.stderr)
+        return 1
+    except SignalException as err:  # the launcher itself was told to stop; workers checkpoint on their way out
+        print(f"stopped by {signal.Signals(err.sigval).name}; run the same command to resume", file=sys.stderr)
+        return 128 + err.sigval
+    except RendezvousError as err:
+        cause = f" ({err.__cause__})" if err.__cause__ else ""
+        raise LaunchError(f"node {nodes.rank} could not join the rendezvous at {nodes.endpoint} within "
+                          f"{rendezvous_timeout_s:.0f} s: {type(err).__name__}: {err}{cause}. Check that node 0 "
+                          f"runs with the same --rdzv-endpoint/--rdzv-id and --nnodes, and that the address is "
+                          f"reachable from this node (parallel.rendezvous_timeout_s sets the wait)") from None
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    return 0
