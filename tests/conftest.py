@@ -25,3 +25,14 @@ def small_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "tokens"
     prepare_corpus(src, out, "*.py")
     return out
+
+
+@pytest.fixture(scope="session")
+def launch_reference(tmp_path_factory, small_corpus):
+    """(config, losses) of a 6-step ep=2 run on 2 local processes: what every other launcher must reproduce."""
+    from runs import moeyard_train, read_metrics, write_config
+
+    root = tmp_path_factory.mktemp("launch_reference")
+    config = write_config(root / "c.yaml", small_corpus, parallel={"ep": 2})
+    moeyard_train(config, root / "run", 2)
+    return config, [m["loss"] for m in read_metrics(root / "run")]
