@@ -88,7 +88,8 @@ def cmd_slurm(args: argparse.Namespace) -> int:
                    gpus_per_node=args.gpus_per_node, nproc_per_node=nproc, overrides=args.overrides,
                    layout=args.layout, partition=args.partition, time=args.time, account=args.account,
                    signal_lead_s=args.signal_lead, max_restarts=args.max_restarts,
-                   job_name=f"moeyard-{cfg.run.name}")
+                   job_name=f"moeyard-{cfg.run.name}", container_image=args.container_image,
+                   apptainer_image=args.apptainer)
     script = render_sbatch(job)
     validate_for_world(cfg, job.world_size)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the folder of --output
@@ -187,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds before the time limit at which Slurm sends SIGUSR1 (default 120)")
     slurm.add_argument("--max-restarts", type=int, default=0,
                        help="torchrun layout: restart all workers up to N times after a failure")
+    slurm.add_argument("--container-image", default=None,
+                       help="run every task in this image with pyxis/enroot, e.g. docker://ghcr.io/org/moeyard:0.1.0")
+    slurm.add_argument("--apptainer", default=None, metavar="SIF",
+                       help="run every task in this Apptainer image (apptainer exec --nv)")
     slurm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value (repeatable)")
     slurm.add_argument("--submit", action="store_true", help="sbatch the script and print the job id")

@@ -42,6 +42,10 @@ class SlurmJob:
     job_name: str = "moeyard"
     python: str = sys.executable
     workdir: Path = field(default_factory=Path.cwd)
+    container_image: Optional[str] = None
+    """Run each task in this image with pyxis/enroot (`srun --container-image`)."""
+    apptainer_image: Optional[str] = None
+    """Run each task in this Apptainer/Singularity image (`apptainer exec --nv`)."""
 
     def check(self) -> None:
         if self.nodes < 1:
@@ -56,6 +60,8 @@ class SlurmJob:
             if any(c.isspace() for c in str(path)):
                 raise LaunchError(f"{what} {str(path)!r} contains white space, which #SBATCH lines cannot hold: "
                                   f"use a path without spaces")
+        if self.container_image and self.apptainer_image:
+            raise LaunchError("choose one container runtime: --container-image (pyxis) or --apptainer")
         if self.signal_lead_s < 10:
             raise LaunchError(f"--signal-lead={self.signal_lead_s} s leaves no time to write a checkpoint")
 
@@ -64,9 +70,24 @@ class SlurmJob:
         return self.nodes * self.nproc_per_node
 
 
+def _task_prefix(job: SlurmJob) -> tuple[str, str]:
+    """(srun options, command prefix) that run a task in the container, and its python."""
+    q = shlex.quote
+    folders = {job.workdir, job.config.parent, job.run_dir.parent}
+    mounts = sorted(str(f) for f in folders if not any(o != f and o in f.parents for o in folders))
+    if job.container_image:  # the image's python; the job's folders mounted at the same paths
+        binds = ",".join(f"{m}:{m}" for m in mounts)
+        return (f" --container-image={q(job.container_image)} --container-mounts={binds} "
+                f"--container-workdir={job.workdir}", "python")
+    if job.apptainer_image:
+        return "", f"apptainer exec --nv --bind {','.join(mounts)} {q(job.apptainer_image)} python"
+    return "", q(job.python)
+
+
 def render_sbatch(job: SlurmJob) -> str:
     job.check()
     q = shlex.quote
+    srun_options, python = _task_prefix(job)
     sets = "".join(f" --set {q(a)}" for a in job.overrides)
     tasks_per_node = 1 if job.layout == "torchrun" else job.nproc_per_node
     lines = [
@@ -100,12 +121,12 @@ def render_sbatch(job: SlurmJob) -> str:
     ]
     if job.layout == "torchrun":
         # The task's --node-rank comes from SLURM_NODEID, read by `moeyard train` itself.
-        lines.append(f"srun --kill-on-bad-exit=1 {q(job.python)} -m moeyard train {q(str(job.config))} "
+        lines.append(f"srun --kill-on-bad-exit=1{srun_options} {python} -m moeyard train {q(str(job.config))} "
                      f"--nnodes {job.nodes} --nproc {job.nproc_per_node} --rdzv-endpoint \"$head_node:$port\" "
                      f"--rdzv-id \"$SLURM_JOB_ID\" --max-restarts {job.max_restarts}{sets}")
     else:
         lines += ['export MASTER_ADDR="$head_node" MASTER_PORT="$port"',
-                  f"srun --kill-on-bad-exit=1 {q(job.python)} -m moeyard.train {q(str(job.config))}{sets}"]
+                  f"srun --kill-on-bad-exit=1{srun_options} {python} -m moeyard.train {q(str(job.config))}{sets}"]
     lines += [
         "rc=$?",
         "if [ $rc -eq 138 ] || [ $rc -eq 143 ]; then  # SIGUSR1/SIGTERM: a checkpoint was written",

@@ -2,7 +2,7 @@
 
 Everything lives in one temporary folder (config, key, state, logs, sockets) on free ports, so it
 neither needs nor touches a system Slurm. `.ci/run` installs Debian's slurm-wlm and munge; on a
-machine without them the Slurm tests skip, unless MOEYARD_REQUIRE_SLURM=1 (CI) makes that a failure.
+machine without them the Slurm tests skip, unless MOEYARD_REQUIRE_LAUNCHERS=1 (CI) makes that a failure.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sca
 
 
 def skip_or_fail(reason: str) -> None:
-    if os.environ.get("MOEYARD_REQUIRE_SLURM") == "1":
-        pytest.fail(f"MOEYARD_REQUIRE_SLURM=1 but {reason}")
+    if os.environ.get("MOEYARD_REQUIRE_LAUNCHERS") == "1":
+        pytest.fail(f"MOEYARD_REQUIRE_LAUNCHERS=1 but {reason}")
     pytest.skip(reason)
 
 

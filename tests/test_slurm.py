@@ -3,6 +3,7 @@ run, and a SIGUSR1 before the time limit leads to a checkpoint, a requeue and a 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 
@@ -70,3 +71,62 @@ def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(slurm, tmp_
     assert "restart 1" in log and f"finished {steps} steps" in log, log
     assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, steps + 1))
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{steps:06d}"
+
+
+# --- the rendered script, without a cluster -------------------------------------------------------------
+
+def render(tmp_path, small_corpus, *options: str, ep: int = 2) -> subprocess.CompletedProcess:
+    config = write_config(tmp_path / "c.yaml", small_corpus, parallel={"ep": ep})
+    return subprocess.run([sys.executable, "-m", "moeyard", "slurm", str(config), "--set",
+                           f"run.dir={tmp_path / 'run'}", *options], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+
+
+def test_torchrun_layout_script(tmp_path, small_corpus) -> None:
+    proc = render(tmp_path, small_corpus, "--nodes", "2", "--gpus-per-node", "4", "--time", "24:00:00",
+                  "--partition", "gpu", "--account", "proj", "--set", "train.steps=50", ep=8)
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --signal=USR1@120", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                 "#SBATCH --time=24:00:00", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
+                 f"#SBATCH --output={tmp_path / 'run'}/slurm-%j.out", 'scontrol requeue "$SLURM_JOB_ID"'):
+        assert line in script, line
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert "-m moeyard train" in srun and "--nnodes 2 --nproc 4" in srun and "--set train.steps=50" in srun
+    assert '--rdzv-endpoint "$head_node:$port"' in srun
+    assert (tmp_path / "run").is_dir(), "Slurm does not create the folder of --output; moeyard slurm must"
+    check = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+
+
+def test_srun_layout_script_starts_one_task_per_worker(tmp_path, small_corpus) -> None:
+    proc = render(tmp_path, small_corpus, "--nodes", "2", "--gpus-per-node", "4", "--layout", "srun", ep=8)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --ntasks-per-node=4" in proc.stdout
+    assert "-m moeyard.train" in proc.stdout and 'export MASTER_ADDR="$head_node"' in proc.stdout
+
+
+def test_container_runtimes(tmp_path, small_corpus) -> None:
+    pyxis = render(tmp_path, small_corpus, "--nodes", "1", "--gpus-per-node", "2", "--container-image",
+                   "ghcr.io/org/moeyard:0.1.0").stdout
+    assert "--container-image=ghcr.io/org/moeyard:0.1.0 --container-mounts=" in pyxis
+    assert f"{tmp_path}:{tmp_path}" in pyxis and " python -m moeyard train" in pyxis
+    apptainer = render(tmp_path, small_corpus, "--nodes", "1", "--gpus-per-node", "2", "--apptainer",
+                       "/img/moeyard.sif").stdout
+    assert f"apptainer exec --nv --bind {tmp_path} /img/moeyard.sif python -m moeyard train" in apptainer
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--nodes", "1", "--gpus-per-node", "2", "--nproc-per-node", "4"], "each worker needs its own GPU"),
+    (["--nodes", "1", "--gpus-per-node", "0"], "needs --nproc-per-node"),
+    (["--nodes", "3", "--gpus-per-node", "1"], "world size 3 is not a multiple of parallel.ep=2"),
+    (["--nodes", "0", "--gpus-per-node", "1"], "--nodes=0 must be >= 1"),
+    (["--nodes", "1", "--gpus-per-node", "2", "--signal-lead", "5"], "leaves no time to write a checkpoint"),
+    (["--nodes", "1", "--gpus-per-node", "2", "--set", "run.dir=/tmp/my run"], "contains white space"),
+    (["--nodes", "1", "--gpus-per-node", "2", "--container-image", "a", "--apptainer", "b"], "choose one"),
+])
+def test_bad_slurm_requests_are_refused_with_the_reason(tmp_path, small_corpus, options, message) -> None:
+    proc = render(tmp_path, small_corpus, *options)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "#SBATCH" not in proc.stdout
