@@ -20,12 +20,13 @@ from typing import Optional, Sequence
 from moeyard import configs
 from moeyard.models import ConfigError
 from moeyard.trainer.config import check_vocab, load_config, validate_for_world
-from moeyard.trainer.data import DataError, ensure_corpus, prepare_corpus, read_meta
+from moeyard.trainer.data import DataError, default_cache_root, ensure_corpus, prepare_corpus, read_meta
 from moeyard.trainer.checkpoint_store import CheckpointError
 from moeyard.trainer.loop import NonFiniteStop, holds_a_run
 
 from .env import LaunchError, single_process
 from .torchrun import Nodes, launch_workers
+from .worker import add_overrides
 
 
 def _worker_args(config: str, overrides: list[str], *extra: str) -> list[str]:
@@ -35,13 +36,25 @@ def _worker_args(config: str, overrides: list[str], *extra: str) -> list[str]:
     return args
 
 
-def _node_rank(given: Optional[int]) -> int:
+def _node_rank(given: Optional[int], nnodes: int) -> int:
     """--node-rank, or under srun (one task per node) Slurm's node index."""
     if given is not None:
         return given
-    if "SLURM_STEP_ID" in os.environ and "SLURM_NODEID" in os.environ:
+    if nnodes > 1 and "SLURM_STEP_ID" in os.environ and "SLURM_NODEID" in os.environ:
         return int(os.environ["SLURM_NODEID"])
     return 0
+
+
+def _check_gpus(backend: str, nproc: int) -> None:
+    """One worker per GPU: say so here rather than from inside a worker after the others started."""
+    import torch
+
+    if backend == "gloo" or not torch.cuda.is_available():
+        return
+    gpus = torch.cuda.device_count()
+    if nproc > gpus:
+        raise LaunchError(f"--nproc={nproc} workers on a node with {gpus} GPU(s): start at most {gpus}, or "
+                          f"train on CPUs with --set parallel.backend=gloo")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -49,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         args.overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_config(config, args.overrides)
-    nodes = Nodes(args.nnodes, _node_rank(args.node_rank), args.rdzv_endpoint,
+    nodes = Nodes(args.nnodes, _node_rank(args.node_rank, args.nnodes), args.rdzv_endpoint,
                   args.rdzv_id or f"moeyard-{cfg.run.name}")
     nodes.check()
     if args.nproc is None and cfg.parallel.ep % nodes.count:
@@ -60,6 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise LaunchError(f"--nproc={nproc} must be >= 1")
     world = nproc * nodes.count
     validate_for_world(cfg, world)
+    _check_gpus(cfg.parallel.backend, nproc)
     if cfg.checkpoint.resume == "none" and holds_a_run(cfg.run_dir) and nodes.rank == 0:
         raise LaunchError(f"run.dir {cfg.run_dir} already holds a run and --resume none was asked: resume it "
                           f"(--resume auto), choose another run.dir, or delete it")
@@ -76,6 +90,17 @@ def cmd_train(args: argparse.Namespace) -> int:
                           run_dir=cfg.run_dir)
 
 
+def _data_paths(cfg) -> tuple[Path, ...]:
+    """What workers read besides the config: the corpus (or its source) and the cache it is prepared in."""
+    from moeyard.trainer.data import STDLIB
+
+    paths = []
+    for path in (cfg.data.dir, cfg.data.source):
+        if path and path != STDLIB:
+            paths.append(Path(path).resolve().parent)
+    return tuple(paths)
+
+
 def cmd_slurm(args: argparse.Namespace) -> int:
     from .slurm import SlurmJob, render_sbatch, submit
 
@@ -88,7 +113,8 @@ def cmd_slurm(args: argparse.Namespace) -> int:
                    gpus_per_node=args.gpus_per_node, nproc_per_node=nproc, overrides=args.overrides,
                    layout=args.layout, partition=args.partition, time=args.time, account=args.account,
                    signal_lead_s=args.signal_lead, max_restarts=args.max_restarts,
-                   job_name=f"moeyard-{cfg.run.name}", container_image=args.container_image,
+                   job_name=f"moeyard-{cfg.run.name}", cpus_per_task=args.cpus_per_task,
+                   data_paths=_data_paths(cfg), cache_dir=default_cache_root().resolve(), container_image=args.container_image,
                    apptainer_image=args.apptainer)
     script = render_sbatch(job)
     validate_for_world(cfg, job.world_size)
@@ -153,8 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML config (default: the shipped configs/tiny.yaml)")
     train.add_argument("--nproc", type=int, default=None,
                        help="local worker processes (default: parallel.ep of the config)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    add_overrides(train)
     train.add_argument("--resume", default=None, metavar="auto|none|PATH",
                        help="auto (default): continue from the newest intact checkpoint of run.dir; none: start "
                             "fresh; PATH: start from that checkpoint")
@@ -188,12 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds before the time limit at which Slurm sends SIGUSR1 (default 120)")
     slurm.add_argument("--max-restarts", type=int, default=0,
                        help="torchrun layout: restart all workers up to N times after a failure")
+    slurm.add_argument("--cpus-per-task", type=int, default=None,
+                       help="cores per Slurm task: a whole node's worth in the torchrun layout, one worker's in "
+                            "the srun layout (default: the cluster's default, often 1)")
     slurm.add_argument("--container-image", default=None,
                        help="run every task in this image with pyxis/enroot, e.g. docker://ghcr.io/org/moeyard:0.1.0")
     slurm.add_argument("--apptainer", default=None, metavar="SIF",
                        help="run every task in this Apptainer image (apptainer exec --nv)")
-    slurm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value (repeatable)")
+    add_overrides(slurm)
     slurm.add_argument("--submit", action="store_true", help="sbatch the script and print the job id")
     slurm.set_defaults(func=cmd_slurm)
 
@@ -205,8 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--hardware", default=None,
                       help="plan for a described machine (e.g. configs/hardware/dgx-h100.yaml) instead of "
                            "measuring this one")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config value (repeatable)")
+    add_overrides(plan)
     plan.set_defaults(func=cmd_plan)
 
     checkpoint = sub.add_parser("checkpoint", help="inspect a checkpoint, or export it as safetensors")

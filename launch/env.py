@@ -93,9 +93,10 @@ def scontrol_hostnames(nodelist: str) -> list[str]:
     except (subprocess.SubprocessError, OSError) as err:
         proc, reason = None, str(err)
     if proc is None or proc.returncode != 0:
-        reason = proc.stderr.strip().splitlines()[-1:] if proc is not None else [reason]
-        raise LaunchError(f"`scontrol show hostnames {nodelist}` failed ({' '.join(reason)}); set MASTER_ADDR "
-                          f"to the first node's address")
+        if proc is not None:
+            reason = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise LaunchError(f"`scontrol show hostnames {nodelist}` failed ({reason}); set MASTER_ADDR to the "
+                          f"first node's address")
     return proc.stdout.split()
 
 
@@ -113,8 +114,10 @@ def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
 
 
 def slurm_port(job_id: str) -> int:
-    """A port every task of a job derives alike, spread over jobs so neighbours on a node rarely collide."""
-    return 20000 + zlib.crc32(job_id.encode()) % 20000
+    """A port every task of a job derives alike, spread over jobs so neighbours on a node rarely collide.
+    The sbatch scripts of `moeyard slurm` compute the same in bash (`launch/slurm.py`)."""
+    number = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
+    return 20000 + number % 20000
 
 
 def _from_slurm(env: Mapping[str, str], hostnames: Callable[[str], list[str]]) -> DistEnv:
@@ -154,7 +157,7 @@ def _mpi_world():
         from mpi4py import MPI
     except ImportError as err:
         raise LaunchError("started by MPI, but the environment does not say the world size or the master "
-                          "address and mpi4py is missing: pip install 'moeyard[mpi]', or export MASTER_ADDR "
+                          "address, and mpi4py is missing: pip install 'moeyard[mpi]', or export MASTER_ADDR "
                           "and MASTER_PORT to all ranks") from err
     return MPI.COMM_WORLD
 
@@ -187,14 +190,31 @@ def _from_mpi(env: Mapping[str, str], names: tuple[str, str, str, str], mpi_worl
     return DistEnv(rank, world, local_rank, local_world, master[0], master[1], "mpi")
 
 
+def _check_not_half_set(env: Mapping[str, str]) -> None:
+    """A size without a rank: N processes would each train alone and race on one run directory."""
+    for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS"):
+        if env.get(key, "1").isdigit() and int(env.get(key, "1")) > 1:
+            raise LaunchError(f"{key}={env[key]} says this is one of several tasks, but no rank variable is set "
+                              f"(OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK or SLURM_PROCID): the launch is half "
+                              f"set; start the workers with mpirun, srun or torchrun")
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (the affinity Slurm or a container grants), not the machine's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 # --- the one entry point ------------------------------------------------------------------------------
 
 def resolve_env(env: Optional[Mapping[str, str]] = None, *,
                 hostnames: Callable[[str], list[str]] = scontrol_hostnames,
                 mpi_world: Callable = _mpi_world) -> DistEnv:
     """Read the launcher's variables. Precedence: torchrun's (it may itself run inside Slurm or MPI),
-    then Open MPI's (mpirun inside a Slurm allocation also sets Slurm's), then a Slurm step's, then
-    PMI/PMIx. A process started without a launcher is rank 0 of 1.
+    then MPI's (mpirun inside a Slurm allocation also sets Slurm's), then a Slurm step's. A process
+    started without a launcher is rank 0 of 1.
 
     MASTER_ADDR/MASTER_PORT, when set, override the address Slurm or MPI would give.
     """
@@ -203,9 +223,14 @@ def resolve_env(env: Optional[Mapping[str, str]] = None, *,
         return _from_torchrun(env)
     if "OMPI_COMM_WORLD_RANK" in env:
         return _from_mpi(env, _MPI_VARIABLES[0], mpi_world)
-    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:  # the batch script itself has no step id
-        return _from_slurm(env, hostnames)
+    in_slurm_step = "SLURM_STEP_ID" in env and "SLURM_PROCID" in env  # the batch script itself has no step id
     for names in _MPI_VARIABLES[1:]:
-        if names[0] in env:
+        # srun --mpi=pmi2/pmix sets PMI's rank equal to Slurm's: then Slurm's variables say more. A different
+        # rank means an MPI launcher (Hydra, prterun) started its proxies with srun: the proxy's Slurm
+        # variables describe the node, not the rank.
+        if names[0] in env and not (in_slurm_step and env[names[0]] == env["SLURM_PROCID"]):
             return _from_mpi(env, names, mpi_world)
+    if in_slurm_step:
+        return _from_slurm(env, hostnames)
+    _check_not_half_set(env)
     return single_process()

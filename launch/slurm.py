@@ -8,8 +8,9 @@ Two layouts:
   Slurm's variables. No launcher process in between, so nothing to restart a failed worker.
 
 Either way Slurm sends SIGUSR1 `--signal-lead` seconds before the time limit; the workers checkpoint at
-the next step boundary and exit with 128 + signal, and the script requeues the job, which resumes from
-that checkpoint (`checkpoint.resume: auto`).
+the next step boundary, leave run.dir/PREEMPTED and exit with 128 + signal, and the script requeues the
+job, which resumes from that checkpoint (`checkpoint.resume: auto`). Task 0 must run on the first node
+of the allocation (the default block distribution; not with `-m arbitrary` or heterogeneous jobs).
 """
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ class SlurmJob:
     job_name: str = "moeyard"
     python: str = sys.executable
     workdir: Path = field(default_factory=Path.cwd)
+    cpus_per_task: Optional[int] = None
+    """Cores per Slurm task (a whole node's worth in the torchrun layout); None: the cluster's default."""
+    data_paths: tuple[Path, ...] = ()
+    """Folders the workers read (the corpus or its source): mounted into a container at the same paths."""
+    cache_dir: Optional[Path] = None
+    """moeyard's cache (prepared corpora, profiles); in a container, mounted and named by MOEYARD_CACHE."""
     container_image: Optional[str] = None
     """Run each task in this image with pyxis/enroot (`srun --container-image`)."""
     apptainer_image: Optional[str] = None
@@ -60,6 +67,11 @@ class SlurmJob:
             if any(c.isspace() for c in str(path)):
                 raise LaunchError(f"{what} {str(path)!r} contains white space, which #SBATCH lines cannot hold: "
                                   f"use a path without spaces")
+        if self.layout == "srun" and self.max_restarts:
+            raise LaunchError("--max-restarts needs the torchrun layout: in the srun layout nothing restarts a "
+                              "failed worker")
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            raise LaunchError(f"--cpus-per-task={self.cpus_per_task} must be >= 1")
         if self.container_image and self.apptainer_image:
             raise LaunchError("choose one container runtime: --container-image (pyxis) or --apptainer")
         if self.signal_lead_s < 10:
@@ -73,7 +85,9 @@ class SlurmJob:
 def _task_prefix(job: SlurmJob) -> tuple[str, str]:
     """(srun options, command prefix) that run a task in the container, and its python."""
     q = shlex.quote
-    folders = {job.workdir, job.config.parent, job.run_dir.parent}
+    folders = {job.workdir, job.config.parent, job.run_dir.parent, *job.data_paths}
+    if job.cache_dir is not None:
+        folders.add(job.cache_dir)
     mounts = sorted(str(f) for f in folders if not any(o != f and o in f.parents for o in folders))
     if job.container_image:  # the image's python; the job's folders mounted at the same paths
         binds = ",".join(f"{m}:{m}" for m in mounts)
@@ -100,6 +114,8 @@ def render_sbatch(job: SlurmJob) -> str:
     ]
     if job.gpus_per_node:
         lines.append(f"#SBATCH --gpus-per-node={job.gpus_per_node}")
+    if job.cpus_per_task:
+        lines.append(f"#SBATCH --cpus-per-task={job.cpus_per_task}")
     lines += [
         f"#SBATCH --chdir={job.workdir}",
         f"#SBATCH --output={job.run_dir}/slurm-%j.out",
@@ -114,11 +130,17 @@ def render_sbatch(job: SlurmJob) -> str:
         "",
         "set -uo pipefail",
         "export PYTHONUNBUFFERED=1",
+        f"run_dir={q(str(job.run_dir))}",
+        "started=$(date +%s)",
         'echo "moeyard: job $SLURM_JOB_ID start $(date -Is), restart ${SLURM_RESTART_COUNT:-0}"',
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        "port=$((20000 + SLURM_JOB_ID % 20000))",
+        "port=$((20000 + SLURM_JOB_ID % 20000))  # as launch/env.py's slurm_port",
         "",
     ]
+    if (job.container_image or job.apptainer_image) and job.cache_dir is not None:
+        lines.append(f"export MOEYARD_CACHE={q(str(job.cache_dir))}  # the host's cache, mounted in the container")
+    if job.cpus_per_task:
+        lines.append("export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK  # srun does not inherit it since 22.05")
     if job.layout == "torchrun":
         # The task's --node-rank comes from SLURM_NODEID, read by `moeyard train` itself.
         lines.append(f"srun --kill-on-bad-exit=1{srun_options} {python} -m moeyard train {q(str(job.config))} "
@@ -129,9 +151,13 @@ def render_sbatch(job: SlurmJob) -> str:
                   f"srun --kill-on-bad-exit=1{srun_options} {python} -m moeyard.train {q(str(job.config))}{sets}"]
     lines += [
         "rc=$?",
-        "if [ $rc -eq 138 ] || [ $rc -eq 143 ]; then  # SIGUSR1/SIGTERM: a checkpoint was written",
-        '    echo "moeyard: stopped by a signal (exit $rc) after a checkpoint; requeueing to resume"',
-        '    scontrol requeue "$SLURM_JOB_ID"',
+        "# Requeue only when this run's workers stopped on a signal after writing a checkpoint: a crash (or",
+        "# peers killed because one crashed) leaves no fresh marker, and must not loop.",
+        'marker="$run_dir/PREEMPTED"',
+        'if [ -f "$marker" ] && [ "$(stat -c %Y "$marker")" -ge "$started" ]; then',
+        '    echo "moeyard: stopped by a signal after a checkpoint (exit $rc); requeueing to resume"',
+        '    scontrol requeue "$SLURM_JOB_ID" || echo "moeyard: scontrol requeue failed; sbatch this script '
+        'again to resume" >&2',
         "fi",
         "exit $rc",
         "",

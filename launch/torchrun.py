@@ -19,7 +19,7 @@ from typing import Optional
 
 from moeyard.trainer.loop import PREEMPTED
 
-from .env import LaunchError
+from .env import LaunchError, available_cpus
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,14 @@ def _worker_pids() -> list[int]:
 def _forward_to_workers(signum: int, frame) -> None:
     """Pass SIGUSR1 (Slurm's warning before the time limit) on, so the workers checkpoint at the next step
     boundary and exit."""
-    for pid in _worker_pids():
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+    try:
+        for pid in _worker_pids():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+    except OSError as err:  # a handler must not raise into torchrun's monitor loop
+        print(f"warning: could not forward {signal.Signals(signum).name} to the workers: {err}", file=sys.stderr)
 
 
 def launch_workers(nproc: int, worker_args: list[str], *, nodes: Nodes = Nodes(), max_restarts: int = 0,
@@ -108,7 +111,7 @@ def launch_workers(nproc: int, worker_args: list[str], *, nodes: Nodes = Nodes()
     if nodes.count > 1 and nodes.rank == 0:
         _check_port_free(nodes.host_port()[1])
     if "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        os.environ["OMP_NUM_THREADS"] = str(max(1, available_cpus() // nproc))
     argv = [*torchrun_argv(nproc, nodes, max_restarts, rendezvous_timeout_s), "-m", "moeyard.train",
             *worker_args]
     previous = signal.signal(signal.SIGUSR1, _forward_to_workers)
@@ -122,7 +125,8 @@ def launch_workers(nproc: int, worker_args: list[str], *, nodes: Nodes = Nodes()
     except ChildFailedError as err:
         failures = ", ".join(f"rank {rank} exit code {f.exitcode}" for rank, f in sorted(err.failures.items()))
         print(f"error: training workers failed ({failures}); see their messages above", file=sys.stderr)
-        return 1
+        codes = {f.exitcode for f in err.failures.values()}
+        return codes.pop() if codes in ({2}, {3}) else 1  # all agree on bad input (2) or a non-finite stop (3)
     except SignalException as err:  # the launcher itself was told to stop; workers checkpoint on their way out
         print(f"stopped by {signal.Signals(err.sigval).name}; run the same command to resume", file=sys.stderr)
         return 128 + err.sigval

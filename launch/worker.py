@@ -22,7 +22,7 @@ from moeyard.trainer.checkpoint_store import CheckpointError
 from moeyard.trainer.loop import NonFiniteStop, Preemption, train
 from moeyard.trainer.plan_report import measured_report
 
-from .env import DistEnv, LaunchError, resolve_env
+from .env import DistEnv, LaunchError, available_cpus, resolve_env
 
 
 def pick_device(env: DistEnv, backend: str) -> tuple[torch.device, str]:
@@ -31,11 +31,13 @@ def pick_device(env: DistEnv, backend: str) -> tuple[torch.device, str]:
         gpus = torch.cuda.device_count()
         if gpus == 0:
             raise LaunchError("parallel.backend=nccl needs a GPU and none is visible: use parallel.backend=gloo")
-        if env.local_rank >= gpus:
-            raise LaunchError(f"local rank {env.local_rank} has no GPU: this machine shows {gpus}; start at most "
-                              f"{gpus} processes per node")
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank), "nccl"
+        # One GPU visible to each task (srun --gpus-per-task, or a CUDA_VISIBLE_DEVICES per worker): use it.
+        index = env.local_rank if gpus >= env.local_world_size else 0 if gpus == 1 else None
+        if index is None:
+            raise LaunchError(f"{env.local_world_size} workers on this node but this process sees {gpus} GPUs: "
+                              f"start at most {gpus} workers per node, or give each worker one GPU")
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index), "nccl"
     return torch.device("cpu"), "gloo"
 
 
@@ -50,6 +52,11 @@ def _join_store(env: DistEnv, timeout: timedelta) -> dist.Store:
         if env.rank == 0 and "EADDRINUSE" in str(err):
             raise LaunchError(f"rank 0 cannot listen on {where}: the port is in use. Export MASTER_PORT=<a free "
                               f"port> to every task (and MASTER_ADDR if needed)") from None
+        if env.rank == 0:
+            raise LaunchError(f"rank 0 waited {timeout.total_seconds():.0f} s at {where} for the other "
+                              f"{env.world_size - 1} ranks and not all came ({env.launcher} launch): check that "
+                              f"every task started and can reach {env.master_addr}; parallel.rendezvous_timeout_s "
+                              f"sets the wait") from None
         raise LaunchError(f"rank {env.rank} could not reach the master at {where} within "
                           f"{timeout.total_seconds():.0f} s ({env.launcher} launch): check that rank 0 started, "
                           f"that {env.master_addr} resolves and is reachable from this node, or set "
@@ -80,7 +87,7 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float, rendezvous_ti
 def set_cpu_threads(env: DistEnv) -> None:
     """Share the cores among local workers unless the user chose (OMP_NUM_THREADS)."""
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+        torch.set_num_threads(max(1, available_cpus() // env.local_world_size))
 
 
 def _prepare_corpus_once_per_machine(cfg: Config, env: DistEnv, device: torch.device) -> str:
@@ -130,11 +137,15 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
     return 0
 
 
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moeyard.train", description=__doc__)
     parser.add_argument("config", nargs="?", help="YAML config (default: the shipped configs/tiny.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    add_overrides(parser)
     parser.add_argument("--plan-only", action="store_true",
                         help="profile this machine on the real process groups, print the plan, and exit")
     args = parser.parse_args(argv)

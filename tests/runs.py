@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import yaml
 
@@ -70,3 +71,10 @@ def final_parameters(run_dir: Path) -> tuple[Config, dict[str, torch.Tensor]]:
 def initial_parameters(cfg: Config) -> dict[str, torch.Tensor]:
     torch.manual_seed(cfg.run.seed)
     return {name: p.detach().clone() for name, p in Transformer(cfg.model).named_parameters()}
+
+
+def skip_or_fail(reason: str) -> None:
+    """A launcher missing on a developer's machine skips; in CI (MOEYARD_REQUIRE_LAUNCHERS=1) it fails."""
+    if os.environ.get("MOEYARD_REQUIRE_LAUNCHERS") == "1":
+        pytest.fail(f"MOEYARD_REQUIRE_LAUNCHERS=1 but {reason}")
+    pytest.skip(reason)

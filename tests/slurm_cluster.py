@@ -14,17 +14,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import pytest
-
 from multiprocess import free_port
+from runs import skip_or_fail
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
-
-
-def skip_or_fail(reason: str) -> None:
-    if os.environ.get("MOEYARD_REQUIRE_LAUNCHERS") == "1":
-        pytest.fail(f"MOEYARD_REQUIRE_LAUNCHERS=1 but {reason}")
-    pytest.skip(reason)
 
 
 class SlurmCluster:
@@ -59,6 +52,8 @@ class SlurmCluster:
         return self
 
     def stop(self) -> None:
+        if not self.procs:
+            return  # never started (skipped): nothing to stop
         subprocess.run(["scancel", "--full", "--user", getpass.getuser()], env=self.env, capture_output=True,
                        timeout=30)
         for proc in reversed(self.procs):
@@ -109,7 +104,7 @@ SlurmctldPidFile={r}/slurmctld.pid
 SlurmdPidFile={r}/slurmd.pid
 SlurmctldLogFile={r}/slurmctld.log
 SlurmdLogFile={r}/slurmd.log
-ProctrackType=proctrack/linuxproc
+ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none

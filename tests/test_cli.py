@@ -89,7 +89,7 @@ def test_default_command_prepares_the_stdlib_corpus_and_trains(tmp_path) -> None
                            "--set", f"run.dir={tmp_path / 'tiny'}", "--set", "train.global_batch_tokens=2048"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "on 2 process(es), ep=2" in proc.stdout and "prepared" in proc.stdout
+    assert "on 2 process(es) (world 2), ep=2" in proc.stdout and "prepared" in proc.stdout
     meta = json.loads(next((tmp_path / "cache" / "data").glob("python-stdlib-*/meta.json")).read_text())
     assert meta["documents"] > 500 and meta["tokens"] > 5_000_000
     assert [m["step"] for m in read_metrics(tmp_path / "tiny")] == [1, 2]  # first and last

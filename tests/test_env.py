@@ -1,6 +1,8 @@
 """Reading each launcher's environment: torchrun, Slurm, Open MPI, MPICH/Hydra, PMIx, none."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from moeyard.launch.env import LaunchError, resolve_env, slurm_port, tasks_on_node
@@ -80,7 +82,8 @@ def test_slurm_master_can_be_overridden() -> None:
 
 def test_slurm_port_is_the_same_for_every_task_and_differs_between_jobs() -> None:
     assert slurm_port("4242") == slurm_port("4242")
-    assert len({slurm_port(str(job)) for job in range(100)}) > 90
+    assert len({slurm_port(str(job)) for job in range(100)}) == 100
+    assert slurm_port("123456") == 20000 + 123456 % 20000  # what the sbatch script computes in bash
     assert all(20000 <= slurm_port(str(job)) < 40000 for job in range(1000))
 
 
@@ -101,6 +104,20 @@ def test_open_mpi_inside_a_slurm_allocation_follows_mpi() -> None:
     env = resolve_env({**SLURM_STEP, "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "16",
                        "MASTER_ADDR": "h", "MASTER_PORT": "1"}, hostnames=no_scontrol)
     assert (env.rank, env.world_size, env.launcher) == (3, 16, "mpi")
+
+
+def test_mpich_started_by_srun_proxies_follows_mpi() -> None:
+    """Hydra starts one proxy per node with srun: SLURM_PROCID is the node, PMI_RANK the rank."""
+    env = resolve_env({**SLURM_STEP, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "PMI_RANK": "5", "PMI_SIZE": "8",
+                       "MASTER_ADDR": "h", "MASTER_PORT": "1"}, hostnames=no_scontrol)
+    assert (env.rank, env.world_size, env.launcher) == (5, 8, "mpi")
+
+
+def test_srun_with_pmix_follows_slurm() -> None:
+    """srun --mpi=pmix (a common MpiDefault) sets PMIX_RANK == SLURM_PROCID: Slurm's variables say more."""
+    env = resolve_env({**SLURM_STEP, "PMIX_RANK": SLURM_STEP["SLURM_PROCID"]}, hostnames=lambda n: ["gpu07"],
+                      mpi_world=no_mpi4py_needed)
+    assert (env.rank, env.world_size, env.launcher) == (6, 8, "slurm")
 
 
 def test_mpich_hydra_env() -> None:
@@ -126,8 +143,8 @@ def test_mpi_rank_0_offers_a_real_free_port() -> None:
     assert host and 0 < port < 65536
 
 
-def missing_mpi4py():
-    raise LaunchError("mpi4py is missing: pip install 'moeyard[mpi]'")
+def no_mpi4py_needed():
+    raise AssertionError("mpi4py must not be needed here")
 
 
 @pytest.mark.parametrize("env,fragment", [
@@ -138,13 +155,20 @@ def missing_mpi4py():
     ({**SLURM_STEP, "MASTER_ADDR": "a"}, "MASTER_ADDR is set but MASTER_PORT is not"),
     ({k: v for k, v in SLURM_STEP.items() if k != "SLURM_JOB_ID"}, "SLURM_JOB_ID is not set"),
     ({**SLURM_STEP, "SLURM_STEP_TASKS_PER_NODE": "four"}, "cannot read SLURM_STEP_TASKS_PER_NODE='four'"),
-    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, "mpi4py is missing"),
-    ({"PMIX_RANK": "0"}, "mpi4py is missing"),
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, "OMPI_COMM_WORLD_SIZE=4 says this is one of several tasks"),
+    ({"PMI_SIZE": "2"}, "PMI_SIZE=2 says this is one of several tasks"),
 ])
 def test_bad_env_is_explained(env, fragment) -> None:
     with pytest.raises(LaunchError) as err:
-        resolve_env(env, hostnames=lambda nodelist: ["gpu07"], mpi_world=missing_mpi4py)
+        resolve_env(env, hostnames=lambda nodelist: ["gpu07"], mpi_world=no_mpi4py_needed)
     assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("env", [{"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, {"PMIX_RANK": "0"}])
+def test_mpi_without_master_or_mpi4py_says_what_to_install(monkeypatch, env) -> None:
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now raises ImportError
+    with pytest.raises(LaunchError, match=r"mpi4py is missing: pip install 'moeyard\[mpi\]'"):
+        resolve_env(env)
 
 
 def test_a_plain_host_name_needs_no_scontrol() -> None:

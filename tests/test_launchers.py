@@ -12,7 +12,7 @@ import time
 import pytest
 
 from multiprocess import free_port
-from runs import read_metrics
+from runs import read_metrics, skip_or_fail
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -31,9 +31,7 @@ def losses(run_dir) -> list[float]:
 def test_mpirun_trains_like_a_local_run(tmp_path, launch_reference) -> None:
     mpirun = shutil.which("mpirun")
     if mpirun is None:
-        if os.environ.get("MOEYARD_REQUIRE_LAUNCHERS") == "1":
-            pytest.fail("mpirun is missing: pip install 'moeyard[mpi]'")
-        pytest.skip("mpirun is missing: pip install 'moeyard[mpi]'")
+        skip_or_fail("mpirun is missing: pip install 'moeyard[mpi]'")
     config, reference = launch_reference
     proc = run([mpirun, "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable, "-m", "moeyard.train",
                 str(config), "--set", f"run.dir={tmp_path / 'run'}"], timeout_s=300)
@@ -44,18 +42,21 @@ def test_mpirun_trains_like_a_local_run(tmp_path, launch_reference) -> None:
 def test_two_nodes_on_one_machine_train_like_a_local_run(tmp_path, launch_reference) -> None:
     config, reference = launch_reference
     endpoint = f"127.0.0.1:{free_port()}"
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]  # files, not pipes: a full pipe would block a node
     nodes = [subprocess.Popen([sys.executable, "-m", "moeyard", "train", str(config), "--nnodes", "2",
                                "--node-rank", str(rank), "--nproc", "1", "--rdzv-endpoint", endpoint,
                                "--set", f"run.dir={tmp_path / 'run'}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-             for rank in (0, 1)]
-    outputs = []
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, env=ENV)
+             for rank, log in zip((0, 1), logs)]
     try:
         for node in nodes:
-            outputs.append(node.communicate(timeout=300)[0])
+            node.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("two-node training hung:\n" + "\n".join(log.read_text() for log in logs)) from None
     finally:
         for node in nodes:
             node.kill()
+    outputs = [log.read_text() for log in logs]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
     assert "node 1 of 2, 1 process(es) (world 2)" in outputs[1]
     # The rendezvous may order the ranks differently from --node-rank; the math is the same up to rounding.

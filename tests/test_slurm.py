@@ -51,7 +51,7 @@ def test_sbatch_with_one_task_per_worker_trains_like_a_local_run(slurm, tmp_path
 
 
 def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(slurm, tmp_path, small_corpus) -> None:
-    steps = 1000
+    steps = 600
     config = write_config(tmp_path / "c.yaml", small_corpus, parallel={"ep": 2}, train={"steps": steps})
     run_dir = tmp_path / "run"
     job = submit(slurm, config, run_dir)  # torchrun layout: `moeyard train` forwards USR1 to its workers
@@ -79,15 +79,17 @@ def render(tmp_path, small_corpus, *options: str, ep: int = 2) -> subprocess.Com
     config = write_config(tmp_path / "c.yaml", small_corpus, parallel={"ep": ep})
     return subprocess.run([sys.executable, "-m", "moeyard", "slurm", str(config), "--set",
                            f"run.dir={tmp_path / 'run'}", *options], capture_output=True, text=True, timeout=60,
-                          cwd=tmp_path)
+                          cwd=tmp_path, env={**os.environ, "MOEYARD_CACHE": str(tmp_path / "cache")})
 
 
 def test_torchrun_layout_script(tmp_path, small_corpus) -> None:
     proc = render(tmp_path, small_corpus, "--nodes", "2", "--gpus-per-node", "4", "--time", "24:00:00",
-                  "--partition", "gpu", "--account", "proj", "--set", "train.steps=50", ep=8)
+                  "--partition", "gpu", "--account", "proj", "--set", "train.steps=50", "--cpus-per-task", "32",
+                  ep=8)
     assert proc.returncode == 0, proc.stderr
     script = proc.stdout
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --cpus-per-task=32", "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK",
                  "#SBATCH --signal=USR1@120", "#SBATCH --requeue", "#SBATCH --open-mode=append",
                  "#SBATCH --time=24:00:00", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
                  f"#SBATCH --output={tmp_path / 'run'}/slurm-%j.out", 'scontrol requeue "$SLURM_JOB_ID"'):
@@ -110,11 +112,14 @@ def test_srun_layout_script_starts_one_task_per_worker(tmp_path, small_corpus) -
 def test_container_runtimes(tmp_path, small_corpus) -> None:
     pyxis = render(tmp_path, small_corpus, "--nodes", "1", "--gpus-per-node", "2", "--container-image",
                    "ghcr.io/org/moeyard:0.1.0").stdout
-    assert "--container-image=ghcr.io/org/moeyard:0.1.0 --container-mounts=" in pyxis
-    assert f"{tmp_path}:{tmp_path}" in pyxis and " python -m moeyard train" in pyxis
+    # Mounted at the same paths: the run's folder (holding config, run dir and cache) and the corpus.
+    folders = sorted([str(tmp_path), str(small_corpus.parent)])
+    binds = ",".join(f"{f}:{f}" for f in folders)
+    assert f"--container-image=ghcr.io/org/moeyard:0.1.0 --container-mounts={binds} " in pyxis
+    assert f"export MOEYARD_CACHE={tmp_path / 'cache'}" in pyxis and " python -m moeyard train" in pyxis
     apptainer = render(tmp_path, small_corpus, "--nodes", "1", "--gpus-per-node", "2", "--apptainer",
                        "/img/moeyard.sif").stdout
-    assert f"apptainer exec --nv --bind {tmp_path} /img/moeyard.sif python -m moeyard train" in apptainer
+    assert f"apptainer exec --nv --bind {','.join(folders)} /img/moeyard.sif python -m moeyard train" in apptainer
 
 
 @pytest.mark.parametrize("options,message", [
@@ -125,8 +130,33 @@ def test_container_runtimes(tmp_path, small_corpus) -> None:
     (["--nodes", "1", "--gpus-per-node", "2", "--signal-lead", "5"], "leaves no time to write a checkpoint"),
     (["--nodes", "1", "--gpus-per-node", "2", "--set", "run.dir=/tmp/my run"], "contains white space"),
     (["--nodes", "1", "--gpus-per-node", "2", "--container-image", "a", "--apptainer", "b"], "choose one"),
+    (["--nodes", "1", "--gpus-per-node", "2", "--layout", "srun", "--max-restarts", "2"], "needs the torchrun"),
+    (["--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", "0"], "--cpus-per-task=0 must be >= 1"),
 ])
 def test_bad_slurm_requests_are_refused_with_the_reason(tmp_path, small_corpus, options, message) -> None:
     proc = render(tmp_path, small_corpus, *options)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "#SBATCH" not in proc.stdout
+
+
+@pytest.mark.parametrize("marker", ["written by this run", "stale", "absent"])
+def test_script_requeues_only_after_this_runs_preemption_checkpoint(tmp_path, small_corpus, marker) -> None:
+    """A crash makes srun kill the peers with SIGTERM (exit 143 too): without a fresh PREEMPTED marker,
+    requeueing would loop on a failing job."""
+    script = render(tmp_path, small_corpus, "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2").stdout
+    run_dir, fake = tmp_path / "run", tmp_path / "bin"
+    fake.mkdir()
+    if marker == "stale":
+        (run_dir / "PREEMPTED").write_text("{}")
+        os.utime(run_dir / "PREEMPTED", (time.time() - 3600, time.time() - 3600))
+    write = f"echo '{{}}' > {run_dir}/PREEMPTED" if marker == "written by this run" else ""
+    (fake / "srun").write_text(f"#!/bin/bash\n{write}\nexit 143\n")
+    (fake / "scontrol").write_text(f'#!/bin/bash\n[ "$1" = show ] && echo localhost || echo "$@" >> {tmp_path}/calls\n')
+    for tool in ("srun", "scontrol"):
+        (fake / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "123",
+           "SLURM_JOB_NODELIST": "localhost"}
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 143, proc.stderr
+    calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
+    assert calls == ("requeue 123\n" if marker == "written by this run" else ""), proc.stdout

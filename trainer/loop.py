@@ -187,7 +187,7 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
             if every or done == last or signum:
                 checkpointer.save(done, model, sync, asynchronous=cfg.checkpoint.async_save and not (
                     done == last or signum))
-            if signum:
+            if signum and done < last:  # at the last step the run is simply finished: nothing to requeue
                 if rank == 0:
                     (cfg.run_dir / PREEMPTED).write_text(json.dumps({"step": done, "signal": signum}))
                     print(f"received {signal.Signals(signum).name}: saved step {done}, exiting", flush=True)
