@@ -26,12 +26,29 @@ class MoEConfig:
     """Experts each token is sent to."""
     ffn_dim: int = 256
     """Hidden size of one routed expert's SwiGLU (independent of the dense FFN)."""
-    router: Literal["topk_softmax"] = "topk_softmax"
-    """Routing rule; softmax over experts, then top-k (Mixtral/GShard)."""
+    router: Literal["topk_softmax", "switch", "expert_choice", "sigmoid_bias", "dense_to_sparse"] = "topk_softmax"
+    """Routing rule (models/routers.py): topk_softmax (Mixtral/GShard/Qwen), switch (top-1), expert_choice
+    (experts pick tokens; non-causal), sigmoid_bias (DeepSeek-V3, aux-loss-free), dense_to_sparse (DTS)."""
     renormalize: bool = True
     """Rescale the k selected weights of a token to sum to one (top_k > 1 only; top-1 keeps its probability)."""
     aux_loss_coef: float = 0.01
-    """Weight of the Switch/GShard load-balancing loss (1.0 means balanced)."""
+    """Weight of the load-balancing loss (1.0 means balanced); sigmoid_bias wants it small (1e-4) or 0."""
+    balance_loss: Literal["batch", "sequence"] = "batch"
+    """batch: Switch/GShard loss with the load of the global batch; sequence: the same per sequence, averaged."""
+    jitter: float = 0.0
+    """switch: multiply the router input by U(1-jitter, 1+jitter) while training (Switch used 0.01)."""
+    bias_update_rate: float = 1.0e-3
+    """sigmoid_bias: how far each expert's selection bias moves per step, against its load (sign rule)."""
+    n_groups: int = 1
+    """sigmoid_bias: experts form this many groups..."""
+    topk_groups: int = 1
+    """...and each token may only use experts of its best `topk_groups` groups (DeepSeek-V3: 8 and 4)."""
+    dts_steps: int = 1000
+    """dense_to_sparse: optimizer steps to go from all experts per token to top_k."""
+    dts_start_temperature: float = 2.0
+    """dense_to_sparse: softmax temperature at the start (high: nearly uniform over experts)."""
+    dts_end_temperature: float = 1.0
+    """dense_to_sparse: softmax temperature at the end of the schedule and after."""
     z_loss_coef: float = 0.001
     """Weight of the router z-loss, mean(logsumexp(logits)^2)."""
     capacity_factor: Optional[float] = None
@@ -58,6 +75,23 @@ class MoEConfig:
         require(self.num_shared_experts >= 0, "model.moe.num_shared_experts must be >= 0")
         require(self.every >= 1, f"model.moe.every={self.every} must be >= 1")
         require(self.first_dense_layers >= 0, "model.moe.first_dense_layers must be >= 0")
+        require(self.router != "switch" or self.top_k == 1,
+                f"model.moe.router=switch routes each token to one expert: set model.moe.top_k=1 (got {self.top_k})")
+        require(0 <= self.jitter < 1, f"model.moe.jitter={self.jitter} must be in [0, 1)")
+        require(self.jitter == 0 or self.router == "switch", "model.moe.jitter applies to router=switch only")
+        require(self.bias_update_rate >= 0, "model.moe.bias_update_rate must be >= 0")
+        require(self.n_groups >= 1 and self.num_experts % self.n_groups == 0,
+                f"model.moe.n_groups={self.n_groups} must divide model.moe.num_experts={self.num_experts}")
+        require(1 <= self.topk_groups <= self.n_groups,
+                f"model.moe.topk_groups={self.topk_groups} must be between 1 and n_groups={self.n_groups}")
+        require(self.n_groups == 1 or self.router == "sigmoid_bias",
+                "model.moe.n_groups (group-limited routing) applies to router=sigmoid_bias only")
+        require(self.top_k <= self.topk_groups * (self.num_experts // self.n_groups),
+                f"model.moe.top_k={self.top_k} exceeds the experts of topk_groups={self.topk_groups} groups")
+        require(self.dts_steps >= 1 and self.dts_start_temperature > 0 and self.dts_end_temperature > 0,
+                "model.moe.dts_steps must be >= 1 and the dts temperatures > 0")
+        require(self.router != "expert_choice" or self.balance_loss == "batch",
+                "model.moe.router=expert_choice is balanced by construction: balance_loss=sequence has no meaning")
         require(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0,
                 "model.moe.aux_loss_coef and model.moe.z_loss_coef must be >= 0")
 

@@ -20,7 +20,8 @@ from .config import MoEConfig
 from .experts import GroupedExperts
 from .layers import SwiGLU
 from .permutation import expert_capacity, permute, plan_permutation, unpermute
-from .router import TopKRouter, load_balance_loss, router_z_loss
+from .router import Routing, load_balance_loss, router_entropy, router_z_loss, sequence_balance_loss
+from .routers import build_router
 
 
 class TokenExchange(Protocol):
@@ -58,13 +59,15 @@ class MoEStats:
     """Unweighted load-balancing loss (1.0 is balanced); has a gradient."""
     z_loss: Tensor
     """Unweighted router z-loss; has a gradient."""
+    entropy: Tensor
+    """Mean entropy of the router's distribution over experts, this rank's tokens (no gradient)."""
 
 
 class MoE(nn.Module):
     def __init__(self, dim: int, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.renormalize)
+        self.router = build_router(dim, cfg)
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.ffn_dim, cfg.expert_compute)
         self.shared_experts: Optional[SwiGLU] = (
             SwiGLU(dim, cfg.shared_hidden_dim) if cfg.num_shared_experts > 0 else None
@@ -73,11 +76,14 @@ class MoE(nn.Module):
 
     def forward(self, x_BTD: Tensor) -> tuple[Tensor, MoEStats]:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-        routing = self.router(x_ND)
-        capacity = None
-        if self.cfg.capacity_factor is not None:
-            capacity = expert_capacity(x_ND.shape[0], self.cfg.top_k, self.cfg.num_experts, self.cfg.capacity_factor)
-        perm = plan_permutation(routing.expert_index_TK, self.cfg.num_experts, capacity)
+        routing = self.router(x_BTD)
+        perm = routing.permutation
+        if perm is None:
+            capacity = None
+            if self.cfg.capacity_factor is not None:
+                k = routing.expert_index_TK.shape[1]  # dense_to_sparse changes k during its schedule
+                capacity = expert_capacity(x_ND.shape[0], k, self.cfg.num_experts, self.cfg.capacity_factor)
+            perm = plan_permutation(routing.expert_index_TK, self.cfg.num_experts, capacity)
 
         # One small collective: global routed counts (for the aux loss and metrics) and drops.
         load = self.exchange.sum_over_batch(torch.cat([perm.routed_per_expert_E, perm.dropped.view(1)]))
@@ -88,13 +94,22 @@ class MoE(nn.Module):
             # Send rows in the compute dtype: half the all-to-all bytes of float32.
             x_rows_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
         y_SD = self.exchange.run_experts(permute(x_rows_ND, perm), perm.tokens_per_expert_E, self.experts)
-        y_ND = unpermute(y_SD, perm, routing.weight_TK).to(x_ND.dtype)
+        y_ND = unpermute(y_SD, perm, routing.weight).to(x_ND.dtype)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
         stats = MoEStats(
             tokens_per_expert_E=global_routed_E,
             dropped=global_dropped,
-            aux_loss=load_balance_loss(routing.probs_TE, global_routed_E),
+            aux_loss=self._balance_loss(routing, global_routed_E, x_BTD.shape[:2]),
             z_loss=router_z_loss(routing.logits_TE),
+            entropy=router_entropy(routing.probs_TE),
         )
         return y_ND.view_as(x_BTD), stats
+
+    def _balance_loss(self, routing: Routing, global_routed_E: Tensor, batch_shape: torch.Size) -> Tensor:
+        if routing.aux_loss is not None:
+            return routing.aux_loss
+        if self.cfg.balance_loss == "sequence":
+            B, S = batch_shape
+            return sequence_balance_loss(routing.probs_TE.view(B, S, -1), routing.expert_index_TK.view(B, S, -1))
+        return load_balance_loss(routing.probs_TE, global_routed_E)

@@ -75,11 +75,14 @@ def permute(x_TD: Tensor, perm: Permutation) -> Tensor:
     return x_TD.index_select(0, perm.token_index_S)
 
 
-def unpermute(y_SD: Tensor, perm: Permutation, weight_TK: Tensor) -> Tensor:
-    """Weight each copy's expert output by its router weight and sum into its token, in float32.
+def unpermute(y_SD: Tensor, perm: Permutation, weight: Tensor) -> Tensor:
+    """Weight each copy's expert output by its router weight and sum into its token, in float32 (float64
+    for float64 inputs).
 
-    A token whose copies were all dropped gets zeros (the residual carries it).
+    `weight` is indexed by `perm.copy_index_S` after flattening ([T, K] for token choice). A token whose
+    copies were all dropped (or that no expert chose) gets zeros: the residual carries it.
     """
-    weight_S = weight_TK.reshape(-1).index_select(0, perm.copy_index_S).float()
-    out_TD = y_SD.new_zeros(perm.num_tokens, y_SD.shape[-1], dtype=torch.float32)
-    return out_TD.index_add(0, perm.token_index_S, y_SD.float() * weight_S.unsqueeze(-1))
+    dtype = torch.promote_types(y_SD.dtype, torch.float32)
+    weight_S = weight.reshape(-1).index_select(0, perm.copy_index_S).to(dtype)
+    out_TD = y_SD.new_zeros(perm.num_tokens, y_SD.shape[-1], dtype=dtype)
+    return out_TD.index_add(0, perm.token_index_S, y_SD.to(dtype) * weight_S.unsqueeze(-1))
