@@ -145,7 +145,9 @@ class DenseToSparseRouter(Router):
         return min(1.0, int(self.steps_done) / self.steps)
 
     def current_top_k(self) -> int:
-        return round(self.num_experts - (self.num_experts - self.top_k) * self.progress())
+        """Falls linearly from num_experts, reaching top_k exactly at the end of the schedule."""
+        done = min(int(self.steps_done), self.steps)
+        return self.num_experts - (self.num_experts - self.top_k) * done // self.steps
 
     def temperature(self) -> float:
         return self.start_temperature + (self.end_temperature - self.start_temperature) * self.progress()
