@@ -22,6 +22,9 @@ def losses(run_dir) -> dict[int, tuple]:
     (4, 2, []),  # each expert replicated on 2 ranks
     (4, 2, ["schedule.grad_sync=reduce_scatter"]),  # ZeRO-sharded optimizer state
     (2, 2, ["checkpoint.every=3", "checkpoint.async_save=true"]),  # background saves along the way
+    # Router state lives in buffers: the expert biases, and the dense-to-sparse schedule's position.
+    (2, 2, ["model.moe.router=sigmoid_bias", "model.moe.bias_update_rate=0.01"]),
+    (2, 2, ["model.moe.router=dense_to_sparse", "model.moe.dts_steps=16"]),
 ])
 def test_stop_and_resume_is_bit_exact(tmp_path, small_corpus, nproc, ep, extra) -> None:
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 20})

@@ -50,6 +50,12 @@ def _expert_ids(model: nn.Module) -> set[int]:
     return {id(p) for m in expert_modules(model) for p in m.parameters()}
 
 
+def persistent_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """The model's saved state that is not a parameter, as live tensors DCP can load into in place."""
+    params = {name for name, _ in model.named_parameters()}
+    return {name: t for name, t in model.state_dict(keep_vars=True).items() if name not in params}
+
+
 def _state_dict(model: nn.Module, optim_states: dict[int, dict[str, Tensor]], pmesh: ParallelMesh,
                 with_rng: bool) -> dict[str, Any]:
     """The DCP state dict, over live tensors: DCP saves from them or loads into them in place."""
@@ -62,6 +68,9 @@ def _state_dict(model: nn.Module, optim_states: dict[int, dict[str, Tensor]], pm
         return t
 
     state: dict[str, Any] = {"model": {n: globalize(p.detach(), p) for n, p in model.named_parameters()}, "optim": {}}
+    buffers = persistent_buffers(model)
+    if buffers:  # router state (sigmoid_bias's expert biases, dense_to_sparse's schedule): replicated
+        state["buffers"] = buffers
     for name, p in model.named_parameters():
         if id(p) in optim_states:
             s = optim_states[id(p)]
@@ -246,7 +255,9 @@ def load_full_model(path: Path, model: nn.Module) -> dict[str, Any]:
     layout wrote it.
     """
     manifest = read_manifest(path)
-    state = {"model": {name: p.detach() for name, p in model.named_parameters()}}
+    state: dict[str, Any] = {"model": {name: p.detach() for name, p in model.named_parameters()}}
+    if persistent_buffers(model):
+        state["buffers"] = persistent_buffers(model)
     with warnings.catch_warnings():  # DCP warns that no process group exists: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path, no_dist=True)
