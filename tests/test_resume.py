@@ -135,7 +135,8 @@ def test_checkpoint_inspect_and_export(tmp_path, small_corpus) -> None:
 
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 2})
     run = tmp_path / "run"
-    moeyard_train(config, run, 2, "parallel.ep=2")
+    # sigmoid_bias: its expert biases are buffers that routing needs at inference, so the export has them.
+    moeyard_train(config, run, 2, "parallel.ep=2", "model.moe.router=sigmoid_bias", "model.moe.bias_update_rate=0.01")
     ckpt = run / "checkpoints" / "step_000002"
     moeyard = [sys.executable, "-m", "moeyard", "checkpoint"]
     shown = subprocess.run(moeyard + ["inspect", str(ckpt)], capture_output=True, text=True, timeout=120)
@@ -149,7 +150,8 @@ def test_checkpoint_inspect_and_export(tmp_path, small_corpus) -> None:
     tensors = load_file(str(out / "model.safetensors"))
     cfg_model = json.loads((out / "config.json").read_text())
     model = Transformer(ModelConfig(**{**cfg_model, "moe": MoEConfig(**cfg_model["moe"])}))
-    model.load_state_dict(tensors)
+    model.load_state_dict(tensors)  # strict: parameters and router buffers, nothing missing or extra
+    assert tensors["layers.1.ffn.router.expert_bias_E"].abs().max() > 0
     _, expected = final_parameters(run)
     for name, p in model.named_parameters():
         assert torch.equal(p, expected[name]), name

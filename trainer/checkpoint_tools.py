@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from moeyard.models import Transformer
 
-from .checkpoint import load_full_model
+from .checkpoint import load_full_model, persistent_buffers
 from .checkpoint_store import CheckpointError, read_manifest, verify
 from .config import Config, _build
 
@@ -67,7 +67,9 @@ def export_safetensors(path: Path, out_dir: Path) -> Path:
         model = Transformer(cfg.model)
     load_full_model(path, model)
     # safetensors refuses tensors that share memory (tied embeddings): store each name once, contiguous.
-    tensors = {name: p.detach().contiguous().clone() for name, p in model.named_parameters()}
+    # Router buffers (sigmoid_bias's expert biases) decide routing at inference too: they go along.
+    tensors = {name: t.detach().contiguous().clone()
+               for name, t in [*model.named_parameters(), *persistent_buffers(model).items()]}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"),
               metadata={"format": "pt", "moeyard_step": str(manifest["step"])})
