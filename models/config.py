@@ -53,7 +53,9 @@ class MoEConfig:
     """Weight of the router z-loss, mean(logsumexp(logits)^2)."""
     capacity_factor: Optional[float] = None
     """None: dropless. Otherwise each expert takes at most
-    ceil(capacity_factor * tokens * top_k / num_experts) copies per rank; the rest are dropped."""
+    ceil(capacity_factor * tokens * top_k / num_experts) copies of each rank's tokens; the rest are dropped
+    (so which copies drop depends on how the batch is split over ranks). expert_choice: the tokens each
+    expert takes from each sequence, ceil(capacity_factor * seq_len * top_k / num_experts); None means 1.0."""
     num_shared_experts: int = 0
     """Always-on experts applied to every token (DeepSeek/Qwen style)."""
     shared_ffn_dim: Optional[int] = None

@@ -55,6 +55,8 @@ class MoEStats:
     """Token copies the router sent to each expert, summed over all ranks (int64)."""
     dropped: Tensor
     """Copies dropped for capacity, summed over all ranks (int64)."""
+    unrouted: Tensor
+    """Tokens that reached no routed expert (all copies dropped, or no expert chose them), all ranks."""
     aux_loss: Tensor
     """Unweighted load-balancing loss (1.0 is balanced); has a gradient."""
     z_loss: Tensor
@@ -85,9 +87,12 @@ class MoE(nn.Module):
                 capacity = expert_capacity(x_ND.shape[0], k, self.cfg.num_experts, self.cfg.capacity_factor)
             perm = plan_permutation(routing.expert_index_TK, self.cfg.num_experts, capacity)
 
-        # One small collective: global routed counts (for the aux loss and metrics) and drops.
-        load = self.exchange.sum_over_batch(torch.cat([perm.routed_per_expert_E, perm.dropped.view(1)]))
-        global_routed_E, global_dropped = load[:-1], load[-1]
+        # One small collective: global routed counts (for the aux loss and metrics), drops, unrouted tokens.
+        reached = torch.zeros(perm.num_tokens, dtype=torch.bool, device=x_ND.device)
+        unrouted = perm.num_tokens - reached.index_fill_(0, perm.token_index_S, True).sum()
+        load = self.exchange.sum_over_batch(torch.cat([perm.routed_per_expert_E, perm.dropped.view(1),
+                                                       unrouted.view(1)]))
+        global_routed_E, global_dropped, global_unrouted = load[:-2], load[-2], load[-1]
 
         x_rows_ND = x_ND
         if torch.is_autocast_enabled(x_ND.device.type):
@@ -100,6 +105,7 @@ class MoE(nn.Module):
         stats = MoEStats(
             tokens_per_expert_E=global_routed_E,
             dropped=global_dropped,
+            unrouted=global_unrouted,
             aux_loss=self._balance_loss(routing, global_routed_E, x_BTD.shape[:2]),
             z_loss=router_z_loss(routing.logits_TE),
             entropy=router_entropy(routing.probs_TE),

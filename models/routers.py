@@ -103,7 +103,7 @@ class SigmoidBiasRouter(Router):
             choice_TE = self._limit_to_top_groups(choice_TE)
         expert_index_TK = choice_TE.topk(self.top_k, dim=-1).indices
         weight_TK = scores_TE.gather(1, expert_index_TK)
-        if self.renormalize:
+        if self.renormalize and self.top_k > 1:  # top-1 keeps its score, or the LM gradient would be cut
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)  # for the sequence-wise loss, entropy
         return Routing(weight_TK, probs_TE, logits_TE, expert_index_TK=expert_index_TK)

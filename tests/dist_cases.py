@@ -118,8 +118,17 @@ def step_gradients_match_single_process(rank: int, world: int, ep: int, micro_ba
     per_rank = 2
     tokens = torch.randint(0, 64, (world * per_rank, 17), generator=torch.Generator().manual_seed(5))
 
+    def prime_router_state(model) -> None:
+        """Mid-schedule and with biases, so the test is not only about the routers' starting state."""
+        for _, moe in model.moe_layers():
+            if router == "sigmoid_bias":
+                moe.router.expert_bias_E.copy_(torch.linspace(-0.05, 0.05, cfg.moe.num_experts))
+            if router == "dense_to_sparse":
+                moe.router.steps_done.fill_(2)  # 8 - 6 * 2 // 4 = 5 experts per token
+
     torch.manual_seed(0)
     reference = Transformer(cfg)
+    prime_router_state(reference)
     out = reference(tokens[:, :-1])
     lm = nnf.cross_entropy(out.logits_BTV.flatten(0, 1), tokens[:, 1:].flatten())
     (lm + out.aux_loss + out.z_loss).backward()
@@ -128,6 +137,7 @@ def step_gradients_match_single_process(rank: int, world: int, ep: int, micro_ba
     pmesh = build_mesh(ep, "cpu")
     torch.manual_seed(0)
     model = Transformer(cfg)
+    prime_router_state(model)
     apply_expert_parallel(model, pmesh)
     frozen = PlainSync(split_parameters(model), pmesh, torch.optim.SGD(model.parameters(), lr=0.0))
     result = train_step(model, frozen, tokens[rank * per_rank:(rank + 1) * per_rank], micro_batch_size=micro_batch_size,

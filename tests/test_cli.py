@@ -13,7 +13,7 @@ from runs import moeyard_train, read_metrics, write_config
 
 STEP_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
              "predicted_step_s", "expert_load",
-             "expert_load_balance", "dropped_fraction"}
+             "expert_load_balance", "dropped_fraction", "unrouted_fraction", "router"}
 
 
 def test_train_writes_metrics_tensorboard_and_checkpoints(tmp_path, small_corpus) -> None:

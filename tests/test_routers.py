@@ -117,6 +117,12 @@ def test_sequence_balance_loss_and_entropy_by_hand() -> None:
     probs = torch.tensor([[[0.75, 0.25], [0.25, 0.75]]])
     loss = sequence_balance_loss(probs, torch.tensor([[[0], [0]]]))
     assert loss.item() == pytest.approx(2 * (1.0 * 0.5 + 0.0 * 0.5))
+    # Two sequences, 3 experts, top-2: E * sum_e f_e P_e per sequence with f_e = count_e / (S * K), averaged.
+    probs = torch.tensor([[[0.5, 0.3, 0.2], [0.2, 0.5, 0.3]], [[0.6, 0.2, 0.2], [0.6, 0.3, 0.1]]])
+    chosen = torch.tensor([[[0, 1], [1, 2]], [[0, 1], [0, 1]]])
+    seq0 = 3 * (1 / 4 * 0.35 + 2 / 4 * 0.4 + 1 / 4 * 0.25)
+    seq1 = 3 * (2 / 4 * 0.6 + 2 / 4 * 0.25 + 0 * 0.15)
+    assert sequence_balance_loss(probs, chosen).item() == pytest.approx((seq0 + seq1) / 2)
     assert router_entropy(torch.full((3, 4), 0.25)).item() == pytest.approx(math.log(4))
 
 

@@ -52,8 +52,8 @@ def _expert_ids(model: nn.Module) -> set[int]:
 
 def persistent_buffers(model: nn.Module) -> dict[str, Tensor]:
     """The model's saved state that is not a parameter, as live tensors DCP can load into in place."""
-    params = {name for name, _ in model.named_parameters()}
-    return {name: t for name, t in model.state_dict(keep_vars=True).items() if name not in params}
+    saved = model.state_dict(keep_vars=True)  # persistent only; a tied weight is a parameter, not a buffer
+    return {name: b for name, b in model.named_buffers() if name in saved}
 
 
 def _state_dict(model: nn.Module, optim_states: dict[int, dict[str, Tensor]], pmesh: ParallelMesh,
@@ -256,8 +256,9 @@ def load_full_model(path: Path, model: nn.Module) -> dict[str, Any]:
     """
     manifest = read_manifest(path)
     state: dict[str, Any] = {"model": {name: p.detach() for name, p in model.named_parameters()}}
-    if persistent_buffers(model):
-        state["buffers"] = persistent_buffers(model)
+    buffers = persistent_buffers(model)
+    if buffers:
+        state["buffers"] = buffers
     with warnings.catch_warnings():  # DCP warns that no process group exists: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path, no_dist=True)

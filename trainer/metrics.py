@@ -37,6 +37,7 @@ def step_record(step: int, result: StepResult, lr: float, step_time_s: float,
         "expert_load": {str(layer): counts for layer, counts in result.expert_load.items()},
         "expert_load_balance": {str(layer): load_summary(c) for layer, c in result.expert_load.items()},
         "dropped_fraction": {str(layer): f for layer, f in result.dropped_fraction.items()},
+        "unrouted_fraction": {str(layer): f for layer, f in result.unrouted_fraction.items()},
         "router": {str(layer): values for layer, values in result.router.items()},
     }
 
@@ -97,6 +98,7 @@ class MetricsLogger:
             for key, value in record["expert_load_balance"][layer].items():
                 self.writer.add_scalar(f"moe/layer_{layer}/{key}", value, step)
             self.writer.add_scalar(f"moe/layer_{layer}/dropped_fraction", record["dropped_fraction"][layer], step)
+            self.writer.add_scalar(f"moe/layer_{layer}/unrouted_fraction", record["unrouted_fraction"][layer], step)
             self._expert_histogram(f"moe/layer_{layer}/expert_load", counts, step)
             for key, value in record["router"][layer].items():
                 if isinstance(value, list) and len(value) > 1:  # e.g. one bias per expert

@@ -37,6 +37,8 @@ class StepResult:
     """Per MoE layer: token copies routed to each expert over the global batch."""
     dropped_fraction: dict[int, float]
     """Per MoE layer: fraction of routed copies dropped for capacity."""
+    unrouted_fraction: dict[int, float]
+    """Per MoE layer: fraction of tokens that reached no routed expert (expert_choice, or capacity drops)."""
     router: dict[int, dict[str, float | list[float]]]
     """Per MoE layer: unweighted aux and z loss and router entropy of the global batch, plus the router's
     own state after the step (e.g. sigmoid_bias's expert biases)."""
@@ -63,6 +65,7 @@ def train_step(model: Transformer, sync: GradSync, batch_BT1: Tensor, *, micro_b
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # lm sum, aux, z  (this rank)
     load: dict[int, Tensor] = {}
     dropped: dict[int, Tensor] = {}
+    unrouted: dict[int, Tensor] = {}
     layer_sums: dict[int, Tensor] = {}  # aux, z, entropy per MoE layer (this rank, summed over micro-steps)
     for i, micro in enumerate(micro_batches):
         sync.begin_micro_step(last=i == len(micro_batches) - 1)  # earlier micro-steps only accumulate
@@ -76,6 +79,7 @@ def train_step(model: Transformer, sync: GradSync, batch_BT1: Tensor, *, micro_b
         for layer, stats in out.moe_stats.items():
             load[layer] = load.get(layer, 0) + stats.tokens_per_expert_E
             dropped[layer] = dropped.get(layer, 0) + stats.dropped
+            unrouted[layer] = unrouted.get(layer, 0) + stats.unrouted
             per_layer = torch.stack([stats.aux_loss.detach(), stats.z_loss.detach(), stats.entropy]).double()
             layer_sums[layer] = layer_sums.get(layer, 0) + per_layer
 
@@ -84,13 +88,15 @@ def train_step(model: Transformer, sync: GradSync, batch_BT1: Tensor, *, micro_b
     sums = torch.cat([sums, *(layer_sums[layer] for layer in layers)])
     dist.all_reduce(sums, group=pmesh.dp_group)  # global losses: the same on every rank, like the norm
     finite = bool(torch.isfinite(sums[:3]).all()) and bool(torch.isfinite(grad_norm))
+    # Router state as this step's forward used it (before the update below).
+    router_state = {layer: moe.router.extra_metrics() for layer, moe in model.moe_layers()}
     if finite:  # every rank takes the same decision from the same numbers
         sync.apply(lr, grad_clip, grad_norm)
         for layer, moe in model.moe_layers():  # stateful routers (biases, schedules) follow the global load
             moe.router.step_done(load[layer])
-    means = (sums[3:] / (pmesh.dp * len(micro_batches))).view(-1, 3).tolist()
-    router = {layer: {"aux_loss": m[0], "z_loss": m[1], "entropy": m[2], **moe.router.extra_metrics()}
-              for (layer, moe), m in zip(model.moe_layers(), means)}
+    means = dict(zip(layers, (sums[3:] / (pmesh.dp * len(micro_batches))).view(-1, 3).tolist()))
+    router = {layer: {"aux_loss": m[0], "z_loss": m[1], "entropy": m[2], **router_state[layer]}
+              for layer, m in means.items()}
     lm_loss = sums[0].item() / global_tokens
     aux_loss = sums[1].item() / (pmesh.dp * len(micro_batches))
     z_loss = sums[2].item() / (pmesh.dp * len(micro_batches))
@@ -99,5 +105,6 @@ def train_step(model: Transformer, sync: GradSync, batch_BT1: Tensor, *, micro_b
         grad_norm=grad_norm.item(), tokens=global_tokens, skipped=not finite,
         expert_load={layer: counts.tolist() for layer, counts in load.items()},
         dropped_fraction={layer: dropped[layer].item() / max(1, int(load[layer].sum())) for layer in load},
+        unrouted_fraction={layer: unrouted[layer].item() / global_tokens for layer in load},
         router=router,
     )
