@@ -5,6 +5,8 @@ Q head dim, F hidden dim of an FFN.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,7 +32,9 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, 
 def apply_rope(x_BHTQ: Tensor, cos_TQ: Tensor, sin_TQ: Tensor) -> Tensor:
     """Rotate pairs (x[2i], x[2i+1]) by the position's angle (the original RoFormer layout)."""
     T = x_BHTQ.shape[-2]
-    cos, sin = cos_TQ[:T].to(x_BHTQ.dtype), sin_TQ[:T].to(x_BHTQ.dtype)
+    if cos_TQ.dim() == 2:  # a table by position; otherwise already per token, [B, 1, T, Q/2]
+        cos_TQ, sin_TQ = cos_TQ[:T], sin_TQ[:T]
+    cos, sin = cos_TQ.to(x_BHTQ.dtype), sin_TQ.to(x_BHTQ.dtype)
     x_even, x_odd = x_BHTQ[..., 0::2], x_BHTQ[..., 1::2]
     rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
     return rotated.flatten(-2)
@@ -48,7 +52,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x_BTD: Tensor, cos_TQ: Tensor, sin_TQ: Tensor) -> Tensor:
+    def forward(self, x_BTD: Tensor, cos_TQ: Tensor, sin_TQ: Tensor, mask_B1TT: Optional[Tensor] = None) -> Tensor:
+        """`mask_B1TT` (True = may attend) replaces the plain causal mask, e.g. to keep packed examples apart."""
         B, T, _ = x_BTD.shape
         q_BHTQ = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k_BKTQ = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -56,7 +61,8 @@ class Attention(nn.Module):
         q_BHTQ = apply_rope(q_BHTQ, cos_TQ, sin_TQ)
         k_BKTQ = apply_rope(k_BKTQ, cos_TQ, sin_TQ)
         out_BHTQ = F.scaled_dot_product_attention(
-            q_BHTQ, k_BKTQ, v_BKTQ, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads
+            q_BHTQ, k_BKTQ, v_BKTQ, attn_mask=mask_B1TT, is_causal=mask_B1TT is None,
+            enable_gqa=self.n_heads != self.n_kv_heads,
         )
         return self.wo(out_BHTQ.transpose(1, 2).reshape(B, T, -1))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -39,8 +39,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn: nn.Module = MoE(cfg.dim, cfg.moe) if cfg.is_moe_layer(layer) else SwiGLU(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEStats | None]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor,
+                mask_B1TT: Optional[Tensor] = None) -> tuple[Tensor, MoEStats | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask_B1TT)
         h_BTD = self.ffn_norm(x_BTD)
         if isinstance(self.ffn, MoE):
             y_BTD, stats = self.ffn(h_BTD)
@@ -80,26 +81,48 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
+    def _segment_tables(self, segment_BT: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        position_BT = segment_positions(segment_BT)
+        cos, sin = self.rope_cos[position_BT].unsqueeze(1), self.rope_sin[position_BT].unsqueeze(1)
+        T = segment_BT.shape[1]
+        causal_TT = torch.ones(T, T, dtype=torch.bool, device=segment_BT.device).tril()
+        same_BTT = segment_BT[:, :, None] == segment_BT[:, None, :]
+        return cos, sin, (causal_TT & same_BTT).unsqueeze(1)
+
     def moe_layers(self) -> Iterator[tuple[int, MoE]]:
         for i, block in enumerate(self.layers):
             if isinstance(block.ffn, MoE):
                 yield i, block.ffn
 
-    def forward(self, tokens_BT: Tensor) -> ModelOutput:
+    def forward(self, tokens_BT: Tensor, segment_BT: Optional[Tensor] = None) -> ModelOutput:
+        """`segment_BT` (packed SFT rows): tokens attend only within their own segment, and positions
+        restart at 0 in each, so a packed example computes exactly what it would alone."""
         T = tokens_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x_BTD = self.tok_embeddings(tokens_BT)
+        cos, sin, mask_B1TT = self.rope_cos, self.rope_sin, None
+        if segment_BT is not None:
+            cos, sin, mask_B1TT = self._segment_tables(segment_BT)
         aux_loss = z_loss = x_BTD.new_zeros((), dtype=torch.float32)
         moe_stats: dict[int, MoEStats] = {}
         for i, block in enumerate(self.layers):
-            x_BTD, stats = block(x_BTD, self.rope_cos, self.rope_sin)
+            x_BTD, stats = block(x_BTD, cos, sin, mask_B1TT)
             if stats is not None:
                 moe_stats[i] = stats
                 aux_loss = aux_loss + self.cfg.moe.aux_loss_coef * stats.aux_loss
                 z_loss = z_loss + self.cfg.moe.z_loss_coef * stats.z_loss
         logits_BTV = self.output(self.norm(x_BTD))
         return ModelOutput(logits_BTV, aux_loss, z_loss, moe_stats)
+
+
+def segment_positions(segment_BT: Tensor) -> Tensor:
+    """Position of each token within its segment: 0 where a segment starts."""
+    B, T = segment_BT.shape
+    index_BT = torch.arange(T, device=segment_BT.device).expand(B, T)
+    starts_BT = torch.ones_like(segment_BT, dtype=torch.bool)
+    starts_BT[:, 1:] = segment_BT[:, 1:] != segment_BT[:, :-1]
+    return index_BT - torch.where(starts_BT, index_BT, 0).cummax(dim=1).values
 
 
 def expert_modules(model: nn.Module) -> Iterator[GroupedExperts]:
