@@ -114,8 +114,8 @@ def cmd_slurm(args: argparse.Namespace) -> int:
                    layout=args.layout, partition=args.partition, time=args.time, account=args.account,
                    signal_lead_s=args.signal_lead, max_restarts=args.max_restarts,
                    job_name=f"moeyard-{cfg.run.name}", cpus_per_task=args.cpus_per_task,
-                   data_paths=_data_paths(cfg), cache_dir=default_cache_root().resolve(), container_image=args.container_image,
-                   apptainer_image=args.apptainer)
+                   data_paths=_data_paths(cfg), cache_dir=default_cache_root().resolve(),
+                   container_image=args.container_image, apptainer_image=args.apptainer)
     script = render_sbatch(job)
     validate_for_world(cfg, job.world_size)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the folder of --output

@@ -31,6 +31,15 @@ from .permutation import Permutation
 from .router import Router, Routing
 
 
+def top_k_weights(probs_TE: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    """(weights, expert ids) of each token's k most probable experts, optionally rescaled to sum to one.
+    Not for k=1: p/p == 1 would cut the language-model gradient to the router (Switch keeps p)."""
+    weight_TK, expert_index_TK = probs_TE.topk(k, dim=-1)
+    if renormalize and k > 1:
+        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+    return weight_TK, expert_index_TK
+
+
 class TopKRouter(Router):
     """Softmax then top-k (topk_softmax), or top-1 with jitter (switch)."""
 
@@ -46,10 +55,7 @@ class TopKRouter(Router):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
-        weight_TK, expert_index_TK = probs_TE.topk(self.top_k, dim=-1)
-        if self.renormalize and self.top_k > 1:
-            # Not for top-1: p/p == 1 would cut the language-model gradient to the router (Switch keeps p).
-            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        weight_TK, expert_index_TK = top_k_weights(probs_TE, self.top_k, self.renormalize)
         return Routing(weight_TK, probs_TE, logits_TE, expert_index_TK=expert_index_TK)
 
 
@@ -141,24 +147,25 @@ class DenseToSparseRouter(Router):
         self.end_temperature = end_temperature
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64))  # resumes with the run
 
-    def progress(self) -> float:
-        return min(1.0, int(self.steps_done) / self.steps)
+    def schedule(self) -> tuple[int, float]:
+        """(experts per token, temperature) now. k falls linearly from num_experts and reaches top_k exactly
+        at the end of the schedule. Reads the step buffer once (a host sync on GPU)."""
+        done = min(int(self.steps_done), self.steps)
+        k = self.num_experts - (self.num_experts - self.top_k) * done // self.steps
+        temperature = self.start_temperature + (self.end_temperature - self.start_temperature) * done / self.steps
+        return k, temperature
 
     def current_top_k(self) -> int:
-        """Falls linearly from num_experts, reaching top_k exactly at the end of the schedule."""
-        done = min(int(self.steps_done), self.steps)
-        return self.num_experts - (self.num_experts - self.top_k) * done // self.steps
+        return self.schedule()[0]
 
     def temperature(self) -> float:
-        return self.start_temperature + (self.end_temperature - self.start_temperature) * self.progress()
+        return self.schedule()[1]
 
     def forward(self, x_BSD: Tensor) -> Routing:
+        k, temperature = self.schedule()
         logits_TE = self.logits(x_BSD.reshape(-1, x_BSD.shape[-1]))
-        probs_TE = (logits_TE / self.temperature()).softmax(dim=-1)
-        k = self.current_top_k()
-        weight_TK, expert_index_TK = probs_TE.topk(k, dim=-1)
-        if self.renormalize and k > 1:
-            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        probs_TE = (logits_TE / temperature).softmax(dim=-1)
+        weight_TK, expert_index_TK = top_k_weights(probs_TE, k, self.renormalize)
         return Routing(weight_TK, probs_TE, logits_TE, expert_index_TK=expert_index_TK)
 
     @torch.no_grad()
@@ -166,7 +173,8 @@ class DenseToSparseRouter(Router):
         self.steps_done += 1
 
     def extra_metrics(self) -> dict[str, list[float]]:
-        return {"experts_per_token": [float(self.current_top_k())], "temperature": [self.temperature()]}
+        k, temperature = self.schedule()
+        return {"experts_per_token": [float(k)], "temperature": [temperature]}
 
 
 def build_router(dim: int, cfg: MoEConfig) -> Router:

@@ -39,8 +39,9 @@ def write_config(path: Path, corpus: Path, **sections: dict[str, Any]) -> Path:
     return path
 
 
-def moeyard_train(config: Path, run_dir: Path, nproc: int, *overrides: str,
-                  timeout_s: float = 300) -> subprocess.CompletedProcess:
+def run_moeyard_train(config: Path, run_dir: Path, nproc: int, *overrides: str,
+                      timeout_s: float = 300) -> subprocess.CompletedProcess:
+    """`moeyard train` as a user runs it, whatever its exit code."""
     cmd = [sys.executable, "-m", "moeyard", "train", str(config), "--nproc", str(nproc),
            "--set", f"run.dir={run_dir}", "--set", "parallel.timeout_s=120"]
     for assignment in overrides:
@@ -48,10 +49,16 @@ def moeyard_train(config: Path, run_dir: Path, nproc: int, *overrides: str,
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "MOEYARD_CACHE": str(run_dir.parent / "cache")}  # profiles measured fresh, never from a user's cache
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired as err:
         raise AssertionError(f"`{' '.join(cmd)}` did not finish within {timeout_s:.0f} s:\n{err.stderr}") from None
-    assert proc.returncode == 0, f"`{' '.join(cmd)}` failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+
+
+def moeyard_train(config: Path, run_dir: Path, nproc: int, *overrides: str,
+                  timeout_s: float = 300) -> subprocess.CompletedProcess:
+    """`moeyard train` that must succeed."""
+    proc = run_moeyard_train(config, run_dir, nproc, *overrides, timeout_s=timeout_s)
+    assert proc.returncode == 0, f"`{' '.join(proc.args)}` failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc
 
 

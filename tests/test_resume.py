@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from runs import final_parameters, moeyard_train, read_metrics, write_config
+from runs import final_parameters, moeyard_train, read_metrics, run_moeyard_train, write_config
 
 LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm")
 
@@ -83,22 +83,19 @@ def test_damaged_newest_checkpoint_is_reported_and_skipped(tmp_path, small_corpu
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
     # Asked for by path, a damaged checkpoint is an error, not a silent fallback.
     _damage(run / "checkpoints" / "step_000006", how)
-    explicit = subprocess.run(
-        [sys.executable, "-m", "moeyard", "train", str(config), "--nproc", "1", "--set", "parallel.ep=1",
-         "--set", f"run.dir={tmp_path / 'other'}", "--resume", str(run / "checkpoints" / "step_000006")],
-        capture_output=True, text=True, timeout=300)
+    explicit = run_moeyard_train(config, tmp_path / "other", 1, "parallel.ep=1",
+                                 f"checkpoint.resume={run / 'checkpoints' / 'step_000006'}")
     assert explicit.returncode != 0
     assert "step_000006" in explicit.stderr and ("truncated" in explicit.stderr or "sha256" in explicit.stderr)
+
+
+DIVERGE = ("optim.lr=1e30", "optim.warmup_steps=0", "train.grad_clip=0")  # non-finite within a step or two
 
 
 def test_nonfinite_stop_saves_the_last_good_state_and_says_why(tmp_path, small_corpus) -> None:
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 10})
     run = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "moeyard", "train", str(config), "--nproc", "1", "--set", "parallel.ep=1",
-         "--set", f"run.dir={run}", "--set", "optim.lr=1e30", "--set", "optim.warmup_steps=0",
-         "--set", "train.grad_clip=0", "--set", "train.nonfinite=stop"],
-        capture_output=True, text=True, timeout=300)
+    proc = run_moeyard_train(config, run, 1, "parallel.ep=1", *DIVERGE, "train.nonfinite=stop")
     assert proc.returncode == 3, proc.stderr
     assert "non-finite loss or gradient at step" in proc.stderr and "saved the last good state" in proc.stderr
     metrics = read_metrics(run)
@@ -109,21 +106,15 @@ def test_nonfinite_stop_saves_the_last_good_state_and_says_why(tmp_path, small_c
     newest = CheckpointStore(run / "checkpoints").newest_intact().path
     assert verify(newest)["step"] == bad["step"] - 1
     # A restart (torchrun would make one) refuses to repeat the stop, and says how to go on.
-    again = subprocess.run(
-        [sys.executable, "-m", "moeyard", "train", str(config), "--nproc", "1", "--set", "parallel.ep=1",
-         "--set", f"run.dir={run}"], capture_output=True, text=True, timeout=300)
+    again = run_moeyard_train(config, run, 1, "parallel.ep=1")
     assert again.returncode != 0 and "STOPPED_NONFINITE" in again.stderr
 
 
 def test_nonfinite_skip_counts_and_gives_up_after_max_skipped_steps_with_zero(tmp_path, small_corpus) -> None:
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 10})
     run = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "moeyard", "train", str(config), "--nproc", "2", "--set", "parallel.ep=2",
-         "--set", f"run.dir={run}", "--set", "optim.lr=1e30", "--set", "optim.warmup_steps=0",
-         "--set", "train.grad_clip=0", "--set", "train.max_skipped_steps=3",
-         "--set", "schedule.grad_sync=reduce_scatter"],
-        capture_output=True, text=True, timeout=300)
+    proc = run_moeyard_train(config, run, 2, "parallel.ep=2", *DIVERGE, "train.max_skipped_steps=3",
+                             "schedule.grad_sync=reduce_scatter")
     assert proc.returncode != 0 and "non-finite loss or gradient" in proc.stderr
     skipped = [m["skipped_steps"] for m in read_metrics(run)]
     assert skipped[-3:] == [1, 2, 3]

@@ -41,7 +41,7 @@ class StepResult:
     """Per MoE layer: fraction of tokens that reached no routed expert (expert_choice, or capacity drops)."""
     router: dict[int, dict[str, float | list[float]]]
     """Per MoE layer: unweighted aux and z loss and router entropy of the global batch, plus the router's
-    own state after the step (e.g. sigmoid_bias's expert biases)."""
+    own state as this step's forward used it (e.g. sigmoid_bias's expert biases)."""
     skipped: bool = False
     """The loss or a gradient was NaN/inf: parameters and optimizer state were left unchanged."""
 
@@ -63,9 +63,7 @@ def train_step(model: Transformer, sync: GradSync, batch_BT1: Tensor, *, micro_b
 
     sync.zero_grad()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # lm sum, aux, z  (this rank)
-    load: dict[int, Tensor] = {}
-    dropped: dict[int, Tensor] = {}
-    unrouted: dict[int, Tensor] = {}
+    counts: dict[int, Tensor] = {}  # per MoE layer: copies routed to each expert, dropped, unrouted (global)
     layer_sums: dict[int, Tensor] = {}  # aux, z, entropy per MoE layer (this rank, summed over micro-steps)
     for i, micro in enumerate(micro_batches):
         sync.begin_micro_step(last=i == len(micro_batches) - 1)  # earlier micro-steps only accumulate
@@ -77,14 +75,13 @@ def train_step(model: Transformer, sync: GradSync, batch_BT1: Tensor, *, micro_b
         (lm_sum * lm_scale + router_loss).backward()
         sums += torch.stack([lm_sum.detach(), out.aux_loss.detach(), out.z_loss.detach()]).double()
         for layer, stats in out.moe_stats.items():
-            load[layer] = load.get(layer, 0) + stats.tokens_per_expert_E
-            dropped[layer] = dropped.get(layer, 0) + stats.dropped
-            unrouted[layer] = unrouted.get(layer, 0) + stats.unrouted
+            counted = torch.cat([stats.tokens_per_expert_E, stats.dropped.view(1), stats.unrouted.view(1)])
+            counts[layer] = counts.get(layer, 0) + counted
             per_layer = torch.stack([stats.aux_loss.detach(), stats.z_loss.detach(), stats.entropy]).double()
             layer_sums[layer] = layer_sums.get(layer, 0) + per_layer
 
     grad_norm = sync.reduce()  # waits for (or runs) the gradient reduction
-    layers = sorted(layer_sums)
+    layers = sorted(counts)
     sums = torch.cat([sums, *(layer_sums[layer] for layer in layers)])
     dist.all_reduce(sums, group=pmesh.dp_group)  # global losses: the same on every rank, like the norm
     finite = bool(torch.isfinite(sums[:3]).all()) and bool(torch.isfinite(grad_norm))
@@ -93,18 +90,21 @@ def train_step(model: Transformer, sync: GradSync, batch_BT1: Tensor, *, micro_b
     if finite:  # every rank takes the same decision from the same numbers
         sync.apply(lr, grad_clip, grad_norm)
         for layer, moe in model.moe_layers():  # stateful routers (biases, schedules) follow the global load
-            moe.router.step_done(load[layer])
-    means = dict(zip(layers, (sums[3:] / (pmesh.dp * len(micro_batches))).view(-1, 3).tolist()))
-    router = {layer: {"aux_loss": m[0], "z_loss": m[1], "entropy": m[2], **router_state[layer]}
-              for layer, m in means.items()}
-    lm_loss = sums[0].item() / global_tokens
-    aux_loss = sums[1].item() / (pmesh.dp * len(micro_batches))
-    z_loss = sums[2].item() / (pmesh.dp * len(micro_batches))
+            moe.router.step_done(counts[layer][:-2])
+
+    # Everything the record needs, in two host transfers.
+    micro_steps = pmesh.dp * len(micro_batches)
+    totals = sums.tolist()
+    rows = dict(zip(layers, torch.stack([counts[layer] for layer in layers]).tolist())) if layers else {}
+    lm_loss, aux_loss, z_loss = totals[0] / global_tokens, totals[1] / micro_steps, totals[2] / micro_steps
+    router = {layer: {"aux_loss": totals[3 + 3 * i] / micro_steps, "z_loss": totals[4 + 3 * i] / micro_steps,
+                      "entropy": totals[5 + 3 * i] / micro_steps, **router_state[layer]}
+              for i, layer in enumerate(layers)}
     return StepResult(
         loss=lm_loss + aux_loss + z_loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss,
         grad_norm=grad_norm.item(), tokens=global_tokens, skipped=not finite,
-        expert_load={layer: counts.tolist() for layer, counts in load.items()},
-        dropped_fraction={layer: dropped[layer].item() / max(1, int(load[layer].sum())) for layer in load},
-        unrouted_fraction={layer: unrouted[layer].item() / global_tokens for layer in load},
+        expert_load={layer: row[:-2] for layer, row in rows.items()},
+        dropped_fraction={layer: row[-2] / max(1, sum(row[:-2])) for layer, row in rows.items()},
+        unrouted_fraction={layer: row[-1] / global_tokens for layer, row in rows.items()},
         router=router,
     )
