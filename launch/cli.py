@@ -24,7 +24,7 @@ from moeyard.trainer.data import DataError, default_cache_root, ensure_corpus, p
 from moeyard.trainer.checkpoint_store import CheckpointError
 from moeyard.trainer.loop import NonFiniteStop, holds_a_run
 
-from .env import LaunchError, single_process
+from .env import LaunchError, in_slurm_step, single_process
 from .torchrun import Nodes, launch_workers
 from .worker import add_overrides
 
@@ -40,7 +40,7 @@ def _node_rank(given: Optional[int], nnodes: int) -> int:
     """--node-rank, or under srun (one task per node) Slurm's node index."""
     if given is not None:
         return given
-    if nnodes > 1 and "SLURM_STEP_ID" in os.environ and "SLURM_NODEID" in os.environ:
+    if nnodes > 1 and in_slurm_step(os.environ) and "SLURM_NODEID" in os.environ:
         return int(os.environ["SLURM_NODEID"])
     return 0
 

@@ -100,13 +100,19 @@ def scontrol_hostnames(nodelist: str) -> list[str]:
     return proc.stdout.split()
 
 
+def in_slurm_step(env: Mapping[str, str]) -> bool:
+    """Started by srun (a job step), not the batch script itself, which has SLURM_PROCID but no step id."""
+    return "SLURM_STEP_ID" in env and "SLURM_PROCID" in env
+
+
 def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
     """How many tasks Slurm placed on node `node_id`, from its compact form, e.g. `4(x2),3`."""
     counts: list[int] = []
     for part in tasks_per_node.split(","):
         match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
         if match is None:
-            raise LaunchError(f"cannot read SLURM_STEP_TASKS_PER_NODE={tasks_per_node!r}")
+            raise LaunchError(f"cannot read SLURM_STEP_TASKS_PER_NODE={tasks_per_node!r}: Slurm writes it like "
+                              f"'4(x2),3'; start the workers with srun and do not override it")
         counts += [int(match.group(1))] * int(match.group(2) or 1)
     if not 0 <= node_id < len(counts):
         raise LaunchError(f"SLURM_NODEID={node_id} is outside SLURM_STEP_TASKS_PER_NODE={tasks_per_node!r}")
@@ -223,14 +229,14 @@ def resolve_env(env: Optional[Mapping[str, str]] = None, *,
         return _from_torchrun(env)
     if "OMPI_COMM_WORLD_RANK" in env:
         return _from_mpi(env, _MPI_VARIABLES[0], mpi_world)
-    in_slurm_step = "SLURM_STEP_ID" in env and "SLURM_PROCID" in env  # the batch script itself has no step id
+    slurm_step = in_slurm_step(env)
     for names in _MPI_VARIABLES[1:]:
         # srun --mpi=pmi2/pmix sets PMI's rank equal to Slurm's: then Slurm's variables say more. A different
         # rank means an MPI launcher (Hydra, prterun) started its proxies with srun: the proxy's Slurm
         # variables describe the node, not the rank.
-        if names[0] in env and not (in_slurm_step and env[names[0]] == env["SLURM_PROCID"]):
+        if names[0] in env and not (slurm_step and env[names[0]] == env["SLURM_PROCID"]):
             return _from_mpi(env, names, mpi_world)
-    if in_slurm_step:
+    if slurm_step:
         return _from_slurm(env, hostnames)
     _check_not_half_set(env)
     return single_process()

@@ -103,7 +103,8 @@ def read_conversations(path: Path, skip_malformed: bool) -> tuple[list[list[dict
                         from None
                 skipped.append(problem)
     if not conversations:
-        raise DataError(f"{path} holds no usable conversation")
+        raise DataError(f"{path} holds no usable conversation: each line needs \"messages\" (with an assistant "
+                        f"turn), or \"prompt\" and \"completion\"")
     return conversations, skipped
 
 
