@@ -58,6 +58,8 @@ class MoEConfig:
     expert takes from each sequence, ceil(capacity_factor * seq_len * top_k / num_experts); None means 1.0."""
     num_shared_experts: int = 0
     """Always-on experts applied to every token (DeepSeek/Qwen style)."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output per token by sigmoid(a learned linear score) (Qwen2-MoE)."""
     shared_ffn_dim: Optional[int] = None
     """Hidden size of the fused shared expert; default ffn_dim * num_shared_experts."""
     every: int = 1
@@ -75,6 +77,8 @@ class MoEConfig:
         require(self.capacity_factor is None or self.capacity_factor > 0,
                 f"model.moe.capacity_factor={self.capacity_factor} must be > 0, or null for dropless")
         require(self.num_shared_experts >= 0, "model.moe.num_shared_experts must be >= 0")
+        require(not self.shared_expert_gate or self.num_shared_experts > 0,
+                "model.moe.shared_expert_gate needs model.moe.num_shared_experts >= 1")
         require(self.every >= 1, f"model.moe.every={self.every} must be >= 1")
         require(self.first_dense_layers >= 0, "model.moe.first_dense_layers must be >= 0")
         require(self.router != "switch" or self.top_k == 1,
@@ -111,6 +115,12 @@ class ModelConfig:
     n_heads: int = 4
     n_kv_heads: int = 2
     """Grouped-query attention: key/value heads shared by n_heads / n_kv_heads query heads."""
+    head_dim: Optional[int] = None
+    """Size of one attention head; null: dim / n_heads (Qwen3 sets it apart from dim)."""
+    attn_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2)."""
+    qk_norm: Literal["none", "head", "full"] = "none"
+    """RMSNorm of queries and keys before RoPE: per head (Qwen3) or over all heads together (OLMoE)."""
     ffn_dim: int = 512
     """Hidden size of the dense SwiGLU blocks."""
     max_seq_len: int = 256
@@ -123,19 +133,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             require(getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be >= 1")
-        require(self.dim % self.n_heads == 0,
-                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
-        require((self.dim // self.n_heads) % 2 == 0,
-                f"model.dim / model.n_heads = {self.dim // self.n_heads} must be even for RoPE")
+        if self.head_dim is None:
+            require(self.dim % self.n_heads == 0,
+                    f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: set model.head_dim")
+            self.head_dim = self.dim // self.n_heads
+        require(self.head_dim >= 2 and self.head_dim % 2 == 0,
+                f"model.head_dim={self.head_dim} must be even for RoPE")
         require(any(self.is_moe_layer(i) for i in range(self.n_layers)),
                 f"model.moe.first_dense_layers={self.moe.first_dense_layers} leaves no MoE block among "
                 f"model.n_layers={self.n_layers}: lower it")
         require(self.n_heads % self.n_kv_heads == 0,
                 f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
     def is_moe_layer(self, layer: int) -> bool:
         offset = layer - self.moe.first_dense_layers

@@ -5,7 +5,7 @@ Q head dim, F hidden dim of an FFN.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,22 +41,36 @@ def apply_rope(x_BHTQ: Tensor, cos_TQ: Tensor, sin_TQ: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention through scaled_dot_product_attention."""
+    """Causal grouped-query self-attention through scaled_dot_product_attention.
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int) -> None:
+    Options of published models: biases on q/k/v (Qwen2), and RMSNorm of queries and keys before RoPE,
+    per head (`qk_norm="head"`, Qwen3) or over all heads at once (`"full"`, OLMoE).
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool = False,
+                 qk_norm: Literal["none", "head", "full"] = "none", norm_eps: float = 1e-5) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = dim // n_heads
-        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.qk_norm = qk_norm
+        if qk_norm != "none":
+            per_head = qk_norm == "head"
+            self.q_norm = RMSNorm(head_dim if per_head else n_heads * head_dim, norm_eps)
+            self.k_norm = RMSNorm(head_dim if per_head else n_kv_heads * head_dim, norm_eps)
 
     def forward(self, x_BTD: Tensor, cos_TQ: Tensor, sin_TQ: Tensor, mask_B1TT: Optional[Tensor] = None) -> Tensor:
         """`mask_B1TT` (True = may attend) replaces the plain causal mask, e.g. to keep packed examples apart."""
         B, T, _ = x_BTD.shape
-        q_BHTQ = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BKTQ = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.wq(x_BTD), self.wk(x_BTD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BHTQ = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BKTQ = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":
+            q_BHTQ, k_BKTQ = self.q_norm(q_BHTQ), self.k_norm(k_BKTQ)
         v_BKTQ = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_BHTQ = apply_rope(q_BHTQ, cos_TQ, sin_TQ)
         k_BKTQ = apply_rope(k_BKTQ, cos_TQ, sin_TQ)

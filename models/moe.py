@@ -74,6 +74,7 @@ class MoE(nn.Module):
         self.shared_experts: Optional[SwiGLU] = (
             SwiGLU(dim, cfg.shared_hidden_dim) if cfg.num_shared_experts > 0 else None
         )
+        self.shared_gate: Optional[nn.Linear] = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
         self.exchange: TokenExchange = LocalExchange()
 
     def forward(self, x_BTD: Tensor) -> tuple[Tensor, MoEStats]:
@@ -101,7 +102,10 @@ class MoE(nn.Module):
         y_SD = self.exchange.run_experts(permute(x_rows_ND, perm), perm.tokens_per_expert_E, self.experts)
         y_ND = unpermute(y_SD, perm, routing.weight).to(x_ND.dtype)
         if self.shared_experts is not None:
-            y_ND = y_ND + self.shared_experts(x_ND)
+            shared_ND = self.shared_experts(x_ND)
+            if self.shared_gate is not None:
+                shared_ND = torch.sigmoid(self.shared_gate(x_ND)) * shared_ND
+            y_ND = y_ND + shared_ND
         stats = MoEStats(
             tokens_per_expert_E=global_routed_E,
             dropped=global_dropped,

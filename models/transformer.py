@@ -35,7 +35,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=cfg.attn_bias,
+                              qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn: nn.Module = MoE(cfg.dim, cfg.moe) if cfg.is_moe_layer(layer) else SwiGLU(cfg.dim, cfg.ffn_dim)
 
@@ -74,7 +75,9 @@ class Transformer(nn.Module):
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)  # RMSNorm gains
             elif name.endswith(("wo.weight", "w_down.weight", "w_down_EFD")):
                 nn.init.normal_(p, 0.0, residual_std)

@@ -1,0 +1,165 @@
+"""Hugging Face `config.json` <-> moeyard `ModelConfig`, for the families moeyard reads and writes.
+
+MoE families: mixtral, qwen2_moe (shared expert behind a sigmoid gate, q/k/v biases), qwen3_moe
+(per-head q/k norm, free head_dim), olmoe (q/k norm over all heads). Dense families, read for
+upcycling: llama, mistral, qwen2, qwen3. Reading needs no transformers; anything these files may say
+that moeyard's model does not compute (rope scaling, sliding windows, other activations, extra biases)
+is refused with the key that says it, rather than converted into a model that computes something else.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from moeyard.models import ConfigError, ModelConfig, MoEConfig
+
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+
+
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{hf_dir} has no config.json: pass a folder written by save_pretrained")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+
+
+def _get(hf: dict[str, Any], *names: str, default: Any = None) -> Any:
+    for name in names:
+        if hf.get(name) is not None:
+            return hf[name]
+    return default
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling")
+    kind = params.get("rope_type", "default")
+    if kind != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) != "default"):
+        raise ConfigError(f"rope scaling {params or scaling} is not supported: moeyard computes plain RoPE; "
+                          f"convert a checkpoint without rope_scaling")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _refuse(hf: dict[str, Any], family: str) -> None:
+    def no(condition: bool, what: str) -> None:
+        if condition:
+            raise ConfigError(f"{family} config: {what} is not supported by moeyard's model")
+
+    no(hf.get("hidden_act", "silu") != "silu", f"hidden_act={hf.get('hidden_act')!r} (only silu/SwiGLU)")
+    no(bool(hf.get("use_sliding_window")), "use_sliding_window=true")
+    window = hf.get("sliding_window")
+    no(family in ("mixtral", "mistral") and window is not None and window < hf.get("max_position_embeddings", 0),
+       f"sliding_window={window} below max_position_embeddings")
+    no(family in ("llama", "qwen3", "qwen3_moe", "olmoe") and bool(hf.get("attention_bias")),
+       "attention_bias=true (a bias on the output projection)")
+    no(bool(hf.get("mlp_bias")), "mlp_bias=true")
+    no(hf.get("clip_qkv") is not None, f"clip_qkv={hf.get('clip_qkv')}")
+
+
+def _moe_layers(hf: dict[str, Any], n_layers: int) -> tuple[int, int]:
+    """(first_dense_layers, every) reproducing Qwen's mlp_only_layers / decoder_sparse_step pattern."""
+    step = hf.get("decoder_sparse_step") or 1
+    mlp_only = set(hf.get("mlp_only_layers") or [])
+    sparse = [i not in mlp_only and (i + 1) % step == 0 for i in range(n_layers)]
+    for first in range(n_layers):
+        for every in range(1, n_layers + 1):
+            if sparse == [i >= first and (i - first) % every == 0 for i in range(n_layers)]:
+                return first, every
+    raise ConfigError(f"MoE layers {[i for i, s in enumerate(sparse) if s]} (mlp_only_layers={sorted(mlp_only)}, "
+                      f"decoder_sparse_step={step}) do not follow moeyard's first_dense_layers/every pattern")
+
+
+def family_of(hf: dict[str, Any], allowed: tuple[str, ...]) -> str:
+    family = hf.get("model_type")
+    if family not in allowed:
+        raise ConfigError(f"config.json model_type={family!r}: expected one of {', '.join(allowed)}")
+    return family
+
+
+def model_config_from_hf(hf: dict[str, Any], family: str, moe: MoEConfig) -> ModelConfig:
+    """The attention/embedding part common to every family, with `moe` for the MoE blocks."""
+    _refuse(hf, family)
+    qk_norm = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}.get(family, "none")
+    n_heads = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=_get(hf, "num_key_value_heads", default=n_heads), head_dim=hf.get("head_dim"),
+        attn_bias=family == "qwen2" or (family == "qwen2_moe" and hf.get("qkv_bias", True)), qk_norm=qk_norm,
+        ffn_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 4096),
+        rope_theta=_rope_theta(hf), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=hf.get("initializer_range", 0.02),
+        moe=moe,
+    )
+
+
+def moe_model_config(hf: dict[str, Any]) -> tuple[str, ModelConfig]:
+    """(family, ModelConfig) of an HF MoE checkpoint's config.json."""
+    family = family_of(hf, MOE_FAMILIES)
+    first, every = _moe_layers(hf, hf["num_hidden_layers"]) if family in ("qwen2_moe", "qwen3_moe") else (0, 1)
+    shared = hf.get("shared_expert_intermediate_size") or 0 if family == "qwen2_moe" else 0
+    moe = MoEConfig(
+        num_experts=_get(hf, "num_local_experts", "num_experts"), top_k=hf["num_experts_per_tok"],
+        ffn_dim=_get(hf, "moe_intermediate_size", "intermediate_size"),
+        renormalize=family == "mixtral" or bool(hf.get("norm_topk_prob", False)),
+        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)), z_loss_coef=0.0,
+        num_shared_experts=1 if shared else 0, shared_ffn_dim=shared or None, shared_expert_gate=bool(shared),
+        first_dense_layers=first, every=every,
+    )
+    return family, model_config_from_hf(hf, family, moe)
+
+
+def export_family(cfg: ModelConfig) -> str:
+    """The HF family that computes exactly what this moeyard model computes, or a ConfigError why none does."""
+    m = cfg.moe
+
+    def need(condition: bool, what: str) -> None:
+        if not condition:
+            raise ConfigError(f"no Hugging Face family computes this model: {what}")
+
+    need(m.router == "topk_softmax", f"model.moe.router={m.router} (only topk_softmax exists there)")
+    need(m.capacity_factor is None, "model.moe.capacity_factor is set (HF models are dropless)")
+    if cfg.qk_norm == "full":
+        need(not m.num_shared_experts and not cfg.attn_bias and m.first_dense_layers == 0 and m.every == 1,
+             "OLMoE has q/k norm over all heads, no shared expert, no biases, and MoE in every layer")
+        need(cfg.head_dim * cfg.n_heads == cfg.dim, "OLMoE needs head_dim * n_heads == dim")
+        return "olmoe"
+    if cfg.qk_norm == "head":
+        need(not m.num_shared_experts and not cfg.attn_bias, "Qwen3-MoE has no shared expert and no biases")
+        return "qwen3_moe"
+    need(cfg.head_dim * cfg.n_heads == cfg.dim, "head_dim * n_heads != dim needs q/k norm (Qwen3-MoE)")
+    if (m.renormalize and not m.num_shared_experts and not cfg.attn_bias and m.first_dense_layers == 0
+            and m.every == 1):
+        return "mixtral"
+    return "qwen2_moe"  # shared expert optional (a zero-width one stands in), biases optional, dense layers
+
+
+def hf_config_dict(cfg: ModelConfig, family: str) -> dict[str, Any]:
+    """config.json keys for `family` (transformers fills the rest with its defaults)."""
+    m = cfg.moe
+    common = dict(
+        model_type=family, architectures=[ARCHITECTURES[family]], vocab_size=cfg.vocab_size, hidden_size=cfg.dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", num_experts_per_tok=m.top_k,
+        router_aux_loss_coef=m.aux_loss_coef, initializer_range=cfg.init_std, torch_dtype="float32",
+    )
+    if family == "mixtral":
+        return {**common, "num_local_experts": m.num_experts, "intermediate_size": m.ffn_dim, "sliding_window": None}
+    if family == "olmoe":
+        return {**common, "num_experts": m.num_experts, "intermediate_size": m.ffn_dim,
+                "norm_topk_prob": m.renormalize, "clip_qkv": None}
+    sparse = [cfg.is_moe_layer(i) for i in range(cfg.n_layers)]
+    qwen = {**common, "num_experts": m.num_experts, "moe_intermediate_size": m.ffn_dim,
+            "intermediate_size": cfg.ffn_dim, "norm_topk_prob": m.renormalize, "decoder_sparse_step": 1,
+            "mlp_only_layers": [i for i, s in enumerate(sparse) if not s], "use_sliding_window": False}
+    if family == "qwen3_moe":
+        return {**qwen, "attention_bias": False}
+    return {**qwen, "qkv_bias": cfg.attn_bias, "shared_expert_intermediate_size": m.shared_hidden_dim}

@@ -1,0 +1,173 @@
+"""Hugging Face tensor names and layouts <-> moeyard parameters.
+
+Two layout differences matter. RoPE: HF rotates the pair (x[i], x[i + Q/2]) of a head, moeyard the pair
+(x[2i], x[2i+1]); permuting the rows of each head of the query and key projections (and their biases and
+norm gains) in the same way turns one into the other without changing any attention score. Experts: HF
+stores one [F, D] matrix per expert (or, in newer files, a fused [E, 2F, D] gate_up), moeyard a stacked
+[E, D, F] per projection.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from moeyard.models import ConfigError, ModelConfig
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class HFTensors:
+    """The safetensors of a save_pretrained folder, read lazily; remembers what was taken."""
+
+    def __init__(self, hf_dir: Path) -> None:
+        index = hf_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {key: hf_dir / name for key, name in weight_map.items()}
+        elif (hf_dir / "model.safetensors").is_file():
+            with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
+                self.files = {key: hf_dir / "model.safetensors" for key in f.keys()}
+        else:
+            pickled = [p.name for p in hf_dir.glob("*.bin")]
+            hint = f" (found {', '.join(pickled)}: pickled weights are not read; re-save with " \
+                   f"save_pretrained(safe_serialization=True))" if pickled else ""
+            raise ConfigError(f"{hf_dir} has no model.safetensors or model.safetensors.index.json{hint}")
+        self.taken: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def take(self, key: str) -> Tensor:
+        if key not in self.files:
+            raise ConfigError(f"tensor {key!r} is missing from the checkpoint: is config.json from the same model?")
+        self.taken.add(key)
+        with safe_open(str(self.files[key]), "pt") as f:
+            return f.get_tensor(key).float()
+
+    def leftovers(self) -> list[str]:
+        return sorted(k for k in self.files if k not in self.taken and not k.endswith(IGNORED_SUFFIXES))
+
+
+def rope_order(head_dim: int) -> Tensor:
+    """moeyard row r of a head is HF row rope_order[r]."""
+    half = torch.arange(head_dim // 2)
+    return torch.stack([half, half + head_dim // 2], dim=1).flatten()
+
+
+def _heads(t: Tensor, n_heads: int, head_dim: int, order: Tensor) -> Tensor:
+    return t.reshape(n_heads, head_dim, *t.shape[1:])[:, order].reshape(t.shape)
+
+
+def _attention_pairs(cfg: ModelConfig, i: int) -> Iterator[tuple[str, str, int]]:
+    """(moeyard name, HF name, heads whose rows are RoPE-permuted: 0 for none)."""
+    ours, hf = f"layers.{i}.attn", f"model.layers.{i}.self_attn"
+    yield f"{ours}.wq.weight", f"{hf}.q_proj.weight", cfg.n_heads
+    yield f"{ours}.wk.weight", f"{hf}.k_proj.weight", cfg.n_kv_heads
+    yield f"{ours}.wv.weight", f"{hf}.v_proj.weight", 0
+    yield f"{ours}.wo.weight", f"{hf}.o_proj.weight", 0
+    if cfg.attn_bias:
+        yield f"{ours}.wq.bias", f"{hf}.q_proj.bias", cfg.n_heads
+        yield f"{ours}.wk.bias", f"{hf}.k_proj.bias", cfg.n_kv_heads
+        yield f"{ours}.wv.bias", f"{hf}.v_proj.bias", 0
+    if cfg.qk_norm != "none":
+        per_head = cfg.qk_norm == "head"
+        yield f"{ours}.q_norm.weight", f"{hf}.q_norm.weight", 1 if per_head else cfg.n_heads
+        yield f"{ours}.k_norm.weight", f"{hf}.k_norm.weight", 1 if per_head else cfg.n_kv_heads
+    yield f"layers.{i}.attn_norm.weight", f"model.layers.{i}.input_layernorm.weight", 0
+    yield f"layers.{i}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight", 0
+
+
+def _mlp_pairs(ours: str, hf: str, names: tuple[str, str, str]) -> Iterator[tuple[str, str, int]]:
+    for our_name, hf_name in zip(("w_gate", "w_up", "w_down"), names):
+        yield f"{ours}.{our_name}.weight", f"{hf}.{hf_name}.weight", 0
+
+
+def _moe_prefix(family: str, i: int) -> tuple[str, tuple[str, str, str]]:
+    if family == "mixtral":
+        return f"model.layers.{i}.block_sparse_moe", ("w1", "w3", "w2")
+    return f"model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj")
+
+
+def plain_pairs(cfg: ModelConfig, family: str) -> Iterator[tuple[str, str, int]]:
+    """Every one-to-one tensor (all but the routed experts)."""
+    yield "tok_embeddings.weight", "model.embed_tokens.weight", 0
+    yield "norm.weight", "model.norm.weight", 0
+    if not cfg.tie_embeddings:
+        yield "output.weight", "lm_head.weight", 0
+    for i in range(cfg.n_layers):
+        yield from _attention_pairs(cfg, i)
+        if not cfg.is_moe_layer(i):
+            yield from _mlp_pairs(f"layers.{i}.ffn", f"model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj"))
+            continue
+        hf, _ = _moe_prefix(family, i)
+        yield f"layers.{i}.ffn.router.weight_ED", f"{hf}.gate.weight", 0
+        if cfg.moe.num_shared_experts and family == "qwen2_moe":
+            yield from _mlp_pairs(f"layers.{i}.ffn.shared_experts", f"{hf}.shared_expert",
+                                  ("gate_proj", "up_proj", "down_proj"))
+            if cfg.moe.shared_expert_gate:
+                yield f"layers.{i}.ffn.shared_gate.weight", f"{hf}.shared_expert_gate.weight", 0
+
+
+def _read_experts(src: HFTensors, hf: str, names: tuple[str, str, str], num_experts: int) -> list[Tensor]:
+    """[gate_EDF, up_EDF, down_EFD] from per-expert matrices or the fused 3-D layout."""
+    if f"{hf}.experts.gate_up_proj" in src:
+        gate_up_E2FD = src.take(f"{hf}.experts.gate_up_proj")
+        gate_EFD, up_EFD = gate_up_E2FD.chunk(2, dim=1)
+        return [gate_EFD.transpose(1, 2), up_EFD.transpose(1, 2), src.take(f"{hf}.experts.down_proj").transpose(1, 2)]
+    return [torch.stack([src.take(f"{hf}.experts.{e}.{n}.weight").t() for e in range(num_experts)])
+            for n in names]
+
+
+def hf_to_moeyard(src: HFTensors, cfg: ModelConfig, family: str) -> dict[str, Tensor]:
+    """moeyard parameters (full, unsharded) from an HF folder; refuses tensors it would not use."""
+    state: dict[str, Tensor] = {}
+    for ours, hf, heads in plain_pairs(cfg, family):
+        t = src.take(hf)
+        state[ours] = _heads(t, heads, t.shape[0] // heads, rope_order(t.shape[0] // heads)) if heads else t
+    for i in range(cfg.n_layers):
+        if cfg.is_moe_layer(i):
+            hf, names = _moe_prefix(family, i)
+            gate, up, down = _read_experts(src, hf, names, cfg.moe.num_experts)
+            state.update({f"layers.{i}.ffn.experts.w_gate_EDF": gate, f"layers.{i}.ffn.experts.w_up_EDF": up,
+                          f"layers.{i}.ffn.experts.w_down_EFD": down})
+    if leftovers := src.leftovers():
+        raise ConfigError(f"{len(leftovers)} tensors of the checkpoint have no place in the {family} model built "
+                          f"from its config.json, e.g. {leftovers[:3]}")
+    return state
+
+
+def moeyard_to_hf(state: dict[str, Tensor], cfg: ModelConfig, family: str) -> dict[str, Tensor]:
+    """HF tensors of `family` (see hf_config.export_family) computing what the moeyard model computes."""
+    out: dict[str, Tensor] = {}
+    for ours, hf, heads in plain_pairs(cfg, family):
+        t = state[ours]
+        if heads:
+            head_dim = t.shape[0] // heads
+            t = _heads(t, heads, head_dim, torch.argsort(rope_order(head_dim)))
+        out[hf] = t
+    m = cfg.moe
+    for i in range(cfg.n_layers):
+        if not cfg.is_moe_layer(i):
+            continue
+        hf, names = _moe_prefix(family, i)
+        stacked = [state[f"layers.{i}.ffn.experts.{w}"] for w in ("w_gate_EDF", "w_up_EDF", "w_down_EFD")]
+        for e in range(m.num_experts):
+            for name, w in zip(names, stacked):
+                out[f"{hf}.experts.{e}.{name}.weight"] = w[e].t()
+        if family != "qwen2_moe" or m.shared_expert_gate:
+            continue
+        # Qwen2-MoE always gates its shared expert by sigmoid(x @ g): g = 0 gives exactly 1/2, undone by
+        # doubling the down projection; with no shared expert at all, a zero-width one adds nothing.
+        out[f"{hf}.shared_expert_gate.weight"] = torch.zeros(1, cfg.dim)
+        if m.num_shared_experts:
+            out[f"{hf}.shared_expert.down_proj.weight"] = 2 * out[f"{hf}.shared_expert.down_proj.weight"]
+        else:
+            out[f"{hf}.shared_expert.gate_proj.weight"] = torch.zeros(0, cfg.dim)
+            out[f"{hf}.shared_expert.up_proj.weight"] = torch.zeros(0, cfg.dim)
+            out[f"{hf}.shared_expert.down_proj.weight"] = torch.zeros(cfg.dim, 0)
+    return {k: v.contiguous() for k, v in out.items()}

@@ -1,0 +1,104 @@
+"""Weights-only checkpoints: what `moeyard convert` writes and what `--init` starts a run from.
+
+The same folder format as a training checkpoint (DCP shards + manifest.json with sizes and sha256), with
+only the `model` (and router `buffers`) entries, step 0 and `"kind": "weights"`. Expert weights are
+global [E, ...] tensors, so `--init` loads them at any world size and ep. `--init` also accepts a
+training run's checkpoint: it then takes the weights and leaves optimizer state, step and RNG behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+
+from moeyard.models import ConfigError, ModelConfig, Transformer
+from moeyard.parallel import ParallelMesh
+
+from .checkpoint import _state_dict
+from .checkpoint_store import MANIFEST, CheckpointError, sha256, verify, write_durably
+from .config import Config, _build, to_dict
+
+
+def write_weights_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, out: Path,
+                             source: dict[str, Any]) -> Path:
+    """Check `state` against the model `model_cfg` builds, then write it to `out` (a new folder) atomically."""
+    if out.exists():
+        raise FileExistsError(f"{out} already exists: choose a new folder for the checkpoint")
+    with torch.device("meta"):
+        expected = {n: p.shape for n, p in Transformer(model_cfg).named_parameters()}
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{n}: {tuple(state[n].shape)} != {tuple(s)}" for n, s in expected.items()
+             if n in state and state[n].shape != s]
+    if missing or extra or wrong:
+        raise ConfigError(f"converted weights do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}, "
+                          f"wrong shapes {wrong[:3]}")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with warnings.catch_warnings():  # DCP warns that no process group exists: that is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": {n: t.contiguous() for n, t in state.items()}}, checkpoint_id=tmp, no_dist=True)
+    files = [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())]
+    manifest = {"kind": "weights", "step": 0, "samples": 0, "config_hash": "", "world_size": 1, "ep": 1,
+                "config": to_dict(Config(model=model_cfg)), "source": source, "files": files}
+    write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    os.replace(tmp, out)
+    return out
+
+
+def init_model_config(path: Path) -> dict[str, Any]:
+    """The model section recorded in a checkpoint, after checking every file of it."""
+    try:
+        return verify(path)["config"]["model"]
+    except CheckpointError as err:
+        raise ConfigError(f"--init {path}: {err}") from None
+
+
+def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | None, path: Path) -> dict[str, Any]:
+    """The checkpoint's model config; the user's config may change only what keeps the weights' shapes."""
+    merged = json.loads(json.dumps(init_model))
+    user_model = user_model or {}
+    shaped = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "attn_bias",
+              "qk_norm", "tie_embeddings")
+    shaped_moe = ("num_experts", "ffn_dim", "num_shared_experts", "shared_ffn_dim", "shared_expert_gate", "every",
+                  "first_dense_layers", "router")
+    for key, value in user_model.items():
+        if key == "moe" and isinstance(value, dict):
+            for k, v in value.items():
+                if k in shaped_moe and v != merged["moe"].get(k):
+                    raise ConfigError(f"model.moe.{k}={v!r} differs from the --init checkpoint {path} "
+                                      f"({merged['moe'].get(k)!r}): remove it from the config")
+                merged["moe"][k] = v
+            continue
+        if key in shaped and value != merged.get(key):
+            raise ConfigError(f"model.{key}={value!r} differs from the --init checkpoint {path} "
+                              f"({merged.get(key)!r}): remove it from the config")
+        merged[key] = value
+    return merged
+
+
+def load_init_weights(path: Path, model: nn.Module, pmesh: ParallelMesh, group: Any) -> None:
+    """Load the weights (and router buffers, when the checkpoint has them) into a possibly EP-sharded model.
+
+    Collective over `group`. Shapes are compared first, so a mismatch names the tensor.
+    """
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = _state_dict(model, {}, pmesh, with_rng=False)
+    del state["optim"]
+    if "buffers" in state and not any(k.startswith("buffers.") for k in meta):
+        del state["buffers"]  # e.g. a converted HF model starting a dense_to_sparse schedule afresh
+    for name, p in model.named_parameters():
+        md = meta.get(f"model.{name}")
+        full = tuple(p.shape) if not hasattr(state["model"][name], "full_tensor") else \
+            tuple(state["model"][name].shape)
+        if md is None or tuple(md.size) != full:
+            found = "missing" if md is None else f"shape {tuple(md.size)}"
+            raise CheckpointError(f"--init {path}: model.{name} is {found}, the model needs {full}")
+    dcp.load(state, checkpoint_id=path, process_group=group)
