@@ -5,6 +5,7 @@
     moeyard plan [CONFIG] [--world-size N] [--hardware FILE] [--set key=value ...]
     moeyard checkpoint inspect PATH | moeyard checkpoint export PATH --to DIR
     moeyard prepare SRC_DIR --out DATA_DIR [--glob '*.py']
+    moeyard convert from-hf|to-hf|upcycle ...   (launch/cli_convert.py)
 
 Everything that can be checked without workers (config, world size, run dir,
 corpus) is checked here first, so a mistake costs seconds, not a job.
@@ -24,6 +25,7 @@ from moeyard.trainer.data import DataError, default_cache_root, ensure_corpus, p
 from moeyard.trainer.checkpoint_store import CheckpointError
 from moeyard.trainer.loop import NonFiniteStop, holds_a_run
 
+from .cli_convert import add_convert_parser
 from .env import LaunchError, in_slurm_step, single_process
 from .torchrun import Nodes, launch_workers
 from .worker import add_overrides
@@ -246,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True, help="folder to create with the token shards")
     prepare.add_argument("--glob", default="*.py", help="which files to read (default: *.py)")
     prepare.set_defaults(func=cmd_prepare)
+    add_convert_parser(sub)
     return parser
 
 
@@ -253,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, LaunchError, CheckpointError, FileExistsError) as err:
+    except (ConfigError, DataError, LaunchError, CheckpointError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteStop as err:

@@ -93,15 +93,15 @@ def _moe_prefix(family: str, i: int) -> tuple[str, tuple[str, str, str]]:
     return f"model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj")
 
 
-def plain_pairs(cfg: ModelConfig, family: str) -> Iterator[tuple[str, str, int]]:
-    """Every one-to-one tensor (all but the routed experts)."""
+def plain_pairs(cfg: ModelConfig, family: str, dense: bool = False) -> Iterator[tuple[str, str, int]]:
+    """Every one-to-one tensor (all but the routed experts); `dense`: every layer has a dense MLP."""
     yield "tok_embeddings.weight", "model.embed_tokens.weight", 0
     yield "norm.weight", "model.norm.weight", 0
     if not cfg.tie_embeddings:
         yield "output.weight", "lm_head.weight", 0
     for i in range(cfg.n_layers):
         yield from _attention_pairs(cfg, i)
-        if not cfg.is_moe_layer(i):
+        if dense or not cfg.is_moe_layer(i):
             yield from _mlp_pairs(f"layers.{i}.ffn", f"model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj"))
             continue
         hf, _ = _moe_prefix(family, i)
@@ -123,14 +123,15 @@ def _read_experts(src: HFTensors, hf: str, names: tuple[str, str, str], num_expe
             for n in names]
 
 
-def hf_to_moeyard(src: HFTensors, cfg: ModelConfig, family: str) -> dict[str, Tensor]:
-    """moeyard parameters (full, unsharded) from an HF folder; refuses tensors it would not use."""
+def hf_to_moeyard(src: HFTensors, cfg: ModelConfig, family: str, dense: bool = False) -> dict[str, Tensor]:
+    """moeyard parameters (full, unsharded) from an HF folder; refuses tensors it would not use.
+    `dense`: read a dense model's MLPs (for upcycling) in the places of `cfg`'s MoE layers."""
     state: dict[str, Tensor] = {}
-    for ours, hf, heads in plain_pairs(cfg, family):
+    for ours, hf, heads in plain_pairs(cfg, family, dense):
         t = src.take(hf)
         state[ours] = _heads(t, heads, t.shape[0] // heads, rope_order(t.shape[0] // heads)) if heads else t
     for i in range(cfg.n_layers):
-        if cfg.is_moe_layer(i):
+        if cfg.is_moe_layer(i) and not dense:
             hf, names = _moe_prefix(family, i)
             gate, up, down = _read_experts(src, hf, names, cfg.moe.num_experts)
             state.update({f"layers.{i}.ffn.experts.w_gate_EDF": gate, f"layers.{i}.ffn.experts.w_up_EDF": up,

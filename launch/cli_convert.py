@@ -1,0 +1,53 @@
+"""`moeyard convert`: Hugging Face import/export and dense->MoE upcycling (single process, no workers).
+
+    moeyard convert from-hf HF_DIR --out CKPT
+    moeyard convert to-hf CKPT --out HF_DIR
+    moeyard convert upcycle DENSE_HF_DIR --out CKPT --experts E --top-k K [--granularity G]
+
+CKPT is a weights-only moeyard checkpoint: `moeyard sft CONFIG --init CKPT` (or `train --init`) starts
+from it at any world size and ep.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .env import LaunchError
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    source, out = Path(args.source), Path(args.out)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source} is not a folder")
+    if args.action == "from-hf":
+        from moeyard.trainer.hf_convert import import_hf
+
+        family, path = import_hf(source, out)
+        print(f"converted {family} model {source} into {path}")
+    elif args.action == "to-hf":
+        from moeyard.trainer.hf_convert import export_hf
+
+        family, path = export_hf(source, out)
+        print(f"wrote {family} model to {path} (transformers.AutoModelForCausalLM.from_pretrained loads it)")
+    else:
+        from moeyard.trainer.upcycle import upcycle
+
+        if args.experts is None or args.top_k is None:
+            raise LaunchError("moeyard convert upcycle needs --experts E and --top-k K")
+        path = upcycle(source, out, args.experts, args.top_k, args.granularity, args.seed)
+        print(f"upcycled {source} into {args.experts} experts (top-{args.top_k}, granularity "
+              f"{args.granularity}): {path}")
+    return 0
+
+
+def add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    convert = sub.add_parser("convert", help="import/export Hugging Face models, or upcycle a dense one into an MoE")
+    convert.add_argument("action", choices=["from-hf", "to-hf", "upcycle"])
+    convert.add_argument("source", help="from-hf/upcycle: a save_pretrained folder; to-hf: a moeyard checkpoint")
+    convert.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty for to-hf)")
+    convert.add_argument("--experts", type=int, default=None, help="upcycle: experts per MoE layer")
+    convert.add_argument("--top-k", type=int, default=None, help="upcycle: experts per token")
+    convert.add_argument("--granularity", type=int, default=1,
+                         help="upcycle: cut each MLP into G slices, one per expert (default 1: whole copies)")
+    convert.add_argument("--seed", type=int, default=0, help="upcycle: seed of the router's initial rows")
+    convert.set_defaults(func=cmd_convert)
