@@ -1,11 +1,11 @@
 """The `moeyard` command.
 
-    moeyard train [CONFIG] [--nproc N] [--nnodes N --node-rank I --rdzv-endpoint HOST:PORT] [--set key=value ...]
+    moeyard train|sft [CONFIG] [--init CKPT] [--nproc N] [--nnodes N --node-rank I --rdzv-endpoint HOST:PORT] [--set key=value ...]
     moeyard slurm [CONFIG] --nodes N --gpus-per-node G [--nproc-per-node P] [--submit] [--set key=value ...]
     moeyard plan [CONFIG] [--world-size N] [--hardware FILE] [--set key=value ...]
     moeyard checkpoint inspect PATH | moeyard checkpoint export PATH --to DIR
     moeyard prepare SRC_DIR --out DATA_DIR [--glob '*.py']
-    moeyard convert from-hf|to-hf|upcycle ...   (launch/cli_convert.py)
+    moeyard convert from-hf|to-hf|upcycle ... | moeyard sft-eval [CONFIG]   (launch/cli_tools.py)
 
 Everything that can be checked without workers (config, world size, run dir,
 corpus) is checked here first, so a mistake costs seconds, not a job.
@@ -25,7 +25,7 @@ from moeyard.trainer.data import DataError, default_cache_root, ensure_corpus, p
 from moeyard.trainer.checkpoint_store import CheckpointError
 from moeyard.trainer.loop import NonFiniteStop, holds_a_run
 
-from .cli_convert import add_convert_parser
+from .cli_tools import add_convert_parser, add_sft_eval_parser
 from .env import LaunchError, in_slurm_step, single_process
 from .torchrun import Nodes, launch_workers
 from .worker import add_overrides
@@ -60,10 +60,16 @@ def _check_gpus(backend: str, nproc: int) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    config = args.config or str(configs.path("tiny.yaml"))
+    sft = args.command == "sft"
+    config = args.config or str(configs.path("sft-tiny.yaml" if sft else "tiny.yaml"))
     if args.resume is not None:
         args.overrides.append(f"checkpoint.resume={args.resume}")
+    if args.init is not None:
+        args.overrides.append(f"checkpoint.init={args.init}")
     cfg = load_config(config, args.overrides)
+    if sft and cfg.sft.data is None:
+        raise LaunchError(f"{config} has no sft.data: moeyard sft needs a JSONL file of conversations there "
+                          f"(or --set sft.data=FILE)")
     nodes = Nodes(args.nnodes, _node_rank(args.node_rank, args.nnodes), args.rdzv_endpoint,
                   args.rdzv_id or f"moeyard-{cfg.run.name}")
     nodes.check()
@@ -79,7 +85,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.checkpoint.resume == "none" and holds_a_run(cfg.run_dir) and nodes.rank == 0:
         raise LaunchError(f"run.dir {cfg.run_dir} already holds a run and --resume none was asked: resume it "
                           f"(--resume auto), choose another run.dir, or delete it")
-    check_vocab(cfg, read_meta(ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)))
+    if cfg.sft.data is not None:
+        from moeyard.trainer.sft_batches import SFTData
+
+        SFTData(cfg)  # reads, renders and checks every conversation before a worker starts
+    else:
+        check_vocab(cfg, read_meta(ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)))
     where = f"node {nodes.rank} of {nodes.count}, " if nodes.count > 1 else ""
     print(f"training {config} on {where}{nproc} process(es) (world {world}), ep={cfg.parallel.ep}; "
           f"run dir {cfg.run_dir}", flush=True)
@@ -173,12 +184,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeyard", description="Expert-parallel MoE training.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    train = sub.add_parser("train", help="train a model (default: configs/tiny.yaml on 2 local processes)")
-    train.add_argument("config", nargs="?", help="YAML config (default: the shipped configs/tiny.yaml)")
+def _add_train_args(train: argparse.ArgumentParser, default_config: str) -> None:
+    train.add_argument("config", nargs="?", help=f"YAML config (default: the shipped configs/{default_config})")
     train.add_argument("--nproc", type=int, default=None,
                        help="local worker processes (default: parallel.ep of the config)")
     add_overrides(train)
@@ -196,7 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="node 0's address for the c10d rendezvous, the same on every node")
     train.add_argument("--rdzv-id", default=None,
                        help="a job id, the same on every node (default: moeyard-<run.name>)")
+    train.add_argument("--init", default=None, metavar="CKPT",
+                       help="start a fresh run from these weights (moeyard convert output, a checkpoint, or a "
+                            "run's checkpoints folder); the model config comes from it")
     train.set_defaults(func=cmd_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeyard", description="Expert-parallel MoE training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model (default: configs/tiny.yaml on 2 local processes)")
+    _add_train_args(train, "tiny.yaml")
+    sft = sub.add_parser("sft", help="instruction-tune a model from --init CKPT on the sft.data conversations "
+                                     "(default: configs/sft-tiny.yaml)")
+    _add_train_args(sft, "sft-tiny.yaml")
 
     slurm = sub.add_parser("slurm", help="render an sbatch script (or submit it) that trains, checkpoints before "
                                          "the time limit and requeues itself")
@@ -249,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--glob", default="*.py", help="which files to read (default: *.py)")
     prepare.set_defaults(func=cmd_prepare)
     add_convert_parser(sub)
+    add_sft_eval_parser(sub)
     return parser
 
 

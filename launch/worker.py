@@ -126,8 +126,9 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
             if env.rank == 0:
                 print(report, flush=True)
             return 0
-        data_dir = _prepare_corpus_once_per_machine(cfg, env, device)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
+        if cfg.sft.data is None:  # SFT rows are built in memory by every rank
+            data_dir = _prepare_corpus_once_per_machine(cfg, env, device)
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
         outcome = train(cfg, device, preemption)
     finally:
         dist.destroy_process_group()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +109,41 @@ def test_a_packed_example_computes_exactly_what_it_computes_alone() -> None:
     torch.testing.assert_close(packed[:5], alone_a, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed[5:12], alone_b, rtol=1e-5, atol=1e-5)
     assert (unmasked[5:12] - alone_b).abs().max() > 1e-3, "without segments the second example sees the first"
+
+
+def _chatml_tokenizer(folder: Path) -> Path:
+    """A small word-level HF tokenizer with a ChatML chat template, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "[PAD]", "system", "user", "assistant", "def", "return", "self", "x", "(", ")", ":",
+             "value", "None", "loop"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                        eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def test_hf_chat_template_learns_exactly_the_assistant_turns(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from moeyard.trainer.sft_data import HFChatTemplate
+
+    folder = _chatml_tokenizer(tmp_path / "tok")
+    template = HFChatTemplate(folder)
+    messages = [{"role": "system", "content": "self"}, {"role": "user", "content": "def x ( )"},
+                {"role": "assistant", "content": "return x"}, {"role": "user", "content": "loop"},
+                {"role": "assistant", "content": "None"}]
+    example = template.render(messages)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    assert example.tokens == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    learned = [t for t, keep in zip(example.tokens, example.learn) if keep]
+    expected = tokenizer("return x<|im_end|> None<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert learned == expected
+    assert template.prompt(messages[:-1])[-2:] == tokenizer("<|im_start|>assistant", add_special_tokens=False)[
+        "input_ids"]

@@ -109,6 +109,26 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class SFTConfig:
+    """Instruction tuning (trainer/sft_data.py): replaces the pretraining corpus of `data`."""
+
+    data: Optional[str] = None
+    """A JSONL file of {"messages": [...]} or {"prompt", "completion"} lines, or `python-stdlib-defs` (the
+    demo task built from this Python's standard library); null: pretraining, not SFT."""
+    tokenizer: Optional[str] = None
+    """A local Hugging Face tokenizer folder whose chat template renders the conversations; null: the
+    built-in template over the byte tokenizer."""
+    layout: Literal["pack", "pad"] = "pack"
+    """pack: several examples per row, attention kept inside each; pad: one example per row."""
+    heldout_fraction: float = 0.05
+    """Conversations held out (a fixed random choice) for the eval loss."""
+    eval_every: int = 50
+    """Report the held-out loss every N steps and at the end (0: only at the end)."""
+    skip_malformed: bool = False
+    """Skip (and count) lines that are not valid conversations instead of stopping at the first."""
+
+
+@dataclass(kw_only=True)
 class LogConfig:
     every: int = 10
     """Write metrics.jsonl and TensorBoard at step 1, every N steps, and at the last step."""
@@ -131,6 +151,9 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of this (0: none)."""
     async_save: bool = False
     """Write checkpoints in the background while training continues (published before the next one)."""
+    init: Optional[str] = None
+    """Start a fresh run from these weights (a `moeyard convert` output, or any checkpoint folder, or a
+    run's checkpoints folder for its latest); the model section comes from it. Resuming wins over it."""
 
 
 @dataclass(kw_only=True)
@@ -142,6 +165,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -226,9 +250,11 @@ def validate(cfg: Config) -> None:
     require(cfg.parallel.ep >= 1, f"parallel.ep={cfg.parallel.ep} must be >= 1")
     require(cfg.schedule.chunks >= 1, f"schedule.chunks={cfg.schedule.chunks} must be >= 1")
     require(cfg.schedule.bucket_mb > 0, f"schedule.bucket_mb={cfg.schedule.bucket_mb} must be > 0")
-    require(cfg.data.source is not None or cfg.data.dir is not None,
+    require(cfg.data.source is not None or cfg.data.dir is not None or cfg.sft.data is not None,
             "set data.dir to a prepared corpus (moeyard prepare) or data.source to a folder of text files "
-            "(or python-stdlib)")
+            "(or python-stdlib), or sft.data to a JSONL file of conversations")
+    require(0 <= cfg.sft.heldout_fraction < 1, f"sft.heldout_fraction={cfg.sft.heldout_fraction} must be in [0, 1)")
+    require(cfg.sft.eval_every >= 0, f"sft.eval_every={cfg.sft.eval_every} must be >= 0")
     require(m.moe.num_experts % cfg.parallel.ep == 0,
             f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.ep={cfg.parallel.ep}")
     require(cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0")
@@ -293,6 +319,13 @@ def load_config(path: Optional[str | Path], overrides: tuple[str, ...] | list[st
         require(isinstance(tree, dict), f"config file {path} must hold a mapping at the top level")
     for assignment in overrides:
         _apply_override(tree, assignment)
+    init = (tree.get("checkpoint") or {}).get("init")
+    if init:
+        from .weights_checkpoint import init_model_config, merge_model_config, resolve_init
+
+        path = resolve_init(Path(init))
+        tree.setdefault("checkpoint", {})["init"] = str(path)
+        tree["model"] = merge_model_config(init_model_config(path), tree.get("model"), path)
     if tree.get("schedule") in (False, "off"):  # `schedule: off` as shorthand for schedule.mode=off
         tree["schedule"] = {"mode": "off"}
     cfg = _build(Config, tree, "")

@@ -24,7 +24,10 @@ from .metrics import MetricsLogger, step_record
 from .optim import lr_at
 from .precision import resolve_dtype
 from .schedule import apply_plan_chunks, build_grad_sync, plan_for
-from .step import train_step
+from .checkpoint_store import CheckpointError
+from .sft_batches import SFTBatches, SFTData, heldout_share
+from .step import heldout_loss, train_step
+from .weights_checkpoint import load_init_weights
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PREEMPTED = "PREEMPTED"
@@ -113,14 +116,28 @@ def _stop_on_nonfinite(cfg: Config, checkpointer: Checkpointer, model, sync, don
     return NonFiniteStop(message)
 
 
+def _load_init(cfg: Config, checkpointer: Checkpointer, model, pmesh) -> None:
+    """A fresh run starting from checkpoint.init's weights (its files checked first, by all ranks)."""
+    path = Path(cfg.checkpoint.init)
+    manifest, problem = checkpointer._verify(path)
+    if problem:
+        raise CheckpointError(f"checkpoint.init: {problem}")
+    load_init_weights(path, model, pmesh, checkpointer.group)
+    if dist.get_rank() == 0:
+        print(f"initialised from {path} ({manifest.get('source', {}).get('family', 'moeyard')} weights, "
+              f"step {manifest['step']} of its run)", flush=True)
+
+
 def train(cfg: Config, device: torch.device, preemption: Preemption | None = None) -> Outcome:
     """Train up to train.stop_at (or train.steps), resuming from a checkpoint if there is one."""
     preemption = preemption or Preemption()
-    if cfg.data.dir is None:
+    sft = cfg.sft.data is not None
+    if cfg.data.dir is None and not sft:
         raise DataError("data.dir is not set: the launcher resolves it (see trainer.data.ensure_corpus)")
     world, rank = dist.get_world_size(), dist.get_rank()
     validate_for_world(cfg, world)
-    check_vocab(cfg, read_meta(Path(cfg.data.dir)))
+    if not sft:
+        check_vocab(cfg, read_meta(Path(cfg.data.dir)))
     _prepare_run_dir(cfg)
     pmesh = build_mesh(cfg.parallel.ep, device.type)
     dtype = resolve_dtype(cfg.train.dtype, device)
@@ -145,6 +162,8 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
             changed = " (the model or data config changed since it was saved)" \
                 if manifest["config_hash"] != config_hash(cfg) else ""
             print(f"resumed from {resume_from} at step {first}{changed}", flush=True)
+    elif cfg.checkpoint.init:
+        _load_init(cfg, checkpointer, model, pmesh)
     if rank == 0:
         print(f"plan ({plan.source}): {plan.summary()}", flush=True)
         (cfg.run_dir / "plan.json").write_text(plan.to_json())
@@ -156,9 +175,15 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
             print(f"nothing to do: the run is at step {first} (train.steps={total}, stop_at={cfg.train.stop_at})")
         return Outcome(first)
 
-    data = TokenBatches(Path(cfg.data.dir), cfg.train.seq_len, cfg.global_batch_sequences,
-                        pmesh.dp_rank, pmesh.dp, cfg.run.seed)
     micro_batch_size = cfg.train.micro_batch_size or cfg.global_batch_sequences // pmesh.dp
+    heldout = None
+    if sft:
+        sft_data = SFTData(cfg, log=rank == 0)
+        data = SFTBatches(sft_data, cfg.global_batch_sequences, pmesh.dp_rank, pmesh.dp, cfg.run.seed)
+        heldout = heldout_share(sft_data, pmesh.dp_rank, pmesh.dp)
+    else:
+        data = TokenBatches(Path(cfg.data.dir), cfg.train.seq_len, cfg.global_batch_sequences,
+                            pmesh.dp_rank, pmesh.dp, cfg.run.seed)
     logger = None
     if rank == 0:
         logger = MetricsLogger(cfg.run_dir, total_steps=total, first_step=first,
@@ -175,11 +200,14 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
             done = step + 1
             skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
             skipped_total += result.skipped
+            evaluate = heldout is not None and (done == last or (cfg.sft.eval_every and done % cfg.sft.eval_every == 0))
+            eval_loss = heldout_loss(model, heldout, micro_batch_size=micro_batch_size, pmesh=pmesh,
+                                     dtype=dtype) if evaluate else None
             if logger is not None:
                 logger.progress(result, result.tokens / step_time)
-                if done == first + 1 or done % cfg.log.every == 0 or done == last or result.skipped:
+                if done == first + 1 or done % cfg.log.every == 0 or done == last or result.skipped or evaluate:
                     record = step_record(done, result, lr, step_time, plan.predicted.get("step_s"))
-                    logger.log({**record, "skipped_steps": skipped_total}, total)
+                    logger.log({**record, "skipped_steps": skipped_total, "eval_loss": eval_loss}, total)
             if result.skipped and (cfg.train.nonfinite == "stop" or skipped_in_a_row >= cfg.train.max_skipped_steps):
                 raise _stop_on_nonfinite(cfg, checkpointer, model, sync, done, result)
             signum = preemption.agreed(device)

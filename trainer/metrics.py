@@ -85,7 +85,8 @@ class MetricsLogger:
         if self.print_lines:  # no terminal (CI, log files): one line per logged step instead of a bar
             predicted = record["predicted_step_s"]
             timing = f"{record['step_time_s']:.3f}s" + (f" (plan {predicted:.3f}s)" if predicted else "")
-            print(f"step {record['step']}/{total_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+            held = f" eval_loss {record['eval_loss']:.4f}" if record.get("eval_loss") is not None else ""
+            print(f"step {record['step']}/{total_steps} loss {record['loss']:.4f}{held} lr {record['lr']:.2e} "
                   f"grad_norm {record['grad_norm']:.3f} tok/s {record['tokens_per_s']:,.0f} {timing}", flush=True)
         if self.writer is None:
             return
@@ -94,6 +95,8 @@ class MetricsLogger:
                     "predicted_step_s"):
             if record[key] is not None:
                 self.writer.add_scalar(f"train/{key}", record[key], step)
+        if record.get("eval_loss") is not None:
+            self.writer.add_scalar("eval/loss", record["eval_loss"], step)
         for layer, counts in record["expert_load"].items():
             for key, value in record["expert_load_balance"][layer].items():
                 self.writer.add_scalar(f"moe/layer_{layer}/{key}", value, step)

@@ -46,6 +46,7 @@ class ByteChatTemplate:
     ROLE_IDS = {"system": 257, "user": 258, "assistant": 259}
     END_ID = 260
     vocab_size = 261
+    pad_id = 256  # end of text
 
     def __init__(self) -> None:
         self.tokenizer = ByteTokenizer()
@@ -60,6 +61,64 @@ class ByteChatTemplate:
             # The role marker is given; the content and the end of the turn (when to stop) are learned.
             learn += [False] + [assistant] * (len(content) + 1)
         return Example(tokens, learn)
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        """The tokens after which the model writes the next assistant turn."""
+        return self.render(messages).tokens + [self.ROLE_IDS["assistant"]]
+
+    def stop_ids(self) -> set[int]:
+        return {self.END_ID}
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i < 256])
+
+
+class HFChatTemplate:
+    """A local Hugging Face tokenizer's own chat template (`apply_chat_template`).
+
+    Assistant tokens are found by rendering growing prefixes of the conversation: what message i adds
+    after the generation prompt that precedes it is learned. A template whose renderings are not
+    prefixes of each other (some drop earlier turns' reasoning) is refused rather than mis-masked.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if not self.tokenizer.chat_template:
+            raise DataError(f"the tokenizer in {folder} has no chat_template: set one, or drop sft.tokenizer to "
+                            f"use the built-in template")
+        self.vocab_size = len(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _ids(self, messages: list[dict], generation_prompt: bool) -> list[int]:
+        if not messages:
+            return []
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def render(self, messages: list[dict]) -> Example:
+        tokens: list[int] = []
+        learn: list[bool] = []
+        for i, message in enumerate(messages):
+            assistant = message["role"] == "assistant"
+            before = self._ids(messages[:i], generation_prompt=assistant) if assistant else tokens
+            upto = self._ids(messages[:i + 1], generation_prompt=False)
+            if upto[:len(tokens)] != tokens or upto[:len(before)] != before:
+                raise DataError("the tokenizer's chat template renders a conversation differently from its "
+                                "beginning: assistant tokens cannot be told apart; use the built-in template")
+            learn += [False] * (len(before) - len(tokens)) + [assistant] * (len(upto) - len(before))
+            tokens = upto
+        return Example(tokens, learn)
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        return self._ids(messages, generation_prompt=True)
+
+    def stop_ids(self) -> set[int]:
+        return {i for i in (self.tokenizer.eos_token_id,) if i is not None}
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _messages(record: object) -> list[dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,8 @@ from torch import Tensor
 from moeyard.models import Transformer
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grad_sync import GradSync
+
+from .sft_batches import SFTBatch
 
 
 @dataclass(frozen=True)
@@ -52,25 +55,42 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.Abs
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train_step(model: Transformer, sync: GradSync, batch_BT1: Tensor, *, micro_batch_size: int,
+def _micro_batches(batch: Tensor | SFTBatch, micro_batch_size: int,
+                   device: torch.device) -> tuple[list[tuple[Tensor, Optional[Tensor], Optional[Tensor]]], int]:
+    """[(tokens_BT1, target mask or None, segment ids or None)] and the rows of the whole share."""
+    if isinstance(batch, SFTBatch):
+        parts = [t.to(device, non_blocking=True).split(micro_batch_size)
+                 for t in (batch.tokens_BT1, batch.mask_BT, batch.segment_BT1)]
+        return list(zip(*parts)), batch.tokens_BT1.shape[0]
+    return [(t, None, None) for t in batch.to(device, non_blocking=True).split(micro_batch_size)], batch.shape[0]
+
+
+def lm_loss_sum(logits_BTV: Tensor, targets_BT: Tensor, mask_BT: Optional[Tensor]) -> Tensor:
+    """Summed next-token cross-entropy, over the masked targets only when a mask is given (SFT)."""
+    losses = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none")
+    return losses.sum() if mask_BT is None else losses[mask_BT.flatten()].sum()
+
+
+def train_step(model: Transformer, sync: GradSync, batch: Tensor | SFTBatch, *, micro_batch_size: int,
                pmesh: ParallelMesh, lr: float, grad_clip: float, dtype: torch.dtype) -> StepResult:
-    """`batch_BT1` is this rank's share of the global batch: [sequences, seq_len + 1] token ids."""
+    """`batch` is this rank's share of the global batch: [sequences, seq_len + 1] token ids, or SFT rows
+    whose loss counts the masked targets only and whose examples attend only within themselves."""
     device = next(model.parameters()).device
-    batch_BT1 = batch_BT1.to(device, non_blocking=True)
-    micro_batches = batch_BT1.split(micro_batch_size)
-    global_tokens = batch_BT1.shape[0] * (batch_BT1.shape[1] - 1) * pmesh.dp
-    lm_scale = pmesh.dp / global_tokens
+    micro_batches, rows = _micro_batches(batch, micro_batch_size, device)
+    seq_len = micro_batches[0][0].shape[1] - 1
+    global_tokens = rows * seq_len * pmesh.dp
+    global_targets = max(1, batch.global_targets) if isinstance(batch, SFTBatch) else global_tokens
+    lm_scale = pmesh.dp / global_targets
 
     sync.zero_grad()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # lm sum, aux, z  (this rank)
     counts: dict[int, Tensor] = {}  # per MoE layer: copies routed to each expert, dropped, unrouted (global)
     layer_sums: dict[int, Tensor] = {}  # aux, z, entropy per MoE layer (this rank, summed over micro-steps)
-    for i, micro in enumerate(micro_batches):
+    for i, (micro, mask_BT, segment_BT1) in enumerate(micro_batches):
         sync.begin_micro_step(last=i == len(micro_batches) - 1)  # earlier micro-steps only accumulate
-        inputs_BT, targets_BT = micro[:, :-1], micro[:, 1:]
         with autocast_context(device, dtype):
-            out = model(inputs_BT)
-        lm_sum = F.cross_entropy(out.logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="sum")
+            out = model(micro[:, :-1], None if segment_BT1 is None else segment_BT1[:, :-1])
+        lm_sum = lm_loss_sum(out.logits_BTV, micro[:, 1:], mask_BT)
         router_loss = (out.aux_loss + out.z_loss) / len(micro_batches)
         (lm_sum * lm_scale + router_loss).backward()
         sums += torch.stack([lm_sum.detach(), out.aux_loss.detach(), out.z_loss.detach()]).double()
@@ -96,7 +116,7 @@ def train_step(model: Transformer, sync: GradSync, batch_BT1: Tensor, *, micro_b
     micro_steps = pmesh.dp * len(micro_batches)
     totals = sums.tolist()
     rows = dict(zip(layers, torch.stack([counts[layer] for layer in layers]).tolist())) if layers else {}
-    lm_loss, aux_loss, z_loss = totals[0] / global_tokens, totals[1] / micro_steps, totals[2] / micro_steps
+    lm_loss, aux_loss, z_loss = totals[0] / global_targets, totals[1] / micro_steps, totals[2] / micro_steps
     router = {layer: {"aux_loss": totals[3 + 3 * i] / micro_steps, "z_loss": totals[4 + 3 * i] / micro_steps,
                       "entropy": totals[5 + 3 * i] / micro_steps, **router_state[layer]}
               for i, layer in enumerate(layers)}
@@ -108,3 +128,22 @@ def train_step(model: Transformer, sync: GradSync, batch_BT1: Tensor, *, micro_b
         unrouted_fraction={layer: row[-1] / global_tokens for layer, row in rows.items()},
         router=router,
     )
+
+
+@torch.no_grad()
+def heldout_loss(model: Transformer, share: SFTBatch, *, micro_batch_size: int, pmesh: ParallelMesh,
+                 dtype: torch.dtype) -> float:
+    """Mean loss over the held-out targets of all ranks. Collective: every rank runs the same forwards."""
+    device = next(model.parameters()).device
+    micro_batches, _ = _micro_batches(share, micro_batch_size, device)
+    total = torch.zeros(1, dtype=torch.float64, device=device)
+    model.eval()
+    try:
+        for micro, mask_BT, segment_BT1 in micro_batches:
+            with autocast_context(device, dtype):
+                out = model(micro[:, :-1], segment_BT1[:, :-1])
+            total += lm_loss_sum(out.logits_BTV, micro[:, 1:], mask_BT).double()
+    finally:
+        model.train()
+    dist.all_reduce(total, group=pmesh.dp_group)
+    return float(total) / max(1, share.global_targets)

@@ -22,8 +22,8 @@ from moeyard.models import ConfigError, ModelConfig, Transformer
 from moeyard.parallel import ParallelMesh
 
 from .checkpoint import _state_dict
-from .checkpoint_store import MANIFEST, CheckpointError, sha256, verify, write_durably
-from .config import Config, _build, to_dict
+from .checkpoint_store import MANIFEST, CheckpointError, read_manifest, sha256, write_durably
+from .config import Config, to_dict
 
 
 def write_weights_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, out: Path,
@@ -53,12 +53,20 @@ def write_weights_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, o
     return out
 
 
+def resolve_init(path: Path) -> Path:
+    """A checkpoint folder, or a run's checkpoints folder (its `latest`), or a run folder."""
+    for folder in (path, path / "checkpoints"):
+        if (folder / "latest").is_file():
+            return folder / (folder / "latest").read_text().strip()
+    return path
+
+
 def init_model_config(path: Path) -> dict[str, Any]:
-    """The model section recorded in a checkpoint, after checking every file of it."""
+    """The model section recorded in a checkpoint (its files are checked when the run loads it)."""
     try:
-        return verify(path)["config"]["model"]
+        return read_manifest(path)["config"]["model"]
     except CheckpointError as err:
-        raise ConfigError(f"--init {path}: {err}") from None
+        raise ConfigError(f"checkpoint.init={path}: {err}") from None
 
 
 def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | None, path: Path) -> dict[str, Any]:
@@ -73,12 +81,12 @@ def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | 
         if key == "moe" and isinstance(value, dict):
             for k, v in value.items():
                 if k in shaped_moe and v != merged["moe"].get(k):
-                    raise ConfigError(f"model.moe.{k}={v!r} differs from the --init checkpoint {path} "
+                    raise ConfigError(f"model.moe.{k}={v!r} differs from the checkpoint.init {path} "
                                       f"({merged['moe'].get(k)!r}): remove it from the config")
                 merged["moe"][k] = v
             continue
         if key in shaped and value != merged.get(key):
-            raise ConfigError(f"model.{key}={value!r} differs from the --init checkpoint {path} "
+            raise ConfigError(f"model.{key}={value!r} differs from the checkpoint.init {path} "
                               f"({merged.get(key)!r}): remove it from the config")
         merged[key] = value
     return merged
@@ -100,5 +108,5 @@ def load_init_weights(path: Path, model: nn.Module, pmesh: ParallelMesh, group: 
             tuple(state["model"][name].shape)
         if md is None or tuple(md.size) != full:
             found = "missing" if md is None else f"shape {tuple(md.size)}"
-            raise CheckpointError(f"--init {path}: model.{name} is {found}, the model needs {full}")
+            raise CheckpointError(f"checkpoint.init={path}: model.{name} is {found}, the model needs {full}")
     dcp.load(state, checkpoint_id=path, process_group=group)

@@ -1,8 +1,10 @@
-"""`moeyard convert`: Hugging Face import/export and dense->MoE upcycling (single process, no workers).
+"""Single-process model tools: `moeyard convert` (Hugging Face import/export, dense->MoE upcycling) and
+`moeyard sft-eval` (held-out exact match).
 
     moeyard convert from-hf HF_DIR --out CKPT
     moeyard convert to-hf CKPT --out HF_DIR
     moeyard convert upcycle DENSE_HF_DIR --out CKPT --experts E --top-k K [--granularity G]
+    moeyard sft-eval [CONFIG] [--checkpoint CKPT ...] [--limit N]
 
 CKPT is a weights-only moeyard checkpoint: `moeyard sft CONFIG --init CKPT` (or `train --init`) starts
 from it at any world size and ep.
@@ -51,3 +53,42 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
                          help="upcycle: cut each MLP into G slices, one per expert (default 1: whole copies)")
     convert.add_argument("--seed", type=int, default=0, help="upcycle: seed of the router's initial rows")
     convert.set_defaults(func=cmd_convert)
+
+
+def cmd_sft_eval(args: argparse.Namespace) -> int:
+    from moeyard import configs
+    from moeyard.trainer.checkpoint_store import CheckpointStore
+    from moeyard.trainer.config import load_config
+    from moeyard.trainer.sft_eval import exact_match
+
+    cfg = load_config(args.config or configs.path("sft-tiny.yaml"), args.overrides)
+    if cfg.sft.data is None:
+        raise LaunchError("the config has no sft.data: nothing to evaluate on")
+    checkpoints = [Path(c) for c in args.checkpoint]
+    if not checkpoints:  # before and after: the starting weights and the run's newest checkpoint
+        checkpoints = [Path(cfg.checkpoint.init)] if cfg.checkpoint.init else []
+        newest = CheckpointStore(cfg.run_dir / "checkpoints").newest_intact().path
+        checkpoints += [newest] if newest else []
+    if not checkpoints:
+        raise LaunchError("no checkpoint to evaluate: pass --checkpoint CKPT")
+    for ckpt in checkpoints:
+        accuracy, count, samples = exact_match(cfg, ckpt, args.limit)
+        print(f"{ckpt}: exact match {accuracy:.1%} on {count} held-out examples")
+        for expected, got in samples[:args.show]:
+            print(f"    expected {expected!r}\n    got      {got!r}")
+    return 0
+
+
+def add_sft_eval_parser(sub: argparse._SubParsersAction) -> None:
+    from .worker import add_overrides
+
+    sft_eval = sub.add_parser("sft-eval", help="exact-match accuracy on the held-out split of an SFT config "
+                                               "(default: before and after tuning)")
+    sft_eval.add_argument("config", nargs="?", help="YAML config (default: the shipped configs/sft-tiny.yaml)")
+    sft_eval.add_argument("--checkpoint", action="append", default=[],
+                          help="a checkpoint to evaluate (repeatable; default: checkpoint.init and the run's "
+                               "newest checkpoint)")
+    sft_eval.add_argument("--limit", type=int, default=None, help="evaluate the first N held-out examples only")
+    sft_eval.add_argument("--show", type=int, default=3, help="print N expected/got pairs per checkpoint")
+    add_overrides(sft_eval)
+    sft_eval.set_defaults(func=cmd_sft_eval)

@@ -1,0 +1,102 @@
+"""SFT training: assistant-only loss, the step at ep>1 against one process, and `moeyard sft --init`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from multiprocess import run_distributed
+from runs import SMALL, read_metrics
+from sft_cases import random_conversations, sft_rows, sft_step_matches_reference
+
+from moeyard.models import ModelConfig, Transformer
+from moeyard.trainer.checkpoint import load_full_model
+from moeyard.trainer.config import _build, load_config
+from moeyard.trainer.sft_batches import SFTBatches, SFTData
+from moeyard.trainer.step import lm_loss_sum
+from moeyard.trainer.weights_checkpoint import write_weights_checkpoint
+
+
+def test_prompt_tokens_contribute_zero_loss() -> None:
+    tokens, mask, _ = sft_rows(seq_len=32, layout="pack")
+    logits = torch.randn(*mask.shape, 264, requires_grad=True)
+    targets = tokens[:, 1:]
+    loss = lm_loss_sum(logits, targets, mask)
+    loss.backward()
+    grad_norm_per_position = logits.grad.norm(dim=-1)
+    assert (grad_norm_per_position[~mask] == 0).all()
+    assert (grad_norm_per_position[mask] > 0).all()
+    changed = torch.where(mask, targets, (targets + 1) % 264)  # every prompt/padding target replaced
+    assert lm_loss_sum(logits, changed, mask).item() == loss.item()
+    assert 0 < mask.sum() < mask.numel()
+
+
+@pytest.mark.parametrize("world,ep,layout", [(2, 2, "pack"), (2, 1, "pad")])
+def test_sft_step_on_ranks_matches_one_process(world: int, ep: int, layout: str) -> None:
+    results = run_distributed(sft_step_matches_reference, world, ep, layout, timeout_s=120)
+    assert results[0] == results[1]
+
+
+def _sft_setup(tmp_path: Path) -> tuple[Path, Path, ModelConfig]:
+    model_cfg = _build(ModelConfig, SMALL["model"], "model")
+    torch.manual_seed(11)
+    init = write_weights_checkpoint({n: p.detach() for n, p in Transformer(model_cfg).named_parameters()},
+                                    model_cfg, tmp_path / "init", {"format": "test"})
+    data = tmp_path / "chats.jsonl"
+    lines = [json.dumps({"messages": c}) for c in random_conversations(80, seed=5)]
+    data.write_text("\n".join(lines[:10] + ['{"prompt": 3}'] + lines[10:]) + "\n")
+    tree = {k: v for k, v in json.loads(json.dumps(SMALL)).items() if k != "model"}
+    tree["train"]["steps"] = 4
+    tree["parallel"] = {"ep": 2, "timeout_s": 120}
+    tree["sft"] = {"data": str(data), "skip_malformed": True, "eval_every": 2, "heldout_fraction": 0.1}
+    tree["run"]["dir"] = str(tmp_path / "run")
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    return config, init, model_cfg
+
+
+def _moeyard(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    try:
+        return subprocess.run([sys.executable, "-m", "moeyard", *args], capture_output=True, text=True,
+                              timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"moeyard {' '.join(args)} did not finish within {timeout_s} s:\n{err.stderr}") from None
+
+
+def test_moeyard_sft_starts_from_init_and_reports_heldout_loss(tmp_path: Path) -> None:
+    config, init, model_cfg = _sft_setup(tmp_path)
+    proc = _moeyard("sft", str(config), "--init", str(init), "--nproc", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 malformed lines skipped" in proc.stdout and f"initialised from {init}" in proc.stdout
+
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records if r["eval_loss"] is not None] == [2, 4]
+    # Step 1's loss is the init weights' assistant-only loss on global batch 0: the weights were loaded.
+    cfg = load_config(config, [f"checkpoint.init={init}"])
+    whole = SFTBatches(SFTData(cfg), cfg.global_batch_sequences, 0, 1, cfg.run.seed).batch(0)
+    model = Transformer(model_cfg)
+    load_full_model(init, model)
+    with torch.no_grad():
+        out = model(whole.tokens_BT1[:, :-1], whole.segment_BT1[:, :-1])
+    expected = lm_loss_sum(out.logits_BTV, whole.tokens_BT1[:, 1:], whole.mask_BT) / whole.global_targets
+    assert abs(records[0]["lm_loss"] - expected.item()) < 1e-5
+
+    evaluated = _moeyard("sft-eval", str(config), "--set", f"checkpoint.init={init}", "--limit", "4")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert evaluated.stdout.count("exact match") == 2  # before (init) and after (the run's checkpoint)
+
+
+def test_sft_refuses_a_model_config_that_does_not_fit_init(tmp_path: Path) -> None:
+    config, init, _ = _sft_setup(tmp_path)
+    proc = _moeyard("sft", str(config), "--init", str(init), "--set", "model.dim=128", timeout_s=60)
+    assert proc.returncode == 2
+    assert "model.dim=128 differs from the checkpoint.init" in proc.stderr
+    assert not (tmp_path / "run").exists()
