@@ -213,6 +213,9 @@ class Checkpointer:
             manifest, problem = self._verify(Path(choice))
             if problem:
                 raise CheckpointError(problem)
+            if manifest.get("kind") == "weights":
+                raise CheckpointError(f"{choice} holds weights only (no optimizer state or step to resume): "
+                                      f"start from it with --init instead of --resume")
             found = (Path(choice), manifest)
         else:
             found = None

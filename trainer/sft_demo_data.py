@@ -1,5 +1,6 @@
-"""The embedded SFT demo task, built from this Python's standard library: given a function's docstring and
-body, write its `def` line.
+"""The embedded SFT demo task, built from this Python's standard library: given a function's name,
+docstring and body, write its `def` line (the parameters are to be inferred from the body; guessing the
+name from the docstring alone was beyond the tiny model: 0.5% held-out exact match after tuning).
 
 Deterministic (sorted files, source order) and cached as JSONL, so every rank and every run sees the same
 conversations. Small functions only, so that prompt and answer fit the tiny model's 256-token rows.
@@ -17,8 +18,8 @@ from typing import Iterator
 from .data import default_cache_root, stdlib_dir
 
 DEMO = "python-stdlib-defs"
-INSTRUCTION = "Write its def line:\n"
-MAX_PROMPT_CHARS, MAX_DEF_CHARS = 150, 60  # with the markers, at most 234 tokens
+INSTRUCTION = "\nWrite the def line of {name}:"  # after the body: the name sits next to the answer
+MAX_PROMPT_CHARS, MAX_DEF_CHARS = 140, 60  # with the markers and a name of up to 30 bytes, < 257 tokens
 
 
 def _examples(path: Path) -> Iterator[dict[str, str]]:
@@ -37,14 +38,15 @@ def _examples(path: Path) -> Iterator[dict[str, str]]:
             continue
         definition = def_lines[0].strip()
         body = textwrap.dedent("\n".join(lines[first_body:node.end_lineno])).strip()
-        if len(definition) <= MAX_DEF_CHARS and len(body) <= MAX_PROMPT_CHARS and definition.endswith(":"):
-            yield {"prompt": INSTRUCTION + body, "completion": definition}
+        if len(definition) <= MAX_DEF_CHARS and len(body) <= MAX_PROMPT_CHARS and definition.endswith(":") \
+                and len(node.name) <= 30:
+            yield {"prompt": body + INSTRUCTION.format(name=node.name), "completion": definition}
 
 
 def stdlib_def_conversations() -> Path:
     """The cached JSONL file of the demo task (written once per machine and Python version)."""
     version = ".".join(map(str, sys.version_info[:3]))
-    out = default_cache_root() / "sft" / f"{DEMO}-v1-{version}.jsonl"
+    out = default_cache_root() / "sft" / f"{DEMO}-v3-{version}.jsonl"
     if out.is_file():
         return out
     root = stdlib_dir()

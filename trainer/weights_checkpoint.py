@@ -66,7 +66,8 @@ def init_model_config(path: Path) -> dict[str, Any]:
     try:
         return read_manifest(path)["config"]["model"]
     except CheckpointError as err:
-        raise ConfigError(f"checkpoint.init={path}: {err}") from None
+        raise ConfigError(f"checkpoint.init={path}: {err}. Give a checkpoint folder (moeyard convert writes one; "
+                          f"`moeyard train` writes runs/NAME/checkpoints/step_*), or a run folder") from None
 
 
 def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | None, path: Path) -> dict[str, Any]:
