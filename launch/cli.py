@@ -106,10 +106,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _data_paths(cfg) -> tuple[Path, ...]:
     """What workers read besides the config: the corpus (or its source) and the cache it is prepared in."""
     from moeyard.trainer.data import STDLIB
+    from moeyard.trainer.sft_demo_data import DEMO
 
     paths = []
-    for path in (cfg.data.dir, cfg.data.source):
-        if path and path != STDLIB:
+    for path in (cfg.data.dir, cfg.data.source, cfg.sft.data, cfg.sft.tokenizer, cfg.checkpoint.init):
+        if path and path not in (STDLIB, DEMO):
             paths.append(Path(path).resolve().parent)
     return tuple(paths)
 
@@ -278,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, LaunchError, CheckpointError, FileExistsError, FileNotFoundError) as err:
+    except (ConfigError, DataError, LaunchError, CheckpointError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteStop as err:

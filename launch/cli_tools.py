@@ -20,7 +20,7 @@ from .env import LaunchError
 def cmd_convert(args: argparse.Namespace) -> int:
     source, out = Path(args.source), Path(args.out)
     if not source.is_dir():
-        raise FileNotFoundError(f"{source} is not a folder")
+        raise LaunchError(f"{source} is not a folder")
     if args.action == "from-hf":
         from moeyard.trainer.hf_convert import import_hf
 

@@ -62,7 +62,12 @@ def test_native_model_exports_to_qwen2_moe(tmp_path: Path) -> None:
                                     tmp_path / "ckpt", {"format": "test"})
     assert main(["convert", "to-hf", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "qwen2_moe"
-    assert (hf_logits(tmp_path / "hf", TOKENS) - moeyard_logits(ckpt, TOKENS)).abs().max() < 1e-4
+    expected = moeyard_logits(ckpt, TOKENS)
+    assert (hf_logits(tmp_path / "hf", TOKENS) - expected).abs().max() < 1e-4
+    # ...and comes back: the zero-width shared expert it was given is passed over on import.
+    assert main(["convert", "from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "again")]) == 0
+    assert init_model_config(tmp_path / "again")["moe"]["num_shared_experts"] == 0
+    assert (moeyard_logits(tmp_path / "again", TOKENS) - expected).abs().max() < 1e-4
 
 
 def test_unsupported_hf_configs_are_refused_by_key(tmp_path: Path, capsys) -> None:
@@ -105,4 +110,7 @@ def test_upcycle_refuses_a_top_k_that_splits_the_slices(tmp_path: Path, capsys) 
     assert main(["convert", "upcycle", str(hf_dir), "--out", str(tmp_path / "moe"), "--experts", "8",
                  "--top-k", "3", "--granularity", "2"]) == 2
     assert "--top-k=3 must be a multiple of --granularity=2" in capsys.readouterr().err
+    assert main(["convert", "upcycle", str(hf_dir), "--out", str(tmp_path / "moe"), "--experts", "4",
+                 "--top-k", "1"]) == 2
+    assert "needs top-k >= 2" in capsys.readouterr().err
     assert not (tmp_path / "moe").exists()

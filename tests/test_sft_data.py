@@ -145,5 +145,6 @@ def test_hf_chat_template_learns_exactly_the_assistant_turns(tmp_path) -> None:
     learned = [t for t, keep in zip(example.tokens, example.learn) if keep]
     expected = tokenizer("return x<|im_end|> None<|im_end|>", add_special_tokens=False)["input_ids"]
     assert learned == expected
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in template.stop_ids()
     assert template.prompt(messages[:-1])[-2:] == tokenizer("<|im_start|>assistant", add_special_tokens=False)[
         "input_ids"]

@@ -93,10 +93,16 @@ def test_moeyard_sft_starts_from_init_and_reports_heldout_loss(tmp_path: Path) -
     assert evaluated.returncode == 0, evaluated.stderr
     assert evaluated.stdout.count("exact match") == 2  # before (init) and after (the run's checkpoint)
 
+    # The run resumes on its own checkpoint: the init weights may be gone by then.
+    init.rename(tmp_path / "moved")
+    again = _moeyard("sft", str(config), "--init", str(init), "--nproc", "2")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "nothing to do: the run is at step 4" in again.stdout
+
 
 def test_sft_refuses_a_model_config_that_does_not_fit_init(tmp_path: Path) -> None:
     config, init, _ = _sft_setup(tmp_path)
     proc = _moeyard("sft", str(config), "--init", str(init), "--set", "model.dim=128", timeout_s=60)
     assert proc.returncode == 2
-    assert "model.dim=128 differs from the checkpoint.init" in proc.stderr
+    assert "model.dim=128 differs from the checkpoint" in proc.stderr
     assert not (tmp_path / "run").exists()

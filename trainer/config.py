@@ -305,6 +305,20 @@ def check_vocab(cfg: Config, corpus_meta: dict) -> None:
             f"({corpus_meta['tokenizer']} tokenizer): set model.vocab_size to at least {need}")
 
 
+def _resume_source(tree: dict[str, Any]) -> Optional[Path]:
+    """The checkpoint a run with this config tree would resume from, if any (not verified here)."""
+    from .checkpoint_store import CheckpointStore
+
+    resume = (tree.get("checkpoint") or {}).get("resume", "auto")
+    if resume == "none":
+        return None
+    if resume != "auto":
+        return Path(resume)
+    run = _build(RunConfig, tree.get("run") or {}, "run")
+    complete = CheckpointStore(Path(run.dir.format(name=run.name)) / "checkpoints").complete()
+    return complete[-1][1] if complete else None
+
+
 def load_config(path: Optional[str | Path], overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """Read YAML (or start from defaults when `path` is None), apply overrides, validate."""
     tree: dict[str, Any] = {}
@@ -325,7 +339,8 @@ def load_config(path: Optional[str | Path], overrides: tuple[str, ...] | list[st
 
         path = resolve_init(Path(init))
         tree.setdefault("checkpoint", {})["init"] = str(path)
-        tree["model"] = merge_model_config(init_model_config(path), tree.get("model"), path)
+        source = _resume_source(tree) or path  # a resumed run keeps its own model, even if init moved on
+        tree["model"] = merge_model_config(init_model_config(source), tree.get("model"), source)
     if tree.get("schedule") in (False, "off"):  # `schedule: off` as shorthand for schedule.mode=off
         tree["schedule"] = {"mode": "off"}
     cfg = _build(Config, tree, "")

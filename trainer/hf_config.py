@@ -102,6 +102,9 @@ def model_config_from_hf(hf: dict[str, Any], family: str, moe: MoEConfig) -> Mod
 def moe_model_config(hf: dict[str, Any]) -> tuple[str, ModelConfig]:
     """(family, ModelConfig) of an HF MoE checkpoint's config.json."""
     family = family_of(hf, MOE_FAMILIES)
+    if hf["num_experts_per_tok"] == 1 and (family == "mixtral" or hf.get("norm_topk_prob")):
+        raise ConfigError(f"{family} config: num_experts_per_tok=1 with renormalised weights (every token's weight "
+                          f"is 1) is not supported: moeyard's top-1 keeps the router probability")
     first, every = _moe_layers(hf, hf["num_hidden_layers"]) if family in ("qwen2_moe", "qwen3_moe") else (0, 1)
     shared = hf.get("shared_expert_intermediate_size") or 0 if family == "qwen2_moe" else 0
     moe = MoEConfig(
@@ -134,7 +137,7 @@ def export_family(cfg: ModelConfig) -> str:
         need(not m.num_shared_experts and not cfg.attn_bias, "Qwen3-MoE has no shared expert and no biases")
         return "qwen3_moe"
     need(cfg.head_dim * cfg.n_heads == cfg.dim, "head_dim * n_heads != dim needs q/k norm (Qwen3-MoE)")
-    if (m.renormalize and not m.num_shared_experts and not cfg.attn_bias and m.first_dense_layers == 0
+    if (m.renormalize and m.top_k > 1 and not m.num_shared_experts and not cfg.attn_bias and m.first_dense_layers == 0
             and m.every == 1):
         return "mixtral"
     return "qwen2_moe"  # shared expert optional (a zero-width one stands in), biases optional, dense layers
@@ -155,10 +158,10 @@ def hf_config_dict(cfg: ModelConfig, family: str) -> dict[str, Any]:
         return {**common, "num_local_experts": m.num_experts, "intermediate_size": m.ffn_dim, "sliding_window": None}
     if family == "olmoe":
         return {**common, "num_experts": m.num_experts, "intermediate_size": m.ffn_dim,
-                "norm_topk_prob": m.renormalize, "clip_qkv": None}
+                "norm_topk_prob": m.renormalize and m.top_k > 1, "clip_qkv": None}
     sparse = [cfg.is_moe_layer(i) for i in range(cfg.n_layers)]
     qwen = {**common, "num_experts": m.num_experts, "moe_intermediate_size": m.ffn_dim,
-            "intermediate_size": cfg.ffn_dim, "norm_topk_prob": m.renormalize, "decoder_sparse_step": 1,
+            "intermediate_size": cfg.ffn_dim, "norm_topk_prob": m.renormalize and m.top_k > 1, "decoder_sparse_step": 1,
             "mlp_only_layers": [i for i, s in enumerate(sparse) if not s], "use_sliding_window": False}
     if family == "qwen3_moe":
         return {**qwen, "attention_bias": False}

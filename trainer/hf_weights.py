@@ -136,10 +136,27 @@ def hf_to_moeyard(src: HFTensors, cfg: ModelConfig, family: str, dense: bool = F
             gate, up, down = _read_experts(src, hf, names, cfg.moe.num_experts)
             state.update({f"layers.{i}.ffn.experts.w_gate_EDF": gate, f"layers.{i}.ffn.experts.w_up_EDF": up,
                           f"layers.{i}.ffn.experts.w_down_EFD": down})
+    if family == "qwen2_moe" and not cfg.moe.num_shared_experts:
+        _take_empty_shared_experts(src, cfg)
     if leftovers := src.leftovers():
         raise ConfigError(f"{len(leftovers)} tensors of the checkpoint have no place in the {family} model built "
                           f"from its config.json, e.g. {leftovers[:3]}")
     return state
+
+
+def _take_empty_shared_experts(src: HFTensors, cfg: ModelConfig) -> None:
+    """A Qwen2-MoE with shared_expert_intermediate_size 0 (as moeyard exports a model without shared experts)
+    still stores a zero-width shared expert and its gate: they add nothing and are passed over."""
+    for i in range(cfg.n_layers):
+        if not cfg.is_moe_layer(i):
+            continue
+        prefix = f"model.layers.{i}.mlp"
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            key = f"{prefix}.shared_expert.{name}.weight"
+            if key in src and src.take(key).numel() > 0:
+                raise ConfigError(f"{key} has weights but config.json says shared_expert_intermediate_size=0")
+        if f"{prefix}.shared_expert_gate.weight" in src:
+            src.take(f"{prefix}.shared_expert_gate.weight")
 
 
 def moeyard_to_hf(state: dict[str, Tensor], cfg: ModelConfig, family: str) -> dict[str, Tensor]:

@@ -56,6 +56,9 @@ class SFTData:
     def __init__(self, cfg: Config, log: bool = False) -> None:
         conversations, skipped, path = conversations_of(cfg)
         train, held = split_heldout(conversations, cfg.sft.heldout_fraction, cfg.run.seed)
+        if not train:
+            raise DataError(f"{path}: sft.heldout_fraction={cfg.sft.heldout_fraction} holds out all "
+                            f"{len(conversations)} conversations: lower it or add data")
         template = chat_template(cfg)
         if template.vocab_size > cfg.model.vocab_size:
             raise DataError(f"the chat template's tokenizer has {template.vocab_size} ids, more than "

@@ -115,7 +115,14 @@ class HFChatTemplate:
         return self._ids(messages, generation_prompt=True)
 
     def stop_ids(self) -> set[int]:
-        return {i for i in (self.tokenizer.eos_token_id,) if i is not None}
+        """eos, and the first token the template puts after an assistant turn's content (e.g. <|im_end|>)."""
+        stops = {i for i in (self.tokenizer.eos_token_id,) if i is not None}
+        turn = self.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
+        learned = [t for t, keep in zip(turn.tokens, turn.learn) if keep]
+        content = self.tokenizer("ok", add_special_tokens=False)["input_ids"]
+        if learned[:len(content)] == content and len(learned) > len(content):
+            stops.add(learned[len(content)])
+        return stops
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

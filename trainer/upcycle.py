@@ -27,6 +27,8 @@ def upcycled_config(hf: dict, experts: int, top_k: int, granularity: int) -> MoE
             raise ConfigError(message)
 
     need(granularity >= 1, f"--granularity={granularity} must be >= 1")
+    need(top_k >= 2, f"--top-k={top_k}: upcycling needs top-k >= 2, whose renormalised weights sum to one "
+                     f"(a top-1 router weights its expert by its probability, so the MoE would not start equal)")
     need(experts % granularity == 0, f"--experts={experts} must be a multiple of --granularity={granularity}")
     need(top_k % granularity == 0 and 1 <= top_k <= experts,
          f"--top-k={top_k} must be a multiple of --granularity={granularity} and at most --experts={experts}: "

@@ -77,18 +77,18 @@ def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | 
     shaped = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "attn_bias",
               "qk_norm", "tie_embeddings")
     shaped_moe = ("num_experts", "ffn_dim", "num_shared_experts", "shared_ffn_dim", "shared_expert_gate", "every",
-                  "first_dense_layers", "router")
+                  "first_dense_layers")
     for key, value in user_model.items():
         if key == "moe" and isinstance(value, dict):
             for k, v in value.items():
                 if k in shaped_moe and v != merged["moe"].get(k):
-                    raise ConfigError(f"model.moe.{k}={v!r} differs from the checkpoint.init {path} "
-                                      f"({merged['moe'].get(k)!r}): remove it from the config")
+                    raise ConfigError(f"model.moe.{k}={v!r} differs from the checkpoint {path} "
+                                      f"({merged['moe'].get(k)!r}) the run starts from: remove it from the config")
                 merged["moe"][k] = v
             continue
         if key in shaped and value != merged.get(key):
-            raise ConfigError(f"model.{key}={value!r} differs from the checkpoint.init {path} "
-                              f"({merged.get(key)!r}): remove it from the config")
+            raise ConfigError(f"model.{key}={value!r} differs from the checkpoint {path} "
+                              f"({merged.get(key)!r}) the run starts from: remove it from the config")
         merged[key] = value
     return merged
 
