@@ -31,13 +31,18 @@ from .permutation import Permutation
 from .router import Router, Routing
 
 
+def renormalized(weight_TK: Tensor, renormalize: bool) -> Tensor:
+    """Each token's k weights rescaled to sum to one when asked. Never for k=1: p/p == 1 would cut the
+    language-model gradient to the router (Switch keeps p)."""
+    if renormalize and weight_TK.shape[-1] > 1:
+        return weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+    return weight_TK
+
+
 def top_k_weights(probs_TE: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
-    """(weights, expert ids) of each token's k most probable experts, optionally rescaled to sum to one.
-    Not for k=1: p/p == 1 would cut the language-model gradient to the router (Switch keeps p)."""
+    """(weights, expert ids) of each token's k most probable experts, optionally renormalized."""
     weight_TK, expert_index_TK = probs_TE.topk(k, dim=-1)
-    if renormalize and k > 1:
-        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-    return weight_TK, expert_index_TK
+    return renormalized(weight_TK, renormalize), expert_index_TK
 
 
 class TopKRouter(Router):
@@ -108,9 +113,7 @@ class SigmoidBiasRouter(Router):
         if self.n_groups > 1:
             choice_TE = self._limit_to_top_groups(choice_TE)
         expert_index_TK = choice_TE.topk(self.top_k, dim=-1).indices
-        weight_TK = scores_TE.gather(1, expert_index_TK)
-        if self.renormalize and self.top_k > 1:  # top-1 keeps its score, or the LM gradient would be cut
-            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        weight_TK = renormalized(scores_TE.gather(1, expert_index_TK), self.renormalize)
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)  # for the sequence-wise loss, entropy
         return Routing(weight_TK, probs_TE, logits_TE, expert_index_TK=expert_index_TK)
 

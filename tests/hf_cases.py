@@ -64,10 +64,10 @@ def sharded_logits(rank: int, world: int, ckpt: str, tokens: torch.Tensor) -> to
 
     from moeyard.models import Transformer
     from moeyard.parallel import apply_expert_parallel, build_mesh
-    from moeyard.trainer.config import Config, _build
+    from moeyard.trainer.config import build_config
     from moeyard.trainer.weights_checkpoint import init_model_config, load_init_weights
 
-    cfg = _build(Config, {"model": init_model_config(Path(ckpt))}, "").model
+    cfg = build_config({"model": init_model_config(Path(ckpt))}).model
     pmesh = build_mesh(world, "cpu")
     model = Transformer(cfg).eval()
     apply_expert_parallel(model, pmesh)

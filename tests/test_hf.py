@@ -19,14 +19,14 @@ pytest.importorskip("transformers")
 from moeyard.launch.cli import main  # noqa: E402
 from moeyard.models import ConfigError, Transformer  # noqa: E402
 from moeyard.trainer.checkpoint import load_full_model  # noqa: E402
-from moeyard.trainer.config import Config, _build  # noqa: E402
+from moeyard.trainer.config import build_config  # noqa: E402
 from moeyard.trainer.weights_checkpoint import init_model_config  # noqa: E402
 
 TOKENS = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(1))
 
 
 def moeyard_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
-    model = Transformer(_build(Config, {"model": init_model_config(ckpt)}, "").model).eval()
+    model = Transformer(build_config({"model": init_model_config(ckpt)}).model).eval()
     load_full_model(ckpt, model)
     with torch.no_grad():
         return model(tokens).logits_BTV
@@ -84,7 +84,7 @@ def test_unsupported_hf_configs_are_refused_by_key(tmp_path: Path, capsys) -> No
     assert "no place" in capsys.readouterr().err  # the third layer's tensors are left over
 
 
-def test_export_refuses_routers_hf_does_not_have(tmp_path: Path) -> None:
+def test_export_refuses_routers_hf_does_not_have() -> None:
     from moeyard.models import ModelConfig, MoEConfig
     from moeyard.trainer.hf_config import export_family
 

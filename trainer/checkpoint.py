@@ -181,7 +181,7 @@ class Checkpointer:
 
         self._on_rank0(publish)
 
-    def _verify(self, path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    def verify(self, path: Path) -> tuple[dict[str, Any] | None, str | None]:
         """(manifest, None) if intact, else (None, why). Every rank checks a share of the files."""
         try_manifest: list[Any] = [None, None]
         if dist.get_rank() == 0:
@@ -210,7 +210,7 @@ class Checkpointer:
         if choice == "none":
             return None
         if choice != "auto":
-            manifest, problem = self._verify(Path(choice))
+            manifest, problem = self.verify(Path(choice))
             if problem:
                 raise CheckpointError(problem)
             if manifest.get("kind") == "weights":
@@ -221,7 +221,7 @@ class Checkpointer:
             found = None
             candidates = self._on_rank0(lambda: [str(p) for _, p in reversed(self.store.complete())])
             for candidate in map(Path, candidates):
-                manifest, problem = self._verify(candidate)
+                manifest, problem = self.verify(candidate)
                 if manifest is not None:
                     found = (candidate, manifest)
                     break

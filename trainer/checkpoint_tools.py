@@ -15,11 +15,7 @@ from moeyard.models import Transformer
 
 from .checkpoint import load_full_model, persistent_buffers
 from .checkpoint_store import CheckpointError, read_manifest, verify
-from .config import Config, _build
-
-
-def _config(manifest: dict) -> Config:
-    return _build(Config, manifest["config"], "")
+from .config import build_config
 
 
 def inspect_checkpoint(path: Path) -> str:
@@ -62,7 +58,7 @@ def export_safetensors(path: Path, out_dir: Path) -> Path:
     manifest = verify(path)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty: choose a new folder for the export")
-    cfg = _config(manifest)
+    cfg = build_config(manifest["config"])
     with torch.device("cpu"):
         model = Transformer(cfg.model)
     load_full_model(path, model)

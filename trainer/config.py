@@ -227,6 +227,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def build_config(tree: dict[str, Any]) -> Config:
+    """A config as recorded (a checkpoint manifest, a dumped run config): typed, not re-validated."""
+    return _build(Config, tree, "")
+
+
 def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     key, sep, raw = assignment.partition("=")
     require(bool(sep) and bool(key), f"override {assignment!r} must look like key.path=value")

@@ -16,7 +16,7 @@ from moeyard.models import Transformer
 
 from .checkpoint import load_full_model
 from .checkpoint_store import verify
-from .config import Config, _build
+from .config import build_config
 from .hf_config import export_family, hf_config_dict, moe_model_config, read_hf_config
 from .hf_weights import HFTensors, hf_to_moeyard, moeyard_to_hf
 from .weights_checkpoint import write_weights_checkpoint
@@ -39,7 +39,7 @@ def export_hf(ckpt: Path, out_dir: Path) -> tuple[str, Path]:
     Tokenizer files of the HF folder a converted checkpoint came from are copied along when still there.
     """
     manifest = verify(ckpt)
-    model_cfg = _build(Config, manifest["config"], "").model
+    model_cfg = build_config(manifest["config"]).model
     family = export_family(model_cfg)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty: choose a new folder for the export")

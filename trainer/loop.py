@@ -119,7 +119,7 @@ def _stop_on_nonfinite(cfg: Config, checkpointer: Checkpointer, model, sync, don
 def _load_init(cfg: Config, checkpointer: Checkpointer, model, pmesh) -> None:
     """A fresh run starting from checkpoint.init's weights (its files checked first, by all ranks)."""
     path = Path(cfg.checkpoint.init)
-    manifest, problem = checkpointer._verify(path)
+    manifest, problem = checkpointer.verify(path)
     if problem:
         raise CheckpointError(f"checkpoint.init: {problem}")
     load_init_weights(path, model, pmesh, checkpointer.group)

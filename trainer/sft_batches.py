@@ -64,19 +64,19 @@ class SFTData:
             raise DataError(f"the chat template's tokenizer has {template.vocab_size} ids, more than "
                             f"model.vocab_size={cfg.model.vocab_size}")
         seq_len = cfg.train.seq_len
-        self.train_rows = to_rows([template.render(c) for c in train], seq_len, cfg.sft.layout, template.pad_id)
-        self.heldout_rows = to_rows([template.render(c) for c in held], seq_len, cfg.sft.layout, template.pad_id)
-        self.train = _tensors(self.train_rows)
-        self.heldout = _tensors(self.heldout_rows) if held else None
+        train_rows = to_rows([template.render(c) for c in train], seq_len, cfg.sft.layout, template.pad_id)
+        self.train = _tensors(train_rows)
+        self.heldout = _tensors(to_rows([template.render(c) for c in held], seq_len, cfg.sft.layout,
+                                        template.pad_id)) if held else None
         self.skipped = skipped
-        if len(self.train_rows.tokens) < cfg.global_batch_sequences:
-            raise DataError(f"{path}: {len(train)} training conversations make {len(self.train_rows.tokens)} rows, "
+        if len(train_rows.tokens) < cfg.global_batch_sequences:
+            raise DataError(f"{path}: {len(train)} training conversations make {len(train_rows.tokens)} rows, "
                             f"fewer than one global batch of {cfg.global_batch_sequences}: lower "
                             f"train.global_batch_tokens")
         if log:
-            print(f"sft data {path}: {len(train)} conversations in {len(self.train_rows.tokens)} rows "
+            print(f"sft data {path}: {len(train)} conversations in {len(train_rows.tokens)} rows "
                   f"({cfg.sft.layout}), {len(held)} held out, {len(skipped)} malformed lines skipped, "
-                  f"{self.train_rows.truncated} examples cut to {seq_len + 1} tokens", flush=True)
+                  f"{train_rows.truncated} examples cut to {seq_len + 1} tokens", flush=True)
             for problem in skipped[:5]:
                 print(f"  skipped {problem}", flush=True)
 

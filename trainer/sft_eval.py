@@ -15,7 +15,7 @@ from moeyard.models import Transformer
 
 from .checkpoint import load_full_model
 from .checkpoint_store import read_manifest
-from .config import Config, _build
+from .config import Config, build_config
 from .sft_batches import chat_template, conversations_of
 from .sft_data import split_heldout
 
@@ -50,7 +50,7 @@ def exact_match(cfg: Config, checkpoint: Path, limit: int | None = None, max_new
     _, held = split_heldout(conversations_of(cfg)[0], cfg.sft.heldout_fraction, cfg.run.seed)
     held = [c for c in held if c[-1]["role"] == "assistant"][:limit]
     template = chat_template(cfg)
-    model_cfg = _build(Config, {"model": read_manifest(checkpoint)["config"]["model"]}, "").model
+    model_cfg = build_config(read_manifest(checkpoint)["config"]).model
     model = Transformer(model_cfg).eval()  # the evaluated checkpoint's own model, whatever the config says
     load_full_model(checkpoint, model)
     prompts = [template.prompt(c[:-1]) for c in held]

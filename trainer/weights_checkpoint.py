@@ -7,6 +7,7 @@ training run's checkpoint: it then takes the weights and leaves optimizer state,
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -72,7 +73,7 @@ def init_model_config(path: Path) -> dict[str, Any]:
 
 def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | None, path: Path) -> dict[str, Any]:
     """The checkpoint's model config; the user's config may change only what keeps the weights' shapes."""
-    merged = json.loads(json.dumps(init_model))
+    merged = copy.deepcopy(init_model)
     user_model = user_model or {}
     shaped = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "attn_bias",
               "qk_norm", "tie_embeddings")
@@ -103,10 +104,9 @@ def load_init_weights(path: Path, model: nn.Module, pmesh: ParallelMesh, group: 
     del state["optim"]
     if "buffers" in state and not any(k.startswith("buffers.") for k in meta):
         del state["buffers"]  # e.g. a converted HF model starting a dense_to_sparse schedule afresh
-    for name, p in model.named_parameters():
+    for name, tensor in state["model"].items():
         md = meta.get(f"model.{name}")
-        full = tuple(p.shape) if not hasattr(state["model"][name], "full_tensor") else \
-            tuple(state["model"][name].shape)
+        full = tuple(tensor.shape)  # a DTensor's shape is the global one
         if md is None or tuple(md.size) != full:
             found = "missing" if md is None else f"shape {tuple(md.size)}"
             raise CheckpointError(f"checkpoint.init={path}: model.{name} is {found}, the model needs {full}")
