@@ -10,14 +10,23 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .expert_loop import swiglu_fused_loop
 
 
 def swiglu_loop(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_up_EDF: Tensor,
                      w_down_EFD: Tensor) -> Tensor:
-    """Reference and CPU fast path: one matmul chain per expert over its rows."""
+    """Reference: one matmul chain per expert over its rows, plain autograd (the fast path is
+    expert_loop.swiglu_fused_loop).
+
+    The weights are taken apart with `unbind`, not indexed: the backward of `w[e]` would write each
+    expert's gradient into its own zero-filled [E, ...] buffer (E^2 work), `unbind`'s stacks them once.
+    """
     outputs = [
-        (F.silu(x_rD @ w_gate_EDF[e]) * (x_rD @ w_up_EDF[e])) @ w_down_EFD[e]
-        for e, x_rD in enumerate(torch.split(x_SD, rows_per_expert))
+        (F.silu(x_rD @ w_gate_DF) * (x_rD @ w_up_DF)) @ w_down_FD
+        for x_rD, w_gate_DF, w_up_DF, w_down_FD in zip(torch.split(x_SD, rows_per_expert), w_gate_EDF.unbind(0),
+                                                       w_up_EDF.unbind(0), w_down_EFD.unbind(0))
     ]
     return torch.cat(outputs) if outputs else x_SD.new_zeros(0, w_down_EFD.shape[-1])
 
@@ -34,9 +43,11 @@ class GroupedExperts(nn.Module):
     """All experts of a layer (or this rank's shard of them) in three stacked weights."""
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int,
-                 compute: Literal["auto", "loop", "grouped_mm"] = "auto") -> None:
+                 compute: Literal["auto", "loop", "grouped_mm"] = "auto", recompute: bool = False) -> None:
         super().__init__()
         self.compute = compute
+        self.recompute = recompute
+        """Activation checkpointing: keep only the input rows, recompute the expert MLPs in backward."""
         self.w_gate_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w_up_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -61,9 +72,11 @@ class GroupedExperts(nn.Module):
             # _grouped_mm is not an autocast op: cast explicitly to the autocast dtype.
             dtype = torch.get_autocast_dtype(device)
             x_SD, weights = x_SD.to(dtype), tuple(w.to(dtype) for w in weights)
-        if self._use_grouped_mm(x_SD):
-            return swiglu_grouped_mm(x_SD, rows_per_expert, *weights)
-        return swiglu_loop(x_SD, rows_per_expert, *weights)
+        if not self._use_grouped_mm(x_SD):
+            return swiglu_fused_loop(x_SD, rows_per_expert, *weights, recompute=self.recompute)
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(swiglu_grouped_mm, x_SD, rows_per_expert, *weights, use_reentrant=False)
+        return swiglu_grouped_mm(x_SD, rows_per_expert, *weights)
 
     def _use_grouped_mm(self, x_SD: Tensor) -> bool:
         if self.compute == "loop" or (self.compute == "auto" and not x_SD.is_cuda):

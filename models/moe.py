@@ -70,7 +70,8 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = build_router(dim, cfg)
-        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.ffn_dim, cfg.expert_compute)
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.ffn_dim, cfg.expert_compute,
+                                      recompute=cfg.recompute_experts)
         self.shared_experts: Optional[SwiGLU] = (
             SwiGLU(dim, cfg.shared_hidden_dim) if cfg.num_shared_experts > 0 else None
         )

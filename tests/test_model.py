@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from moeyard.models import ConfigError, GroupedExperts, ModelConfig, MoE, MoEConfig, Transformer
+from moeyard.models.expert_loop import swiglu_fused_loop
 from moeyard.models.experts import swiglu_grouped_mm, swiglu_loop
 from moeyard.models.router import load_balance_loss, router_z_loss
 from moeyard.models.routers import TopKRouter
@@ -59,6 +60,45 @@ def test_grouped_mm_matches_loop_including_empty_experts() -> None:
     torch.testing.assert_close(y_gmm, y_loop, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads_gmm, grads_loop):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_fused_expert_loop_matches_autograd_loop(recompute: bool) -> None:
+    """The hand-written backward (and its recomputing variant) gives autograd's gradients; empty experts
+    get zero weight gradients, not stale memory."""
+    torch.manual_seed(0)
+    rows = [5, 0, 7, 0]
+    x = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(4, 8, 16, dtype=torch.float64, requires_grad=True),
+               torch.randn(4, 8, 16, dtype=torch.float64, requires_grad=True),
+               torch.randn(4, 16, 8, dtype=torch.float64, requires_grad=True)]
+    dy = torch.randn(12, 8, dtype=torch.float64)
+    y_ref = swiglu_loop(x, rows, *weights)
+    grads_ref = torch.autograd.grad((y_ref * dy).sum(), [x, *weights])
+    y = swiglu_fused_loop(x, rows, *weights, recompute=recompute)
+    grads = torch.autograd.grad((y * dy).sum(), [x, *weights])
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.equal(grads[1][1], torch.zeros(8, 16, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda *t: swiglu_fused_loop(t[0], rows, *t[1:], recompute=recompute),
+                                    (x, *weights))
+
+
+def test_recompute_experts_keeps_the_model_function() -> None:
+    torch.manual_seed(1)
+    plain = Transformer(tiny())
+    recomputing = Transformer(tiny(recompute_experts=True))
+    recomputing.load_state_dict(plain.state_dict())
+    tokens = torch.randint(0, 64, (2, 16))
+    grads = []
+    for model in (plain, recomputing):
+        out = model(tokens)
+        out.logits_BTV.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_router_topk_and_renormalisation() -> None:

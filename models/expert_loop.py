@@ -1,0 +1,73 @@
+"""The experts' SwiGLU as one autograd node: a loop of GEMMs per expert, forward and backward written out.
+
+Why not plain autograd over a Python loop: autograd would concatenate the expert
+outputs (a copy of every row), stack the per-expert weight gradients (a copy of
+every weight gradient) and keep five activations per expert. Here each GEMM
+writes straight into its slice of one output buffer and one gradient buffer per
+weight, and the backward is exactly the 6 GEMMs plus one fused SiLU backward a
+hand-written loop would run. `recompute=True` keeps only the input rows and
+recomputes the two up-projections in backward: activation checkpointing for the
+expert MLPs (2 extra GEMMs of 9, most of the layer's activation memory saved).
+
+Shape legend: S rows grouped by expert, D model dim, F expert hidden dim, E local experts,
+n rows of one expert.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class _SwiGLULoop(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_SD: Tensor, rows_per_expert: list[int], recompute: bool, w_gate_EDF: Tensor,
+                w_up_EDF: Tensor, w_down_EFD: Tensor) -> Tensor:
+        y_SD = x_SD.new_empty(x_SD.shape[0], w_down_EFD.shape[-1])
+        saved: list[Optional[tuple[Tensor, Tensor, Tensor, Tensor]]] = []
+        for e, (x_nD, y_nD) in enumerate(zip(x_SD.split(rows_per_expert), y_SD.split(rows_per_expert))):
+            h1_nF, h2_nF = x_nD @ w_gate_EDF[e], x_nD @ w_up_EDF[e]
+            act_nF = F.silu(h1_nF)
+            h_nF = act_nF * h2_nF
+            torch.mm(h_nF, w_down_EFD[e], out=y_nD)
+            saved.append(None if recompute else (h1_nF, h2_nF, act_nF, h_nF))
+        ctx.rows_per_expert, ctx.saved = rows_per_expert, saved
+        ctx.save_for_backward(x_SD, w_gate_EDF, w_up_EDF, w_down_EFD)
+        return y_SD
+
+    @staticmethod
+    def backward(ctx, grad_y_SD: Tensor):
+        x_SD, w_gate_EDF, w_up_EDF, w_down_EFD = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
+        grad_x_SD = torch.empty_like(x_SD) if need_x else None
+        grads = [torch.empty_like(w) if need_w else None for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
+        grad_y_SD = grad_y_SD.contiguous()
+        rows = ctx.rows_per_expert
+        for e, (x_nD, dy_nD) in enumerate(zip(x_SD.split(rows), grad_y_SD.split(rows))):
+            if ctx.saved[e] is None:
+                h1_nF, h2_nF = x_nD @ w_gate_EDF[e], x_nD @ w_up_EDF[e]
+                act_nF = F.silu(h1_nF)
+                h_nF = act_nF * h2_nF
+            else:
+                h1_nF, h2_nF, act_nF, h_nF = ctx.saved[e]
+            dh_nF = dy_nD @ w_down_EFD[e].t()
+            dh1_nF = torch.ops.aten.silu_backward(dh_nF * h2_nF, h1_nF)
+            dh2_nF = dh_nF * act_nF
+            if need_w:
+                torch.mm(h_nF.t(), dy_nD, out=grads[2][e])
+                torch.mm(x_nD.t(), dh1_nF, out=grads[0][e])
+                torch.mm(x_nD.t(), dh2_nF, out=grads[1][e])
+            if need_x:
+                dx_nD = grad_x_SD[sum(rows[:e]):sum(rows[:e + 1])]
+                torch.mm(dh1_nF, w_gate_EDF[e].t(), out=dx_nD)
+                dx_nD.addmm_(dh2_nF, w_up_EDF[e].t())
+        needs = ctx.needs_input_grad
+        return (grad_x_SD, None, None, *(g if n else None for g, n in zip(grads, needs[3:])))
+
+
+def swiglu_fused_loop(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_up_EDF: Tensor,
+                      w_down_EFD: Tensor, recompute: bool = False) -> Tensor:
+    """CPU fast path: per expert (SiLU(x W_gate) * x W_up) W_down over its rows, as one autograd node."""
+    return _SwiGLULoop.apply(x_SD, list(rows_per_expert), recompute, w_gate_EDF, w_up_EDF, w_down_EFD)
