@@ -37,6 +37,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from moeyard.launch.host_memory import keep_freed_memory  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_cases import (Case, DeepSpeedLayer, MatmulFloor, MoeyardLayer, dropless_rows, init_deepspeed,  # noqa: E402
                          make_inputs, make_weights, max_rel_error, reference_grads, time_ms)
@@ -110,6 +112,7 @@ def run_case(case: Case, args: argparse.Namespace, pmesh: Any, with_ds: bool) ->
 
 def worker(rank: int, world: int, port: int, cases: list[Case], args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(1)
+    keep_freed_memory()  # as `moeyard train` does on CPU; the same process runs every system, so all gain
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=args.timeout))

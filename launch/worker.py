@@ -23,6 +23,7 @@ from moeyard.trainer.loop import NonFiniteStop, Preemption, train
 from moeyard.trainer.plan_report import measured_report
 
 from .env import DistEnv, LaunchError, available_cpus, resolve_env
+from .host_memory import keep_freed_memory
 
 
 def pick_device(env: DistEnv, backend: str) -> tuple[torch.device, str]:
@@ -119,6 +120,7 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
     device, backend = pick_device(env, cfg.parallel.backend)
     if device.type == "cpu":
         set_cpu_threads(env)
+        keep_freed_memory()
     init_distributed(env, backend, cfg.parallel.timeout_s, cfg.parallel.rendezvous_timeout_s)
     try:
         if plan_only:
