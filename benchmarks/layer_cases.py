@@ -227,16 +227,20 @@ class MatmulFloor:
 
 # ---- timing ----------------------------------------------------------------------------------------------
 
-def time_ms(step: Callable[[], object], warmup: int, reps: int) -> float:
-    """Median over repetitions of the slowest rank's time for one call; ranks start each call together."""
+def time_interleaved(steps: dict[str, Callable[[], object]], warmup: int, reps: int) -> dict[str, float]:
+    """Median over repetitions of the slowest rank's time for one call of each step, in ms.
+
+    The systems take turns within every repetition, so a slow spell of the machine hits all of them
+    alike; ranks start each call together (barrier)."""
     for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    t = torch.tensor(times, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return 1e3 * statistics.median(t.tolist())
+        for step in steps.values():
+            step()
+    times = torch.zeros(len(steps), reps, dtype=torch.float64)
+    for r in range(reps):
+        for i, step in enumerate(steps.values()):
+            dist.barrier()
+            start = time.perf_counter()
+            step()
+            times[i, r] = time.perf_counter() - start
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    return {name: 1e3 * statistics.median(times[i].tolist()) for i, name in enumerate(steps)}

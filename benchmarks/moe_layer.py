@@ -20,13 +20,16 @@ with speedup_vs_deepspeed and ratio_to_floor) and <out>.md; --sweep also writes 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
+import signal
 import socket
 import sys
 import time
 from dataclasses import asdict
+from functools import partial
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,7 @@ from moeyard.launch.host_memory import keep_freed_memory  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_cases import (Case, DeepSpeedLayer, MatmulFloor, MoeyardLayer, dropless_rows, init_deepspeed,  # noqa: E402
-                         make_inputs, make_weights, max_rel_error, reference_grads, time_ms)
+                         make_inputs, make_weights, max_rel_error, reference_grads, time_interleaved)
 
 HERE = Path(__file__).resolve().parent
 CHECK_TOLERANCE = 1e-4
@@ -99,9 +102,9 @@ def run_case(case: Case, args: argparse.Namespace, pmesh: Any, with_ds: bool) ->
     busiest = torch.tensor([sum(rows)])
     dist.all_reduce(busiest, op=dist.ReduceOp.MAX)
     result["busiest_rank_rows"] = int(busiest)
-    result["floor_ms"] = time_ms(floor.step, args.warmup, args.reps)
-    for name, layer in systems.items():
-        result[f"{name}_ms"] = time_ms(lambda: layer.step(x, dy), args.warmup, args.reps)
+    steps = {"floor": floor.step, **{name: partial(layer.step, x, dy) for name, layer in systems.items()}}
+    for name, ms in time_interleaved(steps, args.warmup, args.reps).items():
+        result[f"{name}_ms"] = ms
     if chunks == 1:
         result["moeyard_planned_ms"] = result["moeyard_off_ms"]  # the planner kept the plain path
     if rank == 0:
@@ -110,7 +113,16 @@ def run_case(case: Case, args: argparse.Namespace, pmesh: Any, with_ds: bool) ->
     return result
 
 
+def die_with_parent() -> None:
+    """Linux: a rank outlives no killed benchmark (a stray rank would slow every later measurement)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def worker(rank: int, world: int, port: int, cases: list[Case], args: argparse.Namespace, out: str) -> None:
+    die_with_parent()
     torch.set_num_threads(1)
     keep_freed_memory()  # as `moeyard train` does on CPU; the same process runs every system, so all gain
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),

@@ -21,31 +21,50 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _rows(t: Tensor, order: Optional[Tensor], start: int, n: int) -> Tensor:
+    """An expert's rows: a slice of expert-grouped rows, or gathered through `order`."""
+    return t.narrow(0, start, n) if order is None else t.index_select(0, order.narrow(0, start, n))
+
+
+def _put_rows(out: Tensor, order: Optional[Tensor], start: int, rows: Tensor) -> None:
+    if order is None:
+        out.narrow(0, start, rows.shape[0]).copy_(rows)
+    else:
+        out.index_copy_(0, order.narrow(0, start, rows.shape[0]), rows)
+
+
 class _SwiGLULoop(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_SD: Tensor, rows_per_expert: list[int], recompute: bool, w_gate_EDF: Tensor,
-                w_up_EDF: Tensor, w_down_EFD: Tensor) -> Tensor:
+    def forward(ctx, x_SD: Tensor, rows_per_expert: list[int], recompute: bool, order: Optional[Tensor],
+                w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor) -> Tensor:
         y_SD = x_SD.new_empty(x_SD.shape[0], w_down_EFD.shape[-1])
         saved: list[Optional[tuple[Tensor, Tensor, Tensor, Tensor]]] = []
-        for e, (x_nD, y_nD) in enumerate(zip(x_SD.split(rows_per_expert), y_SD.split(rows_per_expert))):
+        start = 0
+        for e, n in enumerate(rows_per_expert):
+            x_nD = _rows(x_SD, order, start, n)
             h1_nF, h2_nF = x_nD @ w_gate_EDF[e], x_nD @ w_up_EDF[e]
             act_nF = F.silu(h1_nF)
             h_nF = act_nF * h2_nF
-            torch.mm(h_nF, w_down_EFD[e], out=y_nD)
+            if order is None:
+                torch.mm(h_nF, w_down_EFD[e], out=y_SD.narrow(0, start, n))
+            else:
+                _put_rows(y_SD, order, start, h_nF @ w_down_EFD[e])
             saved.append(None if recompute else (h1_nF, h2_nF, act_nF, h_nF))
+            start += n
         ctx.rows_per_expert, ctx.saved = rows_per_expert, saved
-        ctx.save_for_backward(x_SD, w_gate_EDF, w_up_EDF, w_down_EFD)
+        ctx.save_for_backward(x_SD, order, w_gate_EDF, w_up_EDF, w_down_EFD)
         return y_SD
 
     @staticmethod
     def backward(ctx, grad_y_SD: Tensor):
-        x_SD, w_gate_EDF, w_up_EDF, w_down_EFD = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
+        x_SD, order, w_gate_EDF, w_up_EDF, w_down_EFD = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4:])
         grad_x_SD = torch.empty_like(x_SD) if need_x else None
         grads = [torch.empty_like(w) if need_w else None for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
         grad_y_SD = grad_y_SD.contiguous()
-        rows = ctx.rows_per_expert
-        for e, (x_nD, dy_nD) in enumerate(zip(x_SD.split(rows), grad_y_SD.split(rows))):
+        start = 0
+        for e, n in enumerate(ctx.rows_per_expert):
+            x_nD, dy_nD = _rows(x_SD, order, start, n), _rows(grad_y_SD, order, start, n)
             if ctx.saved[e] is None:
                 h1_nF, h2_nF = x_nD @ w_gate_EDF[e], x_nD @ w_up_EDF[e]
                 act_nF = F.silu(h1_nF)
@@ -60,14 +79,22 @@ class _SwiGLULoop(torch.autograd.Function):
                 torch.mm(x_nD.t(), dh1_nF, out=grads[0][e])
                 torch.mm(x_nD.t(), dh2_nF, out=grads[1][e])
             if need_x:
-                dx_nD = grad_x_SD[sum(rows[:e]):sum(rows[:e + 1])]
+                dx_nD = grad_x_SD.narrow(0, start, n) if order is None else x_nD.new_empty(n, x_nD.shape[1])
                 torch.mm(dh1_nF, w_gate_EDF[e].t(), out=dx_nD)
                 dx_nD.addmm_(dh2_nF, w_up_EDF[e].t())
+                if order is not None:
+                    _put_rows(grad_x_SD, order, start, dx_nD)
+            start += n
         needs = ctx.needs_input_grad
-        return (grad_x_SD, None, None, *(g if n else None for g, n in zip(grads, needs[3:])))
+        return (grad_x_SD, None, None, None, *(g if n else None for g, n in zip(grads, needs[4:])))
 
 
 def swiglu_fused_loop(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_up_EDF: Tensor,
-                      w_down_EFD: Tensor, recompute: bool = False) -> Tensor:
-    """CPU fast path: per expert (SiLU(x W_gate) * x W_up) W_down over its rows, as one autograd node."""
-    return _SwiGLULoop.apply(x_SD, list(rows_per_expert), recompute, w_gate_EDF, w_up_EDF, w_down_EFD)
+                      w_down_EFD: Tensor, recompute: bool = False, order: Optional[Tensor] = None) -> Tensor:
+    """CPU fast path: per expert (SiLU(x W_gate) * x W_up) W_down over its rows, as one autograd node.
+
+    Rows are grouped by expert, or, with `order`, expert e's rows are x[order[a:b]] for its span [a, b)
+    of `rows_per_expert`, and its outputs land in the same positions: received rows (grouped by source
+    rank) are regrouped inside the loop, one expert at a time while they are in cache, instead of
+    by two whole-tensor gathers and their scatters in backward."""
+    return _SwiGLULoop.apply(x_SD, list(rows_per_expert), recompute, order, w_gate_EDF, w_up_EDF, w_down_EFD)

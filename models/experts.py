@@ -5,7 +5,7 @@ copies) grouped by expert.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +31,12 @@ def swiglu_loop(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_
     return torch.cat(outputs) if outputs else x_SD.new_zeros(0, w_down_EFD.shape[-1])
 
 
-def swiglu_grouped_mm(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_up_EDF: Tensor,
-                           w_down_EFD: Tensor) -> Tensor:
-    """GPU fast path: three grouped GEMMs over all experts at once."""
-    offs_E = torch.tensor(rows_per_expert, device=x_SD.device).cumsum(0).to(torch.int32)
+def swiglu_grouped_mm(x_SD: Tensor, rows_per_expert: list[int] | Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor,
+                      w_down_EFD: Tensor) -> Tensor:
+    """GPU fast path: three grouped GEMMs over all experts at once. Row counts given as a device tensor
+    never visit the host: the layer runs without a device-to-host synchronisation."""
+    counts_E = rows_per_expert if isinstance(rows_per_expert, Tensor) else torch.tensor(rows_per_expert)
+    offs_E = counts_E.to(x_SD.device).cumsum(0).to(torch.int32)
     h_SF = F.silu(torch._grouped_mm(x_SD, w_gate_EDF, offs=offs_E)) * torch._grouped_mm(x_SD, w_up_EDF, offs=offs_E)
     return torch._grouped_mm(h_SF, w_down_EFD, offs=offs_E)
 
@@ -60,11 +62,13 @@ class GroupedExperts(nn.Module):
     def weights(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD
 
-    def forward(self, x_SD: Tensor, rows_per_expert: list[int]) -> Tensor:
-        return self.forward_with(x_SD, rows_per_expert, *self.weights)
+    def forward(self, x_SD: Tensor, rows_per_expert: list[int] | Tensor, order: Optional[Tensor] = None) -> Tensor:
+        """Rows grouped by expert; or, with `order`, expert-grouped rows are x_SD[order] and the output comes
+        back in x_SD's own order (see swiglu_fused_loop)."""
+        return self.forward_with(x_SD, rows_per_expert, *self.weights, order=order)
 
-    def forward_with(self, x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_up_EDF: Tensor,
-                     w_down_EFD: Tensor) -> Tensor:
+    def forward_with(self, x_SD: Tensor, rows_per_expert: list[int] | Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor,
+                     w_down_EFD: Tensor, order: Optional[Tensor] = None) -> Tensor:
         """The experts as a function of explicit weights, for executors that manage autograd themselves."""
         weights = (w_gate_EDF, w_up_EDF, w_down_EFD)
         device = x_SD.device.type
@@ -73,7 +77,12 @@ class GroupedExperts(nn.Module):
             dtype = torch.get_autocast_dtype(device)
             x_SD, weights = x_SD.to(dtype), tuple(w.to(dtype) for w in weights)
         if not self._use_grouped_mm(x_SD):
-            return swiglu_fused_loop(x_SD, rows_per_expert, *weights, recompute=self.recompute)
+            if isinstance(rows_per_expert, Tensor):
+                rows_per_expert = rows_per_expert.tolist()  # the loop slices on the host
+            return swiglu_fused_loop(x_SD, rows_per_expert, *weights, recompute=self.recompute, order=order)
+        if order is not None:  # the grouped GEMM wants expert-grouped rows: gather, run, scatter back
+            y_SD = self.forward_with(x_SD.index_select(0, order), rows_per_expert, *weights)
+            return torch.empty_like(y_SD).index_copy(0, order, y_SD)
         if self.recompute and torch.is_grad_enabled():
             return checkpoint(swiglu_grouped_mm, x_SD, rows_per_expert, *weights, use_reentrant=False)
         return swiglu_grouped_mm(x_SD, rows_per_expert, *weights)

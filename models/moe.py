@@ -40,8 +40,9 @@ class LocalExchange:
     """Single process: all experts are here, the batch is all here."""
 
     def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, experts: GroupedExperts) -> Tensor:
-        # Host sync: the row split per expert must be known on the CPU.
-        return experts(x_SD, tokens_per_expert_E.tolist())
+        # The counts stay a tensor: the grouped GEMM reads them on the device (no host sync), the CPU loop
+        # reads them on the host.
+        return experts(x_SD, tokens_per_expert_E)
 
     def sum_over_batch(self, counts: Tensor) -> Tensor:
         return counts

@@ -24,7 +24,7 @@ from moeyard.models import GroupedExperts
 from moeyard.models.moe import LocalExchange
 
 from .overlap import pipelined_experts
-from .regroup import inverse_permutation, local_expert_order
+from .regroup import local_expert_order
 
 
 @dataclass(frozen=True)
@@ -97,9 +97,8 @@ class ExpertParallelExchange:
                                      experts.weights)
         layout = plan_exchange(tokens_per_expert_E, self.ep_group)
         x_RD = all_to_all(x_SD, layout.recv_splits, layout.send_splits, self.ep_group)
-        order_R = local_expert_order(layout.recv_counts_PL)
-        y_RD = experts(x_RD.index_select(0, order_R), layout.rows_per_local_expert)
-        y_RD = y_RD.index_select(0, inverse_permutation(order_R))
+        # Received rows are grouped by source rank; the experts regroup them by expert as they go.
+        y_RD = experts(x_RD, layout.rows_per_local_expert, order=local_expert_order(layout.recv_counts_PL))
         return all_to_all(y_RD, layout.send_splits, layout.recv_splits, self.ep_group)
 
     def sum_over_batch(self, counts: Tensor) -> Tensor:

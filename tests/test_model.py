@@ -85,6 +85,26 @@ def test_fused_expert_loop_matches_autograd_loop(recompute: bool) -> None:
                                     (x, *weights))
 
 
+@pytest.mark.parametrize("compute", ["loop", "grouped_mm"])
+def test_experts_regroup_rows_through_an_order(compute: str) -> None:
+    """Rows in (source rank, expert) order with `order` give the expert-grouped result, in place."""
+    torch.manual_seed(2)
+    experts = GroupedExperts(3, 8, 16, compute)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    rows = [4, 0, 5]
+    order = torch.randperm(9)
+    x = torch.randn(9, 8, requires_grad=True)
+    dy = torch.randn(9, 8)
+    y = experts(x, rows, order=order)
+    grads = torch.autograd.grad((y * dy).sum(), [x, *experts.parameters()])
+    y_ref = torch.empty_like(y).index_copy(0, order, swiglu_loop(x[order], rows, *experts.weights))
+    grads_ref = torch.autograd.grad((y_ref * dy).sum(), [x, *experts.parameters()])
+    torch.testing.assert_close(y, y_ref)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+
+
 def test_recompute_experts_keeps_the_model_function() -> None:
     torch.manual_seed(1)
     plain = Transformer(tiny())
@@ -171,3 +191,37 @@ def test_grouped_mm_under_bf16_autocast_matches_loop_and_rejects_misaligned_dims
 def test_model_without_moe_block_is_rejected() -> None:
     with pytest.raises(ConfigError, match="model.moe.first_dense_layers=4 leaves no MoE block"):
         ModelConfig(n_layers=4, moe=MoEConfig(first_dense_layers=4))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu.sh runs these)")
+
+
+@needs_cuda
+def test_cuda_grouped_mm_layer_matches_the_loop_in_bf16() -> None:
+    torch.manual_seed(0)
+    moe = MoE(64, MoEConfig(num_experts=8, top_k=2, ffn_dim=128, expert_compute="grouped_mm")).cuda()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 64, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_gmm, _ = moe(x)
+    moe.experts.compute = "loop"
+    y_loop, _ = moe(x)  # float32 reference
+    torch.testing.assert_close(y_gmm.float(), y_loop, rtol=3e-2, atol=3e-2)
+
+
+@needs_cuda
+def test_cuda_layer_forward_backward_never_waits_for_the_host() -> None:
+    """ep=1, dropless, grouped GEMM: no device-to-host synchronisation anywhere in the layer."""
+    moe = MoE(64, MoEConfig(num_experts=8, top_k=2, ffn_dim=128, expert_compute="grouped_mm")).cuda()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 64, 64, device="cuda", requires_grad=True)
+    moe(x)[0].sum().backward()  # warm-up: lazy initialisation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, stats = moe(x)
+        (y.sum() + stats.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
