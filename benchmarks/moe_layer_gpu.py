@@ -196,7 +196,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"TFLOP/s", "", "| system | fwd+bwd | expert TFLOP/s | % of dense GEMM |", "|---|---|---|---|"]
     for r in report["layers"]:
         if "ms" in r:
-            lines.append(f"| {r['system']} | {r['ms']:.2f} ms | {r['expert_tflops']:.0f} | "
+            lines.append(f"| {r['system']} | {r['ms']:.2f} ms | {r['expert_tflops']:.1f} | "
                          f"{r['pct_of_dense_gemm']:.0f}% |")
         else:
             lines.append(f"| {r['system']} | {r['unavailable']} | | |")
@@ -206,7 +206,7 @@ def markdown(report: dict[str, Any]) -> str:
         if "step_s" in mfu:
             share = f"{100 * mfu['mfu']:.1f}%" if mfu["mfu"] else "peak unknown (--peak-tflops)"
             lines.append(f"| {mfu['config']} | {mfu['tokens_per_step']} | {mfu['step_s'] * 1e3:.0f} ms | "
-                         f"{mfu['model_tflops']:.0f} | {share} |")
+                         f"{mfu['model_tflops']:.1f} | {share} |")
         else:
             lines.append(f"| {mfu['unavailable'][:200]} | | | | |")
     return "\n".join(lines) + "\n"
