@@ -224,13 +224,16 @@ def block_fwd_flops(cfg: ModelConfig, tokens: int, seq_len: int, layer: int) -> 
 
 
 def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: int, micro_steps: int,
-                 act_bytes: int = 4) -> Workload:
-    """Shapes of one rank's step, from the model config alone (the model is built on the meta device)."""
+                 act_bytes: int = 4, frozen: frozenset[str] = frozenset()) -> Workload:
+    """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
+    Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer."""
     with torch.device("meta"):
         model = Transformer(cfg)
     expert_ids = {id(p) for m in expert_modules(model) for p in m.parameters()}
     infos = []
     for name, p in model.named_parameters():
+        if name in frozen:
+            continue
         layer = -1 if name.startswith("tok_embeddings") else (int(name.split(".")[1]) if name.startswith("layers.")
                                                              else cfg.n_layers)
         expert = id(p) in expert_ids

@@ -22,5 +22,6 @@ def apply_expert_parallel(model: Transformer, pmesh: ParallelMesh) -> None:
         start = pmesh.ep_rank * local
         experts = moe.experts
         for name, weight in list(experts.named_parameters(recurse=False)):
-            setattr(experts, name, nn.Parameter(weight.detach()[start:start + local].clone()))
+            setattr(experts, name, nn.Parameter(weight.detach()[start:start + local].clone(),
+                                                  requires_grad=weight.requires_grad))
         moe.exchange = ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group)

@@ -243,6 +243,13 @@ class Checkpointer:
                                 **{k: torch.zeros_like(p, memory_format=torch.contiguous_format) for k in ADAM_KEYS}}
                         for p in model.parameters() if p.requires_grad}
         state = _state_dict(model, optim_states, self.pmesh, with_rng=same_world)
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        untrained = [name for name in state["optim"] if f"optim.{name}.exp_avg" not in saved]
+        if untrained:
+            raise CheckpointError(f"{path} has no optimizer state for {len(untrained)} parameters that train now "
+                                  f"(e.g. {untrained[0]}): they were frozen when it was saved. Resume with the "
+                                  f"train.trainable/train.frozen it was saved with, or start a new run with "
+                                  f"checkpoint.init={path}")
         dcp.load(state, checkpoint_id=path, process_group=self.group)
         sync.load_param_states(optim_states)
         if same_world:

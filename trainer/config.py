@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from moeyard.models import ConfigError, ModelConfig
+
+from .freezing import frozen_set
 from moeyard.models.config import require
 
 
@@ -82,6 +84,12 @@ class TrainConfig:
     last good state."""
     max_skipped_steps: int = 10
     """nonfinite=skip: stop anyway after this many skipped steps in a row."""
+    trainable: Optional[list[str]] = None
+    """Only parameters whose name matches one of these shell-style patterns train (null: all of them),
+    e.g. ["layers.*.attn.*"]. Names are the single-device model's, at any ep."""
+    frozen: list[str] = field(default_factory=list)
+    """Parameters matching these patterns do not train (applied after train.trainable), e.g.
+    ["*.experts.*", "*.router.*"]: no gradient, no optimizer state, no gradient communication."""
 
 
 @dataclass(kw_only=True)
@@ -195,6 +203,12 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
         require(value in choices, f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
         return value
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if isinstance(value, str):  # one item, as `--set train.frozen=layers.*.attn.*` gives it
+            value = [value]
+        require(isinstance(value, list), f"{key}={value!r} must be a list")
+        return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(hint):
         require(isinstance(value, dict), f"{key} must be a mapping of keys, got {value!r}")
         return _build(hint, value, key)
@@ -283,6 +297,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.dir={cfg.run.dir!r} has a placeholder other than {{name}}: {err}") from None
     require(0 < cfg.optim.lr and 0 <= cfg.optim.min_lr <= cfg.optim.lr,
             f"optim.lr={cfg.optim.lr} must be > 0 and optim.min_lr={cfg.optim.min_lr} between 0 and optim.lr")
+    frozen_set(m, t.trainable, t.frozen)  # patterns that match nothing fail here, before any worker
 
 
 def validate_for_world(cfg: Config, world_size: int) -> None:

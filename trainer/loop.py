@@ -23,6 +23,7 @@ from .data import DataError, TokenBatches, read_meta
 from .metrics import MetricsLogger, step_record
 from .optim import lr_at
 from .precision import resolve_dtype
+from .freezing import freeze
 from .schedule import apply_plan_chunks, build_grad_sync, plan_for
 from .checkpoint_store import CheckpointError
 from .sft_batches import SFTBatches, SFTData, heldout_share
@@ -144,6 +145,9 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
 
     torch.manual_seed(cfg.run.seed)  # same full model on every rank, whatever the layout
     model = Transformer(cfg.model)
+    trainable, total = freeze(model, cfg.train.trainable, cfg.train.frozen)
+    if rank == 0:
+        print(f"parameters: {trainable:,} of {total:,} train ({100 * trainable / total:.2f}%)", flush=True)
     apply_expert_parallel(model, pmesh)
     model.to(device)
     groups = split_parameters(model)

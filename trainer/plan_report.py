@@ -10,6 +10,7 @@ from moeyard.parallel.plan import Plan
 from moeyard.parallel.planner import reference_plan, search
 from moeyard.parallel.profiler import MeasuredCosts, load_or_measure
 
+from .freezing import frozen_set
 from .config import Config
 from .precision import resolve_dtype
 from .schedule import profile_cache_dir, workload
@@ -52,5 +53,6 @@ def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
     per_rank = cfg.global_batch_sequences // world_size
     micro = cfg.train.micro_batch_size or per_rank
     w = workload_for(cfg.model, tokens=micro * cfg.train.seq_len, seq_len=cfg.train.seq_len, ep=cfg.parallel.ep,
-                     dp=world_size, micro_steps=per_rank // micro, act_bytes=hw.act_bytes)
+                     dp=world_size, micro_steps=per_rank // micro, act_bytes=hw.act_bytes,
+                     frozen=frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen))
     return plan_report(cfg, w, HardwareCosts(hw), f"the hardware description {hw.name} ({hardware_path})")[1]

@@ -19,6 +19,7 @@ from moeyard.parallel.zero import ShardedAdamW
 
 from .config import Config
 from .data import default_cache_root
+from .freezing import frozen_set
 from .optim import build_optimizer
 from .precision import resolve_dtype
 
@@ -66,7 +67,8 @@ def workload(cfg: Config, dp: int, device: torch.device) -> Workload:
     micro = cfg.train.micro_batch_size or per_rank
     act_bytes = 2 if resolve_dtype(cfg.train.dtype, device) == torch.bfloat16 else 4
     return workload_for(cfg.model, tokens=micro * cfg.train.seq_len, seq_len=cfg.train.seq_len, ep=cfg.parallel.ep,
-                        dp=dp, micro_steps=per_rank // micro, act_bytes=act_bytes)
+                        dp=dp, micro_steps=per_rank // micro, act_bytes=act_bytes,
+                        frozen=frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen))
 
 
 def profile_cache_dir() -> Path:
