@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def _rows(t: Tensor, order: Optional[Tensor], start: int, n: int) -> Tensor:
@@ -38,7 +39,7 @@ class _SwiGLULoop(torch.autograd.Function):
     def forward(ctx, x_SD: Tensor, rows_per_expert: list[int], recompute: bool, order: Optional[Tensor],
                 w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor) -> Tensor:
         y_SD = x_SD.new_empty(x_SD.shape[0], w_down_EFD.shape[-1])
-        saved: list[Optional[tuple[Tensor, Tensor, Tensor, Tensor]]] = []
+        saved: list[Tensor] = []  # h1, h2, act, h of every expert, unless recomputed
         start = 0
         for e, n in enumerate(rows_per_expert):
             x_nD = _rows(x_SD, order, start, n)
@@ -49,15 +50,18 @@ class _SwiGLULoop(torch.autograd.Function):
                 torch.mm(h_nF, w_down_EFD[e], out=y_SD.narrow(0, start, n))
             else:
                 _put_rows(y_SD, order, start, h_nF @ w_down_EFD[e])
-            saved.append(None if recompute else (h1_nF, h2_nF, act_nF, h_nF))
+            if not recompute:
+                saved += [h1_nF, h2_nF, act_nF, h_nF]
             start += n
-        ctx.rows_per_expert, ctx.saved = rows_per_expert, saved
-        ctx.save_for_backward(x_SD, order, w_gate_EDF, w_up_EDF, w_down_EFD)
+        ctx.rows_per_expert = rows_per_expert
+        # Through save_for_backward, not a ctx attribute: autograd frees them after backward.
+        ctx.save_for_backward(x_SD, order, w_gate_EDF, w_up_EDF, w_down_EFD, *saved)
         return y_SD
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y_SD: Tensor):
-        x_SD, order, w_gate_EDF, w_up_EDF, w_down_EFD = ctx.saved_tensors
+        x_SD, order, w_gate_EDF, w_up_EDF, w_down_EFD, *saved = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4:])
         grad_x_SD = torch.empty_like(x_SD) if need_x else None
         grads = [torch.empty_like(w) if need_w else None for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
@@ -65,12 +69,12 @@ class _SwiGLULoop(torch.autograd.Function):
         start = 0
         for e, n in enumerate(ctx.rows_per_expert):
             x_nD, dy_nD = _rows(x_SD, order, start, n), _rows(grad_y_SD, order, start, n)
-            if ctx.saved[e] is None:
+            if saved:
+                h1_nF, h2_nF, act_nF, h_nF = saved[4 * e:4 * e + 4]
+            else:
                 h1_nF, h2_nF = x_nD @ w_gate_EDF[e], x_nD @ w_up_EDF[e]
                 act_nF = F.silu(h1_nF)
                 h_nF = act_nF * h2_nF
-            else:
-                h1_nF, h2_nF, act_nF, h_nF = ctx.saved[e]
             dh_nF = dy_nD @ w_down_EFD[e].t()
             dh1_nF = torch.ops.aten.silu_backward(dh_nF * h2_nF, h1_nF)
             dh2_nF = dh_nF * act_nF
@@ -97,4 +101,7 @@ def swiglu_fused_loop(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tens
     of `rows_per_expert`, and its outputs land in the same positions: received rows (grouped by source
     rank) are regrouped inside the loop, one expert at a time while they are in cache, instead of
     by two whole-tensor gathers and their scatters in backward."""
-    return _SwiGLULoop.apply(x_SD, list(rows_per_expert), recompute, order, w_gate_EDF, w_up_EDF, w_down_EFD)
+    weights = (w_gate_EDF, w_up_EDF, w_down_EFD)
+    graph = torch.is_grad_enabled() and (x_SD.requires_grad or any(w.requires_grad for w in weights))
+    # Without a graph nothing is kept: evaluation holds one expert's activations at a time.
+    return _SwiGLULoop.apply(x_SD, list(rows_per_expert), recompute or not graph, order, *weights)

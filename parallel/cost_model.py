@@ -119,7 +119,8 @@ class _BucketLauncher:
             params = [p for p in w.params if p.expert == expert]
             buckets, start = [], 0
             for size in sizes:
-                buckets.append(params[start:start + size])
+                if size:  # every parameter of the list frozen: nothing to reduce
+                    buckets.append(params[start:start + size])
                 start += size
             self.lists.append((expert, buckets, [0]))
 

@@ -23,7 +23,7 @@ def reference_plan(w: Workload, grad_sync: GradSync) -> Plan:
     """schedule: off -- the plain path every test compares against."""
     n_dense = sum(1 for p in w.params if not p.expert)
     n_expert = len(w.params) - n_dense
-    return Plan(chunks=(1,) * len(w.moe_layers), dense_buckets=(n_dense,),
+    return Plan(chunks=(1,) * len(w.moe_layers), dense_buckets=(n_dense,) if n_dense else (),
                 expert_buckets=(n_expert,) if n_expert else (), grad_sync=grad_sync,
                 overlap_grads=grad_sync == "reduce_scatter", source="off")
 

@@ -123,8 +123,9 @@ def profile_key(cfg: ModelConfig, w: Workload, device: torch.device) -> str:
         hardware = f"{platform.machine()}-{platform.processor()}-{os.cpu_count()}cpu-{torch.get_num_threads()}thr"
     world = [dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())),
              dist.get_backend()]
+    trainable = sum(p.numel for p in w.params)  # frozen parameters change the optimizer's cost
     what = json.dumps([PROFILER_VERSION, hardware, world, torch.__version__, dataclasses.asdict(cfg), w.tokens,
-                       w.seq_len, w.ep, w.dp, w.act_bytes], sort_keys=True, default=str)
+                       w.seq_len, w.ep, w.dp, w.act_bytes, trainable], sort_keys=True, default=str)
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
@@ -174,7 +175,8 @@ def _measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.d
     # Experts: this rank's shard at a quarter of the real row count and the real count (pipelined chunks run
     # fewer rows than a whole layer), rows spread evenly over its experts.
     local = cfg.moe.num_experts // pmesh.ep
-    experts = GroupedExperts(local, cfg.dim, cfg.moe.ffn_dim, cfg.moe.expert_compute).to(device)
+    experts = GroupedExperts(local, cfg.dim, cfg.moe.ffn_dim, cfg.moe.expert_compute,
+                             recompute=cfg.moe.recompute_experts).to(device)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.02)
     expert_fits: dict[Phase, list[tuple[int, float]]] = {"fwd": [], "bwd": []}

@@ -11,7 +11,10 @@ import torch.distributed.checkpoint as dcp
 
 from moeyard.models import ConfigError
 from moeyard.trainer.config import load_config
-from moeyard.trainer.freezing import frozen_names
+from moeyard.parallel.cost_model import predict, workload_for
+from moeyard.parallel.hardware import Hardware, HardwareCosts
+from moeyard.parallel.planner import reference_plan, search
+from moeyard.trainer.freezing import frozen_names, frozen_set
 from runs import final_parameters, initial_parameters, moeyard_train, read_metrics, run_moeyard_train, write_config
 
 NAMES = ["tok_embeddings.weight", "layers.0.attn.wq.weight", "layers.1.ffn.router.weight_ED",
@@ -36,6 +39,20 @@ def test_a_pattern_that_matches_nothing_fails_when_the_config_loads() -> None:
         load_config(TINY, ["train.trainable=layers.*.attention.*"])
     cfg = load_config(TINY, ["train.trainable=layers.*.attn.*"])  # one pattern given as a plain string
     assert cfg.train.trainable == ["layers.*.attn.*"]
+    cfg = load_config(TINY, ["train.frozen=*.experts.*"])  # not YAML (a leading * is an alias): taken as text
+    assert cfg.train.frozen == ["*.experts.*"]
+
+
+def test_planner_and_predictions_with_every_dense_parameter_frozen() -> None:
+    cfg = load_config(TINY, ["train.trainable=*.experts.*"])
+    w = workload_for(cfg.model, tokens=4096, seq_len=256, ep=2, dp=2, micro_steps=1,
+                     frozen=frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen))
+    assert w.params and all(p.expert for p in w.params)
+    costs = HardwareCosts(Hardware.load("cpu-2core"))
+    assert reference_plan(w, "all_reduce").dense_buckets == ()
+    assert predict(w, reference_plan(w, "all_reduce"), costs).step > 0
+    plan, prediction = search(w, costs)
+    assert plan.dense_buckets == () and prediction.step > 0
 
 
 def optimizer_state_names(run_dir) -> set[str]:

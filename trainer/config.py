@@ -254,7 +254,18 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     for part in parents:
         node = node.setdefault(part, {})
         require(isinstance(node, dict), f"override {assignment!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    node[leaf] = _override_value(raw)
+
+
+def _override_value(raw: str) -> Any:
+    """YAML, or the raw text where YAML cannot read it (`train.frozen=*.experts.*`: a leading * is a YAML
+    alias)."""
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw.strip()
 
 
 def validate(cfg: Config) -> None:

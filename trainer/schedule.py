@@ -29,7 +29,7 @@ def fixed_plan(cfg: Config, model: Transformer, groups: ParamGroups) -> Plan:
     n_moe = sum(1 for _ in model.moe_layers())
     s = cfg.schedule
     if s.mode == "off":
-        return Plan(chunks=(1,) * n_moe, dense_buckets=(len(groups.dense),),
+        return Plan(chunks=(1,) * n_moe, dense_buckets=(len(groups.dense),) if groups.dense else (),
                     expert_buckets=(len(groups.expert),) if groups.expert else (), grad_sync=s.grad_sync,
                     overlap_grads=s.grad_sync == "reduce_scatter", source="off")
     cap = s.bucket_mb * 2**20
