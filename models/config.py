@@ -132,6 +132,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
+    peft: "PEFTConfig" = field(default_factory=lambda: PEFTConfig())
+    """Routed low-rank adapters on chosen linear maps (models/lora_experts.py); method none: no adapters."""
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
@@ -151,3 +153,36 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         offset = layer - self.moe.first_dense_layers
         return offset >= 0 and offset % self.moe.every == 0
+
+
+@dataclass(kw_only=True)
+class PEFTConfig:
+    """Parameter-efficient tuning: a router over low-rank adapters added to chosen linear maps."""
+
+    method: Literal["none", "lora_moe", "rank1_moe"] = "none"
+    """lora_moe: `num_experts` LoRA adapters of rank `rank` per target, top_k routed (MixLoRA/MoLoRA);
+    rank1_moe: one adapter of rank `rank` whose ranks are the experts, top_k of them routed (SMoRA)."""
+    targets: list[str] = field(default_factory=lambda: ["*.attn.wq", "*.attn.wk", "*.attn.wv", "*.attn.wo"])
+    """Shell-style patterns over the names of linear maps (nn.Linear modules), e.g. *.ffn.w_up."""
+    num_experts: int = 4
+    rank: int = 8
+    top_k: int = 2
+    alpha: float = 16.0
+    """The adapters' sum is scaled by alpha / rank (LoRA)."""
+    aux_loss_coef: float = 0.01
+    """Weight of the adapters' routers' load-balancing loss (per sequence, layout-independent)."""
+
+    def __post_init__(self) -> None:
+        if self.method == "none":
+            return
+        require(self.rank >= 1 and self.num_experts >= 1, "model.peft.rank and model.peft.num_experts must be >= 1")
+        experts = self.rank if self.method == "rank1_moe" else self.num_experts
+        what = "model.peft.rank (rank1_moe: every rank is an expert)" if self.method == "rank1_moe" \
+            else "model.peft.num_experts"
+        require(1 <= self.top_k <= experts, f"model.peft.top_k={self.top_k} must be between 1 and {what}={experts}")
+        require(bool(self.targets), "model.peft.targets is empty: name the linear maps that get adapters")
+
+    @property
+    def experts_and_rank(self) -> tuple[int, int]:
+        """(experts, rank of each) of one target's adapter mixture."""
+        return (self.rank, 1) if self.method == "rank1_moe" else (self.num_experts, self.rank)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .experts import GroupedExperts
 from .layers import Attention, RMSNorm, SwiGLU, rope_tables
+from .lora_experts import add_routed_adapters, routed_adapters
 from .moe import MoE, MoEStats
 
 
@@ -64,6 +65,9 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
+        if cfg.peft.method != "none":  # after the base's init: same seed, same base weights
+            add_routed_adapters(self, cfg.peft)
+        self.adapters = [m for _, m in routed_adapters(self)]
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -116,6 +120,8 @@ class Transformer(nn.Module):
                 aux_loss = aux_loss + self.cfg.moe.aux_loss_coef * stats.aux_loss
                 z_loss = z_loss + self.cfg.moe.z_loss_coef * stats.z_loss
         logits_BTV = self.output(self.norm(x_BTD))
+        for adapter in self.adapters:
+            aux_loss = aux_loss + self.cfg.peft.aux_loss_coef * adapter.aux_loss
         return ModelOutput(logits_BTV, aux_loss, z_loss, moe_stats)
 
 

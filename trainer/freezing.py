@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from moeyard.models import ConfigError, ModelConfig, Transformer
+from moeyard.models.lora_experts import ADAPTER_PATTERN, is_adapter_parameter
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -34,6 +35,8 @@ def frozen_names(names: list[str], trainable: Optional[list[str]], frozen: list[
                 examples = ", ".join(names[i] for i in range(0, len(names), max(1, len(names) // 6)))
                 raise ConfigError(f"{key} pattern {p!r} matches no parameter; names look like {examples} "
                                   f"(shell-style patterns: * matches any text, dots included)")
+    if trainable is None and any(is_adapter_parameter(n) for n in names):
+        trainable = [ADAPTER_PATTERN]  # a model with adapters tunes the adapters (and their routers) only
     trains = [n for n in names if (trainable is None or _matches(n, trainable)) and not _matches(n, frozen)]
     if not trains:
         raise ConfigError("train.trainable and train.frozen leave no parameter to train")
@@ -43,7 +46,7 @@ def frozen_names(names: list[str], trainable: Optional[list[str]], frozen: list[
 def frozen_set(model_cfg: ModelConfig, trainable: Optional[list[str]], frozen: list[str]) -> frozenset[str]:
     """The frozen names of this model config, from a model built on the meta device (no memory); also the
     patterns' check before any worker starts."""
-    if trainable is None and not frozen:
+    if trainable is None and not frozen and model_cfg.peft.method == "none":
         return frozenset()
     with torch.device("meta"):
         names = [n for n, _ in Transformer(model_cfg).named_parameters()]
@@ -53,7 +56,7 @@ def frozen_set(model_cfg: ModelConfig, trainable: Optional[list[str]], frozen: l
 def freeze(model: nn.Module, trainable: Optional[list[str]], frozen: list[str]) -> tuple[int, int]:
     """Apply the patterns to the full model (before expert parallelism); returns (trainable, total) counts."""
     params = dict(model.named_parameters())
-    if trainable is not None or frozen:
+    if trainable is not None or frozen or any(is_adapter_parameter(n) for n in params):
         for name in frozen_names(list(params), trainable, frozen):
             params[name].requires_grad_(False)
     return sum(p.numel() for p in params.values() if p.requires_grad), sum(p.numel() for p in params.values())

@@ -126,6 +126,8 @@ def export_family(cfg: ModelConfig) -> str:
         if not condition:
             raise ConfigError(f"no Hugging Face family computes this model: {what}")
 
+    need(cfg.peft.method == "none", f"it has routed adapters (model.peft.method={cfg.peft.method}); routed "
+         f"adapters cannot be merged into the base weights, so export the base checkpoint instead")
     need(m.router == "topk_softmax", f"model.moe.router={m.router} (only topk_softmax exists there)")
     need(m.capacity_factor is None, "model.moe.capacity_factor is set (HF models are dropless)")
     if cfg.qk_norm == "full":

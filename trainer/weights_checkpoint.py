@@ -20,6 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 
 from moeyard.models import ConfigError, ModelConfig, Transformer
+from moeyard.models.lora_experts import is_adapter_parameter
 from moeyard.parallel import ParallelMesh
 
 from .checkpoint import _state_dict
@@ -104,6 +105,8 @@ def load_init_weights(path: Path, model: nn.Module, pmesh: ParallelMesh, group: 
     del state["optim"]
     if "buffers" in state and not any(k.startswith("buffers.") for k in meta):
         del state["buffers"]  # e.g. a converted HF model starting a dense_to_sparse schedule afresh
+    for name in [n for n in state["model"] if is_adapter_parameter(n) and f"model.{n}" not in meta]:
+        del state["model"][name]  # adapters new to this run start at their init (the base model's function)
     for name, tensor in state["model"].items():
         md = meta.get(f"model.{name}")
         full = tuple(tensor.shape)  # a DTensor's shape is the global one

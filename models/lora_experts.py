@@ -1,0 +1,93 @@
+"""Routed low-rank adapters on a frozen linear map: y = W x + (alpha / r) * sum_k g_k B_k A_k x.
+
+lora_moe (MixLoRA, MoLoRA, LoRAMoE): each target gets E adapters of rank r and a
+router that sends every token to its top-k of them. rank1_moe (SMoRA/MoRA): one
+adapter of rank r whose r ranks are the experts, top-k routed; that is the same
+computation with E = r adapters of rank 1. B starts at zero, so a fresh adapter
+leaves the model's function exactly as it was.
+
+The adapter hangs off its linear map as a child module and a forward hook, so
+the base weights keep their names (`layers.0.attn.wq.weight`) and checkpoints of
+the base load unchanged. The adapters are dense parameters (replicated, reduced
+over dp); computed for all E at once and masked, which costs E*r columns, a few
+percent of the base GEMM at r=8, E=4.
+
+Shape legend: B sequences, S positions, T = B*S tokens, D in features, O out features, E adapters,
+R rank of each, K adapters per token.
+"""
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .config import ConfigError, PEFTConfig
+from .router import Router, sequence_balance_loss
+from .routers import top_k_weights
+
+
+class RoutedLoRA(nn.Module):
+    def __init__(self, in_features: int, out_features: int, cfg: PEFTConfig) -> None:
+        super().__init__()
+        E, R = cfg.experts_and_rank
+        self.top_k, self.scale = cfg.top_k, cfg.alpha / cfg.rank
+        self.router = Router(in_features, E)
+        self.A_EDR = nn.Parameter(torch.empty(E, in_features, R))
+        self.B_ERO = nn.Parameter(torch.empty(E, R, out_features))
+        self.aux_loss: Optional[Tensor] = None
+        """The last forward's load-balancing loss (1.0 is balanced), collected by the Transformer."""
+        self.load_E: Optional[Tensor] = None
+        """The last forward's token copies per adapter (for metrics)."""
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.router.weight_ED, 0.0, 0.02)
+        nn.init.normal_(self.A_EDR, 0.0, self.A_EDR.shape[1] ** -0.5)
+        nn.init.zeros_(self.B_ERO)  # the model starts as the base model
+
+    def forward(self, x: Tensor) -> Tensor:
+        *lead, D = x.shape
+        E, _, R = self.A_EDR.shape
+        x_TD = x.reshape(-1, D)
+        probs_TE = self.router.logits(x_TD).softmax(dim=-1)
+        weight_TK, index_TK = top_k_weights(probs_TE, self.top_k, renormalize=self.top_k > 1)
+        gate_TE = torch.zeros_like(probs_TE).scatter(1, index_TK, weight_TK).to(x.dtype)
+        h_TER = (x_TD @ self.A_EDR.transpose(0, 1).reshape(D, E * R)).view(-1, E, R) * gate_TE.unsqueeze(-1)
+        delta_TO = h_TER.reshape(-1, E * R) @ self.B_ERO.reshape(E * R, -1)
+        B, S = (lead[0], x_TD.shape[0] // lead[0]) if len(lead) >= 2 else (1, x_TD.shape[0])
+        self.aux_loss = sequence_balance_loss(probs_TE.view(B, S, E), index_TK.view(B, S, -1))
+        self.load_E = torch.bincount(index_TK.flatten(), minlength=E).detach()
+        return self.scale * delta_TO.view(*lead, -1)
+
+
+def _add_adapter(module: nn.Linear, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
+    return out + module.adapter(args[0])
+
+
+def add_routed_adapters(model: nn.Module, cfg: PEFTConfig) -> None:
+    """Give every nn.Linear whose name matches cfg.targets a RoutedLoRA (as `<name>.adapter`)."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for pattern in cfg.targets:
+        if not any(fnmatchcase(n, pattern) for n in linears):
+            examples = ", ".join(list(linears)[:6])
+            raise ConfigError(f"model.peft.targets pattern {pattern!r} matches no linear map; they are named like "
+                              f"{examples}")
+    for name, linear in linears.items():
+        if any(fnmatchcase(name, p) for p in cfg.targets):
+            linear.adapter = RoutedLoRA(linear.in_features, linear.out_features, cfg)
+            linear.adapter.reset_parameters()
+            linear.register_forward_hook(_add_adapter)
+
+
+def routed_adapters(model: nn.Module) -> Iterator[tuple[str, RoutedLoRA]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, RoutedLoRA))
+
+
+ADAPTER_PATTERN = "*.adapter.*"
+"""What trains by default when the model has adapters."""
+
+
+def is_adapter_parameter(name: str) -> bool:
+    return fnmatchcase(name, ADAPTER_PATTERN)

@@ -1,0 +1,74 @@
+"""Routed LoRA adapters (lora_moe, rank1_moe): the base model's function at init, only adapters train,
+and expert parallelism of the frozen MoE base changes nothing learned."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from moeyard.models import ConfigError, ModelConfig, MoEConfig, Transformer
+from moeyard.models.config import PEFTConfig
+from runs import final_parameters, initial_parameters, moeyard_train, read_metrics, write_config
+
+BASE = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
+                   moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32, first_dense_layers=1))
+
+
+@pytest.mark.parametrize("method", ["lora_moe", "rank1_moe"])
+def test_fresh_adapters_give_the_base_models_logits_exactly(method: str) -> None:
+    peft = PEFTConfig(method=method, rank=4, num_experts=3, top_k=2, targets=["*.attn.w?", "*.ffn.w_up"])
+    torch.manual_seed(0)
+    base = Transformer(BASE)
+    torch.manual_seed(0)
+    tuned = Transformer(dataclasses.replace(BASE, peft=peft))
+    assert len(tuned.adapters) == 2 * 4 + 1  # the attention maps of both layers, the dense layer's w_up
+    tokens = torch.randint(0, 64, (2, 16))
+    assert torch.equal(base(tokens).logits_BTV, tuned(tokens).logits_BTV)
+    experts, rank = tuned.adapters[0].A_EDR.shape[0], tuned.adapters[0].A_EDR.shape[2]
+    assert (experts, rank) == ((4, 1) if method == "rank1_moe" else (3, 4))
+    out = tuned(tokens)
+    assert out.aux_loss > 0  # the adapters' balance loss reaches the model's loss
+
+
+def test_bad_peft_settings_are_named() -> None:
+    with pytest.raises(ConfigError, match="model.peft.targets pattern '\\*.attn.q' matches no linear map"):
+        Transformer(dataclasses.replace(BASE, peft=PEFTConfig(method="lora_moe", targets=["*.attn.q"])))
+    with pytest.raises(ConfigError, match="model.peft.top_k=3 must be between 1 and model.peft.rank"):
+        PEFTConfig(method="rank1_moe", rank=2, top_k=3)
+
+
+def test_lora_moe_trains_only_adapters_and_matches_at_ep1_and_ep2(tmp_path, small_corpus) -> None:
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 4})
+    peft = ["model.peft.method=lora_moe", "model.peft.rank=4", "optim.lr=0.01"]
+    proc = moeyard_train(config, tmp_path / "ep1", 1, "parallel.ep=1", *peft)
+    moeyard_train(config, tmp_path / "ep2", 2, "parallel.ep=2", *peft)
+    cfg, final_ep1 = final_parameters(tmp_path / "ep1")
+    _, final_ep2 = final_parameters(tmp_path / "ep2")
+    init = initial_parameters(cfg)
+    adapters = {n for n in init if ".adapter." in n}
+    trainable = sum(init[n].numel() for n in adapters)
+    total = sum(p.numel() for p in init.values())
+    assert adapters and f"parameters: {trainable:,} of {total:,} train" in proc.stdout
+    for a, b in zip(read_metrics(tmp_path / "ep2"), read_metrics(tmp_path / "ep1")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for name, p0 in init.items():
+        if name not in adapters:
+            assert torch.equal(final_ep1[name], p0) and torch.equal(final_ep2[name], p0), name
+            continue
+        update = final_ep1[name] - p0
+        assert update.norm() > 0, f"{name} did not train"
+        assert (final_ep2[name] - p0 - update).norm() / update.norm() < 1e-5, name
+
+
+def test_adapters_start_from_a_base_checkpoint(tmp_path, small_corpus) -> None:
+    """--init of a checkpoint without adapters: the base loads, the adapters start fresh, so the first
+    step's loss is the base model's loss on the same batch."""
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 2})
+    moeyard_train(config, tmp_path / "base", 1, "parallel.ep=1")
+    init = f"checkpoint.init={tmp_path / 'base'}"
+    moeyard_train(config, tmp_path / "plain", 1, "parallel.ep=1", init, "model.moe.aux_loss_coef=0")
+    moeyard_train(config, tmp_path / "tuned", 1, "parallel.ep=1", init, "model.moe.aux_loss_coef=0",
+                  "model.peft.method=rank1_moe", "model.peft.aux_loss_coef=0")
+    plain, tuned = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "tuned")
+    assert tuned[0]["lm_loss"] == pytest.approx(plain[0]["lm_loss"], rel=1e-6)
