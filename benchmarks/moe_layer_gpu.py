@@ -74,12 +74,17 @@ def moeyard_experts(args, dtype, device) -> Callable[[], None]:
 def moeyard_layer(args, dtype, device) -> Callable[[], None]:
     cfg = MoEConfig(num_experts=args.experts, top_k=args.top_k, ffn_dim=args.ffn, expert_compute="grouped_mm",
                     recompute_experts=args.recompute)
-    moe = MoE(args.dim, cfg).to(device=device, dtype=dtype)
-    for p in moe.parameters():
+    return fwd_bwd(MoE(args.dim, cfg), (1, args.tokens, args.dim), dtype, device)
+
+
+def fwd_bwd(layer: torch.nn.Module, shape: tuple[int, ...], dtype, device) -> Callable[[], None]:
+    """One forward + backward of a layer whose output is a tuple, on random input and output gradient."""
+    layer = layer.to(device=device, dtype=dtype)
+    for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    x = torch.randn(1, args.tokens, args.dim, dtype=dtype, device=device, requires_grad=True)
+    x = torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
     dy = torch.randn_like(x)
-    return lambda: moe(x)[0].backward(dy)
+    return lambda: layer(x)[0].backward(dy)
 
 
 def deepspeed_layer(args, dtype, device) -> Callable[[], None]:
@@ -92,12 +97,8 @@ def deepspeed_layer(args, dtype, device) -> Callable[[], None]:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     layer = DeepSpeedMoE(args.dim, SwiGLUExpert(args.dim, args.ffn), num_experts=args.experts, ep_size=1,
                          k=args.top_k, capacity_factor=1.0, min_capacity=0, drop_tokens=False, use_rts=False,
-                         top2_2nd_expert_sampling=False).to(device=device, dtype=dtype)
-    for p in layer.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    x = torch.randn(1, args.tokens, args.dim, dtype=dtype, device=device, requires_grad=True)
-    dy = torch.randn_like(x)
-    return lambda: layer(x)[0].backward(dy)
+                         top2_2nd_expert_sampling=False)
+    return fwd_bwd(layer, (1, args.tokens, args.dim), dtype, device)
 
 
 def megatron_layer(args, dtype, device) -> Callable[[], None]:
@@ -116,10 +117,7 @@ def megatron_layer(args, dtype, device) -> Callable[[], None]:
                             activation_func=F.silu, add_bias_linear=False, bf16=dtype == torch.bfloat16,
                             params_dtype=dtype, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
     spec = get_moe_module_spec(use_te=False, num_experts=args.experts, moe_grouped_gemm=True)
-    layer = MoELayer(cfg, submodules=spec.submodules).to(device)
-    x = torch.randn(args.tokens, 1, args.dim, dtype=dtype, device=device, requires_grad=True)
-    dy = torch.randn_like(x)
-    return lambda: layer(x)[0].backward(dy)
+    return fwd_bwd(MoELayer(cfg, submodules=spec.submodules), (args.tokens, 1, args.dim), dtype, device)
 
 
 def init_single_process_group(device: torch.device) -> None:
