@@ -25,7 +25,7 @@ from moeyard.trainer.data import DataError, default_cache_root, ensure_corpus, p
 from moeyard.trainer.checkpoint_store import CheckpointError
 from moeyard.trainer.loop import NonFiniteStop, holds_a_run
 
-from .cli_tools import add_convert_parser, add_sft_eval_parser
+from .cli_tools import add_convert_parser, add_prune_parser, add_sft_eval_parser
 from .env import LaunchError, in_slurm_step, single_process
 from .torchrun import Nodes, launch_workers
 from .worker import add_overrides
@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=cmd_prepare)
     add_convert_parser(sub)
     add_sft_eval_parser(sub)
+    add_prune_parser(sub)
     return parser
 
 

@@ -5,6 +5,7 @@
     moeyard convert to-hf CKPT --out HF_DIR
     moeyard convert upcycle DENSE_HF_DIR --out CKPT --experts E --top-k K [--granularity G]
     moeyard sft-eval [CONFIG] [--checkpoint CKPT ...] [--limit N]
+    moeyard prune CKPT --data DATA --keep N --out OUT
 
 CKPT is a weights-only moeyard checkpoint: `moeyard sft CONFIG --init CKPT` (or `train --init`) starts
 from it at any world size and ep.
@@ -53,6 +54,32 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
                          help="upcycle: cut each MLP into G slices, one per expert (default 1: whole copies)")
     convert.add_argument("--seed", type=int, default=0, help="upcycle: seed of the router's initial rows")
     convert.set_defaults(func=cmd_convert)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from moeyard.trainer.prune import prune
+    from moeyard.trainer.weights_checkpoint import resolve_init
+
+    report = prune(resolve_init(Path(args.checkpoint)), args.data, args.keep, Path(args.out),
+                   args.calibration_batches, args.heldout_batches)
+    before, after = report["heldout_loss_before"], report["heldout_loss_after"]
+    for layer, ids in report["kept_experts"].items():
+        print(f"layer {layer}: kept experts {ids}")
+    print(f"held-out loss {before:.4f} -> {after:.4f} ({after - before:+.4f}) on {report['heldout_tokens']} tokens")
+    print(f"wrote {args.out}: train or tune it with --init {args.out}")
+    return 0
+
+
+def add_prune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="keep each MoE layer's most used experts on a calibration set")
+    p.add_argument("checkpoint", help="a moeyard checkpoint, or a run folder (its newest checkpoint)")
+    p.add_argument("--data", required=True,
+                   help="calibration text: python-stdlib, a folder of text files, or a prepared corpus folder")
+    p.add_argument("--keep", type=int, required=True, help="experts to keep in every MoE layer")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist)")
+    p.add_argument("--calibration-batches", type=int, default=8, help="batches of 8 sequences that measure usage")
+    p.add_argument("--heldout-batches", type=int, default=4, help="further batches the losses are measured on")
+    p.set_defaults(func=cmd_prune)
 
 
 def cmd_sft_eval(args: argparse.Namespace) -> int:

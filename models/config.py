@@ -136,6 +136,10 @@ class ModelConfig:
     """Routed low-rank adapters on chosen linear maps (models/lora_experts.py); method none: no adapters."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):  # ModelConfig(**a_recorded_dict) works as it did before peft existed
+            self.moe = MoEConfig(**self.moe)
+        if isinstance(self.peft, dict):
+            self.peft = PEFTConfig(**self.peft)
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             require(getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be >= 1")
         if self.head_dim is None:
