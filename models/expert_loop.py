@@ -27,11 +27,9 @@ def _rows(t: Tensor, order: Optional[Tensor], start: int, n: int) -> Tensor:
     return t.narrow(0, start, n) if order is None else t.index_select(0, order.narrow(0, start, n))
 
 
-def _put_rows(out: Tensor, order: Optional[Tensor], start: int, rows: Tensor) -> None:
-    if order is None:
-        out.narrow(0, start, rows.shape[0]).copy_(rows)
-    else:
-        out.index_copy_(0, order.narrow(0, start, rows.shape[0]), rows)
+def _put_rows(out: Tensor, order: Tensor, start: int, rows: Tensor) -> None:
+    """Write an expert's output rows back to their positions in `order`."""
+    out.index_copy_(0, order.narrow(0, start, rows.shape[0]), rows)
 
 
 class _SwiGLULoop(torch.autograd.Function):

@@ -38,8 +38,6 @@ class RoutedLoRA(nn.Module):
         self.B_ERO = nn.Parameter(torch.empty(E, R, out_features))
         self.aux_loss: Optional[Tensor] = None
         """The last forward's load-balancing loss (1.0 is balanced), collected by the Transformer."""
-        self.load_E: Optional[Tensor] = None
-        """The last forward's token copies per adapter (for metrics)."""
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -58,7 +56,6 @@ class RoutedLoRA(nn.Module):
         delta_TO = h_TER.reshape(-1, E * R) @ self.B_ERO.reshape(E * R, -1)
         B, S = (lead[0], x_TD.shape[0] // lead[0]) if len(lead) >= 2 else (1, x_TD.shape[0])
         self.aux_loss = sequence_balance_loss(probs_TE.view(B, S, E), index_TK.view(B, S, -1))
-        self.load_E = torch.bincount(index_TK.flatten(), minlength=E).detach()
         return self.scale * delta_TO.view(*lead, -1)
 
 
