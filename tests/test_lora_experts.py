@@ -3,12 +3,17 @@ and expert parallelism of the frozen MoE base changes nothing learned."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from moeyard.models import ConfigError, ModelConfig, MoEConfig, Transformer
 from moeyard.models.config import PEFTConfig
+from moeyard.trainer.checkpoint_store import CheckpointError, content_hash, read_manifest
+from moeyard.trainer.weights_checkpoint import resolve_init
 from runs import final_parameters, initial_parameters, moeyard_train, read_metrics, write_config
 
 BASE = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
@@ -61,14 +66,42 @@ def test_lora_moe_trains_only_adapters_and_matches_at_ep1_and_ep2(tmp_path, smal
         assert (final_ep2[name] - p0 - update).norm() / update.norm() < 1e-5, name
 
 
-def test_adapters_start_from_a_base_checkpoint(tmp_path, small_corpus) -> None:
+def _bytes(checkpoint: Path) -> int:
+    return sum(f.stat().st_size for f in checkpoint.iterdir())
+
+
+def test_adapters_start_from_a_base_checkpoint_and_save_only_themselves(tmp_path, small_corpus) -> None:
     """--init of a checkpoint without adapters: the base loads, the adapters start fresh, so the first
-    step's loss is the base model's loss on the same batch."""
+    step's loss is the base model's loss on the same batch. The tuned run's checkpoints hold the adapters
+    only, refer to the base by path and content hash, and resume (at another world size) to the same
+    weights as a run without a break; a replaced base is refused by name."""
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 2})
     moeyard_train(config, tmp_path / "base", 1, "parallel.ep=1")
     init = f"checkpoint.init={tmp_path / 'base'}"
     moeyard_train(config, tmp_path / "plain", 1, "parallel.ep=1", init, "model.moe.aux_loss_coef=0")
-    moeyard_train(config, tmp_path / "tuned", 1, "parallel.ep=1", init, "model.moe.aux_loss_coef=0",
-                  "model.peft.method=rank1_moe", "model.peft.aux_loss_coef=0")
-    plain, tuned = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "tuned")
-    assert tuned[0]["lm_loss"] == pytest.approx(plain[0]["lm_loss"], rel=1e-6)
+    tuned = [init, "model.moe.aux_loss_coef=0", "model.peft.method=rank1_moe", "model.peft.aux_loss_coef=0"]
+    moeyard_train(config, tmp_path / "tuned", 1, "parallel.ep=1", *tuned)
+    plain, tuned_metrics = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "tuned")
+    assert tuned_metrics[0]["lm_loss"] == pytest.approx(plain[0]["lm_loss"], rel=1e-6)
+
+    moeyard_train(config, tmp_path / "split", 1, "parallel.ep=1", "train.stop_at=1", *tuned)
+    first = tmp_path / "split" / "checkpoints" / "step_000001"
+    manifest = read_manifest(first)
+    base = resolve_init(tmp_path / "base")
+    assert manifest["base"] == {"path": str(base.resolve()), "content_hash": content_hash(read_manifest(base))}
+    meta = dcp.FileSystemReader(str(first)).read_metadata().state_dict_metadata
+    saved = {k[len("model."):] for k in meta if k.startswith("model.")}
+    assert saved and all(".adapter." in n for n in saved)
+    assert _bytes(first) < _bytes(base) / 3
+    moeyard_train(config, tmp_path / "split", 2, "parallel.ep=2", *tuned)  # resumes from the adapters
+    _, straight = final_parameters(tmp_path / "tuned")
+    _, resumed = final_parameters(tmp_path / "split")
+    for name, p in straight.items():
+        assert torch.allclose(resumed[name], p, rtol=1e-5, atol=1e-7), name
+    _, base_weights = final_parameters(tmp_path / "base")
+    assert all(torch.equal(resumed[n], p) for n, p in base_weights.items())
+
+    shutil.move(tmp_path / "base", tmp_path / "moved")
+    shutil.copytree(tmp_path / "plain", tmp_path / "base")  # another checkpoint where the base was
+    with pytest.raises(CheckpointError, match="content hash .* it was replaced or changed"):
+        final_parameters(tmp_path / "split")

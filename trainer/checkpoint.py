@@ -10,6 +10,11 @@ One checkpoint, `run_dir/checkpoints/step_000100/`:
 Written into `.step_000100.tmp` by every rank; rank 0 publishes it (manifest,
 rename, `latest`) only when all ranks are done. Nothing in it is pickled: DCP
 holds tensors only, the rest is JSON.
+
+A run that starts from checkpoint.init with frozen parameters writes only what
+can differ from that base (the trainable parameters, their optimizer state,
+buffers, RNG) and records the base's path and content hash in the manifest
+(`base`); loading loads the base first, after checking both, then the rest.
 """
 from __future__ import annotations
 
@@ -29,11 +34,13 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moeyard.models import expert_modules
+from moeyard.models.lora_experts import is_adapter_parameter
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grad_sync import GradSync
 from moeyard.parallel.plan import Plan
 
-from .checkpoint_store import CheckpointError, CheckpointStore, check_files, read_manifest, sha256
+from .checkpoint_store import (CheckpointError, CheckpointStore, base_of, check_files, content_hash, read_manifest,
+                               sha256, verify)
 from .config import Config, to_dict
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -57,8 +64,10 @@ def persistent_buffers(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _state_dict(model: nn.Module, optim_states: dict[int, dict[str, Tensor]], pmesh: ParallelMesh,
-                with_rng: bool) -> dict[str, Any]:
-    """The DCP state dict, over live tensors: DCP saves from them or loads into them in place."""
+                with_rng: bool, names: Optional[set[str]] = None) -> dict[str, Any]:
+    """The DCP state dict, over live tensors: DCP saves from them or loads into them in place.
+
+    `names`: the parameters to include (default all)."""
     expert_ids = _expert_ids(model)
 
     def globalize(t: Tensor, param: nn.Parameter) -> Tensor:
@@ -67,7 +76,8 @@ def _state_dict(model: nn.Module, optim_states: dict[int, dict[str, Tensor]], pm
             return DTensor.from_local(t, pmesh.mesh, [Replicate(), Shard(0)], run_check=False)
         return t
 
-    state: dict[str, Any] = {"model": {n: globalize(p.detach(), p) for n, p in model.named_parameters()}, "optim": {}}
+    state: dict[str, Any] = {"model": {n: globalize(p.detach(), p) for n, p in model.named_parameters()
+                                       if names is None or n in names}, "optim": {}}
     buffers = persistent_buffers(model)
     if buffers:  # router state (sigmoid_bias's expert biases, dense_to_sparse's schedule): replicated
         state["buffers"] = buffers
@@ -119,6 +129,10 @@ class Checkpointer:
         # save runs them on a background thread while training uses the default group.
         self.group = dist.new_group(backend="gloo")
         self._last_saved = 0
+        self.base: Optional[dict[str, str]] = None
+        """Saves hold only what can differ from this checkpoint (path, content_hash); None: every weight."""
+        self.saved_besides_trainable: set[str] = set()
+        """With a base: parameters saved even when frozen (absent from the base, or trained before)."""
 
     def _on_rank0(self, action) -> Any:
         """Run `action` on rank 0 and share its result -- or its failure, so no rank waits for a dead peer."""
@@ -147,7 +161,10 @@ class Checkpointer:
 
         self._on_rank0(fresh_tmp)
         self._last_saved = step
-        state = _state_dict(model, sync.param_states(), self.pmesh, with_rng=True)
+        names = None
+        if self.base is not None:
+            names = {n for n, p in model.named_parameters() if p.requires_grad} | self.saved_besides_trainable
+        state = _state_dict(model, sync.param_states(), self.pmesh, with_rng=True, names=names)
         manifest = {
             "step": step,
             "samples": step * self.cfg.global_batch_sequences,
@@ -157,6 +174,8 @@ class Checkpointer:
             "ep": self.pmesh.ep,
             "plan": dataclasses.asdict(self.plan),
         }
+        if self.base is not None:
+            manifest["base"] = self.base
         if asynchronous:
             # DCP copies the tensors to CPU memory before returning, so training may change them at once.
             future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
@@ -236,14 +255,38 @@ class Checkpointer:
             self._last_saved = found[1]["step"]
         return found
 
+    def refer_to_base(self, path: Path, model: nn.Module) -> None:
+        """From now on save only what can differ from the weights of `path` (this run's checkpoint.init)."""
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        self.base = {"path": str(path.resolve()), "content_hash": content_hash(read_manifest(path))}
+        self.saved_besides_trainable = {n for n, _ in model.named_parameters() if f"model.{n}" not in saved}
+
+    def load_weights(self, path: Path, model: nn.Module) -> dict[str, Any]:
+        """Load a checkpoint's weights (and router buffers) into the possibly EP-sharded model, its base's
+        first when it has one; every file is checked first. Returns the manifest."""
+        manifest, problem = self.verify(path)
+        if problem:
+            raise CheckpointError(problem)
+        base = base_of(manifest, path)
+        if base is not None:
+            self.load_weights(base, model)
+        load_weights_into(path, model, self.pmesh, self.group, partial=base is not None)
+        return manifest
+
     def load(self, path: Path, manifest: dict[str, Any], model: nn.Module, sync: GradSync) -> None:
         """Load weights, optimizer state and (same world size) RNG streams of a verified checkpoint."""
         same_world = manifest["world_size"] == dist.get_world_size()
         optim_states = {id(p): {"step": torch.zeros((), dtype=torch.float32),
                                 **{k: torch.zeros_like(p, memory_format=torch.contiguous_format) for k in ADAM_KEYS}}
                         for p in model.parameters() if p.requires_grad}
-        state = _state_dict(model, optim_states, self.pmesh, with_rng=same_world)
         saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        names = None
+        base = base_of(manifest, path)
+        if base is not None:  # the frozen weights come from the base; the rest from here
+            self.load_weights(base, model)
+            names = {n for n, _ in model.named_parameters() if f"model.{n}" in saved}
+            self.base, self.saved_besides_trainable = manifest["base"], names
+        state = _state_dict(model, optim_states, self.pmesh, with_rng=same_world, names=names)
         untrained = [name for name in state["optim"] if f"optim.{name}.exp_avg" not in saved]
         if untrained:
             raise CheckpointError(f"{path} has no optimizer state for {len(untrained)} parameters that train now "
@@ -262,10 +305,17 @@ def load_full_model(path: Path, model: nn.Module) -> dict[str, Any]:
     """Load a checkpoint's weights into an unsharded model in this process (no process group needed).
 
     Returns the manifest. DCP reads each global expert tensor whole, whatever
-    layout wrote it.
+    layout wrote it. A trainable-only checkpoint loads its base first (checked); adapters that the
+    checkpoint lacks keep their initial values (the base model's function).
     """
     manifest = read_manifest(path)
-    state: dict[str, Any] = {"model": {name: p.detach() for name, p in model.named_parameters()}}
+    base = base_of(manifest, path)
+    if base is not None:
+        verify(base)
+        load_full_model(base, model)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state: dict[str, Any] = {"model": {name: p.detach() for name, p in model.named_parameters()
+                                       if f"model.{name}" in saved or not (base or is_adapter_parameter(name))}}
     buffers = persistent_buffers(model)
     if buffers:
         state["buffers"] = buffers
@@ -273,3 +323,24 @@ def load_full_model(path: Path, model: nn.Module) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path, no_dist=True)
     return manifest
+
+
+def load_weights_into(path: Path, model: nn.Module, pmesh: ParallelMesh, group: Any, partial: bool = False) -> None:
+    """Load one checkpoint's weights (and router buffers, when it has them) into a possibly EP-sharded model.
+
+    Collective over `group`. Shapes are compared first, so a mismatch names the tensor. `partial`: load
+    only the parameters the checkpoint holds (a trainable-only checkpoint over its base)."""
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = _state_dict(model, {}, pmesh, with_rng=False)
+    del state["optim"]
+    if "buffers" in state and not any(k.startswith("buffers.") for k in meta):
+        del state["buffers"]  # e.g. a converted HF model starting a dense_to_sparse schedule afresh
+    for name in [n for n in state["model"] if f"model.{n}" not in meta and (partial or is_adapter_parameter(n))]:
+        del state["model"][name]  # adapters new to this run start at their init (the base model's function)
+    for name, tensor in state["model"].items():
+        md = meta.get(f"model.{name}")
+        full = tuple(tensor.shape)  # a DTensor's shape is the global one
+        if md is None or tuple(md.size) != full:
+            found = "missing" if md is None else f"shape {tuple(md.size)}"
+            raise CheckpointError(f"{path}: model.{name} is {found}, the model needs {full}")
+    dcp.load(state, checkpoint_id=path, process_group=group)

@@ -74,6 +74,32 @@ def check_files(path: Path, entries: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def content_hash(manifest: dict[str, Any]) -> str:
+    """A checkpoint's identity: the hash of its files' names and sha256 (not of its path or its manifest's
+    other fields), so a copy elsewhere keeps it and any changed shard changes it."""
+    files = sorted((f["name"], f["sha256"]) for f in manifest.get("files", []))
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+
+
+def base_of(manifest: dict[str, Any], path: Path) -> Path | None:
+    """The base checkpoint a trainable-only checkpoint at `path` refers to, after checking that it is
+    still there with the recorded content hash (its files are checked when they are loaded); None for a
+    self-contained checkpoint."""
+    base = manifest.get("base")
+    if base is None:
+        return None
+    base_path = Path(base["path"])
+    where = f"{path} holds only the weights that trained and needs its base checkpoint {base_path}"
+    try:
+        found = content_hash(read_manifest(base_path))
+    except CheckpointError as err:
+        raise CheckpointError(f"{where}, which cannot be read ({err}): put the base back at that path") from None
+    if found != base["content_hash"]:
+        raise CheckpointError(f"{where} with content hash {base['content_hash']}, but the checkpoint there now "
+                              f"has {found}: it was replaced or changed. Put the original base back at that path")
+    return base_path
+
+
 def verify(path: Path) -> dict[str, Any]:
     """The manifest, after checking that every file it lists is there, whole and unchanged."""
     manifest = read_manifest(path)

@@ -162,6 +162,10 @@ class CheckpointConfig:
     init: Optional[str] = None
     """Start a fresh run from these weights (a `moeyard convert` output, or any checkpoint folder, or a
     run's checkpoints folder for its latest); the model section comes from it. Resuming wins over it."""
+    save_frozen: bool = False
+    """false: a run from `init` with frozen parameters saves only what can differ from init (trainable
+    weights, their optimizer state), small adapter checkpoints that refer to init by path and content hash;
+    true: every checkpoint holds every weight."""
 
 
 @dataclass(kw_only=True)

@@ -28,7 +28,6 @@ from .schedule import apply_plan_chunks, build_grad_sync, plan_for
 from .checkpoint_store import CheckpointError
 from .sft_batches import SFTBatches, SFTData, heldout_share
 from .step import heldout_loss, train_step
-from .weights_checkpoint import load_init_weights
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PREEMPTED = "PREEMPTED"
@@ -117,16 +116,23 @@ def _stop_on_nonfinite(cfg: Config, checkpointer: Checkpointer, model, sync, don
     return NonFiniteStop(message)
 
 
-def _load_init(cfg: Config, checkpointer: Checkpointer, model, pmesh) -> None:
+def _load_init(cfg: Config, checkpointer: Checkpointer, model) -> None:
     """A fresh run starting from checkpoint.init's weights (its files checked first, by all ranks)."""
     path = Path(cfg.checkpoint.init)
-    manifest, problem = checkpointer.verify(path)
-    if problem:
-        raise CheckpointError(f"checkpoint.init: {problem}")
-    load_init_weights(path, model, pmesh, checkpointer.group)
+    try:
+        manifest = checkpointer.load_weights(path, model)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint.init: {err}") from None
+    frozen = any(not p.requires_grad for p in model.parameters())
+    if frozen and not cfg.checkpoint.save_frozen:
+        checkpointer.refer_to_base(path, model)
     if dist.get_rank() == 0:
         print(f"initialised from {path} ({manifest.get('source', {}).get('family', 'moeyard')} weights, "
               f"step {manifest['step']} of its run)", flush=True)
+        if checkpointer.base is not None:
+            print(f"checkpoints will hold the trainable weights only and refer to {path} (content hash "
+                  f"{checkpointer.base['content_hash']}) for the frozen ones: keep it there, or set "
+                  f"checkpoint.save_frozen=true", flush=True)
 
 
 def train(cfg: Config, device: torch.device, preemption: Preemption | None = None) -> Outcome:
@@ -167,7 +173,7 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
                 if manifest["config_hash"] != config_hash(cfg) else ""
             print(f"resumed from {resume_from} at step {first}{changed}", flush=True)
     elif cfg.checkpoint.init:
-        _load_init(cfg, checkpointer, model, pmesh)
+        _load_init(cfg, checkpointer, model)
     if rank == 0:
         print(f"plan ({plan.source}): {plan.summary()}", flush=True)
         (cfg.run_dir / "plan.json").write_text(plan.to_json())

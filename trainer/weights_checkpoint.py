@@ -17,13 +17,10 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch import Tensor, nn
+from torch import Tensor
 
 from moeyard.models import ConfigError, ModelConfig, Transformer
-from moeyard.models.lora_experts import is_adapter_parameter
-from moeyard.parallel import ParallelMesh
 
-from .checkpoint import _state_dict
 from .checkpoint_store import MANIFEST, CheckpointError, read_manifest, sha256, write_durably
 from .config import Config, to_dict
 
@@ -93,24 +90,3 @@ def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | 
                               f"({merged.get(key)!r}) the run starts from: remove it from the config")
         merged[key] = value
     return merged
-
-
-def load_init_weights(path: Path, model: nn.Module, pmesh: ParallelMesh, group: Any) -> None:
-    """Load the weights (and router buffers, when the checkpoint has them) into a possibly EP-sharded model.
-
-    Collective over `group`. Shapes are compared first, so a mismatch names the tensor.
-    """
-    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    state = _state_dict(model, {}, pmesh, with_rng=False)
-    del state["optim"]
-    if "buffers" in state and not any(k.startswith("buffers.") for k in meta):
-        del state["buffers"]  # e.g. a converted HF model starting a dense_to_sparse schedule afresh
-    for name in [n for n in state["model"] if is_adapter_parameter(n) and f"model.{n}" not in meta]:
-        del state["model"][name]  # adapters new to this run start at their init (the base model's function)
-    for name, tensor in state["model"].items():
-        md = meta.get(f"model.{name}")
-        full = tuple(tensor.shape)  # a DTensor's shape is the global one
-        if md is None or tuple(md.size) != full:
-            found = "missing" if md is None else f"shape {tuple(md.size)}"
-            raise CheckpointError(f"checkpoint.init={path}: model.{name} is {found}, the model needs {full}")
-    dcp.load(state, checkpoint_id=path, process_group=group)
