@@ -65,12 +65,13 @@ def sharded_logits(rank: int, world: int, ckpt: str, tokens: torch.Tensor) -> to
     from moeyard.models import Transformer
     from moeyard.parallel import apply_expert_parallel, build_mesh
     from moeyard.trainer.config import build_config
-    from moeyard.trainer.weights_checkpoint import init_model_config, load_init_weights
+    from moeyard.trainer.checkpoint import load_weights_into
+    from moeyard.trainer.weights_checkpoint import init_model_config
 
     cfg = build_config({"model": init_model_config(Path(ckpt))}).model
     pmesh = build_mesh(world, "cpu")
     model = Transformer(cfg).eval()
     apply_expert_parallel(model, pmesh)
-    load_init_weights(Path(ckpt), model, pmesh, dist.group.WORLD)
+    load_weights_into(Path(ckpt), model, pmesh, dist.group.WORLD)
     with torch.no_grad():
         return model(tokens.chunk(world)[rank]).logits_BTV
