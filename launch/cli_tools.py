@@ -4,6 +4,7 @@
     moeyard convert from-hf HF_DIR --out CKPT
     moeyard convert to-hf CKPT --out HF_DIR
     moeyard convert upcycle DENSE_HF_DIR --out CKPT --experts E --top-k K [--granularity G]
+    moeyard convert merge-adapters CKPT --out CKPT
     moeyard sft-eval [CONFIG] [--checkpoint CKPT ...] [--limit N]
     moeyard prune CKPT --data DATA --keep N --out OUT
 
@@ -22,7 +23,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     source, out = Path(args.source), Path(args.out)
     if not source.is_dir():
         raise LaunchError(f"{source} is not a folder")
-    if args.action == "from-hf":
+    if args.action == "merge-adapters":
+        from moeyard.trainer.merge_adapters import merge_adapters
+        from moeyard.trainer.weights_checkpoint import resolve_init
+
+        report = merge_adapters(resolve_init(source), out)
+        print(f"merged {len(report['merged'])} LoRA adapters into their linear maps; largest logit change on "
+              f"{report['probe_tokens']} probe tokens: {report['max_logit_difference']:.2e} (float rounding)")
+        print(f"wrote {out}: a plain model (model.peft.method=none) for --init, sft-eval or convert to-hf")
+    elif args.action == "from-hf":
         from moeyard.trainer.hf_convert import import_hf
 
         family, path = import_hf(source, out)
@@ -44,9 +53,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def add_convert_parser(sub: argparse._SubParsersAction) -> None:
-    convert = sub.add_parser("convert", help="import/export Hugging Face models, or upcycle a dense one into an MoE")
-    convert.add_argument("action", choices=["from-hf", "to-hf", "upcycle"])
-    convert.add_argument("source", help="from-hf/upcycle: a save_pretrained folder; to-hf: a moeyard checkpoint")
+    convert = sub.add_parser("convert", help="import/export Hugging Face models, upcycle a dense one into an MoE, "
+                                              "or fold LoRA adapters into the base weights")
+    convert.add_argument("action", choices=["from-hf", "to-hf", "upcycle", "merge-adapters"])
+    convert.add_argument("source", help="from-hf/upcycle: a save_pretrained folder; to-hf/merge-adapters: a moeyard "
+                                        "checkpoint (or run folder)")
     convert.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty for to-hf)")
     convert.add_argument("--experts", type=int, default=None, help="upcycle: experts per MoE layer")
     convert.add_argument("--top-k", type=int, default=None, help="upcycle: experts per token")

@@ -163,8 +163,9 @@ class ModelConfig:
 class PEFTConfig:
     """Parameter-efficient tuning: a router over low-rank adapters added to chosen linear maps."""
 
-    method: Literal["none", "lora_moe", "rank1_moe"] = "none"
-    """lora_moe: `num_experts` LoRA adapters of rank `rank` per target, top_k routed (MixLoRA/MoLoRA);
+    method: Literal["none", "lora", "lora_moe", "rank1_moe"] = "none"
+    """lora: one LoRA adapter of rank `rank` per target, no router (merges into the base exactly);
+    lora_moe: `num_experts` LoRA adapters of rank `rank` per target, top_k routed (MixLoRA/MoLoRA);
     rank1_moe: one adapter of rank `rank` whose ranks are the experts, top_k of them routed (SMoRA)."""
     targets: list[str] = field(default_factory=lambda: ["*.attn.wq", "*.attn.wk", "*.attn.wv", "*.attn.wo"])
     """Shell-style patterns over the names of linear maps (nn.Linear modules), e.g. *.ffn.w_up."""
@@ -180,6 +181,9 @@ class PEFTConfig:
         if self.method == "none":
             return
         require(self.rank >= 1 and self.num_experts >= 1, "model.peft.rank and model.peft.num_experts must be >= 1")
+        if self.method == "lora":
+            require(bool(self.targets), "model.peft.targets is empty: name the linear maps that get adapters")
+            return  # num_experts and top_k do not apply
         experts = self.rank if self.method == "rank1_moe" else self.num_experts
         what = "model.peft.rank (rank1_moe: every rank is an expert)" if self.method == "rank1_moe" \
             else "model.peft.num_experts"
@@ -187,6 +191,12 @@ class PEFTConfig:
         require(bool(self.targets), "model.peft.targets is empty: name the linear maps that get adapters")
 
     @property
+    def routed(self) -> bool:
+        return self.method in ("lora_moe", "rank1_moe")
+
+    @property
     def experts_and_rank(self) -> tuple[int, int]:
         """(experts, rank of each) of one target's adapter mixture."""
+        if self.method == "lora":
+            return 1, self.rank
         return (self.rank, 1) if self.method == "rank1_moe" else (self.num_experts, self.rank)

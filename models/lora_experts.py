@@ -1,10 +1,13 @@
-"""Routed low-rank adapters on a frozen linear map: y = W x + (alpha / r) * sum_k g_k B_k A_k x.
+"""Low-rank adapters on a frozen linear map: y = W x + (alpha / r) * sum_k g_k B_k A_k x.
 
-lora_moe (MixLoRA, MoLoRA, LoRAMoE): each target gets E adapters of rank r and a
-router that sends every token to its top-k of them. rank1_moe (SMoRA/MoRA): one
-adapter of rank r whose r ranks are the experts, top-k routed; that is the same
-computation with E = r adapters of rank 1. B starts at zero, so a fresh adapter
-leaves the model's function exactly as it was.
+lora: one adapter, no router (g = 1): plain LoRA, which folds into W exactly
+(`merge_dense_adapters`). lora_moe (MixLoRA, MoLoRA, LoRAMoE): each target gets
+E adapters of rank r and a router that sends every token to its top-k of them.
+rank1_moe (SMoRA/MoRA): one adapter of rank r whose r ranks are the experts,
+top-k routed; that is the same computation with E = r adapters of rank 1. A
+routed mixture depends on each token, so it is no fixed matrix and never
+merges. B starts at zero, so a fresh adapter leaves the model's function
+exactly as it was.
 
 The adapter hangs off its linear map as a child module and a forward hook, so
 the base weights keep their names (`layers.0.attn.wq.weight`) and checkpoints of
@@ -24,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ConfigError, PEFTConfig
-from .router import Router, sequence_balance_loss
+from .router import Router, router_entropy, sequence_balance_loss
 from .routers import top_k_weights
 
 
@@ -33,15 +36,18 @@ class RoutedLoRA(nn.Module):
         super().__init__()
         E, R = cfg.experts_and_rank
         self.top_k, self.scale = cfg.top_k, cfg.alpha / cfg.rank
-        self.router = Router(in_features, E)
+        self.router: Optional[Router] = Router(in_features, E) if cfg.routed else None
         self.A_EDR = nn.Parameter(torch.empty(E, in_features, R))
         self.B_ERO = nn.Parameter(torch.empty(E, R, out_features))
         self.aux_loss: Optional[Tensor] = None
         """The last forward's load-balancing loss (1.0 is balanced), collected by the Transformer."""
+        self.stats: Optional[Tensor] = None
+        """The last forward's [copies per adapter (E), balance loss, router entropy], no gradient: metrics."""
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.router.weight_ED, 0.0, 0.02)
+        if self.router is not None:
+            nn.init.normal_(self.router.weight_ED, 0.0, 0.02)
         nn.init.normal_(self.A_EDR, 0.0, self.A_EDR.shape[1] ** -0.5)
         nn.init.zeros_(self.B_ERO)  # the model starts as the base model
 
@@ -49,6 +55,9 @@ class RoutedLoRA(nn.Module):
         *lead, D = x.shape
         E, _, R = self.A_EDR.shape
         x_TD = x.reshape(-1, D)
+        if self.router is None:  # plain LoRA
+            self.aux_loss = x.new_zeros((), dtype=torch.float32)
+            return self.scale * ((x_TD @ self.A_EDR[0]) @ self.B_ERO[0]).view(*lead, -1)
         probs_TE = self.router.logits(x_TD).softmax(dim=-1)
         weight_TK, index_TK = top_k_weights(probs_TE, self.top_k, renormalize=self.top_k > 1)
         gate_TE = torch.zeros_like(probs_TE).scatter(1, index_TK, weight_TK).to(x.dtype)
@@ -56,6 +65,9 @@ class RoutedLoRA(nn.Module):
         delta_TO = h_TER.reshape(-1, E * R) @ self.B_ERO.reshape(E * R, -1)
         B, S = (lead[0], x_TD.shape[0] // lead[0]) if len(lead) >= 2 else (1, x_TD.shape[0])
         self.aux_loss = sequence_balance_loss(probs_TE.view(B, S, E), index_TK.view(B, S, -1))
+        with torch.no_grad():
+            load_E = torch.bincount(index_TK.flatten(), minlength=E)
+            self.stats = torch.cat([load_E.double(), torch.stack([self.aux_loss, router_entropy(probs_TE)]).double()])
         return self.scale * delta_TO.view(*lead, -1)
 
 
@@ -88,3 +100,23 @@ ADAPTER_PATTERN = "*.adapter.*"
 
 def is_adapter_parameter(name: str) -> bool:
     return fnmatchcase(name, ADAPTER_PATTERN)
+
+
+@torch.no_grad()
+def merge_dense_adapters(model: nn.Module) -> list[str]:
+    """Fold every plain LoRA adapter into its linear map (W += scale * (A B)^T) and remove it; returns the
+    merged names. Refuses, naming them, when any adapter is routed: its mixture changes with each token."""
+    adapters = dict(routed_adapters(model))
+    routed = [n for n, a in adapters.items() if a.router is not None]
+    if routed:
+        E = adapters[routed[0]].A_EDR.shape[0]
+        raise ConfigError(f"{len(routed)} adapters are routed mixtures (e.g. {routed[0]}: {E} adapters, top-"
+                          f"{adapters[routed[0]].top_k} per token): the weights they add depend on each token, so "
+                          f"no single matrix equals them and they cannot be merged. Use the checkpoint as it is "
+                          f"(train --init, sft-eval and prune load adapters), or train model.peft.method=lora "
+                          f"to get a mergeable adapter")
+    for name, adapter in adapters.items():
+        linear = model.get_submodule(name.removesuffix(".adapter"))
+        delta_DO = adapter.scale * (adapter.A_EDR[0].double() @ adapter.B_ERO[0].double())
+        linear.weight.copy_((linear.weight.double() + delta_DO.t()).to(linear.weight.dtype))
+    return list(adapters)

@@ -20,7 +20,7 @@ BASE = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, f
                    moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32, first_dense_layers=1))
 
 
-@pytest.mark.parametrize("method", ["lora_moe", "rank1_moe"])
+@pytest.mark.parametrize("method", ["lora", "lora_moe", "rank1_moe"])
 def test_fresh_adapters_give_the_base_models_logits_exactly(method: str) -> None:
     peft = PEFTConfig(method=method, rank=4, num_experts=3, top_k=2, targets=["*.attn.w?", "*.ffn.w_up"])
     torch.manual_seed(0)
@@ -31,9 +31,13 @@ def test_fresh_adapters_give_the_base_models_logits_exactly(method: str) -> None
     tokens = torch.randint(0, 64, (2, 16))
     assert torch.equal(base(tokens).logits_BTV, tuned(tokens).logits_BTV)
     experts, rank = tuned.adapters[0].A_EDR.shape[0], tuned.adapters[0].A_EDR.shape[2]
-    assert (experts, rank) == ((4, 1) if method == "rank1_moe" else (3, 4))
+    assert (experts, rank) == {"lora": (1, 4), "lora_moe": (3, 4), "rank1_moe": (4, 1)}[method]
     out = tuned(tokens)
-    assert out.aux_loss > 0  # the adapters' balance loss reaches the model's loss
+    base_aux = base(tokens).aux_loss  # the MoE base's own balance loss
+    if method == "lora":  # no router, no balance loss
+        assert tuned.adapters[0].router is None and torch.equal(out.aux_loss, base_aux)
+    else:
+        assert out.aux_loss > base_aux  # the adapters' balance loss reaches the model's loss
 
 
 def test_bad_peft_settings_are_named() -> None:

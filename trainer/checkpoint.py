@@ -63,6 +63,15 @@ def persistent_buffers(model: nn.Module) -> dict[str, Tensor]:
     return {name: b for name, b in model.named_buffers() if name in saved}
 
 
+@torch.no_grad()
+def fill_model(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor]) -> None:
+    """Copy named tensors into the model (a tied weight once, under the name named_parameters gives it)."""
+    for name, p in model.named_parameters():
+        p.copy_(params[name])
+    for name, b in persistent_buffers(model).items():
+        b.copy_(buffers[name])
+
+
 def _state_dict(model: nn.Module, optim_states: dict[int, dict[str, Tensor]], pmesh: ParallelMesh,
                 with_rng: bool, names: Optional[set[str]] = None) -> dict[str, Any]:
     """The DCP state dict, over live tensors: DCP saves from them or loads into them in place.

@@ -126,6 +126,8 @@ def export_family(cfg: ModelConfig) -> str:
         if not condition:
             raise ConfigError(f"no Hugging Face family computes this model: {what}")
 
+    need(cfg.peft.method != "lora", "it has LoRA adapters (model.peft.method=lora): fold them into the base "
+         "weights first with `moeyard convert merge-adapters CKPT --out MERGED`, then export MERGED")
     need(cfg.peft.method == "none", f"it has routed adapters (model.peft.method={cfg.peft.method}); routed "
          f"adapters cannot be merged into the base weights, so export the base checkpoint instead")
     need(m.router == "topk_softmax", f"model.moe.router={m.router} (only topk_softmax exists there)")

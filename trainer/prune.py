@@ -26,7 +26,7 @@ from torch import Tensor
 from moeyard.models import ConfigError, Transformer
 from moeyard.models.router import Routing
 
-from .checkpoint import load_full_model
+from .checkpoint import fill_model, load_full_model
 from .checkpoint_store import CheckpointError, verify
 from .config import build_config, check_vocab
 from .data import TokenBatches, ensure_corpus, read_meta
@@ -114,7 +114,7 @@ def prune(ckpt: Path, data: str, keep: int, out: Path, calibration_batches: int 
     state = pruned_state({n: p.detach() for n, p in model.named_parameters()}, kept)
     pruned_cfg = dataclasses.replace(cfg.model, moe=dataclasses.replace(moe, num_experts=keep))
     pruned = Transformer(pruned_cfg).eval()
-    pruned.load_state_dict(state)
+    fill_model(pruned, state, {})
     report = {"kept_experts": {str(k): v.tolist() for k, v in kept.items()},
               "heldout_loss_before": mean_loss(model, heldout), "heldout_loss_after": mean_loss(pruned, heldout),
               "heldout_tokens": sum(b[:, 1:].numel() for b in heldout)}

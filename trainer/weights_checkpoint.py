@@ -26,8 +26,9 @@ from .config import Config, to_dict
 
 
 def write_weights_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, out: Path,
-                             source: dict[str, Any]) -> Path:
-    """Check `state` against the model `model_cfg` builds, then write it to `out` (a new folder) atomically."""
+                             source: dict[str, Any], buffers: dict[str, Tensor] | None = None) -> Path:
+    """Check `state` against the model `model_cfg` builds, then write it (and router `buffers`, when the
+    model has any) to `out` (a new folder) atomically."""
     if out.exists():
         raise FileExistsError(f"{out} already exists: choose a new folder for the checkpoint")
     with torch.device("meta"):
@@ -43,7 +44,10 @@ def write_weights_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, o
     tmp.mkdir(parents=True)
     with warnings.catch_warnings():  # DCP warns that no process group exists: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": {n: t.contiguous() for n, t in state.items()}}, checkpoint_id=tmp, no_dist=True)
+        saved = {"model": {n: t.contiguous() for n, t in state.items()}}
+        if buffers:
+            saved["buffers"] = {n: t.contiguous() for n, t in buffers.items()}
+        dcp.save(saved, checkpoint_id=tmp, no_dist=True)
     files = [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())]
     manifest = {"kind": "weights", "step": 0, "samples": 0, "config_hash": "", "world_size": 1, "ep": 1,
                 "config": to_dict(Config(model=model_cfg)), "source": source, "files": files}
