@@ -3,6 +3,7 @@ and expert parallelism of the frozen MoE base changes nothing learned."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from pathlib import Path
 
@@ -61,6 +62,13 @@ def test_lora_moe_trains_only_adapters_and_matches_at_ep1_and_ep2(tmp_path, smal
     assert adapters and f"parameters: {trainable:,} of {total:,} train" in proc.stdout
     for a, b in zip(read_metrics(tmp_path / "ep2"), read_metrics(tmp_path / "ep1")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        # The adapters' routers report like the MoE routers: every token's 2 copies, over the global batch.
+        assert sorted(a["adapter_routers"]) == sorted(n.removesuffix(".router.weight_ED") for n in adapters
+                                                      if n.endswith(".router.weight_ED"))
+        for name, values in a["adapter_routers"].items():
+            assert sum(values["load"]) == 512 * 2 and values["load"] == b["adapter_routers"][name]["load"]
+            assert 0 < values["entropy"] <= math.log(4) and values["aux_loss"] > 0
+            assert values["load_balance"]["max_over_mean"] >= 1
     for name, p0 in init.items():
         if name not in adapters:
             assert torch.equal(final_ep1[name], p0) and torch.equal(final_ep2[name], p0), name

@@ -39,6 +39,9 @@ def step_record(step: int, result: StepResult, lr: float, step_time_s: float,
         "dropped_fraction": {str(layer): f for layer, f in result.dropped_fraction.items()},
         "unrouted_fraction": {str(layer): f for layer, f in result.unrouted_fraction.items()},
         "router": {str(layer): values for layer, values in result.router.items()},
+        **({"adapter_routers": {name: {**values, "load_balance": load_summary(values["load"])}
+                                for name, values in result.adapter_routers.items()}}
+           if result.adapter_routers else {}),
     }
 
 
@@ -109,6 +112,12 @@ class MetricsLogger:
                 else:
                     self.writer.add_scalar(f"moe/layer_{layer}/{key}", value[0] if isinstance(value, list) else value,
                                            step)
+        for name, values in record.get("adapter_routers", {}).items():
+            for key in ("aux_loss", "entropy"):
+                self.writer.add_scalar(f"adapters/{name}/{key}", values[key], step)
+            for key, value in values["load_balance"].items():
+                self.writer.add_scalar(f"adapters/{name}/{key}", value, step)
+            self._expert_histogram(f"adapters/{name}/load", values["load"], step)
         self.writer.flush()
 
     def _expert_histogram(self, tag: str, counts: list[int], step: int) -> None:

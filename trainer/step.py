@@ -8,7 +8,7 @@ already means; they are divided by the number of micro-steps.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -45,6 +45,9 @@ class StepResult:
     router: dict[int, dict[str, float | list[float]]]
     """Per MoE layer: unweighted aux and z loss and router entropy of the global batch, plus the router's
     own state as this step's forward used it (e.g. sigmoid_bias's expert biases)."""
+    adapter_routers: dict[str, dict[str, float | list[float]]] = field(default_factory=dict)
+    """Per routed adapter (model.peft): copies sent to each adapter over the global batch, its unweighted
+    balance loss and router entropy (the metrics of the MoE routers)."""
     skipped: bool = False
     """The loss or a gradient was NaN/inf: parameters and optimizer state were left unchanged."""
 
@@ -86,6 +89,8 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | SFTBatch, *, 
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # lm sum, aux, z  (this rank)
     counts: dict[int, Tensor] = {}  # per MoE layer: copies routed to each expert, dropped, unrouted (global)
     layer_sums: dict[int, Tensor] = {}  # aux, z, entropy per MoE layer (this rank, summed over micro-steps)
+    routed_adapters = [(n, a) for n, a in zip(model.adapter_names, model.adapters) if a.router is not None]
+    adapter_sums: dict[str, Tensor] = {}  # per routed adapter: load, balance loss, entropy (this rank)
     for i, (micro, mask_BT, segment_BT1) in enumerate(micro_batches):
         sync.begin_micro_step(last=i == len(micro_batches) - 1)  # earlier micro-steps only accumulate
         with autocast_context(device, dtype):
@@ -99,10 +104,12 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | SFTBatch, *, 
             counts[layer] = counts.get(layer, 0) + counted
             per_layer = torch.stack([stats.aux_loss.detach(), stats.z_loss.detach(), stats.entropy]).double()
             layer_sums[layer] = layer_sums.get(layer, 0) + per_layer
+        for name, adapter in routed_adapters:
+            adapter_sums[name] = adapter_sums.get(name, 0) + adapter.stats
 
     grad_norm = sync.reduce()  # waits for (or runs) the gradient reduction
     layers = sorted(counts)
-    sums = torch.cat([sums, *(layer_sums[layer] for layer in layers)])
+    sums = torch.cat([sums, *(layer_sums[layer] for layer in layers), *(adapter_sums[n] for n, _ in routed_adapters)])
     dist.all_reduce(sums, group=pmesh.dp_group)  # global losses: the same on every rank, like the norm
     finite = bool(torch.isfinite(sums[:3]).all()) and bool(torch.isfinite(grad_norm))
     # Router state as this step's forward used it (before the update below).
@@ -120,13 +127,20 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | SFTBatch, *, 
     router = {layer: {"aux_loss": totals[3 + 3 * i] / micro_steps, "z_loss": totals[4 + 3 * i] / micro_steps,
                       "entropy": totals[5 + 3 * i] / micro_steps, **router_state[layer]}
               for i, layer in enumerate(layers)}
+    adapter_routers, at = {}, 3 + 3 * len(layers)
+    for name, adapter in routed_adapters:
+        E = adapter.A_EDR.shape[0]
+        values = totals[at:at + E + 2]
+        adapter_routers[name] = {"load": [int(v) for v in values[:E]], "aux_loss": values[E] / micro_steps,
+                                 "entropy": values[E + 1] / micro_steps}
+        at += E + 2
     return StepResult(
         loss=lm_loss + aux_loss + z_loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss,
         grad_norm=grad_norm.item(), tokens=global_tokens, skipped=not finite,
         expert_load={layer: row[:-2] for layer, row in rows.items()},
         dropped_fraction={layer: row[-2] / max(1, sum(row[:-2])) for layer, row in rows.items()},
         unrouted_fraction={layer: row[-1] / global_tokens for layer, row in rows.items()},
-        router=router,
+        router=router, adapter_routers=adapter_routers,
     )
 
 
