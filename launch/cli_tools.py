@@ -110,9 +110,13 @@ def cmd_sft_eval(args: argparse.Namespace) -> int:
     if not checkpoints:
         raise LaunchError("no checkpoint to evaluate: pass --checkpoint CKPT")
     for ckpt in checkpoints:
-        accuracy, count, samples = exact_match(cfg, ckpt, args.limit)
-        print(f"{ckpt}: exact match {accuracy:.1%} on {count} held-out examples")
-        for expected, got in samples[:args.show]:
+        result = exact_match(cfg, ckpt, args.limit, skip_threshold=args.skip_threshold)
+        skipping = ""
+        if args.skip_threshold:
+            skipping = (f"; expert skipping below weight {args.skip_threshold} left out "
+                        f"{result.skipped_fraction:.1%} of expert computations")
+        print(f"{ckpt}: exact match {result.accuracy:.1%} on {result.examples} held-out examples{skipping}")
+        for expected, got in result.samples[:args.show]:
             print(f"    expected {expected!r}\n    got      {got!r}")
     return 0
 
@@ -128,5 +132,9 @@ def add_sft_eval_parser(sub: argparse._SubParsersAction) -> None:
                                "newest checkpoint)")
     sft_eval.add_argument("--limit", type=int, default=None, help="evaluate the first N held-out examples only")
     sft_eval.add_argument("--show", type=int, default=3, help="print N expected/got pairs per checkpoint")
+    sft_eval.add_argument("--skip-threshold", type=float, default=None,
+                          help="dynamic expert skipping: leave out a token's second expert when its routing weight "
+                               "is below this, and report the fraction skipped (default: the checkpoint's "
+                               "model.moe.skip_threshold)")
     add_overrides(sft_eval)
     sft_eval.set_defaults(func=cmd_sft_eval)

@@ -68,6 +68,9 @@ class MoEConfig:
     """Leading blocks that use a dense FFN."""
     expert_compute: Literal["auto", "loop", "grouped_mm"] = "auto"
     """auto: a loop of matmuls on CPU, torch._grouped_mm on GPU."""
+    skip_threshold: float = 0.0
+    """Evaluation only (dynamic expert skipping): leave out a token's second (and later) expert when its
+    routing weight is below this; the remaining weights are kept as they are. 0: never."""
     recompute_experts: bool = False
     """Activation checkpointing for the routed experts: keep only their input rows and recompute the
     MLPs in backward (about 2/9 more expert FLOPs, most of the MoE layer's activation memory saved)."""
@@ -101,6 +104,9 @@ class MoEConfig:
                 "model.moe.dts_steps must be >= 1 and the dts temperatures > 0")
         require(self.router != "expert_choice" or self.balance_loss == "batch",
                 "model.moe.router=expert_choice is balanced by construction: balance_loss=sequence has no meaning")
+        require(0 <= self.skip_threshold < 1, f"model.moe.skip_threshold={self.skip_threshold} must be in [0, 1)")
+        require(self.skip_threshold == 0 or self.router != "expert_choice",
+                "model.moe.skip_threshold skips a token's later choices: router=expert_choice has none")
         require(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0,
                 "model.moe.aux_loss_coef and model.moe.z_loss_coef must be >= 0")
 

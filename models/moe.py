@@ -58,6 +58,8 @@ class MoEStats:
     """Copies dropped for capacity, summed over all ranks (int64)."""
     unrouted: Tensor
     """Tokens that reached no routed expert (all copies dropped, or no expert chose them), all ranks."""
+    skipped: Tensor
+    """Copies left out by expert skipping at evaluation (model.moe.skip_threshold), all ranks."""
     aux_loss: Tensor
     """Unweighted load-balancing loss (1.0 is balanced); has a gradient."""
     z_loss: Tensor
@@ -83,19 +85,23 @@ class MoE(nn.Module):
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         routing = self.router(x_BTD)
         perm = routing.permutation
+        skipped = torch.zeros((), dtype=torch.int64, device=x_ND.device)
         if perm is None:
             capacity = None
             if self.cfg.capacity_factor is not None:
                 k = routing.expert_index_TK.shape[1]  # dense_to_sparse changes k during its schedule
                 capacity = expert_capacity(x_ND.shape[0], k, self.cfg.num_experts, self.cfg.capacity_factor)
-            perm = plan_permutation(routing.expert_index_TK, self.cfg.num_experts, capacity)
+            skip_TK = self._skipped_copies(routing.weight)
+            perm = plan_permutation(routing.expert_index_TK, self.cfg.num_experts, capacity, skip_TK)
+            if skip_TK is not None:
+                skipped = skip_TK.sum()
 
         # One small collective: global routed counts (for the aux loss and metrics), drops, unrouted tokens.
         reached = torch.zeros(perm.num_tokens, dtype=torch.bool, device=x_ND.device)
         unrouted = perm.num_tokens - reached.index_fill_(0, perm.token_index_S, True).sum()
         load = self.exchange.sum_over_batch(torch.cat([perm.routed_per_expert_E, perm.dropped.view(1),
-                                                       unrouted.view(1)]))
-        global_routed_E, global_dropped, global_unrouted = load[:-2], load[-2], load[-1]
+                                                       unrouted.view(1), skipped.view(1)]))
+        global_routed_E, global_dropped, global_unrouted, global_skipped = load[:-3], load[-3], load[-2], load[-1]
 
         x_rows_ND = x_ND
         if torch.is_autocast_enabled(x_ND.device.type):
@@ -112,11 +118,21 @@ class MoE(nn.Module):
             tokens_per_expert_E=global_routed_E,
             dropped=global_dropped,
             unrouted=global_unrouted,
+            skipped=global_skipped,
             aux_loss=self._balance_loss(routing, global_routed_E, x_BTD.shape[:2]),
             z_loss=router_z_loss(routing.logits_TE),
             entropy=router_entropy(routing.probs_TE),
         )
         return y_ND.view_as(x_BTD), stats
+
+    def _skipped_copies(self, weight_TK: Tensor) -> Optional[Tensor]:
+        """Expert skipping at evaluation: a token's second (and later) choices whose routing weight is below
+        model.moe.skip_threshold; the other weights stay as they are. None while training or when off."""
+        if self.training or self.cfg.skip_threshold <= 0 or weight_TK.shape[1] < 2:
+            return None
+        skip_TK = weight_TK < self.cfg.skip_threshold
+        skip_TK[:, 0] = False  # never a token's first choice
+        return skip_TK
 
     def _balance_loss(self, routing: Routing, global_routed_E: Tensor, batch_shape: torch.Size) -> Tensor:
         if routing.aux_loss is not None:

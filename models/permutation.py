@@ -40,17 +40,25 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
-def plan_permutation(expert_index_TK: Tensor, num_experts: int, capacity: Optional[int]) -> Permutation:
+def plan_permutation(expert_index_TK: Tensor, num_experts: int, capacity: Optional[int],
+                     skip_TK: Optional[Tensor] = None) -> Permutation:
     """Group copies by expert; with a capacity, keep the first `capacity` of each expert.
 
     Copies are ordered choice-major (every token's first choice before any second
     choice), then by token position, so a drop never costs a token its top
-    expert while a lower-ranked copy of another token survives.
+    expert while a lower-ranked copy of another token survives. Copies marked in
+    `skip_TK` (expert skipping at evaluation) are left out as if never routed.
     """
     T, K = expert_index_TK.shape
+    if skip_TK is not None:
+        expert_index_TK = expert_index_TK.masked_fill(skip_TK, num_experts)  # past every expert: sorts last
     expert_of_copy_C = expert_index_TK.t().reshape(-1)  # choice-major: copy c = choice * T + token
     sorted_expert_C, order_C = torch.sort(expert_of_copy_C, stable=True)
     routed_per_expert_E = torch.bincount(expert_of_copy_C, minlength=num_experts)
+    if skip_TK is not None:  # evaluation only: the host sync of the boolean index is fine there
+        routed_per_expert_E = routed_per_expert_E[:num_experts]
+        kept_C = sorted_expert_C < num_experts
+        sorted_expert_C, order_C = sorted_expert_C[kept_C], order_C[kept_C]
     token_C = order_C % T
     choice_C = order_C // T
     if capacity is not None:

@@ -1,6 +1,8 @@
 """Bodies of multi-process tests; run through multiprocess.run_distributed (importable by spawned workers)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
@@ -153,6 +155,22 @@ def step_gradients_match_single_process(rank: int, world: int, ep: int, micro_ba
         torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
     assert abs(result.grad_norm - float(ref_norm)) <= 1e-5 * float(ref_norm)
     assert abs(result.lm_loss - float(lm)) <= 1e-5 * float(lm)
+
+    if router not in ("expert_choice", "switch"):  # expert skipping at evaluation: same logits and count at any ep
+        ref_buffers = dict(reference.named_buffers())
+        for name, b in model.named_buffers():  # router state after the step (biases, schedule) is replicated
+            ref_buffers[name].copy_(b)
+        for m in (reference, model):
+            for _, moe in m.moe_layers():
+                moe.cfg = dataclasses.replace(moe.cfg, skip_threshold=0.3)
+                with torch.no_grad():  # peaked routing, as trained routers have, so that some weights are low
+                    moe.router.weight_ED.mul_(50)
+        with torch.no_grad():
+            ref_out, out = reference.eval()(tokens[:, :-1]), model.eval()(tokens[rank * per_rank:(rank + 1) * per_rank, :-1])
+        torch.testing.assert_close(out.logits_BTV, ref_out.logits_BTV[rank * per_rank:(rank + 1) * per_rank],
+                                   rtol=1e-5, atol=1e-6)
+        for layer, stats in out.moe_stats.items():
+            assert int(stats.skipped) == int(ref_out.moe_stats[layer].skipped) > 0, layer
     return {"grad_norm": result.grad_norm}
 
 

@@ -227,3 +227,34 @@ def test_cuda_layer_forward_backward_never_waits_for_the_host() -> None:
         (y.sum() + stats.aux_loss).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_expert_skipping_at_evaluation_drops_only_low_weight_later_choices() -> None:
+    """Each token's output is w1 * E1(x) plus w2 * E2(x) only where w2 >= the threshold; the count of left-out
+    copies is reported; training never skips."""
+    torch.manual_seed(0)
+    moe = MoE(16, MoEConfig(num_experts=4, top_k=2, ffn_dim=24, skip_threshold=0.3))
+    with torch.no_grad():
+        for p in moe.parameters():  # a bare layer: Transformer.init_weights is not there to initialise it
+            p.normal_(0.0, 0.1)
+        moe.router.weight_ED.mul_(20)  # peaked routing, as a trained router's
+    x = torch.randn(2, 24, 16)
+    with torch.no_grad():
+        routing = moe.router(x)
+        y, stats = moe.eval()(x)
+        y_train, train_stats = moe.train()(x)
+    x_TD = x.reshape(-1, 16)
+    expected = torch.zeros_like(x_TD)
+    w = moe.experts
+    for t in range(x_TD.shape[0]):
+        for slot, (e, weight) in enumerate(zip(routing.expert_index_TK[t].tolist(), routing.weight[t].tolist())):
+            if slot == 0 or weight >= 0.3:
+                h = torch.nn.functional.silu(x_TD[t] @ w.w_gate_EDF[e]) * (x_TD[t] @ w.w_up_EDF[e])
+                expected[t] += weight * (h @ w.w_down_EFD[e])
+    low = int((routing.weight[:, 1:] < 0.3).sum())
+    assert 0 < low < x_TD.shape[0]  # the threshold cuts through the second choices
+    assert int(stats.skipped) == low and int(stats.tokens_per_expert_E.sum()) == 2 * x_TD.shape[0] - low
+    torch.testing.assert_close(y.reshape(-1, 16), expected, rtol=1e-5, atol=1e-6)
+    assert int(train_stats.skipped) == 0 and not torch.allclose(y_train, y)
+    with pytest.raises(ConfigError, match="model.moe.skip_threshold=1.5 must be in"):
+        MoEConfig(skip_threshold=1.5)

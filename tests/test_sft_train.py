@@ -73,12 +73,16 @@ def _moeyard(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
 
 def test_moeyard_sft_starts_from_init_and_reports_heldout_loss(tmp_path: Path) -> None:
     config, init, model_cfg = _sft_setup(tmp_path)
-    proc = _moeyard("sft", str(config), "--init", str(init), "--nproc", "2")
+    # Expert skipping at 0.5 leaves out every renormalised second choice (< 0.5 but for exact ties): half
+    # of the held-out evaluation's expert computations; training never skips (step 1's loss below).
+    skip = ("--set", "model.moe.skip_threshold=0.5")
+    proc = _moeyard("sft", str(config), "--init", str(init), "--nproc", "2", *skip)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 malformed lines skipped" in proc.stdout and f"initialised from {init}" in proc.stdout
 
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records if r["eval_loss"] is not None] == [2, 4]
+    assert all(r["eval_skipped_fraction"] == pytest.approx(0.5, abs=1e-3) for r in records if r["eval_loss"])
     # Step 1's loss is the init weights' assistant-only loss on global batch 0: the weights were loaded.
     cfg = load_config(config, [f"checkpoint.init={init}"])
     whole = SFTBatches(SFTData(cfg), cfg.global_batch_sequences, 0, 1, cfg.run.seed).batch(0)
@@ -89,13 +93,15 @@ def test_moeyard_sft_starts_from_init_and_reports_heldout_loss(tmp_path: Path) -
     expected = lm_loss_sum(out.logits_BTV, whole.tokens_BT1[:, 1:], whole.mask_BT) / whole.global_targets
     assert abs(records[0]["lm_loss"] - expected.item()) < 1e-5
 
-    evaluated = _moeyard("sft-eval", str(config), "--set", f"checkpoint.init={init}", "--limit", "4")
+    evaluated = _moeyard("sft-eval", str(config), "--set", f"checkpoint.init={init}", "--limit", "4",
+                         "--skip-threshold", "0.5")
     assert evaluated.returncode == 0, evaluated.stderr
     assert evaluated.stdout.count("exact match") == 2  # before (init) and after (the run's checkpoint)
+    assert evaluated.stdout.count("expert skipping below weight 0.5 left out 50.0% of expert computations") == 2
 
     # The run resumes on its own checkpoint: the init weights may be gone by then.
     init.rename(tmp_path / "moved")
-    again = _moeyard("sft", str(config), "--init", str(init), "--nproc", "2")
+    again = _moeyard("sft", str(config), "--init", str(init), "--nproc", "2", *skip)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "nothing to do: the run is at step 4" in again.stdout
 

@@ -211,13 +211,14 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
             skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
             skipped_total += result.skipped
             evaluate = heldout is not None and (done == last or (cfg.sft.eval_every and done % cfg.sft.eval_every == 0))
-            eval_loss = heldout_loss(model, heldout, micro_batch_size=micro_batch_size, pmesh=pmesh,
-                                     dtype=dtype) if evaluate else None
+            eval_loss, eval_skipped = heldout_loss(model, heldout, micro_batch_size=micro_batch_size, pmesh=pmesh,
+                                                   dtype=dtype) if evaluate else (None, None)
             if logger is not None:
                 logger.progress(result, result.tokens / step_time)
                 if done == first + 1 or done % cfg.log.every == 0 or done == last or result.skipped or evaluate:
                     record = step_record(done, result, lr, step_time, plan.predicted.get("step_s"))
-                    logger.log({**record, "skipped_steps": skipped_total, "eval_loss": eval_loss}, total)
+                    skipping = {"eval_skipped_fraction": eval_skipped} if cfg.model.moe.skip_threshold else {}
+                    logger.log({**record, "skipped_steps": skipped_total, "eval_loss": eval_loss, **skipping}, total)
             if result.skipped and (cfg.train.nonfinite == "stop" or skipped_in_a_row >= cfg.train.max_skipped_steps):
                 raise _stop_on_nonfinite(cfg, checkpointer, model, sync, done, result)
             signum = preemption.agreed(device)

@@ -7,7 +7,10 @@ short answers).
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -18,11 +21,23 @@ from .checkpoint_store import read_manifest
 from .config import Config, build_config
 from .sft_batches import chat_template, conversations_of
 from .sft_data import split_heldout
+from .step import skipped_fraction
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    accuracy: float
+    examples: int
+    samples: list[tuple[str, str]]
+    """(expected, got) of the first few examples."""
+    skipped_fraction: float
+    """Expert computations (token copies, padding included) that expert skipping left out; 0 when off."""
 
 
 @torch.no_grad()
 def greedy_answers(model: Transformer, prompts: list[list[int]], stop_ids: set[int], max_new_tokens: int,
-                   pad_id: int) -> list[list[int]]:
+                   pad_id: int, copies: Optional[torch.Tensor] = None) -> list[list[int]]:
+    """Each prompt's greedy answer; adds [skipped, all] expert copies of every forward to `copies`."""
     limit = model.cfg.max_seq_len
     answers: list[list[int]] = [[] for _ in prompts]
     running = list(range(len(prompts)))
@@ -34,7 +49,10 @@ def greedy_answers(model: Transformer, prompts: list[list[int]], stop_ids: set[i
         width = max(map(len, seqs))
         tokens = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
         segment = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-        next_ids = model(tokens, segment).logits_BTV[:, -1].argmax(dim=-1).tolist()
+        out = model(tokens, segment)
+        if copies is not None:
+            copies += skipped_fraction(out.moe_stats)
+        next_ids = out.logits_BTV[:, -1].argmax(dim=-1).tolist()
         still = []
         for i, token in zip(running, next_ids):
             if token not in stop_ids:
@@ -45,20 +63,27 @@ def greedy_answers(model: Transformer, prompts: list[list[int]], stop_ids: set[i
 
 
 def exact_match(cfg: Config, checkpoint: Path, limit: int | None = None, max_new_tokens: int = 64,
-                batch_size: int = 64) -> tuple[float, int, list[tuple[str, str]]]:
-    """(accuracy, examples, [(expected, got)] of the first few) on the config's held-out split."""
+                batch_size: int = 64, skip_threshold: float | None = None) -> EvalResult:
+    """Exact match on the config's held-out split; `skip_threshold` turns on expert skipping (it overrides
+    the checkpoint's model.moe.skip_threshold)."""
     _, held = split_heldout(conversations_of(cfg)[0], cfg.sft.heldout_fraction, cfg.run.seed)
     held = [c for c in held if c[-1]["role"] == "assistant"][:limit]
     template = chat_template(cfg)
     model_cfg = build_config(read_manifest(checkpoint)["config"]).model
+    if skip_threshold is not None:
+        model_cfg = dataclasses.replace(model_cfg, moe=dataclasses.replace(model_cfg.moe,
+                                                                           skip_threshold=skip_threshold))
     model = Transformer(model_cfg).eval()  # the evaluated checkpoint's own model, whatever the config says
     load_full_model(checkpoint, model)
     prompts = [template.prompt(c[:-1]) for c in held]
     got: list[str] = []
+    copies = torch.zeros(2, dtype=torch.float64)
     for start in range(0, len(prompts), batch_size):
         answers = greedy_answers(model, prompts[start:start + batch_size], template.stop_ids(), max_new_tokens,
-                                 template.pad_id)
+                                 template.pad_id, copies)
         got += [template.decode(a) for a in answers]
     expected = [c[-1]["content"] for c in held]
     hits = sum(e.strip() == g.strip() for e, g in zip(expected, got))
-    return hits / max(1, len(held)), len(held), list(zip(expected, got))[:5]
+    skipped, all_copies = copies.tolist()
+    return EvalResult(hits / max(1, len(held)), len(held), list(zip(expected, got))[:5],
+                      skipped / max(1.0, all_copies))

@@ -144,20 +144,32 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | SFTBatch, *, 
     )
 
 
+def skipped_fraction(moe_stats: dict) -> Tensor:
+    """[skipped copies, all copies] over the MoE layers of one forward (copies before skipping)."""
+    skipped = sum(stats.skipped for stats in moe_stats.values())
+    routed = sum(stats.tokens_per_expert_E.sum() + stats.dropped for stats in moe_stats.values())
+    return torch.stack([skipped, skipped + routed]).double()
+
+
 @torch.no_grad()
 def heldout_loss(model: Transformer, share: SFTBatch, *, micro_batch_size: int, pmesh: ParallelMesh,
-                 dtype: torch.dtype) -> float:
-    """Mean loss over the held-out targets of all ranks. Collective: every rank runs the same forwards."""
+                 dtype: torch.dtype) -> tuple[float, float]:
+    """Mean loss over the held-out targets of all ranks, and the fraction of expert computations (token
+    copies) that expert skipping left out (model.moe.skip_threshold; 0 when off). Collective: every rank
+    runs the same forwards."""
     device = next(model.parameters()).device
     micro_batches, _ = _micro_batches(share, micro_batch_size, device)
     total = torch.zeros(1, dtype=torch.float64, device=device)
+    copies = torch.zeros(2, dtype=torch.float64, device=device)  # skipped, all (already summed over ranks)
     model.eval()
     try:
         for micro, mask_BT, segment_BT1 in micro_batches:
             with autocast_context(device, dtype):
                 out = model(micro[:, :-1], segment_BT1[:, :-1])
             total += lm_loss_sum(out.logits_BTV, micro[:, 1:], mask_BT).double()
+            copies += skipped_fraction(out.moe_stats)
     finally:
         model.train()
     dist.all_reduce(total, group=pmesh.dp_group)
-    return float(total) / max(1, share.global_targets)
+    skipped, all_copies = copies.tolist()
+    return float(total) / max(1, share.global_targets), skipped / max(1.0, all_copies)
