@@ -6,7 +6,7 @@
     moeyard convert upcycle DENSE_HF_DIR --out CKPT --experts E --top-k K [--granularity G]
     moeyard convert merge-adapters CKPT --out CKPT
     moeyard sft-eval [CONFIG] [--checkpoint CKPT ...] [--limit N]
-    moeyard prune CKPT --data DATA --keep N --out OUT
+    moeyard prune CKPT --data DATA (--keep N | --keep-per-layer N1,N2,..) --out OUT
 
 CKPT is a weights-only moeyard checkpoint: `moeyard sft CONFIG --init CKPT` (or `train --init`) starts
 from it at any world size and ep.
@@ -71,7 +71,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from moeyard.trainer.prune import prune
     from moeyard.trainer.weights_checkpoint import resolve_init
 
-    report = prune(resolve_init(Path(args.checkpoint)), args.data, args.keep, Path(args.out),
+    keep = args.keep
+    if args.keep_per_layer is not None:
+        try:
+            keep = [int(n) for n in args.keep_per_layer.split(",")]
+        except ValueError:
+            raise LaunchError(f"--keep-per-layer {args.keep_per_layer!r} must be comma-separated integers, one per "
+                              f"MoE layer, e.g. 4,6,8") from None
+    report = prune(resolve_init(Path(args.checkpoint)), args.data, keep, Path(args.out),
                    args.calibration_batches, args.heldout_batches)
     before, after = report["heldout_loss_before"], report["heldout_loss_after"]
     for layer, ids in report["kept_experts"].items():
@@ -86,7 +93,9 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a moeyard checkpoint, or a run folder (its newest checkpoint)")
     p.add_argument("--data", required=True,
                    help="calibration text: python-stdlib, a folder of text files, or a prepared corpus folder")
-    p.add_argument("--keep", type=int, required=True, help="experts to keep in every MoE layer")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--keep", type=int, help="experts to keep in every MoE layer")
+    budget.add_argument("--keep-per-layer", help="experts to keep in each MoE layer, in order, e.g. 4,6,8")
     p.add_argument("--out", required=True, help="the folder to write (must not exist)")
     p.add_argument("--calibration-batches", type=int, default=8, help="batches of 8 sequences that measure usage")
     p.add_argument("--heldout-batches", type=int, default=4, help="further batches the losses are measured on")

@@ -5,6 +5,7 @@ what the user types in YAML or on the command line.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -22,6 +23,9 @@ def require(condition: bool, message: str) -> None:
 class MoEConfig:
     num_experts: int = 8
     """Routed experts per MoE layer."""
+    num_experts_per_layer: Optional[list[int]] = None
+    """Routed experts of each MoE layer, in order, where they differ (a model pruned with an uneven budget,
+    `moeyard prune --keep-per-layer`); null: num_experts in every MoE layer."""
     top_k: int = 2
     """Experts each token is sent to."""
     ffn_dim: int = 256
@@ -159,10 +163,30 @@ class ModelConfig:
                 f"model.n_layers={self.n_layers}: lower it")
         require(self.n_heads % self.n_kv_heads == 0,
                 f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
+        per_layer = self.moe.num_experts_per_layer
+        if per_layer is not None:
+            moe_layers = [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+            require(len(per_layer) == len(moe_layers),
+                    f"model.moe.num_experts_per_layer has {len(per_layer)} entries for the {len(moe_layers)} MoE "
+                    f"layers {moe_layers}: give one count per MoE layer")
+            for layer, count in zip(moe_layers, per_layer):
+                try:
+                    self.moe_for_layer(layer)
+                except ConfigError as err:
+                    raise ConfigError(f"model.moe.num_experts_per_layer: layer {layer} with {count} experts: "
+                                      f"{err}") from None
 
     def is_moe_layer(self, layer: int) -> bool:
         offset = layer - self.moe.first_dense_layers
         return offset >= 0 and offset % self.moe.every == 0
+
+    def moe_for_layer(self, layer: int) -> MoEConfig:
+        """The MoE settings of one MoE layer: num_experts from num_experts_per_layer when that is set."""
+        per_layer = self.moe.num_experts_per_layer
+        if per_layer is None:
+            return self.moe
+        index = sum(self.is_moe_layer(i) for i in range(layer))
+        return dataclasses.replace(self.moe, num_experts=per_layer[index], num_experts_per_layer=None)
 
 
 @dataclass(kw_only=True)

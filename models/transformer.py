@@ -39,7 +39,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=cfg.attn_bias,
                               qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn: nn.Module = MoE(cfg.dim, cfg.moe) if cfg.is_moe_layer(layer) else SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.ffn: nn.Module = (MoE(cfg.dim, cfg.moe_for_layer(layer)) if cfg.is_moe_layer(layer)
+                               else SwiGLU(cfg.dim, cfg.ffn_dim))
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor,
                 mask_B1TT: Optional[Tensor] = None) -> tuple[Tensor, MoEStats | None]:

@@ -289,8 +289,12 @@ def validate(cfg: Config) -> None:
             "(or python-stdlib), or sft.data to a JSONL file of conversations")
     require(0 <= cfg.sft.heldout_fraction < 1, f"sft.heldout_fraction={cfg.sft.heldout_fraction} must be in [0, 1)")
     require(cfg.sft.eval_every >= 0, f"sft.eval_every={cfg.sft.eval_every} must be >= 0")
-    require(m.moe.num_experts % cfg.parallel.ep == 0,
+    require(m.moe.num_experts_per_layer is not None or m.moe.num_experts % cfg.parallel.ep == 0,
             f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.ep={cfg.parallel.ep}")
+    uneven = [n for n in m.moe.num_experts_per_layer or [] if n % cfg.parallel.ep]
+    require(not uneven, f"model.moe.num_experts_per_layer={m.moe.num_experts_per_layer} has layers whose experts "
+                        f"do not split evenly over parallel.ep={cfg.parallel.ep}: choose a parallel.ep that "
+                        f"divides every count")
     require(cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0")
     require(cfg.parallel.rendezvous_timeout_s > 0, "parallel.rendezvous_timeout_s must be > 0")
     require(cfg.log.every >= 1, f"log.every={cfg.log.every} must be >= 1")

@@ -131,6 +131,8 @@ def export_family(cfg: ModelConfig) -> str:
     need(cfg.peft.method == "none", f"it has routed adapters (model.peft.method={cfg.peft.method}); routed "
          f"adapters cannot be merged into the base weights, so export the base checkpoint instead")
     need(m.router == "topk_softmax", f"model.moe.router={m.router} (only topk_softmax exists there)")
+    need(m.num_experts_per_layer is None, "model.moe.num_experts_per_layer differs between layers (HF MoE "
+         "families have one expert count)")
     need(m.capacity_factor is None, "model.moe.capacity_factor is set (HF models are dropless)")
     if cfg.qk_norm == "full":
         need(not m.num_shared_experts and not cfg.attn_bias and m.first_dense_layers == 0 and m.every == 1,

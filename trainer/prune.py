@@ -4,7 +4,8 @@ Routing is recorded on calibration batches (how often each expert is picked and
 the routing weight it receives); each layer keeps the `keep` experts with the
 most weight (frequency breaks ties), in their original order. The kept experts'
 weights and their router rows are copied into a model with `keep` experts per
-layer and written as a weights-only checkpoint: `--init` trains or tunes it at
+layer (or an uneven budget, `--keep-per-layer`, recorded as model.moe.num_experts_per_layer) and written as
+a weights-only checkpoint: `--init` trains or tunes it at
 any world size and ep, `sft-eval` evaluates it. With renormalised top-k
 routing, a token whose chosen experts all survive is computed exactly as
 before (its weights are ratios of the same probabilities), so keeping every
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moeyard.models import ConfigError, Transformer
+from moeyard.models import ConfigError, ModelConfig, Transformer
 from moeyard.models.router import Routing
 
 from .checkpoint import fill_model, load_full_model
@@ -58,13 +59,28 @@ def expert_usage(model: Transformer, batches: list[Tensor]) -> dict[int, tuple[T
     return usage
 
 
-def experts_to_keep(usage: dict[int, tuple[Tensor, Tensor]], keep: int) -> dict[int, Tensor]:
-    """Per layer, the ids of the `keep` experts with the most routing weight, ascending."""
+def experts_to_keep(usage: dict[int, tuple[Tensor, Tensor]], keep: dict[int, int]) -> dict[int, Tensor]:
+    """Per layer, the ids of its `keep[layer]` experts with the most routing weight, ascending."""
     kept = {}
     for layer, (picks, weight) in usage.items():
         score = weight + picks.double() * 1e-12  # frequency only breaks ties
-        kept[layer] = score.topk(keep).indices.sort().values
+        kept[layer] = score.topk(keep[layer]).indices.sort().values
     return kept
+
+
+def keep_per_layer(cfg: ModelConfig, keep: int | list[int]) -> dict[int, int]:
+    """{MoE layer: experts to keep}, after checking each budget against the layer's experts and top_k."""
+    layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+    counts = [keep] * len(layers) if isinstance(keep, int) else list(keep)
+    if len(counts) != len(layers):
+        raise ConfigError(f"--keep-per-layer has {len(counts)} counts for the {len(layers)} MoE layers {layers}: "
+                          f"give one count per MoE layer, in order")
+    for layer, count in zip(layers, counts):
+        have = cfg.moe_for_layer(layer).num_experts
+        if not cfg.moe.top_k <= count <= have:
+            raise ConfigError(f"keeping {count} experts in MoE layer {layer}: it must be between "
+                              f"model.moe.top_k={cfg.moe.top_k} and the layer's {have} experts")
+    return dict(zip(layers, counts))
 
 
 def pruned_state(state: dict[str, Tensor], kept: dict[int, Tensor]) -> dict[str, Tensor]:
@@ -84,9 +100,10 @@ def mean_loss(model: Transformer, batches: list[Tensor]) -> float:
     return float(torch.stack(losses).mean())
 
 
-def prune(ckpt: Path, data: str, keep: int, out: Path, calibration_batches: int = 8,
+def prune(ckpt: Path, data: str, keep: int | list[int], out: Path, calibration_batches: int = 8,
           heldout_batches: int = 4) -> dict[str, Any]:
-    """Prune the checkpoint to `keep` experts per layer; returns what was kept and the held-out losses."""
+    """Prune the checkpoint to `keep` experts per MoE layer (one count for all, or one per layer); returns
+    what was kept and the held-out losses."""
     try:
         manifest = verify(ckpt)
     except CheckpointError as err:
@@ -96,9 +113,7 @@ def prune(ckpt: Path, data: str, keep: int, out: Path, calibration_batches: int 
     if moe.router not in PRUNABLE_ROUTERS:
         raise ConfigError(f"moeyard prune handles token-choice softmax routers ({', '.join(PRUNABLE_ROUTERS)}); "
                           f"this model uses model.moe.router={moe.router}")
-    if not moe.top_k <= keep <= moe.num_experts:
-        raise ConfigError(f"--keep {keep} must be between model.moe.top_k={moe.top_k} and "
-                          f"model.moe.num_experts={moe.num_experts}")
+    budget = keep_per_layer(cfg.model, keep)
     if out.exists():
         raise FileExistsError(f"{out} already exists: choose a new folder for the pruned checkpoint")
     data_dir = Path(data) if (Path(data) / "meta.json").is_file() else ensure_corpus(data, None, cfg.data.glob)
@@ -110,9 +125,12 @@ def prune(ckpt: Path, data: str, keep: int, out: Path, calibration_batches: int 
 
     model = Transformer(cfg.model).eval()
     load_full_model(ckpt, model)
-    kept = experts_to_keep(expert_usage(model, calibration), keep)
+    kept = experts_to_keep(expert_usage(model, calibration), budget)
     state = pruned_state({n: p.detach() for n, p in model.named_parameters()}, kept)
-    pruned_cfg = dataclasses.replace(cfg.model, moe=dataclasses.replace(moe, num_experts=keep))
+    counts = list(budget.values())
+    uneven = counts if len(set(counts)) > 1 else None
+    pruned_cfg = dataclasses.replace(cfg.model, moe=dataclasses.replace(moe, num_experts=max(counts),
+                                                                        num_experts_per_layer=uneven))
     pruned = Transformer(pruned_cfg).eval()
     fill_model(pruned, state, {})
     report = {"kept_experts": {str(k): v.tolist() for k, v in kept.items()},

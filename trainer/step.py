@@ -122,7 +122,10 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | SFTBatch, *, 
     # Everything the record needs, in two host transfers.
     micro_steps = pmesh.dp * len(micro_batches)
     totals = sums.tolist()
-    rows = dict(zip(layers, torch.stack([counts[layer] for layer in layers]).tolist())) if layers else {}
+    flat = torch.cat([counts[layer] for layer in layers]).tolist() if layers else []
+    rows, at = {}, 0
+    for layer in layers:  # layers may differ in experts (a pruned model)
+        rows[layer], at = flat[at:at + counts[layer].numel()], at + counts[layer].numel()
     lm_loss, aux_loss, z_loss = totals[0] / global_targets, totals[1] / micro_steps, totals[2] / micro_steps
     router = {layer: {"aux_loss": totals[3 + 3 * i] / micro_steps, "z_loss": totals[4 + 3 * i] / micro_steps,
                       "entropy": totals[5 + 3 * i] / micro_steps, **router_state[layer]}
