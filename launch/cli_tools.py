@@ -121,8 +121,8 @@ def cmd_sft_eval(args: argparse.Namespace) -> int:
     for ckpt in checkpoints:
         result = exact_match(cfg, ckpt, args.limit, skip_threshold=args.skip_threshold)
         skipping = ""
-        if args.skip_threshold:
-            skipping = (f"; expert skipping below weight {args.skip_threshold} left out "
+        if result.skip_threshold:
+            skipping = (f"; expert skipping below weight {result.skip_threshold} left out "
                         f"{result.skipped_fraction:.1%} of expert computations")
         print(f"{ckpt}: exact match {result.accuracy:.1%} on {result.examples} held-out examples{skipping}")
         for expected, got in result.samples[:args.show]:

@@ -166,6 +166,9 @@ class ModelConfig:
         per_layer = self.moe.num_experts_per_layer
         if per_layer is not None:
             moe_layers = [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+            require(self.moe.num_experts == max(per_layer),
+                    f"model.moe.num_experts={self.moe.num_experts} must be the largest of "
+                    f"model.moe.num_experts_per_layer={per_layer}")
             require(len(per_layer) == len(moe_layers),
                     f"model.moe.num_experts_per_layer has {len(per_layer)} entries for the {len(moe_layers)} MoE "
                     f"layers {moe_layers}: give one count per MoE layer")

@@ -66,7 +66,8 @@ class RoutedLoRA(nn.Module):
         B, S = (lead[0], x_TD.shape[0] // lead[0]) if len(lead) >= 2 else (1, x_TD.shape[0])
         self.aux_loss = sequence_balance_loss(probs_TE.view(B, S, E), index_TK.view(B, S, -1))
         with torch.no_grad():
-            load_E = torch.bincount(index_TK.flatten(), minlength=E)
+            load_E = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(  # bincount syncs on CUDA
+                0, index_TK.flatten(), torch.ones_like(index_TK.flatten()))
             self.stats = torch.cat([load_E.double(), torch.stack([self.aux_loss, router_entropy(probs_TE)]).double()])
         return self.scale * delta_TO.view(*lead, -1)
 
@@ -104,8 +105,10 @@ def is_adapter_parameter(name: str) -> bool:
 
 @torch.no_grad()
 def merge_dense_adapters(model: nn.Module) -> list[str]:
-    """Fold every plain LoRA adapter into its linear map (W += scale * (A B)^T) and remove it; returns the
-    merged names. Refuses, naming them, when any adapter is routed: its mixture changes with each token."""
+    """Fold every plain LoRA adapter into its linear map (W += scale * (A B)^T); returns the merged names.
+    The adapters stay (the caller copies the merged weights into a model without them). Refuses, naming
+    them, when any adapter is routed (its mixture changes with each token) or sits on a weight another
+    module shares (tied embeddings: merging would change the embedding too)."""
     adapters = dict(routed_adapters(model))
     routed = [n for n, a in adapters.items() if a.router is not None]
     if routed:
@@ -115,6 +118,12 @@ def merge_dense_adapters(model: nn.Module) -> list[str]:
                           f"no single matrix equals them and they cannot be merged. Use the checkpoint as it is "
                           f"(train --init, sft-eval and prune load adapters), or train model.peft.method=lora "
                           f"to get a mergeable adapter")
+    weights = [id(p) for _, p in model.named_parameters(remove_duplicate=False)]
+    for name, adapter in adapters.items():
+        linear = model.get_submodule(name.removesuffix(".adapter"))
+        if weights.count(id(linear.weight)) > 1:
+            raise ConfigError(f"{name} adapts {name.removesuffix('.adapter')}.weight, which is shared with another "
+                              f"module (tied embeddings): merging would change both. Keep the adapter unmerged")
     for name, adapter in adapters.items():
         linear = model.get_submodule(name.removesuffix(".adapter"))
         delta_DO = adapter.scale * (adapter.A_EDR[0].double() @ adapter.B_ERO[0].double())

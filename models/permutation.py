@@ -54,9 +54,10 @@ def plan_permutation(expert_index_TK: Tensor, num_experts: int, capacity: Option
         expert_index_TK = expert_index_TK.masked_fill(skip_TK, num_experts)  # past every expert: sorts last
     expert_of_copy_C = expert_index_TK.t().reshape(-1)  # choice-major: copy c = choice * T + token
     sorted_expert_C, order_C = torch.sort(expert_of_copy_C, stable=True)
-    routed_per_expert_E = torch.bincount(expert_of_copy_C, minlength=num_experts)
+    slots = num_experts + (skip_TK is not None)  # the skipped copies' sentinel counts apart
+    routed_per_expert_E = torch.zeros(slots, dtype=torch.int64, device=expert_of_copy_C.device).scatter_add_(
+        0, expert_of_copy_C, torch.ones_like(expert_of_copy_C))[:num_experts]  # bincount would sync on CUDA
     if skip_TK is not None:  # evaluation only: the host sync of the boolean index is fine there
-        routed_per_expert_E = routed_per_expert_E[:num_experts]
         kept_C = sorted_expert_C < num_experts
         sorted_expert_C, order_C = sorted_expert_C[kept_C], order_C[kept_C]
     token_C = order_C % T

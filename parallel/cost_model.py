@@ -217,7 +217,7 @@ def block_fwd_flops(cfg: ModelConfig, tokens: int, seq_len: int, layer: int) -> 
     flops = 2 * tokens * d * (2 * d + 2 * kv)  # q, k, v, o projections
     flops += 2 * tokens * seq_len * d  # causal scores and weighted sum (half of 4*T*D)
     if cfg.is_moe_layer(layer):
-        flops += 2 * tokens * d * cfg.moe.num_experts  # router
+        flops += 2 * tokens * d * cfg.moe_for_layer(layer).num_experts  # router
         flops += 6 * tokens * d * cfg.moe.shared_hidden_dim
     else:
         flops += 6 * tokens * d * cfg.ffn_dim

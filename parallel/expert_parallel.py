@@ -17,7 +17,8 @@ def apply_expert_parallel(model: Transformer, pmesh: ParallelMesh) -> None:
     for layer, moe in model.moe_layers():
         num_experts = moe.cfg.num_experts
         if num_experts % pmesh.ep != 0:
-            raise ValueError(f"model.moe.num_experts={num_experts} is not divisible by parallel.ep={pmesh.ep}")
+            raise ValueError(f"MoE layer {layer} has {num_experts} experts (model.moe.num_experts or "
+                             f"num_experts_per_layer), not divisible by parallel.ep={pmesh.ep}")
         local = num_experts // pmesh.ep
         start = pmesh.ep_rank * local
         experts = moe.experts

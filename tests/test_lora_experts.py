@@ -113,6 +113,15 @@ def test_adapters_start_from_a_base_checkpoint_and_save_only_themselves(tmp_path
     _, base_weights = final_parameters(tmp_path / "base")
     assert all(torch.equal(resumed[n], p) for n, p in base_weights.items())
 
+    # Tuning on from the adapter checkpoint: the new run refers to it (and through it to the base) and
+    # still saves the adapters only.
+    moeyard_train(config, tmp_path / "more", 1, "parallel.ep=1", "train.steps=1", *tuned[1:],
+                  f"checkpoint.init={tmp_path / 'split'}")
+    more = resolve_init(tmp_path / "more")
+    assert read_manifest(more)["base"]["path"] == str(resolve_init(tmp_path / "split").resolve())
+    assert {k for k in dcp.FileSystemReader(str(more)).read_metadata().state_dict_metadata
+            if k.startswith("model.")} == {f"model.{n}" for n in saved}
+
     shutil.move(tmp_path / "base", tmp_path / "moved")
     shutil.copytree(tmp_path / "plain", tmp_path / "base")  # another checkpoint where the base was
     with pytest.raises(CheckpointError, match="content hash .* it was replaced or changed"):

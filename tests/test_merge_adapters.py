@@ -70,3 +70,14 @@ def test_a_checkpoint_without_adapters_is_refused(tmp_path, capsys) -> None:
                              source={"family": "test"}, buffers=persistent_buffers(model))
     assert main(["convert", "merge-adapters", str(tmp_path / "plain"), "--out", str(tmp_path / "merged")]) == 2
     assert "has no adapters (model.peft.method=none): nothing to merge" in capsys.readouterr().err
+
+
+def test_an_adapter_on_a_tied_weight_is_refused(tmp_path, capsys) -> None:
+    """output.weight is the embedding table when tie_embeddings is on: folding into it changes both."""
+    cfg = dataclasses.replace(BASE, peft=PEFTConfig(method="lora", rank=2, targets=["output"]))
+    model = Transformer(cfg)
+    write_weights_checkpoint({n: p.detach() for n, p in model.named_parameters()}, cfg, tmp_path / "tied",
+                             source={"family": "test"}, buffers=persistent_buffers(model))
+    assert main(["convert", "merge-adapters", str(tmp_path / "tied"), "--out", str(tmp_path / "merged")]) == 2
+    assert "output.adapter adapts output.weight, which is shared with another module" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()

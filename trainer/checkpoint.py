@@ -265,10 +265,15 @@ class Checkpointer:
         return found
 
     def refer_to_base(self, path: Path, model: nn.Module) -> None:
-        """From now on save only what can differ from the weights of `path` (this run's checkpoint.init)."""
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        """From now on save only what can differ from the weights of `path` (this run's checkpoint.init,
+        which may itself be trainable-only over a base of its own)."""
+        in_base: set[str] = set()
+        chain: Optional[Path] = path
+        while chain is not None:
+            in_base |= set(dcp.FileSystemReader(str(chain)).read_metadata().state_dict_metadata)
+            chain = base_of(read_manifest(chain), chain)
         self.base = {"path": str(path.resolve()), "content_hash": content_hash(read_manifest(path))}
-        self.saved_besides_trainable = {n for n, _ in model.named_parameters() if f"model.{n}" not in saved}
+        self.saved_besides_trainable = {n for n, _ in model.named_parameters() if f"model.{n}" not in in_base}
 
     def load_weights(self, path: Path, model: nn.Module) -> dict[str, Any]:
         """Load a checkpoint's weights (and router buffers) into the possibly EP-sharded model, its base's
@@ -294,7 +299,8 @@ class Checkpointer:
         if base is not None:  # the frozen weights come from the base; the rest from here
             self.load_weights(base, model)
             names = {n for n, _ in model.named_parameters() if f"model.{n}" in saved}
-            self.base, self.saved_besides_trainable = manifest["base"], names
+            if not self.cfg.checkpoint.save_frozen:  # else the next saves are whole again
+                self.base, self.saved_besides_trainable = manifest["base"], names
         state = _state_dict(model, optim_states, self.pmesh, with_rng=same_world, names=names)
         untrained = [name for name in state["optim"] if f"optim.{name}.exp_avg" not in saved]
         if untrained:
@@ -326,7 +332,7 @@ def load_full_model(path: Path, model: nn.Module) -> dict[str, Any]:
     state: dict[str, Any] = {"model": {name: p.detach() for name, p in model.named_parameters()
                                        if f"model.{name}" in saved or not (base or is_adapter_parameter(name))}}
     buffers = persistent_buffers(model)
-    if buffers:
+    if buffers and any(k.startswith("buffers.") for k in saved):  # a converted HF model has none
         state["buffers"] = buffers
     with warnings.catch_warnings():  # DCP warns that no process group exists: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

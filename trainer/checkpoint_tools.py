@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from moeyard.models import Transformer
 
 from .checkpoint import load_full_model, persistent_buffers
-from .checkpoint_store import CheckpointError, read_manifest, verify
+from .checkpoint_store import CheckpointError, base_of, read_manifest, verify
 from .config import build_config
 
 
@@ -23,6 +23,7 @@ def inspect_checkpoint(path: Path) -> str:
     try:
         manifest = verify(path)
         status = "intact (every file matches its size and sha256)"
+        base_of(manifest, path)  # a trainable-only checkpoint is only as good as its base
     except CheckpointError as err:
         manifest, status = read_manifest(path), f"DAMAGED: {err}"
     meta = dcp.FileSystemReader(str(path)).read_metadata()

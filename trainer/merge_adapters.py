@@ -49,6 +49,10 @@ def merge_adapters(ckpt: Path, out: Path, probe_tokens: int = 256) -> dict[str, 
     plain = Transformer(plain_cfg).eval()
     fill_model(plain, state, buffers)
     difference = float((plain(probe).logits_BTV - before).abs().max())
+    tolerance = 1e-4 * max(1.0, float(before.abs().max()))  # float32 rounding of W + s (AB)^T is far below
+    if difference > tolerance:
+        raise ConfigError(f"the merged model's logits differ from the adapted model's by {difference:.2e} on a "
+                          f"probe batch (tolerance {tolerance:.1e}): not writing {out}. Please report this")
     report = {"merged": merged, "max_logit_difference": difference, "probe_tokens": probe.numel()}
     write_weights_checkpoint(state, plain_cfg, out, buffers=buffers,
                              source={"family": "moeyard (merged adapters)", "dir": str(ckpt), **report})

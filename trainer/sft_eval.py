@@ -30,6 +30,8 @@ class EvalResult:
     examples: int
     samples: list[tuple[str, str]]
     """(expected, got) of the first few examples."""
+    skip_threshold: float
+    """The model.moe.skip_threshold the evaluation ran with (0: no expert skipping)."""
     skipped_fraction: float
     """Expert computations (token copies, padding included) that expert skipping left out; 0 when off."""
 
@@ -86,4 +88,4 @@ def exact_match(cfg: Config, checkpoint: Path, limit: int | None = None, max_new
     hits = sum(e.strip() == g.strip() for e, g in zip(expected, got))
     skipped, all_copies = copies.tolist()
     return EvalResult(hits / max(1, len(held)), len(held), list(zip(expected, got))[:5],
-                      skipped / max(1.0, all_copies))
+                      model_cfg.moe.skip_threshold, skipped / max(1.0, all_copies))

@@ -148,9 +148,10 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | SFTBatch, *, 
 
 
 def skipped_fraction(moe_stats: dict) -> Tensor:
-    """[skipped copies, all copies] over the MoE layers of one forward (copies before skipping)."""
+    """[skipped copies, all copies] over the MoE layers of one forward (copies before skipping; the routed
+    counts include copies later dropped for capacity)."""
     skipped = sum(stats.skipped for stats in moe_stats.values())
-    routed = sum(stats.tokens_per_expert_E.sum() + stats.dropped for stats in moe_stats.values())
+    routed = sum(stats.tokens_per_expert_E.sum() for stats in moe_stats.values())
     return torch.stack([skipped, skipped + routed]).double()
 
 
