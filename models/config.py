@@ -214,14 +214,13 @@ class PEFTConfig:
         if self.method == "none":
             return
         require(self.rank >= 1 and self.num_experts >= 1, "model.peft.rank and model.peft.num_experts must be >= 1")
+        require(bool(self.targets), "model.peft.targets is empty: name the linear maps that get adapters")
         if self.method == "lora":
-            require(bool(self.targets), "model.peft.targets is empty: name the linear maps that get adapters")
             return  # num_experts and top_k do not apply
         experts = self.rank if self.method == "rank1_moe" else self.num_experts
         what = "model.peft.rank (rank1_moe: every rank is an expert)" if self.method == "rank1_moe" \
             else "model.peft.num_experts"
         require(1 <= self.top_k <= experts, f"model.peft.top_k={self.top_k} must be between 1 and {what}={experts}")
-        require(bool(self.targets), "model.peft.targets is empty: name the linear maps that get adapters")
 
     @property
     def routed(self) -> bool:

@@ -68,7 +68,6 @@ class Transformer(nn.Module):
         self.init_weights()
         if cfg.peft.method != "none":  # after the base's init: same seed, same base weights
             add_routed_adapters(self, cfg.peft)
-        self.adapter_names = [n for n, _ in routed_adapters(self)]
         self.adapters = [m for _, m in routed_adapters(self)]
 
     @torch.no_grad()

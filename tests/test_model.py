@@ -12,7 +12,7 @@ from moeyard.models.expert_loop import swiglu_fused_loop
 from moeyard.models.experts import swiglu_grouped_mm, swiglu_loop
 from moeyard.models.router import load_balance_loss, router_z_loss
 from moeyard.models.routers import TopKRouter
-from moeyard.trainer.step import skipped_fraction
+from moeyard.trainer.step import skip_counts
 
 
 def tiny(**moe) -> ModelConfig:
@@ -259,11 +259,11 @@ def test_expert_skipping_at_evaluation_drops_only_low_weight_later_choices() -> 
     assert int(stats.skipped) == low and int(stats.tokens_per_expert_E.sum()) == 2 * x_TD.shape[0] - low
     torch.testing.assert_close(y.reshape(-1, 16), expected, rtol=1e-5, atol=1e-6)
     assert int(train_stats.skipped) == 0 and not torch.allclose(y_train, y)
-    assert float(skipped_fraction({1: stats})[0] / skipped_fraction({1: stats})[1]) == low / (2 * x_TD.shape[0])
+    assert float(skip_counts({1: stats})[0] / skip_counts({1: stats})[1]) == low / (2 * x_TD.shape[0])
     moe.cfg = dataclasses.replace(moe.cfg, capacity_factor=0.5)  # drops do not change what was skipped of all
     with torch.no_grad():
         _, dropping = moe.eval()(x)
     assert int(dropping.dropped) > 0
-    assert float(skipped_fraction({1: dropping})[0] / skipped_fraction({1: dropping})[1]) == low / (2 * x_TD.shape[0])
+    assert float(skip_counts({1: dropping})[0] / skip_counts({1: dropping})[1]) == low / (2 * x_TD.shape[0])
     with pytest.raises(ConfigError, match="model.moe.skip_threshold=1.5 must be in"):
         MoEConfig(skip_threshold=1.5)

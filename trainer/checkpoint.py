@@ -316,6 +316,19 @@ class Checkpointer:
                 torch.cuda.set_rng_state(state["rng"][f"cuda_rank{dist.get_rank()}"])
 
 
+def _provided(params: dict[str, Tensor], buffers: dict[str, Tensor], meta: dict[str, Any],
+              partial: bool) -> dict[str, Any]:
+    """The part of a weights state dict that one checkpoint (its DCP metadata `meta`) provides. `partial`
+    (trainable-only over a base): only what it holds. Otherwise every parameter but the adapters it lacks,
+    which start at their init (the base model's function). Buffers when it has them: a converted HF
+    model has none, and its routers' state (e.g. a dense_to_sparse schedule) starts afresh."""
+    state: dict[str, Any] = {"model": {n: t for n, t in params.items()
+                                       if f"model.{n}" in meta or not (partial or is_adapter_parameter(n))}}
+    if buffers and any(k.startswith("buffers.") for k in meta):
+        state["buffers"] = buffers
+    return state
+
+
 def load_full_model(path: Path, model: nn.Module) -> dict[str, Any]:
     """Load a checkpoint's weights into an unsharded model in this process (no process group needed).
 
@@ -328,12 +341,9 @@ def load_full_model(path: Path, model: nn.Module) -> dict[str, Any]:
     if base is not None:
         verify(base)
         load_full_model(base, model)
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    state: dict[str, Any] = {"model": {name: p.detach() for name, p in model.named_parameters()
-                                       if f"model.{name}" in saved or not (base or is_adapter_parameter(name))}}
-    buffers = persistent_buffers(model)
-    if buffers and any(k.startswith("buffers.") for k in saved):  # a converted HF model has none
-        state["buffers"] = buffers
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = _provided({n: p.detach() for n, p in model.named_parameters()}, persistent_buffers(model), meta,
+                      partial=base is not None)
     with warnings.catch_warnings():  # DCP warns that no process group exists: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path, no_dist=True)
@@ -346,12 +356,8 @@ def load_weights_into(path: Path, model: nn.Module, pmesh: ParallelMesh, group: 
     Collective over `group`. Shapes are compared first, so a mismatch names the tensor. `partial`: load
     only the parameters the checkpoint holds (a trainable-only checkpoint over its base)."""
     meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    state = _state_dict(model, {}, pmesh, with_rng=False)
-    del state["optim"]
-    if "buffers" in state and not any(k.startswith("buffers.") for k in meta):
-        del state["buffers"]  # e.g. a converted HF model starting a dense_to_sparse schedule afresh
-    for name in [n for n in state["model"] if f"model.{n}" not in meta and (partial or is_adapter_parameter(n))]:
-        del state["model"][name]  # adapters new to this run start at their init (the base model's function)
+    full = _state_dict(model, {}, pmesh, with_rng=False)
+    state = _provided(full["model"], full.get("buffers", {}), meta, partial)
     for name, tensor in state["model"].items():
         md = meta.get(f"model.{name}")
         full = tuple(tensor.shape)  # a DTensor's shape is the global one

@@ -39,8 +39,9 @@ def inspect_checkpoint(path: Path) -> str:
         "  tensors:",
     ]
     if "base" in manifest:
-        lines.insert(-1, f"  holds the weights that trained only; the rest comes from its base {manifest['base']['path']} "
-                         f"(content hash {manifest['base']['content_hash']})")
+        base = manifest["base"]
+        lines.insert(-1, f"  holds the weights that trained only; the rest comes from its base {base['path']} "
+                         f"(content hash {base['content_hash']})")
     groups: dict[str, list[tuple[str, object]]] = {}
     for key, md in sorted(meta.state_dict_metadata.items()):
         groups.setdefault(key.split(".")[0], []).append((key, md))

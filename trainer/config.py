@@ -17,9 +17,9 @@ from typing import Any, Literal, Optional
 import yaml
 
 from moeyard.models import ConfigError, ModelConfig
+from moeyard.models.config import require
 
 from .freezing import frozen_set
-from moeyard.models.config import require
 
 
 @dataclass(kw_only=True)

@@ -20,10 +20,10 @@ from moeyard.parallel import apply_expert_parallel, build_mesh, split_parameters
 from .checkpoint import Checkpointer, config_hash
 from .config import Config, check_vocab, dump_yaml, validate_for_world
 from .data import DataError, TokenBatches, read_meta
+from .freezing import freeze
 from .metrics import MetricsLogger, step_record
 from .optim import lr_at
 from .precision import resolve_dtype
-from .freezing import freeze
 from .schedule import apply_plan_chunks, build_grad_sync, plan_for
 from .checkpoint_store import CheckpointError
 from .sft_batches import SFTBatches, SFTData, heldout_share

@@ -45,7 +45,7 @@ def merge_adapters(ckpt: Path, out: Path, probe_tokens: int = 256) -> dict[str, 
     merged = merge_dense_adapters(model)  # refuses routed adapters
     plain_cfg = dataclasses.replace(cfg, peft=PEFTConfig())
     state = {n: p.detach() for n, p in model.named_parameters() if not is_adapter_parameter(n)}
-    buffers = {n: b for n, b in persistent_buffers(model).items() if ".adapter." not in n}
+    buffers = persistent_buffers(model)  # router state of the base; adapters have none
     plain = Transformer(plain_cfg).eval()
     fill_model(plain, state, buffers)
     difference = float((plain(probe).logits_BTV - before).abs().max())

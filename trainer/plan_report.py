@@ -10,8 +10,8 @@ from moeyard.parallel.plan import Plan
 from moeyard.parallel.planner import reference_plan, search
 from moeyard.parallel.profiler import MeasuredCosts, load_or_measure
 
-from .freezing import frozen_set
 from .config import Config
+from .freezing import frozen_set
 from .precision import resolve_dtype
 from .schedule import profile_cache_dir, workload
 

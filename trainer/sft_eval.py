@@ -21,7 +21,7 @@ from .checkpoint_store import read_manifest
 from .config import Config, build_config
 from .sft_batches import chat_template, conversations_of
 from .sft_data import split_heldout
-from .step import skipped_fraction
+from .step import skip_counts
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def greedy_answers(model: Transformer, prompts: list[list[int]], stop_ids: set[i
         segment = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
         out = model(tokens, segment)
         if copies is not None:
-            copies += skipped_fraction(out.moe_stats)
+            copies += skip_counts(out.moe_stats)
         next_ids = out.logits_BTV[:, -1].argmax(dim=-1).tolist()
         still = []
         for i, token in zip(running, next_ids):

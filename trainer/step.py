@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moeyard.models import Transformer
+from moeyard.models.lora_experts import routed_adapters
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grad_sync import GradSync
 
@@ -89,7 +90,7 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | SFTBatch, *, 
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # lm sum, aux, z  (this rank)
     counts: dict[int, Tensor] = {}  # per MoE layer: copies routed to each expert, dropped, unrouted (global)
     layer_sums: dict[int, Tensor] = {}  # aux, z, entropy per MoE layer (this rank, summed over micro-steps)
-    routed_adapters = [(n, a) for n, a in zip(model.adapter_names, model.adapters) if a.router is not None]
+    adapters = [(n, a) for n, a in routed_adapters(model) if a.router is not None]
     adapter_sums: dict[str, Tensor] = {}  # per routed adapter: load, balance loss, entropy (this rank)
     for i, (micro, mask_BT, segment_BT1) in enumerate(micro_batches):
         sync.begin_micro_step(last=i == len(micro_batches) - 1)  # earlier micro-steps only accumulate
@@ -104,12 +105,12 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | SFTBatch, *, 
             counts[layer] = counts.get(layer, 0) + counted
             per_layer = torch.stack([stats.aux_loss.detach(), stats.z_loss.detach(), stats.entropy]).double()
             layer_sums[layer] = layer_sums.get(layer, 0) + per_layer
-        for name, adapter in routed_adapters:
+        for name, adapter in adapters:
             adapter_sums[name] = adapter_sums.get(name, 0) + adapter.stats
 
     grad_norm = sync.reduce()  # waits for (or runs) the gradient reduction
     layers = sorted(counts)
-    sums = torch.cat([sums, *(layer_sums[layer] for layer in layers), *(adapter_sums[n] for n, _ in routed_adapters)])
+    sums = torch.cat([sums, *(layer_sums[layer] for layer in layers), *(adapter_sums[n] for n, _ in adapters)])
     dist.all_reduce(sums, group=pmesh.dp_group)  # global losses: the same on every rank, like the norm
     finite = bool(torch.isfinite(sums[:3]).all()) and bool(torch.isfinite(grad_norm))
     # Router state as this step's forward used it (before the update below).
@@ -123,20 +124,15 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | SFTBatch, *, 
     micro_steps = pmesh.dp * len(micro_batches)
     totals = sums.tolist()
     flat = torch.cat([counts[layer] for layer in layers]).tolist() if layers else []
-    rows, at = {}, 0
-    for layer in layers:  # layers may differ in experts (a pruned model)
-        rows[layer], at = flat[at:at + counts[layer].numel()], at + counts[layer].numel()
+    rows = dict(zip(layers, _split(flat, [counts[layer].numel() for layer in layers])))  # sizes differ when pruned
     lm_loss, aux_loss, z_loss = totals[0] / global_targets, totals[1] / micro_steps, totals[2] / micro_steps
-    router = {layer: {"aux_loss": totals[3 + 3 * i] / micro_steps, "z_loss": totals[4 + 3 * i] / micro_steps,
-                      "entropy": totals[5 + 3 * i] / micro_steps, **router_state[layer]}
-              for i, layer in enumerate(layers)}
-    adapter_routers, at = {}, 3 + 3 * len(layers)
-    for name, adapter in routed_adapters:
-        E = adapter.A_EDR.shape[0]
-        values = totals[at:at + E + 2]
-        adapter_routers[name] = {"load": [int(v) for v in values[:E]], "aux_loss": values[E] / micro_steps,
-                                 "entropy": values[E + 1] / micro_steps}
-        at += E + 2
+    sections = _split(totals[3:], [3] * len(layers) + [a.A_EDR.shape[0] + 2 for _, a in adapters])
+    router = {layer: {"aux_loss": aux / micro_steps, "z_loss": z / micro_steps, "entropy": entropy / micro_steps,
+                      **router_state[layer]}
+              for layer, (aux, z, entropy) in zip(layers, sections)}
+    adapter_routers = {name: {"load": [int(v) for v in values[:-2]], "aux_loss": values[-2] / micro_steps,
+                              "entropy": values[-1] / micro_steps}
+                       for (name, _), values in zip(adapters, sections[len(layers):])}
     return StepResult(
         loss=lm_loss + aux_loss + z_loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss,
         grad_norm=grad_norm.item(), tokens=global_tokens, skipped=not finite,
@@ -147,7 +143,13 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | SFTBatch, *, 
     )
 
 
-def skipped_fraction(moe_stats: dict) -> Tensor:
+def _split(values: list[float], sizes: list[int]) -> list[list[float]]:
+    """Consecutive pieces of `values` of the given sizes."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [values[a:a + n] for a, n in zip(starts, sizes)]
+
+
+def skip_counts(moe_stats: dict) -> Tensor:
     """[skipped copies, all copies] over the MoE layers of one forward (copies before skipping; the routed
     counts include copies later dropped for capacity)."""
     skipped = sum(stats.skipped for stats in moe_stats.values())
@@ -171,7 +173,7 @@ def heldout_loss(model: Transformer, share: SFTBatch, *, micro_batch_size: int, 
             with autocast_context(device, dtype):
                 out = model(micro[:, :-1], segment_BT1[:, :-1])
             total += lm_loss_sum(out.logits_BTV, micro[:, 1:], mask_BT).double()
-            copies += skipped_fraction(out.moe_stats)
+            copies += skip_counts(out.moe_stats)
     finally:
         model.train()
     dist.all_reduce(total, group=pmesh.dp_group)
