@@ -56,9 +56,9 @@ def planned_chunks(case: Case, pmesh: Any) -> int:
     """The pipeline degree moeyard's planner picks for this layer: its profiler on these shapes, then the
     cost model's fastest r for one layer's forward + backward."""
     from moeyard.models import ModelConfig, MoEConfig
-    from moeyard.parallel.cost_model import moe_layer_timeline, workload_for
-    from moeyard.parallel.planner import CHUNK_CHOICES
-    from moeyard.parallel.profiler import MeasuredCosts, measure
+    from moeyard.parallel.scheduler.cost_model import moe_layer_timeline, workload_for
+    from moeyard.parallel.scheduler.planner import CHUNK_CHOICES
+    from moeyard.parallel.scheduler.profiler import MeasuredCosts, measure
 
     world = dist.get_world_size()
     seq = min(case.tokens, 512)

@@ -158,7 +158,7 @@ def layer_rows(args, dtype, device) -> list[dict[str, Any]]:
 
 def training_mfu(args, device) -> dict[str, Any]:
     """`moeyard train` on the ~1B config, one process; step time from its metrics, FLOPs from the config."""
-    from moeyard.parallel.cost_model import block_fwd_flops
+    from moeyard.parallel.scheduler.cost_model import block_fwd_flops
     from moeyard.trainer.config import load_config
 
     overrides = list(args.mfu_set)

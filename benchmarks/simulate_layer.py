@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 
 from moeyard.models import ModelConfig, MoEConfig
-from moeyard.parallel.cost_model import moe_layer_timeline, workload_for
-from moeyard.parallel.hardware import Hardware, HardwareCosts
+from moeyard.parallel.scheduler.cost_model import moe_layer_timeline, workload_for
+from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
 
 
 def main() -> None:

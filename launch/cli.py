@@ -5,7 +5,7 @@
     moeyard plan [CONFIG] [--world-size N] [--hardware FILE] [--set key=value ...]
     moeyard checkpoint inspect PATH | moeyard checkpoint export PATH --to DIR
     moeyard prepare SRC_DIR --out DATA_DIR [--glob '*.py']
-    moeyard convert from-hf|to-hf|upcycle ... | moeyard sft-eval [CONFIG]   (launch/cli_tools.py)
+    moeyard convert from-hf|to-hf|upcycle ... | moeyard sft-eval [CONFIG]   (launch/commands/tools.py)
 
 Everything that can be checked without workers (config, world size, run dir,
 corpus) is checked here first, so a mistake costs seconds, not a job.
@@ -21,14 +21,14 @@ from typing import Optional, Sequence
 from moeyard import configs
 from moeyard.models import ConfigError
 from moeyard.trainer.config import check_vocab, load_config, validate_for_world
-from moeyard.trainer.data import DataError, default_cache_root, ensure_corpus, prepare_corpus, read_meta
-from moeyard.trainer.checkpoint_store import CheckpointError
+from moeyard.trainer.data.tokens import DataError, default_cache_root, ensure_corpus, prepare_corpus, read_meta
+from moeyard.trainer.checkpoint.store import CheckpointError
 from moeyard.trainer.loop import NonFiniteStop, holds_a_run
 
-from .cli_tools import add_convert_parser, add_prune_parser, add_sft_eval_parser
-from .env import LaunchError, in_slurm_step, single_process
-from .torchrun import Nodes, launch_workers
-from .worker import add_overrides
+from moeyard.launch.commands.tools import add_convert_parser, add_prune_parser, add_sft_eval_parser
+from moeyard.launch.env import LaunchError, in_slurm_step, single_process
+from moeyard.launch.torchrun import Nodes, launch_workers
+from moeyard.launch.worker import add_overrides
 
 
 def _worker_args(config: str, overrides: list[str], *extra: str) -> list[str]:
@@ -86,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise LaunchError(f"run.dir {cfg.run_dir} already holds a run and --resume none was asked: resume it "
                           f"(--resume auto), choose another run.dir, or delete it")
     if cfg.sft.data is not None:
-        from moeyard.trainer.sft_batches import SFTData
+        from moeyard.trainer.data.sft_batches import SFTData
 
         SFTData(cfg)  # reads, renders and checks every conversation before a worker starts
     else:
@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training {config} on {where}{nproc} process(es) (world {world}), ep={cfg.parallel.ep}; "
           f"run dir {cfg.run_dir}", flush=True)
     if world == 1:
-        from .worker import run_worker
+        from moeyard.launch.worker import run_worker
 
         return run_worker(cfg, single_process())
     return launch_workers(nproc, _worker_args(config, args.overrides), nodes=nodes,
@@ -105,8 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _data_paths(cfg) -> tuple[Path, ...]:
     """What workers read besides the config: the corpus (or its source) and the cache it is prepared in."""
-    from moeyard.trainer.data import STDLIB
-    from moeyard.trainer.sft_demo_data import DEMO
+    from moeyard.trainer.data.tokens import STDLIB
+    from moeyard.trainer.data.sft_demo import DEMO
 
     paths = []
     for path in (cfg.data.dir, cfg.data.source, cfg.sft.data, cfg.sft.tokenizer, cfg.checkpoint.init):
@@ -116,7 +116,7 @@ def _data_paths(cfg) -> tuple[Path, ...]:
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
-    from .slurm import SlurmJob, render_sbatch, submit
+    from moeyard.launch.slurm import SlurmJob, render_sbatch, submit
 
     config = Path(args.config or configs.path("tiny.yaml")).resolve()
     cfg = load_config(config, args.overrides)
@@ -148,12 +148,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     world = args.world_size or cfg.parallel.ep
     validate_for_world(cfg, world)
     if args.hardware:
-        from moeyard.trainer.plan_report import hardware_report
+        from moeyard.trainer.tools.plan_report import hardware_report
 
         print(hardware_report(cfg, world, args.hardware))
         return 0
     if world == 1:
-        from .worker import run_worker
+        from moeyard.launch.worker import run_worker
 
         run_worker(cfg, single_process(), plan_only=True)
         return 0
@@ -162,7 +162,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    from moeyard.trainer.checkpoint_tools import export_safetensors, inspect_checkpoint
+    from moeyard.trainer.tools.inspect import export_safetensors, inspect_checkpoint
 
     path = Path(args.path)
     if not path.is_dir():

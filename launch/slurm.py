@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from .env import LaunchError
+from moeyard.launch.env import LaunchError
 
 
 @dataclass(frozen=True)

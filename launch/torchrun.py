@@ -19,7 +19,7 @@ from typing import Optional
 
 from moeyard.trainer.loop import PREEMPTED
 
-from .env import LaunchError, available_cpus
+from moeyard.launch.env import LaunchError, available_cpus
 
 
 @dataclass(frozen=True)

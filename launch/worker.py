@@ -17,13 +17,13 @@ import torch.distributed as dist
 
 from moeyard.models import ConfigError
 from moeyard.trainer.config import Config, load_config, validate_for_world
-from moeyard.trainer.data import DataError, ensure_corpus
-from moeyard.trainer.checkpoint_store import CheckpointError
+from moeyard.trainer.data.tokens import DataError, ensure_corpus
+from moeyard.trainer.checkpoint.store import CheckpointError
 from moeyard.trainer.loop import NonFiniteStop, Preemption, train
-from moeyard.trainer.plan_report import measured_report
+from moeyard.trainer.tools.plan_report import measured_report
 
-from .env import DistEnv, LaunchError, available_cpus, resolve_env
-from .host_memory import keep_freed_memory
+from moeyard.launch.env import DistEnv, LaunchError, available_cpus, resolve_env
+from moeyard.launch.host_memory import keep_freed_memory
 
 
 def pick_device(env: DistEnv, backend: str) -> tuple[torch.device, str]:

@@ -1,8 +1,8 @@
 """Transformer and MoE layers as single-device computations."""
-from .config import ConfigError, ModelConfig, MoEConfig
-from .experts import GroupedExperts
-from .moe import MoE, MoEStats, TokenExchange
-from .transformer import ModelOutput, Transformer, expert_modules
+from moeyard.models.config import ConfigError, ModelConfig, MoEConfig
+from moeyard.models.moe.experts import GroupedExperts
+from moeyard.models.moe.layer import MoE, MoEStats, TokenExchange
+from moeyard.models.transformer import ModelOutput, Transformer, expert_modules
 
 __all__ = [
     "ConfigError", "GroupedExperts", "ModelConfig", "ModelOutput", "MoE", "MoEConfig", "MoEStats",

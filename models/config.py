@@ -31,7 +31,7 @@ class MoEConfig:
     ffn_dim: int = 256
     """Hidden size of one routed expert's SwiGLU (independent of the dense FFN)."""
     router: Literal["topk_softmax", "switch", "expert_choice", "sigmoid_bias", "dense_to_sparse"] = "topk_softmax"
-    """Routing rule (models/routers.py): topk_softmax (Mixtral/GShard/Qwen), switch (top-1), expert_choice
+    """Routing rule (models/moe/routers.py): topk_softmax (Mixtral/GShard/Qwen), switch (top-1), expert_choice
     (experts pick tokens; non-causal), sigmoid_bias (DeepSeek-V3, aux-loss-free), dense_to_sparse (DTS)."""
     renormalize: bool = True
     """Rescale the k selected weights of a token to sum to one (top_k > 1 only; top-1 keeps its probability)."""
@@ -143,7 +143,7 @@ class ModelConfig:
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
     peft: "PEFTConfig" = field(default_factory=lambda: PEFTConfig())
-    """Routed low-rank adapters on chosen linear maps (models/lora_experts.py); method none: no adapters."""
+    """Routed low-rank adapters on chosen linear maps (models/peft/adapters.py); method none: no adapters."""
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):  # ModelConfig(**a_recorded_dict) works as it did before peft existed

@@ -14,11 +14,11 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig
-from .experts import GroupedExperts
-from .layers import Attention, RMSNorm, SwiGLU, rope_tables
-from .lora_experts import add_routed_adapters, routed_adapters
-from .moe import MoE, MoEStats
+from moeyard.models.config import ModelConfig
+from moeyard.models.moe.experts import GroupedExperts
+from moeyard.models.layers import Attention, RMSNorm, SwiGLU, rope_tables
+from moeyard.models.peft.adapters import add_routed_adapters, routed_adapters
+from moeyard.models.moe.layer import MoE, MoEStats
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ if str(TESTS) not in sys.path:
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """A prepared corpus from one stdlib package (json + email: ~0.5 MB), shared by the session."""
-    from moeyard.trainer.data import prepare_corpus, stdlib_dir
+    from moeyard.trainer.data.tokens import prepare_corpus, stdlib_dir
 
     src = tmp_path_factory.mktemp("corpus_src")
     for package in ("json", "email"):

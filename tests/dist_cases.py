@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from moeyard.models import GroupedExperts
-from moeyard.models.moe import LocalExchange
-from moeyard.models.permutation import expert_capacity, permute, plan_permutation, unpermute
+from moeyard.models.moe.layer import LocalExchange
+from moeyard.models.moe.permutation import expert_capacity, permute, plan_permutation, unpermute
 from moeyard.parallel import ExpertParallelExchange, build_mesh
 
 E, D, F, T, K = 8, 16, 24, 48, 2
@@ -110,7 +110,7 @@ def step_gradients_match_single_process(rank: int, world: int, ep: int, micro_ba
 
     from moeyard.models import ModelConfig, MoEConfig, Transformer
     from moeyard.parallel import apply_expert_parallel, split_parameters
-    from moeyard.parallel.grad_sync import PlainSync
+    from moeyard.parallel.grads.sync import PlainSync
     from moeyard.trainer.step import train_step
 
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
@@ -236,9 +236,9 @@ def sync_strategies_agree(rank: int, world: int, ep: int, steps: int) -> dict:
     the same parameters and AdamW state after `steps` steps (2 accumulated micro-steps each)."""
     from moeyard.models import ModelConfig, MoEConfig, Transformer
     from moeyard.parallel import apply_expert_parallel, split_parameters
-    from moeyard.parallel.buckets import BucketedReducer, backward_order, buckets_by_bytes
-    from moeyard.parallel.grad_sync import OverlappedSync, PlainSync, ShardedSync
-    from moeyard.parallel.zero import ShardedAdamW
+    from moeyard.parallel.grads.buckets import BucketedReducer, backward_order, buckets_by_bytes
+    from moeyard.parallel.grads.sync import OverlappedSync, PlainSync, ShardedSync
+    from moeyard.parallel.grads.zero import ShardedAdamW
     from moeyard.trainer.step import train_step
 
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
@@ -306,8 +306,8 @@ def profile_and_cache(rank: int, world: int, cache_dir: str) -> dict:
     from pathlib import Path
 
     from moeyard.models import ModelConfig, MoEConfig
-    from moeyard.parallel.cost_model import workload_for
-    from moeyard.parallel.profiler import load_or_measure
+    from moeyard.parallel.scheduler.cost_model import workload_for
+    from moeyard.parallel.scheduler.profiler import load_or_measure
 
     cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
                       moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=64))
@@ -356,7 +356,7 @@ def nonfinite_step_is_skipped(rank: int, world: int) -> dict:
     """A NaN gradient on one rank: every rank skips the update (parameters and AdamW state unchanged)."""
     from moeyard.models import ModelConfig, MoEConfig, Transformer
     from moeyard.parallel import apply_expert_parallel, split_parameters
-    from moeyard.parallel.grad_sync import PlainSync
+    from moeyard.parallel.grads.sync import PlainSync
     from moeyard.trainer.step import train_step
 
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
@@ -393,9 +393,9 @@ def sigmoid_bias_balances(rank: int, world: int, corpus: str, steps: int, rate: 
     from moeyard import configs
     from moeyard.models import Transformer
     from moeyard.parallel import apply_expert_parallel, split_parameters
-    from moeyard.parallel.grad_sync import PlainSync
+    from moeyard.parallel.grads.sync import PlainSync
     from moeyard.trainer.config import load_config
-    from moeyard.trainer.data import read_meta
+    from moeyard.trainer.data.tokens import read_meta
     from moeyard.trainer.metrics import load_summary
     from moeyard.trainer.step import train_step
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from moeyard.models import Transformer
-from moeyard.trainer.checkpoint import load_full_model
+from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.config import Config, load_config
 
 # A model small enough for 4 CPU processes on 2 cores, with every MoE feature switched on.

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import torch
 
-from moeyard.trainer.sft_batches import SFTBatches, _tensors
-from moeyard.trainer.sft_data import ByteChatTemplate, to_rows
+from moeyard.trainer.data.sft_batches import SFTBatches, _tensors
+from moeyard.trainer.data.sft import ByteChatTemplate, to_rows
 
 
 def random_conversations(n: int, seed: int) -> list[list[dict]]:
@@ -30,7 +30,7 @@ def sft_step_matches_reference(rank: int, world: int, ep: int, layout: str) -> d
 
     from moeyard.models import ModelConfig, MoEConfig, Transformer
     from moeyard.parallel import apply_expert_parallel, build_mesh, split_parameters
-    from moeyard.parallel.grad_sync import PlainSync
+    from moeyard.parallel.grads.sync import PlainSync
     from moeyard.trainer.step import train_step
 
     seq_len, global_batch = 32, 4 * world

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moeyard.models import Transformer
-from moeyard.trainer.checkpoint import load_full_model
+from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.config import load_config
 from runs import moeyard_train, read_metrics
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from moeyard.trainer.checkpoint_store import CheckpointError, CheckpointStore, sha256, verify
+from moeyard.trainer.checkpoint.store import CheckpointError, CheckpointStore, sha256, verify
 
 
 def make(root, step: int, payload: bytes = b"weights") -> None:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from moeyard.trainer.data import DataError, TokenBatches, prepare_corpus, read_meta
-from moeyard.trainer.tokenizer import ByteTokenizer
+from moeyard.trainer.data.tokens import DataError, TokenBatches, prepare_corpus, read_meta
+from moeyard.trainer.data.tokenizer import ByteTokenizer
 
 
 def test_prepare_is_byte_exact(tmp_path) -> None:
@@ -94,7 +94,7 @@ def test_prepare_never_clobbers_a_foreign_folder(tmp_path) -> None:
 
 
 def test_a_data_dir_without_corpus_is_only_filled_from_an_explicit_source(tmp_path) -> None:
-    from moeyard.trainer.data import ensure_corpus
+    from moeyard.trainer.data.tokens import ensure_corpus
 
     with pytest.raises(DataError, match="holds no prepared corpus"):
         ensure_corpus(None, str(tmp_path / "typo"), "*.py")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from runs import moeyard_train, read_metrics, write_config
 
-from moeyard.trainer.checkpoint_store import CheckpointStore, verify
+from moeyard.trainer.checkpoint.store import CheckpointStore, verify
 
 
 def start(config: Path, run_dir: Path, nproc: int, *overrides: str, restarts: int = 0) -> subprocess.Popen:

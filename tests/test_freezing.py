@@ -11,9 +11,9 @@ import torch.distributed.checkpoint as dcp
 
 from moeyard.models import ConfigError
 from moeyard.trainer.config import load_config
-from moeyard.parallel.cost_model import predict, workload_for
-from moeyard.parallel.hardware import Hardware, HardwareCosts
-from moeyard.parallel.planner import reference_plan, search
+from moeyard.parallel.scheduler.cost_model import predict, workload_for
+from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
+from moeyard.parallel.scheduler.planner import reference_plan, search
 from moeyard.trainer.freezing import frozen_names, frozen_set
 from runs import final_parameters, initial_parameters, moeyard_train, read_metrics, run_moeyard_train, write_config
 

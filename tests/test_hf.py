@@ -18,9 +18,9 @@ pytest.importorskip("transformers")
 
 from moeyard.launch.cli import main  # noqa: E402
 from moeyard.models import ConfigError, Transformer  # noqa: E402
-from moeyard.trainer.checkpoint import load_full_model  # noqa: E402
+from moeyard.trainer.checkpoint.sharded import load_full_model  # noqa: E402
 from moeyard.trainer.config import build_config  # noqa: E402
-from moeyard.trainer.weights_checkpoint import init_model_config  # noqa: E402
+from moeyard.trainer.checkpoint.weights import init_model_config  # noqa: E402
 
 TOKENS = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(1))
 
@@ -52,7 +52,7 @@ def test_from_hf_matches_transformers_at_ep1_and_ep2_and_round_trips(family: str
 def test_native_model_exports_to_qwen2_moe(tmp_path: Path) -> None:
     """moeyard's own layout (a dense first layer, no shared expert, no biases) has an exact HF twin."""
     from moeyard.models import ModelConfig, MoEConfig
-    from moeyard.trainer.weights_checkpoint import write_weights_checkpoint
+    from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
 
     cfg = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32,
                       moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=16, first_dense_layers=1))
@@ -86,7 +86,7 @@ def test_unsupported_hf_configs_are_refused_by_key(tmp_path: Path, capsys) -> No
 
 def test_export_refuses_routers_hf_does_not_have() -> None:
     from moeyard.models import ModelConfig, MoEConfig
-    from moeyard.trainer.hf_config import export_family
+    from moeyard.trainer.tools.hf_config import export_family
 
     with pytest.raises(ConfigError, match="sigmoid_bias"):
         export_family(ModelConfig(moe=MoEConfig(router="sigmoid_bias")))

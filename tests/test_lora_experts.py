@@ -13,8 +13,8 @@ import torch.distributed.checkpoint as dcp
 
 from moeyard.models import ConfigError, ModelConfig, MoEConfig, Transformer
 from moeyard.models.config import PEFTConfig
-from moeyard.trainer.checkpoint_store import CheckpointError, content_hash, read_manifest
-from moeyard.trainer.weights_checkpoint import resolve_init
+from moeyard.trainer.checkpoint.store import CheckpointError, content_hash, read_manifest
+from moeyard.trainer.checkpoint.weights import resolve_init
 from runs import final_parameters, initial_parameters, moeyard_train, read_metrics, write_config
 
 BASE = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,

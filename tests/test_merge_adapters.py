@@ -11,9 +11,9 @@ import torch
 from moeyard.launch.cli import main
 from moeyard.models import ModelConfig, MoEConfig, Transformer
 from moeyard.models.config import PEFTConfig
-from moeyard.trainer.checkpoint import load_full_model, persistent_buffers
-from moeyard.trainer.checkpoint_store import read_manifest
-from moeyard.trainer.weights_checkpoint import write_weights_checkpoint
+from moeyard.trainer.checkpoint.sharded import load_full_model, persistent_buffers
+from moeyard.trainer.checkpoint.store import read_manifest
+from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
 
 BASE = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
                    tie_embeddings=True, moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32, first_dense_layers=1,

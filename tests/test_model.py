@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 
 from moeyard.models import ConfigError, GroupedExperts, ModelConfig, MoE, MoEConfig, Transformer
-from moeyard.models.expert_loop import swiglu_fused_loop
-from moeyard.models.experts import swiglu_grouped_mm, swiglu_loop
-from moeyard.models.router import load_balance_loss, router_z_loss
-from moeyard.models.routers import TopKRouter
+from moeyard.models.moe.expert_loop import swiglu_fused_loop
+from moeyard.models.moe.experts import swiglu_grouped_mm, swiglu_loop
+from moeyard.models.moe.router import load_balance_loss, router_z_loss
+from moeyard.models.moe.routers import TopKRouter
 from moeyard.trainer.step import skip_counts
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from moeyard.models.permutation import expert_capacity, permute, plan_permutation, unpermute
+from moeyard.models.moe.permutation import expert_capacity, permute, plan_permutation, unpermute
 
 
 def test_copies_are_grouped_by_expert_choice_major() -> None:

@@ -9,13 +9,13 @@ import pytest
 import yaml
 
 from moeyard.models import ConfigError
-from moeyard.trainer.checkpoint_store import read_manifest
+from moeyard.trainer.checkpoint.store import read_manifest
 from moeyard.trainer.config import load_config
 from moeyard.models import Transformer
-from moeyard.trainer.checkpoint import load_full_model
+from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.config import build_config
-from moeyard.trainer.data import TokenBatches
-from moeyard.trainer.prune import mean_loss, prune
+from moeyard.trainer.data.tokens import TokenBatches
+from moeyard.trainer.tools.prune import mean_loss, prune
 from runs import moeyard_train, read_metrics, write_config
 
 

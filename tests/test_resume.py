@@ -101,7 +101,7 @@ def test_nonfinite_stop_saves_the_last_good_state_and_says_why(tmp_path, small_c
     metrics = read_metrics(run)
     bad = metrics[-1]
     assert bad["skipped_steps"] == 1
-    from moeyard.trainer.checkpoint_store import CheckpointStore, verify
+    from moeyard.trainer.checkpoint.store import CheckpointStore, verify
 
     newest = CheckpointStore(run / "checkpoints").newest_intact().path
     assert verify(newest)["step"] == bad["step"] - 1

@@ -9,9 +9,9 @@ import torch
 
 from moeyard.models import MoEConfig
 from moeyard.models.config import ConfigError
-from moeyard.models.moe import MoE
-from moeyard.models.router import router_entropy, sequence_balance_loss
-from moeyard.models.routers import DenseToSparseRouter, ExpertChoiceRouter, SigmoidBiasRouter, TopKRouter
+from moeyard.models.moe.layer import MoE
+from moeyard.models.moe.router import router_entropy, sequence_balance_loss
+from moeyard.models.moe.routers import DenseToSparseRouter, ExpertChoiceRouter, SigmoidBiasRouter, TopKRouter
 
 ROUTERS = ["topk_softmax", "switch", "expert_choice", "sigmoid_bias", "dense_to_sparse"]
 

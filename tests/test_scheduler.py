@@ -9,10 +9,10 @@ import pytest
 
 from moeyard import configs
 from moeyard.models import ModelConfig, MoEConfig
-from moeyard.parallel.cost_model import build_step, predict, workload_for
-from moeyard.parallel.plan import Plan
-from moeyard.parallel.planner import reference_plan, search
-from moeyard.parallel.simulator import Schedule
+from moeyard.parallel.scheduler.cost_model import build_step, predict, workload_for
+from moeyard.parallel.scheduler.plan import Plan
+from moeyard.parallel.scheduler.planner import reference_plan, search
+from moeyard.parallel.scheduler.simulator import Schedule
 
 
 def test_serial_chain_exposes_all_communication() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeyard.trainer.data import DataError
-from moeyard.trainer.sft_data import ByteChatTemplate, Example, read_conversations, split_heldout, target_mask, to_rows
+from moeyard.trainer.data.tokens import DataError
+from moeyard.trainer.data.sft import ByteChatTemplate, Example, read_conversations, split_heldout, target_mask, to_rows
 
 T = ByteChatTemplate
 
@@ -132,7 +132,7 @@ def test_hf_chat_template_learns_exactly_the_assistant_turns(tmp_path) -> None:
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
-    from moeyard.trainer.sft_data import HFChatTemplate
+    from moeyard.trainer.data.sft import HFChatTemplate
 
     folder = _chatml_tokenizer(tmp_path / "tok")
     template = HFChatTemplate(folder)

@@ -19,7 +19,7 @@ import yaml
 from moeyard.models import ConfigError, ModelConfig
 from moeyard.models.config import require
 
-from .freezing import frozen_set
+from moeyard.trainer.freezing import frozen_set
 
 
 @dataclass(kw_only=True)
@@ -118,7 +118,7 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class SFTConfig:
-    """Instruction tuning (trainer/sft_data.py): replaces the pretraining corpus of `data`."""
+    """Instruction tuning (trainer/data/sft.py): replaces the pretraining corpus of `data`."""
 
     data: Optional[str] = None
     """A JSONL file of {"messages": [...]} or {"prompt", "completion"} lines, or `python-stdlib-defs` (the
@@ -346,7 +346,7 @@ def check_vocab(cfg: Config, corpus_meta: dict) -> None:
 
 def _resume_source(tree: dict[str, Any]) -> Optional[Path]:
     """The checkpoint a run with this config tree would resume from, if any (not verified here)."""
-    from .checkpoint_store import CheckpointStore
+    from moeyard.trainer.checkpoint.store import CheckpointStore
 
     resume = (tree.get("checkpoint") or {}).get("resume", "auto")
     if resume == "none":
@@ -374,7 +374,7 @@ def load_config(path: Optional[str | Path], overrides: tuple[str, ...] | list[st
         _apply_override(tree, assignment)
     init = (tree.get("checkpoint") or {}).get("init")
     if init:
-        from .weights_checkpoint import init_model_config, merge_model_config, resolve_init
+        from moeyard.trainer.checkpoint.weights import init_model_config, merge_model_config, resolve_init
 
         path = resolve_init(Path(init))
         tree.setdefault("checkpoint", {})["init"] = str(path)

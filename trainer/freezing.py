@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moeyard.models import ConfigError, ModelConfig, Transformer
-from moeyard.models.lora_experts import ADAPTER_PATTERN, is_adapter_parameter
+from moeyard.models.peft.adapters import ADAPTER_PATTERN, is_adapter_parameter
 
 
 def _matches(name: str, patterns: list[str]) -> bool:

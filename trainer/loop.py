@@ -17,17 +17,17 @@ import torch.distributed as dist
 from moeyard.models import Transformer
 from moeyard.parallel import apply_expert_parallel, build_mesh, split_parameters
 
-from .checkpoint import Checkpointer, config_hash
-from .config import Config, check_vocab, dump_yaml, validate_for_world
-from .data import DataError, TokenBatches, read_meta
-from .freezing import freeze
-from .metrics import MetricsLogger, step_record
-from .optim import lr_at
-from .precision import resolve_dtype
-from .schedule import apply_plan_chunks, build_grad_sync, plan_for
-from .checkpoint_store import CheckpointError
-from .sft_batches import SFTBatches, SFTData, heldout_share
-from .step import heldout_loss, train_step
+from moeyard.trainer.checkpoint.sharded import Checkpointer, config_hash
+from moeyard.trainer.config import Config, check_vocab, dump_yaml, validate_for_world
+from moeyard.trainer.data.tokens import DataError, TokenBatches, read_meta
+from moeyard.trainer.freezing import freeze
+from moeyard.trainer.metrics import MetricsLogger, step_record
+from moeyard.trainer.optim import lr_at
+from moeyard.trainer.precision import resolve_dtype
+from moeyard.trainer.schedule import apply_plan_chunks, build_grad_sync, plan_for
+from moeyard.trainer.checkpoint.store import CheckpointError
+from moeyard.trainer.data.sft_batches import SFTBatches, SFTData, heldout_share
+from moeyard.trainer.step import heldout_loss, train_step
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PREEMPTED = "PREEMPTED"

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-from .step import StepResult
+from moeyard.trainer.step import StepResult
 
 
 def load_summary(counts: list[int]) -> dict[str, float]:

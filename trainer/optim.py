@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from .config import OptimConfig
+from moeyard.trainer.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

@@ -8,20 +8,20 @@ from torch import nn
 
 from moeyard.models import Transformer
 from moeyard.parallel import ParallelMesh, ParamGroups
-from moeyard.parallel.buckets import BucketedReducer, backward_order, buckets_by_bytes
-from moeyard.parallel.grad_sync import GradSync, OverlappedSync, PlainSync, ShardedSync
-from moeyard.parallel.plan import Plan
-from moeyard.parallel.cost_model import Costs, Workload, predict, workload_for
-from moeyard.parallel.hardware import Hardware, HardwareCosts
-from moeyard.parallel.planner import search, with_prediction
-from moeyard.parallel.profiler import MeasuredCosts, load_or_measure
-from moeyard.parallel.zero import ShardedAdamW
+from moeyard.parallel.grads.buckets import BucketedReducer, backward_order, buckets_by_bytes
+from moeyard.parallel.grads.sync import GradSync, OverlappedSync, PlainSync, ShardedSync
+from moeyard.parallel.scheduler.plan import Plan
+from moeyard.parallel.scheduler.cost_model import Costs, Workload, predict, workload_for
+from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
+from moeyard.parallel.scheduler.planner import search, with_prediction
+from moeyard.parallel.scheduler.profiler import MeasuredCosts, load_or_measure
+from moeyard.parallel.grads.zero import ShardedAdamW
 
-from .config import Config
-from .data import default_cache_root
-from .freezing import frozen_set
-from .optim import build_optimizer
-from .precision import resolve_dtype
+from moeyard.trainer.config import Config
+from moeyard.trainer.data.tokens import default_cache_root
+from moeyard.trainer.freezing import frozen_set
+from moeyard.trainer.optim import build_optimizer
+from moeyard.trainer.precision import resolve_dtype
 
 
 def fixed_plan(cfg: Config, model: Transformer, groups: ParamGroups) -> Plan:

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moeyard.models import Transformer
-from moeyard.models.lora_experts import routed_adapters
+from moeyard.models.peft.adapters import routed_adapters
 from moeyard.parallel import ParallelMesh
-from moeyard.parallel.grad_sync import GradSync
+from moeyard.parallel.grads.sync import GradSync
 
-from .sft_batches import SFTBatch
+from moeyard.trainer.data.sft_batches import SFTBatch
 
 
 @dataclass(frozen=True)

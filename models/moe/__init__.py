@@ -1,0 +1,1 @@
+"""The MoE layer as a local computation: routers, token permutation, stacked experts."""

@@ -1,0 +1,143 @@
+"""The MoE layer as a local computation: route, permute, run experts, unpermute.
+
+Where the experts live is not this module's business: it hands the permuted
+rows to `self.exchange`, which by default runs the local experts in place.
+`moeyard.parallel.apply_expert_parallel` swaps in an exchange that sends rows
+to the ranks owning their experts (all-to-all) and brings the results back.
+
+Shape legend: B batch, T sequence, N = B*T tokens, D model dim, E experts,
+S kept token copies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from moeyard.models.config import MoEConfig
+from moeyard.models.moe.experts import GroupedExperts
+from moeyard.models.layers import SwiGLU
+from moeyard.models.moe.permutation import expert_capacity, permute, plan_permutation, unpermute
+from moeyard.models.moe.router import Routing, load_balance_loss, router_entropy, router_z_loss, sequence_balance_loss
+from moeyard.models.moe.routers import build_router
+
+
+class TokenExchange(Protocol):
+    """Moves expert-sorted rows to their experts and back; owns every collective of the layer."""
+
+    def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, experts: GroupedExperts) -> Tensor:
+        """Expert outputs for rows grouped by (global) expert, in the same order."""
+        ...
+
+    def sum_over_batch(self, counts: Tensor) -> Tensor:
+        """Sum of `counts` over every rank that holds part of the batch."""
+        ...
+
+
+class LocalExchange:
+    """Single process: all experts are here, the batch is all here."""
+
+    def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, experts: GroupedExperts) -> Tensor:
+        # The counts stay a tensor: the grouped GEMM reads them on the device (no host sync), the CPU loop
+        # reads them on the host.
+        return experts(x_SD, tokens_per_expert_E)
+
+    def sum_over_batch(self, counts: Tensor) -> Tensor:
+        return counts
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    """What one MoE layer reports for a micro-batch; load numbers cover the global batch."""
+
+    tokens_per_expert_E: Tensor
+    """Token copies the router sent to each expert, summed over all ranks (int64)."""
+    dropped: Tensor
+    """Copies dropped for capacity, summed over all ranks (int64)."""
+    unrouted: Tensor
+    """Tokens that reached no routed expert (all copies dropped, or no expert chose them), all ranks."""
+    skipped: Tensor
+    """Copies left out by expert skipping at evaluation (model.moe.skip_threshold), all ranks."""
+    aux_loss: Tensor
+    """Unweighted load-balancing loss (1.0 is balanced); has a gradient."""
+    z_loss: Tensor
+    """Unweighted router z-loss; has a gradient."""
+    entropy: Tensor
+    """Mean entropy of the router's distribution over experts, this rank's tokens (no gradient)."""
+
+
+class MoE(nn.Module):
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = build_router(dim, cfg)
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.ffn_dim, cfg.expert_compute,
+                                      recompute=cfg.recompute_experts)
+        self.shared_experts: Optional[SwiGLU] = (
+            SwiGLU(dim, cfg.shared_hidden_dim) if cfg.num_shared_experts > 0 else None
+        )
+        self.shared_gate: Optional[nn.Linear] = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
+        self.exchange: TokenExchange = LocalExchange()
+
+    def forward(self, x_BTD: Tensor) -> tuple[Tensor, MoEStats]:
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        routing = self.router(x_BTD)
+        perm = routing.permutation
+        skipped = torch.zeros((), dtype=torch.int64, device=x_ND.device)
+        if perm is None:
+            capacity = None
+            if self.cfg.capacity_factor is not None:
+                k = routing.expert_index_TK.shape[1]  # dense_to_sparse changes k during its schedule
+                capacity = expert_capacity(x_ND.shape[0], k, self.cfg.num_experts, self.cfg.capacity_factor)
+            skip_TK = self._skipped_copies(routing.weight)
+            perm = plan_permutation(routing.expert_index_TK, self.cfg.num_experts, capacity, skip_TK)
+            if skip_TK is not None:
+                skipped = skip_TK.sum()
+
+        # One small collective: global routed counts (for the aux loss and metrics), drops, unrouted tokens.
+        reached = torch.zeros(perm.num_tokens, dtype=torch.bool, device=x_ND.device)
+        unrouted = perm.num_tokens - reached.index_fill_(0, perm.token_index_S, True).sum()
+        load = self.exchange.sum_over_batch(torch.cat([perm.routed_per_expert_E, perm.dropped.view(1),
+                                                       unrouted.view(1), skipped.view(1)]))
+        global_routed_E, global_dropped, global_unrouted, global_skipped = load[:-3], load[-3], load[-2], load[-1]
+
+        x_rows_ND = x_ND
+        if torch.is_autocast_enabled(x_ND.device.type):
+            # Send rows in the compute dtype: half the all-to-all bytes of float32.
+            x_rows_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
+        y_SD = self.exchange.run_experts(permute(x_rows_ND, perm), perm.tokens_per_expert_E, self.experts)
+        y_ND = unpermute(y_SD, perm, routing.weight).to(x_ND.dtype)
+        if self.shared_experts is not None:
+            shared_ND = self.shared_experts(x_ND)
+            if self.shared_gate is not None:
+                shared_ND = torch.sigmoid(self.shared_gate(x_ND)) * shared_ND
+            y_ND = y_ND + shared_ND
+        stats = MoEStats(
+            tokens_per_expert_E=global_routed_E,
+            dropped=global_dropped,
+            unrouted=global_unrouted,
+            skipped=global_skipped,
+            aux_loss=self._balance_loss(routing, global_routed_E, x_BTD.shape[:2]),
+            z_loss=router_z_loss(routing.logits_TE),
+            entropy=router_entropy(routing.probs_TE),
+        )
+        return y_ND.view_as(x_BTD), stats
+
+    def _skipped_copies(self, weight_TK: Tensor) -> Optional[Tensor]:
+        """Expert skipping at evaluation: a token's second (and later) choices whose routing weight is below
+        model.moe.skip_threshold; the other weights stay as they are. None while training or when off."""
+        if self.training or self.cfg.skip_threshold <= 0 or weight_TK.shape[1] < 2:
+            return None
+        skip_TK = weight_TK < self.cfg.skip_threshold
+        skip_TK[:, 0] = False  # never a token's first choice
+        return skip_TK
+
+    def _balance_loss(self, routing: Routing, global_routed_E: Tensor, batch_shape: torch.Size) -> Tensor:
+        if routing.aux_loss is not None:
+            return routing.aux_loss
+        if self.cfg.balance_loss == "sequence":
+            B, S = batch_shape
+            return sequence_balance_loss(routing.probs_TE.view(B, S, -1), routing.expert_index_TK.view(B, S, -1))
+        return load_balance_loss(routing.probs_TE, global_routed_E)

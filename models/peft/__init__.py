@@ -1,0 +1,1 @@
+"""Parameter-efficient tuning: (routed) low-rank adapters on chosen linear maps."""

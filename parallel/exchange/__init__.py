@@ -1,0 +1,1 @@
+"""Token exchange for expert parallelism: dispatch/combine all-to-all and the pipelined executor."""

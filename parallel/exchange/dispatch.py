@@ -1,0 +1,107 @@
+"""Token exchange for expert parallelism: counts, all-to-all, local regrouping.
+
+Rows arrive here already grouped by global expert (see models.permutation).
+Experts are laid out contiguously: ep rank r owns experts [r*L, (r+1)*L) with
+L = E / ep, so the rows for rank r form one contiguous block.
+
+Stages, each a function: `plan_exchange` (exchange counts, one collective and a
+host sync), `all_to_all` (rows out, autograd-aware), `local_expert_order`
+(received rows are ordered by source rank; experts want them by expert), and the
+reverse trip; `overlap.pipelined_experts` runs the same stages in overlapped chunks. `ExpertParallelExchange` composes them for the MoE layer.
+
+Shape legend: S rows sent, R rows received, D model dim, E global experts,
+L local experts, P ranks in the ep group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moeyard.models import GroupedExperts
+from moeyard.models.moe.layer import LocalExchange
+
+from moeyard.parallel.exchange.overlap import pipelined_experts
+from moeyard.parallel.exchange.regroup import local_expert_order
+
+
+@dataclass(frozen=True)
+class ExchangeLayout:
+    """Split sizes of one all-to-all and how received rows map to local experts."""
+
+    send_splits: list[int]
+    """Rows sent to each rank of the ep group."""
+    recv_splits: list[int]
+    """Rows received from each rank of the ep group."""
+    recv_counts_PL: Tensor
+    """recv_counts_PL[p, l]: rows from rank p for local expert l."""
+
+    @property
+    def rows_per_local_expert(self) -> list[int]:
+        return self.recv_counts_PL.sum(dim=0).tolist()
+
+
+def plan_exchange(tokens_per_expert_E: Tensor, group: dist.ProcessGroup) -> ExchangeLayout:
+    """Exchange per-expert row counts with the ep group (collective; syncs with the host)."""
+    world = dist.get_world_size(group)
+    recv_counts = torch.empty_like(tokens_per_expert_E)
+    dist.all_to_all_single(recv_counts, tokens_per_expert_E.contiguous(), group=group)
+    send_PL = tokens_per_expert_E.view(world, -1)
+    recv_counts_PL = recv_counts.view(world, -1)
+    return ExchangeLayout(
+        send_splits=send_PL.sum(dim=1).tolist(),
+        recv_splits=recv_counts_PL.sum(dim=1).tolist(),
+        recv_counts_PL=recv_counts_PL,
+    )
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; the backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, recv_splits: list[int], send_splits: list[int],
+                group: dist.ProcessGroup) -> Tensor:
+        ctx.recv_splits, ctx.send_splits, ctx.group = recv_splits, send_splits, group
+        out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_in = grad_out.new_empty((sum(ctx.send_splits),) + tuple(grad_out.shape[1:]))
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x: Tensor, recv_splits: list[int], send_splits: list[int], group: dist.ProcessGroup) -> Tensor:
+    return _AllToAll.apply(x, recv_splits, send_splits, group)
+
+
+class ExpertParallelExchange:
+    """Runs a layer's experts across the ep group; installed by `apply_expert_parallel`."""
+
+    def __init__(self, ep_group: dist.ProcessGroup, batch_group: dist.ProcessGroup, chunks: int = 1) -> None:
+        self.ep_group = ep_group
+        self.batch_group = batch_group
+        self.ep = dist.get_world_size(ep_group)
+        self.chunks = chunks
+        """Pipeline degree r from the plan; 1 is the plain reference path."""
+
+    def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, experts: GroupedExperts) -> Tensor:
+        if self.ep == 1:
+            return LocalExchange().run_experts(x_SD, tokens_per_expert_E, experts)
+        if self.chunks > 1:
+            return pipelined_experts(x_SD, tokens_per_expert_E, self.chunks, self.ep_group, experts.forward_with,
+                                     experts.weights)
+        layout = plan_exchange(tokens_per_expert_E, self.ep_group)
+        x_RD = all_to_all(x_SD, layout.recv_splits, layout.send_splits, self.ep_group)
+        # Received rows are grouped by source rank; the experts regroup them by expert as they go.
+        y_RD = experts(x_RD, layout.rows_per_local_expert, order=local_expert_order(layout.recv_counts_PL))
+        return all_to_all(y_RD, layout.send_splits, layout.recv_splits, self.ep_group)
+
+    def sum_over_batch(self, counts: Tensor) -> Tensor:
+        total = counts.clone()
+        dist.all_reduce(total, group=self.batch_group)
+        return total

@@ -1,0 +1,168 @@
+"""Pipelined expert execution: all-to-all of one chunk overlaps expert compute of another.
+
+The rows of every expert are cut into `r` near-equal parts; chunk c holds part c
+of every expert. For each chunk the executor dispatches (all-to-all), computes
+the local experts and combines (reverse all-to-all), with the collectives
+launched asynchronously so that, at step c, the dispatch of chunk c+1 and the
+combine of chunk c-1 travel while chunk c computes. Backward runs the same
+pipeline in reverse order of data flow: gradients of chunk c+1 travel to the
+experts while chunk c's expert backward runs, and input gradients of chunk c-1
+travel home.
+
+Expert rows are independent, so the result equals the unchunked path up to
+float rounding of the weight-gradient sums.
+
+On GPU, NCCL runs async collectives on its own stream; `work.wait()` makes the
+compute stream wait on it with an event, and the process group records the
+tensors on its stream, so no extra stream handling is needed here.
+
+Shape legend: S rows sent (grouped by global expert), R rows received,
+D model dim, E global experts, L local experts, P ranks in the ep group, C chunks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moeyard.parallel.exchange.regroup import inverse_permutation, local_expert_order
+
+
+@dataclass(frozen=True)
+class ChunkSchedule:
+    """Where each chunk's rows sit, and the split sizes of its two all-to-alls."""
+
+    send_index: list[Tensor]
+    """Per chunk: positions in the expert-grouped rows, grouped by expert."""
+    send_splits: list[list[int]]
+    recv_splits: list[list[int]]
+    recv_order: list[Tensor]
+    """Per chunk: permutation from (source rank, expert) to (expert, source rank) order."""
+    rows_per_local_expert: list[list[int]]
+
+    @property
+    def chunks(self) -> int:
+        return len(self.send_index)
+
+
+def plan_chunks(tokens_per_expert_E: Tensor, chunks: int, group: dist.ProcessGroup) -> ChunkSchedule:
+    """Cut each expert's rows into `chunks` parts and exchange the per-chunk counts (one collective)."""
+    P = dist.get_world_size(group)
+    E = tokens_per_expert_E.numel()
+    device = tokens_per_expert_E.device
+    expert_of_row_S = torch.repeat_interleave(torch.arange(E, device=device), tokens_per_expert_E)
+    first_row_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
+    position_S = torch.arange(expert_of_row_S.numel(), device=device) - first_row_E[expert_of_row_S]
+    # Part c of an expert with n rows is rows [c*n/C, (c+1)*n/C): sizes differ by at most one.
+    chunk_of_row_S = torch.div(position_S * chunks, tokens_per_expert_E[expert_of_row_S], rounding_mode="floor")
+    counts_CE = torch.zeros(chunks, E, dtype=torch.int64, device=device)
+    counts_CE.index_put_((chunk_of_row_S, expert_of_row_S), torch.ones_like(position_S), accumulate=True)
+
+    send_PCL = counts_CE.view(chunks, P, E // P).transpose(0, 1).contiguous()
+    recv_PCL = torch.empty_like(send_PCL)
+    dist.all_to_all_single(recv_PCL, send_PCL, group=group)
+    order = torch.sort(chunk_of_row_S, stable=True).indices  # chunk-major, expert-grouped within a chunk
+    send_host, recv_host = send_PCL.cpu(), recv_PCL.cpu()  # one host sync for every split size below
+    return ChunkSchedule(
+        send_index=list(order.split(send_host.sum(dim=(0, 2)).tolist())),
+        send_splits=send_host.sum(dim=2).t().tolist(),
+        recv_splits=recv_host.sum(dim=2).t().tolist(),
+        recv_order=[local_expert_order(recv_PCL[:, c]) for c in range(chunks)],
+        rows_per_local_expert=[recv_host[:, c].sum(dim=0).tolist() for c in range(chunks)],
+    )
+
+
+def _launch(out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int],
+            group: dist.ProcessGroup) -> dist.Work:
+    return dist.all_to_all_single(out, inp.contiguous(), out_splits, in_splits, group=group, async_op=True)
+
+
+ExpertFn = Callable[..., Tensor]
+
+
+class _PipelinedExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_SD: Tensor, schedule: ChunkSchedule, group: dist.ProcessGroup, expert_fn: ExpertFn,
+                build_graph: bool, *weights: Tensor) -> Tensor:
+        C = schedule.chunks
+        device = x_SD.device.type
+        # Cast once for all chunks (under autocast the experts run in its dtype): one compute-dtype copy of
+        # the weights is saved, not one per chunk. Gradients are summed over chunks in float32.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        weight_leaves = [w.detach().to(dtype or w.dtype).requires_grad_(w.requires_grad) for w in weights]
+        recv = [x_SD.new_empty(sum(schedule.recv_splits[c]), x_SD.shape[1]) for c in range(C)]
+        sent = [x_SD.index_select(0, schedule.send_index[c]) for c in range(C)]
+        back = [x_SD.new_empty(sent[c].shape) for c in range(C)]
+        dispatch = [_launch(recv[0], sent[0], schedule.recv_splits[0], schedule.send_splits[0], group)]
+        combine = []
+        graphs = []
+        for c in range(C):
+            dispatch[c].wait()
+            if c + 1 < C:  # travels while chunk c computes
+                dispatch.append(_launch(recv[c + 1], sent[c + 1], schedule.recv_splits[c + 1],
+                                        schedule.send_splits[c + 1], group))
+            x_in = recv[c].index_select(0, schedule.recv_order[c]).detach().requires_grad_(x_SD.requires_grad)
+            with torch.set_grad_enabled(build_graph):  # no per-chunk graphs under no_grad (evaluation)
+                y_in = expert_fn(x_in, schedule.rows_per_local_expert[c], *weight_leaves)
+            graphs.append((x_in, y_in))
+            y_recv = y_in.detach().index_select(0, inverse_permutation(schedule.recv_order[c]))
+            back[c] = back[c].to(y_recv.dtype)
+            combine.append(_launch(back[c], y_recv, schedule.send_splits[c], schedule.recv_splits[c], group))
+        y_SD = x_SD.new_empty(x_SD.shape[0], back[0].shape[1], dtype=back[0].dtype)
+        for c in range(C):
+            combine[c].wait()
+            y_SD[schedule.send_index[c]] = back[c]
+        ctx.schedule, ctx.group, ctx.graphs, ctx.weight_leaves = schedule, group, graphs, weight_leaves
+        ctx.x_shape, ctx.x_dtype = x_SD.shape, x_SD.dtype
+        ctx.weight_dtypes = [w.dtype for w in weights]
+        return y_SD
+
+    @staticmethod
+    def backward(ctx, grad_y_SD: Tensor):
+        schedule, group = ctx.schedule, ctx.group
+        C = schedule.chunks
+        grad_y_SD = grad_y_SD.contiguous()
+        sent = [grad_y_SD.index_select(0, schedule.send_index[c]) for c in range(C)]
+        recv = [grad_y_SD.new_empty(sum(schedule.recv_splits[c]), grad_y_SD.shape[1]) for c in range(C)]
+        dispatch = [_launch(recv[0], sent[0], schedule.recv_splits[0], schedule.send_splits[0], group)]
+        home, returns = [], []
+        grad_weights: list[Tensor | None] = [None] * len(ctx.weight_leaves)
+        wanted = [w for w in ctx.weight_leaves if w.requires_grad]
+        for c in range(C):
+            dispatch[c].wait()
+            if c + 1 < C:  # gradients of the next chunk travel while chunk c runs its expert backward
+                dispatch.append(_launch(recv[c + 1], sent[c + 1], schedule.recv_splits[c + 1],
+                                        schedule.send_splits[c + 1], group))
+            x_in, y_in = ctx.graphs[c]
+            g_in = recv[c].index_select(0, schedule.recv_order[c]).to(y_in.dtype)
+            inputs = ([x_in] if x_in.requires_grad else []) + wanted
+            grads = list(torch.autograd.grad(y_in, inputs, g_in, allow_unused=True))
+            gx_in = grads.pop(0) if x_in.requires_grad else torch.zeros_like(x_in)
+            gx_in = torch.zeros_like(x_in) if gx_in is None else gx_in
+            for i, w in enumerate(ctx.weight_leaves):
+                if w.requires_grad:
+                    g = grads.pop(0)
+                    if g is not None:
+                        g = g.float()
+                        grad_weights[i] = g if grad_weights[i] is None else grad_weights[i] + g
+            gx_recv = gx_in.index_select(0, inverse_permutation(schedule.recv_order[c])).to(ctx.x_dtype)
+            home.append(grad_y_SD.new_empty(sent[c].shape[0], gx_recv.shape[1], dtype=ctx.x_dtype))
+            returns.append(_launch(home[c], gx_recv, schedule.send_splits[c], schedule.recv_splits[c], group))
+        grad_x_SD = grad_y_SD.new_empty(ctx.x_shape, dtype=ctx.x_dtype)
+        for c in range(C):
+            returns[c].wait()
+            grad_x_SD[schedule.send_index[c]] = home[c]
+        ctx.graphs = None  # free the per-chunk graphs
+        grad_weights = [g if g is None else g.to(dt) for g, dt in zip(grad_weights, ctx.weight_dtypes)]
+        return (grad_x_SD, None, None, None, None, *grad_weights)
+
+
+def pipelined_experts(x_SD: Tensor, tokens_per_expert_E: Tensor, chunks: int, group: dist.ProcessGroup,
+                      expert_fn: ExpertFn, weights: tuple[Tensor, ...]) -> Tensor:
+    """Dispatch -> experts -> combine in `chunks` overlapped pieces; rows in and out grouped by global expert."""
+    schedule = plan_chunks(tokens_per_expert_E, chunks, group)
+    build_graph = torch.is_grad_enabled() and (x_SD.requires_grad or any(w.requires_grad for w in weights))
+    return _PipelinedExperts.apply(x_SD, schedule, group, expert_fn, build_graph, *weights)

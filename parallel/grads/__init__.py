@@ -1,0 +1,1 @@
+"""Gradient communication: parameter groups, reduction, buckets, ZeRO-sharded AdamW, sync strategies."""

@@ -1,0 +1,85 @@
+"""Gradient reduction and the global gradient norm under expert parallelism.
+
+Scaling: each rank's loss is its share of the global-batch mean, scaled by dp
+so that *averaging* over dp gives the global gradient. Dense gradients are
+therefore summed over dp and divided by dp. An expert's gradient already sums
+the contributions of every rank in its ep group (the all-to-all backward
+brings them home); summing over its edp replicas then covers the whole batch
+exactly once, so it too is divided by dp -- not by edp, which would make it ep
+times too large.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moeyard.models import expert_modules
+
+from moeyard.parallel.mesh import ParallelMesh
+
+
+@dataclass(frozen=True)
+class ParamGroups:
+    dense: list[nn.Parameter]
+    """Replicated on every rank; reduced over dp."""
+    expert: list[nn.Parameter]
+    """This rank's expert shard; reduced over edp."""
+
+
+def split_parameters(model: nn.Module) -> ParamGroups:
+    expert_ids = {id(p) for m in expert_modules(model) for p in m.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return ParamGroups(
+        dense=[p for p in params if id(p) not in expert_ids],
+        expert=[p for p in params if id(p) in expert_ids],
+    )
+
+
+def _grads(params: list[nn.Parameter]) -> list[Tensor]:
+    # A parameter that saw no rows (an expert shard that received no tokens) still
+    # joins the collective, with zeros, or the ranks would disagree on buffer sizes.
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [p.grad for p in params]
+
+
+def _sum_and_scale(grads: list[Tensor], group: dist.ProcessGroup, scale: float) -> None:
+    """One flat all-reduce (a single collective), then copy back scaled."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat.mul_(scale)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def reduce_gradients(groups: ParamGroups, pmesh: ParallelMesh) -> None:
+    scale = 1.0 / pmesh.dp
+    _sum_and_scale(_grads(groups.dense), pmesh.dp_group, scale)
+    _sum_and_scale(_grads(groups.expert), pmesh.edp_group, scale)
+
+
+def global_grad_norm(groups: ParamGroups, pmesh: ParallelMesh) -> Tensor:
+    """L2 norm of the full model's gradient, as one process holding every expert would see it."""
+    device = (groups.dense or groups.expert)[0].device
+    dense_sq = sum((g.float().square().sum() for g in _grads(groups.dense)), torch.zeros((), device=device))
+    expert_sq = sum((g.float().square().sum() for g in _grads(groups.expert)), torch.zeros((), device=device))
+    # Expert shards within an ep group are disjoint; edp replicas are identical after reduction.
+    dist.all_reduce(expert_sq, group=pmesh.ep_group)
+    return (dense_sq + expert_sq).sqrt()
+
+
+def clip_gradients(groups: ParamGroups, total_norm: Tensor, max_norm: float) -> None:
+    """Scale every gradient by min(1, max_norm / norm), as torch.nn.utils.clip_grad_norm_ does."""
+    if max_norm <= 0:
+        return
+    coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    for g in _grads(groups.dense) + _grads(groups.expert):
+        g.mul_(coef.to(g.device))

@@ -1,0 +1,140 @@
+"""Sharded AdamW (ZeRO-1/2): each rank keeps optimizer state for its shard of every bucket.
+
+Works with `BucketedReducer(mode="reduce_scatter")`: after backward each rank
+holds only its slice of each bucket's averaged gradient. It updates its slice of
+the parameters (the same element-wise AdamW arithmetic as torch.optim.AdamW),
+then the slices are all-gathered back so every rank has the full parameters.
+Dense buckets are sharded over dp, expert buckets over edp.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moeyard.parallel.grads.buckets import Bucket, BucketedReducer, all_gather
+
+
+@dataclass
+class _Segment:
+    """The part of one parameter that falls into this rank's shard."""
+
+    param_index: int
+    lo: int
+    """Start within the shard."""
+    hi: int
+    decay: bool
+
+
+@dataclass
+class _ShardState:
+    bucket: Bucket
+    lo: int
+    """Start of this rank's shard within the bucket's flat layout."""
+    param: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    segments: list[_Segment]
+
+
+class ShardedAdamW:
+    def __init__(self, reducer: BucketedReducer, *, lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float) -> None:
+        if reducer.mode != "reduce_scatter":
+            raise ValueError("ShardedAdamW needs a BucketedReducer in reduce_scatter mode")
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.step_count = 0
+        self.shards = [self._init_shard(b) for b in reducer.buckets]
+
+    @staticmethod
+    def _init_shard(bucket: Bucket) -> _ShardState:
+        size = bucket.shard_size
+        lo = dist.get_rank(bucket.group) * size
+        flat = torch.cat([p.detach().reshape(-1) for p in bucket.params])
+        param = flat.new_zeros(size)
+        end = min(lo + size, flat.numel())
+        if end > lo:
+            param[:end - lo] = flat[lo:end]
+        segments = []
+        for i, (p, start, stop) in enumerate(zip(bucket.params, bucket.offsets, bucket.offsets[1:])):
+            a, b = max(start, lo), min(stop, lo + size)
+            if a < b:
+                segments.append(_Segment(i, a - lo, b - lo, decay=p.dim() >= 2))
+        return _ShardState(bucket, lo, param, torch.zeros_like(param), torch.zeros_like(param), segments)
+
+    def grad_sq_sum(self) -> Tensor:
+        """This rank's share of the squared global gradient norm; all-reduce over dp for the total."""
+        return sum((s.bucket.grad_shard.float().square().sum() for s in self.shards),
+                   torch.zeros((), device=self.shards[0].param.device))
+
+    def scale_grads(self, coef: Tensor) -> None:
+        for s in self.shards:
+            s.bucket.grad_shard.mul_(coef)
+
+    def step(self) -> None:
+        """One AdamW step on every shard, then gather the updated parameters into the model."""
+        self.step_count += 1
+        beta1, beta2 = self.betas
+        bias_correction1 = 1 - beta1 ** self.step_count
+        bias_correction2_sqrt = (1 - beta2 ** self.step_count) ** 0.5
+        step_size = self.lr / bias_correction1
+        works = []
+        for s in self.shards:
+            grad = s.bucket.grad_shard
+            if self.weight_decay:
+                for seg in s.segments:
+                    if seg.decay:
+                        s.param[seg.lo:seg.hi].mul_(1 - self.lr * self.weight_decay)
+            s.exp_avg.lerp_(grad, 1 - beta1)
+            s.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (s.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            s.param.addcdiv_(s.exp_avg, denom, value=-step_size)
+            works.append(all_gather(s.bucket.flat, s.param, group=s.bucket.group, async_op=True))
+        for s, work in zip(self.shards, works):
+            work.wait()
+            with torch.no_grad():
+                for p, start, stop in zip(s.bucket.params, s.bucket.offsets, s.bucket.offsets[1:]):
+                    p.copy_(s.bucket.flat[start:stop].view_as(p))
+            s.bucket.grad_shard = None
+
+    def full_states(self) -> dict[int, dict[str, Tensor]]:
+        """Unsharded AdamW state per parameter (keyed by id), as torch.optim.AdamW holds it.
+
+        Collective over each bucket's group; the checkpoint format then does not
+        depend on how the state was sharded.
+        """
+        states: dict[int, dict[str, Tensor]] = {}
+        for s in self.shards:
+            full = {}
+            for key in ("exp_avg", "exp_avg_sq"):
+                gathered = s.bucket.flat.new_empty(s.bucket.flat.numel())
+                all_gather(gathered, getattr(s, key), group=s.bucket.group)
+                full[key] = gathered
+            for p, start, stop in zip(s.bucket.params, s.bucket.offsets, s.bucket.offsets[1:]):
+                states[id(p)] = {"step": torch.tensor(float(self.step_count)),
+                                 **{k: v[start:stop].view_as(p).clone() for k, v in full.items()}}
+        return states
+
+    def load_full_states(self, states: dict[int, dict[str, Tensor]]) -> None:
+        """Take unsharded per-parameter AdamW state (keyed by id) into this rank's shards."""
+        steps = set()
+        for s in self.shards:
+            for seg in s.segments:
+                p = s.bucket.params[seg.param_index]
+                start = s.bucket.offsets[seg.param_index]  # where p begins in the bucket's flat layout
+                lo, hi = s.lo + seg.lo - start, s.lo + seg.hi - start  # the part of p in this shard
+                state = states[id(p)]
+                s.exp_avg[seg.lo:seg.hi] = state["exp_avg"].reshape(-1)[lo:hi]
+                s.exp_avg_sq[seg.lo:seg.hi] = state["exp_avg_sq"].reshape(-1)[lo:hi]
+                steps.add(int(state["step"]))
+            # Master copy of the parameters: the model holds the loaded values.
+            flat = torch.cat([q.detach().reshape(-1) for q in s.bucket.params])
+            end = min(s.lo + s.param.numel(), flat.numel())
+            s.param.zero_()
+            if end > s.lo:
+                s.param[:end - s.lo] = flat[s.lo:end]
+        if len(steps) > 1:
+            raise ValueError(f"optimizer state holds different step counts {sorted(steps)}")
+        self.step_count = steps.pop() if steps else 0

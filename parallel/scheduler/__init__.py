@@ -1,0 +1,1 @@
+"""The scheduler: plan, cost model, simulator, profiler, hardware descriptions, planner."""

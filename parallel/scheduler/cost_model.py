@@ -1,0 +1,255 @@
+"""Predict stage and step times of a plan: shapes (Workload) x unit costs (Costs) -> simulator tasks.
+
+Unit costs come either from measurements on the real process groups
+(profiler.MeasuredCosts) or from a hardware description (hardware.HardwareCosts);
+the step is built the same way for both, so `moeyard plan --hardware` predicts a
+cluster with the code that plans this machine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+from moeyard.models import ModelConfig, Transformer, expert_modules
+
+from moeyard.parallel.scheduler.plan import Plan
+from moeyard.parallel.scheduler.simulator import Schedule, Timeline
+
+Phase = Literal["fwd", "bwd"]
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    layer: int
+    """Block index; -1 for the embedding, n_layers for the final norm and output head."""
+    numel: int
+    expert: bool
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one rank does in one step, in shapes."""
+
+    tokens: int
+    """Tokens per rank per micro-step."""
+    seq_len: int
+    dim: int
+    expert_hidden: int
+    num_experts: int
+    top_k: int
+    n_layers: int
+    moe_layers: tuple[int, ...]
+    ep: int
+    dp: int
+    micro_steps: int
+    params: tuple[ParamInfo, ...]
+    """Parameters of this rank in backward order (the order gradient buckets use)."""
+    act_bytes: int = 4
+    """Bytes per activation element crossing the all-to-all."""
+    grad_bytes: int = 4
+    dense_flops: tuple[float, ...] = ()
+    """Forward FLOPs of each block without its routed experts."""
+    head_flops: float = 0.0
+    """Forward FLOPs of the output head."""
+
+    def layer_flops(self, layer: int) -> float:
+        """-1: embedding (a gather, ~0), n_layers: the output head."""
+        if layer < 0:
+            return 0.0
+        return self.head_flops if layer == self.n_layers else self.dense_flops[layer]
+
+    @property
+    def routed_rows(self) -> int:
+        return self.tokens * self.top_k
+
+    @property
+    def a2a_bytes(self) -> float:
+        """Bytes this rank sends in one dispatch (uniform routing: (ep-1)/ep of the copies leave)."""
+        return self.routed_rows * self.dim * self.act_bytes * (self.ep - 1) / self.ep
+
+
+class Costs(Protocol):
+    overlap_slowdown: float
+    chunk_overhead_s: float
+    """Host-side cost of each chunk beyond the first, per pass (splitting, launching, synchronising)."""
+
+    def dense(self, w: Workload, layer: int, phase: Phase) -> float:
+        """Everything in a block but the routed experts (attention, norms, router, dense or shared FFN);
+        layer -1 and n_layers are the embedding and the output head."""
+        ...
+
+    def experts(self, w: Workload, rows: float, phase: Phase) -> float: ...
+
+    def all_to_all(self, w: Workload, nbytes: float) -> float: ...
+
+    def grad_reduce(self, w: Workload, nbytes: float, expert: bool, mode: str) -> float: ...
+
+    def optimizer(self, w: Workload, mode: str) -> float: ...
+
+
+def _moe_pipeline(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Phase, last: int | None,
+                  tag: str) -> int:
+    """Dispatch -> experts -> combine in `chunks` pieces, issued as the executor issues them."""
+    a2a = costs.all_to_all(w, w.a2a_bytes / chunks) if w.ep > 1 else 0.0
+    dispatch = [s.add(f"{tag}.a2a_in0", "comm", a2a, [last])]
+    prev_compute = last
+    combines = []
+    for c in range(chunks):
+        if c + 1 < chunks:  # issued once chunk c has arrived (and chunk c-1 computed: program order)
+            dispatch.append(s.add(f"{tag}.a2a_in{c + 1}", "comm", a2a, [dispatch[c], prev_compute]))
+        if c > 0 and costs.chunk_overhead_s > 0:
+            prev_compute = s.add(f"{tag}.overhead{c}", "compute", costs.chunk_overhead_s, [prev_compute])
+        prev_compute = s.add(f"{tag}.experts{c}", "compute", costs.experts(w, w.routed_rows / chunks, phase),
+                             [dispatch[c], prev_compute])
+        combines.append(s.add(f"{tag}.a2a_out{c}", "comm", a2a, [prev_compute]))
+    # The layer's output (or input gradient) is complete when every combine is home.
+    return s.add(f"{tag}.join", "compute", 0.0, combines)
+
+
+class _BucketLauncher:
+    """Adds gradient-reduction tasks in program order: a bucket goes once all its layers finished backward
+    and every earlier bucket of its list has gone (as BucketedReducer does)."""
+
+    def __init__(self, s: Schedule, w: Workload, plan: Plan, costs: Costs) -> None:
+        self.s, self.w, self.plan, self.costs = s, w, plan, costs
+        self.lists = []
+        for expert, sizes in ((False, plan.dense_buckets), (True, plan.expert_buckets)):
+            params = [p for p in w.params if p.expert == expert]
+            buckets, start = [], 0
+            for size in sizes:
+                if size:  # every parameter of the list frozen: nothing to reduce
+                    buckets.append(params[start:start + size])
+                start += size
+            self.lists.append((expert, buckets, [0]))
+
+    def launch_ready(self, finished_down_to: int, after: int) -> None:
+        """Backward has finished every layer >= `finished_down_to`; `after` is the task that finished it."""
+        for expert, buckets, next_index in self.lists:
+            while next_index[0] < len(buckets):
+                bucket = buckets[next_index[0]]
+                if min(p.layer for p in bucket) < finished_down_to:
+                    break
+                nbytes = sum(p.numel for p in bucket) * self.w.grad_bytes
+                self.s.add(f"grad.{'expert' if expert else 'dense'}{next_index[0]}", "grad",
+                           self.costs.grad_reduce(self.w, nbytes, expert, self.plan.grad_sync), [after])
+                next_index[0] += 1
+
+
+def build_step(w: Workload, plan: Plan, costs: Costs, with_grads: bool = True) -> Schedule:
+    """Tasks of one micro-step, in the order the executor issues them; `with_grads` adds the gradient
+    reduction of the final micro-step."""
+    s = Schedule()
+    moe_index = {layer: i for i, layer in enumerate(w.moe_layers)}
+    last = s.add("embed.fwd", "compute", costs.dense(w, -1, "fwd"))
+    for layer in range(w.n_layers):
+        last = s.add(f"L{layer}.dense.fwd", "compute", costs.dense(w, layer, "fwd"), [last])
+        if layer in moe_index:
+            last = _moe_pipeline(s, w, costs, plan.chunks[moe_index[layer]], "fwd", last, f"L{layer}.moe.fwd")
+    last = s.add("head.fwd", "compute", costs.dense(w, w.n_layers, "fwd"), [last])
+    last = s.add("head.bwd", "compute", costs.dense(w, w.n_layers, "bwd"), [last])
+    buckets = _BucketLauncher(s, w, plan, costs) if with_grads else None
+    overlap = buckets is not None and plan.overlap_grads
+    if overlap:
+        buckets.launch_ready(w.n_layers, last)
+    for layer in reversed(range(w.n_layers)):
+        if layer in moe_index:
+            last = _moe_pipeline(s, w, costs, plan.chunks[moe_index[layer]], "bwd", last, f"L{layer}.moe.bwd")
+        last = s.add(f"L{layer}.dense.bwd", "compute", costs.dense(w, layer, "bwd"), [last])
+        if overlap:
+            buckets.launch_ready(layer, last)
+    last = s.add("embed.bwd", "compute", costs.dense(w, -1, "bwd"), [last])
+    if buckets is not None:
+        buckets.launch_ready(-1, last)
+    return s
+
+
+@dataclass(frozen=True)
+class Prediction:
+    step: float
+    """Predicted seconds per optimizer step."""
+    stages: dict[str, float]
+    """Seconds of work per stage kind, summed over the step (before overlap)."""
+    exposed_comm: float
+    """Seconds per step the compute stream waits for communication."""
+    comm: float
+    """Seconds of communication work per step."""
+
+    @property
+    def hidden_fraction(self) -> float:
+        return 0.0 if self.comm == 0 else max(0.0, 1.0 - self.exposed_comm / self.comm)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"step_s": self.step, "exposed_comm_s": self.exposed_comm, "comm_s": self.comm,
+                "hidden_fraction": self.hidden_fraction, **{f"{k}_s": v for k, v in self.stages.items()}}
+
+
+def _stage_sums(t: Timeline) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for task in t.tasks:
+        kind = ("a2a" if ".a2a" in task.name else "experts" if ".experts" in task.name
+                else "chunk_overhead" if ".overhead" in task.name
+                else "grad_reduce" if task.name.startswith("grad.") else "dense")
+        sums[kind] = sums.get(kind, 0.0) + task.seconds
+    return sums
+
+
+def predict(w: Workload, plan: Plan, costs: Costs) -> Prediction:
+    final = build_step(w, plan, costs, with_grads=True).run(costs.overlap_slowdown)
+    stages = _stage_sums(final)
+    step, exposed, comm = final.makespan, final.exposed_comm, final.work("comm") + final.work("grad")
+    if w.micro_steps > 1:
+        earlier = build_step(w, plan, costs, with_grads=False).run(costs.overlap_slowdown)
+        n = w.micro_steps - 1
+        step += n * earlier.makespan
+        exposed += n * earlier.exposed_comm
+        comm += n * (earlier.work("comm") + earlier.work("grad"))
+        for kind, seconds in _stage_sums(earlier).items():
+            stages[kind] = stages.get(kind, 0.0) + n * seconds
+    stages["optimizer"] = costs.optimizer(w, plan.grad_sync)
+    return Prediction(step=step + stages["optimizer"], stages=stages, exposed_comm=exposed, comm=comm)
+
+
+def block_fwd_flops(cfg: ModelConfig, tokens: int, seq_len: int, layer: int) -> float:
+    """Forward FLOPs of one block without its routed experts (which the cost model times separately)."""
+    d, kv = cfg.dim, cfg.n_kv_heads * cfg.head_dim
+    flops = 2 * tokens * d * (2 * d + 2 * kv)  # q, k, v, o projections
+    flops += 2 * tokens * seq_len * d  # causal scores and weighted sum (half of 4*T*D)
+    if cfg.is_moe_layer(layer):
+        flops += 2 * tokens * d * cfg.moe_for_layer(layer).num_experts  # router
+        flops += 6 * tokens * d * cfg.moe.shared_hidden_dim
+    else:
+        flops += 6 * tokens * d * cfg.ffn_dim
+    return float(flops)
+
+
+def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: int, micro_steps: int,
+                 act_bytes: int = 4, frozen: frozenset[str] = frozenset()) -> Workload:
+    """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
+    Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expert_ids = {id(p) for m in expert_modules(model) for p in m.parameters()}
+    infos = []
+    for name, p in model.named_parameters():
+        if name in frozen:
+            continue
+        layer = -1 if name.startswith("tok_embeddings") else (int(name.split(".")[1]) if name.startswith("layers.")
+                                                             else cfg.n_layers)
+        expert = id(p) in expert_ids
+        infos.append(ParamInfo(layer, p.numel() // ep if expert else p.numel(), expert))
+    return Workload(tokens=tokens, seq_len=seq_len, dim=cfg.dim, expert_hidden=cfg.moe.ffn_dim,
+                    num_experts=cfg.moe.num_experts, top_k=cfg.moe.top_k, n_layers=cfg.n_layers,
+                    moe_layers=tuple(i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)), ep=ep, dp=dp,
+                    micro_steps=micro_steps, params=tuple(reversed(infos)), act_bytes=act_bytes,
+                    dense_flops=tuple(block_fwd_flops(cfg, tokens, seq_len, i) for i in range(cfg.n_layers)),
+                    head_flops=2.0 * tokens * cfg.dim * cfg.vocab_size)
+
+
+def moe_layer_timeline(w: Workload, costs: Costs, chunks: int) -> Timeline:
+    """One MoE layer alone, forward then backward, pipelined in `chunks` pieces."""
+    s = Schedule()
+    last = _moe_pipeline(s, w, costs, chunks, "fwd", None, "moe.fwd")
+    _moe_pipeline(s, w, costs, chunks, "bwd", last, "moe.bwd")
+    return s.run(costs.overlap_slowdown)

@@ -1,0 +1,113 @@
+"""Hardware descriptions (YAML) and the analytic unit costs the simulator uses with them.
+
+A description gives sustained rates, not peaks: the GEMM TFLOP/s a large
+bf16 matmul reaches, per-device link bandwidth within and across nodes, link
+latency, memory bandwidth for the optimizer, and how much compute slows down
+while communication runs beside it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from moeyard import configs
+
+from moeyard.parallel.scheduler.cost_model import Phase, Workload
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hardware:
+    name: str
+    devices_per_node: int
+    gemm_tflops: float
+    """Sustained dense GEMM rate per device."""
+    intra_node_gbps: float
+    """GB/s one device can send to the others in its node (per direction)."""
+    intra_node_latency_us: float
+    inter_node_gbps: float
+    """GB/s one device can send off its node."""
+    inter_node_latency_us: float
+    memory_gbps: float
+    """Device memory bandwidth (element-wise optimizer work)."""
+    overlap_slowdown: float = 1.0
+    """Factor by which compute and communication both slow down while they run together."""
+    chunk_overhead_us: float = 30.0
+    """Host cost of each extra pipeline chunk per pass: kernel launches and stream/event synchronisation."""
+    act_bytes: int = 2
+    """Bytes per activation element on the wire (2: bf16)."""
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Hardware":
+        """A YAML file, or the name of a shipped description (dgx-h100, cpu-2core)."""
+        path = Path(path)
+        if not path.is_file():
+            shipped = configs.path(f"hardware/{path.name}.yaml")
+            if not shipped.is_file():
+                raise FileNotFoundError(f"hardware description {path} does not exist; shipped: "
+                                        f"{', '.join(p.stem for p in shipped.parent.glob('*.yaml'))}")
+            path = shipped
+        data = yaml.safe_load(path.read_text()) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        return cls(**data)
+
+
+class HardwareCosts:
+    """Unit costs from a description, for a world of `world_size` devices laid out node by node."""
+
+    def __init__(self, hw: Hardware) -> None:
+        self.hw = hw
+        self.overlap_slowdown = hw.overlap_slowdown
+        self.chunk_overhead_s = hw.chunk_overhead_us * 1e-6
+
+    def _gemm(self, flops: float) -> float:
+        return flops / (self.hw.gemm_tflops * 1e12)
+
+    def dense(self, w: Workload, layer: int, phase: Phase) -> float:
+        return self._gemm(w.layer_flops(layer)) * (2 if phase == "bwd" else 1)
+
+    def experts(self, w: Workload, rows: float, phase: Phase) -> float:
+        return self._gemm(6 * rows * w.dim * w.expert_hidden) * (2 if phase == "bwd" else 1)
+
+    def all_to_all(self, w: Workload, nbytes: float) -> float:
+        """ep consecutive ranks: peers in the same node use NVLink-class links, the rest the network."""
+        hw = self.hw
+        peers = w.ep - 1
+        if peers == 0:
+            return 0.0
+        local_peers = min(w.ep, hw.devices_per_node) - 1
+        intra = nbytes * local_peers / peers
+        inter = nbytes - intra
+        latency = hw.inter_node_latency_us if inter > 0 else hw.intra_node_latency_us
+        return latency * 1e-6 + max(intra / (hw.intra_node_gbps * 1e9), inter / (hw.inter_node_gbps * 1e9))
+
+    def _ring(self, nbytes: float, ranks: int, stride: int, phases: int) -> float:
+        """Ring collective over `ranks` ranks `stride` apart; `phases` 2 for all-reduce, 1 for reduce-scatter."""
+        if ranks <= 1:
+            return 0.0
+        crosses_nodes = ranks * stride > self.hw.devices_per_node or stride >= self.hw.devices_per_node
+        bw = (self.hw.inter_node_gbps if crosses_nodes else self.hw.intra_node_gbps) * 1e9
+        lat = (self.hw.inter_node_latency_us if crosses_nodes else self.hw.intra_node_latency_us) * 1e-6
+        return phases * (ranks - 1) * (lat + nbytes / ranks / bw)
+
+    def grad_reduce(self, w: Workload, nbytes: float, expert: bool, mode: str) -> float:
+        ranks, stride = (w.dp // w.ep, w.ep) if expert else (w.dp, 1)
+        return self._ring(nbytes, ranks, stride, 2 if mode == "all_reduce" else 1)
+
+    def optimizer(self, w: Workload, mode: str) -> float:
+        dense = sum(p.numel for p in w.params if not p.expert)
+        expert = sum(p.numel for p in w.params if p.expert)
+        if mode == "reduce_scatter":  # update a shard, all-gather the parameters back
+            gather = (self._ring(dense * 4, w.dp, 1, 1) + self._ring(expert * 4, w.dp // w.ep, w.ep, 1))
+            return 28 * (dense / w.dp + expert * w.ep / w.dp) / (self.hw.memory_gbps * 1e9) + gather
+        # AdamW reads param, grad, two moments and writes three: ~28 bytes per fp32 parameter.
+        return 28 * (dense + expert) / (self.hw.memory_gbps * 1e9)
+
+
+def nodes_spanned(ranks: int, devices_per_node: int) -> int:
+    return math.ceil(ranks / devices_per_node)

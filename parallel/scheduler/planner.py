@@ -1,0 +1,63 @@
+"""Search the plan with the least predicted step time.
+
+Candidates: the reference (r=1, reduction after backward), and every
+combination of a pipeline degree per MoE layer and a gradient bucket size. The
+search first tries a uniform degree for all layers with each bucket size, then
+improves layer by layer (coordinate descent) -- layers see different
+neighbours on the communication stream, so their best degrees may differ.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from moeyard.parallel.grads.buckets import bucket_sizes
+from moeyard.parallel.scheduler.cost_model import Costs, Prediction, Workload, predict
+from moeyard.parallel.scheduler.plan import GradSync, Plan
+
+CHUNK_CHOICES = (1, 2, 4, 8)
+BUCKET_CAPS_MB = (0.25, 1.0, 4.0, 16.0, 64.0, math.inf)
+
+
+def reference_plan(w: Workload, grad_sync: GradSync) -> Plan:
+    """schedule: off -- the plain path every test compares against."""
+    n_dense = sum(1 for p in w.params if not p.expert)
+    n_expert = len(w.params) - n_dense
+    return Plan(chunks=(1,) * len(w.moe_layers), dense_buckets=(n_dense,) if n_dense else (),
+                expert_buckets=(n_expert,) if n_expert else (), grad_sync=grad_sync,
+                overlap_grads=grad_sync == "reduce_scatter", source="off")
+
+
+def _buckets(w: Workload, expert: bool, cap_mb: float) -> tuple[int, ...]:
+    return bucket_sizes([p.numel * w.grad_bytes for p in w.params if p.expert == expert], cap_mb * 2**20)
+
+
+def with_prediction(plan: Plan, prediction: Prediction) -> Plan:
+    return dataclasses.replace(plan, predicted=prediction.as_dict())
+
+
+def search(w: Workload, costs: Costs, grad_sync: GradSync = "all_reduce",
+           chunk_choices: tuple[int, ...] = CHUNK_CHOICES,
+           bucket_caps_mb: tuple[float, ...] = BUCKET_CAPS_MB) -> tuple[Plan, Prediction]:
+    """The plan with the least predicted step time (ties go to the simpler plan)."""
+    reference = reference_plan(w, grad_sync)
+    best_plan, best = reference, predict(w, reference, costs)
+    n = len(w.moe_layers)
+    # Degrees beyond the rows per expert only add latency.
+    choices = [r for r in chunk_choices if r == 1 or r <= max(1, w.routed_rows // max(1, w.num_experts))]
+    for cap in bucket_caps_mb:
+        for r in choices:
+            plan = Plan(chunks=(r,) * n, dense_buckets=_buckets(w, False, cap),
+                        expert_buckets=_buckets(w, True, cap), grad_sync=grad_sync, source="planner")
+            pred = predict(w, plan, costs)
+            if pred.step < best.step * (1 - 1e-9):
+                best_plan, best = plan, pred
+    if best_plan.source == "planner":
+        for i in range(n):
+            for r in choices:
+                chunks = best_plan.chunks[:i] + (r,) + best_plan.chunks[i + 1:]
+                plan = dataclasses.replace(best_plan, chunks=chunks)
+                pred = predict(w, plan, costs)
+                if pred.step < best.step * (1 - 1e-9):
+                    best_plan, best = plan, pred
+    return dataclasses.replace(with_prediction(best_plan, best), source="planner"), best

@@ -1,0 +1,375 @@
+"""Measure unit costs on the real process groups at the real shapes; cache them per machine and layout.
+
+What is timed (median of repeats, slowest rank, every rank taking part):
+  dense       the model's forward / backward with the routed experts skipped
+              (attention, norms, router, permutation, shared experts, head, loss)
+  experts     this rank's experts, forward and backward, at two row counts
+              (fit: latency + rows x time per row)
+  all-to-all  over the ep group, and all-reduce / reduce-scatter / all-gather
+              over dp and edp, at two sizes (fit: alpha + bytes / beta)
+  optimizer   one AdamW step over this rank's parameters
+  overlap     experts with an all-to-all running beside them, against each alone
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from moeyard.models import GroupedExperts, ModelConfig, Transformer
+
+from moeyard.parallel.grads.buckets import all_gather, reduce_scatter
+from moeyard.parallel.scheduler.cost_model import Phase, Workload, moe_layer_timeline
+from moeyard.parallel.exchange.dispatch import ExpertParallelExchange
+from moeyard.parallel.parallelize import apply_expert_parallel
+from moeyard.parallel.mesh import ParallelMesh
+
+PROFILER_VERSION = 3
+"""Part of the cache key: bump when what is measured changes, so old profiles are not reused."""
+
+Fit = tuple[float, float]
+"""(fixed seconds, seconds per unit): a straight line through two measurements."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    key: str
+    dense_fwd_s: float
+    dense_bwd_s: float
+    experts_fwd: Fit
+    experts_bwd: Fit
+    all_to_all: Fit
+    all_reduce_dp: Fit
+    all_reduce_edp: Fit
+    reduce_scatter_dp: Fit
+    reduce_scatter_edp: Fit
+    all_gather_dp: Fit
+    all_gather_edp: Fit
+    optimizer_s: float
+    overlap_slowdown: float
+    chunk_overhead_s: float = 0.0
+    """Measured cost of each pipeline chunk beyond the first, per pass, that the parts above do not explain."""
+
+
+def _line(x1: float, t1: float, x2: float, t2: float) -> Fit:
+    slope = max(0.0, (t2 - t1) / (x2 - x1))
+    return max(0.0, t1 - slope * x1), slope
+
+
+def _at(fit: Fit, x: float) -> float:
+    return fit[0] + fit[1] * x
+
+
+class _SkipExperts:
+    """Exchange stand-in that keeps the graph but does no expert work or communication."""
+
+    def __init__(self, exchange) -> None:
+        self.inner = exchange
+
+    def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, experts: GroupedExperts) -> Tensor:
+        return x_SD * 0.0
+
+    def sum_over_batch(self, counts: Tensor) -> Tensor:
+        return self.inner.sum_over_batch(counts)
+
+
+class _Timer:
+    def __init__(self, device: torch.device, repeats: int) -> None:
+        self.device, self.repeats = device, repeats
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn: Callable[..., object], group: dist.ProcessGroup | None = None,
+                 setup: Callable[[], object] | None = None) -> float:
+        """Median seconds of fn over repeats (after one warm-up), the slowest rank of `group`.
+
+        With `setup`, its result is passed to fn and only fn is timed (e.g. backward after an untimed forward).
+        """
+        call = (lambda: fn(setup())) if setup is not None else fn
+        call()
+        samples = []
+        for _ in range(self.repeats):
+            arg = setup() if setup is not None else None
+            if group is not None:
+                dist.barrier(group=group)
+            self._sync()
+            start = time.perf_counter()
+            fn(arg) if setup is not None else fn()
+            self._sync()
+            samples.append(time.perf_counter() - start)
+        slowest = torch.tensor([statistics.median(samples)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        return float(slowest)
+
+
+def profile_key(cfg: ModelConfig, w: Workload, device: torch.device) -> str:
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        hardware = f"{platform.machine()}-{platform.processor()}-{os.cpu_count()}cpu-{torch.get_num_threads()}thr"
+    world = [dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())),
+             dist.get_backend()]
+    trainable = sum(p.numel for p in w.params)  # frozen parameters change the optimizer's cost
+    what = json.dumps([PROFILER_VERSION, hardware, world, torch.__version__, dataclasses.asdict(cfg), w.tokens,
+                       w.seq_len, w.ep, w.dp, w.act_bytes, trainable], sort_keys=True, default=str)
+    return hashlib.sha256(what.encode()).hexdigest()[:16]
+
+
+def measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.device, dtype: torch.dtype,
+            repeats: int = 5) -> Profile:
+    """Collective: every rank runs the same measurements."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _measure(cfg, w, pmesh, device, dtype, repeats)  # leaves the training RNG streams untouched
+
+
+def _measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.device, dtype: torch.dtype,
+             repeats: int) -> Profile:
+    timer = _Timer(device, repeats)
+    seqs = max(1, w.tokens // w.seq_len)
+    tokens_BT = torch.randint(0, cfg.vocab_size, (seqs, w.seq_len + 1), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else None
+
+    def in_dtype(fn: Callable[..., object]) -> Callable[..., object]:
+        """Run fn under the training autocast, so experts are timed in the dtype they train in."""
+        if autocast is None:
+            return fn
+
+        def wrapped(*args):
+            with torch.autocast(device.type, dtype=dtype):
+                return fn(*args)
+        return wrapped
+
+    # Dense: the real model with expert work skipped.
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    apply_expert_parallel(model, pmesh)
+    model.to(device)
+    for _, moe in model.moe_layers():
+        moe.exchange = _SkipExperts(moe.exchange)
+
+    def forward() -> Tensor:
+        if autocast is not None:
+            with autocast:
+                out = model(tokens_BT[:, :-1])
+        else:
+            out = model(tokens_BT[:, :-1])
+        return F.cross_entropy(out.logits_BTV.float().flatten(0, 1), tokens_BT[:, 1:].flatten()) + out.aux_loss
+
+    dense_fwd = timer(lambda: forward().item())
+    dense_bwd = timer(lambda loss: loss.backward(), setup=forward)
+
+    # Experts: this rank's shard at a quarter of the real row count and the real count (pipelined chunks run
+    # fewer rows than a whole layer), rows spread evenly over its experts.
+    local = cfg.moe.num_experts // pmesh.ep
+    experts = GroupedExperts(local, cfg.dim, cfg.moe.ffn_dim, cfg.moe.expert_compute,
+                             recompute=cfg.moe.recompute_experts).to(device)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    expert_fits: dict[Phase, list[tuple[int, float]]] = {"fwd": [], "bwd": []}
+    rows_real = max(local, w.routed_rows)
+    for rows in (max(local, rows_real // 4), rows_real):
+        x = torch.randn(rows, cfg.dim, device=device, requires_grad=True)
+        split = [rows // local + (1 if i < rows % local else 0) for i in range(local)]
+        dy = torch.randn(rows, cfg.dim, device=device)
+        fwd = timer(in_dtype(lambda: experts(x, split).sum().item()))
+        bwd = timer(lambda y: y.backward(dy.to(y.dtype)), setup=in_dtype(lambda: experts(x, split)))
+        expert_fits["fwd"].append((rows, fwd))
+        expert_fits["bwd"].append((rows, bwd))
+
+    def fit_rows(points: list[tuple[int, float]]) -> Fit:
+        (x1, t1), (x2, t2) = points
+        return _line(x1, t1, x2, t2) if x2 != x1 else (t2, 0.0)
+
+    # Communication: two sizes each, on the groups training uses.
+    elem = w.act_bytes
+    a2a_hi = max(4096, int(rows_real * cfg.dim * elem))
+    def a2a(nbytes: int) -> float:
+        n = max(pmesh.ep, nbytes // elem // pmesh.ep * pmesh.ep)
+        buf = torch.empty(n, dtype=dtype if elem == 2 else torch.float32, device=device)
+        out = torch.empty_like(buf)
+        return timer(lambda: dist.all_to_all_single(out, buf, group=pmesh.ep_group), pmesh.ep_group)
+
+    a2a_fit = _line(a2a_hi / 8, a2a(a2a_hi // 8), a2a_hi, a2a(a2a_hi)) if pmesh.ep > 1 else (0.0, 0.0)
+
+    def collective_fit(kind: str, group: dist.ProcessGroup) -> Fit:
+        size = dist.get_world_size(group)
+        if size == 1:
+            return 0.0, 0.0
+        times = []
+        for nbytes in (1 << 18, 1 << 23):
+            n = nbytes // 4 // size * size
+            full = torch.zeros(n, device=device)
+            shard = torch.zeros(n // size, device=device)
+            if kind == "all_reduce":
+                fn = lambda: dist.all_reduce(full, group=group)  # noqa: E731
+            elif kind == "reduce_scatter":
+                fn = lambda: reduce_scatter(shard, full, group=group)  # noqa: E731
+            else:
+                fn = lambda: all_gather(full, shard, group=group)  # noqa: E731
+            times.append(timer(fn, group))
+        return _line(1 << 18, times[0], 1 << 23, times[1])
+
+    fits = {f"{kind}_{name}": collective_fit(kind, group)
+            for kind in ("all_reduce", "reduce_scatter", "all_gather")
+            for name, group in (("dp", pmesh.dp_group), ("edp", pmesh.edp_group))}
+
+    # Optimizer: AdamW over a slice of at most 16 M parameters, scaled to what this rank holds
+    # (element-wise work is linear in the count; a full-size copy could not fit beside a large model).
+    numel = sum(p.numel for p in w.params)
+    probe = min(numel, 1 << 24)
+    flat = torch.nn.Parameter(torch.zeros(probe, device=device))
+    flat.grad = torch.randn(probe, device=device)
+    adamw = torch.optim.AdamW([flat], lr=1e-3)
+    optimizer_s = timer(adamw.step) * numel / probe
+
+    # Overlap: experts at full rows with a full-size all-to-all running beside them.
+    slowdown = 1.0
+    if pmesh.ep > 1:
+        x = torch.randn(rows_real, cfg.dim, device=device)
+        split = [rows_real // local + (1 if i < rows_real % local else 0) for i in range(local)]
+        n = max(pmesh.ep, a2a_hi // elem // pmesh.ep * pmesh.ep)
+        buf = torch.empty(n, device=device, dtype=torch.float32 if elem == 4 else dtype)
+        out = torch.empty_like(buf)
+
+        @in_dtype
+        def compute() -> None:
+            with torch.no_grad():
+                experts(x, split)
+
+        def together() -> None:
+            work = dist.all_to_all_single(out, buf, group=pmesh.ep_group, async_op=True)
+            compute()
+            work.wait()
+
+        t_c = timer(compute)
+        t_a = a2a(a2a_hi)
+        t_both = timer(together, pmesh.ep_group)
+        short, long = sorted((t_a, t_c))
+        # Both slowed by s while together: t_both = s * short + (long - short).
+        if short > 0:
+            slowdown = max(1.0, (t_both - long + short) / short)
+
+    parts = Profile(key="", dense_fwd_s=dense_fwd, dense_bwd_s=dense_bwd,
+                    experts_fwd=fit_rows(expert_fits["fwd"]), experts_bwd=fit_rows(expert_fits["bwd"]),
+                    all_to_all=a2a_fit, optimizer_s=optimizer_s, overlap_slowdown=slowdown, **fits)
+    if pmesh.ep == 1:
+        return parts
+    return dataclasses.replace(parts, chunk_overhead_s=_chunk_overhead(parts, w, pmesh, experts, timer, in_dtype))
+
+
+def _chunk_overhead(parts: Profile, w: Workload, pmesh: ParallelMesh, experts: GroupedExperts, timer: "_Timer",
+                    in_dtype: Callable) -> float:
+    """Run the real pipelined layer at r=1, 2, 4 and charge what the parts do not explain to the chunks.
+
+    Small collectives cost more inside a pipeline than in isolation (ranks arrive
+    at different times; with more ranks than cores each wait is a context switch),
+    and each chunk pays Python and launch costs. Measuring the executor itself
+    keeps the planner from choosing chunks that only look free.
+    """
+    device = next(experts.parameters()).device
+    E = w.num_experts
+    rows = max(E, w.routed_rows // E * E)
+    counts = torch.full((E,), rows // E, dtype=torch.int64, device=device)
+    x = torch.randn(rows, w.dim, device=device, requires_grad=True)
+    dy = torch.randn(rows, w.dim, device=device)
+
+    def layer(chunks: int) -> float:
+        exchange = ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, chunks)
+        run = in_dtype(lambda: exchange.run_experts(x, counts, experts))
+        return timer(lambda: (run().float() * dy).sum().backward(), pmesh.ep_group)
+
+    layer_w = dataclasses.replace(w, tokens=rows // w.top_k)
+    costs = MeasuredCosts(parts)
+    base_measured = layer(1)
+    base_modelled = moe_layer_timeline(layer_w, costs, 1).makespan
+    # Least squares through the origin: extra_measured - extra_modelled = overhead * (chunks beyond the first,
+    # summed over the forward and backward passes).
+    num = den = 0.0
+    for r in (2, 4):
+        unexplained = (layer(r) - base_measured) - (moe_layer_timeline(layer_w, costs, r).makespan - base_modelled)
+        extra_chunks = 2 * (r - 1)
+        num += unexplained * extra_chunks
+        den += extra_chunks ** 2
+    return max(0.0, num / den)
+
+
+def load_or_measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.device, dtype: torch.dtype,
+                    cache_dir: Path) -> tuple[Profile, bool]:
+    """The cached profile for this machine, layout and shapes, or a fresh one (collective either way).
+
+    Returns (profile, came_from_cache). Rank 0 reads and writes the cache and
+    broadcasts, so every rank plans from the same numbers.
+    """
+    key = profile_key(cfg, w, device)
+    path = cache_dir / f"profile-{key}.json"
+    box: list = [None]
+    if dist.get_rank() == 0 and path.is_file():
+        try:
+            data = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(path.read_text()).items()}
+            box[0] = Profile(**data)
+        except (ValueError, TypeError) as err:  # unreadable: measure again (every rank learns it below)
+            print(f"warning: ignoring unreadable profile cache {path}: {err}", flush=True)
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        return box[0], True
+    profile = dataclasses.replace(measure(cfg, w, pmesh, device, dtype), key=key)
+    box = [dataclasses.asdict(profile)]
+    dist.broadcast_object_list(box, src=0)  # rank 0's numbers for everyone
+    profile = Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in box[0].items()})
+    if dist.get_rank() == 0:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(profile), indent=1))
+        os.replace(tmp, path)
+    return profile, False
+
+
+class MeasuredCosts:
+    """Unit costs from a Profile; dense time is spread over blocks in proportion to their FLOPs."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.p = profile
+        self.overlap_slowdown = profile.overlap_slowdown
+        self.chunk_overhead_s = profile.chunk_overhead_s
+
+    def dense(self, w: Workload, layer: int, phase: Phase) -> float:
+        total = sum(w.dense_flops) + w.head_flops
+        share = w.layer_flops(layer) / total if total else 0.0
+        if layer < 0:  # embedding: no FLOPs, but give it a sliver so ordering is kept
+            share = 0.0
+        return (self.p.dense_fwd_s if phase == "fwd" else self.p.dense_bwd_s) * share
+
+    def experts(self, w: Workload, rows: float, phase: Phase) -> float:
+        return _at(self.p.experts_fwd if phase == "fwd" else self.p.experts_bwd, rows)
+
+    def all_to_all(self, w: Workload, nbytes: float) -> float:
+        # The fit is for the bytes one rank sends in total, (ep-1)/ep of which leave the rank.
+        return _at(self.p.all_to_all, nbytes * w.ep / max(1, w.ep - 1)) if w.ep > 1 else 0.0
+
+    def grad_reduce(self, w: Workload, nbytes: float, expert: bool, mode: str) -> float:
+        group = "edp" if expert else "dp"
+        fit = getattr(self.p, f"{'all_reduce' if mode == 'all_reduce' else 'reduce_scatter'}_{group}")
+        return _at(fit, nbytes)
+
+    def optimizer(self, w: Workload, mode: str) -> float:
+        if mode != "reduce_scatter":
+            return self.p.optimizer_s
+        dense = sum(p.numel for p in w.params if not p.expert) * 4
+        expert = sum(p.numel for p in w.params if p.expert) * 4
+        edp = max(1, w.dp // w.ep)
+        return (self.p.optimizer_s * (dense / w.dp + expert / edp) / max(1, dense + expert)
+                + _at(self.p.all_gather_dp, dense) + _at(self.p.all_gather_edp, expert))

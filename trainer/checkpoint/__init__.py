@@ -1,0 +1,1 @@
+"""Checkpoints: the run's checkpoints folder, sharded training checkpoints, weights-only checkpoints."""

@@ -1,0 +1,96 @@
+"""Weights-only checkpoints: what `moeyard convert` writes and what `--init` starts a run from.
+
+The same folder format as a training checkpoint (DCP shards + manifest.json with sizes and sha256), with
+only the `model` (and router `buffers`) entries, step 0 and `"kind": "weights"`. Expert weights are
+global [E, ...] tensors, so `--init` loads them at any world size and ep. `--init` also accepts a
+training run's checkpoint: it then takes the weights and leaves optimizer state, step and RNG behind.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+
+from moeyard.models import ConfigError, ModelConfig, Transformer
+
+from moeyard.trainer.checkpoint.store import MANIFEST, CheckpointError, read_manifest, sha256, write_durably
+from moeyard.trainer.config import Config, to_dict
+
+
+def write_weights_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, out: Path,
+                             source: dict[str, Any], buffers: dict[str, Tensor] | None = None) -> Path:
+    """Check `state` against the model `model_cfg` builds, then write it (and router `buffers`, when the
+    model has any) to `out` (a new folder) atomically."""
+    if out.exists():
+        raise FileExistsError(f"{out} already exists: choose a new folder for the checkpoint")
+    with torch.device("meta"):
+        expected = {n: p.shape for n, p in Transformer(model_cfg).named_parameters()}
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{n}: {tuple(state[n].shape)} != {tuple(s)}" for n, s in expected.items()
+             if n in state and state[n].shape != s]
+    if missing or extra or wrong:
+        raise ConfigError(f"converted weights do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}, "
+                          f"wrong shapes {wrong[:3]}")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with warnings.catch_warnings():  # DCP warns that no process group exists: that is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        saved = {"model": {n: t.contiguous() for n, t in state.items()}}
+        if buffers:
+            saved["buffers"] = {n: t.contiguous() for n, t in buffers.items()}
+        dcp.save(saved, checkpoint_id=tmp, no_dist=True)
+    files = [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())]
+    manifest = {"kind": "weights", "step": 0, "samples": 0, "config_hash": "", "world_size": 1, "ep": 1,
+                "config": to_dict(Config(model=model_cfg)), "source": source, "files": files}
+    write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_init(path: Path) -> Path:
+    """A checkpoint folder, or a run's checkpoints folder (its `latest`), or a run folder."""
+    for folder in (path, path / "checkpoints"):
+        if (folder / "latest").is_file():
+            return folder / (folder / "latest").read_text().strip()
+    return path
+
+
+def init_model_config(path: Path) -> dict[str, Any]:
+    """The model section recorded in a checkpoint (its files are checked when the run loads it)."""
+    try:
+        return read_manifest(path)["config"]["model"]
+    except CheckpointError as err:
+        raise ConfigError(f"checkpoint.init={path}: {err}. Give a checkpoint folder (moeyard convert writes one; "
+                          f"`moeyard train` writes runs/NAME/checkpoints/step_*), or a run folder") from None
+
+
+def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | None, path: Path) -> dict[str, Any]:
+    """The checkpoint's model config; the user's config may change only what keeps the weights' shapes."""
+    merged = copy.deepcopy(init_model)
+    user_model = user_model or {}
+    shaped = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "attn_bias",
+              "qk_norm", "tie_embeddings")
+    shaped_moe = ("num_experts", "num_experts_per_layer", "ffn_dim", "num_shared_experts", "shared_ffn_dim",
+                  "shared_expert_gate", "every", "first_dense_layers")
+    for key, value in user_model.items():
+        if key == "moe" and isinstance(value, dict):
+            for k, v in value.items():
+                if k in shaped_moe and v != merged["moe"].get(k):
+                    raise ConfigError(f"model.moe.{k}={v!r} differs from the checkpoint {path} "
+                                      f"({merged['moe'].get(k)!r}) the run starts from: remove it from the config")
+                merged["moe"][k] = v
+            continue
+        if key in shaped and value != merged.get(key):
+            raise ConfigError(f"model.{key}={value!r} differs from the checkpoint {path} "
+                              f"({merged.get(key)!r}) the run starts from: remove it from the config")
+        merged[key] = value
+    return merged

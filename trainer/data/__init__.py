@@ -1,0 +1,1 @@
+"""Data: token corpora and their batches, tokenizers, instruction-tuning conversations."""

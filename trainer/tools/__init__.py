@@ -1,0 +1,1 @@
+"""Offline single-process tools: HF import/export, upcycling, pruning, merging, inspection, evaluation."""

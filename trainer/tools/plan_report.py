@@ -1,0 +1,58 @@
+"""What `moeyard plan` prints: the chosen plan, per-stage and per-step predictions, hidden communication."""
+from __future__ import annotations
+
+import torch
+
+from moeyard.parallel import build_mesh
+from moeyard.parallel.scheduler.cost_model import Costs, Workload, predict, workload_for
+from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
+from moeyard.parallel.scheduler.plan import Plan
+from moeyard.parallel.scheduler.planner import reference_plan, search
+from moeyard.parallel.scheduler.profiler import MeasuredCosts, load_or_measure
+
+from moeyard.trainer.config import Config
+from moeyard.trainer.freezing import frozen_set
+from moeyard.trainer.precision import resolve_dtype
+from moeyard.trainer.schedule import profile_cache_dir, workload
+
+
+def plan_report(cfg: Config, w: Workload, costs: Costs, source: str) -> tuple[Plan, str]:
+    plan, best = search(w, costs, cfg.schedule.grad_sync)
+    off = predict(w, reference_plan(w, cfg.schedule.grad_sync), costs)
+    ms = 1e3
+    lines = [
+        f"costs from {source}; world {w.dp} ranks, ep={w.ep}, {w.tokens} tokens per rank per micro-step, "
+        f"{w.micro_steps} micro-step(s)",
+        f"plan: {plan.summary()}",
+        f"{'':24}{'plan':>12}{'schedule off':>14}",
+    ]
+    rows = [("step", best.step, off.step)]
+    rows += [(f"  {k} (work)", best.stages.get(k, 0.0), off.stages.get(k, 0.0))
+             for k in ("dense", "experts", "a2a", "grad_reduce", "optimizer")]
+    rows += [("communication", best.comm, off.comm), ("  exposed", best.exposed_comm, off.exposed_comm)]
+    for name, a, b in rows:
+        lines.append(f"{name:24}{a * ms:>10.3f}ms{b * ms:>12.3f}ms")
+    lines.append(f"communication hidden: {best.hidden_fraction:.0%} with the plan, {off.hidden_fraction:.0%} off; "
+                 f"predicted speed-up {off.step / best.step:.3f}x")
+    return plan, "\n".join(lines)
+
+
+def measured_report(cfg: Config, device: torch.device) -> str:
+    """Profile this machine on the real process groups (cached) and report the plan. Collective."""
+    pmesh = build_mesh(cfg.parallel.ep, device.type)
+    w = workload(cfg, pmesh.dp, device)
+    profile, cached = load_or_measure(cfg.model, w, pmesh, device, resolve_dtype(cfg.train.dtype, device),
+                                      profile_cache_dir())
+    source = f"a profile of this machine ({'cached' if cached else 'measured now'}, key {profile.key})"
+    return plan_report(cfg, w, MeasuredCosts(profile), source)[1]
+
+
+def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
+    """Plan for a described machine: no processes, no measurement."""
+    hw = Hardware.load(hardware_path)
+    per_rank = cfg.global_batch_sequences // world_size
+    micro = cfg.train.micro_batch_size or per_rank
+    w = workload_for(cfg.model, tokens=micro * cfg.train.seq_len, seq_len=cfg.train.seq_len, ep=cfg.parallel.ep,
+                     dp=world_size, micro_steps=per_rank // micro, act_bytes=hw.act_bytes,
+                     frozen=frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen))
+    return plan_report(cfg, w, HardwareCosts(hw), f"the hardware description {hw.name} ({hardware_path})")[1]
