@@ -29,8 +29,8 @@ import socket
 import sys
 import time
 from dataclasses import asdict
-from functools import partial
 from datetime import date, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,19 @@ import torch.multiprocessing as mp  # noqa: E402
 from moeyard.launch.host_memory import keep_freed_memory  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layer_cases import (Case, DeepSpeedLayer, MatmulFloor, MoeyardLayer, dropless_rows, init_deepspeed,  # noqa: E402
-                         make_inputs, make_weights, max_rel_error, reference_grads, time_interleaved)
+from layer_cases import (  # noqa: E402
+    Case,
+    DeepSpeedLayer,
+    MatmulFloor,
+    MoeyardLayer,
+    dropless_rows,
+    init_deepspeed,
+    make_inputs,
+    make_weights,
+    max_rel_error,
+    reference_grads,
+    time_interleaved,
+)
 
 HERE = Path(__file__).resolve().parent
 CHECK_TOLERANCE = 1e-4

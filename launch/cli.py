@@ -19,16 +19,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from moeyard import configs
-from moeyard.models import ConfigError
-from moeyard.trainer.config import check_vocab, load_config, validate_for_world
-from moeyard.trainer.data.tokens import DataError, default_cache_root, ensure_corpus, prepare_corpus, read_meta
-from moeyard.trainer.checkpoint.store import CheckpointError
-from moeyard.trainer.loop import NonFiniteStop, holds_a_run
-
+from moeyard.errors import CheckpointError, DataError, LaunchError, run_reporting
 from moeyard.launch.commands.tools import add_convert_parser, add_prune_parser, add_sft_eval_parser
-from moeyard.launch.env import LaunchError, in_slurm_step, single_process
+from moeyard.launch.env import in_slurm_step, single_process
 from moeyard.launch.torchrun import Nodes, launch_workers
 from moeyard.launch.worker import add_overrides
+from moeyard.trainer.config import check_vocab, load_config, validate_for_world
+from moeyard.trainer.data.tokens import default_cache_root, ensure_corpus, prepare_corpus, read_meta
+from moeyard.trainer.loop import holds_a_run
 
 
 def _worker_args(config: str, overrides: list[str], *extra: str) -> list[str]:
@@ -105,8 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _data_paths(cfg) -> tuple[Path, ...]:
     """What workers read besides the config: the corpus (or its source) and the cache it is prepared in."""
-    from moeyard.trainer.data.tokens import STDLIB
     from moeyard.trainer.data.sft_demo import DEMO
+    from moeyard.trainer.data.tokens import STDLIB
 
     paths = []
     for path in (cfg.data.dir, cfg.data.source, cfg.sft.data, cfg.sft.tokenizer, cfg.checkpoint.init):
@@ -278,11 +276,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, DataError, LaunchError, CheckpointError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteStop as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+    return run_reporting(lambda: args.func(args))

@@ -15,9 +15,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
-
-class LaunchError(RuntimeError):
-    """The environment of a worker does not describe a usable launch; the message says how to fix it."""
+from moeyard.errors import LaunchError
 
 
 @dataclass(frozen=True)

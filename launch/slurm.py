@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from moeyard.launch.env import LaunchError
+from moeyard.errors import LaunchError
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from moeyard.errors import BAD_INPUT, NONFINITE, LaunchError
+from moeyard.launch.env import available_cpus
 from moeyard.trainer.loop import PREEMPTED
-
-from moeyard.launch.env import LaunchError, available_cpus
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def launch_workers(nproc: int, worker_args: list[str], *, nodes: Nodes = Nodes()
         failures = ", ".join(f"rank {rank} exit code {f.exitcode}" for rank, f in sorted(err.failures.items()))
         print(f"error: training workers failed ({failures}); see their messages above", file=sys.stderr)
         codes = {f.exitcode for f in err.failures.values()}
-        return codes.pop() if codes in ({2}, {3}) else 1  # all agree on bad input (2) or a non-finite stop (3)
+        return codes.pop() if codes in ({BAD_INPUT}, {NONFINITE}) else 1  # all workers agree on why
     except SignalException as err:  # the launcher itself was told to stop; workers checkpoint on their way out
         print(f"stopped by {signal.Signals(err.sigval).name}; run the same command to resume", file=sys.stderr)
         return 128 + err.sigval

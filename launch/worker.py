@@ -8,22 +8,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 from datetime import timedelta
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from moeyard.models import ConfigError
-from moeyard.trainer.config import Config, load_config, validate_for_world
-from moeyard.trainer.data.tokens import DataError, ensure_corpus
-from moeyard.trainer.checkpoint.store import CheckpointError
-from moeyard.trainer.loop import NonFiniteStop, Preemption, train
-from moeyard.trainer.tools.plan_report import measured_report
-
-from moeyard.launch.env import DistEnv, LaunchError, available_cpus, resolve_env
+from moeyard.errors import DataError, LaunchError, run_reporting
+from moeyard.launch.env import DistEnv, available_cpus, resolve_env
 from moeyard.launch.host_memory import keep_freed_memory
+from moeyard.trainer.config import Config, load_config, validate_for_world
+from moeyard.trainer.data.tokens import ensure_corpus
+from moeyard.trainer.loop import Preemption, train
+from moeyard.trainer.tools.plan_report import measured_report
 
 
 def pick_device(env: DistEnv, backend: str) -> tuple[torch.device, str]:
@@ -154,12 +151,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     from moeyard import configs
 
-    try:
-        cfg = load_config(args.config or configs.path("tiny.yaml"), args.overrides)
-        return run_worker(cfg, resolve_env(), plan_only=args.plan_only)
-    except (ConfigError, DataError, LaunchError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteStop as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+    return run_reporting(lambda: run_worker(load_config(args.config or configs.path("tiny.yaml"), args.overrides),
+                                            resolve_env(), plan_only=args.plan_only))

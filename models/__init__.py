@@ -1,5 +1,6 @@
 """Transformer and MoE layers as single-device computations."""
-from moeyard.models.config import ConfigError, ModelConfig, MoEConfig
+from moeyard.errors import ConfigError
+from moeyard.models.config import ModelConfig, MoEConfig
 from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.moe.layer import MoE, MoEStats, TokenExchange
 from moeyard.models.transformer import ModelOutput, Transformer, expert_modules

@@ -9,9 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the key and the fix."""
+from moeyard.errors import ConfigError
 
 
 def require(condition: bool, message: str) -> None:

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from moeyard.models.config import ModelConfig
-from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.layers import Attention, RMSNorm, SwiGLU, rope_tables
-from moeyard.models.peft.adapters import add_routed_adapters, routed_adapters
+from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.moe.layer import MoE, MoEStats
+from moeyard.models.peft.adapters import add_routed_adapters, routed_adapters
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.distributed as dist
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from torch import nn
 
 from moeyard.models import Transformer
-
 from moeyard.parallel.exchange.dispatch import ExpertParallelExchange
 from moeyard.parallel.mesh import ParallelMesh
 

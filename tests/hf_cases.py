@@ -64,9 +64,9 @@ def sharded_logits(rank: int, world: int, ckpt: str, tokens: torch.Tensor) -> to
 
     from moeyard.models import Transformer
     from moeyard.parallel import apply_expert_parallel, build_mesh
-    from moeyard.trainer.config import build_config
     from moeyard.trainer.checkpoint.sharded import load_weights_into
     from moeyard.trainer.checkpoint.weights import init_model_config
+    from moeyard.trainer.config import build_config
 
     cfg = build_config({"model": init_model_config(Path(ckpt))}).model
     pmesh = build_mesh(world, "cpu")

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import torch
 
-from moeyard.trainer.data.sft_batches import SFTBatches, _tensors
 from moeyard.trainer.data.sft import ByteChatTemplate, to_rows
+from moeyard.trainer.data.sft_batches import SFTBatches, _tensors
 
 
 def random_conversations(n: int, seed: int) -> list[list[dict]]:

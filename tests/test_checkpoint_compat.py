@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import moeyard_train, read_metrics
 
 from moeyard.models import Transformer
 from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.config import load_config
-from runs import moeyard_train, read_metrics
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "checkpoint_before_restructure"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from moeyard.trainer.checkpoint.store import CheckpointError, CheckpointStore, sha256, verify
+from moeyard.errors import CheckpointError
+from moeyard.trainer.checkpoint.store import CheckpointStore, sha256, verify
 
 
 def make(root, step: int, payload: bytes = b"weights") -> None:

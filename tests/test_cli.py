@@ -7,9 +7,8 @@ import re
 import subprocess
 import sys
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from runs import moeyard_train, read_metrics, write_config
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 STEP_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
              "predicted_step_s", "expert_load",

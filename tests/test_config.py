@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from moeyard import configs
-from moeyard.models import ConfigError
+from moeyard.errors import ConfigError
 from moeyard.trainer.config import dump_yaml, load_config, validate_for_world
 
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from moeyard.trainer.data.tokens import DataError, TokenBatches, prepare_corpus, read_meta
+from moeyard.errors import DataError
 from moeyard.trainer.data.tokenizer import ByteTokenizer
+from moeyard.trainer.data.tokens import TokenBatches, prepare_corpus, read_meta
 
 
 def test_prepare_is_byte_exact(tmp_path) -> None:

@@ -1,9 +1,8 @@
 """Token exchange over real gloo process groups against the one-process computation."""
 from __future__ import annotations
 
-import pytest
-
 import dist_cases
+import pytest
 from multiprocess import run_distributed
 
 

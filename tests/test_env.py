@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from moeyard.launch.env import LaunchError, resolve_env, slurm_port, tasks_on_node
+from moeyard.errors import LaunchError
+from moeyard.launch.env import resolve_env, slurm_port, tasks_on_node
 
 
 class FakeComm:

@@ -8,8 +8,6 @@ relative (norm-wise per parameter tensor for the updates).
 from __future__ import annotations
 
 import pytest
-import torch
-
 from runs import final_parameters, initial_parameters, moeyard_train, read_metrics, write_config
 
 RTOL = 1e-5

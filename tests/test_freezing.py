@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from runs import final_parameters, initial_parameters, moeyard_train, read_metrics, run_moeyard_train, write_config
 
-from moeyard.models import ConfigError
-from moeyard.trainer.config import load_config
+from moeyard.errors import ConfigError
 from moeyard.parallel.scheduler.cost_model import predict, workload_for
 from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
 from moeyard.parallel.scheduler.planner import reference_plan, search
+from moeyard.trainer.config import load_config
 from moeyard.trainer.freezing import frozen_names, frozen_set
-from runs import final_parameters, initial_parameters, moeyard_train, read_metrics, run_moeyard_train, write_config
 
 NAMES = ["tok_embeddings.weight", "layers.0.attn.wq.weight", "layers.1.ffn.router.weight_ED",
          "layers.1.ffn.experts.w_gate_EDF", "output.weight"]

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from hf_cases import hf_logits, save_random_model, sharded_logits
 from multiprocess import run_distributed
 
 pytest.importorskip("transformers")
 
+from moeyard.errors import ConfigError
 from moeyard.launch.cli import main  # noqa: E402
-from moeyard.models import ConfigError, Transformer  # noqa: E402
+from moeyard.models import Transformer  # noqa: E402
 from moeyard.trainer.checkpoint.sharded import load_full_model  # noqa: E402
-from moeyard.trainer.config import build_config  # noqa: E402
 from moeyard.trainer.checkpoint.weights import init_model_config  # noqa: E402
+from moeyard.trainer.config import build_config  # noqa: E402
 
 TOKENS = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(1))
 

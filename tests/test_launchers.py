@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from multiprocess import free_port
 from runs import read_metrics, skip_or_fail
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moeyard.models import ConfigError, GroupedExperts, ModelConfig, MoE, MoEConfig, Transformer
+from moeyard.errors import ConfigError
+from moeyard.models import GroupedExperts, ModelConfig, MoE, MoEConfig, Transformer
 from moeyard.models.moe.expert_loop import swiglu_fused_loop
 from moeyard.models.moe.experts import swiglu_grouped_mm, swiglu_loop
 from moeyard.models.moe.router import load_balance_loss, router_z_loss

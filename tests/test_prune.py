@@ -7,16 +7,15 @@ import sys
 
 import pytest
 import yaml
+from runs import moeyard_train, read_metrics, write_config
 
-from moeyard.models import ConfigError
-from moeyard.trainer.checkpoint.store import read_manifest
-from moeyard.trainer.config import load_config
+from moeyard.errors import ConfigError
 from moeyard.models import Transformer
 from moeyard.trainer.checkpoint.sharded import load_full_model
-from moeyard.trainer.config import build_config
+from moeyard.trainer.checkpoint.store import read_manifest
+from moeyard.trainer.config import build_config, load_config
 from moeyard.trainer.data.tokens import TokenBatches
 from moeyard.trainer.tools.prune import mean_loss, prune
-from runs import moeyard_train, read_metrics, write_config
 
 
 @pytest.fixture(scope="module")

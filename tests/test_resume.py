@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from runs import final_parameters, moeyard_train, read_metrics, run_moeyard_train, write_config
 
 LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm")

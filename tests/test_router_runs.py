@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from moeyard import configs
 from runs import moeyard_train, read_metrics, write_config
 from test_equivalence import assert_same_run
+
+from moeyard import configs
 
 CONFIGS = {"topk_softmax": "tiny.yaml", "switch": "tiny-switch.yaml", "expert_choice": "tiny-expert-choice.yaml",
            "sigmoid_bias": "tiny-sigmoid-bias.yaml", "dense_to_sparse": "tiny-dense-to-sparse.yaml"}

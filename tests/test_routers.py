@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from moeyard.errors import ConfigError
 from moeyard.models import MoEConfig
-from moeyard.models.config import ConfigError
 from moeyard.models.moe.layer import MoE
 from moeyard.models.moe.router import router_entropy, sequence_balance_loss
 from moeyard.models.moe.routers import DenseToSparseRouter, ExpertChoiceRouter, SigmoidBiasRouter, TopKRouter

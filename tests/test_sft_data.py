@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeyard.trainer.data.tokens import DataError
+from moeyard.errors import DataError
 from moeyard.trainer.data.sft import ByteChatTemplate, Example, read_conversations, split_heldout, target_mask, to_rows
 
 T = ByteChatTemplate

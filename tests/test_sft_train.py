@@ -9,19 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
-
 from multiprocess import run_distributed
 from runs import SMALL, read_metrics
 from sft_cases import random_conversations, sft_rows, sft_step_matches_reference
 
 from moeyard.models import ModelConfig, Transformer
 from moeyard.trainer.checkpoint.sharded import load_full_model
+from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
 from moeyard.trainer.config import _build, load_config
 from moeyard.trainer.data.sft_batches import SFTBatches, SFTData
 from moeyard.trainer.step import lm_loss_sum
-from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
 
 
 def test_prompt_tokens_contribute_zero_loss() -> None:

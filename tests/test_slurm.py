@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from runs import read_metrics, write_config
 from slurm_cluster import SlurmCluster
 

@@ -16,9 +16,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from moeyard.models import ConfigError, ModelConfig
+from moeyard.errors import ConfigError
+from moeyard.models import ModelConfig
 from moeyard.models.config import require
-
 from moeyard.trainer.freezing import frozen_set
 
 

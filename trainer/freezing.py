@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from moeyard.models import ConfigError, ModelConfig, Transformer
+from moeyard.errors import ConfigError
+from moeyard.models import ModelConfig, Transformer
 from moeyard.models.peft.adapters import ADAPTER_PATTERN, is_adapter_parameter
 
 

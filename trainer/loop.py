@@ -14,19 +14,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moeyard.errors import CheckpointError, DataError, NonFiniteStop
 from moeyard.models import Transformer
 from moeyard.parallel import apply_expert_parallel, build_mesh, split_parameters
-
 from moeyard.trainer.checkpoint.sharded import Checkpointer, config_hash
 from moeyard.trainer.config import Config, check_vocab, dump_yaml, validate_for_world
-from moeyard.trainer.data.tokens import DataError, TokenBatches, read_meta
+from moeyard.trainer.data.sft_batches import SFTBatches, SFTData, heldout_share
+from moeyard.trainer.data.tokens import TokenBatches, read_meta
 from moeyard.trainer.freezing import freeze
 from moeyard.trainer.metrics import MetricsLogger, step_record
 from moeyard.trainer.optim import lr_at
 from moeyard.trainer.precision import resolve_dtype
 from moeyard.trainer.schedule import apply_plan_chunks, build_grad_sync, plan_for
-from moeyard.trainer.checkpoint.store import CheckpointError
-from moeyard.trainer.data.sft_batches import SFTBatches, SFTData, heldout_share
 from moeyard.trainer.step import heldout_loss, train_step
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -35,9 +34,6 @@ PREEMPTED = "PREEMPTED"
 STOPPED_NONFINITE = "STOPPED_NONFINITE"
 """Marker in run.dir: the run stopped on NaN/inf; restarts refuse to repeat it until it is deleted."""
 
-
-class NonFiniteStop(RuntimeError):
-    """Training met NaN/inf and was told to stop; the last good state is checkpointed."""
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,12 @@ from moeyard.models import Transformer
 from moeyard.parallel import ParallelMesh, ParamGroups
 from moeyard.parallel.grads.buckets import BucketedReducer, backward_order, buckets_by_bytes
 from moeyard.parallel.grads.sync import GradSync, OverlappedSync, PlainSync, ShardedSync
-from moeyard.parallel.scheduler.plan import Plan
+from moeyard.parallel.grads.zero import ShardedAdamW
 from moeyard.parallel.scheduler.cost_model import Costs, Workload, predict, workload_for
 from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
+from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.planner import search, with_prediction
 from moeyard.parallel.scheduler.profiler import MeasuredCosts, load_or_measure
-from moeyard.parallel.grads.zero import ShardedAdamW
-
 from moeyard.trainer.config import Config
 from moeyard.trainer.data.tokens import default_cache_root
 from moeyard.trainer.freezing import frozen_set

@@ -20,7 +20,6 @@ from moeyard.models import Transformer
 from moeyard.models.peft.adapters import routed_adapters
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grads.sync import GradSync
-
 from moeyard.trainer.data.sft_batches import SFTBatch
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moeyard.launch.env import LaunchError
+from moeyard.errors import LaunchError
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -24,8 +24,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not source.is_dir():
         raise LaunchError(f"{source} is not a folder")
     if args.action == "merge-adapters":
-        from moeyard.trainer.tools.merge_adapters import merge_adapters
         from moeyard.trainer.checkpoint.weights import resolve_init
+        from moeyard.trainer.tools.merge_adapters import merge_adapters
 
         report = merge_adapters(resolve_init(source), out)
         print(f"merged {len(report['merged'])} LoRA adapters into their linear maps; largest logit change on "
@@ -68,8 +68,8 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from moeyard.trainer.tools.prune import prune
     from moeyard.trainer.checkpoint.weights import resolve_init
+    from moeyard.trainer.tools.prune import prune
 
     keep = args.keep
     if args.keep_per_layer is not None:

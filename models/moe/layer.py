@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from moeyard.models.config import MoEConfig
-from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.layers import SwiGLU
+from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.moe.permutation import expert_capacity, permute, plan_permutation, unpermute
 from moeyard.models.moe.router import Routing, load_balance_loss, router_entropy, router_z_loss, sequence_balance_loss
 from moeyard.models.moe.routers import build_router

@@ -26,7 +26,8 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from moeyard.models.config import ConfigError, PEFTConfig
+from moeyard.errors import ConfigError
+from moeyard.models.config import PEFTConfig
 from moeyard.models.moe.router import Router, router_entropy, sequence_balance_loss
 from moeyard.models.moe.routers import top_k_weights
 

@@ -22,7 +22,6 @@ from torch import Tensor
 
 from moeyard.models import GroupedExperts
 from moeyard.models.moe.layer import LocalExchange
-
 from moeyard.parallel.exchange.overlap import pipelined_experts
 from moeyard.parallel.exchange.regroup import local_expert_order
 

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moeyard.models import expert_modules
-
 from moeyard.parallel.mesh import ParallelMesh
 
 

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from moeyard.parallel.grads.buckets import BucketedReducer
 from moeyard.parallel.grads.reduce import ParamGroups, clip_gradients, global_grad_norm, reduce_gradients
-from moeyard.parallel.mesh import ParallelMesh
 from moeyard.parallel.grads.zero import ShardedAdamW
+from moeyard.parallel.mesh import ParallelMesh
 
 
 class GradSync(Protocol):

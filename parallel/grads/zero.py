@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from moeyard.parallel.grads.buckets import Bucket, BucketedReducer, all_gather
 

@@ -13,7 +13,6 @@ from typing import Literal, Protocol
 import torch
 
 from moeyard.models import ModelConfig, Transformer, expert_modules
-
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.simulator import Schedule, Timeline
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import yaml
 
 from moeyard import configs
-
 from moeyard.parallel.scheduler.cost_model import Phase, Workload
 
 

@@ -29,12 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moeyard.models import GroupedExperts, ModelConfig, Transformer
-
-from moeyard.parallel.grads.buckets import all_gather, reduce_scatter
-from moeyard.parallel.scheduler.cost_model import Phase, Workload, moe_layer_timeline
 from moeyard.parallel.exchange.dispatch import ExpertParallelExchange
-from moeyard.parallel.parallelize import apply_expert_parallel
+from moeyard.parallel.grads.buckets import all_gather, reduce_scatter
 from moeyard.parallel.mesh import ParallelMesh
+from moeyard.parallel.parallelize import apply_expert_parallel
+from moeyard.parallel.scheduler.cost_model import Phase, Workload, moe_layer_timeline
 
 PROFILER_VERSION = 3
 """Part of the cache key: bump when what is measured changes, so old profiles are not reused."""

@@ -33,14 +33,21 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from moeyard.errors import CheckpointError
 from moeyard.models import expert_modules
 from moeyard.models.peft.adapters import is_adapter_parameter
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.scheduler.plan import Plan
-
-from moeyard.trainer.checkpoint.store import (CheckpointError, CheckpointStore, base_of, check_files, content_hash, read_manifest,
-                               sha256, verify)
+from moeyard.trainer.checkpoint.store import (
+    CheckpointStore,
+    base_of,
+    check_files,
+    content_hash,
+    read_manifest,
+    sha256,
+    verify,
+)
 from moeyard.trainer.config import Config, to_dict
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")

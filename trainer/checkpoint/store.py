@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moeyard.errors import CheckpointError
+
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step_(\d{6,})$")
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt; the message names it."""
 
 
 def sha256(path: Path) -> str:

@@ -19,9 +19,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
 
-from moeyard.models import ConfigError, ModelConfig, Transformer
-
-from moeyard.trainer.checkpoint.store import MANIFEST, CheckpointError, read_manifest, sha256, write_durably
+from moeyard.errors import CheckpointError, ConfigError
+from moeyard.models import ModelConfig, Transformer
+from moeyard.trainer.checkpoint.store import MANIFEST, read_manifest, sha256, write_durably
 from moeyard.trainer.config import Config, to_dict
 
 

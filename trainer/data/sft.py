@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from moeyard.trainer.data.tokens import DataError
+from moeyard.errors import DataError
 from moeyard.trainer.data.tokenizer import ByteTokenizer
 
 ROLES = ("system", "user", "assistant")

@@ -13,10 +13,17 @@ from typing import Optional
 
 import torch
 
+from moeyard.errors import DataError
 from moeyard.trainer.config import Config
-from moeyard.trainer.data.tokens import DataError
-from moeyard.trainer.data.sft import ByteChatTemplate, HFChatTemplate, Rows, read_conversations, split_heldout, target_mask, \
-    to_rows
+from moeyard.trainer.data.sft import (
+    ByteChatTemplate,
+    HFChatTemplate,
+    Rows,
+    read_conversations,
+    split_heldout,
+    target_mask,
+    to_rows,
+)
 from moeyard.trainer.data.sft_demo import DEMO, stdlib_def_conversations
 
 

@@ -22,15 +22,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from moeyard.errors import DataError
 from moeyard.trainer.data.tokenizer import ByteTokenizer
 
 FORMAT = "moeyard-tokens-v1"
 STDLIB = "python-stdlib"
 SHARD_TOKENS = 1 << 26  # 64 Mi tokens (128 MiB) per shard file
 
-
-class DataError(ValueError):
-    """The data on disk is missing or not what moeyard wrote; the message says what to do."""
 
 
 def stdlib_dir() -> Path:

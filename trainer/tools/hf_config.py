@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moeyard.models import ConfigError, ModelConfig, MoEConfig
+from moeyard.errors import ConfigError
+from moeyard.models import ModelConfig, MoEConfig
 
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")

@@ -13,13 +13,12 @@ import torch
 from safetensors.torch import save_file
 
 from moeyard.models import Transformer
-
 from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.checkpoint.store import verify
+from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
 from moeyard.trainer.config import build_config
 from moeyard.trainer.tools.hf_config import export_family, hf_config_dict, moe_model_config, read_hf_config
 from moeyard.trainer.tools.hf_weights import HFTensors, hf_to_moeyard, moeyard_to_hf
-from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")

@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from moeyard.models import ConfigError, ModelConfig
+from moeyard.errors import ConfigError
+from moeyard.models import ModelConfig
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 

@@ -11,10 +11,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
+from moeyard.errors import CheckpointError
 from moeyard.models import Transformer
-
 from moeyard.trainer.checkpoint.sharded import load_full_model, persistent_buffers
-from moeyard.trainer.checkpoint.store import CheckpointError, base_of, read_manifest, verify
+from moeyard.trainer.checkpoint.store import base_of, read_manifest, verify
 from moeyard.trainer.config import build_config
 
 

@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from moeyard.models import ConfigError, Transformer
+from moeyard.errors import CheckpointError, ConfigError
+from moeyard.models import Transformer
 from moeyard.models.config import PEFTConfig
 from moeyard.models.peft.adapters import is_adapter_parameter, merge_dense_adapters
-
 from moeyard.trainer.checkpoint.sharded import fill_model, load_full_model, persistent_buffers
-from moeyard.trainer.checkpoint.store import CheckpointError, verify
-from moeyard.trainer.config import build_config
+from moeyard.trainer.checkpoint.store import verify
 from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
+from moeyard.trainer.config import build_config
 
 
 @torch.no_grad()

@@ -9,7 +9,6 @@ from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.planner import reference_plan, search
 from moeyard.parallel.scheduler.profiler import MeasuredCosts, load_or_measure
-
 from moeyard.trainer.config import Config
 from moeyard.trainer.freezing import frozen_set
 from moeyard.trainer.precision import resolve_dtype

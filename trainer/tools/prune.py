@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moeyard.models import ConfigError, ModelConfig, Transformer
+from moeyard.errors import CheckpointError, ConfigError
+from moeyard.models import ModelConfig, Transformer
 from moeyard.models.moe.router import Routing
-
 from moeyard.trainer.checkpoint.sharded import fill_model, load_full_model
-from moeyard.trainer.checkpoint.store import CheckpointError, verify
+from moeyard.trainer.checkpoint.store import verify
+from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
 from moeyard.trainer.config import build_config, check_vocab
 from moeyard.trainer.data.tokens import TokenBatches, ensure_corpus, read_meta
-from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
 
 PRUNABLE_ROUTERS = ("topk_softmax", "switch")
 

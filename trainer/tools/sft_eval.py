@@ -15,12 +15,11 @@ from typing import Optional
 import torch
 
 from moeyard.models import Transformer
-
 from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.checkpoint.store import read_manifest
 from moeyard.trainer.config import Config, build_config
-from moeyard.trainer.data.sft_batches import chat_template, conversations_of
 from moeyard.trainer.data.sft import split_heldout
+from moeyard.trainer.data.sft_batches import chat_template, conversations_of
 from moeyard.trainer.step import skip_counts
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moeyard.models import ConfigError, MoEConfig
-
+from moeyard.errors import ConfigError
+from moeyard.models import MoEConfig
+from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
 from moeyard.trainer.tools.hf_config import DENSE_FAMILIES, family_of, model_config_from_hf, read_hf_config
 from moeyard.trainer.tools.hf_weights import HFTensors, hf_to_moeyard
-from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
 
 
 def upcycled_config(hf: dict, experts: int, top_k: int, granularity: int) -> MoEConfig:

@@ -1,0 +1,61 @@
+"""Every error moeyard reports to a user, and the exit code each one means. Imports nothing.
+
+An error of these types carries a message that names what is wrong and how to fix it; the
+command line prints it as one line (no traceback) and exits with the type's code, and a
+launcher that sees every worker exit with the same code passes it on.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+BAD_INPUT = 2
+"""Exit code: the config, data, checkpoint, command line or environment is wrong; fix it and rerun."""
+NONFINITE = 3
+"""Exit code: training met NaN/inf and stopped with the last good state saved."""
+
+
+class MoeyardError(Exception):
+    """Base of the errors a user can act on."""
+
+    exit_code = BAD_INPUT
+
+
+class ConfigError(MoeyardError, ValueError):
+    """A configuration value is wrong; the message names the key and the fix."""
+
+
+class DataError(MoeyardError, ValueError):
+    """The data on disk is missing or not what moeyard wrote; the message says what to do."""
+
+
+class CheckpointError(MoeyardError, RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt; the message names it."""
+
+
+class LaunchError(MoeyardError, RuntimeError):
+    """The environment of a worker does not describe a usable launch; the message says how to fix it."""
+
+
+class NonFiniteStop(MoeyardError, RuntimeError):
+    """Training met NaN/inf and was told to stop; the last good state is checkpointed."""
+
+    exit_code = NONFINITE
+
+
+def exit_code(err: BaseException) -> int | None:
+    """The exit code for an error the user can act on, None for anything else (a bug: let it raise)."""
+    if isinstance(err, MoeyardError):
+        return err.exit_code
+    if isinstance(err, FileExistsError):  # the tools refuse to overwrite an output folder
+        return BAD_INPUT
+    return None
+
+
+def run_reporting(action: Callable[[], int]) -> int:
+    """Run a command; an error the user can act on becomes `error: message` on stderr and its exit code."""
+    try:
+        return action()
+    except (MoeyardError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return exit_code(err)
