@@ -236,7 +236,7 @@ def sync_strategies_agree(rank: int, world: int, ep: int, steps: int) -> dict:
     the same parameters and AdamW state after `steps` steps (2 accumulated micro-steps each)."""
     from moeyard.models import ModelConfig, MoEConfig, Transformer
     from moeyard.parallel import apply_expert_parallel, split_parameters
-    from moeyard.parallel.grads.buckets import BucketedReducer, backward_order, buckets_by_bytes
+    from moeyard.parallel.grads.buckets import BucketedReducer, backward_order, bucket_sizes
     from moeyard.parallel.grads.sync import OverlappedSync, PlainSync, ShardedSync
     from moeyard.parallel.grads.zero import ShardedAdamW
     from moeyard.trainer.step import train_step
@@ -259,8 +259,8 @@ def sync_strategies_agree(rank: int, world: int, ep: int, steps: int) -> dict:
         apply_expert_parallel(model, pmesh)
         groups = split_parameters(model)
         small = 4096.0  # bytes: many small buckets, so several launch mid-backward
-        dense = buckets_by_bytes(backward_order(groups.dense), small)
-        expert = buckets_by_bytes(backward_order(groups.expert), small)
+        dense = bucket_sizes([p.numel() * 4 for p in backward_order(groups.dense)], small)
+        expert = bucket_sizes([p.numel() * 4 for p in backward_order(groups.expert)], small)
         launches: list[bool] = []  # per bucket launch: did it happen during backward (from a hook)?
         if kind == "plain":
             sync = PlainSync(groups, pmesh, torch_adamw(model))

@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from moeyard.errors import CheckpointError, DataError, NonFiniteStop
 from moeyard.models import Transformer
-from moeyard.parallel import apply_expert_parallel, build_mesh, split_parameters
+from moeyard.parallel import build_mesh
+from moeyard.parallel.parallelize import parallelize
 from moeyard.trainer.checkpoint.sharded import Checkpointer, config_hash
 from moeyard.trainer.config import Config, check_vocab, dump_yaml, validate_for_world
 from moeyard.trainer.data.sft_batches import SFTBatches, SFTData, heldout_share
@@ -25,7 +26,7 @@ from moeyard.trainer.freezing import freeze
 from moeyard.trainer.metrics import MetricsLogger, step_record
 from moeyard.trainer.optim import lr_at
 from moeyard.trainer.precision import resolve_dtype
-from moeyard.trainer.schedule import apply_plan_chunks, build_grad_sync, plan_for
+from moeyard.trainer.schedule import plan_for
 from moeyard.trainer.step import heldout_loss, train_step
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -150,12 +151,8 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
     trainable, total = freeze(model, cfg.train.trainable, cfg.train.frozen)
     if rank == 0:
         print(f"parameters: {trainable:,} of {total:,} train ({100 * trainable / total:.2f}%)", flush=True)
-    apply_expert_parallel(model, pmesh)
-    model.to(device)
-    groups = split_parameters(model)
-    plan = plan_for(cfg, model, groups, pmesh, device)
-    apply_plan_chunks(model, plan)
-    sync = build_grad_sync(plan, model, groups, pmesh, cfg)
+    plan = plan_for(cfg, pmesh, device)
+    sync = parallelize(model, pmesh, plan, cfg.optim, device)
     checkpointer = Checkpointer(cfg, pmesh, plan)
 
     first = 0

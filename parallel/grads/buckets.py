@@ -83,10 +83,6 @@ def bucket_sizes(nbytes: list[float], cap_bytes: float) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def buckets_by_bytes(params: list[nn.Parameter], cap_bytes: float) -> tuple[int, ...]:
-    return bucket_sizes([p.numel() * p.element_size() for p in params], cap_bytes)
-
-
 def backward_order(params: list[nn.Parameter]) -> list[nn.Parameter]:
     """Gradients arrive roughly in reverse registration order."""
     return list(reversed(params))

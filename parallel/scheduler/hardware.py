@@ -7,7 +7,6 @@ while communication runs beside it.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -106,7 +105,3 @@ class HardwareCosts:
             return 28 * (dense / w.dp + expert * w.ep / w.dp) / (self.hw.memory_gbps * 1e9) + gather
         # AdamW reads param, grad, two moments and writes three: ~28 bytes per fp32 parameter.
         return 28 * (dense + expert) / (self.hw.memory_gbps * 1e9)
-
-
-def nodes_spanned(ranks: int, devices_per_node: int) -> int:
-    return math.ceil(ranks / devices_per_node)

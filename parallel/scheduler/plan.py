@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 GradSync = Literal["all_reduce", "reduce_scatter"]
 
@@ -32,13 +32,6 @@ class Plan:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        data = dict(data)
-        for key in ("chunks", "dense_buckets", "expert_buckets"):
-            data[key] = tuple(data[key])
-        return cls(**data)
 
     def summary(self) -> str:
         buckets = f"{len(self.dense_buckets)} dense + {len(self.expert_buckets)} expert buckets"

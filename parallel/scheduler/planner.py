@@ -28,6 +28,13 @@ def reference_plan(w: Workload, grad_sync: GradSync) -> Plan:
                 overlap_grads=grad_sync == "reduce_scatter", source="off")
 
 
+def manual_plan(w: Workload, chunks: int, bucket_mb: float, grad_sync: GradSync) -> Plan:
+    """schedule: manual -- the same pipeline degree in every MoE layer, buckets closed at `bucket_mb`."""
+    return Plan(chunks=(chunks,) * len(w.moe_layers), dense_buckets=_buckets(w, False, bucket_mb),
+                expert_buckets=_buckets(w, True, bucket_mb), grad_sync=grad_sync, overlap_grads=True,
+                source="manual")
+
+
 def _buckets(w: Workload, expert: bool, cap_mb: float) -> tuple[int, ...]:
     return bucket_sizes([p.numel * w.grad_bytes for p in w.params if p.expert == expert], cap_mb * 2**20)
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 import torch
 
 from moeyard.parallel import build_mesh
-from moeyard.parallel.scheduler.cost_model import Costs, Workload, predict, workload_for
+from moeyard.parallel.scheduler.cost_model import Costs, Workload, predict
 from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.planner import reference_plan, search
 from moeyard.parallel.scheduler.profiler import MeasuredCosts, load_or_measure
 from moeyard.trainer.config import Config
-from moeyard.trainer.freezing import frozen_set
 from moeyard.trainer.precision import resolve_dtype
-from moeyard.trainer.schedule import profile_cache_dir, workload
+from moeyard.trainer.schedule import act_bytes, profile_cache_dir, workload
 
 
 def plan_report(cfg: Config, w: Workload, costs: Costs, source: str) -> tuple[Plan, str]:
@@ -39,7 +38,7 @@ def plan_report(cfg: Config, w: Workload, costs: Costs, source: str) -> tuple[Pl
 def measured_report(cfg: Config, device: torch.device) -> str:
     """Profile this machine on the real process groups (cached) and report the plan. Collective."""
     pmesh = build_mesh(cfg.parallel.ep, device.type)
-    w = workload(cfg, pmesh.dp, device)
+    w = workload(cfg, pmesh.dp, act_bytes(cfg, device))
     profile, cached = load_or_measure(cfg.model, w, pmesh, device, resolve_dtype(cfg.train.dtype, device),
                                       profile_cache_dir())
     source = f"a profile of this machine ({'cached' if cached else 'measured now'}, key {profile.key})"
@@ -49,9 +48,5 @@ def measured_report(cfg: Config, device: torch.device) -> str:
 def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
     """Plan for a described machine: no processes, no measurement."""
     hw = Hardware.load(hardware_path)
-    per_rank = cfg.global_batch_sequences // world_size
-    micro = cfg.train.micro_batch_size or per_rank
-    w = workload_for(cfg.model, tokens=micro * cfg.train.seq_len, seq_len=cfg.train.seq_len, ep=cfg.parallel.ep,
-                     dp=world_size, micro_steps=per_rank // micro, act_bytes=hw.act_bytes,
-                     frozen=frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen))
+    w = workload(cfg, world_size, hw.act_bytes)
     return plan_report(cfg, w, HardwareCosts(hw), f"the hardware description {hw.name} ({hardware_path})")[1]
