@@ -18,7 +18,7 @@ from moeyard.models.config import ModelConfig
 from moeyard.models.layers import Attention, RMSNorm, SwiGLU, rope_tables
 from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.moe.layer import MoE, MoEStats
-from moeyard.models.peft.adapters import add_routed_adapters, routed_adapters
+from moeyard.models.peft.adapters import AdapterStats, add_routed_adapters, recording_adapters, routed_adapters
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class ModelOutput:
     """Sum over MoE layers of z_loss_coef * router z-loss."""
     moe_stats: dict[int, MoEStats] = field(default_factory=dict)
     """Per MoE layer, keyed by block index."""
+    adapter_stats: dict[str, AdapterStats] = field(default_factory=dict)
+    """Per routed adapter (model.peft), keyed by its module name; its balance loss is in aux_loss."""
 
 
 class Block(nn.Module):
@@ -68,7 +70,8 @@ class Transformer(nn.Module):
         self.init_weights()
         if cfg.peft.method != "none":  # after the base's init: same seed, same base weights
             add_routed_adapters(self, cfg.peft)
-        self.adapters = [m for _, m in routed_adapters(self)]
+        self.named_adapters = list(routed_adapters(self))
+        self.adapters = [m for _, m in self.named_adapters]
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -108,22 +111,24 @@ class Transformer(nn.Module):
         T = tokens_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        x_BTD = self.tok_embeddings(tokens_BT)
-        cos, sin, mask_B1TT = self.rope_cos, self.rope_sin, None
-        if segment_BT is not None:
-            cos, sin, mask_B1TT = self._segment_tables(segment_BT)
-        aux_loss = z_loss = x_BTD.new_zeros((), dtype=torch.float32)
-        moe_stats: dict[int, MoEStats] = {}
-        for i, block in enumerate(self.layers):
-            x_BTD, stats = block(x_BTD, cos, sin, mask_B1TT)
-            if stats is not None:
-                moe_stats[i] = stats
-                aux_loss = aux_loss + self.cfg.moe.aux_loss_coef * stats.aux_loss
-                z_loss = z_loss + self.cfg.moe.z_loss_coef * stats.z_loss
-        logits_BTV = self.output(self.norm(x_BTD))
-        for adapter in self.adapters:
-            aux_loss = aux_loss + self.cfg.peft.aux_loss_coef * adapter.aux_loss
-        return ModelOutput(logits_BTV, aux_loss, z_loss, moe_stats)
+        with recording_adapters() as adapter_record:
+            x_BTD = self.tok_embeddings(tokens_BT)
+            cos, sin, mask_B1TT = self.rope_cos, self.rope_sin, None
+            if segment_BT is not None:
+                cos, sin, mask_B1TT = self._segment_tables(segment_BT)
+            aux_loss = z_loss = x_BTD.new_zeros((), dtype=torch.float32)
+            moe_stats: dict[int, MoEStats] = {}
+            for i, block in enumerate(self.layers):
+                x_BTD, stats = block(x_BTD, cos, sin, mask_B1TT)
+                if stats is not None:
+                    moe_stats[i] = stats
+                    aux_loss = aux_loss + self.cfg.moe.aux_loss_coef * stats.aux_loss
+                    z_loss = z_loss + self.cfg.moe.z_loss_coef * stats.z_loss
+            logits_BTV = self.output(self.norm(x_BTD))
+        adapter_stats = {name: adapter_record[m] for name, m in self.named_adapters if m in adapter_record}
+        for stats in adapter_stats.values():
+            aux_loss = aux_loss + self.cfg.peft.aux_loss_coef * stats.aux_loss
+        return ModelOutput(logits_BTV, aux_loss, z_loss, moe_stats, adapter_stats)
 
 
 def segment_positions(segment_BT: Tensor) -> Tensor:

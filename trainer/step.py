@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moeyard.models import Transformer
-from moeyard.models.peft.adapters import routed_adapters
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.trainer.data.sft_batches import SFTBatch
+from moeyard.trainer.stats import StepStats
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,7 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | SFTBatch, *, 
     lm_scale = pmesh.dp / global_targets
 
     sync.zero_grad()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # lm sum, aux, z  (this rank)
-    counts: dict[int, Tensor] = {}  # per MoE layer: copies routed to each expert, dropped, unrouted (global)
-    layer_sums: dict[int, Tensor] = {}  # aux, z, entropy per MoE layer (this rank, summed over micro-steps)
-    adapters = [(n, a) for n, a in routed_adapters(model) if a.router is not None]
-    adapter_sums: dict[str, Tensor] = {}  # per routed adapter: load, balance loss, entropy (this rank)
+    stats = StepStats()
     for i, (micro, mask_BT, segment_BT1) in enumerate(micro_batches):
         sync.begin_micro_step(last=i == len(micro_batches) - 1)  # earlier micro-steps only accumulate
         with autocast_context(device, dtype):
@@ -98,54 +94,21 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | SFTBatch, *, 
         lm_sum = lm_loss_sum(out.logits_BTV, micro[:, 1:], mask_BT)
         router_loss = (out.aux_loss + out.z_loss) / len(micro_batches)
         (lm_sum * lm_scale + router_loss).backward()
-        sums += torch.stack([lm_sum.detach(), out.aux_loss.detach(), out.z_loss.detach()]).double()
-        for layer, stats in out.moe_stats.items():
-            counted = torch.cat([stats.tokens_per_expert_E, stats.dropped.view(1), stats.unrouted.view(1)])
-            counts[layer] = counts.get(layer, 0) + counted
-            per_layer = torch.stack([stats.aux_loss.detach(), stats.z_loss.detach(), stats.entropy]).double()
-            layer_sums[layer] = layer_sums.get(layer, 0) + per_layer
-        for name, adapter in adapters:
-            adapter_sums[name] = adapter_sums.get(name, 0) + adapter.stats
+        stats.add(out, lm_sum)
 
     grad_norm = sync.reduce()  # waits for (or runs) the gradient reduction
-    layers = sorted(counts)
-    sums = torch.cat([sums, *(layer_sums[layer] for layer in layers), *(adapter_sums[n] for n, _ in adapters)])
-    dist.all_reduce(sums, group=pmesh.dp_group)  # global losses: the same on every rank, like the norm
-    finite = bool(torch.isfinite(sums[:3]).all()) and bool(torch.isfinite(grad_norm))
+    stats.all_reduce(pmesh.dp_group)  # global losses: the same on every rank, like the norm
+    finite = stats.losses_finite() and bool(torch.isfinite(grad_norm))
     # Router state as this step's forward used it (before the update below).
     router_state = {layer: moe.router.extra_metrics() for layer, moe in model.moe_layers()}
     if finite:  # every rank takes the same decision from the same numbers
         sync.apply(lr, grad_clip, grad_norm)
         for layer, moe in model.moe_layers():  # stateful routers (biases, schedules) follow the global load
-            moe.router.step_done(counts[layer][:-2])
-
-    # Everything the record needs, in two host transfers.
-    micro_steps = pmesh.dp * len(micro_batches)
-    totals = sums.tolist()
-    flat = torch.cat([counts[layer] for layer in layers]).tolist() if layers else []
-    rows = dict(zip(layers, _split(flat, [counts[layer].numel() for layer in layers])))  # sizes differ when pruned
-    lm_loss, aux_loss, z_loss = totals[0] / global_targets, totals[1] / micro_steps, totals[2] / micro_steps
-    sections = _split(totals[3:], [3] * len(layers) + [a.A_EDR.shape[0] + 2 for _, a in adapters])
-    router = {layer: {"aux_loss": aux / micro_steps, "z_loss": z / micro_steps, "entropy": entropy / micro_steps,
-                      **router_state[layer]}
-              for layer, (aux, z, entropy) in zip(layers, sections)}
-    adapter_routers = {name: {"load": [int(v) for v in values[:-2]], "aux_loss": values[-2] / micro_steps,
-                              "entropy": values[-1] / micro_steps}
-                       for (name, _), values in zip(adapters, sections[len(layers):])}
-    return StepResult(
-        loss=lm_loss + aux_loss + z_loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss,
-        grad_norm=grad_norm.item(), tokens=global_tokens, skipped=not finite,
-        expert_load={layer: row[:-2] for layer, row in rows.items()},
-        dropped_fraction={layer: row[-2] / max(1, sum(row[:-2])) for layer, row in rows.items()},
-        unrouted_fraction={layer: row[-1] / global_tokens for layer, row in rows.items()},
-        router=router, adapter_routers=adapter_routers,
-    )
-
-
-def _split(values: list[float], sizes: list[int]) -> list[list[float]]:
-    """Consecutive pieces of `values` of the given sizes."""
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [values[a:a + n] for a, n in zip(starts, sizes)]
+            moe.router.step_done(stats.expert_load(layer))
+    report = stats.report(micro_steps=pmesh.dp * len(micro_batches), global_targets=global_targets,
+                          global_tokens=global_tokens, router_state=router_state)
+    return StepResult(loss=report["lm_loss"] + report["aux_loss"] + report["z_loss"], grad_norm=grad_norm.item(),
+                      tokens=global_tokens, skipped=not finite, **report)
 
 
 def skip_counts(moe_stats: dict) -> Tensor:

@@ -20,6 +20,9 @@ R rank of each, K adapters per token.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Iterator, Optional
 
@@ -32,6 +35,33 @@ from moeyard.models.moe.router import Router, router_entropy, sequence_balance_l
 from moeyard.models.moe.routers import top_k_weights
 
 
+@dataclass(frozen=True)
+class AdapterStats:
+    """What one routed adapter reports from one forward (the Transformer returns it in ModelOutput)."""
+
+    aux_loss: Tensor
+    """Load-balancing loss of its router (1.0 is balanced), with gradient."""
+    load_E: Tensor
+    """Token copies sent to each adapter (no gradient)."""
+    entropy: Tensor
+    """Mean entropy of its router's probabilities (no gradient)."""
+
+
+_RECORD: ContextVar[Optional[dict[nn.Module, AdapterStats]]] = ContextVar("adapter_record", default=None)
+
+
+@contextmanager
+def recording_adapters() -> Iterator[dict[nn.Module, AdapterStats]]:
+    """Collect, by adapter module, what routed adapters report during the forwards inside the block: they run in
+    forward hooks of their linear maps, whose outputs can carry nothing else."""
+    record: dict[nn.Module, AdapterStats] = {}
+    token = _RECORD.set(record)
+    try:
+        yield record
+    finally:
+        _RECORD.reset(token)
+
+
 class RoutedLoRA(nn.Module):
     def __init__(self, in_features: int, out_features: int, cfg: PEFTConfig) -> None:
         super().__init__()
@@ -40,10 +70,6 @@ class RoutedLoRA(nn.Module):
         self.router: Optional[Router] = Router(in_features, E) if cfg.routed else None
         self.A_EDR = nn.Parameter(torch.empty(E, in_features, R))
         self.B_ERO = nn.Parameter(torch.empty(E, R, out_features))
-        self.aux_loss: Optional[Tensor] = None
-        """The last forward's load-balancing loss (1.0 is balanced), collected by the Transformer."""
-        self.stats: Optional[Tensor] = None
-        """The last forward's [copies per adapter (E), balance loss, router entropy], no gradient: metrics."""
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -57,7 +83,6 @@ class RoutedLoRA(nn.Module):
         E, _, R = self.A_EDR.shape
         x_TD = x.reshape(-1, D)
         if self.router is None:  # plain LoRA
-            self.aux_loss = x.new_zeros((), dtype=torch.float32)
             return self.scale * ((x_TD @ self.A_EDR[0]) @ self.B_ERO[0]).view(*lead, -1)
         probs_TE = self.router.logits(x_TD).softmax(dim=-1)
         weight_TK, index_TK = top_k_weights(probs_TE, self.top_k, renormalize=self.top_k > 1)
@@ -65,11 +90,14 @@ class RoutedLoRA(nn.Module):
         h_TER = (x_TD @ self.A_EDR.transpose(0, 1).reshape(D, E * R)).view(-1, E, R) * gate_TE.unsqueeze(-1)
         delta_TO = h_TER.reshape(-1, E * R) @ self.B_ERO.reshape(E * R, -1)
         B, S = (lead[0], x_TD.shape[0] // lead[0]) if len(lead) >= 2 else (1, x_TD.shape[0])
-        self.aux_loss = sequence_balance_loss(probs_TE.view(B, S, E), index_TK.view(B, S, -1))
-        with torch.no_grad():
-            load_E = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(  # bincount syncs on CUDA
-                0, index_TK.flatten(), torch.ones_like(index_TK.flatten()))
-            self.stats = torch.cat([load_E.double(), torch.stack([self.aux_loss, router_entropy(probs_TE)]).double()])
+        record = _RECORD.get()
+        if record is not None:
+            with torch.no_grad():
+                load_E = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(  # bincount syncs on CUDA
+                    0, index_TK.flatten(), torch.ones_like(index_TK.flatten()))
+                entropy = router_entropy(probs_TE)
+            aux_loss = sequence_balance_loss(probs_TE.view(B, S, E), index_TK.view(B, S, -1))
+            record[self] = AdapterStats(aux_loss, load_E, entropy)
         return self.scale * delta_TO.view(*lead, -1)
 
 

@@ -13,10 +13,13 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from moeyard.errors import DataError
 from moeyard.trainer.data.tokenizer import ByteTokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 ROLES = ("system", "user", "assistant")
 
