@@ -24,9 +24,10 @@ from moeyard.launch.commands.tools import add_convert_parser, add_prune_parser, 
 from moeyard.launch.env import in_slurm_step, single_process
 from moeyard.launch.torchrun import Nodes, launch_workers
 from moeyard.launch.worker import add_overrides
-from moeyard.trainer.config import check_vocab, load_config, validate_for_world
+from moeyard.trainer.config import check_vocab, validate_for_world
 from moeyard.trainer.data.tokens import default_cache_root, ensure_corpus, prepare_corpus, read_meta
 from moeyard.trainer.loop import holds_a_run
+from moeyard.trainer.run_config import resolve_config
 
 
 def _worker_args(config: str, overrides: list[str], *extra: str) -> list[str]:
@@ -64,7 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.overrides.append(f"checkpoint.resume={args.resume}")
     if args.init is not None:
         args.overrides.append(f"checkpoint.init={args.init}")
-    cfg = load_config(config, args.overrides)
+    cfg = resolve_config(config, args.overrides)
     if sft and cfg.sft.data is None:
         raise LaunchError(f"{config} has no sft.data: moeyard sft needs a JSONL file of conversations there "
                           f"(or --set sft.data=FILE)")
@@ -117,7 +118,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     from moeyard.launch.slurm import SlurmJob, render_sbatch, submit
 
     config = Path(args.config or configs.path("tiny.yaml")).resolve()
-    cfg = load_config(config, args.overrides)
+    cfg = resolve_config(config, args.overrides)
     nproc = args.nproc_per_node or args.gpus_per_node
     if nproc < 1:
         raise LaunchError("--gpus-per-node 0 (a CPU partition) needs --nproc-per-node, the workers per node")
@@ -142,7 +143,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     config = args.config or str(configs.path("tiny.yaml"))
-    cfg = load_config(config, args.overrides)
+    cfg = resolve_config(config, args.overrides)
     world = args.world_size or cfg.parallel.ep
     validate_for_world(cfg, world)
     if args.hardware:

@@ -17,9 +17,10 @@ import torch.distributed as dist
 from moeyard.errors import DataError, LaunchError, run_reporting
 from moeyard.launch.env import DistEnv, available_cpus, resolve_env
 from moeyard.launch.host_memory import keep_freed_memory
-from moeyard.trainer.config import Config, load_config, validate_for_world
+from moeyard.trainer.config import Config, validate_for_world
 from moeyard.trainer.data.tokens import ensure_corpus
 from moeyard.trainer.loop import Preemption, train
+from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.tools.plan_report import measured_report
 
 
@@ -151,5 +152,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     from moeyard import configs
 
-    return run_reporting(lambda: run_worker(load_config(args.config or configs.path("tiny.yaml"), args.overrides),
+    return run_reporting(lambda: run_worker(resolve_config(args.config or configs.path("tiny.yaml"), args.overrides),
                                             resolve_env(), plan_only=args.plan_only))

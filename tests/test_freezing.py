@@ -14,8 +14,8 @@ from moeyard.errors import ConfigError
 from moeyard.parallel.scheduler.cost_model import predict, workload_for
 from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
 from moeyard.parallel.scheduler.planner import reference_plan, search
-from moeyard.trainer.config import load_config
 from moeyard.trainer.freezing import frozen_names, frozen_set
+from moeyard.trainer.run_config import resolve_config
 
 NAMES = ["tok_embeddings.weight", "layers.0.attn.wq.weight", "layers.1.ffn.router.weight_ED",
          "layers.1.ffn.experts.w_gate_EDF", "output.weight"]
@@ -36,15 +36,15 @@ def test_patterns_select_what_trains() -> None:
 
 def test_a_pattern_that_matches_nothing_fails_when_the_config_loads() -> None:
     with pytest.raises(ConfigError, match=re.escape("train.trainable pattern 'layers.*.attention.*' matches no")):
-        load_config(TINY, ["train.trainable=layers.*.attention.*"])
-    cfg = load_config(TINY, ["train.trainable=layers.*.attn.*"])  # one pattern given as a plain string
+        resolve_config(TINY, ["train.trainable=layers.*.attention.*"])
+    cfg = resolve_config(TINY, ["train.trainable=layers.*.attn.*"])  # one pattern given as a plain string
     assert cfg.train.trainable == ["layers.*.attn.*"]
-    cfg = load_config(TINY, ["train.frozen=*.experts.*"])  # not YAML (a leading * is an alias): taken as text
+    cfg = resolve_config(TINY, ["train.frozen=*.experts.*"])  # not YAML (a leading * is an alias): taken as text
     assert cfg.train.frozen == ["*.experts.*"]
 
 
 def test_planner_and_predictions_with_every_dense_parameter_frozen() -> None:
-    cfg = load_config(TINY, ["train.trainable=*.experts.*"])
+    cfg = resolve_config(TINY, ["train.trainable=*.experts.*"])
     w = workload_for(cfg.model, tokens=4096, seq_len=256, ep=2, dp=2, micro_steps=1,
                      frozen=frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen))
     assert w.params and all(p.expert for p in w.params)

@@ -19,7 +19,6 @@ import yaml
 from moeyard.errors import ConfigError
 from moeyard.models import ModelConfig
 from moeyard.models.config import require
-from moeyard.trainer.freezing import frozen_set
 
 
 @dataclass(kw_only=True)
@@ -316,7 +315,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.dir={cfg.run.dir!r} has a placeholder other than {{name}}: {err}") from None
     require(0 < cfg.optim.lr and 0 <= cfg.optim.min_lr <= cfg.optim.lr,
             f"optim.lr={cfg.optim.lr} must be > 0 and optim.min_lr={cfg.optim.min_lr} between 0 and optim.lr")
-    frozen_set(m, t.trainable, t.frozen)  # patterns that match nothing fail here, before any worker
 
 
 def validate_for_world(cfg: Config, world_size: int) -> None:
@@ -344,22 +342,8 @@ def check_vocab(cfg: Config, corpus_meta: dict) -> None:
             f"({corpus_meta['tokenizer']} tokenizer): set model.vocab_size to at least {need}")
 
 
-def _resume_source(tree: dict[str, Any]) -> Optional[Path]:
-    """The checkpoint a run with this config tree would resume from, if any (not verified here)."""
-    from moeyard.trainer.checkpoint.store import CheckpointStore
-
-    resume = (tree.get("checkpoint") or {}).get("resume", "auto")
-    if resume == "none":
-        return None
-    if resume != "auto":
-        return Path(resume)
-    run = _build(RunConfig, tree.get("run") or {}, "run")
-    complete = CheckpointStore(Path(run.dir.format(name=run.name)) / "checkpoints").complete()
-    return complete[-1][1] if complete else None
-
-
-def load_config(path: Optional[str | Path], overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """Read YAML (or start from defaults when `path` is None), apply overrides, validate."""
+def read_tree(path: Optional[str | Path], overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+    """The config as a plain tree: YAML (or nothing, for the defaults) with the overrides applied."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -372,19 +356,22 @@ def load_config(path: Optional[str | Path], overrides: tuple[str, ...] | list[st
         require(isinstance(tree, dict), f"config file {path} must hold a mapping at the top level")
     for assignment in overrides:
         _apply_override(tree, assignment)
-    init = (tree.get("checkpoint") or {}).get("init")
-    if init:
-        from moeyard.trainer.checkpoint.weights import init_model_config, merge_model_config, resolve_init
-
-        path = resolve_init(Path(init))
-        tree.setdefault("checkpoint", {})["init"] = str(path)
-        source = _resume_source(tree) or path  # a resumed run keeps its own model, even if init moved on
-        tree["model"] = merge_model_config(init_model_config(source), tree.get("model"), source)
     if tree.get("schedule") in (False, "off"):  # `schedule: off` as shorthand for schedule.mode=off
         tree["schedule"] = {"mode": "off"}
+    return tree
+
+
+def config_from_tree(tree: dict[str, Any]) -> Config:
+    """Typed and validated (checks that need no checkpoint, corpus or model)."""
     cfg = _build(Config, tree, "")
     validate(cfg)
     return cfg
+
+
+def load_config(path: Optional[str | Path], overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Read YAML (or start from defaults when `path` is None), apply overrides, validate. Touches no
+    checkpoint and builds no model: `moeyard.trainer.run_config.resolve_config` adds what needs them."""
+    return config_from_tree(read_tree(path, overrides))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

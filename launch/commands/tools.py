@@ -105,10 +105,10 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_sft_eval(args: argparse.Namespace) -> int:
     from moeyard import configs
     from moeyard.trainer.checkpoint.store import CheckpointStore
-    from moeyard.trainer.config import load_config
+    from moeyard.trainer.run_config import resolve_config
     from moeyard.trainer.tools.sft_eval import exact_match
 
-    cfg = load_config(args.config or configs.path("sft-tiny.yaml"), args.overrides)
+    cfg = resolve_config(args.config or configs.path("sft-tiny.yaml"), args.overrides)
     if cfg.sft.data is None:
         raise LaunchError("the config has no sft.data: nothing to evaluate on")
     checkpoints = [Path(c) for c in args.checkpoint]
