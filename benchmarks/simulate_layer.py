@@ -13,7 +13,8 @@ import argparse
 
 from moeyard.models import ModelConfig, MoEConfig
 from moeyard.parallel.scheduler.cost_model import moe_layer_timeline, workload_for
-from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
+from moeyard.parallel.scheduler.hardware import HardwareCosts
+from moeyard.trainer.schedule import load_hardware
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per device")
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4, 8])
     args = parser.parse_args()
-    hw = Hardware.load(args.hardware)
+    hw = load_hardware(args.hardware)
     costs = HardwareCosts(hw)
     print(f"MoE layer forward + backward on {hw.name}: hidden {args.dim}, expert FFN {args.ffn}, "
           f"top-{args.top_k}, {args.tokens} tokens per device\n")

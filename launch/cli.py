@@ -26,8 +26,8 @@ from moeyard.launch.torchrun import Nodes, launch_workers
 from moeyard.launch.worker import add_overrides
 from moeyard.trainer.config import check_vocab, validate_for_world
 from moeyard.trainer.data.tokens import default_cache_root, ensure_corpus, prepare_corpus, read_meta
-from moeyard.trainer.loop import holds_a_run
 from moeyard.trainer.run_config import resolve_config
+from moeyard.trainer.run_dir import holds_a_run
 
 
 def _worker_args(config: str, overrides: list[str], *extra: str) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Optional
 
 from moeyard.errors import BAD_INPUT, NONFINITE, LaunchError
 from moeyard.launch.env import available_cpus
-from moeyard.trainer.loop import PREEMPTED
+from moeyard.trainer.run_dir import PREEMPTED
 
 
 @dataclass(frozen=True)

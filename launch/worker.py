@@ -19,8 +19,9 @@ from moeyard.launch.env import DistEnv, available_cpus, resolve_env
 from moeyard.launch.host_memory import keep_freed_memory
 from moeyard.trainer.config import Config, validate_for_world
 from moeyard.trainer.data.tokens import ensure_corpus
-from moeyard.trainer.loop import Preemption, train
+from moeyard.trainer.loop import train
 from moeyard.trainer.run_config import resolve_config
+from moeyard.trainer.run_dir import Preemption
 from moeyard.trainer.tools.plan_report import measured_report
 
 

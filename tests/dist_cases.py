@@ -307,7 +307,7 @@ def profile_and_cache(rank: int, world: int, cache_dir: str) -> dict:
 
     from moeyard.models import ModelConfig, MoEConfig
     from moeyard.parallel.scheduler.cost_model import workload_for
-    from moeyard.parallel.scheduler.profiler import load_or_measure
+    from moeyard.trainer.schedule import load_or_measure
 
     cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
                       moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=64))

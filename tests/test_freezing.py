@@ -12,10 +12,11 @@ from runs import final_parameters, initial_parameters, moeyard_train, read_metri
 
 from moeyard.errors import ConfigError
 from moeyard.parallel.scheduler.cost_model import predict, workload_for
-from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
+from moeyard.parallel.scheduler.hardware import HardwareCosts
 from moeyard.parallel.scheduler.planner import reference_plan, search
 from moeyard.trainer.freezing import frozen_names, frozen_set
 from moeyard.trainer.run_config import resolve_config
+from moeyard.trainer.schedule import load_hardware
 
 NAMES = ["tok_embeddings.weight", "layers.0.attn.wq.weight", "layers.1.ffn.router.weight_ED",
          "layers.1.ffn.experts.w_gate_EDF", "output.weight"]
@@ -48,7 +49,7 @@ def test_planner_and_predictions_with_every_dense_parameter_frozen() -> None:
     w = workload_for(cfg.model, tokens=4096, seq_len=256, ep=2, dp=2, micro_steps=1,
                      frozen=frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen))
     assert w.params and all(p.expert for p in w.params)
-    costs = HardwareCosts(Hardware.load("cpu-2core"))
+    costs = HardwareCosts(load_hardware("cpu-2core"))
     assert reference_plan(w, "all_reduce").dense_buckets == ()
     assert predict(w, reference_plan(w, "all_reduce"), costs).step > 0
     plan, prediction = search(w, costs)

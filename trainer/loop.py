@@ -5,7 +5,6 @@ one); how the ranks were started is the launcher's business.
 """
 from __future__ import annotations
 
-import json
 import signal
 import time
 from dataclasses import dataclass
@@ -19,22 +18,16 @@ from moeyard.models import Transformer
 from moeyard.parallel import build_mesh
 from moeyard.parallel.parallelize import parallelize
 from moeyard.trainer.checkpoint.sharded import Checkpointer, config_hash
-from moeyard.trainer.config import Config, check_vocab, dump_yaml, validate_for_world
+from moeyard.trainer.config import Config, check_vocab, validate_for_world
 from moeyard.trainer.data.sft_batches import SFTBatches, SFTData, heldout_share
 from moeyard.trainer.data.tokens import TokenBatches, read_meta
 from moeyard.trainer.freezing import freeze
 from moeyard.trainer.metrics import MetricsLogger, step_record
 from moeyard.trainer.optim import lr_at
 from moeyard.trainer.precision import resolve_dtype
+from moeyard.trainer.run_dir import Preemption, mark_preempted, mark_stopped_nonfinite, prepare_run_dir
 from moeyard.trainer.schedule import plan_for
 from moeyard.trainer.step import heldout_loss, train_step
-
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-PREEMPTED = "PREEMPTED"
-"""Marker in run.dir: the last launch stopped on a signal after saving (JSON: step, signal)."""
-STOPPED_NONFINITE = "STOPPED_NONFINITE"
-"""Marker in run.dir: the run stopped on NaN/inf; restarts refuse to repeat it until it is deleted."""
-
 
 
 @dataclass(frozen=True)
@@ -43,58 +36,6 @@ class Outcome:
     """Steps completed when the loop ended."""
     signal: int = 0
     """The preemption signal that ended it early (0: none)."""
-
-
-def _agree_on_error(message: str | None) -> None:
-    """Rank 0's verdict becomes every rank's, so no rank is left waiting in a collective."""
-    box = [message]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise RuntimeError(box[0])
-
-
-def holds_a_run(run_dir: Path) -> bool:
-    return (run_dir / "metrics.jsonl").exists() or any((run_dir / "checkpoints").glob("step_*"))
-
-
-def _prepare_run_dir(cfg: Config) -> None:
-    message = None
-    if dist.get_rank() == 0:
-        run_dir = cfg.run_dir
-        if cfg.checkpoint.resume == "none" and holds_a_run(run_dir):
-            message = (f"run.dir {run_dir} already holds a run and checkpoint.resume=none: resume it "
-                       f"(--resume auto), choose another run.dir, or delete it")
-        elif (run_dir / STOPPED_NONFINITE).exists():
-            stopped = json.loads((run_dir / STOPPED_NONFINITE).read_text())
-            message = (f"this run stopped on non-finite values at step {stopped['step']}; repeating it would "
-                       f"only stop again. Fix the cause (e.g. lower optim.lr), then delete "
-                       f"{run_dir / STOPPED_NONFINITE} to continue")
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-            (run_dir / PREEMPTED).unlink(missing_ok=True)
-    _agree_on_error(message)
-
-
-class Preemption:
-    """Remembers SIGTERM/SIGUSR1 from the moment it is made (make it first thing in a worker);
-    the ranks agree on it at a step boundary (one tiny all-reduce)."""
-
-    def __init__(self) -> None:
-        self.received = 0
-        self.previous = {s: signal.signal(s, self._on_signal) for s in PREEMPTION_SIGNALS}
-
-    def _on_signal(self, signum: int, frame) -> None:
-        self.received = signum
-
-    def agreed(self, device: torch.device) -> int:
-        flag = torch.tensor([self.received], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
-
-    def restore(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 def _stop_on_nonfinite(cfg: Config, checkpointer: Checkpointer, model, sync, done: int, result) -> NonFiniteStop:
@@ -109,7 +50,7 @@ def _stop_on_nonfinite(cfg: Config, checkpointer: Checkpointer, model, sync, don
     message = (f"non-finite loss or gradient at step {done} (loss {result.loss}, grad norm {result.grad_norm}); "
                f"{saved}. Lower optim.lr or raise train.grad_clip, or set train.nonfinite=skip")
     if dist.get_rank() == 0:
-        (cfg.run_dir / STOPPED_NONFINITE).write_text(json.dumps({"step": done, "message": message}))
+        mark_stopped_nonfinite(cfg.run_dir, done, message)
     return NonFiniteStop(message)
 
 
@@ -142,7 +83,7 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
     validate_for_world(cfg, world)
     if not sft:
         check_vocab(cfg, read_meta(Path(cfg.data.dir)))
-    _prepare_run_dir(cfg)
+    prepare_run_dir(cfg)
     pmesh = build_mesh(cfg.parallel.ep, device.type)
     dtype = resolve_dtype(cfg.train.dtype, device)
 
@@ -221,7 +162,7 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
                     done == last or signum))
             if signum and done < last:  # at the last step the run is simply finished: nothing to requeue
                 if rank == 0:
-                    (cfg.run_dir / PREEMPTED).write_text(json.dumps({"step": done, "signal": signum}))
+                    mark_preempted(cfg.run_dir, done, signum)
                     print(f"received {signal.Signals(signum).name}: saved step {done}, exiting", flush=True)
                 return Outcome(done, signum)
         checkpointer.finish()

@@ -1,16 +1,31 @@
 """From the config's `schedule` section to a Plan (what runs it is `moeyard.parallel.parallelize`)."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from pathlib import Path
+from typing import Optional
 
 import torch
+import torch.distributed as dist
+import yaml
 
+from moeyard import configs
+from moeyard.models import ModelConfig
 from moeyard.parallel import ParallelMesh
+from moeyard.parallel.agree import from_rank0
 from moeyard.parallel.scheduler.cost_model import Costs, Workload, predict, workload_for
 from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.planner import manual_plan, reference_plan, search, with_prediction
-from moeyard.parallel.scheduler.profiler import MeasuredCosts, load_or_measure
+from moeyard.parallel.scheduler.profiler import (
+    MeasuredCosts,
+    Profile,
+    measure_everywhere,
+    profile_from_dict,
+    profile_key,
+)
 from moeyard.trainer.config import Config
 from moeyard.trainer.data.tokens import default_cache_root
 from moeyard.trainer.freezing import frozen_set
@@ -34,9 +49,52 @@ def profile_cache_dir() -> Path:
     return default_cache_root() / "profiles"
 
 
+def load_hardware(path: str | Path) -> Hardware:
+    """A hardware description: a YAML file, or the name of a shipped one (dgx-h100, cpu-2core)."""
+    path = Path(path)
+    if not path.is_file():
+        shipped = configs.path(f"hardware/{path.name}.yaml")
+        if not shipped.is_file():
+            raise FileNotFoundError(f"hardware description {path} does not exist; shipped: "
+                                    f"{', '.join(p.stem for p in shipped.parent.glob('*.yaml'))}")
+        path = shipped
+    return Hardware.from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
+
+
+def load_or_measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.device, dtype: torch.dtype,
+                    cache_dir: Path) -> tuple[Profile, bool]:
+    """The cached profile for this machine, layout and shapes, or a fresh one (collective either way).
+
+    Returns (profile, came_from_cache). Rank 0 reads and writes the cache and shares what it read, so
+    every rank plans from the same numbers.
+    """
+    key = profile_key(cfg, w, device)
+    path = cache_dir / f"profile-{key}.json"
+
+    def read_cache() -> Optional[Profile]:
+        if not path.is_file():
+            return None
+        try:
+            return profile_from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as err:  # unreadable: measure again (every rank learns it)
+            print(f"warning: ignoring unreadable profile cache {path}: {err}", flush=True)
+            return None
+
+    cached = from_rank0(read_cache)
+    if cached is not None:
+        return cached, True
+    profile = measure_everywhere(cfg, w, pmesh, device, dtype, key)
+    if dist.get_rank() == 0:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(profile), indent=1))
+        os.replace(tmp, path)
+    return profile, False
+
+
 def _costs(cfg: Config, w: Workload, pmesh: ParallelMesh, device: torch.device) -> Costs:
     if cfg.schedule.hardware:
-        return HardwareCosts(Hardware.load(cfg.schedule.hardware))
+        return HardwareCosts(load_hardware(cfg.schedule.hardware))
     profile, _ = load_or_measure(cfg.model, w, pmesh, device, resolve_dtype(cfg.train.dtype, device),
                                  profile_cache_dir())
     return MeasuredCosts(profile)

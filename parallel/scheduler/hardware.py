@@ -8,11 +8,7 @@ while communication runs beside it.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from pathlib import Path
 
-import yaml
-
-from moeyard import configs
 from moeyard.parallel.scheduler.cost_model import Phase, Workload
 
 
@@ -38,20 +34,12 @@ class Hardware:
     """Bytes per activation element on the wire (2: bf16)."""
 
     @classmethod
-    def load(cls, path: str | Path) -> "Hardware":
-        """A YAML file, or the name of a shipped description (dgx-h100, cpu-2core)."""
-        path = Path(path)
-        if not path.is_file():
-            shipped = configs.path(f"hardware/{path.name}.yaml")
-            if not shipped.is_file():
-                raise FileNotFoundError(f"hardware description {path} does not exist; shipped: "
-                                        f"{', '.join(p.stem for p in shipped.parent.glob('*.yaml'))}")
-            path = shipped
-        data = yaml.safe_load(path.read_text()) or {}
+    def from_dict(cls, data: dict, source: str) -> "Hardware":
+        """A description read from `source` (named in the error when a key is unknown)."""
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
+            raise ValueError(f"{source}: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
         return cls(**data)
 
 

@@ -1,4 +1,4 @@
-"""Measure unit costs on the real process groups at the real shapes; cache them per machine and layout.
+"""Measure unit costs on the real process groups at the real shapes (the trainer caches them per machine).
 
 What is timed (median of repeats, slowest rank, every rank taking part):
   dense       the model's forward / backward with the routed experts skipped
@@ -20,7 +20,6 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -306,35 +305,18 @@ def _chunk_overhead(parts: Profile, w: Workload, pmesh: ParallelMesh, experts: G
     return max(0.0, num / den)
 
 
-def load_or_measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.device, dtype: torch.dtype,
-                    cache_dir: Path) -> tuple[Profile, bool]:
-    """The cached profile for this machine, layout and shapes, or a fresh one (collective either way).
-
-    Returns (profile, came_from_cache). Rank 0 reads and writes the cache and
-    broadcasts, so every rank plans from the same numbers.
-    """
-    key = profile_key(cfg, w, device)
-    path = cache_dir / f"profile-{key}.json"
-    box: list = [None]
-    if dist.get_rank() == 0 and path.is_file():
-        try:
-            data = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(path.read_text()).items()}
-            box[0] = Profile(**data)
-        except (ValueError, TypeError) as err:  # unreadable: measure again (every rank learns it below)
-            print(f"warning: ignoring unreadable profile cache {path}: {err}", flush=True)
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        return box[0], True
+def measure_everywhere(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.device,
+                       dtype: torch.dtype, key: str) -> Profile:
+    """Measure on every rank (collective) and return rank 0's numbers on all, so every rank plans alike."""
     profile = dataclasses.replace(measure(cfg, w, pmesh, device, dtype), key=key)
     box = [dataclasses.asdict(profile)]
-    dist.broadcast_object_list(box, src=0)  # rank 0's numbers for everyone
-    profile = Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in box[0].items()})
-    if dist.get_rank() == 0:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(profile), indent=1))
-        os.replace(tmp, path)
-    return profile, False
+    dist.broadcast_object_list(box, src=0)
+    return profile_from_dict(box[0])
+
+
+def profile_from_dict(data: dict) -> Profile:
+    """The inverse of dataclasses.asdict (JSON turns the fits' tuples into lists)."""
+    return Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 class MeasuredCosts:

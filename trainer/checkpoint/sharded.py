@@ -25,7 +25,7 @@ import shutil
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,7 @@ from moeyard.errors import CheckpointError
 from moeyard.models import expert_modules
 from moeyard.models.peft.adapters import is_adapter_parameter
 from moeyard.parallel import ParallelMesh
+from moeyard.parallel.agree import from_rank0
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.trainer.checkpoint.store import (
@@ -124,6 +125,13 @@ def _describe_files(folder: Path) -> list[dict[str, Any]]:
     return [described[n] for n in names]
 
 
+def _manifest_or_problem(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        return read_manifest(path), None
+    except CheckpointError as err:
+        return None, str(err)
+
+
 @dataclasses.dataclass
 class PendingSave:
     """An asynchronous save in flight: DCP writes in the background; `finish` publishes it."""
@@ -150,18 +158,9 @@ class Checkpointer:
         self.saved_besides_trainable: set[str] = set()
         """With a base: parameters saved even when frozen (absent from the base, or trained before)."""
 
-    def _on_rank0(self, action) -> Any:
+    def _on_rank0(self, action: Callable[[], Any]) -> Any:
         """Run `action` on rank 0 and share its result -- or its failure, so no rank waits for a dead peer."""
-        box: list[Any] = [None, None]
-        if dist.get_rank() == 0:
-            try:
-                box[0] = action()
-            except Exception as err:  # noqa: BLE001 -- reported on every rank below
-                box[1] = f"{type(err).__name__}: {err}"
-        dist.broadcast_object_list(box, src=0)
-        if box[1] is not None:
-            raise CheckpointError(f"checkpoint step on rank 0 failed: {box[1]}")
-        return box[0]
+        return from_rank0(action, CheckpointError, "checkpoint step")
 
     def last_saved_step(self) -> int:
         """The newest step saved or being saved by this run's checkpointer (0 before the first)."""
@@ -218,14 +217,7 @@ class Checkpointer:
 
     def verify(self, path: Path) -> tuple[dict[str, Any] | None, str | None]:
         """(manifest, None) if intact, else (None, why). Every rank checks a share of the files."""
-        try_manifest: list[Any] = [None, None]
-        if dist.get_rank() == 0:
-            try:
-                try_manifest[0] = read_manifest(path)
-            except CheckpointError as err:
-                try_manifest[1] = str(err)
-        dist.broadcast_object_list(try_manifest, src=0)
-        manifest, problem = try_manifest
+        manifest, problem = from_rank0(lambda: _manifest_or_problem(path))
         if problem is not None:
             return None, problem
         rank, world = dist.get_rank(), dist.get_world_size()

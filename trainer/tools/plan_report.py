@@ -5,13 +5,13 @@ import torch
 
 from moeyard.parallel import build_mesh
 from moeyard.parallel.scheduler.cost_model import Costs, Workload, predict
-from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
+from moeyard.parallel.scheduler.hardware import HardwareCosts
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.planner import reference_plan, search
-from moeyard.parallel.scheduler.profiler import MeasuredCosts, load_or_measure
+from moeyard.parallel.scheduler.profiler import MeasuredCosts
 from moeyard.trainer.config import Config
 from moeyard.trainer.precision import resolve_dtype
-from moeyard.trainer.schedule import act_bytes, profile_cache_dir, workload
+from moeyard.trainer.schedule import act_bytes, load_hardware, load_or_measure, profile_cache_dir, workload
 
 
 def plan_report(cfg: Config, w: Workload, costs: Costs, source: str) -> tuple[Plan, str]:
@@ -47,6 +47,6 @@ def measured_report(cfg: Config, device: torch.device) -> str:
 
 def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
     """Plan for a described machine: no processes, no measurement."""
-    hw = Hardware.load(hardware_path)
+    hw = load_hardware(hardware_path)
     w = workload(cfg, world_size, hw.act_bytes)
     return plan_report(cfg, w, HardwareCosts(hw), f"the hardware description {hw.name} ({hardware_path})")[1]
