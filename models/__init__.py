@@ -3,9 +3,9 @@ from moeyard.errors import ConfigError
 from moeyard.models.config import ModelConfig, MoEConfig
 from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.moe.layer import MoE, MoEStats, TokenExchange
-from moeyard.models.transformer import ModelOutput, Transformer, expert_modules
+from moeyard.models.transformer import ModelOutput, Transformer, expert_parameter_ids
 
 __all__ = [
     "ConfigError", "GroupedExperts", "ModelConfig", "ModelOutput", "MoE", "MoEConfig", "MoEStats",
-    "TokenExchange", "Transformer", "expert_modules",
+    "TokenExchange", "Transformer", "expert_parameter_ids",
 ]

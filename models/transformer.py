@@ -140,6 +140,7 @@ def segment_positions(segment_BT: Tensor) -> Tensor:
     return index_BT - torch.where(starts_BT, index_BT, 0).cummax(dim=1).values
 
 
-def expert_modules(model: nn.Module) -> Iterator[GroupedExperts]:
-    """Every routed-expert container of the model (the parameters sharded by EP)."""
-    return (m for m in model.modules() if isinstance(m, GroupedExperts))
+def expert_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the routed experts' stacked weights: the parameters EP shards on dim 0 and reduces over edp
+    (every other parameter is dense: replicated, reduced over dp)."""
+    return {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}

@@ -19,7 +19,7 @@ from moeyard.parallel import build_mesh
 from moeyard.parallel.parallelize import parallelize
 from moeyard.trainer.checkpoint.sharded import Checkpointer, config_hash
 from moeyard.trainer.config import Config, check_vocab, validate_for_world
-from moeyard.trainer.data.sft_batches import SFTBatches, SFTData, heldout_share
+from moeyard.trainer.data.sft_batches import SFTBatch, SFTBatches, SFTData, heldout_share
 from moeyard.trainer.data.tokens import TokenBatches, read_meta
 from moeyard.trainer.freezing import freeze
 from moeyard.trainer.metrics import MetricsLogger, step_record
@@ -73,16 +73,46 @@ def _load_init(cfg: Config, checkpointer: Checkpointer, model) -> None:
                   f"checkpoint.save_frozen=true", flush=True)
 
 
+def _resume_or_init(cfg: Config, checkpointer: Checkpointer, model, sync) -> int:
+    """Load the checkpoint to resume from (returns its step), or checkpoint.init's weights (returns 0)."""
+    resume = checkpointer.find_resume_point()
+    if resume is None:
+        if cfg.checkpoint.init:
+            _load_init(cfg, checkpointer, model)
+        return 0
+    resume_from, manifest = resume
+    checkpointer.load(resume_from, manifest, model, sync)
+    if dist.get_rank() == 0:
+        changed = " (the model or data config changed since it was saved)" \
+            if manifest["config_hash"] != config_hash(cfg) else ""
+        print(f"resumed from {resume_from} at step {manifest['step']}{changed}", flush=True)
+    return manifest["step"]
+
+
+def _batches(cfg: Config, pmesh) -> tuple[TokenBatches | SFTBatches, SFTBatch | None]:
+    """This rank's share of every global batch, and of the held-out SFT examples (None: pretraining)."""
+    if cfg.sft.data is None:
+        return TokenBatches(Path(cfg.data.dir), cfg.train.seq_len, cfg.global_batch_sequences, pmesh.dp_rank,
+                            pmesh.dp, cfg.run.seed), None
+    sft_data = SFTData(cfg, log=dist.get_rank() == 0)
+    return (SFTBatches(sft_data, cfg.global_batch_sequences, pmesh.dp_rank, pmesh.dp, cfg.run.seed),
+            heldout_share(sft_data, pmesh.dp_rank, pmesh.dp))
+
+
+def _check_before_start(cfg: Config) -> None:
+    """What the launcher checked already, checked again where the world size is known for sure."""
+    if cfg.sft.data is None and cfg.data.dir is None:
+        raise DataError("data.dir is not set: the launcher resolves it (see trainer.data.ensure_corpus)")
+    validate_for_world(cfg, dist.get_world_size())
+    if cfg.sft.data is None:
+        check_vocab(cfg, read_meta(Path(cfg.data.dir)))
+
+
 def train(cfg: Config, device: torch.device, preemption: Preemption | None = None) -> Outcome:
     """Train up to train.stop_at (or train.steps), resuming from a checkpoint if there is one."""
     preemption = preemption or Preemption()
-    sft = cfg.sft.data is not None
-    if cfg.data.dir is None and not sft:
-        raise DataError("data.dir is not set: the launcher resolves it (see trainer.data.ensure_corpus)")
-    world, rank = dist.get_world_size(), dist.get_rank()
-    validate_for_world(cfg, world)
-    if not sft:
-        check_vocab(cfg, read_meta(Path(cfg.data.dir)))
+    _check_before_start(cfg)
+    rank = dist.get_rank()
     prepare_run_dir(cfg)
     pmesh = build_mesh(cfg.parallel.ep, device.type)
     dtype = resolve_dtype(cfg.train.dtype, device)
@@ -96,18 +126,7 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
     sync = parallelize(model, pmesh, plan, cfg.optim, device)
     checkpointer = Checkpointer(cfg, pmesh, plan)
 
-    first = 0
-    resume = checkpointer.find_resume_point()
-    if resume is not None:
-        resume_from, manifest = resume
-        checkpointer.load(resume_from, manifest, model, sync)
-        first = manifest["step"]
-        if rank == 0:
-            changed = " (the model or data config changed since it was saved)" \
-                if manifest["config_hash"] != config_hash(cfg) else ""
-            print(f"resumed from {resume_from} at step {first}{changed}", flush=True)
-    elif cfg.checkpoint.init:
-        _load_init(cfg, checkpointer, model)
+    first = _resume_or_init(cfg, checkpointer, model, sync)
     if rank == 0:
         print(f"plan ({plan.source}): {plan.summary()}", flush=True)
         (cfg.run_dir / "plan.json").write_text(plan.to_json())
@@ -120,14 +139,7 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
         return Outcome(first)
 
     micro_batch_size = cfg.train.micro_batch_size or cfg.global_batch_sequences // pmesh.dp
-    heldout = None
-    if sft:
-        sft_data = SFTData(cfg, log=rank == 0)
-        data = SFTBatches(sft_data, cfg.global_batch_sequences, pmesh.dp_rank, pmesh.dp, cfg.run.seed)
-        heldout = heldout_share(sft_data, pmesh.dp_rank, pmesh.dp)
-    else:
-        data = TokenBatches(Path(cfg.data.dir), cfg.train.seq_len, cfg.global_batch_sequences,
-                            pmesh.dp_rank, pmesh.dp, cfg.run.seed)
+    data, heldout = _batches(cfg, pmesh)
     logger = None
     if rank == 0:
         logger = MetricsLogger(cfg.run_dir, total_steps=total, first_step=first,

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moeyard.models import expert_modules
+from moeyard.models import expert_parameter_ids
 from moeyard.parallel.mesh import ParallelMesh
 
 
@@ -29,7 +29,7 @@ class ParamGroups:
 
 
 def split_parameters(model: nn.Module) -> ParamGroups:
-    expert_ids = {id(p) for m in expert_modules(model) for p in m.parameters()}
+    expert_ids = expert_parameter_ids(model)
     params = [p for p in model.parameters() if p.requires_grad]
     return ParamGroups(
         dense=[p for p in params if id(p) not in expert_ids],

@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from moeyard.models import ModelConfig, Transformer, expert_modules
+from moeyard.models import ModelConfig, Transformer, expert_parameter_ids
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.simulator import Schedule, Timeline
 
@@ -229,7 +229,7 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
     Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    expert_ids = {id(p) for m in expert_modules(model) for p in m.parameters()}
+    expert_ids = expert_parameter_ids(model)
     infos = []
     for name, p in model.named_parameters():
         if name in frozen:

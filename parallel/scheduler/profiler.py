@@ -13,6 +13,7 @@ What is timed (median of repeats, slowest rank, every rank taking part):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -134,24 +135,30 @@ def measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.de
         return _measure(cfg, w, pmesh, device, dtype, repeats)  # leaves the training RNG streams untouched
 
 
-def _measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.device, dtype: torch.dtype,
-             repeats: int) -> Profile:
-    timer = _Timer(device, repeats)
-    seqs = max(1, w.tokens // w.seq_len)
-    tokens_BT = torch.randint(0, cfg.vocab_size, (seqs, w.seq_len + 1), device=device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else None
+def _in_dtype(fn: Callable[..., object], device: torch.device, dtype: torch.dtype) -> Callable[..., object]:
+    """fn under the training autocast, so the work is timed in the dtype it trains in."""
+    if dtype == torch.float32:
+        return fn
 
-    def in_dtype(fn: Callable[..., object]) -> Callable[..., object]:
-        """Run fn under the training autocast, so experts are timed in the dtype they train in."""
-        if autocast is None:
-            return fn
+    def wrapped(*args):
+        with torch.autocast(device.type, dtype=dtype):
+            return fn(*args)
+    return wrapped
 
-        def wrapped(*args):
-            with torch.autocast(device.type, dtype=dtype):
-                return fn(*args)
-        return wrapped
 
-    # Dense: the real model with expert work skipped.
+def _even_split(rows: int, experts: int) -> list[int]:
+    return [rows // experts + (1 if i < rows % experts else 0) for i in range(experts)]
+
+
+def _fit_rows(points: list[tuple[int, float]]) -> Fit:
+    (x1, t1), (x2, t2) = points
+    return _line(x1, t1, x2, t2) if x2 != x1 else (t2, 0.0)
+
+
+def _dense_times(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.device, dtype: torch.dtype,
+                 timer: _Timer) -> tuple[float, float]:
+    """Forward and backward seconds of the real model with the expert work skipped."""
+    tokens_BT = torch.randint(0, cfg.vocab_size, (max(1, w.tokens // w.seq_len), w.seq_len + 1), device=device)
     torch.manual_seed(0)
     model = Transformer(cfg)
     apply_expert_parallel(model, pmesh)
@@ -159,113 +166,122 @@ def _measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.d
     for _, moe in model.moe_layers():
         moe.exchange = _SkipExperts(moe.exchange)
 
+    @functools.partial(_in_dtype, device=device, dtype=dtype)
     def forward() -> Tensor:
-        if autocast is not None:
-            with autocast:
-                out = model(tokens_BT[:, :-1])
-        else:
-            out = model(tokens_BT[:, :-1])
+        out = model(tokens_BT[:, :-1])
         return F.cross_entropy(out.logits_BTV.float().flatten(0, 1), tokens_BT[:, 1:].flatten()) + out.aux_loss
 
-    dense_fwd = timer(lambda: forward().item())
-    dense_bwd = timer(lambda loss: loss.backward(), setup=forward)
+    return timer(lambda: forward().item()), timer(lambda loss: loss.backward(), setup=forward)
 
-    # Experts: this rank's shard at a quarter of the real row count and the real count (pipelined chunks run
-    # fewer rows than a whole layer), rows spread evenly over its experts.
+
+def _expert_fits(cfg: ModelConfig, experts: GroupedExperts, rows_real: int, device: torch.device,
+                 dtype: torch.dtype, timer: _Timer) -> tuple[Fit, Fit]:
+    """This rank's expert shard at a quarter of the real row count and the real count (pipelined chunks run
+    fewer rows than a whole layer), rows spread evenly over its experts: forward and backward lines."""
+    local = experts.w_gate_EDF.shape[0]
+    points: dict[Phase, list[tuple[int, float]]] = {"fwd": [], "bwd": []}
+    for rows in (max(local, rows_real // 4), rows_real):
+        x = torch.randn(rows, cfg.dim, device=device, requires_grad=True)
+        split = _even_split(rows, local)
+        dy = torch.randn(rows, cfg.dim, device=device)
+        points["fwd"].append((rows, timer(_in_dtype(lambda: experts(x, split).sum().item(), device, dtype))))
+        points["bwd"].append((rows, timer(lambda y: y.backward(dy.to(y.dtype)),
+                                          setup=_in_dtype(lambda: experts(x, split), device, dtype))))
+    return _fit_rows(points["fwd"]), _fit_rows(points["bwd"])
+
+
+def _a2a_seconds(nbytes: int, w: Workload, pmesh: ParallelMesh, device: torch.device, dtype: torch.dtype,
+                 timer: _Timer) -> float:
+    n = max(pmesh.ep, nbytes // w.act_bytes // pmesh.ep * pmesh.ep)
+    buf = torch.empty(n, dtype=dtype if w.act_bytes == 2 else torch.float32, device=device)
+    out = torch.empty_like(buf)
+    return timer(lambda: dist.all_to_all_single(out, buf, group=pmesh.ep_group), pmesh.ep_group)
+
+
+def _collective_fit(kind: str, group: dist.ProcessGroup, device: torch.device, timer: _Timer) -> Fit:
+    """all_reduce, reduce_scatter or all_gather of fp32 gradients on `group`, at two sizes."""
+    size = dist.get_world_size(group)
+    if size == 1:
+        return 0.0, 0.0
+    times = []
+    for nbytes in (1 << 18, 1 << 23):
+        n = nbytes // 4 // size * size
+        full = torch.zeros(n, device=device)
+        shard = torch.zeros(n // size, device=device)
+        if kind == "all_reduce":
+            fn = lambda: dist.all_reduce(full, group=group)  # noqa: E731
+        elif kind == "reduce_scatter":
+            fn = lambda: reduce_scatter(shard, full, group=group)  # noqa: E731
+        else:
+            fn = lambda: all_gather(full, shard, group=group)  # noqa: E731
+        times.append(timer(fn, group))
+    return _line(1 << 18, times[0], 1 << 23, times[1])
+
+
+def _optimizer_seconds(w: Workload, device: torch.device, timer: _Timer) -> float:
+    """AdamW over a slice of at most 16 M parameters, scaled to what this rank holds (element-wise work is
+    linear in the count; a full-size copy could not fit beside a large model)."""
+    numel = sum(p.numel for p in w.params)
+    probe = min(numel, 1 << 24)
+    flat = torch.nn.Parameter(torch.zeros(probe, device=device))
+    flat.grad = torch.randn(probe, device=device)
+    return timer(torch.optim.AdamW([flat], lr=1e-3).step) * numel / probe
+
+
+def _overlap_slowdown(experts: GroupedExperts, rows_real: int, a2a_bytes: int, w: Workload, pmesh: ParallelMesh,
+                      device: torch.device, dtype: torch.dtype, timer: _Timer) -> float:
+    """Experts at full rows with a full-size all-to-all beside them: how much both slow down together."""
+    x = torch.randn(rows_real, w.dim, device=device)
+    split = _even_split(rows_real, experts.w_gate_EDF.shape[0])
+    n = max(pmesh.ep, a2a_bytes // w.act_bytes // pmesh.ep * pmesh.ep)
+    buf = torch.empty(n, device=device, dtype=torch.float32 if w.act_bytes == 4 else dtype)
+    out = torch.empty_like(buf)
+
+    @functools.partial(_in_dtype, device=device, dtype=dtype)
+    def compute() -> None:
+        with torch.no_grad():
+            experts(x, split)
+
+    def together() -> None:
+        work = dist.all_to_all_single(out, buf, group=pmesh.ep_group, async_op=True)
+        compute()
+        work.wait()
+
+    t_c = timer(compute)
+    t_a = _a2a_seconds(a2a_bytes, w, pmesh, device, dtype, timer)
+    t_both = timer(together, pmesh.ep_group)
+    short, long = sorted((t_a, t_c))
+    # Both slowed by s while together: t_both = s * short + (long - short).
+    return max(1.0, (t_both - long + short) / short) if short > 0 else 1.0
+
+
+def _measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.device, dtype: torch.dtype,
+             repeats: int) -> Profile:
+    timer = _Timer(device, repeats)
+    dense_fwd, dense_bwd = _dense_times(cfg, w, pmesh, device, dtype, timer)
     local = cfg.moe.num_experts // pmesh.ep
     experts = GroupedExperts(local, cfg.dim, cfg.moe.ffn_dim, cfg.moe.expert_compute,
                              recompute=cfg.moe.recompute_experts).to(device)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    expert_fits: dict[Phase, list[tuple[int, float]]] = {"fwd": [], "bwd": []}
     rows_real = max(local, w.routed_rows)
-    for rows in (max(local, rows_real // 4), rows_real):
-        x = torch.randn(rows, cfg.dim, device=device, requires_grad=True)
-        split = [rows // local + (1 if i < rows % local else 0) for i in range(local)]
-        dy = torch.randn(rows, cfg.dim, device=device)
-        fwd = timer(in_dtype(lambda: experts(x, split).sum().item()))
-        bwd = timer(lambda y: y.backward(dy.to(y.dtype)), setup=in_dtype(lambda: experts(x, split)))
-        expert_fits["fwd"].append((rows, fwd))
-        expert_fits["bwd"].append((rows, bwd))
-
-    def fit_rows(points: list[tuple[int, float]]) -> Fit:
-        (x1, t1), (x2, t2) = points
-        return _line(x1, t1, x2, t2) if x2 != x1 else (t2, 0.0)
-
+    experts_fwd, experts_bwd = _expert_fits(cfg, experts, rows_real, device, dtype, timer)
     # Communication: two sizes each, on the groups training uses.
-    elem = w.act_bytes
-    a2a_hi = max(4096, int(rows_real * cfg.dim * elem))
-    def a2a(nbytes: int) -> float:
-        n = max(pmesh.ep, nbytes // elem // pmesh.ep * pmesh.ep)
-        buf = torch.empty(n, dtype=dtype if elem == 2 else torch.float32, device=device)
-        out = torch.empty_like(buf)
-        return timer(lambda: dist.all_to_all_single(out, buf, group=pmesh.ep_group), pmesh.ep_group)
-
-    a2a_fit = _line(a2a_hi / 8, a2a(a2a_hi // 8), a2a_hi, a2a(a2a_hi)) if pmesh.ep > 1 else (0.0, 0.0)
-
-    def collective_fit(kind: str, group: dist.ProcessGroup) -> Fit:
-        size = dist.get_world_size(group)
-        if size == 1:
-            return 0.0, 0.0
-        times = []
-        for nbytes in (1 << 18, 1 << 23):
-            n = nbytes // 4 // size * size
-            full = torch.zeros(n, device=device)
-            shard = torch.zeros(n // size, device=device)
-            if kind == "all_reduce":
-                fn = lambda: dist.all_reduce(full, group=group)  # noqa: E731
-            elif kind == "reduce_scatter":
-                fn = lambda: reduce_scatter(shard, full, group=group)  # noqa: E731
-            else:
-                fn = lambda: all_gather(full, shard, group=group)  # noqa: E731
-            times.append(timer(fn, group))
-        return _line(1 << 18, times[0], 1 << 23, times[1])
-
-    fits = {f"{kind}_{name}": collective_fit(kind, group)
+    a2a_hi = max(4096, int(rows_real * cfg.dim * w.act_bytes))
+    a2a_fit = (_line(a2a_hi / 8, _a2a_seconds(a2a_hi // 8, w, pmesh, device, dtype, timer), a2a_hi,
+                     _a2a_seconds(a2a_hi, w, pmesh, device, dtype, timer)) if pmesh.ep > 1 else (0.0, 0.0))
+    fits = {f"{kind}_{name}": _collective_fit(kind, group, device, timer)
             for kind in ("all_reduce", "reduce_scatter", "all_gather")
             for name, group in (("dp", pmesh.dp_group), ("edp", pmesh.edp_group))}
-
-    # Optimizer: AdamW over a slice of at most 16 M parameters, scaled to what this rank holds
-    # (element-wise work is linear in the count; a full-size copy could not fit beside a large model).
-    numel = sum(p.numel for p in w.params)
-    probe = min(numel, 1 << 24)
-    flat = torch.nn.Parameter(torch.zeros(probe, device=device))
-    flat.grad = torch.randn(probe, device=device)
-    adamw = torch.optim.AdamW([flat], lr=1e-3)
-    optimizer_s = timer(adamw.step) * numel / probe
-
-    # Overlap: experts at full rows with a full-size all-to-all running beside them.
-    slowdown = 1.0
-    if pmesh.ep > 1:
-        x = torch.randn(rows_real, cfg.dim, device=device)
-        split = [rows_real // local + (1 if i < rows_real % local else 0) for i in range(local)]
-        n = max(pmesh.ep, a2a_hi // elem // pmesh.ep * pmesh.ep)
-        buf = torch.empty(n, device=device, dtype=torch.float32 if elem == 4 else dtype)
-        out = torch.empty_like(buf)
-
-        @in_dtype
-        def compute() -> None:
-            with torch.no_grad():
-                experts(x, split)
-
-        def together() -> None:
-            work = dist.all_to_all_single(out, buf, group=pmesh.ep_group, async_op=True)
-            compute()
-            work.wait()
-
-        t_c = timer(compute)
-        t_a = a2a(a2a_hi)
-        t_both = timer(together, pmesh.ep_group)
-        short, long = sorted((t_a, t_c))
-        # Both slowed by s while together: t_both = s * short + (long - short).
-        if short > 0:
-            slowdown = max(1.0, (t_both - long + short) / short)
-
-    parts = Profile(key="", dense_fwd_s=dense_fwd, dense_bwd_s=dense_bwd,
-                    experts_fwd=fit_rows(expert_fits["fwd"]), experts_bwd=fit_rows(expert_fits["bwd"]),
-                    all_to_all=a2a_fit, optimizer_s=optimizer_s, overlap_slowdown=slowdown, **fits)
+    optimizer_s = _optimizer_seconds(w, device, timer)
+    slowdown = (_overlap_slowdown(experts, rows_real, a2a_hi, w, pmesh, device, dtype, timer)
+                if pmesh.ep > 1 else 1.0)
+    parts = Profile(key="", dense_fwd_s=dense_fwd, dense_bwd_s=dense_bwd, experts_fwd=experts_fwd,
+                    experts_bwd=experts_bwd, all_to_all=a2a_fit, optimizer_s=optimizer_s, overlap_slowdown=slowdown,
+                    **fits)
     if pmesh.ep == 1:
         return parts
+    in_dtype = functools.partial(_in_dtype, device=device, dtype=dtype)
     return dataclasses.replace(parts, chunk_overhead_s=_chunk_overhead(parts, w, pmesh, experts, timer, in_dtype))
 
 

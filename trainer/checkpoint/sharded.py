@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moeyard.errors import CheckpointError
-from moeyard.models import expert_modules
+from moeyard.models import expert_parameter_ids
 from moeyard.models.peft.adapters import is_adapter_parameter
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.agree import from_rank0
@@ -61,10 +61,6 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _expert_ids(model: nn.Module) -> set[int]:
-    return {id(p) for m in expert_modules(model) for p in m.parameters()}
-
-
 def persistent_buffers(model: nn.Module) -> dict[str, Tensor]:
     """The model's saved state that is not a parameter, as live tensors DCP can load into in place."""
     saved = model.state_dict(keep_vars=True)  # persistent only; a tied weight is a parameter, not a buffer
@@ -85,7 +81,7 @@ def _state_dict(model: nn.Module, optim_states: dict[int, dict[str, Tensor]], pm
     """The DCP state dict, over live tensors: DCP saves from them or loads into them in place.
 
     `names`: the parameters to include (default all)."""
-    expert_ids = _expert_ids(model)
+    expert_ids = expert_parameter_ids(model)
 
     def globalize(t: Tensor, param: nn.Parameter) -> Tensor:
         if id(param) in expert_ids:
