@@ -1,4 +1,10 @@
-"""Shared fixtures. The tests folder is put on sys.path so spawned workers can import helpers."""
+"""Shared fixtures and the test tiers.
+
+The tests folder is put on sys.path so that tests and spawned workers import `helpers`. Tests mirror the
+code: tests/unit/<package>/ (one process, no process group), tests/distributed/ (real gloo groups of 2-4
+processes, marker `distributed`), tests/e2e/ (whole runs: the CLI, launchers, many training steps; marker
+`e2e`). `pytest -m "not e2e"` is the fast tier.
+"""
 from __future__ import annotations
 
 import sys
@@ -9,6 +15,14 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test by the tier its folder names."""
+    for item in items:
+        tier = Path(str(item.path)).relative_to(TESTS).parts[0]
+        if tier in ("e2e", "distributed"):
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +44,7 @@ def small_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def launch_reference(tmp_path_factory, small_corpus):
     """(config, losses) of a 6-step ep=2 run on 2 local processes: what every other launcher must reproduce."""
-    from runs import moeyard_train, read_metrics, write_config
+    from helpers.runs import moeyard_train, read_metrics, write_config
 
     root = tmp_path_factory.mktemp("launch_reference")
     config = write_config(root / "c.yaml", small_corpus, parallel={"ep": 2})

@@ -1,0 +1,46 @@
+"""The layer benchmark runs end to end on tiny shapes and its equivalence check holds (seconds, no timing
+claims: speed is reported by the benchmark itself, never asserted in a unit test)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import REPO
+
+ROOT = REPO
+
+
+def test_moe_layer_benchmark_smoke(tmp_path: Path) -> None:
+    stem = tmp_path / "layer"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--smoke", "--out", str(stem),
+                           "--timeout", "240"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(stem.with_suffix(".json").read_text())
+    (entry, *_) = report["entries"]
+    assert entry["world"] == 2 and entry["tokens"] == 256
+    assert entry["floor_ms"] > 0 and entry["moeyard_off_ms"] > 0
+    assert set(entry["ratio_to_floor"]) >= {"moeyard_off", "moeyard_planned"}
+    errors = entry["max_rel_error_vs_reference"]
+    assert "moeyard_off" in errors and all(e <= 1e-4 for e in errors.values()), errors
+    if "deepspeed_ms" in entry:  # DeepSpeed installed: it must compute the same layer too
+        assert "deepspeed_dropless" in errors and entry["speedup_vs_deepspeed"] > 0
+    assert "| 2 | 256 | 4 |" in stem.with_suffix(".md").read_text()
+
+
+def test_gpu_benchmark_script_runs_on_cpu_smoke(tmp_path: Path) -> None:
+    """benchmarks/gpu.sh's script on tiny float32 shapes: the moeyard rows and the MFU run (a real
+    `moeyard train`) work; peers that are absent are reported, not dropped."""
+    stem = tmp_path / "gpu"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_layer_gpu.py"), "--device", "cpu",
+                           "--smoke", "--out", str(stem)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(stem.with_suffix(".json").read_text())
+    rows = {r["system"]: r for r in report["layers"]}
+    assert len(rows) == 4
+    for name in ("moeyard experts (grouped GEMM)", "moeyard MoE layer"):
+        assert rows[name]["ms"] > 0 and rows[name]["pct_of_dense_gemm"] > 0
+    assert all("ms" in r or r["unavailable"] for r in rows.values())
+    training = report["training"]
+    assert training["step_s"] > 0 and training["tokens_per_step"] == 256 and training["steps_timed"] >= 2

@@ -1,0 +1,128 @@
+"""Real processes killed and signalled mid-run: nothing finished is lost, restarts resume."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers.runs import moeyard_train, read_metrics, write_config
+
+from moeyard.trainer.checkpoint.store import CheckpointStore, verify
+
+
+def start(config: Path, run_dir: Path, nproc: int, *overrides: str, restarts: int = 0) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "moeyard", "train", str(config), "--nproc", str(nproc), "--max-restarts",
+           str(restarts), "--set", f"run.dir={run_dir}", "--set", f"parallel.ep={nproc}",
+           "--set", "parallel.timeout_s=60"]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOEYARD_CACHE": str(run_dir.parent / "cache")}
+    # Own session: on a timeout the whole tree (launcher and workers) is killed, and no orphaned worker
+    # keeps the output pipes open.
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> tuple[str, str]:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return proc.communicate()
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout_s: float = 180, poll_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if proc.poll() is not None:
+            out, err = kill_tree(proc)
+            raise AssertionError(f"the run ended ({proc.returncode}) before the condition held:\n{out}\n{err}")
+        if time.monotonic() > deadline:
+            out, err = kill_tree(proc)
+            raise AssertionError(f"condition not reached in {timeout_s} s:\n{out}\n{err}")
+        time.sleep(poll_s)
+
+
+def finish(proc: subprocess.Popen, timeout_s: float = 300) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        out, err = kill_tree(proc)
+        raise AssertionError(f"the run did not end within {timeout_s} s:\n{out}\n{err}") from None
+    return proc.returncode, out, err
+
+
+def workers(proc: subprocess.Popen) -> list[int]:
+    """PIDs of the training workers: the launcher's child processes running moeyard.train."""
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    return [int(pid) for pid in children if b"moeyard.train" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.parametrize("signum,restarts", [(signal.SIGTERM, 0), (signal.SIGUSR1, 0), (signal.SIGUSR1, 2)])
+def test_preemption_signal_saves_then_exits_and_the_same_command_resumes(tmp_path, small_corpus, signum,
+                                                                         restarts) -> None:
+    """SIGTERM (torchrun forwards it) or SIGUSR1 (Slurm's warning; moeyard forwards it) to the launcher.
+    With restarts allowed, a preemption must still stop the job, not restart it."""
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 400})
+    run = tmp_path / "run"
+    proc = start(config, run, 2, restarts=restarts)
+    wait_for(lambda: logged_steps(run) >= 3, proc)
+    proc.send_signal(signum)
+    code, out, err = finish(proc)
+    assert code == 128 + signum, err
+    assert "resumed from" not in out, "a preempted job was restarted"
+    steps = [m["step"] for m in read_metrics(run)]
+    assert 3 <= steps[-1] < 400
+    newest = CheckpointStore(run / "checkpoints").newest_intact().path
+    assert newest is not None and verify(newest)["step"] == steps[-1], "the stop lost steps"
+    proc = moeyard_train(config, run, 2, "parallel.ep=2", "train.steps=400", f"train.stop_at={steps[-1] + 2}")
+    assert f"at step {steps[-1]}" in proc.stdout
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, steps[-1] + 3))
+
+
+def test_killed_worker_is_restarted_by_torchrun_and_the_run_completes(tmp_path, small_corpus) -> None:
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 30}, checkpoint={"every": 5})
+    run = tmp_path / "run"
+    proc = start(config, run, 2, restarts=2)
+    wait_for(lambda: (run / "checkpoints" / "step_000005").is_dir() and logged_steps(run) >= 7, proc)
+    victim = workers(proc)[1]
+    os.kill(victim, signal.SIGKILL)
+    code, out, err = finish(proc)
+    assert code == 0, err
+    assert "resumed from" in out and "finished 30 steps" in out
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, 31))
+    assert verify(CheckpointStore(run / "checkpoints").newest_intact().path)["step"] == 30
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, small_corpus) -> None:
+    """A bigger model so that writing takes a while; a worker is SIGKILLed while a .tmp folder exists."""
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 200}, checkpoint={"every": 1})
+    run = tmp_path / "run"
+    big = ["model.dim=256", "model.moe.ffn_dim=1024", "model.ffn_dim=1024", "checkpoint.keep_last=2"]
+    proc = start(config, run, 2, *big)
+    checkpoints = run / "checkpoints"
+    wait_for(lambda: (checkpoints / "step_000002").is_dir() and any(checkpoints.glob(".step_*.tmp")), proc,
+             poll_s=0.002)
+    for pid in workers(proc):
+        os.kill(pid, signal.SIGKILL)
+    code, _, _ = finish(proc)
+    assert code != 0
+    assert any(checkpoints.glob(".step_*.tmp")), "the kill did not land during a write"
+    store = CheckpointStore(checkpoints)
+    newest = store.newest_intact()
+    assert newest.path is not None and newest.skipped == ()
+    latest = (checkpoints / "latest").read_text().strip()
+    assert (checkpoints / latest).is_dir() and verify(checkpoints / latest)["step"] == verify(newest.path)["step"]
+    step = verify(newest.path)["step"]
+    proc2 = moeyard_train(config, run, 2, "parallel.ep=2", *big, f"train.stop_at={step + 1}")
+    assert f"at step {step}" in proc2.stdout
+    assert not list(checkpoints.glob(".step_*.tmp")), "the half-written checkpoint was not cleaned up"

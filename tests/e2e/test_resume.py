@@ -1,0 +1,151 @@
+"""Exact resume, resharding on a different layout, and damaged checkpoints -- through `moeyard train`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers.runs import final_parameters, moeyard_train, read_metrics, run_moeyard_train, write_config
+
+LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm")
+DIVERGE = ("optim.lr=1e30", "optim.warmup_steps=0", "train.grad_clip=0")  # non-finite within a step or two
+
+
+def losses(run_dir) -> dict[int, tuple]:
+    return {m["step"]: tuple(m[k] for k in LOSS_KEYS) for m in read_metrics(run_dir)}
+
+
+def _damage(path, how: str) -> None:
+    shard = sorted(path.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    if how == "truncate":
+        shard.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[len(data) // 2] ^= 0x10
+        shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("nproc,ep,extra", [
+    (2, 2, []),
+    (4, 2, []),  # each expert replicated on 2 ranks
+    (4, 2, ["schedule.grad_sync=reduce_scatter"]),  # ZeRO-sharded optimizer state
+    (2, 2, ["checkpoint.every=3", "checkpoint.async_save=true"]),  # background saves along the way
+    # Router state lives in buffers: the expert biases, and the dense-to-sparse schedule's position.
+    (2, 2, ["model.moe.router=sigmoid_bias", "model.moe.bias_update_rate=0.01"]),
+    (2, 2, ["model.moe.router=dense_to_sparse", "model.moe.dts_steps=16"]),
+])
+
+
+def test_stop_and_resume_is_bit_exact(tmp_path, small_corpus, nproc, ep, extra) -> None:
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 20})
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    moeyard_train(config, straight, nproc, f"parallel.ep={ep}", *extra)
+    first = moeyard_train(config, split, nproc, f"parallel.ep={ep}", "train.stop_at=10", *extra)
+    assert "stopped at train.stop_at=10" in first.stdout
+    assert [m["step"] for m in read_metrics(split)] == list(range(1, 11))
+    second = moeyard_train(config, split, nproc, f"parallel.ep={ep}", *extra)  # same command: auto-resume
+    assert "at step 10" in second.stdout
+    assert losses(split) == losses(straight)  # every logged number, bit for bit
+    _, p_straight = final_parameters(straight)
+    _, p_split = final_parameters(split)
+    for name, p in p_straight.items():
+        assert torch.equal(p, p_split[name]), name
+
+
+def test_resume_on_other_layouts_continues_the_same_run(tmp_path, small_corpus) -> None:
+    """Saved at 4 ranks (ep=4); resumed at 2 ranks (ep=2) and in 1 process: the losses of the steps after
+    the checkpoint match the 4-rank run's own continuation (model and optimizer state resharded)."""
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 10})
+    origin = tmp_path / "origin"
+    moeyard_train(config, origin, 4, "parallel.ep=4", "train.stop_at=6")
+    checkpoint = origin / "checkpoints" / "step_000006"
+    moeyard_train(config, origin, 4, "parallel.ep=4")  # the 4-rank continuation, steps 7-10
+    reference = losses(origin)
+    for nproc, ep in ((2, 2), (1, 1)):
+        run = tmp_path / f"resharded_{nproc}"
+        proc = moeyard_train(config, run, nproc, f"parallel.ep={ep}", f"checkpoint.resume={checkpoint}")
+        assert "at step 6" in proc.stdout
+        got = losses(run)
+        assert sorted(got) == [7, 8, 9, 10]
+        for step, values in got.items():
+            assert values == pytest.approx(reference[step], rel=1e-5), f"{nproc} ranks, step {step}"
+
+
+@pytest.mark.parametrize("how", ["truncate", "bitflip"])
+def test_damaged_newest_checkpoint_is_reported_and_skipped(tmp_path, small_corpus, how) -> None:
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 6}, checkpoint={"every": 2})
+    run = tmp_path / "run"
+    moeyard_train(config, run, 2, "parallel.ep=2", "train.stop_at=4")
+    _damage(run / "checkpoints" / "step_000004", how)
+    proc = moeyard_train(config, run, 2, "parallel.ep=2")
+    assert "skipping checkpoint" in proc.stdout and "step_000004" in proc.stdout
+    assert "at step 2" in proc.stdout
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+    # Asked for by path, a damaged checkpoint is an error, not a silent fallback.
+    _damage(run / "checkpoints" / "step_000006", how)
+    explicit = run_moeyard_train(config, tmp_path / "other", 1, "parallel.ep=1",
+                                 f"checkpoint.resume={run / 'checkpoints' / 'step_000006'}")
+    assert explicit.returncode != 0
+    assert "step_000006" in explicit.stderr and ("truncated" in explicit.stderr or "sha256" in explicit.stderr)
+
+
+def test_nonfinite_stop_saves_the_last_good_state_and_says_why(tmp_path, small_corpus) -> None:
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 10})
+    run = tmp_path / "run"
+    proc = run_moeyard_train(config, run, 1, "parallel.ep=1", *DIVERGE, "train.nonfinite=stop")
+    assert proc.returncode == 3, proc.stderr
+    assert "non-finite loss or gradient at step" in proc.stderr and "saved the last good state" in proc.stderr
+    metrics = read_metrics(run)
+    bad = metrics[-1]
+    assert bad["skipped_steps"] == 1
+    from moeyard.trainer.checkpoint.store import CheckpointStore, verify
+
+    newest = CheckpointStore(run / "checkpoints").newest_intact().path
+    assert verify(newest)["step"] == bad["step"] - 1
+    # A restart (torchrun would make one) refuses to repeat the stop, and says how to go on.
+    again = run_moeyard_train(config, run, 1, "parallel.ep=1")
+    assert again.returncode != 0 and "STOPPED_NONFINITE" in again.stderr
+
+
+def test_nonfinite_skip_counts_and_gives_up_after_max_skipped_steps_with_zero(tmp_path, small_corpus) -> None:
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 10})
+    run = tmp_path / "run"
+    proc = run_moeyard_train(config, run, 2, "parallel.ep=2", *DIVERGE, "train.max_skipped_steps=3",
+                             "schedule.grad_sync=reduce_scatter")
+    assert proc.returncode != 0 and "non-finite loss or gradient" in proc.stderr
+    skipped = [m["skipped_steps"] for m in read_metrics(run)]
+    assert skipped[-3:] == [1, 2, 3]
+
+
+def test_checkpoint_inspect_and_export(tmp_path, small_corpus) -> None:
+    from safetensors.torch import load_file
+
+    from moeyard.models import ModelConfig, MoEConfig, Transformer
+
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 2})
+    run = tmp_path / "run"
+    # sigmoid_bias: its expert biases are buffers that routing needs at inference, so the export has them.
+    moeyard_train(config, run, 2, "parallel.ep=2", "model.moe.router=sigmoid_bias", "model.moe.bias_update_rate=0.01")
+    ckpt = run / "checkpoints" / "step_000002"
+    moeyard = [sys.executable, "-m", "moeyard", "checkpoint"]
+    shown = subprocess.run(moeyard + ["inspect", str(ckpt)], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "intact" in shown.stdout and "written by 2 ranks, ep=2" in shown.stdout
+    assert "layers.1.ffn.experts.w_gate_EDF" in shown.stdout and "(8, 64, 64)" in shown.stdout
+    out = tmp_path / "export"
+    done = subprocess.run(moeyard + ["export", str(ckpt), "--to", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    tensors = load_file(str(out / "model.safetensors"))
+    cfg_model = json.loads((out / "config.json").read_text())
+    model = Transformer(ModelConfig(**{**cfg_model, "moe": MoEConfig(**cfg_model["moe"])}))
+    model.load_state_dict(tensors)  # strict: parameters and router buffers, nothing missing or extra
+    assert tensors["layers.1.ffn.router.expert_bias_E"].abs().max() > 0
+    _, expected = final_parameters(run)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, expected[name]), name
+    again = subprocess.run(moeyard + ["export", str(ckpt), "--to", str(out)], capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 2 and "is not empty" in again.stderr

@@ -1,0 +1,269 @@
+"""The model as single-device code: no process group anywhere."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moeyard.errors import ConfigError
+from moeyard.models import GroupedExperts, ModelConfig, MoE, MoEConfig, Transformer
+from moeyard.models.moe.expert_loop import swiglu_fused_loop
+from moeyard.models.moe.experts import swiglu_grouped_mm, swiglu_loop
+from moeyard.models.moe.router import load_balance_loss, router_z_loss
+from moeyard.models.moe.routers import TopKRouter
+from moeyard.trainer.step import skip_counts
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu.sh runs these)")
+
+
+def tiny(**moe) -> ModelConfig:
+    return ModelConfig(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
+                       moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32, **moe))
+
+
+def test_forward_backward_without_process_group() -> None:
+    assert not dist.is_initialized()
+    torch.manual_seed(0)
+    model = Transformer(tiny(num_shared_experts=1))
+    out = model(torch.randint(0, 64, (2, 16)))
+    assert out.logits_BTV.shape == (2, 16, 64)
+    assert set(out.moe_stats) == {0, 1, 2, 3}
+    for stats in out.moe_stats.values():
+        assert int(stats.tokens_per_expert_E.sum()) == 2 * 16 * 2
+    (out.logits_BTV.square().mean() + out.aux_loss + out.z_loss).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_dense_and_moe_blocks_interleave() -> None:
+    cfg = ModelConfig(n_layers=6, moe=MoEConfig(first_dense_layers=1, every=2))
+    assert [cfg.is_moe_layer(i) for i in range(6)] == [False, True, False, True, False, True]
+    model = Transformer(tiny(first_dense_layers=2))
+    assert [i for i, _ in model.moe_layers()] == [2, 3]
+
+
+def test_same_seed_same_model() -> None:
+    torch.manual_seed(3)
+    a = Transformer(tiny())
+    torch.manual_seed(3)
+    b = Transformer(tiny())
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_grouped_mm_matches_loop_including_empty_experts() -> None:
+    torch.manual_seed(0)
+    rows = [5, 0, 7, 0]
+    x = torch.randn(12, 8, requires_grad=True)
+    weights = [torch.randn(4, 8, 16, requires_grad=True), torch.randn(4, 8, 16, requires_grad=True),
+               torch.randn(4, 16, 8, requires_grad=True)]
+    dy = torch.randn(12, 8)
+    y_loop = swiglu_loop(x, rows, *weights)
+    grads_loop = torch.autograd.grad((y_loop * dy).sum(), [x, *weights])
+    y_gmm = swiglu_grouped_mm(x, rows, *weights)
+    grads_gmm = torch.autograd.grad((y_gmm * dy).sum(), [x, *weights])
+    torch.testing.assert_close(y_gmm, y_loop, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_gmm, grads_loop):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_fused_expert_loop_matches_autograd_loop(recompute: bool) -> None:
+    """The hand-written backward (and its recomputing variant) gives autograd's gradients; empty experts
+    get zero weight gradients, not stale memory."""
+    torch.manual_seed(0)
+    rows = [5, 0, 7, 0]
+    x = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(4, 8, 16, dtype=torch.float64, requires_grad=True),
+               torch.randn(4, 8, 16, dtype=torch.float64, requires_grad=True),
+               torch.randn(4, 16, 8, dtype=torch.float64, requires_grad=True)]
+    dy = torch.randn(12, 8, dtype=torch.float64)
+    y_ref = swiglu_loop(x, rows, *weights)
+    grads_ref = torch.autograd.grad((y_ref * dy).sum(), [x, *weights])
+    y = swiglu_fused_loop(x, rows, *weights, recompute=recompute)
+    grads = torch.autograd.grad((y * dy).sum(), [x, *weights])
+    with pytest.raises(RuntimeError, match="freed"):  # activations go with the backward, not with the graph
+        y.grad_fn.saved_tensors
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.equal(grads[1][1], torch.zeros(8, 16, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda *t: swiglu_fused_loop(t[0], rows, *t[1:], recompute=recompute),
+                                    (x, *weights))
+
+
+@pytest.mark.parametrize("compute", ["loop", "grouped_mm"])
+def test_experts_regroup_rows_through_an_order(compute: str) -> None:
+    """Rows in (source rank, expert) order with `order` give the expert-grouped result, in place."""
+    torch.manual_seed(2)
+    experts = GroupedExperts(3, 8, 16, compute)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    rows = [4, 0, 5]
+    order = torch.randperm(9)
+    x = torch.randn(9, 8, requires_grad=True)
+    dy = torch.randn(9, 8)
+    y = experts(x, rows, order=order)
+    grads = torch.autograd.grad((y * dy).sum(), [x, *experts.parameters()])
+    y_ref = torch.empty_like(y).index_copy(0, order, swiglu_loop(x[order], rows, *experts.weights))
+    grads_ref = torch.autograd.grad((y_ref * dy).sum(), [x, *experts.parameters()])
+    torch.testing.assert_close(y, y_ref)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_recompute_experts_keeps_the_model_function() -> None:
+    torch.manual_seed(1)
+    plain = Transformer(tiny())
+    recomputing = Transformer(tiny(recompute_experts=True))
+    recomputing.load_state_dict(plain.state_dict())
+    tokens = torch.randint(0, 64, (2, 16))
+    grads = []
+    for model in (plain, recomputing):
+        out = model(tokens)
+        out.logits_BTV.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_router_topk_and_renormalisation() -> None:
+    router = TopKRouter(2, 3, top_k=2, renormalize=True)
+    with torch.no_grad():
+        router.weight_ED.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    routing = router(torch.tensor([[2.0, 1.0]]))
+    assert routing.expert_index_TK.tolist() == [[0, 1]]
+    p = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0)
+    torch.testing.assert_close(routing.weight, (p[:2] / p[:2].sum()).unsqueeze(0))
+    router.renormalize = False
+    torch.testing.assert_close(router(torch.tensor([[2.0, 1.0]])).weight, p[:2].unsqueeze(0))
+
+
+def test_load_balance_loss_is_one_when_balanced_and_larger_when_not() -> None:
+    uniform = torch.full((8, 4), 0.25)
+    assert load_balance_loss(uniform, torch.tensor([4, 4, 4, 4])).item() == pytest.approx(1.0)
+    skewed = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(8, 1)
+    assert load_balance_loss(skewed, torch.tensor([16, 0, 0, 0])).item() == pytest.approx(4 * 0.7)
+
+
+def test_z_loss_hand_computed() -> None:
+    logits = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    expected = (torch.log(torch.tensor(2.0)) ** 2 + (1 + torch.log(torch.tensor(2.0))) ** 2) / 2
+    torch.testing.assert_close(router_z_loss(logits), expected)
+
+
+def test_capacity_factor_reports_drops() -> None:
+    torch.manual_seed(0)
+    moe = MoE(16, MoEConfig(num_experts=4, top_k=1, ffn_dim=8, capacity_factor=1.0))
+    with torch.no_grad():
+        moe.router.weight_ED.zero_()
+        moe.router.weight_ED[2] = 1.0  # every token with a positive sum goes to expert 2
+        for p in moe.experts.parameters():
+            p.normal_()
+    x = torch.randn(1, 32, 16).abs()
+    _, stats = moe(x)
+    assert stats.tokens_per_expert_E.tolist() == [0, 0, 32, 0]
+    assert int(stats.dropped) == 32 - 8  # capacity ceil(1.0 * 32 / 4) = 8
+
+
+def test_top1_router_learns_from_the_language_model_loss() -> None:
+    """Renormalising a single weight would make it 1 and cut the router off from the LM gradient."""
+    torch.manual_seed(0)
+    moe = MoE(16, MoEConfig(num_experts=4, top_k=1, ffn_dim=8, renormalize=True))
+    for p in moe.parameters():  # modules leave init to Transformer.init_weights
+        torch.nn.init.normal_(p, std=0.1)
+    y, _ = moe(torch.randn(1, 8, 16))
+    y.square().sum().backward()  # no router losses in this objective
+    assert moe.router.weight_ED.grad.norm() > 1e-3
+
+
+def test_grouped_mm_under_bf16_autocast_matches_loop_and_rejects_misaligned_dims() -> None:
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 16, 32, compute="grouped_mm")
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, rows = torch.randn(10, 16), [3, 0, 5, 2]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_gmm = experts(x, rows)
+        experts.compute = "loop"
+        y_loop = experts(x, rows)
+    assert y_gmm.dtype == torch.bfloat16
+    torch.testing.assert_close(y_gmm.float(), y_loop.float(), rtol=2e-2, atol=2e-2)
+    odd = GroupedExperts(2, 12, 20, compute="grouped_mm")
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="multiples of 8"):
+        odd(torch.randn(4, 12), [2, 2])
+
+
+def test_model_without_moe_block_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="model.moe.first_dense_layers=4 leaves no MoE block"):
+        ModelConfig(n_layers=4, moe=MoEConfig(first_dense_layers=4))
+
+
+@needs_cuda
+def test_cuda_grouped_mm_layer_matches_the_loop_in_bf16() -> None:
+    torch.manual_seed(0)
+    moe = MoE(64, MoEConfig(num_experts=8, top_k=2, ffn_dim=128, expert_compute="grouped_mm")).cuda()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 64, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_gmm, _ = moe(x)
+    moe.experts.compute = "loop"
+    y_loop, _ = moe(x)  # float32 reference
+    torch.testing.assert_close(y_gmm.float(), y_loop, rtol=3e-2, atol=3e-2)
+
+
+@needs_cuda
+def test_cuda_layer_forward_backward_never_waits_for_the_host() -> None:
+    """ep=1, dropless, grouped GEMM: no device-to-host synchronisation anywhere in the layer."""
+    moe = MoE(64, MoEConfig(num_experts=8, top_k=2, ffn_dim=128, expert_compute="grouped_mm")).cuda()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 64, 64, device="cuda", requires_grad=True)
+    moe(x)[0].sum().backward()  # warm-up: lazy initialisation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, stats = moe(x)
+        (y.sum() + stats.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_expert_skipping_at_evaluation_drops_only_low_weight_later_choices() -> None:
+    """Each token's output is w1 * E1(x) plus w2 * E2(x) only where w2 >= the threshold; the count of left-out
+    copies is reported; training never skips."""
+    torch.manual_seed(0)
+    moe = MoE(16, MoEConfig(num_experts=4, top_k=2, ffn_dim=24, skip_threshold=0.3))
+    with torch.no_grad():
+        for p in moe.parameters():  # a bare layer: Transformer.init_weights is not there to initialise it
+            p.normal_(0.0, 0.1)
+        moe.router.weight_ED.mul_(20)  # peaked routing, as a trained router's
+    x = torch.randn(2, 24, 16)
+    with torch.no_grad():
+        routing = moe.router(x)
+        y, stats = moe.eval()(x)
+        y_train, train_stats = moe.train()(x)
+    x_TD = x.reshape(-1, 16)
+    expected = torch.zeros_like(x_TD)
+    w = moe.experts
+    for t in range(x_TD.shape[0]):
+        for slot, (e, weight) in enumerate(zip(routing.expert_index_TK[t].tolist(), routing.weight[t].tolist())):
+            if slot == 0 or weight >= 0.3:
+                h = torch.nn.functional.silu(x_TD[t] @ w.w_gate_EDF[e]) * (x_TD[t] @ w.w_up_EDF[e])
+                expected[t] += weight * (h @ w.w_down_EFD[e])
+    low = int((routing.weight[:, 1:] < 0.3).sum())
+    assert 0 < low < x_TD.shape[0]  # the threshold cuts through the second choices
+    assert int(stats.skipped) == low and int(stats.tokens_per_expert_E.sum()) == 2 * x_TD.shape[0] - low
+    torch.testing.assert_close(y.reshape(-1, 16), expected, rtol=1e-5, atol=1e-6)
+    assert int(train_stats.skipped) == 0 and not torch.allclose(y_train, y)
+    assert float(skip_counts({1: stats})[0] / skip_counts({1: stats})[1]) == low / (2 * x_TD.shape[0])
+    moe.cfg = dataclasses.replace(moe.cfg, capacity_factor=0.5)  # drops do not change what was skipped of all
+    with torch.no_grad():
+        _, dropping = moe.eval()(x)
+    assert int(dropping.dropped) > 0
+    assert float(skip_counts({1: dropping})[0] / skip_counts({1: dropping})[1]) == low / (2 * x_TD.shape[0])
+    with pytest.raises(ConfigError, match="model.moe.skip_threshold=1.5 must be in"):
+        MoEConfig(skip_threshold=1.5)

@@ -1,0 +1,95 @@
+"""Hugging Face interop in one process: export to Qwen2-MoE, refused configs and routers, upcycling."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.hf_cases import hf_logits, save_random_model
+
+pytest.importorskip("transformers")
+from moeyard.errors import ConfigError
+from moeyard.launch.cli import main  # noqa: E402
+from moeyard.models import Transformer  # noqa: E402
+from moeyard.trainer.checkpoint.sharded import load_full_model  # noqa: E402
+from moeyard.trainer.checkpoint.weights import init_model_config  # noqa: E402
+from moeyard.trainer.config import build_config  # noqa: E402
+
+TOKENS = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(1))
+
+
+def moeyard_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
+    model = Transformer(build_config({"model": init_model_config(ckpt)}).model).eval()
+    load_full_model(ckpt, model)
+    with torch.no_grad():
+        return model(tokens).logits_BTV
+
+
+def test_native_model_exports_to_qwen2_moe(tmp_path: Path) -> None:
+    """moeyard's own layout (a dense first layer, no shared expert, no biases) has an exact HF twin."""
+    from moeyard.models import ModelConfig, MoEConfig
+    from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
+
+    cfg = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32,
+                      moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=16, first_dense_layers=1))
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    ckpt = write_weights_checkpoint({n: p.detach() for n, p in model.named_parameters()}, cfg,
+                                    tmp_path / "ckpt", {"format": "test"})
+    assert main(["convert", "to-hf", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "qwen2_moe"
+    expected = moeyard_logits(ckpt, TOKENS)
+    assert (hf_logits(tmp_path / "hf", TOKENS) - expected).abs().max() < 1e-4
+    # ...and comes back: the zero-width shared expert it was given is passed over on import.
+    assert main(["convert", "from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "again")]) == 0
+    assert init_model_config(tmp_path / "again")["moe"]["num_shared_experts"] == 0
+    assert (moeyard_logits(tmp_path / "again", TOKENS) - expected).abs().max() < 1e-4
+
+
+def test_unsupported_hf_configs_are_refused_by_key(tmp_path: Path, capsys) -> None:
+    hf_dir = save_random_model("mixtral", tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    for key, value, named in [("rope_parameters", {"rope_type": "yarn", "factor": 4.0}, "rope scaling"),
+                              ("hidden_act", "gelu", "hidden_act"), ("model_type", "gpt2", "model_type")]:
+        (hf_dir / "config.json").write_text(json.dumps({**config, key: value}))
+        assert main(["convert", "from-hf", str(hf_dir), "--out", str(tmp_path / key)]) == 2
+        assert named in capsys.readouterr().err
+        assert not (tmp_path / key).exists()
+    (hf_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    assert main(["convert", "from-hf", str(hf_dir), "--out", str(tmp_path / "fewer")]) == 2
+    assert "no place" in capsys.readouterr().err  # the third layer's tensors are left over
+
+
+def test_export_refuses_routers_hf_does_not_have() -> None:
+    from moeyard.models import ModelConfig, MoEConfig
+    from moeyard.trainer.tools.hf_config import export_family
+
+    with pytest.raises(ConfigError, match="sigmoid_bias"):
+        export_family(ModelConfig(moe=MoEConfig(router="sigmoid_bias")))
+
+
+@pytest.mark.parametrize("family,experts,top_k,granularity",
+                         [("llama", 4, 2, 1), ("qwen2", 8, 4, 2), ("qwen3", 6, 3, 3)])
+
+
+def test_upcycled_model_starts_equal_to_the_dense_one(family: str, experts: int, top_k: int, granularity: int,
+                                                      tmp_path: Path) -> None:
+    hf_dir = save_random_model(family, tmp_path / "dense")
+    ckpt = tmp_path / "moe"
+    assert main(["convert", "upcycle", str(hf_dir), "--out", str(ckpt), "--experts", str(experts),
+                 "--top-k", str(top_k), "--granularity", str(granularity)]) == 0
+    moe = init_model_config(ckpt)["moe"]
+    assert (moe["num_experts"], moe["top_k"], moe["ffn_dim"]) == (experts, top_k, 48 // granularity)
+    assert (moeyard_logits(ckpt, TOKENS) - hf_logits(hf_dir, TOKENS)).abs().max() < 1e-5
+
+
+def test_upcycle_refuses_a_top_k_that_splits_the_slices(tmp_path: Path, capsys) -> None:
+    hf_dir = save_random_model("llama", tmp_path / "dense")
+    assert main(["convert", "upcycle", str(hf_dir), "--out", str(tmp_path / "moe"), "--experts", "8",
+                 "--top-k", "3", "--granularity", "2"]) == 2
+    assert "--top-k=3 must be a multiple of --granularity=2" in capsys.readouterr().err
+    assert main(["convert", "upcycle", str(hf_dir), "--out", str(tmp_path / "moe"), "--experts", "4",
+                 "--top-k", "1"]) == 2
+    assert "needs top-k >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "moe").exists()
