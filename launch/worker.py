@@ -139,6 +139,14 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
     return 0
 
 
+def worker_args(config: str, overrides: list[str], *extra: str) -> list[str]:
+    """The command line of `python -m moeyard.train` for this config and these overrides."""
+    args = [config, *extra]
+    for assignment in overrides:
+        args += ["--set", assignment]
+    return args
+
+
 def add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")

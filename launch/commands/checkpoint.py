@@ -1,0 +1,30 @@
+"""`moeyard checkpoint inspect|export`: describe a checkpoint, or export it as safetensors."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moeyard.errors import CheckpointError, LaunchError
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from moeyard.trainer.tools.inspect import export_safetensors, inspect_checkpoint
+
+    path = Path(args.path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint folder (expected run_dir/checkpoints/step_NNNNNN)")
+    if args.action == "inspect":
+        print(inspect_checkpoint(path))
+    else:
+        if not args.to:
+            raise LaunchError("moeyard checkpoint export needs --to DIR")
+        print(f"wrote {export_safetensors(path, Path(args.to))}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    checkpoint = sub.add_parser("checkpoint", help="inspect a checkpoint, or export it as safetensors")
+    checkpoint.add_argument("action", choices=["inspect", "export"])
+    checkpoint.add_argument("path", help="a checkpoint folder, e.g. runs/tiny/checkpoints/step_000300")
+    checkpoint.add_argument("--to", default=None, help="export: the folder to write (must be new or empty)")
+    checkpoint.set_defaults(func=cmd_checkpoint)

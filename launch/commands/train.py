@@ -1,0 +1,109 @@
+"""`moeyard train` and `moeyard sft`: check everything that needs no worker, then start this node's workers."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional
+
+from moeyard import configs
+from moeyard.errors import LaunchError
+from moeyard.launch.env import in_slurm_step, single_process
+from moeyard.launch.torchrun import Nodes, launch_workers
+from moeyard.launch.worker import add_overrides, run_worker, worker_args
+from moeyard.trainer.config import check_vocab, validate_for_world
+from moeyard.trainer.data.tokens import ensure_corpus, read_meta
+from moeyard.trainer.run_config import resolve_config
+from moeyard.trainer.run_dir import holds_a_run
+
+
+def _node_rank(given: Optional[int], nnodes: int) -> int:
+    """--node-rank, or under srun (one task per node) Slurm's node index."""
+    if given is not None:
+        return given
+    if nnodes > 1 and in_slurm_step(os.environ) and "SLURM_NODEID" in os.environ:
+        return int(os.environ["SLURM_NODEID"])
+    return 0
+
+def _check_gpus(backend: str, nproc: int) -> None:
+    """One worker per GPU: say so here rather than from inside a worker after the others started."""
+    import torch
+
+    if backend == "gloo" or not torch.cuda.is_available():
+        return
+    gpus = torch.cuda.device_count()
+    if nproc > gpus:
+        raise LaunchError(f"--nproc={nproc} workers on a node with {gpus} GPU(s): start at most {gpus}, or "
+                          f"train on CPUs with --set parallel.backend=gloo")
+
+def cmd_train(args: argparse.Namespace) -> int:
+    sft = args.command == "sft"
+    config = args.config or str(configs.path("sft-tiny.yaml" if sft else "tiny.yaml"))
+    if args.resume is not None:
+        args.overrides.append(f"checkpoint.resume={args.resume}")
+    if args.init is not None:
+        args.overrides.append(f"checkpoint.init={args.init}")
+    cfg = resolve_config(config, args.overrides)
+    if sft and cfg.sft.data is None:
+        raise LaunchError(f"{config} has no sft.data: moeyard sft needs a JSONL file of conversations there "
+                          f"(or --set sft.data=FILE)")
+    nodes = Nodes(args.nnodes, _node_rank(args.node_rank, args.nnodes), args.rdzv_endpoint,
+                  args.rdzv_id or f"moeyard-{cfg.run.name}")
+    nodes.check()
+    if args.nproc is None and cfg.parallel.ep % nodes.count:
+        raise LaunchError(f"--nnodes={nodes.count} does not divide parallel.ep={cfg.parallel.ep}: give --nproc, "
+                          f"the workers per node")
+    nproc = args.nproc or cfg.parallel.ep // nodes.count
+    if nproc < 1:
+        raise LaunchError(f"--nproc={nproc} must be >= 1")
+    world = nproc * nodes.count
+    validate_for_world(cfg, world)
+    _check_gpus(cfg.parallel.backend, nproc)
+    if cfg.checkpoint.resume == "none" and holds_a_run(cfg.run_dir) and nodes.rank == 0:
+        raise LaunchError(f"run.dir {cfg.run_dir} already holds a run and --resume none was asked: resume it "
+                          f"(--resume auto), choose another run.dir, or delete it")
+    if cfg.sft.data is not None:
+        from moeyard.trainer.data.sft_batches import SFTData
+
+        SFTData(cfg)  # reads, renders and checks every conversation before a worker starts
+    else:
+        check_vocab(cfg, read_meta(ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)))
+    where = f"node {nodes.rank} of {nodes.count}, " if nodes.count > 1 else ""
+    print(f"training {config} on {where}{nproc} process(es) (world {world}), ep={cfg.parallel.ep}; "
+          f"run dir {cfg.run_dir}", flush=True)
+    if world == 1:
+        return run_worker(cfg, single_process())
+    return launch_workers(nproc, worker_args(config, args.overrides), nodes=nodes,
+                          max_restarts=args.max_restarts, rendezvous_timeout_s=cfg.parallel.rendezvous_timeout_s,
+                          run_dir=cfg.run_dir)
+
+def _add_train_args(train: argparse.ArgumentParser, default_config: str) -> None:
+    train.add_argument("config", nargs="?", help=f"YAML config (default: the shipped configs/{default_config})")
+    train.add_argument("--nproc", type=int, default=None,
+                       help="local worker processes (default: parallel.ep of the config)")
+    add_overrides(train)
+    train.add_argument("--resume", default=None, metavar="auto|none|PATH",
+                       help="auto (default): continue from the newest intact checkpoint of run.dir; none: start "
+                            "fresh; PATH: start from that checkpoint")
+    train.add_argument("--max-restarts", type=int, default=0,
+                       help="restart all workers up to N times after a failure; each restart resumes from the "
+                            "newest checkpoint (torchrun's --max-restarts)")
+    train.add_argument("--nnodes", type=int, default=1, help="nodes in the job, each running this command")
+    train.add_argument("--node-rank", type=int, default=None,
+                       help="this node's index, 0..nnodes-1 (default: SLURM_NODEID under srun, else 0); node 0 "
+                            "hosts the rendezvous")
+    train.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                       help="node 0's address for the c10d rendezvous, the same on every node")
+    train.add_argument("--rdzv-id", default=None,
+                       help="a job id, the same on every node (default: moeyard-<run.name>)")
+    train.add_argument("--init", default=None, metavar="CKPT",
+                       help="start a fresh run from these weights (moeyard convert output, a checkpoint, or a "
+                            "run's checkpoints folder); the model config comes from it")
+    train.set_defaults(func=cmd_train)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train a model (default: configs/tiny.yaml on 2 local processes)")
+    _add_train_args(train, "tiny.yaml")
+    sft = sub.add_parser("sft", help="instruction-tune a model from --init CKPT on the sft.data conversations "
+                                     "(default: configs/sft-tiny.yaml)")
+    _add_train_args(sft, "sft-tiny.yaml")
