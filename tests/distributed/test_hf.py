@@ -6,24 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.hf_cases import hf_logits, save_random_model, sharded_logits
+from helpers.hf_cases import hf_logits, moeyard_logits, save_random_model, sharded_logits
 from helpers.multiprocess import run_distributed
 
 pytest.importorskip("transformers")
 from moeyard.launch.cli import main  # noqa: E402
-from moeyard.models import Transformer  # noqa: E402
-from moeyard.trainer.checkpoint.sharded import load_full_model  # noqa: E402
-from moeyard.trainer.checkpoint.weights import init_model_config  # noqa: E402
-from moeyard.trainer.config import build_config  # noqa: E402
 
 TOKENS = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(1))
-
-
-def moeyard_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
-    model = Transformer(build_config({"model": init_model_config(ckpt)}).model).eval()
-    load_full_model(ckpt, model)
-    with torch.no_grad():
-        return model(tokens).logits_BTV
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])

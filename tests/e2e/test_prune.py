@@ -1,4 +1,5 @@
-"""Pruned checkpoints: half the experts report the held-out cost and train at ep=1 and ep=2; uneven budgets."""
+"""Expert pruning of a trained run: keeping every expert reproduces the model; half the experts report the
+held-out cost and train at ep=1 and ep=2; uneven budgets per layer."""
 from __future__ import annotations
 
 import subprocess
@@ -25,6 +26,13 @@ def trained(tmp_path_factory, small_corpus):
                   "parallel.ep=1")
     step = (root / "run" / "checkpoints" / "latest").read_text().strip()
     return root, root / "run" / "checkpoints" / step
+
+
+def test_keeping_every_expert_reproduces_the_model(trained, small_corpus) -> None:
+    root, ckpt = trained
+    report = prune(ckpt, str(small_corpus), 8, root / "all")
+    assert report["heldout_loss_after"] == report["heldout_loss_before"]
+    assert all(ids == list(range(8)) for ids in report["kept_experts"].values())
 
 
 def test_half_the_experts_report_the_cost_and_train_at_ep1_and_ep2(trained, small_corpus) -> None:

@@ -75,3 +75,17 @@ def sharded_logits(rank: int, world: int, ckpt: str, tokens: torch.Tensor) -> to
     load_weights_into(Path(ckpt), model, pmesh, dist.group.WORLD)
     with torch.no_grad():
         return model(tokens.chunk(world)[rank]).logits_BTV
+
+
+def moeyard_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of a converted checkpoint, loaded whole in this process."""
+    from moeyard.models import Transformer
+    from moeyard.trainer.checkpoint.sharded import load_full_model
+    from moeyard.trainer.checkpoint.weights import init_model_config
+    from moeyard.trainer.config import build_config
+
+    model = Transformer(build_config({"model": init_model_config(ckpt)}).model).eval()
+    load_full_model(ckpt, model)
+    with torch.no_grad():
+        return model(tokens).logits_BTV
+

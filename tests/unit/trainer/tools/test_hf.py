@@ -6,24 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.hf_cases import hf_logits, save_random_model
+from helpers.hf_cases import hf_logits, moeyard_logits, save_random_model
 
 pytest.importorskip("transformers")
 from moeyard.errors import ConfigError
 from moeyard.launch.cli import main  # noqa: E402
 from moeyard.models import Transformer  # noqa: E402
-from moeyard.trainer.checkpoint.sharded import load_full_model  # noqa: E402
 from moeyard.trainer.checkpoint.weights import init_model_config  # noqa: E402
-from moeyard.trainer.config import build_config  # noqa: E402
 
 TOKENS = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(1))
-
-
-def moeyard_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
-    model = Transformer(build_config({"model": init_model_config(ckpt)}).model).eval()
-    load_full_model(ckpt, model)
-    with torch.no_grad():
-        return model(tokens).logits_BTV
 
 
 def test_native_model_exports_to_qwen2_moe(tmp_path: Path) -> None:
