@@ -1,4 +1,6 @@
-"""From the config's `schedule` section to a Plan (what runs it is `moeyard.parallel.parallelize`)."""
+"""From the config's `schedule` section to a Plan: the run's workload, its unit costs (a hardware
+description, or a profile of this machine cached per machine and shapes) and the planner's choice.
+What runs a plan is `moeyard.parallel.parallelize`; this module owns the files the scheduler reads."""
 from __future__ import annotations
 
 import dataclasses
