@@ -71,7 +71,6 @@ class Transformer(nn.Module):
         if cfg.peft.method != "none":  # after the base's init: same seed, same base weights
             add_routed_adapters(self, cfg.peft)
         self.named_adapters = list(routed_adapters(self))
-        self.adapters = [m for _, m in self.named_adapters]
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -99,6 +98,11 @@ class Transformer(nn.Module):
         causal_TT = torch.ones(T, T, dtype=torch.bool, device=segment_BT.device).tril()
         same_BTT = segment_BT[:, :, None] == segment_BT[:, None, :]
         return cos, sin, (causal_TT & same_BTT).unsqueeze(1)
+
+    @property
+    def adapters(self) -> list[nn.Module]:
+        """The model's LoRA adapters (model.peft), in module order."""
+        return [m for _, m in self.named_adapters]
 
     def moe_layers(self) -> Iterator[tuple[int, MoE]]:
         for i, block in enumerate(self.layers):

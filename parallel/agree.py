@@ -12,17 +12,18 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 
-def from_rank0(action: Callable[[], T], error: type[Exception] = RuntimeError, what: str = "") -> T:
+def from_rank0(action: Callable[[], T], error: type[Exception], what: str, passthrough: bool = False) -> T:
     """Run `action` on rank 0 only and return its result on every rank (it must pickle). If it raises,
-    every rank raises `error`: naming `what` failed on rank 0 and why, or, without `what`, with rank 0's
-    own message when that was an `error` already. Collective over the default group."""
+    every rank raises `error` saying `what` failed on rank 0 and why; with `passthrough`, an exception that
+    is already an `error` keeps its own message (a verdict meant for the user). Collective over the default
+    group."""
     box: list = [None, None]  # result, message
     if dist.get_rank() == 0:
         try:
             box[0] = action()
         except Exception as err:  # noqa: BLE001 -- raised on every rank below
-            passthrough = not what and isinstance(err, error)
-            box[1] = str(err) if passthrough else f"{what or 'a step'} on rank 0 failed: {type(err).__name__}: {err}"
+            mine = passthrough and isinstance(err, error)
+            box[1] = str(err) if mine else f"{what} on rank 0 failed: {type(err).__name__}: {err}"
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
         raise error(box[1])

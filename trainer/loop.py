@@ -102,7 +102,7 @@ def _batches(cfg: Config, pmesh) -> tuple[TokenBatches | SFTBatches, SFTBatch | 
 def _check_before_start(cfg: Config) -> None:
     """What the launcher checked already, checked again where the world size is known for sure."""
     if cfg.sft.data is None and cfg.data.dir is None:
-        raise DataError("data.dir is not set: the launcher resolves it (see trainer.data.ensure_corpus)")
+        raise DataError("data.dir is not set: the launcher resolves it (see trainer.data.tokens.ensure_corpus)")
     validate_for_world(cfg, dist.get_world_size())
     if cfg.sft.data is None:
         check_vocab(cfg, read_meta(Path(cfg.data.dir)))
@@ -116,13 +116,13 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
     prepare_run_dir(cfg)
     pmesh = build_mesh(cfg.parallel.ep, device.type)
     dtype = resolve_dtype(cfg.train.dtype, device)
+    plan = plan_for(cfg, pmesh, device)  # before the model exists: profiling builds models of its own
 
     torch.manual_seed(cfg.run.seed)  # same full model on every rank, whatever the layout
     model = Transformer(cfg.model)
     trainable, total = freeze(model, cfg.train.trainable, cfg.train.frozen)
     if rank == 0:
         print(f"parameters: {trainable:,} of {total:,} train ({100 * trainable / total:.2f}%)", flush=True)
-    plan = plan_for(cfg, pmesh, device)
     sync = parallelize(model, pmesh, plan, cfg.optim, device)
     checkpointer = Checkpointer(cfg, pmesh, plan)
 

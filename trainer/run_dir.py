@@ -46,7 +46,7 @@ def _prepare(cfg: Config) -> None:
 def prepare_run_dir(cfg: Config) -> None:
     """Rank 0 checks run.dir may be (re)used, writes the resolved config and clears PREEMPTED; every rank
     learns its verdict. Collective."""
-    from_rank0(lambda: _prepare(cfg), RuntimeError)
+    from_rank0(lambda: _prepare(cfg), RuntimeError, "preparing run.dir", passthrough=True)
 
 
 def mark_preempted(run_dir: Path, step: int, signum: int) -> None:

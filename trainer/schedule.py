@@ -82,7 +82,7 @@ def load_or_measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: 
             print(f"warning: ignoring unreadable profile cache {path}: {err}", flush=True)
             return None
 
-    cached = from_rank0(read_cache)
+    cached = from_rank0(read_cache, RuntimeError, f"reading the profile cache {path}")
     if cached is not None:
         return cached, True
     profile = measure_everywhere(cfg, w, pmesh, device, dtype, key)

@@ -8,8 +8,6 @@ one transfer each and unpacked by name, never by position.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -39,13 +37,11 @@ class NamedSums:
         dist.all_reduce(flat, group=group)
         self.values = self._unpack(flat)
 
-    def to_host(self) -> dict[str, list[float]]:
+    def to_host(self) -> dict[str, list]:
+        """Every value as a Python list, in one device-to-host transfer."""
         if not self.values:
             return {}
-        flat = torch.cat(list(self.values.values())).tolist()
-        sizes = [v.numel() for v in self.values.values()]
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        return {name: flat[a:a + n] for name, a, n in zip(self.values, starts, sizes)}
+        return {name: v.tolist() for name, v in self._unpack(torch.cat(list(self.values.values())).cpu()).items()}
 
 
 class StepStats:
@@ -90,11 +86,10 @@ class StepStats:
         return self.counts.values[f"{layer}.load"]
 
     def report(self, micro_steps: int, global_targets: int, global_tokens: int,
-               router_state: Optional[dict[int, dict]] = None) -> dict:
+               router_state: dict[int, dict]) -> dict:
         """The step's numbers as StepResult fields: losses are means over the global batch (LM: over the
         learned targets; router losses: over all micro-steps of all ranks)."""
         sums, counts = self.per_rank.to_host(), self.counts.to_host()
-        router_state = router_state or {}
         out: dict = {
             "lm_loss": sums["lm_loss"][0] / global_targets,
             "aux_loss": sums["aux_loss"][0] / micro_steps,

@@ -24,6 +24,7 @@ def _data_paths(cfg) -> tuple[Path, ...]:
             paths.append(Path(path).resolve().parent)
     return tuple(paths)
 
+
 def cmd_slurm(args: argparse.Namespace) -> int:
     from moeyard.launch.slurm import SlurmJob, render_sbatch, submit
 

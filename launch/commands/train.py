@@ -24,6 +24,7 @@ def _node_rank(given: Optional[int], nnodes: int) -> int:
         return int(os.environ["SLURM_NODEID"])
     return 0
 
+
 def _check_gpus(backend: str, nproc: int) -> None:
     """One worker per GPU: say so here rather than from inside a worker after the others started."""
     import torch
@@ -34,6 +35,7 @@ def _check_gpus(backend: str, nproc: int) -> None:
     if nproc > gpus:
         raise LaunchError(f"--nproc={nproc} workers on a node with {gpus} GPU(s): start at most {gpus}, or "
                           f"train on CPUs with --set parallel.backend=gloo")
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     sft = args.command == "sft"
@@ -75,6 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return launch_workers(nproc, worker_args(config, args.overrides), nodes=nodes,
                           max_restarts=args.max_restarts, rendezvous_timeout_s=cfg.parallel.rendezvous_timeout_s,
                           run_dir=cfg.run_dir)
+
 
 def _add_train_args(train: argparse.ArgumentParser, default_config: str) -> None:
     train.add_argument("config", nargs="?", help=f"YAML config (default: the shipped configs/{default_config})")

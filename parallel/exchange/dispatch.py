@@ -1,6 +1,6 @@
 """Token exchange for expert parallelism: counts, all-to-all, local regrouping.
 
-Rows arrive here already grouped by global expert (see models.permutation).
+Rows arrive here already grouped by global expert (see models.moe.permutation).
 Experts are laid out contiguously: ep rank r owns experts [r*L, (r+1)*L) with
 L = E / ep, so the rows for rank r form one contiguous block.
 

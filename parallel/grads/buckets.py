@@ -16,7 +16,7 @@ Modes:
   all_reduce      every rank ends with the full averaged gradient (p.grad).
   reduce_scatter  every rank ends with only its shard of each bucket's averaged
                   gradient (`Bucket.grad_shard`), for a sharded optimizer (zero.py).
-Scaling follows gradients.py: sum over the group, divide by dp.
+Scaling follows reduce.py: sum over the group, divide by dp.
 """
 from __future__ import annotations
 

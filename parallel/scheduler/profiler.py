@@ -166,9 +166,8 @@ def _dense_times(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: tor
     for _, moe in model.moe_layers():
         moe.exchange = _SkipExperts(moe.exchange)
 
-    @functools.partial(_in_dtype, device=device, dtype=dtype)
     def forward() -> Tensor:
-        out = model(tokens_BT[:, :-1])
+        out = _in_dtype(model, device, dtype)(tokens_BT[:, :-1])
         return F.cross_entropy(out.logits_BTV.float().flatten(0, 1), tokens_BT[:, 1:].flatten()) + out.aux_loss
 
     return timer(lambda: forward().item()), timer(lambda loss: loss.backward(), setup=forward)

@@ -10,7 +10,7 @@ ROUTERS = ["topk_softmax", "switch", "expert_choice", "sigmoid_bias", "dense_to_
 @pytest.mark.parametrize("world", [2, 4])
 def test_one_step_gradients_under_expert_parallelism_equal_plain_backprop(router: str, world: int) -> None:
     """ep=2 and ep=4 against the single-process model on the same global batch: every gradient, the grad
-    norm and the loss within 1e-4 (see dist_cases). The multi-step end-to-end runs are in
+    norm and the loss within 1e-4 (see helpers/step_cases.py). The multi-step end-to-end runs are in
     test_router_runs.py."""
     from helpers.multiprocess import run_distributed
     from helpers.step_cases import step_gradients_match_single_process

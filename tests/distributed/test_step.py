@@ -11,8 +11,6 @@ from helpers.multiprocess import run_distributed
     (2, 2, 2, 0.01), (4, 4, 2, 0.01), (4, 2, 2, 0.01), (2, 1, 2, 0.01),
     (4, 2, 1, 0.0),  # two accumulated micro-steps per rank
 ])
-
-
 def test_step_gradients_equal_single_process_backprop(world, ep, micro_batch_size, aux_loss_coef) -> None:
     """Gradient scaling and reduction checked directly against plain backprop of the global batch."""
     results = run_distributed(step_cases.step_gradients_match_single_process, world, ep, micro_batch_size,

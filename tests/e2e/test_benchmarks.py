@@ -9,12 +9,10 @@ from pathlib import Path
 
 from helpers import REPO
 
-ROOT = REPO
-
 
 def test_moe_layer_benchmark_smoke(tmp_path: Path) -> None:
     stem = tmp_path / "layer"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--smoke", "--out", str(stem),
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "moe_layer.py"), "--smoke", "--out", str(stem),
                            "--timeout", "240"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(stem.with_suffix(".json").read_text())
@@ -33,7 +31,7 @@ def test_gpu_benchmark_script_runs_on_cpu_smoke(tmp_path: Path) -> None:
     """benchmarks/gpu.sh's script on tiny float32 shapes: the moeyard rows and the MFU run (a real
     `moeyard train`) work; peers that are absent are reported, not dropped."""
     stem = tmp_path / "gpu"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_layer_gpu.py"), "--device", "cpu",
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "moe_layer_gpu.py"), "--device", "cpu",
                            "--smoke", "--out", str(stem)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(stem.with_suffix(".json").read_text())

@@ -50,8 +50,6 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, small_corpus) -> 
     (4, 4, ["schedule.grad_sync=reduce_scatter"]),
     (2, 2, ["schedule.mode=auto"]),
 ])
-
-
 def test_scheduled_runs_match_the_reference(config, reference, tmp_path, nproc, ep, schedule) -> None:
     """Pipelined experts, bucketed overlapped reduction and the ZeRO-sharded optimizer change nothing learned."""
     run_dir = tmp_path / "run"

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import REPO
 from helpers.runs import (
     final_parameters,
     initial_parameters,
@@ -17,11 +16,8 @@ from helpers.runs import (
     write_config,
 )
 
-NAMES = ["tok_embeddings.weight", "layers.0.attn.wq.weight", "layers.1.ffn.router.weight_ED",
-         "layers.1.ffn.experts.w_gate_EDF", "output.weight"]
 FROZEN_MOE = ["train.frozen=['*.experts.*', '*.router.*']"]
 RTOL = 1e-5
-TINY = REPO / "configs" / "tiny.yaml"
 
 
 def optimizer_state_names(run_dir) -> set[str]:

@@ -12,12 +12,8 @@ import torch.distributed.checkpoint as dcp
 from helpers.runs import final_parameters, initial_parameters, moeyard_train, read_metrics, write_config
 
 from moeyard.errors import CheckpointError
-from moeyard.models import ModelConfig, MoEConfig
 from moeyard.trainer.checkpoint.store import content_hash, read_manifest
 from moeyard.trainer.checkpoint.weights import resolve_init
-
-BASE = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
-                   moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32, first_dense_layers=1))
 
 
 def _bytes(checkpoint: Path) -> int:

@@ -36,8 +36,6 @@ def _damage(path, how: str) -> None:
     (2, 2, ["model.moe.router=sigmoid_bias", "model.moe.bias_update_rate=0.01"]),
     (2, 2, ["model.moe.router=dense_to_sparse", "model.moe.dts_steps=16"]),
 ])
-
-
 def test_stop_and_resume_is_bit_exact(tmp_path, small_corpus, nproc, ep, extra) -> None:
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 20})
     straight, split = tmp_path / "straight", tmp_path / "split"

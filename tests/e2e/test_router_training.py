@@ -1,8 +1,6 @@
 """sigmoid_bias (aux-loss-free) balancing over 200 training steps on 2 ranks: it evens out a skewed router."""
 from __future__ import annotations
 
-ROUTERS = ["topk_softmax", "switch", "expert_choice", "sigmoid_bias", "dense_to_sparse"]
-
 
 def test_sigmoid_bias_balances_a_skewed_router_within_200_steps(small_corpus) -> None:
     """The tiny config's model and global batch (8192 tokens: 2 ranks x 16 x 256, ep=2, aux loss off) from a

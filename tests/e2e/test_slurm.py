@@ -130,8 +130,6 @@ def test_container_runtimes(tmp_path, small_corpus) -> None:
     (["--nodes", "1", "--gpus-per-node", "2", "--layout", "srun", "--max-restarts", "2"], "needs the torchrun"),
     (["--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", "0"], "--cpus-per-task=0 must be >= 1"),
 ])
-
-
 def test_bad_slurm_requests_are_refused_with_the_reason(tmp_path, small_corpus, options, message) -> None:
     proc = render(tmp_path, small_corpus, *options)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -138,7 +138,8 @@ def pipelined_matches_plain(rank: int, world: int, ep: int, capacity_factor: flo
 
 
 def pipelined_bf16_matches_plain(rank: int, world: int) -> dict:
-    """Under bf16 autocast: r=4 vs r=1 agree to bf16 rounding; weight gradients stay float32."""
+    """Under bf16 autocast: the weight gradients' dtypes, and the largest relative difference of r=4 from r=1
+    (output, input gradient, weight gradients)."""
     pmesh = build_mesh(world, "cpu")
     g = torch.Generator().manual_seed(4321 + rank)
     x0, idx = torch.randn(T, D, generator=g), skewed_routing(g, T)
@@ -158,8 +159,5 @@ def pipelined_bf16_matches_plain(rank: int, world: int) -> dict:
 
     y1, gx1, gw1 = run(1)
     y4, gx4, gw4 = run(4)
-    assert all(p.grad.dtype == torch.float32 for p in experts.parameters())
-    for a, b in [(y4, y1), (gx4, gx1), *zip(gw4, gw1)]:
-        rel = float((a - b).norm() / b.norm())
-        assert rel < 1e-2, f"bf16 pipelined differs by {rel:.2e} relative (bf16 has 8 bits of mantissa)"
-    return {}
+    return {"grad_dtypes": [str(p.grad.dtype) for p in experts.parameters()],
+            "worst_rel": max(float((a - b).norm() / b.norm()) for a, b in [(y4, y1), (gx4, gx1), *zip(gw4, gw1)])}

@@ -36,10 +36,14 @@ def test_load_model_of_a_checkpoint_returns_its_logits_in_eval_mode_without_a_pr
 
 def test_load_model_of_a_run_folder_takes_its_newest_checkpoint(tmp_path):
     checkpoints = tmp_path / "run" / "checkpoints"
+    newest = moeyard.load_model(FIXTURE / "step_000002")
+    older = {n: p.detach() * 0.5 for n, p in newest.transformer.named_parameters()}  # other weights, same shapes
+    write_weights_checkpoint(older, newest.config, checkpoints / "step_000001", {"format": "test"})
     shutil.copytree(FIXTURE / "step_000002", checkpoints / "step_000002")
     (checkpoints / "latest").write_text("step_000002")
-    assert torch.equal(_probe_logits(moeyard.load_model(tmp_path / "run")),
-                       _probe_logits(moeyard.load_model(FIXTURE / "step_000002")))
+    from_run = _probe_logits(moeyard.load_model(tmp_path / "run"))
+    assert torch.equal(from_run, _probe_logits(newest))
+    assert not torch.equal(from_run, _probe_logits(moeyard.load_model(checkpoints / "step_000001")))
 
 
 def test_load_model_of_a_converted_checkpoint_equals_the_weights_written(tmp_path):

@@ -8,8 +8,7 @@ import pytest
 from helpers import REPO
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-ROOT = REPO
-DOCKERFILE = ROOT / "docker" / "Dockerfile"
+DOCKERFILE = REPO / "docker" / "Dockerfile"
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -35,26 +34,26 @@ def test_base_image_is_pinned_to_a_release() -> None:
 
 
 def test_installs_through_the_pyproject_extras_only() -> None:
-    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    extras = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
     installs = [args for word, args in instructions() if word == "RUN" and "pip install" in args]
     assert len(installs) == 1, installs
     match = re.search(r'pip install "?/opt/moeyard\[([a-z,]+)\]"?', installs[0])
     assert match, f"the image must pip install the package with its extras, not a list: {installs[0]}"
     assert set(match.group(1).split(",")) <= extras
     assert "requirements" not in DOCKERFILE.read_text()
-    test_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    test_extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
     tested = {e for entry in test_extra for group in re.findall(r"moeyard\[([a-z,]+)\]", entry)
               for e in group.split(",")}
     assert set(match.group(1).split(",")) <= tested, "CI (the test extra) must install the extras the image installs"
 
 
 def test_copies_every_package_folder_that_pyproject_maps() -> None:
-    package_dir = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    package_dir = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     copied = {args.split()[0] for word, args in instructions() if word == "COPY"}
     for folder in set(package_dir.values()):
         assert folder in copied, f"docker/Dockerfile does not COPY {folder}/, which pyproject maps into moeyard"
     for source in copied:
-        assert (ROOT / source).exists(), f"COPY {source}: no such path in the repository"
+        assert (REPO / source).exists(), f"COPY {source}: no such path in the repository"
 
 
 def test_runs_as_a_non_root_user_with_moeyard_as_entrypoint() -> None:
@@ -69,6 +68,6 @@ def test_runs_as_a_non_root_user_with_moeyard_as_entrypoint() -> None:
 
 
 def test_readme_gives_build_single_node_and_slurm_commands() -> None:
-    readme = (ROOT / "docker" / "README.md").read_text()
+    readme = (REPO / "docker" / "README.md").read_text()
     for command in ("docker build -f docker/Dockerfile", "docker run", "--container-image", "apptainer", "enroot"):
         assert command in readme, f"docker/README.md lacks {command}"

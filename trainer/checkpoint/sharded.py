@@ -213,7 +213,7 @@ class Checkpointer:
 
     def verify(self, path: Path) -> tuple[dict[str, Any] | None, str | None]:
         """(manifest, None) if intact, else (None, why). Every rank checks a share of the files."""
-        manifest, problem = from_rank0(lambda: _manifest_or_problem(path))
+        manifest, problem = from_rank0(lambda: _manifest_or_problem(path), CheckpointError, f"reading {path}")
         if problem is not None:
             return None, problem
         rank, world = dist.get_rank(), dist.get_world_size()

@@ -25,7 +25,6 @@ MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step_(\d{6,})$")
 
 
-
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

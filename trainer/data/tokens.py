@@ -30,7 +30,6 @@ STDLIB = "python-stdlib"
 SHARD_TOKENS = 1 << 26  # 64 Mi tokens (128 MiB) per shard file
 
 
-
 def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 

@@ -158,8 +158,6 @@ def test_mpi_rank_0_offers_a_real_free_port() -> None:
     ({"OMPI_COMM_WORLD_SIZE": "4"}, "OMPI_COMM_WORLD_SIZE=4 says this is one of several tasks"),
     ({"PMI_SIZE": "2"}, "PMI_SIZE=2 says this is one of several tasks"),
 ])
-
-
 def test_bad_env_is_explained(env, fragment) -> None:
     with pytest.raises(LaunchError) as err:
         resolve_env(env, hostnames=lambda nodelist: ["gpu07"], mpi_world=no_mpi4py_needed)

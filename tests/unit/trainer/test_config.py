@@ -39,8 +39,6 @@ def test_overrides_are_typed() -> None:
     (["run.dir=runs/{nmae}"], "has a placeholder other than {name}"),
     (["data.source=null"], "set data.dir to a prepared corpus"),
 ])
-
-
 def test_bad_values_name_the_key(override, fragment) -> None:
     with pytest.raises(ConfigError, match=None) as err:
         load_config(configs.path("tiny.yaml"), override)

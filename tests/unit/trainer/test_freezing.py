@@ -16,8 +16,6 @@ from moeyard.trainer.schedule import load_hardware
 
 NAMES = ["tok_embeddings.weight", "layers.0.attn.wq.weight", "layers.1.ffn.router.weight_ED",
          "layers.1.ffn.experts.w_gate_EDF", "output.weight"]
-FROZEN_MOE = ["train.frozen=['*.experts.*', '*.router.*']"]
-RTOL = 1e-5
 TINY = REPO / "configs" / "tiny.yaml"
 
 

@@ -143,8 +143,6 @@ def test_sequence_balance_loss_and_entropy_by_hand() -> None:
     ({"n_groups": 2}, "applies to router=sigmoid_bias only"),
     ({"router": "expert_choice", "balance_loss": "sequence"}, "balanced by construction"),
 ])
-
-
 def test_bad_router_settings_are_refused(changes, message) -> None:
     with pytest.raises(ConfigError, match=message):
         MoEConfig(**{"num_experts": 4, "top_k": 2, **changes})

@@ -65,8 +65,6 @@ def test_only_assistant_content_and_its_end_are_learned() -> None:
     ('{"prompt": "x"}', 'expected "messages", or "prompt" and "completion"'),
     ('{"prompt": 1, "completion": "y"}', "must be strings"),
 ])
-
-
 def test_malformed_lines_are_named_by_file_and_line_or_skipped_and_counted(tmp_path, line, reason) -> None:
     good = {"prompt": "p", "completion": "c"}
     write_jsonl(tmp_path / "d.jsonl", [good, line, good])

@@ -62,8 +62,6 @@ def test_export_refuses_routers_hf_does_not_have() -> None:
 
 @pytest.mark.parametrize("family,experts,top_k,granularity",
                          [("llama", 4, 2, 1), ("qwen2", 8, 4, 2), ("qwen3", 6, 3, 3)])
-
-
 def test_upcycled_model_starts_equal_to_the_dense_one(family: str, experts: int, top_k: int, granularity: int,
                                                       tmp_path: Path) -> None:
     hf_dir = save_random_model(family, tmp_path / "dense")
