@@ -37,6 +37,12 @@ def test_old_checkpoint_resumes_with_the_losses_the_old_code_measured(tmp_path):
     assert losses == pytest.approx(EXPECTED["losses"][2:], rel=1e-5)
 
 
+def test_a_fresh_run_repeats_the_losses_the_old_code_measured(tmp_path):
+    """Same seed, same data, same config: initialisation, batches and steps are what they were."""
+    losses = _train(tmp_path / "run", "train.stop_at=2")
+    assert losses == pytest.approx(EXPECTED["losses"][:2], rel=1e-5)
+
+
 def test_old_checkpoint_inits_a_new_run_with_the_old_first_loss(tmp_path):
     losses = _train(tmp_path / "run", f"checkpoint.init={FIXTURE / 'step_000002'}", "train.steps=1")
     assert losses == pytest.approx([EXPECTED["init_first_loss"]], rel=1e-5)
