@@ -16,12 +16,14 @@ import torch.distributed as dist
 from moeyard.errors import CheckpointError, DataError, NonFiniteStop
 from moeyard.models import Transformer
 from moeyard.parallel import build_mesh
+from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.parallelize import parallelize
 from moeyard.trainer.checkpoint.sharded import Checkpointer, config_hash
 from moeyard.trainer.config import Config, check_vocab, validate_for_world
 from moeyard.trainer.data.sft_batches import SFTBatch, SFTBatches, SFTData, heldout_share
 from moeyard.trainer.data.tokens import TokenBatches, read_meta
 from moeyard.trainer.freezing import freeze
+from moeyard.trainer.memory import model_state_line, peak_memory_gb
 from moeyard.trainer.metrics import MetricsLogger, step_record
 from moeyard.trainer.optim import lr_at
 from moeyard.trainer.precision import resolve_dtype
@@ -108,6 +110,18 @@ def _check_before_start(cfg: Config) -> None:
         check_vocab(cfg, read_meta(Path(cfg.data.dir)))
 
 
+def _build_model(cfg: Config, pmesh, plan, device: torch.device) -> tuple[Transformer, GradSync]:
+    """The same full model on every rank, whatever the layout, then parallelized as the plan says."""
+    torch.manual_seed(cfg.run.seed)
+    model = Transformer(cfg.model)
+    trainable, total = freeze(model, cfg.train.trainable, cfg.train.frozen)
+    sync = parallelize(model, pmesh, plan, cfg.optim, device)
+    if dist.get_rank() == 0:
+        print(f"parameters: {trainable:,} of {total:,} train ({100 * trainable / total:.2f}%)", flush=True)
+        print(f"model state per rank (ep shards the experts evenly): {model_state_line(model)}", flush=True)
+    return model, sync
+
+
 def train(cfg: Config, device: torch.device, preemption: Preemption | None = None) -> Outcome:
     """Train up to train.stop_at (or train.steps), resuming from a checkpoint if there is one."""
     preemption = preemption or Preemption()
@@ -117,13 +131,7 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
     pmesh = build_mesh(cfg.parallel.ep, device.type)
     dtype = resolve_dtype(cfg.train.dtype, device)
     plan = plan_for(cfg, pmesh, device)  # before the model exists: profiling builds models of its own
-
-    torch.manual_seed(cfg.run.seed)  # same full model on every rank, whatever the layout
-    model = Transformer(cfg.model)
-    trainable, total = freeze(model, cfg.train.trainable, cfg.train.frozen)
-    if rank == 0:
-        print(f"parameters: {trainable:,} of {total:,} train ({100 * trainable / total:.2f}%)", flush=True)
-    sync = parallelize(model, pmesh, plan, cfg.optim, device)
+    model, sync = _build_model(cfg, pmesh, plan, device)
     checkpointer = Checkpointer(cfg, pmesh, plan)
 
     first = _resume_or_init(cfg, checkpointer, model, sync)
@@ -161,10 +169,13 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
                                                    dtype=dtype) if evaluate else (None, None)
             if logger is not None:
                 logger.progress(result, result.tokens / step_time)
-                if done == first + 1 or done % cfg.log.every == 0 or done == last or result.skipped or evaluate:
+            if done == first + 1 or done % cfg.log.every == 0 or done == last or result.skipped or evaluate:
+                peak_gb = peak_memory_gb(device)  # collective: every rank decides alike to log this step
+                if logger is not None:
                     record = step_record(done, result, lr, step_time, plan.predicted.get("step_s"))
                     skipping = {"eval_skipped_fraction": eval_skipped} if cfg.model.moe.skip_threshold else {}
-                    logger.log({**record, "skipped_steps": skipped_total, "eval_loss": eval_loss, **skipping}, total)
+                    logger.log({**record, "skipped_steps": skipped_total, "eval_loss": eval_loss,
+                                "peak_memory_gb": peak_gb, **skipping}, total)
             if result.skipped and (cfg.train.nonfinite == "stop" or skipped_in_a_row >= cfg.train.max_skipped_steps):
                 raise _stop_on_nonfinite(cfg, checkpointer, model, sync, done, result)
             signum = preemption.agreed(device)

@@ -95,8 +95,8 @@ class MetricsLogger:
             return
         step = record["step"]
         for key in ("loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
-                    "predicted_step_s"):
-            if record[key] is not None:
+                    "predicted_step_s", "peak_memory_gb"):
+            if record.get(key) is not None:
                 self.writer.add_scalar(f"train/{key}", record[key], step)
         if record.get("eval_loss") is not None:
             self.writer.add_scalar("eval/loss", record["eval_loss"], step)

@@ -11,7 +11,7 @@ from helpers.runs import moeyard_train, read_metrics, write_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 STEP_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
-             "predicted_step_s", "expert_load",
+             "predicted_step_s", "peak_memory_gb", "expert_load",
              "expert_load_balance", "dropped_fraction", "unrouted_fraction", "router"}
 
 
@@ -30,10 +30,13 @@ def test_train_writes_metrics_tensorboard_and_checkpoints(tmp_path, small_corpus
         assert all(len(counts) == 8 and sum(counts) == 512 * 2 for counts in m["expert_load"].values())
         assert all(0 <= f < 1 for f in m["dropped_fraction"].values())
         assert m["tokens_per_s"] > 0 and m["lr"] > 0
+        assert 0.05 < m["peak_memory_gb"] < 24, "a worker's peak resident set, in GB"
+    assert "model state per rank (ep shards the experts evenly): parameters" in proc.stdout
     assert any(f > 0 for m in metrics for f in m["dropped_fraction"].values()), "capacity 1.0 never dropped"
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"histograms": 0}).Reload()
-    assert {"train/loss", "train/grad_norm", "moe/layer_1/dropped_fraction"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "train/grad_norm", "train/peak_memory_gb", "moe/layer_1/dropped_fraction"} <= set(
+        events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 4]
     hist = events.Histograms("moe/layer_1/expert_load")[-1].histogram_value
     assert list(hist.bucket) == metrics[-1]["expert_load"]["1"]
@@ -98,7 +101,7 @@ def test_same_config_same_run_bit_for_bit(tmp_path, small_corpus) -> None:
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 3})
     for name in ("a", "b"):
         moeyard_train(config, tmp_path / name, 2, "parallel.ep=2")
-    timing = {"tokens_per_s", "step_time_s"}
+    timing = {"tokens_per_s", "step_time_s", "peak_memory_gb"}  # measurements of this machine, not of the run
     strip = [{k: v for k, v in m.items() if k not in timing} for m in read_metrics(tmp_path / "a")]
     again = [{k: v for k, v in m.items() if k not in timing} for m in read_metrics(tmp_path / "b")]
     assert strip == again and len(strip) == 3
