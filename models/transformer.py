@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Literal, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from moeyard.models.config import ModelConfig
 from moeyard.models.layers import Attention, RMSNorm, SwiGLU, rope_tables
@@ -71,6 +72,8 @@ class Transformer(nn.Module):
         if cfg.peft.method != "none":  # after the base's init: same seed, same base weights
             add_routed_adapters(self, cfg.peft)
         self.named_adapters = list(routed_adapters(self))
+        self.recompute_blocks = False
+        """Activation checkpointing of every block (set_recompute("full"))."""
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -99,6 +102,16 @@ class Transformer(nn.Module):
         same_BTT = segment_BT[:, :, None] == segment_BT[:, None, :]
         return cos, sin, (causal_TT & same_BTT).unsqueeze(1)
 
+    def set_recompute(self, mode: Literal["none", "experts", "full"]) -> None:
+        """Activation checkpointing, which changes memory and time, never the result. full: each block keeps
+        only its input and runs again in backward (its all-to-alls too, on every rank alike); experts: the
+        routed experts keep only their input rows. none leaves model.moe.recompute_experts as configured."""
+        self.recompute_blocks = mode == "full"
+        if mode == "experts":
+            for module in self.modules():
+                if isinstance(module, GroupedExperts):
+                    module.recompute = True
+
     @property
     def adapters(self) -> list[nn.Module]:
         """The model's LoRA adapters (model.peft), in module order."""
@@ -123,7 +136,10 @@ class Transformer(nn.Module):
             aux_loss = z_loss = x_BTD.new_zeros((), dtype=torch.float32)
             moe_stats: dict[int, MoEStats] = {}
             for i, block in enumerate(self.layers):
-                x_BTD, stats = block(x_BTD, cos, sin, mask_B1TT)
+                if self.recompute_blocks and torch.is_grad_enabled():
+                    x_BTD, stats = checkpoint(block, x_BTD, cos, sin, mask_B1TT, use_reentrant=False)
+                else:
+                    x_BTD, stats = block(x_BTD, cos, sin, mask_B1TT)
                 if stats is not None:
                     moe_stats[i] = stats
                     aux_loss = aux_loss + self.cfg.moe.aux_loss_coef * stats.aux_loss

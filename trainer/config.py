@@ -73,6 +73,9 @@ class TrainConfig:
     Smaller values accumulate gradients over several micro-steps."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
+    recompute: Literal["none", "experts", "full"] = "none"
+    """Activation checkpointing. full: every transformer block keeps only its input and is recomputed in
+    backward; experts: only the routed experts' MLPs are (as model.moe.recompute_experts: true)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: float32 on CPU, bfloat16 autocast on GPU."""
     stop_at: Optional[int] = None

@@ -115,6 +115,7 @@ def _build_model(cfg: Config, pmesh, plan, device: torch.device) -> tuple[Transf
     torch.manual_seed(cfg.run.seed)
     model = Transformer(cfg.model)
     trainable, total = freeze(model, cfg.train.trainable, cfg.train.frozen)
+    model.set_recompute(cfg.train.recompute)
     sync = parallelize(model, pmesh, plan, cfg.optim, device)
     if dist.get_rank() == 0:
         print(f"parameters: {trainable:,} of {total:,} train ({100 * trainable / total:.2f}%)", flush=True)

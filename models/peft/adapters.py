@@ -90,13 +90,15 @@ class RoutedLoRA(nn.Module):
         h_TER = (x_TD @ self.A_EDR.transpose(0, 1).reshape(D, E * R)).view(-1, E, R) * gate_TE.unsqueeze(-1)
         delta_TO = h_TER.reshape(-1, E * R) @ self.B_ERO.reshape(E * R, -1)
         B, S = (lead[0], x_TD.shape[0] // lead[0]) if len(lead) >= 2 else (1, x_TD.shape[0])
+        # Computed in every forward, recorded or not: a recomputing (activation-checkpointed) forward must
+        # save the same tensors as the first one.
+        aux_loss = sequence_balance_loss(probs_TE.view(B, S, E), index_TK.view(B, S, -1))
         record = _RECORD.get()
         if record is not None:
             with torch.no_grad():
                 load_E = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(  # bincount syncs on CUDA
                     0, index_TK.flatten(), torch.ones_like(index_TK.flatten()))
                 entropy = router_entropy(probs_TE)
-            aux_loss = sequence_balance_loss(probs_TE.view(B, S, E), index_TK.view(B, S, -1))
             record[self] = AdapterStats(aux_loss, load_E, entropy)
         return self.scale * delta_TO.view(*lead, -1)
 
