@@ -24,7 +24,8 @@ from moeyard.models.peft.adapters import AdapterStats, add_routed_adapters, reco
 
 @dataclass(frozen=True)
 class ModelOutput:
-    logits_BTV: Tensor
+    logits_BTV: Optional[Tensor]
+    """None when the forward was asked for `hidden_BTD` instead (the loss then projects it in chunks)."""
     aux_loss: Tensor
     """Sum over MoE layers of aux_loss_coef * load-balancing loss."""
     z_loss: Tensor
@@ -33,6 +34,8 @@ class ModelOutput:
     """Per MoE layer, keyed by block index."""
     adapter_stats: dict[str, AdapterStats] = field(default_factory=dict)
     """Per routed adapter (model.peft), keyed by its module name; its balance loss is in aux_loss."""
+    hidden_BTD: Optional[Tensor] = None
+    """The final normed hidden states, with logits=False: `output` turns them into logits."""
 
 
 class Block(nn.Module):
@@ -122,9 +125,10 @@ class Transformer(nn.Module):
             if isinstance(block.ffn, MoE):
                 yield i, block.ffn
 
-    def forward(self, tokens_BT: Tensor, segment_BT: Optional[Tensor] = None) -> ModelOutput:
+    def forward(self, tokens_BT: Tensor, segment_BT: Optional[Tensor] = None, logits: bool = True) -> ModelOutput:
         """`segment_BT` (packed SFT rows): tokens attend only within their own segment, and positions
-        restart at 0 in each, so a packed example computes exactly what it would alone."""
+        restart at 0 in each, so a packed example computes exactly what it would alone. `logits=False`
+        returns the final hidden states instead, for a loss that projects them a chunk at a time."""
         T = tokens_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -144,11 +148,13 @@ class Transformer(nn.Module):
                     moe_stats[i] = stats
                     aux_loss = aux_loss + self.cfg.moe.aux_loss_coef * stats.aux_loss
                     z_loss = z_loss + self.cfg.moe.z_loss_coef * stats.z_loss
-            logits_BTV = self.output(self.norm(x_BTD))
+            hidden_BTD = self.norm(x_BTD)
+            logits_BTV = self.output(hidden_BTD) if logits else None
         adapter_stats = {name: adapter_record[m] for name, m in self.named_adapters if m in adapter_record}
         for stats in adapter_stats.values():
             aux_loss = aux_loss + self.cfg.peft.aux_loss_coef * stats.aux_loss
-        return ModelOutput(logits_BTV, aux_loss, z_loss, moe_stats, adapter_stats)
+        return ModelOutput(logits_BTV, aux_loss, z_loss, moe_stats, adapter_stats,
+                           None if logits else hidden_BTD)
 
 
 def segment_positions(segment_BT: Tensor) -> Tensor:

@@ -73,6 +73,9 @@ class TrainConfig:
     Smaller values accumulate gradients over several micro-steps."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
+    loss_chunk_tokens: int = 8192
+    """The language-model loss projects this many tokens to logits at a time, and recomputes them in
+    backward, so the float32 [tokens, vocab] logits never exist whole; 0: all of a micro-batch at once."""
     recompute: Literal["none", "experts", "full"] = "none"
     """Activation checkpointing. full: every transformer block keeps only its input and is recomputed in
     backward; experts: only the routed experts' MLPs are (as model.moe.recompute_experts: true)."""
@@ -283,6 +286,7 @@ def validate(cfg: Config) -> None:
     require(t.global_batch_tokens % t.seq_len == 0,
             f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of train.seq_len={t.seq_len}")
     require(t.micro_batch_size is None or t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1 or null")
+    require(t.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (0: no chunks)")
     require(cfg.parallel.ep >= 1, f"parallel.ep={cfg.parallel.ep} must be >= 1")
     require(cfg.schedule.chunks >= 1, f"schedule.chunks={cfg.schedule.chunks} must be >= 1")
     require(cfg.schedule.bucket_mb > 0, f"schedule.bucket_mb={cfg.schedule.bucket_mb} must be > 0")

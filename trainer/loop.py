@@ -160,14 +160,16 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
             lr = lr_at(step, total, cfg.optim)
             start = time.perf_counter()
             result = train_step(model, sync, data.batch(step), micro_batch_size=micro_batch_size,
-                                pmesh=pmesh, lr=lr, grad_clip=cfg.train.grad_clip, dtype=dtype)
+                                pmesh=pmesh, lr=lr, grad_clip=cfg.train.grad_clip, dtype=dtype,
+                                loss_chunk_tokens=cfg.train.loss_chunk_tokens)
             step_time = time.perf_counter() - start
             done = step + 1
             skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
             skipped_total += result.skipped
             evaluate = heldout is not None and (done == last or (cfg.sft.eval_every and done % cfg.sft.eval_every == 0))
             eval_loss, eval_skipped = heldout_loss(model, heldout, micro_batch_size=micro_batch_size, pmesh=pmesh,
-                                                   dtype=dtype) if evaluate else (None, None)
+                                                   dtype=dtype, loss_chunk_tokens=cfg.train.loss_chunk_tokens) \
+                if evaluate else (None, None)
             if logger is not None:
                 logger.progress(result, result.tokens / step_time)
             if done == first + 1 or done % cfg.log.every == 0 or done == last or result.skipped or evaluate:

@@ -14,9 +14,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from moeyard.models import Transformer
+from moeyard.models import ModelOutput, Transformer
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.trainer.data.sft_batches import SFTBatch
@@ -74,8 +75,44 @@ def lm_loss_sum(logits_BTV: Tensor, targets_BT: Tensor, mask_BT: Optional[Tensor
     return losses.sum() if mask_BT is None else losses[mask_BT.flatten()].sum()
 
 
+def _chunk_loss(output: nn.Module, h_TD: Tensor, targets_T: Tensor, mask_T: Optional[Tensor]) -> Tensor:
+    losses = F.cross_entropy(output(h_TD).float(), targets_T, reduction="none")
+    return losses.sum() if mask_T is None else losses[mask_T].sum()
+
+
+def chunked_lm_loss_sum(output: nn.Module, hidden_BTD: Tensor, targets_BT: Tensor, mask_BT: Optional[Tensor],
+                        chunk_tokens: int) -> Tensor:
+    """lm_loss_sum of `output(hidden_BTD)`, projecting `chunk_tokens` tokens at a time: each chunk's logits
+    are freed after its loss and recomputed in backward, so the [tokens, vocab] logits never exist whole."""
+    h_TD, targets_T = hidden_BTD.flatten(0, 1), targets_BT.flatten()
+    mask_T = None if mask_BT is None else mask_BT.flatten()
+    parts = []
+    for a in range(0, targets_T.numel(), chunk_tokens):
+        args = (output, h_TD[a:a + chunk_tokens], targets_T[a:a + chunk_tokens],
+                None if mask_T is None else mask_T[a:a + chunk_tokens])
+        parts.append(checkpoint(_chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled()
+                     else _chunk_loss(*args))
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+
+def forward_and_loss(model: Transformer, tokens_BT1: Tensor, mask_BT: Optional[Tensor],
+                     segment_BT1: Optional[Tensor], dtype: torch.dtype,
+                     loss_chunk_tokens: int = 0) -> tuple[ModelOutput, Tensor]:
+    """The model's forward on a micro-batch and its summed next-token loss. With `loss_chunk_tokens`, the
+    output layer runs a chunk at a time (not when it carries an adapter: that reports through the forward)."""
+    chunked = loss_chunk_tokens > 0 and not hasattr(model.output, "adapter")
+    segment_BT = None if segment_BT1 is None else segment_BT1[:, :-1]
+    with autocast_context(tokens_BT1.device, dtype):
+        out = model(tokens_BT1[:, :-1], segment_BT, logits=not chunked)
+        if chunked:
+            return out, chunked_lm_loss_sum(model.output, out.hidden_BTD, tokens_BT1[:, 1:], mask_BT,
+                                            loss_chunk_tokens)
+    return out, lm_loss_sum(out.logits_BTV, tokens_BT1[:, 1:], mask_BT)
+
+
 def train_step(model: Transformer, sync: GradSync, batch: Tensor | SFTBatch, *, micro_batch_size: int,
-               pmesh: ParallelMesh, lr: float, grad_clip: float, dtype: torch.dtype) -> StepResult:
+               pmesh: ParallelMesh, lr: float, grad_clip: float, dtype: torch.dtype,
+               loss_chunk_tokens: int = 0) -> StepResult:
     """`batch` is this rank's share of the global batch: [sequences, seq_len + 1] token ids, or SFT rows
     whose loss counts the masked targets only and whose examples attend only within themselves."""
     device = next(model.parameters()).device
@@ -89,9 +126,7 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | SFTBatch, *, 
     stats = StepStats()
     for i, (micro, mask_BT, segment_BT1) in enumerate(micro_batches):
         sync.begin_micro_step(last=i == len(micro_batches) - 1)  # earlier micro-steps only accumulate
-        with autocast_context(device, dtype):
-            out = model(micro[:, :-1], None if segment_BT1 is None else segment_BT1[:, :-1])
-        lm_sum = lm_loss_sum(out.logits_BTV, micro[:, 1:], mask_BT)
+        out, lm_sum = forward_and_loss(model, micro, mask_BT, segment_BT1, dtype, loss_chunk_tokens)
         router_loss = (out.aux_loss + out.z_loss) / len(micro_batches)
         (lm_sum * lm_scale + router_loss).backward()
         stats.add(out, lm_sum)
@@ -121,7 +156,7 @@ def skip_counts(moe_stats: dict) -> Tensor:
 
 @torch.no_grad()
 def heldout_loss(model: Transformer, share: SFTBatch, *, micro_batch_size: int, pmesh: ParallelMesh,
-                 dtype: torch.dtype) -> tuple[float, float]:
+                 dtype: torch.dtype, loss_chunk_tokens: int = 0) -> tuple[float, float]:
     """Mean loss over the held-out targets of all ranks, and the fraction of expert computations (token
     copies) that expert skipping left out (model.moe.skip_threshold; 0 when off). Collective: every rank
     runs the same forwards."""
@@ -132,9 +167,8 @@ def heldout_loss(model: Transformer, share: SFTBatch, *, micro_batch_size: int, 
     model.eval()
     try:
         for micro, mask_BT, segment_BT1 in micro_batches:
-            with autocast_context(device, dtype):
-                out = model(micro[:, :-1], segment_BT1[:, :-1])
-            total += lm_loss_sum(out.logits_BTV, micro[:, 1:], mask_BT).double()
+            out, lm_sum = forward_and_loss(model, micro, mask_BT, segment_BT1, dtype, loss_chunk_tokens)
+            total += lm_sum.double()
             copies += skip_counts(out.moe_stats)
     finally:
         model.train()
