@@ -43,19 +43,10 @@ class NonFiniteStop(MoeyardError, RuntimeError):
     exit_code = NONFINITE
 
 
-def exit_code(err: BaseException) -> int | None:
-    """The exit code for an error the user can act on, None for anything else (a bug: let it raise)."""
-    if isinstance(err, MoeyardError):
-        return err.exit_code
-    if isinstance(err, FileExistsError):  # the tools refuse to overwrite an output folder
-        return BAD_INPUT
-    return None
-
-
 def run_reporting(action: Callable[[], int]) -> int:
     """Run a command; an error the user can act on becomes `error: message` on stderr and its exit code."""
     try:
         return action()
-    except (MoeyardError, FileExistsError) as err:
+    except (MoeyardError, FileExistsError) as err:  # FileExistsError: a tool refused to overwrite its output
         print(f"error: {err}", file=sys.stderr)
-        return exit_code(err)
+        return err.exit_code if isinstance(err, MoeyardError) else BAD_INPUT

@@ -15,9 +15,10 @@ import torch.distributed as dist
 
 from moeyard.errors import CheckpointError, DataError, NonFiniteStop
 from moeyard.models import Transformer
-from moeyard.parallel import build_mesh
+from moeyard.parallel import ParallelMesh, build_mesh
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.parallelize import parallelize
+from moeyard.parallel.scheduler.plan import Plan
 from moeyard.trainer.checkpoint.sharded import Checkpointer, config_hash
 from moeyard.trainer.config import Config, check_vocab, validate_for_world
 from moeyard.trainer.data.sft_batches import SFTBatch, SFTBatches, SFTData, heldout_share
@@ -91,7 +92,7 @@ def _resume_or_init(cfg: Config, checkpointer: Checkpointer, model, sync) -> int
     return manifest["step"]
 
 
-def _batches(cfg: Config, pmesh) -> tuple[TokenBatches | SFTBatches, SFTBatch | None]:
+def _batches(cfg: Config, pmesh: ParallelMesh) -> tuple[TokenBatches | SFTBatches, SFTBatch | None]:
     """This rank's share of every global batch, and of the held-out SFT examples (None: pretraining)."""
     if cfg.sft.data is None:
         return TokenBatches(Path(cfg.data.dir), cfg.train.seq_len, cfg.global_batch_sequences, pmesh.dp_rank,
@@ -110,7 +111,7 @@ def _check_before_start(cfg: Config) -> None:
         check_vocab(cfg, read_meta(Path(cfg.data.dir)))
 
 
-def _build_model(cfg: Config, pmesh, plan, device: torch.device) -> tuple[Transformer, GradSync]:
+def _build_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch.device) -> tuple[Transformer, GradSync]:
     """The same full model on every rank, whatever the layout, then parallelized as the plan says."""
     torch.manual_seed(cfg.run.seed)
     model = Transformer(cfg.model)
