@@ -23,6 +23,11 @@ class ParallelMesh:
     """2-D mesh with dims ("edp", "ep")."""
     dp_group: dist.ProcessGroup
     """All ranks that hold part of the batch (today: the whole world)."""
+    dp_mesh: DeviceMesh
+    """1-D mesh over dp_group: where FSDP shards the dense parameters."""
+    experts_mesh: DeviceMesh
+    """The (ep, edp) transpose of `mesh`: a global expert tensor [E, ...] sharded on dim 0 over ep, each
+    piece again over edp (FSDP's shard of an ep shard) is `[Shard(0), Shard(0)]` on it."""
 
     @property
     def ep(self) -> int:
@@ -52,6 +57,11 @@ class ParallelMesh:
     def edp_group(self) -> dist.ProcessGroup:
         return self.mesh.get_group("edp")
 
+    @property
+    def edp_mesh(self) -> DeviceMesh:
+        """1-D mesh over this rank's edp group: where FSDP shards this rank's experts."""
+        return self.mesh["edp"]
+
 
 def build_mesh(ep: int, device_type: str) -> ParallelMesh:
     """Build the (edp, ep) mesh over the initialised default process group.
@@ -75,4 +85,8 @@ def build_mesh(ep: int, device_type: str) -> ParallelMesh:
     mesh = DeviceMesh.from_group(
         [edp_groups[rank % ep], ep_groups[rank // ep]], device_type, mesh=layout, mesh_dim_names=("edp", "ep")
     )
-    return ParallelMesh(mesh=mesh, dp_group=dp_group)
+    experts_mesh = DeviceMesh.from_group(
+        [ep_groups[rank // ep], edp_groups[rank % ep]], device_type, mesh=layout.t(), mesh_dim_names=("ep", "edp")
+    )
+    return ParallelMesh(mesh=mesh, dp_group=dp_group, dp_mesh=DeviceMesh.from_group(dp_group, device_type),
+                        experts_mesh=experts_mesh)

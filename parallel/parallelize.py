@@ -6,6 +6,7 @@ trainer only calls it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
@@ -13,9 +14,10 @@ from torch import nn
 
 from moeyard.models import Transformer
 from moeyard.parallel.exchange.dispatch import ExpertParallelExchange
+from moeyard.parallel.fsdp import apply_fsdp, mixed_precision
 from moeyard.parallel.grads.buckets import BucketedReducer
 from moeyard.parallel.grads.reduce import ParamGroups, split_parameters
-from moeyard.parallel.grads.sync import GradSync, OverlappedSync, PlainSync, ShardedSync
+from moeyard.parallel.grads.sync import FullyShardedSync, GradSync, OverlappedSync, PlainSync, ShardedSync
 from moeyard.parallel.grads.zero import ShardedAdamW
 from moeyard.parallel.mesh import ParallelMesh
 from moeyard.parallel.scheduler.plan import Plan
@@ -29,6 +31,15 @@ class AdamWSettings(Protocol):
     beta2: float
     eps: float
     weight_decay: float
+
+
+@dataclass(frozen=True)
+class FsdpSettings:
+    """How FSDP2 runs (the trainer fills it from `parallel.fsdp_*` and `train.dtype`)."""
+
+    compute_dtype: torch.dtype = torch.float32
+    reduce_dtype: torch.dtype = torch.float32
+    reshard_after_forward: bool = True
 
 
 def apply_expert_parallel(model: Transformer, pmesh: ParallelMesh, chunks: Optional[tuple[int, ...]] = None) -> None:
@@ -57,13 +68,16 @@ def apply_expert_parallel(model: Transformer, pmesh: ParallelMesh, chunks: Optio
 
 def adamw(model: nn.Module, settings: AdamWSettings) -> torch.optim.AdamW:
     """torch's AdamW over the trainable parameters; matrices decay (embeddings, projections, experts), norm
-    gains do not. Element-wise, so a sharded expert's update equals the unsharded one."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=settings.eps,
-    )
+    gains do not. Element-wise, so a sharded expert's update equals the unsharded one.
+
+    Experts get groups of their own: under FSDP they are DTensors on another mesh than the dense
+    parameters, and a foreach update cannot mix meshes."""
+    groups = split_parameters(model)
+    param_groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay}
+                    for params in (groups.dense, groups.expert)]
+    param_groups.append({"params": [p for p in groups.dense + groups.expert if p.dim() < 2], "weight_decay": 0.0})
+    return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=settings.lr,
+                             betas=(settings.beta1, settings.beta2), eps=settings.eps)
 
 
 def grad_sync_for(plan: Plan, model: nn.Module, groups: ParamGroups, pmesh: ParallelMesh,
@@ -82,9 +96,14 @@ def grad_sync_for(plan: Plan, model: nn.Module, groups: ParamGroups, pmesh: Para
 
 
 def parallelize(model: Transformer, pmesh: ParallelMesh, plan: Plan, optim: AdamWSettings,
-                device: torch.device) -> GradSync:
+                device: torch.device, fsdp: Optional[FsdpSettings] = None) -> GradSync:
     """Shard the experts over ep with each MoE layer's pipelined exchange, move this rank's part of the
-    model to `device`, and build the gradient sync (buckets, reduction, optimizer) the plan says."""
+    model to `device`, and build the gradient sync (buckets, reduction, optimizer) the plan says; with
+    plan.grad_sync == "fsdp", FSDP2 units as `fsdp` says."""
     apply_expert_parallel(model, pmesh, plan.chunks)
     model.to(device)
+    if plan.grad_sync == "fsdp":
+        fsdp = fsdp or FsdpSettings()
+        apply_fsdp(model, pmesh, fsdp.reshard_after_forward, mixed_precision(fsdp.compute_dtype, fsdp.reduce_dtype))
+        return FullyShardedSync(split_parameters(model), pmesh, adamw(model, optim))
     return grad_sync_for(plan, model, split_parameters(model), pmesh, optim)

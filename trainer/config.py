@@ -41,6 +41,13 @@ class ParallelConfig:
     """A collective that waits longer than this fails the run instead of hanging it."""
     rendezvous_timeout_s: float = 300.0
     """How long workers wait for each other (and for the master's address) to start; then a clear error."""
+    fsdp: bool = False
+    """Shard parameters, gradients and AdamW state with torch's FSDP2: dense over dp, each rank's experts
+    over its edp group, one unit per transformer block. Same updates as the replicated path."""
+    fsdp_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """fsdp with bfloat16 compute (GPU): the dtype gradients are reduce-scattered in."""
+    fsdp_reshard_after_forward: bool = True
+    """fsdp: free each unit's gathered parameters after its forward (gather again in backward)."""
 
 
 @dataclass(kw_only=True)
@@ -301,6 +308,8 @@ def validate(cfg: Config) -> None:
     require(not uneven, f"model.moe.num_experts_per_layer={m.moe.num_experts_per_layer} has layers whose experts "
                         f"do not split evenly over parallel.ep={cfg.parallel.ep}: choose a parallel.ep that "
                         f"divides every count")
+    require(not (cfg.parallel.fsdp and cfg.schedule.grad_sync == "reduce_scatter"),
+            "parallel.fsdp=true already shards the optimizer state: drop schedule.grad_sync=reduce_scatter")
     require(cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0")
     require(cfg.parallel.rendezvous_timeout_s > 0, "parallel.rendezvous_timeout_s must be > 0")
     require(cfg.log.every >= 1, f"log.every={cfg.log.every} must be >= 1")

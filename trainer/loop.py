@@ -17,7 +17,7 @@ from moeyard.errors import CheckpointError, DataError, NonFiniteStop
 from moeyard.models import Transformer
 from moeyard.parallel import ParallelMesh, build_mesh
 from moeyard.parallel.grads.sync import GradSync
-from moeyard.parallel.parallelize import parallelize
+from moeyard.parallel.parallelize import FsdpSettings, parallelize
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.trainer.checkpoint.sharded import Checkpointer, config_hash
 from moeyard.trainer.config import Config, check_vocab, validate_for_world
@@ -117,10 +117,14 @@ def _build_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch.dev
     model = Transformer(cfg.model)
     trainable, total = freeze(model, cfg.train.trainable, cfg.train.frozen)
     model.set_recompute(cfg.train.recompute)
-    sync = parallelize(model, pmesh, plan, cfg.optim, device)
+    fsdp = FsdpSettings(compute_dtype=resolve_dtype(cfg.train.dtype, device),
+                        reduce_dtype=getattr(torch, cfg.parallel.fsdp_reduce_dtype),
+                        reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward)
+    sync = parallelize(model, pmesh, plan, cfg.optim, device, fsdp)
     if dist.get_rank() == 0:
         print(f"parameters: {trainable:,} of {total:,} train ({100 * trainable / total:.2f}%)", flush=True)
-        print(f"model state per rank (ep shards the experts evenly): {model_state_line(model)}", flush=True)
+        print(f"model state per rank (ep shards the experts evenly{', fsdp the rest' if cfg.parallel.fsdp else ''}): "
+              f"{model_state_line(model)}", flush=True)
     return model, sync
 
 

@@ -107,7 +107,8 @@ def plan_for(cfg: Config, pmesh: ParallelMesh, device: torch.device) -> Plan:
     Collective when it profiles (auto, or predict without a hardware description)."""
     s = cfg.schedule
     w = workload(cfg, pmesh.dp, act_bytes(cfg, device))
+    grad_sync = "fsdp" if cfg.parallel.fsdp else s.grad_sync
     if s.mode == "auto":
-        return search(w, _costs(cfg, w, pmesh, device), s.grad_sync)[0]
-    plan = reference_plan(w, s.grad_sync) if s.mode == "off" else manual_plan(w, s.chunks, s.bucket_mb, s.grad_sync)
+        return search(w, _costs(cfg, w, pmesh, device), grad_sync)[0]
+    plan = reference_plan(w, grad_sync) if s.mode == "off" else manual_plan(w, s.chunks, s.bucket_mb, grad_sync)
     return with_prediction(plan, predict(w, plan, _costs(cfg, w, pmesh, device))) if s.predict else plan

@@ -5,7 +5,7 @@ copies) grouped by expert.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,9 +62,16 @@ class GroupedExperts(nn.Module):
     def weights(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD
 
-    def forward(self, x_SD: Tensor, rows_per_expert: list[int] | Tensor, order: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x_SD: Tensor, rows_per_expert: list[int] | Tensor, order: Optional[Tensor] = None,
+                executor: Optional[Callable[[Callable[..., Tensor], tuple[Tensor, ...]], Tensor]] = None) -> Tensor:
         """Rows grouped by expert; or, with `order`, expert-grouped rows are x_SD[order] and the output comes
-        back in x_SD's own order (see swiglu_fused_loop)."""
+        back in x_SD's own order (see swiglu_fused_loop).
+
+        `executor(forward_with, weights)` runs the experts its own way (the pipelined exchange). It is called
+        from here, not beside this module, so that hooks on the module (FSDP's all-gather of the weights
+        and its gradient reduce-scatter) see every use of the weights."""
+        if executor is not None:
+            return executor(self.forward_with, self.weights)
         return self.forward_with(x_SD, rows_per_expert, *self.weights, order=order)
 
     def forward_with(self, x_SD: Tensor, rows_per_expert: list[int] | Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor,

@@ -92,8 +92,8 @@ class ExpertParallelExchange:
         if self.ep == 1:
             return LocalExchange().run_experts(x_SD, tokens_per_expert_E, experts)
         if self.chunks > 1:
-            return pipelined_experts(x_SD, tokens_per_expert_E, self.chunks, self.ep_group, experts.forward_with,
-                                     experts.weights)
+            return experts(x_SD, tokens_per_expert_E, executor=lambda expert_fn, weights: pipelined_experts(
+                x_SD, tokens_per_expert_E, self.chunks, self.ep_group, expert_fn, weights))
         layout = plan_exchange(tokens_per_expert_E, self.ep_group)
         x_RD = all_to_all(x_SD, layout.recv_splits, layout.send_splits, self.ep_group)
         # Received rows are grouped by source rank; the experts regroup them by expert as they go.

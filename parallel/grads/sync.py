@@ -4,7 +4,9 @@
   OverlappedSync   bucketed all-reduce launched from backward hooks, torch AdamW.
   ShardedSync      bucketed reduce-scatter from backward hooks, ZeRO sharded AdamW,
                    parameters all-gathered after the step.
-All three give the same update; tests compare them.
+  FullyShardedSync torch FSDP2 (`parallel.fsdp`): reduce-scatter per unit in backward, torch
+                   AdamW on the DTensor shards; parameters gathered per unit when used.
+All four give the same update; tests compare them.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from moeyard.parallel.grads.buckets import BucketedReducer
 from moeyard.parallel.grads.reduce import ParamGroups, clip_gradients, global_grad_norm, reduce_gradients
@@ -120,3 +123,38 @@ class ShardedSync:
 
     def load_param_states(self, states: dict[int, dict[str, Tensor]]) -> None:
         self.optimizer.load_full_states(states)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's piece of a DTensor (a view: in-place changes reach the DTensor); a plain tensor as is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class FullyShardedSync(PlainSync):
+    """FSDP2 (see parallel.fsdp) reduces every micro-step's gradients as backward runs and accumulates
+    them sharded; what is left after backward is the norm, the clip and AdamW on each rank's shards."""
+
+    def _grads(self) -> list[Tensor]:
+        # A shard whose experts saw no rows joins AdamW with a zero gradient, as in the replicated path.
+        for p in self.groups.dense + self.groups.expert:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [_local(p.grad) for p in self.groups.dense + self.groups.expert]
+
+    def reduce(self) -> Tensor:
+        # Dense shards partition each dense gradient over dp; expert shards partition each ep rank's
+        # experts over edp, and ep ranks hold disjoint experts: one sum over dp covers everything once.
+        grads = self._grads()
+        sq = sum((g.float().square().sum() for g in grads), torch.zeros((), device=grads[0].device))
+        dist.all_reduce(sq, group=self.pmesh.dp_group)
+        return sq.sqrt()
+
+    @torch.no_grad()
+    def apply(self, lr: float, grad_clip: float, norm: Tensor) -> None:
+        if grad_clip > 0:
+            coef = (grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            for g in self._grads():
+                g.mul_(coef.to(g.device))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()

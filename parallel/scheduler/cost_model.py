@@ -85,6 +85,10 @@ class Costs(Protocol):
 
     def grad_reduce(self, w: Workload, nbytes: float, expert: bool, mode: str) -> float: ...
 
+    def all_gather(self, w: Workload, nbytes: float, expert: bool) -> float:
+        """Gather `nbytes` of parameters (the whole, not the shard) over dp, or edp for experts."""
+        ...
+
     def optimizer(self, w: Workload, mode: str) -> float: ...
 
 
@@ -136,31 +140,84 @@ class _BucketLauncher:
                 next_index[0] += 1
 
 
+class _FsdpUnits:
+    """FSDP2's collectives in program order. A block's parameters are gathered before its forward and again
+    before its backward, the next block's gather issued when this block starts (FSDP's implicit prefetch);
+    its gradients are reduce-scattered when its backward ends. The root unit (embedding, head) is gathered
+    once and kept through backward."""
+
+    def __init__(self, s: Schedule, w: Workload, costs: Costs, with_grads: bool) -> None:
+        self.s, self.w, self.costs, self.with_grads = s, w, costs, with_grads
+        self.units: dict[int, list[ParamInfo]] = {}
+        for p in w.params:
+            self.units.setdefault(p.layer if 0 <= p.layer < w.n_layers else -1, []).append(p)
+        self.gathers: dict[tuple[int, Phase], int] = {}
+
+    def _bytes(self, unit: int, expert: bool, per_element: int) -> int:
+        return sum(p.numel for p in self.units.get(unit, []) if p.expert == expert) * per_element
+
+    def prefetch(self, unit: int, phase: Phase) -> None:
+        if 0 <= unit < self.w.n_layers or (unit == -1 and phase == "fwd"):  # the root stays gathered
+            seconds = sum(self.costs.all_gather(self.w, self._bytes(unit, expert, self.w.act_bytes), expert)
+                          for expert in (False, True))
+            self.gathers[unit, phase] = self.s.add(f"fsdp.gather.L{unit}.{phase}", "comm", seconds)
+
+    def ready(self, unit: int, phase: Phase) -> int | None:
+        return self.gathers.get((unit, phase))
+
+    def reduce(self, unit: int, after: int) -> None:
+        if not self.with_grads:
+            return
+        for expert in (False, True):
+            nbytes = self._bytes(unit, expert, self.w.grad_bytes)
+            if nbytes:
+                self.s.add(f"grad.fsdp.L{unit}{'.expert_shards' if expert else ''}", "grad",
+                           self.costs.grad_reduce(self.w, nbytes, expert, "reduce_scatter"), [after])
+
+
 def build_step(w: Workload, plan: Plan, costs: Costs, with_grads: bool = True) -> Schedule:
     """Tasks of one micro-step, in the order the executor issues them; `with_grads` adds the gradient
-    reduction of the final micro-step."""
+    reduction (FSDP reduces in every micro-step, the other modes in the final one)."""
     s = Schedule()
     moe_index = {layer: i for i, layer in enumerate(w.moe_layers)}
-    last = s.add("embed.fwd", "compute", costs.dense(w, -1, "fwd"))
+    fsdp = _FsdpUnits(s, w, costs, with_grads) if plan.grad_sync == "fsdp" else None
+
+    def after(last: int | None, unit: int, phase: Phase) -> list[int | None]:
+        """`last`, and under FSDP the unit's gather; issues the next unit's gather (prefetch)."""
+        if fsdp is None:
+            return [last]
+        fsdp.prefetch(unit + 1 if phase == "fwd" else unit - 1, phase)
+        return [last, fsdp.ready(unit, phase)]
+
+    if fsdp is not None:
+        fsdp.prefetch(-1, "fwd")
+    last = s.add("embed.fwd", "compute", costs.dense(w, -1, "fwd"), after(None, -1, "fwd"))
     for layer in range(w.n_layers):
-        last = s.add(f"L{layer}.dense.fwd", "compute", costs.dense(w, layer, "fwd"), [last])
+        last = s.add(f"L{layer}.dense.fwd", "compute", costs.dense(w, layer, "fwd"), after(last, layer, "fwd"))
         if layer in moe_index:
             last = _moe_pipeline(s, w, costs, plan.chunks[moe_index[layer]], "fwd", last, f"L{layer}.moe.fwd")
     last = s.add("head.fwd", "compute", costs.dense(w, w.n_layers, "fwd"), [last])
     last = s.add("head.bwd", "compute", costs.dense(w, w.n_layers, "bwd"), [last])
-    buckets = _BucketLauncher(s, w, plan, costs) if with_grads else None
+    buckets = _BucketLauncher(s, w, plan, costs) if with_grads and fsdp is None else None
     overlap = buckets is not None and plan.overlap_grads
     if overlap:
         buckets.launch_ready(w.n_layers, last)
+    if fsdp is not None:
+        fsdp.prefetch(w.n_layers - 1, "bwd")
     for layer in reversed(range(w.n_layers)):
+        last = s.add(f"L{layer}.bwd.start", "compute", 0.0, after(last, layer, "bwd"))
         if layer in moe_index:
             last = _moe_pipeline(s, w, costs, plan.chunks[moe_index[layer]], "bwd", last, f"L{layer}.moe.bwd")
         last = s.add(f"L{layer}.dense.bwd", "compute", costs.dense(w, layer, "bwd"), [last])
         if overlap:
             buckets.launch_ready(layer, last)
+        if fsdp is not None:
+            fsdp.reduce(layer, last)
     last = s.add("embed.bwd", "compute", costs.dense(w, -1, "bwd"), [last])
     if buckets is not None:
         buckets.launch_ready(-1, last)
+    if fsdp is not None:
+        fsdp.reduce(-1, last)
     return s
 
 
@@ -189,7 +246,8 @@ def _stage_sums(t: Timeline) -> dict[str, float]:
     for task in t.tasks:
         kind = ("a2a" if ".a2a" in task.name else "experts" if ".experts" in task.name
                 else "chunk_overhead" if ".overhead" in task.name
-                else "grad_reduce" if task.name.startswith("grad.") else "dense")
+                else "grad_reduce" if task.name.startswith("grad.")
+                else "param_gather" if task.name.startswith("fsdp.gather") else "dense")
         sums[kind] = sums.get(kind, 0.0) + task.seconds
     return sums
 
@@ -199,7 +257,7 @@ def predict(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     stages = _stage_sums(final)
     step, exposed, comm = final.makespan, final.exposed_comm, final.work("comm") + final.work("grad")
     if w.micro_steps > 1:
-        earlier = build_step(w, plan, costs, with_grads=False).run(costs.overlap_slowdown)
+        earlier = build_step(w, plan, costs, with_grads=plan.grad_sync == "fsdp").run(costs.overlap_slowdown)
         n = w.micro_steps - 1
         step += n * earlier.makespan
         exposed += n * earlier.exposed_comm

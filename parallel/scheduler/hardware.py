@@ -85,11 +85,17 @@ class HardwareCosts:
         ranks, stride = (w.dp // w.ep, w.ep) if expert else (w.dp, 1)
         return self._ring(nbytes, ranks, stride, 2 if mode == "all_reduce" else 1)
 
+    def all_gather(self, w: Workload, nbytes: float, expert: bool) -> float:
+        ranks, stride = (w.dp // w.ep, w.ep) if expert else (w.dp, 1)
+        return self._ring(nbytes, ranks, stride, 1)
+
     def optimizer(self, w: Workload, mode: str) -> float:
         dense = sum(p.numel for p in w.params if not p.expert)
         expert = sum(p.numel for p in w.params if p.expert)
+        sharded = 28 * (dense / w.dp + expert * w.ep / w.dp) / (self.hw.memory_gbps * 1e9)
+        if mode == "fsdp":  # the shards only; parameters are gathered where they are used
+            return sharded
         if mode == "reduce_scatter":  # update a shard, all-gather the parameters back
-            gather = (self._ring(dense * 4, w.dp, 1, 1) + self._ring(expert * 4, w.dp // w.ep, w.ep, 1))
-            return 28 * (dense / w.dp + expert * w.ep / w.dp) / (self.hw.memory_gbps * 1e9) + gather
+            return sharded + self.all_gather(w, dense * 4, False) + self.all_gather(w, expert * 4, True)
         # AdamW reads param, grad, two moments and writes three: ~28 bytes per fp32 parameter.
         return 28 * (dense + expert) / (self.hw.memory_gbps * 1e9)

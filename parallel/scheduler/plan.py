@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-GradSync = Literal["all_reduce", "reduce_scatter"]
+GradSync = Literal["all_reduce", "reduce_scatter", "fsdp"]
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,8 @@ class Plan:
     expert_buckets: tuple[int, ...]
     """Expert parameters per gradient bucket, in backward order."""
     grad_sync: GradSync = "all_reduce"
-    """reduce_scatter shards the optimizer state (ZeRO-1/2) over dp for dense and edp for experts."""
+    """reduce_scatter shards the optimizer state (ZeRO-1/2) over dp for dense and edp for experts; fsdp
+    shards parameters, gradients and optimizer state with torch's FSDP2, one unit per block (buckets unused)."""
     overlap_grads: bool = True
     """Launch bucket reductions from backward hooks; False reduces after backward (the reference)."""
     predicted: dict[str, float] = field(default_factory=dict)
@@ -34,6 +35,8 @@ class Plan:
         return json.dumps(dataclasses.asdict(self))
 
     def summary(self) -> str:
+        if self.grad_sync == "fsdp":
+            return f"chunks per MoE layer {list(self.chunks)}; fsdp, one unit per block (experts over edp)"
         buckets = f"{len(self.dense_buckets)} dense + {len(self.expert_buckets)} expert buckets"
         overlap = "overlapped with backward" if self.overlap_grads else "after backward"
         return f"chunks per MoE layer {list(self.chunks)}; {buckets}, {self.grad_sync} {overlap}"

@@ -25,7 +25,7 @@ def reference_plan(w: Workload, grad_sync: GradSync) -> Plan:
     n_expert = len(w.params) - n_dense
     return Plan(chunks=(1,) * len(w.moe_layers), dense_buckets=(n_dense,) if n_dense else (),
                 expert_buckets=(n_expert,) if n_expert else (), grad_sync=grad_sync,
-                overlap_grads=grad_sync == "reduce_scatter", source="off")
+                overlap_grads=grad_sync != "all_reduce", source="off")
 
 
 def manual_plan(w: Workload, chunks: int, bucket_mb: float, grad_sync: GradSync) -> Plan:

@@ -361,11 +361,16 @@ class MeasuredCosts:
         fit = getattr(self.p, f"{'all_reduce' if mode == 'all_reduce' else 'reduce_scatter'}_{group}")
         return _at(fit, nbytes)
 
+    def all_gather(self, w: Workload, nbytes: float, expert: bool) -> float:
+        return _at(self.p.all_gather_edp if expert else self.p.all_gather_dp, nbytes)
+
     def optimizer(self, w: Workload, mode: str) -> float:
-        if mode != "reduce_scatter":
+        if mode == "all_reduce":
             return self.p.optimizer_s
         dense = sum(p.numel for p in w.params if not p.expert) * 4
         expert = sum(p.numel for p in w.params if p.expert) * 4
         edp = max(1, w.dp // w.ep)
-        return (self.p.optimizer_s * (dense / w.dp + expert / edp) / max(1, dense + expert)
-                + _at(self.p.all_gather_dp, dense) + _at(self.p.all_gather_edp, expert))
+        sharded = self.p.optimizer_s * (dense / w.dp + expert / edp) / max(1, dense + expert)
+        if mode == "fsdp":  # the shards only; parameters are gathered where they are used
+            return sharded
+        return sharded + self.all_gather(w, dense, False) + self.all_gather(w, expert, True)

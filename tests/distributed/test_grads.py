@@ -11,8 +11,13 @@ STEPS = 10
 
 @pytest.mark.parametrize("world,ep", [(2, 2), (4, 2)])
 def test_bucketed_and_zero_sharded_sync_match_plain_for_ten_steps(world: int, ep: int) -> None:
-    """Same parameters (1e-6), AdamW moments (1e-5) and grad norms (1e-5) after ten steps; every bucket is
-    reduced once per step (never on a non-final micro-step), some from backward hooks."""
+    """Same parameters (1e-6; ZeRO 1e-5), AdamW moments (1e-5) and grad norms (1e-5) after ten steps; every
+    bucket is reduced once per step (never on a non-final micro-step), some from backward hooks.
+
+    ZeRO's gradients come from a reduce-scatter, which sums in another order than the reference's
+    all-reduce; AdamW divides each gradient by its own running magnitude, so the last-bit differences of
+    near-zero gradients grow: on one Xeon (2026-12-01) one element of 4,096 was 5.3e-6 apart after ten
+    steps, on another every element was within 1e-6."""
     results = run_distributed(grads_cases.train_with_each_sync, world, ep, STEPS, timeout_s=240)
     for rank, by_kind in enumerate(results):
         ref = by_kind["plain"]
@@ -20,8 +25,8 @@ def test_bucketed_and_zero_sharded_sync_match_plain_for_ten_steps(world: int, ep
             got = by_kind[kind]
             assert set(got["params"]) == set(ref["params"]) == set(got["states"])
             for name, p in got["params"].items():
-                torch.testing.assert_close(torch.from_numpy(p), torch.from_numpy(ref["params"][name]), rtol=1e-6,
-                                           atol=1e-7,
+                torch.testing.assert_close(torch.from_numpy(p), torch.from_numpy(ref["params"][name]),
+                                           rtol=1e-5 if kind == "zero" else 1e-6, atol=1e-7,
                                            msg=lambda m: f"rank {rank} {kind} {name}: {m}")
                 for key in ("exp_avg", "exp_avg_sq"):
                     torch.testing.assert_close(torch.from_numpy(got["states"][name][key]),

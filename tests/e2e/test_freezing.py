@@ -26,15 +26,16 @@ def optimizer_state_names(run_dir) -> set[str]:
     return {k[len("optim."):].rsplit(".", 1)[0] for k in keys if k.startswith("optim.")}
 
 
-@pytest.mark.parametrize("sync", ["all_reduce", "reduce_scatter"])
+@pytest.mark.parametrize("sync", ["schedule.grad_sync=all_reduce", "schedule.grad_sync=reduce_scatter",
+                                  "parallel.fsdp=true"])
 def test_frozen_moe_base_trains_the_same_at_ep1_and_ep2(tmp_path, small_corpus, sync: str) -> None:
     """Experts and routers frozen, the rest trains: ep=2 with bucketed, overlapped reduction (all-reduce,
-    or ZeRO's reduce-scatter) equals ep=1; frozen weights never move, have no optimizer state and no
+    or ZeRO's reduce-scatter), or FSDP2 with frozen and trainable parameters in one unit, equals ep=1; frozen weights never move, have no optimizer state and no
     gradient bucket."""
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 4})
     ref = moeyard_train(config, tmp_path / "ep1", 1, "parallel.ep=1", *FROZEN_MOE)
     moeyard_train(config, tmp_path / "ep2", 2, "parallel.ep=2", *FROZEN_MOE, "schedule.mode=manual",
-                  "schedule.bucket_mb=0.05", f"schedule.grad_sync={sync}")
+                  "schedule.bucket_mb=0.05", sync)
     cfg, final_ref = final_parameters(tmp_path / "ep1")
     _, final_ep2 = final_parameters(tmp_path / "ep2")
     init = initial_parameters(cfg)

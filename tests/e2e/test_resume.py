@@ -31,6 +31,7 @@ def _damage(path, how: str) -> None:
     (2, 2, []),
     (4, 2, []),  # each expert replicated on 2 ranks
     (4, 2, ["schedule.grad_sync=reduce_scatter"]),  # ZeRO-sharded optimizer state
+    (4, 2, ["parallel.fsdp=true"]),  # FSDP2: every parameter and its AdamW state sharded
     (2, 2, ["checkpoint.every=3", "checkpoint.async_save=true"]),  # background saves along the way
     # Router state lives in buffers: the expert biases, and the dense-to-sparse schedule's position.
     (2, 2, ["model.moe.router=sigmoid_bias", "model.moe.bias_update_rate=0.01"]),
@@ -52,23 +53,31 @@ def test_stop_and_resume_is_bit_exact(tmp_path, small_corpus, nproc, ep, extra) 
         assert torch.equal(p, p_split[name]), name
 
 
-def test_resume_on_other_layouts_continues_the_same_run(tmp_path, small_corpus) -> None:
-    """Saved at 4 ranks (ep=4); resumed at 2 ranks (ep=2) and in 1 process: the losses of the steps after
+FSDP = "parallel.fsdp=true"
+
+
+@pytest.mark.parametrize("origin,resumed", [
+    ((4, 4, ()), [(2, 2, ()), (1, 1, ()), (2, 2, (FSDP,))]),  # replicated -> fsdp too
+    ((4, 2, (FSDP,)), [(2, 2, ()), (1, 1, ()), (2, 1, (FSDP,))]),  # fsdp -> replicated, and fsdp at ep=1
+])
+def test_resume_on_other_layouts_continues_the_same_run(tmp_path, small_corpus, origin, resumed) -> None:
+    """Saved at 4 ranks; resumed on other layouts (ranks, ep, fsdp on/off): the losses of the steps after
     the checkpoint match the 4-rank run's own continuation (model and optimizer state resharded)."""
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 10})
-    origin = tmp_path / "origin"
-    moeyard_train(config, origin, 4, "parallel.ep=4", "train.stop_at=6")
-    checkpoint = origin / "checkpoints" / "step_000006"
-    moeyard_train(config, origin, 4, "parallel.ep=4")  # the 4-rank continuation, steps 7-10
-    reference = losses(origin)
-    for nproc, ep in ((2, 2), (1, 1)):
-        run = tmp_path / f"resharded_{nproc}"
-        proc = moeyard_train(config, run, nproc, f"parallel.ep={ep}", f"checkpoint.resume={checkpoint}")
+    origin_dir = tmp_path / "origin"
+    nproc, ep, extra = origin
+    moeyard_train(config, origin_dir, nproc, f"parallel.ep={ep}", "train.stop_at=6", *extra)
+    checkpoint = origin_dir / "checkpoints" / "step_000006"
+    moeyard_train(config, origin_dir, nproc, f"parallel.ep={ep}", *extra)  # the 4-rank continuation, steps 7-10
+    reference = losses(origin_dir)
+    for nproc, ep, extra in resumed:
+        run = tmp_path / f"resharded_{nproc}_{ep}_{len(extra)}"
+        proc = moeyard_train(config, run, nproc, f"parallel.ep={ep}", f"checkpoint.resume={checkpoint}", *extra)
         assert "at step 6" in proc.stdout
         got = losses(run)
         assert sorted(got) == [7, 8, 9, 10]
         for step, values in got.items():
-            assert values == pytest.approx(reference[step], rel=1e-5), f"{nproc} ranks, step {step}"
+            assert values == pytest.approx(reference[step], rel=1e-5), f"{nproc} ranks ep={ep} {extra}, step {step}"
 
 
 @pytest.mark.parametrize("how", ["truncate", "bitflip"])

@@ -76,6 +76,14 @@ def fill_model(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, T
         b.copy_(buffers[name])
 
 
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
 def _state_dict(model: nn.Module, optim_states: dict[int, dict[str, Tensor]], pmesh: ParallelMesh,
                 with_rng: bool, names: Optional[set[str]] = None) -> dict[str, Any]:
     """The DCP state dict, over live tensors: DCP saves from them or loads into them in place.
@@ -84,10 +92,14 @@ def _state_dict(model: nn.Module, optim_states: dict[int, dict[str, Tensor]], pm
     expert_ids = expert_parameter_ids(model)
 
     def globalize(t: Tensor, param: nn.Parameter) -> Tensor:
-        if id(param) in expert_ids:
-            # Replicated over edp, sharded over ep on dim 0: the global [E, ...] tensor.
-            return DTensor.from_local(t, pmesh.mesh, [Replicate(), Shard(0)], run_check=False)
-        return t
+        if id(param) not in expert_ids:
+            return t  # replicated, or (fsdp) already a DTensor of the global shape
+        if isinstance(t, DTensor):  # fsdp: this rank's edp piece of its ep shard
+            shape = (t.shape[0] * pmesh.ep, *t.shape[1:])
+            return DTensor.from_local(t.to_local(), pmesh.experts_mesh, [Shard(0), Shard(0)], run_check=False,
+                                      shape=shape, stride=_contiguous_strides(shape))
+        # Replicated over edp, sharded over ep on dim 0: the global [E, ...] tensor.
+        return DTensor.from_local(t, pmesh.mesh, [Replicate(), Shard(0)], run_check=False)
 
     state: dict[str, Any] = {"model": {n: globalize(p.detach(), p) for n, p in model.named_parameters()
                                        if names is None or n in names}, "optim": {}}

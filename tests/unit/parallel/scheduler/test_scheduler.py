@@ -1,6 +1,7 @@
 """Simulator, cost model and planner on hand-checkable cases."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -31,6 +32,9 @@ class FakeCosts:
 
     def grad_reduce(self, w, nbytes, expert, mode):
         return 1e-4 + nbytes * 1e-10
+
+    def all_gather(self, w, nbytes, expert):
+        return 1e-5 + nbytes * 1e-10
 
     def optimizer(self, w, mode):
         return 1e-4
@@ -119,3 +123,25 @@ def test_two_communicators_share_the_link() -> None:
     t = s.run()
     assert t.makespan == pytest.approx(2.0)  # concurrent, at half bandwidth each
     assert t.tasks[1].start == 0.0  # a gradient bucket does not queue behind an all-to-all
+
+
+def test_fsdp_gathers_each_block_twice_prefetched_and_reduces_it_in_every_micro_step() -> None:
+    """FSDP units: every block gathered before its forward and its backward, the next block's gather
+    running while this block computes; each unit's reduce-scatter after its backward, in every micro-step."""
+    w = small_workload()
+    plan = reference_plan(w, "fsdp")
+    t = build_step(w, plan, FakeCosts()).run()
+    tasks = {task.name: task for task in t.tasks}
+    gathers = [n for n in tasks if n.startswith("fsdp.gather.")]
+    assert sorted(gathers) == sorted(["fsdp.gather.L-1.fwd"] + [f"fsdp.gather.L{i}.{ph}" for i in range(4)
+                                                               for ph in ("fwd", "bwd")])
+    # L1's gather runs during L0's forward (prefetched), not after it.
+    assert tasks["fsdp.gather.L1.fwd"].start < tasks["L0.dense.fwd"].end
+    assert tasks["L1.dense.fwd"].start >= tasks["fsdp.gather.L1.fwd"].end
+    assert {n for n in tasks if n.startswith("grad.")} == (
+        {f"grad.fsdp.L{i}" for i in range(-1, 4)} | {f"grad.fsdp.L{i}.expert_shards" for i in range(4)})
+    assert tasks["grad.fsdp.L3"].start < tasks["embed.bwd"].end  # reduce-scatters overlap the backward
+    one = predict(w, plan, FakeCosts())
+    two = predict(dataclasses.replace(w, micro_steps=2), plan, FakeCosts())
+    assert two.stages["grad_reduce"] == pytest.approx(2 * one.stages["grad_reduce"])
+    assert two.stages["param_gather"] == pytest.approx(2 * one.stages["param_gather"])
