@@ -66,8 +66,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -96,6 +95,23 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, residual_std)
             else:
                 nn.init.normal_(p, 0.0, std)
+
+    def tie_weights(self) -> None:
+        """model.tie_embeddings: the output layer uses the embedding matrix (again after `to_empty`, which
+        gives each module its own new tensor)."""
+        if self.cfg.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Every buffer's initial value, computed on the device it is on now (a model built on the meta
+        device has buffers without values)."""
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_buffers"):
+                module.reset_buffers()
 
     def _segment_tables(self, segment_BT: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         position_BT = segment_positions(segment_BT)

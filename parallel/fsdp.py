@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
 
 from moeyard.models import Transformer
 from moeyard.models.moe.layer import MoE
@@ -50,3 +51,20 @@ def apply_fsdp(model: Transformer, pmesh: ParallelMesh, reshard_after_forward: b
         fully_shard(block, mesh=pmesh.dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     # The root's parameters are needed first in backward (output layer): keep them gathered after forward.
     fully_shard(model, mesh=pmesh.dp_mesh, reshard_after_forward=False, mp_policy=policy)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
+def global_expert_view(t: DTensor, pmesh: ParallelMesh) -> DTensor:
+    """An FSDP expert parameter (or its gradient or AdamW moment) -- this rank's edp piece of its ep shard
+    -- as a piece of the global [E, ...] tensor: `[Shard(0), Shard(0)]` on the (ep, edp) mesh. Shares
+    storage with `t`, so loading into the view loads into `t`."""
+    shape = (t.shape[0] * pmesh.ep, *t.shape[1:])
+    return DTensor.from_local(t.to_local(), pmesh.experts_mesh, [Shard(0), Shard(0)], run_check=False,
+                              shape=torch.Size(shape), stride=_contiguous_strides(shape))

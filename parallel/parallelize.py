@@ -13,12 +13,14 @@ import torch
 from torch import nn
 
 from moeyard.models import Transformer
+from moeyard.models.meta_init import InitRecord
 from moeyard.parallel.exchange.dispatch import ExpertParallelExchange
 from moeyard.parallel.fsdp import apply_fsdp, mixed_precision
 from moeyard.parallel.grads.buckets import BucketedReducer
 from moeyard.parallel.grads.reduce import ParamGroups, split_parameters
 from moeyard.parallel.grads.sync import FullyShardedSync, GradSync, OverlappedSync, PlainSync, ShardedSync
 from moeyard.parallel.grads.zero import ShardedAdamW
+from moeyard.parallel.materialize import materialize
 from moeyard.parallel.mesh import ParallelMesh
 from moeyard.parallel.scheduler.plan import Plan
 
@@ -96,14 +98,22 @@ def grad_sync_for(plan: Plan, model: nn.Module, groups: ParamGroups, pmesh: Para
 
 
 def parallelize(model: Transformer, pmesh: ParallelMesh, plan: Plan, optim: AdamWSettings,
-                device: torch.device, fsdp: Optional[FsdpSettings] = None) -> GradSync:
-    """Shard the experts over ep with each MoE layer's pipelined exchange, move this rank's part of the
-    model to `device`, and build the gradient sync (buckets, reduction, optimizer) the plan says; with
-    plan.grad_sync == "fsdp", FSDP2 units as `fsdp` says."""
+                device: torch.device, fsdp: Optional[FsdpSettings] = None,
+                init: Optional[InitRecord] = None) -> GradSync:
+    """Shard the experts over ep with each MoE layer's pipelined exchange, put this rank's part of the
+    model on `device`, and build the gradient sync (buckets, reduction, optimizer) the plan says; with
+    plan.grad_sync == "fsdp", FSDP2 units as `fsdp` says.
+
+    A model built on the meta device (`build_on_meta`) comes with its `init` record: it is sharded first
+    and then allocated and initialised, this rank's part only."""
     apply_expert_parallel(model, pmesh, plan.chunks)
-    model.to(device)
+    if init is None:
+        model.to(device)
     if plan.grad_sync == "fsdp":
         fsdp = fsdp or FsdpSettings()
         apply_fsdp(model, pmesh, fsdp.reshard_after_forward, mixed_precision(fsdp.compute_dtype, fsdp.reduce_dtype))
+    if init is not None:
+        materialize(model, init, pmesh, device)
+    if plan.grad_sync == "fsdp":
         return FullyShardedSync(split_parameters(model), pmesh, adamw(model, optim))
     return grad_sync_for(plan, model, split_parameters(model), pmesh, optim)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from moeyard.errors import CheckpointError, DataError, NonFiniteStop
 from moeyard.models import Transformer
+from moeyard.models.meta_init import build_on_meta
 from moeyard.parallel import ParallelMesh, build_mesh
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.parallelize import FsdpSettings, parallelize
@@ -112,15 +113,16 @@ def _check_before_start(cfg: Config) -> None:
 
 
 def _build_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch.device) -> tuple[Transformer, GradSync]:
-    """The same full model on every rank, whatever the layout, then parallelized as the plan says."""
+    """The model of `Transformer(cfg.model)` under the run's seed, whatever the layout: built on the meta
+    device, parallelized as the plan says, then each rank allocates and initialises its own part."""
     torch.manual_seed(cfg.run.seed)
-    model = Transformer(cfg.model)
+    model, init = build_on_meta(cfg.model)  # no rank holds more than its part (and one parameter at a time)
     trainable, total = freeze(model, cfg.train.trainable, cfg.train.frozen)
     model.set_recompute(cfg.train.recompute)
     fsdp = FsdpSettings(compute_dtype=resolve_dtype(cfg.train.dtype, device),
                         reduce_dtype=getattr(torch, cfg.parallel.fsdp_reduce_dtype),
                         reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward)
-    sync = parallelize(model, pmesh, plan, cfg.optim, device, fsdp)
+    sync = parallelize(model, pmesh, plan, cfg.optim, device, fsdp, init)
     if dist.get_rank() == 0:
         print(f"parameters: {trainable:,} of {total:,} train ({100 * trainable / total:.2f}%)", flush=True)
         print(f"model state per rank (ep shards the experts evenly{', fsdp the rest' if cfg.parallel.fsdp else ''}): "

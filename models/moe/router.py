@@ -52,6 +52,12 @@ class Router(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return x_TD.to(dtype) @ self.weight_ED.to(dtype).t()
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Router state (expert biases, a schedule's position) starts at zero."""
+        for buffer in self.buffers(recurse=False):
+            buffer.zero_()
+
     def step_done(self, global_tokens_per_expert_E: Tensor) -> None:
         """Called after each optimizer step with the step's global load; routers with state update it."""
 

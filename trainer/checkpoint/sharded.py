@@ -38,6 +38,7 @@ from moeyard.models import expert_parameter_ids
 from moeyard.models.peft.adapters import is_adapter_parameter
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.agree import from_rank0
+from moeyard.parallel.fsdp import global_expert_view
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.trainer.checkpoint.store import (
@@ -76,14 +77,6 @@ def fill_model(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, T
         b.copy_(buffers[name])
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= n
-    return tuple(reversed(strides))
-
-
 def _state_dict(model: nn.Module, optim_states: dict[int, dict[str, Tensor]], pmesh: ParallelMesh,
                 with_rng: bool, names: Optional[set[str]] = None) -> dict[str, Any]:
     """The DCP state dict, over live tensors: DCP saves from them or loads into them in place.
@@ -95,9 +88,7 @@ def _state_dict(model: nn.Module, optim_states: dict[int, dict[str, Tensor]], pm
         if id(param) not in expert_ids:
             return t  # replicated, or (fsdp) already a DTensor of the global shape
         if isinstance(t, DTensor):  # fsdp: this rank's edp piece of its ep shard
-            shape = (t.shape[0] * pmesh.ep, *t.shape[1:])
-            return DTensor.from_local(t.to_local(), pmesh.experts_mesh, [Shard(0), Shard(0)], run_check=False,
-                                      shape=shape, stride=_contiguous_strides(shape))
+            return global_expert_view(t, pmesh)
         # Replicated over edp, sharded over ep on dim 0: the global [E, ...] tensor.
         return DTensor.from_local(t, pmesh.mesh, [Replicate(), Shard(0)], run_check=False)
 
