@@ -52,6 +52,9 @@ class Workload:
     """Forward FLOPs of each block without its routed experts."""
     head_flops: float = 0.0
     """Forward FLOPs of the output head."""
+    recompute: str = "none"
+    """train.recompute: full runs every block's forward again in backward (its all-to-alls too); experts
+    runs the expert MLPs' forward again."""
 
     def layer_flops(self, layer: int) -> float:
         """-1: embedding (a gather, ~0), n_layers: the output head."""
@@ -104,8 +107,10 @@ def _moe_pipeline(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Ph
             dispatch.append(s.add(f"{tag}.a2a_in{c + 1}", "comm", a2a, [dispatch[c], prev_compute]))
         if c > 0 and costs.chunk_overhead_s > 0:
             prev_compute = s.add(f"{tag}.overhead{c}", "compute", costs.chunk_overhead_s, [prev_compute])
-        prev_compute = s.add(f"{tag}.experts{c}", "compute", costs.experts(w, w.routed_rows / chunks, phase),
-                             [dispatch[c], prev_compute])
+        seconds = costs.experts(w, w.routed_rows / chunks, phase)
+        if phase == "bwd" and w.recompute == "experts":
+            seconds += costs.experts(w, w.routed_rows / chunks, "fwd")
+        prev_compute = s.add(f"{tag}.experts{c}", "compute", seconds, [dispatch[c], prev_compute])
         combines.append(s.add(f"{tag}.a2a_out{c}", "comm", a2a, [prev_compute]))
     # The layer's output (or input gradient) is complete when every combine is home.
     return s.add(f"{tag}.join", "compute", 0.0, combines)
@@ -206,6 +211,11 @@ def build_step(w: Workload, plan: Plan, costs: Costs, with_grads: bool = True) -
         fsdp.prefetch(w.n_layers - 1, "bwd")
     for layer in reversed(range(w.n_layers)):
         last = s.add(f"L{layer}.bwd.start", "compute", 0.0, after(last, layer, "bwd"))
+        if w.recompute == "full":  # the block's forward again, all-to-alls included
+            last = s.add(f"L{layer}.dense.recompute", "compute", costs.dense(w, layer, "fwd"), [last])
+            if layer in moe_index:
+                last = _moe_pipeline(s, w, costs, plan.chunks[moe_index[layer]], "fwd", last,
+                                     f"L{layer}.moe.recompute")
         if layer in moe_index:
             last = _moe_pipeline(s, w, costs, plan.chunks[moe_index[layer]], "bwd", last, f"L{layer}.moe.bwd")
         last = s.add(f"L{layer}.dense.bwd", "compute", costs.dense(w, layer, "bwd"), [last])
@@ -282,7 +292,7 @@ def block_fwd_flops(cfg: ModelConfig, tokens: int, seq_len: int, layer: int) -> 
 
 
 def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: int, micro_steps: int,
-                 act_bytes: int = 4, frozen: frozenset[str] = frozenset()) -> Workload:
+                 act_bytes: int = 4, frozen: frozenset[str] = frozenset(), recompute: str = "none") -> Workload:
     """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
     Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer."""
     with torch.device("meta"):
@@ -301,7 +311,8 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     moe_layers=tuple(i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)), ep=ep, dp=dp,
                     micro_steps=micro_steps, params=tuple(reversed(infos)), act_bytes=act_bytes,
                     dense_flops=tuple(block_fwd_flops(cfg, tokens, seq_len, i) for i in range(cfg.n_layers)),
-                    head_flops=2.0 * tokens * cfg.dim * cfg.vocab_size)
+                    head_flops=2.0 * tokens * cfg.dim * cfg.vocab_size,
+                    recompute="experts" if recompute == "none" and cfg.moe.recompute_experts else recompute)
 
 
 def moe_layer_timeline(w: Workload, costs: Costs, chunks: int) -> Timeline:
@@ -310,3 +321,9 @@ def moe_layer_timeline(w: Workload, costs: Costs, chunks: int) -> Timeline:
     last = _moe_pipeline(s, w, costs, chunks, "fwd", None, "moe.fwd")
     _moe_pipeline(s, w, costs, chunks, "bwd", last, "moe.bwd")
     return s.run(costs.overlap_slowdown)
+
+
+def model_flops(w: Workload) -> float:
+    """FLOPs of one rank's step as MFU counts them: forward and backward (3x forward), no recompute."""
+    experts = sum(6.0 * w.routed_rows * w.dim * w.expert_hidden for _ in w.moe_layers)
+    return 3.0 * (sum(w.dense_flops) + w.head_flops + experts) * w.micro_steps

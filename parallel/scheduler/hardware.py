@@ -32,6 +32,8 @@ class Hardware:
     """Host cost of each extra pipeline chunk per pass: kernel launches and stream/event synchronisation."""
     act_bytes: int = 2
     """Bytes per activation element on the wire (2: bf16)."""
+    memory_gb: float = 0.0
+    """Device memory in GB (10^9 bytes); 0: unknown, and `moeyard plan` cannot say whether a run fits."""
 
     @classmethod
     def from_dict(cls, data: dict, source: str) -> "Hardware":

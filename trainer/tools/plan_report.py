@@ -11,12 +11,20 @@ from moeyard.parallel.scheduler.planner import reference_plan, search
 from moeyard.parallel.scheduler.profiler import MeasuredCosts
 from moeyard.trainer.config import Config
 from moeyard.trainer.precision import resolve_dtype
-from moeyard.trainer.schedule import act_bytes, load_hardware, load_or_measure, profile_cache_dir, workload
+from moeyard.trainer.schedule import (
+    act_bytes,
+    load_hardware,
+    load_or_measure,
+    memory_report,
+    profile_cache_dir,
+    workload,
+)
 
 
 def plan_report(cfg: Config, w: Workload, costs: Costs, source: str) -> tuple[Plan, str]:
-    plan, best = search(w, costs, cfg.schedule.grad_sync)
-    off = predict(w, reference_plan(w, cfg.schedule.grad_sync), costs)
+    grad_sync = "fsdp" if cfg.parallel.fsdp else cfg.schedule.grad_sync
+    plan, best = search(w, costs, grad_sync)
+    off = predict(w, reference_plan(w, grad_sync), costs)
     ms = 1e3
     lines = [
         f"costs from {source}; world {w.dp} ranks, ep={w.ep}, {w.tokens} tokens per rank per micro-step, "
@@ -26,7 +34,7 @@ def plan_report(cfg: Config, w: Workload, costs: Costs, source: str) -> tuple[Pl
     ]
     rows = [("step", best.step, off.step)]
     rows += [(f"  {k} (work)", best.stages.get(k, 0.0), off.stages.get(k, 0.0))
-             for k in ("dense", "experts", "a2a", "grad_reduce", "optimizer")]
+             for k in ("dense", "experts", "a2a", "param_gather", "grad_reduce", "optimizer")]
     rows += [("communication", best.comm, off.comm), ("  exposed", best.exposed_comm, off.exposed_comm)]
     for name, a, b in rows:
         lines.append(f"{name:24}{a * ms:>10.3f}ms{b * ms:>12.3f}ms")
@@ -42,11 +50,12 @@ def measured_report(cfg: Config, device: torch.device) -> str:
     profile, cached = load_or_measure(cfg.model, w, pmesh, device, resolve_dtype(cfg.train.dtype, device),
                                       profile_cache_dir())
     source = f"a profile of this machine ({'cached' if cached else 'measured now'}, key {profile.key})"
-    return plan_report(cfg, w, MeasuredCosts(profile), source)[1]
+    return plan_report(cfg, w, MeasuredCosts(profile), source)[1] + "\n" + memory_report(cfg, pmesh.dp, w.act_bytes)[1]
 
 
 def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
     """Plan for a described machine: no processes, no measurement."""
     hw = load_hardware(hardware_path)
     w = workload(cfg, world_size, hw.act_bytes)
-    return plan_report(cfg, w, HardwareCosts(hw), f"the hardware description {hw.name} ({hardware_path})")[1]
+    report = plan_report(cfg, w, HardwareCosts(hw), f"the hardware description {hw.name} ({hardware_path})")[1]
+    return report + "\n" + memory_report(cfg, world_size, hw.act_bytes, hw)[1]

@@ -1,0 +1,168 @@
+"""Predict one rank's peak memory: model state (parameters, gradients, AdamW), activations kept for
+backward under each recompute mode, and the transient buffers of the gradient sync and the loss.
+
+An analytic count from the model config and the layout, no measurement: `moeyard plan` prints it for
+any cluster, the planner uses it to pick a layout that fits, and `benchmarks/memory.py` puts it beside
+the peak a real run measures. Bytes are float32 for weights, gradients and AdamW moments (the master
+copy), `act_bytes` for activations and for FSDP's gathered compute weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from moeyard.models import ModelConfig, Transformer, expert_parameter_ids
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one step runs on one rank."""
+
+    world: int
+    ep: int
+    tokens: int
+    """Tokens per rank per micro-step."""
+    grad_sync: str = "all_reduce"
+    """all_reduce (replicated), reduce_scatter (ZeRO optimizer shards) or fsdp."""
+    recompute: str = "none"
+    """none, experts or full (train.recompute)."""
+    act_bytes: int = 4
+    loss_chunk_tokens: int = 8192
+    frozen: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Elements of the whole model, split as the layout shards them."""
+
+    dense: int
+    experts: int
+    """All experts of all layers (each rank holds experts / ep of them)."""
+    dense_trainable: int
+    experts_trainable: int
+    root: int
+    """Embedding, final norm and output layer (FSDP's root unit, kept gathered through backward)."""
+    largest_block: int
+    """Dense parameters of the largest block plus its experts / ep (one FSDP unit gathered)."""
+
+
+def count_parameters(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozenset()) -> ParamCounts:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expert_ids = expert_parameter_ids(model)
+    dense = experts = dense_t = experts_t = root = 0
+    blocks: dict[int, int] = {}
+    for name, p in model.named_parameters():
+        n, is_expert = p.numel(), id(p) in expert_ids
+        if is_expert:
+            experts += n
+            experts_t += 0 if name in frozen else n
+        else:
+            dense += n
+            dense_t += 0 if name in frozen else n
+        if name.startswith("layers."):
+            layer = int(name.split(".")[1])
+            blocks[layer] = blocks.get(layer, 0) + (n // ep if is_expert else n)
+        else:
+            root += n
+    return ParamCounts(dense, experts, dense_t, experts_t, root, max(blocks.values(), default=0))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    buffers: float
+    """Transients at the peak: gathered FSDP units, flat reduction buffers, the loss's logits."""
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.buffers
+
+    def line(self, capacity_gb: float = 0.0, device: str = "") -> str:
+        parts = ", ".join(f"{k} {getattr(self, k) / GB:.2f}" for k in
+                          ("parameters", "gradients", "optimizer", "activations", "buffers"))
+        text = f"memory per rank: {self.total / GB:.2f} GB predicted peak ({parts} GB)"
+        if capacity_gb:
+            verdict = "fits" if self.fits(capacity_gb) else "does NOT fit"
+            text += f"; {verdict} {device} ({capacity_gb:g} GB)"
+        return text
+
+    def fits(self, capacity_gb: float, headroom: float = 0.9) -> bool:
+        """Within `headroom` of the device: the allocator's fragmentation and the runtime take the rest."""
+        return self.total <= headroom * capacity_gb * GB
+
+
+def _block_activations(cfg: ModelConfig, layer: int, tokens: int, b: int, recompute_experts: bool) -> float:
+    """Bytes autograd keeps for one block's backward: residual stream in float32, the rest in `b` bytes."""
+    d, q, kv = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    # Two norms (input, normalised, output), q/k/v before and after rope, attention output and its
+    # log-sum-exp, the output projection's input.
+    per_token = 2 * 4 * d + 2 * b * d + b * (2 * q + 3 * kv + q) + b * q + 4 * cfg.n_heads
+    if not cfg.is_moe_layer(layer):
+        return tokens * (per_token + 4 * b * cfg.ffn_dim)
+    moe = cfg.moe_for_layer(layer)
+    rows = tokens * moe.top_k
+    per_token += 3 * 4 * moe.num_experts  # router logits, probabilities, chosen weights (float32)
+    per_token += 4 * b * moe.shared_hidden_dim if moe.num_shared_experts else 0
+    routed = rows * b * 4 * d  # rows sent, received, expert outputs, outputs back
+    if not recompute_experts:
+        routed += rows * b * 4 * moe.ffn_dim  # gate, up, silu(gate), their product
+    return tokens * per_token + routed
+
+
+def _head_bytes(cfg: ModelConfig, layout: Layout) -> float:
+    """The output layer's float32 logits and their gradient: whole, or one chunk at a time."""
+    rows = layout.tokens if layout.loss_chunk_tokens <= 0 else min(layout.tokens, layout.loss_chunk_tokens)
+    return 3 * 4 * rows * cfg.vocab_size
+
+
+def predict_memory(cfg: ModelConfig, layout: Layout, counts: ParamCounts | None = None) -> MemoryEstimate:
+    """`counts`: count_parameters(cfg, layout.ep, layout.frozen), when the caller has it already."""
+    c = counts or count_parameters(cfg, layout.ep, layout.frozen)
+    edp = layout.world // layout.ep
+    x, xt = c.experts / layout.ep, c.experts_trainable / layout.ep  # this rank's ep shard
+    if layout.grad_sync == "fsdp":
+        params = 4 * (c.dense / layout.world + x / edp)
+        grads = 4 * (c.dense_trainable / layout.world + xt / edp)
+        optimizer = 8 * (c.dense_trainable / layout.world + xt / edp)
+        # The root unit stays gathered; two blocks gathered (this one and the prefetched next one) and
+        # one block's unsharded float32 gradients before its reduce-scatter.
+        buffers = layout.act_bytes * (c.root + 2 * c.largest_block) + 4 * c.largest_block
+    else:
+        params = 4 * (c.dense + x)
+        grads = 4 * (c.dense_trainable + xt)
+        if layout.grad_sync == "reduce_scatter":
+            optimizer = 12 * (c.dense_trainable / layout.world + xt / edp)  # moments and a master shard
+        else:
+            optimizer = 8 * (c.dense_trainable + xt)
+        buffers = 4 * max(c.dense_trainable, xt)  # the flat copy one reduction concatenates
+        if layout.act_bytes < 4:
+            buffers += layout.act_bytes * (c.dense + x)  # autocast's compute-dtype copies of the weights
+    full = layout.recompute == "full"
+    per_block = [_block_activations(cfg, i, layout.tokens, layout.act_bytes,
+                                    layout.recompute == "experts" or cfg.moe.recompute_experts)
+                 for i in range(cfg.n_layers)]
+    if full:  # block inputs only, and one block's activations while it is recomputed
+        activations = cfg.n_layers * layout.tokens * 4 * cfg.dim + max(per_block)
+    else:
+        activations = sum(per_block)
+    activations += 3 * 4 * layout.tokens * cfg.dim  # embedding output, final norm
+    buffers += _head_bytes(cfg, layout)
+    return MemoryEstimate(params, grads, optimizer, activations, buffers)
+
+
+def smallest_world(cfg: ModelConfig, layout: Layout, capacity_gb: float, max_world: int = 4096) -> int | None:
+    """The fewest ranks (a multiple of ep, same micro-batch per rank) on which this layout fits; None if
+    none up to `max_world` does (activations or the replicated state alone are too large)."""
+    counts = count_parameters(cfg, layout.ep, layout.frozen)
+    for world in range(layout.ep, max_world + 1, layout.ep):
+        if predict_memory(cfg, dataclasses.replace(layout, world=world), counts).fits(capacity_gb):
+            return world
+    return None

@@ -1,0 +1,73 @@
+"""The memory model on cases whose numbers can be worked out by hand."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from moeyard.models import ModelConfig, MoEConfig, Transformer
+from moeyard.parallel.scheduler.memory_model import GB, Layout, count_parameters, predict_memory, smallest_world
+
+CFG = ModelConfig(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=256, max_seq_len=256,
+                  moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=128, first_dense_layers=1, num_shared_experts=1))
+
+
+def test_parameter_counts_split_the_model_into_dense_and_experts() -> None:
+    model = Transformer(CFG)
+    counts = count_parameters(CFG, ep=2)
+    assert counts.dense + counts.experts == sum(p.numel() for p in model.parameters())
+    # Three MoE layers, each 8 experts of gate, up (dim x ffn) and down (ffn x dim).
+    assert counts.experts == 3 * 8 * 3 * 128 * 128
+    assert counts.root == 2 * 512 * 128 + 128  # embedding, output layer, final norm
+    frozen = frozenset(n for n, _ in model.named_parameters() if "experts" in n)
+    assert count_parameters(CFG, 2, frozen).experts_trainable == 0
+
+
+def test_fsdp_state_is_sixteen_bytes_per_parameter_spread_over_the_world() -> None:
+    counts = count_parameters(CFG, ep=2)
+    for world in (2, 4, 8):
+        m = predict_memory(CFG, Layout(world=world, ep=2, tokens=256, grad_sync="fsdp"))
+        state = m.parameters + m.gradients + m.optimizer
+        assert state == pytest.approx(16 * (counts.dense + counts.experts) / world)
+
+
+def test_replicated_state_holds_every_dense_parameter_and_this_ranks_experts() -> None:
+    counts = count_parameters(CFG, ep=4)
+    for world in (4, 8):
+        m = predict_memory(CFG, Layout(world=world, ep=4, tokens=256))
+        assert m.parameters + m.gradients + m.optimizer == pytest.approx(16 * (counts.dense + counts.experts / 4))
+    zero = predict_memory(CFG, Layout(world=8, ep=4, tokens=256, grad_sync="reduce_scatter"))
+    plain = predict_memory(CFG, Layout(world=8, ep=4, tokens=256))
+    assert zero.optimizer < plain.optimizer and zero.parameters == plain.parameters
+
+
+def test_recompute_keeps_less_for_backward() -> None:
+    layout = Layout(world=2, ep=2, tokens=4096)
+    kept = {mode: predict_memory(CFG, dataclasses.replace(layout, recompute=mode)).activations
+            for mode in ("none", "experts", "full")}
+    assert kept["full"] < kept["experts"] < kept["none"]
+    double = predict_memory(CFG, dataclasses.replace(layout, tokens=8192)).activations
+    assert double == pytest.approx(2 * kept["none"])  # activations grow with the tokens of a micro-batch
+
+
+def test_loss_chunks_bound_the_logits() -> None:
+    whole = predict_memory(CFG, Layout(world=2, ep=2, tokens=8192, loss_chunk_tokens=0))
+    chunked = predict_memory(CFG, Layout(world=2, ep=2, tokens=8192, loss_chunk_tokens=1024))
+    assert whole.buffers - chunked.buffers == pytest.approx(3 * 4 * (8192 - 1024) * 512)
+
+
+def test_smallest_world_is_the_first_multiple_of_ep_that_fits() -> None:
+    layout = Layout(world=2, ep=2, tokens=512, grad_sync="fsdp", recompute="full")
+    capacity = predict_memory(CFG, dataclasses.replace(layout, world=6)).total / GB / 0.9 * 1.0001
+    world = smallest_world(CFG, layout, capacity)
+    assert world == 6
+    assert not predict_memory(CFG, dataclasses.replace(layout, world=4)).fits(capacity)
+    assert smallest_world(CFG, dataclasses.replace(layout, grad_sync="all_reduce"), capacity / 100) is None
+
+
+def test_the_plan_line_says_whether_it_fits() -> None:
+    m = predict_memory(CFG, Layout(world=2, ep=2, tokens=512))
+    line = m.line(80.0, "dgx-h100")
+    assert line.startswith(f"memory per rank: {m.total / GB:.2f} GB predicted peak (parameters ")
+    assert line.endswith("; fits dgx-h100 (80 GB)")
+    assert "does NOT fit" in m.line(m.total / GB / 2, "tiny")
