@@ -19,7 +19,8 @@ from moeyard.parallel.scheduler.hardware import HardwareCosts
 from moeyard.parallel.scheduler.memory_model import count_parameters, predict_memory, smallest_world
 from moeyard.parallel.scheduler.planner import search
 from moeyard.trainer.config import load_config
-from moeyard.trainer.schedule import load_hardware, memory_layout, workload
+from moeyard.trainer.memory_plan import memory_layout
+from moeyard.trainer.schedule import load_hardware, workload
 
 MODELS = ["olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b", "mixtral-8x22b", "qwen3-235b-a22b"]
 OUT = Path(__file__).parent / "results" / "plan_table.md"

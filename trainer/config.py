@@ -8,8 +8,6 @@ key before any worker starts.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -19,6 +17,7 @@ import yaml
 from moeyard.errors import ConfigError
 from moeyard.models import ModelConfig
 from moeyard.models.config import require
+from moeyard.trainer.config_tree import build_dataclass, read_tree
 
 
 @dataclass(kw_only=True)
@@ -65,6 +64,10 @@ class ScheduleConfig:
     """auto: plan from this hardware description (YAML file or shipped name) instead of profiling."""
     predict: bool = False
     """off/manual: also profile (cached) and log the predicted step time next to the measured one."""
+    memory_check: bool = True
+    """moeyard train refuses, before any worker starts, a run whose predicted peak per rank exceeds this
+    machine's memory (a GPU's, or the host's available memory shared by the local workers); with
+    mode=auto it picks the micro-batch size, recompute mode and sharding that fit. false: start anyway."""
 
 
 @dataclass(kw_only=True)
@@ -202,86 +205,9 @@ class Config:
         return self.train.global_batch_tokens // self.train.seq_len
 
 
-# ---------------------------------------------------------------- building
-
-def _convert(value: Any, hint: Any, key: str) -> Any:
-    """Check `value` against a type hint; ints widen to floats, nothing else is coerced."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, key)
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if isinstance(value, bool) and ("on" if value else "off") in choices:
-            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
-        require(value in choices, f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
-        return value
-    if origin is list:
-        (inner,) = typing.get_args(hint)
-        if isinstance(value, str):  # one item, as `--set train.frozen=layers.*.attn.*` gives it
-            value = [value]
-        require(isinstance(value, list), f"{key}={value!r} must be a list")
-        return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(hint):
-        require(isinstance(value, dict), f"{key} must be a mapping of keys, got {value!r}")
-        return _build(hint, value, key)
-    if hint is bool:
-        require(isinstance(value, bool), f"{key}={value!r} must be true or false")
-    elif hint is int:
-        require(isinstance(value, int) and not isinstance(value, bool), f"{key}={value!r} must be an integer")
-    elif hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key}={value!r} must be a number")
-        return float(value)
-    elif hint is str:
-        require(isinstance(value, str), f"{key}={value!r} must be a string")
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else key
-        if key not in known:
-            raise ConfigError(f"unknown config key {full!r}; valid keys here: {', '.join(known)}")
-        kwargs[key] = _convert(value, hints[key], full)
-    return cls(**kwargs)
-
-
 def build_config(tree: dict[str, Any]) -> Config:
     """A config as recorded (a checkpoint manifest, a dumped run config): typed, not re-validated."""
-    return _build(Config, tree, "")
-
-
-def _apply_override(tree: dict[str, Any], assignment: str) -> None:
-    key, sep, raw = assignment.partition("=")
-    require(bool(sep) and bool(key), f"override {assignment!r} must look like key.path=value")
-    *parents, leaf = key.strip().split(".")
-    node = tree
-    for part in parents:
-        node = node.setdefault(part, {})
-        require(isinstance(node, dict), f"override {assignment!r}: {part!r} is not a section")
-    node[leaf] = _override_value(raw)
-
-
-def _override_value(raw: str) -> Any:
-    """YAML, or the raw text where YAML cannot read it (`train.frozen=*.experts.*`: a leading * is a YAML
-    alias)."""
-    if not raw.strip():
-        return None
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw.strip()
+    return build_dataclass(Config, tree, "")
 
 
 def validate(cfg: Config) -> None:
@@ -358,28 +284,9 @@ def check_vocab(cfg: Config, corpus_meta: dict) -> None:
             f"({corpus_meta['tokenizer']} tokenizer): set model.vocab_size to at least {need}")
 
 
-def read_tree(path: Optional[str | Path], overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
-    """The config as a plain tree: YAML (or nothing, for the defaults) with the overrides applied."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-        require(isinstance(tree, dict), f"config file {path} must hold a mapping at the top level")
-    for assignment in overrides:
-        _apply_override(tree, assignment)
-    if tree.get("schedule") in (False, "off"):  # `schedule: off` as shorthand for schedule.mode=off
-        tree["schedule"] = {"mode": "off"}
-    return tree
-
-
 def config_from_tree(tree: dict[str, Any]) -> Config:
     """Typed and validated (checks that need no checkpoint, corpus or model)."""
-    cfg = _build(Config, tree, "")
+    cfg = build_dataclass(Config, tree, "")
     validate(cfg)
     return cfg
 

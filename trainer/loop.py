@@ -112,7 +112,7 @@ def _check_before_start(cfg: Config) -> None:
         check_vocab(cfg, read_meta(Path(cfg.data.dir)))
 
 
-def _build_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch.device) -> tuple[Transformer, GradSync]:
+def build_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch.device) -> tuple[Transformer, GradSync]:
     """The model of `Transformer(cfg.model)` under the run's seed, whatever the layout: built on the meta
     device, parallelized as the plan says, then each rank allocates and initialises its own part."""
     torch.manual_seed(cfg.run.seed)
@@ -139,7 +139,7 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
     pmesh = build_mesh(cfg.parallel.ep, device.type)
     dtype = resolve_dtype(cfg.train.dtype, device)
     plan = plan_for(cfg, pmesh, device)  # before the model exists: profiling builds models of its own
-    model, sync = _build_model(cfg, pmesh, plan, device)
+    model, sync = build_model(cfg, pmesh, plan, device)
     checkpointer = Checkpointer(cfg, pmesh, plan)
 
     first = _resume_or_init(cfg, checkpointer, model, sync)

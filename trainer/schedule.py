@@ -19,7 +19,6 @@ from moeyard.parallel import ParallelMesh
 from moeyard.parallel.agree import from_rank0
 from moeyard.parallel.scheduler.cost_model import Costs, Workload, predict, workload_for
 from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
-from moeyard.parallel.scheduler.memory_model import Layout, predict_memory, smallest_world
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.planner import manual_plan, reference_plan, search, with_prediction
 from moeyard.parallel.scheduler.profiler import (
@@ -43,35 +42,6 @@ def workload(cfg: Config, dp: int, act_bytes: int) -> Workload:
                         dp=dp, micro_steps=per_rank // micro, act_bytes=act_bytes,
                         frozen=frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen),
                         recompute=cfg.train.recompute)
-
-
-def memory_layout(cfg: Config, world: int, act_bytes: int) -> Layout:
-    """What the memory model needs to know of this run on `world` ranks."""
-    per_rank = cfg.global_batch_sequences // world
-    micro = cfg.train.micro_batch_size or max(1, per_rank)
-    return Layout(world=world, ep=cfg.parallel.ep, tokens=micro * cfg.train.seq_len,
-                  grad_sync="fsdp" if cfg.parallel.fsdp else cfg.schedule.grad_sync,
-                  recompute=cfg.train.recompute, act_bytes=act_bytes, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
-                  frozen=frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen))
-
-
-def memory_report(cfg: Config, world: int, act_bytes: int, hardware: Optional[Hardware] = None) -> tuple[bool, str]:
-    """(fits, the `memory per rank:` line and, when it does not fit, what would)."""
-    layout = memory_layout(cfg, world, act_bytes)
-    estimate = predict_memory(cfg.model, layout)
-    capacity = hardware.memory_gb if hardware else 0.0
-    line = estimate.line(capacity, hardware.name if hardware else "")
-    if not capacity or estimate.fits(capacity):
-        return True, line
-    fewest = smallest_world(cfg.model, layout, capacity)
-    hint = (f"it would fit on {fewest} ranks (a multiple of parallel.ep={layout.ep})" if fewest else
-            f"no world size up to 4096 fits with parallel.ep={layout.ep}: activations or the unsharded state "
-            f"alone are too large")
-    if layout.grad_sync != "fsdp":
-        hint += "; parallel.fsdp=true shards the rest of the model state too"
-    if layout.recompute != "full":
-        hint += "; train.recompute=full keeps only each block's input"
-    return False, f"{line}\n{hint}"
 
 
 def act_bytes(cfg: Config, device: torch.device) -> int:

@@ -5,15 +5,20 @@ import argparse
 import os
 from typing import Optional
 
+import torch
+
 from moeyard import configs
 from moeyard.errors import LaunchError
 from moeyard.launch.env import in_slurm_step, single_process
+from moeyard.launch.host_memory import available_bytes
 from moeyard.launch.torchrun import Nodes, launch_workers
 from moeyard.launch.worker import add_overrides, run_worker, worker_args
-from moeyard.trainer.config import check_vocab, validate_for_world
+from moeyard.trainer.config import Config, check_vocab, validate_for_world
 from moeyard.trainer.data.tokens import ensure_corpus, read_meta
+from moeyard.trainer.memory_plan import fit_memory
 from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.run_dir import holds_a_run
+from moeyard.trainer.schedule import act_bytes
 
 
 def _node_rank(given: Optional[int], nnodes: int) -> int:
@@ -27,14 +32,42 @@ def _node_rank(given: Optional[int], nnodes: int) -> int:
 
 def _check_gpus(backend: str, nproc: int) -> None:
     """One worker per GPU: say so here rather than from inside a worker after the others started."""
-    import torch
-
     if backend == "gloo" or not torch.cuda.is_available():
         return
     gpus = torch.cuda.device_count()
     if nproc > gpus:
         raise LaunchError(f"--nproc={nproc} workers on a node with {gpus} GPU(s): start at most {gpus}, or "
                           f"train on CPUs with --set parallel.backend=gloo")
+
+
+CPU_RUNTIME_GB = 0.5
+"""What a CPU worker holds before any model exists (torch, moeyard, gloo: 0.32 GB measured by
+benchmarks/memory.py), plus slack."""
+
+
+def _memory_per_rank(cfg: Config, nproc: int) -> tuple[float, float, str, torch.device]:
+    """(GB each rank may use, GB of it the runtime takes, what that memory is, the device)."""
+    if cfg.parallel.backend != "gloo" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory / 1e9, 0.0, f"one {props.name}", torch.device("cuda")
+    available = available_bytes()
+    if available is None:
+        return 0.0, 0.0, "unknown", torch.device("cpu")
+    return (available / nproc / 1e9, CPU_RUNTIME_GB, f"this host's available memory over {nproc} local workers",
+            torch.device("cpu"))
+
+
+def _fit_memory(cfg: Config, world: int, nproc: int) -> list[str]:
+    """The check before any worker starts: overrides that make the run fit (schedule.mode=auto), or none;
+    raises ConfigError when it does not fit."""
+    if not cfg.schedule.memory_check:
+        return []
+    capacity, reserve, what, device = _memory_per_rank(cfg, nproc)
+    if not capacity:
+        return []
+    overrides, message = fit_memory(cfg, world, act_bytes(cfg, device), capacity, what, reserve)
+    print(message, flush=True)
+    return overrides
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -60,6 +93,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     world = nproc * nodes.count
     validate_for_world(cfg, world)
     _check_gpus(cfg.parallel.backend, nproc)
+    chosen = _fit_memory(cfg, world, nproc)
+    if chosen:  # every worker gets the same choice through its command line
+        args.overrides += chosen
+        cfg = resolve_config(config, args.overrides)
     if cfg.checkpoint.resume == "none" and holds_a_run(cfg.run_dir) and nodes.rank == 0:
         raise LaunchError(f"run.dir {cfg.run_dir} already holds a run and --resume none was asked: resume it "
                           f"(--resume auto), choose another run.dir, or delete it")

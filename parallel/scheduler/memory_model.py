@@ -33,6 +33,10 @@ class Layout:
     act_bytes: int = 4
     loss_chunk_tokens: int = 8192
     frozen: frozenset[str] = frozenset()
+    micro_steps: int = 1
+    """Micro-steps per optimizer step: with more than one, gradients accumulate through the forwards."""
+    bucketed: bool = False
+    """Gradients live in flat bucket buffers (a planned replicated sync, or reduce_scatter's ZeRO)."""
 
 
 @dataclass(frozen=True)
@@ -74,21 +78,43 @@ def count_parameters(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozens
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """A rank's bytes by kind, and its peak. Activations are largest when backward starts and are freed
+    as it goes, while gradients appear; so the peak is the larger of the start of backward (activations
+    and what lives beside them) and its end (every gradient and the reduction's buffers)."""
+
     parameters: float
     gradients: float
     optimizer: float
     activations: float
-    buffers: float
-    """Transients at the peak: gathered FSDP units, flat reduction buffers, the loss's logits."""
+    with_activations: float
+    """Transients beside the activations: gathered FSDP units, autocast's weight copies, the loss's logits."""
+    after_backward: float
+    """Transients beside all gradients: the flat copy a reduction after backward concatenates."""
+    gradients_throughout: bool = False
+    """Gradients live through the forward too: accumulated over micro-steps, or flat bucket buffers."""
+
+    @property
+    def buffers(self) -> float:
+        return max(self.with_activations, self.after_backward)
+
+    @property
+    def start_of_backward(self) -> float:
+        grads = self.gradients if self.gradients_throughout else 0.0
+        return self.parameters + self.optimizer + grads + self.activations + self.with_activations
+
+    @property
+    def end_of_backward(self) -> float:
+        return self.parameters + self.optimizer + self.gradients + self.after_backward
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.buffers
+        return max(self.start_of_backward, self.end_of_backward)
 
     def line(self, capacity_gb: float = 0.0, device: str = "") -> str:
         parts = ", ".join(f"{k} {getattr(self, k) / GB:.2f}" for k in
                           ("parameters", "gradients", "optimizer", "activations", "buffers"))
-        text = f"memory per rank: {self.total / GB:.2f} GB predicted peak ({parts} GB)"
+        when = "start" if self.start_of_backward >= self.end_of_backward else "end"
+        text = f"memory per rank: {self.total / GB:.2f} GB predicted peak ({parts} GB; at the {when} of backward)"
         if capacity_gb:
             verdict = "fits" if self.fits(capacity_gb) else "does NOT fit"
             text += f"; {verdict} {device} ({capacity_gb:g} GB)"
@@ -134,7 +160,8 @@ def predict_memory(cfg: ModelConfig, layout: Layout, counts: ParamCounts | None 
         optimizer = 8 * (c.dense_trainable / layout.world + xt / edp)
         # The root unit stays gathered; two blocks gathered (this one and the prefetched next one) and
         # one block's unsharded float32 gradients before its reduce-scatter.
-        buffers = layout.act_bytes * (c.root + 2 * c.largest_block) + 4 * c.largest_block
+        with_activations = layout.act_bytes * (c.root + 2 * c.largest_block) + 4 * c.largest_block
+        after_backward = 0.0
     else:
         params = 4 * (c.dense + x)
         grads = 4 * (c.dense_trainable + xt)
@@ -142,20 +169,20 @@ def predict_memory(cfg: ModelConfig, layout: Layout, counts: ParamCounts | None 
             optimizer = 12 * (c.dense_trainable / layout.world + xt / edp)  # moments and a master shard
         else:
             optimizer = 8 * (c.dense_trainable + xt)
-        buffers = 4 * max(c.dense_trainable, xt)  # the flat copy one reduction concatenates
-        if layout.act_bytes < 4:
-            buffers += layout.act_bytes * (c.dense + x)  # autocast's compute-dtype copies of the weights
-    full = layout.recompute == "full"
+        with_activations = layout.act_bytes * (c.dense + x) if layout.act_bytes < 4 else 0.0  # autocast's copies
+        # Buckets reduce in place; the reference concatenates each group (dense, experts) once.
+        after_backward = 0.0 if layout.bucketed else 4 * max(c.dense_trainable, xt)
     per_block = [_block_activations(cfg, i, layout.tokens, layout.act_bytes,
                                     layout.recompute == "experts" or cfg.moe.recompute_experts)
                  for i in range(cfg.n_layers)]
-    if full:  # block inputs only, and one block's activations while it is recomputed
+    if layout.recompute == "full":  # block inputs only, and one block's activations while it is recomputed
         activations = cfg.n_layers * layout.tokens * 4 * cfg.dim + max(per_block)
     else:
         activations = sum(per_block)
     activations += 3 * 4 * layout.tokens * cfg.dim  # embedding output, final norm
-    buffers += _head_bytes(cfg, layout)
-    return MemoryEstimate(params, grads, optimizer, activations, buffers)
+    throughout = layout.micro_steps > 1 or (layout.bucketed and layout.grad_sync != "fsdp")
+    return MemoryEstimate(params, grads, optimizer, activations, with_activations + _head_bytes(cfg, layout),
+                          after_backward, throughout)
 
 
 def smallest_world(cfg: ModelConfig, layout: Layout, capacity_gb: float, max_world: int = 4096) -> int | None:

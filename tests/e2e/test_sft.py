@@ -17,7 +17,7 @@ from helpers.sft_cases import random_conversations
 from moeyard.models import ModelConfig, Transformer
 from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
-from moeyard.trainer.config import _build
+from moeyard.trainer.config_tree import build_dataclass as _build
 from moeyard.trainer.data.sft_batches import SFTBatches, SFTData
 from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.step import lm_loss_sum

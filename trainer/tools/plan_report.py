@@ -10,12 +10,12 @@ from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.planner import reference_plan, search
 from moeyard.parallel.scheduler.profiler import MeasuredCosts
 from moeyard.trainer.config import Config
+from moeyard.trainer.memory_plan import memory_report
 from moeyard.trainer.precision import resolve_dtype
 from moeyard.trainer.schedule import (
     act_bytes,
     load_hardware,
     load_or_measure,
-    memory_report,
     profile_cache_dir,
     workload,
 )
@@ -58,4 +58,4 @@ def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
     hw = load_hardware(hardware_path)
     w = workload(cfg, world_size, hw.act_bytes)
     report = plan_report(cfg, w, HardwareCosts(hw), f"the hardware description {hw.name} ({hardware_path})")[1]
-    return report + "\n" + memory_report(cfg, world_size, hw.act_bytes, hw)[1]
+    return report + "\n" + memory_report(cfg, world_size, hw.act_bytes, hw.memory_gb, hw.name)[1]

@@ -53,7 +53,7 @@ def test_recompute_keeps_less_for_backward() -> None:
 def test_loss_chunks_bound_the_logits() -> None:
     whole = predict_memory(CFG, Layout(world=2, ep=2, tokens=8192, loss_chunk_tokens=0))
     chunked = predict_memory(CFG, Layout(world=2, ep=2, tokens=8192, loss_chunk_tokens=1024))
-    assert whole.buffers - chunked.buffers == pytest.approx(3 * 4 * (8192 - 1024) * 512)
+    assert whole.with_activations - chunked.with_activations == pytest.approx(3 * 4 * (8192 - 1024) * 512)
 
 
 def test_smallest_world_is_the_first_multiple_of_ep_that_fits() -> None:
@@ -63,6 +63,19 @@ def test_smallest_world_is_the_first_multiple_of_ep_that_fits() -> None:
     assert world == 6
     assert not predict_memory(CFG, dataclasses.replace(layout, world=4)).fits(capacity)
     assert smallest_world(CFG, dataclasses.replace(layout, grad_sync="all_reduce"), capacity / 100) is None
+
+
+def test_the_peak_is_the_start_of_backward_or_its_end() -> None:
+    """Activations are freed as backward makes gradients: the peak holds one or the other (both when
+    gradients accumulate over micro-steps, or live in bucket buffers)."""
+    big_batch = predict_memory(CFG, Layout(world=2, ep=2, tokens=8192))
+    assert big_batch.total == pytest.approx(big_batch.parameters + big_batch.optimizer + big_batch.activations
+                                            + big_batch.with_activations)
+    tiny_batch = predict_memory(CFG, Layout(world=2, ep=2, tokens=8, loss_chunk_tokens=8))
+    assert tiny_batch.total == pytest.approx(tiny_batch.parameters + tiny_batch.optimizer + tiny_batch.gradients
+                                             + tiny_batch.after_backward)
+    accumulating = predict_memory(CFG, Layout(world=2, ep=2, tokens=8192, micro_steps=2))
+    assert accumulating.total == pytest.approx(big_batch.total + big_batch.gradients)
 
 
 def test_the_plan_line_says_whether_it_fits() -> None:
