@@ -68,6 +68,13 @@ def apply_expert_parallel(model: Transformer, pmesh: ParallelMesh, chunks: Optio
         moe.exchange = ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, chunks=r)
 
 
+def set_chunks(model: Transformer, chunks: tuple[int, ...]) -> None:
+    """Change every MoE layer's pipeline degree between steps (the run's check of the plan does)."""
+    for (_, moe), r in zip(model.moe_layers(), chunks):
+        if isinstance(moe.exchange, ExpertParallelExchange):
+            moe.exchange.chunks = r
+
+
 def adamw(model: nn.Module, settings: AdamWSettings) -> torch.optim.AdamW:
     """torch's AdamW over the trainable parameters; matrices decay (embeddings, projections, experts), norm
     gains do not. Element-wise, so a sharded expert's update equals the unsharded one.

@@ -64,6 +64,9 @@ class ScheduleConfig:
     """auto: plan from this hardware description (YAML file or shipped name) instead of profiling."""
     predict: bool = False
     """off/manual: also profile (cached) and log the predicted step time next to the measured one."""
+    check_steps: int = 3
+    """auto: after 2 warm-up steps, time this many steps with the plan and as many with every MoE layer at
+    r=1, and keep r=1 if the plan was slower by more than 3% (trainer/plan_check.py); 0: trust the plan."""
     memory_check: bool = True
     """moeyard train refuses, before any worker starts, a run whose predicted peak per rank exceeds this
     machine's memory (a GPU's, or the host's available memory shared by the local workers); with
@@ -223,6 +226,7 @@ def validate(cfg: Config) -> None:
     require(cfg.parallel.ep >= 1, f"parallel.ep={cfg.parallel.ep} must be >= 1")
     require(cfg.schedule.chunks >= 1, f"schedule.chunks={cfg.schedule.chunks} must be >= 1")
     require(cfg.schedule.bucket_mb > 0, f"schedule.bucket_mb={cfg.schedule.bucket_mb} must be > 0")
+    require(cfg.schedule.check_steps >= 0, f"schedule.check_steps={cfg.schedule.check_steps} must be >= 0")
     require(cfg.data.source is not None or cfg.data.dir is not None or cfg.sft.data is not None,
             "set data.dir to a prepared corpus (moeyard prepare) or data.source to a folder of text files "
             "(or python-stdlib), or sft.data to a JSONL file of conversations")

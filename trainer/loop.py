@@ -5,6 +5,7 @@ one); how the ranks were started is the launcher's business.
 """
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from dataclasses import dataclass
@@ -28,9 +29,10 @@ from moeyard.trainer.freezing import freeze
 from moeyard.trainer.memory import model_state_line, peak_memory_gb
 from moeyard.trainer.metrics import MetricsLogger, step_record
 from moeyard.trainer.optim import lr_at
+from moeyard.trainer.plan_check import PlanCheck
 from moeyard.trainer.precision import resolve_dtype
 from moeyard.trainer.run_dir import Preemption, mark_preempted, mark_stopped_nonfinite, prepare_run_dir
-from moeyard.trainer.schedule import plan_for
+from moeyard.trainer.schedule import learn_chunk_overhead, plan_for
 from moeyard.trainer.step import heldout_loss, train_step
 
 
@@ -130,6 +132,23 @@ def build_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch.devi
     return model, sync
 
 
+def _checked_plan(cfg: Config, check: PlanCheck | None, step_time: float, plan: Plan, pmesh: ParallelMesh,
+                  device: torch.device, checkpointer: Checkpointer) -> Plan:
+    """Feed the plan check one step; once it decides, the plan the run goes on with (logged, saved)."""
+    trial = check.observe(step_time) if check is not None else None
+    if trial is None or not trial.switched:
+        if trial is not None and dist.get_rank() == 0:
+            print(trial.message(plan.chunks), flush=True)
+        return plan
+    learned = learn_chunk_overhead(cfg, pmesh.dp, device, plan, trial.plan_s, trial.reference_s)
+    switched = dataclasses.replace(plan, chunks=(1,) * len(plan.chunks), source="planner, r=1 after the run's check")
+    checkpointer.plan = switched
+    if dist.get_rank() == 0:
+        print(trial.message(plan.chunks) + (f"; {learned}" if learned else ""), flush=True)
+        (cfg.run_dir / "plan.json").write_text(switched.to_json())
+    return switched
+
+
 def train(cfg: Config, device: torch.device, preemption: Preemption | None = None) -> Outcome:
     """Train up to train.stop_at (or train.steps), resuming from a checkpoint if there is one."""
     preemption = preemption or Preemption()
@@ -162,6 +181,7 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
                                tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
     skipped_in_a_row = skipped_total = 0
     done = first
+    check = PlanCheck.for_run(model, plan.chunks, plan.source, cfg.schedule.check_steps, device)
     try:
         for step in range(first, last):
             lr = lr_at(step, total, cfg.optim)
@@ -170,6 +190,7 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
                                 pmesh=pmesh, lr=lr, grad_clip=cfg.train.grad_clip, dtype=dtype,
                                 loss_chunk_tokens=cfg.train.loss_chunk_tokens)
             step_time = time.perf_counter() - start
+            plan = _checked_plan(cfg, check, step_time, plan, pmesh, device, checkpointer)
             done = step + 1
             skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
             skipped_total += result.skipped

@@ -64,6 +64,11 @@ def load_hardware(path: str | Path) -> Hardware:
     return Hardware.from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
 
 
+def _profile_path(cfg: ModelConfig, w: Workload, device: torch.device, cache_dir: Path) -> tuple[str, Path]:
+    key = profile_key(cfg, w, device)
+    return key, cache_dir / f"profile-{key}.json"
+
+
 def load_or_measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.device, dtype: torch.dtype,
                     cache_dir: Path) -> tuple[Profile, bool]:
     """The cached profile for this machine, layout and shapes, or a fresh one (collective either way).
@@ -71,8 +76,7 @@ def load_or_measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: 
     Returns (profile, came_from_cache). Rank 0 reads and writes the cache and shares what it read, so
     every rank plans from the same numbers.
     """
-    key = profile_key(cfg, w, device)
-    path = cache_dir / f"profile-{key}.json"
+    key, path = _profile_path(cfg, w, device, cache_dir)
 
     def read_cache() -> Optional[Profile]:
         if not path.is_file():
@@ -113,3 +117,28 @@ def plan_for(cfg: Config, pmesh: ParallelMesh, device: torch.device) -> Plan:
         return search(w, _costs(cfg, w, pmesh, device), grad_sync)[0]
     plan = reference_plan(w, grad_sync) if s.mode == "off" else manual_plan(w, s.chunks, s.bucket_mb, grad_sync)
     return with_prediction(plan, predict(w, plan, _costs(cfg, w, pmesh, device))) if s.predict else plan
+
+
+def learn_chunk_overhead(cfg: Config, dp: int, device: torch.device, plan: Plan, plan_s: float,
+                         reference_s: float) -> Optional[str]:
+    """After the run measured its plan slower than r=1: raise the cached profile's cost per extra pipeline
+    chunk so that it predicts what was measured, and the next plan for this machine and these shapes is
+    made knowing it. Rank 0 rewrites the cache; returns what it changed (None: planned from a hardware
+    description, or no cached profile)."""
+    if cfg.schedule.hardware or "off_step_s" not in plan.predicted or dist.get_rank() != 0:
+        return None
+    w = workload(cfg, dp, act_bytes(cfg, device))
+    _, path = _profile_path(cfg.model, w, device, profile_cache_dir())
+    if not path.is_file():
+        return None
+    profile = profile_from_dict(json.loads(path.read_text()))
+    passes = 3 if cfg.train.recompute == "full" else 2
+    extra_chunks = w.micro_steps * passes * sum(r - 1 for r in plan.chunks)
+    predicted_gain = plan.predicted["off_step_s"] - plan.predicted["step_s"]
+    added = max(0.0, (plan_s - reference_s + predicted_gain) / extra_chunks)
+    learned = dataclasses.replace(profile, chunk_overhead_s=profile.chunk_overhead_s + added)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(learned), indent=1))
+    os.replace(tmp, path)
+    return (f"profile {path.name}: cost per extra pipeline chunk {profile.chunk_overhead_s * 1e3:.3f} -> "
+            f"{learned.chunk_overhead_s * 1e3:.3f} ms, from this run's measurement")

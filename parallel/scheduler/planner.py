@@ -67,4 +67,6 @@ def search(w: Workload, costs: Costs, grad_sync: GradSync = "all_reduce",
                 pred = predict(w, plan, costs)
                 if pred.step < best.step * (1 - 1e-9):
                     best_plan, best = plan, pred
-    return dataclasses.replace(with_prediction(best_plan, best), source="planner"), best
+    plan = dataclasses.replace(best_plan, source="planner",
+                               predicted={**best.as_dict(), "off_step_s": predict(w, reference, costs).step})
+    return plan, best

@@ -31,3 +31,35 @@ def test_plan_says_when_a_model_does_not_fit_and_what_would() -> None:
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "does NOT fit dgx-h100 (80 GB)" in proc.stdout and "parallel.fsdp=true" in proc.stdout, proc.stdout
+
+
+SLOW_LINKS = """name: slow-links
+devices_per_node: 8
+gemm_tflops: 0.02
+intra_node_gbps: 0.01
+intra_node_latency_us: 1
+inter_node_gbps: 0.01
+inter_node_latency_us: 1
+memory_gbps: 10
+overlap_slowdown: 1.0
+act_bytes: 4
+chunk_overhead_us: 1
+"""
+
+
+def test_a_planned_run_times_its_plan_against_r1_and_keeps_the_faster(tmp_path, small_corpus) -> None:
+    """A hardware description whose links are so slow that the planner pipelines every MoE layer: the run
+    tries its plan and r=1 on this machine, says which it keeps, and records it in plan.json."""
+    import json
+
+    from helpers.runs import moeyard_train, write_config
+
+    (tmp_path / "hw.yaml").write_text(SLOW_LINKS)
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 10})
+    proc = moeyard_train(config, tmp_path / "run", 2, "parallel.ep=2", "schedule.mode=auto",
+                         f"schedule.hardware={tmp_path / 'hw.yaml'}")
+    (check,) = [line for line in proc.stdout.splitlines() if line.startswith("plan check:")]
+    planned = [int(r) for r in check.split("chunks [")[1].split("]")[0].split(",")]
+    assert max(planned) > 1, check
+    chunks = json.loads((tmp_path / "run" / "plan.json").read_text())["chunks"]
+    assert chunks == ([1] * len(planned) if "switched back to r=1" in check else planned), (check, chunks)
