@@ -1,7 +1,7 @@
 """`moeyard convert from-hf|to-hf|upcycle|merge-adapters`: single-process checkpoint conversions.
 
     moeyard convert from-hf HF_DIR --out CKPT
-    moeyard convert to-hf CKPT --out HF_DIR
+    moeyard convert to-hf CKPT --out HF_DIR [--dtype bfloat16]
     moeyard convert upcycle DENSE_HF_DIR --out CKPT --experts E --top-k K [--granularity G]
     moeyard convert merge-adapters CKPT --out CKPT
 
@@ -34,9 +34,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         family, path = import_hf(source, out)
         print(f"converted {family} model {source} into {path}")
     elif args.action == "to-hf":
+        import torch
+
         from moeyard.trainer.tools.hf_convert import export_hf
 
-        family, path = export_hf(source, out)
+        family, path = export_hf(source, out, getattr(torch, args.dtype) if args.dtype else None)
         print(f"wrote {family} model to {path} (transformers.AutoModelForCausalLM.from_pretrained loads it)")
     else:
         from moeyard.trainer.tools.upcycle import upcycle
@@ -61,4 +63,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     convert.add_argument("--granularity", type=int, default=1,
                          help="upcycle: cut each MLP into G slices, one per expert (default 1: whole copies)")
     convert.add_argument("--seed", type=int, default=0, help="upcycle: seed of the router's initial rows")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                         help="to-hf: cast the weights (default: the checkpoint's dtype, float32)")
     convert.set_defaults(func=cmd_convert)

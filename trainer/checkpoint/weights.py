@@ -13,22 +13,41 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from moeyard.errors import CheckpointError, ConfigError
 from moeyard.models import ModelConfig, Transformer
-from moeyard.trainer.checkpoint.store import MANIFEST, read_manifest, sha256, write_durably
+from moeyard.trainer.checkpoint.store import MANIFEST, base_of, read_manifest, sha256, write_durably
 from moeyard.trainer.config import Config, to_dict
 
 
+class _StreamingPlanner(DefaultSavePlanner):
+    """Plans from the tensors' shapes (meta tensors will do) and makes each model tensor only when DCP
+    writes it, so a conversion holds one tensor at a time."""
+
+    def __init__(self, produce: Callable[[str], Tensor]) -> None:
+        super().__init__()
+        self.produce = produce
+
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        section, _, name = index.fqn.partition(".")
+        if section == "model":
+            return self.produce(name).contiguous()
+        return super().lookup_object(index)
+
+
 def write_weights_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, out: Path,
-                             source: dict[str, Any], buffers: dict[str, Tensor] | None = None) -> Path:
+                             source: dict[str, Any], buffers: dict[str, Tensor] | None = None,
+                             produce: Callable[[str], Tensor] | None = None) -> Path:
     """Check `state` against the model `model_cfg` builds, then write it (and router `buffers`, when the
-    model has any) to `out` (a new folder) atomically."""
+    model has any) to `out` (a new folder) atomically. With `produce`, `state` gives only the shapes (meta
+    tensors) and `produce(name)` makes each tensor as it is written."""
     if out.exists():
         raise FileExistsError(f"{out} already exists: choose a new folder for the checkpoint")
     with torch.device("meta"):
@@ -47,7 +66,11 @@ def write_weights_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, o
         saved = {"model": {n: t.contiguous() for n, t in state.items()}}
         if buffers:
             saved["buffers"] = {n: t.contiguous() for n, t in buffers.items()}
-        dcp.save(saved, checkpoint_id=tmp, no_dist=True)
+        if produce is None:
+            dcp.save(saved, checkpoint_id=tmp, no_dist=True)
+        else:  # one file per tensor: DCP's writer keeps every tensor of a file until the file is complete
+            dcp.save(saved, storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=False), no_dist=True,
+                     planner=_StreamingPlanner(produce))
     files = [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())]
     manifest = {"kind": "weights", "step": 0, "samples": 0, "config_hash": "", "world_size": 1, "ep": 1,
                 "config": to_dict(Config(model=model_cfg)), "source": source, "files": files}
@@ -94,3 +117,26 @@ def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | 
                               f"({merged.get(key)!r}) the run starts from: remove it from the config")
         merged[key] = value
     return merged
+
+
+class CheckpointTensors:
+    """A checkpoint's model tensors, read one at a time (DCP reads only that tensor's bytes); a
+    trainable-only checkpoint's frozen tensors come from its base. The caller checks the files first
+    (`store.verify`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.chain: list[tuple[Path, Any]] = []
+        while path is not None:
+            self.chain.append((path, dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata))
+            path = base_of(read_manifest(path), path)
+
+    def read(self, name: str, like: Tensor) -> Tensor:
+        """The tensor `name`, shaped and typed as `like` (a meta tensor will do)."""
+        for path, meta in self.chain:
+            if f"model.{name}" in meta:
+                out = torch.empty(like.shape, dtype=like.dtype)
+                with warnings.catch_warnings():  # DCP warns that no process group exists: that is the point
+                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                    dcp.load({"model": {name: out}}, checkpoint_id=path, no_dist=True)
+                return out
+        raise CheckpointError(f"{self.chain[0][0]} (and its base) hold no tensor {name}")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+import torch
 
 from moeyard.errors import ConfigError
 from moeyard.models import ModelConfig, MoEConfig
@@ -150,8 +152,9 @@ def export_family(cfg: ModelConfig) -> str:
     return "qwen2_moe"  # shared expert optional (a zero-width one stands in), biases optional, dense layers
 
 
-def hf_config_dict(cfg: ModelConfig, family: str) -> dict[str, Any]:
-    """config.json keys for `family` (transformers fills the rest with its defaults)."""
+def hf_config_dict(cfg: ModelConfig, family: str, dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
+    """config.json keys for `family` (transformers fills the rest with its defaults); `dtype`: the weights'
+    (float32 when None)."""
     m = cfg.moe
     common = dict(
         model_type=family, architectures=[ARCHITECTURES[family]], vocab_size=cfg.vocab_size, hidden_size=cfg.dim,
@@ -159,7 +162,8 @@ def hf_config_dict(cfg: ModelConfig, family: str) -> dict[str, Any]:
         head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", num_experts_per_tok=m.top_k,
-        router_aux_loss_coef=m.aux_loss_coef, initializer_range=cfg.init_std, torch_dtype="float32",
+        router_aux_loss_coef=m.aux_loss_coef, initializer_range=cfg.init_std,
+        torch_dtype=str(dtype or torch.float32).removeprefix("torch."),
     )
     if family == "mixtral":
         return {**common, "num_local_experts": m.num_experts, "intermediate_size": m.ffn_dim, "sliding_window": None}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -23,9 +23,11 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class HFTensors:
-    """The safetensors of a save_pretrained folder, read lazily; remembers what was taken."""
+    """The safetensors of a save_pretrained folder, read lazily; remembers what was taken. `dry`: `take`
+    reads only the header and returns a float32 tensor on the meta device (names and shapes, no data)."""
 
-    def __init__(self, hf_dir: Path) -> None:
+    def __init__(self, hf_dir: Path, dry: bool = False) -> None:
+        self.dry = dry
         index = hf_dir / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -48,6 +50,8 @@ class HFTensors:
             raise ConfigError(f"tensor {key!r} is missing from the checkpoint: is config.json from the same model?")
         self.taken.add(key)
         with safe_open(str(self.files[key]), "pt") as f:
+            if self.dry:
+                return torch.empty(f.get_slice(key).get_shape(), dtype=torch.float32, device="meta")
             return f.get_tensor(key).float()
 
     def leftovers(self) -> list[str]:
@@ -114,35 +118,63 @@ def plain_pairs(cfg: ModelConfig, family: str, dense: bool = False) -> Iterator[
                 yield f"layers.{i}.ffn.shared_gate.weight", f"{hf}.shared_expert_gate.weight", 0
 
 
-def _read_experts(src: HFTensors, hf: str, names: tuple[str, str, str], num_experts: int) -> list[Tensor]:
-    """[gate_EDF, up_EDF, down_EFD] from per-expert matrices or the fused 3-D layout."""
-    if f"{hf}.experts.gate_up_proj" in src:
-        gate_up_E2FD = src.take(f"{hf}.experts.gate_up_proj")
-        gate_EFD, up_EFD = gate_up_E2FD.chunk(2, dim=1)
-        return [gate_EFD.transpose(1, 2), up_EFD.transpose(1, 2), src.take(f"{hf}.experts.down_proj").transpose(1, 2)]
-    return [torch.stack([src.take(f"{hf}.experts.{e}.{n}.weight").t() for e in range(num_experts)])
-            for n in names]
+def _expert_stack(src: HFTensors, hf: str, name: str, num_experts: int) -> Tensor:
+    """[E, D, F] (or [E, F, D] for down) from per-expert [F, D] matrices, filled in place: one expert's
+    matrix beside the result at a time."""
+    first = src.take(f"{hf}.experts.0.{name}.weight").t()
+    out = first.new_empty((num_experts, *first.shape))
+    out[0] = first
+    for e in range(1, num_experts):
+        out[e] = src.take(f"{hf}.experts.{e}.{name}.weight").t()
+    return out
 
 
-def hf_to_moeyard(src: HFTensors, cfg: ModelConfig, family: str, dense: bool = False) -> dict[str, Tensor]:
-    """moeyard parameters (full, unsharded) from an HF folder; refuses tensors it would not use.
-    `dense`: read a dense model's MLPs (for upcycling) in the places of `cfg`'s MoE layers."""
-    state: dict[str, Tensor] = {}
+def _expert_producers(hf: str, names: tuple[str, str, str], num_experts: int,
+                      fused: bool) -> list[Callable[[HFTensors], Tensor]]:
+    """How to read [gate_EDF, up_EDF, down_EFD], from per-expert matrices or the fused 3-D layout."""
+    if fused:
+        def gate_up(part: int) -> Callable[[HFTensors], Tensor]:
+            return lambda src: src.take(f"{hf}.experts.gate_up_proj").chunk(2, dim=1)[part].transpose(1, 2)
+        return [gate_up(0), gate_up(1), lambda src: src.take(f"{hf}.experts.down_proj").transpose(1, 2)]
+    return [lambda src, n=n: _expert_stack(src, hf, n, num_experts) for n in names]
+
+
+def moeyard_producers(src: HFTensors, cfg: ModelConfig, family: str,
+                      dense: bool = False) -> dict[str, Callable[[HFTensors], Tensor]]:
+    """For each moeyard parameter, how to read it from an HF folder (one parameter at a time; `src` tells
+    which expert layout the folder uses). `dense`: a dense model's MLPs in the places of `cfg`'s MoE layers."""
+    producers: dict[str, Callable[[HFTensors], Tensor]] = {}
     for ours, hf, heads in plain_pairs(cfg, family, dense):
-        t = src.take(hf)
-        state[ours] = _heads(t, heads, t.shape[0] // heads, rope_order(t.shape[0] // heads)) if heads else t
+        def plain(source: HFTensors, hf: str = hf, heads: int = heads) -> Tensor:
+            t = source.take(hf)
+            return _heads(t, heads, t.shape[0] // heads, rope_order(t.shape[0] // heads)) if heads else t
+        producers[ours] = plain
     for i in range(cfg.n_layers):
         if cfg.is_moe_layer(i) and not dense:
             hf, names = _moe_prefix(family, i)
-            gate, up, down = _read_experts(src, hf, names, cfg.moe.num_experts)
-            state.update({f"layers.{i}.ffn.experts.w_gate_EDF": gate, f"layers.{i}.ffn.experts.w_up_EDF": up,
-                          f"layers.{i}.ffn.experts.w_down_EFD": down})
+            fused = f"{hf}.experts.gate_up_proj" in src
+            for w, produce in zip(("w_gate_EDF", "w_up_EDF", "w_down_EFD"),
+                                  _expert_producers(hf, names, cfg.moe.num_experts, fused)):
+                producers[f"layers.{i}.ffn.experts.{w}"] = produce
+    return producers
+
+
+def check_hf_tensors(src: HFTensors, producers: dict[str, Callable[[HFTensors], Tensor]], cfg: ModelConfig,
+                     family: str) -> dict[str, Tensor]:
+    """Run every producer on `src` (dry: shapes only) and refuse tensors the model would not use."""
+    state = {name: produce(src) for name, produce in producers.items()}
     if family == "qwen2_moe" and not cfg.moe.num_shared_experts:
         _take_empty_shared_experts(src, cfg)
     if leftovers := src.leftovers():
         raise ConfigError(f"{len(leftovers)} tensors of the checkpoint have no place in the {family} model built "
                           f"from its config.json, e.g. {leftovers[:3]}")
     return state
+
+
+def hf_to_moeyard(src: HFTensors, cfg: ModelConfig, family: str, dense: bool = False) -> dict[str, Tensor]:
+    """moeyard parameters (full, unsharded) from an HF folder; refuses tensors it would not use.
+    `dense`: read a dense model's MLPs (for upcycling) in the places of `cfg`'s MoE layers."""
+    return check_hf_tensors(src, moeyard_producers(src, cfg, family, dense), cfg, family)
 
 
 def _take_empty_shared_experts(src: HFTensors, cfg: ModelConfig) -> None:
@@ -160,33 +192,38 @@ def _take_empty_shared_experts(src: HFTensors, cfg: ModelConfig) -> None:
             src.take(f"{prefix}.shared_expert_gate.weight")
 
 
-def moeyard_to_hf(state: dict[str, Tensor], cfg: ModelConfig, family: str) -> dict[str, Tensor]:
-    """HF tensors of `family` (see hf_config.export_family) computing what the moeyard model computes."""
-    out: dict[str, Tensor] = {}
+def hf_tensors(cfg: ModelConfig, family: str, read: Callable[[str], Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """HF tensors of `family` (see hf_config.export_family) computing what the moeyard model computes, in a
+    fixed order, each made from `read(moeyard name)` when it is reached: one source parameter (one layer's
+    stacked experts at most) is held at a time."""
+    m = cfg.moe
     for ours, hf, heads in plain_pairs(cfg, family):
-        t = state[ours]
+        t = read(ours)
         if heads:
             head_dim = t.shape[0] // heads
             t = _heads(t, heads, head_dim, torch.argsort(rope_order(head_dim)))
-        out[hf] = t
-    m = cfg.moe
+        if family == "qwen2_moe" and not m.shared_expert_gate and ours.endswith("shared_experts.w_down.weight"):
+            t = 2 * t  # see below: the zero gate halves the shared expert
+        yield hf, t.contiguous()
     for i in range(cfg.n_layers):
         if not cfg.is_moe_layer(i):
             continue
         hf, names = _moe_prefix(family, i)
-        stacked = [state[f"layers.{i}.ffn.experts.{w}"] for w in ("w_gate_EDF", "w_up_EDF", "w_down_EFD")]
-        for e in range(m.num_experts):
-            for name, w in zip(names, stacked):
-                out[f"{hf}.experts.{e}.{name}.weight"] = w[e].t()
+        for w, name in zip(("w_gate_EDF", "w_up_EDF", "w_down_EFD"), names):
+            stacked = read(f"layers.{i}.ffn.experts.{w}")
+            for e in range(m.num_experts):
+                yield f"{hf}.experts.{e}.{name}.weight", stacked[e].t().contiguous()
         if family != "qwen2_moe" or m.shared_expert_gate:
             continue
         # Qwen2-MoE always gates its shared expert by sigmoid(x @ g): g = 0 gives exactly 1/2, undone by
         # doubling the down projection; with no shared expert at all, a zero-width one adds nothing.
-        out[f"{hf}.shared_expert_gate.weight"] = torch.zeros(1, cfg.dim)
-        if m.num_shared_experts:
-            out[f"{hf}.shared_expert.down_proj.weight"] = 2 * out[f"{hf}.shared_expert.down_proj.weight"]
-        else:
-            out[f"{hf}.shared_expert.gate_proj.weight"] = torch.zeros(0, cfg.dim)
-            out[f"{hf}.shared_expert.up_proj.weight"] = torch.zeros(0, cfg.dim)
-            out[f"{hf}.shared_expert.down_proj.weight"] = torch.zeros(cfg.dim, 0)
-    return {k: v.contiguous() for k, v in out.items()}
+        yield f"{hf}.shared_expert_gate.weight", torch.zeros(1, cfg.dim)
+        if not m.num_shared_experts:
+            yield f"{hf}.shared_expert.gate_proj.weight", torch.zeros(0, cfg.dim)
+            yield f"{hf}.shared_expert.up_proj.weight", torch.zeros(0, cfg.dim)
+            yield f"{hf}.shared_expert.down_proj.weight", torch.zeros(cfg.dim, 0)
+
+
+def moeyard_to_hf(state: dict[str, Tensor], cfg: ModelConfig, family: str) -> dict[str, Tensor]:
+    """All of `hf_tensors` at once, from a state dict."""
+    return dict(hf_tensors(cfg, family, state.__getitem__))

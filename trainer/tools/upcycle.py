@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 
 from moeyard.errors import ConfigError
-from moeyard.models import MoEConfig
+from moeyard.models import MoEConfig, Transformer
 from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
 from moeyard.trainer.tools.hf_config import DENSE_FAMILIES, family_of, model_config_from_hf, read_hf_config
-from moeyard.trainer.tools.hf_weights import HFTensors, hf_to_moeyard
+from moeyard.trainer.tools.hf_weights import HFTensors, check_hf_tensors, moeyard_producers
 
 
 def upcycled_config(hf: dict, experts: int, top_k: int, granularity: int) -> MoEConfig:
@@ -39,35 +39,45 @@ def upcycled_config(hf: dict, experts: int, top_k: int, granularity: int) -> MoE
                      renormalize=True, first_dense_layers=0, every=1)
 
 
-def upcycle_mlp(gate_FD: Tensor, up_FD: Tensor, down_DF: Tensor, experts: int, granularity: int,
-                router_rows: Tensor) -> dict[str, Tensor]:
-    """The MoE tensors (moeyard layout) for one dense SwiGLU given in HF layout ([F, D] and [D, F])."""
+def upcycled_tensor(part: str, dense_weight: Tensor, experts: int, granularity: int) -> Tensor:
+    """One MoE tensor (moeyard layout) of `part` (w_gate_EDF, w_up_EDF or w_down_EFD) from its dense SwiGLU
+    matrix in nn.Linear layout ([F, D] for gate and up, [D, F] for down): expert e is slice e % G."""
     G = granularity
-    slices_gate = gate_FD.t().chunk(G, dim=1)  # G x [D, F/G]
-    slices_up = up_FD.t().chunk(G, dim=1)
-    slices_down = (down_DF.t() * G).chunk(G, dim=0)  # G x [F/G, D]
-    pick = [e % G for e in range(experts)]
-    return {
-        "experts.w_gate_EDF": torch.stack([slices_gate[s] for s in pick]),
-        "experts.w_up_EDF": torch.stack([slices_up[s] for s in pick]),
-        "experts.w_down_EFD": torch.stack([slices_down[s] for s in pick]),
-        "router.weight_ED": router_rows.repeat_interleave(G, dim=0),
-    }
+    if part == "w_down_EFD":
+        slices = (dense_weight.t() * G).chunk(G, dim=0)  # G x [F/G, D]
+    else:
+        slices = dense_weight.t().chunk(G, dim=1)  # G x [D, F/G]
+    return torch.stack([slices[e % G] for e in range(experts)])
+
+
+DENSE_OF = {"w_gate_EDF": "w_gate", "w_up_EDF": "w_up", "w_down_EFD": "w_down"}
 
 
 def upcycle(hf_dir: Path, out: Path, experts: int, top_k: int, granularity: int = 1, seed: int = 0) -> Path:
+    """A dense HF model as an MoE whose every expert is (a slice of) the MLP, written one tensor at a time
+    after a dry run over the files' headers has checked every name and shape."""
     hf = read_hf_config(hf_dir)
     family = family_of(hf, DENSE_FAMILIES)
     moe = upcycled_config(hf, experts, top_k, granularity)
     moe_cfg = model_config_from_hf(hf, family, moe)
-    dense = hf_to_moeyard(HFTensors(hf_dir), moe_cfg, family, dense=True)
+    dry = HFTensors(hf_dir, dry=True)
+    dense = moeyard_producers(dry, moe_cfg, family, dense=True)
+    check_hf_tensors(dry, dense, moe_cfg, family)
     generator = torch.Generator().manual_seed(seed)
-    state = {k: v for k, v in dense.items() if ".ffn." not in k}
-    for i in range(moe_cfg.n_layers):
-        rows = torch.randn(experts // granularity, moe_cfg.dim, generator=generator) * moe_cfg.init_std
-        mlp = [dense[f"layers.{i}.ffn.{w}.weight"] for w in ("w_gate", "w_up", "w_down")]  # nn.Linear layout
-        moe_tensors = upcycle_mlp(*mlp, experts, granularity, rows)
-        state.update({f"layers.{i}.ffn.{k}": v for k, v in moe_tensors.items()})
+    router_rows = [torch.randn(experts // granularity, moe_cfg.dim, generator=generator) * moe_cfg.init_std
+                   for _ in range(moe_cfg.n_layers)]
+    src = HFTensors(hf_dir)
+
+    def produce(name: str) -> Tensor:
+        if ".ffn." not in name:
+            return dense[name](src)
+        _, layer, _, kind, part = name.split(".")  # layers.{i}.ffn.{experts|router}.{part}
+        if kind == "router":
+            return router_rows[int(layer)].repeat_interleave(granularity, dim=0)
+        return upcycled_tensor(part, dense[f"layers.{layer}.ffn.{DENSE_OF[part]}.weight"](src), experts, granularity)
+
+    with torch.device("meta"):
+        shapes = {n: p for n, p in Transformer(moe_cfg).named_parameters()}
     source = {"format": "huggingface", "family": family, "dir": str(hf_dir.resolve()),
               "upcycled": {"experts": experts, "top_k": top_k, "granularity": granularity, "seed": seed}}
-    return write_weights_checkpoint(state, moe_cfg, out, source)
+    return write_weights_checkpoint(shapes, moe_cfg, out, source, produce=produce)

@@ -82,3 +82,46 @@ def test_upcycle_refuses_a_top_k_that_splits_the_slices(tmp_path: Path, capsys) 
                  "--top-k", "1"]) == 2
     assert "needs top-k >= 2" in capsys.readouterr().err
     assert not (tmp_path / "moe").exists()
+
+
+def test_export_in_shards_with_an_index_and_in_bfloat16(tmp_path: Path) -> None:
+    """Files of at most max_shard_bytes (transformers loads them through the index), the tensors bit-equal
+    to the checkpoint's; --dtype bfloat16 writes bf16 and says so in config.json."""
+    from safetensors import safe_open
+
+    from moeyard.trainer.tools.hf_convert import export_hf, import_hf
+    from moeyard.trainer.tools.hf_files import INDEX
+
+    hf_dir = save_random_model("mixtral", tmp_path / "hf")
+    ckpt = tmp_path / "ckpt"
+    import_hf(hf_dir, ckpt)
+    expected = hf_logits(hf_dir, TOKENS)
+    export_hf(ckpt, tmp_path / "sharded", max_shard_bytes=40_000)
+    files = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    index = json.loads((tmp_path / "sharded" / INDEX).read_text())
+    assert len(files) > 3 and sorted(set(index["weight_map"].values())) == files
+    assert all((tmp_path / "sharded" / f).stat().st_size <= 40_000 + 4096 for f in files)  # + its header
+    assert not list((tmp_path / "sharded").glob(".*.tmp"))
+    assert (hf_logits(tmp_path / "sharded", TOKENS) - expected).abs().max() < 1e-4
+    for name, file in index["weight_map"].items():
+        with safe_open(str(tmp_path / "sharded" / file), "pt") as got, \
+                safe_open(str(hf_dir / "model.safetensors"), "pt") as original:
+            assert torch.equal(got.get_tensor(name), original.get_tensor(name).float()), name
+    export_hf(ckpt, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert (hf_logits(tmp_path / "bf16", TOKENS) - expected).abs().max() < 0.1
+
+
+def test_import_checks_every_tensor_before_writing_anything(tmp_path: Path, capsys) -> None:
+    """A tensor missing from the HF files is found by the dry run over the headers: no folder is left."""
+    from safetensors.torch import load_file, save_file
+
+    hf_dir = save_random_model("mixtral", tmp_path / "hf")
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["convert", "from-hf", str(hf_dir), "--out", str(tmp_path / "ckpt")]) == 2
+    assert "experts.3.w2.weight" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob(".ckpt*"))
