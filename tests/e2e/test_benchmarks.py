@@ -42,3 +42,18 @@ def test_gpu_benchmark_script_runs_on_cpu_smoke(tmp_path: Path) -> None:
     assert all("ms" in r or r["unavailable"] for r in rows.values())
     training = report["training"]
     assert training["step_s"] > 0 and training["tokens_per_step"] == 256 and training["steps_timed"] >= 2
+
+
+def test_memory_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks/memory.py on a tiny model, replicated and fsdp: it measures every rank and writes its
+    table; the state it counts from the tensors is what 16 bytes a parameter predicts for fsdp."""
+    stem = tmp_path / "memory"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory.py"), "--smoke", "--out", str(stem)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = json.loads(stem.with_suffix(".json").read_text())["calibration"]
+    assert [r["layout"].split(",")[0] for r in rows] == ["replicated", "fsdp"]
+    assert all(r["train_peak"] > 0 and r["predicted_peak"] > 0 and r["step_s"] > 0 for r in rows)
+    fsdp = rows[1]
+    assert abs(fsdp["state"] / fsdp["predicted_state"] - 1) < 0.05, fsdp
+    assert "fsdp / replicated step time" in stem.with_suffix(".md").read_text()

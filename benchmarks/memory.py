@@ -1,0 +1,235 @@
+"""Memory per rank: what the memory model predicts beside what 4 gloo ranks of this machine measure.
+
+    python benchmarks/memory.py             # writes benchmarks/results/memory.{md,json}
+    python benchmarks/memory.py --smoke     # seconds: a tiny model, for the test suite
+
+Each layout runs on 4 processes (one thread each), builds its model the way `moeyard train` does (meta
+device, sharded, each rank initialising its part) and trains a few steps on random tokens. Per rank:
+
+- base: the resident set after torch, moeyard and the process group are loaded (what any process of
+  this machine holds before a model exists; the memory model does not count it);
+- build peak: the peak resident set while the model is built, minus base;
+- model state: the bytes of this rank's parameters, gradients and optimizer state after the last step
+  (the tensors themselves, FSDP's local shards);
+- train peak: the peak resident set over the steps after the first (the optimizer state exists from
+  then on), minus base.
+
+The workers run glibc with a fixed 64 KiB mmap threshold and no trim threshold, so that a freed tensor's
+pages go back to the system at once and the resident set follows the live tensors -- what a GPU's
+`max_memory_allocated` reads and what the memory model predicts. (`moeyard train` does the opposite on
+CPU, launch/host_memory.py: it keeps freed pages for speed, and its resident set then grows with the
+allocator's fragmentation, +30-50% over the live peak on the calibration model here.)
+
+The calibration model fits both ways (replicated and fsdp, each recompute mode); the large one is a
+~1B-parameter MoE whose replicated state would not fit this machine's 24 GB at 4 ranks, trained with
+fsdp. The slowest rank's median step time gives the fsdp/replicated ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import socket
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: one thread per rank
+
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from moeyard import configs  # noqa: E402
+from moeyard.parallel.scheduler.memory_model import GB, count_parameters, predict_memory  # noqa: E402
+from moeyard.trainer.config import Config, load_config  # noqa: E402
+from moeyard.trainer.memory_plan import memory_layout  # noqa: E402
+
+OUT = Path(__file__).parent / "results" / "memory"
+WORLD = 4
+
+CALIBRATION = ["model.vocab_size=8192", "model.dim=512", "model.n_layers=6", "model.n_heads=8", "model.n_kv_heads=4",
+               "model.ffn_dim=2048", "model.max_seq_len=512", "model.moe.num_experts=8", "model.moe.ffn_dim=1024",
+               "train.seq_len=512", "train.global_batch_tokens=4096", "parallel.ep=4"]
+LARGE = ["model.vocab_size=8192", "model.dim=1024", "model.n_layers=11", "model.n_heads=16", "model.n_kv_heads=8",
+         "model.ffn_dim=4096", "model.max_seq_len=128", "model.moe.num_experts=32", "model.moe.ffn_dim=1024",
+         "train.seq_len=128", "train.global_batch_tokens=512", "parallel.ep=2", "parallel.fsdp=true"]
+SMOKE = ["model.vocab_size=512", "model.dim=64", "model.n_layers=2", "model.ffn_dim=128", "model.max_seq_len=64",
+         "model.moe.num_experts=8", "model.moe.ffn_dim=64", "train.seq_len=64", "train.global_batch_tokens=1024",
+         "parallel.ep=2"]
+LAYOUTS = [(fsdp, recompute) for fsdp in (False, True) for recompute in ("none", "experts", "full")]
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}: this benchmark needs Linux")
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    from torch.distributed.tensor import DTensor
+
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.numel() * local.element_size()
+
+
+def state_bytes(model: torch.nn.Module, sync) -> int:
+    """This rank's parameters, gradients and optimizer state, counted from the tensors."""
+    total = sum(_local_bytes(p) + (_local_bytes(p.grad) if p.grad is not None else 0) for p in model.parameters())
+    optimizer = sync.optimizer
+    if isinstance(optimizer, torch.optim.Optimizer):
+        total += sum(_local_bytes(v) for state in optimizer.state.values() for v in state.values()
+                     if isinstance(v, torch.Tensor) and v.dim() > 0)
+    else:  # ShardedAdamW: a master shard and two moments per bucket
+        total += sum(_local_bytes(t) for s in optimizer.shards for t in (s.param, s.exp_avg, s.exp_avg_sq))
+    return total
+
+
+def _measure(rank: int, overrides: list[str], steps: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from moeyard.parallel import build_mesh
+    from moeyard.trainer.loop import build_model
+    from moeyard.trainer.schedule import plan_for
+    from moeyard.trainer.step import train_step
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    cfg = load_config(configs.path("tiny.yaml"), overrides)
+    device = torch.device("cpu")
+    pmesh = build_mesh(cfg.parallel.ep, "cpu")
+    plan = plan_for(cfg, pmesh, device)
+    base = _status_kb("VmRSS")
+    _reset_peak()
+    model, sync = build_model(cfg, pmesh, plan, device)
+    build_peak = _status_kb("VmHWM") - base
+    per_rank = cfg.global_batch_sequences // WORLD
+    torch.manual_seed(rank)
+    times = []
+    for step in range(steps):
+        if step == min(1, steps - 1):
+            _reset_peak()
+        batch = torch.randint(0, cfg.model.vocab_size, (per_rank, cfg.train.seq_len + 1))
+        dist.barrier()
+        start = time.perf_counter()
+        train_step(model, sync, batch, micro_batch_size=cfg.train.micro_batch_size or per_rank, pmesh=pmesh,
+                   lr=1e-4, grad_clip=1.0, dtype=torch.float32, loss_chunk_tokens=cfg.train.loss_chunk_tokens)
+        times.append(time.perf_counter() - start)
+    train_peak = _status_kb("VmHWM") - base
+    results.put({"rank": rank, "base": base, "build_peak": build_peak, "train_peak": train_peak,
+                 "state": state_bytes(model, sync), "times": times})
+    dist.destroy_process_group()
+
+
+def measure(overrides: list[str], steps: int) -> list[dict]:
+    """Run one layout on WORLD processes; their measurements in rank order."""
+    os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")  # read by each worker's glibc
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [ctx.Process(target=_measure, args=(r, overrides, steps, port, results)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    got: list[dict] = []
+    while len(got) < WORLD:  # a rank killed (say, for memory) fails the layout instead of hanging it
+        try:
+            got.append(results.get(timeout=5))
+        except queue.Empty:
+            dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"ranks (rank, exit code) {dead} of {overrides} died") from None
+    for p in procs:
+        p.join(timeout=60)
+        if p.exitcode != 0:
+            raise RuntimeError(f"a rank of {overrides[-3:]} exited with {p.exitcode}")
+    return sorted(got, key=lambda r: r["rank"])
+
+
+def _label(cfg: Config) -> str:
+    return f"{'fsdp' if cfg.parallel.fsdp else 'replicated'}, ep={cfg.parallel.ep}, recompute {cfg.train.recompute}"
+
+
+def row(overrides: list[str], steps: int) -> dict:
+    cfg = load_config(configs.path("tiny.yaml"), overrides)
+    predicted = predict_memory(cfg.model, memory_layout(cfg, WORLD, 4))
+    counts = count_parameters(cfg.model, cfg.parallel.ep)
+    ranks = measure(overrides, steps)
+    slowest = [max(r["times"][i] for r in ranks) for i in range(steps)]
+    out = {
+        "layout": _label(cfg), "overrides": overrides, "params": counts.dense + counts.experts,
+        "predicted_peak": predicted.total, "predicted_state": predicted.parameters + predicted.gradients +
+        predicted.optimizer, "predicted": {k: getattr(predicted, k) for k in
+                                           ("parameters", "gradients", "optimizer", "activations", "buffers")},
+        "ideal_state": 16 * (counts.dense + counts.experts) / WORLD,
+        "largest_block_bytes": 4 * counts.largest_block,
+        "base": max(r["base"] for r in ranks), "build_peak": max(r["build_peak"] for r in ranks),
+        "train_peak": max(r["train_peak"] for r in ranks), "state": max(r["state"] for r in ranks),
+        "step_s": statistics.median(slowest[1:] if steps > 1 else slowest),
+    }
+    print(f"{out['layout']}: predicted {out['predicted_peak'] / GB:.3f} GB, measured {out['train_peak'] / GB:.3f} "
+          f"GB (base {out['base'] / GB:.2f}), state {out['state'] / GB:.3f} GB, step {out['step_s']:.2f} s",
+          flush=True)
+    return out
+
+
+def markdown(calibration: list[dict], large: dict | None) -> str:
+    gb = 1 / GB
+    lines = ["| layout | predicted peak | measured peak | measured / predicted | model state | "
+             "build peak | step |", "|---|---|---|---|---|---|---|"]
+    for r in calibration:
+        lines.append(f"| {r['layout']} | {r['predicted_peak'] * gb:.3f} GB | {r['train_peak'] * gb:.3f} GB | "
+                     f"{r['train_peak'] / r['predicted_peak']:.2f} | {r['state'] * gb:.3f} GB | "
+                     f"{r['build_peak'] * gb:.3f} GB | {r['step_s']:.2f} s |")
+    replicated = {r["layout"].split("recompute ")[1]: r for r in calibration if r["layout"].startswith("replicated")}
+    fsdp = {r["layout"].split("recompute ")[1]: r for r in calibration if r["layout"].startswith("fsdp")}
+    ratios = ", ".join(f"{mode} {fsdp[mode]['step_s'] / replicated[mode]['step_s']:.2f}"
+                       for mode in replicated if mode in fsdp)
+    lines += ["", f"fsdp / replicated step time: {ratios}"]
+    if large is not None:
+        lines += ["", f"Large model, {large['params'] / 1e9:.2f}B parameters, {large['layout']}:",
+                  f"- model state per rank {large['state'] * gb:.2f} GB measured, "
+                  f"{large['ideal_state'] * gb:.2f} GB = 16 bytes x parameters / {WORLD} "
+                  f"(ratio {large['state'] / large['ideal_state']:.3f});",
+                  f"- peak {large['train_peak'] * gb:.2f} GB measured, {large['predicted_peak'] * gb:.2f} GB "
+                  f"predicted (ratio {large['train_peak'] / large['predicted_peak']:.2f});",
+                  f"- while building: {large['build_peak'] * gb:.2f} GB, against this rank's parameters "
+                  f"({large['predicted']['parameters'] * gb:.2f} GB) plus one block "
+                  f"({large['largest_block_bytes'] * gb:.2f} GB): ratio "
+                  f"{large['build_peak'] / (large['predicted']['parameters'] + large['largest_block_bytes']):.2f};",
+                  f"- step {large['step_s']:.1f} s (slowest rank, median)."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, two layouts, 2 steps")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    if args.smoke:
+        layouts, base, steps, large = LAYOUTS[::3], SMOKE, 2, None
+    else:
+        layouts, base, steps = LAYOUTS, CALIBRATION, args.steps
+    calibration = [row([*base, f"parallel.fsdp={str(fsdp).lower()}", f"train.recompute={recompute}"], steps)
+                   for fsdp, recompute in layouts]
+    if not args.smoke:
+        large = row(LARGE, steps)
+    table = markdown(calibration, large)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"calibration": calibration, "large": large}, indent=1))
+    args.out.with_suffix(".md").write_text(f"`python benchmarks/memory.py`, {time.strftime('%Y-%m-%d')}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
