@@ -17,7 +17,7 @@ from moeyard import configs
 from moeyard.models import ModelConfig
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.agree import from_rank0
-from moeyard.parallel.scheduler.cost_model import Costs, Workload, predict, workload_for
+from moeyard.parallel.scheduler.cost_model import Costs, Prediction, Workload, predict, workload_for
 from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.planner import manual_plan, reference_plan, search, with_prediction
@@ -107,14 +107,30 @@ def _costs(cfg: Config, w: Workload, pmesh: ParallelMesh, device: torch.device) 
     return MeasuredCosts(profile)
 
 
+FSDP_MARGIN = 0.02
+"""auto: fsdp replaces the configured replicated sync only when predicted this much faster."""
+
+
+def auto_plan(cfg: Config, w: Workload, costs: Costs) -> tuple[Plan, Prediction]:
+    """The planner's choice over the configured gradient sync and, unless fsdp is configured already,
+    fsdp (which holds less than any replicated sync: taken where it is faster too)."""
+    plan, best = search(w, costs, "fsdp" if cfg.parallel.fsdp else cfg.schedule.grad_sync)
+    if not cfg.parallel.fsdp:
+        sharded, sharded_best = search(w, costs, "fsdp")
+        if sharded_best.step < best.step * (1 - FSDP_MARGIN):
+            return sharded, sharded_best
+    return plan, best
+
+
 def plan_for(cfg: Config, pmesh: ParallelMesh, device: torch.device) -> Plan:
-    """off/manual: as configured (predicted too with schedule.predict). auto: measure and search.
-    Collective when it profiles (auto, or predict without a hardware description)."""
+    """off/manual: as configured (predicted too with schedule.predict). auto: measure and search, over
+    the configured gradient sync and fsdp. Collective when it profiles (auto, or predict without a
+    hardware description)."""
     s = cfg.schedule
     w = workload(cfg, pmesh.dp, act_bytes(cfg, device))
     grad_sync = "fsdp" if cfg.parallel.fsdp else s.grad_sync
     if s.mode == "auto":
-        return search(w, _costs(cfg, w, pmesh, device), grad_sync)[0]
+        return auto_plan(cfg, w, _costs(cfg, w, pmesh, device))[0]
     plan = reference_plan(w, grad_sync) if s.mode == "off" else manual_plan(w, s.chunks, s.bucket_mb, grad_sync)
     return with_prediction(plan, predict(w, plan, _costs(cfg, w, pmesh, device))) if s.predict else plan
 

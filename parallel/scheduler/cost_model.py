@@ -52,6 +52,12 @@ class Workload:
     """Forward FLOPs of each block without its routed experts."""
     head_flops: float = 0.0
     """Forward FLOPs of the output head."""
+    attention_flops: tuple[float, ...] = ()
+    """The part of each block's dense_flops that is attention's scores and weighted sum (not GEMMs with a
+    weight: flash-attention kernels run them at their own rate)."""
+    elementwise_bytes: tuple[float, ...] = ()
+    """Bytes each block's forward moves in memory-bound kernels: norms, residual adds, RoPE, the SwiGLU
+    product, permuting rows to experts and combining them back."""
     recompute: str = "none"
     """train.recompute: full runs every block's forward again in backward (its all-to-alls too); experts
     runs the expert MLPs' forward again."""
@@ -291,6 +297,19 @@ def block_fwd_flops(cfg: ModelConfig, tokens: int, seq_len: int, layer: int) -> 
     return float(flops)
 
 
+def block_elementwise_bytes(cfg: ModelConfig, tokens: int, layer: int, act_bytes: int) -> float:
+    """Forward bytes of one block's memory-bound kernels (each reads its inputs and writes its output once)."""
+    d, q, kv = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    elements = 4 * d + 6 * d + 2 * (q + kv)  # two RMSNorms, two residual adds, RoPE on q and k
+    if cfg.is_moe_layer(layer):
+        moe = cfg.moe_for_layer(layer)
+        elements += moe.top_k * (4 * d + 3 * moe.ffn_dim)  # permute and combine the copies; SwiGLU product
+        elements += 3 * moe.shared_hidden_dim if moe.num_shared_experts else 0
+    else:
+        elements += 3 * cfg.ffn_dim
+    return float(tokens * elements * act_bytes)
+
+
 def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: int, micro_steps: int,
                  act_bytes: int = 4, frozen: frozenset[str] = frozenset(), recompute: str = "none") -> Workload:
     """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
@@ -312,6 +331,9 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     micro_steps=micro_steps, params=tuple(reversed(infos)), act_bytes=act_bytes,
                     dense_flops=tuple(block_fwd_flops(cfg, tokens, seq_len, i) for i in range(cfg.n_layers)),
                     head_flops=2.0 * tokens * cfg.dim * cfg.vocab_size,
+                    attention_flops=tuple(2.0 * tokens * seq_len * cfg.dim for _ in range(cfg.n_layers)),
+                    elementwise_bytes=tuple(block_elementwise_bytes(cfg, tokens, i, act_bytes)
+                                            for i in range(cfg.n_layers)),
                     recompute="experts" if recompute == "none" and cfg.moe.recompute_experts else recompute)
 
 

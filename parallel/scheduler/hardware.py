@@ -18,6 +18,9 @@ class Hardware:
     devices_per_node: int
     gemm_tflops: float
     """Sustained dense GEMM rate per device."""
+    attention_tflops: float = 0.0
+    """Sustained rate of the attention kernel (scores and weighted sum, forward and backward); 0: the GEMM
+    rate."""
     intra_node_gbps: float
     """GB/s one device can send to the others in its node (per direction)."""
     intra_node_latency_us: float
@@ -57,7 +60,13 @@ class HardwareCosts:
         return flops / (self.hw.gemm_tflops * 1e12)
 
     def dense(self, w: Workload, layer: int, phase: Phase) -> float:
-        return self._gemm(w.layer_flops(layer)) * (2 if phase == "bwd" else 1)
+        """GEMMs at the GEMM rate, attention at its kernel's, memory-bound kernels at memory bandwidth;
+        backward twice the forward."""
+        attention = w.attention_flops[layer] if 0 <= layer < len(w.attention_flops) else 0.0
+        moved = w.elementwise_bytes[layer] if 0 <= layer < len(w.elementwise_bytes) else 0.0
+        rate = (self.hw.attention_tflops or self.hw.gemm_tflops) * 1e12
+        seconds = self._gemm(w.layer_flops(layer) - attention) + attention / rate + moved / (self.hw.memory_gbps * 1e9)
+        return seconds * (2 if phase == "bwd" else 1)
 
     def experts(self, w: Workload, rows: float, phase: Phase) -> float:
         return self._gemm(6 * rows * w.dim * w.expert_hidden) * (2 if phase == "bwd" else 1)

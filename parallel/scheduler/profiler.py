@@ -159,10 +159,16 @@ def _dense_times(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: tor
                  timer: _Timer) -> tuple[float, float]:
     """Forward and backward seconds of the real model with the expert work skipped."""
     tokens_BT = torch.randint(0, cfg.vocab_size, (max(1, w.tokens // w.seq_len), w.seq_len + 1), device=device)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
+    with torch.device("meta"):  # this rank's part only: built empty, sharded, then given memory
+        model = Transformer(cfg)
     apply_expert_parallel(model, pmesh)
-    model.to(device)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.reset_buffers()
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():  # values only need to be ordinary numbers (no denormals) for the timing
+        for p in model.parameters():
+            p.normal_(0.0, cfg.init_std, generator=generator)
     for _, moe in model.moe_layers():
         moe.exchange = _SkipExperts(moe.exchange)
 

@@ -1,19 +1,22 @@
 """What `moeyard plan` prints: the chosen plan, per-stage and per-step predictions, hidden communication."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from moeyard.parallel import build_mesh
 from moeyard.parallel.scheduler.cost_model import Costs, Workload, predict
 from moeyard.parallel.scheduler.hardware import HardwareCosts
 from moeyard.parallel.scheduler.plan import Plan
-from moeyard.parallel.scheduler.planner import reference_plan, search
+from moeyard.parallel.scheduler.planner import reference_plan
 from moeyard.parallel.scheduler.profiler import MeasuredCosts
 from moeyard.trainer.config import Config
 from moeyard.trainer.memory_plan import memory_report
 from moeyard.trainer.precision import resolve_dtype
 from moeyard.trainer.schedule import (
     act_bytes,
+    auto_plan,
     load_hardware,
     load_or_measure,
     profile_cache_dir,
@@ -23,7 +26,7 @@ from moeyard.trainer.schedule import (
 
 def plan_report(cfg: Config, w: Workload, costs: Costs, source: str) -> tuple[Plan, str]:
     grad_sync = "fsdp" if cfg.parallel.fsdp else cfg.schedule.grad_sync
-    plan, best = search(w, costs, grad_sync)
+    plan, best = auto_plan(cfg, w, costs)
     off = predict(w, reference_plan(w, grad_sync), costs)
     ms = 1e3
     lines = [
@@ -43,6 +46,14 @@ def plan_report(cfg: Config, w: Workload, costs: Costs, source: str) -> tuple[Pl
     return plan, "\n".join(lines)
 
 
+def _as_planned(cfg: Config, plan: Plan) -> Config:
+    """The config with the sharding the plan chose (the planner may take fsdp where it is faster)."""
+    if plan.grad_sync != "fsdp" or cfg.parallel.fsdp:
+        return cfg
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, fsdp=True),
+                               schedule=dataclasses.replace(cfg.schedule, grad_sync="all_reduce"))
+
+
 def measured_report(cfg: Config, device: torch.device) -> str:
     """Profile this machine on the real process groups (cached) and report the plan. Collective."""
     pmesh = build_mesh(cfg.parallel.ep, device.type)
@@ -50,12 +61,13 @@ def measured_report(cfg: Config, device: torch.device) -> str:
     profile, cached = load_or_measure(cfg.model, w, pmesh, device, resolve_dtype(cfg.train.dtype, device),
                                       profile_cache_dir())
     source = f"a profile of this machine ({'cached' if cached else 'measured now'}, key {profile.key})"
-    return plan_report(cfg, w, MeasuredCosts(profile), source)[1] + "\n" + memory_report(cfg, pmesh.dp, w.act_bytes)[1]
+    plan, report = plan_report(cfg, w, MeasuredCosts(profile), source)
+    return report + "\n" + memory_report(_as_planned(cfg, plan), pmesh.dp, w.act_bytes)[1]
 
 
 def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
     """Plan for a described machine: no processes, no measurement."""
     hw = load_hardware(hardware_path)
     w = workload(cfg, world_size, hw.act_bytes)
-    report = plan_report(cfg, w, HardwareCosts(hw), f"the hardware description {hw.name} ({hardware_path})")[1]
-    return report + "\n" + memory_report(cfg, world_size, hw.act_bytes, hw.memory_gb, hw.name)[1]
+    plan, report = plan_report(cfg, w, HardwareCosts(hw), f"the hardware description {hw.name} ({hardware_path})")
+    return report + "\n" + memory_report(_as_planned(cfg, plan), world_size, hw.act_bytes, hw.memory_gb, hw.name)[1]
