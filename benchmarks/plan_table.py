@@ -7,8 +7,8 @@ Everything here is predicted (memory_model.py, cost_model.py with configs/hardwa
 on a GPU. Layout per model: micro-batch 1 x 4,096 tokens, train.recompute=full, bf16 compute with float32
 master weights and AdamW (16 bytes per parameter of model state), 4M-token global batch; ep (up to 64)
 and the world are chosen among powers of two (they split the batch's 1,024 sequences), to need the fewest GPUs. The
-second table is the planner's step at 64 GPUs (8 nodes), where the FSDP gathers of a rank's many
-micro-steps are spread over enough ranks to compare throughput with published runs.
+second table is the planner's fastest layout that fits at 64 GPUs (8 nodes; 256 for Qwen3-235B, as the
+published run), ZeRO or fsdp, to compare throughput with published runs.
 """
 from __future__ import annotations
 
@@ -50,8 +50,11 @@ def fewest(cfg, hw, fsdp: bool) -> tuple[int, int] | None:
     return best
 
 
-PUBLISHED_TFLOPS = {"mixtral-8x7b": "468 (Megatron-Core, bf16, H100)"}
-"""Measured model TFLOP/s per GPU that peers publish for the same shapes (as cited in issue 18)."""
+PUBLISHED_TFLOPS = {"mixtral-8x7b": "468 (Megatron-Core, bf16, H100)",
+                    "qwen3-235b-a22b": "245-276 (Megatron-Core, bf16, 256 H100)"}
+"""Model TFLOP/s per GPU that peers publish for the same shapes (../shared/REFERENCES.md)."""
+SPEED_WORLD = {"qwen3-235b-a22b": 256}
+"""GPUs of the throughput row where a published run used another count (default 64)."""
 
 
 def fit_row(name: str, hw) -> str:
@@ -72,21 +75,33 @@ def fit_row(name: str, hw) -> str:
 
 
 def speed_row(name: str, hw, world: int = 64) -> str:
-    """The planner's step at `world` GPUs with fsdp, ep as large as the experts allow (up to 64), the
-    least recompute that fits; model TFLOP/s per GPU (6 x active parameters x tokens + attention)."""
+    """The planner's fastest layout that fits at `world` GPUs: ep as large as the experts allow (up to 64),
+    ZeRO-sharded optimizer state (schedule.grad_sync=reduce_scatter) or fsdp, the least recompute that
+    fits each; model TFLOP/s per GPU (6 x active parameters x tokens + attention, no recompute)."""
     cfg = load_config(configs.path(f"published/{name}.yaml"))
     ep = min(world, cfg.model.moe.num_experts, 64)
-    for recompute in ("none", "experts", "full"):
-        run = with_layout(cfg, ep, True)
-        run = dataclasses.replace(run, train=dataclasses.replace(run.train, recompute=recompute))
-        memory = predict_memory(run.model, memory_layout(run, world, hw.act_bytes))
-        if memory.fits(hw.memory_gb):
+    best = None
+    for fsdp in (False, True):
+        for recompute in ("none", "experts", "full"):
+            run = with_layout(cfg, ep, fsdp)
+            run = dataclasses.replace(run, train=dataclasses.replace(run.train, recompute=recompute),
+                                      schedule=dataclasses.replace(run.schedule, grad_sync="all_reduce" if fsdp
+                                                                   else "reduce_scatter"))
+            memory = predict_memory(run.model, memory_layout(run, world, hw.act_bytes))
+            if not memory.fits(hw.memory_gb):
+                continue
+            w = workload(run, world, hw.act_bytes)
+            plan, step = search(w, HardwareCosts(hw), "fsdp" if fsdp else "reduce_scatter")
+            if best is None or step.step < best[3].step:
+                best = (run, memory, w, step, plan)
             break
-    w = workload(run, world, hw.act_bytes)
-    plan, best = search(w, HardwareCosts(hw), "fsdp")
+    if best is None:
+        return f"| {name} | does not fit on {world} | - | - | - | {PUBLISHED_TFLOPS.get(name, '-')} |"
+    run, memory, w, step, plan = best
     off = predict(w, dataclasses.replace(plan, chunks=(1,) * len(plan.chunks)), HardwareCosts(hw))
-    return (f"| {name} | {world} (ep {ep}), recompute {recompute} | {memory.total / 1e9:.1f} | "
-            f"{best.step:.2f} s ({off.step:.2f} s at r=1) | {model_flops(w) / best.step / 1e12:.0f} | "
+    sync = "fsdp" if run.parallel.fsdp else "ZeRO"
+    return (f"| {name} | {world} (ep {ep}), {sync}, recompute {run.train.recompute} | {memory.total / 1e9:.1f} | "
+            f"{step.step:.2f} s ({off.step:.2f} s at r=1) | {model_flops(w) / step.step / 1e12:.0f} | "
             f"{PUBLISHED_TFLOPS.get(name, '-')} |")
 
 
@@ -99,7 +114,8 @@ def main() -> None:
                   "| model | params | fewest GPUs, fsdp | GB/GPU | fewest GPUs, replicated | GB/GPU |",
                   "|---|---|---|---|---|---|", *[fit_row(name, hw) for name in MODELS], "",
                   "| model | layout | GB/GPU | step, 4M tokens | TFLOP/s per GPU, predicted | published |",
-                  "|---|---|---|---|---|---|", *[speed_row(name, hw) for name in MODELS], ""]
+                  "|---|---|---|---|---|---|", *[speed_row(name, hw, SPEED_WORLD.get(name, 64)) for name in MODELS],
+                  ""]
     OUT.write_text("\n".join(lines))
     print("\n".join(lines))
 
