@@ -39,9 +39,15 @@ def materialize(model: Transformer, init: InitRecord, pmesh: ParallelMesh, devic
     expert_ids = expert_parameter_ids(model)
     params: dict[str, nn.Parameter] = dict(model.named_parameters())
 
+    filled: set[str] = set()
+
     def keep(name: str, values: Tensor) -> None:
         p = params[name]
         local, region = owned_region(p, pmesh, id(p) in expert_ids)
         local.copy_(values[region])
+        filled.add(name)
 
     init.replay(keep)
+    if missing := sorted(set(params) - filled):  # made without a recorded draw or fill: its values are lost
+        raise RuntimeError(f"meta-device initialisation recorded no values for {missing[:3]}: initialise them "
+                           f"with an in-place draw or fill (nn.init) so that moeyard.models.meta_init sees it")

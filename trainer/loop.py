@@ -141,7 +141,9 @@ def _checked_plan(cfg: Config, check: PlanCheck | None, step_time: float, plan: 
             print(trial.message(plan.chunks), flush=True)
         return plan
     learned = learn_chunk_overhead(cfg, pmesh.dp, device, plan, trial.plan_s, trial.reference_s)
-    switched = dataclasses.replace(plan, chunks=(1,) * len(plan.chunks), source="planner, r=1 after the run's check")
+    switched = dataclasses.replace(plan, chunks=(1,) * len(plan.chunks), source="planner, r=1 after the run's check",
+                                   predicted={"step_s": plan.predicted["r1_step_s"]} if "r1_step_s" in plan.predicted
+                                   else {})
     checkpointer.plan = switched
     if dist.get_rank() == 0:
         print(trial.message(plan.chunks) + (f"; {learned}" if learned else ""), flush=True)

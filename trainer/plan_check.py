@@ -2,10 +2,10 @@
 
 The cost model can be wrong for a machine (on 2 cores gloo's threads take CPU from the GEMMs, and a
 plan that hides the exchange on paper loses 2-12% there). So, with schedule.mode=auto and a plan that
-pipelines some MoE layer (r > 1), the first steps of the run are the experiment: after
-schedule.check_warmup steps, schedule.check_steps steps run with the plan and as many with every layer
-at r=1 (the reference exchange; the same arithmetic up to float rounding), each timed on the slowest
-rank. When the plan is slower than the reference by more than schedule.check_noise, the run keeps r=1
+pipelines some MoE layer (r > 1), the first steps of the run are the experiment: after 2 warm-up
+steps, schedule.check_steps steps run with the plan and as many with every layer at r=1 (the reference
+exchange; the same arithmetic up to float rounding), each timed on the slowest rank. When the plan is
+slower than r=1 by more than 3% (timing noise on a loaded machine), the run keeps r=1
 (and says so); otherwise it goes back to the plan. Either way every rank decides alike, from the same
 all-reduced times. What the trial measured is returned so that the profile can learn from it.
 

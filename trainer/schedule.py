@@ -141,7 +141,7 @@ def learn_chunk_overhead(cfg: Config, dp: int, device: torch.device, plan: Plan,
     chunk so that it predicts what was measured, and the next plan for this machine and these shapes is
     made knowing it. Rank 0 rewrites the cache; returns what it changed (None: planned from a hardware
     description, or no cached profile)."""
-    if cfg.schedule.hardware or "off_step_s" not in plan.predicted or dist.get_rank() != 0:
+    if cfg.schedule.hardware or "r1_step_s" not in plan.predicted or dist.get_rank() != 0:
         return None
     w = workload(cfg, dp, act_bytes(cfg, device))
     _, path = _profile_path(cfg.model, w, device, profile_cache_dir())
@@ -150,7 +150,7 @@ def learn_chunk_overhead(cfg: Config, dp: int, device: torch.device, plan: Plan,
     profile = profile_from_dict(json.loads(path.read_text()))
     passes = 3 if cfg.train.recompute == "full" else 2
     extra_chunks = w.micro_steps * passes * sum(r - 1 for r in plan.chunks)
-    predicted_gain = plan.predicted["off_step_s"] - plan.predicted["step_s"]
+    predicted_gain = plan.predicted["r1_step_s"] - plan.predicted["step_s"]  # the same buckets at r=1
     added = max(0.0, (plan_s - reference_s + predicted_gain) / extra_chunks)
     learned = dataclasses.replace(profile, chunk_overhead_s=profile.chunk_overhead_s + added)
     tmp = path.with_suffix(".tmp")

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 from typing import Optional
 
 import torch
 
 from moeyard import configs
-from moeyard.errors import LaunchError
+from moeyard.errors import ConfigError, LaunchError
 from moeyard.launch.env import in_slurm_step, single_process
 from moeyard.launch.host_memory import available_bytes
 from moeyard.launch.torchrun import Nodes, launch_workers
@@ -45,11 +46,25 @@ CPU_RUNTIME_GB = 0.5
 benchmarks/memory.py), plus slack."""
 
 
+GPU_RUNTIME_GB = 2.0
+"""What a GPU worker's CUDA context, NCCL's buffers and the allocator's reserve take beside the model."""
+
+
+def _gpu_memory_gb() -> float:
+    """GPU 0's memory from nvidia-smi (the launcher must not create a CUDA context: it would hold GPU
+    memory for the whole run); 0 when it cannot tell."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return float(out.split()[0]) * 2**20 / 1e9  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return 0.0
+
+
 def _memory_per_rank(cfg: Config, nproc: int) -> tuple[float, float, str, torch.device]:
     """(GB each rank may use, GB of it the runtime takes, what that memory is, the device)."""
     if cfg.parallel.backend != "gloo" and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return props.total_memory / 1e9, 0.0, f"one {props.name}", torch.device("cuda")
+        return _gpu_memory_gb(), GPU_RUNTIME_GB, "one GPU", torch.device("cuda")
     available = available_bytes()
     if available is None:
         return 0.0, 0.0, "unknown", torch.device("cpu")
@@ -57,15 +72,19 @@ def _memory_per_rank(cfg: Config, nproc: int) -> tuple[float, float, str, torch.
             torch.device("cpu"))
 
 
-def _fit_memory(cfg: Config, world: int, nproc: int) -> list[str]:
+def _fit_memory(cfg: Config, world: int, nproc: int, nodes: int) -> list[str]:
     """The check before any worker starts: overrides that make the run fit (schedule.mode=auto), or none;
-    raises ConfigError when it does not fit."""
+    raises ConfigError when it does not fit. With several nodes every node decides alone, so a choice
+    would differ between nodes that see different free memory: there auto says what to set instead."""
     if not cfg.schedule.memory_check:
         return []
     capacity, reserve, what, device = _memory_per_rank(cfg, nproc)
     if not capacity:
         return []
     overrides, message = fit_memory(cfg, world, act_bytes(cfg, device), capacity, what, reserve)
+    if overrides and nodes > 1:
+        raise ConfigError(f"{message}; with {nodes} nodes set these on every node's command line "
+                          f"(--set {' --set '.join(overrides)}) so that all nodes run the same layout")
     print(message, flush=True)
     return overrides
 
@@ -93,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     world = nproc * nodes.count
     validate_for_world(cfg, world)
     _check_gpus(cfg.parallel.backend, nproc)
-    chosen = _fit_memory(cfg, world, nproc)
+    chosen = _fit_memory(cfg, world, nproc, nodes.count)
     if chosen:  # every worker gets the same choice through its command line
         args.overrides += chosen
         cfg = resolve_config(config, args.overrides)

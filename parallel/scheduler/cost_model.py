@@ -286,9 +286,9 @@ def predict(w: Workload, plan: Plan, costs: Costs) -> Prediction:
 
 def block_fwd_flops(cfg: ModelConfig, tokens: int, seq_len: int, layer: int) -> float:
     """Forward FLOPs of one block without its routed experts (which the cost model times separately)."""
-    d, kv = cfg.dim, cfg.n_kv_heads * cfg.head_dim
-    flops = 2 * tokens * d * (2 * d + 2 * kv)  # q, k, v, o projections
-    flops += 2 * tokens * seq_len * d  # causal scores and weighted sum (half of 4*T*D)
+    d, q, kv = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    flops = 2 * tokens * d * (2 * q + 2 * kv)  # q, k, v, o projections
+    flops += 2 * tokens * seq_len * q  # causal scores and weighted sum (half of 4*T*Q)
     if cfg.is_moe_layer(layer):
         flops += 2 * tokens * d * cfg.moe_for_layer(layer).num_experts  # router
         flops += 6 * tokens * d * cfg.moe.shared_hidden_dim
@@ -331,7 +331,8 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     micro_steps=micro_steps, params=tuple(reversed(infos)), act_bytes=act_bytes,
                     dense_flops=tuple(block_fwd_flops(cfg, tokens, seq_len, i) for i in range(cfg.n_layers)),
                     head_flops=2.0 * tokens * cfg.dim * cfg.vocab_size,
-                    attention_flops=tuple(2.0 * tokens * seq_len * cfg.dim for _ in range(cfg.n_layers)),
+                    attention_flops=tuple(2.0 * tokens * seq_len * cfg.n_heads * cfg.head_dim
+                                          for _ in range(cfg.n_layers)),
                     elementwise_bytes=tuple(block_elementwise_bytes(cfg, tokens, i, act_bytes)
                                             for i in range(cfg.n_layers)),
                     recompute="experts" if recompute == "none" and cfg.moe.recompute_experts else recompute)

@@ -67,6 +67,8 @@ def search(w: Workload, costs: Costs, grad_sync: GradSync = "all_reduce",
                 pred = predict(w, plan, costs)
                 if pred.step < best.step * (1 - 1e-9):
                     best_plan, best = plan, pred
+    r1 = dataclasses.replace(best_plan, chunks=(1,) * n)
     plan = dataclasses.replace(best_plan, source="planner",
-                               predicted={**best.as_dict(), "off_step_s": predict(w, reference, costs).step})
+                               predicted={**best.as_dict(), "off_step_s": predict(w, reference, costs).step,
+                                          "r1_step_s": predict(w, r1, costs).step})
     return plan, best

@@ -53,7 +53,7 @@ def profile_learns_the_chunk_cost(rank: int, world: int, cache: str) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dataclasses.asdict(profile)))
     plan = Plan(chunks=(4, 2, 1), dense_buckets=(), expert_buckets=(), source="planner",
-                predicted={"step_s": 1.0, "off_step_s": 1.1})
+                predicted={"step_s": 1.0, "off_step_s": 1.05, "r1_step_s": 1.1})
     message = learn_chunk_overhead(cfg, world, device, plan, plan_s=1.2, reference_s=1.0)
     learned = profile_from_dict(json.loads(path.read_text()))
     replanned, _ = search(w, MeasuredCosts(learned))

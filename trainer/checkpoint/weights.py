@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from moeyard.errors import CheckpointError, ConfigError
 from moeyard.models import ModelConfig, Transformer
-from moeyard.trainer.checkpoint.store import MANIFEST, base_of, read_manifest, sha256, write_durably
+from moeyard.trainer.checkpoint.store import MANIFEST, base_of, read_manifest, sha256, verify, write_durably
 from moeyard.trainer.config import Config, to_dict
 
 
@@ -37,9 +37,13 @@ class _StreamingPlanner(DefaultSavePlanner):
 
     def lookup_object(self, index: MetadataIndex) -> Any:
         section, _, name = index.fqn.partition(".")
-        if section == "model":
-            return self.produce(name).contiguous()
-        return super().lookup_object(index)
+        if section != "model":
+            return super().lookup_object(index)
+        planned, made = super().lookup_object(index), self.produce(name)
+        if made.shape != planned.shape or made.dtype != planned.dtype:  # the metadata says `planned`
+            raise ConfigError(f"converting {name} made {tuple(made.shape)} {made.dtype}, where the checkpoint "
+                              f"was planned with {tuple(planned.shape)} {planned.dtype}")
+        return made.contiguous()
 
 
 def write_weights_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, out: Path,
@@ -127,6 +131,8 @@ class CheckpointTensors:
     def __init__(self, path: Path) -> None:
         self.chain: list[tuple[Path, Any]] = []
         while path is not None:
+            if self.chain:  # a base: its content hash was checked by base_of, its files are here
+                verify(path)
             self.chain.append((path, dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata))
             path = base_of(read_manifest(path), path)
 

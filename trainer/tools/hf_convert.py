@@ -7,6 +7,7 @@ writes config.json and sharded safetensors with an index, which transformers' ow
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -56,12 +57,17 @@ def export_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,
         params = dict(Transformer(model_cfg).named_parameters())
     entries = [(name, t.shape, dtype or t.dtype) for name, t in hf_tensors(model_cfg, family, params.__getitem__)]
     reader = CheckpointTensors(ckpt)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")  # renamed when complete: never a half-written model
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     tensors = hf_tensors(model_cfg, family, lambda name: reader.read(name, params[name]))
-    write_safetensors_shards(out_dir, entries, tensors, max_shard_bytes)
-    (out_dir / "config.json").write_text(json.dumps(hf_config_dict(model_cfg, family, dtype), indent=1))
+    write_safetensors_shards(tmp, entries, tensors, max_shard_bytes)
+    (tmp / "config.json").write_text(json.dumps(hf_config_dict(model_cfg, family, dtype), indent=1))
     source_dir = Path(manifest.get("source", {}).get("dir", "/nonexistent"))
     for name in TOKENIZER_FILES:
         if (source_dir / name).is_file():
-            shutil.copy2(source_dir / name, out_dir / name)
+            shutil.copy2(source_dir / name, tmp / name)
+    if out_dir.exists():
+        out_dir.rmdir()  # empty, checked above
+    os.replace(tmp, out_dir)
     return family, out_dir
