@@ -43,6 +43,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from moeyard import configs  # noqa: E402
 from moeyard.parallel.scheduler.memory_model import GB, count_parameters, predict_memory  # noqa: E402
 from moeyard.trainer.config import Config, load_config  # noqa: E402
+from moeyard.trainer.memory import local_bytes  # noqa: E402
 from moeyard.trainer.memory_plan import memory_layout  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "memory"
@@ -71,22 +72,15 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def _local_bytes(t: torch.Tensor) -> int:
-    from torch.distributed.tensor import DTensor
-
-    local = t.to_local() if isinstance(t, DTensor) else t
-    return local.numel() * local.element_size()
-
-
 def state_bytes(model: torch.nn.Module, sync) -> int:
     """This rank's parameters, gradients and optimizer state, counted from the tensors."""
-    total = sum(_local_bytes(p) + (_local_bytes(p.grad) if p.grad is not None else 0) for p in model.parameters())
+    total = sum(local_bytes(p) + (local_bytes(p.grad) if p.grad is not None else 0) for p in model.parameters())
     optimizer = sync.optimizer
     if isinstance(optimizer, torch.optim.Optimizer):
-        total += sum(_local_bytes(v) for state in optimizer.state.values() for v in state.values()
+        total += sum(local_bytes(v) for state in optimizer.state.values() for v in state.values()
                      if isinstance(v, torch.Tensor) and v.dim() > 0)
     else:  # ShardedAdamW: a master shard and two moments per bucket
-        total += sum(_local_bytes(t) for s in optimizer.shards for t in (s.param, s.exp_avg, s.exp_avg_sq))
+        total += sum(local_bytes(t) for s in optimizer.shards for t in (s.param, s.exp_avg, s.exp_avg_sq))
     return total
 
 

@@ -207,6 +207,11 @@ class Config:
     def global_batch_sequences(self) -> int:
         return self.train.global_batch_tokens // self.train.seq_len
 
+    @property
+    def grad_sync(self) -> str:
+        """How gradients and optimizer state are shared as configured: fsdp, or schedule.grad_sync."""
+        return "fsdp" if self.parallel.fsdp else self.schedule.grad_sync
+
 
 def build_config(tree: dict[str, Any]) -> Config:
     """A config as recorded (a checkpoint manifest, a dumped run config): typed, not re-validated."""

@@ -127,8 +127,8 @@ def build_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch.devi
     sync = parallelize(model, pmesh, plan, cfg.optim, device, fsdp, init)
     if dist.get_rank() == 0:
         print(f"parameters: {trainable:,} of {total:,} train ({100 * trainable / total:.2f}%)", flush=True)
-        print(f"model state per rank (ep shards the experts evenly{', fsdp the rest' if cfg.parallel.fsdp else ''}): "
-              f"{model_state_line(model)}", flush=True)
+        sharded = ", fsdp the rest" if plan.grad_sync == "fsdp" else ""
+        print(f"model state per rank (ep shards the experts evenly{sharded}): {model_state_line(model)}", flush=True)
     return model, sync
 
 
@@ -136,8 +136,10 @@ def _checked_plan(cfg: Config, check: PlanCheck | None, step_time: float, plan: 
                   device: torch.device, checkpointer: Checkpointer) -> Plan:
     """Feed the plan check one step; once it decides, the plan the run goes on with (logged, saved)."""
     trial = check.observe(step_time) if check is not None else None
-    if trial is None or not trial.switched:
-        if trial is not None and dist.get_rank() == 0:
+    if trial is None:
+        return plan
+    if not trial.switched:
+        if dist.get_rank() == 0:
             print(trial.message(plan.chunks), flush=True)
         return plan
     learned = learn_chunk_overhead(cfg, pmesh.dp, device, plan, trial.plan_s, trial.reference_s)

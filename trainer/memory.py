@@ -53,7 +53,7 @@ def peak_memory_gb(device: torch.device) -> float:
     return float(peak) / 1e9
 
 
-def _local_bytes(p: Tensor) -> int:
+def local_bytes(p: Tensor) -> int:
     """What this rank holds of a parameter: its shard when FSDP made it a DTensor."""
     local = p.to_local() if isinstance(p, DTensor) else p
     return local.numel() * local.element_size()
@@ -62,7 +62,7 @@ def _local_bytes(p: Tensor) -> int:
 def model_state_line(model: nn.Module) -> str:
     """This rank's parameter bytes, and what gradients and AdamW's two moments add for the trainable ones
     (float32 each; a sharded optimizer or FSDP holds only its shard)."""
-    params = sum(_local_bytes(p) for p in model.parameters())
-    trainable = sum(_local_bytes(p) for p in model.parameters() if p.requires_grad)
+    params = sum(local_bytes(p) for p in model.parameters())
+    trainable = sum(local_bytes(p) for p in model.parameters() if p.requires_grad)
     return (f"parameters {params / 2**20:,.1f} MiB, gradients {trainable / 2**20:,.1f} MiB, "
             f"AdamW moments up to {2 * trainable / 2**20:,.1f} MiB")

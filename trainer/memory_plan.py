@@ -30,7 +30,7 @@ def memory_layout(cfg: Config, world: int, act_bytes: int) -> Layout:
     """What the memory model needs to know of this run on `world` ranks."""
     per_rank = cfg.global_batch_sequences // world
     micro = cfg.train.micro_batch_size or max(1, per_rank)
-    grad_sync = "fsdp" if cfg.parallel.fsdp else cfg.schedule.grad_sync
+    grad_sync = cfg.grad_sync
     return Layout(world=world, ep=cfg.parallel.ep, tokens=micro * cfg.train.seq_len, grad_sync=grad_sync,
                   recompute=cfg.train.recompute, act_bytes=act_bytes, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
                   frozen=frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen),
@@ -50,15 +50,14 @@ def _what_would_fit(cfg: Config, layout: Layout, capacity_gb: float) -> str:
     return hint
 
 
-def memory_report(cfg: Config, world: int, act_bytes: int, capacity_gb: float = 0.0,
-                  device: str = "") -> tuple[bool, str]:
-    """(fits, the `memory per rank:` line and, when it does not fit, what would). capacity_gb 0: unknown."""
+def memory_report(cfg: Config, world: int, act_bytes: int, capacity_gb: float = 0.0, device: str = "") -> str:
+    """The `memory per rank:` line and, when it does not fit, what would. capacity_gb 0: unknown."""
     layout = memory_layout(cfg, world, act_bytes)
     estimate = predict_memory(cfg.model, layout)
     line = estimate.line(capacity_gb, device)
     if not capacity_gb or estimate.fits(capacity_gb):
-        return True, line
-    return False, f"{line}\n{_what_would_fit(cfg, layout, capacity_gb)}"
+        return line
+    return f"{line}\n{_what_would_fit(cfg, layout, capacity_gb)}"
 
 
 def _alternatives(cfg: Config, world: int) -> Iterator[tuple[list[str], Config]]:

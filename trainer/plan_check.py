@@ -35,12 +35,9 @@ class TrialResult:
     """The run continues at r=1."""
 
     def message(self, chunks: tuple[int, ...]) -> str:
-        ratio = self.plan_s / self.reference_s
-        if self.switched:
-            return (f"plan check: chunks {list(chunks)} ran {self.plan_s * 1e3:.1f} ms per step, r=1 "
-                    f"{self.reference_s * 1e3:.1f} ms ({ratio:.3f}x): switched back to r=1 for the rest of the run")
+        outcome = "switched back to r=1 for the rest of the run" if self.switched else "keeping the plan"
         return (f"plan check: chunks {list(chunks)} ran {self.plan_s * 1e3:.1f} ms per step, r=1 "
-                f"{self.reference_s * 1e3:.1f} ms ({ratio:.3f}x): keeping the plan")
+                f"{self.reference_s * 1e3:.1f} ms ({self.plan_s / self.reference_s:.3f}x): {outcome}")
 
 
 @dataclass

@@ -69,6 +69,13 @@ def _profile_path(cfg: ModelConfig, w: Workload, device: torch.device, cache_dir
     return key, cache_dir / f"profile-{key}.json"
 
 
+def _write_profile(path: Path, profile: Profile) -> None:
+    """Written whole under a temporary name, then renamed: a reader never sees half a profile."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(profile), indent=1))
+    os.replace(tmp, path)
+
+
 def load_or_measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.device, dtype: torch.dtype,
                     cache_dir: Path) -> tuple[Profile, bool]:
     """The cached profile for this machine, layout and shapes, or a fresh one (collective either way).
@@ -93,9 +100,7 @@ def load_or_measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: 
     profile = measure_everywhere(cfg, w, pmesh, device, dtype, key)
     if dist.get_rank() == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(profile), indent=1))
-        os.replace(tmp, path)
+        _write_profile(path, profile)
     return profile, False
 
 
@@ -114,7 +119,7 @@ FSDP_MARGIN = 0.02
 def auto_plan(cfg: Config, w: Workload, costs: Costs) -> tuple[Plan, Prediction]:
     """The planner's choice over the configured gradient sync and, unless fsdp is configured already,
     fsdp (which holds less than any replicated sync: taken where it is faster too)."""
-    plan, best = search(w, costs, "fsdp" if cfg.parallel.fsdp else cfg.schedule.grad_sync)
+    plan, best = search(w, costs, cfg.grad_sync)
     if not cfg.parallel.fsdp:
         sharded, sharded_best = search(w, costs, "fsdp")
         if sharded_best.step < best.step * (1 - FSDP_MARGIN):
@@ -128,10 +133,10 @@ def plan_for(cfg: Config, pmesh: ParallelMesh, device: torch.device) -> Plan:
     hardware description)."""
     s = cfg.schedule
     w = workload(cfg, pmesh.dp, act_bytes(cfg, device))
-    grad_sync = "fsdp" if cfg.parallel.fsdp else s.grad_sync
     if s.mode == "auto":
         return auto_plan(cfg, w, _costs(cfg, w, pmesh, device))[0]
-    plan = reference_plan(w, grad_sync) if s.mode == "off" else manual_plan(w, s.chunks, s.bucket_mb, grad_sync)
+    plan = reference_plan(w, cfg.grad_sync) if s.mode == "off" else \
+        manual_plan(w, s.chunks, s.bucket_mb, cfg.grad_sync)
     return with_prediction(plan, predict(w, plan, _costs(cfg, w, pmesh, device))) if s.predict else plan
 
 
@@ -153,8 +158,6 @@ def learn_chunk_overhead(cfg: Config, dp: int, device: torch.device, plan: Plan,
     predicted_gain = plan.predicted["r1_step_s"] - plan.predicted["step_s"]  # the same buckets at r=1
     added = max(0.0, (plan_s - reference_s + predicted_gain) / extra_chunks)
     learned = dataclasses.replace(profile, chunk_overhead_s=profile.chunk_overhead_s + added)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(learned), indent=1))
-    os.replace(tmp, path)
+    _write_profile(path, learned)
     return (f"profile {path.name}: cost per extra pipeline chunk {profile.chunk_overhead_s * 1e3:.3f} -> "
             f"{learned.chunk_overhead_s * 1e3:.3f} ms, from this run's measurement")

@@ -25,9 +25,8 @@ from moeyard.trainer.schedule import (
 
 
 def plan_report(cfg: Config, w: Workload, costs: Costs, source: str) -> tuple[Plan, str]:
-    grad_sync = "fsdp" if cfg.parallel.fsdp else cfg.schedule.grad_sync
     plan, best = auto_plan(cfg, w, costs)
-    off = predict(w, reference_plan(w, grad_sync), costs)
+    off = predict(w, reference_plan(w, cfg.grad_sync), costs)
     ms = 1e3
     lines = [
         f"costs from {source}; world {w.dp} ranks, ep={w.ep}, {w.tokens} tokens per rank per micro-step, "
@@ -62,7 +61,7 @@ def measured_report(cfg: Config, device: torch.device) -> str:
                                       profile_cache_dir())
     source = f"a profile of this machine ({'cached' if cached else 'measured now'}, key {profile.key})"
     plan, report = plan_report(cfg, w, MeasuredCosts(profile), source)
-    return report + "\n" + memory_report(_as_planned(cfg, plan), pmesh.dp, w.act_bytes)[1]
+    return report + "\n" + memory_report(_as_planned(cfg, plan), pmesh.dp, w.act_bytes)
 
 
 def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
@@ -70,4 +69,4 @@ def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
     hw = load_hardware(hardware_path)
     w = workload(cfg, world_size, hw.act_bytes)
     plan, report = plan_report(cfg, w, HardwareCosts(hw), f"the hardware description {hw.name} ({hardware_path})")
-    return report + "\n" + memory_report(_as_planned(cfg, plan), world_size, hw.act_bytes, hw.memory_gb, hw.name)[1]
+    return report + "\n" + memory_report(_as_planned(cfg, plan), world_size, hw.act_bytes, hw.memory_gb, hw.name)
