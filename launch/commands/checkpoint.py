@@ -1,10 +1,11 @@
-"""`moeyard checkpoint inspect|export`: describe a checkpoint, or export it as safetensors."""
+"""`moeyard checkpoint inspect|export`: describe a checkpoint (exit code 2 when it is damaged), or export it
+as safetensors."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from moeyard.errors import CheckpointError, LaunchError
+from moeyard.errors import BAD_INPUT, CheckpointError, LaunchError
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -14,7 +15,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint folder (expected run_dir/checkpoints/step_NNNNNN)")
     if args.action == "inspect":
-        print(inspect_checkpoint(path))
+        report, intact = inspect_checkpoint(path)
+        print(report)
+        return 0 if intact else BAD_INPUT
     else:
         if not args.to:
             raise LaunchError("moeyard checkpoint export needs --to DIR")

@@ -39,6 +39,8 @@ def test_load_model_of_a_run_folder_takes_its_newest_checkpoint(tmp_path):
     newest = moeyard.load_model(FIXTURE / "step_000002")
     older = {n: p.detach() * 0.5 for n, p in newest.transformer.named_parameters()}  # other weights, same shapes
     write_weights_checkpoint(older, newest.config, checkpoints / "step_000001", {"format": "test"})
+    manifest = json.loads((checkpoints / "step_000001" / "manifest.json").read_text())
+    (checkpoints / "step_000001" / "manifest.json").write_text(json.dumps({**manifest, "step": 1}))  # as named
     shutil.copytree(FIXTURE / "step_000002", checkpoints / "step_000002")
     (checkpoints / "latest").write_text("step_000002")
     from_run = _probe_logits(moeyard.load_model(tmp_path / "run"))

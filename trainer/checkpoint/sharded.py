@@ -8,8 +8,8 @@ One checkpoint, `run_dir/checkpoints/step_000100/`:
   manifest.json         step, samples consumed, config and its hash, world layout, plan,
                         every file with size and sha256.
 Written into `.step_000100.tmp` by every rank; rank 0 publishes it (manifest,
-rename, `latest`) only when all ranks are done. Nothing in it is pickled: DCP
-holds tensors only, the rest is JSON.
+rename, `latest`) only when all ranks are done. Nothing in it is pickled but DCP's
+`.metadata`, which safe_read reads without running code; DCP holds tensors only, the rest is JSON.
 
 A run that starts from checkpoint.init with frozen parameters writes only what
 can differ from that base (the trainable parameters, their optimizer state,
@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -41,11 +40,13 @@ from moeyard.parallel.agree import from_rank0
 from moeyard.parallel.fsdp import global_expert_view
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.scheduler.plan import Plan
+from moeyard.trainer.checkpoint import safe_read
 from moeyard.trainer.checkpoint.store import (
     CheckpointStore,
     base_of,
     check_files,
     content_hash,
+    misnamed,
     read_manifest,
     sha256,
     verify,
@@ -126,9 +127,11 @@ def _describe_files(folder: Path) -> list[dict[str, Any]]:
 
 def _manifest_or_problem(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     try:
-        return read_manifest(path), None
+        manifest = read_manifest(path)
     except CheckpointError as err:
         return None, str(err)
+    problem = misnamed(path, manifest)
+    return (None, problem) if problem else (manifest, None)
 
 
 @dataclasses.dataclass
@@ -268,7 +271,7 @@ class Checkpointer:
         in_base: set[str] = set()
         chain: Optional[Path] = path
         while chain is not None:
-            in_base |= set(dcp.FileSystemReader(str(chain)).read_metadata().state_dict_metadata)
+            in_base |= set(safe_read.read_metadata(chain).state_dict_metadata)
             chain = base_of(read_manifest(chain), chain)
         self.base = {"path": str(path.resolve()), "content_hash": content_hash(read_manifest(path))}
         self.saved_besides_trainable = {n for n, _ in model.named_parameters() if f"model.{n}" not in in_base}
@@ -291,7 +294,7 @@ class Checkpointer:
         optim_states = {id(p): {"step": torch.zeros((), dtype=torch.float32),
                                 **{k: torch.zeros_like(p, memory_format=torch.contiguous_format) for k in ADAM_KEYS}}
                         for p in model.parameters() if p.requires_grad}
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        saved = safe_read.read_metadata(path).state_dict_metadata
         names = None
         base = base_of(manifest, path)
         if base is not None:  # the frozen weights come from the base; the rest from here
@@ -306,7 +309,7 @@ class Checkpointer:
                                   f"(e.g. {untrained[0]}): they were frozen when it was saved. Resume with the "
                                   f"train.trainable/train.frozen it was saved with, or start a new run with "
                                   f"checkpoint.init={path}")
-        dcp.load(state, checkpoint_id=path, process_group=self.group)
+        safe_read.load(state, path, self.group)
         sync.load_param_states(optim_states)
         if same_world:
             torch.set_rng_state(state["rng"][f"cpu_rank{dist.get_rank()}"])
@@ -339,12 +342,10 @@ def load_full_model(path: Path, model: nn.Module) -> dict[str, Any]:
     if base is not None:
         verify(base)
         load_full_model(base, model)
-    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    meta = safe_read.read_metadata(path).state_dict_metadata
     state = _provided({n: p.detach() for n, p in model.named_parameters()}, persistent_buffers(model), meta,
                       partial=base is not None)
-    with warnings.catch_warnings():  # DCP warns that no process group exists: that is the point here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, no_dist=True)
+    safe_read.load(state, path)
     return manifest
 
 
@@ -353,7 +354,7 @@ def load_weights_into(path: Path, model: nn.Module, pmesh: ParallelMesh, group: 
 
     Collective over `group`. Shapes are compared first, so a mismatch names the tensor. `partial`: load
     only the parameters the checkpoint holds (a trainable-only checkpoint over its base)."""
-    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    meta = safe_read.read_metadata(path).state_dict_metadata
     full = _state_dict(model, {}, pmesh, with_rng=False)
     state = _provided(full["model"], full.get("buffers", {}), meta, partial)
     for name, tensor in state["model"].items():
@@ -362,4 +363,4 @@ def load_weights_into(path: Path, model: nn.Module, pmesh: ParallelMesh, group: 
         if md is None or tuple(md.size) != full:
             found = "missing" if md is None else f"shape {tuple(md.size)}"
             raise CheckpointError(f"{path}: model.{name} is {found}, the model needs {full}")
-    dcp.load(state, checkpoint_id=path, process_group=group)
+    safe_read.load(state, path, group)

@@ -58,9 +58,22 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{manifest} is not valid JSON: {err}") from None
 
 
+def _outside(folder: Path, name: object) -> str | None:
+    """Why the manifest's file `name` is not a file inside `folder` (a path, `..`, a link out), or None."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+        return f"{folder}: the manifest lists a file {name!r}, which is not a plain name inside the checkpoint"
+    if (folder / name).is_symlink():
+        return f"{folder}: file {name} is a symbolic link; a checkpoint's files must be inside it"
+    return None
+
+
 def check_files(path: Path, entries: list[dict[str, Any]]) -> str | None:
-    """What is wrong with these manifest entries' files (missing, wrong size, wrong sha256), or None."""
+    """What is wrong with these manifest entries' files (outside the folder, missing, wrong size, wrong
+    sha256), or None. A name that would leave the folder is refused before anything is opened."""
     for entry in entries:
+        problem = _outside(path, entry.get("name"))
+        if problem:
+            return problem
         f = path / entry["name"]
         if not f.is_file():
             return f"{path}: file {entry['name']} is missing"
@@ -98,10 +111,33 @@ def base_of(manifest: dict[str, Any], path: Path) -> Path | None:
     return base_path
 
 
+def misnamed(path: Path, manifest: dict[str, Any]) -> str | None:
+    """Why a `step_N` folder does not hold step N's checkpoint (a copy or a link of another), or None."""
+    m = _NAME.match(path.name)
+    if m and manifest.get("step") != int(m.group(1)):
+        return (f"{path}: the folder's name says step {int(m.group(1))} but its manifest says step "
+                f"{manifest.get('step')} (a copy or a link of another checkpoint?); rename or remove it")
+    return None
+
+
+def latest_of(folder: Path) -> Path | None:
+    """The checkpoint `folder/latest` names, which must be a step_N folder right inside `folder`; None
+    without a `latest`."""
+    marker = folder / "latest"
+    if not marker.is_file():
+        return None
+    name = marker.read_text(errors="replace").strip()
+    target = folder / name
+    if not _NAME.match(name) or target.is_symlink():
+        raise CheckpointError(f"{marker} names {name!r}, which is not a step_NNNNNN folder of {folder}: a "
+                              f"`latest` may only name a checkpoint beside it. Give the checkpoint folder itself")
+    return target
+
+
 def verify(path: Path) -> dict[str, Any]:
     """The manifest, after checking that every file it lists is there, whole and unchanged."""
     manifest = read_manifest(path)
-    problem = check_files(path, manifest.get("files", []))
+    problem = misnamed(path, manifest) or check_files(path, manifest.get("files", []))
     if problem:
         raise CheckpointError(problem)
     return manifest

@@ -23,7 +23,8 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from moeyard.errors import CheckpointError, ConfigError
 from moeyard.models import ModelConfig, Transformer
-from moeyard.trainer.checkpoint.store import MANIFEST, base_of, read_manifest, sha256, verify, write_durably
+from moeyard.trainer.checkpoint import safe_read
+from moeyard.trainer.checkpoint.store import MANIFEST, base_of, latest_of, read_manifest, sha256, verify, write_durably
 from moeyard.trainer.config import Config, to_dict
 
 
@@ -86,8 +87,9 @@ def write_weights_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, o
 def resolve_init(path: Path) -> Path:
     """A checkpoint folder, or a run's checkpoints folder (its `latest`), or a run folder."""
     for folder in (path, path / "checkpoints"):
-        if (folder / "latest").is_file():
-            return folder / (folder / "latest").read_text().strip()
+        latest = latest_of(folder)
+        if latest is not None:
+            return latest
     return path
 
 
@@ -133,7 +135,7 @@ class CheckpointTensors:
         while path is not None:
             if self.chain:  # a base: its content hash was checked by base_of, its files are here
                 verify(path)
-            self.chain.append((path, dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata))
+            self.chain.append((path, safe_read.read_metadata(path).state_dict_metadata))
             path = base_of(read_manifest(path), path)
 
     def read(self, name: str, like: Tensor) -> Tensor:
@@ -141,8 +143,6 @@ class CheckpointTensors:
         for path, meta in self.chain:
             if f"model.{name}" in meta:
                 out = torch.empty(like.shape, dtype=like.dtype)
-                with warnings.catch_warnings():  # DCP warns that no process group exists: that is the point
-                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                    dcp.load({"model": {name: out}}, checkpoint_id=path, no_dist=True)
+                safe_read.load({"model": {name: out}}, path)
                 return out
         raise CheckpointError(f"{self.chain[0][0]} (and its base) hold no tensor {name}")

@@ -8,25 +8,29 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
 from moeyard.errors import CheckpointError
 from moeyard.models import Transformer
+from moeyard.trainer.checkpoint import safe_read
 from moeyard.trainer.checkpoint.sharded import load_full_model, persistent_buffers
 from moeyard.trainer.checkpoint.store import base_of, read_manifest, verify
 from moeyard.trainer.config import build_config
 
 
-def inspect_checkpoint(path: Path) -> str:
-    """What the checkpoint holds, how it was laid out, and whether every file is intact."""
+def inspect_checkpoint(path: Path) -> tuple[str, bool]:
+    """What the checkpoint holds, how it was laid out, and whether every file is intact (the flag)."""
     try:
         manifest = verify(path)
-        status = "intact (every file matches its size and sha256)"
         base_of(manifest, path)  # a trainable-only checkpoint is only as good as its base
+        meta = safe_read.read_metadata(path)
+        status, intact = "intact (every file matches its size and sha256)", True
     except CheckpointError as err:
-        manifest, status = read_manifest(path), f"DAMAGED: {err}"
-    meta = dcp.FileSystemReader(str(path)).read_metadata()
+        manifest, status, intact = read_manifest(path), f"DAMAGED: {err}", False
+        try:
+            meta = safe_read.read_metadata(path)
+        except CheckpointError:
+            meta = None
     plan = manifest.get("plan", {})
     lines = [
         f"checkpoint {path}",
@@ -42,6 +46,8 @@ def inspect_checkpoint(path: Path) -> str:
         base = manifest["base"]
         lines.insert(-1, f"  holds the weights that trained only; the rest comes from its base {base['path']} "
                          f"(content hash {base['content_hash']})")
+    if meta is None:
+        return "\n".join([*lines, "    (unreadable: see the status)"]), intact
     groups: dict[str, list[tuple[str, object]]] = {}
     for key, md in sorted(meta.state_dict_metadata.items()):
         groups.setdefault(key.split(".")[0], []).append((key, md))
@@ -54,7 +60,7 @@ def inspect_checkpoint(path: Path) -> str:
                 layout = f"{chunks} shards" if chunks > 1 else "whole"
                 lines.append(f"      {key[len('model.'):]:48} {str(tuple(md.size)):22} {str(md.properties.dtype):16} "
                              f"{layout}")
-    return "\n".join(lines)
+    return "\n".join(lines), intact
 
 
 def export_safetensors(path: Path, out_dir: Path) -> Path:
