@@ -1,24 +1,24 @@
 """Start this node's workers through torch.distributed.run (torchrun), on one node or as one of many.
 
 One node: `--standalone` (torchrun picks a free port). Several nodes: the c10d
-rendezvous at `--rdzv-endpoint`, hosted by node 0. The launcher forwards SIGUSR1
-to the workers (torchrun forwards only SIGTERM/SIGINT) and turns a preemption
-into exit code 128 + signal, the code Slurm job scripts and shells expect.
+rendezvous at `--rdzv-endpoint`, hosted by node 0. The launcher passes SIGUSR1 and
+Ctrl-C on to the workers (launch/stop_signals.py) and turns a preemption into exit
+code 128 + signal, the code Slurm job scripts and shells expect.
 """
 from __future__ import annotations
 
 import errno
 import json
 import os
-import signal
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from moeyard.errors import BAD_INPUT, NONFINITE, LaunchError
+from moeyard.errors import BAD_INPUT, NO_SPACE, NONFINITE, LaunchError
 from moeyard.launch.env import available_cpus
+from moeyard.launch.stop_signals import restore_signals, stopped_message, take_stop_signals
 from moeyard.trainer.run_dir import PREEMPTED
 
 
@@ -63,8 +63,10 @@ def _check_port_free(port: int) -> None:
             raise
 
 
-def torchrun_argv(nproc: int, nodes: Nodes, max_restarts: int, rendezvous_timeout_s: float) -> list[str]:
-    argv = [f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
+def torchrun_argv(nproc: int, nodes: Nodes, max_restarts: int, rendezvous_timeout_s: float,
+                  stop_grace_s: float = 300.0) -> list[str]:
+    argv = [f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+            f"--shutdown-timeout={int(stop_grace_s)}"]  # how long stopping workers may take to save
     if nodes.count == 1:
         return ["--standalone", *argv]
     conf = f"join_timeout={int(rendezvous_timeout_s)},read_timeout={int(rendezvous_timeout_s)}," \
@@ -73,34 +75,9 @@ def torchrun_argv(nproc: int, nodes: Nodes, max_restarts: int, rendezvous_timeou
             f"--rdzv-endpoint={nodes.endpoint}", f"--rdzv-id={nodes.run_id}", f"--rdzv-conf={conf}", *argv]
 
 
-def _worker_pids() -> list[int]:
-    """This process's children that run moeyard.train (Linux /proc)."""
-    pids = []
-    for task in Path("/proc/self/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            try:
-                if b"moeyard.train" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    pids.append(int(pid))
-            except OSError:
-                continue
-    return pids
-
-
-def _forward_to_workers(signum: int, frame) -> None:
-    """Pass SIGUSR1 (Slurm's warning before the time limit) on, so the workers checkpoint at the next step
-    boundary and exit."""
-    try:
-        for pid in _worker_pids():
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-    except OSError as err:  # a handler must not raise into torchrun's monitor loop
-        print(f"warning: could not forward {signal.Signals(signum).name} to the workers: {err}", file=sys.stderr)
-
-
 def launch_workers(nproc: int, worker_args: list[str], *, nodes: Nodes = Nodes(), max_restarts: int = 0,
-                   rendezvous_timeout_s: float = 300.0, run_dir: Optional[Path] = None) -> int:
+                   rendezvous_timeout_s: float = 300.0, run_dir: Optional[Path] = None,
+                   stop_grace_s: float = 300.0) -> int:
     """Run `python -m moeyard.train *worker_args` on `nproc` local processes; return the exit code."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -112,23 +89,22 @@ def launch_workers(nproc: int, worker_args: list[str], *, nodes: Nodes = Nodes()
         _check_port_free(nodes.host_port()[1])
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, available_cpus() // nproc))
-    argv = [*torchrun_argv(nproc, nodes, max_restarts, rendezvous_timeout_s), "-m", "moeyard.train",
+    argv = [*torchrun_argv(nproc, nodes, max_restarts, rendezvous_timeout_s, stop_grace_s), "-m", "moeyard.train",
             *worker_args]
-    previous = signal.signal(signal.SIGUSR1, _forward_to_workers)
+    handlers = take_stop_signals()
     try:
         run(get_args_parser().parse_args(argv))
         if run_dir is not None and (run_dir / PREEMPTED).exists():
             stopped = json.loads((run_dir / PREEMPTED).read_text())
-            print(f"workers saved step {stopped['step']} and stopped on {signal.Signals(stopped['signal']).name}; "
-                  f"run the same command to resume", file=sys.stderr)
+            print(stopped_message(run_dir, stopped["signal"]), file=sys.stderr)
             return 128 + stopped["signal"]
     except ChildFailedError as err:
         failures = ", ".join(f"rank {rank} exit code {f.exitcode}" for rank, f in sorted(err.failures.items()))
         print(f"error: training workers failed ({failures}); see their messages above", file=sys.stderr)
         codes = {f.exitcode for f in err.failures.values()}
-        return codes.pop() if codes in ({BAD_INPUT}, {NONFINITE}) else 1  # all workers agree on why
+        return codes.pop() if codes in ({BAD_INPUT}, {NONFINITE}, {NO_SPACE}) else 1  # all workers agree on why
     except SignalException as err:  # the launcher itself was told to stop; workers checkpoint on their way out
-        print(f"stopped by {signal.Signals(err.sigval).name}; run the same command to resume", file=sys.stderr)
+        print(stopped_message(run_dir, err.sigval), file=sys.stderr)
         return 128 + err.sigval
     except RendezvousError as err:
         cause = f" ({err.__cause__})" if err.__cause__ else ""
@@ -137,5 +113,5 @@ def launch_workers(nproc: int, worker_args: list[str], *, nodes: Nodes = Nodes()
                           f"runs with the same --rdzv-endpoint/--rdzv-id and --nnodes, and that the address is "
                           f"reachable from this node (parallel.rendezvous_timeout_s sets the wait)") from None
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        restore_signals(handlers)
     return 0

@@ -22,6 +22,7 @@ from moeyard.trainer.data.tokens import ensure_corpus
 from moeyard.trainer.loop import train
 from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.run_dir import Preemption
+from moeyard.trainer.run_lock import lock_for_workers
 from moeyard.trainer.tools.plan_report import measured_report
 
 
@@ -120,7 +121,10 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
     if device.type == "cpu":
         set_cpu_threads(env)
         keep_freed_memory()
+    if env.launcher != "single":  # an orphaned worker saves and stops instead of training on alone
+        preemption.watch_parent(cfg.checkpoint.stop_grace_s)
     init_distributed(env, backend, cfg.parallel.timeout_s, cfg.parallel.rendezvous_timeout_s)
+    lock = None
     try:
         if plan_only:
             report = measured_report(cfg, device)
@@ -130,8 +134,11 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
         if cfg.sft.data is None:  # SFT rows are built in memory by every rank
             data_dir = _prepare_corpus_once_per_machine(cfg, env, device)
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
+        lock = lock_for_workers(cfg.run_dir)
         outcome = train(cfg, device, preemption)
     finally:
+        if lock is not None:
+            lock.release()
         dist.destroy_process_group()
         preemption.restore()
     if outcome.signal and env.launcher != "torchrun":

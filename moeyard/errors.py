@@ -13,6 +13,10 @@ BAD_INPUT = 2
 """Exit code: the config, data, checkpoint, command line or environment is wrong; fix it and rerun."""
 NONFINITE = 3
 """Exit code: training met NaN/inf and stopped with the last good state saved."""
+NO_SPACE = 4
+"""Exit code: a write failed for lack of disk space; the last complete checkpoint is intact."""
+INTERRUPTED = 130
+"""Exit code: stopped at once by Ctrl-C (128 + SIGINT), without saving."""
 
 
 class MoeyardError(Exception):
@@ -50,6 +54,10 @@ def run_reporting(action: Callable[[], int]) -> int:
     except (MoeyardError, FileExistsError) as err:  # FileExistsError: a tool refused to overwrite its output
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code if isinstance(err, MoeyardError) else BAD_INPUT
+    except KeyboardInterrupt:  # a training worker turns the first Ctrl-C into a save; this is a second one
+        print("error: stopped at once by Ctrl-C: the work since the last checkpoint was not saved",
+              file=sys.stderr)
+        return INTERRUPTED
 
 
 def exit_process(code: int) -> None:

@@ -180,6 +180,9 @@ class CheckpointConfig:
     init: Optional[str] = None
     """Start a fresh run from these weights (a `moeyard convert` output, or any checkpoint folder, or a
     run's checkpoints folder for its latest); the model section comes from it. Resuming wins over it."""
+    stop_grace_s: float = 300.0
+    """After a stop (SIGTERM, Ctrl-C, the launcher gone) workers have this long to save before they are
+    killed; size it to a checkpoint write."""
     save_frozen: bool = False
     """false: a run from `init` with frozen parameters saves only what can differ from init (trainable
     weights, their optimizer state), small adapter checkpoints that refer to init by path and content hash;
@@ -247,6 +250,7 @@ def validate(cfg: Config) -> None:
             "parallel.fsdp=true already shards the optimizer state: drop schedule.grad_sync=reduce_scatter")
     require(cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0")
     require(cfg.parallel.rendezvous_timeout_s > 0, "parallel.rendezvous_timeout_s must be > 0")
+    require(cfg.checkpoint.stop_grace_s > 0, "checkpoint.stop_grace_s must be > 0")
     require(cfg.log.every >= 1, f"log.every={cfg.log.every} must be >= 1")
     c = cfg.checkpoint
     require(c.every >= 0, f"checkpoint.every={c.every} must be >= 0")

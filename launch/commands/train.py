@@ -19,6 +19,7 @@ from moeyard.trainer.data.tokens import ensure_corpus, read_meta
 from moeyard.trainer.memory_plan import fit_memory
 from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.run_dir import holds_a_run
+from moeyard.trainer.run_lock import RunLock
 from moeyard.trainer.schedule import act_bytes
 
 
@@ -116,6 +117,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if chosen:  # every worker gets the same choice through its command line
         args.overrides += chosen
         cfg = resolve_config(config, args.overrides)
+    lock = RunLock(cfg.run_dir) if nodes.rank == 0 else None  # node 0 owns the run dir for the whole job
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _check_and_launch(cfg, config, args, nodes, nproc)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _check_and_launch(cfg: Config, config: str, args: argparse.Namespace, nodes: Nodes, nproc: int) -> int:
+    """The checks that read the run dir, the data and the checkpoints (under the run dir's lock), then the
+    workers."""
+    world = nproc * nodes.count
     if cfg.checkpoint.resume == "none" and holds_a_run(cfg.run_dir) and nodes.rank == 0:
         raise LaunchError(f"run.dir {cfg.run_dir} already holds a run and --resume none was asked: resume it "
                           f"(--resume auto), choose another run.dir, or delete it")
@@ -132,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return run_worker(cfg, single_process())
     return launch_workers(nproc, worker_args(config, args.overrides), nodes=nodes,
                           max_restarts=args.max_restarts, rendezvous_timeout_s=cfg.parallel.rendezvous_timeout_s,
-                          run_dir=cfg.run_dir)
+                          run_dir=cfg.run_dir, stop_grace_s=cfg.checkpoint.stop_grace_s)
 
 
 def _add_train_args(train: argparse.ArgumentParser, default_config: str) -> None:

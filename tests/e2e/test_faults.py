@@ -3,68 +3,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
+from helpers.launches import finish, logged_steps, start, wait_for, workers
 from helpers.runs import moeyard_train, read_metrics, write_config
 
 from moeyard.trainer.checkpoint.store import CheckpointStore, verify
-
-
-def start(config: Path, run_dir: Path, nproc: int, *overrides: str, restarts: int = 0) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "moeyard", "train", str(config), "--nproc", str(nproc), "--max-restarts",
-           str(restarts), "--set", f"run.dir={run_dir}", "--set", f"parallel.ep={nproc}",
-           "--set", "parallel.timeout_s=60"]
-    for o in overrides:
-        cmd += ["--set", o]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOEYARD_CACHE": str(run_dir.parent / "cache")}
-    # Own session: on a timeout the whole tree (launcher and workers) is killed, and no orphaned worker
-    # keeps the output pipes open.
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-
-
-def kill_tree(proc: subprocess.Popen) -> tuple[str, str]:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    return proc.communicate()
-
-
-def wait_for(condition, proc: subprocess.Popen, timeout_s: float = 180, poll_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if proc.poll() is not None:
-            out, err = kill_tree(proc)
-            raise AssertionError(f"the run ended ({proc.returncode}) before the condition held:\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            out, err = kill_tree(proc)
-            raise AssertionError(f"condition not reached in {timeout_s} s:\n{out}\n{err}")
-        time.sleep(poll_s)
-
-
-def finish(proc: subprocess.Popen, timeout_s: float = 300) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        out, err = kill_tree(proc)
-        raise AssertionError(f"the run did not end within {timeout_s} s:\n{out}\n{err}") from None
-    return proc.returncode, out, err
-
-
-def workers(proc: subprocess.Popen) -> list[int]:
-    """PIDs of the training workers: the launcher's child processes running moeyard.train."""
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    return [int(pid) for pid in children if b"moeyard.train" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-
-
-def logged_steps(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 @pytest.mark.parametrize("signum,restarts", [(signal.SIGTERM, 0), (signal.SIGUSR1, 0), (signal.SIGUSR1, 2)])

@@ -1,0 +1,77 @@
+"""Stopping a run from outside: a second launch on the same run dir, a SIGKILLed launcher, Ctrl-C."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from helpers.launches import finish, kill_tree, logged_steps, start, wait_for, workers
+from helpers.runs import moeyard_train, read_metrics, run_moeyard_train, write_config
+
+from moeyard.trainer.checkpoint.store import CheckpointStore, verify
+from moeyard.trainer.run_lock import LOCK
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_second_launch_on_a_run_dir_in_use_is_refused_before_it_touches_anything(tmp_path, small_corpus):
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 400})
+    run = tmp_path / "run"
+    first = start(config, run, 2)
+    try:
+        wait_for(lambda: logged_steps(run) >= 2, first)
+        before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name != LOCK}
+        second = run_moeyard_train(config, run, 2, "parallel.ep=2", "optim.lr=0.5", timeout_s=120)
+        assert second.returncode == 2, second.stderr
+        assert f"is in use by pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+        assert (run / "config.yaml").stat().st_mtime_ns == before["config.yaml"], "the refused launch wrote"
+        assert first.poll() is None, "the refused launch disturbed the running one"
+    finally:
+        kill_tree(first)
+
+
+def test_a_sigkilled_launcher_leaves_no_worker_and_the_next_launch_takes_its_lock(tmp_path, small_corpus):
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 400})
+    run = tmp_path / "run"
+    proc = start(config, run, 2)
+    wait_for(lambda: logged_steps(run) >= 3, proc)
+    pids = workers(proc)
+    assert len(pids) == 2
+    os.kill(proc.pid, signal.SIGKILL)  # as the OOM killer would: no handler runs in the launcher
+    deadline = time.monotonic() + 60
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in pids if _alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    assert not left, f"workers {left} outlived their launcher by 60 s:\n{err}"
+    assert "the launcher (pid" in err and "is gone" in err
+    newest = CheckpointStore(run / "checkpoints").newest_intact().path
+    assert newest is not None and verify(newest)["step"] >= 3, "the orphaned workers did not save"
+    step = verify(newest)["step"]
+    again = moeyard_train(config, run, 2, "parallel.ep=2", "train.steps=400", f"train.stop_at={step + 1}")
+    assert "taking over the stale lock" in again.stdout
+    assert f"at step {step}" in again.stdout
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, step + 2))
+
+
+def test_ctrl_c_saves_at_the_next_step_and_says_so(tmp_path, small_corpus):
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 400})
+    run = tmp_path / "run"
+    proc = start(config, run, 2)
+    wait_for(lambda: logged_steps(run) >= 3, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends its foreground group on Ctrl-C
+    code, out, err = finish(proc)
+    assert code == 128 + signal.SIGINT, err
+    assert "KeyboardInterrupt" not in err and "Traceback" not in err
+    last = read_metrics(run)[-1]["step"]
+    assert f"the workers saved step {last}" in err
+    assert verify(CheckpointStore(run / "checkpoints").newest_intact().path)["step"] == last
+    assert not (run / LOCK).exists(), "the launcher did not release the run dir"
