@@ -100,9 +100,11 @@ def read_tree(path: Optional[str | Path], overrides: tuple[str, ...] | list[str]
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         require(isinstance(tree, dict), f"config file {path} must hold a mapping at the top level")
     for assignment in overrides:
         _apply_override(tree, assignment)

@@ -31,6 +31,7 @@ from moeyard.trainer.metrics import MetricsLogger, step_record
 from moeyard.trainer.optim import lr_at
 from moeyard.trainer.plan_check import PlanCheck
 from moeyard.trainer.precision import resolve_dtype
+from moeyard.trainer.preflight import check_checkpoint_fits, check_corpus
 from moeyard.trainer.run_dir import Preemption, mark_preempted, mark_stopped_nonfinite, prepare_run_dir
 from moeyard.trainer.schedule import learn_chunk_overhead, plan_for
 from moeyard.trainer.step import heldout_loss, train_step
@@ -112,6 +113,8 @@ def _check_before_start(cfg: Config) -> None:
     validate_for_world(cfg, dist.get_world_size())
     if cfg.sft.data is None:
         check_vocab(cfg, read_meta(Path(cfg.data.dir)))
+        check_corpus(cfg, Path(cfg.data.dir))
+    check_checkpoint_fits(cfg)  # before prepare_run_dir rewrites config.yaml
 
 
 def build_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch.device) -> tuple[Transformer, GradSync]:

@@ -17,6 +17,7 @@ from moeyard.launch.worker import add_overrides, run_worker, worker_args
 from moeyard.trainer.config import Config, check_vocab, validate_for_world
 from moeyard.trainer.data.tokens import ensure_corpus, read_meta
 from moeyard.trainer.memory_plan import fit_memory
+from moeyard.trainer.preflight import check_checkpoint_fits, check_corpus
 from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.run_dir import holds_a_run
 from moeyard.trainer.run_lock import RunLock
@@ -117,19 +118,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if chosen:  # every worker gets the same choice through its command line
         args.overrides += chosen
         cfg = resolve_config(config, args.overrides)
-    lock = RunLock(cfg.run_dir) if nodes.rank == 0 else None  # node 0 owns the run dir for the whole job
-    if lock is not None:
-        lock.acquire()
-    try:
-        return _check_and_launch(cfg, config, args, nodes, nproc)
-    finally:
-        if lock is not None:
-            lock.release()
+    return _check_and_launch(cfg, config, args, nodes, nproc)
 
 
 def _check_and_launch(cfg: Config, config: str, args: argparse.Namespace, nodes: Nodes, nproc: int) -> int:
-    """The checks that read the run dir, the data and the checkpoints (under the run dir's lock), then the
-    workers."""
+    """The checks that read the run dir, the data and the checkpoints (reading only: a refused launch
+    leaves no trace), then node 0 takes the run dir's lock for the whole job and the workers start."""
     world = nproc * nodes.count
     if cfg.checkpoint.resume == "none" and holds_a_run(cfg.run_dir) and nodes.rank == 0:
         raise LaunchError(f"run.dir {cfg.run_dir} already holds a run and --resume none was asked: resume it "
@@ -139,15 +133,26 @@ def _check_and_launch(cfg: Config, config: str, args: argparse.Namespace, nodes:
 
         SFTData(cfg)  # reads, renders and checks every conversation before a worker starts
     else:
-        check_vocab(cfg, read_meta(ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)))
-    where = f"node {nodes.rank} of {nodes.count}, " if nodes.count > 1 else ""
-    print(f"training {config} on {where}{nproc} process(es) (world {world}), ep={cfg.parallel.ep}; "
-          f"run dir {cfg.run_dir}", flush=True)
-    if world == 1:
-        return run_worker(cfg, single_process())
-    return launch_workers(nproc, worker_args(config, args.overrides), nodes=nodes,
-                          max_restarts=args.max_restarts, rendezvous_timeout_s=cfg.parallel.rendezvous_timeout_s,
-                          run_dir=cfg.run_dir, stop_grace_s=cfg.checkpoint.stop_grace_s)
+        corpus = ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)
+        check_vocab(cfg, read_meta(corpus))
+        check_corpus(cfg, corpus)
+    check_checkpoint_fits(cfg)
+    lock = RunLock(cfg.run_dir) if nodes.rank == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        where = f"node {nodes.rank} of {nodes.count}, " if nodes.count > 1 else ""
+        print(f"training {config} on {where}{nproc} process(es) (world {world}), ep={cfg.parallel.ep}; "
+              f"run dir {cfg.run_dir}", flush=True)
+        if world == 1:
+            return run_worker(cfg, single_process())
+        return launch_workers(nproc, worker_args(config, args.overrides), nodes=nodes,
+                              max_restarts=args.max_restarts,
+                              rendezvous_timeout_s=cfg.parallel.rendezvous_timeout_s, run_dir=cfg.run_dir,
+                              stop_grace_s=cfg.checkpoint.stop_grace_s)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _add_train_args(train: argparse.ArgumentParser, default_config: str) -> None:

@@ -1,8 +1,12 @@
 """The CLI refuses a bad config or a corpus the model cannot embed before any worker starts."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
+from helpers.runs import moeyard_train, write_config
 
 from moeyard import configs
 
@@ -42,3 +46,56 @@ def test_a_model_too_large_for_this_machine_is_refused_before_any_worker(tmp_pat
     assert "GB predicted peak" in proc.stderr and "does not fit this host's available memory" in proc.stderr
     assert "schedule.memory_check=false" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _train(tmp_path, *args: str, timeout_s: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moeyard", "train", *args], capture_output=True, text=True,
+                          timeout=timeout_s, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                  "MOEYARD_CACHE": str(tmp_path / "cache")})
+
+
+def test_a_resume_that_would_change_shapes_is_refused_before_workers_and_config_yaml_is_kept(
+        tmp_path, small_corpus) -> None:
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 2})
+    moeyard_train(config, tmp_path / "run", 2, "parallel.ep=2")
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    proc = _train(tmp_path, str(config), "--nproc", "2", "--set", f"run.dir={tmp_path / 'run'}", "--set",
+                  "train.steps=4", "--set", "model.dim=32")
+    assert proc.returncode == 2, proc.stderr
+    assert "resuming" in proc.stderr and "model.tok_embeddings.weight is (264, 64) there" in proc.stderr
+    assert "(264, 32)" in proc.stderr and "Traceback" not in proc.stderr
+    assert "training " not in proc.stdout, "workers were started"
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved
+
+
+def test_a_corpus_smaller_than_one_batch_is_refused_before_workers(tmp_path, small_corpus) -> None:
+    config = write_config(tmp_path / "c.yaml", small_corpus, train={"global_batch_tokens": 2 ** 24},
+                          schedule={"memory_check": False})  # the memory check would refuse such a batch too
+    proc = _train(tmp_path, str(config), "--nproc", "2", "--set", f"run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr
+    assert "fewer than one global batch (524288)" in proc.stderr and "Traceback" not in proc.stderr
+    assert "training " not in proc.stdout
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path) -> None:
+    (tmp_path / "c.yaml").write_bytes(b"run:\n  name: caf\xe9\n")
+    proc = _train(tmp_path, str(tmp_path / "c.yaml"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: config file {tmp_path / 'c.yaml'} is not UTF-8 text (byte 16): save it " \
+                                  f"as UTF-8"
+
+
+def test_a_read_only_run_dir_is_refused_before_workers(tmp_path, small_corpus) -> None:
+    target = tmp_path / "ro"
+    target.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(target)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root or CAP_SYS_ADMIN)")
+    try:
+        config = write_config(tmp_path / "c.yaml", small_corpus)
+        proc = _train(tmp_path, str(config), "--nproc", "2", "--set", f"run.dir={target / 'run'}")
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    assert proc.returncode == 2, proc.stderr
+    assert f"run.dir {target / 'run'} cannot be created (Read-only file system)" in proc.stderr
+    assert "Traceback" not in proc.stderr

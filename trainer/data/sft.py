@@ -159,18 +159,21 @@ def read_conversations(path: Path, skip_malformed: bool) -> tuple[list[list[dict
     """Every conversation of a JSONL file, and (when skipping) one `file:line: reason` per bad line."""
     conversations: list[list[dict]] = []
     skipped: list[str] = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
                 continue
             try:
-                conversations.append(_messages(json.loads(line)))
+                conversations.append(_messages(json.loads(raw.decode("utf-8"))))
+            except UnicodeDecodeError as err:
+                problem = f"{path}:{number}: not UTF-8 text (byte {err.start} of the line)"
             except ValueError as err:  # json.JSONDecodeError is a ValueError
                 problem = f"{path}:{number}: {err}"
-                if not skip_malformed:
-                    raise DataError(f"{problem} (set data.skip_malformed=true to skip and count such lines)") \
-                        from None
-                skipped.append(problem)
+            else:
+                continue
+            if not skip_malformed:
+                raise DataError(f"{problem} (set sft.skip_malformed=true to skip and count such lines)")
+            skipped.append(problem)
     if not conversations:
         raise DataError(f"{path} holds no usable conversation: each line needs \"messages\" (with an assistant "
                         f"turn), or \"prompt\" and \"completion\"")

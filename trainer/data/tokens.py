@@ -64,11 +64,34 @@ def _source_files(src: Path, glob: str) -> Iterator[Path]:
             yield path
 
 
+def source_fingerprint(src: Path, glob: str) -> str:
+    """What the corpus was made from: every source file's path, size and modification time (a stat per
+    file, no reading), so a cached corpus is rebuilt when its source changes."""
+    digest = hashlib.sha256()
+    for path in _source_files(src, glob):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(src)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def windows(meta: dict, seq_len: int) -> list[int]:
+    """Training sequences per shard: windows start every seq_len tokens and never cross a shard."""
+    return [max(0, (s["tokens"] - 1) // seq_len) for s in meta["shards"]]
+
+
+def check_corpus_size(data_dir: Path, meta: dict, seq_len: int, global_batch: int) -> None:
+    found = sum(windows(meta, seq_len))
+    if found < global_batch:
+        raise DataError(f"the corpus in {data_dir} has {found} sequences of {seq_len} tokens, fewer than one "
+                        f"global batch ({global_batch}): use more data or a smaller batch")
+
+
 def prepare_corpus(src: Path, out: Path, glob: str = "*.py") -> dict:
     """Tokenize every matching file under `src` (bytes, end-of-text between files) into `out`."""
     if not src.is_dir():
         raise DataError(f"data source {src} is not a directory: set data.source to a folder of text files")
     tok = ByteTokenizer()
+    fingerprint = source_fingerprint(src, glob)
     eos = np.array([tok.eos_id], dtype=np.uint16)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -101,7 +124,8 @@ def prepare_corpus(src: Path, out: Path, glob: str = "*.py") -> dict:
         if documents == 0:
             raise DataError(f"no files matching {glob!r} under {src}: check data.source and data.glob")
         meta = {"format": FORMAT, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "dtype": "uint16",
-                "source": str(src), "glob": glob, "documents": documents, "tokens": total, "shards": shards}
+                "source": str(src), "glob": glob, "source_fingerprint": fingerprint, "documents": documents,
+                "tokens": total, "shards": shards}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         _move_into_place(tmp, out)
         return meta
@@ -111,9 +135,16 @@ def prepare_corpus(src: Path, out: Path, glob: str = "*.py") -> dict:
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished corpus to `out`; if another process got there first, keep theirs."""
+    """Rename the finished corpus to `out`; if another process got there first, keep theirs. A corpus of
+    an older source there is moved aside first (runs reading it keep their open files)."""
     if out.exists() and not (out / "meta.json").exists() and any(out.iterdir()):
         raise DataError(f"{out} exists and is not a prepared corpus: remove it or choose another folder")
+    if (out / "meta.json").is_file():
+        new_source = json.loads((tmp / "meta.json").read_text()).get("source_fingerprint")
+        if json.loads((out / "meta.json").read_text()).get("source_fingerprint") != new_source:
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            shutil.rmtree(old, ignore_errors=True)
     try:
         os.replace(tmp, out)  # atomic; also replaces an empty folder
     except OSError:
@@ -145,13 +176,9 @@ class TokenBatches:
         self.vocab_size: int = meta["vocab_size"]
         self.shards = [np.memmap(data_dir / s["file"], dtype=np.uint16, mode="r") for s in meta["shards"]]
         self.window = seq_len + 1
-        # Windows start every seq_len tokens and never cross a shard boundary.
-        counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
-        self.offsets = np.cumsum([0] + counts)
+        check_corpus_size(data_dir, meta, seq_len, global_batch)
+        self.offsets = np.cumsum([0] + windows(meta, seq_len))
         self.num_windows = int(self.offsets[-1])
-        if self.num_windows < global_batch:
-            raise DataError(f"the corpus in {data_dir} has {self.num_windows} sequences of {seq_len} tokens, "
-                            f"fewer than one global batch ({global_batch}): use more data or a smaller batch")
         self.seq_len, self.global_batch = seq_len, global_batch
         self.steps_per_epoch = self.num_windows // global_batch
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
@@ -195,6 +222,14 @@ def ensure_corpus(source: str | None, data_dir: str | None, glob: str) -> Path:
     if data_dir is None and source is None:
         raise DataError("set data.dir to a prepared corpus or data.source to a folder of text files")
     out = Path(data_dir) if data_dir else default_data_dir(source, glob)
+    if source is not None and (out / "meta.json").is_file():
+        src = resolve_source(source)
+        meta = json.loads((out / "meta.json").read_text())
+        made_from_it = (meta.get("source"), meta.get("glob")) == (str(src), glob)  # else data.dir wins as is
+        if made_from_it and src.is_dir() and meta.get("source_fingerprint") != source_fingerprint(src, glob):
+            print(f"data.source {src} changed since {out} was prepared from it: preparing it again", flush=True)
+            meta = prepare_corpus(src, out, glob)
+            print(f"prepared {meta['documents']} files, {meta['tokens']:,} tokens", flush=True)
     if not (out / "meta.json").is_file():
         if source is None:
             raise DataError(f"data.dir={out} holds no prepared corpus: run `moeyard prepare SRC --out {out}` "

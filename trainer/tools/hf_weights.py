@@ -8,9 +8,10 @@ stores one [F, D] matrix per expert (or, in newer files, a fused [E, 2F, D] gate
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -22,6 +23,18 @@ from moeyard.models import ModelConfig
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """A safetensors file opened for reading; a missing, truncated or damaged one is named."""
+    try:
+        handle = safe_open(str(path), "pt")
+    except Exception as err:  # safetensors' own error type differs between versions
+        raise ConfigError(f"{path} is not a readable safetensors file ({err}): it is missing, truncated or "
+                          f"damaged; download or save it again") from None
+    with handle as f:
+        yield f
+
+
 class HFTensors:
     """The safetensors of a save_pretrained folder, read lazily; remembers what was taken. `dry`: `take`
     reads only the header and returns a float32 tensor on the meta device (names and shapes, no data)."""
@@ -30,10 +43,13 @@ class HFTensors:
         self.dry = dry
         index = hf_dir / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ConfigError(f"{index} is not a safetensors index (JSON with a weight_map): {err!r}") from None
             self.files = {key: hf_dir / name for key, name in weight_map.items()}
         elif (hf_dir / "model.safetensors").is_file():
-            with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
+            with _opened(hf_dir / "model.safetensors") as f:
                 self.files = {key: hf_dir / "model.safetensors" for key in f.keys()}
         else:
             pickled = [p.name for p in hf_dir.glob("*.bin")]
@@ -49,10 +65,14 @@ class HFTensors:
         if key not in self.files:
             raise ConfigError(f"tensor {key!r} is missing from the checkpoint: is config.json from the same model?")
         self.taken.add(key)
-        with safe_open(str(self.files[key]), "pt") as f:
-            if self.dry:
-                return torch.empty(f.get_slice(key).get_shape(), dtype=torch.float32, device="meta")
-            return f.get_tensor(key).float()
+        with _opened(self.files[key]) as f:
+            try:
+                if self.dry:
+                    return torch.empty(f.get_slice(key).get_shape(), dtype=torch.float32, device="meta")
+                return f.get_tensor(key).float()
+            except Exception as err:  # safetensors' own error type differs between versions
+                raise ConfigError(f"{self.files[key]}: tensor {key!r} cannot be read ({err}): the file is "
+                                  f"truncated or damaged; download it again") from None
 
     def leftovers(self) -> list[str]:
         return sorted(k for k in self.files if k not in self.taken and not k.endswith(IGNORED_SUFFIXES))

@@ -70,10 +70,18 @@ def test_malformed_lines_are_named_by_file_and_line_or_skipped_and_counted(tmp_p
     write_jsonl(tmp_path / "d.jsonl", [good, line, good])
     with pytest.raises(DataError) as err:
         read_conversations(tmp_path / "d.jsonl", skip_malformed=False)
-    assert "d.jsonl:2: " in str(err.value) and reason in str(err.value) and "skip_malformed" in str(err.value)
+    assert "d.jsonl:2: " in str(err.value) and reason in str(err.value) and "sft.skip_malformed" in str(err.value)
     conversations, skipped = read_conversations(tmp_path / "d.jsonl", skip_malformed=True)
     assert len(conversations) == 2 and len(skipped) == 1
     assert skipped[0].startswith(f"{tmp_path / 'd.jsonl'}:2: ") and reason in skipped[0]
+
+
+def test_a_line_that_is_not_utf8_is_named_not_a_traceback(tmp_path) -> None:
+    (tmp_path / "d.jsonl").write_bytes(b'{"prompt": "p", "completion": "c"}\n{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8 text"):
+        read_conversations(tmp_path / "d.jsonl", skip_malformed=False)
+    conversations, skipped = read_conversations(tmp_path / "d.jsonl", skip_malformed=True)
+    assert len(conversations) == 1 and "not UTF-8" in skipped[0]
 
 
 def test_packing_keeps_examples_whole_and_marks_their_segments() -> None:

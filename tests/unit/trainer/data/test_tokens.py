@@ -104,3 +104,32 @@ def test_a_data_dir_without_corpus_is_only_filled_from_an_explicit_source(tmp_pa
     src.mkdir()
     (src / "a.py").write_text("x = 1\n")
     assert ensure_corpus(str(src), str(tmp_path / "new"), "*.py") == tmp_path / "new"
+
+
+def test_a_cached_corpus_is_prepared_again_when_its_source_files_change(tmp_path, monkeypatch) -> None:
+    from moeyard.trainer.data.tokens import ensure_corpus
+
+    monkeypatch.setenv("MOEYARD_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("tiny\n")
+    first = ensure_corpus(str(src), None, "*.txt")
+    assert read_meta(first)["tokens"] == 6
+    (src / "b.txt").write_text("x" * 4000)  # a file added
+    again = ensure_corpus(str(src), None, "*.txt")
+    assert again == first and read_meta(again)["tokens"] == 6 + 4001
+    (src / "a.txt").write_text("changed!\n")  # a file edited
+    assert read_meta(ensure_corpus(str(src), None, "*.txt"))["tokens"] == 10 + 4001
+    assert sorted(p.name for p in again.parent.iterdir()) == [again.name], "an old copy was left behind"
+
+
+def test_a_corpus_smaller_than_one_global_batch_is_refused_from_its_meta(tmp_path) -> None:
+    from moeyard.trainer.data.tokens import check_corpus_size
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("y" * 1000)
+    meta = prepare_corpus(src, tmp_path / "out", "*.txt")
+    check_corpus_size(tmp_path / "out", meta, seq_len=100, global_batch=10)  # 1000 tokens: 10 sequences
+    with pytest.raises(DataError, match="has 10 sequences of 100 tokens, fewer than one global batch \\(11\\)"):
+        check_corpus_size(tmp_path / "out", meta, seq_len=100, global_batch=11)

@@ -125,3 +125,16 @@ def test_import_checks_every_tensor_before_writing_anything(tmp_path: Path, caps
     assert main(["convert", "from-hf", str(hf_dir), "--out", str(tmp_path / "ckpt")]) == 2
     assert "experts.3.w2.weight" in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob(".ckpt*"))
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0001])
+def test_a_truncated_safetensors_file_is_named_in_one_line(tmp_path: Path, capsys, keep: float) -> None:
+    """Cut in the data (a tensor cannot be read) or in the header (the file cannot be opened)."""
+    hf_dir = save_random_model("mixtral", tmp_path / "hf")
+    weights = hf_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:max(8, int(len(data) * keep))])
+    assert main(["convert", "from-hf", str(hf_dir), "--out", str(tmp_path / "ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert str(weights) in err and ("truncated" in err) and "Traceback" not in err
+    assert not (tmp_path / "ckpt").exists()

@@ -1,0 +1,63 @@
+"""Checks of a run against what is on disk, made before any worker starts (and again in each worker):
+the checkpoint it will load fits the model, and the corpus holds at least one global batch.
+
+They read manifests, DCP metadata (through safe_read) and the corpus's meta.json only: no shard is
+opened, so a 671B checkpoint is checked in the time of reading its metadata.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from moeyard.errors import CheckpointError, ConfigError
+from moeyard.models import Transformer
+from moeyard.trainer.checkpoint import safe_read
+from moeyard.trainer.checkpoint.store import CheckpointStore, misnamed, read_manifest
+from moeyard.trainer.config import Config
+from moeyard.trainer.data.tokens import check_corpus_size, read_meta
+
+
+def checkpoint_to_load(cfg: Config) -> tuple[Optional[Path], str]:
+    """The checkpoint the run will start from and why ("resume" or "init"); (None, "") for a fresh start.
+    With checkpoint.resume=auto: the newest step folder whose manifest reads and matches its name (the
+    workers also check every file; a damaged one is passed over for an older one of the same run)."""
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        return Path(cfg.checkpoint.resume), "resume"
+    if cfg.checkpoint.resume == "auto":
+        for _, path in reversed(CheckpointStore(cfg.run_dir / "checkpoints").complete()):
+            try:
+                if misnamed(path, read_manifest(path)) is None:
+                    return path, "resume"
+            except CheckpointError:
+                continue
+    if cfg.checkpoint.init:
+        return Path(cfg.checkpoint.init), "init"
+    return None, ""
+
+
+def check_checkpoint_fits(cfg: Config) -> None:
+    """Every weight the checkpoint holds has the shape the configured model needs; refused (naming the
+    tensor, both shapes and the fix) before run.dir/config.yaml is rewritten."""
+    path, why = checkpoint_to_load(cfg)
+    if path is None:
+        return
+    key = "checkpoint.init" if why == "init" else "resuming"
+    try:
+        saved = safe_read.read_metadata(path).state_dict_metadata
+    except CheckpointError as err:
+        raise CheckpointError(f"{key}: {err}") from None
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    for name, param in model.named_parameters():
+        md = saved.get(f"model.{name}")
+        if md is not None and tuple(md.size) != tuple(param.shape):
+            fix = ("resume with the model config it was saved with (its manifest.json has it), or start a new "
+                   "run.dir" if why == "resume" else "remove the model keys that change shapes")
+            raise ConfigError(f"{key} {path}: model.{name} is {tuple(md.size)} there, the configured model "
+                              f"makes {tuple(param.shape)}: {fix}")
+
+
+def check_corpus(cfg: Config, data_dir: Path) -> None:
+    check_corpus_size(data_dir, read_meta(data_dir), cfg.train.seq_len, cfg.global_batch_sequences)
