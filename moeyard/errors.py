@@ -6,6 +6,7 @@ launcher that sees every worker exit with the same code passes it on.
 """
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable
 
@@ -41,6 +42,12 @@ class LaunchError(MoeyardError, RuntimeError):
     """The environment of a worker does not describe a usable launch; the message says how to fix it."""
 
 
+class DiskFullError(MoeyardError, OSError):
+    """A write ran out of disk space; the message says where, how much, and what is still intact."""
+
+    exit_code = NO_SPACE
+
+
 class NonFiniteStop(MoeyardError, RuntimeError):
     """Training met NaN/inf and was told to stop; the last good state is checkpointed."""
 
@@ -54,6 +61,12 @@ def run_reporting(action: Callable[[], int]) -> int:
     except (MoeyardError, FileExistsError) as err:  # FileExistsError: a tool refused to overwrite its output
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code if isinstance(err, MoeyardError) else BAD_INPUT
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on the device writing {err.filename or 'a file'}: free space and run the "
+              f"same command again", file=sys.stderr)
+        return NO_SPACE
     except KeyboardInterrupt:  # a training worker turns the first Ctrl-C into a save; this is a second one
         print("error: stopped at once by Ctrl-C: the work since the last checkpoint was not saved",
               file=sys.stderr)

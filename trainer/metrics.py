@@ -61,8 +61,12 @@ class MetricsLogger:
         kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
                 if _step_of(line) is not None and _step_of(line) <= first_step]
         tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)  # a crash here leaves the old file, never a half-written one
+        try:
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)  # a crash here leaves the old file, never a half-written one
+        except OSError:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: no empty leftover beside the intact old file
+            raise
         self.jsonl = path.open("a")
         self.writer = None
         if tensorboard:

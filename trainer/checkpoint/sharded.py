@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moeyard.errors import CheckpointError
@@ -41,6 +42,7 @@ from moeyard.parallel.fsdp import global_expert_view
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.trainer.checkpoint import safe_read
+from moeyard.trainer.checkpoint.disk_full import disk_full
 from moeyard.trainer.checkpoint.store import (
     CheckpointStore,
     base_of,
@@ -151,6 +153,7 @@ class Checkpointer:
         self.cfg, self.pmesh, self.plan = cfg, pmesh, plan
         self.store = CheckpointStore(cfg.run_dir / "checkpoints")
         self.pending: Optional[PendingSave] = None
+        self._model_parameters: list[nn.Parameter] = []
         # DCP's own collectives (plan and metadata exchange) go over a group of their own: an asynchronous
         # save runs them on a background thread while training uses the default group.
         self.group = dist.new_group(backend="gloo")
@@ -181,6 +184,7 @@ class Checkpointer:
         names = None
         if self.base is not None:
             names = {n for n, p in model.named_parameters() if p.requires_grad} | self.saved_besides_trainable
+        self._model_parameters = list(model.parameters())
         state = _state_dict(model, sync.param_states(), self.pmesh, with_rng=True, names=names)
         manifest = {
             "step": step,
@@ -193,20 +197,38 @@ class Checkpointer:
         }
         if self.base is not None:
             manifest["base"] = self.base
-        if asynchronous:
-            # DCP copies the tensors to CPU memory before returning, so training may change them at once.
-            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
-            self.pending = PendingSave(step, tmp, future, manifest)
-        else:
-            dcp.save(state, checkpoint_id=tmp, process_group=self.group)  # fsyncs its files
-            self._publish(step, tmp, manifest)
+        try:
+            if asynchronous:
+                # DCP copies the tensors to CPU memory before returning, so training may change them at once.
+                future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
+                self.pending = PendingSave(step, tmp, future, manifest)
+            else:
+                dcp.save(state, checkpoint_id=tmp, process_group=self.group)  # fsyncs its files
+                self._publish(step, tmp, manifest)
+        except (Exception, CheckpointException) as err:  # DCP's is a BaseException
+            self._raise_if_disk_full(err, step, tmp)
+            raise
 
     def finish(self) -> None:
         """Wait for an asynchronous save and publish it."""
         if self.pending is not None:
             pending, self.pending = self.pending, None
-            pending.future.result()
-            self._publish(pending.step, pending.tmp, pending.manifest)
+            try:
+                pending.future.result()
+                self._publish(pending.step, pending.tmp, pending.manifest)
+            except (Exception, CheckpointException) as err:
+                self._raise_if_disk_full(err, pending.step, pending.tmp)
+                raise
+
+    def _raise_if_disk_full(self, err: BaseException, step: int, tmp: Path) -> None:
+        """Every rank sees a failed save (DCP and from_rank0 share failures): on a full disk, remove the
+        partial folder and raise one DiskFullError instead of each rank's traceback."""
+        estimate = sum(p.numel() * p.element_size() * 3 for p in self._model_parameters)  # weights + AdamW
+        full = disk_full(err, tmp, step, self.store, estimate * dist.get_world_size())
+        if full is not None:
+            if dist.get_rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise full from None
 
     def _publish(self, step: int, tmp: Path, manifest: dict[str, Any]) -> None:
         files = _describe_files(tmp)  # collective: every rank's shards are on disk once it returns
