@@ -8,6 +8,7 @@ code 128 + signal, the code Slurm job scripts and shells expect.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
 import os
 import socket
@@ -31,6 +32,8 @@ class Nodes:
     """host:port of the rendezvous, hosted by node 0; needed when count > 1."""
     run_id: str = "moeyard"
     """Same on every node of one job, different between jobs sharing an endpoint."""
+    local_addr: Optional[str] = None
+    """The address this node advertises to the others (default: what its hostname resolves to)."""
 
     def check(self) -> None:
         if self.count < 1:
@@ -41,13 +44,38 @@ class Nodes:
             if not self.endpoint:
                 raise LaunchError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT, the address of node 0, given "
                                   "alike to every node")
-            self.host_port()
+            host, _ = self.host_port()
+            if self.local_addr is None and not _loopback_addresses(host):  # a loopback endpoint: one machine
+                _refuse_loopback_hostname()
 
     def host_port(self) -> tuple[str, int]:
         host, _, port = (self.endpoint or "").rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise LaunchError(f"--rdzv-endpoint={self.endpoint!r} must be HOST:PORT, e.g. node001:29400")
         return host, int(port)
+
+
+def _loopback_addresses(name: str) -> set[str]:
+    """The addresses `name` resolves to if every one is a loopback address; else (or unresolvable) none."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(name, None)}
+    except OSError:
+        return set()  # unresolvable: torchrun's own error names it
+    loopback = all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+    return addresses if addresses and loopback else set()
+
+
+def _refuse_loopback_hostname() -> None:
+    """torchrun advertises this node by its hostname; one that resolves to a loopback address (Debian's
+    /etc/hosts maps it to 127.0.1.1) sends the other nodes to themselves, and they wait without an error."""
+    name = socket.getfqdn()
+    addresses = _loopback_addresses(name)
+    if addresses:
+        raise LaunchError(f"this node's hostname {name!r} resolves to {', '.join(sorted(addresses))} (loopback), "
+                          f"which the other nodes cannot reach, so the job would hang: give --local-addr ADDR "
+                          f"(this node's address on the network the nodes share), or map the hostname to that "
+                          f"address in /etc/hosts; and set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME to that "
+                          f"network's interface for the collectives")
 
 
 def _check_port_free(port: int) -> None:
@@ -71,8 +99,9 @@ def torchrun_argv(nproc: int, nodes: Nodes, max_restarts: int, rendezvous_timeou
         return ["--standalone", *argv]
     conf = f"join_timeout={int(rendezvous_timeout_s)},read_timeout={int(rendezvous_timeout_s)}," \
            f"is_host={str(nodes.rank == 0).lower()}"  # only node 0 hosts: no guessing from host names
+    local = [f"--local-addr={nodes.local_addr}"] if nodes.local_addr else []
     return [f"--nnodes={nodes.count}", f"--node-rank={nodes.rank}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={nodes.endpoint}", f"--rdzv-id={nodes.run_id}", f"--rdzv-conf={conf}", *argv]
+            f"--rdzv-endpoint={nodes.endpoint}", f"--rdzv-id={nodes.run_id}", f"--rdzv-conf={conf}", *local, *argv]
 
 
 def launch_workers(nproc: int, worker_args: list[str], *, nodes: Nodes = Nodes(), max_restarts: int = 0,

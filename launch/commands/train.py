@@ -20,7 +20,7 @@ from moeyard.trainer.memory_plan import fit_memory
 from moeyard.trainer.preflight import check_checkpoint_fits, check_corpus
 from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.run_dir import holds_a_run
-from moeyard.trainer.run_lock import RunLock
+from moeyard.trainer.run_lock import HELD_ENV, RunLock
 from moeyard.trainer.schedule import act_bytes
 
 
@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise LaunchError(f"{config} has no sft.data: moeyard sft needs a JSONL file of conversations there "
                           f"(or --set sft.data=FILE)")
     nodes = Nodes(args.nnodes, _node_rank(args.node_rank, args.nnodes), args.rdzv_endpoint,
-                  args.rdzv_id or f"moeyard-{cfg.run.name}")
+                  args.rdzv_id or f"moeyard-{cfg.run.name}", args.local_addr)
     nodes.check()
     if args.nproc is None and cfg.parallel.ep % nodes.count:
         raise LaunchError(f"--nnodes={nodes.count} does not divide parallel.ep={cfg.parallel.ep}: give --nproc, "
@@ -140,6 +140,8 @@ def _check_and_launch(cfg: Config, config: str, args: argparse.Namespace, nodes:
     lock = RunLock(cfg.run_dir) if nodes.rank == 0 else None
     if lock is not None:
         lock.acquire()
+    else:  # every node's workers must agree that no worker takes it (taking it is collective)
+        os.environ[HELD_ENV] = "node 0's launcher"
     try:
         where = f"node {nodes.rank} of {nodes.count}, " if nodes.count > 1 else ""
         print(f"training {config} on {where}{nproc} process(es) (world {world}), ep={cfg.parallel.ep}; "
@@ -172,6 +174,9 @@ def _add_train_args(train: argparse.ArgumentParser, default_config: str) -> None
                             "hosts the rendezvous")
     train.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
                        help="node 0's address for the c10d rendezvous, the same on every node")
+    train.add_argument("--local-addr", default=None, metavar="ADDR",
+                       help="the address this node advertises to the others (default: what its hostname "
+                            "resolves to; needed where that is a loopback address)")
     train.add_argument("--rdzv-id", default=None,
                        help="a job id, the same on every node (default: moeyard-<run.name>)")
     train.add_argument("--init", default=None, metavar="CKPT",
