@@ -17,7 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch.distributed as dist
+
 from moeyard.errors import LaunchError
+from moeyard.parallel.agree import from_rank0
 
 LOCK = "LOCK"
 HELD_ENV = "MOEYARD_RUN_LOCK"
@@ -135,10 +138,6 @@ def held_by_launcher() -> bool:
 def lock_for_workers(run_dir: Path) -> Optional[RunLock]:
     """Without a moeyard launcher holding it (srun or mpirun start the workers), rank 0 takes the lock;
     every rank learns whether it could. Collective; returns rank 0's lock."""
-    import torch.distributed as dist
-
-    from moeyard.parallel.agree import from_rank0
-
     if held_by_launcher():
         return None
     lock = RunLock(run_dir) if dist.get_rank() == 0 else None

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from helpers.launches import run_nodes
 from helpers.multiprocess import free_port
 from helpers.runs import read_metrics, skip_or_fail
 
@@ -57,22 +58,10 @@ def test_mpirun_trains_like_a_local_run(tmp_path, launch_reference) -> None:
 def test_two_nodes_on_one_machine_train_like_a_local_run(tmp_path, launch_reference) -> None:
     config, reference = launch_reference
     endpoint = f"127.0.0.1:{free_port()}"
-    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]  # files, not pipes: a full pipe would block a node
-    nodes = [subprocess.Popen([sys.executable, "-m", "moeyard", "train", str(config), "--nnodes", "2",
-                               "--node-rank", str(rank), "--nproc", "1", "--rdzv-endpoint", endpoint,
-                               "--set", f"run.dir={tmp_path / 'run'}"],
-                              stdout=log.open("w"), stderr=subprocess.STDOUT, env=ENV)
-             for rank, log in zip((0, 1), logs)]
-    try:
-        for node in nodes:
-            node.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        raise AssertionError("two-node training hung:\n" + "\n".join(log.read_text() for log in logs)) from None
-    finally:
-        for node in nodes:
-            node.kill()
-    outputs = [log.read_text() for log in logs]
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+    commands = [[sys.executable, "-m", "moeyard", "train", str(config), "--nnodes", "2", "--node-rank", str(rank),
+                 "--nproc", "1", "--rdzv-endpoint", endpoint, "--set", f"run.dir={tmp_path / 'run'}"]
+                for rank in (0, 1)]
+    outputs = run_nodes(commands, [tmp_path / f"node{rank}.log" for rank in (0, 1)], [ENV, ENV], timeout_s=300)
     assert "node 1 of 2, 1 process(es) (world 2)" in outputs[1]
     # The rendezvous may order the ranks differently from --node-rank; the math is the same up to rounding.
     assert losses(tmp_path / "run") == pytest.approx(reference, rel=1e-5)

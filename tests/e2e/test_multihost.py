@@ -26,27 +26,18 @@ def test_a_hostname_that_resolves_to_loopback_is_refused_with_the_fix(tmp_path, 
 def test_two_hosts_train_like_a_local_run(tmp_path, launch_reference) -> None:
     """Two network namespaces with their own addresses and one hostname (one UTS namespace), so each
     host says which address is its own (--local-addr, GLOO_SOCKET_IFNAME)."""
+    from helpers.launches import run_nodes
     from helpers.netns import hosts
     from helpers.runs import read_metrics
 
     config, reference = launch_reference
     with hosts() as (a, b):
         endpoint = f"{a.address}:29400"
-        logs = [tmp_path / f"host{rank}.log" for rank in (0, 1)]
-        nodes = [subprocess.Popen(host.command(
-            sys.executable, "-m", "moeyard", "train", str(config), "--nnodes", "2", "--node-rank", str(rank),
-            "--nproc", "1", "--rdzv-endpoint", endpoint, "--local-addr", host.address,
-            "--set", f"run.dir={tmp_path / 'run'}", "--set", "parallel.timeout_s=60"),
-            stdout=log.open("w"), stderr=subprocess.STDOUT, env={**ENV, "GLOO_SOCKET_IFNAME": host.interface})
-            for rank, (host, log) in enumerate(zip((a, b), logs))]
-        try:
-            for node in nodes:
-                node.wait(timeout=240)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("two-host training hung:\n" + "\n".join(log.read_text() for log in logs)) from None
-        finally:
-            for node in nodes:
-                node.kill()
-        outputs = "\n".join(log.read_text() for log in logs)
-        assert [node.returncode for node in nodes] == [0, 0], outputs
+        commands = [host.command(sys.executable, "-m", "moeyard", "train", str(config), "--nnodes", "2",
+                                 "--node-rank", str(rank), "--nproc", "1", "--rdzv-endpoint", endpoint,
+                                 "--local-addr", host.address, "--set", f"run.dir={tmp_path / 'run'}",
+                                 "--set", "parallel.timeout_s=60")
+                    for rank, host in enumerate((a, b))]
+        run_nodes(commands, [tmp_path / f"host{rank}.log" for rank in (0, 1)],
+                  [{**ENV, "GLOO_SOCKET_IFNAME": host.interface} for host in (a, b)], timeout_s=240)
     assert [m["loss"] for m in read_metrics(tmp_path / "run")] == reference  # bit for bit

@@ -61,3 +61,21 @@ def workers(proc: subprocess.Popen) -> list[int]:
 def logged_steps(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def run_nodes(commands: list[list[str]], logs: list[Path], envs: list[dict], timeout_s: float) -> list[str]:
+    """Start one `moeyard train` per node and wait for all; their outputs, after checking that every one
+    exited 0. Output goes to files, not pipes: a full pipe would block a node."""
+    nodes = [subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+             for cmd, log, env in zip(commands, logs, envs)]
+    try:
+        for node in nodes:
+            node.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("multi-node training hung:\n" + "\n".join(log.read_text() for log in logs)) from None
+    finally:
+        for node in nodes:
+            node.kill()
+    outputs = [log.read_text() for log in logs]
+    assert [node.returncode for node in nodes] == [0] * len(nodes), "\n".join(outputs)
+    return outputs

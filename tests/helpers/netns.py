@@ -55,5 +55,4 @@ def hosts() -> Iterator[tuple[Host, Host]]:
         yield pair
     finally:
         for host in pair:
-            subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True)
             subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True)

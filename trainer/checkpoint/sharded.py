@@ -153,7 +153,8 @@ class Checkpointer:
         self.cfg, self.pmesh, self.plan = cfg, pmesh, plan
         self.store = CheckpointStore(cfg.run_dir / "checkpoints")
         self.pending: Optional[PendingSave] = None
-        self._model_parameters: list[nn.Parameter] = []
+        self._state_bytes = 0
+        """This rank's weights + AdamW moments: the size of a first checkpoint, about (disk-full message)."""
         # DCP's own collectives (plan and metadata exchange) go over a group of their own: an asynchronous
         # save runs them on a background thread while training uses the default group.
         self.group = dist.new_group(backend="gloo")
@@ -184,7 +185,7 @@ class Checkpointer:
         names = None
         if self.base is not None:
             names = {n for n, p in model.named_parameters() if p.requires_grad} | self.saved_besides_trainable
-        self._model_parameters = list(model.parameters())
+        self._state_bytes = sum(p.numel() * p.element_size() * 3 for p in model.parameters())
         state = _state_dict(model, sync.param_states(), self.pmesh, with_rng=True, names=names)
         manifest = {
             "step": step,
@@ -223,8 +224,7 @@ class Checkpointer:
     def _raise_if_disk_full(self, err: BaseException, step: int, tmp: Path) -> None:
         """Every rank sees a failed save (DCP and from_rank0 share failures): on a full disk, remove the
         partial folder and raise one DiskFullError instead of each rank's traceback."""
-        estimate = sum(p.numel() * p.element_size() * 3 for p in self._model_parameters)  # weights + AdamW
-        full = disk_full(err, tmp, step, self.store, estimate * dist.get_world_size())
+        full = disk_full(err, tmp, step, self.store, self._state_bytes * dist.get_world_size())
         if full is not None:
             if dist.get_rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
