@@ -14,24 +14,20 @@ import torch
 from moeyard.errors import CheckpointError, ConfigError
 from moeyard.models import Transformer
 from moeyard.trainer.checkpoint import safe_read
-from moeyard.trainer.checkpoint.store import CheckpointStore, misnamed, read_manifest
+from moeyard.trainer.checkpoint.store import CheckpointStore
 from moeyard.trainer.config import Config
 from moeyard.trainer.data.tokens import check_corpus_size, read_meta
 
 
 def checkpoint_to_load(cfg: Config) -> tuple[Optional[Path], str]:
     """The checkpoint the run will start from and why ("resume" or "init"); (None, "") for a fresh start.
-    With checkpoint.resume=auto: the newest step folder whose manifest reads and matches its name (the
-    workers also check every file; a damaged one is passed over for an older one of the same run)."""
+    With checkpoint.resume=auto: the store's newest readable checkpoint."""
     if cfg.checkpoint.resume not in ("auto", "none"):
         return Path(cfg.checkpoint.resume), "resume"
     if cfg.checkpoint.resume == "auto":
-        for _, path in reversed(CheckpointStore(cfg.run_dir / "checkpoints").complete()):
-            try:
-                if misnamed(path, read_manifest(path)) is None:
-                    return path, "resume"
-            except CheckpointError:
-                continue
+        path = CheckpointStore(cfg.run_dir / "checkpoints").newest_readable()
+        if path is not None:
+            return path, "resume"
     if cfg.checkpoint.init:
         return Path(cfg.checkpoint.init), "init"
     return None, ""

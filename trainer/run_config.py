@@ -24,8 +24,7 @@ def _resume_source(tree: dict[str, Any]) -> Optional[Path]:
     if resume != "auto":
         return Path(resume)
     run = build_config({"run": tree.get("run") or {}}).run
-    complete = CheckpointStore(Path(run.dir.format(name=run.name)) / "checkpoints").complete()
-    return complete[-1][1] if complete else None
+    return CheckpointStore(Path(run.dir.format(name=run.name)) / "checkpoints").newest_readable()
 
 
 def with_init_model(tree: dict[str, Any]) -> dict[str, Any]:

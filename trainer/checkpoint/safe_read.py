@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
 
 from moeyard.errors import CheckpointError
+from moeyard.trainer.checkpoint.store import is_plain_name
 
 METADATA = ".metadata"
 
@@ -57,10 +58,6 @@ class _MetadataUnpickler(pickle.Unpickler):
                               f"checkpoints from sources you trust, and get an unaltered copy of this one")
 
 
-def _plain_name(name: Any) -> bool:
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-
-
 def _check(md: Any, where: Path) -> None:
     """Raise unless `md` is metadata of tensors whose shards are plain file names in the folder."""
     if not isinstance(md, dcp_metadata.Metadata) or not isinstance(md.state_dict_metadata, dict):
@@ -70,7 +67,7 @@ def _check(md: Any, where: Path) -> None:
             raise CheckpointError(f"{where}: entry {key!r} is a pickled object, not a tensor; moeyard never "
                                   f"writes those and does not load them (loading one would run its code)")
     for index, info in (md.storage_data or {}).items():
-        if not isinstance(info, _StorageInfo) or not _plain_name(info.relative_path):
+        if not isinstance(info, _StorageInfo) or not is_plain_name(info.relative_path):
             path = getattr(info, "relative_path", info)
             raise CheckpointError(f"{where}: shard of {getattr(index, 'fqn', index)!r} is in {path!r}, which is "
                                   f"not a file inside the checkpoint folder")

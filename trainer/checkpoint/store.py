@@ -58,9 +58,14 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{manifest} is not valid JSON: {err}") from None
 
 
+def is_plain_name(name: object) -> bool:
+    """A file name that stays in its folder: no separator, not `.` or `..`."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
 def _outside(folder: Path, name: object) -> str | None:
     """Why the manifest's file `name` is not a file inside `folder` (a path, `..`, a link out), or None."""
-    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+    if not is_plain_name(name):
         return f"{folder}: the manifest lists a file {name!r}, which is not a plain name inside the checkpoint"
     if (folder / name).is_symlink():
         return f"{folder}: file {name} is a symbolic link; a checkpoint's files must be inside it"
@@ -165,6 +170,18 @@ class CheckpointStore:
             if m and p.is_dir():
                 found.append((int(m.group(1)), p))
         return sorted(found)
+
+    def newest_readable(self) -> Path | None:
+        """The newest checkpoint whose manifest reads and matches its folder's name, without hashing its
+        files: what a resume will most likely load (a damaged one is passed over later, for an older one
+        of the same run)."""
+        for _, path in reversed(self.complete()):
+            try:
+                if misnamed(path, read_manifest(path)) is None:
+                    return path
+            except CheckpointError:
+                continue
+        return None
 
     def newest_intact(self) -> Found:
         skipped = []
