@@ -97,7 +97,7 @@ def _measure(rank: int, overrides: list[str], steps: int, port: int, results) ->
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     cfg = load_config(configs.path("tiny.yaml"), overrides)
     device = torch.device("cpu")
-    pmesh = build_mesh(cfg.parallel.ep, "cpu")
+    pmesh = build_mesh(cfg.parallel.ep, "cpu", cfg.parallel.timeout_s)
     plan = plan_for(cfg, pmesh, device)
     base = _status_kb("VmRSS")
     _reset_peak()

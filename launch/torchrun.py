@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from moeyard.errors import BAD_INPUT, NO_SPACE, NONFINITE, LaunchError
+from moeyard.errors import BAD_INPUT, NO_SPACE, NONFINITE, PEER_LOST, LaunchError
+from moeyard.launch.agent_watchdog import AgentWatchdog
 from moeyard.launch.env import available_cpus
+from moeyard.launch.peers import NODE_ADDR_ENV
 from moeyard.launch.stop_signals import restore_signals, stopped_message, take_stop_signals
 from moeyard.trainer.run_dir import PREEMPTED
 
@@ -116,11 +118,14 @@ def launch_workers(nproc: int, worker_args: list[str], *, nodes: Nodes = Nodes()
     nodes.check()
     if nodes.count > 1 and nodes.rank == 0:
         _check_port_free(nodes.host_port()[1])
+    if nodes.local_addr:
+        os.environ[NODE_ADDR_ENV] = nodes.local_addr  # the workers name their node by it (launch/peers.py)
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, available_cpus() // nproc))
     argv = [*torchrun_argv(nproc, nodes, max_restarts, rendezvous_timeout_s, stop_grace_s), "-m", "moeyard.train",
             *worker_args]
     handlers = take_stop_signals()
+    watchdog = _watchdog(nodes, rendezvous_timeout_s)
     try:
         run(get_args_parser().parse_args(argv))
         if run_dir is not None and (run_dir / PREEMPTED).exists():
@@ -131,7 +136,8 @@ def launch_workers(nproc: int, worker_args: list[str], *, nodes: Nodes = Nodes()
         failures = ", ".join(f"rank {rank} exit code {f.exitcode}" for rank, f in sorted(err.failures.items()))
         print(f"error: training workers failed ({failures}); see their messages above", file=sys.stderr)
         codes = {f.exitcode for f in err.failures.values()}
-        return codes.pop() if codes in ({BAD_INPUT}, {NONFINITE}, {NO_SPACE}) else 1  # all workers agree on why
+        agreed = codes in ({BAD_INPUT}, {NONFINITE}, {NO_SPACE}, {PEER_LOST})  # all workers agree on why
+        return codes.pop() if agreed else 1
     except SignalException as err:  # the launcher itself was told to stop; workers checkpoint on their way out
         print(stopped_message(run_dir, err.sigval), file=sys.stderr)
         return 128 + err.sigval
@@ -142,5 +148,18 @@ def launch_workers(nproc: int, worker_args: list[str], *, nodes: Nodes = Nodes()
                           f"runs with the same --rdzv-endpoint/--rdzv-id and --nnodes, and that the address is "
                           f"reachable from this node (parallel.rendezvous_timeout_s sets the wait)") from None
     finally:
+        watchdog.stop()
         restore_signals(handlers)
     return 0
+
+
+def _watchdog(nodes: Nodes, rendezvous_timeout_s: float) -> AgentWatchdog:
+    """Across nodes, torchrun's agent may wait on node 0's store for good once its workers ended."""
+    # Between two rounds of workers: a re-rendezvous (join_timeout), then store reads that wait for the
+    # other nodes (read_timeout each); all are rendezvous_timeout_s. Longer than that is a hang.
+    limit_s = 3 * rendezvous_timeout_s
+    watchdog = AgentWatchdog(limit_s, f"node {nodes.rank}: the workers ended {limit_s:.0f} s ago and torchrun "
+                                      f"still waits for the rendezvous at {nodes.endpoint} (the other nodes are "
+                                      f"gone or unreachable from here), so this node stops. The last checkpoint "
+                                      f"is kept: run the same command on every node to resume")
+    return watchdog.start() if nodes.count > 1 else watchdog

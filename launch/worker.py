@@ -17,6 +17,7 @@ import torch.distributed as dist
 from moeyard.errors import DataError, LaunchError, run_reporting
 from moeyard.launch.env import DistEnv, available_cpus, resolve_env
 from moeyard.launch.host_memory import keep_freed_memory
+from moeyard.launch.peers import Peers
 from moeyard.trainer.config import Config, validate_for_world
 from moeyard.trainer.data.tokens import ensure_corpus
 from moeyard.trainer.loop import train
@@ -124,6 +125,7 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
     if env.launcher != "single":  # an orphaned worker saves and stops instead of training on alone
         preemption.watch_parent(cfg.checkpoint.stop_grace_s)
     init_distributed(env, backend, cfg.parallel.timeout_s, cfg.parallel.rendezvous_timeout_s)
+    peers = Peers.gather()
     lock = None
     try:
         if plan_only:
@@ -136,6 +138,11 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
         lock = lock_for_workers(cfg.run_dir)
         outcome = train(cfg, device, preemption)
+    except RuntimeError as err:
+        lost = peers.lost_peer(err, cfg.parallel.timeout_s)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         if lock is not None:
             lock.release()

@@ -16,6 +16,8 @@ NONFINITE = 3
 """Exit code: training met NaN/inf and stopped with the last good state saved."""
 NO_SPACE = 4
 """Exit code: a write failed for lack of disk space; the last complete checkpoint is intact."""
+PEER_LOST = 5
+"""Exit code: another node stopped answering (crashed, or its link is down); the last checkpoint is intact."""
 INTERRUPTED = 130
 """Exit code: stopped at once by Ctrl-C (128 + SIGINT), without saving."""
 
@@ -46,6 +48,12 @@ class DiskFullError(MoeyardError, OSError):
     """A write ran out of disk space; the message says where, how much, and what is still intact."""
 
     exit_code = NO_SPACE
+
+
+class PeerLostError(MoeyardError, RuntimeError):
+    """A collective lost a peer: the message names the other nodes and how to resume."""
+
+    exit_code = PEER_LOST
 
 
 class NonFiniteStop(MoeyardError, RuntimeError):

@@ -11,6 +11,7 @@ replicated on dp / ep ranks, its expert-data-parallel (edp) group.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -63,8 +64,12 @@ class ParallelMesh:
         return self.mesh["edp"]
 
 
-def build_mesh(ep: int, device_type: str) -> ParallelMesh:
+def build_mesh(ep: int, device_type: str, timeout_s: float = 600.0) -> ParallelMesh:
     """Build the (edp, ep) mesh over the initialised default process group.
+
+    `timeout_s` (parallel.timeout_s) bounds every collective on the mesh's groups: `new_group` does not
+    inherit the default group's timeout (gloo's own default is 30 minutes), so without it a lost peer
+    would hang an expert exchange far beyond the configured limit.
 
     The groups are made with `new_group` and wrapped by `DeviceMesh.from_group`:
     meshes whose groups torch creates itself (init_device_mesh plus a flattened
@@ -79,9 +84,10 @@ def build_mesh(ep: int, device_type: str) -> ParallelMesh:
         )
     layout = torch.arange(world).view(world // ep, ep)
     # Every rank creates every group, in the same order, as new_group requires.
-    ep_groups = [dist.new_group(row.tolist()) for row in layout]
-    edp_groups = [dist.new_group(col.tolist()) for col in layout.t()]
-    dp_group = dist.new_group(list(range(world)))
+    timeout = timedelta(seconds=timeout_s)
+    ep_groups = [dist.new_group(row.tolist(), timeout=timeout) for row in layout]
+    edp_groups = [dist.new_group(col.tolist(), timeout=timeout) for col in layout.t()]
+    dp_group = dist.new_group(list(range(world)), timeout=timeout)
     mesh = DeviceMesh.from_group(
         [edp_groups[rank % ep], ep_groups[rank // ep]], device_type, mesh=layout, mesh_dim_names=("edp", "ep")
     )

@@ -41,3 +41,102 @@ def test_two_hosts_train_like_a_local_run(tmp_path, launch_reference) -> None:
         run_nodes(commands, [tmp_path / f"host{rank}.log" for rank in (0, 1)],
                   [{**ENV, "GLOO_SOCKET_IFNAME": host.interface} for host in (a, b)], timeout_s=240)
     assert [m["loss"] for m in read_metrics(tmp_path / "run")] == reference  # bit for bit
+
+
+def _node_commands(config, run_dir, pair, *options: str) -> list[list[str]]:
+    endpoint = f"{pair[0].address}:29400"
+    return [host.command(sys.executable, "-m", "moeyard", "train", str(config), "--nnodes", "2", "--node-rank",
+                         str(rank), "--nproc", "1", "--rdzv-endpoint", endpoint, "--local-addr", host.address,
+                         "--set", f"run.dir={run_dir}", *options)
+            for rank, host in enumerate(pair)]
+
+
+def test_a_cut_link_stops_every_node_naming_the_other(tmp_path, small_corpus) -> None:
+    """veth down mid-run: each worker's collective times out after parallel.timeout_s and names the node it
+    lost; node 1's launcher, whose agent then waits on node 0's store for good, is ended by its watchdog."""
+    import time
+
+    from helpers.launches import logged_steps
+    from helpers.netns import hosts, set_link
+    from helpers.runs import write_config
+
+    timeout_s, rendezvous_s = 10, 10
+    config = write_config(tmp_path / "c.yaml", small_corpus, parallel={"ep": 2}, train={"steps": 5000},
+                          checkpoint={"every": 10})
+    run_dir, logs = tmp_path / "run", [tmp_path / "host0.log", tmp_path / "host1.log"]
+    with hosts() as pair:
+        commands = _node_commands(config, run_dir, pair, "--set", f"parallel.timeout_s={timeout_s}",
+                                  "--set", f"parallel.rendezvous_timeout_s={rendezvous_s}")
+        nodes = [subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                                  env={**ENV, "GLOO_SOCKET_IFNAME": host.interface})
+                 for cmd, log, host in zip(commands, logs, pair)]
+        try:
+            deadline = time.monotonic() + 180
+            latest = run_dir / "checkpoints" / "latest"
+            while not (latest.exists() and logged_steps(run_dir) >= 15):
+                assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), \
+                    "\n".join(log.read_text() for log in logs)
+                time.sleep(0.1)
+            kept = latest.read_text().strip()
+            set_link(pair[0], up=False)
+            cut = time.monotonic()
+            ended = []
+            for node in nodes:
+                node.wait(timeout=3 * rendezvous_s + timeout_s + 60)
+                ended.append(time.monotonic() - cut)
+        finally:
+            for node in nodes:
+                if node.poll() is None:
+                    os.killpg(node.pid, 9)
+    outputs = [log.read_text() for log in logs]
+    assert [node.returncode for node in nodes] == [5, 5], "\n".join(outputs)  # PEER_LOST
+    for rank, (out, other) in enumerate(zip(outputs, reversed(pair))):
+        assert f"error: rank {rank} on {pair[rank].address}: a collective got no answer within " \
+               f"parallel.timeout_s={timeout_s} s: lost contact with {other.address} (rank {1 - rank})" in out, out
+        assert "Traceback" not in out, out
+    assert ended[0] < timeout_s + 15, ended  # node 0 hosts the store: its launcher ends with its worker
+    assert "node 1: the workers ended" in outputs[1] and ended[1] < timeout_s + 3 * rendezvous_s + 15, ended
+    assert latest.read_text().strip() == kept and (run_dir / "checkpoints" / kept / "manifest.json").exists()
+
+
+def test_a_killed_node_is_requeued_and_the_run_ends_at_the_uninterrupted_loss(tmp_path, small_corpus) -> None:
+    """Every process of node 1 SIGKILLed mid-run: node 0's worker loses its peer at once and stops with the
+    peer's name; both nodes started again (a requeue) resume from the last checkpoint and end like a run
+    that was never interrupted."""
+    import signal
+    import time
+
+    from helpers.launches import logged_steps, run_nodes
+    from helpers.netns import hosts
+    from helpers.runs import moeyard_train, read_metrics, write_config
+
+    config = write_config(tmp_path / "c.yaml", small_corpus, parallel={"ep": 2}, train={"steps": 20},
+                          checkpoint={"every": 5})
+    moeyard_train(config, tmp_path / "reference", 2)
+    run_dir = tmp_path / "run"
+    with hosts() as pair:
+        commands = _node_commands(config, run_dir, pair, "--set", "parallel.timeout_s=30")
+        envs = [{**ENV, "GLOO_SOCKET_IFNAME": host.interface} for host in pair]
+        logs = [tmp_path / "first0.log", tmp_path / "first1.log"]
+        nodes = [subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+                 for cmd, log, env in zip(commands, logs, envs)]
+        try:
+            deadline = time.monotonic() + 180
+            while not ((run_dir / "checkpoints" / "latest").exists() and logged_steps(run_dir) >= 8):
+                assert time.monotonic() < deadline and nodes[0].poll() is None, logs[0].read_text()
+                time.sleep(0.05)
+            for pid in subprocess.run(["ip", "netns", "pids", pair[1].namespace], capture_output=True, text=True,
+                                      timeout=30).stdout.split():
+                os.kill(int(pid), signal.SIGKILL)  # the node dies: its launcher and its workers
+            nodes[0].wait(timeout=60)
+        finally:
+            for node in nodes:
+                node.kill()
+        first = logs[0].read_text()
+        assert nodes[0].returncode == 5 and f"lost contact with {pair[1].address} (rank 1)" in first, first
+        run_nodes(commands, [tmp_path / "again0.log", tmp_path / "again1.log"], envs, timeout_s=240)
+    again = (tmp_path / "again0.log").read_text()
+    assert "resumed from" in again, again
+    steps = read_metrics(run_dir)
+    assert [m["step"] for m in steps] == list(range(1, 21))
+    assert [m["loss"] for m in steps] == [m["loss"] for m in read_metrics(tmp_path / "reference")]  # bit for bit

@@ -56,3 +56,8 @@ def hosts() -> Iterator[tuple[Host, Host]]:
     finally:
         for host in pair:
             subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True)
+
+
+def set_link(host: Host, up: bool) -> None:
+    """Plug or pull `host`'s cable: its end of the veth pair."""
+    _ip("-n", host.namespace, "link", "set", host.interface, "up" if up else "down")

@@ -23,6 +23,7 @@ import hashlib
 import json
 import shutil
 from concurrent.futures import Future
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -157,7 +158,7 @@ class Checkpointer:
         """This rank's weights + AdamW moments: the size of a first checkpoint, about (disk-full message)."""
         # DCP's own collectives (plan and metadata exchange) go over a group of their own: an asynchronous
         # save runs them on a background thread while training uses the default group.
-        self.group = dist.new_group(backend="gloo")
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.parallel.timeout_s))
         self._last_saved = 0
         self.base: Optional[dict[str, str]] = None
         """Saves hold only what can differ from this checkpoint (path, content_hash); None: every weight."""

@@ -55,7 +55,7 @@ def _as_planned(cfg: Config, plan: Plan) -> Config:
 
 def measured_report(cfg: Config, device: torch.device) -> str:
     """Profile this machine on the real process groups (cached) and report the plan. Collective."""
-    pmesh = build_mesh(cfg.parallel.ep, device.type)
+    pmesh = build_mesh(cfg.parallel.ep, device.type, cfg.parallel.timeout_s)
     w = workload(cfg, pmesh.dp, act_bytes(cfg, device))
     profile, cached = load_or_measure(cfg.model, w, pmesh, device, resolve_dtype(cfg.train.dtype, device),
                                       profile_cache_dir())
