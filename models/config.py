@@ -102,8 +102,10 @@ class MoEConfig:
                 "model.moe.n_groups (group-limited routing) applies to router=sigmoid_bias only")
         require(self.top_k <= self.topk_groups * (self.num_experts // self.n_groups),
                 f"model.moe.top_k={self.top_k} exceeds the experts of topk_groups={self.topk_groups} groups")
-        require(self.dts_steps >= 1 and self.dts_start_temperature > 0 and self.dts_end_temperature > 0,
-                "model.moe.dts_steps must be >= 1 and the dts temperatures > 0")
+        require(self.dts_steps >= 1, f"model.moe.dts_steps={self.dts_steps} must be >= 1")
+        require(self.dts_start_temperature > 0 and self.dts_end_temperature > 0,
+                f"model.moe.dts_start_temperature={self.dts_start_temperature} and dts_end_temperature="
+                f"{self.dts_end_temperature} must be > 0")
         require(self.router != "expert_choice" or self.balance_loss == "batch",
                 "model.moe.router=expert_choice is balanced by construction: balance_loss=sequence has no meaning")
         require(0 <= self.skip_threshold < 1, f"model.moe.skip_threshold={self.skip_threshold} must be in [0, 1)")
@@ -163,6 +165,8 @@ class ModelConfig:
                 f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
         per_layer = self.moe.num_experts_per_layer
         if per_layer is not None:
+            require(len(per_layer) > 0, "model.moe.num_experts_per_layer=[] is empty: give one count per MoE "
+                                        "layer, or null for model.moe.num_experts everywhere")
             moe_layers = [i for i in range(self.n_layers) if self.is_moe_layer(i)]
             require(self.moe.num_experts == max(per_layer),
                     f"model.moe.num_experts={self.moe.num_experts} must be the largest of "

@@ -6,6 +6,7 @@ Unknown keys and wrong types raise `ConfigError` naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -52,6 +53,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             except ValueError:
                 pass
         require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key}={value!r} must be a number")
+        require(abs(value) < 1e308 and math.isfinite(value), f"{key}={value!r} must be a finite number")
         return float(value)
     elif hint is str:
         require(isinstance(value, str), f"{key}={value!r} must be a string")

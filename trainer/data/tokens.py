@@ -153,14 +153,33 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(tmp)  # another process (or node sharing the cache) finished first
 
 
+def _is_file_name(name: object) -> bool:
+    """A shard name that stays in the corpus folder."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name and "\0" not in name
+
+
 def read_meta(data_dir: Path) -> dict:
+    """The corpus description, checked (it may be damaged or hand-edited) against the shards beside it."""
     meta_path = data_dir / "meta.json"
     if not meta_path.is_file():
         raise DataError(f"{data_dir} holds no prepared corpus (no meta.json): run `moeyard prepare SRC --out {data_dir}`")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}: prepare it again")
-    for shard in meta["shards"]:
+    again = f"prepare the corpus again (moeyard prepare SRC --out {data_dir})"
+    try:
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{meta_path} is not valid JSON ({err}): {again}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DataError(f"{meta_path} has format {found!r}, expected {FORMAT!r}: {again}")
+    vocab, shards = meta.get("vocab_size"), meta.get("shards")
+    if not (isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0):
+        raise DataError(f"{meta_path}: vocab_size={vocab!r} is not a positive integer: {again}")
+    if not (isinstance(shards, list) and shards and all(
+            isinstance(s, dict) and _is_file_name(s.get("file")) and isinstance(s.get("tokens"), int)
+            and not isinstance(s.get("tokens"), bool) and s["tokens"] > 0 for s in shards)):
+        raise DataError(f"{meta_path}: shards must be a non-empty list of {{file: a name in {data_dir}, tokens: "
+                        f"a positive count}}: {again}")
+    for shard in shards:
         size = (data_dir / shard["file"]).stat().st_size if (data_dir / shard["file"]).exists() else -1
         if size != 2 * shard["tokens"]:
             raise DataError(f"shard {data_dir / shard['file']} is missing or truncated: prepare the corpus again")

@@ -1,0 +1,137 @@
+"""Bad input, fuzzed (hypothesis): any value for any config key, any line in an SFT file, any meta.json of
+a prepared corpus is either accepted or refused as one `error:` line with exit code 2 that names the key
+or the `file:line` -- never a traceback."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moeyard import configs
+from moeyard.errors import BAD_INPUT, run_reporting
+from moeyard.trainer.config import Config, config_from_tree
+from moeyard.trainer.config_tree import read_tree
+from moeyard.trainer.data.sft import read_conversations
+from moeyard.trainer.data.tokens import prepare_corpus, read_meta
+
+
+def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if dataclasses.is_dataclass(inner[0]):
+            keys += _leaf_keys(inner[0], f"{prefix}{field.name}.")
+        else:
+            keys.append(f"{prefix}{field.name}")
+    return keys
+
+
+KEYS = _leaf_keys(Config)
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63), st.floats(allow_nan=True),
+                    st.text(max_size=20), st.sampled_from(["off", "on", "auto", "-1", "1e400", "inf", "nan", ""]))
+VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(st.text(max_size=5), SCALARS, max_size=2))
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _tree(key: str, value: object) -> dict:
+    """The shipped demo config with one value replaced."""
+    tree = read_tree(configs.path("tiny.yaml"))
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            return tree
+    node[leaf] = value
+    return tree
+
+
+def _reported(capsys, action) -> tuple[int, str]:
+    code = run_reporting(action)
+    err = capsys.readouterr().err
+    return code, err
+
+
+@FAST
+@given(key=st.sampled_from(KEYS), value=VALUES)
+def test_any_value_for_any_key_is_accepted_or_refused_naming_the_key(capsys, key, value) -> None:
+    code, err = _reported(capsys, lambda: (config_from_tree(_tree(key, value)), 0)[1])
+    if code == 0:
+        return
+    assert code == BAD_INPUT and err.startswith("error: ") and err.count("\n") == 1, err
+    leaf = key.split(".")[-1]
+    assert leaf in err, f"{key}={value!r}: the message does not name the key: {err}"
+
+
+@FAST
+@given(key=st.sampled_from(KEYS), raw=st.text(max_size=30))
+def test_any_override_text_is_accepted_or_refused_naming_the_key(capsys, key, raw) -> None:
+    tiny = configs.path("tiny.yaml")
+    code, err = _reported(capsys, lambda: (config_from_tree(read_tree(tiny, [f"{key}={raw}"])), 0)[1])
+    if code != 0:
+        assert code == BAD_INPUT and err.count("\n") == 1 and key.split(".")[-1] in err, f"{key}={raw!r}: {err}"
+
+
+@FAST
+@given(path=st.lists(st.text(st.characters(blacklist_characters=".="), min_size=1, max_size=8), min_size=1,
+                     max_size=3), value=SCALARS)
+def test_unknown_keys_are_refused_by_name(capsys, path, value) -> None:
+    key = ".".join(path)
+    code, err = _reported(capsys, lambda: (config_from_tree(_tree(key, value)), 0)[1])
+    if key not in KEYS and not any(k.startswith(key + ".") for k in KEYS):
+        assert code == BAD_INPUT and err.count("\n") == 1, f"{key}={value!r}: {err}"
+
+
+JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text()),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                        st.sampled_from(["messages", "role", "content", "prompt", "completion", "x"]), inner,
+                        max_size=3), max_leaves=8)
+LINE = st.one_of(JSON.map(lambda v: json.dumps(v).encode()), st.binary(max_size=40),
+                 st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")))
+
+
+@FAST
+@given(lines=st.lists(LINE, min_size=1, max_size=5), skip=st.booleans())
+def test_any_sft_line_is_read_or_refused_with_file_and_line(tmp_path_factory, capsys, lines, skip) -> None:
+    path = tmp_path_factory.mktemp("sft") / "data.jsonl"
+    path.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines) + b"\n")
+    code, err = _reported(capsys, lambda: (read_conversations(path, skip), 0)[1])
+    if code != 0:
+        assert code == BAD_INPUT and err.count("\n") == 1, err
+        assert f"{path}:" in err or "holds no usable conversation" in err, err
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("src")
+    (src / "a.py").write_bytes(b"print('hello')\n" * 400 + b"\xff\xfe not utf-8 \x80\n")
+    out = tmp_path_factory.mktemp("corpus") / "tokens"
+    prepare_corpus(src, out, "*.py")
+    return out
+
+
+META = st.one_of(JSON, st.fixed_dictionaries({"format": st.one_of(st.just(None), JSON),
+                                              "shards": JSON, "vocab_size": JSON}))
+
+
+@FAST
+@given(meta=META, raw=st.one_of(st.none(), st.binary(max_size=30)))
+def test_any_meta_json_is_read_or_refused_naming_the_file(corpus, capsys, meta, raw) -> None:
+    original = (corpus / "meta.json").read_bytes()
+    good = json.loads(original)
+    if isinstance(meta, dict) and meta.get("format") is None:
+        meta = {**good, **{k: v for k, v in meta.items() if k != "format"}}
+    try:
+        (corpus / "meta.json").write_bytes(raw if raw is not None else json.dumps(meta).encode())
+        code, err = _reported(capsys, lambda: (read_meta(corpus), 0)[1])
+    finally:
+        (corpus / "meta.json").write_bytes(original)
+    if code != 0:
+        assert code == BAD_INPUT and err.count("\n") == 1 and str(corpus) in err, err
