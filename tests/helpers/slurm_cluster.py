@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from helpers.multiprocess import free_port
 from helpers.runs import skip_or_fail
@@ -21,11 +21,18 @@ DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sca
 
 
 class SlurmCluster:
-    def __init__(self, root: Path) -> None:
+    """One node (`localhost`) by default; with `hosts` (helpers.netns), one slurmd per network namespace,
+    each in its own UTS namespace named nodeN, and slurmctld beside the first. Commands then run inside
+    the first host (`self.prefix`), the only place that reaches slurmctld."""
+
+    def __init__(self, root: Path, hosts: Sequence = ()) -> None:
         self.root = root
         self.conf = root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.procs: list[subprocess.Popen] = []
+        self.hosts = tuple(hosts)
+        self.names = [f"node{i}" for i in range(len(self.hosts))] or ["localhost"]
+        self.prefix: list[str] = self.hosts[0].command() if self.hosts else []
 
     # --- life cycle ---------------------------------------------------------------------------------
 
@@ -36,7 +43,7 @@ class SlurmCluster:
                          f"apt-get install -y slurm-wlm munge")
         if os.geteuid() != 0:
             skip_or_fail("slurmd must run as root to start job steps")
-        for sub in ("state", "spool"):
+        for sub in ("state", *(f"spool/{name}" for name in self.names)):
             (self.root / sub).mkdir(parents=True)
         key = self.root / "munge.key"
         key.write_bytes(os.urandom(1024))
@@ -46,16 +53,30 @@ class SlurmCluster:
                     f"--pid-file={self.root / 'munged.pid'}", f"--seed-file={self.root / 'munged.seed'}")
         self._wait_for(lambda: (self.root / "munge.sock").exists(), "munged to create its socket")
         self.conf.write_text(self._config(free_port(), free_port()))
-        self._spawn("slurmctld", "-D", "-i", "-f", str(self.conf))
-        self._spawn("slurmd", "-D", "-N", "localhost", "-f", str(self.conf))
-        self._wait_for(self._node_idle, "the Slurm node to become idle")
+        if not self.hosts:
+            self._spawn("slurmctld", "-D", "-i", "-f", str(self.conf))
+            self._spawn("slurmd", "-D", "-N", "localhost", "-f", str(self.conf))
+        else:
+            self._name_hosts()
+            self._spawn("slurmctld", "-D", "-i", "-f", str(self.conf), inside=0)
+            for i in range(len(self.hosts)):
+                self._spawn("slurmd", "-D", "-f", str(self.conf), inside=i, log=f"slurmd-{self.names[i]}.out")
+        self._wait_for(self._node_idle, "the Slurm nodes to become idle")
         return self
+
+    def _name_hosts(self) -> None:
+        """Every host resolves every node name (`ip netns exec` mounts /etc/netns/NS/hosts on /etc/hosts)."""
+        lines = ["127.0.0.1 localhost"] + [f"{h.address} {n}" for h, n in zip(self.hosts, self.names)]
+        for host in self.hosts:
+            folder = Path("/etc/netns") / host.namespace
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "hosts").write_text("\n".join(lines) + "\n")
 
     def stop(self) -> None:
         if not self.procs:
             return  # never started (skipped): nothing to stop
-        subprocess.run(["scancel", "--full", "--user", getpass.getuser()], env=self.env, capture_output=True,
-                       timeout=30)
+        subprocess.run([*self.prefix, "scancel", "--full", "--user", getpass.getuser()], env=self.env,
+                       capture_output=True, timeout=30)
         for proc in reversed(self.procs):
             proc.terminate()
         for proc in reversed(self.procs):
@@ -64,11 +85,19 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+        for host in self.hosts:
+            shutil.rmtree(Path("/etc/netns") / host.namespace, ignore_errors=True)
 
-    def _spawn(self, daemon: str, *args: str) -> None:
+    def _spawn(self, daemon: str, *args: str, inside: Optional[int] = None, log: str = "") -> None:
+        """Start `daemon`; `inside`: in that host's network namespace, under its own hostname."""
         exe = shutil.which(daemon) or f"/usr/sbin/{daemon}"
-        log = open(self.root / f"{daemon}.out", "wb")
-        self.procs.append(subprocess.Popen([exe, *args], stdout=log, stderr=subprocess.STDOUT, env=self.env))
+        cmd = [exe, *args]
+        if inside is not None:  # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroups slurmd needs
+            host, hosts_file = self.hosts[inside], Path("/etc/netns") / self.hosts[inside].namespace / "hosts"
+            cmd = ["nsenter", f"--net=/run/netns/{host.namespace}", "unshare", "--mount", "--uts", "sh", "-c",
+                   f'mount --bind {hosts_file} /etc/hosts && hostname {self.names[inside]} && exec "$@"', "sh", *cmd]
+        out = open(self.root / (log or f"{daemon}.out"), "wb")
+        self.procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env))
 
     def _wait_for(self, ready, what: str, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
@@ -83,14 +112,19 @@ class SlurmCluster:
         raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}:\n{self.logs()}")
 
     def _node_idle(self) -> bool:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True, timeout=30)
-        return out.stdout.strip() == "idle"
+        out = subprocess.run([*self.prefix, "sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True,
+                             text=True, timeout=30)
+        return out.stdout.split() == ["idle"] * len(self.names)
 
     def _config(self, ctld_port: int, slurmd_port: int) -> str:
         user, r = getpass.getuser(), self.root
+        ctld = f"{self.names[0]}({self.hosts[0].address})" if self.hosts else \
+            f"{os.uname().nodename.split('.')[0]}(127.0.0.1)"
+        addresses = [h.address for h in self.hosts] or ["127.0.0.1"]
+        nodes = "\n".join(f"NodeName={n} NodeAddr={a} CPUs=4 State=UNKNOWN" for n, a in zip(self.names, addresses))
         return f"""\
 ClusterName=moeyardtest
-SlurmctldHost={os.uname().nodename.split('.')[0]}(127.0.0.1)
+SlurmctldHost={ctld}
 SlurmUser={user}
 SlurmdUser=root
 AuthType=auth/munge
@@ -99,11 +133,11 @@ CredType=cred/munge
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
+SlurmdPidFile={r}/slurmd-%n.pid
 SlurmctldLogFile={r}/slurmctld.log
-SlurmdLogFile={r}/slurmd.log
+SlurmdLogFile={r}/slurmd-%n.log
 ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -116,14 +150,14 @@ SelectTypeParameters=CR_CPU
 ReturnToService=2
 SlurmdParameters=config_overrides
 MinJobAge=600
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=4 State=UNKNOWN
+{nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """
 
     # --- jobs ---------------------------------------------------------------------------------------
 
     def run(self, *cmd: str, timeout_s: float = 60) -> str:
-        proc = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run([*self.prefix, *cmd], env=self.env, capture_output=True, text=True, timeout=timeout_s)
         assert proc.returncode == 0, f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr}"
         return proc.stdout
 
@@ -147,8 +181,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 
     def logs(self) -> str:
         parts = []
-        for name in ("slurmctld.log", "slurmd.log", "slurmctld.out", "slurmd.out", "munged.out"):
-            path = self.root / name
+        for path in sorted(self.root.glob("*.log")) + sorted(self.root.glob("*.out")):
+            name = path.name
             if path.exists():
                 parts.append(f"--- {name} (tail)\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:]))
         return "\n".join(parts)
