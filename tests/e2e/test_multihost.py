@@ -140,3 +140,43 @@ def test_a_killed_node_is_requeued_and_the_run_ends_at_the_uninterrupted_loss(tm
     steps = read_metrics(run_dir)
     assert [m["step"] for m in steps] == list(range(1, 21))
     assert [m["loss"] for m in steps] == [m["loss"] for m in read_metrics(tmp_path / "reference")]  # bit for bit
+
+
+AGENT = """#!/bin/sh
+# mpirun's ssh stand-in: `agent [options] HOST COMMAND` runs COMMAND on HOST, a network namespace
+while [ "${1#-}" != "$1" ]; do shift; done
+host=$1; shift
+case $host in node0) ns=%s; hosts=%s ;; node1) ns=%s; hosts=%s ;; *) echo "unknown host $host" >&2; exit 255 ;; esac
+exec nsenter --net=/run/netns/$ns unshare --mount --uts sh -c "mount --bind $hosts /etc/hosts && hostname $host && $*"
+"""
+
+
+def test_mpirun_across_two_hosts_trains_like_a_local_run(tmp_path, launch_reference) -> None:
+    """Open MPI starts its daemon on the second host through an ssh stand-in; rank 0's address reaches the
+    workers through MPI itself (no MASTER_ADDR), over the hosts' own network."""
+    import shutil
+
+    from helpers.netns import as_host, hosts, hosts_file, name_hosts
+    from helpers.runs import read_metrics, skip_or_fail
+
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        skip_or_fail("mpirun is missing: pip install 'moeyard[mpi]'")
+    config, reference = launch_reference
+    with hosts() as pair:
+        name_hosts(pair)
+        agent = tmp_path / "agent"
+        agent.write_text(AGENT % (pair[0].namespace, hosts_file(pair[0]), pair[1].namespace, hosts_file(pair[1])))
+        agent.chmod(0o755)
+        subnet = pair[0].address.rsplit(".", 1)[0] + ".0/24"
+        cmd = as_host(pair, 0, mpirun, "--allow-run-as-root", "--host", "node0:1,node1:1", "-n", "2",
+                      "--prtemca", "plm_ssh_agent", str(agent), "--prtemca", "oob_tcp_if_include", subnet,
+                      "--mca", "btl_tcp_if_include", subnet, "-x", "OMP_NUM_THREADS",
+                      sys.executable, "-m", "moeyard.train", str(config), "--set", f"run.dir={tmp_path / 'run'}",
+                      "--set", "parallel.timeout_s=60")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV)
+        except subprocess.TimeoutExpired as err:
+            raise AssertionError(f"mpirun across two hosts hung:\n{err.stdout}\n{err.stderr}") from None
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [m["loss"] for m in read_metrics(tmp_path / "run")] == reference  # bit for bit

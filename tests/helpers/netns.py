@@ -11,6 +11,7 @@ import random
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -56,6 +57,33 @@ def hosts() -> Iterator[tuple[Host, Host]]:
     finally:
         for host in pair:
             subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True)
+            shutil.rmtree(hosts_file(host).parent, ignore_errors=True)
+
+
+NAMES = ("node0", "node1")
+"""The hostnames the hosts get under `as_host`, resolvable on every host after `name_hosts`."""
+
+
+def hosts_file(host: Host) -> Path:
+    """`ip netns exec NS` mounts /etc/netns/NS/hosts on /etc/hosts; `as_host` does the same."""
+    return Path("/etc/netns") / host.namespace / "hosts"
+
+
+def name_hosts(pair: tuple[Host, ...]) -> None:
+    """Every host resolves every host's name (NAMES) to its address."""
+    lines = ["127.0.0.1 localhost"] + [f"{h.address} {name}" for h, name in zip(pair, NAMES)]
+    for host in pair:
+        hosts_file(host).parent.mkdir(parents=True, exist_ok=True)
+        hosts_file(host).write_text("\n".join(lines) + "\n")
+
+
+def as_host(pair: tuple[Host, ...], index: int, *argv: str) -> list[str]:
+    """`argv` on host `index` as its own machine: its network, its hostname (UTS namespace), its hosts
+    file. nsenter rather than `ip netns exec`, which remounts /sys and hides the cgroups (slurmd needs
+    them)."""
+    host = pair[index]
+    return ["nsenter", f"--net=/run/netns/{host.namespace}", "unshare", "--mount", "--uts", "sh", "-c",
+            f'mount --bind {hosts_file(host)} /etc/hosts && hostname {NAMES[index]} && exec "$@"', "sh", *argv]
 
 
 def set_link(host: Host, up: bool) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from helpers.multiprocess import free_port
+from helpers.netns import NAMES, as_host, name_hosts
 from helpers.runs import skip_or_fail
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
@@ -31,7 +32,7 @@ class SlurmCluster:
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.procs: list[subprocess.Popen] = []
         self.hosts = tuple(hosts)
-        self.names = [f"node{i}" for i in range(len(self.hosts))] or ["localhost"]
+        self.names = list(NAMES[:len(self.hosts)]) or ["localhost"]
         self.prefix: list[str] = self.hosts[0].command() if self.hosts else []
 
     # --- life cycle ---------------------------------------------------------------------------------
@@ -57,20 +58,12 @@ class SlurmCluster:
             self._spawn("slurmctld", "-D", "-i", "-f", str(self.conf))
             self._spawn("slurmd", "-D", "-N", "localhost", "-f", str(self.conf))
         else:
-            self._name_hosts()
+            name_hosts(self.hosts)
             self._spawn("slurmctld", "-D", "-i", "-f", str(self.conf), inside=0)
             for i in range(len(self.hosts)):
                 self._spawn("slurmd", "-D", "-f", str(self.conf), inside=i, log=f"slurmd-{self.names[i]}.out")
         self._wait_for(self._node_idle, "the Slurm nodes to become idle")
         return self
-
-    def _name_hosts(self) -> None:
-        """Every host resolves every node name (`ip netns exec` mounts /etc/netns/NS/hosts on /etc/hosts)."""
-        lines = ["127.0.0.1 localhost"] + [f"{h.address} {n}" for h, n in zip(self.hosts, self.names)]
-        for host in self.hosts:
-            folder = Path("/etc/netns") / host.namespace
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "hosts").write_text("\n".join(lines) + "\n")
 
     def stop(self) -> None:
         if not self.procs:
@@ -85,17 +78,13 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
-        for host in self.hosts:
-            shutil.rmtree(Path("/etc/netns") / host.namespace, ignore_errors=True)
 
     def _spawn(self, daemon: str, *args: str, inside: Optional[int] = None, log: str = "") -> None:
         """Start `daemon`; `inside`: in that host's network namespace, under its own hostname."""
         exe = shutil.which(daemon) or f"/usr/sbin/{daemon}"
         cmd = [exe, *args]
-        if inside is not None:  # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroups slurmd needs
-            host, hosts_file = self.hosts[inside], Path("/etc/netns") / self.hosts[inside].namespace / "hosts"
-            cmd = ["nsenter", f"--net=/run/netns/{host.namespace}", "unshare", "--mount", "--uts", "sh", "-c",
-                   f'mount --bind {hosts_file} /etc/hosts && hostname {self.names[inside]} && exec "$@"', "sh", *cmd]
+        if inside is not None:
+            cmd = as_host(self.hosts, inside, *cmd)
         out = open(self.root / (log or f"{daemon}.out"), "wb")
         self.procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env))
 
