@@ -57,3 +57,20 @@ def check_checkpoint_fits(cfg: Config) -> None:
 
 def check_corpus(cfg: Config, data_dir: Path) -> None:
     check_corpus_size(data_dir, read_meta(data_dir), cfg.train.seq_len, cfg.global_batch_sequences)
+
+
+def check_inputs(cfg: Config) -> None:
+    """What a run reads, checked before any worker (or batch job) starts: the SFT conversations, or the
+    corpus (prepared now if it is not yet) against the model; and the checkpoint a resume would load."""
+    if cfg.sft.data is not None:
+        from moeyard.trainer.data.sft_batches import SFTData
+
+        SFTData(cfg)  # reads, renders and checks every conversation
+    else:
+        from moeyard.trainer.config import check_vocab
+        from moeyard.trainer.data.tokens import ensure_corpus
+
+        corpus = ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)
+        check_vocab(cfg, read_meta(corpus))
+        check_corpus(cfg, corpus)
+    check_checkpoint_fits(cfg)

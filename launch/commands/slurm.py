@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from moeyard import configs
@@ -10,6 +11,7 @@ from moeyard.errors import LaunchError
 from moeyard.launch.worker import add_overrides
 from moeyard.trainer.config import validate_for_world
 from moeyard.trainer.data.tokens import default_cache_root
+from moeyard.trainer.preflight import check_inputs
 from moeyard.trainer.run_config import resolve_config
 
 
@@ -23,6 +25,16 @@ def _data_paths(cfg) -> tuple[Path, ...]:
         if path and path not in (STDLIB, DEMO):
             paths.append(Path(path).resolve().parent)
     return tuple(paths)
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    """The job writes its log, checkpoints and lock there: say now if it cannot."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as err:
+        raise LaunchError(f"run.dir {run_dir} cannot be written ({err.strerror}): choose a run.dir the job can "
+                          f"write (--set run.dir=...)") from None
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
@@ -42,10 +54,11 @@ def cmd_slurm(args: argparse.Namespace) -> int:
                    container_image=args.container_image, apptainer_image=args.apptainer)
     script = render_sbatch(job)
     validate_for_world(cfg, job.world_size)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the folder of --output
+    _make_run_dir(cfg.run_dir)  # Slurm does not create the folder of --output
     if not args.submit:
         print(script, end="")
         return 0
+    check_inputs(cfg)  # a job that would fail on its data or checkpoint fails here, not after the queue
     job_id = submit(script, cfg.run_dir / "job.sbatch")
     print(job_id)
     print(f"submitted job {job_id}; its log: {cfg.run_dir.resolve()}/slurm-{job_id}.out", file=sys.stderr)

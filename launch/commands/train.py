@@ -14,10 +14,9 @@ from moeyard.launch.env import in_slurm_step, single_process
 from moeyard.launch.host_memory import available_bytes
 from moeyard.launch.torchrun import Nodes, launch_workers
 from moeyard.launch.worker import add_overrides, run_worker, worker_args
-from moeyard.trainer.config import Config, check_vocab, validate_for_world
-from moeyard.trainer.data.tokens import ensure_corpus, read_meta
+from moeyard.trainer.config import Config, validate_for_world
 from moeyard.trainer.memory_plan import fit_memory
-from moeyard.trainer.preflight import check_checkpoint_fits, check_corpus
+from moeyard.trainer.preflight import check_inputs
 from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.run_dir import holds_a_run
 from moeyard.trainer.run_lock import HELD_ENV, RunLock
@@ -128,15 +127,7 @@ def _check_and_launch(cfg: Config, config: str, args: argparse.Namespace, nodes:
     if cfg.checkpoint.resume == "none" and holds_a_run(cfg.run_dir) and nodes.rank == 0:
         raise LaunchError(f"run.dir {cfg.run_dir} already holds a run and --resume none was asked: resume it "
                           f"(--resume auto), choose another run.dir, or delete it")
-    if cfg.sft.data is not None:
-        from moeyard.trainer.data.sft_batches import SFTData
-
-        SFTData(cfg)  # reads, renders and checks every conversation before a worker starts
-    else:
-        corpus = ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)
-        check_vocab(cfg, read_meta(corpus))
-        check_corpus(cfg, corpus)
-    check_checkpoint_fits(cfg)
+    check_inputs(cfg)
     lock = RunLock(cfg.run_dir) if nodes.rank == 0 else None
     if lock is not None:
         lock.acquire()

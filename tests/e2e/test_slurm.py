@@ -157,3 +157,16 @@ def test_script_requeues_only_after_this_runs_preemption_checkpoint(tmp_path, sm
     assert proc.returncode == 143, proc.stderr
     calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
     assert calls == ("requeue 123\n" if marker == "written by this run" else ""), proc.stdout
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--set", "train.global_batch_tokens=16777216", "--set", "schedule.memory_check=false"],
+     "fewer than one global batch"),
+    (["--set", "run.dir=/proc/moeyard-run"], "cannot be written"),
+])
+def test_submit_checks_the_data_and_run_dir_before_the_job_queues(tmp_path, small_corpus, options, message) -> None:
+    """What would fail on the compute nodes after the wait in the queue fails at submission (no sbatch)."""
+    proc = render(tmp_path, small_corpus, "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2",
+                  "--submit", *options)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "job.sbatch").exists()
