@@ -14,13 +14,8 @@ from helpers.slurm_cluster import SlurmCluster
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-        cluster.env.update(OMP_NUM_THREADS="1", MOEYARD_CACHE=str(cluster.root / "cache"))
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")).running() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def submit(slurm: SlurmCluster, config, run_dir, *options: str) -> str:

@@ -14,13 +14,8 @@ def two_host_slurm(tmp_path_factory):
     from helpers.netns import hosts
 
     with hosts() as pair:
-        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm2"), hosts=pair)
-        try:
-            cluster.start()
-            cluster.env.update(OMP_NUM_THREADS="1", MOEYARD_CACHE=str(cluster.root / "cache"))
+        with SlurmCluster(tmp_path_factory.mktemp("slurm2"), hosts=pair).running() as cluster:
             yield cluster
-        finally:
-            cluster.stop()
 
 
 @pytest.mark.parametrize("layout,nproc", [("torchrun", "1"), ("srun", "1")])

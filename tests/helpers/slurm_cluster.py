@@ -6,13 +6,14 @@ machine without them the Slurm tests skip, unless MOEYARD_REQUIRE_LAUNCHERS=1 (C
 """
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from helpers.multiprocess import free_port
 from helpers.netns import NAMES, as_host, name_hosts
@@ -64,6 +65,16 @@ class SlurmCluster:
                 self._spawn("slurmd", "-D", "-f", str(self.conf), inside=i, log=f"slurmd-{self.names[i]}.out")
         self._wait_for(self._node_idle, "the Slurm nodes to become idle")
         return self
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator["SlurmCluster"]:
+        """Started for the block, with workers on one thread each and a cache of their own; stopped after."""
+        try:
+            self.start()
+            self.env.update(OMP_NUM_THREADS="1", MOEYARD_CACHE=str(self.root / "cache"))
+            yield self
+        finally:
+            self.stop()
 
     def stop(self) -> None:
         if not self.procs:
