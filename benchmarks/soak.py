@@ -4,8 +4,8 @@ What it reports (stdout, and --out as .json and .md): kills survived, steps reco
 because they came after the last checkpoint), the final loss against an uninterrupted run of the same
 config (bit-exact on CPU), and the disk the checkpoints held at most (bounded by checkpoint.keep_last).
 
-    python benchmarks/soak.py --ranks 4 --steps 1000 --out benchmarks/results/soak   # ~20 min, 2 cores
-    python benchmarks/soak.py --ranks 2 --steps 40 --kills 3 --wait 2 4                # the suite's version
+    python benchmarks/soak.py --ranks 4 --steps 3000 --out benchmarks/results/soak  # ~14 min on 2 cores
+    python benchmarks/soak.py --ranks 2 --steps 120 --every 10 --kills 3 --wait 0.5 1.5  # the suite's form
 
 Not a test: the suite runs the short form (tests/e2e/test_benchmarks.py).
 """
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from moeyard.launch.agent_watchdog import child_pids
+
 MODEL = ["model.dim=64", "model.n_layers=3", "model.ffn_dim=128", "model.max_seq_len=64", "model.moe.ffn_dim=64",
          "train.seq_len=64", "train.global_batch_tokens=1024", "optim.warmup_steps=10", "log.every=1",
          "log.tensorboard=false", "log.progress=false"]
@@ -38,26 +40,35 @@ def train_command(run_dir: Path, ranks: int, steps: int, every: int, keep_last: 
 
 
 def losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-    return [json.loads(line)["loss"] for line in lines]
+    """The logged losses; a last line torn by a kill mid-write is not one."""
+    path = run_dir / "metrics.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line)["loss"])
+        except (ValueError, KeyError):
+            break
+    return out
 
 
 def workers(launcher: int) -> list[int]:
     """The launcher's running children that are training workers."""
-    pids = []
-    for task in Path(f"/proc/{launcher}/task").glob("*"):
-        try:
-            pids += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            continue
     alive = []
-    for pid in pids:
+    for pid in child_pids(launcher):
         try:
             if b"moeyard.train" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 alive.append(pid)
         except OSError:
             continue
     return alive
+
+
+def latest_step(run_dir: Path) -> int:
+    """The step of the checkpoint a restart would resume from (0: none yet)."""
+    try:
+        return int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def checkpoint_bytes(run_dir: Path) -> int:
@@ -77,7 +88,7 @@ def chaos(run_dir: Path, cmd: list[str], kills: int, wait: tuple[float, float], 
     log = (run_dir.parent / f"{run_dir.name}.log").open("w")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     launcher = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline, high_water, killed_at = time.monotonic() + timeout_s, 0, []
+    deadline, high_water, killed_at, floor = time.monotonic() + timeout_s, 0, [], 0
     next_kill: Optional[float] = None
     try:
         while launcher.poll() is None:
@@ -85,12 +96,15 @@ def chaos(run_dir: Path, cmd: list[str], kills: int, wait: tuple[float, float], 
                 raise SystemExit(f"soak: the run did not finish in {timeout_s:.0f} s; see {log.name}")
             high_water = max(high_water, checkpoint_bytes(run_dir))
             steps, alive = len(losses(run_dir)), workers(launcher.pid)
-            if len(killed_at) < kills and alive and steps > (killed_at[-1] if killed_at else 0):
-                next_kill = next_kill or time.monotonic() + rng.uniform(*wait)  # after this round trained
+            # Armed once this round trained past the last kill and saved a checkpoint of its own (an async
+            # save is published at the next one): every kill then has a resume to pair with.
+            armed = steps > (killed_at[-1] if killed_at else 0) and latest_step(run_dir) > floor
+            if len(killed_at) < kills and alive and armed:
+                next_kill = next_kill or time.monotonic() + rng.uniform(*wait)
                 if time.monotonic() >= next_kill:
                     os.kill(rng.choice(alive), signal.SIGKILL)
                     killed_at.append(steps)
-                    next_kill = None
+                    floor, next_kill = latest_step(run_dir), None
             time.sleep(0.2)
     finally:
         if launcher.poll() is None:

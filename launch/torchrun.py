@@ -110,6 +110,7 @@ def launch_workers(nproc: int, worker_args: list[str], *, nodes: Nodes = Nodes()
                    rendezvous_timeout_s: float = 300.0, run_dir: Optional[Path] = None,
                    stop_grace_s: float = 300.0) -> int:
     """Run `python -m moeyard.train *worker_args` on `nproc` local processes; return the exit code."""
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
@@ -141,6 +142,12 @@ def launch_workers(nproc: int, worker_args: list[str], *, nodes: Nodes = Nodes()
     except SignalException as err:  # the launcher itself was told to stop; workers checkpoint on their way out
         print(stopped_message(run_dir, err.sigval), file=sys.stderr)
         return 128 + err.sigval
+    except DistError as err:  # the agent's own calls to node 0's store failed: node 0 is gone or cut off
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: node {nodes.rank}: torchrun lost the rendezvous at {nodes.endpoint} ({first}): node 0 is "
+              f"gone or unreachable from here. The last checkpoint is kept: run the same command on every node "
+              f"to resume", file=sys.stderr)
+        return PEER_LOST
     except RendezvousError as err:
         cause = f" ({err.__cause__})" if err.__cause__ else ""
         raise LaunchError(f"node {nodes.rank} could not join the rendezvous at {nodes.endpoint} within "

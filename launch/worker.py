@@ -125,9 +125,10 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
     if env.launcher != "single":  # an orphaned worker saves and stops instead of training on alone
         preemption.watch_parent(cfg.checkpoint.stop_grace_s)
     init_distributed(env, backend, cfg.parallel.timeout_s, cfg.parallel.rendezvous_timeout_s)
-    peers = Peers.gather()
+    peers: Optional[Peers] = None
     lock = None
     try:
+        peers = Peers.gather()
         if plan_only:
             report = measured_report(cfg, device)
             if env.rank == 0:
@@ -139,10 +140,10 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
         lock = lock_for_workers(cfg.run_dir)
         outcome = train(cfg, device, preemption)
     except RuntimeError as err:
-        lost = peers.lost_peer(err, cfg.parallel.timeout_s)
+        lost = peers.lost_peer(err, cfg.parallel.timeout_s) if peers is not None else None
         if lost is None:
             raise
-        raise lost from None
+        raise lost from err
     finally:
         if lock is not None:
             lock.release()

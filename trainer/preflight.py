@@ -59,18 +59,21 @@ def check_corpus(cfg: Config, data_dir: Path) -> None:
     check_corpus_size(data_dir, read_meta(data_dir), cfg.train.seq_len, cfg.global_batch_sequences)
 
 
-def check_inputs(cfg: Config) -> None:
+def check_inputs(cfg: Config, prepare: bool = True) -> None:
     """What a run reads, checked before any worker (or batch job) starts: the SFT conversations, or the
-    corpus (prepared now if it is not yet) against the model; and the checkpoint a resume would load."""
+    corpus against the model; and the checkpoint a resume would load. `prepare`: tokenize a corpus that
+    is not prepared yet (the launcher does, once per machine); else only a prepared one is checked."""
     if cfg.sft.data is not None:
         from moeyard.trainer.data.sft_batches import SFTData
 
         SFTData(cfg)  # reads, renders and checks every conversation
     else:
         from moeyard.trainer.config import check_vocab
-        from moeyard.trainer.data.tokens import ensure_corpus
+        from moeyard.trainer.data.tokens import default_data_dir, ensure_corpus
 
-        corpus = ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)
-        check_vocab(cfg, read_meta(corpus))
-        check_corpus(cfg, corpus)
+        corpus = Path(cfg.data.dir) if cfg.data.dir else default_data_dir(cfg.data.source, cfg.data.glob)
+        if prepare or (corpus / "meta.json").is_file():
+            corpus = ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)
+            check_vocab(cfg, read_meta(corpus))
+            check_corpus(cfg, corpus)
     check_checkpoint_fits(cfg)

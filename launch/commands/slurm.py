@@ -58,7 +58,9 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     if not args.submit:
         print(script, end="")
         return 0
-    check_inputs(cfg)  # a job that would fail on its data or checkpoint fails here, not after the queue
+    # A job that would fail on its data or checkpoint fails here, not after its wait in the queue; a
+    # corpus not prepared yet is left to the job (tokenizing is no work for a login node).
+    check_inputs(cfg, prepare=False)
     job_id = submit(script, cfg.run_dir / "job.sbatch")
     print(job_id)
     print(f"submitted job {job_id}; its log: {cfg.run_dir.resolve()}/slurm-{job_id}.out", file=sys.stderr)

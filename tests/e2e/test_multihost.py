@@ -1,9 +1,13 @@
-"""Several hosts: what a launch across nodes checks before it can hang."""
+"""Several hosts, for real on one machine (network namespaces with their own addresses): what a launch
+across nodes checks before it can hang, training across them, and a node lost mid-run."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -180,3 +184,47 @@ def test_mpirun_across_two_hosts_trains_like_a_local_run(tmp_path, launch_refere
             raise AssertionError(f"mpirun across two hosts hung:\n{err.stdout}\n{err.stderr}") from None
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [m["loss"] for m in read_metrics(tmp_path / "run")] == reference  # bit for bit
+
+
+def test_a_restart_across_hosts_is_not_cut_short_by_the_watchdog(tmp_path, small_corpus) -> None:
+    """--max-restarts with one host's worker SIGKILLed: both agents stay, re-rendezvous and restart their
+    workers from the last checkpoint; the watchdog (3 x rendezvous_timeout_s without workers) lets them."""
+    import signal
+    import time
+
+    from helpers.launches import logged_steps
+    from helpers.netns import hosts
+    from helpers.runs import moeyard_train, read_metrics, write_config
+
+    config = write_config(tmp_path / "c.yaml", small_corpus, parallel={"ep": 2}, train={"steps": 20},
+                          checkpoint={"every": 5})
+    moeyard_train(config, tmp_path / "reference", 2)
+    run_dir, logs = tmp_path / "run", [tmp_path / "host0.log", tmp_path / "host1.log"]
+    with hosts() as pair:
+        commands = _node_commands(config, run_dir, pair, "--max-restarts", "1", "--set", "parallel.timeout_s=30",
+                                  "--set", "parallel.rendezvous_timeout_s=10")
+        nodes = [subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                  env={**ENV, "GLOO_SOCKET_IFNAME": host.interface})
+                 for cmd, log, host in zip(commands, logs, pair)]
+        try:
+            deadline = time.monotonic() + 180
+            while not ((run_dir / "checkpoints" / "latest").exists() and logged_steps(run_dir) >= 8):
+                assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), logs[0].read_text()
+                time.sleep(0.05)
+            pids = subprocess.run(["ip", "netns", "pids", pair[1].namespace], capture_output=True, text=True,
+                                  timeout=30).stdout.split()
+            worker = next(int(p) for p in pids if b"moeyard.train" in Path(f"/proc/{p}/cmdline").read_bytes())
+            os.kill(worker, signal.SIGKILL)
+            for node in nodes:
+                node.wait(timeout=240)
+        finally:
+            for node in nodes:
+                node.kill()
+    outputs = [log.read_text() for log in logs]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+    assert "resumed from" in outputs[0] + outputs[1] and "the workers ended" not in outputs[0] + outputs[1]
+    steps = read_metrics(run_dir)
+    assert [m["step"] for m in steps] == list(range(1, 21))
+    # After a re-rendezvous the nodes may take the ranks in the other order: equal up to rounding.
+    reference = [m["loss"] for m in read_metrics(tmp_path / "reference")]
+    assert [m["loss"] for m in steps] == pytest.approx(reference, rel=1e-5)

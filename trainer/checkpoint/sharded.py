@@ -158,7 +158,9 @@ class Checkpointer:
         """This rank's weights + AdamW moments: the size of a first checkpoint, about (disk-full message)."""
         # DCP's own collectives (plan and metadata exchange) go over a group of their own: an asynchronous
         # save runs them on a background thread while training uses the default group.
-        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.parallel.timeout_s))
+        # Its collectives wait for the slowest rank's writes (or reads): at least 30 minutes, however short
+        # parallel.timeout_s is set to notice a lost node.
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(cfg.parallel.timeout_s, 1800)))
         self._last_saved = 0
         self.base: Optional[dict[str, str]] = None
         """Saves hold only what can differ from this checkpoint (path, content_hash); None: every weight."""

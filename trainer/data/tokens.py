@@ -243,7 +243,11 @@ def ensure_corpus(source: str | None, data_dir: str | None, glob: str) -> Path:
     out = Path(data_dir) if data_dir else default_data_dir(source, glob)
     if source is not None and (out / "meta.json").is_file():
         src = resolve_source(source)
-        meta = json.loads((out / "meta.json").read_text())
+        try:
+            meta = json.loads((out / "meta.json").read_bytes())
+        except ValueError:  # damaged: read_meta below says so
+            meta = {}
+        meta = meta if isinstance(meta, dict) else {}
         made_from_it = (meta.get("source"), meta.get("glob")) == (str(src), glob)  # else data.dir wins as is
         if made_from_it and src.is_dir() and meta.get("source_fingerprint") != source_fingerprint(src, glob):
             print(f"data.source {src} changed since {out} was prepared from it: preparing it again", flush=True)

@@ -91,7 +91,8 @@ def test_unknown_keys_are_refused_by_name(capsys, path, value) -> None:
 
 JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text()),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-                        st.sampled_from(["messages", "role", "content", "prompt", "completion", "x"]), inner,
+                        st.sampled_from(["messages", "role", "content", "prompt", "completion", "file", "tokens",
+                                         "x"]), inner,
                         max_size=3), max_leaves=8)
 LINE = st.one_of(JSON.map(lambda v: json.dumps(v).encode()), st.binary(max_size=40),
                  st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")))
@@ -117,8 +118,12 @@ def corpus(tmp_path_factory) -> Path:
     return out
 
 
+SHARD = st.fixed_dictionaries({"file": st.one_of(JSON, st.sampled_from(["../x", "/etc/hostname", "", ".", "a\0b",
+                                                                        "tokens_00000.bin"])),
+                                "tokens": st.one_of(JSON, st.integers(-2, 10**6))})
 META = st.one_of(JSON, st.fixed_dictionaries({"format": st.one_of(st.just(None), JSON),
-                                              "shards": JSON, "vocab_size": JSON}))
+                                              "shards": st.one_of(JSON, st.lists(SHARD, max_size=3)),
+                                              "vocab_size": JSON}))
 
 
 @FAST
@@ -135,3 +140,18 @@ def test_any_meta_json_is_read_or_refused_naming_the_file(corpus, capsys, meta, 
         (corpus / "meta.json").write_bytes(original)
     if code != 0:
         assert code == BAD_INPUT and err.count("\n") == 1 and str(corpus) in err, err
+
+
+@pytest.mark.parametrize("name", ["../tokens_00000.bin", "/etc/hostname", "sub/tokens_00000.bin"])
+def test_a_shard_name_that_leaves_the_corpus_is_refused(corpus, name) -> None:
+    from moeyard.errors import DataError
+
+    original = (corpus / "meta.json").read_bytes()
+    meta = json.loads(original)
+    meta["shards"][0]["file"] = name
+    try:
+        (corpus / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(DataError, match="shards must be a non-empty list"):
+            read_meta(corpus)
+    finally:
+        (corpus / "meta.json").write_bytes(original)
