@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from moeyard.errors import PEER_LOST
+from moeyard.trainer.run_lock import proc_stat
 
 
 def child_pids(pid: int) -> set[int]:
@@ -32,11 +33,8 @@ def child_pids(pid: int) -> set[int]:
 
 
 def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
 
 
 class AgentWatchdog:

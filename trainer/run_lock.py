@@ -29,12 +29,18 @@ HEARTBEAT_S = 10.0
 STALE_S = 60.0
 
 
-def _start_time(pid: int) -> Optional[str]:
-    """The kernel's start time of `pid` (tells a live holder from a reused pid); None if it is gone."""
+def proc_stat(pid: int) -> Optional[list[str]]:
+    """The fields of /proc/PID/stat after the command name (state first); None if `pid` is gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """The kernel's start time of `pid` (tells a live holder from a reused pid); None if it is gone."""
+    fields = proc_stat(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
 
 
 def _me() -> dict[str, Any]:

@@ -59,8 +59,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def is_plain_name(name: object) -> bool:
-    """A file name that stays in its folder: no separator, not `.` or `..`."""
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+    """A file name that stays in its folder: no separator, not `.` or `..`, no NUL (which no path holds)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
 def _outside(folder: Path, name: object) -> str | None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from moeyard.errors import DataError
+from moeyard.trainer.checkpoint.store import is_plain_name
 from moeyard.trainer.data.tokenizer import ByteTokenizer
 
 FORMAT = "moeyard-tokens-v1"
@@ -153,11 +154,6 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(tmp)  # another process (or node sharing the cache) finished first
 
 
-def _is_file_name(name: object) -> bool:
-    """A shard name that stays in the corpus folder."""
-    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name and "\0" not in name
-
-
 def read_meta(data_dir: Path) -> dict:
     """The corpus description, checked (it may be damaged or hand-edited) against the shards beside it."""
     meta_path = data_dir / "meta.json"
@@ -175,7 +171,7 @@ def read_meta(data_dir: Path) -> dict:
     if not (isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0):
         raise DataError(f"{meta_path}: vocab_size={vocab!r} is not a positive integer: {again}")
     if not (isinstance(shards, list) and shards and all(
-            isinstance(s, dict) and _is_file_name(s.get("file")) and isinstance(s.get("tokens"), int)
+            isinstance(s, dict) and is_plain_name(s.get("file")) and isinstance(s.get("tokens"), int)
             and not isinstance(s.get("tokens"), bool) and s["tokens"] > 0 for s in shards)):
         raise DataError(f"{meta_path}: shards must be a non-empty list of {{file: a name in {data_dir}, tokens: "
                         f"a positive count}}: {again}")
