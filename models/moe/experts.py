@@ -31,14 +31,68 @@ def swiglu_loop(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_
     return torch.cat(outputs) if outputs else x_SD.new_zeros(0, w_down_EFD.shape[-1])
 
 
-def swiglu_grouped_mm(x_SD: Tensor, rows_per_expert: list[int] | Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor,
-                      w_down_EFD: Tensor) -> Tensor:
-    """GPU fast path: three grouped GEMMs over all experts at once. Row counts given as a device tensor
-    never visit the host: the layer runs without a device-to-host synchronisation."""
-    counts_E = rows_per_expert if isinstance(rows_per_expert, Tensor) else torch.tensor(rows_per_expert)
-    offs_E = counts_E.to(x_SD.device).cumsum(0).to(torch.int32)
-    h_SF = F.silu(torch._grouped_mm(x_SD, w_gate_EDF, offs=offs_E)) * torch._grouped_mm(x_SD, w_up_EDF, offs=offs_E)
-    return torch._grouped_mm(h_SF, w_down_EFD, offs=offs_E)
+GROUPED_MM_MIN_TORCH = (2, 13)
+"""The oldest torch whose grouped GEMM we trust: older releases hang or return garbage on some zero-row
+groups (pytorch#152668, #172439) and lack the fallback for other GPUs; padding (below) covers the rest."""
+
+
+def grouped_mm_unsupported(x_SD: Tensor) -> Optional[str]:
+    """Why `torch._grouped_mm` cannot run these rows well here, or None. Its fast kernel (CUTLASS) takes
+    bfloat16 on sm90/sm100 only; anything else on a GPU is a per-group loop that copies the offsets to the
+    host on every call, so the expert loop is no worse. On CPU it always runs as that loop (tests use it)."""
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version < GROUPED_MM_MIN_TORCH:
+        return f"torch {torch.__version__} is older than {'.'.join(map(str, GROUPED_MM_MIN_TORCH))}"
+    if not x_SD.is_cuda:
+        return None
+    if x_SD.dtype != torch.bfloat16:
+        return f"its fast kernel takes bfloat16 rows, not {x_SD.dtype} (set train.dtype=bfloat16)"
+    major, minor = torch.cuda.get_device_capability(x_SD.device)
+    if major not in (9, 10):
+        return f"its fast kernel needs an sm90 or sm100 GPU, this one is sm{major}{minor}"
+    return None
+
+
+def group_row_alignment(x_SD: Tensor) -> int:
+    """Rows per group come in whole multiples of this: 16 bytes of a row index (the weight-gradient GEMM
+    reduces over rows), and at least 8 (torchtitan's choice for bf16)."""
+    return max(8, 16 // x_SD.element_size())
+
+
+def padded_groups(counts_E: Tensor, rows: int, align: int) -> tuple[Tensor, Tensor, int]:
+    """Place expert-grouped rows in a buffer where every group has a nonzero multiple of `align` rows.
+
+    Returns each row's position in the buffer, the groups' int32 end offsets and the buffer's size. The size
+    is the static bound rows + align * E (the last group takes the slack), so nothing waits for the host.
+    No group is empty: zero-row groups are where grouped GEMM kernels have failed, and an expert with only
+    zero rows gets an exact zero gradient.
+    """
+    E = counts_E.numel()
+    padded_E = (counts_E.clamp(min=1) + align - 1) // align * align
+    ends_E = padded_E.cumsum(0)
+    total = rows + align * E
+    offs_E = ends_E.to(torch.int32)
+    offs_E[-1] = total
+    arange_E = torch.arange(E, device=counts_E.device)
+    expert_of_row_S = torch.repeat_interleave(arange_E, counts_E, output_size=rows)
+    shift_E = (ends_E - padded_E) - (counts_E.cumsum(0) - counts_E)
+    dest_S = torch.arange(rows, device=counts_E.device) + shift_E[expert_of_row_S]
+    return dest_S, offs_E, total
+
+
+def swiglu_grouped_mm(x_SD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor,
+                      order: Optional[Tensor] = None) -> Tensor:
+    """GPU fast path: three grouped GEMMs over all experts at once, on padded groups (see padded_groups).
+
+    `counts_E` is a device tensor: the layer runs without a device-to-host synchronisation. With `order`,
+    expert-grouped row j is x_SD[order[j]] and outputs come back in x_SD's order; the gather and the
+    padding are one scatter into the buffer."""
+    dest_S, offs_E, total = padded_groups(counts_E.to(x_SD.device), x_SD.shape[0], group_row_alignment(x_SD))
+    if order is not None:
+        dest_S = torch.empty_like(dest_S).index_copy_(0, order, dest_S)
+    x_PD = x_SD.new_zeros(total, x_SD.shape[1]).index_copy(0, dest_S, x_SD)
+    h_PF = F.silu(torch._grouped_mm(x_PD, w_gate_EDF, offs=offs_E)) * torch._grouped_mm(x_PD, w_up_EDF, offs=offs_E)
+    return torch._grouped_mm(h_PF, w_down_EFD, offs=offs_E).index_select(0, dest_S)
 
 
 class GroupedExperts(nn.Module):
@@ -83,25 +137,30 @@ class GroupedExperts(nn.Module):
             # _grouped_mm is not an autocast op: cast explicitly to the autocast dtype.
             dtype = torch.get_autocast_dtype(device)
             x_SD, weights = x_SD.to(dtype), tuple(w.to(dtype) for w in weights)
-        if not self._use_grouped_mm(x_SD):
+        if not self.uses_grouped_mm(x_SD):
             if isinstance(rows_per_expert, Tensor):
                 rows_per_expert = rows_per_expert.tolist()  # the loop slices on the host
             return swiglu_fused_loop(x_SD, rows_per_expert, *weights, recompute=self.recompute, order=order)
-        if order is not None:  # the grouped GEMM wants expert-grouped rows: gather, run, scatter back
-            y_SD = self.forward_with(x_SD.index_select(0, order), rows_per_expert, *weights)
-            return torch.empty_like(y_SD).index_copy(0, order, y_SD)
+        counts_E = rows_per_expert if isinstance(rows_per_expert, Tensor) else torch.tensor(rows_per_expert)
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(swiglu_grouped_mm, x_SD, rows_per_expert, *weights, use_reentrant=False)
-        return swiglu_grouped_mm(x_SD, rows_per_expert, *weights)
+            return checkpoint(swiglu_grouped_mm, x_SD, counts_E, *weights, order, use_reentrant=False)
+        return swiglu_grouped_mm(x_SD, counts_E, *weights, order=order)
 
-    def _use_grouped_mm(self, x_SD: Tensor) -> bool:
+    def uses_grouped_mm(self, x_SD: Tensor) -> bool:
+        """Whether rows like x_SD (in the compute dtype) go through the grouped GEMM; if not, the expert loop,
+        which reads the row counts on the host. auto: only where its fast kernel runs (grouped_mm_unsupported);
+        grouped_mm: wherever it runs at all, an error naming why not."""
         if self.compute == "loop" or (self.compute == "auto" and not x_SD.is_cuda):
             return False
-        # The grouped GEMM needs 16-byte aligned rows: model dim and expert hidden dim in whole 16-byte units.
+        # Rows must start on 16-byte boundaries: model dim and expert hidden dim in whole 16-byte units.
         unit = 16 // x_SD.element_size()
         aligned = all(n % unit == 0 for n in self.w_gate_EDF.shape[1:])
-        if self.compute == "grouped_mm" and not aligned:
-            raise ValueError(f"model.moe.expert_compute=grouped_mm needs model.dim and model.moe.ffn_dim to be "
-                             f"multiples of {unit} in {x_SD.dtype}; got {tuple(self.w_gate_EDF.shape[1:])}. "
-                             f"Use expert_compute=auto to fall back to the loop")
-        return aligned
+        reason = None if aligned else (f"model.dim and model.moe.ffn_dim must be multiples of {unit} in "
+                                       f"{x_SD.dtype}; got {tuple(self.w_gate_EDF.shape[1:])}")
+        if self.compute == "auto":
+            return reason is None and grouped_mm_unsupported(x_SD) is None
+        reason = reason or grouped_mm_unsupported(x_SD)
+        if reason is not None:
+            raise ValueError(f"model.moe.expert_compute=grouped_mm cannot run here: {reason}. Use "
+                             f"expert_compute=auto to fall back to the expert loop")
+        return True

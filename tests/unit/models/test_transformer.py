@@ -10,7 +10,7 @@ import torch.distributed as dist
 from moeyard.errors import ConfigError
 from moeyard.models import GroupedExperts, ModelConfig, MoE, MoEConfig, Transformer
 from moeyard.models.moe.expert_loop import swiglu_fused_loop
-from moeyard.models.moe.experts import swiglu_grouped_mm, swiglu_loop
+from moeyard.models.moe.experts import padded_groups, swiglu_grouped_mm, swiglu_loop
 from moeyard.models.moe.router import load_balance_loss, router_z_loss
 from moeyard.models.moe.routers import TopKRouter
 from moeyard.trainer.step import skip_counts
@@ -52,20 +52,51 @@ def test_same_seed_same_model() -> None:
         assert torch.equal(p, q), name
 
 
-def test_grouped_mm_matches_loop_including_empty_experts() -> None:
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_grouped_mm_matches_loop_including_empty_experts(shuffled: bool) -> None:
+    """The padded grouped GEMM (the GPU path, which torch also runs on CPU) gives the loop's outputs and
+    gradients, rows in expert order or through `order`; experts without rows get exactly zero gradient."""
     torch.manual_seed(0)
     rows = [5, 0, 7, 0]
     x = torch.randn(12, 8, requires_grad=True)
     weights = [torch.randn(4, 8, 16, requires_grad=True), torch.randn(4, 8, 16, requires_grad=True),
                torch.randn(4, 16, 8, requires_grad=True)]
     dy = torch.randn(12, 8)
-    y_loop = swiglu_loop(x, rows, *weights)
+    order = torch.randperm(12) if shuffled else None
+    x_grouped = x if order is None else x[order]
+    y_loop = swiglu_loop(x_grouped, rows, *weights)
+    if order is not None:
+        y_loop = torch.empty_like(y_loop).index_copy(0, order, y_loop)
     grads_loop = torch.autograd.grad((y_loop * dy).sum(), [x, *weights])
-    y_gmm = swiglu_grouped_mm(x, rows, *weights)
+    y_gmm = swiglu_grouped_mm(x, torch.tensor(rows), *weights, order=order)
     grads_gmm = torch.autograd.grad((y_gmm * dy).sum(), [x, *weights])
     torch.testing.assert_close(y_gmm, y_loop, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads_gmm, grads_loop):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for g in grads_gmm[1:]:
+        assert torch.count_nonzero(g[1]) == 0 and torch.count_nonzero(g[3]) == 0
+
+
+def test_padded_groups_give_every_expert_a_nonzero_multiple_of_the_alignment() -> None:
+    counts = torch.tensor([0, 1, 8, 9, 0, 17])
+    dest, offs, total = padded_groups(counts, int(counts.sum()), align=8)
+    sizes = torch.diff(offs, prepend=torch.zeros(1, dtype=offs.dtype))
+    assert total == 35 + 8 * 6 and offs[-1] == total and offs.dtype == torch.int32
+    assert all(s > 0 and s % 8 == 0 for s in sizes[:-1].tolist()) and sizes[-1] >= 24
+    starts = (offs - sizes).tolist()
+    first = 0
+    for e, n in enumerate(counts.tolist()):  # each expert's rows sit, in order, at the start of its group
+        assert dest[first:first + n].tolist() == list(range(starts[e], starts[e] + n))
+        first += n
+
+
+def test_grouped_mm_is_refused_where_it_is_not_sound(monkeypatch: pytest.MonkeyPatch) -> None:
+    experts = GroupedExperts(4, 16, 32, compute="grouped_mm")
+    assert experts.uses_grouped_mm(torch.randn(3, 16))
+    monkeypatch.setattr(torch, "__version__", "2.8.0+cu128")
+    with pytest.raises(ValueError, match=r"grouped_mm cannot run here: torch 2.8.0\+cu128 is older than 2.13"):
+        experts.uses_grouped_mm(torch.randn(3, 16))
+    assert not GroupedExperts(4, 16, 32, compute="auto").uses_grouped_mm(torch.randn(3, 16))
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -222,12 +253,15 @@ def test_cuda_layer_forward_backward_never_waits_for_the_host() -> None:
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x = torch.randn(2, 64, 64, device="cuda", requires_grad=True)
-    moe(x)[0].sum().backward()  # warm-up: lazy initialisation may sync once
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # the grouped GEMM's fast kernel takes bf16 only
+        moe(x)[0].float().sum().backward()  # warm-up: lazy initialisation may sync once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        y, stats = moe(x)
-        (y.sum() + stats.aux_loss).backward()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, stats = moe(x)
+            loss = y.float().sum() + stats.aux_loss
+        loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
