@@ -162,8 +162,9 @@ class Transformer(nn.Module):
                     x_BTD, stats = block(x_BTD, cos, sin, mask_B1TT)
                 if stats is not None:
                     moe_stats[i] = stats
-                    aux_loss = aux_loss + self.cfg.moe.aux_loss_coef * stats.aux_loss
-                    z_loss = z_loss + self.cfg.moe.z_loss_coef * stats.z_loss
+            for stats in moe_stats.values():  # after every layer was queued: the load sums had time to arrive
+                aux_loss = aux_loss + self.cfg.moe.aux_loss_coef * stats.aux_loss
+                z_loss = z_loss + self.cfg.moe.z_loss_coef * stats.z_loss
             hidden_BTD = self.norm(x_BTD)
             logits_BTV = self.output(hidden_BTD) if logits else None
         adapter_stats = {name: adapter_record[m] for name, m in self.named_adapters if m in adapter_record}

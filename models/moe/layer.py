@@ -11,7 +11,8 @@ S kept token copies.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from functools import cached_property
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -31,9 +32,25 @@ class TokenExchange(Protocol):
         """Expert outputs for rows grouped by (global) expert, in the same order."""
         ...
 
-    def sum_over_batch(self, counts: Tensor) -> Tensor:
-        """Sum of `counts` over every rank that holds part of the batch."""
+    def sum_over_batch(self, counts: Tensor) -> "PendingSum":
+        """Sum of `counts` over every rank that holds part of the batch, launched, not waited for."""
         ...
+
+
+class PendingSum:
+    """A sum over ranks that may still be in flight. `value` waits for it where it is first needed, after
+    the layer's compute was queued (on a GPU the compute stream waits for the collective, not the host),
+    so a layer's load statistics never hold the next layer back."""
+
+    def __init__(self, tensor: Tensor, work: Any = None) -> None:
+        self._tensor, self._work = tensor, work
+
+    @property
+    def value(self) -> Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._tensor
 
 
 class LocalExchange:
@@ -44,28 +61,55 @@ class LocalExchange:
         # reads them on the host.
         return experts(x_SD, tokens_per_expert_E)
 
-    def sum_over_batch(self, counts: Tensor) -> Tensor:
-        return counts
+    def sum_over_batch(self, counts: Tensor) -> PendingSum:
+        return PendingSum(counts)
 
 
-@dataclass(frozen=True)
+@dataclass
 class MoEStats:
-    """What one MoE layer reports for a micro-batch; load numbers cover the global batch."""
+    """What one MoE layer reports for a micro-batch; load numbers cover the global batch and are read
+    (waited for) only when asked for."""
 
-    tokens_per_expert_E: Tensor
-    """Token copies the router sent to each expert, summed over all ranks (int64)."""
-    dropped: Tensor
-    """Copies dropped for capacity, summed over all ranks (int64)."""
-    unrouted: Tensor
-    """Tokens that reached no routed expert (all copies dropped, or no expert chose them), all ranks."""
-    skipped: Tensor
-    """Copies left out by expert skipping at evaluation (model.moe.skip_threshold), all ranks."""
-    aux_loss: Tensor
-    """Unweighted load-balancing loss (1.0 is balanced); has a gradient."""
+    load: PendingSum
+    """[routed copies per expert..., dropped, unrouted, skipped], summed over the batch's ranks (int64)."""
+    balance: Callable[[Tensor], Tensor]
+    """The load-balancing loss as a function of the global routed counts."""
     z_loss: Tensor
     """Unweighted router z-loss; has a gradient."""
     entropy: Tensor
     """Mean entropy of the router's distribution over experts, this rank's tokens (no gradient)."""
+
+    @classmethod
+    def done(cls, tokens_per_expert_E: Tensor, dropped: Tensor, unrouted: Tensor, skipped: Tensor,
+             aux_loss: Tensor, z_loss: Tensor, entropy: Tensor) -> "MoEStats":
+        """Statistics whose numbers are already known."""
+        load = torch.cat([tokens_per_expert_E, dropped.view(1), unrouted.view(1), skipped.view(1)])
+        return cls(PendingSum(load), lambda _: aux_loss, z_loss, entropy)
+
+    @property
+    def tokens_per_expert_E(self) -> Tensor:
+        """Token copies the router sent to each expert, summed over all ranks (int64)."""
+        return self.load.value[:-3]
+
+    @property
+    def dropped(self) -> Tensor:
+        """Copies dropped for capacity, summed over all ranks (int64)."""
+        return self.load.value[-3]
+
+    @property
+    def unrouted(self) -> Tensor:
+        """Tokens that reached no routed expert (all copies dropped, or no expert chose them), all ranks."""
+        return self.load.value[-2]
+
+    @property
+    def skipped(self) -> Tensor:
+        """Copies left out by expert skipping at evaluation (model.moe.skip_threshold), all ranks."""
+        return self.load.value[-1]
+
+    @cached_property
+    def aux_loss(self) -> Tensor:
+        """Unweighted load-balancing loss (1.0 is balanced); has a gradient."""
+        return self.balance(self.tokens_per_expert_E)
 
 
 class MoE(nn.Module):
@@ -96,12 +140,12 @@ class MoE(nn.Module):
             if skip_TK is not None:
                 skipped = skip_TK.sum()
 
-        # One small collective: global routed counts (for the aux loss and metrics), drops, unrouted tokens.
+        # One small collective, in flight while the experts run: global routed counts (for the aux loss and
+        # metrics), drops, unrouted tokens, skipped copies.
         reached = torch.zeros(perm.num_tokens, dtype=torch.bool, device=x_ND.device)
         unrouted = perm.num_tokens - reached.index_fill_(0, perm.token_index_S, True).sum()
         load = self.exchange.sum_over_batch(torch.cat([perm.routed_per_expert_E, perm.dropped.view(1),
                                                        unrouted.view(1), skipped.view(1)]))
-        global_routed_E, global_dropped, global_unrouted, global_skipped = load[:-3], load[-3], load[-2], load[-1]
 
         x_rows_ND = x_ND
         if torch.is_autocast_enabled(x_ND.device.type):
@@ -114,12 +158,10 @@ class MoE(nn.Module):
             if self.shared_gate is not None:
                 shared_ND = torch.sigmoid(self.shared_gate(x_ND)) * shared_ND
             y_ND = y_ND + shared_ND
+        batch_shape = x_BTD.shape[:2]
         stats = MoEStats(
-            tokens_per_expert_E=global_routed_E,
-            dropped=global_dropped,
-            unrouted=global_unrouted,
-            skipped=global_skipped,
-            aux_loss=self._balance_loss(routing, global_routed_E, x_BTD.shape[:2]),
+            load=load,
+            balance=lambda global_routed_E: self._balance_loss(routing, global_routed_E, batch_shape),
             z_loss=router_z_loss(routing.logits_TE),
             entropy=router_entropy(routing.probs_TE),
         )

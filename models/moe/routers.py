@@ -149,11 +149,20 @@ class DenseToSparseRouter(Router):
         self.start_temperature = start_temperature
         self.end_temperature = end_temperature
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64))  # resumes with the run
+        self._host_steps_done = (-1, 0)
+        """(steps_done._version, its value) as last read: the host's copy, read again only after a change
+        other than step_done's (a checkpoint load), so a forward does not wait for the device."""
+
+    def _steps_done(self) -> int:
+        version = self.steps_done._version
+        if self._host_steps_done[0] != version:
+            self._host_steps_done = (version, int(self.steps_done))
+        return self._host_steps_done[1]
 
     def schedule(self) -> tuple[int, float]:
         """(experts per token, temperature) now. k falls linearly from num_experts and reaches top_k exactly
-        at the end of the schedule. Reads the step buffer once (a host sync on GPU)."""
-        done = min(int(self.steps_done), self.steps)
+        at the end of the schedule."""
+        done = min(self._steps_done(), self.steps)
         k = self.num_experts - (self.num_experts - self.top_k) * done // self.steps
         temperature = self.start_temperature + (self.end_temperature - self.start_temperature) * done / self.steps
         return k, temperature
@@ -173,7 +182,9 @@ class DenseToSparseRouter(Router):
 
     @torch.no_grad()
     def step_done(self, global_tokens_per_expert_E: Tensor) -> None:
+        done = self._steps_done() + 1
         self.steps_done += 1
+        self._host_steps_done = (self.steps_done._version, done)
 
     def extra_metrics(self) -> dict[str, list[float]]:
         k, temperature = self.schedule()

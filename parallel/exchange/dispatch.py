@@ -4,8 +4,8 @@ Rows arrive here already grouped by global expert (see models.moe.permutation).
 Experts are laid out contiguously: ep rank r owns experts [r*L, (r+1)*L) with
 L = E / ep, so the rows for rank r form one contiguous block.
 
-Stages, each a function: `plan_exchange` (exchange counts, one collective and a
-host sync), `all_to_all` (rows out, autograd-aware), `local_expert_order`
+Stages, each a function: `plan_exchange` (exchange counts, one collective and the
+layer's one host sync), `all_to_all` (rows out, autograd-aware), `local_expert_order`
 (received rows are ordered by source rank; experts want them by expert), and the
 reverse trip; `overlap.pipelined_experts` runs the same stages in overlapped chunks. `ExpertParallelExchange` composes them for the MoE layer.
 
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moeyard.models import GroupedExperts
-from moeyard.models.moe.layer import LocalExchange
+from moeyard.models.moe.layer import LocalExchange, PendingSum
 from moeyard.parallel.exchange.overlap import pipelined_experts
 from moeyard.parallel.exchange.regroup import local_expert_order
 
@@ -35,24 +35,29 @@ class ExchangeLayout:
     recv_splits: list[int]
     """Rows received from each rank of the ep group."""
     recv_counts_PL: Tensor
-    """recv_counts_PL[p, l]: rows from rank p for local expert l."""
+    """recv_counts_PL[p, l]: rows from rank p for local expert l (on the device)."""
+    rows_per_local_expert: list[int]
+    """Host copy of recv_counts_PL.sum(0), for the expert loop."""
 
-    @property
-    def rows_per_local_expert(self) -> list[int]:
-        return self.recv_counts_PL.sum(dim=0).tolist()
+    def expert_counts(self, host: bool) -> list[int] | Tensor:
+        """Rows per local expert where the experts read them: on the host (loop) or the device (grouped GEMM)."""
+        return self.rows_per_local_expert if host else self.recv_counts_PL.sum(dim=0)
 
 
 def plan_exchange(tokens_per_expert_E: Tensor, group: dist.ProcessGroup) -> ExchangeLayout:
-    """Exchange per-expert row counts with the ep group (collective; syncs with the host)."""
+    """Exchange per-expert row counts with the ep group (collective), then bring every split size to the
+    host in one copy: the layer's only device-to-host synchronisation."""
     world = dist.get_world_size(group)
     recv_counts = torch.empty_like(tokens_per_expert_E)
     dist.all_to_all_single(recv_counts, tokens_per_expert_E.contiguous(), group=group)
     send_PL = tokens_per_expert_E.view(world, -1)
     recv_counts_PL = recv_counts.view(world, -1)
+    host = torch.cat([send_PL.sum(dim=1), recv_counts_PL.sum(dim=1), recv_counts_PL.sum(dim=0)]).cpu().tolist()
     return ExchangeLayout(
-        send_splits=send_PL.sum(dim=1).tolist(),
-        recv_splits=recv_counts_PL.sum(dim=1).tolist(),
+        send_splits=host[:world],
+        recv_splits=host[world:2 * world],
         recv_counts_PL=recv_counts_PL,
+        rows_per_local_expert=host[2 * world:],
     )
 
 
@@ -91,16 +96,17 @@ class ExpertParallelExchange:
     def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, experts: GroupedExperts) -> Tensor:
         if self.ep == 1:
             return LocalExchange().run_experts(x_SD, tokens_per_expert_E, experts)
+        host_counts = not experts.uses_grouped_mm(x_SD)
         if self.chunks > 1:
             return experts(x_SD, tokens_per_expert_E, executor=lambda expert_fn, weights: pipelined_experts(
-                x_SD, tokens_per_expert_E, self.chunks, self.ep_group, expert_fn, weights))
+                x_SD, tokens_per_expert_E, self.chunks, self.ep_group, expert_fn, weights, host_counts))
         layout = plan_exchange(tokens_per_expert_E, self.ep_group)
         x_RD = all_to_all(x_SD, layout.recv_splits, layout.send_splits, self.ep_group)
         # Received rows are grouped by source rank; the experts regroup them by expert as they go.
-        y_RD = experts(x_RD, layout.rows_per_local_expert, order=local_expert_order(layout.recv_counts_PL))
+        order = local_expert_order(layout.recv_counts_PL, x_RD.shape[0])
+        y_RD = experts(x_RD, layout.expert_counts(host_counts), order=order)
         return all_to_all(y_RD, layout.send_splits, layout.recv_splits, self.ep_group)
 
-    def sum_over_batch(self, counts: Tensor) -> Tensor:
+    def sum_over_batch(self, counts: Tensor) -> PendingSum:
         total = counts.clone()
-        dist.all_reduce(total, group=self.batch_group)
-        return total
+        return PendingSum(total, dist.all_reduce(total, group=self.batch_group, async_op=True))

@@ -41,19 +41,23 @@ class ChunkSchedule:
     recv_splits: list[list[int]]
     recv_order: list[Tensor]
     """Per chunk: permutation from (source rank, expert) to (expert, source rank) order."""
-    rows_per_local_expert: list[list[int]]
+    rows_per_local_expert: list[list[int]] | list[Tensor]
+    """Per chunk: rows per local expert, on the host (expert loop) or the device (grouped GEMM)."""
 
     @property
     def chunks(self) -> int:
         return len(self.send_index)
 
 
-def plan_chunks(tokens_per_expert_E: Tensor, chunks: int, group: dist.ProcessGroup) -> ChunkSchedule:
-    """Cut each expert's rows into `chunks` parts and exchange the per-chunk counts (one collective)."""
+def plan_chunks(tokens_per_expert_E: Tensor, rows: int, chunks: int, group: dist.ProcessGroup,
+                host_counts: bool = True) -> ChunkSchedule:
+    """Cut each expert's `rows` (summed over experts) into `chunks` parts and exchange the per-chunk counts
+    (one collective, then one device-to-host copy of every split size)."""
     P = dist.get_world_size(group)
     E = tokens_per_expert_E.numel()
     device = tokens_per_expert_E.device
-    expert_of_row_S = torch.repeat_interleave(torch.arange(E, device=device), tokens_per_expert_E)
+    expert_of_row_S = torch.repeat_interleave(torch.arange(E, device=device), tokens_per_expert_E,
+                                              output_size=rows)
     first_row_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
     position_S = torch.arange(expert_of_row_S.numel(), device=device) - first_row_E[expert_of_row_S]
     # Part c of an expert with n rows is rows [c*n/C, (c+1)*n/C): sizes differ by at most one.
@@ -65,13 +69,15 @@ def plan_chunks(tokens_per_expert_E: Tensor, chunks: int, group: dist.ProcessGro
     recv_PCL = torch.empty_like(send_PCL)
     dist.all_to_all_single(recv_PCL, send_PCL, group=group)
     order = torch.sort(chunk_of_row_S, stable=True).indices  # chunk-major, expert-grouped within a chunk
-    send_host, recv_host = send_PCL.cpu(), recv_PCL.cpu()  # one host sync for every split size below
+    send_host, recv_host = torch.stack([send_PCL, recv_PCL]).cpu()  # one host sync for every split size below
+    recv_splits = recv_host.sum(dim=2).t().tolist()
     return ChunkSchedule(
         send_index=list(order.split(send_host.sum(dim=(0, 2)).tolist())),
         send_splits=send_host.sum(dim=2).t().tolist(),
-        recv_splits=recv_host.sum(dim=2).t().tolist(),
-        recv_order=[local_expert_order(recv_PCL[:, c]) for c in range(chunks)],
-        rows_per_local_expert=[recv_host[:, c].sum(dim=0).tolist() for c in range(chunks)],
+        recv_splits=recv_splits,
+        recv_order=[local_expert_order(recv_PCL[:, c], sum(recv_splits[c])) for c in range(chunks)],
+        rows_per_local_expert=[recv_host[:, c].sum(dim=0).tolist() if host_counts else recv_PCL[:, c].sum(dim=0)
+                               for c in range(chunks)],
     )
 
 
@@ -161,8 +167,9 @@ class _PipelinedExperts(torch.autograd.Function):
 
 
 def pipelined_experts(x_SD: Tensor, tokens_per_expert_E: Tensor, chunks: int, group: dist.ProcessGroup,
-                      expert_fn: ExpertFn, weights: tuple[Tensor, ...]) -> Tensor:
-    """Dispatch -> experts -> combine in `chunks` overlapped pieces; rows in and out grouped by global expert."""
-    schedule = plan_chunks(tokens_per_expert_E, chunks, group)
+                      expert_fn: ExpertFn, weights: tuple[Tensor, ...], host_counts: bool = True) -> Tensor:
+    """Dispatch -> experts -> combine in `chunks` overlapped pieces; rows in and out grouped by global expert.
+    `host_counts`: the experts read their row counts on the host (the loop), else on the device."""
+    schedule = plan_chunks(tokens_per_expert_E, x_SD.shape[0], chunks, group, host_counts)
     build_graph = torch.is_grad_enabled() and (x_SD.requires_grad or any(w.requires_grad for w in weights))
     return _PipelinedExperts.apply(x_SD, schedule, group, expert_fn, build_graph, *weights)

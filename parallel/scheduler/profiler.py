@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moeyard.models import GroupedExperts, ModelConfig, Transformer
+from moeyard.models.moe.layer import PendingSum
 from moeyard.parallel.exchange.dispatch import ExpertParallelExchange
 from moeyard.parallel.grads.buckets import all_gather, reduce_scatter
 from moeyard.parallel.mesh import ParallelMesh
@@ -80,7 +81,7 @@ class _SkipExperts:
     def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, experts: GroupedExperts) -> Tensor:
         return x_SD * 0.0
 
-    def sum_over_batch(self, counts: Tensor) -> Tensor:
+    def sum_over_batch(self, counts: Tensor) -> PendingSum:
         return self.inner.sum_over_batch(counts)
 
 

@@ -72,7 +72,7 @@ def dispatch_round_trip(rank: int, world: int, ep: int, capacity_factor: float |
     for p, ref in zip(experts.parameters(), ref_grads):
         torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-6)
 
-    load = exchange.sum_over_batch(torch.cat([perm.routed_per_expert_E, perm.dropped.view(1)]))
+    load = exchange.sum_over_batch(torch.cat([perm.routed_per_expert_E, perm.dropped.view(1)])).value
     return {"routed": load[:-1].tolist(), "dropped": int(load[-1]), "local_dropped": int(perm.dropped),
             "kept_per_expert": perm.tokens_per_expert_E.tolist(), "capacity": capacity}
 

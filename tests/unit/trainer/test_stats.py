@@ -11,7 +11,7 @@ from moeyard.trainer.stats import NamedSums, StepStats
 
 def _moe(load: list[int], dropped: int, unrouted: int, aux: float, z: float, entropy: float) -> MoEStats:
     t = torch.tensor
-    return MoEStats(tokens_per_expert_E=t(load), dropped=t(dropped), unrouted=t(unrouted), skipped=t(0),
+    return MoEStats.done(tokens_per_expert_E=t(load), dropped=t(dropped), unrouted=t(unrouted), skipped=t(0),
                     aux_loss=t(aux), z_loss=t(z), entropy=t(entropy))
 
 
