@@ -65,8 +65,8 @@ def plan_permutation(expert_index_TK: Tensor, num_experts: int, capacity: Option
     if capacity is not None:
         group_start_E = torch.cumsum(routed_per_expert_E, 0) - routed_per_expert_E
         position_C = torch.arange(order_C.numel(), device=order_C.device) - group_start_E[sorted_expert_C]
-        keep_C = position_C < capacity
-        token_C, choice_C = token_C[keep_C], choice_C[keep_C]
+        kept_C = (position_C < capacity).nonzero().squeeze(1)  # capacity's one host sync: how many are kept
+        token_C, choice_C = token_C.index_select(0, kept_C), choice_C.index_select(0, kept_C)
         tokens_per_expert_E = routed_per_expert_E.clamp(max=capacity)
     else:
         tokens_per_expert_E = routed_per_expert_E
