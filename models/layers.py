@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moeyard.models.document_attention import DocumentSpans, document_attention
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -61,8 +63,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(head_dim if per_head else n_heads * head_dim, norm_eps)
             self.k_norm = RMSNorm(head_dim if per_head else n_kv_heads * head_dim, norm_eps)
 
-    def forward(self, x_BTD: Tensor, cos_TQ: Tensor, sin_TQ: Tensor, mask_B1TT: Optional[Tensor] = None) -> Tensor:
-        """`mask_B1TT` (True = may attend) replaces the plain causal mask, e.g. to keep packed examples apart."""
+    def forward(self, x_BTD: Tensor, cos_TQ: Tensor, sin_TQ: Tensor, docs: Optional[DocumentSpans] = None) -> Tensor:
+        """`docs` (packed examples): attention stays inside each document, still causal."""
         B, T, _ = x_BTD.shape
         q, k = self.wq(x_BTD), self.wk(x_BTD)
         if self.qk_norm == "full":
@@ -74,10 +76,11 @@ class Attention(nn.Module):
         v_BKTQ = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_BHTQ = apply_rope(q_BHTQ, cos_TQ, sin_TQ)
         k_BKTQ = apply_rope(k_BKTQ, cos_TQ, sin_TQ)
-        out_BHTQ = F.scaled_dot_product_attention(
-            q_BHTQ, k_BKTQ, v_BKTQ, attn_mask=mask_B1TT, is_causal=mask_B1TT is None,
-            enable_gqa=self.n_heads != self.n_kv_heads,
-        )
+        if docs is not None:
+            out_BHTQ = document_attention(q_BHTQ, k_BKTQ, v_BKTQ, docs)
+        else:
+            out_BHTQ = F.scaled_dot_product_attention(q_BHTQ, k_BKTQ, v_BKTQ, is_causal=True,
+                                                      enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(out_BHTQ.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moeyard.models.config import ModelConfig
+from moeyard.models.document_attention import DocumentSpans
 from moeyard.models.layers import Attention, RMSNorm, SwiGLU, rope_tables
 from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.moe.layer import MoE, MoEStats
@@ -49,8 +50,8 @@ class Block(nn.Module):
                                else SwiGLU(cfg.dim, cfg.ffn_dim))
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor,
-                mask_B1TT: Optional[Tensor] = None) -> tuple[Tensor, MoEStats | None]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask_B1TT)
+                docs: Optional[DocumentSpans] = None) -> tuple[Tensor, MoEStats | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, docs)
         h_BTD = self.ffn_norm(x_BTD)
         if isinstance(self.ffn, MoE):
             y_BTD, stats = self.ffn(h_BTD)
@@ -113,13 +114,10 @@ class Transformer(nn.Module):
             if module is not self and hasattr(module, "reset_buffers"):
                 module.reset_buffers()
 
-    def _segment_tables(self, segment_BT: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _segment_tables(self, segment_BT: Tensor) -> tuple[Tensor, Tensor, DocumentSpans]:
         position_BT = segment_positions(segment_BT)
         cos, sin = self.rope_cos[position_BT].unsqueeze(1), self.rope_sin[position_BT].unsqueeze(1)
-        T = segment_BT.shape[1]
-        causal_TT = torch.ones(T, T, dtype=torch.bool, device=segment_BT.device).tril()
-        same_BTT = segment_BT[:, :, None] == segment_BT[:, None, :]
-        return cos, sin, (causal_TT & same_BTT).unsqueeze(1)
+        return cos, sin, DocumentSpans.from_segments(segment_BT)
 
     def set_recompute(self, mode: Literal["none", "experts", "full"]) -> None:
         """Activation checkpointing, which changes memory and time, never the result. full: each block keeps
@@ -150,16 +148,16 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         with recording_adapters() as adapter_record:
             x_BTD = self.tok_embeddings(tokens_BT)
-            cos, sin, mask_B1TT = self.rope_cos, self.rope_sin, None
+            cos, sin, docs = self.rope_cos, self.rope_sin, None
             if segment_BT is not None:
-                cos, sin, mask_B1TT = self._segment_tables(segment_BT)
+                cos, sin, docs = self._segment_tables(segment_BT)
             aux_loss = z_loss = x_BTD.new_zeros((), dtype=torch.float32)
             moe_stats: dict[int, MoEStats] = {}
             for i, block in enumerate(self.layers):
                 if self.recompute_blocks and torch.is_grad_enabled():
-                    x_BTD, stats = checkpoint(block, x_BTD, cos, sin, mask_B1TT, use_reentrant=False)
+                    x_BTD, stats = checkpoint(block, x_BTD, cos, sin, docs, use_reentrant=False)
                 else:
-                    x_BTD, stats = block(x_BTD, cos, sin, mask_B1TT)
+                    x_BTD, stats = block(x_BTD, cos, sin, docs)
                 if stats is not None:
                     moe_stats[i] = stats
             for stats in moe_stats.values():  # after every layer was queued: the load sums had time to arrive

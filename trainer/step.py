@@ -72,12 +72,17 @@ def _micro_batches(batch: Tensor | SFTBatch, micro_batch_size: int,
 def lm_loss_sum(logits_BTV: Tensor, targets_BT: Tensor, mask_BT: Optional[Tensor]) -> Tensor:
     """Summed next-token cross-entropy, over the masked targets only when a mask is given (SFT)."""
     losses = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none")
-    return losses.sum() if mask_BT is None else losses[mask_BT.flatten()].sum()
+    return losses.sum() if mask_BT is None else _masked_sum(losses, mask_BT.flatten())
+
+
+def _masked_sum(losses_T: Tensor, mask_T: Tensor) -> Tensor:
+    """Sum of the masked losses by a multiply, not a boolean index (whose output size waits for the host)."""
+    return torch.where(mask_T, losses_T, 0.0).sum()
 
 
 def _chunk_loss(output: nn.Module, h_TD: Tensor, targets_T: Tensor, mask_T: Optional[Tensor]) -> Tensor:
     losses = F.cross_entropy(output(h_TD).float(), targets_T, reduction="none")
-    return losses.sum() if mask_T is None else losses[mask_T].sum()
+    return losses.sum() if mask_T is None else _masked_sum(losses, mask_T)
 
 
 def chunked_lm_loss_sum(output: nn.Module, hidden_BTD: Tensor, targets_BT: Tensor, mask_BT: Optional[Tensor],

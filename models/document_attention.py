@@ -1,0 +1,68 @@
+"""Causal attention inside each packed document, without a T x T mask.
+
+A boolean [B, 1, T, T] mask rules out SDPA's flash and memory-efficient kernels: the math kernel then
+materialises [B, H, T, T] scores (gigabytes at T = 8k). Instead the documents are given as spans of the
+flattened [B*T] tokens, the layout of variable-length ("varlen") flash attention: on a GPU in half
+precision one `varlen_attn` call covers them all; elsewhere each document runs its own causal SDPA, whose
+memory grows with the document, not with T^2.
+
+Shape legend: B batch, T sequence, H query heads, K key/value heads, Q head dim, N = B*T tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DocumentSpans:
+    """Packed documents of a batch: each row's documents back to back, rows one after another."""
+
+    lengths: tuple[int, ...]
+    """Tokens of each document, in flattened [B*T] order (a document never crosses a row)."""
+    cu_seqlens: Tensor
+    """int32 [documents + 1], on the model's device: where each document starts, then N."""
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths)
+
+    @staticmethod
+    def from_segments(segment_BT: Tensor) -> "DocumentSpans":
+        """From segment ids (equal ids next to each other are one document). Reads them on the host once
+        per forward, not per layer."""
+        segment = segment_BT.cpu()
+        starts_BT = torch.ones_like(segment, dtype=torch.bool)
+        starts_BT[:, 1:] = segment[:, 1:] != segment[:, :-1]
+        starts_N = starts_BT.reshape(-1).nonzero().squeeze(1)
+        bounds = torch.cat([starts_N, torch.tensor([segment.numel()])])
+        lengths = tuple(torch.diff(bounds).tolist())
+        return DocumentSpans(lengths, bounds.to(torch.int32).to(segment_BT.device, non_blocking=True))
+
+
+def _varlen_kernel_applies(q: Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def document_attention(q_BHTQ: Tensor, k_BKTQ: Tensor, v_BKTQ: Tensor, spans: DocumentSpans) -> Tensor:
+    """Causal attention that stays inside each document; [B, H, T, Q] out, like SDPA."""
+    B, H, T, Q = q_BHTQ.shape
+    gqa = H != k_BKTQ.shape[1]
+    q_NHQ, k_NKQ, v_NKQ = (t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[-1])
+                           for t in (q_BHTQ, k_BKTQ, v_BKTQ))
+    if _varlen_kernel_applies(q_BHTQ):  # never run here: no GPU in CI (benchmarks/gpu_check.sh runs it)
+        from torch.nn.attention.varlen import varlen_attn
+
+        out_NHQ = varlen_attn(q_NHQ, k_NKQ, v_NKQ, spans.cu_seqlens, spans.cu_seqlens, spans.max_len,
+                              spans.max_len, window_size=(-1, 0), enable_gqa=gqa)
+    else:
+        parts = [
+            F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                           is_causal=True, enable_gqa=gqa)[0].transpose(0, 1)
+            for q, k, v in zip(q_NHQ.split(spans.lengths), k_NKQ.split(spans.lengths), v_NKQ.split(spans.lengths))
+        ]
+        out_NHQ = torch.cat(parts)
+    return out_NHQ.view(B, T, H, -1).transpose(1, 2)
