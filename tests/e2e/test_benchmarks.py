@@ -78,3 +78,19 @@ def test_soak_smoke_survives_three_kills_bit_exact(tmp_path: Path) -> None:
     one = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
     # keep_last complete ones, the one being written, and at most one half-written by a killed save
     assert one <= report["disk_high_water_bytes"] <= (report["keep_last"] + 2) * one * 1.05, (one, report)
+
+
+def test_gpu_check_script_smoke_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.sh --smoke: every step of the device check runs and passes on CPU (grouped-GEMM
+    probe with empty experts, the layer benchmark, a stopped and resumed train, plain vs fsdp), and the
+    report names each step's verdict."""
+    report = tmp_path / "gpu_check.md"
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--report", str(report)],
+                          capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + report.read_text()[-4000:]
+    text = report.read_text()
+    for title in ("1. grouped-GEMM probe", "2a. host syncs", "3. Mixtral-shaped", "4. moeyard train",
+                  "5. peak memory"):
+        assert f"## {title}" in text and text.split(f"## {title}")[1].split("\n")[0].count(": PASS") == 1, title
+    assert '"empty_experts_zero_grad": true' in text and "steps logged: 1 .. 4" in text
+    assert "parallel.fsdp=false: peak_memory_gb" in text and "parallel.fsdp=true: peak_memory_gb" in text

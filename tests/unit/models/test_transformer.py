@@ -15,7 +15,7 @@ from moeyard.models.moe.router import load_balance_loss, router_z_loss
 from moeyard.models.moe.routers import TopKRouter
 from moeyard.trainer.step import skip_counts
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu.sh runs these)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu_check.sh runs these)")
 
 
 def tiny(**moe) -> ModelConfig:
