@@ -18,7 +18,14 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from moeyard.parallel.grads.buckets import BucketedReducer
-from moeyard.parallel.grads.reduce import ParamGroups, clip_gradients, global_grad_norm, reduce_gradients
+from moeyard.parallel.grads.reduce import (
+    ParamGroups,
+    clip_gradients,
+    global_grad_norm,
+    reduce_gradients,
+    scale_,
+    squared_norm,
+)
 from moeyard.parallel.grads.zero import ShardedAdamW
 from moeyard.parallel.mesh import ParallelMesh
 
@@ -145,16 +152,14 @@ class FullyShardedSync(PlainSync):
         # Dense shards partition each dense gradient over dp; expert shards partition each ep rank's
         # experts over edp, and ep ranks hold disjoint experts: one sum over dp covers everything once.
         grads = self._grads()
-        sq = sum((g.float().square().sum() for g in grads), torch.zeros((), device=grads[0].device))
+        sq = squared_norm(grads, grads[0].device)
         dist.all_reduce(sq, group=self.pmesh.dp_group)
         return sq.sqrt()
 
     @torch.no_grad()
     def apply(self, lr: float, grad_clip: float, norm: Tensor) -> None:
         if grad_clip > 0:
-            coef = (grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            for g in self._grads():
-                g.mul_(coef.to(g.device))
+            scale_(self._grads(), (grad_clip / (norm + 1e-6)).clamp(max=1.0))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moeyard.parallel.grads.buckets import Bucket, BucketedReducer, all_gather
+from moeyard.parallel.grads.reduce import scale_, squared_norm
 
 
 @dataclass
@@ -66,12 +67,10 @@ class ShardedAdamW:
 
     def grad_sq_sum(self) -> Tensor:
         """This rank's share of the squared global gradient norm; all-reduce over dp for the total."""
-        return sum((s.bucket.grad_shard.float().square().sum() for s in self.shards),
-                   torch.zeros((), device=self.shards[0].param.device))
+        return squared_norm([s.bucket.grad_shard for s in self.shards], self.shards[0].param.device)
 
     def scale_grads(self, coef: Tensor) -> None:
-        for s in self.shards:
-            s.bucket.grad_shard.mul_(coef)
+        scale_([s.bucket.grad_shard for s in self.shards], coef)
 
     def step(self) -> None:
         """One AdamW step on every shard, then gather the updated parameters into the model."""
