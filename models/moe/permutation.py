@@ -92,6 +92,29 @@ def unpermute(y_SD: Tensor, perm: Permutation, weight: Tensor) -> Tensor:
     copies were all dropped (or that no expert chose) gets zeros: the residual carries it.
     """
     dtype = torch.promote_types(y_SD.dtype, torch.float32)
-    weight_S = weight.reshape(-1).index_select(0, perm.copy_index_S).to(dtype)
-    out_TD = y_SD.new_zeros(perm.num_tokens, y_SD.shape[-1], dtype=dtype)
-    return out_TD.index_add(0, perm.token_index_S, y_SD.to(dtype) * weight_S.unsqueeze(-1))
+    weight_S = weight.reshape(-1).index_select(0, perm.copy_index_S)
+    return _WeightedCombine.apply(y_SD, weight_S, perm.token_index_S, perm.num_tokens, dtype)
+
+
+class _WeightedCombine(torch.autograd.Function):
+    """sum_s weight_s * y_s into its token, computed in `dtype`. Plain autograd would keep the float32 copy of
+    the S x D rows for the weights' gradient; this keeps the rows in their own (bf16) dtype."""
+
+    @staticmethod
+    def forward(ctx, y_SD: Tensor, weight_S: Tensor, token_index_S: Tensor, num_tokens: int,
+                dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(y_SD, weight_S, token_index_S)
+        ctx.dtype = dtype
+        out_TD = y_SD.new_zeros(num_tokens, y_SD.shape[-1], dtype=dtype)
+        return out_TD.index_add_(0, token_index_S, y_SD.to(dtype) * weight_S.to(dtype).unsqueeze(-1))
+
+    @staticmethod
+    def backward(ctx, grad_TD: Tensor):
+        y_SD, weight_S, token_index_S = ctx.saved_tensors
+        grad_SD = grad_TD.index_select(0, token_index_S)
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_y = (grad_SD * weight_S.to(ctx.dtype).unsqueeze(-1)).to(y_SD.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_SD * y_SD.to(ctx.dtype)).sum(dim=-1).to(weight_S.dtype)
+        return grad_y, grad_w, None, None, None

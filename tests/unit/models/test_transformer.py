@@ -15,7 +15,8 @@ from moeyard.models.moe.router import load_balance_loss, router_z_loss
 from moeyard.models.moe.routers import TopKRouter
 from moeyard.trainer.step import skip_counts
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu_check.sh runs these)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a GPU (benchmarks/gpu_check.sh runs these)")
 
 
 def tiny(**moe) -> ModelConfig:
@@ -301,3 +302,28 @@ def test_expert_skipping_at_evaluation_drops_only_low_weight_later_choices() -> 
     assert float(skip_counts({1: dropping})[0] / skip_counts({1: dropping})[1]) == low / (2 * x_TD.shape[0])
     with pytest.raises(ConfigError, match="model.moe.skip_threshold=1.5 must be in"):
         MoEConfig(skip_threshold=1.5)
+
+
+def test_unpermute_keeps_bf16_rows_for_backward_and_matches_autograd() -> None:
+    """The weighted combine sums in float32 but saves the expert rows in their own dtype; its gradients equal
+    plain autograd's over the float32 computation."""
+    from moeyard.models.moe.permutation import plan_permutation, unpermute
+
+    torch.manual_seed(0)
+    T, K, E, D = 16, 2, 4, 8
+    perm = plan_permutation(torch.randint(0, E, (T, K)), E, None)
+    y = torch.randn(T * K, D).bfloat16().requires_grad_()
+    w = torch.rand(T, K, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = unpermute(y, perm, w)
+    assert out.dtype == torch.float32
+    assert not [t for t in saved if t.dtype == torch.float32 and t.shape == (T * K, D)], "a float32 copy of the rows"
+    dy = torch.randn(T, D)
+    grads = torch.autograd.grad((out * dy).sum(), (y, w))
+    ref = torch.zeros(T, D).index_add(0, perm.token_index_S,
+                                      y.float() * w.reshape(-1)[perm.copy_index_S].unsqueeze(-1))
+    ref_grads = torch.autograd.grad((ref * dy).sum(), (y, w))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
