@@ -37,7 +37,8 @@ class AdamWSettings(Protocol):
 
 @dataclass(frozen=True)
 class FsdpSettings:
-    """How FSDP2 runs (the trainer fills it from `parallel.fsdp_*` and `train.dtype`)."""
+    """How FSDP2 runs (the trainer fills it from `parallel.fsdp_*`, `parallel.reduce_dtype` and `train.dtype`);
+    `reduce_dtype` is also what the other gradient reductions carry."""
 
     compute_dtype: torch.dtype = torch.float32
     reduce_dtype: torch.dtype = torch.float32
@@ -90,18 +91,20 @@ def adamw(model: nn.Module, settings: AdamWSettings) -> torch.optim.AdamW:
 
 
 def grad_sync_for(plan: Plan, model: nn.Module, groups: ParamGroups, pmesh: ParallelMesh,
-                  settings: AdamWSettings) -> GradSync:
-    """The gradient reduction and optimizer the plan names, over the model's (sharded) parameters."""
+                  settings: AdamWSettings, reduce_dtype: torch.dtype = torch.float32) -> GradSync:
+    """The gradient reduction and optimizer the plan names, over the model's (sharded) parameters; the
+    reduction's collectives carry `reduce_dtype`."""
     if plan.grad_sync == "reduce_scatter":
-        reducer = BucketedReducer(groups, pmesh, plan.dense_buckets, plan.expert_buckets, "reduce_scatter")
+        reducer = BucketedReducer(groups, pmesh, plan.dense_buckets, plan.expert_buckets, "reduce_scatter",
+                                  reduce_dtype)
         sharded = ShardedAdamW(reducer, lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=settings.eps,
                                weight_decay=settings.weight_decay)
         return ShardedSync(groups, pmesh, reducer, sharded)
     optimizer = adamw(model, settings)
     if not plan.overlap_grads:
-        return PlainSync(groups, pmesh, optimizer)
-    return OverlappedSync(groups, pmesh, optimizer,
-                          BucketedReducer(groups, pmesh, plan.dense_buckets, plan.expert_buckets, "all_reduce"))
+        return PlainSync(groups, pmesh, optimizer, reduce_dtype)
+    return OverlappedSync(groups, pmesh, optimizer, BucketedReducer(groups, pmesh, plan.dense_buckets,
+                                                                    plan.expert_buckets, "all_reduce", reduce_dtype))
 
 
 def parallelize(model: Transformer, pmesh: ParallelMesh, plan: Plan, optim: AdamWSettings,
@@ -123,4 +126,4 @@ def parallelize(model: Transformer, pmesh: ParallelMesh, plan: Plan, optim: Adam
         materialize(model, init, pmesh, device)
     if plan.grad_sync == "fsdp":
         return FullyShardedSync(split_parameters(model), pmesh, adamw(model, optim))
-    return grad_sync_for(plan, model, split_parameters(model), pmesh, optim)
+    return grad_sync_for(plan, model, split_parameters(model), pmesh, optim, (fsdp or FsdpSettings()).reduce_dtype)

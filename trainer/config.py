@@ -43,10 +43,18 @@ class ParallelConfig:
     fsdp: bool = False
     """Shard parameters, gradients and AdamW state with torch's FSDP2: dense over dp, each rank's experts
     over its edp group, one unit per transformer block. Same updates as the replicated path."""
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """The dtype gradients travel in (all-reduce, reduce-scatter, FSDP2's reduce-scatter); bfloat16 halves
+    the bytes and rounds each summand to 8 bits of mantissa. The gradients themselves stay float32."""
     fsdp_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
-    """fsdp with bfloat16 compute (GPU): the dtype gradients are reduce-scattered in."""
+    """Older name of reduce_dtype, for fsdp only; bfloat16 here still applies when reduce_dtype is float32."""
     fsdp_reshard_after_forward: bool = True
     """fsdp: free each unit's gathered parameters after its forward (gather again in backward)."""
+
+    @property
+    def effective_reduce_dtype(self) -> str:
+        """reduce_dtype, or under fsdp its older name fsdp_reduce_dtype when only that was set."""
+        return self.fsdp_reduce_dtype if self.fsdp and self.reduce_dtype == "float32" else self.reduce_dtype
 
 
 @dataclass(kw_only=True)

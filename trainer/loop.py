@@ -125,7 +125,7 @@ def build_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch.devi
     trainable, total = freeze(model, cfg.train.trainable, cfg.train.frozen)
     model.set_recompute(cfg.train.recompute)
     fsdp = FsdpSettings(compute_dtype=resolve_dtype(cfg.train.dtype, device),
-                        reduce_dtype=getattr(torch, cfg.parallel.fsdp_reduce_dtype),
+                        reduce_dtype=getattr(torch, cfg.parallel.effective_reduce_dtype),
                         reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward)
     sync = parallelize(model, pmesh, plan, cfg.optim, device, fsdp, init)
     if dist.get_rank() == 0:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -42,7 +43,7 @@ class Bucket:
     params: list[nn.Parameter]
     group: dist.ProcessGroup
     flat: Tensor
-    """Gradients of all params, back to back, padded to a multiple of the group size."""
+    """Gradients of all params, back to back, padded to a multiple of the group size, in the reduce dtype."""
     offsets: list[int]
     ready: int = 0
     work: Optional[dist.Work] = None
@@ -88,27 +89,31 @@ def backward_order(params: list[nn.Parameter]) -> list[nn.Parameter]:
     return list(reversed(params))
 
 
-def _make_bucket(params: list[nn.Parameter], group: dist.ProcessGroup) -> Bucket:
+def _make_bucket(params: list[nn.Parameter], group: dist.ProcessGroup, dtype: torch.dtype) -> Bucket:
     offsets = [0]
     for p in params:
         offsets.append(offsets[-1] + p.numel())
     world = dist.get_world_size(group)
     padded = -(-offsets[-1] // world) * world
-    return Bucket(params=params, group=group, flat=params[0].new_zeros(padded), offsets=offsets)
+    return Bucket(params=params, group=group, flat=params[0].new_zeros(padded, dtype=dtype), offsets=offsets)
 
 
 class BucketedReducer:
     """Owns the hooks; one per training run."""
 
     def __init__(self, groups: ParamGroups, pmesh: ParallelMesh, dense_sizes: tuple[int, ...],
-                 expert_sizes: tuple[int, ...], mode: SyncMode = "all_reduce") -> None:
+                 expert_sizes: tuple[int, ...], mode: SyncMode = "all_reduce",
+                 reduce_dtype: torch.dtype = torch.float32) -> None:
+        """`reduce_dtype` (parallel.reduce_dtype): what the collectives carry; bfloat16 halves their bytes,
+        results come back into the float32 gradients."""
         self.mode = mode
         self.scale = 1.0 / pmesh.dp
         self.lists: list[list[Bucket]] = []
         for params, sizes, group in ((groups.dense, dense_sizes, pmesh.dp_group),
                                      (groups.expert, expert_sizes, pmesh.edp_group)):
             if params:
-                self.lists.append([_make_bucket(b, group) for b in split_into_buckets(backward_order(params), sizes)])
+                self.lists.append([_make_bucket(b, group, reduce_dtype)
+                                   for b in split_into_buckets(backward_order(params), sizes)])
         self._where: dict[int, tuple[int, int]] = {}
         for li, buckets in enumerate(self.lists):
             for bi, bucket in enumerate(buckets):
@@ -171,7 +176,7 @@ class BucketedReducer:
                     else:
                         p.grad.copy_(grad)
             else:
-                bucket.grad_shard.mul_(self.scale)
+                bucket.grad_shard = bucket.grad_shard.to(bucket.params[0].dtype).mul_(self.scale)
                 for p in bucket.params:
                     p.grad = None  # the sharded optimizer reads grad_shard; full gradients are not kept
         self._next = [0] * len(self.lists)

@@ -46,11 +46,12 @@ def _grads(params: list[nn.Parameter]) -> list[Tensor]:
     return [p.grad for p in params]
 
 
-def _sum_and_scale(grads: list[Tensor], group: dist.ProcessGroup, scale: float) -> None:
-    """One flat all-reduce (a single collective), then copy back scaled."""
+def _sum_and_scale(grads: list[Tensor], group: dist.ProcessGroup, scale: float,
+                   dtype: torch.dtype = torch.float32) -> None:
+    """One flat all-reduce (a single collective) in `dtype`, then copy back scaled."""
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([g.reshape(-1).to(dtype) for g in grads])
     dist.all_reduce(flat, group=group)
     flat.mul_(scale)
     offset = 0
@@ -59,10 +60,11 @@ def _sum_and_scale(grads: list[Tensor], group: dist.ProcessGroup, scale: float) 
         offset += g.numel()
 
 
-def reduce_gradients(groups: ParamGroups, pmesh: ParallelMesh) -> None:
+def reduce_gradients(groups: ParamGroups, pmesh: ParallelMesh, dtype: torch.dtype = torch.float32) -> None:
+    """Average every gradient over its replicas; the collectives carry `dtype` (parallel.reduce_dtype)."""
     scale = 1.0 / pmesh.dp
-    _sum_and_scale(_grads(groups.dense), pmesh.dp_group, scale)
-    _sum_and_scale(_grads(groups.expert), pmesh.edp_group, scale)
+    _sum_and_scale(_grads(groups.dense), pmesh.dp_group, scale, dtype)
+    _sum_and_scale(_grads(groups.expert), pmesh.edp_group, scale, dtype)
 
 
 def squared_norm(tensors: list[Tensor], device: torch.device) -> Tensor:

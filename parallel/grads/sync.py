@@ -55,14 +55,16 @@ class GradSync(Protocol):
 
 
 class PlainSync:
-    def __init__(self, groups: ParamGroups, pmesh: ParallelMesh, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, groups: ParamGroups, pmesh: ParallelMesh, optimizer: torch.optim.Optimizer,
+                 reduce_dtype: torch.dtype = torch.float32) -> None:
         self.groups, self.pmesh, self.optimizer = groups, pmesh, optimizer
+        self.reduce_dtype = reduce_dtype
 
     def begin_micro_step(self, last: bool) -> None:
         pass
 
     def _reduce(self) -> None:
-        reduce_gradients(self.groups, self.pmesh)
+        reduce_gradients(self.groups, self.pmesh, self.reduce_dtype)
 
     def reduce(self) -> Tensor:
         self._reduce()

@@ -90,12 +90,15 @@ class ShardedAdamW:
             s.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (s.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
             s.param.addcdiv_(s.exp_avg, denom, value=-step_size)
-            works.append(all_gather(s.bucket.flat, s.param, group=s.bucket.group, async_op=True))
-        for s, work in zip(self.shards, works):
+            # The reduce buffer doubles as the gather buffer, unless it holds a narrower reduce dtype.
+            gathered = s.bucket.flat if s.bucket.flat.dtype == s.param.dtype else s.param.new_empty(
+                s.bucket.flat.numel())
+            works.append((gathered, all_gather(gathered, s.param, group=s.bucket.group, async_op=True)))
+        for s, (gathered, work) in zip(self.shards, works):
             work.wait()
             with torch.no_grad():
                 for p, start, stop in zip(s.bucket.params, s.bucket.offsets, s.bucket.offsets[1:]):
-                    p.copy_(s.bucket.flat[start:stop].view_as(p))
+                    p.copy_(gathered[start:stop].view_as(p))
             s.bucket.grad_shard = None
 
     def full_states(self) -> dict[int, dict[str, Tensor]]:
@@ -108,7 +111,7 @@ class ShardedAdamW:
         for s in self.shards:
             full = {}
             for key in ("exp_avg", "exp_avg_sq"):
-                gathered = s.bucket.flat.new_empty(s.bucket.flat.numel())
+                gathered = s.param.new_empty(s.bucket.flat.numel())
                 all_gather(gathered, getattr(s, key), group=s.bucket.group)
                 full[key] = gathered
             for p, start, stop in zip(s.bucket.params, s.bucket.offsets, s.bucket.offsets[1:]):

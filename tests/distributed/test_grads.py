@@ -36,3 +36,19 @@ def test_bucketed_and_zero_sharded_sync_match_plain_for_ten_steps(world: int, ep
             assert got["buckets"] > 4
             assert len(got["launches"]) == STEPS * got["buckets"], "a bucket was reduced on a non-final micro-step"
             assert sum(got["launches"]) >= STEPS, "no bucket was launched from a backward hook"
+
+
+def test_bfloat16_gradient_reduction_stays_close_to_float32() -> None:
+    """parallel.reduce_dtype=bfloat16: every strategy's collectives carry bf16 (half the bytes) and three
+    steps land within bf16 rounding of the float32 reduction (the updates differ: it really is bf16)."""
+    ref = run_distributed(grads_cases.train_with_each_sync, 2, 2, 3, "float32", timeout_s=240)
+    low = run_distributed(grads_cases.train_with_each_sync, 2, 2, 3, "bfloat16", timeout_s=240)
+    for rank in range(2):
+        for kind in ("plain", "overlap", "zero"):
+            got, want = low[rank][kind], ref[rank][kind]
+            assert got["flat_dtypes"] == ["torch.bfloat16"], (kind, got["flat_dtypes"])
+            assert got["norms"] == pytest.approx(want["norms"], rel=1e-2), f"rank {rank} {kind}: grad norms"
+            assert got["norms"] != want["norms"], f"rank {rank} {kind}: bf16 reduction changed nothing"
+            for name, p in got["params"].items():
+                torch.testing.assert_close(torch.from_numpy(p), torch.from_numpy(want["params"][name]),
+                                           rtol=0, atol=3e-3 * 3, msg=lambda m: f"rank {rank} {kind} {name}: {m}")

@@ -27,11 +27,11 @@ def watch_launches(reducer, launches: list[bool]) -> None:
     reducer._launch, reducer.finish = watched_launch, watched_finish
 
 
-def train_with_each_sync(rank: int, world: int, ep: int, steps: int) -> dict:
+def train_with_each_sync(rank: int, world: int, ep: int, steps: int, reduce_dtype: str = "float32") -> dict:
     """Train the same model `steps` steps (2 accumulated micro-steps each) with the plain reduction, the
     bucketed overlapped all-reduce and ZeRO reduce-scatter + sharded AdamW. Returns, per strategy, this
     rank's parameters and AdamW state by name, the grad norms, the number of buckets and, per bucket launch,
-    whether it happened during backward (from a hook)."""
+    whether it happened during backward (from a hook), and the dtype the buckets reduce in."""
     from moeyard.models import ModelConfig, MoEConfig, Transformer
     from moeyard.parallel import apply_expert_parallel, split_parameters
     from moeyard.parallel.grads.buckets import BucketedReducer, backward_order, bucket_sizes
@@ -60,11 +60,14 @@ def train_with_each_sync(rank: int, world: int, ep: int, steps: int) -> dict:
         dense = bucket_sizes([p.numel() * 4 for p in backward_order(groups.dense)], small)
         expert = bucket_sizes([p.numel() * 4 for p in backward_order(groups.expert)], small)
         launches: list[bool] = []
+        dtype = getattr(torch, reduce_dtype)
+        flat_dtypes = [str(dtype)]
         if kind == "plain":
-            sync = PlainSync(groups, pmesh, torch_adamw(model))
+            sync = PlainSync(groups, pmesh, torch_adamw(model), dtype)
         else:
             reducer = BucketedReducer(groups, pmesh, dense, expert, "all_reduce" if kind == "overlap"
-                                      else "reduce_scatter")
+                                      else "reduce_scatter", dtype)
+            flat_dtypes = sorted({str(b.flat.dtype) for b in reducer.buckets})
             watch_launches(reducer, launches)
             sync = (OverlappedSync(groups, pmesh, torch_adamw(model), reducer) if kind == "overlap"
                     else ShardedSync(groups, pmesh, reducer, ShardedAdamW(reducer, **hyper)))
@@ -76,6 +79,6 @@ def train_with_each_sync(rank: int, world: int, ep: int, steps: int) -> dict:
         return {"params": {n: p.detach().numpy().copy() for n, p in model.named_parameters()},
                 "states": {n: {k: v.numpy().copy() for k, v in states[id(p)].items()}
                            for n, p in model.named_parameters()},
-                "norms": norms, "buckets": len(dense) + len(expert), "launches": launches}
+                "norms": norms, "buckets": len(dense) + len(expert), "launches": launches, "flat_dtypes": flat_dtypes}
 
     return {kind: run(kind) for kind in ("plain", "overlap", "zero")}
