@@ -10,6 +10,8 @@ Shape legend: B batch, T sequence, H query heads, K key/value heads, Q head dim,
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +45,19 @@ class DocumentSpans:
         return DocumentSpans(lengths, bounds.to(torch.int32).to(segment_BT.device, non_blocking=True))
 
 
+@functools.cache
+def _varlen_api() -> bool:
+    """torch's varlen_attn with causal windows and GQA (2026 releases; older ones lack the module or these
+    arguments, and get the per-document loop)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    return {"window_size", "enable_gqa"} <= set(inspect.signature(varlen_attn).parameters)
+
+
 def _varlen_kernel_applies(q: Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_api()
 
 
 def document_attention(q_BHTQ: Tensor, k_BKTQ: Tensor, v_BKTQ: Tensor, spans: DocumentSpans) -> Tensor:

@@ -31,9 +31,11 @@ def swiglu_loop(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_
     return torch.cat(outputs) if outputs else x_SD.new_zeros(0, w_down_EFD.shape[-1])
 
 
-GROUPED_MM_MIN_TORCH = (2, 13)
-"""The oldest torch whose grouped GEMM we trust: older releases hang or return garbage on some zero-row
-groups (pytorch#152668, #172439) and lack the fallback for other GPUs; padding (below) covers the rest."""
+GROUPED_MM_MIN_TORCH = (2, 9)
+"""The oldest torch whose grouped GEMM the checks below describe: 2.8 has it on sm90 only and no CPU
+kernel; 2.9 added the sm100 kernel and the loop fallback (pytorch#156203, #161407, #161717). The zero-row
+groups on which releases up to 2.13 hang or return garbage (pytorch#152668, #172439) never reach it:
+padded_groups gives every expert rows."""
 
 
 def grouped_mm_unsupported(x_SD: Tensor) -> Optional[str]:
@@ -63,15 +65,16 @@ def padded_groups(counts_E: Tensor, rows: int, align: int) -> tuple[Tensor, Tens
     """Place expert-grouped rows in a buffer where every group has a nonzero multiple of `align` rows.
 
     Returns each row's position in the buffer, the groups' int32 end offsets and the buffer's size. The size
-    is the static bound rows + align * E (the last group takes the slack), so nothing waits for the host.
+    is the static bound roundup(rows, align) + align * E (the last group takes the slack, still a multiple of
+    `align`), so nothing waits for the host.
     No group is empty: zero-row groups are where grouped GEMM kernels have failed, and an expert with only
     zero rows gets an exact zero gradient.
     """
     E = counts_E.numel()
     padded_E = (counts_E.clamp(min=1) + align - 1) // align * align
     ends_E = padded_E.cumsum(0)
-    total = rows + align * E
-    offs_E = ends_E.to(torch.int32)
+    total = (rows + align - 1) // align * align + align * E
+    offs_E = ends_E.to(torch.int32, copy=True)  # a copy: ends_E is read again below
     offs_E[-1] = total
     arange_E = torch.arange(E, device=counts_E.device)
     expert_of_row_S = torch.repeat_interleave(arange_E, counts_E, output_size=rows)

@@ -21,7 +21,13 @@ from moeyard.models.config import MoEConfig
 from moeyard.models.layers import SwiGLU
 from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.moe.permutation import expert_capacity, permute, plan_permutation, unpermute
-from moeyard.models.moe.router import Routing, load_balance_loss, router_entropy, router_z_loss, sequence_balance_loss
+from moeyard.models.moe.router import (
+    Routing,
+    balance_from_mean_probs,
+    router_entropy,
+    router_z_loss,
+    sequence_balance_loss,
+)
 from moeyard.models.moe.routers import build_router
 
 
@@ -158,10 +164,9 @@ class MoE(nn.Module):
             if self.shared_gate is not None:
                 shared_ND = torch.sigmoid(self.shared_gate(x_ND)) * shared_ND
             y_ND = y_ND + shared_ND
-        batch_shape = x_BTD.shape[:2]
         stats = MoEStats(
             load=load,
-            balance=lambda global_routed_E: self._balance_loss(routing, global_routed_E, batch_shape),
+            balance=self._balance_loss(routing, x_BTD.shape[:2]),
             z_loss=router_z_loss(routing.logits_TE),
             entropy=router_entropy(routing.probs_TE),
         )
@@ -176,10 +181,15 @@ class MoE(nn.Module):
         skip_TK[:, 0] = False  # never a token's first choice
         return skip_TK
 
-    def _balance_loss(self, routing: Routing, global_routed_E: Tensor, batch_shape: torch.Size) -> Tensor:
+    def _balance_loss(self, routing: Routing, batch_shape: torch.Size) -> Callable[[Tensor], Tensor]:
+        """The balance loss as a function of the global routed counts, holding only what it needs (P_E, not
+        the routing's [T, E] tensors): the statistics outlive the layer."""
         if routing.aux_loss is not None:
-            return routing.aux_loss
-        if self.cfg.balance_loss == "sequence":
+            aux = routing.aux_loss
+        elif self.cfg.balance_loss == "sequence":
             B, S = batch_shape
-            return sequence_balance_loss(routing.probs_TE.view(B, S, -1), routing.expert_index_TK.view(B, S, -1))
-        return load_balance_loss(routing.probs_TE, global_routed_E)
+            aux = sequence_balance_loss(routing.probs_TE.view(B, S, -1), routing.expert_index_TK.view(B, S, -1))
+        else:
+            mean_probs_E = routing.probs_TE.mean(dim=0)
+            return lambda global_routed_E: balance_from_mean_probs(mean_probs_E, global_routed_E)
+        return lambda _: aux

@@ -74,9 +74,13 @@ def load_balance_loss(probs_TE: Tensor, global_tokens_per_expert_E: Tensor) -> T
     value over data-parallel ranks (as gradient averaging does) gives exactly the
     loss of the whole global batch computed in one process.
     """
-    num_experts = probs_TE.shape[-1]
-    f_E = global_tokens_per_expert_E.to(probs_TE.dtype) / global_tokens_per_expert_E.sum().clamp(min=1)
-    return num_experts * (f_E.detach() * probs_TE.mean(dim=0)).sum()
+    return balance_from_mean_probs(probs_TE.mean(dim=0), global_tokens_per_expert_E)
+
+
+def balance_from_mean_probs(mean_probs_E: Tensor, global_tokens_per_expert_E: Tensor) -> Tensor:
+    """load_balance_loss from P_E alone: what a layer keeps while its global counts are in flight."""
+    f_E = global_tokens_per_expert_E.to(mean_probs_E.dtype) / global_tokens_per_expert_E.sum().clamp(min=1)
+    return mean_probs_E.shape[-1] * (f_E.detach() * mean_probs_E).sum()
 
 
 def sequence_balance_loss(probs_BSE: Tensor, expert_index_BSK: Tensor) -> Tensor:

@@ -149,14 +149,15 @@ class DenseToSparseRouter(Router):
         self.start_temperature = start_temperature
         self.end_temperature = end_temperature
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64))  # resumes with the run
-        self._host_steps_done = (-1, 0)
-        """(steps_done._version, its value) as last read: the host's copy, read again only after a change
-        other than step_done's (a checkpoint load), so a forward does not wait for the device."""
+        self._host_steps_done = ((-1, -1), 0)
+        """((id, _version) of steps_done, its value) as last read: the host's copy, read again only after a
+        change other than step_done's (a checkpoint load, a new buffer), so a forward does not wait for the
+        device."""
 
     def _steps_done(self) -> int:
-        version = self.steps_done._version
-        if self._host_steps_done[0] != version:
-            self._host_steps_done = (version, int(self.steps_done))
+        key = (id(self.steps_done), self.steps_done._version)
+        if self._host_steps_done[0] != key:
+            self._host_steps_done = (key, int(self.steps_done))
         return self._host_steps_done[1]
 
     def schedule(self) -> tuple[int, float]:
@@ -184,7 +185,7 @@ class DenseToSparseRouter(Router):
     def step_done(self, global_tokens_per_expert_E: Tensor) -> None:
         done = self._steps_done() + 1
         self.steps_done += 1
-        self._host_steps_done = (self.steps_done._version, done)
+        self._host_steps_done = ((id(self.steps_done), self.steps_done._version), done)
 
     def extra_metrics(self) -> dict[str, list[float]]:
         k, temperature = self.schedule()

@@ -7,7 +7,8 @@ L = E / ep, so the rows for rank r form one contiguous block.
 Stages, each a function: `plan_exchange` (exchange counts, one collective and the
 layer's one host sync), `all_to_all` (rows out, autograd-aware), `local_expert_order`
 (received rows are ordered by source rank; experts want them by expert), and the
-reverse trip; `overlap.pipelined_experts` runs the same stages in overlapped chunks. `ExpertParallelExchange` composes them for the MoE layer.
+reverse trip; `overlap.pipelined_experts` runs the same stages in overlapped chunks.
+`ExpertParallelExchange` composes them for the MoE layer.
 
 Shape legend: S rows sent, R rows received, D model dim, E global experts,
 L local experts, P ranks in the ep group.

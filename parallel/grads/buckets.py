@@ -168,9 +168,9 @@ class BucketedReducer:
             bucket.work = None
             bucket.ready = 0
             if self.mode == "all_reduce":
-                bucket.flat.mul_(self.scale)
+                flat = bucket.flat.to(bucket.params[0].dtype).mul_(self.scale)  # scaled in the parameters' dtype
                 for p, start, end in zip(bucket.params, bucket.offsets, bucket.offsets[1:]):
-                    grad = bucket.flat[start:end].view_as(p)
+                    grad = flat[start:end].view_as(p)
                     if p.grad is None:
                         p.grad = grad.clone()
                     else:

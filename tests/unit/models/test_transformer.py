@@ -10,13 +10,21 @@ import torch.distributed as dist
 from moeyard.errors import ConfigError
 from moeyard.models import GroupedExperts, ModelConfig, MoE, MoEConfig, Transformer
 from moeyard.models.moe.expert_loop import swiglu_fused_loop
-from moeyard.models.moe.experts import padded_groups, swiglu_grouped_mm, swiglu_loop
+from moeyard.models.moe.experts import grouped_mm_unsupported, padded_groups, swiglu_grouped_mm, swiglu_loop
 from moeyard.models.moe.router import load_balance_loss, router_z_loss
 from moeyard.models.moe.routers import TopKRouter
 from moeyard.trainer.step import skip_counts
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a GPU (benchmarks/gpu_check.sh runs these)")
+
+
+def _fast_grouped_mm_missing() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a GPU (benchmarks/gpu_check.sh runs these)"
+    reason = grouped_mm_unsupported(torch.empty(1, 8, device="cuda", dtype=torch.bfloat16))
+    return None if reason is None else f"the grouped GEMM's fast kernel does not run here: {reason}"
+
+
+needs_cuda = pytest.mark.skipif(_fast_grouped_mm_missing() is not None, reason=str(_fast_grouped_mm_missing()))
 
 
 def tiny(**moe) -> ModelConfig:
@@ -78,12 +86,13 @@ def test_grouped_mm_matches_loop_including_empty_experts(shuffled: bool) -> None
         assert torch.count_nonzero(g[1]) == 0 and torch.count_nonzero(g[3]) == 0
 
 
-def test_padded_groups_give_every_expert_a_nonzero_multiple_of_the_alignment() -> None:
-    counts = torch.tensor([0, 1, 8, 9, 0, 17])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_padded_groups_give_every_expert_a_nonzero_multiple_of_the_alignment(dtype: torch.dtype) -> None:
+    counts = torch.tensor([0, 1, 8, 9, 0, 17], dtype=dtype)
     dest, offs, total = padded_groups(counts, int(counts.sum()), align=8)
     sizes = torch.diff(offs, prepend=torch.zeros(1, dtype=offs.dtype))
-    assert total == 35 + 8 * 6 and offs[-1] == total and offs.dtype == torch.int32
-    assert all(s > 0 and s % 8 == 0 for s in sizes[:-1].tolist()) and sizes[-1] >= 24
+    assert total == 40 + 8 * 6 and offs[-1] == total and offs.dtype == torch.int32
+    assert all(s > 0 and s % 8 == 0 for s in sizes.tolist()) and sizes[-1] >= 24
     starts = (offs - sizes).tolist()
     first = 0
     for e, n in enumerate(counts.tolist()):  # each expert's rows sit, in order, at the start of its group
@@ -95,7 +104,7 @@ def test_grouped_mm_is_refused_where_it_is_not_sound(monkeypatch: pytest.MonkeyP
     experts = GroupedExperts(4, 16, 32, compute="grouped_mm")
     assert experts.uses_grouped_mm(torch.randn(3, 16))
     monkeypatch.setattr(torch, "__version__", "2.8.0+cu128")
-    with pytest.raises(ValueError, match=r"grouped_mm cannot run here: torch 2.8.0\+cu128 is older than 2.13"):
+    with pytest.raises(ValueError, match=r"grouped_mm cannot run here: torch 2.8.0\+cu128 is older than 2.9"):
         experts.uses_grouped_mm(torch.randn(3, 16))
     assert not GroupedExperts(4, 16, 32, compute="auto").uses_grouped_mm(torch.randn(3, 16))
 
