@@ -33,16 +33,16 @@ class DocumentSpans:
         return max(self.lengths)
 
     @staticmethod
-    def from_segments(segment_BT: Tensor) -> "DocumentSpans":
-        """From segment ids (equal ids next to each other are one document). Reads them on the host once
-        per forward, not per layer."""
+    def from_segments(segment_BT: Tensor, device: torch.device | None = None) -> "DocumentSpans":
+        """From segment ids (equal ids next to each other are one document), with cu_seqlens on `device`
+        (default: the ids' own). Ids on a GPU are read on the host: the batch builder passes host ids."""
         segment = segment_BT.cpu()
         starts_BT = torch.ones_like(segment, dtype=torch.bool)
         starts_BT[:, 1:] = segment[:, 1:] != segment[:, :-1]
         starts_N = starts_BT.reshape(-1).nonzero().squeeze(1)
         bounds = torch.cat([starts_N, torch.tensor([segment.numel()])])
         lengths = tuple(torch.diff(bounds).tolist())
-        return DocumentSpans(lengths, bounds.to(torch.int32).to(segment_BT.device, non_blocking=True))
+        return DocumentSpans(lengths, bounds.to(torch.int32).to(device or segment_BT.device, non_blocking=True))
 
 
 @functools.cache

@@ -114,10 +114,11 @@ class Transformer(nn.Module):
             if module is not self and hasattr(module, "reset_buffers"):
                 module.reset_buffers()
 
-    def _segment_tables(self, segment_BT: Tensor) -> tuple[Tensor, Tensor, DocumentSpans]:
+    def _segment_tables(self, segment_BT: Tensor, docs: Optional[DocumentSpans]) -> tuple[Tensor, Tensor,
+                                                                                          DocumentSpans]:
         position_BT = segment_positions(segment_BT)
         cos, sin = self.rope_cos[position_BT].unsqueeze(1), self.rope_sin[position_BT].unsqueeze(1)
-        return cos, sin, DocumentSpans.from_segments(segment_BT)
+        return cos, sin, docs if docs is not None else DocumentSpans.from_segments(segment_BT)
 
     def set_recompute(self, mode: Literal["none", "experts", "full"]) -> None:
         """Activation checkpointing, which changes memory and time, never the result. full: each block keeps
@@ -139,18 +140,22 @@ class Transformer(nn.Module):
             if isinstance(block.ffn, MoE):
                 yield i, block.ffn
 
-    def forward(self, tokens_BT: Tensor, segment_BT: Optional[Tensor] = None, logits: bool = True) -> ModelOutput:
-        """`segment_BT` (packed SFT rows): tokens attend only within their own segment, and positions
-        restart at 0 in each, so a packed example computes exactly what it would alone. `logits=False`
+    def forward(self, tokens_BT: Tensor, segment_BT: Optional[Tensor] = None, logits: bool = True,
+                docs: Optional[DocumentSpans] = None) -> ModelOutput:
+        """`segment_BT` (packed SFT rows, document-masked pretraining): tokens attend only within their own
+        segment, and positions restart at 0 in each, so a packed document computes exactly what it would
+        alone; `docs`, the same segments as spans when the caller has them on the host. `logits=False`
         returns the final hidden states instead, for a loss that projects them a chunk at a time."""
         T = tokens_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         with recording_adapters() as adapter_record:
             x_BTD = self.tok_embeddings(tokens_BT)
-            cos, sin, docs = self.rope_cos, self.rope_sin, None
-            if segment_BT is not None:
-                cos, sin, docs = self._segment_tables(segment_BT)
+            cos, sin = self.rope_cos, self.rope_sin
+            if segment_BT is None:
+                docs = None
+            else:
+                cos, sin, docs = self._segment_tables(segment_BT, docs)
             aux_loss = z_loss = x_BTD.new_zeros((), dtype=torch.float32)
             moe_stats: dict[int, MoEStats] = {}
             for i, block in enumerate(self.layers):

@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """A prepared corpus from one stdlib package (json + email: ~0.5 MB), shared by the session."""
-    from moeyard.trainer.data.tokens import prepare_corpus, stdlib_dir
+    from moeyard.trainer.data.tokens import prepare_folder, stdlib_dir
 
     src = tmp_path_factory.mktemp("corpus_src")
     for package in ("json", "email"):
@@ -37,7 +37,7 @@ def small_corpus(tmp_path_factory) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(path.read_bytes())
     out = tmp_path_factory.mktemp("corpus") / "tokens"
-    prepare_corpus(src, out, "*.py")
+    prepare_folder(src, out, "*.py")
     return out
 
 

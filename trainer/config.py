@@ -132,6 +132,20 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True)
+class DataSourceConfig:
+    dir: str
+    """A prepared corpus (`moeyard prepare`)."""
+    weight: float = 1.0
+    """Its share of the samples (weights are normalised over data.sources)."""
+    name: Optional[str] = None
+    """How metrics and checkpoints name it; null: the folder's name."""
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.dir).name
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     source: Optional[str] = None
     """A directory of text files to tokenize on first use, or `python-stdlib` for this Python's own .py
@@ -140,6 +154,12 @@ class DataConfig:
     """Prepared token shards; null: a cache folder keyed by data.source."""
     glob: str = "*.py"
     """Which files of the source directory are read (recursively)."""
+    sources: Optional[list[DataSourceConfig]] = None
+    """A weighted blend of prepared corpora, [{dir, weight, name}]; instead of data.dir and data.source.
+    Samples follow the weights exactly (deterministic from run.seed), at any world size."""
+    document_mask: bool = False
+    """Attention stays inside each document of a packed window and positions restart at each document
+    (from the corpus's document index), through the per-document kernel: no T x T mask."""
 
 
 @dataclass(kw_only=True)
@@ -243,7 +263,8 @@ def validate(cfg: Config) -> None:
     require(cfg.schedule.chunks >= 1, f"schedule.chunks={cfg.schedule.chunks} must be >= 1")
     require(cfg.schedule.bucket_mb > 0, f"schedule.bucket_mb={cfg.schedule.bucket_mb} must be > 0")
     require(cfg.schedule.check_steps >= 0, f"schedule.check_steps={cfg.schedule.check_steps} must be >= 0")
-    require(cfg.data.source is not None or cfg.data.dir is not None or cfg.sft.data is not None,
+    _validate_sources(cfg.data)
+    require(cfg.data.source is not None or cfg.data.dir is not None or cfg.data.sources or cfg.sft.data is not None,
             "set data.dir to a prepared corpus (moeyard prepare) or data.source to a folder of text files "
             "(or python-stdlib), or sft.data to a JSONL file of conversations")
     require(0 <= cfg.sft.heldout_fraction < 1, f"sft.heldout_fraction={cfg.sft.heldout_fraction} must be in [0, 1)")
@@ -278,6 +299,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.dir={cfg.run.dir!r} has a placeholder other than {{name}}: {err}") from None
     require(0 < cfg.optim.lr and 0 <= cfg.optim.min_lr <= cfg.optim.lr,
             f"optim.lr={cfg.optim.lr} must be > 0 and optim.min_lr={cfg.optim.min_lr} between 0 and optim.lr")
+
+
+def _validate_sources(data: DataConfig) -> None:
+    if data.sources is None:
+        return
+    require(len(data.sources) >= 1, "data.sources is empty: list at least one {dir, weight}, or remove it")
+    require(data.source is None and data.dir is None,
+            "data.sources replaces data.dir and data.source: set one or the other")
+    for i, source in enumerate(data.sources):
+        require(source.weight > 0, f"data.sources[{i}].weight={source.weight} must be > 0")
+    labels = [s.label for s in data.sources]
+    twice = sorted({n for n in labels if labels.count(n) > 1})
+    require(not twice, f"data.sources: the names {twice} occur twice (folders of the same name): give each a "
+                       f"distinct `name`")
 
 
 def validate_for_world(cfg: Config, world_size: int) -> None:

@@ -22,16 +22,17 @@ from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.parallelize import FsdpSettings, parallelize
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.trainer.checkpoint.sharded import Checkpointer, config_hash
-from moeyard.trainer.config import Config, check_vocab, validate_for_world
+from moeyard.trainer.config import Config, validate_for_world
+from moeyard.trainer.data.blend import DataPosition, TokenBatches
+from moeyard.trainer.data.compat import corpus_sources, data_record
 from moeyard.trainer.data.sft_batches import SFTBatch, SFTBatches, SFTData, heldout_share
-from moeyard.trainer.data.tokens import TokenBatches, read_meta
 from moeyard.trainer.freezing import freeze
 from moeyard.trainer.memory import model_state_line, peak_memory_gb
 from moeyard.trainer.metrics import MetricsLogger, step_record
 from moeyard.trainer.optim import lr_at
 from moeyard.trainer.plan_check import PlanCheck
 from moeyard.trainer.precision import resolve_dtype
-from moeyard.trainer.preflight import check_checkpoint_fits, check_corpus
+from moeyard.trainer.preflight import check_checkpoint_fits, check_pretraining_data
 from moeyard.trainer.run_dir import Preemption, mark_preempted, mark_stopped_nonfinite, prepare_run_dir
 from moeyard.trainer.schedule import learn_chunk_overhead, plan_for
 from moeyard.trainer.step import heldout_loss, train_step
@@ -80,41 +81,68 @@ def _load_init(cfg: Config, checkpointer: Checkpointer, model) -> None:
                   f"checkpoint.save_frozen=true", flush=True)
 
 
-def _resume_or_init(cfg: Config, checkpointer: Checkpointer, model, sync) -> int:
-    """Load the checkpoint to resume from (returns its step), or checkpoint.init's weights (returns 0)."""
+def _resume_or_init(cfg: Config, checkpointer: Checkpointer, model, sync) -> tuple[int, dict | None]:
+    """Load the checkpoint to resume from (returns its step and manifest), or checkpoint.init's weights
+    (returns 0, None)."""
     resume = checkpointer.find_resume_point()
     if resume is None:
         if cfg.checkpoint.init:
             _load_init(cfg, checkpointer, model)
-        return 0
+        return 0, None
     resume_from, manifest = resume
     checkpointer.load(resume_from, manifest, model, sync)
     if dist.get_rank() == 0:
         changed = " (the model or data config changed since it was saved)" \
             if manifest["config_hash"] != config_hash(cfg) else ""
         print(f"resumed from {resume_from} at step {manifest['step']}{changed}", flush=True)
-    return manifest["step"]
+    return manifest["step"], manifest
 
 
 def _batches(cfg: Config, pmesh: ParallelMesh) -> tuple[TokenBatches | SFTBatches, SFTBatch | None]:
     """This rank's share of every global batch, and of the held-out SFT examples (None: pretraining)."""
     if cfg.sft.data is None:
-        return TokenBatches(Path(cfg.data.dir), cfg.train.seq_len, cfg.global_batch_sequences, pmesh.dp_rank,
-                            pmesh.dp, cfg.run.seed), None
+        return TokenBatches(corpus_sources(cfg.data), cfg.train.seq_len, cfg.global_batch_sequences, pmesh.dp_rank,
+                            pmesh.dp, cfg.run.seed, document_mask=cfg.data.document_mask), None
     sft_data = SFTData(cfg, log=dist.get_rank() == 0)
     return (SFTBatches(sft_data, cfg.global_batch_sequences, pmesh.dp_rank, pmesh.dp, cfg.run.seed),
             heldout_share(sft_data, pmesh.dp_rank, pmesh.dp))
 
 
-def _check_before_start(cfg: Config) -> None:
-    """What the launcher checked already, checked again where the world size is known for sure."""
-    if cfg.sft.data is None and cfg.data.dir is None:
+def _check_before_start(cfg: Config) -> dict[str, dict]:
+    """What the launcher checked already, checked again where the world size is known for sure; the
+    corpora's meta.json by name (none for SFT)."""
+    if cfg.sft.data is None and cfg.data.dir is None and not cfg.data.sources:
         raise DataError("data.dir is not set: the launcher resolves it (see trainer.data.tokens.ensure_corpus)")
     validate_for_world(cfg, dist.get_world_size())
-    if cfg.sft.data is None:
-        check_vocab(cfg, read_meta(Path(cfg.data.dir)))
-        check_corpus(cfg, Path(cfg.data.dir))
+    metas = check_pretraining_data(cfg) if cfg.sft.data is None else {}
     check_checkpoint_fits(cfg)  # before prepare_run_dir rewrites config.yaml
+    return metas
+
+
+def _follow_data(cfg: Config, data: TokenBatches | SFTBatches, metas: dict[str, dict], checkpointer: Checkpointer,
+                 manifest: dict | None, step: int) -> None:
+    """Pretraining: continue from the resumed checkpoint's data position, and record the position (with the
+    tokenizer and sources) in every checkpoint from now on."""
+    if not isinstance(data, TokenBatches):
+        return
+    sources = corpus_sources(cfg.data)
+    record = data_record(metas, sources)
+    checkpointer.data_state = lambda n: {**record, "position": data.position_at(n).to_dict()}
+    saved = (manifest or {}).get("data") or {}
+    if "position" not in saved:
+        return  # a fresh run, or a checkpoint from before positions were saved: replayed from step 0
+    position = DataPosition.from_dict(saved["position"])
+    data.restore(position, step)
+    if dist.get_rank() != 0:
+        return
+    if data.changed_blend(position):
+        print(f"data.sources or their weights changed since step {step}: each source continues where it was, "
+              f"the shares count from here", flush=True)
+    for name, source in record["sources"].items():
+        before = (saved.get("sources") or {}).get(name, {}).get("content_hash")
+        if before is not None and before != source["content_hash"]:
+            print(f"warning: the corpus {name!r} changed since step {step} (content hash {before} -> "
+                  f"{source['content_hash']}): the batches from here differ from the uninterrupted run's", flush=True)
 
 
 def build_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch.device) -> tuple[Transformer, GradSync]:
@@ -159,7 +187,7 @@ def _checked_plan(cfg: Config, check: PlanCheck | None, step_time: float, plan: 
 def train(cfg: Config, device: torch.device, preemption: Preemption | None = None) -> Outcome:
     """Train up to train.stop_at (or train.steps), resuming from a checkpoint if there is one."""
     preemption = preemption or Preemption()
-    _check_before_start(cfg)
+    metas = _check_before_start(cfg)
     rank = dist.get_rank()
     prepare_run_dir(cfg)
     pmesh = build_mesh(cfg.parallel.ep, device.type, cfg.parallel.timeout_s)
@@ -168,7 +196,7 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
     model, sync = build_model(cfg, pmesh, plan, device)
     checkpointer = Checkpointer(cfg, pmesh, plan)
 
-    first = _resume_or_init(cfg, checkpointer, model, sync)
+    first, resumed = _resume_or_init(cfg, checkpointer, model, sync)
     if rank == 0:
         print(f"plan ({plan.source}): {plan.summary()}", flush=True)
         (cfg.run_dir / "plan.json").write_text(plan.to_json())
@@ -182,6 +210,7 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
 
     micro_batch_size = cfg.train.micro_batch_size or cfg.global_batch_sequences // pmesh.dp
     data, heldout = _batches(cfg, pmesh)
+    _follow_data(cfg, data, metas, checkpointer, resumed, first)
     logger = None
     if rank == 0:
         logger = MetricsLogger(cfg.run_dir, total_steps=total, first_step=first,
@@ -212,8 +241,10 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
                 if logger is not None:
                     record = step_record(done, result, lr, step_time, plan.predicted.get("step_s"))
                     skipping = {"eval_skipped_fraction": eval_skipped} if cfg.model.moe.skip_threshold else {}
+                    per_source = {"tokens_per_source": data.tokens_per_source()} \
+                        if isinstance(data, TokenBatches) else {}
                     logger.log({**record, "skipped_steps": skipped_total, "eval_loss": eval_loss,
-                                "peak_memory_gb": peak_gb, **skipping}, total)
+                                "peak_memory_gb": peak_gb, **skipping, **per_source}, total)
             if result.skipped and (cfg.train.nonfinite == "stop" or skipped_in_a_row >= cfg.train.max_skipped_steps):
                 raise _stop_on_nonfinite(cfg, checkpointer, model, sync, done, result)
             signum = preemption.agreed(device)

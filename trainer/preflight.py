@@ -1,11 +1,13 @@
 """Checks of a run against what is on disk, made before any worker starts (and again in each worker):
-the checkpoint it will load fits the model, and the corpus holds at least one global batch.
+the checkpoint it will load fits the model, and the corpus holds at least one global batch and was
+tokenized as the model was.
 
 They read manifests, DCP metadata (through safe_read) and the corpus's meta.json only: no shard is
 opened, so a 671B checkpoint is checked in the time of reading its metadata.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -14,8 +16,9 @@ import torch
 from moeyard.errors import CheckpointError, ConfigError
 from moeyard.models import Transformer
 from moeyard.trainer.checkpoint import safe_read
-from moeyard.trainer.checkpoint.store import CheckpointStore
+from moeyard.trainer.checkpoint.store import CheckpointStore, read_manifest
 from moeyard.trainer.config import Config
+from moeyard.trainer.data.compat import check_tokenizers, corpus_sources
 from moeyard.trainer.data.tokens import check_corpus_size, read_meta
 
 
@@ -55,8 +58,24 @@ def check_checkpoint_fits(cfg: Config) -> None:
                               f"makes {tuple(param.shape)}: {fix}")
 
 
-def check_corpus(cfg: Config, data_dir: Path) -> None:
-    check_corpus_size(data_dir, read_meta(data_dir), cfg.train.seq_len, cfg.global_batch_sequences)
+def check_pretraining_data(cfg: Config) -> dict[str, dict]:
+    """Each corpus of the run (data.dir, or data.sources) read and checked: together at least one global
+    batch, tokenized as the model and the checkpoints it loads were. Returns their meta.json by name."""
+    sources = corpus_sources(cfg.data)
+    metas = {s.name: read_meta(s.dir) for s in sources}
+    every = {"shards": [shard for meta in metas.values() for shard in meta["shards"]]}
+    where = sources[0].dir if len(sources) == 1 else Path(", ".join(str(s.dir) for s in sources))
+    check_corpus_size(where, every, cfg.train.seq_len, cfg.global_batch_sequences)
+    checkpoints = []
+    for path, why in {checkpoint_to_load(cfg), (Path(cfg.checkpoint.init) if cfg.checkpoint.init else None, "init")}:
+        if path is not None and why:
+            try:
+                checkpoints.append((f"the checkpoint {path} ({'checkpoint.init' if why == 'init' else why})",
+                                    read_manifest(path)))
+            except CheckpointError:
+                pass  # check_checkpoint_fits names what is wrong with it
+    check_tokenizers(cfg, metas, checkpoints)
+    return metas
 
 
 def check_inputs(cfg: Config, prepare: bool = True) -> None:
@@ -67,13 +86,13 @@ def check_inputs(cfg: Config, prepare: bool = True) -> None:
         from moeyard.trainer.data.sft_batches import SFTData
 
         SFTData(cfg)  # reads, renders and checks every conversation
+    elif cfg.data.sources:
+        check_pretraining_data(cfg)
     else:
-        from moeyard.trainer.config import check_vocab
         from moeyard.trainer.data.tokens import default_data_dir, ensure_corpus
 
         corpus = Path(cfg.data.dir) if cfg.data.dir else default_data_dir(cfg.data.source, cfg.data.glob)
         if prepare or (corpus / "meta.json").is_file():
             corpus = ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)
-            check_vocab(cfg, read_meta(corpus))
-            check_corpus(cfg, corpus)
+            check_pretraining_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(corpus))))
     check_checkpoint_fits(cfg)

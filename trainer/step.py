@@ -18,8 +18,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moeyard.models import ModelOutput, Transformer
+from moeyard.models.document_attention import DocumentSpans
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grads.sync import GradSync
+from moeyard.trainer.data.blend import TokenBatch
 from moeyard.trainer.data.sft_batches import SFTBatch
 from moeyard.trainer.stats import StepStats
 
@@ -59,14 +61,33 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.Abs
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _micro_batches(batch: Tensor | SFTBatch, micro_batch_size: int,
-                   device: torch.device) -> tuple[list[tuple[Tensor, Optional[Tensor], Optional[Tensor]]], int]:
-    """[(tokens_BT1, target mask or None, segment ids or None)] and the rows of the whole share."""
-    if isinstance(batch, SFTBatch):
-        parts = [t.to(device, non_blocking=True).split(micro_batch_size)
-                 for t in (batch.tokens_BT1, batch.mask_BT, batch.segment_BT1)]
-        return list(zip(*parts)), batch.tokens_BT1.shape[0]
-    return [(t, None, None) for t in batch.to(device, non_blocking=True).split(micro_batch_size)], batch.shape[0]
+@dataclass(frozen=True)
+class MicroBatch:
+    tokens_BT1: Tensor
+    mask_BT: Optional[Tensor] = None
+    """Which targets count (SFT); None: all."""
+    segment_BT1: Optional[Tensor] = None
+    """Document of each token (packed SFT rows, data.document_mask); None: one document per row."""
+    docs: Optional[DocumentSpans] = None
+    """The documents' spans, built from the host's segment ids (no device-to-host copy in the forward)."""
+
+
+def _micro_batches(batch: Tensor | TokenBatch | SFTBatch, micro_batch_size: int,
+                   device: torch.device) -> tuple[list[MicroBatch], int]:
+    """The share cut into micro-batches on `device`, and the rows of the whole share."""
+    if isinstance(batch, Tensor):
+        batch = TokenBatch(batch)
+    mask = batch.mask_BT if isinstance(batch, SFTBatch) else None
+    micro = []
+    for a in range(0, batch.tokens_BT1.shape[0], micro_batch_size):
+        rows = slice(a, a + micro_batch_size)
+        segment = None if batch.segment_BT1 is None else batch.segment_BT1[rows]
+        micro.append(MicroBatch(
+            batch.tokens_BT1[rows].to(device, non_blocking=True),
+            None if mask is None else mask[rows].to(device, non_blocking=True),
+            None if segment is None else segment.to(device, non_blocking=True),
+            None if segment is None else DocumentSpans.from_segments(segment[:, :-1], device)))
+    return micro, batch.tokens_BT1.shape[0]
 
 
 def lm_loss_sum(logits_BTV: Tensor, targets_BT: Tensor, mask_BT: Optional[Tensor]) -> Tensor:
@@ -100,38 +121,38 @@ def chunked_lm_loss_sum(output: nn.Module, hidden_BTD: Tensor, targets_BT: Tenso
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
-def forward_and_loss(model: Transformer, tokens_BT1: Tensor, mask_BT: Optional[Tensor],
-                     segment_BT1: Optional[Tensor], dtype: torch.dtype,
+def forward_and_loss(model: Transformer, micro: MicroBatch, dtype: torch.dtype,
                      loss_chunk_tokens: int = 0) -> tuple[ModelOutput, Tensor]:
     """The model's forward on a micro-batch and its summed next-token loss. With `loss_chunk_tokens`, the
     output layer runs a chunk at a time (not when it carries an adapter: that reports through the forward)."""
     chunked = loss_chunk_tokens > 0 and not hasattr(model.output, "adapter")
-    segment_BT = None if segment_BT1 is None else segment_BT1[:, :-1]
+    tokens_BT1, mask_BT = micro.tokens_BT1, micro.mask_BT
+    segment_BT = None if micro.segment_BT1 is None else micro.segment_BT1[:, :-1]
     with autocast_context(tokens_BT1.device, dtype):
-        out = model(tokens_BT1[:, :-1], segment_BT, logits=not chunked)
+        out = model(tokens_BT1[:, :-1], segment_BT, logits=not chunked, docs=micro.docs)
         if chunked:
             return out, chunked_lm_loss_sum(model.output, out.hidden_BTD, tokens_BT1[:, 1:], mask_BT,
                                             loss_chunk_tokens)
     return out, lm_loss_sum(out.logits_BTV, tokens_BT1[:, 1:], mask_BT)
 
 
-def train_step(model: Transformer, sync: GradSync, batch: Tensor | SFTBatch, *, micro_batch_size: int,
+def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | SFTBatch, *, micro_batch_size: int,
                pmesh: ParallelMesh, lr: float, grad_clip: float, dtype: torch.dtype,
                loss_chunk_tokens: int = 0) -> StepResult:
     """`batch` is this rank's share of the global batch: [sequences, seq_len + 1] token ids, or SFT rows
     whose loss counts the masked targets only and whose examples attend only within themselves."""
     device = next(model.parameters()).device
     micro_batches, rows = _micro_batches(batch, micro_batch_size, device)
-    seq_len = micro_batches[0][0].shape[1] - 1
+    seq_len = micro_batches[0].tokens_BT1.shape[1] - 1
     global_tokens = rows * seq_len * pmesh.dp
     global_targets = max(1, batch.global_targets) if isinstance(batch, SFTBatch) else global_tokens
     lm_scale = pmesh.dp / global_targets
 
     sync.zero_grad()
     stats = StepStats()
-    for i, (micro, mask_BT, segment_BT1) in enumerate(micro_batches):
+    for i, micro in enumerate(micro_batches):
         sync.begin_micro_step(last=i == len(micro_batches) - 1)  # earlier micro-steps only accumulate
-        out, lm_sum = forward_and_loss(model, micro, mask_BT, segment_BT1, dtype, loss_chunk_tokens)
+        out, lm_sum = forward_and_loss(model, micro, dtype, loss_chunk_tokens)
         router_loss = (out.aux_loss + out.z_loss) / len(micro_batches)
         (lm_sum * lm_scale + router_loss).backward()
         stats.add(out, lm_sum)
@@ -171,8 +192,8 @@ def heldout_loss(model: Transformer, share: SFTBatch, *, micro_batch_size: int, 
     copies = torch.zeros(2, dtype=torch.float64, device=device)  # skipped, all (already summed over ranks)
     model.eval()
     try:
-        for micro, mask_BT, segment_BT1 in micro_batches:
-            out, lm_sum = forward_and_loss(model, micro, mask_BT, segment_BT1, dtype, loss_chunk_tokens)
+        for micro in micro_batches:
+            out, lm_sum = forward_and_loss(model, micro, dtype, loss_chunk_tokens)
             total += lm_sum.double()
             copies += skip_counts(out.moe_stats)
     finally:

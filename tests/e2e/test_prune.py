@@ -14,7 +14,7 @@ from moeyard.models import Transformer
 from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.checkpoint.store import read_manifest
 from moeyard.trainer.config import build_config
-from moeyard.trainer.data.tokens import TokenBatches
+from moeyard.trainer.data.blend import TokenBatches
 from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.tools.prune import mean_loss, prune
 
@@ -73,7 +73,7 @@ def test_an_uneven_budget_per_layer_trains_at_ep2(trained, small_corpus) -> None
     assert [moe.experts.w_up_EDF.shape[0] for _, moe in pruned.moe_layers()] == [2, 6]
     trained_cfg = build_config(read_manifest(ckpt)["config"])  # prune cut windows as its training run did
     windows = TokenBatches(small_corpus, trained_cfg.train.seq_len, 8, 0, 1, seed=trained_cfg.run.seed)
-    heldout = [windows.batch(i) for i in range(8, 12)]  # after the 8 calibration batches
+    heldout = [windows.batch(i).tokens_BT1 for i in range(8, 12)]  # after the 8 calibration batches
     assert mean_loss(pruned, heldout) == pytest.approx(report["heldout_loss_after"], rel=1e-6)
 
     config = write_config(root / "uneven.yaml", small_corpus, train={"steps": 2})

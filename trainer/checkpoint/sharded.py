@@ -166,6 +166,8 @@ class Checkpointer:
         """Saves hold only what can differ from this checkpoint (path, content_hash); None: every weight."""
         self.saved_besides_trainable: set[str] = set()
         """With a base: parameters saved even when frozen (absent from the base, or trained before)."""
+        self.data_state: Optional[Callable[[int], dict[str, Any]]] = None
+        """The data record of a checkpoint of step n (tokenizer, sources, position); None: none recorded."""
 
     def _on_rank0(self, action: Callable[[], Any]) -> Any:
         """Run `action` on rank 0 and share its result -- or its failure, so no rank waits for a dead peer."""
@@ -201,6 +203,8 @@ class Checkpointer:
         }
         if self.base is not None:
             manifest["base"] = self.base
+        if self.data_state is not None:
+            manifest["data"] = self.data_state(step)
         try:
             if asynchronous:
                 # DCP copies the tensors to CPU memory before returning, so training may change them at once.

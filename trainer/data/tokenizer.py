@@ -1,8 +1,31 @@
-"""Byte-level tokenizer: every byte is a token, plus an end-of-text token. Needs no download."""
+"""Tokenizers for pretraining corpora: the built-in byte tokenizer, or a local Hugging Face one.
+
+A Hugging Face tokenizer is read from its folder's `tokenizer.json` with the `tokenizers` library (no
+transformers needed, batched encoding in Rust). Each document is encoded with the tokenizer's own special
+tokens (its post-processor adds BOS where the tokenizer defines it, e.g. Llama-3) and ends with its EOS
+token, as Megatron-LM's `--append-eod` does. The identity of a tokenizer is a content hash of its
+canonical tokenizer.json and special tokens: corpora and checkpoints record it, so a run refuses data
+tokenized differently from the model it trains.
+"""
 from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from moeyard.errors import DataError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+"""The files of a Hugging Face tokenizer folder that travel with a corpus and an exported model."""
 
 
 class ByteTokenizer:
+    """Every byte is a token, plus an end-of-text token. Needs no download."""
+
     name = "bytes"
     eos_id = 256
     vocab_size = 257
@@ -12,3 +35,116 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def encode_documents(self, texts: list[bytes]) -> list[np.ndarray]:
+        """Token ids of each document (UTF-8 bytes), EOS at the end."""
+        eos = np.array([self.eos_id], dtype=np.uint32)
+        return [np.concatenate([np.frombuffer(t, dtype=np.uint8).astype(np.uint32), eos]) for t in texts]
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "vocab_size": self.vocab_size, "hash": self.name, "eos_id": self.eos_id}
+
+
+def _special_token(folder: Path, key: str) -> Optional[str]:
+    """bos_token / eos_token as tokenizer_config.json (else special_tokens_map.json) names it."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if path.is_file():
+            value = _read_json(path).get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str):
+                return value
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{path} is not valid JSON ({err}): save the tokenizer again with save_pretrained") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} does not hold a JSON object: save the tokenizer again with save_pretrained")
+    return data
+
+
+def _vocabulary(tokenizer_json: dict[str, Any]) -> dict[str, int]:
+    """token -> id of a tokenizer.json: its model's vocabulary (a mapping, or Unigram's list of
+    [piece, score]) and its added tokens."""
+    vocab = tokenizer_json.get("model", {}).get("vocab", {})
+    ids = {piece[0]: i for i, piece in enumerate(vocab)} if isinstance(vocab, list) else dict(vocab)
+    ids.update({t["content"]: t["id"] for t in tokenizer_json.get("added_tokens", [])})
+    return ids
+
+
+def tokenizer_record(folder: Path) -> dict[str, Any]:
+    """What identifies a Hugging Face tokenizer, read from its files alone (no tokenizers library): name,
+    vocabulary size (highest id + 1: the embedding rows it needs), EOS id and a content hash of its
+    tokenizer.json as canonical JSON (key order and whitespace do not count) and its BOS/EOS tokens."""
+    data = _read_json(folder / "tokenizer.json")
+    ids = _vocabulary(data)
+    bos, eos = _special_token(folder, "bos_token"), _special_token(folder, "eos_token")
+    if eos is not None and eos not in ids:
+        raise DataError(f"the tokenizer in {folder} names eos_token {eos!r}, which is not in its vocabulary")
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":")) + f"|bos={bos}|eos={eos}"
+    return {"name": folder.resolve().name, "vocab_size": max(ids.values(), default=-1) + 1,
+            "hash": hashlib.sha256(canonical.encode()).hexdigest()[:16], "eos_id": None if eos is None else ids[eos]}
+
+
+class HFTokenizer:
+    """A local Hugging Face fast tokenizer (its tokenizer.json), encoding documents in batches."""
+
+    def __init__(self, folder: Path) -> None:
+        if not (folder / "tokenizer.json").is_file():
+            raise DataError(f"--tokenizer {folder} has no tokenizer.json (a fast tokenizer's file): give a folder "
+                            f"written by a tokenizer's save_pretrained, e.g. a Hugging Face model folder")
+        self.folder = folder
+        self.meta = tokenizer_record(folder)
+        self.name, self.vocab_size, self.eos_id = self.meta["name"], self.meta["vocab_size"], self.meta["eos_id"]
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise DataError("a Hugging Face tokenizer needs the `tokenizers` package: pip install "
+                            "'moeyard[data]'") from None
+        try:
+            self.backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as err:  # the Rust side raises its own Exception type
+            raise DataError(f"{folder / 'tokenizer.json'} could not be read as a tokenizer: {err}") from None
+        self._encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+
+    def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each document: the tokenizer's own special tokens (BOS where it adds one), then EOS."""
+        tail = [] if self.eos_id is None else [self.eos_id]
+        return [np.array(e.ids + tail, dtype=np.uint32) for e in self._encode(texts, add_special_tokens=True)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids)
+
+    def record(self) -> dict[str, Any]:
+        return dict(self.meta)
+
+
+def load_tokenizer(folder: Optional[Path]) -> ByteTokenizer | HFTokenizer:
+    """The byte tokenizer (None), or the Hugging Face tokenizer in `folder`."""
+    if folder is None:
+        return ByteTokenizer()
+    if not folder.is_dir():
+        raise DataError(f"--tokenizer {folder} is not a folder: give a Hugging Face tokenizer folder")
+    return HFTokenizer(folder)
+
+
+def hf_tokenizer_record(folder: Path) -> Optional[dict[str, Any]]:
+    """The record of the tokenizer an HF model folder carries (None: it carries no tokenizer.json)."""
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    return {**tokenizer_record(folder), "dir": str(folder.resolve())}
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """The tokenizer files of `src` into `dst` (created)."""
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)

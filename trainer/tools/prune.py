@@ -120,7 +120,7 @@ def prune(ckpt: Path, data: str, keep: int | list[int], out: Path, calibration_b
     check_vocab(cfg, read_meta(data_dir))
     seq_len = cfg.train.seq_len
     windows = TokenBatches(data_dir, seq_len, 8, 0, 1, seed=cfg.run.seed)
-    batches = [windows.batch(i) for i in range(calibration_batches + heldout_batches)]
+    batches = [windows.batch(i).tokens_BT1 for i in range(calibration_batches + heldout_batches)]
     calibration, heldout = batches[:calibration_batches], batches[calibration_batches:]
 
     model = Transformer(cfg.model).eval()

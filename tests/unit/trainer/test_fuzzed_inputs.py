@@ -17,7 +17,7 @@ from moeyard.errors import BAD_INPUT, run_reporting
 from moeyard.trainer.config import Config, config_from_tree
 from moeyard.trainer.config_tree import read_tree
 from moeyard.trainer.data.sft import read_conversations
-from moeyard.trainer.data.tokens import prepare_corpus, read_meta
+from moeyard.trainer.data.tokens import prepare_folder, read_meta
 
 
 def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
@@ -114,13 +114,15 @@ def corpus(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src")
     (src / "a.py").write_bytes(b"print('hello')\n" * 400 + b"\xff\xfe not utf-8 \x80\n")
     out = tmp_path_factory.mktemp("corpus") / "tokens"
-    prepare_corpus(src, out, "*.py")
+    prepare_folder(src, out, "*.py")
     return out
 
 
 SHARD = st.fixed_dictionaries({"file": st.one_of(JSON, st.sampled_from(["../x", "/etc/hostname", "", ".", "a\0b",
                                                                         "tokens_00000.bin"])),
-                                "tokens": st.one_of(JSON, st.integers(-2, 10**6))})
+                                "tokens": st.one_of(JSON, st.integers(-2, 10**6)),
+                                "index": st.one_of(JSON, st.sampled_from(["../x", "docs_00000.bin"])),
+                                "documents": st.one_of(JSON, st.integers(-2, 10**6))})
 META = st.one_of(JSON, st.fixed_dictionaries({"format": st.one_of(st.just(None), JSON),
                                               "shards": st.one_of(JSON, st.lists(SHARD, max_size=3)),
                                               "vocab_size": JSON}))

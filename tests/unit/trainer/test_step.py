@@ -28,7 +28,7 @@ def test_chunked_loss_equals_the_whole_and_never_keeps_the_logits(masked: bool) 
     """train.loss_chunk_tokens: the same loss and gradients as projecting every token at once, while nothing
     of the [tokens, vocab] logits is kept for backward (chunks of 7 tokens: not a divisor of the 30)."""
     from moeyard.models import ModelConfig, MoEConfig, Transformer
-    from moeyard.trainer.step import forward_and_loss
+    from moeyard.trainer.step import MicroBatch, forward_and_loss
 
     cfg = ModelConfig(vocab_size=512, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=16,
                       moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=16))
@@ -45,7 +45,7 @@ def test_chunked_loss_equals_the_whole_and_never_keeps_the_logits(masked: bool) 
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            _, loss = forward_and_loss(model, tokens, mask, None, torch.float32, chunk)
+            _, loss = forward_and_loss(model, MicroBatch(tokens, mask), torch.float32, chunk)
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, kept[0]
 

@@ -9,7 +9,8 @@ import torch
 
 from moeyard.errors import DataError
 from moeyard.trainer.data.tokenizer import ByteTokenizer
-from moeyard.trainer.data.tokens import TokenBatches, prepare_corpus, read_meta
+from moeyard.trainer.data.blend import TokenBatches
+from moeyard.trainer.data.tokens import prepare_folder as prepare_corpus, read_meta
 
 
 def test_prepare_is_byte_exact(tmp_path) -> None:
@@ -49,15 +50,15 @@ def test_ranks_split_the_global_batch_without_overlap(small_corpus) -> None:
     single = TokenBatches(small_corpus, 32, 8, dp_rank=0, dp_size=1, seed=5)
     ranks = [TokenBatches(small_corpus, 32, 8, dp_rank=r, dp_size=4, seed=5) for r in range(4)]
     for step in (0, 1, 7):
-        whole = single.batch(step)
-        parts = [b.batch(step) for b in ranks]
+        whole = single.batch(step).tokens_BT1
+        parts = [b.batch(step).tokens_BT1 for b in ranks]
         assert all(p.shape == (2, 33) for p in parts)
         assert torch.equal(torch.cat(parts), whole)
         ids = [i for b in ranks for i in b.window_ids(step)]
         assert ids == single.window_ids(step) and len(set(ids)) == 8, "ranks overlap or a window repeats"
-    assert not torch.equal(single.batch(0), single.batch(1))
+    assert not torch.equal(single.batch(0).tokens_BT1, single.batch(1).tokens_BT1)
     other_seed = TokenBatches(small_corpus, 32, 8, dp_rank=0, dp_size=1, seed=6)
-    assert not torch.equal(other_seed.batch(0), single.batch(0))
+    assert not torch.equal(other_seed.batch(0).tokens_BT1, single.batch(0).tokens_BT1)
 
 
 def test_epochs_wrap_and_reshuffle(small_corpus) -> None:
@@ -67,12 +68,12 @@ def test_epochs_wrap_and_reshuffle(small_corpus) -> None:
     assert len(set(seen)) == len(seen), "a window repeats within an epoch"
     next_epoch = [i for s in range(steps_per_epoch, 2 * steps_per_epoch) for i in b.window_ids(s)]
     assert next_epoch != seen and len(set(next_epoch)) == len(next_epoch)
-    assert b.batch(steps_per_epoch + 1).shape == (8, 33)
+    assert b.batch(steps_per_epoch + 1).tokens_BT1.shape == (8, 33)
 
 
 def test_meta_format_is_checked(small_corpus, tmp_path) -> None:
     meta = json.loads((small_corpus / "meta.json").read_text())
-    assert meta["tokenizer"] == "bytes" and meta["tokens"] > 100_000
+    assert meta["tokenizer"]["name"] == "bytes" and meta["dtype"] == "uint16" and meta["tokens"] > 100_000
     (tmp_path / "meta.json").write_text(json.dumps({**meta, "format": "other"}))
     with pytest.raises(DataError, match="format"):
         read_meta(tmp_path)

@@ -1,0 +1,257 @@
+"""`moeyard prepare`: sources -> token shards with a document index, written atomically.
+
+A corpus folder holds `tokens_NNNNN.bin` (uint16 when the vocabulary fits in 16 bits, else uint32),
+beside each a `docs_NNNNN.bin` of int64 document starts (a document never crosses a shard), the
+tokenizer's files under `tokenizer/`, and `meta.json` (tokenizer name, vocabulary, content hash; the
+sources; per-file hashes and counts; per-shard hashes). Everything is written into a temporary folder
+that is renamed into place when complete, so a half-written corpus is never read.
+
+Tokenizing runs in `workers` processes, each decoding and encoding whole batches; the main process
+reads the sources and writes the shards in order, with a bounded number of batches in flight.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+from moeyard.errors import DataError
+from moeyard.trainer.data.sources import RecordBatch, Source, decode_batch, file_sha256, open_source, read_batches
+from moeyard.trainer.data.tokenizer import ByteTokenizer, HFTokenizer, copy_tokenizer_files, load_tokenizer
+
+FORMAT = "moeyard-tokens-v2"
+SHARD_TOKENS = 1 << 26  # 64 Mi tokens per shard file
+UINT16_VOCAB = 1 << 16
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    tokenizer: Optional[Path] = None
+    """A Hugging Face tokenizer folder; None: the byte tokenizer."""
+    text_field: str = "text"
+    glob: str = "*.py"
+    workers: int = 1
+    skip_malformed: bool = False
+    progress: bool = False
+
+
+@dataclass
+class Encoded:
+    """One batch, tokenized: documents' tokens back to back and their lengths."""
+
+    file: Path
+    tokens: np.ndarray
+    lengths: np.ndarray
+    errors: list[str]
+    nbytes: int
+
+
+_TOKENIZER: ByteTokenizer | HFTokenizer | None = None  # one per worker process
+
+
+def _init_worker(folder: Optional[Path]) -> None:
+    global _TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # N processes already: no thread pool in each
+    _TOKENIZER = load_tokenizer(folder)
+
+
+def _encode(batch: RecordBatch, text_field: str, tokenizer: ByteTokenizer | HFTokenizer) -> Encoded:
+    texts, errors = decode_batch(batch, text_field, as_bytes=isinstance(tokenizer, ByteTokenizer))
+    docs = tokenizer.encode_documents(texts) if texts else []
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    tokens = np.concatenate(docs) if docs else np.empty(0, dtype=np.uint32)
+    return Encoded(batch.file, tokens, lengths, errors, batch.nbytes)
+
+
+def _encode_in_worker(batch: RecordBatch, text_field: str) -> Encoded:
+    return _encode(batch, text_field, _TOKENIZER)
+
+
+def _encoded(batches: Iterator[RecordBatch], opts: PrepareOptions,
+             tokenizer: ByteTokenizer | HFTokenizer) -> Iterator[Encoded]:
+    """Each batch tokenized, in order: in this process, or in `opts.workers` processes with at most two
+    batches per worker in flight (memory stays bounded however large the sources are)."""
+    if opts.workers <= 1:
+        for batch in batches:
+            yield _encode(batch, opts.text_field, tokenizer)
+        return
+    with ProcessPoolExecutor(opts.workers, initializer=_init_worker, initargs=(opts.tokenizer,)) as pool:
+        pending: deque[Future] = deque()
+        for batch in batches:
+            pending.append(pool.submit(_encode_in_worker, batch, opts.text_field))
+            if len(pending) >= 2 * opts.workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class ShardWriter:
+    """Appends documents to shard files, starting a new shard between documents past SHARD_TOKENS."""
+
+    def __init__(self, folder: Path, dtype: np.dtype) -> None:
+        self.folder, self.dtype = folder, dtype
+        self.shards: list[dict[str, Any]] = []
+        self._file = None
+        self._digest = hashlib.sha256()
+        self._tokens = 0
+        self._starts: list[np.ndarray] = []
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        if not len(lengths):
+            return
+        if self._file is None:
+            name = f"tokens_{len(self.shards):05d}.bin"
+            self._file = open(self.folder / name, "wb")
+        data = tokens.astype(self.dtype).tobytes()
+        self._file.write(data)
+        self._digest.update(data)
+        self._starts.append(self._tokens + np.concatenate([[0], np.cumsum(lengths[:-1])]))
+        self._tokens += int(lengths.sum())
+        if self._tokens >= SHARD_TOKENS:
+            self.close_shard()
+
+    def close_shard(self) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        index = f"docs_{len(self.shards):05d}.bin"
+        starts = np.concatenate(self._starts).astype(np.int64)
+        starts.tofile(self.folder / index)
+        self.shards.append({"file": Path(self._file.name).name, "index": index, "tokens": self._tokens,
+                            "documents": len(starts), "sha256": self._digest.hexdigest()})
+        self._file, self._digest, self._tokens, self._starts = None, hashlib.sha256(), 0, []
+
+
+class Progress:
+    """Documents/s, MB/s and tokens while preparing (tqdm on stderr when asked), and the final summary."""
+
+    def __init__(self, total_bytes: int, show: bool) -> None:
+        self.start = time.perf_counter()
+        self.documents = self.tokens = self.skipped = self.nbytes = 0
+        self.bar = None
+        if show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1 << 20, desc="prepare")
+
+    def update(self, enc: Encoded) -> None:
+        self.documents += len(enc.lengths)
+        self.tokens += int(enc.lengths.sum())
+        self.nbytes += enc.nbytes
+        if self.bar is not None:
+            seconds = max(1e-9, time.perf_counter() - self.start)
+            self.bar.update(enc.nbytes)
+            self.bar.set_postfix_str(f"{self.documents / seconds:,.0f} docs/s, {self.tokens:,} tokens", refresh=False)
+
+    def summary(self) -> dict[str, Any]:
+        if self.bar is not None:
+            self.bar.close()
+        seconds = time.perf_counter() - self.start
+        return {"documents": self.documents, "tokens": self.tokens, "skipped": self.skipped,
+                "text_bytes": self.nbytes, "seconds": round(seconds, 3),
+                "tokens_per_s": round(self.tokens / max(seconds, 1e-9))}
+
+
+def _all_batches(sources: list[Source], text_field: str, files: list[dict[str, Any]]) -> Iterator[RecordBatch]:
+    """Every source's batches in order; records each file (path, size, hash) in `files` as it is reached."""
+    for source in sources:
+        for path in source.files:
+            files.append({"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path),
+                          "documents": 0, "tokens": 0, "skipped": 0})
+            yield from read_batches(source, path, text_field)
+
+
+def _write_tokens(sources: list[Source], opts: PrepareOptions, tokenizer, tmp: Path,
+                  on_skip: Callable[[str], None]) -> tuple[ShardWriter, list[dict], Progress]:
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= UINT16_VOCAB else np.uint32)
+    writer = ShardWriter(tmp, dtype)
+    files: list[dict[str, Any]] = []
+    progress = Progress(sum(f.stat().st_size for s in sources for f in s.files), opts.progress)
+    for enc in _encoded(_all_batches(sources, opts.text_field, files), opts, tokenizer):
+        if enc.errors:
+            if not opts.skip_malformed:
+                raise DataError(f"{enc.errors[0]}: fix the record, or pass --skip-malformed to skip and count "
+                                f"such records")
+            for error in enc.errors:
+                on_skip(error)
+        if len(enc.tokens) and int(enc.tokens.max()) >= tokenizer.vocab_size:
+            raise DataError(f"{enc.file}: the tokenizer produced id {int(enc.tokens.max())}, beyond its "
+                            f"vocabulary of {tokenizer.vocab_size}")
+        writer.add(enc.tokens, enc.lengths)
+        record = next(f for f in reversed(files) if f["path"] == str(enc.file))
+        record["documents"] += len(enc.lengths)
+        record["tokens"] += int(enc.lengths.sum())
+        record["skipped"] += len(enc.errors)
+        progress.skipped += len(enc.errors)
+        progress.update(enc)
+    writer.close_shard()
+    return writer, files, progress
+
+
+def prepare_corpus(paths: list[Path], out: Path, opts: PrepareOptions = PrepareOptions(),
+                   fingerprint: str = "") -> dict[str, Any]:
+    """Tokenize `paths` (folders, JSONL, Parquet, save_to_disk datasets) into the corpus folder `out`."""
+    sources = [open_source(Path(p), opts.glob) for p in paths]  # every source checked before any work
+    tokenizer = load_tokenizer(opts.tokenizer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    skipped_examples: list[str] = []
+    try:
+        writer, files, progress = _write_tokens(
+            sources, opts, tokenizer, tmp, lambda e: len(skipped_examples) < 20 and skipped_examples.append(e))
+        if not writer.shards:
+            raise DataError(f"the sources {[str(p) for p in paths]} hold no documents"
+                            + (f" ({progress.skipped} malformed records skipped)" if progress.skipped else ""))
+        record = tokenizer.record()
+        if isinstance(tokenizer, HFTokenizer):
+            copy_tokenizer_files(tokenizer.folder, tmp / "tokenizer")
+            record["dir"] = "tokenizer"
+        summary = progress.summary()
+        meta = {"format": FORMAT, "tokenizer": record, "vocab_size": tokenizer.vocab_size,
+                "dtype": writer.dtype.name, "sources": [{"path": str(s.path.resolve()), "kind": s.kind} for s in sources],
+                "text_field": opts.text_field, "glob": opts.glob, "source_fingerprint": fingerprint,
+                "documents": summary["documents"], "tokens": summary["tokens"], "skipped": summary["skipped"],
+                "skipped_examples": skipped_examples, "files": files, "shards": writer.shards,
+                "content_hash": hashlib.sha256("".join(s["sha256"] for s in writer.shards).encode()).hexdigest()[:16],
+                "prepare": {"workers": opts.workers, "seconds": summary["seconds"],
+                            "tokens_per_s": summary["tokens_per_s"], "text_bytes": summary["text_bytes"]}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        move_into_place(tmp, out)
+        return meta
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished corpus to `out`; if another process got there first, keep theirs. A corpus made
+    from other sources (or an older format) there is moved aside first (runs reading it keep their files)."""
+    if out.exists() and not (out / "meta.json").exists() and any(out.iterdir()):
+        raise DataError(f"{out} exists and is not a prepared corpus: remove it or choose another folder")
+    if (out / "meta.json").is_file():
+        new = json.loads((tmp / "meta.json").read_text())
+        try:
+            old = json.loads((out / "meta.json").read_text())
+        except ValueError:
+            old = {}
+        if not isinstance(old, dict) or (old.get("format"), old.get("source_fingerprint")) != (
+                new["format"], new["source_fingerprint"]):
+            aside = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.replace(tmp, out)  # atomic; also replaces an empty folder
+    except OSError:
+        if not (out / "meta.json").is_file():
+            raise
+        shutil.rmtree(tmp)  # another process (or node sharing the cache) finished first
