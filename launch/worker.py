@@ -134,7 +134,7 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
             if env.rank == 0:
                 print(report, flush=True)
             return 0
-        if cfg.sft.data is None:  # SFT rows are built in memory by every rank
+        if cfg.sft.data is None and not cfg.data.sources:  # SFT rows: in memory; blends: prepared already
             data_dir = _prepare_corpus_once_per_machine(cfg, env, device)
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
         lock = lock_for_workers(cfg.run_dir)

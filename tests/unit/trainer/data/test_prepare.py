@@ -1,0 +1,159 @@
+"""`moeyard prepare`: every source format gives the same tokens, large vocabularies, malformed input."""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+
+import numpy as np
+import pytest
+
+from moeyard.errors import DataError
+from moeyard.trainer.data.corpus import PrepareOptions, prepare_corpus
+from moeyard.trainer.data.tokenizer import tokenizer_record
+from moeyard.trainer.data.tokens import read_meta
+from tests.helpers.tokenizer_cases import DOCUMENTS, train_bpe, word_level, write_every_format
+
+pytest.importorskip("pyarrow")
+pytest.importorskip("datasets")
+
+
+def _tokens_and_starts(corpus) -> tuple[list[int], list[int]]:
+    meta = read_meta(corpus)
+    tokens, starts, offset = [], [], 0
+    for shard in meta["shards"]:
+        tokens += np.fromfile(corpus / shard["file"], dtype=meta["dtype"]).tolist()
+        starts += (np.fromfile(corpus / shard["index"], dtype=np.int64) + offset).tolist()
+        offset += shard["tokens"]
+    return tokens, starts
+
+
+@pytest.fixture(scope="module")
+def formats(tmp_path_factory):
+    return write_every_format(tmp_path_factory.mktemp("formats"), DOCUMENTS)
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    return train_bpe(tmp_path_factory.mktemp("bpe"), DOCUMENTS * 20, bos=True)
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_every_format_gives_the_tokens_of_the_same_text_in_a_folder(tmp_path, formats, bpe, tokenizer) -> None:
+    from tokenizers import Tokenizer
+
+    opts = PrepareOptions(tokenizer=None if tokenizer == "bytes" else bpe, glob="*.txt")
+    reference = None
+    for kind, path in formats.items():
+        meta = prepare_corpus([path], tmp_path / kind, opts)
+        assert meta["documents"] == len(DOCUMENTS) and meta["sources"][0]["kind"] == kind.split(".")[0]
+        got = _tokens_and_starts(tmp_path / kind)
+        reference = reference or got
+        assert got == reference, f"{kind} tokenizes differently from the folder"
+    tokens, starts = reference
+    if tokenizer == "bpe":  # BOS from the tokenizer's post-processor, EOS appended: as the tokenizer defines them
+        hf = Tokenizer.from_file(str(bpe / "tokenizer.json"))
+        expect = [hf.encode(d).ids + [hf.token_to_id("<|endoftext|>")] for d in DOCUMENTS]
+        assert expect[0][0] == hf.token_to_id("<|bos|>")
+        assert (tmp_path / "folder" / "tokenizer" / "tokenizer.json").is_file(), "the corpus keeps its tokenizer"
+    else:
+        expect = [list(d.encode()) + [256] for d in DOCUMENTS]
+    assert tokens == [t for doc in expect for t in doc]
+    assert starts == np.cumsum([0] + [len(d) for d in expect[:-1]]).tolist()
+
+
+def test_workers_give_the_same_corpus_as_one_process(tmp_path, formats, bpe) -> None:
+    many = [formats["jsonl"]] * 1 + [formats["parquet"], formats["arrow"]]
+    one = prepare_corpus(many, tmp_path / "one", PrepareOptions(tokenizer=bpe))
+    two = prepare_corpus(many, tmp_path / "two", PrepareOptions(tokenizer=bpe, workers=2))
+    assert one["content_hash"] == two["content_hash"] and one["documents"] == 3 * len(DOCUMENTS)
+    assert [f["sha256"] for f in one["files"]] == [f["sha256"] for f in two["files"]]
+    assert one["files"][0]["documents"] == len(DOCUMENTS) and one["tokenizer"]["hash"] == tokenizer_record(bpe)["hash"]
+
+
+def test_a_vocabulary_past_16_bits_gives_uint32_shards(tmp_path) -> None:
+    tok = word_level(tmp_path / "tok", 70_000)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "w69997 w3 w65534 w65535 w70000"}) + "\n")
+    meta = prepare_corpus([tmp_path / "d.jsonl"], tmp_path / "out", PrepareOptions(tokenizer=tok))
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_000
+    tokens, _ = _tokens_and_starts(tmp_path / "out")
+    assert tokens == [69_999, 5, 65_536, 65_537, 0, 1]  # ids past 65,535 survive; w70000 is unknown; EOS
+    small = prepare_corpus([tmp_path / "d.jsonl"], tmp_path / "bytes", PrepareOptions())
+    assert small["dtype"] == "uint16"
+
+
+def test_the_tokenizer_hash_ignores_formatting_and_sees_the_vocabulary(tmp_path, bpe) -> None:
+    import shutil
+
+    copy = shutil.copytree(bpe, tmp_path / "copy")
+    data = json.loads((copy / "tokenizer.json").read_text())
+    (copy / "tokenizer.json").write_text(json.dumps(data, indent=4, sort_keys=True))
+    assert tokenizer_record(copy)["hash"] == tokenizer_record(bpe)["hash"]
+    data["model"]["vocab"]["zzz-new"] = len(data["model"]["vocab"]) + 10
+    (copy / "tokenizer.json").write_text(json.dumps(data))
+    assert tokenizer_record(copy)["hash"] != tokenizer_record(bpe)["hash"]
+
+
+def _jsonl(path, lines: list[bytes]) -> None:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b'{"text": "ok"', "not JSON"),
+    (b'["text"]', "not a JSON object but list"),
+    (b'{"body": "x"}', "no 'text' field (keys: body)"),
+    (b'{"text": 3}', "'text' is int, not a string"),
+    (b'{"text": "caf\xe9"}', "invalid UTF-8 at byte 13"),
+    (b'{"text": "\\ud800"}', "'text' holds a lone surrogate at character 0"),
+])
+def test_a_malformed_jsonl_line_is_named_or_skipped_and_counted(tmp_path, line, reason) -> None:
+    _jsonl(tmp_path / "d.jsonl", [b'{"text": "good"}', b"", line, b'{"text": "fine"}'])
+    with pytest.raises(DataError, match=f"d.jsonl:3: {re.escape(reason)}.*--skip-malformed") as err:
+        prepare_corpus([tmp_path / "d.jsonl"], tmp_path / "out", PrepareOptions())
+    assert str(tmp_path / "d.jsonl") in str(err.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*")), "a partial corpus was left"
+    meta = prepare_corpus([tmp_path / "d.jsonl"], tmp_path / "out", PrepareOptions(skip_malformed=True))
+    assert (meta["documents"], meta["skipped"], meta["files"][0]["skipped"]) == (2, 1, 1)
+    assert meta["skipped_examples"][0].startswith(f"{tmp_path / 'd.jsonl'}:3: {reason}")
+    assert _tokens_and_starts(tmp_path / "out")[0] == list(b"good") + [256] + list(b"fine") + [256]
+
+
+def test_invalid_utf8_in_a_text_file_is_named_for_a_real_tokenizer_and_kept_as_bytes_otherwise(tmp_path, bpe) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_bytes(b"ok \xff\xfe here")
+    with pytest.raises(DataError, match=r"a.txt: invalid UTF-8 at byte 3"):
+        prepare_corpus([tmp_path / "src"], tmp_path / "out", PrepareOptions(tokenizer=bpe, glob="*.txt"))
+    meta = prepare_corpus([tmp_path / "src"], tmp_path / "bytes", PrepareOptions(glob="*.txt"))
+    assert meta["tokens"] == 11  # the byte tokenizer takes any bytes
+
+
+def test_damaged_and_unreadable_sources_are_named(tmp_path, formats) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = gzip.compress(b'{"text": "a"}\n' * 10_000)
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="cut.jsonl.gz: damaged or truncated"):
+        prepare_corpus([tmp_path / "cut.jsonl.gz"], tmp_path / "o1", PrepareOptions())
+    pq.write_table(pa.table({"text": ["a", None, "b"]}), tmp_path / "nulls.parquet")
+    with pytest.raises(DataError, match=r"nulls.parquet:row 2: 'text' is null"):
+        prepare_corpus([tmp_path / "nulls.parquet"], tmp_path / "o2", PrepareOptions())
+    with pytest.raises(DataError, match=r"has no column 'body' \(columns: id, text\)"):
+        prepare_corpus([formats["parquet"]], tmp_path / "o3", PrepareOptions(text_field="body"))
+    with pytest.raises(DataError, match="column 'id' holds int64, not text"):
+        prepare_corpus([formats["arrow"].parent / "docs.parquet"], tmp_path / "o4", PrepareOptions(text_field="id"))
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unknown kind of file"):
+        prepare_corpus([formats["jsonl"], tmp_path / "x.csv"], tmp_path / "o5", PrepareOptions())
+    assert not (tmp_path / "o5").exists(), "a bad second source must stop before the first is tokenized"
+
+
+def test_a_dataset_dict_asks_for_one_split(tmp_path) -> None:
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]}),
+                          "test": datasets.Dataset.from_dict({"text": ["b"]})}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"DatasetDict with splits \['test', 'train'\]: give one split's folder"):
+        prepare_corpus([tmp_path / "dd"], tmp_path / "out", PrepareOptions())
+    meta = prepare_corpus([tmp_path / "dd" / "train"], tmp_path / "out", PrepareOptions())
+    assert meta["tokens"] == 2
