@@ -1,7 +1,7 @@
 """`moeyard convert from-hf|to-hf|upcycle|merge-adapters`: single-process checkpoint conversions.
 
     moeyard convert from-hf HF_DIR --out CKPT
-    moeyard convert to-hf CKPT --out HF_DIR [--dtype bfloat16]
+    moeyard convert to-hf CKPT --out HF_DIR [--dtype bfloat16]   (CKPT: a checkpoint, or a run's newest)
     moeyard convert upcycle DENSE_HF_DIR --out CKPT --experts E --top-k K [--granularity G]
     moeyard convert merge-adapters CKPT --out CKPT
 
@@ -36,9 +36,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     elif args.action == "to-hf":
         import torch
 
+        from moeyard.trainer.checkpoint.weights import resolve_init
         from moeyard.trainer.tools.hf_convert import export_hf
 
-        family, path = export_hf(source, out, getattr(torch, args.dtype) if args.dtype else None)
+        family, path = export_hf(resolve_init(source), out, getattr(torch, args.dtype) if args.dtype else None)
         print(f"wrote {family} model to {path} (transformers.AutoModelForCausalLM.from_pretrained loads it)")
     else:
         from moeyard.trainer.tools.upcycle import upcycle

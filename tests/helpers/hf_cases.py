@@ -13,11 +13,11 @@ SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_lay
              num_key_value_heads=2, max_position_embeddings=64, rope_theta=100.0)
 
 
-def hf_config(family: str):
+def hf_config(family: str, **overrides):
     import transformers as tf
 
     rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 100.0}}
-    common = {k: v for k, v in SMALL.items() if k != "rope_theta"} | rope
+    common = {k: v for k, v in SMALL.items() if k != "rope_theta"} | rope | overrides
     if family == "mixtral":
         return tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
     if family == "qwen2_moe":  # a dense first layer, a shared expert, renormalised top-k, tied embeddings
@@ -38,11 +38,11 @@ def hf_config(family: str):
     raise ValueError(family)
 
 
-def save_random_model(family: str, out: Path, seed: int = 0) -> Path:
+def save_random_model(family: str, out: Path, seed: int = 0, **overrides) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(family)).eval()
+    model = AutoModelForCausalLM.from_config(hf_config(family, **overrides)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)

@@ -18,12 +18,10 @@ from moeyard.models import Transformer
 from moeyard.trainer.checkpoint.store import verify
 from moeyard.trainer.checkpoint.weights import CheckpointTensors, write_weights_checkpoint
 from moeyard.trainer.config import build_config
+from moeyard.trainer.data.tokenizer import copy_tokenizer_files, hf_tokenizer_record, tokenizer_record
 from moeyard.trainer.tools.hf_config import export_family, hf_config_dict, moe_model_config, read_hf_config
 from moeyard.trainer.tools.hf_files import SHARD_BYTES, write_safetensors_shards
 from moeyard.trainer.tools.hf_weights import HFTensors, check_hf_tensors, hf_tensors, moeyard_producers
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
 
 def import_hf(hf_dir: Path, out: Path) -> tuple[str, Path]:
@@ -36,8 +34,28 @@ def import_hf(hf_dir: Path, out: Path) -> tuple[str, Path]:
     shapes = check_hf_tensors(dry, producers, model_cfg, family)
     src = HFTensors(hf_dir)
     source = {"format": "huggingface", "family": family, "dir": str(hf_dir.resolve())}
+    tokenizer = hf_tokenizer_record(hf_dir)
+    if tokenizer is not None:  # a corpus for this model must be prepared with it (moeyard.trainer.data.compat)
+        source["tokenizer"] = tokenizer
     return family, write_weights_checkpoint(shapes, model_cfg, out, source,
                                             produce=lambda name: producers[name](src))
+
+
+def _tokenizer_files(manifest: dict) -> Optional[Path]:
+    """Where the tokenizer of a checkpoint's model lies: the corpus its run trained on (checked against the
+    recorded hash: a corpus prepared again with another tokenizer does not count), else the HF folder it
+    was imported from."""
+    recorded = (manifest.get("data") or {}).get("tokenizer") or {}
+    folder = Path(recorded["dir"]) if recorded.get("dir") else None
+    if folder is not None and (folder / "tokenizer.json").is_file() and \
+            tokenizer_record(folder)["hash"] == recorded.get("hash"):
+        return folder
+    if recorded and recorded.get("hash") != "bytes":
+        print(f"warning: the tokenizer the checkpoint was trained with ({recorded.get('name')}) is no longer at "
+              f"{folder}: the export has no tokenizer files", flush=True)
+        return None
+    source_dir = Path((manifest.get("source") or {}).get("dir", "/nonexistent"))
+    return source_dir if source_dir.is_dir() else None
 
 
 def export_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,
@@ -46,7 +64,8 @@ def export_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,
     config.json and safetensors of at most `max_shard_bytes` each (with an index when there are several), in
     the checkpoint's dtype or `dtype`. One source parameter is held at a time.
 
-    Tokenizer files of the HF folder a converted checkpoint came from are copied along when still there.
+    The tokenizer travels along: the one the checkpoint's run trained with (its corpus keeps the files), else
+    that of the HF folder an imported checkpoint came from, when still there.
     """
     manifest = verify(ckpt)
     model_cfg = build_config(manifest["config"]).model
@@ -63,10 +82,9 @@ def export_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,
     tensors = hf_tensors(model_cfg, family, lambda name: reader.read(name, params[name]))
     write_safetensors_shards(tmp, entries, tensors, max_shard_bytes)
     (tmp / "config.json").write_text(json.dumps(hf_config_dict(model_cfg, family, dtype), indent=1))
-    source_dir = Path(manifest.get("source", {}).get("dir", "/nonexistent"))
-    for name in TOKENIZER_FILES:
-        if (source_dir / name).is_file():
-            shutil.copy2(source_dir / name, tmp / name)
+    tokenizer_dir = _tokenizer_files(manifest)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, tmp)
     if out_dir.exists():
         out_dir.rmdir()  # empty, checked above
     os.replace(tmp, out_dir)
