@@ -13,23 +13,29 @@ corpus) is checked first, so a mistake costs seconds, not a job.
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
 from typing import Optional, Sequence
 
 from moeyard.errors import run_reporting
-from moeyard.launch.commands import checkpoint, convert, plan, prepare, prune, sft_eval, slurm, train
 
-COMMANDS = (train, slurm, plan, checkpoint, prepare, convert, sft_eval, prune)
-"""In the order `moeyard --help` lists them; each module's add_parser registers its subcommands."""
+COMMANDS = {"train": "train", "sft": "train", "slurm": "slurm", "plan": "plan", "checkpoint": "checkpoint",
+            "prepare": "prepare", "convert": "convert", "sft-eval": "sft_eval", "prune": "prune"}
+"""Subcommand -> its module in moeyard.launch.commands, in the order `moeyard --help` lists them; each
+module's add_parser registers its subcommands."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """All subcommands, or only `command`'s module: `moeyard prepare` need not import torch (seconds)."""
     parser = argparse.ArgumentParser(prog="moeyard", description="Expert-parallel MoE training.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in COMMANDS:
-        command.add_parser(sub)
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for module in modules:
+        importlib.import_module(f"moeyard.launch.commands.{module}").add_parser(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     return run_reporting(lambda: args.func(args))
