@@ -30,13 +30,13 @@ from pathlib import Path
 
 DATASETS_SNIPPET = """
 import sys, time
-from datasets import load_dataset
+from datasets import Features, Sequence, Value, load_dataset
 from transformers import AutoTokenizer
 data, tok_dir, cache, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 tok = AutoTokenizer.from_pretrained(tok_dir)
 ds = load_dataset("json", data_files=data, split="train", cache_dir=cache)
 out = ds.map(lambda b: {"input_ids": tok(b["text"])["input_ids"]}, batched=True, num_proc=workers,
-             remove_columns=ds.column_names)
+             remove_columns=ds.column_names, features=Features({"input_ids": Sequence(Value("int32"))}))
 print(sum(len(x) for x in out["input_ids"]))
 """
 
@@ -51,6 +51,8 @@ def write_jsonl(path: Path, megabytes: float) -> int:
                 try:
                     text = file.read_text(encoding="utf-8")
                 except (UnicodeDecodeError, OSError):
+                    continue
+                if not text.strip():
                     continue
                 line = json.dumps({"text": text}) + "\n"
                 f.write(line)

@@ -145,6 +145,17 @@ def _follow_data(cfg: Config, data: TokenBatches | SFTBatches, metas: dict[str, 
                   f"{source['content_hash']}): the batches from here differ from the uninterrupted run's", flush=True)
 
 
+def _data_metrics(cfg: Config, data: TokenBatches | SFTBatches, eval_loss: float | None,
+                  eval_skipped: float | None) -> dict:
+    """What a logged step reports of its data: the held-out loss (SFT), the tokens drawn per source."""
+    metrics: dict = {"eval_loss": eval_loss}
+    if cfg.model.moe.skip_threshold:
+        metrics["eval_skipped_fraction"] = eval_skipped
+    if isinstance(data, TokenBatches):
+        metrics["tokens_per_source"] = data.tokens_per_source()
+    return metrics
+
+
 def build_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch.device) -> tuple[Transformer, GradSync]:
     """The model of `Transformer(cfg.model)` under the run's seed, whatever the layout: built on the meta
     device, parallelized as the plan says, then each rank allocates and initialises its own part."""
@@ -240,11 +251,8 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
                 peak_gb = peak_memory_gb(device)  # collective: every rank decides alike to log this step
                 if logger is not None:
                     record = step_record(done, result, lr, step_time, plan.predicted.get("step_s"))
-                    skipping = {"eval_skipped_fraction": eval_skipped} if cfg.model.moe.skip_threshold else {}
-                    per_source = {"tokens_per_source": data.tokens_per_source()} \
-                        if isinstance(data, TokenBatches) else {}
-                    logger.log({**record, "skipped_steps": skipped_total, "eval_loss": eval_loss,
-                                "peak_memory_gb": peak_gb, **skipping, **per_source}, total)
+                    logger.log({**record, "skipped_steps": skipped_total, "peak_memory_gb": peak_gb,
+                                **_data_metrics(cfg, data, eval_loss, eval_skipped)}, total)
             if result.skipped and (cfg.train.nonfinite == "stop" or skipped_in_a_row >= cfg.train.max_skipped_steps):
                 raise _stop_on_nonfinite(cfg, checkpointer, model, sync, done, result)
             signum = preemption.agreed(device)

@@ -21,7 +21,8 @@ def _data_paths(cfg) -> tuple[Path, ...]:
     from moeyard.trainer.data.tokens import STDLIB
 
     paths = []
-    for path in (cfg.data.dir, cfg.data.source, cfg.sft.data, cfg.sft.tokenizer, cfg.checkpoint.init):
+    blend = [source.dir for source in cfg.data.sources or []]
+    for path in (cfg.data.dir, cfg.data.source, *blend, cfg.sft.data, cfg.sft.tokenizer, cfg.checkpoint.init):
         if path and path not in (STDLIB, DEMO):
             paths.append(Path(path).resolve().parent)
     return tuple(paths)

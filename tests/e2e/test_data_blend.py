@@ -82,3 +82,17 @@ def test_a_corpus_the_model_cannot_embed_or_of_another_tokenizer_is_refused_befo
     mixed = run_moeyard_train(tmp_path / "mixed.yaml", tmp_path / "mixed", 2)
     assert mixed.returncode != 0 and "were tokenized differently" in mixed.stderr, mixed.stderr
     assert "'tok'" in mixed.stderr and "'words'" in mixed.stderr
+
+
+def test_a_corpus_of_a_vocabulary_past_16_bits_trains(tmp_path) -> None:
+    tok = word_level(tmp_path / "words", 70_000)
+    words = " ".join(f"w{(i * 7919) % 69_990 + 2}" for i in range(6_000))
+    (tmp_path / "w.jsonl").write_text(json.dumps({"text": words}) + "\n")
+    out = prepare(str(tmp_path / "w.jsonl"), "--out", str(tmp_path / "corpus"), "--tokenizer", str(tok))
+    assert "uint32" in out.stdout
+    config = write_config(tmp_path / "c.yaml", tmp_path / "corpus", train={"steps": 3},
+                          model={"vocab_size": 70_000})
+    moeyard_train(config, tmp_path / "run", 2, "parallel.ep=2")
+    metrics = read_metrics(tmp_path / "run")
+    assert len(metrics) == 3 and metrics[-1]["lm_loss"] < metrics[0]["lm_loss"]
+    assert metrics[0]["lm_loss"] == pytest.approx(__import__("math").log(70_000), abs=0.5), "ids past 65,535 lost?"
