@@ -332,14 +332,6 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
                 f"{world_size} processes gets")
 
 
-def check_vocab(cfg: Config, corpus_meta: dict) -> None:
-    """The embedding table must cover every token id the corpus uses."""
-    need = corpus_meta["vocab_size"]
-    require(cfg.model.vocab_size >= need,
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the {need} token ids of the corpus "
-            f"({corpus_meta['tokenizer']} tokenizer): set model.vocab_size to at least {need}")
-
-
 def config_from_tree(tree: dict[str, Any]) -> Config:
     """Typed and validated (checks that need no checkpoint, corpus or model)."""
     cfg = build_dataclass(Config, tree, "")

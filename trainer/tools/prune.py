@@ -30,8 +30,10 @@ from moeyard.models.moe.router import Routing
 from moeyard.trainer.checkpoint.sharded import fill_model, load_full_model
 from moeyard.trainer.checkpoint.store import verify
 from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
-from moeyard.trainer.config import build_config, check_vocab
-from moeyard.trainer.data.tokens import TokenBatches, ensure_corpus, read_meta
+from moeyard.trainer.config import build_config
+from moeyard.trainer.data.blend import TokenBatches
+from moeyard.trainer.data.compat import check_tokenizers
+from moeyard.trainer.data.tokens import ensure_corpus, read_meta
 
 PRUNABLE_ROUTERS = ("topk_softmax", "switch")
 
@@ -117,7 +119,7 @@ def prune(ckpt: Path, data: str, keep: int | list[int], out: Path, calibration_b
     if out.exists():
         raise FileExistsError(f"{out} already exists: choose a new folder for the pruned checkpoint")
     data_dir = Path(data) if (Path(data) / "meta.json").is_file() else ensure_corpus(data, None, cfg.data.glob)
-    check_vocab(cfg, read_meta(data_dir))
+    check_tokenizers(cfg, {"calibration": read_meta(data_dir)}, [("the checkpoint to prune", manifest)])
     seq_len = cfg.train.seq_len
     windows = TokenBatches(data_dir, seq_len, 8, 0, 1, seed=cfg.run.seed)
     batches = [windows.batch(i).tokens_BT1 for i in range(calibration_batches + heldout_batches)]
