@@ -12,6 +12,7 @@ every checkpoint; resuming restores it and continues with the batches the uninte
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -120,7 +121,10 @@ class TokenBatches:
         if isinstance(sources, Path):
             sources = [CorpusSource("data", sources)]
         check_corpus_size(sources[0].dir, _blend_meta(sources), seq_len, global_batch)
-        self.sources = [SourceWindows(s, seq_len, global_batch, seed, i) for i, s in enumerate(sources)]
+        # The shuffle of a source follows its name, not its place in the list: adding or reordering sources
+        # on resume leaves each one's order as it was. The one-source form keeps salt 0.
+        self.sources = [SourceWindows(s, seq_len, global_batch, seed, 0 if len(sources) == 1 else _salt(s.name))
+                        for s in sources]
         total = sum(s.weight for s in sources)
         self.weights = [s.weight / total for s in sources]
         self.vocab_size = max(s.vocab_size for s in self.sources)
@@ -216,6 +220,10 @@ class TokenBatches:
     def tokens_per_source(self) -> dict[str, int]:
         """Target tokens drawn from each source so far in the run (all ranks together)."""
         return {name: n * self.seq_len for name, n in self._position.drawn.items()}
+
+
+def _salt(name: str) -> int:
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
 
 
 def _blend_meta(sources: list[CorpusSource]) -> dict:

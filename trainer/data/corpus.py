@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +54,7 @@ class Encoded:
     lengths: np.ndarray
     errors: list[str]
     nbytes: int
+    record: int
 
 
 _TOKENIZER: ByteTokenizer | HFTokenizer | None = None  # one per worker process
@@ -70,7 +71,7 @@ def _encode(batch: RecordBatch, text_field: str, tokenizer: ByteTokenizer | HFTo
     docs = tokenizer.encode_documents(texts) if texts else []
     lengths = np.array([len(d) for d in docs], dtype=np.int64)
     tokens = np.concatenate(docs) if docs else np.empty(0, dtype=np.uint32)
-    return Encoded(batch.file, tokens, lengths, errors, batch.nbytes)
+    return Encoded(batch.file, tokens, lengths, errors, batch.nbytes, batch.record)
 
 
 def _encode_in_worker(batch: RecordBatch, text_field: str) -> Encoded:
@@ -168,7 +169,9 @@ def _all_batches(sources: list[Source], text_field: str, files: list[dict[str, A
         for path in source.files:
             files.append({"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path),
                           "documents": 0, "tokens": 0, "skipped": 0})
-            yield from read_batches(source, path, text_field)
+            for batch in read_batches(source, path, text_field):
+                batch.record = len(files) - 1
+                yield batch
 
 
 def _write_tokens(sources: list[Source], opts: PrepareOptions, tokenizer, tmp: Path,
@@ -188,7 +191,7 @@ def _write_tokens(sources: list[Source], opts: PrepareOptions, tokenizer, tmp: P
             raise DataError(f"{enc.file}: the tokenizer produced id {int(enc.tokens.max())}, beyond its "
                             f"vocabulary of {tokenizer.vocab_size}")
         writer.add(enc.tokens, enc.lengths)
-        record = next(f for f in reversed(files) if f["path"] == str(enc.file))
+        record = files[enc.record]
         record["documents"] += len(enc.lengths)
         record["tokens"] += int(enc.lengths.sum())
         record["skipped"] += len(enc.errors)
@@ -202,6 +205,12 @@ def prepare_corpus(paths: list[Path], out: Path, opts: PrepareOptions = PrepareO
                    fingerprint: str = "") -> dict[str, Any]:
     """Tokenize `paths` (folders, JSONL, Parquet, save_to_disk datasets) into the corpus folder `out`."""
     sources = [open_source(Path(p), opts.glob) for p in paths]  # every source checked before any work
+    twice = sorted(str(f) for f, n in Counter(f.resolve() for s in sources for f in s.files).items() if n > 1)
+    if twice:
+        raise DataError(f"{twice[:3]} would be read twice (the same file, or folders that overlap): give each "
+                        f"source once")
+    if out.exists() and not (out / "meta.json").exists() and any(out.iterdir()):
+        raise DataError(f"{out} exists and is not a prepared corpus: remove it or choose another folder")
     tokenizer = load_tokenizer(opts.tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -42,6 +42,8 @@ class RecordBatch:
     """Line (JSONL) or row (tables) number of each record, from 1; 0 for whole files."""
     payloads: list = field(default_factory=list)
     nbytes: int = 0
+    record: int = -1
+    """Which of the corpus's per-file records it counts towards (set by the corpus writer)."""
 
 
 def folder_files(src: Path, glob: str) -> Iterator[Path]:

@@ -110,6 +110,8 @@ class HFTokenizer:
             self.backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as err:  # the Rust side raises its own Exception type
             raise DataError(f"{folder / 'tokenizer.json'} could not be read as a tokenizer: {err}") from None
+        self.backend.no_truncation()  # a saved max_length would cut every document short, silently
+        self.backend.no_padding()
         self._encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
 
     def encode_documents(self, texts: list[str]) -> list[np.ndarray]:

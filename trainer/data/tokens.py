@@ -97,7 +97,7 @@ def read_meta(data_dir: Path) -> dict:
                         f"is not a corpus): {again}")
     vocab, shards, tokenizer = meta.get("vocab_size"), meta.get("shards"), meta.get("tokenizer")
     if not (_is_count(vocab) and vocab > 0 and isinstance(tokenizer, dict) and isinstance(tokenizer.get("hash"), str)
-            and meta.get("dtype") in ("uint16", "uint32")):
+            and meta.get("dtype") in ("uint16", "uint32") and tokenizer.get("dir") in (None, "tokenizer")):
         raise DataError(f"{meta_path}: vocab_size, dtype or tokenizer is missing or malformed: {again}")
     if not (isinstance(shards, list) and shards and all(
             isinstance(s, dict) and is_plain_name(s.get("file")) and is_plain_name(s.get("index"))

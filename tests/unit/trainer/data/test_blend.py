@@ -113,3 +113,10 @@ def test_document_masked_logits_of_a_packed_window_equal_each_document_alone(tmp
         for doc in segment_T.unique():
             alone = model(tokens_T[segment_T == doc][None]).logits_BTV[0]
             torch.testing.assert_close(packed[segment_T == doc], alone, atol=1e-5, rtol=0)
+
+
+def test_a_source_keeps_its_order_when_the_list_is_reordered(two_corpora) -> None:
+    ab = TokenBatches(_sources(two_corpora), 16, 10, 0, 1, seed=4)
+    ba = TokenBatches(list(reversed(_sources(two_corpora))), 16, 10, 0, 1, seed=4)
+    assert [s.window_id(d) for s in ab.sources for d in range(30)] == \
+        [s.window_id(d) for s in reversed(ba.sources) for d in range(30)]

@@ -157,3 +157,24 @@ def test_a_dataset_dict_asks_for_one_split(tmp_path) -> None:
         prepare_corpus([tmp_path / "dd"], tmp_path / "out", PrepareOptions())
     meta = prepare_corpus([tmp_path / "dd" / "train"], tmp_path / "out", PrepareOptions())
     assert meta["tokens"] == 2
+
+
+def test_a_saved_truncation_does_not_cut_documents_and_bad_outputs_fail_before_work(tmp_path, bpe) -> None:
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    cut = shutil.copytree(bpe, tmp_path / "cut")
+    backend = Tokenizer.from_file(str(cut / "tokenizer.json"))
+    backend.enable_truncation(max_length=4)
+    backend.save(str(cut / "tokenizer.json"))
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": DOCUMENTS[0] * 3}) + "\n")
+    full = prepare_corpus([tmp_path / "d.jsonl"], tmp_path / "full", PrepareOptions(tokenizer=bpe))
+    assert prepare_corpus([tmp_path / "d.jsonl"], tmp_path / "o", PrepareOptions(tokenizer=cut))["tokens"] == \
+        full["tokens"] > 10
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("x")
+    with pytest.raises(DataError, match="is not a prepared corpus"):
+        prepare_corpus([tmp_path / "d.jsonl"], tmp_path / "busy", PrepareOptions())
+    with pytest.raises(DataError, match="would be read twice"):
+        prepare_corpus([tmp_path / "d.jsonl", tmp_path / "." / "d.jsonl"], tmp_path / "o2", PrepareOptions())
