@@ -58,6 +58,8 @@ class MoEConfig:
     ceil(capacity_factor * tokens * top_k / num_experts) copies of each rank's tokens; the rest are dropped
     (so which copies drop depends on how the batch is split over ranks). expert_choice: the tokens each
     expert takes from each sequence, ceil(capacity_factor * seq_len * top_k / num_experts); None means 1.0."""
+    route_scale: float = 1.0
+    """Multiplies every routed expert's weight (DeepSeek-V3's routed_scaling_factor, 2.5; Kimi-K2 2.827)."""
     num_shared_experts: int = 0
     """Always-on experts applied to every token (DeepSeek/Qwen style)."""
     shared_expert_gate: bool = False
@@ -111,12 +113,73 @@ class MoEConfig:
         require(0 <= self.skip_threshold < 1, f"model.moe.skip_threshold={self.skip_threshold} must be in [0, 1)")
         require(self.skip_threshold == 0 or self.router != "expert_choice",
                 "model.moe.skip_threshold skips a token's later choices: router=expert_choice has none")
+        require(self.route_scale > 0, f"model.moe.route_scale={self.route_scale} must be > 0")
         require(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0,
                 "model.moe.aux_loss_coef and model.moe.z_loss_coef must be >= 0")
 
     @property
     def shared_hidden_dim(self) -> int:
         return self.shared_ffn_dim or self.ffn_dim * self.num_shared_experts
+
+
+@dataclass(kw_only=True)
+class RopeScalingConfig:
+    """How RoPE reaches beyond the context it was trained at (models/rope.py)."""
+
+    kind: Literal["none", "yarn"] = "none"
+    """none: plain RoPE; yarn: YaRN (DeepSeek-V3, Kimi-K2, GPT-OSS)."""
+    factor: float = 1.0
+    """The context is this many times the original."""
+    original_max_seq_len: int = 4096
+    """The context the model was first trained at."""
+    beta_fast: float = 32.0
+    """Frequencies turning more than this often in the original context are kept as they are..."""
+    beta_slow: float = 1.0
+    """...those turning less often than this are divided by `factor`; a linear ramp between."""
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    """YaRN's magnitude terms as the published configs give them; with mscale_all_dim, MLA multiplies its
+    softmax scale by (0.1 * mscale_all_dim * ln(factor) + 1)^2."""
+    attention_factor: Optional[float] = None
+    """cos and sin are multiplied by this; null: derived from factor (and mscale / mscale_all_dim)."""
+    truncate: bool = True
+    """Round the ramp's ends to whole dims (GPT-OSS sets false)."""
+
+    def __post_init__(self) -> None:
+        require(self.kind == "none" or self.factor >= 1,
+                f"model.rope_scaling.factor={self.factor} must be >= 1 (it extends the context)")
+        require(self.original_max_seq_len >= 1, "model.rope_scaling.original_max_seq_len must be >= 1")
+        require(self.beta_fast > self.beta_slow > 0,
+                f"model.rope_scaling.beta_fast={self.beta_fast} must exceed beta_slow={self.beta_slow} > 0")
+
+
+@dataclass(kw_only=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values from one compressed latent per token,
+    a RoPE part shared across heads (model.attention: mla)."""
+
+    q_lora_rank: Optional[int] = None
+    """Queries through a rank-r bottleneck with its own RMSNorm; null: one full projection (V2-Lite)."""
+    kv_lora_rank: int = 64
+    """The compressed latent of keys and values, the size a KV cache holds per token (with the RoPE key)."""
+    qk_nope_head_dim: int = 32
+    """Per head, the query/key dims without position."""
+    qk_rope_head_dim: int = 16
+    """Per head, the rotated dims; the key's are shared by all heads."""
+    v_head_dim: int = 32
+    latent_norm_eps: float = 1e-6
+    """eps of the latents' RMSNorms (DeepSeek-V3 uses 1e-6 there whatever its rms_norm_eps)."""
+
+    def __post_init__(self) -> None:
+        for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            require(getattr(self, key) >= 1, f"model.mla.{key}={getattr(self, key)} must be >= 1")
+        require(self.q_lora_rank is None or self.q_lora_rank >= 1, "model.mla.q_lora_rank must be >= 1 or null")
+        require(self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0,
+                f"model.mla.qk_rope_head_dim={self.qk_rope_head_dim} must be even for RoPE")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclass(kw_only=True)
@@ -130,6 +193,10 @@ class ModelConfig:
     """Grouped-query attention: key/value heads shared by n_heads / n_kv_heads query heads."""
     head_dim: Optional[int] = None
     """Size of one attention head; null: dim / n_heads (Qwen3 sets it apart from dim)."""
+    attention: Literal["gqa", "mla"] = "gqa"
+    """gqa: grouped-query attention (n_kv_heads, head_dim); mla: multi-head latent attention (model.mla)."""
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    """The latent attention's dims (attention: mla only)."""
     attn_bias: bool = False
     """Biases on the query, key and value projections (Qwen2)."""
     qk_norm: Literal["none", "head", "full"] = "none"
@@ -138,6 +205,7 @@ class ModelConfig:
     """Hidden size of the dense SwiGLU blocks."""
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -150,12 +218,19 @@ class ModelConfig:
             self.moe = MoEConfig(**self.moe)
         if isinstance(self.peft, dict):
             self.peft = PEFTConfig(**self.peft)
+        if isinstance(self.mla, dict):
+            self.mla = MLAConfig(**self.mla)
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScalingConfig(**self.rope_scaling)
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             require(getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be >= 1")
         if self.head_dim is None:
             require(self.dim % self.n_heads == 0,
                     f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: set model.head_dim")
             self.head_dim = self.dim // self.n_heads
+        require(self.attention == "gqa" or (self.qk_norm == "none" and not self.attn_bias),
+                "model.attention=mla has its own norms (of the latents) and no q/k/v biases: set model.qk_norm=none "
+                "and model.attn_bias=false")
         require(self.head_dim >= 2 and self.head_dim % 2 == 0,
                 f"model.head_dim={self.head_dim} must be even for RoPE")
         require(any(self.is_moe_layer(i) for i in range(self.n_layers)),
@@ -180,6 +255,11 @@ class ModelConfig:
                 except ConfigError as err:
                     raise ConfigError(f"model.moe.num_experts_per_layer: layer {layer} with {count} experts: "
                                       f"{err}") from None
+
+    @property
+    def rope_dim(self) -> int:
+        """Rotated dims of each head: the RoPE tables' width."""
+        return self.mla.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
     def is_moe_layer(self, layer: int) -> bool:
         offset = layer - self.moe.first_dense_layers

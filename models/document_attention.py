@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +61,10 @@ def _varlen_kernel_applies(q: Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_api()
 
 
-def document_attention(q_BHTQ: Tensor, k_BKTQ: Tensor, v_BKTQ: Tensor, spans: DocumentSpans) -> Tensor:
-    """Causal attention that stays inside each document; [B, H, T, Q] out, like SDPA."""
+def document_attention(q_BHTQ: Tensor, k_BKTQ: Tensor, v_BKTQ: Tensor, spans: DocumentSpans,
+                       scale: Optional[float] = None) -> Tensor:
+    """Causal attention that stays inside each document; [B, H, T, V] out, like SDPA (`scale`: of the
+    scores, default Q^-1/2; values may have their own head size V, as in MLA)."""
     B, H, T, Q = q_BHTQ.shape
     gqa = H != k_BKTQ.shape[1]
     q_NHQ, k_NKQ, v_NKQ = (t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[-1])
@@ -69,12 +72,14 @@ def document_attention(q_BHTQ: Tensor, k_BKTQ: Tensor, v_BKTQ: Tensor, spans: Do
     if _varlen_kernel_applies(q_BHTQ):  # never run here: no GPU in CI (benchmarks/gpu_check.sh runs it)
         from torch.nn.attention.varlen import varlen_attn
 
-        out_NHQ = varlen_attn(q_NHQ, k_NKQ, v_NKQ, spans.cu_seqlens, spans.cu_seqlens, spans.max_len,
-                              spans.max_len, window_size=(-1, 0), enable_gqa=gqa)
+        V = v_NKQ.shape[-1]  # flash kernels want one head size: pad MLA's values with zeros, cut them off
+        v_padded = F.pad(v_NKQ, (0, Q - V)) if V < Q else v_NKQ
+        out_NHQ = varlen_attn(q_NHQ, k_NKQ, v_padded, spans.cu_seqlens, spans.cu_seqlens, spans.max_len,
+                              spans.max_len, window_size=(-1, 0), enable_gqa=gqa, scale=scale)[..., :V]
     else:
         parts = [
             F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                           is_causal=True, enable_gqa=gqa)[0].transpose(0, 1)
+                                           is_causal=True, enable_gqa=gqa, scale=scale)[0].transpose(0, 1)
             for q, k, v in zip(q_NHQ.split(spans.lengths), k_NKQ.split(spans.lengths), v_NKQ.split(spans.lengths))
         ]
         out_NHQ = torch.cat(parts)

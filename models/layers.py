@@ -1,4 +1,4 @@
-"""Dense transformer pieces: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+"""Dense transformer pieces: RMSNorm, grouped-query attention, SwiGLU (rotary embeddings: models/rope.py).
 
 Shape legend: B batch, T sequence, D model dim, H query heads, K key/value heads,
 Q head dim, F hidden dim of an FFN.
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeyard.models.document_attention import DocumentSpans, document_attention
+from moeyard.models.rope import apply_rope
 
 
 class RMSNorm(nn.Module):
@@ -22,24 +23,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of shape [T, Q/2], computed in float32 for every position."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles_TQ = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-    return angles_TQ.cos(), angles_TQ.sin()
-
-
-def apply_rope(x_BHTQ: Tensor, cos_TQ: Tensor, sin_TQ: Tensor) -> Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) by the position's angle (the original RoFormer layout)."""
-    T = x_BHTQ.shape[-2]
-    if cos_TQ.dim() == 2:  # a table by position; otherwise already per token, [B, 1, T, Q/2]
-        cos_TQ, sin_TQ = cos_TQ[:T], sin_TQ[:T]
-    cos, sin = cos_TQ.to(x_BHTQ.dtype), sin_TQ.to(x_BHTQ.dtype)
-    x_even, x_odd = x_BHTQ[..., 0::2], x_BHTQ[..., 1::2]
-    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return rotated.flatten(-2)
 
 
 class Attention(nn.Module):

@@ -17,10 +17,12 @@ from torch.utils.checkpoint import checkpoint
 
 from moeyard.models.config import ModelConfig
 from moeyard.models.document_attention import DocumentSpans
-from moeyard.models.layers import Attention, RMSNorm, SwiGLU, rope_tables
+from moeyard.models.latent_attention import LatentAttention
+from moeyard.models.layers import Attention, RMSNorm, SwiGLU
 from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.moe.layer import MoE, MoEStats
 from moeyard.models.peft.adapters import AdapterStats, add_routed_adapters, recording_adapters, routed_adapters
+from moeyard.models.rope import rope_tables
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,10 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=cfg.attn_bias,
-                              qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps)
+        self.attn: nn.Module = (
+            LatentAttention(cfg.dim, cfg.n_heads, cfg.mla, cfg.rope_scaling) if cfg.attention == "mla"
+            else Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=cfg.attn_bias,
+                           qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps))
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn: nn.Module = (MoE(cfg.dim, cfg.moe_for_layer(layer)) if cfg.is_moe_layer(layer)
                                else SwiGLU(cfg.dim, cfg.ffn_dim))
@@ -68,7 +72,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
@@ -103,11 +107,15 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
             self.output.weight = self.tok_embeddings.weight
 
+    def _rope_tables(self) -> tuple[Tensor, Tensor]:
+        cfg = self.cfg
+        return rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """Every buffer's initial value, computed on the device it is on now (a model built on the meta
         device has buffers without values)."""
-        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        cos, sin = self._rope_tables()
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         for module in self.modules():

@@ -158,7 +158,8 @@ class MoE(nn.Module):
             # Send rows in the compute dtype: half the all-to-all bytes of float32.
             x_rows_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
         y_SD = self.exchange.run_experts(permute(x_rows_ND, perm), perm.tokens_per_expert_E, self.experts)
-        y_ND = unpermute(y_SD, perm, routing.weight).to(x_ND.dtype)
+        weight = routing.weight if self.cfg.route_scale == 1.0 else routing.weight * self.cfg.route_scale
+        y_ND = unpermute(y_SD, perm, weight).to(x_ND.dtype)
         if self.shared_experts is not None:
             shared_ND = self.shared_experts(x_ND)
             if self.shared_gate is not None:

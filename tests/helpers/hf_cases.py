@@ -29,6 +29,14 @@ def hf_config(family: str, **overrides):
                                  head_dim=16)
     if family == "olmoe":
         return tf.OlmoeConfig(**common, num_experts=4, num_experts_per_tok=2, pad_token_id=None, eos_token_id=None)
+    if family == "deepseek_v3":  # MLA with q LoRA, YaRN, groups, a routed scale, a shared expert, a dense layer
+        yarn = {"rope_type": "yarn", "rope_theta": 100.0, "factor": 4.0, "original_max_position_embeddings": 16,
+                "mscale": 1.0, "mscale_all_dim": 1.0}
+        mla = dict(moe_intermediate_size=16, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                   n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=24,
+                   kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, routed_scaling_factor=2.5,
+                   norm_topk_prob=True, num_nextn_predict_layers=0)
+        return tf.DeepseekV3Config(**{**common, "rope_parameters": yarn, **mla, **overrides})
     if family == "llama":
         return tf.LlamaConfig(**common)
     if family == "qwen2":
@@ -46,6 +54,9 @@ def save_random_model(family: str, out: Path, seed: int = 0, **overrides) -> Pat
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        for name, b in model.named_buffers():  # DeepSeek-V3's selection biases
+            if name.endswith("e_score_correction_bias"):
+                b.add_(torch.randn_like(b) * 0.05)
     model.save_pretrained(out)
     return out
 

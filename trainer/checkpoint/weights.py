@@ -56,10 +56,15 @@ def write_weights_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, o
     if out.exists():
         raise FileExistsError(f"{out} already exists: choose a new folder for the checkpoint")
     with torch.device("meta"):
-        expected = {n: p.shape for n, p in Transformer(model_cfg).named_parameters()}
+        model = Transformer(model_cfg)
+    expected = {n: p.shape for n, p in model.named_parameters()}
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [f"{n}: {tuple(state[n].shape)} != {tuple(s)}" for n, s in expected.items()
              if n in state and state[n].shape != s]
+    model_buffers = {n: b.shape for n, b in model.named_buffers()}
+    extra += sorted(n for n in buffers or {} if n not in model_buffers)
+    wrong += [f"{n}: {tuple(b.shape)} != {tuple(model_buffers[n])}" for n, b in (buffers or {}).items()
+              if n in model_buffers and b.shape != model_buffers[n]]
     if missing or extra or wrong:
         raise ConfigError(f"converted weights do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}, "
                           f"wrong shapes {wrong[:3]}")
@@ -141,8 +146,9 @@ class CheckpointTensors:
     def read(self, name: str, like: Tensor) -> Tensor:
         """The tensor `name`, shaped and typed as `like` (a meta tensor will do)."""
         for path, meta in self.chain:
-            if f"model.{name}" in meta:
-                out = torch.empty(like.shape, dtype=like.dtype)
-                safe_read.load({"model": {name: out}}, path)
-                return out
+            for kind in ("model", "buffers"):  # a parameter, or a router buffer
+                if f"{kind}.{name}" in meta:
+                    out = torch.empty(like.shape, dtype=like.dtype)
+                    safe_read.load({kind: {name: out}}, path)
+                    return out
         raise CheckpointError(f"{self.chain[0][0]} (and its base) hold no tensor {name}")

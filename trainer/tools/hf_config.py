@@ -1,9 +1,9 @@
 """Hugging Face `config.json` <-> moeyard `ModelConfig`, for the families moeyard reads and writes.
 
 MoE families: mixtral, qwen2_moe (shared expert behind a sigmoid gate, q/k/v biases), qwen3_moe
-(per-head q/k norm, free head_dim), olmoe (q/k norm over all heads). Dense families, read for
+(per-head q/k norm, free head_dim), olmoe (q/k norm over all heads), deepseek_v3 (hf_deepseek.py). Dense families, read for
 upcycling: llama, mistral, qwen2, qwen3. Reading needs no transformers; anything these files may say
-that moeyard's model does not compute (rope scaling, sliding windows, other activations, extra biases)
+that moeyard's model does not compute (rope scaling other than YaRN, sliding windows, other activations, extra biases)
 is refused with the key that says it, rather than converted into a model that computes something else.
 """
 from __future__ import annotations
@@ -16,11 +16,14 @@ import torch
 
 from moeyard.errors import ConfigError
 from moeyard.models import ModelConfig, MoEConfig
+from moeyard.trainer.tools.hf_deepseek import deepseek_config_dict, deepseek_exportable, deepseek_model_config
+from moeyard.trainer.tools.hf_rope import rope_from_hf, rope_to_hf
 
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+                 "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
@@ -38,16 +41,6 @@ def _get(hf: dict[str, Any], *names: str, default: Any = None) -> Any:
         if hf.get(name) is not None:
             return hf[name]
     return default
-
-
-def _rope_theta(hf: dict[str, Any]) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    kind = params.get("rope_type", "default")
-    if kind != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) != "default"):
-        raise ConfigError(f"rope scaling {params or scaling} is not supported: moeyard computes plain RoPE; "
-                          f"convert a checkpoint without rope_scaling")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
 def _refuse(hf: dict[str, Any], family: str) -> None:
@@ -91,12 +84,13 @@ def model_config_from_hf(hf: dict[str, Any], family: str, moe: MoEConfig) -> Mod
     _refuse(hf, family)
     qk_norm = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}.get(family, "none")
     n_heads = hf["num_attention_heads"]
+    theta, scaling = rope_from_hf(hf)
     return ModelConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=_get(hf, "num_key_value_heads", default=n_heads), head_dim=hf.get("head_dim"),
         attn_bias=family == "qwen2" or (family == "qwen2_moe" and hf.get("qkv_bias", True)), qk_norm=qk_norm,
         ffn_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 4096),
-        rope_theta=_rope_theta(hf), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=hf.get("initializer_range", 0.02),
         moe=moe,
     )
@@ -105,9 +99,11 @@ def model_config_from_hf(hf: dict[str, Any], family: str, moe: MoEConfig) -> Mod
 def moe_model_config(hf: dict[str, Any]) -> tuple[str, ModelConfig]:
     """(family, ModelConfig) of an HF MoE checkpoint's config.json."""
     family = family_of(hf, MOE_FAMILIES)
-    if hf["num_experts_per_tok"] == 1 and (family == "mixtral" or hf.get("norm_topk_prob")):
+    if hf["num_experts_per_tok"] == 1 and (family == "mixtral" or hf.get("norm_topk_prob", family == "deepseek_v3")):
         raise ConfigError(f"{family} config: num_experts_per_tok=1 with renormalised weights (every token's weight "
                           f"is 1) is not supported: moeyard's top-1 keeps the router probability")
+    if family == "deepseek_v3":
+        return family, deepseek_model_config(hf)
     first, every = _moe_layers(hf, hf["num_hidden_layers"]) if family in ("qwen2_moe", "qwen3_moe") else (0, 1)
     shared = hf.get("shared_expert_intermediate_size") or 0 if family == "qwen2_moe" else 0
     moe = MoEConfig(
@@ -133,10 +129,15 @@ def export_family(cfg: ModelConfig) -> str:
          "weights first with `moeyard convert merge-adapters CKPT --out MERGED`, then export MERGED")
     need(cfg.peft.method == "none", f"it has routed adapters (model.peft.method={cfg.peft.method}); routed "
          f"adapters cannot be merged into the base weights, so export the base checkpoint instead")
-    need(m.router == "topk_softmax", f"model.moe.router={m.router} (only topk_softmax exists there)")
     need(m.num_experts_per_layer is None, "model.moe.num_experts_per_layer differs between layers (HF MoE "
          "families have one expert count)")
     need(m.capacity_factor is None, "model.moe.capacity_factor is set (HF models are dropless)")
+    if cfg.attention == "mla":
+        reason = deepseek_exportable(cfg)
+        need(reason is None, f"{reason}")
+        return "deepseek_v3"
+    need(m.router == "topk_softmax", f"model.moe.router={m.router} (only topk_softmax exists there)")
+    need(m.route_scale == 1.0, f"model.moe.route_scale={m.route_scale} (only DeepSeek-V3 scales routed weights)")
     if cfg.qk_norm == "full":
         need(not m.num_shared_experts and not cfg.attn_bias and m.first_dense_layers == 0 and m.every == 1,
              "OLMoE has q/k norm over all heads, no shared expert, no biases, and MoE in every layer")
@@ -156,12 +157,13 @@ def hf_config_dict(cfg: ModelConfig, family: str, dtype: Optional[torch.dtype] =
     """config.json keys for `family` (transformers fills the rest with its defaults); `dtype`: the weights'
     (float32 when None)."""
     m = cfg.moe
+    if family == "deepseek_v3":
+        return deepseek_config_dict(cfg, dtype)
     common = dict(
         model_type=family, architectures=[ARCHITECTURES[family]], vocab_size=cfg.vocab_size, hidden_size=cfg.dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
         head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", num_experts_per_tok=m.top_k,
+        **rope_to_hf(cfg), tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", num_experts_per_tok=m.top_k,
         router_aux_loss_coef=m.aux_loss_coef, initializer_range=cfg.init_std,
         torch_dtype=str(dtype or torch.float32).removeprefix("torch."),
     )

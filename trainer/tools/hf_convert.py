@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from moeyard.models import Transformer
+from moeyard.trainer.checkpoint.sharded import persistent_buffers
 from moeyard.trainer.checkpoint.store import verify
 from moeyard.trainer.checkpoint.weights import CheckpointTensors, write_weights_checkpoint
 from moeyard.trainer.config import build_config
@@ -33,11 +34,15 @@ def import_hf(hf_dir: Path, out: Path) -> tuple[str, Path]:
     producers = moeyard_producers(dry, model_cfg, family)
     shapes = check_hf_tensors(dry, producers, model_cfg, family)
     src = HFTensors(hf_dir)
+    with torch.device("meta"):
+        buffer_names = set(persistent_buffers(Transformer(model_cfg)))
+    buffers = {name: producers.pop(name)(src) for name in buffer_names & set(producers)}  # small: read now
+    shapes = {name: t for name, t in shapes.items() if name not in buffers}
     source = {"format": "huggingface", "family": family, "dir": str(hf_dir.resolve())}
     tokenizer = hf_tokenizer_record(hf_dir)
     if tokenizer is not None:  # a corpus for this model must be prepared with it (moeyard.trainer.data.compat)
         source["tokenizer"] = tokenizer
-    return family, write_weights_checkpoint(shapes, model_cfg, out, source,
+    return family, write_weights_checkpoint(shapes, model_cfg, out, source, buffers=buffers,
                                             produce=lambda name: producers[name](src))
 
 
@@ -73,7 +78,8 @@ def export_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty: choose a new folder for the export")
     with torch.device("meta"):
-        params = dict(Transformer(model_cfg).named_parameters())
+        model = Transformer(model_cfg)
+        params = {**dict(model.named_parameters()), **persistent_buffers(model)}  # router biases travel too
     entries = [(name, t.shape, dtype or t.dtype) for name, t in hf_tensors(model_cfg, family, params.__getitem__)]
     reader = CheckpointTensors(ckpt)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")  # renamed when complete: never a half-written model

@@ -88,9 +88,28 @@ def _heads(t: Tensor, n_heads: int, head_dim: int, order: Tensor) -> Tensor:
     return t.reshape(n_heads, head_dim, *t.shape[1:])[:, order].reshape(t.shape)
 
 
+def _latent_attention_pairs(ours: str, hf: str, cfg: ModelConfig) -> Iterator[tuple[str, str, int]]:
+    """MLA's projections; DeepSeek-V3's interleaved RoPE is moeyard's pair layout, so nothing is permuted."""
+    if cfg.mla.q_lora_rank is None:
+        yield f"{ours}.wq.weight", f"{hf}.q_proj.weight", 0
+    else:
+        yield f"{ours}.wq_a.weight", f"{hf}.q_a_proj.weight", 0
+        yield f"{ours}.q_norm.weight", f"{hf}.q_a_layernorm.weight", 0
+        yield f"{ours}.wq_b.weight", f"{hf}.q_b_proj.weight", 0
+    yield f"{ours}.wkv_a.weight", f"{hf}.kv_a_proj_with_mqa.weight", 0
+    yield f"{ours}.kv_norm.weight", f"{hf}.kv_a_layernorm.weight", 0
+    yield f"{ours}.wkv_b.weight", f"{hf}.kv_b_proj.weight", 0
+    yield f"{ours}.wo.weight", f"{hf}.o_proj.weight", 0
+
+
 def _attention_pairs(cfg: ModelConfig, i: int) -> Iterator[tuple[str, str, int]]:
     """(moeyard name, HF name, heads whose rows are RoPE-permuted: 0 for none)."""
     ours, hf = f"layers.{i}.attn", f"model.layers.{i}.self_attn"
+    yield f"layers.{i}.attn_norm.weight", f"model.layers.{i}.input_layernorm.weight", 0
+    yield f"layers.{i}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight", 0
+    if cfg.attention == "mla":
+        yield from _latent_attention_pairs(ours, hf, cfg)
+        return
     yield f"{ours}.wq.weight", f"{hf}.q_proj.weight", cfg.n_heads
     yield f"{ours}.wk.weight", f"{hf}.k_proj.weight", cfg.n_kv_heads
     yield f"{ours}.wv.weight", f"{hf}.v_proj.weight", 0
@@ -103,8 +122,6 @@ def _attention_pairs(cfg: ModelConfig, i: int) -> Iterator[tuple[str, str, int]]
         per_head = cfg.qk_norm == "head"
         yield f"{ours}.q_norm.weight", f"{hf}.q_norm.weight", 1 if per_head else cfg.n_heads
         yield f"{ours}.k_norm.weight", f"{hf}.k_norm.weight", 1 if per_head else cfg.n_kv_heads
-    yield f"layers.{i}.attn_norm.weight", f"model.layers.{i}.input_layernorm.weight", 0
-    yield f"layers.{i}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight", 0
 
 
 def _mlp_pairs(ours: str, hf: str, names: tuple[str, str, str]) -> Iterator[tuple[str, str, int]]:
@@ -119,7 +136,8 @@ def _moe_prefix(family: str, i: int) -> tuple[str, tuple[str, str, str]]:
 
 
 def plain_pairs(cfg: ModelConfig, family: str, dense: bool = False) -> Iterator[tuple[str, str, int]]:
-    """Every one-to-one tensor (all but the routed experts); `dense`: every layer has a dense MLP."""
+    """Every one-to-one tensor (all but the routed experts; router buffers included); `dense`: every layer has a
+    dense MLP."""
     yield "tok_embeddings.weight", "model.embed_tokens.weight", 0
     yield "norm.weight", "model.norm.weight", 0
     if not cfg.tie_embeddings:
@@ -131,6 +149,11 @@ def plain_pairs(cfg: ModelConfig, family: str, dense: bool = False) -> Iterator[
             continue
         hf, _ = _moe_prefix(family, i)
         yield f"layers.{i}.ffn.router.weight_ED", f"{hf}.gate.weight", 0
+        if family == "deepseek_v3":  # the aux-loss-free selection biases: a router buffer
+            yield f"layers.{i}.ffn.router.expert_bias_E", f"{hf}.gate.e_score_correction_bias", 0
+            if cfg.moe.num_shared_experts:
+                yield from _mlp_pairs(f"layers.{i}.ffn.shared_experts", f"{hf}.shared_experts",
+                                      ("gate_proj", "up_proj", "down_proj"))
         if cfg.moe.num_shared_experts and family == "qwen2_moe":
             yield from _mlp_pairs(f"layers.{i}.ffn.shared_experts", f"{hf}.shared_expert",
                                   ("gate_proj", "up_proj", "down_proj"))
@@ -186,6 +209,11 @@ def check_hf_tensors(src: HFTensors, producers: dict[str, Callable[[HFTensors], 
     if family == "qwen2_moe" and not cfg.moe.num_shared_experts:
         _take_empty_shared_experts(src, cfg)
     if leftovers := src.leftovers():
+        mtp = f"model.layers.{cfg.n_layers}."
+        if family == "deepseek_v3" and any(k.startswith(mtp) for k in leftovers):
+            raise ConfigError(f"the checkpoint stores a multi-token-prediction module ({mtp}*), which this import "
+                              f"cannot place yet; remove those tensors (and set num_nextn_predict_layers=0) to "
+                              f"import the main model")
         raise ConfigError(f"{len(leftovers)} tensors of the checkpoint have no place in the {family} model built "
                           f"from its config.json, e.g. {leftovers[:3]}")
     return state

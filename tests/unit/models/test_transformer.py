@@ -16,7 +16,6 @@ from moeyard.models.moe.routers import TopKRouter
 from moeyard.trainer.step import skip_counts
 
 
-
 def _fast_grouped_mm_missing() -> str | None:
     if not torch.cuda.is_available():
         return "needs a GPU (benchmarks/gpu_check.sh runs these)"

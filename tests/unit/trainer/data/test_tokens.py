@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from moeyard.errors import DataError
-from moeyard.trainer.data.tokenizer import ByteTokenizer
 from moeyard.trainer.data.blend import TokenBatches
-from moeyard.trainer.data.tokens import prepare_folder as prepare_corpus, read_meta
+from moeyard.trainer.data.tokenizer import ByteTokenizer
+from moeyard.trainer.data.tokens import prepare_folder as prepare_corpus
+from moeyard.trainer.data.tokens import read_meta
 
 
 def test_prepare_is_byte_exact(tmp_path) -> None:

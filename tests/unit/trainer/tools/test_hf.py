@@ -41,7 +41,8 @@ def test_native_model_exports_to_qwen2_moe(tmp_path: Path) -> None:
 def test_unsupported_hf_configs_are_refused_by_key(tmp_path: Path, capsys) -> None:
     hf_dir = save_random_model("mixtral", tmp_path / "hf")
     config = json.loads((hf_dir / "config.json").read_text())
-    for key, value, named in [("rope_parameters", {"rope_type": "yarn", "factor": 4.0}, "rope scaling"),
+    for key, value, named in [("rope_parameters", {"rope_type": "linear", "factor": 4.0}, "rope scaling"),
+                              ("rope_parameters", {"rope_type": "yarn", "factor": 4.0}, "original_max_position"),
                               ("hidden_act", "gelu", "hidden_act"), ("model_type", "gpt2", "model_type")]:
         (hf_dir / "config.json").write_text(json.dumps({**config, key: value}))
         assert main(["convert", "from-hf", str(hf_dir), "--out", str(tmp_path / key)]) == 2
@@ -138,3 +139,16 @@ def test_a_truncated_safetensors_file_is_named_in_one_line(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert str(weights) in err and ("truncated" in err) and "Traceback" not in err
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("deepseek_v3", {"q_lora_rank": None}),  # MLA with one full query projection (V2-Lite style)
+    ("qwen3_moe", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 100.0, "factor": 4.0,
+                                       "original_max_position_embeddings": 16}}),  # YaRN on GQA
+])
+def test_mla_without_q_lora_and_yarn_on_gqa_match_transformers(family: str, overrides: dict, tmp_path: Path) -> None:
+    hf_dir = save_random_model(family, tmp_path / "hf", **overrides)
+    assert main(["convert", "from-hf", str(hf_dir), "--out", str(tmp_path / "ckpt")]) == 0
+    assert (moeyard_logits(tmp_path / "ckpt", TOKENS) - hf_logits(hf_dir, TOKENS)).abs().max() < 1e-4
+    assert main(["convert", "to-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back")]) == 0
+    assert (hf_logits(tmp_path / "back", TOKENS) - hf_logits(hf_dir, TOKENS)).abs().max() < 1e-4

@@ -1,0 +1,68 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2/V3): keys and values from one small latent per token.
+
+Each token is compressed to a latent c_kv of kv_lora_rank dims (normed), plus one rotated key part of
+qk_rope_head_dim dims that every head shares; kv_b expands c_kv into per-head keys (qk_nope dims, no
+position) and values (v dims). Queries come from a full projection or a rank-q_lora_rank bottleneck
+with its own norm, each head split into a no-position part and a rotated part. Scores are
+q_nope.k_nope + q_rope.k_rope over (qk_nope + qk_rope) dims, scaled by its inverse square root times
+YaRN's mscale^2. Training runs the expanded form through the same SDPA / document kernels as GQA (the
+absorbed form only pays off when decoding from a latent cache).
+
+Shape legend: B batch, T sequence, D model dim, H heads, C latent (kv_lora_rank), N qk_nope dims,
+R qk_rope dims, V value dims.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moeyard.models.config import MLAConfig, RopeScalingConfig
+from moeyard.models.document_attention import DocumentSpans, document_attention
+from moeyard.models.layers import RMSNorm
+from moeyard.models.rope import apply_rope, softmax_scale_factor
+
+
+class LatentAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, mla: MLAConfig, rope_scaling: RopeScalingConfig) -> None:
+        super().__init__()
+        self.n_heads, self.mla = n_heads, mla
+        qk_dim = mla.qk_head_dim
+        if mla.q_lora_rank is None:
+            self.wq = nn.Linear(dim, n_heads * qk_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(dim, mla.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(mla.q_lora_rank, mla.latent_norm_eps)
+            self.wq_b = nn.Linear(mla.q_lora_rank, n_heads * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(dim, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(mla.kv_lora_rank, mla.latent_norm_eps)
+        self.wkv_b = nn.Linear(mla.kv_lora_rank, n_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
+        self.wo = nn.Linear(n_heads * mla.v_head_dim, dim, bias=False)
+        self.softmax_scale = qk_dim ** -0.5 * softmax_scale_factor(rope_scaling)
+
+    def _queries(self, x_BTD: Tensor) -> Tensor:
+        if self.mla.q_lora_rank is None:
+            return self.wq(x_BTD)
+        return self.wq_b(self.q_norm(self.wq_a(x_BTD)))
+
+    def forward(self, x_BTD: Tensor, cos_TR: Tensor, sin_TR: Tensor, docs: Optional[DocumentSpans] = None) -> Tensor:
+        """`docs` (packed examples): attention stays inside each document, still causal."""
+        B, T, _ = x_BTD.shape
+        H, m = self.n_heads, self.mla
+        q_BHTX = self._queries(x_BTD).view(B, T, H, m.qk_head_dim).transpose(1, 2)
+        q_nope_BHTN, q_rope_BHTR = q_BHTX.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
+        latent_BTC, k_rope_BTR = self.wkv_a(x_BTD).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        kv_BHTX = self.wkv_b(self.kv_norm(latent_BTC)).view(B, T, H, -1).transpose(1, 2)
+        k_nope_BHTN, v_BHTV = kv_BHTX.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
+        q_rope_BHTR = apply_rope(q_rope_BHTR, cos_TR, sin_TR)
+        k_rope_B1TR = apply_rope(k_rope_BTR.unsqueeze(1), cos_TR, sin_TR)
+        q_BHTX = torch.cat([q_nope_BHTN, q_rope_BHTR], dim=-1)
+        k_BHTX = torch.cat([k_nope_BHTN, k_rope_B1TR.expand(B, H, T, m.qk_rope_head_dim)], dim=-1)
+        if docs is not None:
+            out_BHTV = document_attention(q_BHTX, k_BHTX, v_BHTV, docs, scale=self.softmax_scale)
+        else:
+            out_BHTV = F.scaled_dot_product_attention(q_BHTX, k_BHTX, v_BHTV, is_causal=True,
+                                                      scale=self.softmax_scale)
+        return self.wo(out_BHTV.transpose(1, 2).reshape(B, T, H * m.v_head_dim))
