@@ -112,7 +112,7 @@ def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | 
     merged = copy.deepcopy(init_model)
     user_model = user_model or {}
     shaped = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "attn_bias",
-              "qk_norm", "tie_embeddings")
+              "qk_norm", "tie_embeddings", "attention", "mla")
     shaped_moe = ("num_experts", "num_experts_per_layer", "ffn_dim", "num_shared_experts", "shared_ffn_dim",
                   "shared_expert_gate", "every", "first_dense_layers")
     for key, value in user_model.items():

@@ -27,6 +27,8 @@ def _refuse(hf: dict[str, Any]) -> None:
     no(hf.get("scoring_func", "sigmoid") != "sigmoid", f"scoring_func={hf.get('scoring_func')!r} (sigmoid only)")
     no(hf.get("topk_method", "noaux_tc") != "noaux_tc", f"topk_method={hf.get('topk_method')!r} (noaux_tc only)")
     no(hf.get("moe_layer_freq", 1) != 1, f"moe_layer_freq={hf.get('moe_layer_freq')}")
+    no(hf.get("rope_interleave", True) is False, "rope_interleave=false (the rotated dims in halves; moeyard "
+       "imports DeepSeek-V3's interleaved pairs)")
     no(hf.get("n_shared_experts") is None, "n_shared_experts=null (transformers builds one shared expert anyway)")
 
 

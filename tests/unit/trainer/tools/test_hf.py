@@ -152,3 +152,13 @@ def test_mla_without_q_lora_and_yarn_on_gqa_match_transformers(family: str, over
     assert (moeyard_logits(tmp_path / "ckpt", TOKENS) - hf_logits(hf_dir, TOKENS)).abs().max() < 1e-4
     assert main(["convert", "to-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back")]) == 0
     assert (hf_logits(tmp_path / "back", TOKENS) - hf_logits(hf_dir, TOKENS)).abs().max() < 1e-4
+
+
+def test_deepseek_settings_moeyard_does_not_compute_are_refused_by_key(tmp_path: Path, capsys) -> None:
+    hf_dir = save_random_model("deepseek_v3", tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    for key, value in [("rope_interleave", False), ("scoring_func", "softmax"), ("attention_bias", True)]:
+        (hf_dir / "config.json").write_text(json.dumps({**config, key: value}))
+        assert main(["convert", "from-hf", str(hf_dir), "--out", str(tmp_path / key)]) == 2
+        assert key in capsys.readouterr().err
+        assert not (tmp_path / key).exists()
