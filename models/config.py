@@ -210,6 +210,12 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
+    mtp_layers: int = 0
+    """DeepSeek-V3 multi-token prediction: D modules after the last block, the k-th predicting the token k+1
+    places ahead; they share the embedding and the output layer. Trained only (forward(mtp=True)). 0: none."""
+    mtp_loss_coef: float = 0.3
+    """Weight in the training objective of mtp_loss, the mean of the D depths' losses (DeepSeek-V3: 0.3, then
+    0.1 for its last 4.8T tokens)."""
     peft: "PEFTConfig" = field(default_factory=lambda: PEFTConfig())
     """Routed low-rank adapters on chosen linear maps (models/peft/adapters.py); method none: no adapters."""
 
@@ -231,6 +237,9 @@ class ModelConfig:
         require(self.attention == "gqa" or (self.qk_norm == "none" and not self.attn_bias),
                 "model.attention=mla has its own norms (of the latents) and no q/k/v biases: set model.qk_norm=none "
                 "and model.attn_bias=false")
+        require(0 <= self.mtp_layers < self.max_seq_len - 1,
+                f"model.mtp_layers={self.mtp_layers} must be >= 0 and below model.max_seq_len - 1")
+        require(self.mtp_loss_coef >= 0, f"model.mtp_loss_coef={self.mtp_loss_coef} must be >= 0")
         require(self.head_dim >= 2 and self.head_dim % 2 == 0,
                 f"model.head_dim={self.head_dim} must be even for RoPE")
         require(any(self.is_moe_layer(i) for i in range(self.n_layers)),
@@ -261,7 +270,14 @@ class ModelConfig:
         """Rotated dims of each head: the RoPE tables' width."""
         return self.mla.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
+    @property
+    def n_blocks(self) -> int:
+        """Decoder blocks and MTP modules' blocks: indices n_layers.. are the MTP depths."""
+        return self.n_layers + self.mtp_layers
+
     def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` has a MoE FFN; an MTP block is built like the last decoder block."""
+        layer = min(layer, self.n_layers - 1)
         offset = layer - self.moe.first_dense_layers
         return offset >= 0 and offset % self.moe.every == 0
 
@@ -270,6 +286,7 @@ class ModelConfig:
         per_layer = self.moe.num_experts_per_layer
         if per_layer is None:
             return self.moe
+        layer = min(layer, self.n_layers - 1)
         index = sum(self.is_moe_layer(i) for i in range(layer))
         return dataclasses.replace(self.moe, num_experts=per_layer[index], num_experts_per_layer=None)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,6 +45,18 @@ class DocumentSpans:
         bounds = torch.cat([starts_N, torch.tensor([segment.numel()])])
         lengths = tuple(torch.diff(bounds).tolist())
         return DocumentSpans(lengths, bounds.to(torch.int32).to(device or segment_BT.device, non_blocking=True))
+
+    def first_tokens(self, row_len: int, keep: int) -> "DocumentSpans":
+        """The same documents with every row of `row_len` tokens cut to its first `keep`, from the host's
+        lengths (multi-token prediction's depth k sees T - k positions)."""
+        lengths: list[int] = []
+        used = 0
+        for n in self.lengths:
+            if used < keep:
+                lengths.append(min(n, keep - used))
+            used = (used + n) % row_len
+        bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        return DocumentSpans(tuple(lengths), bounds.to(self.cu_seqlens.device, non_blocking=True))
 
 
 @functools.cache

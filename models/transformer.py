@@ -15,12 +15,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from moeyard.models.block import Block
 from moeyard.models.config import ModelConfig
 from moeyard.models.document_attention import DocumentSpans
-from moeyard.models.latent_attention import LatentAttention
-from moeyard.models.layers import Attention, RMSNorm, SwiGLU
+from moeyard.models.layers import RMSNorm
 from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.moe.layer import MoE, MoEStats
+from moeyard.models.mtp import MTPModule, depth_inputs
 from moeyard.models.peft.adapters import AdapterStats, add_routed_adapters, recording_adapters, routed_adapters
 from moeyard.models.rope import rope_tables
 
@@ -39,28 +40,9 @@ class ModelOutput:
     """Per routed adapter (model.peft), keyed by its module name; its balance loss is in aux_loss."""
     hidden_BTD: Optional[Tensor] = None
     """The final normed hidden states, with logits=False: `output` turns them into logits."""
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn: nn.Module = (
-            LatentAttention(cfg.dim, cfg.n_heads, cfg.mla, cfg.rope_scaling) if cfg.attention == "mla"
-            else Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=cfg.attn_bias,
-                           qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps))
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn: nn.Module = (MoE(cfg.dim, cfg.moe_for_layer(layer)) if cfg.is_moe_layer(layer)
-                               else SwiGLU(cfg.dim, cfg.ffn_dim))
-
-    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor,
-                docs: Optional[DocumentSpans] = None) -> tuple[Tensor, MoEStats | None]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, docs)
-        h_BTD = self.ffn_norm(x_BTD)
-        if isinstance(self.ffn, MoE):
-            y_BTD, stats = self.ffn(h_BTD)
-            return x_BTD + y_BTD, stats
-        return x_BTD + self.ffn(h_BTD), None
+    mtp_hidden: tuple[Tensor, ...] = ()
+    """With mtp=True, per MTP depth k = 1..D: its normed hidden states [B, T - k, D], whose logits (through
+    `output`) predict tokens k + 1 places ahead."""
 
 
 class Transformer(nn.Module):
@@ -71,6 +53,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.mtp_layers))
         self.tie_weights()
         cos, sin = self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -143,22 +126,44 @@ class Transformer(nn.Module):
         """The model's LoRA adapters (model.peft), in module order."""
         return [m for _, m in self.named_adapters]
 
+    def blocks(self) -> Iterator[Block]:
+        """The decoder blocks, then the MTP modules' blocks (block index n_layers + k - 1 for depth k)."""
+        yield from self.layers
+        yield from (m.block for m in self.mtp)
+
     def moe_layers(self) -> Iterator[tuple[int, MoE]]:
-        for i, block in enumerate(self.layers):
+        for i, block in enumerate(self.blocks()):
             if isinstance(block.ffn, MoE):
                 yield i, block.ffn
 
+    def _run_block(self, block: nn.Module, *args) -> tuple:
+        if self.recompute_blocks and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _mtp_forward(self, h_BTD: Tensor, emb_BTD: Tensor, cos: Tensor, sin: Tensor,
+                     docs: Optional[DocumentSpans], moe_stats: dict[int, MoEStats]) -> tuple[Tensor, ...]:
+        """Each MTP depth's normed hidden states, from the last block's output `h_BTD`."""
+        normed = []
+        for k, module in enumerate(self.mtp, start=1):
+            h_BTD, normed_BTD, stats = self._run_block(module, *depth_inputs(k, h_BTD, emb_BTD, cos, sin, docs))
+            if stats is not None:
+                moe_stats[self.cfg.n_layers + k - 1] = stats
+            normed.append(normed_BTD)
+        return tuple(normed)
+
     def forward(self, tokens_BT: Tensor, segment_BT: Optional[Tensor] = None, logits: bool = True,
-                docs: Optional[DocumentSpans] = None) -> ModelOutput:
+                docs: Optional[DocumentSpans] = None, mtp: bool = False) -> ModelOutput:
         """`segment_BT` (packed SFT rows, document-masked pretraining): tokens attend only within their own
         segment, and positions restart at 0 in each, so a packed document computes exactly what it would
         alone; `docs`, the same segments as spans when the caller has them on the host. `logits=False`
-        returns the final hidden states instead, for a loss that projects them a chunk at a time."""
+        returns the final hidden states instead, for a loss that projects them a chunk at a time. `mtp`: run
+        the MTP depths too (model.mtp_layers; training asks for them, evaluation and generation do not)."""
         T = tokens_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         with recording_adapters() as adapter_record:
-            x_BTD = self.tok_embeddings(tokens_BT)
+            emb_BTD = x_BTD = self.tok_embeddings(tokens_BT)
             cos, sin = self.rope_cos, self.rope_sin
             if segment_BT is None:
                 docs = None
@@ -167,12 +172,10 @@ class Transformer(nn.Module):
             aux_loss = z_loss = x_BTD.new_zeros((), dtype=torch.float32)
             moe_stats: dict[int, MoEStats] = {}
             for i, block in enumerate(self.layers):
-                if self.recompute_blocks and torch.is_grad_enabled():
-                    x_BTD, stats = checkpoint(block, x_BTD, cos, sin, docs, use_reentrant=False)
-                else:
-                    x_BTD, stats = block(x_BTD, cos, sin, docs)
+                x_BTD, stats = self._run_block(block, x_BTD, cos, sin, docs)
                 if stats is not None:
                     moe_stats[i] = stats
+            mtp_hidden = self._mtp_forward(x_BTD, emb_BTD, cos, sin, docs, moe_stats) if mtp else ()
             for stats in moe_stats.values():  # after every layer was queued: the load sums had time to arrive
                 aux_loss = aux_loss + self.cfg.moe.aux_loss_coef * stats.aux_loss
                 z_loss = z_loss + self.cfg.moe.z_loss_coef * stats.z_loss
@@ -182,7 +185,7 @@ class Transformer(nn.Module):
         for stats in adapter_stats.values():
             aux_loss = aux_loss + self.cfg.peft.aux_loss_coef * stats.aux_loss
         return ModelOutput(logits_BTV, aux_loss, z_loss, moe_stats, adapter_stats,
-                           None if logits else hidden_BTD)
+                           None if logits else hidden_BTD, mtp_hidden)
 
 
 def segment_positions(segment_BT: Tensor) -> Tensor:

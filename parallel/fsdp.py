@@ -3,7 +3,8 @@
 Units, as torchtitan and Megatron-FSDP lay them out:
   - each MoE layer's routed experts: this rank's ep shard [E/ep, ...], sharded again on dim 0 over
     its edp group (the ranks that hold the same experts);
-  - each transformer block (attention, norms, router, shared experts, dense FFN): sharded over dp;
+  - each transformer block (attention, norms, router, shared experts, dense FFN) and each MTP depth:
+    sharded over dp;
   - the rest (embedding, final norm, output): the root unit, over dp.
 Parameters are all-gathered before each unit's forward and backward and freed after; gradients are
 reduce-scattered as each unit's backward ends, so a rank keeps 1/dp of the dense state and 1/world of
@@ -23,6 +24,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from moeyard.models import Transformer
 from moeyard.models.moe.layer import MoE
+from moeyard.models.mtp import MTPModule
 from moeyard.parallel.mesh import ParallelMesh
 
 
@@ -39,7 +41,8 @@ def apply_fsdp(model: Transformer, pmesh: ParallelMesh, reshard_after_forward: b
 
     Call after `apply_expert_parallel` and before building the optimizer."""
     policy = policy or MixedPrecisionPolicy()
-    for block in model.layers:
+    for unit in [*model.layers, *model.mtp]:  # an MTP depth is one unit: its norms, eh_proj and block
+        block = unit.block if isinstance(unit, MTPModule) else unit
         if isinstance(block.ffn, MoE):
             experts = fully_shard(block.ffn.experts, mesh=pmesh.edp_mesh, reshard_after_forward=reshard_after_forward,
                                   mp_policy=policy)
@@ -48,7 +51,7 @@ def apply_fsdp(model: Transformer, pmesh: ParallelMesh, reshard_after_forward: b
                 # A factor other than the mesh size is a PREMUL_SUM, which gloo lacks: sum, then divide. Not
                 # on a mesh of one, where torch 2.13 would divide twice (once in place of the collective).
                 experts.set_force_sum_reduction_for_comms(True)
-        fully_shard(block, mesh=pmesh.dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        fully_shard(unit, mesh=pmesh.dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     # The root's parameters are needed first in backward (output layer): keep them gathered after forward.
     fully_shard(model, mesh=pmesh.dp_mesh, reshard_after_forward=False, mp_policy=policy)
 

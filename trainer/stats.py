@@ -8,6 +8,8 @@ one transfer each and unpacked by name, never by position.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -55,8 +57,10 @@ class StepStats:
         self.moe_layers: list[int] = []
         self.adapters: list[str] = []
 
-    def add(self, out: ModelOutput, lm_loss_sum: Tensor) -> None:
+    def add(self, out: ModelOutput, lm_loss_sum: Tensor, mtp_loss_sum: Optional[Tensor] = None) -> None:
         self.per_rank.add("lm_loss", lm_loss_sum)
+        if mtp_loss_sum is not None:
+            self.per_rank.add("mtp_loss", mtp_loss_sum)
         self.per_rank.add("aux_loss", out.aux_loss)
         self.per_rank.add("z_loss", out.z_loss)
         for layer, stats in out.moe_stats.items():
@@ -78,7 +82,8 @@ class StepStats:
 
     def losses_finite(self) -> bool:
         """Whether this step's summed losses are finite (a host sync; the same answer on every rank)."""
-        losses = torch.cat([self.per_rank.values[k] for k in ("lm_loss", "aux_loss", "z_loss")])
+        losses = torch.cat([self.per_rank.values[k] for k in ("lm_loss", "aux_loss", "z_loss", "mtp_loss")
+                            if k in self.per_rank.values])
         return bool(torch.isfinite(losses).all())
 
     def expert_load(self, layer: int) -> Tensor:
@@ -94,6 +99,7 @@ class StepStats:
             "lm_loss": sums["lm_loss"][0] / global_targets,
             "aux_loss": sums["aux_loss"][0] / micro_steps,
             "z_loss": sums["z_loss"][0] / micro_steps,
+            **({"mtp_loss": sums["mtp_loss"][0] / global_targets} if "mtp_loss" in sums else {}),
             "expert_load": {}, "dropped_fraction": {}, "unrouted_fraction": {}, "router": {}, "adapter_routers": {},
         }
         for layer in self.moe_layers:

@@ -13,9 +13,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch import Tensor
 
 from moeyard.models import ModelOutput, Transformer
 from moeyard.models.document_attention import DocumentSpans
@@ -23,13 +21,14 @@ from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.trainer.data.blend import TokenBatch
 from moeyard.trainer.data.sft_batches import SFTBatch
+from moeyard.trainer.losses import chunked_lm_loss_sum, lm_loss_sum, mtp_loss_sum
 from moeyard.trainer.stats import StepStats
 
 
 @dataclass(frozen=True)
 class StepResult:
     loss: float
-    """lm_loss + aux_loss + z_loss of the global batch."""
+    """lm_loss + aux_loss + z_loss (+ model.mtp_loss_coef * mtp_loss) of the global batch: the objective."""
     lm_loss: float
     aux_loss: float
     """Weighted load-balancing loss, summed over MoE layers."""
@@ -51,6 +50,9 @@ class StepResult:
     adapter_routers: dict[str, dict[str, float | list[float]]] = field(default_factory=dict)
     """Per routed adapter (model.peft): copies sent to each adapter over the global batch, its unweighted
     balance loss and router entropy (the metrics of the MoE routers)."""
+    mtp_loss: Optional[float] = None
+    """Multi-token prediction (model.mtp_layers): the mean over depths of each depth's summed target loss,
+    divided by the main loss's target count (a depth has k fewer targets per row; None without MTP)."""
     skipped: bool = False
     """The loss or a gradient was NaN/inf: parameters and optimizer state were left unchanged."""
 
@@ -90,50 +92,23 @@ def _micro_batches(batch: Tensor | TokenBatch | SFTBatch, micro_batch_size: int,
     return micro, batch.tokens_BT1.shape[0]
 
 
-def lm_loss_sum(logits_BTV: Tensor, targets_BT: Tensor, mask_BT: Optional[Tensor]) -> Tensor:
-    """Summed next-token cross-entropy, over the masked targets only when a mask is given (SFT)."""
-    losses = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none")
-    return losses.sum() if mask_BT is None else _masked_sum(losses, mask_BT.flatten())
-
-
-def _masked_sum(losses_T: Tensor, mask_T: Tensor) -> Tensor:
-    """Sum of the masked losses by a multiply, not a boolean index (whose output size waits for the host)."""
-    return torch.where(mask_T, losses_T, 0.0).sum()
-
-
-def _chunk_loss(output: nn.Module, h_TD: Tensor, targets_T: Tensor, mask_T: Optional[Tensor]) -> Tensor:
-    losses = F.cross_entropy(output(h_TD).float(), targets_T, reduction="none")
-    return losses.sum() if mask_T is None else _masked_sum(losses, mask_T)
-
-
-def chunked_lm_loss_sum(output: nn.Module, hidden_BTD: Tensor, targets_BT: Tensor, mask_BT: Optional[Tensor],
-                        chunk_tokens: int) -> Tensor:
-    """lm_loss_sum of `output(hidden_BTD)`, projecting `chunk_tokens` tokens at a time: each chunk's logits
-    are freed after its loss and recomputed in backward, so the [tokens, vocab] logits never exist whole."""
-    h_TD, targets_T = hidden_BTD.flatten(0, 1), targets_BT.flatten()
-    mask_T = None if mask_BT is None else mask_BT.flatten()
-    parts = []
-    for a in range(0, targets_T.numel(), chunk_tokens):
-        args = (output, h_TD[a:a + chunk_tokens], targets_T[a:a + chunk_tokens],
-                None if mask_T is None else mask_T[a:a + chunk_tokens])
-        parts.append(checkpoint(_chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled()
-                     else _chunk_loss(*args))
-    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
-
-
-def forward_and_loss(model: Transformer, micro: MicroBatch, dtype: torch.dtype,
-                     loss_chunk_tokens: int = 0) -> tuple[ModelOutput, Tensor]:
-    """The model's forward on a micro-batch and its summed next-token loss. With `loss_chunk_tokens`, the
-    output layer runs a chunk at a time (not when it carries an adapter: that reports through the forward)."""
-    chunked = loss_chunk_tokens > 0 and not hasattr(model.output, "adapter")
+def forward_and_loss(model: Transformer, micro: MicroBatch, dtype: torch.dtype, loss_chunk_tokens: int = 0,
+                     mtp: bool = False) -> tuple[ModelOutput, Tensor, Optional[Tensor]]:
+    """The model's forward on a micro-batch, its summed next-token loss and, with `mtp` on a model with MTP
+    depths, their summed loss (mtp_loss_sum; else None). With `loss_chunk_tokens`, the output layer runs a
+    chunk at a time (not when it carries an adapter: that reports through the forward)."""
+    chunk = loss_chunk_tokens if not hasattr(model.output, "adapter") else 0
     tokens_BT1, mask_BT = micro.tokens_BT1, micro.mask_BT
     segment_BT = None if micro.segment_BT1 is None else micro.segment_BT1[:, :-1]
     with autocast_context(tokens_BT1.device, dtype):
-        out = model(tokens_BT1[:, :-1], segment_BT, logits=not chunked, docs=micro.docs)
-        if chunked:
-            return out, chunked_lm_loss_sum(model.output, out.hidden_BTD, tokens_BT1[:, 1:], mask_BT,
-                                            loss_chunk_tokens)
-    return out, lm_loss_sum(out.logits_BTV, tokens_BT1[:, 1:], mask_BT)
+        out = model(tokens_BT1[:, :-1], segment_BT, logits=chunk <= 0, docs=micro.docs, mtp=mtp)
+        if chunk > 0:
+            lm_sum = chunked_lm_loss_sum(model.output, out.hidden_BTD, tokens_BT1[:, 1:], mask_BT, chunk)
+        else:
+            lm_sum = lm_loss_sum(out.logits_BTV, tokens_BT1[:, 1:], mask_BT)
+        mtp_sum = mtp_loss_sum(model.output, out.mtp_hidden, tokens_BT1, mask_BT, segment_BT, chunk) \
+            if out.mtp_hidden else None
+    return out, lm_sum, mtp_sum
 
 
 def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | SFTBatch, *, micro_batch_size: int,
@@ -152,10 +127,12 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | 
     stats = StepStats()
     for i, micro in enumerate(micro_batches):
         sync.begin_micro_step(last=i == len(micro_batches) - 1)  # earlier micro-steps only accumulate
-        out, lm_sum = forward_and_loss(model, micro, dtype, loss_chunk_tokens)
-        router_loss = (out.aux_loss + out.z_loss) / len(micro_batches)
-        (lm_sum * lm_scale + router_loss).backward()
-        stats.add(out, lm_sum)
+        out, lm_sum, mtp_sum = forward_and_loss(model, micro, dtype, loss_chunk_tokens, mtp=True)
+        objective = lm_sum * lm_scale + (out.aux_loss + out.z_loss) / len(micro_batches)
+        if mtp_sum is not None:  # scaled like the main loss: by the main loss's global target count
+            objective = objective + model.cfg.mtp_loss_coef * mtp_sum * lm_scale
+        objective.backward()
+        stats.add(out, lm_sum, mtp_sum)
 
     grad_norm = sync.reduce()  # waits for (or runs) the gradient reduction
     stats.all_reduce(pmesh.dp_group)  # global losses: the same on every rank, like the norm
@@ -168,8 +145,10 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | 
             moe.router.step_done(stats.expert_load(layer))
     report = stats.report(micro_steps=pmesh.dp * len(micro_batches), global_targets=global_targets,
                           global_tokens=global_tokens, router_state=router_state)
-    return StepResult(loss=report["lm_loss"] + report["aux_loss"] + report["z_loss"], grad_norm=grad_norm.item(),
-                      tokens=global_tokens, skipped=not finite, **report)
+    objective = report["lm_loss"] + report["aux_loss"] + report["z_loss"]
+    if "mtp_loss" in report:
+        objective += model.cfg.mtp_loss_coef * report["mtp_loss"]
+    return StepResult(loss=objective, grad_norm=grad_norm.item(), tokens=global_tokens, skipped=not finite, **report)
 
 
 def skip_counts(moe_stats: dict) -> Tensor:
@@ -193,7 +172,7 @@ def heldout_loss(model: Transformer, share: SFTBatch, *, micro_batch_size: int, 
     model.eval()
     try:
         for micro in micro_batches:
-            out, lm_sum = forward_and_loss(model, micro, dtype, loss_chunk_tokens)
+            out, lm_sum, _ = forward_and_loss(model, micro, dtype, loss_chunk_tokens)
             total += lm_sum.double()
             copies += skip_counts(out.moe_stats)
     finally:

@@ -13,6 +13,13 @@ from typing import Literal, Protocol
 import torch
 
 from moeyard.models import ModelConfig, Transformer, expert_parameter_ids
+from moeyard.parallel.scheduler.block_shapes import (
+    attention_core_flops,
+    block_elementwise_bytes,
+    block_fwd_flops,
+    block_index,
+    head_fwd_flops,
+)
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.simulator import Schedule, Timeline
 
@@ -39,6 +46,7 @@ class Workload:
     num_experts: int
     top_k: int
     n_layers: int
+    """Blocks that run one after another: the decoder's, then the MTP depths' (model.n_blocks)."""
     moe_layers: tuple[int, ...]
     ep: int
     dp: int
@@ -284,32 +292,6 @@ def predict(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     return Prediction(step=step + stages["optimizer"], stages=stages, exposed_comm=exposed, comm=comm)
 
 
-def block_fwd_flops(cfg: ModelConfig, tokens: int, seq_len: int, layer: int) -> float:
-    """Forward FLOPs of one block without its routed experts (which the cost model times separately)."""
-    d, q, kv = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    flops = 2 * tokens * d * (2 * q + 2 * kv)  # q, k, v, o projections
-    flops += 2 * tokens * seq_len * q  # causal scores and weighted sum (half of 4*T*Q)
-    if cfg.is_moe_layer(layer):
-        flops += 2 * tokens * d * cfg.moe_for_layer(layer).num_experts  # router
-        flops += 6 * tokens * d * cfg.moe.shared_hidden_dim
-    else:
-        flops += 6 * tokens * d * cfg.ffn_dim
-    return float(flops)
-
-
-def block_elementwise_bytes(cfg: ModelConfig, tokens: int, layer: int, act_bytes: int) -> float:
-    """Forward bytes of one block's memory-bound kernels (each reads its inputs and writes its output once)."""
-    d, q, kv = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    elements = 4 * d + 6 * d + 2 * (q + kv)  # two RMSNorms, two residual adds, RoPE on q and k
-    if cfg.is_moe_layer(layer):
-        moe = cfg.moe_for_layer(layer)
-        elements += moe.top_k * (4 * d + 3 * moe.ffn_dim)  # permute and combine the copies; SwiGLU product
-        elements += 3 * moe.shared_hidden_dim if moe.num_shared_experts else 0
-    else:
-        elements += 3 * cfg.ffn_dim
-    return float(tokens * elements * act_bytes)
-
-
 def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: int, micro_steps: int,
                  act_bytes: int = 4, frozen: frozenset[str] = frozenset(), recompute: str = "none") -> Workload:
     """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
@@ -321,20 +303,17 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
     for name, p in model.named_parameters():
         if name in frozen:
             continue
-        layer = -1 if name.startswith("tok_embeddings") else (int(name.split(".")[1]) if name.startswith("layers.")
-                                                             else cfg.n_layers)
         expert = id(p) in expert_ids
-        infos.append(ParamInfo(layer, p.numel() // ep if expert else p.numel(), expert))
+        infos.append(ParamInfo(block_index(name, cfg), p.numel() // ep if expert else p.numel(), expert))
+    blocks = range(cfg.n_blocks)  # the MTP depths' blocks run after the decoder's, before the head
     return Workload(tokens=tokens, seq_len=seq_len, dim=cfg.dim, expert_hidden=cfg.moe.ffn_dim,
-                    num_experts=cfg.moe.num_experts, top_k=cfg.moe.top_k, n_layers=cfg.n_layers,
-                    moe_layers=tuple(i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)), ep=ep, dp=dp,
+                    num_experts=cfg.moe.num_experts, top_k=cfg.moe.top_k, n_layers=cfg.n_blocks,
+                    moe_layers=tuple(i for i in blocks if cfg.is_moe_layer(i)), ep=ep, dp=dp,
                     micro_steps=micro_steps, params=tuple(reversed(infos)), act_bytes=act_bytes,
-                    dense_flops=tuple(block_fwd_flops(cfg, tokens, seq_len, i) for i in range(cfg.n_layers)),
-                    head_flops=2.0 * tokens * cfg.dim * cfg.vocab_size,
-                    attention_flops=tuple(2.0 * tokens * seq_len * cfg.n_heads * cfg.head_dim
-                                          for _ in range(cfg.n_layers)),
-                    elementwise_bytes=tuple(block_elementwise_bytes(cfg, tokens, i, act_bytes)
-                                            for i in range(cfg.n_layers)),
+                    dense_flops=tuple(block_fwd_flops(cfg, tokens, seq_len, i) for i in blocks),
+                    head_flops=head_fwd_flops(cfg, tokens),
+                    attention_flops=tuple(attention_core_flops(cfg, tokens, seq_len) for _ in blocks),
+                    elementwise_bytes=tuple(block_elementwise_bytes(cfg, tokens, i, act_bytes) for i in blocks),
                     recompute="experts" if recompute == "none" and cfg.moe.recompute_experts else recompute)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from moeyard.models import ModelConfig, Transformer, expert_parameter_ids
+from moeyard.parallel.scheduler.block_shapes import attention_shape, block_index
 
 GB = 1e9
 
@@ -68,8 +69,8 @@ def count_parameters(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozens
         else:
             dense += n
             dense_t += 0 if name in frozen else n
-        if name.startswith("layers."):
-            layer = int(name.split(".")[1])
+        layer = block_index(name, cfg)
+        if 0 <= layer < cfg.n_blocks:
             blocks[layer] = blocks.get(layer, 0) + (n // ep if is_expert else n)
         else:
             root += n
@@ -127,10 +128,13 @@ class MemoryEstimate:
 
 def _block_activations(cfg: ModelConfig, layer: int, tokens: int, b: int, recompute_experts: bool) -> float:
     """Bytes autograd keeps for one block's backward: residual stream in float32, the rest in `b` bytes."""
-    d, q, kv = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    d, a = cfg.dim, attention_shape(cfg)
     # Two norms (input, normalised, output), q/k/v before and after rope, attention output and its
-    # log-sum-exp, the output projection's input.
-    per_token = 2 * 4 * d + 2 * b * d + b * (2 * q + 3 * kv + q) + b * q + 4 * cfg.n_heads
+    # log-sum-exp, the output projection's input; MLA's latents before and after their norms.
+    per_token = 2 * 4 * d + 2 * b * d + b * (2 * a.q + 2 * a.k + a.v + a.out) + b * a.out + 4 * cfg.n_heads
+    per_token += 2 * b * a.latent
+    if layer >= cfg.n_layers:  # an MTP depth: its two normed inputs, their concatenation, eh_proj's output
+        per_token += b * 5 * d
     if not cfg.is_moe_layer(layer):
         return tokens * (per_token + 4 * b * cfg.ffn_dim)
     moe = cfg.moe_for_layer(layer)
@@ -144,9 +148,11 @@ def _block_activations(cfg: ModelConfig, layer: int, tokens: int, b: int, recomp
 
 
 def _head_bytes(cfg: ModelConfig, layout: Layout) -> float:
-    """The output layer's float32 logits and their gradient: whole, or one chunk at a time."""
-    rows = layout.tokens if layout.loss_chunk_tokens <= 0 else min(layout.tokens, layout.loss_chunk_tokens)
-    return 3 * 4 * rows * cfg.vocab_size
+    """The output layer's float32 logits and their gradient: whole (the next token's and each MTP depth's,
+    all kept for backward), or one chunk at a time."""
+    if layout.loss_chunk_tokens > 0:
+        return 3 * 4 * min(layout.tokens, layout.loss_chunk_tokens) * cfg.vocab_size
+    return 3 * 4 * layout.tokens * cfg.vocab_size * (1 + cfg.mtp_layers)
 
 
 def predict_memory(cfg: ModelConfig, layout: Layout, counts: ParamCounts | None = None) -> MemoryEstimate:
@@ -175,9 +181,9 @@ def predict_memory(cfg: ModelConfig, layout: Layout, counts: ParamCounts | None 
         after_backward = 0.0 if layout.bucketed else 4 * max(c.dense_trainable, xt)
     per_block = [_block_activations(cfg, i, layout.tokens, layout.act_bytes,
                                     layout.recompute == "experts" or cfg.moe.recompute_experts)
-                 for i in range(cfg.n_layers)]
+                 for i in range(cfg.n_blocks)]
     if layout.recompute == "full":  # block inputs only, and one block's activations while it is recomputed
-        activations = cfg.n_layers * layout.tokens * 4 * cfg.dim + max(per_block)
+        activations = cfg.n_blocks * layout.tokens * 4 * cfg.dim + max(per_block)
     else:
         activations = sum(per_block)
     activations += 3 * 4 * layout.tokens * cfg.dim  # embedding output, final norm

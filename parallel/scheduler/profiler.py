@@ -2,7 +2,7 @@
 
 What is timed (median of repeats, slowest rank, every rank taking part):
   dense       the model's forward / backward with the routed experts skipped
-              (attention, norms, router, permutation, shared experts, head, loss)
+              (attention, norms, router, permutation, shared experts, MTP depths, heads, loss)
   experts     this rank's experts, forward and backward, at two row counts
               (fit: latency + rows x time per row)
   all-to-all  over the ep group, and all-reduce / reduce-scatter / all-gather
@@ -36,7 +36,7 @@ from moeyard.parallel.mesh import ParallelMesh
 from moeyard.parallel.parallelize import apply_expert_parallel
 from moeyard.parallel.scheduler.cost_model import Phase, Workload, moe_layer_timeline
 
-PROFILER_VERSION = 3
+PROFILER_VERSION = 4
 """Part of the cache key: bump when what is measured changes, so old profiles are not reused."""
 
 Fit = tuple[float, float]
@@ -141,9 +141,9 @@ def _in_dtype(fn: Callable[..., object], device: torch.device, dtype: torch.dtyp
     if dtype == torch.float32:
         return fn
 
-    def wrapped(*args):
+    def wrapped(*args, **kwargs):
         with torch.autocast(device.type, dtype=dtype):
-            return fn(*args)
+            return fn(*args, **kwargs)
     return wrapped
 
 
@@ -173,9 +173,13 @@ def _dense_times(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: tor
     for _, moe in model.moe_layers():
         moe.exchange = _SkipExperts(moe.exchange)
 
-    def forward() -> Tensor:
-        out = _in_dtype(model, device, dtype)(tokens_BT[:, :-1])
-        return F.cross_entropy(out.logits_BTV.float().flatten(0, 1), tokens_BT[:, 1:].flatten()) + out.aux_loss
+    def forward() -> Tensor:  # with the MTP depths (model.mtp_layers) and their heads, as training runs them
+        out = _in_dtype(model, device, dtype)(tokens_BT[:, :-1], mtp=True)
+        loss = F.cross_entropy(out.logits_BTV.float().flatten(0, 1), tokens_BT[:, 1:].flatten()) + out.aux_loss
+        for k, h_BTD in enumerate(out.mtp_hidden, start=1):
+            logits = _in_dtype(model.output, device, dtype)(h_BTD).float()
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), tokens_BT[:, k + 1:].flatten())
+        return loss
 
     return timer(lambda: forward().item()), timer(lambda loss: loss.backward(), setup=forward)
 

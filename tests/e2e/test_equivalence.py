@@ -8,7 +8,7 @@ relative (norm-wise per parameter tensor for the updates).
 from __future__ import annotations
 
 import pytest
-from helpers.runs import assert_same_run, moeyard_train, read_metrics, write_config
+from helpers.runs import RTOL, assert_same_run, moeyard_train, read_metrics, write_config
 
 LAYOUTS = [(2, 2), (4, 4), (4, 2)]  # (processes, ep), each against (1, 1)
 
@@ -65,3 +65,35 @@ def test_scheduled_runs_match_the_reference(config, reference, tmp_path, nproc, 
     if "schedule.mode=auto" in schedule:  # planned from a fresh profile: the prediction is logged
         assert all(m["predicted_step_s"] > 0 for m in read_metrics(run_dir))
     assert_same_run(reference, run_dir, f"{nproc} processes ep={ep} {' '.join(schedule)}")
+
+
+# DeepSeek-V3's design: latent attention (q LoRA), the sigmoid router over groups, two MTP depths.
+DEEPSEEK = ["model.attention=mla", "model.n_kv_heads=4", "model.mla.q_lora_rank=16", "model.mla.kv_lora_rank=16",
+            "model.mla.qk_nope_head_dim=8", "model.mla.qk_rope_head_dim=8", "model.mla.v_head_dim=8",
+            "model.moe.router=sigmoid_bias", "model.moe.n_groups=4", "model.moe.topk_groups=2",
+            "model.moe.route_scale=2.5", "model.mtp_layers=2", "model.mtp_loss_coef=0.3"]
+
+
+@pytest.fixture(scope="module")
+def deepseek_single(config, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref-mtp") / "run"
+    moeyard_train(config, run_dir, 1, "parallel.ep=1", *DEEPSEEK)
+    return run_dir
+
+
+@pytest.mark.parametrize("extra", [[], ["parallel.fsdp=true", "train.loss_chunk_tokens=50"]], ids=["plain", "fsdp"])
+def test_mla_with_multi_token_prediction_is_the_same_at_ep1_and_ep2(config, deepseek_single, tmp_path, extra) -> None:
+    """The MTP depths' loss, their MoE blocks (experts sharded like the decoder's) and FSDP units change nothing
+    learned: ep=1 and ep=2 on 2 processes equal within RTOL (losses, routing, updates); the losses also equal
+    the single process's. Updates are compared at the same dp: against one process, summing the gradient in
+    two halves already moves MLA's updates by up to 2.6e-5 after 6 AdamW steps at lr 1e-2 (measured; the
+    same at ep=1 and ep=2), which is float32 rounding, not layout."""
+    moeyard_train(config, tmp_path / "ep1", 2, "parallel.ep=1", *DEEPSEEK, *extra)
+    moeyard_train(config, tmp_path / "ep2", 2, "parallel.ep=2", *DEEPSEEK, *extra)
+    metrics = read_metrics(tmp_path / "ep2")
+    assert all(m["mtp_loss"] > 0 for m in metrics) and metrics[-1]["mtp_loss"] < metrics[0]["mtp_loss"]
+    assert sorted(metrics[0]["expert_load"]) == ["1", "2", "3", "4"]  # blocks 3 and 4: the MTP depths
+    assert_same_run(tmp_path / "ep1", tmp_path / "ep2", f"ep=1 vs ep=2 {' '.join(extra)} with MTP")
+    for a, b in zip(metrics, read_metrics(deepseek_single)):
+        for key in ("loss", "lm_loss", "mtp_loss"):
+            assert a[key] == pytest.approx(b[key], rel=RTOL), f"step {a['step']} {key} against one process"

@@ -97,7 +97,8 @@ def assert_same_run(ref_dir, run_dir, label: str) -> None:
     ref, got = read_metrics(ref_dir), read_metrics(run_dir)
     assert [m["step"] for m in got] == [m["step"] for m in ref]
     for a, b in zip(got, ref):
-        for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm"):
+        assert ("mtp_loss" in a) == ("mtp_loss" in b), f"{label} step {a['step']}: mtp_loss in one run only"
+        for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm") + (("mtp_loss",) if "mtp_loss" in b else ()):
             assert a[key] == pytest.approx(b[key], rel=RTOL), f"{label} step {a['step']} {key}"
         assert a["expert_load"] == b["expert_load"], f"{label} step {a['step']} routed differently"
     cfg, final_ref = final_parameters(ref_dir)

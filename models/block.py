@@ -1,0 +1,40 @@
+"""One decoder block: pre-norm attention (GQA or MLA) then pre-norm FFN (dense SwiGLU or MoE).
+
+Shape legend: B batch, T sequence, D model dim.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from moeyard.models.config import ModelConfig
+from moeyard.models.document_attention import DocumentSpans
+from moeyard.models.latent_attention import LatentAttention
+from moeyard.models.layers import Attention, RMSNorm, SwiGLU
+from moeyard.models.moe.layer import MoE, MoEStats
+
+
+class Block(nn.Module):
+    """`layer`: the block index, which decides dense or MoE (model.moe.first_dense_layers, every); indices from
+    model.n_layers on are the MTP modules' blocks."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn: nn.Module = (
+            LatentAttention(cfg.dim, cfg.n_heads, cfg.mla, cfg.rope_scaling) if cfg.attention == "mla"
+            else Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=cfg.attn_bias,
+                           qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps))
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn: nn.Module = (MoE(cfg.dim, cfg.moe_for_layer(layer)) if cfg.is_moe_layer(layer)
+                               else SwiGLU(cfg.dim, cfg.ffn_dim))
+
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor,
+                docs: Optional[DocumentSpans] = None) -> tuple[Tensor, MoEStats | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, docs)
+        h_BTD = self.ffn_norm(x_BTD)
+        if isinstance(self.ffn, MoE):
+            y_BTD, stats = self.ffn(h_BTD)
+            return x_BTD + y_BTD, stats
+        return x_BTD + self.ffn(h_BTD), None
