@@ -100,3 +100,67 @@ def moeyard_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(tokens).logits_BTV
 
+
+
+def save_deepseek_with_mtp(out: Path, seed: int = 0) -> Path:
+    """A random DeepSeek-V3 folder (3 layers) that stores one MTP module as layer 3, the way DeepSeek-V3's own
+    checkpoint does: a full decoder layer plus enorm, hnorm, eh_proj, shared_head.norm, and copies of the
+    embedding and output layer. Also writes `out`/../mtp-layer-as-model: a 1-layer DeepseekV3ForCausalLM made of
+    the MTP module's block, norm and head, which computes the MTP depth from its inputs_embeds (the reference)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    full = save_random_model("deepseek_v3", out.parent / "four-layers", seed=seed, num_hidden_layers=4)
+    tensors = load_file(full / "model.safetensors")
+    g = torch.Generator().manual_seed(seed + 1)
+    d = tensors["model.norm.weight"].numel()
+    mtp = "model.layers.3"
+    tensors |= {f"{mtp}.enorm.weight": 1 + 0.1 * torch.randn(d, generator=g),
+                f"{mtp}.hnorm.weight": 1 + 0.1 * torch.randn(d, generator=g),
+                f"{mtp}.eh_proj.weight": 0.1 * torch.randn(d, 2 * d, generator=g),
+                f"{mtp}.shared_head.norm.weight": 1 + 0.1 * torch.randn(d, generator=g),
+                f"{mtp}.embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+                f"{mtp}.shared_head.head.weight": tensors["lm_head.weight"].clone()}
+    out.mkdir(parents=True)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((full / "config.json").read_text()) | {"num_hidden_layers": 3, "num_nextn_predict_layers": 1}
+    (out / "config.json").write_text(json.dumps(config))
+
+    layer = out.parent / "mtp-layer-as-model"
+    layer.mkdir()
+    block = {k.replace(f"{mtp}.", "model.layers.0."): v for k, v in tensors.items()
+             if k.startswith(f"{mtp}.") and not k.split(".")[3] in ("enorm", "hnorm", "eh_proj", "shared_head",
+                                                                      "embed_tokens")}
+    block |= {"model.embed_tokens.weight": tensors["model.embed_tokens.weight"],
+              "model.norm.weight": tensors[f"{mtp}.shared_head.norm.weight"],
+              "lm_head.weight": tensors[f"{mtp}.shared_head.head.weight"]}
+    save_file(block, layer / "model.safetensors", metadata={"format": "pt"})
+    (layer / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1, "first_k_dense_replace": 0,
+                                                            "num_nextn_predict_layers": 0}))
+    return out
+
+
+def mtp_reference_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """Depth 1's logits from transformers' own modules: the main model's last decoder layer output h (before the
+    final norm), then the MTP layer-as-model on eh_proj([enorm(Emb(t_{i+1})); hnorm(h_i)])."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    main = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    layer = AutoModelForCausalLM.from_pretrained(hf_dir.parent / "mtp-layer-as-model").eval()
+    t = load_file(hf_dir / "model.safetensors")
+    kept = {}
+    main.model.layers[-1].register_forward_hook(lambda m, args, out: kept.update(h=out[0] if isinstance(out, tuple)
+                                                                                    else out))
+    with torch.no_grad():
+        main(tokens)
+        h, emb = kept["h"], main.model.embed_tokens(tokens)
+        eps = main.config.rms_norm_eps
+
+        def norm(x: torch.Tensor, name: str) -> torch.Tensor:
+            return F.rms_norm(x, (x.shape[-1],), t[f"model.layers.3.{name}.weight"], eps)
+
+        joined = torch.cat([norm(emb[:, 1:], "enorm"), norm(h[:, :-1], "hnorm")], dim=-1)
+        return layer(inputs_embeds=joined @ t["model.layers.3.eh_proj.weight"].t()).logits

@@ -8,6 +8,7 @@ training run's checkpoint: it then takes the weights and leaves optimizer state,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -112,7 +113,8 @@ def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | 
     merged = copy.deepcopy(init_model)
     user_model = user_model or {}
     shaped = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "attn_bias",
-              "qk_norm", "tie_embeddings", "attention", "mla")
+              "qk_norm", "tie_embeddings", "attention", "mla", "mtp_layers")
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
     shaped_moe = ("num_experts", "num_experts_per_layer", "ffn_dim", "num_shared_experts", "shared_ffn_dim",
                   "shared_expert_gate", "every", "first_dense_layers")
     for key, value in user_model.items():
@@ -123,7 +125,7 @@ def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | 
                                       f"({merged['moe'].get(k)!r}) the run starts from: remove it from the config")
                 merged["moe"][k] = v
             continue
-        if key in shaped and value != merged.get(key):
+        if key in shaped and value != merged.get(key, defaults.get(key)):  # older checkpoints lack newer keys
             raise ConfigError(f"model.{key}={value!r} differs from the checkpoint {path} "
                               f"({merged.get(key)!r}) the run starts from: remove it from the config")
         merged[key] = value

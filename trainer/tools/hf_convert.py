@@ -6,6 +6,7 @@ writes config.json and sharded safetensors with an index, which transformers' ow
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +23,8 @@ from moeyard.trainer.config import build_config
 from moeyard.trainer.data.tokenizer import copy_tokenizer_files, hf_tokenizer_record, tokenizer_record
 from moeyard.trainer.tools.hf_config import export_family, hf_config_dict, moe_model_config, read_hf_config
 from moeyard.trainer.tools.hf_files import SHARD_BYTES, write_safetensors_shards
-from moeyard.trainer.tools.hf_weights import HFTensors, check_hf_tensors, hf_tensors, moeyard_producers
+from moeyard.trainer.tools.hf_weights import (HFTensors, check_hf_tensors, hf_tensors, moeyard_producers,
+                                              mtp_shared_copies)
 
 
 def import_hf(hf_dir: Path, out: Path) -> tuple[str, Path]:
@@ -31,12 +33,19 @@ def import_hf(hf_dir: Path, out: Path) -> tuple[str, Path]:
     parameter is read, converted and written in turn (peak: one layer's stacked experts)."""
     family, model_cfg = moe_model_config(read_hf_config(hf_dir))
     dry = HFTensors(hf_dir, dry=True)
+    if model_cfg.mtp_layers and f"model.layers.{model_cfg.n_layers}.eh_proj.weight" not in dry:
+        print(f"note: config.json says num_nextn_predict_layers={model_cfg.mtp_layers} but the safetensors hold no "
+              f"model.layers.{model_cfg.n_layers}.* (a copy without its MTP modules): importing without MTP "
+              f"(model.mtp_layers=0)", flush=True)
+        model_cfg = dataclasses.replace(model_cfg, mtp_layers=0)
     producers = moeyard_producers(dry, model_cfg, family)
     shapes = check_hf_tensors(dry, producers, model_cfg, family)
     src = HFTensors(hf_dir)
     with torch.device("meta"):
         buffer_names = set(persistent_buffers(Transformer(model_cfg)))
     buffers = {name: producers.pop(name)(src) for name in buffer_names & set(producers)}  # small: read now
+    for name, _ in mtp_shared_copies(model_cfg):  # refuses an MTP copy that differs, before anything is written
+        producers[name](src)
     shapes = {name: t for name, t in shapes.items() if name not in buffers}
     source = {"format": "huggingface", "family": family, "dir": str(hf_dir.resolve())}
     tokenizer = hf_tokenizer_record(hf_dir)
@@ -75,6 +84,10 @@ def export_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,
     manifest = verify(ckpt)
     model_cfg = build_config(manifest["config"]).model
     family = export_family(model_cfg)
+    if model_cfg.mtp_layers and family != "deepseek_v3":
+        print(f"warning: the model's {model_cfg.mtp_layers} MTP depths are left out of the export: only "
+              f"DeepseekV3ForCausalLM stores MTP modules, and {family} computes the main model alone", flush=True)
+        model_cfg = dataclasses.replace(model_cfg, mtp_layers=0)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty: choose a new folder for the export")
     with torch.device("meta"):

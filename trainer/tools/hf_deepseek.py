@@ -2,8 +2,9 @@
 
 What it adds to the other families: multi-head latent attention, a sigmoid router whose expert biases
 (e_score_correction_bias) only select, group-limited routing, a routed scaling factor, shared experts
-of n_shared_experts x moe_intermediate_size, and dense first layers of intermediate_size. Keys whose
-meaning moeyard does not compute are refused by name.
+of n_shared_experts x moe_intermediate_size, dense first layers of intermediate_size, and
+num_nextn_predict_layers multi-token-prediction modules stored as the layers after the last (model.mtp_layers;
+transformers does not run them). Keys whose meaning moeyard does not compute are refused by name.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def deepseek_model_config(hf: dict[str, Any]) -> ModelConfig:
         n_kv_heads=n_heads, head_dim=mla.qk_head_dim, attention="mla", mla=mla, ffn_dim=hf["intermediate_size"],
         max_seq_len=hf.get("max_position_embeddings", 4096), rope_theta=theta, rope_scaling=scaling,
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=hf.get("initializer_range", 0.02), moe=moe,
+        init_std=hf.get("initializer_range", 0.02), moe=moe, mtp_layers=hf.get("num_nextn_predict_layers") or 0,
     )
 
 
@@ -83,6 +84,6 @@ def deepseek_config_dict(cfg: ModelConfig, dtype: Optional[torch.dtype]) -> dict
         num_experts_per_tok=m.top_k, first_k_dense_replace=m.first_dense_layers,
         norm_topk_prob=m.renormalize and m.top_k > 1, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
         initializer_range=cfg.init_std, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-        rope_interleave=True, attention_bias=False, num_nextn_predict_layers=0,
+        rope_interleave=True, attention_bias=False, num_nextn_predict_layers=cfg.mtp_layers,
         torch_dtype=str(dtype or torch.float32).removeprefix("torch."), **rope_to_hf(cfg),
     )

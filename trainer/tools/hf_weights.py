@@ -102,11 +102,19 @@ def _latent_attention_pairs(ours: str, hf: str, cfg: ModelConfig) -> Iterator[tu
     yield f"{ours}.wo.weight", f"{hf}.o_proj.weight", 0
 
 
-def _attention_pairs(cfg: ModelConfig, i: int) -> Iterator[tuple[str, str, int]]:
+def block_prefixes(cfg: ModelConfig) -> list[tuple[str, str, int]]:
+    """(moeyard block prefix, HF layer prefix, block index) of every block: the decoder's, then the MTP
+    depths' blocks, which DeepSeek-V3 stores as layers n_layers.. (one MTP module per layer)."""
+    blocks = [(f"layers.{i}", f"model.layers.{i}", i) for i in range(cfg.n_layers)]
+    return blocks + [(f"mtp.{k}.block", f"model.layers.{cfg.n_layers + k}", cfg.n_layers + k)
+                     for k in range(cfg.mtp_layers)]
+
+
+def _attention_pairs(cfg: ModelConfig, block: str, layer: str) -> Iterator[tuple[str, str, int]]:
     """(moeyard name, HF name, heads whose rows are RoPE-permuted: 0 for none)."""
-    ours, hf = f"layers.{i}.attn", f"model.layers.{i}.self_attn"
-    yield f"layers.{i}.attn_norm.weight", f"model.layers.{i}.input_layernorm.weight", 0
-    yield f"layers.{i}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight", 0
+    ours, hf = f"{block}.attn", f"{layer}.self_attn"
+    yield f"{block}.attn_norm.weight", f"{layer}.input_layernorm.weight", 0
+    yield f"{block}.ffn_norm.weight", f"{layer}.post_attention_layernorm.weight", 0
     if cfg.attention == "mla":
         yield from _latent_attention_pairs(ours, hf, cfg)
         return
@@ -129,10 +137,30 @@ def _mlp_pairs(ours: str, hf: str, names: tuple[str, str, str]) -> Iterator[tupl
         yield f"{ours}.{our_name}.weight", f"{hf}.{hf_name}.weight", 0
 
 
-def _moe_prefix(family: str, i: int) -> tuple[str, tuple[str, str, str]]:
+def _moe_prefix(family: str, layer: str) -> tuple[str, tuple[str, str, str]]:
     if family == "mixtral":
-        return f"model.layers.{i}.block_sparse_moe", ("w1", "w3", "w2")
-    return f"model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj")
+        return f"{layer}.block_sparse_moe", ("w1", "w3", "w2")
+    return f"{layer}.mlp", ("gate_proj", "up_proj", "down_proj")
+
+
+def _mtp_pairs(cfg: ModelConfig) -> Iterator[tuple[str, str, int]]:
+    """An MTP depth's own tensors beside its block (DeepSeek-V3's names)."""
+    for k in range(cfg.mtp_layers):
+        hf = f"model.layers.{cfg.n_layers + k}"
+        for ours, theirs in (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
+                             ("norm", "shared_head.norm")):
+            yield f"mtp.{k}.{ours}.weight", f"{hf}.{theirs}.weight", 0
+
+
+def mtp_shared_copies(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(moeyard name, HF name): the copies of the embedding and output layer DeepSeek-V3 stores in each MTP
+    layer, which moeyard's depths share with the main model."""
+    head = "tok_embeddings.weight" if cfg.tie_embeddings else "output.weight"
+    copies = []
+    for k in range(cfg.mtp_layers):
+        hf = f"model.layers.{cfg.n_layers + k}"
+        copies += [("tok_embeddings.weight", f"{hf}.embed_tokens.weight"), (head, f"{hf}.shared_head.head.weight")]
+    return copies
 
 
 def plain_pairs(cfg: ModelConfig, family: str, dense: bool = False) -> Iterator[tuple[str, str, int]]:
@@ -142,23 +170,24 @@ def plain_pairs(cfg: ModelConfig, family: str, dense: bool = False) -> Iterator[
     yield "norm.weight", "model.norm.weight", 0
     if not cfg.tie_embeddings:
         yield "output.weight", "lm_head.weight", 0
-    for i in range(cfg.n_layers):
-        yield from _attention_pairs(cfg, i)
+    for block, layer, i in block_prefixes(cfg):
+        yield from _attention_pairs(cfg, block, layer)
         if dense or not cfg.is_moe_layer(i):
-            yield from _mlp_pairs(f"layers.{i}.ffn", f"model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj"))
+            yield from _mlp_pairs(f"{block}.ffn", f"{layer}.mlp", ("gate_proj", "up_proj", "down_proj"))
             continue
-        hf, _ = _moe_prefix(family, i)
-        yield f"layers.{i}.ffn.router.weight_ED", f"{hf}.gate.weight", 0
+        hf, _ = _moe_prefix(family, layer)
+        yield f"{block}.ffn.router.weight_ED", f"{hf}.gate.weight", 0
         if family == "deepseek_v3":  # the aux-loss-free selection biases: a router buffer
-            yield f"layers.{i}.ffn.router.expert_bias_E", f"{hf}.gate.e_score_correction_bias", 0
+            yield f"{block}.ffn.router.expert_bias_E", f"{hf}.gate.e_score_correction_bias", 0
             if cfg.moe.num_shared_experts:
-                yield from _mlp_pairs(f"layers.{i}.ffn.shared_experts", f"{hf}.shared_experts",
+                yield from _mlp_pairs(f"{block}.ffn.shared_experts", f"{hf}.shared_experts",
                                       ("gate_proj", "up_proj", "down_proj"))
         if cfg.moe.num_shared_experts and family == "qwen2_moe":
-            yield from _mlp_pairs(f"layers.{i}.ffn.shared_experts", f"{hf}.shared_expert",
+            yield from _mlp_pairs(f"{block}.ffn.shared_experts", f"{hf}.shared_expert",
                                   ("gate_proj", "up_proj", "down_proj"))
             if cfg.moe.shared_expert_gate:
-                yield f"layers.{i}.ffn.shared_gate.weight", f"{hf}.shared_expert_gate.weight", 0
+                yield f"{block}.ffn.shared_gate.weight", f"{hf}.shared_expert_gate.weight", 0
+    yield from _mtp_pairs(cfg)
 
 
 def _expert_stack(src: HFTensors, hf: str, name: str, num_experts: int) -> Tensor:
@@ -192,14 +221,29 @@ def moeyard_producers(src: HFTensors, cfg: ModelConfig, family: str,
             t = source.take(hf)
             return _heads(t, heads, t.shape[0] // heads, rope_order(t.shape[0] // heads)) if heads else t
         producers[ours] = plain
-    for i in range(cfg.n_layers):
+    for ours, copy in mtp_shared_copies(cfg):
+        producers[ours] = _checking_copy(producers[ours], ours, copy)
+    for block, layer, i in block_prefixes(cfg):
         if cfg.is_moe_layer(i) and not dense:
-            hf, names = _moe_prefix(family, i)
+            hf, names = _moe_prefix(family, layer)
             fused = f"{hf}.experts.gate_up_proj" in src
             for w, produce in zip(("w_gate_EDF", "w_up_EDF", "w_down_EFD"),
                                   _expert_producers(hf, names, cfg.moe.num_experts, fused)):
-                producers[f"layers.{i}.ffn.experts.{w}"] = produce
+                producers[f"{block}.ffn.experts.{w}"] = produce
     return producers
+
+
+def _checking_copy(produce: Callable[[HFTensors], Tensor], ours: str, copy: str) -> Callable[[HFTensors], Tensor]:
+    """`produce`, which also takes the checkpoint's copy of the tensor and refuses it unless equal."""
+    def checked(source: HFTensors) -> Tensor:
+        t, c = produce(source), source.take(copy)
+        if c.shape != t.shape or (not source.dry and not torch.equal(c, t)):
+            raise ConfigError(f"{copy} differs from the tensor it copies (moeyard's {ours}): moeyard's MTP depths "
+                              f"share the embedding and output layer with the main model, so it cannot import "
+                              f"separate ones; set num_nextn_predict_layers=0 and remove model.layers."
+                              f"{copy.split('.')[2]}.* to import the main model alone")
+        return t
+    return checked
 
 
 def check_hf_tensors(src: HFTensors, producers: dict[str, Callable[[HFTensors], Tensor]], cfg: ModelConfig,
@@ -209,11 +253,6 @@ def check_hf_tensors(src: HFTensors, producers: dict[str, Callable[[HFTensors], 
     if family == "qwen2_moe" and not cfg.moe.num_shared_experts:
         _take_empty_shared_experts(src, cfg)
     if leftovers := src.leftovers():
-        mtp = f"model.layers.{cfg.n_layers}."
-        if family == "deepseek_v3" and any(k.startswith(mtp) for k in leftovers):
-            raise ConfigError(f"the checkpoint stores a multi-token-prediction module ({mtp}*), which this import "
-                              f"cannot place yet; remove those tensors (and set num_nextn_predict_layers=0) to "
-                              f"import the main model")
         raise ConfigError(f"{len(leftovers)} tensors of the checkpoint have no place in the {family} model built "
                           f"from its config.json, e.g. {leftovers[:3]}")
     return state
@@ -253,12 +292,14 @@ def hf_tensors(cfg: ModelConfig, family: str, read: Callable[[str], Tensor]) -> 
         if family == "qwen2_moe" and not m.shared_expert_gate and ours.endswith("shared_experts.w_down.weight"):
             t = 2 * t  # see below: the zero gate halves the shared expert
         yield hf, t.contiguous()
-    for i in range(cfg.n_layers):
+    for ours, copy in mtp_shared_copies(cfg):
+        yield copy, read(ours).contiguous()
+    for block, layer, i in block_prefixes(cfg):
         if not cfg.is_moe_layer(i):
             continue
-        hf, names = _moe_prefix(family, i)
+        hf, names = _moe_prefix(family, layer)
         for w, name in zip(("w_gate_EDF", "w_up_EDF", "w_down_EFD"), names):
-            stacked = read(f"layers.{i}.ffn.experts.{w}")
+            stacked = read(f"{block}.ffn.experts.{w}")
             for e in range(m.num_experts):
                 yield f"{hf}.experts.{e}.{name}.weight", stacked[e].t().contiguous()
         if family != "qwen2_moe" or m.shared_expert_gate:
