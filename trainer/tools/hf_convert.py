@@ -23,8 +23,13 @@ from moeyard.trainer.config import build_config
 from moeyard.trainer.data.tokenizer import copy_tokenizer_files, hf_tokenizer_record, tokenizer_record
 from moeyard.trainer.tools.hf_config import export_family, hf_config_dict, moe_model_config, read_hf_config
 from moeyard.trainer.tools.hf_files import SHARD_BYTES, write_safetensors_shards
-from moeyard.trainer.tools.hf_weights import (HFTensors, check_hf_tensors, hf_tensors, moeyard_producers,
-                                              mtp_shared_copies)
+from moeyard.trainer.tools.hf_weights import (
+    HFTensors,
+    check_hf_tensors,
+    hf_tensors,
+    moeyard_producers,
+    mtp_shared_copies,
+)
 
 
 def import_hf(hf_dir: Path, out: Path) -> tuple[str, Path]:
