@@ -149,8 +149,8 @@ class RopeScalingConfig:
         require(self.kind == "none" or self.factor >= 1,
                 f"model.rope_scaling.factor={self.factor} must be >= 1 (it extends the context)")
         require(self.original_max_seq_len >= 1, "model.rope_scaling.original_max_seq_len must be >= 1")
-        require(self.beta_fast > self.beta_slow > 0,
-                f"model.rope_scaling.beta_fast={self.beta_fast} must exceed beta_slow={self.beta_slow} > 0")
+        require(self.beta_fast >= self.beta_slow > 0,  # equal: a step, not a ramp (Kimi-K2 sets both to 1)
+                f"model.rope_scaling.beta_fast={self.beta_fast} must be >= beta_slow={self.beta_slow} > 0")
 
 
 @dataclass(kw_only=True)
@@ -206,6 +206,9 @@ class ModelConfig:
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    rope_fraction: float = 1.0
+    """Share of each head's dims that RoPE rotates, the first ones (GLM-4.5: 0.5, partial_rotary_factor); the
+    rest carry no position. attention: gqa only."""
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -240,8 +243,14 @@ class ModelConfig:
         require(0 <= self.mtp_layers < self.max_seq_len - 1,
                 f"model.mtp_layers={self.mtp_layers} must be >= 0 and below model.max_seq_len - 1")
         require(self.mtp_loss_coef >= 0, f"model.mtp_loss_coef={self.mtp_loss_coef} must be >= 0")
+        require(0 < self.rope_fraction <= 1 and (self.attention == "gqa" or self.rope_fraction == 1),
+                f"model.rope_fraction={self.rope_fraction} must be in (0, 1], and 1 with model.attention=mla "
+                f"(whose RoPE part is model.mla.qk_rope_head_dim)")
         require(self.head_dim >= 2 and self.head_dim % 2 == 0,
                 f"model.head_dim={self.head_dim} must be even for RoPE")
+        require(self.rope_dim >= 2 and self.rope_dim % 2 == 0,
+                f"model.rope_fraction={self.rope_fraction} of head_dim={self.head_dim} rotates {self.rope_dim} dims: "
+                f"RoPE needs an even number >= 2")
         require(any(self.is_moe_layer(i) for i in range(self.n_layers)),
                 f"model.moe.first_dense_layers={self.moe.first_dense_layers} leaves no MoE block among "
                 f"model.n_layers={self.n_layers}: lower it")
@@ -268,7 +277,7 @@ class ModelConfig:
     @property
     def rope_dim(self) -> int:
         """Rotated dims of each head: the RoPE tables' width."""
-        return self.mla.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+        return self.mla.qk_rope_head_dim if self.attention == "mla" else int(self.head_dim * self.rope_fraction)
 
     @property
     def n_blocks(self) -> int:

@@ -71,8 +71,11 @@ def rope_tables(rotary_dim: int, max_seq_len: int, theta: float,
 
 
 def apply_rope(x_BHTR: Tensor, cos_TR: Tensor, sin_TR: Tensor) -> Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) by the position's angle (the original RoFormer layout)."""
-    T = x_BHTR.shape[-2]
+    """Rotate pairs (x[2i], x[2i+1]) by the position's angle (the original RoFormer layout). Heads wider than
+    the tables (model.rope_fraction < 1) have their first R dims rotated and the rest passed through."""
+    T, R = x_BHTR.shape[-2], 2 * cos_TR.shape[-1]
+    if R < x_BHTR.shape[-1]:
+        return torch.cat([apply_rope(x_BHTR[..., :R], cos_TR, sin_TR), x_BHTR[..., R:]], dim=-1)
     if cos_TR.dim() == 2:  # a table by position; otherwise already per token, [B, 1, T, R/2]
         cos_TR, sin_TR = cos_TR[:T], sin_TR[:T]
     cos, sin = cos_TR.to(x_BHTR.dtype), sin_TR.to(x_BHTR.dtype)

@@ -37,6 +37,12 @@ def hf_config(family: str, **overrides):
                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, routed_scaling_factor=2.5,
                    norm_topk_prob=True, num_nextn_predict_layers=0)
         return tf.DeepseekV3Config(**{**common, "rope_parameters": yarn, **mla, **overrides})
+    if family == "glm4_moe":  # partial rotary, per-head q/k norm, q/k/v biases, DeepSeek's router over groups
+        rope = {"rope_type": "default", "rope_theta": 100.0, "partial_rotary_factor": 0.5}
+        glm = dict(head_dim=12, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                   n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                   use_qk_norm=True, attention_bias=True, num_nextn_predict_layers=0)
+        return tf.Glm4MoeConfig(**{**common, "rope_parameters": rope, **glm, **overrides})
     if family == "llama":
         return tf.LlamaConfig(**common)
     if family == "qwen2":

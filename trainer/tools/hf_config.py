@@ -1,7 +1,8 @@
 """Hugging Face `config.json` <-> moeyard `ModelConfig`, for the families moeyard reads and writes.
 
 MoE families: mixtral, qwen2_moe (shared expert behind a sigmoid gate, q/k/v biases), qwen3_moe
-(per-head q/k norm, free head_dim), olmoe (q/k norm over all heads), deepseek_v3 (hf_deepseek.py). Dense families, read for
+(per-head q/k norm, free head_dim), olmoe (q/k norm over all heads), deepseek_v3 (hf_deepseek.py), glm4_moe
+(hf_glm.py). Dense families, read for
 upcycling: llama, mistral, qwen2, qwen3. Reading needs no transformers; anything these files may say
 that moeyard's model does not compute (rope scaling other than YaRN, sliding windows, other activations, extra biases)
 is refused with the key that says it, rather than converted into a model that computes something else.
@@ -17,13 +18,16 @@ import torch
 from moeyard.errors import ConfigError
 from moeyard.models import ModelConfig, MoEConfig
 from moeyard.trainer.tools.hf_deepseek import deepseek_config_dict, deepseek_exportable, deepseek_model_config
+from moeyard.trainer.tools.hf_glm import glm_config_dict, glm_exportable, glm_model_config
 from moeyard.trainer.tools.hf_rope import rope_from_hf, rope_to_hf
 
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe")
+SIGMOID_ROUTER_FAMILIES = ("deepseek_v3", "glm4_moe")
+"""DeepSeek-V3's MoE: selection biases, shared_experts, MTP modules stored as the layers after the last."""
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-                 "deepseek_v3": "DeepseekV3ForCausalLM"}
+                 "deepseek_v3": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
 
 
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
@@ -99,11 +103,13 @@ def model_config_from_hf(hf: dict[str, Any], family: str, moe: MoEConfig) -> Mod
 def moe_model_config(hf: dict[str, Any]) -> tuple[str, ModelConfig]:
     """(family, ModelConfig) of an HF MoE checkpoint's config.json."""
     family = family_of(hf, MOE_FAMILIES)
-    if hf["num_experts_per_tok"] == 1 and (family == "mixtral" or hf.get("norm_topk_prob", family == "deepseek_v3")):
+    if hf["num_experts_per_tok"] == 1 and (family == "mixtral" or hf.get("norm_topk_prob", family in SIGMOID_ROUTER_FAMILIES)):
         raise ConfigError(f"{family} config: num_experts_per_tok=1 with renormalised weights (every token's weight "
                           f"is 1) is not supported: moeyard's top-1 keeps the router probability")
     if family == "deepseek_v3":
         return family, deepseek_model_config(hf)
+    if family == "glm4_moe":
+        return family, glm_model_config(hf)
     first, every = _moe_layers(hf, hf["num_hidden_layers"]) if family in ("qwen2_moe", "qwen3_moe") else (0, 1)
     shared = hf.get("shared_expert_intermediate_size") or 0 if family == "qwen2_moe" else 0
     moe = MoEConfig(
@@ -136,6 +142,11 @@ def export_family(cfg: ModelConfig) -> str:
         reason = deepseek_exportable(cfg)
         need(reason is None, f"{reason}")
         return "deepseek_v3"
+    if m.router == "sigmoid_bias":
+        reason = glm_exportable(cfg)
+        need(reason is None, f"{reason}")
+        return "glm4_moe"
+    need(cfg.rope_fraction == 1, f"model.rope_fraction={cfg.rope_fraction} (only GLM-4.5 rotates part of a head)")
     need(m.router == "topk_softmax", f"model.moe.router={m.router} (only topk_softmax exists there)")
     need(m.route_scale == 1.0, f"model.moe.route_scale={m.route_scale} (only DeepSeek-V3 scales routed weights)")
     if cfg.qk_norm == "full":
@@ -159,6 +170,8 @@ def hf_config_dict(cfg: ModelConfig, family: str, dtype: Optional[torch.dtype] =
     m = cfg.moe
     if family == "deepseek_v3":
         return deepseek_config_dict(cfg, dtype)
+    if family == "glm4_moe":
+        return glm_config_dict(cfg, dtype)
     common = dict(
         model_type=family, architectures=[ARCHITECTURES[family]], vocab_size=cfg.vocab_size, hidden_size=cfg.dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,

@@ -21,7 +21,13 @@ from moeyard.trainer.checkpoint.store import verify
 from moeyard.trainer.checkpoint.weights import CheckpointTensors, write_weights_checkpoint
 from moeyard.trainer.config import build_config
 from moeyard.trainer.data.tokenizer import copy_tokenizer_files, hf_tokenizer_record, tokenizer_record
-from moeyard.trainer.tools.hf_config import export_family, hf_config_dict, moe_model_config, read_hf_config
+from moeyard.trainer.tools.hf_config import (
+    SIGMOID_ROUTER_FAMILIES,
+    export_family,
+    hf_config_dict,
+    moe_model_config,
+    read_hf_config,
+)
 from moeyard.trainer.tools.hf_files import SHARD_BYTES, write_safetensors_shards
 from moeyard.trainer.tools.hf_weights import (
     HFTensors,
@@ -89,9 +95,10 @@ def export_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,
     manifest = verify(ckpt)
     model_cfg = build_config(manifest["config"]).model
     family = export_family(model_cfg)
-    if model_cfg.mtp_layers and family != "deepseek_v3":
+    if model_cfg.mtp_layers and family not in SIGMOID_ROUTER_FAMILIES:
         print(f"warning: the model's {model_cfg.mtp_layers} MTP depths are left out of the export: only "
-              f"DeepseekV3ForCausalLM stores MTP modules, and {family} computes the main model alone", flush=True)
+              f"DeepseekV3ForCausalLM and Glm4MoeForCausalLM store MTP modules, and {family} computes the main "
+              f"model alone", flush=True)
         model_cfg = dataclasses.replace(model_cfg, mtp_layers=0)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty: choose a new folder for the export")

@@ -12,14 +12,24 @@ from moeyard.errors import ConfigError
 from moeyard.models.config import ModelConfig, RopeScalingConfig
 
 
-def rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScalingConfig]:
-    """(rope_theta, rope_scaling) of an HF config."""
-    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+def _params(hf: dict[str, Any]) -> dict[str, Any]:
+    return {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+
+
+def rotary_fraction(hf: dict[str, Any]) -> float:
+    """partial_rotary_factor: the share of each head that is rotated (1: all)."""
+    return float(_params(hf).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+
+
+def rope_from_hf(hf: dict[str, Any], partial_ok: bool = False) -> tuple[float, RopeScalingConfig]:
+    """(rope_theta, rope_scaling) of an HF config. `partial_ok`: the family's modeling code honours
+    partial_rotary_factor (GLM-4.5), read by rotary_fraction; elsewhere anything but 1 is refused."""
+    params = _params(hf)
     kind = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ConfigError(f"partial_rotary_factor={params.get('partial_rotary_factor', hf.get('partial_rotary_factor'))}"
-                          f" is not supported by this family's import: moeyard rotates whole heads here")
+    if not partial_ok and rotary_fraction(hf) != 1.0:
+        raise ConfigError(f"partial_rotary_factor={rotary_fraction(hf)} is not supported by this family's import: "
+                          f"its modeling code rotates whole heads")
     if kind == "default":
         return theta, RopeScalingConfig()
     if kind != "yarn":

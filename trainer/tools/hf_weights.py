@@ -78,10 +78,13 @@ class HFTensors:
         return sorted(k for k in self.files if k not in self.taken and not k.endswith(IGNORED_SUFFIXES))
 
 
-def rope_order(head_dim: int) -> Tensor:
-    """moeyard row r of a head is HF row rope_order[r]."""
-    half = torch.arange(head_dim // 2)
-    return torch.stack([half, half + head_dim // 2], dim=1).flatten()
+def rope_order(head_dim: int, rotary_dim: int | None = None) -> Tensor:
+    """moeyard row r of a head is HF row rope_order[r]; with partial rotary only the first `rotary_dim` rows
+    are rotated (in halves by HF), the others kept in place."""
+    rotary_dim = rotary_dim or head_dim
+    half = torch.arange(rotary_dim // 2)
+    rotated = torch.stack([half, half + rotary_dim // 2], dim=1).flatten()
+    return torch.cat([rotated, torch.arange(rotary_dim, head_dim)])
 
 
 def _heads(t: Tensor, n_heads: int, head_dim: int, order: Tensor) -> Tensor:
@@ -177,7 +180,7 @@ def plain_pairs(cfg: ModelConfig, family: str, dense: bool = False) -> Iterator[
             continue
         hf, _ = _moe_prefix(family, layer)
         yield f"{block}.ffn.router.weight_ED", f"{hf}.gate.weight", 0
-        if family == "deepseek_v3":  # the aux-loss-free selection biases: a router buffer
+        if family in ("deepseek_v3", "glm4_moe"):  # the aux-loss-free selection biases: a router buffer
             yield f"{block}.ffn.router.expert_bias_E", f"{hf}.gate.e_score_correction_bias", 0
             if cfg.moe.num_shared_experts:
                 yield from _mlp_pairs(f"{block}.ffn.shared_experts", f"{hf}.shared_experts",
@@ -219,7 +222,10 @@ def moeyard_producers(src: HFTensors, cfg: ModelConfig, family: str,
     for ours, hf, heads in plain_pairs(cfg, family, dense):
         def plain(source: HFTensors, hf: str = hf, heads: int = heads) -> Tensor:
             t = source.take(hf)
-            return _heads(t, heads, t.shape[0] // heads, rope_order(t.shape[0] // heads)) if heads else t
+            if not heads:
+                return t
+            head_dim = t.shape[0] // heads
+            return _heads(t, heads, head_dim, rope_order(head_dim, cfg.rope_dim))
         producers[ours] = plain
     for ours, copy in mtp_shared_copies(cfg):
         producers[ours] = _checking_copy(producers[ours], ours, copy)
@@ -288,7 +294,7 @@ def hf_tensors(cfg: ModelConfig, family: str, read: Callable[[str], Tensor]) -> 
         t = read(ours)
         if heads:
             head_dim = t.shape[0] // heads
-            t = _heads(t, heads, head_dim, torch.argsort(rope_order(head_dim)))
+            t = _heads(t, heads, head_dim, torch.argsort(rope_order(head_dim, cfg.rope_dim)))
         if family == "qwen2_moe" and not m.shared_expert_gate and ours.endswith("shared_experts.w_down.weight"):
             t = 2 * t  # see below: the zero gate halves the shared expert
         yield hf, t.contiguous()

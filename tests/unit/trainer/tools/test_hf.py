@@ -54,11 +54,16 @@ def test_unsupported_hf_configs_are_refused_by_key(tmp_path: Path, capsys) -> No
 
 
 def test_export_refuses_routers_hf_does_not_have() -> None:
+    """sigmoid_bias exports as GLM-4.5 (grouped-query attention) or DeepSeek-V3 (MLA); the others have no family."""
     from moeyard.models import ModelConfig, MoEConfig
     from moeyard.trainer.tools.hf_config import export_family
 
-    with pytest.raises(ConfigError, match="sigmoid_bias"):
-        export_family(ModelConfig(moe=MoEConfig(router="sigmoid_bias")))
+    for router in ("expert_choice", "dense_to_sparse"):
+        with pytest.raises(ConfigError, match=router):
+            export_family(ModelConfig(moe=MoEConfig(router=router)))
+    assert export_family(ModelConfig(moe=MoEConfig(router="sigmoid_bias"))) == "glm4_moe"
+    with pytest.raises(ConfigError, match="model.moe.every=2"):
+        export_family(ModelConfig(moe=MoEConfig(router="sigmoid_bias", every=2)))
 
 
 @pytest.mark.parametrize("family,experts,top_k,granularity",
