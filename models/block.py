@@ -25,7 +25,8 @@ class Block(nn.Module):
         self.attn: nn.Module = (
             LatentAttention(cfg.dim, cfg.n_heads, cfg.mla, cfg.rope_scaling) if cfg.attention == "mla"
             else Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=cfg.attn_bias,
-                           qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps))
+                           qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, out_bias=cfg.attn_out_bias,
+                           sinks=cfg.attention_sinks, window=cfg.window_for_layer(layer)))
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn: nn.Module = (MoE(cfg.dim, cfg.moe_for_layer(layer)) if cfg.is_moe_layer(layer)
                                else SwiGLU(cfg.dim, cfg.ffn_dim))

@@ -60,6 +60,15 @@ class MoEConfig:
     expert takes from each sequence, ceil(capacity_factor * seq_len * top_k / num_experts); None means 1.0."""
     route_scale: float = 1.0
     """Multiplies every routed expert's weight (DeepSeek-V3's routed_scaling_factor, 2.5; Kimi-K2 2.827)."""
+    router_bias: bool = False
+    """A learned bias on the router's logits (GPT-OSS)."""
+    expert_bias: bool = False
+    """Biases on the routed experts' gate, up and down projections (GPT-OSS)."""
+    activation: Literal["swiglu", "swiglu_clamped"] = "swiglu"
+    """The routed experts' gated unit. swiglu: silu(gate) * up. swiglu_clamped (GPT-OSS): gate clamped
+    above and up on both sides at swiglu_limit, then gate * sigmoid(swiglu_alpha * gate) * (up + 1)."""
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     num_shared_experts: int = 0
     """Always-on experts applied to every token (DeepSeek/Qwen style)."""
     shared_expert_gate: bool = False
@@ -201,6 +210,15 @@ class ModelConfig:
     """Biases on the query, key and value projections (Qwen2)."""
     qk_norm: Literal["none", "head", "full"] = "none"
     """RMSNorm of queries and keys before RoPE: per head (Qwen3) or over all heads together (OLMoE)."""
+    attn_out_bias: bool = False
+    """A bias on the attention's output projection (GPT-OSS)."""
+    attention_sinks: bool = False
+    """A learned logit per head in every softmax's denominator (GPT-OSS)."""
+    sliding_window: int = 0
+    """Tokens a sliding-window layer sees (itself and sliding_window - 1 before); 0: none."""
+    layer_types: Optional[list[Literal["sliding", "full"]]] = None
+    """Per layer, sliding-window or full attention (GPT-OSS alternates, starting with sliding); None: every
+    layer sliding when sliding_window is set."""
     ffn_dim: int = 512
     """Hidden size of the dense SwiGLU blocks."""
     max_seq_len: int = 256
@@ -240,6 +258,16 @@ class ModelConfig:
         require(self.attention == "gqa" or (self.qk_norm == "none" and not self.attn_bias),
                 "model.attention=mla has its own norms (of the latents) and no q/k/v biases: set model.qk_norm=none "
                 "and model.attn_bias=false")
+        require(self.attention == "gqa" or not (self.attn_out_bias or self.attention_sinks or self.sliding_window),
+                "model.attention=mla has no output bias, sinks or sliding window: unset attn_out_bias, "
+                "attention_sinks and sliding_window")
+        require(self.sliding_window >= 0, f"model.sliding_window={self.sliding_window} must be >= 0 (0: none)")
+        if self.layer_types is not None:
+            require(len(self.layer_types) == self.n_layers and set(self.layer_types) <= {"sliding", "full"},
+                    f"model.layer_types={self.layer_types} must give 'sliding' or 'full' for each of the "
+                    f"{self.n_layers} layers")
+            require("sliding" not in self.layer_types or self.sliding_window > 0,
+                    "model.layer_types has sliding layers: set model.sliding_window to their window")
         require(0 <= self.mtp_layers < self.max_seq_len - 1,
                 f"model.mtp_layers={self.mtp_layers} must be >= 0 and below model.max_seq_len - 1")
         require(self.mtp_loss_coef >= 0, f"model.mtp_loss_coef={self.mtp_loss_coef} must be >= 0")
@@ -278,6 +306,13 @@ class ModelConfig:
     def rope_dim(self) -> int:
         """Rotated dims of each head: the RoPE tables' width."""
         return self.mla.qk_rope_head_dim if self.attention == "mla" else int(self.head_dim * self.rope_fraction)
+
+    def window_for_layer(self, layer: int) -> int:
+        """The sliding window of block `layer` (0: full attention); an MTP block is like the last layer."""
+        if not self.sliding_window:
+            return 0
+        types = self.layer_types
+        return self.sliding_window if types is None or types[min(layer, self.n_layers - 1)] == "sliding" else 0
 
     @property
     def n_blocks(self) -> int:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeyard.models.document_attention import DocumentSpans, document_attention
+from moeyard.models.local_attention import local_attention
 from moeyard.models.rope import apply_rope
 
 
@@ -28,18 +29,24 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Causal grouped-query self-attention through scaled_dot_product_attention.
 
-    Options of published models: biases on q/k/v (Qwen2), and RMSNorm of queries and keys before RoPE,
-    per head (`qk_norm="head"`, Qwen3) or over all heads at once (`"full"`, OLMoE).
+    Options of published models: biases on q/k/v (Qwen2) and on the output (GPT-OSS), RMSNorm of queries and
+    keys before RoPE, per head (`qk_norm="head"`, Qwen3) or over all heads at once (`"full"`, OLMoE), and
+    GPT-OSS's sliding window and attention sinks (models/local_attention.py).
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool = False,
-                 qk_norm: Literal["none", "head", "full"] = "none", norm_eps: float = 1e-5) -> None:
+                 qk_norm: Literal["none", "head", "full"] = "none", norm_eps: float = 1e-5, out_bias: bool = False,
+                 sinks: bool = False, window: int = 0) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.wq = nn.Linear(dim, n_heads * head_dim, bias=bias)
         self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
+        self.window = window
+        """Sliding window (model.sliding_window on this layer): each token sees itself and window - 1 before."""
+        if sinks:  # GPT-OSS: a learned logit per head in every softmax's denominator
+            self.sinks = nn.Parameter(torch.zeros(n_heads))
         self.qk_norm = qk_norm
         if qk_norm != "none":
             per_head = qk_norm == "head"
@@ -59,7 +66,11 @@ class Attention(nn.Module):
         v_BKTQ = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_BHTQ = apply_rope(q_BHTQ, cos_TQ, sin_TQ)
         k_BKTQ = apply_rope(k_BKTQ, cos_TQ, sin_TQ)
-        if docs is not None:
+        sinks_H = getattr(self, "sinks", None)
+        if sinks_H is not None or self.window:
+            out_BHTQ = local_attention(q_BHTQ, k_BKTQ, v_BKTQ, scale=self.head_dim ** -0.5, window=self.window,
+                                       sinks_H=sinks_H, docs=docs)
+        elif docs is not None:
             out_BHTQ = document_attention(q_BHTQ, k_BKTQ, v_BKTQ, docs)
         else:
             out_BHTQ = F.scaled_dot_product_attention(q_BHTQ, k_BKTQ, v_BKTQ, is_causal=True,

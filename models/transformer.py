@@ -75,7 +75,8 @@ class Transformer(nn.Module):
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
-            if name.endswith(".bias"):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("bias", "bias_E", "sinks") or leaf.startswith("b_"):  # biases, attention sinks: 0
                 nn.init.zeros_(p)
             elif p.dim() == 1:
                 nn.init.ones_(p)  # RMSNorm gains

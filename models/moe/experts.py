@@ -5,6 +5,7 @@ copies) grouped by expert.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 import torch
@@ -29,6 +30,40 @@ def swiglu_loop(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_
                                                        w_up_EDF.unbind(0), w_down_EFD.unbind(0))
     ]
     return torch.cat(outputs) if outputs else x_SD.new_zeros(0, w_down_EFD.shape[-1])
+
+
+@dataclass(frozen=True)
+class ExpertActivation:
+    """The gated unit of the routed experts (model.moe.activation, swiglu_alpha, swiglu_limit)."""
+
+    kind: Literal["swiglu", "swiglu_clamped"] = "swiglu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __call__(self, gate: Tensor, up: Tensor) -> Tensor:
+        if self.kind == "swiglu":
+            return F.silu(gate) * up
+        gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)  # GPT-OSS
+        return gate * torch.sigmoid(self.alpha * gate) * (up + 1)
+
+
+def gated_mlp_loop(x_SD: Tensor, rows_per_expert: list[int], weights: tuple[Tensor, ...],
+                   activation: ExpertActivation, order: Optional[Tensor] = None) -> Tensor:
+    """Experts with biases (gate, up, down, then b_gate, b_up, b_down) or another activation than SwiGLU,
+    one expert at a time in plain autograd; rows grouped by expert, or x_SD[order] when `order` is given
+    (outputs back in x_SD's order). Slower than the fused loop (autograd keeps every intermediate)."""
+    gate_EDF, up_EDF, down_EFD, *biases = weights
+    rows = x_SD if order is None else x_SD.index_select(0, order)
+    per_expert = [t.unbind(0) for t in (gate_EDF, up_EDF, down_EFD, *biases)]
+    outputs = []
+    for e, x_nD in enumerate(torch.split(rows, rows_per_expert)):
+        g_nF, u_nF = x_nD @ per_expert[0][e], x_nD @ per_expert[1][e]
+        if biases:
+            g_nF, u_nF = g_nF + per_expert[3][e], u_nF + per_expert[4][e]
+        y_nD = activation(g_nF, u_nF) @ per_expert[2][e]
+        outputs.append(y_nD + per_expert[5][e] if biases else y_nD)
+    y_SD = torch.cat(outputs) if outputs else x_SD.new_zeros(0, down_EFD.shape[-1])
+    return y_SD if order is None else torch.empty_like(y_SD).index_copy_(0, order, y_SD)
 
 
 GROUPED_MM_MIN_TORCH = (2, 9)
@@ -102,22 +137,36 @@ class GroupedExperts(nn.Module):
     """All experts of a layer (or this rank's shard of them) in three stacked weights."""
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int,
-                 compute: Literal["auto", "loop", "grouped_mm"] = "auto", recompute: bool = False) -> None:
+                 compute: Literal["auto", "loop", "grouped_mm"] = "auto", recompute: bool = False,
+                 bias: bool = False, activation: ExpertActivation = ExpertActivation()) -> None:
         super().__init__()
         self.compute = compute
         self.recompute = recompute
         """Activation checkpointing: keep only the input rows, recompute the expert MLPs in backward."""
+        self.activation = activation
         self.w_gate_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w_up_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.has_bias = bias
+        if bias:
+            self.b_gate_EF = nn.Parameter(torch.empty(num_experts, hidden_dim))
+            self.b_up_EF = nn.Parameter(torch.empty(num_experts, hidden_dim))
+            self.b_down_ED = nn.Parameter(torch.empty(num_experts, dim))
 
     @property
     def num_local_experts(self) -> int:
         return self.w_gate_EDF.shape[0]
 
     @property
-    def weights(self) -> tuple[Tensor, Tensor, Tensor]:
-        return self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD
+    def weights(self) -> tuple[Tensor, ...]:
+        """Gate, up and down, then their biases when the experts have them."""
+        matrices = (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD)
+        return matrices + ((self.b_gate_EF, self.b_up_EF, self.b_down_ED) if self.has_bias else ())
+
+    @property
+    def plain_swiglu(self) -> bool:
+        """Bias-free SwiGLU: the fused loop and the grouped GEMM apply; otherwise gated_mlp_loop."""
+        return not self.has_bias and self.activation.kind == "swiglu"
 
     def forward(self, x_SD: Tensor, rows_per_expert: list[int] | Tensor, order: Optional[Tensor] = None,
                 executor: Optional[Callable[[Callable[..., Tensor], tuple[Tensor, ...]], Tensor]] = None) -> Tensor:
@@ -131,15 +180,22 @@ class GroupedExperts(nn.Module):
             return executor(self.forward_with, self.weights)
         return self.forward_with(x_SD, rows_per_expert, *self.weights, order=order)
 
-    def forward_with(self, x_SD: Tensor, rows_per_expert: list[int] | Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor,
-                     w_down_EFD: Tensor, order: Optional[Tensor] = None) -> Tensor:
-        """The experts as a function of explicit weights, for executors that manage autograd themselves."""
-        weights = (w_gate_EDF, w_up_EDF, w_down_EFD)
+    def forward_with(self, x_SD: Tensor, rows_per_expert: list[int] | Tensor, *weights: Tensor,
+                     order: Optional[Tensor] = None) -> Tensor:
+        """The experts as a function of explicit weights (`self.weights`' order), for executors that manage
+        autograd themselves."""
         device = x_SD.device.type
         if torch.is_autocast_enabled(device):
             # _grouped_mm is not an autocast op: cast explicitly to the autocast dtype.
             dtype = torch.get_autocast_dtype(device)
             x_SD, weights = x_SD.to(dtype), tuple(w.to(dtype) for w in weights)
+        if not self.plain_swiglu:  # never run on a GPU: there too a loop over experts with host counts
+            if isinstance(rows_per_expert, Tensor):
+                rows_per_expert = rows_per_expert.tolist()
+            args = (x_SD, list(rows_per_expert), weights, self.activation, order)
+            if self.recompute and torch.is_grad_enabled():
+                return checkpoint(gated_mlp_loop, *args, use_reentrant=False)
+            return gated_mlp_loop(*args)
         if not self.uses_grouped_mm(x_SD):
             if isinstance(rows_per_expert, Tensor):
                 rows_per_expert = rows_per_expert.tolist()  # the loop slices on the host

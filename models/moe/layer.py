@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from moeyard.models.config import MoEConfig
 from moeyard.models.layers import SwiGLU
-from moeyard.models.moe.experts import GroupedExperts
+from moeyard.models.moe.experts import ExpertActivation, GroupedExperts
 from moeyard.models.moe.permutation import expert_capacity, permute, plan_permutation, unpermute
 from moeyard.models.moe.router import (
     Routing,
@@ -124,7 +124,8 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.router = build_router(dim, cfg)
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.ffn_dim, cfg.expert_compute,
-                                      recompute=cfg.recompute_experts)
+                                      recompute=cfg.recompute_experts, bias=cfg.expert_bias,
+                                      activation=ExpertActivation(cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit))
         self.shared_experts: Optional[SwiGLU] = (
             SwiGLU(dim, cfg.shared_hidden_dim) if cfg.num_shared_experts > 0 else None
         )

@@ -47,10 +47,17 @@ class Router(nn.Module):
         self.num_experts = num_experts
         self.weight_ED = nn.Parameter(torch.empty(num_experts, dim))
 
+    def add_bias(self) -> None:
+        """A learned bias on every logit (GPT-OSS's router; model.moe.router_bias)."""
+        self.bias_E = nn.Parameter(torch.zeros(self.num_experts, dtype=self.weight_ED.dtype,
+                                               device=self.weight_ED.device))
+
     def logits(self, x_TD: Tensor) -> Tensor:
         dtype = router_dtype(x_TD)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return x_TD.to(dtype) @ self.weight_ED.to(dtype).t()
+            logits_TE = x_TD.to(dtype) @ self.weight_ED.to(dtype).t()
+            bias_E = getattr(self, "bias_E", None)
+            return logits_TE if bias_E is None else logits_TE + bias_E.to(dtype)
 
     @torch.no_grad()
     def reset_buffers(self) -> None:

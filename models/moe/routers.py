@@ -193,6 +193,13 @@ class DenseToSparseRouter(Router):
 
 
 def build_router(dim: int, cfg: MoEConfig) -> Router:
+    router = _router(dim, cfg)
+    if cfg.router_bias:
+        router.add_bias()
+    return router
+
+
+def _router(dim: int, cfg: MoEConfig) -> Router:
     E, K = cfg.num_experts, cfg.top_k
     if cfg.router == "topk_softmax":
         return TopKRouter(dim, E, K, cfg.renormalize)

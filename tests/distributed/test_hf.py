@@ -15,7 +15,7 @@ from moeyard.launch.cli import main  # noqa: E402
 TOKENS = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss"])
 def test_from_hf_matches_transformers_at_ep1_and_ep2_and_round_trips(family: str, tmp_path: Path) -> None:
     hf_dir = save_random_model(family, tmp_path / "hf")
     expected = hf_logits(hf_dir, TOKENS)

@@ -43,6 +43,13 @@ def hf_config(family: str, **overrides):
                    n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
                    use_qk_norm=True, attention_bias=True, num_nextn_predict_layers=0)
         return tf.Glm4MoeConfig(**{**common, "rope_parameters": rope, **glm, **overrides})
+    if family == "gpt_oss":  # sinks, sliding window 5 on layers 0 and 2 (T = 24), all biases, an active clamp
+        yarn = {"rope_type": "yarn", "rope_theta": 100.0, "factor": 4.0, "original_max_position_embeddings": 16,
+                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
+        oss = dict(intermediate_size=16, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"], swiglu_limit=0.3,
+                   attention_bias=True)
+        return tf.GptOssConfig(**{**common, "rope_parameters": yarn, **oss, **overrides})
     if family == "llama":
         return tf.LlamaConfig(**common)
     if family == "qwen2":

@@ -19,15 +19,16 @@ from moeyard.errors import ConfigError
 from moeyard.models import ModelConfig, MoEConfig
 from moeyard.trainer.tools.hf_deepseek import deepseek_config_dict, deepseek_exportable, deepseek_model_config
 from moeyard.trainer.tools.hf_glm import glm_config_dict, glm_exportable, glm_model_config
+from moeyard.trainer.tools.hf_gpt_oss import gpt_oss_config_dict, gpt_oss_model_config, gpt_oss_unexportable
 from moeyard.trainer.tools.hf_rope import rope_from_hf, rope_to_hf
 
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss")
 SIGMOID_ROUTER_FAMILIES = ("deepseek_v3", "glm4_moe")
 """DeepSeek-V3's MoE: selection biases, shared_experts, MTP modules stored as the layers after the last."""
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-                 "deepseek_v3": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
+                 "deepseek_v3": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 
 
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
@@ -103,13 +104,16 @@ def model_config_from_hf(hf: dict[str, Any], family: str, moe: MoEConfig) -> Mod
 def moe_model_config(hf: dict[str, Any]) -> tuple[str, ModelConfig]:
     """(family, ModelConfig) of an HF MoE checkpoint's config.json."""
     family = family_of(hf, MOE_FAMILIES)
-    if hf["num_experts_per_tok"] == 1 and (family == "mixtral" or hf.get("norm_topk_prob", family in SIGMOID_ROUTER_FAMILIES)):
+    if hf["num_experts_per_tok"] == 1 and (family in ("mixtral", "gpt_oss") or
+                                       hf.get("norm_topk_prob", family in SIGMOID_ROUTER_FAMILIES)):
         raise ConfigError(f"{family} config: num_experts_per_tok=1 with renormalised weights (every token's weight "
                           f"is 1) is not supported: moeyard's top-1 keeps the router probability")
     if family == "deepseek_v3":
         return family, deepseek_model_config(hf)
     if family == "glm4_moe":
         return family, glm_model_config(hf)
+    if family == "gpt_oss":
+        return family, gpt_oss_model_config(hf)
     first, every = _moe_layers(hf, hf["num_hidden_layers"]) if family in ("qwen2_moe", "qwen3_moe") else (0, 1)
     shared = hf.get("shared_expert_intermediate_size") or 0 if family == "qwen2_moe" else 0
     moe = MoEConfig(
@@ -142,6 +146,12 @@ def export_family(cfg: ModelConfig) -> str:
         reason = deepseek_exportable(cfg)
         need(reason is None, f"{reason}")
         return "deepseek_v3"
+    if cfg.attention_sinks or m.expert_bias or m.router_bias or m.activation != "swiglu":
+        reason = gpt_oss_unexportable(cfg)
+        need(reason is None, f"{reason}")
+        return "gpt_oss"
+    need(not (cfg.sliding_window or cfg.attn_out_bias), "a sliding window or an output bias without GPT-OSS's "
+         "sinks and biases")
     if m.router == "sigmoid_bias":
         reason = glm_exportable(cfg)
         need(reason is None, f"{reason}")
@@ -172,6 +182,8 @@ def hf_config_dict(cfg: ModelConfig, family: str, dtype: Optional[torch.dtype] =
         return deepseek_config_dict(cfg, dtype)
     if family == "glm4_moe":
         return glm_config_dict(cfg, dtype)
+    if family == "gpt_oss":
+        return gpt_oss_config_dict(cfg, dtype)
     common = dict(
         model_type=family, architectures=[ARCHITECTURES[family]], vocab_size=cfg.vocab_size, hidden_size=cfg.dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from moeyard.errors import ConfigError
 from moeyard.models import ModelConfig
+from moeyard.trainer.tools import hf_gpt_oss as gpt_oss
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -129,6 +130,10 @@ def _attention_pairs(cfg: ModelConfig, block: str, layer: str) -> Iterator[tuple
         yield f"{ours}.wq.bias", f"{hf}.q_proj.bias", cfg.n_heads
         yield f"{ours}.wk.bias", f"{hf}.k_proj.bias", cfg.n_kv_heads
         yield f"{ours}.wv.bias", f"{hf}.v_proj.bias", 0
+    if cfg.attn_out_bias:
+        yield f"{ours}.wo.bias", f"{hf}.o_proj.bias", 0
+    if cfg.attention_sinks:
+        yield f"{ours}.sinks", f"{hf}.sinks", 0
     if cfg.qk_norm != "none":
         per_head = cfg.qk_norm == "head"
         yield f"{ours}.q_norm.weight", f"{hf}.q_norm.weight", 1 if per_head else cfg.n_heads
@@ -179,7 +184,10 @@ def plain_pairs(cfg: ModelConfig, family: str, dense: bool = False) -> Iterator[
             yield from _mlp_pairs(f"{block}.ffn", f"{layer}.mlp", ("gate_proj", "up_proj", "down_proj"))
             continue
         hf, _ = _moe_prefix(family, layer)
-        yield f"{block}.ffn.router.weight_ED", f"{hf}.gate.weight", 0
+        router = "router" if family == "gpt_oss" else "gate"
+        yield f"{block}.ffn.router.weight_ED", f"{hf}.{router}.weight", 0
+        if cfg.moe.router_bias:
+            yield f"{block}.ffn.router.bias_E", f"{hf}.{router}.bias", 0
         if family in ("deepseek_v3", "glm4_moe"):  # the aux-loss-free selection biases: a router buffer
             yield f"{block}.ffn.router.expert_bias_E", f"{hf}.gate.e_score_correction_bias", 0
             if cfg.moe.num_shared_experts:
@@ -230,7 +238,9 @@ def moeyard_producers(src: HFTensors, cfg: ModelConfig, family: str,
     for ours, copy in mtp_shared_copies(cfg):
         producers[ours] = _checking_copy(producers[ours], ours, copy)
     for block, layer, i in block_prefixes(cfg):
-        if cfg.is_moe_layer(i) and not dense:
+        if cfg.is_moe_layer(i) and not dense and family == "gpt_oss":
+            producers.update(gpt_oss.expert_producers(_moe_prefix(family, layer)[0], block))
+        elif cfg.is_moe_layer(i) and not dense:
             hf, names = _moe_prefix(family, layer)
             fused = f"{hf}.experts.gate_up_proj" in src
             for w, produce in zip(("w_gate_EDF", "w_up_EDF", "w_down_EFD"),
@@ -304,6 +314,9 @@ def hf_tensors(cfg: ModelConfig, family: str, read: Callable[[str], Tensor]) -> 
         if not cfg.is_moe_layer(i):
             continue
         hf, names = _moe_prefix(family, layer)
+        if family == "gpt_oss":
+            yield from gpt_oss.expert_tensors(hf, block, read)
+            continue
         for w, name in zip(("w_gate_EDF", "w_up_EDF", "w_down_EFD"), names):
             stacked = read(f"{block}.ffn.experts.{w}")
             for e in range(m.num_experts):

@@ -1,0 +1,53 @@
+"""GPT-OSS's attention: sliding window and sinks, against a hand-worked case and the formula written out."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moeyard.models.document_attention import DocumentSpans
+from moeyard.models.local_attention import local_attention
+
+
+def test_hand_worked_window_and_sink() -> None:
+    """All scores 0 (keys are 0), a sink of ln 2, window 2, values 1, 2, 4: token 0 sees itself and the sink,
+    1/(1 + 2) * 1; token 1 sees tokens 0 and 1, (1 + 2)/(1 + 1 + 2); token 2 only 1 and 2 (the window),
+    (2 + 4)/4."""
+    q = torch.ones(1, 1, 3, 2)
+    k = torch.zeros(1, 1, 3, 2)
+    v = torch.tensor([1.0, 2.0, 4.0]).view(1, 1, 3, 1)
+    out = local_attention(q, k, v, scale=1.0, window=2, sinks_H=torch.tensor([math.log(2.0)]))
+    torch.testing.assert_close(out.flatten(), torch.tensor([1 / 3, 0.75, 1.5]))
+
+
+def _reference(q, k, v, scale, window, sinks_H):
+    """Softmax over [scores within the causal window, the head's sink], the sink's share dropped."""
+    B, H, T, _ = q.shape
+    k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))
+    scores = q @ k.transpose(-1, -2) * scale
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = (j <= i) & ((i - j < window) if window else True)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks_H is not None:
+        scores = torch.cat([scores, sinks_H.view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)
+    probs = scores.softmax(dim=-1)[..., :T]
+    return probs @ v
+
+
+def test_grouped_query_window_and_sinks_match_the_formula_and_documents_stay_apart() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g), torch.randn(2, 2, 9, 6, generator=g)
+    sinks = torch.randn(4, generator=g, requires_grad=True)
+    for window, with_sinks in ((0, True), (3, False), (3, True)):
+        s = sinks if with_sinks else None
+        got = local_attention(q, k, v, scale=0.3, window=window, sinks_H=s)
+        torch.testing.assert_close(got, _reference(q, k, v, 0.3, window, s), rtol=1e-5, atol=1e-6)
+    got.sum().backward()
+    expected_grad = torch.autograd.grad(_reference(q, k, v, 0.3, 3, sinks).sum(), sinks)[0]
+    torch.testing.assert_close(sinks.grad, expected_grad, rtol=1e-5, atol=1e-6)
+    # Two packed documents per row (5 + 4 tokens): each computes what it computes alone.
+    docs = DocumentSpans.from_segments(torch.tensor([[0] * 5 + [1] * 4] * 2))
+    packed = local_attention(q, k, v, scale=0.3, window=3, sinks_H=sinks, docs=docs)
+    for a, b in ((0, 5), (5, 9)):
+        alone = local_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scale=0.3, window=3, sinks_H=sinks)
+        torch.testing.assert_close(packed[:, :, a:b], alone, rtol=1e-5, atol=1e-6)
