@@ -97,3 +97,25 @@ def test_mla_with_multi_token_prediction_is_the_same_at_ep1_and_ep2(config, deep
     for a, b in zip(metrics, read_metrics(deepseek_single)):
         for key in ("loss", "lm_loss", "mtp_loss"):
             assert a[key] == pytest.approx(b[key], rel=RTOL), f"step {a['step']} {key} against one process"
+
+
+# GPT-OSS's design: sinks, a sliding window on alternate layers, biases everywhere, the clamped SwiGLU.
+GPT_OSS = ["model.n_kv_heads=2", "model.attn_bias=true", "model.attn_out_bias=true", "model.attention_sinks=true",
+           "model.sliding_window=8", "model.layer_types=[sliding,full,sliding]", "model.moe.router_bias=true",
+           "model.moe.expert_bias=true", "model.moe.activation=swiglu_clamped", "model.moe.swiglu_limit=1.0",
+           "model.moe.first_dense_layers=0", "model.moe.num_shared_experts=0"]
+
+
+@pytest.mark.parametrize("extra", [[], ["schedule.mode=manual", "schedule.chunks=2"]], ids=["plain", "pipelined"])
+def test_gpt_oss_design_is_the_same_at_ep1_and_ep2(config, tmp_path, extra) -> None:
+    """Sinks, windows and biased clamped experts (sharded with their biases; pipelined in 2 chunks, where the
+    exchange runs them with six weights) learn the same at ep=1 and ep=2 on 2 processes, and one process."""
+    moeyard_train(config, tmp_path / "one", 1, "parallel.ep=1", *GPT_OSS)
+    moeyard_train(config, tmp_path / "ep1", 2, "parallel.ep=1", *GPT_OSS)
+    moeyard_train(config, tmp_path / "ep2", 2, "parallel.ep=2", *GPT_OSS, *extra)
+    metrics = read_metrics(tmp_path / "ep2")
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert_same_run(tmp_path / "ep1", tmp_path / "ep2", f"GPT-OSS design ep=1 vs ep=2 {' '.join(extra)}")
+    for a, b in zip(metrics, read_metrics(tmp_path / "one")):
+        for key in ("loss", "lm_loss"):
+            assert a[key] == pytest.approx(b[key], rel=RTOL), f"step {a['step']} {key} against one process"

@@ -85,13 +85,19 @@ def keep_per_layer(cfg: ModelConfig, keep: int | list[int]) -> dict[int, int]:
     return dict(zip(layers, counts))
 
 
+PER_EXPERT = ("experts.w_gate_EDF", "experts.w_up_EDF", "experts.w_down_EFD", "experts.b_gate_EF", "experts.b_up_EF",
+              "experts.b_down_ED", "router.weight_ED", "router.bias_E")
+"""A MoE layer's tensors with one row per expert (the biases where the model has them)."""
+
+
 def pruned_state(state: dict[str, Tensor], kept: dict[int, Tensor]) -> dict[str, Tensor]:
     """The expert weights and router rows of the kept experts; everything else unchanged."""
     out = dict(state)
     for layer, ids in kept.items():
         prefix = f"layers.{layer}.ffn."
-        for name in ("experts.w_gate_EDF", "experts.w_up_EDF", "experts.w_down_EFD", "router.weight_ED"):
-            out[prefix + name] = state[prefix + name].index_select(0, ids).clone()
+        for name in PER_EXPERT:
+            if prefix + name in state:
+                out[prefix + name] = state[prefix + name].index_select(0, ids).clone()
     return out
 
 
@@ -115,6 +121,9 @@ def prune(ckpt: Path, data: str, keep: int | list[int], out: Path, calibration_b
     if moe.router not in PRUNABLE_ROUTERS:
         raise ConfigError(f"moeyard prune handles token-choice softmax routers ({', '.join(PRUNABLE_ROUTERS)}); "
                           f"this model uses model.moe.router={moe.router}")
+    if cfg.model.mtp_layers:
+        raise ConfigError(f"moeyard prune does not prune the {cfg.model.mtp_layers} MTP depths' experts yet "
+                          f"(model.mtp_layers): prune a model without them")
     budget = keep_per_layer(cfg.model, keep)
     if out.exists():
         raise FileExistsError(f"{out} already exists: choose a new folder for the pruned checkpoint")
