@@ -24,7 +24,8 @@ from moeyard.trainer.config import load_config
 from moeyard.trainer.memory_plan import memory_layout
 from moeyard.trainer.schedule import load_hardware, workload
 
-MODELS = ["olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b", "mixtral-8x22b", "qwen3-235b-a22b"]
+MODELS = ["olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b", "mixtral-8x22b", "qwen3-235b-a22b", "gpt-oss-20b",
+          "gpt-oss-120b", "glm-4.5-air", "glm-4.5", "deepseek-v3-671b", "kimi-k2"]
 OUT = Path(__file__).parent / "results" / "plan_table.md"
 
 
@@ -53,8 +54,9 @@ def fewest(cfg, hw, fsdp: bool) -> tuple[int, int] | None:
 PUBLISHED_TFLOPS = {"mixtral-8x7b": "468 (Megatron-Core, bf16, H100)",
                     "qwen3-235b-a22b": "245-276 (Megatron-Core, bf16, 256 H100)"}
 """Model TFLOP/s per GPU that peers publish for the same shapes (../shared/REFERENCES.md)."""
-SPEED_WORLD = {"qwen3-235b-a22b": 256}
-"""GPUs of the throughput row where a published run used another count (default 64)."""
+SPEED_WORLD = {"qwen3-235b-a22b": 256, "glm-4.5": 128, "deepseek-v3-671b": 256, "kimi-k2": 512}
+"""GPUs of the throughput row where a published run used another count, or where the model needs more
+(default 64)."""
 
 
 def fit_row(name: str, hw) -> str:

@@ -55,16 +55,20 @@ def block_index(name: str, cfg: ModelConfig) -> int:
     return cfg.n_blocks
 
 
-def attention_core_flops(cfg: ModelConfig, tokens: int, seq_len: int) -> float:
-    """Causal scores and weighted sum of one block's attention (half of the full T x T)."""
+def attention_core_flops(cfg: ModelConfig, tokens: int, seq_len: int, layer: int) -> float:
+    """Scores and weighted sum of one block's attention: causal, a query sees seq_len / 2 keys on average, or
+    at most its sliding window's (GPT-OSS's sliding layers)."""
     a = attention_shape(cfg)
-    return float(tokens * seq_len * (a.q + a.out))
+    keys = seq_len / 2
+    if window := cfg.window_for_layer(layer):
+        keys = min(keys, window - (window * window - window) / (2 * seq_len))  # the first rows see fewer
+    return float(2 * tokens * keys * (a.q + a.out))
 
 
 def block_fwd_flops(cfg: ModelConfig, tokens: int, seq_len: int, layer: int) -> float:
     """Forward FLOPs of one block without its routed experts (which the cost model times separately)."""
     d = cfg.dim
-    flops = 2 * tokens * attention_shape(cfg).projection_weights + attention_core_flops(cfg, tokens, seq_len)
+    flops = 2 * tokens * attention_shape(cfg).projection_weights + attention_core_flops(cfg, tokens, seq_len, layer)
     if cfg.is_moe_layer(layer):
         flops += 2 * tokens * d * cfg.moe_for_layer(layer).num_experts  # router
         flops += 6 * tokens * d * cfg.moe.shared_hidden_dim

@@ -312,7 +312,7 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     micro_steps=micro_steps, params=tuple(reversed(infos)), act_bytes=act_bytes,
                     dense_flops=tuple(block_fwd_flops(cfg, tokens, seq_len, i) for i in blocks),
                     head_flops=head_fwd_flops(cfg, tokens),
-                    attention_flops=tuple(attention_core_flops(cfg, tokens, seq_len) for _ in blocks),
+                    attention_flops=tuple(attention_core_flops(cfg, tokens, seq_len, i) for i in blocks),
                     elementwise_bytes=tuple(block_elementwise_bytes(cfg, tokens, i, act_bytes) for i in blocks),
                     recompute="experts" if recompute == "none" and cfg.moe.recompute_experts else recompute)
 
