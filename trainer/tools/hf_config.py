@@ -77,8 +77,13 @@ def _moe_layers(hf: dict[str, Any], n_layers: int) -> tuple[int, int]:
                       f"decoder_sparse_step={step}) do not follow moeyard's first_dense_layers/every pattern")
 
 
+SAME_AS = {"kimi_k2": "deepseek_v3"}
+"""model_types whose custom code computes a family moeyard reads (Kimi-K2: DeepseekV3ForCausalLM's
+architecture and tensor names); such a checkpoint exports back as that family, which transformers loads."""
+
+
 def family_of(hf: dict[str, Any], allowed: tuple[str, ...]) -> str:
-    family = hf.get("model_type")
+    family = SAME_AS.get(hf.get("model_type"), hf.get("model_type"))
     if family not in allowed:
         raise ConfigError(f"config.json model_type={family!r}: expected one of {', '.join(allowed)}")
     return family

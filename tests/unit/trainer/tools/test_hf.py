@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,25 @@ def test_deepseek_settings_moeyard_does_not_compute_are_refused_by_key(tmp_path:
         assert main(["convert", "from-hf", str(hf_dir), "--out", str(tmp_path / key)]) == 2
         assert key in capsys.readouterr().err
         assert not (tmp_path / key).exists()
+
+
+def test_kimi_k2_config_reads_as_deepseek_v3_and_exports_as_it(tmp_path: Path) -> None:
+    """Kimi-K2's config.json says model_type kimi_k2 (custom code) with DeepSeek-V3's architecture, an older
+    rope_scaling dict and beta_fast = beta_slow = 1: it imports, matches transformers' DeepseekV3 on the same
+    tensors, and exports as deepseek_v3."""
+    yarn = {"rope_type": "yarn", "rope_theta": 50.0, "factor": 4.0, "original_max_position_embeddings": 16,
+            "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    hf_dir = save_random_model("deepseek_v3", tmp_path / "hf", rope_parameters=yarn, n_group=1, topk_group=1)
+    kimi = tmp_path / "kimi"
+    shutil.copytree(hf_dir, kimi)
+    config = json.loads((kimi / "config.json").read_text())
+    config.pop("rope_parameters")
+    config |= {"model_type": "kimi_k2", "rope_theta": 50.0, "auto_map": {"AutoConfig": "configuration_kimi.KimiK2Config"},
+               "rope_scaling": {"type": "yarn", **{k: v for k, v in yarn.items() if k not in ("rope_type", "rope_theta")}}}
+    (kimi / "config.json").write_text(json.dumps(config))
+    assert main(["convert", "from-hf", str(kimi), "--out", str(tmp_path / "ckpt")]) == 0
+    expected = hf_logits(hf_dir, TOKENS)
+    assert (moeyard_logits(tmp_path / "ckpt", TOKENS) - expected).abs().max() < 1e-4
+    assert main(["convert", "to-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back")]) == 0
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "deepseek_v3"
+    assert (hf_logits(tmp_path / "back", TOKENS) - expected).abs().max() < 1e-4
