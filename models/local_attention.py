@@ -5,8 +5,10 @@ sliding_window). A sink is a learned logit per query head that joins every softm
 contributes no value: attention mass can go "nowhere". SDPA has no sink argument, so the sink is made a key:
 queries get one extra dim holding sink / scale, a key at the front has 1 there (and 0 elsewhere), the others
 0, and its value is zero; its score is then exactly the sink, for every query, while the other scores are
-unchanged. The key is shared by the kv heads, so grouped-query attention stays grouped. A boolean [T, T + 1]
-mask (the sink column always open) selects SDPA's memory-efficient kernel on a GPU (never run there yet).
+unchanged. The key is shared by the kv heads, so grouped-query attention stays grouped on CPU; on a GPU the
+kv heads are expanded and the head size padded to a multiple of 8, so that SDPA can take the boolean
+[T, T + 1] mask (the sink column always open) in its memory-efficient kernel. Never run on a GPU yet: if SDPA
+falls back to its math kernel there, the [B, H, T, T + 1] scores are kept per layer.
 
 Shape legend: B batch, H query heads, K key/value heads, T sequence, Q head dim, V value head dim.
 """
@@ -32,14 +34,17 @@ def _allowed(T: int, window: int, sink: bool, device: torch.device) -> Tensor:
 
 def _one_sequence(q_BHTQ: Tensor, k_BKTQ: Tensor, v_BKTV: Tensor, scale: float, window: int,
                   sinks_H: Optional[Tensor]) -> Tensor:
-    B, H, T, _ = q_BHTQ.shape
+    B, H, T, Q = q_BHTQ.shape
     K = k_BKTQ.shape[1]
+    if q_BHTQ.is_cuda and H != K:  # SDPA's fused kernels take a mask only without enable_gqa (pytorch#139586)
+        k_BKTQ, v_BKTV = (t.repeat_interleave(H // K, dim=1) for t in (k_BKTQ, v_BKTV))
+        K = H
     if sinks_H is not None:
+        pad = -(Q + 1) % 8  # head sizes in multiples of 8 for the memory-efficient kernel; zeros change no score
         sink_BHT1 = (sinks_H / scale).to(q_BHTQ.dtype).view(1, H, 1, 1).expand(B, H, T, 1)
-        q_BHTQ = torch.cat([q_BHTQ, sink_BHT1], dim=-1)
-        k_BKTQ = F.pad(k_BKTQ, (0, 1))
-        sink_key_BK1Q = F.pad(k_BKTQ.new_zeros(B, K, 1, k_BKTQ.shape[-1] - 1), (0, 1), value=1.0)
-        k_BKTQ = torch.cat([sink_key_BK1Q, k_BKTQ], dim=2)
+        q_BHTQ = F.pad(torch.cat([q_BHTQ, sink_BHT1], dim=-1), (0, pad))
+        sink_key_BK1Q = F.pad(k_BKTQ.new_ones(B, K, 1, 1), (Q, pad))
+        k_BKTQ = torch.cat([sink_key_BK1Q, F.pad(k_BKTQ, (0, 1 + pad))], dim=2)
         v_BKTV = torch.cat([v_BKTV.new_zeros(B, K, 1, v_BKTV.shape[-1]), v_BKTV], dim=2)
     mask = _allowed(T, window, sinks_H is not None, q_BHTQ.device)
     return F.scaled_dot_product_attention(q_BHTQ, k_BKTQ, v_BKTV, attn_mask=mask, scale=scale, enable_gqa=H != K)

@@ -75,8 +75,7 @@ class Transformer(nn.Module):
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("bias", "bias_E", "sinks") or leaf.startswith("b_"):  # biases, attention sinks: 0
+            if is_offset(name):
                 nn.init.zeros_(p)
             elif p.dim() == 1:
                 nn.init.ones_(p)  # RMSNorm gains
@@ -202,3 +201,15 @@ def expert_parameter_ids(model: nn.Module) -> set[int]:
     """ids of the routed experts' stacked weights: the parameters EP shards on dim 0 and reduces over edp
     (every other parameter is dense: replicated, reduced over dp)."""
     return {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+
+
+def is_offset(name: str) -> bool:
+    """Biases (of linear maps, the router, the experts' b_*) and attention sinks: additive offsets, which
+    start at 0 and take no weight decay."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in ("bias", "bias_E", "sinks") or leaf.startswith("b_")
+
+
+def no_decay_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters AdamW leaves undecayed: norm gains (1-D) and offsets (is_offset)."""
+    return {id(p) for name, p in model.named_parameters() if p.dim() < 2 or is_offset(name)}

@@ -78,14 +78,15 @@ def set_chunks(model: Transformer, chunks: tuple[int, ...]) -> None:
 
 def adamw(model: nn.Module, settings: AdamWSettings) -> torch.optim.AdamW:
     """torch's AdamW over the trainable parameters; matrices decay (embeddings, projections, experts), norm
-    gains do not. Element-wise, so a sharded expert's update equals the unsharded one.
+    gains, biases and sinks do not. Element-wise, so a sharded expert's update equals the unsharded one.
 
     Experts get groups of their own: under FSDP they are DTensors on another mesh than the dense
     parameters, and a foreach update cannot mix meshes."""
     groups = split_parameters(model)
-    param_groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay}
-                    for params in (groups.dense, groups.expert)]
-    param_groups.append({"params": [p for p in groups.dense + groups.expert if p.dim() < 2], "weight_decay": 0.0})
+    param_groups = [{"params": [p for p in params if id(p) not in groups.no_decay],
+                     "weight_decay": settings.weight_decay} for params in (groups.dense, groups.expert)]
+    for params in (groups.dense, groups.expert):  # norm gains and biases; per mesh, like the decayed ones
+        param_groups.append({"params": [p for p in params if id(p) in groups.no_decay], "weight_decay": 0.0})
     return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=settings.lr,
                              betas=(settings.beta1, settings.beta2), eps=settings.eps)
 
@@ -98,7 +99,7 @@ def grad_sync_for(plan: Plan, model: nn.Module, groups: ParamGroups, pmesh: Para
         reducer = BucketedReducer(groups, pmesh, plan.dense_buckets, plan.expert_buckets, "reduce_scatter",
                                   reduce_dtype)
         sharded = ShardedAdamW(reducer, lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=settings.eps,
-                               weight_decay=settings.weight_decay)
+                               weight_decay=settings.weight_decay, no_decay=groups.no_decay)
         return ShardedSync(groups, pmesh, reducer, sharded)
     optimizer = adamw(model, settings)
     if not plan.overlap_grads:

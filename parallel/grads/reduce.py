@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moeyard.models import expert_parameter_ids
+from moeyard.models import expert_parameter_ids, no_decay_parameter_ids
 from moeyard.parallel.mesh import ParallelMesh
 
 
@@ -26,6 +26,8 @@ class ParamGroups:
     """Replicated on every rank; reduced over dp."""
     expert: list[nn.Parameter]
     """This rank's expert shard; reduced over edp."""
+    no_decay: frozenset[int] = frozenset()
+    """ids of the parameters without weight decay (models.no_decay_parameter_ids)."""
 
 
 def split_parameters(model: nn.Module) -> ParamGroups:
@@ -34,6 +36,7 @@ def split_parameters(model: nn.Module) -> ParamGroups:
     return ParamGroups(
         dense=[p for p in params if id(p) not in expert_ids],
         expert=[p for p in params if id(p) in expert_ids],
+        no_decay=frozenset(no_decay_parameter_ids(model)),
     )
 
 

@@ -42,15 +42,16 @@ class _ShardState:
 
 class ShardedAdamW:
     def __init__(self, reducer: BucketedReducer, *, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float) -> None:
+                 weight_decay: float, no_decay: frozenset[int] | None = None) -> None:
+        """`no_decay`: ids of parameters without weight decay (default: the 1-D ones)."""
         if reducer.mode != "reduce_scatter":
             raise ValueError("ShardedAdamW needs a BucketedReducer in reduce_scatter mode")
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.step_count = 0
-        self.shards = [self._init_shard(b) for b in reducer.buckets]
+        self.shards = [self._init_shard(b, no_decay) for b in reducer.buckets]
 
     @staticmethod
-    def _init_shard(bucket: Bucket) -> _ShardState:
+    def _init_shard(bucket: Bucket, no_decay: frozenset[int] | None) -> _ShardState:
         size = bucket.shard_size
         lo = dist.get_rank(bucket.group) * size
         flat = torch.cat([p.detach().reshape(-1) for p in bucket.params])
@@ -62,7 +63,8 @@ class ShardedAdamW:
         for i, (p, start, stop) in enumerate(zip(bucket.params, bucket.offsets, bucket.offsets[1:])):
             a, b = max(start, lo), min(stop, lo + size)
             if a < b:
-                segments.append(_Segment(i, a - lo, b - lo, decay=p.dim() >= 2))
+                decay = p.dim() >= 2 if no_decay is None else id(p) not in no_decay
+                segments.append(_Segment(i, a - lo, b - lo, decay=decay))
         return _ShardState(bucket, lo, param, torch.zeros_like(param), torch.zeros_like(param), segments)
 
     def grad_sq_sum(self) -> Tensor:

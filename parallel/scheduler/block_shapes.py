@@ -60,8 +60,9 @@ def attention_core_flops(cfg: ModelConfig, tokens: int, seq_len: int, layer: int
     at most its sliding window's (GPT-OSS's sliding layers)."""
     a = attention_shape(cfg)
     keys = seq_len / 2
-    if window := cfg.window_for_layer(layer):
-        keys = min(keys, window - (window * window - window) / (2 * seq_len))  # the first rows see fewer
+    window = cfg.window_for_layer(layer)
+    if 0 < window < seq_len:  # query i sees min(i + 1, window) keys
+        keys = window - (window * window - window) / (2 * seq_len)
     return float(2 * tokens * keys * (a.q + a.out))
 
 

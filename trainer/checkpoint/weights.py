@@ -125,9 +125,10 @@ def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | 
                                       f"({merged['moe'].get(k)!r}) the run starts from: remove it from the config")
                 merged["moe"][k] = v
             continue
-        if key in shaped and value != merged.get(key, defaults.get(key)):  # older checkpoints lack newer keys
+        recorded = merged.get(key, defaults.get(key))  # older checkpoints lack newer keys: their default
+        if key in shaped and value != recorded:
             raise ConfigError(f"model.{key}={value!r} differs from the checkpoint {path} "
-                              f"({merged.get(key)!r}) the run starts from: remove it from the config")
+                              f"({recorded!r}) the run starts from: remove it from the config")
         merged[key] = value
     return merged
 

@@ -31,7 +31,7 @@ def glm_model_config(hf: dict[str, Any]) -> ModelConfig:
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
         attn_bias=bool(hf.get("attention_bias", False)), qk_norm="head" if hf.get("use_qk_norm") else "none",
         ffn_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 4096), rope_theta=theta,
-        rope_scaling=scaling, rope_fraction=rotary_fraction(hf), norm_eps=hf.get("rms_norm_eps", 1e-5),
+        rope_scaling=scaling, rope_fraction=rotary_fraction(hf, default=0.5),  # Glm4MoeConfig's own default norm_eps=hf.get("rms_norm_eps", 1e-5),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=hf.get("initializer_range", 0.02),
         moe=sigmoid_router_moe(hf), mtp_layers=hf.get("num_nextn_predict_layers") or 0,
     )
@@ -48,7 +48,7 @@ def glm_exportable(cfg: ModelConfig) -> Optional[str]:
 
 def glm_config_dict(cfg: ModelConfig, dtype: Optional[torch.dtype]) -> dict[str, Any]:
     rope = rope_to_hf(cfg)
-    rope["rope_parameters"]["partial_rotary_factor"] = cfg.rope_dim / cfg.head_dim
+    rope["rope_parameters"]["partial_rotary_factor"] = rope["partial_rotary_factor"] = cfg.rope_dim / cfg.head_dim  # older readers: top level
     return dict(
         model_type="glm4_moe", architectures=["Glm4MoeForCausalLM"], **sigmoid_router_config_dict(cfg),
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,

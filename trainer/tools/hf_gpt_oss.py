@@ -26,10 +26,14 @@ def gpt_oss_model_config(hf: dict[str, Any]) -> ModelConfig:
         raise ConfigError(f"gpt_oss config: quantization_config={hf['quantization_config'].get('quant_method')!r} "
                           f"(MXFP4 weights): load it in transformers with Mxfp4Config(dequantize=True), "
                           f"save_pretrained it, and convert that folder")
-    types = hf.get("layer_types") or ["full_attention"] * hf["num_hidden_layers"]
+    types = hf.get("layer_types") or [("sliding_attention", "full_attention")[i % 2]  # transformers' default
+                                      for i in range(hf["num_hidden_layers"])]
     if unknown := set(types) - set(LAYER_TYPES):
         raise ConfigError(f"gpt_oss config: layer_types {sorted(unknown)} are not supported (sliding_attention, "
                           f"full_attention)")
+    if not (hf.get("rope_parameters") or hf.get("rope_scaling")):
+        raise ConfigError("gpt_oss config: no rope_parameters (transformers' default is YaRN x32 from 4096 "
+                          "positions): write them into config.json so that the RoPE is explicit")
     theta, scaling = rope_from_hf(hf)
     bias = bool(hf.get("attention_bias", True))
     moe = MoEConfig(num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
@@ -39,8 +43,8 @@ def gpt_oss_model_config(hf: dict[str, Any]) -> ModelConfig:
                     aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.9)), z_loss_coef=0.0)
     return ModelConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"], n_kv_heads=hf["num_key_value_heads"], head_dim=hf.get("head_dim"),
-        attn_bias=bias, attn_out_bias=bias, attention_sinks=True, sliding_window=hf.get("sliding_window") or 0,
+        n_heads=hf["num_attention_heads"], n_kv_heads=hf["num_key_value_heads"], head_dim=hf.get("head_dim") or 64,
+        attn_bias=bias, attn_out_bias=bias, attention_sinks=True, sliding_window=hf.get("sliding_window") or 128,
         layer_types=[LAYER_TYPES[t] for t in types], ffn_dim=hf["intermediate_size"],
         max_seq_len=hf.get("max_position_embeddings", 4096), rope_theta=theta, rope_scaling=scaling,
         norm_eps=hf.get("rms_norm_eps", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -52,7 +56,10 @@ def gpt_oss_unexportable(cfg: ModelConfig) -> Optional[str]:
     """Why GptOssForCausalLM cannot compute this model, or None when it can."""
     m = cfg.moe
     wanted = [
-        (m.router == "topk_softmax" and (m.renormalize or m.top_k == 1), "a renormalised topk_softmax router"),
+        (m.router == "topk_softmax" and m.renormalize and m.top_k > 1, "a renormalised topk_softmax router with "
+         "top_k > 1 (GPT-OSS gives a lone expert weight 1)"),
+        (m.route_scale == 1.0, "model.moe.route_scale=1"),
+        (cfg.rope_fraction == 1, "whole heads rotated (model.rope_fraction=1)"),
         (m.router_bias and m.expert_bias, "biases on the router and the experts"),
         (m.activation == "swiglu_clamped", "model.moe.activation=swiglu_clamped"),
         (cfg.attention_sinks, "attention sinks"),

@@ -16,9 +16,10 @@ def _params(hf: dict[str, Any]) -> dict[str, Any]:
     return {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
 
 
-def rotary_fraction(hf: dict[str, Any]) -> float:
-    """partial_rotary_factor: the share of each head that is rotated (1: all)."""
-    return float(_params(hf).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+def rotary_fraction(hf: dict[str, Any], default: float = 1.0) -> float:
+    """partial_rotary_factor: the share of each head that is rotated (`default` when config.json is silent:
+    the family's modeling code's own default)."""
+    return float(_params(hf).get("partial_rotary_factor", hf.get("partial_rotary_factor", default)))
 
 
 def rope_from_hf(hf: dict[str, Any], partial_ok: bool = False) -> tuple[float, RopeScalingConfig]:

@@ -252,7 +252,10 @@ def moeyard_producers(src: HFTensors, cfg: ModelConfig, family: str,
 def _checking_copy(produce: Callable[[HFTensors], Tensor], ours: str, copy: str) -> Callable[[HFTensors], Tensor]:
     """`produce`, which also takes the checkpoint's copy of the tensor and refuses it unless equal."""
     def checked(source: HFTensors) -> Tensor:
-        t, c = produce(source), source.take(copy)
+        t = produce(source)
+        if copy not in source:  # redundant, and some checkpoints leave it out (as GLM-4.6 is reported to)
+            return t
+        c = source.take(copy)
         if c.shape != t.shape or (not source.dry and not torch.equal(c, t)):
             raise ConfigError(f"{copy} differs from the tensor it copies (moeyard's {ours}): moeyard's MTP depths "
                               f"share the embedding and output layer with the main model, so it cannot import "
@@ -269,6 +272,11 @@ def check_hf_tensors(src: HFTensors, producers: dict[str, Callable[[HFTensors], 
     if family == "qwen2_moe" and not cfg.moe.num_shared_experts:
         _take_empty_shared_experts(src, cfg)
     if leftovers := src.leftovers():
+        mtp = f"model.layers.{cfg.n_layers + cfg.mtp_layers}."
+        if family in ("deepseek_v3", "glm4_moe") and any(k.startswith(mtp) for k in leftovers):
+            raise ConfigError(f"the checkpoint stores {mtp}* beyond its num_nextn_predict_layers="
+                              f"{cfg.mtp_layers} multi-token-prediction modules: set num_nextn_predict_layers in "
+                              f"config.json to the MTP layers it stores, or remove those tensors")
         raise ConfigError(f"{len(leftovers)} tensors of the checkpoint have no place in the {family} model built "
                           f"from its config.json, e.g. {leftovers[:3]}")
     return state

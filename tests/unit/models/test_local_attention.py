@@ -51,3 +51,26 @@ def test_grouped_query_window_and_sinks_match_the_formula_and_documents_stay_apa
     for a, b in ((0, 5), (5, 9)):
         alone = local_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scale=0.3, window=3, sinks_H=sinks)
         torch.testing.assert_close(packed[:, :, a:b], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_offsets_start_at_zero_and_take_no_weight_decay() -> None:
+    """GPT-OSS's biases (2-D per expert, too), router bias and sinks: zero at init and outside AdamW's decayed
+    groups, like norm gains; every matrix decays."""
+    from moeyard.models import ModelConfig, MoEConfig, Transformer
+    from types import SimpleNamespace
+
+    from moeyard.parallel.parallelize import adamw
+
+    cfg = ModelConfig(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32, attn_bias=True, attn_out_bias=True,
+                      attention_sinks=True, sliding_window=4, layer_types=["sliding", "full"],
+                      moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=8, router_bias=True, expert_bias=True,
+                                    activation="swiglu_clamped"))
+    model = Transformer(cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    offsets = [n for n in names.values() if n.endswith((".bias", ".bias_E", ".sinks")) or ".b_" in n]
+    assert {n.rsplit(".", 1)[-1] for n in offsets} == {"bias", "bias_E", "sinks", "b_gate_EF", "b_up_EF", "b_down_ED"}
+    assert all(not dict(model.named_parameters())[n].any() for n in offsets)
+    decayed = {names[id(p)] for g in adamw(model, SimpleNamespace(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)).param_groups
+               if g["weight_decay"] > 0 for p in g["params"]}
+    assert not decayed & set(offsets)
+    assert decayed == {n for n, p in model.named_parameters() if p.dim() >= 2 and n not in offsets}

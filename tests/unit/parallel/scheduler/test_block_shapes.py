@@ -49,3 +49,4 @@ def test_sliding_window_core_flops_count_the_keys_each_query_sees() -> None:
     keys = sum(min(i + 1, 5) for i in range(T))  # one sequence, brute force
     assert attention_core_flops(cfg, T, T, 0) == 2 * keys * (a.q + a.out)
     assert attention_core_flops(cfg, T, T, 1) == 2 * T * (T / 2) * (a.q + a.out)
+    assert attention_core_flops(cfg, 4, 4, 0) == attention_core_flops(cfg, 4, 4, 1)  # a window wider than T
