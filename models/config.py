@@ -45,6 +45,14 @@ class MoEConfig:
     """sigmoid_bias: experts form this many groups..."""
     topk_groups: int = 1
     """...and each token may only use experts of its best `topk_groups` groups (DeepSeek-V3: 8 and 4)."""
+    max_nodes_per_token: Optional[int] = None
+    """Node-limited routing (DeepSeek-V3): each token's experts come from at most this many of the
+    `routing_nodes` expert blocks, the blocks with the largest sum of the token's best ceil(top_k / M)
+    scores; every token-choice router. null: no limit."""
+    routing_nodes: Optional[int] = None
+    """Expert blocks node-limited routing counts as nodes: experts [i*E/N, (i+1)*E/N) form block i. null:
+    the machines the ep group spans (parallel.ranks_per_node), resolved when the run starts. Fix it to keep
+    routing the same on any layout; a block must not straddle machines (a multiple of the nodes ep spans)."""
     dts_steps: int = 1000
     """dense_to_sparse: optimizer steps to go from all experts per token to top_k."""
     dts_start_temperature: float = 2.0
@@ -113,6 +121,19 @@ class MoEConfig:
                 "model.moe.n_groups (group-limited routing) applies to router=sigmoid_bias only")
         require(self.top_k <= self.topk_groups * (self.num_experts // self.n_groups),
                 f"model.moe.top_k={self.top_k} exceeds the experts of topk_groups={self.topk_groups} groups")
+        if self.max_nodes_per_token is not None:
+            require(self.router != "expert_choice", "model.moe.max_nodes_per_token limits a token's choice: "
+                    "router=expert_choice has experts choose tokens; unset max_nodes_per_token")
+            require(self.max_nodes_per_token >= 1,
+                    f"model.moe.max_nodes_per_token={self.max_nodes_per_token} must be >= 1, or null for no limit")
+        if self.routing_nodes is not None:
+            require(self.routing_nodes >= 1 and self.num_experts % self.routing_nodes == 0,
+                    f"model.moe.routing_nodes={self.routing_nodes} must divide model.moe.num_experts="
+                    f"{self.num_experts}")
+            M = self.max_nodes_per_token
+            require(M is None or self.top_k <= min(M, self.routing_nodes) * (self.num_experts // self.routing_nodes),
+                    f"model.moe.top_k={self.top_k} exceeds the experts of max_nodes_per_token={M} of "
+                    f"routing_nodes={self.routing_nodes} blocks: raise max_nodes_per_token")
         require(self.dts_steps >= 1, f"model.moe.dts_steps={self.dts_steps} must be >= 1")
         require(self.dts_start_temperature > 0 and self.dts_end_temperature > 0,
                 f"model.moe.dts_start_temperature={self.dts_start_temperature} and dts_end_temperature="

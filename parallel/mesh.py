@@ -7,11 +7,19 @@ replicated on dp / ep ranks, its expert-data-parallel (edp) group.
 
     world 4, ep 2:   mesh [[0, 1],      ep groups  {0,1} {2,3}
                            [2, 3]]      edp groups {0,2} {1,3}   dp group {0,1,2,3}
+
+Machines hold `ranks_per_node` consecutive ranks (G). An ep group larger than a machine spans ep / G whole
+machines, and its experts are laid out machine by machine (machine j of the group holds experts
+[j*E/n, (j+1)*E/n) for n machines); for the hierarchical exchange it is cut twice more:
+
+    world 4, ep 4, G 2:   node groups {0,1} {2,3} (inside a machine)
+                          cross groups {0,2} {1,3} (the same local rank on each machine)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -29,6 +37,17 @@ class ParallelMesh:
     experts_mesh: DeviceMesh
     """The (ep, edp) transpose of `mesh`: a global expert tensor [E, ...] sharded on dim 0 over ep, each
     piece again over edp (FSDP's shard of an ep shard) is `[Shard(0), Shard(0)]` on it."""
+    ranks_per_node: int = 1
+    """Consecutive ranks that share a machine (G)."""
+    node_group: Optional[dist.ProcessGroup] = None
+    """Where the ep group spans machines: this rank's part of it on its own machine (G ranks)."""
+    cross_group: Optional[dist.ProcessGroup] = None
+    """...and the ranks of the ep group with this rank's local index, one per machine."""
+
+    @property
+    def ep_nodes(self) -> int:
+        """Machines one ep group spans (1 when it fits in one)."""
+        return max(1, self.ep // self.ranks_per_node)
 
     @property
     def ep(self) -> int:
@@ -64,8 +83,10 @@ class ParallelMesh:
         return self.mesh["edp"]
 
 
-def build_mesh(ep: int, device_type: str, timeout_s: float = 600.0) -> ParallelMesh:
-    """Build the (edp, ep) mesh over the initialised default process group.
+def build_mesh(ep: int, device_type: str, timeout_s: float = 600.0,
+               ranks_per_node: Optional[int] = None) -> ParallelMesh:
+    """Build the (edp, ep) mesh over the initialised default process group; with `ranks_per_node` (G)
+    also the node and cross groups of ep groups that span machines.
 
     `timeout_s` (parallel.timeout_s) bounds every collective on the mesh's groups: `new_group` does not
     inherit the default group's timeout (gloo's own default is 30 minutes), so without it a lost peer
@@ -82,6 +103,11 @@ def build_mesh(ep: int, device_type: str, timeout_s: float = 600.0) -> ParallelM
             f"world size {world} is not a multiple of parallel.ep={ep}: launch a multiple of {ep} processes "
             f"or set parallel.ep to a divisor of {world}"
         )
+    G = ranks_per_node or world
+    if G < 1 or world % G != 0 or (ep > G and ep % G != 0) or (ep < G and G % ep != 0):
+        raise ValueError(
+            f"parallel.ranks_per_node={G} does not fit world size {world} and parallel.ep={ep}: machines must "
+            f"hold equally many ranks, and an ep group must fill whole machines or fit inside one")
     layout = torch.arange(world).view(world // ep, ep)
     # Every rank creates every group, in the same order, as new_group requires.
     timeout = timedelta(seconds=timeout_s)
@@ -94,5 +120,16 @@ def build_mesh(ep: int, device_type: str, timeout_s: float = 600.0) -> ParallelM
     experts_mesh = DeviceMesh.from_group(
         [ep_groups[rank // ep], edp_groups[rank % ep]], device_type, mesh=layout.t(), mesh_dim_names=("ep", "edp")
     )
+    node_group = cross_group = None
+    if ep > G:
+        nodes = layout.view(-1, ep // G, G)  # [ep group, machine in it, local rank]
+        for group in nodes:
+            for row in group:
+                made = dist.new_group(row.tolist(), timeout=timeout)
+                node_group = made if rank in row.tolist() else node_group
+            for col in group.t():
+                made = dist.new_group(col.tolist(), timeout=timeout)
+                cross_group = made if rank in col.tolist() else cross_group
     return ParallelMesh(mesh=mesh, dp_group=dp_group, dp_mesh=DeviceMesh.from_group(dp_group, device_type),
-                        experts_mesh=experts_mesh)
+                        experts_mesh=experts_mesh, ranks_per_node=G,
+                        node_group=node_group, cross_group=cross_group)

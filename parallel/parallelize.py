@@ -12,9 +12,10 @@ from typing import Optional, Protocol
 import torch
 from torch import nn
 
-from moeyard.models import Transformer
+from moeyard.models import MoEConfig, Transformer
 from moeyard.models.meta_init import InitRecord
 from moeyard.parallel.exchange.dispatch import ExpertParallelExchange
+from moeyard.parallel.exchange.hierarchical import NodeGroups
 from moeyard.parallel.fsdp import apply_fsdp, mixed_precision
 from moeyard.parallel.grads.buckets import BucketedReducer
 from moeyard.parallel.grads.reduce import ParamGroups, split_parameters
@@ -45,17 +46,25 @@ class FsdpSettings:
     reshard_after_forward: bool = True
 
 
-def apply_expert_parallel(model: Transformer, pmesh: ParallelMesh, chunks: Optional[tuple[int, ...]] = None) -> None:
+def apply_expert_parallel(model: Transformer, pmesh: ParallelMesh, chunks: Optional[tuple[int, ...]] = None,
+                          dispatch: tuple[str, ...] = ()) -> None:
     """Keep this rank's slice of every expert weight (dim 0) and install the all-to-all exchange, pipelined
-    in `chunks[i]` pieces in the i-th MoE layer (default: 1, the plain exchange).
+    in `chunks[i]` pieces in the i-th MoE layer (default: 1, the plain exchange), flat or hierarchical as
+    `dispatch[i]` says (default: flat).
 
     Call before building the optimizer: expert parameters are replaced by their shard.
     """
     layers = list(model.moe_layers())
     chunks = chunks or (1,) * len(layers)
-    if len(chunks) != len(layers):
-        raise ValueError(f"the plan has chunks for {len(chunks)} MoE layers, the model has {len(layers)}")
-    for (layer, moe), r in zip(layers, chunks):
+    dispatch = dispatch or ("flat",) * len(layers)
+    if len(chunks) != len(layers) or len(dispatch) != len(layers):
+        raise ValueError(f"the plan has chunks for {len(chunks)} and a dispatch for {len(dispatch)} MoE layers, "
+                         f"the model has {len(layers)}")
+    node_groups = None
+    if pmesh.node_group is not None:
+        node_groups = NodeGroups(pmesh.node_group, pmesh.cross_group)
+    for (layer, moe), r, how in zip(layers, chunks, dispatch):
+        check_node_layout(layer, moe.cfg, pmesh)
         num_experts = moe.cfg.num_experts
         if num_experts % pmesh.ep != 0:
             raise ValueError(f"MoE layer {layer} has {num_experts} experts (model.moe.num_experts or "
@@ -66,7 +75,21 @@ def apply_expert_parallel(model: Transformer, pmesh: ParallelMesh, chunks: Optio
         for name, weight in list(experts.named_parameters(recurse=False)):
             setattr(experts, name, nn.Parameter(weight.detach()[start:start + local].clone(),
                                                   requires_grad=weight.requires_grad))
-        moe.exchange = ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, chunks=r)
+        moe.exchange = ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, chunks=r,
+                                              dispatch="hierarchical" if how == "hierarchical" and node_groups
+                                              else "flat", node_groups=node_groups)
+
+
+def check_node_layout(layer: int, cfg: MoEConfig, pmesh: ParallelMesh) -> None:
+    """Under node-limited routing each routing node's experts must sit on one machine: a block of
+    E / routing_nodes experts may not straddle two of the machines the ep group spans."""
+    if cfg.max_nodes_per_token is None or pmesh.ep_nodes == 1:
+        return
+    if cfg.routing_nodes is None or cfg.routing_nodes % pmesh.ep_nodes != 0:
+        raise ValueError(f"MoE layer {layer}: model.moe.routing_nodes={cfg.routing_nodes} does not keep each "
+                         f"routing node on one machine: the ep group (parallel.ep={pmesh.ep}) spans "
+                         f"{pmesh.ep_nodes} machines of {pmesh.ranks_per_node} ranks; set routing_nodes to a "
+                         f"multiple of {pmesh.ep_nodes} (or null to take it from the layout)")
 
 
 def set_chunks(model: Transformer, chunks: tuple[int, ...]) -> None:
@@ -117,7 +140,7 @@ def parallelize(model: Transformer, pmesh: ParallelMesh, plan: Plan, optim: Adam
 
     A model built on the meta device (`build_on_meta`) comes with its `init` record: it is sharded first
     and then allocated and initialised, this rank's part only."""
-    apply_expert_parallel(model, pmesh, plan.chunks)
+    apply_expert_parallel(model, pmesh, plan.chunks, plan.dispatch)
     if init is None:
         model.to(device)
     if plan.grad_sync == "fsdp":

@@ -50,6 +50,9 @@ class ParallelConfig:
     """Older name of reduce_dtype, for fsdp only; bfloat16 here still applies when reduce_dtype is float32."""
     fsdp_reshard_after_forward: bool = True
     """fsdp: free each unit's gathered parameters after its forward (gather again in backward)."""
+    ranks_per_node: Optional[int] = None
+    """Ranks that share a machine (consecutive ranks); null: the launcher's local world size. Set it to
+    treat one machine as several nodes (tests, simulations)."""
 
     @property
     def effective_reduce_dtype(self) -> str:
@@ -75,6 +78,11 @@ class ScheduleConfig:
     check_steps: int = 3
     """auto: after 2 warm-up steps, time this many steps with the plan and as many with every MoE layer at
     r=1, and keep r=1 if the plan was slower by more than 3% (trainer/plan_check.py); 0: trust the plan."""
+    dispatch: Literal["flat", "hierarchical", "auto"] = "flat"
+    """How tokens reach experts on other machines. flat: one all-to-all over the ep group, a row per
+    (token, expert). hierarchical: a row per (token, destination machine) over the network, fanned out to
+    the experts inside that machine, partial sums combined there on the way back. auto: mode=auto lets
+    the planner choose per MoE layer; otherwise hierarchical wherever the ep group spans machines."""
     memory_check: bool = True
     """moeyard train refuses, before any worker starts, a run whose predicted peak per rank exceeds this
     machine's memory (a GPU's, or the host's available memory shared by the local workers); with

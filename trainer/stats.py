@@ -69,6 +69,8 @@ class StepStats:
             self.counts.add(f"{layer}.unrouted", stats.unrouted)
             for key in ("aux_loss", "z_loss", "entropy"):
                 self.per_rank.add(f"{layer}.{key}", getattr(stats, key))
+            if stats.nodes_per_token is not None:
+                self.per_rank.add(f"{layer}.nodes_per_token", stats.nodes_per_token)
             if layer not in self.moe_layers:
                 self.moe_layers.append(layer)
         for name, stats in out.adapter_stats.items():
@@ -108,7 +110,8 @@ class StepStats:
             out["dropped_fraction"][layer] = counts[f"{layer}.dropped"][0] / max(1, sum(load))
             out["unrouted_fraction"][layer] = counts[f"{layer}.unrouted"][0] / global_tokens
             out["router"][layer] = {key: sums[f"{layer}.{key}"][0] / micro_steps
-                                    for key in ("aux_loss", "z_loss", "entropy")} | router_state.get(layer, {})
+                                    for key in ("aux_loss", "z_loss", "entropy", "nodes_per_token")
+                                    if f"{layer}.{key}" in sums} | router_state.get(layer, {})
         for name in self.adapters:
             out["adapter_routers"][name] = {"load": [int(v) for v in sums[f"{name}.load_E"]],
                                             "aux_loss": sums[f"{name}.aux_loss"][0] / micro_steps,

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from moeyard.models.config import MoEConfig
 from moeyard.models.layers import SwiGLU
 from moeyard.models.moe.experts import ExpertActivation, GroupedExperts
-from moeyard.models.moe.permutation import expert_capacity, permute, plan_permutation, unpermute
+from moeyard.models.moe.permutation import Permutation, expert_capacity, permute, plan_permutation, unpermute
 from moeyard.models.moe.router import (
     Routing,
     balance_from_mean_probs,
@@ -28,7 +28,7 @@ from moeyard.models.moe.router import (
     router_z_loss,
     sequence_balance_loss,
 )
-from moeyard.models.moe.routers import build_router
+from moeyard.models.moe.routers import build_router, nodes_reached
 
 
 class TokenExchange(Protocol):
@@ -41,6 +41,20 @@ class TokenExchange(Protocol):
     def sum_over_batch(self, counts: Tensor) -> "PendingSum":
         """Sum of `counts` over every rank that holds part of the batch, launched, not waited for."""
         ...
+
+    def run_routed(self, x_ND: Tensor, perm: Permutation, weight: Tensor, experts: GroupedExperts) -> Tensor:
+        """Each token's sum of its experts' outputs weighted by `weight` (see `ExpertRows`)."""
+        ...
+
+
+class ExpertRows:
+    """`run_routed` as permute -> run_experts -> unpermute: one row per (token, expert) copy travels and
+    the weighted sum happens at home. An exchange that sums partial results on the way back (hierarchical
+    dispatch) overrides it."""
+
+    def run_routed(self, x_ND: Tensor, perm: Permutation, weight: Tensor, experts: GroupedExperts) -> Tensor:
+        y_SD = self.run_experts(permute(x_ND, perm), perm.tokens_per_expert_E, experts)
+        return unpermute(y_SD, perm, weight)
 
 
 class PendingSum:
@@ -59,7 +73,7 @@ class PendingSum:
         return self._tensor
 
 
-class LocalExchange:
+class LocalExchange(ExpertRows):
     """Single process: all experts are here, the batch is all here."""
 
     def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, experts: GroupedExperts) -> Tensor:
@@ -84,6 +98,9 @@ class MoEStats:
     """Unweighted router z-loss; has a gradient."""
     entropy: Tensor
     """Mean entropy of the router's distribution over experts, this rank's tokens (no gradient)."""
+    nodes_per_token: Optional[Tensor] = None
+    """Mean number of the model.moe.routing_nodes expert blocks a token's experts lie in, this rank's tokens;
+    None without routing_nodes or for expert choice."""
 
     @classmethod
     def done(cls, tokens_per_expert_E: Tensor, dropped: Tensor, unrouted: Tensor, skipped: Tensor,
@@ -158,9 +175,8 @@ class MoE(nn.Module):
         if torch.is_autocast_enabled(x_ND.device.type):
             # Send rows in the compute dtype: half the all-to-all bytes of float32.
             x_rows_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
-        y_SD = self.exchange.run_experts(permute(x_rows_ND, perm), perm.tokens_per_expert_E, self.experts)
         weight = routing.weight if self.cfg.route_scale == 1.0 else routing.weight * self.cfg.route_scale
-        y_ND = unpermute(y_SD, perm, weight).to(x_ND.dtype)
+        y_ND = self.exchange.run_routed(x_rows_ND, perm, weight, self.experts).to(x_ND.dtype)
         if self.shared_experts is not None:
             shared_ND = self.shared_experts(x_ND)
             if self.shared_gate is not None:
@@ -171,8 +187,14 @@ class MoE(nn.Module):
             balance=self._balance_loss(routing, x_BTD.shape[:2]),
             z_loss=router_z_loss(routing.logits_TE),
             entropy=router_entropy(routing.probs_TE),
+            nodes_per_token=self._nodes_per_token(routing),
         )
         return y_ND.view_as(x_BTD), stats
+
+    def _nodes_per_token(self, routing: Routing) -> Optional[Tensor]:
+        if not self.cfg.routing_nodes or routing.expert_index_TK is None:
+            return None
+        return nodes_reached(routing.expert_index_TK, self.cfg.num_experts, self.cfg.routing_nodes)
 
     def _skipped_copies(self, weight_TK: Tensor) -> Optional[Tensor]:
         """Expert skipping at evaluation: a token's second (and later) choices whose routing weight is below

@@ -91,9 +91,14 @@ def unpermute(y_SD: Tensor, perm: Permutation, weight: Tensor) -> Tensor:
     `weight` is indexed by `perm.copy_index_S` after flattening ([T, K] for token choice). A token whose
     copies were all dropped (or that no expert chose) gets zeros: the residual carries it.
     """
-    dtype = torch.promote_types(y_SD.dtype, torch.float32)
     weight_S = weight.reshape(-1).index_select(0, perm.copy_index_S)
-    return _WeightedCombine.apply(y_SD, weight_S, perm.token_index_S, perm.num_tokens, dtype)
+    return weighted_sum(y_SD, weight_S, perm.token_index_S, perm.num_tokens)
+
+
+def weighted_sum(y_SD: Tensor, weight_S: Tensor, index_S: Tensor, rows: int) -> Tensor:
+    """out[index_S[s]] += weight_S[s] * y_SD[s] into `rows` rows, in float32 (float64 for float64 inputs)."""
+    dtype = torch.promote_types(y_SD.dtype, torch.float32)
+    return _WeightedCombine.apply(y_SD, weight_S, index_S, rows, dtype)
 
 
 class _WeightedCombine(torch.autograd.Function):

@@ -39,6 +39,20 @@ def router_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def limit_to_best_blocks(score_TE: Tensor, blocks: int, keep: int, best_per_block: int) -> Tensor:
+    """`score_TE` with every expert outside each token's `keep` best blocks of experts at -inf. Experts
+    [i*E/blocks, (i+1)*E/blocks) form block i; a block scores the sum of its `best_per_block` best scores
+    (DeepSeek-V3's group- and node-limited routing)."""
+    T, E = score_TE.shape
+    per_block = E // blocks
+    score_TBX = score_TE.view(T, blocks, per_block)
+    block_score_TB = score_TBX.topk(min(best_per_block, per_block), dim=-1).values.sum(dim=-1)
+    best_TB = block_score_TB.topk(keep, dim=-1).indices
+    allowed_TB = torch.zeros_like(block_score_TB, dtype=torch.bool).scatter_(1, best_TB, True)
+    return score_TBX.masked_fill(~allowed_TB.unsqueeze(-1), float("-inf")).view(T, E)
+
+
+
 class Router(nn.Module):
     """A linear scoring of tokens against experts; subclasses turn the logits into a Routing."""
 
@@ -46,6 +60,16 @@ class Router(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.weight_ED = nn.Parameter(torch.empty(num_experts, dim))
+        self.node_limit: Optional[tuple[int, int]] = None
+        """(routing_nodes, max_nodes_per_token) under node-limited routing; None: no limit."""
+
+    def limit_nodes(self, score_TE: Tensor, k: int) -> Optional[Tensor]:
+        """Node-limited routing: `score_TE` with experts outside each token's best max_nodes_per_token
+        blocks at -inf, a block scored by the sum of its best ceil(k / M) scores; None when unlimited."""
+        if self.node_limit is None:
+            return None
+        blocks, keep = self.node_limit
+        return limit_to_best_blocks(score_TE, blocks, keep, -(-k // keep))
 
     def add_bias(self) -> None:
         """A learned bias on every logit (GPT-OSS's router; model.moe.router_bias)."""

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from moeyard.models.config import MoEConfig
 from moeyard.models.moe.permutation import Permutation
-from moeyard.models.moe.router import Router, Routing
+from moeyard.models.moe.router import Router, Routing, limit_to_best_blocks
 
 
 def renormalized(weight_TK: Tensor, renormalize: bool) -> Tensor:
@@ -39,10 +39,23 @@ def renormalized(weight_TK: Tensor, renormalize: bool) -> Tensor:
     return weight_TK
 
 
-def top_k_weights(probs_TE: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
-    """(weights, expert ids) of each token's k most probable experts, optionally renormalized."""
-    weight_TK, expert_index_TK = probs_TE.topk(k, dim=-1)
+def top_k_weights(probs_TE: Tensor, k: int, renormalize: bool,
+                  select_TE: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(weights, expert ids) of each token's k most probable experts, optionally renormalized; with
+    `select_TE` (the probabilities with disallowed experts at -inf) the k best of those, weighted by `probs_TE`."""
+    if select_TE is None:
+        weight_TK, expert_index_TK = probs_TE.topk(k, dim=-1)
+    else:
+        expert_index_TK = select_TE.topk(k, dim=-1).indices
+        weight_TK = probs_TE.gather(1, expert_index_TK)
     return renormalized(weight_TK, renormalize), expert_index_TK
+
+
+def nodes_reached(expert_index_TK: Tensor, num_experts: int, blocks: int) -> Tensor:
+    """Mean over tokens of how many of the `blocks` expert blocks (nodes) each token's experts lie in."""
+    block_TK = (expert_index_TK // (num_experts // blocks)).sort(dim=-1).values
+    distinct_T = 1 + (block_TK[:, 1:] != block_TK[:, :-1]).sum(dim=-1)
+    return distinct_T.float().mean()
 
 
 class TopKRouter(Router):
@@ -60,7 +73,8 @@ class TopKRouter(Router):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
-        weight_TK, expert_index_TK = top_k_weights(probs_TE, self.top_k, self.renormalize)
+        weight_TK, expert_index_TK = top_k_weights(probs_TE, self.top_k, self.renormalize,
+                                                   self.limit_nodes(probs_TE.detach(), self.top_k))
         return Routing(weight_TK, probs_TE, logits_TE, expert_index_TK=expert_index_TK)
 
 
@@ -112,6 +126,8 @@ class SigmoidBiasRouter(Router):
         choice_TE = scores_TE.detach() + self.expert_bias_E.to(scores_TE.dtype)
         if self.n_groups > 1:
             choice_TE = self._limit_to_top_groups(choice_TE)
+        limited_TE = self.limit_nodes(choice_TE, self.top_k)
+        choice_TE = choice_TE if limited_TE is None else limited_TE
         expert_index_TK = choice_TE.topk(self.top_k, dim=-1).indices
         weight_TK = renormalized(scores_TE.gather(1, expert_index_TK), self.renormalize)
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)  # for the sequence-wise loss, entropy
@@ -119,13 +135,7 @@ class SigmoidBiasRouter(Router):
 
     def _limit_to_top_groups(self, choice_TE: Tensor) -> Tensor:
         """Mask experts outside each token's best groups; a group scores the sum of its two best experts."""
-        T, E = choice_TE.shape
-        per_group = E // self.n_groups
-        choice_TGX = choice_TE.view(T, self.n_groups, per_group)
-        group_score_TG = choice_TGX.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
-        best_groups_TG = group_score_TG.topk(self.topk_groups, dim=-1).indices
-        allowed_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_groups_TG, True)
-        return choice_TGX.masked_fill(~allowed_TG.unsqueeze(-1), float("-inf")).view(T, E)
+        return limit_to_best_blocks(choice_TE, self.n_groups, self.topk_groups, 2)
 
     @torch.no_grad()
     def step_done(self, global_tokens_per_expert_E: Tensor) -> None:
@@ -178,7 +188,10 @@ class DenseToSparseRouter(Router):
         k, temperature = self.schedule()
         logits_TE = self.logits(x_BSD.reshape(-1, x_BSD.shape[-1]))
         probs_TE = (logits_TE / temperature).softmax(dim=-1)
-        weight_TK, expert_index_TK = top_k_weights(probs_TE, k, self.renormalize)
+        select_TE = self.limit_nodes(probs_TE.detach(), k)
+        if select_TE is not None:  # the dense start cannot reach beyond the allowed nodes' experts
+            k = min(k, self.node_limit[1] * (self.num_experts // self.node_limit[0]))
+        weight_TK, expert_index_TK = top_k_weights(probs_TE, k, self.renormalize, select_TE)
         return Routing(weight_TK, probs_TE, logits_TE, expert_index_TK=expert_index_TK)
 
     @torch.no_grad()
@@ -196,6 +209,8 @@ def build_router(dim: int, cfg: MoEConfig) -> Router:
     router = _router(dim, cfg)
     if cfg.router_bias:
         router.add_bias()
+    if cfg.max_nodes_per_token is not None and (cfg.routing_nodes or 1) > cfg.max_nodes_per_token:
+        router.node_limit = (cfg.routing_nodes, cfg.max_nodes_per_token)
     return router
 
 

@@ -8,7 +8,8 @@ Stages, each a function: `plan_exchange` (exchange counts, one collective and th
 layer's one host sync), `all_to_all` (rows out, autograd-aware), `local_expert_order`
 (received rows are ordered by source rank; experts want them by expert), and the
 reverse trip; `overlap.pipelined_experts` runs the same stages in overlapped chunks.
-`ExpertParallelExchange` composes them for the MoE layer.
+`ExpertParallelExchange` composes them for the MoE layer, flat, or hierarchical (`hierarchical.py`) where
+the ep group spans machines.
 
 Shape legend: S rows sent, R rows received, D model dim, E global experts,
 L local experts, P ranks in the ep group.
@@ -16,13 +17,22 @@ L local experts, P ranks in the ep group.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from moeyard.models import GroupedExperts
-from moeyard.models.moe.layer import LocalExchange, PendingSum
+from moeyard.models.moe.layer import ExpertRows, PendingSum
+from moeyard.models.moe.permutation import Permutation
+from moeyard.parallel.exchange.all_to_all import all_to_all
+from moeyard.parallel.exchange.hierarchical import (
+    CrossNodeTraffic,
+    NodeGroups,
+    flat_cross_node_rows,
+    hierarchical_routed,
+)
 from moeyard.parallel.exchange.overlap import pipelined_experts
 from moeyard.parallel.exchange.regroup import local_expert_order
 
@@ -62,51 +72,58 @@ def plan_exchange(tokens_per_expert_E: Tensor, group: dist.ProcessGroup) -> Exch
     )
 
 
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with uneven splits; the backward is the reverse exchange."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, recv_splits: list[int], send_splits: list[int],
-                group: dist.ProcessGroup) -> Tensor:
-        ctx.recv_splits, ctx.send_splits, ctx.group = recv_splits, send_splits, group
-        out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        grad_in = grad_out.new_empty((sum(ctx.send_splits),) + tuple(grad_out.shape[1:]))
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
-        return grad_in, None, None, None
-
-
-def all_to_all(x: Tensor, recv_splits: list[int], send_splits: list[int], group: dist.ProcessGroup) -> Tensor:
-    return _AllToAll.apply(x, recv_splits, send_splits, group)
+def flat_exchange(x_SD: Tensor, tokens_per_expert_E: Tensor, experts: GroupedExperts, group: dist.ProcessGroup,
+                  chunks: int) -> Tensor:
+    """Rows grouped by the group's experts -> the ranks owning them -> expert outputs back, same order;
+    pipelined in `chunks` pieces when chunks > 1."""
+    if dist.get_world_size(group) == 1:
+        return experts(x_SD, tokens_per_expert_E)
+    host_counts = not experts.uses_grouped_mm(x_SD)
+    if chunks > 1:
+        return experts(x_SD, tokens_per_expert_E, executor=lambda expert_fn, weights: pipelined_experts(
+            x_SD, tokens_per_expert_E, chunks, group, expert_fn, weights, host_counts))
+    layout = plan_exchange(tokens_per_expert_E, group)
+    x_RD = all_to_all(x_SD, layout.recv_splits, layout.send_splits, group)
+    # Received rows are grouped by source rank; the experts regroup them by expert as they go.
+    order = local_expert_order(layout.recv_counts_PL, x_RD.shape[0])
+    y_RD = experts(x_RD, layout.expert_counts(host_counts), order=order)
+    return all_to_all(y_RD, layout.send_splits, layout.recv_splits, group)
 
 
-class ExpertParallelExchange:
+Dispatch = Literal["flat", "hierarchical"]
+
+
+class ExpertParallelExchange(ExpertRows):
     """Runs a layer's experts across the ep group; installed by `apply_expert_parallel`."""
 
-    def __init__(self, ep_group: dist.ProcessGroup, batch_group: dist.ProcessGroup, chunks: int = 1) -> None:
+    def __init__(self, ep_group: dist.ProcessGroup, batch_group: dist.ProcessGroup, chunks: int = 1,
+                 dispatch: Dispatch = "flat", node_groups: Optional[NodeGroups] = None) -> None:
+        if dispatch == "hierarchical" and node_groups is None:
+            raise ValueError("hierarchical dispatch needs an ep group that spans machines (node_groups)")
         self.ep_group = ep_group
         self.batch_group = batch_group
         self.ep = dist.get_world_size(ep_group)
         self.chunks = chunks
-        """Pipeline degree r from the plan; 1 is the plain reference path."""
+        """Pipeline degree r from the plan; 1 is the plain reference path. Under hierarchical dispatch it
+        pipelines the exchange inside each machine with the experts."""
+        self.dispatch: Dispatch = dispatch
+        self.node_groups = node_groups
+        self.traffic = CrossNodeTraffic()
+        """What this layer's dispatches sent off the machine (counted where the ep group spans machines)."""
 
     def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, experts: GroupedExperts) -> Tensor:
-        if self.ep == 1:
-            return LocalExchange().run_experts(x_SD, tokens_per_expert_E, experts)
-        host_counts = not experts.uses_grouped_mm(x_SD)
-        if self.chunks > 1:
-            return experts(x_SD, tokens_per_expert_E, executor=lambda expert_fn, weights: pipelined_experts(
-                x_SD, tokens_per_expert_E, self.chunks, self.ep_group, expert_fn, weights, host_counts))
-        layout = plan_exchange(tokens_per_expert_E, self.ep_group)
-        x_RD = all_to_all(x_SD, layout.recv_splits, layout.send_splits, self.ep_group)
-        # Received rows are grouped by source rank; the experts regroup them by expert as they go.
-        order = local_expert_order(layout.recv_counts_PL, x_RD.shape[0])
-        y_RD = experts(x_RD, layout.expert_counts(host_counts), order=order)
-        return all_to_all(y_RD, layout.send_splits, layout.recv_splits, self.ep_group)
+        if self.node_groups is not None:
+            self.traffic.add(flat_cross_node_rows(tokens_per_expert_E, self.node_groups),
+                             x_SD.shape[1] * x_SD.element_size())
+        return flat_exchange(x_SD, tokens_per_expert_E, experts, self.ep_group, self.chunks)
+
+    def run_routed(self, x_ND: Tensor, perm: Permutation, weight: Tensor, experts: GroupedExperts) -> Tensor:
+        if self.dispatch == "flat" or self.node_groups is None:
+            return super().run_routed(x_ND, perm, weight, experts)
+        node_group = self.node_groups.node_group
+        return hierarchical_routed(
+            x_ND, perm, weight, self.node_groups,
+            lambda x_CD, counts_X: flat_exchange(x_CD, counts_X, experts, node_group, self.chunks), self.traffic)
 
     def sum_over_batch(self, counts: Tensor) -> PendingSum:
         total = counts.clone()

@@ -24,6 +24,8 @@ class Plan:
     grad_sync: GradSync = "all_reduce"
     """reduce_scatter shards the optimizer state (ZeRO-1/2) over dp for dense and edp for experts; fsdp
     shards parameters, gradients and optimizer state with torch's FSDP2, one unit per block (buckets unused)."""
+    dispatch: tuple[str, ...] = ()
+    """Per MoE layer: flat or hierarchical (where the ep group spans machines); empty: flat everywhere."""
     overlap_grads: bool = True
     """Launch bucket reductions from backward hooks; False reduces after backward (the reference)."""
     predicted: dict[str, float] = field(default_factory=dict)
@@ -34,9 +36,15 @@ class Plan:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
+    def dispatch_of(self, moe_index: int) -> str:
+        return self.dispatch[moe_index] if self.dispatch else "flat"
+
     def summary(self) -> str:
+        hier = sum(d == "hierarchical" for d in self.dispatch)
+        chunks = f"chunks per MoE layer {list(self.chunks)}" + (
+            f"; hierarchical dispatch in {hier} of {len(self.dispatch)} MoE layers" if hier else "")
         if self.grad_sync == "fsdp":
-            return f"chunks per MoE layer {list(self.chunks)}; fsdp, one unit per block (experts over edp)"
+            return f"{chunks}; fsdp, one unit per block (experts over edp)"
         buckets = f"{len(self.dense_buckets)} dense + {len(self.expert_buckets)} expert buckets"
         overlap = "overlapped with backward" if self.overlap_grads else "after backward"
-        return f"chunks per MoE layer {list(self.chunks)}; {buckets}, {self.grad_sync} {overlap}"
+        return f"{chunks}; {buckets}, {self.grad_sync} {overlap}"

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moeyard.models import GroupedExperts, ModelConfig, Transformer
-from moeyard.models.moe.layer import PendingSum
+from moeyard.models.moe.layer import ExpertRows, PendingSum
 from moeyard.parallel.exchange.dispatch import ExpertParallelExchange
 from moeyard.parallel.grads.buckets import all_gather, reduce_scatter
 from moeyard.parallel.mesh import ParallelMesh
@@ -72,7 +72,7 @@ def _at(fit: Fit, x: float) -> float:
     return fit[0] + fit[1] * x
 
 
-class _SkipExperts:
+class _SkipExperts(ExpertRows):
     """Exchange stand-in that keeps the graph but does no expert work or communication."""
 
     def __init__(self, exchange) -> None:

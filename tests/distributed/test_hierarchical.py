@@ -1,0 +1,25 @@
+"""Hierarchical dispatch on 4 gloo ranks as 2 machines x 2 against flat dispatch, and what crosses machines."""
+from __future__ import annotations
+
+from helpers import hierarchical_cases
+from helpers.exchange_cases import D, K
+from helpers.multiprocess import run_distributed
+
+
+def test_hierarchical_equals_flat_and_sends_each_token_once_per_machine() -> None:
+    results = run_distributed(hierarchical_cases.hierarchical_matches_flat, 4, timeout_s=240)
+    for rank, r in enumerate(results):
+        assert r["worst_rel"] < 1e-6
+        for case, t in r["traffic"].items():
+            # flat: one row per copy bound off the machine; hierarchical: one per (token, machine), never twice
+            assert t["flat_rows"] == t["expected_copies"], (rank, case, t)
+            assert t["hier_rows"] == t["expected_pairs"], (rank, case, t)
+            assert t["hier_bytes"] == t["hier_rows"] * D * 4 and t["flat_bytes"] == t["flat_rows"] * D * 4
+            assert t["hier_rows"] <= t["flat_rows"]
+        one_node = r["traffic"]["one_node/None"]
+        # node-limited to one machine: a token crosses at most once, where flat sends it K times
+        assert one_node["hier_rows"] <= one_node["tokens"]
+        assert one_node["flat_rows"] == K * one_node["hier_rows"] > 0
+        skewed = r["traffic"]["skewed/None"]
+        assert skewed["hier_rows"] < skewed["flat_rows"], "skewed routing puts some tokens' 2 copies on one machine"
+    assert any(r["traffic"]["skewed/1.0"]["dropped"] > 0 for r in results), "capacity dropped nothing"

@@ -1,0 +1,75 @@
+"""Bodies of the hierarchical-dispatch tests: 4 ranks as 2 machines x 2, one ep group over all of them."""
+from __future__ import annotations
+
+import torch
+from helpers.exchange_cases import D, E, F, K, T, skewed_routing
+
+from moeyard.models import GroupedExperts
+from moeyard.models.moe.permutation import expert_capacity, plan_permutation
+from moeyard.models.moe.router import limit_to_best_blocks
+from moeyard.parallel import ExpertParallelExchange, build_mesh
+from moeyard.parallel.exchange.hierarchical import NodeGroups
+
+RANKS_PER_NODE = 2
+
+
+def node_limited_routing(generator: torch.Generator, tokens: int, nodes: int, keep: int) -> torch.Tensor:
+    """Top-K of random scores restricted to each token's `keep` best of `nodes` expert blocks."""
+    scores = torch.rand(tokens, E, generator=generator)
+    return limit_to_best_blocks(scores, nodes, keep, -(-K // keep)).topk(K, dim=-1).indices
+
+
+def expected_cross_rows(perm, node_index: int, nodes: int) -> tuple[int, int]:
+    """(copies, distinct (token, machine) pairs) of the kept copies whose expert is on another machine,
+    counted one by one on the host."""
+    counts = perm.tokens_per_expert_E.tolist()
+    experts = [e for e, n in enumerate(counts) for _ in range(n)]
+    per_node = E // nodes
+    copies, pairs = 0, set()
+    for token, expert in zip(perm.token_index_S.tolist(), experts):
+        if expert // per_node != node_index:
+            copies += 1
+            pairs.add((token, expert // per_node))
+    return copies, len(pairs)
+
+
+def hierarchical_matches_flat(rank: int, world: int) -> dict:
+    """Hierarchical vs flat (r=1): outputs, input, routing-weight and expert gradients, dropless and with
+    capacity, skewed and node-limited routing, chunks 1 and 2; and the counted cross-machine rows."""
+    pmesh = build_mesh(world, "cpu", ranks_per_node=RANKS_PER_NODE)
+    groups = NodeGroups(pmesh.node_group, pmesh.cross_group)
+    nodes = world // RANKS_PER_NODE
+    g = torch.Generator().manual_seed(4321 + rank)
+    x0, dy, w0 = torch.randn(T, D, generator=g), torch.randn(T, D, generator=g), torch.rand(T, K, generator=g)
+    routings = {"skewed": skewed_routing(g, T), "one_node": node_limited_routing(g, T, nodes, 1)}
+    experts = GroupedExperts(E // world, D, F)
+    wg = torch.Generator().manual_seed(77 + pmesh.ep_rank)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=wg) * 0.2)
+
+    def run(perm, dispatch: str, chunks: int):
+        experts.zero_grad(set_to_none=True)
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        exchange = ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, chunks, dispatch, groups)
+        y = exchange.run_routed(x, perm, w, experts)
+        (y * dy).sum().backward()
+        rows, nbytes = exchange.traffic.read()
+        return [y.detach(), x.grad, w.grad, *[p.grad.clone() for p in experts.parameters()]], rows, nbytes
+
+    worst, traffic = 0.0, {}
+    for name, idx in routings.items():
+        for capacity_factor in (None, 1.0):
+            capacity = None if capacity_factor is None else expert_capacity(T, K, E, capacity_factor)
+            perm = plan_permutation(idx, E, capacity)
+            reference, flat_rows, flat_bytes = run(perm, "flat", 1)
+            for chunks in (1, 2):
+                got, rows, nbytes = run(perm, "hierarchical", chunks)
+                for a, b in zip(got, reference):
+                    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+                    worst = max(worst, float((a - b).norm() / b.norm().clamp(min=1e-30)))
+            copies, pairs = expected_cross_rows(perm, groups.node_index, nodes)
+            traffic[f"{name}/{capacity_factor}"] = {
+                "flat_rows": flat_rows, "hier_rows": rows, "expected_copies": copies, "expected_pairs": pairs,
+                "flat_bytes": flat_bytes, "hier_bytes": nbytes, "dropped": int(perm.dropped), "tokens": T}
+    return {"worst_rel": worst, "traffic": traffic}
