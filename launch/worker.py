@@ -21,6 +21,7 @@ from moeyard.launch.peers import Peers
 from moeyard.trainer.config import Config, validate_for_world
 from moeyard.trainer.data.tokens import ensure_corpus
 from moeyard.trainer.loop import train
+from moeyard.trainer.node_layout import with_node_layout
 from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.run_dir import Preemption
 from moeyard.trainer.run_lock import lock_for_workers
@@ -118,6 +119,7 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
     """
     preemption = Preemption()  # first: a signal during start-up is remembered, not fatal
     validate_for_world(cfg, env.world_size)
+    cfg = with_node_layout(cfg, env.world_size, env.local_world_size)
     device, backend = pick_device(env, cfg.parallel.backend)
     if device.type == "cpu":
         set_cpu_threads(env)

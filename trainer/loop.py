@@ -201,7 +201,7 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
     metas = _check_before_start(cfg)
     rank = dist.get_rank()
     prepare_run_dir(cfg)
-    pmesh = build_mesh(cfg.parallel.ep, device.type, cfg.parallel.timeout_s)
+    pmesh = build_mesh(cfg.parallel.ep, device.type, cfg.parallel.timeout_s, cfg.parallel.ranks_per_node)
     dtype = resolve_dtype(cfg.train.dtype, device)
     plan = plan_for(cfg, pmesh, device)  # before the model exists: profiling builds models of its own
     model, sync = build_model(cfg, pmesh, plan, device)

@@ -34,14 +34,16 @@ from moeyard.trainer.freezing import frozen_set
 from moeyard.trainer.precision import resolve_dtype
 
 
-def workload(cfg: Config, dp: int, act_bytes: int) -> Workload:
-    """Shapes of one rank's step for this run on `dp` ranks, with activations of `act_bytes` bytes."""
+def workload(cfg: Config, dp: int, act_bytes: int, ranks_per_node: Optional[int] = None) -> Workload:
+    """Shapes of one rank's step for this run on `dp` ranks, with activations of `act_bytes` bytes, on
+    machines of `ranks_per_node` ranks (default parallel.ranks_per_node)."""
     per_rank = cfg.global_batch_sequences // dp
     micro = cfg.train.micro_batch_size or per_rank
     return workload_for(cfg.model, tokens=micro * cfg.train.seq_len, seq_len=cfg.train.seq_len, ep=cfg.parallel.ep,
                         dp=dp, micro_steps=per_rank // micro, act_bytes=act_bytes,
                         frozen=frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen),
-                        recompute=cfg.train.recompute)
+                        recompute=cfg.train.recompute,
+                        ranks_per_node=ranks_per_node or cfg.parallel.ranks_per_node or 0)
 
 
 def act_bytes(cfg: Config, device: torch.device) -> int:
@@ -116,12 +118,20 @@ FSDP_MARGIN = 0.02
 """auto: fsdp replaces the configured replicated sync only when predicted this much faster."""
 
 
+def dispatch_choices(cfg: Config, w: Workload) -> tuple[str, ...]:
+    """What the planner may choose per MoE layer: hierarchical only where the ep group spans machines."""
+    if w.ep_nodes == 1 or cfg.schedule.dispatch == "flat":
+        return ("flat",)
+    return ("hierarchical",) if cfg.schedule.dispatch == "hierarchical" else ("flat", "hierarchical")
+
+
 def auto_plan(cfg: Config, w: Workload, costs: Costs) -> tuple[Plan, Prediction]:
     """The planner's choice over the configured gradient sync and, unless fsdp is configured already,
     fsdp (which holds less than any replicated sync: taken where it is faster too)."""
-    plan, best = search(w, costs, cfg.grad_sync)
+    dispatch = dispatch_choices(cfg, w)
+    plan, best = search(w, costs, cfg.grad_sync, dispatch_choices=dispatch)
     if not cfg.parallel.fsdp:
-        sharded, sharded_best = search(w, costs, "fsdp")
+        sharded, sharded_best = search(w, costs, "fsdp", dispatch_choices=dispatch)
         if sharded_best.step < best.step * (1 - FSDP_MARGIN):
             return sharded, sharded_best
     return plan, best
@@ -137,6 +147,8 @@ def plan_for(cfg: Config, pmesh: ParallelMesh, device: torch.device) -> Plan:
         return auto_plan(cfg, w, _costs(cfg, w, pmesh, device))[0]
     plan = reference_plan(w, cfg.grad_sync) if s.mode == "off" else \
         manual_plan(w, s.chunks, s.bucket_mb, cfg.grad_sync)
+    if dispatch_choices(cfg, w) != ("flat",):  # off/manual: auto means hierarchical wherever ep spans machines
+        plan = dataclasses.replace(plan, dispatch=("hierarchical",) * len(plan.chunks))
     return with_prediction(plan, predict(w, plan, _costs(cfg, w, pmesh, device))) if s.predict else plan
 
 

@@ -16,6 +16,7 @@ from moeyard.launch.torchrun import Nodes, launch_workers
 from moeyard.launch.worker import add_overrides, run_worker, worker_args
 from moeyard.trainer.config import Config, validate_for_world
 from moeyard.trainer.memory_plan import fit_memory
+from moeyard.trainer.node_layout import check_node_layout
 from moeyard.trainer.preflight import check_inputs
 from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.run_dir import holds_a_run
@@ -112,6 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise LaunchError(f"--nproc={nproc} must be >= 1")
     world = nproc * nodes.count
     validate_for_world(cfg, world)
+    check_node_layout(cfg, world, cfg.parallel.ranks_per_node or nproc)
     _check_gpus(cfg.parallel.backend, nproc)
     chosen = _fit_memory(cfg, world, nproc, nodes.count)
     if chosen:  # every worker gets the same choice through its command line

@@ -7,6 +7,7 @@ cluster with the code that plans this machine.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -69,6 +70,10 @@ class Workload:
     recompute: str = "none"
     """train.recompute: full runs every block's forward again in backward (its all-to-alls too); experts
     runs the expert MLPs' forward again."""
+    ranks_per_node: int = 0
+    """Ranks per machine (G); 0: every rank of the ep group on one machine."""
+    nodes_per_token: float = 1.0
+    """Machines of the ep group a token's copies reach, on average (`expected_nodes_per_token`)."""
 
     def layer_flops(self, layer: int) -> float:
         """-1: embedding (a gather, ~0), n_layers: the output head."""
@@ -85,6 +90,24 @@ class Workload:
         """Bytes this rank sends in one dispatch (uniform routing: (ep-1)/ep of the copies leave)."""
         return self.routed_rows * self.dim * self.act_bytes * (self.ep - 1) / self.ep
 
+    @property
+    def ep_nodes(self) -> int:
+        """Machines one ep group spans."""
+        return self.ep // self.ranks_per_node if 0 < self.ranks_per_node < self.ep else 1
+
+    def cross_node_bytes(self, dispatch: str) -> float:
+        """Bytes one dispatch sends off this rank's machine (the combine sends as many back): flat, every copy
+        bound for another machine; hierarchical, one row per (token, other machine)."""
+        M = self.ep_nodes
+        rows = self.routed_rows if dispatch == "flat" else self.tokens * self.nodes_per_token
+        return rows * (M - 1) / M * self.dim * self.act_bytes
+
+    @property
+    def in_node_bytes(self) -> float:
+        """Bytes the fan-out inside a machine sends per dispatch under hierarchical dispatch."""
+        G = min(self.ranks_per_node, self.ep)
+        return self.routed_rows * (G - 1) / G * self.dim * self.act_bytes
+
 
 class Costs(Protocol):
     overlap_slowdown: float
@@ -100,6 +123,11 @@ class Costs(Protocol):
 
     def all_to_all(self, w: Workload, nbytes: float) -> float: ...
 
+    def staged_all_to_all(self, w: Workload, nbytes: float, stage: str) -> float:
+        """One stage of the hierarchical exchange sending `nbytes` from this rank: "cross" (one peer per
+        machine, over the network) or "node" (the ranks of this machine)."""
+        ...
+
     def grad_reduce(self, w: Workload, nbytes: float, expert: bool, mode: str) -> float: ...
 
     def all_gather(self, w: Workload, nbytes: float, expert: bool) -> float:
@@ -110,9 +138,23 @@ class Costs(Protocol):
 
 
 def _moe_pipeline(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Phase, last: int | None,
-                  tag: str) -> int:
-    """Dispatch -> experts -> combine in `chunks` pieces, issued as the executor issues them."""
-    a2a = costs.all_to_all(w, w.a2a_bytes / chunks) if w.ep > 1 else 0.0
+                  tag: str, dispatch: str = "flat") -> int:
+    """Dispatch -> experts -> combine in `chunks` pieces, issued as the executor issues them. Hierarchical:
+    the rows cross machines once each way around the pipeline, which runs the fan-out inside the machine."""
+    if dispatch == "hierarchical" and w.ep_nodes > 1:
+        cross = costs.staged_all_to_all(w, w.cross_node_bytes("hierarchical"), "cross")
+        arrived = s.add(f"{tag}.a2a_cross_in", "comm", cross, [last])
+        inner = _chunked(s, w, costs, chunks, phase, arrived, tag,
+                         costs.staged_all_to_all(w, w.in_node_bytes / chunks, "node"))
+        home = s.add(f"{tag}.a2a_cross_out", "comm", cross, [inner])
+        return s.add(f"{tag}.home", "compute", 0.0, [home])
+    return _chunked(s, w, costs, chunks, phase, last, tag,
+                    costs.all_to_all(w, w.a2a_bytes / chunks) if w.ep > 1 else 0.0)
+
+
+def _chunked(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Phase, last: int | None, tag: str,
+             a2a: float) -> int:
+    """The pipelined exchange: each chunk's dispatch (`a2a` seconds), experts and combine."""
     dispatch = [s.add(f"{tag}.a2a_in0", "comm", a2a, [last])]
     prev_compute = last
     combines = []
@@ -214,7 +256,8 @@ def build_step(w: Workload, plan: Plan, costs: Costs, with_grads: bool = True) -
     for layer in range(w.n_layers):
         last = s.add(f"L{layer}.dense.fwd", "compute", costs.dense(w, layer, "fwd"), after(last, layer, "fwd"))
         if layer in moe_index:
-            last = _moe_pipeline(s, w, costs, plan.chunks[moe_index[layer]], "fwd", last, f"L{layer}.moe.fwd")
+            i = moe_index[layer]
+            last = _moe_pipeline(s, w, costs, plan.chunks[i], "fwd", last, f"L{layer}.moe.fwd", plan.dispatch_of(i))
     last = s.add("head.fwd", "compute", costs.dense(w, w.n_layers, "fwd"), [last])
     last = s.add("head.bwd", "compute", costs.dense(w, w.n_layers, "bwd"), [last])
     buckets = _BucketLauncher(s, w, plan, costs) if with_grads and fsdp is None else None
@@ -228,10 +271,12 @@ def build_step(w: Workload, plan: Plan, costs: Costs, with_grads: bool = True) -
         if w.recompute == "full":  # the block's forward again, all-to-alls included
             last = s.add(f"L{layer}.dense.recompute", "compute", costs.dense(w, layer, "fwd"), [last])
             if layer in moe_index:
-                last = _moe_pipeline(s, w, costs, plan.chunks[moe_index[layer]], "fwd", last,
-                                     f"L{layer}.moe.recompute")
+                i = moe_index[layer]
+                last = _moe_pipeline(s, w, costs, plan.chunks[i], "fwd", last, f"L{layer}.moe.recompute",
+                                     plan.dispatch_of(i))
         if layer in moe_index:
-            last = _moe_pipeline(s, w, costs, plan.chunks[moe_index[layer]], "bwd", last, f"L{layer}.moe.bwd")
+            i = moe_index[layer]
+            last = _moe_pipeline(s, w, costs, plan.chunks[i], "bwd", last, f"L{layer}.moe.bwd", plan.dispatch_of(i))
         last = s.add(f"L{layer}.dense.bwd", "compute", costs.dense(w, layer, "bwd"), [last])
         if overlap:
             buckets.launch_ready(layer, last)
@@ -293,9 +338,12 @@ def predict(w: Workload, plan: Plan, costs: Costs) -> Prediction:
 
 
 def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: int, micro_steps: int,
-                 act_bytes: int = 4, frozen: frozenset[str] = frozenset(), recompute: str = "none") -> Workload:
+                 act_bytes: int = 4, frozen: frozenset[str] = frozenset(), recompute: str = "none",
+                 ranks_per_node: int = 0) -> Workload:
     """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
-    Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer."""
+    Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer.
+    `ranks_per_node`: machines of that many ranks (0: one machine)."""
+    machines = ep // ranks_per_node if 0 < ranks_per_node < ep else 1
     with torch.device("meta"):
         model = Transformer(cfg)
     expert_ids = expert_parameter_ids(model)
@@ -314,14 +362,31 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     head_flops=head_fwd_flops(cfg, tokens),
                     attention_flops=tuple(attention_core_flops(cfg, tokens, seq_len, i) for i in blocks),
                     elementwise_bytes=tuple(block_elementwise_bytes(cfg, tokens, i, act_bytes) for i in blocks),
-                    recompute="experts" if recompute == "none" and cfg.moe.recompute_experts else recompute)
+                    recompute="experts" if recompute == "none" and cfg.moe.recompute_experts else recompute,
+                    ranks_per_node=ranks_per_node,
+                    nodes_per_token=expected_nodes_per_token(cfg.moe.num_experts, cfg.moe.top_k, machines,
+                                                             cfg.moe.max_nodes_per_token))
 
 
-def moe_layer_timeline(w: Workload, costs: Costs, chunks: int) -> Timeline:
+def expected_nodes_per_token(num_experts: int, top_k: int, machines: int, max_nodes: int | None) -> float:
+    """Machines a token's top_k experts lie in, expected under uniform routing over `machines` equal
+    blocks of experts, each token limited to `max_nodes` of them: k draws without replacement from the
+    allowed machines' experts. An estimate: real routers prefer some experts, and node-limited routing
+    picks machines for their best experts, so nearly every allowed machine gets one."""
+    if machines <= 1:
+        return 1.0
+    allowed = machines if max_nodes is None else min(max_nodes, machines)
+    per, pool = num_experts // machines, allowed * (num_experts // machines)
+    if top_k > pool:
+        return float(allowed)
+    return allowed * (1.0 - math.comb(pool - per, top_k) / math.comb(pool, top_k))
+
+
+def moe_layer_timeline(w: Workload, costs: Costs, chunks: int, dispatch: str = "flat") -> Timeline:
     """One MoE layer alone, forward then backward, pipelined in `chunks` pieces."""
     s = Schedule()
-    last = _moe_pipeline(s, w, costs, chunks, "fwd", None, "moe.fwd")
-    _moe_pipeline(s, w, costs, chunks, "bwd", last, "moe.bwd")
+    last = _moe_pipeline(s, w, costs, chunks, "fwd", None, "moe.fwd", dispatch)
+    _moe_pipeline(s, w, costs, chunks, "bwd", last, "moe.bwd", dispatch)
     return s.run(costs.overlap_slowdown)
 
 

@@ -83,6 +83,15 @@ class HardwareCosts:
         latency = hw.inter_node_latency_us if inter > 0 else hw.intra_node_latency_us
         return latency * 1e-6 + max(intra / (hw.intra_node_gbps * 1e9), inter / (hw.inter_node_gbps * 1e9))
 
+    def staged_all_to_all(self, w: Workload, nbytes: float, stage: str) -> float:
+        """cross: every byte over this device's own network link; node: over NVLink-class links."""
+        if nbytes <= 0:
+            return 0.0
+        hw = self.hw
+        if stage == "cross":
+            return hw.inter_node_latency_us * 1e-6 + nbytes / (hw.inter_node_gbps * 1e9)
+        return hw.intra_node_latency_us * 1e-6 + nbytes / (hw.intra_node_gbps * 1e9)
+
     def _ring(self, nbytes: float, ranks: int, stride: int, phases: int) -> float:
         """Ring collective over `ranks` ranks `stride` apart; `phases` 2 for all-reduce, 1 for reduce-scatter."""
         if ranks <= 1:

@@ -39,34 +39,48 @@ def _buckets(w: Workload, expert: bool, cap_mb: float) -> tuple[int, ...]:
     return bucket_sizes([p.numel * w.grad_bytes for p in w.params if p.expert == expert], cap_mb * 2**20)
 
 
+def _with_layer(plan: Plan, i: int, chunks: int, dispatch: str, n: int) -> Plan:
+    """`plan` with MoE layer i at `chunks` and `dispatch`."""
+    per_layer = [plan.dispatch_of(j) for j in range(n)]
+    per_layer[i] = dispatch
+    return dataclasses.replace(plan, chunks=plan.chunks[:i] + (chunks,) + plan.chunks[i + 1:],
+                               dispatch=tuple(per_layer) if "hierarchical" in per_layer else ())
+
+
 def with_prediction(plan: Plan, prediction: Prediction) -> Plan:
     return dataclasses.replace(plan, predicted=prediction.as_dict())
 
 
 def search(w: Workload, costs: Costs, grad_sync: GradSync = "all_reduce",
            chunk_choices: tuple[int, ...] = CHUNK_CHOICES,
-           bucket_caps_mb: tuple[float, ...] = BUCKET_CAPS_MB) -> tuple[Plan, Prediction]:
-    """The plan with the least predicted step time (ties go to the simpler plan)."""
-    reference = reference_plan(w, grad_sync)
-    best_plan, best = reference, predict(w, reference, costs)
+           bucket_caps_mb: tuple[float, ...] = BUCKET_CAPS_MB,
+           dispatch_choices: tuple[str, ...] = ("flat",)) -> tuple[Plan, Prediction]:
+    """The plan with the least predicted step time (ties go to the simpler plan: flat dispatch before
+    hierarchical, fewer chunks before more). `dispatch_choices`: what each MoE layer may use."""
     n = len(w.moe_layers)
+    reference = reference_plan(w, grad_sync)
+    if dispatch_choices == ("hierarchical",):
+        reference = dataclasses.replace(reference, dispatch=("hierarchical",) * n)
+    best_plan, best = reference, predict(w, reference, costs)
     # Degrees beyond the rows per expert only add latency.
     choices = [r for r in chunk_choices if r == 1 or r <= max(1, w.routed_rows // max(1, w.num_experts))]
     for cap in bucket_caps_mb:
-        for r in choices:
-            plan = Plan(chunks=(r,) * n, dense_buckets=_buckets(w, False, cap),
-                        expert_buckets=_buckets(w, True, cap), grad_sync=grad_sync, source="planner")
-            pred = predict(w, plan, costs)
-            if pred.step < best.step * (1 - 1e-9):
-                best_plan, best = plan, pred
-    if best_plan.source == "planner":
-        for i in range(n):
+        for d in dispatch_choices:
             for r in choices:
-                chunks = best_plan.chunks[:i] + (r,) + best_plan.chunks[i + 1:]
-                plan = dataclasses.replace(best_plan, chunks=chunks)
+                plan = Plan(chunks=(r,) * n, dense_buckets=_buckets(w, False, cap),
+                            expert_buckets=_buckets(w, True, cap), grad_sync=grad_sync,
+                            dispatch=(d,) * n if d != "flat" else (), source="planner")
                 pred = predict(w, plan, costs)
                 if pred.step < best.step * (1 - 1e-9):
                     best_plan, best = plan, pred
+    if best_plan.source == "planner":
+        for i in range(n):
+            for d in dispatch_choices:
+                for r in choices:
+                    plan = _with_layer(best_plan, i, r, d, n)
+                    pred = predict(w, plan, costs)
+                    if pred.step < best.step * (1 - 1e-9):
+                        best_plan, best = plan, pred
     r1 = dataclasses.replace(best_plan, chunks=(1,) * n)
     plan = dataclasses.replace(best_plan, source="planner",
                                predicted={**best.as_dict(), "off_step_s": predict(w, reference, costs).step,

@@ -367,6 +367,11 @@ class MeasuredCosts:
         # The fit is for the bytes one rank sends in total, (ep-1)/ep of which leave the rank.
         return _at(self.p.all_to_all, nbytes * w.ep / max(1, w.ep - 1)) if w.ep > 1 else 0.0
 
+    def staged_all_to_all(self, w: Workload, nbytes: float, stage: str) -> float:
+        """The ep group's fit for either stage: the profile measures no separate machines, so both stages
+        cost what the same bytes cost on the ep group (one real machine, or what the launcher spans)."""
+        return self.all_to_all(w, nbytes) if nbytes > 0 else 0.0
+
     def grad_reduce(self, w: Workload, nbytes: float, expert: bool, mode: str) -> float:
         group = "edp" if expert else "dp"
         fit = getattr(self.p, f"{'all_reduce' if mode == 'all_reduce' else 'reduce_scatter'}_{group}")

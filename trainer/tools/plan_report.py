@@ -22,6 +22,7 @@ from moeyard.trainer.schedule import (
     profile_cache_dir,
     workload,
 )
+from moeyard.trainer.tools.routing_bound import routing_bound_report
 
 
 def plan_report(cfg: Config, w: Workload, costs: Costs, source: str) -> tuple[Plan, str]:
@@ -55,18 +56,22 @@ def _as_planned(cfg: Config, plan: Plan) -> Config:
 
 def measured_report(cfg: Config, device: torch.device) -> str:
     """Profile this machine on the real process groups (cached) and report the plan. Collective."""
-    pmesh = build_mesh(cfg.parallel.ep, device.type, cfg.parallel.timeout_s)
-    w = workload(cfg, pmesh.dp, act_bytes(cfg, device))
+    pmesh = build_mesh(cfg.parallel.ep, device.type, cfg.parallel.timeout_s, cfg.parallel.ranks_per_node)
+    w = workload(cfg, pmesh.dp, act_bytes(cfg, device), pmesh.ranks_per_node)
     profile, cached = load_or_measure(cfg.model, w, pmesh, device, resolve_dtype(cfg.train.dtype, device),
                                       profile_cache_dir())
     source = f"a profile of this machine ({'cached' if cached else 'measured now'}, key {profile.key})"
-    plan, report = plan_report(cfg, w, MeasuredCosts(profile), source)
-    return report + "\n" + memory_report(_as_planned(cfg, plan), pmesh.dp, w.act_bytes)
+    costs = MeasuredCosts(profile)
+    plan, report = plan_report(cfg, w, costs, source)
+    return "\n".join([report, routing_bound_report(cfg, w, costs),
+                      memory_report(_as_planned(cfg, plan), pmesh.dp, w.act_bytes)])
 
 
 def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
     """Plan for a described machine: no processes, no measurement."""
     hw = load_hardware(hardware_path)
-    w = workload(cfg, world_size, hw.act_bytes)
-    plan, report = plan_report(cfg, w, HardwareCosts(hw), f"the hardware description {hw.name} ({hardware_path})")
-    return report + "\n" + memory_report(_as_planned(cfg, plan), world_size, hw.act_bytes, hw.memory_gb, hw.name)
+    w = workload(cfg, world_size, hw.act_bytes, cfg.parallel.ranks_per_node or hw.devices_per_node)
+    costs = HardwareCosts(hw)
+    plan, report = plan_report(cfg, w, costs, f"the hardware description {hw.name} ({hardware_path})")
+    return "\n".join([report, routing_bound_report(cfg, w, costs),
+                      memory_report(_as_planned(cfg, plan), world_size, hw.act_bytes, hw.memory_gb, hw.name)])
