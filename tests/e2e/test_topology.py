@@ -1,0 +1,39 @@
+"""Node-limited routing and hierarchical dispatch through `moeyard train`: 4 processes as 2 machines x 2
+learn what 1 process learns (losses, routing, updates within 1e-5 over 5 steps)."""
+from __future__ import annotations
+
+import pytest
+from helpers.runs import assert_same_run, moeyard_train, read_metrics, write_config
+
+NODE_LIMITED = ("model.moe.max_nodes_per_token=1", "model.moe.routing_nodes=2", "train.steps=5")
+TWO_MACHINES = ("parallel.ep=4", "parallel.ranks_per_node=2")
+
+
+@pytest.fixture(scope="module")
+def node_limited(tmp_path_factory, small_corpus):
+    root = tmp_path_factory.mktemp("node_limited")
+    config = write_config(root / "small.yaml", small_corpus)
+    moeyard_train(config, root / "ep1", 1, "parallel.ep=1", *NODE_LIMITED)
+    return config, root / "ep1"
+
+
+@pytest.mark.parametrize("extra", [
+    ("schedule.dispatch=flat",),
+    ("schedule.dispatch=hierarchical", "schedule.mode=manual", "schedule.chunks=2", "parallel.fsdp=true"),
+])
+def test_node_limited_routing_is_the_same_at_ep1_and_ep4(node_limited, tmp_path, extra) -> None:
+    config, reference = node_limited
+    proc = moeyard_train(config, tmp_path / "ep4", 4, *TWO_MACHINES, *NODE_LIMITED, *extra)
+    if "schedule.dispatch=hierarchical" in extra:
+        assert "hierarchical dispatch in 2 of 2 MoE layers" in proc.stdout
+    assert_same_run(reference, tmp_path / "ep4", f"node-limited ep=1 vs ep=4 on 2x2 {' '.join(extra)}")
+    for m in read_metrics(tmp_path / "ep4"):
+        assert all(r["nodes_per_token"] == 1.0 for r in m["router"].values()), m["router"]
+
+
+def test_unlimited_routing_reaches_both_machines(node_limited, tmp_path) -> None:
+    """Without the bound the same model sends tokens to both halves of the experts (the metric is live)."""
+    config, _ = node_limited
+    moeyard_train(config, tmp_path / "free", 1, "parallel.ep=1", "model.moe.routing_nodes=2", "train.steps=2")
+    for m in read_metrics(tmp_path / "free"):
+        assert all(1.0 < r["nodes_per_token"] <= 2.0 for r in m["router"].values()), m["router"]
