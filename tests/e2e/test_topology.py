@@ -2,6 +2,9 @@
 learn what 1 process learns (losses, routing, updates within 1e-5 over 5 steps)."""
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 from helpers.runs import assert_same_run, moeyard_train, read_metrics, write_config
 
@@ -37,3 +40,25 @@ def test_unlimited_routing_reaches_both_machines(node_limited, tmp_path) -> None
     moeyard_train(config, tmp_path / "free", 1, "parallel.ep=1", "model.moe.routing_nodes=2", "train.steps=2")
     for m in read_metrics(tmp_path / "free"):
         assert all(1.0 < r["nodes_per_token"] <= 2.0 for r in m["router"].values()), m["router"]
+
+
+def test_two_hosts_with_hierarchical_dispatch_learn_what_one_process_learns(node_limited, tmp_path) -> None:
+    """Two network namespaces of 2 workers each: the launcher's local world size makes them 2 machines, the
+    cross-machine rows go over the veth pair."""
+    from helpers.launches import run_nodes
+    from helpers.netns import hosts
+
+    config, reference = node_limited
+    sets = [arg for o in (*NODE_LIMITED, "parallel.ep=4", "schedule.dispatch=hierarchical",
+                          f"run.dir={tmp_path / 'run'}", "parallel.timeout_s=60") for arg in ("--set", o)]
+    logs = [tmp_path / f"host{rank}.log" for rank in (0, 1)]
+    with hosts() as (a, b):
+        commands = [host.command(sys.executable, "-m", "moeyard", "train", str(config), "--nnodes", "2",
+                                 "--node-rank", str(rank), "--nproc", "2", "--rdzv-endpoint", f"{a.address}:29400",
+                                 "--local-addr", host.address, *sets)
+                    for rank, host in enumerate((a, b))]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        run_nodes(commands, logs, [{**env, "GLOO_SOCKET_IFNAME": host.interface} for host in (a, b)],
+                  timeout_s=300)
+    assert "hierarchical dispatch in 2 of 2 MoE layers" in logs[0].read_text()
+    assert_same_run(reference, tmp_path / "run", "2 hosts x 2 workers, hierarchical, vs 1 process")

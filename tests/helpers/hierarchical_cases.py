@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import torch
-from helpers.exchange_cases import D, E, F, K, T, skewed_routing
 
+from helpers.exchange_cases import D, E, F, K, T, skewed_routing
 from moeyard.models import GroupedExperts
 from moeyard.models.moe.permutation import expert_capacity, plan_permutation
 from moeyard.models.moe.router import limit_to_best_blocks
