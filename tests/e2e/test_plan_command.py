@@ -17,6 +17,8 @@ def test_plan_command_for_a_described_cluster() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "hardware description dgx-h100" in proc.stdout and "communication hidden:" in proc.stdout
     assert "predicted speed-up" in proc.stdout
+    bounds = proc.stdout.split("the ep group spans 8 machines")[1].splitlines()[2:6]  # M = 1, 2, 4, none
+    assert [line.split()[0] for line in bounds] == ["1", "2", "4", "none"], proc.stdout
     memory = [line for line in proc.stdout.splitlines() if line.startswith("memory per rank:")]
     assert len(memory) == 1 and memory[0].endswith("fits dgx-h100 (80 GB)"), proc.stdout
 

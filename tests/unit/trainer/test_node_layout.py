@@ -1,0 +1,36 @@
+"""Machines in the run's layout, checked before any worker starts; routing nodes resolved from them."""
+from __future__ import annotations
+
+import pytest
+
+from moeyard import configs
+from moeyard.errors import ConfigError
+from moeyard.trainer.config import load_config
+from moeyard.trainer.node_layout import check_node_layout, with_node_layout
+
+
+def tiny(*overrides: str):
+    return load_config(configs.path("tiny.yaml"), list(overrides))
+
+
+def test_routing_nodes_come_from_the_machines_an_ep_group_spans() -> None:
+    cfg = with_node_layout(tiny("parallel.ep=8", "model.moe.max_nodes_per_token=1"), 8, 2)
+    assert cfg.parallel.ranks_per_node == 2 and cfg.model.moe.routing_nodes == 4
+    fixed = with_node_layout(tiny("parallel.ep=8", "model.moe.max_nodes_per_token=2", "model.moe.routing_nodes=8"),
+                             8, 2)
+    assert fixed.model.moe.routing_nodes == 8  # finer blocks than machines: each still on one machine
+    assert with_node_layout(tiny("parallel.ep=2"), 4, 4).model.moe.routing_nodes is None  # no bound: untouched
+    assert with_node_layout(tiny("parallel.ep=4", "parallel.ranks_per_node=2"), 4, 4).parallel.ranks_per_node == 2
+
+
+@pytest.mark.parametrize("overrides,world,ranks_per_node,message", [
+    (("parallel.ep=2",), 6, 4, "does not divide the world size 6"),
+    (("parallel.ep=4",), 12, 6, "must fill whole machines or fit in one"),
+    (("parallel.ep=8", "model.moe.max_nodes_per_token=1", "model.moe.routing_nodes=2"), 8, 2,
+     "routing_nodes=2 does not keep each routing node on one machine"),
+    (("parallel.ep=4", "schedule.dispatch=hierarchical"), 4, 4, "needs an ep group that spans machines"),
+])
+def test_layouts_that_cannot_work_are_refused(overrides, world, ranks_per_node, message) -> None:
+    cfg = tiny(*overrides)
+    with pytest.raises(ConfigError, match=message):
+        check_node_layout(cfg, world, ranks_per_node)
