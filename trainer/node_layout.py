@@ -38,13 +38,29 @@ def check_node_layout(cfg: Config, world_size: int, ranks_per_node: int) -> None
                 f"fits in one machine of {G} ranks (set parallel.ranks_per_node to simulate machines)")
 
 
+def node_layout_notes(cfg: Config, ranks_per_node: int) -> list[str]:
+    """What a user should know about this layout (printed once by the launcher)."""
+    moe, nodes = cfg.model.moe, ep_nodes(cfg, ranks_per_node)
+    notes = []
+    if moe.router == "sigmoid_bias" and moe.n_groups > 1 and nodes > 1 and moe.n_groups % nodes != 0:
+        notes.append(f"model.moe.n_groups={moe.n_groups} expert groups do not each sit on one of the {nodes} "
+                     f"machines the ep group spans: group-limited routing (topk_groups) does not bound the "
+                     f"machines a token reaches; model.moe.max_nodes_per_token does")
+    if moe.max_nodes_per_token is not None and nodes == 1 and moe.routing_nodes is None:
+        notes.append("model.moe.max_nodes_per_token has no effect: the ep group fits in one machine "
+                     "(set model.moe.routing_nodes to bound tokens to expert blocks anyway)")
+    return notes
+
+
 def with_node_layout(cfg: Config, world_size: int, local_world_size: int) -> Config:
     """The config with parallel.ranks_per_node filled from the launcher, and model.moe.routing_nodes from the
-    machines an ep group spans where node-limited routing leaves it null (checked)."""
+    machines an ep group spans where it is null (checked). Without max_nodes_per_token routing_nodes only
+    makes the run log how many machines a token reaches."""
     G = cfg.parallel.ranks_per_node or local_world_size
     check_node_layout(cfg, world_size, G)
     model = cfg.model
-    if model.moe.max_nodes_per_token is not None and model.moe.routing_nodes is None:
+    limited = model.moe.max_nodes_per_token is not None
+    if model.moe.routing_nodes is None and (limited or ep_nodes(cfg, G) > 1) and model.moe.router != "expert_choice":
         moe = dataclasses.replace(model.moe, routing_nodes=ep_nodes(cfg, G))
         model = dataclasses.replace(model, moe=moe)
     return dataclasses.replace(cfg, model=model, parallel=dataclasses.replace(cfg.parallel, ranks_per_node=G))

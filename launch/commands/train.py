@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 from typing import Optional
 
 import torch
@@ -16,7 +17,7 @@ from moeyard.launch.torchrun import Nodes, launch_workers
 from moeyard.launch.worker import add_overrides, run_worker, worker_args
 from moeyard.trainer.config import Config, validate_for_world
 from moeyard.trainer.memory_plan import fit_memory
-from moeyard.trainer.node_layout import check_node_layout
+from moeyard.trainer.node_layout import check_node_layout, node_layout_notes
 from moeyard.trainer.preflight import check_inputs
 from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.run_dir import holds_a_run
@@ -114,6 +115,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     world = nproc * nodes.count
     validate_for_world(cfg, world)
     check_node_layout(cfg, world, cfg.parallel.ranks_per_node or nproc)
+    for note in node_layout_notes(cfg, cfg.parallel.ranks_per_node or nproc):
+        print(f"note: {note}", file=sys.stderr, flush=True)
     _check_gpus(cfg.parallel.backend, nproc)
     chosen = _fit_memory(cfg, world, nproc, nodes.count)
     if chosen:  # every worker gets the same choice through its command line

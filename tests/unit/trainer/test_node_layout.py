@@ -6,7 +6,7 @@ import pytest
 from moeyard import configs
 from moeyard.errors import ConfigError
 from moeyard.trainer.config import load_config
-from moeyard.trainer.node_layout import check_node_layout, with_node_layout
+from moeyard.trainer.node_layout import check_node_layout, node_layout_notes, with_node_layout
 
 
 def tiny(*overrides: str):
@@ -34,3 +34,13 @@ def test_layouts_that_cannot_work_are_refused(overrides, world, ranks_per_node, 
     cfg = tiny(*overrides)
     with pytest.raises(ConfigError, match=message):
         check_node_layout(cfg, world, ranks_per_node)
+
+
+def test_the_launcher_says_what_a_layout_leaves_unbounded() -> None:
+    groups = tiny("parallel.ep=8", "model.moe.router=sigmoid_bias", "model.moe.n_groups=2", "model.moe.topk_groups=1")
+    assert any("do not each sit on one of the 4 machines" in n for n in node_layout_notes(groups, 2))
+    assert node_layout_notes(groups, 4) == []  # 2 groups on 2 machines
+    useless = tiny("parallel.ep=2", "model.moe.max_nodes_per_token=1")
+    assert any("has no effect" in n for n in node_layout_notes(useless, 2))
+    logged = with_node_layout(tiny("parallel.ep=4"), 4, 2)
+    assert logged.model.moe.routing_nodes == 2 and logged.model.moe.max_nodes_per_token is None
