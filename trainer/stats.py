@@ -112,6 +112,8 @@ class StepStats:
             out["router"][layer] = {key: sums[f"{layer}.{key}"][0] / micro_steps
                                     for key in ("aux_loss", "z_loss", "entropy", "nodes_per_token")
                                     if f"{layer}.{key}" in sums} | router_state.get(layer, {})
+            if f"{layer}.cross_machine_bytes" in sums:  # every rank's dispatches, forward (and recompute)
+                out["router"][layer]["cross_machine_mb"] = sums[f"{layer}.cross_machine_bytes"][0] / 2**20
         for name in self.adapters:
             out["adapter_routers"][name] = {"load": [int(v) for v in sums[f"{name}.load_E"]],
                                             "aux_loss": sums[f"{name}.aux_loss"][0] / micro_steps,

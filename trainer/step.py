@@ -17,7 +17,7 @@ from torch import Tensor
 
 from moeyard.models import ModelOutput, Transformer
 from moeyard.models.document_attention import DocumentSpans
-from moeyard.parallel import ParallelMesh
+from moeyard.parallel import ExpertParallelExchange, ParallelMesh
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.trainer.data.blend import TokenBatch
 from moeyard.trainer.data.sft_batches import SFTBatch
@@ -135,6 +135,9 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | 
         stats.add(out, lm_sum, mtp_sum)
 
     grad_norm = sync.reduce()  # waits for (or runs) the gradient reduction
+    for layer, moe in model.moe_layers():
+        if isinstance(moe.exchange, ExpertParallelExchange) and moe.exchange.node_groups is not None:
+            stats.per_rank.add(f"{layer}.cross_machine_bytes", moe.exchange.traffic.take_bytes(device))
     stats.all_reduce(pmesh.dp_group)  # global losses: the same on every rank, like the norm
     finite = stats.losses_finite() and bool(torch.isfinite(grad_norm))
     # Router state as this step's forward used it (before the update below).

@@ -64,6 +64,12 @@ class CrossNodeTraffic:
         self._rows = rows if self._rows is None else self._rows + rows
         self._bytes = rows * row_bytes if self._bytes is None else self._bytes + rows * row_bytes
 
+    def take_bytes(self, device: torch.device) -> Tensor:
+        """Bytes so far as a device tensor (no host sync), and start counting again."""
+        taken = torch.zeros((), dtype=torch.int64, device=device) if self._bytes is None else self._bytes
+        self.reset()
+        return taken
+
     def read(self) -> tuple[int, int]:
         """(rows, bytes) so far."""
         return (0, 0) if self._rows is None else (int(self._rows), int(self._bytes))
