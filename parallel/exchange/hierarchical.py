@@ -2,19 +2,21 @@
 
 Flat dispatch sends one row per (token, expert) copy over the ep group, so a token whose k experts sit on
 one other machine crosses the network k times. Here, as in DeepEP's internode kernels and Tutel's 2-D
-all-to-all, in three steps:
+all-to-all:
 
 1. cross: one row per (token, destination machine) goes to the rank with this rank's local index on that
-   machine (the cross group), with its copies' metadata: which row, which of that machine's experts, and
-   the routing weight;
-2. node: that rank fans the rows out to the experts' ranks of its machine with the flat exchange over the
-   node group (plain, or pipelined in the plan's chunks), the machine's experts only;
-3. back: the expert outputs return inside the machine, are weighted and summed per (token, machine)
-   there, and one partial sum per (token, machine) crosses back; home adds the machines' partial sums.
+   machine (the cross group), packed with its copies' routing weights and expert ids (W of each, W the
+   most copies a pair can have: top_k, or the machine's experts);
+2. node: that rank fans the copies out to the experts' ranks of its machine over the node group, and
+   weights and sums each pair's expert outputs there;
+3. back: one partial sum per (token, machine) crosses home, where the machines' sums add up.
 
-Every step is an autograd-aware collective or index operation, so backward takes the same route in
-reverse: the gradient of a partial sum crosses once per (token, machine) too. Results equal the flat path
-up to the order of float sums; partial sums travel in the rows' dtype (bf16 under autocast).
+Seen from the cross group a machine is one "expert" per rank (`MachineExperts`), so the flat exchange
+carries steps 1 and 3, plain or pipelined in the plan's chunks: the network stage of one chunk travels
+while another chunk fans out and computes. Every step is autograd-aware, so backward takes the same route
+in reverse (a partial sum's gradient crosses once per (token, machine), the routing weights' gradients
+ride in the packed rows' gradient). Results equal the flat path up to the order of float sums; under
+autocast the weights and partial sums travel in the rows' dtype (bf16).
 
 Shape legend: N tokens, S copies (grouped by global expert), U (token, machine) pairs sent, C copies
 received, D model dim, M machines of the ep group, X experts per machine.
@@ -28,8 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moeyard.models import GroupedExperts
 from moeyard.models.moe.permutation import Permutation, weighted_sum
-from moeyard.parallel.exchange.all_to_all import all_to_all
+from moeyard.parallel.exchange.flat import flat_exchange, plain_exchange
 
 
 @dataclass(frozen=True)
@@ -84,57 +87,98 @@ def flat_cross_node_rows(tokens_per_expert_E: Tensor, groups: NodeGroups) -> Ten
     return per_node_M.sum() - per_node_M[groups.node_index]
 
 
-RunExperts = Callable[[Tensor, Tensor], Tensor]
-"""(rows grouped by the machine's experts, rows per expert of the machine) -> expert outputs, same order."""
+ID_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+"""Integer type of a row dtype's width: expert ids ride in the rows as raw bits, never as float values."""
 
 
-def hierarchical_routed(x_ND: Tensor, perm: Permutation, weight: Tensor, groups: NodeGroups,
-                        run_node_experts: RunExperts, traffic: Optional[CrossNodeTraffic] = None) -> Tensor:
-    """Each token's weighted sum of its experts' outputs, a row crossing to each machine at most once."""
-    M, N, D = groups.nodes, x_ND.shape[0], x_ND.shape[1]
+def pack_pairs(x_ND: Tensor, perm: Permutation, weight: Tensor, nodes: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """One row per (token, machine): [x | W weights | W expert ids as raw bits], the ids those of the
+    machine's experts (-1: no copy in that slot). Rows grouped by machine, tokens in order within one.
+    Returns (rows, token of each row, rows per machine, W)."""
+    N, D = x_ND.shape
     E = perm.tokens_per_expert_E.numel()
-    X = E // M
+    X = E // nodes
     device = x_ND.device
     expert_S = torch.repeat_interleave(torch.arange(E, device=device), perm.tokens_per_expert_E,
                                        output_size=perm.token_index_S.numel())
     node_S = expert_S // X  # copies are grouped by expert, experts by machine: already grouped by machine
     pair_U, pair_of_copy_S = torch.unique(node_S * N + perm.token_index_S, sorted=True, return_inverse=True)
-    pairs_M = torch.zeros(M, dtype=torch.int64, device=device).scatter_add_(0, pair_U // N,
-                                                                            torch.ones_like(pair_U))
-    copies_M = perm.tokens_per_expert_E.view(M, X).sum(dim=1)
-    send_M2 = torch.stack([pairs_M, copies_M], dim=1)
-    recv_M2 = torch.empty_like(send_M2)
-    dist.all_to_all_single(recv_M2, send_M2, group=groups.cross_group)
-    send_host, recv_host = torch.stack([send_M2, recv_M2]).cpu().tolist()  # the exchange's one host sync
-    send_pairs, send_copies = [p for p, _ in send_host], [c for _, c in send_host]
-    recv_pairs, recv_copies = [p for p, _ in recv_host], [c for _, c in recv_host]
-    if traffic is not None:
-        traffic.add(pairs_M.sum() - pairs_M[groups.node_index], D * x_ND.element_size())
-
-    # 1. cross: a row per (token, machine), and per copy (row within its machine's block, expert there, weight).
-    token_U = pair_U % N
-    x_recv = all_to_all(x_ND.index_select(0, token_U), recv_pairs, send_pairs, groups.cross_group)
-    first_pair_M = torch.cumsum(pairs_M, 0) - pairs_M
-    meta_S2 = torch.stack([pair_of_copy_S - first_pair_M[node_S], expert_S - node_S * X], dim=1)
-    meta_C2 = meta_S2.new_empty(sum(recv_copies), 2)
-    dist.all_to_all_single(meta_C2, meta_S2, recv_copies, send_copies, group=groups.cross_group)
+    pairs_M = torch.zeros(nodes, dtype=torch.int64, device=device).scatter_add_(0, pair_U // N,
+                                                                                torch.ones_like(pair_U))
+    # A copy's slot: its place among its pair's copies (at most top_k of them, or X under expert choice).
+    width = min(weight.shape[-1], X) if weight.dim() == 2 else X
+    by_pair = torch.sort(pair_of_copy_S, stable=True).indices
+    copies_U = torch.zeros_like(pair_U).scatter_add_(0, pair_of_copy_S, torch.ones_like(pair_of_copy_S))
+    first_U = torch.cumsum(copies_U, 0) - copies_U
+    slot_S = torch.empty_like(by_pair).index_copy_(
+        0, by_pair, torch.arange(by_pair.numel(), device=device) - first_U[pair_of_copy_S[by_pair]])
     weight_S = weight.reshape(-1).index_select(0, perm.copy_index_S)
-    weight_C = all_to_all(weight_S, recv_copies, send_copies, groups.cross_group)
+    U = pair_U.numel()
+    weight_UW = weight_S.new_zeros(U, width).index_put((pair_of_copy_S, slot_S), weight_S)
+    ids_UW = torch.full((U, width), -1, dtype=torch.int64, device=device).index_put_(
+        (pair_of_copy_S, slot_S), expert_S - node_S * X)
+    token_U = pair_U % N
+    ids_bits = ids_UW.to(ID_BITS[x_ND.element_size()]).view(x_ND.dtype)
+    rows = torch.cat([x_ND.index_select(0, token_U), weight_UW.to(x_ND.dtype), ids_bits], dim=1)
+    return rows, token_U, pairs_M, width
 
-    # 2. node: the copies' rows, grouped by this machine's experts, through the flat exchange inside it.
-    C = meta_C2.shape[0]
-    source_C = torch.repeat_interleave(torch.arange(M, device=device),
-                                       torch.tensor(recv_copies, device=device), output_size=C)
-    recv_first_pair_M = torch.tensor([sum(recv_pairs[:m]) for m in range(M)], device=device, dtype=torch.int64)
-    row_C = meta_C2[:, 0] + recv_first_pair_M[source_C]
-    expert_C = meta_C2[:, 1]
-    order_C = torch.sort(expert_C, stable=True).indices
-    counts_X = torch.zeros(X, dtype=torch.int64, device=device).scatter_add_(0, expert_C, torch.ones_like(expert_C))
-    row_C = row_C.index_select(0, order_C)
-    y_C = run_node_experts(x_recv.index_select(0, row_C), counts_X)
 
-    # 3. back: one weighted partial sum per (token, machine) crosses home, where the machines' sums add up.
-    partial = weighted_sum(y_C, weight_C.index_select(0, order_C), row_C, x_recv.shape[0]).to(x_ND.dtype)
-    y_U = all_to_all(partial, send_pairs, recv_pairs, groups.cross_group)
+class MachineExperts:
+    """A machine's experts seen from the cross group as one "expert" per rank: the flat exchange (plain or
+    pipelined) sends it packed pair rows, and it fans them out to the machine's experts over the node
+    group, weights and sums each pair's copies there, and returns one partial sum per pair row.
+    `expert_fn(x, rows per expert, *weights, order=None)` and `weights` are the local experts' function and
+    (gathered, under FSDP) weights, as GroupedExperts hands them to an executor."""
+
+    def __init__(self, experts: GroupedExperts, expert_fn: Callable[..., Tensor], weights: tuple[Tensor, ...],
+                 node_group: dist.ProcessGroup, width: int) -> None:
+        self.experts, self.expert_fn, self.weights = experts, expert_fn, weights
+        self.node_group, self.width = node_group, width
+
+    def uses_grouped_mm(self, x: Tensor) -> bool:
+        return False  # one "expert" per rank: its row count is read on the host
+
+    def __call__(self, x: Tensor, rows: list[int] | Tensor, order: Optional[Tensor] = None,
+                 executor: Optional[Callable] = None) -> Tensor:
+        if executor is not None:
+            return executor(self.forward_with, self.weights)
+        return self.forward_with(x, rows, *self.weights, order=order)
+
+    def forward_with(self, packed: Tensor, rows: list[int] | Tensor, *weights: Tensor,
+                     order: Optional[Tensor] = None) -> Tensor:
+        W = self.width
+        D = packed.shape[1] - 2 * W
+        pairs = packed if order is None else packed.index_select(0, order)
+        x_RD, weight_RW = pairs[:, :D], pairs[:, D:D + W]
+        ids_RW = pairs[:, D + W:].detach().contiguous().view(ID_BITS[packed.element_size()]).to(torch.int64)
+        row_C, slot_C = (ids_RW >= 0).nonzero(as_tuple=True)  # one host sync: the copies of these pairs
+        expert_C = ids_RW[row_C, slot_C]
+        by_expert = torch.sort(expert_C, stable=True).indices
+        row_C, slot_C, expert_C = row_C[by_expert], slot_C[by_expert], expert_C[by_expert]
+        X = self.experts.num_local_experts * dist.get_world_size(self.node_group)
+        counts_X = torch.zeros(X, dtype=torch.int64, device=packed.device).scatter_add_(
+            0, expert_C, torch.ones_like(expert_C))
+
+        def run(x: Tensor, counts: list[int] | Tensor, order: Optional[Tensor] = None) -> Tensor:
+            return self.expert_fn(x, counts, *weights, order=order)
+
+        y_CD = plain_exchange(x_RD.index_select(0, row_C), counts_X, self.node_group, run,
+                              host_counts=not self.experts.uses_grouped_mm(x_RD))
+        partial = weighted_sum(y_CD, weight_RW[row_C, slot_C], row_C, pairs.shape[0]).to(x_RD.dtype)
+        return partial if order is None else torch.empty_like(partial).index_copy_(0, order, partial)
+
+
+def hierarchical_routed(x_ND: Tensor, perm: Permutation, weight: Tensor, groups: NodeGroups,
+                        experts: GroupedExperts, chunks: int, traffic: Optional[CrossNodeTraffic] = None) -> Tensor:
+    """Each token's weighted sum of its experts' outputs, a row crossing to each machine at most once; the
+    network stage pipelined with the machines' work in `chunks` pieces."""
+    rows, token_U, pairs_M, width = pack_pairs(x_ND, perm, weight, groups.nodes)
+    if traffic is not None:
+        traffic.add(pairs_M.sum() - pairs_M[groups.node_index], rows.shape[1] * rows.element_size())
+    # Through the experts module (FSDP gathers its weights for the call); the packed rows stay out of the
+    # call's arguments, where a mixed-precision cast would rewrite the ids' bits.
+    y_U = experts(rows.new_empty(0, 0), pairs_M, executor=lambda expert_fn, weights: flat_exchange(
+        rows, pairs_M, MachineExperts(experts, expert_fn, weights, groups.node_group, width), groups.cross_group,
+        chunks))
     dtype = torch.promote_types(y_U.dtype, torch.float32)
-    return y_U.new_zeros(N, D, dtype=dtype).index_add(0, token_U, y_U.to(dtype))
+    return y_U.new_zeros(x_ND.shape[0], x_ND.shape[1], dtype=dtype).index_add(0, token_U, y_U.to(dtype))

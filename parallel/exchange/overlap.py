@@ -101,7 +101,7 @@ class _PipelinedExperts(torch.autograd.Function):
         weight_leaves = [w.detach().to(dtype or w.dtype).requires_grad_(w.requires_grad) for w in weights]
         recv = [x_SD.new_empty(sum(schedule.recv_splits[c]), x_SD.shape[1]) for c in range(C)]
         sent = [x_SD.index_select(0, schedule.send_index[c]) for c in range(C)]
-        back = [x_SD.new_empty(sent[c].shape) for c in range(C)]
+        back: list[Tensor] = []  # each chunk's outputs home, as wide as the experts' outputs
         dispatch = [_launch(recv[0], sent[0], schedule.recv_splits[0], schedule.send_splits[0], group)]
         combine = []
         graphs = []
@@ -115,7 +115,7 @@ class _PipelinedExperts(torch.autograd.Function):
                 y_in = expert_fn(x_in, schedule.rows_per_local_expert[c], *weight_leaves)
             graphs.append((x_in, y_in))
             y_recv = y_in.detach().index_select(0, inverse_permutation(schedule.recv_order[c]))
-            back[c] = back[c].to(y_recv.dtype)
+            back.append(y_recv.new_empty(sent[c].shape[0], y_recv.shape[1]))
             combine.append(_launch(back[c], y_recv, schedule.send_splits[c], schedule.recv_splits[c], group))
         y_SD = x_SD.new_empty(x_SD.shape[0], back[0].shape[1], dtype=back[0].dtype)
         for c in range(C):

@@ -96,11 +96,14 @@ class Workload:
         return self.ep // self.ranks_per_node if 0 < self.ranks_per_node < self.ep else 1
 
     def cross_node_bytes(self, dispatch: str) -> float:
-        """Bytes one dispatch sends off this rank's machine (the combine sends as many back): flat, every copy
-        bound for another machine; hierarchical, one row per (token, other machine)."""
+        """Bytes one dispatch sends off this rank's machine: flat, every copy bound for another machine;
+        hierarchical, one row per (token, other machine), packed with its copies' weights and expert ids
+        (the combine sends the rows back without them)."""
         M = self.ep_nodes
-        rows = self.routed_rows if dispatch == "flat" else self.tokens * self.nodes_per_token
-        return rows * (M - 1) / M * self.dim * self.act_bytes
+        if dispatch == "flat":
+            return self.routed_rows * (M - 1) / M * self.dim * self.act_bytes
+        slots = min(self.top_k, self.num_experts // M)
+        return self.tokens * self.nodes_per_token * (M - 1) / M * (self.dim + 2 * slots) * self.act_bytes
 
     @property
     def in_node_bytes(self) -> float:
@@ -140,21 +143,21 @@ class Costs(Protocol):
 def _moe_pipeline(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Phase, last: int | None,
                   tag: str, dispatch: str = "flat") -> int:
     """Dispatch -> experts -> combine in `chunks` pieces, issued as the executor issues them. Hierarchical:
-    the rows cross machines once each way around the pipeline, which runs the fan-out inside the machine."""
+    the pieces cross machines (one packed row per (token, machine)), and each chunk's fan-out inside the
+    machine runs before and after its experts."""
     if dispatch == "hierarchical" and w.ep_nodes > 1:
-        cross = costs.staged_all_to_all(w, w.cross_node_bytes("hierarchical"), "cross")
-        arrived = s.add(f"{tag}.a2a_cross_in", "comm", cross, [last])
-        inner = _chunked(s, w, costs, chunks, phase, arrived, tag,
-                         costs.staged_all_to_all(w, w.in_node_bytes / chunks, "node"))
-        home = s.add(f"{tag}.a2a_cross_out", "comm", cross, [inner])
-        return s.add(f"{tag}.home", "compute", 0.0, [home])
+        return _chunked(s, w, costs, chunks, phase, last, tag,
+                        costs.staged_all_to_all(w, w.cross_node_bytes("hierarchical") / chunks, "cross"),
+                        costs.staged_all_to_all(w, w.in_node_bytes / chunks, "node"))
     return _chunked(s, w, costs, chunks, phase, last, tag,
                     costs.all_to_all(w, w.a2a_bytes / chunks) if w.ep > 1 else 0.0)
 
 
 def _chunked(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Phase, last: int | None, tag: str,
-             a2a: float) -> int:
-    """The pipelined exchange: each chunk's dispatch (`a2a` seconds), experts and combine."""
+             a2a: float, fan_out: float = 0.0) -> int:
+    """The pipelined exchange: each chunk's dispatch (`a2a` seconds), experts and combine. `fan_out`: the
+    in-machine exchange of hierarchical dispatch, each way, which the chunk's compute waits for (it is on
+    the compute stream's path; counted as all-to-all work)."""
     dispatch = [s.add(f"{tag}.a2a_in0", "comm", a2a, [last])]
     prev_compute = last
     combines = []
@@ -163,10 +166,14 @@ def _chunked(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Phase, 
             dispatch.append(s.add(f"{tag}.a2a_in{c + 1}", "comm", a2a, [dispatch[c], prev_compute]))
         if c > 0 and costs.chunk_overhead_s > 0:
             prev_compute = s.add(f"{tag}.overhead{c}", "compute", costs.chunk_overhead_s, [prev_compute])
+        if fan_out:
+            prev_compute = s.add(f"{tag}.a2a_node_in{c}", "compute", fan_out, [dispatch[c], prev_compute])
         seconds = costs.experts(w, w.routed_rows / chunks, phase)
         if phase == "bwd" and w.recompute == "experts":
             seconds += costs.experts(w, w.routed_rows / chunks, "fwd")
         prev_compute = s.add(f"{tag}.experts{c}", "compute", seconds, [dispatch[c], prev_compute])
+        if fan_out:
+            prev_compute = s.add(f"{tag}.a2a_node_out{c}", "compute", fan_out, [prev_compute])
         combines.append(s.add(f"{tag}.a2a_out{c}", "comm", a2a, [prev_compute]))
     # The layer's output (or input gradient) is complete when every combine is home.
     return s.add(f"{tag}.join", "compute", 0.0, combines)

@@ -14,7 +14,8 @@ def test_hierarchical_equals_flat_and_sends_each_token_once_per_machine() -> Non
             # flat: one row per copy bound off the machine; hierarchical: one per (token, machine), never twice
             assert t["flat_rows"] == t["expected_copies"], (rank, case, t)
             assert t["hier_rows"] == t["expected_pairs"], (rank, case, t)
-            assert t["hier_bytes"] == t["hier_rows"] * D * 4 and t["flat_bytes"] == t["flat_rows"] * D * 4
+            # a pair's row carries its K routing weights and K expert ids beside the D values
+            assert t["hier_bytes"] == t["hier_rows"] * (D + 2 * K) * 4 and t["flat_bytes"] == t["flat_rows"] * D * 4
             assert t["hier_rows"] <= t["flat_rows"]
         one_node = r["traffic"]["one_node/None"]
         # node-limited to one machine: a token crosses at most once, where flat sends it K times

@@ -22,7 +22,8 @@ def node_limited(tmp_path_factory, small_corpus):
 
 def test_node_limited_routing_is_the_same_at_ep1_and_ep4(node_limited, tmp_path) -> None:
     """Flat, and hierarchical with chunks 2 and fsdp, both as 1 process; under M=1 (top-2, dropless) a token
-    that crosses does so twice with flat dispatch and once with hierarchical, and the logged bytes say so."""
+    that crosses does so twice with flat dispatch and once with hierarchical (its row packed with the copies'
+    weights and expert ids), and the logged bytes say so."""
     config, reference = node_limited
     runs = {"flat": ("schedule.dispatch=flat",),
             "hierarchical": ("schedule.dispatch=hierarchical", "schedule.mode=manual", "schedule.chunks=2",
@@ -37,8 +38,9 @@ def test_node_limited_routing_is_the_same_at_ep1_and_ep4(node_limited, tmp_path)
             assert all(r["nodes_per_token"] == 1.0 for r in m["router"].values()), m["router"]
         crossed[name] = [[r["cross_machine_mb"] for r in m["router"].values()] for m in metrics]
     assert all(mb > 0 for step in crossed["flat"] for mb in step)
+    packed = (64 + 2 * 2) / 64  # model.dim 64, and a pair's row carries its 2 weights and 2 expert ids
     for flat, hier in zip(crossed["flat"], crossed["hierarchical"]):
-        assert hier == pytest.approx([mb / 2 for mb in flat], rel=1e-12), crossed
+        assert hier == pytest.approx([mb / 2 * packed for mb in flat], rel=1e-12), crossed
 
 
 def test_unlimited_routing_reaches_both_machines(node_limited, tmp_path) -> None:

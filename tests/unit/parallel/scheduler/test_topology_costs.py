@@ -39,26 +39,34 @@ def test_expected_machines_per_token_match_sampling(experts, top_k, machines, bo
 def test_bytes_off_the_machine_flat_and_hierarchical() -> None:
     w = layer_workload(1024, 512, 256, 8, ep=64)  # 8 machines of 8
     assert w.ep_nodes == 8
-    row = 1024 * 2
+    row, packed = 1024 * 2, (1024 + 2 * 8) * 2  # a pair's row carries 8 weights and 8 expert ids
     assert w.cross_node_bytes("flat") == pytest.approx(4096 * 8 * 7 / 8 * row)
-    assert w.cross_node_bytes("hierarchical") == pytest.approx(4096 * w.nodes_per_token * 7 / 8 * row)
+    assert w.cross_node_bytes("hierarchical") == pytest.approx(4096 * w.nodes_per_token * 7 / 8 * packed)
     bounded = layer_workload(1024, 512, 256, 8, ep=64, bound=1)
     assert bounded.nodes_per_token == 1.0
-    assert bounded.cross_node_bytes("hierarchical") == pytest.approx(4096 * 7 / 8 * row)  # once per token
+    assert bounded.cross_node_bytes("hierarchical") == pytest.approx(4096 * 7 / 8 * packed)  # once per token
     assert bounded.cross_node_bytes("flat") == w.cross_node_bytes("flat")  # a row per copy: no byte saved
     assert w.in_node_bytes == pytest.approx(4096 * 8 * 7 / 8 * row)
     one_machine = layer_workload(1024, 512, 256, 8, ep=8)
     assert one_machine.ep_nodes == 1 and one_machine.cross_node_bytes("flat") == 0
 
 
-def test_hierarchical_layers_cross_machines_around_the_pipeline() -> None:
+def test_hierarchical_chunks_fan_out_around_their_experts() -> None:
+    """Each chunk: its packed rows cross (comm), fan out inside the machine, compute, fan in, cross back;
+    the next chunk's rows cross while this one computes."""
+    costs = HardwareCosts(load_hardware("dgx-h100"))
     w = layer_workload(1024, 512, 256, 8, ep=64)
-    plan = dataclasses.replace(search(w, HardwareCosts(load_hardware("dgx-h100")))[0], dispatch=("hierarchical",) * 2)
-    names = [t.name for t in build_step(w, plan, HardwareCosts(load_hardware("dgx-h100"))).tasks]
+    plan = dataclasses.replace(search(w, costs)[0], chunks=(2, 2), dispatch=("hierarchical",) * 2)
+    timeline = build_step(w, plan, costs).run(costs.overlap_slowdown)
+    task = {t.name: t for t in timeline.tasks}
     for phase in ("fwd", "bwd"):
-        assert f"L1.moe.{phase}.a2a_cross_in" in names and f"L1.moe.{phase}.a2a_cross_out" in names
-        assert names.index(f"L1.moe.{phase}.a2a_cross_in") < names.index(f"L1.moe.{phase}.experts0") \
-            < names.index(f"L1.moe.{phase}.a2a_cross_out")
+        tag = f"L1.moe.{phase}"
+        order = [f"{tag}.a2a_in0", f"{tag}.a2a_node_in0", f"{tag}.experts0", f"{tag}.a2a_node_out0",
+                 f"{tag}.a2a_out0"]
+        assert all(task[a].end <= task[b].start + 1e-12 for a, b in zip(order, order[1:]))
+        assert task[f"{tag}.a2a_in1"].start < task[f"{tag}.experts0"].end  # overlapped
+        assert task[f"{tag}.a2a_in0"].seconds == pytest.approx(
+            costs.staged_all_to_all(w, w.cross_node_bytes("hierarchical") / 2, "cross"))
 
 
 def test_planner_takes_hierarchical_where_dedup_pays_and_flat_where_it_does_not() -> None:

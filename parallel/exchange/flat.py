@@ -1,0 +1,101 @@
+"""The flat exchange: one row per (token, expert) copy over a group, plain or pipelined in chunks.
+
+Rows arrive here already grouped by global expert (see models.moe.permutation).
+Experts are laid out contiguously: rank r of the group owns experts [r*L, (r+1)*L) with
+L = E / P, so the rows for rank r form one contiguous block.
+
+Stages, each a function: `plan_exchange` (exchange counts, one collective and the
+exchange's one host sync), `all_to_all` (rows out, autograd-aware), `local_expert_order`
+(received rows are ordered by source rank; experts want them by expert), and the
+reverse trip; `overlap.pipelined_experts` runs the same stages in overlapped chunks.
+
+Shape legend: S rows sent, R rows received, D model dim, E experts of the group,
+L local experts, P ranks in the group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moeyard.parallel.exchange.all_to_all import all_to_all
+from moeyard.parallel.exchange.overlap import pipelined_experts
+from moeyard.parallel.exchange.regroup import local_expert_order
+
+
+@dataclass(frozen=True)
+class ExchangeLayout:
+    """Split sizes of one all-to-all and how received rows map to local experts."""
+
+    send_splits: list[int]
+    """Rows sent to each rank of the ep group."""
+    recv_splits: list[int]
+    """Rows received from each rank of the ep group."""
+    recv_counts_PL: Tensor
+    """recv_counts_PL[p, l]: rows from rank p for local expert l (on the device)."""
+    rows_per_local_expert: list[int]
+    """Host copy of recv_counts_PL.sum(0), for the expert loop."""
+
+    def expert_counts(self, host: bool) -> list[int] | Tensor:
+        """Rows per local expert where the experts read them: on the host (loop) or the device (grouped GEMM)."""
+        return self.rows_per_local_expert if host else self.recv_counts_PL.sum(dim=0)
+
+
+def plan_exchange(tokens_per_expert_E: Tensor, group: dist.ProcessGroup) -> ExchangeLayout:
+    """Exchange per-expert row counts with the ep group (collective), then bring every split size to the
+    host in one copy: the layer's only device-to-host synchronisation."""
+    world = dist.get_world_size(group)
+    recv_counts = torch.empty_like(tokens_per_expert_E)
+    dist.all_to_all_single(recv_counts, tokens_per_expert_E.contiguous(), group=group)
+    send_PL = tokens_per_expert_E.view(world, -1)
+    recv_counts_PL = recv_counts.view(world, -1)
+    host = torch.cat([send_PL.sum(dim=1), recv_counts_PL.sum(dim=1), recv_counts_PL.sum(dim=0)]).cpu().tolist()
+    return ExchangeLayout(
+        send_splits=host[:world],
+        recv_splits=host[world:2 * world],
+        recv_counts_PL=recv_counts_PL,
+        rows_per_local_expert=host[2 * world:],
+    )
+
+
+class Experts(Protocol):
+    """What the exchange runs on the rows it received: GroupedExperts, or a machine's experts seen as one
+    (hierarchical.MachineExperts)."""
+
+    def __call__(self, x: Tensor, rows: list[int] | Tensor, order: Optional[Tensor] = None,
+                 executor: Optional[Callable] = None) -> Tensor: ...
+
+    def uses_grouped_mm(self, x: Tensor) -> bool: ...
+
+
+RunExperts = Callable[..., Tensor]
+"""(rows, rows per local expert, order=None) -> outputs in the rows' order."""
+
+
+def plain_exchange(x_SD: Tensor, tokens_per_expert_E: Tensor, group: dist.ProcessGroup, run: RunExperts,
+                   host_counts: bool) -> Tensor:
+    """The unpipelined exchange: counts, rows out, `run` on the received rows, outputs back."""
+    if dist.get_world_size(group) == 1:
+        return run(x_SD, tokens_per_expert_E.tolist() if host_counts else tokens_per_expert_E)
+    layout = plan_exchange(tokens_per_expert_E, group)
+    x_RD = all_to_all(x_SD, layout.recv_splits, layout.send_splits, group)
+    # Received rows are grouped by source rank; the experts regroup them by expert as they go.
+    order = local_expert_order(layout.recv_counts_PL, x_RD.shape[0])
+    y_RD = run(x_RD, layout.expert_counts(host_counts), order=order)
+    return all_to_all(y_RD, layout.send_splits, layout.recv_splits, group)
+
+
+def flat_exchange(x_SD: Tensor, tokens_per_expert_E: Tensor, experts: Experts, group: dist.ProcessGroup,
+                  chunks: int) -> Tensor:
+    """Rows grouped by the group's experts -> the ranks owning them -> expert outputs back, same order;
+    pipelined in `chunks` pieces when chunks > 1."""
+    if dist.get_world_size(group) == 1:
+        return experts(x_SD, tokens_per_expert_E)
+    host_counts = not experts.uses_grouped_mm(x_SD)
+    if chunks > 1:
+        return experts(x_SD, tokens_per_expert_E, executor=lambda expert_fn, weights: pipelined_experts(
+            x_SD, tokens_per_expert_E, chunks, group, expert_fn, weights, host_counts))
+    return plain_exchange(x_SD, tokens_per_expert_E, group, experts, host_counts)
