@@ -24,3 +24,9 @@ def test_hierarchical_equals_flat_and_sends_each_token_once_per_machine() -> Non
         skewed = r["traffic"]["skewed/None"]
         assert skewed["hier_rows"] < skewed["flat_rows"], "skewed routing puts some tokens' 2 copies on one machine"
     assert any(r["traffic"]["skewed/1.0"]["dropped"] > 0 for r in results), "capacity dropped nothing"
+
+
+def test_hierarchical_under_bf16_autocast() -> None:
+    """The packed rows are bf16 (weights rounded to 8 bits of mantissa, ids as raw bits): within bf16 rounding."""
+    for r in run_distributed(hierarchical_cases.hierarchical_bf16_matches_flat, 4, timeout_s=240):
+        assert r["worst_rel"] < 1e-2, f"bf16 hierarchical differs by {r['worst_rel']:.2e} relative"
