@@ -11,8 +11,9 @@ are the uniform-routing expectation (cost_model.expected_nodes_per_token), not m
 from __future__ import annotations
 
 from moeyard.models import ModelConfig, MoEConfig
-from moeyard.parallel.scheduler.cost_model import expected_nodes_per_token, moe_layer_timeline, workload_for
+from moeyard.parallel.scheduler.cost_model import moe_layer_timeline, workload_for
 from moeyard.parallel.scheduler.hardware import HardwareCosts
+from moeyard.parallel.scheduler.machines import expected_nodes_per_token
 from moeyard.trainer.schedule import load_hardware
 
 SHAPES = {  # name: (hidden, expert FFN, experts, top-k)

@@ -21,7 +21,7 @@ from moeyard.launch.peers import Peers
 from moeyard.trainer.config import Config, validate_for_world
 from moeyard.trainer.data.tokens import ensure_corpus
 from moeyard.trainer.loop import train
-from moeyard.trainer.node_layout import with_node_layout
+from moeyard.trainer.node_layout import ranks_per_machine, with_node_layout
 from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.run_dir import Preemption
 from moeyard.trainer.run_lock import lock_for_workers
@@ -110,6 +110,26 @@ def _prepare_corpus_once_per_machine(cfg: Config, env: DistEnv, device: torch.de
     return str(ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob))
 
 
+def _machines_from_peers(given: Config, cfg: Config, peers: Peers) -> Config:
+    """Unless parallel.ranks_per_node says otherwise, machines are where the ranks run (the same answer on
+    every rank, whatever each one's local world size)."""
+    if given.parallel.ranks_per_node is not None:
+        return cfg
+    G = ranks_per_machine(peers.nodes)
+    if G is None:
+        moe = given.model.moe
+        if given.schedule.dispatch == "hierarchical" or moe.max_nodes_per_token is not None:
+            placed: dict[str, list[int]] = {}
+            for rank, node in enumerate(peers.nodes):
+                placed.setdefault(node, []).append(rank)
+            where = "; ".join(f"{node}: ranks {ranks}" for node, ranks in placed.items())
+            raise LaunchError(f"ranks are not placed machine by machine ({where}): hierarchical dispatch and "
+                              f"node-limited routing need every machine to hold as many consecutive ranks "
+                              f"(Slurm --distribution=block, mpirun --map-by slot), or parallel.ranks_per_node")
+        G = len(peers.nodes)  # one "machine": flat dispatch, which does not care where ranks run
+    return with_node_layout(given, len(peers.nodes), G)
+
+
 def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
     """Returns the process exit code: 0, or 128 + signal after a preemption checkpoint (alone, or under
     srun or mpirun, where that code tells the job script to requeue).
@@ -119,7 +139,8 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
     """
     preemption = Preemption()  # first: a signal during start-up is remembered, not fatal
     validate_for_world(cfg, env.world_size)
-    cfg = with_node_layout(cfg, env.world_size, env.local_world_size)
+    given = cfg
+    cfg = with_node_layout(given, env.world_size, env.local_world_size)
     device, backend = pick_device(env, cfg.parallel.backend)
     if device.type == "cpu":
         set_cpu_threads(env)
@@ -131,6 +152,7 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
     lock = None
     try:
         peers = Peers.gather()
+        cfg = _machines_from_peers(given, cfg, peers)
         if plan_only:
             report = measured_report(cfg, device)
             if env.rank == 0:

@@ -134,6 +134,14 @@ class MoEConfig:
             require(M is None or self.top_k <= min(M, self.routing_nodes) * (self.num_experts // self.routing_nodes),
                     f"model.moe.top_k={self.top_k} exceeds the experts of max_nodes_per_token={M} of "
                     f"routing_nodes={self.routing_nodes} blocks: raise max_nodes_per_token")
+            if M is not None and M < self.routing_nodes and self.n_groups > 1:
+                groups_per_node = self.n_groups // self.routing_nodes
+                require(self.n_groups % self.routing_nodes == 0,
+                        f"model.moe.n_groups={self.n_groups} must be a multiple of routing_nodes={self.routing_nodes} "
+                        f"under max_nodes_per_token: each routing node must hold whole groups")
+                require(self.topk_groups <= M * groups_per_node,
+                        f"model.moe.topk_groups={self.topk_groups} exceeds the {M * groups_per_node} groups of "
+                        f"max_nodes_per_token={M} routing nodes")
         require(self.dts_steps >= 1, f"model.moe.dts_steps={self.dts_steps} must be >= 1")
         require(self.dts_start_temperature > 0 and self.dts_end_temperature > 0,
                 f"model.moe.dts_start_temperature={self.dts_start_temperature} and dts_end_temperature="

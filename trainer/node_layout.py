@@ -8,6 +8,7 @@ blocks, which must each lie on one machine.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional, Sequence
 
 from moeyard.models.config import require
 from moeyard.trainer.config import Config
@@ -49,7 +50,23 @@ def node_layout_notes(cfg: Config, ranks_per_node: int) -> list[str]:
     if moe.max_nodes_per_token is not None and nodes == 1 and moe.routing_nodes is None:
         notes.append("model.moe.max_nodes_per_token has no effect: the ep group fits in one machine "
                      "(set model.moe.routing_nodes to bound tokens to expert blocks anyway)")
+    elif moe.max_nodes_per_token is not None and moe.routing_nodes is None:
+        notes.append(f"node-limited routing over routing_nodes={nodes}, the machines the ep group spans: another "
+                     f"layout routes differently; set model.moe.routing_nodes={nodes} to keep this routing")
     return notes
+
+
+def ranks_per_machine(nodes: Sequence[str]) -> Optional[int]:
+    """G when every machine (`nodes[r]`: where rank r runs) holds G consecutive ranks; None otherwise
+    (cyclic placement, or machines with different numbers of ranks)."""
+    G = 1
+    while G < len(nodes) and nodes[G] == nodes[0]:
+        G += 1
+    if len(nodes) % G:
+        return None
+    blocks = [nodes[i:i + G] for i in range(0, len(nodes), G)]
+    names = [block[0] for block in blocks]
+    return G if all(len(set(b)) == 1 for b in blocks) and len(set(names)) == len(names) else None
 
 
 def with_node_layout(cfg: Config, world_size: int, local_world_size: int) -> Config:

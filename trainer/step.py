@@ -124,6 +124,9 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | 
     lm_scale = pmesh.dp / global_targets
 
     sync.zero_grad()
+    for _, moe in model.moe_layers():  # what crosses machines counts from here: not the last evaluation's
+        if isinstance(moe.exchange, ExpertParallelExchange):
+            moe.exchange.traffic.reset()
     stats = StepStats()
     for i, micro in enumerate(micro_batches):
         sync.begin_micro_step(last=i == len(micro_batches) - 1)  # earlier micro-steps only accumulate

@@ -17,7 +17,7 @@ from moeyard.launch.torchrun import Nodes, launch_workers
 from moeyard.launch.worker import add_overrides, run_worker, worker_args
 from moeyard.trainer.config import Config, validate_for_world
 from moeyard.trainer.memory_plan import fit_memory
-from moeyard.trainer.node_layout import check_node_layout, node_layout_notes
+from moeyard.trainer.node_layout import node_layout_notes, with_node_layout
 from moeyard.trainer.preflight import check_inputs
 from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.run_dir import holds_a_run
@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise LaunchError(f"--nproc={nproc} must be >= 1")
     world = nproc * nodes.count
     validate_for_world(cfg, world)
-    check_node_layout(cfg, world, cfg.parallel.ranks_per_node or nproc)
+    with_node_layout(cfg, world, cfg.parallel.ranks_per_node or nproc)  # checks what resolving the layout implies
     for note in node_layout_notes(cfg, cfg.parallel.ranks_per_node or nproc):
         print(f"note: {note}", file=sys.stderr, flush=True)
     _check_gpus(cfg.parallel.backend, nproc)

@@ -169,15 +169,16 @@ class GroupedExperts(nn.Module):
         return not self.has_bias and self.activation.kind == "swiglu"
 
     def forward(self, x_SD: Tensor, rows_per_expert: list[int] | Tensor, order: Optional[Tensor] = None,
-                executor: Optional[Callable[[Callable[..., Tensor], tuple[Tensor, ...]], Tensor]] = None) -> Tensor:
+                executor: Optional[Callable[..., Tensor]] = None) -> Tensor:
         """Rows grouped by expert; or, with `order`, expert-grouped rows are x_SD[order] and the output comes
         back in x_SD's own order (see swiglu_fused_loop).
 
-        `executor(forward_with, weights)` runs the experts its own way (the pipelined exchange). It is called
-        from here, not beside this module, so that hooks on the module (FSDP's all-gather of the weights
-        and its gradient reduce-scatter) see every use of the weights."""
+        `executor(forward_with, weights, x_SD)` runs the experts its own way (the pipelined exchange). It is
+        called from here, not beside this module, and must compute from the `x_SD` it is handed, so that
+        hooks on the module (FSDP's all-gather of the weights, and its gradient reduce-scatter, which runs
+        when the gradient of this input is computed) see every use of the weights."""
         if executor is not None:
-            return executor(self.forward_with, self.weights)
+            return executor(self.forward_with, self.weights, x_SD)
         return self.forward_with(x_SD, rows_per_expert, *self.weights, order=order)
 
     def forward_with(self, x_SD: Tensor, rows_per_expert: list[int] | Tensor, *weights: Tensor,

@@ -52,7 +52,6 @@ def limit_to_best_blocks(score_TE: Tensor, blocks: int, keep: int, best_per_bloc
     return score_TBX.masked_fill(~allowed_TB.unsqueeze(-1), float("-inf")).view(T, E)
 
 
-
 class Router(nn.Module):
     """A linear scoring of tokens against experts; subclasses turn the logits into a Routing."""
 

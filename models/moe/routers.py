@@ -124,10 +124,11 @@ class SigmoidBiasRouter(Router):
         logits_TE = self.logits(x_BSD.reshape(-1, x_BSD.shape[-1]))
         scores_TE = logits_TE.sigmoid()
         choice_TE = scores_TE.detach() + self.expert_bias_E.to(scores_TE.dtype)
-        if self.n_groups > 1:
-            choice_TE = self._limit_to_top_groups(choice_TE)
+        # Machines first, then groups inside them (groups nest in routing nodes: MoEConfig checks it).
         limited_TE = self.limit_nodes(choice_TE, self.top_k)
         choice_TE = choice_TE if limited_TE is None else limited_TE
+        if self.n_groups > 1:
+            choice_TE = self._limit_to_top_groups(choice_TE)
         expert_index_TK = choice_TE.topk(self.top_k, dim=-1).indices
         weight_TK = renormalized(scores_TE.gather(1, expert_index_TK), self.renormalize)
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)  # for the sequence-wise loss, entropy

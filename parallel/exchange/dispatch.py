@@ -34,7 +34,7 @@ class ExpertParallelExchange(ExpertRows):
         self.ep = dist.get_world_size(ep_group)
         self.chunks = chunks
         """Pipeline degree r from the plan; 1 is the plain reference path. Under hierarchical dispatch it
-        pipelines the exchange inside each machine with the experts."""
+        pipelines the exchange across machines with each machine's fan-out and experts."""
         self.dispatch: Dispatch = dispatch
         self.node_groups = node_groups
         self.traffic = CrossNodeTraffic()

@@ -66,7 +66,9 @@ class Experts(Protocol):
     (hierarchical.MachineExperts)."""
 
     def __call__(self, x: Tensor, rows: list[int] | Tensor, order: Optional[Tensor] = None,
-                 executor: Optional[Callable] = None) -> Tensor: ...
+                 executor: Optional[Callable] = None) -> Tensor:
+        """`executor(forward_with, weights, x)`: run them another way, from the handed `x`."""
+        ...
 
     def uses_grouped_mm(self, x: Tensor) -> bool: ...
 
@@ -96,6 +98,6 @@ def flat_exchange(x_SD: Tensor, tokens_per_expert_E: Tensor, experts: Experts, g
         return experts(x_SD, tokens_per_expert_E)
     host_counts = not experts.uses_grouped_mm(x_SD)
     if chunks > 1:
-        return experts(x_SD, tokens_per_expert_E, executor=lambda expert_fn, weights: pipelined_experts(
-            x_SD, tokens_per_expert_E, chunks, group, expert_fn, weights, host_counts))
+        return experts(x_SD, tokens_per_expert_E, executor=lambda expert_fn, weights, x: pipelined_experts(
+            x, tokens_per_expert_E, chunks, group, expert_fn, weights, host_counts))
     return plain_exchange(x_SD, tokens_per_expert_E, group, experts, host_counts)

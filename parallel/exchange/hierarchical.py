@@ -91,11 +91,32 @@ ID_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 """Integer type of a row dtype's width: expert ids ride in the rows as raw bits, never as float values."""
 
 
-def pack_pairs(x_ND: Tensor, perm: Permutation, weight: Tensor, nodes: int) -> tuple[Tensor, Tensor, Tensor, int]:
-    """One row per (token, machine): [x | W weights | W expert ids as raw bits], the ids those of the
-    machine's experts (-1: no copy in that slot). Rows grouped by machine, tokens in order within one.
-    Returns (rows, token of each row, rows per machine, W)."""
-    N, D = x_ND.shape
+@dataclass(frozen=True)
+class PairRows:
+    """One row per (token, machine), grouped by machine, tokens in order within one."""
+
+    values_UV: Tensor
+    """[x | W routing weights] (V = D + W); the weights of empty slots are 0."""
+    ids_UW: Tensor
+    """The machine's experts of each slot (int64; -1: no copy in that slot)."""
+    token_U: Tensor
+    pairs_M: Tensor
+    """Rows bound for each machine."""
+
+    @property
+    def width(self) -> int:
+        """W: the most copies a pair can have (top_k, or the machine's experts under expert choice)."""
+        return self.ids_UW.shape[1]
+
+    def packed(self, values_UV: Tensor) -> Tensor:
+        """`values_UV` (these values as the experts module handed them on) with the ids' raw bits beside."""
+        ids_bits = self.ids_UW.to(ID_BITS[values_UV.element_size()]).view(values_UV.dtype)
+        return torch.cat([values_UV, ids_bits], dim=1)
+
+
+def pair_rows(x_ND: Tensor, perm: Permutation, weight: Tensor, nodes: int) -> PairRows:
+    """The rows hierarchical dispatch sends: each token once to each machine holding one of its experts."""
+    N = x_ND.shape[0]
     E = perm.tokens_per_expert_E.numel()
     X = E // nodes
     device = x_ND.device
@@ -118,9 +139,8 @@ def pack_pairs(x_ND: Tensor, perm: Permutation, weight: Tensor, nodes: int) -> t
     ids_UW = torch.full((U, width), -1, dtype=torch.int64, device=device).index_put_(
         (pair_of_copy_S, slot_S), expert_S - node_S * X)
     token_U = pair_U % N
-    ids_bits = ids_UW.to(ID_BITS[x_ND.element_size()]).view(x_ND.dtype)
-    rows = torch.cat([x_ND.index_select(0, token_U), weight_UW.to(x_ND.dtype), ids_bits], dim=1)
-    return rows, token_U, pairs_M, width
+    values_UV = torch.cat([x_ND.index_select(0, token_U), weight_UW.to(x_ND.dtype)], dim=1)
+    return PairRows(values_UV, ids_UW, token_U, pairs_M)
 
 
 class MachineExperts:
@@ -141,22 +161,23 @@ class MachineExperts:
     def __call__(self, x: Tensor, rows: list[int] | Tensor, order: Optional[Tensor] = None,
                  executor: Optional[Callable] = None) -> Tensor:
         if executor is not None:
-            return executor(self.forward_with, self.weights)
+            return executor(self.forward_with, self.weights, x)
         return self.forward_with(x, rows, *self.weights, order=order)
 
-    def forward_with(self, packed: Tensor, rows: list[int] | Tensor, *weights: Tensor,
+    def forward_with(self, packed_RQ: Tensor, rows: list[int] | Tensor, *weights: Tensor,
                      order: Optional[Tensor] = None) -> Tensor:
+        """Partial sums [R, D] of received packed rows [R, Q = D + 2W], in their order."""
         W = self.width
-        D = packed.shape[1] - 2 * W
-        pairs = packed if order is None else packed.index_select(0, order)
-        x_RD, weight_RW = pairs[:, :D], pairs[:, D:D + W]
-        ids_RW = pairs[:, D + W:].detach().contiguous().view(ID_BITS[packed.element_size()]).to(torch.int64)
+        D = packed_RQ.shape[1] - 2 * W
+        pairs_RQ = packed_RQ if order is None else packed_RQ.index_select(0, order)
+        x_RD, weight_RW = pairs_RQ[:, :D], pairs_RQ[:, D:D + W]
+        ids_RW = pairs_RQ[:, D + W:].detach().contiguous().view(ID_BITS[packed_RQ.element_size()]).to(torch.int64)
         row_C, slot_C = (ids_RW >= 0).nonzero(as_tuple=True)  # one host sync: the copies of these pairs
         expert_C = ids_RW[row_C, slot_C]
         by_expert = torch.sort(expert_C, stable=True).indices
         row_C, slot_C, expert_C = row_C[by_expert], slot_C[by_expert], expert_C[by_expert]
         X = self.experts.num_local_experts * dist.get_world_size(self.node_group)
-        counts_X = torch.zeros(X, dtype=torch.int64, device=packed.device).scatter_add_(
+        counts_X = torch.zeros(X, dtype=torch.int64, device=packed_RQ.device).scatter_add_(
             0, expert_C, torch.ones_like(expert_C))
 
         def run(x: Tensor, counts: list[int] | Tensor, order: Optional[Tensor] = None) -> Tensor:
@@ -164,21 +185,26 @@ class MachineExperts:
 
         y_CD = plain_exchange(x_RD.index_select(0, row_C), counts_X, self.node_group, run,
                               host_counts=not self.experts.uses_grouped_mm(x_RD))
-        partial = weighted_sum(y_CD, weight_RW[row_C, slot_C], row_C, pairs.shape[0]).to(x_RD.dtype)
-        return partial if order is None else torch.empty_like(partial).index_copy_(0, order, partial)
+        partial_RD = weighted_sum(y_CD, weight_RW[row_C, slot_C], row_C, pairs_RQ.shape[0]).to(x_RD.dtype)
+        return partial_RD if order is None else torch.empty_like(partial_RD).index_copy_(0, order, partial_RD)
 
 
 def hierarchical_routed(x_ND: Tensor, perm: Permutation, weight: Tensor, groups: NodeGroups,
                         experts: GroupedExperts, chunks: int, traffic: Optional[CrossNodeTraffic] = None) -> Tensor:
     """Each token's weighted sum of its experts' outputs, a row crossing to each machine at most once; the
     network stage pipelined with the machines' work in `chunks` pieces."""
-    rows, token_U, pairs_M, width = pack_pairs(x_ND, perm, weight, groups.nodes)
+    pairs = pair_rows(x_ND, perm, weight, groups.nodes)
     if traffic is not None:
-        traffic.add(pairs_M.sum() - pairs_M[groups.node_index], rows.shape[1] * rows.element_size())
-    # Through the experts module (FSDP gathers its weights for the call); the packed rows stay out of the
-    # call's arguments, where a mixed-precision cast would rewrite the ids' bits.
-    y_U = experts(rows.new_empty(0, 0), pairs_M, executor=lambda expert_fn, weights: flat_exchange(
-        rows, pairs_M, MachineExperts(experts, expert_fn, weights, groups.node_group, width), groups.cross_group,
-        chunks))
-    dtype = torch.promote_types(y_U.dtype, torch.float32)
-    return y_U.new_zeros(x_ND.shape[0], x_ND.shape[1], dtype=dtype).index_add(0, token_U, y_U.to(dtype))
+        row_bytes = (pairs.values_UV.shape[1] + pairs.width) * pairs.values_UV.element_size()
+        traffic.add(pairs.pairs_M.sum() - pairs.pairs_M[groups.node_index], row_bytes)
+
+    def exchange(expert_fn: Callable[..., Tensor], weights: tuple[Tensor, ...], values_UV: Tensor) -> Tensor:
+        machine = MachineExperts(experts, expert_fn, weights, groups.node_group, pairs.width)
+        return flat_exchange(pairs.packed(values_UV), pairs.pairs_M, machine, groups.cross_group, chunks)
+
+    # Through the experts module with the float values as its input (FSDP gathers the weights for the call
+    # and reduce-scatters their gradients once this input's gradient is computed); the ids join them inside,
+    # out of reach of a mixed-precision cast of the module's inputs.
+    y_UD = experts(pairs.values_UV, pairs.pairs_M, executor=exchange)
+    dtype = torch.promote_types(y_UD.dtype, torch.float32)
+    return y_UD.new_zeros(x_ND.shape[0], x_ND.shape[1], dtype=dtype).index_add(0, pairs.token_U, y_UD.to(dtype))

@@ -7,7 +7,6 @@ cluster with the code that plans this machine.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -21,6 +20,7 @@ from moeyard.parallel.scheduler.block_shapes import (
     block_index,
     head_fwd_flops,
 )
+from moeyard.parallel.scheduler.machines import expected_nodes_per_token
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.simulator import Schedule, Timeline
 
@@ -98,7 +98,7 @@ class Workload:
     def cross_node_bytes(self, dispatch: str) -> float:
         """Bytes one dispatch sends off this rank's machine: flat, every copy bound for another machine;
         hierarchical, one row per (token, other machine), packed with its copies' weights and expert ids
-        (the combine sends the rows back without them)."""
+        (the combine's partial sums come back without them; charged at the same size, a small overestimate)."""
         M = self.ep_nodes
         if dispatch == "flat":
             return self.routed_rows * (M - 1) / M * self.dim * self.act_bytes
@@ -373,20 +373,6 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     ranks_per_node=ranks_per_node,
                     nodes_per_token=expected_nodes_per_token(cfg.moe.num_experts, cfg.moe.top_k, machines,
                                                              cfg.moe.max_nodes_per_token))
-
-
-def expected_nodes_per_token(num_experts: int, top_k: int, machines: int, max_nodes: int | None) -> float:
-    """Machines a token's top_k experts lie in, expected under uniform routing over `machines` equal
-    blocks of experts, each token limited to `max_nodes` of them: k draws without replacement from the
-    allowed machines' experts. An estimate: real routers prefer some experts, and node-limited routing
-    picks machines for their best experts, so nearly every allowed machine gets one."""
-    if machines <= 1:
-        return 1.0
-    allowed = machines if max_nodes is None else min(max_nodes, machines)
-    per, pool = num_experts // machines, allowed * (num_experts // machines)
-    if top_k > pool:
-        return float(allowed)
-    return allowed * (1.0 - math.comb(pool - per, top_k) / math.comb(pool, top_k))
 
 
 def moe_layer_timeline(w: Workload, costs: Costs, chunks: int, dispatch: str = "flat") -> Timeline:

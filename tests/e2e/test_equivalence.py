@@ -106,6 +106,14 @@ GPT_OSS = ["model.n_kv_heads=2", "model.attn_bias=true", "model.attn_out_bias=tr
            "model.moe.first_dense_layers=0", "model.moe.num_shared_experts=0"]
 
 
+GPT_OSS_UPDATE_RTOL = 3e-5
+"""On some CPUs (a Xeon without AVX-512, 2026-12-03) one expert bias of layer 1 (expert 5, unit 60) updates
+1.41e-5 apart (relative, the tensor's norm) at ep=1 and ep=2 from step 2 on, before issue 23's change as
+after: its step-2 gradient is a nearly cancelling sum whose rounding depends on the order the rows are added
+in, and AdamW divides each update by the gradient's own magnitude. Seeds 8 and 9 stay below 7e-6; losses and
+grad norms still agree within RTOL. A layout bug moves updates by 1e-3 or more."""
+
+
 @pytest.mark.parametrize("extra", [[], ["schedule.mode=manual", "schedule.chunks=2"]], ids=["plain", "pipelined"])
 def test_gpt_oss_design_is_the_same_at_ep1_and_ep2(config, tmp_path, extra) -> None:
     """Sinks, windows and biased clamped experts (sharded with their biases; pipelined in 2 chunks, where the
@@ -115,7 +123,8 @@ def test_gpt_oss_design_is_the_same_at_ep1_and_ep2(config, tmp_path, extra) -> N
     moeyard_train(config, tmp_path / "ep2", 2, "parallel.ep=2", *GPT_OSS, *extra)
     metrics = read_metrics(tmp_path / "ep2")
     assert metrics[-1]["loss"] < metrics[0]["loss"]
-    assert_same_run(tmp_path / "ep1", tmp_path / "ep2", f"GPT-OSS design ep=1 vs ep=2 {' '.join(extra)}")
+    assert_same_run(tmp_path / "ep1", tmp_path / "ep2", f"GPT-OSS design ep=1 vs ep=2 {' '.join(extra)}",
+                    update_rtol=GPT_OSS_UPDATE_RTOL)
     for a, b in zip(metrics, read_metrics(tmp_path / "one")):
         for key in ("loss", "lm_loss"):
             assert a[key] == pytest.approx(b[key], rel=RTOL), f"step {a['step']} {key} against one process"

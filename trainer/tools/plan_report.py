@@ -13,6 +13,7 @@ from moeyard.parallel.scheduler.planner import reference_plan
 from moeyard.parallel.scheduler.profiler import MeasuredCosts
 from moeyard.trainer.config import Config
 from moeyard.trainer.memory_plan import memory_report
+from moeyard.trainer.node_layout import check_node_layout
 from moeyard.trainer.precision import resolve_dtype
 from moeyard.trainer.schedule import (
     act_bytes,
@@ -70,7 +71,9 @@ def measured_report(cfg: Config, device: torch.device) -> str:
 def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
     """Plan for a described machine: no processes, no measurement."""
     hw = load_hardware(hardware_path)
-    w = workload(cfg, world_size, hw.act_bytes, cfg.parallel.ranks_per_node or hw.devices_per_node)
+    ranks_per_node = cfg.parallel.ranks_per_node or min(hw.devices_per_node, world_size)
+    check_node_layout(cfg, world_size, ranks_per_node)
+    w = workload(cfg, world_size, hw.act_bytes, ranks_per_node)
     costs = HardwareCosts(hw)
     plan, report = plan_report(cfg, w, costs, f"the hardware description {hw.name} ({hardware_path})")
     return "\n".join([report, routing_bound_report(cfg, w, costs),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from moeyard.parallel.scheduler.cost_model import Costs, Workload, expected_nodes_per_token
+from moeyard.parallel.scheduler.cost_model import Costs, Workload
+from moeyard.parallel.scheduler.machines import expected_nodes_per_token
 from moeyard.trainer.config import Config
 from moeyard.trainer.schedule import auto_plan
 

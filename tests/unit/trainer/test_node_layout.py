@@ -6,7 +6,7 @@ import pytest
 from moeyard import configs
 from moeyard.errors import ConfigError
 from moeyard.trainer.config import load_config
-from moeyard.trainer.node_layout import check_node_layout, node_layout_notes, with_node_layout
+from moeyard.trainer.node_layout import check_node_layout, node_layout_notes, ranks_per_machine, with_node_layout
 
 
 def tiny(*overrides: str):
@@ -44,3 +44,11 @@ def test_the_launcher_says_what_a_layout_leaves_unbounded() -> None:
     assert any("has no effect" in n for n in node_layout_notes(useless, 2))
     logged = with_node_layout(tiny("parallel.ep=4"), 4, 2)
     assert logged.model.moe.routing_nodes == 2 and logged.model.moe.max_nodes_per_token is None
+
+
+def test_machines_from_where_ranks_run() -> None:
+    assert ranks_per_machine(["a", "a", "b", "b"]) == 2
+    assert ranks_per_machine(["a"] * 4) == 4
+    assert ranks_per_machine(["a", "b", "a", "b"]) is None  # cyclic
+    assert ranks_per_machine(["a", "a", "b"]) is None  # uneven
+    assert ranks_per_machine(["a", "a", "b", "b", "a", "a"]) is None  # a machine in two blocks

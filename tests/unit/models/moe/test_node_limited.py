@@ -80,11 +80,25 @@ def test_dense_to_sparse_start_takes_every_expert_of_the_allowed_blocks() -> Non
         assert len(set(blocks)) == 2  # all 8 experts of its two best blocks
 
 
-def test_sigmoid_bias_groups_and_node_limit_together() -> None:
-    r = limited("sigmoid_bias", 2, n_groups=8, topk_groups=4)
-    routing = r(torch.randn(1, 20, 8))
-    assert ((routing.expert_index_TK // (E // NODES)).sort(-1).values.diff(dim=-1) != 0).sum(-1).max() <= 1
-    assert ((routing.expert_index_TK // (E // 8)).sort(-1).values.diff(dim=-1) != 0).sum(-1).max() <= 3
+@pytest.mark.parametrize("n_groups,topk_groups,bound", [(8, 4, 2), (16, 4, 1), (8, 2, 1), (4, 2, 2)])
+def test_sigmoid_bias_groups_nest_in_the_allowed_blocks(n_groups: int, topk_groups: int, bound: int) -> None:
+    """Blocks first, then the best groups inside them: a token stays within both limits."""
+    r = limited("sigmoid_bias", bound, n_groups=n_groups, topk_groups=topk_groups)
+    with torch.no_grad():
+        r.expert_bias_E.copy_(torch.randn(E, generator=torch.Generator().manual_seed(4)) * 0.1)
+    routing = r(torch.randn(1, 40, 8, generator=torch.Generator().manual_seed(5)))
+    for experts in routing.expert_index_TK.tolist():
+        assert len({e // (E // NODES) for e in experts}) <= bound
+        assert len({e // (E // n_groups) for e in experts}) <= topk_groups
+
+
+def test_groups_that_cannot_nest_in_the_bound_are_refused() -> None:
+    with pytest.raises(ConfigError, match="topk_groups=4 exceeds the 2 groups of max_nodes_per_token=1"):
+        MoEConfig(num_experts=16, top_k=4, router="sigmoid_bias", n_groups=8, topk_groups=4, routing_nodes=4,
+                  max_nodes_per_token=1)
+    with pytest.raises(ConfigError, match="n_groups=2 must be a multiple of routing_nodes=4"):
+        MoEConfig(num_experts=16, top_k=4, router="sigmoid_bias", n_groups=2, topk_groups=1, routing_nodes=4,
+                  max_nodes_per_token=2)
 
 
 @pytest.mark.parametrize("changes,message", [

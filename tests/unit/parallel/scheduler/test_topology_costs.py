@@ -9,7 +9,8 @@ import torch
 
 from moeyard import configs
 from moeyard.models import ModelConfig, MoEConfig
-from moeyard.parallel.scheduler.cost_model import build_step, expected_nodes_per_token, predict, workload_for
+from moeyard.parallel.scheduler.cost_model import build_step, predict, workload_for
+from moeyard.parallel.scheduler.machines import expected_nodes_per_token
 from moeyard.parallel.scheduler.hardware import HardwareCosts
 from moeyard.parallel.scheduler.planner import search
 from moeyard.trainer.config import load_config
@@ -71,7 +72,8 @@ def test_hierarchical_chunks_fan_out_around_their_experts() -> None:
 
 def test_planner_takes_hierarchical_where_dedup_pays_and_flat_where_it_does_not() -> None:
     """DeepSeek-V3's layer (top-8 of 256) bounded to 4 of 8 machines halves the bytes that cross: hierarchical.
-    Mixtral's top-2 saves little and hierarchical runs its network stage outside the pipeline: flat."""
+    Mixtral's top-2 saves little, and the packed weights and ids and the fan-out inside the machine cost
+    more: flat."""
     costs = HardwareCosts(load_hardware("dgx-h100"))
     both = ("flat", "hierarchical")
     deepseek = layer_workload(7168, 2048, 256, 8, ep=64, bound=4)
