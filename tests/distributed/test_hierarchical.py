@@ -30,3 +30,12 @@ def test_hierarchical_under_bf16_autocast() -> None:
     """The packed rows are bf16 (weights rounded to 8 bits of mantissa, ids as raw bits): within bf16 rounding."""
     for r in run_distributed(hierarchical_cases.hierarchical_bf16_matches_flat, 4, timeout_s=240):
         assert r["worst_rel"] < 1e-2, f"bf16 hierarchical differs by {r['worst_rel']:.2e} relative"
+
+
+def test_under_fsdp_expert_gradients_are_reduced_during_backward() -> None:
+    """FSDP2 reduce-scatters a unit's gradients when the gradient of its input is computed: the exchange must
+    compute from the experts module's own input, or the gathered experts and their gradients live on past
+    the layer's backward."""
+    for r in run_distributed(hierarchical_cases.expert_grads_reduced_during_backward, 4, timeout_s=240):
+        assert all(r["reduced"][key] == [True, True] for key in r["reduced"]), r["reduced"]
+        assert r["worst_rel"] < 1e-5

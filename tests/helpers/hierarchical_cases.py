@@ -99,3 +99,47 @@ def hierarchical_bf16_matches_flat(rank: int, world: int) -> dict:
 
     flat, hier = run("flat", 1), run("hierarchical", 2)
     return {"worst_rel": max(float((a - b).norm() / b.norm()) for a, b in zip(hier, flat))}
+
+
+def expert_grads_reduced_during_backward(rank: int, world: int) -> dict:
+    """Under FSDP2, whether each MoE layer's expert gradients were reduce-scattered by the time backward
+    reaches that MoE layer's input (the experts unit's own post-backward, not a later one), flat and
+    hierarchical, r = 1 and 2; and that both dispatches give the same expert gradients."""
+    from torch.distributed.tensor import DTensor
+
+    from moeyard.models import ModelConfig, MoEConfig, Transformer
+    from moeyard.parallel import apply_expert_parallel
+    from moeyard.parallel.fsdp import apply_fsdp
+
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
+                      moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=32, first_dense_layers=1))
+    pmesh = build_mesh(2, "cpu", ranks_per_node=1)  # ep 2 over 2 one-rank machines; edp 2 shards the experts
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
+    seen, grads = {}, {}
+    for dispatch in ("flat", "hierarchical"):
+        for chunks in (1, 2):
+            torch.manual_seed(0)
+            model = Transformer(cfg)
+            apply_expert_parallel(model, pmesh, (chunks, chunks), (dispatch, dispatch))
+            apply_fsdp(model, pmesh)
+            experts = [moe.experts for _, moe in model.moe_layers()]
+            assert all(p.to_local().numel() < p.numel() for e in experts for p in e.parameters())
+            reduced = []
+            for _, moe in model.moe_layers():
+                def probe(grad, experts=moe.experts, reduced=reduced):
+                    # after FSDP's post-backward the module holds its shards again, each with its reduced gradient
+                    reduced.append(all(isinstance(p, DTensor) and p.to_local().numel() < p.numel()
+                                       and p.grad is not None for p in experts.parameters()))
+                    return grad
+
+                def on_moe_input(module, args, probe=probe) -> None:
+                    args[0].register_hook(probe)
+
+                moe.register_forward_pre_hook(on_moe_input)
+            out = model(tokens)
+            (out.logits_BTV.square().mean() + out.aux_loss).backward()
+            seen[f"{dispatch}/{chunks}"] = reduced
+            grads[f"{dispatch}/{chunks}"] = [p.grad.full_tensor() for e in experts for p in e.parameters()]
+    worst = max(float((a - b).norm() / b.norm()) for key in grads
+                for a, b in zip(grads[key], grads["flat/1"]))
+    return {"reduced": seen, "worst_rel": worst}
