@@ -20,7 +20,7 @@ from moeyard.parallel.scheduler.block_shapes import (
     block_index,
     head_fwd_flops,
 )
-from moeyard.parallel.scheduler.machines import expected_nodes_per_token
+from moeyard.parallel.scheduler.machines import expected_nodes_per_token, machine_bound
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.simulator import Schedule, Timeline
 
@@ -371,8 +371,9 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     elementwise_bytes=tuple(block_elementwise_bytes(cfg, tokens, i, act_bytes) for i in blocks),
                     recompute="experts" if recompute == "none" and cfg.moe.recompute_experts else recompute,
                     ranks_per_node=ranks_per_node,
-                    nodes_per_token=expected_nodes_per_token(cfg.moe.num_experts, cfg.moe.top_k, machines,
-                                                             cfg.moe.max_nodes_per_token))
+                    nodes_per_token=expected_nodes_per_token(
+                        cfg.moe.num_experts, cfg.moe.top_k, machines,
+                        machine_bound(cfg.moe, machines, cfg.moe.max_nodes_per_token)))
 
 
 def moe_layer_timeline(w: Workload, costs: Costs, chunks: int, dispatch: str = "flat") -> Timeline:

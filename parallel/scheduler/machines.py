@@ -2,6 +2,18 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
+
+from moeyard.models import MoEConfig
+
+
+def machine_bound(moe: MoEConfig, machines: int, max_nodes: Optional[int]) -> Optional[int]:
+    """The most machines a token's experts may lie on: `max_nodes` (node-limited routing), and sigmoid_bias's
+    topk_groups where every machine holds whole groups (DeepSeek-V3's 8 groups, top 4, on 8 machines)."""
+    bounds = [] if max_nodes is None else [max_nodes]
+    if moe.router == "sigmoid_bias" and moe.n_groups > 1 and moe.n_groups % machines == 0:
+        bounds.append(moe.topk_groups)
+    return min(bounds) if bounds else None
 
 
 def expected_nodes_per_token(num_experts: int, top_k: int, machines: int, max_nodes: int | None) -> float:

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Optional
 
 from moeyard.parallel.scheduler.cost_model import Costs, Workload
-from moeyard.parallel.scheduler.machines import expected_nodes_per_token
+from moeyard.parallel.scheduler.machines import expected_nodes_per_token, machine_bound
 from moeyard.trainer.config import Config
 from moeyard.trainer.schedule import auto_plan
 
@@ -21,7 +21,7 @@ def routing_bound_rows(cfg: Config, w: Workload, costs: Costs) -> list[dict]:
     for bound in BOUNDS:
         if bound is not None and (bound >= machines or moe.top_k > bound * (moe.num_experts // machines)):
             continue
-        nodes = expected_nodes_per_token(moe.num_experts, moe.top_k, machines, bound)
+        nodes = expected_nodes_per_token(moe.num_experts, moe.top_k, machines, machine_bound(moe, machines, bound))
         bounded = dataclasses.replace(w, nodes_per_token=nodes)
         plan, best = auto_plan(auto, bounded, costs)
         hierarchical = sum(d == "hierarchical" for d in plan.dispatch)
@@ -38,8 +38,10 @@ def routing_bound_report(cfg: Config, w: Workload, costs: Costs) -> str:
                 "hierarchical dispatch change nothing here")
     rows = routing_bound_rows(cfg, w, costs)
     free = next(r for r in rows if r["bound"] is None)
+    groups = machine_bound(cfg.model.moe, w.ep_nodes, None)
     lines = [f"node-limited routing (model.moe.max_nodes_per_token = M), the ep group spans {w.ep_nodes} machines;"
-             f" machines per token under uniform routing, the planner's dispatch for each:",
+             f" machines per token under uniform routing, the planner's dispatch for each"
+             + (f" (the router's groups already bound a token to {groups} machines):" if groups else ":"),
              f"{'M':>6}{'machines/token':>16}{'MiB off-machine':>17}  {'dispatch':<18}{'step':>12}{'vs none':>9}"]
     for r in rows:
         bound = "none" if r["bound"] is None else str(r["bound"])

@@ -10,7 +10,7 @@ import torch
 from moeyard import configs
 from moeyard.models import ModelConfig, MoEConfig
 from moeyard.parallel.scheduler.cost_model import build_step, predict, workload_for
-from moeyard.parallel.scheduler.machines import expected_nodes_per_token
+from moeyard.parallel.scheduler.machines import expected_nodes_per_token, machine_bound
 from moeyard.parallel.scheduler.hardware import HardwareCosts
 from moeyard.parallel.scheduler.planner import search
 from moeyard.trainer.config import load_config
@@ -99,3 +99,16 @@ def test_moeyard_plan_rows_for_routing_bounds() -> None:
     hierarchical = [r for r in rows if r["dispatch"].startswith("hierarchical")]
     assert hierarchical and hierarchical[0]["bound"] == 1
     assert rows[0]["step_s"] < rows[-1]["step_s"]  # one machine per token: the fewest bytes cross
+
+
+def test_groups_on_whole_machines_bound_the_machines_a_token_reaches() -> None:
+    """DeepSeek-V3's 8 groups, top 4, on 8 machines: at most 4 machines per token even without
+    max_nodes_per_token; groups that straddle machines bound nothing."""
+    deepseek = MoEConfig(num_experts=256, top_k=8, router="sigmoid_bias", n_groups=8, topk_groups=4)
+    assert machine_bound(deepseek, 8, None) == 4 and machine_bound(deepseek, 8, 2) == 2
+    assert machine_bound(deepseek, 16, None) is None  # 8 groups over 16 machines: each spans two
+    assert machine_bound(MoEConfig(num_experts=256, top_k=8), 8, None) is None
+    cfg = ModelConfig(vocab_size=1024, dim=256, n_layers=1, n_heads=8, n_kv_heads=8, ffn_dim=256, max_seq_len=4096,
+                      moe=deepseek)
+    w = workload_for(cfg, tokens=4096, seq_len=4096, ep=64, dp=64, micro_steps=1, act_bytes=2, ranks_per_node=8)
+    assert w.nodes_per_token == pytest.approx(expected_nodes_per_token(256, 8, 8, 4)) and w.nodes_per_token < 4
