@@ -69,7 +69,8 @@ def planned_chunks(case: Case, pmesh: Any) -> int:
     from moeyard.models import ModelConfig, MoEConfig
     from moeyard.parallel.scheduler.cost_model import moe_layer_timeline, workload_for
     from moeyard.parallel.scheduler.planner import CHUNK_CHOICES
-    from moeyard.parallel.scheduler.profiler import MeasuredCosts, measure
+    from moeyard.parallel.scheduler.profile import MeasuredCosts
+    from moeyard.parallel.scheduler.profiler import measure
 
     world = dist.get_world_size()
     seq = min(case.tokens, 512)

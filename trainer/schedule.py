@@ -21,13 +21,8 @@ from moeyard.parallel.scheduler.cost_model import Costs, Prediction, Workload, p
 from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.planner import manual_plan, reference_plan, search, with_prediction
-from moeyard.parallel.scheduler.profiler import (
-    MeasuredCosts,
-    Profile,
-    measure_everywhere,
-    profile_from_dict,
-    profile_key,
-)
+from moeyard.parallel.scheduler.profile import MeasuredCosts, Profile, profile_from_dict
+from moeyard.parallel.scheduler.profiler import measure_everywhere, profile_key
 from moeyard.trainer.config import Config
 from moeyard.trainer.data.tokens import default_cache_root
 from moeyard.trainer.freezing import frozen_set

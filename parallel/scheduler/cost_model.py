@@ -1,7 +1,7 @@
 """Predict stage and step times of a plan: shapes (Workload) x unit costs (Costs) -> simulator tasks.
 
 Unit costs come either from measurements on the real process groups
-(profiler.MeasuredCosts) or from a hardware description (hardware.HardwareCosts);
+(profile.MeasuredCosts) or from a hardware description (hardware.HardwareCosts);
 the step is built the same way for both, so `moeyard plan --hardware` predicts a
 cluster with the code that plans this machine.
 """

@@ -5,8 +5,9 @@ What is timed (median of repeats, slowest rank, every rank taking part):
               (attention, norms, router, permutation, shared experts, MTP depths, heads, loss)
   experts     this rank's experts, forward and backward, at two row counts
               (fit: latency + rows x time per row)
-  all-to-all  over the ep group, and all-reduce / reduce-scatter / all-gather
-              over dp and edp, at two sizes (fit: alpha + bytes / beta)
+  all-to-all  over the ep group (and, where it spans machines, inside one and across
+              them: hierarchical dispatch's two stages), and all-reduce / reduce-scatter /
+              all-gather over dp and edp, at two sizes (fit: alpha + bytes / beta)
   optimizer   one AdamW step over this rank's parameters
   overlap     experts with an all-to-all running beside them, against each alone
 """
@@ -20,8 +21,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,42 +35,10 @@ from moeyard.parallel.grads.buckets import all_gather, reduce_scatter
 from moeyard.parallel.mesh import ParallelMesh
 from moeyard.parallel.parallelize import apply_expert_parallel
 from moeyard.parallel.scheduler.cost_model import Phase, Workload, moe_layer_timeline
+from moeyard.parallel.scheduler.profile import Fit, MeasuredCosts, Profile, line, profile_from_dict
 
-PROFILER_VERSION = 4
+PROFILER_VERSION = 5
 """Part of the cache key: bump when what is measured changes, so old profiles are not reused."""
-
-Fit = tuple[float, float]
-"""(fixed seconds, seconds per unit): a straight line through two measurements."""
-
-
-@dataclass(frozen=True)
-class Profile:
-    key: str
-    dense_fwd_s: float
-    dense_bwd_s: float
-    experts_fwd: Fit
-    experts_bwd: Fit
-    all_to_all: Fit
-    all_reduce_dp: Fit
-    all_reduce_edp: Fit
-    reduce_scatter_dp: Fit
-    reduce_scatter_edp: Fit
-    all_gather_dp: Fit
-    all_gather_edp: Fit
-    optimizer_s: float
-    overlap_slowdown: float
-    chunk_overhead_s: float = 0.0
-    """Measured cost of each pipeline chunk beyond the first, per pass, that the parts above do not explain."""
-
-
-def _line(x1: float, t1: float, x2: float, t2: float) -> Fit:
-    slope = max(0.0, (t2 - t1) / (x2 - x1))
-    return max(0.0, t1 - slope * x1), slope
-
-
-def _at(fit: Fit, x: float) -> float:
-    return fit[0] + fit[1] * x
-
 
 class _SkipExperts(ExpertRows):
     """Exchange stand-in that keeps the graph but does no expert work or communication."""
@@ -125,7 +93,7 @@ def profile_key(cfg: ModelConfig, w: Workload, device: torch.device) -> str:
              dist.get_backend()]
     trainable = sum(p.numel for p in w.params)  # frozen parameters change the optimizer's cost
     what = json.dumps([PROFILER_VERSION, hardware, world, torch.__version__, dataclasses.asdict(cfg), w.tokens,
-                       w.seq_len, w.ep, w.dp, w.act_bytes, trainable], sort_keys=True, default=str)
+                       w.seq_len, w.ep, w.dp, w.act_bytes, trainable, w.ranks_per_node], sort_keys=True, default=str)
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
@@ -153,7 +121,7 @@ def _even_split(rows: int, experts: int) -> list[int]:
 
 def _fit_rows(points: list[tuple[int, float]]) -> Fit:
     (x1, t1), (x2, t2) = points
-    return _line(x1, t1, x2, t2) if x2 != x1 else (t2, 0.0)
+    return line(x1, t1, x2, t2) if x2 != x1 else (t2, 0.0)
 
 
 def _dense_times(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.device, dtype: torch.dtype,
@@ -200,12 +168,22 @@ def _expert_fits(cfg: ModelConfig, experts: GroupedExperts, rows_real: int, devi
     return _fit_rows(points["fwd"]), _fit_rows(points["bwd"])
 
 
-def _a2a_seconds(nbytes: int, w: Workload, pmesh: ParallelMesh, device: torch.device, dtype: torch.dtype,
+def _a2a_seconds(nbytes: int, w: Workload, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype,
                  timer: _Timer) -> float:
-    n = max(pmesh.ep, nbytes // w.act_bytes // pmesh.ep * pmesh.ep)
+    size = dist.get_world_size(group)
+    n = max(size, nbytes // w.act_bytes // size * size)
     buf = torch.empty(n, dtype=dtype if w.act_bytes == 2 else torch.float32, device=device)
     out = torch.empty_like(buf)
-    return timer(lambda: dist.all_to_all_single(out, buf, group=pmesh.ep_group), pmesh.ep_group)
+    return timer(lambda: dist.all_to_all_single(out, buf, group=group), group)
+
+
+def _a2a_fit(nbytes: int, w: Workload, group: Optional[dist.ProcessGroup], device: torch.device, dtype: torch.dtype,
+             timer: _Timer) -> Fit:
+    """all_to_all_single on `group` at nbytes / 8 and nbytes (bytes one rank sends in all); (0, 0) for none."""
+    if group is None or dist.get_world_size(group) == 1:
+        return 0.0, 0.0
+    return line(nbytes / 8, _a2a_seconds(nbytes // 8, w, group, device, dtype, timer), nbytes,
+                 _a2a_seconds(nbytes, w, group, device, dtype, timer))
 
 
 def _collective_fit(kind: str, group: dist.ProcessGroup, device: torch.device, timer: _Timer) -> Fit:
@@ -225,7 +203,7 @@ def _collective_fit(kind: str, group: dist.ProcessGroup, device: torch.device, t
         else:
             fn = lambda: all_gather(full, shard, group=group)  # noqa: E731
         times.append(timer(fn, group))
-    return _line(1 << 18, times[0], 1 << 23, times[1])
+    return line(1 << 18, times[0], 1 << 23, times[1])
 
 
 def _optimizer_seconds(w: Workload, device: torch.device, timer: _Timer) -> float:
@@ -258,7 +236,7 @@ def _overlap_slowdown(experts: GroupedExperts, rows_real: int, a2a_bytes: int, w
         work.wait()
 
     t_c = timer(compute)
-    t_a = _a2a_seconds(a2a_bytes, w, pmesh, device, dtype, timer)
+    t_a = _a2a_seconds(a2a_bytes, w, pmesh.ep_group, device, dtype, timer)
     t_both = timer(together, pmesh.ep_group)
     short, long = sorted((t_a, t_c))
     # Both slowed by s while together: t_both = s * short + (long - short).
@@ -278,8 +256,9 @@ def _measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.d
     experts_fwd, experts_bwd = _expert_fits(cfg, experts, rows_real, device, dtype, timer)
     # Communication: two sizes each, on the groups training uses.
     a2a_hi = max(4096, int(rows_real * cfg.dim * w.act_bytes))
-    a2a_fit = (_line(a2a_hi / 8, _a2a_seconds(a2a_hi // 8, w, pmesh, device, dtype, timer), a2a_hi,
-                     _a2a_seconds(a2a_hi, w, pmesh, device, dtype, timer)) if pmesh.ep > 1 else (0.0, 0.0))
+    a2a_fit = _a2a_fit(a2a_hi, w, pmesh.ep_group, device, dtype, timer)
+    staged = {"all_to_all_node": _a2a_fit(a2a_hi, w, pmesh.node_group, device, dtype, timer),
+              "all_to_all_cross": _a2a_fit(a2a_hi, w, pmesh.cross_group, device, dtype, timer)}
     fits = {f"{kind}_{name}": _collective_fit(kind, group, device, timer)
             for kind in ("all_reduce", "reduce_scatter", "all_gather")
             for name, group in (("dp", pmesh.dp_group), ("edp", pmesh.edp_group))}
@@ -288,7 +267,7 @@ def _measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.d
                 if pmesh.ep > 1 else 1.0)
     parts = Profile(key="", dense_fwd_s=dense_fwd, dense_bwd_s=dense_bwd, experts_fwd=experts_fwd,
                     experts_bwd=experts_bwd, all_to_all=a2a_fit, optimizer_s=optimizer_s, overlap_slowdown=slowdown,
-                    **fits)
+                    **fits, **staged)
     if pmesh.ep == 1:
         return parts
     in_dtype = functools.partial(_in_dtype, device=device, dtype=dtype)
@@ -338,55 +317,3 @@ def measure_everywhere(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, devic
     box = [dataclasses.asdict(profile)]
     dist.broadcast_object_list(box, src=0)
     return profile_from_dict(box[0])
-
-
-def profile_from_dict(data: dict) -> Profile:
-    """The inverse of dataclasses.asdict (JSON turns the fits' tuples into lists)."""
-    return Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
-class MeasuredCosts:
-    """Unit costs from a Profile; dense time is spread over blocks in proportion to their FLOPs."""
-
-    def __init__(self, profile: Profile) -> None:
-        self.p = profile
-        self.overlap_slowdown = profile.overlap_slowdown
-        self.chunk_overhead_s = profile.chunk_overhead_s
-
-    def dense(self, w: Workload, layer: int, phase: Phase) -> float:
-        total = sum(w.dense_flops) + w.head_flops
-        share = w.layer_flops(layer) / total if total else 0.0
-        if layer < 0:  # embedding: no FLOPs, but give it a sliver so ordering is kept
-            share = 0.0
-        return (self.p.dense_fwd_s if phase == "fwd" else self.p.dense_bwd_s) * share
-
-    def experts(self, w: Workload, rows: float, phase: Phase) -> float:
-        return _at(self.p.experts_fwd if phase == "fwd" else self.p.experts_bwd, rows)
-
-    def all_to_all(self, w: Workload, nbytes: float) -> float:
-        # The fit is for the bytes one rank sends in total, (ep-1)/ep of which leave the rank.
-        return _at(self.p.all_to_all, nbytes * w.ep / max(1, w.ep - 1)) if w.ep > 1 else 0.0
-
-    def staged_all_to_all(self, w: Workload, nbytes: float, stage: str) -> float:
-        """The ep group's fit for either stage: the profile measures no separate machines, so both stages
-        cost what the same bytes cost on the ep group (one real machine, or what the launcher spans)."""
-        return self.all_to_all(w, nbytes) if nbytes > 0 else 0.0
-
-    def grad_reduce(self, w: Workload, nbytes: float, expert: bool, mode: str) -> float:
-        group = "edp" if expert else "dp"
-        fit = getattr(self.p, f"{'all_reduce' if mode == 'all_reduce' else 'reduce_scatter'}_{group}")
-        return _at(fit, nbytes)
-
-    def all_gather(self, w: Workload, nbytes: float, expert: bool) -> float:
-        return _at(self.p.all_gather_edp if expert else self.p.all_gather_dp, nbytes)
-
-    def optimizer(self, w: Workload, mode: str) -> float:
-        if mode == "all_reduce":
-            return self.p.optimizer_s
-        dense = sum(p.numel for p in w.params if not p.expert) * 4
-        expert = sum(p.numel for p in w.params if p.expert) * 4
-        edp = max(1, w.dp // w.ep)
-        sharded = self.p.optimizer_s * (dense / w.dp + expert / edp) / max(1, dense + expert)
-        if mode == "fsdp":  # the shards only; parameters are gathered where they are used
-            return sharded
-        return sharded + self.all_gather(w, dense, False) + self.all_gather(w, expert, True)

@@ -17,3 +17,9 @@ def test_profiler_measures_real_groups_and_caches(tmp_path) -> None:
     assert profile.all_reduce_edp == (0.0, 0.0)  # edp has one rank at world 2, ep 2: nothing to reduce
     assert profile.overlap_slowdown >= 1.0
     assert len(list(tmp_path.glob("profile-*.json"))) == 1
+
+
+def test_profile_times_both_stages_of_hierarchical_dispatch() -> None:
+    for r in run_distributed(profiler_cases.profile_two_machines, 4, timeout_s=240):
+        assert sum(r["node"]) > 0 and sum(r["cross"]) > 0, r
+        assert r["cross_s"] == r["cross_expected"] and r["node_s"] == r["node_expected"]  # 2 ranks a group

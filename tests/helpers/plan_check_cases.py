@@ -40,7 +40,7 @@ def profile_learns_the_chunk_cost(rank: int, world: int, cache: str) -> dict:
     from moeyard import configs
     from moeyard.parallel.scheduler.plan import Plan
     from moeyard.parallel.scheduler.planner import search
-    from moeyard.parallel.scheduler.profiler import MeasuredCosts, Profile, profile_from_dict
+    from moeyard.parallel.scheduler.profile import MeasuredCosts, Profile, profile_from_dict
     from moeyard.trainer.config import load_config
     from moeyard.trainer.schedule import _profile_path, act_bytes, learn_chunk_overhead, profile_cache_dir, workload
 

@@ -32,3 +32,25 @@ def profile_and_cache(rank: int, world: int, cache_dir: str) -> dict:
     dist.barrier()
     _, cached_after_corruption = load_or_measure(cfg, w, pmesh, torch.device("cpu"), torch.float32, Path(cache_dir))
     return {"first": first, "again": again, "cached": (cached_first, cached_again, cached_after_corruption)}
+
+
+def profile_two_machines(rank: int, world: int) -> dict:
+    """4 ranks as 2 machines x 2, one ep group: the profile times both stages of hierarchical dispatch, and the
+    measured costs charge each stage from its own fit."""
+    from moeyard.models import ModelConfig, MoEConfig
+    from moeyard.parallel.scheduler.cost_model import workload_for
+    from moeyard.parallel.scheduler.profile import MeasuredCosts, at
+    from moeyard.parallel.scheduler.profiler import measure
+
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
+                      moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=64))
+    pmesh = build_mesh(world, "cpu", ranks_per_node=2)
+    w = workload_for(cfg, tokens=256, seq_len=16, ep=world, dp=world, micro_steps=1, ranks_per_node=2)
+    profile = measure(cfg, w, pmesh, torch.device("cpu"), torch.float32, repeats=3)
+    costs = MeasuredCosts(profile)
+    nbytes = 100_000.0
+    return {"node": profile.all_to_all_node, "cross": profile.all_to_all_cross,
+            "cross_s": costs.staged_all_to_all(w, nbytes, "cross"), "cross_expected": at(profile.all_to_all_cross,
+                                                                                       nbytes * 2),
+            "node_s": costs.staged_all_to_all(w, nbytes, "node"), "node_expected": at(profile.all_to_all_node,
+                                                                                    nbytes * 2)}

@@ -10,7 +10,7 @@ from moeyard.parallel.scheduler.cost_model import Costs, Workload, predict
 from moeyard.parallel.scheduler.hardware import HardwareCosts
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.planner import reference_plan
-from moeyard.parallel.scheduler.profiler import MeasuredCosts
+from moeyard.parallel.scheduler.profile import MeasuredCosts
 from moeyard.trainer.config import Config
 from moeyard.trainer.memory_plan import memory_report
 from moeyard.trainer.node_layout import check_node_layout
