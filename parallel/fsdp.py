@@ -1,8 +1,11 @@
 """Fully sharded training state with torch's own FSDP2 (`fully_shard`), composed with expert parallelism.
 
 Units, as torchtitan and Megatron-FSDP lay them out:
-  - each MoE layer's routed experts: this rank's ep shard [E/ep, ...], sharded again on dim 0 over
-    its edp group (the ranks that hold the same experts);
+  - each MoE layer's routed experts: this rank's ep shard [E/ep, ...], sharded again over its edp group
+    (the ranks that hold the same experts): on dim 0 (whole experts) where E/ep splits evenly over edp,
+    else on the first dimension that does (each expert's hidden or model dimension, as torchtitan's
+    `shard_placement_fn` does), so every rank holds the same bytes -- FSDP2's `torch.chunk` on dim 0
+    would give 2 experts over edp 4 as 1, 1, 0, 0 and pad every rank to the largest;
   - each transformer block (attention, norms, router, shared experts, dense FFN) and each MTP depth:
     sharded over dp;
   - the rest (embedding, final norm, output): the root unit, over dp.
@@ -16,10 +19,11 @@ is set to dp explicitly, or expert gradients would be ep times too large.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from moeyard.models import Transformer
@@ -29,31 +33,75 @@ from moeyard.parallel.mesh import ParallelMesh
 
 
 def mixed_precision(compute_dtype: torch.dtype, reduce_dtype: torch.dtype) -> MixedPrecisionPolicy:
-    """Compute in `compute_dtype` from float32 master weights; reduce gradients in `reduce_dtype`."""
-    if compute_dtype == torch.float32:
-        return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype)
+    """Compute in `compute_dtype` from float32 master weights; reduce gradients in `reduce_dtype` (also
+    under float32 compute: parallel.reduce_dtype=bfloat16 halves the reduce-scatter's bytes there too)."""
+    return MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                                reduce_dtype=None if reduce_dtype == compute_dtype else reduce_dtype)
+
+
+def expert_shard_dim(shape: Sequence[int], edp: int) -> int:
+    """The dimension an expert parameter of this rank (`shape`: [E/ep, ...]) is sharded on over `edp`
+    ranks: the first that splits evenly; dim 0 (padded by FSDP to its largest chunk) where none does."""
+    return next((d for d, n in enumerate(shape) if n % edp == 0), 0)
+
+
+def padded_shard_numel(shape: Sequence[int], dim: int, ranks: int) -> int:
+    """Elements the largest rank holds of a tensor sharded on `dim` over `ranks` (FSDP2 pads every rank
+    to the first chunk of `torch.chunk`)."""
+    numel = 1
+    for d, n in enumerate(shape):
+        numel *= -(-n // ranks) if d == dim else n
+    return numel
 
 
 def apply_fsdp(model: Transformer, pmesh: ParallelMesh, reshard_after_forward: bool = True,
                policy: Optional[MixedPrecisionPolicy] = None) -> None:
     """Turn `model` (experts already sharded over ep) into FSDP units; its parameters become DTensors.
 
+    Prefetch is explicit: each block's gather is issued when the previous block (or the root) starts, in
+    forward and in backward, so it is on its way before the MoE layer's host sync blocks the CPU thread
+    (FSDP2's implicit forward prefetch would wait for that sync), and the cost model charges this order.
+
     Call after `apply_expert_parallel` and before building the optimizer."""
     policy = policy or MixedPrecisionPolicy()
+    layers: list[list[FSDPModule]] = []  # per block, in forward order: its own unit, then its experts'
     for unit in [*model.layers, *model.mtp]:  # an MTP depth is one unit: its norms, eh_proj and block
         block = unit.block if isinstance(unit, MTPModule) else unit
+        layer: list[FSDPModule] = []
         if isinstance(block.ffn, MoE):
             experts = fully_shard(block.ffn.experts, mesh=pmesh.edp_mesh, reshard_after_forward=reshard_after_forward,
-                                  mp_policy=policy)
+                                  mp_policy=policy, shard_placement_fn=_even_expert_shards(pmesh.edp))
             experts.set_gradient_divide_factor(float(pmesh.dp))
             if pmesh.edp > 1:
                 # A factor other than the mesh size is a PREMUL_SUM, which gloo lacks: sum, then divide. Not
                 # on a mesh of one, where torch 2.13 would divide twice (once in place of the collective).
                 experts.set_force_sum_reduction_for_comms(True)
-        fully_shard(unit, mesh=pmesh.dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+            layer.append(experts)
+        layers.append([fully_shard(unit, mesh=pmesh.dp_mesh, reshard_after_forward=reshard_after_forward,
+                                   mp_policy=policy), *layer])
     # The root's parameters are needed first in backward (output layer): keep them gathered after forward.
-    fully_shard(model, mesh=pmesh.dp_mesh, reshard_after_forward=False, mp_policy=policy)
+    root = fully_shard(model, mesh=pmesh.dp_mesh, reshard_after_forward=False, mp_policy=policy)
+    for before, after in zip([[root], *layers], layers):
+        before[0].set_modules_to_forward_prefetch(after)
+    for before, after in zip(layers[::-1], layers[-2::-1]):
+        before[0].set_modules_to_backward_prefetch(after)
+
+
+def set_gather_once(model: nn.Module, last_micro_step: bool) -> None:
+    """Gather once per step: before each micro-step of a model whose units keep their parameters after
+    forward (apply_fsdp with reshard_after_forward=False), keep them gathered after backward too and
+    accumulate the unsharded gradients locally, except in the last, which reduce-scatters and reshards.
+    One all-gather and one reduce-scatter per unit per step, at the memory of unsharded weights and
+    gradients through the step."""
+    assert isinstance(model, FSDPModule), "set_gather_once needs the model apply_fsdp made"
+    model.set_requires_gradient_sync(last_micro_step)
+    model.set_reshard_after_backward(last_micro_step)
+
+
+def _even_expert_shards(edp: int):
+    def placement(p: nn.Parameter) -> Shard:
+        return Shard(expert_shard_dim(p.shape, edp))
+    return placement
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -66,8 +114,8 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def global_expert_view(t: DTensor, pmesh: ParallelMesh) -> DTensor:
     """An FSDP expert parameter (or its gradient or AdamW moment) -- this rank's edp piece of its ep shard
-    -- as a piece of the global [E, ...] tensor: `[Shard(0), Shard(0)]` on the (ep, edp) mesh. Shares
-    storage with `t`, so loading into the view loads into `t`."""
+    -- as a piece of the global [E, ...] tensor: `[Shard(0), Shard(d)]` on the (ep, edp) mesh, d the
+    dimension FSDP shards it on. Shares storage with `t`, so loading into the view loads into `t`."""
     shape = (t.shape[0] * pmesh.ep, *t.shape[1:])
-    return DTensor.from_local(t.to_local(), pmesh.experts_mesh, [Shard(0), Shard(0)], run_check=False,
+    return DTensor.from_local(t.to_local(), pmesh.experts_mesh, [Shard(0), t.placements[0]], run_check=False,
                               shape=torch.Size(shape), stride=_contiguous_strides(shape))

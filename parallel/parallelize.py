@@ -136,7 +136,7 @@ def parallelize(model: Transformer, pmesh: ParallelMesh, plan: Plan, optim: Adam
                 init: Optional[InitRecord] = None) -> GradSync:
     """Shard the experts over ep with each MoE layer's pipelined exchange, put this rank's part of the
     model on `device`, and build the gradient sync (buckets, reduction, optimizer) the plan says; with
-    plan.grad_sync == "fsdp", FSDP2 units as `fsdp` says.
+    plan.grad_sync == "fsdp", FSDP2 units as `fsdp` says, gathered once per step where plan.gather_once.
 
     A model built on the meta device (`build_on_meta`) comes with its `init` record: it is sharded first
     and then allocated and initialised, this rank's part only."""
@@ -145,9 +145,11 @@ def parallelize(model: Transformer, pmesh: ParallelMesh, plan: Plan, optim: Adam
         model.to(device)
     if plan.grad_sync == "fsdp":
         fsdp = fsdp or FsdpSettings()
-        apply_fsdp(model, pmesh, fsdp.reshard_after_forward, mixed_precision(fsdp.compute_dtype, fsdp.reduce_dtype))
+        apply_fsdp(model, pmesh, fsdp.reshard_after_forward and not plan.gather_once,
+                   mixed_precision(fsdp.compute_dtype, fsdp.reduce_dtype))
     if init is not None:
         materialize(model, init, pmesh, device)
     if plan.grad_sync == "fsdp":
-        return FullyShardedSync(split_parameters(model), pmesh, adamw(model, optim))
+        return FullyShardedSync(split_parameters(model), pmesh, adamw(model, optim),
+                                gather_once=model if plan.gather_once else None)
     return grad_sync_for(plan, model, split_parameters(model), pmesh, optim, (fsdp or FsdpSettings()).reduce_dtype)

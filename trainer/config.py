@@ -50,6 +50,10 @@ class ParallelConfig:
     """Older name of reduce_dtype, for fsdp only; bfloat16 here still applies when reduce_dtype is float32."""
     fsdp_reshard_after_forward: bool = True
     """fsdp: free each unit's gathered parameters after its forward (gather again in backward)."""
+    fsdp_gather_once: bool = False
+    """fsdp with gradient accumulation: gather each unit's parameters once per step and reduce-scatter its
+    gradients once, keeping the unsharded weights and (reduce_dtype) gradients through the micro-steps:
+    1/micro-steps of the traffic, at the memory of the unsharded model. schedule.mode=auto decides it."""
     ranks_per_node: Optional[int] = None
     """Ranks that share a machine (consecutive ranks); null: the launcher's local world size. Set it to
     treat one machine as several nodes (tests, simulations)."""
@@ -285,6 +289,8 @@ def validate(cfg: Config) -> None:
                         f"divides every count")
     require(not (cfg.parallel.fsdp and cfg.schedule.grad_sync == "reduce_scatter"),
             "parallel.fsdp=true already shards the optimizer state: drop schedule.grad_sync=reduce_scatter")
+    require(cfg.parallel.fsdp or not cfg.parallel.fsdp_gather_once,
+            "parallel.fsdp_gather_once=true needs parallel.fsdp=true (replicated weights are never gathered)")
     require(cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0")
     require(cfg.parallel.rendezvous_timeout_s > 0, "parallel.rendezvous_timeout_s must be > 0")
     require(cfg.checkpoint.stop_grace_s > 0, "checkpoint.stop_grace_s must be > 0")

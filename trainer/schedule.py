@@ -142,6 +142,7 @@ def plan_for(cfg: Config, pmesh: ParallelMesh, device: torch.device) -> Plan:
         return auto_plan(cfg, w, _costs(cfg, w, pmesh, device))[0]
     plan = reference_plan(w, cfg.grad_sync) if s.mode == "off" else \
         manual_plan(w, s.chunks, s.bucket_mb, cfg.grad_sync)
+    plan = dataclasses.replace(plan, gather_once=cfg.parallel.fsdp and cfg.parallel.fsdp_gather_once)
     if dispatch_choices(cfg, w) != ("flat",):  # off/manual: auto means hierarchical wherever ep spans machines
         plan = dataclasses.replace(plan, dispatch=("hierarchical",) * len(plan.chunks))
     return with_prediction(plan, predict(w, plan, _costs(cfg, w, pmesh, device))) if s.predict else plan

@@ -5,16 +5,17 @@
   ShardedSync      bucketed reduce-scatter from backward hooks, ZeRO sharded AdamW,
                    parameters all-gathered after the step.
   FullyShardedSync torch FSDP2 (`parallel.fsdp`): reduce-scatter per unit in backward, torch
-                   AdamW on the DTensor shards; parameters gathered per unit when used.
+                   AdamW on the DTensor shards; parameters gathered per unit when used, or
+                   once per step (gather_once: unsharded through the micro-steps).
 All four give the same update; tests compare them.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from moeyard.parallel.grads.buckets import BucketedReducer
@@ -26,6 +27,7 @@ from moeyard.parallel.grads.reduce import (
     scale_,
     squared_norm,
 )
+from moeyard.parallel.fsdp import set_gather_once
 from moeyard.parallel.grads.zero import ShardedAdamW
 from moeyard.parallel.mesh import ParallelMesh
 
@@ -141,7 +143,18 @@ def _local(t: Tensor) -> Tensor:
 
 class FullyShardedSync(PlainSync):
     """FSDP2 (see parallel.fsdp) reduces every micro-step's gradients as backward runs and accumulates
-    them sharded; what is left after backward is the norm, the clip and AdamW on each rank's shards."""
+    them sharded -- or, with `gather_once` (the model apply_fsdp made, its units kept gathered after
+    forward), keeps them unsharded until the last micro-step reduces them once; what is left after
+    backward is the norm, the clip and AdamW on each rank's shards."""
+
+    def __init__(self, groups: ParamGroups, pmesh: ParallelMesh, optimizer: torch.optim.Optimizer,
+                 gather_once: Optional[nn.Module] = None) -> None:
+        super().__init__(groups, pmesh, optimizer)
+        self.gather_once = gather_once
+
+    def begin_micro_step(self, last: bool) -> None:
+        if self.gather_once is not None:
+            set_gather_once(self.gather_once, last)
 
     def _grads(self) -> list[Tensor]:
         # A shard whose experts saw no rows joins AdamW with a zero gradient, as in the replicated path.

@@ -26,6 +26,9 @@ class Plan:
     shards parameters, gradients and optimizer state with torch's FSDP2, one unit per block (buckets unused)."""
     dispatch: tuple[str, ...] = ()
     """Per MoE layer: flat or hierarchical (where the ep group spans machines); empty: flat everywhere."""
+    gather_once: bool = False
+    """fsdp: gather each unit's parameters once per step and reduce its gradients once (unsharded weights
+    and gradients kept through the micro-steps), instead of in every micro-step."""
     overlap_grads: bool = True
     """Launch bucket reductions from backward hooks; False reduces after backward (the reference)."""
     predicted: dict[str, float] = field(default_factory=dict)
@@ -44,7 +47,8 @@ class Plan:
         chunks = f"chunks per MoE layer {list(self.chunks)}" + (
             f"; hierarchical dispatch in {hier} of {len(self.dispatch)} MoE layers" if hier else "")
         if self.grad_sync == "fsdp":
-            return f"{chunks}; fsdp, one unit per block (experts over edp)"
+            when = "once per step" if self.gather_once else "in every micro-step"
+            return f"{chunks}; fsdp, one unit per block (experts over edp), gathered {when}"
         buckets = f"{len(self.dense_buckets)} dense + {len(self.expert_buckets)} expert buckets"
         overlap = "overlapped with backward" if self.overlap_grads else "after backward"
         return f"{chunks}; {buckets}, {self.grad_sync} {overlap}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.distributed as dist
 
 from moeyard.parallel import build_mesh
 
@@ -31,7 +32,6 @@ def step_gradients_match_single_process(rank: int, world: int, ep: int, micro_ba
                       moe=MoEConfig(num_experts=8, top_k=1 if router == "switch" else 2, ffn_dim=32,
                                     num_shared_experts=1, aux_loss_coef=aux_loss_coef, router=router,
                                     balance_loss=balance_loss, dts_steps=4))
-    per_rank = 2
     tokens = torch.randint(0, 64, (world * per_rank, 17), generator=torch.Generator().manual_seed(5))
 
     def prime_router_state(model) -> None:
@@ -121,9 +121,12 @@ def nonfinite_step_is_skipped(rank: int, world: int) -> dict:
 
 
 def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, micro_batch_size: int,
-                                             recompute: str) -> dict:
+                                             recompute: str, num_experts: int = 8, gather_once: bool = False,
+                                             per_rank: int = 2) -> dict:
     """With FSDP2 (parallel.fsdp), train_step's reduce-scattered gradients, gathered, equal plain backprop of
-    the global batch, and so does the grad norm. Aux loss off: with accumulation it balances per micro-batch."""
+    the global batch, and so does the grad norm. Aux loss off: with accumulation it balances per micro-batch.
+    Also returns how many all-gathers and reduce-scatters FSDP2 issued in the step, and its units."""
+    from torch.distributed.fsdp import FSDPModule
     import torch.nn.functional as nnf
 
     from moeyard.models import ModelConfig, MoEConfig, Transformer
@@ -133,9 +136,8 @@ def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, mic
     from moeyard.trainer.step import train_step
 
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
-                      moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=32, num_shared_experts=1, aux_loss_coef=0.0,
-                                    first_dense_layers=1))
-    per_rank = 2
+                      moe=MoEConfig(num_experts=num_experts, top_k=2, ffn_dim=32, num_shared_experts=1,
+                                    aux_loss_coef=0.0, first_dense_layers=1))
     tokens = torch.randint(0, 64, (world * per_rank, 17), generator=torch.Generator().manual_seed(5))
     torch.manual_seed(0)
     reference = Transformer(cfg)
@@ -149,11 +151,27 @@ def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, mic
     model = Transformer(cfg)
     model.set_recompute(recompute)
     apply_expert_parallel(model, pmesh)
-    apply_fsdp(model, pmesh)
+    apply_fsdp(model, pmesh, reshard_after_forward=not gather_once)
     groups = split_parameters(model)
-    sync = FullyShardedSync(groups, pmesh, torch.optim.SGD(model.parameters(), lr=0.0))
-    result = train_step(model, sync, tokens[rank * per_rank:(rank + 1) * per_rank], micro_batch_size=micro_batch_size,
-                        pmesh=pmesh, lr=0.0, grad_clip=0.0, dtype=torch.float32)
+    sync = FullyShardedSync(groups, pmesh, torch.optim.SGD(model.parameters(), lr=0.0),
+                            gather_once=model if gather_once else None)
+    counts = {"all_gather_single": 0, "reduce_scatter_single": 0}
+    originals = {name: getattr(dist, name) for name in counts}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in counts:
+        setattr(dist, name, counted(name))
+    try:
+        result = train_step(model, sync, tokens[rank * per_rank:(rank + 1) * per_rank],
+                            micro_batch_size=micro_batch_size, pmesh=pmesh, lr=0.0, grad_clip=0.0, dtype=torch.float32)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
 
     local = cfg.moe.num_experts // ep
     expert_ids = {id(p) for p in groups.expert}
@@ -168,4 +186,7 @@ def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, mic
     return {"grad_norm": result.grad_norm, "ref_norm": float(ref_norm), "lm_loss": result.lm_loss,
             "ref_lm_loss": lm.item(), "worst": worst,
             "dense_sharded": all(p.to_local().numel() < p.numel() for p in groups.dense if p.dim() >= 2),
-            "experts_sharded": all(p.to_local().numel() < p.numel() for p in groups.expert)}
+            "experts_sharded": all(p.to_local().numel() < p.numel() for p in groups.expert),
+            "expert_shard_numel": sum(p.to_local().numel() for p in groups.expert),
+            "expert_shard_dims": sorted({p.placements[0].dim for p in groups.expert}),
+            "units": sum(isinstance(m, FSDPModule) for m in model.modules()), **counts}
