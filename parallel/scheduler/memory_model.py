@@ -4,7 +4,8 @@ backward under each recompute mode, and the transient buffers of the gradient sy
 An analytic count from the model config and the layout, no measurement: `moeyard plan` prints it for
 any cluster, the planner uses it to pick a layout that fits, and `benchmarks/memory.py` puts it beside
 the peak a real run measures. Bytes are float32 for weights, gradients and AdamW moments (the master
-copy), `act_bytes` for activations and for FSDP's gathered compute weights.
+copy), `act_bytes` for activations and for FSDP's gathered compute weights. Sharded state is counted
+on the largest rank: FSDP2 pads every rank to the first of `torch.chunk`'s pieces.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from moeyard.models import ModelConfig, Transformer, expert_parameter_ids
+from moeyard.parallel.fsdp import expert_shard_dim, padded_shard_numel
 from moeyard.parallel.scheduler.block_shapes import attention_shape, block_index
 
 GB = 1e9
@@ -38,6 +40,10 @@ class Layout:
     """Micro-steps per optimizer step: with more than one, gradients accumulate through the forwards."""
     bucketed: bool = False
     """Gradients live in flat bucket buffers (a planned replicated sync, or reduce_scatter's ZeRO)."""
+    gather_once: bool = False
+    """fsdp: every unit's gathered weights and unsharded gradients stay through the step (Plan.gather_once)."""
+    reduce_bytes: int = 4
+    """Bytes per gradient element in the reduction (parallel.reduce_dtype): FSDP's unsharded accumulation."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,22 @@ class ParamCounts:
     """Embedding, final norm and output layer (FSDP's root unit, kept gathered through backward)."""
     largest_block: int
     """Dense parameters of the largest block plus its experts / ep (one FSDP unit gathered)."""
+    shapes: tuple[tuple[tuple[int, ...], bool, bool], ...] = ()
+    """(shape of this rank's ep shard, expert, trainable) of every parameter: what FSDP shards."""
+
+    def fsdp_shard(self, world: int, ep: int) -> tuple[int, int]:
+        """(parameters, trainable parameters) of the largest rank under FSDP: dense sharded on dim 0 over
+        world, experts over edp on the dimension apply_fsdp picks, each padded to its largest piece."""
+        edp = world // ep
+        params = trainable = 0
+        for shape, expert, is_trainable in self.shapes:
+            if expert:
+                n = padded_shard_numel(shape, expert_shard_dim(shape, edp), edp)
+            else:
+                n = padded_shard_numel(shape, 0, world)
+            params += n
+            trainable += n if is_trainable else 0
+        return params, trainable
 
 
 def count_parameters(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozenset()) -> ParamCounts:
@@ -61,8 +83,11 @@ def count_parameters(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozens
     expert_ids = expert_parameter_ids(model)
     dense = experts = dense_t = experts_t = root = 0
     blocks: dict[int, int] = {}
+    shapes = []
     for name, p in model.named_parameters():
         n, is_expert = p.numel(), id(p) in expert_ids
+        shape = (p.shape[0] // ep, *p.shape[1:]) if is_expert else tuple(p.shape)
+        shapes.append((shape, is_expert, name not in frozen))
         if is_expert:
             experts += n
             experts_t += 0 if name in frozen else n
@@ -74,7 +99,7 @@ def count_parameters(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozens
             blocks[layer] = blocks.get(layer, 0) + (n // ep if is_expert else n)
         else:
             root += n
-    return ParamCounts(dense, experts, dense_t, experts_t, root, max(blocks.values(), default=0))
+    return ParamCounts(dense, experts, dense_t, experts_t, root, max(blocks.values(), default=0), tuple(shapes))
 
 
 @dataclass(frozen=True)
@@ -161,14 +186,18 @@ def predict_memory(cfg: ModelConfig, layout: Layout, counts: ParamCounts | None 
     edp = layout.world // layout.ep
     x, xt = c.experts / layout.ep, c.experts_trainable / layout.ep  # this rank's ep shard
     if layout.grad_sync == "fsdp":
-        params = 4 * (c.dense / layout.world + x / edp)
-        grads = 4 * (c.dense_trainable / layout.world + xt / edp)
-        optimizer = 8 * (c.dense_trainable / layout.world + xt / edp)
+        shard, shard_trainable = c.fsdp_shard(layout.world, layout.ep)
+        params, grads, optimizer = 4 * shard, 4 * shard_trainable, 8 * shard_trainable
         # The root unit stays gathered; two blocks gathered (this one and the prefetched next one) and
         # one block's unsharded float32 gradients before its reduce-scatter -- through backward to its
         # end, where the first block and the root are reduced last (measured: 4.97 GB peak against
         # 4.28 GB of state on the 1B model of benchmarks/memory.py).
         with_activations = after_backward = layout.act_bytes * (c.root + 2 * c.largest_block) + 4 * c.largest_block
+        if layout.gather_once:  # every unit stays gathered through the step (the root as before)
+            params += layout.act_bytes * (c.dense + x)
+            with_activations = after_backward = 4 * c.largest_block
+            if layout.micro_steps > 1:  # and unsharded gradients accumulate until the last micro-step reduces
+                grads += layout.reduce_bytes * (c.dense_trainable + xt)
     else:
         params = 4 * (c.dense + x)
         grads = 4 * (c.dense_trainable + xt)

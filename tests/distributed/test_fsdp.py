@@ -29,6 +29,8 @@ def test_fsdp_gradients_equal_single_process_backprop(world, ep, micro_batch_siz
     assert len({r["expert_shard_numel"] for r in results}) == 1, [r["expert_shard_numel"] for r in results]
     local_experts, edp = num_experts // ep, world // ep
     assert results[0]["expert_shard_dims"] == ([0] if local_experts % edp == 0 else [1])
+    # The memory model's largest rank is the real one (every shard even here, so no padding).
+    assert max(r["shard_numel"] for r in results) == results[0]["predicted_shard_numel"]
 
 
 @pytest.mark.parametrize("gather_once", [True, False], ids=["once", "every_micro_step"])

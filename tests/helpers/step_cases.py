@@ -133,6 +133,7 @@ def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, mic
     from moeyard.parallel import apply_expert_parallel, split_parameters
     from moeyard.parallel.fsdp import apply_fsdp
     from moeyard.parallel.grads.sync import FullyShardedSync
+    from moeyard.parallel.scheduler.memory_model import count_parameters
     from moeyard.trainer.step import train_step
 
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
@@ -189,4 +190,6 @@ def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, mic
             "experts_sharded": all(p.to_local().numel() < p.numel() for p in groups.expert),
             "expert_shard_numel": sum(p.to_local().numel() for p in groups.expert),
             "expert_shard_dims": sorted({p.placements[0].dim for p in groups.expert}),
-            "units": sum(isinstance(m, FSDPModule) for m in model.modules()), **counts}
+            "units": sum(isinstance(m, FSDPModule) for m in model.modules()), **counts,
+            "shard_numel": sum(p.to_local().numel() for p in model.parameters()),
+            "predicted_shard_numel": count_parameters(cfg, ep).fsdp_shard(world, ep)[0]}

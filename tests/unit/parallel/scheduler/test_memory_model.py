@@ -84,3 +84,28 @@ def test_the_plan_line_says_whether_it_fits() -> None:
     assert line.startswith(f"memory per rank: {m.total / GB:.2f} GB predicted peak (parameters ")
     assert line.endswith("; fits dgx-h100 (80 GB)")
     assert "does NOT fit" in m.line(m.total / GB / 2, "tiny")
+
+
+def test_fsdp_counts_the_largest_rank_with_padding() -> None:
+    """Experts that split evenly on no dimension are padded to torch.chunk's first piece on every rank."""
+    from moeyard.parallel.fsdp import expert_shard_dim, padded_shard_numel
+
+    assert expert_shard_dim((1, 64, 32), 4) == 1 and expert_shard_dim((8, 64, 32), 4) == 0
+    assert expert_shard_dim((3, 5, 7), 4) == 0 and padded_shard_numel((3, 5, 7), 0, 4) == 35  # chunks 1,1,1,0
+    assert padded_shard_numel((5, 6), 0, 4) == 12  # torch.chunk(5 rows, 4) -> 2, 2, 1: every rank holds 2
+    counts = count_parameters(CFG, ep=2)
+    even, _ = counts.fsdp_shard(world=4, ep=2)
+    assert even == pytest.approx(counts.dense / 4 + counts.experts / 2 / 2, rel=0.01)  # dense over 4, ep shard over 2
+    odd = dataclasses.replace(counts, shapes=counts.shapes + (((3, 5, 7), True, True),))
+    assert odd.fsdp_shard(world=4, ep=2)[0] - even == 2 * 5 * 7  # 3 experts over edp 2: 2 and 1, padded to 2
+
+
+def test_gather_once_holds_the_unsharded_weights_and_gradients_through_the_step() -> None:
+    counts = count_parameters(CFG, ep=2)
+    per_micro = predict_memory(CFG, Layout(world=4, ep=2, tokens=256, grad_sync="fsdp", micro_steps=4), counts)
+    once = predict_memory(CFG, Layout(world=4, ep=2, tokens=256, grad_sync="fsdp", micro_steps=4, gather_once=True,
+                                      reduce_bytes=2), counts)
+    unsharded = counts.dense + counts.experts / 2
+    assert once.parameters - per_micro.parameters == pytest.approx(4 * unsharded)
+    assert once.gradients - per_micro.gradients == pytest.approx(2 * unsharded)  # reduce_dtype bfloat16
+    assert once.total > per_micro.total
