@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 import os
 from pathlib import Path
 from typing import Optional
@@ -19,6 +20,7 @@ from moeyard.parallel import ParallelMesh
 from moeyard.parallel.agree import from_rank0
 from moeyard.parallel.scheduler.cost_model import Costs, Prediction, Workload, predict, workload_for
 from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
+from moeyard.parallel.scheduler.memory_model import count_parameters, predict_memory
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.planner import manual_plan, reference_plan, search, with_prediction
 from moeyard.parallel.scheduler.profile import MeasuredCosts, Profile, profile_from_dict
@@ -26,6 +28,7 @@ from moeyard.parallel.scheduler.profiler import measure_everywhere, profile_key
 from moeyard.trainer.config import Config
 from moeyard.trainer.data.tokens import default_cache_root
 from moeyard.trainer.freezing import frozen_set
+from moeyard.trainer.memory_plan import RECOMPUTE, memory_layout
 from moeyard.trainer.precision import resolve_dtype
 
 
@@ -38,7 +41,8 @@ def workload(cfg: Config, dp: int, act_bytes: int, ranks_per_node: Optional[int]
                         dp=dp, micro_steps=per_rank // micro, act_bytes=act_bytes,
                         frozen=frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen),
                         recompute=cfg.train.recompute,
-                        ranks_per_node=ranks_per_node or cfg.parallel.ranks_per_node or 0)
+                        ranks_per_node=ranks_per_node or cfg.parallel.ranks_per_node or 0,
+                        grad_bytes=2 if cfg.parallel.effective_reduce_dtype == "bfloat16" else 4)
 
 
 def act_bytes(cfg: Config, device: torch.device) -> int:
@@ -109,8 +113,8 @@ def _costs(cfg: Config, w: Workload, pmesh: ParallelMesh, device: torch.device) 
     return MeasuredCosts(profile)
 
 
-FSDP_MARGIN = 0.02
-"""auto: fsdp replaces the configured replicated sync only when predicted this much faster."""
+LAYOUT_MARGIN = 0.02
+"""auto: another layout replaces the configured one only when predicted this much faster."""
 
 
 def dispatch_choices(cfg: Config, w: Workload) -> tuple[str, ...]:
@@ -120,16 +124,86 @@ def dispatch_choices(cfg: Config, w: Workload) -> tuple[str, ...]:
     return ("hierarchical",) if cfg.schedule.dispatch == "hierarchical" else ("flat", "hierarchical")
 
 
-def auto_plan(cfg: Config, w: Workload, costs: Costs) -> tuple[Plan, Prediction]:
-    """The planner's choice over the configured gradient sync and, unless fsdp is configured already,
-    fsdp (which holds less than any replicated sync: taken where it is faster too)."""
+@dataclass(frozen=True)
+class LayoutChoice:
+    """One way to hold and move the model state, planned and predicted."""
+
+    name: str
+    """replicated, ZeRO, fsdp per micro-step, fsdp gathered once."""
+    recompute: str
+    plan: Plan
+    prediction: Prediction
+    memory_gb: float
+    """Predicted peak per rank."""
+    fits: bool
+
+
+LAYOUTS = (("replicated", "all_reduce", False), ("ZeRO", "reduce_scatter", False),
+           ("fsdp per micro-step", "fsdp", False), ("fsdp gathered once", "fsdp", True))
+
+
+def as_layout(cfg: Config, grad_sync: str, gather_once: bool, recompute: str) -> Config:
+    """`cfg` with this gradient sync (all_reduce, reduce_scatter or fsdp), gathering and recompute."""
+    fsdp = grad_sync == "fsdp"
+    return dataclasses.replace(
+        cfg, parallel=dataclasses.replace(cfg.parallel, fsdp=fsdp, fsdp_gather_once=gather_once),
+        schedule=dataclasses.replace(cfg.schedule, grad_sync="all_reduce" if fsdp else grad_sync),
+        train=dataclasses.replace(cfg.train, recompute=recompute))
+
+
+def layout_choices(cfg: Config, w: Workload, costs: Costs, capacity_gb: float) -> list[LayoutChoice]:
+    """Every layout and recompute mode, planned and predicted, with its memory against `capacity_gb`
+    (usable GB per rank). The configured layout comes first."""
+    configured = next(name for name, sync, once in LAYOUTS
+                      if sync == cfg.grad_sync and once == (cfg.parallel.fsdp and cfg.parallel.fsdp_gather_once))
+    order = [configured] + [name for name, _, _ in LAYOUTS if name != configured]
+    recomputes = [cfg.train.recompute] + [r for r in RECOMPUTE if r != cfg.train.recompute]
     dispatch = dispatch_choices(cfg, w)
-    plan, best = search(w, costs, cfg.grad_sync, dispatch_choices=dispatch)
+    counts = count_parameters(cfg.model, cfg.parallel.ep, frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen))
+    choices = []
+    for name in order:
+        _, sync, once = next(layout for layout in LAYOUTS if layout[0] == name)
+        for recompute in recomputes:
+            run = as_layout(cfg, sync, once, recompute)
+            memory = predict_memory(cfg.model, memory_layout(run, w.dp, w.act_bytes), counts)
+            shaped = dataclasses.replace(w, recompute="experts" if recompute == "none" and
+                                         cfg.model.moe.recompute_experts else recompute)
+            plan, best = search(shaped, costs, sync, dispatch_choices=dispatch, gather_once=once)
+            plan = dataclasses.replace(plan, recompute=recompute if recompute != cfg.train.recompute else "")
+            choices.append(LayoutChoice(name, recompute, plan, best, memory.total / 1e9,
+                                        memory.total <= capacity_gb * 1e9))
+    return choices
+
+
+def auto_plan(cfg: Config, w: Workload, costs: Costs, capacity_gb: float = 0.0) -> tuple[Plan, Prediction]:
+    """The planner's choice of layout. With the memory per rank known (`capacity_gb`, usable GB): the
+    fastest layout and recompute mode that fit (replicated, ZeRO, fsdp per micro-step or gathered once),
+    the configured one unless another is LAYOUT_MARGIN faster. Unknown: the configured gradient sync, or
+    fsdp per micro-step (which holds less than any replicated sync) where that is faster."""
+    if capacity_gb > 0:
+        return choose_layout(layout_choices(cfg, w, costs, capacity_gb))
+    dispatch = dispatch_choices(cfg, w)
+    once = cfg.parallel.fsdp and cfg.parallel.fsdp_gather_once
+    plan, best = search(w, costs, cfg.grad_sync, dispatch_choices=dispatch, gather_once=once)
     if not cfg.parallel.fsdp:
         sharded, sharded_best = search(w, costs, "fsdp", dispatch_choices=dispatch)
-        if sharded_best.step < best.step * (1 - FSDP_MARGIN):
+        if sharded_best.step < best.step * (1 - LAYOUT_MARGIN):
             return sharded, sharded_best
     return plan, best
+
+
+def choose_layout(choices: list[LayoutChoice]) -> tuple[Plan, Prediction]:
+    """The first choice (the configured layout) unless a fitting one is LAYOUT_MARGIN faster; the one that
+    holds least where none fits (the launcher's memory check has the last word)."""
+    fitting = [c for c in choices if c.fits]
+    if not fitting:
+        least = min(choices, key=lambda c: c.memory_gb)
+        return least.plan, least.prediction
+    best = choices[0] if choices[0].fits else fitting[0]
+    for choice in fitting:
+        if choice.prediction.step < best.prediction.step * (1 - LAYOUT_MARGIN):
+            best = choice
+    return best.plan, best.prediction
 
 
 def plan_for(cfg: Config, pmesh: ParallelMesh, device: torch.device) -> Plan:

@@ -57,6 +57,7 @@ class Workload:
     act_bytes: int = 4
     """Bytes per activation element crossing the all-to-all."""
     grad_bytes: int = 4
+    """Bytes per gradient element in the reduction (parallel.reduce_dtype)."""
     dense_flops: tuple[float, ...] = ()
     """Forward FLOPs of each block without its routed experts."""
     head_flops: float = 0.0
@@ -209,13 +210,15 @@ class _BucketLauncher:
 
 
 class _FsdpUnits:
-    """FSDP2's collectives in program order. A block's parameters are gathered before its forward and again
-    before its backward, the next block's gather issued when this block starts (FSDP's implicit prefetch);
-    its gradients are reduce-scattered when its backward ends. The root unit (embedding, head) is gathered
-    once and kept through backward."""
+    """FSDP2's collectives in program order. A block's parameters (its own unit and its experts') are
+    gathered before its forward and again before its backward, issued when the previous block starts
+    (apply_fsdp's explicit prefetch); its gradients are reduce-scattered when its backward ends. The root
+    unit (embedding, head) is gathered once and kept through backward. `gathers`: the passes that gather
+    (gather-once: the first micro-step's forward only)."""
 
-    def __init__(self, s: Schedule, w: Workload, costs: Costs, with_grads: bool) -> None:
-        self.s, self.w, self.costs, self.with_grads = s, w, costs, with_grads
+    def __init__(self, s: Schedule, w: Workload, costs: Costs, with_grads: bool,
+                 gathers: tuple[Phase, ...] = ("fwd", "bwd")) -> None:
+        self.s, self.w, self.costs, self.with_grads, self.phases = s, w, costs, with_grads, gathers
         self.units: dict[int, list[ParamInfo]] = {}
         for p in w.params:
             self.units.setdefault(p.layer if 0 <= p.layer < w.n_layers else -1, []).append(p)
@@ -225,6 +228,8 @@ class _FsdpUnits:
         return sum(p.numel for p in self.units.get(unit, []) if p.expert == expert) * per_element
 
     def prefetch(self, unit: int, phase: Phase) -> None:
+        if phase not in self.phases:
+            return
         if 0 <= unit < self.w.n_layers or (unit == -1 and phase == "fwd"):  # the root stays gathered
             seconds = sum(self.costs.all_gather(self.w, self._bytes(unit, expert, self.w.act_bytes), expert)
                           for expert in (False, True))
@@ -243,12 +248,13 @@ class _FsdpUnits:
                            self.costs.grad_reduce(self.w, nbytes, expert, "reduce_scatter"), [after])
 
 
-def build_step(w: Workload, plan: Plan, costs: Costs, with_grads: bool = True) -> Schedule:
+def build_step(w: Workload, plan: Plan, costs: Costs, with_grads: bool = True,
+               gathers: tuple[Phase, ...] = ("fwd", "bwd")) -> Schedule:
     """Tasks of one micro-step, in the order the executor issues them; `with_grads` adds the gradient
-    reduction (FSDP reduces in every micro-step, the other modes in the final one)."""
+    reduction, `gathers` the passes in which FSDP gathers parameters (see `micro_steps`)."""
     s = Schedule()
     moe_index = {layer: i for i, layer in enumerate(w.moe_layers)}
-    fsdp = _FsdpUnits(s, w, costs, with_grads) if plan.grad_sync == "fsdp" else None
+    fsdp = _FsdpUnits(s, w, costs, with_grads, gathers) if plan.grad_sync == "fsdp" else None
 
     def after(last: int | None, unit: int, phase: Phase) -> list[int | None]:
         """`last`, and under FSDP the unit's gather; issues the next unit's gather (prefetch)."""
@@ -328,25 +334,39 @@ def _stage_sums(t: Timeline) -> dict[str, float]:
     return sums
 
 
+def micro_steps(w: Workload, plan: Plan) -> list[tuple[int, bool, tuple[Phase, ...]]]:
+    """(how many, with the gradient reduction, passes that gather parameters) of one step's micro-steps.
+    Replicated and ZeRO reduce in the last; fsdp gathers and reduces in each, or with gather_once gathers
+    in the first micro-step's forward and reduces in the last one's backward."""
+    n = w.micro_steps
+    if plan.grad_sync != "fsdp":
+        return [(n - 1, False, ()), (1, True, ())]
+    if not plan.gather_once:
+        return [(n, True, ("fwd", "bwd"))]
+    if n == 1:
+        return [(1, True, ("fwd",))]
+    return [(1, False, ("fwd",)), (n - 2, False, ()), (1, True, ())]
+
+
 def predict(w: Workload, plan: Plan, costs: Costs) -> Prediction:
-    final = build_step(w, plan, costs, with_grads=True).run(costs.overlap_slowdown)
-    stages = _stage_sums(final)
-    step, exposed, comm = final.makespan, final.exposed_comm, final.work("comm") + final.work("grad")
-    if w.micro_steps > 1:
-        earlier = build_step(w, plan, costs, with_grads=plan.grad_sync == "fsdp").run(costs.overlap_slowdown)
-        n = w.micro_steps - 1
-        step += n * earlier.makespan
-        exposed += n * earlier.exposed_comm
-        comm += n * (earlier.work("comm") + earlier.work("grad"))
-        for kind, seconds in _stage_sums(earlier).items():
-            stages[kind] = stages.get(kind, 0.0) + n * seconds
+    step = exposed = comm = 0.0
+    stages: dict[str, float] = {}
+    for count, with_grads, gathers in micro_steps(w, plan):
+        if count == 0:
+            continue
+        t = build_step(w, plan, costs, with_grads, gathers).run(costs.overlap_slowdown)
+        step += count * t.makespan
+        exposed += count * t.exposed_comm
+        comm += count * (t.work("comm") + t.work("grad"))
+        for kind, seconds in _stage_sums(t).items():
+            stages[kind] = stages.get(kind, 0.0) + count * seconds
     stages["optimizer"] = costs.optimizer(w, plan.grad_sync)
     return Prediction(step=step + stages["optimizer"], stages=stages, exposed_comm=exposed, comm=comm)
 
 
 def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: int, micro_steps: int,
                  act_bytes: int = 4, frozen: frozenset[str] = frozenset(), recompute: str = "none",
-                 ranks_per_node: int = 0) -> Workload:
+                 ranks_per_node: int = 0, grad_bytes: int = 4) -> Workload:
     """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
     Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer.
     `ranks_per_node`: machines of that many ranks (0: one machine)."""
@@ -365,6 +385,7 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     num_experts=cfg.moe.num_experts, top_k=cfg.moe.top_k, n_layers=cfg.n_blocks,
                     moe_layers=tuple(i for i in blocks if cfg.is_moe_layer(i)), ep=ep, dp=dp,
                     micro_steps=micro_steps, params=tuple(reversed(infos)), act_bytes=act_bytes,
+                    grad_bytes=grad_bytes,
                     dense_flops=tuple(block_fwd_flops(cfg, tokens, seq_len, i) for i in blocks),
                     head_flops=head_fwd_flops(cfg, tokens),
                     attention_flops=tuple(attention_core_flops(cfg, tokens, seq_len, i) for i in blocks),
@@ -385,6 +406,8 @@ def moe_layer_timeline(w: Workload, costs: Costs, chunks: int, dispatch: str = "
 
 
 def model_flops(w: Workload) -> float:
-    """FLOPs of one rank's step as MFU counts them: forward and backward (3x forward), no recompute."""
+    """FLOPs of one rank's step as MFU counts them (PaLM, Chowdhery et al. 2022, appendix B; Megatron-LM's
+    model FLOPs, Narayanan et al. 2021): forward and backward (3x forward) of every GEMM with a weight, the
+    routed experts' at top_k rows per token, and causal attention's scores and weighted sum; no recompute."""
     experts = sum(6.0 * w.routed_rows * w.dim * w.expert_hidden for _ in w.moe_layers)
     return 3.0 * (sum(w.dense_flops) + w.head_flops + experts) * w.micro_steps

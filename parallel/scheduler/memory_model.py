@@ -19,6 +19,9 @@ from moeyard.parallel.fsdp import expert_shard_dim, padded_shard_numel
 from moeyard.parallel.scheduler.block_shapes import attention_shape, block_index
 
 GB = 1e9
+HEADROOM = 0.9
+"""The share of a device's memory a run may plan for: the allocator's fragmentation and the runtime take
+the rest."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ class MemoryEstimate:
             text += f"; {verdict} {device} ({capacity_gb:g} GB)"
         return text
 
-    def fits(self, capacity_gb: float, headroom: float = 0.9) -> bool:
+    def fits(self, capacity_gb: float, headroom: float = HEADROOM) -> bool:
         """Within `headroom` of the device: the allocator's fragmentation and the runtime take the rest."""
         return self.total <= headroom * capacity_gb * GB
 

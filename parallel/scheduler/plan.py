@@ -29,6 +29,9 @@ class Plan:
     gather_once: bool = False
     """fsdp: gather each unit's parameters once per step and reduce its gradients once (unsharded weights
     and gradients kept through the micro-steps), instead of in every micro-step."""
+    recompute: str = ""
+    """train.recompute as the planner chose it (schedule.mode=auto may keep more than the config names
+    where memory allows); empty: as configured."""
     overlap_grads: bool = True
     """Launch bucket reductions from backward hooks; False reduces after backward (the reference)."""
     predicted: dict[str, float] = field(default_factory=dict)

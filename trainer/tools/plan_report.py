@@ -6,8 +6,9 @@ import dataclasses
 import torch
 
 from moeyard.parallel import build_mesh
-from moeyard.parallel.scheduler.cost_model import Costs, Workload, predict
+from moeyard.parallel.scheduler.cost_model import Costs, Workload, model_flops, predict
 from moeyard.parallel.scheduler.hardware import HardwareCosts
+from moeyard.parallel.scheduler.memory_model import HEADROOM
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.planner import reference_plan
 from moeyard.parallel.scheduler.profile import MeasuredCosts
@@ -16,8 +17,11 @@ from moeyard.trainer.memory_plan import memory_report
 from moeyard.trainer.node_layout import check_node_layout
 from moeyard.trainer.precision import resolve_dtype
 from moeyard.trainer.schedule import (
+    LAYOUT_MARGIN,
     act_bytes,
+    as_layout,
     auto_plan,
+    layout_choices,
     load_hardware,
     load_or_measure,
     profile_cache_dir,
@@ -26,13 +30,37 @@ from moeyard.trainer.schedule import (
 from moeyard.trainer.tools.routing_bound import routing_bound_report
 
 
-def plan_report(cfg: Config, w: Workload, costs: Costs, source: str) -> tuple[Plan, str]:
-    plan, best = auto_plan(cfg, w, costs)
+def layouts_table(cfg: Config, w: Workload, costs: Costs, capacity_gb: float, chosen: Plan) -> list[str]:
+    """Every layout the planner weighed, its predicted step and memory, and which it took and why."""
+    choices = layout_choices(cfg, w, costs, capacity_gb)
+    lines = [f"layouts weighed ({capacity_gb:.1f} GB usable per rank):",
+             f"  {'layout':22}{'recompute':>10}{'step':>10}{'memory':>10}"]
+    for c in choices:
+        mark = " <- chosen" if (c.plan.grad_sync, c.plan.gather_once, c.plan.recompute) == \
+            (chosen.grad_sync, chosen.gather_once, chosen.recompute) else ""
+        fits = "" if c.fits else " (does not fit)"
+        lines.append(f"  {c.name:22}{c.recompute:>10}{c.prediction.step:>9.2f}s{c.memory_gb:>8.1f}GB{fits}{mark}")
+    first = choices[0]
+    if (first.plan.grad_sync, first.plan.gather_once, first.plan.recompute) != \
+            (chosen.grad_sync, chosen.gather_once, chosen.recompute):
+        why = "the configured layout does not fit" if not first.fits else \
+            f"it is predicted faster than the configured layout by more than {LAYOUT_MARGIN:.0%}"
+        lines.append(f"chosen: the fastest layout that fits ({why})" + (
+            f"; train.recompute={chosen.recompute} instead of the configured {cfg.train.recompute}"
+            if chosen.recompute else ""))
+    return lines
+
+
+def plan_report(cfg: Config, w: Workload, costs: Costs, source: str,
+                capacity_gb: float = 0.0) -> tuple[Plan, str]:
+    """`capacity_gb` (usable GB per rank; 0: unknown): the planner also weighs layouts by memory."""
+    plan, best = auto_plan(cfg, w, costs, capacity_gb)
     off = predict(w, reference_plan(w, cfg.grad_sync), costs)
     ms = 1e3
     lines = [
         f"costs from {source}; world {w.dp} ranks, ep={w.ep}, {w.tokens} tokens per rank per micro-step, "
         f"{w.micro_steps} micro-step(s)",
+        *(layouts_table(cfg, w, costs, capacity_gb, plan) if capacity_gb > 0 else []),
         f"plan: {plan.summary()}",
         f"{'':24}{'plan':>12}{'schedule off':>14}",
     ]
@@ -44,15 +72,16 @@ def plan_report(cfg: Config, w: Workload, costs: Costs, source: str) -> tuple[Pl
         lines.append(f"{name:24}{a * ms:>10.3f}ms{b * ms:>12.3f}ms")
     lines.append(f"communication hidden: {best.hidden_fraction:.0%} with the plan, {off.hidden_fraction:.0%} off; "
                  f"predicted speed-up {off.step / best.step:.3f}x")
+    planned = dataclasses.replace(w, recompute=plan.recompute) if plan.recompute else w
+    lines.append(f"model TFLOP/s per GPU: {model_flops(planned) / best.step / 1e12:.1f} (predicted; "
+                 f"6 x active parameters x tokens + attention, no recompute counted)")
+    lines.append(f"tokens/s per GPU: {w.tokens * w.micro_steps / best.step:,.0f} (predicted)")
     return plan, "\n".join(lines)
 
 
 def _as_planned(cfg: Config, plan: Plan) -> Config:
-    """The config with the sharding the plan chose (the planner may take fsdp where it is faster)."""
-    if plan.grad_sync != "fsdp" or cfg.parallel.fsdp:
-        return cfg
-    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, fsdp=True),
-                               schedule=dataclasses.replace(cfg.schedule, grad_sync="all_reduce"))
+    """The config with the layout the plan chose (the planner may take another sharding and recompute)."""
+    return as_layout(cfg, plan.grad_sync, plan.gather_once, plan.recompute or cfg.train.recompute)
 
 
 def measured_report(cfg: Config, device: torch.device) -> str:
@@ -75,6 +104,7 @@ def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
     check_node_layout(cfg, world_size, ranks_per_node)
     w = workload(cfg, world_size, hw.act_bytes, ranks_per_node)
     costs = HardwareCosts(hw)
-    plan, report = plan_report(cfg, w, costs, f"the hardware description {hw.name} ({hardware_path})")
+    plan, report = plan_report(cfg, w, costs, f"the hardware description {hw.name} ({hardware_path})",
+                               hw.memory_gb * HEADROOM)
     return "\n".join([report, routing_bound_report(cfg, w, costs),
                       memory_report(_as_planned(cfg, plan), world_size, hw.act_bytes, hw.memory_gb, hw.name)])
