@@ -162,7 +162,7 @@ def build_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch.devi
     torch.manual_seed(cfg.run.seed)
     model, init = build_on_meta(cfg.model)  # no rank holds more than its part (and one parameter at a time)
     trainable, total = freeze(model, cfg.train.trainable, cfg.train.frozen)
-    model.set_recompute(cfg.train.recompute)
+    model.set_recompute(plan.recompute or cfg.train.recompute)  # the planner may keep more where memory allows
     fsdp = FsdpSettings(compute_dtype=resolve_dtype(cfg.train.dtype, device),
                         reduce_dtype=getattr(torch, cfg.parallel.effective_reduce_dtype),
                         reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward)

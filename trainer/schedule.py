@@ -20,7 +20,7 @@ from moeyard.parallel import ParallelMesh
 from moeyard.parallel.agree import from_rank0
 from moeyard.parallel.scheduler.cost_model import Costs, Prediction, Workload, predict, workload_for
 from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
-from moeyard.parallel.scheduler.memory_model import count_parameters, predict_memory
+from moeyard.parallel.scheduler.memory_model import HEADROOM, count_parameters, predict_memory
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.planner import manual_plan, reference_plan, search, with_prediction
 from moeyard.parallel.scheduler.profile import MeasuredCosts, Profile, profile_from_dict
@@ -206,6 +206,19 @@ def choose_layout(choices: list[LayoutChoice]) -> tuple[Plan, Prediction]:
     return best.plan, best.prediction
 
 
+GPU_RUNTIME_GB = 2.0
+"""What a GPU worker's CUDA context, NCCL's buffers and the allocator's reserve take beside the model."""
+
+
+def usable_memory_gb(device: torch.device) -> float:
+    """GB a rank may plan for on its device (HEADROOM of what the runtime leaves); 0 on a CPU, whose memory
+    the local workers share: there the planner keeps to layouts that hold no more than the configured one."""
+    if device.type != "cuda":
+        return 0.0
+    total = torch.cuda.get_device_properties(device).total_memory / 1e9
+    return HEADROOM * (total - GPU_RUNTIME_GB)
+
+
 def plan_for(cfg: Config, pmesh: ParallelMesh, device: torch.device) -> Plan:
     """off/manual: as configured (predicted too with schedule.predict). auto: measure and search, over
     the configured gradient sync and fsdp. Collective when it profiles (auto, or predict without a
@@ -213,7 +226,7 @@ def plan_for(cfg: Config, pmesh: ParallelMesh, device: torch.device) -> Plan:
     s = cfg.schedule
     w = workload(cfg, pmesh.dp, act_bytes(cfg, device))
     if s.mode == "auto":
-        return auto_plan(cfg, w, _costs(cfg, w, pmesh, device))[0]
+        return auto_plan(cfg, w, _costs(cfg, w, pmesh, device), usable_memory_gb(device))[0]
     plan = reference_plan(w, cfg.grad_sync) if s.mode == "off" else \
         manual_plan(w, s.chunks, s.bucket_mb, cfg.grad_sync)
     plan = dataclasses.replace(plan, gather_once=cfg.parallel.fsdp and cfg.parallel.fsdp_gather_once)

@@ -22,7 +22,7 @@ from moeyard.trainer.preflight import check_inputs
 from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.run_dir import holds_a_run
 from moeyard.trainer.run_lock import HELD_ENV, RunLock
-from moeyard.trainer.schedule import act_bytes
+from moeyard.trainer.schedule import GPU_RUNTIME_GB, act_bytes
 
 
 def _node_rank(given: Optional[int], nnodes: int) -> int:
@@ -47,10 +47,6 @@ def _check_gpus(backend: str, nproc: int) -> None:
 CPU_RUNTIME_GB = 0.5
 """What a CPU worker holds before any model exists (torch, moeyard, gloo: 0.32 GB measured by
 benchmarks/memory.py), plus slack."""
-
-
-GPU_RUNTIME_GB = 2.0
-"""What a GPU worker's CUDA context, NCCL's buffers and the allocator's reserve take beside the model."""
 
 
 def _gpu_memory_gb() -> float:

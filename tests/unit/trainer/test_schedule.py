@@ -44,3 +44,34 @@ def test_auto_takes_fsdp_only_where_it_is_faster() -> None:
     assert cheap_all_reduce.grad_sync == "all_reduce"
     configured = load_config(configs.path("tiny.yaml"), ["schedule.mode=auto", "parallel.ep=2", "parallel.fsdp=true"])
     assert auto_plan(configured, w, Costs(all_reduce_s=1e-6))[0].grad_sync == "fsdp"  # asked for: kept
+
+
+def test_auto_with_known_memory_takes_the_fastest_layout_that_fits() -> None:
+    """Gathering once per step saves the gathers of every micro-step but holds the unsharded model: taken
+    where it fits, not where it does not; recompute below the configured mode where memory allows."""
+    from moeyard.trainer.schedule import layout_choices
+
+    cfg = load_config(configs.path("tiny.yaml"), ["schedule.mode=auto", "parallel.ep=2", "parallel.fsdp=true",
+                                                  "train.micro_batch_size=1", "train.recompute=full"])
+    w = workload(cfg, 4, 4)
+    assert w.micro_steps > 1
+
+    @dataclass
+    class SlowGathers(Costs):
+        def all_gather(self, w, nbytes, expert):
+            return 1e-2
+
+        def optimizer(self, w, mode):  # ZeRO gathers the parameters back after its step
+            return 1.0 if mode == "reduce_scatter" else 1e-4
+
+    costs = SlowGathers(all_reduce_s=1.0)  # replicated and ZeRO lose on their all-reduce and gather
+    choices = {(c.name, c.recompute): c for c in layout_choices(cfg, w, costs, capacity_gb=100.0)}
+    once = choices["fsdp gathered once", "none"]
+    assert once.memory_gb > choices["fsdp per micro-step", "none"].memory_gb
+    roomy, _ = auto_plan(cfg, w, costs, capacity_gb=100.0)
+    assert (roomy.grad_sync, roomy.gather_once, roomy.recompute) == ("fsdp", True, "none")
+    # Room for the per-micro-step layout with full recompute only: the configured one stays.
+    tight = choices["fsdp per micro-step", "full"].memory_gb * 1.001
+    assert all(c.memory_gb > tight for key, c in choices.items() if key != ("fsdp per micro-step", "full"))
+    kept, _ = auto_plan(cfg, w, costs, capacity_gb=tight)
+    assert (kept.grad_sync, kept.gather_once, kept.recompute) == ("fsdp", False, "")
