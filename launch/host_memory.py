@@ -9,6 +9,10 @@ outside the GEMMs (measured with benchmarks/moe_layer.py). Serving large blocks
 from the heap and never trimming it makes the second step reuse the first
 step's pages. The cost: the process keeps its peak heap, as a caching allocator
 would. Set MOEYARD_KEEP_FREED_MEMORY=0 to leave glibc's defaults alone.
+
+Under fsdp the largest transient tensors are gathered units, of a different size each, which a kept heap
+would hold on to (and fragment around): there only blocks below `KEPT_BELOW` stay mapped, larger ones go
+to mmap and back to the system when freed, so a run that shards its state to fit also peaks lower.
 """
 from __future__ import annotations
 
@@ -17,11 +21,15 @@ import ctypes.util
 import os
 
 _M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
+KEPT_BELOW = 32 * 2**20
+"""glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)."""
 
 
-def keep_freed_memory() -> bool:
-    """Applies to this process; True when glibc accepted both settings (False elsewhere, or when disabled)."""
+def keep_freed_memory(bounded: bool = False) -> bool:
+    """Applies to this process; True when glibc accepted the settings (False elsewhere, or when disabled).
+    `bounded` (fsdp): keep freed blocks below KEPT_BELOW only."""
     if os.environ.get("MOEYARD_KEEP_FREED_MEMORY", "1") == "0":
         return False
     name = ctypes.util.find_library("c")
@@ -32,7 +40,8 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    large = mallopt(_M_MMAP_THRESHOLD, KEPT_BELOW) if bounded else mallopt(_M_MMAP_MAX, 0)
+    return bool(large) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def available_bytes() -> int | None:

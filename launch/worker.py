@@ -144,7 +144,7 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
     device, backend = pick_device(env, cfg.parallel.backend)
     if device.type == "cpu":
         set_cpu_threads(env)
-        keep_freed_memory()
+        keep_freed_memory(bounded=cfg.parallel.fsdp)
     if env.launcher != "single":  # an orphaned worker saves and stops instead of training on alone
         preemption.watch_parent(cfg.checkpoint.stop_grace_s)
     init_distributed(env, backend, cfg.parallel.timeout_s, cfg.parallel.rendezvous_timeout_s)
