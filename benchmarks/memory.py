@@ -59,6 +59,11 @@ SMOKE = ["model.vocab_size=512", "model.dim=64", "model.n_layers=2", "model.ffn_
          "model.moe.num_experts=8", "model.moe.ffn_dim=64", "train.seq_len=64", "train.global_batch_tokens=1024",
          "parallel.ep=2"]
 LAYOUTS = [(fsdp, recompute) for fsdp in (False, True) for recompute in ("none", "experts", "full")]
+ACCUMULATING = [*CALIBRATION, "train.global_batch_tokens=8192", "train.micro_batch_size=1"]  # 4 micro-steps a rank
+STATE_LAYOUTS = [[], ["parallel.fsdp=true"], ["parallel.fsdp=true", "parallel.fsdp_gather_once=true"],
+                 ["parallel.fsdp=true", "parallel.ep=2", "model.moe.num_experts=2"]]
+"""Where the state lives, on the accumulating calibration run: replicated, fsdp gathered every micro-step and
+once per step, and 2 experts over edp 2 (one expert per ep rank, split on its hidden dimension)."""
 
 
 def _status_kb(field: str) -> int:
@@ -150,7 +155,14 @@ def measure(overrides: list[str], steps: int) -> list[dict]:
 
 
 def _label(cfg: Config) -> str:
-    return f"{'fsdp' if cfg.parallel.fsdp else 'replicated'}, ep={cfg.parallel.ep}, recompute {cfg.train.recompute}"
+    sync = "replicated"
+    if cfg.parallel.fsdp:
+        sync = "fsdp gathered once" if cfg.parallel.fsdp_gather_once else "fsdp"
+    micro = cfg.global_batch_sequences // WORLD // (cfg.train.micro_batch_size or cfg.global_batch_sequences // WORLD)
+    extra = f", {micro} micro-steps" if micro > 1 else ""
+    if cfg.model.moe.num_experts // cfg.parallel.ep < WORLD // cfg.parallel.ep:
+        extra += f", {cfg.model.moe.num_experts} experts over edp {WORLD // cfg.parallel.ep}"
+    return f"{sync}, ep={cfg.parallel.ep}, recompute {cfg.train.recompute}{extra}"
 
 
 def row(overrides: list[str], steps: int) -> dict:
@@ -168,12 +180,27 @@ def row(overrides: list[str], steps: int) -> dict:
         "largest_block_bytes": 4 * counts.largest_block,
         "base": max(r["base"] for r in ranks), "build_peak": max(r["build_peak"] for r in ranks),
         "train_peak": max(r["train_peak"] for r in ranks), "state": max(r["state"] for r in ranks),
+        "state_mean": statistics.mean(r["state"] for r in ranks),
         "step_s": statistics.median(slowest[1:] if steps > 1 else slowest),
     }
     print(f"{out['layout']}: predicted {out['predicted_peak'] / GB:.3f} GB, measured {out['train_peak'] / GB:.3f} "
           f"GB (base {out['base'] / GB:.2f}), state {out['state'] / GB:.3f} GB, step {out['step_s']:.2f} s",
           flush=True)
     return out
+
+
+def state_markdown(rows: list[dict]) -> str:
+    """Where the state lives with 4 micro-steps a step: peak against the model, the largest rank against the
+    mean, and each layout's step time against replicated."""
+    gb = 1 / GB
+    replicated = rows[0]
+    lines = ["| layout | predicted peak | measured peak | measured / predicted | largest rank's state / mean | "
+             "step | step / replicated |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['layout']} | {r['predicted_peak'] * gb:.3f} GB | {r['train_peak'] * gb:.3f} GB | "
+                     f"{r['train_peak'] / r['predicted_peak']:.2f} | {r['state'] / r['state_mean']:.3f} | "
+                     f"{r['step_s']:.2f} s | {r['step_s'] / replicated['step_s']:.2f} |")
+    return "\n".join(lines)
 
 
 def markdown(calibration: list[dict], large: dict | None) -> str:
@@ -216,12 +243,17 @@ def main() -> None:
         layouts, base, steps = LAYOUTS, CALIBRATION, args.steps
     calibration = [row([*base, f"parallel.fsdp={str(fsdp).lower()}", f"train.recompute={recompute}"], steps)
                    for fsdp, recompute in layouts]
+    state = []
     if not args.smoke:
+        state = [row([*ACCUMULATING, *layout], steps) for layout in STATE_LAYOUTS]
         large = row(LARGE, steps)
     table = markdown(calibration, large)
+    if state:
+        table += "\n\nThe same model, 4 sequences a rank, one per micro-step:\n\n" + state_markdown(state)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"calibration": calibration, "large": large}, indent=1))
+    args.out.with_suffix(".json").write_text(json.dumps({"calibration": calibration, "state": state, "large": large},
+                                                        indent=1))
     args.out.with_suffix(".md").write_text(f"`python benchmarks/memory.py`, {time.strftime('%Y-%m-%d')}\n\n{table}\n")
 
 
