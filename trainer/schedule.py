@@ -152,8 +152,9 @@ def as_layout(cfg: Config, grad_sync: str, gather_once: bool, recompute: str) ->
 
 
 def layout_choices(cfg: Config, w: Workload, costs: Costs, capacity_gb: float) -> list[LayoutChoice]:
-    """Every layout and recompute mode, planned and predicted, with its memory against `capacity_gb`
-    (usable GB per rank). The configured layout comes first."""
+    """Every layout and recompute mode with its memory against `capacity_gb` (usable GB per rank), planned
+    and predicted where it fits; one that does not fit is predicted at r=1 only (the search is what costs).
+    The configured layout comes first."""
     configured = next(name for name, sync, once in LAYOUTS
                       if sync == cfg.grad_sync and once == (cfg.parallel.fsdp and cfg.parallel.fsdp_gather_once))
     order = [configured] + [name for name, _, _ in LAYOUTS if name != configured]
@@ -166,12 +167,16 @@ def layout_choices(cfg: Config, w: Workload, costs: Costs, capacity_gb: float) -
         for recompute in recomputes:
             run = as_layout(cfg, sync, once, recompute)
             memory = predict_memory(cfg.model, memory_layout(run, w.dp, w.act_bytes), counts)
+            fits = memory.total <= capacity_gb * 1e9
             shaped = dataclasses.replace(w, recompute="experts" if recompute == "none" and
                                          cfg.model.moe.recompute_experts else recompute)
-            plan, best = search(shaped, costs, sync, dispatch_choices=dispatch, gather_once=once)
+            if fits:
+                plan, best = search(shaped, costs, sync, dispatch_choices=dispatch, gather_once=once)
+            else:
+                plan = dataclasses.replace(reference_plan(shaped, sync), gather_once=once)
+                best = predict(shaped, plan, costs)
             plan = dataclasses.replace(plan, recompute=recompute if recompute != cfg.train.recompute else "")
-            choices.append(LayoutChoice(name, recompute, plan, best, memory.total / 1e9,
-                                        memory.total <= capacity_gb * 1e9))
+            choices.append(LayoutChoice(name, recompute, plan, best, memory.total / 1e9, fits))
     return choices
 
 

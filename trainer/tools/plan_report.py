@@ -20,7 +20,9 @@ from moeyard.trainer.schedule import (
     LAYOUT_MARGIN,
     act_bytes,
     as_layout,
+    LayoutChoice,
     auto_plan,
+    choose_layout,
     layout_choices,
     load_hardware,
     load_or_measure,
@@ -30,15 +32,14 @@ from moeyard.trainer.schedule import (
 from moeyard.trainer.tools.routing_bound import routing_bound_report
 
 
-def layouts_table(cfg: Config, w: Workload, costs: Costs, capacity_gb: float, chosen: Plan) -> list[str]:
+def layouts_table(cfg: Config, choices: list[LayoutChoice], capacity_gb: float, chosen: Plan) -> list[str]:
     """Every layout the planner weighed, its predicted step and memory, and which it took and why."""
-    choices = layout_choices(cfg, w, costs, capacity_gb)
     lines = [f"layouts weighed ({capacity_gb:.1f} GB usable per rank):",
              f"  {'layout':22}{'recompute':>10}{'step':>10}{'memory':>10}"]
     for c in choices:
         mark = " <- chosen" if (c.plan.grad_sync, c.plan.gather_once, c.plan.recompute) == \
             (chosen.grad_sync, chosen.gather_once, chosen.recompute) else ""
-        fits = "" if c.fits else " (does not fit)"
+        fits = "" if c.fits else " (does not fit; step at r=1)"
         lines.append(f"  {c.name:22}{c.recompute:>10}{c.prediction.step:>9.2f}s{c.memory_gb:>8.1f}GB{fits}{mark}")
     first = choices[0]
     if (first.plan.grad_sync, first.plan.gather_once, first.plan.recompute) != \
@@ -54,13 +55,14 @@ def layouts_table(cfg: Config, w: Workload, costs: Costs, capacity_gb: float, ch
 def plan_report(cfg: Config, w: Workload, costs: Costs, source: str,
                 capacity_gb: float = 0.0) -> tuple[Plan, str]:
     """`capacity_gb` (usable GB per rank; 0: unknown): the planner also weighs layouts by memory."""
-    plan, best = auto_plan(cfg, w, costs, capacity_gb)
+    choices = layout_choices(cfg, w, costs, capacity_gb) if capacity_gb > 0 else []
+    plan, best = choose_layout(choices) if choices else auto_plan(cfg, w, costs)
     off = predict(w, reference_plan(w, cfg.grad_sync), costs)
     ms = 1e3
     lines = [
         f"costs from {source}; world {w.dp} ranks, ep={w.ep}, {w.tokens} tokens per rank per micro-step, "
         f"{w.micro_steps} micro-step(s)",
-        *(layouts_table(cfg, w, costs, capacity_gb, plan) if capacity_gb > 0 else []),
+        *(layouts_table(cfg, choices, capacity_gb, plan) if choices else []),
         f"plan: {plan.summary()}",
         f"{'':24}{'plan':>12}{'schedule off':>14}",
     ]
