@@ -198,15 +198,11 @@ def auto_plan(cfg: Config, w: Workload, costs: Costs, capacity_gb: float = 0.0) 
 
 
 def choose_layout(choices: list[LayoutChoice]) -> tuple[Plan, Prediction]:
-    """The first choice (the configured layout) unless a fitting one is LAYOUT_MARGIN faster; the one that
-    holds least where none fits (the launcher's memory check has the last word)."""
-    fitting = [c for c in choices if c.fits]
-    if not fitting:
-        least = min(choices, key=lambda c: c.memory_gb)
-        return least.plan, least.prediction
-    best = choices[0] if choices[0].fits else fitting[0]
-    for choice in fitting:
-        if choice.prediction.step < best.prediction.step * (1 - LAYOUT_MARGIN):
+    """The first choice (the configured layout) unless a fitting one is LAYOUT_MARGIN faster; the configured
+    one where none fits (the launcher's memory check refuses it, with what would fit)."""
+    best = choices[0] if choices[0].fits else next((c for c in choices if c.fits), choices[0])
+    for choice in choices:
+        if choice.fits and choice.prediction.step < best.prediction.step * (1 - LAYOUT_MARGIN):
             best = choice
     return best.plan, best.prediction
 

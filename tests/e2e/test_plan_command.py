@@ -17,6 +17,13 @@ def test_plan_command_for_a_described_cluster() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "hardware description dgx-h100" in proc.stdout and "communication hidden:" in proc.stdout
     assert "predicted speed-up" in proc.stdout
+    # The layouts weighed under the device's memory, the one taken, and the throughput it predicts.
+    weighed = proc.stdout.split("layouts weighed (72.0 GB usable per rank):")[1].splitlines()[2:14]
+    assert sum(line.endswith("<- chosen") for line in weighed) == 1, proc.stdout
+    assert {" ".join(line.split()[:-3]) for line in weighed} >= {"fsdp gathered once", "ZeRO", "replicated"}
+    tflops = next(line for line in proc.stdout.splitlines() if line.startswith("model TFLOP/s per GPU: "))
+    assert 0 < float(tflops.split()[4]) < 989, tflops  # below the H100's bf16 peak
+    assert "tokens/s per GPU: " in proc.stdout
     bounds = proc.stdout.split("the ep group spans 8 machines")[1].splitlines()[2:6]  # M = 1, 2, 4, none
     assert [line.split()[0] for line in bounds] == ["1", "2", "4", "none"], proc.stdout
     memory = [line for line in proc.stdout.splitlines() if line.startswith("memory per rank:")]
