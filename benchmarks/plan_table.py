@@ -1,28 +1,33 @@
 """The planner's table for published MoE shapes: memory per GPU and the fewest H100s / H200s each needs,
-with FSDP (parallel.fsdp) and without any sharding beyond ep, and the predicted TFLOP/s per GPU.
+with FSDP (parallel.fsdp) and without any sharding beyond ep, the predicted TFLOP/s per GPU, and the
+predictions held to the peers' own published runs.
 
     python benchmarks/plan_table.py            # writes benchmarks/results/plan_table.md
 
 Everything here is predicted (memory_model.py, cost_model.py with configs/hardware/*.yaml), nothing ran
-on a GPU. Layout per model: micro-batch 1 x 4,096 tokens, train.recompute=full, bf16 compute with float32
-master weights and AdamW (16 bytes per parameter of model state), 4M-token global batch; ep (up to 64)
-and the world are chosen among powers of two (they split the batch's 1,024 sequences), to need the fewest GPUs. The
-second table is the planner's fastest layout that fits at 64 GPUs (8 nodes; 256 for Qwen3-235B, as the
-published run), ZeRO or fsdp, to compare throughput with published runs.
+on a GPU. Layout per model: micro-batch 1 x 4,096 tokens, bf16 compute with float32 master weights and
+AdamW (16 bytes per parameter of model state), 4M-token global batch; ep (up to 64, dividing the experts)
+and the world are chosen among powers of two (they split the batch's 1,024 sequences), to need the fewest
+GPUs, with the config's recompute. The second table is the planner's choice at 64 GPUs (8 nodes; more
+where the model needs them or a published run used them): the fastest of replicated, ZeRO, fsdp per
+micro-step and fsdp gathered once, each with every recompute mode, that fits on its largest rank
+(`moeyard plan --hardware` makes the same choice). Every layout is a config that validates.
+The third table predicts peers' published runs in their own layouts and batches.
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 from moeyard import configs
 from moeyard.parallel.scheduler.cost_model import model_flops, predict
 from moeyard.parallel.scheduler.hardware import HardwareCosts
-from moeyard.parallel.scheduler.memory_model import count_parameters, predict_memory
+from moeyard.parallel.scheduler.memory_model import HEADROOM, count_parameters, predict_memory
 from moeyard.parallel.scheduler.planner import search
-from moeyard.trainer.config import load_config
+from moeyard.trainer.config import Config, load_config
 from moeyard.trainer.memory_plan import memory_layout
-from moeyard.trainer.schedule import load_hardware, workload
+from moeyard.trainer.schedule import choose_layout, layout_choices, load_hardware, workload
 
 MODELS = ["olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b", "mixtral-8x22b", "qwen3-235b-a22b", "gpt-oss-20b",
           "gpt-oss-120b", "glm-4.5-air", "glm-4.5", "deepseek-v3-671b", "kimi-k2"]
@@ -33,15 +38,23 @@ WORLDS = [2**i for i in range(11)]
 """Powers of two up to 1,024: they split the 1,024 sequences of a 4M-token batch evenly."""
 
 
-def with_layout(cfg, ep: int, fsdp: bool):
-    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, ep=ep, fsdp=fsdp))
+def published(name: str, *overrides: str) -> Config:
+    """A published shape under layout overrides, validated like any config (ep must divide the experts)."""
+    return load_config(configs.path(f"published/{name}.yaml"), list(overrides))
 
 
-def fewest(cfg, hw, fsdp: bool) -> tuple[int, int] | None:
+def expert_parallel_degrees(cfg: Config, world: int, cap: int = 64) -> list[int]:
+    """Powers of two up to `cap` that divide the world and every MoE layer's experts."""
+    counts = cfg.model.moe.num_experts_per_layer or [cfg.model.moe.num_experts]
+    return [e for e in WORLDS if e <= min(cap, world) and world % e == 0 and all(n % e == 0 for n in counts)]
+
+
+def fewest(name: str, hw, fsdp: bool) -> tuple[int, int] | None:
     """(world, ep) with the fewest GPUs that fit, over ep and world in powers of two (ep up to 64)."""
     best = None
-    for ep in (e for e in WORLDS if e <= min(64, cfg.model.moe.num_experts)):
-        run = with_layout(cfg, ep, fsdp)
+    cfg = published(name)
+    for ep in expert_parallel_degrees(cfg, max(WORLDS)):
+        run = published(name, f"parallel.ep={ep}", f"parallel.fsdp={str(fsdp).lower()}")
         counts = count_parameters(run.model, ep)
         for world in (w for w in WORLDS if w >= ep):
             if predict_memory(run.model, memory_layout(run, world, hw.act_bytes), counts).fits(hw.memory_gb):
@@ -51,8 +64,8 @@ def fewest(cfg, hw, fsdp: bool) -> tuple[int, int] | None:
     return best
 
 
-PUBLISHED_TFLOPS = {"mixtral-8x7b": "468 (Megatron-Core, bf16, H100)",
-                    "qwen3-235b-a22b": "245-276 (Megatron-Core, bf16, 256 H100)"}
+PUBLISHED_TFLOPS = {"mixtral-8x7b": "468 (Megatron-Core, bf16, H100, PP 4)",
+                    "qwen3-235b-a22b": "245-276 (Megatron-Core, bf16, 256 H100, PP 8)"}
 """Model TFLOP/s per GPU that peers publish for the same shapes (../shared/REFERENCES.md)."""
 SPEED_WORLD = {"qwen3-235b-a22b": 256, "glm-4.5": 128, "deepseek-v3-671b": 256, "kimi-k2": 512}
 """GPUs of the throughput row where a published run used another count, or where the model needs more
@@ -61,50 +74,114 @@ SPEED_WORLD = {"qwen3-235b-a22b": 256, "glm-4.5": 128, "deepseek-v3-671b": 256, 
 
 def fit_row(name: str, hw) -> str:
     """Fewest GPUs, with fsdp and without sharding beyond ep, and the memory per GPU there."""
-    cfg = load_config(configs.path(f"published/{name}.yaml"))
+    cfg = published(name)
     counts = count_parameters(cfg.model, 1)
     cells = [name, f"{(counts.dense + counts.experts) / 1e9:.1f}B"]
     for fsdp in (True, False):
-        found = fewest(cfg, hw, fsdp)
+        found = fewest(name, hw, fsdp)
         if found is None:
             cells += ["does not fit at any ep up to 64", "-"]
             continue
         world, ep = found
-        run = with_layout(cfg, ep, fsdp)
+        run = published(name, f"parallel.ep={ep}", f"parallel.fsdp={str(fsdp).lower()}")
         gb = predict_memory(run.model, memory_layout(run, world, hw.act_bytes)).total / 1e9
         cells += [f"{world} (ep {ep})", f"{gb:.1f}"]
     return "| " + " | ".join(cells) + " |"
 
 
+def planned(run: Config, world: int, hw):
+    """The planner's choice for `run` on `world` GPUs of `hw` (as `moeyard plan --hardware`): the layout,
+    its plan and prediction, and the workload."""
+    w = workload(run, world, hw.act_bytes)
+    costs = HardwareCosts(hw)
+    choices = layout_choices(run, w, costs, hw.memory_gb * HEADROOM)
+    plan, best = choose_layout(choices)
+    chosen = next(c for c in choices if c.plan is plan)
+    return chosen, w, costs
+
+
+def _layout_text(chosen, ep: int, world: int) -> str:
+    return f"{world} (ep {ep}), {chosen.name}, recompute {chosen.recompute}"
+
+
 def speed_row(name: str, hw, world: int = 64) -> str:
-    """The planner's fastest layout that fits at `world` GPUs: ep as large as the experts allow (up to 64),
-    ZeRO-sharded optimizer state (schedule.grad_sync=reduce_scatter) or fsdp, the least recompute that
-    fits each; model TFLOP/s per GPU (6 x active parameters x tokens + attention, no recompute)."""
-    cfg = load_config(configs.path(f"published/{name}.yaml"))
-    ep = min(world, cfg.model.moe.num_experts, 64)
-    best = None
-    for fsdp in (False, True):
-        for recompute in ("none", "experts", "full"):
-            run = with_layout(cfg, ep, fsdp)
-            run = dataclasses.replace(run, train=dataclasses.replace(run.train, recompute=recompute),
-                                      schedule=dataclasses.replace(run.schedule, grad_sync="all_reduce" if fsdp
-                                                                   else "reduce_scatter"))
-            memory = predict_memory(run.model, memory_layout(run, world, hw.act_bytes))
-            if not memory.fits(hw.memory_gb):
-                continue
-            w = workload(run, world, hw.act_bytes)
-            plan, step = search(w, HardwareCosts(hw), "fsdp" if fsdp else "reduce_scatter")
-            if best is None or step.step < best[3].step:
-                best = (run, memory, w, step, plan)
-            break
-    if best is None:
+    """The planner's fastest layout that fits at `world` GPUs, ep as large as the experts allow (up to 64);
+    model TFLOP/s per GPU (cost_model.model_flops: no recompute counted)."""
+    ep = max(expert_parallel_degrees(published(name), world))
+    chosen, w, costs = planned(published(name, f"parallel.ep={ep}"), world, hw)
+    if not chosen.fits:
         return f"| {name} | does not fit on {world} | - | - | - | {PUBLISHED_TFLOPS.get(name, '-')} |"
-    run, memory, w, step, plan = best
-    off = predict(w, dataclasses.replace(plan, chunks=(1,) * len(plan.chunks)), HardwareCosts(hw))
-    sync = "fsdp" if run.parallel.fsdp else "ZeRO"
-    return (f"| {name} | {world} (ep {ep}), {sync}, recompute {run.train.recompute} | {memory.total / 1e9:.1f} | "
-            f"{step.step:.2f} s ({off.step:.2f} s at r=1) | {model_flops(w) / step.step / 1e12:.0f} | "
+    step = chosen.prediction
+    shaped = dataclasses.replace(w, recompute=chosen.recompute)
+    r1 = predict(shaped, dataclasses.replace(chosen.plan, chunks=(1,) * len(chosen.plan.chunks)), costs)
+    return (f"| {name} | {_layout_text(chosen, ep, world)} | {chosen.memory_gb:.1f} | "
+            f"{step.step:.2f} s ({r1.step:.2f} s at r=1) | {model_flops(shaped) / step.step / 1e12:.0f} | "
             f"{PUBLISHED_TFLOPS.get(name, '-')} |")
+
+
+AUTOMODEL = ("NeMo AutoModel performance summary (DGX-H100, bf16, FSDP2 + EP, TE + DeepEP, balanced routing; "
+             "NVIDIA-NeMo/Automodel docs/performance-summary.md, 2025-10-02, and its benchmark configs)")
+MEGATRON = "Megatron-Core MoE (bf16, H100; ../shared/REFERENCES.md)"
+AUTOMODEL_PP = "NeMo AutoModel, DGX-H100 bf16 (as above)"
+
+
+@dataclass(frozen=True)
+class PublishedRun:
+    """A peer's measured run: the model, its GPUs, its layout as moeyard overrides, and what it measured."""
+
+    label: str
+    model: str
+    world: int
+    overrides: tuple[str, ...]
+    tokens_per_gpu_s: float | None
+    tflops: float
+    source: str
+    needs: str = ""
+    """What the peer's layout has that moeyard cannot express yet (empty: predicted in its own layout)."""
+
+
+PUBLISHED_RUNS = [
+    PublishedRun("Qwen3-30B-A3B, 8 GPUs, EP 8, FSDP 8, 4 seq x 16 micro-steps, full recompute", "qwen3-30b-a3b", 8,
+                 ("parallel.ep=8", "parallel.fsdp=true", "train.global_batch_tokens=2097152", "train.seq_len=4096",
+                  "train.micro_batch_size=4", "train.recompute=full"), 12040, 277, AUTOMODEL),
+    PublishedRun("GPT-OSS-20B, 8 GPUs, EP 8, FSDP 8, 2 seq x 16 micro-steps, no recompute", "gpt-oss-20b", 8,
+                 ("parallel.ep=8", "parallel.fsdp=true", "train.global_batch_tokens=1048576", "train.seq_len=4096",
+                  "train.micro_batch_size=2", "train.recompute=none"), 13058, 279, AUTOMODEL),
+    PublishedRun("GPT-OSS-120B, 64 GPUs, EP 64, FSDP 64, 2 seq x 4 micro-steps, no recompute", "gpt-oss-120b", 64,
+                 ("parallel.ep=64", "parallel.fsdp=true", "train.global_batch_tokens=2097152", "train.seq_len=4096",
+                  "train.micro_batch_size=2", "train.recompute=none"), 7626, 231, AUTOMODEL),
+    PublishedRun("Mixtral-8x7B, 64 GPUs, TP 1, PP 4, EP 8", "mixtral-8x7b", 64, ("parallel.ep=8",), None, 468,
+                 MEGATRON, needs="pipeline stages (PP 4): a quarter of the layers' state and activations per GPU"),
+    PublishedRun("DeepSeek-V3-671B, 256 GPUs, PP 4, VPP 8, EP 64, FSDP 64", "deepseek-v3-671b", 256,
+                 ("parallel.ep=64",), 1002, 250, AUTOMODEL_PP, needs="pipeline stages (PP 4, virtual 8)"),
+]
+"""Runs with a public layout and number on H100 in bf16 (their model and batch; what moeyard cannot
+express is named). DeepSeek's own run (PP 16, DualPipe, FP8, H800) and Megatron-Core's Qwen3-235B
+(PP 8) are left to the pipeline issue, as the mission's issue list says."""
+
+
+def calibration_row(run: PublishedRun, hw) -> str:
+    """The peer's own layout predicted (its recompute, its batch); where that needs what moeyard lacks,
+    moeyard's planned layout on the same GPUs, beside the published figures."""
+    cfg = published(run.model, *run.overrides)
+    costs = HardwareCosts(hw)
+    w = workload(cfg, run.world, hw.act_bytes)
+    if run.needs:
+        chosen, w, costs = planned(cfg, run.world, hw)
+        step, recompute = chosen.prediction, chosen.recompute
+        layout = f"moeyard's choice without it: {chosen.name}, recompute {recompute}, {chosen.memory_gb:.0f} GB"
+    else:
+        plan, step = search(w, costs, cfg.grad_sync)
+        recompute = cfg.train.recompute
+        memory = predict_memory(cfg.model, memory_layout(cfg, run.world, hw.act_bytes))
+        layout = f"as published; memory model {memory.total / 1e9:.0f} GB{'' if memory.fits(hw.memory_gb) else ' (over)'}"
+    shaped = dataclasses.replace(w, recompute=recompute)
+    tokens_s = w.tokens * w.micro_steps / step.step
+    tflops = model_flops(shaped) / step.step / 1e12
+    published_tokens = f"{run.tokens_per_gpu_s:,.0f}" if run.tokens_per_gpu_s else "-"
+    ratio = f"{tokens_s / run.tokens_per_gpu_s:.2f}" if run.tokens_per_gpu_s else f"{tflops / run.tflops:.2f} (TFLOP/s)"
+    return (f"| {run.label} | {layout} | {tokens_s:,.0f} | {published_tokens} | {tflops:.0f} | {run.tflops:g} | "
+            f"{ratio} | {run.needs or '-'} |")
 
 
 def main() -> None:
@@ -118,6 +195,15 @@ def main() -> None:
                   "| model | layout | GB/GPU | step, 4M tokens | TFLOP/s per GPU, predicted | published |",
                   "|---|---|---|---|---|---|", *[speed_row(name, hw, SPEED_WORLD.get(name, 64)) for name in MODELS],
                   ""]
+    hw = load_hardware("dgx-h100")
+    lines += ["## Held to published runs (dgx-h100)", "",
+              "Predicted tokens/s per GPU against the measured, in the peer's layout and batch (uniform routing, as "
+              "their balanced gate). TFLOP/s are each side's own formula (moeyard: cost_model.model_flops), so "
+              "the tokens/s ratio is the comparison. Sources: " + "; ".join(sorted({r.source for r in PUBLISHED_RUNS}))
+              + ".", "",
+              "| published run | moeyard's layout | tokens/s/GPU predicted | published | TFLOP/s predicted | "
+              "published | predicted / published | missing term |", "|---|---|---|---|---|---|---|---|",
+              *[calibration_row(run, hw) for run in PUBLISHED_RUNS], ""]
     OUT.write_text("\n".join(lines))
     print("\n".join(lines))
 
