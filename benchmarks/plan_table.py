@@ -174,7 +174,8 @@ def calibration_row(run: PublishedRun, hw) -> str:
         plan, step = search(w, costs, cfg.grad_sync)
         recompute = cfg.train.recompute
         memory = predict_memory(cfg.model, memory_layout(cfg, run.world, hw.act_bytes))
-        layout = f"as published; memory model {memory.total / 1e9:.0f} GB{'' if memory.fits(hw.memory_gb) else ' (over)'}"
+        over = "" if memory.fits(hw.memory_gb) else " (over)"
+        layout = f"as published; memory model {memory.total / 1e9:.0f} GB{over}"
     shaped = dataclasses.replace(w, recompute=recompute)
     tokens_s = w.tokens * w.micro_steps / step.step
     tflops = model_flops(shaped) / step.step / 1e12

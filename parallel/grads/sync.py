@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from moeyard.parallel.fsdp import set_gather_once
 from moeyard.parallel.grads.buckets import BucketedReducer
 from moeyard.parallel.grads.reduce import (
     ParamGroups,
@@ -27,7 +28,6 @@ from moeyard.parallel.grads.reduce import (
     scale_,
     squared_norm,
 )
-from moeyard.parallel.fsdp import set_gather_once
 from moeyard.parallel.grads.zero import ShardedAdamW
 from moeyard.parallel.mesh import ParallelMesh
 

@@ -1,9 +1,8 @@
 """Predict stage and step times of a plan: shapes (Workload) x unit costs (Costs) -> simulator tasks.
 
-Unit costs come either from measurements on the real process groups
-(profile.MeasuredCosts) or from a hardware description (hardware.HardwareCosts);
-the step is built the same way for both, so `moeyard plan --hardware` predicts a
-cluster with the code that plans this machine.
+Unit costs come from measurements on the real process groups (profile.MeasuredCosts) or from a hardware
+description (hardware.HardwareCosts); the step is built the same way for both, so `moeyard plan
+--hardware` predicts a cluster with the code that plans this machine.
 """
 from __future__ import annotations
 
@@ -210,14 +209,11 @@ class _BucketLauncher:
 
 
 class _FsdpUnits:
-    """FSDP2's collectives in program order. A block's parameters (its own unit and its experts') are
-    gathered before its forward and again before its backward, issued when the previous block starts
-    (apply_fsdp's explicit prefetch); its gradients are reduce-scattered when its backward ends. The root
-    unit (embedding, head) is gathered once and kept through backward. `gathers`: the passes that gather
-    (gather-once: the first micro-step's forward only)."""
+    """FSDP2's collectives in program order: a block's parameters (its unit's and its experts') gathered in
+    each pass of `gathers` when the previous block starts (apply_fsdp's explicit prefetch), its gradients
+    reduce-scattered when its backward ends; the root unit gathered once and kept."""
 
-    def __init__(self, s: Schedule, w: Workload, costs: Costs, with_grads: bool,
-                 gathers: tuple[Phase, ...] = ("fwd", "bwd")) -> None:
+    def __init__(self, s: Schedule, w: Workload, costs: Costs, with_grads: bool, gathers: tuple[Phase, ...]):
         self.s, self.w, self.costs, self.with_grads, self.phases = s, w, costs, with_grads, gathers
         self.units: dict[int, list[ParamInfo]] = {}
         for p in w.params:
@@ -248,8 +244,7 @@ class _FsdpUnits:
                            self.costs.grad_reduce(self.w, nbytes, expert, "reduce_scatter"), [after])
 
 
-def build_step(w: Workload, plan: Plan, costs: Costs, with_grads: bool = True,
-               gathers: tuple[Phase, ...] = ("fwd", "bwd")) -> Schedule:
+def build_step(w: Workload, plan: Plan, costs: Costs, with_grads: bool = True, gathers=("fwd", "bwd")) -> Schedule:
     """Tasks of one micro-step, in the order the executor issues them; `with_grads` adds the gradient
     reduction, `gathers` the passes in which FSDP gathers parameters (see `micro_steps`)."""
     s = Schedule()
@@ -335,28 +330,21 @@ def _stage_sums(t: Timeline) -> dict[str, float]:
 
 
 def micro_steps(w: Workload, plan: Plan) -> list[tuple[int, bool, tuple[Phase, ...]]]:
-    """(how many, with the gradient reduction, passes that gather parameters) of one step's micro-steps.
-    Replicated and ZeRO reduce in the last; fsdp gathers and reduces in each, or with gather_once gathers
-    in the first micro-step's forward and reduces in the last one's backward."""
-    n = w.micro_steps
-    if plan.grad_sync != "fsdp":
-        return [(n - 1, False, ()), (1, True, ())]
-    if not plan.gather_once:
-        return [(n, True, ("fwd", "bwd"))]
-    if n == 1:
-        return [(1, True, ("fwd",))]
-    return [(1, False, ("fwd",)), (n - 2, False, ()), (1, True, ())]
+    """(how many, reduce gradients?, passes that gather) of a step's micro-steps: fsdp gathers and reduces
+    in each, or once (first forward, last backward); replicated and ZeRO reduce in the last."""
+    n, gathers = w.micro_steps, ("fwd",) if plan.grad_sync == "fsdp" else ()
+    if plan.grad_sync != "fsdp" or plan.gather_once:
+        steps = [(1, True, gathers)] if n == 1 else [(1, False, gathers), (n - 2, False, ()), (1, True, ())]
+        return [s for s in steps if s[0] > 0]
+    return [(n, True, ("fwd", "bwd"))]
 
 
 def predict(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     step = exposed = comm = 0.0
     stages: dict[str, float] = {}
     for count, with_grads, gathers in micro_steps(w, plan):
-        if count == 0:
-            continue
         t = build_step(w, plan, costs, with_grads, gathers).run(costs.overlap_slowdown)
-        step += count * t.makespan
-        exposed += count * t.exposed_comm
+        step, exposed = step + count * t.makespan, exposed + count * t.exposed_comm
         comm += count * (t.work("comm") + t.work("grad"))
         for kind, seconds in _stage_sums(t).items():
             stages[kind] = stages.get(kind, 0.0) + count * seconds
@@ -406,8 +394,7 @@ def moe_layer_timeline(w: Workload, costs: Costs, chunks: int, dispatch: str = "
 
 
 def model_flops(w: Workload) -> float:
-    """FLOPs of one rank's step as MFU counts them (PaLM, Chowdhery et al. 2022, appendix B; Megatron-LM's
-    model FLOPs, Narayanan et al. 2021): forward and backward (3x forward) of every GEMM with a weight, the
-    routed experts' at top_k rows per token, and causal attention's scores and weighted sum; no recompute."""
+    """FLOPs of one rank's step as MFU counts them (PaLM, Chowdhery et al. 2022, app. B): 3x the forward of
+    every weight GEMM (experts at top_k rows a token) and of causal attention's core; no recompute."""
     experts = sum(6.0 * w.routed_rows * w.dim * w.expert_hidden for _ in w.moe_layers)
     return 3.0 * (sum(w.dense_flops) + w.head_flops + experts) * w.micro_steps

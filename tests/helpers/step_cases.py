@@ -32,6 +32,7 @@ def step_gradients_match_single_process(rank: int, world: int, ep: int, micro_ba
                       moe=MoEConfig(num_experts=8, top_k=1 if router == "switch" else 2, ffn_dim=32,
                                     num_shared_experts=1, aux_loss_coef=aux_loss_coef, router=router,
                                     balance_loss=balance_loss, dts_steps=4))
+    per_rank = 2
     tokens = torch.randint(0, 64, (world * per_rank, 17), generator=torch.Generator().manual_seed(5))
 
     def prime_router_state(model) -> None:
@@ -126,8 +127,8 @@ def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, mic
     """With FSDP2 (parallel.fsdp), train_step's reduce-scattered gradients, gathered, equal plain backprop of
     the global batch, and so does the grad norm. Aux loss off: with accumulation it balances per micro-batch.
     Also returns how many all-gathers and reduce-scatters FSDP2 issued in the step, and its units."""
-    from torch.distributed.fsdp import FSDPModule
     import torch.nn.functional as nnf
+    from torch.distributed.fsdp import FSDPModule
 
     from moeyard.models import ModelConfig, MoEConfig, Transformer
     from moeyard.parallel import apply_expert_parallel, split_parameters

@@ -18,9 +18,9 @@ from moeyard.trainer.node_layout import check_node_layout
 from moeyard.trainer.precision import resolve_dtype
 from moeyard.trainer.schedule import (
     LAYOUT_MARGIN,
+    LayoutChoice,
     act_bytes,
     as_layout,
-    LayoutChoice,
     auto_plan,
     choose_layout,
     layout_choices,

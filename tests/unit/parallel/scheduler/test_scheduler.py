@@ -145,3 +145,18 @@ def test_fsdp_gathers_each_block_twice_prefetched_and_reduces_it_in_every_micro_
     two = predict(dataclasses.replace(w, micro_steps=2), plan, FakeCosts())
     assert two.stages["grad_reduce"] == pytest.approx(2 * one.stages["grad_reduce"])
     assert two.stages["param_gather"] == pytest.approx(2 * one.stages["param_gather"])
+
+
+def test_gather_once_charges_one_gather_and_one_reduction_per_step() -> None:
+    """4 micro-steps: per micro-step fsdp gathers every block twice (forward, backward) and reduces it in each;
+    gathered once, the forward of the first gathers and the backward of the last reduces."""
+    w = dataclasses.replace(small_workload(), micro_steps=4)
+    every = reference_plan(w, "fsdp")
+    once = dataclasses.replace(every, gather_once=True)
+    per_micro, gathered_once = predict(w, every, FakeCosts()), predict(w, once, FakeCosts())
+    # 8x for the blocks (two passes, four micro-steps); the root unit is gathered once a micro-step either way.
+    assert 7 < per_micro.stages["param_gather"] / gathered_once.stages["param_gather"] < 8
+    assert gathered_once.stages["grad_reduce"] * 4 == pytest.approx(per_micro.stages["grad_reduce"])
+    assert gathered_once.step < per_micro.step
+    half = dataclasses.replace(w, grad_bytes=2)  # parallel.reduce_dtype=bfloat16: half the bytes reduced
+    assert predict(half, once, FakeCosts()).stages["grad_reduce"] < gathered_once.stages["grad_reduce"]
