@@ -63,7 +63,7 @@ ACCUMULATING = [*CALIBRATION, "train.global_batch_tokens=8192", "train.micro_bat
 STATE_LAYOUTS = [[], ["parallel.fsdp=true"], ["parallel.fsdp=true", "parallel.fsdp_gather_once=true"],
                  ["parallel.fsdp=true", "parallel.ep=2", "model.moe.num_experts=2"]]
 """Where the state lives, on the accumulating calibration run: replicated, fsdp gathered every micro-step and
-once per step, and 2 experts over edp 2 (one expert per ep rank, split on its hidden dimension)."""
+once per step, and 2 experts over edp 2 (one expert per ep rank, its weights split on dim 1)."""
 
 
 def _status_kb(field: str) -> int:

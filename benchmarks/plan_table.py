@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeyard import configs
-from moeyard.parallel.scheduler.cost_model import model_flops, predict
-from moeyard.parallel.scheduler.hardware import HardwareCosts
-from moeyard.parallel.scheduler.memory_model import HEADROOM, count_parameters, predict_memory
+from moeyard.parallel.scheduler.cost_model import Workload, model_flops, predict
+from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
+from moeyard.parallel.scheduler.memory_model import count_parameters, predict_memory, usable_gb
 from moeyard.parallel.scheduler.planner import search
 from moeyard.trainer.config import Config, load_config
 from moeyard.trainer.memory_plan import memory_layout
-from moeyard.trainer.schedule import choose_layout, layout_choices, load_hardware, workload
+from moeyard.trainer.schedule import LayoutChoice, choose_layout, layout_choices, load_hardware, workload
 
 MODELS = ["olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b", "mixtral-8x22b", "qwen3-235b-a22b", "gpt-oss-20b",
           "gpt-oss-120b", "glm-4.5-air", "glm-4.5", "deepseek-v3-671b", "kimi-k2"]
@@ -89,12 +89,12 @@ def fit_row(name: str, hw) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def planned(run: Config, world: int, hw):
+def planned(run: Config, world: int, hw: Hardware) -> tuple[LayoutChoice, Workload, HardwareCosts]:
     """The planner's choice for `run` on `world` GPUs of `hw` (as `moeyard plan --hardware`): the layout,
     its plan and prediction, and the workload."""
     w = workload(run, world, hw.act_bytes)
     costs = HardwareCosts(hw)
-    choices = layout_choices(run, w, costs, hw.memory_gb * HEADROOM)
+    choices = layout_choices(run, w, costs, usable_gb(hw.memory_gb))
     plan, best = choose_layout(choices)
     chosen = next(c for c in choices if c.plan is plan)
     return chosen, w, costs

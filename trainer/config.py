@@ -52,8 +52,10 @@ class ParallelConfig:
     """fsdp: free each unit's gathered parameters after its forward (gather again in backward)."""
     fsdp_gather_once: bool = False
     """fsdp with gradient accumulation: gather each unit's parameters once per step and reduce-scatter its
-    gradients once, keeping the unsharded weights and (reduce_dtype) gradients through the micro-steps:
-    1/micro-steps of the traffic, at the memory of the unsharded model. schedule.mode=auto decides it."""
+    gradients once, keeping the unsharded weights and gradients through the micro-steps (accumulated in
+    reduce_dtype): one gather and one reduction per unit a step instead of two gathers and one reduction
+    per micro-step, at the memory of the unsharded model. schedule.mode=auto weighs it where the memory
+    per rank is known (a GPU) and reduce_dtype is float32."""
     ranks_per_node: Optional[int] = None
     """Ranks that share a machine (consecutive ranks); null: the launcher's local world size. Set it to
     treat one machine as several nodes (tests, simulations)."""

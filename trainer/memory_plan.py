@@ -47,6 +47,8 @@ def _what_would_fit(cfg: Config, layout: Layout, capacity_gb: float) -> str:
             f"alone are too large")
     if layout.grad_sync != "fsdp":
         hint += "; parallel.fsdp=true shards the rest of the model state too"
+    if layout.gather_once:
+        hint += "; parallel.fsdp_gather_once=false keeps the weights and gradients sharded between micro-steps"
     if layout.recompute != "full":
         hint += "; train.recompute=full keeps only each block's input"
     return hint
@@ -70,6 +72,8 @@ def _alternatives(cfg: Config, world: int) -> Iterator[tuple[list[str], Config]]
     micros = [m for m in range(largest, 0, -1) if per_rank % m == 0]
     syncs = ["configured"] + ([] if cfg.parallel.fsdp else
                               (["reduce_scatter"] if cfg.schedule.grad_sync == "all_reduce" else []) + ["fsdp"])
+    if cfg.parallel.fsdp_gather_once:
+        syncs.append("fsdp per micro-step")
     for micro in micros:
         for recompute in RECOMPUTE[RECOMPUTE.index(cfg.train.recompute):]:
             for sync in syncs:
@@ -84,6 +88,9 @@ def _alternatives(cfg: Config, world: int) -> Iterator[tuple[list[str], Config]]
                     overrides += ["parallel.fsdp=true", "schedule.grad_sync=all_reduce"]
                     parallel = dataclasses.replace(parallel, fsdp=True)
                     schedule = dataclasses.replace(schedule, grad_sync="all_reduce")
+                elif sync == "fsdp per micro-step":
+                    overrides.append("parallel.fsdp_gather_once=false")
+                    parallel = dataclasses.replace(parallel, fsdp_gather_once=False)
                 elif sync == "reduce_scatter":
                     overrides.append("schedule.grad_sync=reduce_scatter")
                     schedule = dataclasses.replace(schedule, grad_sync="reduce_scatter")

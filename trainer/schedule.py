@@ -20,7 +20,7 @@ from moeyard.parallel import ParallelMesh
 from moeyard.parallel.agree import from_rank0
 from moeyard.parallel.scheduler.cost_model import Costs, Prediction, Workload, predict, workload_for
 from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
-from moeyard.parallel.scheduler.memory_model import HEADROOM, count_parameters, predict_memory
+from moeyard.parallel.scheduler.memory_model import count_parameters, predict_memory, usable_memory_gb
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.planner import manual_plan, reference_plan, search, with_prediction
 from moeyard.parallel.scheduler.profile import MeasuredCosts, Profile, profile_from_dict
@@ -125,11 +125,24 @@ def dispatch_choices(cfg: Config, w: Workload) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class LayoutChoice:
-    """One way to hold and move the model state, planned and predicted."""
+class Layout:
+    """Where the model state lives and how it moves."""
 
     name: str
-    """replicated, ZeRO, fsdp per micro-step, fsdp gathered once."""
+    grad_sync: str
+    """all_reduce (replicated), reduce_scatter (ZeRO) or fsdp."""
+    gather_once: bool = False
+
+
+LAYOUTS = (Layout("replicated", "all_reduce"), Layout("ZeRO", "reduce_scatter"),
+           Layout("fsdp per micro-step", "fsdp"), Layout("fsdp gathered once", "fsdp", gather_once=True))
+
+
+@dataclass(frozen=True)
+class LayoutChoice:
+    """One layout and recompute mode, planned and predicted."""
+
+    layout: Layout
     recompute: str
     plan: Plan
     prediction: Prediction
@@ -137,9 +150,9 @@ class LayoutChoice:
     """Predicted peak per rank."""
     fits: bool
 
-
-LAYOUTS = (("replicated", "all_reduce", False), ("ZeRO", "reduce_scatter", False),
-           ("fsdp per micro-step", "fsdp", False), ("fsdp gathered once", "fsdp", True))
+    @property
+    def name(self) -> str:
+        return self.layout.name
 
 
 def as_layout(cfg: Config, grad_sync: str, gather_once: bool, recompute: str) -> Config:
@@ -153,37 +166,39 @@ def as_layout(cfg: Config, grad_sync: str, gather_once: bool, recompute: str) ->
 
 def layout_choices(cfg: Config, w: Workload, costs: Costs, capacity_gb: float) -> list[LayoutChoice]:
     """Every layout and recompute mode with its memory against `capacity_gb` (usable GB per rank), planned
-    and predicted where it fits; one that does not fit is predicted at r=1 only (the search is what costs).
-    The configured layout comes first."""
-    configured = next(name for name, sync, once in LAYOUTS
-                      if sync == cfg.grad_sync and once == (cfg.parallel.fsdp and cfg.parallel.fsdp_gather_once))
-    order = [configured] + [name for name, _, _ in LAYOUTS if name != configured]
+    where it fits and for the configured one; the others are predicted at r=1 only (the search is what
+    costs). The configured layout comes first. Gathering once is weighed only with float32 reduction: it
+    accumulates the micro-steps' gradients in parallel.reduce_dtype, which would round them in bfloat16."""
+    once = cfg.parallel.fsdp and cfg.parallel.fsdp_gather_once
+    configured = next(layout for layout in LAYOUTS if (layout.grad_sync, layout.gather_once) == (cfg.grad_sync, once))
+    bf16_reduce = cfg.parallel.effective_reduce_dtype != "float32"
+    layouts = [configured] + [layout for layout in LAYOUTS if layout != configured
+                              and not (layout.gather_once and bf16_reduce)]
     recomputes = [cfg.train.recompute] + [r for r in RECOMPUTE if r != cfg.train.recompute]
     dispatch = dispatch_choices(cfg, w)
     counts = count_parameters(cfg.model, cfg.parallel.ep, frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen))
     choices = []
-    for name in order:
-        _, sync, once = next(layout for layout in LAYOUTS if layout[0] == name)
+    for layout in layouts:
         for recompute in recomputes:
-            run = as_layout(cfg, sync, once, recompute)
+            run = as_layout(cfg, layout.grad_sync, layout.gather_once, recompute)
             memory = predict_memory(cfg.model, memory_layout(run, w.dp, w.act_bytes), counts)
             fits = memory.total <= capacity_gb * 1e9
             shaped = dataclasses.replace(w, recompute="experts" if recompute == "none" and
                                          cfg.model.moe.recompute_experts else recompute)
-            if fits:
-                plan, best = search(shaped, costs, sync, dispatch_choices=dispatch, gather_once=once)
+            if fits or not choices:
+                plan, best = search(shaped, costs, layout.grad_sync, dispatch_choices=dispatch,
+                                    gather_once=layout.gather_once)
             else:
-                plan = dataclasses.replace(reference_plan(shaped, sync), gather_once=once)
+                plan = dataclasses.replace(reference_plan(shaped, layout.grad_sync), gather_once=layout.gather_once)
                 best = predict(shaped, plan, costs)
             plan = dataclasses.replace(plan, recompute=recompute if recompute != cfg.train.recompute else "")
-            choices.append(LayoutChoice(name, recompute, plan, best, memory.total / 1e9, fits))
+            choices.append(LayoutChoice(layout, recompute, plan, best, memory.total / 1e9, fits))
     return choices
 
 
 def auto_plan(cfg: Config, w: Workload, costs: Costs, capacity_gb: float = 0.0) -> tuple[Plan, Prediction]:
     """The planner's choice of layout. With the memory per rank known (`capacity_gb`, usable GB): the
-    fastest layout and recompute mode that fit (replicated, ZeRO, fsdp per micro-step or gathered once),
-    the configured one unless another is LAYOUT_MARGIN faster. Unknown: the configured gradient sync, or
+    fastest layout and recompute mode that fit (choose_layout). Unknown: the configured gradient sync, or
     fsdp per micro-step (which holds less than any replicated sync) where that is faster."""
     if capacity_gb > 0:
         return choose_layout(layout_choices(cfg, w, costs, capacity_gb))
@@ -198,26 +213,25 @@ def auto_plan(cfg: Config, w: Workload, costs: Costs, capacity_gb: float = 0.0) 
 
 
 def choose_layout(choices: list[LayoutChoice]) -> tuple[Plan, Prediction]:
-    """The first choice (the configured layout) unless a fitting one is LAYOUT_MARGIN faster; the configured
-    one where none fits (the launcher's memory check refuses it, with what would fit)."""
-    best = choices[0] if choices[0].fits else next((c for c in choices if c.fits), choices[0])
-    for choice in choices:
-        if choice.fits and choice.prediction.step < best.prediction.step * (1 - LAYOUT_MARGIN):
-            best = choice
-    return best.plan, best.prediction
+    """The fastest choice that fits, where the configured one (the first) does not fit or is slower by more
+    than LAYOUT_MARGIN; the configured one where none fits (the launcher's memory check refuses it, with
+    what would fit, unless schedule.memory_check=false)."""
+    configured = choices[0]
+    fitting = [c for c in choices if c.fits]
+    if not fitting:
+        return configured.plan, configured.prediction
+    fastest = min(fitting, key=lambda c: c.prediction.step)
+    if configured.fits and fastest.prediction.step >= configured.prediction.step * (1 - LAYOUT_MARGIN):
+        return configured.plan, configured.prediction
+    return fastest.plan, fastest.prediction
 
 
-GPU_RUNTIME_GB = 2.0
-"""What a GPU worker's CUDA context, NCCL's buffers and the allocator's reserve take beside the model."""
-
-
-def usable_memory_gb(device: torch.device) -> float:
-    """GB a rank may plan for on its device (HEADROOM of what the runtime leaves); 0 on a CPU, whose memory
-    the local workers share: there the planner keeps to layouts that hold no more than the configured one."""
-    if device.type != "cuda":
-        return 0.0
-    total = torch.cuda.get_device_properties(device).total_memory / 1e9
-    return HEADROOM * (total - GPU_RUNTIME_GB)
+def agreed_capacity_gb(device: torch.device) -> float:
+    """usable_memory_gb of this rank's device, the smallest over all ranks (collective): every rank must
+    choose the same layout, also on mixed GPUs or MIG slices."""
+    capacity = torch.tensor([usable_memory_gb(device)], dtype=torch.float64, device=device)
+    dist.all_reduce(capacity, op=dist.ReduceOp.MIN)
+    return float(capacity)
 
 
 def plan_for(cfg: Config, pmesh: ParallelMesh, device: torch.device) -> Plan:
@@ -227,7 +241,7 @@ def plan_for(cfg: Config, pmesh: ParallelMesh, device: torch.device) -> Plan:
     s = cfg.schedule
     w = workload(cfg, pmesh.dp, act_bytes(cfg, device))
     if s.mode == "auto":
-        return auto_plan(cfg, w, _costs(cfg, w, pmesh, device), usable_memory_gb(device))[0]
+        return auto_plan(cfg, w, _costs(cfg, w, pmesh, device), agreed_capacity_gb(device))[0]
     plan = reference_plan(w, cfg.grad_sync) if s.mode == "off" else \
         manual_plan(w, s.chunks, s.bucket_mb, cfg.grad_sync)
     plan = dataclasses.replace(plan, gather_once=cfg.parallel.fsdp and cfg.parallel.fsdp_gather_once)
@@ -249,7 +263,7 @@ def learn_chunk_overhead(cfg: Config, dp: int, device: torch.device, plan: Plan,
     if not path.is_file():
         return None
     profile = profile_from_dict(json.loads(path.read_text()))
-    passes = 3 if cfg.train.recompute == "full" else 2
+    passes = 3 if (plan.recompute or cfg.train.recompute) == "full" else 2
     extra_chunks = w.micro_steps * passes * sum(r - 1 for r in plan.chunks)
     predicted_gain = plan.predicted["r1_step_s"] - plan.predicted["step_s"]  # the same buckets at r=1
     added = max(0.0, (plan_s - reference_s + predicted_gain) / extra_chunks)

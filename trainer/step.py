@@ -18,6 +18,7 @@ from torch import Tensor
 from moeyard.models import ModelOutput, Transformer
 from moeyard.models.document_attention import DocumentSpans
 from moeyard.parallel import ExpertParallelExchange, ParallelMesh
+from moeyard.parallel.fsdp import reshard
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.trainer.data.blend import TokenBatch
 from moeyard.trainer.data.sft_batches import SFTBatch
@@ -183,6 +184,7 @@ def heldout_loss(model: Transformer, share: SFTBatch, *, micro_batch_size: int, 
             copies += skip_counts(out.moe_stats)
     finally:
         model.train()
+        reshard(model)  # units kept gathered after forward would otherwise stay so (no backward reshards them)
     dist.all_reduce(total, group=pmesh.dp_group)
     skipped, all_copies = copies.tolist()
     return float(total) / max(1, share.global_targets), skipped / max(1.0, all_copies)

@@ -15,6 +15,7 @@ from moeyard.launch.env import in_slurm_step, single_process
 from moeyard.launch.host_memory import available_bytes
 from moeyard.launch.torchrun import Nodes, launch_workers
 from moeyard.launch.worker import add_overrides, run_worker, worker_args
+from moeyard.parallel.scheduler.memory_model import GPU_RUNTIME_GB
 from moeyard.trainer.config import Config, validate_for_world
 from moeyard.trainer.memory_plan import fit_memory
 from moeyard.trainer.node_layout import node_layout_notes, with_node_layout
@@ -22,7 +23,7 @@ from moeyard.trainer.preflight import check_inputs
 from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.run_dir import holds_a_run
 from moeyard.trainer.run_lock import HELD_ENV, RunLock
-from moeyard.trainer.schedule import GPU_RUNTIME_GB, act_bytes
+from moeyard.trainer.schedule import act_bytes
 
 
 def _node_rank(given: Optional[int], nnodes: int) -> int:

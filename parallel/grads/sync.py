@@ -143,18 +143,18 @@ def _local(t: Tensor) -> Tensor:
 
 class FullyShardedSync(PlainSync):
     """FSDP2 (see parallel.fsdp) reduces every micro-step's gradients as backward runs and accumulates
-    them sharded -- or, with `gather_once` (the model apply_fsdp made, its units kept gathered after
-    forward), keeps them unsharded until the last micro-step reduces them once; what is left after
+    them sharded -- or, given `gather_once_model` (the model apply_fsdp made, its units kept gathered
+    after forward), keeps them unsharded until the last micro-step reduces them once; what is left after
     backward is the norm, the clip and AdamW on each rank's shards."""
 
     def __init__(self, groups: ParamGroups, pmesh: ParallelMesh, optimizer: torch.optim.Optimizer,
-                 gather_once: Optional[nn.Module] = None) -> None:
+                 gather_once_model: Optional[nn.Module] = None) -> None:
         super().__init__(groups, pmesh, optimizer)
-        self.gather_once = gather_once
+        self.gather_once_model = gather_once_model
 
     def begin_micro_step(self, last: bool) -> None:
-        if self.gather_once is not None:
-            set_gather_once(self.gather_once, last)
+        if self.gather_once_model is not None:
+            set_gather_once(self.gather_once_model, last)
 
     def _grads(self) -> list[Tensor]:
         # A shard whose experts saw no rows joins AdamW with a zero gradient, as in the replicated path.

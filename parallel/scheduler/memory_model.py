@@ -22,6 +22,21 @@ GB = 1e9
 HEADROOM = 0.9
 """The share of a device's memory a run may plan for: the allocator's fragmentation and the runtime take
 the rest."""
+GPU_RUNTIME_GB = 2.0
+"""What a GPU worker's CUDA context, NCCL's buffers and the allocator's reserve take beside the model."""
+
+
+def usable_gb(device_gb: float) -> float:
+    """What a run may plan for on a GPU of `device_gb`: HEADROOM of what the runtime leaves."""
+    return HEADROOM * (device_gb - GPU_RUNTIME_GB)
+
+
+def usable_memory_gb(device: torch.device) -> float:
+    """usable_gb of this rank's GPU; 0 on a CPU, whose memory the local workers share (the planner then
+    keeps to layouts that hold no more than the configured one)."""
+    if device.type != "cuda":
+        return 0.0
+    return usable_gb(torch.cuda.get_device_properties(device).total_memory / 1e9)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,8 @@ class Plan:
         hier = sum(d == "hierarchical" for d in self.dispatch)
         chunks = f"chunks per MoE layer {list(self.chunks)}" + (
             f"; hierarchical dispatch in {hier} of {len(self.dispatch)} MoE layers" if hier else "")
+        if self.recompute:
+            chunks += f"; train.recompute={self.recompute} (the planner's choice)"
         if self.grad_sync == "fsdp":
             when = "once per step" if self.gather_once else "in every micro-step"
             return f"{chunks}; fsdp, one unit per block (experts over edp), gathered {when}"

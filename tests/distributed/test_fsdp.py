@@ -12,7 +12,7 @@ from helpers.multiprocess import run_distributed
     (4, 2, 1, "full", 8),  # edp = 2: experts sharded too; two accumulated micro-steps; blocks recomputed
     (4, 4, 2, "experts", 8),
     (2, 1, 1, "none", 8),  # no expert parallelism: every expert sharded over dp
-    (4, 1, 1, "none", 2),  # 2 experts over edp 4: each expert's hidden dimension split in 4
+    (4, 1, 1, "none", 2),  # 2 experts over edp 4: split on dim 1 (w_gate/w_up: model dim; w_down: hidden)
     (4, 2, 2, "none", 2),  # 1 expert per ep rank over edp 2
 ])
 def test_fsdp_gradients_equal_single_process_backprop(world, ep, micro_batch_size, recompute, num_experts) -> None:
@@ -45,6 +45,7 @@ def test_gather_once_per_step_collectives_and_gradients(gather_once) -> None:
         bad = {name: err for name, err in r["worst"].items() if err > 1e-5}
         assert not bad, f"gradients differ from the reference (relative norm of the difference): {bad}"
         assert r["grad_norm"] == pytest.approx(r["ref_norm"], rel=1e-5)
+        assert r["sharded_after_eval"], "an evaluation left gathered plain tensors where the DTensor shards were"
         units = r["units"]  # the root, 3 blocks and 2 MoE layers' experts
         assert units == 6
         if gather_once:

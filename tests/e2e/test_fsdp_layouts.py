@@ -39,7 +39,8 @@ def test_two_experts_over_edp_gathered_once_learn_what_one_process_learns(tmp_pa
     checkpoint = run / "checkpoints" / "step_000002"
     for nproc, layout in [(1, ["parallel.ep=1"]),  # replicated, one process
                           (4, ["parallel.ep=1", "parallel.fsdp=true"]),  # 2 experts over edp 4, every micro-step
-                          (2, ["parallel.ep=2", "parallel.fsdp=true", "parallel.fsdp_gather_once=true"])]:
+                          (2, ["parallel.ep=2", "parallel.fsdp=true", "parallel.fsdp_gather_once=true",
+                               "train.micro_batch_size=2"])]:  # 4 micro-steps of 2
         resumed = tmp_path / f"resumed_{nproc}_{len(layout)}"
         proc = moeyard_train(config, resumed, nproc, *layout, *TWO_EXPERTS, f"checkpoint.resume={checkpoint}")
         assert "at step 2" in proc.stdout

@@ -129,13 +129,15 @@ def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, mic
     Also returns how many all-gathers and reduce-scatters FSDP2 issued in the step, and its units."""
     import torch.nn.functional as nnf
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
     from moeyard.models import ModelConfig, MoEConfig, Transformer
     from moeyard.parallel import apply_expert_parallel, split_parameters
     from moeyard.parallel.fsdp import apply_fsdp
     from moeyard.parallel.grads.sync import FullyShardedSync
     from moeyard.parallel.scheduler.memory_model import count_parameters
-    from moeyard.trainer.step import train_step
+    from moeyard.trainer.data.sft_batches import SFTBatch
+    from moeyard.trainer.step import heldout_loss, train_step
 
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
                       moe=MoEConfig(num_experts=num_experts, top_k=2, ffn_dim=32, num_shared_experts=1,
@@ -156,7 +158,7 @@ def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, mic
     apply_fsdp(model, pmesh, reshard_after_forward=not gather_once)
     groups = split_parameters(model)
     sync = FullyShardedSync(groups, pmesh, torch.optim.SGD(model.parameters(), lr=0.0),
-                            gather_once=model if gather_once else None)
+                            gather_once_model=model if gather_once else None)
     counts = {"all_gather_single": 0, "reduce_scatter_single": 0}
     originals = {name: getattr(dist, name) for name in counts}
 
@@ -174,6 +176,12 @@ def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, mic
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
+    # A held-out evaluation (no backward) must leave every parameter the sharded DTensor that checkpoints read.
+    share = tokens[rank * per_rank:(rank + 1) * per_rank]
+    heldout_loss(model, SFTBatch(share, torch.ones_like(share[:, 1:], dtype=torch.bool), torch.ones_like(share),
+                                 global_targets=tokens[:, 1:].numel()),
+                 micro_batch_size=micro_batch_size, pmesh=pmesh, dtype=torch.float32)
+    sharded_after_eval = all(isinstance(p, DTensor) for p in model.parameters())
 
     local = cfg.moe.num_experts // ep
     expert_ids = {id(p) for p in groups.expert}
@@ -193,4 +201,5 @@ def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, mic
             "expert_shard_dims": sorted({p.placements[0].dim for p in groups.expert}),
             "units": sum(isinstance(m, FSDPModule) for m in model.modules()), **counts,
             "shard_numel": sum(p.to_local().numel() for p in model.parameters()),
-            "predicted_shard_numel": count_parameters(cfg, ep).fsdp_shard(world, ep)[0]}
+            "predicted_shard_numel": count_parameters(cfg, ep).fsdp_shard(world, ep)[0],
+            "sharded_after_eval": sharded_after_eval}

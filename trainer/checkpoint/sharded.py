@@ -39,7 +39,7 @@ from moeyard.models import expert_parameter_ids
 from moeyard.models.peft.adapters import is_adapter_parameter
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.agree import from_rank0
-from moeyard.parallel.fsdp import global_expert_view
+from moeyard.parallel.fsdp import global_expert_view, reshard
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.trainer.checkpoint import safe_read
@@ -179,6 +179,7 @@ class Checkpointer:
 
     def save(self, step: int, model: nn.Module, sync: GradSync, asynchronous: bool = False) -> None:
         self.finish()  # at most one save in flight
+        reshard(model)  # the state dict reads the sharded parameters, not gathered copies
         tmp = self.store.tmp_path(step)
 
         def fresh_tmp() -> None:

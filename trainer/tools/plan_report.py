@@ -8,7 +8,7 @@ import torch
 from moeyard.parallel import build_mesh
 from moeyard.parallel.scheduler.cost_model import Costs, Workload, model_flops, predict
 from moeyard.parallel.scheduler.hardware import HardwareCosts
-from moeyard.parallel.scheduler.memory_model import HEADROOM
+from moeyard.parallel.scheduler.memory_model import usable_gb
 from moeyard.parallel.scheduler.plan import Plan
 from moeyard.parallel.scheduler.planner import reference_plan
 from moeyard.parallel.scheduler.profile import MeasuredCosts
@@ -20,6 +20,7 @@ from moeyard.trainer.schedule import (
     LAYOUT_MARGIN,
     LayoutChoice,
     act_bytes,
+    agreed_capacity_gb,
     as_layout,
     auto_plan,
     choose_layout,
@@ -57,7 +58,10 @@ def plan_report(cfg: Config, w: Workload, costs: Costs, source: str,
     """`capacity_gb` (usable GB per rank; 0: unknown): the planner also weighs layouts by memory."""
     choices = layout_choices(cfg, w, costs, capacity_gb) if capacity_gb > 0 else []
     plan, best = choose_layout(choices) if choices else auto_plan(cfg, w, costs)
-    off = predict(w, reference_plan(w, cfg.grad_sync), costs)
+    planned = dataclasses.replace(w, recompute=plan.recompute) if plan.recompute else w
+    # schedule off in the same layout: the speed-up is the schedule's, not the layout's
+    off = predict(planned, dataclasses.replace(reference_plan(planned, plan.grad_sync), gather_once=plan.gather_once),
+                  costs)
     ms = 1e3
     lines = [
         f"costs from {source}; world {w.dp} ranks, ep={w.ep}, {w.tokens} tokens per rank per micro-step, "
@@ -74,7 +78,6 @@ def plan_report(cfg: Config, w: Workload, costs: Costs, source: str,
         lines.append(f"{name:24}{a * ms:>10.3f}ms{b * ms:>12.3f}ms")
     lines.append(f"communication hidden: {best.hidden_fraction:.0%} with the plan, {off.hidden_fraction:.0%} off; "
                  f"predicted speed-up {off.step / best.step:.3f}x")
-    planned = dataclasses.replace(w, recompute=plan.recompute) if plan.recompute else w
     lines.append(f"model TFLOP/s per GPU: {model_flops(planned) / best.step / 1e12:.1f} (predicted; "
                  f"6 x active parameters x tokens + attention, no recompute counted)")
     lines.append(f"tokens/s per GPU: {w.tokens * w.micro_steps / best.step:,.0f} (predicted)")
@@ -94,7 +97,7 @@ def measured_report(cfg: Config, device: torch.device) -> str:
                                       profile_cache_dir())
     source = f"a profile of this machine ({'cached' if cached else 'measured now'}, key {profile.key})"
     costs = MeasuredCosts(profile)
-    plan, report = plan_report(cfg, w, costs, source)
+    plan, report = plan_report(cfg, w, costs, source, agreed_capacity_gb(device))
     return "\n".join([report, routing_bound_report(cfg, w, costs),
                       memory_report(_as_planned(cfg, plan), pmesh.dp, w.act_bytes)])
 
@@ -107,6 +110,6 @@ def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
     w = workload(cfg, world_size, hw.act_bytes, ranks_per_node)
     costs = HardwareCosts(hw)
     plan, report = plan_report(cfg, w, costs, f"the hardware description {hw.name} ({hardware_path})",
-                               hw.memory_gb * HEADROOM)
+                               usable_gb(hw.memory_gb))
     return "\n".join([report, routing_bound_report(cfg, w, costs),
                       memory_report(_as_planned(cfg, plan), world_size, hw.act_bytes, hw.memory_gb, hw.name)])
