@@ -189,17 +189,21 @@ def row(overrides: list[str], steps: int) -> dict:
     return out
 
 
+def _peak_cells(r: dict) -> str:
+    """A row's first cells: the layout, its predicted and measured peak, and their ratio."""
+    return (f"| {r['layout']} | {r['predicted_peak'] / GB:.3f} GB | {r['train_peak'] / GB:.3f} GB | "
+            f"{r['train_peak'] / r['predicted_peak']:.2f} |")
+
+
 def state_markdown(rows: list[dict]) -> str:
     """Where the state lives with 4 micro-steps a step: peak against the model, the largest rank against the
     mean, and each layout's step time against replicated."""
-    gb = 1 / GB
     replicated = rows[0]
     lines = ["| layout | predicted peak | measured peak | measured / predicted | largest rank's state / mean | "
              "step | step / replicated |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['layout']} | {r['predicted_peak'] * gb:.3f} GB | {r['train_peak'] * gb:.3f} GB | "
-                     f"{r['train_peak'] / r['predicted_peak']:.2f} | {r['state'] / r['state_mean']:.3f} | "
-                     f"{r['step_s']:.2f} s | {r['step_s'] / replicated['step_s']:.2f} |")
+        lines.append(f"{_peak_cells(r)} {r['state'] / r['state_mean']:.3f} | {r['step_s']:.2f} s | "
+                     f"{r['step_s'] / replicated['step_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -208,9 +212,8 @@ def markdown(calibration: list[dict], large: dict | None) -> str:
     lines = ["| layout | predicted peak | measured peak | measured / predicted | model state | "
              "build peak | step |", "|---|---|---|---|---|---|---|"]
     for r in calibration:
-        lines.append(f"| {r['layout']} | {r['predicted_peak'] * gb:.3f} GB | {r['train_peak'] * gb:.3f} GB | "
-                     f"{r['train_peak'] / r['predicted_peak']:.2f} | {r['state'] * gb:.3f} GB | "
-                     f"{r['build_peak'] * gb:.3f} GB | {r['step_s']:.2f} s |")
+        lines.append(f"{_peak_cells(r)} {r['state'] * gb:.3f} GB | {r['build_peak'] * gb:.3f} GB | "
+                     f"{r['step_s']:.2f} s |")
     replicated = {r["layout"].split("recompute ")[1]: r for r in calibration if r["layout"].startswith("replicated")}
     fsdp = {r["layout"].split("recompute ")[1]: r for r in calibration if r["layout"].startswith("fsdp")}
     ratios = ", ".join(f"{mode} {fsdp[mode]['step_s'] / replicated[mode]['step_s']:.2f}"

@@ -58,9 +58,10 @@ def apply_fsdp(model: Transformer, pmesh: ParallelMesh, reshard_after_forward: b
                policy: Optional[MixedPrecisionPolicy] = None) -> None:
     """Turn `model` (experts already sharded over ep) into FSDP units; its parameters become DTensors.
 
-    Prefetch is explicit: each block's gather is issued when the previous block (or the root) starts, in
-    forward and in backward, so it is on its way before the MoE layer's host sync blocks the CPU thread
-    (FSDP2's implicit forward prefetch would wait for that sync), and the cost model charges this order.
+    Prefetch is explicit: each block's gather (its unit's and its experts') is issued when the previous
+    block (or, in forward, the root) starts, so it is requested before the MoE layer's host sync blocks
+    the CPU thread (FSDP2's implicit forward prefetch would wait for that sync; the overlap this buys has
+    not been measured on a GPU), and the cost model charges this order.
 
     Call after `apply_expert_parallel` and before building the optimizer."""
     policy = policy or MixedPrecisionPolicy()

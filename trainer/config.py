@@ -65,6 +65,11 @@ class ParallelConfig:
         """reduce_dtype, or under fsdp its older name fsdp_reduce_dtype when only that was set."""
         return self.fsdp_reduce_dtype if self.fsdp and self.reduce_dtype == "float32" else self.reduce_dtype
 
+    @property
+    def reduce_bytes(self) -> int:
+        """Bytes per gradient element in the reduction (what the cost and memory models charge)."""
+        return 2 if self.effective_reduce_dtype == "bfloat16" else 4
+
 
 @dataclass(kw_only=True)
 class ScheduleConfig:

@@ -37,7 +37,7 @@ def memory_layout(cfg: Config, world: int, act_bytes: int) -> Layout:
                   micro_steps=max(1, per_rank // micro),
                   bucketed=grad_sync == "reduce_scatter" or cfg.schedule.mode != "off",
                   gather_once=grad_sync == "fsdp" and cfg.parallel.fsdp_gather_once,
-                  reduce_bytes=2 if cfg.parallel.effective_reduce_dtype == "bfloat16" else 4)
+                  reduce_bytes=cfg.parallel.reduce_bytes)
 
 
 def _what_would_fit(cfg: Config, layout: Layout, capacity_gb: float) -> str:
