@@ -1,5 +1,6 @@
-"""The folder tree is the architecture: dependencies point launch -> trainer -> parallel -> models, nothing
-imports in a circle, and modules and functions stay small enough to read. Reads the sources (ast); runs none."""
+"""The folder tree is the architecture: dependencies point launch -> trainer -> parallel -> models and nothing
+imports in a circle. Reads the sources (ast); runs none. (Modules are split by job, not by size: the line
+limits this file once enforced were retired by issue 36.)"""
 from __future__ import annotations
 
 import ast
@@ -12,8 +13,6 @@ LAYERS = ("models", "parallel", "trainer", "launch")
 BELOW_ALL = ("moeyard.errors", "moeyard.configs")
 """Usable from every layer: the error types (a module that imports nothing) and the shipped YAML (data).
 The rest of moeyard/ (the public API, the entry points) sits above every layer."""
-MAX_MODULE_LINES = 400
-MAX_FUNCTION_LINES = 80
 
 
 def _module_name(path: Path) -> str:
@@ -103,17 +102,3 @@ def test_the_checker_finds_an_upward_import_and_a_cycle() -> None:
              "moeyard.parallel.c": {"moeyard.models.a"}}
     assert upward_imports(graph) == ["moeyard.models.a -> moeyard.trainer.b"]
     assert cycles(graph) == [["moeyard.models.a", "moeyard.trainer.b", "moeyard.models.a"]]
-
-
-def test_modules_and_functions_stay_small() -> None:
-    too_long = []
-    for path in _sources().values():
-        source = path.read_text()
-        if source.count("\n") > MAX_MODULE_LINES:
-            too_long.append(f"{path.relative_to(REPO)}: {source.count(chr(10))} lines")
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                length = node.end_lineno - node.lineno + 1
-                if length > MAX_FUNCTION_LINES:
-                    too_long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {length} lines")
-    assert too_long == [], f"split these (modules over {MAX_MODULE_LINES}, functions over {MAX_FUNCTION_LINES})"
