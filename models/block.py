@@ -13,6 +13,7 @@ from moeyard.models.document_attention import DocumentSpans
 from moeyard.models.latent_attention import LatentAttention
 from moeyard.models.layers import Attention, RMSNorm, SwiGLU
 from moeyard.models.moe.layer import MoE, MoEStats
+from moeyard.models.recompute import selective_checkpoint
 
 
 class Block(nn.Module):
@@ -30,12 +31,22 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn: nn.Module = (MoE(cfg.dim, cfg.moe_for_layer(layer)) if cfg.is_moe_layer(layer)
                                else SwiGLU(cfg.dim, cfg.ffn_dim))
+        self.selective = False
+        """train.recompute=selective: the attention half keeps only its GEMM outputs (models/recompute.py)."""
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor,
                 docs: Optional[DocumentSpans] = None) -> tuple[Tensor, MoEStats | None]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, docs)
-        h_BTD = self.ffn_norm(x_BTD)
+        if self.selective:
+            x_BTD, h_BTD = selective_checkpoint(self._attention, x_BTD, cos, sin, docs)
+        else:
+            x_BTD, h_BTD = self._attention(x_BTD, cos, sin, docs)
         if isinstance(self.ffn, MoE):
             y_BTD, stats = self.ffn(h_BTD)
             return x_BTD + y_BTD, stats
         return x_BTD + self.ffn(h_BTD), None
+
+    def _attention(self, x_BTD: Tensor, cos: Tensor, sin: Tensor,
+                   docs: Optional[DocumentSpans]) -> tuple[Tensor, Tensor]:
+        """The residual stream after attention, and its normed copy for the FFN."""
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, docs)
+        return x_BTD, self.ffn_norm(x_BTD)

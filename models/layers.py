@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from moeyard.models.document_attention import DocumentSpans, document_attention
 from moeyard.models.local_attention import local_attention
+from moeyard.models.recompute import selective_checkpoint
 from moeyard.models.rope import apply_rope
 
 
@@ -86,6 +87,11 @@ class SwiGLU(nn.Module):
         self.w_gate = nn.Linear(dim, hidden_dim, bias=False)
         self.w_up = nn.Linear(dim, hidden_dim, bias=False)
         self.w_down = nn.Linear(hidden_dim, dim, bias=False)
+        self.selective = False
+        """train.recompute=selective: keep the three GEMM outputs, run SiLU and the product again in backward."""
 
     def forward(self, x: Tensor) -> Tensor:
+        return selective_checkpoint(self._mlp, x) if self.selective else self._mlp(x)
+
+    def _mlp(self, x: Tensor) -> Tensor:
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))

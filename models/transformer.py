@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -18,11 +18,12 @@ from torch.utils.checkpoint import checkpoint
 from moeyard.models.block import Block
 from moeyard.models.config import ModelConfig
 from moeyard.models.document_attention import DocumentSpans
-from moeyard.models.layers import RMSNorm
+from moeyard.models.layers import RMSNorm, SwiGLU
 from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.moe.layer import MoE, MoEStats
 from moeyard.models.mtp import MTPModule, depth_inputs
 from moeyard.models.peft.adapters import AdapterStats, add_routed_adapters, recording_adapters, routed_adapters
+from moeyard.models.recompute import RecomputeMode
 from moeyard.models.rope import rope_tables
 
 
@@ -111,15 +112,18 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[position_BT].unsqueeze(1), self.rope_sin[position_BT].unsqueeze(1)
         return cos, sin, docs if docs is not None else DocumentSpans.from_segments(segment_BT)
 
-    def set_recompute(self, mode: Literal["none", "experts", "full"]) -> None:
-        """Activation checkpointing, which changes memory and time, never the result. full: each block keeps
-        only its input and runs again in backward (its all-to-alls too, on every rank alike); experts: the
-        routed experts keep only their input rows. none leaves model.moe.recompute_experts as configured."""
+    def set_recompute(self, mode: RecomputeMode) -> None:
+        """Activation checkpointing (models/recompute.py), which changes memory and time, never the result.
+        full: each block keeps only its input and runs again in backward (its all-to-alls too, on every rank
+        alike); experts: the routed experts keep only their input rows; selective: every block keeps its GEMM
+        outputs. Experts keep only their input rows wherever model.moe.recompute_experts says so."""
         self.recompute_blocks = mode == "full"
-        if mode == "experts":
-            for module in self.modules():
-                if isinstance(module, GroupedExperts):
-                    module.recompute = True
+        for module in self.modules():
+            if isinstance(module, (Block, SwiGLU)):
+                module.selective = mode == "selective"
+            elif isinstance(module, GroupedExperts):
+                full = mode == "experts" or self.cfg.moe.recompute_experts
+                module.recompute = "full" if full else "selective" if mode == "selective" else "none"
 
     @property
     def adapters(self) -> list[nn.Module]:

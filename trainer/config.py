@@ -17,6 +17,7 @@ import yaml
 from moeyard.errors import ConfigError
 from moeyard.models import ModelConfig
 from moeyard.models.config import require
+from moeyard.models.recompute import RecomputeMode
 from moeyard.trainer.config_tree import build_dataclass, read_tree
 
 
@@ -116,9 +117,11 @@ class TrainConfig:
     loss_chunk_tokens: int = 8192
     """The language-model loss projects this many tokens to logits at a time, and recomputes them in
     backward, so the float32 [tokens, vocab] logits never exist whole; 0: all of a micro-batch at once."""
-    recompute: Literal["none", "experts", "full"] = "none"
-    """Activation checkpointing. full: every transformer block keeps only its input and is recomputed in
-    backward; experts: only the routed experts' MLPs are (as model.moe.recompute_experts: true)."""
+    recompute: RecomputeMode = "none"
+    """Activation checkpointing (models/recompute.py). selective: blocks keep their GEMM outputs and recompute
+    norms, RoPE, attention's core and activations (no GEMM or all-to-all again); experts: the routed experts
+    keep only their input rows (as model.moe.recompute_experts: true); full: every block keeps only its
+    input and is recomputed in backward, all-to-alls included."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: float32 on CPU, bfloat16 autocast on GPU."""
     stop_at: Optional[int] = None

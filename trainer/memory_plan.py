@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Iterator
 
 from moeyard.errors import ConfigError
+from moeyard.models.recompute import RECOMPUTE_MODES
 from moeyard.parallel.scheduler.memory_model import (
     GB,
     Layout,
@@ -22,7 +23,7 @@ from moeyard.parallel.scheduler.memory_model import (
 from moeyard.trainer.config import Config
 from moeyard.trainer.freezing import frozen_set
 
-RECOMPUTE = ("none", "experts", "full")
+RECOMPUTE = RECOMPUTE_MODES
 """train.recompute from keeping the most to keeping the least."""
 
 

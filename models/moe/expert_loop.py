@@ -5,9 +5,11 @@ outputs (a copy of every row), stack the per-expert weight gradients (a copy of
 every weight gradient) and keep five activations per expert. Here each GEMM
 writes straight into its slice of one output buffer and one gradient buffer per
 weight, and the backward is exactly the 6 GEMMs plus one fused SiLU backward a
-hand-written loop would run. `recompute=True` keeps only the input rows and
+hand-written loop would run. `recompute="full"` keeps only the input rows and
 recomputes the two up-projections in backward: activation checkpointing for the
-expert MLPs (2 extra GEMMs of 9, most of the layer's activation memory saved).
+expert MLPs (2 extra GEMMs of 9, most of the layer's activation memory saved);
+"selective" keeps the two up-projections and recomputes SiLU and the product
+(half the activations, no GEMM again).
 
 Shape legend: S rows grouped by expert, D model dim, F expert hidden dim, E local experts,
 n rows of one expert.
@@ -34,10 +36,10 @@ def _put_rows(out: Tensor, order: Tensor, start: int, rows: Tensor) -> None:
 
 class _SwiGLULoop(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_SD: Tensor, rows_per_expert: list[int], recompute: bool, order: Optional[Tensor],
+    def forward(ctx, x_SD: Tensor, rows_per_expert: list[int], recompute: str, order: Optional[Tensor],
                 w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor) -> Tensor:
         y_SD = x_SD.new_empty(x_SD.shape[0], w_down_EFD.shape[-1])
-        saved: list[Tensor] = []  # h1, h2, act, h of every expert, unless recomputed
+        saved: list[Tensor] = []  # h1, h2 (unless full), act, h (unless selective) of every expert
         start = 0
         for e, n in enumerate(rows_per_expert):
             x_nD = _rows(x_SD, order, start, n)
@@ -48,10 +50,12 @@ class _SwiGLULoop(torch.autograd.Function):
                 torch.mm(h_nF, w_down_EFD[e], out=y_SD.narrow(0, start, n))
             else:
                 _put_rows(y_SD, order, start, h_nF @ w_down_EFD[e])
-            if not recompute:
+            if recompute == "none":
                 saved += [h1_nF, h2_nF, act_nF, h_nF]
+            elif recompute == "selective":
+                saved += [h1_nF, h2_nF]
             start += n
-        ctx.rows_per_expert = rows_per_expert
+        ctx.rows_per_expert, ctx.kept = rows_per_expert, {"none": 4, "selective": 2}.get(recompute, 0)
         # Through save_for_backward, not a ctx attribute: autograd frees them after backward.
         ctx.save_for_backward(x_SD, order, w_gate_EDF, w_up_EDF, w_down_EFD, *saved)
         return y_SD
@@ -67,10 +71,11 @@ class _SwiGLULoop(torch.autograd.Function):
         start = 0
         for e, n in enumerate(ctx.rows_per_expert):
             x_nD, dy_nD = _rows(x_SD, order, start, n), _rows(grad_y_SD, order, start, n)
-            if saved:
-                h1_nF, h2_nF, act_nF, h_nF = saved[4 * e:4 * e + 4]
+            kept = saved[ctx.kept * e:ctx.kept * (e + 1)]
+            h1_nF, h2_nF = kept[:2] if kept else (x_nD @ w_gate_EDF[e], x_nD @ w_up_EDF[e])
+            if ctx.kept == 4:
+                act_nF, h_nF = kept[2:]
             else:
-                h1_nF, h2_nF = x_nD @ w_gate_EDF[e], x_nD @ w_up_EDF[e]
                 act_nF = F.silu(h1_nF)
                 h_nF = act_nF * h2_nF
             dh_nF = dy_nD @ w_down_EFD[e].t()
@@ -92,7 +97,7 @@ class _SwiGLULoop(torch.autograd.Function):
 
 
 def swiglu_fused_loop(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_up_EDF: Tensor,
-                      w_down_EFD: Tensor, recompute: bool = False, order: Optional[Tensor] = None) -> Tensor:
+                      w_down_EFD: Tensor, recompute: str = "none", order: Optional[Tensor] = None) -> Tensor:
     """CPU fast path: per expert (SiLU(x W_gate) * x W_up) W_down over its rows, as one autograd node.
 
     Rows are grouped by expert, or, with `order`, expert e's rows are x[order[a:b]] for its span [a, b)
@@ -102,4 +107,4 @@ def swiglu_fused_loop(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tens
     weights = (w_gate_EDF, w_up_EDF, w_down_EFD)
     graph = torch.is_grad_enabled() and (x_SD.requires_grad or any(w.requires_grad for w in weights))
     # Without a graph nothing is kept: evaluation holds one expert's activations at a time.
-    return _SwiGLULoop.apply(x_SD, list(rows_per_expert), recompute or not graph, order, *weights)
+    return _SwiGLULoop.apply(x_SD, list(rows_per_expert), recompute if graph else "full", order, *weights)

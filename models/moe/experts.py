@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moeyard.models.moe.expert_loop import swiglu_fused_loop
+from moeyard.models.recompute import selective_checkpoint
 
 
 def swiglu_loop(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_up_EDF: Tensor,
@@ -137,12 +138,14 @@ class GroupedExperts(nn.Module):
     """All experts of a layer (or this rank's shard of them) in three stacked weights."""
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int,
-                 compute: Literal["auto", "loop", "grouped_mm"] = "auto", recompute: bool = False,
+                 compute: Literal["auto", "loop", "grouped_mm"] = "auto",
+                 recompute: Literal["none", "selective", "full"] = "none",
                  bias: bool = False, activation: ExpertActivation = ExpertActivation()) -> None:
         super().__init__()
         self.compute = compute
         self.recompute = recompute
-        """Activation checkpointing: keep only the input rows, recompute the expert MLPs in backward."""
+        """Activation checkpointing. full: keep only the input rows and run the expert MLPs again in backward;
+        selective: keep the GEMM outputs and run the activation function and product again."""
         self.activation = activation
         self.w_gate_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w_up_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
@@ -193,18 +196,21 @@ class GroupedExperts(nn.Module):
         if not self.plain_swiglu:  # never run on a GPU: there too a loop over experts with host counts
             if isinstance(rows_per_expert, Tensor):
                 rows_per_expert = rows_per_expert.tolist()
-            args = (x_SD, list(rows_per_expert), weights, self.activation, order)
-            if self.recompute and torch.is_grad_enabled():
-                return checkpoint(gated_mlp_loop, *args, use_reentrant=False)
-            return gated_mlp_loop(*args)
+            return self._checkpointed(gated_mlp_loop, x_SD, list(rows_per_expert), weights, self.activation, order)
         if not self.uses_grouped_mm(x_SD):
             if isinstance(rows_per_expert, Tensor):
                 rows_per_expert = rows_per_expert.tolist()  # the loop slices on the host
             return swiglu_fused_loop(x_SD, rows_per_expert, *weights, recompute=self.recompute, order=order)
         counts_E = rows_per_expert if isinstance(rows_per_expert, Tensor) else torch.tensor(rows_per_expert)
-        if self.recompute and torch.is_grad_enabled():
-            return checkpoint(swiglu_grouped_mm, x_SD, counts_E, *weights, order, use_reentrant=False)
-        return swiglu_grouped_mm(x_SD, counts_E, *weights, order=order)
+        return self._checkpointed(swiglu_grouped_mm, x_SD, counts_E, *weights, order)
+
+    def _checkpointed(self, fn: Callable[..., Tensor], *args) -> Tensor:
+        """`fn(*args)` under this module's recompute mode (the fused loop has its own)."""
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        if self.recompute == "selective":
+            return selective_checkpoint(fn, *args)
+        return fn(*args)
 
     def uses_grouped_mm(self, x_SD: Tensor) -> bool:
         """Whether rows like x_SD (in the compute dtype) go through the grouped GEMM; if not, the expert loop,

@@ -141,7 +141,7 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.router = build_router(dim, cfg)
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.ffn_dim, cfg.expert_compute,
-                                      recompute=cfg.recompute_experts, bias=cfg.expert_bias,
+                                      recompute="full" if cfg.recompute_experts else "none", bias=cfg.expert_bias,
                                       activation=ExpertActivation(cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit))
         self.shared_experts: Optional[SwiGLU] = (
             SwiGLU(dim, cfg.shared_hidden_dim) if cfg.num_shared_experts > 0 else None

@@ -69,7 +69,7 @@ class Workload:
     product, permuting rows to experts and combining them back."""
     recompute: str = "none"
     """train.recompute: full runs every block's forward again in backward (its all-to-alls too); experts
-    runs the expert MLPs' forward again."""
+    runs the expert MLPs' forward again; selective, attention's core and the memory-bound kernels."""
     ranks_per_node: int = 0
     """Ranks per machine (G); 0: every rank of the ep group on one machine."""
     nodes_per_token: float = 1.0
@@ -123,6 +123,11 @@ class Costs(Protocol):
         ...
 
     def experts(self, w: Workload, rows: float, phase: Phase) -> float: ...
+
+    def selective_recompute(self, w: Workload, layer: int) -> float:
+        """What train.recompute=selective runs again in one block's backward: attention's core and the
+        memory-bound kernels of its forward (no GEMM)."""
+        ...
 
     def all_to_all(self, w: Workload, nbytes: float) -> float: ...
 
@@ -276,6 +281,8 @@ def build_step(w: Workload, plan: Plan, costs: Costs, with_grads: bool = True, g
         fsdp.prefetch(w.n_layers - 1, "bwd")
     for layer in reversed(range(w.n_layers)):
         last = s.add(f"L{layer}.bwd.start", "compute", 0.0, after(last, layer, "bwd"))
+        if w.recompute == "selective":
+            last = s.add(f"L{layer}.selective.recompute", "compute", costs.selective_recompute(w, layer), [last])
         if w.recompute == "full":  # the block's forward again, all-to-alls included
             last = s.add(f"L{layer}.dense.recompute", "compute", costs.dense(w, layer, "fwd"), [last])
             if layer in moe_index:

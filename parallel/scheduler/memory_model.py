@@ -50,7 +50,7 @@ class Layout:
     grad_sync: str = "all_reduce"
     """all_reduce (replicated), reduce_scatter (ZeRO optimizer shards) or fsdp."""
     recompute: str = "none"
-    """none, experts or full (train.recompute)."""
+    """none, selective, experts or full (train.recompute)."""
     act_bytes: int = 4
     loss_chunk_tokens: int = 8192
     frozen: frozenset[str] = frozenset()
@@ -169,24 +169,36 @@ class MemoryEstimate:
         return self.total <= headroom * capacity_gb * GB
 
 
-def _block_activations(cfg: ModelConfig, layer: int, tokens: int, b: int, recompute_experts: bool) -> float:
-    """Bytes autograd keeps for one block's backward: residual stream in float32, the rest in `b` bytes."""
+def _block_activations(cfg: ModelConfig, layer: int, tokens: int, b: int, recompute: str) -> float:
+    """Bytes autograd keeps for one block's backward: residual stream in float32, the rest in `b` bytes.
+    `recompute`: none, selective (GEMM outputs and region inputs only, models/recompute.py) or experts
+    (the routed experts keep their input rows only); full is counted by the caller."""
     d, a = cfg.dim, attention_shape(cfg)
-    # Two norms (input, normalised, output), q/k/v before and after rope, attention output and its
-    # log-sum-exp, the output projection's input; MLA's latents before and after their norms.
-    per_token = 2 * 4 * d + 2 * b * d + b * (2 * a.q + 2 * a.k + a.v + a.out) + b * a.out + 4 * cfg.n_heads
-    per_token += 2 * b * a.latent
+    selective = recompute == "selective"
+    if selective:
+        # The block's input, q/k/v and the output projection's output (MLA: its latents), the FFN's normed input.
+        per_token = 4 * d + b * (a.q + a.k + a.v) + b * d + b * a.latent + b * d
+    else:
+        # Two norms (input, normalised, output), q/k/v before and after rope, attention output and its
+        # log-sum-exp, the output projection's input; MLA's latents before and after their norms.
+        per_token = 2 * 4 * d + 2 * b * d + b * (2 * a.q + 2 * a.k + a.v + a.out) + b * a.out + 4 * cfg.n_heads
+        per_token += 2 * b * a.latent
     if layer >= cfg.n_layers:  # an MTP depth: its two normed inputs, their concatenation, eh_proj's output
         per_token += b * 5 * d
+
+    def swiglu(f: int) -> int:
+        """Per token: gate, up, silu(gate) and their product; selective: gate, up and the down GEMM's output."""
+        return 2 * f + d if selective else 4 * f
+
     if not cfg.is_moe_layer(layer):
-        return tokens * (per_token + 4 * b * cfg.ffn_dim)
+        return tokens * (per_token + b * swiglu(cfg.ffn_dim))
     moe = cfg.moe_for_layer(layer)
     rows = tokens * moe.top_k
     per_token += 3 * 4 * moe.num_experts  # router logits, probabilities, chosen weights (float32)
-    per_token += 4 * b * moe.shared_hidden_dim if moe.num_shared_experts else 0
+    per_token += b * swiglu(moe.shared_hidden_dim) if moe.num_shared_experts else 0
     routed = rows * b * 4 * d  # rows sent, received, expert outputs, outputs back
-    if not recompute_experts:
-        routed += rows * b * 4 * moe.ffn_dim  # gate, up, silu(gate), their product
+    if recompute != "experts" and not cfg.moe.recompute_experts:
+        routed += rows * b * (2 if selective else 4) * moe.ffn_dim  # gate, up (, silu(gate), their product)
     return tokens * per_token + routed
 
 
@@ -227,10 +239,13 @@ def predict_memory(cfg: ModelConfig, layout: Layout, counts: ParamCounts | None 
         # Buckets reduce in place; the reference concatenates each group (dense, experts) once.
         after_backward = 0.0 if layout.bucketed else 4 * max(c.dense_trainable, xt)
     per_block = [_block_activations(cfg, i, layout.tokens, layout.act_bytes,
-                                    layout.recompute == "experts" or cfg.moe.recompute_experts)
+                                    "none" if layout.recompute == "full" else layout.recompute)
                  for i in range(cfg.n_blocks)]
     if layout.recompute == "full":  # block inputs only, and one block's activations while it is recomputed
         activations = cfg.n_blocks * layout.tokens * 4 * cfg.dim + max(per_block)
+    elif layout.recompute == "selective":  # and what one block's recomputation brings back for its backward
+        kept_all = [_block_activations(cfg, i, layout.tokens, layout.act_bytes, "none") for i in range(cfg.n_blocks)]
+        activations = sum(per_block) + max(k - p for k, p in zip(kept_all, per_block))
     else:
         activations = sum(per_block)
     activations += 3 * 4 * layout.tokens * cfg.dim  # embedding output, final norm

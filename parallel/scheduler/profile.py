@@ -65,6 +65,13 @@ class MeasuredCosts:
     def experts(self, w: Workload, rows: float, phase: Phase) -> float:
         return at(self.p.experts_fwd if phase == "fwd" else self.p.experts_bwd, rows)
 
+    def selective_recompute(self, w: Workload, layer: int) -> float:
+        """Attention's core's share of the block's FLOPs, of its measured forward (the profile does not time
+        the memory-bound kernels apart: they are left out)."""
+        flops = w.layer_flops(layer)
+        attention = w.attention_flops[layer] if 0 <= layer < len(w.attention_flops) else 0.0
+        return self.dense(w, layer, "fwd") * attention / flops if flops else 0.0
+
     def all_to_all(self, w: Workload, nbytes: float) -> float:
         # The fit is for the bytes one rank sends in total, (ep-1)/ep of which leave the rank.
         return at(self.p.all_to_all, nbytes * w.ep / max(1, w.ep - 1)) if w.ep > 1 else 0.0

@@ -249,7 +249,7 @@ def _measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.d
     dense_fwd, dense_bwd = _dense_times(cfg, w, pmesh, device, dtype, timer)
     local = cfg.moe.num_experts // pmesh.ep
     experts = GroupedExperts(local, cfg.dim, cfg.moe.ffn_dim, cfg.moe.expert_compute,
-                             recompute=cfg.moe.recompute_experts).to(device)
+                             recompute="full" if cfg.moe.recompute_experts else "none").to(device)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.02)
     rows_real = max(local, w.routed_rows)

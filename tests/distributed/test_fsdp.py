@@ -11,6 +11,7 @@ from helpers.multiprocess import run_distributed
     (2, 2, 2, "none", 8),  # edp = 1: experts whole on their rank, dense sharded over 2
     (4, 2, 1, "full", 8),  # edp = 2: experts sharded too; two accumulated micro-steps; blocks recomputed
     (4, 4, 2, "experts", 8),
+    (4, 2, 1, "selective", 8),  # GEMM outputs kept inside FSDP units, the exchange outside the regions
     (2, 1, 1, "none", 8),  # no expert parallelism: every expert sharded over dp
     (4, 1, 1, "none", 2),  # 2 experts over edp 4: split on dim 1 (w_gate/w_up: model dim; w_down: hidden)
     (4, 2, 2, "none", 2),  # 1 expert per ep rank over edp 2

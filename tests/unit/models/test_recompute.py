@@ -1,10 +1,15 @@
 """Activation checkpointing (train.recompute) changes what is kept for backward, never the result."""
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeyard.models import ModelConfig, MoEConfig, Transformer
+from moeyard.models.attention_config import MLAConfig
 from moeyard.models.config import PEFTConfig
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
@@ -34,11 +39,21 @@ def _backward(cfg: ModelConfig, mode: str) -> tuple[torch.Tensor, dict[str, torc
     return loss.detach(), grads, kept[0]
 
 
-@pytest.mark.parametrize("peft", [False, True], ids=["moe", "moe+routed-lora"])
-def test_recompute_gives_the_same_loss_and_gradients_and_keeps_less(peft: bool) -> None:
-    cfg = ModelConfig(**{**CFG.__dict__, "peft": PEFT}) if peft else CFG
+DESIGNS = {
+    "moe": {},
+    "moe+routed-lora": {"peft": PEFT},
+    "mla": {"attention": "mla", "mla": MLAConfig(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                                                 qk_rope_head_dim=4, v_head_dim=8)},
+    "gpt-oss": {"attention_sinks": True, "sliding_window": 4, "attn_bias": True, "attn_out_bias": True,
+                "moe": dataclasses.replace(CFG.moe, expert_bias=True, activation="swiglu_clamped")},
+}
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_recompute_gives_the_same_loss_and_gradients_and_keeps_less(design: str) -> None:
+    cfg = dataclasses.replace(CFG, **DESIGNS[design])
     loss, grads, kept = _backward(cfg, "none")
-    for mode in ("experts", "full"):
+    for mode in ("selective", "experts", "full"):
         loss_r, grads_r, kept_r = _backward(cfg, mode)
         assert torch.equal(loss_r, loss), mode
         assert grads_r.keys() == grads.keys()
@@ -46,3 +61,38 @@ def test_recompute_gives_the_same_loss_and_gradients_and_keeps_less(peft: bool) 
             torch.testing.assert_close(grads_r[name], g, rtol=1e-6, atol=1e-8, msg=lambda m: f"{mode} {name}: {m}")
         assert kept_r < kept, f"recompute={mode} kept {kept_r} bytes for backward, not fewer than {kept}"
     assert _backward(cfg, "full")[2] < 0.5 * kept, "full recompute should keep only the blocks' inputs"
+
+
+class _OpCounts(TorchDispatchMode):
+    """How many times each aten op ran (cached results of selective recompute do not run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_of_a_step(mode: str) -> Counter[str]:
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    model.set_recompute(mode)
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    with _OpCounts() as ops:
+        model(tokens).logits_BTV.sum().backward()
+    return ops.counts
+
+
+def test_selective_recompute_runs_no_gemm_again_and_recomputes_the_cheap_ops() -> None:
+    """selective keeps every GEMM's output (dense, shared and routed experts alike) and runs attention's core,
+    the norms and the activation functions again in backward; full runs GEMMs again too."""
+    none, selective, full = (_ops_of_a_step(mode) for mode in ("none", "selective", "full"))
+    gemms = ("aten.mm", "aten.addmm", "aten.bmm")
+    assert [selective[op] for op in gemms] == [none[op] for op in gemms]
+    assert full["aten.mm"] > none["aten.mm"]
+    attention_core = next(op for op in none if op.startswith("aten._scaled_dot_product") and "backward" not in op)
+    assert selective[attention_core] == 2 * none[attention_core], "attention's core runs again once per block"
+    for op in ("aten.rsqrt", "aten.silu"):  # RMSNorm's and SwiGLU's
+        assert selective[op] > none[op], f"{op} is not recomputed"

@@ -44,8 +44,9 @@ def test_replicated_state_holds_every_dense_parameter_and_this_ranks_experts() -
 def test_recompute_keeps_less_for_backward() -> None:
     layout = Layout(world=2, ep=2, tokens=4096)
     kept = {mode: predict_memory(CFG, dataclasses.replace(layout, recompute=mode)).activations
-            for mode in ("none", "experts", "full")}
+            for mode in ("none", "selective", "experts", "full")}
     assert kept["full"] < kept["experts"] < kept["none"]
+    assert kept["full"] < kept["selective"] < kept["none"]
     double = predict_memory(CFG, dataclasses.replace(layout, tokens=8192)).activations
     assert double == pytest.approx(2 * kept["none"])  # activations grow with the tokens of a micro-batch
 

@@ -27,6 +27,9 @@ class FakeCosts:
     def experts(self, w, rows, phase):
         return rows * 1e-6 * (2 if phase == "bwd" else 1)
 
+    def selective_recompute(self, w, layer):
+        return 2e-5
+
     def all_to_all(self, w, nbytes):
         return 1e-4 + nbytes / 1e6 * self.a2a_ms_per_mb * 1e-3
 
@@ -160,3 +163,17 @@ def test_gather_once_charges_one_gather_and_one_reduction_per_step() -> None:
     assert gathered_once.step < per_micro.step
     half = dataclasses.replace(w, grad_bytes=2)  # parallel.reduce_dtype=bfloat16: half the bytes reduced
     assert predict(half, once, FakeCosts()).stages["grad_reduce"] < gathered_once.stages["grad_reduce"]
+
+
+def test_selective_recompute_charges_its_cheap_ops_and_no_gemm_or_all_to_all() -> None:
+    """selective adds each block's selective_recompute to its backward and nothing else; full runs the whole
+    forward again, its all-to-alls too."""
+    w = small_workload()
+    plan = reference_plan(w, "all_reduce")
+    times = {mode: predict(dataclasses.replace(w, recompute=mode), plan, FakeCosts()) for mode in
+             ("none", "selective", "full")}
+    extra = FakeCosts().selective_recompute(w, 0) * w.n_layers
+    assert times["selective"].step - times["none"].step == pytest.approx(extra)
+    assert times["selective"].step < times["full"].step
+    tasks = {t.name for t in build_step(dataclasses.replace(w, recompute="selective"), plan, FakeCosts()).run().tasks}
+    assert not any("moe.recompute" in name for name in tasks)

@@ -1,0 +1,44 @@
+"""What activation checkpointing keeps for backward (train.recompute).
+
+- none: everything autograd saves.
+- selective: the outputs of GEMMs (and each region's inputs); the cheap ops between them -- norms, RoPE,
+  attention's core, activation functions, the SwiGLU product, residual adds -- run again in backward.
+  Megatron-Core's selective recompute (core attention, norms, activations) as an op-level policy, like
+  torchtitan's. Its regions never hold a collective: the MoE layer's exchange runs outside them and keeps its
+  buffers, so backward never repeats an all-to-all (full does). Attention's core is recomputed whole: with a
+  flash kernel that is its forward pass again, a few percent of a block's FLOPs at long sequences.
+- experts: the routed experts keep only their input rows and run their MLPs again (2 GEMMs of 9 more).
+- full: each block keeps only its input and runs again, all-to-alls included.
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+RecomputeMode = Literal["none", "selective", "experts", "full"]
+RECOMPUTE_MODES: tuple[str, ...] = ("none", "selective", "experts", "full")
+"""From keeping the most to keeping the least (for MoE blocks, whose expert activations dominate)."""
+
+_aten = torch.ops.aten
+_GEMMS = frozenset({_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+                    _aten._grouped_mm.default})
+"""Ops whose outputs selective recompute keeps: everything with a weight matrix (linear layers decompose to
+mm/addmm; the grouped experts run _grouped_mm)."""
+
+
+def _keep_gemm_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _GEMMS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _gemm_policy_contexts():
+    return create_selective_checkpoint_contexts(_keep_gemm_outputs)
+
+
+def selective_checkpoint(fn: Callable, *args):
+    """`fn(*args)`, keeping only its GEMM outputs and its inputs for backward. `fn` must not run a collective
+    (the recomputation would run it again, on one rank's schedule)."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_gemm_policy_contexts)
