@@ -99,14 +99,15 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-def set_gather_once(model: nn.Module, last_micro_step: bool) -> None:
+def set_gather_once(model: nn.Module, last_micro_step: bool, reduce_once: bool = True) -> None:
     """Gather once per step: before each micro-step of a model whose units keep their parameters after
     forward (apply_fsdp with reshard_after_forward=False), keep them gathered after backward too and
     accumulate the unsharded gradients locally, except in the last, which reduce-scatters and reshards.
     One all-gather and one reduce-scatter per unit per step, at the memory of unsharded weights and
-    gradients through the step."""
+    gradients through the step. `reduce_once=False`: reduce-scatter in every micro-step (FSDP2 adds each
+    into the float32 sharded gradient), so only the weights stay unsharded."""
     assert isinstance(model, FSDPModule), "set_gather_once needs the model apply_fsdp made"
-    model.set_requires_gradient_sync(last_micro_step)
+    model.set_requires_gradient_sync(last_micro_step or not reduce_once)
     model.set_reshard_after_backward(last_micro_step)
 
 

@@ -151,5 +151,6 @@ def parallelize(model: Transformer, pmesh: ParallelMesh, plan: Plan, optim: Adam
         materialize(model, init, pmesh, device)
     if plan.grad_sync == "fsdp":
         return FullyShardedSync(split_parameters(model), pmesh, adamw(model, optim),
-                                gather_once_model=model if plan.gather_once else None)
+                                gather_once_model=model if plan.gather_once else None,
+                                reduce_once=plan.reduce_once)
     return grad_sync_for(plan, model, split_parameters(model), pmesh, optim, (fsdp or FsdpSettings()).reduce_dtype)

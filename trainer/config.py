@@ -57,6 +57,12 @@ class ParallelConfig:
     reduce_dtype): one gather and one reduction per unit a step instead of two gathers and one reduction
     per micro-step, at the memory of the unsharded model. schedule.mode=auto weighs it where the memory
     per rank is known (a GPU) and reduce_dtype is float32."""
+    fsdp_reduce_once: bool = True
+    """With fsdp_gather_once: reduce-scatter the gradients once per step, accumulated unsharded in reduce_dtype
+    (the fastest; holds the unsharded gradients). false: reduce-scatter each micro-step's into float32
+    shards, keeping only the weights gathered (resident weights in the compute dtype, a float32 master
+    shard and AdamW state sharded, as Megatron's distributed optimizer): the unsharded gradients never
+    accumulate, at one reduction per micro-step. Works with reduce_dtype=bfloat16."""
     ranks_per_node: Optional[int] = None
     """Ranks that share a machine (consecutive ranks); null: the launcher's local world size. Set it to
     treat one machine as several nodes (tests, simulations)."""
@@ -301,6 +307,9 @@ def validate(cfg: Config) -> None:
             "parallel.fsdp=true already shards the optimizer state: drop schedule.grad_sync=reduce_scatter")
     require(cfg.parallel.fsdp or not cfg.parallel.fsdp_gather_once,
             "parallel.fsdp_gather_once=true needs parallel.fsdp=true (replicated weights are never gathered)")
+    require(cfg.parallel.fsdp_reduce_once or cfg.parallel.fsdp_gather_once,
+            "parallel.fsdp_reduce_once=false needs parallel.fsdp_gather_once=true (per micro-step fsdp reduces "
+            "every micro-step already)")
     require(cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0")
     require(cfg.parallel.rendezvous_timeout_s > 0, "parallel.rendezvous_timeout_s must be > 0")
     require(cfg.checkpoint.stop_grace_s > 0, "checkpoint.stop_grace_s must be > 0")

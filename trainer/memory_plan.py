@@ -38,6 +38,7 @@ def memory_layout(cfg: Config, world: int, act_bytes: int) -> Layout:
                   micro_steps=max(1, per_rank // micro),
                   bucketed=grad_sync == "reduce_scatter" or cfg.schedule.mode != "off",
                   gather_once=grad_sync == "fsdp" and cfg.parallel.fsdp_gather_once,
+                  reduce_once=cfg.parallel.fsdp_reduce_once,
                   reduce_bytes=cfg.parallel.reduce_bytes)
 
 
@@ -48,6 +49,8 @@ def _what_would_fit(cfg: Config, layout: Layout, capacity_gb: float) -> str:
             f"alone are too large")
     if layout.grad_sync != "fsdp":
         hint += "; parallel.fsdp=true shards the rest of the model state too"
+    if layout.gather_once and layout.reduce_once:
+        hint += "; parallel.fsdp_reduce_once=false reduces every micro-step, keeping only the weights unsharded"
     if layout.gather_once:
         hint += "; parallel.fsdp_gather_once=false keeps the weights and gradients sharded between micro-steps"
     if layout.recompute != "full":
@@ -74,7 +77,7 @@ def _alternatives(cfg: Config, world: int) -> Iterator[tuple[list[str], Config]]
     syncs = ["configured"] + ([] if cfg.parallel.fsdp else
                               (["reduce_scatter"] if cfg.schedule.grad_sync == "all_reduce" else []) + ["fsdp"])
     if cfg.parallel.fsdp_gather_once:
-        syncs.append("fsdp per micro-step")
+        syncs += (["fsdp resident weights"] if cfg.parallel.fsdp_reduce_once else []) + ["fsdp per micro-step"]
     for micro in micros:
         for recompute in RECOMPUTE[RECOMPUTE.index(cfg.train.recompute):]:
             for sync in syncs:
@@ -89,9 +92,14 @@ def _alternatives(cfg: Config, world: int) -> Iterator[tuple[list[str], Config]]
                     overrides += ["parallel.fsdp=true", "schedule.grad_sync=all_reduce"]
                     parallel = dataclasses.replace(parallel, fsdp=True)
                     schedule = dataclasses.replace(schedule, grad_sync="all_reduce")
+                elif sync == "fsdp resident weights":  # the unsharded gradients go, the weights stay
+                    overrides.append("parallel.fsdp_reduce_once=false")
+                    parallel = dataclasses.replace(parallel, fsdp_reduce_once=False)
                 elif sync == "fsdp per micro-step":
                     overrides.append("parallel.fsdp_gather_once=false")
-                    parallel = dataclasses.replace(parallel, fsdp_gather_once=False)
+                    if not parallel.fsdp_reduce_once:
+                        overrides.append("parallel.fsdp_reduce_once=true")
+                    parallel = dataclasses.replace(parallel, fsdp_gather_once=False, fsdp_reduce_once=True)
                 elif sync == "reduce_scatter":
                     overrides.append("schedule.grad_sync=reduce_scatter")
                     schedule = dataclasses.replace(schedule, grad_sync="reduce_scatter")

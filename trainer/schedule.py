@@ -132,10 +132,28 @@ class Layout:
     grad_sync: str
     """all_reduce (replicated), reduce_scatter (ZeRO) or fsdp."""
     gather_once: bool = False
+    reduce_once: bool = True
+    """With gather_once: gradients reduced once per step; False, in every micro-step (Plan.reduce_once)."""
+
+    def of(self, plan: Plan) -> bool:
+        """Whether `plan` lays the state out this way."""
+        return (plan.grad_sync, plan.gather_once, plan.reduce_once) == \
+            (self.grad_sync, self.gather_once, self.reduce_once)
 
 
 LAYOUTS = (Layout("replicated", "all_reduce"), Layout("ZeRO", "reduce_scatter"),
-           Layout("fsdp per micro-step", "fsdp"), Layout("fsdp gathered once", "fsdp", gather_once=True))
+           Layout("fsdp per micro-step", "fsdp"), Layout("fsdp gathered once", "fsdp", gather_once=True),
+           Layout("fsdp resident weights", "fsdp", gather_once=True, reduce_once=False))
+
+
+def configured_layout(cfg: Config) -> Layout:
+    once = cfg.parallel.fsdp and cfg.parallel.fsdp_gather_once
+    return next(layout for layout in LAYOUTS if (layout.grad_sync, layout.gather_once, layout.reduce_once) ==
+                (cfg.grad_sync, once, cfg.parallel.fsdp_reduce_once or not once))
+
+
+def planned_layout(plan: Plan) -> Layout:
+    return next(layout for layout in LAYOUTS if layout.of(plan))
 
 
 @dataclass(frozen=True)
@@ -155,41 +173,43 @@ class LayoutChoice:
         return self.layout.name
 
 
-def as_layout(cfg: Config, grad_sync: str, gather_once: bool, recompute: str) -> Config:
-    """`cfg` with this gradient sync (all_reduce, reduce_scatter or fsdp), gathering and recompute."""
-    fsdp = grad_sync == "fsdp"
+def as_layout(cfg: Config, layout: Layout, recompute: str) -> Config:
+    """`cfg` with this layout's gradient sync, gathering and reduction, and this recompute mode."""
+    fsdp = layout.grad_sync == "fsdp"
+    parallel = dataclasses.replace(cfg.parallel, fsdp=fsdp, fsdp_gather_once=layout.gather_once,
+                                   fsdp_reduce_once=layout.reduce_once)
     return dataclasses.replace(
-        cfg, parallel=dataclasses.replace(cfg.parallel, fsdp=fsdp, fsdp_gather_once=gather_once),
-        schedule=dataclasses.replace(cfg.schedule, grad_sync="all_reduce" if fsdp else grad_sync),
+        cfg, parallel=parallel, schedule=dataclasses.replace(cfg.schedule, grad_sync="all_reduce" if fsdp else
+                                                             layout.grad_sync),
         train=dataclasses.replace(cfg.train, recompute=recompute))
 
 
 def layout_choices(cfg: Config, w: Workload, costs: Costs, capacity_gb: float) -> list[LayoutChoice]:
     """Every layout and recompute mode with its memory against `capacity_gb` (usable GB per rank), planned
     where it fits and for the configured one; the others are predicted at r=1 only (the search is what
-    costs). The configured layout comes first. Gathering once is weighed only with float32 reduction: it
+    costs). The configured layout comes first. Reducing once a step is weighed only with float32 reduction: it
     accumulates the micro-steps' gradients in parallel.reduce_dtype, which would round them in bfloat16."""
-    once = cfg.parallel.fsdp and cfg.parallel.fsdp_gather_once
-    configured = next(layout for layout in LAYOUTS if (layout.grad_sync, layout.gather_once) == (cfg.grad_sync, once))
+    configured = configured_layout(cfg)
     bf16_reduce = cfg.parallel.effective_reduce_dtype != "float32"
     layouts = [configured] + [layout for layout in LAYOUTS if layout != configured
-                              and not (layout.gather_once and bf16_reduce)]
+                              and not (layout.gather_once and layout.reduce_once and bf16_reduce)]
     recomputes = [cfg.train.recompute] + [r for r in RECOMPUTE if r != cfg.train.recompute]
     dispatch = dispatch_choices(cfg, w)
     counts = count_parameters(cfg.model, cfg.parallel.ep, frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen))
     choices = []
     for layout in layouts:
         for recompute in recomputes:
-            run = as_layout(cfg, layout.grad_sync, layout.gather_once, recompute)
+            run = as_layout(cfg, layout, recompute)
             memory = predict_memory(cfg.model, memory_layout(run, w.dp, w.act_bytes), counts)
             fits = memory.total <= capacity_gb * 1e9
             shaped = dataclasses.replace(w, recompute="experts" if recompute == "none" and
                                          cfg.model.moe.recompute_experts else recompute)
             if fits or not choices:
                 plan, best = search(shaped, costs, layout.grad_sync, dispatch_choices=dispatch,
-                                    gather_once=layout.gather_once)
+                                    gather_once=layout.gather_once, reduce_once=layout.reduce_once)
             else:
-                plan = dataclasses.replace(reference_plan(shaped, layout.grad_sync), gather_once=layout.gather_once)
+                plan = dataclasses.replace(reference_plan(shaped, layout.grad_sync), gather_once=layout.gather_once,
+                                           reduce_once=layout.reduce_once)
                 best = predict(shaped, plan, costs)
             plan = dataclasses.replace(plan, recompute=recompute if recompute != cfg.train.recompute else "")
             choices.append(LayoutChoice(layout, recompute, plan, best, memory.total / 1e9, fits))
@@ -203,8 +223,9 @@ def auto_plan(cfg: Config, w: Workload, costs: Costs, capacity_gb: float = 0.0) 
     if capacity_gb > 0:
         return choose_layout(layout_choices(cfg, w, costs, capacity_gb))
     dispatch = dispatch_choices(cfg, w)
-    once = cfg.parallel.fsdp and cfg.parallel.fsdp_gather_once
-    plan, best = search(w, costs, cfg.grad_sync, dispatch_choices=dispatch, gather_once=once)
+    layout = configured_layout(cfg)
+    plan, best = search(w, costs, cfg.grad_sync, dispatch_choices=dispatch, gather_once=layout.gather_once,
+                        reduce_once=layout.reduce_once)
     if not cfg.parallel.fsdp:
         sharded, sharded_best = search(w, costs, "fsdp", dispatch_choices=dispatch)
         if sharded_best.step < best.step * (1 - LAYOUT_MARGIN):
@@ -244,7 +265,8 @@ def plan_for(cfg: Config, pmesh: ParallelMesh, device: torch.device) -> Plan:
         return auto_plan(cfg, w, _costs(cfg, w, pmesh, device), agreed_capacity_gb(device))[0]
     plan = reference_plan(w, cfg.grad_sync) if s.mode == "off" else \
         manual_plan(w, s.chunks, s.bucket_mb, cfg.grad_sync)
-    plan = dataclasses.replace(plan, gather_once=cfg.parallel.fsdp and cfg.parallel.fsdp_gather_once)
+    layout = configured_layout(cfg)
+    plan = dataclasses.replace(plan, gather_once=layout.gather_once, reduce_once=layout.reduce_once)
     if dispatch_choices(cfg, w) != ("flat",):  # off/manual: auto means hierarchical wherever ep spans machines
         plan = dataclasses.replace(plan, dispatch=("hierarchical",) * len(plan.chunks))
     return with_prediction(plan, predict(w, plan, _costs(cfg, w, pmesh, device))) if s.predict else plan

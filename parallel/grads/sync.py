@@ -148,13 +148,13 @@ class FullyShardedSync(PlainSync):
     backward is the norm, the clip and AdamW on each rank's shards."""
 
     def __init__(self, groups: ParamGroups, pmesh: ParallelMesh, optimizer: torch.optim.Optimizer,
-                 gather_once_model: Optional[nn.Module] = None) -> None:
+                 gather_once_model: Optional[nn.Module] = None, reduce_once: bool = True) -> None:
         super().__init__(groups, pmesh, optimizer)
-        self.gather_once_model = gather_once_model
+        self.gather_once_model, self.reduce_once = gather_once_model, reduce_once
 
     def begin_micro_step(self, last: bool) -> None:
         if self.gather_once_model is not None:
-            set_gather_once(self.gather_once_model, last)
+            set_gather_once(self.gather_once_model, last, self.reduce_once)
 
     def _grads(self) -> list[Tensor]:
         # A shard whose experts saw no rows joins AdamW with a zero gradient, as in the replicated path.

@@ -338,8 +338,11 @@ def _stage_sums(t: Timeline) -> dict[str, float]:
 
 def micro_steps(w: Workload, plan: Plan) -> list[tuple[int, bool, tuple[Phase, ...]]]:
     """(how many, reduce gradients?, passes that gather) of a step's micro-steps: fsdp gathers and reduces
-    in each, or once (first forward, last backward); replicated and ZeRO reduce in the last."""
+    in each, or once (first forward, last backward), or gathers once and reduces in each (reduce_once
+    False); replicated and ZeRO reduce in the last."""
     n, gathers = w.micro_steps, ("fwd",) if plan.grad_sync == "fsdp" else ()
+    if plan.grad_sync == "fsdp" and plan.gather_once and not plan.reduce_once:
+        return [s for s in [(1, True, gathers), (n - 1, True, ())] if s[0] > 0]
     if plan.grad_sync != "fsdp" or plan.gather_once:
         steps = [(1, True, gathers)] if n == 1 else [(1, False, gathers), (n - 2, False, ()), (1, True, ())]
         return [s for s in steps if s[0] > 0]

@@ -60,6 +60,8 @@ class Layout:
     """Gradients live in flat bucket buffers (a planned replicated sync, or reduce_scatter's ZeRO)."""
     gather_once: bool = False
     """fsdp: every unit's gathered weights and unsharded gradients stay through the step (Plan.gather_once)."""
+    reduce_once: bool = True
+    """With gather_once: False reduces every micro-step's gradients, so only the weights stay unsharded."""
     reduce_bytes: int = 4
     """Bytes per gradient element in the reduction (parallel.reduce_dtype): FSDP's unsharded accumulation."""
 
@@ -226,7 +228,7 @@ def predict_memory(cfg: ModelConfig, layout: Layout, counts: ParamCounts | None 
         if layout.gather_once:  # every unit stays gathered through the step (the root as before)
             params += layout.act_bytes * (c.dense + x)
             with_activations = after_backward = 4 * c.largest_block
-            if layout.micro_steps > 1:  # and unsharded gradients accumulate until the last micro-step reduces
+            if layout.micro_steps > 1 and layout.reduce_once:  # unsharded gradients accumulate to the last
                 grads += layout.reduce_bytes * (c.dense_trainable + xt)
     else:
         params = 4 * (c.dense + x)

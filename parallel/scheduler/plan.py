@@ -29,6 +29,9 @@ class Plan:
     gather_once: bool = False
     """fsdp: gather each unit's parameters once per step and reduce its gradients once (unsharded weights
     and gradients kept through the micro-steps), instead of in every micro-step."""
+    reduce_once: bool = True
+    """With gather_once: False reduce-scatters every micro-step's gradients (only the weights stay gathered:
+    resident weights, sharded float32 gradients)."""
     recompute: str = ""
     """train.recompute as the planner chose it (schedule.mode=auto may keep more than the config names
     where memory allows); empty: as configured."""
@@ -53,6 +56,8 @@ class Plan:
             chunks += f"; train.recompute={self.recompute} (the planner's choice)"
         if self.grad_sync == "fsdp":
             when = "once per step" if self.gather_once else "in every micro-step"
+            if self.gather_once and not self.reduce_once:
+                when += ", gradients reduced in every micro-step"
             return f"{chunks}; fsdp, one unit per block (experts over edp), gathered {when}"
         buckets = f"{len(self.dense_buckets)} dense + {len(self.expert_buckets)} expert buckets"
         overlap = "overlapped with backward" if self.overlap_grads else "after backward"

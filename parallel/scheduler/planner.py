@@ -54,12 +54,13 @@ def with_prediction(plan: Plan, prediction: Prediction) -> Plan:
 def search(w: Workload, costs: Costs, grad_sync: GradSync = "all_reduce",
            chunk_choices: tuple[int, ...] = CHUNK_CHOICES,
            bucket_caps_mb: tuple[float, ...] = BUCKET_CAPS_MB,
-           dispatch_choices: tuple[str, ...] = ("flat",), gather_once: bool = False) -> tuple[Plan, Prediction]:
+           dispatch_choices: tuple[str, ...] = ("flat",), gather_once: bool = False,
+           reduce_once: bool = True) -> tuple[Plan, Prediction]:
     """The plan with the least predicted step time (ties go to the simpler plan: flat dispatch before
     hierarchical, fewer chunks before more). `dispatch_choices`: what each MoE layer may use;
-    `gather_once`: fsdp gathers and reduces once per step (Plan.gather_once)."""
+    `gather_once`, `reduce_once`: how fsdp gathers and reduces (Plan.gather_once, Plan.reduce_once)."""
     n = len(w.moe_layers)
-    reference = dataclasses.replace(reference_plan(w, grad_sync), gather_once=gather_once)
+    reference = dataclasses.replace(reference_plan(w, grad_sync), gather_once=gather_once, reduce_once=reduce_once)
     if dispatch_choices == ("hierarchical",):
         reference = dataclasses.replace(reference, dispatch=("hierarchical",) * n)
     best_plan, best = reference, predict(w, reference, costs)
@@ -70,7 +71,8 @@ def search(w: Workload, costs: Costs, grad_sync: GradSync = "all_reduce",
             for r in choices:
                 plan = Plan(chunks=(r,) * n, dense_buckets=_buckets(w, False, cap),
                             expert_buckets=_buckets(w, True, cap), grad_sync=grad_sync,
-                            dispatch=(d,) * n if d != "flat" else (), gather_once=gather_once, source="planner")
+                            dispatch=(d,) * n if d != "flat" else (), gather_once=gather_once,
+                            reduce_once=reduce_once, source="planner")
                 pred = predict(w, plan, costs)
                 if pred.step < best.step * (1 - 1e-9):
                     best_plan, best = plan, pred

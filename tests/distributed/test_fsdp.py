@@ -34,14 +34,16 @@ def test_fsdp_gradients_equal_single_process_backprop(world, ep, micro_batch_siz
     assert max(r["shard_numel"] for r in results) == results[0]["predicted_shard_numel"]
 
 
-@pytest.mark.parametrize("gather_once", [True, False], ids=["once", "every_micro_step"])
-def test_gather_once_per_step_collectives_and_gradients(gather_once) -> None:
+@pytest.mark.parametrize("gather_once,reduce_once", [(True, True), (True, False), (False, True)],
+                         ids=["once", "resident_weights", "every_micro_step"])
+def test_gather_once_per_step_collectives_and_gradients(gather_once, reduce_once) -> None:
     """4 micro-steps on 4 ranks (ep 2, edp 2): gathering once per step gives plain backprop's gradients
-    with one all-gather and one reduce-scatter per FSDP unit in the step; per micro-step FSDP2 reduces
-    every unit in every micro-step and gathers each block twice (forward, backward)."""
+    with one all-gather and one reduce-scatter per FSDP unit in the step; resident weights (reduce_once
+    False) gather once and reduce every unit in every micro-step; per micro-step FSDP2 reduces every unit
+    in every micro-step and gathers each block twice (forward, backward)."""
     micro_steps = 4
     results = run_distributed(step_cases.fsdp_step_gradients_match_single_process, 4, 2, 1, "none", 8, gather_once,
-                              micro_steps)
+                              micro_steps, reduce_once)
     for r in results:
         bad = {name: err for name, err in r["worst"].items() if err > 1e-5}
         assert not bad, f"gradients differ from the reference (relative norm of the difference): {bad}"
@@ -50,7 +52,28 @@ def test_gather_once_per_step_collectives_and_gradients(gather_once) -> None:
         units = r["units"]  # the root, 3 blocks and 2 MoE layers' experts
         assert units == 6
         if gather_once:
-            assert (r["all_gather_single"], r["reduce_scatter_single"]) == (units, units)
+            reductions = units if reduce_once else micro_steps * units
+            assert (r["all_gather_single"], r["reduce_scatter_single"]) == (units, reductions)
         else:
             assert r["reduce_scatter_single"] == micro_steps * units
             assert r["all_gather_single"] == micro_steps * (2 * (units - 1) + 1)
+
+
+
+
+def test_resident_bfloat16_weights_round_as_fsdp_per_micro_step_does() -> None:
+    """fsdp resident weights with bf16 compute (train.dtype=bfloat16): FSDP2 gathers bf16 copies once per step
+    from the float32 shards (the master) and reduces every micro-step's gradients into float32 shards. Its
+    gradients are as far from float32 backprop as per-micro-step fsdp's in bf16 (within 1.5x + 1e-3 per
+    tensor): keeping the weights changes nothing numerically. (Both sit further from float32 than the
+    1-process model under autocast -- worst gradient 7.7% against 3.7% when measured: FSDP2 rounds norm and
+    router weights and the residual stream to bf16 too, issue 38.)"""
+    args = (step_cases.fsdp_step_gradients_match_single_process, 4, 2, 1, "none", 8)
+    resident = run_distributed(*args, True, 4, False, "bfloat16")
+    per_micro_step = run_distributed(*args, False, 4, True, "bfloat16")
+    for r, p in zip(resident, per_micro_step):
+        assert min(r["worst"].values()) > 0, "bf16 compute left the gradients bit-equal to float32"
+        far = {name: (err, p["worst"][name]) for name, err in r["worst"].items()
+               if err > 1.5 * p["worst"][name] + 1e-3}
+        assert not far, f"resident bf16 weights further from float32 than per-micro-step fsdp: {far}"
+        assert r["all_gather_single"] == r["units"]

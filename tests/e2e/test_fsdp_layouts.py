@@ -1,7 +1,7 @@
 """FSDP layouts that change where state lives, never what is learned: experts fewer than their edp group
 (sharded on another dimension so that every rank holds the same bytes) and weights gathered once per
 step over 4 micro-steps, through `moeyard train`, against the one-process run; then resumed from its
-checkpoint on other layouts (replicated, fsdp gathered every micro-step, another ep)."""
+checkpoint on other layouts (replicated, fsdp gathered every micro-step, resident weights at another ep)."""
 from __future__ import annotations
 
 import pytest
@@ -40,10 +40,13 @@ def test_two_experts_over_edp_gathered_once_learn_what_one_process_learns(tmp_pa
     for nproc, layout in [(1, ["parallel.ep=1"]),  # replicated, one process
                           (4, ["parallel.ep=1", "parallel.fsdp=true"]),  # 2 experts over edp 4, every micro-step
                           (2, ["parallel.ep=2", "parallel.fsdp=true", "parallel.fsdp_gather_once=true",
+                               "parallel.fsdp_reduce_once=false",  # resident weights, reduced every micro-step
                                "train.micro_batch_size=2"])]:  # 4 micro-steps of 2
         resumed = tmp_path / f"resumed_{nproc}_{len(layout)}"
         proc = moeyard_train(config, resumed, nproc, *layout, *TWO_EXPERTS, f"checkpoint.resume={checkpoint}")
         assert "at step 2" in proc.stdout
+        if "parallel.fsdp_reduce_once=false" in layout:
+            assert "gradients reduced in every micro-step" in proc.stdout
         got = {m["step"]: m["loss"] for m in read_metrics(resumed)}
         assert sorted(got) == [3, 4]
         for step, loss in got.items():

@@ -123,17 +123,19 @@ def nonfinite_step_is_skipped(rank: int, world: int) -> dict:
 
 def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, micro_batch_size: int,
                                              recompute: str, num_experts: int = 8, gather_once: bool = False,
-                                             per_rank: int = 2) -> dict:
+                                             per_rank: int = 2, reduce_once: bool = True,
+                                             compute_dtype: str = "float32") -> dict:
     """With FSDP2 (parallel.fsdp), train_step's reduce-scattered gradients, gathered, equal plain backprop of
     the global batch, and so does the grad norm. Aux loss off: with accumulation it balances per micro-batch.
-    Also returns how many all-gathers and reduce-scatters FSDP2 issued in the step, and its units."""
+    Also returns how many all-gathers and reduce-scatters FSDP2 issued in the step, and its units.
+    `compute_dtype` bfloat16: FSDP2 gathers bf16 weights from the float32 shards and reduces in float32."""
     import torch.nn.functional as nnf
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     from moeyard.models import ModelConfig, MoEConfig, Transformer
     from moeyard.parallel import apply_expert_parallel, split_parameters
-    from moeyard.parallel.fsdp import apply_fsdp
+    from moeyard.parallel.fsdp import apply_fsdp, mixed_precision
     from moeyard.parallel.grads.sync import FullyShardedSync
     from moeyard.parallel.scheduler.memory_model import count_parameters
     from moeyard.trainer.data.sft_batches import SFTBatch
@@ -149,16 +151,17 @@ def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, mic
     lm = nnf.cross_entropy(out.logits_BTV.flatten(0, 1), tokens[:, 1:].flatten())
     (lm + out.aux_loss + out.z_loss).backward()
     ref_norm = torch.sqrt(sum(p.grad.square().sum() for p in reference.parameters()))
+    dtype = getattr(torch, compute_dtype)
 
     pmesh = build_mesh(ep, "cpu")
     torch.manual_seed(0)
     model = Transformer(cfg)
     model.set_recompute(recompute)
     apply_expert_parallel(model, pmesh)
-    apply_fsdp(model, pmesh, reshard_after_forward=not gather_once)
+    apply_fsdp(model, pmesh, reshard_after_forward=not gather_once, policy=mixed_precision(dtype, torch.float32))
     groups = split_parameters(model)
     sync = FullyShardedSync(groups, pmesh, torch.optim.SGD(model.parameters(), lr=0.0),
-                            gather_once_model=model if gather_once else None)
+                            gather_once_model=model if gather_once else None, reduce_once=reduce_once)
     counts = {"all_gather_single": 0, "reduce_scatter_single": 0}
     originals = {name: getattr(dist, name) for name in counts}
 
@@ -172,7 +175,7 @@ def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, mic
         setattr(dist, name, counted(name))
     try:
         result = train_step(model, sync, tokens[rank * per_rank:(rank + 1) * per_rank],
-                            micro_batch_size=micro_batch_size, pmesh=pmesh, lr=0.0, grad_clip=0.0, dtype=torch.float32)
+                            micro_batch_size=micro_batch_size, pmesh=pmesh, lr=0.0, grad_clip=0.0, dtype=dtype)
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)

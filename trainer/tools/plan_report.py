@@ -22,6 +22,7 @@ from moeyard.trainer.schedule import (
     act_bytes,
     agreed_capacity_gb,
     as_layout,
+    planned_layout,
     auto_plan,
     choose_layout,
     layout_choices,
@@ -38,13 +39,11 @@ def layouts_table(cfg: Config, choices: list[LayoutChoice], capacity_gb: float, 
     lines = [f"layouts weighed ({capacity_gb:.1f} GB usable per rank):",
              f"  {'layout':22}{'recompute':>10}{'step':>10}{'memory':>10}"]
     for c in choices:
-        mark = " <- chosen" if (c.plan.grad_sync, c.plan.gather_once, c.plan.recompute) == \
-            (chosen.grad_sync, chosen.gather_once, chosen.recompute) else ""
+        mark = " <- chosen" if c.layout.of(chosen) and c.plan.recompute == chosen.recompute else ""
         fits = "" if c.fits else " (does not fit; step at r=1)"
         lines.append(f"  {c.name:22}{c.recompute:>10}{c.prediction.step:>9.2f}s{c.memory_gb:>8.1f}GB{fits}{mark}")
     first = choices[0]
-    if (first.plan.grad_sync, first.plan.gather_once, first.plan.recompute) != \
-            (chosen.grad_sync, chosen.gather_once, chosen.recompute):
+    if not (first.layout.of(chosen) and first.plan.recompute == chosen.recompute):
         why = "the configured layout does not fit" if not first.fits else \
             f"it is predicted faster than the configured layout by more than {LAYOUT_MARGIN:.0%}"
         lines.append(f"chosen: the fastest layout that fits ({why})" + (
@@ -60,8 +59,8 @@ def plan_report(cfg: Config, w: Workload, costs: Costs, source: str,
     plan, best = choose_layout(choices) if choices else auto_plan(cfg, w, costs)
     planned = dataclasses.replace(w, recompute=plan.recompute) if plan.recompute else w
     # schedule off in the same layout: the speed-up is the schedule's, not the layout's
-    off = predict(planned, dataclasses.replace(reference_plan(planned, plan.grad_sync), gather_once=plan.gather_once),
-                  costs)
+    off = predict(planned, dataclasses.replace(reference_plan(planned, plan.grad_sync), gather_once=plan.gather_once,
+                                               reduce_once=plan.reduce_once), costs)
     ms = 1e3
     lines = [
         f"costs from {source}; world {w.dp} ranks, ep={w.ep}, {w.tokens} tokens per rank per micro-step, "
@@ -86,7 +85,7 @@ def plan_report(cfg: Config, w: Workload, costs: Costs, source: str,
 
 def _as_planned(cfg: Config, plan: Plan) -> Config:
     """The config with the layout the plan chose (the planner may take another sharding and recompute)."""
-    return as_layout(cfg, plan.grad_sync, plan.gather_once, plan.recompute or cfg.train.recompute)
+    return as_layout(cfg, planned_layout(plan), plan.recompute or cfg.train.recompute)
 
 
 def measured_report(cfg: Config, device: torch.device) -> str:

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
+
 from moeyard import configs
+from moeyard.errors import ConfigError
 from moeyard.trainer.config import load_config
 from moeyard.trainer.schedule import auto_plan, workload
 
@@ -78,3 +81,16 @@ def test_auto_with_known_memory_takes_the_fastest_layout_that_fits() -> None:
     assert all(c.memory_gb > tight for key, c in choices.items() if key != ("fsdp per micro-step", "full"))
     kept, _ = auto_plan(cfg, w, costs, capacity_gb=tight)
     assert (kept.grad_sync, kept.gather_once, kept.recompute) == ("fsdp", False, "")
+
+
+def test_bfloat16_reduction_weighs_resident_weights_but_not_reducing_once() -> None:
+    """Reducing once accumulates unsharded gradients in reduce_dtype: not weighed with bfloat16 reduction;
+    resident weights accumulate into float32 shards and are."""
+    from moeyard.trainer.schedule import layout_choices
+
+    cfg = load_config(configs.path("tiny.yaml"), ["schedule.mode=auto", "parallel.ep=2", "parallel.fsdp=true",
+                                                  "train.micro_batch_size=1", "parallel.reduce_dtype=bfloat16"])
+    names = {c.name for c in layout_choices(cfg, workload(cfg, 4, 4), Costs(all_reduce_s=1e-3), capacity_gb=100.0)}
+    assert "fsdp resident weights" in names and "fsdp gathered once" not in names
+    with pytest.raises(ConfigError, match="fsdp_reduce_once=false needs parallel.fsdp_gather_once=true"):
+        load_config(configs.path("tiny.yaml"), ["parallel.fsdp=true", "parallel.fsdp_reduce_once=false"])

@@ -110,3 +110,16 @@ def test_gather_once_holds_the_unsharded_weights_and_gradients_through_the_step(
     assert once.parameters - per_micro.parameters == pytest.approx(4 * unsharded)
     assert once.gradients - per_micro.gradients == pytest.approx(2 * unsharded)  # reduce_dtype bfloat16
     assert once.total > per_micro.total
+
+
+def test_resident_weights_hold_the_unsharded_weights_but_sharded_gradients() -> None:
+    """fsdp_reduce_once=false: the weights stay gathered as with gathering once, the gradients are reduced every
+    micro-step into their shards as per micro-step."""
+    counts = count_parameters(CFG, ep=2)
+    layout = Layout(world=4, ep=2, tokens=256, grad_sync="fsdp", micro_steps=4)
+    per_micro = predict_memory(CFG, layout, counts)
+    once = predict_memory(CFG, dataclasses.replace(layout, gather_once=True), counts)
+    resident = predict_memory(CFG, dataclasses.replace(layout, gather_once=True, reduce_once=False), counts)
+    assert resident.parameters == once.parameters
+    assert resident.gradients == per_micro.gradients
+    assert per_micro.total < resident.total < once.total

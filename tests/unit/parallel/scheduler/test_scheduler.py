@@ -163,6 +163,9 @@ def test_gather_once_charges_one_gather_and_one_reduction_per_step() -> None:
     assert gathered_once.step < per_micro.step
     half = dataclasses.replace(w, grad_bytes=2)  # parallel.reduce_dtype=bfloat16: half the bytes reduced
     assert predict(half, once, FakeCosts()).stages["grad_reduce"] < gathered_once.stages["grad_reduce"]
+    resident = predict(w, dataclasses.replace(once, reduce_once=False), FakeCosts())  # reduced every micro-step
+    assert resident.stages["param_gather"] == pytest.approx(gathered_once.stages["param_gather"])
+    assert resident.stages["grad_reduce"] == pytest.approx(per_micro.stages["grad_reduce"])
 
 
 def test_selective_recompute_charges_its_cheap_ops_and_no_gemm_or_all_to_all() -> None:
