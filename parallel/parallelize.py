@@ -17,6 +17,7 @@ from moeyard.models.meta_init import InitRecord
 from moeyard.parallel.exchange.dispatch import ExpertParallelExchange
 from moeyard.parallel.exchange.hierarchical import NodeGroups
 from moeyard.parallel.fsdp import apply_fsdp, mixed_precision
+from moeyard.parallel.grads.adamw import LowPrecisionMomentsAdamW
 from moeyard.parallel.grads.buckets import BucketedReducer
 from moeyard.parallel.grads.reduce import ParamGroups, split_parameters
 from moeyard.parallel.grads.sync import FullyShardedSync, GradSync, OverlappedSync, PlainSync, ShardedSync
@@ -34,6 +35,8 @@ class AdamWSettings(Protocol):
     beta2: float
     eps: float
     weight_decay: float
+    moment_dtype: str
+    """float32 or bfloat16 (parallel/grads/adamw.py)."""
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,10 @@ def set_chunks(model: Transformer, chunks: tuple[int, ...]) -> None:
             moe.exchange.chunks = r
 
 
-def adamw(model: nn.Module, settings: AdamWSettings) -> torch.optim.AdamW:
-    """torch's AdamW over the trainable parameters; matrices decay (embeddings, projections, experts), norm
-    gains, biases and sinks do not. Element-wise, so a sharded expert's update equals the unsharded one.
+def adamw(model: nn.Module, settings: AdamWSettings) -> torch.optim.Optimizer:
+    """torch's AdamW over the trainable parameters (LowPrecisionMomentsAdamW with bfloat16 moments); matrices
+    decay (embeddings, projections, experts), norm gains, biases and sinks do not. Element-wise, so a sharded
+    expert's update equals the unsharded one.
 
     Experts get groups of their own: under FSDP they are DTensors on another mesh than the dense
     parameters, and a foreach update cannot mix meshes."""
@@ -110,8 +114,12 @@ def adamw(model: nn.Module, settings: AdamWSettings) -> torch.optim.AdamW:
                      "weight_decay": settings.weight_decay} for params in (groups.dense, groups.expert)]
     for params in (groups.dense, groups.expert):  # norm gains and biases; per mesh, like the decayed ones
         param_groups.append({"params": [p for p in params if id(p) in groups.no_decay], "weight_decay": 0.0})
-    return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=settings.lr,
-                             betas=(settings.beta1, settings.beta2), eps=settings.eps)
+    param_groups = [g for g in param_groups if g["params"]]
+    hyper = dict(lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=settings.eps)
+    if settings.moment_dtype != "float32":
+        return LowPrecisionMomentsAdamW(param_groups, **hyper, weight_decay=0.0,
+                                        moment_dtype=getattr(torch, settings.moment_dtype))
+    return torch.optim.AdamW(param_groups, **hyper)
 
 
 def grad_sync_for(plan: Plan, model: nn.Module, groups: ParamGroups, pmesh: ParallelMesh,
@@ -122,7 +130,8 @@ def grad_sync_for(plan: Plan, model: nn.Module, groups: ParamGroups, pmesh: Para
         reducer = BucketedReducer(groups, pmesh, plan.dense_buckets, plan.expert_buckets, "reduce_scatter",
                                   reduce_dtype)
         sharded = ShardedAdamW(reducer, lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=settings.eps,
-                               weight_decay=settings.weight_decay, no_decay=groups.no_decay)
+                               weight_decay=settings.weight_decay, no_decay=groups.no_decay,
+                               moment_dtype=getattr(torch, settings.moment_dtype))
         return ShardedSync(groups, pmesh, reducer, sharded)
     optimizer = adamw(model, settings)
     if not plan.overlap_grads:

@@ -59,10 +59,11 @@ def local_bytes(p: Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def model_state_line(model: nn.Module) -> str:
-    """This rank's parameter bytes, and what gradients and AdamW's two moments add for the trainable ones
-    (float32 each; a sharded optimizer or FSDP holds only its shard)."""
+def model_state_line(model: nn.Module, moment_bytes: int = 4) -> str:
+    """This rank's parameter bytes, and what gradients and AdamW's two moments (`moment_bytes` each element:
+    optim.moment_dtype) add for the trainable ones (a sharded optimizer or FSDP holds only its shard)."""
     params = sum(local_bytes(p) for p in model.parameters())
     trainable = sum(local_bytes(p) for p in model.parameters() if p.requires_grad)
+    moments = 2 * trainable * moment_bytes // 4
     return (f"parameters {params / 2**20:,.1f} MiB, gradients {trainable / 2**20:,.1f} MiB, "
-            f"AdamW moments up to {2 * trainable / 2**20:,.1f} MiB")
+            f"AdamW moments up to {moments / 2**20:,.1f} MiB")

@@ -39,7 +39,8 @@ def memory_layout(cfg: Config, world: int, act_bytes: int) -> Layout:
                   bucketed=grad_sync == "reduce_scatter" or cfg.schedule.mode != "off",
                   gather_once=grad_sync == "fsdp" and cfg.parallel.fsdp_gather_once,
                   reduce_once=cfg.parallel.fsdp_reduce_once,
-                  reduce_bytes=cfg.parallel.reduce_bytes)
+                  reduce_bytes=cfg.parallel.reduce_bytes,
+                  moment_bytes=cfg.optim.moment_bytes)
 
 
 def _what_would_fit(cfg: Config, layout: Layout, capacity_gb: float) -> str:

@@ -42,16 +42,19 @@ class _ShardState:
 
 class ShardedAdamW:
     def __init__(self, reducer: BucketedReducer, *, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float, no_decay: frozenset[int] | None = None) -> None:
-        """`no_decay`: ids of parameters without weight decay (default: the 1-D ones)."""
+                 weight_decay: float, no_decay: frozenset[int] | None = None,
+                 moment_dtype: torch.dtype = torch.float32) -> None:
+        """`no_decay`: ids of parameters without weight decay (default: the 1-D ones); `moment_dtype`: what
+        the two moments are stored in (bfloat16: updated in float32 and rounded back, as
+        parallel/grads/adamw.py)."""
         if reducer.mode != "reduce_scatter":
             raise ValueError("ShardedAdamW needs a BucketedReducer in reduce_scatter mode")
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.step_count = 0
-        self.shards = [self._init_shard(b, no_decay) for b in reducer.buckets]
+        self.shards = [self._init_shard(b, no_decay, moment_dtype) for b in reducer.buckets]
 
     @staticmethod
-    def _init_shard(bucket: Bucket, no_decay: frozenset[int] | None) -> _ShardState:
+    def _init_shard(bucket: Bucket, no_decay: frozenset[int] | None, moment_dtype: torch.dtype) -> _ShardState:
         size = bucket.shard_size
         lo = dist.get_rank(bucket.group) * size
         flat = torch.cat([p.detach().reshape(-1) for p in bucket.params])
@@ -65,7 +68,8 @@ class ShardedAdamW:
             if a < b:
                 decay = p.dim() >= 2 if no_decay is None else id(p) not in no_decay
                 segments.append(_Segment(i, a - lo, b - lo, decay=decay))
-        return _ShardState(bucket, lo, param, torch.zeros_like(param), torch.zeros_like(param), segments)
+        moments = (torch.zeros_like(param, dtype=moment_dtype) for _ in range(2))
+        return _ShardState(bucket, lo, param, *moments, segments)
 
     def grad_sq_sum(self) -> Tensor:
         """This rank's share of the squared global gradient norm; all-reduce over dp for the total."""
@@ -88,10 +92,12 @@ class ShardedAdamW:
                 for seg in s.segments:
                     if seg.decay:
                         s.param[seg.lo:seg.hi].mul_(1 - self.lr * self.weight_decay)
-            s.exp_avg.lerp_(grad, 1 - beta1)
-            s.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (s.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-            s.param.addcdiv_(s.exp_avg, denom, value=-step_size)
+            exp_avg = s.exp_avg.float().lerp_(grad, 1 - beta1)  # float32 moments: these are the state itself
+            exp_avg_sq = s.exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            s.param.addcdiv_(exp_avg, denom, value=-step_size)
+            s.exp_avg.copy_(exp_avg)
+            s.exp_avg_sq.copy_(exp_avg_sq)
             # The reduce buffer doubles as the gather buffer, unless it holds a narrower reduce dtype.
             gathered = s.bucket.flat if s.bucket.flat.dtype == s.param.dtype else s.param.new_empty(
                 s.bucket.flat.numel())
@@ -113,7 +119,7 @@ class ShardedAdamW:
         for s in self.shards:
             full = {}
             for key in ("exp_avg", "exp_avg_sq"):
-                gathered = s.param.new_empty(s.bucket.flat.numel())
+                gathered = getattr(s, key).new_empty(s.bucket.flat.numel())
                 all_gather(gathered, getattr(s, key), group=s.bucket.group)
                 full[key] = gathered
             for p, start, stop in zip(s.bucket.params, s.bucket.offsets, s.bucket.offsets[1:]):

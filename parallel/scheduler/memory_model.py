@@ -64,6 +64,8 @@ class Layout:
     """With gather_once: False reduces every micro-step's gradients, so only the weights stay unsharded."""
     reduce_bytes: int = 4
     """Bytes per gradient element in the reduction (parallel.reduce_dtype): FSDP's unsharded accumulation."""
+    moment_bytes: int = 4
+    """Bytes per AdamW moment element (optim.moment_dtype: 2 for bfloat16)."""
 
 
 @dataclass(frozen=True)
@@ -219,7 +221,7 @@ def predict_memory(cfg: ModelConfig, layout: Layout, counts: ParamCounts | None 
     x, xt = c.experts / layout.ep, c.experts_trainable / layout.ep  # this rank's ep shard
     if layout.grad_sync == "fsdp":
         shard, shard_trainable = c.fsdp_shard(layout.world, layout.ep)
-        params, grads, optimizer = 4 * shard, 4 * shard_trainable, 8 * shard_trainable
+        params, grads, optimizer = 4 * shard, 4 * shard_trainable, 2 * layout.moment_bytes * shard_trainable
         # The root unit stays gathered; two blocks gathered (this one and the prefetched next one) and
         # one block's unsharded float32 gradients before its reduce-scatter -- through backward to its
         # end, where the first block and the root are reduced last (measured: 4.97 GB peak against
@@ -234,9 +236,10 @@ def predict_memory(cfg: ModelConfig, layout: Layout, counts: ParamCounts | None 
         params = 4 * (c.dense + x)
         grads = 4 * (c.dense_trainable + xt)
         if layout.grad_sync == "reduce_scatter":
-            optimizer = 12 * (c.dense_trainable / layout.world + xt / edp)  # moments and a master shard
+            # moments and a float32 master shard
+            optimizer = (4 + 2 * layout.moment_bytes) * (c.dense_trainable / layout.world + xt / edp)
         else:
-            optimizer = 8 * (c.dense_trainable + xt)
+            optimizer = 2 * layout.moment_bytes * (c.dense_trainable + xt)
         with_activations = layout.act_bytes * (c.dense + x) if layout.act_bytes < 4 else 0.0  # autocast's copies
         # Buckets reduce in place; the reference concatenates each group (dense, experts) once.
         after_backward = 0.0 if layout.bucketed else 4 * max(c.dense_trainable, xt)

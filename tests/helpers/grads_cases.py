@@ -27,13 +27,16 @@ def watch_launches(reducer, launches: list[bool]) -> None:
     reducer._launch, reducer.finish = watched_launch, watched_finish
 
 
-def train_with_each_sync(rank: int, world: int, ep: int, steps: int, reduce_dtype: str = "float32") -> dict:
+def train_with_each_sync(rank: int, world: int, ep: int, steps: int, reduce_dtype: str = "float32",
+                         moment_dtype: str = "float32") -> dict:
     """Train the same model `steps` steps (2 accumulated micro-steps each) with the plain reduction, the
     bucketed overlapped all-reduce and ZeRO reduce-scatter + sharded AdamW. Returns, per strategy, this
     rank's parameters and AdamW state by name, the grad norms, the number of buckets and, per bucket launch,
-    whether it happened during backward (from a hook), and the dtype the buckets reduce in."""
+    whether it happened during backward (from a hook), the dtype the buckets reduce in and the dtype the
+    AdamW moments are stored in (`moment_dtype` bfloat16: LowPrecisionMomentsAdamW, ZeRO's shards alike)."""
     from moeyard.models import ModelConfig, MoEConfig, Transformer
     from moeyard.parallel import apply_expert_parallel, split_parameters
+    from moeyard.parallel.grads.adamw import LowPrecisionMomentsAdamW
     from moeyard.parallel.grads.buckets import BucketedReducer, backward_order, bucket_sizes
     from moeyard.parallel.grads.sync import OverlappedSync, PlainSync, ShardedSync
     from moeyard.parallel.grads.zero import ShardedAdamW
@@ -43,13 +46,17 @@ def train_with_each_sync(rank: int, world: int, ep: int, steps: int, reduce_dtyp
                       moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=32, num_shared_experts=1))
     pmesh = build_mesh(ep, "cpu")
     data = torch.randint(0, 64, (steps, world * 2, 17), generator=torch.Generator().manual_seed(11))
-    hyper = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    moments = getattr(torch, moment_dtype)
+    hyper = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, moment_dtype=moments)
 
     def torch_adamw(model):
         params = list(model.parameters())
-        return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                 lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        if moments != torch.float32:
+            return LowPrecisionMomentsAdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                                            moment_dtype=moments)
+        return torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
 
     def run(kind: str) -> dict:
         torch.manual_seed(0)
@@ -77,8 +84,9 @@ def train_with_each_sync(rank: int, world: int, ep: int, steps: int, reduce_dtyp
         # numpy arrays travel back by value (torch tensors would be shared through this process' file
         # descriptors, gone once it exits)
         return {"params": {n: p.detach().numpy().copy() for n, p in model.named_parameters()},
-                "states": {n: {k: v.numpy().copy() for k, v in states[id(p)].items()}
+                "states": {n: {k: v.float().numpy().copy() for k, v in states[id(p)].items()}
                            for n, p in model.named_parameters()},
+                "moment_dtypes": sorted({str(s["exp_avg"].dtype) for s in states.values()}),
                 "norms": norms, "buckets": len(dense) + len(expert), "launches": launches, "flat_dtypes": flat_dtypes}
 
     return {kind: run(kind) for kind in ("plain", "overlap", "zero")}

@@ -70,7 +70,7 @@ def test_offsets_start_at_zero_and_take_no_weight_decay() -> None:
     offsets = [n for n in names.values() if n.endswith((".bias", ".bias_E", ".sinks")) or ".b_" in n]
     assert {n.rsplit(".", 1)[-1] for n in offsets} == {"bias", "bias_E", "sinks", "b_gate_EF", "b_up_EF", "b_down_ED"}
     assert all(not dict(model.named_parameters())[n].any() for n in offsets)
-    decayed = {names[id(p)] for g in adamw(model, SimpleNamespace(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)).param_groups
-               if g["weight_decay"] > 0 for p in g["params"]}
+    settings = SimpleNamespace(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, moment_dtype="float32")
+    decayed = {names[id(p)] for g in adamw(model, settings).param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert not decayed & set(offsets)
     assert decayed == {n for n, p in model.named_parameters() if p.dim() >= 2 and n not in offsets}

@@ -123,3 +123,14 @@ def test_resident_weights_hold_the_unsharded_weights_but_sharded_gradients() -> 
     assert resident.parameters == once.parameters
     assert resident.gradients == per_micro.gradients
     assert per_micro.total < resident.total < once.total
+
+
+def test_bfloat16_moments_halve_the_optimizer_state() -> None:
+    for grad_sync in ("all_reduce", "fsdp"):
+        layout = Layout(world=4, ep=2, tokens=256, grad_sync=grad_sync)
+        full = predict_memory(CFG, layout)
+        assert predict_memory(CFG, dataclasses.replace(layout, moment_bytes=2)).optimizer == full.optimizer / 2
+    zero = Layout(world=4, ep=2, tokens=256, grad_sync="reduce_scatter")
+    # ZeRO keeps a float32 master shard besides the moments: 4 + 2 x 2 bytes instead of 4 + 2 x 4
+    assert predict_memory(CFG, dataclasses.replace(zero, moment_bytes=2)).optimizer == pytest.approx(
+        predict_memory(CFG, zero).optimizer * 8 / 12)
