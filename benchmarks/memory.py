@@ -58,12 +58,17 @@ LARGE = ["model.vocab_size=8192", "model.dim=1024", "model.n_layers=11", "model.
 SMOKE = ["model.vocab_size=512", "model.dim=64", "model.n_layers=2", "model.ffn_dim=128", "model.max_seq_len=64",
          "model.moe.num_experts=8", "model.moe.ffn_dim=64", "train.seq_len=64", "train.global_batch_tokens=1024",
          "parallel.ep=2"]
-LAYOUTS = [(fsdp, recompute) for fsdp in (False, True) for recompute in ("none", "experts", "full")]
+RECOMPUTES = ("none", "selective", "experts", "full")
+LAYOUTS = [(fsdp, recompute) for fsdp in (False, True) for recompute in RECOMPUTES]
 ACCUMULATING = [*CALIBRATION, "train.global_batch_tokens=8192", "train.micro_batch_size=1"]  # 4 micro-steps a rank
 STATE_LAYOUTS = [[], ["parallel.fsdp=true"], ["parallel.fsdp=true", "parallel.fsdp_gather_once=true"],
+                 ["parallel.fsdp=true", "parallel.fsdp_gather_once=true", "parallel.fsdp_reduce_once=false"],
+                 ["parallel.fsdp=true", "parallel.fsdp_gather_once=true", "parallel.fsdp_reduce_once=false",
+                  "optim.moment_dtype=bfloat16"],
                  ["parallel.fsdp=true", "parallel.ep=2", "model.moe.num_experts=2"]]
 """Where the state lives, on the accumulating calibration run: replicated, fsdp gathered every micro-step and
-once per step, and 2 experts over edp 2 (one expert per ep rank, its weights split on dim 1)."""
+once per step, resident weights (gathered once, reduced every micro-step; then with bf16 AdamW moments),
+and 2 experts over edp 2 (one expert per ep rank, its weights split on dim 1)."""
 
 
 def _status_kb(field: str) -> int:
@@ -158,10 +163,14 @@ def _label(cfg: Config) -> str:
     sync = "replicated"
     if cfg.parallel.fsdp:
         sync = "fsdp gathered once" if cfg.parallel.fsdp_gather_once else "fsdp"
+        if cfg.parallel.fsdp_gather_once and not cfg.parallel.fsdp_reduce_once:
+            sync = "fsdp resident weights"
     micro = cfg.global_batch_sequences // WORLD // (cfg.train.micro_batch_size or cfg.global_batch_sequences // WORLD)
     extra = f", {micro} micro-steps" if micro > 1 else ""
     if cfg.model.moe.num_experts // cfg.parallel.ep < WORLD // cfg.parallel.ep:
         extra += f", {cfg.model.moe.num_experts} experts over edp {WORLD // cfg.parallel.ep}"
+    if cfg.optim.moment_dtype != "float32":
+        extra += f", {cfg.optim.moment_dtype} moments"
     return f"{sync}, ep={cfg.parallel.ep}, recompute {cfg.train.recompute}{extra}"
 
 
@@ -241,7 +250,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     if args.smoke:
-        layouts, base, steps, large = LAYOUTS[::3], SMOKE, 2, None
+        layouts, base, steps, large = LAYOUTS[::len(RECOMPUTES)], SMOKE, 2, None
     else:
         layouts, base, steps = LAYOUTS, CALIBRATION, args.steps
     calibration = [row([*base, f"parallel.fsdp={str(fsdp).lower()}", f"train.recompute={recompute}"], steps)

@@ -10,7 +10,8 @@ AdamW (16 bytes per parameter of model state), 4M-token global batch; ep (up to 
 and the world are chosen among powers of two (they split the batch's 1,024 sequences), to need the fewest
 GPUs, with the config's recompute. The second table is the planner's choice at 64 GPUs (8 nodes; more
 where the model needs them or a published run used them): the fastest of replicated, ZeRO, fsdp per
-micro-step and fsdp gathered once, each with every recompute mode, that fits on its largest rank
+micro-step, fsdp gathered once and fsdp with resident weights (gathered once, reduced every micro-step),
+each with every recompute mode (selective included), that fits on its largest rank
 (`moeyard plan --hardware` makes the same choice). Every layout is a config that validates.
 The third table predicts peers' published runs in their own layouts and batches.
 """
