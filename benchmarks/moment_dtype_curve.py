@@ -24,7 +24,8 @@ WINDOWS = ((1, 100), (101, 200), (201, 300), (251, 300))
 
 
 def train(run_dir: Path, dtype: str) -> None:
-    cmd = [sys.executable, "-m", "moeyard", "train", "--set", f"run.dir={run_dir}", "--set", f"optim.moment_dtype={dtype}"]
+    cmd = [sys.executable, "-m", "moeyard", "train", "--set", f"run.dir={run_dir}",
+           "--set", f"optim.moment_dtype={dtype}"]
     subprocess.run(cmd, check=True, timeout=3600)
 
 

@@ -170,7 +170,8 @@ def build_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch.devi
     if dist.get_rank() == 0:
         print(f"parameters: {trainable:,} of {total:,} train ({100 * trainable / total:.2f}%)", flush=True)
         sharded = ", fsdp the rest" if plan.grad_sync == "fsdp" else ""
-        print(f"model state per rank (ep shards the experts evenly{sharded}): {model_state_line(model, cfg.optim.moment_bytes)}", flush=True)
+        state = model_state_line(model, cfg.optim.moment_bytes)
+        print(f"model state per rank (ep shards the experts evenly{sharded}): {state}", flush=True)
     return model, sync
 
 

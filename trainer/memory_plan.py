@@ -54,6 +54,8 @@ def _what_would_fit(cfg: Config, layout: Layout, capacity_gb: float) -> str:
         hint += "; parallel.fsdp_reduce_once=false reduces every micro-step, keeping only the weights unsharded"
     if layout.gather_once:
         hint += "; parallel.fsdp_gather_once=false keeps the weights and gradients sharded between micro-steps"
+    if layout.recompute == "none":
+        hint += "; train.recompute=selective keeps only the GEMM outputs"
     if layout.recompute != "full":
         hint += "; train.recompute=full keeps only each block's input"
     return hint
@@ -80,7 +82,9 @@ def _alternatives(cfg: Config, world: int) -> Iterator[tuple[list[str], Config]]
     if cfg.parallel.fsdp_gather_once:
         syncs += (["fsdp resident weights"] if cfg.parallel.fsdp_reduce_once else []) + ["fsdp per micro-step"]
     for micro in micros:
-        for recompute in RECOMPUTE[RECOMPUTE.index(cfg.train.recompute):]:
+        # Modes keep less in no fixed order (selective can keep less than experts at long sequences):
+        # the configured one first, then every other that keeps something back, fastest first.
+        for recompute in [cfg.train.recompute] + [r for r in RECOMPUTE if r not in (cfg.train.recompute, "none")]:
             for sync in syncs:
                 overrides, train, parallel, schedule = [], cfg.train, cfg.parallel, cfg.schedule
                 if micro != largest:

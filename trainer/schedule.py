@@ -135,10 +135,13 @@ class Layout:
     reduce_once: bool = True
     """With gather_once: gradients reduced once per step; False, in every micro-step (Plan.reduce_once)."""
 
+    @property
+    def key(self) -> tuple[str, bool, bool]:
+        return self.grad_sync, self.gather_once, self.reduce_once
+
     def of(self, plan: Plan) -> bool:
         """Whether `plan` lays the state out this way."""
-        return (plan.grad_sync, plan.gather_once, plan.reduce_once) == \
-            (self.grad_sync, self.gather_once, self.reduce_once)
+        return self.key == (plan.grad_sync, plan.gather_once, plan.reduce_once)
 
 
 LAYOUTS = (Layout("replicated", "all_reduce"), Layout("ZeRO", "reduce_scatter"),
@@ -148,8 +151,8 @@ LAYOUTS = (Layout("replicated", "all_reduce"), Layout("ZeRO", "reduce_scatter"),
 
 def configured_layout(cfg: Config) -> Layout:
     once = cfg.parallel.fsdp and cfg.parallel.fsdp_gather_once
-    return next(layout for layout in LAYOUTS if (layout.grad_sync, layout.gather_once, layout.reduce_once) ==
-                (cfg.grad_sync, once, cfg.parallel.fsdp_reduce_once or not once))
+    key = (cfg.grad_sync, once, cfg.parallel.fsdp_reduce_once or not once)
+    return next(layout for layout in LAYOUTS if layout.key == key)
 
 
 def planned_layout(plan: Plan) -> Layout:
@@ -202,8 +205,7 @@ def layout_choices(cfg: Config, w: Workload, costs: Costs, capacity_gb: float) -
             run = as_layout(cfg, layout, recompute)
             memory = predict_memory(cfg.model, memory_layout(run, w.dp, w.act_bytes), counts)
             fits = memory.total <= capacity_gb * 1e9
-            shaped = dataclasses.replace(w, recompute="experts" if recompute == "none" and
-                                         cfg.model.moe.recompute_experts else recompute)
+            shaped = dataclasses.replace(w, recompute=recompute)
             if fits or not choices:
                 plan, best = search(shaped, costs, layout.grad_sync, dispatch_choices=dispatch,
                                     gather_once=layout.gather_once, reduce_once=layout.reduce_once)

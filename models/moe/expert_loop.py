@@ -55,7 +55,7 @@ class _SwiGLULoop(torch.autograd.Function):
             elif recompute == "selective":
                 saved += [h1_nF, h2_nF]
             start += n
-        ctx.rows_per_expert, ctx.kept = rows_per_expert, {"none": 4, "selective": 2}.get(recompute, 0)
+        ctx.rows_per_expert, ctx.kept = rows_per_expert, {"none": 4, "selective": 2, "full": 0}[recompute]
         # Through save_for_backward, not a ctx attribute: autograd frees them after backward.
         ctx.save_for_backward(x_SD, order, w_gate_EDF, w_up_EDF, w_down_EFD, *saved)
         return y_SD

@@ -142,6 +142,8 @@ class GroupedExperts(nn.Module):
                  recompute: Literal["none", "selective", "full"] = "none",
                  bias: bool = False, activation: ExpertActivation = ExpertActivation()) -> None:
         super().__init__()
+        if recompute not in ("none", "selective", "full"):
+            raise ValueError(f"GroupedExperts recompute={recompute!r}: use none, selective or full")
         self.compute = compute
         self.recompute = recompute
         """Activation checkpointing. full: keep only the input rows and run the expert MLPs again in backward;

@@ -18,6 +18,19 @@ import torch
 from torch import Tensor
 
 
+def adamw_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float,
+                 betas: tuple[float, float], eps: float, step: int) -> None:
+    """torch.optim.AdamW's update of `param` (weight decay is the caller's), in its order of operations: the
+    moments are read into float32 (float32 ones are updated in place) and stored back in their dtype."""
+    beta1, beta2 = betas
+    m = exp_avg.float().lerp_(grad, 1 - beta1)
+    v = exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (v.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
+    param.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
 class LowPrecisionMomentsAdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable, *, lr: float, betas: tuple[float, float], eps: float,
                  weight_decay: float, moment_dtype: torch.dtype = torch.bfloat16) -> None:
@@ -39,18 +52,12 @@ class LowPrecisionMomentsAdamW(torch.optim.Optimizer):
     def step(self, closure=None) -> None:
         assert closure is None, "no closure: moeyard's step computes the loss itself"
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            lr, decay = group["lr"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self._state(p)
                 state["step"] += 1
-                step = float(state["step"])
-                grad = p.grad
-                exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 p.mul_(1 - lr * decay)
-                denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
-                p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
-                state["exp_avg"].copy_(exp_avg)
-                state["exp_avg_sq"].copy_(exp_avg_sq)
+                adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=lr, betas=group["betas"],
+                             eps=group["eps"], step=int(state["step"]))

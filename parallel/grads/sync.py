@@ -85,9 +85,11 @@ class PlainSync:
         return {id(p): dict(state) for p, state in self.optimizer.state.items()}
 
     def load_param_states(self, states: dict[int, dict[str, Tensor]]) -> None:
+        moments = getattr(self.optimizer, "moment_dtype", None)  # LowPrecisionMomentsAdamW's
         for p in self.groups.dense + self.groups.expert:
             if id(p) in states:
-                self.optimizer.state[p] = {k: v.clone() for k, v in states[id(p)].items()}
+                self.optimizer.state[p] = {k: v.to(moments if moments and k != "step" else v.dtype, copy=True)
+                                           for k, v in states[id(p)].items()}
 
 
 class OverlappedSync(PlainSync):

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moeyard.parallel.grads.adamw import adamw_update
 from moeyard.parallel.grads.buckets import Bucket, BucketedReducer, all_gather
 from moeyard.parallel.grads.reduce import scale_, squared_norm
 
@@ -81,10 +82,6 @@ class ShardedAdamW:
     def step(self) -> None:
         """One AdamW step on every shard, then gather the updated parameters into the model."""
         self.step_count += 1
-        beta1, beta2 = self.betas
-        bias_correction1 = 1 - beta1 ** self.step_count
-        bias_correction2_sqrt = (1 - beta2 ** self.step_count) ** 0.5
-        step_size = self.lr / bias_correction1
         works = []
         for s in self.shards:
             grad = s.bucket.grad_shard
@@ -92,12 +89,8 @@ class ShardedAdamW:
                 for seg in s.segments:
                     if seg.decay:
                         s.param[seg.lo:seg.hi].mul_(1 - self.lr * self.weight_decay)
-            exp_avg = s.exp_avg.float().lerp_(grad, 1 - beta1)  # float32 moments: these are the state itself
-            exp_avg_sq = s.exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-            s.param.addcdiv_(exp_avg, denom, value=-step_size)
-            s.exp_avg.copy_(exp_avg)
-            s.exp_avg_sq.copy_(exp_avg_sq)
+            adamw_update(s.param, grad, s.exp_avg, s.exp_avg_sq, lr=self.lr, betas=self.betas, eps=self.eps,
+                         step=self.step_count)
             # The reduce buffer doubles as the gather buffer, unless it holds a narrower reduce dtype.
             gathered = s.bucket.flat if s.bucket.flat.dtype == s.param.dtype else s.param.new_empty(
                 s.bucket.flat.numel())

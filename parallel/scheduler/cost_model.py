@@ -70,10 +70,16 @@ class Workload:
     recompute: str = "none"
     """train.recompute: full runs every block's forward again in backward (its all-to-alls too); experts
     runs the expert MLPs' forward again; selective, attention's core and the memory-bound kernels."""
+    recompute_experts: bool = False
+    """model.moe.recompute_experts: the expert MLPs run their forward again whatever `recompute` says."""
     ranks_per_node: int = 0
     """Ranks per machine (G); 0: every rank of the ep group on one machine."""
     nodes_per_token: float = 1.0
     """Machines of the ep group a token's copies reach, on average (`expected_nodes_per_token`)."""
+
+    def attention_flops_of(self, layer: int) -> float:
+        """attention_flops of a block; 0 for the embedding and the head."""
+        return self.attention_flops[layer] if 0 <= layer < len(self.attention_flops) else 0.0
 
     def layer_flops(self, layer: int) -> float:
         """-1: embedding (a gather, ~0), n_layers: the output head."""
@@ -174,7 +180,7 @@ def _chunked(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Phase, 
         if fan_out:
             prev_compute = s.add(f"{tag}.a2a_node_in{c}", "compute", fan_out, [dispatch[c], prev_compute])
         seconds = costs.experts(w, w.routed_rows / chunks, phase)
-        if phase == "bwd" and w.recompute == "experts":
+        if phase == "bwd" and (w.recompute == "experts" or w.recompute_experts and w.recompute != "full"):
             seconds += costs.experts(w, w.routed_rows / chunks, "fwd")
         prev_compute = s.add(f"{tag}.experts{c}", "compute", seconds, [dispatch[c], prev_compute])
         if fan_out:
@@ -388,7 +394,7 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     head_flops=head_fwd_flops(cfg, tokens),
                     attention_flops=tuple(attention_core_flops(cfg, tokens, seq_len, i) for i in blocks),
                     elementwise_bytes=tuple(block_elementwise_bytes(cfg, tokens, i, act_bytes) for i in blocks),
-                    recompute="experts" if recompute == "none" and cfg.moe.recompute_experts else recompute,
+                    recompute=recompute, recompute_experts=cfg.moe.recompute_experts,
                     ranks_per_node=ranks_per_node,
                     nodes_per_token=expected_nodes_per_token(
                         cfg.moe.num_experts, cfg.moe.top_k, machines,

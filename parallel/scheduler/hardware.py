@@ -62,17 +62,15 @@ class HardwareCosts:
     def dense(self, w: Workload, layer: int, phase: Phase) -> float:
         """GEMMs at the GEMM rate, attention at its kernel's, memory-bound kernels at memory bandwidth;
         backward twice the forward."""
-        attention = w.attention_flops[layer] if 0 <= layer < len(w.attention_flops) else 0.0
-        seconds = self._gemm(w.layer_flops(layer) - attention) + self.selective_recompute(w, layer)
+        seconds = self._gemm(w.layer_flops(layer) - w.attention_flops_of(layer)) + self.selective_recompute(w, layer)
         return seconds * (2 if phase == "bwd" else 1)
 
     def selective_recompute(self, w: Workload, layer: int) -> float:
         """Attention's core at its kernel's rate and the memory-bound kernels at memory bandwidth (those of
         permuting rows and combining them, which selective keeps, included: a small overestimate)."""
-        attention = w.attention_flops[layer] if 0 <= layer < len(w.attention_flops) else 0.0
         moved = w.elementwise_bytes[layer] if 0 <= layer < len(w.elementwise_bytes) else 0.0
         rate = (self.hw.attention_tflops or self.hw.gemm_tflops) * 1e12
-        return attention / rate + moved / (self.hw.memory_gbps * 1e9)
+        return w.attention_flops_of(layer) / rate + moved / (self.hw.memory_gbps * 1e9)
 
     def experts(self, w: Workload, rows: float, phase: Phase) -> float:
         return self._gemm(6 * rows * w.dim * w.expert_hidden) * (2 if phase == "bwd" else 1)

@@ -69,8 +69,7 @@ class MeasuredCosts:
         """Attention's core's share of the block's FLOPs, of its measured forward (the profile does not time
         the memory-bound kernels apart: they are left out)."""
         flops = w.layer_flops(layer)
-        attention = w.attention_flops[layer] if 0 <= layer < len(w.attention_flops) else 0.0
-        return self.dense(w, layer, "fwd") * attention / flops if flops else 0.0
+        return self.dense(w, layer, "fwd") * w.attention_flops_of(layer) / flops if flops else 0.0
 
     def all_to_all(self, w: Workload, nbytes: float) -> float:
         # The fit is for the bytes one rank sends in total, (ep-1)/ep of which leave the rank.

@@ -59,8 +59,6 @@ def test_gather_once_per_step_collectives_and_gradients(gather_once, reduce_once
             assert r["all_gather_single"] == micro_steps * (2 * (units - 1) + 1)
 
 
-
-
 def test_resident_bfloat16_weights_round_as_fsdp_per_micro_step_does() -> None:
     """fsdp resident weights with bf16 compute (train.dtype=bfloat16): FSDP2 gathers bf16 copies once per step
     from the float32 shards (the master) and reduces every micro-step's gradients into float32 shards. Its

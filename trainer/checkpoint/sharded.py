@@ -321,8 +321,10 @@ class Checkpointer:
     def load(self, path: Path, manifest: dict[str, Any], model: nn.Module, sync: GradSync) -> None:
         """Load weights, optimizer state and (same world size) RNG streams of a verified checkpoint."""
         same_world = manifest["world_size"] == dist.get_world_size()
+        moments = getattr(torch, self.cfg.optim.moment_dtype)  # a checkpoint's other dtype is cast on read
         optim_states = {id(p): {"step": torch.zeros((), dtype=torch.float32),
-                                **{k: torch.zeros_like(p, memory_format=torch.contiguous_format) for k in ADAM_KEYS}}
+                                **{k: torch.zeros_like(p, dtype=moments, memory_format=torch.contiguous_format)
+                                   for k in ADAM_KEYS}}
                         for p in model.parameters() if p.requires_grad}
         saved = safe_read.read_metadata(path).state_dict_metadata
         names = None

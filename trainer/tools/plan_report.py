@@ -22,12 +22,12 @@ from moeyard.trainer.schedule import (
     act_bytes,
     agreed_capacity_gb,
     as_layout,
-    planned_layout,
     auto_plan,
     choose_layout,
     layout_choices,
     load_hardware,
     load_or_measure,
+    planned_layout,
     profile_cache_dir,
     workload,
 )
