@@ -52,6 +52,7 @@ from moeyard.trainer.checkpoint.store import (
     misnamed,
     read_manifest,
     sha256,
+    unlisted,
     verify,
 )
 from moeyard.trainer.config import Config, to_dict
@@ -133,7 +134,7 @@ def _manifest_or_problem(path: Path) -> tuple[dict[str, Any] | None, str | None]
         manifest = read_manifest(path)
     except CheckpointError as err:
         return None, str(err)
-    problem = misnamed(path, manifest)
+    problem = misnamed(path, manifest) or unlisted(path, manifest)
     return (None, problem) if problem else (manifest, None)
 
 

@@ -90,6 +90,25 @@ def check_files(path: Path, entries: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def unlisted(path: Path, manifest: dict[str, Any]) -> str | None:
+    """Why the manifest does not vouch for everything a load reads, or None: it must list DCP's index
+    (.metadata) and every other file in the folder -- a file it leaves out would be read unchecked (an empty
+    list over a damaged shard, or a shard `.metadata` names that the list omits)."""
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        return f"{path}: the manifest's files must be a list of {{name, bytes, sha256}}"
+    listed = {f.get("name") for f in files}
+    if ".metadata" not in listed:
+        return (f"{path}: the manifest does not list .metadata, so nothing in this checkpoint can be verified: "
+                f"it was not written by moeyard, or its manifest was edited")
+    extra = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in listed)
+    if extra:
+        return (f"{path}: {extra[:3]} {'are' if len(extra) > 1 else 'is'} not listed in the manifest, so "
+                f"{'they' if len(extra) > 1 else 'it'} could be read unchecked: remove what does not belong to "
+                f"the checkpoint, or restore its manifest")
+    return None
+
+
 def content_hash(manifest: dict[str, Any]) -> str:
     """A checkpoint's identity: the hash of its files' names and sha256 (not of its path or its manifest's
     other fields), so a copy elsewhere keeps it and any changed shard changes it."""
@@ -142,7 +161,7 @@ def latest_of(folder: Path) -> Path | None:
 def verify(path: Path) -> dict[str, Any]:
     """The manifest, after checking that every file it lists is there, whole and unchanged."""
     manifest = read_manifest(path)
-    problem = misnamed(path, manifest) or check_files(path, manifest.get("files", []))
+    problem = misnamed(path, manifest) or unlisted(path, manifest) or check_files(path, manifest["files"])
     if problem:
         raise CheckpointError(problem)
     return manifest

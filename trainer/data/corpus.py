@@ -242,25 +242,41 @@ def prepare_corpus(paths: list[Path], out: Path, opts: PrepareOptions = PrepareO
         raise
 
 
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished corpus to `out`; if another process got there first, keep theirs. A corpus made
-    from other sources (or an older format) there is moved aside first (runs reading it keep their files)."""
-    if out.exists() and not (out / "meta.json").exists() and any(out.iterdir()):
-        raise DataError(f"{out} exists and is not a prepared corpus: remove it or choose another folder")
-    if (out / "meta.json").is_file():
-        new = json.loads((tmp / "meta.json").read_text())
-        try:
-            old = json.loads((out / "meta.json").read_text())
-        except ValueError:
-            old = {}
-        if not isinstance(old, dict) or (old.get("format"), old.get("source_fingerprint")) != (
-                new["format"], new["source_fingerprint"]):
-            aside = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, aside)
-            shutil.rmtree(aside, ignore_errors=True)
+def _cache_fingerprint(corpus: Path) -> str:
+    """The source fingerprint of moeyard's own cache of a data.source (prepare_folder); "" for a corpus a user
+    made with `moeyard prepare` (or an unreadable meta.json): that one is theirs, never replaced."""
     try:
-        os.replace(tmp, out)  # atomic; also replaces an empty folder
-    except OSError:
-        if not (out / "meta.json").is_file():
-            raise
-        shutil.rmtree(tmp)  # another process (or node sharing the cache) finished first
+        meta = json.loads((corpus / "meta.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return meta.get("source_fingerprint") or "" if isinstance(meta, dict) else ""
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished corpus `tmp` to `out`. Only moeyard's cache of a data.source (a non-empty source
+    fingerprint) replaces a corpus there, and only its own older cache (moved aside first: runs reading it
+    keep their files); where another process finished the same cache first, theirs is kept. A corpus a user
+    asked for that finds `out` filled meanwhile is discarded with an error: nobody's corpus is swapped."""
+    new = _cache_fingerprint(tmp)
+    taken = f"another process wrote a corpus to {out} while this one ran; this run's corpus was discarded " \
+            f"and {out} holds the other's: choose another --out"
+    try:
+        if out.exists() and not (out / "meta.json").exists() and any(out.iterdir()):
+            raise DataError(f"{out} exists and is not a prepared corpus: remove it or choose another folder")
+        if (out / "meta.json").is_file():
+            old = _cache_fingerprint(out)
+            if not (new and old):
+                raise DataError(taken)
+            if old != new or json.loads((out / "meta.json").read_text()).get("format") != FORMAT:
+                aside = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+        try:
+            os.replace(tmp, out)  # atomic; also replaces an empty folder
+        except OSError:
+            if not (new and _cache_fingerprint(out) == new):
+                raise DataError(taken) from None
+            shutil.rmtree(tmp)  # another process (or node sharing the cache) finished the same cache first
+    except DataError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

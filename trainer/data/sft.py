@@ -87,7 +87,14 @@ class HFChatTemplate:
     def __init__(self, folder: Path) -> None:
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if not (folder / "tokenizer.json").is_file():
+            raise DataError(f"sft.tokenizer={folder} is not a local tokenizer folder (no tokenizer.json there): give "
+                            f"a folder written by save_pretrained; names on the Hugging Face Hub are not fetched")
+        try:  # a local fast tokenizer only: never the Hub, never a folder's own Python (auto_map)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+        except (ValueError, OSError) as err:
+            raise DataError(f"the tokenizer in {folder} could not be loaded without running code from the folder "
+                            f"or the network: {err}") from None
         if not self.tokenizer.chat_template:
             raise DataError(f"the tokenizer in {folder} has no chat_template: set one, or drop sft.tokenizer to "
                             f"use the built-in template")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from moeyard.errors import DataError
+from moeyard.trainer.checkpoint.store import is_plain_name
 
 BATCH_BYTES = 1 << 22  # about 4 MiB of text per batch handed to a tokenizer
 BATCH_ROWS = 2048
@@ -55,8 +56,16 @@ def folder_files(src: Path, glob: str) -> Iterator[Path]:
 
 
 def _arrow_files(folder: Path) -> tuple[Path, ...]:
-    state = json.loads((folder / "state.json").read_text())
-    files = tuple(folder / f["filename"] for f in state.get("_data_files", []))
+    try:
+        names = [f["filename"] for f in json.loads((folder / "state.json").read_text()).get("_data_files", [])]
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise DataError(f"{folder / 'state.json'} is not a datasets state file ({err!r}): save the dataset again "
+                        f"with save_to_disk") from None
+    outside = [str(n) for n in names if not is_plain_name(n) or (folder / n).is_symlink()]
+    if outside:
+        raise DataError(f"{folder / 'state.json'} lists data files {outside[:3]} outside {folder}: each must be a "
+                        f"file name inside the dataset's folder (the file was edited or belongs elsewhere)")
+    files = tuple(folder / n for n in names)
     missing = [str(f) for f in files if not f.is_file()]
     if missing or not files:
         raise DataError(f"{folder}: the dataset's state.json lists data files that are not there ({missing[:3]}): "

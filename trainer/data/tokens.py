@@ -116,7 +116,8 @@ def read_meta(data_dir: Path) -> dict:
 
 def _stale(out: Path, src: Path, glob: str) -> bool:
     """The cached corpus at `out` was made from the folder `src` and no longer matches it (changed files, or
-    a format this moeyard no longer reads); False when `out` was made from something else (data.dir wins)."""
+    a format this moeyard no longer reads); False when `out` was made from something else (data.dir wins)
+    or by a user (`moeyard prepare` records no source fingerprint: that corpus is never prepared again)."""
     try:
         meta = json.loads((out / "meta.json").read_bytes())
     except ValueError:  # damaged: read_meta says so
@@ -124,8 +125,8 @@ def _stale(out: Path, src: Path, glob: str) -> bool:
     if not isinstance(meta, dict):
         return False
     old_form = meta.get("source") == str(src)  # format v1 kept the one source folder here
-    made_from_it = old_form or ([s.get("path") for s in meta.get("sources", [])], meta.get("glob")) == (
-        [str(src.resolve())], glob)
+    made_from_it = old_form or meta.get("source_fingerprint") and (
+        [s.get("path") for s in meta.get("sources", [])], meta.get("glob")) == ([str(src.resolve())], glob)
     return made_from_it and src.is_dir() and (
         meta.get("format") != FORMAT or meta.get("source_fingerprint") != source_fingerprint(src, glob))
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from moeyard.errors import ConfigError
 from moeyard.models import ModelConfig
+from moeyard.trainer.checkpoint.store import is_plain_name
 from moeyard.trainer.tools import hf_gpt_oss as gpt_oss
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -36,6 +37,15 @@ def _opened(path: Path) -> Iterator[Any]:
         yield f
 
 
+def _safetensors_inside(folder: Path, name: object) -> bool:
+    """A plain *.safetensors file name right inside `folder`: no separator, no `..`, no link, a regular file
+    (a FIFO would block the reader for ever)."""
+    if not is_plain_name(name) or not str(name).endswith(".safetensors"):
+        return False
+    path = folder / str(name)
+    return not path.is_symlink() and path.is_file()
+
+
 class HFTensors:
     """The safetensors of a save_pretrained folder, read lazily; remembers what was taken. `dry`: `take`
     reads only the header and returns a float32 tensor on the meta device (names and shapes, no data)."""
@@ -46,9 +56,15 @@ class HFTensors:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as err:
+                items = list(weight_map.items())
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
                 raise ConfigError(f"{index} is not a safetensors index (JSON with a weight_map): {err!r}") from None
-            self.files = {key: hf_dir / name for key, name in weight_map.items()}
+            outside = sorted({str(name) for _, name in items if not _safetensors_inside(hf_dir, name)})
+            if outside:
+                raise ConfigError(f"{index} maps tensors to {outside[:3]}: every weight_map file must be a "
+                                  f"*.safetensors file right inside {hf_dir} (no path, no link out); the index "
+                                  f"was edited or belongs elsewhere")
+            self.files = {key: hf_dir / name for key, name in items}
         elif (hf_dir / "model.safetensors").is_file():
             with _opened(hf_dir / "model.safetensors") as f:
                 self.files = {key: hf_dir / "model.safetensors" for key in f.keys()}

@@ -12,8 +12,10 @@ from moeyard.trainer.checkpoint.store import CheckpointStore, sha256, verify
 def make(root, step: int, payload: bytes = b"weights") -> None:
     folder = root / f"step_{step:06d}"
     folder.mkdir(parents=True)
+    (folder / ".metadata").write_bytes(b"index")
     (folder / "__0_0.distcp").write_bytes(payload)
-    files = [{"name": "__0_0.distcp", "bytes": len(payload), "sha256": sha256(folder / "__0_0.distcp")}]
+    files = [{"name": name, "bytes": (folder / name).stat().st_size, "sha256": sha256(folder / name)}
+             for name in (".metadata", "__0_0.distcp")]
     (folder / "manifest.json").write_text(json.dumps({"step": step, "files": files}))
 
 
@@ -57,8 +59,10 @@ def test_republishing_a_step_replaces_it_without_a_gap(tmp_path) -> None:
     make(tmp_path, 5, b"old")
     tmp = tmp_path / ".step_000005.tmp"
     tmp.mkdir()
+    (tmp / ".metadata").write_bytes(b"index")
     (tmp / "__0_0.distcp").write_bytes(b"new")
-    files = [{"name": "__0_0.distcp", "bytes": 3, "sha256": sha256(tmp / "__0_0.distcp")}]
+    files = [{"name": name, "bytes": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)}
+             for name in (".metadata", "__0_0.distcp")]
     CheckpointStore(tmp_path).publish(tmp, 5, {"step": 5, "files": files})
     assert (tmp_path / "step_000005" / "__0_0.distcp").read_bytes() == b"new"
     assert verify(tmp_path / "step_000005")["step"] == 5
@@ -73,3 +77,18 @@ def test_metrics_cut_short_by_a_crash_do_not_block_a_restart(tmp_path) -> None:
     path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "lo')
     MetricsLogger(tmp_path, total_steps=5, first_step=2, tensorboard=False, progress=False).close()
     assert path.read_text() == '{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n'
+
+
+@pytest.mark.parametrize("listed", [[], [".metadata"]], ids=["empty", "a-shard-left-out"])
+def test_a_manifest_vouches_for_every_file_a_load_reads(tmp_path, listed) -> None:
+    """Issue 35 item 8: `"files": []` over a bit-flipped shard used to pass as intact, and a shard that
+    `.metadata` names but the manifest leaves out was read unchecked. Now both are refused by name."""
+    make(tmp_path, 10)
+    folder = tmp_path / "step_000010"
+    (folder / "__0_0.distcp").write_bytes(b"weightz")  # damaged, and no longer vouched for
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = [f for f in manifest["files"] if f["name"] in listed]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="does not list .metadata" if not listed else "not listed in the manifest"):
+        verify(folder)
+    assert CheckpointStore(tmp_path).newest_intact().path is None

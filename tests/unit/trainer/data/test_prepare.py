@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -178,3 +179,18 @@ def test_a_saved_truncation_does_not_cut_documents_and_bad_outputs_fail_before_w
         prepare_corpus([tmp_path / "d.jsonl"], tmp_path / "busy", PrepareOptions())
     with pytest.raises(DataError, match="would be read twice"):
         prepare_corpus([tmp_path / "d.jsonl", tmp_path / "." / "d.jsonl"], tmp_path / "o2", PrepareOptions())
+
+
+@pytest.mark.parametrize("filename", ["../outside.arrow", "ABSOLUTE"])
+def test_a_save_to_disk_state_never_names_a_file_outside_its_folder(tmp_path, filename) -> None:
+    """Issue 35 item 9: state.json's data files used to be followed wherever they pointed."""
+    formats = write_every_format(tmp_path / "f", DOCUMENTS)
+    folder = formats["arrow"]
+    state = json.loads((folder / "state.json").read_text())
+    outside = tmp_path / "outside.arrow"
+    shutil.copy(folder / state["_data_files"][0]["filename"], outside)
+    state["_data_files"] = [{"filename": str(outside) if filename == "ABSOLUTE" else filename}]
+    (folder / "state.json").write_text(json.dumps(state))
+    with pytest.raises(DataError, match="outside"):
+        prepare_corpus([folder], tmp_path / "out", PrepareOptions())
+    assert not (tmp_path / "out").exists()

@@ -156,3 +156,25 @@ def test_hf_chat_template_learns_exactly_the_assistant_turns(tmp_path) -> None:
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in template.stop_ids()
     assert template.prompt(messages[:-1])[-2:] == tokenizer("<|im_start|>assistant", add_special_tokens=False)[
         "input_ids"]
+
+
+def test_sft_tokenizer_never_runs_a_folders_code_nor_reaches_the_hub(tmp_path) -> None:
+    """Issue 35 item 2: a tokenizer_config.json with auto_map used to get transformers' "run this code?"
+    prompt (and ran tokenization_evil.py on a "y"); a Hub name went to the network. Local folders only, and
+    never their Python: the payload's marker file stays absent."""
+    pytest.importorskip("transformers")
+    from moeyard.trainer.data.sft import HFChatTemplate
+
+    folder = _chatml_tokenizer(tmp_path / "tok")
+    marker = tmp_path / "ran"
+    (folder / "tokenization_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
+                                                 "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", "tokenization_evil.EvilTokenizer"]}
+    config["tokenizer_class"] = "EvilTokenizer"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match="without running code from the folder"):
+        HFChatTemplate(folder)
+    assert not marker.exists(), "the folder's Python ran"
+    with pytest.raises(DataError, match="is not a local tokenizer folder"):
+        HFChatTemplate(Path("some-org/some-model"))

@@ -135,3 +135,51 @@ def test_a_corpus_smaller_than_one_global_batch_is_refused_from_its_meta(tmp_pat
     check_corpus_size(tmp_path / "out", meta, seq_len=100, global_batch=10)  # 1000 tokens: 10 sequences
     with pytest.raises(DataError, match="has 10 sequences of 100 tokens, fewer than one global batch \\(11\\)"):
         check_corpus_size(tmp_path / "out", meta, seq_len=100, global_batch=11)
+
+
+def test_a_corpus_made_with_moeyard_prepare_is_never_prepared_again_from_data_source(tmp_path) -> None:
+    """Issue 35 item 1: data.dir (made by `moeyard prepare --tokenizer`) beside data.source (the folder it came
+    from) used to be deleted and re-tokenized with the byte tokenizer. A corpus a user made is theirs: used as
+    it is, whatever data.source says; only moeyard's own cache of a data.source is refreshed."""
+    from helpers.tokenizer_cases import train_bpe
+
+    from moeyard.trainer.data.corpus import PrepareOptions
+    from moeyard.trainer.data.corpus import prepare_corpus as prepare_sources
+    from moeyard.trainer.data.tokens import ensure_corpus
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("def f(x):\n    return x + 1\n" * 20)
+    tok = train_bpe(tmp_path / "tok", [(src / "a.py").read_text()])
+    corpus = tmp_path / "corp"
+    prepare_sources([src], corpus, PrepareOptions(tokenizer=tok, glob="*.py"))
+    before = (corpus / "meta.json").read_bytes()
+    (src / "b.py").write_text("y = 2\n")  # the source moves on: still not a reason to touch the user's corpus
+    assert ensure_corpus(str(src), str(corpus), "*.py") == corpus
+    assert (corpus / "meta.json").read_bytes() == before
+    assert (corpus / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_two_prepares_into_one_folder_never_keep_the_other_ones_corpus_silently(tmp_path) -> None:
+    """Issue 35 item 3: the process that finishes second used to print success while the folder held the other
+    run's corpus. A corpus a user asked for (`moeyard prepare`) that finds the folder taken says so and keeps the
+    first; two processes filling moeyard's cache of the same source agree (the second keeps the first's)."""
+    from moeyard.trainer.data.corpus import PrepareOptions, move_into_place
+    from moeyard.trainer.data.corpus import prepare_corpus as prepare_sources
+
+    for name, text in (("one", "first corpus\n"), ("two", "second, different corpus\n" * 3)):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": text}) + "\n")
+        prepare_sources([tmp_path / f"{name}.jsonl"], tmp_path / name, PrepareOptions())
+    first = (tmp_path / "one" / "meta.json").read_bytes()
+    with pytest.raises(DataError, match="another process wrote a corpus"):
+        move_into_place(tmp_path / "two", tmp_path / "one")
+    assert (tmp_path / "one" / "meta.json").read_bytes() == first
+    assert not (tmp_path / "two").exists(), "the losing run's files were left behind"
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("x = 1\n")
+    prepare_corpus(src, tmp_path / "cache", "*.py")
+    prepare_corpus(src, tmp_path / "racer", "*.py")
+    move_into_place(tmp_path / "racer", tmp_path / "cache")  # the same cache, finished twice: fine
+    assert read_meta(tmp_path / "cache")["documents"] == 1

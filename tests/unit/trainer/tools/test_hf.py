@@ -190,3 +190,32 @@ def test_kimi_k2_config_reads_as_deepseek_v3_and_exports_as_it(tmp_path: Path) -
     assert main(["convert", "to-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back")]) == 0
     assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "deepseek_v3"
     assert (hf_logits(tmp_path / "back", TOKENS) - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("escape", ["../elsewhere/model.safetensors", "ABSOLUTE", "fifo.safetensors"])
+def test_a_from_hf_index_never_leaves_its_folder(tmp_path: Path, escape: str) -> None:
+    """Issue 35 item 9: weight_map values like /abs/x.safetensors or ../x/model.safetensors were followed (any
+    safetensors on the machine pulled into the checkpoint; a FIFO blocked for ever). Refused by name, nothing
+    written."""
+    import os
+
+    from moeyard.trainer.tools.hf_convert import import_hf
+    from moeyard.trainer.tools.hf_files import INDEX
+
+    hf_dir = save_random_model("mixtral", tmp_path / "hf")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(hf_dir / "model.safetensors", elsewhere / "model.safetensors")
+    if escape == "ABSOLUTE":
+        escape = str(elsewhere / "model.safetensors")
+    if escape == "fifo.safetensors":
+        os.mkfifo(hf_dir / escape)
+    from safetensors import safe_open
+
+    with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    (hf_dir / INDEX).write_text(json.dumps({"weight_map": {k: escape for k in keys}}))
+    (hf_dir / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="must be a \\*.safetensors file right inside"):
+        import_hf(hf_dir, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
