@@ -6,9 +6,23 @@ from pathlib import Path
 
 from moeyard.errors import DataError
 from moeyard.trainer.data.corpus import PrepareOptions, prepare_corpus
+from moeyard.trainer.data.tokens import verify_corpus
+
+
+def cmd_verify(folder: Path) -> int:
+    """`moeyard prepare --verify DIR`: every shard against its recorded sha256, ids against the vocabulary."""
+    problems = verify_corpus(folder)
+    for problem in problems:
+        print(problem)
+    print(f"{folder}: {'damaged, prepare it again' if problems else 'intact'}")
+    return 1 if problems else 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    if args.verify:
+        return cmd_verify(Path(args.verify))
+    if not args.sources or not args.out:
+        raise DataError("moeyard prepare needs SOURCE... and --out (or --verify DIR to check a corpus)")
     out = Path(args.out)
     if (out / "meta.json").exists():
         raise DataError(f"{out} already holds a prepared corpus; remove it or choose another --out")
@@ -32,10 +46,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     prepare = sub.add_parser("prepare", help="tokenize text (folders, JSONL, Parquet, Arrow) into token shards")
-    prepare.add_argument("sources", nargs="+", metavar="SOURCE",
+    prepare.add_argument("sources", nargs="*", metavar="SOURCE",
                          help="a folder of text files (read recursively, see --glob), a .jsonl or .jsonl.gz file, "
                               "a .parquet file, or a folder written by datasets' save_to_disk")
-    prepare.add_argument("--out", required=True, help="folder to create with the token shards")
+    prepare.add_argument("--out", help="folder to create with the token shards")
+    prepare.add_argument("--verify", metavar="DIR", help="check a prepared corpus instead: every shard against the "
+                                                         "sha256 its meta.json records, every id against the "
+                                                         "vocabulary (exit 1 if damaged)")
     prepare.add_argument("--tokenizer", help="a local Hugging Face tokenizer folder (with tokenizer.json); "
                                              "default: the byte tokenizer")
     prepare.add_argument("--field", default="text", help="the text field of JSONL records, or column of a table "

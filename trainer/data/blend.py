@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from moeyard.errors import DataError
-from moeyard.trainer.data.tokens import check_corpus_size, read_meta, windows
+from moeyard.trainer.data.tokens import check_corpus_size, index_problem, read_meta, windows
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class SourceWindows:
 
     def __init__(self, source: CorpusSource, seq_len: int, global_batch: int, seed: int, salt: int) -> None:
         meta = read_meta(source.dir)
-        self.meta, self.name = meta, source.name
+        self.meta, self.name, self.dir = meta, source.name, source.dir
         self.vocab_size: int = meta["vocab_size"]
         dtype = np.dtype(meta["dtype"])
         self.shards = [np.memmap(source.dir / s["file"], dtype=dtype, mode="r") for s in meta["shards"]]
@@ -88,6 +88,7 @@ class SourceWindows:
         self.epoch_len = whole or self.num_windows
         self.seed, self.salt = seed, salt
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+        self._indexes_checked: set[int] = set()
 
     def window_id(self, drawn: int) -> int:
         """The window this source gives as its `drawn`-th sample of the run (from 0)."""
@@ -103,12 +104,26 @@ class SourceWindows:
         return shard, (window_id - int(self.offsets[shard])) * self.seq_len
 
     def tokens(self, window_id: int) -> np.ndarray:
+        """The window's ids, bounded by the vocabulary: token shards carry no checksum a read could use, so
+        a damaged one is caught here (an id past the embedding is an IndexError on CPU, a device assert on a
+        GPU), and in full by `moeyard prepare --verify`."""
         shard, start = self._locate(window_id)
-        return self.shards[shard][start:start + self.window]
+        window = self.shards[shard][start:start + self.window]
+        if int(window.max()) >= self.vocab_size:
+            raise DataError(f"{self.dir / self.meta['shards'][shard]['file']} holds token id {int(window.max())}, "
+                            f"outside the corpus's vocabulary of {self.vocab_size}: the shard is damaged; "
+                            f"`moeyard prepare --verify {self.dir}` checks all of it, prepare it again to repair")
+        return window
 
     def segments(self, window_id: int) -> np.ndarray:
         """Document of each of the window's tokens, numbered from 0 within the window."""
         shard, start = self._locate(window_id)
+        if shard not in self._indexes_checked:  # a scrambled index would give wrong masks, silently
+            problem = index_problem(self.starts[shard], self.meta["shards"][shard]["tokens"])
+            if problem:
+                raise DataError(f"{self.dir / self.meta['shards'][shard]['index']}: {problem}: the corpus is "
+                                f"damaged; prepare it again")
+            self._indexes_checked.add(shard)
         doc = np.searchsorted(self.starts[shard], np.arange(start, start + self.window), side="right") - 1
         return doc - doc[0]
 

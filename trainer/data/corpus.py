@@ -129,7 +129,8 @@ class ShardWriter:
         starts = np.concatenate(self._starts).astype(np.int64)
         starts.tofile(self.folder / index)
         self.shards.append({"file": Path(self._file.name).name, "index": index, "tokens": self._tokens,
-                            "documents": len(starts), "sha256": self._digest.hexdigest()})
+                            "documents": len(starts), "sha256": self._digest.hexdigest(),
+                            "index_sha256": hashlib.sha256(starts.tobytes()).hexdigest()})
         self._file, self._digest, self._tokens, self._starts = None, hashlib.sha256(), 0, []
 
 

@@ -183,3 +183,37 @@ def test_two_prepares_into_one_folder_never_keep_the_other_ones_corpus_silently(
     prepare_corpus(src, tmp_path / "racer", "*.py")
     move_into_place(tmp_path / "racer", tmp_path / "cache")  # the same cache, finished twice: fine
     assert read_meta(tmp_path / "cache")["documents"] == 1
+
+
+def test_damaged_shards_are_named_not_trained_on(small_corpus, tmp_path, capsys) -> None:
+    """Issue 35 item 7: an id >= vocab_size gave a 60-line IndexError (a device assert on a GPU), a scrambled
+    document index trained silently. Each batch's ids are bounded by the vocabulary and each index is checked
+    before its first use; `moeyard prepare --verify` checks every shard against its recorded sha256."""
+    import shutil
+
+    from moeyard.launch.cli import main
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_corpus, corpus)
+    assert main(["prepare", "--verify", str(corpus)]) == 0
+    assert "intact" in capsys.readouterr().out
+    meta = read_meta(corpus)
+    shard = corpus / meta["shards"][0]["file"]
+    ids = np.fromfile(shard, dtype=meta["dtype"])
+    ids[: len(ids) // 2] = 300  # past the byte vocabulary of 257, in every window of the first half
+    ids.tofile(shard)
+    with pytest.raises(DataError, match="outside the corpus's vocabulary of 257"):
+        TokenBatches(corpus, 32, 8, dp_rank=0, dp_size=1, seed=5).batch(0)
+    assert main(["prepare", "--verify", str(corpus)]) == 1
+    out = capsys.readouterr().out
+    assert "does not match the sha256" in out and "token id 300" in out and "damaged" in out
+
+    shutil.rmtree(corpus)
+    shutil.copytree(small_corpus, corpus)
+    index = corpus / meta["shards"][0]["index"]
+    starts = np.fromfile(index, dtype=np.int64)
+    np.random.default_rng(0).shuffle(starts)
+    starts.tofile(index)
+    with pytest.raises(DataError, match="document starts are not increasing"):
+        TokenBatches(corpus, 32, 8, dp_rank=0, dp_size=1, seed=5, document_mask=True).batch(0)
+    assert main(["prepare", "--verify", str(corpus)]) == 1
