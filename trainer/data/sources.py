@@ -85,6 +85,11 @@ def open_source(path: Path, glob: str) -> Source:
         files = tuple(folder_files(path, glob))
         if not files:
             raise DataError(f"no files matching {glob!r} under {path}: check the folder and --glob")
+        records = [str(f) for f in files if f.name.lower().endswith(NOT_TEXT_SUFFIXES)]
+        if records:
+            raise DataError(f"{records[:3]} match {glob!r} under {path}, but a folder source reads each file as "
+                            f"raw text: give record files (.jsonl, .jsonl.gz, .parquet) as sources of their own, "
+                            f"and choose a --glob that matches text files only")
         return Source(path, "folder", files)
     name = path.name.lower()
     if not path.is_file():
@@ -96,6 +101,11 @@ def open_source(path: Path, glob: str) -> Source:
         return Source(path, "parquet", (path,))
     raise DataError(f"data source {path}: unknown kind of file (expected .jsonl, .jsonl.gz or .parquet, a folder "
                     f"of text files, or a folder written by datasets' save_to_disk)")
+
+
+NOT_TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson", ".parquet", ".arrow", ".gz", ".bz2", ".xz",
+                     ".zst", ".zip", ".tar", ".bin", ".npy", ".safetensors", ".pt")
+"""Files a folder source refuses to read as raw text: records, archives, tensors, token shards."""
 
 
 def file_sha256(path: Path) -> str:
@@ -121,6 +131,8 @@ def _whole_file(file: Path) -> RecordBatch:
         data = file.read_bytes()
     except OSError as err:
         raise DataError(f"{file}: cannot be read ({err.strerror})") from None
+    if b"\0" in data:  # no text holds a NUL byte; binaries and token shards do
+        raise DataError(f"{file} is not text (it holds NUL bytes): choose a --glob that matches text files only")
     return RecordBatch(file, "file", [0], [data], len(data))
 
 

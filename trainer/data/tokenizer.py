@@ -127,12 +127,18 @@ class HFTokenizer:
 
 
 def load_tokenizer(folder: Optional[Path]) -> ByteTokenizer | HFTokenizer:
-    """The byte tokenizer (None), or the Hugging Face tokenizer in `folder`."""
+    """The byte tokenizer (None), or the Hugging Face tokenizer in `folder`, which must name the EOS token that
+    ends each document (without one, documents would run together in the corpus)."""
     if folder is None:
         return ByteTokenizer()
     if not folder.is_dir():
         raise DataError(f"--tokenizer {folder} is not a folder: give a Hugging Face tokenizer folder")
-    return HFTokenizer(folder)
+    tokenizer = HFTokenizer(folder)
+    if tokenizer.eos_id is None:
+        raise DataError(f"the tokenizer in {folder} names no eos_token (in tokenizer_config.json or "
+                        f"special_tokens_map.json), so nothing would separate one document from the next: add "
+                        f'"eos_token": "<its end-of-text token>" to {folder / "tokenizer_config.json"}')
+    return tokenizer
 
 
 def hf_tokenizer_record(folder: Path) -> Optional[dict[str, Any]]:

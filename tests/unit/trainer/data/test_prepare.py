@@ -194,3 +194,35 @@ def test_a_save_to_disk_state_never_names_a_file_outside_its_folder(tmp_path, fi
     with pytest.raises(DataError, match="outside"):
         prepare_corpus([folder], tmp_path / "out", PrepareOptions())
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,data", [("docs.jsonl.gz", None), ("tokens_00000.bin", b"\x01\x00\x02\x00"),
+                                        ("blob.txt", b"text\x00\x01binary")])
+def test_a_folder_source_reads_only_text(tmp_path, name, data) -> None:
+    """Issue 35 item 4: `--glob '*.jsonl*'` put gzip bytes into the corpus; token shards and binaries were read
+    as raw text. Record files are named as such before any work, binaries (NUL bytes) as not text."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok.txt").write_text("fine\n")
+    if data is None:
+        with gzip.open(src / name, "wt") as f:
+            f.write(json.dumps({"text": "x"}) + "\n")
+    else:
+        (src / name).write_bytes(data)
+    with pytest.raises(DataError, match="raw text|is not text"):
+        prepare_corpus([src], tmp_path / "out", PrepareOptions(glob="*"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_without_an_eos_token_is_refused_before_work(tmp_path, bpe) -> None:
+    """Issue 35 item 5: a folder from Tokenizer.save() (no tokenizer_config.json) gave documents with nothing
+    between them (eos_id null), without a word."""
+    from tokenizers import Tokenizer
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    Tokenizer.from_file(str(bpe / "tokenizer.json")).save(str(bare / "tokenizer.json"))
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two"}) + "\n")
+    with pytest.raises(DataError, match="names no eos_token"):
+        prepare_corpus([tmp_path / "d.jsonl"], tmp_path / "out", PrepareOptions(tokenizer=bare))
+    assert not (tmp_path / "out").exists()
