@@ -53,6 +53,14 @@ def check_tokenizers(cfg: Config, metas: dict[str, dict[str, Any]],
     corpus = first_meta["tokenizer"]
     for what, manifest in checkpoints:
         recorded = checkpoint_tokenizer(manifest)
+        if recorded is None and manifest.get("source"):  # imported from an HF folder that had no tokenizer.json
+            if corpus["hash"] == "bytes":
+                raise DataError(f"{what} was imported from {manifest['source'].get('dir')} without a tokenizer, and "
+                                f"the corpus {first!r} holds byte ids, which that model never saw: prepare the data "
+                                f"with the model's tokenizer (moeyard prepare ... --tokenizer ITS_FOLDER), or put its "
+                                f"tokenizer.json in the HF folder and import it again")
+            print(f"warning: {what} records no tokenizer (its HF folder had no tokenizer.json): the corpus "
+                  f"{first!r}'s {describe(corpus)} is assumed to be the model's", flush=True)
         if recorded is not None and recorded.get("hash") != corpus["hash"]:
             raise DataError(f"{what} was trained with tokenizer {describe(recorded)}, but the corpus {first!r} was "
                             f"prepared with {describe(corpus)}: prepare the data with the checkpoint's tokenizer "

@@ -79,8 +79,17 @@ def _tokenizer_files(manifest: dict) -> Optional[Path]:
         print(f"warning: the tokenizer the checkpoint was trained with ({recorded.get('name')}) is no longer at "
               f"{folder}: the export has no tokenizer files", flush=True)
         return None
-    source_dir = Path((manifest.get("source") or {}).get("dir", "/nonexistent"))
-    return source_dir if source_dir.is_dir() else None
+    source = manifest.get("source") or {}
+    source_dir = Path(source.get("dir", "/nonexistent"))
+    imported = (source.get("tokenizer") or {}).get("hash")
+    if not source_dir.is_dir() or imported is None:  # no tokenizer.json was there to record: copied as found
+        return source_dir if source_dir.is_dir() else None
+    now = tokenizer_record(source_dir)["hash"] if (source_dir / "tokenizer.json").is_file() else None
+    if now != imported:  # the folder changed since the import: not this model's tokenizer any more
+        print(f"warning: the tokenizer in {source_dir} is not the one the checkpoint was imported with (content "
+              f"hash {now}, recorded {imported}): the export has no tokenizer files", flush=True)
+        return None
+    return source_dir
 
 
 def export_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from moeyard.errors import DataError
 from moeyard.trainer.data.blend import CorpusSource, DataPosition, TokenBatches
 from moeyard.trainer.data.corpus import PrepareOptions, prepare_corpus
 
@@ -120,3 +121,21 @@ def test_a_source_keeps_its_order_when_the_list_is_reordered(two_corpora) -> Non
     ba = TokenBatches(list(reversed(_sources(two_corpora))), 16, 10, 0, 1, seed=4)
     assert [s.window_id(d) for s in ab.sources for d in range(30)] == \
         [s.window_id(d) for s in reversed(ba.sources) for d in range(30)]
+
+
+def test_an_imported_model_without_a_tokenizer_never_trains_on_byte_ids(capsys) -> None:
+    """Issue 35 item 6: an --init checkpoint imported from an HF folder without tokenizer.json trained on a
+    byte corpus without a word. Refused for byte ids; with another tokenizer's corpus it cannot be checked,
+    and says so."""
+    from moeyard import configs
+    from moeyard.trainer.config import load_config
+    from moeyard.trainer.data.compat import check_tokenizers
+
+    cfg = load_config(configs.path("tiny.yaml"), ["model.vocab_size=32000"])
+    imported = ("checkpoint.init", {"source": {"dir": "/models/hf-mixtral", "family": "mixtral"}})
+    byte_ids = {"data": {"vocab_size": 257, "tokenizer": {"name": "bytes", "hash": "bytes", "vocab_size": 257}}}
+    with pytest.raises(DataError, match="without a tokenizer, and the corpus 'data' holds byte ids"):
+        check_tokenizers(cfg, byte_ids, [imported])
+    bpe_ids = {"data": {"vocab_size": 32000, "tokenizer": {"name": "bpe", "hash": "abc", "vocab_size": 32000}}}
+    check_tokenizers(cfg, bpe_ids, [imported])
+    assert "records no tokenizer" in capsys.readouterr().out

@@ -219,3 +219,21 @@ def test_a_from_hf_index_never_leaves_its_folder(tmp_path: Path, escape: str) ->
     with pytest.raises(ConfigError, match="must be a \\*.safetensors file right inside"):
         import_hf(hf_dir, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_to_hf_ships_the_imported_tokenizer_or_none(tmp_path: Path, capsys) -> None:
+    """Issue 35 item 6: to-hf shipped whatever tokenizer sat in the HF folder at export time; the hash the
+    import recorded was never checked. The same tokenizer travels; a replaced one is left out, with a warning."""
+    from helpers.tokenizer_cases import train_bpe
+
+    from moeyard.trainer.tools.hf_convert import export_hf, import_hf
+
+    hf_dir = save_random_model("mixtral", tmp_path / "hf")
+    train_bpe(hf_dir, ["the imported model's own tokenizer"] * 5)
+    import_hf(hf_dir, tmp_path / "ckpt")
+    export_hf(tmp_path / "ckpt", tmp_path / "same")
+    assert (tmp_path / "same" / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    train_bpe(hf_dir, ["a different tokenizer trained later on other text"] * 5, vocab_size=300)
+    export_hf(tmp_path / "ckpt", tmp_path / "replaced")
+    assert not (tmp_path / "replaced" / "tokenizer.json").exists()
+    assert "is not the one the checkpoint was imported with" in capsys.readouterr().out
