@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from moeyard.models import ModelConfig, Transformer
 from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.checkpoint.store import verify
-from moeyard.trainer.checkpoint.weights import resolve_init
+from moeyard.trainer.checkpoint.weights import CheckpointTensors, resolve_init
 from moeyard.trainer.config import Config, build_config
 from moeyard.trainer.run_config import resolve_config
 
@@ -47,8 +47,10 @@ def load_model(path: str | Path) -> LoadedModel:
     """
     checkpoint = resolve_init(Path(path))
     manifest = verify(checkpoint)
+    model_cfg = build_config(manifest["config"]).model
+    CheckpointTensors(checkpoint).check_shapes(model_cfg)
     with torch.random.fork_rng(devices=[]):  # building the model draws its (overwritten) initial weights
-        transformer = Transformer(build_config(manifest["config"]).model)
+        transformer = Transformer(model_cfg)
     load_full_model(checkpoint, transformer)
     return LoadedModel(transformer).eval()
 

@@ -146,6 +146,29 @@ class CheckpointTensors:
             self.chain.append((path, safe_read.read_metadata(path).state_dict_metadata))
             path = base_of(read_manifest(path), path)
 
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The global shape `.metadata` records for parameter (or buffer) `name`, None where none does."""
+        for _, meta in self.chain:
+            for kind in ("model", "buffers"):
+                entry = meta.get(f"{kind}.{name}")
+                if entry is not None and hasattr(entry, "size"):
+                    return tuple(entry.size)
+        return None
+
+    def check_shapes(self, model_cfg: ModelConfig) -> None:
+        """Before a model is built from a manifest's config: every parameter that config makes has that shape
+        in the checkpoint's `.metadata` (whose bytes the manifest vouches for), so an edited config (a vocabulary
+        of 3 million) is refused by name instead of allocating gigabytes first."""
+        with torch.device("meta"):
+            model = Transformer(model_cfg)
+        wrong = [(name, tuple(p.shape), self.shape(name)) for name, p in model.named_parameters()
+                 if self.shape(name) is not None and self.shape(name) != tuple(p.shape)]
+        if wrong:
+            name, expected, found = wrong[0]
+            raise CheckpointError(f"{self.chain[0][0]}: the manifest's model config makes {name} {list(expected)}, but "
+                                  f"the checkpoint's files hold {list(found)} ({len(wrong)} tensors differ): the "
+                                  f"manifest was edited or belongs to another checkpoint")
+
     def read(self, name: str, like: Tensor) -> Tensor:
         """The tensor `name`, shaped and typed as `like` (a meta tensor will do)."""
         for path, meta in self.chain:

@@ -103,6 +103,7 @@ def export_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,
     """
     manifest = verify(ckpt)
     model_cfg = build_config(manifest["config"]).model
+    CheckpointTensors(ckpt).check_shapes(model_cfg)
     family = export_family(model_cfg)
     if model_cfg.mtp_layers and family not in SIGMOID_ROUTER_FAMILIES:
         print(f"warning: the model's {model_cfg.mtp_layers} MTP depths are left out of the export: only "

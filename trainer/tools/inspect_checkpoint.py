@@ -15,6 +15,7 @@ from moeyard.models import Transformer
 from moeyard.trainer.checkpoint import safe_read
 from moeyard.trainer.checkpoint.sharded import load_full_model, persistent_buffers
 from moeyard.trainer.checkpoint.store import base_of, read_manifest, verify
+from moeyard.trainer.checkpoint.weights import CheckpointTensors
 from moeyard.trainer.config import build_config
 
 
@@ -23,6 +24,7 @@ def inspect_checkpoint(path: Path) -> tuple[str, bool]:
     try:
         manifest = verify(path)
         base_of(manifest, path)  # a trainable-only checkpoint is only as good as its base
+        CheckpointTensors(path).check_shapes(build_config(manifest["config"]).model)
         meta = safe_read.read_metadata(path)
         status, intact = "intact (every file matches its size and sha256)", True
     except CheckpointError as err:
@@ -70,6 +72,7 @@ def export_safetensors(path: Path, out_dir: Path) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty: choose a new folder for the export")
     cfg = build_config(manifest["config"])
+    CheckpointTensors(path).check_shapes(cfg.model)
     with torch.device("cpu"):
         model = Transformer(cfg.model)
     load_full_model(path, model)

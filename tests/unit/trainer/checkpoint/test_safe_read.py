@@ -112,3 +112,37 @@ def test_a_folder_whose_name_and_manifest_disagree_is_reported_not_used(tmp_path
     found = CheckpointStore(root).newest_intact()
     assert found.path == root / "step_000002"
     assert "step 25" in found.skipped[0]
+
+
+def test_a_manifest_config_is_held_to_the_files_before_anything_is_allocated(tmp_path, monkeypatch):
+    """Issue 35 item 10: a manifest config with vocab_size 3e6 passed inspect, and load_model / to-hf /
+    export allocated gigabytes before comparing shapes. The recorded config is checked against `.metadata`
+    (vouched for by the manifest) first: refused by name, and the huge model is never built."""
+    import shutil
+
+    import moeyard
+    from moeyard.models import Transformer as RealTransformer
+    from moeyard.trainer.tools.hf_convert import export_hf
+    from moeyard.trainer.tools.inspect_checkpoint import export_safetensors, inspect_checkpoint
+
+    target = tmp_path / "step_000002"
+    shutil.copytree(REAL, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["config"]["model"]["vocab_size"] = 3_000_000
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    built = []
+
+    class Counting(RealTransformer):
+        def __init__(self, cfg):
+            built.append(cfg.vocab_size)
+            super().__init__(cfg)
+
+    for module in ("moeyard.api", "moeyard.trainer.tools.inspect_checkpoint", "moeyard.trainer.tools.hf_convert"):
+        monkeypatch.setattr(f"{module}.Transformer", Counting)
+    for attempt in (lambda: moeyard.load_model(target), lambda: export_safetensors(target, tmp_path / "out"),
+                    lambda: export_hf(target, tmp_path / "hf")):
+        with pytest.raises(CheckpointError, match="the manifest's model config makes tok_embeddings.weight"):
+            attempt()
+    text, intact = inspect_checkpoint(target)
+    assert not intact and "the manifest's model config makes" in text
+    assert 3_000_000 not in built, "a model was built from the edited config before the check"
