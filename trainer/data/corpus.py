@@ -15,10 +15,12 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -26,7 +28,15 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from moeyard.errors import DataError
-from moeyard.trainer.data.sources import RecordBatch, Source, decode_batch, file_sha256, open_source, read_batches
+from moeyard.trainer.data.sources import (
+    BATCH_BYTES,
+    RecordBatch,
+    Source,
+    decode_batch,
+    file_sha256,
+    open_source,
+    read_batches,
+)
 from moeyard.trainer.data.tokenizer import ByteTokenizer, HFTokenizer, copy_tokenizer_files, load_tokenizer
 
 FORMAT = "moeyard-tokens-v2"
@@ -60,8 +70,23 @@ class Encoded:
 _TOKENIZER: ByteTokenizer | HFTokenizer | None = None  # one per worker process
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the process that started it dies (a SIGKILLed `moeyard
+    prepare` would otherwise leave its workers blocked on their queue for ever)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown is all there is
+        return
+    if os.getppid() == 1:  # the parent died before the call
+        os._exit(1)
+
+
 def _init_worker(folder: Optional[Path]) -> None:
     global _TOKENIZER
+    _die_with_parent()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # N processes already: no thread pool in each
     _TOKENIZER = load_tokenizer(folder)
 
@@ -88,12 +113,17 @@ def _encoded(batches: Iterator[RecordBatch], opts: PrepareOptions,
         return
     with ProcessPoolExecutor(opts.workers, initializer=_init_worker, initargs=(opts.tokenizer,)) as pool:
         pending: deque[Future] = deque()
-        for batch in batches:
-            pending.append(pool.submit(_encode_in_worker, batch, opts.text_field))
-            if len(pending) >= 2 * opts.workers:
+        try:
+            for batch in batches:
+                pending.append(pool.submit(_encode_in_worker, batch, opts.text_field))
+                if len(pending) >= 2 * opts.workers:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        except BrokenProcessPool:
+            raise DataError(f"a tokenizer worker died (killed, most often by the out-of-memory killer: each of the "
+                            f"{opts.workers} workers holds a batch of ~{BATCH_BYTES >> 20} MiB of text and its "
+                            f"tokens): run with fewer --workers") from None
 
 
 class ShardWriter:

@@ -177,19 +177,32 @@ def _table_batches(file: Path, kind: Kind, text_field: str) -> Iterator[RecordBa
     if text_field not in schema.names:
         raise DataError(f"{file} has no column {text_field!r} (columns: {', '.join(schema.names)}): choose one "
                         f"with --field")
-    if not pa.types.is_string(schema.field(text_field).type) and not pa.types.is_large_string(
-            schema.field(text_field).type):
+    if not _is_text(pa, schema.field(text_field).type):
         raise DataError(f"{file}: column {text_field!r} holds {schema.field(text_field).type}, not text: choose a "
                         f"text column with --field")
     row = 1
     try:
         for record_batch in stream:
-            column = record_batch.column(text_field)
-            cells = column.to_pylist()
-            yield RecordBatch(file, "cell", list(range(row, row + len(cells))), cells, column.nbytes)
+            cells = record_batch.column(text_field).to_pylist()
+            # About BATCH_BYTES of text per batch, whatever the rows hold: a tokenizer's memory follows the
+            # text it is handed (~165x for an HF one), and 2,048 long documents would be gigabytes.
+            start, nbytes = 0, 0
+            for i, cell in enumerate(cells):
+                nbytes += len(cell) if isinstance(cell, str) else 0
+                if nbytes >= BATCH_BYTES or i == len(cells) - 1:
+                    yield RecordBatch(file, "cell", list(range(row + start, row + i + 1)), cells[start:i + 1], nbytes)
+                    start, nbytes = i + 1, 0
             row += len(cells)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{file}: damaged at row {row} ({err}): the records before it are not kept") from None
+
+
+def _is_text(pa, kind) -> bool:
+    """A string column, however Arrow stores it (plain, large, view, or dictionary-encoded)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_view(kind)
 
 
 def _utf8_error(err: UnicodeDecodeError) -> str:
