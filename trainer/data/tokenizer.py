@@ -68,12 +68,28 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _vocabulary(tokenizer_json: dict[str, Any]) -> dict[str, int]:
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _vocabulary(tokenizer_json: dict[str, Any], path: Path) -> dict[str, int]:
     """token -> id of a tokenizer.json: its model's vocabulary (a mapping, or Unigram's list of
-    [piece, score]) and its added tokens."""
-    vocab = tokenizer_json.get("model", {}).get("vocab", {})
-    ids = {piece[0]: i for i, piece in enumerate(vocab)} if isinstance(vocab, list) else dict(vocab)
-    ids.update({t["content"]: t["id"] for t in tokenizer_json.get("added_tokens", [])})
+    [piece, score]) and its added tokens; DataError naming `path` where they are not that."""
+    model = tokenizer_json.get("model")
+    vocab = model.get("vocab", {}) if isinstance(model, dict) else None
+    if isinstance(vocab, list) and all(isinstance(p, list) and p and isinstance(p[0], str) for p in vocab):
+        ids = {piece[0]: i for i, piece in enumerate(vocab)}
+    elif isinstance(vocab, dict) and all(_is_id(i) for i in vocab.values()):
+        ids = dict(vocab)
+    else:
+        raise DataError(f"{path}: its model's vocab is not a mapping of tokens to ids (nor Unigram's list of "
+                        f"[piece, score]): save the tokenizer again with save_pretrained")
+    added = tokenizer_json.get("added_tokens", [])
+    if not isinstance(added, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                              and _is_id(t.get("id")) for t in added):
+        raise DataError(f"{path}: added_tokens must be a list of {{content: token, id: id}}: save the tokenizer "
+                        f"again with save_pretrained")
+    ids.update({t["content"]: t["id"] for t in added})
     return ids
 
 
@@ -82,7 +98,7 @@ def tokenizer_record(folder: Path) -> dict[str, Any]:
     vocabulary size (highest id + 1: the embedding rows it needs), EOS id and a content hash of its
     tokenizer.json as canonical JSON (key order and whitespace do not count) and its BOS/EOS tokens."""
     data = _read_json(folder / "tokenizer.json")
-    ids = _vocabulary(data)
+    ids = _vocabulary(data, folder / "tokenizer.json")
     bos, eos = _special_token(folder, "bos_token"), _special_token(folder, "eos_token")
     if eos is not None and eos not in ids:
         raise DataError(f"the tokenizer in {folder} names eos_token {eos!r}, which is not in its vocabulary")

@@ -56,7 +56,8 @@ def _refuse(hf: dict[str, Any], family: str) -> None:
     no(hf.get("hidden_act", "silu") != "silu", f"hidden_act={hf.get('hidden_act')!r} (only silu/SwiGLU)")
     no(bool(hf.get("use_sliding_window")), "use_sliding_window=true")
     window = hf.get("sliding_window")
-    no(family in ("mixtral", "mistral") and window is not None and window < hf.get("max_position_embeddings", 0),
+    longest = _get(hf, "max_position_embeddings", default=0)
+    no(family in ("mixtral", "mistral") and window is not None and window < longest,
        f"sliding_window={window} below max_position_embeddings")
     no(family in ("llama", "qwen3", "qwen3_moe", "olmoe") and bool(hf.get("attention_bias")),
        "attention_bias=true (a bias on the output projection)")
@@ -82,7 +83,39 @@ SAME_AS = {"kimi_k2": "deepseek_v3"}
 architecture and tensor names); such a checkpoint exports back as that family, which transformers loads."""
 
 
+POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+            "max_position_embeddings", "head_dim", "n_routed_experts", "q_lora_rank", "kv_lora_rank",
+            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "moe_layer_freq", "decoder_sparse_step", "n_group",
+            "topk_group", "sliding_window")
+NON_NEGATIVE = ("shared_expert_intermediate_size", "n_shared_experts", "first_k_dense_replace",
+                "num_nextn_predict_layers")
+"""config.json keys that hold a count: an integer (or null) before anything is computed from them."""
+REALS = ("rope_theta", "rms_norm_eps", "router_aux_loss_coef", "initializer_range", "routed_scaling_factor")
+
+
+def _check_values(hf: dict[str, Any]) -> None:
+    """Types first: a string, a list or a float where a count goes is named here, not a TypeError later."""
+    for keys, least in ((POSITIVE, 1), (NON_NEGATIVE, 0)):
+        for key in keys:
+            value = hf.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise ConfigError(f"config.json: {key}={value!r} must be an integer >= {least}")
+    for key in REALS:
+        value = hf.get(key)
+        if key in hf and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ConfigError(f"config.json: {key}={value!r} must be a number")
+    if not isinstance(hf.get("model_type"), str):
+        raise ConfigError(f"config.json: model_type={hf.get('model_type')!r} must name the model's family")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if hf.get(key) is None:
+            raise ConfigError(f"config.json: {key} is missing or null; save the model again with save_pretrained")
+
+
 def family_of(hf: dict[str, Any], allowed: tuple[str, ...]) -> str:
+    if not isinstance(hf, dict):
+        raise ConfigError("config.json does not hold a JSON object: save the model again with save_pretrained")
+    _check_values(hf)
     family = SAME_AS.get(hf.get("model_type"), hf.get("model_type"))
     if family not in allowed:
         raise ConfigError(f"config.json model_type={family!r}: expected one of {', '.join(allowed)}")
@@ -99,7 +132,7 @@ def model_config_from_hf(hf: dict[str, Any], family: str, moe: MoEConfig) -> Mod
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=_get(hf, "num_key_value_heads", default=n_heads), head_dim=hf.get("head_dim"),
         attn_bias=family == "qwen2" or (family == "qwen2_moe" and hf.get("qkv_bias", True)), qk_norm=qk_norm,
-        ffn_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 4096),
+        ffn_dim=hf["intermediate_size"], max_seq_len=_get(hf, "max_position_embeddings", default=4096),
         rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=hf.get("initializer_range", 0.02),
         moe=moe,
@@ -109,6 +142,10 @@ def model_config_from_hf(hf: dict[str, Any], family: str, moe: MoEConfig) -> Mod
 def moe_model_config(hf: dict[str, Any]) -> tuple[str, ModelConfig]:
     """(family, ModelConfig) of an HF MoE checkpoint's config.json."""
     family = family_of(hf, MOE_FAMILIES)
+    for key, names in (("num_experts_per_tok", ("num_experts_per_tok",)),
+                       ("the expert count", ("num_local_experts", "num_experts", "n_routed_experts"))):
+        if _get(hf, *names) is None:
+            raise ConfigError(f"{family} config.json: {key} ({' or '.join(names)}) is missing or null")
     if hf["num_experts_per_tok"] == 1 and (family in ("mixtral", "gpt_oss") or
                                        hf.get("norm_topk_prob", family in SIGMOID_ROUTER_FAMILIES)):
         raise ConfigError(f"{family} config: num_experts_per_tok=1 with renormalised weights (every token's weight "

@@ -62,7 +62,7 @@ def deepseek_model_config(hf: dict[str, Any]) -> ModelConfig:
     return ModelConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=n_heads, head_dim=mla.qk_head_dim, attention="mla", mla=mla, ffn_dim=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 4096), rope_theta=theta, rope_scaling=scaling,
+        max_seq_len=(hf.get("max_position_embeddings") or 4096), rope_theta=theta, rope_scaling=scaling,
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=hf.get("initializer_range", 0.02), moe=sigmoid_router_moe(hf),
         mtp_layers=hf.get("num_nextn_predict_layers") or 0,

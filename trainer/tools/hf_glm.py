@@ -30,7 +30,7 @@ def glm_model_config(hf: dict[str, Any]) -> ModelConfig:
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
         attn_bias=bool(hf.get("attention_bias", False)), qk_norm="head" if hf.get("use_qk_norm") else "none",
-        ffn_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 4096), rope_theta=theta,
+        ffn_dim=hf["intermediate_size"], max_seq_len=(hf.get("max_position_embeddings") or 4096), rope_theta=theta,
         rope_scaling=scaling, rope_fraction=rotary_fraction(hf, default=0.5),  # Glm4MoeConfig's own default norm_eps=hf.get("rms_norm_eps", 1e-5),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=hf.get("initializer_range", 0.02),
         moe=sigmoid_router_moe(hf), mtp_layers=hf.get("num_nextn_predict_layers") or 0,

@@ -46,7 +46,7 @@ def gpt_oss_model_config(hf: dict[str, Any]) -> ModelConfig:
         n_heads=hf["num_attention_heads"], n_kv_heads=hf["num_key_value_heads"], head_dim=hf.get("head_dim") or 64,
         attn_bias=bias, attn_out_bias=bias, attention_sinks=True, sliding_window=hf.get("sliding_window") or 128,
         layer_types=[LAYER_TYPES[t] for t in types], ffn_dim=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 4096), rope_theta=theta, rope_scaling=scaling,
+        max_seq_len=(hf.get("max_position_embeddings") or 4096), rope_theta=theta, rope_scaling=scaling,
         norm_eps=hf.get("rms_norm_eps", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=hf.get("initializer_range", 0.02), moe=moe,
     )

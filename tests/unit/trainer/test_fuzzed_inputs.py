@@ -157,3 +157,75 @@ def test_a_shard_name_that_leaves_the_corpus_is_refused(corpus, name) -> None:
             read_meta(corpus)
     finally:
         (corpus / "meta.json").write_bytes(original)
+
+
+TOKENIZER_JSON = st.one_of(JSON, st.fixed_dictionaries({
+    "model": st.one_of(JSON, st.fixed_dictionaries({"type": st.sampled_from(["BPE", "WordLevel", "Unigram"]),
+                                                    "vocab": st.one_of(JSON, st.dictionaries(st.text(max_size=3),
+                                                                                             JSON, max_size=3))})),
+    "added_tokens": st.one_of(JSON, st.lists(st.dictionaries(st.sampled_from(["id", "content", "special"]), JSON,
+                                                             max_size=3), max_size=3))}))
+
+
+@FAST
+@given(data=TOKENIZER_JSON, config=st.one_of(st.none(), JSON), raw=st.one_of(st.none(), st.binary(max_size=20)))
+def test_any_tokenizer_folder_is_read_or_refused_naming_the_file(tmp_path_factory, capsys, data, config, raw) -> None:
+    """tokenizer.json (model null or a list, a token without an id, a string vocabulary, non-integer ids) and
+    tokenizer_config.json of any shape: a record, or one error line naming the folder."""
+    from moeyard.trainer.data.tokenizer import tokenizer_record
+
+    folder = tmp_path_factory.mktemp("tok")
+    (folder / "tokenizer.json").write_bytes(raw if raw is not None else json.dumps(data).encode())
+    if config is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    code, err = _reported(capsys, lambda: (tokenizer_record(folder), 0)[1])
+    if code != 0:
+        assert code == BAD_INPUT and err.count("\n") == 1 and str(folder) in err, err
+
+
+@FAST
+@given(index=st.one_of(JSON, st.fixed_dictionaries({"weight_map": st.one_of(JSON, st.dictionaries(
+    st.text(max_size=5), st.one_of(JSON, st.sampled_from(["../x.safetensors", "/etc/passwd", "model.safetensors",
+                                                          "a/b.safetensors", ""])), max_size=3))})))
+def test_any_safetensors_index_is_read_or_refused_naming_it(tmp_path_factory, capsys, index) -> None:
+    from moeyard.trainer.tools.hf_weights import HFTensors
+
+    folder = tmp_path_factory.mktemp("hf")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, err = _reported(capsys, lambda: (HFTensors(folder, dry=True), 0)[1])
+    if code != 0:
+        assert code == BAD_INPUT and err.count("\n") == 1 and "model.safetensors.index.json" in err, err
+
+
+@FAST
+@given(state=st.one_of(JSON, st.fixed_dictionaries({"_data_files": st.one_of(JSON, st.lists(st.dictionaries(
+    st.sampled_from(["filename", "x"]), st.one_of(JSON, st.sampled_from(["../x.arrow", "/etc/passwd",
+                                                                          "data.arrow"])), max_size=2), max_size=2))})))
+def test_any_datasets_state_json_is_read_or_refused_naming_it(tmp_path_factory, capsys, state) -> None:
+    from moeyard.trainer.data.sources import open_source
+
+    folder = tmp_path_factory.mktemp("ds")
+    (folder / "state.json").write_text(json.dumps(state))
+    (folder / "dataset_info.json").write_text("{}")
+    code, err = _reported(capsys, lambda: (open_source(folder, "*"), 0)[1])
+    if code != 0:
+        assert code == BAD_INPUT and err.count("\n") == 1 and str(folder) in err, err
+
+
+HF_KEYS = ["model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+           "num_attention_heads", "num_key_value_heads", "num_local_experts", "num_experts", "num_experts_per_tok",
+           "moe_intermediate_size", "rope_theta", "max_position_embeddings", "head_dim", "rms_norm_eps"]
+MIXTRAL = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+           "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 64}
+
+
+@FAST
+@given(key=st.sampled_from(HF_KEYS), value=st.one_of(JSON, st.sampled_from([None, 0, -1, 4e10, 10**12, "x", []])))
+def test_any_hf_config_value_is_read_or_refused_naming_the_key(capsys, key, value) -> None:
+    """HF config.json (intermediate_size: null, a hidden size of 4e10, ...): a config, or one error line."""
+    from moeyard.trainer.tools.hf_config import moe_model_config
+
+    code, err = _reported(capsys, lambda: (moe_model_config({**MIXTRAL, key: value}), 0)[1])
+    if code != 0:
+        assert code == BAD_INPUT and err.count("\n") == 1, f"{key}={value!r}: {err}"
