@@ -354,6 +354,10 @@ def _validate_sources(data: DataConfig) -> None:
     twice = sorted({n for n in labels if labels.count(n) > 1})
     require(not twice, f"data.sources: the names {twice} occur twice (folders of the same name): give each a "
                        f"distinct `name`")
+    folders = [str(Path(s.dir).resolve()) for s in data.sources]
+    again = sorted({f for f in folders if folders.count(f) > 1})
+    require(not again, f"data.sources lists the corpus {again[0] if again else ''} more than once (under "
+                       f"different names): list each corpus once and give it the weight it should have")
 
 
 def validate_for_world(cfg: Config, world_size: int) -> None:

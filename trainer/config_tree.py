@@ -99,6 +99,9 @@ def read_tree(path: Optional[str | Path], overrides: tuple[str, ...] | list[str]
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder: give the YAML file (a run folder's is "
+                              f"{path / 'config.yaml'})")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:

@@ -106,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc is None and cfg.parallel.ep % nodes.count:
         raise LaunchError(f"--nnodes={nodes.count} does not divide parallel.ep={cfg.parallel.ep}: give --nproc, "
                           f"the workers per node")
-    nproc = args.nproc or cfg.parallel.ep // nodes.count
+    nproc = args.nproc if args.nproc is not None else cfg.parallel.ep // nodes.count
     if nproc < 1:
         raise LaunchError(f"--nproc={nproc} must be >= 1")
     world = nproc * nodes.count

@@ -174,7 +174,7 @@ class Progress:
         if show:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1 << 20, desc="prepare")
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare")
 
     def update(self, enc: Encoded) -> None:
         self.documents += len(enc.lengths)
@@ -185,9 +185,14 @@ class Progress:
             self.bar.update(enc.nbytes)
             self.bar.set_postfix_str(f"{self.documents / seconds:,.0f} docs/s, {self.tokens:,} tokens", refresh=False)
 
-    def summary(self) -> dict[str, Any]:
+    def close(self) -> None:
+        """End the bar's line (an error printed next starts on its own)."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def summary(self) -> dict[str, Any]:
+        self.close()
         seconds = time.perf_counter() - self.start
         return {"documents": self.documents, "tokens": self.tokens, "skipped": self.skipped,
                 "text_bytes": self.nbytes, "seconds": round(seconds, 3),
@@ -211,25 +216,35 @@ def _write_tokens(sources: list[Source], opts: PrepareOptions, tokenizer, tmp: P
     writer = ShardWriter(tmp, dtype)
     files: list[dict[str, Any]] = []
     progress = Progress(sum(f.stat().st_size for s in sources for f in s.files), opts.progress)
-    for enc in _encoded(_all_batches(sources, opts.text_field, files), opts, tokenizer):
-        if enc.errors:
-            if not opts.skip_malformed:
-                raise DataError(f"{enc.errors[0]}: fix the record, or pass --skip-malformed to skip and count "
-                                f"such records")
-            for error in enc.errors:
-                on_skip(error)
-        if len(enc.tokens) and int(enc.tokens.max()) >= tokenizer.vocab_size:
-            raise DataError(f"{enc.file}: the tokenizer produced id {int(enc.tokens.max())}, beyond its "
-                            f"vocabulary of {tokenizer.vocab_size}")
-        writer.add(enc.tokens, enc.lengths)
-        record = files[enc.record]
-        record["documents"] += len(enc.lengths)
-        record["tokens"] += int(enc.lengths.sum())
-        record["skipped"] += len(enc.errors)
-        progress.skipped += len(enc.errors)
-        progress.update(enc)
+    try:
+        for enc in _encoded(_all_batches(sources, opts.text_field, files), opts, tokenizer):
+            _write(enc, opts, tokenizer, writer, files, progress, on_skip)
+    except BaseException:
+        progress.close()
+        raise
     writer.close_shard()
     return writer, files, progress
+
+
+def _write(enc: Encoded, opts: PrepareOptions, tokenizer, writer: ShardWriter, files: list[dict[str, Any]],
+           progress: Progress, on_skip: Callable[[str], None]) -> None:
+    """One tokenized batch into the shards and the per-file counts."""
+    if enc.errors:
+        if not opts.skip_malformed:
+            raise DataError(f"{enc.errors[0]}: fix the record, or pass --skip-malformed to skip and count "
+                            f"such records")
+        for error in enc.errors:
+            on_skip(error)
+    if len(enc.tokens) and int(enc.tokens.max()) >= tokenizer.vocab_size:
+        raise DataError(f"{enc.file}: the tokenizer produced id {int(enc.tokens.max())}, beyond its "
+                        f"vocabulary of {tokenizer.vocab_size}")
+    writer.add(enc.tokens, enc.lengths)
+    record = files[enc.record]
+    record["documents"] += len(enc.lengths)
+    record["tokens"] += int(enc.lengths.sum())
+    record["skipped"] += len(enc.errors)
+    progress.skipped += len(enc.errors)
+    progress.update(enc)
 
 
 def prepare_corpus(paths: list[Path], out: Path, opts: PrepareOptions = PrepareOptions(),
@@ -240,11 +255,16 @@ def prepare_corpus(paths: list[Path], out: Path, opts: PrepareOptions = PrepareO
     if twice:
         raise DataError(f"{twice[:3]} would be read twice (the same file, or folders that overlap): give each "
                         f"source once")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file: give a folder to create")
     if out.exists() and not (out / "meta.json").exists() and any(out.iterdir()):
         raise DataError(f"{out} exists and is not a prepared corpus: remove it or choose another folder")
     tokenizer = load_tokenizer(opts.tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would lock other users out of a shared corpus
     skipped_examples: list[str] = []
     try:
         writer, files, progress = _write_tokens(

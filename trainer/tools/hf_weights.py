@@ -46,6 +46,10 @@ def _safetensors_inside(folder: Path, name: object) -> bool:
     return not path.is_symlink() and path.is_file()
 
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+"""The safetensors dtypes whose values convert to float32 as they are."""
+
+
 class HFTensors:
     """The safetensors of a save_pretrained folder, read lazily; remembers what was taken. `dry`: `take`
     reads only the header and returns a float32 tensor on the meta device (names and shapes, no data)."""
@@ -83,6 +87,15 @@ class HFTensors:
             raise ConfigError(f"tensor {key!r} is missing from the checkpoint: is config.json from the same model?")
         self.taken.add(key)
         with _opened(self.files[key]) as f:
+            try:
+                stored = f.get_slice(key).get_dtype()
+            except Exception as err:  # safetensors' own error type differs between versions
+                raise ConfigError(f"{self.files[key]}: tensor {key!r} cannot be read ({err}): the file is "
+                                  f"truncated or damaged; download it again") from None
+            if stored not in FLOAT_DTYPES:  # integers (or packed quantized blocks) would be converted as numbers
+                raise ConfigError(f"{self.files[key]}: tensor {key!r} is stored as {stored}, not floating point: "
+                                  f"quantized or integer weights are not read; convert the model to bf16 or "
+                                  f"float32 first")
             try:
                 if self.dry:
                     return torch.empty(f.get_slice(key).get_shape(), dtype=torch.float32, device="meta")

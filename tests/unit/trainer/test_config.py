@@ -62,3 +62,15 @@ def test_missing_and_malformed_files(tmp_path) -> None:
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_a_folder_given_as_config_and_a_corpus_listed_twice_are_named(tmp_path) -> None:
+    """Issue 35 rough edges: a directory given as the config said "does not exist"; the same corpus under two
+    names was accepted (read at twice its weight)."""
+    with pytest.raises(ConfigError, match="is a folder: give the YAML file"):
+        load_config(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    twice = ["data.source=null", f"data.sources=[{{dir: {tmp_path / 'corpus'}, name: a}}, "
+                                 f"{{dir: {tmp_path / 'corpus'}/, name: b}}]"]
+    with pytest.raises(ConfigError, match="lists the corpus .* more than once"):
+        load_config(configs.path("tiny.yaml"), twice)

@@ -246,3 +246,20 @@ def test_parquet_text_is_handed_to_the_tokenizer_by_bytes_and_any_string_encodin
     pq.write_table(pa.table({"text": pa.array(DOCUMENTS).dictionary_encode()}), tmp_path / "dict.parquet")
     meta = prepare_corpus([tmp_path / "dict.parquet"], tmp_path / "out", PrepareOptions())
     assert meta["documents"] == len(DOCUMENTS)
+
+
+def test_prepare_names_an_out_that_is_a_file_and_writes_a_corpus_others_can_read(tmp_path) -> None:
+    """Issue 35 rough edges: `--out` naming a file gave a traceback; corpora were created drwx------."""
+    import os
+    import stat
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "one"}) + "\n")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(DataError, match="is a file"):
+        prepare_corpus([tmp_path / "d.jsonl"], tmp_path / "a_file", PrepareOptions())
+    old = os.umask(0o022)
+    try:
+        prepare_corpus([tmp_path / "d.jsonl"], tmp_path / "out", PrepareOptions())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755

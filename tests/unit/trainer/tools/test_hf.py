@@ -237,3 +237,19 @@ def test_to_hf_ships_the_imported_tokenizer_or_none(tmp_path: Path, capsys) -> N
     export_hf(tmp_path / "ckpt", tmp_path / "replaced")
     assert not (tmp_path / "replaced" / "tokenizer.json").exists()
     assert "is not the one the checkpoint was imported with" in capsys.readouterr().out
+
+
+def test_integer_weights_are_refused_not_converted_as_numbers(tmp_path: Path) -> None:
+    """Issue 35 rough edge: I32 safetensors were silently .float()-ed."""
+    from safetensors.torch import load_file, save_file
+
+    from moeyard.trainer.tools.hf_convert import import_hf
+
+    hf_dir = save_random_model("mixtral", tmp_path / "hf")
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name].to(torch.int32)
+    save_file(tensors, str(hf_dir / "model.safetensors"))
+    with pytest.raises(ConfigError, match="stored as I32, not floating point"):
+        import_hf(hf_dir, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
