@@ -16,12 +16,14 @@ import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -261,7 +263,8 @@ def prepare_corpus(paths: list[Path], out: Path, opts: PrepareOptions = PrepareO
         raise DataError(f"{out} exists and is not a prepared corpus: remove it or choose another folder")
     tokenizer = load_tokenizer(opts.tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_abandoned(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would lock other users out of a shared corpus
@@ -301,6 +304,22 @@ def _cache_fingerprint(corpus: Path) -> str:
     except (OSError, ValueError):
         return ""
     return meta.get("source_fingerprint") or "" if isinstance(meta, dict) else ""
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Remove the temporary folders a killed prepare into `out` left behind: those of this machine whose
+    process is gone (another machine's, on a shared disk, may still be writing)."""
+    prefix = f".{out.name}.tmp-{socket.gethostname()}-"
+    for leftover in out.parent.glob(f"{glob_escape(prefix)}*"):
+        pid = leftover.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def move_into_place(tmp: Path, out: Path) -> None:

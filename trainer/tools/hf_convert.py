@@ -120,12 +120,16 @@ def export_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")  # renamed when complete: never a half-written model
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = hf_tensors(model_cfg, family, lambda name: reader.read(name, params[name]))
-    write_safetensors_shards(tmp, entries, tensors, max_shard_bytes)
-    (tmp / "config.json").write_text(json.dumps(hf_config_dict(model_cfg, family, dtype), indent=1))
-    tokenizer_dir = _tokenizer_files(manifest)
-    if tokenizer_dir is not None:
-        copy_tokenizer_files(tokenizer_dir, tmp)
+    try:
+        tensors = hf_tensors(model_cfg, family, lambda name: reader.read(name, params[name]))
+        write_safetensors_shards(tmp, entries, tensors, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(model_cfg, family, dtype), indent=1))
+        tokenizer_dir = _tokenizer_files(manifest)
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+    except BaseException:  # a failed export leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         out_dir.rmdir()  # empty, checked above
     os.replace(tmp, out_dir)

@@ -263,3 +263,23 @@ def test_prepare_names_an_out_that_is_a_file_and_writes_a_corpus_others_can_read
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+
+
+def test_a_killed_prepares_temporary_folder_is_removed_by_the_next(tmp_path) -> None:
+    """Issue 35 rough edge: `.OUT.tmp-*` left by a killed prepare was never cleaned. This machine's leftovers of
+    a process that is gone are removed; a live process's are kept."""
+    import os
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = socket.gethostname()
+    dead = tmp_path / f".out.tmp-{host}-{gone.pid}-abc"
+    alive = tmp_path / f".out.tmp-{host}-{os.getpid()}-def"
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "tokens_00000.bin").write_bytes(b"\0" * 8)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "one"}) + "\n")
+    prepare_corpus([tmp_path / "d.jsonl"], tmp_path / "out", PrepareOptions())
+    assert not dead.exists() and alive.exists()
