@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from moeyard.errors import ConfigError
 from moeyard.models import Transformer
 from moeyard.trainer.checkpoint.sharded import persistent_buffers
 from moeyard.trainer.checkpoint.store import verify
@@ -44,6 +45,12 @@ def import_hf(hf_dir: Path, out: Path) -> tuple[str, Path]:
     parameter is read, converted and written in turn (peak: one layer's stacked experts)."""
     family, model_cfg = moe_model_config(read_hf_config(hf_dir))
     dry = HFTensors(hf_dir, dry=True)
+    embedding = "model.embed_tokens.weight"
+    if embedding in dry and tuple(dry.take(embedding).shape) != (model_cfg.vocab_size, model_cfg.dim):
+        # before anything is sized from config.json's numbers (a hidden_size of 4e10 would allocate first)
+        raise ConfigError(f"{hf_dir / 'config.json'} says vocab_size={model_cfg.vocab_size}, "
+                          f"hidden_size={model_cfg.dim}, but {embedding} is {list(dry.take(embedding).shape)} in "
+                          f"the safetensors: config.json belongs to another model, or was edited")
     if model_cfg.mtp_layers and f"model.layers.{model_cfg.n_layers}.eh_proj.weight" not in dry:
         print(f"note: config.json says num_nextn_predict_layers={model_cfg.mtp_layers} but the safetensors hold no "
               f"model.layers.{model_cfg.n_layers}.* (a copy without its MTP modules): importing without MTP "
@@ -62,8 +69,19 @@ def import_hf(hf_dir: Path, out: Path) -> tuple[str, Path]:
     tokenizer = hf_tokenizer_record(hf_dir)
     if tokenizer is not None:  # a corpus for this model must be prepared with it (moeyard.trainer.data.compat)
         source["tokenizer"] = tokenizer
-    return family, write_weights_checkpoint(shapes, model_cfg, out, source, buffers=buffers,
-                                            produce=lambda name: producers[name](src))
+    nonfinite: list[str] = []
+
+    def produce(name: str) -> torch.Tensor:
+        tensor = producers[name](src)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nonfinite.append(name)
+        return tensor
+
+    written = write_weights_checkpoint(shapes, model_cfg, out, source, buffers=buffers, produce=produce)
+    if nonfinite:
+        print(f"note: {len(nonfinite)} tensors hold NaN or inf (first: {nonfinite[0]}): converted as they are; "
+              f"a run starting from them will stop at its first non-finite loss", flush=True)
+    return family, written
 
 
 def _tokenizer_files(manifest: dict) -> Optional[Path]:

@@ -253,3 +253,30 @@ def test_integer_weights_are_refused_not_converted_as_numbers(tmp_path: Path) ->
     with pytest.raises(ConfigError, match="stored as I32, not floating point"):
         import_hf(hf_dir, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_config_json_is_held_to_the_safetensors_before_anything_is_sized_from_it(tmp_path: Path) -> None:
+    """Issue 35 item 10: `hidden_size: 4e10`-like values allocated tens of GB (rope_order) before any shape
+    check. The embedding's header shape is compared first."""
+    from moeyard.trainer.tools.hf_convert import import_hf
+
+    hf_dir = save_random_model("mixtral", tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["hidden_size"] = 10**9 * config["num_attention_heads"]
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="config.json belongs to another model, or was edited"):
+        import_hf(hf_dir, tmp_path / "ckpt")
+
+
+def test_non_finite_weights_convert_with_a_note(tmp_path: Path, capsys) -> None:
+    """Issue 35 rough edge: NaN/inf weights converted without a word."""
+    from safetensors.torch import load_file, save_file
+
+    from moeyard.trainer.tools.hf_convert import import_hf
+
+    hf_dir = save_random_model("mixtral", tmp_path / "hf")
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    tensors["model.norm.weight"][0] = float("nan")
+    save_file(tensors, str(hf_dir / "model.safetensors"))
+    import_hf(hf_dir, tmp_path / "ckpt")
+    assert "1 tensors hold NaN or inf (first: norm.weight)" in capsys.readouterr().out
