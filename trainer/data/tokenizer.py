@@ -129,17 +129,72 @@ class HFTokenizer:
         self.backend.no_truncation()  # a saved max_length would cut every document short, silently
         self.backend.no_padding()
         self._encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        self.splits_at_lines = _splits_at_lines(_read_json(folder / "tokenizer.json"))
+        bare, special = (self.backend.encode("a", add_special_tokens=flag).ids for flag in (False, True))
+        at = next(i for i in range(len(special) - len(bare) + 1) if special[i:i + len(bare)] == bare)
+        self._around = (special[:at], special[at + len(bare):])  # what the post-processor adds (BOS, ...)
 
     def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
-        """Token ids of each document: the tokenizer's own special tokens (BOS where it adds one), then EOS."""
+        """Token ids of each document: the tokenizer's own special tokens (BOS where it adds one), then EOS.
+        A document longer than PIECE_CHARS is encoded in pieces cut at line starts (`line_pieces`), where the
+        tokenizer's pre-tokenizer splits anyway: the same ids, with memory that follows a piece, not the
+        document (a tokenizer holds ~165x the text it encodes)."""
         tail = [] if self.eos_id is None else [self.eos_id]
-        return [np.array(e.ids + tail, dtype=np.uint32) for e in self._encode(texts, add_special_tokens=True)]
+        if not self.splits_at_lines or all(len(t) <= PIECE_CHARS for t in texts):
+            return [np.array(e.ids + tail, dtype=np.uint32) for e in self._encode(texts, add_special_tokens=True)]
+        head, end = self._around
+        out = []
+        for text in texts:
+            pieces = line_pieces(text)
+            ids = [i for e in self._encode(pieces, add_special_tokens=False) for i in e.ids] if len(pieces) > 1 \
+                else self._encode([text], add_special_tokens=False)[0].ids
+            out.append(np.array(head + ids + end + tail, dtype=np.uint32))
+        return out
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids)
 
     def record(self) -> dict[str, Any]:
         return dict(self.meta)
+
+
+PIECE_CHARS = 1 << 20
+"""Longer documents are encoded a piece at a time (HFTokenizer.encode_documents)."""
+
+
+def _splits_at_lines(tokenizer_json: dict[str, Any]) -> bool:
+    """Whether this tokenizer's pre-tokenizer always separates "\n" from a following word (GPT-2's and
+    Llama-3's regexes, ByteLevel), with no normalizer that could join across lines, so that cutting a text
+    after such a newline changes no token. SentencePiece's Metaspace (a "▁" before each text) does not."""
+    pre, normalizer = tokenizer_json.get("pre_tokenizer"), tokenizer_json.get("normalizer")
+    parts = (pre.get("pretokenizers") or []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    return bool(parts) and all(isinstance(p, dict) and p.get("type") in ("ByteLevel", "Split") for p in parts) \
+        and (normalizer is None or (isinstance(normalizer, dict) and normalizer.get("type") == "NFC"))
+
+
+def line_pieces(text: str, size: int | None = None) -> list[str]:
+    """`text` cut into pieces of at most about `size` characters (PIECE_CHARS), each cut right after a "\n"
+    that sits between two non-space characters (a single newline, then a word: the pre-tokenizers above put
+    a boundary there alone); a stretch without such a newline stays whole."""
+    size = size or PIECE_CHARS
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = text.rfind("\n", start + 1, start + size)
+        while cut > start and (text[cut - 1].isspace() or cut + 1 >= len(text) or text[cut + 1].isspace()):
+            cut = text.rfind("\n", start + 1, cut)
+        if cut <= start:
+            nxt = start + size
+            while True:  # no cut inside the window: the next one after it
+                cut = text.find("\n", nxt)
+                if cut == -1 or (not text[cut - 1].isspace() and cut + 1 < len(text) and not text[cut + 1].isspace()):
+                    break
+                nxt = cut + 1
+            if cut == -1:
+                break
+        pieces.append(text[start:cut + 1])
+        start = cut + 1
+    pieces.append(text[start:])
+    return pieces
 
 
 def load_tokenizer(folder: Optional[Path]) -> ByteTokenizer | HFTokenizer:

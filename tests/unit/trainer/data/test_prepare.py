@@ -283,3 +283,21 @@ def test_a_killed_prepares_temporary_folder_is_removed_by_the_next(tmp_path) -> 
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "one"}) + "\n")
     prepare_corpus([tmp_path / "d.jsonl"], tmp_path / "out", PrepareOptions())
     assert not dead.exists() and alive.exists()
+
+
+def test_long_documents_are_tokenized_in_pieces_with_the_same_ids(bpe, monkeypatch) -> None:
+    """Issue 35 item 11: a tokenizer holds ~165x the text it encodes, so one 200 MB document needed ~33 GB.
+    Documents past PIECE_CHARS are encoded a piece at a time, cut at single newlines before a word, where
+    the byte-level pre-tokenizer splits anyway: the ids are the whole document's."""
+    from moeyard.trainer.data import tokenizer as tok_module
+    from moeyard.trainer.data.tokenizer import HFTokenizer, line_pieces
+
+    text = "".join(DOCUMENTS[i % len(DOCUMENTS)] + f"\nline {i}:\n\n  indented\nword" for i in range(300))
+    tokenizer = HFTokenizer(bpe)
+    assert tokenizer.splits_at_lines
+    whole = tokenizer.encode_documents([text])[0]
+    monkeypatch.setattr(tok_module, "PIECE_CHARS", 200)
+    pieces = line_pieces(text, 200)
+    assert "".join(pieces) == text and len(pieces) > 20  # a piece is longer only where a line is (700 a)
+    assert max(map(len, pieces)) < 200 + 700 + 100
+    assert np.array_equal(tokenizer.encode_documents([text, "short"])[0], whole)
