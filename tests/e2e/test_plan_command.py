@@ -18,9 +18,12 @@ def test_plan_command_for_a_described_cluster() -> None:
     assert "hardware description dgx-h100" in proc.stdout and "communication hidden:" in proc.stdout
     assert "predicted speed-up" in proc.stdout
     # The layouts weighed under the device's memory, the one taken, and the throughput it predicts.
-    weighed = proc.stdout.split("layouts weighed (70.2 GB usable per rank):")[1].splitlines()[2:14]  # 0.9 x (80 - 2)
+    table = proc.stdout.split("layouts weighed (70.2 GB usable per rank):")[1].splitlines()[2:]  # 0.9 x (80 - 2)
+    weighed = table[:next(i for i, line in enumerate(table) if not line.startswith("  "))]
+    assert len(weighed) == 5 * 4, proc.stdout  # every layout with every recompute mode
     assert sum(line.endswith("<- chosen") for line in weighed) == 1, proc.stdout
-    assert {" ".join(line.split()[:-3]) for line in weighed} >= {"fsdp gathered once", "ZeRO", "replicated"}
+    assert {line[2:24].strip() for line in weighed} == {"replicated", "ZeRO", "fsdp per micro-step",
+                                                        "fsdp gathered once", "fsdp resident weights"}
     tflops = next(line for line in proc.stdout.splitlines() if line.startswith("model TFLOP/s per GPU: "))
     assert 0 < float(tflops.split()[4]) < 989, tflops  # below the H100's bf16 peak
     assert "tokens/s per GPU: " in proc.stdout
