@@ -53,7 +53,8 @@ def check_tokenizers(cfg: Config, metas: dict[str, dict[str, Any]],
     corpus = first_meta["tokenizer"]
     for what, manifest in checkpoints:
         recorded = checkpoint_tokenizer(manifest)
-        if recorded is None and manifest.get("source"):  # imported from an HF folder that had no tokenizer.json
+        if recorded is None and (manifest.get("source") or {}).get("format") == "huggingface":
+            # imported (or upcycled) from an HF folder that had no tokenizer.json
             if corpus["hash"] == "bytes":
                 raise DataError(f"{what} was imported from {manifest['source'].get('dir')} without a tokenizer, and "
                                 f"the corpus {first!r} holds byte ids, which that model never saw: prepare the data "

@@ -32,7 +32,7 @@ from moeyard.trainer.checkpoint.store import verify
 from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
 from moeyard.trainer.config import build_config
 from moeyard.trainer.data.blend import TokenBatches
-from moeyard.trainer.data.compat import check_tokenizers
+from moeyard.trainer.data.compat import check_tokenizers, checkpoint_tokenizer
 from moeyard.trainer.data.tokens import ensure_corpus, read_meta
 
 PRUNABLE_ROUTERS = ("topk_softmax", "switch")
@@ -147,6 +147,9 @@ def prune(ckpt: Path, data: str, keep: int | list[int], out: Path, calibration_b
     report = {"kept_experts": {str(k): v.tolist() for k, v in kept.items()},
               "heldout_loss_before": mean_loss(model, heldout), "heldout_loss_after": mean_loss(pruned, heldout),
               "heldout_tokens": sum(b[:, 1:].numel() for b in heldout)}
-    write_weights_checkpoint(state, pruned_cfg, out, source={"family": "moeyard (pruned)", "dir": str(ckpt),
-                                                             "pruned": report})
+    source = {"family": "moeyard (pruned)", "dir": str(ckpt), "pruned": report}
+    tokenizer = checkpoint_tokenizer(manifest)
+    if tokenizer is not None:  # the pruned model still needs the corpus tokenizer its source was trained with
+        source["tokenizer"] = tokenizer
+    write_weights_checkpoint(state, pruned_cfg, out, source=source)
     return report

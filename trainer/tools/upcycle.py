@@ -17,6 +17,7 @@ from torch import Tensor
 from moeyard.errors import ConfigError
 from moeyard.models import MoEConfig, Transformer
 from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
+from moeyard.trainer.data.tokenizer import hf_tokenizer_record
 from moeyard.trainer.tools.hf_config import DENSE_FAMILIES, family_of, model_config_from_hf, read_hf_config
 from moeyard.trainer.tools.hf_weights import HFTensors, check_hf_tensors, moeyard_producers
 
@@ -80,4 +81,7 @@ def upcycle(hf_dir: Path, out: Path, experts: int, top_k: int, granularity: int 
         shapes = {n: p for n, p in Transformer(moe_cfg).named_parameters()}
     source = {"format": "huggingface", "family": family, "dir": str(hf_dir.resolve()),
               "upcycled": {"experts": experts, "top_k": top_k, "granularity": granularity, "seed": seed}}
+    tokenizer = hf_tokenizer_record(hf_dir)
+    if tokenizer is not None:  # as import_hf: a corpus for this model must be prepared with it
+        source["tokenizer"] = tokenizer
     return write_weights_checkpoint(shapes, moe_cfg, out, source, produce=produce)
