@@ -132,10 +132,13 @@ def test_an_imported_model_without_a_tokenizer_never_trains_on_byte_ids(capsys) 
     from moeyard.trainer.data.compat import check_tokenizers
 
     cfg = load_config(configs.path("tiny.yaml"), ["model.vocab_size=32000"])
-    imported = ("checkpoint.init", {"source": {"dir": "/models/hf-mixtral", "family": "mixtral"}})
+    imported = ("checkpoint.init", {"source": {"format": "huggingface", "dir": "/models/hf-mixtral",
+                                               "family": "mixtral"}})
     byte_ids = {"data": {"vocab_size": 257, "tokenizer": {"name": "bytes", "hash": "bytes", "vocab_size": 257}}}
     with pytest.raises(DataError, match="without a tokenizer, and the corpus 'data' holds byte ids"):
         check_tokenizers(cfg, byte_ids, [imported])
     bpe_ids = {"data": {"vocab_size": 32000, "tokenizer": {"name": "bpe", "hash": "abc", "vocab_size": 32000}}}
     check_tokenizers(cfg, bpe_ids, [imported])
     assert "records no tokenizer" in capsys.readouterr().out
+    pruned = ("checkpoint.init", {"source": {"family": "moeyard (pruned)", "dir": "/runs/x/step_000004"}})
+    check_tokenizers(cfg, byte_ids, [pruned])  # not an import: nothing to say
