@@ -11,12 +11,13 @@ reads the sources and writes the shards in order, with a bounded number of batch
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from collections import Counter, deque
@@ -72,9 +73,11 @@ class Encoded:
 _TOKENIZER: ByteTokenizer | HFTokenizer | None = None  # one per worker process
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this worker when the process that started it dies (a SIGKILLed `moeyard
-    prepare` would otherwise leave its workers blocked on their queue for ever)."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this worker when the thread that started it ends (a SIGKILLed `moeyard
+    prepare` would otherwise leave its workers blocked on their queue for ever). ProcessPoolExecutor starts
+    its workers from the thread that submits (prepare's main thread); started from a thread that ends
+    sooner, they would die with it."""
     try:
         import ctypes
 
@@ -82,13 +85,13 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the pool's own shutdown is all there is
         return
-    if os.getppid() == 1:  # the parent died before the call
+    if os.getppid() != parent:  # the parent died before the call (re-parented, to init or a subreaper)
         os._exit(1)
 
 
-def _init_worker(folder: Optional[Path]) -> None:
+def _init_worker(folder: Optional[Path], parent: int) -> None:
     global _TOKENIZER
-    _die_with_parent()
+    _die_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # N processes already: no thread pool in each
     _TOKENIZER = load_tokenizer(folder)
 
@@ -113,7 +116,8 @@ def _encoded(batches: Iterator[RecordBatch], opts: PrepareOptions,
         for batch in batches:
             yield _encode(batch, opts.text_field, tokenizer)
         return
-    with ProcessPoolExecutor(opts.workers, initializer=_init_worker, initargs=(opts.tokenizer,)) as pool:
+    with ProcessPoolExecutor(opts.workers, initializer=_init_worker,
+                             initargs=(opts.tokenizer, os.getpid())) as pool:
         pending: deque[Future] = deque()
         try:
             for batch in batches:
@@ -264,7 +268,9 @@ def prepare_corpus(paths: list[Path], out: Path, opts: PrepareOptions = PrepareO
     tokenizer = load_tokenizer(opts.tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    lock = os.open(tmp / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process ends, however it ends
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would lock other users out of a shared corpus
@@ -289,11 +295,14 @@ def prepare_corpus(paths: list[Path], out: Path, opts: PrepareOptions = PrepareO
                 "prepare": {"workers": opts.workers, "seconds": summary["seconds"],
                             "tokens_per_s": summary["tokens_per_s"], "text_bytes": summary["text_bytes"]}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / LOCK).unlink()  # the lock stays held through the rename: a cleaner sees no lock file
         move_into_place(tmp, out)
         return meta
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
 
 
 def _cache_fingerprint(corpus: Path) -> str:
@@ -306,20 +315,26 @@ def _cache_fingerprint(corpus: Path) -> str:
     return meta.get("source_fingerprint") or "" if isinstance(meta, dict) else ""
 
 
+LOCK = ".writing"
+"""A file in a prepare's temporary folder, locked (flock) while it writes there."""
+
+
 def _remove_abandoned(out: Path) -> None:
-    """Remove the temporary folders a killed prepare into `out` left behind: those of this machine whose
-    process is gone (another machine's, on a shared disk, may still be writing)."""
-    prefix = f".{out.name}.tmp-{socket.gethostname()}-"
-    for leftover in out.parent.glob(f"{glob_escape(prefix)}*"):
-        pid = leftover.name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit():
+    """Remove the temporary folders a killed prepare into `out` left behind: those whose writer's lock can be
+    taken (its process is gone, whatever machine or container it ran in); a live writer holds its lock."""
+    for leftover in out.parent.glob(f"{glob_escape(f'.{out.name}.tmp-')}*"):
+        try:
+            fd = os.open(leftover / LOCK, os.O_RDWR)
+        except OSError:  # no lock file: not a folder this moeyard writes, or one being finished
             continue
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a live prepare
+            continue
+        else:
             shutil.rmtree(leftover, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            pass
+        finally:
+            os.close(fd)
 
 
 def move_into_place(tmp: Path, out: Path) -> None:
@@ -343,7 +358,9 @@ def move_into_place(tmp: Path, out: Path) -> None:
                 shutil.rmtree(aside, ignore_errors=True)
         try:
             os.replace(tmp, out)  # atomic; also replaces an empty folder
-        except OSError:
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):  # not a race: permissions, another disk, ...
+                raise DataError(f"cannot move the corpus into {out}: {err.strerror}") from None
             if not (new and _cache_fingerprint(out) == new):
                 raise DataError(taken) from None
             shutil.rmtree(tmp)  # another process (or node sharing the cache) finished the same cache first

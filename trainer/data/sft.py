@@ -88,8 +88,9 @@ class HFChatTemplate:
         from transformers import AutoTokenizer
 
         if not (folder / "tokenizer.json").is_file():
-            raise DataError(f"sft.tokenizer={folder} is not a local tokenizer folder (no tokenizer.json there): give "
-                            f"a folder written by save_pretrained; names on the Hugging Face Hub are not fetched")
+            raise DataError(f"sft.tokenizer={folder} holds no tokenizer.json: give a local folder with a fast "
+                            f"tokenizer, written by save_pretrained (names on the Hugging Face Hub are not fetched, "
+                            f"slow-only tokenizers such as a lone tokenizer.model are not read)")
         try:  # a local fast tokenizer only: never the Hub, never a folder's own Python (auto_map)
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
         except (ValueError, OSError) as err:

@@ -131,8 +131,6 @@ def _whole_file(file: Path) -> RecordBatch:
         data = file.read_bytes()
     except OSError as err:
         raise DataError(f"{file}: cannot be read ({err.strerror})") from None
-    if b"\0" in data:  # no text holds a NUL byte; binaries and token shards do
-        raise DataError(f"{file} is not text (it holds NUL bytes): choose a --glob that matches text files only")
     return RecordBatch(file, "file", [0], [data], len(data))
 
 
@@ -239,6 +237,8 @@ def decode_batch(batch: RecordBatch, text_field: str, as_bytes: bool) -> tuple[l
     for where, payload in zip(batch.locations, batch.payloads):
         try:
             if batch.form == "file":
+                if b"\0" in payload:  # no text holds a NUL byte; binaries and token shards do
+                    raise ValueError("not text (it holds NUL bytes): choose a --glob that matches text files only")
                 text = payload if as_bytes else _decode_strict(payload)
             elif batch.form == "jsonl":
                 text = _json_text(payload, text_field)

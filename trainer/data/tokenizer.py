@@ -129,10 +129,21 @@ class HFTokenizer:
         self.backend.no_truncation()  # a saved max_length would cut every document short, silently
         self.backend.no_padding()
         self._encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        self.splits_at_lines = _splits_at_lines(_read_json(folder / "tokenizer.json"))
         bare, special = (self.backend.encode("a", add_special_tokens=flag).ids for flag in (False, True))
-        at = next(i for i in range(len(special) - len(bare) + 1) if special[i:i + len(bare)] == bare)
-        self._around = (special[:at], special[at + len(bare):])  # what the post-processor adds (BOS, ...)
+        at = next((i for i in range(len(special) - len(bare) + 1) if special[i:i + len(bare)] == bare), None)
+        self._around = (special[:at], special[at + len(bare):]) if at is not None else ([], [])  # BOS, ...
+        self.splits_at_lines = at is not None and _splits_at_lines(_read_json(folder / "tokenizer.json")) and \
+            self._pieces_encode_as_whole()
+
+    def _pieces_encode_as_whole(self) -> bool:
+        """The rule line_pieces relies on, tried on this tokenizer: a probe cut into pieces at every allowed
+        newline encodes to the ids of the whole (prefix spaces, merges across a newline and odd Split
+        patterns fail it)."""
+        probe = "a.\nb\n1\n'x\n\u03bb y\nend\r\nz \n q\nword. Word\n" * 3
+        pieces = line_pieces(probe, 4)
+        whole = self.backend.encode(probe, add_special_tokens=False).ids
+        return len(pieces) > 1 and [i for p in pieces for i in self.backend.encode(p, add_special_tokens=False).ids] \
+            == whole
 
     def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids of each document: the tokenizer's own special tokens (BOS where it adds one), then EOS.
@@ -168,7 +179,9 @@ def _splits_at_lines(tokenizer_json: dict[str, Any]) -> bool:
     after such a newline changes no token. SentencePiece's Metaspace (a "▁" before each text) does not."""
     pre, normalizer = tokenizer_json.get("pre_tokenizer"), tokenizer_json.get("normalizer")
     parts = (pre.get("pretokenizers") or []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
-    return bool(parts) and all(isinstance(p, dict) and p.get("type") in ("ByteLevel", "Split") for p in parts) \
+    return bool(parts) and all(isinstance(p, dict) and (
+        (p.get("type") == "ByteLevel" and not p.get("add_prefix_space")) or
+        (p.get("type") == "Split" and p.get("behavior") == "Isolated" and not p.get("invert"))) for p in parts) \
         and (normalizer is None or (isinstance(normalizer, dict) and normalizer.get("type") == "NFC"))
 
 

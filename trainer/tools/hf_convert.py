@@ -15,12 +15,12 @@ from typing import Optional
 
 import torch
 
-from moeyard.errors import ConfigError
 from moeyard.models import Transformer
 from moeyard.trainer.checkpoint.sharded import persistent_buffers
 from moeyard.trainer.checkpoint.store import verify
 from moeyard.trainer.checkpoint.weights import CheckpointTensors, write_weights_checkpoint
 from moeyard.trainer.config import build_config
+from moeyard.trainer.data.compat import checkpoint_tokenizer
 from moeyard.trainer.data.tokenizer import copy_tokenizer_files, hf_tokenizer_record, tokenizer_record
 from moeyard.trainer.tools.hf_config import (
     SIGMOID_ROUTER_FAMILIES,
@@ -32,6 +32,7 @@ from moeyard.trainer.tools.hf_config import (
 from moeyard.trainer.tools.hf_files import SHARD_BYTES, write_safetensors_shards
 from moeyard.trainer.tools.hf_weights import (
     HFTensors,
+    check_embedding,
     check_hf_tensors,
     hf_tensors,
     moeyard_producers,
@@ -45,12 +46,7 @@ def import_hf(hf_dir: Path, out: Path) -> tuple[str, Path]:
     parameter is read, converted and written in turn (peak: one layer's stacked experts)."""
     family, model_cfg = moe_model_config(read_hf_config(hf_dir))
     dry = HFTensors(hf_dir, dry=True)
-    embedding = "model.embed_tokens.weight"
-    if embedding in dry and tuple(dry.take(embedding).shape) != (model_cfg.vocab_size, model_cfg.dim):
-        # before anything is sized from config.json's numbers (a hidden_size of 4e10 would allocate first)
-        raise ConfigError(f"{hf_dir / 'config.json'} says vocab_size={model_cfg.vocab_size}, "
-                          f"hidden_size={model_cfg.dim}, but {embedding} is {list(dry.take(embedding).shape)} in "
-                          f"the safetensors: config.json belongs to another model, or was edited")
+    check_embedding(dry, model_cfg, hf_dir)
     if model_cfg.mtp_layers and f"model.layers.{model_cfg.n_layers}.eh_proj.weight" not in dry:
         print(f"note: config.json says num_nextn_predict_layers={model_cfg.mtp_layers} but the safetensors hold no "
               f"model.layers.{model_cfg.n_layers}.* (a copy without its MTP modules): importing without MTP "
@@ -85,29 +81,21 @@ def import_hf(hf_dir: Path, out: Path) -> tuple[str, Path]:
 
 
 def _tokenizer_files(manifest: dict) -> Optional[Path]:
-    """Where the tokenizer of a checkpoint's model lies: the corpus its run trained on (checked against the
-    recorded hash: a corpus prepared again with another tokenizer does not count), else the HF folder it
-    was imported from."""
-    recorded = (manifest.get("data") or {}).get("tokenizer") or {}
+    """Where the tokenizer of a checkpoint's model lies: the folder its record names (the corpus a run trained
+    on, the HF folder a model was imported from, what a pruned checkpoint's source recorded), only while it
+    holds that tokenizer (the recorded hash is checked: a folder changed since does not count); without a
+    record, the HF folder it came from as found (it had no tokenizer.json to record)."""
+    recorded = checkpoint_tokenizer(manifest) or {}
     folder = Path(recorded["dir"]) if recorded.get("dir") else None
     if folder is not None and (folder / "tokenizer.json").is_file() and \
             tokenizer_record(folder)["hash"] == recorded.get("hash"):
         return folder
     if recorded and recorded.get("hash") != "bytes":
-        print(f"warning: the tokenizer the checkpoint was trained with ({recorded.get('name')}) is no longer at "
-              f"{folder}: the export has no tokenizer files", flush=True)
+        print(f"warning: the tokenizer the checkpoint was trained with ({recorded.get('name')}, hash "
+              f"{recorded.get('hash')}) is no longer at {folder}: the export has no tokenizer files", flush=True)
         return None
-    source = manifest.get("source") or {}
-    source_dir = Path(source.get("dir", "/nonexistent"))
-    imported = (source.get("tokenizer") or {}).get("hash")
-    if not source_dir.is_dir() or imported is None:  # no tokenizer.json was there to record: copied as found
-        return source_dir if source_dir.is_dir() else None
-    now = tokenizer_record(source_dir)["hash"] if (source_dir / "tokenizer.json").is_file() else None
-    if now != imported:  # the folder changed since the import: not this model's tokenizer any more
-        print(f"warning: the tokenizer in {source_dir} is not the one the checkpoint was imported with (content "
-              f"hash {now}, recorded {imported}): the export has no tokenizer files", flush=True)
-        return None
-    return source_dir
+    source_dir = Path((manifest.get("source") or {}).get("dir", "/nonexistent"))
+    return source_dir if not recorded and source_dir.is_dir() else None
 
 
 def export_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,

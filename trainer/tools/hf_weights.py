@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -38,12 +40,14 @@ def _opened(path: Path) -> Iterator[Any]:
 
 
 def _safetensors_inside(folder: Path, name: object) -> bool:
-    """A plain *.safetensors file name right inside `folder`: no separator, no `..`, no link, a regular file
-    (a FIFO would block the reader for ever)."""
+    """A plain *.safetensors file name right inside `folder` (no separator, no `..`) that is a regular file
+    once links are followed: the HF cache's snapshots link into its blobs, a FIFO would block for ever."""
     if not is_plain_name(name) or not str(name).endswith(".safetensors"):
         return False
-    path = folder / str(name)
-    return not path.is_symlink() and path.is_file()
+    try:
+        return stat.S_ISREG(os.stat(folder / str(name)).st_mode)
+    except OSError:
+        return False
 
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -106,6 +110,16 @@ class HFTensors:
 
     def leftovers(self) -> list[str]:
         return sorted(k for k in self.files if k not in self.taken and not k.endswith(IGNORED_SUFFIXES))
+
+
+def check_embedding(dry: HFTensors, cfg: ModelConfig, hf_dir: Path) -> None:
+    """config.json's vocabulary and hidden size held to the embedding's safetensors header, before anything is
+    sized from config.json's numbers (a hidden_size of 4e10 would allocate first)."""
+    name = "model.embed_tokens.weight"
+    if name in dry and tuple(dry.take(name).shape) != (cfg.vocab_size, cfg.dim):
+        raise ConfigError(f"{hf_dir / 'config.json'} says vocab_size={cfg.vocab_size}, hidden_size={cfg.dim}, but "
+                          f"{name} is {list(dry.take(name).shape)} in the safetensors: config.json belongs to "
+                          f"another model, or was edited")
 
 
 def rope_order(head_dim: int, rotary_dim: int | None = None) -> Tensor:
@@ -262,6 +276,10 @@ def moeyard_producers(src: HFTensors, cfg: ModelConfig, family: str,
             if not heads:
                 return t
             head_dim = t.shape[0] // heads
+            if head_dim * heads != t.shape[0] or cfg.rope_dim > head_dim:  # before rope_order sizes anything
+                raise ConfigError(f"{hf} has {t.shape[0]} rows for {heads} heads, which config.json's rotary "
+                                  f"dimension {cfg.rope_dim} does not fit: config.json belongs to another model, "
+                                  f"or was edited")
             return _heads(t, heads, head_dim, rope_order(head_dim, cfg.rope_dim))
         producers[ours] = plain
     for ours, copy in mtp_shared_copies(cfg):

@@ -19,7 +19,7 @@ from moeyard.models import MoEConfig, Transformer
 from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
 from moeyard.trainer.data.tokenizer import hf_tokenizer_record
 from moeyard.trainer.tools.hf_config import DENSE_FAMILIES, family_of, model_config_from_hf, read_hf_config
-from moeyard.trainer.tools.hf_weights import HFTensors, check_hf_tensors, moeyard_producers
+from moeyard.trainer.tools.hf_weights import HFTensors, check_embedding, check_hf_tensors, moeyard_producers
 
 
 def upcycled_config(hf: dict, experts: int, top_k: int, granularity: int) -> MoEConfig:
@@ -62,6 +62,7 @@ def upcycle(hf_dir: Path, out: Path, experts: int, top_k: int, granularity: int 
     moe = upcycled_config(hf, experts, top_k, granularity)
     moe_cfg = model_config_from_hf(hf, family, moe)
     dry = HFTensors(hf_dir, dry=True)
+    check_embedding(dry, moe_cfg, hf_dir)
     dense = moeyard_producers(dry, moe_cfg, family, dense=True)
     check_hf_tensors(dry, dense, moe_cfg, family)
     generator = torch.Generator().manual_seed(seed)

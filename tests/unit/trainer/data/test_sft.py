@@ -176,5 +176,5 @@ def test_sft_tokenizer_never_runs_a_folders_code_nor_reaches_the_hub(tmp_path) -
     with pytest.raises(DataError, match="without running code from the folder"):
         HFChatTemplate(folder)
     assert not marker.exists(), "the folder's Python ran"
-    with pytest.raises(DataError, match="is not a local tokenizer folder"):
+    with pytest.raises(DataError, match="holds no tokenizer.json"):
         HFChatTemplate(Path("some-org/some-model"))

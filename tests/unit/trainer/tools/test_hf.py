@@ -236,7 +236,7 @@ def test_to_hf_ships_the_imported_tokenizer_or_none(tmp_path: Path, capsys) -> N
     train_bpe(hf_dir, ["a different tokenizer trained later on other text"] * 5, vocab_size=300)
     export_hf(tmp_path / "ckpt", tmp_path / "replaced")
     assert not (tmp_path / "replaced" / "tokenizer.json").exists()
-    assert "is not the one the checkpoint was imported with" in capsys.readouterr().out
+    assert "is no longer at" in capsys.readouterr().out
 
 
 def test_integer_weights_are_refused_not_converted_as_numbers(tmp_path: Path) -> None:
@@ -280,3 +280,26 @@ def test_non_finite_weights_convert_with_a_note(tmp_path: Path, capsys) -> None:
     save_file(tensors, str(hf_dir / "model.safetensors"))
     import_hf(hf_dir, tmp_path / "ckpt")
     assert "1 tensors hold NaN or inf (first: norm.weight)" in capsys.readouterr().out
+
+
+
+def test_a_model_in_the_hf_cache_layout_imports(tmp_path: Path) -> None:
+    """The HF cache's snapshot files are links into its blobs: an index naming them is followed (a regular
+    file once the link is), unlike a path out of the folder (test_a_from_hf_index_never_leaves_its_folder)."""
+    import os
+
+    from moeyard.trainer.tools.hf_convert import import_hf
+    from moeyard.trainer.tools.hf_files import INDEX
+
+    hf_dir = save_random_model("mixtral", tmp_path / "hf")
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    os.replace(hf_dir / "model.safetensors", blobs / "abc123")
+    os.symlink(os.path.relpath(blobs / "abc123", hf_dir), hf_dir / "model-00001-of-00001.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(blobs / "abc123"), "pt") as f:
+        keys = list(f.keys())
+    (hf_dir / INDEX).write_text(json.dumps({"weight_map": {k: "model-00001-of-00001.safetensors" for k in keys}}))
+    import_hf(hf_dir, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "manifest.json").is_file()
