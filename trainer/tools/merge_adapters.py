@@ -22,6 +22,7 @@ from moeyard.trainer.checkpoint.sharded import fill_model, load_full_model, pers
 from moeyard.trainer.checkpoint.store import verify
 from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
 from moeyard.trainer.config import build_config
+from moeyard.trainer.data.compat import checkpoint_tokenizer
 
 
 @torch.no_grad()
@@ -54,6 +55,9 @@ def merge_adapters(ckpt: Path, out: Path, probe_tokens: int = 256) -> dict[str, 
         raise ConfigError(f"the merged model's logits differ from the adapted model's by {difference:.2e} on a "
                           f"probe batch (tolerance {tolerance:.1e}): not writing {out}. Please report this")
     report = {"merged": merged, "max_logit_difference": difference, "probe_tokens": probe.numel()}
-    write_weights_checkpoint(state, plain_cfg, out, buffers=buffers,
-                             source={"family": "moeyard (merged adapters)", "dir": str(ckpt), **report})
+    source = {"family": "moeyard (merged adapters)", "dir": str(ckpt), **report}
+    tokenizer = checkpoint_tokenizer(manifest)
+    if tokenizer is not None:  # the merged model needs the tokenizer its adapters were trained with
+        source["tokenizer"] = tokenizer
+    write_weights_checkpoint(state, plain_cfg, out, buffers=buffers, source=source)
     return report
