@@ -87,9 +87,9 @@ POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers
             "num_key_value_heads", "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
             "max_position_embeddings", "head_dim", "n_routed_experts", "q_lora_rank", "kv_lora_rank",
             "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "moe_layer_freq", "decoder_sparse_step", "n_group",
-            "topk_group", "sliding_window")
+            "topk_group")
 NON_NEGATIVE = ("shared_expert_intermediate_size", "n_shared_experts", "first_k_dense_replace",
-                "num_nextn_predict_layers")
+                "num_nextn_predict_layers", "sliding_window")
 """config.json keys that hold a count: an integer (or null) before anything is computed from them."""
 REALS = ("rope_theta", "rms_norm_eps", "router_aux_loss_coef", "initializer_range", "routed_scaling_factor")
 
