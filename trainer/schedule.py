@@ -42,7 +42,7 @@ def workload(cfg: Config, dp: int, act_bytes: int, ranks_per_node: Optional[int]
                         frozen=frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen),
                         recompute=cfg.train.recompute,
                         ranks_per_node=ranks_per_node or cfg.parallel.ranks_per_node or 0,
-                        grad_bytes=cfg.parallel.reduce_bytes)
+                        grad_bytes=cfg.parallel.reduce_bytes, moment_bytes=cfg.optim.moment_bytes)
 
 
 def act_bytes(cfg: Config, device: torch.device) -> int:

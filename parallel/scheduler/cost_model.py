@@ -57,6 +57,8 @@ class Workload:
     """Bytes per activation element crossing the all-to-all."""
     grad_bytes: int = 4
     """Bytes per gradient element in the reduction (parallel.reduce_dtype)."""
+    moment_bytes: int = 4
+    """Bytes per AdamW moment element (optim.moment_dtype)."""
     dense_flops: tuple[float, ...] = ()
     """Forward FLOPs of each block without its routed experts."""
     head_flops: float = 0.0
@@ -370,7 +372,7 @@ def predict(w: Workload, plan: Plan, costs: Costs) -> Prediction:
 
 def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: int, micro_steps: int,
                  act_bytes: int = 4, frozen: frozenset[str] = frozenset(), recompute: str = "none",
-                 ranks_per_node: int = 0, grad_bytes: int = 4) -> Workload:
+                 ranks_per_node: int = 0, grad_bytes: int = 4, moment_bytes: int = 4) -> Workload:
     """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
     Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer.
     `ranks_per_node`: machines of that many ranks (0: one machine)."""
@@ -389,7 +391,7 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     num_experts=cfg.moe.num_experts, top_k=cfg.moe.top_k, n_layers=cfg.n_blocks,
                     moe_layers=tuple(i for i in blocks if cfg.is_moe_layer(i)), ep=ep, dp=dp,
                     micro_steps=micro_steps, params=tuple(reversed(infos)), act_bytes=act_bytes,
-                    grad_bytes=grad_bytes,
+                    grad_bytes=grad_bytes, moment_bytes=moment_bytes,
                     dense_flops=tuple(block_fwd_flops(cfg, tokens, seq_len, i) for i in blocks),
                     head_flops=head_fwd_flops(cfg, tokens),
                     attention_flops=tuple(attention_core_flops(cfg, tokens, seq_len, i) for i in blocks),

@@ -116,10 +116,12 @@ class HardwareCosts:
     def optimizer(self, w: Workload, mode: str) -> float:
         dense = sum(p.numel for p in w.params if not p.expert)
         expert = sum(p.numel for p in w.params if p.expert)
-        sharded = 28 * (dense / w.dp + expert * w.ep / w.dp) / (self.hw.memory_gbps * 1e9)
+        # AdamW reads the float32 param and grad and both moments, writes param and moments: 28 bytes a
+        # parameter with float32 moments, 20 with bf16 ones (optim.moment_dtype).
+        per_param = 12 + 4 * w.moment_bytes
+        sharded = per_param * (dense / w.dp + expert * w.ep / w.dp) / (self.hw.memory_gbps * 1e9)
         if mode == "fsdp":  # the shards only; parameters are gathered where they are used
             return sharded
         if mode == "reduce_scatter":  # update a shard, all-gather the parameters back
             return sharded + self.all_gather(w, dense * 4, False) + self.all_gather(w, expert * 4, True)
-        # AdamW reads param, grad, two moments and writes three: ~28 bytes per fp32 parameter.
-        return 28 * (dense + expert) / (self.hw.memory_gbps * 1e9)
+        return per_param * (dense + expert) / (self.hw.memory_gbps * 1e9)

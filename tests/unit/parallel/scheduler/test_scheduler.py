@@ -180,3 +180,14 @@ def test_selective_recompute_charges_its_cheap_ops_and_no_gemm_or_all_to_all() -
     assert times["selective"].step < times["full"].step
     tasks = {t.name for t in build_step(dataclasses.replace(w, recompute="selective"), plan, FakeCosts()).run().tasks}
     assert not any("moe.recompute" in name for name in tasks)
+
+
+def test_bfloat16_moments_move_20_bytes_a_parameter_in_the_optimizer_step_not_28() -> None:
+    from moeyard.parallel.scheduler.hardware import HardwareCosts
+    from moeyard.trainer.schedule import load_hardware
+
+    costs = HardwareCosts(load_hardware("dgx-h100"))
+    w = small_workload()
+    for mode in ("all_reduce", "fsdp"):
+        full = costs.optimizer(w, mode)
+        assert costs.optimizer(dataclasses.replace(w, moment_bytes=2), mode) == pytest.approx(full * 20 / 28)
