@@ -39,7 +39,7 @@ def status(field):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
 
-from moeyard.trainer.tools.hf_convert import export_hf, import_hf
+from moeyard.tools.hf_convert import export_hf, import_hf
 base = status("VmRSS")
 Path("/proc/self/clear_refs").write_text("5")
 start = time.perf_counter()

@@ -64,10 +64,10 @@ def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
     return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
 
-def top_k_routing(x_TD: Tensor, router_ED: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def top_k_routing(x_ND: Tensor, router_ED: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Softmax over experts, the k best, weights renormalised to sum to one (Mixtral; DeepSpeed top-2)."""
-    weight_TK, expert_TK = (x_TD @ router_ED.t()).softmax(dim=-1).topk(k, dim=-1)
-    return weight_TK / weight_TK.sum(dim=-1, keepdim=True), expert_TK
+    weight_NK, expert_NK = (x_ND @ router_ED.t()).softmax(dim=-1).topk(k, dim=-1)
+    return weight_NK / weight_NK.sum(dim=-1, keepdim=True), expert_NK
 
 
 # ---- the independent reference: every expert on this rank, plain autograd --------------------------------
@@ -77,11 +77,11 @@ def reference_grads(case: Case, W: Weights, x: Tensor, dy: Tensor) -> dict[str, 
     over ranks (as expert parallelism sums them) and cut to this rank's experts."""
     leaves = [t.clone().requires_grad_() for t in (x, W.router_ED, W.gate_EDF, W.up_EDF, W.down_EFD)]
     x_l, router, gate, up, down = leaves
-    weight_TK, expert_TK = top_k_routing(x_l, router, case.top_k)
+    weight_NK, expert_NK = top_k_routing(x_l, router, case.top_k)
     y = torch.zeros_like(x_l)
     for e in range(case.experts):
-        token, slot = (expert_TK == e).nonzero(as_tuple=True)
-        out = swiglu(x_l[token], gate[e], up[e], down[e]) * weight_TK[token, slot].unsqueeze(-1)
+        token, slot = (expert_NK == e).nonzero(as_tuple=True)
+        out = swiglu(x_l[token], gate[e], up[e], down[e]) * weight_NK[token, slot].unsqueeze(-1)
         y = y.index_add(0, token, out)
     y.backward(dy)
     expert_grads = torch.stack([gate.grad, up.grad, down.grad.transpose(1, 2)])
@@ -193,8 +193,8 @@ def init_deepspeed() -> None:
 
 def dropless_rows(case: Case, W: Weights, x: Tensor) -> list[int]:
     """Rows each of this rank's experts computes without drops: its copies from every rank's tokens."""
-    _, expert_TK = top_k_routing(x, W.router_ED, case.top_k)
-    counts_E = torch.bincount(expert_TK.flatten(), minlength=case.experts)
+    _, expert_NK = top_k_routing(x, W.router_ED, case.top_k)
+    counts_E = torch.bincount(expert_NK.flatten(), minlength=case.experts)
     dist.all_reduce(counts_E)
     rank, world = dist.get_rank(), dist.get_world_size()
     L = case.experts // world

@@ -17,7 +17,7 @@ device, sharded, each rank initialising its part) and trains a few steps on rand
 The workers run glibc with a fixed 64 KiB mmap threshold and no trim threshold, so that a freed tensor's
 pages go back to the system at once and the resident set follows the live tensors -- what a GPU's
 `max_memory_allocated` reads and what the memory model predicts. (`moeyard train` does the opposite on
-CPU, launch/host_memory.py: it keeps freed pages for speed, and its resident set then grows with the
+CPU, launch/malloc_policy.py: it keeps freed pages for speed, and its resident set then grows with the
 allocator's fragmentation, +30-50% over the live peak on the calibration model here.)
 
 The calibration model fits both ways (replicated and fsdp, each recompute mode); the large one is a
@@ -41,10 +41,10 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from moeyard import configs  # noqa: E402
-from moeyard.parallel.scheduler.memory_model import GB, count_parameters, predict_memory  # noqa: E402
-from moeyard.trainer.config import Config, load_config  # noqa: E402
-from moeyard.trainer.memory import local_bytes  # noqa: E402
-from moeyard.trainer.memory_plan import memory_layout  # noqa: E402
+from moeyard.trainer.config.sections import Config, read_config  # noqa: E402
+from moeyard.trainer.memory_stats import local_bytes  # noqa: E402
+from moeyard.trainer.scheduler.memory_fit import memory_layout  # noqa: E402
+from moeyard.trainer.scheduler.memory_model import GB, count_parameters, predict_memory  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "memory"
 WORLD = 4
@@ -99,13 +99,13 @@ def _measure(rank: int, overrides: list[str], steps: int, port: int, results) ->
 
     from moeyard.parallel import build_mesh
     from moeyard.trainer.loop import build_model
-    from moeyard.trainer.schedule import plan_for
+    from moeyard.trainer.scheduler.run_planning import plan_for
     from moeyard.trainer.step import train_step
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    cfg = load_config(configs.path("tiny.yaml"), overrides)
+    cfg = read_config(configs.path("tiny.yaml"), overrides)
     device = torch.device("cpu")
     pmesh = build_mesh(cfg.parallel.ep, "cpu", cfg.parallel.timeout_s)
     plan = plan_for(cfg, pmesh, device)
@@ -175,7 +175,7 @@ def _label(cfg: Config) -> str:
 
 
 def row(overrides: list[str], steps: int) -> dict:
-    cfg = load_config(configs.path("tiny.yaml"), overrides)
+    cfg = read_config(configs.path("tiny.yaml"), overrides)
     predicted = predict_memory(cfg.model, memory_layout(cfg, WORLD, 4))
     counts = count_parameters(cfg.model, cfg.parallel.ep)
     ranks = measure(overrides, steps)

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from moeyard.launch.host_memory import keep_freed_memory  # noqa: E402
+from moeyard.launch.malloc_policy import keep_freed_memory  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_cases import (  # noqa: E402
@@ -67,10 +67,10 @@ def planned_chunks(case: Case, pmesh: Any) -> int:
     """The pipeline degree moeyard's planner picks for this layer: its profiler on these shapes, then the
     cost model's fastest r for one layer's forward + backward."""
     from moeyard.models import ModelConfig, MoEConfig
-    from moeyard.parallel.scheduler.cost_model import moe_layer_timeline, workload_for
-    from moeyard.parallel.scheduler.planner import CHUNK_CHOICES
-    from moeyard.parallel.scheduler.profile import MeasuredCosts
-    from moeyard.parallel.scheduler.profiler import measure
+    from moeyard.trainer.scheduler.cost_model import moe_layer_timeline, workload_for
+    from moeyard.trainer.scheduler.measured_costs import MeasuredCosts
+    from moeyard.trainer.scheduler.planner import CHUNK_CHOICES
+    from moeyard.trainer.scheduler.profiler import measure
 
     world = dist.get_world_size()
     seq = min(case.tokens, 512)

@@ -158,8 +158,8 @@ def layer_rows(args, dtype, device) -> list[dict[str, Any]]:
 
 def training_mfu(args, device) -> dict[str, Any]:
     """`moeyard train` on the ~1B config, one process; step time from its metrics, FLOPs from the config."""
-    from moeyard.parallel.scheduler.cost_model import block_fwd_flops
-    from moeyard.trainer.run_config import resolve_config
+    from moeyard.trainer.config.resolve import resolve_run
+    from moeyard.trainer.scheduler.cost_model import block_fwd_flops
 
     overrides = list(args.mfu_set)
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,7 +171,7 @@ def training_mfu(args, device) -> dict[str, Any]:
         if proc.returncode != 0:
             return {"unavailable": f"moeyard train failed: {proc.stderr[-1500:]}"}
         records = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
-    cfg = resolve_config(str(args.mfu_config), overrides)
+    cfg = resolve_run(str(args.mfu_config), overrides)
     m, t = cfg.model, cfg.train
     tokens = t.global_batch_tokens
     fwd = sum(block_fwd_flops(m, tokens, t.seq_len, i) for i in range(m.n_layers)) + 2 * tokens * m.dim * m.vocab_size

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeyard import configs
-from moeyard.parallel.scheduler.cost_model import Workload, model_flops, predict
-from moeyard.parallel.scheduler.hardware import Hardware, HardwareCosts
-from moeyard.parallel.scheduler.memory_model import count_parameters, predict_memory, usable_gb
-from moeyard.parallel.scheduler.planner import search
-from moeyard.trainer.config import Config, load_config
-from moeyard.trainer.memory_plan import memory_layout
-from moeyard.trainer.schedule import LayoutChoice, choose_layout, layout_choices, load_hardware, workload
+from moeyard.trainer.config.sections import Config, read_config
+from moeyard.trainer.scheduler.cost_model import Workload, model_flops, predict
+from moeyard.trainer.scheduler.hardware import Hardware, HardwareCosts
+from moeyard.trainer.scheduler.memory_fit import memory_layout
+from moeyard.trainer.scheduler.memory_model import count_parameters, predict_memory, usable_gb
+from moeyard.trainer.scheduler.planner import search
+from moeyard.trainer.scheduler.run_planning import LayoutChoice, choose_layout, layout_choices, load_hardware, workload
 
 MODELS = ["olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b", "mixtral-8x22b", "qwen3-235b-a22b", "gpt-oss-20b",
           "gpt-oss-120b", "glm-4.5-air", "glm-4.5", "deepseek-v3-671b", "kimi-k2"]
@@ -41,7 +41,7 @@ WORLDS = [2**i for i in range(11)]
 
 def published(name: str, *overrides: str) -> Config:
     """A published shape under layout overrides, validated like any config (ep must divide the experts)."""
-    return load_config(configs.path(f"published/{name}.yaml"), list(overrides))
+    return read_config(configs.path(f"published/{name}.yaml"), list(overrides))
 
 
 def expert_parallel_degrees(cfg: Config, world: int, cap: int = 64) -> list[int]:

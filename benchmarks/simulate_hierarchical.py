@@ -2,7 +2,7 @@
 
     python benchmarks/simulate_hierarchical.py            # prints the markdown table for benchmarks/RESULTS.md
 
-Predicted with the cost model and simulator (parallel/scheduler), configs/hardware/dgx-h100.yaml, nothing
+Predicted with the cost model and simulator (trainer/scheduler), configs/hardware/dgx-h100.yaml, nothing
 ran on a GPU. One MoE layer forward + backward, 4,096 tokens per GPU, bf16 on the wire, the best pipeline
 degree r in {1, 2, 4, 8} for each dispatch; the ep group spans min(nodes, E/8) machines (one expert per GPU
 at least: Mixtral's 8 experts are widened to one per GPU, as simulate_layer.py does). Machines per token
@@ -11,10 +11,10 @@ are the uniform-routing expectation (cost_model.expected_nodes_per_token), not m
 from __future__ import annotations
 
 from moeyard.models import ModelConfig, MoEConfig
-from moeyard.parallel.scheduler.cost_model import moe_layer_timeline, workload_for
-from moeyard.parallel.scheduler.hardware import HardwareCosts
-from moeyard.parallel.scheduler.machines import expected_nodes_per_token
-from moeyard.trainer.schedule import load_hardware
+from moeyard.trainer.scheduler.cost_model import moe_layer_timeline, workload_for
+from moeyard.trainer.scheduler.hardware import HardwareCosts
+from moeyard.trainer.scheduler.machines import expected_nodes_per_token
+from moeyard.trainer.scheduler.run_planning import load_hardware
 
 SHAPES = {  # name: (hidden, expert FFN, experts, top-k)
     "Mixtral-8x7B": (4096, 14336, 8, 2),

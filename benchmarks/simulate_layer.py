@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 
 from moeyard.models import ModelConfig, MoEConfig
-from moeyard.parallel.scheduler.cost_model import moe_layer_timeline, workload_for
-from moeyard.parallel.scheduler.hardware import HardwareCosts
-from moeyard.trainer.schedule import load_hardware
+from moeyard.trainer.scheduler.cost_model import moe_layer_timeline, workload_for
+from moeyard.trainer.scheduler.hardware import HardwareCosts
+from moeyard.trainer.scheduler.run_planning import load_hardware
 
 
 def main() -> None:

@@ -6,9 +6,10 @@ started the process (torchrun, `moeyard train`, or nothing: one process).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -16,16 +17,15 @@ import torch.distributed as dist
 
 from moeyard.errors import DataError, LaunchError, run_reporting
 from moeyard.launch.env import DistEnv, available_cpus, resolve_env
-from moeyard.launch.host_memory import keep_freed_memory
+from moeyard.launch.malloc_policy import keep_freed_memory
 from moeyard.launch.peers import Peers
-from moeyard.trainer.config import Config, validate_for_world
+from moeyard.trainer.config.resolve import read_resolved, resolve_run
+from moeyard.trainer.config.sections import Config, read_config
 from moeyard.trainer.data.tokens import ensure_corpus
-from moeyard.trainer.loop import train
-from moeyard.trainer.node_layout import ranks_per_machine, with_node_layout
-from moeyard.trainer.run_config import resolve_config
+from moeyard.trainer.loop import run_training
 from moeyard.trainer.run_dir import Preemption
 from moeyard.trainer.run_lock import lock_for_workers
-from moeyard.trainer.tools.plan_report import measured_report
+from moeyard.trainer.scheduler.report import measured_report
 
 
 def pick_device(env: DistEnv, backend: str) -> tuple[torch.device, str]:
@@ -93,8 +93,8 @@ def set_cpu_threads(env: DistEnv) -> None:
         torch.set_num_threads(max(1, available_cpus() // env.local_world_size))
 
 
-def _prepare_corpus_once_per_machine(cfg: Config, env: DistEnv, device: torch.device) -> str:
-    """The first local worker tokenizes; every rank learns whether any machine failed."""
+def _prepare_corpus_once_per_machine(cfg: Config, env: DistEnv, device: torch.device) -> None:
+    """The first local worker tokenizes into data.dir (resolved); every rank learns whether any machine failed."""
     error: Optional[Exception] = None
     if env.local_rank == 0:
         try:
@@ -107,30 +107,27 @@ def _prepare_corpus_once_per_machine(cfg: Config, env: DistEnv, device: torch.de
         raise error
     if failed.item():
         raise DataError("preparing the corpus failed on another machine; see its log")
-    return str(ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob))
+    ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)  # the other workers check what it wrote
 
 
-def _machines_from_peers(given: Config, cfg: Config, peers: Peers) -> Config:
-    """Unless parallel.ranks_per_node says otherwise, machines are where the ranks run (the same answer on
-    every rank, whatever each one's local world size)."""
-    if given.parallel.ranks_per_node is not None:
-        return cfg
-    G = ranks_per_machine(peers.nodes)
-    if G is None:
-        moe = given.model.moe
-        if given.schedule.dispatch == "hierarchical" or moe.max_nodes_per_token is not None:
-            placed: dict[str, list[int]] = {}
-            for rank, node in enumerate(peers.nodes):
-                placed.setdefault(node, []).append(rank)
-            where = "; ".join(f"{node}: ranks {ranks}" for node, ranks in placed.items())
-            raise LaunchError(f"ranks are not placed machine by machine ({where}): hierarchical dispatch and "
-                              f"node-limited routing need every machine to hold as many consecutive ranks "
-                              f"(Slurm --distribution=block, mpirun --map-by slot), or parallel.ranks_per_node")
-        G = len(peers.nodes)  # one "machine": flat dispatch, which does not care where ranks run
-    return with_node_layout(given, len(peers.nodes), G)
+@dataclass(frozen=True)
+class RunSource:
+    """Where a worker's config comes from: resolved by moeyard's launcher (`resolved`), or a file and overrides
+    that the worker resolves once, after it has learnt the machines (srun, mpirun, a bare torchrun)."""
+
+    resolved: Optional[Config] = None
+    path: Optional[str | Path] = None
+    overrides: tuple[str, ...] = ()
+
+    def joining(self) -> Config:
+        """What joining the process group needs (backend, timeouts): the file as it says, nothing resolved."""
+        return self.resolved or read_config(self.path, self.overrides)
+
+    def resolve(self, machines: Sequence[str]) -> Config:
+        return self.resolved or resolve_run(self.path, self.overrides, machines)
 
 
-def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
+def run_worker(source: RunSource, env: DistEnv, plan_only: bool = False) -> int:
     """Returns the process exit code: 0, or 128 + signal after a preemption checkpoint (alone, or under
     srun or mpirun, where that code tells the job script to requeue).
 
@@ -138,9 +135,7 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
     is being stopped -- and leaves run.dir/PREEMPTED, which `moeyard train` turns into 128 + signal.
     """
     preemption = Preemption()  # first: a signal during start-up is remembered, not fatal
-    validate_for_world(cfg, env.world_size)
-    given = cfg
-    cfg = with_node_layout(given, env.world_size, env.local_world_size)
+    cfg = source.joining()
     device, backend = pick_device(env, cfg.parallel.backend)
     if device.type == "cpu":
         set_cpu_threads(env)
@@ -152,17 +147,16 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
     lock = None
     try:
         peers = Peers.gather()
-        cfg = _machines_from_peers(given, cfg, peers)
+        cfg = source.resolve(peers.nodes)
         if plan_only:
             report = measured_report(cfg, device)
             if env.rank == 0:
                 print(report, flush=True)
             return 0
         if cfg.sft.data is None and not cfg.data.sources:  # SFT rows: in memory; blends: prepared already
-            data_dir = _prepare_corpus_once_per_machine(cfg, env, device)
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
+            _prepare_corpus_once_per_machine(cfg, env, device)
         lock = lock_for_workers(cfg.run_dir)
-        outcome = train(cfg, device, preemption)
+        outcome = run_training(cfg, device, preemption)
     except RuntimeError as err:
         lost = peers.lost_peer(err, cfg.parallel.timeout_s) if peers is not None else None
         if lost is None:
@@ -178,14 +172,6 @@ def run_worker(cfg: Config, env: DistEnv, plan_only: bool = False) -> int:
     return 0
 
 
-def worker_args(config: str, overrides: list[str], *extra: str) -> list[str]:
-    """The command line of `python -m moeyard.train` for this config and these overrides."""
-    args = [config, *extra]
-    for assignment in overrides:
-        args += ["--set", assignment]
-    return args
-
-
 def add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
@@ -195,10 +181,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moeyard.train", description=__doc__)
     parser.add_argument("config", nargs="?", help="YAML config (default: the shipped configs/tiny.yaml)")
     add_overrides(parser)
+    parser.add_argument("--resolved", action="store_true",
+                        help="CONFIG is the run config `moeyard train` resolved into run.dir: read it as it is")
     parser.add_argument("--plan-only", action="store_true",
                         help="profile this machine on the real process groups, print the plan, and exit")
     args = parser.parse_args(argv)
+    if args.resolved and (args.config is None or args.overrides):
+        parser.error("--resolved reads one resolved config file, without --set")
     from moeyard import configs
 
-    return run_reporting(lambda: run_worker(resolve_config(args.config or configs.path("tiny.yaml"), args.overrides),
-                                            resolve_env(), plan_only=args.plan_only))
+    def run() -> int:
+        source = RunSource(resolved=read_resolved(args.config)) if args.resolved else \
+            RunSource(path=args.config or configs.path("tiny.yaml"), overrides=tuple(args.overrides))
+        return run_worker(source, resolve_env(), plan_only=args.plan_only)
+
+    return run_reporting(run)

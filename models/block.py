@@ -1,6 +1,6 @@
 """One decoder block: pre-norm attention (GQA or MLA) then pre-norm FFN (dense SwiGLU or MoE).
 
-Shape legend: B batch, T sequence, D model dim.
+Shape legend (models/__init__.py): B, T, D.
 """
 from __future__ import annotations
 

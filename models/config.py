@@ -1,4 +1,5 @@
-"""Model configuration: plain keyword-only dataclasses, validated when built.
+"""Model configuration: plain keyword-only dataclasses, validated when built (RoPE scaling, MLA, the MoE
+layer, the model, PEFT adapters).
 
 Error messages name the full config key (``model.moe.top_k``) because that is
 what the user types in YAML or on the command line.
@@ -7,16 +8,130 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
-from moeyard.errors import ConfigError
-from moeyard.models.attention_config import MLAConfig, RopeScalingConfig, require
+from moeyard.errors import ConfigError, require
 
-__all__ = ["ConfigError", "MLAConfig", "ModelConfig", "MoEConfig", "PEFTConfig", "RopeScalingConfig", "require"]
+__all__ = ["ConfigError", "MLAConfig", "ModelConfig", "MoEConfig", "PEFTConfig", "RopeScalingConfig"]
+
+
+@dataclass(kw_only=True)
+class RopeScalingConfig:
+    """How RoPE reaches beyond the context it was trained at (models/rope.py)."""
+
+    kind: Literal["none", "yarn"] = "none"
+    """none: plain RoPE; yarn: YaRN (DeepSeek-V3, Kimi-K2, GPT-OSS)."""
+    factor: float = 1.0
+    """The context is this many times the original."""
+    original_max_seq_len: int = 4096
+    """The context the model was first trained at."""
+    beta_fast: float = 32.0
+    """Frequencies turning more than this often in the original context are kept as they are..."""
+    beta_slow: float = 1.0
+    """...those turning less often than this are divided by `factor`; a linear ramp between."""
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    """YaRN's magnitude terms as the published configs give them; with mscale_all_dim, MLA multiplies its
+    softmax scale by (0.1 * mscale_all_dim * ln(factor) + 1)^2."""
+    attention_factor: Optional[float] = None
+    """cos and sin are multiplied by this; null: derived from factor (and mscale / mscale_all_dim)."""
+    truncate: bool = True
+    """Round the ramp's ends to whole dims (GPT-OSS sets false)."""
+
+    def __post_init__(self) -> None:
+        require(self.kind == "none" or self.factor >= 1,
+                f"model.rope_scaling.factor={self.factor} must be >= 1 (it extends the context)")
+        require(self.original_max_seq_len >= 1, "model.rope_scaling.original_max_seq_len must be >= 1")
+        require(self.beta_fast >= self.beta_slow > 0,  # equal: a step, not a ramp (Kimi-K2 sets both to 1)
+                f"model.rope_scaling.beta_fast={self.beta_fast} must be >= beta_slow={self.beta_slow} > 0")
+
+
+@dataclass(kw_only=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values from one compressed latent per token,
+    a RoPE part shared across heads (model.attention: mla)."""
+
+    q_lora_rank: Optional[int] = None
+    """Queries through a rank-r bottleneck with its own RMSNorm; null: one full projection (V2-Lite)."""
+    kv_lora_rank: int = 64
+    """The compressed latent of keys and values, the size a KV cache holds per token (with the RoPE key)."""
+    qk_nope_head_dim: int = 32
+    """Per head, the query/key dims without position."""
+    qk_rope_head_dim: int = 16
+    """Per head, the rotated dims; the key's are shared by all heads."""
+    v_head_dim: int = 32
+    latent_norm_eps: float = 1e-6
+    """eps of the latents' RMSNorms (DeepSeek-V3 uses 1e-6 there whatever its rms_norm_eps)."""
+
+    def __post_init__(self) -> None:
+        for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            require(getattr(self, key) >= 1, f"model.mla.{key}={getattr(self, key)} must be >= 1")
+        require(self.q_lora_rank is None or self.q_lora_rank >= 1, "model.mla.q_lora_rank must be >= 1 or null")
+        require(self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0,
+                f"model.mla.qk_rope_head_dim={self.qk_rope_head_dim} must be even for RoPE")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(kw_only=True)
+class SwitchSettings:
+    """model.moe.switch: what only router=switch reads."""
+
+    jitter: float = 0.0
+    """Multiply the router input by U(1-jitter, 1+jitter) while training (Switch used 0.01)."""
+
+    def __post_init__(self) -> None:
+        require(0 <= self.jitter < 1, f"model.moe.switch.jitter={self.jitter} must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class SigmoidBiasSettings:
+    """model.moe.sigmoid_bias: what only router=sigmoid_bias reads (DeepSeek-V3)."""
+
+    bias_update_rate: float = 1.0e-3
+    """How far each expert's selection bias moves per step, against its load (sign rule)."""
+    n_groups: int = 1
+    """Experts form this many groups..."""
+    topk_groups: int = 1
+    """...and each token may only use experts of its best `topk_groups` groups (DeepSeek-V3: 8 and 4)."""
+
+    def __post_init__(self) -> None:
+        require(self.bias_update_rate >= 0, "model.moe.sigmoid_bias.bias_update_rate must be >= 0")
+        require(self.n_groups >= 1, f"model.moe.sigmoid_bias.n_groups={self.n_groups} must be >= 1")
+        require(1 <= self.topk_groups <= self.n_groups, f"model.moe.sigmoid_bias.topk_groups={self.topk_groups} "
+                f"must be between 1 and n_groups={self.n_groups}")
+
+
+@dataclass(kw_only=True)
+class DenseToSparseSettings:
+    """model.moe.dense_to_sparse: what only router=dense_to_sparse reads (EvoMoE's DTS gate)."""
+
+    steps: int = 1000
+    """Optimizer steps to go from all experts per token to top_k."""
+    start_temperature: float = 2.0
+    """Softmax temperature at the start (high: nearly uniform over experts)."""
+    end_temperature: float = 1.0
+    """Softmax temperature at the end of the schedule and after."""
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, f"model.moe.dense_to_sparse.steps={self.steps} must be >= 1")
+        require(self.start_temperature > 0 and self.end_temperature > 0,
+                f"model.moe.dense_to_sparse.start_temperature={self.start_temperature} and end_temperature="
+                f"{self.end_temperature} must be > 0")
 
 
 @dataclass(kw_only=True)
 class MoEConfig:
+    LEGACY_KEYS: ClassVar[dict[str, tuple[str, str]]] = {
+        "jitter": ("switch", "jitter"), "bias_update_rate": ("sigmoid_bias", "bias_update_rate"),
+        "n_groups": ("sigmoid_bias", "n_groups"), "topk_groups": ("sigmoid_bias", "topk_groups"),
+        "dts_steps": ("dense_to_sparse", "steps"), "dts_start_temperature": ("dense_to_sparse", "start_temperature"),
+        "dts_end_temperature": ("dense_to_sparse", "end_temperature")}
+    """Router settings that were flat keys of model.moe before they moved to their router's section: YAML files
+    and checkpoints that name them are still read (upgrade_keys)."""
+
     num_experts: int = 8
     """Routed experts per MoE layer."""
     num_experts_per_layer: Optional[list[int]] = None
@@ -35,14 +150,9 @@ class MoEConfig:
     """Weight of the load-balancing loss (1.0 means balanced); sigmoid_bias wants it small (1e-4) or 0."""
     balance_loss: Literal["batch", "sequence"] = "batch"
     """batch: Switch/GShard loss with the load of the global batch; sequence: the same per sequence, averaged."""
-    jitter: float = 0.0
-    """switch: multiply the router input by U(1-jitter, 1+jitter) while training (Switch used 0.01)."""
-    bias_update_rate: float = 1.0e-3
-    """sigmoid_bias: how far each expert's selection bias moves per step, against its load (sign rule)."""
-    n_groups: int = 1
-    """sigmoid_bias: experts form this many groups..."""
-    topk_groups: int = 1
-    """...and each token may only use experts of its best `topk_groups` groups (DeepSeek-V3: 8 and 4)."""
+    switch: SwitchSettings = field(default_factory=SwitchSettings)
+    sigmoid_bias: SigmoidBiasSettings = field(default_factory=SigmoidBiasSettings)
+    dense_to_sparse: DenseToSparseSettings = field(default_factory=DenseToSparseSettings)
     max_nodes_per_token: Optional[int] = None
     """Node-limited routing (DeepSeek-V3): each token's experts come from at most this many of the
     `routing_nodes` expert blocks, the blocks with the largest sum of the token's best ceil(top_k / M)
@@ -51,12 +161,6 @@ class MoEConfig:
     """Expert blocks node-limited routing counts as nodes: experts [i*E/N, (i+1)*E/N) form block i. null:
     the machines the ep group spans (parallel.ranks_per_node), resolved when the run starts. Fix it to keep
     routing the same on any layout; a block must not straddle machines (a multiple of the nodes ep spans)."""
-    dts_steps: int = 1000
-    """dense_to_sparse: optimizer steps to go from all experts per token to top_k."""
-    dts_start_temperature: float = 2.0
-    """dense_to_sparse: softmax temperature at the start (high: nearly uniform over experts)."""
-    dts_end_temperature: float = 1.0
-    """dense_to_sparse: softmax temperature at the end of the schedule and after."""
     z_loss_coef: float = 0.001
     """Weight of the router z-loss, mean(logsumexp(logits)^2)."""
     capacity_factor: Optional[float] = None
@@ -95,6 +199,10 @@ class MoEConfig:
     MLPs in backward (about 2/9 more expert FLOPs, most of the MoE layer's activation memory saved)."""
 
     def __post_init__(self) -> None:
+        for name, settings in (("switch", SwitchSettings), ("sigmoid_bias", SigmoidBiasSettings),
+                               ("dense_to_sparse", DenseToSparseSettings)):
+            if isinstance(getattr(self, name), dict):  # MoEConfig(**a_recorded_dict)
+                setattr(self, name, settings(**getattr(self, name)))
         require(self.num_experts >= 1, f"model.moe.num_experts={self.num_experts} must be >= 1")
         require(1 <= self.top_k <= self.num_experts,
                 f"model.moe.top_k={self.top_k} must be between 1 and model.moe.num_experts={self.num_experts}")
@@ -108,17 +216,15 @@ class MoEConfig:
         require(self.first_dense_layers >= 0, "model.moe.first_dense_layers must be >= 0")
         require(self.router != "switch" or self.top_k == 1,
                 f"model.moe.router=switch routes each token to one expert: set model.moe.top_k=1 (got {self.top_k})")
-        require(0 <= self.jitter < 1, f"model.moe.jitter={self.jitter} must be in [0, 1)")
-        require(self.jitter == 0 or self.router == "switch", "model.moe.jitter applies to router=switch only")
-        require(self.bias_update_rate >= 0, "model.moe.bias_update_rate must be >= 0")
-        require(self.n_groups >= 1 and self.num_experts % self.n_groups == 0,
-                f"model.moe.n_groups={self.n_groups} must divide model.moe.num_experts={self.num_experts}")
-        require(1 <= self.topk_groups <= self.n_groups,
-                f"model.moe.topk_groups={self.topk_groups} must be between 1 and n_groups={self.n_groups}")
-        require(self.n_groups == 1 or self.router == "sigmoid_bias",
-                "model.moe.n_groups (group-limited routing) applies to router=sigmoid_bias only")
-        require(self.top_k <= self.topk_groups * (self.num_experts // self.n_groups),
-                f"model.moe.top_k={self.top_k} exceeds the experts of topk_groups={self.topk_groups} groups")
+        require(self.switch.jitter == 0 or self.router == "switch",
+                "model.moe.switch.jitter applies to router=switch only")
+        groups = self.sigmoid_bias
+        require(self.num_experts % groups.n_groups == 0, f"model.moe.sigmoid_bias.n_groups={groups.n_groups} must "
+                f"divide model.moe.num_experts={self.num_experts}")
+        require(groups.n_groups == 1 or self.router == "sigmoid_bias",
+                "model.moe.sigmoid_bias.n_groups (group-limited routing) applies to router=sigmoid_bias only")
+        require(self.top_k <= groups.topk_groups * (self.num_experts // groups.n_groups),
+                f"model.moe.top_k={self.top_k} exceeds the experts of topk_groups={groups.topk_groups} groups")
         if self.max_nodes_per_token is not None:
             require(self.router != "expert_choice", "model.moe.max_nodes_per_token limits a token's choice: "
                     "router=expert_choice has experts choose tokens; unset max_nodes_per_token")
@@ -132,18 +238,14 @@ class MoEConfig:
             require(M is None or self.top_k <= min(M, self.routing_nodes) * (self.num_experts // self.routing_nodes),
                     f"model.moe.top_k={self.top_k} exceeds the experts of max_nodes_per_token={M} of "
                     f"routing_nodes={self.routing_nodes} blocks: raise max_nodes_per_token")
-            if M is not None and M < self.routing_nodes and self.n_groups > 1:
-                groups_per_node = self.n_groups // self.routing_nodes
-                require(self.n_groups % self.routing_nodes == 0,
-                        f"model.moe.n_groups={self.n_groups} must be a multiple of routing_nodes={self.routing_nodes} "
-                        f"under max_nodes_per_token: each routing node must hold whole groups")
-                require(self.topk_groups <= M * groups_per_node,
-                        f"model.moe.topk_groups={self.topk_groups} exceeds the {M * groups_per_node} groups of "
-                        f"max_nodes_per_token={M} routing nodes")
-        require(self.dts_steps >= 1, f"model.moe.dts_steps={self.dts_steps} must be >= 1")
-        require(self.dts_start_temperature > 0 and self.dts_end_temperature > 0,
-                f"model.moe.dts_start_temperature={self.dts_start_temperature} and dts_end_temperature="
-                f"{self.dts_end_temperature} must be > 0")
+            if M is not None and M < self.routing_nodes and groups.n_groups > 1:
+                groups_per_node = groups.n_groups // self.routing_nodes
+                require(groups.n_groups % self.routing_nodes == 0,
+                        f"model.moe.sigmoid_bias.n_groups={groups.n_groups} must be a multiple of routing_nodes="
+                        f"{self.routing_nodes} under max_nodes_per_token: each routing node must hold whole groups")
+                require(groups.topk_groups <= M * groups_per_node,
+                        f"model.moe.sigmoid_bias.topk_groups={groups.topk_groups} exceeds the {M * groups_per_node} "
+                        f"groups of max_nodes_per_token={M} routing nodes")
         require(self.router != "expert_choice" or self.balance_loss == "batch",
                 "model.moe.router=expert_choice is balanced by construction: balance_loss=sequence has no meaning")
         require(0 <= self.skip_threshold < 1, f"model.moe.skip_threshold={self.skip_threshold} must be in [0, 1)")
@@ -152,6 +254,25 @@ class MoEConfig:
         require(self.route_scale > 0, f"model.moe.route_scale={self.route_scale} must be > 0")
         require(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0,
                 "model.moe.aux_loss_coef and model.moe.z_loss_coef must be >= 0")
+
+    @classmethod
+    def upgrade_keys(cls, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """`data` (model.moe as written) with the LEGACY_KEYS moved into their router's section; the same
+        setting given both ways, with two values, is refused."""
+        if not any(key in data for key in cls.LEGACY_KEYS):
+            return data
+        data = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
+        for old, (section, new) in cls.LEGACY_KEYS.items():
+            if old not in data:
+                continue
+            value = data.pop(old)
+            settings = data.setdefault(section, {})
+            require(isinstance(settings, dict), f"{prefix}.{section} must be a mapping of keys, got {settings!r}")
+            if settings.get(new, value) != value:
+                raise ConfigError(f"{prefix}.{old}={value!r} and {prefix}.{section}.{new}={settings[new]!r} set the "
+                                  f"same thing: keep {prefix}.{section}.{new}")
+            settings[new] = value
+        return data
 
     @property
     def shared_hidden_dim(self) -> int:
@@ -209,7 +330,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):  # ModelConfig(**a_recorded_dict) works as it did before peft existed
-            self.moe = MoEConfig(**self.moe)
+            self.moe = MoEConfig(**MoEConfig.upgrade_keys(self.moe, "model.moe"))
         if isinstance(self.peft, dict):
             self.peft = PEFTConfig(**self.peft)
         if isinstance(self.mla, dict):

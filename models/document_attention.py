@@ -6,7 +6,7 @@ flattened [B*T] tokens, the layout of variable-length ("varlen") flash attention
 precision one `varlen_attn` call covers them all; elsewhere each document runs its own causal SDPA, whose
 memory grows with the document, not with T^2.
 
-Shape legend: B batch, T sequence, H query heads, K key/value heads, Q head dim, N = B*T tokens.
+Shape legend (models/__init__.py): B, T, H query heads, J key/value heads, Q head dim, N = B*T tokens.
 """
 from __future__ import annotations
 
@@ -74,26 +74,26 @@ def _varlen_kernel_applies(q: Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_api()
 
 
-def document_attention(q_BHTQ: Tensor, k_BKTQ: Tensor, v_BKTQ: Tensor, spans: DocumentSpans,
+def document_attention(q_BHTQ: Tensor, k_BJTQ: Tensor, v_BJTQ: Tensor, spans: DocumentSpans,
                        scale: Optional[float] = None) -> Tensor:
     """Causal attention that stays inside each document; [B, H, T, V] out, like SDPA (`scale`: of the
     scores, default Q^-1/2; values may have their own head size V, as in MLA)."""
     B, H, T, Q = q_BHTQ.shape
-    gqa = H != k_BKTQ.shape[1]
-    q_NHQ, k_NKQ, v_NKQ = (t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[-1])
-                           for t in (q_BHTQ, k_BKTQ, v_BKTQ))
+    gqa = H != k_BJTQ.shape[1]
+    q_NHQ, k_NJQ, v_NJQ = (t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[-1])
+                           for t in (q_BHTQ, k_BJTQ, v_BJTQ))
     if _varlen_kernel_applies(q_BHTQ):  # never run here: no GPU in CI (benchmarks/gpu_check.sh runs it)
         from torch.nn.attention.varlen import varlen_attn
 
-        V = v_NKQ.shape[-1]  # flash kernels want one head size: pad MLA's values with zeros, cut them off
-        v_padded = F.pad(v_NKQ, (0, Q - V)) if V < Q else v_NKQ
-        out_NHQ = varlen_attn(q_NHQ, k_NKQ, v_padded, spans.cu_seqlens, spans.cu_seqlens, spans.max_len,
+        V = v_NJQ.shape[-1]  # flash kernels want one head size: pad MLA's values with zeros, cut them off
+        v_padded = F.pad(v_NJQ, (0, Q - V)) if V < Q else v_NJQ
+        out_NHQ = varlen_attn(q_NHQ, k_NJQ, v_padded, spans.cu_seqlens, spans.cu_seqlens, spans.max_len,
                               spans.max_len, window_size=(-1, 0), enable_gqa=gqa, scale=scale)[..., :V]
     else:
         parts = [
             F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                            is_causal=True, enable_gqa=gqa, scale=scale)[0].transpose(0, 1)
-            for q, k, v in zip(q_NHQ.split(spans.lengths), k_NKQ.split(spans.lengths), v_NKQ.split(spans.lengths))
+            for q, k, v in zip(q_NHQ.split(spans.lengths), k_NJQ.split(spans.lengths), v_NJQ.split(spans.lengths))
         ]
         out_NHQ = torch.cat(parts)
     return out_NHQ.view(B, T, H, -1).transpose(1, 2)

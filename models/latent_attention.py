@@ -8,8 +8,8 @@ q_nope.k_nope + q_rope.k_rope over (qk_nope + qk_rope) dims, scaled by its inver
 YaRN's mscale^2. Training runs the expanded form through the same SDPA / document kernels as GQA (the
 absorbed form only pays off when decoding from a latent cache).
 
-Shape legend: B batch, T sequence, D model dim, H heads, C latent (kv_lora_rank), N qk_nope dims,
-R qk_rope dims, V value dims.
+Shape legend (models/__init__.py): B, T, D, H heads, L latent (kv_lora_rank), Q = Z + Y query/key dims of a
+head, Z of them without position (qk_nope), Y rotated (qk_rope), W value dims.
 """
 from __future__ import annotations
 
@@ -47,22 +47,22 @@ class LatentAttention(nn.Module):
             return self.wq(x_BTD)
         return self.wq_b(self.q_norm(self.wq_a(x_BTD)))
 
-    def forward(self, x_BTD: Tensor, cos_TR: Tensor, sin_TR: Tensor, docs: Optional[DocumentSpans] = None) -> Tensor:
+    def forward(self, x_BTD: Tensor, cos_TY: Tensor, sin_TY: Tensor, docs: Optional[DocumentSpans] = None) -> Tensor:
         """`docs` (packed examples): attention stays inside each document, still causal."""
         B, T, _ = x_BTD.shape
         H, m = self.n_heads, self.mla
-        q_BHTX = self._queries(x_BTD).view(B, T, H, m.qk_head_dim).transpose(1, 2)
-        q_nope_BHTN, q_rope_BHTR = q_BHTX.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
-        latent_BTC, k_rope_BTR = self.wkv_a(x_BTD).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
-        kv_BHTX = self.wkv_b(self.kv_norm(latent_BTC)).view(B, T, H, -1).transpose(1, 2)
-        k_nope_BHTN, v_BHTV = kv_BHTX.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
-        q_rope_BHTR = apply_rope(q_rope_BHTR, cos_TR, sin_TR)
-        k_rope_B1TR = apply_rope(k_rope_BTR.unsqueeze(1), cos_TR, sin_TR)
-        q_BHTX = torch.cat([q_nope_BHTN, q_rope_BHTR], dim=-1)
-        k_BHTX = torch.cat([k_nope_BHTN, k_rope_B1TR.expand(B, H, T, m.qk_rope_head_dim)], dim=-1)
+        q_BHTQ = self._queries(x_BTD).view(B, T, H, m.qk_head_dim).transpose(1, 2)
+        q_nope_BHTZ, q_rope_BHTY = q_BHTQ.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
+        latent_BTL, k_rope_BTY = self.wkv_a(x_BTD).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        k_nope_BHTZ, v_BHTW = self.wkv_b(self.kv_norm(latent_BTL)).view(B, T, H, -1).transpose(1, 2).split(
+            [m.qk_nope_head_dim, m.v_head_dim], dim=-1)
+        q_rope_BHTY = apply_rope(q_rope_BHTY, cos_TY, sin_TY)
+        k_rope_B1TY = apply_rope(k_rope_BTY.unsqueeze(1), cos_TY, sin_TY)
+        q_BHTQ = torch.cat([q_nope_BHTZ, q_rope_BHTY], dim=-1)
+        k_BHTQ = torch.cat([k_nope_BHTZ, k_rope_B1TY.expand(B, H, T, m.qk_rope_head_dim)], dim=-1)
         if docs is not None:
-            out_BHTV = document_attention(q_BHTX, k_BHTX, v_BHTV, docs, scale=self.softmax_scale)
+            out_BHTW = document_attention(q_BHTQ, k_BHTQ, v_BHTW, docs, scale=self.softmax_scale)
         else:
-            out_BHTV = F.scaled_dot_product_attention(q_BHTX, k_BHTX, v_BHTV, is_causal=True,
+            out_BHTW = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTW, is_causal=True,
                                                       scale=self.softmax_scale)
-        return self.wo(out_BHTV.transpose(1, 2).reshape(B, T, H * m.v_head_dim))
+        return self.wo(out_BHTW.transpose(1, 2).reshape(B, T, H * m.v_head_dim))

@@ -1,7 +1,6 @@
 """Dense transformer pieces: RMSNorm, grouped-query attention, SwiGLU (rotary embeddings: models/rope.py).
 
-Shape legend: B batch, T sequence, D model dim, H query heads, K key/value heads,
-Q head dim, F hidden dim of an FFN.
+Shape legend (models/__init__.py): B, T, D, H query heads, J key/value heads, Q head dim, F.
 """
 from __future__ import annotations
 
@@ -35,6 +34,9 @@ class Attention(nn.Module):
     GPT-OSS's sliding window and attention sinks (models/local_attention.py).
     """
 
+    offset_parameters = ("sinks",)
+    """Additive offsets among its own parameters: zero at init, no weight decay (models.offset_parameter_ids)."""
+
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool = False,
                  qk_norm: Literal["none", "head", "full"] = "none", norm_eps: float = 1e-5, out_bias: bool = False,
                  sinks: bool = False, window: int = 0) -> None:
@@ -61,20 +63,20 @@ class Attention(nn.Module):
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q_BHTQ = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BKTQ = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k_BJTQ = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm == "head":
-            q_BHTQ, k_BKTQ = self.q_norm(q_BHTQ), self.k_norm(k_BKTQ)
-        v_BKTQ = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q_BHTQ, k_BJTQ = self.q_norm(q_BHTQ), self.k_norm(k_BJTQ)
+        v_BJTQ = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_BHTQ = apply_rope(q_BHTQ, cos_TQ, sin_TQ)
-        k_BKTQ = apply_rope(k_BKTQ, cos_TQ, sin_TQ)
+        k_BJTQ = apply_rope(k_BJTQ, cos_TQ, sin_TQ)
         sinks_H = getattr(self, "sinks", None)
         if sinks_H is not None or self.window:
-            out_BHTQ = local_attention(q_BHTQ, k_BKTQ, v_BKTQ, scale=self.head_dim ** -0.5, window=self.window,
+            out_BHTQ = local_attention(q_BHTQ, k_BJTQ, v_BJTQ, scale=self.head_dim ** -0.5, window=self.window,
                                        sinks_H=sinks_H, docs=docs)
         elif docs is not None:
-            out_BHTQ = document_attention(q_BHTQ, k_BKTQ, v_BKTQ, docs)
+            out_BHTQ = document_attention(q_BHTQ, k_BJTQ, v_BJTQ, docs)
         else:
-            out_BHTQ = F.scaled_dot_product_attention(q_BHTQ, k_BKTQ, v_BKTQ, is_causal=True,
+            out_BHTQ = F.scaled_dot_product_attention(q_BHTQ, k_BJTQ, v_BJTQ, is_causal=True,
                                                       enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(out_BHTQ.transpose(1, 2).reshape(B, T, -1))
 

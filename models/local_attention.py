@@ -10,7 +10,7 @@ kv heads are expanded and the head size padded to a multiple of 8, so that SDPA 
 [T, T + 1] mask (the sink column always open) in its memory-efficient kernel. Never run on a GPU yet: if SDPA
 falls back to its math kernel there, the [B, H, T, T + 1] scores are kept per layer.
 
-Shape legend: B batch, H query heads, K key/value heads, T sequence, Q head dim, V value head dim.
+Shape legend (models/__init__.py): B, H query heads, J key/value heads, T, Q head dim, W value head dim.
 """
 from __future__ import annotations
 
@@ -32,31 +32,31 @@ def _allowed(T: int, window: int, sink: bool, device: torch.device) -> Tensor:
     return torch.cat([allowed.new_ones(T, 1), allowed], dim=1) if sink else allowed
 
 
-def _one_sequence(q_BHTQ: Tensor, k_BKTQ: Tensor, v_BKTV: Tensor, scale: float, window: int,
+def _one_sequence(q_BHTQ: Tensor, k_BJTQ: Tensor, v_BJTW: Tensor, scale: float, window: int,
                   sinks_H: Optional[Tensor]) -> Tensor:
     B, H, T, Q = q_BHTQ.shape
-    K = k_BKTQ.shape[1]
+    K = k_BJTQ.shape[1]
     if q_BHTQ.is_cuda and H != K:  # SDPA's fused kernels take a mask only without enable_gqa (pytorch#139586)
-        k_BKTQ, v_BKTV = (t.repeat_interleave(H // K, dim=1) for t in (k_BKTQ, v_BKTV))
+        k_BJTQ, v_BJTW = (t.repeat_interleave(H // K, dim=1) for t in (k_BJTQ, v_BJTW))
         K = H
     if sinks_H is not None:
         pad = -(Q + 1) % 8  # head sizes in multiples of 8 for the memory-efficient kernel; zeros change no score
         sink_BHT1 = (sinks_H / scale).to(q_BHTQ.dtype).view(1, H, 1, 1).expand(B, H, T, 1)
         q_BHTQ = F.pad(torch.cat([q_BHTQ, sink_BHT1], dim=-1), (0, pad))
-        sink_key_BK1Q = F.pad(k_BKTQ.new_ones(B, K, 1, 1), (Q, pad))
-        k_BKTQ = torch.cat([sink_key_BK1Q, F.pad(k_BKTQ, (0, 1 + pad))], dim=2)
-        v_BKTV = torch.cat([v_BKTV.new_zeros(B, K, 1, v_BKTV.shape[-1]), v_BKTV], dim=2)
+        sink_key_BJ1Q = F.pad(k_BJTQ.new_ones(B, K, 1, 1), (Q, pad))
+        k_BJTQ = torch.cat([sink_key_BJ1Q, F.pad(k_BJTQ, (0, 1 + pad))], dim=2)
+        v_BJTW = torch.cat([v_BJTW.new_zeros(B, K, 1, v_BJTW.shape[-1]), v_BJTW], dim=2)
     mask = _allowed(T, window, sinks_H is not None, q_BHTQ.device)
-    return F.scaled_dot_product_attention(q_BHTQ, k_BKTQ, v_BKTV, attn_mask=mask, scale=scale, enable_gqa=H != K)
+    return F.scaled_dot_product_attention(q_BHTQ, k_BJTQ, v_BJTW, attn_mask=mask, scale=scale, enable_gqa=H != K)
 
 
-def local_attention(q_BHTQ: Tensor, k_BKTQ: Tensor, v_BKTV: Tensor, *, scale: float, window: int = 0,
+def local_attention(q_BHTQ: Tensor, k_BJTQ: Tensor, v_BJTW: Tensor, *, scale: float, window: int = 0,
                     sinks_H: Optional[Tensor] = None, docs: Optional[DocumentSpans] = None) -> Tensor:
     """Causal attention, [B, H, T, V] out; `window` 0: no window; `docs`: each packed document on its own."""
     if docs is None:
-        return _one_sequence(q_BHTQ, k_BKTQ, v_BKTV, scale, window, sinks_H)
+        return _one_sequence(q_BHTQ, k_BJTQ, v_BJTW, scale, window, sinks_H)
     B, H, T, _ = q_BHTQ.shape
-    flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[-1]) for t in (q_BHTQ, k_BKTQ, v_BKTV)]
+    flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[-1]) for t in (q_BHTQ, k_BJTQ, v_BJTW)]
     parts = [_one_sequence(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale, window,
                            sinks_H)[0].transpose(0, 1)
              for q, k, v in zip(*(t.split(docs.lengths) for t in flat))]

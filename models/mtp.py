@@ -6,7 +6,7 @@ token i+k+1 through the shared output layer after its own norm. Causality is kep
 up to i+k, which is what predicting i+k+1 allows. Depth k has T - k positions (the later ones have no
 target); with packed documents a position counts only while token i+k is in its own document.
 
-Shape legend: B batch, T sequence, D model dim.
+Shape legend (models/__init__.py): B, T, D.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ attention factor (so q.k of the rotated part by its square), and DeepSeek's MLA 
 softmax scale by mscale(factor, mscale_all_dim)^2. The numbers follow the published models' configs
 (`rope_parameters` with rope_type yarn), so an imported DeepSeek-V3 or GPT-OSS computes what it did.
 
-Shape legend: T positions, R rotated dims of a head (R/2 frequencies).
+Shape legend (models/__init__.py): T positions, Y rotated dims of a head (Y/2 frequencies).
 """
 from __future__ import annotations
 
@@ -59,26 +59,26 @@ def _yarn_inv_freq(inv_freq: Tensor, rotary_dim: int, theta: float, s: RopeScali
 
 def rope_tables(rotary_dim: int, max_seq_len: int, theta: float,
                 scaling: Optional[RopeScalingConfig] = None) -> tuple[Tensor, Tensor]:
-    """cos and sin of shape [T, R/2], computed in float32 for every position (YaRN's attention factor
+    """cos and sin of shape [T, Y/2], computed in float32 for every position (YaRN's attention factor
     included)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
     magnitude = 1.0
     if scaling is not None and scaling.kind == "yarn":
         inv_freq = _yarn_inv_freq(inv_freq, rotary_dim, theta, scaling)
         magnitude = attention_factor(scaling)
-    angles_TR = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-    return angles_TR.cos() * magnitude, angles_TR.sin() * magnitude
+    angles_TY = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return angles_TY.cos() * magnitude, angles_TY.sin() * magnitude
 
 
-def apply_rope(x_BHTR: Tensor, cos_TR: Tensor, sin_TR: Tensor) -> Tensor:
+def apply_rope(x_BHTY: Tensor, cos_TY: Tensor, sin_TY: Tensor) -> Tensor:
     """Rotate pairs (x[2i], x[2i+1]) by the position's angle (the original RoFormer layout). Heads wider than
     the tables (model.rope_fraction < 1) have their first R dims rotated and the rest passed through."""
-    T, R = x_BHTR.shape[-2], 2 * cos_TR.shape[-1]
-    if R < x_BHTR.shape[-1]:
-        return torch.cat([apply_rope(x_BHTR[..., :R], cos_TR, sin_TR), x_BHTR[..., R:]], dim=-1)
-    if cos_TR.dim() == 2:  # a table by position; otherwise already per token, [B, 1, T, R/2]
-        cos_TR, sin_TR = cos_TR[:T], sin_TR[:T]
-    cos, sin = cos_TR.to(x_BHTR.dtype), sin_TR.to(x_BHTR.dtype)
-    x_even, x_odd = x_BHTR[..., 0::2], x_BHTR[..., 1::2]
+    T, R = x_BHTY.shape[-2], 2 * cos_TY.shape[-1]
+    if R < x_BHTY.shape[-1]:
+        return torch.cat([apply_rope(x_BHTY[..., :R], cos_TY, sin_TY), x_BHTY[..., R:]], dim=-1)
+    if cos_TY.dim() == 2:  # a table by position; otherwise already per token, [B, 1, T, R/2]
+        cos_TY, sin_TY = cos_TY[:T], sin_TY[:T]
+    cos, sin = cos_TY.to(x_BHTY.dtype), sin_TY.to(x_BHTY.dtype)
+    x_even, x_odd = x_BHTY[..., 0::2], x_BHTY[..., 1::2]
     rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
     return rotated.flatten(-2)

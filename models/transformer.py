@@ -3,7 +3,7 @@
 Single-device code: it runs in a plain process with no process group. The MoE
 blocks return their statistics and losses; nothing is kept on the module.
 
-Shape legend: B batch, T sequence, D model dim, V vocabulary.
+Shape legend (models/__init__.py): B, T, D, V.
 """
 from __future__ import annotations
 
@@ -75,8 +75,9 @@ class Transformer(nn.Module):
         """
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        offsets = offset_parameter_ids(self)
         for name, p in self.named_parameters():
-            if is_offset(name):
+            if id(p) in offsets:
                 nn.init.zeros_(p)
             elif p.dim() == 1:
                 nn.init.ones_(p)  # RMSNorm gains
@@ -129,6 +130,12 @@ class Transformer(nn.Module):
     def adapters(self) -> list[nn.Module]:
         """The model's LoRA adapters (model.peft), in module order."""
         return [m for _, m in self.named_adapters]
+
+    @property
+    def output_in_chunks(self) -> bool:
+        """Whether the output layer may run outside the forward, a chunk of tokens at a time (the loss does):
+        not when it carries an adapter, which reports through the forward."""
+        return not hasattr(self.output, "adapter")
 
     def blocks(self) -> Iterator[Block]:
         """The decoder blocks, then the MTP modules' blocks (block index n_layers + k - 1 for depth k)."""
@@ -207,13 +214,16 @@ def expert_parameter_ids(model: nn.Module) -> set[int]:
     return {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
 
 
-def is_offset(name: str) -> bool:
-    """Biases (of linear maps, the router, the experts' b_*) and attention sinks: additive offsets, which
-    start at 0 and take no weight decay."""
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf in ("bias", "bias_E", "sinks") or leaf.startswith("b_")
+def offset_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the additive offsets, which start at 0 and take no weight decay: the parameters each module
+    names in its `offset_parameters` (attention sinks, router and expert biases), and every Linear's bias."""
+    ids = set()
+    for module in model.modules():
+        names = (*getattr(module, "offset_parameters", ()), *(("bias",) if isinstance(module, nn.Linear) else ()))
+        ids |= {id(p) for name, p in module.named_parameters(recurse=False) if name in names}
+    return ids
 
 
 def no_decay_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of the parameters AdamW leaves undecayed: norm gains (1-D) and offsets (is_offset)."""
-    return {id(p) for name, p in model.named_parameters() if p.dim() < 2 or is_offset(name)}
+    """ids of the parameters AdamW leaves undecayed: norm gains (1-D) and offsets (offset_parameter_ids)."""
+    return offset_parameter_ids(model) | {id(p) for p in model.parameters() if p.dim() < 2}

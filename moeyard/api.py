@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,8 +16,9 @@ from moeyard.models import ModelConfig, Transformer
 from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.checkpoint.store import verify
 from moeyard.trainer.checkpoint.weights import CheckpointTensors, resolve_init
-from moeyard.trainer.config import Config, build_config
-from moeyard.trainer.run_config import resolve_config
+from moeyard.trainer.config.resolve import resolve_run
+from moeyard.trainer.config.sections import Config, build_config
+from moeyard.trainer.scheduler.memory_fit import MemoryBudget
 
 
 class LoadedModel(nn.Module):
@@ -55,7 +56,11 @@ def load_model(path: str | Path) -> LoadedModel:
     return LoadedModel(transformer).eval()
 
 
-def load_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Config:
+def load_config(path: Optional[str | Path], overrides: Sequence[str] = (), machines: Optional[Sequence[str]] = None,
+                memory: Optional[Callable[[Config], Optional[MemoryBudget]]] = None) -> Config:
     """The config `moeyard train PATH --set OVERRIDE ...` runs with (None: the defaults): validated, with
-    the model section of `checkpoint.init` when it names one. Raises ConfigError naming the key and fix."""
-    return resolve_config(path, list(overrides))
+    the model section of `checkpoint.init` when it names one and the corpus location. Given `machines`
+    (the machine each rank runs on, in rank order) also the world's checks and the node layout; given
+    `memory` (each rank's budget for a config) also the memory fit. Raises ConfigError naming the key and
+    the fix."""
+    return resolve_run(path, overrides, machines, memory)

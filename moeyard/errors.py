@@ -94,3 +94,9 @@ def exit_process(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def require(condition: bool, message: str) -> None:
+    """The check every config section uses: `message` names the key and the fix."""
+    if not condition:
+        raise ConfigError(message)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from moeyard.models import MoEConfig, Transformer
+from moeyard.models import Transformer
 from moeyard.models.meta_init import InitRecord
 from moeyard.parallel.exchange.dispatch import ExpertParallelExchange
 from moeyard.parallel.exchange.hierarchical import NodeGroups
@@ -24,7 +24,7 @@ from moeyard.parallel.grads.sync import FullyShardedSync, GradSync, OverlappedSy
 from moeyard.parallel.grads.zero import ShardedAdamW
 from moeyard.parallel.materialize import materialize
 from moeyard.parallel.mesh import ParallelMesh
-from moeyard.parallel.scheduler.plan import Plan
+from moeyard.parallel.plan import Plan
 
 
 class AdamWSettings(Protocol):
@@ -67,11 +67,12 @@ def apply_expert_parallel(model: Transformer, pmesh: ParallelMesh, chunks: Optio
     if pmesh.node_group is not None:
         node_groups = NodeGroups(pmesh.node_group, pmesh.cross_group)
     for (layer, moe), r, how in zip(layers, chunks, dispatch):
-        check_node_layout(layer, moe.cfg, pmesh)
+        # Checked with the user's keys when the run config was resolved (trainer/config): here, asserted.
         num_experts = moe.cfg.num_experts
-        if num_experts % pmesh.ep != 0:
-            raise ValueError(f"MoE layer {layer} has {num_experts} experts (model.moe.num_experts or "
-                             f"num_experts_per_layer), not divisible by parallel.ep={pmesh.ep}")
+        assert num_experts % pmesh.ep == 0, f"MoE layer {layer}: {num_experts} experts over ep={pmesh.ep}"
+        assert (moe.cfg.max_nodes_per_token is None or pmesh.ep_nodes == 1
+                or moe.cfg.routing_nodes is not None and moe.cfg.routing_nodes % pmesh.ep_nodes == 0), \
+            f"MoE layer {layer}: routing_nodes={moe.cfg.routing_nodes} straddles the {pmesh.ep_nodes} machines"
         local = num_experts // pmesh.ep
         start = pmesh.ep_rank * local
         experts = moe.experts
@@ -83,16 +84,18 @@ def apply_expert_parallel(model: Transformer, pmesh: ParallelMesh, chunks: Optio
                                               else "flat", node_groups=node_groups)
 
 
-def check_node_layout(layer: int, cfg: MoEConfig, pmesh: ParallelMesh) -> None:
-    """Under node-limited routing each routing node's experts must sit on one machine: a block of
-    E / routing_nodes experts may not straddle two of the machines the ep group spans."""
-    if cfg.max_nodes_per_token is None or pmesh.ep_nodes == 1:
-        return
-    if cfg.routing_nodes is None or cfg.routing_nodes % pmesh.ep_nodes != 0:
-        raise ValueError(f"MoE layer {layer}: model.moe.routing_nodes={cfg.routing_nodes} does not keep each "
-                         f"routing node on one machine: the ep group (parallel.ep={pmesh.ep}) spans "
-                         f"{pmesh.ep_nodes} machines of {pmesh.ranks_per_node} ranks; set routing_nodes to a "
-                         f"multiple of {pmesh.ep_nodes} (or null to take it from the layout)")
+def reset_traffic(model: Transformer) -> None:
+    """Count what crosses machines from here on (a step's, not the last evaluation's)."""
+    for _, moe in model.moe_layers():
+        if isinstance(moe.exchange, ExpertParallelExchange):
+            moe.exchange.traffic.reset()
+
+
+def take_cross_machine_bytes(model: Transformer, device: torch.device) -> dict[int, Tensor]:
+    """Per MoE layer whose ep group spans machines: the bytes its exchange sent to other machines since the
+    last reset (a tensor on `device`, summed by the caller with the step's statistics)."""
+    return {layer: moe.exchange.traffic.take_bytes(device) for layer, moe in model.moe_layers()
+            if isinstance(moe.exchange, ExpertParallelExchange) and moe.exchange.node_groups is not None}
 
 
 def set_chunks(model: Transformer, chunks: tuple[int, ...]) -> None:

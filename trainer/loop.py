@@ -14,28 +14,30 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moeyard.errors import CheckpointError, DataError, NonFiniteStop
+from moeyard.errors import CheckpointError, DataError
 from moeyard.models import Transformer
 from moeyard.models.meta_init import build_on_meta
 from moeyard.parallel import ParallelMesh, build_mesh
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.parallelize import FsdpSettings, parallelize
-from moeyard.parallel.scheduler.plan import Plan
+from moeyard.parallel.plan import Plan
 from moeyard.trainer.checkpoint.sharded import Checkpointer, config_hash
-from moeyard.trainer.config import Config, validate_for_world
+from moeyard.trainer.config.sections import Config
 from moeyard.trainer.data.blend import DataPosition, TokenBatches
 from moeyard.trainer.data.compat import corpus_sources, data_record
 from moeyard.trainer.data.sft_batches import SFTBatch, SFTBatches, SFTData, heldout_share
+from moeyard.trainer.evaluator import Evaluator
 from moeyard.trainer.freezing import freeze
-from moeyard.trainer.memory import model_state_line, peak_memory_gb
-from moeyard.trainer.metrics import MetricsLogger, step_record
-from moeyard.trainer.optim import lr_at
-from moeyard.trainer.plan_check import PlanCheck
+from moeyard.trainer.lr_schedule import lr_at
+from moeyard.trainer.memory_stats import model_state_line
+from moeyard.trainer.metrics import StepReporter
+from moeyard.trainer.nonfinite import NonFiniteGuard
 from moeyard.trainer.precision import resolve_dtype
 from moeyard.trainer.preflight import check_checkpoint_fits, check_pretraining_data
-from moeyard.trainer.run_dir import Preemption, mark_preempted, mark_stopped_nonfinite, prepare_run_dir
-from moeyard.trainer.schedule import learn_chunk_overhead, plan_for
-from moeyard.trainer.step import heldout_loss, train_step
+from moeyard.trainer.run_dir import Preemption, mark_preempted, prepare_run_dir
+from moeyard.trainer.scheduler.plan_check import PlanCheck
+from moeyard.trainer.scheduler.run_planning import learn_chunk_overhead, plan_for
+from moeyard.trainer.step import train_step
 
 
 @dataclass(frozen=True)
@@ -44,22 +46,6 @@ class Outcome:
     """Steps completed when the loop ended."""
     signal: int = 0
     """The preemption signal that ended it early (0: none)."""
-
-
-def _stop_on_nonfinite(cfg: Config, checkpointer: Checkpointer, model, sync, done: int, result) -> NonFiniteStop:
-    """The update was not applied: parameters and optimizer state are the last good ones; keep them."""
-    saved = f"saved the last good state as step {done - 1}"
-    if done - 1 > checkpointer.last_saved_step():
-        checkpointer.save(done - 1, model, sync)
-    elif done - 1 == 0:
-        saved = "no step had succeeded, so there is nothing to save"
-    else:
-        saved = f"the last good state is the checkpoint of step {done - 1}"
-    message = (f"non-finite loss or gradient at step {done} (loss {result.loss}, grad norm {result.grad_norm}); "
-               f"{saved}. Lower optim.lr or raise train.grad_clip, or set train.nonfinite=skip")
-    if dist.get_rank() == 0:
-        mark_stopped_nonfinite(cfg.run_dir, done, message)
-    return NonFiniteStop(message)
 
 
 def _load_init(cfg: Config, checkpointer: Checkpointer, model) -> None:
@@ -109,11 +95,10 @@ def _batches(cfg: Config, pmesh: ParallelMesh) -> tuple[TokenBatches | SFTBatche
 
 
 def _check_before_start(cfg: Config) -> dict[str, dict]:
-    """What the launcher checked already, checked again where the world size is known for sure; the
-    corpora's meta.json by name (none for SFT)."""
+    """The data and checkpoint this run reads, as the ranks find them (a launcher under srun or mpirun checked
+    nothing); the corpora's meta.json by name (none for SFT)."""
     if cfg.sft.data is None and cfg.data.dir is None and not cfg.data.sources:
-        raise DataError("data.dir is not set: the launcher resolves it (see trainer.data.tokens.ensure_corpus)")
-    validate_for_world(cfg, dist.get_world_size())
+        raise DataError("data.dir is not set: resolving the run config sets it (trainer.config.resolve)")
     metas = check_pretraining_data(cfg) if cfg.sft.data is None else {}
     check_checkpoint_fits(cfg)  # before prepare_run_dir rewrites config.yaml
     return metas
@@ -196,7 +181,7 @@ def _checked_plan(cfg: Config, check: PlanCheck | None, step_time: float, plan: 
     return switched
 
 
-def train(cfg: Config, device: torch.device, preemption: Preemption | None = None) -> Outcome:
+def run_training(cfg: Config, device: torch.device, preemption: Preemption | None = None) -> Outcome:
     """Train up to train.stop_at (or train.steps), resuming from a checkpoint if there is one."""
     preemption = preemption or Preemption()
     metas = _check_before_start(cfg)
@@ -223,13 +208,11 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
     micro_batch_size = cfg.train.micro_batch_size or cfg.global_batch_sequences // pmesh.dp
     data, heldout = _batches(cfg, pmesh)
     _follow_data(cfg, data, metas, checkpointer, resumed, first)
-    logger = None
-    if rank == 0:
-        logger = MetricsLogger(cfg.run_dir, total_steps=total, first_step=first,
-                               tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
-    skipped_in_a_row = skipped_total = 0
-    done = first
+    evaluator = Evaluator(cfg, heldout, last, model, pmesh, micro_batch_size, dtype)
+    reporter = StepReporter(cfg, first, last, device, writes=rank == 0)
+    guard = NonFiniteGuard(cfg, checkpointer)
     check = PlanCheck.for_run(model, plan.chunks, plan.source, cfg.schedule.check_steps, device)
+    done = first
     try:
         for step in range(first, last):
             lr = lr_at(step, total, cfg.optim)
@@ -240,27 +223,13 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
             step_time = time.perf_counter() - start
             plan = _checked_plan(cfg, check, step_time, plan, pmesh, device, checkpointer)
             done = step + 1
-            skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
-            skipped_total += result.skipped
-            evaluate = heldout is not None and (done == last or (cfg.sft.eval_every and done % cfg.sft.eval_every == 0))
-            eval_loss, eval_skipped = heldout_loss(model, heldout, micro_batch_size=micro_batch_size, pmesh=pmesh,
-                                                   dtype=dtype, loss_chunk_tokens=cfg.train.loss_chunk_tokens) \
-                if evaluate else (None, None)
-            if logger is not None:
-                logger.progress(result, result.tokens / step_time)
-            if done == first + 1 or done % cfg.log.every == 0 or done == last or result.skipped or evaluate:
-                peak_gb = peak_memory_gb(device)  # collective: every rank decides alike to log this step
-                if logger is not None:
-                    record = step_record(done, result, lr, step_time, plan.predicted.get("step_s"))
-                    logger.log({**record, "skipped_steps": skipped_total, "peak_memory_gb": peak_gb,
-                                **_data_metrics(cfg, data, eval_loss, eval_skipped)}, total)
-            if result.skipped and (cfg.train.nonfinite == "stop" or skipped_in_a_row >= cfg.train.max_skipped_steps):
-                raise _stop_on_nonfinite(cfg, checkpointer, model, sync, done, result)
+            guard.count(result)
+            held = evaluator.after_step(done)
+            reporter.after_step(done, result, lr, step_time, plan.predicted.get("step_s"), evaluator.due(done),
+                                lambda: {"skipped_steps": guard.total, **_data_metrics(cfg, data, *held)})
+            guard.stop_if_due(done, result, model, sync)
             signum = preemption.agreed(device)
-            every = cfg.checkpoint.every and done % cfg.checkpoint.every == 0
-            if every or done == last or signum:
-                checkpointer.save(done, model, sync, asynchronous=cfg.checkpoint.async_save and not (
-                    done == last or signum))
+            checkpointer.after_step(done, last, bool(signum), model, sync)
             if signum and done < last:  # at the last step the run is simply finished: nothing to requeue
                 if rank == 0:
                     mark_preempted(cfg.run_dir, done, signum)
@@ -269,8 +238,7 @@ def train(cfg: Config, device: torch.device, preemption: Preemption | None = Non
         checkpointer.finish()
     finally:
         preemption.restore()
-        if logger is not None:
-            logger.close()
+        reporter.close()
     if rank == 0:
         what = "finished" if done == total else f"stopped at train.stop_at={last} of"
         print(f"{what} {total} steps; outputs in {cfg.run_dir}", flush=True)

@@ -21,26 +21,26 @@ def lm_loss_sum(logits_BTV: Tensor, targets_BT: Tensor, mask_BT: Optional[Tensor
     return losses.sum() if mask_BT is None else _masked_sum(losses, mask_BT.flatten())
 
 
-def _masked_sum(losses_T: Tensor, mask_T: Tensor) -> Tensor:
+def _masked_sum(losses_N: Tensor, mask_N: Tensor) -> Tensor:
     """Sum of the masked losses by a multiply, not a boolean index (whose output size waits for the host)."""
-    return torch.where(mask_T, losses_T, 0.0).sum()
+    return torch.where(mask_N, losses_N, 0.0).sum()
 
 
-def _chunk_loss(output: nn.Module, h_TD: Tensor, targets_T: Tensor, mask_T: Optional[Tensor]) -> Tensor:
-    losses = F.cross_entropy(output(h_TD).float(), targets_T, reduction="none")
-    return losses.sum() if mask_T is None else _masked_sum(losses, mask_T)
+def _chunk_loss(output: nn.Module, h_ND: Tensor, targets_N: Tensor, mask_N: Optional[Tensor]) -> Tensor:
+    losses = F.cross_entropy(output(h_ND).float(), targets_N, reduction="none")
+    return losses.sum() if mask_N is None else _masked_sum(losses, mask_N)
 
 
 def chunked_lm_loss_sum(output: nn.Module, hidden_BTD: Tensor, targets_BT: Tensor, mask_BT: Optional[Tensor],
                         chunk_tokens: int) -> Tensor:
     """lm_loss_sum of `output(hidden_BTD)`, projecting `chunk_tokens` tokens at a time: each chunk's logits
     are freed after its loss and recomputed in backward, so the [tokens, vocab] logits never exist whole."""
-    h_TD, targets_T = hidden_BTD.flatten(0, 1), targets_BT.flatten()
-    mask_T = None if mask_BT is None else mask_BT.flatten()
+    h_ND, targets_N = hidden_BTD.flatten(0, 1), targets_BT.flatten()
+    mask_N = None if mask_BT is None else mask_BT.flatten()
     parts = []
-    for a in range(0, targets_T.numel(), chunk_tokens):
-        args = (output, h_TD[a:a + chunk_tokens], targets_T[a:a + chunk_tokens],
-                None if mask_T is None else mask_T[a:a + chunk_tokens])
+    for a in range(0, targets_N.numel(), chunk_tokens):
+        args = (output, h_ND[a:a + chunk_tokens], targets_N[a:a + chunk_tokens],
+                None if mask_N is None else mask_N[a:a + chunk_tokens])
         parts.append(checkpoint(_chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled()
                      else _chunk_loss(*args))
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum()

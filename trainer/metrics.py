@@ -1,14 +1,16 @@
-"""Where training numbers go: metrics.jsonl, TensorBoard and the console. Rank 0 only."""
+"""Where training numbers go: metrics.jsonl, TensorBoard and the console (rank 0), and when (StepReporter)."""
 from __future__ import annotations
 
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
+from moeyard.trainer.config.sections import Config
+from moeyard.trainer.memory_stats import peak_memory_gb
 from moeyard.trainer.step import StepResult
 
 
@@ -144,3 +146,30 @@ class MetricsLogger:
         self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+
+
+class StepReporter:
+    """What each step reports, on its own cadence: the console's progress every step; a metrics record at the
+    first step of this launch, every log.every, the last, a skipped step and an evaluated one. Collective
+    where it logs (the peak memory is agreed over ranks), so every rank calls it; rank 0 writes."""
+
+    def __init__(self, cfg: Config, first: int, last: int, device: torch.device, writes: bool) -> None:
+        self.first, self.last, self.every, self.total, self.device = first, last, cfg.log.every, cfg.train.steps, device
+        self.logger = MetricsLogger(cfg.run_dir, total_steps=cfg.train.steps, first_step=first,
+                                    tensorboard=cfg.log.tensorboard, progress=cfg.log.progress) if writes else None
+
+    def after_step(self, step: int, result: StepResult, lr: float, step_time_s: float,
+                   predicted_step_s: Optional[float], evaluated: bool, extra: Callable[[], dict[str, Any]]) -> None:
+        """`extra()`: the record's other fields (data, evaluation, skipped steps), asked for only when logged."""
+        if self.logger is not None:
+            self.logger.progress(result, result.tokens / step_time_s)
+        if not (step == self.first + 1 or step % self.every == 0 or step == self.last or result.skipped or evaluated):
+            return
+        peak_gb = peak_memory_gb(self.device)  # collective: every rank decides alike to log this step
+        if self.logger is not None:
+            record = step_record(step, result, lr, step_time_s, predicted_step_s)
+            self.logger.log({**record, "peak_memory_gb": peak_gb, **extra()}, self.total)
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()

@@ -17,7 +17,7 @@ from moeyard.errors import CheckpointError, ConfigError
 from moeyard.models import Transformer
 from moeyard.trainer.checkpoint import safe_read
 from moeyard.trainer.checkpoint.store import CheckpointStore, read_manifest
-from moeyard.trainer.config import Config
+from moeyard.trainer.config.sections import Config
 from moeyard.trainer.data.compat import check_tokenizers, corpus_sources
 from moeyard.trainer.data.tokens import check_corpus_size, read_meta
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from moeyard.errors import LaunchError
 from moeyard.parallel.agree import from_rank0
-from moeyard.trainer.config import Config, dump_yaml
+from moeyard.trainer.config.sections import Config, dump_yaml
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 SAME_CTRL_C_S = 1.0

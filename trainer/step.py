@@ -17,9 +17,10 @@ from torch import Tensor
 
 from moeyard.models import ModelOutput, Transformer
 from moeyard.models.document_attention import DocumentSpans
-from moeyard.parallel import ExpertParallelExchange, ParallelMesh
+from moeyard.parallel import ParallelMesh
 from moeyard.parallel.fsdp import reshard
 from moeyard.parallel.grads.sync import GradSync
+from moeyard.parallel.parallelize import reset_traffic, take_cross_machine_bytes
 from moeyard.trainer.data.blend import TokenBatch
 from moeyard.trainer.data.sft_batches import SFTBatch
 from moeyard.trainer.losses import chunked_lm_loss_sum, lm_loss_sum, mtp_loss_sum
@@ -98,7 +99,7 @@ def forward_and_loss(model: Transformer, micro: MicroBatch, dtype: torch.dtype, 
     """The model's forward on a micro-batch, its summed next-token loss and, with `mtp` on a model with MTP
     depths, their summed loss (mtp_loss_sum; else None). With `loss_chunk_tokens`, the output layer runs a
     chunk at a time (not when it carries an adapter: that reports through the forward)."""
-    chunk = loss_chunk_tokens if not hasattr(model.output, "adapter") else 0
+    chunk = loss_chunk_tokens if model.output_in_chunks else 0
     tokens_BT1, mask_BT = micro.tokens_BT1, micro.mask_BT
     segment_BT = None if micro.segment_BT1 is None else micro.segment_BT1[:, :-1]
     with autocast_context(tokens_BT1.device, dtype):
@@ -125,9 +126,7 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | 
     lm_scale = pmesh.dp / global_targets
 
     sync.zero_grad()
-    for _, moe in model.moe_layers():  # what crosses machines counts from here: not the last evaluation's
-        if isinstance(moe.exchange, ExpertParallelExchange):
-            moe.exchange.traffic.reset()
+    reset_traffic(model)
     stats = StepStats()
     for i, micro in enumerate(micro_batches):
         sync.begin_micro_step(last=i == len(micro_batches) - 1)  # earlier micro-steps only accumulate
@@ -139,9 +138,8 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | 
         stats.add(out, lm_sum, mtp_sum)
 
     grad_norm = sync.reduce()  # waits for (or runs) the gradient reduction
-    for layer, moe in model.moe_layers():
-        if isinstance(moe.exchange, ExpertParallelExchange) and moe.exchange.node_groups is not None:
-            stats.per_rank.add(f"{layer}.cross_machine_bytes", moe.exchange.traffic.take_bytes(device))
+    for layer, sent in take_cross_machine_bytes(model, device).items():
+        stats.per_rank.add(f"{layer}.cross_machine_bytes", sent)
     stats.all_reduce(pmesh.dp_group)  # global losses: the same on every rank, like the norm
     finite = stats.losses_finite() and bool(torch.isfinite(grad_norm))
     # Router state as this step's forward used it (before the update below).

@@ -9,7 +9,7 @@ from moeyard.errors import BAD_INPUT, CheckpointError, LaunchError
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    from moeyard.trainer.tools.inspect_checkpoint import export_safetensors, inspect_checkpoint
+    from moeyard.tools.inspect_checkpoint import export_safetensors, inspect_checkpoint
 
     path = Path(args.path)
     if not path.is_dir():

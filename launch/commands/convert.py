@@ -21,28 +21,28 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not source.is_dir():
         raise LaunchError(f"{source} is not a folder")
     if args.action == "merge-adapters":
+        from moeyard.tools.merge_adapters import merge_adapters
         from moeyard.trainer.checkpoint.weights import resolve_init
-        from moeyard.trainer.tools.merge_adapters import merge_adapters
 
         report = merge_adapters(resolve_init(source), out)
         print(f"merged {len(report['merged'])} LoRA adapters into their linear maps; largest logit change on "
               f"{report['probe_tokens']} probe tokens: {report['max_logit_difference']:.2e} (float rounding)")
         print(f"wrote {out}: a plain model (model.peft.method=none) for --init, sft-eval or convert to-hf")
     elif args.action == "from-hf":
-        from moeyard.trainer.tools.hf_convert import import_hf
+        from moeyard.tools.hf_convert import import_hf
 
         family, path = import_hf(source, out)
         print(f"converted {family} model {source} into {path}")
     elif args.action == "to-hf":
         import torch
 
+        from moeyard.tools.hf_convert import export_hf
         from moeyard.trainer.checkpoint.weights import resolve_init
-        from moeyard.trainer.tools.hf_convert import export_hf
 
         family, path = export_hf(resolve_init(source), out, getattr(torch, args.dtype) if args.dtype else None)
         print(f"wrote {family} model to {path} (transformers.AutoModelForCausalLM.from_pretrained loads it)")
     else:
-        from moeyard.trainer.tools.upcycle import upcycle
+        from moeyard.tools.upcycle import upcycle
 
         if args.experts is None or args.top_k is None:
             raise LaunchError("moeyard convert upcycle needs --experts E and --top-k K")

@@ -9,8 +9,8 @@ from moeyard.errors import LaunchError
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from moeyard.tools.prune import prune
     from moeyard.trainer.checkpoint.weights import resolve_init
-    from moeyard.trainer.tools.prune import prune
 
     keep = args.keep
     if args.keep_per_layer is not None:

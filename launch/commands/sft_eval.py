@@ -8,14 +8,14 @@ from pathlib import Path
 from moeyard import configs
 from moeyard.errors import LaunchError
 from moeyard.launch.worker import add_overrides
-from moeyard.trainer.run_config import resolve_config
+from moeyard.trainer.config.resolve import resolve_run
 
 
 def cmd_sft_eval(args: argparse.Namespace) -> int:
+    from moeyard.tools.sft_eval import exact_match
     from moeyard.trainer.checkpoint.store import CheckpointStore
-    from moeyard.trainer.tools.sft_eval import exact_match
 
-    cfg = resolve_config(args.config or configs.path("sft-tiny.yaml"), args.overrides)
+    cfg = resolve_run(args.config or configs.path("sft-tiny.yaml"), args.overrides)
     if cfg.sft.data is None:
         raise LaunchError("the config has no sft.data: nothing to evaluate on")
     checkpoints = [Path(c) for c in args.checkpoint]

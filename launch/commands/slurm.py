@@ -9,10 +9,10 @@ from pathlib import Path
 from moeyard import configs
 from moeyard.errors import LaunchError
 from moeyard.launch.worker import add_overrides
-from moeyard.trainer.config import validate_for_world
+from moeyard.trainer.config.resolve import resolve_run
+from moeyard.trainer.config.sections import validate_for_world
 from moeyard.trainer.data.tokens import default_cache_root
 from moeyard.trainer.preflight import check_inputs
-from moeyard.trainer.run_config import resolve_config
 
 
 def _data_paths(cfg) -> tuple[Path, ...]:
@@ -42,7 +42,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     from moeyard.launch.slurm import SlurmJob, render_sbatch, submit
 
     config = Path(args.config or configs.path("tiny.yaml")).resolve()
-    cfg = resolve_config(config, args.overrides)
+    cfg = resolve_run(config, args.overrides)
     nproc = args.nproc_per_node or args.gpus_per_node
     if nproc < 1:
         raise LaunchError("--gpus-per-node 0 (a CPU partition) needs --nproc-per-node, the workers per node")

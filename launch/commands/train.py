@@ -10,20 +10,18 @@ from typing import Optional
 import torch
 
 from moeyard import configs
-from moeyard.errors import ConfigError, LaunchError
+from moeyard.errors import LaunchError
 from moeyard.launch.env import in_slurm_step, single_process
-from moeyard.launch.host_memory import available_bytes
+from moeyard.launch.malloc_policy import available_bytes
 from moeyard.launch.torchrun import Nodes, launch_workers
-from moeyard.launch.worker import add_overrides, run_worker, worker_args
-from moeyard.parallel.scheduler.memory_model import GPU_RUNTIME_GB
-from moeyard.trainer.config import Config, validate_for_world
-from moeyard.trainer.memory_plan import fit_memory
-from moeyard.trainer.node_layout import node_layout_notes, with_node_layout
+from moeyard.launch.worker import RunSource, add_overrides, run_worker
+from moeyard.trainer.config.resolve import machines_of, resolve_run, write_resolved
+from moeyard.trainer.config.sections import Config, read_config
 from moeyard.trainer.preflight import check_inputs
-from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.run_dir import holds_a_run
 from moeyard.trainer.run_lock import HELD_ENV, RunLock
-from moeyard.trainer.schedule import act_bytes
+from moeyard.trainer.scheduler.memory_fit import MemoryBudget
+from moeyard.trainer.scheduler.memory_model import GPU_RUNTIME_GB
 
 
 def _node_rank(given: Optional[int], nnodes: int) -> int:
@@ -61,32 +59,21 @@ def _gpu_memory_gb() -> float:
         return 0.0
 
 
-def _memory_per_rank(cfg: Config, nproc: int) -> tuple[float, float, str, torch.device]:
-    """(GB each rank may use, GB of it the runtime takes, what that memory is, the device)."""
+def _memory_per_rank(cfg: Config, nproc: int) -> Optional[MemoryBudget]:
+    """What each of this node's `nproc` workers may hold (None: this machine cannot tell)."""
     if cfg.parallel.backend != "gloo" and torch.cuda.is_available():
-        return _gpu_memory_gb(), GPU_RUNTIME_GB, "one GPU", torch.device("cuda")
+        gpu = _gpu_memory_gb()
+        return MemoryBudget(gpu, GPU_RUNTIME_GB, "one GPU", torch.device("cuda")) if gpu else None
     available = available_bytes()
     if available is None:
-        return 0.0, 0.0, "unknown", torch.device("cpu")
-    return (available / nproc / 1e9, CPU_RUNTIME_GB, f"this host's available memory over {nproc} local workers",
-            torch.device("cpu"))
+        return None
+    return MemoryBudget(available / nproc / 1e9, CPU_RUNTIME_GB,
+                        f"this host's available memory over {nproc} local workers", torch.device("cpu"))
 
 
-def _fit_memory(cfg: Config, world: int, nproc: int, nodes: int) -> list[str]:
-    """The check before any worker starts: overrides that make the run fit (schedule.mode=auto), or none;
-    raises ConfigError when it does not fit. With several nodes every node decides alone, so a choice
-    would differ between nodes that see different free memory: there auto says what to set instead."""
-    if not cfg.schedule.memory_check:
-        return []
-    capacity, reserve, what, device = _memory_per_rank(cfg, nproc)
-    if not capacity:
-        return []
-    overrides, message = fit_memory(cfg, world, act_bytes(cfg, device), capacity, what, reserve)
-    if overrides and nodes > 1:
-        raise ConfigError(f"{message}; with {nodes} nodes set these on every node's command line "
-                          f"(--set {' --set '.join(overrides)}) so that all nodes run the same layout")
-    print(message, flush=True)
-    return overrides
+def _say(line: str) -> None:
+    """Resolution's notes go to stderr, the memory line to stdout."""
+    print(line, file=sys.stderr if line.startswith("note: ") else sys.stdout, flush=True)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -96,35 +83,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.overrides.append(f"checkpoint.resume={args.resume}")
     if args.init is not None:
         args.overrides.append(f"checkpoint.init={args.init}")
-    cfg = resolve_config(config, args.overrides)
-    if sft and cfg.sft.data is None:
+    said = read_config(config, args.overrides)  # what the file says: the run's name, ep for the default --nproc
+    if sft and said.sft.data is None:
         raise LaunchError(f"{config} has no sft.data: moeyard sft needs a JSONL file of conversations there "
                           f"(or --set sft.data=FILE)")
     nodes = Nodes(args.nnodes, _node_rank(args.node_rank, args.nnodes), args.rdzv_endpoint,
-                  args.rdzv_id or f"moeyard-{cfg.run.name}", args.local_addr)
+                  args.rdzv_id or f"moeyard-{said.run.name}", args.local_addr)
     nodes.check()
-    if args.nproc is None and cfg.parallel.ep % nodes.count:
-        raise LaunchError(f"--nnodes={nodes.count} does not divide parallel.ep={cfg.parallel.ep}: give --nproc, "
+    if args.nproc is None and said.parallel.ep % nodes.count:
+        raise LaunchError(f"--nnodes={nodes.count} does not divide parallel.ep={said.parallel.ep}: give --nproc, "
                           f"the workers per node")
-    nproc = args.nproc if args.nproc is not None else cfg.parallel.ep // nodes.count
+    nproc = args.nproc if args.nproc is not None else said.parallel.ep // nodes.count
     if nproc < 1:
         raise LaunchError(f"--nproc={nproc} must be >= 1")
-    world = nproc * nodes.count
-    validate_for_world(cfg, world)
-    with_node_layout(cfg, world, cfg.parallel.ranks_per_node or nproc)  # checks what resolving the layout implies
-    for note in node_layout_notes(cfg, cfg.parallel.ranks_per_node or nproc):
-        print(f"note: {note}", file=sys.stderr, flush=True)
-    _check_gpus(cfg.parallel.backend, nproc)
-    chosen = _fit_memory(cfg, world, nproc, nodes.count)
-    if chosen:  # every worker gets the same choice through its command line
-        args.overrides += chosen
-        cfg = resolve_config(config, args.overrides)
+    _check_gpus(said.parallel.backend, nproc)
+    cfg = resolve_run(config, args.overrides, machines_of(nproc * nodes.count, nproc),
+                      memory=lambda run: _memory_per_rank(run, nproc), say=_say)
     return _check_and_launch(cfg, config, args, nodes, nproc)
 
 
 def _check_and_launch(cfg: Config, config: str, args: argparse.Namespace, nodes: Nodes, nproc: int) -> int:
     """The checks that read the run dir, the data and the checkpoints (reading only: a refused launch
-    leaves no trace), then node 0 takes the run dir's lock for the whole job and the workers start."""
+    leaves no trace), then node 0 takes the run dir's lock for the whole job, each node writes the resolved
+    config to run.dir/launch/ and its workers start from it."""
     world = nproc * nodes.count
     if cfg.checkpoint.resume == "none" and holds_a_run(cfg.run_dir) and nodes.rank == 0:
         raise LaunchError(f"run.dir {cfg.run_dir} already holds a run and --resume none was asked: resume it "
@@ -140,9 +121,9 @@ def _check_and_launch(cfg: Config, config: str, args: argparse.Namespace, nodes:
         print(f"training {config} on {where}{nproc} process(es) (world {world}), ep={cfg.parallel.ep}; "
               f"run dir {cfg.run_dir}", flush=True)
         if world == 1:
-            return run_worker(cfg, single_process())
-        return launch_workers(nproc, worker_args(config, args.overrides), nodes=nodes,
-                              max_restarts=args.max_restarts,
+            return run_worker(RunSource(resolved=cfg), single_process())
+        resolved = write_resolved(cfg, cfg.run_dir / "launch" / f"node{nodes.rank}.yaml")
+        return launch_workers(nproc, [str(resolved), "--resolved"], nodes=nodes, max_restarts=args.max_restarts,
                               rendezvous_timeout_s=cfg.parallel.rendezvous_timeout_s, run_dir=cfg.run_dir,
                               stop_grace_s=cfg.checkpoint.stop_grace_s)
     finally:

@@ -1,71 +1,20 @@
-"""Routed experts as stacked weights, computed as one grouped SwiGLU.
+"""Routed experts as stacked weights, and the two fast paths of their MLP (expert_mlp.py): the grouped GEMM
+here (a GPU with its kernel) and the fused loop (expert_loop.py, everywhere else).
 
-Shape legend: E local experts, D model dim, F expert hidden dim, S rows (token
-copies) grouped by expert.
+Shape legend: see models/__init__.py. Here E local experts, D model dim, F expert hidden dim, S rows (token
+copies) grouped by expert, P rows of the padded grouped-GEMM buffer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from moeyard.models.moe.expert_loop import swiglu_fused_loop
+from moeyard.models.moe.expert_loop import expert_mlp_fused_loop
+from moeyard.models.moe.expert_mlp import ExpertActivation
 from moeyard.models.recompute import selective_checkpoint
-
-
-def swiglu_loop(x_SD: Tensor, rows_per_expert: list[int], w_gate_EDF: Tensor, w_up_EDF: Tensor,
-                     w_down_EFD: Tensor) -> Tensor:
-    """Reference: one matmul chain per expert over its rows, plain autograd (the fast path is
-    expert_loop.swiglu_fused_loop).
-
-    The weights are taken apart with `unbind`, not indexed: the backward of `w[e]` would write each
-    expert's gradient into its own zero-filled [E, ...] buffer (E^2 work), `unbind`'s stacks them once.
-    """
-    outputs = [
-        (F.silu(x_rD @ w_gate_DF) * (x_rD @ w_up_DF)) @ w_down_FD
-        for x_rD, w_gate_DF, w_up_DF, w_down_FD in zip(torch.split(x_SD, rows_per_expert), w_gate_EDF.unbind(0),
-                                                       w_up_EDF.unbind(0), w_down_EFD.unbind(0))
-    ]
-    return torch.cat(outputs) if outputs else x_SD.new_zeros(0, w_down_EFD.shape[-1])
-
-
-@dataclass(frozen=True)
-class ExpertActivation:
-    """The gated unit of the routed experts (model.moe.activation, swiglu_alpha, swiglu_limit)."""
-
-    kind: Literal["swiglu", "swiglu_clamped"] = "swiglu"
-    alpha: float = 1.702
-    limit: float = 7.0
-
-    def __call__(self, gate: Tensor, up: Tensor) -> Tensor:
-        if self.kind == "swiglu":
-            return F.silu(gate) * up
-        gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)  # GPT-OSS
-        return gate * torch.sigmoid(self.alpha * gate) * (up + 1)
-
-
-def gated_mlp_loop(x_SD: Tensor, rows_per_expert: list[int], weights: tuple[Tensor, ...],
-                   activation: ExpertActivation, order: Optional[Tensor] = None) -> Tensor:
-    """Experts with biases (gate, up, down, then b_gate, b_up, b_down) or another activation than SwiGLU,
-    one expert at a time in plain autograd; rows grouped by expert, or x_SD[order] when `order` is given
-    (outputs back in x_SD's order). Slower than the fused loop (autograd keeps every intermediate)."""
-    gate_EDF, up_EDF, down_EFD, *biases = weights
-    rows = x_SD if order is None else x_SD.index_select(0, order)
-    per_expert = [t.unbind(0) for t in (gate_EDF, up_EDF, down_EFD, *biases)]
-    outputs = []
-    for e, x_nD in enumerate(torch.split(rows, rows_per_expert)):
-        g_nF, u_nF = x_nD @ per_expert[0][e], x_nD @ per_expert[1][e]
-        if biases:
-            g_nF, u_nF = g_nF + per_expert[3][e], u_nF + per_expert[4][e]
-        y_nD = activation(g_nF, u_nF) @ per_expert[2][e]
-        outputs.append(y_nD + per_expert[5][e] if biases else y_nD)
-    y_SD = torch.cat(outputs) if outputs else x_SD.new_zeros(0, down_EFD.shape[-1])
-    return y_SD if order is None else torch.empty_like(y_SD).index_copy_(0, order, y_SD)
-
 
 GROUPED_MM_MIN_TORCH = (2, 9)
 """The oldest torch whose grouped GEMM the checks below describe: 2.8 has it on sm90 only and no CPU
@@ -119,23 +68,34 @@ def padded_groups(counts_E: Tensor, rows: int, align: int) -> tuple[Tensor, Tens
     return dest_S, offs_E, total
 
 
-def swiglu_grouped_mm(x_SD: Tensor, counts_E: Tensor, w_gate_EDF: Tensor, w_up_EDF: Tensor, w_down_EFD: Tensor,
-                      order: Optional[Tensor] = None) -> Tensor:
-    """GPU fast path: three grouped GEMMs over all experts at once, on padded groups (see padded_groups).
+def expert_mlp_grouped_mm(x_SD: Tensor, counts_E: Tensor, weights: tuple[Tensor, ...],
+                          activation: ExpertActivation = ExpertActivation(), order: Optional[Tensor] = None) -> Tensor:
+    """GPU fast path: the experts' MLP (expert_mlp.py; `weights` gate, up, down, then optionally the three
+    biases) as three grouped GEMMs over all experts at once, on padded groups (see padded_groups).
 
-    `counts_E` is a device tensor: the layer runs without a device-to-host synchronisation. With `order`,
-    expert-grouped row j is x_SD[order[j]] and outputs come back in x_SD's order; the gather and the
-    padding are one scatter into the buffer."""
+    `counts_E` is a device tensor: the layer runs without a device-to-host synchronisation; each row's bias
+    is gathered by its expert index, found on the device too. With `order`, expert-grouped row j is
+    x_SD[order[j]] and outputs come back in x_SD's order; the gather and the padding are one scatter into
+    the buffer. Padding rows get no gradient (their outputs are never read), so biases see real rows only."""
+    w_gate_EDF, w_up_EDF, w_down_EFD, *biases = weights
     dest_S, offs_E, total = padded_groups(counts_E.to(x_SD.device), x_SD.shape[0], group_row_alignment(x_SD))
     if order is not None:
         dest_S = torch.empty_like(dest_S).index_copy_(0, order, dest_S)
-    x_PD = x_SD.new_zeros(total, x_SD.shape[1]).index_copy(0, dest_S, x_SD)
-    h_PF = F.silu(torch._grouped_mm(x_PD, w_gate_EDF, offs=offs_E)) * torch._grouped_mm(x_PD, w_up_EDF, offs=offs_E)
-    return torch._grouped_mm(h_PF, w_down_EFD, offs=offs_E).index_select(0, dest_S)
+    x_AD = x_SD.new_zeros(total, x_SD.shape[1]).index_copy(0, dest_S, x_SD)
+    h1_AF, h2_AF = torch._grouped_mm(x_AD, w_gate_EDF, offs=offs_E), torch._grouped_mm(x_AD, w_up_EDF, offs=offs_E)
+    if biases:
+        expert_A = torch.searchsorted(offs_E, torch.arange(total, dtype=offs_E.dtype, device=offs_E.device),
+                                      right=True)
+        h1_AF, h2_AF = h1_AF + biases[0][expert_A], h2_AF + biases[1][expert_A]
+    y_SD = torch._grouped_mm(activation(h1_AF, h2_AF), w_down_EFD, offs=offs_E).index_select(0, dest_S)
+    return y_SD + biases[2][expert_A[dest_S]] if biases else y_SD
 
 
 class GroupedExperts(nn.Module):
     """All experts of a layer (or this rank's shard of them) in three stacked weights."""
+
+    offset_parameters = ("b_gate_EF", "b_up_EF", "b_down_ED")
+    """Additive offsets among its own parameters: zero at init, no weight decay (models.offset_parameter_ids)."""
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int,
                  compute: Literal["auto", "loop", "grouped_mm"] = "auto",
@@ -168,15 +128,10 @@ class GroupedExperts(nn.Module):
         matrices = (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD)
         return matrices + ((self.b_gate_EF, self.b_up_EF, self.b_down_ED) if self.has_bias else ())
 
-    @property
-    def plain_swiglu(self) -> bool:
-        """Bias-free SwiGLU: the fused loop and the grouped GEMM apply; otherwise gated_mlp_loop."""
-        return not self.has_bias and self.activation.kind == "swiglu"
-
     def forward(self, x_SD: Tensor, rows_per_expert: list[int] | Tensor, order: Optional[Tensor] = None,
                 executor: Optional[Callable[..., Tensor]] = None) -> Tensor:
         """Rows grouped by expert; or, with `order`, expert-grouped rows are x_SD[order] and the output comes
-        back in x_SD's own order (see swiglu_fused_loop).
+        back in x_SD's own order (see expert_mlp_fused_loop).
 
         `executor(forward_with, weights, x_SD)` runs the experts its own way (the pipelined exchange). It is
         called from here, not beside this module, and must compute from the `x_SD` it is handed, so that
@@ -195,16 +150,12 @@ class GroupedExperts(nn.Module):
             # _grouped_mm is not an autocast op: cast explicitly to the autocast dtype.
             dtype = torch.get_autocast_dtype(device)
             x_SD, weights = x_SD.to(dtype), tuple(w.to(dtype) for w in weights)
-        if not self.plain_swiglu:  # never run on a GPU: there too a loop over experts with host counts
-            if isinstance(rows_per_expert, Tensor):
-                rows_per_expert = rows_per_expert.tolist()
-            return self._checkpointed(gated_mlp_loop, x_SD, list(rows_per_expert), weights, self.activation, order)
-        if not self.uses_grouped_mm(x_SD):
-            if isinstance(rows_per_expert, Tensor):
-                rows_per_expert = rows_per_expert.tolist()  # the loop slices on the host
-            return swiglu_fused_loop(x_SD, rows_per_expert, *weights, recompute=self.recompute, order=order)
-        counts_E = rows_per_expert if isinstance(rows_per_expert, Tensor) else torch.tensor(rows_per_expert)
-        return self._checkpointed(swiglu_grouped_mm, x_SD, counts_E, *weights, order)
+        if self.uses_grouped_mm(x_SD):
+            counts_E = rows_per_expert if isinstance(rows_per_expert, Tensor) else torch.tensor(rows_per_expert)
+            return self._checkpointed(expert_mlp_grouped_mm, x_SD, counts_E, weights, self.activation, order)
+        if isinstance(rows_per_expert, Tensor):
+            rows_per_expert = rows_per_expert.tolist()  # the loop slices on the host
+        return expert_mlp_fused_loop(x_SD, rows_per_expert, weights, self.activation, self.recompute, order)
 
     def _checkpointed(self, fn: Callable[..., Tensor], *args) -> Tensor:
         """`fn(*args)` under this module's recompute mode (the fused loop has its own)."""

@@ -5,8 +5,8 @@ rows to `self.exchange`, which by default runs the local experts in place.
 `moeyard.parallel.apply_expert_parallel` swaps in an exchange that sends rows
 to the ranks owning their experts (all-to-all) and brings the results back.
 
-Shape legend: B batch, T sequence, N = B*T tokens, D model dim, E experts,
-S kept token copies.
+Shape legend (models/__init__.py): B, T, N = B*T tokens, D, E experts, K experts per token, S kept token
+copies grouped by expert.
 """
 from __future__ import annotations
 
@@ -19,16 +19,18 @@ from torch import Tensor, nn
 
 from moeyard.models.config import MoEConfig
 from moeyard.models.layers import SwiGLU
-from moeyard.models.moe.experts import ExpertActivation, GroupedExperts
+from moeyard.models.moe.expert_mlp import ExpertActivation
+from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.moe.permutation import Permutation, expert_capacity, permute, plan_permutation, unpermute
-from moeyard.models.moe.router import (
+from moeyard.models.moe.routers import (
     Routing,
     balance_from_mean_probs,
+    build_router,
+    nodes_reached,
     router_entropy,
     router_z_loss,
     sequence_balance_loss,
 )
-from moeyard.models.moe.routers import build_router, nodes_reached
 
 
 class TokenExchange(Protocol):
@@ -157,12 +159,12 @@ class MoE(nn.Module):
         if perm is None:
             capacity = None
             if self.cfg.capacity_factor is not None:
-                k = routing.expert_index_TK.shape[1]  # dense_to_sparse changes k during its schedule
+                k = routing.expert_index_NK.shape[1]  # dense_to_sparse changes k during its schedule
                 capacity = expert_capacity(x_ND.shape[0], k, self.cfg.num_experts, self.cfg.capacity_factor)
-            skip_TK = self._skipped_copies(routing.weight)
-            perm = plan_permutation(routing.expert_index_TK, self.cfg.num_experts, capacity, skip_TK)
-            if skip_TK is not None:
-                skipped = skip_TK.sum()
+            skip_NK = self._skipped_copies(routing.weight)
+            perm = plan_permutation(routing.expert_index_NK, self.cfg.num_experts, capacity, skip_NK)
+            if skip_NK is not None:
+                skipped = skip_NK.sum()
 
         # One small collective, in flight while the experts run: global routed counts (for the aux loss and
         # metrics), drops, unrouted tokens, skipped copies.
@@ -185,35 +187,35 @@ class MoE(nn.Module):
         stats = MoEStats(
             load=load,
             balance=self._balance_loss(routing, x_BTD.shape[:2]),
-            z_loss=router_z_loss(routing.logits_TE),
-            entropy=router_entropy(routing.probs_TE),
+            z_loss=router_z_loss(routing.logits_NE),
+            entropy=router_entropy(routing.probs_NE),
             nodes_per_token=self._nodes_per_token(routing),
         )
         return y_ND.view_as(x_BTD), stats
 
     def _nodes_per_token(self, routing: Routing) -> Optional[Tensor]:
-        if not self.cfg.routing_nodes or routing.expert_index_TK is None:
+        if not self.cfg.routing_nodes or routing.expert_index_NK is None:
             return None
-        return nodes_reached(routing.expert_index_TK, self.cfg.num_experts, self.cfg.routing_nodes)
+        return nodes_reached(routing.expert_index_NK, self.cfg.num_experts, self.cfg.routing_nodes)
 
-    def _skipped_copies(self, weight_TK: Tensor) -> Optional[Tensor]:
+    def _skipped_copies(self, weight_NK: Tensor) -> Optional[Tensor]:
         """Expert skipping at evaluation: a token's second (and later) choices whose routing weight is below
         model.moe.skip_threshold; the other weights stay as they are. None while training or when off."""
-        if self.training or self.cfg.skip_threshold <= 0 or weight_TK.shape[1] < 2:
+        if self.training or self.cfg.skip_threshold <= 0 or weight_NK.shape[1] < 2:
             return None
-        skip_TK = weight_TK < self.cfg.skip_threshold
-        skip_TK[:, 0] = False  # never a token's first choice
-        return skip_TK
+        skip_NK = weight_NK < self.cfg.skip_threshold
+        skip_NK[:, 0] = False  # never a token's first choice
+        return skip_NK
 
     def _balance_loss(self, routing: Routing, batch_shape: torch.Size) -> Callable[[Tensor], Tensor]:
         """The balance loss as a function of the global routed counts, holding only what it needs (P_E, not
-        the routing's [T, E] tensors): the statistics outlive the layer."""
+        the routing's [N, E] tensors): the statistics outlive the layer."""
         if routing.aux_loss is not None:
             aux = routing.aux_loss
         elif self.cfg.balance_loss == "sequence":
             B, S = batch_shape
-            aux = sequence_balance_loss(routing.probs_TE.view(B, S, -1), routing.expert_index_TK.view(B, S, -1))
+            aux = sequence_balance_loss(routing.probs_NE.view(B, S, -1), routing.expert_index_NK.view(B, S, -1))
         else:
-            mean_probs_E = routing.probs_TE.mean(dim=0)
+            mean_probs_E = routing.probs_NE.mean(dim=0)
             return lambda global_routed_E: balance_from_mean_probs(mean_probs_E, global_routed_E)
         return lambda _: aux

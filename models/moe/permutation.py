@@ -3,8 +3,8 @@
 Pure functions with explicit state: `plan_permutation` says where every copy
 goes, `unpermute` uses that plan to weight and sum expert outputs per token.
 
-Shape legend: T tokens, K experts per token, E experts, S kept copies (S <= T*K),
-D model dim.
+Shape legend (models/__init__.py): N tokens, K experts per token, E experts, C token copies as routed
+(C = N*K), S kept copies grouped by expert (S <= C), D.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class Permutation:
     token_index_S: Tensor
     """Source token of each kept copy, copies grouped by expert."""
     copy_index_S: Tensor
-    """Flat index into the [T, K] routing tensors of each kept copy."""
+    """Flat index into the [N, K] routing tensors of each kept copy."""
     tokens_per_expert_E: Tensor
     """Kept copies per expert (int64), the row counts the experts compute."""
     routed_per_expert_E: Tensor
@@ -40,28 +40,28 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
-def plan_permutation(expert_index_TK: Tensor, num_experts: int, capacity: Optional[int],
-                     skip_TK: Optional[Tensor] = None) -> Permutation:
+def plan_permutation(expert_index_NK: Tensor, num_experts: int, capacity: Optional[int],
+                     skip_NK: Optional[Tensor] = None) -> Permutation:
     """Group copies by expert; with a capacity, keep the first `capacity` of each expert.
 
     Copies are ordered choice-major (every token's first choice before any second
     choice), then by token position, so a drop never costs a token its top
     expert while a lower-ranked copy of another token survives. Copies marked in
-    `skip_TK` (expert skipping at evaluation) are left out as if never routed.
+    `skip_NK` (expert skipping at evaluation) are left out as if never routed.
     """
-    T, K = expert_index_TK.shape
-    if skip_TK is not None:
-        expert_index_TK = expert_index_TK.masked_fill(skip_TK, num_experts)  # past every expert: sorts last
-    expert_of_copy_C = expert_index_TK.t().reshape(-1)  # choice-major: copy c = choice * T + token
+    N, K = expert_index_NK.shape
+    if skip_NK is not None:
+        expert_index_NK = expert_index_NK.masked_fill(skip_NK, num_experts)  # past every expert: sorts last
+    expert_of_copy_C = expert_index_NK.t().reshape(-1)  # choice-major: copy c = choice * N + token
     sorted_expert_C, order_C = torch.sort(expert_of_copy_C, stable=True)
-    slots = num_experts + (skip_TK is not None)  # the skipped copies' sentinel counts apart
+    slots = num_experts + (skip_NK is not None)  # the skipped copies' sentinel counts apart
     routed_per_expert_E = torch.zeros(slots, dtype=torch.int64, device=expert_of_copy_C.device).scatter_add_(
         0, expert_of_copy_C, torch.ones_like(expert_of_copy_C))[:num_experts]  # bincount would sync on CUDA
-    if skip_TK is not None:  # evaluation only: the host sync of the boolean index is fine there
+    if skip_NK is not None:  # evaluation only: the host sync of the boolean index is fine there
         kept_C = sorted_expert_C < num_experts
         sorted_expert_C, order_C = sorted_expert_C[kept_C], order_C[kept_C]
-    token_C = order_C % T
-    choice_C = order_C // T
+    token_C = order_C % N
+    choice_C = order_C // N
     if capacity is not None:
         group_start_E = torch.cumsum(routed_per_expert_E, 0) - routed_per_expert_E
         position_C = torch.arange(order_C.numel(), device=order_C.device) - group_start_E[sorted_expert_C]
@@ -75,20 +75,20 @@ def plan_permutation(expert_index_TK: Tensor, num_experts: int, capacity: Option
         copy_index_S=token_C * K + choice_C,
         tokens_per_expert_E=tokens_per_expert_E,
         routed_per_expert_E=routed_per_expert_E,
-        num_tokens=T,
+        num_tokens=N,
     )
 
 
-def permute(x_TD: Tensor, perm: Permutation) -> Tensor:
+def permute(x_ND: Tensor, perm: Permutation) -> Tensor:
     """Rows of the kept copies, grouped by expert."""
-    return x_TD.index_select(0, perm.token_index_S)
+    return x_ND.index_select(0, perm.token_index_S)
 
 
 def unpermute(y_SD: Tensor, perm: Permutation, weight: Tensor) -> Tensor:
     """Weight each copy's expert output by its router weight and sum into its token, in float32 (float64
     for float64 inputs).
 
-    `weight` is indexed by `perm.copy_index_S` after flattening ([T, K] for token choice). A token whose
+    `weight` is indexed by `perm.copy_index_S` after flattening ([N, K] for token choice). A token whose
     copies were all dropped (or that no expert chose) gets zeros: the residual carries it.
     """
     weight_S = weight.reshape(-1).index_select(0, perm.copy_index_S)
@@ -110,13 +110,13 @@ class _WeightedCombine(torch.autograd.Function):
                 dtype: torch.dtype) -> Tensor:
         ctx.save_for_backward(y_SD, weight_S, token_index_S)
         ctx.dtype = dtype
-        out_TD = y_SD.new_zeros(num_tokens, y_SD.shape[-1], dtype=dtype)
-        return out_TD.index_add_(0, token_index_S, y_SD.to(dtype) * weight_S.to(dtype).unsqueeze(-1))
+        out_ND = y_SD.new_zeros(num_tokens, y_SD.shape[-1], dtype=dtype)
+        return out_ND.index_add_(0, token_index_S, y_SD.to(dtype) * weight_S.to(dtype).unsqueeze(-1))
 
     @staticmethod
-    def backward(ctx, grad_TD: Tensor):
+    def backward(ctx, grad_ND: Tensor):
         y_SD, weight_S, token_index_S = ctx.saved_tensors
-        grad_SD = grad_TD.index_select(0, token_index_S)
+        grad_SD = grad_ND.index_select(0, token_index_S)
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_y = (grad_SD * weight_S.to(ctx.dtype).unsqueeze(-1)).to(y_SD.dtype)

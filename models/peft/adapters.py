@@ -15,8 +15,8 @@ the base load unchanged. The adapters are dense parameters (replicated, reduced
 over dp); computed for all E at once and masked, which costs E*r columns, a few
 percent of the base GEMM at r=8, E=4.
 
-Shape legend: B sequences, S positions, T = B*S tokens, D in features, O out features, E adapters,
-R rank of each, K adapters per token.
+Shape legend (models/__init__.py): N tokens, D in features, O out features, E adapters, R rank of each,
+K adapters per token.
 """
 from __future__ import annotations
 
@@ -31,8 +31,7 @@ from torch import Tensor, nn
 
 from moeyard.errors import ConfigError
 from moeyard.models.config import PEFTConfig
-from moeyard.models.moe.router import Router, router_entropy, sequence_balance_loss
-from moeyard.models.moe.routers import top_k_weights
+from moeyard.models.moe.routers import Router, router_entropy, sequence_balance_loss, top_k_weights
 
 
 @dataclass(frozen=True)
@@ -81,26 +80,26 @@ class RoutedLoRA(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         *lead, D = x.shape
         E, _, R = self.A_EDR.shape
-        x_TD = x.reshape(-1, D)
+        x_ND = x.reshape(-1, D)
         if self.router is None:  # plain LoRA
-            return self.scale * ((x_TD @ self.A_EDR[0]) @ self.B_ERO[0]).view(*lead, -1)
-        probs_TE = self.router.logits(x_TD).softmax(dim=-1)
-        weight_TK, index_TK = top_k_weights(probs_TE, self.top_k, renormalize=self.top_k > 1)
-        gate_TE = torch.zeros_like(probs_TE).scatter(1, index_TK, weight_TK).to(x.dtype)
-        h_TER = (x_TD @ self.A_EDR.transpose(0, 1).reshape(D, E * R)).view(-1, E, R) * gate_TE.unsqueeze(-1)
-        delta_TO = h_TER.reshape(-1, E * R) @ self.B_ERO.reshape(E * R, -1)
-        B, S = (lead[0], x_TD.shape[0] // lead[0]) if len(lead) >= 2 else (1, x_TD.shape[0])
+            return self.scale * ((x_ND @ self.A_EDR[0]) @ self.B_ERO[0]).view(*lead, -1)
+        probs_NE = self.router.logits(x_ND).softmax(dim=-1)
+        weight_NK, index_NK = top_k_weights(probs_NE, self.top_k, renormalize=self.top_k > 1)
+        gate_NE = torch.zeros_like(probs_NE).scatter(1, index_NK, weight_NK).to(x.dtype)
+        h_NER = (x_ND @ self.A_EDR.transpose(0, 1).reshape(D, E * R)).view(-1, E, R) * gate_NE.unsqueeze(-1)
+        delta_NO = h_NER.reshape(-1, E * R) @ self.B_ERO.reshape(E * R, -1)
+        B, S = (lead[0], x_ND.shape[0] // lead[0]) if len(lead) >= 2 else (1, x_ND.shape[0])
         # Computed in every forward, recorded or not: a recomputing (activation-checkpointed) forward must
         # save the same tensors as the first one.
-        aux_loss = sequence_balance_loss(probs_TE.view(B, S, E), index_TK.view(B, S, -1))
+        aux_loss = sequence_balance_loss(probs_NE.view(B, S, E), index_NK.view(B, S, -1))
         record = _RECORD.get()
         if record is not None:
             with torch.no_grad():
                 load_E = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(  # bincount syncs on CUDA
-                    0, index_TK.flatten(), torch.ones_like(index_TK.flatten()))
-                entropy = router_entropy(probs_TE)
+                    0, index_NK.flatten(), torch.ones_like(index_NK.flatten()))
+                entropy = router_entropy(probs_NE)
             record[self] = AdapterStats(aux_loss, load_E, entropy)
-        return self.scale * delta_TO.view(*lead, -1)
+        return self.scale * delta_NO.view(*lead, -1)
 
 
 def _add_adapter(module: nn.Linear, args: tuple[Tensor, ...], out: Tensor) -> Tensor:

@@ -9,8 +9,8 @@ exchange's one host sync), `all_to_all` (rows out, autograd-aware), `local_exper
 (received rows are ordered by source rank; experts want them by expert), and the
 reverse trip; `overlap.pipelined_experts` runs the same stages in overlapped chunks.
 
-Shape legend: S rows sent, R rows received, D model dim, E experts of the group,
-L local experts, P ranks in the group.
+Shape legend (models/__init__.py): S rows sent (grouped by expert), C rows received (grouped by source
+rank), D, E experts of the group, X local experts of a rank, P ranks in the group.
 """
 from __future__ import annotations
 
@@ -34,14 +34,14 @@ class ExchangeLayout:
     """Rows sent to each rank of the ep group."""
     recv_splits: list[int]
     """Rows received from each rank of the ep group."""
-    recv_counts_PL: Tensor
-    """recv_counts_PL[p, l]: rows from rank p for local expert l (on the device)."""
+    recv_counts_PX: Tensor
+    """recv_counts_PX[p, l]: rows from rank p for local expert l (on the device)."""
     rows_per_local_expert: list[int]
-    """Host copy of recv_counts_PL.sum(0), for the expert loop."""
+    """Host copy of recv_counts_PX.sum(0), for the expert loop."""
 
     def expert_counts(self, host: bool) -> list[int] | Tensor:
         """Rows per local expert where the experts read them: on the host (loop) or the device (grouped GEMM)."""
-        return self.rows_per_local_expert if host else self.recv_counts_PL.sum(dim=0)
+        return self.rows_per_local_expert if host else self.recv_counts_PX.sum(dim=0)
 
 
 def plan_exchange(tokens_per_expert_E: Tensor, group: dist.ProcessGroup) -> ExchangeLayout:
@@ -50,13 +50,13 @@ def plan_exchange(tokens_per_expert_E: Tensor, group: dist.ProcessGroup) -> Exch
     world = dist.get_world_size(group)
     recv_counts = torch.empty_like(tokens_per_expert_E)
     dist.all_to_all_single(recv_counts, tokens_per_expert_E.contiguous(), group=group)
-    send_PL = tokens_per_expert_E.view(world, -1)
-    recv_counts_PL = recv_counts.view(world, -1)
-    host = torch.cat([send_PL.sum(dim=1), recv_counts_PL.sum(dim=1), recv_counts_PL.sum(dim=0)]).cpu().tolist()
+    send_PX = tokens_per_expert_E.view(world, -1)
+    recv_counts_PX = recv_counts.view(world, -1)
+    host = torch.cat([send_PX.sum(dim=1), recv_counts_PX.sum(dim=1), recv_counts_PX.sum(dim=0)]).cpu().tolist()
     return ExchangeLayout(
         send_splits=host[:world],
         recv_splits=host[world:2 * world],
-        recv_counts_PL=recv_counts_PL,
+        recv_counts_PX=recv_counts_PX,
         rows_per_local_expert=host[2 * world:],
     )
 
@@ -83,11 +83,11 @@ def plain_exchange(x_SD: Tensor, tokens_per_expert_E: Tensor, group: dist.Proces
     if dist.get_world_size(group) == 1:
         return run(x_SD, tokens_per_expert_E.tolist() if host_counts else tokens_per_expert_E)
     layout = plan_exchange(tokens_per_expert_E, group)
-    x_RD = all_to_all(x_SD, layout.recv_splits, layout.send_splits, group)
+    x_CD = all_to_all(x_SD, layout.recv_splits, layout.send_splits, group)
     # Received rows are grouped by source rank; the experts regroup them by expert as they go.
-    order = local_expert_order(layout.recv_counts_PL, x_RD.shape[0])
-    y_RD = run(x_RD, layout.expert_counts(host_counts), order=order)
-    return all_to_all(y_RD, layout.send_splits, layout.recv_splits, group)
+    order = local_expert_order(layout.recv_counts_PX, x_CD.shape[0])
+    y_CD = run(x_CD, layout.expert_counts(host_counts), order=order)
+    return all_to_all(y_CD, layout.send_splits, layout.recv_splits, group)
 
 
 def flat_exchange(x_SD: Tensor, tokens_per_expert_E: Tensor, experts: Experts, group: dist.ProcessGroup,

@@ -5,7 +5,7 @@ one other machine crosses the network k times. Here, as in DeepEP's internode ke
 all-to-all:
 
 1. cross: one row per (token, destination machine) goes to the rank with this rank's local index on that
-   machine (the cross group), packed with its copies' routing weights and expert ids (W of each, W the
+   machine (the cross group), packed with its copies' routing weights and expert ids (K of each, K the
    most copies a pair can have: top_k, or the machine's experts);
 2. node: that rank fans the copies out to the experts' ranks of its machine over the node group, and
    weights and sums each pair's expert outputs there;
@@ -18,8 +18,9 @@ in reverse (a partial sum's gradient crosses once per (token, machine), the rout
 ride in the packed rows' gradient). Results equal the flat path up to the order of float sums; under
 autocast the weights and partial sums travel in the rows' dtype (bf16).
 
-Shape legend: N tokens, S copies (grouped by global expert), U (token, machine) pairs sent, C copies
-received, D model dim, M machines of the ep group, X experts per machine.
+Shape legend (models/__init__.py): N tokens, S copies (grouped by global expert), U (token, machine) pairs
+(sent, or received), K a pair's copy slots, C copies received, D, M machines of the ep group, X experts per
+machine.
 """
 from __future__ import annotations
 
@@ -95,9 +96,9 @@ ID_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 class PairRows:
     """One row per (token, machine), grouped by machine, tokens in order within one."""
 
-    values_UV: Tensor
-    """[x | W routing weights] (V = D + W); the weights of empty slots are 0."""
-    ids_UW: Tensor
+    values_U: Tensor
+    """[U, D + K]: x, then the K slots' routing weights; the weights of empty slots are 0."""
+    ids_UK: Tensor
     """The machine's experts of each slot (int64; -1: no copy in that slot)."""
     token_U: Tensor
     pairs_M: Tensor
@@ -105,13 +106,13 @@ class PairRows:
 
     @property
     def width(self) -> int:
-        """W: the most copies a pair can have (top_k, or the machine's experts under expert choice)."""
-        return self.ids_UW.shape[1]
+        """K: the most copies a pair can have (top_k, or the machine's experts under expert choice)."""
+        return self.ids_UK.shape[1]
 
-    def packed(self, values_UV: Tensor) -> Tensor:
-        """`values_UV` (these values as the experts module handed them on) with the ids' raw bits beside."""
-        ids_bits = self.ids_UW.to(ID_BITS[values_UV.element_size()]).view(values_UV.dtype)
-        return torch.cat([values_UV, ids_bits], dim=1)
+    def packed(self, values_U: Tensor) -> Tensor:
+        """`values_U` (these values as the experts module handed them on) with the ids' raw bits beside."""
+        ids_bits = self.ids_UK.to(ID_BITS[values_U.element_size()]).view(values_U.dtype)
+        return torch.cat([values_U, ids_bits], dim=1)
 
 
 def pair_rows(x_ND: Tensor, perm: Permutation, weight: Tensor, nodes: int) -> PairRows:
@@ -135,12 +136,12 @@ def pair_rows(x_ND: Tensor, perm: Permutation, weight: Tensor, nodes: int) -> Pa
         0, by_pair, torch.arange(by_pair.numel(), device=device) - first_U[pair_of_copy_S[by_pair]])
     weight_S = weight.reshape(-1).index_select(0, perm.copy_index_S)
     U = pair_U.numel()
-    weight_UW = weight_S.new_zeros(U, width).index_put((pair_of_copy_S, slot_S), weight_S)
-    ids_UW = torch.full((U, width), -1, dtype=torch.int64, device=device).index_put_(
+    weight_UK = weight_S.new_zeros(U, width).index_put((pair_of_copy_S, slot_S), weight_S)
+    ids_UK = torch.full((U, width), -1, dtype=torch.int64, device=device).index_put_(
         (pair_of_copy_S, slot_S), expert_S - node_S * X)
     token_U = pair_U % N
-    values_UV = torch.cat([x_ND.index_select(0, token_U), weight_UW.to(x_ND.dtype)], dim=1)
-    return PairRows(values_UV, ids_UW, token_U, pairs_M)
+    values_U = torch.cat([x_ND.index_select(0, token_U), weight_UK.to(x_ND.dtype)], dim=1)
+    return PairRows(values_U, ids_UK, token_U, pairs_M)
 
 
 class MachineExperts:
@@ -164,29 +165,29 @@ class MachineExperts:
             return executor(self.forward_with, self.weights, x)
         return self.forward_with(x, rows, *self.weights, order=order)
 
-    def forward_with(self, packed_RQ: Tensor, rows: list[int] | Tensor, *weights: Tensor,
+    def forward_with(self, packed_U: Tensor, rows: list[int] | Tensor, *weights: Tensor,
                      order: Optional[Tensor] = None) -> Tensor:
-        """Partial sums [R, D] of received packed rows [R, Q = D + 2W], in their order."""
-        W = self.width
-        D = packed_RQ.shape[1] - 2 * W
-        pairs_RQ = packed_RQ if order is None else packed_RQ.index_select(0, order)
-        x_RD, weight_RW = pairs_RQ[:, :D], pairs_RQ[:, D:D + W]
-        ids_RW = pairs_RQ[:, D + W:].detach().contiguous().view(ID_BITS[packed_RQ.element_size()]).to(torch.int64)
-        row_C, slot_C = (ids_RW >= 0).nonzero(as_tuple=True)  # one host sync: the copies of these pairs
-        expert_C = ids_RW[row_C, slot_C]
+        """Partial sums [U, D] of received packed rows [U, D + 2K], in their order."""
+        K = self.width
+        D = packed_U.shape[1] - 2 * K
+        received_U = packed_U if order is None else packed_U.index_select(0, order)
+        x_UD, weight_UK = received_U[:, :D], received_U[:, D:D + K]
+        ids_UK = received_U[:, D + K:].detach().contiguous().view(ID_BITS[packed_U.element_size()]).to(torch.int64)
+        row_C, slot_C = (ids_UK >= 0).nonzero(as_tuple=True)  # one host sync: the copies of these pairs
+        expert_C = ids_UK[row_C, slot_C]
         by_expert = torch.sort(expert_C, stable=True).indices
         row_C, slot_C, expert_C = row_C[by_expert], slot_C[by_expert], expert_C[by_expert]
         X = self.experts.num_local_experts * dist.get_world_size(self.node_group)
-        counts_X = torch.zeros(X, dtype=torch.int64, device=packed_RQ.device).scatter_add_(
+        counts_X = torch.zeros(X, dtype=torch.int64, device=packed_U.device).scatter_add_(
             0, expert_C, torch.ones_like(expert_C))
 
         def run(x: Tensor, counts: list[int] | Tensor, order: Optional[Tensor] = None) -> Tensor:
             return self.expert_fn(x, counts, *weights, order=order)
 
-        y_CD = plain_exchange(x_RD.index_select(0, row_C), counts_X, self.node_group, run,
-                              host_counts=not self.experts.uses_grouped_mm(x_RD))
-        partial_RD = weighted_sum(y_CD, weight_RW[row_C, slot_C], row_C, pairs_RQ.shape[0]).to(x_RD.dtype)
-        return partial_RD if order is None else torch.empty_like(partial_RD).index_copy_(0, order, partial_RD)
+        y_CD = plain_exchange(x_UD.index_select(0, row_C), counts_X, self.node_group, run,
+                              host_counts=not self.experts.uses_grouped_mm(x_UD))
+        partial_UD = weighted_sum(y_CD, weight_UK[row_C, slot_C], row_C, received_U.shape[0]).to(x_UD.dtype)
+        return partial_UD if order is None else torch.empty_like(partial_UD).index_copy_(0, order, partial_UD)
 
 
 def hierarchical_routed(x_ND: Tensor, perm: Permutation, weight: Tensor, groups: NodeGroups,
@@ -195,16 +196,16 @@ def hierarchical_routed(x_ND: Tensor, perm: Permutation, weight: Tensor, groups:
     network stage pipelined with the machines' work in `chunks` pieces."""
     pairs = pair_rows(x_ND, perm, weight, groups.nodes)
     if traffic is not None:
-        row_bytes = (pairs.values_UV.shape[1] + pairs.width) * pairs.values_UV.element_size()
+        row_bytes = (pairs.values_U.shape[1] + pairs.width) * pairs.values_U.element_size()
         traffic.add(pairs.pairs_M.sum() - pairs.pairs_M[groups.node_index], row_bytes)
 
-    def exchange(expert_fn: Callable[..., Tensor], weights: tuple[Tensor, ...], values_UV: Tensor) -> Tensor:
+    def exchange(expert_fn: Callable[..., Tensor], weights: tuple[Tensor, ...], values_U: Tensor) -> Tensor:
         machine = MachineExperts(experts, expert_fn, weights, groups.node_group, pairs.width)
-        return flat_exchange(pairs.packed(values_UV), pairs.pairs_M, machine, groups.cross_group, chunks)
+        return flat_exchange(pairs.packed(values_U), pairs.pairs_M, machine, groups.cross_group, chunks)
 
     # Through the experts module with the float values as its input (FSDP gathers the weights for the call
     # and reduce-scatters their gradients once this input's gradient is computed); the ids join them inside,
     # out of reach of a mixed-precision cast of the module's inputs.
-    y_UD = experts(pairs.values_UV, pairs.pairs_M, executor=exchange)
+    y_UD = experts(pairs.values_U, pairs.pairs_M, executor=exchange)
     dtype = torch.promote_types(y_UD.dtype, torch.float32)
     return y_UD.new_zeros(x_ND.shape[0], x_ND.shape[1], dtype=dtype).index_add(0, pairs.token_U, y_UD.to(dtype))

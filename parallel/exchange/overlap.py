@@ -16,8 +16,8 @@ On GPU, NCCL runs async collectives on its own stream; `work.wait()` makes the
 compute stream wait on it with an event, and the process group records the
 tensors on its stream, so no extra stream handling is needed here.
 
-Shape legend: S rows sent (grouped by global expert), R rows received,
-D model dim, E global experts, L local experts, P ranks in the ep group, C chunks.
+Shape legend (models/__init__.py): S rows sent (grouped by global expert), D, E global experts, X local
+experts of a rank, P ranks in the ep group, I chunks.
 """
 from __future__ import annotations
 
@@ -62,21 +62,21 @@ def plan_chunks(tokens_per_expert_E: Tensor, rows: int, chunks: int, group: dist
     position_S = torch.arange(expert_of_row_S.numel(), device=device) - first_row_E[expert_of_row_S]
     # Part c of an expert with n rows is rows [c*n/C, (c+1)*n/C): sizes differ by at most one.
     chunk_of_row_S = torch.div(position_S * chunks, tokens_per_expert_E[expert_of_row_S], rounding_mode="floor")
-    counts_CE = torch.zeros(chunks, E, dtype=torch.int64, device=device)
-    counts_CE.index_put_((chunk_of_row_S, expert_of_row_S), torch.ones_like(position_S), accumulate=True)
+    counts_IE = torch.zeros(chunks, E, dtype=torch.int64, device=device)
+    counts_IE.index_put_((chunk_of_row_S, expert_of_row_S), torch.ones_like(position_S), accumulate=True)
 
-    send_PCL = counts_CE.view(chunks, P, E // P).transpose(0, 1).contiguous()
-    recv_PCL = torch.empty_like(send_PCL)
-    dist.all_to_all_single(recv_PCL, send_PCL, group=group)
+    send_PIX = counts_IE.view(chunks, P, E // P).transpose(0, 1).contiguous()
+    recv_PIX = torch.empty_like(send_PIX)
+    dist.all_to_all_single(recv_PIX, send_PIX, group=group)
     order = torch.sort(chunk_of_row_S, stable=True).indices  # chunk-major, expert-grouped within a chunk
-    send_host, recv_host = torch.stack([send_PCL, recv_PCL]).cpu()  # one host sync for every split size below
+    send_host, recv_host = torch.stack([send_PIX, recv_PIX]).cpu()  # one host sync for every split size below
     recv_splits = recv_host.sum(dim=2).t().tolist()
     return ChunkSchedule(
         send_index=list(order.split(send_host.sum(dim=(0, 2)).tolist())),
         send_splits=send_host.sum(dim=2).t().tolist(),
         recv_splits=recv_splits,
-        recv_order=[local_expert_order(recv_PCL[:, c], sum(recv_splits[c])) for c in range(chunks)],
-        rows_per_local_expert=[recv_host[:, c].sum(dim=0).tolist() if host_counts else recv_PCL[:, c].sum(dim=0)
+        recv_order=[local_expert_order(recv_PIX[:, c], sum(recv_splits[c])) for c in range(chunks)],
+        rows_per_local_expert=[recv_host[:, c].sum(dim=0).tolist() if host_counts else recv_PIX[:, c].sum(dim=0)
                                for c in range(chunks)],
     )
 

@@ -17,7 +17,7 @@ from helpers.runs import moeyard_train, read_metrics
 
 from moeyard.models import Transformer
 from moeyard.trainer.checkpoint.sharded import load_full_model
-from moeyard.trainer.config import load_config
+from moeyard.trainer.config.sections import read_config
 
 FIXTURE = FIXTURES / "checkpoint_before_restructure"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
@@ -49,7 +49,7 @@ def test_old_checkpoint_inits_a_new_run_with_the_old_first_loss(tmp_path):
 
 
 def test_old_checkpoint_loads_into_one_process_with_the_old_logits():
-    cfg = load_config(FIXTURE / "config.yaml", [f"data.dir={FIXTURE / 'corpus'}"])
+    cfg = read_config(FIXTURE / "config.yaml", [f"data.dir={FIXTURE / 'corpus'}"])
     model = Transformer(cfg.model)
     load_full_model(FIXTURE / "step_000002", model)
     model.eval()

@@ -11,12 +11,12 @@ from helpers.runs import moeyard_train, read_metrics, write_config
 
 from moeyard.errors import ConfigError
 from moeyard.models import Transformer
+from moeyard.tools.prune import mean_loss, prune
 from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.checkpoint.store import read_manifest
-from moeyard.trainer.config import build_config
+from moeyard.trainer.config.resolve import resolve_run
+from moeyard.trainer.config.sections import build_config
 from moeyard.trainer.data.blend import TokenBatches
-from moeyard.trainer.run_config import resolve_config
-from moeyard.trainer.tools.prune import mean_loss, prune
 
 
 @pytest.fixture(scope="module")
@@ -86,4 +86,4 @@ def test_an_uneven_budget_per_layer_trains_at_ep2(trained, small_corpus) -> None
     with pytest.raises(ConfigError, match="--keep-per-layer has 3 counts for the 2 MoE layers"):
         prune(ckpt, str(small_corpus), [2, 4, 6], root / "bad")
     with pytest.raises(ConfigError, match="do not split evenly over parallel.ep=4"):
-        resolve_config(config, [f"checkpoint.init={root / 'uneven'}", "parallel.ep=4"])
+        resolve_run(config, [f"checkpoint.init={root / 'uneven'}", "parallel.ep=4"])

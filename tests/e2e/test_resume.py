@@ -129,7 +129,8 @@ def test_nonfinite_skip_counts_and_gives_up_after_max_skipped_steps_with_zero(tm
 def test_checkpoint_inspect_and_export(tmp_path, small_corpus) -> None:
     from safetensors.torch import load_file
 
-    from moeyard.models import ModelConfig, MoEConfig, Transformer
+    from moeyard.models import Transformer
+    from moeyard.trainer.config.sections import build_config
 
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 2})
     run = tmp_path / "run"
@@ -147,7 +148,7 @@ def test_checkpoint_inspect_and_export(tmp_path, small_corpus) -> None:
     assert done.returncode == 0, done.stderr
     tensors = load_file(str(out / "model.safetensors"))
     cfg_model = json.loads((out / "config.json").read_text())
-    model = Transformer(ModelConfig(**{**cfg_model, "moe": MoEConfig(**cfg_model["moe"])}))
+    model = Transformer(build_config({"model": cfg_model}).model)
     model.load_state_dict(tensors)  # strict: parameters and router buffers, nothing missing or extra
     assert tensors["layers.1.ffn.router.expert_bias_E"].abs().max() > 0
     _, expected = final_parameters(run)

@@ -17,9 +17,9 @@ from helpers.sft_cases import random_conversations
 from moeyard.models import ModelConfig, Transformer
 from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
-from moeyard.trainer.config_tree import build_dataclass as _build
+from moeyard.trainer.config.resolve import resolve_run
+from moeyard.trainer.config.yaml_tree import build_dataclass as _build
 from moeyard.trainer.data.sft_batches import SFTBatches, SFTData
-from moeyard.trainer.run_config import resolve_config
 from moeyard.trainer.step import lm_loss_sum
 
 
@@ -63,7 +63,7 @@ def test_moeyard_sft_starts_from_init_and_reports_heldout_loss(tmp_path: Path) -
     assert [r["step"] for r in records if r["eval_loss"] is not None] == [2, 4]
     assert all(r["eval_skipped_fraction"] == pytest.approx(0.5, abs=1e-3) for r in records if r["eval_loss"])
     # Step 1's loss is the init weights' assistant-only loss on global batch 0: the weights were loaded.
-    cfg = resolve_config(config, [f"checkpoint.init={init}"])
+    cfg = resolve_run(config, [f"checkpoint.init={init}"])
     whole = SFTBatches(SFTData(cfg), cfg.global_batch_sequences, 0, 1, cfg.run.seed).batch(0)
     model = Transformer(model_cfg)
     load_full_model(init, model)

@@ -14,10 +14,10 @@ E, D, F, T, K = 8, 16, 24, 48, 2
 HOT, COLD = 3, 5  # the expert that receives most tokens, and the one that receives none
 
 
-def _layer(x_TD, idx_TK, w_TK, experts, exchange, capacity):
-    perm = plan_permutation(idx_TK, E, capacity)
-    y_SD = exchange.run_experts(permute(x_TD, perm), perm.tokens_per_expert_E, experts)
-    return unpermute(y_SD, perm, w_TK), perm
+def _layer(x_ND, idx_NK, w_NK, experts, exchange, capacity):
+    perm = plan_permutation(idx_NK, E, capacity)
+    y_SD = exchange.run_experts(permute(x_ND, perm), perm.tokens_per_expert_E, experts)
+    return unpermute(y_SD, perm, w_NK), perm
 
 
 def skewed_routing(generator: torch.Generator, tokens: int) -> torch.Tensor:

@@ -90,7 +90,7 @@ def sharded_logits(rank: int, world: int, ckpt: str, tokens: torch.Tensor) -> to
     from moeyard.parallel import apply_expert_parallel, build_mesh
     from moeyard.trainer.checkpoint.sharded import load_weights_into
     from moeyard.trainer.checkpoint.weights import init_model_config
-    from moeyard.trainer.config import build_config
+    from moeyard.trainer.config.sections import build_config
 
     cfg = build_config({"model": init_model_config(Path(ckpt))}).model
     pmesh = build_mesh(world, "cpu")
@@ -106,7 +106,7 @@ def moeyard_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
     from moeyard.models import Transformer
     from moeyard.trainer.checkpoint.sharded import load_full_model
     from moeyard.trainer.checkpoint.weights import init_model_config
-    from moeyard.trainer.config import build_config
+    from moeyard.trainer.config.sections import build_config
 
     model = Transformer(build_config({"model": init_model_config(ckpt)}).model).eval()
     load_full_model(ckpt, model)
@@ -143,7 +143,7 @@ def save_deepseek_with_mtp(out: Path, seed: int = 0) -> Path:
     layer = out.parent / "mtp-layer-as-model"
     layer.mkdir()
     block = {k.replace(f"{mtp}.", "model.layers.0."): v for k, v in tensors.items()
-             if k.startswith(f"{mtp}.") and not k.split(".")[3] in ("enorm", "hnorm", "eh_proj", "shared_head",
+             if k.startswith(f"{mtp}.") and k.split(".")[3] not in ("enorm", "hnorm", "eh_proj", "shared_head",
                                                                       "embed_tokens")}
     block |= {"model.embed_tokens.weight": tensors["model.embed_tokens.weight"],
               "model.norm.weight": tensors[f"{mtp}.shared_head.norm.weight"],

@@ -6,7 +6,7 @@ import torch
 from helpers.exchange_cases import D, E, F, K, T, skewed_routing
 from moeyard.models import GroupedExperts
 from moeyard.models.moe.permutation import expert_capacity, plan_permutation
-from moeyard.models.moe.router import limit_to_best_blocks
+from moeyard.models.moe.routers import limit_to_best_blocks
 from moeyard.parallel import ExpertParallelExchange, build_mesh
 from moeyard.parallel.exchange.hierarchical import NodeGroups
 

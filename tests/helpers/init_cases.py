@@ -15,8 +15,8 @@ def sharded_init_equals_plain_construction(rank: int, world: int, ep: int, fsdp:
     from moeyard.parallel import build_mesh
     from moeyard.parallel.fsdp import global_expert_view
     from moeyard.parallel.parallelize import parallelize
-    from moeyard.parallel.scheduler.plan import Plan
-    from moeyard.trainer.config import OptimConfig
+    from moeyard.parallel.plan import Plan
+    from moeyard.trainer.config.sections import OptimConfig
 
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
                       tie_embeddings=True,

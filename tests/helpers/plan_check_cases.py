@@ -9,7 +9,7 @@ def plan_check_decides_alike(rank: int, world: int, plan_ms: list[list[float]], 
     exchanges' pipeline degree during and after the trial, and the decision."""
     from moeyard.models import ModelConfig, MoEConfig, Transformer
     from moeyard.parallel import apply_expert_parallel, build_mesh
-    from moeyard.trainer.plan_check import PlanCheck
+    from moeyard.trainer.scheduler.plan_check import PlanCheck
 
     cfg = ModelConfig(vocab_size=32, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=8,
                       moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=16))
@@ -38,14 +38,20 @@ def profile_learns_the_chunk_cost(rank: int, world: int, cache: str) -> dict:
 
     os.environ["MOEYARD_CACHE"] = cache  # the fork server's environment predates the test
     from moeyard import configs
-    from moeyard.parallel.scheduler.plan import Plan
-    from moeyard.parallel.scheduler.planner import search
-    from moeyard.parallel.scheduler.profile import MeasuredCosts, Profile, profile_from_dict
-    from moeyard.trainer.config import load_config
-    from moeyard.trainer.schedule import _profile_path, act_bytes, learn_chunk_overhead, profile_cache_dir, workload
+    from moeyard.parallel.plan import Plan
+    from moeyard.trainer.config.sections import read_config
+    from moeyard.trainer.scheduler.measured_costs import MeasuredCosts, Profile, profile_from_dict
+    from moeyard.trainer.scheduler.planner import search
+    from moeyard.trainer.scheduler.run_planning import (
+        _profile_path,
+        act_bytes,
+        learn_chunk_overhead,
+        profile_cache_dir,
+        workload,
+    )
 
     device = torch.device("cpu")
-    cfg = load_config(configs.path("tiny.yaml"), ["schedule.mode=auto", "parallel.ep=1"])
+    cfg = read_config(configs.path("tiny.yaml"), ["schedule.mode=auto", "parallel.ep=1"])
     w = workload(cfg, world, act_bytes(cfg, device))
     key, path = _profile_path(cfg.model, w, device, profile_cache_dir())
     line = (1e-4, 1e-9)

@@ -16,8 +16,8 @@ def profile_and_cache(rank: int, world: int, cache_dir: str) -> dict:
     from pathlib import Path
 
     from moeyard.models import ModelConfig, MoEConfig
-    from moeyard.parallel.scheduler.cost_model import workload_for
-    from moeyard.trainer.schedule import load_or_measure
+    from moeyard.trainer.scheduler.cost_model import workload_for
+    from moeyard.trainer.scheduler.run_planning import load_or_measure
 
     cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
                       moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=64))
@@ -38,9 +38,9 @@ def profile_two_machines(rank: int, world: int) -> dict:
     """4 ranks as 2 machines x 2, one ep group: the profile times both stages of hierarchical dispatch, and the
     measured costs charge each stage from its own fit."""
     from moeyard.models import ModelConfig, MoEConfig
-    from moeyard.parallel.scheduler.cost_model import workload_for
-    from moeyard.parallel.scheduler.profile import MeasuredCosts, at
-    from moeyard.parallel.scheduler.profiler import measure
+    from moeyard.trainer.scheduler.cost_model import workload_for
+    from moeyard.trainer.scheduler.measured_costs import MeasuredCosts, at
+    from moeyard.trainer.scheduler.profiler import measure
 
     cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
                       moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=64))

@@ -20,12 +20,12 @@ def sigmoid_bias_balances(rank: int, world: int, corpus: str, steps: int, rate: 
     from moeyard.models import Transformer
     from moeyard.parallel import apply_expert_parallel, split_parameters
     from moeyard.parallel.grads.sync import PlainSync
-    from moeyard.trainer.config import load_config
+    from moeyard.trainer.config.sections import read_config
     from moeyard.trainer.data.tokens import read_meta
     from moeyard.trainer.metrics import load_summary
     from moeyard.trainer.step import train_step
 
-    cfg = load_config(configs.path("tiny.yaml"), [
+    cfg = read_config(configs.path("tiny.yaml"), [
         "model.moe.router=sigmoid_bias", f"model.moe.bias_update_rate={rate}", "model.moe.aux_loss_coef=0",
         f"parallel.ep={world}"]).model
     meta = read_meta(__import__("pathlib").Path(corpus))

@@ -14,7 +14,7 @@ import yaml
 
 from moeyard.models import Transformer
 from moeyard.trainer.checkpoint.sharded import load_full_model
-from moeyard.trainer.config import Config, load_config
+from moeyard.trainer.config.sections import Config, read_config
 
 # A model small enough for 4 CPU processes on 2 cores, with every MoE feature switched on.
 SMALL = {
@@ -68,7 +68,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def final_parameters(run_dir: Path) -> tuple[Config, dict[str, torch.Tensor]]:
     """The last checkpoint's weights gathered into one unsharded model."""
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = read_config(run_dir / "config.yaml")
     step = (run_dir / "checkpoints" / "latest").read_text().strip()
     model = Transformer(cfg.model)
     load_full_model(run_dir / "checkpoints" / step, model)

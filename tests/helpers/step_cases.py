@@ -24,6 +24,7 @@ def step_gradients_match_single_process(rank: int, world: int, ep: int, micro_ba
     import torch.nn.functional as nnf
 
     from moeyard.models import ModelConfig, MoEConfig, Transformer
+    from moeyard.models.config import DenseToSparseSettings
     from moeyard.parallel import apply_expert_parallel, split_parameters
     from moeyard.parallel.grads.sync import PlainSync
     from moeyard.trainer.step import train_step
@@ -31,7 +32,7 @@ def step_gradients_match_single_process(rank: int, world: int, ep: int, micro_ba
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
                       moe=MoEConfig(num_experts=8, top_k=1 if router == "switch" else 2, ffn_dim=32,
                                     num_shared_experts=1, aux_loss_coef=aux_loss_coef, router=router,
-                                    balance_loss=balance_loss, dts_steps=4))
+                                    balance_loss=balance_loss, dense_to_sparse=DenseToSparseSettings(steps=4)))
     per_rank = 2
     tokens = torch.randint(0, 64, (world * per_rank, 17), generator=torch.Generator().manual_seed(5))
 
@@ -137,8 +138,8 @@ def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, mic
     from moeyard.parallel import apply_expert_parallel, split_parameters
     from moeyard.parallel.fsdp import apply_fsdp, mixed_precision
     from moeyard.parallel.grads.sync import FullyShardedSync
-    from moeyard.parallel.scheduler.memory_model import count_parameters
     from moeyard.trainer.data.sft_batches import SFTBatch
+    from moeyard.trainer.scheduler.memory_model import count_parameters
     from moeyard.trainer.step import heldout_loss, train_step
 
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,

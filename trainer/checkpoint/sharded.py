@@ -41,7 +41,7 @@ from moeyard.parallel import ParallelMesh
 from moeyard.parallel.agree import from_rank0
 from moeyard.parallel.fsdp import global_expert_view, reshard
 from moeyard.parallel.grads.sync import GradSync
-from moeyard.parallel.scheduler.plan import Plan
+from moeyard.parallel.plan import Plan
 from moeyard.trainer.checkpoint import safe_read
 from moeyard.trainer.checkpoint.disk_full import disk_full
 from moeyard.trainer.checkpoint.store import (
@@ -55,7 +55,7 @@ from moeyard.trainer.checkpoint.store import (
     unlisted,
     verify,
 )
-from moeyard.trainer.config import Config, to_dict
+from moeyard.trainer.config.sections import Config, to_dict
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -218,6 +218,13 @@ class Checkpointer:
         except (Exception, CheckpointException) as err:  # DCP's is a BaseException
             self._raise_if_disk_full(err, step, tmp)
             raise
+
+    def after_step(self, step: int, last: int, stopping: bool, model: nn.Module, sync: GradSync) -> None:
+        """Save on checkpoint.every, at the last step and when the run is stopping on a signal: asynchronously
+        (checkpoint.async_save) unless the process is about to end."""
+        every = self.cfg.checkpoint.every and step % self.cfg.checkpoint.every == 0
+        if every or step == last or stopping:
+            self.save(step, model, sync, asynchronous=self.cfg.checkpoint.async_save and not (step == last or stopping))
 
     def finish(self) -> None:
         """Wait for an asynchronous save and publish it."""

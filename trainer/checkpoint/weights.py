@@ -23,10 +23,10 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from moeyard.errors import CheckpointError, ConfigError
-from moeyard.models import ModelConfig, Transformer
+from moeyard.models import ModelConfig, MoEConfig, Transformer
 from moeyard.trainer.checkpoint import safe_read
 from moeyard.trainer.checkpoint.store import MANIFEST, base_of, latest_of, read_manifest, sha256, verify, write_durably
-from moeyard.trainer.config import Config, to_dict
+from moeyard.trainer.config.sections import Config, to_dict
 
 
 class _StreamingPlanner(DefaultSavePlanner):
@@ -111,7 +111,11 @@ def init_model_config(path: Path) -> dict[str, Any]:
 def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | None, path: Path) -> dict[str, Any]:
     """The checkpoint's model config; the user's config may change only what keeps the weights' shapes."""
     merged = copy.deepcopy(init_model)
-    user_model = user_model or {}
+    user_model = copy.deepcopy(user_model or {})
+    if isinstance(merged.get("moe"), dict):  # router settings written as flat keys by older versions
+        merged["moe"] = MoEConfig.upgrade_keys(merged["moe"], "the checkpoint's model.moe")
+    if isinstance(user_model.get("moe"), dict):
+        user_model["moe"] = MoEConfig.upgrade_keys(user_model["moe"], "model.moe")
     shaped = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "attn_bias",
               "qk_norm", "tie_embeddings", "attention", "mla", "mtp_layers")
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
@@ -123,7 +127,10 @@ def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | 
                 if k in shaped_moe and v != merged["moe"].get(k):
                     raise ConfigError(f"model.moe.{k}={v!r} differs from the checkpoint {path} "
                                       f"({merged['moe'].get(k)!r}) the run starts from: remove it from the config")
-                merged["moe"][k] = v
+                if isinstance(v, dict) and isinstance(merged["moe"].get(k), dict):  # a router's section
+                    merged["moe"][k] = {**merged["moe"][k], **v}
+                else:
+                    merged["moe"][k] = v
             continue
         recorded = merged.get(key, defaults.get(key))  # older checkpoints lack newer keys: their default
         if key in shaped and value != recorded:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from moeyard.errors import DataError
-from moeyard.trainer.config import Config, DataConfig
+from moeyard.trainer.config.sections import Config, DataConfig
 from moeyard.trainer.data.blend import CorpusSource
 
 

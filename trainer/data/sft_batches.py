@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from moeyard.errors import DataError
-from moeyard.trainer.config import Config
+from moeyard.trainer.config.sections import Config
 from moeyard.trainer.data.sft import (
     ByteChatTemplate,
     HFChatTemplate,

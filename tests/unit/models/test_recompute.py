@@ -11,8 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from moeyard.models import ModelConfig, MoEConfig, Transformer
-from moeyard.models.attention_config import MLAConfig
-from moeyard.models.config import PEFTConfig
+from moeyard.models.config import MLAConfig, PEFTConfig
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
                   moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32, first_dense_layers=1, num_shared_experts=1,

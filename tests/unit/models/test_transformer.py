@@ -6,13 +6,14 @@ import dataclasses
 import pytest
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from moeyard.errors import ConfigError
 from moeyard.models import GroupedExperts, ModelConfig, MoE, MoEConfig, Transformer
-from moeyard.models.moe.expert_loop import swiglu_fused_loop
-from moeyard.models.moe.experts import grouped_mm_unsupported, padded_groups, swiglu_grouped_mm, swiglu_loop
-from moeyard.models.moe.router import load_balance_loss, router_z_loss
-from moeyard.models.moe.routers import TopKRouter
+from moeyard.models.moe.expert_loop import expert_mlp_fused_loop
+from moeyard.models.moe.expert_mlp import ExpertActivation, expert_mlp_reference
+from moeyard.models.moe.experts import expert_mlp_grouped_mm, grouped_mm_unsupported, padded_groups
+from moeyard.models.moe.routers import TopKRouter, load_balance_loss, router_z_loss
 from moeyard.trainer.step import skip_counts
 
 
@@ -60,26 +61,35 @@ def test_same_seed_same_model() -> None:
         assert torch.equal(p, q), name
 
 
+EXPERT_MLPS = {"swiglu": (False, ExpertActivation()),
+               # GPT-OSS's: biases, and a clamp low enough that many values in these tests are clamped
+               "biased clamped": (True, ExpertActivation("swiglu_clamped", alpha=1.702, limit=0.7))}
+
+
+def _expert_weights(E: int, D: int, F: int, biased: bool, dtype: torch.dtype = torch.float32) -> list[Tensor]:
+    shapes = [(E, D, F), (E, D, F), (E, F, D)] + ([(E, F), (E, F), (E, D)] if biased else [])
+    return [torch.randn(*shape, dtype=dtype, requires_grad=True) for shape in shapes]
+
+
+@pytest.mark.parametrize("mlp", list(EXPERT_MLPS))
 @pytest.mark.parametrize("shuffled", [False, True])
-def test_grouped_mm_matches_loop_including_empty_experts(shuffled: bool) -> None:
-    """The padded grouped GEMM (the GPU path, which torch also runs on CPU) gives the loop's outputs and
-    gradients, rows in expert order or through `order`; experts without rows get exactly zero gradient."""
+def test_grouped_mm_matches_the_reference_including_empty_experts(shuffled: bool, mlp: str) -> None:
+    """The padded grouped GEMM (the GPU path, which torch also runs on CPU) gives the reference's outputs and
+    gradients, rows in expert order or through `order`, biases and the clamped activation included; experts
+    without rows get exactly zero gradient (their biases too: padding rows pass none)."""
     torch.manual_seed(0)
+    biased, activation = EXPERT_MLPS[mlp]
     rows = [5, 0, 7, 0]
     x = torch.randn(12, 8, requires_grad=True)
-    weights = [torch.randn(4, 8, 16, requires_grad=True), torch.randn(4, 8, 16, requires_grad=True),
-               torch.randn(4, 16, 8, requires_grad=True)]
+    weights = _expert_weights(4, 8, 16, biased)
     dy = torch.randn(12, 8)
     order = torch.randperm(12) if shuffled else None
-    x_grouped = x if order is None else x[order]
-    y_loop = swiglu_loop(x_grouped, rows, *weights)
-    if order is not None:
-        y_loop = torch.empty_like(y_loop).index_copy(0, order, y_loop)
-    grads_loop = torch.autograd.grad((y_loop * dy).sum(), [x, *weights])
-    y_gmm = swiglu_grouped_mm(x, torch.tensor(rows), *weights, order=order)
+    y_ref = expert_mlp_reference(x, rows, weights, activation, order)
+    grads_ref = torch.autograd.grad((y_ref * dy).sum(), [x, *weights])
+    y_gmm = expert_mlp_grouped_mm(x, torch.tensor(rows), weights, activation, order)
     grads_gmm = torch.autograd.grad((y_gmm * dy).sum(), [x, *weights])
-    torch.testing.assert_close(y_gmm, y_loop, rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads_gmm, grads_loop):
+    torch.testing.assert_close(y_gmm, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_gmm, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for g in grads_gmm[1:]:
         assert torch.count_nonzero(g[1]) == 0 and torch.count_nonzero(g[3]) == 0
@@ -108,36 +118,40 @@ def test_grouped_mm_is_refused_where_it_is_not_sound(monkeypatch: pytest.MonkeyP
     assert not GroupedExperts(4, 16, 32, compute="auto").uses_grouped_mm(torch.randn(3, 16))
 
 
+@pytest.mark.parametrize("mlp", list(EXPERT_MLPS))
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-def test_fused_expert_loop_matches_autograd_loop(recompute: str) -> None:
-    """The hand-written backward (and its recomputing variants) gives autograd's gradients; empty experts
-    get zero weight gradients, not stale memory."""
+def test_fused_expert_loop_matches_the_reference(recompute: str, mlp: str) -> None:
+    """The hand-written backward (and its recomputing variants) gives autograd's gradients, biases and the
+    clamped activation included; empty experts get zero weight gradients, not stale memory."""
     torch.manual_seed(0)
+    biased, activation = EXPERT_MLPS[mlp]
     rows = [5, 0, 7, 0]
     x = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
-    weights = [torch.randn(4, 8, 16, dtype=torch.float64, requires_grad=True),
-               torch.randn(4, 8, 16, dtype=torch.float64, requires_grad=True),
-               torch.randn(4, 16, 8, dtype=torch.float64, requires_grad=True)]
+    weights = _expert_weights(4, 8, 16, biased, torch.float64)
     dy = torch.randn(12, 8, dtype=torch.float64)
-    y_ref = swiglu_loop(x, rows, *weights)
+    y_ref = expert_mlp_reference(x, rows, weights, activation)
     grads_ref = torch.autograd.grad((y_ref * dy).sum(), [x, *weights])
-    y = swiglu_fused_loop(x, rows, *weights, recompute=recompute)
+    y = expert_mlp_fused_loop(x, rows, weights, activation, recompute)
     grads = torch.autograd.grad((y * dy).sum(), [x, *weights])
     with pytest.raises(RuntimeError, match="freed"):  # activations go with the backward, not with the graph
         y.grad_fn.saved_tensors
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert torch.equal(grads[1][1], torch.zeros(8, 16, dtype=torch.float64))
-    assert torch.autograd.gradcheck(lambda *t: swiglu_fused_loop(t[0], rows, *t[1:], recompute=recompute),
+    for g in grads[1:]:
+        assert torch.count_nonzero(g[1]) == 0
+    assert torch.autograd.gradcheck(lambda *t: expert_mlp_fused_loop(t[0], rows, t[1:], activation, recompute),
                                     (x, *weights))
 
 
+@pytest.mark.parametrize("mlp", list(EXPERT_MLPS))
 @pytest.mark.parametrize("compute", ["loop", "grouped_mm"])
-def test_experts_regroup_rows_through_an_order(compute: str) -> None:
-    """Rows in (source rank, expert) order with `order` give the expert-grouped result, in place."""
+def test_experts_regroup_rows_through_an_order(compute: str, mlp: str) -> None:
+    """Rows in (source rank, expert) order with `order` give the expert-grouped result, in place, on both
+    fast paths, biased and clamped experts included (GPT-OSS's take the grouped GEMM too)."""
     torch.manual_seed(2)
-    experts = GroupedExperts(3, 8, 16, compute)
+    biased, activation = EXPERT_MLPS[mlp]
+    experts = GroupedExperts(3, 8, 16, compute, bias=biased, activation=activation)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.3)
     rows = [4, 0, 5]
@@ -146,7 +160,7 @@ def test_experts_regroup_rows_through_an_order(compute: str) -> None:
     dy = torch.randn(9, 8)
     y = experts(x, rows, order=order)
     grads = torch.autograd.grad((y * dy).sum(), [x, *experts.parameters()])
-    y_ref = torch.empty_like(y).index_copy(0, order, swiglu_loop(x[order], rows, *experts.weights))
+    y_ref = expert_mlp_reference(x, rows, experts.weights, activation, order)
     grads_ref = torch.autograd.grad((y_ref * dy).sum(), [x, *experts.parameters()])
     torch.testing.assert_close(y, y_ref)
     for a, b in zip(grads, grads_ref):
@@ -174,7 +188,7 @@ def test_router_topk_and_renormalisation() -> None:
     with torch.no_grad():
         router.weight_ED.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
     routing = router(torch.tensor([[2.0, 1.0]]))
-    assert routing.expert_index_TK.tolist() == [[0, 1]]
+    assert routing.expert_index_NK.tolist() == [[0, 1]]
     p = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0)
     torch.testing.assert_close(routing.weight, (p[:2] / p[:2].sum()).unsqueeze(0))
     router.renormalize = False
@@ -289,25 +303,25 @@ def test_expert_skipping_at_evaluation_drops_only_low_weight_later_choices() -> 
         routing = moe.router(x)
         y, stats = moe.eval()(x)
         y_train, train_stats = moe.train()(x)
-    x_TD = x.reshape(-1, 16)
-    expected = torch.zeros_like(x_TD)
+    x_ND = x.reshape(-1, 16)
+    expected = torch.zeros_like(x_ND)
     w = moe.experts
-    for t in range(x_TD.shape[0]):
-        for slot, (e, weight) in enumerate(zip(routing.expert_index_TK[t].tolist(), routing.weight[t].tolist())):
+    for t in range(x_ND.shape[0]):
+        for slot, (e, weight) in enumerate(zip(routing.expert_index_NK[t].tolist(), routing.weight[t].tolist())):
             if slot == 0 or weight >= 0.3:
-                h = torch.nn.functional.silu(x_TD[t] @ w.w_gate_EDF[e]) * (x_TD[t] @ w.w_up_EDF[e])
+                h = torch.nn.functional.silu(x_ND[t] @ w.w_gate_EDF[e]) * (x_ND[t] @ w.w_up_EDF[e])
                 expected[t] += weight * (h @ w.w_down_EFD[e])
     low = int((routing.weight[:, 1:] < 0.3).sum())
-    assert 0 < low < x_TD.shape[0]  # the threshold cuts through the second choices
-    assert int(stats.skipped) == low and int(stats.tokens_per_expert_E.sum()) == 2 * x_TD.shape[0] - low
+    assert 0 < low < x_ND.shape[0]  # the threshold cuts through the second choices
+    assert int(stats.skipped) == low and int(stats.tokens_per_expert_E.sum()) == 2 * x_ND.shape[0] - low
     torch.testing.assert_close(y.reshape(-1, 16), expected, rtol=1e-5, atol=1e-6)
     assert int(train_stats.skipped) == 0 and not torch.allclose(y_train, y)
-    assert float(skip_counts({1: stats})[0] / skip_counts({1: stats})[1]) == low / (2 * x_TD.shape[0])
+    assert float(skip_counts({1: stats})[0] / skip_counts({1: stats})[1]) == low / (2 * x_ND.shape[0])
     moe.cfg = dataclasses.replace(moe.cfg, capacity_factor=0.5)  # drops do not change what was skipped of all
     with torch.no_grad():
         _, dropping = moe.eval()(x)
     assert int(dropping.dropped) > 0
-    assert float(skip_counts({1: dropping})[0] / skip_counts({1: dropping})[1]) == low / (2 * x_TD.shape[0])
+    assert float(skip_counts({1: dropping})[0] / skip_counts({1: dropping})[1]) == low / (2 * x_ND.shape[0])
     with pytest.raises(ConfigError, match="model.moe.skip_threshold=1.5 must be in"):
         MoEConfig(skip_threshold=1.5)
 

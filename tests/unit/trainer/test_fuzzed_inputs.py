@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from moeyard import configs
 from moeyard.errors import BAD_INPUT, run_reporting
-from moeyard.trainer.config import Config, config_from_tree
-from moeyard.trainer.config_tree import read_tree
+from moeyard.trainer.config.sections import Config, config_from_tree
+from moeyard.trainer.config.yaml_tree import read_tree
 from moeyard.trainer.data.sft import read_conversations
 from moeyard.trainer.data.tokens import prepare_folder, read_meta
 
@@ -188,7 +188,7 @@ def test_any_tokenizer_folder_is_read_or_refused_naming_the_file(tmp_path_factor
     st.text(max_size=5), st.one_of(JSON, st.sampled_from(["../x.safetensors", "/etc/passwd", "model.safetensors",
                                                           "a/b.safetensors", ""])), max_size=3))})))
 def test_any_safetensors_index_is_read_or_refused_naming_it(tmp_path_factory, capsys, index) -> None:
-    from moeyard.trainer.tools.hf_weights import HFTensors
+    from moeyard.tools.hf_weights import HFTensors
 
     folder = tmp_path_factory.mktemp("hf")
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -224,7 +224,7 @@ MIXTRAL = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "vo
 @given(key=st.sampled_from(HF_KEYS), value=st.one_of(JSON, st.sampled_from([None, 0, -1, 4e10, 10**12, "x", []])))
 def test_any_hf_config_value_is_read_or_refused_naming_the_key(capsys, key, value) -> None:
     """HF config.json (intermediate_size: null, a hidden size of 4e10, ...): a config, or one error line."""
-    from moeyard.trainer.tools.hf_config import moe_model_config
+    from moeyard.tools.hf_config import moe_model_config
 
     code, err = _reported(capsys, lambda: (moe_model_config({**MIXTRAL, key: value}), 0)[1])
     if code != 0:

@@ -5,12 +5,12 @@ import pytest
 
 from moeyard import configs
 from moeyard.errors import ConfigError
-from moeyard.trainer.config import load_config
-from moeyard.trainer.node_layout import check_node_layout, node_layout_notes, ranks_per_machine, with_node_layout
+from moeyard.trainer.config.node_layout import check_node_layout, node_layout_notes, ranks_per_machine, with_node_layout
+from moeyard.trainer.config.sections import read_config
 
 
 def tiny(*overrides: str):
-    return load_config(configs.path("tiny.yaml"), list(overrides))
+    return read_config(configs.path("tiny.yaml"), list(overrides))
 
 
 def test_routing_nodes_come_from_the_machines_an_ep_group_spans() -> None:

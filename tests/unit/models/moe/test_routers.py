@@ -9,16 +9,24 @@ import torch
 
 from moeyard.errors import ConfigError
 from moeyard.models import MoEConfig
+from moeyard.models.config import DenseToSparseSettings, SigmoidBiasSettings, SwitchSettings
 from moeyard.models.moe.layer import MoE
-from moeyard.models.moe.router import router_entropy, sequence_balance_loss
-from moeyard.models.moe.routers import DenseToSparseRouter, ExpertChoiceRouter, SigmoidBiasRouter, TopKRouter
+from moeyard.models.moe.routers import (
+    DenseToSparseRouter,
+    ExpertChoiceRouter,
+    SigmoidBiasRouter,
+    TopKRouter,
+    router_entropy,
+    sequence_balance_loss,
+)
 
 ROUTERS = ["topk_softmax", "switch", "expert_choice", "sigmoid_bias", "dense_to_sparse"]
 
 
 def moe_config(router: str, **extra) -> MoEConfig:
     top_k = 1 if router == "switch" else 2
-    return MoEConfig(num_experts=4, top_k=top_k, ffn_dim=3, router=router, dts_steps=4, **extra)
+    return MoEConfig(num_experts=4, top_k=top_k, ffn_dim=3, router=router,
+                     dense_to_sparse=DenseToSparseSettings(steps=4), **extra)
 
 
 def identity_router(router, weight_ED: list[list[float]]):
@@ -44,13 +52,13 @@ def test_switch_keeps_the_top1_probability_and_jitters_only_in_training() -> Non
     router.eval()
     routing = router(x)
     p = torch.softmax(torch.tensor([3.0, 1.0]), 0)
-    assert routing.expert_index_TK.tolist() == [[0]]
+    assert routing.expert_index_NK.tolist() == [[0]]
     torch.testing.assert_close(routing.weight, p[:1].view(1, 1))
     router.train()
     torch.manual_seed(0)
     jittered = router(x.expand(1, 64, 2))
-    assert not torch.allclose(jittered.logits_TE, jittered.logits_TE[:1].expand(64, 2)), "no jitter in training"
-    assert ((jittered.logits_TE[:, 0] >= 1.5) & (jittered.logits_TE[:, 0] <= 4.5)).all()  # x * U(0.5, 1.5)
+    assert not torch.allclose(jittered.logits_NE, jittered.logits_NE[:1].expand(64, 2)), "no jitter in training"
+    assert ((jittered.logits_NE[:, 0] >= 1.5) & (jittered.logits_NE[:, 0] <= 4.5)).all()  # x * U(0.5, 1.5)
 
 
 def test_expert_choice_lets_each_expert_take_its_best_tokens_of_each_sequence() -> None:
@@ -61,7 +69,7 @@ def test_expert_choice_lets_each_expert_take_its_best_tokens_of_each_sequence() 
     routing = router(x)
     perm = routing.permutation
     assert perm.tokens_per_expert_E.tolist() == [4, 4]
-    probs = routing.probs_TE
+    probs = routing.probs_NE
     # Expert 0 takes tokens 0, 1 of sequence 0 and the two of sequence 1 that score it highest (3 then 2,
     # i.e. global tokens 7, 6); expert 1 takes 3, 2 of sequence 0 and 4, 5 of sequence 1.
     assert perm.token_index_S.tolist() == [0, 1, 7, 6, 3, 2, 4, 5]
@@ -84,10 +92,10 @@ def test_sigmoid_bias_selects_with_the_bias_but_weights_without_it() -> None:
     router = identity_router(SigmoidBiasRouter(2, 3, top_k=1, renormalize=False, bias_update_rate=0.1),
                              [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
     x = torch.tensor([[[2.0, 1.0]]])
-    assert router(x).expert_index_TK.tolist() == [[0]]
+    assert router(x).expert_index_NK.tolist() == [[0]]
     router.expert_bias_E.copy_(torch.tensor([0.0, 0.5, 0.0]))  # sigmoid(1) + 0.5 > sigmoid(2)
     routing = router(x)
-    assert routing.expert_index_TK.tolist() == [[1]]
+    assert routing.expert_index_NK.tolist() == [[1]]
     torch.testing.assert_close(routing.weight, torch.sigmoid(torch.tensor([[1.0]])))
     router.step_done(torch.tensor([6, 0, 3]))  # mean 3: over-, under- and exactly loaded
     torch.testing.assert_close(router.expert_bias_E, torch.tensor([-0.1, 0.6, 0.0]))
@@ -99,9 +107,9 @@ def test_sigmoid_bias_group_limited_routing() -> None:
     router = SigmoidBiasRouter(4, 4, top_k=2, renormalize=True, bias_update_rate=0.0, n_groups=2, topk_groups=1)
     identity_router(router, torch.eye(4).tolist())
     x = torch.tensor([[[3.0, -3.0, 1.0, 2.5]]])
-    assert sorted(router(x).expert_index_TK.tolist()[0]) == [2, 3]
+    assert sorted(router(x).expert_index_NK.tolist()[0]) == [2, 3]
     router.topk_groups = 2
-    assert sorted(router(x).expert_index_TK.tolist()[0]) == [0, 3]
+    assert sorted(router(x).expert_index_NK.tolist()[0]) == [0, 3]
 
 
 def test_dense_to_sparse_anneals_from_all_experts_to_top_k() -> None:
@@ -137,10 +145,11 @@ def test_sequence_balance_loss_and_entropy_by_hand() -> None:
 
 @pytest.mark.parametrize("changes,message", [
     ({"router": "switch", "top_k": 2}, "router=switch routes each token to one expert"),
-    ({"jitter": 0.1}, "jitter applies to router=switch only"),
-    ({"router": "sigmoid_bias", "n_groups": 3}, "n_groups=3 must divide"),
-    ({"router": "sigmoid_bias", "n_groups": 4, "topk_groups": 1, "top_k": 3}, "exceeds the experts of"),
-    ({"n_groups": 2}, "applies to router=sigmoid_bias only"),
+    ({"switch": SwitchSettings(jitter=0.1)}, "jitter applies to router=switch only"),
+    ({"router": "sigmoid_bias", "sigmoid_bias": SigmoidBiasSettings(n_groups=3)}, "n_groups=3 must divide"),
+    ({"router": "sigmoid_bias", "sigmoid_bias": SigmoidBiasSettings(n_groups=4, topk_groups=1), "top_k": 3},
+     "exceeds the experts of"),
+    ({"sigmoid_bias": SigmoidBiasSettings(n_groups=2)}, "applies to router=sigmoid_bias only"),
     ({"router": "expert_choice", "balance_loss": "sequence"}, "balanced by construction"),
 ])
 def test_bad_router_settings_are_refused(changes, message) -> None:

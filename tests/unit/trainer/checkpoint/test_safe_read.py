@@ -14,7 +14,7 @@ from moeyard.trainer.checkpoint import safe_read
 from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.checkpoint.store import CheckpointStore, check_files, latest_of, verify
 from moeyard.trainer.checkpoint.weights import CheckpointTensors, resolve_init
-from moeyard.trainer.config import build_config
+from moeyard.trainer.config.sections import build_config
 
 
 def _model():
@@ -122,8 +122,8 @@ def test_a_manifest_config_is_held_to_the_files_before_anything_is_allocated(tmp
 
     import moeyard
     from moeyard.models import Transformer as RealTransformer
-    from moeyard.trainer.tools.hf_convert import export_hf
-    from moeyard.trainer.tools.inspect_checkpoint import export_safetensors, inspect_checkpoint
+    from moeyard.tools.hf_convert import export_hf
+    from moeyard.tools.inspect_checkpoint import export_safetensors, inspect_checkpoint
 
     target = tmp_path / "step_000002"
     shutil.copytree(REAL, target)
@@ -137,7 +137,7 @@ def test_a_manifest_config_is_held_to_the_files_before_anything_is_allocated(tmp
             built.append(cfg.vocab_size)
             super().__init__(cfg)
 
-    for module in ("moeyard.api", "moeyard.trainer.tools.inspect_checkpoint", "moeyard.trainer.tools.hf_convert"):
+    for module in ("moeyard.api", "moeyard.tools.inspect_checkpoint", "moeyard.tools.hf_convert"):
         monkeypatch.setattr(f"{module}.Transformer", Counting)
     for attempt in (lambda: moeyard.load_model(target), lambda: export_safetensors(target, tmp_path / "out"),
                     lambda: export_hf(target, tmp_path / "hf")):

@@ -128,10 +128,10 @@ def test_an_imported_model_without_a_tokenizer_never_trains_on_byte_ids(capsys) 
     byte corpus without a word. Refused for byte ids; with another tokenizer's corpus it cannot be checked,
     and says so."""
     from moeyard import configs
-    from moeyard.trainer.config import load_config
+    from moeyard.trainer.config.sections import read_config
     from moeyard.trainer.data.compat import check_tokenizers
 
-    cfg = load_config(configs.path("tiny.yaml"), ["model.vocab_size=32000"])
+    cfg = read_config(configs.path("tiny.yaml"), ["model.vocab_size=32000"])
     imported = ("checkpoint.init", {"source": {"format": "huggingface", "dir": "/models/hf-mixtral",
                                                "family": "mixtral"}})
     byte_ids = {"data": {"vocab_size": 257, "tokenizer": {"name": "bytes", "hash": "bytes", "vocab_size": 257}}}

@@ -209,7 +209,7 @@ def test_a_folder_source_reads_only_text(tmp_path, name, data) -> None:
             f.write(json.dumps({"text": "x"}) + "\n")
     else:
         (src / name).write_bytes(data)
-    with pytest.raises(DataError, match="raw text|not text \(it holds NUL bytes\)"):
+    with pytest.raises(DataError, match=r"raw text|not text \(it holds NUL bytes\)"):
         prepare_corpus([src], tmp_path / "out", PrepareOptions(glob="*"))
     assert not (tmp_path / "out").exists()
 

@@ -1,0 +1,52 @@
+"""The cost and memory models' counts of MLA, MTP and sliding windows, against the model they describe."""
+from __future__ import annotations
+
+import torch
+
+from moeyard.models import ModelConfig, MoEConfig, Transformer
+from moeyard.models.config import MLAConfig
+from moeyard.trainer.scheduler.block_shapes import attention_core_flops, attention_shape, block_index
+from moeyard.trainer.scheduler.cost_model import workload_for
+from moeyard.trainer.scheduler.memory_model import count_parameters
+
+MOE = MoEConfig(num_experts=4, top_k=2, ffn_dim=16)
+SHAPES = {
+    "gqa": ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12, ffn_dim=48, moe=MOE),
+    "mla": ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=4, attention="mla", ffn_dim=48, moe=MOE,
+                       mla=MLAConfig(q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                     v_head_dim=6)),
+}
+
+
+def test_attention_projection_count_is_the_models_own() -> None:
+    for kind, cfg in SHAPES.items():
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        weights = sum(p.numel() for n, p in model.layers[0].attn.named_parameters() if p.dim() == 2)
+        assert attention_shape(cfg).projection_weights == weights, kind
+        assert attention_shape(cfg).out == model.layers[0].attn.wo.in_features, kind
+
+
+def test_mtp_blocks_and_heads_are_counted() -> None:
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, moe=MOE, mtp_layers=2)
+    plain = workload_for(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, moe=MOE),
+                         tokens=64, seq_len=32, ep=1, dp=1, micro_steps=1)
+    w = workload_for(cfg, tokens=64, seq_len=32, ep=1, dp=1, micro_steps=1)
+    assert w.n_layers == 4 and w.moe_layers == (0, 1, 2, 3) and w.head_flops == 3 * plain.head_flops
+    assert w.dense_flops[2] == plain.dense_flops[1] + 2 * 64 * 2 * 32 * 32  # an MTP block: its eh_proj too
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    blocks = {block_index(n, cfg) for n, _ in model.named_parameters()}
+    assert blocks == {-1, 0, 1, 2, 3, 4}  # embedding, 2 decoder blocks, 2 MTP depths, head
+    counts = count_parameters(cfg, 1)
+    assert counts.dense + counts.experts == sum(p.numel() for p in model.parameters())
+
+
+def test_sliding_window_core_flops_count_the_keys_each_query_sees() -> None:
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, moe=MOE, sliding_window=5,
+                      layer_types=["sliding", "full"])
+    T, a = 32, attention_shape(cfg)
+    keys = sum(min(i + 1, 5) for i in range(T))  # one sequence, brute force
+    assert attention_core_flops(cfg, T, T, 0) == 2 * keys * (a.q + a.out)
+    assert attention_core_flops(cfg, T, T, 1) == 2 * T * (T / 2) * (a.q + a.out)
+    assert attention_core_flops(cfg, 4, 4, 0) == attention_core_flops(cfg, 4, 4, 1)  # a window wider than T

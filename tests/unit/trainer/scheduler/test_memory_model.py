@@ -1,0 +1,136 @@
+"""The memory model on cases whose numbers can be worked out by hand."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from moeyard.models import ModelConfig, MoEConfig, Transformer
+from moeyard.trainer.scheduler.memory_model import GB, Layout, count_parameters, predict_memory, smallest_world
+
+CFG = ModelConfig(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=256, max_seq_len=256,
+                  moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=128, first_dense_layers=1, num_shared_experts=1))
+
+
+def test_parameter_counts_split_the_model_into_dense_and_experts() -> None:
+    model = Transformer(CFG)
+    counts = count_parameters(CFG, ep=2)
+    assert counts.dense + counts.experts == sum(p.numel() for p in model.parameters())
+    # Three MoE layers, each 8 experts of gate, up (dim x ffn) and down (ffn x dim).
+    assert counts.experts == 3 * 8 * 3 * 128 * 128
+    assert counts.root == 2 * 512 * 128 + 128  # embedding, output layer, final norm
+    frozen = frozenset(n for n, _ in model.named_parameters() if "experts" in n)
+    assert count_parameters(CFG, 2, frozen).experts_trainable == 0
+
+
+def test_fsdp_state_is_sixteen_bytes_per_parameter_spread_over_the_world() -> None:
+    counts = count_parameters(CFG, ep=2)
+    for world in (2, 4, 8):
+        m = predict_memory(CFG, Layout(world=world, ep=2, tokens=256, grad_sync="fsdp"))
+        state = m.parameters + m.gradients + m.optimizer
+        assert state == pytest.approx(16 * (counts.dense + counts.experts) / world)
+
+
+def test_replicated_state_holds_every_dense_parameter_and_this_ranks_experts() -> None:
+    counts = count_parameters(CFG, ep=4)
+    for world in (4, 8):
+        m = predict_memory(CFG, Layout(world=world, ep=4, tokens=256))
+        assert m.parameters + m.gradients + m.optimizer == pytest.approx(16 * (counts.dense + counts.experts / 4))
+    zero = predict_memory(CFG, Layout(world=8, ep=4, tokens=256, grad_sync="reduce_scatter"))
+    plain = predict_memory(CFG, Layout(world=8, ep=4, tokens=256))
+    assert zero.optimizer < plain.optimizer and zero.parameters == plain.parameters
+
+
+def test_recompute_keeps_less_for_backward() -> None:
+    layout = Layout(world=2, ep=2, tokens=4096)
+    kept = {mode: predict_memory(CFG, dataclasses.replace(layout, recompute=mode)).activations
+            for mode in ("none", "selective", "experts", "full")}
+    assert kept["full"] < kept["experts"] < kept["none"]
+    assert kept["full"] < kept["selective"] < kept["none"]
+    double = predict_memory(CFG, dataclasses.replace(layout, tokens=8192)).activations
+    assert double == pytest.approx(2 * kept["none"])  # activations grow with the tokens of a micro-batch
+
+
+def test_loss_chunks_bound_the_logits() -> None:
+    whole = predict_memory(CFG, Layout(world=2, ep=2, tokens=8192, loss_chunk_tokens=0))
+    chunked = predict_memory(CFG, Layout(world=2, ep=2, tokens=8192, loss_chunk_tokens=1024))
+    assert whole.with_activations - chunked.with_activations == pytest.approx(3 * 4 * (8192 - 1024) * 512)
+
+
+def test_smallest_world_is_the_first_multiple_of_ep_that_fits() -> None:
+    layout = Layout(world=2, ep=2, tokens=512, grad_sync="fsdp", recompute="full")
+    capacity = predict_memory(CFG, dataclasses.replace(layout, world=6)).total / GB / 0.9 * 1.0001
+    world = smallest_world(CFG, layout, capacity)
+    assert world == 6
+    assert not predict_memory(CFG, dataclasses.replace(layout, world=4)).fits(capacity)
+    assert smallest_world(CFG, dataclasses.replace(layout, grad_sync="all_reduce"), capacity / 100) is None
+
+
+def test_the_peak_is_the_start_of_backward_or_its_end() -> None:
+    """Activations are freed as backward makes gradients: the peak holds one or the other (both when
+    gradients accumulate over micro-steps, or live in bucket buffers)."""
+    big_batch = predict_memory(CFG, Layout(world=2, ep=2, tokens=8192))
+    assert big_batch.total == pytest.approx(big_batch.parameters + big_batch.optimizer + big_batch.activations
+                                            + big_batch.with_activations)
+    tiny_batch = predict_memory(CFG, Layout(world=2, ep=2, tokens=8, loss_chunk_tokens=8))
+    assert tiny_batch.total == pytest.approx(tiny_batch.parameters + tiny_batch.optimizer + tiny_batch.gradients
+                                             + tiny_batch.after_backward)
+    accumulating = predict_memory(CFG, Layout(world=2, ep=2, tokens=8192, micro_steps=2))
+    assert accumulating.total == pytest.approx(big_batch.total + big_batch.gradients)
+
+
+def test_the_plan_line_says_whether_it_fits() -> None:
+    m = predict_memory(CFG, Layout(world=2, ep=2, tokens=512))
+    line = m.line(80.0, "dgx-h100")
+    assert line.startswith(f"memory per rank: {m.total / GB:.2f} GB predicted peak (parameters ")
+    assert line.endswith("; fits dgx-h100 (80 GB)")
+    assert "does NOT fit" in m.line(m.total / GB / 2, "tiny")
+
+
+def test_fsdp_counts_the_largest_rank_with_padding() -> None:
+    """Experts that split evenly on no dimension are padded to torch.chunk's first piece on every rank."""
+    from moeyard.parallel.fsdp import expert_shard_dim, padded_shard_numel
+
+    assert expert_shard_dim((1, 64, 32), 4) == 1 and expert_shard_dim((8, 64, 32), 4) == 0
+    assert expert_shard_dim((3, 5, 7), 4) == 0 and padded_shard_numel((3, 5, 7), 0, 4) == 35  # chunks 1,1,1,0
+    assert padded_shard_numel((5, 6), 0, 4) == 12  # torch.chunk(5 rows, 4) -> 2, 2, 1: every rank holds 2
+    counts = count_parameters(CFG, ep=2)
+    even, _ = counts.fsdp_shard(world=4, ep=2)
+    assert even == pytest.approx(counts.dense / 4 + counts.experts / 2 / 2, rel=0.01)  # dense over 4, ep shard over 2
+    odd = dataclasses.replace(counts, shapes=counts.shapes + (((3, 5, 7), True, True),))
+    assert odd.fsdp_shard(world=4, ep=2)[0] - even == 2 * 5 * 7  # 3 experts over edp 2: 2 and 1, padded to 2
+
+
+def test_gather_once_holds_the_unsharded_weights_and_gradients_through_the_step() -> None:
+    counts = count_parameters(CFG, ep=2)
+    per_micro = predict_memory(CFG, Layout(world=4, ep=2, tokens=256, grad_sync="fsdp", micro_steps=4), counts)
+    once = predict_memory(CFG, Layout(world=4, ep=2, tokens=256, grad_sync="fsdp", micro_steps=4, gather_once=True,
+                                      reduce_bytes=2), counts)
+    unsharded = counts.dense + counts.experts / 2
+    assert once.parameters - per_micro.parameters == pytest.approx(4 * unsharded)
+    assert once.gradients - per_micro.gradients == pytest.approx(2 * unsharded)  # reduce_dtype bfloat16
+    assert once.total > per_micro.total
+
+
+def test_resident_weights_hold_the_unsharded_weights_but_sharded_gradients() -> None:
+    """fsdp_reduce_once=false: the weights stay gathered as with gathering once, the gradients are reduced every
+    micro-step into their shards as per micro-step."""
+    counts = count_parameters(CFG, ep=2)
+    layout = Layout(world=4, ep=2, tokens=256, grad_sync="fsdp", micro_steps=4)
+    per_micro = predict_memory(CFG, layout, counts)
+    once = predict_memory(CFG, dataclasses.replace(layout, gather_once=True), counts)
+    resident = predict_memory(CFG, dataclasses.replace(layout, gather_once=True, reduce_once=False), counts)
+    assert resident.parameters == once.parameters
+    assert resident.gradients == per_micro.gradients
+    assert per_micro.total < resident.total < once.total
+
+
+def test_bfloat16_moments_halve_the_optimizer_state() -> None:
+    for grad_sync in ("all_reduce", "fsdp"):
+        layout = Layout(world=4, ep=2, tokens=256, grad_sync=grad_sync)
+        full = predict_memory(CFG, layout)
+        assert predict_memory(CFG, dataclasses.replace(layout, moment_bytes=2)).optimizer == full.optimizer / 2
+    zero = Layout(world=4, ep=2, tokens=256, grad_sync="reduce_scatter")
+    # ZeRO keeps a float32 master shard besides the moments: 4 + 2 x 2 bytes instead of 4 + 2 x 4
+    assert predict_memory(CFG, dataclasses.replace(zero, moment_bytes=2)).optimizer == pytest.approx(
+        predict_memory(CFG, zero).optimizer * 8 / 12)

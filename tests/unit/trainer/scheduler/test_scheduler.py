@@ -1,0 +1,193 @@
+"""Simulator, cost model and planner on hand-checkable cases."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import pytest
+
+from moeyard.models import ModelConfig, MoEConfig
+from moeyard.parallel.plan import Plan
+from moeyard.trainer.scheduler.cost_model import build_step, predict, workload_for
+from moeyard.trainer.scheduler.planner import reference_plan, search
+from moeyard.trainer.scheduler.simulator import Schedule
+
+
+@dataclass
+class FakeCosts:
+    """Round numbers: experts 1 ms per 1000 rows, all-to-all 0.1 ms + 1 ms per MB."""
+
+    overlap_slowdown: float = 1.0
+    a2a_ms_per_mb: float = 1.0
+    chunk_overhead_s: float = 0.0
+
+    def dense(self, w, layer, phase):
+        return 1e-4 * (2 if phase == "bwd" else 1)
+
+    def experts(self, w, rows, phase):
+        return rows * 1e-6 * (2 if phase == "bwd" else 1)
+
+    def selective_recompute(self, w, layer):
+        return 2e-5
+
+    def all_to_all(self, w, nbytes):
+        return 1e-4 + nbytes / 1e6 * self.a2a_ms_per_mb * 1e-3
+
+    def grad_reduce(self, w, nbytes, expert, mode):
+        return 1e-4 + nbytes * 1e-10
+
+    def all_gather(self, w, nbytes, expert):
+        return 1e-5 + nbytes * 1e-10
+
+    def optimizer(self, w, mode):
+        return 1e-4
+
+
+def small_workload(ep: int = 4):
+    cfg = ModelConfig(vocab_size=256, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512, max_seq_len=512,
+                      moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=512))
+    return workload_for(cfg, tokens=8192, seq_len=512, ep=ep, dp=ep, micro_steps=1)
+
+
+def off_buckets(w, expert: bool) -> tuple[int, ...]:
+    return (sum(1 for p in w.params if p.expert == expert),)
+
+
+def test_serial_chain_exposes_all_communication() -> None:
+    s = Schedule()
+    a = s.add("compute", "compute", 1.0)
+    s.add("send", "comm", 2.0, [a])
+    t = s.run()
+    assert t.makespan == pytest.approx(3.0) and t.exposed_comm == pytest.approx(2.0)
+
+
+def test_independent_streams_overlap_and_contention_slows_both() -> None:
+    s = Schedule()
+    s.add("compute", "compute", 3.0)
+    s.add("send", "comm", 2.0)
+    assert s.run().makespan == pytest.approx(3.0)
+    # Both at half speed while together: comm ends at 4 s, compute has 1 s left at full speed.
+    assert s.run(overlap_slowdown=2.0).makespan == pytest.approx(5.0)
+
+
+def test_stream_order_is_issue_order() -> None:
+    s = Schedule()
+    first = s.add("slow", "comm", 2.0)
+    s.add("ready_early", "comm", 1.0)  # no dependencies, but issued after `slow`
+    t = s.run()
+    assert t.tasks[1].start == pytest.approx(2.0) and t.tasks[first].end == pytest.approx(2.0)
+
+
+def test_impossible_dependencies_are_reported() -> None:
+    s = Schedule()
+    s.add("a", "compute", 1.0, [1])
+    s.add("b", "comm", 1.0, [0])
+    with pytest.raises(ValueError, match="deadlocks"):
+        s.run()
+
+
+def test_pipelining_hides_all_to_all_when_compute_dominates() -> None:
+    w = small_workload()
+    costs = FakeCosts(a2a_ms_per_mb=0.2)
+    off = predict(w, reference_plan(w, "all_reduce"), costs)
+    plan = Plan(chunks=(4,) * 4, dense_buckets=off_buckets(w, False), expert_buckets=off_buckets(w, True),
+                overlap_grads=True, source="test")
+    piped = predict(w, plan, costs)
+    assert piped.step < off.step
+    assert piped.hidden_fraction > 0.6 > off.hidden_fraction
+    assert piped.stages["experts"] == pytest.approx(off.stages["experts"])
+
+
+def test_bucket_reductions_start_during_backward() -> None:
+    w = small_workload()
+    n_dense = off_buckets(w, False)[0]
+    plan = Plan(chunks=(1,) * 4, dense_buckets=(n_dense // 2, n_dense - n_dense // 2),
+                expert_buckets=off_buckets(w, True), overlap_grads=True, source="test")
+    t = build_step(w, plan, FakeCosts()).run()
+    end_of_backward = next(task.end for task in t.tasks if task.name == "embed.bwd")
+    first_bucket = next(task for task in t.tasks if task.name == "grad.dense0")
+    assert first_bucket.start < end_of_backward
+
+
+def test_planner_pipelines_when_it_pays_and_refuses_when_contention_eats_the_gain() -> None:
+    w = small_workload()
+    plan, pred = search(w, FakeCosts(a2a_ms_per_mb=0.5))
+    assert max(plan.chunks) > 1 and plan.source == "planner"
+    assert pred.step <= predict(w, reference_plan(w, "all_reduce"), FakeCosts(a2a_ms_per_mb=0.5)).step
+    crowded = FakeCosts(a2a_ms_per_mb=0.5, overlap_slowdown=3.0)
+    plan, _ = search(w, crowded)
+    assert plan.chunks == (1,) * 4
+
+
+def test_two_communicators_share_the_link() -> None:
+    s = Schedule()
+    s.add("all_to_all", "comm", 1.0)
+    s.add("bucket", "grad", 1.0)
+    t = s.run()
+    assert t.makespan == pytest.approx(2.0)  # concurrent, at half bandwidth each
+    assert t.tasks[1].start == 0.0  # a gradient bucket does not queue behind an all-to-all
+
+
+def test_fsdp_gathers_each_block_twice_prefetched_and_reduces_it_in_every_micro_step() -> None:
+    """FSDP units: every block gathered before its forward and its backward, the next block's gather
+    running while this block computes; each unit's reduce-scatter after its backward, in every micro-step."""
+    w = small_workload()
+    plan = reference_plan(w, "fsdp")
+    t = build_step(w, plan, FakeCosts()).run()
+    tasks = {task.name: task for task in t.tasks}
+    gathers = [n for n in tasks if n.startswith("fsdp.gather.")]
+    assert sorted(gathers) == sorted(["fsdp.gather.L-1.fwd"] + [f"fsdp.gather.L{i}.{ph}" for i in range(4)
+                                                               for ph in ("fwd", "bwd")])
+    # L1's gather runs during L0's forward (prefetched), not after it.
+    assert tasks["fsdp.gather.L1.fwd"].start < tasks["L0.dense.fwd"].end
+    assert tasks["L1.dense.fwd"].start >= tasks["fsdp.gather.L1.fwd"].end
+    assert {n for n in tasks if n.startswith("grad.")} == (
+        {f"grad.fsdp.L{i}" for i in range(-1, 4)} | {f"grad.fsdp.L{i}.expert_shards" for i in range(4)})
+    assert tasks["grad.fsdp.L3"].start < tasks["embed.bwd"].end  # reduce-scatters overlap the backward
+    one = predict(w, plan, FakeCosts())
+    two = predict(dataclasses.replace(w, micro_steps=2), plan, FakeCosts())
+    assert two.stages["grad_reduce"] == pytest.approx(2 * one.stages["grad_reduce"])
+    assert two.stages["param_gather"] == pytest.approx(2 * one.stages["param_gather"])
+
+
+def test_gather_once_charges_one_gather_and_one_reduction_per_step() -> None:
+    """4 micro-steps: per micro-step fsdp gathers every block twice (forward, backward) and reduces it in each;
+    gathered once, the forward of the first gathers and the backward of the last reduces."""
+    w = dataclasses.replace(small_workload(), micro_steps=4)
+    every = reference_plan(w, "fsdp")
+    once = dataclasses.replace(every, gather_once=True)
+    per_micro, gathered_once = predict(w, every, FakeCosts()), predict(w, once, FakeCosts())
+    # 8x for the blocks (two passes, four micro-steps); the root unit is gathered once a micro-step either way.
+    assert 7 < per_micro.stages["param_gather"] / gathered_once.stages["param_gather"] < 8
+    assert gathered_once.stages["grad_reduce"] * 4 == pytest.approx(per_micro.stages["grad_reduce"])
+    assert gathered_once.step < per_micro.step
+    half = dataclasses.replace(w, grad_bytes=2)  # parallel.reduce_dtype=bfloat16: half the bytes reduced
+    assert predict(half, once, FakeCosts()).stages["grad_reduce"] < gathered_once.stages["grad_reduce"]
+    resident = predict(w, dataclasses.replace(once, reduce_once=False), FakeCosts())  # reduced every micro-step
+    assert resident.stages["param_gather"] == pytest.approx(gathered_once.stages["param_gather"])
+    assert resident.stages["grad_reduce"] == pytest.approx(per_micro.stages["grad_reduce"])
+
+
+def test_selective_recompute_charges_its_cheap_ops_and_no_gemm_or_all_to_all() -> None:
+    """selective adds each block's selective_recompute to its backward and nothing else; full runs the whole
+    forward again, its all-to-alls too."""
+    w = small_workload()
+    plan = reference_plan(w, "all_reduce")
+    times = {mode: predict(dataclasses.replace(w, recompute=mode), plan, FakeCosts()) for mode in
+             ("none", "selective", "full")}
+    extra = FakeCosts().selective_recompute(w, 0) * w.n_layers
+    assert times["selective"].step - times["none"].step == pytest.approx(extra)
+    assert times["selective"].step < times["full"].step
+    tasks = {t.name for t in build_step(dataclasses.replace(w, recompute="selective"), plan, FakeCosts()).run().tasks}
+    assert not any("moe.recompute" in name for name in tasks)
+
+
+def test_bfloat16_moments_move_20_bytes_a_parameter_in_the_optimizer_step_not_28() -> None:
+    from moeyard.trainer.scheduler.hardware import HardwareCosts
+    from moeyard.trainer.scheduler.run_planning import load_hardware
+
+    costs = HardwareCosts(load_hardware("dgx-h100"))
+    w = small_workload()
+    for mode in ("all_reduce", "fsdp"):
+        full = costs.optimizer(w, mode)
+        assert costs.optimizer(dataclasses.replace(w, moment_bytes=2), mode) == pytest.approx(full * 20 / 28)

@@ -1,0 +1,398 @@
+"""The whole run's configuration: YAML -> typed, validated dataclasses.
+
+One tree (run, model, parallel, train, optim, data, log, checkpoint). Overrides
+come as dotted keys (`--set optim.lr=3e-4`), parsed as YAML scalars. Unknown
+keys, wrong types and impossible combinations raise `ConfigError` naming the
+key before any worker starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from moeyard.errors import ConfigError, require
+from moeyard.models import ModelConfig
+from moeyard.models.recompute import RecomputeMode
+from moeyard.trainer.config.yaml_tree import build_dataclass, read_tree
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "run"
+    """Names the run; `{name}` in run.dir is replaced by it."""
+    dir: str = "runs/{name}"
+    """Where the resolved config, metrics, TensorBoard events and checkpoints go."""
+    seed: int = 0
+    """Seeds model initialisation and data order; the same on every rank."""
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    ep: int = 1
+    """Expert-parallel degree: ranks that share one copy of all experts. Divides the world size."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """auto: nccl when a GPU is present, gloo otherwise."""
+    timeout_s: float = 600.0
+    """A collective that waits longer than this fails the run instead of hanging it."""
+    rendezvous_timeout_s: float = 300.0
+    """How long workers wait for each other (and for the master's address) to start; then a clear error."""
+    fsdp: bool = False
+    """Shard parameters, gradients and AdamW state with torch's FSDP2: dense over dp, each rank's experts
+    over its edp group, one unit per transformer block. Same updates as the replicated path."""
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """The dtype gradients travel in (all-reduce, reduce-scatter, FSDP2's reduce-scatter); bfloat16 halves
+    the bytes and rounds each summand to 8 bits of mantissa. The gradients themselves stay float32."""
+    fsdp_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Older name of reduce_dtype, for fsdp only; bfloat16 here still applies when reduce_dtype is float32."""
+    fsdp_reshard_after_forward: bool = True
+    """fsdp: free each unit's gathered parameters after its forward (gather again in backward)."""
+    fsdp_gather_once: bool = False
+    """fsdp with gradient accumulation: gather each unit's parameters once per step and reduce-scatter its
+    gradients once, keeping the unsharded weights and gradients through the micro-steps (accumulated in
+    reduce_dtype): one gather and one reduction per unit a step instead of two gathers and one reduction
+    per micro-step, at the memory of the unsharded model. schedule.mode=auto weighs it where the memory
+    per rank is known (a GPU) and reduce_dtype is float32."""
+    fsdp_reduce_once: bool = True
+    """With fsdp_gather_once: reduce-scatter the gradients once per step, accumulated unsharded in reduce_dtype
+    (the fastest; holds the unsharded gradients). false: reduce-scatter each micro-step's into float32
+    shards, keeping only the weights gathered (resident weights in the compute dtype, a float32 master
+    shard and AdamW state sharded, as Megatron's distributed optimizer): the unsharded gradients never
+    accumulate, at one reduction per micro-step. Works with reduce_dtype=bfloat16."""
+    ranks_per_node: Optional[int] = None
+    """Ranks that share a machine (consecutive ranks); null: the launcher's local world size. Set it to
+    treat one machine as several nodes (tests, simulations)."""
+
+    @property
+    def effective_reduce_dtype(self) -> str:
+        """reduce_dtype, or under fsdp its older name fsdp_reduce_dtype when only that was set."""
+        return self.fsdp_reduce_dtype if self.fsdp and self.reduce_dtype == "float32" else self.reduce_dtype
+
+    @property
+    def reduce_bytes(self) -> int:
+        """Bytes per gradient element in the reduction (what the cost and memory models charge)."""
+        return 2 if self.effective_reduce_dtype == "bfloat16" else 4
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    mode: Literal["off", "manual", "auto"] = "off"
+    """off: the plain reference path (r=1, gradients reduced after backward); manual: the values
+    below; auto: the planner picks r per layer and the buckets from measurements of this machine."""
+    chunks: int = 2
+    """manual: pipeline degree r of every MoE layer."""
+    bucket_mb: float = 4.0
+    """manual: gradient bucket size in MiB."""
+    grad_sync: Literal["all_reduce", "reduce_scatter"] = "all_reduce"
+    """reduce_scatter: ZeRO-style sharded optimizer state (dense over dp, experts over edp)."""
+    hardware: Optional[str] = None
+    """auto: plan from this hardware description (YAML file or shipped name) instead of profiling."""
+    predict: bool = False
+    """off/manual: also profile (cached) and log the predicted step time next to the measured one."""
+    check_steps: int = 3
+    """auto: after 2 warm-up steps, time this many steps with the plan and as many with every MoE layer at
+    r=1, and keep r=1 if the plan was slower by more than 3% (trainer/scheduler/plan_check.py); 0: trust the plan."""
+    dispatch: Literal["flat", "hierarchical", "auto"] = "flat"
+    """How tokens reach experts on other machines. flat: one all-to-all over the ep group, a row per
+    (token, expert). hierarchical: a row per (token, destination machine) over the network, fanned out to
+    the experts inside that machine, partial sums combined there on the way back. auto: mode=auto lets
+    the planner choose per MoE layer; otherwise hierarchical wherever the ep group spans machines."""
+    memory_check: bool = True
+    """moeyard train refuses, before any worker starts, a run whose predicted peak per rank exceeds this
+    machine's memory (a GPU's, or the host's available memory shared by the local workers); with
+    mode=auto it picks the micro-batch size, recompute mode and sharding that fit. false: start anyway."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 300
+    """Optimizer steps of the whole run (the LR schedule spans them)."""
+    global_batch_tokens: int = 8192
+    """Tokens per optimizer step over all ranks; a multiple of train.seq_len."""
+    seq_len: int = 256
+    """Tokens per training sequence (at most model.max_seq_len)."""
+    micro_batch_size: Optional[int] = None
+    """Sequences per rank per forward/backward; null runs a rank's whole share at once.
+    Smaller values accumulate gradients over several micro-steps."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    loss_chunk_tokens: int = 8192
+    """The language-model loss projects this many tokens to logits at a time, and recomputes them in
+    backward, so the float32 [tokens, vocab] logits never exist whole; 0: all of a micro-batch at once."""
+    recompute: RecomputeMode = "none"
+    """Activation checkpointing (models/recompute.py). selective: blocks keep their GEMM outputs and recompute
+    norms, RoPE, attention's core and activations (no GEMM or all-to-all again); experts: the routed experts
+    keep only their input rows (as model.moe.recompute_experts: true); full: every block keeps only its
+    input and is recomputed in backward, all-to-alls included."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: float32 on CPU, bfloat16 autocast on GPU."""
+    stop_at: Optional[int] = None
+    """Save a checkpoint at this step and exit cleanly; the LR schedule and data order still follow
+    train.steps, so the next launch (auto-resume) continues the same run. Splits a run into jobs."""
+    nonfinite: Literal["skip", "stop"] = "skip"
+    """A NaN/inf loss or gradient: skip that step (counted in metrics), or stop with a checkpoint of the
+    last good state."""
+    max_skipped_steps: int = 10
+    """nonfinite=skip: stop anyway after this many skipped steps in a row."""
+    trainable: Optional[list[str]] = None
+    """Only parameters whose name matches one of these shell-style patterns train (null: all of them),
+    e.g. ["layers.*.attn.*"]. Names are the single-device model's, at any ep."""
+    frozen: list[str] = field(default_factory=list)
+    """Parameters matching these patterns do not train (applied after train.trainable), e.g.
+    ["*.experts.*", "*.router.*"]: no gradient, no optimizer state, no gradient communication."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    """The cosine schedule ends here."""
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    """Applied to matrices only, not to norm gains."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    moment_dtype: Literal["float32", "bfloat16"] = "float32"
+    """What AdamW's two moments are stored in. bfloat16 (as DeepSeek-V3 trained) halves their bytes (4
+    instead of 8 a parameter); each update still runs in float32 and rounds them back. On the tiny demo over
+    300 steps it moves the final loss by the amount README's "bf16 state" section states."""
+
+    @property
+    def moment_bytes(self) -> int:
+        return 2 if self.moment_dtype == "bfloat16" else 4
+
+
+@dataclass(kw_only=True)
+class DataSourceConfig:
+    dir: str
+    """A prepared corpus (`moeyard prepare`)."""
+    weight: float = 1.0
+    """Its share of the samples (weights are normalised over data.sources)."""
+    name: Optional[str] = None
+    """How metrics and checkpoints name it; null: the folder's name."""
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.dir).name
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: Optional[str] = None
+    """A directory of text files to tokenize on first use, or `python-stdlib` for this Python's own .py
+    files; null: data.dir must already hold a prepared corpus (`moeyard prepare`)."""
+    dir: Optional[str] = None
+    """Prepared token shards; null: a cache folder keyed by data.source."""
+    glob: str = "*.py"
+    """Which files of the source directory are read (recursively)."""
+    sources: Optional[list[DataSourceConfig]] = None
+    """A weighted blend of prepared corpora, [{dir, weight, name}]; instead of data.dir and data.source.
+    Samples follow the weights exactly (deterministic from run.seed), at any world size."""
+    document_mask: bool = False
+    """Attention stays inside each document of a packed window and positions restart at each document
+    (from the corpus's document index), through the per-document kernel: no T x T mask."""
+
+
+@dataclass(kw_only=True)
+class SFTConfig:
+    """Instruction tuning (trainer/data/sft.py): replaces the pretraining corpus of `data`."""
+
+    data: Optional[str] = None
+    """A JSONL file of {"messages": [...]} or {"prompt", "completion"} lines, or `python-stdlib-defs` (the
+    demo task built from this Python's standard library); null: pretraining, not SFT."""
+    tokenizer: Optional[str] = None
+    """A local Hugging Face tokenizer folder whose chat template renders the conversations; null: the
+    built-in template over the byte tokenizer."""
+    layout: Literal["pack", "pad"] = "pack"
+    """pack: several examples per row, attention kept inside each; pad: one example per row."""
+    heldout_fraction: float = 0.05
+    """Conversations held out (a fixed random choice) for the eval loss."""
+    eval_every: int = 50
+    """Report the held-out loss every N steps and at the end (0: only at the end)."""
+    skip_malformed: bool = False
+    """Skip (and count) lines that are not valid conversations instead of stopping at the first."""
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    every: int = 10
+    """Write metrics.jsonl and TensorBoard at step 1, every N steps, and at the last step."""
+    tensorboard: bool = True
+    progress: bool = True
+    """Progress bar with loss, tokens/s and ETA on rank 0."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 0
+    """Save a sharded checkpoint every N steps; 0 saves only at the end of the run (and on stop_at,
+    preemption or a non-finite stop)."""
+    resume: str = "auto"
+    """auto: continue from the newest intact checkpoint of run.dir (if any); none: start fresh (refused
+    if run.dir already holds a run); or the path of a checkpoint folder to start from."""
+    keep_last: int = 3
+    """Keep the newest N complete checkpoints (0: keep all)."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0: none)."""
+    async_save: bool = False
+    """Write checkpoints in the background while training continues (published before the next one)."""
+    init: Optional[str] = None
+    """Start a fresh run from these weights (a `moeyard convert` output, or any checkpoint folder, or a
+    run's checkpoints folder for its latest); the model section comes from it. Resuming wins over it."""
+    stop_grace_s: float = 300.0
+    """After a stop (SIGTERM, Ctrl-C, the launcher gone) workers have this long to save before they are
+    killed; size it to a checkpoint write."""
+    save_frozen: bool = False
+    """false: a run from `init` with frozen parameters saves only what can differ from init (trainable
+    weights, their optimizer state), small adapter checkpoints that refer to init by path and content hash;
+    true: every checkpoint holds every weight."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir.format(name=self.run.name))
+
+    @property
+    def global_batch_sequences(self) -> int:
+        return self.train.global_batch_tokens // self.train.seq_len
+
+    @property
+    def grad_sync(self) -> str:
+        """How gradients and optimizer state are shared as configured: fsdp, or schedule.grad_sync."""
+        return "fsdp" if self.parallel.fsdp else self.schedule.grad_sync
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    """A config as recorded (a checkpoint manifest, a dumped run config): typed, not re-validated."""
+    return build_dataclass(Config, tree, "")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that involve more than one section."""
+    t, m = cfg.train, cfg.model
+    for key in ("steps", "global_batch_tokens", "seq_len"):
+        require(getattr(t, key) >= 1, f"train.{key}={getattr(t, key)} must be >= 1")
+    require(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    require(t.global_batch_tokens % t.seq_len == 0,
+            f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of train.seq_len={t.seq_len}")
+    require(t.micro_batch_size is None or t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1 or null")
+    require(t.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (0: no chunks)")
+    require(cfg.parallel.ep >= 1, f"parallel.ep={cfg.parallel.ep} must be >= 1")
+    require(cfg.schedule.chunks >= 1, f"schedule.chunks={cfg.schedule.chunks} must be >= 1")
+    require(cfg.schedule.bucket_mb > 0, f"schedule.bucket_mb={cfg.schedule.bucket_mb} must be > 0")
+    require(cfg.schedule.check_steps >= 0, f"schedule.check_steps={cfg.schedule.check_steps} must be >= 0")
+    _validate_sources(cfg.data)
+    require(cfg.data.source is not None or cfg.data.dir is not None or cfg.data.sources or cfg.sft.data is not None,
+            "set data.dir to a prepared corpus (moeyard prepare) or data.source to a folder of text files "
+            "(or python-stdlib), or sft.data to a JSONL file of conversations")
+    require(0 <= cfg.sft.heldout_fraction < 1, f"sft.heldout_fraction={cfg.sft.heldout_fraction} must be in [0, 1)")
+    require(cfg.sft.eval_every >= 0, f"sft.eval_every={cfg.sft.eval_every} must be >= 0")
+    require(m.moe.num_experts_per_layer is not None or m.moe.num_experts % cfg.parallel.ep == 0,
+            f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.ep={cfg.parallel.ep}")
+    uneven = [n for n in m.moe.num_experts_per_layer or [] if n % cfg.parallel.ep]
+    require(not uneven, f"model.moe.num_experts_per_layer={m.moe.num_experts_per_layer} has layers whose experts "
+                        f"do not split evenly over parallel.ep={cfg.parallel.ep}: choose a parallel.ep that "
+                        f"divides every count")
+    require(not (cfg.parallel.fsdp and cfg.schedule.grad_sync == "reduce_scatter"),
+            "parallel.fsdp=true already shards the optimizer state: drop schedule.grad_sync=reduce_scatter")
+    require(cfg.parallel.fsdp or not cfg.parallel.fsdp_gather_once,
+            "parallel.fsdp_gather_once=true needs parallel.fsdp=true (replicated weights are never gathered)")
+    require(cfg.parallel.fsdp_reduce_once or cfg.parallel.fsdp_gather_once,
+            "parallel.fsdp_reduce_once=false needs parallel.fsdp_gather_once=true (per micro-step fsdp reduces "
+            "every micro-step already)")
+    require(cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0")
+    require(cfg.parallel.rendezvous_timeout_s > 0, "parallel.rendezvous_timeout_s must be > 0")
+    require(cfg.checkpoint.stop_grace_s > 0, "checkpoint.stop_grace_s must be > 0")
+    require(cfg.log.every >= 1, f"log.every={cfg.log.every} must be >= 1")
+    c = cfg.checkpoint
+    require(c.every >= 0, f"checkpoint.every={c.every} must be >= 0")
+    require(c.keep_last >= 0 and c.keep_every >= 0, "checkpoint.keep_last and checkpoint.keep_every must be >= 0")
+    require(t.stop_at is None or 1 <= t.stop_at <= t.steps,
+            f"train.stop_at={t.stop_at} must be between 1 and train.steps={t.steps}")
+    require(t.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1")
+    require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    o = cfg.optim
+    require(0 <= o.warmup_steps, "optim.warmup_steps must be >= 0")
+    require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1,
+            f"optim.beta1={o.beta1} and optim.beta2={o.beta2} must be in [0, 1)")
+    require(o.eps > 0 and o.weight_decay >= 0, "optim.eps must be > 0 and optim.weight_decay >= 0")
+    try:
+        cfg.run.dir.format(name=cfg.run.name)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(f"run.dir={cfg.run.dir!r} has a placeholder other than {{name}}: {err}") from None
+    require(0 < cfg.optim.lr and 0 <= cfg.optim.min_lr <= cfg.optim.lr,
+            f"optim.lr={cfg.optim.lr} must be > 0 and optim.min_lr={cfg.optim.min_lr} between 0 and optim.lr")
+
+
+def _validate_sources(data: DataConfig) -> None:
+    if data.sources is None:
+        return
+    require(len(data.sources) >= 1, "data.sources is empty: list at least one {dir, weight}, or remove it")
+    require(data.source is None and data.dir is None,
+            "data.sources replaces data.dir and data.source: set one or the other")
+    for i, source in enumerate(data.sources):
+        require(source.weight > 0, f"data.sources[{i}].weight={source.weight} must be > 0")
+    labels = [s.label for s in data.sources]
+    twice = sorted({n for n in labels if labels.count(n) > 1})
+    require(not twice, f"data.sources: the names {twice} occur twice (folders of the same name): give each a "
+                       f"distinct `name`")
+    folders = [str(Path(s.dir).resolve()) for s in data.sources]
+    again = sorted({f for f in folders if folders.count(f) > 1})
+    require(not again, f"data.sources lists the corpus {again[0] if again else ''} more than once (under "
+                       f"different names): list each corpus once and give it the weight it should have")
+
+
+def validate_for_world(cfg: Config, world_size: int) -> None:
+    """Checks that need the number of processes."""
+    ep = cfg.parallel.ep
+    require(world_size % ep == 0,
+            f"world size {world_size} is not a multiple of parallel.ep={ep}: start a multiple of {ep} processes "
+            f"(--nproc) or change parallel.ep")
+    seqs = cfg.global_batch_sequences
+    require(seqs % world_size == 0,
+            f"train.global_batch_tokens={cfg.train.global_batch_tokens} is {seqs} sequences of train.seq_len, "
+            f"which do not split evenly over {world_size} processes")
+    mbs = cfg.train.micro_batch_size
+    if mbs is not None:
+        require((seqs // world_size) % mbs == 0,
+                f"train.micro_batch_size={mbs} does not divide the {seqs // world_size} sequences each of "
+                f"{world_size} processes gets")
+
+
+def config_from_tree(tree: dict[str, Any]) -> Config:
+    """Typed and validated (checks that need no checkpoint, corpus or model)."""
+    cfg = build_dataclass(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def read_config(path: Optional[str | Path], overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """What the YAML file (or the defaults when `path` is None) and the overrides say, validated. Touches no
+    checkpoint, builds no model and knows no world: `moeyard.load_config` (trainer.config.resolve) is the
+    config a run uses."""
+    return config_from_tree(read_tree(path, overrides))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,421 @@
+"""Predict stage and step times of a plan: shapes (Workload) x unit costs (Costs) -> simulator tasks.
+
+Unit costs come from measurements on the real process groups (profile.MeasuredCosts) or from a hardware
+description (hardware.HardwareCosts); the step is built the same way for both, so `moeyard plan
+--hardware` predicts a cluster with the code that plans this machine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+from moeyard.models import ModelConfig, Transformer, expert_parameter_ids
+from moeyard.parallel.plan import Plan
+from moeyard.trainer.scheduler.block_shapes import (
+    attention_core_flops,
+    block_elementwise_bytes,
+    block_fwd_flops,
+    block_index,
+    head_fwd_flops,
+)
+from moeyard.trainer.scheduler.machines import expected_nodes_per_token, machine_bound
+from moeyard.trainer.scheduler.simulator import Schedule, Timeline
+
+Phase = Literal["fwd", "bwd"]
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    layer: int
+    """Block index; -1 for the embedding, n_layers for the final norm and output head."""
+    numel: int
+    expert: bool
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one rank does in one step, in shapes."""
+
+    tokens: int
+    """Tokens per rank per micro-step."""
+    seq_len: int
+    dim: int
+    expert_hidden: int
+    num_experts: int
+    top_k: int
+    n_layers: int
+    """Blocks that run one after another: the decoder's, then the MTP depths' (model.n_blocks)."""
+    moe_layers: tuple[int, ...]
+    ep: int
+    dp: int
+    micro_steps: int
+    params: tuple[ParamInfo, ...]
+    """Parameters of this rank in backward order (the order gradient buckets use)."""
+    act_bytes: int = 4
+    """Bytes per activation element crossing the all-to-all."""
+    grad_bytes: int = 4
+    """Bytes per gradient element in the reduction (parallel.reduce_dtype)."""
+    moment_bytes: int = 4
+    """Bytes per AdamW moment element (optim.moment_dtype)."""
+    dense_flops: tuple[float, ...] = ()
+    """Forward FLOPs of each block without its routed experts."""
+    head_flops: float = 0.0
+    """Forward FLOPs of the output head."""
+    attention_flops: tuple[float, ...] = ()
+    """The part of each block's dense_flops that is attention's scores and weighted sum (not GEMMs with a
+    weight: flash-attention kernels run them at their own rate)."""
+    elementwise_bytes: tuple[float, ...] = ()
+    """Bytes each block's forward moves in memory-bound kernels: norms, residual adds, RoPE, the SwiGLU
+    product, permuting rows to experts and combining them back."""
+    recompute: str = "none"
+    """train.recompute: full runs every block's forward again in backward (its all-to-alls too); experts
+    runs the expert MLPs' forward again; selective, attention's core and the memory-bound kernels."""
+    recompute_experts: bool = False
+    """model.moe.recompute_experts: the expert MLPs run their forward again whatever `recompute` says."""
+    ranks_per_node: int = 0
+    """Ranks per machine; 0: every rank of the ep group on one machine."""
+    loss_chunk_tokens: int = 0
+    """train.loss_chunk_tokens: the output layer and loss run this many tokens at a time (0: all at once)."""
+    nodes_per_token: float = 1.0
+    """Machines of the ep group a token's copies reach, on average (`expected_nodes_per_token`)."""
+
+    def attention_flops_of(self, layer: int) -> float:
+        """attention_flops of a block; 0 for the embedding and the head."""
+        return self.attention_flops[layer] if 0 <= layer < len(self.attention_flops) else 0.0
+
+    def layer_flops(self, layer: int) -> float:
+        """-1: embedding (a gather, ~0), n_layers: the output head."""
+        if layer < 0:
+            return 0.0
+        return self.head_flops if layer == self.n_layers else self.dense_flops[layer]
+
+    @property
+    def routed_rows(self) -> int:
+        return self.tokens * self.top_k
+
+    @property
+    def a2a_bytes(self) -> float:
+        """Bytes this rank sends in one dispatch (uniform routing: (ep-1)/ep of the copies leave)."""
+        return self.routed_rows * self.dim * self.act_bytes * (self.ep - 1) / self.ep
+
+    @property
+    def ep_nodes(self) -> int:
+        """Machines one ep group spans."""
+        return self.ep // self.ranks_per_node if 0 < self.ranks_per_node < self.ep else 1
+
+    def cross_node_bytes(self, dispatch: str) -> float:
+        """Bytes one dispatch sends off this rank's machine: flat, every copy bound for another machine;
+        hierarchical, one row per (token, other machine), packed with its copies' weights and expert ids
+        (the combine's partial sums come back without them; charged at the same size, a small overestimate)."""
+        M = self.ep_nodes
+        if dispatch == "flat":
+            return self.routed_rows * (M - 1) / M * self.dim * self.act_bytes
+        slots = min(self.top_k, self.num_experts // M)
+        return self.tokens * self.nodes_per_token * (M - 1) / M * (self.dim + 2 * slots) * self.act_bytes
+
+    @property
+    def in_node_bytes(self) -> float:
+        """Bytes the fan-out inside a machine sends per dispatch under hierarchical dispatch."""
+        G = min(self.ranks_per_node, self.ep)
+        return self.routed_rows * (G - 1) / G * self.dim * self.act_bytes
+
+
+class Costs(Protocol):
+    overlap_slowdown: float
+    chunk_overhead_s: float
+    """Host-side cost of each chunk beyond the first, per pass (splitting, launching, synchronising)."""
+
+    def dense(self, w: Workload, layer: int, phase: Phase) -> float:
+        """Everything in a block but the routed experts (attention, norms, router, dense or shared FFN);
+        layer -1 and n_layers are the embedding and the output head."""
+        ...
+
+    def experts(self, w: Workload, rows: float, phase: Phase) -> float: ...
+
+    def selective_recompute(self, w: Workload, layer: int) -> float:
+        """What train.recompute=selective runs again in one block's backward: attention's core and the
+        memory-bound kernels of its forward (no GEMM)."""
+        ...
+
+    def all_to_all(self, w: Workload, nbytes: float) -> float: ...
+
+    def staged_all_to_all(self, w: Workload, nbytes: float, stage: str) -> float:
+        """One stage of the hierarchical exchange sending `nbytes` from this rank: "cross" (one peer per
+        machine, over the network) or "node" (the ranks of this machine)."""
+        ...
+
+    def grad_reduce(self, w: Workload, nbytes: float, expert: bool, mode: str) -> float: ...
+
+    def all_gather(self, w: Workload, nbytes: float, expert: bool) -> float:
+        """Gather `nbytes` of parameters (the whole, not the shard) over dp, or edp for experts."""
+        ...
+
+    def optimizer(self, w: Workload, mode: str) -> float: ...
+
+
+def _moe_pipeline(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Phase, last: int | None,
+                  tag: str, dispatch: str = "flat") -> int:
+    """Dispatch -> experts -> combine in `chunks` pieces, issued as the executor issues them. Hierarchical:
+    the pieces cross machines (one packed row per (token, machine)), and each chunk's fan-out inside the
+    machine runs before and after its experts."""
+    if dispatch == "hierarchical" and w.ep_nodes > 1:
+        return _chunked(s, w, costs, chunks, phase, last, tag,
+                        costs.staged_all_to_all(w, w.cross_node_bytes("hierarchical") / chunks, "cross"),
+                        costs.staged_all_to_all(w, w.in_node_bytes / chunks, "node"))
+    return _chunked(s, w, costs, chunks, phase, last, tag,
+                    costs.all_to_all(w, w.a2a_bytes / chunks) if w.ep > 1 else 0.0)
+
+
+def _chunked(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Phase, last: int | None, tag: str,
+             a2a: float, fan_out: float = 0.0) -> int:
+    """The pipelined exchange: each chunk's dispatch (`a2a` seconds), experts and combine. `fan_out`: the
+    in-machine exchange of hierarchical dispatch, each way, which the chunk's compute waits for (it is on
+    the compute stream's path; counted as all-to-all work)."""
+    dispatch = [s.add(f"{tag}.a2a_in0", "comm", a2a, [last])]
+    prev_compute = last
+    combines = []
+    for c in range(chunks):
+        if c + 1 < chunks:  # issued once chunk c has arrived (and chunk c-1 computed: program order)
+            dispatch.append(s.add(f"{tag}.a2a_in{c + 1}", "comm", a2a, [dispatch[c], prev_compute]))
+        if c > 0 and costs.chunk_overhead_s > 0:
+            prev_compute = s.add(f"{tag}.overhead{c}", "compute", costs.chunk_overhead_s, [prev_compute])
+        if fan_out:
+            prev_compute = s.add(f"{tag}.a2a_node_in{c}", "compute", fan_out, [dispatch[c], prev_compute])
+        seconds = costs.experts(w, w.routed_rows / chunks, phase)
+        if phase == "bwd" and (w.recompute == "experts" or w.recompute_experts and w.recompute != "full"):
+            seconds += costs.experts(w, w.routed_rows / chunks, "fwd")
+        prev_compute = s.add(f"{tag}.experts{c}", "compute", seconds, [dispatch[c], prev_compute])
+        if fan_out:
+            prev_compute = s.add(f"{tag}.a2a_node_out{c}", "compute", fan_out, [prev_compute])
+        combines.append(s.add(f"{tag}.a2a_out{c}", "comm", a2a, [prev_compute]))
+    # The layer's output (or input gradient) is complete when every combine is home.
+    return s.add(f"{tag}.join", "compute", 0.0, combines)
+
+
+class _BucketLauncher:
+    """Adds gradient-reduction tasks in program order: a bucket goes once all its layers finished backward
+    and every earlier bucket of its list has gone (as BucketedReducer does)."""
+
+    def __init__(self, s: Schedule, w: Workload, plan: Plan, costs: Costs) -> None:
+        self.s, self.w, self.plan, self.costs = s, w, plan, costs
+        self.lists = []
+        for expert, sizes in ((False, plan.dense_buckets), (True, plan.expert_buckets)):
+            params = [p for p in w.params if p.expert == expert]
+            buckets, start = [], 0
+            for size in sizes:
+                if size:  # every parameter of the list frozen: nothing to reduce
+                    buckets.append(params[start:start + size])
+                start += size
+            self.lists.append((expert, buckets, [0]))
+
+    def launch_ready(self, finished_down_to: int, after: int) -> None:
+        """Backward has finished every layer >= `finished_down_to`; `after` is the task that finished it."""
+        for expert, buckets, next_index in self.lists:
+            while next_index[0] < len(buckets):
+                bucket = buckets[next_index[0]]
+                if min(p.layer for p in bucket) < finished_down_to:
+                    break
+                nbytes = sum(p.numel for p in bucket) * self.w.grad_bytes
+                self.s.add(f"grad.{'expert' if expert else 'dense'}{next_index[0]}", "grad",
+                           self.costs.grad_reduce(self.w, nbytes, expert, self.plan.grad_sync), [after])
+                next_index[0] += 1
+
+
+class _FsdpUnits:
+    """FSDP2's collectives in program order: a block's parameters (its unit's and its experts') gathered in
+    each pass of `gathers` when the previous block starts (apply_fsdp's explicit prefetch), its gradients
+    reduce-scattered when its backward ends; the root unit gathered once and kept."""
+
+    def __init__(self, s: Schedule, w: Workload, costs: Costs, with_grads: bool, gathers: tuple[Phase, ...]):
+        self.s, self.w, self.costs, self.with_grads, self.phases = s, w, costs, with_grads, gathers
+        self.units: dict[int, list[ParamInfo]] = {}
+        for p in w.params:
+            self.units.setdefault(p.layer if 0 <= p.layer < w.n_layers else -1, []).append(p)
+        self.gathers: dict[tuple[int, Phase], int] = {}
+
+    def _bytes(self, unit: int, expert: bool, per_element: int) -> int:
+        return sum(p.numel for p in self.units.get(unit, []) if p.expert == expert) * per_element
+
+    def prefetch(self, unit: int, phase: Phase) -> None:
+        if phase not in self.phases:
+            return
+        if 0 <= unit < self.w.n_layers or (unit == -1 and phase == "fwd"):  # the root stays gathered
+            seconds = sum(self.costs.all_gather(self.w, self._bytes(unit, expert, self.w.act_bytes), expert)
+                          for expert in (False, True))
+            self.gathers[unit, phase] = self.s.add(f"fsdp.gather.L{unit}.{phase}", "comm", seconds)
+
+    def ready(self, unit: int, phase: Phase) -> int | None:
+        return self.gathers.get((unit, phase))
+
+    def reduce(self, unit: int, after: int) -> None:
+        if not self.with_grads:
+            return
+        for expert in (False, True):
+            nbytes = self._bytes(unit, expert, self.w.grad_bytes)
+            if nbytes:
+                self.s.add(f"grad.fsdp.L{unit}{'.expert_shards' if expert else ''}", "grad",
+                           self.costs.grad_reduce(self.w, nbytes, expert, "reduce_scatter"), [after])
+
+
+def build_step(w: Workload, plan: Plan, costs: Costs, with_grads: bool = True, gathers=("fwd", "bwd")) -> Schedule:
+    """Tasks of one micro-step, in the order the executor issues them; `with_grads` adds the gradient
+    reduction, `gathers` the passes in which FSDP gathers parameters (see `micro_steps`)."""
+    s = Schedule()
+    moe_index = {layer: i for i, layer in enumerate(w.moe_layers)}
+    fsdp = _FsdpUnits(s, w, costs, with_grads, gathers) if plan.grad_sync == "fsdp" else None
+
+    def after(last: int | None, unit: int, phase: Phase) -> list[int | None]:
+        """`last`, and under FSDP the unit's gather; issues the next unit's gather (prefetch)."""
+        if fsdp is None:
+            return [last]
+        fsdp.prefetch(unit + 1 if phase == "fwd" else unit - 1, phase)
+        return [last, fsdp.ready(unit, phase)]
+
+    if fsdp is not None:
+        fsdp.prefetch(-1, "fwd")
+    last = s.add("embed.fwd", "compute", costs.dense(w, -1, "fwd"), after(None, -1, "fwd"))
+    for layer in range(w.n_layers):
+        last = s.add(f"L{layer}.dense.fwd", "compute", costs.dense(w, layer, "fwd"), after(last, layer, "fwd"))
+        if layer in moe_index:
+            i = moe_index[layer]
+            last = _moe_pipeline(s, w, costs, plan.chunks[i], "fwd", last, f"L{layer}.moe.fwd", plan.dispatch_of(i))
+    last = s.add("head.fwd", "compute", costs.dense(w, w.n_layers, "fwd"), [last])
+    last = s.add("head.bwd", "compute", costs.dense(w, w.n_layers, "bwd"), [last])
+    buckets = _BucketLauncher(s, w, plan, costs) if with_grads and fsdp is None else None
+    overlap = buckets is not None and plan.overlap_grads
+    if overlap:
+        buckets.launch_ready(w.n_layers, last)
+    if fsdp is not None:
+        fsdp.prefetch(w.n_layers - 1, "bwd")
+    for layer in reversed(range(w.n_layers)):
+        last = s.add(f"L{layer}.bwd.start", "compute", 0.0, after(last, layer, "bwd"))
+        if w.recompute == "selective":
+            last = s.add(f"L{layer}.selective.recompute", "compute", costs.selective_recompute(w, layer), [last])
+        if w.recompute == "full":  # the block's forward again, all-to-alls included
+            last = s.add(f"L{layer}.dense.recompute", "compute", costs.dense(w, layer, "fwd"), [last])
+            if layer in moe_index:
+                i = moe_index[layer]
+                last = _moe_pipeline(s, w, costs, plan.chunks[i], "fwd", last, f"L{layer}.moe.recompute",
+                                     plan.dispatch_of(i))
+        if layer in moe_index:
+            i = moe_index[layer]
+            last = _moe_pipeline(s, w, costs, plan.chunks[i], "bwd", last, f"L{layer}.moe.bwd", plan.dispatch_of(i))
+        last = s.add(f"L{layer}.dense.bwd", "compute", costs.dense(w, layer, "bwd"), [last])
+        if overlap:
+            buckets.launch_ready(layer, last)
+        if fsdp is not None:
+            fsdp.reduce(layer, last)
+    last = s.add("embed.bwd", "compute", costs.dense(w, -1, "bwd"), [last])
+    if buckets is not None:
+        buckets.launch_ready(-1, last)
+    if fsdp is not None:
+        fsdp.reduce(-1, last)
+    return s
+
+
+@dataclass(frozen=True)
+class Prediction:
+    step: float
+    """Predicted seconds per optimizer step."""
+    stages: dict[str, float]
+    """Seconds of work per stage kind, summed over the step (before overlap)."""
+    exposed_comm: float
+    """Seconds per step the compute stream waits for communication."""
+    comm: float
+    """Seconds of communication work per step."""
+
+    @property
+    def hidden_fraction(self) -> float:
+        return 0.0 if self.comm == 0 else max(0.0, 1.0 - self.exposed_comm / self.comm)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"step_s": self.step, "exposed_comm_s": self.exposed_comm, "comm_s": self.comm,
+                "hidden_fraction": self.hidden_fraction, **{f"{k}_s": v for k, v in self.stages.items()}}
+
+
+def _stage_sums(t: Timeline) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for task in t.tasks:
+        kind = ("a2a" if ".a2a" in task.name else "experts" if ".experts" in task.name
+                else "chunk_overhead" if ".overhead" in task.name
+                else "grad_reduce" if task.name.startswith("grad.")
+                else "param_gather" if task.name.startswith("fsdp.gather") else "dense")
+        sums[kind] = sums.get(kind, 0.0) + task.seconds
+    return sums
+
+
+def micro_steps(w: Workload, plan: Plan) -> list[tuple[int, bool, tuple[Phase, ...]]]:
+    """(how many, reduce gradients?, passes that gather) of a step's micro-steps: fsdp gathers and reduces
+    in each, or once (first forward, last backward), or gathers once and reduces in each (reduce_once
+    False); replicated and ZeRO reduce in the last."""
+    n, gathers = w.micro_steps, ("fwd",) if plan.grad_sync == "fsdp" else ()
+    if plan.grad_sync == "fsdp" and plan.gather_once and not plan.reduce_once:
+        return [s for s in [(1, True, gathers), (n - 1, True, ())] if s[0] > 0]
+    if plan.grad_sync != "fsdp" or plan.gather_once:
+        steps = [(1, True, gathers)] if n == 1 else [(1, False, gathers), (n - 2, False, ()), (1, True, ())]
+        return [s for s in steps if s[0] > 0]
+    return [(n, True, ("fwd", "bwd"))]
+
+
+def predict(w: Workload, plan: Plan, costs: Costs) -> Prediction:
+    step = exposed = comm = 0.0
+    stages: dict[str, float] = {}
+    for count, with_grads, gathers in micro_steps(w, plan):
+        t = build_step(w, plan, costs, with_grads, gathers).run(costs.overlap_slowdown)
+        step, exposed = step + count * t.makespan, exposed + count * t.exposed_comm
+        comm += count * (t.work("comm") + t.work("grad"))
+        for kind, seconds in _stage_sums(t).items():
+            stages[kind] = stages.get(kind, 0.0) + count * seconds
+    stages["optimizer"] = costs.optimizer(w, plan.grad_sync)
+    return Prediction(step=step + stages["optimizer"], stages=stages, exposed_comm=exposed, comm=comm)
+
+
+def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: int, micro_steps: int,
+                 act_bytes: int = 4, frozen: frozenset[str] = frozenset(), recompute: str = "none",
+                 ranks_per_node: int = 0, grad_bytes: int = 4, moment_bytes: int = 4,
+                 loss_chunk_tokens: int = 0) -> Workload:
+    """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
+    Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer.
+    `ranks_per_node`: machines of that many ranks (0: one machine)."""
+    machines = ep // ranks_per_node if 0 < ranks_per_node < ep else 1
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expert_ids = expert_parameter_ids(model)
+    infos = []
+    for name, p in model.named_parameters():
+        if name in frozen:
+            continue
+        expert = id(p) in expert_ids
+        infos.append(ParamInfo(block_index(name, cfg), p.numel() // ep if expert else p.numel(), expert))
+    blocks = range(cfg.n_blocks)  # the MTP depths' blocks run after the decoder's, before the head
+    return Workload(tokens=tokens, seq_len=seq_len, dim=cfg.dim, expert_hidden=cfg.moe.ffn_dim,
+                    num_experts=cfg.moe.num_experts, top_k=cfg.moe.top_k, n_layers=cfg.n_blocks,
+                    moe_layers=tuple(i for i in blocks if cfg.is_moe_layer(i)), ep=ep, dp=dp,
+                    micro_steps=micro_steps, params=tuple(reversed(infos)), act_bytes=act_bytes,
+                    grad_bytes=grad_bytes, moment_bytes=moment_bytes,
+                    dense_flops=tuple(block_fwd_flops(cfg, tokens, seq_len, i) for i in blocks),
+                    head_flops=head_fwd_flops(cfg, tokens),
+                    attention_flops=tuple(attention_core_flops(cfg, tokens, seq_len, i) for i in blocks),
+                    elementwise_bytes=tuple(block_elementwise_bytes(cfg, tokens, i, act_bytes) for i in blocks),
+                    recompute=recompute, recompute_experts=cfg.moe.recompute_experts,
+                    ranks_per_node=ranks_per_node, loss_chunk_tokens=loss_chunk_tokens,
+                    nodes_per_token=expected_nodes_per_token(
+                        cfg.moe.num_experts, cfg.moe.top_k, machines,
+                        machine_bound(cfg.moe, machines, cfg.moe.max_nodes_per_token)))
+
+
+def moe_layer_timeline(w: Workload, costs: Costs, chunks: int, dispatch: str = "flat") -> Timeline:
+    """One MoE layer alone, forward then backward, pipelined in `chunks` pieces."""
+    s = Schedule()
+    last = _moe_pipeline(s, w, costs, chunks, "fwd", None, "moe.fwd", dispatch)
+    _moe_pipeline(s, w, costs, chunks, "bwd", last, "moe.bwd", dispatch)
+    return s.run(costs.overlap_slowdown)
+
+
+def model_flops(w: Workload) -> float:
+    """FLOPs of one rank's step as MFU counts them (PaLM, Chowdhery et al. 2022, app. B): 3x the forward of
+    every weight GEMM (experts at top_k rows a token) and of causal attention's core; no recompute."""
+    experts = sum(6.0 * w.routed_rows * w.dim * w.expert_hidden for _ in w.moe_layers)
+    return 3.0 * (sum(w.dense_flops) + w.head_flops + experts) * w.micro_steps

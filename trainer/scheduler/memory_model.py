@@ -1,0 +1,269 @@
+"""Predict one rank's peak memory: model state (parameters, gradients, AdamW), activations kept for
+backward under each recompute mode, and the transient buffers of the gradient sync and the loss.
+
+An analytic count from the model config and the layout, no measurement: `moeyard plan` prints it for
+any cluster, the planner uses it to pick a layout that fits, and `benchmarks/memory.py` puts it beside
+the peak a real run measures. Bytes are float32 for weights, gradients and AdamW moments (the master
+copy), `act_bytes` for activations and for FSDP's gathered compute weights. Sharded state is counted
+on the largest rank: FSDP2 pads every rank to the first of `torch.chunk`'s pieces.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from moeyard.models import ModelConfig, Transformer, expert_parameter_ids
+from moeyard.parallel.fsdp import expert_shard_dim, padded_shard_numel
+from moeyard.trainer.scheduler.block_shapes import attention_shape, block_index
+
+GB = 1e9
+HEADROOM = 0.9
+"""The share of a device's memory a run may plan for: the allocator's fragmentation and the runtime take
+the rest."""
+GPU_RUNTIME_GB = 2.0
+"""What a GPU worker's CUDA context, NCCL's buffers and the allocator's reserve take beside the model."""
+
+
+def usable_gb(device_gb: float) -> float:
+    """What a run may plan for on a GPU of `device_gb`: HEADROOM of what the runtime leaves."""
+    return HEADROOM * (device_gb - GPU_RUNTIME_GB)
+
+
+def usable_memory_gb(device: torch.device) -> float:
+    """usable_gb of this rank's GPU; 0 on a CPU, whose memory the local workers share (the planner then
+    keeps to layouts that hold no more than the configured one)."""
+    if device.type != "cuda":
+        return 0.0
+    return usable_gb(torch.cuda.get_device_properties(device).total_memory / 1e9)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one step runs on one rank."""
+
+    world: int
+    ep: int
+    tokens: int
+    """Tokens per rank per micro-step."""
+    grad_sync: str = "all_reduce"
+    """all_reduce (replicated), reduce_scatter (ZeRO optimizer shards) or fsdp."""
+    recompute: str = "none"
+    """none, selective, experts or full (train.recompute)."""
+    act_bytes: int = 4
+    loss_chunk_tokens: int = 8192
+    frozen: frozenset[str] = frozenset()
+    micro_steps: int = 1
+    """Micro-steps per optimizer step: with more than one, gradients accumulate through the forwards."""
+    bucketed: bool = False
+    """Gradients live in flat bucket buffers (a planned replicated sync, or reduce_scatter's ZeRO)."""
+    gather_once: bool = False
+    """fsdp: every unit's gathered weights and unsharded gradients stay through the step (Plan.gather_once)."""
+    reduce_once: bool = True
+    """With gather_once: False reduces every micro-step's gradients, so only the weights stay unsharded."""
+    reduce_bytes: int = 4
+    """Bytes per gradient element in the reduction (parallel.reduce_dtype): FSDP's unsharded accumulation."""
+    moment_bytes: int = 4
+    """Bytes per AdamW moment element (optim.moment_dtype: 2 for bfloat16)."""
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Elements of the whole model, split as the layout shards them."""
+
+    dense: int
+    experts: int
+    """All experts of all layers (each rank holds experts / ep of them)."""
+    dense_trainable: int
+    experts_trainable: int
+    root: int
+    """Embedding, final norm and output layer (FSDP's root unit, kept gathered through backward)."""
+    largest_block: int
+    """Dense parameters of the largest block plus its experts / ep (one FSDP unit gathered)."""
+    shapes: tuple[tuple[tuple[int, ...], bool, bool], ...] = ()
+    """(shape of this rank's ep shard, expert, trainable) of every parameter: what FSDP shards."""
+
+    def fsdp_shard(self, world: int, ep: int) -> tuple[int, int]:
+        """(parameters, trainable parameters) of the largest rank under FSDP: dense sharded on dim 0 over
+        world, experts over edp on the dimension apply_fsdp picks, each padded to its largest piece."""
+        edp = world // ep
+        params = trainable = 0
+        for shape, expert, is_trainable in self.shapes:
+            if expert:
+                n = padded_shard_numel(shape, expert_shard_dim(shape, edp), edp)
+            else:
+                n = padded_shard_numel(shape, 0, world)
+            params += n
+            trainable += n if is_trainable else 0
+        return params, trainable
+
+
+def count_parameters(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozenset()) -> ParamCounts:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expert_ids = expert_parameter_ids(model)
+    dense = experts = dense_t = experts_t = root = 0
+    blocks: dict[int, int] = {}
+    shapes = []
+    for name, p in model.named_parameters():
+        n, is_expert = p.numel(), id(p) in expert_ids
+        shape = (p.shape[0] // ep, *p.shape[1:]) if is_expert else tuple(p.shape)
+        shapes.append((shape, is_expert, name not in frozen))
+        if is_expert:
+            experts += n
+            experts_t += 0 if name in frozen else n
+        else:
+            dense += n
+            dense_t += 0 if name in frozen else n
+        layer = block_index(name, cfg)
+        if 0 <= layer < cfg.n_blocks:
+            blocks[layer] = blocks.get(layer, 0) + (n // ep if is_expert else n)
+        else:
+            root += n
+    return ParamCounts(dense, experts, dense_t, experts_t, root, max(blocks.values(), default=0), tuple(shapes))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """A rank's bytes by kind, and its peak. Activations are largest when backward starts and are freed
+    as it goes, while gradients appear; so the peak is the larger of the start of backward (activations
+    and what lives beside them) and its end (every gradient and the reduction's buffers)."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    with_activations: float
+    """Transients beside the activations: gathered FSDP units, autocast's weight copies, the loss's logits."""
+    after_backward: float
+    """Transients beside all gradients: the flat copy a reduction after backward concatenates."""
+    gradients_throughout: bool = False
+    """Gradients live through the forward too: accumulated over micro-steps, or flat bucket buffers."""
+
+    @property
+    def buffers(self) -> float:
+        return max(self.with_activations, self.after_backward)
+
+    @property
+    def start_of_backward(self) -> float:
+        grads = self.gradients if self.gradients_throughout else 0.0
+        return self.parameters + self.optimizer + grads + self.activations + self.with_activations
+
+    @property
+    def end_of_backward(self) -> float:
+        return self.parameters + self.optimizer + self.gradients + self.after_backward
+
+    @property
+    def total(self) -> float:
+        return max(self.start_of_backward, self.end_of_backward)
+
+    def line(self, capacity_gb: float = 0.0, device: str = "") -> str:
+        parts = ", ".join(f"{k} {getattr(self, k) / GB:.2f}" for k in
+                          ("parameters", "gradients", "optimizer", "activations", "buffers"))
+        when = "start" if self.start_of_backward >= self.end_of_backward else "end"
+        text = f"memory per rank: {self.total / GB:.2f} GB predicted peak ({parts} GB; at the {when} of backward)"
+        if capacity_gb:
+            verdict = "fits" if self.fits(capacity_gb) else "does NOT fit"
+            text += f"; {verdict} {device} ({capacity_gb:g} GB)"
+        return text
+
+    def fits(self, capacity_gb: float, headroom: float = HEADROOM) -> bool:
+        """Within `headroom` of the device: the allocator's fragmentation and the runtime take the rest."""
+        return self.total <= headroom * capacity_gb * GB
+
+
+def _block_activations(cfg: ModelConfig, layer: int, tokens: int, b: int, recompute: str) -> float:
+    """Bytes autograd keeps for one block's backward: residual stream in float32, the rest in `b` bytes.
+    `recompute`: none, selective (GEMM outputs and region inputs only, models/recompute.py) or experts
+    (the routed experts keep their input rows only); full is counted by the caller."""
+    d, a = cfg.dim, attention_shape(cfg)
+    selective = recompute == "selective"
+    if selective:
+        # The block's input, q/k/v and the output projection's output (MLA: its latents), the FFN's normed input.
+        per_token = 4 * d + b * (a.q + a.k + a.v) + b * d + b * a.latent + b * d
+    else:
+        # Two norms (input, normalised, output), q/k/v before and after rope, attention output and its
+        # log-sum-exp, the output projection's input; MLA's latents before and after their norms.
+        per_token = 2 * 4 * d + 2 * b * d + b * (2 * a.q + 2 * a.k + a.v + a.out) + b * a.out + 4 * cfg.n_heads
+        per_token += 2 * b * a.latent
+    if layer >= cfg.n_layers:  # an MTP depth: its two normed inputs, their concatenation, eh_proj's output
+        per_token += b * 5 * d
+
+    def swiglu(f: int) -> int:
+        """Per token: gate, up, silu(gate) and their product; selective: gate, up and the down GEMM's output."""
+        return 2 * f + d if selective else 4 * f
+
+    if not cfg.is_moe_layer(layer):
+        return tokens * (per_token + b * swiglu(cfg.ffn_dim))
+    moe = cfg.moe_for_layer(layer)
+    rows = tokens * moe.top_k
+    per_token += 3 * 4 * moe.num_experts  # router logits, probabilities, chosen weights (float32)
+    per_token += b * swiglu(moe.shared_hidden_dim) if moe.num_shared_experts else 0
+    routed = rows * b * 4 * d  # rows sent, received, expert outputs, outputs back
+    if recompute != "experts" and not cfg.moe.recompute_experts:
+        routed += rows * b * (2 if selective else 4) * moe.ffn_dim  # gate, up (, silu(gate), their product)
+    return tokens * per_token + routed
+
+
+def _head_bytes(cfg: ModelConfig, layout: Layout) -> float:
+    """The output layer's float32 logits and their gradient: whole (the next token's and each MTP depth's,
+    all kept for backward), or one chunk at a time."""
+    if layout.loss_chunk_tokens > 0:
+        return 3 * 4 * min(layout.tokens, layout.loss_chunk_tokens) * cfg.vocab_size
+    return 3 * 4 * layout.tokens * cfg.vocab_size * (1 + cfg.mtp_layers)
+
+
+def predict_memory(cfg: ModelConfig, layout: Layout, counts: ParamCounts | None = None) -> MemoryEstimate:
+    """`counts`: count_parameters(cfg, layout.ep, layout.frozen), when the caller has it already."""
+    c = counts or count_parameters(cfg, layout.ep, layout.frozen)
+    edp = layout.world // layout.ep
+    x, xt = c.experts / layout.ep, c.experts_trainable / layout.ep  # this rank's ep shard
+    if layout.grad_sync == "fsdp":
+        shard, shard_trainable = c.fsdp_shard(layout.world, layout.ep)
+        params, grads, optimizer = 4 * shard, 4 * shard_trainable, 2 * layout.moment_bytes * shard_trainable
+        # The root unit stays gathered; two blocks gathered (this one and the prefetched next one) and
+        # one block's unsharded float32 gradients before its reduce-scatter -- through backward to its
+        # end, where the first block and the root are reduced last (measured: 4.97 GB peak against
+        # 4.28 GB of state on the 1B model of benchmarks/memory.py).
+        with_activations = after_backward = layout.act_bytes * (c.root + 2 * c.largest_block) + 4 * c.largest_block
+        if layout.gather_once:  # every unit stays gathered through the step (the root as before)
+            params += layout.act_bytes * (c.dense + x)
+            with_activations = after_backward = 4 * c.largest_block
+            if layout.micro_steps > 1 and layout.reduce_once:  # unsharded gradients accumulate to the last
+                grads += layout.reduce_bytes * (c.dense_trainable + xt)
+    else:
+        params = 4 * (c.dense + x)
+        grads = 4 * (c.dense_trainable + xt)
+        if layout.grad_sync == "reduce_scatter":
+            # moments and a float32 master shard
+            optimizer = (4 + 2 * layout.moment_bytes) * (c.dense_trainable / layout.world + xt / edp)
+        else:
+            optimizer = 2 * layout.moment_bytes * (c.dense_trainable + xt)
+        with_activations = layout.act_bytes * (c.dense + x) if layout.act_bytes < 4 else 0.0  # autocast's copies
+        # Buckets reduce in place; the reference concatenates each group (dense, experts) once.
+        after_backward = 0.0 if layout.bucketed else 4 * max(c.dense_trainable, xt)
+    per_block = [_block_activations(cfg, i, layout.tokens, layout.act_bytes,
+                                    "none" if layout.recompute == "full" else layout.recompute)
+                 for i in range(cfg.n_blocks)]
+    if layout.recompute == "full":  # block inputs only, and one block's activations while it is recomputed
+        activations = cfg.n_blocks * layout.tokens * 4 * cfg.dim + max(per_block)
+    elif layout.recompute == "selective":  # and what one block's recomputation brings back for its backward
+        kept_all = [_block_activations(cfg, i, layout.tokens, layout.act_bytes, "none") for i in range(cfg.n_blocks)]
+        activations = sum(per_block) + max(k - p for k, p in zip(kept_all, per_block))
+    else:
+        activations = sum(per_block)
+    activations += 3 * 4 * layout.tokens * cfg.dim  # embedding output, final norm
+    throughout = layout.micro_steps > 1 or (layout.bucketed and layout.grad_sync != "fsdp")
+    return MemoryEstimate(params, grads, optimizer, activations, with_activations + _head_bytes(cfg, layout),
+                          after_backward, throughout)
+
+
+def smallest_world(cfg: ModelConfig, layout: Layout, capacity_gb: float, max_world: int = 4096) -> int | None:
+    """The fewest ranks (a multiple of ep, same micro-batch per rank) on which this layout fits; None if
+    none up to `max_world` does (activations or the replicated state alone are too large)."""
+    counts = count_parameters(cfg, layout.ep, layout.frozen)
+    for world in range(layout.ep, max_world + 1, layout.ep):
+        if predict_memory(cfg, dataclasses.replace(layout, world=world), counts).fits(capacity_gb):
+            return world
+    return None
