@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers.runs import read_metrics, run_moeyard_train, train_forked, write_config
 
 from moeyard.trainer.data.tokens import stdlib_dir
-from tests.helpers.runs import moeyard_train, read_metrics, run_moeyard_train, write_config
 from tests.helpers.tokenizer_cases import train_bpe, word_level
 
 pytest.importorskip("pyarrow")
@@ -53,9 +53,9 @@ def _blend_config(root, path):
 
 def test_a_document_masked_blend_resumed_at_another_world_size_continues_the_same_batches(tmp_path, blend) -> None:
     config = _blend_config(blend, tmp_path / "c.yaml")
-    moeyard_train(config, tmp_path / "whole", 1)
-    moeyard_train(config, tmp_path / "parts", 1, "train.stop_at=4")
-    proc = moeyard_train(config, tmp_path / "parts", 2, "parallel.ep=2")
+    train_forked(config, tmp_path / "whole", 1)
+    train_forked(config, tmp_path / "parts", 1, "train.stop_at=4")
+    proc = train_forked(config, tmp_path / "parts", 2, "parallel.ep=2")
     assert "at step 4" in proc.stdout
     whole, parts = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "parts")
     assert [m["step"] for m in parts] == list(range(1, 9))
@@ -92,7 +92,7 @@ def test_a_corpus_of_a_vocabulary_past_16_bits_trains(tmp_path) -> None:
     assert "uint32" in out.stdout
     config = write_config(tmp_path / "c.yaml", tmp_path / "corpus", train={"steps": 3},
                           model={"vocab_size": 70_000})
-    moeyard_train(config, tmp_path / "run", 2, "parallel.ep=2")
+    train_forked(config, tmp_path / "run", 2, "parallel.ep=2")
     metrics = read_metrics(tmp_path / "run")
     assert len(metrics) == 3 and metrics[-1]["lm_loss"] < metrics[0]["lm_loss"]
     assert metrics[0]["lm_loss"] == pytest.approx(__import__("math").log(70_000), abs=0.5), "ids past 65,535 lost?"

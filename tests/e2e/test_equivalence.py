@@ -8,7 +8,7 @@ relative (norm-wise per parameter tensor for the updates).
 from __future__ import annotations
 
 import pytest
-from helpers.runs import RTOL, assert_same_run, moeyard_train, read_metrics, write_config
+from helpers.runs import RTOL, assert_same_run, read_metrics, train_forked, write_config
 
 LAYOUTS = [(2, 2), (4, 4), (4, 2)]  # (processes, ep), each against (1, 1)
 
@@ -21,14 +21,14 @@ def config(tmp_path_factory, small_corpus):
 @pytest.fixture(scope="module")
 def reference(config, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    moeyard_train(config, run_dir, 1, "parallel.ep=1")
+    train_forked(config, run_dir, 1, "parallel.ep=1")
     return run_dir
 
 
 @pytest.mark.parametrize("nproc,ep", LAYOUTS)
 def test_expert_parallel_matches_single_process(config, reference, tmp_path, nproc: int, ep: int) -> None:
     run_dir = tmp_path / "run"
-    moeyard_train(config, run_dir, nproc, f"parallel.ep={ep}")
+    train_forked(config, run_dir, nproc, f"parallel.ep={ep}")
     metrics = read_metrics(run_dir)
     assert len(metrics) == 6 and metrics[-1]["loss"] < metrics[0]["loss"]
     assert_same_run(reference, run_dir, f"{nproc} processes ep={ep}")
@@ -38,8 +38,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, small_corpus) -> 
     """Micro-batching changes nothing (aux loss off: its balance statistics are per micro-batch)."""
     config = write_config(tmp_path / "acc.yaml", small_corpus, train={"steps": 4})
     no_aux = "model.moe.aux_loss_coef=0"
-    moeyard_train(config, tmp_path / "whole", 1, "parallel.ep=1", no_aux)
-    moeyard_train(config, tmp_path / "accum", 2, "parallel.ep=2", no_aux, "train.micro_batch_size=2")
+    train_forked(config, tmp_path / "whole", 1, "parallel.ep=1", no_aux)
+    train_forked(config, tmp_path / "accum", 2, "parallel.ep=2", no_aux, "train.micro_batch_size=2")
     assert_same_run(tmp_path / "whole", tmp_path / "accum", "2 processes, 4 micro-steps")
 
 
@@ -63,7 +63,7 @@ def test_scheduled_runs_match_the_reference(config, reference, tmp_path, nproc, 
     """Pipelined experts, bucketed overlapped reduction, the ZeRO-sharded optimizer, activation checkpointing
     and the chunked loss change nothing learned."""
     run_dir = tmp_path / "run"
-    proc = moeyard_train(config, run_dir, nproc, f"parallel.ep={ep}", *schedule)
+    proc = train_forked(config, run_dir, nproc, f"parallel.ep={ep}", *schedule)
     assert "plan (" in proc.stdout
     if "schedule.mode=auto" in schedule:  # planned from a fresh profile: the prediction is logged
         assert all(m["predicted_step_s"] > 0 for m in read_metrics(run_dir))
@@ -80,7 +80,7 @@ DEEPSEEK = ["model.attention=mla", "model.n_kv_heads=4", "model.mla.q_lora_rank=
 @pytest.fixture(scope="module")
 def deepseek_single(config, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ref-mtp") / "run"
-    moeyard_train(config, run_dir, 1, "parallel.ep=1", *DEEPSEEK)
+    train_forked(config, run_dir, 1, "parallel.ep=1", *DEEPSEEK)
     return run_dir
 
 
@@ -91,8 +91,8 @@ def test_mla_with_multi_token_prediction_is_the_same_at_ep1_and_ep2(config, deep
     the single process's. Updates are compared at the same dp: against one process, summing the gradient in
     two halves already moves MLA's updates by up to 2.6e-5 after 6 AdamW steps at lr 1e-2 (measured; the
     same at ep=1 and ep=2), which is float32 rounding, not layout."""
-    moeyard_train(config, tmp_path / "ep1", 2, "parallel.ep=1", *DEEPSEEK, *extra)
-    moeyard_train(config, tmp_path / "ep2", 2, "parallel.ep=2", *DEEPSEEK, *extra)
+    train_forked(config, tmp_path / "ep1", 2, "parallel.ep=1", *DEEPSEEK, *extra)
+    train_forked(config, tmp_path / "ep2", 2, "parallel.ep=2", *DEEPSEEK, *extra)
     metrics = read_metrics(tmp_path / "ep2")
     assert all(m["mtp_loss"] > 0 for m in metrics) and metrics[-1]["mtp_loss"] < metrics[0]["mtp_loss"]
     assert sorted(metrics[0]["expert_load"]) == ["1", "2", "3", "4"]  # blocks 3 and 4: the MTP depths
@@ -121,9 +121,9 @@ grad norms still agree within RTOL. A layout bug moves updates by 1e-3 or more."
 def test_gpt_oss_design_is_the_same_at_ep1_and_ep2(config, tmp_path, extra) -> None:
     """Sinks, windows and biased clamped experts (sharded with their biases; pipelined in 2 chunks, where the
     exchange runs them with six weights) learn the same at ep=1 and ep=2 on 2 processes, and one process."""
-    moeyard_train(config, tmp_path / "one", 1, "parallel.ep=1", *GPT_OSS)
-    moeyard_train(config, tmp_path / "ep1", 2, "parallel.ep=1", *GPT_OSS)
-    moeyard_train(config, tmp_path / "ep2", 2, "parallel.ep=2", *GPT_OSS, *extra)
+    train_forked(config, tmp_path / "one", 1, "parallel.ep=1", *GPT_OSS)
+    train_forked(config, tmp_path / "ep1", 2, "parallel.ep=1", *GPT_OSS)
+    train_forked(config, tmp_path / "ep2", 2, "parallel.ep=2", *GPT_OSS, *extra)
     metrics = read_metrics(tmp_path / "ep2")
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert_same_run(tmp_path / "ep1", tmp_path / "ep2", f"GPT-OSS design ep=1 vs ep=2 {' '.join(extra)}",

@@ -10,9 +10,9 @@ import torch.distributed.checkpoint as dcp
 from helpers.runs import (
     final_parameters,
     initial_parameters,
-    moeyard_train,
     read_metrics,
     run_moeyard_train,
+    train_forked,
     write_config,
 )
 
@@ -33,8 +33,8 @@ def test_frozen_moe_base_trains_the_same_at_ep1_and_ep2(tmp_path, small_corpus, 
     or ZeRO's reduce-scatter), or FSDP2 with frozen and trainable parameters in one unit, equals ep=1; frozen weights never move, have no optimizer state and no
     gradient bucket."""
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 4})
-    ref = moeyard_train(config, tmp_path / "ep1", 1, "parallel.ep=1", *FROZEN_MOE)
-    moeyard_train(config, tmp_path / "ep2", 2, "parallel.ep=2", *FROZEN_MOE, "schedule.mode=manual",
+    ref = train_forked(config, tmp_path / "ep1", 1, "parallel.ep=1", *FROZEN_MOE)
+    train_forked(config, tmp_path / "ep2", 2, "parallel.ep=2", *FROZEN_MOE, "schedule.mode=manual",
                   "schedule.bucket_mb=0.05", sync)
     cfg, final_ref = final_parameters(tmp_path / "ep1")
     _, final_ep2 = final_parameters(tmp_path / "ep2")
@@ -63,7 +63,7 @@ def test_frozen_moe_base_trains_the_same_at_ep1_and_ep2(tmp_path, small_corpus, 
 
 def test_resuming_with_more_to_train_is_refused_with_the_fix(tmp_path, small_corpus) -> None:
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 4})
-    moeyard_train(config, tmp_path / "run", 1, "parallel.ep=1", *FROZEN_MOE, "train.stop_at=2",
+    train_forked(config, tmp_path / "run", 1, "parallel.ep=1", *FROZEN_MOE, "train.stop_at=2",
                   "checkpoint.every=2")
     proc = run_moeyard_train(config, tmp_path / "run", 1, "parallel.ep=1")
     assert proc.returncode != 0

@@ -6,7 +6,7 @@ bf16 AdamW moments taken from the checkpoint's float32 ones)."""
 from __future__ import annotations
 
 import pytest
-from helpers.runs import assert_same_run, moeyard_train, read_metrics, write_config
+from helpers.runs import assert_same_run, read_metrics, train_forked, write_config
 
 TWO_EXPERTS = ["model.moe.num_experts=2", "model.moe.aux_loss_coef=0"]  # aux balances per micro-batch
 GATHER_ONCE = ["parallel.fsdp=true", "parallel.fsdp_gather_once=true", "train.micro_batch_size=1"]
@@ -22,16 +22,16 @@ BF16_MOMENTS_RTOL = 1e-3
 def test_two_experts_over_edp_gathered_once_learn_what_one_process_learns(tmp_path, small_corpus) -> None:
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 4})
     reference = tmp_path / "reference"
-    moeyard_train(config, reference, 1, "parallel.ep=1", *TWO_EXPERTS)
+    train_forked(config, reference, 1, "parallel.ep=1", *TWO_EXPERTS)
     run = tmp_path / "gather_once"
     # 4 ranks, ep 2: one expert per ep rank over an edp group of 2; 4 sequences a rank, one per micro-step.
-    proc = moeyard_train(config, run, 4, "parallel.ep=2", *TWO_EXPERTS, *GATHER_ONCE, "train.stop_at=2")
+    proc = train_forked(config, run, 4, "parallel.ep=2", *TWO_EXPERTS, *GATHER_ONCE, "train.stop_at=2")
     assert "gathered once per step" in proc.stdout
-    moeyard_train(config, run, 4, "parallel.ep=2", *TWO_EXPERTS, *GATHER_ONCE)
+    train_forked(config, run, 4, "parallel.ep=2", *TWO_EXPERTS, *GATHER_ONCE)
     label = "4 ranks ep=2, 2 experts, fsdp gathered once over 4 micro-steps"
     assert_same_run(reference, run, label, update_rtol=ACCUMULATION_RTOL)
     replicated = tmp_path / "replicated"
-    moeyard_train(config, replicated, 4, "parallel.ep=2", *TWO_EXPERTS, "train.micro_batch_size=1")
+    train_forked(config, replicated, 4, "parallel.ep=2", *TWO_EXPERTS, "train.micro_batch_size=1")
     assert_same_run(replicated, run, f"{label}, against replicated with the same micro-steps")
 
     # Every rank wrote the same share of the checkpoint (its experts included).
@@ -47,7 +47,7 @@ def test_two_experts_over_edp_gathered_once_learn_what_one_process_learns(tmp_pa
                                "train.micro_batch_size=2"]),  # 4 micro-steps of 2
                           (2, ["parallel.ep=2", "parallel.fsdp=true", "optim.moment_dtype=bfloat16"])]:
         resumed = tmp_path / f"resumed_{nproc}_{len(layout)}"
-        proc = moeyard_train(config, resumed, nproc, *layout, *TWO_EXPERTS, f"checkpoint.resume={checkpoint}")
+        proc = train_forked(config, resumed, nproc, *layout, *TWO_EXPERTS, f"checkpoint.resume={checkpoint}")
         assert "at step 2" in proc.stdout
         if "parallel.fsdp_reduce_once=false" in layout:
             assert "gradients reduced in every micro-step" in proc.stdout

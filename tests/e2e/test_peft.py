@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers.runs import final_parameters, initial_parameters, moeyard_train, read_metrics, write_config
+from helpers.runs import final_parameters, initial_parameters, read_metrics, train_forked, write_config
 
 from moeyard.errors import CheckpointError
 from moeyard.trainer.checkpoint.store import content_hash, read_manifest
@@ -23,8 +23,8 @@ def _bytes(checkpoint: Path) -> int:
 def test_lora_moe_trains_only_adapters_and_matches_at_ep1_and_ep2(tmp_path, small_corpus) -> None:
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 4})
     peft = ["model.peft.method=lora_moe", "model.peft.rank=4", "optim.lr=0.01"]
-    proc = moeyard_train(config, tmp_path / "ep1", 1, "parallel.ep=1", *peft)
-    moeyard_train(config, tmp_path / "ep2", 2, "parallel.ep=2", *peft)
+    proc = train_forked(config, tmp_path / "ep1", 1, "parallel.ep=1", *peft)
+    train_forked(config, tmp_path / "ep2", 2, "parallel.ep=2", *peft)
     cfg, final_ep1 = final_parameters(tmp_path / "ep1")
     _, final_ep2 = final_parameters(tmp_path / "ep2")
     init = initial_parameters(cfg)
@@ -56,15 +56,15 @@ def test_adapters_start_from_a_base_checkpoint_and_save_only_themselves(tmp_path
     only, refer to the base by path and content hash, and resume (at another world size) to the same
     weights as a run without a break; a replaced base is refused by name."""
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 2})
-    moeyard_train(config, tmp_path / "base", 1, "parallel.ep=1")
+    train_forked(config, tmp_path / "base", 1, "parallel.ep=1")
     init = f"checkpoint.init={tmp_path / 'base'}"
-    moeyard_train(config, tmp_path / "plain", 1, "parallel.ep=1", init, "model.moe.aux_loss_coef=0")
+    train_forked(config, tmp_path / "plain", 1, "parallel.ep=1", init, "model.moe.aux_loss_coef=0")
     tuned = [init, "model.moe.aux_loss_coef=0", "model.peft.method=rank1_moe", "model.peft.aux_loss_coef=0"]
-    moeyard_train(config, tmp_path / "tuned", 1, "parallel.ep=1", *tuned)
+    train_forked(config, tmp_path / "tuned", 1, "parallel.ep=1", *tuned)
     plain, tuned_metrics = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "tuned")
     assert tuned_metrics[0]["lm_loss"] == pytest.approx(plain[0]["lm_loss"], rel=1e-6)
 
-    moeyard_train(config, tmp_path / "split", 1, "parallel.ep=1", "train.stop_at=1", *tuned)
+    train_forked(config, tmp_path / "split", 1, "parallel.ep=1", "train.stop_at=1", *tuned)
     first = tmp_path / "split" / "checkpoints" / "step_000001"
     manifest = read_manifest(first)
     base = resolve_init(tmp_path / "base")
@@ -73,7 +73,7 @@ def test_adapters_start_from_a_base_checkpoint_and_save_only_themselves(tmp_path
     saved = {k[len("model."):] for k in meta if k.startswith("model.")}
     assert saved and all(".adapter." in n for n in saved)
     assert _bytes(first) < _bytes(base) / 3
-    moeyard_train(config, tmp_path / "split", 2, "parallel.ep=2", *tuned)  # resumes from the adapters
+    train_forked(config, tmp_path / "split", 2, "parallel.ep=2", *tuned)  # resumes from the adapters
     _, straight = final_parameters(tmp_path / "tuned")
     _, resumed = final_parameters(tmp_path / "split")
     for name, p in straight.items():
@@ -83,7 +83,7 @@ def test_adapters_start_from_a_base_checkpoint_and_save_only_themselves(tmp_path
 
     # Tuning on from the adapter checkpoint: the new run refers to it (and through it to the base) and
     # still saves the adapters only.
-    moeyard_train(config, tmp_path / "more", 1, "parallel.ep=1", "train.steps=1", *tuned[1:],
+    train_forked(config, tmp_path / "more", 1, "parallel.ep=1", "train.steps=1", *tuned[1:],
                   f"checkpoint.init={tmp_path / 'split'}")
     more = resolve_init(tmp_path / "more")
     assert read_manifest(more)["base"]["path"] == str(resolve_init(tmp_path / "split").resolve())

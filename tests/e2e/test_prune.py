@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import yaml
-from helpers.runs import moeyard_train, read_metrics, write_config
+from helpers.runs import read_metrics, train_forked, write_config
 
 from moeyard.errors import ConfigError
 from moeyard.models import Transformer
@@ -22,7 +22,7 @@ from moeyard.trainer.data.blend import TokenBatches
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, small_corpus):
     root = tmp_path_factory.mktemp("prune")
-    moeyard_train(write_config(root / "c.yaml", small_corpus, train={"steps": 4}), root / "run", 1,
+    train_forked(write_config(root / "c.yaml", small_corpus, train={"steps": 4}), root / "run", 1,
                   "parallel.ep=1")
     step = (root / "run" / "checkpoints" / "latest").read_text().strip()
     return root, root / "run" / "checkpoints" / step
@@ -51,8 +51,8 @@ def test_half_the_experts_report_the_cost_and_train_at_ep1_and_ep2(trained, smal
     tree = yaml.safe_load(config.read_text())
     del tree["model"]  # the model comes from the pruned checkpoint
     config.write_text(yaml.safe_dump(tree))
-    moeyard_train(config, root / "t1", 1, "parallel.ep=1", f"checkpoint.init={out}")
-    moeyard_train(config, root / "t2", 2, "parallel.ep=2", f"checkpoint.init={out}")
+    train_forked(config, root / "t1", 1, "parallel.ep=1", f"checkpoint.init={out}")
+    train_forked(config, root / "t2", 2, "parallel.ep=2", f"checkpoint.init={out}")
     for a, b in zip(read_metrics(root / "t2"), read_metrics(root / "t1")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert len(read_metrics(root / "t1")) == 3
@@ -80,7 +80,7 @@ def test_an_uneven_budget_per_layer_trains_at_ep2(trained, small_corpus) -> None
     tree = yaml.safe_load(config.read_text())
     del tree["model"]
     config.write_text(yaml.safe_dump(tree))
-    moeyard_train(config, root / "u2", 2, "parallel.ep=2", f"checkpoint.init={root / 'uneven'}")
+    train_forked(config, root / "u2", 2, "parallel.ep=2", f"checkpoint.init={root / 'uneven'}")
     assert [len(load) for load in read_metrics(root / "u2")[0]["expert_load"].values()] == [2, 6]
 
     with pytest.raises(ConfigError, match="--keep-per-layer has 3 counts for the 2 MoE layers"):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from helpers.runs import assert_same_run, moeyard_train, read_metrics, write_config
+from helpers.runs import assert_same_run, read_metrics, train_forked, write_config
 
 from moeyard import configs
 
@@ -43,7 +43,7 @@ EQUIVALENCE = [
 @pytest.mark.parametrize("router", sorted(CONFIGS))
 def test_shipped_router_config_trains_and_reports_its_routing(tmp_path, small_corpus, router) -> None:
     extra = ["model.moe.dts_steps=2"] if router == "dense_to_sparse" else []
-    moeyard_train(configs.path(CONFIGS[router]), tmp_path / "run", 2, f"data.dir={small_corpus}", *SHORT, *extra)
+    train_forked(configs.path(CONFIGS[router]), tmp_path / "run", 2, f"data.dir={small_corpus}", *SHORT, *extra)
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
@@ -72,9 +72,9 @@ def test_shipped_router_config_trains_and_reports_its_routing(tmp_path, small_co
 @pytest.mark.parametrize("router,settings,layouts", EQUIVALENCE, ids=[e[0] for e in EQUIVALENCE])
 def test_router_is_the_same_under_expert_parallelism(tmp_path, small_corpus, router, settings, layouts) -> None:
     config = write_config(tmp_path / "c.yaml", small_corpus)
-    moeyard_train(config, tmp_path / "ref", 1, "parallel.ep=1", *settings)
+    train_forked(config, tmp_path / "ref", 1, "parallel.ep=1", *settings)
     for nproc, ep in layouts:
-        moeyard_train(config, tmp_path / f"ep{ep}", nproc, f"parallel.ep={ep}", *settings)
+        train_forked(config, tmp_path / f"ep{ep}", nproc, f"parallel.ep={ep}", *settings)
         assert_same_run(tmp_path / "ref", tmp_path / f"ep{ep}", f"{router}: {nproc} processes ep={ep}")
         for ref, got in zip(read_metrics(tmp_path / "ref"), read_metrics(tmp_path / f"ep{ep}")):
             for layer, values in ref["router"].items():  # aux, z, entropy, and the biases (buffers, not params)

@@ -4,15 +4,16 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.mark.timeout(720)  # 150 s on our machines; CI's CPU ran it in over 300 s
+@pytest.mark.timeout(360)
 def test_sigmoid_bias_balances_a_skewed_router_within_200_steps(small_corpus) -> None:
-    """The tiny config's model and global batch (8192 tokens: 2 ranks x 16 x 256, ep=2, aux loss off) from a
+    """The tiny config's model with half its global batch (4096 tokens: 2 ranks x 8 x 256, ep=2, aux
+    loss off; the balancing is per step, and a smaller batch only makes each step's load noisier) from a
     router that sends nearly every token to experts 0 and 1: the biases alone (rate 0.003) bring the worst
     MoE layer's max/mean expert load below 1.3, and keep it there."""
     from helpers.multiprocess import run_distributed
     from helpers.router_cases import sigmoid_bias_balances
 
-    results = run_distributed(sigmoid_bias_balances, 2, str(small_corpus), 200, 0.003, 4.0, 256, 16, timeout_s=660)
+    results = run_distributed(sigmoid_bias_balances, 2, str(small_corpus), 200, 0.003, 4.0, 256, 8, timeout_s=300)
     assert results[0] == results[1], "ranks disagree on the load or the biases"
     worst = results[0]["worst_max_over_mean"]
     assert worst[0] > 3.0, f"the initial router is not skewed: max/mean {worst[0]:.2f}"

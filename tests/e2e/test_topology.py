@@ -6,7 +6,7 @@ import os
 import sys
 
 import pytest
-from helpers.runs import assert_same_run, moeyard_train, read_metrics, write_config
+from helpers.runs import assert_same_run, read_metrics, train_forked, write_config
 
 NODE_LIMITED = ("model.moe.max_nodes_per_token=1", "model.moe.routing_nodes=2", "train.steps=5")
 TWO_MACHINES = ("parallel.ep=4", "parallel.ranks_per_node=2")
@@ -16,7 +16,7 @@ TWO_MACHINES = ("parallel.ep=4", "parallel.ranks_per_node=2")
 def node_limited(tmp_path_factory, small_corpus):
     root = tmp_path_factory.mktemp("node_limited")
     config = write_config(root / "small.yaml", small_corpus)
-    moeyard_train(config, root / "ep1", 1, "parallel.ep=1", *NODE_LIMITED)
+    train_forked(config, root / "ep1", 1, "parallel.ep=1", *NODE_LIMITED)
     return config, root / "ep1"
 
 
@@ -30,7 +30,7 @@ def test_node_limited_routing_is_the_same_at_ep1_and_ep4(node_limited, tmp_path)
                              "parallel.fsdp=true")}
     crossed = {}
     for name, extra in runs.items():
-        proc = moeyard_train(config, tmp_path / name, 4, *TWO_MACHINES, *NODE_LIMITED, *extra)
+        proc = train_forked(config, tmp_path / name, 4, *TWO_MACHINES, *NODE_LIMITED, *extra)
         assert ("hierarchical dispatch in 2 of 2 MoE layers" in proc.stdout) == (name == "hierarchical")
         assert_same_run(reference, tmp_path / name, f"node-limited ep=1 vs ep=4 on 2x2, {name}")
         metrics = read_metrics(tmp_path / name)
@@ -46,7 +46,7 @@ def test_node_limited_routing_is_the_same_at_ep1_and_ep4(node_limited, tmp_path)
 def test_unlimited_routing_reaches_both_machines(node_limited, tmp_path) -> None:
     """Without the bound the same model sends tokens to both halves of the experts (the metric is live)."""
     config, _ = node_limited
-    moeyard_train(config, tmp_path / "free", 1, "parallel.ep=1", "model.moe.routing_nodes=2", "train.steps=2")
+    train_forked(config, tmp_path / "free", 1, "parallel.ep=1", "model.moe.routing_nodes=2", "train.steps=2")
     for m in read_metrics(tmp_path / "free"):
         assert all(1.0 < r["nodes_per_token"] <= 2.0 for r in m["router"].values()), m["router"]
 

@@ -36,7 +36,8 @@ def _entry(fn: Callable, rank: int, world: int, port: int, args: tuple, results:
         results.put((rank, "error", traceback.format_exc()))
 
 
-_PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "moeyard.parallel", "moeyard.trainer.step"]
+_PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "moeyard.parallel", "moeyard.trainer.step",
+            "moeyard.trainer.loop"]
 """Imported once, by the fork server, before it forks the workers: each worker starts with them loaded
 (importing torch and moeyard costs ~2.6 s of CPU per process, most of a small test's time on 2 cores)."""
 

@@ -62,6 +62,45 @@ def moeyard_train(config: Path, run_dir: Path, nproc: int, *overrides: str,
     return proc
 
 
+def _train_rank(rank: int, world: int, cfg: Config, cache: str, logs: str) -> dict[str, Any]:
+    """One rank of `train_forked`: the worker's training call, its output kept in logs/rank<r>.log."""
+    from moeyard.trainer.loop import run_training
+
+    os.environ["MOEYARD_CACHE"] = cache
+    log = Path(logs) / f"rank{rank}.log"
+    saved = os.dup(1), os.dup(2)
+    with log.open("w") as out:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        try:
+            outcome = run_training(cfg, torch.device("cpu"))
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+    return {"step": outcome.step, "signal": outcome.signal, "stdout": log.read_text()}
+
+
+def train_forked(config: Path, run_dir: Path, nproc: int, *overrides: str,
+                 timeout_s: float = 300) -> subprocess.CompletedProcess:
+    """The run `moeyard_train` makes, without the launcher around it: the config resolved as `moeyard train`
+    resolves it, then `nproc` workers forked from the tests' fork server (torch and moeyard imported once)
+    train in a gloo group. For what the CLI and the launcher add nothing to: what a run learns, what it
+    saves and resumes. Returns rank 0's output as a completed process's stdout."""
+    from helpers.multiprocess import run_distributed
+    from moeyard.trainer.config.resolve import machines_of, resolve_run
+
+    cfg = resolve_run(config, [f"run.dir={run_dir}", "parallel.timeout_s=120", *overrides],
+                      machines_of(nproc, nproc))
+    logs = run_dir.parent / f"{run_dir.name}-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    ranks = run_distributed(_train_rank, nproc, cfg, str(run_dir.parent / "cache"), str(logs), timeout_s=timeout_s)
+    return subprocess.CompletedProcess(["train_forked", str(config), *overrides], 0, ranks[0]["stdout"], "")
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

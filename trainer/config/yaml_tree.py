@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from moeyard.errors import ConfigError, require
+from moeyard.models.config import MoEConfig
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:
@@ -74,9 +75,14 @@ def build_dataclass(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+RENAMED = {f"model.moe.{old}": f"model.moe.{section}.{new}" for old, (section, new) in MoEConfig.LEGACY_KEYS.items()}
+"""Overrides of a key that has moved, by its old name: applied where it lives now, so that they override it."""
+
+
 def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     key, sep, raw = assignment.partition("=")
     require(bool(sep) and bool(key), f"override {assignment!r} must look like key.path=value")
+    key = RENAMED.get(key.strip(), key)
     *parents, leaf = key.strip().split(".")
     node = tree
     for part in parents:
@@ -113,6 +119,9 @@ def read_tree(path: Optional[str | Path], overrides: tuple[str, ...] | list[str]
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         require(isinstance(tree, dict), f"config file {path} must hold a mapping at the top level")
+    model = tree.get("model")
+    if isinstance(model, dict) and isinstance(model.get("moe"), dict):  # the file's own old keys, before overrides
+        model["moe"] = MoEConfig.upgrade_keys(model["moe"], "model.moe")
     for assignment in overrides:
         _apply_override(tree, assignment)
     if tree.get("schedule") in (False, "off"):  # `schedule: off` as shorthand for schedule.mode=off

@@ -62,9 +62,13 @@ def test_router_settings_live_in_their_section_and_the_old_flat_keys_still_read(
                                                    "model.moe.jitter=0.01"]).model.moe.switch.jitter == 0.01
     written = dump_yaml(old)
     assert "sigmoid_bias:" in written and "n_groups: 4" in written and "dts_steps" not in written
+    # An override by the old name overrides a file in today's form; a file giving both, two ways, is refused.
+    shipped = read_config(configs.path("tiny-dense-to-sparse.yaml"), ["model.moe.dts_steps=2"])
+    assert shipped.model.moe.dense_to_sparse.steps == 2
+    both = tmp_path / "both.yaml"
+    both.write_text("model:\n  moe:\n    router: sigmoid_bias\n    n_groups: 2\n    sigmoid_bias:\n      n_groups: 4\n")
     with pytest.raises(ConfigError, match="model.moe.n_groups=2 and model.moe.sigmoid_bias.n_groups=4 set the same"):
-        read_config(configs.path("tiny.yaml"), ["model.moe.router=sigmoid_bias", "model.moe.n_groups=2",
-                                                "model.moe.sigmoid_bias.n_groups=4"])
+        read_config(both)
 
 
 def test_a_checkpoint_with_flat_router_keys_merges_with_todays_sections(tmp_path) -> None:
