@@ -98,7 +98,7 @@ def _measure(rank: int, overrides: list[str], steps: int, port: int, results) ->
     import torch.distributed as dist
 
     from moeyard.parallel import build_mesh
-    from moeyard.trainer.loop import build_model
+    from moeyard.trainer.loop import build_rank_model
     from moeyard.trainer.scheduler.run_planning import plan_for
     from moeyard.trainer.step import train_step
 
@@ -111,7 +111,7 @@ def _measure(rank: int, overrides: list[str], steps: int, port: int, results) ->
     plan = plan_for(cfg, pmesh, device)
     base = _status_kb("VmRSS")
     _reset_peak()
-    model, sync = build_model(cfg, pmesh, plan, device)
+    model, sync = build_rank_model(cfg, pmesh, plan, device)
     build_peak = _status_kb("VmHWM") - base
     per_rank = cfg.global_batch_sequences // WORLD
     torch.manual_seed(rank)

@@ -16,6 +16,7 @@ Shape legend, the one every module of moeyard uses: a tensor's name ends in its 
     M machines (routing nodes)      U (token, machine) pairs         I chunks of a pipelined exchange
 """
 from moeyard.errors import ConfigError
+from moeyard.models.build import build_model
 from moeyard.models.config import ModelConfig, MoEConfig
 from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.moe.layer import MoE, MoEStats, TokenExchange
@@ -23,5 +24,5 @@ from moeyard.models.transformer import ModelOutput, Transformer, expert_paramete
 
 __all__ = [
     "ConfigError", "GroupedExperts", "ModelConfig", "ModelOutput", "MoE", "MoEConfig", "MoEStats", "no_decay_parameter_ids",
-    "TokenExchange", "Transformer", "expert_parameter_ids",
+    "TokenExchange", "Transformer", "build_model", "expert_parameter_ids",
 ]

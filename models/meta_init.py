@@ -1,12 +1,12 @@
 """Build a model without memory, and replay its initialisation one parameter at a time.
 
-`Transformer(cfg)` draws its initial values from the default generator in a fixed order (the layers'
+`build_model(cfg)` draws its initial values from the default generator in a fixed order (the layers'
 own constructors, then `init_weights`, then the adapters). Built on the meta device it allocates
 nothing and draws nothing; `build_on_meta` records what it would have drawn. `InitRecord.replay`
 then runs the same draws on the CPU generator, in the same order, one whole parameter at a time, and
 hands each parameter's final values to a callback that keeps only what its rank owns. So a rank
 never holds more than its shards plus the largest single parameter, and every layout starts from
-the values a plain `Transformer(cfg)` under the same seed has.
+the values a plain `build_model(cfg)` under the same seed has.
 
 Replaying is O(all parameters) in time on every rank (each draw must be made to advance the
 generator); it is memory, not time, that this bounds.
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from moeyard.models.build import build_model
 from moeyard.models.config import ModelConfig
 from moeyard.models.transformer import Transformer
 
@@ -79,7 +80,7 @@ def build_on_meta(cfg: ModelConfig) -> tuple[Transformer, InitRecord]:
     Buffers are set with `model.reset_buffers()` once the model is on a real device."""
     recorder = _Recorder()
     with torch.device("meta"), recorder:
-        model = Transformer(cfg)
+        model = build_model(cfg)
     names = {id(p): name for name, p in model.named_parameters()}
     for name, buffer in model.named_buffers():
         names.setdefault(id(buffer), None)

@@ -22,7 +22,6 @@ from moeyard.models.layers import RMSNorm, SwiGLU
 from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.moe.layer import MoE, MoEStats
 from moeyard.models.mtp import MTPModule, depth_inputs
-from moeyard.models.peft.adapters import AdapterStats, add_routed_adapters, recording_adapters, routed_adapters
 from moeyard.models.recompute import RecomputeMode
 from moeyard.models.rope import rope_tables
 
@@ -37,8 +36,6 @@ class ModelOutput:
     """Sum over MoE layers of z_loss_coef * router z-loss."""
     moe_stats: dict[int, MoEStats] = field(default_factory=dict)
     """Per MoE layer, keyed by block index."""
-    adapter_stats: dict[str, AdapterStats] = field(default_factory=dict)
-    """Per routed adapter (model.peft), keyed by its module name; its balance loss is in aux_loss."""
     hidden_BTD: Optional[Tensor] = None
     """The final normed hidden states, with logits=False: `output` turns them into logits."""
     mtp_hidden: tuple[Tensor, ...] = ()
@@ -60,9 +57,6 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
-        if cfg.peft.method != "none":  # after the base's init: same seed, same base weights
-            add_routed_adapters(self, cfg.peft)
-        self.named_adapters = list(routed_adapters(self))
         self.recompute_blocks = False
         """Activation checkpointing of every block (set_recompute("full"))."""
 
@@ -126,16 +120,6 @@ class Transformer(nn.Module):
                 full = mode == "experts" or self.cfg.moe.recompute_experts
                 module.recompute = "full" if full else "selective" if mode == "selective" else "none"
 
-    @property
-    def adapters(self) -> list[nn.Module]:
-        """The model's LoRA adapters (model.peft), in module order."""
-        return [m for _, m in self.named_adapters]
-
-    @property
-    def output_in_chunks(self) -> bool:
-        """Whether the output layer may run outside the forward, a chunk of tokens at a time (the loss does):
-        not when it carries an adapter, which reports through the forward."""
-        return not hasattr(self.output, "adapter")
 
     def blocks(self) -> Iterator[Block]:
         """The decoder blocks, then the MTP modules' blocks (block index n_layers + k - 1 for depth k)."""
@@ -173,30 +157,25 @@ class Transformer(nn.Module):
         T = tokens_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        with recording_adapters() as adapter_record:
-            emb_BTD = x_BTD = self.tok_embeddings(tokens_BT)
-            cos, sin = self.rope_cos, self.rope_sin
-            if segment_BT is None:
-                docs = None
-            else:
-                cos, sin, docs = self._segment_tables(segment_BT, docs)
-            aux_loss = z_loss = x_BTD.new_zeros((), dtype=torch.float32)
-            moe_stats: dict[int, MoEStats] = {}
-            for i, block in enumerate(self.layers):
-                x_BTD, stats = self._run_block(block, x_BTD, cos, sin, docs)
-                if stats is not None:
-                    moe_stats[i] = stats
-            mtp_hidden = self._mtp_forward(x_BTD, emb_BTD, cos, sin, docs, moe_stats) if mtp else ()
-            for stats in moe_stats.values():  # after every layer was queued: the load sums had time to arrive
-                aux_loss = aux_loss + self.cfg.moe.aux_loss_coef * stats.aux_loss
-                z_loss = z_loss + self.cfg.moe.z_loss_coef * stats.z_loss
-            hidden_BTD = self.norm(x_BTD)
-            logits_BTV = self.output(hidden_BTD) if logits else None
-        adapter_stats = {name: adapter_record[m] for name, m in self.named_adapters if m in adapter_record}
-        for stats in adapter_stats.values():
-            aux_loss = aux_loss + self.cfg.peft.aux_loss_coef * stats.aux_loss
-        return ModelOutput(logits_BTV, aux_loss, z_loss, moe_stats, adapter_stats,
-                           None if logits else hidden_BTD, mtp_hidden)
+        emb_BTD = x_BTD = self.tok_embeddings(tokens_BT)
+        cos, sin = self.rope_cos, self.rope_sin
+        if segment_BT is None:
+            docs = None
+        else:
+            cos, sin, docs = self._segment_tables(segment_BT, docs)
+        aux_loss = z_loss = x_BTD.new_zeros((), dtype=torch.float32)
+        moe_stats: dict[int, MoEStats] = {}
+        for i, block in enumerate(self.layers):
+            x_BTD, stats = self._run_block(block, x_BTD, cos, sin, docs)
+            if stats is not None:
+                moe_stats[i] = stats
+        mtp_hidden = self._mtp_forward(x_BTD, emb_BTD, cos, sin, docs, moe_stats) if mtp else ()
+        for stats in moe_stats.values():  # after every layer was queued: the load sums had time to arrive
+            aux_loss = aux_loss + self.cfg.moe.aux_loss_coef * stats.aux_loss
+            z_loss = z_loss + self.cfg.moe.z_loss_coef * stats.z_loss
+        hidden_BTD = self.norm(x_BTD)
+        logits_BTV = self.output(hidden_BTD) if logits else None
+        return ModelOutput(logits_BTV, aux_loss, z_loss, moe_stats, None if logits else hidden_BTD, mtp_hidden)
 
 
 def segment_positions(segment_BT: Tensor) -> Tensor:

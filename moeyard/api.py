@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from moeyard.models import ModelConfig, Transformer
+from moeyard.models import ModelConfig, Transformer, build_model
 from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.checkpoint.store import verify
 from moeyard.trainer.checkpoint.weights import CheckpointTensors, resolve_init
@@ -51,7 +51,7 @@ def load_model(path: str | Path) -> LoadedModel:
     model_cfg = build_config(manifest["config"]).model
     CheckpointTensors(checkpoint).check_shapes(model_cfg)
     with torch.random.fork_rng(devices=[]):  # building the model draws its (overwritten) initial weights
-        transformer = Transformer(model_cfg)
+        transformer = build_model(model_cfg)
     load_full_model(checkpoint, transformer)
     return LoadedModel(transformer).eval()
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from moeyard.models import Transformer
+from moeyard.models import build_model
 from moeyard.tools.hf_config import (
     SIGMOID_ROUTER_FAMILIES,
     export_family,
@@ -56,7 +56,7 @@ def import_hf(hf_dir: Path, out: Path) -> tuple[str, Path]:
     shapes = check_hf_tensors(dry, producers, model_cfg, family)
     src = HFTensors(hf_dir)
     with torch.device("meta"):
-        buffer_names = set(persistent_buffers(Transformer(model_cfg)))
+        buffer_names = set(persistent_buffers(build_model(model_cfg)))
     buffers = {name: producers.pop(name)(src) for name in buffer_names & set(producers)}  # small: read now
     for name, _ in mtp_shared_copies(model_cfg):  # refuses an MTP copy that differs, before anything is written
         producers[name](src)
@@ -119,7 +119,7 @@ def export_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty: choose a new folder for the export")
     with torch.device("meta"):
-        model = Transformer(model_cfg)
+        model = build_model(model_cfg)
         params = {**dict(model.named_parameters()), **persistent_buffers(model)}  # router biases travel too
     entries = [(name, t.shape, dtype or t.dtype) for name, t in hf_tensors(model_cfg, family, params.__getitem__)]
     reader = CheckpointTensors(ckpt)

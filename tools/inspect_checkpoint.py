@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from moeyard.errors import CheckpointError
-from moeyard.models import Transformer
+from moeyard.models import build_model
 from moeyard.trainer.checkpoint import safe_read
 from moeyard.trainer.checkpoint.sharded import load_full_model, persistent_buffers
 from moeyard.trainer.checkpoint.store import base_of, read_manifest, verify
@@ -74,7 +74,7 @@ def export_safetensors(path: Path, out_dir: Path) -> Path:
     cfg = build_config(manifest["config"])
     CheckpointTensors(path).check_shapes(cfg.model)
     with torch.device("cpu"):
-        model = Transformer(cfg.model)
+        model = build_model(cfg.model)
     load_full_model(path, model)
     # safetensors refuses tensors that share memory (tied embeddings): store each name once, contiguous.
     # Router buffers (sigmoid_bias's expert biases) decide routing at inference too: they go along.

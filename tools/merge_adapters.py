@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from moeyard.errors import CheckpointError, ConfigError
-from moeyard.models import Transformer
+from moeyard.models import build_model
 from moeyard.models.config import PEFTConfig
 from moeyard.models.peft.adapters import is_adapter_parameter, merge_dense_adapters
 from moeyard.trainer.checkpoint.sharded import fill_model, load_full_model, persistent_buffers
@@ -37,7 +37,7 @@ def merge_adapters(ckpt: Path, out: Path, probe_tokens: int = 256) -> dict[str, 
         raise ConfigError(f"{ckpt} has no adapters (model.peft.method=none): nothing to merge")
     if out.exists():
         raise FileExistsError(f"{out} already exists: choose a new folder for the merged checkpoint")
-    model = Transformer(cfg).eval()
+    model = build_model(cfg).eval()
     load_full_model(ckpt, model)
     seq_len = min(cfg.max_seq_len, probe_tokens)
     probe = torch.randint(0, cfg.vocab_size, (max(1, probe_tokens // seq_len), seq_len),
@@ -47,7 +47,7 @@ def merge_adapters(ckpt: Path, out: Path, probe_tokens: int = 256) -> dict[str, 
     plain_cfg = dataclasses.replace(cfg, peft=PEFTConfig())
     state = {n: p.detach() for n, p in model.named_parameters() if not is_adapter_parameter(n)}
     buffers = persistent_buffers(model)  # router state of the base; adapters have none
-    plain = Transformer(plain_cfg).eval()
+    plain = build_model(plain_cfg).eval()
     fill_model(plain, state, buffers)
     difference = float((plain(probe).logits_BTV - before).abs().max())
     tolerance = 1e-4 * max(1.0, float(before.abs().max()))  # float32 rounding of W + s (AB)^T is far below

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from moeyard.errors import CheckpointError, ConfigError
-from moeyard.models import ModelConfig, Transformer
+from moeyard.models import ModelConfig, Transformer, build_model
 from moeyard.models.moe.routers import Routing
 from moeyard.trainer.checkpoint.sharded import fill_model, load_full_model
 from moeyard.trainer.checkpoint.store import verify
@@ -134,7 +134,7 @@ def prune(ckpt: Path, data: str, keep: int | list[int], out: Path, calibration_b
     batches = [windows.batch(i).tokens_BT1 for i in range(calibration_batches + heldout_batches)]
     calibration, heldout = batches[:calibration_batches], batches[calibration_batches:]
 
-    model = Transformer(cfg.model).eval()
+    model = build_model(cfg.model).eval()
     load_full_model(ckpt, model)
     kept = experts_to_keep(expert_usage(model, calibration), budget)
     state = pruned_state({n: p.detach() for n, p in model.named_parameters()}, kept)
@@ -142,7 +142,7 @@ def prune(ckpt: Path, data: str, keep: int | list[int], out: Path, calibration_b
     uneven = counts if len(set(counts)) > 1 else None
     pruned_cfg = dataclasses.replace(cfg.model, moe=dataclasses.replace(moe, num_experts=max(counts),
                                                                         num_experts_per_layer=uneven))
-    pruned = Transformer(pruned_cfg).eval()
+    pruned = build_model(pruned_cfg).eval()
     fill_model(pruned, state, {})
     report = {"kept_experts": {str(k): v.tolist() for k, v in kept.items()},
               "heldout_loss_before": mean_loss(model, heldout), "heldout_loss_after": mean_loss(pruned, heldout),

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from moeyard.models import Transformer
+from moeyard.models import Transformer, build_model
 from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.checkpoint.store import read_manifest
 from moeyard.trainer.config.sections import Config, build_config
@@ -74,7 +74,7 @@ def exact_match(cfg: Config, checkpoint: Path, limit: int | None = None, max_new
     if skip_threshold is not None:
         model_cfg = dataclasses.replace(model_cfg, moe=dataclasses.replace(model_cfg.moe,
                                                                            skip_threshold=skip_threshold))
-    model = Transformer(model_cfg).eval()  # the evaluated checkpoint's own model, whatever the config says
+    model = build_model(model_cfg).eval()  # the evaluated checkpoint's own model, whatever the config says
     load_full_model(checkpoint, model)
     prompts = [template.prompt(c[:-1]) for c in held]
     got: list[str] = []

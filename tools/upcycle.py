@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from moeyard.errors import ConfigError
-from moeyard.models import MoEConfig, Transformer
+from moeyard.models import MoEConfig, build_model
 from moeyard.tools.hf_config import DENSE_FAMILIES, family_of, model_config_from_hf, read_hf_config
 from moeyard.tools.hf_weights import HFTensors, check_embedding, check_hf_tensors, moeyard_producers
 from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
@@ -79,7 +79,7 @@ def upcycle(hf_dir: Path, out: Path, experts: int, top_k: int, granularity: int 
         return upcycled_tensor(part, dense[f"layers.{layer}.ffn.{DENSE_OF[part]}.weight"](src), experts, granularity)
 
     with torch.device("meta"):
-        shapes = {n: p for n, p in Transformer(moe_cfg).named_parameters()}
+        shapes = {n: p for n, p in build_model(moe_cfg).named_parameters()}
     source = {"format": "huggingface", "family": family, "dir": str(hf_dir.resolve()),
               "upcycled": {"experts": experts, "top_k": top_k, "granularity": granularity, "seed": seed}}
     tokenizer = hf_tokenizer_record(hf_dir)

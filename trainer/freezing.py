@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moeyard.errors import ConfigError
-from moeyard.models import ModelConfig, Transformer
+from moeyard.models import ModelConfig, build_model
 from moeyard.models.peft.adapters import ADAPTER_PATTERN, is_adapter_parameter
 
 
@@ -50,7 +50,7 @@ def frozen_set(model_cfg: ModelConfig, trainable: Optional[list[str]], frozen: l
     if trainable is None and not frozen and model_cfg.peft.method == "none":
         return frozenset()
     with torch.device("meta"):
-        names = [n for n, _ in Transformer(model_cfg).named_parameters()]
+        names = [n for n, _ in build_model(model_cfg).named_parameters()]
     return frozenset(frozen_names(names, trainable, frozen))
 
 

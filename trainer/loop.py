@@ -141,8 +141,8 @@ def _data_metrics(cfg: Config, data: TokenBatches | SFTBatches, eval_loss: float
     return metrics
 
 
-def build_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch.device) -> tuple[Transformer, GradSync]:
-    """The model of `Transformer(cfg.model)` under the run's seed, whatever the layout: built on the meta
+def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch.device) -> tuple[Transformer, GradSync]:
+    """The model of `build_model(cfg.model)` under the run's seed, whatever the layout: built on the meta
     device, parallelized as the plan says, then each rank allocates and initialises its own part."""
     torch.manual_seed(cfg.run.seed)
     model, init = build_on_meta(cfg.model)  # no rank holds more than its part (and one parameter at a time)
@@ -190,7 +190,7 @@ def run_training(cfg: Config, device: torch.device, preemption: Preemption | Non
     pmesh = build_mesh(cfg.parallel.ep, device.type, cfg.parallel.timeout_s, cfg.parallel.ranks_per_node)
     dtype = resolve_dtype(cfg.train.dtype, device)
     plan = plan_for(cfg, pmesh, device)  # before the model exists: profiling builds models of its own
-    model, sync = build_model(cfg, pmesh, plan, device)
+    model, sync = build_rank_model(cfg, pmesh, plan, device)
     checkpointer = Checkpointer(cfg, pmesh, plan)
 
     first, resumed = _resume_or_init(cfg, checkpointer, model, sync)

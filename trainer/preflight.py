@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from moeyard.errors import CheckpointError, ConfigError
-from moeyard.models import Transformer
+from moeyard.models import build_model
 from moeyard.trainer.checkpoint import safe_read
 from moeyard.trainer.checkpoint.store import CheckpointStore, read_manifest
 from moeyard.trainer.config.sections import Config
@@ -48,7 +48,7 @@ def check_checkpoint_fits(cfg: Config) -> None:
     except CheckpointError as err:
         raise CheckpointError(f"{key}: {err}") from None
     with torch.device("meta"):
-        model = Transformer(cfg.model)
+        model = build_model(cfg.model)
     for name, param in model.named_parameters():
         md = saved.get(f"model.{name}")
         if md is not None and tuple(md.size) != tuple(param.shape):

@@ -8,13 +8,14 @@ one transfer each and unpacked by name, never by position.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moeyard.models import ModelOutput
+if TYPE_CHECKING:
+    from moeyard.trainer.step import MicroLoss
 
 
 class NamedSums:
@@ -57,11 +58,12 @@ class StepStats:
         self.moe_layers: list[int] = []
         self.adapters: list[str] = []
 
-    def add(self, out: ModelOutput, lm_loss_sum: Tensor, mtp_loss_sum: Optional[Tensor] = None) -> None:
-        self.per_rank.add("lm_loss", lm_loss_sum)
-        if mtp_loss_sum is not None:
-            self.per_rank.add("mtp_loss", mtp_loss_sum)
-        self.per_rank.add("aux_loss", out.aux_loss)
+    def add(self, loss: MicroLoss) -> None:
+        out = loss.out
+        self.per_rank.add("lm_loss", loss.lm_sum)
+        if loss.mtp_sum is not None:
+            self.per_rank.add("mtp_loss", loss.mtp_sum)
+        self.per_rank.add("aux_loss", loss.aux_loss)
         self.per_rank.add("z_loss", out.z_loss)
         for layer, stats in out.moe_stats.items():
             self.counts.add(f"{layer}.load", stats.tokens_per_expert_E)
@@ -73,7 +75,7 @@ class StepStats:
                 self.per_rank.add(f"{layer}.nodes_per_token", stats.nodes_per_token)
             if layer not in self.moe_layers:
                 self.moe_layers.append(layer)
-        for name, stats in out.adapter_stats.items():
+        for name, stats in loss.adapter_stats.items():
             for key in ("load_E", "aux_loss", "entropy"):
                 self.per_rank.add(f"{name}.{key}", getattr(stats, key))
             if name not in self.adapters:

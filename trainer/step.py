@@ -17,6 +17,7 @@ from torch import Tensor
 
 from moeyard.models import ModelOutput, Transformer
 from moeyard.models.document_attention import DocumentSpans
+from moeyard.models.peft.adapters import AdapterStats, has_adapter, recording_adapters
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.fsdp import reshard
 from moeyard.parallel.grads.sync import GradSync
@@ -94,23 +95,45 @@ def _micro_batches(batch: Tensor | TokenBatch | SFTBatch, micro_batch_size: int,
     return micro, batch.tokens_BT1.shape[0]
 
 
+@dataclass(frozen=True)
+class MicroLoss:
+    """One micro-batch's forward and the sums the step's objective is made of."""
+    out: ModelOutput
+    lm_sum: Tensor
+    """Summed next-token loss over the micro-batch's learned targets."""
+    mtp_sum: Optional[Tensor]
+    """mtp_loss_sum of the MTP depths (None without them, or when not asked for)."""
+    adapter_stats: dict[str, AdapterStats]
+    """What each routed adapter (model.peft) reported, keyed by its module name."""
+    aux_loss: Tensor
+    """The weighted balance losses: the MoE layers' (out.aux_loss), then the routed adapters'."""
+
+    @property
+    def router_loss(self) -> Tensor:
+        return self.aux_loss + self.out.z_loss
+
+
 def forward_and_loss(model: Transformer, micro: MicroBatch, dtype: torch.dtype, loss_chunk_tokens: int = 0,
-                     mtp: bool = False) -> tuple[ModelOutput, Tensor, Optional[Tensor]]:
-    """The model's forward on a micro-batch, its summed next-token loss and, with `mtp` on a model with MTP
-    depths, their summed loss (mtp_loss_sum; else None). With `loss_chunk_tokens`, the output layer runs a
-    chunk at a time (not when it carries an adapter: that reports through the forward)."""
-    chunk = loss_chunk_tokens if model.output_in_chunks else 0
+                     mtp: bool = False) -> MicroLoss:
+    """The model's forward on a micro-batch and its losses; `mtp` runs the MTP depths too. With
+    `loss_chunk_tokens`, the output layer runs a chunk at a time (not when it carries an adapter, which
+    reports through the recorded forward)."""
+    chunk = 0 if has_adapter(model.output) else loss_chunk_tokens
     tokens_BT1, mask_BT = micro.tokens_BT1, micro.mask_BT
     segment_BT = None if micro.segment_BT1 is None else micro.segment_BT1[:, :-1]
     with autocast_context(tokens_BT1.device, dtype):
-        out = model(tokens_BT1[:, :-1], segment_BT, logits=chunk <= 0, docs=micro.docs, mtp=mtp)
+        with recording_adapters() as adapter_stats:
+            out = model(tokens_BT1[:, :-1], segment_BT, logits=chunk <= 0, docs=micro.docs, mtp=mtp)
         if chunk > 0:
             lm_sum = chunked_lm_loss_sum(model.output, out.hidden_BTD, tokens_BT1[:, 1:], mask_BT, chunk)
         else:
             lm_sum = lm_loss_sum(out.logits_BTV, tokens_BT1[:, 1:], mask_BT)
         mtp_sum = mtp_loss_sum(model.output, out.mtp_hidden, tokens_BT1, mask_BT, segment_BT, chunk) \
             if out.mtp_hidden else None
-    return out, lm_sum, mtp_sum
+    aux_loss = out.aux_loss
+    for stats in adapter_stats.values():
+        aux_loss = aux_loss + model.cfg.peft.aux_loss_coef * stats.aux_loss
+    return MicroLoss(out, lm_sum, mtp_sum, adapter_stats, aux_loss)
 
 
 def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | SFTBatch, *, micro_batch_size: int,
@@ -130,12 +153,12 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | 
     stats = StepStats()
     for i, micro in enumerate(micro_batches):
         sync.begin_micro_step(last=i == len(micro_batches) - 1)  # earlier micro-steps only accumulate
-        out, lm_sum, mtp_sum = forward_and_loss(model, micro, dtype, loss_chunk_tokens, mtp=True)
-        objective = lm_sum * lm_scale + (out.aux_loss + out.z_loss) / len(micro_batches)
-        if mtp_sum is not None:  # scaled like the main loss: by the main loss's global target count
-            objective = objective + model.cfg.mtp_loss_coef * mtp_sum * lm_scale
+        loss = forward_and_loss(model, micro, dtype, loss_chunk_tokens, mtp=True)
+        objective = loss.lm_sum * lm_scale + loss.router_loss / len(micro_batches)
+        if loss.mtp_sum is not None:  # scaled like the main loss: by the main loss's global target count
+            objective = objective + model.cfg.mtp_loss_coef * loss.mtp_sum * lm_scale
         objective.backward()
-        stats.add(out, lm_sum, mtp_sum)
+        stats.add(loss)
 
     grad_norm = sync.reduce()  # waits for (or runs) the gradient reduction
     for layer, sent in take_cross_machine_bytes(model, device).items():
@@ -177,9 +200,9 @@ def heldout_loss(model: Transformer, share: SFTBatch, *, micro_batch_size: int, 
     model.eval()
     try:
         for micro in micro_batches:
-            out, lm_sum, _ = forward_and_loss(model, micro, dtype, loss_chunk_tokens)
-            total += lm_sum.double()
-            copies += skip_counts(out.moe_stats)
+            loss = forward_and_loss(model, micro, dtype, loss_chunk_tokens)
+            total += loss.lm_sum.double()
+            copies += skip_counts(loss.out.moe_stats)
     finally:
         model.train()
         reshard(model)  # units kept gathered after forward would otherwise stay so (no backward reshards them)

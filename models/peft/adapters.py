@@ -9,7 +9,8 @@ routed mixture depends on each token, so it is no fixed matrix and never
 merges. B starts at zero, so a fresh adapter leaves the model's function
 exactly as it was.
 
-The adapter hangs off its linear map as a child module and a forward hook, so
+The adapter hangs off its linear map as a child module and a forward hook, put
+there from outside by `add_routed_adapters` on a built model (models/build.py), so
 the base weights keep their names (`layers.0.attn.wq.weight`) and checkpoints of
 the base load unchanged. The adapters are dense parameters (replicated, reduced
 over dp); computed for all E at once and masked, which costs E*r columns, a few
@@ -46,14 +47,15 @@ class AdapterStats:
     """Mean entropy of its router's probabilities (no gradient)."""
 
 
-_RECORD: ContextVar[Optional[dict[nn.Module, AdapterStats]]] = ContextVar("adapter_record", default=None)
+_RECORD: ContextVar[Optional[dict[str, AdapterStats]]] = ContextVar("adapter_record", default=None)
 
 
 @contextmanager
-def recording_adapters() -> Iterator[dict[nn.Module, AdapterStats]]:
-    """Collect, by adapter module, what routed adapters report during the forwards inside the block: they run in
-    forward hooks of their linear maps, whose outputs can carry nothing else."""
-    record: dict[nn.Module, AdapterStats] = {}
+def recording_adapters() -> Iterator[dict[str, AdapterStats]]:
+    """Collect, by adapter module name, what routed adapters report during the forwards inside the block: they
+    run in forward hooks of their linear maps, whose outputs can carry nothing else. Outside such a block (a
+    recomputing forward in the backward, evaluation) they report nothing."""
+    record: dict[str, AdapterStats] = {}
     token = _RECORD.set(record)
     try:
         yield record
@@ -66,6 +68,8 @@ class RoutedLoRA(nn.Module):
         super().__init__()
         E, R = cfg.experts_and_rank
         self.top_k, self.scale = cfg.top_k, cfg.alpha / cfg.rank
+        self.name = "adapter"
+        """Its module name in the model (`<linear map>.adapter`), under which it reports."""
         self.router: Optional[Router] = Router(in_features, E) if cfg.routed else None
         self.A_EDR = nn.Parameter(torch.empty(E, in_features, R))
         self.B_ERO = nn.Parameter(torch.empty(E, R, out_features))
@@ -98,7 +102,7 @@ class RoutedLoRA(nn.Module):
                 load_E = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(  # bincount syncs on CUDA
                     0, index_NK.flatten(), torch.ones_like(index_NK.flatten()))
                 entropy = router_entropy(probs_NE)
-            record[self] = AdapterStats(aux_loss, load_E, entropy)
+            record[self.name] = AdapterStats(aux_loss, load_E, entropy)
         return self.scale * delta_NO.view(*lead, -1)
 
 
@@ -117,12 +121,19 @@ def add_routed_adapters(model: nn.Module, cfg: PEFTConfig) -> None:
     for name, linear in linears.items():
         if any(fnmatchcase(name, p) for p in cfg.targets):
             linear.adapter = RoutedLoRA(linear.in_features, linear.out_features, cfg)
+            linear.adapter.name = f"{name}.adapter"
             linear.adapter.reset_parameters()
             linear.register_forward_hook(_add_adapter)
 
 
 def routed_adapters(model: nn.Module) -> Iterator[tuple[str, RoutedLoRA]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, RoutedLoRA))
+
+
+def has_adapter(linear: nn.Module) -> bool:
+    """Whether a linear map carries an adapter (which reports through its forward hook, so the map must run
+    inside the recorded forward)."""
+    return isinstance(getattr(linear, "adapter", None), RoutedLoRA)
 
 
 ADAPTER_PATTERN = "*.adapter.*"

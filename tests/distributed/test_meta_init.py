@@ -15,7 +15,7 @@ from helpers.multiprocess import run_distributed
 def test_sharded_initialisation_equals_the_single_process_model(world, ep, fsdp, peft) -> None:
     results = run_distributed(init_cases.sharded_init_equals_plain_construction, world, ep, fsdp, peft)
     for rank, r in enumerate(results):
-        assert r["mismatched"] == [], f"rank {rank}: parameters differ from Transformer(cfg): {r['mismatched']}"
+        assert r["mismatched"] == [], f"rank {rank}: parameters differ from build_model(cfg): {r['mismatched']}"
         assert r["rng_equal"], f"rank {rank}: the generator is not where plain construction leaves it"
         assert r["buffers_equal"] and r["tied"]
         if fsdp:  # each rank holds about 1/world of everything

@@ -6,10 +6,10 @@ import torch
 
 def sharded_init_equals_plain_construction(rank: int, world: int, ep: int, fsdp: bool, peft: bool) -> dict:
     """Build on the meta device, shard (ep, fsdp), materialise: every parameter, gathered, equals
-    `Transformer(cfg)` under the same seed bit for bit, and the generator ends in the same state."""
+    `build_model(cfg)` under the same seed bit for bit, and the generator ends in the same state."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    from moeyard.models import ModelConfig, MoEConfig, Transformer, expert_parameter_ids
+    from moeyard.models import ModelConfig, MoEConfig, build_model, expert_parameter_ids
     from moeyard.models.config import PEFTConfig
     from moeyard.models.meta_init import build_on_meta
     from moeyard.parallel import build_mesh
@@ -25,7 +25,7 @@ def sharded_init_equals_plain_construction(rank: int, world: int, ep: int, fsdp:
                       peft=PEFTConfig(method="lora_moe", targets=["*.attn.wq"], num_experts=2, rank=4, top_k=1)
                       if peft else PEFTConfig())
     torch.manual_seed(3)
-    reference = Transformer(cfg)
+    reference = build_model(cfg)
     rng_after_reference = torch.get_rng_state()
 
     pmesh = build_mesh(ep, "cpu")

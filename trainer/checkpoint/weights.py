@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from moeyard.errors import CheckpointError, ConfigError
-from moeyard.models import ModelConfig, MoEConfig, Transformer
+from moeyard.models import ModelConfig, MoEConfig, build_model
 from moeyard.trainer.checkpoint import safe_read
 from moeyard.trainer.checkpoint.store import MANIFEST, base_of, latest_of, read_manifest, sha256, verify, write_durably
 from moeyard.trainer.config.sections import Config, to_dict
@@ -57,7 +57,7 @@ def write_weights_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, o
     if out.exists():
         raise FileExistsError(f"{out} already exists: choose a new folder for the checkpoint")
     with torch.device("meta"):
-        model = Transformer(model_cfg)
+        model = build_model(model_cfg)
     expected = {n: p.shape for n, p in model.named_parameters()}
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [f"{n}: {tuple(state[n].shape)} != {tuple(s)}" for n, s in expected.items()
@@ -167,7 +167,7 @@ class CheckpointTensors:
         in the checkpoint's `.metadata` (whose bytes the manifest vouches for), so an edited config (a vocabulary
         of 3 million) is refused by name instead of allocating gigabytes first."""
         with torch.device("meta"):
-            model = Transformer(model_cfg)
+            model = build_model(model_cfg)
         wrong = [(name, tuple(p.shape), self.shape(name)) for name, p in model.named_parameters()
                  if self.shape(name) != tuple(p.shape) and ".adapter" not in name]
         if wrong:

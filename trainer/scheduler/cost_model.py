@@ -11,7 +11,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from moeyard.models import ModelConfig, Transformer, expert_parameter_ids
+from moeyard.models import ModelConfig, build_model, expert_parameter_ids
 from moeyard.parallel.plan import Plan
 from moeyard.trainer.scheduler.block_shapes import (
     attention_core_flops,
@@ -381,7 +381,7 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
     `ranks_per_node`: machines of that many ranks (0: one machine)."""
     machines = ep // ranks_per_node if 0 < ranks_per_node < ep else 1
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     expert_ids = expert_parameter_ids(model)
     infos = []
     for name, p in model.named_parameters():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeyard.models import ModelConfig, Transformer, expert_parameter_ids
+from moeyard.models import ModelConfig, build_model, expert_parameter_ids
 from moeyard.parallel.fsdp import expert_shard_dim, padded_shard_numel
 from moeyard.trainer.scheduler.block_shapes import attention_shape, block_index
 
@@ -101,7 +101,7 @@ class ParamCounts:
 
 def count_parameters(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozenset()) -> ParamCounts:
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     expert_ids = expert_parameter_ids(model)
     dense = experts = dense_t = experts_t = root = 0
     blocks: dict[int, int] = {}

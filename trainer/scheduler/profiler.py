@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moeyard.models import GroupedExperts, ModelConfig, Transformer
+from moeyard.models import GroupedExperts, ModelConfig, build_model
 from moeyard.models.moe.layer import ExpertRows, PendingSum
 from moeyard.parallel.exchange.dispatch import ExpertParallelExchange
 from moeyard.parallel.grads.buckets import all_gather, reduce_scatter
@@ -130,7 +130,7 @@ def _dense_times(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: tor
     """Forward and backward seconds of the real model with the expert work skipped."""
     tokens_BT = torch.randint(0, cfg.vocab_size, (max(1, w.tokens // w.seq_len), w.seq_len + 1), device=device)
     with torch.device("meta"):  # this rank's part only: built empty, sharded, then given memory
-        model = Transformer(cfg)
+        model = build_model(cfg)
     apply_expert_parallel(model, pmesh)
     model.to_empty(device=device)
     model.tie_weights()
@@ -143,8 +143,8 @@ def _dense_times(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: tor
         moe.exchange = _SkipExperts(moe.exchange)
 
     def forward() -> Tensor:  # the training step's own forward and losses (MTP depths, chunked loss included)
-        out, lm_sum, mtp_sum = forward_and_loss(model, MicroBatch(tokens_BT), dtype, w.loss_chunk_tokens, mtp=True)
-        return lm_sum + out.aux_loss + out.z_loss + (mtp_sum if mtp_sum is not None else 0.0)
+        loss = forward_and_loss(model, MicroBatch(tokens_BT), dtype, w.loss_chunk_tokens, mtp=True)
+        return loss.lm_sum + loss.router_loss + (loss.mtp_sum if loss.mtp_sum is not None else 0.0)
 
     return timer(lambda: forward().item()), timer(lambda loss: loss.backward(), setup=forward)
 

@@ -47,17 +47,19 @@ def test_mtp_loss_equals_the_written_out_reference_and_is_off_unless_asked() -> 
     cfg = _cfg()
     model = _perturbed_model(cfg)
     tokens = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(1))
-    out, lm_sum, mtp_sum = forward_and_loss(model, MicroBatch(tokens), torch.float32, mtp=True)
+    loss = forward_and_loss(model, MicroBatch(tokens), torch.float32, mtp=True)
+    out, lm_sum, mtp_sum = loss.out, loss.lm_sum, loss.mtp_sum
     expected = _reference_mtp_loss(model, tokens)
     torch.testing.assert_close(mtp_sum, expected, rtol=1e-5, atol=1e-5)
     assert [h.shape[1] for h in out.mtp_hidden] == [11, 10]
     assert sorted(out.moe_stats) == [0, 1, 2, 3]  # the MTP depths' MoE blocks report as blocks 2 and 3
     # The main loss does not change with MTP, and without asking there is no MTP forward.
-    plain, plain_lm, plain_mtp = forward_and_loss(model, MicroBatch(tokens), torch.float32)
+    plain_loss = forward_and_loss(model, MicroBatch(tokens), torch.float32)
+    plain, plain_lm, plain_mtp = plain_loss.out, plain_loss.lm_sum, plain_loss.mtp_sum
     assert plain_mtp is None and plain.mtp_hidden == () and sorted(plain.moe_stats) == [0, 1]
     torch.testing.assert_close(plain_lm, lm_sum, rtol=0, atol=0)
     # Chunked projection: the same sum.
-    _, _, chunked = forward_and_loss(model, MicroBatch(tokens), torch.float32, loss_chunk_tokens=5, mtp=True)
+    chunked = forward_and_loss(model, MicroBatch(tokens), torch.float32, loss_chunk_tokens=5, mtp=True).mtp_sum
     torch.testing.assert_close(chunked, mtp_sum, rtol=1e-6, atol=1e-5)
 
 
@@ -86,9 +88,9 @@ def test_packed_documents_give_the_sum_of_each_alone() -> None:
     from moeyard.models.document_attention import DocumentSpans
 
     packed = MicroBatch(row, segment_BT1=segment, docs=DocumentSpans.from_segments(segment[:, :-1]))
-    _, _, packed_sum = forward_and_loss(model, packed, torch.float32, mtp=True)
-    _, _, a_sum = forward_and_loss(model, MicroBatch(row[:, :8]), torch.float32, mtp=True)
-    _, _, b_sum = forward_and_loss(model, MicroBatch(row[:, 7:]), torch.float32, mtp=True)
+    packed_sum = forward_and_loss(model, packed, torch.float32, mtp=True).mtp_sum
+    a_sum = forward_and_loss(model, MicroBatch(row[:, :8]), torch.float32, mtp=True).mtp_sum
+    b_sum = forward_and_loss(model, MicroBatch(row[:, 7:]), torch.float32, mtp=True).mtp_sum
     torch.testing.assert_close(packed_sum, a_sum + b_sum, rtol=1e-5, atol=1e-5)
 
 

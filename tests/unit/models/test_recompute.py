@@ -10,8 +10,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from moeyard.models import ModelConfig, MoEConfig, Transformer
+from moeyard.models import ModelConfig, MoEConfig, Transformer, build_model
 from moeyard.models.config import MLAConfig, PEFTConfig
+from moeyard.trainer.step import MicroBatch, forward_and_loss
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
                   moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32, first_dense_layers=1, num_shared_experts=1,
@@ -44,14 +45,13 @@ class _LiveTensors(TorchDispatchMode):
 def _backward(cfg: ModelConfig, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Loss, gradients, and the bytes the forward left held for backward."""
     torch.manual_seed(0)
-    model = Transformer(cfg)
+    model = build_model(cfg)
     model.set_recompute(mode)
     tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
     with _LiveTensors() as live:
-        out = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(out.logits_BTV.flatten(0, 1), tokens[:, 1:].flatten())
-        loss = loss + out.aux_loss + out.z_loss
-    del out
+        parts = forward_and_loss(model, MicroBatch(tokens), torch.float32)  # with the adapters' balance losses
+        loss = parts.lm_sum / tokens[:, 1:].numel() + parts.router_loss
+    del parts
     kept = live.alive_bytes()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from moeyard.launch.cli import main
-from moeyard.models import ModelConfig, MoEConfig, Transformer
+from moeyard.models import ModelConfig, MoEConfig, Transformer, build_model
 from moeyard.models.config import PEFTConfig
+from moeyard.models.peft.adapters import routed_adapters
 from moeyard.trainer.checkpoint.sharded import load_full_model, persistent_buffers
 from moeyard.trainer.checkpoint.store import read_manifest
 from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
@@ -24,9 +25,9 @@ def _tuned_checkpoint(path: Path, method: str) -> Transformer:
     """A model whose adapters have trained (B != 0) and whose router biases moved, written to `path`."""
     cfg = dataclasses.replace(BASE, peft=PEFTConfig(method=method, rank=4, targets=["*.attn.wq", "*.ffn.w_up"]))
     torch.manual_seed(0)
-    model = Transformer(cfg).eval()
+    model = build_model(cfg).eval()
     with torch.no_grad():
-        for adapter in model.adapters:
+        for _, adapter in routed_adapters(model):
             adapter.B_ERO.normal_(0.0, 0.1)
         for buffer in persistent_buffers(model).values():
             buffer.normal_()
@@ -75,7 +76,7 @@ def test_a_checkpoint_without_adapters_is_refused(tmp_path, capsys) -> None:
 def test_an_adapter_on_a_tied_weight_is_refused(tmp_path, capsys) -> None:
     """output.weight is the embedding table when tie_embeddings is on: folding into it changes both."""
     cfg = dataclasses.replace(BASE, peft=PEFTConfig(method="lora", rank=2, targets=["output"]))
-    model = Transformer(cfg)
+    model = build_model(cfg)
     write_weights_checkpoint({n: p.detach() for n, p in model.named_parameters()}, cfg, tmp_path / "tied",
                              source={"family": "test"}, buffers=persistent_buffers(model))
     assert main(["convert", "merge-adapters", str(tmp_path / "tied"), "--out", str(tmp_path / "merged")]) == 2

@@ -45,7 +45,7 @@ def test_chunked_loss_equals_the_whole_and_never_keeps_the_logits(masked: bool) 
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            _, loss, _ = forward_and_loss(model, MicroBatch(tokens, mask), torch.float32, chunk)
+            loss = forward_and_loss(model, MicroBatch(tokens, mask), torch.float32, chunk).lm_sum
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, kept[0]
 
