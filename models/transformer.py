@@ -37,10 +37,19 @@ class ModelOutput:
     moe_stats: dict[int, MoEStats] = field(default_factory=dict)
     """Per MoE layer, keyed by block index."""
     hidden_BTD: Optional[Tensor] = None
-    """The final normed hidden states, with logits=False: `output` turns them into logits."""
+    """The final normed hidden states, with logits=False: `output` turns them into logits. On a pipeline
+    stage before the last (keep_stage): its last block's output, for the next stage."""
     mtp_hidden: tuple[Tensor, ...] = ()
     """With mtp=True, per MTP depth k = 1..D: its normed hidden states [B, T - k, D], whose logits (through
     `output`) predict tokens k + 1 places ahead."""
+
+
+class HeldElsewhere(nn.Module):
+    """In place of a block another pipeline stage holds (parallel/pipeline.py): the blocks that stay keep
+    their numbering, and with it their parameter names (`layers.5.attn.wq.weight`) and block indices."""
+
+    def forward(self, *args):
+        raise RuntimeError("this block is held by another pipeline stage")
 
 
 class Transformer(nn.Module):
@@ -59,6 +68,23 @@ class Transformer(nn.Module):
         self.init_weights()
         self.recompute_blocks = False
         """Activation checkpointing of every block (set_recompute("full"))."""
+        self.held_layers = range(cfg.n_layers)
+        """The decoder blocks this model runs: all, or one pipeline stage's (keep_stage)."""
+
+    def keep_stage(self, layers: range, first: bool, last: bool) -> None:
+        """Keep what one pipeline stage runs (parallel/pipeline.py), before any memory is allocated: the
+        blocks `layers`, the embedding on the first stage, the final norm and output layer on the last.
+        What stays keeps its name; the forward then takes the previous stage's output (unless first) and
+        returns the blocks' output as hidden_BTD (unless last)."""
+        assert not self.cfg.tie_embeddings and not self.mtp, "checked when the run config was resolved"
+        for i in range(self.cfg.n_layers):
+            if i not in layers:
+                self.layers[i] = HeldElsewhere()
+        self.held_layers = layers
+        if not first:
+            self.tok_embeddings = None
+        if not last:
+            self.norm = self.output = None
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -121,15 +147,42 @@ class Transformer(nn.Module):
                 module.recompute = "full" if full else "selective" if mode == "selective" else "none"
 
 
-    def blocks(self) -> Iterator[Block]:
+    def blocks(self) -> Iterator[Block | HeldElsewhere]:
         """The decoder blocks, then the MTP modules' blocks (block index n_layers + k - 1 for depth k)."""
         yield from self.layers
         yield from (m.block for m in self.mtp)
 
     def moe_layers(self) -> Iterator[tuple[int, MoE]]:
+        """The MoE layers this model holds, by block index."""
         for i, block in enumerate(self.blocks()):
-            if isinstance(block.ffn, MoE):
+            if isinstance(block, Block) and isinstance(block.ffn, MoE):
                 yield i, block.ffn
+
+    def position_tables(self, segment_BT: Optional[Tensor], docs: Optional[DocumentSpans] = None
+                        ) -> tuple[Tensor, Tensor, Optional[DocumentSpans]]:
+        """RoPE tables for the forward, and the documents (None without segments)."""
+        if segment_BT is None:
+            return self.rope_cos, self.rope_sin, None
+        return self._segment_tables(segment_BT, docs)
+
+    def run_layers(self, x_BTD: Tensor, layers: range, cos: Tensor, sin: Tensor, docs: Optional[DocumentSpans],
+                   moe_stats: dict[int, MoEStats]) -> Tensor:
+        """The decoder blocks `layers` (all of them, or one pipeline stage's), each MoE layer's statistics
+        into `moe_stats` under its block index."""
+        for i in layers:
+            x_BTD, stats = self._run_block(self.layers[i], x_BTD, cos, sin, docs)
+            if stats is not None:
+                moe_stats[i] = stats
+        return x_BTD
+
+    def router_losses(self, moe_stats: dict[int, MoEStats], device: torch.device) -> tuple[Tensor, Tensor]:
+        """The weighted balance and z losses of the MoE layers in `moe_stats`, summed once every layer was
+        queued (the load sums had time to arrive)."""
+        aux_loss = z_loss = torch.zeros((), dtype=torch.float32, device=device)
+        for stats in moe_stats.values():
+            aux_loss = aux_loss + self.cfg.moe.aux_loss_coef * stats.aux_loss
+            z_loss = z_loss + self.cfg.moe.z_loss_coef * stats.z_loss
+        return aux_loss, z_loss
 
     def _run_block(self, block: nn.Module, *args) -> tuple:
         if self.recompute_blocks and torch.is_grad_enabled():
@@ -157,22 +210,15 @@ class Transformer(nn.Module):
         T = tokens_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        emb_BTD = x_BTD = self.tok_embeddings(tokens_BT)
-        cos, sin = self.rope_cos, self.rope_sin
-        if segment_BT is None:
-            docs = None
-        else:
-            cos, sin, docs = self._segment_tables(segment_BT, docs)
-        aux_loss = z_loss = x_BTD.new_zeros((), dtype=torch.float32)
+        # A pipeline stage after the first (keep_stage) is given the previous stage's output x_BTD.
+        emb_BTD = self.tok_embeddings(tokens_BT) if self.tok_embeddings is not None else tokens_BT
+        cos, sin, docs = self.position_tables(segment_BT, docs)
         moe_stats: dict[int, MoEStats] = {}
-        for i, block in enumerate(self.layers):
-            x_BTD, stats = self._run_block(block, x_BTD, cos, sin, docs)
-            if stats is not None:
-                moe_stats[i] = stats
+        x_BTD = self.run_layers(emb_BTD, self.held_layers, cos, sin, docs, moe_stats)
         mtp_hidden = self._mtp_forward(x_BTD, emb_BTD, cos, sin, docs, moe_stats) if mtp else ()
-        for stats in moe_stats.values():  # after every layer was queued: the load sums had time to arrive
-            aux_loss = aux_loss + self.cfg.moe.aux_loss_coef * stats.aux_loss
-            z_loss = z_loss + self.cfg.moe.z_loss_coef * stats.z_loss
+        aux_loss, z_loss = self.router_losses(moe_stats, emb_BTD.device)
+        if self.norm is None:  # a stage before the last: its blocks' output goes to the next stage
+            return ModelOutput(None, aux_loss, z_loss, moe_stats, x_BTD)
         hidden_BTD = self.norm(x_BTD)
         logits_BTV = self.output(hidden_BTD) if logits else None
         return ModelOutput(logits_BTV, aux_loss, z_loss, moe_stats, None if logits else hidden_BTD, mtp_hidden)

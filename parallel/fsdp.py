@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor, Shard
 from moeyard.models import Transformer
 from moeyard.models.moe.layer import MoE
 from moeyard.models.mtp import MTPModule
+from moeyard.models.transformer import HeldElsewhere
 from moeyard.parallel.mesh import ParallelMesh
 
 
@@ -67,6 +68,8 @@ def apply_fsdp(model: Transformer, pmesh: ParallelMesh, reshard_after_forward: b
     policy = policy or MixedPrecisionPolicy()
     layers: list[list[FSDPModule]] = []  # per block, in forward order: its own unit, then its experts'
     for unit in [*model.layers, *model.mtp]:  # an MTP depth is one unit: its norms, eh_proj and block
+        if isinstance(unit, HeldElsewhere):  # another pipeline stage's block
+            continue
         block = unit.block if isinstance(unit, MTPModule) else unit
         layer: list[FSDPModule] = []
         if isinstance(block.ffn, MoE):

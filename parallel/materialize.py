@@ -42,6 +42,8 @@ def materialize(model: Transformer, init: InitRecord, pmesh: ParallelMesh, devic
     filled: set[str] = set()
 
     def keep(name: str, values: Tensor) -> None:
+        if name not in params:  # another pipeline stage's (parallel/pipeline.py): drawn, not kept
+            return
         p = params[name]
         local, region = owned_region(p, pmesh, id(p) in expert_ids)
         local.copy_(values[region])

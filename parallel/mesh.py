@@ -8,6 +8,12 @@ replicated on dp / ep ranks, its expert-data-parallel (edp) group.
     world 4, ep 2:   mesh [[0, 1],      ep groups  {0,1} {2,3}
                            [2, 3]]      edp groups {0,2} {1,3}   dp group {0,1,2,3}
 
+Pipeline stages (pp) are outermost: stage s holds ranks [s * world/pp, (s+1) * world/pp), and inside a
+stage the layout above repeats over its world/pp ranks (dp is then world/pp). A rank's pp group holds the
+ranks at its position in every stage, which exchange activations:
+
+    world 4, pp 2, ep 2:   stage 0 {0,1}, stage 1 {2,3};   pp groups {0,2} {1,3};   ep groups {0,1} {2,3}
+
 Machines hold `ranks_per_node` consecutive ranks (G). An ep group larger than a machine spans ep / G whole
 machines, and its experts are laid out machine by machine (machine j of the group holds experts
 [j*E/n, (j+1)*E/n) for n machines); for the hierarchical exchange it is cut twice more:
@@ -31,7 +37,7 @@ class ParallelMesh:
     mesh: DeviceMesh
     """2-D mesh with dims ("edp", "ep")."""
     dp_group: dist.ProcessGroup
-    """All ranks that hold part of the batch (today: the whole world)."""
+    """The ranks that split the batch: the whole world, or this rank's pipeline stage."""
     dp_mesh: DeviceMesh
     """1-D mesh over dp_group: where FSDP shards the dense parameters."""
     experts_mesh: DeviceMesh
@@ -44,6 +50,17 @@ class ParallelMesh:
     """Where the ep group spans machines: this rank's part of it on its own machine (G ranks)."""
     cross_group: Optional[dist.ProcessGroup] = None
     """...and the ranks of the ep group with this rank's local index, one per machine."""
+    pp_group: Optional[dist.ProcessGroup] = None
+    """With pipeline stages: the ranks at this rank's position in every stage, in stage order."""
+
+    @property
+    def pp(self) -> int:
+        return 1 if self.pp_group is None else dist.get_world_size(self.pp_group)
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's pipeline stage."""
+        return 0 if self.pp_group is None else dist.get_rank(self.pp_group)
 
     @property
     def ep_nodes(self) -> int:
@@ -85,9 +102,10 @@ class ParallelMesh:
 
 
 def build_mesh(ep: int, device_type: str, timeout_s: float = 600.0,
-               ranks_per_node: Optional[int] = None) -> ParallelMesh:
-    """Build the (edp, ep) mesh over the initialised default process group; with `ranks_per_node` (G)
-    also the node and cross groups of ep groups that span machines.
+               ranks_per_node: Optional[int] = None, pp: int = 1) -> ParallelMesh:
+    """Build the (edp, ep) mesh of this rank's pipeline stage (the whole world without stages) over the
+    initialised default process group; with `ranks_per_node` (G) also the node and cross groups of ep
+    groups that span machines; with `pp` > 1 the pp groups.
 
     `timeout_s` (parallel.timeout_s) bounds every collective on the mesh's groups: `new_group` does not
     inherit the default group's timeout (gloo's own default is 30 minutes), so without it a lost peer
@@ -101,30 +119,41 @@ def build_mesh(ep: int, device_type: str, timeout_s: float = 600.0,
     world, rank = dist.get_world_size(), dist.get_rank()
     G = ranks_per_node or world
     # Checked with the user's keys and fixes when the run config was resolved (trainer/config): here, asserted.
-    assert ep >= 1 and world % ep == 0, f"world {world} is not a multiple of ep={ep}"
+    assert pp >= 1 and world % pp == 0, f"world {world} is not a multiple of pp={pp}"
+    dp = world // pp
+    assert ep >= 1 and dp % ep == 0, f"world {world} / pp={pp} is not a multiple of ep={ep}"
     assert world % G == 0 and (ep % G == 0 or G % ep == 0), f"ranks_per_node={G} does not fit world {world}, ep={ep}"
-    layout = torch.arange(world).view(world // ep, ep)
-    # Every rank creates every group, in the same order, as new_group requires.
+    stages = torch.arange(world).view(pp, dp // ep, ep)  # [stage, edp, ep]
     timeout = timedelta(seconds=timeout_s)
-    ep_groups = [dist.new_group(row.tolist(), timeout=timeout) for row in layout]
-    edp_groups = [dist.new_group(col.tolist(), timeout=timeout) for col in layout.t()]
-    dp_group = dist.new_group(list(range(world)), timeout=timeout)
-    mesh = DeviceMesh.from_group(
-        [edp_groups[rank % ep], ep_groups[rank // ep]], device_type, mesh=layout, mesh_dim_names=("edp", "ep")
-    )
-    experts_mesh = DeviceMesh.from_group(
-        [ep_groups[rank // ep], edp_groups[rank % ep]], device_type, mesh=layout.t(), mesh_dim_names=("ep", "edp")
-    )
-    node_group = cross_group = None
+    # Every rank creates every group, in the same order, as new_group requires; it keeps its own.
+    mine: dict[str, dist.ProcessGroup] = {}
+
+    def group(kind: str, ranks: list[int]) -> None:
+        made = dist.new_group(ranks, timeout=timeout)
+        if rank in ranks:
+            mine[kind] = made
+
+    for layout in stages:
+        for row in layout:
+            group("ep", row.tolist())
+        for col in layout.t():
+            group("edp", col.tolist())
+        group("dp", layout.flatten().tolist())
     if ep > G:
-        nodes = layout.view(-1, ep // G, G)  # [ep group, machine in it, local rank]
-        for group in nodes:
-            for row in group:
-                made = dist.new_group(row.tolist(), timeout=timeout)
-                node_group = made if rank in row.tolist() else node_group
-            for col in group.t():
-                made = dist.new_group(col.tolist(), timeout=timeout)
-                cross_group = made if rank in col.tolist() else cross_group
-    return ParallelMesh(mesh=mesh, dp_group=dp_group, dp_mesh=DeviceMesh.from_group(dp_group, device_type),
-                        experts_mesh=experts_mesh, ranks_per_node=G,
-                        node_group=node_group, cross_group=cross_group)
+        for layout in stages:
+            for machines in layout.view(-1, ep // G, G):  # [ep group, machine in it, local rank]
+                for row in machines:
+                    group("node", row.tolist())
+                for col in machines.t():
+                    group("cross", col.tolist())
+    if pp > 1:
+        for position in stages.view(pp, dp).t():
+            group("pp", position.tolist())
+    layout = stages[rank // dp]
+    mesh = DeviceMesh.from_group([mine["edp"], mine["ep"]], device_type, mesh=layout, mesh_dim_names=("edp", "ep"))
+    experts_mesh = DeviceMesh.from_group([mine["ep"], mine["edp"]], device_type, mesh=layout.t(),
+                                         mesh_dim_names=("ep", "edp"))
+    return ParallelMesh(mesh=mesh, dp_group=mine["dp"],
+                        dp_mesh=DeviceMesh.from_group(mine["dp"], device_type, mesh=layout.flatten()),
+                        experts_mesh=experts_mesh, ranks_per_node=G, node_group=mine.get("node"),
+                        cross_group=mine.get("cross"), pp_group=mine.get("pp"))

@@ -57,16 +57,17 @@ def apply_expert_parallel(model: Transformer, pmesh: ParallelMesh, chunks: Optio
 
     Call before building the optimizer: expert parameters are replaced by their shard.
     """
-    layers = list(model.moe_layers())
-    chunks = chunks or (1,) * len(layers)
-    dispatch = dispatch or ("flat",) * len(layers)
-    if len(chunks) != len(layers) or len(dispatch) != len(layers):
+    ordinal = plan_ordinals(model)
+    chunks = chunks or (1,) * len(ordinal)
+    dispatch = dispatch or ("flat",) * len(ordinal)
+    if len(chunks) != len(ordinal) or len(dispatch) != len(ordinal):
         raise ValueError(f"the plan has chunks for {len(chunks)} and a dispatch for {len(dispatch)} MoE layers, "
-                         f"the model has {len(layers)}")
+                         f"the model has {len(ordinal)}")
     node_groups = None
     if pmesh.node_group is not None:
         node_groups = NodeGroups(pmesh.node_group, pmesh.cross_group)
-    for (layer, moe), r, how in zip(layers, chunks, dispatch):
+    for layer, moe in model.moe_layers():
+        r, how = chunks[ordinal[layer]], dispatch[ordinal[layer]]
         # Checked with the user's keys when the run config was resolved (trainer/config): here, asserted.
         num_experts = moe.cfg.num_experts
         assert num_experts % pmesh.ep == 0, f"MoE layer {layer}: {num_experts} experts over ep={pmesh.ep}"
@@ -82,6 +83,13 @@ def apply_expert_parallel(model: Transformer, pmesh: ParallelMesh, chunks: Optio
         moe.exchange = ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, chunks=r,
                                               dispatch="hierarchical" if how == "hierarchical" and node_groups
                                               else "flat", node_groups=node_groups)
+
+
+def plan_ordinals(model: Transformer) -> dict[int, int]:
+    """Block index -> position in the plan's per-MoE-layer tuples, which cover the whole model (a pipeline
+    stage holds some of its MoE layers)."""
+    cfg = model.cfg
+    return {block: k for k, block in enumerate(i for i in range(cfg.n_blocks) if cfg.is_moe_layer(i))}
 
 
 def reset_traffic(model: Transformer) -> None:
@@ -100,9 +108,10 @@ def take_cross_machine_bytes(model: Transformer, device: torch.device) -> dict[i
 
 def set_chunks(model: Transformer, chunks: tuple[int, ...]) -> None:
     """Change every MoE layer's pipeline degree between steps (the run's check of the plan does)."""
-    for (_, moe), r in zip(model.moe_layers(), chunks):
+    ordinal = plan_ordinals(model)
+    for layer, moe in model.moe_layers():
         if isinstance(moe.exchange, ExpertParallelExchange):
-            moe.exchange.chunks = r
+            moe.exchange.chunks = chunks[ordinal[layer]]
 
 
 def adamw(model: nn.Module, settings: AdamWSettings) -> torch.optim.Optimizer:

@@ -7,6 +7,7 @@ import torch
 
 from moeyard.models import Transformer
 from moeyard.parallel import ParallelMesh
+from moeyard.parallel.pipeline import Pipeline
 from moeyard.trainer.config.sections import Config
 from moeyard.trainer.data.sft_batches import SFTBatch
 from moeyard.trainer.step import heldout_loss
@@ -17,9 +18,10 @@ class Evaluator:
     (`heldout`; None for pretraining, which has none)."""
 
     def __init__(self, cfg: Config, heldout: Optional[SFTBatch], last: int, model: Transformer, pmesh: ParallelMesh,
-                 micro_batch_size: int, dtype: torch.dtype) -> None:
+                 micro_batch_size: int, dtype: torch.dtype, pipeline: Optional[Pipeline] = None) -> None:
         self.heldout, self.every, self.last = heldout, cfg.sft.eval_every, last
         self.model, self.pmesh, self.micro_batch_size, self.dtype = model, pmesh, micro_batch_size, dtype
+        self.pipeline = pipeline
         self.loss_chunk_tokens = cfg.train.loss_chunk_tokens
 
     def due(self, step: int) -> bool:
@@ -30,4 +32,4 @@ class Evaluator:
         if not self.due(step):
             return None, None
         return heldout_loss(self.model, self.heldout, micro_batch_size=self.micro_batch_size, pmesh=self.pmesh,
-                            dtype=self.dtype, loss_chunk_tokens=self.loss_chunk_tokens)
+                            dtype=self.dtype, loss_chunk_tokens=self.loss_chunk_tokens, pipeline=self.pipeline)

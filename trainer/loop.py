@@ -20,6 +20,7 @@ from moeyard.models.meta_init import build_on_meta
 from moeyard.parallel import ParallelMesh, build_mesh
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.parallelize import FsdpSettings, parallelize
+from moeyard.parallel.pipeline import keep_this_stage
 from moeyard.parallel.plan import Plan
 from moeyard.trainer.checkpoint.sharded import Checkpointer, config_hash
 from moeyard.trainer.config.sections import Config
@@ -37,7 +38,7 @@ from moeyard.trainer.preflight import check_checkpoint_fits, check_pretraining_d
 from moeyard.trainer.run_dir import Preemption, mark_preempted, prepare_run_dir
 from moeyard.trainer.scheduler.plan_check import PlanCheck
 from moeyard.trainer.scheduler.run_planning import learn_chunk_overhead, plan_for
-from moeyard.trainer.step import train_step
+from moeyard.trainer.step import pipeline_for, train_step
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,8 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
     device, parallelized as the plan says, then each rank allocates and initialises its own part."""
     torch.manual_seed(cfg.run.seed)
     model, init = build_on_meta(cfg.model)  # no rank holds more than its part (and one parameter at a time)
+    if pmesh.pp > 1:
+        keep_this_stage(model, pmesh)
     trainable, total = freeze(model, cfg.train.trainable, cfg.train.frozen)
     model.set_recompute(plan.recompute or cfg.train.recompute)  # the planner may keep more where memory allows
     fsdp = FsdpSettings(compute_dtype=resolve_dtype(cfg.train.dtype, device),
@@ -187,10 +190,13 @@ def run_training(cfg: Config, device: torch.device, preemption: Preemption | Non
     metas = _check_before_start(cfg)
     rank = dist.get_rank()
     prepare_run_dir(cfg)
-    pmesh = build_mesh(cfg.parallel.ep, device.type, cfg.parallel.timeout_s, cfg.parallel.ranks_per_node)
+    pmesh = build_mesh(cfg.parallel.ep, device.type, cfg.parallel.timeout_s, cfg.parallel.ranks_per_node,
+                       cfg.parallel.pp)
     dtype = resolve_dtype(cfg.train.dtype, device)
     plan = plan_for(cfg, pmesh, device)  # before the model exists: profiling builds models of its own
     model, sync = build_rank_model(cfg, pmesh, plan, device)
+    pipeline = pipeline_for(model, pmesh, cfg.schedule.pipeline, device, cfg.train.loss_chunk_tokens) \
+        if pmesh.pp > 1 else None
     checkpointer = Checkpointer(cfg, pmesh, plan)
 
     first, resumed = _resume_or_init(cfg, checkpointer, model, sync)
@@ -208,7 +214,7 @@ def run_training(cfg: Config, device: torch.device, preemption: Preemption | Non
     micro_batch_size = cfg.train.micro_batch_size or cfg.global_batch_sequences // pmesh.dp
     data, heldout = _batches(cfg, pmesh)
     _follow_data(cfg, data, metas, checkpointer, resumed, first)
-    evaluator = Evaluator(cfg, heldout, last, model, pmesh, micro_batch_size, dtype)
+    evaluator = Evaluator(cfg, heldout, last, model, pmesh, micro_batch_size, dtype, pipeline)
     reporter = StepReporter(cfg, first, last, device, writes=rank == 0)
     guard = NonFiniteGuard(cfg, checkpointer)
     check = PlanCheck.for_run(model, plan.chunks, plan.source, cfg.schedule.check_steps, device)
@@ -219,7 +225,7 @@ def run_training(cfg: Config, device: torch.device, preemption: Preemption | Non
             start = time.perf_counter()
             result = train_step(model, sync, data.batch(step), micro_batch_size=micro_batch_size,
                                 pmesh=pmesh, lr=lr, grad_clip=cfg.train.grad_clip, dtype=dtype,
-                                loss_chunk_tokens=cfg.train.loss_chunk_tokens)
+                                loss_chunk_tokens=cfg.train.loss_chunk_tokens, pipeline=pipeline)
             step_time = time.perf_counter() - start
             plan = _checked_plan(cfg, check, step_time, plan, pmesh, device, checkpointer)
             done = step + 1

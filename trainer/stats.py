@@ -8,14 +8,14 @@ one transfer each and unpacked by name, never by position.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from moeyard.trainer.step import MicroLoss
+from moeyard.models import MoEStats
+from moeyard.models.peft.adapters import AdapterStats
 
 
 class NamedSums:
@@ -58,14 +58,18 @@ class StepStats:
         self.moe_layers: list[int] = []
         self.adapters: list[str] = []
 
-    def add(self, loss: MicroLoss) -> None:
-        out = loss.out
-        self.per_rank.add("lm_loss", loss.lm_sum)
-        if loss.mtp_sum is not None:
-            self.per_rank.add("mtp_loss", loss.mtp_sum)
-        self.per_rank.add("aux_loss", loss.aux_loss)
-        self.per_rank.add("z_loss", out.z_loss)
-        for layer, stats in out.moe_stats.items():
+    def add_lm(self, lm_sum: Tensor, mtp_sum: Optional[Tensor] = None) -> None:
+        """A micro-batch's summed next-token (and MTP) loss: the last pipeline stage's."""
+        self.per_rank.add("lm_loss", lm_sum)
+        if mtp_sum is not None:
+            self.per_rank.add("mtp_loss", mtp_sum)
+
+    def add_forward(self, moe_stats: dict[int, MoEStats], adapter_stats: dict[str, AdapterStats], aux_loss: Tensor,
+                    z_loss: Tensor) -> None:
+        """What a micro-batch's forward (or one pipeline stage's part of it) reports."""
+        self.per_rank.add("aux_loss", aux_loss)
+        self.per_rank.add("z_loss", z_loss)
+        for layer, stats in moe_stats.items():
             self.counts.add(f"{layer}.load", stats.tokens_per_expert_E)
             self.counts.add(f"{layer}.dropped", stats.dropped)
             self.counts.add(f"{layer}.unrouted", stats.unrouted)
@@ -75,7 +79,7 @@ class StepStats:
                 self.per_rank.add(f"{layer}.nodes_per_token", stats.nodes_per_token)
             if layer not in self.moe_layers:
                 self.moe_layers.append(layer)
-        for name, stats in loss.adapter_stats.items():
+        for name, stats in adapter_stats.items():
             for key in ("load_E", "aux_loss", "entropy"):
                 self.per_rank.add(f"{name}.{key}", getattr(stats, key))
             if name not in self.adapters:
@@ -83,6 +87,27 @@ class StepStats:
 
     def all_reduce(self, group: dist.ProcessGroup) -> None:
         self.per_rank.all_reduce(group)
+
+    def merge_stages(self, pp_group: dist.ProcessGroup, router_state: dict[int, dict]) -> dict[int, dict]:
+        """Pipeline stages hold different layers (and only the last the language-model loss): after the dp
+        reduction, give every rank every stage's sums, summed by name, and return every stage's router
+        state. One object all-gather per step (a host round trip), over the pp group."""
+        mine = ({k: v.cpu() for k, v in self.per_rank.values.items()},
+                {k: v.cpu() for k, v in self.counts.values.items()}, self.moe_layers, self.adapters, router_state)
+        stages: list = [None] * dist.get_world_size(pp_group)
+        dist.all_gather_object(stages, mine, group=pp_group)
+        device = next(iter(self.per_rank.values.values())).device
+        merged_router: dict[int, dict] = {}
+        self.per_rank.values, self.counts.values, self.moe_layers, self.adapters = {}, {}, [], []
+        for per_rank, counts, moe_layers, adapters, state in stages:
+            for name, value in per_rank.items():
+                self.per_rank.add(name, value.to(device))
+            for name, value in counts.items():
+                self.counts.add(name, value.to(device))
+            self.moe_layers += [layer for layer in moe_layers if layer not in self.moe_layers]
+            self.adapters += [name for name in adapters if name not in self.adapters]
+            merged_router.update(state)
+        return merged_router
 
     def losses_finite(self) -> bool:
         """Whether this step's summed losses are finite (a host sync; the same answer on every rank)."""

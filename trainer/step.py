@@ -13,15 +13,16 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from moeyard.models import ModelOutput, Transformer
 from moeyard.models.document_attention import DocumentSpans
-from moeyard.models.peft.adapters import AdapterStats, has_adapter, recording_adapters
+from moeyard.models.peft.adapters import AdapterStats, has_adapter, recording_adapters, with_adapter_losses
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.fsdp import reshard
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.parallelize import reset_traffic, take_cross_machine_bytes
+from moeyard.parallel.pipeline import Pipeline
 from moeyard.trainer.data.blend import TokenBatch
 from moeyard.trainer.data.sft_batches import SFTBatch
 from moeyard.trainer.losses import chunked_lm_loss_sum, lm_loss_sum, mtp_loss_sum
@@ -130,17 +131,75 @@ def forward_and_loss(model: Transformer, micro: MicroBatch, dtype: torch.dtype, 
             lm_sum = lm_loss_sum(out.logits_BTV, tokens_BT1[:, 1:], mask_BT)
         mtp_sum = mtp_loss_sum(model.output, out.mtp_hidden, tokens_BT1, mask_BT, segment_BT, chunk) \
             if out.mtp_hidden else None
-    aux_loss = out.aux_loss
-    for stats in adapter_stats.values():
-        aux_loss = aux_loss + model.cfg.peft.aux_loss_coef * stats.aux_loss
+    aux_loss = with_adapter_losses(out.aux_loss, adapter_stats, model.cfg.peft.aux_loss_coef)
     return MicroLoss(out, lm_sum, mtp_sum, adapter_stats, aux_loss)
+
+
+class LastStageLoss:
+    """The loss torch's pipeline schedule calls on the last stage's output, one micro-batch at a time: the
+    summed next-token loss scaled as the step's objective scales it (the router losses ride on the output,
+    parallel/pipeline.py). `target` is [B, T] next tokens, or [B, 2, T] next tokens and loss mask (SFT).
+    Every stage's schedule is given one (torch's schedules run a backward only when they have a loss); only
+    the last stage's, whose `output` is the output layer, is called."""
+
+    def __init__(self, output: Optional[nn.Linear], loss_chunk_tokens: int) -> None:
+        self.output = output
+        self.chunk = 0 if has_adapter(output) else loss_chunk_tokens
+        self.lm_scale = 1.0
+        self.sums: list[Tensor] = []
+        """Each micro-batch's summed loss (no gradient), for the step's statistics."""
+
+    def __call__(self, y: Tensor, target: Tensor) -> Tensor:
+        targets_BT, mask_BT = (target, None) if target.dim() == 2 else (target[:, 0], target[:, 1].bool())
+        if self.chunk > 0:  # y: the normed hidden states
+            lm_sum = chunked_lm_loss_sum(self.output, y, targets_BT, mask_BT, self.chunk)
+        else:  # y: the logits
+            lm_sum = lm_loss_sum(y, targets_BT, mask_BT)
+        self.sums.append(lm_sum.detach())
+        return lm_sum * self.lm_scale
+
+
+def pipeline_for(model: Transformer, pmesh: ParallelMesh, schedule: str, device: torch.device,
+                 loss_chunk_tokens: int) -> Pipeline:
+    """The pipeline of this rank's stage (the model reduced to it by parallel.pipeline.keep_this_stage)."""
+    loss = LastStageLoss(model.output, loss_chunk_tokens)  # None before the last stage
+    return Pipeline(model, pmesh, schedule, device, model.output is not None and loss.chunk <= 0, loss)
+
+
+def _pipeline_inputs(batch: Tensor | TokenBatch | SFTBatch, device: torch.device
+                     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The whole share's inputs [B, T], targets ([B, T], or [B, 2, T] with the loss mask) and segments."""
+    if isinstance(batch, Tensor):
+        batch = TokenBatch(batch)
+    tokens_BT1 = batch.tokens_BT1.to(device, non_blocking=True)
+    target = tokens_BT1[:, 1:]
+    if isinstance(batch, SFTBatch):
+        target = torch.stack([target, batch.mask_BT.to(device, non_blocking=True).to(target.dtype)], dim=1)
+    segment_BT = None if batch.segment_BT1 is None else batch.segment_BT1[:, :-1].to(device, non_blocking=True)
+    return tokens_BT1[:, :-1], target, segment_BT
+
+
+def _pipelined_micro_steps(pipeline: Pipeline, batch: Tensor | TokenBatch | SFTBatch, micro_batches: int,
+                           lm_scale: float, dtype: torch.dtype, device: torch.device, stats: StepStats) -> None:
+    """Forward and backward of every micro-batch through the stages, as the schedule orders them; this
+    stage's losses and router statistics into `stats`."""
+    tokens_BT, target, segment_BT = _pipeline_inputs(batch, device)
+    loss = pipeline.loss_fn
+    loss.lm_scale, loss.sums = lm_scale, []
+    with autocast_context(device, dtype):
+        forwards = pipeline.run(micro_batches, tokens_BT, target, segment_BT)
+    for f in forwards:
+        stats.add_forward(f.moe_stats, f.adapter_stats, f.aux_loss, f.z_loss)
+    for lm_sum in loss.sums[-micro_batches:]:  # the last stage's (parallel.pipeline.INFERRED_FORWARDS)
+        stats.add_lm(lm_sum)
 
 
 def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | SFTBatch, *, micro_batch_size: int,
                pmesh: ParallelMesh, lr: float, grad_clip: float, dtype: torch.dtype,
-               loss_chunk_tokens: int = 0) -> StepResult:
+               loss_chunk_tokens: int = 0, pipeline: Optional[Pipeline] = None) -> StepResult:
     """`batch` is this rank's share of the global batch: [sequences, seq_len + 1] token ids, or SFT rows
-    whose loss counts the masked targets only and whose examples attend only within themselves."""
+    whose loss counts the masked targets only and whose examples attend only within themselves. With
+    `pipeline`, `model` is this rank's stage and the schedule runs the micro-batches."""
     device = next(model.parameters()).device
     micro_batches, rows = _micro_batches(batch, micro_batch_size, device)
     seq_len = micro_batches[0].tokens_BT1.shape[1] - 1
@@ -151,22 +210,28 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | 
     sync.zero_grad()
     reset_traffic(model)
     stats = StepStats()
-    for i, micro in enumerate(micro_batches):
+    if pipeline is not None:
+        sync.begin_micro_step(last=True)  # the schedule runs every micro-step's backward
+        _pipelined_micro_steps(pipeline, batch, len(micro_batches), lm_scale, dtype, device, stats)
+    for i, micro in enumerate(micro_batches if pipeline is None else ()):
         sync.begin_micro_step(last=i == len(micro_batches) - 1)  # earlier micro-steps only accumulate
         loss = forward_and_loss(model, micro, dtype, loss_chunk_tokens, mtp=True)
         objective = loss.lm_sum * lm_scale + loss.router_loss / len(micro_batches)
         if loss.mtp_sum is not None:  # scaled like the main loss: by the main loss's global target count
             objective = objective + model.cfg.mtp_loss_coef * loss.mtp_sum * lm_scale
         objective.backward()
-        stats.add(loss)
+        stats.add_lm(loss.lm_sum, loss.mtp_sum)
+        stats.add_forward(loss.out.moe_stats, loss.adapter_stats, loss.aux_loss, loss.out.z_loss)
 
     grad_norm = sync.reduce()  # waits for (or runs) the gradient reduction
     for layer, sent in take_cross_machine_bytes(model, device).items():
         stats.per_rank.add(f"{layer}.cross_machine_bytes", sent)
     stats.all_reduce(pmesh.dp_group)  # global losses: the same on every rank, like the norm
-    finite = stats.losses_finite() and bool(torch.isfinite(grad_norm))
     # Router state as this step's forward used it (before the update below).
     router_state = {layer: moe.router.extra_metrics() for layer, moe in model.moe_layers()}
+    if pmesh.pp_group is not None:  # every stage sees every stage's numbers, and takes the same decision
+        router_state = stats.merge_stages(pmesh.pp_group, router_state)
+    finite = stats.losses_finite() and bool(torch.isfinite(grad_norm))
     if finite:  # every rank takes the same decision from the same numbers
         sync.apply(lr, grad_clip, grad_norm)
         for layer, moe in model.moe_layers():  # stateful routers (biases, schedules) follow the global load
@@ -189,23 +254,39 @@ def skip_counts(moe_stats: dict) -> Tensor:
 
 @torch.no_grad()
 def heldout_loss(model: Transformer, share: SFTBatch, *, micro_batch_size: int, pmesh: ParallelMesh,
-                 dtype: torch.dtype, loss_chunk_tokens: int = 0) -> tuple[float, float]:
+                 dtype: torch.dtype, loss_chunk_tokens: int = 0,
+                 pipeline: Optional[Pipeline] = None) -> tuple[float, float]:
     """Mean loss over the held-out targets of all ranks, and the fraction of expert computations (token
     copies) that expert skipping left out (model.moe.skip_threshold; 0 when off). Collective: every rank
-    runs the same forwards."""
+    runs the same forwards (with `pipeline`, through the stages)."""
     device = next(model.parameters()).device
-    micro_batches, _ = _micro_batches(share, micro_batch_size, device)
     total = torch.zeros(1, dtype=torch.float64, device=device)
     copies = torch.zeros(2, dtype=torch.float64, device=device)  # skipped, all (already summed over ranks)
     model.eval()
     try:
-        for micro in micro_batches:
-            loss = forward_and_loss(model, micro, dtype, loss_chunk_tokens)
-            total += loss.lm_sum.double()
-            copies += skip_counts(loss.out.moe_stats)
+        if pipeline is None:
+            for micro in _micro_batches(share, micro_batch_size, device)[0]:
+                loss = forward_and_loss(model, micro, dtype, loss_chunk_tokens)
+                total += loss.lm_sum.double()
+                copies += skip_counts(loss.out.moe_stats)
+        else:
+            rows = share.tokens_BT1.shape[0]  # cut into equal micro-batches, as a pipeline needs
+            size = max(d for d in range(1, min(micro_batch_size, rows) + 1) if rows % d == 0)
+            tokens_BT, target, segment_BT = _pipeline_inputs(share, device)
+            pipeline.loss_fn.sums = []
+            with autocast_context(device, dtype):
+                forwards = pipeline.run(rows // size, tokens_BT, target, segment_BT, train=False)
+            for lm_sum in pipeline.loss_fn.sums[-(rows // size):]:  # the last stage's (INFERRED_FORWARDS)
+                total += lm_sum.double()
+            for f in forwards:
+                if f.moe_stats:  # a stage of dense blocks has none
+                    copies += skip_counts(f.moe_stats)
     finally:
         model.train()
         reshard(model)  # units kept gathered after forward would otherwise stay so (no backward reshards them)
     dist.all_reduce(total, group=pmesh.dp_group)
+    if pmesh.pp_group is not None:  # the loss is the last stage's, the skip counts each stage's own layers'
+        dist.all_reduce(total, group=pmesh.pp_group)
+        dist.all_reduce(copies, group=pmesh.pp_group)
     skipped, all_copies = copies.tolist()
     return float(total) / max(1, share.global_targets), skipped / max(1.0, all_copies)

@@ -106,6 +106,13 @@ class RoutedLoRA(nn.Module):
         return self.scale * delta_NO.view(*lead, -1)
 
 
+def with_adapter_losses(aux_loss: Tensor, adapter_stats: dict[str, AdapterStats], coef: float) -> Tensor:
+    """`aux_loss` (the MoE layers' weighted balance losses) plus `coef` times each routed adapter's."""
+    for stats in adapter_stats.values():
+        aux_loss = aux_loss + coef * stats.aux_loss
+    return aux_loss
+
+
 def _add_adapter(module: nn.Linear, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
     return out + module.adapter(args[0])
 

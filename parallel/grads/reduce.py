@@ -85,6 +85,14 @@ def scale_(tensors: list[Tensor], coef: Tensor) -> None:
         torch._foreach_mul_(tensors, coef.to(tensors[0].device))
 
 
+def norm_over_stages(sq: Tensor, pmesh: ParallelMesh) -> Tensor:
+    """The whole model's L2 norm from this pipeline stage's sum of squares: stages hold disjoint
+    parameters, so their sums add (the same number on every rank)."""
+    if pmesh.pp_group is not None:
+        dist.all_reduce(sq, group=pmesh.pp_group)
+    return sq.sqrt()
+
+
 def global_grad_norm(groups: ParamGroups, pmesh: ParallelMesh) -> Tensor:
     """L2 norm of the full model's gradient, as one process holding every expert would see it."""
     device = (groups.dense or groups.expert)[0].device
@@ -92,7 +100,7 @@ def global_grad_norm(groups: ParamGroups, pmesh: ParallelMesh) -> Tensor:
     expert_sq = squared_norm(_grads(groups.expert), device)
     # Expert shards within an ep group are disjoint; edp replicas are identical after reduction.
     dist.all_reduce(expert_sq, group=pmesh.ep_group)
-    return (dense_sq + expert_sq).sqrt()
+    return norm_over_stages(dense_sq + expert_sq, pmesh)
 
 
 def clip_gradients(groups: ParamGroups, total_norm: Tensor, max_norm: float) -> None:

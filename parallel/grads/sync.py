@@ -24,6 +24,7 @@ from moeyard.parallel.grads.reduce import (
     ParamGroups,
     clip_gradients,
     global_grad_norm,
+    norm_over_stages,
     reduce_gradients,
     scale_,
     squared_norm,
@@ -119,7 +120,7 @@ class ShardedSync:
         # experts over edp, and ep ranks hold disjoint experts: one sum over dp covers everything once.
         sq = self.optimizer.grad_sq_sum()
         dist.all_reduce(sq, group=self.pmesh.dp_group)
-        return sq.sqrt()
+        return norm_over_stages(sq, self.pmesh)
 
     def apply(self, lr: float, grad_clip: float, norm: Tensor) -> None:
         if grad_clip > 0:
@@ -171,7 +172,7 @@ class FullyShardedSync(PlainSync):
         grads = self._grads()
         sq = squared_norm(grads, grads[0].device)
         dist.all_reduce(sq, group=self.pmesh.dp_group)
-        return sq.sqrt()
+        return norm_over_stages(sq, self.pmesh)
 
     @torch.no_grad()
     def apply(self, lr: float, grad_clip: float, norm: Tensor) -> None:

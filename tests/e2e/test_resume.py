@@ -66,12 +66,17 @@ def test_stop_and_resume_is_bit_exact(tmp_path, small_corpus, nproc, ep, extra) 
 
 
 FSDP = "parallel.fsdp=true"
+PIPELINE = ("train.micro_batch_size=4", "model.moe.balance_loss=sequence")
+"""Pipeline stages need several micro-batches a step; the balance loss per sequence is the same for any
+micro-batching, so every layout's losses compare."""
 
 
 @pytest.mark.parametrize("origin,resumed", [
     ((4, 4, ()), [(2, 2, ()), (1, 1, ()), (2, 2, (FSDP,))]),  # replicated -> fsdp too
     ((4, 2, (FSDP,)), [(2, 2, ()), (1, 1, ()), (2, 1, (FSDP,))]),  # fsdp -> replicated, and fsdp at ep=1
-])
+    # pipeline stages: pp 2 x ep 2 with fsdp -> one process, and -> pp 3 (one block a stage)
+    ((4, 2, (*PIPELINE, FSDP, "parallel.pp=2")), [(1, 1, PIPELINE), (3, 1, (*PIPELINE, "parallel.pp=3"))]),
+], ids=["replicated", "fsdp", "pipeline"])
 def test_resume_on_other_layouts_continues_the_same_run(tmp_path, small_corpus, origin, resumed) -> None:
     """Saved at 4 ranks; resumed on other layouts (ranks, ep, fsdp on/off): the losses of the steps after
     the checkpoint match the 4-rank run's own continuation (model and optimizer state resharded)."""

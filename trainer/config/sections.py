@@ -33,7 +33,11 @@ class RunConfig:
 @dataclass(kw_only=True)
 class ParallelConfig:
     ep: int = 1
-    """Expert-parallel degree: ranks that share one copy of all experts. Divides the world size."""
+    """Expert-parallel degree: ranks that share one copy of all experts. Divides the ranks of a stage."""
+    pp: int = 1
+    """Pipeline stages (parallel/pipeline.py): stage s holds a contiguous run of decoder blocks (the first
+    also the embedding, the last the output layer and loss) on ranks [s * world/pp, (s+1) * world/pp); inside
+    a stage ep, fsdp and the exchange work as without stages, over dp = world / pp ranks."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """auto: nccl when a GPU is present, gloo otherwise."""
     timeout_s: float = 600.0
@@ -100,6 +104,11 @@ class ScheduleConfig:
     (token, expert). hierarchical: a row per (token, destination machine) over the network, fanned out to
     the experts inside that machine, partial sums combined there on the way back. auto: mode=auto lets
     the planner choose per MoE layer; otherwise hierarchical wherever the ep group spans machines."""
+    pipeline: Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble",
+                      "zbv_zero_bubble", "dualpipev"] = "1f1b"
+    """parallel.pp > 1: torch's pipeline schedule. gpipe: every forward, then every backward; 1f1b: one
+    forward, one backward in the steady state (at most pp micro-batches' activations held). The schedules
+    with several stages per rank or a split backward are named here and refused until moeyard runs them."""
     memory_check: bool = True
     """moeyard train refuses, before any worker starts, a run whose predicted peak per rank exceeds this
     machine's memory (a GPU's, or the host's available memory shared by the local workers); with
@@ -295,6 +304,7 @@ def validate(cfg: Config) -> None:
     require(t.micro_batch_size is None or t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1 or null")
     require(t.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (0: no chunks)")
     require(cfg.parallel.ep >= 1, f"parallel.ep={cfg.parallel.ep} must be >= 1")
+    _validate_pipeline(cfg)
     require(cfg.schedule.chunks >= 1, f"schedule.chunks={cfg.schedule.chunks} must be >= 1")
     require(cfg.schedule.bucket_mb > 0, f"schedule.bucket_mb={cfg.schedule.bucket_mb} must be > 0")
     require(cfg.schedule.check_steps >= 0, f"schedule.check_steps={cfg.schedule.check_steps} must be >= 0")
@@ -341,6 +351,35 @@ def validate(cfg: Config) -> None:
             f"optim.lr={cfg.optim.lr} must be > 0 and optim.min_lr={cfg.optim.min_lr} between 0 and optim.lr")
 
 
+ONE_STAGE_PER_RANK = ("gpipe", "1f1b")
+"""The pipeline schedules moeyard runs today (parallel/pipeline.py)."""
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    """What parallel.pp > 1 runs with today; each refusal names the setting to change."""
+    pp, m, s = cfg.parallel.pp, cfg.model, cfg.schedule
+    require(pp >= 1, f"parallel.pp={pp} must be >= 1")
+    if pp == 1:
+        return
+    require(pp <= m.n_layers, f"parallel.pp={pp} stages for model.n_layers={m.n_layers} blocks: every stage needs "
+                              f"at least one block; lower parallel.pp")
+    require(s.pipeline in ONE_STAGE_PER_RANK,
+            f"schedule.pipeline={s.pipeline} runs several stages per rank or splits the backward into input and "
+            f"weight parts, which moeyard does not run yet (its expert exchange's autograd Functions do not "
+            f"split): use schedule.pipeline=1f1b or gpipe")
+    require(not m.tie_embeddings, "model.tie_embeddings=true shares the embedding (first stage) with the output "
+                                  "layer (last stage), which parallel.pp > 1 does not support yet: set "
+                                  "model.tie_embeddings=false or parallel.pp=1")
+    require(m.mtp_layers == 0, f"model.mtp_layers={m.mtp_layers}: the MTP depths on the last stage need the first "
+                               f"stage's token embeddings, which parallel.pp > 1 does not pass yet: set "
+                               f"model.mtp_layers=0 or parallel.pp=1")
+    require(s.mode != "auto", "schedule.mode=auto does not plan pipeline stages yet: with parallel.pp > 1 use "
+                              "schedule.mode=off or manual")
+    require(s.grad_sync != "reduce_scatter" and not cfg.parallel.fsdp_gather_once,
+            "with parallel.pp > 1 the schedule runs every micro-step's backward: use parallel.fsdp (per micro-step) "
+            "or schedule.grad_sync=all_reduce, not schedule.grad_sync=reduce_scatter or parallel.fsdp_gather_once")
+
+
 def _validate_sources(data: DataConfig) -> None:
     if data.sources is None:
         return
@@ -361,19 +400,27 @@ def _validate_sources(data: DataConfig) -> None:
 
 def validate_for_world(cfg: Config, world_size: int) -> None:
     """Checks that need the number of processes."""
-    ep = cfg.parallel.ep
-    require(world_size % ep == 0,
-            f"world size {world_size} is not a multiple of parallel.ep={ep}: start a multiple of {ep} processes "
-            f"(--nproc) or change parallel.ep")
+    ep, pp = cfg.parallel.ep, cfg.parallel.pp
+    if pp == 1:
+        require(world_size % ep == 0, f"world size {world_size} is not a multiple of parallel.ep={ep}: start a "
+                                      f"multiple of {ep} processes (--nproc) or change parallel.ep")
+    require(world_size % (ep * pp) == 0,
+            f"world size {world_size} is not a multiple of parallel.pp x parallel.ep = {pp} x {ep}: start a "
+            f"multiple of {pp * ep} processes (--nproc) or change parallel.ep / parallel.pp")
+    dp = world_size // pp
+    ranks = f"the {dp} ranks of each of the {pp} pipeline stages" if pp > 1 else f"{dp} processes"
     seqs = cfg.global_batch_sequences
-    require(seqs % world_size == 0,
+    require(seqs % dp == 0,
             f"train.global_batch_tokens={cfg.train.global_batch_tokens} is {seqs} sequences of train.seq_len, "
-            f"which do not split evenly over {world_size} processes")
+            f"which do not split evenly over {ranks}")
     mbs = cfg.train.micro_batch_size
     if mbs is not None:
-        require((seqs // world_size) % mbs == 0,
-                f"train.micro_batch_size={mbs} does not divide the {seqs // world_size} sequences each of "
-                f"{world_size} processes gets")
+        require((seqs // dp) % mbs == 0,
+                f"train.micro_batch_size={mbs} does not divide the {seqs // dp} sequences each of {ranks} gets")
+    micro_steps = (seqs // dp) // (mbs or seqs // dp)
+    require(pp == 1 or micro_steps >= pp,
+            f"{micro_steps} micro-batches per step for parallel.pp={pp} stages: a pipeline needs at least one "
+            f"micro-batch per stage in flight; lower train.micro_batch_size to {max(1, seqs // dp // pp)} or less")
 
 
 def config_from_tree(tree: dict[str, Any]) -> Config:

@@ -4,10 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeyard.models import ModelOutput, MoEStats
+from moeyard.models import MoEStats
 from moeyard.models.peft.adapters import AdapterStats
 from moeyard.trainer.stats import NamedSums, StepStats
-from moeyard.trainer.step import MicroLoss
 
 
 def _moe(load: list[int], dropped: int, unrouted: int, aux: float, z: float, entropy: float) -> MoEStats:
@@ -16,20 +15,19 @@ def _moe(load: list[int], dropped: int, unrouted: int, aux: float, z: float, ent
                     aux_loss=t(aux), z_loss=t(z), entropy=t(entropy))
 
 
-def _micro(scale: float, lm_sum: float) -> MicroLoss:
+def _add_micro_step(stats: StepStats, scale: float, lm_sum: float) -> None:
     """Layers of different sizes (a pruned model) and one routed adapter, numbers scaled per micro-step."""
-    out = ModelOutput(
-        logits_BTV=torch.zeros(1, 1, 1), aux_loss=torch.tensor(0.4 * scale), z_loss=torch.tensor(0.25 * scale),
-        moe_stats={1: _moe([3, 1], 1, 0, 1.0 * scale, 2.0 * scale, 0.5), 3: _moe([1, 1, 2], 0, 2, 3.0, 4.0, 0.7)})
+    moe = {1: _moe([3, 1], 1, 0, 1.0 * scale, 2.0 * scale, 0.5), 3: _moe([1, 1, 2], 0, 2, 3.0, 4.0, 0.7)}
     adapters = {"layers.0.attn.wq.adapter": AdapterStats(torch.tensor(1.5 * scale), torch.tensor([2, 6]),
                                                          torch.tensor(0.3))}
-    return MicroLoss(out, torch.tensor(lm_sum), None, adapters, aux_loss=torch.tensor(0.5 * scale))
+    stats.add_lm(torch.tensor(lm_sum))
+    stats.add_forward(moe, adapters, aux_loss=torch.tensor(0.5 * scale), z_loss=torch.tensor(0.25 * scale))
 
 
 def test_report_sums_micro_steps_and_finds_every_number_by_name() -> None:
     stats = StepStats()
-    stats.add(_micro(1.0, 8.0))
-    stats.add(_micro(3.0, 4.0))
+    _add_micro_step(stats, 1.0, 8.0)
+    _add_micro_step(stats, 3.0, 4.0)
     assert stats.losses_finite()
     assert stats.expert_load(3).tolist() == [2, 2, 4] and stats.expert_load(3).dtype == torch.int64
     report = stats.report(micro_steps=2, global_targets=6, global_tokens=10, router_state={1: {"bias": [0.1]}})
@@ -47,7 +45,7 @@ def test_report_sums_micro_steps_and_finds_every_number_by_name() -> None:
 
 def test_a_nonfinite_loss_is_seen() -> None:
     stats = StepStats()
-    stats.add(_micro(1.0, float("nan")))
+    _add_micro_step(stats, 1.0, float("nan"))
     assert not stats.losses_finite()
 
 

@@ -1,0 +1,165 @@
+"""Pipeline stages on torch's own `torch.distributed.pipelining`: which blocks each stage holds, the module a
+stage runs, and the schedule that runs the micro-batches through the stages.
+
+Each rank holds one stage (parallel.pp of them, outermost in the mesh: parallel/mesh.py); inside a stage
+expert parallelism, FSDP, recompute and the exchange executor work as without stages, over the stage's own
+dp, ep and edp groups. The first stage holds the embedding, the last the final norm, the output layer and
+the loss. torch's schedules send one activation per micro-batch between stages and only the last stage
+has a loss, so each stage's router losses (MoE balance and z losses, the adapters' balance losses) ride on
+its output: `carry_router_loss` passes the activation through unchanged and gives the router loss its
+gradient when the activation's gradient comes back, as Megatron-Core's MoEAuxLossAutoScaler does.
+
+Schedules with one stage per rank run today (gpipe, 1f1b); the interleaved, looped and V schedules (more
+stages per rank) and the zero-bubble ones (which split backward into input and weight parts, which the
+expert exchange's autograd Functions do not) are refused by name when the run config is resolved.
+
+Shape legend (models/__init__.py): B, T, D, V.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from moeyard.models import MoEStats, Transformer
+from moeyard.models.peft.adapters import AdapterStats, recording_adapters, with_adapter_losses
+from moeyard.parallel.mesh import ParallelMesh
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+"""schedule.pipeline: the torch schedules with one stage per rank."""
+
+
+def stage_layers(n_layers: int, pp: int) -> list[range]:
+    """The decoder blocks of each stage: as even as the count allows, a spare block going to the stages
+    after the first and before the last first (those two also run the embedding, or the output and loss)."""
+    base, spare = divmod(n_layers, pp)
+    takes_spare = [*range(1, pp - 1), pp - 1, 0][:spare]
+    sizes = [base + (s in takes_spare) for s in range(pp)]
+    starts = [sum(sizes[:s]) for s in range(pp)]
+    return [range(a, a + n) for a, n in zip(starts, sizes)]
+
+
+def keep_this_stage(model: Transformer, pmesh: ParallelMesh) -> range:
+    """Reduce a model built on the meta device to this rank's stage (before anything is allocated)."""
+    layers = stage_layers(model.cfg.n_layers, pmesh.pp)[pmesh.pp_rank]
+    model.keep_stage(layers, first=pmesh.pp_rank == 0, last=pmesh.pp_rank == pmesh.pp - 1)
+    return layers
+
+
+class _CarryRouterLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, router_loss: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(router_loss)
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        (router_loss,) = ctx.saved_tensors
+        return grad, torch.full_like(router_loss, ctx.scale), None
+
+
+def carry_router_loss(x: Tensor, router_loss: Tensor, scale: float) -> Tensor:
+    """`x` unchanged; in backward, `router_loss` gets the gradient `scale` (its weight in the objective)."""
+    return _CarryRouterLoss.apply(x, router_loss, scale)
+
+
+@dataclass(frozen=True)
+class StageForward:
+    """What one stage's forward of one micro-batch reports (the step's statistics gather them)."""
+    moe_stats: dict[int, MoEStats]
+    adapter_stats: dict[str, AdapterStats]
+    aux_loss: Tensor
+    """Weighted balance losses of this stage's MoE layers, then of its routed adapters."""
+    z_loss: Tensor
+
+
+class StageModule(nn.Module):
+    """The module torch's PipelineStage runs: this rank's part of the model (keep_this_stage), its router
+    losses carried on its output, its statistics kept in `forwards` for the step to read."""
+
+    def __init__(self, model: Transformer, logits: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.logits = logits
+        """The last stage returns logits (else the normed hidden states, for a loss in chunks)."""
+        self.router_scale = 1.0
+        """Weight of the router losses in the objective (1 / micro-batches), set by the step."""
+        self.forwards: list[StageForward] = []
+
+    def forward(self, x: Tensor, segment_BT: Optional[Tensor] = None) -> Tensor:
+        with recording_adapters() as adapters:
+            out = self.model(x, segment_BT, logits=self.logits)
+        aux_loss = with_adapter_losses(out.aux_loss, adapters, self.model.cfg.peft.aux_loss_coef)
+        self.forwards.append(StageForward(out.moe_stats, adapters, aux_loss, out.z_loss))
+        y = out.logits_BTV if out.logits_BTV is not None else out.hidden_BTD
+        return carry_router_loss(y, aux_loss + out.z_loss, self.router_scale) if torch.is_grad_enabled() else y
+
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+INFERRED_FORWARDS = """In a schedule's first step torch infers the shapes each stage sends by running one extra forward per
+stage (and a backward to its inputs, calling the loss on the last stage) before the micro-batches: on the
+first micro-batch at stage 0, on uninitialised tensors after it. What those report is not the step's."""
+
+
+class Pipeline:
+    """This rank's stage and the schedule that runs a step's micro-batches through every stage."""
+
+    def __init__(self, model: Transformer, pmesh: ParallelMesh, schedule: str, device: torch.device,
+                 logits: bool, loss_fn: LossFn) -> None:
+        assert pmesh.pp_group is not None and schedule in SCHEDULES, "checked when the run config was resolved"
+        self.module = StageModule(model, logits)
+        self.stage = PipelineStage(self.module, pmesh.pp_rank, pmesh.pp, device, group=pmesh.pp_group)
+        self.schedule_class, self.loss_fn = SCHEDULES[schedule], loss_fn
+        self.pmesh, self.device = pmesh, device
+        self._schedules: dict[int, object] = {}
+        self._evaluations: dict[tuple, object] = {}
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage.is_first
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage.is_last
+
+    def _schedule(self, micro_batches: int):
+        if micro_batches not in self._schedules:
+            # scale_grads off: the loss is already the share of the global batch's mean (trainer/step.py).
+            self._schedules[micro_batches] = self.schedule_class(self.stage, micro_batches, loss_fn=self.loss_fn,
+                                                                 scale_grads=False)
+        return self._schedules[micro_batches]
+
+    def _evaluation(self, micro_batches: int, shape: tuple[int, ...]):
+        """A forward-only schedule for held-out batches, on a stage of its own: torch fixes the shapes a
+        stage sends at its first step, and held-out rows need not have the training micro-batch's."""
+        key = (micro_batches, shape)
+        if key not in self._evaluations:
+            stage = PipelineStage(self.module, self.pmesh.pp_rank, self.pmesh.pp, self.device,
+                                  group=self.pmesh.pp_group)
+            self._evaluations[key] = ScheduleGPipe(stage, micro_batches, loss_fn=self.loss_fn, scale_grads=False)
+        return self._evaluations[key]
+
+    def run(self, micro_batches: int, tokens_BT: Tensor, target: Tensor, segment_BT: Optional[Tensor],
+            train: bool = True) -> list[StageForward]:
+        """Forward (and backward, when `train`) of `micro_batches` equal slices of the rows: the first stage
+        feeds `tokens_BT`, the last computes loss_fn(its output, slice of `target`); every stage gets its
+        slice of `segment_BT`. Returns this stage's reports, one per micro-batch."""
+        self.module.router_scale = 1.0 / micro_batches
+        self.module.forwards = []
+        args = (tokens_BT,) if self.is_first else ()
+        kwargs = {"segment_BT": segment_BT} if segment_BT is not None else {}
+        if train:
+            self._schedule(micro_batches).step(*args, target=target if self.is_last else None, return_outputs=False,
+                                               **kwargs)
+        else:
+            self._evaluation(micro_batches, tuple(tokens_BT.shape)).eval(
+                *args, target=target if self.is_last else None, **kwargs)
+        # A schedule's first step first infers the shapes each stage sends (INFERRED_FORWARDS): the step's
+        # own forwards are the last `micro_batches`.
+        forwards, self.module.forwards = self.module.forwards[-micro_batches:], []
+        return forwards

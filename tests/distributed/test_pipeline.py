@@ -1,0 +1,77 @@
+"""Pipeline stages (parallel.pp) over real gloo groups: every layout trains the one-process model -- the same
+losses, grad norms and parameters after 6 optimizer steps, within 1e-5."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import pipeline_cases
+from helpers.multiprocess import run_distributed
+
+from moeyard.errors import ConfigError
+from moeyard.trainer.config.sections import validate_for_world
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    """One-process runs, each computed once: (router, micro-batch size) -> its result."""
+    return {}
+
+
+LAYOUT = ("parallel.", "schedule.pipeline", "train.recompute")
+"""Settings that place the work, not change what is computed: the reference leaves them out."""
+
+
+def _reference(cache: dict, settings: tuple[str, ...], sft: bool) -> dict:
+    """The one-process run with the same micro-batches (the same rows summed in the same groups) and loss."""
+    key = (tuple(s for s in settings if not s.startswith(LAYOUT)), sft)
+    if key not in cache:
+        cache[key] = run_distributed(pipeline_cases.train_steps, 1, key[0], 6, sft)[0]
+    return cache[key]
+
+
+def _assert_same_run(results: list[dict], ref: dict) -> None:
+    for r in results:
+        for step, (got, want) in enumerate(zip(r["steps"], ref["steps"])):
+            for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm"):
+                assert got[key] == pytest.approx(want[key], rel=TOL, abs=1e-7), f"step {step} {key}"
+            assert got["expert_load"] == want["expert_load"], f"step {step}: expert loads differ"
+        assert r["heldout"] == pytest.approx(ref["heldout"], rel=TOL), "held-out loss"
+    updates = {name: t for r in results for name, t in r["updates"].items()}
+    assert updates.keys() == ref["updates"].keys(), "the stages together do not hold the whole model once"
+    for name, want in ref["updates"].items():
+        assert np.linalg.norm(want) > 0, f"{name} did not train: the comparison would prove nothing"
+        diff = float(np.linalg.norm(updates[name] - want) / np.linalg.norm(want))
+        assert diff <= TOL, f"{name}: its update over 6 steps differs by {diff:.2e} (relative)"
+
+
+@pytest.mark.parametrize("world,layout,router,sft", [
+    (2, ("parallel.pp=2", "schedule.pipeline=gpipe", "train.micro_batch_size=1"), "topk_softmax", True),
+    (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=1f1b", "train.micro_batch_size=2"), "topk_softmax",
+     False),
+    (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=1f1b", "train.micro_batch_size=1",
+         "parallel.fsdp=true", "train.recompute=full"), "sigmoid_bias", False),
+    (4, ("parallel.pp=4", "schedule.pipeline=1f1b", "train.micro_batch_size=2", "train.loss_chunk_tokens=10"),
+     "topk_softmax", True),
+], ids=["pp2-gpipe-sft", "pp2-ep2-1f1b", "pp2-ep2-fsdp-recompute-sigmoid_bias", "pp4-1f1b-sft-loss_chunks"])
+def test_pipeline_stages_train_the_one_process_model(reference, world, layout, router, sft) -> None:
+    """Packed SFT rows (segments and loss masks through the stages) in two of them; every layout ends with a
+    held-out evaluation through its stages."""
+    settings = (*layout, f"model.moe.router={router}")
+    results = run_distributed(pipeline_cases.train_steps, world, settings, 6, sft, timeout_s=240)
+    _assert_same_run(results, _reference(reference, settings, sft))
+
+
+def test_layouts_pipelines_cannot_run_are_refused_before_launch() -> None:
+    cfg = pipeline_cases._config(("parallel.pp=2", "parallel.ep=2"))
+    with pytest.raises(ConfigError, match="not a multiple of parallel.pp x parallel.ep = 2 x 2"):
+        validate_for_world(cfg, 6)
+    with pytest.raises(ConfigError, match="1 micro-batches per step for parallel.pp=4 stages.*micro_batch_size to 1"):
+        validate_for_world(pipeline_cases._config(("parallel.pp=4",)), 8)
+    for setting, message in [("schedule.pipeline=dualpipev", "schedule.pipeline=dualpipev runs several stages"),
+                             ("model.tie_embeddings=true", "model.tie_embeddings=true shares the embedding"),
+                             ("model.mtp_layers=1", "model.mtp_layers=1: the MTP depths"),
+                             ("parallel.pp=5", "parallel.pp=5 stages for model.n_layers=4 blocks")]:
+        with pytest.raises(ConfigError, match=message):
+            pipeline_cases._config(("parallel.pp=2", setting))
