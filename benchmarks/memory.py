@@ -69,6 +69,13 @@ STATE_LAYOUTS = [[], ["parallel.fsdp=true"], ["parallel.fsdp=true", "parallel.fs
 """Where the state lives, on the accumulating calibration run: replicated, fsdp gathered every micro-step and
 once per step, resident weights (gathered once, reduced every micro-step; then with bf16 AdamW moments),
 and 2 experts over edp 2 (one expert per ep rank, its weights split on dim 1)."""
+PIPELINE = [*CALIBRATION, "model.tie_embeddings=false"]
+PIPELINE_LAYOUTS = [["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=1f1b"],
+                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=gpipe"],
+                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "parallel.fsdp=true"],
+                    ["parallel.pp=4", "parallel.ep=1", "train.micro_batch_size=2"]]
+"""Pipeline stages on the calibration model (4 micro-batches a step): 1f1b holds as many micro-batches'
+activations on a stage as there are stages from it to the last, gpipe all of them."""
 
 
 def _status_kb(field: str) -> int:
@@ -100,21 +107,23 @@ def _measure(rank: int, overrides: list[str], steps: int, port: int, results) ->
     from moeyard.parallel import build_mesh
     from moeyard.trainer.loop import build_rank_model
     from moeyard.trainer.scheduler.run_planning import plan_for
-    from moeyard.trainer.step import train_step
+    from moeyard.trainer.step import pipeline_for, train_step
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     cfg = read_config(configs.path("tiny.yaml"), overrides)
     device = torch.device("cpu")
-    pmesh = build_mesh(cfg.parallel.ep, "cpu", cfg.parallel.timeout_s)
+    pmesh = build_mesh(cfg.parallel.ep, "cpu", cfg.parallel.timeout_s, None, cfg.parallel.pp)
     plan = plan_for(cfg, pmesh, device)
     base = _status_kb("VmRSS")
     _reset_peak()
     model, sync = build_rank_model(cfg, pmesh, plan, device)
+    pipeline = pipeline_for(model, pmesh, cfg.schedule.pipeline, device, cfg.train.loss_chunk_tokens) \
+        if pmesh.pp > 1 else None
     build_peak = _status_kb("VmHWM") - base
-    per_rank = cfg.global_batch_sequences // WORLD
-    torch.manual_seed(rank)
+    per_rank = cfg.global_batch_sequences // pmesh.dp
+    torch.manual_seed(pmesh.dp_rank)  # the stages of one dp rank see the same rows
     times = []
     for step in range(steps):
         if step == min(1, steps - 1):
@@ -123,7 +132,8 @@ def _measure(rank: int, overrides: list[str], steps: int, port: int, results) ->
         dist.barrier()
         start = time.perf_counter()
         train_step(model, sync, batch, micro_batch_size=cfg.train.micro_batch_size or per_rank, pmesh=pmesh,
-                   lr=1e-4, grad_clip=1.0, dtype=torch.float32, loss_chunk_tokens=cfg.train.loss_chunk_tokens)
+                   lr=1e-4, grad_clip=1.0, dtype=torch.float32, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+                   pipeline=pipeline)
         times.append(time.perf_counter() - start)
     train_peak = _status_kb("VmHWM") - base
     results.put({"rank": rank, "base": base, "build_peak": build_peak, "train_peak": train_peak,
@@ -165,10 +175,13 @@ def _label(cfg: Config) -> str:
         sync = "fsdp gathered once" if cfg.parallel.fsdp_gather_once else "fsdp"
         if cfg.parallel.fsdp_gather_once and not cfg.parallel.fsdp_reduce_once:
             sync = "fsdp resident weights"
-    micro = cfg.global_batch_sequences // WORLD // (cfg.train.micro_batch_size or cfg.global_batch_sequences // WORLD)
+    dp = WORLD // cfg.parallel.pp
+    micro = cfg.global_batch_sequences // dp // (cfg.train.micro_batch_size or cfg.global_batch_sequences // dp)
     extra = f", {micro} micro-steps" if micro > 1 else ""
-    if cfg.model.moe.num_experts // cfg.parallel.ep < WORLD // cfg.parallel.ep:
-        extra += f", {cfg.model.moe.num_experts} experts over edp {WORLD // cfg.parallel.ep}"
+    if cfg.model.moe.num_experts // cfg.parallel.ep < dp // cfg.parallel.ep:
+        extra += f", {cfg.model.moe.num_experts} experts over edp {dp // cfg.parallel.ep}"
+    if cfg.parallel.pp > 1:
+        sync = f"pp {cfg.parallel.pp} {cfg.schedule.pipeline}, {sync}"
     if cfg.optim.moment_dtype != "float32":
         extra += f", {cfg.optim.moment_dtype} moments"
     return f"{sync}, ep={cfg.parallel.ep}, recompute {cfg.train.recompute}{extra}"
@@ -216,6 +229,15 @@ def state_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pipeline_markdown(rows: list[dict]) -> str:
+    """Pipeline layouts: the largest rank's peak against the model's largest stage."""
+    lines = ["| layout | predicted peak | measured peak | measured / predicted | model state | step |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"{_peak_cells(r)} {r['state'] / GB:.3f} GB | {r['step_s']:.2f} s |")
+    return "\n".join(lines)
+
+
 def markdown(calibration: list[dict], large: dict | None) -> str:
     gb = 1 / GB
     lines = ["| layout | predicted peak | measured peak | measured / predicted | model state | "
@@ -247,8 +269,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny model, two layouts, 2 steps")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--pipeline", action="store_true", help="only the pipeline-stage layouts")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    if args.pipeline:
+        stages = [row([*PIPELINE, *layout], args.steps) for layout in PIPELINE_LAYOUTS]
+        table = "Pipeline stages, 4 micro-batches a step:\n\n" + pipeline_markdown(stages)
+        print(table)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_name("memory_pipeline.json").write_text(json.dumps(stages, indent=1))
+        args.out.with_name("memory_pipeline.md").write_text(
+            f"`python benchmarks/memory.py --pipeline`, {time.strftime('%Y-%m-%d')}\n\n{table}\n")
+        return
     if args.smoke:
         layouts, base, steps, large = LAYOUTS[::len(RECOMPUTES)], SMOKE, 2, None
     else:

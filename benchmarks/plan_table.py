@@ -174,7 +174,7 @@ def calibration_row(run: PublishedRun, hw) -> str:
     moeyard's planned layout on the same GPUs, beside the published figures."""
     cfg = published(run.model, *run.overrides)
     costs = HardwareCosts(hw)
-    w = workload(cfg, run.world, hw.act_bytes)
+    w = workload(cfg, run.world // cfg.parallel.pp, hw.act_bytes)
     if run.needs:
         chosen, w, costs = planned(cfg, run.world, hw)
         step, recompute = chosen.prediction, chosen.recompute
@@ -186,7 +186,7 @@ def calibration_row(run: PublishedRun, hw) -> str:
         over = "" if memory.fits(hw.memory_gb) else " (over)"
         layout = f"as published; memory model {memory.total / 1e9:.0f} GB{over}"
     shaped = dataclasses.replace(w, recompute=recompute)
-    tokens_s = w.tokens * w.micro_steps / step.step
+    tokens_s = w.tokens * w.micro_steps / w.pp / step.step
     tflops = model_flops(shaped) / step.step / 1e12
     published_tokens = f"{run.tokens_per_gpu_s:,.0f}" if run.tokens_per_gpu_s else "-"
     ratio = f"{tokens_s / run.tokens_per_gpu_s:.2f}" if run.tokens_per_gpu_s else f"{tflops / run.tflops:.2f} (TFLOP/s)"

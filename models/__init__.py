@@ -20,9 +20,15 @@ from moeyard.models.build import build_model
 from moeyard.models.config import ModelConfig, MoEConfig
 from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.moe.layer import MoE, MoEStats, TokenExchange
-from moeyard.models.transformer import ModelOutput, Transformer, expert_parameter_ids, no_decay_parameter_ids
+from moeyard.models.transformer import (
+    ModelOutput,
+    Transformer,
+    copied_parameter_ids,
+    expert_parameter_ids,
+    no_decay_parameter_ids,
+)
 
 __all__ = [
     "ConfigError", "GroupedExperts", "ModelConfig", "ModelOutput", "MoE", "MoEConfig", "MoEStats", "no_decay_parameter_ids",
-    "TokenExchange", "Transformer", "build_model", "expert_parameter_ids",
+    "TokenExchange", "Transformer", "build_model", "copied_parameter_ids", "expert_parameter_ids",
 ]

@@ -70,21 +70,29 @@ class Transformer(nn.Module):
         """Activation checkpointing of every block (set_recompute("full"))."""
         self.held_layers = range(cfg.n_layers)
         """The decoder blocks this model runs: all, or one pipeline stage's (keep_stage)."""
+        self.first_stage = True
+        """Whether the forward embeds tokens (else it is given the previous pipeline stage's output)."""
+        self.embedding_copy = False
+        """A last pipeline stage's copy of the first stage's embedding (keep_stage)."""
 
     def keep_stage(self, layers: range, first: bool, last: bool) -> None:
         """Keep what one pipeline stage runs (parallel/pipeline.py), before any memory is allocated: the
-        blocks `layers`, the embedding on the first stage, the final norm and output layer on the last.
-        What stays keeps its name; the forward then takes the previous stage's output (unless first) and
-        returns the blocks' output as hidden_BTD (unless last)."""
-        assert not self.cfg.tie_embeddings and not self.mtp, "checked when the run config was resolved"
+        blocks `layers`, the embedding on the first stage, the final norm, output layer and MTP depths on the
+        last -- which also keeps a copy of the embedding where the output layer shares it (tied) or the MTP
+        depths read it (`embedding_copy`; the copies' gradients are summed across the two stages). What stays
+        keeps its name; the forward then takes the previous stage's output (unless first) and returns the
+        blocks' output as hidden_BTD (unless last)."""
         for i in range(self.cfg.n_layers):
             if i not in layers:
                 self.layers[i] = HeldElsewhere()
         self.held_layers = layers
-        if not first:
+        self.first_stage = first
+        self.embedding_copy = last and not first and (self.cfg.tie_embeddings or len(self.mtp) > 0)
+        if not first and not self.embedding_copy:
             self.tok_embeddings = None
         if not last:
             self.norm = self.output = None
+            self.mtp = nn.ModuleList()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -109,7 +117,7 @@ class Transformer(nn.Module):
     def tie_weights(self) -> None:
         """model.tie_embeddings: the output layer uses the embedding matrix (again after `to_empty`, which
         gives each module its own new tensor)."""
-        if self.cfg.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
+        if self.cfg.tie_embeddings and self.output is not None and self.output.weight is not self.tok_embeddings.weight:
             self.output.weight = self.tok_embeddings.weight
 
     def _rope_tables(self) -> tuple[Tensor, Tensor]:
@@ -201,7 +209,8 @@ class Transformer(nn.Module):
         return tuple(normed)
 
     def forward(self, tokens_BT: Tensor, segment_BT: Optional[Tensor] = None, logits: bool = True,
-                docs: Optional[DocumentSpans] = None, mtp: bool = False) -> ModelOutput:
+                docs: Optional[DocumentSpans] = None, mtp: bool = False,
+                stage_tokens_BT: Optional[Tensor] = None) -> ModelOutput:
         """`segment_BT` (packed SFT rows, document-masked pretraining): tokens attend only within their own
         segment, and positions restart at 0 in each, so a packed document computes exactly what it would
         alone; `docs`, the same segments as spans when the caller has them on the host. `logits=False`
@@ -210,13 +219,16 @@ class Transformer(nn.Module):
         T = tokens_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        # A pipeline stage after the first (keep_stage) is given the previous stage's output x_BTD.
-        emb_BTD = self.tok_embeddings(tokens_BT) if self.tok_embeddings is not None else tokens_BT
+        # A pipeline stage after the first (keep_stage) is given the previous stage's output x_BTD, and the
+        # last, for its MTP depths, the token ids too (`stage_tokens_BT`).
+        x_BTD = emb_BTD = self.tok_embeddings(tokens_BT) if self.first_stage else tokens_BT
         cos, sin, docs = self.position_tables(segment_BT, docs)
         moe_stats: dict[int, MoEStats] = {}
-        x_BTD = self.run_layers(emb_BTD, self.held_layers, cos, sin, docs, moe_stats)
+        x_BTD = self.run_layers(x_BTD, self.held_layers, cos, sin, docs, moe_stats)
+        if mtp and self.mtp and not self.first_stage:
+            emb_BTD = self.tok_embeddings(stage_tokens_BT)
         mtp_hidden = self._mtp_forward(x_BTD, emb_BTD, cos, sin, docs, moe_stats) if mtp else ()
-        aux_loss, z_loss = self.router_losses(moe_stats, emb_BTD.device)
+        aux_loss, z_loss = self.router_losses(moe_stats, x_BTD.device)
         if self.norm is None:  # a stage before the last: its blocks' output goes to the next stage
             return ModelOutput(None, aux_loss, z_loss, moe_stats, x_BTD)
         hidden_BTD = self.norm(x_BTD)
@@ -247,6 +259,14 @@ def offset_parameter_ids(model: nn.Module) -> set[int]:
         names = (*getattr(module, "offset_parameters", ()), *(("bias",) if isinstance(module, nn.Linear) else ()))
         ids |= {id(p) for name, p in module.named_parameters(recurse=False) if name in names}
     return ids
+
+
+def copied_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters another pipeline stage holds too (a last stage's embedding copy, keep_stage):
+    their gradient enters the global norm once, on the stage that holds the original."""
+    if isinstance(model, Transformer) and model.embedding_copy:
+        return {id(model.tok_embeddings.weight)}
+    return set()
 
 
 def no_decay_parameter_ids(model: nn.Module) -> set[int]:

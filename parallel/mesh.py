@@ -52,6 +52,9 @@ class ParallelMesh:
     """...and the ranks of the ep group with this rank's local index, one per machine."""
     pp_group: Optional[dist.ProcessGroup] = None
     """With pipeline stages: the ranks at this rank's position in every stage, in stage order."""
+    embedding_group: Optional[dist.ProcessGroup] = None
+    """With pipeline stages, on the first and last stage: this rank and its counterpart on the other one, which
+    hold the embedding and its copy (models' keep_stage)."""
 
     @property
     def pp(self) -> int:
@@ -149,6 +152,8 @@ def build_mesh(ep: int, device_type: str, timeout_s: float = 600.0,
     if pp > 1:
         for position in stages.view(pp, dp).t():
             group("pp", position.tolist())
+        for position in stages.view(pp, dp).t():
+            group("embedding", [int(position[0]), int(position[-1])])
     layout = stages[rank // dp]
     mesh = DeviceMesh.from_group([mine["edp"], mine["ep"]], device_type, mesh=layout, mesh_dim_names=("edp", "ep"))
     experts_mesh = DeviceMesh.from_group([mine["ep"], mine["edp"]], device_type, mesh=layout.t(),
@@ -156,4 +161,5 @@ def build_mesh(ep: int, device_type: str, timeout_s: float = 600.0,
     return ParallelMesh(mesh=mesh, dp_group=mine["dp"],
                         dp_mesh=DeviceMesh.from_group(mine["dp"], device_type, mesh=layout.flatten()),
                         experts_mesh=experts_mesh, ranks_per_node=G, node_group=mine.get("node"),
-                        cross_group=mine.get("cross"), pp_group=mine.get("pp"))
+                        cross_group=mine.get("cross"), pp_group=mine.get("pp"),
+                        embedding_group=mine.get("embedding"))

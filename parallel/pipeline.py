@@ -9,6 +9,10 @@ has a loss, so each stage's router losses (MoE balance and z losses, the adapter
 its output: `carry_router_loss` passes the activation through unchanged and gives the router loss its
 gradient when the activation's gradient comes back, as Megatron-Core's MoEAuxLossAutoScaler does.
 
+The last stage keeps a copy of the embedding where the output layer shares it (tied) or the MTP depths read
+it; the two copies' gradients are summed (`sum_copied_gradients`) before the norm, and both stages take the
+same update. The MTP depths run on the last stage, which is also given the token ids.
+
 Schedules with one stage per rank run today (gpipe, 1f1b); the interleaved, looped and V schedules (more
 stages per rank) and the zero-bubble ones (which split backward into input and weight parts, which the
 expert exchange's autograd Functions do not) are refused by name when the run config is resolved.
@@ -21,8 +25,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.tensor import DTensor
 
 from moeyard.models import MoEStats, Transformer
 from moeyard.models.peft.adapters import AdapterStats, recording_adapters, with_adapter_losses
@@ -90,16 +96,34 @@ class StageModule(nn.Module):
         """Weight of the router losses in the objective (1 / micro-batches), set by the step."""
         self.forwards: list[StageForward] = []
 
-    def forward(self, x: Tensor, segment_BT: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, segment_BT: Optional[Tensor] = None,
+                tokens_BT: Optional[Tensor] = None) -> Tensor | tuple[Tensor, ...]:
+        """The last stage returns its output and then each MTP depth's hidden states (`tokens_BT`: the token
+        ids, which its MTP depths embed; the other stages ignore them)."""
         with recording_adapters() as adapters:
-            out = self.model(x, segment_BT, logits=self.logits)
+            out = self.model(x, segment_BT, logits=self.logits, mtp=torch.is_grad_enabled(), stage_tokens_BT=tokens_BT)
         aux_loss = with_adapter_losses(out.aux_loss, adapters, self.model.cfg.peft.aux_loss_coef)
         self.forwards.append(StageForward(out.moe_stats, adapters, aux_loss, out.z_loss))
         y = out.logits_BTV if out.logits_BTV is not None else out.hidden_BTD
-        return carry_router_loss(y, aux_loss + out.z_loss, self.router_scale) if torch.is_grad_enabled() else y
+        if torch.is_grad_enabled():
+            y = carry_router_loss(y, aux_loss + out.z_loss, self.router_scale)
+        return (y, *out.mtp_hidden) if out.mtp_hidden else y
 
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+def sum_copied_gradients(model: Transformer, pmesh: ParallelMesh) -> None:
+    """Give the embedding on the first stage and its copy on the last (keep_stage) the sum of both
+    gradients, so that both take the same update: before the gradient norm, which counts it once."""
+    copied = model.cfg.tie_embeddings or model.cfg.mtp_layers > 0
+    if pmesh.embedding_group is None or not copied or not (model.first_stage or model.embedding_copy):
+        return
+    weight = model.tok_embeddings.weight
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    grad = weight.grad.to_local() if isinstance(weight.grad, DTensor) else weight.grad  # FSDP's shard: the same
+    dist.all_reduce(grad, group=pmesh.embedding_group)  # rows on both stages (their dp layouts are the same)
+
+
+LossFn = Callable[[Tensor | tuple[Tensor, ...], Tensor], Tensor]
 
 INFERRED_FORWARDS = """In a schedule's first step torch infers the shapes each stage sends by running one extra forward per
 stage (and a backward to its inputs, calling the loss on the last stage) before the micro-batches: on the
@@ -153,6 +177,8 @@ class Pipeline:
         self.module.forwards = []
         args = (tokens_BT,) if self.is_first else ()
         kwargs = {"segment_BT": segment_BT} if segment_BT is not None else {}
+        if train and self.module.model.cfg.mtp_layers:  # the last stage's MTP depths embed the tokens
+            kwargs["tokens_BT"] = tokens_BT
         if train:
             self._schedule(micro_batches).step(*args, target=target if self.is_last else None, return_outputs=False,
                                                **kwargs)

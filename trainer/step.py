@@ -22,7 +22,7 @@ from moeyard.parallel import ParallelMesh
 from moeyard.parallel.fsdp import reshard
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.parallelize import reset_traffic, take_cross_machine_bytes
-from moeyard.parallel.pipeline import Pipeline
+from moeyard.parallel.pipeline import Pipeline, sum_copied_gradients
 from moeyard.trainer.data.blend import TokenBatch
 from moeyard.trainer.data.sft_batches import SFTBatch
 from moeyard.trainer.losses import chunked_lm_loss_sum, lm_loss_sum, mtp_loss_sum
@@ -137,61 +137,75 @@ def forward_and_loss(model: Transformer, micro: MicroBatch, dtype: torch.dtype, 
 
 class LastStageLoss:
     """The loss torch's pipeline schedule calls on the last stage's output, one micro-batch at a time: the
-    summed next-token loss scaled as the step's objective scales it (the router losses ride on the output,
-    parallel/pipeline.py). `target` is [B, T] next tokens, or [B, 2, T] next tokens and loss mask (SFT).
+    summed next-token (and MTP) loss scaled as the step's objective scales it (the router losses ride on the
+    output, parallel/pipeline.py). `target` is the rows [B, T + 1] of token ids, or [B, 3, T + 1]: token ids,
+    the loss mask (shifted to the target positions: column 0 unused) and the segments (_pipeline_inputs).
     Every stage's schedule is given one (torch's schedules run a backward only when they have a loss); only
     the last stage's, whose `output` is the output layer, is called."""
 
-    def __init__(self, output: Optional[nn.Linear], loss_chunk_tokens: int) -> None:
-        self.output = output
+    def __init__(self, output: Optional[nn.Linear], loss_chunk_tokens: int, mtp_loss_coef: float) -> None:
+        self.output, self.mtp_loss_coef = output, mtp_loss_coef
         self.chunk = 0 if has_adapter(output) else loss_chunk_tokens
         self.lm_scale = 1.0
-        self.sums: list[Tensor] = []
-        """Each micro-batch's summed loss (no gradient), for the step's statistics."""
+        self.has_mask = self.has_segments = False
+        """What the packed target carries this step."""
+        self.sums: list[tuple[Tensor, Optional[Tensor]]] = []
+        """Each micro-batch's summed loss and MTP loss (no gradient), for the step's statistics."""
 
-    def __call__(self, y: Tensor, target: Tensor) -> Tensor:
-        targets_BT, mask_BT = (target, None) if target.dim() == 2 else (target[:, 0], target[:, 1].bool())
+    def __call__(self, out: Tensor | tuple[Tensor, ...], target: Tensor) -> Tensor:
+        y, mtp_hidden = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, ())
+        tokens_BT1 = target if target.dim() == 2 else target[:, 0]
+        mask_BT = target[:, 1, 1:].bool() if self.has_mask else None
+        segment_BT = target[:, 2, :-1] if self.has_segments else None
         if self.chunk > 0:  # y: the normed hidden states
-            lm_sum = chunked_lm_loss_sum(self.output, y, targets_BT, mask_BT, self.chunk)
+            lm_sum = chunked_lm_loss_sum(self.output, y, tokens_BT1[:, 1:], mask_BT, self.chunk)
         else:  # y: the logits
-            lm_sum = lm_loss_sum(y, targets_BT, mask_BT)
-        self.sums.append(lm_sum.detach())
-        return lm_sum * self.lm_scale
+            lm_sum = lm_loss_sum(y, tokens_BT1[:, 1:], mask_BT)
+        mtp_sum = mtp_loss_sum(self.output, mtp_hidden, tokens_BT1, mask_BT, segment_BT, self.chunk) \
+            if mtp_hidden else None
+        self.sums.append((lm_sum.detach(), None if mtp_sum is None else mtp_sum.detach()))
+        if mtp_sum is None:
+            return lm_sum * self.lm_scale
+        return lm_sum * self.lm_scale + self.mtp_loss_coef * mtp_sum * self.lm_scale
 
 
 def pipeline_for(model: Transformer, pmesh: ParallelMesh, schedule: str, device: torch.device,
                  loss_chunk_tokens: int) -> Pipeline:
     """The pipeline of this rank's stage (the model reduced to it by parallel.pipeline.keep_this_stage)."""
-    loss = LastStageLoss(model.output, loss_chunk_tokens)  # None before the last stage
+    loss = LastStageLoss(model.output, loss_chunk_tokens, model.cfg.mtp_loss_coef)  # output: None before the last
     return Pipeline(model, pmesh, schedule, device, model.output is not None and loss.chunk <= 0, loss)
 
 
-def _pipeline_inputs(batch: Tensor | TokenBatch | SFTBatch, device: torch.device
+def _pipeline_inputs(batch: Tensor | TokenBatch | SFTBatch, device: torch.device, loss: LastStageLoss
                      ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """The whole share's inputs [B, T], targets ([B, T], or [B, 2, T] with the loss mask) and segments."""
+    """The whole share's inputs [B, T], the last stage's packed target (LastStageLoss) and the segments."""
     if isinstance(batch, Tensor):
         batch = TokenBatch(batch)
     tokens_BT1 = batch.tokens_BT1.to(device, non_blocking=True)
-    target = tokens_BT1[:, 1:]
-    if isinstance(batch, SFTBatch):
-        target = torch.stack([target, batch.mask_BT.to(device, non_blocking=True).to(target.dtype)], dim=1)
-    segment_BT = None if batch.segment_BT1 is None else batch.segment_BT1[:, :-1].to(device, non_blocking=True)
-    return tokens_BT1[:, :-1], target, segment_BT
+    segment_BT1 = None if batch.segment_BT1 is None else batch.segment_BT1.to(device, non_blocking=True)
+    loss.has_mask, loss.has_segments = isinstance(batch, SFTBatch), segment_BT1 is not None
+    target = tokens_BT1
+    if loss.has_mask or loss.has_segments:
+        mask_BT1 = torch.zeros_like(tokens_BT1)
+        if loss.has_mask:
+            mask_BT1[:, 1:] = batch.mask_BT.to(device, non_blocking=True)
+        target = torch.stack([tokens_BT1, mask_BT1, tokens_BT1 if segment_BT1 is None else segment_BT1], dim=1)
+    return tokens_BT1[:, :-1], target, None if segment_BT1 is None else segment_BT1[:, :-1]
 
 
 def _pipelined_micro_steps(pipeline: Pipeline, batch: Tensor | TokenBatch | SFTBatch, micro_batches: int,
                            lm_scale: float, dtype: torch.dtype, device: torch.device, stats: StepStats) -> None:
     """Forward and backward of every micro-batch through the stages, as the schedule orders them; this
     stage's losses and router statistics into `stats`."""
-    tokens_BT, target, segment_BT = _pipeline_inputs(batch, device)
     loss = pipeline.loss_fn
+    tokens_BT, target, segment_BT = _pipeline_inputs(batch, device, loss)
     loss.lm_scale, loss.sums = lm_scale, []
     with autocast_context(device, dtype):
         forwards = pipeline.run(micro_batches, tokens_BT, target, segment_BT)
     for f in forwards:
         stats.add_forward(f.moe_stats, f.adapter_stats, f.aux_loss, f.z_loss)
-    for lm_sum in loss.sums[-micro_batches:]:  # the last stage's (parallel.pipeline.INFERRED_FORWARDS)
-        stats.add_lm(lm_sum)
+    for lm_sum, mtp_sum in loss.sums[-micro_batches:]:  # the last stage's (parallel.pipeline.INFERRED_FORWARDS)
+        stats.add_lm(lm_sum, mtp_sum)
 
 
 def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | SFTBatch, *, micro_batch_size: int,
@@ -213,6 +227,7 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | 
     if pipeline is not None:
         sync.begin_micro_step(last=True)  # the schedule runs every micro-step's backward
         _pipelined_micro_steps(pipeline, batch, len(micro_batches), lm_scale, dtype, device, stats)
+        sum_copied_gradients(model, pmesh)
     for i, micro in enumerate(micro_batches if pipeline is None else ()):
         sync.begin_micro_step(last=i == len(micro_batches) - 1)  # earlier micro-steps only accumulate
         loss = forward_and_loss(model, micro, dtype, loss_chunk_tokens, mtp=True)
@@ -272,11 +287,11 @@ def heldout_loss(model: Transformer, share: SFTBatch, *, micro_batch_size: int, 
         else:
             rows = share.tokens_BT1.shape[0]  # cut into equal micro-batches, as a pipeline needs
             size = max(d for d in range(1, min(micro_batch_size, rows) + 1) if rows % d == 0)
-            tokens_BT, target, segment_BT = _pipeline_inputs(share, device)
+            tokens_BT, target, segment_BT = _pipeline_inputs(share, device, pipeline.loss_fn)
             pipeline.loss_fn.sums = []
             with autocast_context(device, dtype):
                 forwards = pipeline.run(rows // size, tokens_BT, target, segment_BT, train=False)
-            for lm_sum in pipeline.loss_fn.sums[-(rows // size):]:  # the last stage's (INFERRED_FORWARDS)
+            for lm_sum, _ in pipeline.loss_fn.sums[-(rows // size):]:  # the last stage's (INFERRED_FORWARDS)
                 total += lm_sum.double()
             for f in forwards:
                 if f.moe_stats:  # a stage of dense blocks has none

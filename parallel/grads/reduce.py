@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moeyard.models import expert_parameter_ids, no_decay_parameter_ids
+from moeyard.models import copied_parameter_ids, expert_parameter_ids, no_decay_parameter_ids
 from moeyard.parallel.mesh import ParallelMesh
 
 
@@ -28,6 +28,9 @@ class ParamGroups:
     """This rank's expert shard; reduced over edp."""
     no_decay: frozenset[int] = frozenset()
     """ids of the parameters without weight decay (models.no_decay_parameter_ids)."""
+    copied: frozenset[int] = frozenset()
+    """ids of the parameters another pipeline stage holds too (models.copied_parameter_ids): left out of
+    this stage's part of the gradient norm."""
 
 
 def split_parameters(model: nn.Module) -> ParamGroups:
@@ -37,6 +40,7 @@ def split_parameters(model: nn.Module) -> ParamGroups:
         dense=[p for p in params if id(p) not in expert_ids],
         expert=[p for p in params if id(p) in expert_ids],
         no_decay=frozenset(no_decay_parameter_ids(model)),
+        copied=frozenset(copied_parameter_ids(model)),
     )
 
 
@@ -96,7 +100,8 @@ def norm_over_stages(sq: Tensor, pmesh: ParallelMesh) -> Tensor:
 def global_grad_norm(groups: ParamGroups, pmesh: ParallelMesh) -> Tensor:
     """L2 norm of the full model's gradient, as one process holding every expert would see it."""
     device = (groups.dense or groups.expert)[0].device
-    dense_sq = squared_norm(_grads(groups.dense), device)
+    dense_sq = squared_norm([g for p, g in zip(groups.dense, _grads(groups.dense)) if id(p) not in groups.copied],
+                            device)
     expert_sq = squared_norm(_grads(groups.expert), device)
     # Expert shards within an ep group are disjoint; edp replicas are identical after reduction.
     dist.all_reduce(expert_sq, group=pmesh.ep_group)

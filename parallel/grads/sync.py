@@ -170,7 +170,8 @@ class FullyShardedSync(PlainSync):
         # Dense shards partition each dense gradient over dp; expert shards partition each ep rank's
         # experts over edp, and ep ranks hold disjoint experts: one sum over dp covers everything once.
         grads = self._grads()
-        sq = squared_norm(grads, grads[0].device)
+        counted = [g for p, g in zip(self.groups.dense + self.groups.expert, grads) if id(p) not in self.groups.copied]
+        sq = squared_norm(counted, grads[0].device)
         dist.all_reduce(sq, group=self.pmesh.dp_group)
         return norm_over_stages(sq, self.pmesh)
 

@@ -15,7 +15,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    """One-process runs, each computed once: (router, micro-batch size) -> its result."""
+    """One-process runs, each computed once: (the settings that change what is computed, sft) -> its result."""
     return {}
 
 
@@ -34,16 +34,18 @@ def _reference(cache: dict, settings: tuple[str, ...], sft: bool) -> dict:
 def _assert_same_run(results: list[dict], ref: dict) -> None:
     for r in results:
         for step, (got, want) in enumerate(zip(r["steps"], ref["steps"])):
-            for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm"):
+            for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "mtp_loss"):
                 assert got[key] == pytest.approx(want[key], rel=TOL, abs=1e-7), f"step {step} {key}"
             assert got["expert_load"] == want["expert_load"], f"step {step}: expert loads differ"
         assert r["heldout"] == pytest.approx(ref["heldout"], rel=TOL), "held-out loss"
-    updates = {name: t for r in results for name, t in r["updates"].items()}
-    assert updates.keys() == ref["updates"].keys(), "the stages together do not hold the whole model once"
-    for name, want in ref["updates"].items():
-        assert np.linalg.norm(want) > 0, f"{name} did not train: the comparison would prove nothing"
-        diff = float(np.linalg.norm(updates[name] - want) / np.linalg.norm(want))
-        assert diff <= TOL, f"{name}: its update over 6 steps differs by {diff:.2e} (relative)"
+    held = {name for r in results for name in r["updates"]}
+    assert held == ref["updates"].keys(), "the stages together do not hold the whole model"
+    for r in results:  # every stage's copy (the embedding and its copy on the last stage, both)
+        for name, got in r["updates"].items():
+            want = ref["updates"][name]
+            assert np.linalg.norm(want) > 0, f"{name} did not train: the comparison would prove nothing"
+            diff = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+            assert diff <= TOL, f"stage {r['stage']} {name}: its update over 6 steps differs by {diff:.2e} (relative)"
 
 
 @pytest.mark.parametrize("world,layout,router,sft", [
@@ -54,13 +56,23 @@ def _assert_same_run(results: list[dict], ref: dict) -> None:
          "parallel.fsdp=true", "train.recompute=full"), "sigmoid_bias", False),
     (4, ("parallel.pp=4", "schedule.pipeline=1f1b", "train.micro_batch_size=2", "train.loss_chunk_tokens=10"),
      "topk_softmax", True),
-], ids=["pp2-gpipe-sft", "pp2-ep2-1f1b", "pp2-ep2-fsdp-recompute-sigmoid_bias", "pp4-1f1b-sft-loss_chunks"])
+    (4, ("parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "model.mtp_layers=1",
+         "model.tie_embeddings=true"), "sigmoid_bias", True),
+    (4, ("parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=2", "model.mtp_layers=1", "parallel.fsdp=true"),
+     "topk_softmax", False),
+], ids=["pp2-gpipe-sft", "pp2-ep2-1f1b", "pp2-ep2-fsdp-recompute-sigmoid_bias", "pp4-1f1b-sft-loss_chunks",
+        "pp2-ep2-mtp-tied-sft", "pp2-ep2-mtp-fsdp"])
 def test_pipeline_stages_train_the_one_process_model(reference, world, layout, router, sft) -> None:
-    """Packed SFT rows (segments and loss masks through the stages) in two of them; every layout ends with a
-    held-out evaluation through its stages."""
+    """Packed SFT rows (segments and loss masks through the stages) in three of them; MTP (the last stage
+    embeds the tokens with its copy of the embedding) with tied embeddings and with fsdp; every layout ends
+    with a held-out evaluation through its stages."""
     settings = (*layout, f"model.moe.router={router}")
     results = run_distributed(pipeline_cases.train_steps, world, settings, 6, sft, timeout_s=240)
-    _assert_same_run(results, _reference(reference, settings, sft))
+    ref = _reference(reference, settings, sft)
+    _assert_same_run(results, ref)
+    if "model.mtp_layers=1" in layout:  # the MTP loss is there to compare, and the embedding is on both ends
+        assert all(step["mtp_loss"] > 0 for step in ref["steps"])
+        assert sum("tok_embeddings.weight" in r["updates"] for r in results) == 2
 
 
 def test_layouts_pipelines_cannot_run_are_refused_before_launch() -> None:
@@ -70,8 +82,6 @@ def test_layouts_pipelines_cannot_run_are_refused_before_launch() -> None:
     with pytest.raises(ConfigError, match="1 micro-batches per step for parallel.pp=4 stages.*micro_batch_size to 1"):
         validate_for_world(pipeline_cases._config(("parallel.pp=4",)), 8)
     for setting, message in [("schedule.pipeline=dualpipev", "schedule.pipeline=dualpipev runs several stages"),
-                             ("model.tie_embeddings=true", "model.tie_embeddings=true shares the embedding"),
-                             ("model.mtp_layers=1", "model.mtp_layers=1: the MTP depths"),
                              ("parallel.pp=5", "parallel.pp=5 stages for model.n_layers=4 blocks")]:
         with pytest.raises(ConfigError, match=message):
             pipeline_cases._config(("parallel.pp=2", setting))

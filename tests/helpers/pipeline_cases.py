@@ -89,7 +89,8 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
                        grad_clip=cfg.train.grad_clip, dtype=torch.float32, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
                        pipeline=pipeline)
         results.append({"loss": r.loss, "lm_loss": r.lm_loss, "aux_loss": r.aux_loss, "z_loss": r.z_loss,
-                        "grad_norm": r.grad_norm, "expert_load": r.expert_load, "router": r.router})
+                        "grad_norm": r.grad_norm, "mtp_loss": r.mtp_loss or 0.0, "expert_load": r.expert_load,
+                        "router": r.router})
     heldout = _sft_batch(torch.randint(0, VOCAB, (cfg.global_batch_sequences, SEQ + 1),
                                        generator=torch.Generator().manual_seed(99)), 99)
     heldout, skipped = heldout_loss(model, _share(heldout, pmesh.dp_rank, rows), micro_batch_size=mbs, pmesh=pmesh,

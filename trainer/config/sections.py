@@ -367,12 +367,6 @@ def _validate_pipeline(cfg: Config) -> None:
             f"schedule.pipeline={s.pipeline} runs several stages per rank or splits the backward into input and "
             f"weight parts, which moeyard does not run yet (its expert exchange's autograd Functions do not "
             f"split): use schedule.pipeline=1f1b or gpipe")
-    require(not m.tie_embeddings, "model.tie_embeddings=true shares the embedding (first stage) with the output "
-                                  "layer (last stage), which parallel.pp > 1 does not support yet: set "
-                                  "model.tie_embeddings=false or parallel.pp=1")
-    require(m.mtp_layers == 0, f"model.mtp_layers={m.mtp_layers}: the MTP depths on the last stage need the first "
-                               f"stage's token embeddings, which parallel.pp > 1 does not pass yet: set "
-                               f"model.mtp_layers=0 or parallel.pp=1")
     require(s.mode != "auto", "schedule.mode=auto does not plan pipeline stages yet: with parallel.pp > 1 use "
                               "schedule.mode=off or manual")
     require(s.grad_sync != "reduce_scatter" and not cfg.parallel.fsdp_gather_once,

@@ -6,12 +6,14 @@ description (hardware.HardwareCosts); the step is built the same way for both, s
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 
 from moeyard.models import ModelConfig, build_model, expert_parameter_ids
+from moeyard.parallel.pipeline import stage_layers
 from moeyard.parallel.plan import Plan
 from moeyard.trainer.scheduler.block_shapes import (
     attention_core_flops,
@@ -80,6 +82,15 @@ class Workload:
     """train.loss_chunk_tokens: the output layer and loss run this many tokens at a time (0: all at once)."""
     nodes_per_token: float = 1.0
     """Machines of the ep group a token's copies reach, on average (`expected_nodes_per_token`)."""
+    pp: int = 1
+    """Pipeline stages (parallel.pp): `dp` ranks hold each stage; predict() runs the stages' workloads."""
+    mtp_blocks: int = 0
+    """The last `mtp_blocks` of the n_layers blocks are MTP depths (on the last pipeline stage)."""
+    stages_across_machines: bool = False
+    """With pp > 1: neighbouring stages sit on different machines (activations cross the network)."""
+    model_flops_fwd: float = 0.0
+    """Forward FLOPs of the whole model's blocks and head, where this is one pipeline stage's workload
+    (stage_workload; 0: this is the whole model). A profile measured the whole model's dense time."""
 
     def attention_flops_of(self, layer: int) -> float:
         """attention_flops of a block; 0 for the embedding and the head."""
@@ -122,6 +133,29 @@ class Workload:
         return self.routed_rows * (G - 1) / G * self.dim * self.act_bytes
 
 
+def stage_workload(w: Workload, held: range, first: bool, last: bool) -> Workload:
+    """The part of whole-model workload `w` one pipeline stage runs: its blocks `held` (numbered from 0), the
+    embedding's parameters on the first stage, the output head on the last."""
+    start = held.start
+
+    def local(layer: int) -> int | None:
+        if layer in held:
+            return layer - start
+        if layer == -1:
+            return -1 if first else None
+        if layer == w.n_layers:
+            return len(held) if last else None
+        return None
+
+    params = tuple(dataclasses.replace(p, layer=local(p.layer)) for p in w.params if local(p.layer) is not None)
+    cut = slice(held.start, held.stop)
+    return dataclasses.replace(
+        w, pp=1, mtp_blocks=0, n_layers=len(held), moe_layers=tuple(i - start for i in w.moe_layers if i in held), params=params,
+        dense_flops=w.dense_flops[cut], attention_flops=w.attention_flops[cut],
+        elementwise_bytes=w.elementwise_bytes[cut], head_flops=w.head_flops if last else 0.0,
+        model_flops_fwd=w.model_flops_fwd or sum(w.dense_flops) + w.head_flops)
+
+
 class Costs(Protocol):
     overlap_slowdown: float
     chunk_overhead_s: float
@@ -153,6 +187,10 @@ class Costs(Protocol):
         ...
 
     def optimizer(self, w: Workload, mode: str) -> float: ...
+
+    def send(self, w: Workload, nbytes: float, across_machines: bool) -> float:
+        """One point-to-point transfer of `nbytes` (a pipeline stage's activation or its gradient)."""
+        ...
 
 
 def _moe_pipeline(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Phase, last: int | None,
@@ -360,6 +398,8 @@ def micro_steps(w: Workload, plan: Plan) -> list[tuple[int, bool, tuple[Phase, .
 
 
 def predict(w: Workload, plan: Plan, costs: Costs) -> Prediction:
+    if w.pp > 1:
+        return _predict_pipeline(w, plan, costs)
     step = exposed = comm = 0.0
     stages: dict[str, float] = {}
     for count, with_grads, gathers in micro_steps(w, plan):
@@ -372,13 +412,43 @@ def predict(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     return Prediction(step=step + stages["optimizer"], stages=stages, exposed_comm=exposed, comm=comm)
 
 
+def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
+    """A step through w.pp pipeline stages (gpipe or 1f1b: both leave pp - 1 micro-steps of each stage idle,
+    the bubble): the slowest stage's step, plus pp - 1 of its micro-steps and the activation transfers on the
+    bubble's path. `w` is the whole model's workload on one stage's dp ranks; each stage's part is predicted
+    as the training loop runs it (gradients reduced after the schedule's last backward)."""
+    pp = w.pp
+    ordinal = {layer: k for k, layer in enumerate(w.moe_layers)}
+    stages = []
+    spans = stage_layers(w.n_layers - w.mtp_blocks, pp)
+    spans[-1] = range(spans[-1].start, w.n_layers)  # the MTP depths run on the last stage
+    for s, held in enumerate(spans):
+        ws = stage_workload(w, held, s == 0, s == pp - 1)
+        mine = [ordinal[layer] for layer in w.moe_layers if layer in held]
+        n_dense = sum(1 for p in ws.params if not p.expert)
+        stage_plan = dataclasses.replace(  # one bucket per group, reduced after backward: PlainSync
+            plan, chunks=tuple(plan.chunks[k] for k in mine),
+            dispatch=tuple(plan.dispatch_of(k) for k in mine) if plan.dispatch else (),
+            dense_buckets=(n_dense,) if n_dense else (),
+            expert_buckets=(len(ws.params) - n_dense,) if len(ws.params) > n_dense else (),
+            overlap_grads=plan.grad_sync == "fsdp")
+        stages.append(predict(ws, stage_plan, costs))
+    slowest = max(stages, key=lambda stage: stage.step)
+    micro = (slowest.step - slowest.stages["optimizer"]) / w.micro_steps
+    send = costs.send(w, w.tokens * w.dim * w.act_bytes, w.stages_across_machines)
+    bubble = (pp - 1) * (micro + 2 * send)
+    return Prediction(step=slowest.step + bubble, stages={**slowest.stages, "pipeline_bubble": bubble},
+                      exposed_comm=slowest.exposed_comm + 2 * (pp - 1) * send, comm=slowest.comm)
+
+
 def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: int, micro_steps: int,
                  act_bytes: int = 4, frozen: frozenset[str] = frozenset(), recompute: str = "none",
                  ranks_per_node: int = 0, grad_bytes: int = 4, moment_bytes: int = 4,
-                 loss_chunk_tokens: int = 0) -> Workload:
+                 loss_chunk_tokens: int = 0, pp: int = 1) -> Workload:
     """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
     Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer.
-    `ranks_per_node`: machines of that many ranks (0: one machine)."""
+    `ranks_per_node`: machines of that many ranks (0: one machine). `pp` stages of `dp` ranks each, placed
+    stage after stage."""
     machines = ep // ranks_per_node if 0 < ranks_per_node < ep else 1
     with torch.device("meta"):
         model = build_model(cfg)
@@ -400,7 +470,8 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     attention_flops=tuple(attention_core_flops(cfg, tokens, seq_len, i) for i in blocks),
                     elementwise_bytes=tuple(block_elementwise_bytes(cfg, tokens, i, act_bytes) for i in blocks),
                     recompute=recompute, recompute_experts=cfg.moe.recompute_experts,
-                    ranks_per_node=ranks_per_node, loss_chunk_tokens=loss_chunk_tokens,
+                    ranks_per_node=ranks_per_node, loss_chunk_tokens=loss_chunk_tokens, pp=pp, mtp_blocks=cfg.mtp_layers,
+                    stages_across_machines=pp > 1 and 0 < ranks_per_node <= dp,
                     nodes_per_token=expected_nodes_per_token(
                         cfg.moe.num_experts, cfg.moe.top_k, machines,
                         machine_bound(cfg.moe, machines, cfg.moe.max_nodes_per_token)))
@@ -415,7 +486,7 @@ def moe_layer_timeline(w: Workload, costs: Costs, chunks: int, dispatch: str = "
 
 
 def model_flops(w: Workload) -> float:
-    """FLOPs of one rank's step as MFU counts them (PaLM, Chowdhery et al. 2022, app. B): 3x the forward of
+    """FLOPs of one rank's step (a pipeline stage's rank: 1/pp of its rows' work) as MFU counts them (PaLM, Chowdhery et al. 2022, app. B): 3x the forward of
     every weight GEMM (experts at top_k rows a token) and of causal attention's core; no recompute."""
     experts = sum(6.0 * w.routed_rows * w.dim * w.expert_hidden for _ in w.moe_layers)
-    return 3.0 * (sum(w.dense_flops) + w.head_flops + experts) * w.micro_steps
+    return 3.0 * (sum(w.dense_flops) + w.head_flops + experts) * w.micro_steps / w.pp  # pp ranks share a row

@@ -113,6 +113,12 @@ class HardwareCosts:
         ranks, stride = (w.dp // w.ep, w.ep) if expert else (w.dp, 1)
         return self._ring(nbytes, ranks, stride, 1)
 
+    def send(self, w: Workload, nbytes: float, across_machines: bool) -> float:
+        hw = self.hw
+        if across_machines:
+            return hw.inter_node_latency_us * 1e-6 + nbytes / (hw.inter_node_gbps * 1e9)
+        return hw.intra_node_latency_us * 1e-6 + nbytes / (hw.intra_node_gbps * 1e9)
+
     def optimizer(self, w: Workload, mode: str) -> float:
         dense = sum(p.numel for p in w.params if not p.expert)
         expert = sum(p.numel for p in w.params if p.expert)

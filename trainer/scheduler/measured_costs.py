@@ -56,7 +56,7 @@ class MeasuredCosts:
         self.chunk_overhead_s = profile.chunk_overhead_s
 
     def dense(self, w: Workload, layer: int, phase: Phase) -> float:
-        total = sum(w.dense_flops) + w.head_flops
+        total = w.model_flops_fwd or sum(w.dense_flops) + w.head_flops  # what the profile's dense time covered
         share = w.layer_flops(layer) / total if total else 0.0
         if layer < 0:  # embedding: no FLOPs, but give it a sliver so ordering is kept
             share = 0.0
@@ -93,6 +93,10 @@ class MeasuredCosts:
 
     def all_gather(self, w: Workload, nbytes: float, expert: bool) -> float:
         return at(self.p.all_gather_edp if expert else self.p.all_gather_dp, nbytes)
+
+    def send(self, w: Workload, nbytes: float, across_machines: bool) -> float:
+        """A pair exchanging `nbytes`: the all-to-all fit, which is for what one rank sends in all."""
+        return at(self.p.all_to_all, nbytes)
 
     def optimizer(self, w: Workload, mode: str) -> float:
         if mode == "all_reduce":

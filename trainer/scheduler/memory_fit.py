@@ -33,7 +33,7 @@ RECOMPUTE = RECOMPUTE_MODES
 
 def memory_layout(cfg: Config, world: int, act_bytes: int) -> Layout:
     """What the memory model needs to know of this run on `world` ranks."""
-    per_rank = cfg.global_batch_sequences // world
+    per_rank = cfg.global_batch_sequences // (world // cfg.parallel.pp)  # each stage's ranks split the batch
     micro = cfg.train.micro_batch_size or max(1, per_rank)
     grad_sync = cfg.grad_sync
     return Layout(world=world, ep=cfg.parallel.ep, tokens=micro * cfg.train.seq_len, grad_sync=grad_sync,
@@ -44,7 +44,7 @@ def memory_layout(cfg: Config, world: int, act_bytes: int) -> Layout:
                   gather_once=grad_sync == "fsdp" and cfg.parallel.fsdp_gather_once,
                   reduce_once=cfg.parallel.fsdp_reduce_once,
                   reduce_bytes=cfg.parallel.reduce_bytes,
-                  moment_bytes=cfg.optim.moment_bytes)
+                  moment_bytes=cfg.optim.moment_bytes, pp=cfg.parallel.pp, pipeline=cfg.schedule.pipeline)
 
 
 def _what_would_fit(cfg: Config, layout: Layout, capacity_gb: float) -> str:

@@ -16,6 +16,7 @@ import torch
 
 from moeyard.models import ModelConfig, build_model, expert_parameter_ids
 from moeyard.parallel.fsdp import expert_shard_dim, padded_shard_numel
+from moeyard.parallel.pipeline import stage_layers
 from moeyard.trainer.scheduler.block_shapes import attention_shape, block_index
 
 GB = 1e9
@@ -66,6 +67,31 @@ class Layout:
     """Bytes per gradient element in the reduction (parallel.reduce_dtype): FSDP's unsharded accumulation."""
     moment_bytes: int = 4
     """Bytes per AdamW moment element (optim.moment_dtype: 2 for bfloat16)."""
+    pp: int = 1
+    """Pipeline stages (parallel.pp): each rank holds one stage's blocks; `world / pp` ranks share a stage."""
+    pipeline: str = "1f1b"
+    """schedule.pipeline: how many micro-batches' activations a stage holds at once (in_flight)."""
+
+    @property
+    def dp(self) -> int:
+        """Ranks that split the batch and shard the state: those of one pipeline stage."""
+        return self.world // self.pp
+
+
+def stage_blocks(cfg: ModelConfig, stage: int, pp: int) -> range:
+    """The blocks pipeline stage `stage` of `pp` runs: its decoder blocks, and on the last the MTP depths'."""
+    if pp == 1:
+        return range(cfg.n_blocks)
+    held = stage_layers(cfg.n_layers, pp)[stage]
+    return range(held.start, cfg.n_blocks) if stage == pp - 1 else held
+
+
+def in_flight(pipeline: str, pp: int, stage: int, micro_steps: int) -> int:
+    """Micro-batches whose activations stage `stage` holds at its peak: gpipe runs every forward before the
+    first backward; 1f1b holds as many as the stages from it to the last (pp at the first stage)."""
+    if pp == 1:
+        return 1
+    return micro_steps if pipeline == "gpipe" else min(pp - stage, micro_steps)
 
 
 @dataclass(frozen=True)
@@ -99,14 +125,24 @@ class ParamCounts:
         return params, trainable
 
 
-def count_parameters(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozenset()) -> ParamCounts:
+def count_parameters(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozenset(), stage: int = 0,
+                     pp: int = 1) -> ParamCounts:
+    """The parameters of the whole model, or of pipeline stage `stage` of `pp` (stage_blocks; the embedding on
+    the first, the final norm and output layer on the last, with its copy of the embedding where tied or
+    read by the MTP depths)."""
     with torch.device("meta"):
         model = build_model(cfg)
     expert_ids = expert_parameter_ids(model)
+    held = stage_blocks(cfg, stage, pp)
+    last = stage == pp - 1
+    embedding = stage == 0 or (last and (cfg.tie_embeddings or cfg.mtp_layers > 0))
     dense = experts = dense_t = experts_t = root = 0
     blocks: dict[int, int] = {}
     shapes = []
     for name, p in model.named_parameters():
+        where = block_index(name, cfg)
+        if pp > 1 and not (where in held or (where == -1 and embedding) or (where == cfg.n_blocks and last)):
+            continue
         n, is_expert = p.numel(), id(p) in expert_ids
         shape = (p.shape[0] // ep, *p.shape[1:]) if is_expert else tuple(p.shape)
         shapes.append((shape, is_expert, name not in frozen))
@@ -116,9 +152,8 @@ def count_parameters(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozens
         else:
             dense += n
             dense_t += 0 if name in frozen else n
-        layer = block_index(name, cfg)
-        if 0 <= layer < cfg.n_blocks:
-            blocks[layer] = blocks.get(layer, 0) + (n // ep if is_expert else n)
+        if 0 <= where < cfg.n_blocks:
+            blocks[where] = blocks.get(where, 0) + (n // ep if is_expert else n)
         else:
             root += n
     return ParamCounts(dense, experts, dense_t, experts_t, root, max(blocks.values(), default=0), tuple(shapes))
@@ -214,13 +249,31 @@ def _head_bytes(cfg: ModelConfig, layout: Layout) -> float:
     return 3 * 4 * layout.tokens * cfg.vocab_size * (1 + cfg.mtp_layers)
 
 
-def predict_memory(cfg: ModelConfig, layout: Layout, counts: ParamCounts | None = None) -> MemoryEstimate:
-    """`counts`: count_parameters(cfg, layout.ep, layout.frozen), when the caller has it already."""
-    c = counts or count_parameters(cfg, layout.ep, layout.frozen)
-    edp = layout.world // layout.ep
+def stage_counts(cfg: ModelConfig, layout: Layout) -> tuple[ParamCounts, ...]:
+    """count_parameters of each pipeline stage."""
+    return tuple(count_parameters(cfg, layout.ep, layout.frozen, s, layout.pp) for s in range(layout.pp))
+
+
+def predict_memory(cfg: ModelConfig, layout: Layout,
+                   counts: ParamCounts | tuple[ParamCounts, ...] | None = None) -> MemoryEstimate:
+    """The largest rank's. `counts`, when the caller has them already: count_parameters(cfg, layout.ep,
+    layout.frozen), or with pipeline stages stage_counts(cfg, layout)."""
+    if layout.pp == 1:
+        whole = counts if isinstance(counts, ParamCounts) else count_parameters(cfg, layout.ep, layout.frozen)
+        return _predict_stage(cfg, layout, whole, 0)
+    per_stage = counts if isinstance(counts, tuple) and len(counts) == layout.pp else stage_counts(cfg, layout)
+    return max((_predict_stage(cfg, layout, c, s) for s, c in enumerate(per_stage)), key=lambda m: m.total)
+
+
+def _predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) -> MemoryEstimate:
+    """One rank of pipeline stage `stage` (the only one without stages): its parameters are `c`."""
+    world = layout.dp  # the ranks that shard this stage's state
+    held = stage_blocks(cfg, stage, layout.pp)
+    last = stage == layout.pp - 1
+    edp = world // layout.ep
     x, xt = c.experts / layout.ep, c.experts_trainable / layout.ep  # this rank's ep shard
     if layout.grad_sync == "fsdp":
-        shard, shard_trainable = c.fsdp_shard(layout.world, layout.ep)
+        shard, shard_trainable = c.fsdp_shard(world, layout.ep)
         params, grads, optimizer = 4 * shard, 4 * shard_trainable, 2 * layout.moment_bytes * shard_trainable
         # The root unit stays gathered; two blocks gathered (this one and the prefetched next one) and
         # one block's unsharded float32 gradients before its reduce-scatter -- through backward to its
@@ -237,33 +290,34 @@ def predict_memory(cfg: ModelConfig, layout: Layout, counts: ParamCounts | None 
         grads = 4 * (c.dense_trainable + xt)
         if layout.grad_sync == "reduce_scatter":
             # moments and a float32 master shard
-            optimizer = (4 + 2 * layout.moment_bytes) * (c.dense_trainable / layout.world + xt / edp)
+            optimizer = (4 + 2 * layout.moment_bytes) * (c.dense_trainable / world + xt / edp)
         else:
             optimizer = 2 * layout.moment_bytes * (c.dense_trainable + xt)
         with_activations = layout.act_bytes * (c.dense + x) if layout.act_bytes < 4 else 0.0  # autocast's copies
         # Buckets reduce in place; the reference concatenates each group (dense, experts) once.
         after_backward = 0.0 if layout.bucketed else 4 * max(c.dense_trainable, xt)
     per_block = [_block_activations(cfg, i, layout.tokens, layout.act_bytes,
-                                    "none" if layout.recompute == "full" else layout.recompute)
-                 for i in range(cfg.n_blocks)]
+                                    "none" if layout.recompute == "full" else layout.recompute) for i in held]
+    flight = in_flight(layout.pipeline, layout.pp, stage, layout.micro_steps)
     if layout.recompute == "full":  # block inputs only, and one block's activations while it is recomputed
-        activations = cfg.n_blocks * layout.tokens * 4 * cfg.dim + max(per_block)
+        activations = flight * len(held) * layout.tokens * 4 * cfg.dim + max(per_block)
     elif layout.recompute == "selective":  # and what one block's recomputation brings back for its backward
-        kept_all = [_block_activations(cfg, i, layout.tokens, layout.act_bytes, "none") for i in range(cfg.n_blocks)]
-        activations = sum(per_block) + max(k - p for k, p in zip(kept_all, per_block))
+        kept_all = [_block_activations(cfg, i, layout.tokens, layout.act_bytes, "none") for i in held]
+        activations = flight * sum(per_block) + max(k - p for k, p in zip(kept_all, per_block))
     else:
-        activations = sum(per_block)
-    activations += 3 * 4 * layout.tokens * cfg.dim  # embedding output, final norm
+        activations = flight * sum(per_block)
+    # the embedding's output (a later stage: the input it received), the final norm's (last stage)
+    activations += flight * 4 * layout.tokens * cfg.dim * (1 + 2 * int(last))
+    head = _head_bytes(cfg, layout) if last else 0.0
     throughout = layout.micro_steps > 1 or (layout.bucketed and layout.grad_sync != "fsdp")
-    return MemoryEstimate(params, grads, optimizer, activations, with_activations + _head_bytes(cfg, layout),
-                          after_backward, throughout)
+    return MemoryEstimate(params, grads, optimizer, activations, with_activations + head, after_backward, throughout)
 
 
 def smallest_world(cfg: ModelConfig, layout: Layout, capacity_gb: float, max_world: int = 4096) -> int | None:
-    """The fewest ranks (a multiple of ep, same micro-batch per rank) on which this layout fits; None if
-    none up to `max_world` does (activations or the replicated state alone are too large)."""
-    counts = count_parameters(cfg, layout.ep, layout.frozen)
-    for world in range(layout.ep, max_world + 1, layout.ep):
+    """The fewest ranks (a multiple of pp x ep, same micro-batch per rank) on which this layout fits; None
+    if none up to `max_world` does (activations or the replicated state alone are too large)."""
+    counts = stage_counts(cfg, layout) if layout.pp > 1 else count_parameters(cfg, layout.ep, layout.frozen)
+    for world in range(layout.ep * layout.pp, max_world + 1, layout.ep * layout.pp):
         if predict_memory(cfg, dataclasses.replace(layout, world=world), counts).fits(capacity_gb):
             return world
     return None

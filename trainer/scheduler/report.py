@@ -6,6 +6,7 @@ import dataclasses
 import torch
 
 from moeyard.parallel import build_mesh
+from moeyard.parallel.pipeline import stage_layers
 from moeyard.parallel.plan import Plan
 from moeyard.trainer.config.node_layout import check_node_layout
 from moeyard.trainer.config.sections import Config
@@ -32,6 +33,15 @@ from moeyard.trainer.scheduler.run_planning import (
     profile_cache_dir,
     workload,
 )
+
+
+def stage_split(w: Workload) -> str:
+    """Which blocks each pipeline stage holds (the first also the embedding, the last the output layer)."""
+    spans = stage_layers(w.n_layers - w.mtp_blocks, w.pp)
+    mtp = f", the {w.mtp_blocks} MTP depth(s) on the last" if w.mtp_blocks else ""
+    return (f"{w.pp} pipeline stages of {w.dp} ranks, decoder blocks per stage {[len(r) for r in spans]} "
+            f"({', '.join(f'{r.start}-{r.stop - 1}' for r in spans)}{mtp}); the work rows below are the slowest "
+            f"stage's")
 
 
 def layouts_table(cfg: Config, choices: list[LayoutChoice], capacity_gb: float, chosen: Plan) -> list[str]:
@@ -63,15 +73,16 @@ def plan_report(cfg: Config, w: Workload, costs: Costs, source: str,
                                                reduce_once=plan.reduce_once), costs)
     ms = 1e3
     lines = [
-        f"costs from {source}; world {w.dp} ranks, ep={w.ep}, {w.tokens} tokens per rank per micro-step, "
-        f"{w.micro_steps} micro-step(s)",
+        f"costs from {source}; world {w.dp * w.pp} ranks, ep={w.ep}, {w.tokens} tokens per rank per micro-step, "
+        f"{w.micro_steps} micro-step(s)" + (f"; {stage_split(w)}" if w.pp > 1 else ""),
         *(layouts_table(cfg, choices, capacity_gb, plan) if choices else []),
         f"plan: {plan.summary()}",
         f"{'':24}{'plan':>12}{'schedule off':>14}",
     ]
     rows = [("step", best.step, off.step)]
     rows += [(f"  {k} (work)", best.stages.get(k, 0.0), off.stages.get(k, 0.0))
-             for k in ("dense", "experts", "a2a", "param_gather", "grad_reduce", "optimizer")]
+             for k in ("dense", "experts", "a2a", "param_gather", "grad_reduce", "optimizer")
+             + (("pipeline_bubble",) if w.pp > 1 else ())]
     rows += [("communication", best.comm, off.comm), ("  exposed", best.exposed_comm, off.exposed_comm)]
     for name, a, b in rows:
         lines.append(f"{name:24}{a * ms:>10.3f}ms{b * ms:>12.3f}ms")
@@ -79,7 +90,7 @@ def plan_report(cfg: Config, w: Workload, costs: Costs, source: str,
                  f"predicted speed-up {off.step / best.step:.3f}x")
     lines.append(f"model TFLOP/s per GPU: {model_flops(planned) / best.step / 1e12:.1f} (predicted; "
                  f"6 x active parameters x tokens + attention, no recompute counted)")
-    lines.append(f"tokens/s per GPU: {w.tokens * w.micro_steps / best.step:,.0f} (predicted)")
+    lines.append(f"tokens/s per GPU: {w.tokens * w.micro_steps / w.pp / best.step:,.0f} (predicted)")
     return plan, "\n".join(lines)
 
 
@@ -90,7 +101,8 @@ def _as_planned(cfg: Config, plan: Plan) -> Config:
 
 def measured_report(cfg: Config, device: torch.device) -> str:
     """Profile this machine on the real process groups (cached) and report the plan. Collective."""
-    pmesh = build_mesh(cfg.parallel.ep, device.type, cfg.parallel.timeout_s, cfg.parallel.ranks_per_node)
+    pmesh = build_mesh(cfg.parallel.ep, device.type, cfg.parallel.timeout_s, cfg.parallel.ranks_per_node,
+                       cfg.parallel.pp)
     w = workload(cfg, pmesh.dp, act_bytes(cfg, device), pmesh.ranks_per_node)
     profile, cached = load_or_measure(cfg.model, w, pmesh, device, resolve_dtype(cfg.train.dtype, device),
                                       profile_cache_dir())
@@ -98,7 +110,7 @@ def measured_report(cfg: Config, device: torch.device) -> str:
     costs = MeasuredCosts(profile)
     plan, report = plan_report(cfg, w, costs, source, agreed_capacity_gb(device))
     return "\n".join([report, routing_bound_report(cfg, w, costs),
-                      memory_report(_as_planned(cfg, plan), pmesh.dp, w.act_bytes)])
+                      memory_report(_as_planned(cfg, plan), pmesh.dp * pmesh.pp, w.act_bytes)])
 
 
 def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
@@ -106,7 +118,7 @@ def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
     hw = load_hardware(hardware_path)
     ranks_per_node = cfg.parallel.ranks_per_node or min(hw.devices_per_node, world_size)
     check_node_layout(cfg, world_size, ranks_per_node)
-    w = workload(cfg, world_size, hw.act_bytes, ranks_per_node)
+    w = workload(cfg, world_size // cfg.parallel.pp, hw.act_bytes, ranks_per_node)
     costs = HardwareCosts(hw)
     plan, report = plan_report(cfg, w, costs, f"the hardware description {hw.name} ({hardware_path})",
                                usable_gb(hw.memory_gb))

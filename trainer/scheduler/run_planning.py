@@ -33,8 +33,9 @@ from moeyard.trainer.scheduler.profiler import measure_everywhere, profile_key
 
 
 def workload(cfg: Config, dp: int, act_bytes: int, ranks_per_node: Optional[int] = None) -> Workload:
-    """Shapes of one rank's step for this run on `dp` ranks, with activations of `act_bytes` bytes, on
-    machines of `ranks_per_node` ranks (default parallel.ranks_per_node)."""
+    """Shapes of one rank's step for this run with `dp` ranks splitting the batch (a pipeline stage's, of
+    parallel.pp), with activations of `act_bytes` bytes, on machines of `ranks_per_node` ranks (default
+    parallel.ranks_per_node)."""
     per_rank = cfg.global_batch_sequences // dp
     micro = cfg.train.micro_batch_size or per_rank
     return workload_for(cfg.model, tokens=micro * cfg.train.seq_len, seq_len=cfg.train.seq_len, ep=cfg.parallel.ep,
@@ -43,7 +44,7 @@ def workload(cfg: Config, dp: int, act_bytes: int, ranks_per_node: Optional[int]
                         recompute=cfg.train.recompute,
                         ranks_per_node=ranks_per_node or cfg.parallel.ranks_per_node or 0,
                         grad_bytes=cfg.parallel.reduce_bytes, moment_bytes=cfg.optim.moment_bytes,
-                        loss_chunk_tokens=cfg.train.loss_chunk_tokens)
+                        loss_chunk_tokens=cfg.train.loss_chunk_tokens, pp=cfg.parallel.pp)
 
 
 def profile_cache_dir() -> Path:
@@ -200,7 +201,7 @@ def layout_choices(cfg: Config, w: Workload, costs: Costs, capacity_gb: float) -
     for layout in layouts:
         for recompute in recomputes:
             run = as_layout(cfg, layout, recompute)
-            memory = predict_memory(cfg.model, memory_layout(run, w.dp, w.act_bytes), counts)
+            memory = predict_memory(cfg.model, memory_layout(run, w.dp * w.pp, w.act_bytes), counts)
             fits = memory.total <= capacity_gb * 1e9
             shaped = dataclasses.replace(w, recompute=recompute)
             if fits or not choices:

@@ -134,3 +134,25 @@ def test_bfloat16_moments_halve_the_optimizer_state() -> None:
     # ZeRO keeps a float32 master shard besides the moments: 4 + 2 x 2 bytes instead of 4 + 2 x 4
     assert predict_memory(CFG, dataclasses.replace(zero, moment_bytes=2)).optimizer == pytest.approx(
         predict_memory(CFG, zero).optimizer * 8 / 12)
+
+
+def test_pipeline_stages_hold_their_blocks_and_the_micro_batches_in_flight() -> None:
+    """pp 2: each stage holds half the blocks (the first also the embedding, the last the output layer), so
+    the stages' parameters add up to the model's; 1f1b keeps pp micro-batches' activations on the first
+    stage, gpipe all of them."""
+    from moeyard.trainer.scheduler.memory_model import in_flight
+
+    cfg = dataclasses.replace(CFG, tie_embeddings=False)
+    whole = count_parameters(cfg, ep=2)
+    stages = [count_parameters(cfg, 2, frozenset(), s, 2) for s in range(2)]
+    assert sum(c.dense + c.experts for c in stages) == whole.dense + whole.experts
+    assert stages[0].root == 512 * 128 and stages[1].root == 512 * 128 + 128  # embedding; output layer, norm
+    assert [in_flight("1f1b", 4, s, 8) for s in range(4)] == [4, 3, 2, 1]
+    assert [in_flight("gpipe", 4, s, 8) for s in range(4)] == [8] * 4
+    assert in_flight("1f1b", 4, 0, 2) == 2  # never more than the step's micro-batches
+    layout = Layout(world=4, ep=2, tokens=256, micro_steps=4)
+    one, two = predict_memory(cfg, layout), predict_memory(cfg, dataclasses.replace(layout, pp=2))
+    assert two.parameters < 0.7 * one.parameters  # the largest stage: two of four blocks and a 64k root
+    gpipe = predict_memory(cfg, dataclasses.replace(layout, pp=2, pipeline="gpipe"))
+    assert gpipe.activations > two.activations
+    assert smallest_world(cfg, dataclasses.replace(layout, pp=2), 1.0) % 4 == 0  # a multiple of pp x ep

@@ -42,6 +42,9 @@ class FakeCosts:
     def optimizer(self, w, mode):
         return 1e-4
 
+    def send(self, w, nbytes, across_machines):
+        return 1e-4 if across_machines else 1e-5
+
 
 def small_workload(ep: int = 4):
     cfg = ModelConfig(vocab_size=256, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512, max_seq_len=512,
@@ -191,3 +194,22 @@ def test_bfloat16_moments_move_20_bytes_a_parameter_in_the_optimizer_step_not_28
     for mode in ("all_reduce", "fsdp"):
         full = costs.optimizer(w, mode)
         assert costs.optimizer(dataclasses.replace(w, moment_bytes=2), mode) == pytest.approx(full * 20 / 28)
+
+
+def test_pipeline_stages_cost_the_slowest_stage_plus_the_bubble() -> None:
+    """pp stages: each runs its blocks' part of the step; the step is the slowest stage's plus pp - 1 of its
+    micro-steps (the bubble) and two activation transfers per idle micro-step. More micro-batches shrink the
+    bubble's share."""
+    w = dataclasses.replace(small_workload(), micro_steps=8)
+    plan = reference_plan(w, "all_reduce")
+    whole = predict(w, plan, FakeCosts())
+    staged = dataclasses.replace(w, pp=2, stages_across_machines=True)
+    two = predict(staged, plan, FakeCosts())
+    micro = (two.step - two.stages["pipeline_bubble"] - two.stages["optimizer"]) / 8
+    assert two.stages["pipeline_bubble"] == pytest.approx(1 * (micro + 2 * 1e-4))
+    # Half the blocks a stage: the experts' and all-to-alls' work halves, the step with it (plus the bubble).
+    assert two.stages["experts"] == pytest.approx(whole.stages["experts"] / 2)
+    assert two.stages["a2a"] == pytest.approx(whole.stages["a2a"] / 2)
+    assert two.step < whole.step
+    fewer = predict(dataclasses.replace(staged, micro_steps=2), plan, FakeCosts())
+    assert fewer.stages["pipeline_bubble"] / fewer.step > two.stages["pipeline_bubble"] / two.step
