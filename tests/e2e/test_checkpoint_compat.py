@@ -15,7 +15,7 @@ import torch
 from helpers import FIXTURES
 from helpers.runs import moeyard_train, read_metrics
 
-from moeyard.models import Transformer
+from moeyard.models import build_model
 from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.config.sections import read_config
 
@@ -50,7 +50,7 @@ def test_old_checkpoint_inits_a_new_run_with_the_old_first_loss(tmp_path):
 
 def test_old_checkpoint_loads_into_one_process_with_the_old_logits():
     cfg = read_config(FIXTURE / "config.yaml", [f"data.dir={FIXTURE / 'corpus'}"])
-    model = Transformer(cfg.model)
+    model = build_model(cfg.model)
     load_full_model(FIXTURE / "step_000002", model)
     model.eval()
     with torch.no_grad():

@@ -10,7 +10,7 @@ import yaml
 from helpers.runs import read_metrics, train_forked, write_config
 
 from moeyard.errors import ConfigError
-from moeyard.models import Transformer
+from moeyard.models import build_model
 from moeyard.tools.prune import mean_loss, prune
 from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.checkpoint.store import read_manifest
@@ -68,7 +68,7 @@ def test_an_uneven_budget_per_layer_trains_at_ep2(trained, small_corpus) -> None
     manifest = read_manifest(root / "uneven")
     assert manifest["config"]["model"]["moe"]["num_experts_per_layer"] == [2, 6]
     cfg = build_config(manifest["config"])
-    pruned = Transformer(cfg.model).eval()
+    pruned = build_model(cfg.model).eval()
     load_full_model(root / "uneven", pruned)
     assert [moe.experts.w_up_EDF.shape[0] for _, moe in pruned.moe_layers()] == [2, 6]
     trained_cfg = build_config(read_manifest(ckpt)["config"])  # prune cut windows as its training run did

@@ -14,7 +14,7 @@ import yaml
 from helpers.runs import SMALL, read_metrics
 from helpers.sft_cases import random_conversations
 
-from moeyard.models import ModelConfig, Transformer
+from moeyard.models import ModelConfig, build_model
 from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.checkpoint.weights import write_weights_checkpoint
 from moeyard.trainer.config.resolve import resolve_run
@@ -26,7 +26,7 @@ from moeyard.trainer.step import lm_loss_sum
 def _sft_setup(tmp_path: Path) -> tuple[Path, Path, ModelConfig]:
     model_cfg = _build(ModelConfig, SMALL["model"], "model")
     torch.manual_seed(11)
-    init = write_weights_checkpoint({n: p.detach() for n, p in Transformer(model_cfg).named_parameters()},
+    init = write_weights_checkpoint({n: p.detach() for n, p in build_model(model_cfg).named_parameters()},
                                     model_cfg, tmp_path / "init", {"format": "test"})
     data = tmp_path / "chats.jsonl"
     lines = [json.dumps({"messages": c}) for c in random_conversations(80, seed=5)]
@@ -65,7 +65,7 @@ def test_moeyard_sft_starts_from_init_and_reports_heldout_loss(tmp_path: Path) -
     # Step 1's loss is the init weights' assistant-only loss on global batch 0: the weights were loaded.
     cfg = resolve_run(config, [f"checkpoint.init={init}"])
     whole = SFTBatches(SFTData(cfg), cfg.global_batch_sequences, 0, 1, cfg.run.seed).batch(0)
-    model = Transformer(model_cfg)
+    model = build_model(model_cfg)
     load_full_model(init, model)
     with torch.no_grad():
         out = model(whole.tokens_BT1[:, :-1], whole.segment_BT1[:, :-1])

@@ -103,12 +103,12 @@ def sharded_logits(rank: int, world: int, ckpt: str, tokens: torch.Tensor) -> to
 
 def moeyard_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
     """Logits of a converted checkpoint, loaded whole in this process."""
-    from moeyard.models import Transformer
+    from moeyard.models import build_model
     from moeyard.trainer.checkpoint.sharded import load_full_model
     from moeyard.trainer.checkpoint.weights import init_model_config
     from moeyard.trainer.config.sections import build_config
 
-    model = Transformer(build_config({"model": init_model_config(ckpt)}).model).eval()
+    model = build_model(build_config({"model": init_model_config(ckpt)}).model).eval()
     load_full_model(ckpt, model)
     with torch.no_grad():
         return model(tokens).logits_BTV

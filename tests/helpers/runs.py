@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from moeyard.models import Transformer
+from moeyard.models import build_model
 from moeyard.trainer.checkpoint.sharded import load_full_model
 from moeyard.trainer.config.sections import Config, read_config
 
@@ -109,14 +109,14 @@ def final_parameters(run_dir: Path) -> tuple[Config, dict[str, torch.Tensor]]:
     """The last checkpoint's weights gathered into one unsharded model."""
     cfg = read_config(run_dir / "config.yaml")
     step = (run_dir / "checkpoints" / "latest").read_text().strip()
-    model = Transformer(cfg.model)
+    model = build_model(cfg.model)
     load_full_model(run_dir / "checkpoints" / step, model)
     return cfg, {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 def initial_parameters(cfg: Config) -> dict[str, torch.Tensor]:
     torch.manual_seed(cfg.run.seed)
-    return {name: p.detach().clone() for name, p in Transformer(cfg.model).named_parameters()}
+    return {name: p.detach().clone() for name, p in build_model(cfg.model).named_parameters()}
 
 
 def skip_or_fail(reason: str) -> None:

@@ -422,6 +422,7 @@ def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     stages = []
     spans = stage_layers(w.n_layers - w.mtp_blocks, pp)
     spans[-1] = range(spans[-1].start, w.n_layers)  # the MTP depths run on the last stage
+    seen: dict[tuple, Prediction] = {}  # stages of the same blocks and plan predict the same
     for s, held in enumerate(spans):
         ws = stage_workload(w, held, s == 0, s == pp - 1)
         mine = [ordinal[layer] for layer in w.moe_layers if layer in held]
@@ -432,7 +433,11 @@ def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
             dense_buckets=(n_dense,) if n_dense else (),
             expert_buckets=(len(ws.params) - n_dense,) if len(ws.params) > n_dense else (),
             overlap_grads=plan.grad_sync == "fsdp")
-        stages.append(predict(ws, stage_plan, costs))
+        key = (ws.n_layers, ws.moe_layers, ws.dense_flops, ws.head_flops, len(ws.params), stage_plan.chunks,
+               stage_plan.dispatch)
+        if key not in seen:
+            seen[key] = predict(ws, stage_plan, costs)
+        stages.append(seen[key])
     slowest = max(stages, key=lambda stage: stage.step)
     micro = (slowest.step - slowest.stages["optimizer"]) / w.micro_steps
     send = costs.send(w, w.tokens * w.dim * w.act_bytes, w.stages_across_machines)
