@@ -95,6 +95,14 @@ def test_resume_on_other_layouts_continues_the_same_run(tmp_path, small_corpus, 
         assert sorted(got) == [7, 8, 9, 10]
         for step, values in got.items():
             assert values == pytest.approx(reference[step], rel=1e-5), f"{nproc} ranks ep={ep} {extra}, step {step}"
+    if "parallel.pp=2" in origin[2]:  # a pipeline checkpoint reads whole (load_full_model, as load_model does)
+        _, whole = final_parameters(origin_dir)  # into the same model the one-process continuation trained
+        _, one = final_parameters(tmp_path / "resharded_1_1_2")
+        for name, p in one.items():
+            assert float((whole[name] - p).norm() / p.norm()) < 1e-5, name
+        export = subprocess.run([sys.executable, "-m", "moeyard", "convert", "to-hf", str(origin_dir), "--out",
+                                 str(tmp_path / "hf")], capture_output=True, text=True, timeout=120)
+        assert export.returncode == 0 and (tmp_path / "hf" / "config.json").is_file(), export.stderr
 
 
 @pytest.mark.parametrize("how", ["truncate", "bitflip"])
