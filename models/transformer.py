@@ -68,25 +68,23 @@ class Transformer(nn.Module):
         self.init_weights()
         self.recompute_blocks = False
         """Activation checkpointing of every block (set_recompute("full"))."""
-        self.held_layers = range(cfg.n_layers)
-        """The decoder blocks this model runs: all, or one pipeline stage's (keep_stage)."""
-        self.first_stage = True
-        """Whether the forward embeds tokens (else it is given the previous pipeline stage's output)."""
+        self.held_parts: tuple[range, ...] = (range(cfg.n_layers),)
+        """The runs of decoder blocks this model holds: all, or those of a rank's pipeline stages (keep_stage)."""
         self.embedding_copy = False
         """A last pipeline stage's copy of the first stage's embedding (keep_stage)."""
 
-    def keep_stage(self, layers: range, first: bool, last: bool) -> None:
-        """Keep what one pipeline stage runs (parallel/pipeline.py), before any memory is allocated: the
-        blocks `layers`, the embedding on the first stage, the final norm, output layer and MTP depths on the
-        last -- which also keeps a copy of the embedding where the output layer shares it (tied) or the MTP
-        depths read it (`embedding_copy`; the copies' gradients are summed across the two stages). What stays
-        keeps its name; the forward then takes the previous stage's output (unless first) and returns the
-        blocks' output as hidden_BTD (unless last)."""
+    def keep_stage(self, parts: tuple[range, ...], first: bool, last: bool) -> None:
+        """Keep what one rank's pipeline stages run (parallel/pipeline.py), before any memory is allocated:
+        the blocks of `parts` (one run of blocks per stage it holds), the embedding where it holds the first
+        stage, the final norm, output layer and MTP depths where it holds the last -- which also keeps a copy
+        of the embedding where the output layer shares it (tied) or the MTP depths read it
+        (`embedding_copy`; the copies' gradients are summed across the two ranks). What stays keeps its
+        name; a forward over a part that does not start at block 0 takes the previous stage's output, and
+        one that does not end at the last block returns its blocks' output as hidden_BTD."""
         for i in range(self.cfg.n_layers):
-            if i not in layers:
+            if not any(i in part for part in parts):
                 self.layers[i] = HeldElsewhere()
-        self.held_layers = layers
-        self.first_stage = first
+        self.held_parts = parts
         self.embedding_copy = last and not first and (self.cfg.tie_embeddings or len(self.mtp) > 0)
         if not first and not self.embedding_copy:
             self.tok_embeddings = None
@@ -210,27 +208,33 @@ class Transformer(nn.Module):
 
     def forward(self, tokens_BT: Tensor, segment_BT: Optional[Tensor] = None, logits: bool = True,
                 docs: Optional[DocumentSpans] = None, mtp: bool = False,
-                stage_tokens_BT: Optional[Tensor] = None) -> ModelOutput:
+                stage_tokens_BT: Optional[Tensor] = None, blocks: Optional[range] = None) -> ModelOutput:
         """`segment_BT` (packed SFT rows, document-masked pretraining): tokens attend only within their own
         segment, and positions restart at 0 in each, so a packed document computes exactly what it would
         alone; `docs`, the same segments as spans when the caller has them on the host. `logits=False`
         returns the final hidden states instead, for a loss that projects them a chunk at a time. `mtp`: run
-        the MTP depths too (model.mtp_layers; training asks for them, evaluation and generation do not)."""
+        the MTP depths too (model.mtp_layers; training asks for them, evaluation and generation do not).
+        `blocks`: the part of a pipeline stage to run (keep_stage; default: the one part held)."""
         T = tokens_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if blocks is None:
+            assert len(self.held_parts) == 1, "a model holding several pipeline stages runs one part at a time"
+            blocks = self.held_parts[0]
         # A pipeline stage after the first (keep_stage) is given the previous stage's output x_BTD, and the
         # last, for its MTP depths, the token ids too (`stage_tokens_BT`).
-        x_BTD = emb_BTD = self.tok_embeddings(tokens_BT) if self.first_stage else tokens_BT
+        first, last = blocks.start == 0, blocks.stop == self.cfg.n_layers
+        x_BTD = emb_BTD = self.tok_embeddings(tokens_BT) if first else tokens_BT
         cos, sin, docs = self.position_tables(segment_BT, docs)
         moe_stats: dict[int, MoEStats] = {}
-        x_BTD = self.run_layers(x_BTD, self.held_layers, cos, sin, docs, moe_stats)
-        if mtp and self.mtp and not self.first_stage:
+        x_BTD = self.run_layers(x_BTD, blocks, cos, sin, docs, moe_stats)
+        if not last:  # a stage before the last: its blocks' output goes to the next stage
+            aux_loss, z_loss = self.router_losses(moe_stats, x_BTD.device)
+            return ModelOutput(None, aux_loss, z_loss, moe_stats, x_BTD)
+        if mtp and self.mtp and not first:
             emb_BTD = self.tok_embeddings(stage_tokens_BT)
         mtp_hidden = self._mtp_forward(x_BTD, emb_BTD, cos, sin, docs, moe_stats) if mtp else ()
         aux_loss, z_loss = self.router_losses(moe_stats, x_BTD.device)
-        if self.norm is None:  # a stage before the last: its blocks' output goes to the next stage
-            return ModelOutput(None, aux_loss, z_loss, moe_stats, x_BTD)
         hidden_BTD = self.norm(x_BTD)
         logits_BTV = self.output(hidden_BTD) if logits else None
         return ModelOutput(logits_BTV, aux_loss, z_loss, moe_stats, None if logits else hidden_BTD, mtp_hidden)

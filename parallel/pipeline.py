@@ -13,9 +13,11 @@ The last stage keeps a copy of the embedding where the output layer shares it (t
 it; the two copies' gradients are summed (`sum_copied_gradients`) before the norm, and both stages take the
 same update. The MTP depths run on the last stage, which is also given the token ids.
 
-Schedules with one stage per rank run today (gpipe, 1f1b); the interleaved, looped and V schedules (more
-stages per rank) and the zero-bubble ones (which split backward into input and weight parts, which the
-expert exchange's autograd Functions do not) are refused by name when the run config is resolved.
+gpipe and 1f1b run one stage per rank; interleaved_1f1b and looped_bfs run V = schedule.stages_per_rank
+stages per rank, looped (rank r holds stages r, r + pp, ...: one model holding all of them, a StageModule and
+PipelineStage per stage). The V-shaped and zero-bubble schedules (zbv_zero_bubble, dualpipev,
+interleaved_zero_bubble: backward split into input and weight parts, which the expert exchange's autograd
+Functions do not support) are refused by name when the run config is resolved.
 
 Shape legend (models/__init__.py): B, T, D, V.
 """
@@ -27,7 +29,13 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleLoopedBFS,
+)
 from torch.distributed.tensor import DTensor
 
 from moeyard.models import MoEStats, Transformer
@@ -36,6 +44,8 @@ from moeyard.parallel.mesh import ParallelMesh
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 """schedule.pipeline: the torch schedules with one stage per rank."""
+LOOPED_SCHEDULES = {"interleaved_1f1b": ScheduleInterleaved1F1B, "looped_bfs": ScheduleLoopedBFS}
+"""schedule.pipeline: the torch schedules with several stages per rank, placed in loops."""
 
 
 def stage_layers(n_layers: int, pp: int) -> list[range]:
@@ -48,11 +58,18 @@ def stage_layers(n_layers: int, pp: int) -> list[range]:
     return [range(a, a + n) for a, n in zip(starts, sizes)]
 
 
-def keep_this_stage(model: Transformer, pmesh: ParallelMesh) -> range:
-    """Reduce a model built on the meta device to this rank's stage (before anything is allocated)."""
-    layers = stage_layers(model.cfg.n_layers, pmesh.pp)[pmesh.pp_rank]
-    model.keep_stage(layers, first=pmesh.pp_rank == 0, last=pmesh.pp_rank == pmesh.pp - 1)
-    return layers
+def stage_ids(pp_rank: int, pp: int, per_rank: int) -> list[int]:
+    """The stages rank `pp_rank` holds, looped: r, r + pp, r + 2 pp, ..."""
+    return [pp_rank + v * pp for v in range(per_rank)]
+
+
+def keep_this_stage(model: Transformer, pmesh: ParallelMesh, per_rank: int = 1) -> tuple[range, ...]:
+    """Reduce a model built on the meta device to this rank's `per_rank` stages (before anything is
+    allocated); returns their blocks, stage by stage."""
+    spans = stage_layers(model.cfg.n_layers, pmesh.pp * per_rank)
+    parts = tuple(spans[i] for i in stage_ids(pmesh.pp_rank, pmesh.pp, per_rank))
+    model.keep_stage(parts, first=pmesh.pp_rank == 0, last=pmesh.pp_rank == pmesh.pp - 1)
+    return parts
 
 
 class _CarryRouterLoss(torch.autograd.Function):
@@ -87,9 +104,9 @@ class StageModule(nn.Module):
     """The module torch's PipelineStage runs: this rank's part of the model (keep_this_stage), its router
     losses carried on its output, its statistics kept in `forwards` for the step to read."""
 
-    def __init__(self, model: Transformer, logits: bool) -> None:
+    def __init__(self, model: Transformer, blocks: range, logits: bool) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.blocks = model, blocks
         self.logits = logits
         """The last stage returns logits (else the normed hidden states, for a loss in chunks)."""
         self.router_scale = 1.0
@@ -101,7 +118,8 @@ class StageModule(nn.Module):
         """The last stage returns its output and then each MTP depth's hidden states (`tokens_BT`: the token
         ids, which its MTP depths embed; the other stages ignore them)."""
         with recording_adapters() as adapters:
-            out = self.model(x, segment_BT, logits=self.logits, mtp=torch.is_grad_enabled(), stage_tokens_BT=tokens_BT)
+            out = self.model(x, segment_BT, logits=self.logits, mtp=torch.is_grad_enabled(), stage_tokens_BT=tokens_BT,
+                             blocks=self.blocks)
         aux_loss = with_adapter_losses(out.aux_loss, adapters, self.model.cfg.peft.aux_loss_coef)
         self.forwards.append(StageForward(out.moe_stats, adapters, aux_loss, out.z_loss))
         y = out.logits_BTV if out.logits_BTV is not None else out.hidden_BTD
@@ -114,7 +132,8 @@ def sum_copied_gradients(model: Transformer, pmesh: ParallelMesh) -> None:
     """Give the embedding on the first stage and its copy on the last (keep_stage) the sum of both
     gradients, so that both take the same update: before the gradient norm, which counts it once."""
     copied = model.cfg.tie_embeddings or model.cfg.mtp_layers > 0
-    if pmesh.embedding_group is None or not copied or not (model.first_stage or model.embedding_copy):
+    holds_first = pmesh.pp_rank == 0
+    if pmesh.embedding_group is None or not copied or not (holds_first or model.embedding_copy):
         return
     weight = model.tok_embeddings.weight
     if weight.grad is None:
@@ -131,53 +150,65 @@ first micro-batch at stage 0, on uninitialised tensors after it. What those repo
 
 
 class Pipeline:
-    """This rank's stage and the schedule that runs a step's micro-batches through every stage."""
+    """This rank's stages and the schedule that runs a step's micro-batches through every stage."""
 
     def __init__(self, model: Transformer, pmesh: ParallelMesh, schedule: str, device: torch.device,
                  logits: bool, loss_fn: LossFn) -> None:
-        assert pmesh.pp_group is not None and schedule in SCHEDULES, "checked when the run config was resolved"
-        self.module = StageModule(model, logits)
-        self.stage = PipelineStage(self.module, pmesh.pp_rank, pmesh.pp, device, group=pmesh.pp_group)
-        self.schedule_class, self.loss_fn = SCHEDULES[schedule], loss_fn
+        per_rank = len(model.held_parts)
+        assert pmesh.pp_group is not None and schedule in (SCHEDULES if per_rank == 1 else LOOPED_SCHEDULES), \
+            "checked when the run config was resolved"
+        ids = stage_ids(pmesh.pp_rank, pmesh.pp, per_rank)
+        self.stage_count = pmesh.pp * per_rank
+        self.modules = [StageModule(model, part, logits and i == self.stage_count - 1)
+                        for i, part in zip(ids, model.held_parts)]
+        self.ids, self.schedule_class, self.loss_fn = ids, {**SCHEDULES, **LOOPED_SCHEDULES}[schedule], loss_fn
         self.pmesh, self.device = pmesh, device
         self._schedules: dict[int, object] = {}
         self._evaluations: dict[tuple, object] = {}
 
     @property
     def is_first(self) -> bool:
-        return self.stage.is_first
+        return self.ids[0] == 0
 
     @property
     def is_last(self) -> bool:
-        return self.stage.is_last
+        return self.ids[-1] == self.stage_count - 1
+
+    def _stages(self) -> list[PipelineStage]:
+        return [PipelineStage(module, i, self.stage_count, self.device, group=self.pmesh.pp_group)
+                for i, module in zip(self.ids, self.modules)]
+
+    def _build(self, schedule_class, micro_batches: int):
+        # scale_grads off: the loss is already the share of the global batch's mean (trainer/step.py).
+        stages = self._stages()
+        if schedule_class in LOOPED_SCHEDULES.values():
+            return schedule_class(stages, micro_batches, loss_fn=self.loss_fn, scale_grads=False)
+        return schedule_class(stages[0], micro_batches, loss_fn=self.loss_fn, scale_grads=False)
 
     def _schedule(self, micro_batches: int):
         if micro_batches not in self._schedules:
-            # scale_grads off: the loss is already the share of the global batch's mean (trainer/step.py).
-            self._schedules[micro_batches] = self.schedule_class(self.stage, micro_batches, loss_fn=self.loss_fn,
-                                                                 scale_grads=False)
+            self._schedules[micro_batches] = self._build(self.schedule_class, micro_batches)
         return self._schedules[micro_batches]
 
     def _evaluation(self, micro_batches: int, shape: tuple[int, ...]):
-        """A forward-only schedule for held-out batches, on a stage of its own: torch fixes the shapes a
-        stage sends at its first step, and held-out rows need not have the training micro-batch's."""
+        """A forward-only schedule for held-out batches, on stages of its own: torch fixes the shapes a stage
+        sends at its first step, and held-out rows need not have the training micro-batch's."""
         key = (micro_batches, shape)
         if key not in self._evaluations:
-            stage = PipelineStage(self.module, self.pmesh.pp_rank, self.pmesh.pp, self.device,
-                                  group=self.pmesh.pp_group)
-            self._evaluations[key] = ScheduleGPipe(stage, micro_batches, loss_fn=self.loss_fn, scale_grads=False)
+            looped = len(self.modules) > 1
+            self._evaluations[key] = self._build(ScheduleLoopedBFS if looped else ScheduleGPipe, micro_batches)
         return self._evaluations[key]
 
     def run(self, micro_batches: int, tokens_BT: Tensor, target: Tensor, segment_BT: Optional[Tensor],
             train: bool = True) -> list[StageForward]:
         """Forward (and backward, when `train`) of `micro_batches` equal slices of the rows: the first stage
         feeds `tokens_BT`, the last computes loss_fn(its output, slice of `target`); every stage gets its
-        slice of `segment_BT`. Returns this stage's reports, one per micro-batch."""
-        self.module.router_scale = 1.0 / micro_batches
-        self.module.forwards = []
+        slice of `segment_BT`. Returns this rank's reports, per stage, one per micro-batch."""
+        for module in self.modules:
+            module.router_scale, module.forwards = 1.0 / micro_batches, []
         args = (tokens_BT,) if self.is_first else ()
         kwargs = {"segment_BT": segment_BT} if segment_BT is not None else {}
-        if train and self.module.model.cfg.mtp_layers:  # the last stage's MTP depths embed the tokens
+        if train and self.modules[0].model.cfg.mtp_layers:  # the last stage's MTP depths embed the tokens
             kwargs["tokens_BT"] = tokens_BT
         if train:
             self._schedule(micro_batches).step(*args, target=target if self.is_last else None, return_outputs=False,
@@ -185,7 +216,8 @@ class Pipeline:
         else:
             self._evaluation(micro_batches, tuple(tokens_BT.shape)).eval(
                 *args, target=target if self.is_last else None, **kwargs)
-        # A schedule's first step first infers the shapes each stage sends (INFERRED_FORWARDS): the step's
-        # own forwards are the last `micro_batches`.
-        forwards, self.module.forwards = self.module.forwards[-micro_batches:], []
+        forwards = []
+        for module in self.modules:  # a schedule's first step infers shapes first (INFERRED_FORWARDS): the
+            forwards += module.forwards[-micro_batches:]  # step's own forwards are each stage's last ones
+            module.forwards = []
         return forwards

@@ -60,8 +60,12 @@ def _assert_same_run(results: list[dict], ref: dict) -> None:
          "model.tie_embeddings=true"), "sigmoid_bias", True),
     (4, ("parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=2", "model.mtp_layers=1", "parallel.fsdp=true"),
      "topk_softmax", False),
+    (2, ("parallel.pp=2", "schedule.pipeline=interleaved_1f1b", "train.micro_batch_size=2", "model.mtp_layers=1"),
+     "topk_softmax", True),
+    (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=looped_bfs", "train.micro_batch_size=1",
+         "train.recompute=full"), "sigmoid_bias", False),
 ], ids=["pp2-gpipe-sft", "pp2-ep2-1f1b", "pp2-ep2-fsdp-recompute-sigmoid_bias", "pp4-1f1b-sft-loss_chunks",
-        "pp2-ep2-mtp-tied-sft", "pp2-ep2-mtp-fsdp"])
+        "pp2-ep2-mtp-tied-sft", "pp2-ep2-mtp-fsdp", "pp2x2-interleaved-mtp-sft", "pp2x2-ep2-looped_bfs-recompute"])
 def test_pipeline_stages_train_the_one_process_model(reference, world, layout, router, sft) -> None:
     """Packed SFT rows (segments and loss masks through the stages) in three of them; MTP (the last stage
     embeds the tokens with its copy of the embedding) with tied embeddings and with fsdp; every layout ends
@@ -81,7 +85,16 @@ def test_layouts_pipelines_cannot_run_are_refused_before_launch() -> None:
         validate_for_world(cfg, 6)
     with pytest.raises(ConfigError, match="1 micro-batches per step for parallel.pp=4 stages.*micro_batch_size to 1"):
         validate_for_world(pipeline_cases._config(("parallel.pp=4",)), 8)
-    for setting, message in [("schedule.pipeline=dualpipev", "schedule.pipeline=dualpipev runs several stages"),
-                             ("parallel.pp=5", "parallel.pp=5 stages for model.n_layers=4 blocks")]:
+    with pytest.raises(ConfigError, match="rounds of parallel.pp=2: 5 micro-batches do not split into 2 equal"):
+        validate_for_world(pipeline_cases._config(("parallel.pp=2", "schedule.pipeline=interleaved_1f1b",
+                                                   "train.global_batch_tokens=160", "train.micro_batch_size=2")), 2)
+    for settings, message in [
+        (("schedule.pipeline=dualpipev",), "schedule.pipeline=dualpipev places stages in a V"),
+        (("parallel.pp=5",), "parallel.pp=5 x 1 stages per rank for model.n_layers=4 blocks"),
+        (("schedule.pipeline=looped_bfs", "schedule.stages_per_rank=3"),
+         "parallel.pp=2 x 3 stages per rank for model.n_layers=4"),
+        (("schedule.pipeline=interleaved_1f1b", "schedule.stages_per_rank=1"), "stages_per_rank >= 2 stages"),
+        (("schedule.pipeline=looped_bfs", "parallel.fsdp=true"), "looped_bfs with parallel.fsdp: FSDP2 reshards"),
+    ]:
         with pytest.raises(ConfigError, match=message):
-            pipeline_cases._config(("parallel.pp=2", setting))
+            pipeline_cases._config(("parallel.pp=2", *settings))

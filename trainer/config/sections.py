@@ -107,8 +107,12 @@ class ScheduleConfig:
     pipeline: Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble",
                       "zbv_zero_bubble", "dualpipev"] = "1f1b"
     """parallel.pp > 1: torch's pipeline schedule. gpipe: every forward, then every backward; 1f1b: one
-    forward, one backward in the steady state (at most pp micro-batches' activations held). The schedules
-    with several stages per rank or a split backward are named here and refused until moeyard runs them."""
+    forward, one backward in the steady state (at most pp micro-batches' activations held); interleaved_1f1b
+    and looped_bfs: stages_per_rank stages on each rank, looped (a smaller bubble: (pp - 1) / stages_per_rank
+    micro-steps). The V-shaped and zero-bubble schedules are named here and refused until moeyard runs them."""
+    stages_per_rank: int = 2
+    """interleaved_1f1b, looped_bfs: pipeline stages on each rank (virtual stages); the model is cut into
+    parallel.pp x stages_per_rank stages, rank r holding stages r, r + pp, ..."""
     memory_check: bool = True
     """moeyard train refuses, before any worker starts, a run whose predicted peak per rank exceeds this
     machine's memory (a GPU's, or the host's available memory shared by the local workers); with
@@ -283,6 +287,11 @@ class Config:
         return self.train.global_batch_tokens // self.train.seq_len
 
     @property
+    def stages_per_rank(self) -> int:
+        """Pipeline stages on each rank: schedule.stages_per_rank for the looped schedules, else 1."""
+        return self.schedule.stages_per_rank if self.schedule.pipeline in LOOPED else 1
+
+    @property
     def grad_sync(self) -> str:
         """How gradients and optimizer state are shared as configured: fsdp, or schedule.grad_sync."""
         return "fsdp" if self.parallel.fsdp else self.schedule.grad_sync
@@ -352,6 +361,7 @@ def validate(cfg: Config) -> None:
 
 
 ONE_STAGE_PER_RANK = ("gpipe", "1f1b")
+LOOPED = ("interleaved_1f1b", "looped_bfs")
 """The pipeline schedules moeyard runs today (parallel/pipeline.py)."""
 
 
@@ -361,12 +371,21 @@ def _validate_pipeline(cfg: Config) -> None:
     require(pp >= 1, f"parallel.pp={pp} must be >= 1")
     if pp == 1:
         return
-    require(pp <= m.n_layers, f"parallel.pp={pp} stages for model.n_layers={m.n_layers} blocks: every stage needs "
-                              f"at least one block; lower parallel.pp")
-    require(s.pipeline in ONE_STAGE_PER_RANK,
-            f"schedule.pipeline={s.pipeline} runs several stages per rank or splits the backward into input and "
-            f"weight parts, which moeyard does not run yet (its expert exchange's autograd Functions do not "
-            f"split): use schedule.pipeline=1f1b or gpipe")
+    require(s.pipeline in ONE_STAGE_PER_RANK + LOOPED,
+            f"schedule.pipeline={s.pipeline} places stages in a V or splits the backward into input and weight "
+            f"parts, which moeyard does not run yet (its expert exchange's autograd Functions do not split): use "
+            f"schedule.pipeline=1f1b, gpipe, interleaved_1f1b or looped_bfs")
+    require(s.pipeline not in LOOPED or s.stages_per_rank >= 2,
+            f"schedule.pipeline={s.pipeline} runs schedule.stages_per_rank >= 2 stages on each rank "
+            f"(it is {s.stages_per_rank}); use schedule.pipeline=1f1b for one")
+    require(s.pipeline not in LOOPED or not cfg.parallel.fsdp,
+            f"schedule.pipeline={s.pipeline} with parallel.fsdp: FSDP2 reshards a rank's root unit (its output "
+            f"layer) after each of its stages' backwards, before the loss of the next stage's micro-batch "
+            f"recomputes with it; use schedule.pipeline=1f1b (or gpipe) with fsdp")
+    stages = pp * cfg.stages_per_rank
+    require(stages <= m.n_layers, f"parallel.pp={pp} x {cfg.stages_per_rank} stages per rank for model.n_layers="
+                                  f"{m.n_layers} blocks: every stage needs at least one block; lower parallel.pp"
+                                  f"{' or schedule.stages_per_rank' if cfg.stages_per_rank > 1 else ''}")
     require(s.mode != "auto", "schedule.mode=auto does not plan pipeline stages yet: with parallel.pp > 1 use "
                               "schedule.mode=off or manual")
     require(s.grad_sync != "reduce_scatter" and not cfg.parallel.fsdp_gather_once,
@@ -415,6 +434,11 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
     require(pp == 1 or micro_steps >= pp,
             f"{micro_steps} micro-batches per step for parallel.pp={pp} stages: a pipeline needs at least one "
             f"micro-batch per stage in flight; lower train.micro_batch_size to {max(1, seqs // dp // pp)} or less")
+    rounds = max(1, micro_steps // pp)
+    require(pp == 1 or cfg.schedule.pipeline != "interleaved_1f1b" or micro_steps % rounds == 0,
+            f"schedule.pipeline=interleaved_1f1b runs the micro-batches in rounds of parallel.pp={pp}: "
+            f"{micro_steps} micro-batches do not split into {rounds} equal rounds; choose train.micro_batch_size "
+            f"so that the micro-batches are a multiple of {pp}")
 
 
 def config_from_tree(tree: dict[str, Any]) -> Config:

@@ -86,6 +86,8 @@ class Workload:
     """Pipeline stages (parallel.pp): `dp` ranks hold each stage; predict() runs the stages' workloads."""
     mtp_blocks: int = 0
     """The last `mtp_blocks` of the n_layers blocks are MTP depths (on the last pipeline stage)."""
+    stages_per_rank: int = 1
+    """Pipeline stages on each rank (interleaved_1f1b, looped_bfs): the bubble is that many times shorter."""
     stages_across_machines: bool = False
     """With pp > 1: neighbouring stages sit on different machines (activations cross the network)."""
     model_flops_fwd: float = 0.0
@@ -414,8 +416,9 @@ def predict(w: Workload, plan: Plan, costs: Costs) -> Prediction:
 
 def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     """A step through w.pp pipeline stages (gpipe or 1f1b: both leave pp - 1 micro-steps of each stage idle,
-    the bubble): the slowest stage's step, plus pp - 1 of its micro-steps and the activation transfers on the
-    bubble's path. `w` is the whole model's workload on one stage's dp ranks; each stage's part is predicted
+    the bubble; with V stages per rank, pp - 1 of a stage's V-times shorter micro-steps): the slowest
+    stage's step, plus the bubble and the activation transfers on its path. (The rank's V stages are
+    predicted as one, its blocks together.) `w` is the whole model's workload on one stage's dp ranks; each stage's part is predicted
     as the training loop runs it (gradients reduced after the schedule's last backward)."""
     pp = w.pp
     ordinal = {layer: k for k, layer in enumerate(w.moe_layers)}
@@ -441,7 +444,7 @@ def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     slowest = max(stages, key=lambda stage: stage.step)
     micro = (slowest.step - slowest.stages["optimizer"]) / w.micro_steps
     send = costs.send(w, w.tokens * w.dim * w.act_bytes, w.stages_across_machines)
-    bubble = (pp - 1) * (micro + 2 * send)
+    bubble = (pp - 1) * (micro / w.stages_per_rank + 2 * send)
     return Prediction(step=slowest.step + bubble, stages={**slowest.stages, "pipeline_bubble": bubble},
                       exposed_comm=slowest.exposed_comm + 2 * (pp - 1) * send, comm=slowest.comm)
 
@@ -449,7 +452,7 @@ def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
 def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: int, micro_steps: int,
                  act_bytes: int = 4, frozen: frozenset[str] = frozenset(), recompute: str = "none",
                  ranks_per_node: int = 0, grad_bytes: int = 4, moment_bytes: int = 4,
-                 loss_chunk_tokens: int = 0, pp: int = 1) -> Workload:
+                 loss_chunk_tokens: int = 0, pp: int = 1, stages_per_rank: int = 1) -> Workload:
     """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
     Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer.
     `ranks_per_node`: machines of that many ranks (0: one machine). `pp` stages of `dp` ranks each, placed
@@ -476,6 +479,7 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     elementwise_bytes=tuple(block_elementwise_bytes(cfg, tokens, i, act_bytes) for i in blocks),
                     recompute=recompute, recompute_experts=cfg.moe.recompute_experts,
                     ranks_per_node=ranks_per_node, loss_chunk_tokens=loss_chunk_tokens, pp=pp, mtp_blocks=cfg.mtp_layers,
+                    stages_per_rank=stages_per_rank,
                     stages_across_machines=pp > 1 and 0 < ranks_per_node <= dp,
                     nodes_per_token=expected_nodes_per_token(
                         cfg.moe.num_experts, cfg.moe.top_k, machines,

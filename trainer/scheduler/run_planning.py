@@ -44,7 +44,8 @@ def workload(cfg: Config, dp: int, act_bytes: int, ranks_per_node: Optional[int]
                         recompute=cfg.train.recompute,
                         ranks_per_node=ranks_per_node or cfg.parallel.ranks_per_node or 0,
                         grad_bytes=cfg.parallel.reduce_bytes, moment_bytes=cfg.optim.moment_bytes,
-                        loss_chunk_tokens=cfg.train.loss_chunk_tokens, pp=cfg.parallel.pp)
+                        loss_chunk_tokens=cfg.train.loss_chunk_tokens, pp=cfg.parallel.pp,
+                        stages_per_rank=cfg.stages_per_rank)
 
 
 def profile_cache_dir() -> Path:

@@ -213,3 +213,5 @@ def test_pipeline_stages_cost_the_slowest_stage_plus_the_bubble() -> None:
     assert two.step < whole.step
     fewer = predict(dataclasses.replace(staged, micro_steps=2), plan, FakeCosts())
     assert fewer.stages["pipeline_bubble"] / fewer.step > two.stages["pipeline_bubble"] / two.step
+    looped = predict(dataclasses.replace(staged, stages_per_rank=2), plan, FakeCosts())  # interleaved, 2 a rank
+    assert looped.stages["pipeline_bubble"] == pytest.approx(micro / 2 + 2 * 1e-4)
