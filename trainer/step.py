@@ -215,8 +215,9 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | 
     whose loss counts the masked targets only and whose examples attend only within themselves. With
     `pipeline`, `model` is this rank's stage and the schedule runs the micro-batches."""
     device = next(model.parameters()).device
-    micro_batches, rows = _micro_batches(batch, micro_batch_size, device)
-    seq_len = micro_batches[0].tokens_BT1.shape[1] - 1
+    rows, seq_len = (batch if isinstance(batch, Tensor) else batch.tokens_BT1).shape
+    seq_len -= 1
+    micro_steps = -(-rows // micro_batch_size)
     global_tokens = rows * seq_len * pmesh.dp
     global_targets = max(1, batch.global_targets) if isinstance(batch, SFTBatch) else global_tokens
     lm_scale = pmesh.dp / global_targets
@@ -224,19 +225,20 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | 
     sync.zero_grad()
     reset_traffic(model)
     stats = StepStats()
-    if pipeline is not None:
-        sync.begin_micro_step(last=True)  # the schedule runs every micro-step's backward
-        _pipelined_micro_steps(pipeline, batch, len(micro_batches), lm_scale, dtype, device, stats)
+    if pipeline is not None:  # the schedule cuts the share and runs every micro-step's backward
+        sync.begin_micro_step(last=True)
+        _pipelined_micro_steps(pipeline, batch, micro_steps, lm_scale, dtype, device, stats)
         sum_copied_gradients(model, pmesh)
-    for i, micro in enumerate(micro_batches if pipeline is None else ()):
-        sync.begin_micro_step(last=i == len(micro_batches) - 1)  # earlier micro-steps only accumulate
-        loss = forward_and_loss(model, micro, dtype, loss_chunk_tokens, mtp=True)
-        objective = loss.lm_sum * lm_scale + loss.router_loss / len(micro_batches)
-        if loss.mtp_sum is not None:  # scaled like the main loss: by the main loss's global target count
-            objective = objective + model.cfg.mtp_loss_coef * loss.mtp_sum * lm_scale
-        objective.backward()
-        stats.add_lm(loss.lm_sum, loss.mtp_sum)
-        stats.add_forward(loss.out.moe_stats, loss.adapter_stats, loss.aux_loss, loss.out.z_loss)
+    else:
+        for i, micro in enumerate(_micro_batches(batch, micro_batch_size, device)[0]):
+            sync.begin_micro_step(last=i == micro_steps - 1)  # earlier micro-steps only accumulate
+            loss = forward_and_loss(model, micro, dtype, loss_chunk_tokens, mtp=True)
+            objective = loss.lm_sum * lm_scale + loss.router_loss / micro_steps
+            if loss.mtp_sum is not None:  # scaled like the main loss: by the main loss's global target count
+                objective = objective + model.cfg.mtp_loss_coef * loss.mtp_sum * lm_scale
+            objective.backward()
+            stats.add_lm(loss.lm_sum, loss.mtp_sum)
+            stats.add_forward(loss.out.moe_stats, loss.adapter_stats, loss.aux_loss, loss.out.z_loss)
 
     grad_norm = sync.reduce()  # waits for (or runs) the gradient reduction
     for layer, sent in take_cross_machine_bytes(model, device).items():
@@ -251,7 +253,7 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | 
         sync.apply(lr, grad_clip, grad_norm)
         for layer, moe in model.moe_layers():  # stateful routers (biases, schedules) follow the global load
             moe.router.step_done(stats.expert_load(layer))
-    report = stats.report(micro_steps=pmesh.dp * len(micro_batches), global_targets=global_targets,
+    report = stats.report(micro_steps=pmesh.dp * micro_steps, global_targets=global_targets,
                           global_tokens=global_tokens, router_state=router_state)
     objective = report["lm_loss"] + report["aux_loss"] + report["z_loss"]
     if "mtp_loss" in report:
@@ -261,7 +263,10 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | 
 
 def skip_counts(moe_stats: dict) -> Tensor:
     """[skipped copies, all copies] over the MoE layers of one forward (copies before skipping; the routed
-    counts include copies later dropped for capacity)."""
+    counts include copies later dropped for capacity); zeros for a forward without MoE layers (a dense
+    pipeline stage)."""
+    if not moe_stats:
+        return torch.zeros(2, dtype=torch.float64)
     skipped = sum(stats.skipped for stats in moe_stats.values())
     routed = sum(stats.tokens_per_expert_E.sum() for stats in moe_stats.values())
     return torch.stack([skipped, skipped + routed]).double()
@@ -294,8 +299,7 @@ def heldout_loss(model: Transformer, share: SFTBatch, *, micro_batch_size: int, 
             for lm_sum, _ in pipeline.loss_fn.sums[-(rows // size):]:  # the last stage's (INFERRED_FORWARDS)
                 total += lm_sum.double()
             for f in forwards:
-                if f.moe_stats:  # a stage of dense blocks has none
-                    copies += skip_counts(f.moe_stats)
+                copies += skip_counts(f.moe_stats).to(device)
     finally:
         model.train()
         reshard(model)  # units kept gathered after forward would otherwise stay so (no backward reshards them)
