@@ -17,12 +17,19 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 
+TIER_ORDER = ("e2e", "distributed")
+"""Slow tiers first: the two xdist workers start the long runs early and end on short unit tests."""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test by the tier its folder names."""
+    """Mark every test by the tier its folder names, and run the slower tiers first."""
+    def tier(item: pytest.Item) -> str:
+        return Path(str(item.path)).relative_to(TESTS).parts[0]
+
     for item in items:
-        tier = Path(str(item.path)).relative_to(TESTS).parts[0]
-        if tier in ("e2e", "distributed"):
-            item.add_marker(getattr(pytest.mark, tier))
+        if tier(item) in TIER_ORDER:
+            item.add_marker(getattr(pytest.mark, tier(item)))
+    items.sort(key=lambda item: TIER_ORDER.index(tier(item)) if tier(item) in TIER_ORDER else len(TIER_ORDER))
 
 
 @pytest.fixture(scope="session")
