@@ -97,7 +97,9 @@ export -f train train_stop_resume state_memory
 step "1. grouped-GEMM probe (counts with zeros vs a float32 loop)" 60 "$PY" benchmarks/gpu_probe.py grouped --device $DEVICE
 step "2a. host syncs of a MoE layer fwd+bwd (sync debug mode)" 60 "$PY" benchmarks/gpu_probe.py syncs --device $DEVICE
 if [ "$SMOKE" = 0 ]; then
-  step "2b. GPU-only tests" 90 "$PY" -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/unit/models
+  # One process, without the suite's xdist workers (addopts): the device's Python has no pytest-xdist.
+  step "2b. GPU-only tests" 90 "$PY" -m pytest -q -p no:cacheprovider -o "addopts=--import-mode=importlib -ra" \
+    -k "cuda or gpu" tests/unit/models
 fi
 step "3. Mixtral-shaped MoE layer fwd+bwd" 120 "$PY" benchmarks/moe_layer_gpu.py --device $DEVICE --no-mfu \
   "${LAYER[@]}" --out "$WORK/moe_layer"
