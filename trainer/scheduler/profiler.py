@@ -1,6 +1,7 @@
 """Measure unit costs on the real process groups at the real shapes (the trainer caches them per machine).
 
-What is timed (median of repeats, slowest rank, every rank taking part):
+What is timed (fastest of repeats, slowest rank, every rank taking part; the fastest because whatever
+else runs on the machine only ever adds time, and a two-point fit must not see the noise as its slope):
   dense       the model's forward / backward with the routed experts skipped
               (attention, norms, router, permutation, shared experts, MTP depths, heads, loss)
   experts     this rank's experts, forward and backward, at two row counts
@@ -19,7 +20,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import time
 from typing import Callable, Optional
 
@@ -63,7 +63,7 @@ class _Timer:
 
     def __call__(self, fn: Callable[..., object], group: dist.ProcessGroup | None = None,
                  setup: Callable[[], object] | None = None) -> float:
-        """Median seconds of fn over repeats (after one warm-up), the slowest rank of `group`.
+        """Fastest seconds of fn over repeats (after one warm-up), the slowest rank of `group`.
 
         With `setup`, its result is passed to fn and only fn is timed (e.g. backward after an untimed forward).
         """
@@ -79,7 +79,7 @@ class _Timer:
             fn(arg) if setup is not None else fn()
             self._sync()
             samples.append(time.perf_counter() - start)
-        slowest = torch.tensor([statistics.median(samples)], dtype=torch.float64, device=self.device)
+        slowest = torch.tensor([min(samples)], dtype=torch.float64, device=self.device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         return float(slowest)
 
