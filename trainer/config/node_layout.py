@@ -3,7 +3,9 @@
 The launcher knows how many ranks share a machine (its local world size); `parallel.ranks_per_node` may
 say otherwise to treat one machine as several. An ep group larger than a machine spans ep / G of them;
 node-limited routing (model.moe.max_nodes_per_token) bounds each token to M of `routing_nodes` expert
-blocks, which must each lie on one machine.
+blocks, which must each lie on one machine. Pipeline stages are outermost in the mesh (parallel/mesh.py):
+stage k holds world / pp consecutive ranks, so a stage fills whole machines (pp across machines, only the
+activations between stages cross them) or several stages share one.
 """
 from __future__ import annotations
 
@@ -29,6 +31,16 @@ def check_node_layout(cfg: Config, world_size: int, ranks_per_node: int) -> None
     require(ep % G == 0 or G % ep == 0,
             f"parallel.ep={ep} and {G} ranks per machine: an ep group must fill whole machines or fit in one; "
             f"make ep a multiple or a divisor of parallel.ranks_per_node")
+    pp = cfg.parallel.pp
+    if pp > 1 and world_size % pp == 0:
+        stage = world_size // pp
+        fits = [p for p in range(1, world_size + 1) if world_size % p == 0 and
+                p * cfg.stages_per_rank <= cfg.model.n_layers and
+                ((world_size // p) % G == 0 or G % (world_size // p) == 0)]
+        require(stage % G == 0 or G % stage == 0,
+                f"parallel.pp={pp} stages of {stage} ranks (dp x ep) on machines of {G} ranks: a stage must fill "
+                f"whole machines or fit in one, or a machine holds parts of two stages and their dp and ep "
+                f"groups straddle it; use parallel.pp in {fits}")
     moe, nodes = cfg.model.moe, ep_nodes(cfg, G)
     if moe.max_nodes_per_token is not None and moe.routing_nodes is not None and nodes > 1:
         require(moe.routing_nodes % nodes == 0,

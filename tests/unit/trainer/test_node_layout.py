@@ -29,11 +29,19 @@ def test_routing_nodes_come_from_the_machines_an_ep_group_spans() -> None:
     (("parallel.ep=8", "model.moe.max_nodes_per_token=1", "model.moe.routing_nodes=2"), 8, 2,
      "routing_nodes=2 does not keep each routing node on one machine"),
     (("parallel.ep=4", "schedule.dispatch=hierarchical"), 4, 4, "needs an ep group that spans machines"),
+    (("parallel.ep=2", "parallel.pp=4"), 24, 8, r"stages of 6 ranks \(dp x ep\) on machines of 8 ranks: .* "
+     r"use parallel.pp in \[1, 3\]"),
 ])
 def test_layouts_that_cannot_work_are_refused(overrides, world, ranks_per_node, message) -> None:
     cfg = tiny(*overrides)
     with pytest.raises(ConfigError, match=message):
         check_node_layout(cfg, world, ranks_per_node)
+
+
+@pytest.mark.parametrize("pp,world,ranks_per_node", [(2, 16, 8), (4, 8, 4), (4, 8, 1), (4, 4, 2)])
+def test_stages_that_fill_machines_or_share_one_are_accepted(pp, world, ranks_per_node) -> None:
+    """pp across machines (each stage on 1 or 2 whole machines), or several stages to a machine."""
+    check_node_layout(tiny("parallel.ep=1", f"parallel.pp={pp}"), world, ranks_per_node)
 
 
 def test_the_launcher_says_what_a_layout_leaves_unbounded() -> None:
