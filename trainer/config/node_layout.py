@@ -21,6 +21,11 @@ def ep_nodes(cfg: Config, ranks_per_node: int) -> int:
     return max(1, cfg.parallel.ep // ranks_per_node)
 
 
+def _whole_machines_or_one(ranks: int, ranks_per_node: int) -> bool:
+    """A group of `ranks` consecutive ranks fills whole machines or fits inside one."""
+    return ranks % ranks_per_node == 0 or ranks_per_node % ranks == 0
+
+
 def check_node_layout(cfg: Config, world_size: int, ranks_per_node: int) -> None:
     """Before any worker starts: machines hold equally many ranks, an ep group fills whole machines or fits
     in one, and a routing node's experts never straddle two machines."""
@@ -28,16 +33,15 @@ def check_node_layout(cfg: Config, world_size: int, ranks_per_node: int) -> None
     require(G >= 1 and world_size % G == 0,
             f"parallel.ranks_per_node={G} does not divide the world size {world_size}: every machine holds "
             f"as many ranks")
-    require(ep % G == 0 or G % ep == 0,
+    require(_whole_machines_or_one(ep, G),
             f"parallel.ep={ep} and {G} ranks per machine: an ep group must fill whole machines or fit in one; "
             f"make ep a multiple or a divisor of parallel.ranks_per_node")
     pp = cfg.parallel.pp
     if pp > 1 and world_size % pp == 0:
         stage = world_size // pp
         fits = [p for p in range(1, world_size + 1) if world_size % p == 0 and
-                p * cfg.stages_per_rank <= cfg.model.n_layers and
-                ((world_size // p) % G == 0 or G % (world_size // p) == 0)]
-        require(stage % G == 0 or G % stage == 0,
+                p * cfg.stages_per_rank <= cfg.model.n_layers and _whole_machines_or_one(world_size // p, G)]
+        require(_whole_machines_or_one(stage, G),
                 f"parallel.pp={pp} stages of {stage} ranks (dp x ep) on machines of {G} ranks: a stage must fill "
                 f"whole machines or fit in one, or a machine holds parts of two stages and their dp and ep "
                 f"groups straddle it; use parallel.pp in {fits}")
