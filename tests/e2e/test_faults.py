@@ -11,11 +11,12 @@ from helpers.runs import moeyard_train, read_metrics, write_config
 from moeyard.trainer.checkpoint.store import CheckpointStore, verify
 
 
-@pytest.mark.parametrize("signum,restarts", [(signal.SIGTERM, 0), (signal.SIGUSR1, 0), (signal.SIGUSR1, 2)])
+@pytest.mark.parametrize("signum,restarts", [(signal.SIGTERM, 0), (signal.SIGUSR1, 2)])
 def test_preemption_signal_saves_then_exits_and_the_same_command_resumes(tmp_path, small_corpus, signum,
                                                                          restarts) -> None:
     """SIGTERM (torchrun forwards it) or SIGUSR1 (Slurm's warning; moeyard forwards it) to the launcher.
-    With restarts allowed, a preemption must still stop the job, not restart it."""
+    With restarts allowed, a preemption must still stop the job, not restart it. (A SIGKILLed worker that
+    --max-restarts does restart: benchmarks/soak.py's smoke in test_benchmarks.py, three times.)"""
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 400})
     run = tmp_path / "run"
     proc = start(config, run, 2, restarts=restarts)
@@ -31,20 +32,6 @@ def test_preemption_signal_saves_then_exits_and_the_same_command_resumes(tmp_pat
     proc = moeyard_train(config, run, 2, "parallel.ep=2", "train.steps=400", f"train.stop_at={steps[-1] + 2}")
     assert f"at step {steps[-1]}" in proc.stdout
     assert [m["step"] for m in read_metrics(run)] == list(range(1, steps[-1] + 3))
-
-
-def test_killed_worker_is_restarted_by_torchrun_and_the_run_completes(tmp_path, small_corpus) -> None:
-    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 30}, checkpoint={"every": 5})
-    run = tmp_path / "run"
-    proc = start(config, run, 2, restarts=2)
-    wait_for(lambda: (run / "checkpoints" / "step_000005").is_dir() and logged_steps(run) >= 7, proc)
-    victim = workers(proc)[1]
-    os.kill(victim, signal.SIGKILL)
-    code, out, err = finish(proc)
-    assert code == 0, err
-    assert "resumed from" in out and "finished 30 steps" in out
-    assert [m["step"] for m in read_metrics(run)] == list(range(1, 31))
-    assert verify(CheckpointStore(run / "checkpoints").newest_intact().path)["step"] == 30
 
 
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, small_corpus) -> None:

@@ -27,27 +27,22 @@ def test_a_hostname_that_resolves_to_loopback_is_refused_with_the_fix(tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
-def test_two_hosts_train_like_a_local_run(tmp_path, launch_reference) -> None:
-    """Two network namespaces with their own addresses and one hostname (one UTS namespace), so each
-    host says which address is its own (--local-addr, GLOO_SOCKET_IFNAME)."""
-    from helpers.launches import run_nodes
-    from helpers.netns import hosts
-    from helpers.runs import read_metrics
+@pytest.fixture(scope="module")
+def checkpointed_reference(tmp_path_factory, small_corpus):
+    """(config, losses) of a 20-step ep=2 run on one host, checkpointed every 5 steps: what a run across two
+    hosts that lost a node or a worker must end at."""
+    from helpers.runs import moeyard_train, read_metrics, write_config
 
-    config, reference = launch_reference
-    with hosts() as (a, b):
-        endpoint = f"{a.address}:29400"
-        commands = [host.command(sys.executable, "-m", "moeyard", "train", str(config), "--nnodes", "2",
-                                 "--node-rank", str(rank), "--nproc", "1", "--rdzv-endpoint", endpoint,
-                                 "--local-addr", host.address, "--set", f"run.dir={tmp_path / 'run'}",
-                                 "--set", "parallel.timeout_s=60")
-                    for rank, host in enumerate((a, b))]
-        run_nodes(commands, [tmp_path / f"host{rank}.log" for rank in (0, 1)],
-                  [{**ENV, "GLOO_SOCKET_IFNAME": host.interface} for host in (a, b)], timeout_s=240)
-    assert [m["loss"] for m in read_metrics(tmp_path / "run")] == reference  # bit for bit
+    root = tmp_path_factory.mktemp("checkpointed_reference")
+    config = write_config(root / "c.yaml", small_corpus, parallel={"ep": 2}, train={"steps": 20},
+                          checkpoint={"every": 5})
+    moeyard_train(config, root / "run", 2)
+    return config, [m["loss"] for m in read_metrics(root / "run")]
 
 
 def _node_commands(config, run_dir, pair, *options: str) -> list[list[str]]:
+    """Two network namespaces with their own addresses and one hostname (one UTS namespace), so each host
+    says which address is its own (--local-addr, GLOO_SOCKET_IFNAME)."""
     endpoint = f"{pair[0].address}:29400"
     return [host.command(sys.executable, "-m", "moeyard", "train", str(config), "--nnodes", "2", "--node-rank",
                          str(rank), "--nproc", "1", "--rdzv-endpoint", endpoint, "--local-addr", host.address,
@@ -103,20 +98,19 @@ def test_a_cut_link_stops_every_node_naming_the_other(tmp_path, small_corpus) ->
     assert latest.read_text().strip() == kept and (run_dir / "checkpoints" / kept / "manifest.json").exists()
 
 
-def test_a_killed_node_is_requeued_and_the_run_ends_at_the_uninterrupted_loss(tmp_path, small_corpus) -> None:
-    """Every process of node 1 SIGKILLed mid-run: node 0's worker loses its peer at once and stops with the
-    peer's name; both nodes started again (a requeue) resume from the last checkpoint and end like a run
-    that was never interrupted."""
+def test_a_killed_node_is_requeued_and_the_run_ends_at_the_uninterrupted_loss(tmp_path,
+                                                                              checkpointed_reference) -> None:
+    """Two hosts train like one (bit for bit, as the end shows); then every process of node 1 is SIGKILLed
+    mid-run: node 0's worker loses its peer at once and stops with the peer's name; both nodes started again
+    (a requeue) resume from the last checkpoint and end like a run that was never interrupted."""
     import signal
     import time
 
     from helpers.launches import logged_steps, run_nodes
     from helpers.netns import hosts
-    from helpers.runs import moeyard_train, read_metrics, write_config
+    from helpers.runs import read_metrics
 
-    config = write_config(tmp_path / "c.yaml", small_corpus, parallel={"ep": 2}, train={"steps": 20},
-                          checkpoint={"every": 5})
-    moeyard_train(config, tmp_path / "reference", 2)
+    config, reference = checkpointed_reference
     run_dir = tmp_path / "run"
     with hosts() as pair:
         commands = _node_commands(config, run_dir, pair, "--set", "parallel.timeout_s=30")
@@ -143,7 +137,7 @@ def test_a_killed_node_is_requeued_and_the_run_ends_at_the_uninterrupted_loss(tm
     assert "resumed from" in again, again
     steps = read_metrics(run_dir)
     assert [m["step"] for m in steps] == list(range(1, 21))
-    assert [m["loss"] for m in steps] == [m["loss"] for m in read_metrics(tmp_path / "reference")]  # bit for bit
+    assert [m["loss"] for m in steps] == reference  # bit for bit
 
 
 AGENT = """#!/bin/sh
@@ -186,7 +180,7 @@ def test_mpirun_across_two_hosts_trains_like_a_local_run(tmp_path, launch_refere
     assert [m["loss"] for m in read_metrics(tmp_path / "run")] == reference  # bit for bit
 
 
-def test_a_restart_across_hosts_is_not_cut_short_by_the_watchdog(tmp_path, small_corpus) -> None:
+def test_a_restart_across_hosts_is_not_cut_short_by_the_watchdog(tmp_path, checkpointed_reference) -> None:
     """--max-restarts with one host's worker SIGKILLed: both agents stay, re-rendezvous and restart their
     workers from the last checkpoint; the watchdog (3 x rendezvous_timeout_s without workers) lets them."""
     import signal
@@ -194,11 +188,9 @@ def test_a_restart_across_hosts_is_not_cut_short_by_the_watchdog(tmp_path, small
 
     from helpers.launches import logged_steps
     from helpers.netns import hosts
-    from helpers.runs import moeyard_train, read_metrics, write_config
+    from helpers.runs import read_metrics
 
-    config = write_config(tmp_path / "c.yaml", small_corpus, parallel={"ep": 2}, train={"steps": 20},
-                          checkpoint={"every": 5})
-    moeyard_train(config, tmp_path / "reference", 2)
+    config, reference = checkpointed_reference
     run_dir, logs = tmp_path / "run", [tmp_path / "host0.log", tmp_path / "host1.log"]
     with hosts() as pair:
         commands = _node_commands(config, run_dir, pair, "--max-restarts", "1", "--set", "parallel.timeout_s=30",
@@ -226,5 +218,4 @@ def test_a_restart_across_hosts_is_not_cut_short_by_the_watchdog(tmp_path, small
     steps = read_metrics(run_dir)
     assert [m["step"] for m in steps] == list(range(1, 21))
     # After a re-rendezvous the nodes may take the ranks in the other order: equal up to rounding.
-    reference = [m["loss"] for m in read_metrics(tmp_path / "reference")]
     assert [m["loss"] for m in steps] == pytest.approx(reference, rel=1e-5)
