@@ -52,7 +52,7 @@ def test_sbatch_with_one_task_per_worker_trains_like_a_local_run(slurm, tmp_path
 
 
 def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(slurm, tmp_path, small_corpus) -> None:
-    steps = 200  # the signal lands within a few steps of the third; a small model makes the rest quick
+    steps = 80  # the signal lands within a few steps of the third (step 13 here); a small model makes the rest quick
     config = write_config(tmp_path / "c.yaml", small_corpus, parallel={"ep": 2}, train={"steps": steps},
                           model={"dim": 32, "n_layers": 2, "ffn_dim": 64})
     run_dir = tmp_path / "run"
