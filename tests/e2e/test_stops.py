@@ -20,30 +20,29 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_second_launch_on_a_run_dir_in_use_is_refused_before_it_touches_anything(tmp_path, small_corpus):
-    config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 400})
-    run = tmp_path / "run"
-    first = start(config, run, 2)
-    try:
-        wait_for(lambda: logged_steps(run) >= 2, first)
-        before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name != LOCK}
-        second = run_moeyard_train(config, run, 2, "parallel.ep=2", "optim.lr=0.5", timeout_s=120)
-        assert second.returncode == 2, second.stderr
-        assert f"is in use by pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
-        assert (run / "config.yaml").stat().st_mtime_ns == before["config.yaml"], "the refused launch wrote"
-        assert first.poll() is None, "the refused launch disturbed the running one"
-    finally:
-        kill_tree(first)
-
-
-def test_a_sigkilled_launcher_leaves_no_worker_and_the_next_launch_takes_its_lock(tmp_path, small_corpus):
+def test_a_run_dir_in_use_refuses_a_second_launch_and_a_sigkilled_launcher_hands_it_to_the_next(tmp_path,
+                                                                                             small_corpus):
+    """While a run trains, a second launch on its run dir is refused before it touches anything; then its
+    launcher is SIGKILLed (as the OOM killer would: no handler runs): its workers save and end, and the
+    next launch takes over the stale lock and resumes."""
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 400})
     run = tmp_path / "run"
     proc = start(config, run, 2)
-    wait_for(lambda: logged_steps(run) >= 3, proc)
-    pids = workers(proc)
-    assert len(pids) == 2
-    os.kill(proc.pid, signal.SIGKILL)  # as the OOM killer would: no handler runs in the launcher
+    try:
+        wait_for(lambda: logged_steps(run) >= 2, proc)
+        before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name != LOCK}
+        second = run_moeyard_train(config, run, 2, "parallel.ep=2", "optim.lr=0.5", timeout_s=120)
+        assert second.returncode == 2, second.stderr
+        assert f"is in use by pid {proc.pid}" in second.stderr and "Traceback" not in second.stderr
+        assert (run / "config.yaml").stat().st_mtime_ns == before["config.yaml"], "the refused launch wrote"
+        assert proc.poll() is None, "the refused launch disturbed the running one"
+        wait_for(lambda: logged_steps(run) >= 3, proc)
+        pids = workers(proc)
+        assert len(pids) == 2
+    except BaseException:
+        kill_tree(proc)
+        raise
+    os.kill(proc.pid, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while any(map(_alive, pids)) and time.monotonic() < deadline:
         time.sleep(0.2)
