@@ -79,8 +79,8 @@ class MicroBatch:
 
 
 def _micro_batches(batch: Tensor | TokenBatch | SFTBatch, micro_batch_size: int,
-                   device: torch.device) -> tuple[list[MicroBatch], int]:
-    """The share cut into micro-batches on `device`, and the rows of the whole share."""
+                   device: torch.device) -> list[MicroBatch]:
+    """The share cut into micro-batches on `device`."""
     if isinstance(batch, Tensor):
         batch = TokenBatch(batch)
     mask = batch.mask_BT if isinstance(batch, SFTBatch) else None
@@ -93,7 +93,7 @@ def _micro_batches(batch: Tensor | TokenBatch | SFTBatch, micro_batch_size: int,
             None if mask is None else mask[rows].to(device, non_blocking=True),
             None if segment is None else segment.to(device, non_blocking=True),
             None if segment is None else DocumentSpans.from_segments(segment[:, :-1], device)))
-    return micro, batch.tokens_BT1.shape[0]
+    return micro
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | 
         _pipelined_micro_steps(pipeline, batch, micro_steps, lm_scale, dtype, device, stats)
         sum_copied_gradients(model, pmesh)
     else:
-        for i, micro in enumerate(_micro_batches(batch, micro_batch_size, device)[0]):
+        for i, micro in enumerate(_micro_batches(batch, micro_batch_size, device)):
             sync.begin_micro_step(last=i == micro_steps - 1)  # earlier micro-steps only accumulate
             loss = forward_and_loss(model, micro, dtype, loss_chunk_tokens, mtp=True)
             objective = loss.lm_sum * lm_scale + loss.router_loss / micro_steps
@@ -285,7 +285,7 @@ def heldout_loss(model: Transformer, share: SFTBatch, *, micro_batch_size: int, 
     model.eval()
     try:
         if pipeline is None:
-            for micro in _micro_batches(share, micro_batch_size, device)[0]:
+            for micro in _micro_batches(share, micro_batch_size, device):
                 loss = forward_and_loss(model, micro, dtype, loss_chunk_tokens)
                 total += loss.lm_sum.double()
                 copies += skip_counts(loss.out.moe_stats)

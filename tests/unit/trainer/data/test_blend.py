@@ -106,7 +106,7 @@ def test_document_masked_logits_of_a_packed_window_equal_each_document_alone(tmp
     model = Transformer(ModelConfig(vocab_size=257, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                                     max_seq_len=64, moe=MoEConfig(num_experts=4, top_k=2))).eval()
     data = TokenBatches(tmp_path / "c", 48, 1, 0, 1, seed=0, document_mask=True)
-    (micro,), _ = _micro_batches(data.batch(0), 1, torch.device("cpu"))
+    (micro,) = _micro_batches(data.batch(0), 1, torch.device("cpu"))
     tokens_T, segment_T = micro.tokens_BT1[0, :-1], micro.segment_BT1[0, :-1]
     assert len(micro.docs.lengths) >= 2, "the window should hold several documents"
     with torch.no_grad():
