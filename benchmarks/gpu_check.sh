@@ -84,12 +84,17 @@ assert steps[-1] == int(sys.argv[2]) and steps == sorted(set(steps)), "the resum
 PY
 }
 
-state_memory() {
+state_memory() {  # the replicated run is step 4's first process (parallel.fsdp=false), up to its stop
   for fsdp in false true; do
-    train "$WORK/state-$fsdp" --set train.steps="$STOP" --set parallel.fsdp=$fsdp > "$WORK/state-$fsdp.log" 2>&1 \
-      || { tail -n 20 "$WORK/state-$fsdp.log"; return 1; }
-    "$PY" -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1]) if l.strip()][-1];
-print('parallel.fsdp=$fsdp: peak_memory_gb', r.get('peak_memory_gb'), 'loss', r['loss'])" "$WORK/state-$fsdp/metrics.jsonl"
+    local dir="$WORK/state-$fsdp"
+    if [ $fsdp = false ] && [ -f "$WORK/run/metrics.jsonl" ]; then
+      dir="$WORK/run"
+    else
+      train "$dir" --set train.steps="$STOP" --set parallel.fsdp=$fsdp > "$WORK/state-$fsdp.log" 2>&1 \
+        || { tail -n 20 "$WORK/state-$fsdp.log"; return 1; }
+    fi
+    "$PY" -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1]) if l.strip() and json.loads(l).get('step') == $STOP][-1];
+print('parallel.fsdp=$fsdp: peak_memory_gb', r.get('peak_memory_gb'), 'loss', r['loss'])" "$dir/metrics.jsonl" || return 1
   done
 }
 
