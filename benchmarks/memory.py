@@ -1,7 +1,7 @@
 """Memory per rank: what the memory model predicts beside what 4 gloo ranks of this machine measure.
 
     python benchmarks/memory.py             # writes benchmarks/results/memory.{md,json}
-    python benchmarks/memory.py --smoke     # seconds: a tiny model, for the test suite
+    python benchmarks/memory.py --smoke     # seconds: a tiny model on 2 ranks, for the test suite
 
 Each layout runs on 4 processes (one thread each), builds its model the way `moeyard train` does (meta
 device, sharded, each rank initialising its part) and trains a few steps on random tokens. Per rank:
@@ -101,7 +101,7 @@ def state_bytes(model: torch.nn.Module, sync) -> int:
     return total
 
 
-def _measure(rank: int, overrides: list[str], steps: int, port: int, results) -> None:
+def _measure(rank: int, world: int, overrides: list[str], steps: int, port: int, results) -> None:
     import torch.distributed as dist
 
     from moeyard.parallel import build_mesh
@@ -111,7 +111,7 @@ def _measure(rank: int, overrides: list[str], steps: int, port: int, results) ->
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = read_config(configs.path("tiny.yaml"), overrides)
     device = torch.device("cpu")
     pmesh = build_mesh(cfg.parallel.ep, "cpu", cfg.parallel.timeout_s, None, cfg.parallel.pp)
@@ -141,19 +141,19 @@ def _measure(rank: int, overrides: list[str], steps: int, port: int, results) ->
     dist.destroy_process_group()
 
 
-def measure(overrides: list[str], steps: int) -> list[dict]:
-    """Run one layout on WORLD processes; their measurements in rank order."""
+def measure(overrides: list[str], steps: int, world: int) -> list[dict]:
+    """Run one layout on `world` processes; their measurements in rank order."""
     os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")  # read by each worker's glibc
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    procs = [ctx.Process(target=_measure, args=(r, overrides, steps, port, results)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_measure, args=(r, world, overrides, steps, port, results)) for r in range(world)]
     for p in procs:
         p.start()
     got: list[dict] = []
-    while len(got) < WORLD:  # a rank killed (say, for memory) fails the layout instead of hanging it
+    while len(got) < world:  # a rank killed (say, for memory) fails the layout instead of hanging it
         try:
             got.append(results.get(timeout=5))
         except queue.Empty:
@@ -169,13 +169,13 @@ def measure(overrides: list[str], steps: int) -> list[dict]:
     return sorted(got, key=lambda r: r["rank"])
 
 
-def _label(cfg: Config) -> str:
+def _label(cfg: Config, world: int) -> str:
     sync = "replicated"
     if cfg.parallel.fsdp:
         sync = "fsdp gathered once" if cfg.parallel.fsdp_gather_once else "fsdp"
         if cfg.parallel.fsdp_gather_once and not cfg.parallel.fsdp_reduce_once:
             sync = "fsdp resident weights"
-    dp = WORLD // cfg.parallel.pp
+    dp = world // cfg.parallel.pp
     micro = cfg.global_batch_sequences // dp // (cfg.train.micro_batch_size or cfg.global_batch_sequences // dp)
     extra = f", {micro} micro-steps" if micro > 1 else ""
     if cfg.model.moe.num_experts // cfg.parallel.ep < dp // cfg.parallel.ep:
@@ -187,18 +187,18 @@ def _label(cfg: Config) -> str:
     return f"{sync}, ep={cfg.parallel.ep}, recompute {cfg.train.recompute}{extra}"
 
 
-def row(overrides: list[str], steps: int) -> dict:
+def row(overrides: list[str], steps: int, world: int = WORLD) -> dict:
     cfg = read_config(configs.path("tiny.yaml"), overrides)
-    predicted = predict_memory(cfg.model, memory_layout(cfg, WORLD, 4))
+    predicted = predict_memory(cfg.model, memory_layout(cfg, world, 4))
     counts = count_parameters(cfg.model, cfg.parallel.ep)
-    ranks = measure(overrides, steps)
+    ranks = measure(overrides, steps, world)
     slowest = [max(r["times"][i] for r in ranks) for i in range(steps)]
     out = {
-        "layout": _label(cfg), "overrides": overrides, "params": counts.dense + counts.experts,
+        "layout": _label(cfg, world), "world": world, "overrides": overrides, "params": counts.dense + counts.experts,
         "predicted_peak": predicted.total, "predicted_state": predicted.parameters + predicted.gradients +
         predicted.optimizer, "predicted": {k: getattr(predicted, k) for k in
                                            ("parameters", "gradients", "optimizer", "activations", "buffers")},
-        "ideal_state": 16 * (counts.dense + counts.experts) / WORLD,
+        "ideal_state": 16 * (counts.dense + counts.experts) / world,
         "largest_block_bytes": 4 * counts.largest_block,
         "base": max(r["base"] for r in ranks), "build_peak": max(r["build_peak"] for r in ranks),
         "train_peak": max(r["train_peak"] for r in ranks), "state": max(r["state"] for r in ranks),
@@ -267,7 +267,7 @@ def markdown(calibration: list[dict], large: dict | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="a tiny model, two layouts, 2 steps")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model on 2 ranks, two layouts, 2 steps")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--pipeline", action="store_true", help="only the pipeline-stage layouts")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -282,11 +282,11 @@ def main() -> None:
             f"`python benchmarks/memory.py --pipeline`, {time.strftime('%Y-%m-%d')}\n\n{table}\n")
         return
     if args.smoke:
-        layouts, base, steps, large = LAYOUTS[::len(RECOMPUTES)], SMOKE, 2, None
+        layouts, base, steps, large, world = LAYOUTS[::len(RECOMPUTES)], SMOKE, 2, None, 2
     else:
-        layouts, base, steps = LAYOUTS, CALIBRATION, args.steps
-    calibration = [row([*base, f"parallel.fsdp={str(fsdp).lower()}", f"train.recompute={recompute}"], steps)
-                   for fsdp, recompute in layouts]
+        layouts, base, steps, world = LAYOUTS, CALIBRATION, args.steps, WORLD
+    calibration = [row([*base, f"parallel.fsdp={str(fsdp).lower()}", f"train.recompute={recompute}"], steps,
+                       world) for fsdp, recompute in layouts]
     state = []
     if not args.smoke:
         state = [row([*ACCUMULATING, *layout], steps) for layout in STATE_LAYOUTS]
