@@ -84,21 +84,27 @@ assert steps[-1] == int(sys.argv[2]) and steps == sorted(set(steps)), "the resum
 PY
 }
 
+row_at_stop() {  # row_at_stop METRICS: the metrics row of step $STOP (exit 1 without one)
+  "$PY" -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1]) if l.strip() and json.loads(l).get('step') == $STOP][-1];
+print('peak_memory_gb', r.get('peak_memory_gb'), 'loss', r['loss'])" "$1" 2>/dev/null
+}
+
 state_memory() {  # the replicated run is step 4's first process (parallel.fsdp=false), up to its stop
   for fsdp in false true; do
     local dir="$WORK/state-$fsdp"
-    if [ $fsdp = false ] && [ -f "$WORK/run/metrics.jsonl" ]; then
+    if [ $fsdp = false ] && row_at_stop "$WORK/run/metrics.jsonl" > /dev/null; then
       dir="$WORK/run"
-    else
-      train "$dir" --set train.steps="$STOP" --set parallel.fsdp=$fsdp > "$WORK/state-$fsdp.log" 2>&1 \
+    else  # the same schedule as step 4's run (train.steps=$TOTAL), stopped at the same step
+      train "$dir" --set train.stop_at="$STOP" --set parallel.fsdp=$fsdp > "$WORK/state-$fsdp.log" 2>&1 \
         || { tail -n 20 "$WORK/state-$fsdp.log"; return 1; }
     fi
-    "$PY" -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1]) if l.strip() and json.loads(l).get('step') == $STOP][-1];
-print('parallel.fsdp=$fsdp: peak_memory_gb', r.get('peak_memory_gb'), 'loss', r['loss'])" "$dir/metrics.jsonl" || return 1
+    local row
+    row=$(row_at_stop "$dir/metrics.jsonl") || { echo "no metrics row at step $STOP in $dir"; return 1; }
+    echo "parallel.fsdp=$fsdp: $row"
   done
 }
 
-export -f train train_stop_resume state_memory
+export -f train train_stop_resume row_at_stop state_memory
 step "1. grouped-GEMM probe (counts with zeros vs a float32 loop)" 60 "$PY" benchmarks/gpu_probe.py grouped --device $DEVICE
 step "2a. host syncs of a MoE layer fwd+bwd (sync debug mode)" 60 "$PY" benchmarks/gpu_probe.py syncs --device $DEVICE
 if [ "$SMOKE" = 0 ]; then
