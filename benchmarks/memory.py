@@ -194,7 +194,7 @@ def row(overrides: list[str], steps: int, world: int = WORLD) -> dict:
     ranks = measure(overrides, steps, world)
     slowest = [max(r["times"][i] for r in ranks) for i in range(steps)]
     out = {
-        "layout": _label(cfg, world), "world": world, "overrides": overrides, "params": counts.dense + counts.experts,
+        "layout": _label(cfg, world), "overrides": overrides, "params": counts.dense + counts.experts,
         "predicted_peak": predicted.total, "predicted_state": predicted.parameters + predicted.gradients +
         predicted.optimizer, "predicted": {k: getattr(predicted, k) for k in
                                            ("parameters", "gradients", "optimizer", "activations", "buffers")},

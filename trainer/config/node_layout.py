@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
-from moeyard.errors import require
+from moeyard.errors import ConfigError, require
 from moeyard.trainer.config.sections import Config
 
 
@@ -37,14 +37,12 @@ def check_node_layout(cfg: Config, world_size: int, ranks_per_node: int) -> None
             f"parallel.ep={ep} and {G} ranks per machine: an ep group must fill whole machines or fit in one; "
             f"make ep a multiple or a divisor of parallel.ranks_per_node")
     pp = cfg.parallel.pp
-    if pp > 1 and world_size % pp == 0:
-        stage = world_size // pp
+    if pp > 1 and world_size % pp == 0 and not _whole_machines_or_one(world_size // pp, G):
         fits = [p for p in range(1, world_size + 1) if world_size % p == 0 and
                 p * cfg.stages_per_rank <= cfg.model.n_layers and _whole_machines_or_one(world_size // p, G)]
-        require(_whole_machines_or_one(stage, G),
-                f"parallel.pp={pp} stages of {stage} ranks (dp x ep) on machines of {G} ranks: a stage must fill "
-                f"whole machines or fit in one, or a machine holds parts of two stages and their dp and ep "
-                f"groups straddle it; use parallel.pp in {fits}")
+        raise ConfigError(f"parallel.pp={pp} stages of {world_size // pp} ranks (dp x ep) on machines of {G} ranks: "
+                          f"a stage must fill whole machines or fit in one, or a machine holds parts of two "
+                          f"stages and their dp and ep groups straddle it; use parallel.pp in {fits}")
     moe, nodes = cfg.model.moe, ep_nodes(cfg, G)
     if moe.max_nodes_per_token is not None and moe.routing_nodes is not None and nodes > 1:
         require(moe.routing_nodes % nodes == 0,
