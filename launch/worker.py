@@ -22,10 +22,8 @@ from moeyard.launch.peers import Peers
 from moeyard.trainer.config.resolve import read_resolved, resolve_run
 from moeyard.trainer.config.sections import Config, read_config
 from moeyard.trainer.data.tokens import ensure_corpus
-from moeyard.trainer.loop import run_training
 from moeyard.trainer.run_dir import Preemption
 from moeyard.trainer.run_lock import lock_for_workers
-from moeyard.trainer.scheduler.report import measured_report
 
 
 def pick_device(env: DistEnv, backend: str) -> tuple[torch.device, str]:
@@ -134,6 +132,11 @@ def run_worker(source: RunSource, env: DistEnv, plan_only: bool = False) -> int:
     Under torchrun a preempted worker exits 0 -- a non-zero code would make torchrun restart the job that
     is being stopped -- and leaves run.dir/PREEMPTED, which `moeyard train` turns into 128 + signal.
     """
+    # Imported here, not with the module: the launcher imports this module for RunSource and add_overrides
+    # and must not pay for the training loop (FSDP, DTensor, DCP, torch's pipelining).
+    from moeyard.trainer.loop import run_training
+    from moeyard.trainer.scheduler.report import measured_report
+
     preemption = Preemption()  # first: a signal during start-up is remembered, not fatal
     cfg = source.joining()
     device, backend = pick_device(env, cfg.parallel.backend)

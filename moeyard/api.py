@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from moeyard.models import ModelConfig, Transformer, build_model
 from moeyard.trainer.checkpoint.sharded import load_full_model
-from moeyard.trainer.checkpoint.store import verify
-from moeyard.trainer.checkpoint.weights import CheckpointTensors, resolve_init
+from moeyard.trainer.checkpoint.store import resolve_init, verify
+from moeyard.trainer.checkpoint.weights import CheckpointTensors
 from moeyard.trainer.config.resolve import resolve_run
 from moeyard.trainer.config.sections import Config, build_config
 from moeyard.trainer.scheduler.memory_fit import MemoryBudget

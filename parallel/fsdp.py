@@ -19,7 +19,7 @@ is set to dp explicitly, or expert gradients would be ep times too large.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from moeyard.models.moe.layer import MoE
 from moeyard.models.mtp import MTPModule
 from moeyard.models.transformer import HeldElsewhere
 from moeyard.parallel.mesh import ParallelMesh
+from moeyard.parallel.shards import expert_shard_dim
 
 
 def mixed_precision(compute_dtype: torch.dtype, reduce_dtype: torch.dtype) -> MixedPrecisionPolicy:
@@ -38,21 +39,6 @@ def mixed_precision(compute_dtype: torch.dtype, reduce_dtype: torch.dtype) -> Mi
     under float32 compute: parallel.reduce_dtype=bfloat16 halves the reduce-scatter's bytes there too)."""
     return MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                                 reduce_dtype=None if reduce_dtype == compute_dtype else reduce_dtype)
-
-
-def expert_shard_dim(shape: Sequence[int], edp: int) -> int:
-    """The dimension an expert parameter of this rank (`shape`: [E/ep, ...]) is sharded on over `edp`
-    ranks: the first that splits evenly; dim 0 (padded by FSDP to its largest chunk) where none does."""
-    return next((d for d, n in enumerate(shape) if n % edp == 0), 0)
-
-
-def padded_shard_numel(shape: Sequence[int], dim: int, ranks: int) -> int:
-    """Elements the largest rank holds of a tensor sharded on `dim` over `ranks` (FSDP2 pads every rank
-    to the first chunk of `torch.chunk`)."""
-    numel = 1
-    for d, n in enumerate(shape):
-        numel *= -(-n // ranks) if d == dim else n
-    return numel
 
 
 def apply_fsdp(model: Transformer, pmesh: ParallelMesh, reshard_after_forward: bool = True,

@@ -43,7 +43,7 @@ class ParallelMesh:
     experts_mesh: DeviceMesh
     """The (ep, edp) transpose of `mesh`: a global expert tensor [E, ...] sharded on dim 0 over ep, each
     piece again over edp (FSDP's shard of an ep shard) is `[Shard(0), Shard(d)]` on it (d: the dimension
-    `fsdp.expert_shard_dim` picks)."""
+    `shards.expert_shard_dim` picks)."""
     ranks_per_node: int = 1
     """Consecutive ranks that share a machine (G)."""
     node_group: Optional[dist.ProcessGroup] = None

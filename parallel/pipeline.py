@@ -41,26 +41,12 @@ from torch.distributed.tensor import DTensor
 from moeyard.models import MoEStats, Transformer
 from moeyard.models.peft.adapters import AdapterStats, recording_adapters, with_adapter_losses
 from moeyard.parallel.mesh import ParallelMesh
+from moeyard.parallel.stages import stage_ids, stage_layers
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 """schedule.pipeline: the torch schedules with one stage per rank."""
 LOOPED_SCHEDULES = {"interleaved_1f1b": ScheduleInterleaved1F1B, "looped_bfs": ScheduleLoopedBFS}
 """schedule.pipeline: the torch schedules with several stages per rank, placed in loops."""
-
-
-def stage_layers(n_layers: int, pp: int) -> list[range]:
-    """The decoder blocks of each stage: as even as the count allows, a spare block going to the stages
-    after the first and before the last first (those two also run the embedding, or the output and loss)."""
-    base, spare = divmod(n_layers, pp)
-    takes_spare = [*range(1, pp - 1), pp - 1, 0][:spare]
-    sizes = [base + (s in takes_spare) for s in range(pp)]
-    starts = [sum(sizes[:s]) for s in range(pp)]
-    return [range(a, a + n) for a, n in zip(starts, sizes)]
-
-
-def stage_ids(pp_rank: int, pp: int, per_rank: int) -> list[int]:
-    """The stages rank `pp_rank` holds, looped: r, r + pp, r + 2 pp, ..."""
-    return [pp_rank + v * pp for v in range(per_rank)]
 
 
 def keep_this_stage(model: Transformer, pmesh: ParallelMesh, per_rank: int = 1) -> tuple[range, ...]:

@@ -15,7 +15,6 @@ import torch
 
 from moeyard.errors import CheckpointError, ConfigError
 from moeyard.models import build_model
-from moeyard.trainer.checkpoint import safe_read
 from moeyard.trainer.checkpoint.store import CheckpointStore, read_manifest
 from moeyard.trainer.config.sections import Config
 from moeyard.trainer.data.compat import check_tokenizers, corpus_sources
@@ -43,6 +42,8 @@ def check_checkpoint_fits(cfg: Config) -> None:
     if path is None:
         return
     key = "checkpoint.init" if why == "init" else "resuming"
+    from moeyard.trainer.checkpoint import safe_read  # DCP: a second's import, paid only with a checkpoint
+
     try:
         saved = safe_read.read_metadata(path).state_dict_metadata
     except CheckpointError as err:

@@ -22,7 +22,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise LaunchError(f"{source} is not a folder")
     if args.action == "merge-adapters":
         from moeyard.tools.merge_adapters import merge_adapters
-        from moeyard.trainer.checkpoint.weights import resolve_init
+        from moeyard.trainer.checkpoint.store import resolve_init
 
         report = merge_adapters(resolve_init(source), out)
         print(f"merged {len(report['merged'])} LoRA adapters into their linear maps; largest logit change on "
@@ -37,7 +37,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         import torch
 
         from moeyard.tools.hf_convert import export_hf
-        from moeyard.trainer.checkpoint.weights import resolve_init
+        from moeyard.trainer.checkpoint.store import resolve_init
 
         family, path = export_hf(resolve_init(source), out, getattr(torch, args.dtype) if args.dtype else None)
         print(f"wrote {family} model to {path} (transformers.AutoModelForCausalLM.from_pretrained loads it)")

@@ -10,7 +10,7 @@ from moeyard.errors import LaunchError
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from moeyard.tools.prune import prune
-    from moeyard.trainer.checkpoint.weights import resolve_init
+    from moeyard.trainer.checkpoint.store import resolve_init
 
     keep = args.keep
     if args.keep_per_layer is not None:

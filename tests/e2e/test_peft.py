@@ -12,8 +12,7 @@ import torch.distributed.checkpoint as dcp
 from helpers.runs import final_parameters, initial_parameters, read_metrics, train_forked, write_config
 
 from moeyard.errors import CheckpointError
-from moeyard.trainer.checkpoint.store import content_hash, read_manifest
-from moeyard.trainer.checkpoint.weights import resolve_init
+from moeyard.trainer.checkpoint.store import content_hash, read_manifest, resolve_init
 
 
 def _bytes(checkpoint: Path) -> int:

@@ -89,7 +89,7 @@ def sharded_logits(rank: int, world: int, ckpt: str, tokens: torch.Tensor) -> to
     from moeyard.models import Transformer
     from moeyard.parallel import apply_expert_parallel, build_mesh
     from moeyard.trainer.checkpoint.sharded import load_weights_into
-    from moeyard.trainer.checkpoint.weights import init_model_config
+    from moeyard.trainer.config.resolve import init_model_config
     from moeyard.trainer.config.sections import build_config
 
     cfg = build_config({"model": init_model_config(Path(ckpt))}).model
@@ -105,7 +105,7 @@ def moeyard_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
     """Logits of a converted checkpoint, loaded whole in this process."""
     from moeyard.models import build_model
     from moeyard.trainer.checkpoint.sharded import load_full_model
-    from moeyard.trainer.checkpoint.weights import init_model_config
+    from moeyard.trainer.config.resolve import init_model_config
     from moeyard.trainer.config.sections import build_config
 
     model = build_model(build_config({"model": init_model_config(ckpt)}).model).eval()

@@ -263,3 +263,12 @@ class CheckpointStore:
         for leftover in self.root.glob(".step_*.tmp"):  # from a crash mid-save: never loadable
             shutil.rmtree(leftover, ignore_errors=True)
         return removed
+
+
+def resolve_init(path: Path) -> Path:
+    """A checkpoint folder, or a run's checkpoints folder (its `latest`), or a run folder."""
+    for folder in (path, path / "checkpoints"):
+        latest = latest_of(folder)
+        if latest is not None:
+            return latest
+    return path

@@ -7,8 +7,6 @@ training run's checkpoint: it then takes the weights and leaves optimizer state,
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import os
 import shutil
@@ -23,9 +21,9 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from moeyard.errors import CheckpointError, ConfigError
-from moeyard.models import ModelConfig, MoEConfig, build_model
+from moeyard.models import ModelConfig, build_model
 from moeyard.trainer.checkpoint import safe_read
-from moeyard.trainer.checkpoint.store import MANIFEST, base_of, latest_of, read_manifest, sha256, verify, write_durably
+from moeyard.trainer.checkpoint.store import MANIFEST, base_of, read_manifest, sha256, verify, write_durably
 from moeyard.trainer.config.sections import Config, to_dict
 
 
@@ -88,56 +86,6 @@ def write_weights_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, o
     write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1))
     os.replace(tmp, out)
     return out
-
-
-def resolve_init(path: Path) -> Path:
-    """A checkpoint folder, or a run's checkpoints folder (its `latest`), or a run folder."""
-    for folder in (path, path / "checkpoints"):
-        latest = latest_of(folder)
-        if latest is not None:
-            return latest
-    return path
-
-
-def init_model_config(path: Path) -> dict[str, Any]:
-    """The model section recorded in a checkpoint (its files are checked when the run loads it)."""
-    try:
-        return read_manifest(path)["config"]["model"]
-    except CheckpointError as err:
-        raise ConfigError(f"checkpoint.init={path}: {err}. Give a checkpoint folder (moeyard convert writes one; "
-                          f"`moeyard train` writes runs/NAME/checkpoints/step_*), or a run folder") from None
-
-
-def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | None, path: Path) -> dict[str, Any]:
-    """The checkpoint's model config; the user's config may change only what keeps the weights' shapes."""
-    merged = copy.deepcopy(init_model)
-    user_model = copy.deepcopy(user_model or {})
-    if isinstance(merged.get("moe"), dict):  # router settings written as flat keys by older versions
-        merged["moe"] = MoEConfig.upgrade_keys(merged["moe"], "the checkpoint's model.moe")
-    if isinstance(user_model.get("moe"), dict):
-        user_model["moe"] = MoEConfig.upgrade_keys(user_model["moe"], "model.moe")
-    shaped = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "attn_bias",
-              "qk_norm", "tie_embeddings", "attention", "mla", "mtp_layers")
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
-    shaped_moe = ("num_experts", "num_experts_per_layer", "ffn_dim", "num_shared_experts", "shared_ffn_dim",
-                  "shared_expert_gate", "every", "first_dense_layers")
-    for key, value in user_model.items():
-        if key == "moe" and isinstance(value, dict):
-            for k, v in value.items():
-                if k in shaped_moe and v != merged["moe"].get(k):
-                    raise ConfigError(f"model.moe.{k}={v!r} differs from the checkpoint {path} "
-                                      f"({merged['moe'].get(k)!r}) the run starts from: remove it from the config")
-                if isinstance(v, dict) and isinstance(merged["moe"].get(k), dict):  # a router's section
-                    merged["moe"][k] = {**merged["moe"][k], **v}
-                else:
-                    merged["moe"][k] = v
-            continue
-        recorded = merged.get(key, defaults.get(key))  # older checkpoints lack newer keys: their default
-        if key in shaped and value != recorded:
-            raise ConfigError(f"model.{key}={value!r} differs from the checkpoint {path} "
-                              f"({recorded!r}) the run starts from: remove it from the config")
-        merged[key] = value
-    return merged
 
 
 class CheckpointTensors:

@@ -9,6 +9,7 @@ module adds what reads a checkpoint, builds a (meta-device) model or needs the m
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from pathlib import Path
@@ -16,9 +17,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-from moeyard.errors import ConfigError, LaunchError
-from moeyard.trainer.checkpoint.store import CheckpointStore
-from moeyard.trainer.checkpoint.weights import init_model_config, merge_model_config, resolve_init
+from moeyard.errors import CheckpointError, ConfigError, LaunchError
+from moeyard.models import ModelConfig, MoEConfig
+from moeyard.trainer.checkpoint.store import CheckpointStore, read_manifest, resolve_init
 from moeyard.trainer.config.node_layout import node_layout_notes, ranks_per_machine, with_node_layout
 from moeyard.trainer.config.sections import Config, build_config, config_from_tree, dump_yaml, validate_for_world
 from moeyard.trainer.config.yaml_tree import read_tree
@@ -138,3 +139,44 @@ def read_resolved(path: str | Path) -> Config:
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} is not a resolved run config (a YAML mapping)")
     return build_config(tree)
+
+
+def init_model_config(path: Path) -> dict[str, Any]:
+    """The model section recorded in a checkpoint (its files are checked when the run loads it)."""
+    try:
+        return read_manifest(path)["config"]["model"]
+    except CheckpointError as err:
+        raise ConfigError(f"checkpoint.init={path}: {err}. Give a checkpoint folder (moeyard convert writes one; "
+                          f"`moeyard train` writes runs/NAME/checkpoints/step_*), or a run folder") from None
+
+
+def merge_model_config(init_model: dict[str, Any], user_model: dict[str, Any] | None, path: Path) -> dict[str, Any]:
+    """The checkpoint's model config; the user's config may change only what keeps the weights' shapes."""
+    merged = copy.deepcopy(init_model)
+    user_model = copy.deepcopy(user_model or {})
+    if isinstance(merged.get("moe"), dict):  # router settings written as flat keys by older versions
+        merged["moe"] = MoEConfig.upgrade_keys(merged["moe"], "the checkpoint's model.moe")
+    if isinstance(user_model.get("moe"), dict):
+        user_model["moe"] = MoEConfig.upgrade_keys(user_model["moe"], "model.moe")
+    shaped = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "attn_bias",
+              "qk_norm", "tie_embeddings", "attention", "mla", "mtp_layers")
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+    shaped_moe = ("num_experts", "num_experts_per_layer", "ffn_dim", "num_shared_experts", "shared_ffn_dim",
+                  "shared_expert_gate", "every", "first_dense_layers")
+    for key, value in user_model.items():
+        if key == "moe" and isinstance(value, dict):
+            for k, v in value.items():
+                if k in shaped_moe and v != merged["moe"].get(k):
+                    raise ConfigError(f"model.moe.{k}={v!r} differs from the checkpoint {path} "
+                                      f"({merged['moe'].get(k)!r}) the run starts from: remove it from the config")
+                if isinstance(v, dict) and isinstance(merged["moe"].get(k), dict):  # a router's section
+                    merged["moe"][k] = {**merged["moe"][k], **v}
+                else:
+                    merged["moe"][k] = v
+            continue
+        recorded = merged.get(key, defaults.get(key))  # older checkpoints lack newer keys: their default
+        if key in shaped and value != recorded:
+            raise ConfigError(f"model.{key}={value!r} differs from the checkpoint {path} "
+                              f"({recorded!r}) the run starts from: remove it from the config")
+        merged[key] = value
+    return merged

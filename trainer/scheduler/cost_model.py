@@ -13,8 +13,8 @@ from typing import Literal, Protocol
 import torch
 
 from moeyard.models import ModelConfig, build_model, expert_parameter_ids
-from moeyard.parallel.pipeline import stage_layers
 from moeyard.parallel.plan import Plan
+from moeyard.parallel.stages import stage_layers
 from moeyard.trainer.scheduler.block_shapes import (
     attention_core_flops,
     block_elementwise_bytes,

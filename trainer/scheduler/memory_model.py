@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from moeyard.models import ModelConfig, build_model, expert_parameter_ids
-from moeyard.parallel.fsdp import expert_shard_dim, padded_shard_numel
-from moeyard.parallel.pipeline import stage_layers
+from moeyard.parallel.shards import expert_shard_dim, padded_shard_numel
+from moeyard.parallel.stages import stage_layers
 from moeyard.trainer.scheduler.block_shapes import attention_shape, block_index
 
 GB = 1e9

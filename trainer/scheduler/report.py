@@ -6,8 +6,8 @@ import dataclasses
 import torch
 
 from moeyard.parallel import build_mesh
-from moeyard.parallel.pipeline import stage_layers
 from moeyard.parallel.plan import Plan
+from moeyard.parallel.stages import stage_layers
 from moeyard.trainer.config.node_layout import check_node_layout
 from moeyard.trainer.config.sections import Config
 from moeyard.trainer.precision import resolve_dtype

@@ -56,9 +56,9 @@ def test_grouped_query_window_and_sinks_match_the_formula_and_documents_stay_apa
 def test_offsets_start_at_zero_and_take_no_weight_decay() -> None:
     """GPT-OSS's biases (2-D per expert, too), router bias and sinks: zero at init and outside AdamW's decayed
     groups, like norm gains; every matrix decays."""
-    from moeyard.models import ModelConfig, MoEConfig, Transformer
     from types import SimpleNamespace
 
+    from moeyard.models import ModelConfig, MoEConfig, Transformer
     from moeyard.parallel.parallelize import adamw
 
     cfg = ModelConfig(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32, attn_bias=True, attn_out_bias=True,

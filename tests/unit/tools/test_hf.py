@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 from moeyard.errors import ConfigError
 from moeyard.launch.cli import main  # noqa: E402
 from moeyard.models import Transformer  # noqa: E402
-from moeyard.trainer.checkpoint.weights import init_model_config  # noqa: E402
+from moeyard.trainer.config.resolve import init_model_config  # noqa: E402
 
 TOKENS = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(1))
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from moeyard.launch.cli import main  # noqa: E402
 from moeyard.models import Transformer  # noqa: E402
 from moeyard.trainer.checkpoint.sharded import load_full_model  # noqa: E402
-from moeyard.trainer.checkpoint.weights import init_model_config  # noqa: E402
+from moeyard.trainer.config.resolve import init_model_config  # noqa: E402
 from moeyard.trainer.config.sections import build_config  # noqa: E402
 
 TOKENS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))

@@ -74,7 +74,7 @@ def test_router_settings_live_in_their_section_and_the_old_flat_keys_still_read(
 def test_a_checkpoint_with_flat_router_keys_merges_with_todays_sections(tmp_path) -> None:
     """checkpoint.init's model section as an older version recorded it, under a config in today's form: the
     user's router settings win, the checkpoint's others stay."""
-    from moeyard.trainer.checkpoint.weights import merge_model_config
+    from moeyard.trainer.config.resolve import merge_model_config
 
     recorded = {"moe": {"router": "sigmoid_bias", "num_experts": 8, "n_groups": 4, "topk_groups": 2,
                         "bias_update_rate": 0.01}}

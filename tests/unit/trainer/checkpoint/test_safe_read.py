@@ -13,8 +13,8 @@ from moeyard.errors import CheckpointError
 from moeyard.models import Transformer
 from moeyard.trainer.checkpoint import safe_read
 from moeyard.trainer.checkpoint.sharded import load_full_model
-from moeyard.trainer.checkpoint.store import CheckpointStore, check_files, latest_of, verify
-from moeyard.trainer.checkpoint.weights import CheckpointTensors, resolve_init
+from moeyard.trainer.checkpoint.store import CheckpointStore, check_files, latest_of, resolve_init, verify
+from moeyard.trainer.checkpoint.weights import CheckpointTensors
 from moeyard.trainer.config.sections import build_config
 
 

@@ -89,7 +89,7 @@ def test_the_plan_line_says_whether_it_fits() -> None:
 
 def test_fsdp_counts_the_largest_rank_with_padding() -> None:
     """Experts that split evenly on no dimension are padded to torch.chunk's first piece on every rank."""
-    from moeyard.parallel.fsdp import expert_shard_dim, padded_shard_numel
+    from moeyard.parallel.shards import expert_shard_dim, padded_shard_numel
 
     assert expert_shard_dim((1, 64, 32), 4) == 1 and expert_shard_dim((8, 64, 32), 4) == 0
     assert expert_shard_dim((3, 5, 7), 4) == 0 and padded_shard_numel((3, 5, 7), 0, 4) == 35  # chunks 1,1,1,0
