@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from helpers.runs import moeyard_train, read_metrics, write_config
+from helpers.runs import cli_in_process, moeyard_train, read_metrics, write_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 STEP_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
@@ -75,11 +75,10 @@ def test_existing_run_is_not_overwritten(tmp_path, small_corpus) -> None:
     config = write_config(tmp_path / "c.yaml", small_corpus, train={"steps": 1})
     moeyard_train(config, tmp_path / "run", 1, "parallel.ep=1")
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
-    base = [sys.executable, "-m", "moeyard", "train", str(config), "--set", f"run.dir={tmp_path / 'run'}",
-            "--set", "parallel.ep=1"]
-    again = subprocess.run(base, capture_output=True, text=True, timeout=120)  # resume=auto: already finished
+    base = ["train", str(config), "--set", f"run.dir={tmp_path / 'run'}", "--set", "parallel.ep=1"]
+    again = cli_in_process(base, tmp_path, {})  # resume=auto: already finished, decided before any worker
     assert again.returncode == 0 and "nothing to do: the run is at step 1" in again.stdout, again.stderr
-    fresh = subprocess.run(base + ["--resume", "none"], capture_output=True, text=True, timeout=120)
+    fresh = cli_in_process(base + ["--resume", "none"], tmp_path, {})
     assert fresh.returncode == 2 and "already holds a run" in fresh.stderr
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from helpers.launches import run_nodes
 from helpers.multiprocess import free_port
-from helpers.runs import read_metrics, skip_or_fail
+from helpers.runs import cli_in_process, read_metrics, skip_or_fail
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SLURM_RANK = {"SLURM_STEP_ID": "0", "SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
@@ -89,7 +89,7 @@ def test_multi_node_flags_are_checked_before_any_worker_starts(tmp_path, launch_
     for flags, message in ((["--nnodes", "2"], "--nnodes > 1 needs --rdzv-endpoint"),
                            (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"], "outside --nnodes=2"),
                            (["--nnodes", "2", "--rdzv-endpoint", "h"], "must be HOST:PORT")):
-        proc = run([sys.executable, "-m", "moeyard", "train", config, *flags], timeout_s=60)
+        proc = cli_in_process(["train", config, *flags], tmp_path, {})
         assert proc.returncode == 2 and message in proc.stderr, (flags, proc.stderr)
 
 

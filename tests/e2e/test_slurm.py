@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from helpers.runs import read_metrics, write_config
+from helpers.runs import cli_in_process, read_metrics, write_config
 from helpers.slurm_cluster import SlurmCluster
 
 
@@ -26,9 +26,8 @@ def submit(slurm: SlurmCluster, config, run_dir, *options: str) -> str:
 
 def render(tmp_path, small_corpus, *options: str, ep: int = 2) -> subprocess.CompletedProcess:
     config = write_config(tmp_path / "c.yaml", small_corpus, parallel={"ep": ep})
-    return subprocess.run([sys.executable, "-m", "moeyard", "slurm", str(config), "--set",
-                           f"run.dir={tmp_path / 'run'}", *options], capture_output=True, text=True, timeout=60,
-                          cwd=tmp_path, env={**os.environ, "MOEYARD_CACHE": str(tmp_path / "cache")})
+    return cli_in_process(["slurm", str(config), "--set", f"run.dir={tmp_path / 'run'}", *options], tmp_path,
+                          {"MOEYARD_CACHE": str(tmp_path / "cache")})
 
 
 def test_scontrol_expands_node_lists(slurm) -> None:

@@ -1,6 +1,8 @@
 """Run `moeyard train` as a user would, in a subprocess with a timeout, and read what it wrote."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -60,6 +62,29 @@ def moeyard_train(config: Path, run_dir: Path, nproc: int, *overrides: str,
     proc = run_moeyard_train(config, run_dir, nproc, *overrides, timeout_s=timeout_s)
     assert proc.returncode == 0, f"`{' '.join(proc.args)}` failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def cli_in_process(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`moeyard *argv` called in this process, for what the command decides before any worker starts (a
+    refusal, a rendered job script): the same code and output as a subprocess without its seconds of imports.
+    `env` is added to the environment for the call; the environment and working directory are restored."""
+    from moeyard.launch.cli import main
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.update(env)
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exit_:  # argparse's refusals
+                code = exit_.code if isinstance(exit_.code, int) else 2
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["moeyard", *argv], code, out.getvalue(), err.getvalue())
 
 
 def _train_rank(rank: int, world: int, cfg: Config, cache: str, logs: str) -> dict[str, Any]:
