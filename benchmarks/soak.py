@@ -5,7 +5,7 @@ because they came after the last checkpoint), the final loss against an uninterr
 config (bit-exact on CPU), and the disk the checkpoints held at most (bounded by checkpoint.keep_last).
 
     python benchmarks/soak.py --ranks 4 --steps 3000 --out benchmarks/results/soak  # ~14 min on 2 cores
-    python benchmarks/soak.py --ranks 2 --steps 60 --every 5 --kills 3 --wait 0.2 0.6  # the suite's form
+    python benchmarks/soak.py --ranks 2 --steps 40 --every 5 --kills 2 --wait 0.2 0.6  # the suite's form
 
 Not a test: the suite runs the short form (tests/e2e/test_benchmarks.py).
 """

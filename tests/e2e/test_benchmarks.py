@@ -62,23 +62,23 @@ def test_memory_benchmark_smoke(tmp_path: Path) -> None:
     assert "fsdp / replicated step time" in stem.with_suffix(".md").read_text()
 
 
-def test_soak_smoke_survives_three_kills_bit_exact(tmp_path: Path) -> None:
-    """benchmarks/soak.py's short form: 2 ranks, a random worker SIGKILLed 3 times under --max-restarts;
+def test_soak_smoke_survives_repeated_kills_bit_exact(tmp_path: Path) -> None:
+    """benchmarks/soak.py's short form: 2 ranks, a random worker SIGKILLed twice under --max-restarts;
     the run ends at the uninterrupted run's losses, bit for bit, with its last checkpoint intact and the
     checkpoints' disk bounded by keep_last."""
     stem = tmp_path / "soak"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "soak.py"), "--ranks", "2", "--steps", "60",
-                           "--every", "5", "--kills", "3", "--wait", "0.2", "0.6", "--dir", str(tmp_path / "runs"),
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "soak.py"), "--ranks", "2", "--steps", "40",
+                           "--every", "5", "--kills", "2", "--wait", "0.2", "0.6", "--dir", str(tmp_path / "runs"),
                            "--out", str(stem), "--timeout", "240"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "MOEYARD_CACHE":
                                                                             str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(stem.with_suffix(".json").read_text())
-    assert report["kills"] == report["kills_survived"] == 3, report
-    assert report["losses_bit_exact"] and report["steps_logged"] == 60, report
+    assert report["kills"] == report["kills_survived"] == 2, report
+    assert report["losses_bit_exact"] and report["steps_logged"] == 40, report
     assert report["steps_recomputed"] >= 0 and all(r % 5 == 0 for r in report["resumed_at_step"]), report
-    final = tmp_path / "runs" / "chaos" / "checkpoints" / "step_000060"
-    assert verify(final)["step"] == 60 and (final.parent / "latest").read_text().strip() == final.name
+    final = tmp_path / "runs" / "chaos" / "checkpoints" / "step_000040"
+    assert verify(final)["step"] == 40 and (final.parent / "latest").read_text().strip() == final.name
     one = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
     # keep_last complete ones, the one being written, and at most one half-written by a killed save
     assert one <= report["disk_high_water_bytes"] <= (report["keep_last"] + 2) * one * 1.05, (one, report)
