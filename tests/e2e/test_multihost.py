@@ -59,7 +59,7 @@ def test_a_cut_link_stops_every_node_naming_the_other(tmp_path, small_corpus) ->
     from helpers.netns import hosts, set_link
     from helpers.runs import write_config
 
-    timeout_s, rendezvous_s = 10, 10
+    timeout_s, rendezvous_s = 8, 6  # node 1's watchdog waits 3 x rendezvous_s after its worker ends
     config = write_config(tmp_path / "c.yaml", small_corpus, parallel={"ep": 2}, train={"steps": 5000},
                           checkpoint={"every": 10})
     run_dir, logs = tmp_path / "run", [tmp_path / "host0.log", tmp_path / "host1.log"]
