@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moeyard.models import ModelConfig
+import torch
+
+from moeyard.models import ModelConfig, build_model, expert_parameter_ids
 
 
 @dataclass(frozen=True)
@@ -98,3 +100,18 @@ def block_elementwise_bytes(cfg: ModelConfig, tokens: int, layer: int, act_bytes
     if layer >= cfg.n_layers:
         elements += 2 * 2 * d + 2 * 2 * d  # an MTP depth's two input norms and their concatenation
     return float(tokens * elements * act_bytes)
+
+
+_SHAPES: dict[str, tuple[tuple[str, tuple[int, ...], bool], ...]] = {}
+
+
+def parameter_shapes(cfg: ModelConfig) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
+    """(name, global shape, expert?) of every parameter, from one meta-device build per model config (a
+    planner weighing many layouts of a 671B model counts its stages hundreds of times)."""
+    key = repr(cfg)
+    if key not in _SHAPES:
+        with torch.device("meta"):
+            model = build_model(cfg)
+        expert_ids = expert_parameter_ids(model)
+        _SHAPES[key] = tuple((name, tuple(p.shape), id(p) in expert_ids) for name, p in model.named_parameters())
+    return _SHAPES[key]

@@ -7,12 +7,11 @@ description (hardware.HardwareCosts); the step is built the same way for both, s
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-import torch
-
-from moeyard.models import ModelConfig, build_model, expert_parameter_ids
+from moeyard.models import ModelConfig
 from moeyard.parallel.plan import Plan
 from moeyard.parallel.stages import stage_layers
 from moeyard.trainer.scheduler.block_shapes import (
@@ -21,6 +20,7 @@ from moeyard.trainer.scheduler.block_shapes import (
     block_fwd_flops,
     block_index,
     head_fwd_flops,
+    parameter_shapes,
 )
 from moeyard.trainer.scheduler.machines import expected_nodes_per_token, machine_bound
 from moeyard.trainer.scheduler.simulator import Schedule, Timeline
@@ -458,15 +458,12 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
     `ranks_per_node`: machines of that many ranks (0: one machine). `pp` stages of `dp` ranks each, placed
     stage after stage."""
     machines = ep // ranks_per_node if 0 < ranks_per_node < ep else 1
-    with torch.device("meta"):
-        model = build_model(cfg)
-    expert_ids = expert_parameter_ids(model)
     infos = []
-    for name, p in model.named_parameters():
+    for name, shape, expert in parameter_shapes(cfg):
         if name in frozen:
             continue
-        expert = id(p) in expert_ids
-        infos.append(ParamInfo(block_index(name, cfg), p.numel() // ep if expert else p.numel(), expert))
+        numel = math.prod(shape)
+        infos.append(ParamInfo(block_index(name, cfg), numel // ep if expert else numel, expert))
     blocks = range(cfg.n_blocks)  # the MTP depths' blocks run after the decoder's, before the head
     return Workload(tokens=tokens, seq_len=seq_len, dim=cfg.dim, expert_hidden=cfg.moe.ffn_dim,
                     num_experts=cfg.moe.num_experts, top_k=cfg.moe.top_k, n_layers=cfg.n_blocks,

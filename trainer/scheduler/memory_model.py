@@ -10,14 +10,15 @@ on the largest rank: FSDP2 pads every rank to the first of `torch.chunk`'s piece
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 
-from moeyard.models import ModelConfig, build_model, expert_parameter_ids
+from moeyard.models import ModelConfig
 from moeyard.parallel.shards import expert_shard_dim, padded_shard_numel
 from moeyard.parallel.stages import stage_layers
-from moeyard.trainer.scheduler.block_shapes import attention_shape, block_index
+from moeyard.trainer.scheduler.block_shapes import attention_shape, block_index, parameter_shapes
 
 GB = 1e9
 HEADROOM = 0.9
@@ -130,21 +131,18 @@ def count_parameters(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozens
     """The parameters of the whole model, or of pipeline stage `stage` of `pp` (stage_blocks; the embedding on
     the first, the final norm and output layer on the last, with its copy of the embedding where tied or
     read by the MTP depths)."""
-    with torch.device("meta"):
-        model = build_model(cfg)
-    expert_ids = expert_parameter_ids(model)
     held = stage_blocks(cfg, stage, pp)
     last = stage == pp - 1
     embedding = stage == 0 or (last and (cfg.tie_embeddings or cfg.mtp_layers > 0))
     dense = experts = dense_t = experts_t = root = 0
     blocks: dict[int, int] = {}
     shapes = []
-    for name, p in model.named_parameters():
+    for name, full, is_expert in parameter_shapes(cfg):
         where = block_index(name, cfg)
         if pp > 1 and not (where in held or (where == -1 and embedding) or (where == cfg.n_blocks and last)):
             continue
-        n, is_expert = p.numel(), id(p) in expert_ids
-        shape = (p.shape[0] // ep, *p.shape[1:]) if is_expert else tuple(p.shape)
+        n = math.prod(full)
+        shape = (full[0] // ep, *full[1:]) if is_expert else full
         shapes.append((shape, is_expert, name not in frozen))
         if is_expert:
             experts += n

@@ -148,6 +148,15 @@ LAYOUTS = (Layout("replicated", "all_reduce"), Layout("ZeRO", "reduce_scatter"),
            Layout("fsdp resident weights", "fsdp", gather_once=True, reduce_once=False))
 
 
+PIPELINED = ("replicated", "fsdp per micro-step")
+"""The layouts parallel.pp > 1 runs: torch's schedules run every micro-step's backward, so gradients are
+reduced (or ZeRO-sharded optimizer state updated) only as these two do (config/sections._validate_pipeline)."""
+
+
+def layouts_for(pp: int) -> tuple[Layout, ...]:
+    return LAYOUTS if pp == 1 else tuple(layout for layout in LAYOUTS if layout.name in PIPELINED)
+
+
 def configured_layout(cfg: Config) -> Layout:
     once = cfg.parallel.fsdp and cfg.parallel.fsdp_gather_once
     key = (cfg.grad_sync, once, cfg.parallel.fsdp_reduce_once or not once)
@@ -193,7 +202,7 @@ def layout_choices(cfg: Config, w: Workload, costs: Costs, capacity_gb: float) -
     accumulates the micro-steps' gradients in parallel.reduce_dtype, which would round them in bfloat16."""
     configured = configured_layout(cfg)
     bf16_reduce = cfg.parallel.effective_reduce_dtype != "float32"
-    layouts = [configured] + [layout for layout in LAYOUTS if layout != configured
+    layouts = [configured] + [layout for layout in layouts_for(w.pp) if layout != configured
                               and not (layout.gather_once and layout.reduce_once and bf16_reduce)]
     recomputes = [cfg.train.recompute] + [r for r in RECOMPUTE if r != cfg.train.recompute]
     dispatch = dispatch_choices(cfg, w)

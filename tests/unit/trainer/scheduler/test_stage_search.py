@@ -1,0 +1,83 @@
+"""schedule.mode=auto over pipeline stages (moeyard plan --hardware): every layout weighed is one moeyard
+runs as its printed overrides say, the memory bound holds, and stages are chosen where they are faster."""
+from __future__ import annotations
+
+import dataclasses
+
+from moeyard import configs
+from moeyard.trainer.config.sections import read_config, validate_for_world
+from moeyard.trainer.scheduler.hardware import HardwareCosts
+from moeyard.trainer.scheduler.run_planning import load_hardware
+from moeyard.trainer.scheduler.stage_search import stage_choices
+
+BASE = ["schedule.mode=auto", "train.global_batch_tokens=65536"]  # 256 sequences: 4 per rank of 16 at pp=4
+WORLD, PER_NODE = 16, 8
+
+
+def _choices(capacity_gb: float = 70.0, **hardware: float):
+    cfg = read_config(configs.path("tiny.yaml"), BASE)
+    hw = dataclasses.replace(load_hardware("dgx-h100"), **hardware)
+    return cfg, stage_choices(cfg, WORLD, PER_NODE, HardwareCosts(hw), capacity_gb, hw.act_bytes)
+
+
+def test_every_layout_weighed_is_the_run_its_overrides_make() -> None:
+    cfg, choices = _choices()
+    assert {c.pp for c in choices} == {1, 2, 4}  # tiny has 4 blocks: at most 4 stages
+    assert {c.cfg.parallel.ep for c in choices} == {1, 2, 4, 8}
+    assert any(c.cfg.schedule.pipeline == "interleaved_1f1b" for c in choices if c.pp == 2)
+    assert not any(c.cfg.schedule.pipeline == "interleaved_1f1b" and c.cfg.parallel.fsdp for c in choices)
+    assert [c.step_s for c in choices] == sorted(c.step_s for c in choices)
+    for c in choices:
+        again = read_config(configs.path("tiny.yaml"), BASE + list(c.changes))
+        for section in ("parallel", "schedule", "train"):
+            assert getattr(again, section) == getattr(c.cfg, section), (section, c.changes)
+        validate_for_world(again, WORLD)
+        assert c.pp == 1 or (WORLD // c.pp) * c.cfg.train.micro_batch_size * c.pp <= cfg.global_batch_sequences
+
+
+def test_only_layouts_within_the_memory_are_weighed() -> None:
+    _, roomy = _choices()
+    limit = roomy[0].memory_gb * 0.999  # the fastest no longer fits
+    _, tight = _choices(capacity_gb=limit)
+    assert tight and all(c.memory_gb <= limit for c in tight)
+    assert roomy[0].changes not in {c.changes for c in tight}
+    assert _choices(capacity_gb=1e-6)[1] == []
+
+
+def test_stages_are_chosen_where_the_network_makes_them_faster() -> None:
+    """Slow links: replicated gradients cost more than the bubble, and each of pp stages reduces 1/pp of
+    them; the planner then splits the model into stages, and predicts that faster than any pp=1 layout."""
+    _, slow = _choices(inter_node_gbps=0.05, intra_node_gbps=0.2)
+    assert slow[0].pp > 1 and "parallel.pp=" in " ".join(slow[0].changes)
+    assert slow[0].step_s < min(c.step_s for c in slow if c.pp == 1)
+
+
+def test_plan_for_a_described_cluster_reports_the_stages_it_chose(tmp_path) -> None:
+    """`moeyard plan --hardware` under auto: the stage layouts weighed, the overrides chosen, and the rest
+    of the report (plan, memory) for that choice."""
+    import yaml
+
+    from moeyard.trainer.scheduler.report import hardware_report
+
+    hw = {**yaml.safe_load(configs.path("hardware/dgx-h100.yaml").read_text()), "name": "slow-links",
+          "inter_node_gbps": 0.05, "intra_node_gbps": 0.2}
+    (tmp_path / "slow.yaml").write_text(yaml.safe_dump(hw))
+    text = hardware_report(read_config(configs.path("tiny.yaml"), BASE), WORLD, str(tmp_path / "slow.yaml"))
+    chosen = next(line for line in text.splitlines() if line.startswith("chosen: "))
+    pp = int(chosen.split("parallel.pp=")[1].split()[0])
+    assert pp > 1 and "schedule.mode=manual" in chosen, text
+    assert text.splitlines()[0].startswith("pipeline stages weighed") and f"{pp} pipeline stages of" in text
+    assert "memory per rank:" in text and "fits slow-links" in text
+
+
+def test_within_stages_only_the_layouts_pipelines_run_are_weighed() -> None:
+    """parallel.pp > 1 reduces gradients in every micro-step: ZeRO and gathering once are not weighed there
+    (they were, and could have been chosen for a run that config validation refuses)."""
+    from moeyard.trainer.scheduler.run_planning import layout_choices, workload
+
+    cfg = read_config(configs.path("tiny.yaml"), BASE + ["parallel.pp=2", "schedule.mode=manual",
+                                                         "train.micro_batch_size=4"])
+    hw = load_hardware("dgx-h100")
+    w = workload(cfg, WORLD // 2, hw.act_bytes, PER_NODE)
+    names = {c.name for c in layout_choices(cfg, w, HardwareCosts(hw), capacity_gb=70.0)}
+    assert names == {"replicated", "fsdp per micro-step"}

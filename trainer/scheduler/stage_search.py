@@ -1,0 +1,167 @@
+"""schedule.mode=auto over pipeline stages, for a described cluster: which pp, and with it which ep, pipeline
+schedule, micro-batch, layout and recompute, the run should take on `world` ranks.
+
+Every pp that divides the world (each stage at least one block) is weighed with every ep that divides its
+stage's ranks and the experts, 1f1b and (pp > 1) interleaved_1f1b with two stages per rank, each layout
+parallel.pp runs (run_planning.layouts_for) and the least recompute that fits the memory per rank. Each is
+predicted at one chunk per MoE layer, so that the search stays within minutes for a 671B model on 256 ranks;
+the chunk, bucket and dispatch search then runs on the chosen one (run_planning.layout_choices). The
+micro-batch: the configured one where the stages leave it enough micro-steps (at least pp), else the largest
+that gives 4 x pp of them (a bubble of at most a quarter of the step), as Megatron-Core's guidance has it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+from moeyard.errors import ConfigError
+from moeyard.trainer.config.node_layout import check_node_layout
+from moeyard.trainer.config.sections import LOOPED, Config, validate, validate_for_world
+from moeyard.trainer.freezing import frozen_set
+from moeyard.trainer.scheduler.cost_model import Costs, predict
+from moeyard.trainer.scheduler.memory_fit import RECOMPUTE, memory_layout
+from moeyard.trainer.scheduler.memory_model import count_parameters, predict_memory, stage_counts
+from moeyard.trainer.scheduler.planner import reference_plan
+from moeyard.trainer.scheduler.run_planning import (
+    as_layout,
+    configured_layout,
+    dispatch_choices,
+    layouts_for,
+    workload,
+)
+
+
+@dataclass(frozen=True)
+class StageChoice:
+    """One way to lay the run over the world, predicted at one chunk per MoE layer."""
+
+    cfg: Config
+    changes: tuple[str, ...]
+    """What differs from the configured run, as --set overrides."""
+    step_s: float
+    memory_gb: float
+    """Predicted peak of the largest rank."""
+
+    @property
+    def pp(self) -> int:
+        return self.cfg.parallel.pp
+
+
+def ep_choices(cfg: Config, dp: int) -> list[int]:
+    """The expert-parallel degrees a stage of `dp` ranks can take: divisors of dp and of every MoE layer's
+    expert count, the configured one and the powers of two."""
+    moe = cfg.model.moe
+    counts = moe.num_experts_per_layer or [moe.num_experts]
+    wanted = {cfg.parallel.ep, *(2 ** k for k in range(dp.bit_length()))}
+    return sorted(e for e in wanted if e <= dp and dp % e == 0 and all(n % e == 0 for n in counts))
+
+
+def micro_batch(cfg: Config, dp: int, pp: int) -> Optional[int]:
+    """The micro-batch size (sequences) for pp stages of dp ranks; None: pp=1 as configured, or no size
+    leaves pp micro-steps."""
+    if pp == 1:
+        return cfg.train.micro_batch_size
+    per_rank = cfg.global_batch_sequences // dp
+    sizes = [m for m in range(per_rank, 0, -1) if per_rank % m == 0 and per_rank // m >= pp]
+    if cfg.train.micro_batch_size in sizes:
+        return cfg.train.micro_batch_size
+    return next((m for m in sizes if per_rank // m >= 4 * pp), sizes[0] if sizes else None)
+
+
+def _runs(cfg: Config, world: int, ranks_per_node: int) -> bool:
+    """Whether moeyard runs this layout (its own checks)."""
+    try:
+        validate(cfg)
+        validate_for_world(cfg, world)
+        check_node_layout(cfg, world, ranks_per_node)
+    except ConfigError:
+        return False
+    return True
+
+
+def changes(before: Config, after: Config) -> tuple[str, ...]:
+    """The --set overrides that turn `before` into `after` (sections parallel, schedule and train)."""
+    out = []
+    for section in ("parallel", "schedule", "train"):
+        old, new = getattr(before, section), getattr(after, section)
+        for field in dataclasses.fields(new):
+            value: Any = getattr(new, field.name)
+            if value != getattr(old, field.name):
+                text = str(value).lower() if isinstance(value, bool) else "null" if value is None else value
+                out.append(f"{section}.{field.name}={text}")
+    return tuple(out)
+
+
+def _candidates(cfg: Config, world: int, ranks_per_node: int) -> Iterator[Config]:
+    """Every stage layout of the run that moeyard runs, layout and recompute still as configured."""
+    for pp in range(1, min(world, cfg.model.n_layers) + 1):
+        dp = world // pp
+        if world % pp or cfg.global_batch_sequences % dp:
+            continue
+        micro = micro_batch(cfg, dp, pp)
+        if pp > 1 and micro is None:
+            continue
+        schedules = [(cfg.schedule.pipeline, cfg.schedule.stages_per_rank)] if pp == 1 else \
+            [("1f1b", cfg.schedule.stages_per_rank), ("interleaved_1f1b", max(2, cfg.schedule.stages_per_rank))]
+        for ep in ep_choices(cfg, dp):
+            for pipeline, per_rank in schedules:
+                # A training run plans inside its stages only with schedule.mode=manual today
+                # (config/sections._validate_pipeline): the overrides printed for pp > 1 say so.
+                mode = cfg.schedule.mode if pp == 1 else "manual"
+                yield dataclasses.replace(
+                    cfg, parallel=dataclasses.replace(cfg.parallel, pp=pp, ep=ep),
+                    schedule=dataclasses.replace(cfg.schedule, pipeline=pipeline, stages_per_rank=per_rank, mode=mode),
+                    train=dataclasses.replace(cfg.train, micro_batch_size=micro))
+
+
+def stage_choices(cfg: Config, world: int, ranks_per_node: int, costs: Costs, capacity_gb: float,
+                  act_bytes: int) -> list[StageChoice]:
+    """The layouts that fit `capacity_gb` (usable GB per rank), fastest first."""
+    frozen = frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen)
+    counted: dict[tuple[int, int], Any] = {}
+    choices = []
+    for base in _candidates(cfg, world, ranks_per_node):
+        pp, ep = base.parallel.pp, base.parallel.ep
+        for layout in layouts_for(pp):
+            if base.schedule.pipeline in LOOPED and pp > 1 and layout.grad_sync == "fsdp":
+                continue  # refused by _validate_pipeline: FSDP2 reshards a looped rank's root unit
+            for recompute in RECOMPUTE:  # from keeping the most (fastest) to the least
+                run = as_layout(base, layout, recompute)
+                if not _runs(run, world, ranks_per_node):
+                    break
+                mem_layout = memory_layout(run, world, act_bytes)
+                if (ep, pp) not in counted:
+                    counted[ep, pp] = stage_counts(run.model, mem_layout) if pp > 1 else \
+                        count_parameters(run.model, ep, frozen)
+                memory = predict_memory(run.model, mem_layout, counted[ep, pp])
+                if memory.total > capacity_gb * 1e9:
+                    continue
+                w = workload(run, world // pp, act_bytes, ranks_per_node)
+                plans = [dataclasses.replace(reference_plan(w, layout.grad_sync), gather_once=layout.gather_once,
+                                             reduce_once=layout.reduce_once)]
+                if "hierarchical" in dispatch_choices(run, w):
+                    plans.append(dataclasses.replace(plans[0], dispatch=("hierarchical",) * len(w.moe_layers)))
+                if dispatch_choices(run, w) == ("hierarchical",):
+                    plans = plans[1:]
+                step = min(predict(w, plan, costs).step for plan in plans)
+                choices.append(StageChoice(run, changes(cfg, run), step, memory.total / 1e9))
+                break
+    return sorted(choices, key=lambda c: c.step_s)
+
+
+def stages_table(choices: list[StageChoice], capacity_gb: float, shown: int = 12) -> list[str]:
+    """The fastest of the stage layouts weighed, and how many were."""
+    lines = [f"pipeline stages weighed (schedule.mode=auto; {len(choices)} layouts fit {capacity_gb:.1f} GB usable "
+             f"per rank; predicted at one chunk per MoE layer, fastest {min(shown, len(choices))} shown):",
+             f"  {'pp':>3}{'ep':>5}{'schedule':>21}{'micro':>7}  {'layout':22}{'recompute':>10}{'step':>11}"
+             f"{'memory':>10}"]
+    for c in choices[:shown]:
+        run = c.cfg
+        layout = configured_layout(run).name
+        schedule = run.schedule.pipeline if run.parallel.pp > 1 else "-"
+        if run.parallel.pp > 1 and run.schedule.pipeline in LOOPED:
+            schedule += f" x{run.schedule.stages_per_rank}"
+        lines.append(f"  {run.parallel.pp:>3}{run.parallel.ep:>5}{schedule:>21}{run.train.micro_batch_size or '-':>7}"
+                     f"  {layout:22}{run.train.recompute:>10}{c.step_s:>10.3f}s{c.memory_gb:>8.1f}GB")
+    return lines
