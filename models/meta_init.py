@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeyard.models.build import build_model
@@ -87,3 +88,26 @@ def build_on_meta(cfg: ModelConfig) -> tuple[Transformer, InitRecord]:
     record = InitRecord([InitOp(func, tuple(t.shape), t.dtype, args, kwargs, names.get(id(t)))
                          for func, t, args, kwargs in recorder.calls])
     return model, record
+
+
+_INIT_METHODS = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_}
+
+
+class _SkipInit(TorchFunctionMode):
+    """Drops initialisation (torch.nn.init's functions, and draws and fills called on tensors). On the meta
+    device it changes nothing, and torch's meta kernel for a draw imports torch._dynamo, and FSDP and DTensor
+    with it: a second and a half of every launch. (A function mode: entering a dispatch mode imports
+    torch._dynamo too.)"""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INIT_METHODS or getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def shapes_only(cfg: ModelConfig) -> Transformer:
+    """The model on the meta device, its initialisation skipped: its parameters' names and shapes, for the
+    planning and checks that run before any worker (the launcher)."""
+    with torch.device("meta"), _SkipInit():
+        return build_model(cfg)

@@ -13,11 +13,11 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from typing import Optional
 
-import torch
 from torch import nn
 
 from moeyard.errors import ConfigError
-from moeyard.models import ModelConfig, build_model
+from moeyard.models import ModelConfig
+from moeyard.models.meta_init import shapes_only
 from moeyard.models.peft.adapters import ADAPTER_PATTERN, is_adapter_parameter
 
 
@@ -49,8 +49,7 @@ def frozen_set(model_cfg: ModelConfig, trainable: Optional[list[str]], frozen: l
     patterns' check before any worker starts."""
     if trainable is None and not frozen and model_cfg.peft.method == "none":
         return frozenset()
-    with torch.device("meta"):
-        names = [n for n, _ in build_model(model_cfg).named_parameters()]
+    names = [n for n, _ in shapes_only(model_cfg).named_parameters()]
     return frozenset(frozen_names(names, trainable, frozen))
 
 

@@ -11,10 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from moeyard.errors import CheckpointError, ConfigError
-from moeyard.models import build_model
+from moeyard.models.meta_init import shapes_only
 from moeyard.trainer.checkpoint.store import CheckpointStore, read_manifest
 from moeyard.trainer.config.sections import Config
 from moeyard.trainer.data.compat import check_tokenizers, corpus_sources
@@ -48,8 +46,7 @@ def check_checkpoint_fits(cfg: Config) -> None:
         saved = safe_read.read_metadata(path).state_dict_metadata
     except CheckpointError as err:
         raise CheckpointError(f"{key}: {err}") from None
-    with torch.device("meta"):
-        model = build_model(cfg.model)
+    model = shapes_only(cfg.model)
     for name, param in model.named_parameters():
         md = saved.get(f"model.{name}")
         if md is not None and tuple(md.size) != tuple(param.shape):

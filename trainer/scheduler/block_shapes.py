@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from moeyard.models import ModelConfig, build_model, expert_parameter_ids
+from moeyard.models import ModelConfig, expert_parameter_ids
+from moeyard.models.meta_init import shapes_only
 
 
 @dataclass(frozen=True)
@@ -110,8 +109,7 @@ def parameter_shapes(cfg: ModelConfig) -> tuple[tuple[str, tuple[int, ...], bool
     planner weighing many layouts of a 671B model counts its stages hundreds of times)."""
     key = repr(cfg)
     if key not in _SHAPES:
-        with torch.device("meta"):
-            model = build_model(cfg)
+        model = shapes_only(cfg)
         expert_ids = expert_parameter_ids(model)
         _SHAPES[key] = tuple((name, tuple(p.shape), id(p) in expert_ids) for name, p in model.named_parameters())
     return _SHAPES[key]
