@@ -3,6 +3,7 @@ with FSDP (parallel.fsdp) and without any sharding beyond ep, the predicted TFLO
 predictions held to the peers' own published runs.
 
     python benchmarks/plan_table.py            # writes benchmarks/results/plan_table.md
+    python benchmarks/plan_table.py --stages   # the planner's pipeline stages: results/plan_stages.md
 
 Everything here is predicted (memory_model.py, cost_model.py with configs/hardware/*.yaml), nothing ran
 on a GPU. Layout per model: micro-batch 1 x 4,096 tokens, bf16 compute with float32 master weights and
@@ -159,14 +160,17 @@ PUBLISHED_RUNS = [
                  ("parallel.ep=64", "parallel.fsdp=true", "train.global_batch_tokens=2097152", "train.seq_len=4096",
                   "train.micro_batch_size=2", "train.recompute=none"), 7626, 231, AUTOMODEL,
                  gap="memory only: float32 logits over a 201k vocabulary, activations without recompute"),
-    PublishedRun("Mixtral-8x7B, 64 GPUs, TP 1, PP 4, EP 8", "mixtral-8x7b", 64, ("parallel.ep=8",), None, 468,
-                 MEGATRON, needs="pipeline stages (PP 4): a quarter of the layers' state and activations per GPU"),
+    PublishedRun("Mixtral-8x7B, 64 GPUs, TP 1, PP 4, EP 8", "mixtral-8x7b", 64,
+                 ("parallel.ep=8", "parallel.pp=4", "schedule.pipeline=1f1b", "train.micro_batch_size=1"), None, 468,
+                 MEGATRON, gap="not identified (the peer's batch and recompute are not published; here the config's "
+                               "4M tokens, micro-batch 1); Megatron's distributed optimizer shards the optimizer "
+                               "state, which moeyard's stages keep replicated (memory only)"),
     PublishedRun("DeepSeek-V3-671B, 256 GPUs, PP 4, VPP 8, EP 64, FSDP 64", "deepseek-v3-671b", 256,
                  ("parallel.ep=64",), 1002, 250, AUTOMODEL_PP, needs="pipeline stages (PP 4, virtual 8)"),
 ]
 """Runs with a public layout and number on H100 in bf16 (their model and batch; what moeyard cannot
 express is named). DeepSeek's own run (PP 16, DualPipe, FP8, H800) and Megatron-Core's Qwen3-235B
-(PP 8) are left to the pipeline issue, as the mission's issue list says."""
+(TP 2, PP 8) are weighed against the planner's own choice of stages (STAGE_RUNS, `--stages`)."""
 
 
 def calibration_row(run: PublishedRun, hw) -> str:
@@ -194,6 +198,46 @@ def calibration_row(run: PublishedRun, hw) -> str:
             f"{ratio} | {run.needs or run.gap or '-'} |")
 
 
+STAGE_RUNS = [
+    ("deepseek-v3-671b", 256, "DeepSeek-V3's own run: ~1,540 tokens/s per H800 (PP 16 DualPipe, EP 64, FP8 GEMMs, "
+                              "2,048 GPUs; ../shared/REFERENCES.md); the issue's target: <= 14 s per 4M tokens "
+                              "(1,170 tokens/s per GPU)", 1540.0, None),
+    ("qwen3-235b-a22b", 256, "Megatron-Core: 245-276 TFLOP/s per H100 (TP 2, PP 8, VPP 4, EP 32, bf16)", None, 276.0),
+]
+"""The published pipeline runs, and what moeyard's planner chooses for the same model and GPUs with
+schedule.mode=auto (pp, ep, schedule, micro-batch, layout, recompute: trainer/scheduler/stage_search.py)."""
+
+
+def stages_section(hw_name: str = "dgx-h100") -> list[str]:
+    """`moeyard plan --hardware` under schedule.mode=auto for the published pipeline runs: the stage layouts
+    weighed (at one chunk per MoE layer), the chosen one's full plan, against the published figure."""
+    from moeyard.trainer.scheduler.stage_search import stage_choices, stages_table
+
+    hw = load_hardware(hw_name)
+    costs, capacity = HardwareCosts(hw), usable_gb(hw.memory_gb)
+    lines = [f"## Pipeline stages chosen by the planner ({hw.name}, schedule.mode=auto; predicted, not run)", ""]
+    for name, world, source, tokens, tflops in STAGE_RUNS:
+        cfg = published(name, "schedule.mode=auto")
+        choices = stage_choices(cfg, world, hw.devices_per_node, costs, capacity, hw.act_bytes)
+        lines += [f"### {name} on {world} GPUs", "", "```", *stages_table(choices, capacity, shown=6), "```", ""]
+        if not choices:
+            lines += ["nothing fits", ""]
+            continue
+        run = choices[0].cfg
+        w = workload(run, world // run.parallel.pp, hw.act_bytes, hw.devices_per_node)
+        chosen = choose_layout(layout_choices(run, w, costs, capacity))
+        shaped = dataclasses.replace(w, recompute=chosen[0].recompute or run.train.recompute)
+        step = chosen[1].step
+        per_gpu = w.tokens * w.micro_steps / w.pp / step
+        model_tflops = model_flops(shaped) / step / 1e12
+        versus = f"{per_gpu / tokens:.2f} of its tokens/s per GPU" if tokens else \
+            f"{model_tflops / tflops:.2f} of its TFLOP/s"
+        lines += [f"chosen: {' '.join(choices[0].changes)}; planned inside the stages: {chosen[0].summary()}", "",
+                  f"step {step:.2f} s per {cfg.train.global_batch_tokens / 2**20:.0f}M tokens, {per_gpu:,.0f} tokens/s "
+                  f"and {model_tflops:.0f} model TFLOP/s per GPU: {versus}. Published: {source}.", ""]
+    return lines
+
+
 def main() -> None:
     lines = ["# Planner's table: published MoE shapes (predicted, not run)", "",
              __doc__.strip().split("\n\n", 1)[1].split("\n\n", 1)[1], ""]
@@ -219,4 +263,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:] == ["--stages"]:  # the pipeline section alone (minutes per model), to its own file
+        text = "\n".join(["# Planner's pipeline stages for published runs (predicted, not run)", "",
+                          *stages_section()])
+        (OUT.parent / "plan_stages.md").write_text(text)
+        print(text)
+    else:
+        main()
