@@ -121,7 +121,8 @@ class Transformer(nn.Module):
     def _rope_tables(self) -> tuple[Tensor, Tensor]:
         cfg = self.cfg
         if torch.empty(0).is_meta:  # built on the meta device: placeholders, which reset_buffers fills later
-            return torch.empty(cfg.max_seq_len, cfg.rope_dim // 2), torch.empty(cfg.max_seq_len, cfg.rope_dim // 2)
+            shape = (cfg.max_seq_len, cfg.rope_dim // 2)
+            return torch.empty(shape, dtype=torch.float32), torch.empty(shape, dtype=torch.float32)
         return rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
     @torch.no_grad()

@@ -17,8 +17,8 @@ from torch import nn
 
 from moeyard.errors import ConfigError
 from moeyard.models import ModelConfig
-from moeyard.models.meta_init import shapes_only
 from moeyard.models.peft.adapters import ADAPTER_PATTERN, is_adapter_parameter
+from moeyard.trainer.scheduler.block_shapes import parameter_shapes
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -49,7 +49,7 @@ def frozen_set(model_cfg: ModelConfig, trainable: Optional[list[str]], frozen: l
     patterns' check before any worker starts."""
     if trainable is None and not frozen and model_cfg.peft.method == "none":
         return frozenset()
-    names = [n for n, _ in shapes_only(model_cfg).named_parameters()]
+    names = [name for name, _, _ in parameter_shapes(model_cfg)]
     return frozenset(frozen_names(names, trainable, frozen))
 
 

@@ -76,9 +76,10 @@ def test_existing_run_is_not_overwritten(tmp_path, small_corpus) -> None:
     moeyard_train(config, tmp_path / "run", 1, "parallel.ep=1")
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
     base = ["train", str(config), "--set", f"run.dir={tmp_path / 'run'}", "--set", "parallel.ep=1"]
-    again = cli_in_process(base, tmp_path, {})  # resume=auto: already finished, decided before any worker
+    again = subprocess.run([sys.executable, "-m", "moeyard", *base], capture_output=True, text=True,
+                           timeout=120)  # resume=auto: the one-process worker finds the run finished
     assert again.returncode == 0 and "nothing to do: the run is at step 1" in again.stdout, again.stderr
-    fresh = cli_in_process(base + ["--resume", "none"], tmp_path, {})
+    fresh = cli_in_process(base + ["--resume", "none"], tmp_path, {})  # refused before any worker
     assert fresh.returncode == 2 and "already holds a run" in fresh.stderr
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 

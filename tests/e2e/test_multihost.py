@@ -12,15 +12,18 @@ import pytest
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def test_a_hostname_that_resolves_to_loopback_is_refused_with_the_fix(tmp_path, launch_reference) -> None:
+def test_a_hostname_that_resolves_to_loopback_is_refused_with_the_fix(tmp_path, launch_reference,
+                                                                      monkeypatch) -> None:
     """This machine's hostname may map to 127.0.x.1 (Debian's /etc/hosts): without --local-addr node 1
     would dial itself and both nodes would wait. Here the hostname is forced to look so."""
+    import socket
+
+    from helpers.runs import cli_in_process
+
     config, _ = launch_reference
-    code = ("import socket, sys; socket.getfqdn = lambda *a: 'localhost'; "
-            "from moeyard.launch.cli import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, "train", str(config), "--nnodes", "2", "--nproc", "1",
-                           "--rdzv-endpoint", "10.231.0.1:29400", "--set", f"run.dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, timeout=120, env=ENV)
+    monkeypatch.setattr(socket, "getfqdn", lambda *a: "localhost")
+    proc = cli_in_process(["train", str(config), "--nnodes", "2", "--nproc", "1", "--rdzv-endpoint",
+                           "10.231.0.1:29400", "--set", f"run.dir={tmp_path / 'run'}"], tmp_path, {})
     assert proc.returncode == 2, proc.stderr
     assert "resolves to" in proc.stderr and "(loopback)" in proc.stderr and "--local-addr" in proc.stderr
     assert "GLOO_SOCKET_IFNAME" in proc.stderr and "Traceback" not in proc.stderr

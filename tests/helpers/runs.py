@@ -64,23 +64,36 @@ def moeyard_train(config: Path, run_dir: Path, nproc: int, *overrides: str,
     return proc
 
 
+def _workers_would_start(*args: Any, **kwargs: Any) -> int:
+    raise AssertionError("cli_in_process: the command passed every launcher check and would start workers; "
+                         "run it as a subprocess (run_moeyard_train) instead")
+
+
 def cli_in_process(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """`moeyard *argv` called in this process, for what the command decides before any worker starts (a
     refusal, a rendered job script): the same code and output as a subprocess without its seconds of imports.
-    `env` is added to the environment for the call; the environment and working directory are restored."""
+    Starting workers (or a one-process run in this process) fails the call instead. `env` is added to the
+    environment for the call; the environment and working directory are restored."""
     from moeyard.launch.cli import main
+    from moeyard.launch.commands import plan, train
 
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    stubbed = [(module, name, getattr(module, name)) for module in (train, plan)
+               for name in ("launch_workers", "run_worker")]
     out, err = io.StringIO(), io.StringIO()
     os.environ.update(env)
     os.chdir(cwd)
+    for module, name, _ in stubbed:
+        setattr(module, name, _workers_would_start)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = main(argv)
             except SystemExit as exit_:  # argparse's refusals
-                code = exit_.code if isinstance(exit_.code, int) else 2
+                code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
     finally:
+        for module, name, original in stubbed:
+            setattr(module, name, original)
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)

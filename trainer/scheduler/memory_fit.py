@@ -44,7 +44,8 @@ def memory_layout(cfg: Config, world: int, act_bytes: int) -> Layout:
                   gather_once=grad_sync == "fsdp" and cfg.parallel.fsdp_gather_once,
                   reduce_once=cfg.parallel.fsdp_reduce_once,
                   reduce_bytes=cfg.parallel.reduce_bytes,
-                  moment_bytes=cfg.optim.moment_bytes, pp=cfg.parallel.pp, pipeline=cfg.schedule.pipeline)
+                  moment_bytes=cfg.optim.moment_bytes, pp=cfg.parallel.pp, pipeline=cfg.schedule.pipeline,
+                  stages_per_rank=cfg.stages_per_rank)
 
 
 def _what_would_fit(cfg: Config, layout: Layout, capacity_gb: float) -> str:

@@ -72,6 +72,8 @@ class Layout:
     """Pipeline stages (parallel.pp): each rank holds one stage's blocks; `world / pp` ranks share a stage."""
     pipeline: str = "1f1b"
     """schedule.pipeline: how many micro-batches' activations a stage holds at once (in_flight)."""
+    stages_per_rank: int = 1
+    """The looped schedules' stages on each rank (counted as one stage of their blocks; in_flight)."""
 
     @property
     def dp(self) -> int:
@@ -87,12 +89,20 @@ def stage_blocks(cfg: ModelConfig, stage: int, pp: int) -> range:
     return range(held.start, cfg.n_blocks) if stage == pp - 1 else held
 
 
-def in_flight(pipeline: str, pp: int, stage: int, micro_steps: int) -> int:
-    """Micro-batches whose activations stage `stage` holds at its peak: gpipe runs every forward before the
-    first backward; 1f1b holds as many as the stages from it to the last (pp at the first stage)."""
+def in_flight(pipeline: str, pp: int, stage: int, micro_steps: int, per_rank: int = 1) -> float:
+    """Micro-batches whose activations the rank of stage `stage` holds at its peak, in whole-rank micro-batches:
+    gpipe and looped_bfs run every forward before the first backward; 1f1b holds as many as the stages from
+    it to the last (pp at the first stage); interleaved_1f1b with V stages a rank warms up with
+    (V - 1) x pp + 2 x (pp - 1 - stage) forwards of one of its V stages (torch's ScheduleInterleaved1F1B),
+    and runs one more before its first backward: that many V-ths of a micro-batch."""
     if pp == 1:
         return 1
-    return micro_steps if pipeline == "gpipe" else min(pp - stage, micro_steps)
+    if pipeline in ("gpipe", "looped_bfs"):
+        return micro_steps
+    if pipeline == "interleaved_1f1b" and per_rank > 1:
+        forwards = (per_rank - 1) * pp + 2 * (pp - 1 - stage) + 1
+        return min(forwards, micro_steps * per_rank) / per_rank
+    return min(pp - stage, micro_steps)
 
 
 @dataclass(frozen=True)
@@ -296,7 +306,7 @@ def _predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int)
         after_backward = 0.0 if layout.bucketed else 4 * max(c.dense_trainable, xt)
     per_block = [_block_activations(cfg, i, layout.tokens, layout.act_bytes,
                                     "none" if layout.recompute == "full" else layout.recompute) for i in held]
-    flight = in_flight(layout.pipeline, layout.pp, stage, layout.micro_steps)
+    flight = in_flight(layout.pipeline, layout.pp, stage, layout.micro_steps, layout.stages_per_rank)
     if layout.recompute == "full":  # block inputs only, and one block's activations while it is recomputed
         activations = flight * len(held) * layout.tokens * 4 * cfg.dim + max(per_block)
     elif layout.recompute == "selective":  # and what one block's recomputation brings back for its backward

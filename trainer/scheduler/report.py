@@ -33,7 +33,7 @@ from moeyard.trainer.scheduler.run_planning import (
     profile_cache_dir,
     workload,
 )
-from moeyard.trainer.scheduler.stage_search import stage_choices, stages_table
+from moeyard.trainer.scheduler.stage_search import changes, stage_choices, stages_table
 
 
 def stage_split(w: Workload) -> str:
@@ -119,18 +119,19 @@ def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
     hw = load_hardware(hardware_path)
     ranks_per_node = cfg.parallel.ranks_per_node or min(hw.devices_per_node, world_size)
     costs, capacity_gb = HardwareCosts(hw), usable_gb(hw.memory_gb)
-    stages: list[str] = []
+    configured, stages = cfg, []
     if cfg.schedule.mode == "auto":  # the planner also chooses the pipeline stages (and ep with them)
         choices = stage_choices(cfg, world_size, ranks_per_node, costs, capacity_gb, hw.act_bytes)
         stages = stages_table(choices, capacity_gb)
-        if choices:
-            cfg = choices[0].cfg
-            stages.append(f"chosen: {' '.join(choices[0].changes) or 'the configured stages'}" + (
-                "; (a training run takes pipeline stages with schedule.mode=manual and schedule.chunks: the "
-                "chunk plan below is the planner's inside the chosen stages)" if cfg.parallel.pp > 1 else ""))
+        cfg = choices[0].cfg if choices else cfg
     check_node_layout(cfg, world_size, ranks_per_node)
     w = workload(cfg, world_size // cfg.parallel.pp, hw.act_bytes, ranks_per_node)
     plan, report = plan_report(cfg, w, costs, f"the hardware description {hw.name} ({hardware_path})",
                                capacity_gb)
+    planned = _as_planned(cfg, plan)
+    if stages:  # what the stage table chose, with the layout and recompute the plan below settled on
+        stages.append(f"chosen: {' '.join(changes(configured, planned)) or 'the configured run'}" + (
+            " (a training run takes pipeline stages with schedule.mode=manual and schedule.chunks; the chunk "
+            "plan below is the planner's inside the chosen stages)" if planned.parallel.pp > 1 else ""))
     return "\n".join([*stages, report, routing_bound_report(cfg, w, costs),
-                      memory_report(_as_planned(cfg, plan), world_size, hw.act_bytes, hw.memory_gb, hw.name)])
+                      memory_report(planned, world_size, hw.act_bytes, hw.memory_gb, hw.name)])

@@ -19,7 +19,7 @@ from moeyard.models import ModelConfig
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.agree import from_rank0
 from moeyard.parallel.plan import Plan
-from moeyard.trainer.config.sections import Config
+from moeyard.trainer.config.sections import LOOPED, Config
 from moeyard.trainer.data.tokens import default_cache_root
 from moeyard.trainer.freezing import frozen_set
 from moeyard.trainer.precision import resolve_dtype
@@ -153,8 +153,14 @@ PIPELINED = ("replicated", "fsdp per micro-step")
 reduced (or ZeRO-sharded optimizer state updated) only as these two do (config/sections._validate_pipeline)."""
 
 
-def layouts_for(pp: int) -> tuple[Layout, ...]:
-    return LAYOUTS if pp == 1 else tuple(layout for layout in LAYOUTS if layout.name in PIPELINED)
+def layouts_for(pp: int, pipeline: str) -> tuple[Layout, ...]:
+    """The layouts a run of `pp` stages under schedule.pipeline `pipeline` may take: all without stages; with
+    them PIPELINED, less fsdp under a looped schedule (FSDP2 would reshard a rank's root unit between its
+    stages' backwards: refused by config/sections._validate_pipeline)."""
+    if pp == 1:
+        return LAYOUTS
+    return tuple(layout for layout in LAYOUTS if layout.name in PIPELINED
+                 and not (pipeline in LOOPED and layout.grad_sync == "fsdp"))
 
 
 def configured_layout(cfg: Config) -> Layout:
@@ -202,7 +208,7 @@ def layout_choices(cfg: Config, w: Workload, costs: Costs, capacity_gb: float) -
     accumulates the micro-steps' gradients in parallel.reduce_dtype, which would round them in bfloat16."""
     configured = configured_layout(cfg)
     bf16_reduce = cfg.parallel.effective_reduce_dtype != "float32"
-    layouts = [configured] + [layout for layout in layouts_for(w.pp) if layout != configured
+    layouts = [configured] + [layout for layout in layouts_for(w.pp, cfg.schedule.pipeline) if layout != configured
                               and not (layout.gather_once and layout.reduce_once and bf16_reduce)]
     recomputes = [cfg.train.recompute] + [r for r in RECOMPUTE if r != cfg.train.recompute]
     dispatch = dispatch_choices(cfg, w)

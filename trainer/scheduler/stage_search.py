@@ -126,9 +126,7 @@ def stage_choices(cfg: Config, world: int, ranks_per_node: int, costs: Costs, ca
     choices = []
     for base in _candidates(cfg, world, ranks_per_node):
         pp, ep = base.parallel.pp, base.parallel.ep
-        for layout in layouts_for(pp):
-            if base.schedule.pipeline in LOOPED and pp > 1 and layout.grad_sync == "fsdp":
-                continue  # refused by _validate_pipeline: FSDP2 reshards a looped rank's root unit
+        for layout in layouts_for(pp, base.schedule.pipeline):
             for recompute in RECOMPUTE:  # from keeping the most (fastest) to the least
                 run = as_layout(base, layout, recompute)
                 if not _runs(run, world, ranks_per_node):

@@ -150,6 +150,12 @@ def test_pipeline_stages_hold_their_blocks_and_the_micro_batches_in_flight() -> 
     assert [in_flight("1f1b", 4, s, 8) for s in range(4)] == [4, 3, 2, 1]
     assert [in_flight("gpipe", 4, s, 8) for s in range(4)] == [8] * 4
     assert in_flight("1f1b", 4, 0, 2) == 2  # never more than the step's micro-batches
+    # interleaved_1f1b, V=4 at pp=16 (Megatron-Core's Qwen3-235B layout): torch's warm-up of (V-1) pp +
+    # 2 (pp-1-stage) forwards of a quarter-rank stage, and one more: 19.75 micro-batches on the first rank
+    assert in_flight("interleaved_1f1b", 16, 0, 128, 4) == 19.75 > in_flight("1f1b", 16, 0, 128)
+    assert in_flight("interleaved_1f1b", 16, 15, 128, 4) == 12.25
+    assert in_flight("interleaved_1f1b", 4, 0, 2, 2) == 2  # capped by the step's forwards
+    assert in_flight("looped_bfs", 4, 3, 8, 2) == 8  # every forward of every stage before a backward
     layout = Layout(world=4, ep=2, tokens=256, micro_steps=4)
     one, two = predict_memory(cfg, layout), predict_memory(cfg, dataclasses.replace(layout, pp=2))
     assert two.parameters < 0.7 * one.parameters  # the largest stage: two of four blocks and a 64k root
