@@ -139,13 +139,11 @@ def stage_choices(cfg: Config, world: int, ranks_per_node: int, costs: Costs, ca
                 if memory.total > capacity_gb * 1e9:
                     continue
                 w = workload(run, world // pp, act_bytes, ranks_per_node)
-                plans = [dataclasses.replace(reference_plan(w, layout.grad_sync), gather_once=layout.gather_once,
-                                             reduce_once=layout.reduce_once)]
-                if "hierarchical" in dispatch_choices(run, w):
-                    plans.append(dataclasses.replace(plans[0], dispatch=("hierarchical",) * len(w.moe_layers)))
-                if dispatch_choices(run, w) == ("hierarchical",):
-                    plans = plans[1:]
-                step = min(predict(w, plan, costs).step for plan in plans)
+                reference = dataclasses.replace(reference_plan(w, layout.grad_sync), gather_once=layout.gather_once,
+                                                reduce_once=layout.reduce_once)
+                step = min(predict(w, dataclasses.replace(reference, dispatch=() if d == "flat" else
+                                                          (d,) * len(w.moe_layers)), costs).step
+                           for d in dispatch_choices(run, w))
                 choices.append(StageChoice(run, changes(cfg, run), step, memory.total / 1e9))
                 break
     return sorted(choices, key=lambda c: c.step_s)
