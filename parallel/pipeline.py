@@ -19,6 +19,10 @@ PipelineStage per stage). The V-shaped and zero-bubble schedules (zbv_zero_bubbl
 interleaved_zero_bubble: backward split into input and weight parts, which the expert exchange's autograd
 Functions do not support) are refused by name when the run config is resolved.
 
+The gradient sync is told before each of a stage's backwards whether it is the stage's last of the step
+(`StepStage`), as the unpipelined loop tells it before each micro-step: FSDP units gathered once keep their
+weights and unsharded gradients through the schedule and reduce in its last backward.
+
 Shape legend (models/__init__.py): B, T, D, V.
 """
 from __future__ import annotations
@@ -135,6 +139,18 @@ stage (and a backward to its inputs, calling the loss on the last stage) before 
 first micro-batch at stage 0, on uninitialised tensors after it. What those report is not the step's."""
 
 
+class StepStage(PipelineStage):
+    """torch's PipelineStage, which calls `before_backward(last)` before each backward of the step: True in
+    the last. torch sets FSDP2's per-backward flags itself only where the stage's module is an FSDP root; here
+    the root is the model inside the StageModule, and the gradient sync decides what the flags are."""
+
+    before_backward: Callable[[bool], None] = staticmethod(lambda last: None)
+
+    def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
+        self.before_backward(last_backward)
+        return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+
+
 class Pipeline:
     """This rank's stages and the schedule that runs a step's micro-batches through every stage."""
 
@@ -151,6 +167,8 @@ class Pipeline:
         self.pmesh, self.device = pmesh, device
         self._schedules: dict[int, object] = {}
         self._evaluations: dict[tuple, object] = {}
+        self._built: list[StepStage] = []
+        """Every stage of every schedule built (training and held-out)."""
 
     @property
     def is_first(self) -> bool:
@@ -160,13 +178,14 @@ class Pipeline:
     def is_last(self) -> bool:
         return self.ids[-1] == self.stage_count - 1
 
-    def _stages(self) -> list[PipelineStage]:
-        return [PipelineStage(module, i, self.stage_count, self.device, group=self.pmesh.pp_group)
+    def _stages(self) -> list[StepStage]:
+        return [StepStage(module, i, self.stage_count, self.device, group=self.pmesh.pp_group)
                 for i, module in zip(self.ids, self.modules)]
 
     def _build(self, schedule_class, micro_batches: int):
         # scale_grads off: the loss is already the share of the global batch's mean (trainer/step.py).
         stages = self._stages()
+        self._built += stages
         if schedule_class in LOOPED_SCHEDULES.values():
             return schedule_class(stages, micro_batches, loss_fn=self.loss_fn, scale_grads=False)
         return schedule_class(stages[0], micro_batches, loss_fn=self.loss_fn, scale_grads=False)
@@ -186,19 +205,22 @@ class Pipeline:
         return self._evaluations[key]
 
     def run(self, micro_batches: int, tokens_BT: Tensor, target: Tensor, segment_BT: Optional[Tensor],
-            train: bool = True) -> list[StageForward]:
+            train: bool = True, before_backward: Callable[[bool], None] = lambda last: None) -> list[StageForward]:
         """Forward (and backward, when `train`) of `micro_batches` equal slices of the rows: the first stage
         feeds `tokens_BT`, the last computes loss_fn(its output, slice of `target`); every stage gets its
-        slice of `segment_BT`. Returns this rank's reports, per stage, one per micro-batch."""
+        slice of `segment_BT`; `before_backward(last)` before each backward (StepStage). Returns this rank's
+        reports, per stage, one per micro-batch."""
         for module in self.modules:
             module.router_scale, module.forwards = 1.0 / micro_batches, []
+        schedule = self._schedule(micro_batches) if train else None
+        for stage in self._built:
+            stage.before_backward = before_backward
         args = (tokens_BT,) if self.is_first else ()
         kwargs = {"segment_BT": segment_BT} if segment_BT is not None else {}
         if train and self.modules[0].model.cfg.mtp_layers:  # the last stage's MTP depths embed the tokens
             kwargs["tokens_BT"] = tokens_BT
         if train:
-            self._schedule(micro_batches).step(*args, target=target if self.is_last else None, return_outputs=False,
-                                               **kwargs)
+            schedule.step(*args, target=target if self.is_last else None, return_outputs=False, **kwargs)
         else:
             self._evaluation(micro_batches, tuple(tokens_BT.shape)).eval(
                 *args, target=target if self.is_last else None, **kwargs)

@@ -193,15 +193,17 @@ def _pipeline_inputs(batch: Tensor | TokenBatch | SFTBatch, device: torch.device
     return tokens_BT1[:, :-1], target, None if segment_BT1 is None else segment_BT1[:, :-1]
 
 
-def _pipelined_micro_steps(pipeline: Pipeline, batch: Tensor | TokenBatch | SFTBatch, micro_batches: int,
-                           lm_scale: float, dtype: torch.dtype, device: torch.device, stats: StepStats) -> None:
-    """Forward and backward of every micro-batch through the stages, as the schedule orders them; this
-    stage's losses and router statistics into `stats`."""
+def _pipelined_micro_steps(pipeline: Pipeline, sync: GradSync, batch: Tensor | TokenBatch | SFTBatch,
+                           micro_batches: int, lm_scale: float, dtype: torch.dtype, device: torch.device,
+                           stats: StepStats) -> None:
+    """Forward and backward of every micro-batch through the stages, as the schedule orders them (`sync` told
+    before each backward whether it is the stage's last); this stage's losses and router statistics into
+    `stats`."""
     loss = pipeline.loss_fn
     tokens_BT, target, segment_BT = _pipeline_inputs(batch, device, loss)
     loss.lm_scale, loss.sums = lm_scale, []
     with autocast_context(device, dtype):
-        forwards = pipeline.run(micro_batches, tokens_BT, target, segment_BT)
+        forwards = pipeline.run(micro_batches, tokens_BT, target, segment_BT, before_backward=sync.begin_micro_step)
     for f in forwards:
         stats.add_forward(f.moe_stats, f.adapter_stats, f.aux_loss, f.z_loss)
     for lm_sum, mtp_sum in loss.sums[-micro_batches:]:  # the last stage's (parallel.pipeline.INFERRED_FORWARDS)
@@ -226,8 +228,7 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | 
     reset_traffic(model)
     stats = StepStats()
     if pipeline is not None:  # the schedule cuts the share and runs every micro-step's backward
-        sync.begin_micro_step(last=True)
-        _pipelined_micro_steps(pipeline, batch, micro_steps, lm_scale, dtype, device, stats)
+        _pipelined_micro_steps(pipeline, sync, batch, micro_steps, lm_scale, dtype, device, stats)
         sum_copied_gradients(model, pmesh)
     else:
         for i, micro in enumerate(_micro_batches(batch, micro_batch_size, device)):

@@ -19,7 +19,7 @@ def reference() -> dict:
     return {}
 
 
-LAYOUT = ("parallel.", "schedule.pipeline", "train.recompute")
+LAYOUT = ("parallel.", "schedule.pipeline", "schedule.mode", "schedule.chunks", "train.recompute")
 """Settings that place the work, not change what is computed: the reference leaves them out."""
 
 
@@ -38,6 +38,7 @@ def _assert_same_run(results: list[dict], ref: dict) -> None:
                 assert got[key] == pytest.approx(want[key], rel=TOL, abs=1e-7), f"step {step} {key}"
             assert got["expert_load"] == want["expert_load"], f"step {step}: expert loads differ"
         assert r["heldout"] == pytest.approx(ref["heldout"], rel=TOL), "held-out loss"
+        _assert_fsdp_collectives(r)
     held = {name for r in results for name in r["updates"]}
     assert held == ref["updates"].keys(), "the stages together do not hold the whole model"
     for r in results:  # every stage's copy (the embedding and its copy on the last stage, both)
@@ -48,28 +49,47 @@ def _assert_same_run(results: list[dict], ref: dict) -> None:
             assert diff <= TOL, f"stage {r['stage']} {name}: its update over 6 steps differs by {diff:.2e} (relative)"
 
 
+def _assert_fsdp_collectives(r: dict) -> None:
+    """FSDP2's gathers and reductions in each step after the first (whose shape inference runs one forward
+    and backward more), per unit of more than one rank: fsdp gathered once gathers and reduces once per
+    step in the stage; resident weights gather once and reduce every micro-batch; per micro-step fsdp
+    gathers each block in forward and backward (the root once) and reduces every micro-batch."""
+    units, micro = r["fsdp_units"], r["micro_batches"]
+    expected = {"none": (0, 0), "per micro-step": (micro * (2 * units - 1), micro * units),
+                "gathered once": (units, units), "resident weights": (units, micro * units)}[r["fsdp"]]
+    for step in r["steps"][1:]:
+        assert (step["gathers"], step["reductions"]) == expected, \
+            f"stage {r['stage']} ({r['fsdp']}): {units} units, {micro} micro-batches: (gathers, reductions)"
+
+
 @pytest.mark.parametrize("world,layout,router,sft", [
     (2, ("parallel.pp=2", "schedule.pipeline=gpipe", "train.micro_batch_size=1"), "topk_softmax", True),
-    (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=1f1b", "train.micro_batch_size=2"), "topk_softmax",
-     False),
+    (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=1f1b", "train.micro_batch_size=2",
+         "schedule.mode=manual", "schedule.chunks=2"), "topk_softmax", False),
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=1f1b", "train.micro_batch_size=1",
          "parallel.fsdp=true", "train.recompute=full"), "sigmoid_bias", False),
     (4, ("parallel.pp=4", "schedule.pipeline=1f1b", "train.micro_batch_size=2", "train.loss_chunk_tokens=10"),
      "topk_softmax", True),
     (4, ("parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "model.mtp_layers=1",
          "model.tie_embeddings=true"), "sigmoid_bias", True),
-    (4, ("parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=2", "model.mtp_layers=1", "parallel.fsdp=true"),
-     "topk_softmax", False),
+    (4, ("parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=2", "model.mtp_layers=1", "parallel.fsdp=true",
+         "parallel.fsdp_gather_once=true"), "topk_softmax", False),
+    (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=gpipe", "train.micro_batch_size=1", "parallel.fsdp=true",
+         "parallel.fsdp_gather_once=true", "parallel.fsdp_reduce_once=false"), "sigmoid_bias", False),
     (2, ("parallel.pp=2", "schedule.pipeline=interleaved_1f1b", "train.micro_batch_size=2", "model.mtp_layers=1"),
      "topk_softmax", True),
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=looped_bfs", "train.micro_batch_size=1",
          "train.recompute=full"), "sigmoid_bias", False),
-], ids=["pp2-gpipe-sft", "pp2-ep2-1f1b", "pp2-ep2-fsdp-recompute-sigmoid_bias", "pp4-1f1b-sft-loss_chunks",
-        "pp2-ep2-mtp-tied-sft", "pp2-ep2-mtp-fsdp", "pp2x2-interleaved-mtp-sft", "pp2x2-ep2-looped_bfs-recompute"])
+], ids=["pp2-gpipe-sft", "pp2-ep2-1f1b-manual-chunks2", "pp2-ep2-fsdp-recompute-sigmoid_bias",
+        "pp4-1f1b-sft-loss_chunks", "pp2-ep2-mtp-tied-sft", "pp2-ep2-mtp-fsdp-gathered-once",
+        "pp2-ep2-gpipe-fsdp-resident-weights-sigmoid_bias", "pp2x2-interleaved-mtp-sft",
+        "pp2x2-ep2-looped_bfs-recompute"])
 def test_pipeline_stages_train_the_one_process_model(reference, world, layout, router, sft) -> None:
     """Packed SFT rows (segments and loss masks through the stages) in three of them; MTP (the last stage
-    embeds the tokens with its copy of the embedding) with tied embeddings and with fsdp; every layout ends
-    with a held-out evaluation through its stages."""
+    embeds the tokens with its copy of the embedding) with tied embeddings and with fsdp; fsdp gathered in
+    every micro-step, once per step and as resident weights, each with its count of collectives; a manual
+    plan (pipelined exchange inside the stages); every layout ends with a held-out evaluation through its
+    stages."""
     settings = (*layout, f"model.moe.router={router}")
     results = run_distributed(pipeline_cases.train_steps, world, settings, 6, sft, timeout_s=240)
     ref = _reference(reference, settings, sft)
@@ -95,6 +115,7 @@ def test_layouts_pipelines_cannot_run_are_refused_before_launch() -> None:
          "parallel.pp=2 x 3 stages per rank for model.n_layers=4"),
         (("schedule.pipeline=interleaved_1f1b", "schedule.stages_per_rank=1"), "stages_per_rank >= 2 stages"),
         (("schedule.pipeline=looped_bfs", "parallel.fsdp=true"), "looped_bfs with parallel.fsdp: FSDP2 reshards"),
+        (("schedule.grad_sync=reduce_scatter",), r"reduce_scatter \(ZeRO\) with parallel.pp > 1: its gradient buckets"),
     ]:
         with pytest.raises(ConfigError, match=message):
             pipeline_cases._config(("parallel.pp=2", *settings))

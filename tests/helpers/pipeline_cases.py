@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from helpers.collective_counts import counting_collectives
 
 SEQ, VOCAB = 16, 64
 
@@ -85,12 +86,14 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
         batch = torch.randint(0, VOCAB, (cfg.global_batch_sequences, SEQ + 1),
                               generator=torch.Generator().manual_seed(100 + step))
         share = _share(_sft_batch(batch, step) if sft else batch, pmesh.dp_rank, rows)
-        r = train_step(model, sync, share, micro_batch_size=mbs, pmesh=pmesh, lr=lr_at(step, steps, cfg.optim),
-                       grad_clip=cfg.train.grad_clip, dtype=torch.float32, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
-                       pipeline=pipeline)
+        with counting_collectives() as counts:
+            r = train_step(model, sync, share, micro_batch_size=mbs, pmesh=pmesh, lr=lr_at(step, steps, cfg.optim),
+                           grad_clip=cfg.train.grad_clip, dtype=torch.float32,
+                           loss_chunk_tokens=cfg.train.loss_chunk_tokens, pipeline=pipeline)
         results.append({"loss": r.loss, "lm_loss": r.lm_loss, "aux_loss": r.aux_loss, "z_loss": r.z_loss,
                         "grad_norm": r.grad_norm, "mtp_loss": r.mtp_loss or 0.0, "expert_load": r.expert_load,
-                        "router": r.router})
+                        "router": r.router, "gathers": counts["all_gather_single"],
+                        "reductions": counts["reduce_scatter_single"]})
     heldout = _sft_batch(torch.randint(0, VOCAB, (cfg.global_batch_sequences, SEQ + 1),
                                        generator=torch.Generator().manual_seed(99)), 99)
     heldout, skipped = heldout_loss(model, _share(heldout, pmesh.dp_rank, rows), micro_batch_size=mbs, pmesh=pmesh,
@@ -98,4 +101,11 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
                                     pipeline=pipeline)
     final = _full_parameters(model, pmesh)
     updates = {name: final[name] - initial[name] for name in final} if pmesh.dp_rank == 0 else {}
-    return {"steps": results, "heldout": heldout, "stage": pmesh.pp_rank, "updates": updates}
+    from torch.distributed.fsdp import FSDPModule
+    # FSDP units whose mesh has more than one rank (a unit over one rank calls no collective)
+    units = sum(isinstance(m, FSDPModule) and next(m.parameters()).device_mesh.size() > 1 for m in model.modules())
+    p = cfg.parallel
+    fsdp = "none" if not p.fsdp else "per micro-step" if not p.fsdp_gather_once else \
+        "gathered once" if p.fsdp_reduce_once else "resident weights"
+    return {"steps": results, "heldout": heldout, "stage": pmesh.pp_rank, "updates": updates, "fsdp": fsdp,
+            "fsdp_units": units, "micro_batches": rows // mbs}

@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
+from helpers.collective_counts import counting_collectives
 
 from moeyard.parallel import build_mesh
 
@@ -163,23 +164,9 @@ def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, mic
     groups = split_parameters(model)
     sync = FullyShardedSync(groups, pmesh, torch.optim.SGD(model.parameters(), lr=0.0),
                             gather_once_model=model if gather_once else None, reduce_once=reduce_once)
-    counts = {"all_gather_single": 0, "reduce_scatter_single": 0}
-    originals = {name: getattr(dist, name) for name in counts}
-
-    def counted(name):
-        def call(*args, **kwargs):
-            counts[name] += 1
-            return originals[name](*args, **kwargs)
-        return call
-
-    for name in counts:
-        setattr(dist, name, counted(name))
-    try:
+    with counting_collectives() as counts:
         result = train_step(model, sync, tokens[rank * per_rank:(rank + 1) * per_rank],
                             micro_batch_size=micro_batch_size, pmesh=pmesh, lr=0.0, grad_clip=0.0, dtype=dtype)
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
     # A held-out evaluation (no backward) must leave every parameter the sharded DTensor that checkpoints read.
     share = tokens[rank * per_rank:(rank + 1) * per_rank]
     heldout_loss(model, SFTBatch(share, torch.ones_like(share[:, 1:], dtype=torch.bool), torch.ones_like(share),

@@ -390,9 +390,10 @@ def _validate_pipeline(cfg: Config) -> None:
                               "parallel.pp > 1 use schedule.mode=off or manual; `moeyard plan CONFIG --hardware HW "
                               "--world-size N --set schedule.mode=auto` chooses pp (and ep, the schedule, micro-batch, "
                               "layout and recompute) for a described cluster and prints them as --set overrides")
-    require(s.grad_sync != "reduce_scatter" and not cfg.parallel.fsdp_gather_once,
-            "with parallel.pp > 1 the schedule runs every micro-step's backward: use parallel.fsdp (per micro-step) "
-            "or schedule.grad_sync=all_reduce, not schedule.grad_sync=reduce_scatter or parallel.fsdp_gather_once")
+    require(s.grad_sync != "reduce_scatter",
+            "schedule.grad_sync=reduce_scatter (ZeRO) with parallel.pp > 1: its gradient buckets are cut for the "
+            "whole model, not a stage's part; use parallel.fsdp=true (with parallel.fsdp_gather_once=true it "
+            "gathers and reduces once per step, as ZeRO does) or schedule.grad_sync=all_reduce")
 
 
 def _validate_sources(data: DataConfig) -> None:

@@ -29,10 +29,19 @@ def reference_plan(w: Workload, grad_sync: GradSync) -> Plan:
 
 
 def manual_plan(w: Workload, chunks: int, bucket_mb: float, grad_sync: GradSync) -> Plan:
-    """schedule: manual -- the same pipeline degree in every MoE layer, buckets closed at `bucket_mb`."""
+    """schedule: manual -- the same pipeline degree in every MoE layer, buckets closed at `bucket_mb`
+    (with pipeline stages, the reference's reduction after the schedule: STAGED_REDUCTION)."""
+    if w.pp > 1:
+        return dataclasses.replace(reference_plan(w, grad_sync), chunks=(chunks,) * len(w.moe_layers),
+                                   source="manual")
     return Plan(chunks=(chunks,) * len(w.moe_layers), dense_buckets=_buckets(w, False, bucket_mb),
                 expert_buckets=_buckets(w, True, bucket_mb), grad_sync=grad_sync, overlap_grads=True,
                 source="manual")
+
+
+STAGED_REDUCTION = """With pipeline stages (w.pp > 1) a rank holds part of the model, and replicated gradients are
+reduced after the schedule's last backward, one bucket per group (PlainSync; the cost model predicts that): a
+plan's bucket sizes would cut the whole model's parameters."""
 
 
 def _buckets(w: Workload, expert: bool, cap_mb: float) -> tuple[int, ...]:
@@ -60,6 +69,8 @@ def search(w: Workload, costs: Costs, grad_sync: GradSync = "all_reduce",
     hierarchical, fewer chunks before more). `dispatch_choices`: what each MoE layer may use;
     `gather_once`, `reduce_once`: how fsdp gathers and reduces (Plan.gather_once, Plan.reduce_once)."""
     n = len(w.moe_layers)
+    if w.pp > 1:  # STAGED_REDUCTION: buckets do not apply
+        bucket_caps_mb = (math.inf,)
     reference = dataclasses.replace(reference_plan(w, grad_sync), gather_once=gather_once, reduce_once=reduce_once)
     if dispatch_choices == ("hierarchical",):
         reference = dataclasses.replace(reference, dispatch=("hierarchical",) * n)
@@ -72,7 +83,8 @@ def search(w: Workload, costs: Costs, grad_sync: GradSync = "all_reduce",
                 plan = Plan(chunks=(r,) * n, dense_buckets=_buckets(w, False, cap),
                             expert_buckets=_buckets(w, True, cap), grad_sync=grad_sync,
                             dispatch=(d,) * n if d != "flat" else (), gather_once=gather_once,
-                            reduce_once=reduce_once, source="planner")
+                            reduce_once=reduce_once, overlap_grads=w.pp == 1 or grad_sync != "all_reduce",
+                            source="planner")
                 pred = predict(w, plan, costs)
                 if pred.step < best.step * (1 - 1e-9):
                     best_plan, best = plan, pred

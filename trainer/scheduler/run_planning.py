@@ -148,9 +148,9 @@ LAYOUTS = (Layout("replicated", "all_reduce"), Layout("ZeRO", "reduce_scatter"),
            Layout("fsdp resident weights", "fsdp", gather_once=True, reduce_once=False))
 
 
-PIPELINED = ("replicated", "fsdp per micro-step")
-"""The layouts parallel.pp > 1 runs: torch's schedules run every micro-step's backward, so gradients are
-reduced (or ZeRO-sharded optimizer state updated) only as these two do (config/sections._validate_pipeline)."""
+PIPELINED = ("replicated", "fsdp per micro-step", "fsdp gathered once", "fsdp resident weights")
+"""The layouts parallel.pp > 1 runs: all but ZeRO, whose gradient buckets are cut for the whole model
+(config/sections._validate_pipeline); replicated gradients are reduced after the schedule (PlainSync)."""
 
 
 def layouts_for(pp: int, pipeline: str) -> tuple[Layout, ...]:

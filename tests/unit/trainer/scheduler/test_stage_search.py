@@ -71,13 +71,25 @@ def test_plan_for_a_described_cluster_reports_the_stages_it_chose(tmp_path) -> N
 
 
 def test_within_stages_only_the_layouts_pipelines_run_are_weighed() -> None:
-    """parallel.pp > 1 reduces gradients in every micro-step: ZeRO and gathering once are not weighed there
-    (they were, and could have been chosen for a run that config validation refuses)."""
+    """parallel.pp > 1: ZeRO is not weighed (its buckets cut the whole model: refused by config validation),
+    nor fsdp under a looped schedule; fsdp gathered once and resident weights are. Every plan inside stages
+    reduces replicated gradients after the schedule, one bucket per group, as training runs it (a plan with
+    the whole model's buckets made a stage's run fail building them)."""
+    from moeyard.trainer.scheduler.planner import manual_plan
     from moeyard.trainer.scheduler.run_planning import layout_choices, workload
 
-    cfg = read_config(configs.path("tiny.yaml"), BASE + ["parallel.pp=2", "schedule.mode=manual",
-                                                         "train.micro_batch_size=4"])
     hw = load_hardware("dgx-h100")
-    w = workload(cfg, WORLD // 2, hw.act_bytes, PER_NODE)
-    names = {c.name for c in layout_choices(cfg, w, HardwareCosts(hw), capacity_gb=70.0)}
-    assert names == {"replicated", "fsdp per micro-step"}
+    for pipeline, expected in [("1f1b", {"replicated", "fsdp per micro-step", "fsdp gathered once",
+                                         "fsdp resident weights"}),
+                               ("interleaved_1f1b", {"replicated"})]:
+        cfg = read_config(configs.path("tiny.yaml"), BASE + ["parallel.pp=2", "schedule.mode=manual",
+                                                             "train.micro_batch_size=4",
+                                                             f"schedule.pipeline={pipeline}"])
+        w = workload(cfg, WORLD // 2, hw.act_bytes, PER_NODE)
+        choices = layout_choices(cfg, w, HardwareCosts(hw), capacity_gb=70.0)
+        assert {c.name for c in choices} == expected, pipeline
+        for c in choices:
+            assert len(c.plan.dense_buckets) <= 1 and len(c.plan.expert_buckets) <= 1, c.name
+            assert c.plan.overlap_grads == (c.plan.grad_sync == "fsdp"), c.name
+        staged = manual_plan(w, 2, 4.0, "all_reduce")
+        assert (staged.chunks[0], len(staged.dense_buckets), staged.overlap_grads) == (2, 1, False)
