@@ -73,9 +73,12 @@ PIPELINE = [*CALIBRATION, "model.tie_embeddings=false"]
 PIPELINE_LAYOUTS = [["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=1f1b"],
                     ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=gpipe"],
                     ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "parallel.fsdp=true"],
+                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "parallel.fsdp=true",
+                     "parallel.fsdp_gather_once=true"],
                     ["parallel.pp=4", "parallel.ep=1", "train.micro_batch_size=2"]]
 """Pipeline stages on the calibration model (4 micro-batches a step): 1f1b holds as many micro-batches'
-activations on a stage as there are stages from it to the last, gpipe all of them."""
+activations on a stage as there are stages from it to the last, gpipe all of them; fsdp per micro-step and
+gathered once per step (the stage's weights and unsharded gradients kept through the schedule)."""
 
 
 def _status_kb(field: str) -> int:

@@ -67,7 +67,7 @@ def _assert_fsdp_collectives(r: dict) -> None:
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=1f1b", "train.micro_batch_size=2",
          "schedule.mode=manual", "schedule.chunks=2"), "topk_softmax", False),
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=1f1b", "train.micro_batch_size=1",
-         "parallel.fsdp=true", "train.recompute=full"), "sigmoid_bias", False),
+         "parallel.fsdp=true", "train.recompute=full", "schedule.mode=auto"), "sigmoid_bias", False),
     (4, ("parallel.pp=4", "schedule.pipeline=1f1b", "train.micro_batch_size=2", "train.loss_chunk_tokens=10"),
      "topk_softmax", True),
     (4, ("parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "model.mtp_layers=1",
@@ -80,7 +80,7 @@ def _assert_fsdp_collectives(r: dict) -> None:
      "topk_softmax", True),
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=looped_bfs", "train.micro_batch_size=1",
          "train.recompute=full"), "sigmoid_bias", False),
-], ids=["pp2-gpipe-sft", "pp2-ep2-1f1b-manual-chunks2", "pp2-ep2-fsdp-recompute-sigmoid_bias",
+], ids=["pp2-gpipe-sft", "pp2-ep2-1f1b-manual-chunks2", "pp2-ep2-fsdp-recompute-sigmoid_bias-auto",
         "pp4-1f1b-sft-loss_chunks", "pp2-ep2-mtp-tied-sft", "pp2-ep2-mtp-fsdp-gathered-once",
         "pp2-ep2-gpipe-fsdp-resident-weights-sigmoid_bias", "pp2x2-interleaved-mtp-sft",
         "pp2x2-ep2-looped_bfs-recompute"])
@@ -88,12 +88,15 @@ def test_pipeline_stages_train_the_one_process_model(reference, world, layout, r
     """Packed SFT rows (segments and loss masks through the stages) in three of them; MTP (the last stage
     embeds the tokens with its copy of the embedding) with tied embeddings and with fsdp; fsdp gathered in
     every micro-step, once per step and as resident weights, each with its count of collectives; a manual
-    plan (pipelined exchange inside the stages); every layout ends with a held-out evaluation through its
+    plan (pipelined exchange inside the stages) and schedule.mode=auto (the planner's, from measurements
+    made inside the stages); every layout ends with a held-out evaluation through its
     stages."""
     settings = (*layout, f"model.moe.router={router}")
     results = run_distributed(pipeline_cases.train_steps, world, settings, 6, sft, timeout_s=240)
     ref = _reference(reference, settings, sft)
     _assert_same_run(results, ref)
+    if "schedule.mode=auto" in layout:  # planned inside the stages from the profiler's measurements
+        assert all(r["plan"].startswith("planner") for r in results), [r["plan"] for r in results]
     if "model.mtp_layers=1" in layout:  # the MTP loss is there to compare, and the embedding is on both ends
         assert all(step["mtp_loss"] > 0 for step in ref["steps"])
         assert sum("tok_embeddings.weight" in r["updates"] for r in results) == 2

@@ -104,8 +104,7 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
     from torch.distributed.fsdp import FSDPModule
     # FSDP units whose mesh has more than one rank (a unit over one rank calls no collective)
     units = sum(isinstance(m, FSDPModule) and next(m.parameters()).device_mesh.size() > 1 for m in model.modules())
-    p = cfg.parallel
-    fsdp = "none" if not p.fsdp else "per micro-step" if not p.fsdp_gather_once else \
-        "gathered once" if p.fsdp_reduce_once else "resident weights"
+    fsdp = "none" if plan.grad_sync != "fsdp" else "per micro-step" if not plan.gather_once else \
+        "gathered once" if plan.reduce_once else "resident weights"  # as planned (schedule.mode=auto may choose)
     return {"steps": results, "heldout": heldout, "stage": pmesh.pp_rank, "updates": updates, "fsdp": fsdp,
-            "fsdp_units": units, "micro_batches": rows // mbs}
+            "fsdp_units": units, "micro_batches": rows // mbs, "plan": f"{plan.source}: {plan.summary()}"}

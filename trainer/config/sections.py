@@ -386,10 +386,6 @@ def _validate_pipeline(cfg: Config) -> None:
     require(stages <= m.n_layers, f"parallel.pp={pp} x {cfg.stages_per_rank} stages per rank for model.n_layers="
                                   f"{m.n_layers} blocks: every stage needs at least one block; lower parallel.pp"
                                   f"{' or schedule.stages_per_rank' if cfg.stages_per_rank > 1 else ''}")
-    require(s.mode != "auto", "schedule.mode=auto does not plan a training run's pipeline stages yet: with "
-                              "parallel.pp > 1 use schedule.mode=off or manual; `moeyard plan CONFIG --hardware HW "
-                              "--world-size N --set schedule.mode=auto` chooses pp (and ep, the schedule, micro-batch, "
-                              "layout and recompute) for a described cluster and prints them as --set overrides")
     require(s.grad_sync != "reduce_scatter",
             "schedule.grad_sync=reduce_scatter (ZeRO) with parallel.pp > 1: its gradient buckets are cut for the "
             "whole model, not a stage's part; use parallel.fsdp=true (with parallel.fsdp_gather_once=true it "

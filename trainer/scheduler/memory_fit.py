@@ -15,7 +15,7 @@ import torch
 
 from moeyard.errors import ConfigError
 from moeyard.models.recompute import RECOMPUTE_MODES
-from moeyard.trainer.config.sections import Config
+from moeyard.trainer.config.sections import Config, validate, validate_for_world
 from moeyard.trainer.freezing import frozen_set
 from moeyard.trainer.precision import resolve_dtype
 from moeyard.trainer.scheduler.memory_model import (
@@ -40,7 +40,7 @@ def memory_layout(cfg: Config, world: int, act_bytes: int) -> Layout:
                   recompute=cfg.train.recompute, act_bytes=act_bytes, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
                   frozen=frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen),
                   micro_steps=max(1, per_rank // micro),
-                  bucketed=grad_sync == "reduce_scatter" or cfg.schedule.mode != "off",
+                  bucketed=grad_sync == "reduce_scatter" or (cfg.schedule.mode != "off" and cfg.parallel.pp == 1),
                   gather_once=grad_sync == "fsdp" and cfg.parallel.fsdp_gather_once,
                   reduce_once=cfg.parallel.fsdp_reduce_once,
                   reduce_bytes=cfg.parallel.reduce_bytes,
@@ -78,8 +78,20 @@ def memory_report(cfg: Config, world: int, act_bytes: int, capacity_gb: float = 
 
 def _alternatives(cfg: Config, world: int) -> Iterator[tuple[list[str], Config]]:
     """Layouts that hold less, in the order auto tries them: the configured micro-batch before smaller ones
-    (fewer tokens per GEMM), then less kept for backward, then more state sharded."""
-    per_rank = cfg.global_batch_sequences // world
+    (fewer tokens per GEMM), then less kept for backward, then more state sharded; only those the run
+    config's checks accept (with pipeline stages: no ZeRO, no fsdp under a looped schedule, at least pp
+    micro-batches)."""
+    for overrides, run in _candidates(cfg, world):
+        try:
+            validate(run)
+            validate_for_world(run, world)
+        except ConfigError:
+            continue
+        yield overrides, run
+
+
+def _candidates(cfg: Config, world: int) -> Iterator[tuple[list[str], Config]]:
+    per_rank = cfg.global_batch_sequences // (world // cfg.parallel.pp)  # a stage's ranks split the batch
     largest = cfg.train.micro_batch_size or per_rank
     micros = [m for m in range(largest, 0, -1) if per_rank % m == 0]
     syncs = ["configured"] + ([] if cfg.parallel.fsdp else

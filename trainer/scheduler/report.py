@@ -131,7 +131,8 @@ def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
     planned = _as_planned(cfg, plan)
     if stages:  # what the stage table chose, with the layout and recompute the plan below settled on
         stages.append(f"chosen: {' '.join(changes(configured, planned)) or 'the configured run'}" + (
-            " (a training run takes pipeline stages with schedule.mode=manual and schedule.chunks; the chunk "
-            "plan below is the planner's inside the chosen stages)" if planned.parallel.pp > 1 else ""))
+            f" (a training run with these overrides plans inside its stages under schedule.mode=auto: as below "
+            f"with --set schedule.hardware={hardware_path}, from its own measurements without)"
+            if planned.parallel.pp > 1 else ""))
     return "\n".join([*stages, report, routing_bound_report(cfg, w, costs),
                       memory_report(planned, world_size, hw.act_bytes, hw.memory_gb, hw.name)])

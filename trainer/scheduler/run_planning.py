@@ -242,7 +242,7 @@ def auto_plan(cfg: Config, w: Workload, costs: Costs, capacity_gb: float = 0.0) 
     layout = configured_layout(cfg)
     plan, best = search(w, costs, cfg.grad_sync, dispatch_choices=dispatch, gather_once=layout.gather_once,
                         reduce_once=layout.reduce_once)
-    if not cfg.parallel.fsdp:
+    if not cfg.parallel.fsdp and any(layout.grad_sync == "fsdp" for layout in layouts_for(w.pp, cfg.schedule.pipeline)):
         sharded, sharded_best = search(w, costs, "fsdp", dispatch_choices=dispatch)
         if sharded_best.step < best.step * (1 - LAYOUT_MARGIN):
             return sharded, sharded_best

@@ -109,12 +109,9 @@ def _candidates(cfg: Config, world: int, ranks_per_node: int) -> Iterator[Config
             [("1f1b", cfg.schedule.stages_per_rank)] + [("interleaved_1f1b", v) for v in VIRTUAL_STAGES]
         for ep in ep_choices(cfg, dp):
             for pipeline, per_rank in schedules:
-                # A training run plans inside its stages only with schedule.mode=manual today
-                # (config/sections._validate_pipeline): the overrides printed for pp > 1 say so.
-                mode = cfg.schedule.mode if pp == 1 else "manual"
                 yield dataclasses.replace(
                     cfg, parallel=dataclasses.replace(cfg.parallel, pp=pp, ep=ep),
-                    schedule=dataclasses.replace(cfg.schedule, pipeline=pipeline, stages_per_rank=per_rank, mode=mode),
+                    schedule=dataclasses.replace(cfg.schedule, pipeline=pipeline, stages_per_rank=per_rank),
                     train=dataclasses.replace(cfg.train, micro_batch_size=micro))
 
 

@@ -49,3 +49,20 @@ def test_auto_picks_the_first_layout_that_fits_and_every_worker_gets_it() -> Non
     # Nothing fits at all: refused, saying auto tried.
     with pytest.raises(ConfigError, match="schedule.mode=auto found no"):
         fit_memory(cfg, 2, _budget(0.001))
+
+
+def test_auto_with_pipeline_stages_tries_only_what_a_pipeline_runs() -> None:
+    """pp 2 on 4 ranks (2 per stage, 32 sequences each): auto's alternatives keep at least 2 micro-batches a
+    step and never take ZeRO (refused with stages); what it chooses is a run config validation accepts."""
+    from moeyard.trainer.config.sections import validate_for_world
+    from moeyard.trainer.scheduler.memory_fit import _alternatives
+
+    cfg = read_config(configs.path("tiny.yaml"), MODEL + ["schedule.mode=auto", "parallel.pp=2"])
+    tried = list(_alternatives(cfg, 4))
+    assert tried and not any("schedule.grad_sync=reduce_scatter" in overrides for overrides, _ in tried)
+    assert {run.train.micro_batch_size or 32 for _, run in tried} == {1, 2, 4, 8, 16}  # 32: one micro-batch
+    fsdp = read_config(configs.path("tiny.yaml"), MODEL + ["schedule.mode=auto", "parallel.pp=2",
+                                                           "parallel.fsdp=true", "train.micro_batch_size=4"])
+    run, overrides, _ = fit_memory(cfg, 4, _budget(_peak_gb(fsdp, 4) / 0.9 * 1.001))
+    assert overrides and run.parallel.pp == 2
+    validate_for_world(run, 4)

@@ -65,7 +65,7 @@ def test_plan_for_a_described_cluster_reports_the_stages_it_chose(tmp_path) -> N
     text = hardware_report(read_config(configs.path("tiny.yaml"), BASE), WORLD, str(tmp_path / "slow.yaml"))
     chosen = next(line for line in text.splitlines() if line.startswith("chosen: "))
     pp = int(chosen.split("parallel.pp=")[1].split()[0])
-    assert pp > 1 and "schedule.mode=manual" in chosen, text
+    assert pp > 1 and "schedule.mode" not in chosen.split(" (")[0], text  # auto plans inside a run's stages
     assert text.splitlines()[0].startswith("pipeline stages weighed") and f"{pp} pipeline stages of" in text
     assert "memory per rank:" in text and "fits slow-links" in text
 
