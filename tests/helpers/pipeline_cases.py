@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
 from helpers.collective_counts import counting_collectives
 
 SEQ, VOCAB = 16, 64

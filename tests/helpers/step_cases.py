@@ -5,9 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.distributed as dist
-from helpers.collective_counts import counting_collectives
 
+from helpers.collective_counts import counting_collectives
 from moeyard.parallel import build_mesh
 
 E, D, F, T, K = 8, 16, 24, 48, 2
