@@ -109,6 +109,11 @@ def resolve_run(path: Optional[str | Path], overrides: Sequence[str] = (), machi
         return cfg
     validate_for_world(cfg, len(machines))
     G = _ranks_per_machine(cfg, machines)
+    if cfg.schedule.mode == "auto" and cfg.schedule.hardware:  # the planner chooses pp, ep, schedule, layout
+        from moeyard.trainer.scheduler.stage_search import choose_stages  # only here: it imports the planner
+
+        cfg, chosen = choose_stages(cfg, len(machines), G)
+        say(chosen)
     for note in node_layout_notes(cfg, G):
         say(f"note: {note}")
     cfg = with_node_layout(cfg, len(machines), G)

@@ -440,6 +440,16 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
             f"so that the micro-batches are a multiple of {pp}")
 
 
+def accepted(cfg: Config, world_size: int) -> bool:
+    """Whether the checks above accept `cfg` on `world_size` ranks (the planners weigh only such runs)."""
+    try:
+        validate(cfg)
+        validate_for_world(cfg, world_size)
+    except ConfigError:
+        return False
+    return True
+
+
 def config_from_tree(tree: dict[str, Any]) -> Config:
     """Typed and validated (checks that need no checkpoint, corpus or model)."""
     cfg = build_dataclass(Config, tree, "")

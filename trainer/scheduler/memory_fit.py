@@ -15,7 +15,7 @@ import torch
 
 from moeyard.errors import ConfigError
 from moeyard.models.recompute import RECOMPUTE_MODES
-from moeyard.trainer.config.sections import Config, validate, validate_for_world
+from moeyard.trainer.config.sections import Config, accepted
 from moeyard.trainer.freezing import frozen_set
 from moeyard.trainer.precision import resolve_dtype
 from moeyard.trainer.scheduler.memory_model import (
@@ -81,13 +81,7 @@ def _alternatives(cfg: Config, world: int) -> Iterator[tuple[list[str], Config]]
     (fewer tokens per GEMM), then less kept for backward, then more state sharded; only those the run
     config's checks accept (with pipeline stages: no ZeRO, no fsdp under a looped schedule, at least pp
     micro-batches)."""
-    for overrides, run in _candidates(cfg, world):
-        try:
-            validate(run)
-            validate_for_world(run, world)
-        except ConfigError:
-            continue
-        yield overrides, run
+    return ((overrides, run) for overrides, run in _candidates(cfg, world) if accepted(run, world))
 
 
 def _candidates(cfg: Config, world: int) -> Iterator[tuple[list[str], Config]]:

@@ -8,6 +8,9 @@ predicted at one chunk per MoE layer, so that the search stays within minutes fo
 the chunk, bucket and dispatch search then runs on the chosen one (run_planning.layout_choices). The
 micro-batch: the configured one where the stages leave it enough micro-steps (at least pp), else the largest
 that gives 4 x pp of them (a bubble of at most a quarter of the step), as Megatron-Core's guidance has it.
+
+`moeyard plan --hardware` prints the search (report.hardware_report); a training run under schedule.mode=auto
+with schedule.hardware takes its choice before any worker starts (choose_stages).
 """
 from __future__ import annotations
 
@@ -17,17 +20,19 @@ from typing import Any, Iterator, Optional
 
 from moeyard.errors import ConfigError
 from moeyard.trainer.config.node_layout import check_node_layout
-from moeyard.trainer.config.sections import LOOPED, Config, validate, validate_for_world
+from moeyard.trainer.config.sections import LOOPED, Config, accepted
 from moeyard.trainer.freezing import frozen_set
 from moeyard.trainer.scheduler.cost_model import Costs, predict
 from moeyard.trainer.scheduler.memory_fit import RECOMPUTE, memory_layout
-from moeyard.trainer.scheduler.memory_model import count_parameters, predict_memory, stage_counts
+from moeyard.trainer.scheduler.hardware import HardwareCosts
+from moeyard.trainer.scheduler.memory_model import count_parameters, predict_memory, stage_counts, usable_gb
 from moeyard.trainer.scheduler.planner import reference_plan
 from moeyard.trainer.scheduler.run_planning import (
     as_layout,
     configured_layout,
     dispatch_choices,
     layouts_for,
+    load_hardware,
     workload,
 )
 
@@ -74,9 +79,9 @@ def micro_batch(cfg: Config, dp: int, pp: int) -> Optional[int]:
 
 def _runs(cfg: Config, world: int, ranks_per_node: int) -> bool:
     """Whether moeyard runs this layout (its own checks)."""
+    if not accepted(cfg, world):
+        return False
     try:
-        validate(cfg)
-        validate_for_world(cfg, world)
         check_node_layout(cfg, world, ranks_per_node)
     except ConfigError:
         return False
@@ -161,3 +166,21 @@ def stages_table(choices: list[StageChoice], capacity_gb: float, shown: int = 12
         lines.append(f"  {run.parallel.pp:>3}{run.parallel.ep:>5}{schedule:>21}{run.train.micro_batch_size or '-':>7}"
                      f"  {layout:22}{run.train.recompute:>10}{c.step_s:>10.3f}s{c.memory_gb:>8.1f}GB")
     return lines
+
+
+def choose_stages(cfg: Config, world: int, ranks_per_node: int) -> tuple[Config, str]:
+    """A training run under schedule.mode=auto with schedule.hardware: the fastest stage layout that fits the
+    described machine on `world` ranks (what `moeyard plan --hardware` chooses), and the line that says so.
+    Decided from the description alone, so every machine of the run decides alike. Where none fits, `cfg`
+    as configured (the memory check then names what would)."""
+    hw = load_hardware(cfg.schedule.hardware)
+    capacity_gb = usable_gb(hw.memory_gb)
+    choices = stage_choices(cfg, world, ranks_per_node, HardwareCosts(hw), capacity_gb, hw.act_bytes)
+    if not choices:
+        return cfg, (f"schedule.mode=auto: no stage layout fits {hw.name} ({capacity_gb:.1f} GB usable per rank) on "
+                     f"{world} ranks; the configured one is kept")
+    best = choices[0]
+    return best.cfg, (f"schedule.mode=auto chose the stages for {world} ranks of {hw.name}: "
+                      f"{' '.join(best.changes) or 'the configured layout'} (of {len(choices)} that fit; "
+                      f"{best.step_s:.3f} s per step predicted at one chunk per MoE layer, {best.memory_gb:.1f} GB "
+                      f"per rank)")

@@ -52,22 +52,51 @@ def test_stages_are_chosen_where_the_network_makes_them_faster() -> None:
     assert slow[0].step_s < min(c.step_s for c in slow if c.pp == 1)
 
 
-def test_plan_for_a_described_cluster_reports_the_stages_it_chose(tmp_path) -> None:
-    """`moeyard plan --hardware` under auto: the stage layouts weighed, the overrides chosen, and the rest
-    of the report (plan, memory) for that choice."""
+def _slow_links(folder) -> str:
+    """A described machine whose links make stages pay (test_stages_are_chosen_where_...)."""
     import yaml
-
-    from moeyard.trainer.scheduler.report import hardware_report
 
     hw = {**yaml.safe_load(configs.path("hardware/dgx-h100.yaml").read_text()), "name": "slow-links",
           "inter_node_gbps": 0.05, "intra_node_gbps": 0.2}
-    (tmp_path / "slow.yaml").write_text(yaml.safe_dump(hw))
-    text = hardware_report(read_config(configs.path("tiny.yaml"), BASE), WORLD, str(tmp_path / "slow.yaml"))
+    (folder / "slow.yaml").write_text(yaml.safe_dump(hw))
+    return str(folder / "slow.yaml")
+
+
+def test_plan_for_a_described_cluster_reports_the_stages_it_chose(tmp_path) -> None:
+    """`moeyard plan --hardware` under auto: the stage layouts weighed, the overrides chosen, and the rest
+    of the report (plan, memory) for that choice."""
+    from moeyard.trainer.scheduler.report import hardware_report
+
+    text = hardware_report(read_config(configs.path("tiny.yaml"), BASE), WORLD, _slow_links(tmp_path))
     chosen = next(line for line in text.splitlines() if line.startswith("chosen: "))
     pp = int(chosen.split("parallel.pp=")[1].split()[0])
     assert pp > 1 and "schedule.mode" not in chosen.split(" (")[0], text  # auto plans inside a run's stages
     assert text.splitlines()[0].startswith("pipeline stages weighed") and f"{pp} pipeline stages of" in text
     assert "memory per rank:" in text and "fits slow-links" in text
+
+
+def test_a_training_run_under_auto_with_a_described_machine_takes_the_stages_chosen(tmp_path) -> None:
+    """`moeyard train` with schedule.mode=auto and schedule.hardware: the launcher resolves the run to the
+    stage layout the search puts first (the config every worker reads), and says so; without a hardware
+    description the configured stages stay (a training run measures nothing before its workers start)."""
+    from moeyard.trainer.config.resolve import machines_of, resolve_run
+    from moeyard.trainer.scheduler.memory_model import usable_gb
+
+    hardware = _slow_links(tmp_path)
+    overrides = BASE + [f"schedule.hardware={hardware}"]
+    said: list[str] = []
+    run = resolve_run(configs.path("tiny.yaml"), overrides, machines_of(WORLD, PER_NODE), say=said.append)
+    cfg = read_config(configs.path("tiny.yaml"), overrides)
+    hw = load_hardware(hardware)
+    best = stage_choices(cfg, WORLD, PER_NODE, HardwareCosts(hw), usable_gb(hw.memory_gb), hw.act_bytes)[0]
+    assert run.parallel.pp == best.pp > 1
+    for section in ("parallel", "schedule", "train"):
+        assert getattr(run, section) == dataclasses.replace(getattr(best.cfg, section), **(
+            {"ranks_per_node": PER_NODE} if section == "parallel" else {})), section
+    assert any(line.startswith(f"schedule.mode=auto chose the stages for {WORLD} ranks of slow-links: ")
+               and f"parallel.pp={best.pp}" in line for line in said), said
+    kept = resolve_run(configs.path("tiny.yaml"), BASE, machines_of(WORLD, PER_NODE))
+    assert kept.parallel.pp == 1
 
 
 def test_within_stages_only_the_layouts_pipelines_run_are_weighed() -> None:
