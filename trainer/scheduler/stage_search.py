@@ -23,8 +23,8 @@ from moeyard.trainer.config.node_layout import check_node_layout
 from moeyard.trainer.config.sections import LOOPED, Config, accepted
 from moeyard.trainer.freezing import frozen_set
 from moeyard.trainer.scheduler.cost_model import Costs, predict
-from moeyard.trainer.scheduler.memory_fit import RECOMPUTE, memory_layout
 from moeyard.trainer.scheduler.hardware import HardwareCosts
+from moeyard.trainer.scheduler.memory_fit import RECOMPUTE, memory_layout
 from moeyard.trainer.scheduler.memory_model import count_parameters, predict_memory, stage_counts, usable_gb
 from moeyard.trainer.scheduler.planner import reference_plan
 from moeyard.trainer.scheduler.run_planning import (
