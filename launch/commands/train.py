@@ -118,7 +118,8 @@ def _check_and_launch(cfg: Config, config: str, args: argparse.Namespace, nodes:
         os.environ[HELD_ENV] = "node 0's launcher"
     try:
         where = f"node {nodes.rank} of {nodes.count}, " if nodes.count > 1 else ""
-        print(f"training {config} on {where}{nproc} process(es) (world {world}), ep={cfg.parallel.ep}; "
+        stages = f", pp={cfg.parallel.pp} ({cfg.schedule.pipeline})" if cfg.parallel.pp > 1 else ""
+        print(f"training {config} on {where}{nproc} process(es) (world {world}), ep={cfg.parallel.ep}{stages}; "
               f"run dir {cfg.run_dir}", flush=True)
         if world == 1:
             return run_worker(RunSource(resolved=cfg), single_process())
