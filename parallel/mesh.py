@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from moeyard.parallel.lanes import make_twins
+
 
 @dataclass(frozen=True)
 class ParallelMesh:
@@ -105,10 +107,11 @@ class ParallelMesh:
 
 
 def build_mesh(ep: int, device_type: str, timeout_s: float = 600.0,
-               ranks_per_node: Optional[int] = None, pp: int = 1) -> ParallelMesh:
+               ranks_per_node: Optional[int] = None, pp: int = 1, lanes: bool = False) -> ParallelMesh:
     """Build the (edp, ep) mesh of this rank's pipeline stage (the whole world without stages) over the
     initialised default process group; with `ranks_per_node` (G) also the node and cross groups of ep
-    groups that span machines; with `pp` > 1 the pp groups.
+    groups that span machines; with `pp` > 1 the pp groups; with `lanes`, a twin of every group the expert
+    exchange uses, for the backward lane (parallel/lanes.py).
 
     `timeout_s` (parallel.timeout_s) bounds every collective on the mesh's groups: `new_group` does not
     inherit the default group's timeout (gloo's own default is 30 minutes), so without it a lost peer
@@ -130,11 +133,14 @@ def build_mesh(ep: int, device_type: str, timeout_s: float = 600.0,
     timeout = timedelta(seconds=timeout_s)
     # Every rank creates every group, in the same order, as new_group requires; it keeps its own.
     mine: dict[str, dist.ProcessGroup] = {}
+    exchange_groups: list[tuple[list[int], Optional[dist.ProcessGroup]]] = []  # every rank's, in order
 
     def group(kind: str, ranks: list[int]) -> None:
         made = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             mine[kind] = made
+        if kind in ("ep", "dp", "node", "cross"):
+            exchange_groups.append((ranks, made if rank in ranks else None))
 
     for layout in stages:
         for row in layout:
@@ -154,6 +160,8 @@ def build_mesh(ep: int, device_type: str, timeout_s: float = 600.0,
             group("pp", position.tolist())
         for position in stages.view(pp, dp).t():
             group("embedding", [int(position[0]), int(position[-1])])
+    if lanes:
+        make_twins(exchange_groups, timeout)
     layout = stages[rank // dp]
     mesh = DeviceMesh.from_group([mine["edp"], mine["ep"]], device_type, mesh=layout, mesh_dim_names=("edp", "ep"))
     experts_mesh = DeviceMesh.from_group([mine["ep"], mine["edp"]], device_type, mesh=layout.t(),

@@ -191,7 +191,7 @@ def run_training(cfg: Config, device: torch.device, preemption: Preemption | Non
     rank = dist.get_rank()
     prepare_run_dir(cfg)
     pmesh = build_mesh(cfg.parallel.ep, device.type, cfg.parallel.timeout_s, cfg.parallel.ranks_per_node,
-                       cfg.parallel.pp)
+                       cfg.parallel.pp, lanes=cfg.parallel.pp > 1 and cfg.schedule.pipeline == "overlapped_1f1b")
     dtype = resolve_dtype(cfg.train.dtype, device)
     plan = plan_for(cfg, pmesh, device)  # before the model exists: profiling builds models of its own
     model, sync = build_rank_model(cfg, pmesh, plan, device)

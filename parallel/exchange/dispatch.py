@@ -18,6 +18,7 @@ from moeyard.parallel.exchange.hierarchical import (
     flat_cross_node_rows,
     hierarchical_routed,
 )
+from moeyard.parallel.lanes import lane_group
 
 Dispatch = Literal["flat", "hierarchical"]
 
@@ -53,4 +54,4 @@ class ExpertParallelExchange(ExpertRows):
 
     def sum_over_batch(self, counts: Tensor) -> PendingSum:
         total = counts.clone()
-        return PendingSum(total, dist.all_reduce(total, group=self.batch_group, async_op=True))
+        return PendingSum(total, dist.all_reduce(total, group=lane_group(self.batch_group), async_op=True))

@@ -24,6 +24,7 @@ from torch import Tensor
 from moeyard.parallel.exchange.all_to_all import all_to_all
 from moeyard.parallel.exchange.overlap import pipelined_experts
 from moeyard.parallel.exchange.regroup import local_expert_order
+from moeyard.parallel.lanes import lane_group
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def plan_exchange(tokens_per_expert_E: Tensor, group: dist.ProcessGroup) -> Exch
     host in one copy: the layer's only device-to-host synchronisation."""
     world = dist.get_world_size(group)
     recv_counts = torch.empty_like(tokens_per_expert_E)
-    dist.all_to_all_single(recv_counts, tokens_per_expert_E.contiguous(), group=group)
+    dist.all_to_all_single(recv_counts, tokens_per_expert_E.contiguous(), group=lane_group(group))
     send_PX = tokens_per_expert_E.view(world, -1)
     recv_counts_PX = recv_counts.view(world, -1)
     host = torch.cat([send_PX.sum(dim=1), recv_counts_PX.sum(dim=1), recv_counts_PX.sum(dim=0)]).cpu().tolist()

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moeyard.parallel.exchange.regroup import inverse_permutation, local_expert_order
+from moeyard.parallel.lanes import lane_group
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def plan_chunks(tokens_per_expert_E: Tensor, rows: int, chunks: int, group: dist
 
     send_PIX = counts_IE.view(chunks, P, E // P).transpose(0, 1).contiguous()
     recv_PIX = torch.empty_like(send_PIX)
-    dist.all_to_all_single(recv_PIX, send_PIX, group=group)
+    dist.all_to_all_single(recv_PIX, send_PIX, group=lane_group(group))
     order = torch.sort(chunk_of_row_S, stable=True).indices  # chunk-major, expert-grouped within a chunk
     send_host, recv_host = torch.stack([send_PIX, recv_PIX]).cpu()  # one host sync for every split size below
     recv_splits = recv_host.sum(dim=2).t().tolist()
@@ -83,7 +84,7 @@ def plan_chunks(tokens_per_expert_E: Tensor, rows: int, chunks: int, group: dist
 
 def _launch(out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int],
             group: dist.ProcessGroup) -> dist.Work:
-    return dist.all_to_all_single(out, inp.contiguous(), out_splits, in_splits, group=group, async_op=True)
+    return dist.all_to_all_single(out, inp.contiguous(), out_splits, in_splits, group=lane_group(group), async_op=True)
 
 
 ExpertFn = Callable[..., Tensor]

@@ -62,6 +62,20 @@ def _assert_fsdp_collectives(r: dict) -> None:
             f"stage {r['stage']} ({r['fsdp']}): {units} units, {micro} micro-batches: (gathers, reductions)"
 
 
+def _assert_lanes(results: list[dict], overlapped: bool) -> None:
+    """overlapped_1f1b: on every rank both lanes ran all-to-alls, and each lane's all-to-alls overlapped the
+    other lane's computing (its micro-batch, outside its own all-to-alls) for some time over the steps; the
+    other schedules run one lane."""
+    for r in results:
+        backward = sum(step["a2a_s"]["backward"] for step in r["steps"])
+        if not overlapped:
+            assert backward == 0, f"stage {r['stage']}: a backward lane ran all-to-alls without overlapped_1f1b"
+            continue
+        hidden = {lane: sum(step["hidden_s"][lane] for step in r["steps"]) for lane in ("forward", "backward")}
+        assert backward > 0 and all(s > 0 for s in hidden.values()), \
+            f"stage {r['stage']}: backward-lane all-to-alls {backward:.4f} s, hidden behind the other lane {hidden}"
+
+
 @pytest.mark.parametrize("world,layout,router,sft", [
     (2, ("parallel.pp=2", "schedule.pipeline=gpipe", "train.micro_batch_size=1"), "topk_softmax", True),
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=1f1b", "train.micro_batch_size=2",
@@ -76,25 +90,30 @@ def _assert_fsdp_collectives(r: dict) -> None:
          "parallel.fsdp_gather_once=true"), "topk_softmax", False),
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=gpipe", "train.micro_batch_size=1", "parallel.fsdp=true",
          "parallel.fsdp_gather_once=true", "parallel.fsdp_reduce_once=false"), "sigmoid_bias", False),
+    (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=overlapped_1f1b", "train.micro_batch_size=1",
+         "train.recompute=full"), "sigmoid_bias", True),
     (2, ("parallel.pp=2", "schedule.pipeline=interleaved_1f1b", "train.micro_batch_size=2", "model.mtp_layers=1"),
      "topk_softmax", True),
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=looped_bfs", "train.micro_batch_size=1",
          "train.recompute=full"), "sigmoid_bias", False),
 ], ids=["pp2-gpipe-sft", "pp2-ep2-1f1b-manual-chunks2", "pp2-ep2-fsdp-recompute-sigmoid_bias-auto",
         "pp4-1f1b-sft-loss_chunks", "pp2-ep2-mtp-tied-sft", "pp2-ep2-mtp-fsdp-gathered-once",
-        "pp2-ep2-gpipe-fsdp-resident-weights-sigmoid_bias", "pp2x2-interleaved-mtp-sft",
+        "pp2-ep2-gpipe-fsdp-resident-weights-sigmoid_bias", "pp2-ep2-overlapped-recompute-sigmoid_bias-sft",
+        "pp2x2-interleaved-mtp-sft",
         "pp2x2-ep2-looped_bfs-recompute"])
 def test_pipeline_stages_train_the_one_process_model(reference, world, layout, router, sft) -> None:
     """Packed SFT rows (segments and loss masks through the stages) in three of them; MTP (the last stage
     embeds the tokens with its copy of the embedding) with tied embeddings and with fsdp; fsdp gathered in
     every micro-step, once per step and as resident weights, each with its count of collectives; a manual
     plan (pipelined exchange inside the stages) and schedule.mode=auto (the planner's, from measurements
-    made inside the stages); every layout ends with a held-out evaluation through its
+    made inside the stages); overlapped_1f1b, whose lanes' all-to-alls must each overlap the other lane's
+    computing (parallel/lanes.py's trace); every layout ends with a held-out evaluation through its
     stages."""
     settings = (*layout, f"model.moe.router={router}")
     results = run_distributed(pipeline_cases.train_steps, world, settings, 6, sft, timeout_s=240)
     ref = _reference(reference, settings, sft)
     _assert_same_run(results, ref)
+    _assert_lanes(results, overlapped="schedule.pipeline=overlapped_1f1b" in layout)
     if "schedule.mode=auto" in layout:  # planned inside the stages from the profiler's measurements
         assert all(r["plan"].startswith("planner") for r in results), [r["plan"] for r in results]
     if "model.mtp_layers=1" in layout:  # the MTP loss is there to compare, and the embedding is on both ends
@@ -118,6 +137,7 @@ def test_layouts_pipelines_cannot_run_are_refused_before_launch() -> None:
          "parallel.pp=2 x 3 stages per rank for model.n_layers=4"),
         (("schedule.pipeline=interleaved_1f1b", "schedule.stages_per_rank=1"), "stages_per_rank >= 2 stages"),
         (("schedule.pipeline=looped_bfs", "parallel.fsdp=true"), "looped_bfs with parallel.fsdp: FSDP2 reshards"),
+        (("schedule.pipeline=overlapped_1f1b", "parallel.fsdp=true"), "overlapped_1f1b with parallel.fsdp: a forward"),
         (("schedule.grad_sync=reduce_scatter",), r"reduce_scatter \(ZeRO\) with parallel.pp > 1: its gradient buckets"),
     ]:
         with pytest.raises(ConfigError, match=message):

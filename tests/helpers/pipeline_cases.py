@@ -67,6 +67,7 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
     run, then the held-out loss of an SFT batch; returns the step results, the held-out loss and (from each
     stage's first dp rank) what the steps changed in the stage's parameters."""
     from moeyard.parallel import build_mesh
+    from moeyard.parallel import lanes
     from moeyard.trainer.loop import build_rank_model
     from moeyard.trainer.lr_schedule import lr_at
     from moeyard.trainer.scheduler.run_planning import plan_for
@@ -74,7 +75,8 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
 
     cfg = _config(overrides)
     device = torch.device("cpu")
-    pmesh = build_mesh(cfg.parallel.ep, "cpu", 60.0, None, cfg.parallel.pp)
+    pmesh = build_mesh(cfg.parallel.ep, "cpu", 60.0, None, cfg.parallel.pp,
+                       lanes=cfg.parallel.pp > 1 and cfg.schedule.pipeline == "overlapped_1f1b")
     plan = plan_for(cfg, pmesh, device)
     model, sync = build_rank_model(cfg, pmesh, plan, device)
     pipeline = pipeline_for(model, pmesh, cfg.schedule.pipeline, device, cfg.train.loss_chunk_tokens) \
@@ -87,14 +89,16 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
         batch = torch.randint(0, VOCAB, (cfg.global_batch_sequences, SEQ + 1),
                               generator=torch.Generator().manual_seed(100 + step))
         share = _share(_sft_batch(batch, step) if sft else batch, pmesh.dp_rank, rows)
-        with counting_collectives() as counts:
+        with counting_collectives() as counts, lanes.trace() as trace:
             r = train_step(model, sync, share, micro_batch_size=mbs, pmesh=pmesh, lr=lr_at(step, steps, cfg.optim),
                            grad_clip=cfg.train.grad_clip, dtype=torch.float32,
                            loss_chunk_tokens=cfg.train.loss_chunk_tokens, pipeline=pipeline)
         results.append({"loss": r.loss, "lm_loss": r.lm_loss, "aux_loss": r.aux_loss, "z_loss": r.z_loss,
                         "grad_norm": r.grad_norm, "mtp_loss": r.mtp_loss or 0.0, "expert_load": r.expert_load,
                         "router": r.router, "gathers": counts["all_gather_single"],
-                        "reductions": counts["reduce_scatter_single"]})
+                        "reductions": counts["reduce_scatter_single"],
+                        "a2a_s": {lane: trace.a2a_seconds(lane) for lane in ("forward", "backward")},
+                        "hidden_s": {lane: trace.hidden_seconds(lane) for lane in ("forward", "backward")}})
     heldout = _sft_batch(torch.randint(0, VOCAB, (cfg.global_batch_sequences, SEQ + 1),
                                        generator=torch.Generator().manual_seed(99)), 99)
     heldout, skipped = heldout_loss(model, _share(heldout, pmesh.dp_rank, rows), micro_batch_size=mbs, pmesh=pmesh,

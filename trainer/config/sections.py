@@ -104,10 +104,13 @@ class ScheduleConfig:
     (token, expert). hierarchical: a row per (token, destination machine) over the network, fanned out to
     the experts inside that machine, partial sums combined there on the way back. auto: mode=auto lets
     the planner choose per MoE layer; otherwise hierarchical wherever the ep group spans machines."""
-    pipeline: Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble",
-                      "zbv_zero_bubble", "dualpipev"] = "1f1b"
+    pipeline: Literal["gpipe", "1f1b", "overlapped_1f1b", "interleaved_1f1b", "looped_bfs",
+                      "interleaved_zero_bubble", "zbv_zero_bubble", "dualpipev"] = "1f1b"
     """parallel.pp > 1: torch's pipeline schedule. gpipe: every forward, then every backward; 1f1b: one
-    forward, one backward in the steady state (at most pp micro-batches' activations held); interleaved_1f1b
+    forward, one backward in the steady state (at most pp micro-batches' activations held); overlapped_1f1b:
+    1f1b whose steady-state forward and backward (of two micro-batches) run side by side, each one's
+    all-to-alls hidden behind the other's compute (Megatron-Core's combined 1F1B, DualPipe's overlap; one
+    micro-batch more in flight; parallel/lanes.py); interleaved_1f1b
     and looped_bfs: stages_per_rank stages on each rank, looped (a smaller bubble: (pp - 1) / stages_per_rank
     micro-steps). The V-shaped and zero-bubble schedules are named here and refused until moeyard runs them."""
     stages_per_rank: int = 2
@@ -360,7 +363,7 @@ def validate(cfg: Config) -> None:
             f"optim.lr={cfg.optim.lr} must be > 0 and optim.min_lr={cfg.optim.min_lr} between 0 and optim.lr")
 
 
-ONE_STAGE_PER_RANK = ("gpipe", "1f1b")
+ONE_STAGE_PER_RANK = ("gpipe", "1f1b", "overlapped_1f1b")
 LOOPED = ("interleaved_1f1b", "looped_bfs")
 """The pipeline schedules moeyard runs today (parallel/pipeline.py)."""
 
@@ -374,10 +377,14 @@ def _validate_pipeline(cfg: Config) -> None:
     require(s.pipeline in ONE_STAGE_PER_RANK + LOOPED,
             f"schedule.pipeline={s.pipeline} places stages in a V or splits the backward into input and weight "
             f"parts, which moeyard does not run yet (its expert exchange's autograd Functions do not split): use "
-            f"schedule.pipeline=1f1b, gpipe, interleaved_1f1b or looped_bfs")
+            f"schedule.pipeline=1f1b, overlapped_1f1b, gpipe, interleaved_1f1b or looped_bfs")
     require(s.pipeline not in LOOPED or s.stages_per_rank >= 2,
             f"schedule.pipeline={s.pipeline} runs schedule.stages_per_rank >= 2 stages on each rank "
             f"(it is {s.stages_per_rank}); use schedule.pipeline=1f1b for one")
+    require(s.pipeline != "overlapped_1f1b" or not cfg.parallel.fsdp,
+            "schedule.pipeline=overlapped_1f1b with parallel.fsdp: a forward and a backward run side by side on "
+            "the same FSDP units, whose hooks are not made for two threads; use parallel.fsdp=false (replicated "
+            "stages) or schedule.pipeline=1f1b")
     require(s.pipeline not in LOOPED or not cfg.parallel.fsdp,
             f"schedule.pipeline={s.pipeline} with parallel.fsdp: FSDP2 reshards a rank's root unit (its output "
             f"layer) after each of its stages' backwards, before the loss of the next stage's micro-batch "
