@@ -58,6 +58,7 @@ from moeyard.parallel.lanes import in_backward_lane, traced
 from moeyard.parallel.mesh import ParallelMesh
 from moeyard.parallel.stages import stage_ids, stage_layers
 
+
 class OverlappedOneFOneB(_PipelineScheduleRuntime):
     """1F1B whose steady state runs a forward and a backward of two micro-batches side by side: the forward
     in this thread, the backward in a second one (the backward lane, parallel/lanes.py), so that one

@@ -66,8 +66,7 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
     """`steps` optimizer steps on random batches (packed SFT rows with `sft`), built as trainer.loop builds a
     run, then the held-out loss of an SFT batch; returns the step results, the held-out loss and (from each
     stage's first dp rank) what the steps changed in the stage's parameters."""
-    from moeyard.parallel import build_mesh
-    from moeyard.parallel import lanes
+    from moeyard.parallel import build_mesh, lanes
     from moeyard.trainer.loop import build_rank_model
     from moeyard.trainer.lr_schedule import lr_at
     from moeyard.trainer.scheduler.run_planning import plan_for
