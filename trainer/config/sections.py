@@ -366,6 +366,8 @@ def validate(cfg: Config) -> None:
 ONE_STAGE_PER_RANK = ("gpipe", "1f1b", "overlapped_1f1b")
 LOOPED = ("interleaved_1f1b", "looped_bfs")
 """The pipeline schedules moeyard runs today (parallel/pipeline.py)."""
+WITHOUT_FSDP = ("overlapped_1f1b", *LOOPED)
+"""The schedules refused with parallel.fsdp (_validate_pipeline says why for each)."""
 
 
 def _validate_pipeline(cfg: Config) -> None:

@@ -90,6 +90,9 @@ class Workload:
     """Pipeline stages on each rank (interleaved_1f1b, looped_bfs): the bubble is that many times shorter."""
     stages_across_machines: bool = False
     """With pp > 1: neighbouring stages sit on different machines (activations cross the network)."""
+    overlapped: bool = False
+    """schedule.pipeline=overlapped_1f1b: steady-state forward and backward of two micro-batches side by
+    side, each one's all-to-alls behind the other's compute (_predict_pipeline)."""
     model_flops_fwd: float = 0.0
     """Forward FLOPs of the whole model's blocks and head, where this is one pipeline stage's workload
     (stage_workload; 0: this is the whole model). A profile measured the whole model's dense time."""
@@ -445,14 +448,31 @@ def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     micro = (slowest.step - slowest.stages["optimizer"]) / w.micro_steps
     send = costs.send(w, w.tokens * w.dim * w.act_bytes, w.stages_across_machines)
     bubble = (pp - 1) * (micro / w.stages_per_rank + 2 * send)
-    return Prediction(step=slowest.step + bubble, stages={**slowest.stages, "pipeline_bubble": bubble},
-                      exposed_comm=slowest.exposed_comm + 2 * (pp - 1) * send, comm=slowest.comm)
+    hidden = _hidden_by_lanes(w, slowest) if w.overlapped else 0.0
+    extra = {"lanes_hidden": -hidden} if w.overlapped else {}
+    return Prediction(step=slowest.step + bubble - hidden, stages={**slowest.stages, "pipeline_bubble": bubble, **extra},
+                      exposed_comm=slowest.exposed_comm + 2 * (pp - 1) * send - hidden, comm=slowest.comm)
+
+
+def _hidden_by_lanes(w: Workload, stage: Prediction) -> float:
+    """What overlapped_1f1b saves on `stage`'s step: each of the first stage's micro_steps - pp steady-state
+    pairs (one micro-batch's forward beside another's backward, a micro-step's work together) costs
+    max(compute, all-to-all work) instead of compute plus the exposed all-to-all time, one lane's
+    collectives travelling while the other computes. The gradient reduction after the schedule stays
+    exposed (replicated stages: fsdp is refused with this schedule)."""
+    n = w.micro_steps
+    per = {kind: seconds / n for kind, seconds in stage.stages.items()}
+    compute = per.get("dense", 0.0) + per.get("experts", 0.0) + per.get("chunk_overhead", 0.0)
+    a2a = per.get("a2a", 0.0)
+    exposed_a2a = max(0.0, stage.exposed_comm - stage.stages.get("grad_reduce", 0.0)) / n
+    return max(0, n - w.pp) * max(0.0, compute + exposed_a2a - max(compute, a2a))
 
 
 def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: int, micro_steps: int,
                  act_bytes: int = 4, frozen: frozenset[str] = frozenset(), recompute: str = "none",
                  ranks_per_node: int = 0, grad_bytes: int = 4, moment_bytes: int = 4,
-                 loss_chunk_tokens: int = 0, pp: int = 1, stages_per_rank: int = 1) -> Workload:
+                 loss_chunk_tokens: int = 0, pp: int = 1, stages_per_rank: int = 1,
+                 overlapped: bool = False) -> Workload:
     """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
     Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer.
     `ranks_per_node`: machines of that many ranks (0: one machine). `pp` stages of `dp` ranks each, placed
@@ -476,7 +496,7 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     elementwise_bytes=tuple(block_elementwise_bytes(cfg, tokens, i, act_bytes) for i in blocks),
                     recompute=recompute, recompute_experts=cfg.moe.recompute_experts,
                     ranks_per_node=ranks_per_node, loss_chunk_tokens=loss_chunk_tokens, pp=pp, mtp_blocks=cfg.mtp_layers,
-                    stages_per_rank=stages_per_rank,
+                    stages_per_rank=stages_per_rank, overlapped=overlapped and pp > 1,
                     stages_across_machines=pp > 1 and 0 < ranks_per_node <= dp,
                     nodes_per_token=expected_nodes_per_token(
                         cfg.moe.num_experts, cfg.moe.top_k, machines,

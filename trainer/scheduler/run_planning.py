@@ -19,7 +19,7 @@ from moeyard.models import ModelConfig
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.agree import from_rank0
 from moeyard.parallel.plan import Plan
-from moeyard.trainer.config.sections import LOOPED, Config
+from moeyard.trainer.config.sections import WITHOUT_FSDP, Config
 from moeyard.trainer.data.tokens import default_cache_root
 from moeyard.trainer.freezing import frozen_set
 from moeyard.trainer.precision import resolve_dtype
@@ -45,7 +45,7 @@ def workload(cfg: Config, dp: int, act_bytes: int, ranks_per_node: Optional[int]
                         ranks_per_node=ranks_per_node or cfg.parallel.ranks_per_node or 0,
                         grad_bytes=cfg.parallel.reduce_bytes, moment_bytes=cfg.optim.moment_bytes,
                         loss_chunk_tokens=cfg.train.loss_chunk_tokens, pp=cfg.parallel.pp,
-                        stages_per_rank=cfg.stages_per_rank)
+                        stages_per_rank=cfg.stages_per_rank, overlapped=cfg.schedule.pipeline == "overlapped_1f1b")
 
 
 def profile_cache_dir() -> Path:
@@ -155,12 +155,11 @@ PIPELINED = ("replicated", "fsdp per micro-step", "fsdp gathered once", "fsdp re
 
 def layouts_for(pp: int, pipeline: str) -> tuple[Layout, ...]:
     """The layouts a run of `pp` stages under schedule.pipeline `pipeline` may take: all without stages; with
-    them PIPELINED, less fsdp under a looped schedule (FSDP2 would reshard a rank's root unit between its
-    stages' backwards: refused by config/sections._validate_pipeline)."""
+    them PIPELINED, less fsdp under the schedules config/sections refuses it with (WITHOUT_FSDP)."""
     if pp == 1:
         return LAYOUTS
     return tuple(layout for layout in LAYOUTS if layout.name in PIPELINED
-                 and not (pipeline in LOOPED and layout.grad_sync == "fsdp"))
+                 and not (pipeline in WITHOUT_FSDP and layout.grad_sync == "fsdp"))
 
 
 def configured_layout(cfg: Config) -> Layout:

@@ -2,7 +2,7 @@
 schedule, micro-batch, layout and recompute, the run should take on `world` ranks.
 
 Every pp that divides the world (each stage at least one block) is weighed with every ep that divides its
-stage's ranks and the experts, 1f1b and (pp > 1) interleaved_1f1b with two or four stages per rank, each layout
+stage's ranks and the experts, 1f1b, overlapped_1f1b and interleaved_1f1b with two or four stages per rank, each layout
 parallel.pp runs (run_planning.layouts_for) and the least recompute that fits the memory per rank. Each is
 predicted at one chunk per MoE layer, so that the search stays within minutes for a 671B model on 256 ranks;
 the chunk, bucket and dispatch search then runs on the chosen one (run_planning.layout_choices). The
@@ -111,7 +111,8 @@ def _candidates(cfg: Config, world: int, ranks_per_node: int) -> Iterator[Config
         if pp > 1 and micro is None:
             continue
         schedules = [(cfg.schedule.pipeline, cfg.schedule.stages_per_rank)] if pp == 1 else \
-            [("1f1b", cfg.schedule.stages_per_rank)] + [("interleaved_1f1b", v) for v in VIRTUAL_STAGES]
+            [("1f1b", cfg.schedule.stages_per_rank), ("overlapped_1f1b", cfg.schedule.stages_per_rank)] + \
+            [("interleaved_1f1b", v) for v in VIRTUAL_STAGES]
         for ep in ep_choices(cfg, dp):
             for pipeline, per_rank in schedules:
                 yield dataclasses.replace(

@@ -148,6 +148,7 @@ def test_pipeline_stages_hold_their_blocks_and_the_micro_batches_in_flight() -> 
     assert sum(c.dense + c.experts for c in stages) == whole.dense + whole.experts
     assert stages[0].root == 512 * 128 and stages[1].root == 512 * 128 + 128  # embedding; output layer, norm
     assert [in_flight("1f1b", 4, s, 8) for s in range(4)] == [4, 3, 2, 1]
+    assert [in_flight("overlapped_1f1b", 4, s, 8) for s in range(4)] == [5, 4, 3, 2]  # one beside each backward
     assert [in_flight("gpipe", 4, s, 8) for s in range(4)] == [8] * 4
     assert in_flight("1f1b", 4, 0, 2) == 2  # never more than the step's micro-batches
     # interleaved_1f1b, V=4 at pp=16 (Megatron-Core's Qwen3-235B layout): torch's warm-up of (V-1) pp +

@@ -215,3 +215,17 @@ def test_pipeline_stages_cost_the_slowest_stage_plus_the_bubble() -> None:
     assert fewer.stages["pipeline_bubble"] / fewer.step > two.stages["pipeline_bubble"] / two.step
     looped = predict(dataclasses.replace(staged, stages_per_rank=2), plan, FakeCosts())  # interleaved, 2 a rank
     assert looped.stages["pipeline_bubble"] == pytest.approx(micro / 2 + 2 * 1e-4)
+    overlapped = predict(dataclasses.replace(staged, overlapped=True), plan, FakeCosts())
+    _assert_lanes_hide_the_exposed_all_to_alls(two, overlapped, pairs=8 - 2)
+
+
+def _assert_lanes_hide_the_exposed_all_to_alls(plain, overlapped, pairs: int) -> None:
+    """overlapped_1f1b's pairs each cost max(compute, all-to-all work) of a micro-step instead of compute plus
+    its exposed all-to-alls; what is hidden is reported, negative, as lanes_hidden."""
+    n = 8
+    compute = sum(plain.stages[k] for k in ("dense", "experts", "chunk_overhead") if k in plain.stages) / n
+    exposed = (plain.exposed_comm - 2 * 1e-4 - plain.stages["grad_reduce"]) / n  # less the two stage sends
+    assert exposed > 0  # r=1: the all-to-alls wait for the experts and the experts for them
+    saved = pairs * (compute + exposed - max(compute, plain.stages["a2a"] / n))
+    assert saved > 0 and -overlapped.stages["lanes_hidden"] == pytest.approx(saved, rel=1e-6)
+    assert overlapped.step == pytest.approx(plain.step - saved)
