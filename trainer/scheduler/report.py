@@ -84,6 +84,8 @@ def plan_report(cfg: Config, w: Workload, costs: Costs, source: str,
     rows += [(f"  {k} (work)", best.stages.get(k, 0.0), off.stages.get(k, 0.0))
              for k in ("dense", "experts", "a2a", "param_gather", "grad_reduce", "optimizer")
              + (("pipeline_bubble",) if w.pp > 1 else ())]
+    if w.overlapped:  # negative: what the lanes take off the step (cost_model._hidden_by_lanes)
+        rows.append(("  all-to-alls in lanes", best.stages.get("lanes_hidden", 0.0), off.stages.get("lanes_hidden", 0.0)))
     rows += [("communication", best.comm, off.comm), ("  exposed", best.exposed_comm, off.exposed_comm)]
     for name, a, b in rows:
         lines.append(f"{name:24}{a * ms:>10.3f}ms{b * ms:>12.3f}ms")
