@@ -75,10 +75,12 @@ PIPELINE_LAYOUTS = [["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1
                     ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "parallel.fsdp=true"],
                     ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "parallel.fsdp=true",
                      "parallel.fsdp_gather_once=true"],
+                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=overlapped_1f1b"],
                     ["parallel.pp=4", "parallel.ep=1", "train.micro_batch_size=2"]]
 """Pipeline stages on the calibration model (4 micro-batches a step): 1f1b holds as many micro-batches'
 activations on a stage as there are stages from it to the last, gpipe all of them; fsdp per micro-step and
-gathered once per step (the stage's weights and unsharded gradients kept through the schedule)."""
+gathered once per step (the stage's weights and unsharded gradients kept through the schedule); overlapped_1f1b
+(one micro-batch more in flight, a forward beside each backward)."""
 
 
 def _status_kb(field: str) -> int:
@@ -107,9 +109,8 @@ def state_bytes(model: torch.nn.Module, sync) -> int:
 def _measure(rank: int, world: int, overrides: list[str], steps: int, port: int, results) -> None:
     import torch.distributed as dist
 
-    from moeyard.parallel import build_mesh
     from moeyard.trainer.loop import build_rank_model
-    from moeyard.trainer.scheduler.run_planning import plan_for
+    from moeyard.trainer.scheduler.run_planning import plan_for, run_mesh
     from moeyard.trainer.step import pipeline_for, train_step
 
     torch.set_num_threads(1)
@@ -117,7 +118,7 @@ def _measure(rank: int, world: int, overrides: list[str], steps: int, port: int,
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = read_config(configs.path("tiny.yaml"), overrides)
     device = torch.device("cpu")
-    pmesh = build_mesh(cfg.parallel.ep, "cpu", cfg.parallel.timeout_s, None, cfg.parallel.pp)
+    pmesh = run_mesh(cfg, "cpu")
     plan = plan_for(cfg, pmesh, device)
     base = _status_kb("VmRSS")
     _reset_peak()

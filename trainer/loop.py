@@ -17,7 +17,7 @@ import torch.distributed as dist
 from moeyard.errors import CheckpointError, DataError
 from moeyard.models import Transformer
 from moeyard.models.meta_init import build_on_meta
-from moeyard.parallel import ParallelMesh, build_mesh
+from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.parallelize import FsdpSettings, parallelize
 from moeyard.parallel.pipeline import keep_this_stage
@@ -37,7 +37,7 @@ from moeyard.trainer.precision import resolve_dtype
 from moeyard.trainer.preflight import check_checkpoint_fits, check_pretraining_data
 from moeyard.trainer.run_dir import Preemption, mark_preempted, prepare_run_dir
 from moeyard.trainer.scheduler.plan_check import PlanCheck
-from moeyard.trainer.scheduler.run_planning import learn_chunk_overhead, plan_for
+from moeyard.trainer.scheduler.run_planning import learn_chunk_overhead, plan_for, run_mesh
 from moeyard.trainer.step import pipeline_for, train_step
 
 
@@ -190,8 +190,7 @@ def run_training(cfg: Config, device: torch.device, preemption: Preemption | Non
     metas = _check_before_start(cfg)
     rank = dist.get_rank()
     prepare_run_dir(cfg)
-    pmesh = build_mesh(cfg.parallel.ep, device.type, cfg.parallel.timeout_s, cfg.parallel.ranks_per_node,
-                       cfg.parallel.pp, lanes=cfg.parallel.pp > 1 and cfg.schedule.pipeline == "overlapped_1f1b")
+    pmesh = run_mesh(cfg, device.type)
     dtype = resolve_dtype(cfg.train.dtype, device)
     plan = plan_for(cfg, pmesh, device)  # before the model exists: profiling builds models of its own
     model, sync = build_rank_model(cfg, pmesh, plan, device)

@@ -32,12 +32,13 @@ def test_a_hostname_that_resolves_to_loopback_is_refused_with_the_fix(tmp_path, 
 
 @pytest.fixture(scope="module")
 def checkpointed_reference(tmp_path_factory, small_corpus):
-    """(config, losses) of a 20-step ep=2 run on one host, checkpointed every 5 steps: what a run across two
-    hosts that lost a node or a worker must end at."""
+    """(config, losses) of a 20-step run of 2 pipeline stages (pp=2, 1f1b, 4 micro-batches) on one host,
+    checkpointed every 5 steps: what a run across two hosts (a stage on each: activations and their gradients
+    cross the hosts' link) that lost a node or a worker must end at. ep across hosts: the mpirun test."""
     from helpers.runs import moeyard_train, read_metrics, write_config
 
     root = tmp_path_factory.mktemp("checkpointed_reference")
-    config = write_config(root / "c.yaml", small_corpus, parallel={"ep": 2}, train={"steps": 20},
+    config = write_config(root / "c.yaml", small_corpus, parallel={"pp": 2}, train={"steps": 20, "micro_batch_size": 4},
                           checkpoint={"every": 5})
     moeyard_train(config, root / "run", 2)
     return config, [m["loss"] for m in read_metrics(root / "run")]
@@ -103,9 +104,9 @@ def test_a_cut_link_stops_every_node_naming_the_other(tmp_path, small_corpus) ->
 
 def test_a_killed_node_is_requeued_and_the_run_ends_at_the_uninterrupted_loss(tmp_path,
                                                                               checkpointed_reference) -> None:
-    """Two hosts train like one (bit for bit, as the end shows); then every process of node 1 is SIGKILLed
-    mid-run: node 0's worker loses its peer at once and stops with the peer's name; both nodes started again
-    (a requeue) resume from the last checkpoint and end like a run that was never interrupted."""
+    """Two hosts train like one, a pipeline stage on each (bit for bit, as the end shows); then every process
+    of node 1 is SIGKILLed mid-run: node 0's worker loses its peer at once and stops with the peer's name; both
+    nodes started again (a requeue) resume from the last checkpoint and end like a run never interrupted."""
     import signal
     import time
 

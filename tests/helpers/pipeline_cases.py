@@ -20,7 +20,7 @@ def _config(overrides: tuple[str, ...]):
             "model.moe.num_shared_experts=1", "model.moe.z_loss_coef=0.001",
             "model.moe.balance_loss=sequence", f"train.seq_len={SEQ}",
             f"train.global_batch_tokens={8 * SEQ}", "train.steps=6", "optim.warmup_steps=2", "optim.lr=0.01", "optim.min_lr=0.001",
-            "data.source=python-stdlib")
+            "data.source=python-stdlib", "parallel.timeout_s=60")
     return read_config(None, base + tuple(overrides))
 
 
@@ -66,16 +66,15 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
     """`steps` optimizer steps on random batches (packed SFT rows with `sft`), built as trainer.loop builds a
     run, then the held-out loss of an SFT batch; returns the step results, the held-out loss and (from each
     stage's first dp rank) what the steps changed in the stage's parameters."""
-    from moeyard.parallel import build_mesh, lanes
+    from moeyard.parallel import lanes
     from moeyard.trainer.loop import build_rank_model
     from moeyard.trainer.lr_schedule import lr_at
-    from moeyard.trainer.scheduler.run_planning import plan_for
+    from moeyard.trainer.scheduler.run_planning import plan_for, run_mesh
     from moeyard.trainer.step import heldout_loss, pipeline_for, train_step
 
     cfg = _config(overrides)
     device = torch.device("cpu")
-    pmesh = build_mesh(cfg.parallel.ep, "cpu", 60.0, None, cfg.parallel.pp,
-                       lanes=cfg.parallel.pp > 1 and cfg.schedule.pipeline == "overlapped_1f1b")
+    pmesh = run_mesh(cfg, "cpu")
     plan = plan_for(cfg, pmesh, device)
     model, sync = build_rank_model(cfg, pmesh, plan, device)
     pipeline = pipeline_for(model, pmesh, cfg.schedule.pipeline, device, cfg.train.loss_chunk_tokens) \

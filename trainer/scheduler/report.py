@@ -5,7 +5,6 @@ import dataclasses
 
 import torch
 
-from moeyard.parallel import build_mesh
 from moeyard.parallel.plan import Plan
 from moeyard.parallel.stages import stage_layers
 from moeyard.trainer.config.node_layout import check_node_layout
@@ -31,6 +30,7 @@ from moeyard.trainer.scheduler.run_planning import (
     load_or_measure,
     planned_layout,
     profile_cache_dir,
+    run_mesh,
     workload,
 )
 from moeyard.trainer.scheduler.stage_search import changes, stage_choices, stages_table
@@ -104,8 +104,7 @@ def _as_planned(cfg: Config, plan: Plan) -> Config:
 
 def measured_report(cfg: Config, device: torch.device) -> str:
     """Profile this machine on the real process groups (cached) and report the plan. Collective."""
-    pmesh = build_mesh(cfg.parallel.ep, device.type, cfg.parallel.timeout_s, cfg.parallel.ranks_per_node,
-                       cfg.parallel.pp)
+    pmesh = run_mesh(cfg, device.type)
     w = workload(cfg, pmesh.dp, act_bytes(cfg, device), pmesh.ranks_per_node)
     profile, cached = load_or_measure(cfg.model, w, pmesh, device, resolve_dtype(cfg.train.dtype, device),
                                       profile_cache_dir())

@@ -16,7 +16,7 @@ import yaml
 
 from moeyard import configs
 from moeyard.models import ModelConfig
-from moeyard.parallel import ParallelMesh
+from moeyard.parallel import ParallelMesh, build_mesh
 from moeyard.parallel.agree import from_rank0
 from moeyard.parallel.plan import Plan
 from moeyard.trainer.config.sections import WITHOUT_FSDP, Config
@@ -46,6 +46,13 @@ def workload(cfg: Config, dp: int, act_bytes: int, ranks_per_node: Optional[int]
                         grad_bytes=cfg.parallel.reduce_bytes, moment_bytes=cfg.optim.moment_bytes,
                         loss_chunk_tokens=cfg.train.loss_chunk_tokens, pp=cfg.parallel.pp,
                         stages_per_rank=cfg.stages_per_rank, overlapped=cfg.schedule.pipeline == "overlapped_1f1b")
+
+
+def run_mesh(cfg: Config, device_type: str) -> ParallelMesh:
+    """The run's process groups as its config lays them out (with twins for overlapped_1f1b's backward lane,
+    parallel/lanes.py). Collective."""
+    return build_mesh(cfg.parallel.ep, device_type, cfg.parallel.timeout_s, cfg.parallel.ranks_per_node,
+                      cfg.parallel.pp, lanes=cfg.parallel.pp > 1 and cfg.schedule.pipeline == "overlapped_1f1b")
 
 
 def profile_cache_dir() -> Path:
