@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable, Iterator, Optional, TypeVar
 
+import torch
 import torch.distributed as dist
 
 _state = threading.local()
@@ -45,10 +46,13 @@ def lane_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
 
 
 def in_backward_lane(fn: Callable[..., T], *args) -> T:
-    """fn(*args) with this thread marked as the backward lane."""
+    """fn(*args) with this thread marked as the backward lane. Autograd's device threads are kept out (on a
+    GPU, backward would otherwise run its nodes there, where this thread's mark is not seen and collectives
+    would take the forward lane's groups): the backward runs in this thread, on every device."""
     _state.backward_lane = True
     try:
-        return fn(*args)
+        with torch.autograd.set_multithreading_enabled(False):
+            return fn(*args)
     finally:
         _state.backward_lane = False
 

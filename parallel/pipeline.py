@@ -96,6 +96,7 @@ class OverlappedOneFOneB(_PipelineScheduleRuntime):
             _wait_batch_p2p(self.bwd_recv_ops.pop((stage.stage_index, mb)))
 
     def _forward(self, action: _Action, ctx: _PipelineContext) -> None:
+        # As the runtime's own forward with what Pipeline.run steps with: return_outputs=False, no loss kwargs.
         stage, mb = self._stages[0], action.microbatch_index
         with traced("micro-batch"):
             output = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb], save_forward_output=False)
@@ -119,8 +120,10 @@ class OverlappedOneFOneB(_PipelineScheduleRuntime):
                                     self.backward_counter[index] == self._n_microbatches)
         try:
             self._forward(forward, ctx)
-        finally:
-            pending.result()  # the backward's error, if any, is raised here
+        except BaseException:
+            pending.exception()  # let the backward end first; the forward's error is the one raised
+            raise
+        pending.result()  # the backward's error, if any, is raised here
 
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "overlapped_1f1b": OverlappedOneFOneB}

@@ -24,6 +24,7 @@ machine.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -62,11 +63,13 @@ class CrossNodeTraffic:
     def __init__(self) -> None:
         self._rows: Optional[Tensor] = None
         self._bytes: Optional[Tensor] = None
+        self._lock = threading.Lock()  # overlapped_1f1b's two lanes both add (parallel/lanes.py)
 
     def add(self, rows: Tensor, row_bytes: int) -> None:
         rows = rows.detach().to(torch.int64)
-        self._rows = rows if self._rows is None else self._rows + rows
-        self._bytes = rows * row_bytes if self._bytes is None else self._bytes + rows * row_bytes
+        with self._lock:
+            self._rows = rows if self._rows is None else self._rows + rows
+            self._bytes = rows * row_bytes if self._bytes is None else self._bytes + rows * row_bytes
 
     def take_bytes(self, device: torch.device) -> Tensor:
         """Bytes so far as a device tensor (no host sync), and start counting again."""

@@ -138,6 +138,9 @@ def test_layouts_pipelines_cannot_run_are_refused_before_launch() -> None:
         (("schedule.pipeline=interleaved_1f1b", "schedule.stages_per_rank=1"), "stages_per_rank >= 2 stages"),
         (("schedule.pipeline=looped_bfs", "parallel.fsdp=true"), "looped_bfs with parallel.fsdp: FSDP2 reshards"),
         (("schedule.pipeline=overlapped_1f1b", "parallel.fsdp=true"), "overlapped_1f1b with parallel.fsdp: a forward"),
+        (("schedule.pipeline=overlapped_1f1b", "model.moe.router=switch", "model.moe.top_k=1",
+          "model.moe.switch.jitter=0.01"),
+         "overlapped_1f1b with model.moe.switch.jitter"),
         (("schedule.grad_sync=reduce_scatter",), r"reduce_scatter \(ZeRO\) with parallel.pp > 1: its gradient buckets"),
     ]:
         with pytest.raises(ConfigError, match=message):

@@ -387,6 +387,10 @@ def _validate_pipeline(cfg: Config) -> None:
             "schedule.pipeline=overlapped_1f1b with parallel.fsdp: a forward and a backward run side by side on "
             "the same FSDP units, whose hooks are not made for two threads; use parallel.fsdp=false (replicated "
             "stages) or schedule.pipeline=1f1b")
+    require(s.pipeline != "overlapped_1f1b" or m.moe.switch.jitter == 0,
+            "schedule.pipeline=overlapped_1f1b with model.moe.switch.jitter: the jitter is drawn from the process's "
+            "random state, which recomputation in the other lane saves and restores at the same time; set "
+            "model.moe.switch.jitter=0 or use schedule.pipeline=1f1b")
     require(s.pipeline not in LOOPED or not cfg.parallel.fsdp,
             f"schedule.pipeline={s.pipeline} with parallel.fsdp: FSDP2 reshards a rank's root unit (its output "
             f"layer) after each of its stages' backwards, before the loss of the next stage's micro-batch "

@@ -169,6 +169,11 @@ def stages_table(choices: list[StageChoice], capacity_gb: float, shown: int = 12
     return lines
 
 
+NOT_CHOSEN_FOR_TRAINING = ("overlapped_1f1b",)
+"""Weighed by `moeyard plan`, not taken for a training run by choose_stages: overlapped_1f1b's lanes have never
+run on a GPU, where they would also need CUDA streams of their own to overlap (README)."""
+
+
 def choose_stages(cfg: Config, world: int, ranks_per_node: int) -> tuple[Config, str]:
     """A training run under schedule.mode=auto with schedule.hardware: the fastest stage layout that fits the
     described machine on `world` ranks (what `moeyard plan --hardware` chooses), and the line that says so.
@@ -176,7 +181,8 @@ def choose_stages(cfg: Config, world: int, ranks_per_node: int) -> tuple[Config,
     as configured (the memory check then names what would)."""
     hw = load_hardware(cfg.schedule.hardware)
     capacity_gb = usable_gb(hw.memory_gb)
-    choices = stage_choices(cfg, world, ranks_per_node, HardwareCosts(hw), capacity_gb, hw.act_bytes)
+    choices = [c for c in stage_choices(cfg, world, ranks_per_node, HardwareCosts(hw), capacity_gb, hw.act_bytes)
+               if c.cfg.schedule.pipeline not in NOT_CHOSEN_FOR_TRAINING]
     if not choices:
         return cfg, (f"schedule.mode=auto: no stage layout fits {hw.name} ({capacity_gb:.1f} GB usable per rank) on "
                      f"{world} ranks; the configured one is kept")
