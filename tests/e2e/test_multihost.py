@@ -32,13 +32,13 @@ def test_a_hostname_that_resolves_to_loopback_is_refused_with_the_fix(tmp_path, 
 
 @pytest.fixture(scope="module")
 def checkpointed_reference(tmp_path_factory, small_corpus):
-    """(config, losses) of a 20-step run of 2 pipeline stages (pp=2, 1f1b, 4 micro-batches) on one host,
+    """(config, losses) of a 20-step run of 2 pipeline stages (pp=2, 1f1b, 2 micro-batches) on one host,
     checkpointed every 5 steps: what a run across two hosts (a stage on each: activations and their gradients
     cross the hosts' link) that lost a node or a worker must end at. ep across hosts: the mpirun test."""
     from helpers.runs import moeyard_train, read_metrics, write_config
 
     root = tmp_path_factory.mktemp("checkpointed_reference")
-    config = write_config(root / "c.yaml", small_corpus, parallel={"pp": 2}, train={"steps": 20, "micro_batch_size": 4},
+    config = write_config(root / "c.yaml", small_corpus, parallel={"pp": 2}, train={"steps": 20, "micro_batch_size": 8},
                           checkpoint={"every": 5})
     moeyard_train(config, root / "run", 2)
     return config, [m["loss"] for m in read_metrics(root / "run")]
