@@ -13,9 +13,9 @@ The last stage keeps a copy of the embedding where the output layer shares it (t
 it; the two copies' gradients are summed (`sum_copied_gradients`) before the norm, and both stages take the
 same update. The MTP depths run on the last stage, which is also given the token ids.
 
-gpipe and 1f1b run one stage per rank; interleaved_1f1b and looped_bfs run V = schedule.stages_per_rank
-stages per rank, looped (rank r holds stages r, r + pp, ...: one model holding all of them, a StageModule and
-PipelineStage per stage). The V-shaped and zero-bubble schedules (zbv_zero_bubble, dualpipev,
+gpipe, 1f1b and overlapped_1f1b (parallel/overlapped_1f1b.py: a forward beside a backward) run one stage per
+rank; interleaved_1f1b and looped_bfs run V = schedule.stages_per_rank stages per rank, looped (rank r holds
+stages r, r + pp, ...: one model holding all of them, a StageModule and PipelineStage per stage). The V-shaped and zero-bubble schedules (zbv_zero_bubble, dualpipev,
 interleaved_zero_bubble: backward split into input and weight parts, which the expert exchange's autograd
 Functions do not support) are refused by name when the run config is resolved.
 
@@ -27,7 +27,6 @@ Shape legend (models/__init__.py): B, T, D, V.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -41,93 +40,15 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleLoopedBFS,
 )
-from torch.distributed.pipelining.schedules import (
-    FORWARD,
-    FULL_BACKWARD,
-    OVERLAP_F_B,
-    _Action,
-    _PipelineContext,
-    _PipelineScheduleRuntime,
-    _wait_batch_p2p,
-)
 from torch.distributed.tensor import DTensor
 
 from moeyard.models import MoEStats, Transformer
 from moeyard.models.peft.adapters import AdapterStats, recording_adapters, with_adapter_losses
-from moeyard.parallel.lanes import in_backward_lane, traced
 from moeyard.parallel.mesh import ParallelMesh
 from moeyard.parallel.stages import stage_ids, stage_layers
 
-
-class OverlappedOneFOneB(_PipelineScheduleRuntime):
-    """1F1B whose steady state runs a forward and a backward of two micro-batches side by side: the forward
-    in this thread, the backward in a second one (the backward lane, parallel/lanes.py), so that one
-    micro-batch's all-to-alls travel while the other computes (Megatron-Core's combined 1F1B overlap). Stage
-    s of pp warms up with pp - s forwards (one more than 1F1B: the last stage too must have a finished
-    forward to pair with the next), then runs (forward i + pp - s, backward i) pairs, then the remaining
-    backwards. Built on torch's runtime schedule: its OVERLAP_F_B action, whose sub-actions torch runs one
-    after the other unless a function is registered for it; the one registered here runs them at once."""
-
-    def __init__(self, stage: PipelineStage, n_microbatches: int, loss_fn: Callable, scale_grads: bool) -> None:
-        super().__init__([stage], n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
-        self.pipeline_order = {r: self.actions(r, self.pp_group_size, n_microbatches)
-                               for r in range(self.pp_group_size)}
-        self._prepare_schedule_with_comms(self.pipeline_order)
-        self.register_custom_function(OVERLAP_F_B, self._overlap)
-        self._lane = ThreadPoolExecutor(1, thread_name_prefix="moeyard-backward-lane")
-
-    @staticmethod
-    def actions(stage: int, stages: int, micro_batches: int) -> list[Optional[_Action]]:
-        """What stage `stage` of `stages` runs (one stage per rank: stage = rank), compute only."""
-        warmup = min(stages - stage, micro_batches)
-        out: list[Optional[_Action]] = [_Action(stage, FORWARD, i) for i in range(warmup)]
-        for i in range(micro_batches - warmup):
-            out.append(_Action(-1, OVERLAP_F_B, None, (_Action(stage, FORWARD, warmup + i),
-                                                       _Action(stage, FULL_BACKWARD, i))))
-        out += [_Action(stage, FULL_BACKWARD, i) for i in range(micro_batches - warmup, micro_batches)]
-        return out
-
-    def _receive(self, action: _Action) -> None:
-        """Wait for what the action needs from the neighbouring stage (its activation, or its gradient)."""
-        stage, mb = self._stages[0], action.microbatch_index
-        if action.computation_type == FORWARD and not stage.is_first:
-            _wait_batch_p2p(self.fwd_recv_ops.pop((stage.stage_index, mb)))
-        if action.computation_type == FULL_BACKWARD and not stage.is_last:
-            _wait_batch_p2p(self.bwd_recv_ops.pop((stage.stage_index, mb)))
-
-    def _forward(self, action: _Action, ctx: _PipelineContext) -> None:
-        # As the runtime's own forward with what Pipeline.run steps with: return_outputs=False, no loss kwargs.
-        stage, mb = self._stages[0], action.microbatch_index
-        with traced("micro-batch"):
-            output = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb], save_forward_output=False)
-            self._maybe_compute_loss(stage, output, ctx.target_mbs, mb)
-
-    def _backward(self, action: _Action, last: bool) -> None:
-        stage, mb = self._stages[0], action.microbatch_index
-        with traced("micro-batch"):
-            stage.backward_one_chunk(mb, loss=self._maybe_get_loss(stage, mb), full_backward=True,
-                                     last_backward=last)
-
-    def _overlap(self, action: _Action, ctx: _PipelineContext) -> None:
-        """Both micro-batches start together, once both inputs are here: their sends follow the pair, so
-        starting one early would gain nothing and leave the other's all-to-alls with nothing to hide behind."""
-        forward, backward = action.sub_actions
-        self._receive(forward)
-        self._receive(backward)
-        index = self._stages[0].stage_index
-        self.backward_counter[index] += 1
-        pending = self._lane.submit(in_backward_lane, self._backward, backward,
-                                    self.backward_counter[index] == self._n_microbatches)
-        try:
-            self._forward(forward, ctx)
-        except BaseException:
-            pending.exception()  # let the backward end first; the forward's error is the one raised
-            raise
-        pending.result()  # the backward's error, if any, is raised here
-
-
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "overlapped_1f1b": OverlappedOneFOneB}
-"""schedule.pipeline: the schedules with one stage per rank."""
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+"""schedule.pipeline: the torch schedules with one stage per rank (and overlapped_1f1b: _schedule_class)."""
 LOOPED_SCHEDULES = {"interleaved_1f1b": ScheduleInterleaved1F1B, "looped_bfs": ScheduleLoopedBFS}
 """schedule.pipeline: the torch schedules with several stages per rank, placed in loops."""
 
@@ -230,19 +151,30 @@ class StepStage(PipelineStage):
         return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
 
 
+def _schedule_class(name: str) -> type:
+    """schedule.pipeline's class. overlapped_1f1b's module is imported only when asked for: it is built on torch's
+    private runtime schedule, which a torch release may lay out differently."""
+    if name == "overlapped_1f1b":
+        from moeyard.parallel.overlapped_1f1b import OverlappedOneFOneB
+
+        return OverlappedOneFOneB
+    return {**SCHEDULES, **LOOPED_SCHEDULES}[name]
+
+
 class Pipeline:
     """This rank's stages and the schedule that runs a step's micro-batches through every stage."""
 
     def __init__(self, model: Transformer, pmesh: ParallelMesh, schedule: str, device: torch.device,
                  logits: bool, loss_fn: LossFn) -> None:
         per_rank = len(model.held_parts)
-        assert pmesh.pp_group is not None and schedule in (SCHEDULES if per_rank == 1 else LOOPED_SCHEDULES), \
+        assert pmesh.pp_group is not None and schedule in (
+            (*SCHEDULES, "overlapped_1f1b") if per_rank == 1 else LOOPED_SCHEDULES), \
             "checked when the run config was resolved"
         ids = stage_ids(pmesh.pp_rank, pmesh.pp, per_rank)
         self.stage_count = pmesh.pp * per_rank
         self.modules = [StageModule(model, part, logits and i == self.stage_count - 1)
                         for i, part in zip(ids, model.held_parts)]
-        self.ids, self.schedule_class, self.loss_fn = ids, {**SCHEDULES, **LOOPED_SCHEDULES}[schedule], loss_fn
+        self.ids, self.schedule_class, self.loss_fn = ids, _schedule_class(schedule), loss_fn
         self.pmesh, self.device = pmesh, device
         self._schedules: dict[int, object] = {}
         self._evaluations: dict[tuple, object] = {}

@@ -95,7 +95,7 @@ def in_flight(pipeline: str, pp: int, stage: int, micro_steps: int, per_rank: in
     it to the last (pp at the first stage); interleaved_1f1b with V stages a rank warms up with
     (V - 1) x pp + 2 x (pp - 1 - stage) forwards of one of its V stages (torch's ScheduleInterleaved1F1B),
     and runs one more before its first backward: that many V-ths of a micro-batch; overlapped_1f1b holds
-    one more than 1f1b (parallel/pipeline.py:OverlappedOneFOneB)."""
+    one more than 1f1b (parallel/overlapped_1f1b.py)."""
     if pp == 1:
         return 1
     if pipeline in ("gpipe", "looped_bfs"):
