@@ -94,7 +94,7 @@ def fit_row(name: str, hw) -> str:
 def planned(run: Config, world: int, hw: Hardware) -> tuple[LayoutChoice, Workload, HardwareCosts]:
     """The planner's choice for `run` on `world` GPUs of `hw` (as `moeyard plan --hardware`): the layout,
     its plan and prediction, and the workload."""
-    w = workload(run, world, hw.act_bytes)
+    w = workload(run, world // run.parallel.pp, hw.act_bytes)  # a stage's ranks split the batch
     costs = HardwareCosts(hw)
     choices = layout_choices(run, w, costs, usable_gb(hw.memory_gb))
     plan, best = choose_layout(choices)
@@ -166,7 +166,11 @@ PUBLISHED_RUNS = [
                                "4M tokens, micro-batch 1); Megatron's distributed optimizer shards the optimizer "
                                "state, which moeyard's stages keep replicated (memory only)"),
     PublishedRun("DeepSeek-V3-671B, 256 GPUs, PP 4, VPP 8, EP 64, FSDP 64", "deepseek-v3-671b", 256,
-                 ("parallel.ep=64",), 1002, 250, AUTOMODEL_PP, needs="pipeline stages (PP 4, virtual 8)"),
+                 ("parallel.ep=64", "parallel.pp=4", "parallel.fsdp=true", "schedule.pipeline=1f1b",
+                  "train.micro_batch_size=1"), 1002, 250, AUTOMODEL_PP,
+                 needs="virtual stages under fsdp (VPP 8: looped schedules with fsdp are refused), so PP 4 with "
+                       "1f1b here: its bubble, 3 of 16 micro-steps, would be 8 times shorter; the rest of the gap "
+                       "is not identified"),
 ]
 """Runs with a public layout and number on H100 in bf16 (their model and batch; what moeyard cannot
 express is named). DeepSeek's own run (PP 16, DualPipe, FP8, H800) and Megatron-Core's Qwen3-235B
