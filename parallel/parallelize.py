@@ -146,7 +146,7 @@ def grad_sync_for(plan: Plan, model: nn.Module, groups: ParamGroups, pmesh: Para
                                moment_dtype=getattr(torch, settings.moment_dtype))
         return ShardedSync(groups, pmesh, reducer, sharded)
     optimizer = adamw(model, settings)
-    if not plan.overlap_grads or pmesh.pp > 1:  # a stage's part: reduced after the schedule (planner.STAGED_REDUCTION)
+    if not plan.overlap_grads:
         return PlainSync(groups, pmesh, optimizer, reduce_dtype)
     return OverlappedSync(groups, pmesh, optimizer, BucketedReducer(groups, pmesh, plan.dense_buckets,
                                                                     plan.expert_buckets, "all_reduce", reduce_dtype))

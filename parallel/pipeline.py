@@ -15,9 +15,10 @@ same update. The MTP depths run on the last stage, which is also given the token
 
 gpipe, 1f1b and overlapped_1f1b (parallel/overlapped_1f1b.py: a forward beside a backward) run one stage per
 rank; interleaved_1f1b and looped_bfs run V = schedule.stages_per_rank stages per rank, looped (rank r holds
-stages r, r + pp, ...: one model holding all of them, a StageModule and PipelineStage per stage). The V-shaped and zero-bubble schedules (zbv_zero_bubble, dualpipev,
-interleaved_zero_bubble: backward split into input and weight parts, which the expert exchange's autograd
-Functions do not support) are refused by name when the run config is resolved.
+stages r, r + pp, ...: one model holding all of them, a StageModule and PipelineStage per stage). The V-shaped
+and zero-bubble schedules (zbv_zero_bubble, dualpipev, interleaved_zero_bubble: backward split into input and
+weight parts, which the expert exchange's autograd Functions do not support) are refused by name when the run
+config is resolved.
 
 The gradient sync is told before each of a stage's backwards whether it is the stage's last of the step
 (`StepStage`), as the unpipelined loop tells it before each micro-step: FSDP units gathered once keep their
@@ -144,7 +145,9 @@ class StepStage(PipelineStage):
     the last. torch sets FSDP2's per-backward flags itself only where the stage's module is an FSDP root; here
     the root is the model inside the StageModule, and the gradient sync decides what the flags are."""
 
-    before_backward: Callable[[bool], None] = staticmethod(lambda last: None)
+    def __init__(self, *args, before_backward: Callable[[bool], None], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.before_backward = before_backward
 
     def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
         self.before_backward(last_backward)
@@ -178,8 +181,8 @@ class Pipeline:
         self.pmesh, self.device = pmesh, device
         self._schedules: dict[int, object] = {}
         self._evaluations: dict[tuple, object] = {}
-        self._built: list[StepStage] = []
-        """Every stage of every schedule built (training and held-out)."""
+        self._before_backward: Callable[[bool], None] = lambda last: None
+        """What this step's run was given (run), for every stage's StepStage."""
 
     @property
     def is_first(self) -> bool:
@@ -190,13 +193,13 @@ class Pipeline:
         return self.ids[-1] == self.stage_count - 1
 
     def _stages(self) -> list[StepStage]:
-        return [StepStage(module, i, self.stage_count, self.device, group=self.pmesh.pp_group)
+        return [StepStage(module, i, self.stage_count, self.device, group=self.pmesh.pp_group,
+                          before_backward=lambda last: self._before_backward(last))
                 for i, module in zip(self.ids, self.modules)]
 
     def _build(self, schedule_class, micro_batches: int):
         # scale_grads off: the loss is already the share of the global batch's mean (trainer/step.py).
         stages = self._stages()
-        self._built += stages
         if schedule_class in LOOPED_SCHEDULES.values():
             return schedule_class(stages, micro_batches, loss_fn=self.loss_fn, scale_grads=False)
         return schedule_class(stages[0], micro_batches, loss_fn=self.loss_fn, scale_grads=False)
@@ -223,15 +226,14 @@ class Pipeline:
         reports, per stage, one per micro-batch."""
         for module in self.modules:
             module.router_scale, module.forwards = 1.0 / micro_batches, []
-        schedule = self._schedule(micro_batches) if train else None
-        for stage in self._built:
-            stage.before_backward = before_backward
+        self._before_backward = before_backward
         args = (tokens_BT,) if self.is_first else ()
         kwargs = {"segment_BT": segment_BT} if segment_BT is not None else {}
         if train and self.modules[0].model.cfg.mtp_layers:  # the last stage's MTP depths embed the tokens
             kwargs["tokens_BT"] = tokens_BT
         if train:
-            schedule.step(*args, target=target if self.is_last else None, return_outputs=False, **kwargs)
+            self._schedule(micro_batches).step(*args, target=target if self.is_last else None, return_outputs=False,
+                                               **kwargs)
         else:
             self._evaluation(micro_batches, tuple(tokens_BT.shape)).eval(
                 *args, target=target if self.is_last else None, **kwargs)
