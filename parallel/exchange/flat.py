@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moeyard.parallel.exchange.all_to_all import all_to_all
-from moeyard.parallel.exchange.overlap import pipelined_experts
+from moeyard.parallel.exchange.overlap import ChunkSchedule, pipelined_experts
 from moeyard.parallel.exchange.regroup import local_expert_order
 from moeyard.parallel.lanes import lane_group
 
@@ -39,9 +39,14 @@ class ExchangeLayout:
     """recv_counts_PX[p, l]: rows from rank p for local expert l (on the device)."""
     rows_per_local_expert: list[int]
     """Host copy of recv_counts_PX.sum(0), for the expert loop."""
+    expert_rows: object = None
+    """What the experts are told of their rows instead of counts (a machine's fan-out: hierarchical.NodeStage)."""
 
-    def expert_counts(self, host: bool) -> list[int] | Tensor:
-        """Rows per local expert where the experts read them: on the host (loop) or the device (grouped GEMM)."""
+    def expert_counts(self, host: bool) -> object:
+        """Rows per local expert where the experts read them: on the host (loop) or the device (grouped GEMM);
+        or `expert_rows` where set."""
+        if self.expert_rows is not None:
+            return self.expert_rows
         return self.rows_per_local_expert if host else self.recv_counts_PX.sum(dim=0)
 
 
@@ -79,11 +84,14 @@ RunExperts = Callable[..., Tensor]
 
 
 def plain_exchange(x_SD: Tensor, tokens_per_expert_E: Tensor, group: dist.ProcessGroup, run: RunExperts,
-                   host_counts: bool) -> Tensor:
-    """The unpipelined exchange: counts, rows out, `run` on the received rows, outputs back."""
+                   host_counts: bool, layout: Optional[ExchangeLayout] = None) -> Tensor:
+    """The unpipelined exchange: counts, rows out, `run` on the received rows, outputs back. `layout`: the
+    counts exchanged already (hierarchical dispatch plans them with the rest of the layer's)."""
     if dist.get_world_size(group) == 1:
+        if layout is not None:
+            return run(x_SD, layout.expert_counts(host_counts))
         return run(x_SD, tokens_per_expert_E.tolist() if host_counts else tokens_per_expert_E)
-    layout = plan_exchange(tokens_per_expert_E, group)
+    layout = layout or plan_exchange(tokens_per_expert_E, group)
     x_CD = all_to_all(x_SD, layout.recv_splits, layout.send_splits, group)
     # Received rows are grouped by source rank; the experts regroup them by expert as they go.
     order = local_expert_order(layout.recv_counts_PX, x_CD.shape[0])
@@ -92,13 +100,15 @@ def plain_exchange(x_SD: Tensor, tokens_per_expert_E: Tensor, group: dist.Proces
 
 
 def flat_exchange(x_SD: Tensor, tokens_per_expert_E: Tensor, experts: Experts, group: dist.ProcessGroup,
-                  chunks: int) -> Tensor:
+                  chunks: int, planned: ExchangeLayout | ChunkSchedule | None = None) -> Tensor:
     """Rows grouped by the group's experts -> the ranks owning them -> expert outputs back, same order;
-    pipelined in `chunks` pieces when chunks > 1."""
-    if dist.get_world_size(group) == 1:
-        return experts(x_SD, tokens_per_expert_E)
+    pipelined in `chunks` pieces when chunks > 1. `planned`: the split sizes, exchanged already (a layout for
+    chunks = 1, a schedule otherwise)."""
     host_counts = not experts.uses_grouped_mm(x_SD)
+    if dist.get_world_size(group) == 1:
+        return experts(x_SD, planned.expert_counts(host_counts) if isinstance(planned, ExchangeLayout)
+                       else tokens_per_expert_E)
     if chunks > 1:
         return experts(x_SD, tokens_per_expert_E, executor=lambda expert_fn, weights, x: pipelined_experts(
-            x, tokens_per_expert_E, chunks, group, expert_fn, weights, host_counts))
-    return plain_exchange(x_SD, tokens_per_expert_E, group, experts, host_counts)
+            x, tokens_per_expert_E, chunks, group, expert_fn, weights, host_counts, planned))
+    return plain_exchange(x_SD, tokens_per_expert_E, group, experts, host_counts, planned)

@@ -22,7 +22,7 @@ experts of a rank, P ranks in the ep group, I chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -42,12 +42,47 @@ class ChunkSchedule:
     recv_splits: list[list[int]]
     recv_order: list[Tensor]
     """Per chunk: permutation from (source rank, expert) to (expert, source rank) order."""
-    rows_per_local_expert: list[list[int]] | list[Tensor]
-    """Per chunk: rows per local expert, on the host (expert loop) or the device (grouped GEMM)."""
+    rows_per_local_expert: list
+    """Per chunk, what the experts are told of their rows: rows per local expert on the host (expert loop)
+    or the device (grouped GEMM), or a machine's fan-out (hierarchical.NodeStage)."""
 
     @property
     def chunks(self) -> int:
         return len(self.send_index)
+
+
+def chunk_rows(tokens_per_expert_E: Tensor, rows: int, chunks: int) -> tuple[Tensor, Tensor]:
+    """Cut each expert's rows into `chunks` near-equal parts, on the device: the rows' order chunk-major
+    (expert-grouped within a chunk), and rows per (chunk, expert) [I, E]. `rows`: their sum, on the host."""
+    E = tokens_per_expert_E.numel()
+    device = tokens_per_expert_E.device
+    expert_of_row_S = torch.repeat_interleave(torch.arange(E, device=device), tokens_per_expert_E,
+                                              output_size=rows)
+    first_row_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
+    position_S = torch.arange(expert_of_row_S.numel(), device=device) - first_row_E[expert_of_row_S]
+    chunk_of_row_S = part_of_position(position_S, tokens_per_expert_E[expert_of_row_S], chunks)
+    counts_IE = torch.zeros(chunks, E, dtype=torch.int64, device=device)
+    counts_IE.index_put_((chunk_of_row_S, expert_of_row_S), torch.ones_like(position_S), accumulate=True)
+    return torch.sort(chunk_of_row_S, stable=True).indices, counts_IE
+
+
+def part_of_position(position: Tensor, size: Tensor, chunks: int) -> Tensor:
+    """Part c of a group of n rows is rows [c*n/C, (c+1)*n/C): sizes differ by at most one."""
+    return torch.div(position * chunks, size.clamp(min=1), rounding_mode="floor")
+
+
+def schedule_chunks(order_S: Tensor, send_host_PIX: Tensor, recv_PIX: Tensor, recv_host_PIX: Tensor,
+                    expert_rows: list) -> ChunkSchedule:
+    """The schedule from exchanged counts: rows in `order_S` (chunk-major), counts per (rank, chunk, local
+    expert) sent (host) and received (device and host); `expert_rows` per chunk as the experts read them."""
+    recv_splits = recv_host_PIX.sum(dim=2).t().tolist()
+    return ChunkSchedule(
+        send_index=list(order_S.split(send_host_PIX.sum(dim=(0, 2)).tolist())),
+        send_splits=send_host_PIX.sum(dim=2).t().tolist(),
+        recv_splits=recv_splits,
+        recv_order=[local_expert_order(recv_PIX[:, c], sum(recv_splits[c])) for c in range(len(recv_splits))],
+        rows_per_local_expert=expert_rows,
+    )
 
 
 def plan_chunks(tokens_per_expert_E: Tensor, rows: int, chunks: int, group: dist.ProcessGroup,
@@ -56,30 +91,14 @@ def plan_chunks(tokens_per_expert_E: Tensor, rows: int, chunks: int, group: dist
     (one collective, then one device-to-host copy of every split size)."""
     P = dist.get_world_size(group)
     E = tokens_per_expert_E.numel()
-    device = tokens_per_expert_E.device
-    expert_of_row_S = torch.repeat_interleave(torch.arange(E, device=device), tokens_per_expert_E,
-                                              output_size=rows)
-    first_row_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
-    position_S = torch.arange(expert_of_row_S.numel(), device=device) - first_row_E[expert_of_row_S]
-    # Part c of an expert with n rows is rows [c*n/C, (c+1)*n/C): sizes differ by at most one.
-    chunk_of_row_S = torch.div(position_S * chunks, tokens_per_expert_E[expert_of_row_S], rounding_mode="floor")
-    counts_IE = torch.zeros(chunks, E, dtype=torch.int64, device=device)
-    counts_IE.index_put_((chunk_of_row_S, expert_of_row_S), torch.ones_like(position_S), accumulate=True)
-
+    order_S, counts_IE = chunk_rows(tokens_per_expert_E, rows, chunks)
     send_PIX = counts_IE.view(chunks, P, E // P).transpose(0, 1).contiguous()
     recv_PIX = torch.empty_like(send_PIX)
     dist.all_to_all_single(recv_PIX, send_PIX, group=lane_group(group))
-    order = torch.sort(chunk_of_row_S, stable=True).indices  # chunk-major, expert-grouped within a chunk
     send_host, recv_host = torch.stack([send_PIX, recv_PIX]).cpu()  # one host sync for every split size below
-    recv_splits = recv_host.sum(dim=2).t().tolist()
-    return ChunkSchedule(
-        send_index=list(order.split(send_host.sum(dim=(0, 2)).tolist())),
-        send_splits=send_host.sum(dim=2).t().tolist(),
-        recv_splits=recv_splits,
-        recv_order=[local_expert_order(recv_PIX[:, c], sum(recv_splits[c])) for c in range(chunks)],
-        rows_per_local_expert=[recv_host[:, c].sum(dim=0).tolist() if host_counts else recv_PIX[:, c].sum(dim=0)
-                               for c in range(chunks)],
-    )
+    expert_rows = [recv_host[:, c].sum(dim=0).tolist() if host_counts else recv_PIX[:, c].sum(dim=0)
+                   for c in range(chunks)]
+    return schedule_chunks(order_S, send_host, recv_PIX, recv_host, expert_rows)
 
 
 def _launch(out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int],
@@ -168,9 +187,12 @@ class _PipelinedExperts(torch.autograd.Function):
 
 
 def pipelined_experts(x_SD: Tensor, tokens_per_expert_E: Tensor, chunks: int, group: dist.ProcessGroup,
-                      expert_fn: ExpertFn, weights: tuple[Tensor, ...], host_counts: bool = True) -> Tensor:
+                      expert_fn: ExpertFn, weights: tuple[Tensor, ...], host_counts: bool = True,
+                      schedule: Optional[ChunkSchedule] = None) -> Tensor:
     """Dispatch -> experts -> combine in `chunks` overlapped pieces; rows in and out grouped by global expert.
-    `host_counts`: the experts read their row counts on the host (the loop), else on the device."""
-    schedule = plan_chunks(tokens_per_expert_E, x_SD.shape[0], chunks, group, host_counts)
+    `host_counts`: the experts read their row counts on the host (the loop), else on the device. `schedule`:
+    planned already (hierarchical dispatch plans its chunks with the rest of the layer's counts)."""
+    if schedule is None:
+        schedule = plan_chunks(tokens_per_expert_E, x_SD.shape[0], chunks, group, host_counts)
     build_graph = torch.is_grad_enabled() and (x_SD.requires_grad or any(w.requires_grad for w in weights))
     return _PipelinedExperts.apply(x_SD, schedule, group, expert_fn, build_graph, *weights)

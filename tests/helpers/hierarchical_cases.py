@@ -98,7 +98,8 @@ def hierarchical_bf16_matches_flat(rank: int, world: int) -> dict:
         return [y.detach().float(), x.grad, w.grad, *[p.grad.clone() for p in experts.parameters()]]
 
     flat, hier = run("flat", 1), run("hierarchical", 2)
-    return {"worst_rel": max(float((a - b).norm() / b.norm()) for a, b in zip(hier, flat))}
+    rel = [float((a - b).norm() / b.norm()) for a, b in zip(hier, flat)]
+    return {"worst_rel": max(rel), "routing_weight_grad_rel": rel[2]}
 
 
 def expert_grads_reduced_during_backward(rank: int, world: int) -> dict:
