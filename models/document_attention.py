@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moeyard.models.device_copy import to_device
+
 
 @dataclass(frozen=True)
 class DocumentSpans:
@@ -44,7 +46,7 @@ class DocumentSpans:
         starts_N = starts_BT.reshape(-1).nonzero().squeeze(1)
         bounds = torch.cat([starts_N, torch.tensor([segment.numel()])])
         lengths = tuple(torch.diff(bounds).tolist())
-        return DocumentSpans(lengths, bounds.to(torch.int32).to(device or segment_BT.device, non_blocking=True))
+        return DocumentSpans(lengths, to_device(bounds.to(torch.int32), device or segment_BT.device))
 
     def first_tokens(self, row_len: int, keep: int) -> "DocumentSpans":
         """The same documents with every row of `row_len` tokens cut to its first `keep`, from the host's
@@ -56,7 +58,7 @@ class DocumentSpans:
                 lengths.append(min(n, keep - used))
             used = (used + n) % row_len
         bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-        return DocumentSpans(tuple(lengths), bounds.to(self.cu_seqlens.device, non_blocking=True))
+        return DocumentSpans(tuple(lengths), to_device(bounds, self.cu_seqlens.device))
 
 
 @functools.cache

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moeyard.models import ModelOutput, Transformer
+from moeyard.models.device_copy import to_device
 from moeyard.models.document_attention import DocumentSpans
 from moeyard.models.peft.adapters import AdapterStats, has_adapter, recording_adapters, with_adapter_losses
 from moeyard.parallel import ParallelMesh
@@ -89,9 +90,9 @@ def _micro_batches(batch: Tensor | TokenBatch | SFTBatch, micro_batch_size: int,
         rows = slice(a, a + micro_batch_size)
         segment = None if batch.segment_BT1 is None else batch.segment_BT1[rows]
         micro.append(MicroBatch(
-            batch.tokens_BT1[rows].to(device, non_blocking=True),
-            None if mask is None else mask[rows].to(device, non_blocking=True),
-            None if segment is None else segment.to(device, non_blocking=True),
+            to_device(batch.tokens_BT1[rows], device),
+            None if mask is None else to_device(mask[rows], device),
+            None if segment is None else to_device(segment, device),
             None if segment is None else DocumentSpans.from_segments(segment[:, :-1], device)))
     return micro
 
@@ -181,14 +182,14 @@ def _pipeline_inputs(batch: Tensor | TokenBatch | SFTBatch, device: torch.device
     """The whole share's inputs [B, T], the last stage's packed target (LastStageLoss) and the segments."""
     if isinstance(batch, Tensor):
         batch = TokenBatch(batch)
-    tokens_BT1 = batch.tokens_BT1.to(device, non_blocking=True)
-    segment_BT1 = None if batch.segment_BT1 is None else batch.segment_BT1.to(device, non_blocking=True)
+    tokens_BT1 = to_device(batch.tokens_BT1, device)
+    segment_BT1 = None if batch.segment_BT1 is None else to_device(batch.segment_BT1, device)
     loss.has_mask, loss.has_segments = isinstance(batch, SFTBatch), segment_BT1 is not None
     target = tokens_BT1
     if loss.has_mask or loss.has_segments:
         mask_BT1 = torch.zeros_like(tokens_BT1)
         if loss.has_mask:
-            mask_BT1[:, 1:] = batch.mask_BT.to(device, non_blocking=True)
+            mask_BT1[:, 1:] = to_device(batch.mask_BT, device)
         target = torch.stack([tokens_BT1, mask_BT1, tokens_BT1 if segment_BT1 is None else segment_BT1], dim=1)
     return tokens_BT1[:, :-1], target, None if segment_BT1 is None else segment_BT1[:, :-1]
 

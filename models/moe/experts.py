@@ -16,27 +16,33 @@ from moeyard.models.moe.expert_loop import expert_mlp_fused_loop
 from moeyard.models.moe.expert_mlp import ExpertActivation
 from moeyard.models.recompute import selective_checkpoint
 
-GROUPED_MM_MIN_TORCH = (2, 9)
-"""The oldest torch whose grouped GEMM the checks below describe: 2.8 has it on sm90 only and no CPU
-kernel; 2.9 added the sm100 kernel and the loop fallback (pytorch#156203, #161407, #161717). The zero-row
-groups on which releases up to 2.13 hang or return garbage (pytorch#152668, #172439) never reach it:
-padded_groups gives every expert rows."""
+GROUPED_MM_KERNELS = {(2, 8): (9,), (2, 9): (9, 10)}
+"""GPU generations (compute capability major) whose fast grouped-GEMM kernel (CUTLASS, bf16) each torch
+release has: 2.8 sm90 only and no CPU kernel; 2.9 added sm100 and the loop fallback elsewhere (pytorch#156203,
+#161407, #161717); later releases as 2.9. The zero-row groups on which releases up to 2.13 hang or return
+garbage (pytorch#152668, #172439) never reach it: padded_groups gives every expert rows."""
 
 
-def grouped_mm_unsupported(x_SD: Tensor) -> Optional[str]:
+def grouped_mm_unsupported(x_SD: Tensor, torch_version: Optional[str] = None,
+                           capability: Optional[tuple[int, int]] = None) -> Optional[str]:
     """Why `torch._grouped_mm` cannot run these rows well here, or None. Its fast kernel (CUTLASS) takes
-    bfloat16 on sm90/sm100 only; anything else on a GPU is a per-group loop that copies the offsets to the
-    host on every call, so the expert loop is no worse. On CPU it always runs as that loop (tests use it)."""
-    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-    if version < GROUPED_MM_MIN_TORCH:
-        return f"torch {torch.__version__} is older than {'.'.join(map(str, GROUPED_MM_MIN_TORCH))}"
-    if not x_SD.is_cuda:
-        return None
+    bfloat16 on the GPUs of GROUPED_MM_KERNELS only; anything else on a GPU is a per-group loop that copies
+    the offsets to the host on every call, so the expert loop is no worse. On CPU (torch >= 2.9) it always
+    runs as that loop (tests use it). `torch_version`, `capability`: this process's unless given (tests)."""
+    version_text = torch_version or torch.__version__
+    version = tuple(int(part) for part in version_text.split("+")[0].split(".")[:2])
+    oldest = min(GROUPED_MM_KERNELS)
+    if version < oldest:
+        return f"torch {version_text} is older than {'.'.join(map(str, oldest))}"
+    majors = GROUPED_MM_KERNELS[min(version, max(GROUPED_MM_KERNELS))]
+    if not x_SD.is_cuda and capability is None:
+        return None if version >= (2, 9) else f"torch {version_text} has no CPU grouped GEMM (2.9 added one)"
     if x_SD.dtype != torch.bfloat16:
         return f"its fast kernel takes bfloat16 rows, not {x_SD.dtype} (set train.dtype=bfloat16)"
-    major, minor = torch.cuda.get_device_capability(x_SD.device)
-    if major not in (9, 10):
-        return f"its fast kernel needs an sm90 or sm100 GPU, this one is sm{major}{minor}"
+    major, minor = capability or torch.cuda.get_device_capability(x_SD.device)
+    if major not in majors:
+        gpus = " or ".join(f"sm{m}0" for m in majors)
+        return f"torch {version_text}'s fast kernel needs an {gpus} GPU, this one is sm{major}{minor}"
     return None
 
 

@@ -113,7 +113,10 @@ def test_grouped_mm_is_refused_where_it_is_not_sound(monkeypatch: pytest.MonkeyP
     experts = GroupedExperts(4, 16, 32, compute="grouped_mm")
     assert experts.uses_grouped_mm(torch.randn(3, 16))
     monkeypatch.setattr(torch, "__version__", "2.8.0+cu128")
-    with pytest.raises(ValueError, match=r"grouped_mm cannot run here: torch 2.8.0\+cu128 is older than 2.9"):
+    with pytest.raises(ValueError, match=r"grouped_mm cannot run here: torch 2.8.0\+cu128 has no CPU grouped GEMM"):
+        experts.uses_grouped_mm(torch.randn(3, 16))
+    monkeypatch.setattr(torch, "__version__", "2.7.1")
+    with pytest.raises(ValueError, match=r"grouped_mm cannot run here: torch 2.7.1 is older than 2.8"):
         experts.uses_grouped_mm(torch.randn(3, 16))
     assert not GroupedExperts(4, 16, 32, compute="auto").uses_grouped_mm(torch.randn(3, 16))
 
@@ -349,3 +352,16 @@ def test_unpermute_keeps_bf16_rows_for_backward_and_matches_autograd() -> None:
     torch.testing.assert_close(out, ref)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("version,capability,runs", [
+    ("2.8.0+cu128", (9, 0), True), ("2.8.0+cu128", (10, 0), False), ("2.9.1", (10, 0), True),
+    ("2.11.0+cu130", (9, 0), True), ("2.13.0", (8, 0), False), ("2.7.1", (9, 0), False)])
+def test_grouped_gemm_is_taken_where_the_release_has_the_gpus_kernel(version, capability, runs) -> None:
+    """torch 2.8 already has the sm90 kernel (refusing it there cost Hopper users the grouped GEMM)."""
+    rows = torch.empty(1, 8, dtype=torch.bfloat16)
+    reason = grouped_mm_unsupported(rows, version, capability)
+    assert (reason is None) == runs, reason
+    assert grouped_mm_unsupported(rows.float(), version, capability) is not None, "the fast kernel is bf16 only"
+    cpu_kernel = tuple(int(n) for n in version.split("+")[0].split(".")[:2]) >= (2, 9)
+    assert (grouped_mm_unsupported(rows, version) is None) == cpu_kernel, "a CPU kernel from 2.9 on"
