@@ -23,7 +23,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # The weight in the input's dtype: FSDP's mixed precision gathers it in bf16 while the residual
+        # stream stays float32 (models.transformer.residual_stream); mixed dtypes miss the fused kernel.
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 class Attention(nn.Module):

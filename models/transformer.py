@@ -52,6 +52,14 @@ class HeldElsewhere(nn.Module):
         raise RuntimeError("this block is held by another pipeline stage")
 
 
+def residual_stream(x_BTD: Tensor) -> Tensor:
+    """The residual stream's dtype: float32 under autocast on every layout (an embedding table gathered in
+    bf16 by FSDP's mixed precision would otherwise start it in bf16), the weights' own dtype without."""
+    if torch.is_autocast_enabled(x_BTD.device.type) and x_BTD.dtype != torch.float64:
+        return x_BTD.float()
+    return x_BTD
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -227,7 +235,7 @@ class Transformer(nn.Module):
         # A pipeline stage after the first (keep_stage) is given the previous stage's output x_BTD, and the
         # last, for its MTP depths, the token ids too (`stage_tokens_BT`).
         first, last = blocks.start == 0, blocks.stop == self.cfg.n_layers
-        x_BTD = emb_BTD = self.tok_embeddings(tokens_BT) if first else tokens_BT
+        x_BTD = emb_BTD = residual_stream(self.tok_embeddings(tokens_BT)) if first else tokens_BT
         cos, sin, docs = self.position_tables(segment_BT, docs)
         moe_stats: dict[int, MoEStats] = {}
         x_BTD = self.run_layers(x_BTD, blocks, cos, sin, docs, moe_stats)

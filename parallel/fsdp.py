@@ -36,9 +36,12 @@ from moeyard.parallel.shards import expert_shard_dim
 
 def mixed_precision(compute_dtype: torch.dtype, reduce_dtype: torch.dtype) -> MixedPrecisionPolicy:
     """Compute in `compute_dtype` from float32 master weights; reduce gradients in `reduce_dtype` (also
-    under float32 compute: parallel.reduce_dtype=bfloat16 halves the reduce-scatter's bytes there too)."""
+    under float32 compute: parallel.reduce_dtype=bfloat16 halves the reduce-scatter's bytes there too).
+    Inputs are not cast: the residual stream stays float32 under autocast, as on every other layout (a unit
+    casting its input would round it to bf16 at every block); the MoE layer sends its rows in bf16 itself."""
     return MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
-                                reduce_dtype=None if reduce_dtype == compute_dtype else reduce_dtype)
+                                reduce_dtype=None if reduce_dtype == compute_dtype else reduce_dtype,
+                                cast_forward_inputs=False)
 
 
 def apply_fsdp(model: Transformer, pmesh: ParallelMesh, reshard_after_forward: bool = True,

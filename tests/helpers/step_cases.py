@@ -163,9 +163,14 @@ def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, mic
     groups = split_parameters(model)
     sync = FullyShardedSync(groups, pmesh, torch.optim.SGD(model.parameters(), lr=0.0),
                             gather_once_model=model if gather_once else None, reduce_once=reduce_once)
+    residual_dtypes = set()  # what each block is handed: the residual stream
+    hooks = [block.register_forward_pre_hook(lambda module, args: residual_dtypes.add(str(args[0].dtype)))
+             for block in model.layers]
     with counting_collectives() as counts:
         result = train_step(model, sync, tokens[rank * per_rank:(rank + 1) * per_rank],
                             micro_batch_size=micro_batch_size, pmesh=pmesh, lr=0.0, grad_clip=0.0, dtype=dtype)
+    for hook in hooks:
+        hook.remove()
     # A held-out evaluation (no backward) must leave every parameter the sharded DTensor that checkpoints read.
     share = tokens[rank * per_rank:(rank + 1) * per_rank]
     heldout_loss(model, SFTBatch(share, torch.ones_like(share[:, 1:], dtype=torch.bool), torch.ones_like(share),
@@ -192,4 +197,4 @@ def fsdp_step_gradients_match_single_process(rank: int, world: int, ep: int, mic
             "units": sum(isinstance(m, FSDPModule) for m in model.modules()), **counts,
             "shard_numel": sum(p.to_local().numel() for p in model.parameters()),
             "predicted_shard_numel": count_parameters(cfg, ep).fsdp_shard(world, ep)[0],
-            "sharded_after_eval": sharded_after_eval}
+            "sharded_after_eval": sharded_after_eval, "residual_dtypes": sorted(residual_dtypes)}
