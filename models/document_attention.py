@@ -10,8 +10,6 @@ Shape legend (models/__init__.py): B, T, H query heads, J key/value heads, Q hea
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import itertools
 from dataclasses import dataclass
 from typing import Optional
@@ -20,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moeyard.models.attention_kernels import Target, varlen_unsupported, warn_fallback
 from moeyard.models.device_copy import to_device
 
 
@@ -61,30 +60,23 @@ class DocumentSpans:
         return DocumentSpans(tuple(lengths), to_device(bounds, self.cu_seqlens.device))
 
 
-@functools.cache
-def _varlen_api() -> bool:
-    """torch's varlen_attn with causal windows and GQA (2026 releases; older ones lack the module or these
-    arguments, and get the per-document loop)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return False
-    return {"window_size", "enable_gqa"} <= set(inspect.signature(varlen_attn).parameters)
-
-
-def _varlen_kernel_applies(q: Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_api()
-
-
 def document_attention(q_BHTQ: Tensor, k_BJTQ: Tensor, v_BJTQ: Tensor, spans: DocumentSpans,
                        scale: Optional[float] = None) -> Tensor:
     """Causal attention that stays inside each document; [B, H, T, V] out, like SDPA (`scale`: of the
     scores, default Q^-1/2; values may have their own head size V, as in MLA)."""
     B, H, T, Q = q_BHTQ.shape
     gqa = H != k_BJTQ.shape[1]
+    target = Target.of(q_BHTQ)
+    if torch.is_autocast_enabled(q_BHTQ.device.type):
+        # Under autocast q and k may come out of a float32 RMSNorm (qk_norm: torch >= 2.12 runs rms_norm in
+        # float32 under CUDA autocast): all three in the compute dtype, as SDPA's autocast rule casts them.
+        q_BHTQ, k_BJTQ, v_BJTQ = (t.to(target.dtype) for t in (q_BHTQ, k_BJTQ, v_BJTQ))
     q_NHQ, k_NJQ, v_NJQ = (t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[-1])
                            for t in (q_BHTQ, k_BJTQ, v_BJTQ))
-    if _varlen_kernel_applies(q_BHTQ):  # never run here: no GPU in CI (benchmarks/gpu_check.sh runs it)
+    why_not = varlen_unsupported(target)
+    if why_not is not None and target.device_type == "cuda":
+        warn_fallback("packed-document attention (one SDPA per document)", why_not)
+    if why_not is None:  # never run here: no GPU in CI (benchmarks/gpu_check.sh runs it)
         from torch.nn.attention.varlen import varlen_attn
 
         V = v_NJQ.shape[-1]  # flash kernels want one head size: pad MLA's values with zeros, cut them off

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moeyard.models.attention_kernels import Target, mla_pads_values
 from moeyard.models.config import MLAConfig, RopeScalingConfig
 from moeyard.models.document_attention import DocumentSpans, document_attention
 from moeyard.models.layers import RMSNorm
@@ -63,6 +64,15 @@ class LatentAttention(nn.Module):
         if docs is not None:
             out_BHTW = document_attention(q_BHTQ, k_BHTQ, v_BHTW, docs, scale=self.softmax_scale)
         else:
-            out_BHTW = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTW, is_causal=True,
-                                                      scale=self.softmax_scale)
+            out_BHTW = causal_attention(q_BHTQ, k_BHTQ, v_BHTW, self.softmax_scale, mla_pads_values(Target.of(q_BHTQ)))
         return self.wo(out_BHTW.transpose(1, 2).reshape(B, T, H * m.v_head_dim))
+
+
+def causal_attention(q_BHTQ: Tensor, k_BHTQ: Tensor, v_BHTW: Tensor, scale: float, pad_values: bool) -> Tensor:
+    """Causal SDPA with values narrower than queries and keys; `pad_values`: zero-pad them to Q dims so
+    flash applies (models/attention_kernels.py), and cut the output back (zero columns change nothing else)."""
+    W, Q = v_BHTW.shape[-1], q_BHTQ.shape[-1]
+    if not pad_values or W >= Q:
+        return F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTW, is_causal=True, scale=scale)
+    padded = F.pad(v_BHTW, (0, Q - W))
+    return F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, padded, is_causal=True, scale=scale)[..., :W]

@@ -1,25 +1,32 @@
-"""Causal attention with a sliding window and/or attention sinks (GPT-OSS), through SDPA with a mask.
+"""Causal attention with a sliding window and/or attention sinks (GPT-OSS).
 
 A sliding window lets each token see itself and the `window - 1` tokens before it (transformers'
 sliding_window). A sink is a learned logit per query head that joins every softmax's denominator and
-contributes no value: attention mass can go "nowhere". SDPA has no sink argument, so the sink is made a key:
-queries get one extra dim holding sink / scale, a key at the front has 1 there (and 0 elsewhere), the others
-0, and its value is zero; its score is then exactly the sink, for every query, while the other scores are
-unchanged. The key is shared by the kv heads, so grouped-query attention stays grouped on CPU; on a GPU the
-kv heads are expanded and the head size padded to a multiple of 8, so that SDPA can take the boolean
-[T, T + 1] mask (the sink column always open) in its memory-efficient kernel. Never run on a GPU yet: if SDPA
-falls back to its math kernel there, the [B, H, T, T + 1] scores are kept per layer.
+contributes no value: attention mass can go "nowhere".
+
+On a GPU in half precision: FlexAttention, compiled (`flex_local_attention`): the window and packed
+documents are a block mask whose empty blocks are skipped, key/value heads stay shared, and the sink
+rescales the output by its log-sum-exp. Never run on a GPU yet (benchmarks/gpu_check.sh checks it).
+
+Elsewhere (CPU, the tests; or a GPU without it, with a warning): SDPA with a mask. SDPA has no sink
+argument, so the sink is made a key: queries get one extra dim holding sink / scale, a key at the front has
+1 there (and 0 elsewhere), the others 0, and its value is zero; its score is then exactly the sink, for
+every query, while the other scores are unchanged. The key is shared by the kv heads, so grouped-query
+attention stays grouped on CPU; on a GPU the kv heads are expanded and the head size padded to a multiple
+of 8, so that SDPA can take the boolean [T, T + 1] mask in its memory-efficient kernel.
 
 Shape legend (models/__init__.py): B, H query heads, J key/value heads, T, Q head dim, W value head dim.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moeyard.models.attention_kernels import Target, flex_unsupported, warn_fallback
 from moeyard.models.document_attention import DocumentSpans
 
 
@@ -52,7 +59,14 @@ def _one_sequence(q_BHTQ: Tensor, k_BJTQ: Tensor, v_BJTW: Tensor, scale: float, 
 
 def local_attention(q_BHTQ: Tensor, k_BJTQ: Tensor, v_BJTW: Tensor, *, scale: float, window: int = 0,
                     sinks_H: Optional[Tensor] = None, docs: Optional[DocumentSpans] = None) -> Tensor:
-    """Causal attention, [B, H, T, V] out; `window` 0: no window; `docs`: each packed document on its own."""
+    """Causal attention, [B, H, T, V] out; `window` 0: no window; `docs`: each packed document on its own.
+    FlexAttention where it runs fused (models/attention_kernels.py), else SDPA with a mask."""
+    target = Target.of(q_BHTQ)
+    why_not = flex_unsupported(target)
+    if why_not is None:  # never run here: no GPU in CI (benchmarks/gpu_check.sh runs it)
+        return flex_local_attention(q_BHTQ, k_BJTQ, v_BJTW, scale, window, sinks_H, docs)
+    if target.device_type == "cuda":
+        warn_fallback("sink/window attention (SDPA with a boolean mask, key/value heads repeated)", why_not)
     if docs is None:
         return _one_sequence(q_BHTQ, k_BJTQ, v_BJTW, scale, window, sinks_H)
     B, H, T, _ = q_BHTQ.shape
@@ -61,3 +75,54 @@ def local_attention(q_BHTQ: Tensor, k_BJTQ: Tensor, v_BJTW: Tensor, *, scale: fl
                            sinks_H)[0].transpose(0, 1)
              for q, k, v in zip(*(t.split(docs.lengths) for t in flat))]
     return torch.cat(parts).view(B, T, H, -1).transpose(1, 2)
+
+
+def flex_local_attention(q_BHTQ: Tensor, k_BJTQ: Tensor, v_BJTW: Tensor, scale: float, window: int,
+                         sinks_H: Optional[Tensor], docs: Optional[DocumentSpans], compiled: bool = True) -> Tensor:
+    """The same attention through FlexAttention: causal, window and documents as one block mask (blocks
+    outside it are skipped), GQA as is, the sink applied from the log-sum-exp: with a sink s, softmax's
+    denominator gains e^s, so out_sink = out * e^lse / (e^lse + e^s) = out * sigmoid(lse - s).
+    `compiled` False: flex's eager reference (CPU tests; forward only there)."""
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    B, H, T, _ = q_BHTQ.shape
+    if torch.is_autocast_enabled(q_BHTQ.device.type):  # flex is not an autocast op
+        dtype = torch.get_autocast_dtype(q_BHTQ.device.type)
+        q_BHTQ, k_BJTQ, v_BJTW = (t.to(dtype) for t in (q_BHTQ, k_BJTQ, v_BJTW))
+    mask = _block_mask(B if docs is not None else None, T, window, docs.lengths if docs is not None else None,
+                       str(q_BHTQ.device))
+    attend = _compiled_flex() if compiled else flex_attention
+    out_BHTW, aux = attend(q_BHTQ, k_BJTQ, v_BJTW, block_mask=mask, scale=scale,
+                           enable_gqa=H != k_BJTQ.shape[1], return_aux=AuxRequest(lse=True))
+    if sinks_H is None:
+        return out_BHTW
+    keep_BHT = torch.sigmoid(aux.lse - sinks_H.float().view(1, H, 1))
+    return (out_BHTW.float() * keep_BHT.unsqueeze(-1)).to(out_BHTW.dtype)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _block_mask(B: Optional[int], T: int, window: int, lengths: Optional[tuple[int, ...]], device: str):
+    """Which (query, key) blocks to compute: causal, inside the window, inside one document. Layers share
+    it (the cache): one mask per micro-batch and window, not per layer."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc_BT = None
+    if lengths is not None:
+        doc_BT = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).view(B, T).to(device)
+
+    def allowed(b, h, q_idx, kv_idx):
+        keep = kv_idx <= q_idx
+        if window:
+            keep = keep & (q_idx - kv_idx < window)
+        if doc_BT is not None:
+            keep = keep & (doc_BT[b, q_idx] == doc_BT[b, kv_idx])
+        return keep
+
+    return create_block_mask(allowed, B, None, T, T, device=device)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from moeyard.errors import CheckpointError, DataError
 from moeyard.models import Transformer
+from moeyard.models.attention_kernels import Target, kernel_names
 from moeyard.models.meta_init import build_on_meta
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grads.sync import GradSync
@@ -202,6 +203,12 @@ def run_training(cfg: Config, device: torch.device, preemption: Preemption | Non
     if rank == 0:
         print(f"plan ({plan.source}): {plan.summary()}", flush=True)
         (cfg.run_dir / "plan.json").write_text(plan.to_json())
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        m = cfg.model
+        documents = cfg.data.document_mask or cfg.sft.data is not None
+        for line in kernel_names(m.attention, m.attention_sinks, m.sliding_window,
+                                 Target(device.type, dtype, capability), documents):
+            print(line, flush=True)
 
     total = cfg.train.steps
     last = cfg.train.stop_at or total

@@ -74,3 +74,20 @@ def test_offsets_start_at_zero_and_take_no_weight_decay() -> None:
     decayed = {names[id(p)] for g in adamw(model, settings).param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert not decayed & set(offsets)
     assert decayed == {n for n, p in model.named_parameters() if p.dim() >= 2 and n not in offsets}
+
+
+def test_flex_path_matches_the_formula_with_documents_windows_sinks_and_shared_heads() -> None:
+    """The GPU's FlexAttention path (here flex's eager reference, forward only: flex has no CPU backward):
+    the window, the documents and causality as one block mask, the sink from the log-sum-exp."""
+    from moeyard.models.local_attention import flex_local_attention
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g)
+    sinks = torch.randn(4, generator=g)
+    for window, s in ((0, sinks), (3, None), (3, sinks)):
+        got = flex_local_attention(q, k, v, 0.3, window, s, None, compiled=False)
+        torch.testing.assert_close(got, _reference(q, k, v, 0.3, window, s), rtol=1e-5, atol=1e-5)
+    docs = DocumentSpans.from_segments(torch.tensor([[0] * 7 + [1] * 5, [0] * 3 + [1] * 9]))
+    got = flex_local_attention(q, k, v, 0.3, 3, sinks, docs, compiled=False)
+    torch.testing.assert_close(got, local_attention(q, k, v, scale=0.3, window=3, sinks_H=sinks, docs=docs),
+                               rtol=1e-5, atol=1e-5)

@@ -1,0 +1,122 @@
+"""Which fused kernel runs each attention path on this device, named once at start-up, with a one-line
+warning where a path falls back to a slower one.
+
+- causal (grouped-query): SDPA, which picks flash on a GPU in half precision.
+- MLA: SDPA. Flash takes one head size for queries, keys and values; MLA's values (128) are narrower than
+  its queries and keys (192), so on a GPU the values are padded with zeros to 192 and the output cut back
+  (the extra columns cost a third more in the second GEMM; without them only the memory-efficient kernel
+  applies).
+- sinks and sliding windows (GPT-OSS): on a GPU, FlexAttention compiled: the window is block sparsity (a
+  128-token window does T x 128 work, not T^2), key/value heads are shared without repeats, packed
+  documents are one more mask term (no per-document loop), and a sink joins each softmax's denominator
+  through the log-sum-exp flex returns: out_sink = out * sigmoid(lse - sink). Elsewhere, SDPA with a mask.
+- packed documents: `varlen_attn` on a GPU in half precision (2026 releases with window_size and
+  enable_gqa); one SDPA per document elsewhere.
+
+None of the GPU paths has run on a GPU yet (benchmarks/gpu_check.sh checks each kernel's choice and speed).
+The choices read a `Target` so that tests can fake a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+HALF = (torch.float16, torch.bfloat16)
+FLASH_MIN_CAPABILITY = (8, 0)
+"""Flash attention's kernels (SDPA's and FlexAttention's Triton ones) need Ampere or newer."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a kernel choice depends on: device kind, the dtype attention computes in, and the GPU."""
+
+    device_type: str
+    dtype: torch.dtype
+    capability: Optional[tuple[int, int]] = None
+
+    @staticmethod
+    def of(t: Tensor) -> "Target":
+        """Where `t` is and the dtype attention will compute it in (autocast's where it is on)."""
+        device = t.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+        capability = torch.cuda.get_device_capability(t.device) if t.is_cuda else None
+        return Target(device, dtype, capability)
+
+    def flash_capable(self) -> Optional[str]:
+        """Why no flash kernel runs here, or None."""
+        if self.device_type != "cuda":
+            return f"flash kernels run on GPUs, not {self.device_type}"
+        if self.dtype not in HALF:
+            return f"flash kernels take float16/bfloat16, not {self.dtype} (set train.dtype=bfloat16)"
+        if self.capability is not None and self.capability < FLASH_MIN_CAPABILITY:
+            return f"flash kernels need sm80 or newer, this GPU is sm{self.capability[0]}{self.capability[1]}"
+        return None
+
+
+def mla_pads_values(target: Target) -> bool:
+    """MLA pads its values to the query/key head size where that lets flash run."""
+    return target.flash_capable() is None
+
+
+@functools.cache
+def _varlen_api() -> Optional[str]:
+    """Why torch's varlen_attn cannot serve packed documents (with causal windows and GQA), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    missing = {"window_size", "enable_gqa"} - set(inspect.signature(varlen_attn).parameters)
+    return f"torch {torch.__version__}'s varlen_attn lacks {sorted(missing)}" if missing else None
+
+
+def varlen_unsupported(target: Target) -> Optional[str]:
+    """Why packed documents cannot take varlen_attn here, or None."""
+    return target.flash_capable() or _varlen_api()
+
+
+@functools.cache
+def _flex_api() -> Optional[str]:
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no FlexAttention with AuxRequest (2.9 and later do)"
+    return None
+
+
+def flex_unsupported(target: Target) -> Optional[str]:
+    """Why sinks and windows cannot take FlexAttention here, or None (on CPU it runs eagerly, without a
+    backward: the masked SDPA serves there)."""
+    return target.flash_capable() or _flex_api()
+
+
+def kernel_names(attention: str, sinks: bool, window: int, target: Target, documents: bool = True) -> list[str]:
+    """One line per attention path this model takes on `target`, for the start-up log (`documents`: the
+    run packs documents whose attention stays apart)."""
+    fused = target.flash_capable() is None
+    if attention == "mla":
+        lines = ["attention (MLA): SDPA " + ("flash, values padded to the query/key head size" if fused
+                                              else f"(no flash: {target.flash_capable()})")]
+    elif sinks or window:
+        why = flex_unsupported(target)
+        lines = ["attention (sinks/window): " + ("FlexAttention, compiled (window as block sparsity, GQA "
+                                                   "without repeats)" if why is None else
+                                                   f"SDPA with a boolean mask ({why})")]
+    else:
+        lines = ["attention: SDPA " + ("flash" if fused else f"(no flash: {target.flash_capable()})")]
+    if documents and not (sinks or window):
+        why = varlen_unsupported(target)
+        lines.append("packed documents: " + ("varlen_attn, one call per micro-batch" if why is None
+                                             else f"one SDPA per document ({why})"))
+    return lines
+
+
+@functools.cache
+def warn_fallback(path: str, reason: str) -> None:
+    """Say once per process that `path` runs its slower kernel on a GPU, and why."""
+    warnings.warn(f"{path} falls back to a slower kernel on this GPU: {reason}", stacklevel=3)
