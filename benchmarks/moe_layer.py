@@ -63,13 +63,13 @@ CHECK_TOLERANCE = 1e-4
 DS_MODES = {"cf1.25": 1.25, "dropless": None}
 
 
-def planned_chunks(case: Case, pmesh: Any) -> int:
+def planned_chunks(case: Case, pmesh: Any) -> tuple[int, dict[int, float]]:
     """The pipeline degree moeyard's planner picks for this layer: its profiler on these shapes, then the
-    cost model's fastest r for one layer's forward + backward."""
+    cost model's fastest r for one layer's forward + backward; and the predicted ms of each r weighed."""
     from moeyard.models import ModelConfig, MoEConfig
     from moeyard.trainer.scheduler.cost_model import moe_layer_timeline, workload_for
     from moeyard.trainer.scheduler.measured_costs import MeasuredCosts
-    from moeyard.trainer.scheduler.planner import CHUNK_CHOICES
+    from moeyard.trainer.scheduler.planner import CHUNK_CHOICES, worth_leaving
     from moeyard.trainer.scheduler.profiler import measure
 
     world = dist.get_world_size()
@@ -80,7 +80,9 @@ def planned_chunks(case: Case, pmesh: Any) -> int:
     w = workload_for(cfg, tokens=case.tokens, seq_len=seq, ep=world, dp=world, micro_steps=1)
     costs = MeasuredCosts(measure(cfg, w, pmesh, torch.device("cpu"), torch.float32, repeats=3))
     choices = [r for r in CHUNK_CHOICES if r <= max(1, w.routed_rows // case.experts)]
-    return min(choices, key=lambda r: moe_layer_timeline(w, costs, r).makespan)
+    predicted = {r: 1e3 * moe_layer_timeline(w, costs, r).makespan for r in choices}
+    fastest = min(choices, key=predicted.__getitem__)
+    return (fastest if worth_leaving(predicted[1], predicted[fastest]) else 1), predicted
 
 
 def run_case(case: Case, args: argparse.Namespace, pmesh: Any, with_ds: bool) -> dict[str, Any]:
@@ -91,8 +93,9 @@ def run_case(case: Case, args: argparse.Namespace, pmesh: Any, with_ds: bool) ->
     result: dict[str, Any] = {"world": world, **asdict(case)}
 
     want = reference_grads(case, W, x, dy)
-    chunks = 1 if args.sweep else planned_chunks(case, pmesh)
+    chunks, predicted = (1, {}) if args.sweep else planned_chunks(case, pmesh)
     result["planned_chunks"] = chunks
+    result["predicted_ms_by_chunks"] = predicted
     systems: dict[str, Any] = {"moeyard_off": MoeyardLayer(case, W, 1)}
     if chunks > 1:
         systems["moeyard_planned"] = MoeyardLayer(case, W, chunks)
@@ -197,7 +200,7 @@ def entries(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         modes = [m for m in DS_MODES if f"deepspeed_{m}_ms" in r] or [None]
         for mode in modes:
             e = {k: r[k] for k in ("world", "tokens", "experts", "dim", "ffn", "top_k", "planned_chunks",
-                                   "busiest_rank_rows", "floor_ms", "moeyard_off_ms", "moeyard_planned_ms",
+                                   "busiest_rank_rows", "floor_ms", "moeyard_off_ms", "moeyard_planned_ms", "predicted_ms_by_chunks",
                                    "max_rel_error_vs_reference")}
             e["ratio_to_floor"] = {"moeyard_off": r["moeyard_off_ms"] / r["floor_ms"],
                                    "moeyard_planned": r["moeyard_planned_ms"] / r["floor_ms"]}
