@@ -1,59 +1,91 @@
 #!/usr/bin/env bash
-# The device check: one script for a lent GPU, under 8 minutes, each step under `timeout`, a report file.
-#   bash benchmarks/gpu_check.sh                  # on the GPU machine; report: benchmarks/results/gpu_check.md
-#   bash benchmarks/gpu_check.sh --smoke          # CPU, tiny shapes: checks the script itself (the suite runs it)
-#   bash benchmarks/gpu_check.sh --report FILE
-# Steps: (1) grouped-GEMM probe, counts with zeros, vs a float32 loop; (2) the GPU-only tests and the host
-# sync count under torch.cuda.set_sync_debug_mode; (3) a Mixtral-shaped MoE layer fwd+bwd (time, memory);
-# (4) `moeyard train` on one device, stopped at step 10 and resumed to 20; (5) peak memory of the same run
-# with replicated (plain) vs FSDP2-sharded state. A failed step is reported and the next one still runs;
-# the exit status is the number of failed steps.
-# The whole run stays inside GPU_CHECK_BUDGET_S (default 470 s): each step gets what is left, at most
-# its own limit. PYTHON (default python3) is the interpreter that has torch.
+# The device check: one script for a lent GPU machine, offline, each step under `timeout`, a report file.
+#   bash benchmarks/gpu_check.sh                       # one GPU; report: benchmarks/results/gpu_check.md
+#   bash benchmarks/gpu_check.sh --gpus 8              # also the multi-GPU steps (NCCL), when N >= 2
+#   bash benchmarks/gpu_check.sh --smoke [--gpus 2]    # CPU (gloo ranks), tiny shapes: checks the script itself
+#   bash benchmarks/gpu_check.sh --python /usr/bin/python3 --report FILE --budget 470
+# Steps: (1) grouped-GEMM probe, counts with zeros, vs a float32 loop; (2) the host sync count under
+# torch.cuda.set_sync_debug_mode and the GPU-only tests; (3) a Mixtral-shaped MoE layer fwd+bwd (time,
+# memory); (4) `moeyard train` on one device, stopped and resumed; (5) peak memory with replicated vs
+# FSDP2-sharded state; (6) each attention path (MLA, sinks + window, packed documents): the kernel chosen,
+# its output against the unfused path, its speed against plain causal attention of the same size. With
+# --gpus N >= 2: (7) NCCL all-to-all, flat and hierarchical, against the one-device layer; (8) peak memory per
+# rank, replicated vs FSDP2 over N ranks; (9) the pipelined exchange's overlap, r = 2 and 4 against r = 1.
+# Offline: moeyard is imported from this clone (a folder of links on PYTHONPATH: nothing is installed or
+# fetched); a step whose Python modules are missing is skipped, naming them. A failed step is reported and
+# the next one still runs. The step limits are scaled to fit the budget (default 470 s), so the whole run
+# holds it. Exit status: the number of failed steps.
 set -uo pipefail
 SMOKE=0
 REPORT=
+GPUS=1
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
     --report) REPORT="$(realpath -m "$2")"; shift ;;
-    *) echo "unknown argument $1 (use --smoke, --report FILE)" >&2; exit 2 ;;
+    --gpus) GPUS=$2; shift ;;
+    --python) PY=$2; shift ;;
+    --budget) BUDGET=$2; shift ;;
+    *) echo "unknown argument $1 (use --smoke, --gpus N, --python PY, --budget S, --report FILE)" >&2; exit 2 ;;
   esac
   shift
 done
+case "$GPUS" in ''|*[!0-9]*) echo "--gpus takes a whole number of GPUs, not '$GPUS'" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 REPORT=${REPORT:-$PWD/benchmarks/results/gpu_check.md}
-PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-470}
-# The repository's own moeyard/ folder imports from anywhere here; the installed package is what has
-# moeyard.models. A bare device machine has no network: no build isolation, no dependencies.
-if ! "$PY" -c "import moeyard.models, moeyard.launch.cli" 2>/dev/null; then
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e . || { echo "cannot install moeyard with $PY" >&2; exit 2; }
-fi
-DEVICE=cuda; LAYER=(); TOTAL=20; STOP=10
-if [ "$SMOKE" = 1 ]; then DEVICE=cpu; LAYER=(--smoke); TOTAL=4; STOP=2; fi
+command -v "$PY" > /dev/null || { echo "no Python at '$PY' (give one with --python)" >&2; exit 2; }
+"$PY" -c "import torch" 2>/dev/null || { echo "$PY cannot import torch: give the Python that has it (--python)" >&2; exit 2; }
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
+# moeyard from this clone, as pyproject's package-dir maps it, without pip: nothing to fetch or build.
+"$PY" - "$WORK/pkg" <<'PY' || { echo "cannot lay out moeyard from this clone" >&2; exit 2; }
+import os, re, sys
+root, pkg = os.getcwd(), sys.argv[1]
+text = open("pyproject.toml").read().split("[tool.setuptools.package-dir]")[1].split("\n[")[0]
+for name, folder in re.findall(r'"(moeyard(?:\.\w+)?)"\s*=\s*"([^"]+)"', text):
+    if name == "moeyard":
+        os.makedirs(f"{pkg}/moeyard")
+        for f in os.listdir(folder):
+            if f != "__pycache__":
+                os.symlink(f"{root}/{folder}/{f}", f"{pkg}/moeyard/{f}")
+for name, folder in re.findall(r'"(moeyard(?:\.\w+)?)"\s*=\s*"([^"]+)"', text):
+    if name != "moeyard":
+        os.symlink(f"{root}/{folder}", f"{pkg}/moeyard/{name.split('.')[1]}")
+PY
+export PYTHONPATH="$WORK/pkg${PYTHONPATH:+:$PYTHONPATH}"
+DEVICE=cuda; SMOKE_FLAG=(); TOTAL=20; STOP=10
+if [ "$SMOKE" = 1 ]; then DEVICE=cpu; SMOKE_FLAG=(--smoke); TOTAL=4; STOP=2; fi
 export WORK TOTAL STOP PY
 mkdir -p "$(dirname "$REPORT")"
 FAILED=0
+SKIPPED=0
 {
   echo "# moeyard device check, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
-  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown); device: $DEVICE; smoke: $SMOKE"
-  "$PY" -c "import torch; print('- torch', torch.__version__, '| cuda', torch.version.cuda, '|',
-    torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown); device: $DEVICE; gpus: $GPUS; smoke: $SMOKE; budget: ${BUDGET}s"
+  "$PY" -c "import sys, torch; print('- python', sys.version.split()[0], '| torch', torch.__version__, '| cuda',
+    torch.version.cuda, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
   [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 } > "$REPORT" 2>&1
 
-step() {  # step "title" SECONDS command...
-  local title=$1 limit=$2; shift 2
-  local log="$WORK/step.log" start=$SECONDS status left=$((BUDGET - SECONDS - 10))
-  [ "$left" -lt "$limit" ] && limit=$left
-  if [ "$limit" -lt 5 ]; then
-    FAILED=$((FAILED + 1))
-    { echo; echo "## $title: SKIPPED (the ${BUDGET}s budget is spent)"; } >> "$REPORT"
-    echo "$title: SKIPPED"
+# Each step: title, its share of the budget (seconds at the default 470 s, the same numbers as the step
+# lines below, scaled so that they add up to --budget), the Python modules it needs, then its command.
+STEPS_S=(40 50 50 60 80 60 50)
+[ "$GPUS" -ge 2 ] && STEPS_S+=(60 50 60)
+SHARES=0; for s in "${STEPS_S[@]}"; do SHARES=$((SHARES + s)); done
+SCALE_NUM=$((BUDGET - 20)); SCALE_DEN=$SHARES  # 20 s for the report and the layout above
+
+step() {  # step "title" SHARE_S "module module" command...
+  local title=$1 share=$2 needs=$3; shift 3
+  local log="$WORK/step.log" start=$SECONDS status limit=$((share * SCALE_NUM / SCALE_DEN))
+  local missing
+  missing=$("$PY" -c "import importlib.util, sys; print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))" $needs)
+  if [ -n "$missing" ]; then
+    SKIPPED=$((SKIPPED + 1))
+    { echo; echo "## $title: SKIPPED (missing Python modules: $missing; install them into $PY)"; } >> "$REPORT"
+    echo "$title: SKIPPED (missing $missing)"
     return
   fi
   timeout --kill-after=5 "$limit" "$@" > "$log" 2>&1
@@ -62,7 +94,7 @@ step() {  # step "title" SECONDS command...
   [ $status -eq 124 ] || [ $status -eq 137 ] && verdict="TIMEOUT after ${limit}s (or killed: exit $status)"
   [ $status -ne 0 ] && [ "$verdict" = PASS ] && verdict="FAIL (exit $status)"
   [ "$verdict" != PASS ] && FAILED=$((FAILED + 1))
-  { echo; echo "## $title: $verdict in $((SECONDS - start))s"; echo; echo '```'; tail -n 25 "$log"; echo '```'; } \
+  { echo; echo "## $title: $verdict in $((SECONDS - start))s (limit ${limit}s)"; echo; echo '```'; tail -n 25 "$log"; echo '```'; } \
     >> "$REPORT"
   echo "$title: $verdict"
 }
@@ -105,17 +137,28 @@ state_memory() {  # the replicated run is step 4's first process (parallel.fsdp=
 }
 
 export -f train train_stop_resume row_at_stop state_memory
-step "1. grouped-GEMM probe (counts with zeros vs a float32 loop)" 60 "$PY" benchmarks/gpu_probe.py grouped --device $DEVICE
-step "2a. host syncs of a MoE layer fwd+bwd (sync debug mode)" 60 "$PY" benchmarks/gpu_probe.py syncs --device $DEVICE
+TRAIN_NEEDS="yaml safetensors numpy"
+step "1. grouped-GEMM probe (counts with zeros vs a float32 loop)" 40 "" "$PY" benchmarks/gpu_probe.py grouped --device $DEVICE
+step "2a. host syncs of a MoE layer fwd+bwd (sync debug mode)" 50 "" "$PY" benchmarks/gpu_probe.py syncs --device $DEVICE
 if [ "$SMOKE" = 0 ]; then
   # One process, without the suite's xdist workers (addopts): the device's Python has no pytest-xdist.
-  step "2b. GPU-only tests" 90 "$PY" -m pytest -q -p no:cacheprovider -o "addopts=--import-mode=importlib -ra" \
-    -k "cuda or gpu" tests/unit/models
+  step "2b. GPU-only tests" 50 "pytest hypothesis" "$PY" -m pytest -q -p no:cacheprovider \
+    -o "addopts=--import-mode=importlib -ra" -k "cuda or gpu" tests/unit/models
 fi
-step "3. Mixtral-shaped MoE layer fwd+bwd" 120 "$PY" benchmarks/moe_layer_gpu.py --device $DEVICE --no-mfu \
-  "${LAYER[@]}" --out "$WORK/moe_layer"
-step "4. moeyard train on one device, stop at $STOP, resume to $TOTAL" 150 bash -c train_stop_resume
-step "5. peak memory, replicated vs FSDP2-sharded state" 120 bash -c state_memory
-echo "report: $REPORT ($FAILED failed, ${SECONDS}s)"
-echo "- total: ${SECONDS}s, $FAILED step(s) not passed" >> "$REPORT"
+step "3. Mixtral-shaped MoE layer fwd+bwd" 60 "" "$PY" benchmarks/moe_layer_gpu.py --device $DEVICE --no-mfu \
+  "${SMOKE_FLAG[@]}" --out "$WORK/moe_layer"
+step "4. moeyard train on one device, stop at $STOP, resume to $TOTAL" 80 "$TRAIN_NEEDS" bash -c train_stop_resume
+step "5. peak memory, replicated vs FSDP2-sharded state" 60 "$TRAIN_NEEDS" bash -c state_memory
+step "6. attention paths: kernel chosen, output, speed vs plain causal" 50 "" "$PY" benchmarks/gpu_probe.py attention \
+  --device $DEVICE "${SMOKE_FLAG[@]}"
+if [ "$GPUS" -ge 2 ]; then
+  step "7. $GPUS ranks: NCCL all-to-all, flat and hierarchical, vs one device" 60 "" "$PY" benchmarks/gpu_multi.py \
+    exchange --nproc "$GPUS" --device $DEVICE "${SMOKE_FLAG[@]}"
+  step "8. $GPUS ranks: peak memory per rank, replicated vs FSDP2" 50 "" "$PY" benchmarks/gpu_multi.py fsdp \
+    --nproc "$GPUS" --device $DEVICE "${SMOKE_FLAG[@]}"
+  step "9. $GPUS ranks: pipelined exchange overlap, r = 2 and 4 vs r = 1" 60 "" "$PY" benchmarks/gpu_multi.py overlap \
+    --nproc "$GPUS" --device $DEVICE "${SMOKE_FLAG[@]}"
+fi
+echo "report: $REPORT ($FAILED failed, $SKIPPED skipped, ${SECONDS}s)"
+echo "- total: ${SECONDS}s of ${BUDGET}s, $FAILED step(s) failed, $SKIPPED skipped for missing modules" >> "$REPORT"
 exit $FAILED

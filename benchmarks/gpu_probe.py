@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_probe.py grouped [--device cpu]   # padded grouped GEMM vs a float32 loop
     python benchmarks/gpu_probe.py syncs [--device cpu]     # MoE layer fwd+bwd under sync debug mode
+    python benchmarks/gpu_probe.py attention [--device cpu --smoke]  # each attention path's kernel and speed
 
 grouped: row counts with zeros (and one expert holding most rows) through `expert_mlp_grouped_mm` in the
 device's compute dtype (bf16 on CUDA, float32 on CPU) against the float32 reference, for SwiGLU experts and
@@ -96,12 +97,114 @@ def syncs(device: torch.device) -> dict:
             "ok": not found}
 
 
+def _timed_ms(fn, device: torch.device, reps: int) -> float:
+    """Median ms of fn() over `reps` after one warm-up (which also compiles)."""
+    import time
+
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(1e3 * (time.perf_counter() - start))
+    return sorted(times)[len(times) // 2]
+
+
+def attention(device: torch.device, smoke: bool = False) -> dict:
+    """Each attention path (MLA's narrower values, GPT-OSS's sinks + window 128, packed documents) at one
+    size: the kernel the start-up log names, whether a fallback warning fired, its output against the
+    unfused path of the same device, and fwd+bwd ms against plain causal SDPA of the same size."""
+    import torch.nn.functional as F
+
+    from moeyard.models.attention_kernels import Target, flex_unsupported, kernel_names, varlen_unsupported
+    from moeyard.models.document_attention import DocumentSpans, document_attention
+    from moeyard.models.latent_attention import causal_attention
+    from moeyard.models.local_attention import _one_sequence, local_attention
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    B, H, J, T = (1, 4, 2, 256) if smoke else (2, 64, 8, 4096)
+    target = Target.of(torch.empty(0, device=device, dtype=dtype))
+    reps = 2 if smoke else 10
+
+    def leaves(*shapes):
+        return [torch.randn(*shape, device=device, dtype=dtype).requires_grad_() for shape in shapes]
+
+    def fwd_bwd(fn, inputs):
+        def run():
+            for t in inputs:
+                t.grad = None
+            fn(*inputs).float().square().mean().backward()
+        return run
+
+    paths = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # MLA: q/k 192 dims, values 128.
+        q, k, v = leaves((B, H, T, 192), (B, H, T, 192), (B, H, T, 128))
+        fused = causal_attention(q, k, v, 192 ** -0.5, target.flash_capable() is None)
+        plain_out = causal_attention(q, k, v, 192 ** -0.5, False)
+        paths["mla"] = {"kernel": kernel_names("mla", False, 0, target, documents=False)[0],
+                        "rel_err": _rel(fused, plain_out),
+                        "ms": _timed_ms(fwd_bwd(lambda *t: causal_attention(*t, 192 ** -0.5, target.flash_capable() is None),
+                                                [q, k, v]), device, reps),
+                        "plain_causal_ms": _timed_ms(fwd_bwd(lambda *t: F.scaled_dot_product_attention(
+                            *t, is_causal=True), leaves((B, H, T, 192), (B, H, T, 192), (B, H, T, 192))), device, reps)}
+        # GPT-OSS: GQA, head dim 64, window 128, sinks.
+        q, k, v = leaves((B, H, T, 64), (B, J, T, 64), (B, J, T, 64))
+        sinks = torch.zeros(H, device=device, requires_grad=True)
+        local = local_attention(q, k, v, scale=0.125, window=128, sinks_H=sinks)
+        masked = _one_sequence(q, k, v, 0.125, 128, sinks)
+        plain = fwd_bwd(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=True),
+                        leaves((B, H, T, 64), (B, J, T, 64), (B, J, T, 64)))
+        paths["sinks_window"] = {
+            "kernel": kernel_names("gqa", True, 128, target, documents=False)[0], "rel_err": _rel(local, masked),
+            "ms": _timed_ms(fwd_bwd(lambda *t: local_attention(*t, scale=0.125, window=128, sinks_H=sinks),
+                                    [q, k, v]), device, reps),
+            "plain_causal_ms": _timed_ms(plain, device, reps)}
+        # Packed documents: 8 per row.
+        segment = torch.arange(8).repeat_interleave(T // 8).repeat(B, 1)
+        docs = DocumentSpans.from_segments(segment, device)
+        q, k, v = leaves((B, H, T, 128), (B, J, T, 128), (B, J, T, 128))
+        packed = document_attention(q, k, v, docs)
+        alone = torch.cat([F.scaled_dot_product_attention(q[:, :, a:a + T // 8], k[:, :, a:a + T // 8],
+                                                          v[:, :, a:a + T // 8], is_causal=True, enable_gqa=True)
+                           for a in range(0, T, T // 8)], dim=2)
+        paths["documents"] = {
+            "kernel": kernel_names("gqa", False, 0, target)[1], "rel_err": _rel(packed, alone),
+            "ms": _timed_ms(fwd_bwd(lambda *t: document_attention(*t, docs), [q, k, v]), device, reps),
+            "plain_causal_ms": _timed_ms(fwd_bwd(lambda *t: F.scaled_dot_product_attention(
+                *t, is_causal=True, enable_gqa=True), leaves((B, H, T, 128), (B, J, T, 128), (B, J, T, 128))),
+                device, reps)}
+    fallbacks = sorted({str(w.message) for w in caught if "falls back" in str(w.message)})
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for path in paths.values():
+        path["vs_plain_causal"] = path["ms"] / path["plain_causal_ms"]
+    on_gpu = device.type == "cuda"
+    unfused = {"mla": target.flash_capable(), "sinks_window": flex_unsupported(target),
+               "documents": varlen_unsupported(target)}
+    for name, why in unfused.items():
+        paths[name]["fused"] = why is None
+    fused_named = all(why is None for why in unfused.values()) if on_gpu else True
+    return {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu", "dtype": str(dtype),
+            "shape": {"B": B, "H": H, "J": J, "T": T}, "paths": paths, "fallback_warnings": fallbacks,
+            "ok": all(p["rel_err"] < tolerance for p in paths.values()) and not (on_gpu and fallbacks)
+            and fused_named}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("check", choices=["grouped", "syncs"])
+    parser.add_argument("check", choices=["grouped", "syncs", "attention"])
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="attention: tiny shapes")
     args = parser.parse_args()
-    result = {"grouped": grouped, "syncs": syncs}[args.check](torch.device(args.device))
+    device = torch.device(args.device)
+    result = attention(device, args.smoke) if args.check == "attention" else \
+        {"grouped": grouped, "syncs": syncs}[args.check](device)
     print(json.dumps(result))
     sys.exit(0 if result["ok"] else 1)
 

@@ -47,6 +47,10 @@ class Weights:
         return tuple(w[rank * L:(rank + 1) * L] for w in (self.gate_EDF, self.up_EDF, self.down_EFD))
 
 
+def weights_on(W: Weights, device: torch.device) -> Weights:
+    return Weights(*(t.to(device) for t in (W.router_ED, W.gate_EDF, W.up_EDF, W.down_EFD)))
+
+
 def make_weights(case: Case, seed: int = 0) -> Weights:
     g = torch.Generator().manual_seed(seed)
     E, D, Fh = case.experts, case.dim, case.ffn
@@ -96,7 +100,7 @@ def reference_grads(case: Case, W: Weights, x: Tensor, dy: Tensor) -> dict[str, 
 def max_rel_error(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
     """Largest |got - want| over each tensor's largest |want|, over all tensors, all ranks."""
     worst = max(float((got[k] - want[k]).abs().max() / want[k].abs().max().clamp(min=1e-30)) for k in want)
-    t = torch.tensor([worst], dtype=torch.float64)
+    t = torch.tensor([worst], dtype=torch.float64, device=next(iter(want.values())).device)  # NCCL: on the GPU
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
@@ -106,16 +110,19 @@ def max_rel_error(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
 class MoeyardLayer:
     """moeyard's MoE layer with this rank's expert shard and the all-to-all exchange (r chunks)."""
 
-    def __init__(self, case: Case, W: Weights, chunks: int) -> None:
-        cfg = MoEConfig(num_experts=case.experts, top_k=case.top_k, ffn_dim=case.ffn, expert_compute="loop",
+    def __init__(self, case: Case, W: Weights, chunks: int, exchange: Optional[ExpertParallelExchange] = None,
+                 compute: str = "loop") -> None:
+        """`exchange`: another than the flat one over the world (hierarchical); `compute`: the experts'
+        (model.moe.expert_compute). On W's device."""
+        cfg = MoEConfig(num_experts=case.experts, top_k=case.top_k, ffn_dim=case.ffn, expert_compute=compute,
                         aux_loss_coef=0.0, z_loss_coef=0.0)
-        self.moe = MoE(case.dim, cfg)
+        self.moe = MoE(case.dim, cfg).to(W.router_ED.device)
         gate, up, down = W.local(dist.get_rank(), dist.get_world_size())
         self.moe.router.weight_ED = nn.Parameter(W.router_ED.clone())
         self.moe.experts.w_gate_EDF = nn.Parameter(gate.clone())
         self.moe.experts.w_up_EDF = nn.Parameter(up.clone())
         self.moe.experts.w_down_EFD = nn.Parameter(down.clone())
-        self.moe.exchange = ExpertParallelExchange(dist.group.WORLD, dist.group.WORLD, chunks=chunks)
+        self.moe.exchange = exchange or ExpertParallelExchange(dist.group.WORLD, dist.group.WORLD, chunks=chunks)
 
     def step(self, x: Tensor, dy: Tensor) -> dict[str, Tensor]:
         for p in self.moe.parameters():

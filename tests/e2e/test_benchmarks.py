@@ -85,16 +85,22 @@ def test_soak_smoke_survives_repeated_kills_bit_exact(tmp_path: Path) -> None:
 
 
 def test_gpu_check_script_smoke_on_cpu(tmp_path: Path) -> None:
-    """benchmarks/gpu_check.sh --smoke: every step of the device check runs and passes on CPU (grouped-GEMM
-    probe with empty experts, the layer benchmark, a stopped and resumed train, plain vs fsdp), and the
-    report names each step's verdict."""
+    """benchmarks/gpu_check.sh --smoke --gpus 2: every step of the device check runs and passes on CPU, the
+    multi-GPU ones on 2 gloo ranks (grouped-GEMM probe with empty experts, the layer benchmark, a stopped
+    and resumed train, plain vs fsdp, the attention paths; the exchange against the one-device layer, fsdp
+    memory per rank, the pipelined exchange), moeyard taken from the clone without pip, within the budget;
+    the report names each step's verdict."""
     report = tmp_path / "gpu_check.md"
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--report", str(report)],
-                          capture_output=True, text=True, timeout=420)
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--gpus", "2", "--budget",
+                           "300", "--report", str(report)], capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + report.read_text()[-4000:]
     text = report.read_text()
     for title in ("1. grouped-GEMM probe", "2a. host syncs", "3. Mixtral-shaped", "4. moeyard train",
-                  "5. peak memory"):
+                  "5. peak memory", "6. attention paths", "7. 2 ranks: NCCL all-to-all", "8. 2 ranks: peak memory",
+                  "9. 2 ranks: pipelined exchange"):
         assert f"## {title}" in text and text.split(f"## {title}")[1].split("\n")[0].count(": PASS") == 1, title
     assert '"empty_experts_zero_grad": true' in text and "steps logged: 1 .. 4" in text
     assert "parallel.fsdp=false: peak_memory_gb" in text and "parallel.fsdp=true: peak_memory_gb" in text
+    assert '"hierarchical r=2": ' in text and '"sinks_window": {"kernel": "attention (sinks/window)' in text
+    limits = [int(line.split("(limit ")[1].split("s)")[0]) for line in text.splitlines() if "(limit " in line]
+    assert len(limits) == 9 and sum(limits) <= 300, limits
