@@ -70,6 +70,12 @@ SKIPPED=0
   [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 } > "$REPORT" 2>&1
 
+# From here on the steps run outside the clone: `python -m` and `-c` put the working directory first on
+# sys.path, where the clone's own moeyard/ folder (the package root without its sub-packages) would shadow
+# the laid-out package.
+REPO=$PWD
+cd "$WORK"
+
 # Each step: title, its share of the budget (seconds at the default 470 s, the same numbers as the step
 # lines below, scaled so that they add up to --budget), the Python modules it needs, then its command.
 STEPS_S=(40 50 50 60 80 60 50)
@@ -138,25 +144,25 @@ state_memory() {  # the replicated run is step 4's first process (parallel.fsdp=
 
 export -f train train_stop_resume row_at_stop state_memory
 TRAIN_NEEDS="yaml safetensors numpy"
-step "1. grouped-GEMM probe (counts with zeros vs a float32 loop)" 40 "" "$PY" benchmarks/gpu_probe.py grouped --device $DEVICE
-step "2a. host syncs of a MoE layer fwd+bwd (sync debug mode)" 50 "" "$PY" benchmarks/gpu_probe.py syncs --device $DEVICE
+step "1. grouped-GEMM probe (counts with zeros vs a float32 loop)" 40 "" "$PY" "$REPO"/benchmarks/gpu_probe.py grouped --device $DEVICE
+step "2a. host syncs of a MoE layer fwd+bwd (sync debug mode)" 50 "" "$PY" "$REPO"/benchmarks/gpu_probe.py syncs --device $DEVICE
 if [ "$SMOKE" = 0 ]; then
   # One process, without the suite's xdist workers (addopts): the device's Python has no pytest-xdist.
   step "2b. GPU-only tests" 50 "pytest hypothesis" "$PY" -m pytest -q -p no:cacheprovider \
-    -o "addopts=--import-mode=importlib -ra" -k "cuda or gpu" tests/unit/models
+    -o "addopts=--import-mode=importlib -ra" -k "cuda or gpu" "$REPO"/tests/unit/models
 fi
-step "3. Mixtral-shaped MoE layer fwd+bwd" 60 "" "$PY" benchmarks/moe_layer_gpu.py --device $DEVICE --no-mfu \
+step "3. Mixtral-shaped MoE layer fwd+bwd" 60 "" "$PY" "$REPO"/benchmarks/moe_layer_gpu.py --device $DEVICE --no-mfu \
   "${SMOKE_FLAG[@]}" --out "$WORK/moe_layer"
 step "4. moeyard train on one device, stop at $STOP, resume to $TOTAL" 80 "$TRAIN_NEEDS" bash -c train_stop_resume
 step "5. peak memory, replicated vs FSDP2-sharded state" 60 "$TRAIN_NEEDS" bash -c state_memory
-step "6. attention paths: kernel chosen, output, speed vs plain causal" 50 "" "$PY" benchmarks/gpu_probe.py attention \
+step "6. attention paths: kernel chosen, output, speed vs plain causal" 50 "" "$PY" "$REPO"/benchmarks/gpu_probe.py attention \
   --device $DEVICE "${SMOKE_FLAG[@]}"
 if [ "$GPUS" -ge 2 ]; then
-  step "7. $GPUS ranks: NCCL all-to-all, flat and hierarchical, vs one device" 60 "" "$PY" benchmarks/gpu_multi.py \
+  step "7. $GPUS ranks: NCCL all-to-all, flat and hierarchical, vs one device" 60 "" "$PY" "$REPO"/benchmarks/gpu_multi.py \
     exchange --nproc "$GPUS" --device $DEVICE "${SMOKE_FLAG[@]}"
-  step "8. $GPUS ranks: peak memory per rank, replicated vs FSDP2" 50 "" "$PY" benchmarks/gpu_multi.py fsdp \
+  step "8. $GPUS ranks: peak memory per rank, replicated vs FSDP2" 50 "" "$PY" "$REPO"/benchmarks/gpu_multi.py fsdp \
     --nproc "$GPUS" --device $DEVICE "${SMOKE_FLAG[@]}"
-  step "9. $GPUS ranks: pipelined exchange overlap, r = 2 and 4 vs r = 1" 60 "" "$PY" benchmarks/gpu_multi.py overlap \
+  step "9. $GPUS ranks: pipelined exchange overlap, r = 2 and 4 vs r = 1" 60 "" "$PY" "$REPO"/benchmarks/gpu_multi.py overlap \
     --nproc "$GPUS" --device $DEVICE "${SMOKE_FLAG[@]}"
 fi
 echo "report: $REPORT ($FAILED failed, $SKIPPED skipped, ${SECONDS}s)"
