@@ -123,13 +123,16 @@ class Workload:
 
     def cross_node_bytes(self, dispatch: str) -> float:
         """Bytes one dispatch sends off this rank's machine: flat, every copy bound for another machine;
-        hierarchical, one row per (token, other machine), packed with its copies' weights and expert ids
-        (the combine's partial sums come back without them; charged at the same size, a small overestimate)."""
+        hierarchical, one row per (token, other machine), packed with its copies' weights (float32 exact: 3
+        columns each in 2-byte rows) and expert ids (the combine's partial sums come back without them;
+        charged at the same size, a small overestimate)."""
         M = self.ep_nodes
         if dispatch == "flat":
             return self.routed_rows * (M - 1) / M * self.dim * self.act_bytes
         slots = min(self.top_k, self.num_experts // M)
-        return self.tokens * self.nodes_per_token * (M - 1) / M * (self.dim + 2 * slots) * self.act_bytes
+        weight_columns = 1 if self.act_bytes >= 4 else 3  # parallel/exchange/hierarchical.weight_parts
+        return (self.tokens * self.nodes_per_token * (M - 1) / M * (self.dim + (weight_columns + 1) * slots)
+                * self.act_bytes)
 
     @property
     def in_node_bytes(self) -> float:
