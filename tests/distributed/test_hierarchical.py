@@ -24,6 +24,13 @@ def test_hierarchical_equals_flat_and_sends_each_token_once_per_machine() -> Non
         skewed = r["traffic"]["skewed/None"]
         assert skewed["hier_rows"] < skewed["flat_rows"], "skewed routing puts some tokens' 2 copies on one machine"
     assert any(r["traffic"]["skewed/1.0"]["dropped"] > 0 for r in results), "capacity dropped nothing"
+    # Every split size of both stages in one host copy (was 2 + 2 per chunk: unique, nonzero, and the
+    # node stage's own count exchange), the expert loop (host counts) and the grouped GEMM (device counts).
+    for r in results:
+        hierarchical = {case: counted for case, counted in r["host_syncs"].items() if case.startswith("hier")}
+        assert {"hierarchical/auto/1", "hierarchical/auto/2", "hierarchical/grouped_mm/2"} <= set(hierarchical)
+        for case, (forward, backward, where) in hierarchical.items():
+            assert (forward, backward) == (1, 0), (case, where)
 
 
 def test_hierarchical_under_bf16_autocast() -> None:

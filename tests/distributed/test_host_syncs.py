@@ -1,6 +1,6 @@
 """The GPU path's host-sync budget, counted on CPU (helpers.host_syncs): none per MoE layer at ep=1, one
-per layer forward at ep>1 (the split sizes), whatever the pipeline degree and flat or hierarchical; none
-in backward. Capacity
+per layer forward at ep>1 (the split sizes), whatever the pipeline degree; none in backward (hierarchical
+dispatch: tests/distributed/test_hierarchical.py). Capacity
 mode adds one per layer (how many copies are kept is data)."""
 from __future__ import annotations
 
@@ -54,10 +54,3 @@ def test_ep2_layers_wait_once_for_the_split_sizes(chunks, capacity_factor, per_l
         assert result["forward"] == per_layer * LAYERS, result["where"]
         assert result["backward"] == 0, result["where"]
 
-
-def test_hierarchical_layers_wait_once_for_both_stages_split_sizes() -> None:
-    """Across machines and then inside one: every split size of both stages in the layer's one host copy."""
-    for result in run_distributed(sync_cases.count_hierarchical_steps, 4, timeout_s=240):
-        for case, counted in result.items():
-            assert counted["forward"] == LAYERS, (case, counted["where"])
-            assert counted["backward"] == 0, (case, counted["where"])

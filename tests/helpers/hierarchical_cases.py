@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from helpers.exchange_cases import D, E, F, K, T, skewed_routing
+from helpers.host_syncs import counting_host_syncs
 from moeyard.models import GroupedExperts
 from moeyard.models.moe.permutation import expert_capacity, plan_permutation
 from moeyard.models.moe.routers import limit_to_best_blocks
@@ -35,7 +36,8 @@ def expected_cross_rows(perm, node_index: int, nodes: int) -> tuple[int, int]:
 
 def hierarchical_matches_flat(rank: int, world: int) -> dict:
     """Hierarchical vs flat (r=1): outputs, input, routing-weight and expert gradients, dropless and with
-    capacity, skewed and node-limited routing, chunks 1 and 2; and the counted cross-machine rows."""
+    capacity, skewed and node-limited routing, chunks 1 and 2; the counted cross-machine rows; and the host
+    syncs of each exchange's forward and backward (helpers.host_syncs)."""
     pmesh = build_mesh(world, "cpu", ranks_per_node=RANKS_PER_NODE)
     groups = NodeGroups(pmesh.node_group, pmesh.cross_group)
     nodes = world // RANKS_PER_NODE
@@ -48,12 +50,17 @@ def hierarchical_matches_flat(rank: int, world: int) -> dict:
         for p in experts.parameters():
             p.copy_(torch.randn(p.shape, generator=wg) * 0.2)
 
+    syncs = {}
+
     def run(perm, dispatch: str, chunks: int):
         experts.zero_grad(set_to_none=True)
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
         exchange = ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, chunks, dispatch, groups)
-        y = exchange.run_routed(x, perm, w, experts)
-        (y * dy).sum().backward()
+        with counting_host_syncs() as forward:
+            y = exchange.run_routed(x, perm, w, experts)
+        with counting_host_syncs() as backward:
+            (y * dy).sum().backward()
+        syncs[f"{dispatch}/{experts.compute}/{chunks}"] = (forward.count, backward.count, f"{forward}\n{backward}")
         rows, nbytes = exchange.traffic.read()
         return [y.detach(), x.grad, w.grad, *[p.grad.clone() for p in experts.parameters()]], rows, nbytes
 
@@ -68,11 +75,15 @@ def hierarchical_matches_flat(rank: int, world: int) -> dict:
                 for a, b in zip(got, reference):
                     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
                     worst = max(worst, float((a - b).norm() / b.norm().clamp(min=1e-30)))
+            if capacity_factor is None and name == "skewed":  # the grouped GEMM reads its counts on the device
+                experts.compute = "grouped_mm"
+                run(perm, "hierarchical", 2)
+                experts.compute = "auto"
             copies, pairs = expected_cross_rows(perm, groups.node_index, nodes)
             traffic[f"{name}/{capacity_factor}"] = {
                 "flat_rows": flat_rows, "hier_rows": rows, "expected_copies": copies, "expected_pairs": pairs,
                 "flat_bytes": flat_bytes, "hier_bytes": nbytes, "dropped": int(perm.dropped), "tokens": T}
-    return {"worst_rel": worst, "traffic": traffic}
+    return {"worst_rel": worst, "traffic": traffic, "host_syncs": syncs}
 
 
 def hierarchical_bf16_matches_flat(rank: int, world: int) -> dict:

@@ -41,20 +41,3 @@ def count_step_at_ep(rank: int, world: int, chunks: int, capacity_factor: Option
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
     return count_step(model, tokens)
 
-
-def count_hierarchical_steps(rank: int, world: int) -> dict:
-    """Hierarchical dispatch over 2 machines x 2 ranks (8 experts: 2 per rank): the grouped GEMM reading its
-    counts on the device, plain (chunks 1); the expert loop reading them on the host, pipelined (chunks 2)."""
-    from moeyard.parallel import apply_expert_parallel, build_mesh
-
-    results = {}
-    for compute, chunks in (("grouped_mm", 1), ("loop", 2)):
-        torch.manual_seed(0)
-        moe = MoEConfig(num_experts=8, top_k=2, ffn_dim=32, first_dense_layers=0, expert_compute=compute)
-        model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=MOE_LAYERS, n_heads=2, n_kv_heads=1,
-                                        ffn_dim=64, max_seq_len=32, moe=moe))
-        apply_expert_parallel(model, build_mesh(world, "cpu", ranks_per_node=2), (chunks,) * MOE_LAYERS,
-                              ("hierarchical",) * MOE_LAYERS)
-        tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
-        results[f"{compute}/{chunks}"] = count_step(model, tokens)
-    return results
