@@ -160,8 +160,9 @@ def main() -> None:
         port = s.getsockname()[1]
     out = Path(os.environ.get("WORK", "/tmp")) / f"gpu_multi_{args.check}_{os.getpid()}.json"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # CUDA needs fresh interpreters; CPU ranks fork from this one, which has torch imported already.
     mp.start_processes(_worker, args=(args.nproc, port, args.check, args.device, args.smoke, str(out)),
-                       nprocs=args.nproc, start_method="spawn")
+                       nprocs=args.nproc, start_method="spawn" if args.device == "cuda" else "fork")
     result = json.loads(out.read_text())
     print(json.dumps(result))
     sys.exit(0 if result["ok"] else 1)
