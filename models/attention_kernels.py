@@ -10,8 +10,8 @@ warning where a path falls back to a slower one.
   128-token window does T x 128 work, not T^2), key/value heads are shared without repeats, packed
   documents are one more mask term (no per-document loop), and a sink joins each softmax's denominator
   through the log-sum-exp flex returns: out_sink = out * sigmoid(lse - sink). Elsewhere, SDPA with a mask.
-- packed documents: `varlen_attn` on a GPU in half precision (2026 releases with window_size and
-  enable_gqa); one SDPA per document elsewhere.
+- packed documents: `varlen_attn` on a GPU in half precision (key/value heads repeated where the release's
+  varlen_attn has no enable_gqa); one SDPA per document elsewhere.
 
 None of the GPU paths has run on a GPU yet (benchmarks/gpu_check.sh checks each kernel's choice and speed).
 The choices read a `Target` so that tests can fake a GPU.
@@ -65,23 +65,34 @@ def mla_pads_values(target: Target) -> bool:
 
 
 @functools.cache
-def _varlen_api() -> Optional[str]:
-    """Why torch's varlen_attn cannot serve packed documents (with causal windows and GQA), or None."""
+def varlen_params() -> frozenset[str]:
+    """The arguments this release's varlen_attn takes (empty: no varlen_attn). They changed between 2026
+    releases: window_size replaced is_causal, enable_gqa and scale came later; document_attention adapts."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
+        return frozenset()
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_release_limit() -> Optional[str]:
+    """Why this release's varlen_attn cannot serve packed documents, or None. Without enable_gqa the key/value
+    heads are repeated for it, without scale the queries are scaled: only a missing causal mode rules it out."""
+    params = varlen_params()
+    if not params:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen"
-    missing = {"window_size", "enable_gqa"} - set(inspect.signature(varlen_attn).parameters)
-    return f"torch {torch.__version__}'s varlen_attn lacks {sorted(missing)}" if missing else None
+    if not {"window_size", "is_causal"} & params:
+        return f"torch {torch.__version__}'s varlen_attn takes neither window_size nor is_causal"
+    return None
 
 
 def varlen_unsupported(target: Target) -> Optional[str]:
     """Why packed documents cannot take varlen_attn here, or None."""
-    return target.flash_capable() or _varlen_api()
+    return target.flash_capable() or varlen_release_limit()
 
 
 @functools.cache
-def _flex_api() -> Optional[str]:
+def flex_release_limit() -> Optional[str]:
     try:
         from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention  # noqa: F401
     except ImportError:
@@ -92,7 +103,7 @@ def _flex_api() -> Optional[str]:
 def flex_unsupported(target: Target) -> Optional[str]:
     """Why sinks and windows cannot take FlexAttention here, or None (on CPU it runs eagerly, without a
     backward: the masked SDPA serves there)."""
-    return target.flash_capable() or _flex_api()
+    return target.flash_capable() or flex_release_limit()
 
 
 def kernel_names(attention: str, sinks: bool, window: int, target: Target, documents: bool = True) -> list[str]:
@@ -109,7 +120,7 @@ def kernel_names(attention: str, sinks: bool, window: int, target: Target, docum
                                                    f"SDPA with a boolean mask ({why})")]
     else:
         lines = ["attention: SDPA " + ("flash" if fused else f"(no flash: {target.flash_capable()})")]
-    if documents and not (sinks or window):
+    if documents and not sinks:  # a sliding-window model's full layers take the document path
         why = varlen_unsupported(target)
         lines.append("packed documents: " + ("varlen_attn, one call per micro-batch" if why is None
                                              else f"one SDPA per document ({why})"))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moeyard.models.attention_kernels import Target, varlen_unsupported, warn_fallback
+from moeyard.models.attention_kernels import Target, varlen_params, varlen_unsupported, warn_fallback
 from moeyard.models.device_copy import to_device
 
 
@@ -77,12 +77,7 @@ def document_attention(q_BHTQ: Tensor, k_BJTQ: Tensor, v_BJTQ: Tensor, spans: Do
     if why_not is not None and target.device_type == "cuda":
         warn_fallback("packed-document attention (one SDPA per document)", why_not)
     if why_not is None:  # never run here: no GPU in CI (benchmarks/gpu_check.sh runs it)
-        from torch.nn.attention.varlen import varlen_attn
-
-        V = v_NJQ.shape[-1]  # flash kernels want one head size: pad MLA's values with zeros, cut them off
-        v_padded = F.pad(v_NJQ, (0, Q - V)) if V < Q else v_NJQ
-        out_NHQ = varlen_attn(q_NHQ, k_NJQ, v_padded, spans.cu_seqlens, spans.cu_seqlens, spans.max_len,
-                              spans.max_len, window_size=(-1, 0), enable_gqa=gqa, scale=scale)[..., :V]
+        out_NHQ = _varlen(q_NHQ, k_NJQ, v_NJQ, spans, scale)
     else:
         parts = [
             F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
@@ -91,3 +86,25 @@ def document_attention(q_BHTQ: Tensor, k_BJTQ: Tensor, v_BJTQ: Tensor, spans: Do
         ]
         out_NHQ = torch.cat(parts)
     return out_NHQ.view(B, T, H, -1).transpose(1, 2)
+
+
+def _varlen(q_NHQ: Tensor, k_NJQ: Tensor, v_NJW: Tensor, spans: DocumentSpans, scale: Optional[float]) -> Tensor:
+    """One varlen_attn call over every document, as this release's varlen_attn takes its arguments
+    (attention_kernels.varlen_params)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = varlen_params()
+    H, J, Q = q_NHQ.shape[1], k_NJQ.shape[1], q_NHQ.shape[-1]
+    kwargs: dict = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if H != J and "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    elif H != J:  # a release without enable_gqa: the key/value heads repeated for it
+        k_NJQ, v_NJW = (t.repeat_interleave(H // J, dim=1) for t in (k_NJQ, v_NJW))
+    if scale is not None and "scale" in params:
+        kwargs["scale"] = scale
+    elif scale is not None:  # a release without scale: its default is Q^-1/2
+        q_NHQ = q_NHQ * (scale * Q ** 0.5)
+    W = v_NJW.shape[-1]  # flash kernels want one head size: pad MLA's values with zeros, cut them off
+    v_padded = F.pad(v_NJW, (0, Q - W)) if W < Q else v_NJW
+    return varlen_attn(q_NHQ, k_NJQ, v_padded, spans.cu_seqlens, spans.cu_seqlens, spans.max_len, spans.max_len,
+                       **kwargs)[..., :W]

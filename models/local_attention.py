@@ -89,8 +89,7 @@ def flex_local_attention(q_BHTQ: Tensor, k_BJTQ: Tensor, v_BJTW: Tensor, scale: 
     if torch.is_autocast_enabled(q_BHTQ.device.type):  # flex is not an autocast op
         dtype = torch.get_autocast_dtype(q_BHTQ.device.type)
         q_BHTQ, k_BJTQ, v_BJTW = (t.to(dtype) for t in (q_BHTQ, k_BJTQ, v_BJTW))
-    mask = _block_mask(B if docs is not None else None, T, window, docs.lengths if docs is not None else None,
-                       str(q_BHTQ.device))
+    mask = _block_mask(B, T, window, docs, q_BHTQ.device, compiled)
     attend = _compiled_flex() if compiled else flex_attention
     out_BHTW, aux = attend(q_BHTQ, k_BJTQ, v_BJTW, block_mask=mask, scale=scale,
                            enable_gqa=H != k_BJTQ.shape[1], return_aux=AuxRequest(lse=True))
@@ -107,15 +106,23 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-@functools.lru_cache(maxsize=16)
-def _block_mask(B: Optional[int], T: int, window: int, lengths: Optional[tuple[int, ...]], device: str):
-    """Which (query, key) blocks to compute: causal, inside the window, inside one document. Layers share
-    it (the cache): one mask per micro-batch and window, not per layer."""
+_MASKS: dict[tuple, object] = {}
+"""Block masks by (rows, T, window, document lengths, device): layers share one per micro-batch and window."""
+
+
+def _block_mask(B: int, T: int, window: int, docs: Optional[DocumentSpans], device: torch.device, compiled: bool):
+    """Which (query, key) blocks to compute: causal, inside the window, inside one document. The document of
+    each token comes from the spans' device offsets (no host copy); on a GPU the mask is built by a compiled
+    kernel block by block, not as a dense [B, T, T] mask."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    key = (B if docs is not None else None, T, window, docs.lengths if docs is not None else None, str(device))
+    if key in _MASKS:
+        return _MASKS[key]
     doc_BT = None
-    if lengths is not None:
-        doc_BT = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).view(B, T).to(device)
+    if docs is not None:
+        positions = torch.arange(B * T, device=device, dtype=docs.cu_seqlens.dtype)
+        doc_BT = (torch.searchsorted(docs.cu_seqlens, positions, right=True) - 1).view(B, T)
 
     def allowed(b, h, q_idx, kv_idx):
         keep = kv_idx <= q_idx
@@ -125,4 +132,7 @@ def _block_mask(B: Optional[int], T: int, window: int, lengths: Optional[tuple[i
             keep = keep & (doc_BT[b, q_idx] == doc_BT[b, kv_idx])
         return keep
 
-    return create_block_mask(allowed, B, None, T, T, device=device)
+    if len(_MASKS) >= 16:
+        _MASKS.pop(next(iter(_MASKS)))
+    _MASKS[key] = create_block_mask(allowed, key[0], None, T, T, device=device, _compile=compiled)
+    return _MASKS[key]

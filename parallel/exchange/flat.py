@@ -71,9 +71,11 @@ class Experts(Protocol):
     """What the exchange runs on the rows it received: GroupedExperts, or a machine's experts seen as one
     (hierarchical.MachineExperts)."""
 
-    def __call__(self, x: Tensor, rows: list[int] | Tensor, order: Optional[Tensor] = None,
+    def __call__(self, x: Tensor, rows: object, order: Optional[Tensor] = None,
                  executor: Optional[Callable] = None) -> Tensor:
-        """`executor(forward_with, weights, x)`: run them another way, from the handed `x`."""
+        """`rows`: what the experts are told of their rows (counts on the host or the device, or a machine's
+        fan-out: hierarchical.NodeStage); `executor(forward_with, weights, x)`: run them another way, from the
+        handed `x`."""
         ...
 
     def uses_grouped_mm(self, x: Tensor) -> bool: ...

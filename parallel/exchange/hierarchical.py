@@ -17,7 +17,8 @@ while another chunk fans out and computes. Every step is autograd-aware, so back
 in reverse (a partial sum's gradient crosses once per (token, machine), the routing weights' gradients
 ride in the packed rows' gradient). Results equal the flat path up to the order of float sums. Routing
 weights and their gradients stay float32 in bf16 rows (three columns each, `weight_parts`); the partial
-sums travel in the rows' dtype, as the flat path's expert outputs do.
+sums travel in the rows' dtype: each copy's output rounded once inside the machine's sum and the sum
+rounded again for the trip home, where the flat path rounds each copy's output once.
 
 Every split size of both stages is known before any row moves (`plan_pairs`: the sender counts each
 machine's copies per expert, the cross peer sums its sources' counts for the node stage), and reaches the
@@ -103,15 +104,23 @@ ID_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def weight_parts(row_dtype: torch.dtype) -> int:
-    """Columns of the row dtype that carry one float32 routing weight: 1 in float32 or wider rows, else 3
-    (hi + mid + lo: three 8-bit bf16 significands hold float32's 24 bits, and bf16 has float32's range)."""
-    return 1 if torch.finfo(row_dtype).bits >= 32 else 3
+    """Columns of the row dtype that carry one float32 routing weight: 1 in float32 or wider rows, 3 in bf16
+    (hi + mid + lo: three 8-bit bf16 significands hold float32's 24 bits, and bf16 has float32's range).
+    float16 has neither (train.dtype offers float32 and bfloat16 only)."""
+    if torch.finfo(row_dtype).bits >= 32:
+        return 1
+    assert row_dtype == torch.bfloat16, f"hierarchical rows in {row_dtype}: float32 or bfloat16 only"
+    return 3
 
 
 class _SplitWeights(torch.autograd.Function):
     """[U, K] float32 weights -> [U, 3K] row-dtype parts that sum back to them exactly (bf16 rows), so that
     hierarchical dispatch carries routing weights in float32 inside half-precision rows. Its gradient comes
-    back as parts too (`_JoinWeights.backward` splits it), and is joined here: exact both ways."""
+    back as parts too (`_JoinWeights.backward` splits it), and is joined here: exact both ways.
+
+    The parts' own gradients are a split of the weights' gradient, not the gradient of each part: this holds
+    because between the split and the join the parts only move (all-to-all, gathers, cat and slices), each
+    used once. A part used twice would have its gradients summed in bf16, no longer exactly."""
 
     @staticmethod
     def forward(ctx, weight_UK: Tensor, dtype: torch.dtype) -> Tensor:
@@ -178,6 +187,8 @@ class PairPlan:
     """Each kept copy's pair (pairs grouped by machine, tokens in order within one)."""
     key_S: Tensor
     """Each copy's machine * N + token."""
+    expert_S: Tensor
+    """Each copy's expert (copies grouped by expert)."""
     pairs: int
     """U: pairs this rank sends (host)."""
     pairs_M: Tensor
@@ -200,7 +211,8 @@ def plan_pairs(perm: Permutation, groups: NodeGroups, chunks: int) -> PairPlan:
     expert_S = torch.repeat_interleave(torch.arange(E, device=device), perm.tokens_per_expert_E, output_size=S)
     key_S = (expert_S // X) * N + perm.token_index_S  # copies are grouped by expert, so by machine
     exists_MN = torch.zeros(M * N, dtype=torch.int64, device=device).index_fill_(0, key_S, 1).view(M, N)
-    position_MN = torch.cumsum(exists_MN, dim=1) - 1
+    # A pair's place among its machine's pairs (entries without a pair get 0: they count nowhere below).
+    position_MN = (torch.cumsum(exists_MN, dim=1) - 1).clamp(min=0)
     pairs_M = exists_MN.sum(dim=1)
     pair_of_copy_S = ((torch.cumsum(pairs_M, 0) - pairs_M)[:, None] + position_MN).view(-1)[key_S]
     # Pair rows are cut into chunks per machine as the flat exchange cuts an expert's rows.
@@ -217,12 +229,12 @@ def plan_pairs(perm: Permutation, groups: NodeGroups, chunks: int) -> PairPlan:
     # This rank fans its received copies out over its machine: rank g of the node group holds experts [gL, gL+L).
     G = dist.get_world_size(groups.node_group)
     node_send_GIL = recv_MIY[..., 1:].sum(dim=0).view(chunks, G, X // G).transpose(0, 1).contiguous()
-    node_recv_GIL = torch.empty_like(node_send_GIL)
+    node_recv_GIL = node_send_GIL  # one rank per machine: the fan-out stays on this rank
     if G > 1:
+        node_recv_GIL = torch.empty_like(node_send_GIL)
         dist.all_to_all_single(node_recv_GIL, node_send_GIL, group=lane_group(groups.node_group))
-    else:
-        node_recv_GIL = node_send_GIL
     send_h, recv_h, node_send_h, node_recv_h = _to_host(send_MIY, recv_MIY, node_send_GIL, node_recv_GIL)
+    U = int(send_h[..., 0].sum())
 
     stages = []
     for c in range(chunks):
@@ -237,11 +249,10 @@ def plan_pairs(perm: Permutation, groups: NodeGroups, chunks: int) -> PairPlan:
             recv_counts_PX=recv_MIY[:, 0, :1], rows_per_local_expert=recv_h[:, 0, :1].sum(dim=0).tolist(),
             expert_rows=stages[0])
     else:
-        pair_chunk_U = torch.empty(int(send_h[..., 0].sum()), dtype=torch.int64, device=device).scatter_(
-            0, pair_of_copy_S, chunk_S)
+        pair_chunk_U = torch.empty(U, dtype=torch.int64, device=device).scatter_(0, pair_of_copy_S, chunk_S)
         order_U = torch.sort(pair_chunk_U, stable=True).indices
         cross = schedule_chunks(order_U, send_h[..., :1], recv_MIY[..., :1], recv_h[..., :1], stages)
-    return PairPlan(pair_of_copy_S, key_S, int(send_h[..., 0].sum()), pairs_M, cross)
+    return PairPlan(pair_of_copy_S, key_S, expert_S, U, pairs_M, cross)
 
 
 def _to_host(*counts: Tensor) -> list[Tensor]:
@@ -281,8 +292,7 @@ def pair_rows(x_ND: Tensor, perm: Permutation, weight: Tensor, plan: PairPlan, n
     device = x_ND.device
     U, pair_of_copy_S = plan.pairs, plan.pair_of_copy_S
     key_U = torch.empty(U, dtype=torch.int64, device=device).scatter_(0, pair_of_copy_S, plan.key_S)
-    expert_S = torch.repeat_interleave(torch.arange(E, device=device), perm.tokens_per_expert_E,
-                                       output_size=pair_of_copy_S.numel())
+    expert_S = plan.expert_S
     # A copy's slot: its place among its pair's copies (at most top_k of them, or X under expert choice).
     width = min(weight.shape[-1], X) if weight.dim() == 2 else X
     by_pair = torch.sort(pair_of_copy_S, stable=True).indices

@@ -28,7 +28,7 @@ def test_hierarchical_equals_flat_and_sends_each_token_once_per_machine() -> Non
     # node stage's own count exchange), the expert loop (host counts) and the grouped GEMM (device counts).
     for r in results:
         hierarchical = {case: counted for case, counted in r["host_syncs"].items() if case.startswith("hier")}
-        assert {"hierarchical/auto/1", "hierarchical/auto/2", "hierarchical/grouped_mm/2"} <= set(hierarchical)
+        assert len(hierarchical) == 4 * 2 + 1, sorted(hierarchical)  # 2 routings x 2 capacities x 2 chunks, + grouped
         for case, (forward, backward, where) in hierarchical.items():
             assert (forward, backward) == (1, 0), (case, where)
 

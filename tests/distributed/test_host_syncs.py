@@ -53,4 +53,3 @@ def test_ep2_layers_wait_once_for_the_split_sizes(chunks, capacity_factor, per_l
     for result in run_distributed(sync_cases.count_step_at_ep, 2, chunks, capacity_factor):
         assert result["forward"] == per_layer * LAYERS, result["where"]
         assert result["backward"] == 0, result["where"]
-

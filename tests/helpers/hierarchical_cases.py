@@ -52,7 +52,7 @@ def hierarchical_matches_flat(rank: int, world: int) -> dict:
 
     syncs = {}
 
-    def run(perm, dispatch: str, chunks: int):
+    def run(perm, dispatch: str, chunks: int, case: str = ""):
         experts.zero_grad(set_to_none=True)
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
         exchange = ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, chunks, dispatch, groups)
@@ -60,7 +60,8 @@ def hierarchical_matches_flat(rank: int, world: int) -> dict:
             y = exchange.run_routed(x, perm, w, experts)
         with counting_host_syncs() as backward:
             (y * dy).sum().backward()
-        syncs[f"{dispatch}/{experts.compute}/{chunks}"] = (forward.count, backward.count, f"{forward}\n{backward}")
+        syncs[f"{dispatch}/{experts.compute}/{chunks}/{case}"] = (forward.count, backward.count,
+                                                                  f"{forward}\n{backward}")
         rows, nbytes = exchange.traffic.read()
         return [y.detach(), x.grad, w.grad, *[p.grad.clone() for p in experts.parameters()]], rows, nbytes
 
@@ -69,15 +70,16 @@ def hierarchical_matches_flat(rank: int, world: int) -> dict:
         for capacity_factor in (None, 1.0):
             capacity = None if capacity_factor is None else expert_capacity(T, K, E, capacity_factor)
             perm = plan_permutation(idx, E, capacity)
-            reference, flat_rows, flat_bytes = run(perm, "flat", 1)
+            case = f"{name}/{capacity_factor}"
+            reference, flat_rows, flat_bytes = run(perm, "flat", 1, case)
             for chunks in (1, 2):
-                got, rows, nbytes = run(perm, "hierarchical", chunks)
+                got, rows, nbytes = run(perm, "hierarchical", chunks, case)
                 for a, b in zip(got, reference):
                     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
                     worst = max(worst, float((a - b).norm() / b.norm().clamp(min=1e-30)))
             if capacity_factor is None and name == "skewed":  # the grouped GEMM reads its counts on the device
                 experts.compute = "grouped_mm"
-                run(perm, "hierarchical", 2)
+                run(perm, "hierarchical", 2, case)
                 experts.compute = "auto"
             copies, pairs = expected_cross_rows(perm, groups.node_index, nodes)
             traffic[f"{name}/{capacity_factor}"] = {

@@ -40,4 +40,3 @@ def count_step_at_ep(rank: int, world: int, chunks: int, capacity_factor: Option
     apply_expert_parallel(model, build_mesh(world, "cpu"), (chunks,) * MOE_LAYERS)
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
     return count_step(model, tokens)
-

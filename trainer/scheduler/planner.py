@@ -18,9 +18,11 @@ from moeyard.trainer.scheduler.cost_model import Costs, Prediction, Workload, pr
 CHUNK_CHOICES = (1, 2, 4, 8)
 BUCKET_CAPS_MB = (0.25, 1.0, 4.0, 16.0, 64.0, math.inf)
 MIN_GAIN = 0.02
-"""A plan leaves the reference only for a predicted gain above this fraction: the profiler's repeat-to-repeat
-spread on a shared 2-core host is a few percent (benchmarks/moe_layer.py picked r=2 from a 2% predicted
-gain, and ran 2.5% slower than r=1), and a wrong departure costs more than a missed small gain."""
+"""A plan leaves the reference only for a predicted gain above this fraction: a smaller one is inside what the
+cost model cannot promise (measured costs vary from repeat to repeat by a few percent; on this project's
+2-core CPU host, benchmarks/moe_layer.py picked r=2 from a 2% predicted gain and ran 2.5% slower than r=1),
+and running something other than the reference for it risks a slower step. The whole plan (chunks and
+buckets) goes back to the reference."""
 
 
 def worth_leaving(reference_s: float, candidate_s: float) -> bool:

@@ -26,10 +26,10 @@ def test_fused_kernels_are_chosen_on_a_gpu_in_half_precision_and_refusals_say_wh
 
 
 def test_a_release_without_varlen_window_or_gqa_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attention_kernels, "_varlen_api", lambda: "torch 2.11's varlen_attn lacks ['window_size']")
+    monkeypatch.setattr(attention_kernels, "varlen_release_limit", lambda: "torch 2.11's varlen_attn lacks ['window_size']")
     assert kernel_names("gqa", False, 0, H100)[1] == (
         "packed documents: one SDPA per document (torch 2.11's varlen_attn lacks ['window_size'])")
-    monkeypatch.setattr(attention_kernels, "_varlen_api", lambda: None)
+    monkeypatch.setattr(attention_kernels, "varlen_release_limit", lambda: None)
     assert kernel_names("gqa", False, 0, H100)[1] == "packed documents: varlen_attn, one call per micro-batch"
 
 
@@ -60,3 +60,36 @@ def test_mla_values_padded_for_flash_compute_the_same_attention() -> None:
         results.append([out, *torch.autograd.grad((out * dy).sum(), inputs)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("params", [
+    frozenset({"window_size", "enable_gqa", "scale"}),  # torch 2.13
+    frozenset({"is_causal"}),                            # an early 2026 release: no GQA, no scale
+    frozenset({"window_size", "scale"})])
+def test_varlen_call_adapts_to_the_release_and_computes_per_document_attention(monkeypatch, params) -> None:
+    """The one varlen_attn call (GPU only) through a fake that takes only `params`, as each release does:
+    heads repeated without enable_gqa, queries scaled without scale, MLA's values padded and cut back."""
+    import torch.nn.attention.varlen as varlen_module
+    import torch.nn.functional as F
+
+    from moeyard.models import document_attention as module
+    from moeyard.models.document_attention import DocumentSpans
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        assert set(kwargs) <= params, f"{set(kwargs) - params} is not an argument of this release"
+        assert kwargs.get("window_size", (-1, 0)) == (-1, 0) and kwargs.get("is_causal", True)
+        bounds = cu_q.tolist()
+        outs = [F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True,
+            scale=kwargs.get("scale"), enable_gqa=kwargs.get("enable_gqa", False)).transpose(0, 1)
+            for a, b in zip(bounds, bounds[1:])]
+        return torch.cat(outs)
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", fake_varlen)
+    monkeypatch.setattr(module, "varlen_params", lambda: params)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 2, 8, 12, generator=g), torch.randn(2, 2, 8, 8, generator=g)
+    spans = DocumentSpans.from_segments(torch.tensor([[0] * 3 + [1] * 5, [0] * 8]))
+    flat = [t.transpose(1, 2).reshape(16, t.shape[1], t.shape[-1]) for t in (q, k, v)]
+    got = module._varlen(*flat, spans, 0.2).view(2, 8, 4, 8).transpose(1, 2)
+    torch.testing.assert_close(got, module.document_attention(q, k, v, spans, scale=0.2), rtol=1e-5, atol=1e-5)

@@ -41,7 +41,8 @@ def test_expected_machines_per_token_match_sampling(experts, top_k, machines, bo
 def test_bytes_off_the_machine_flat_and_hierarchical() -> None:
     w = layer_workload(1024, 512, 256, 8, ep=64)  # 8 machines of 8
     assert w.ep_nodes == 8
-    row, packed = 1024 * 2, (1024 + 2 * 8) * 2  # a pair's row carries 8 weights and 8 expert ids
+    # a pair's row carries 8 float32-exact weights (3 bf16 columns each) and 8 expert ids
+    row, packed = 1024 * 2, (1024 + 3 * 8 + 8) * 2
     assert w.cross_node_bytes("flat") == pytest.approx(4096 * 8 * 7 / 8 * row)
     assert w.cross_node_bytes("hierarchical") == pytest.approx(4096 * w.nodes_per_token * 7 / 8 * packed)
     bounded = layer_workload(1024, 512, 256, 8, ep=64, bound=1)
