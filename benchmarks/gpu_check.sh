@@ -146,7 +146,15 @@ state_memory() {  # the replicated run is step 4's first process (parallel.fsdp=
   done
 }
 
-export -f train train_stop_resume row_at_stop state_memory
+layer_benchmark() {  # the one-GPU layer table, then its JSON on one line (the suite's smoke reads it there)
+  local mfu=(--no-mfu)
+  [ "$SMOKE" = 1 ] && mfu=()  # the smoke also checks the MFU run (a real moeyard train) works; a GPU skips it
+  "$PY" "$REPO"/benchmarks/moe_layer_gpu.py --device "$DEVICE" "${mfu[@]}" "$@" --out "$WORK/moe_layer" || return 1
+  "$PY" -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))))" "$WORK/moe_layer.json"
+}
+
+export SMOKE DEVICE REPO
+export -f train train_stop_resume row_at_stop state_memory layer_benchmark
 TRAIN_NEEDS="yaml safetensors numpy"
 step "1. grouped-GEMM probe (counts with zeros vs a float32 loop)" 40 "" "$PY" "$REPO"/benchmarks/gpu_probe.py grouped --device $DEVICE
 step "2a. host syncs of a MoE layer fwd+bwd (sync debug mode)" 50 "" "$PY" "$REPO"/benchmarks/gpu_probe.py syncs --device $DEVICE
@@ -155,8 +163,7 @@ if [ "$SMOKE" = 0 ]; then
   step "2b. GPU-only tests" 50 "pytest numpy yaml" "$PY" -m pytest -q -p no:cacheprovider \
     -o "addopts=--import-mode=importlib -ra" -k "cuda or gpu" "$REPO"/tests/unit/models
 fi
-step "3. Mixtral-shaped MoE layer fwd+bwd" 60 "" "$PY" "$REPO"/benchmarks/moe_layer_gpu.py --device $DEVICE --no-mfu \
-  "${SMOKE_FLAG[@]}" --out "$WORK/moe_layer"
+step "3. Mixtral-shaped MoE layer fwd+bwd" 60 "" bash -c 'layer_benchmark "$@"' _ "${SMOKE_FLAG[@]}"
 step "4. moeyard train on one device, stop at $STOP, resume to $TOTAL" 80 "$TRAIN_NEEDS" bash -c train_stop_resume
 step "5. peak memory, replicated vs FSDP2-sharded state" 60 "$TRAIN_NEEDS" bash -c state_memory
 step "6. attention paths: kernel chosen, output, speed vs plain causal" 50 "" "$PY" "$REPO"/benchmarks/gpu_probe.py attention \
