@@ -28,11 +28,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_cases import (  # noqa: E402
     Case,
     MoeyardLayer,
+    Weights,
     make_inputs,
     make_weights,
     max_rel_error,
@@ -42,15 +44,21 @@ from layer_cases import (  # noqa: E402
 )
 
 
+def _layer(device: torch.device, smoke: bool, tokens: int, dim: int) -> tuple[Case, Weights, Tensor, Tensor]:
+    """One layer's case (4 experts a rank, FFN 2 x dim), its weights and this rank's inputs, on `device`."""
+    world = dist.get_world_size()
+    case = Case(tokens=256 if smoke else tokens, experts=4 * world, dim=64 if smoke else dim,
+                ffn=128 if smoke else 2 * dim)
+    x, dy = (t.to(device) for t in make_inputs(case, dist.get_rank()))
+    return case, weights_on(make_weights(case), device), x, dy
+
+
 def _exchange(device: torch.device, smoke: bool) -> dict:
     from moeyard.parallel import ExpertParallelExchange, build_mesh
     from moeyard.parallel.exchange.hierarchical import NodeGroups
 
     world = dist.get_world_size()
-    case = Case(tokens=256 if smoke else 8192, experts=4 * world, dim=64 if smoke else 1024,
-                ffn=128 if smoke else 2048)
-    W = weights_on(make_weights(case), device)
-    x, dy = (t.to(device) for t in make_inputs(case, dist.get_rank()))
+    case, W, x, dy = _layer(device, smoke, tokens=8192, dim=1024)
     want = reference_grads(case, W, x, dy)
     pmesh = build_mesh(world, device.type, ranks_per_node=max(1, world // 2))
     nodes = NodeGroups(pmesh.node_group, pmesh.cross_group)
@@ -109,11 +117,7 @@ def _fsdp(device: torch.device, smoke: bool) -> dict:
 
 
 def _overlap(device: torch.device, smoke: bool) -> dict:
-    world = dist.get_world_size()
-    case = Case(tokens=256 if smoke else 16384, experts=4 * world, dim=64 if smoke else 2048,
-                ffn=128 if smoke else 4096)
-    W = weights_on(make_weights(case), device)
-    x, dy = (t.to(device) for t in make_inputs(case, dist.get_rank()))
+    case, W, x, dy = _layer(device, smoke, tokens=16384, dim=2048)
     compute = "grouped_mm" if device.type == "cuda" else "loop"
     layers = {r: MoeyardLayer(case, W, r, compute=compute) for r in (1, 2, 4)}
 

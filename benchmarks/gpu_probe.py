@@ -16,13 +16,18 @@ Each prints one JSON line and exits non-zero when its check fails.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
-from moeyard.models import MoE, MoEConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import moe_layer_gpu  # noqa: E402
+
+from moeyard.models import MoE, MoEConfig  # noqa: E402
 from moeyard.models.moe.expert_mlp import ExpertActivation, expert_mlp_reference
 from moeyard.models.moe.experts import expert_mlp_grouped_mm, grouped_mm_unsupported
 
@@ -97,23 +102,6 @@ def syncs(device: torch.device) -> dict:
             "ok": not found}
 
 
-def _timed_ms(fn, device: torch.device, reps: int) -> float:
-    """Median ms of fn() over `reps` after one warm-up (which also compiles)."""
-    import time
-
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(1e3 * (time.perf_counter() - start))
-    return sorted(times)[len(times) // 2]
-
-
 def attention(device: torch.device, smoke: bool = False) -> dict:
     """Each attention path (MLA's narrower values, GPT-OSS's sinks + window 128, packed documents) at one
     size: the kernel the start-up log names, whether a fallback warning fired, its output against the
@@ -137,6 +125,7 @@ def attention(device: torch.device, smoke: bool = False) -> dict:
     B, H, J, T = (1, 4, 2, 256) if smoke else (2, 64, 8, 4096)
     target = Target.of(torch.empty(0, device=device, dtype=dtype))
     reps = 2 if smoke else 10
+    timed_ms = functools.partial(moe_layer_gpu.timed_ms, warmup=1)  # the warm-up also compiles
 
     def leaves(*shapes):
         return [torch.randn(*shape, device=device, dtype=dtype).requires_grad_() for shape in shapes]
@@ -157,10 +146,10 @@ def attention(device: torch.device, smoke: bool = False) -> dict:
         plain_out = causal_attention(q, k, v, 192 ** -0.5, False)
         paths["mla"] = {"kernel": kernel_names("mla", False, 0, target, documents=False)[0],
                         "rel_err": _rel(fused, plain_out),
-                        "ms": _timed_ms(fwd_bwd(lambda *t: causal_attention(*t, 192 ** -0.5, target.flash_capable() is None),
-                                                [q, k, v]), device, reps),
-                        "plain_causal_ms": _timed_ms(fwd_bwd(lambda *t: F.scaled_dot_product_attention(
-                            *t, is_causal=True), leaves((B, H, T, 192), (B, H, T, 192), (B, H, T, 192))), device, reps)}
+                        "ms": timed_ms(fwd_bwd(lambda *t: causal_attention(*t, 192 ** -0.5, target.flash_capable() is None),
+                                                [q, k, v]), device, reps=reps),
+                        "plain_causal_ms": timed_ms(fwd_bwd(lambda *t: F.scaled_dot_product_attention(
+                            *t, is_causal=True), leaves((B, H, T, 192), (B, H, T, 192), (B, H, T, 192))), device, reps=reps)}
         # GPT-OSS: GQA, head dim 64, window 128, sinks.
         q, k, v = leaves((B, H, T, 64), (B, J, T, 64), (B, J, T, 64))
         sinks = torch.randn(H, device=device, requires_grad=True)  # nonzero: a sign or scale slip shows
@@ -170,9 +159,9 @@ def attention(device: torch.device, smoke: bool = False) -> dict:
                         leaves((B, H, T, 64), (B, J, T, 64), (B, J, T, 64)))
         paths["sinks_window"] = {
             "kernel": kernel_names("gqa", True, 128, target, documents=False)[0], "rel_err": _rel(local, masked),
-            "ms": _timed_ms(fwd_bwd(lambda *t: local_attention(*t, scale=0.125, window=128, sinks_H=sinks),
-                                    [q, k, v]), device, reps),
-            "plain_causal_ms": _timed_ms(plain, device, reps)}
+            "ms": timed_ms(fwd_bwd(lambda *t: local_attention(*t, scale=0.125, window=128, sinks_H=sinks),
+                                    [q, k, v]), device, reps=reps),
+            "plain_causal_ms": timed_ms(plain, device, reps=reps)}
         # Packed documents: 8 per row.
         segment = torch.arange(8).repeat_interleave(T // 8).repeat(B, 1)
         docs = DocumentSpans.from_segments(segment, device)
@@ -183,10 +172,10 @@ def attention(device: torch.device, smoke: bool = False) -> dict:
                            for a in range(0, T, T // 8)], dim=2)
         paths["documents"] = {
             "kernel": kernel_names("gqa", False, 0, target)[1], "rel_err": _rel(packed, alone),
-            "ms": _timed_ms(fwd_bwd(lambda *t: document_attention(*t, docs), [q, k, v]), device, reps),
-            "plain_causal_ms": _timed_ms(fwd_bwd(lambda *t: F.scaled_dot_product_attention(
+            "ms": timed_ms(fwd_bwd(lambda *t: document_attention(*t, docs), [q, k, v]), device, reps=reps),
+            "plain_causal_ms": timed_ms(fwd_bwd(lambda *t: F.scaled_dot_product_attention(
                 *t, is_causal=True, enable_gqa=True), leaves((B, H, T, 128), (B, J, T, 128), (B, J, T, 128))),
-                device, reps)}
+                device, reps=reps)}
     # A fallback the release explains (no FlexAttention, a varlen_attn without a causal mode) is a note; any
     # other fallback on a GPU fails the step.
     fallbacks = sorted({str(w.message) for w in caught if "falls back" in str(w.message)})
