@@ -6,7 +6,7 @@ import torch
 from helpers.exchange_cases import D, E, F, K, T, skewed_routing
 from helpers.host_syncs import counting_host_syncs
 from moeyard.models import GroupedExperts
-from moeyard.models.moe.permutation import expert_capacity, plan_permutation
+from moeyard.models.moe.permutation import Permutation, expert_capacity, plan_permutation
 from moeyard.models.moe.routers import limit_to_best_blocks
 from moeyard.parallel import ExpertParallelExchange, build_mesh
 from moeyard.parallel.exchange.hierarchical import NodeGroups
@@ -37,7 +37,8 @@ def expected_cross_rows(perm, node_index: int, nodes: int) -> tuple[int, int]:
 def hierarchical_matches_flat(rank: int, world: int) -> dict:
     """Hierarchical vs flat (r=1): outputs, input, routing-weight and expert gradients, dropless and with
     capacity, skewed and node-limited routing, chunks 1 and 2; the counted cross-machine rows; and the host
-    syncs of each exchange's forward and backward (helpers.host_syncs)."""
+    syncs of each exchange's forward and backward (helpers.host_syncs); and expert-choice routing, where a
+    pair carries up to all of a machine's experts."""
     pmesh = build_mesh(world, "cpu", ranks_per_node=RANKS_PER_NODE)
     groups = NodeGroups(pmesh.node_group, pmesh.cross_group)
     nodes = world // RANKS_PER_NODE
@@ -52,9 +53,9 @@ def hierarchical_matches_flat(rank: int, world: int) -> dict:
 
     syncs = {}
 
-    def run(perm, dispatch: str, chunks: int, case: str = ""):
+    def run(perm, dispatch: str, chunks: int, case: str = "", weight: torch.Tensor = w0):
         experts.zero_grad(set_to_none=True)
-        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        x, w = x0.clone().requires_grad_(), weight.clone().requires_grad_()
         exchange = ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, chunks, dispatch, groups)
         with counting_host_syncs() as forward:
             y = exchange.run_routed(x, perm, w, experts)
@@ -85,6 +86,19 @@ def hierarchical_matches_flat(rank: int, world: int) -> dict:
             traffic[f"{name}/{capacity_factor}"] = {
                 "flat_rows": flat_rows, "hier_rows": rows, "expected_copies": copies, "expected_pairs": pairs,
                 "flat_bytes": flat_bytes, "hier_bytes": nbytes, "dropped": int(perm.dropped), "tokens": T}
+    # Expert choice: each expert takes its C best tokens, so a (token, machine) pair can carry up to all X of
+    # that machine's experts (the pair width is X, not top_k); weights [E, 1, C] as the router gives them.
+    C = T * K // E
+    weight_E1C, position_E1C = torch.rand(1, T, E, generator=g).transpose(1, 2).topk(C, dim=-1)
+    choice = Permutation(token_index_S=position_E1C.permute(1, 0, 2).reshape(-1), copy_index_S=torch.arange(E * C),
+                         tokens_per_expert_E=torch.full((E,), C), routed_per_expert_E=torch.full((E,), C),
+                         num_tokens=T)
+    reference, _, _ = run(choice, "flat", 1, "expert_choice", weight_E1C.permute(1, 0, 2))
+    for chunks in (1, 2):
+        got, _, _ = run(choice, "hierarchical", chunks, "expert_choice", weight_E1C.permute(1, 0, 2))
+        for a, b in zip(got, reference):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+            worst = max(worst, float((a - b).norm() / b.norm().clamp(min=1e-30)))
     return {"worst_rel": worst, "traffic": traffic, "host_syncs": syncs}
 
 
