@@ -27,7 +27,7 @@ def sigmoid_bias_balances(rank: int, world: int, corpus: str, steps: int, rate: 
 
     cfg = read_config(configs.path("tiny.yaml"), [
         "model.moe.router=sigmoid_bias", f"model.moe.bias_update_rate={rate}", "model.moe.aux_loss_coef=0",
-        f"parallel.ep={world}"]).model
+        f"parallel.ep={world}", "model.n_layers=3"]).model  # two MoE layers: a worst of layers, at 3/4 the compute
     meta = read_meta(__import__("pathlib").Path(corpus))
     stream = np.fromfile(f"{corpus}/{meta['shards'][0]['file']}", dtype=np.uint16)
     starts = np.random.default_rng(0).integers(0, len(stream) - seq - 1, size=(steps, world * per_rank))
