@@ -79,17 +79,16 @@ SKIPPED=0
 REPO=$PWD
 cd "$WORK"
 
-# Each step: title, its share of the budget (seconds at the default 470 s, the same numbers as the step
-# lines below, scaled so that they add up to --budget), the Python modules it needs, then its command.
-STEPS_S=(40 50 50 60 80 60 50)
-[ "$GPUS" -ge 2 ] && STEPS_S+=(60 50 60)
-SHARES=0; for s in "${STEPS_S[@]}"; do SHARES=$((SHARES + s)); done
-# 20 s for the report and the layout above, and each step's 5 s of grace after its limit (timeout --kill-after)
-SCALE_NUM=$((BUDGET - 20 - 5 * ${#STEPS_S[@]})); SCALE_DEN=$SHARES
+# Each step: title, its share of the budget (seconds at the default 470 s), the Python modules it needs,
+# then its command. The steps are listed once (all_steps, below) and walked twice: first to add up the
+# shares of those that will run, then to run them with limits scaled to add up to --budget.
+count_step() {  # the first walk: shares and steps
+  SHARES=$((SHARES + $2)); STEPS=$((STEPS + 1))
+}
 
-step() {  # step "title" SHARE_S "module module" command...
+run_step() {  # run_step "title" SHARE_S "module module" command...
   local title=$1 share=$2 needs=$3; shift 3
-  local log="$WORK/step.log" start=$SECONDS status limit=$((share * SCALE_NUM / SCALE_DEN))
+  local log="$WORK/step.log" start=$SECONDS status limit=$((share * SCALE_NUM / SHARES))
   local missing
   missing=$("$PY" -c "import importlib.util, sys; print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))" $needs)
   if [ -n "$missing" ]; then
@@ -156,26 +155,35 @@ layer_benchmark() {  # the one-GPU layer table, then its JSON on one line (the s
 export SMOKE DEVICE REPO
 export -f train train_stop_resume row_at_stop state_memory layer_benchmark
 TRAIN_NEEDS="yaml safetensors numpy"
-step "1. grouped-GEMM probe (counts with zeros vs a float32 loop)" 40 "" "$PY" "$REPO"/benchmarks/gpu_probe.py grouped --device $DEVICE
-step "2a. host syncs of a MoE layer fwd+bwd (sync debug mode)" 50 "" "$PY" "$REPO"/benchmarks/gpu_probe.py syncs --device $DEVICE
-if [ "$SMOKE" = 0 ]; then
-  # One process, without the suite's xdist workers (addopts): the device's Python has no pytest-xdist.
-  step "2b. GPU-only tests" 50 "pytest numpy yaml" "$PY" -m pytest -q -p no:cacheprovider \
-    -o "addopts=--import-mode=importlib -ra" -k "cuda or gpu" "$REPO"/tests/unit/models
-fi
-step "3. Mixtral-shaped MoE layer fwd+bwd" 60 "" bash -c 'layer_benchmark "$@"' _ "${SMOKE_FLAG[@]}"
-step "4. moeyard train on one device, stop at $STOP, resume to $TOTAL" 80 "$TRAIN_NEEDS" bash -c train_stop_resume
-step "5. peak memory, replicated vs FSDP2-sharded state" 60 "$TRAIN_NEEDS" bash -c state_memory
-step "6. attention paths: kernel chosen, output, speed vs plain causal" 50 "" "$PY" "$REPO"/benchmarks/gpu_probe.py attention \
-  --device $DEVICE "${SMOKE_FLAG[@]}"
-if [ "$GPUS" -ge 2 ]; then
-  step "7. $GPUS ranks: NCCL all-to-all, flat and hierarchical, vs one device" 60 "" "$PY" "$REPO"/benchmarks/gpu_multi.py \
-    exchange --nproc "$GPUS" --device $DEVICE "${SMOKE_FLAG[@]}"
-  step "8. $GPUS ranks: peak memory per rank, replicated vs FSDP2" 50 "" "$PY" "$REPO"/benchmarks/gpu_multi.py fsdp \
-    --nproc "$GPUS" --device $DEVICE "${SMOKE_FLAG[@]}"
-  step "9. $GPUS ranks: pipelined exchange overlap, r = 2 and 4 vs r = 1" 60 "" "$PY" "$REPO"/benchmarks/gpu_multi.py overlap \
-    --nproc "$GPUS" --device $DEVICE "${SMOKE_FLAG[@]}"
-fi
+all_steps() {
+  step "1. grouped-GEMM probe (counts with zeros vs a float32 loop)" 40 "" "$PY" "$REPO"/benchmarks/gpu_probe.py grouped --device $DEVICE
+  step "2a. host syncs of a MoE layer fwd+bwd (sync debug mode)" 50 "" "$PY" "$REPO"/benchmarks/gpu_probe.py syncs --device $DEVICE
+  if [ "$SMOKE" = 0 ]; then
+    # One process, without the suite's xdist workers (addopts): the device's Python has no pytest-xdist.
+    step "2b. GPU-only tests" 50 "pytest numpy yaml" "$PY" -m pytest -q -p no:cacheprovider \
+      -o "addopts=--import-mode=importlib -ra" -k "cuda or gpu" "$REPO"/tests/unit/models
+  fi
+  step "3. Mixtral-shaped MoE layer fwd+bwd" 60 "" bash -c 'layer_benchmark "$@"' _ "${SMOKE_FLAG[@]}"
+  step "4. moeyard train on one device, stop at $STOP, resume to $TOTAL" 80 "$TRAIN_NEEDS" bash -c train_stop_resume
+  step "5. peak memory, replicated vs FSDP2-sharded state" 60 "$TRAIN_NEEDS" bash -c state_memory
+  step "6. attention paths: kernel chosen, output, speed vs plain causal" 50 "" "$PY" "$REPO"/benchmarks/gpu_probe.py attention \
+    --device $DEVICE "${SMOKE_FLAG[@]}"
+  if [ "$GPUS" -ge 2 ]; then
+    step "7. $GPUS ranks: NCCL all-to-all, flat and hierarchical, vs one device" 60 "" "$PY" "$REPO"/benchmarks/gpu_multi.py \
+      exchange --nproc "$GPUS" --device $DEVICE "${SMOKE_FLAG[@]}"
+    step "8. $GPUS ranks: peak memory per rank, replicated vs FSDP2" 50 "" "$PY" "$REPO"/benchmarks/gpu_multi.py fsdp \
+      --nproc "$GPUS" --device $DEVICE "${SMOKE_FLAG[@]}"
+    step "9. $GPUS ranks: pipelined exchange overlap, r = 2 and 4 vs r = 1" 60 "" "$PY" "$REPO"/benchmarks/gpu_multi.py overlap \
+      --nproc "$GPUS" --device $DEVICE "${SMOKE_FLAG[@]}"
+  fi
+}
+SHARES=0; STEPS=0
+step() { count_step "$@"; }
+all_steps
+# 20 s for the report and the layout above, and each step's 5 s of grace after its limit (timeout --kill-after)
+SCALE_NUM=$((BUDGET - 20 - 5 * STEPS))
+step() { run_step "$@"; }
+all_steps
 echo "report: $REPORT ($FAILED failed, $SKIPPED skipped, ${SECONDS}s)"
 echo "- total: ${SECONDS}s of ${BUDGET}s, $FAILED step(s) failed, $SKIPPED skipped for missing modules" >> "$REPORT"
 exit $FAILED

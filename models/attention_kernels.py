@@ -48,7 +48,7 @@ class Target:
         capability = torch.cuda.get_device_capability(t.device) if t.is_cuda else None
         return Target(device, dtype, capability)
 
-    def flash_capable(self) -> Optional[str]:
+    def why_no_flash(self) -> Optional[str]:
         """Why no flash kernel runs here, or None."""
         if self.device_type != "cuda":
             return f"flash kernels run on GPUs, not {self.device_type}"
@@ -59,9 +59,19 @@ class Target:
         return None
 
 
+def in_compute_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors in autocast's dtype where autocast is on (kernels that are not autocast ops, and inputs
+    that left a float32 RMSNorm: torch >= 2.12 runs rms_norm in float32 under CUDA autocast)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def mla_pads_values(target: Target) -> bool:
     """MLA pads its values to the query/key head size where that lets flash run."""
-    return target.flash_capable() is None
+    return target.why_no_flash() is None
 
 
 @functools.cache
@@ -88,7 +98,7 @@ def varlen_release_limit() -> Optional[str]:
 
 def varlen_unsupported(target: Target) -> Optional[str]:
     """Why packed documents cannot take varlen_attn here, or None."""
-    return target.flash_capable() or varlen_release_limit()
+    return target.why_no_flash() or varlen_release_limit()
 
 
 @functools.cache
@@ -103,23 +113,23 @@ def flex_release_limit() -> Optional[str]:
 def flex_unsupported(target: Target) -> Optional[str]:
     """Why sinks and windows cannot take FlexAttention here, or None (on CPU it runs eagerly, without a
     backward: the masked SDPA serves there)."""
-    return target.flash_capable() or flex_release_limit()
+    return target.why_no_flash() or flex_release_limit()
 
 
 def kernel_names(attention: str, sinks: bool, window: int, target: Target, documents: bool = True) -> list[str]:
     """One line per attention path this model takes on `target`, for the start-up log (`documents`: the
     run packs documents whose attention stays apart)."""
-    fused = target.flash_capable() is None
+    fused = target.why_no_flash() is None
     if attention == "mla":
         lines = ["attention (MLA): SDPA " + ("flash, values padded to the query/key head size" if fused
-                                              else f"(no flash: {target.flash_capable()})")]
+                                              else f"(no flash: {target.why_no_flash()})")]
     elif sinks or window:
         why = flex_unsupported(target)
         lines = ["attention (sinks/window): " + ("FlexAttention, compiled (window as block sparsity, GQA "
                                                    "without repeats)" if why is None else
                                                    f"SDPA with a boolean mask ({why})")]
     else:
-        lines = ["attention: SDPA " + ("flash" if fused else f"(no flash: {target.flash_capable()})")]
+        lines = ["attention: SDPA " + ("flash" if fused else f"(no flash: {target.why_no_flash()})")]
     if documents and not sinks:  # a sliding-window model's full layers take the document path
         why = varlen_unsupported(target)
         lines.append("packed documents: " + ("varlen_attn, one call per micro-batch" if why is None

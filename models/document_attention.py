@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moeyard.models.attention_kernels import Target, varlen_params, varlen_unsupported, warn_fallback
+from moeyard.models.attention_kernels import (
+    Target,
+    in_compute_dtype,
+    varlen_params,
+    varlen_unsupported,
+    warn_fallback,
+)
 from moeyard.models.device_copy import to_device
 
 
@@ -67,10 +73,9 @@ def document_attention(q_BHTQ: Tensor, k_BJTQ: Tensor, v_BJTQ: Tensor, spans: Do
     B, H, T, Q = q_BHTQ.shape
     gqa = H != k_BJTQ.shape[1]
     target = Target.of(q_BHTQ)
-    if torch.is_autocast_enabled(q_BHTQ.device.type):
-        # Under autocast q and k may come out of a float32 RMSNorm (qk_norm: torch >= 2.12 runs rms_norm in
-        # float32 under CUDA autocast): all three in the compute dtype, as SDPA's autocast rule casts them.
-        q_BHTQ, k_BJTQ, v_BJTQ = (t.to(target.dtype) for t in (q_BHTQ, k_BJTQ, v_BJTQ))
+    # q and k may come out of a float32 RMSNorm (qk_norm): all three in the compute dtype, as SDPA's autocast
+    # rule casts them; the kernel choice reads that dtype, not q's.
+    q_BHTQ, k_BJTQ, v_BJTQ = in_compute_dtype(q_BHTQ, k_BJTQ, v_BJTQ)
     q_NHQ, k_NJQ, v_NJQ = (t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[-1])
                            for t in (q_BHTQ, k_BJTQ, v_BJTQ))
     why_not = varlen_unsupported(target)

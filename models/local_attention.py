@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moeyard.models.attention_kernels import Target, flex_unsupported, warn_fallback
+from moeyard.models.attention_kernels import Target, flex_unsupported, in_compute_dtype, warn_fallback
 from moeyard.models.document_attention import DocumentSpans
 
 
@@ -86,9 +86,7 @@ def flex_local_attention(q_BHTQ: Tensor, k_BJTQ: Tensor, v_BJTW: Tensor, scale: 
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     B, H, T, _ = q_BHTQ.shape
-    if torch.is_autocast_enabled(q_BHTQ.device.type):  # flex is not an autocast op
-        dtype = torch.get_autocast_dtype(q_BHTQ.device.type)
-        q_BHTQ, k_BJTQ, v_BJTW = (t.to(dtype) for t in (q_BHTQ, k_BJTQ, v_BJTW))
+    q_BHTQ, k_BJTQ, v_BJTW = in_compute_dtype(q_BHTQ, k_BJTQ, v_BJTW)  # flex is not an autocast op
     mask = _block_mask(B, T, window, docs, q_BHTQ.device, compiled)
     attend = _compiled_flex() if compiled else flex_attention
     out_BHTW, aux = attend(q_BHTQ, k_BJTQ, v_BJTW, block_mask=mask, scale=scale,

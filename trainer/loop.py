@@ -185,6 +185,15 @@ def _checked_plan(cfg: Config, check: PlanCheck | None, step_time: float, plan: 
     return switched
 
 
+def _attention_kernels(cfg: Config, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The start-up log's lines naming the kernel each attention path of this run takes."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    m = cfg.model
+    documents = cfg.data.document_mask or cfg.sft.data is not None
+    return kernel_names(m.attention, m.attention_sinks, m.sliding_window, Target(device.type, dtype, capability),
+                        documents)
+
+
 def run_training(cfg: Config, device: torch.device, preemption: Preemption | None = None) -> Outcome:
     """Train up to train.stop_at (or train.steps), resuming from a checkpoint if there is one."""
     preemption = preemption or Preemption()
@@ -203,11 +212,7 @@ def run_training(cfg: Config, device: torch.device, preemption: Preemption | Non
     if rank == 0:
         print(f"plan ({plan.source}): {plan.summary()}", flush=True)
         (cfg.run_dir / "plan.json").write_text(plan.to_json())
-        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        m = cfg.model
-        documents = cfg.data.document_mask or cfg.sft.data is not None
-        for line in kernel_names(m.attention, m.attention_sinks, m.sliding_window,
-                                 Target(device.type, dtype, capability), documents):
+        for line in _attention_kernels(cfg, device, dtype):
             print(line, flush=True)
 
     total = cfg.train.steps

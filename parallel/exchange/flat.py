@@ -106,10 +106,9 @@ def flat_exchange(x_SD: Tensor, tokens_per_expert_E: Tensor, experts: Experts, g
     """Rows grouped by the group's experts -> the ranks owning them -> expert outputs back, same order;
     pipelined in `chunks` pieces when chunks > 1. `planned`: the split sizes, exchanged already (a layout for
     chunks = 1, a schedule otherwise)."""
+    if dist.get_world_size(group) == 1:  # nothing planned comes here: hierarchical dispatch spans machines
+        return experts(x_SD, tokens_per_expert_E)
     host_counts = not experts.uses_grouped_mm(x_SD)
-    if dist.get_world_size(group) == 1:
-        return experts(x_SD, planned.expert_counts(host_counts) if isinstance(planned, ExchangeLayout)
-                       else tokens_per_expert_E)
     if chunks > 1:
         return experts(x_SD, tokens_per_expert_E, executor=lambda expert_fn, weights, x: pipelined_experts(
             x, tokens_per_expert_E, chunks, group, expert_fn, weights, host_counts, planned))

@@ -14,7 +14,7 @@ H100 = Target("cuda", torch.bfloat16, (9, 0))
 def test_fused_kernels_are_chosen_on_a_gpu_in_half_precision_and_refusals_say_why() -> None:
     assert mla_pads_values(H100) and flex_unsupported(H100) is None
     assert not mla_pads_values(Target("cpu", torch.float32))
-    assert "float32" in Target("cuda", torch.float32, (9, 0)).flash_capable()
+    assert "float32" in Target("cuda", torch.float32, (9, 0)).why_no_flash()
     assert "sm75" in flex_unsupported(Target("cuda", torch.float16, (7, 5)))
     assert "GPUs" in varlen_unsupported(Target("cpu", torch.bfloat16))
     lines = kernel_names("mla", False, 0, H100)
