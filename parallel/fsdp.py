@@ -55,8 +55,11 @@ def apply_fsdp(model: Transformer, pmesh: ParallelMesh, reshard_after_forward: b
 
     Call after `apply_expert_parallel` and before building the optimizer."""
     policy = policy or MixedPrecisionPolicy()
-    layers: list[list[FSDPModule]] = []  # per block, in forward order: its own unit, then its experts'
-    for unit in [*model.layers, *model.mtp]:  # an MTP depth is one unit: its norms, eh_proj and block
+    # Per stage this rank holds (one without pipeline stages), its blocks in forward order (an MTP depth
+    # after the last stage's blocks), each as its own unit, then its experts'.
+    part_of = {index: k for k, part in enumerate(model.held_parts) for index in part}
+    parts: list[list[list[FSDPModule]]] = [[] for _ in model.held_parts]
+    for index, unit in enumerate([*model.layers, *model.mtp]):  # an MTP depth is one unit: its norms, eh_proj and block
         if isinstance(unit, HeldElsewhere):  # another pipeline stage's block
             continue
         block = unit.block if isinstance(unit, MTPModule) else unit
@@ -70,16 +73,32 @@ def apply_fsdp(model: Transformer, pmesh: ParallelMesh, reshard_after_forward: b
                 # on a mesh of one, where torch 2.13 would divide twice (once in place of the collective).
                 experts.set_force_sum_reduction_for_comms(True)
             layer.append(experts)
-        layers.append([fully_shard(unit, mesh=pmesh.dp_mesh, reshard_after_forward=reshard_after_forward,
-                                   mp_policy=policy), *layer])
+        parts[part_of.get(index, len(parts) - 1)].append(
+            [fully_shard(unit, mesh=pmesh.dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy),
+             *layer])
     # The root's parameters are needed first in backward (output layer): keep them gathered after forward.
     root = fully_shard(model, mesh=pmesh.dp_mesh, reshard_after_forward=False, mp_policy=policy)
-    for before, after in zip([[root], *layers], layers):
-        before[0].set_modules_to_forward_prefetch(after)
-    # Backward: each block prefetches the one below. Not the root: its pre-backward runs too late for the
-    # last block (measured: every micro-step gathered that block and its experts twice).
-    for before, after in zip(layers[::-1], layers[-2::-1]):
-        before[0].set_modules_to_backward_prefetch(after)
+    # Prefetch within a stage only: the next block of another stage runs after other micro-batches' work,
+    # by which time a backward has resharded what was gathered for it. Where the rank holds several
+    # stages, every stage's forward enters the root, so it prefetches nothing.
+    for layers in parts:
+        chain = [[root], *layers] if len(parts) == 1 else layers
+        for before, after in zip(chain, chain[1:]):
+            before[0].set_modules_to_forward_prefetch(after)
+        # Backward: each block prefetches the one below. Not the root: its pre-backward runs too late for the
+        # last block (measured: every micro-step gathered that block and its experts twice).
+        for before, after in zip(layers[::-1], layers[-2::-1]):
+            before[0].set_modules_to_backward_prefetch(after)
+    if len(parts) > 1:
+        # Left unset, FSDP2 prefetches in backward the unit whose forward ran last before this one's (the
+        # root: before its latest forward), which with several stages is another stage's, for another
+        # micro-batch, resharded again before it runs; it has no switch to turn that off. A stage's first
+        # block and the root name the root instead, which is kept gathered through the step
+        # (parallel/pipeline.py): nothing to fetch.
+        for layers in parts:
+            if layers:
+                layers[0][0].set_modules_to_backward_prefetch([root])
+        root.set_modules_to_backward_prefetch([root])
 
 
 def reshard(model: nn.Module) -> None:

@@ -20,9 +20,11 @@ and zero-bubble schedules (zbv_zero_bubble, dualpipev, interleaved_zero_bubble: 
 weight parts, which the expert exchange's autograd Functions do not support) are refused by name when the run
 config is resolved.
 
-The gradient sync is told before each of a stage's backwards whether it is the stage's last of the step
+The gradient sync is told before each of a stage's backwards whether it is the rank's last of the step
 (`StepStage`), as the unpipelined loop tells it before each micro-step: FSDP units gathered once keep their
-weights and unsharded gradients through the schedule and reduce in its last backward.
+weights and unsharded gradients through the schedule and reduce in its last backward. A rank's stages share
+one FSDP root (parallel/fsdp.py), so with several of them only the final backward of the rank's lowest stage
+is the last, and the root stays gathered until then.
 
 Shape legend (models/__init__.py): B, T, D, V.
 """
@@ -34,6 +36,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -194,8 +197,20 @@ class Pipeline:
 
     def _stages(self) -> list[StepStage]:
         return [StepStage(module, i, self.stage_count, self.device, group=self.pmesh.pp_group,
-                          before_backward=lambda last: self._before_backward(last))
+                          before_backward=lambda last, i=i: self._stage_before_backward(i, last))
                 for i, module in zip(self.ids, self.modules)]
+
+    def _stage_before_backward(self, stage: int, last: bool) -> None:
+        """Before a backward of `stage`: the gradient sync hears `last` only in the rank's final backward of
+        the step, its lowest stage's last (both looped schedules end there), since its stages share one FSDP
+        root, whose flags reach every unit of the rank. A looped rank's root unit (embedding, output layer),
+        which every stage's forward enters, stays gathered until then, rather than being gathered again by
+        each stage after another's backward resharded it."""
+        final = last and stage == self.ids[0]
+        self._before_backward(final)
+        model = self.modules[0].model
+        if len(self.modules) > 1 and isinstance(model, FSDPModule):
+            model.set_reshard_after_backward(final, recurse=False)
 
     def _build(self, schedule_class, micro_batches: int):
         # scale_grads off: the loss is already the share of the global batch's mean (trainer/step.py).

@@ -110,4 +110,5 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
     fsdp = "none" if plan.grad_sync != "fsdp" else "per micro-step" if not plan.gather_once else \
         "gathered once" if plan.reduce_once else "resident weights"  # as planned (schedule.mode=auto may choose)
     return {"steps": results, "heldout": heldout, "stage": pmesh.pp_rank, "updates": updates, "fsdp": fsdp,
-            "fsdp_units": units, "micro_batches": rows // mbs, "plan": f"{plan.source}: {plan.summary()}"}
+            "fsdp_units": units, "micro_batches": rows // mbs, "stages_per_rank": cfg.stages_per_rank,
+            "plan": f"{plan.source}: {plan.summary()}"}

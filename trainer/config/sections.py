@@ -366,8 +366,8 @@ def validate(cfg: Config) -> None:
 ONE_STAGE_PER_RANK = ("gpipe", "1f1b", "overlapped_1f1b")
 LOOPED = ("interleaved_1f1b", "looped_bfs")
 """The pipeline schedules moeyard runs today (parallel/pipeline.py)."""
-WITHOUT_FSDP = ("overlapped_1f1b", *LOOPED)
-"""The schedules refused with parallel.fsdp (_validate_pipeline says why for each)."""
+WITHOUT_FSDP = ("overlapped_1f1b",)
+"""The schedules refused with parallel.fsdp (_validate_pipeline says why)."""
 
 
 def _validate_pipeline(cfg: Config) -> None:
@@ -391,10 +391,6 @@ def _validate_pipeline(cfg: Config) -> None:
             "schedule.pipeline=overlapped_1f1b with model.moe.switch.jitter: the jitter is drawn from the process's "
             "random state, which recomputation in the other lane saves and restores at the same time; set "
             "model.moe.switch.jitter=0 or use schedule.pipeline=1f1b")
-    require(s.pipeline not in LOOPED or not cfg.parallel.fsdp,
-            f"schedule.pipeline={s.pipeline} with parallel.fsdp: FSDP2 reshards a rank's root unit (its output "
-            f"layer) after each of its stages' backwards, before the loss of the next stage's micro-batch "
-            f"recomputes with it; use schedule.pipeline=1f1b (or gpipe) with fsdp")
     stages = pp * cfg.stages_per_rank
     require(stages <= m.n_layers, f"parallel.pp={pp} x {cfg.stages_per_rank} stages per rank for model.n_layers="
                                   f"{m.n_layers} blocks: every stage needs at least one block; lower parallel.pp"

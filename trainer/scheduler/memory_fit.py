@@ -79,7 +79,7 @@ def memory_report(cfg: Config, world: int, act_bytes: int, capacity_gb: float = 
 def _alternatives(cfg: Config, world: int) -> Iterator[tuple[list[str], Config]]:
     """Layouts that hold less, in the order auto tries them: the configured micro-batch before smaller ones
     (fewer tokens per GEMM), then less kept for backward, then more state sharded; only those the run
-    config's checks accept (with pipeline stages: no ZeRO, no fsdp under a looped schedule, at least pp
+    config's checks accept (with pipeline stages: no ZeRO, no fsdp under overlapped_1f1b, at least pp
     micro-batches)."""
     return ((overrides, run) for overrides, run in _candidates(cfg, world) if accepted(run, world))
 

@@ -25,7 +25,8 @@ def test_every_layout_weighed_is_the_run_its_overrides_make() -> None:
     assert {c.pp for c in choices} == {1, 2, 4}  # tiny has 4 blocks: at most 4 stages
     assert {c.cfg.parallel.ep for c in choices} == {1, 2, 4, 8}
     assert any(c.cfg.schedule.pipeline == "interleaved_1f1b" for c in choices if c.pp == 2)
-    assert not any(c.cfg.schedule.pipeline == "interleaved_1f1b" and c.cfg.parallel.fsdp for c in choices)
+    assert any(c.cfg.schedule.pipeline == "interleaved_1f1b" and c.cfg.parallel.fsdp for c in choices)
+    assert not any(c.cfg.schedule.pipeline == "overlapped_1f1b" and c.cfg.parallel.fsdp for c in choices)
     assert [c.step_s for c in choices] == sorted(c.step_s for c in choices)
     for c in choices:
         again = read_config(configs.path("tiny.yaml"), BASE + list(c.changes))
@@ -104,7 +105,7 @@ def test_a_training_run_under_auto_with_a_described_machine_takes_the_stages_cho
 
 def test_within_stages_only_the_layouts_pipelines_run_are_weighed() -> None:
     """parallel.pp > 1: ZeRO is not weighed (its buckets cut the whole model: refused by config validation),
-    nor fsdp under a looped schedule; fsdp gathered once and resident weights are. Every plan inside stages
+    nor fsdp under overlapped_1f1b; fsdp gathered once and resident weights are (looped schedules too). Every plan inside stages
     reduces replicated gradients after the schedule, one bucket per group, as training runs it (a plan with
     the whole model's buckets made a stage's run fail building them)."""
     from moeyard.trainer.scheduler.planner import manual_plan
@@ -113,7 +114,9 @@ def test_within_stages_only_the_layouts_pipelines_run_are_weighed() -> None:
     hw = load_hardware("dgx-h100")
     for pipeline, expected in [("1f1b", {"replicated", "fsdp per micro-step", "fsdp gathered once",
                                          "fsdp resident weights"}),
-                               ("interleaved_1f1b", {"replicated"})]:
+                               ("interleaved_1f1b", {"replicated", "fsdp per micro-step", "fsdp gathered once",
+                                                     "fsdp resident weights"}),
+                               ("overlapped_1f1b", {"replicated"})]:
         cfg = read_config(configs.path("tiny.yaml"), BASE + ["parallel.pp=2", "schedule.mode=manual",
                                                              "train.micro_batch_size=4",
                                                              f"schedule.pipeline={pipeline}"])
