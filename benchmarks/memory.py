@@ -76,11 +76,16 @@ PIPELINE_LAYOUTS = [["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1
                     ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "parallel.fsdp=true",
                      "parallel.fsdp_gather_once=true"],
                     ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=overlapped_1f1b"],
+                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=interleaved_1f1b",
+                     "parallel.fsdp=true"],
+                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=interleaved_1f1b",
+                     "parallel.fsdp=true", "parallel.fsdp_gather_once=true"],
                     ["parallel.pp=4", "parallel.ep=1", "train.micro_batch_size=2"]]
 """Pipeline stages on the calibration model (4 micro-batches a step): 1f1b holds as many micro-batches'
 activations on a stage as there are stages from it to the last, gpipe all of them; fsdp per micro-step and
 gathered once per step (the stage's weights and unsharded gradients kept through the schedule); overlapped_1f1b
-(one micro-batch more in flight, a forward beside each backward)."""
+(one micro-batch more in flight, a forward beside each backward); interleaved_1f1b with 2 stages a rank under fsdp,
+per micro-step and gathered once."""
 
 
 def _status_kb(field: str) -> int:
@@ -185,7 +190,8 @@ def _label(cfg: Config, world: int) -> str:
     if cfg.model.moe.num_experts // cfg.parallel.ep < dp // cfg.parallel.ep:
         extra += f", {cfg.model.moe.num_experts} experts over edp {dp // cfg.parallel.ep}"
     if cfg.parallel.pp > 1:
-        sync = f"pp {cfg.parallel.pp} {cfg.schedule.pipeline}, {sync}"
+        stages = f" x {cfg.stages_per_rank} a rank" if cfg.stages_per_rank > 1 else ""
+        sync = f"pp {cfg.parallel.pp}{stages} {cfg.schedule.pipeline}, {sync}"
     if cfg.optim.moment_dtype != "float32":
         extra += f", {cfg.optim.moment_dtype} moments"
     return f"{sync}, ep={cfg.parallel.ep}, recompute {cfg.train.recompute}{extra}"
