@@ -4,6 +4,7 @@ predictions held to the peers' own published runs.
 
     python benchmarks/plan_table.py            # writes benchmarks/results/plan_table.md
     python benchmarks/plan_table.py --stages   # the planner's pipeline stages: results/plan_stages.md
+    python benchmarks/plan_table.py --calibration   # only its last section, the published runs, in place
 
 Everything here is predicted (memory_model.py, cost_model.py with configs/hardware/*.yaml), nothing ran
 on a GPU. Layout per model: micro-batch 1 x 4,096 tokens, bf16 compute with float32 master weights and
@@ -29,7 +30,15 @@ from moeyard.trainer.scheduler.hardware import Hardware, HardwareCosts
 from moeyard.trainer.scheduler.memory_fit import memory_layout
 from moeyard.trainer.scheduler.memory_model import count_parameters, predict_memory, usable_gb
 from moeyard.trainer.scheduler.planner import search
-from moeyard.trainer.scheduler.run_planning import LayoutChoice, choose_layout, layout_choices, load_hardware, workload
+from moeyard.trainer.scheduler.run_planning import (
+    LayoutChoice,
+    choose_layout,
+    configured_layout,
+    dispatch_choices,
+    layout_choices,
+    load_hardware,
+    workload,
+)
 
 MODELS = ["olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b", "mixtral-8x22b", "qwen3-235b-a22b", "gpt-oss-20b",
           "gpt-oss-120b", "glm-4.5-air", "glm-4.5", "deepseek-v3-671b", "kimi-k2"]
@@ -94,7 +103,7 @@ def fit_row(name: str, hw) -> str:
 def planned(run: Config, world: int, hw: Hardware) -> tuple[LayoutChoice, Workload, HardwareCosts]:
     """The planner's choice for `run` on `world` GPUs of `hw` (as `moeyard plan --hardware`): the layout,
     its plan and prediction, and the workload."""
-    w = workload(run, world // run.parallel.pp, hw.act_bytes)  # a stage's ranks split the batch
+    w = workload(run, world // run.parallel.pp, hw.act_bytes, hw.devices_per_node)  # a stage's ranks split the batch
     costs = HardwareCosts(hw)
     choices = layout_choices(run, w, costs, usable_gb(hw.memory_gb))
     plan, best = choose_layout(choices)
@@ -124,6 +133,13 @@ def speed_row(name: str, hw, world: int = 64) -> str:
 AUTOMODEL = ("NeMo AutoModel performance summary (DGX-H100, bf16, FSDP2 + EP, TE + DeepEP, balanced routing; "
              "NVIDIA-NeMo/Automodel docs/performance-summary.md, 2025-10-02, and its benchmark configs)")
 MEGATRON = "Megatron-Core MoE (bf16, H100; ../shared/REFERENCES.md)"
+BENCHMARK_GATE = ("model.moe.max_nodes_per_token=1", "schedule.dispatch=hierarchical")
+"""NeMo AutoModel's benchmark runs route with `fake_balanced_gate` (its MoE layers: token t to experts
+k*t .. k*t + k - 1, modulo the experts): every expert gets the same load, and a token's k copies lie on
+consecutive experts, on one machine (DeepSeek-V3: 8 of the 32 experts a machine holds at EP 64; GPT-OSS-120B: 4
+of 16), 2 GPUs. DeepEP sends each token across the network once per machine and fans it out inside: what
+hierarchical dispatch with one machine a token predicts. Uniform routing would send DeepSeek-V3's tokens to
+5.3 machines on average (3.6 with DeepSeek-V3's 4 of 8 groups, a machine's experts each at EP 64)."""
 AUTOMODEL_PP = "NeMo AutoModel, DGX-H100 bf16 (as above)"
 
 
@@ -158,19 +174,26 @@ PUBLISHED_RUNS = [
                      "logits over a 201k vocabulary, activations without recompute"),
     PublishedRun("GPT-OSS-120B, 64 GPUs, EP 64, FSDP 64, 2 seq x 4 micro-steps, no recompute", "gpt-oss-120b", 64,
                  ("parallel.ep=64", "parallel.fsdp=true", "train.global_batch_tokens=2097152", "train.seq_len=4096",
-                  "train.micro_batch_size=2", "train.recompute=none"), 7626, 231, AUTOMODEL,
-                 gap="memory only: float32 logits over a 201k vocabulary, activations without recompute"),
+                  "train.micro_batch_size=2", "train.recompute=none", *BENCHMARK_GATE), 7626, 231, AUTOMODEL,
+                 gap="optimistic as GPT-OSS-20B is on one machine (its candidates: attention with sinks at "
+                     "FlashAttention-3's rate, GEMMs of dim 2880 at the large-GEMM rate); 0.97 with uniform routing "
+                     "and flat dispatch, before the benchmark gate was modelled; memory: float32 logits over a 201k "
+                     "vocabulary, activations without recompute"),
     PublishedRun("Mixtral-8x7B, 64 GPUs, TP 1, PP 4, EP 8", "mixtral-8x7b", 64,
                  ("parallel.ep=8", "parallel.pp=4", "schedule.pipeline=1f1b", "train.micro_batch_size=1"), None, 468,
                  MEGATRON, gap="not identified (the peer's batch and recompute are not published; here the config's "
                                "4M tokens, micro-batch 1); Megatron's distributed optimizer shards the optimizer "
                                "state, which moeyard's stages keep replicated (memory only)"),
-    PublishedRun("DeepSeek-V3-671B, 256 GPUs, PP 4, VPP 8, EP 64, FSDP 64", "deepseek-v3-671b", 256,
-                 ("parallel.ep=64", "parallel.pp=4", "parallel.fsdp=true", "schedule.pipeline=1f1b",
-                  "train.micro_batch_size=1"), 1002, 250, AUTOMODEL_PP,
-                 needs="virtual stages under fsdp (VPP 8: looped schedules with fsdp are refused), so PP 4 with "
-                       "1f1b here: its bubble, 3 of 16 micro-steps, would be 8 times shorter; the rest of the gap "
-                       "is not identified"),
+    PublishedRun("DeepSeek-V3-671B, 256 GPUs, PP 4, VPP 8, EP 64, FSDP 64, 8 micro-batches, full recompute",
+                 "deepseek-v3-671b", 256,
+                 ("parallel.ep=64", "parallel.pp=4", "parallel.fsdp=true", "parallel.fsdp_gather_once=true",
+                  "schedule.pipeline=interleaved_1f1b", "schedule.stages_per_rank=8", "train.micro_batch_size=1",
+                  "train.global_batch_tokens=2097152", "train.recompute=full", *BENCHMARK_GATE), 1002, 250,
+                 AUTOMODEL_PP,
+                 gap="memory only: the peer casts the model to bf16 (parameters, gradients and Adam's moments: 8 "
+                     "bytes a parameter where moeyard keeps 16 with float32 master weights). What the prediction "
+                     "rests on: the all-to-alls sent as DeepEP sends them, once per machine (hierarchical; flat: "
+                     "0.68), the 8 virtual stages (1f1b: 0.79); uniform routing instead of the gate's: 0.94"),
 ]
 """Runs with a public layout and number on H100 in bf16 (their model and batch; what moeyard cannot
 express is named). DeepSeek's own run (PP 16, DualPipe, FP8, H800) and Megatron-Core's Qwen3-235B
@@ -182,13 +205,15 @@ def calibration_row(run: PublishedRun, hw) -> str:
     moeyard's planned layout on the same GPUs, beside the published figures."""
     cfg = published(run.model, *run.overrides)
     costs = HardwareCosts(hw)
-    w = workload(cfg, run.world // cfg.parallel.pp, hw.act_bytes)
+    w = workload(cfg, run.world // cfg.parallel.pp, hw.act_bytes, hw.devices_per_node)
     if run.needs:
         chosen, w, costs = planned(cfg, run.world, hw)
         step, recompute = chosen.prediction, chosen.recompute
         layout = f"moeyard's choice without it: {chosen.name}, recompute {recompute}, {chosen.memory_gb:.0f} GB"
     else:
-        plan, step = search(w, costs, cfg.grad_sync)
+        layout = configured_layout(cfg)
+        plan, step = search(w, costs, cfg.grad_sync, dispatch_choices=dispatch_choices(cfg, w),
+                            gather_once=layout.gather_once, reduce_once=layout.reduce_once)
         recompute = cfg.train.recompute
         memory = predict_memory(cfg.model, memory_layout(cfg, run.world, hw.act_bytes))
         over = "" if memory.fits(hw.memory_gb) else " (over)"
@@ -242,6 +267,20 @@ def stages_section(hw_name: str = "dgx-h100") -> list[str]:
     return lines
 
 
+def calibration_section() -> list[str]:
+    """The published runs held to their predictions (the last section of plan_table.md)."""
+    hw = load_hardware("dgx-h100")
+    return ["## Held to published runs (dgx-h100)", "",
+            "Predicted tokens/s per GPU against the measured, in the peer's layout, batch and routing (uniform, "
+            "except NeMo AutoModel's benchmark gate over several machines: each token's copies on one machine, "
+            "plan_table.BENCHMARK_GATE). TFLOP/s are each side's own formula (moeyard: cost_model.model_flops), so "
+            "the tokens/s ratio is the comparison. Sources: " + "; ".join(sorted({r.source for r in PUBLISHED_RUNS}))
+            + ".", "",
+            "| published run | moeyard's layout | tokens/s/GPU predicted | published | TFLOP/s predicted | "
+            "published | predicted / published | missing term, or the gap |", "|---|---|---|---|---|---|---|---|",
+            *[calibration_row(run, hw) for run in PUBLISHED_RUNS], ""]
+
+
 def main() -> None:
     lines = ["# Planner's table: published MoE shapes (predicted, not run)", "",
              __doc__.strip().split("\n\n", 1)[1].split("\n\n", 1)[1], ""]
@@ -253,15 +292,7 @@ def main() -> None:
                   "| model | layout | GB/GPU | step, 4M tokens | TFLOP/s per GPU, predicted | published |",
                   "|---|---|---|---|---|---|", *[speed_row(name, hw, SPEED_WORLD.get(name, 64)) for name in MODELS],
                   ""]
-    hw = load_hardware("dgx-h100")
-    lines += ["## Held to published runs (dgx-h100)", "",
-              "Predicted tokens/s per GPU against the measured, in the peer's layout and batch (uniform routing, as "
-              "their balanced gate). TFLOP/s are each side's own formula (moeyard: cost_model.model_flops), so "
-              "the tokens/s ratio is the comparison. Sources: " + "; ".join(sorted({r.source for r in PUBLISHED_RUNS}))
-              + ".", "",
-              "| published run | moeyard's layout | tokens/s/GPU predicted | published | TFLOP/s predicted | "
-              "published | predicted / published | missing term, or the gap |", "|---|---|---|---|---|---|---|---|",
-              *[calibration_row(run, hw) for run in PUBLISHED_RUNS], ""]
+    lines += calibration_section()
     OUT.write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -269,7 +300,11 @@ def main() -> None:
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:] == ["--stages"]:  # the pipeline section alone (minutes per model), to its own file
+    if sys.argv[1:] == ["--calibration"]:  # the last section alone (minutes), in place in plan_table.md
+        before, section = OUT.read_text().split("## Held to published runs")[0], calibration_section()
+        OUT.write_text(before + "\n".join(section))
+        print("\n".join(section))
+    elif sys.argv[1:] == ["--stages"]:  # the pipeline section alone (minutes per model), to its own file
         text = "\n".join(["# Planner's pipeline stages for published runs (predicted, not run)", "",
                           *stages_section()])
         (OUT.parent / "plan_stages.md").write_text(text)
