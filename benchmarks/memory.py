@@ -197,17 +197,24 @@ def _label(cfg: Config, world: int) -> str:
     return f"{sync}, ep={cfg.parallel.ep}, recompute {cfg.train.recompute}{extra}"
 
 
-def row(overrides: list[str], steps: int, world: int = WORLD) -> dict:
+def predictions(overrides: list[str], world: int = WORLD) -> dict:
+    """What the memory model says of a row's layout (its fields of a row)."""
     cfg = read_config(configs.path("tiny.yaml"), overrides)
     predicted = predict_memory(cfg.model, memory_layout(cfg, world, 4))
+    return {"predicted_peak": predicted.total,
+            "predicted_state": predicted.parameters + predicted.gradients + predicted.optimizer,
+            "predicted": {k: getattr(predicted, k) for k in
+                          ("parameters", "gradients", "optimizer", "activations", "buffers")}}
+
+
+def row(overrides: list[str], steps: int, world: int = WORLD) -> dict:
+    cfg = read_config(configs.path("tiny.yaml"), overrides)
     counts = count_parameters(cfg.model, cfg.parallel.ep)
     ranks = measure(overrides, steps, world)
     slowest = [max(r["times"][i] for r in ranks) for i in range(steps)]
     out = {
         "layout": _label(cfg, world), "overrides": overrides, "params": counts.dense + counts.experts,
-        "predicted_peak": predicted.total, "predicted_state": predicted.parameters + predicted.gradients +
-        predicted.optimizer, "predicted": {k: getattr(predicted, k) for k in
-                                           ("parameters", "gradients", "optimizer", "activations", "buffers")},
+        **predictions(overrides, world),
         "ideal_state": 16 * (counts.dense + counts.experts) / world,
         "largest_block_bytes": 4 * counts.largest_block,
         "base": max(r["base"] for r in ranks), "build_peak": max(r["build_peak"] for r in ranks),
@@ -275,13 +282,38 @@ def markdown(calibration: list[dict], large: dict | None) -> str:
     return "\n".join(lines)
 
 
+def repredict(out: Path) -> None:
+    """The stored measurements against the memory model as it is now: every row's predicted fields recomputed,
+    both tables written again (measured columns as they were, their date kept)."""
+    whole = json.loads(out.with_suffix(".json").read_text())
+    stages = json.loads(out.with_name("memory_pipeline.json").read_text())
+    for r in [*whole["calibration"], *whole["state"], whole["large"], *stages]:
+        r.update(predictions(r["overrides"]))
+    note = f"; predictions recomputed {time.strftime('%Y-%m-%d')} (`python benchmarks/memory.py --repredict`)"
+    table = markdown(whole["calibration"], whole["large"])
+    table += "\n\nThe same model, 4 sequences a rank, one per micro-step:\n\n" + state_markdown(whole["state"])
+    dated = out.with_suffix(".md").read_text().split("\n")[0].split(";")[0]
+    out.with_suffix(".json").write_text(json.dumps(whole, indent=1))
+    out.with_suffix(".md").write_text(f"{dated}{note}\n\n{table}\n")
+    header = out.with_name("memory_pipeline.md").read_text().split("\n")[0].split("; predictions")[0]
+    out.with_name("memory_pipeline.json").write_text(json.dumps(stages, indent=1))
+    out.with_name("memory_pipeline.md").write_text(
+        f"{header}{note}\n\nPipeline stages, 4 micro-batches a step:\n\n{pipeline_markdown(stages)}\n")
+    print(table + "\n\n" + pipeline_markdown(stages))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny model on 2 ranks, two layouts, 2 steps")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--pipeline", action="store_true", help="only the pipeline-stage layouts")
+    parser.add_argument("--repredict", action="store_true",
+                        help="no run: the stored results' predicted columns from the memory model as it is now")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    if args.repredict:
+        repredict(args.out)
+        return
     if args.pipeline:
         stages = [row([*PIPELINE, *layout], args.steps) for layout in PIPELINE_LAYOUTS]
         table = "Pipeline stages, 4 micro-batches a step:\n\n" + pipeline_markdown(stages)

@@ -51,7 +51,10 @@ def apply_fsdp(model: Transformer, pmesh: ParallelMesh, reshard_after_forward: b
     Prefetch is explicit: each block's gather (its unit's and its experts') is issued when the previous
     block (or, in forward, the root) starts, so it is requested before the MoE layer's host sync blocks
     the CPU thread (FSDP2's implicit forward prefetch would wait for that sync; the overlap this buys has
-    not been measured on a GPU), and the cost model charges this order.
+    not been measured on a GPU), and the cost model charges this order. A rank holding several pipeline
+    stages chains them within each stage, and its root, which every stage's forward enters, prefetches
+    nothing (a stage's first block is gathered when it starts; the cost model still charges it as
+    prefetched).
 
     Call after `apply_expert_parallel` and before building the optimizer."""
     policy = policy or MixedPrecisionPolicy()
@@ -90,14 +93,11 @@ def apply_fsdp(model: Transformer, pmesh: ParallelMesh, reshard_after_forward: b
         for before, after in zip(layers[::-1], layers[-2::-1]):
             before[0].set_modules_to_backward_prefetch(after)
     if len(parts) > 1:
-        # Left unset, FSDP2 prefetches in backward the unit whose forward ran last before this one's (the
-        # root: before its latest forward), which with several stages is another stage's, for another
-        # micro-batch, resharded again before it runs; it has no switch to turn that off. A stage's first
-        # block and the root name the root instead, which is kept gathered through the step
-        # (parallel/pipeline.py): nothing to fetch.
-        for layers in parts:
-            if layers:
-                layers[0][0].set_modules_to_backward_prefetch([root])
+        # Left unset, FSDP2 prefetches in backward the unit whose forward ended before the unit's own last
+        # one; for the root, whose forward ends each stage's, that is the last block of whichever stage ran
+        # forward last: another stage's, for another micro-batch, resharded again before it runs. FSDP2 has
+        # no switch to turn that off: the root names itself, kept gathered through the step
+        # (parallel/pipeline.py), so there is nothing to fetch.
         root.set_modules_to_backward_prefetch([root])
 
 

@@ -20,11 +20,12 @@ and zero-bubble schedules (zbv_zero_bubble, dualpipev, interleaved_zero_bubble: 
 weight parts, which the expert exchange's autograd Functions do not support) are refused by name when the run
 config is resolved.
 
-The gradient sync is told before each of a stage's backwards whether it is the rank's last of the step
+The gradient sync is told before each of a stage's backwards whether it is the last of the step
 (`StepStage`), as the unpipelined loop tells it before each micro-step: FSDP units gathered once keep their
-weights and unsharded gradients through the schedule and reduce in its last backward. A rank's stages share
-one FSDP root (parallel/fsdp.py), so with several of them only the final backward of the rank's lowest stage
-is the last, and the root stays gathered until then.
+weights and unsharded gradients through the schedule and reduce in their stage's last backward. A rank's
+stages share one FSDP root (parallel/fsdp.py): with several of them the sync hears `last` in the rank's final
+backward, each stage's own units are set to reduce in the stage's last, and the root stays gathered until the
+final one (Pipeline._stage_before_backward).
 
 Shape legend (models/__init__.py): B, T, D, V.
 """
@@ -201,16 +202,34 @@ class Pipeline:
                 for i, module in zip(self.ids, self.modules)]
 
     def _stage_before_backward(self, stage: int, last: bool) -> None:
-        """Before a backward of `stage`: the gradient sync hears `last` only in the rank's final backward of
-        the step, its lowest stage's last (both looped schedules end there), since its stages share one FSDP
-        root, whose flags reach every unit of the rank. A looped rank's root unit (embedding, output layer),
-        which every stage's forward enters, stays gathered until then, rather than being gathered again by
-        each stage after another's backward resharded it."""
+        """Before a backward of `stage`. A looped rank's stages share one FSDP root, and the gradient sync sets
+        its flags on every unit of the rank: it hears `last` only in the rank's final backward, the lowest
+        stage's last (both looped schedules end there); a stage's own units are then set to reduce and reshard
+        in that stage's last backward, as every layout does in its last, so their reductions overlap the
+        backwards still to run. The root (embedding, output layer), which every stage's forward enters, stays
+        gathered until the final backward rather than being gathered again after each backward."""
+        if len(self.modules) == 1:
+            self._before_backward(last)
+            return
         final = last and stage == self.ids[0]
         self._before_backward(final)
         model = self.modules[0].model
-        if len(self.modules) > 1 and isinstance(model, FSDPModule):
-            model.set_reshard_after_backward(final, recurse=False)
+        if not isinstance(model, FSDPModule):
+            return
+        model.set_reshard_after_backward(final, recurse=False)
+        if last:
+            for unit in self._units_of(self.ids.index(stage)):
+                unit.set_requires_gradient_sync(True)
+                unit.set_reshard_after_backward(True)
+
+    def _units_of(self, position: int) -> list[FSDPModule]:
+        """The FSDP units of this rank's `position`-th stage: its blocks (with their experts' units) and, on
+        the model's last stage, the MTP depths."""
+        model = self.modules[0].model
+        units = [model.layers[i] for i in model.held_parts[position]]
+        if self.is_last and position == len(self.modules) - 1:
+            units += list(model.mtp)
+        return [unit for unit in units if isinstance(unit, FSDPModule)]
 
     def _build(self, schedule_class, micro_batches: int):
         # scale_grads off: the loss is already the share of the global batch's mean (trainer/step.py).

@@ -198,7 +198,7 @@ def _pipelined_micro_steps(pipeline: Pipeline, sync: GradSync, batch: Tensor | T
                            micro_batches: int, lm_scale: float, dtype: torch.dtype, device: torch.device,
                            stats: StepStats) -> None:
     """Forward and backward of every micro-batch through the stages, as the schedule orders them (`sync` told
-    before each backward whether it is the stage's last); this stage's losses and router statistics into
+    before each backward whether it is the last: Pipeline._stage_before_backward); this stage's losses and router statistics into
     `stats`."""
     loss = pipeline.loss_fn
     tokens_BT, target, segment_BT = _pipeline_inputs(batch, device, loss)
