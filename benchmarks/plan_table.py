@@ -175,10 +175,10 @@ PUBLISHED_RUNS = [
     PublishedRun("GPT-OSS-120B, 64 GPUs, EP 64, FSDP 64, 2 seq x 4 micro-steps, no recompute", "gpt-oss-120b", 64,
                  ("parallel.ep=64", "parallel.fsdp=true", "train.global_batch_tokens=2097152", "train.seq_len=4096",
                   "train.micro_batch_size=2", "train.recompute=none", *BENCHMARK_GATE), 7626, 231, AUTOMODEL,
-                 gap="optimistic as GPT-OSS-20B is on one machine (its candidates: attention with sinks at "
-                     "FlashAttention-3's rate, GEMMs of dim 2880 at the large-GEMM rate); 0.97 with uniform routing "
-                     "and flat dispatch, before the benchmark gate was modelled; memory: float32 logits over a 201k "
-                     "vocabulary, activations without recompute"),
+                 gap="not identified (0.97 with uniform routing and flat dispatch, before the benchmark gate was "
+                     "modelled); candidates, as for GPT-OSS-20B, optimistic by more on one machine: attention with "
+                     "sinks at FlashAttention-3's rate, GEMMs of dim 2880 at the large-GEMM rate; memory: float32 "
+                     "logits over a 201k vocabulary, activations without recompute"),
     PublishedRun("Mixtral-8x7B, 64 GPUs, TP 1, PP 4, EP 8", "mixtral-8x7b", 64,
                  ("parallel.ep=8", "parallel.pp=4", "schedule.pipeline=1f1b", "train.micro_batch_size=1"), None, 468,
                  MEGATRON, gap="not identified (the peer's batch and recompute are not published; here the config's "
