@@ -17,6 +17,7 @@ import os
 import random
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -72,12 +73,16 @@ def latest_step(run_dir: Path) -> int:
 
 
 def checkpoint_bytes(run_dir: Path) -> int:
+    """Bytes under the run's checkpoints, read while the run writes, renames and rotates them: a folder or file
+    gone before it is read counts nothing (os.walk skips a folder it cannot list; pathlib's rglob raised)."""
     total = 0
-    for path in (run_dir / "checkpoints").rglob("*"):
-        try:
-            total += path.stat().st_size if path.is_file() and not path.is_symlink() else 0
-        except OSError:
-            continue  # removed by the rotation meanwhile
+    for folder, _, files in os.walk(run_dir / "checkpoints"):
+        for name in files:
+            try:
+                info = os.lstat(os.path.join(folder, name))
+            except OSError:
+                continue  # renamed (a finished save) or removed by the rotation meanwhile
+            total += info.st_size if stat.S_ISREG(info.st_mode) else 0
     return total
 
 
