@@ -282,24 +282,33 @@ def markdown(calibration: list[dict], large: dict | None) -> str:
     return "\n".join(lines)
 
 
+def whole_table(calibration: list[dict], state: list[dict], large: dict | None) -> str:
+    """memory.md's tables: the layouts, the large model, and where the state lives."""
+    table = markdown(calibration, large)
+    if state:
+        table += "\n\nThe same model, 4 sequences a rank, one per micro-step:\n\n" + state_markdown(state)
+    return table
+
+
+def pipeline_table(stages: list[dict]) -> str:
+    return "Pipeline stages, 4 micro-batches a step:\n\n" + pipeline_markdown(stages)
+
+
 def repredict(out: Path) -> None:
     """The stored measurements against the memory model as it is now: every row's predicted fields recomputed,
-    both tables written again (measured columns as they were, their date kept)."""
+    both tables written again (measured columns as they were, their first line kept, today's stamp added)."""
     whole = json.loads(out.with_suffix(".json").read_text())
     stages = json.loads(out.with_name("memory_pipeline.json").read_text())
     for r in [*whole["calibration"], *whole["state"], whole["large"], *stages]:
         r.update(predictions(r["overrides"]))
-    note = f"; predictions recomputed {time.strftime('%Y-%m-%d')} (`python benchmarks/memory.py --repredict`)"
-    table = markdown(whole["calibration"], whole["large"])
-    table += "\n\nThe same model, 4 sequences a rank, one per micro-step:\n\n" + state_markdown(whole["state"])
-    dated = out.with_suffix(".md").read_text().split("\n")[0].split(";")[0]
+    stamp = f"; predictions recomputed {time.strftime('%Y-%m-%d')} (`python benchmarks/memory.py --repredict`)"
+    for md, table in ((out.with_suffix(".md"), whole_table(whole["calibration"], whole["state"], whole["large"])),
+                      (out.with_name("memory_pipeline.md"), pipeline_table(stages))):
+        first = md.read_text().split("\n")[0].split("; predictions recomputed")[0]
+        md.write_text(f"{first}{stamp}\n\n{table}\n")
+        print(table, end="\n\n")
     out.with_suffix(".json").write_text(json.dumps(whole, indent=1))
-    out.with_suffix(".md").write_text(f"{dated}{note}\n\n{table}\n")
-    header = out.with_name("memory_pipeline.md").read_text().split("\n")[0].split("; predictions")[0]
     out.with_name("memory_pipeline.json").write_text(json.dumps(stages, indent=1))
-    out.with_name("memory_pipeline.md").write_text(
-        f"{header}{note}\n\nPipeline stages, 4 micro-batches a step:\n\n{pipeline_markdown(stages)}\n")
-    print(table + "\n\n" + pipeline_markdown(stages))
 
 
 def main() -> None:
@@ -316,7 +325,7 @@ def main() -> None:
         return
     if args.pipeline:
         stages = [row([*PIPELINE, *layout], args.steps) for layout in PIPELINE_LAYOUTS]
-        table = "Pipeline stages, 4 micro-batches a step:\n\n" + pipeline_markdown(stages)
+        table = pipeline_table(stages)
         print(table)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_name("memory_pipeline.json").write_text(json.dumps(stages, indent=1))
@@ -333,9 +342,7 @@ def main() -> None:
     if not args.smoke:
         state = [row([*ACCUMULATING, *layout], steps) for layout in STATE_LAYOUTS]
         large = row(LARGE, steps)
-    table = markdown(calibration, large)
-    if state:
-        table += "\n\nThe same model, 4 sequences a rank, one per micro-step:\n\n" + state_markdown(state)
+    table = whole_table(calibration, state, large)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"calibration": calibration, "state": state, "large": large},
