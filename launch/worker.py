@@ -21,7 +21,7 @@ from moeyard.launch.malloc_policy import keep_freed_memory
 from moeyard.launch.peers import Peers
 from moeyard.trainer.config.resolve import read_resolved, resolve_run
 from moeyard.trainer.config.sections import Config, read_config
-from moeyard.trainer.data.tokens import ensure_corpus
+from moeyard.trainer.data.tokens import corpus_dir, ensure_corpus, read_meta
 from moeyard.trainer.run_dir import Preemption
 from moeyard.trainer.run_lock import lock_for_workers
 
@@ -105,7 +105,8 @@ def _prepare_corpus_once_per_machine(cfg: Config, env: DistEnv, device: torch.de
         raise error
     if failed.item():
         raise DataError("preparing the corpus failed on another machine; see its log")
-    ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)  # the other workers check what it wrote
+    # Every worker checks what was written (not the source again: fingerprinting it is the first worker's job)
+    read_meta(corpus_dir(cfg.data.source, cfg.data.dir, cfg.data.glob))
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,18 @@
 """The held-out loss of an SFT run, on its own cadence: every sft.eval_every steps and at the last one."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from moeyard.models import Transformer
 from moeyard.parallel import ParallelMesh
-from moeyard.parallel.pipeline import Pipeline
 from moeyard.trainer.config.sections import Config
 from moeyard.trainer.data.sft_batches import SFTBatch
 from moeyard.trainer.step import heldout_loss
+
+if TYPE_CHECKING:  # trainer.step.pipeline_for imports it, only with parallel.pp > 1
+    from moeyard.parallel.pipeline import Pipeline
 
 
 class Evaluator:

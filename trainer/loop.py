@@ -21,7 +21,6 @@ from moeyard.models.meta_init import build_on_meta
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.parallelize import FsdpSettings, parallelize
-from moeyard.parallel.pipeline import keep_this_stage
 from moeyard.parallel.plan import Plan
 from moeyard.trainer.checkpoint.sharded import Checkpointer, config_hash
 from moeyard.trainer.config.sections import Config
@@ -149,6 +148,9 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
     torch.manual_seed(cfg.run.seed)
     model, init = build_on_meta(cfg.model)  # no rank holds more than its part (and one parameter at a time)
     if pmesh.pp > 1:
+        # imported here: torch's pipelining imports dynamo, 0.8 s of every worker's start
+        from moeyard.parallel.pipeline import keep_this_stage
+
         keep_this_stage(model, pmesh, cfg.stages_per_rank)
     trainable, total = freeze(model, cfg.train.trainable, cfg.train.frozen)
     model.set_recompute(plan.recompute or cfg.train.recompute)  # the planner may keep more where memory allows

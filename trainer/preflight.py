@@ -87,9 +87,9 @@ def check_inputs(cfg: Config, prepare: bool = True) -> None:
     elif cfg.data.sources:
         check_pretraining_data(cfg)
     else:
-        from moeyard.trainer.data.tokens import default_data_dir, ensure_corpus
+        from moeyard.trainer.data.tokens import corpus_dir, ensure_corpus
 
-        corpus = Path(cfg.data.dir) if cfg.data.dir else default_data_dir(cfg.data.source, cfg.data.glob)
+        corpus = corpus_dir(cfg.data.source, cfg.data.dir, cfg.data.glob)
         if prepare or (corpus / "meta.json").is_file():
             corpus = ensure_corpus(cfg.data.source, cfg.data.dir, cfg.data.glob)
             check_pretraining_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(corpus))))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,11 +23,14 @@ from moeyard.parallel import ParallelMesh
 from moeyard.parallel.fsdp import reshard
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.parallelize import reset_traffic, take_cross_machine_bytes
-from moeyard.parallel.pipeline import Pipeline, sum_copied_gradients
 from moeyard.trainer.data.blend import TokenBatch
 from moeyard.trainer.data.sft_batches import SFTBatch
 from moeyard.trainer.losses import chunked_lm_loss_sum, lm_loss_sum, mtp_loss_sum
 from moeyard.trainer.stats import StepStats
+
+if TYPE_CHECKING:  # imported where a pipeline is built: torch's pipelining imports dynamo, 0.8 s of
+    # every worker's start, needed only with parallel.pp > 1
+    from moeyard.parallel.pipeline import Pipeline
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,8 @@ class LastStageLoss:
 def pipeline_for(model: Transformer, pmesh: ParallelMesh, schedule: str, device: torch.device,
                  loss_chunk_tokens: int) -> Pipeline:
     """The pipeline of this rank's stage (the model reduced to it by parallel.pipeline.keep_this_stage)."""
+    from moeyard.parallel.pipeline import Pipeline
+
     loss = LastStageLoss(model.output, loss_chunk_tokens, model.cfg.mtp_loss_coef)  # output: None before the last
     return Pipeline(model, pmesh, schedule, device, model.output is not None and loss.chunk <= 0, loss)
 
@@ -229,6 +234,8 @@ def train_step(model: Transformer, sync: GradSync, batch: Tensor | TokenBatch | 
     reset_traffic(model)
     stats = StepStats()
     if pipeline is not None:  # the schedule cuts the share and runs every micro-step's backward
+        from moeyard.parallel.pipeline import sum_copied_gradients
+
         _pipelined_micro_steps(pipeline, sync, batch, micro_steps, lm_scale, dtype, device, stats)
         sum_copied_gradients(model, pmesh)
     else:

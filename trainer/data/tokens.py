@@ -161,15 +161,20 @@ def _stale(out: Path, src: Path, glob: str) -> bool:
         meta.get("format") != FORMAT or meta.get("source_fingerprint") != source_fingerprint(src, glob))
 
 
+def corpus_dir(source: str | None, data_dir: str | None, glob: str) -> Path:
+    """Where the data config's prepared corpus is (data.dir, else the cache's folder for data.source)."""
+    if data_dir is None and source is None:
+        raise DataError("set data.dir to a prepared corpus or data.source to a folder of text files")
+    return Path(data_dir) if data_dir else default_data_dir(source, glob)
+
+
 def ensure_corpus(source: str | None, data_dir: str | None, glob: str) -> Path:
     """The prepared corpus folder for a data config, tokenizing data.source on first use.
 
     A data.dir without a corpus is only filled when data.source says from what:
     a mistyped data.dir must not quietly become a new corpus of something else.
     """
-    if data_dir is None and source is None:
-        raise DataError("set data.dir to a prepared corpus or data.source to a folder of text files")
-    out = Path(data_dir) if data_dir else default_data_dir(source, glob)
+    out = corpus_dir(source, data_dir, glob)
     if source is not None and (out / "meta.json").is_file() and _stale(out, resolve_source(source), glob):
         print(f"data.source {resolve_source(source)} changed since {out} was prepared from it: preparing it again",
               flush=True)
