@@ -58,10 +58,12 @@ LOOPED_SCHEDULES = {"interleaved_1f1b": ScheduleInterleaved1F1B, "looped_bfs": S
 """schedule.pipeline: the torch schedules with several stages per rank, placed in loops."""
 
 
-def keep_this_stage(model: Transformer, pmesh: ParallelMesh, per_rank: int = 1) -> tuple[range, ...]:
+def keep_this_stage(model: Transformer, pmesh: ParallelMesh, per_rank: int = 1,
+                    sizes: Optional[list[int]] = None) -> tuple[range, ...]:
     """Reduce a model built on the meta device to this rank's `per_rank` stages (before anything is
-    allocated); returns their blocks, stage by stage."""
-    spans = stage_layers(model.cfg.n_layers, pmesh.pp * per_rank)
+    allocated) of `sizes` blocks each (parallel.layers_per_stage; None: even); returns their blocks, stage
+    by stage."""
+    spans = stage_layers(model.cfg.n_layers, pmesh.pp * per_rank, sizes)
     parts = tuple(spans[i] for i in stage_ids(pmesh.pp_rank, pmesh.pp, per_rank))
     model.keep_stage(parts, first=pmesh.pp_rank == 0, last=pmesh.pp_rank == pmesh.pp - 1)
     return parts

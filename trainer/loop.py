@@ -151,7 +151,7 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
         # imported here: torch's pipelining imports dynamo, 0.8 s of every worker's start
         from moeyard.parallel.pipeline import keep_this_stage
 
-        keep_this_stage(model, pmesh, cfg.stages_per_rank)
+        keep_this_stage(model, pmesh, cfg.stages_per_rank, cfg.parallel.layers_per_stage)
     trainable, total = freeze(model, cfg.train.trainable, cfg.train.frozen)
     model.set_recompute(plan.recompute or cfg.train.recompute)  # the planner may keep more where memory allows
     fsdp = FsdpSettings(compute_dtype=resolve_dtype(cfg.train.dtype, device),

@@ -89,7 +89,7 @@ def _assert_lanes(results: list[dict], overlapped: bool) -> None:
     (4, ("parallel.pp=4", "schedule.pipeline=1f1b", "train.micro_batch_size=2", "train.loss_chunk_tokens=10"),
      "topk_softmax", True),
     (4, ("parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "model.mtp_layers=1",
-         "model.tie_embeddings=true"), "sigmoid_bias", True),
+         "model.tie_embeddings=true", "parallel.layers_per_stage=[3, 1]"), "sigmoid_bias", True),
     (4, ("parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=2", "model.mtp_layers=1", "parallel.fsdp=true",
          "parallel.fsdp_gather_once=true"), "topk_softmax", False),
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=gpipe", "train.micro_batch_size=1", "parallel.fsdp=true",
@@ -104,7 +104,7 @@ def _assert_lanes(results: list[dict], overlapped: bool) -> None:
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=looped_bfs", "train.micro_batch_size=1",
          "parallel.fsdp=true", "train.recompute=full"), "sigmoid_bias", False),
 ], ids=["pp2-gpipe-sft", "pp2-ep2-1f1b-manual-chunks2", "pp2-ep2-fsdp-recompute-sigmoid_bias-auto",
-        "pp4-1f1b-sft-loss_chunks", "pp2-ep2-mtp-tied-sft", "pp2-ep2-mtp-fsdp-gathered-once",
+        "pp4-1f1b-sft-loss_chunks", "pp2-ep2-mtp-tied-split3+1-sft", "pp2-ep2-mtp-fsdp-gathered-once",
         "pp2-ep2-gpipe-fsdp-resident-weights-sigmoid_bias", "pp2-ep2-overlapped-recompute-sigmoid_bias-sft",
         "pp2x2-interleaved-mtp-sft", "pp2x2-ep2-interleaved-mtp-fsdp-gathered-once-sft-loss_chunks",
         "pp2x2-ep2-looped_bfs-fsdp-recompute-sigmoid_bias"])
@@ -148,6 +148,12 @@ def test_layouts_pipelines_cannot_run_are_refused_before_launch() -> None:
           "model.moe.switch.jitter=0.01"),
          "overlapped_1f1b with model.moe.switch.jitter"),
         (("schedule.grad_sync=reduce_scatter",), r"reduce_scatter \(ZeRO\) with parallel.pp > 1: its gradient buckets"),
+        (("parallel.layers_per_stage=[1, 2]",), r"layers_per_stage=\[1, 2\] must give each of the 2 stages .* 4 "
+                                                 r"\(model.n_layers\) in all"),
+        (("schedule.pipeline=interleaved_1f1b", "parallel.layers_per_stage=[2, 2]"), "each of the 4 stages"),
+        (("parallel.layers_per_stage=[0, 4]",), "at least one block"),
     ]:
         with pytest.raises(ConfigError, match=message):
             pipeline_cases._config(("parallel.pp=2", *settings))
+    with pytest.raises(ConfigError, match="parallel.pp=1 has none: set it to null"):
+        pipeline_cases._config(("parallel.layers_per_stage=[2, 2]",))

@@ -38,6 +38,11 @@ class ParallelConfig:
     """Pipeline stages (parallel/pipeline.py): stage s holds a contiguous run of decoder blocks (the first
     also the embedding, the last the output layer and loss) on ranks [s * world/pp, (s+1) * world/pp); inside
     a stage ep, fsdp and the exchange work as without stages, over dp = world / pp ranks."""
+    layers_per_stage: Optional[list[int]] = None
+    """Decoder blocks of each pipeline stage, in stage order: parallel.pp x schedule.stages_per_rank counts of
+    at least one, adding up to model.n_layers (the MTP depths run on the last stage besides). null: as even
+    as the count allows. schedule.mode=auto with schedule.hardware balances them with the cost and memory
+    models (the first stage's embedding, the last's output layer, loss and MTP depths)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """auto: nccl when a GPU is present, gloo otherwise."""
     timeout_s: float = 600.0
@@ -374,6 +379,9 @@ def _validate_pipeline(cfg: Config) -> None:
     """What parallel.pp > 1 runs with today; each refusal names the setting to change."""
     pp, m, s = cfg.parallel.pp, cfg.model, cfg.schedule
     require(pp >= 1, f"parallel.pp={pp} must be >= 1")
+    require(pp > 1 or cfg.parallel.layers_per_stage is None,
+            f"parallel.layers_per_stage={cfg.parallel.layers_per_stage} splits pipeline stages, and parallel.pp=1 "
+            f"has none: set it to null, or set parallel.pp")
     if pp == 1:
         return
     require(s.pipeline in ONE_STAGE_PER_RANK + LOOPED,
@@ -395,6 +403,11 @@ def _validate_pipeline(cfg: Config) -> None:
     require(stages <= m.n_layers, f"parallel.pp={pp} x {cfg.stages_per_rank} stages per rank for model.n_layers="
                                   f"{m.n_layers} blocks: every stage needs at least one block; lower parallel.pp"
                                   f"{' or schedule.stages_per_rank' if cfg.stages_per_rank > 1 else ''}")
+    split = cfg.parallel.layers_per_stage
+    require(split is None or (len(split) == stages and sum(split) == m.n_layers and min(split) >= 1),
+            f"parallel.layers_per_stage={split} must give each of the {stages} stages (parallel.pp={pp} x "
+            f"{cfg.stages_per_rank} a rank) at least one block, {m.n_layers} (model.n_layers) in all; set it "
+            f"to null for an even split")
     require(s.grad_sync != "reduce_scatter",
             "schedule.grad_sync=reduce_scatter (ZeRO) with parallel.pp > 1: its gradient buckets are cut for the "
             "whole model, not a stage's part; use parallel.fsdp=true (with parallel.fsdp_gather_once=true it "

@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 
 from moeyard.models import ModelConfig
 from moeyard.parallel.plan import Plan
-from moeyard.parallel.stages import stage_layers
+from moeyard.parallel.stages import rank_layers
 from moeyard.trainer.scheduler.block_shapes import (
     attention_core_flops,
     block_elementwise_bytes,
@@ -88,6 +88,8 @@ class Workload:
     """The last `mtp_blocks` of the n_layers blocks are MTP depths (on the last pipeline stage)."""
     stages_per_rank: int = 1
     """Pipeline stages on each rank (interleaved_1f1b, looped_bfs): the bubble is that many times shorter."""
+    layers_per_stage: tuple[int, ...] = ()
+    """parallel.layers_per_stage: decoder blocks of each of the pp x stages_per_rank stages; (): even."""
     stages_across_machines: bool = False
     """With pp > 1: neighbouring stages sit on different machines (activations cross the network)."""
     overlapped: bool = False
@@ -427,26 +429,10 @@ def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     predicted as one, its blocks together.) `w` is the whole model's workload on one stage's dp ranks; each stage's part is predicted
     as the training loop runs it (gradients reduced after the schedule's last backward)."""
     pp = w.pp
-    ordinal = {layer: k for k, layer in enumerate(w.moe_layers)}
-    stages = []
-    spans = stage_layers(w.n_layers - w.mtp_blocks, pp)
+    spans = rank_layers(w.n_layers - w.mtp_blocks, pp, w.stages_per_rank, w.layers_per_stage)
     spans[-1] = range(spans[-1].start, w.n_layers)  # the MTP depths run on the last stage
     seen: dict[tuple, Prediction] = {}  # stages of the same blocks and plan predict the same
-    for s, held in enumerate(spans):
-        ws = stage_workload(w, held, s == 0, s == pp - 1)
-        mine = [ordinal[layer] for layer in w.moe_layers if layer in held]
-        n_dense = sum(1 for p in ws.params if not p.expert)
-        stage_plan = dataclasses.replace(  # one bucket per group, reduced after backward: PlainSync
-            plan, chunks=tuple(plan.chunks[k] for k in mine),
-            dispatch=tuple(plan.dispatch_of(k) for k in mine) if plan.dispatch else (),
-            dense_buckets=(n_dense,) if n_dense else (),
-            expert_buckets=(len(ws.params) - n_dense,) if len(ws.params) > n_dense else (),
-            overlap_grads=plan.grad_sync == "fsdp")
-        key = (ws.n_layers, ws.moe_layers, ws.dense_flops, ws.head_flops, len(ws.params), stage_plan.chunks,
-               stage_plan.dispatch)
-        if key not in seen:
-            seen[key] = predict(ws, stage_plan, costs)
-        stages.append(seen[key])
+    stages = [stage_prediction(w, plan, costs, held, s == 0, s == pp - 1, seen) for s, held in enumerate(spans)]
     slowest = max(stages, key=lambda stage: stage.step)
     micro = (slowest.step - slowest.stages["optimizer"]) / w.micro_steps
     send = costs.send(w, w.tokens * w.dim * w.act_bytes, w.stages_across_machines)
@@ -455,6 +441,29 @@ def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     extra = {"lanes_hidden": -hidden} if w.overlapped else {}
     return Prediction(step=slowest.step + bubble - hidden, stages={**slowest.stages, "pipeline_bubble": bubble, **extra},
                       exposed_comm=slowest.exposed_comm + 2 * (pp - 1) * send - hidden, comm=slowest.comm)
+
+
+def stage_prediction(w: Workload, plan: Plan, costs: Costs, held: range, first: bool, last: bool,
+                     seen: dict[tuple, Prediction] | None = None) -> Prediction:
+    """One pipeline rank's step over its blocks `held` of whole-model workload `w` (with the embedding where
+    `first`, the output head where `last`), as the training loop runs it: gradients reduced after the
+    schedule's last backward. `seen`: predictions of stages already predicted, by what they run."""
+    ordinal = {layer: k for k, layer in enumerate(w.moe_layers)}
+    ws = stage_workload(w, held, first, last)
+    mine = [ordinal[layer] for layer in w.moe_layers if layer in held]
+    n_dense = sum(1 for p in ws.params if not p.expert)
+    stage_plan = dataclasses.replace(  # one bucket per group, reduced after backward: PlainSync
+        plan, chunks=tuple(plan.chunks[k] for k in mine),
+        dispatch=tuple(plan.dispatch_of(k) for k in mine) if plan.dispatch else (),
+        dense_buckets=(n_dense,) if n_dense else (),
+        expert_buckets=(len(ws.params) - n_dense,) if len(ws.params) > n_dense else (),
+        overlap_grads=plan.grad_sync == "fsdp")
+    key = (ws.n_layers, ws.moe_layers, ws.dense_flops, ws.head_flops, len(ws.params), stage_plan.chunks,
+           stage_plan.dispatch)
+    seen = {} if seen is None else seen
+    if key not in seen:
+        seen[key] = predict(ws, stage_plan, costs)
+    return seen[key]
 
 
 def _hidden_by_lanes(w: Workload, stage: Prediction) -> float:
@@ -475,7 +484,7 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                  act_bytes: int = 4, frozen: frozenset[str] = frozenset(), recompute: str = "none",
                  ranks_per_node: int = 0, grad_bytes: int = 4, moment_bytes: int = 4,
                  loss_chunk_tokens: int = 0, pp: int = 1, stages_per_rank: int = 1,
-                 overlapped: bool = False) -> Workload:
+                 layers_per_stage: tuple[int, ...] = (), overlapped: bool = False) -> Workload:
     """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
     Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer.
     `ranks_per_node`: machines of that many ranks (0: one machine). `pp` stages of `dp` ranks each, placed
@@ -499,7 +508,8 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     elementwise_bytes=tuple(block_elementwise_bytes(cfg, tokens, i, act_bytes) for i in blocks),
                     recompute=recompute, recompute_experts=cfg.moe.recompute_experts,
                     ranks_per_node=ranks_per_node, loss_chunk_tokens=loss_chunk_tokens, pp=pp, mtp_blocks=cfg.mtp_layers,
-                    stages_per_rank=stages_per_rank, overlapped=overlapped and pp > 1,
+                    stages_per_rank=stages_per_rank, layers_per_stage=layers_per_stage,
+                    overlapped=overlapped and pp > 1,
                     stages_across_machines=pp > 1 and 0 < ranks_per_node <= dp,
                     nodes_per_token=expected_nodes_per_token(
                         cfg.moe.num_experts, cfg.moe.top_k, machines,

@@ -45,7 +45,7 @@ def memory_layout(cfg: Config, world: int, act_bytes: int) -> Layout:
                   reduce_once=cfg.parallel.fsdp_reduce_once,
                   reduce_bytes=cfg.parallel.reduce_bytes,
                   moment_bytes=cfg.optim.moment_bytes, pp=cfg.parallel.pp, pipeline=cfg.schedule.pipeline,
-                  stages_per_rank=cfg.stages_per_rank)
+                  stages_per_rank=cfg.stages_per_rank, layers_per_stage=tuple(cfg.parallel.layers_per_stage or ()))
 
 
 def _what_would_fit(cfg: Config, layout: Layout, capacity_gb: float) -> str:

@@ -17,7 +17,7 @@ import torch
 
 from moeyard.models import ModelConfig
 from moeyard.parallel.shards import expert_shard_dim, padded_shard_numel
-from moeyard.parallel.stages import stage_layers
+from moeyard.parallel.stages import rank_layers
 from moeyard.trainer.scheduler.block_shapes import attention_shape, block_index, parameter_shapes
 
 GB = 1e9
@@ -74,6 +74,8 @@ class Layout:
     """schedule.pipeline: how many micro-batches' activations a stage holds at once (in_flight)."""
     stages_per_rank: int = 1
     """The looped schedules' stages on each rank (counted as one stage of their blocks; in_flight)."""
+    layers_per_stage: tuple[int, ...] = ()
+    """parallel.layers_per_stage: decoder blocks of each of the pp x stages_per_rank stages; (): even."""
 
     @property
     def dp(self) -> int:
@@ -81,11 +83,12 @@ class Layout:
         return self.world // self.pp
 
 
-def stage_blocks(cfg: ModelConfig, stage: int, pp: int) -> range:
-    """The blocks pipeline stage `stage` of `pp` runs: its decoder blocks, and on the last the MTP depths'."""
+def stage_blocks(cfg: ModelConfig, stage: int, pp: int, per_rank: int = 1, sizes: tuple[int, ...] = ()) -> range:
+    """The blocks pipeline rank `stage` of `pp` runs (parallel.stages.rank_layers of its `per_rank` stages of
+    `sizes` blocks): its decoder blocks, and on the last the MTP depths'."""
     if pp == 1:
         return range(cfg.n_blocks)
-    held = stage_layers(cfg.n_layers, pp)[stage]
+    held = rank_layers(cfg.n_layers, pp, per_rank, sizes)[stage]
     return range(held.start, cfg.n_blocks) if stage == pp - 1 else held
 
 
@@ -124,6 +127,13 @@ class ParamCounts:
     shapes: tuple[tuple[tuple[int, ...], bool, bool], ...] = ()
     """(shape of this rank's ep shard, expert, trainable) of every parameter: what FSDP shards."""
 
+    def __add__(self, other: ParamCounts) -> ParamCounts:
+        """The parameters of both parts (distinct blocks): sums, the larger of the largest blocks."""
+        return ParamCounts(self.dense + other.dense, self.experts + other.experts,
+                           self.dense_trainable + other.dense_trainable,
+                           self.experts_trainable + other.experts_trainable, self.root + other.root,
+                           max(self.largest_block, other.largest_block), self.shapes + other.shapes)
+
     def fsdp_shard(self, world: int, ep: int) -> tuple[int, int]:
         """(parameters, trainable parameters) of the largest rank under FSDP: dense sharded on dim 0 over
         world, experts over edp on the dimension apply_fsdp picks, each padded to its largest piece."""
@@ -139,35 +149,45 @@ class ParamCounts:
         return params, trainable
 
 
+def block_counts(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozenset()) -> dict[int, ParamCounts]:
+    """The parameters of each block (block_index: -1 the embedding, n_blocks the final norm and output layer,
+    counted as the root), which add up to any stage's (count_parameters)."""
+    parts: dict[int, list] = {}
+    for name, full, is_expert in parameter_shapes(cfg):
+        parts.setdefault(block_index(name, cfg), []).append((name, full, is_expert))
+    counts = {}
+    for where, params in parts.items():
+        dense = experts = dense_t = experts_t = 0
+        shapes = []
+        for name, full, is_expert in params:
+            n = math.prod(full)
+            shapes.append(((full[0] // ep, *full[1:]) if is_expert else full, is_expert, name not in frozen))
+            if is_expert:
+                experts, experts_t = experts + n, experts_t + (0 if name in frozen else n)
+            else:
+                dense, dense_t = dense + n, dense_t + (0 if name in frozen else n)
+        in_block = 0 <= where < cfg.n_blocks
+        size = dense + experts // ep
+        counts[where] = ParamCounts(dense, experts, dense_t, experts_t, 0 if in_block else dense + experts,
+                                    size if in_block else 0, tuple(shapes))
+    return counts
+
+
 def count_parameters(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozenset(), stage: int = 0,
-                     pp: int = 1) -> ParamCounts:
-    """The parameters of the whole model, or of pipeline stage `stage` of `pp` (stage_blocks; the embedding on
+                     pp: int = 1, per_rank: int = 1, sizes: tuple[int, ...] = (),
+                     blocks: dict[int, ParamCounts] | None = None) -> ParamCounts:
+    """The parameters of the whole model, or of pipeline rank `stage` of `pp` (stage_blocks; the embedding on
     the first, the final norm and output layer on the last, with its copy of the embedding where tied or
-    read by the MTP depths)."""
-    held = stage_blocks(cfg, stage, pp)
+    read by the MTP depths). `blocks`: block_counts(cfg, ep, frozen), where the caller has them."""
+    blocks = blocks if blocks is not None else block_counts(cfg, ep, frozen)
+    held = stage_blocks(cfg, stage, pp, per_rank, sizes)
     last = stage == pp - 1
     embedding = stage == 0 or (last and (cfg.tie_embeddings or cfg.mtp_layers > 0))
-    dense = experts = dense_t = experts_t = root = 0
-    blocks: dict[int, int] = {}
-    shapes = []
-    for name, full, is_expert in parameter_shapes(cfg):
-        where = block_index(name, cfg)
-        if pp > 1 and not (where in held or (where == -1 and embedding) or (where == cfg.n_blocks and last)):
-            continue
-        n = math.prod(full)
-        shape = (full[0] // ep, *full[1:]) if is_expert else full
-        shapes.append((shape, is_expert, name not in frozen))
-        if is_expert:
-            experts += n
-            experts_t += 0 if name in frozen else n
-        else:
-            dense += n
-            dense_t += 0 if name in frozen else n
-        if 0 <= where < cfg.n_blocks:
-            blocks[where] = blocks.get(where, 0) + (n // ep if is_expert else n)
-        else:
-            root += n
-    return ParamCounts(dense, experts, dense_t, experts_t, root, max(blocks.values(), default=0), tuple(shapes))
+    where = [*held, *([-1] if embedding else []), *([cfg.n_blocks] if last else [])]
+    total = ParamCounts(0, 0, 0, 0, 0, 0)
+    for b in sorted(where):
+        total = total + blocks[b] if b in blocks else total
+    return total
 
 
 @dataclass(frozen=True)
@@ -262,7 +282,9 @@ def _head_bytes(cfg: ModelConfig, layout: Layout) -> float:
 
 def stage_counts(cfg: ModelConfig, layout: Layout) -> tuple[ParamCounts, ...]:
     """count_parameters of each pipeline stage."""
-    return tuple(count_parameters(cfg, layout.ep, layout.frozen, s, layout.pp) for s in range(layout.pp))
+    blocks = block_counts(cfg, layout.ep, layout.frozen)
+    return tuple(count_parameters(cfg, layout.ep, layout.frozen, s, layout.pp, layout.stages_per_rank,
+                                  layout.layers_per_stage, blocks) for s in range(layout.pp))
 
 
 def predict_memory(cfg: ModelConfig, layout: Layout,
@@ -271,15 +293,15 @@ def predict_memory(cfg: ModelConfig, layout: Layout,
     layout.frozen), or with pipeline stages stage_counts(cfg, layout)."""
     if layout.pp == 1:
         whole = counts if isinstance(counts, ParamCounts) else count_parameters(cfg, layout.ep, layout.frozen)
-        return _predict_stage(cfg, layout, whole, 0)
+        return predict_stage(cfg, layout, whole, 0)
     per_stage = counts if isinstance(counts, tuple) and len(counts) == layout.pp else stage_counts(cfg, layout)
-    return max((_predict_stage(cfg, layout, c, s) for s, c in enumerate(per_stage)), key=lambda m: m.total)
+    return max((predict_stage(cfg, layout, c, s) for s, c in enumerate(per_stage)), key=lambda m: m.total)
 
 
-def _predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) -> MemoryEstimate:
+def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) -> MemoryEstimate:
     """One rank of pipeline stage `stage` (the only one without stages): its parameters are `c`."""
     world = layout.dp  # the ranks that shard this stage's state
-    held = stage_blocks(cfg, stage, layout.pp)
+    held = stage_blocks(cfg, stage, layout.pp, layout.stages_per_rank, layout.layers_per_stage)
     last = stage == layout.pp - 1
     edp = world // layout.ep
     x, xt = c.experts / layout.ep, c.experts_trainable / layout.ep  # this rank's ep shard

@@ -45,7 +45,9 @@ def workload(cfg: Config, dp: int, act_bytes: int, ranks_per_node: Optional[int]
                         ranks_per_node=ranks_per_node or cfg.parallel.ranks_per_node or 0,
                         grad_bytes=cfg.parallel.reduce_bytes, moment_bytes=cfg.optim.moment_bytes,
                         loss_chunk_tokens=cfg.train.loss_chunk_tokens, pp=cfg.parallel.pp,
-                        stages_per_rank=cfg.stages_per_rank, overlapped=cfg.schedule.pipeline == "overlapped_1f1b")
+                        stages_per_rank=cfg.stages_per_rank,
+                        layers_per_stage=tuple(cfg.parallel.layers_per_stage or ()),
+                        overlapped=cfg.schedule.pipeline == "overlapped_1f1b")
 
 
 def run_mesh(cfg: Config, device_type: str) -> ParallelMesh:

@@ -3,7 +3,8 @@ schedule, micro-batch, layout and recompute, the run should take on `world` rank
 
 Every pp that divides the world (each stage at least one block) is weighed with every ep that divides its
 stage's ranks and the experts, 1f1b, overlapped_1f1b and interleaved_1f1b with two or four stages per rank, each layout
-parallel.pp runs (run_planning.layouts_for) and the least recompute that fits the memory per rank. Each is
+parallel.pp runs (run_planning.layouts_for) and the least recompute that fits the memory per rank, its
+blocks split over the stages by the cost and memory models (stage_balance: parallel.layers_per_stage). Each is
 predicted at one chunk per MoE layer, so that the search stays within minutes for a 671B model on 256 ranks;
 the chunk, bucket and dispatch search then runs on the chosen one (run_planning.layout_choices). The
 micro-batch: the configured one where the stages leave it enough micro-steps (at least pp), else the largest
@@ -25,7 +26,7 @@ from moeyard.trainer.freezing import frozen_set
 from moeyard.trainer.scheduler.cost_model import Costs, predict
 from moeyard.trainer.scheduler.hardware import HardwareCosts
 from moeyard.trainer.scheduler.memory_fit import RECOMPUTE, memory_layout
-from moeyard.trainer.scheduler.memory_model import count_parameters, predict_memory, stage_counts, usable_gb
+from moeyard.trainer.scheduler.memory_model import count_parameters, predict_memory, usable_gb
 from moeyard.trainer.scheduler.planner import reference_plan
 from moeyard.trainer.scheduler.run_planning import (
     as_layout,
@@ -35,6 +36,7 @@ from moeyard.trainer.scheduler.run_planning import (
     load_hardware,
     workload,
 )
+from moeyard.trainer.scheduler.stage_balance import balance_stages
 
 VIRTUAL_STAGES = (2, 4)
 """Stages per rank weighed for interleaved_1f1b (Megatron-Core's published Qwen3-235B run: VPP 4)."""
@@ -125,7 +127,7 @@ def stage_choices(cfg: Config, world: int, ranks_per_node: int, costs: Costs, ca
                   act_bytes: int) -> list[StageChoice]:
     """The layouts that fit `capacity_gb` (usable GB per rank), fastest first."""
     frozen = frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen)
-    counted: dict[tuple[int, int], Any] = {}
+    counted: dict[int, Any] = {}
     choices = []
     for base in _candidates(cfg, world, ranks_per_node):
         pp, ep = base.parallel.pp, base.parallel.ep
@@ -135,15 +137,24 @@ def stage_choices(cfg: Config, world: int, ranks_per_node: int, costs: Costs, ca
                 if not _runs(run, world, ranks_per_node):
                     break
                 mem_layout = memory_layout(run, world, act_bytes)
-                if (ep, pp) not in counted:
-                    counted[ep, pp] = stage_counts(run.model, mem_layout) if pp > 1 else \
-                        count_parameters(run.model, ep, frozen)
-                memory = predict_memory(run.model, mem_layout, counted[ep, pp])
-                if memory.total > capacity_gb * 1e9:
-                    continue
                 w = workload(run, world // pp, act_bytes, ranks_per_node)
                 reference = dataclasses.replace(reference_plan(w, layout.grad_sync), gather_once=layout.gather_once,
                                                 reduce_once=layout.reduce_once)
+                if pp > 1:  # the stages balanced for this layout: the split that fits with the fastest slowest rank
+                    split = balance_stages(run, w, reference, costs, mem_layout, capacity_gb * 1e9)
+                    if split is None:
+                        continue
+                    run = dataclasses.replace(run, parallel=dataclasses.replace(run.parallel,
+                                                                                layers_per_stage=list(split)))
+                    mem_layout = memory_layout(run, world, act_bytes)
+                    w = workload(run, world // pp, act_bytes, ranks_per_node)
+                    memory = predict_memory(run.model, mem_layout)
+                else:
+                    if ep not in counted:
+                        counted[ep] = count_parameters(run.model, ep, frozen)
+                    memory = predict_memory(run.model, mem_layout, counted[ep])
+                if memory.total > capacity_gb * 1e9:
+                    continue
                 step = min(predict(w, dataclasses.replace(reference, dispatch=() if d == "flat" else
                                                           (d,) * len(w.moe_layers)), costs).step
                            for d in dispatch_choices(run, w))

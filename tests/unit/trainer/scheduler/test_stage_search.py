@@ -128,3 +128,74 @@ def test_within_stages_only_the_layouts_pipelines_run_are_weighed() -> None:
             assert c.plan.overlap_grads == (c.plan.grad_sync == "fsdp"), c.name
         staged = manual_plan(w, 2, 4.0, "all_reduce")
         assert (staged.chunks[0], len(staged.dense_buckets), staged.overlap_grads) == (2, 1, False)
+
+
+def _balance_case(path: str, overrides: list[str], world: int):
+    """A run of pp > 1 stages on dgx-h100s: (cfg, workload, reference plan, memory layout, costs, capacity)."""
+    from moeyard.trainer.scheduler.memory_fit import memory_layout
+    from moeyard.trainer.scheduler.memory_model import usable_gb
+    from moeyard.trainer.scheduler.planner import reference_plan
+    from moeyard.trainer.scheduler.run_planning import workload
+
+    cfg = read_config(path, overrides)
+    hw = load_hardware("dgx-h100")
+    w = workload(cfg, world // cfg.parallel.pp, hw.act_bytes, PER_NODE)
+    plan = dataclasses.replace(reference_plan(w, cfg.grad_sync), gather_once=cfg.parallel.fsdp_gather_once)
+    return cfg, w, plan, memory_layout(cfg, world, hw.act_bytes), HardwareCosts(hw), usable_gb(hw.memory_gb) * 1e9
+
+
+def _with_split(cfg, split):
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, layers_per_stage=list(split)))
+
+
+def test_balanced_stages_fit_deepseek_v3_where_an_even_split_does_not() -> None:
+    """DeepSeek-V3 on 256 H100 in 16 stages x ep 16, fsdp per micro-step, full recompute: split evenly, the
+    last rank (the MTP depth, the output layer over 129k tokens, the loss) is over the memory per rank and
+    the first (three dense blocks) far under it; the balanced split fits every rank, moves blocks from the
+    last rank towards the first, and is predicted no slower."""
+    from moeyard.trainer.scheduler.cost_model import predict
+    from moeyard.trainer.scheduler.memory_model import predict_memory
+    from moeyard.trainer.scheduler.run_planning import workload
+    from moeyard.trainer.scheduler.stage_balance import balance_stages
+
+    cfg, w, plan, layout, costs, capacity = _balance_case(
+        configs.path("published/deepseek-v3-671b.yaml"),
+        ["parallel.pp=16", "parallel.ep=16", "schedule.pipeline=1f1b"], 256)
+    even = predict_memory(cfg.model, layout)
+    assert even.total > capacity, even.total / 1e9
+    split = balance_stages(cfg, w, plan, costs, layout, capacity)
+    assert split is not None and len(split) == 16 and sum(split) == cfg.model.n_layers and min(split) >= 1
+    assert split[0] > 3 and split[-1] < 3, split  # even: [3, 4, ..., 4, 3, 3]
+    balanced = _with_split(cfg, split)
+    assert predict_memory(balanced.model, dataclasses.replace(layout, layers_per_stage=split)).total <= capacity
+    step = predict(workload(balanced, w.dp, w.act_bytes, PER_NODE), plan, costs).step
+    assert step <= predict(w, plan, costs).step, split
+
+
+def test_the_balanced_split_is_as_fast_as_the_best_of_every_split() -> None:
+    """On a model small enough to try every split (8 blocks, the first dense, an MTP depth, 3 stages), the
+    balanced split's predicted step is within 2% of the fastest split's that fits; under a memory per rank
+    too small for the even split, it is one that fits."""
+    import itertools
+
+    from moeyard.parallel.stages import stage_layers
+    from moeyard.trainer.scheduler.cost_model import predict
+    from moeyard.trainer.scheduler.memory_model import predict_memory
+    from moeyard.trainer.scheduler.run_planning import workload
+    from moeyard.trainer.scheduler.stage_balance import balance_stages
+
+    cfg, w, plan, layout, costs, _ = _balance_case(
+        configs.path("tiny.yaml"), BASE + ["parallel.pp=3", "model.n_layers=8", "model.mtp_layers=1",
+                                           "model.dim=256", "model.moe.ffn_dim=512", "model.vocab_size=32000",
+                                           "train.micro_batch_size=4"], 48)
+    splits = [s for s in itertools.product(range(1, 7), repeat=3) if sum(s) == 8]
+    runs = {s: _with_split(cfg, s) for s in splits}
+    step = {s: predict(workload(r, w.dp, w.act_bytes, PER_NODE), plan, costs).step for s, r in runs.items()}
+    peak = {s: predict_memory(r.model, dataclasses.replace(layout, layers_per_stage=s)).total for s, r in runs.items()}
+    even = tuple(len(r) for r in stage_layers(8, 3))
+    for capacity in (max(peak.values()), peak[even] * 0.999):
+        fitting = [s for s in splits if peak[s] <= capacity]
+        split = balance_stages(cfg, w, plan, costs, layout, capacity)
+        assert split in fitting, (split, capacity)
+        assert step[split] <= 1.02 * min(step[s] for s in fitting), (split, step[split], min(step.values()))
+    assert balance_stages(cfg, w, plan, costs, layout, min(peak.values()) * 0.999) is None

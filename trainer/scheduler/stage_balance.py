@@ -1,0 +1,95 @@
+"""parallel.layers_per_stage from the cost and memory models: the pipeline split whose slowest rank is the
+fastest, every rank within the memory per rank.
+
+An even split leaves DeepSeek-V3's first rank with three dense blocks and its last with an MTP depth, the
+output layer over a 129k vocabulary and the loss: on 16 stages of 256 H100s the memory model put the last
+rank 16 GB above the middle ones and the first 40 GB below, so layouts that fit on average did not fit. Here
+each rank's time is the sum of its blocks' (each block predicted as a stage of its own by the cost model,
+the last rank's output head and MTP depths added), and its memory the memory model's for exactly its
+blocks. The search is the bottleneck partition: for a time T, fill ranks in order with as many blocks as fit
+within T and the memory (a rank that takes fewer never helps the ranks after it, whose work only grows with
+the blocks left), and bisect T. A looped rank (stages_per_rank V) is weighed as its V stages together, as
+the cost and memory models weigh it, and its blocks split as evenly as can be over its stages.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from moeyard.parallel.plan import Plan
+from moeyard.parallel.stages import rank_split
+from moeyard.trainer.config.sections import Config
+from moeyard.trainer.scheduler.cost_model import Costs, Workload, stage_prediction
+from moeyard.trainer.scheduler.memory_model import Layout, block_counts, count_parameters, predict_stage
+
+BISECTIONS = 40
+"""Halvings of the time interval: far below the cost model's own precision."""
+
+
+def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: Layout,
+                   capacity_bytes: float) -> Optional[tuple[int, ...]]:
+    """parallel.layers_per_stage for run `cfg` (pp > 1) with workload `w` and `plan` on memory layout `layout`:
+    the split with the smallest predicted slowest rank among those whose every rank's peak is within
+    `capacity_bytes`; None where no split fits."""
+    pp, per_rank, n = cfg.parallel.pp, cfg.stages_per_rank, cfg.model.n_layers
+    blocks = block_counts(cfg.model, layout.ep, layout.frozen)
+    seen: dict = {}
+    block_s = [stage_prediction(w, plan, costs, range(b, b + 1), False, False, seen).step for b in range(n)]
+    # The last rank's output head, loss and MTP depths (blocks n.. of the workload): its last decoder block
+    # with them, less the block alone.
+    head_s = stage_prediction(w, plan, costs, range(n - 1, w.n_layers), False, True, seen).step - block_s[n - 1]
+    prefix = [0.0]
+    for t in block_s:
+        prefix.append(prefix[-1] + t)
+
+    def rank_s(r: int, start: int, count: int) -> float:
+        return prefix[start + count] - prefix[start] + (head_s if r == pp - 1 else 0.0)
+
+    def fits(totals: list[int], r: int) -> bool:
+        sizes = tuple(rank_split(totals, per_rank))
+        mem = dataclasses.replace(layout, layers_per_stage=sizes)
+        counts = count_parameters(cfg.model, layout.ep, layout.frozen, r, pp, per_rank, sizes, blocks)
+        return predict_stage(cfg.model, mem, counts, r).total <= capacity_bytes
+
+    def fill(limit_s: float) -> Optional[list[int]]:
+        """The ranks' block counts, each rank taking as many as fit `limit_s` and the memory; None: none."""
+        totals: list[int] = []
+        start = 0
+        for r in range(pp - 1):
+            left_after = per_rank * (pp - 1 - r)  # blocks the later ranks need at the least
+            count = 0
+            for k in range(per_rank, n - start - left_after + 1):
+                trial = totals + [k] + _even(n - start - k, pp - 1 - r, per_rank)
+                if rank_s(r, start, k) > limit_s or not fits(trial, r):
+                    break
+                count = k
+            if not count:
+                return None
+            totals.append(count)
+            start += count
+        totals.append(n - start)
+        if rank_s(pp - 1, start, n - start) > limit_s or not fits(totals, pp - 1):
+            return None
+        return totals
+
+    high = prefix[n] + head_s
+    best = fill(high)
+    if best is None:
+        return None
+    low = max(block_s)
+    for _ in range(BISECTIONS):
+        middle = (low + high) / 2
+        found = fill(middle)
+        if found is None:
+            low = middle
+        else:
+            high, best = middle, found
+    return tuple(rank_split(best, per_rank))
+
+
+def _even(blocks: int, ranks: int, per_rank: int) -> list[int]:
+    """`blocks` over `ranks` ranks as evenly as can be (at least per_rank each where there are enough)."""
+    if ranks == 0:
+        return []
+    base, spare = divmod(blocks, ranks)
+    return [max(per_rank, base + (i < spare)) for i in range(ranks)]
