@@ -36,10 +36,11 @@ def rank_layers(n_layers: int, pp: int, per_rank: int = 1, sizes: Optional[Seque
 
 def rank_split(totals: Sequence[int], per_rank: int) -> list[int]:
     """parallel.layers_per_stage (pp x per_rank stages, in stage order) that gives pipeline rank r `totals[r]`
-    blocks, as even as can be over its stages."""
+    blocks, as even as can be over its stages; a rank's spare blocks go to different loops than its
+    neighbours', so that no loop of the schedule takes them all."""
     pp = len(totals)
     sizes = [0] * (pp * per_rank)
     for r, n in enumerate(totals):
         for v, s in enumerate(stage_ids(r, pp, per_rank)):
-            sizes[s] = n // per_rank + (v < n % per_rank)
+            sizes[s] = n // per_rank + ((v + r) % per_rank < n % per_rank)
     return sizes

@@ -22,8 +22,8 @@ from moeyard.trainer.config.sections import Config
 from moeyard.trainer.scheduler.cost_model import Costs, Workload, stage_prediction
 from moeyard.trainer.scheduler.memory_model import Layout, block_counts, count_parameters, predict_stage
 
-BISECTIONS = 40
-"""Halvings of the time interval: far below the cost model's own precision."""
+PRECISION = 1e-4
+"""The bisection stops within this share of the slowest rank's time: far below the cost model's precision."""
 
 
 def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: Layout,
@@ -45,11 +45,16 @@ def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: L
     def rank_s(r: int, start: int, count: int) -> float:
         return prefix[start + count] - prefix[start] + (head_s if r == pp - 1 else 0.0)
 
+    fitted: dict[tuple[int, int, int], bool] = {}  # (rank, first block, blocks): each bisection asks again
+
     def fits(totals: list[int], r: int) -> bool:
-        sizes = tuple(rank_split(totals, per_rank))
-        mem = dataclasses.replace(layout, layers_per_stage=sizes)
-        counts = count_parameters(cfg.model, layout.ep, layout.frozen, r, pp, per_rank, sizes, blocks)
-        return predict_stage(cfg.model, mem, counts, r).total <= capacity_bytes
+        key = (r, sum(totals[:r]), totals[r])
+        if key not in fitted:
+            sizes = tuple(rank_split(totals, per_rank))
+            mem = dataclasses.replace(layout, layers_per_stage=sizes)
+            counts = count_parameters(cfg.model, layout.ep, layout.frozen, r, pp, per_rank, sizes, blocks)
+            fitted[key] = predict_stage(cfg.model, mem, counts, r).total <= capacity_bytes
+        return fitted[key]
 
     def fill(limit_s: float) -> Optional[list[int]]:
         """The ranks' block counts, each rank taking as many as fit `limit_s` and the memory; None: none."""
@@ -77,7 +82,7 @@ def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: L
     if best is None:
         return None
     low = max(block_s)
-    for _ in range(BISECTIONS):
+    while high - low > PRECISION * high:
         middle = (low + high) / 2
         found = fill(middle)
         if found is None:

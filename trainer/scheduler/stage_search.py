@@ -98,7 +98,8 @@ def changes(before: Config, after: Config) -> tuple[str, ...]:
         for field in dataclasses.fields(new):
             value: Any = getattr(new, field.name)
             if value != getattr(old, field.name):
-                text = str(value).lower() if isinstance(value, bool) else "null" if value is None else value
+                text = str(value).lower() if isinstance(value, bool) else "null" if value is None else \
+                    f"[{','.join(map(str, value))}]" if isinstance(value, list) else value  # one shell word
                 out.append(f"{section}.{field.name}={text}")
     return tuple(out)
 
