@@ -28,8 +28,8 @@ def test_hierarchical_equals_flat_and_sends_each_token_once_per_machine() -> Non
     # node stage's own count exchange), the expert loop (host counts) and the grouped GEMM (device counts).
     for r in results:
         hierarchical = {case: counted for case, counted in r["host_syncs"].items() if case.startswith("hier")}
-        # 2 routings x 2 capacities x 2 chunks, the grouped GEMM once, expert choice x 2 chunks
-        assert len(hierarchical) == 4 * 2 + 1 + 2, sorted(hierarchical)
+        # 2 routings x 2 capacities x 3 chunkings, the grouped GEMM once, expert choice x 3 chunkings
+        assert len(hierarchical) == 4 * 3 + 1 + 3, sorted(hierarchical)
         for case, (forward, backward, where) in hierarchical.items():
             assert (forward, backward) == (1, 0), (case, where)
 

@@ -36,7 +36,7 @@ def expected_cross_rows(perm, node_index: int, nodes: int) -> tuple[int, int]:
 
 def hierarchical_matches_flat(rank: int, world: int) -> dict:
     """Hierarchical vs flat (r=1): outputs, input, routing-weight and expert gradients, dropless and with
-    capacity, skewed and node-limited routing, chunks 1 and 2; the counted cross-machine rows; and the host
+    capacity, skewed and node-limited routing, chunks 1, 2 and 3; the counted cross-machine rows; and the host
     syncs of each exchange's forward and backward (helpers.host_syncs); and expert-choice routing, where a
     pair carries up to all of a machine's experts."""
     pmesh = build_mesh(world, "cpu", ranks_per_node=RANKS_PER_NODE)
@@ -73,7 +73,7 @@ def hierarchical_matches_flat(rank: int, world: int) -> dict:
             perm = plan_permutation(idx, E, capacity)
             case = f"{name}/{capacity_factor}"
             reference, flat_rows, flat_bytes = run(perm, "flat", 1, case)
-            for chunks in (1, 2):
+            for chunks in (1, 2, 3):  # 3: pieces of unequal size (48 tokens' pairs, per machine)
                 got, rows, nbytes = run(perm, "hierarchical", chunks, case)
                 for a, b in zip(got, reference):
                     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
@@ -94,7 +94,7 @@ def hierarchical_matches_flat(rank: int, world: int) -> dict:
                          tokens_per_expert_E=torch.full((E,), C), routed_per_expert_E=torch.full((E,), C),
                          num_tokens=T)
     reference, _, _ = run(choice, "flat", 1, "expert_choice", weight_E1C.permute(1, 0, 2))
-    for chunks in (1, 2):
+    for chunks in (1, 2, 3):
         got, _, _ = run(choice, "hierarchical", chunks, "expert_choice", weight_E1C.permute(1, 0, 2))
         for a, b in zip(got, reference):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
