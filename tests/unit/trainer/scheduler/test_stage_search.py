@@ -199,3 +199,21 @@ def test_the_balanced_split_is_as_fast_as_the_best_of_every_split() -> None:
         assert split in fitting, (split, capacity)
         assert step[split] <= 1.02 * min(step[s] for s in fitting), (split, step[split], min(step.values()))
     assert balance_stages(cfg, w, plan, costs, layout, min(peak.values()) * 0.999) is None
+
+
+def test_a_looped_ranks_blocks_are_its_stages_blocks() -> None:
+    """rank_split turns each rank's block count into its stages' (r, r + pp, ...), every stage at least one
+    block, the spare ones in different loops for neighbouring ranks; rank_layers counts them back."""
+    from moeyard.parallel.stages import rank_layers, rank_split, stage_ids, stage_layers
+
+    totals = [7, 5, 6, 6]
+    for per_rank in (1, 2, 4):
+        sizes = rank_split(totals, per_rank)
+        assert len(sizes) == 4 * per_rank and min(sizes) >= 1 and sum(sizes) == 24
+        spans = stage_layers(24, 4 * per_rank, sizes)
+        for r, n in enumerate(totals):
+            assert sum(len(spans[s]) for s in stage_ids(r, 4, per_rank)) == n
+        assert [len(r) for r in rank_layers(24, 4, per_rank, sizes)] == totals
+    looped = rank_split([6, 6, 6, 6], 4)  # 6 over 4 loops: two spares each, never all in the same loops
+    assert len({tuple(looped[s] for s in stage_ids(r, 4, 4)) for r in range(4)}) > 1, looped
+    assert [len(r) for r in rank_layers(61, 16)] == [len(r) for r in stage_layers(61, 16)]
