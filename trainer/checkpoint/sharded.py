@@ -63,6 +63,7 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 def config_hash(cfg: Config) -> str:
     """What decides the trained model; run, log, checkpoint and schedule settings may change on resume."""
     relevant = {k: v for k, v in to_dict(cfg).items() if k not in ("run", "log", "checkpoint", "schedule")}
+    relevant["parallel"].pop("layers_per_stage")  # places blocks on stages (and came after checkpoints did)
     relevant["seed"] = cfg.run.seed
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -53,6 +53,9 @@ def folder_files(src: Path, glob: str) -> Iterator[Path]:
     third-party packages and caches. The skipped folders are never entered: the stdlib's site-packages (torch
     and the rest) held 40x the stdlib's own entries, and every launcher and worker lists this folder to
     fingerprint the default corpus."""
+    if not glob or glob.startswith("/") or glob.endswith("/"):
+        raise DataError(f"data.glob={glob!r}: give a pattern of file names relative to the folder, e.g. '*.txt' or "
+                        f"'docs/*.md' (not empty, absolute or ending in '/')")
     if "**" in glob:  # a recursive pattern of its own: pathlib's walk, filtered after
         found = (p for p in src.rglob(glob) if not SKIPPED_PARTS.intersection(p.relative_to(src).parts))
     else:

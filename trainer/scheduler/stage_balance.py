@@ -4,9 +4,9 @@ fastest, every rank within the memory per rank.
 An even split leaves DeepSeek-V3's first rank with three dense blocks and its last with an MTP depth, the
 output layer over a 129k vocabulary and the loss: on 16 stages of 256 H100s the memory model put the last
 rank 16 GB above the middle ones and the first 40 GB below, so layouts that fit on average did not fit. Here
-each rank's time is the sum of its blocks' (each block predicted as a stage of its own by the cost model,
-the last rank's output head and MTP depths added), and its memory the memory model's for exactly its
-blocks. The search is the bottleneck partition: for a time T, fill ranks in order with as many blocks as fit
+each rank's time is the cost model's step for exactly its blocks (with the embedding on the first, the MTP
+depths, output layer and loss on the last: what _predict_pipeline takes the slowest of), and its memory
+the memory model's. The search is the bottleneck partition: for a time T, fill ranks in order with as many blocks as fit
 within T and the memory (a rank that takes fewer never helps the ranks after it, whose work only grows with
 the blocks left), and bisect T. A looped rank (stages_per_rank V) is weighed as its V stages together, as
 the cost and memory models weigh it, and its blocks split as evenly as can be over its stages.
@@ -33,17 +33,16 @@ def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: L
     `capacity_bytes`; None where no split fits."""
     pp, per_rank, n = cfg.parallel.pp, cfg.stages_per_rank, cfg.model.n_layers
     blocks = block_counts(cfg.model, layout.ep, layout.frozen)
-    seen: dict = {}
-    block_s = [stage_prediction(w, plan, costs, range(b, b + 1), False, False, seen).step for b in range(n)]
-    # The last rank's output head, loss and MTP depths (blocks n.. of the workload): its last decoder block
-    # with them, less the block alone.
-    head_s = stage_prediction(w, plan, costs, range(n - 1, w.n_layers), False, True, seen).step - block_s[n - 1]
-    prefix = [0.0]
-    for t in block_s:
-        prefix.append(prefix[-1] + t)
+    seen: dict = {}  # stage_prediction's, by what a stage runs
+    timed: dict[tuple[int, int, int], float] = {}
 
     def rank_s(r: int, start: int, count: int) -> float:
-        return prefix[start + count] - prefix[start] + (head_s if r == pp - 1 else 0.0)
+        """The cost model's step of rank r holding `count` blocks from `start` (the first rank also the
+        embedding, the last the MTP depths, output layer and loss), as _predict_pipeline predicts it."""
+        if (r, start, count) not in timed:
+            held = range(start, w.n_layers if r == pp - 1 else start + count)
+            timed[r, start, count] = stage_prediction(w, plan, costs, held, r == 0, r == pp - 1, seen).step
+        return timed[r, start, count]
 
     fitted: dict[tuple[int, int, int], bool] = {}  # (rank, first block, blocks): each bisection asks again
 
@@ -77,11 +76,11 @@ def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: L
             return None
         return totals
 
-    high = prefix[n] + head_s
-    best = fill(high)
+    best = fill(float("inf"))  # the memory alone
     if best is None:
         return None
-    low = max(block_s)
+    starts = [sum(best[:r]) for r in range(pp)]
+    low, high = 0.0, max(rank_s(r, starts[r], best[r]) for r in range(pp))
     while high - low > PRECISION * high:
         middle = (low + high) / 2
         found = fill(middle)

@@ -118,8 +118,8 @@ def _candidates(cfg: Config, world: int, ranks_per_node: int) -> Iterator[Config
             [("interleaved_1f1b", v) for v in VIRTUAL_STAGES]
         for ep in ep_choices(cfg, dp):
             for pipeline, per_rank in schedules:
-                yield dataclasses.replace(
-                    cfg, parallel=dataclasses.replace(cfg.parallel, pp=pp, ep=ep),
+                yield dataclasses.replace(  # the split is the balancer's (stage_balance), for each layout
+                    cfg, parallel=dataclasses.replace(cfg.parallel, pp=pp, ep=ep, layers_per_stage=None),
                     schedule=dataclasses.replace(cfg.schedule, pipeline=pipeline, stages_per_rank=per_rank),
                     train=dataclasses.replace(cfg.train, micro_batch_size=micro))
 

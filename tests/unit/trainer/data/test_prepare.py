@@ -218,6 +218,12 @@ def test_a_folder_lists_what_rglob_matches_without_entering_skipped_folders(tmp_
     assert found == expected and found, (found, expected)
 
 
+@pytest.mark.parametrize("glob", ["", "/etc/*.conf", "docs/"])
+def test_a_glob_that_names_no_relative_files_is_refused(tmp_path, glob) -> None:
+    with pytest.raises(DataError, match="give a pattern of file names relative to the folder"):
+        list(folder_files(tmp_path, glob))
+
+
 @pytest.mark.parametrize("name,data", [("docs.jsonl.gz", None), ("tokens_00000.bin", b"\x01\x00\x02\x00"),
                                         ("blob.txt", b"text\x00\x01binary")])
 def test_a_folder_source_reads_only_text(tmp_path, name, data) -> None:
