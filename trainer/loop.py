@@ -22,6 +22,7 @@ from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.parallelize import FsdpSettings, parallelize
 from moeyard.parallel.plan import Plan
+from moeyard.parallel.stages import stage_layers
 from moeyard.trainer.checkpoint.sharded import Checkpointer, config_hash
 from moeyard.trainer.config.sections import Config
 from moeyard.trainer.data.blend import DataPosition, TokenBatches
@@ -163,6 +164,12 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
         sharded = ", fsdp the rest" if plan.grad_sync == "fsdp" else ""
         state = model_state_line(model, cfg.optim.moment_bytes)
         print(f"model state per rank (ep shards the experts evenly{sharded}): {state}", flush=True)
+        if pmesh.pp > 1:
+            stages = pmesh.pp * cfg.stages_per_rank
+            sizes = [len(r) for r in stage_layers(cfg.model.n_layers, stages, cfg.parallel.layers_per_stage)]
+            looped = f", {cfg.stages_per_rank} a rank" if cfg.stages_per_rank > 1 else ""
+            mtp = f" and the {cfg.model.mtp_layers} MTP depth(s) on the last" if cfg.model.mtp_layers else ""
+            print(f"pipeline: {stages} stages{looped}, decoder blocks per stage {sizes}{mtp}", flush=True)
     return model, sync
 
 
