@@ -183,11 +183,8 @@ def count_parameters(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozens
     held = stage_blocks(cfg, stage, pp, per_rank, sizes)
     last = stage == pp - 1
     embedding = stage == 0 or (last and (cfg.tie_embeddings or cfg.mtp_layers > 0))
-    where = [*held, *([-1] if embedding else []), *([cfg.n_blocks] if last else [])]
-    total = ParamCounts(0, 0, 0, 0, 0, 0)
-    for b in sorted(where):
-        total = total + blocks[b] if b in blocks else total
-    return total
+    where = [*([-1] if embedding else []), *held, *([cfg.n_blocks] if last else [])]
+    return sum((blocks[b] for b in where if b in blocks), ParamCounts(0, 0, 0, 0, 0, 0))
 
 
 @dataclass(frozen=True)

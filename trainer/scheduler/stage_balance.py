@@ -17,7 +17,7 @@ import dataclasses
 from typing import Optional
 
 from moeyard.parallel.plan import Plan
-from moeyard.parallel.stages import rank_split
+from moeyard.parallel.stages import rank_split, stage_layers
 from moeyard.trainer.config.sections import Config
 from moeyard.trainer.scheduler.cost_model import Costs, Workload, stage_prediction
 from moeyard.trainer.scheduler.memory_model import Layout, block_counts, count_parameters, predict_stage
@@ -63,7 +63,8 @@ def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: L
             left_after = per_rank * (pp - 1 - r)  # blocks the later ranks need at the least
             count = 0
             for k in range(per_rank, n - start - left_after + 1):
-                trial = totals + [k] + _even(n - start - k, pp - 1 - r, per_rank)
+                # the later ranks as evenly as can be: only rank r's blocks decide its memory
+                trial = totals + [k] + [len(s) for s in stage_layers(n - start - k, pp - 1 - r)]
                 if rank_s(r, start, k) > limit_s or not fits(trial, r):
                     break
                 count = k
@@ -90,10 +91,3 @@ def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: L
             high, best = middle, found
     return tuple(rank_split(best, per_rank))
 
-
-def _even(blocks: int, ranks: int, per_rank: int) -> list[int]:
-    """`blocks` over `ranks` ranks as evenly as can be (at least per_rank each where there are enough)."""
-    if ranks == 0:
-        return []
-    base, spare = divmod(blocks, ranks)
-    return [max(per_rank, base + (i < spare)) for i in range(ranks)]

@@ -138,6 +138,12 @@ def stage_choices(cfg: Config, world: int, ranks_per_node: int, costs: Costs, ca
                 if not _runs(run, world, ranks_per_node):
                     break
                 mem_layout = memory_layout(run, world, act_bytes)
+                if pp == 1:
+                    if ep not in counted:
+                        counted[ep] = count_parameters(run.model, ep, frozen)
+                    memory = predict_memory(run.model, mem_layout, counted[ep])
+                    if memory.total > capacity_gb * 1e9:
+                        continue
                 w = workload(run, world // pp, act_bytes, ranks_per_node)
                 reference = dataclasses.replace(reference_plan(w, layout.grad_sync), gather_once=layout.gather_once,
                                                 reduce_once=layout.reduce_once)
@@ -149,13 +155,7 @@ def stage_choices(cfg: Config, world: int, ranks_per_node: int, costs: Costs, ca
                                                                                 layers_per_stage=list(split)))
                     mem_layout = memory_layout(run, world, act_bytes)
                     w = workload(run, world // pp, act_bytes, ranks_per_node)
-                    memory = predict_memory(run.model, mem_layout)
-                else:
-                    if ep not in counted:
-                        counted[ep] = count_parameters(run.model, ep, frozen)
-                    memory = predict_memory(run.model, mem_layout, counted[ep])
-                if memory.total > capacity_gb * 1e9:
-                    continue
+                    memory = predict_memory(run.model, mem_layout)  # within the capacity: the split's
                 step = min(predict(w, dataclasses.replace(reference, dispatch=() if d == "flat" else
                                                           (d,) * len(w.moe_layers)), costs).step
                            for d in dispatch_choices(run, w))
