@@ -37,9 +37,11 @@ def _entry(fn: Callable, rank: int, world: int, port: int, args: tuple, results:
 
 
 _PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "moeyard.parallel", "moeyard.trainer.step",
-            "moeyard.trainer.loop"]
+            "moeyard.trainer.loop", "torch._dynamo"]
 """Imported once, by the fork server, before it forks the workers: each worker starts with them loaded
-(importing torch and moeyard costs ~2.6 s of CPU per process, most of a small test's time on 2 cores)."""
+(importing torch and moeyard costs ~2.6 s of CPU per process, most of a small test's time on 2 cores; torch
+imports torch._dynamo, ~0.6 s more, at the first call of a function it keeps from compiling, such as an
+optimizer's constructor)."""
 
 
 def _context():
