@@ -16,9 +16,14 @@ same update. The MTP depths run on the last stage, which is also given the token
 gpipe, 1f1b and overlapped_1f1b (parallel/overlapped_1f1b.py: a forward beside a backward) run one stage per
 rank; interleaved_1f1b and looped_bfs run V = schedule.stages_per_rank stages per rank, looped (rank r holds
 stages r, r + pp, ...: one model holding all of them, a StageModule and PipelineStage per stage). The V-shaped
-and zero-bubble schedules (zbv_zero_bubble, dualpipev, interleaved_zero_bubble: backward split into input and
-weight parts, which the expert exchange's autograd Functions do not support) are refused by name when the run
-config is resolved.
+schedules (zbv_zero_bubble, dualpipev) are refused by name when the run config is resolved.
+
+interleaved_zero_bubble (ZB1P) splits each backward into an input step and a weight step, and torch finds the
+weight step's work by walking the autograd graph back from the weights: it would run the expert exchange's
+autograd Functions a second time (their all-to-alls on one rank alone, their freed graphs). Its stages are
+given a weight-step builder instead (torch's `dw_builder`), with which torch runs the whole backward in the
+input step: the weight step is empty, the results those of interleaved_1f1b, the bubble as large. The
+weight step's own work (the experts' weight-gradient GEMMs deferred into it) is still to come.
 
 The gradient sync is told before each of a stage's backwards whether it is the last of the step
 (`StepStage`), as the unpipelined loop tells it before each micro-step: FSDP units gathered once keep their
@@ -43,6 +48,7 @@ from torch.distributed.pipelining import (
     Schedule1F1B,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
     ScheduleLoopedBFS,
 )
 from torch.distributed.tensor import DTensor
@@ -54,8 +60,11 @@ from moeyard.parallel.stages import stage_ids, stage_layers
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 """schedule.pipeline: the torch schedules with one stage per rank (and overlapped_1f1b: _schedule_class)."""
-LOOPED_SCHEDULES = {"interleaved_1f1b": ScheduleInterleaved1F1B, "looped_bfs": ScheduleLoopedBFS}
+LOOPED_SCHEDULES = {"interleaved_1f1b": ScheduleInterleaved1F1B, "looped_bfs": ScheduleLoopedBFS,
+                    "interleaved_zero_bubble": ScheduleInterleavedZeroBubble}
 """schedule.pipeline: the torch schedules with several stages per rank, placed in loops."""
+SPLIT_BACKWARD = (ScheduleInterleavedZeroBubble,)
+"""Schedules with separate input and weight steps of backward (StepStage runs the whole in the input step)."""
 
 
 def keep_this_stage(model: Transformer, pmesh: ParallelMesh, per_rank: int = 1,
@@ -146,18 +155,36 @@ stage (and a backward to its inputs, calling the loss on the last stage) before 
 first micro-batch at stage 0, on uninitialised tensors after it. What those report is not the step's."""
 
 
+def _empty_weight_step() -> None:
+    """The weight step of a split backward: its work was done in the input step (StepStage)."""
+
+
 class StepStage(PipelineStage):
     """torch's PipelineStage, which calls `before_backward(last)` before each backward of the step: True in
     the last. torch sets FSDP2's per-backward flags itself only where the stage's module is an FSDP root; here
-    the root is the model inside the StageModule, and the gradient sync decides what the flags are."""
+    the root is the model inside the StageModule, and the gradient sync decides what the flags are.
 
-    def __init__(self, *args, before_backward: Callable[[bool], None], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    `split_backward` (SPLIT_BACKWARD schedules): the whole backward runs in the input step, the weight step is
+    `_empty_weight_step`. torch tells an input step it is never the last (the weight step is), so the stage
+    counts its backwards: the step's last is the one of its last micro-batch."""
+
+    def __init__(self, *args, before_backward: Callable[[bool], None], split_backward: bool = False,
+                 **kwargs) -> None:
+        super().__init__(*args, dw_builder=(lambda: _empty_weight_step) if split_backward else None, **kwargs)
         self.before_backward = before_backward
+        self.backwards = 0
+        """Backwards run in this step."""
+
+    def clear_runtime_states(self) -> None:
+        """At the start of each step (torch's schedules call it there)."""
+        super().clear_runtime_states()
+        self.backwards = 0
 
     def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
-        self.before_backward(last_backward)
-        return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+        self.backwards += 1
+        last = last_backward or (self.dw_builder is not None and self.backwards == self.chunks)
+        self.before_backward(last)
+        return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last)
 
 
 def _schedule_class(name: str) -> type:
@@ -199,8 +226,9 @@ class Pipeline:
         return self.ids[-1] == self.stage_count - 1
 
     def _stages(self) -> list[StepStage]:
+        split = self.schedule_class in SPLIT_BACKWARD
         return [StepStage(module, i, self.stage_count, self.device, group=self.pmesh.pp_group,
-                          before_backward=lambda last, i=i: self._stage_before_backward(i, last))
+                          before_backward=lambda last, i=i: self._stage_before_backward(i, last), split_backward=split)
                 for i, module in zip(self.ids, self.modules)]
 
     def _stage_before_backward(self, stage: int, last: bool) -> None:

@@ -103,11 +103,15 @@ def _assert_lanes(results: list[dict], overlapped: bool) -> None:
      "topk_softmax", True),
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=looped_bfs", "train.micro_batch_size=1",
          "parallel.fsdp=true", "train.recompute=full"), "sigmoid_bias", False),
+    (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=interleaved_zero_bubble", "train.micro_batch_size=1",
+         "model.mtp_layers=1", "parallel.fsdp=true", "parallel.fsdp_gather_once=true", "train.recompute=full"),
+     "sigmoid_bias", False),
 ], ids=["pp2-gpipe-sft", "pp2-ep2-1f1b-manual-chunks2", "pp2-ep2-fsdp-recompute-sigmoid_bias-auto",
         "pp4-1f1b-sft-loss_chunks", "pp2-ep2-mtp-tied-split3+1-sft", "pp2-ep2-mtp-fsdp-gathered-once",
         "pp2-ep2-gpipe-fsdp-resident-weights-sigmoid_bias", "pp2-ep2-overlapped-recompute-sigmoid_bias-sft",
         "pp2x2-interleaved-mtp-sft", "pp2x2-ep2-interleaved-mtp-fsdp-gathered-once-sft-loss_chunks",
-        "pp2x2-ep2-looped_bfs-fsdp-recompute-sigmoid_bias"])
+        "pp2x2-ep2-looped_bfs-fsdp-recompute-sigmoid_bias",
+        "pp2x2-ep2-zero_bubble-mtp-fsdp-gathered-once-recompute-sigmoid_bias"])
 def test_pipeline_stages_train_the_one_process_model(reference, world, layout, router, sft) -> None:
     """Packed SFT rows (segments and loss masks through the stages) in three of them; MTP (the last stage
     embeds the tokens with its copy of the embedding) with tied embeddings and with fsdp; fsdp gathered in
@@ -134,11 +138,14 @@ def test_layouts_pipelines_cannot_run_are_refused_before_launch() -> None:
         validate_for_world(cfg, 6)
     with pytest.raises(ConfigError, match="1 micro-batches per step for parallel.pp=4 stages.*micro_batch_size to 1"):
         validate_for_world(pipeline_cases._config(("parallel.pp=4",)), 8)
-    with pytest.raises(ConfigError, match="rounds of parallel.pp=2: 5 micro-batches do not split into 2 equal"):
-        validate_for_world(pipeline_cases._config(("parallel.pp=2", "schedule.pipeline=interleaved_1f1b",
-                                                   "train.global_batch_tokens=160", "train.micro_batch_size=2")), 2)
+    for schedule in ("interleaved_1f1b", "interleaved_zero_bubble"):
+        with pytest.raises(ConfigError, match=f"{schedule} runs the micro-batches in rounds of parallel.pp=2: 5 "
+                                              f"micro-batches do not split into 2 equal"):
+            validate_for_world(pipeline_cases._config(("parallel.pp=2", f"schedule.pipeline={schedule}",
+                                                       "train.global_batch_tokens=160", "train.micro_batch_size=2")), 2)
     for settings, message in [
         (("schedule.pipeline=dualpipev",), "schedule.pipeline=dualpipev places stages in a V"),
+        (("schedule.pipeline=zbv_zero_bubble",), "schedule.pipeline=zbv_zero_bubble places stages in a V"),
         (("parallel.pp=5",), "parallel.pp=5 x 1 stages per rank for model.n_layers=4 blocks"),
         (("schedule.pipeline=looped_bfs", "schedule.stages_per_rank=3"),
          "parallel.pp=2 x 3 stages per rank for model.n_layers=4"),

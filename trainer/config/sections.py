@@ -117,9 +117,13 @@ class ScheduleConfig:
     all-to-alls hidden behind the other's compute (Megatron-Core's combined 1F1B, DualPipe's overlap; one
     micro-batch more in flight; parallel/lanes.py); interleaved_1f1b
     and looped_bfs: stages_per_rank stages on each rank, looped (a smaller bubble: (pp - 1) / stages_per_rank
-    micro-steps). The V-shaped and zero-bubble schedules are named here and refused until moeyard runs them."""
+    micro-steps); interleaved_zero_bubble: torch's ZB1P order of the same looped stages, its backward split
+    into input and weight steps, where moeyard runs the whole backward in the input step and leaves the weight
+    step empty (parallel/pipeline.py: correct, the bubble not yet filled). The V-shaped schedules
+    (zbv_zero_bubble, dualpipev) are named here and refused until moeyard places stages in a V."""
     stages_per_rank: int = 2
-    """interleaved_1f1b, looped_bfs: pipeline stages on each rank (virtual stages); the model is cut into
+    """interleaved_1f1b, looped_bfs, interleaved_zero_bubble: pipeline stages on each rank (virtual stages); the
+    model is cut into
     parallel.pp x stages_per_rank stages, rank r holding stages r, r + pp, ..."""
     memory_check: bool = True
     """moeyard train refuses, before any worker starts, a run whose predicted peak per rank exceeds this
@@ -369,8 +373,10 @@ def validate(cfg: Config) -> None:
 
 
 ONE_STAGE_PER_RANK = ("gpipe", "1f1b", "overlapped_1f1b")
-LOOPED = ("interleaved_1f1b", "looped_bfs")
+LOOPED = ("interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble")
 """The pipeline schedules moeyard runs today (parallel/pipeline.py)."""
+ROUNDS = ("interleaved_1f1b", "interleaved_zero_bubble")
+"""The schedules that run the micro-batches in rounds of pp (torch refuses a count that does not split)."""
 WITHOUT_FSDP = ("overlapped_1f1b",)
 """The schedules refused with parallel.fsdp (_validate_pipeline says why)."""
 
@@ -385,9 +391,9 @@ def _validate_pipeline(cfg: Config) -> None:
     if pp == 1:
         return
     require(s.pipeline in ONE_STAGE_PER_RANK + LOOPED,
-            f"schedule.pipeline={s.pipeline} places stages in a V or splits the backward into input and weight "
-            f"parts, which moeyard does not run yet (its expert exchange's autograd Functions do not split): use "
-            f"schedule.pipeline=1f1b, overlapped_1f1b, gpipe, interleaved_1f1b or looped_bfs")
+            f"schedule.pipeline={s.pipeline} places stages in a V (rank r holding stages r and 2 pp - 1 - r), "
+            f"which moeyard does not run yet: use schedule.pipeline=interleaved_zero_bubble (the zero-bubble order "
+            f"of looped stages), interleaved_1f1b, 1f1b, overlapped_1f1b, gpipe or looped_bfs")
     require(s.pipeline not in LOOPED or s.stages_per_rank >= 2,
             f"schedule.pipeline={s.pipeline} runs schedule.stages_per_rank >= 2 stages on each rank "
             f"(it is {s.stages_per_rank}); use schedule.pipeline=1f1b for one")
@@ -456,8 +462,8 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
             f"{micro_steps} micro-batches per step for parallel.pp={pp} stages: a pipeline needs at least one "
             f"micro-batch per stage in flight; lower train.micro_batch_size to {max(1, seqs // dp // pp)} or less")
     rounds = max(1, micro_steps // pp)
-    require(pp == 1 or cfg.schedule.pipeline != "interleaved_1f1b" or micro_steps % rounds == 0,
-            f"schedule.pipeline=interleaved_1f1b runs the micro-batches in rounds of parallel.pp={pp}: "
+    require(pp == 1 or cfg.schedule.pipeline not in ROUNDS or micro_steps % rounds == 0,
+            f"schedule.pipeline={cfg.schedule.pipeline} runs the micro-batches in rounds of parallel.pp={pp}: "
             f"{micro_steps} micro-batches do not split into {rounds} equal rounds; choose train.micro_batch_size "
             f"so that the micro-batches are a multiple of {pp}")
 
