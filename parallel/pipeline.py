@@ -14,13 +14,15 @@ it; the two copies' gradients are summed (`sum_copied_gradients`) before the nor
 same update. The MTP depths run on the last stage, which is also given the token ids.
 
 gpipe, 1f1b and overlapped_1f1b (parallel/overlapped_1f1b.py: a forward beside a backward) run one stage per
-rank; interleaved_1f1b and looped_bfs run V = schedule.stages_per_rank stages per rank, looped (rank r holds
-stages r, r + pp, ...: one model holding all of them, a StageModule and PipelineStage per stage). The V-shaped
-schedules (zbv_zero_bubble, dualpipev) are refused by name when the run config is resolved.
+rank; interleaved_1f1b, looped_bfs and interleaved_zero_bubble run V = schedule.stages_per_rank stages per rank,
+looped (rank r holds stages r, r + pp, ...: one model holding all of them, a StageModule and PipelineStage per
+stage). The V-shaped schedules (zbv_zero_bubble, dualpipev) are refused by name when the run config is resolved.
 
 interleaved_zero_bubble (ZB1P) splits each backward into an input step and a weight step, and torch finds the
-weight step's work by walking the autograd graph back from the weights: it would run the expert exchange's
-autograd Functions a second time (their all-to-alls on one rank alone, their freed graphs). Its stages are
+weight step's work by walking the autograd graph back from the weights. Tried on these stages it stops at
+the stage's output, a view it detaches in place; past that, its weight step would run again every autograd
+Function whose inputs hold both activations and weights (the experts' loop; the pipelined exchange, with its
+all-to-alls inside: on one rank alone). Its stages are
 given a weight-step builder instead (torch's `dw_builder`), with which torch runs the whole backward in the
 input step: the weight step is empty, the results those of interleaved_1f1b, the bubble as large. The
 weight step's own work (the experts' weight-gradient GEMMs deferred into it) is still to come.
@@ -225,8 +227,8 @@ class Pipeline:
     def is_last(self) -> bool:
         return self.ids[-1] == self.stage_count - 1
 
-    def _stages(self) -> list[StepStage]:
-        split = self.schedule_class in SPLIT_BACKWARD
+    def _stages(self, schedule_class) -> list[StepStage]:
+        split = schedule_class in SPLIT_BACKWARD
         return [StepStage(module, i, self.stage_count, self.device, group=self.pmesh.pp_group,
                           before_backward=lambda last, i=i: self._stage_before_backward(i, last), split_backward=split)
                 for i, module in zip(self.ids, self.modules)]
@@ -234,7 +236,7 @@ class Pipeline:
     def _stage_before_backward(self, stage: int, last: bool) -> None:
         """Before a backward of `stage`. A looped rank's stages share one FSDP root, and the gradient sync sets
         its flags on every unit of the rank: it hears `last` only in the rank's final backward, the lowest
-        stage's last (both looped schedules end there); a stage's own units are then set to reduce and reshard
+        stage's last (the looped schedules end there); a stage's own units are then set to reduce and reshard
         in that stage's last backward, as every layout does in its last, so their reductions overlap the
         backwards still to run. The root (embedding, output layer), which every stage's forward enters, stays
         gathered until the final backward rather than being gathered again after each backward."""
@@ -263,7 +265,7 @@ class Pipeline:
 
     def _build(self, schedule_class, micro_batches: int):
         # scale_grads off: the loss is already the share of the global batch's mean (trainer/step.py).
-        stages = self._stages()
+        stages = self._stages(schedule_class)
         if schedule_class in LOOPED_SCHEDULES.values():
             return schedule_class(stages, micro_batches, loss_fn=self.loss_fn, scale_grads=False)
         return schedule_class(stages[0], micro_batches, loss_fn=self.loss_fn, scale_grads=False)

@@ -96,17 +96,19 @@ def in_flight(pipeline: str, pp: int, stage: int, micro_steps: int, per_rank: in
     """Micro-batches whose activations the rank of stage `stage` holds at its peak, in whole-rank micro-batches:
     gpipe and looped_bfs run every forward before the first backward; 1f1b holds as many as the stages from
     it to the last (pp at the first stage); interleaved_1f1b with V stages a rank warms up with
-    (V - 1) x pp + 2 x (pp - 1 - stage) forwards of one of its V stages (torch's ScheduleInterleaved1F1B),
+    (V - 1) x R + 2 x (pp - 1 - stage) forwards of one of its V stages (torch's ScheduleInterleaved1F1B; R the
+    micro-batches of a round: pp, or all of them when there are fewer than 2 pp),
     and runs one more before its first backward: that many V-ths of a micro-batch; interleaved_zero_bubble
-    likewise with (V - 1) x pp + (pp - 1 - stage) (ZB1P; its weight step, which moeyard leaves empty, holds
+    likewise with (V - 1) x R + (pp - 1 - stage) (ZB1P; its weight step, which moeyard leaves empty, holds
     nothing more); overlapped_1f1b holds one more than 1f1b (parallel/overlapped_1f1b.py)."""
     if pp == 1:
         return 1
     if pipeline in ("gpipe", "looped_bfs"):
         return micro_steps
     if pipeline in ("interleaved_1f1b", "interleaved_zero_bubble") and per_rank > 1:
+        per_round = micro_steps // max(1, micro_steps // pp)  # pp, or all of them when fewer than 2 pp
         hops = (2 if pipeline == "interleaved_1f1b" else 1) * (pp - 1 - stage)
-        forwards = (per_rank - 1) * pp + hops + 1
+        forwards = (per_rank - 1) * per_round + hops + 1
         return min(forwards, micro_steps * per_rank) / per_rank
     if pipeline == "overlapped_1f1b":  # pp - stage forwards of warm-up, and the one beside each backward
         return min(pp - stage + 1, micro_steps)

@@ -159,6 +159,14 @@ def test_pipeline_stages_hold_their_blocks_and_the_micro_batches_in_flight() -> 
     assert in_flight("interleaved_1f1b", 16, 0, 128, 4) == 19.75 > in_flight("1f1b", 16, 0, 128)
     assert in_flight("interleaved_1f1b", 16, 15, 128, 4) == 12.25
     assert in_flight("interleaved_1f1b", 4, 0, 2, 2) == 2  # capped by the step's forwards
+    # Fewer than 2 pp micro-batches run as one round of all of them: 3 at pp 2 warm up (V-1) x 3 + 2 forwards
+    assert in_flight("interleaved_1f1b", 2, 0, 3, 2) == 3
+    assert in_flight("interleaved_1f1b", 4, 0, 6, 2) == 6  # all 12 forwards before the first backward
+    # interleaved_zero_bubble (ZB1P): one hop a stage from the last, not two; the same rounds
+    assert [in_flight("interleaved_zero_bubble", 2, s, 4, 2) for s in range(2)] == [2.0, 1.5]
+    assert in_flight("interleaved_zero_bubble", 2, 0, 4, 3) == 2.0
+    assert in_flight("interleaved_zero_bubble", 2, 0, 3, 2) == 2.5
+    assert in_flight("interleaved_zero_bubble", 4, 0, 6, 2) == 5
     assert in_flight("looped_bfs", 4, 3, 8, 2) == 8  # every forward of every stage before a backward
     layout = Layout(world=4, ep=2, tokens=256, micro_steps=4)
     one, two = predict_memory(cfg, layout), predict_memory(cfg, dataclasses.replace(layout, pp=2))
