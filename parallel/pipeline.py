@@ -24,8 +24,12 @@ the stage's output, a view it detaches in place; past that, its weight step woul
 Function whose inputs hold both activations and weights (the experts' loop; the pipelined exchange, with its
 all-to-alls inside: on one rank alone). Its stages are
 given a weight-step builder instead (torch's `dw_builder`), with which torch runs the whole backward in the
-input step: the weight step is empty, the results those of interleaved_1f1b, the bubble as large. The
-weight step's own work (the experts' weight-gradient GEMMs deferred into it) is still to come.
+input step and then the weight step we build. Where the gradient sync reduces only after the whole backward
+(`GradSync.reduces_after_backward`: replicated stages, no hooks on gradients), the input step's expert loops
+queue their weight-gradient GEMMs (models/moe/expert_loop.py deferring_weight_gradients) and the weight step
+runs them: that work fills the bubble. Elsewhere (fsdp, whose reduction runs when a unit's input gradient is
+computed; bucketed or ZeRO reductions, hooked on gradients) the weight step is empty: the results of
+interleaved_1f1b, the bubble as large. The dense layers' weight gradients stay in the input step.
 
 The gradient sync is told before each of a stage's backwards whether it is the last of the step
 (`StepStage`), as the unpipelined loop tells it before each micro-step: FSDP units gathered once keep their
@@ -38,7 +42,7 @@ Shape legend (models/__init__.py): B, T, D, V.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -56,6 +60,7 @@ from torch.distributed.pipelining import (
 from torch.distributed.tensor import DTensor
 
 from moeyard.models import MoEStats, Transformer
+from moeyard.models.moe.expert_loop import deferring_weight_gradients
 from moeyard.models.peft.adapters import AdapterStats, recording_adapters, with_adapter_losses
 from moeyard.parallel.mesh import ParallelMesh
 from moeyard.parallel.stages import stage_ids, stage_layers
@@ -157,8 +162,16 @@ stage (and a backward to its inputs, calling the loss on the last stage) before 
 first micro-batch at stage 0, on uninitialised tensors after it. What those report is not the step's."""
 
 
-def _empty_weight_step() -> None:
-    """The weight step of a split backward: its work was done in the input step (StepStage)."""
+@dataclass
+class WeightSteps:
+    """The weight steps of a split-backward schedule, shared by a rank's stages (Pipeline.run sets them)."""
+
+    defer: bool = False
+    """Whether the experts' weight-gradient GEMMs wait for the weight step (GradSync.reduces_after_backward)."""
+    ran: int = 0
+    """Expert loops whose weight gradients the weight steps computed in this step."""
+    queued: list[Callable[[], None]] = field(default_factory=list)
+    """What the input step being run has queued."""
 
 
 class StepStage(PipelineStage):
@@ -166,14 +179,16 @@ class StepStage(PipelineStage):
     the last. torch sets FSDP2's per-backward flags itself only where the stage's module is an FSDP root; here
     the root is the model inside the StageModule, and the gradient sync decides what the flags are.
 
-    `split_backward` (SPLIT_BACKWARD schedules): the whole backward runs in the input step, the weight step is
-    `_empty_weight_step`. torch tells an input step it is never the last (the weight step is), so the stage
-    counts its backwards: the step's last is the one of its last micro-batch."""
+    `weight_steps` (SPLIT_BACKWARD schedules): the whole backward runs in the input step, with the experts'
+    weight-gradient GEMMs queued where `weight_steps.defer`; the weight step runs what that input step queued.
+    torch tells an input step it is never the last (the weight step is), so the stage counts its backwards:
+    the step's last is the one of its last micro-batch (its gradient sync's flags are set there; a deferred
+    weight step only adds to gradients that are reduced after the schedule)."""
 
-    def __init__(self, *args, before_backward: Callable[[bool], None], split_backward: bool = False,
+    def __init__(self, *args, before_backward: Callable[[bool], None], weight_steps: Optional[WeightSteps] = None,
                  **kwargs) -> None:
-        super().__init__(*args, dw_builder=(lambda: _empty_weight_step) if split_backward else None, **kwargs)
-        self.before_backward = before_backward
+        super().__init__(*args, dw_builder=self._weight_step if weight_steps is not None else None, **kwargs)
+        self.before_backward, self.weight_steps = before_backward, weight_steps
         self.backwards = 0
         """Backwards run in this step."""
 
@@ -186,7 +201,21 @@ class StepStage(PipelineStage):
         self.backwards += 1
         last = last_backward or (self.dw_builder is not None and self.backwards == self.chunks)
         self.before_backward(last)
-        return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last)
+        if self.weight_steps is None or not self.weight_steps.defer:
+            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last)
+        with deferring_weight_gradients(self.weight_steps.queued):
+            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last)
+
+    def _weight_step(self) -> Callable[[], None]:
+        """torch's dw_builder, called right after each input step's backward: a runner of what it queued."""
+        steps = self.weight_steps
+        queued, steps.queued = steps.queued, []
+
+        def run() -> None:
+            for work in queued:
+                work()
+            steps.ran += len(queued)
+        return run
 
 
 def _schedule_class(name: str) -> type:
@@ -218,6 +247,7 @@ class Pipeline:
         self._evaluations: dict[tuple, object] = {}
         self._before_backward: Callable[[bool], None] = lambda last: None
         """What this step's run was given (run), for every stage's StepStage."""
+        self.weight_steps = WeightSteps()
 
     @property
     def is_first(self) -> bool:
@@ -228,9 +258,10 @@ class Pipeline:
         return self.ids[-1] == self.stage_count - 1
 
     def _stages(self, schedule_class) -> list[StepStage]:
-        split = schedule_class in SPLIT_BACKWARD
+        weight_steps = self.weight_steps if schedule_class in SPLIT_BACKWARD else None
         return [StepStage(module, i, self.stage_count, self.device, group=self.pmesh.pp_group,
-                          before_backward=lambda last, i=i: self._stage_before_backward(i, last), split_backward=split)
+                          before_backward=lambda last, i=i: self._stage_before_backward(i, last),
+                          weight_steps=weight_steps)
                 for i, module in zip(self.ids, self.modules)]
 
     def _stage_before_backward(self, stage: int, last: bool) -> None:
@@ -285,14 +316,17 @@ class Pipeline:
         return self._evaluations[key]
 
     def run(self, micro_batches: int, tokens_BT: Tensor, target: Tensor, segment_BT: Optional[Tensor],
-            train: bool = True, before_backward: Callable[[bool], None] = lambda last: None) -> list[StageForward]:
+            train: bool = True, before_backward: Callable[[bool], None] = lambda last: None,
+            defer_weight_gradients: bool = False) -> list[StageForward]:
         """Forward (and backward, when `train`) of `micro_batches` equal slices of the rows: the first stage
         feeds `tokens_BT`, the last computes loss_fn(its output, slice of `target`); every stage gets its
-        slice of `segment_BT`; `before_backward(last)` before each backward (StepStage). Returns this rank's
-        reports, per stage, one per micro-batch."""
+        slice of `segment_BT`; `before_backward(last)` before each backward (StepStage);
+        `defer_weight_gradients`: a split-backward schedule's weight steps compute the experts' weight
+        gradients (WeightSteps). Returns this rank's reports, per stage, one per micro-batch."""
         for module in self.modules:
             module.router_scale, module.forwards = 1.0 / micro_batches, []
         self._before_backward = before_backward
+        self.weight_steps.defer, self.weight_steps.ran = defer_weight_gradients, 0
         args = (tokens_BT,) if self.is_first else ()
         kwargs = {"segment_BT": segment_BT} if segment_BT is not None else {}
         if train and self.modules[0].model.cfg.mtp_layers:  # the last stage's MTP depths embed the tokens

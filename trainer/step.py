@@ -209,7 +209,8 @@ def _pipelined_micro_steps(pipeline: Pipeline, sync: GradSync, batch: Tensor | T
     tokens_BT, target, segment_BT = _pipeline_inputs(batch, device, loss)
     loss.lm_scale, loss.sums = lm_scale, []
     with autocast_context(device, dtype):
-        forwards = pipeline.run(micro_batches, tokens_BT, target, segment_BT, before_backward=sync.begin_micro_step)
+        forwards = pipeline.run(micro_batches, tokens_BT, target, segment_BT, before_backward=sync.begin_micro_step,
+                                defer_weight_gradients=sync.reduces_after_backward)
     for f in forwards:
         stats.add_forward(f.moe_stats, f.adapter_stats, f.aux_loss, f.z_loss)
     for lm_sum, mtp_sum in loss.sums[-micro_batches:]:  # the last stage's (parallel.pipeline.INFERRED_FORWARDS)

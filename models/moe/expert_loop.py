@@ -12,11 +12,20 @@ extra GEMMs of 9, most of the layer's activation memory saved); "selective"
 keeps the two up-projections and recomputes the activation and the product
 (half the activations, no GEMM again).
 
+Inside `deferring_weight_gradients(queue)` (the input step of a zero-bubble
+pipeline schedule, parallel/pipeline.py) the backward computes the input
+gradient only and queues the weight-gradient GEMMs (3 of the 6 a backward
+runs), which add to the weights' `.grad` when the queue is run: the schedule's
+weight step, which fills its bubble. It holds each expert's rows, output
+gradient and the two hidden gradients until then.
+
 Shape legend: see models/__init__.py; here as in expert_mlp.py.
 """
 from __future__ import annotations
 
-from typing import Optional
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +43,48 @@ def _rows(t: Tensor, order: Optional[Tensor], start: int, n: int) -> Tensor:
 def _put_rows(out: Tensor, order: Tensor, start: int, rows: Tensor) -> None:
     """Write an expert's output rows back to their positions in `order`."""
     out.index_copy_(0, order.narrow(0, start, rows.shape[0]), rows)
+
+
+_deferral = threading.local()
+
+
+@contextmanager
+def deferring_weight_gradients(queue: list[Callable[[], None]]) -> Iterator[None]:
+    """Within (this thread's backward): the loop's weight-gradient GEMMs are appended to `queue` as closures
+    instead of run, wherever the weights are the model's own parameters (not copies an executor made)."""
+    previous = getattr(_deferral, "queue", None)
+    _deferral.queue = queue
+    try:
+        yield
+    finally:
+        _deferral.queue = previous
+
+
+def _weight_step(params: tuple[Tensor, ...], needs: tuple[bool, ...], biased: bool,
+                 stash: list[tuple[Tensor, ...]]) -> Callable[[], None]:
+    """The weight gradients of one loop's backward, from each expert's (x, h, dy, dh1, dh2), added to the
+    parameters' .grad."""
+    def run() -> None:
+        grads = [torch.empty_like(p) if need else None for p, need in zip(params, needs)]
+        for e, (x_nD, h_nF, dy_nD, dh1_nF, dh2_nF) in enumerate(stash):
+            _weight_gemms(grads, e, biased, x_nD, h_nF, dy_nD, dh1_nF, dh2_nF)
+        stash.clear()
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+    return run
+
+
+def _weight_gemms(grads: list[Optional[Tensor]], e: int, biased: bool, x_nD: Tensor, h_nF: Tensor, dy_nD: Tensor,
+                  dh1_nF: Tensor, dh2_nF: Tensor) -> None:
+    """Expert e's weight (and bias) gradients into its slices of `grads` (gate, up, down, then the biases)."""
+    torch.mm(h_nF.t(), dy_nD, out=grads[2][e])
+    torch.mm(x_nD.t(), dh1_nF, out=grads[0][e])
+    torch.mm(x_nD.t(), dh2_nF, out=grads[1][e])
+    if biased:
+        torch.sum(dh1_nF, 0, out=grads[3][e])
+        torch.sum(dh2_nF, 0, out=grads[4][e])
+        torch.sum(dy_nD, 0, out=grads[5][e])
 
 
 class _ExpertLoop(torch.autograd.Function):
@@ -68,6 +119,8 @@ class _ExpertLoop(torch.autograd.Function):
                 saved += [h1_nF, h2_nF]
             start += n
         ctx.rows_per_expert, ctx.activation, ctx.weights = rows_per_expert, activation, len(weights)
+        # The parameters themselves (not saved tensors: nothing held), for a deferred weight step's .grad.
+        ctx.params = weights if all(isinstance(w, torch.nn.Parameter) for w in weights) else None
         ctx.kept = {"none": 4 if swiglu else 3, "selective": 2, "full": 0}[recompute]
         # Through save_for_backward, not a ctx attribute: autograd frees them after backward.
         ctx.save_for_backward(x_SD, order, *weights, *saved)
@@ -81,8 +134,10 @@ class _ExpertLoop(torch.autograd.Function):
         w_gate_EDF, w_up_EDF, w_down_EFD, *biases = weights
         activation, swiglu = ctx.activation, ctx.activation.kind == "swiglu"
         need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])
+        queue = getattr(_deferral, "queue", None)
+        stash: Optional[list[tuple[Tensor, ...]]] = [] if need_w and queue is not None and ctx.params else None
         grad_x_SD = torch.empty_like(x_SD) if need_x else None
-        grads = [torch.empty_like(w) if need_w else None for w in weights]
+        grads = [torch.empty_like(w) if need_w and stash is None else None for w in weights]
         grad_y_SD = grad_y_SD.contiguous()
         start = 0
         for e, n in enumerate(ctx.rows_per_expert):
@@ -103,14 +158,10 @@ class _ExpertLoop(torch.autograd.Function):
             else:
                 h_nF = kept[2] if ctx.kept == 3 else activation(h1_nF, h2_nF)
                 dh1_nF, dh2_nF = activation.backward(h1_nF, h2_nF, dh_nF)
-            if need_w:
-                torch.mm(h_nF.t(), dy_nD, out=grads[2][e])
-                torch.mm(x_nD.t(), dh1_nF, out=grads[0][e])
-                torch.mm(x_nD.t(), dh2_nF, out=grads[1][e])
-                if biases:
-                    torch.sum(dh1_nF, 0, out=grads[3][e])
-                    torch.sum(dh2_nF, 0, out=grads[4][e])
-                    torch.sum(dy_nD, 0, out=grads[5][e])
+            if stash is not None:
+                stash.append((x_nD, h_nF, dy_nD, dh1_nF, dh2_nF))
+            elif need_w:
+                _weight_gemms(grads, e, bool(biases), x_nD, h_nF, dy_nD, dh1_nF, dh2_nF)
             if need_x:
                 dx_nD = grad_x_SD.narrow(0, start, n) if order is None else x_nD.new_empty(n, x_nD.shape[1])
                 torch.mm(dh1_nF, w_gate_EDF[e].t(), out=dx_nD)
@@ -119,6 +170,8 @@ class _ExpertLoop(torch.autograd.Function):
                     _put_rows(grad_x_SD, order, start, dx_nD)
             start += n
         needs = ctx.needs_input_grad
+        if stash is not None:
+            queue.append(_weight_step(ctx.params, needs[5:], bool(biases), stash))
         return (grad_x_SD, None, None, None, None, *(g if n else None for g, n in zip(grads, needs[5:])))
 
 

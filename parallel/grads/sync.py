@@ -34,6 +34,10 @@ from moeyard.parallel.mesh import ParallelMesh
 
 
 class GradSync(Protocol):
+    reduces_after_backward: bool
+    """Whether the reduction waits for the whole backward, nothing hooked on gradients: a zero-bubble
+    schedule's weight step may then add to them after its input step (parallel/pipeline.py WeightSteps)."""
+
     def begin_micro_step(self, last: bool) -> None:
         """Before each micro-step's backward; only the last one reduces."""
         ...
@@ -58,6 +62,8 @@ class GradSync(Protocol):
 
 
 class PlainSync:
+    reduces_after_backward = True
+
     def __init__(self, groups: ParamGroups, pmesh: ParallelMesh, optimizer: torch.optim.Optimizer,
                  reduce_dtype: torch.dtype = torch.float32) -> None:
         self.groups, self.pmesh, self.optimizer = groups, pmesh, optimizer
@@ -94,6 +100,8 @@ class PlainSync:
 
 
 class OverlappedSync(PlainSync):
+    reduces_after_backward = False  # its buckets reduce when their gradients are accumulated
+
     def __init__(self, groups: ParamGroups, pmesh: ParallelMesh, optimizer: torch.optim.Optimizer,
                  reducer: BucketedReducer) -> None:
         super().__init__(groups, pmesh, optimizer)
@@ -107,6 +115,8 @@ class OverlappedSync(PlainSync):
 
 
 class ShardedSync:
+    reduces_after_backward = False  # as OverlappedSync
+
     def __init__(self, groups: ParamGroups, pmesh: ParallelMesh, reducer: BucketedReducer,
                  optimizer: ShardedAdamW) -> None:
         self.groups, self.pmesh, self.reducer, self.optimizer = groups, pmesh, reducer, optimizer
@@ -149,6 +159,8 @@ class FullyShardedSync(PlainSync):
     them sharded -- or, given `gather_once_model` (the model apply_fsdp made, its units kept gathered
     after forward), keeps them unsharded until the last micro-step reduces them once; what is left after
     backward is the norm, the clip and AdamW on each rank's shards."""
+
+    reduces_after_backward = False  # a unit reduces when its input gradient is computed
 
     def __init__(self, groups: ParamGroups, pmesh: ParallelMesh, optimizer: torch.optim.Optimizer,
                  gather_once_model: Optional[nn.Module] = None, reduce_once: bool = True) -> None:

@@ -80,6 +80,20 @@ def _assert_lanes(results: list[dict], overlapped: bool) -> None:
             f"stage {r['stage']}: backward-lane all-to-alls {backward:.4f} s, hidden behind the other lane {hidden}"
 
 
+def _assert_weight_steps(results: list[dict], layout: tuple[str, ...]) -> None:
+    """interleaved_zero_bubble with replicated stages (the reduction after the whole backward): every
+    micro-batch's expert loops had their weight gradients computed in the weight steps, on every rank, in
+    every step; under fsdp (and in every other schedule) none were."""
+    deferred = "schedule.pipeline=interleaved_zero_bubble" in layout and "parallel.fsdp=true" not in layout
+    for r in results:
+        counts = [step["deferred_expert_loops"] for step in r["steps"]]
+        if not deferred:
+            assert counts == [0] * len(counts), f"stage {r['stage']}: weight steps ran expert work {counts}"
+            continue
+        # one expert loop per MoE block the rank holds, per micro-batch
+        assert counts == [r["moe_blocks"] * r["micro_batches"]] * len(counts), (r["stage"], r["moe_blocks"], counts)
+
+
 @pytest.mark.parametrize("world,layout,router,sft", [
     (2, ("parallel.pp=2", "schedule.pipeline=gpipe", "train.micro_batch_size=1"), "topk_softmax", True),
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=1f1b", "train.micro_batch_size=2",
@@ -106,12 +120,15 @@ def _assert_lanes(results: list[dict], overlapped: bool) -> None:
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=interleaved_zero_bubble", "train.micro_batch_size=1",
          "model.mtp_layers=1", "parallel.fsdp=true", "parallel.fsdp_gather_once=true", "train.recompute=full"),
      "sigmoid_bias", False),
+    (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=interleaved_zero_bubble", "train.micro_batch_size=1"),
+     "sigmoid_bias", True),
 ], ids=["pp2-gpipe-sft", "pp2-ep2-1f1b-manual-chunks2", "pp2-ep2-fsdp-recompute-sigmoid_bias-auto",
         "pp4-1f1b-sft-loss_chunks", "pp2-ep2-mtp-tied-split3+1-sft", "pp2-ep2-mtp-fsdp-gathered-once",
         "pp2-ep2-gpipe-fsdp-resident-weights-sigmoid_bias", "pp2-ep2-overlapped-recompute-sigmoid_bias-sft",
         "pp2x2-interleaved-mtp-sft", "pp2x2-ep2-interleaved-mtp-fsdp-gathered-once-sft-loss_chunks",
         "pp2x2-ep2-looped_bfs-fsdp-recompute-sigmoid_bias",
-        "pp2x2-ep2-zero_bubble-mtp-fsdp-gathered-once-recompute-sigmoid_bias"])
+        "pp2x2-ep2-zero_bubble-mtp-fsdp-gathered-once-recompute-sigmoid_bias",
+        "pp2x2-ep2-zero_bubble-weight-steps-sft"])
 def test_pipeline_stages_train_the_one_process_model(reference, world, layout, router, sft) -> None:
     """Packed SFT rows (segments and loss masks through the stages) in three of them; MTP (the last stage
     embeds the tokens with its copy of the embedding) with tied embeddings and with fsdp; fsdp gathered in
@@ -125,6 +142,7 @@ def test_pipeline_stages_train_the_one_process_model(reference, world, layout, r
     ref = _reference(reference, settings, sft)
     _assert_same_run(results, ref)
     _assert_lanes(results, overlapped="schedule.pipeline=overlapped_1f1b" in layout)
+    _assert_weight_steps(results, layout)
     if "schedule.mode=auto" in layout:  # planned inside the stages from the profiler's measurements
         assert all(r["plan"].startswith("planner") for r in results), [r["plan"] for r in results]
     if "model.mtp_layers=1" in layout:  # the MTP loss is there to compare, and the embedding is on both ends

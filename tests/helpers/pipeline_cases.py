@@ -96,7 +96,8 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
                         "router": r.router, "gathers": counts["all_gather_single"],
                         "reductions": counts["reduce_scatter_single"],
                         "a2a_s": {lane: trace.a2a_seconds(lane) for lane in ("forward", "backward")},
-                        "hidden_s": {lane: trace.hidden_seconds(lane) for lane in ("forward", "backward")}})
+                        "hidden_s": {lane: trace.hidden_seconds(lane) for lane in ("forward", "backward")},
+                        "deferred_expert_loops": pipeline.weight_steps.ran if pipeline is not None else 0})
     heldout = _sft_batch(torch.randint(0, VOCAB, (cfg.global_batch_sequences, SEQ + 1),
                                        generator=torch.Generator().manual_seed(99)), 99)
     heldout, skipped = heldout_loss(model, _share(heldout, pmesh.dp_rank, rows), micro_batch_size=mbs, pmesh=pmesh,
@@ -111,4 +112,5 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
         "gathered once" if plan.reduce_once else "resident weights"  # as planned (schedule.mode=auto may choose)
     return {"steps": results, "heldout": heldout, "stage": pmesh.pp_rank, "updates": updates, "fsdp": fsdp,
             "fsdp_units": units, "micro_batches": rows // mbs, "stages_per_rank": cfg.stages_per_rank,
+            "moe_blocks": sum(1 for _ in model.moe_layers()),
             "plan": f"{plan.source}: {plan.summary()}"}

@@ -87,8 +87,9 @@ class Workload:
     mtp_blocks: int = 0
     """The last `mtp_blocks` of the n_layers blocks are MTP depths (on the last pipeline stage)."""
     stages_per_rank: int = 1
-    """Pipeline stages on each rank (interleaved_1f1b, looped_bfs, interleaved_zero_bubble, whose weight step
-    moeyard leaves empty): the bubble is that many times shorter."""
+    """Pipeline stages on each rank (interleaved_1f1b, looped_bfs; interleaved_zero_bubble is predicted as
+    interleaved_1f1b, the weight steps' filling of the bubble not modelled): the bubble is that many times
+    shorter."""
     layers_per_stage: tuple[int, ...] = ()
     """parallel.layers_per_stage: decoder blocks of each of the pp x stages_per_rank stages; (): even."""
     stages_across_machines: bool = False
