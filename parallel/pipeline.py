@@ -29,7 +29,8 @@ input step and then the weight step we build. Where the gradient sync reduces on
 queue their weight-gradient GEMMs (models/moe/expert_loop.py deferring_weight_gradients) and the weight step
 runs them: that work fills the bubble. Elsewhere (fsdp, whose reduction runs when a unit's input gradient is
 computed; bucketed or ZeRO reductions, hooked on gradients) the weight step is empty: the results of
-interleaved_1f1b, the bubble as large. The dense layers' weight gradients stay in the input step.
+interleaved_1f1b, the bubble as large. The dense layers, the grouped GEMM (the GPU's experts) and the
+pipelined exchange's chunks (experts on copies of the weights) keep their weight gradients in the input step.
 
 The gradient sync is told before each of a stage's backwards whether it is the last of the step
 (`StepStage`), as the unpipelined loop tells it before each micro-step: FSDP units gathered once keep their
