@@ -327,7 +327,7 @@ class Pipeline:
         for module in self.modules:
             module.router_scale, module.forwards = 1.0 / micro_batches, []
         self._before_backward = before_backward
-        self.weight_steps.defer, self.weight_steps.ran = defer_weight_gradients, 0
+        self.weight_steps.defer, self.weight_steps.ran, self.weight_steps.queued = defer_weight_gradients, 0, []
         args = (tokens_BT,) if self.is_first else ()
         kwargs = {"segment_BT": segment_BT} if segment_BT is not None else {}
         if train and self.modules[0].model.cfg.mtp_layers:  # the last stage's MTP depths embed the tokens

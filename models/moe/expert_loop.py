@@ -23,13 +23,12 @@ Shape legend: see models/__init__.py; here as in expert_mlp.py.
 """
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from moeyard.models.moe.expert_mlp import ExpertActivation
@@ -45,33 +44,37 @@ def _put_rows(out: Tensor, order: Tensor, start: int, rows: Tensor) -> None:
     out.index_copy_(0, order.narrow(0, start, rows.shape[0]), rows)
 
 
-_deferral = threading.local()
+_deferred: Optional[list[Callable[[], None]]] = None
+"""Where backward queues weight steps (deferring_weight_gradients). Process-wide, not per thread: autograd runs
+a GPU's backward on its own device thread while the caller waits."""
 
 
 @contextmanager
 def deferring_weight_gradients(queue: list[Callable[[], None]]) -> Iterator[None]:
-    """Within (this thread's backward): the loop's weight-gradient GEMMs are appended to `queue` as closures
-    instead of run, wherever the weights are the model's own parameters (not copies an executor made)."""
-    previous = getattr(_deferral, "queue", None)
-    _deferral.queue = queue
+    """Within (one backward at a time): the loop's weight-gradient GEMMs are appended to `queue` as closures
+    instead of run, wherever it knows the model's own parameters (not copies an executor made)."""
+    global _deferred
+    previous, _deferred = _deferred, queue
     try:
         yield
     finally:
-        _deferral.queue = previous
+        _deferred = previous
 
 
-def _weight_step(params: tuple[Tensor, ...], needs: tuple[bool, ...], biased: bool,
+def _weight_step(params: tuple[nn.Parameter, ...], needs: tuple[bool, ...], weights: tuple[Tensor, ...],
                  stash: list[tuple[Tensor, ...]]) -> Callable[[], None]:
-    """The weight gradients of one loop's backward, from each expert's (x, h, dy, dh1, dh2), added to the
-    parameters' .grad."""
+    """The weight gradients of one loop's backward, from each expert's (x, h, dy, dh1, dh2), in the dtype the
+    loop computed in (`weights`'), added to the parameters' .grad in theirs."""
     def run() -> None:
-        grads = [torch.empty_like(p) if need else None for p, need in zip(params, needs)]
-        for e, (x_nD, h_nF, dy_nD, dh1_nF, dh2_nF) in enumerate(stash):
-            _weight_gemms(grads, e, biased, x_nD, h_nF, dy_nD, dh1_nF, dh2_nF)
-        stash.clear()
-        for p, g in zip(params, grads):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad.add_(g)
+        with torch.no_grad():
+            grads = [torch.empty_like(w) for w in weights]
+            for e, (x_nD, h_nF, dy_nD, dh1_nF, dh2_nF) in enumerate(stash):
+                _weight_gemms(grads, e, len(weights) > 3, x_nD, h_nF, dy_nD, dh1_nF, dh2_nF)
+            stash.clear()
+            for p, g, need in zip(params, grads, needs):
+                if need:
+                    g = g.to(p.dtype)
+                    p.grad = g if p.grad is None else p.grad.add_(g)
     return run
 
 
@@ -90,7 +93,7 @@ def _weight_gemms(grads: list[Optional[Tensor]], e: int, biased: bool, x_nD: Ten
 class _ExpertLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_SD: Tensor, rows_per_expert: list[int], recompute: str, order: Optional[Tensor],
-                activation: ExpertActivation, *weights: Tensor) -> Tensor:
+                activation: ExpertActivation, params: Optional[Sequence[nn.Parameter]], *weights: Tensor) -> Tensor:
         w_gate_EDF, w_up_EDF, w_down_EFD, *biases = weights
         swiglu = activation.kind == "swiglu"
         y_SD = x_SD.new_empty(x_SD.shape[0], w_down_EFD.shape[-1])
@@ -119,8 +122,10 @@ class _ExpertLoop(torch.autograd.Function):
                 saved += [h1_nF, h2_nF]
             start += n
         ctx.rows_per_expert, ctx.activation, ctx.weights = rows_per_expert, activation, len(weights)
-        # The parameters themselves (not saved tensors: nothing held), for a deferred weight step's .grad.
-        ctx.params = weights if all(isinstance(w, torch.nn.Parameter) for w in weights) else None
+        # The model's parameters (not saved tensors: nothing held), for a deferred weight step's .grad: those
+        # the weights were cast from, or the weights themselves; None for copies (an executor's).
+        params = tuple(params) if params is not None else weights
+        ctx.params = params if all(isinstance(p, nn.Parameter) for p in params) else None
         ctx.kept = {"none": 4 if swiglu else 3, "selective": 2, "full": 0}[recompute]
         # Through save_for_backward, not a ctx attribute: autograd frees them after backward.
         ctx.save_for_backward(x_SD, order, *weights, *saved)
@@ -133,8 +138,8 @@ class _ExpertLoop(torch.autograd.Function):
         weights, saved = rest[:ctx.weights], rest[ctx.weights:]
         w_gate_EDF, w_up_EDF, w_down_EFD, *biases = weights
         activation, swiglu = ctx.activation, ctx.activation.kind == "swiglu"
-        need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])
-        queue = getattr(_deferral, "queue", None)
+        need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[6:])
+        queue = _deferred
         stash: Optional[list[tuple[Tensor, ...]]] = [] if need_w and queue is not None and ctx.params else None
         grad_x_SD = torch.empty_like(x_SD) if need_x else None
         grads = [torch.empty_like(w) if need_w and stash is None else None for w in weights]
@@ -171,21 +176,22 @@ class _ExpertLoop(torch.autograd.Function):
             start += n
         needs = ctx.needs_input_grad
         if stash is not None:
-            queue.append(_weight_step(ctx.params, needs[5:], bool(biases), stash))
-        return (grad_x_SD, None, None, None, None, *(g if n else None for g, n in zip(grads, needs[5:])))
+            queue.append(_weight_step(ctx.params, needs[6:], tuple(weights), stash))
+        return (grad_x_SD, None, None, None, None, None, *(g if n else None for g, n in zip(grads, needs[6:])))
 
 
 def expert_mlp_fused_loop(x_SD: Tensor, rows_per_expert: list[int], weights: tuple[Tensor, ...],
                           activation: ExpertActivation = ExpertActivation(), recompute: str = "none",
-                          order: Optional[Tensor] = None) -> Tensor:
+                          order: Optional[Tensor] = None, params: Optional[Sequence[nn.Parameter]] = None) -> Tensor:
     """CPU fast path: the experts' MLP (expert_mlp.py; `weights` gate, up, down, then optionally the three
     biases) over each expert's rows, as one autograd node.
 
     Rows are grouped by expert, or, with `order`, expert e's rows are x[order[a:b]] for its span [a, b)
     of `rows_per_expert`, and its outputs land in the same positions: received rows (grouped by source
     rank) are regrouped inside the loop, one expert at a time while they are in cache, instead of
-    by two whole-tensor gathers and their scatters in backward."""
+    by two whole-tensor gathers and their scatters in backward. `params`: the model's parameters `weights`
+    were cast from (under autocast), whose .grad a deferred weight step adds to."""
     graph = torch.is_grad_enabled() and (x_SD.requires_grad or any(w.requires_grad for w in weights))
     # Without a graph nothing is kept: evaluation holds one expert's activations at a time.
     return _ExpertLoop.apply(x_SD, list(rows_per_expert), recompute if graph else "full", order, activation,
-                             *weights)
+                             params, *weights)

@@ -152,6 +152,7 @@ class GroupedExperts(nn.Module):
         """The experts as a function of explicit weights (`self.weights`' order), for executors that manage
         autograd themselves."""
         device = x_SD.device.type
+        params = weights  # the loop's deferred weight step adds to these parameters' gradients
         if torch.is_autocast_enabled(device):
             # _grouped_mm is not an autocast op: cast explicitly to the autocast dtype.
             dtype = torch.get_autocast_dtype(device)
@@ -161,7 +162,7 @@ class GroupedExperts(nn.Module):
             return self._checkpointed(expert_mlp_grouped_mm, x_SD, counts_E, weights, self.activation, order)
         if isinstance(rows_per_expert, Tensor):
             rows_per_expert = rows_per_expert.tolist()  # the loop slices on the host
-        return expert_mlp_fused_loop(x_SD, rows_per_expert, weights, self.activation, self.recompute, order)
+        return expert_mlp_fused_loop(x_SD, rows_per_expert, weights, self.activation, self.recompute, order, params)
 
     def _checkpointed(self, fn: Callable[..., Tensor], *args) -> Tensor:
         """`fn(*args)` under this module's recompute mode (the fused loop has its own)."""

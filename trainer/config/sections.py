@@ -118,8 +118,8 @@ class ScheduleConfig:
     micro-batch more in flight; parallel/lanes.py); interleaved_1f1b
     and looped_bfs: stages_per_rank stages on each rank, looped (a smaller bubble: (pp - 1) / stages_per_rank
     micro-steps); interleaved_zero_bubble: torch's ZB1P order of the same looped stages, its backward split
-    into input and weight steps: with replicated stages the weight step computes the experts' weight
-    gradients, under fsdp it is empty (parallel/pipeline.py). The V-shaped schedules
+    into input and weight steps: with replicated stages the weight step computes the expert loop's weight
+    gradients (not the grouped GEMM's), under fsdp it is empty (parallel/pipeline.py). The V-shaped schedules
     (zbv_zero_bubble, dualpipev) are named here and refused until moeyard places stages in a V."""
     stages_per_rank: int = 2
     """interleaved_1f1b, looped_bfs, interleaved_zero_bubble: pipeline stages on each rank (virtual stages); the

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from moeyard.errors import ConfigError
 from moeyard.models import GroupedExperts, ModelConfig, MoE, MoEConfig, Transformer
-from moeyard.models.moe.expert_loop import expert_mlp_fused_loop
+from moeyard.models.moe.expert_loop import deferring_weight_gradients, expert_mlp_fused_loop
 from moeyard.models.moe.expert_mlp import ExpertActivation, expert_mlp_reference
 from moeyard.models.moe.experts import expert_mlp_grouped_mm, grouped_mm_unsupported, padded_groups
 from moeyard.models.moe.routers import TopKRouter, load_balance_loss, router_z_loss
@@ -145,6 +145,50 @@ def test_fused_expert_loop_matches_the_reference(recompute: str, mlp: str) -> No
         assert torch.count_nonzero(g[1]) == 0
     assert torch.autograd.gradcheck(lambda *t: expert_mlp_fused_loop(t[0], rows, t[1:], activation, recompute),
                                     (x, *weights))
+
+
+@pytest.mark.parametrize("mlp", list(EXPERT_MLPS))
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+@pytest.mark.parametrize("variant", ["grouped rows", "through order", "gate frozen", "bf16 autocast"])
+def test_deferred_weight_step_gives_the_same_gradients(variant: str, recompute: str, mlp: str) -> None:
+    """Inside deferring_weight_gradients the backward leaves the experts' weights without gradient and queues
+    one weight step, which adds exactly what the plain backward computes to their .grad (on top of a gradient
+    already there); frozen weights get none; under autocast the bf16 loop's gradients reach the float32
+    parameters; the input's gradient is the plain backward's. The input is not a leaf (as in a model)."""
+    torch.manual_seed(3)
+    biased, activation = EXPERT_MLPS[mlp]
+    rows, order = [5, 0, 7, 4], (torch.randperm(16) if variant == "through order" else None)
+    experts = GroupedExperts(4, 8, 16, compute="loop", recompute=recompute, bias=biased, activation=activation)
+    for w in experts.weights:
+        torch.nn.init.normal_(w, std=0.3)
+    if variant == "gate frozen":
+        experts.w_gate_EDF.requires_grad_(False)
+    x0, dy = torch.randn(16, 8, requires_grad=True), torch.randn(16, 8)
+    trained = [w for w in experts.weights if w.requires_grad]
+
+    def backward(defer: bool) -> tuple[Tensor, list[Tensor], list]:
+        for w in trained:
+            w.grad = torch.ones_like(w)  # an earlier micro-batch's
+        x0.grad = None
+        queue: list = []
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16 autocast"):
+            y = experts(x0 * 2, rows, order)
+        with deferring_weight_gradients(queue) if defer else torch.enable_grad():
+            y.float().backward(dy)
+        if defer:
+            assert all(torch.equal(w.grad, torch.ones_like(w)) for w in trained), "the backward computed them"
+        for step in queue:
+            step()
+        return x0.grad.clone(), [w.grad - 1 for w in trained], queue
+
+    x_plain, plain, none = backward(defer=False)
+    x_deferred, deferred, queue = backward(defer=True)
+    assert none == [] and len(queue) == 1
+    assert all(torch.count_nonzero(d) > 0 for d in deferred), "the weight step added nothing"
+    torch.testing.assert_close(x_deferred, x_plain, rtol=0, atol=0)
+    for a, b in zip(deferred, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert variant != "gate frozen" or experts.w_gate_EDF.grad is None
 
 
 @pytest.mark.parametrize("mlp", list(EXPERT_MLPS))
