@@ -170,6 +170,12 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
             looped = f", {cfg.stages_per_rank} a rank" if cfg.stages_per_rank > 1 else ""
             mtp = f" and the {cfg.model.mtp_layers} MTP depth(s) on the last" if cfg.model.mtp_layers else ""
             print(f"pipeline: {stages} stages{looped}, decoder blocks per stage {sizes}{mtp}", flush=True)
+            if cfg.schedule.pipeline == "interleaved_zero_bubble":
+                print("pipeline weight steps: " + (
+                    "the expert loop's weight gradients (the grouped GEMM's and the dense layers' stay in the input "
+                    "step)" if sync.reduces_after_backward else
+                    "empty: this gradient sync reduces as gradients are computed (fsdp, bucketed or ZeRO), so the "
+                    "whole backward runs in the input step and the bubble is interleaved_1f1b's"), flush=True)
     return model, sync
 
 
