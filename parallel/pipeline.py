@@ -22,13 +22,13 @@ interleaved_zero_bubble (ZB1P) splits each backward into an input step and a wei
 weight step's work by walking the autograd graph back from the weights. Tried on these stages it stops at
 the stage's output, a view it detaches in place; past that, its weight step would run again every autograd
 Function whose inputs hold both activations and weights (the experts' loop; the pipelined exchange, with its
-all-to-alls inside: on one rank alone). Its stages are
-given a weight-step builder instead (torch's `dw_builder`), with which torch runs the whole backward in the
-input step and then the weight step we build. Where the gradient sync reduces only after the whole backward
-(`GradSync.reduces_after_backward`: replicated stages, no hooks on gradients), the input step's expert loops
-queue their weight-gradient GEMMs (models/moe/expert_loop.py deferring_weight_gradients) and the weight step
-runs them: that work fills the bubble. Elsewhere (fsdp, whose reduction runs when a unit's input gradient is
-computed; bucketed or ZeRO reductions, hooked on gradients) the weight step is empty: the results of
+all-to-alls inside: on one rank alone). Its stages are given a weight-step builder instead (torch's
+`dw_builder`), with which torch runs the whole backward in the input step and then the weight step we build.
+Where the gradient sync reduces only after the whole backward (`GradSync.reduces_after_backward`: replicated
+stages, no hooks on gradients), the input step's expert loops queue their weight-gradient GEMMs
+(models/moe/expert_loop.py deferring_weight_gradients) and the weight step runs them: that work is what
+could fill the bubble. Under fsdp (a unit reduces when its input gradient is computed; the bucketed and
+ZeRO syncs, hooked on gradients, do not run with pp) the weight step is empty: the results of
 interleaved_1f1b, the bubble as large. The dense layers, the grouped GEMM (the GPU's experts) and the
 pipelined exchange's chunks (experts on copies of the weights) keep their weight gradients in the input step.
 
@@ -43,6 +43,7 @@ Shape legend (models/__init__.py): B, T, D, V.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -200,11 +201,10 @@ class StepStage(PipelineStage):
 
     def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
         self.backwards += 1
-        last = last_backward or (self.dw_builder is not None and self.backwards == self.chunks)
+        steps = self.weight_steps
+        last = last_backward or (steps is not None and self.backwards == self.chunks)
         self.before_backward(last)
-        if self.weight_steps is None or not self.weight_steps.defer:
-            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last)
-        with deferring_weight_gradients(self.weight_steps.queued):
+        with deferring_weight_gradients(steps.queued) if steps is not None and steps.defer else nullcontext():
             return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last)
 
     def _weight_step(self) -> Callable[[], None]:

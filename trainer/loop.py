@@ -174,8 +174,9 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
                 print("pipeline weight steps: " + (
                     "the expert loop's weight gradients (the grouped GEMM's and the dense layers' stay in the input "
                     "step)" if sync.reduces_after_backward else
-                    "empty: this gradient sync reduces as gradients are computed (fsdp, bucketed or ZeRO), so the "
-                    "whole backward runs in the input step and the bubble is interleaved_1f1b's"), flush=True)
+                    "empty: fsdp reduces each unit as its input gradient is computed, so the whole backward runs in "
+                    "the input step and the bubble is interleaved_1f1b's (parallel.fsdp=false gives the weight "
+                    "steps the expert loop's weight gradients)"), flush=True)
     return model, sync
 
 

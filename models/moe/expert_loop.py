@@ -61,15 +61,16 @@ def deferring_weight_gradients(queue: list[Callable[[], None]]) -> Iterator[None
         _deferred = previous
 
 
-def _weight_step(params: tuple[nn.Parameter, ...], needs: tuple[bool, ...], weights: tuple[Tensor, ...],
+def _weight_step(params: tuple[nn.Parameter, ...], needs: tuple[bool, ...], dtype: torch.dtype,
                  stash: list[tuple[Tensor, ...]]) -> Callable[[], None]:
-    """The weight gradients of one loop's backward, from each expert's (x, h, dy, dh1, dh2), in the dtype the
-    loop computed in (`weights`'), added to the parameters' .grad in theirs."""
+    """The weight gradients of one loop's backward, from each expert's (x, h, dy, dh1, dh2), in the `dtype` the
+    loop computed in (not holding the weights it computed with: under autocast, copies), added to the
+    parameters' .grad in theirs."""
     def run() -> None:
         with torch.no_grad():
-            grads = [torch.empty_like(w) for w in weights]
+            grads = [torch.empty(p.shape, dtype=dtype, device=p.device) for p in params]
             for e, (x_nD, h_nF, dy_nD, dh1_nF, dh2_nF) in enumerate(stash):
-                _weight_gemms(grads, e, len(weights) > 3, x_nD, h_nF, dy_nD, dh1_nF, dh2_nF)
+                _weight_gemms(grads, e, len(params) > 3, x_nD, h_nF, dy_nD, dh1_nF, dh2_nF)
             stash.clear()
             for p, g, need in zip(params, grads, needs):
                 if need:
@@ -176,7 +177,7 @@ class _ExpertLoop(torch.autograd.Function):
             start += n
         needs = ctx.needs_input_grad
         if stash is not None:
-            queue.append(_weight_step(ctx.params, needs[6:], tuple(weights), stash))
+            queue.append(_weight_step(ctx.params, needs[6:], w_gate_EDF.dtype, stash))
         return (grad_x_SD, None, None, None, None, None, *(g if n else None for g, n in zip(grads, needs[6:])))
 
 

@@ -99,9 +99,10 @@ def in_flight(pipeline: str, pp: int, stage: int, micro_steps: int, per_rank: in
     (V - 1) x R + 2 x (pp - 1 - stage) forwards of one of its V stages (torch's ScheduleInterleaved1F1B; R the
     micro-batches of a round: pp, or all of them when there are fewer than 2 pp),
     and runs one more before its first backward: that many V-ths of a micro-batch; interleaved_zero_bubble
-    likewise with (V - 1) x R + (pp - 1 - stage) (ZB1P; not counted: where the weight steps compute the experts'
-    weight gradients, a rank's last few input steps (up to its pp rank + 1 in torch's order) keep their expert
-    rows, output gradients and two hidden gradients until their weight step); overlapped_1f1b holds one more than 1f1b (parallel/overlapped_1f1b.py)."""
+    likewise with (V - 1) x R + (pp - 1 - stage) (ZB1P; not counted: where the weight steps compute the
+    experts' weight gradients, a rank's last few input steps (up to its pp rank + 1 in torch's order) keep
+    their expert rows, output gradients and two hidden gradients until their weight step); overlapped_1f1b
+    holds one more than 1f1b (parallel/overlapped_1f1b.py)."""
     if pp == 1:
         return 1
     if pipeline in ("gpipe", "looped_bfs"):
