@@ -173,5 +173,5 @@ def parallelize(model: Transformer, pmesh: ParallelMesh, plan: Plan, optim: Adam
     if plan.grad_sync == "fsdp":
         return FullyShardedSync(split_parameters(model), pmesh, adamw(model, optim),
                                 gather_once_model=model if plan.gather_once else None,
-                                reduce_once=plan.reduce_once)
+                                reduce_once=plan.reduce_once_on(pmesh.pp_rank))
     return grad_sync_for(plan, model, split_parameters(model), pmesh, optim, (fsdp or FsdpSettings()).reduce_dtype)

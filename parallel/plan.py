@@ -8,9 +8,17 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 GradSync = Literal["all_reduce", "reduce_scatter", "fsdp"]
+ReduceOnce = bool | tuple[bool, ...]
+"""Whether fsdp gathered once reduces once per step (else every micro-step): for every pipeline rank, or one
+value per pipeline rank (parallel.fsdp_reduce_once)."""
+
+
+def reduce_once_on(reduce_once: bool | Sequence[bool], pp_rank: int) -> bool:
+    """A ReduceOnce (or the config's list) on pipeline rank `pp_rank`."""
+    return reduce_once if isinstance(reduce_once, bool) else bool(reduce_once[pp_rank])
 
 
 @dataclass(frozen=True)
@@ -29,9 +37,9 @@ class Plan:
     gather_once: bool = False
     """fsdp: gather each unit's parameters once per step and reduce its gradients once (unsharded weights
     and gradients kept through the micro-steps), instead of in every micro-step."""
-    reduce_once: bool = True
+    reduce_once: ReduceOnce = True
     """With gather_once: False reduce-scatters every micro-step's gradients (only the weights stay gathered:
-    resident weights, sharded float32 gradients)."""
+    resident weights, sharded float32 gradients); one value per pipeline rank where they differ."""
     recompute: str = ""
     """train.recompute as the planner chose it (schedule.mode=auto may keep more than the config names
     where memory allows); empty: as configured."""
@@ -45,6 +53,9 @@ class Plan:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
+    def reduce_once_on(self, pp_rank: int) -> bool:
+        return reduce_once_on(self.reduce_once, pp_rank)
+
     def dispatch_of(self, moe_index: int) -> str:
         return self.dispatch[moe_index] if self.dispatch else "flat"
 
@@ -56,7 +67,11 @@ class Plan:
             chunks += f"; train.recompute={self.recompute} (the planner's choice)"
         if self.grad_sync == "fsdp":
             when = "once per step" if self.gather_once else "in every micro-step"
-            if self.gather_once and not self.reduce_once:
+            if self.gather_once and isinstance(self.reduce_once, tuple):
+                once = [r for r, o in enumerate(self.reduce_once) if o]
+                when += (f", gradients reduced once on pipeline rank(s) {', '.join(map(str, once))} and in every "
+                         f"micro-step on the others" if once else ", gradients reduced in every micro-step")
+            elif self.gather_once and not self.reduce_once:
                 when += ", gradients reduced in every micro-step"
             return f"{chunks}; fsdp, one unit per block (experts over edp), gathered {when}"
         buckets = f"{len(self.dense_buckets)} dense + {len(self.expert_buckets)} expert buckets"

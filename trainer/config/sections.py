@@ -17,6 +17,7 @@ import yaml
 from moeyard.errors import ConfigError, require
 from moeyard.models import ModelConfig
 from moeyard.models.recompute import RecomputeMode
+from moeyard.parallel.plan import ReduceOnce
 from moeyard.trainer.config.yaml_tree import build_dataclass, read_tree
 
 
@@ -65,15 +66,25 @@ class ParallelConfig:
     reduce_dtype): one gather and one reduction per unit a step instead of two gathers and one reduction
     per micro-step, at the memory of the unsharded model. schedule.mode=auto weighs it where the memory
     per rank is known (a GPU) and reduce_dtype is float32."""
-    fsdp_reduce_once: bool = True
+    fsdp_reduce_once: bool | list[bool] = True
     """With fsdp_gather_once: reduce-scatter the gradients once per step, accumulated unsharded in reduce_dtype
     (the fastest; holds the unsharded gradients). false: reduce-scatter each micro-step's into float32
     shards, keeping only the weights gathered (resident weights in the compute dtype, a float32 master
     shard and AdamW state sharded, as Megatron's distributed optimizer): the unsharded gradients never
-    accumulate, at one reduction per micro-step. Works with reduce_dtype=bfloat16."""
+    accumulate, at one reduction per micro-step. Works with reduce_dtype=bfloat16. A list: one value per
+    pipeline rank (parallel.pp of them), so that the ranks with memory to spare reduce once and the others
+    every micro-step (DeepSeek-V3's first rank holds the embedding and three dense blocks, whose gradients
+    reduced every micro-step cost more than the experts of the ranks after it); schedule.mode=auto with
+    schedule.hardware chooses it rank by rank."""
     ranks_per_node: Optional[int] = None
     """Ranks that share a machine (consecutive ranks); null: the launcher's local world size. Set it to
     treat one machine as several nodes (tests, simulations)."""
+
+    @property
+    def reduce_once(self) -> ReduceOnce:
+        """fsdp_reduce_once as plans and the memory model take it (a list as a tuple)."""
+        once = self.fsdp_reduce_once
+        return once if isinstance(once, bool) else tuple(once)
 
     @property
     def effective_reduce_dtype(self) -> str:
@@ -345,9 +356,15 @@ def validate(cfg: Config) -> None:
             "parallel.fsdp=true already shards the optimizer state: drop schedule.grad_sync=reduce_scatter")
     require(cfg.parallel.fsdp or not cfg.parallel.fsdp_gather_once,
             "parallel.fsdp_gather_once=true needs parallel.fsdp=true (replicated weights are never gathered)")
-    require(cfg.parallel.fsdp_reduce_once or cfg.parallel.fsdp_gather_once,
-            "parallel.fsdp_reduce_once=false needs parallel.fsdp_gather_once=true (per micro-step fsdp reduces "
-            "every micro-step already)")
+    once = cfg.parallel.fsdp_reduce_once
+    shown = str(once).lower()
+    values = 1 if isinstance(once, bool) else len(once)
+    require(isinstance(once, bool) or values == cfg.parallel.pp,
+            f"parallel.fsdp_reduce_once={shown} has {values} values for parallel.pp={cfg.parallel.pp} pipeline "
+            f"ranks: give one true or false for all of them, or one per pipeline rank")
+    require((all(once) if isinstance(once, list) else once) or cfg.parallel.fsdp_gather_once,
+            f"parallel.fsdp_reduce_once={shown} needs parallel.fsdp_gather_once=true (per micro-step "
+            f"fsdp reduces every micro-step already)")
     require(cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0")
     require(cfg.parallel.rendezvous_timeout_s > 0, "parallel.rendezvous_timeout_s must be > 0")
     require(cfg.checkpoint.stop_grace_s > 0, "checkpoint.stop_grace_s must be > 0")

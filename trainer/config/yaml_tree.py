@@ -25,7 +25,11 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) > 1:  # one scalar or a list of them (bool | list[bool]): the value's shape picks the arm
+            listed = [a for a in arms if typing.get_origin(a) is list]
+            arms = listed if isinstance(value, list) else [a for a in arms if a not in listed]
+        (inner,) = arms
         return _convert(value, inner, key)
     if origin is Literal:
         choices = typing.get_args(hint)

@@ -401,7 +401,7 @@ def micro_steps(w: Workload, plan: Plan) -> list[tuple[int, bool, tuple[Phase, .
     in each, or once (first forward, last backward), or gathers once and reduces in each (reduce_once
     False); replicated and ZeRO reduce in the last."""
     n, gathers = w.micro_steps, ("fwd",) if plan.grad_sync == "fsdp" else ()
-    if plan.grad_sync == "fsdp" and plan.gather_once and not plan.reduce_once:
+    if plan.grad_sync == "fsdp" and plan.gather_once and not plan.reduce_once_on(0):  # a stage's: stage_prediction
         return [s for s in [(1, True, gathers), (n - 1, True, ())] if s[0] > 0]
     if plan.grad_sync != "fsdp" or plan.gather_once:
         steps = [(1, True, gathers)] if n == 1 else [(1, False, gathers), (n - 2, False, ()), (1, True, ())]
@@ -434,7 +434,7 @@ def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     spans = rank_layers(w.n_layers - w.mtp_blocks, pp, w.stages_per_rank, w.layers_per_stage)
     spans[-1] = range(spans[-1].start, w.n_layers)  # the MTP depths run on the last stage
     seen: dict[tuple, Prediction] = {}  # stages of the same blocks and plan predict the same
-    stages = [stage_prediction(w, plan, costs, held, s == 0, s == pp - 1, seen) for s, held in enumerate(spans)]
+    stages = [stage_prediction(w, plan, costs, held, s, pp, seen) for s, held in enumerate(spans)]
     slowest = max(stages, key=lambda stage: stage.step)
     micro = (slowest.step - slowest.stages["optimizer"]) / w.micro_steps
     send = costs.send(w, w.tokens * w.dim * w.act_bytes, w.stages_across_machines)
@@ -445,13 +445,14 @@ def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
                       exposed_comm=slowest.exposed_comm + 2 * (pp - 1) * send - hidden, comm=slowest.comm)
 
 
-def stage_prediction(w: Workload, plan: Plan, costs: Costs, held: range, first: bool, last: bool,
+def stage_prediction(w: Workload, plan: Plan, costs: Costs, held: range, rank: int, pp: int,
                      seen: dict[tuple, Prediction] | None = None) -> Prediction:
-    """One pipeline rank's step over its blocks `held` of whole-model workload `w` (with the embedding where
-    `first`, the output head where `last`), as the training loop runs it: gradients reduced after the
-    schedule's last backward. `seen`: predictions of stages already predicted, by what they run."""
+    """Pipeline rank `rank` of `pp`'s step over its blocks `held` of whole-model workload `w` (with the
+    embedding on the first, the output head on the last), as the training loop runs it: gradients reduced after
+    the schedule's last backward, or where fsdp reduces in every micro-step on this rank (Plan.reduce_once), in
+    each. `seen`: predictions of stages already predicted, by what they run."""
     ordinal = {layer: k for k, layer in enumerate(w.moe_layers)}
-    ws = stage_workload(w, held, first, last)
+    ws = stage_workload(w, held, rank == 0, rank == pp - 1)
     mine = [ordinal[layer] for layer in w.moe_layers if layer in held]
     n_dense = sum(1 for p in ws.params if not p.expert)
     stage_plan = dataclasses.replace(  # one bucket per group, reduced after backward: PlainSync
@@ -459,9 +460,9 @@ def stage_prediction(w: Workload, plan: Plan, costs: Costs, held: range, first: 
         dispatch=tuple(plan.dispatch_of(k) for k in mine) if plan.dispatch else (),
         dense_buckets=(n_dense,) if n_dense else (),
         expert_buckets=(len(ws.params) - n_dense,) if len(ws.params) > n_dense else (),
-        overlap_grads=plan.grad_sync == "fsdp")
+        overlap_grads=plan.grad_sync == "fsdp", reduce_once=plan.reduce_once_on(rank))
     key = (ws.n_layers, ws.moe_layers, ws.dense_flops, ws.head_flops, len(ws.params), stage_plan.chunks,
-           stage_plan.dispatch)
+           stage_plan.dispatch, stage_plan.reduce_once)
     seen = {} if seen is None else seen
     if key not in seen:
         seen[key] = predict(ws, stage_plan, costs)

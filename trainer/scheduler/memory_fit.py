@@ -42,7 +42,7 @@ def memory_layout(cfg: Config, world: int, act_bytes: int) -> Layout:
                   micro_steps=max(1, per_rank // micro),
                   bucketed=grad_sync == "reduce_scatter" or (cfg.schedule.mode != "off" and cfg.parallel.pp == 1),
                   gather_once=grad_sync == "fsdp" and cfg.parallel.fsdp_gather_once,
-                  reduce_once=cfg.parallel.fsdp_reduce_once,
+                  reduce_once=cfg.parallel.reduce_once,
                   reduce_bytes=cfg.parallel.reduce_bytes,
                   moment_bytes=cfg.optim.moment_bytes, pp=cfg.parallel.pp, pipeline=cfg.schedule.pipeline,
                   stages_per_rank=cfg.stages_per_rank, layers_per_stage=tuple(cfg.parallel.layers_per_stage or ()))
@@ -55,7 +55,7 @@ def _what_would_fit(cfg: Config, layout: Layout, capacity_gb: float) -> str:
             f"alone are too large")
     if layout.grad_sync != "fsdp":
         hint += "; parallel.fsdp=true shards the rest of the model state too"
-    if layout.gather_once and layout.reduce_once:
+    if layout.gather_once and layout.reduce_once is not False:  # on every pipeline rank, or on some
         hint += "; parallel.fsdp_reduce_once=false reduces every micro-step, keeping only the weights unsharded"
     if layout.gather_once:
         hint += "; parallel.fsdp_gather_once=false keeps the weights and gradients sharded between micro-steps"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from moeyard.models import ModelConfig
+from moeyard.parallel.plan import ReduceOnce, reduce_once_on
 from moeyard.parallel.shards import expert_shard_dim, padded_shard_numel
 from moeyard.parallel.stages import rank_layers
 from moeyard.trainer.scheduler.block_shapes import attention_shape, block_index, parameter_shapes
@@ -62,8 +63,9 @@ class Layout:
     """Gradients live in flat bucket buffers (a planned replicated sync, or reduce_scatter's ZeRO)."""
     gather_once: bool = False
     """fsdp: every unit's gathered weights and unsharded gradients stay through the step (Plan.gather_once)."""
-    reduce_once: bool = True
-    """With gather_once: False reduces every micro-step's gradients, so only the weights stay unsharded."""
+    reduce_once: ReduceOnce = True
+    """With gather_once: False reduces every micro-step's gradients, so only the weights stay unsharded (one
+    value per pipeline rank where they differ)."""
     reduce_bytes: int = 4
     """Bytes per gradient element in the reduction (parallel.reduce_dtype): FSDP's unsharded accumulation."""
     moment_bytes: int = 4
@@ -319,7 +321,7 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
         if layout.gather_once:  # every unit stays gathered through the step (the root as before)
             params += layout.act_bytes * (c.dense + x)
             with_activations = after_backward = 4 * c.largest_block
-            if layout.micro_steps > 1 and layout.reduce_once:
+            if layout.micro_steps > 1 and reduce_once_on(layout.reduce_once, stage):
                 # Unsharded gradients accumulate to the last micro-step, whose backward reduce-scatters them
                 # unit by unit, each unit's shard replacing its unsharded gradient (the shards were freed at the
                 # step before): the larger of the two, not both (measured: the sum overestimated the peak of

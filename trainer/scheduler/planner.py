@@ -12,7 +12,7 @@ import dataclasses
 import math
 
 from moeyard.parallel.grads.buckets import bucket_sizes
-from moeyard.parallel.plan import GradSync, Plan
+from moeyard.parallel.plan import GradSync, Plan, ReduceOnce
 from moeyard.trainer.scheduler.cost_model import Costs, Prediction, Workload, predict
 
 CHUNK_CHOICES = (1, 2, 4, 8)
@@ -76,7 +76,7 @@ def search(w: Workload, costs: Costs, grad_sync: GradSync = "all_reduce",
            chunk_choices: tuple[int, ...] = CHUNK_CHOICES,
            bucket_caps_mb: tuple[float, ...] = BUCKET_CAPS_MB,
            dispatch_choices: tuple[str, ...] = ("flat",), gather_once: bool = False,
-           reduce_once: bool = True) -> tuple[Plan, Prediction]:
+           reduce_once: ReduceOnce = True) -> tuple[Plan, Prediction]:
     """The plan with the least predicted step time (ties go to the simpler plan: flat dispatch before
     hierarchical, fewer chunks before more). `dispatch_choices`: what each MoE layer may use;
     `gather_once`, `reduce_once`: how fsdp gathers and reduces (Plan.gather_once, Plan.reduce_once)."""

@@ -49,11 +49,11 @@ def stage_split(w: Workload) -> str:
 def layouts_table(cfg: Config, choices: list[LayoutChoice], capacity_gb: float, chosen: Plan) -> list[str]:
     """Every layout the planner weighed, its predicted step and memory, and which it took and why."""
     lines = [f"layouts weighed ({capacity_gb:.1f} GB usable per rank):",
-             f"  {'layout':22}{'recompute':>10}{'step':>10}{'memory':>10}"]
+             f"  {'layout':29}{'recompute':>10}{'step':>10}{'memory':>10}"]
     for c in choices:
         mark = " <- chosen" if c.layout.of(chosen) and c.plan.recompute == chosen.recompute else ""
         fits = "" if c.fits else " (does not fit; step at r=1)"
-        lines.append(f"  {c.name:22}{c.recompute:>10}{c.prediction.step:>9.2f}s{c.memory_gb:>8.1f}GB{fits}{mark}")
+        lines.append(f"  {c.name:29}{c.recompute:>10}{c.prediction.step:>9.2f}s{c.memory_gb:>8.1f}GB{fits}{mark}")
     first = choices[0]
     if not (first.layout.of(chosen) and first.plan.recompute == chosen.recompute):
         why = "the configured layout does not fit" if not first.fits else \

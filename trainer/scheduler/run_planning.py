@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,7 @@ from moeyard import configs
 from moeyard.models import ModelConfig
 from moeyard.parallel import ParallelMesh, build_mesh
 from moeyard.parallel.agree import from_rank0
-from moeyard.parallel.plan import Plan
+from moeyard.parallel.plan import Plan, ReduceOnce
 from moeyard.trainer.config.sections import WITHOUT_FSDP, Config
 from moeyard.trainer.data.tokens import default_cache_root
 from moeyard.trainer.freezing import frozen_set
@@ -140,11 +140,12 @@ class Layout:
     grad_sync: str
     """all_reduce (replicated), reduce_scatter (ZeRO) or fsdp."""
     gather_once: bool = False
-    reduce_once: bool = True
-    """With gather_once: gradients reduced once per step; False, in every micro-step (Plan.reduce_once)."""
+    reduce_once: ReduceOnce = True
+    """With gather_once: gradients reduced once per step; False, in every micro-step; or one value per pipeline
+    rank (Plan.reduce_once)."""
 
     @property
-    def key(self) -> tuple[str, bool, bool]:
+    def key(self) -> tuple[str, bool, ReduceOnce]:
         return self.grad_sync, self.gather_once, self.reduce_once
 
     def of(self, plan: Plan) -> bool:
@@ -155,6 +156,15 @@ class Layout:
 LAYOUTS = (Layout("replicated", "all_reduce"), Layout("ZeRO", "reduce_scatter"),
            Layout("fsdp per micro-step", "fsdp"), Layout("fsdp gathered once", "fsdp", gather_once=True),
            Layout("fsdp resident weights", "fsdp", gather_once=True, reduce_once=False))
+
+
+def resident_weights(reduce_once: Sequence[bool]) -> Layout:
+    """fsdp gathered once with each pipeline rank's own choice of reducing once (`reduce_once[r]`) or in every
+    micro-step, named for how many of the ranks reduce once; one of LAYOUTS where every rank chooses alike."""
+    once = tuple(bool(o) for o in reduce_once)
+    if all(once) or not any(once):
+        return next(layout for layout in LAYOUTS if layout.key == ("fsdp", True, once[0]))
+    return Layout(f"fsdp resident, once on {sum(once)}/{len(once)}", "fsdp", gather_once=True, reduce_once=once)
 
 
 PIPELINED = ("replicated", "fsdp per micro-step", "fsdp gathered once", "fsdp resident weights")
@@ -173,11 +183,15 @@ def layouts_for(pp: int, pipeline: str) -> tuple[Layout, ...]:
 
 def configured_layout(cfg: Config) -> Layout:
     once = cfg.parallel.fsdp and cfg.parallel.fsdp_gather_once
+    if once and isinstance(cfg.parallel.fsdp_reduce_once, list):
+        return resident_weights(cfg.parallel.fsdp_reduce_once)
     key = (cfg.grad_sync, once, cfg.parallel.fsdp_reduce_once or not once)
     return next(layout for layout in LAYOUTS if layout.key == key)
 
 
 def planned_layout(plan: Plan) -> Layout:
+    if plan.grad_sync == "fsdp" and plan.gather_once and isinstance(plan.reduce_once, tuple):
+        return resident_weights(plan.reduce_once)
     return next(layout for layout in LAYOUTS if layout.of(plan))
 
 
@@ -201,8 +215,9 @@ class LayoutChoice:
 def as_layout(cfg: Config, layout: Layout, recompute: str) -> Config:
     """`cfg` with this layout's gradient sync, gathering and reduction, and this recompute mode."""
     fsdp = layout.grad_sync == "fsdp"
+    once = layout.reduce_once
     parallel = dataclasses.replace(cfg.parallel, fsdp=fsdp, fsdp_gather_once=layout.gather_once,
-                                   fsdp_reduce_once=layout.reduce_once)
+                                   fsdp_reduce_once=once if isinstance(once, bool) else list(once))
     return dataclasses.replace(
         cfg, parallel=parallel, schedule=dataclasses.replace(cfg.schedule, grad_sync="all_reduce" if fsdp else
                                                              layout.grad_sync),

@@ -14,9 +14,10 @@ the cost and memory models weigh it, and its blocks split as evenly as can be ov
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Optional
 
-from moeyard.parallel.plan import Plan
+from moeyard.parallel.plan import Plan, ReduceOnce
 from moeyard.parallel.stages import rank_split, stage_layers
 from moeyard.trainer.config.sections import Config
 from moeyard.trainer.scheduler.cost_model import Costs, Workload, stage_prediction
@@ -26,68 +27,97 @@ PRECISION = 1e-4
 """The bisection stops within this share of the slowest rank's time: far below the cost model's precision."""
 
 
+@dataclass(frozen=True)
+class StageSplit:
+    """What balance_stages chose."""
+
+    layers_per_stage: tuple[int, ...]
+    reduce_once: ReduceOnce
+    """fsdp resident weights: each rank's choice (parallel.fsdp_reduce_once); else the plan's, unchanged."""
+
+
 def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: Layout,
-                   capacity_bytes: float) -> Optional[tuple[int, ...]]:
+                   capacity_bytes: float) -> Optional[StageSplit]:
     """parallel.layers_per_stage for run `cfg` (pp > 1) with workload `w` and `plan` on memory layout `layout`:
     the split with the smallest predicted slowest rank among those whose every rank's peak is within
-    `capacity_bytes`; None where no split fits."""
+    `capacity_bytes`; None where no split fits. With fsdp resident weights (gathered once, reduced every
+    micro-step) each rank reduces once instead wherever that fits its memory and is not slower: the first and
+    last ranks, whose embedding, dense blocks or output layer have many gradients to reduce and few experts to
+    hold, and any other with room."""
     pp, per_rank, n = cfg.parallel.pp, cfg.stages_per_rank, cfg.model.n_layers
     blocks = block_counts(cfg.model, layout.ep, layout.frozen)
+    # Reducing once accumulates the unsharded gradients in reduce_dtype: weighed with float32 reduction only
+    # (as run_planning.layout_choices weighs it).
+    per_rank_choice = plan.grad_sync == "fsdp" and plan.gather_once and plan.reduce_once is False and \
+        layout.reduce_bytes == 4
+    variants = (True, False) if per_rank_choice else (plan.reduce_once,)
     seen: dict = {}  # stage_prediction's, by what a stage runs
-    timed: dict[tuple[int, int, int], float] = {}
+    timed: dict[tuple, float] = {}
 
-    def rank_s(r: int, start: int, count: int) -> float:
+    def rank_s(r: int, start: int, count: int, once: ReduceOnce) -> float:
         """The cost model's step of rank r holding `count` blocks from `start` (the first rank also the
         embedding, the last the MTP depths, output layer and loss), as _predict_pipeline predicts it."""
-        if (r, start, count) not in timed:
+        if (r, start, count, once) not in timed:
             held = range(start, w.n_layers if r == pp - 1 else start + count)
-            timed[r, start, count] = stage_prediction(w, plan, costs, held, r == 0, r == pp - 1, seen).step
-        return timed[r, start, count]
+            timed[r, start, count, once] = stage_prediction(w, dataclasses.replace(plan, reduce_once=once), costs,
+                                                            held, r, pp, seen).step
+        return timed[r, start, count, once]
 
-    fitted: dict[tuple[int, int, int], bool] = {}  # (rank, first block, blocks): each bisection asks again
+    fitted: dict[tuple, bool] = {}  # (rank, first block, blocks, reduce once): each bisection asks again
 
-    def fits(totals: list[int], r: int) -> bool:
-        key = (r, sum(totals[:r]), totals[r])
+    def fits(totals: list[int], r: int, once: ReduceOnce) -> bool:
+        key = (r, sum(totals[:r]), totals[r], once)
         if key not in fitted:
             sizes = tuple(rank_split(totals, per_rank))
-            mem = dataclasses.replace(layout, layers_per_stage=sizes)
+            mem = dataclasses.replace(layout, layers_per_stage=sizes, reduce_once=once)
             counts = count_parameters(cfg.model, layout.ep, layout.frozen, r, pp, per_rank, sizes, blocks)
             fitted[key] = predict_stage(cfg.model, mem, counts, r).total <= capacity_bytes
         return fitted[key]
 
-    def fill(limit_s: float) -> Optional[list[int]]:
-        """The ranks' block counts, each rank taking as many as fit `limit_s` and the memory; None: none."""
+    def best(totals: list[int], r: int) -> Optional[tuple[float, ReduceOnce]]:
+        """Rank r's fastest variant that fits, with its time; None: none fits."""
+        timings = [(rank_s(r, sum(totals[:r]), totals[r], once), once) for once in variants if fits(totals, r, once)]
+        return min(timings, key=lambda t: t[0]) if timings else None
+
+    def fill(limit_s: float) -> Optional[tuple[list[int], list[ReduceOnce]]]:
+        """The ranks' block counts, each rank taking as many as fit `limit_s` and the memory, and each rank's
+        variant; None: none."""
         totals: list[int] = []
+        chosen: list[ReduceOnce] = []
         start = 0
         for r in range(pp - 1):
             left_after = per_rank * (pp - 1 - r)  # blocks the later ranks need at the least
-            count = 0
+            count, variant = 0, variants[0]
             for k in range(per_rank, n - start - left_after + 1):
                 # the later ranks as evenly as can be: only rank r's blocks decide its memory
                 trial = totals + [k] + [len(s) for s in stage_layers(n - start - k, pp - 1 - r)]
-                if rank_s(r, start, k) > limit_s or not fits(trial, r):
+                option = best(trial, r)
+                if option is None or option[0] > limit_s:
                     break
-                count = k
+                count, variant = k, option[1]
             if not count:
                 return None
             totals.append(count)
+            chosen.append(variant)
             start += count
         totals.append(n - start)
-        if rank_s(pp - 1, start, n - start) > limit_s or not fits(totals, pp - 1):
+        option = best(totals, pp - 1)
+        if option is None or option[0] > limit_s:
             return None
-        return totals
+        return totals, chosen + [option[1]]
 
-    best = fill(float("inf"))  # the memory alone
-    if best is None:
+    found = fill(float("inf"))  # the memory alone
+    if found is None:
         return None
-    starts = [sum(best[:r]) for r in range(pp)]
-    low, high = 0.0, max(rank_s(r, starts[r], best[r]) for r in range(pp))
+    starts = [sum(found[0][:r]) for r in range(pp)]
+    low, high = 0.0, max(rank_s(r, starts[r], found[0][r], found[1][r]) for r in range(pp))
     while high - low > PRECISION * high:
         middle = (low + high) / 2
-        found = fill(middle)
-        if found is None:
+        trial = fill(middle)
+        if trial is None:
             low = middle
         else:
-            high, best = middle, found
-    return tuple(rank_split(best, per_rank))
-
+            high, found = middle, trial
+    totals, once = found
+    return StageSplit(tuple(rank_split(totals, per_rank)),
+                      tuple(bool(o) for o in once) if per_rank_choice else plan.reduce_once)

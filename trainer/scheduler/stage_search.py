@@ -34,6 +34,7 @@ from moeyard.trainer.scheduler.run_planning import (
     dispatch_choices,
     layouts_for,
     load_hardware,
+    resident_weights,
     workload,
 )
 from moeyard.trainer.scheduler.stage_balance import balance_stages
@@ -99,7 +100,8 @@ def changes(before: Config, after: Config) -> tuple[str, ...]:
             value: Any = getattr(new, field.name)
             if value != getattr(old, field.name):
                 text = str(value).lower() if isinstance(value, bool) else "null" if value is None else \
-                    f"[{','.join(map(str, value))}]" if isinstance(value, list) else value  # one shell word
+                    f"[{','.join(str(v).lower() if isinstance(v, bool) else str(v) for v in value)}]" \
+                    if isinstance(value, list) else value  # one shell word
                 out.append(f"{section}.{field.name}={text}")
     return tuple(out)
 
@@ -151,8 +153,11 @@ def stage_choices(cfg: Config, world: int, ranks_per_node: int, costs: Costs, ca
                     split = balance_stages(run, w, reference, costs, mem_layout, capacity_gb * 1e9)
                     if split is None:
                         continue
-                    run = dataclasses.replace(run, parallel=dataclasses.replace(run.parallel,
-                                                                                layers_per_stage=list(split)))
+                    if split.reduce_once != layout.reduce_once:  # resident weights, some ranks reducing once
+                        run = as_layout(run, resident_weights(split.reduce_once), recompute)
+                        reference = dataclasses.replace(reference, reduce_once=split.reduce_once)
+                    run = dataclasses.replace(run, parallel=dataclasses.replace(
+                        run.parallel, layers_per_stage=list(split.layers_per_stage)))
                     mem_layout = memory_layout(run, world, act_bytes)
                     w = workload(run, world // pp, act_bytes, ranks_per_node)
                     memory = predict_memory(run.model, mem_layout)  # within the capacity: the split's
@@ -168,7 +173,7 @@ def stages_table(choices: list[StageChoice], capacity_gb: float, shown: int = 12
     """The fastest of the stage layouts weighed, and how many were."""
     lines = [f"pipeline stages weighed (schedule.mode=auto; {len(choices)} layouts fit {capacity_gb:.1f} GB usable "
              f"per rank; predicted at one chunk per MoE layer, fastest {min(shown, len(choices))} shown):",
-             f"  {'pp':>3}{'ep':>5}{'schedule':>21}{'micro':>7}  {'layout':22}{'recompute':>10}{'step':>11}"
+             f"  {'pp':>3}{'ep':>5}{'schedule':>21}{'micro':>7}  {'layout':29}{'recompute':>10}{'step':>11}"
              f"{'memory':>10}"]
     for c in choices[:shown]:
         run = c.cfg
@@ -177,7 +182,7 @@ def stages_table(choices: list[StageChoice], capacity_gb: float, shown: int = 12
         if run.parallel.pp > 1 and run.schedule.pipeline in LOOPED:
             schedule += f" x{run.schedule.stages_per_rank}"
         lines.append(f"  {run.parallel.pp:>3}{run.parallel.ep:>5}{schedule:>21}{run.train.micro_batch_size or '-':>7}"
-                     f"  {layout:22}{run.train.recompute:>10}{c.step_s:>10.3f}s{c.memory_gb:>8.1f}GB")
+                     f"  {layout:29}{run.train.recompute:>10}{c.step_s:>10.3f}s{c.memory_gb:>8.1f}GB")
     return lines
 
 

@@ -38,11 +38,24 @@ def test_overrides_are_typed() -> None:
     (["optim.beta2=1.5"], "optim.beta2=1.5 must be in [0, 1)"),
     (["run.dir=runs/{nmae}"], "has a placeholder other than {name}"),
     (["data.source=null"], "set data.dir to a prepared corpus"),
+    (["parallel.pp=2", "parallel.fsdp=true", "parallel.fsdp_gather_once=true", "parallel.fsdp_reduce_once=[true]"],
+     "parallel.fsdp_reduce_once=[true] has 1 values for parallel.pp=2 pipeline ranks"),
+    (["parallel.pp=2", "parallel.fsdp=true", "parallel.fsdp_reduce_once=[true,false]"],
+     "parallel.fsdp_reduce_once=[true, false] needs parallel.fsdp_gather_once=true"),
+    (["parallel.fsdp_reduce_once=[sometimes]"], "parallel.fsdp_reduce_once[0]='sometimes' must be true or false"),
 ])
 def test_bad_values_name_the_key(override, fragment) -> None:
     with pytest.raises(ConfigError, match=None) as err:
         read_config(configs.path("tiny.yaml"), override)
     assert fragment in str(err.value)
+
+
+def test_fsdp_reduce_once_takes_one_value_or_one_per_pipeline_rank() -> None:
+    """A list gives each pipeline rank its own (the planner's per-rank choice); one value gives it to all."""
+    base = ["parallel.pp=2", "parallel.fsdp=true", "parallel.fsdp_gather_once=true"]
+    per_rank = read_config(configs.path("tiny.yaml"), [*base, "parallel.fsdp_reduce_once=[true,false]"]).parallel
+    assert per_rank.fsdp_reduce_once == [True, False] and per_rank.reduce_once == (True, False)
+    assert read_config(configs.path("tiny.yaml"), [*base, "parallel.fsdp_reduce_once=false"]).parallel.reduce_once is False
 
 
 def test_router_settings_live_in_their_section_and_the_old_flat_keys_still_read(tmp_path) -> None:

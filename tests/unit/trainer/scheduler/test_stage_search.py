@@ -140,7 +140,8 @@ def _balance_case(path: str, overrides: list[str], world: int):
     cfg = read_config(path, overrides)
     hw = load_hardware("dgx-h100")
     w = workload(cfg, world // cfg.parallel.pp, hw.act_bytes, PER_NODE)
-    plan = dataclasses.replace(reference_plan(w, cfg.grad_sync), gather_once=cfg.parallel.fsdp_gather_once)
+    plan = dataclasses.replace(reference_plan(w, cfg.grad_sync), gather_once=cfg.parallel.fsdp_gather_once,
+                               reduce_once=cfg.parallel.reduce_once)
     return cfg, w, plan, memory_layout(cfg, world, hw.act_bytes), HardwareCosts(hw), usable_gb(hw.memory_gb) * 1e9
 
 
@@ -164,7 +165,7 @@ def test_balanced_stages_fit_deepseek_v3_where_an_even_split_does_not() -> None:
         ["parallel.pp=16", "parallel.ep=16", "schedule.pipeline=1f1b"], 256)
     even = predict_memory(cfg.model, layout)
     assert even.total > capacity, even.total / 1e9
-    split = balance_stages(cfg, w, plan, costs, layout, capacity)
+    split = balance_stages(cfg, w, plan, costs, layout, capacity).layers_per_stage
     assert split is not None and len(split) == 16 and sum(split) == cfg.model.n_layers and min(split) >= 1
     assert split[-1] < 3, split  # even: [3, 4, ..., 4, 3, 3], the last rank over the memory
     balanced = _with_split(cfg, split)
@@ -200,10 +201,76 @@ def test_the_balanced_split_is_as_fast_as_the_best_of_every_split() -> None:
     even = tuple(len(r) for r in stage_layers(8, 3))
     for capacity in (max(peak.values()), peak[even] * 0.999):
         fitting = [s for s in splits if peak[s] <= capacity]
-        split = balance_stages(cfg, w, plan, costs, layout, capacity)
+        split = balance_stages(cfg, w, plan, costs, layout, capacity).layers_per_stage
         assert split in fitting, (split, capacity)
         assert step[split] <= 1.02 * min(step[s] for s in fitting), (split, step[split], min(step.values()))
     assert balance_stages(cfg, w, plan, costs, layout, min(peak.values()) * 0.999) is None
+
+
+def test_each_rank_reduces_once_where_its_memory_allows() -> None:
+    """fsdp resident weights (gathered once, reduced every micro-step): the balancer lets each rank reduce once
+    instead where that fits its memory. On the model small enough to try every split and every rank's choice,
+    under each memory per rank a choice fits: the balancer's fits, is within 2% of the fastest that fits, and
+    under some capacity is mixed and faster than the fastest with every rank reducing every micro-step."""
+    import itertools
+
+    from moeyard.trainer.scheduler.cost_model import predict
+    from moeyard.trainer.scheduler.memory_model import predict_memory
+    from moeyard.trainer.scheduler.run_planning import workload
+    from moeyard.trainer.scheduler.stage_balance import balance_stages
+
+    cfg, w, plan, layout, costs, _ = _balance_case(
+        configs.path("tiny.yaml"), BASE + ["parallel.pp=3", "model.n_layers=8", "model.mtp_layers=1",
+                                           "model.dim=256", "model.moe.ffn_dim=512", "model.vocab_size=32000",
+                                           "train.micro_batch_size=4", "parallel.fsdp=true",
+                                           "parallel.fsdp_gather_once=true", "parallel.fsdp_reduce_once=false"], 48)
+    step, peak = {}, {}
+    for split in (s for s in itertools.product(range(1, 7), repeat=3) if sum(s) == 8):
+        run = _with_split(cfg, split)
+        shaped = workload(run, w.dp, w.act_bytes, PER_NODE)
+        for once in itertools.product((True, False), repeat=3):
+            step[split, once] = predict(shaped, dataclasses.replace(plan, reduce_once=once), costs).step
+            peak[split, once] = predict_memory(run.model, dataclasses.replace(layout, layers_per_stage=split,
+                                                                              reduce_once=once)).total
+    mixed_and_faster = 0
+    for capacity in sorted(set(peak.values())):
+        fitting = [k for k in step if peak[k] <= capacity]
+        got = balance_stages(cfg, w, plan, costs, layout, capacity)
+        chosen = (got.layers_per_stage, got.reduce_once)
+        assert chosen in fitting, (chosen, capacity)
+        assert step[chosen] <= 1.02 * min(step[k] for k in fitting), (chosen, capacity)
+        every = [step[k] for k in fitting if k[1] == (False,) * 3]
+        mixed_and_faster += len(set(got.reduce_once)) == 2 and step[chosen] < min(every)
+    assert mixed_and_faster, "no memory per rank made some ranks reduce once and others not"
+
+
+def test_deepseek_v3s_first_rank_reduces_once() -> None:
+    """DeepSeek-V3 on 256 H100, 16 stages x ep 16, fsdp resident weights: the first rank's embedding and three
+    dense blocks (2.9 billion dense parameters, reduced over 16 ranks) cost more reduced every micro-step than
+    any rank's experts; with room for their unsharded gradients it reduces once, and so do the last ranks, which
+    hold fewer micro-batches' activations. Every rank fits, and the pipeline is predicted faster than with
+    every rank reducing every micro-step, each on its own balanced split."""
+    from moeyard.trainer.scheduler.cost_model import predict
+    from moeyard.trainer.scheduler.memory_model import predict_memory
+    from moeyard.trainer.scheduler.run_planning import workload
+    from moeyard.trainer.scheduler.stage_balance import balance_stages
+
+    cfg, w, plan, layout, costs, capacity = _balance_case(
+        configs.path("published/deepseek-v3-671b.yaml"),
+        ["parallel.pp=16", "parallel.ep=16", "schedule.pipeline=1f1b", "parallel.fsdp_gather_once=true",
+         "parallel.fsdp_reduce_once=false"], 256)
+    mixed = balance_stages(cfg, w, plan, costs, layout, capacity)
+    assert mixed.reduce_once[0] and mixed.reduce_once[-1] and not all(mixed.reduce_once), mixed.reduce_once
+    run = _with_split(cfg, mixed.layers_per_stage)
+    assert predict_memory(run.model, dataclasses.replace(layout, layers_per_stage=mixed.layers_per_stage,
+                                                         reduce_once=mixed.reduce_once)).total <= capacity
+    every = balance_stages(cfg, w, plan, costs, dataclasses.replace(layout, reduce_bytes=2), capacity)
+    assert every.reduce_once is False  # bfloat16 reduction: reducing once is not weighed
+    once = dataclasses.replace(plan, reduce_once=mixed.reduce_once)
+    mixed_s = predict(workload(run, w.dp, w.act_bytes, PER_NODE), once, costs).step
+    every_s = predict(workload(_with_split(cfg, every.layers_per_stage), w.dp, w.act_bytes, PER_NODE), plan,
+                      costs).step
+    assert mixed_s < every_s, (mixed_s, every_s)  # 27.3 s against 28.9 s at one chunk per MoE layer
 
 
 def test_a_looped_ranks_blocks_are_its_stages_blocks() -> None:
