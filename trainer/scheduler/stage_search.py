@@ -154,6 +154,8 @@ def stage_choices(cfg: Config, world: int, ranks_per_node: int, costs: Costs, ca
                     if split is None:
                         continue
                     if split.reduce_once != layout.reduce_once:  # resident weights, some ranks reducing once
+                        if all(split.reduce_once):  # all of them: fsdp gathered once, weighed on its own
+                            break
                         run = as_layout(run, resident_weights(split.reduce_once), recompute)
                         reference = dataclasses.replace(reference, reduce_once=split.reduce_once)
                     run = dataclasses.replace(run, parallel=dataclasses.replace(

@@ -28,6 +28,7 @@ def test_every_layout_weighed_is_the_run_its_overrides_make() -> None:
     assert any(c.cfg.schedule.pipeline == "interleaved_1f1b" and c.cfg.parallel.fsdp for c in choices)
     assert not any(c.cfg.schedule.pipeline == "overlapped_1f1b" and c.cfg.parallel.fsdp for c in choices)
     assert [c.step_s for c in choices] == sorted(c.step_s for c in choices)
+    assert len({c.changes for c in choices}) == len(choices), "a run weighed twice"
     for c in choices:
         again = read_config(configs.path("tiny.yaml"), BASE + list(c.changes))
         for section in ("parallel", "schedule", "train"):
