@@ -16,9 +16,11 @@ same update. The MTP depths run on the last stage, which is also given the token
 gpipe, 1f1b and overlapped_1f1b (parallel/overlapped_1f1b.py: a forward beside a backward) run one stage per
 rank; interleaved_1f1b, looped_bfs and interleaved_zero_bubble run V = schedule.stages_per_rank stages per rank,
 looped (rank r holds stages r, r + pp, ...: one model holding all of them, a StageModule and PipelineStage per
-stage). The V-shaped schedules (zbv_zero_bubble, dualpipev) are refused by name when the run config is resolved.
+stage); zbv_zero_bubble and dualpipev two per rank in a V (rank r holds stages r and 2 pp - 1 - r: the first
+rank both ends of the model and one embedding, which the MTP depths and a tied output layer read there).
 
-interleaved_zero_bubble (ZB1P) splits each backward into an input step and a weight step, and torch finds the
+interleaved_zero_bubble (ZB1P), zbv_zero_bubble and dualpipev split each backward into an input step and a
+weight step (dualpipev also runs some whole), and torch finds the
 weight step's work by walking the autograd graph back from the weights. Tried on these stages it stops at
 the stage's output, a view it detaches in place; past that, its weight step would run again every autograd
 Function whose inputs hold both activations and weights (the experts' loop; the pipelined exchange, with its
@@ -54,36 +56,44 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
+    ScheduleDualPipeV,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
     ScheduleLoopedBFS,
+    ScheduleZBVZeroBubble,
 )
+from torch.distributed.pipelining.schedules import FORWARD as _FORWARD
+from torch.distributed.pipelining.schedules import _Action, _add_send_recv
 from torch.distributed.tensor import DTensor
 
 from moeyard.models import MoEStats, Transformer
 from moeyard.models.moe.expert_loop import deferring_weight_gradients
 from moeyard.models.peft.adapters import AdapterStats, recording_adapters, with_adapter_losses
 from moeyard.parallel.mesh import ParallelMesh
-from moeyard.parallel.stages import stage_ids, stage_layers
+from moeyard.parallel.stages import V_SHAPED, holds_ends, stage_ids, stage_layers
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 """schedule.pipeline: the torch schedules with one stage per rank (and overlapped_1f1b: _schedule_class)."""
 LOOPED_SCHEDULES = {"interleaved_1f1b": ScheduleInterleaved1F1B, "looped_bfs": ScheduleLoopedBFS,
                     "interleaved_zero_bubble": ScheduleInterleavedZeroBubble}
 """schedule.pipeline: the torch schedules with several stages per rank, placed in loops."""
-SPLIT_BACKWARD = (ScheduleInterleavedZeroBubble,)
+V_SCHEDULES = {"zbv_zero_bubble": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}
+"""schedule.pipeline: the torch schedules with two stages per rank, placed in a V (parallel.stages.V_SHAPED)."""
+SPLIT_BACKWARD = (ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble, ScheduleDualPipeV)
 """Schedules with separate input and weight steps of backward (StepStage runs the whole in the input step)."""
 
 
 def keep_this_stage(model: Transformer, pmesh: ParallelMesh, per_rank: int = 1,
-                    sizes: Optional[list[int]] = None) -> tuple[range, ...]:
+                    sizes: Optional[list[int]] = None, schedule: str = "1f1b") -> tuple[range, ...]:
     """Reduce a model built on the meta device to this rank's `per_rank` stages (before anything is
-    allocated) of `sizes` blocks each (parallel.layers_per_stage; None: even); returns their blocks, stage
-    by stage."""
+    allocated) of `sizes` blocks each (parallel.layers_per_stage; None: even), placed as `schedule` places
+    them (looped, or in a V); returns their blocks, stage by stage."""
+    v_shape = schedule in V_SHAPED
     spans = stage_layers(model.cfg.n_layers, pmesh.pp * per_rank, sizes)
-    parts = tuple(spans[i] for i in stage_ids(pmesh.pp_rank, pmesh.pp, per_rank))
-    model.keep_stage(parts, first=pmesh.pp_rank == 0, last=pmesh.pp_rank == pmesh.pp - 1)
+    parts = tuple(spans[i] for i in stage_ids(pmesh.pp_rank, pmesh.pp, per_rank, v_shape))
+    first, last = holds_ends(pmesh.pp_rank, pmesh.pp, v_shape)
+    model.keep_stage(parts, first=first, last=last)
     return parts
 
 
@@ -145,10 +155,12 @@ class StageModule(nn.Module):
 
 def sum_copied_gradients(model: Transformer, pmesh: ParallelMesh) -> None:
     """Give the embedding on the first stage and its copy on the last (keep_stage) the sum of both
-    gradients, so that both take the same update: before the gradient norm, which counts it once."""
+    gradients, so that both take the same update: before the gradient norm, which counts it once. Stages in
+    a V hold the first and the last on one rank, with one embedding: nothing to sum."""
     copied = model.cfg.tie_embeddings or model.cfg.mtp_layers > 0
     holds_first = pmesh.pp_rank == 0
-    if pmesh.embedding_group is None or not copied or not (holds_first or model.embedding_copy):
+    both_ends = holds_first and model.output is not None
+    if pmesh.embedding_group is None or not copied or both_ends or not (holds_first or model.embedding_copy):
         return
     weight = model.tok_embeddings.weight
     if weight.grad is None:
@@ -219,6 +231,23 @@ class StepStage(PipelineStage):
         return run
 
 
+class _VForwards(ScheduleZBVZeroBubble):
+    """Forward only through stages placed in a V, for held-out batches: each rank runs every micro-batch through
+    its first stage, then through its second. torch's V schedules run forward only by skipping their backward
+    steps, which then fail handing the gradient between a rank's two stages."""
+
+    def __init__(self, stages: list[PipelineStage], n_microbatches: int, **kwargs) -> None:
+        super().__init__(stages, n_microbatches, **kwargs)
+        pp = self.pp_group_size
+        self.pipeline_order = {r: [_Action(s, _FORWARD, m) for s in stage_ids(r, pp, 2, v_shape=True)
+                                   for m in range(n_microbatches)] for r in range(pp)}
+        # lowered with the sends and receives here: torch's _prepare_schedule_with_comms first checks that every
+        # micro-batch has its backward
+        self.pipeline_order_with_comms = _add_send_recv(
+            {r: list(order) for r, order in self.pipeline_order.items()},
+            stage_to_rank=lambda s: self.stage_index_to_group_rank[s], num_stages=self._num_stages)
+
+
 def _schedule_class(name: str) -> type:
     """schedule.pipeline's class. overlapped_1f1b's module is imported only when asked for: it is built on torch's
     private runtime schedule, which a torch release may lay out differently."""
@@ -226,7 +255,7 @@ def _schedule_class(name: str) -> type:
         from moeyard.parallel.overlapped_1f1b import OverlappedOneFOneB
 
         return OverlappedOneFOneB
-    return {**SCHEDULES, **LOOPED_SCHEDULES}[name]
+    return {**SCHEDULES, **LOOPED_SCHEDULES, **V_SCHEDULES}[name]
 
 
 class Pipeline:
@@ -236,9 +265,9 @@ class Pipeline:
                  logits: bool, loss_fn: LossFn) -> None:
         per_rank = len(model.held_parts)
         assert pmesh.pp_group is not None and schedule in (
-            (*SCHEDULES, "overlapped_1f1b") if per_rank == 1 else LOOPED_SCHEDULES), \
+            (*SCHEDULES, "overlapped_1f1b") if per_rank == 1 else {**LOOPED_SCHEDULES, **V_SCHEDULES}), \
             "checked when the run config was resolved"
-        ids = stage_ids(pmesh.pp_rank, pmesh.pp, per_rank)
+        ids = stage_ids(pmesh.pp_rank, pmesh.pp, per_rank, schedule in V_SCHEDULES)
         self.stage_count = pmesh.pp * per_rank
         self.modules = [StageModule(model, part, logits and i == self.stage_count - 1)
                         for i, part in zip(ids, model.held_parts)]
@@ -298,7 +327,7 @@ class Pipeline:
     def _build(self, schedule_class, micro_batches: int):
         # scale_grads off: the loss is already the share of the global batch's mean (trainer/step.py).
         stages = self._stages(schedule_class)
-        if schedule_class in LOOPED_SCHEDULES.values():
+        if len(stages) > 1:
             return schedule_class(stages, micro_batches, loss_fn=self.loss_fn, scale_grads=False)
         return schedule_class(stages[0], micro_batches, loss_fn=self.loss_fn, scale_grads=False)
 
@@ -312,8 +341,9 @@ class Pipeline:
         sends at its first step, and held-out rows need not have the training micro-batch's."""
         key = (micro_batches, shape)
         if key not in self._evaluations:
-            looped = len(self.modules) > 1
-            self._evaluations[key] = self._build(ScheduleLoopedBFS if looped else ScheduleGPipe, micro_batches)
+            placed = _VForwards if self.schedule_class in V_SCHEDULES.values() else \
+                ScheduleLoopedBFS if len(self.modules) > 1 else ScheduleGPipe
+            self._evaluations[key] = self._build(placed, micro_batches)
         return self._evaluations[key]
 
     def run(self, micro_batches: int, tokens_BT: Tensor, target: Tensor, segment_BT: Optional[Tensor],

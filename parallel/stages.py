@@ -20,17 +20,33 @@ def stage_layers(n_layers: int, stages: int, sizes: Optional[Sequence[int]] = No
     return [range(a, a + n) for a, n in zip(starts, sizes)]
 
 
-def stage_ids(pp_rank: int, pp: int, per_rank: int) -> list[int]:
-    """The stages rank `pp_rank` holds, looped: r, r + pp, r + 2 pp, ..."""
+V_SHAPED = ("zbv_zero_bubble", "dualpipev")
+"""schedule.pipeline: the schedules that place two stages a rank in a V, rank r holding stages r and 2 pp - 1 - r
+(the first rank both ends of the model, the last the two middle stages)."""
+
+
+def stage_ids(pp_rank: int, pp: int, per_rank: int, v_shape: bool = False) -> list[int]:
+    """The stages rank `pp_rank` holds, looped: r, r + pp, r + 2 pp, ...; or in a V (`v_shape`, per_rank 2):
+    r and 2 pp - 1 - r."""
+    if v_shape:
+        assert per_rank == 2, "a V places two stages a rank"
+        return [pp_rank, 2 * pp - 1 - pp_rank]
     return [pp_rank + v * pp for v in range(per_rank)]
 
 
-def rank_layers(n_layers: int, pp: int, per_rank: int = 1, sizes: Optional[Sequence[int]] = None) -> list[range]:
+def holds_ends(pp_rank: int, pp: int, v_shape: bool = False) -> tuple[bool, bool]:
+    """Whether pipeline rank `pp_rank` holds the first stage (the embedding) and the last (the output layer,
+    loss and MTP depths): ranks 0 and pp - 1, or in a V rank 0 both."""
+    return pp_rank == 0, pp_rank == (0 if v_shape else pp - 1)
+
+
+def rank_layers(n_layers: int, pp: int, per_rank: int = 1, sizes: Optional[Sequence[int]] = None,
+                v_shape: bool = False) -> list[range]:
     """What the cost and memory models take each pipeline rank to hold: as many decoder blocks as its stages
     (stage_layers of pp x per_rank stages), as one run of blocks in rank order. Exact with one stage per rank;
-    a looped rank's blocks are spread through the model, of the same count."""
+    a looped or V-placed rank's blocks are spread through the model, of the same count."""
     spans = stage_layers(n_layers, pp * per_rank, sizes)
-    totals = [sum(len(spans[s]) for s in stage_ids(r, pp, per_rank)) for r in range(pp)]
+    totals = [sum(len(spans[s]) for s in stage_ids(r, pp, per_rank, v_shape)) for r in range(pp)]
     return stage_layers(n_layers, pp, totals)
 
 

@@ -22,7 +22,7 @@ from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.parallelize import FsdpSettings, parallelize
 from moeyard.parallel.plan import Plan
-from moeyard.parallel.stages import stage_layers
+from moeyard.parallel.stages import V_SHAPED, stage_layers
 from moeyard.trainer.checkpoint.sharded import Checkpointer, config_hash
 from moeyard.trainer.config.sections import Config
 from moeyard.trainer.data.blend import DataPosition, TokenBatches
@@ -152,7 +152,7 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
         # imported here: torch's pipelining imports dynamo, 0.8 s of every worker's start
         from moeyard.parallel.pipeline import keep_this_stage
 
-        keep_this_stage(model, pmesh, cfg.stages_per_rank, cfg.parallel.layers_per_stage)
+        keep_this_stage(model, pmesh, cfg.stages_per_rank, cfg.parallel.layers_per_stage, cfg.schedule.pipeline)
     trainable, total = freeze(model, cfg.train.trainable, cfg.train.frozen)
     model.set_recompute(plan.recompute or cfg.train.recompute)  # the planner may keep more where memory allows
     fsdp = FsdpSettings(compute_dtype=resolve_dtype(cfg.train.dtype, device),
@@ -167,10 +167,11 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
         if pmesh.pp > 1:
             stages = pmesh.pp * cfg.stages_per_rank
             sizes = [len(r) for r in stage_layers(cfg.model.n_layers, stages, cfg.parallel.layers_per_stage)]
-            looped = f", {cfg.stages_per_rank} a rank" if cfg.stages_per_rank > 1 else ""
+            looped = f", {cfg.stages_per_rank} a rank" + (" in a V" if cfg.v_shape else "") \
+                if cfg.stages_per_rank > 1 else ""
             mtp = f" and the {cfg.model.mtp_layers} MTP depth(s) on the last" if cfg.model.mtp_layers else ""
             print(f"pipeline: {stages} stages{looped}, decoder blocks per stage {sizes}{mtp}", flush=True)
-            if cfg.schedule.pipeline == "interleaved_zero_bubble":
+            if cfg.schedule.pipeline in ("interleaved_zero_bubble", *V_SHAPED):
                 print("pipeline weight steps: " + (
                     "the expert loop's weight gradients (the grouped GEMM's and the dense layers' stay in the input "
                     "step)" if sync.reduces_after_backward else

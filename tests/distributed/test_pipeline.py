@@ -8,6 +8,7 @@ from helpers import pipeline_cases
 from helpers.multiprocess import run_distributed
 
 from moeyard.errors import ConfigError
+from moeyard.parallel.stages import V_SHAPED
 from moeyard.trainer.config.sections import validate_for_world
 
 TOL = 1e-5
@@ -84,7 +85,9 @@ def _assert_weight_steps(results: list[dict], layout: tuple[str, ...]) -> None:
     """interleaved_zero_bubble with replicated stages (the reduction after the whole backward): every
     micro-batch's expert loops had their weight gradients computed in the weight steps, on every rank, in
     every step; under fsdp (and in every other schedule) none were."""
-    deferred = "schedule.pipeline=interleaved_zero_bubble" in layout and "parallel.fsdp=true" not in layout
+    split = ("schedule.pipeline=interleaved_zero_bubble", "schedule.pipeline=zbv_zero_bubble",
+             "schedule.pipeline=dualpipev")
+    deferred = any(s in layout for s in split) and "parallel.fsdp=true" not in layout
     for r in results:
         counts = [step["deferred_expert_loops"] for step in r["steps"]]
         if not deferred:
@@ -122,13 +125,19 @@ def _assert_weight_steps(results: list[dict], layout: tuple[str, ...]) -> None:
      "sigmoid_bias", False),
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=interleaved_zero_bubble", "train.micro_batch_size=1"),
      "sigmoid_bias", True),
+    (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=zbv_zero_bubble", "train.micro_batch_size=1",
+         "model.mtp_layers=1", "model.tie_embeddings=true"), "sigmoid_bias", True),
+    (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=dualpipev", "train.micro_batch_size=1",
+         "model.mtp_layers=1", "parallel.fsdp=true", "parallel.fsdp_gather_once=true", "train.recompute=full"),
+     "sigmoid_bias", False),
 ], ids=["pp2-gpipe-sft", "pp2-ep2-1f1b-manual-chunks2", "pp2-ep2-fsdp-recompute-sigmoid_bias-auto",
         "pp4-1f1b-sft-loss_chunks", "pp2-ep2-mtp-tied-split3+1-sft", "pp2-ep2-mtp-fsdp-gathered-once",
         "pp2-ep2-gpipe-fsdp-once-on-rank0-resident-weights-on-rank1-sigmoid_bias", "pp2-ep2-overlapped-recompute-sigmoid_bias-sft",
         "pp2x2-interleaved-mtp-sft", "pp2x2-ep2-interleaved-mtp-fsdp-gathered-once-sft-loss_chunks",
         "pp2x2-ep2-looped_bfs-fsdp-recompute-sigmoid_bias",
         "pp2x2-ep2-zero_bubble-mtp-fsdp-gathered-once-recompute-sigmoid_bias",
-        "pp2x2-ep2-zero_bubble-weight-steps-sft"])
+        "pp2x2-ep2-zero_bubble-weight-steps-sft", "pp2v-ep2-zbv-weight-steps-mtp-tied-sigmoid_bias-sft",
+        "pp2v-ep2-dualpipev-mtp-fsdp-gathered-once-recompute-sigmoid_bias"])
 def test_pipeline_stages_train_the_one_process_model(reference, world, layout, router, sft) -> None:
     """Packed SFT rows (segments and loss masks through the stages) in three of them; MTP (the last stage
     embeds the tokens with its copy of the embedding) with tied embeddings and with fsdp; fsdp gathered in
@@ -146,9 +155,10 @@ def test_pipeline_stages_train_the_one_process_model(reference, world, layout, r
     _assert_weight_steps(results, layout)
     if "schedule.mode=auto" in layout:  # planned inside the stages from the profiler's measurements
         assert all(r["plan"].startswith("planner") for r in results), [r["plan"] for r in results]
-    if "model.mtp_layers=1" in layout:  # the MTP loss is there to compare, and the embedding is on both ends
-        assert all(step["mtp_loss"] > 0 for step in ref["steps"])
-        assert sum("tok_embeddings.weight" in r["updates"] for r in results) == 2
+    if "model.mtp_layers=1" in layout:  # the MTP loss is there to compare, and the embedding is on both ends:
+        assert all(step["mtp_loss"] > 0 for step in ref["steps"])  # two ranks, or in a V one rank (no copy)
+        v_shape = any(f"schedule.pipeline={s}" in layout for s in V_SHAPED)
+        assert sum("tok_embeddings.weight" in r["updates"] for r in results) == (1 if v_shape else 2)
 
 
 def test_layouts_pipelines_cannot_run_are_refused_before_launch() -> None:
@@ -157,14 +167,18 @@ def test_layouts_pipelines_cannot_run_are_refused_before_launch() -> None:
         validate_for_world(cfg, 6)
     with pytest.raises(ConfigError, match="1 micro-batches per step for parallel.pp=4 stages.*micro_batch_size to 1"):
         validate_for_world(pipeline_cases._config(("parallel.pp=4",)), 8)
+    with pytest.raises(ConfigError, match="dualpipev runs at least as many micro-batches as its 2 x parallel.pp=2 "
+                                          "stages, and each of the 2 ranks of each of the 2 pipeline stages gets 2"):
+        validate_for_world(pipeline_cases._config(("parallel.pp=2", "schedule.pipeline=dualpipev",
+                                                   "train.micro_batch_size=2")), 4)
     for schedule in ("interleaved_1f1b", "interleaved_zero_bubble"):
         with pytest.raises(ConfigError, match=f"{schedule} runs the micro-batches in rounds of parallel.pp=2: 5 "
                                               f"micro-batches do not split into 2 equal"):
             validate_for_world(pipeline_cases._config(("parallel.pp=2", f"schedule.pipeline={schedule}",
                                                        "train.global_batch_tokens=160", "train.micro_batch_size=2")), 2)
     for settings, message in [
-        (("schedule.pipeline=dualpipev",), "schedule.pipeline=dualpipev places stages in a V"),
-        (("schedule.pipeline=zbv_zero_bubble",), "schedule.pipeline=zbv_zero_bubble places stages in a V"),
+        (("schedule.pipeline=dualpipev", "schedule.stages_per_rank=4"),
+         "schedule.pipeline=dualpipev places exactly 2 stages on each rank, in a V"),
         (("parallel.pp=5",), "parallel.pp=5 x 1 stages per rank for model.n_layers=4 blocks"),
         (("schedule.pipeline=looped_bfs", "schedule.stages_per_rank=3"),
          "parallel.pp=2 x 3 stages per rank for model.n_layers=4"),

@@ -110,8 +110,14 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
     final = _full_parameters(model, pmesh)
     updates = {name: final[name] - initial[name] for name in final} if pmesh.dp_rank == 0 else {}
     from torch.distributed.fsdp import FSDPModule
-    # FSDP units whose mesh has more than one rank (a unit over one rank calls no collective)
-    units = sum(isinstance(m, FSDPModule) and next(m.parameters()).device_mesh.size() > 1 for m in model.modules())
+    # FSDP units with parameters of their own (a V's middle rank holds neither end: its root has none) on a mesh of
+    # more than one rank (a unit over one rank calls no collective)
+    fsdp_units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def own(unit) -> list:
+        inner = {id(p) for m in fsdp_units if m is not unit and m in set(unit.modules()) for p in m.parameters()}
+        return [p for p in unit.parameters() if id(p) not in inner]
+    units = sum(bool(mine := own(m)) and mine[0].device_mesh.size() > 1 for m in fsdp_units)
     fsdp = "none" if plan.grad_sync != "fsdp" else "per micro-step" if not plan.gather_once else \
         "gathered once" if plan.reduce_once_on(pmesh.pp_rank) else "resident weights"  # as planned, on this rank
     return {"steps": results, "heldout": heldout, "stage": pmesh.pp_rank, "updates": updates, "fsdp": fsdp,

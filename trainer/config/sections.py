@@ -18,6 +18,7 @@ from moeyard.errors import ConfigError, require
 from moeyard.models import ModelConfig
 from moeyard.models.recompute import RecomputeMode
 from moeyard.parallel.plan import ReduceOnce
+from moeyard.parallel.stages import V_SHAPED
 from moeyard.trainer.config.yaml_tree import build_dataclass, read_tree
 
 
@@ -130,12 +131,15 @@ class ScheduleConfig:
     and looped_bfs: stages_per_rank stages on each rank, looped (a smaller bubble: (pp - 1) / stages_per_rank
     micro-steps); interleaved_zero_bubble: torch's ZB1P order of the same looped stages, its backward split
     into input and weight steps: with replicated stages the weight step computes the expert loop's weight
-    gradients (not the grouped GEMM's), under fsdp it is empty (parallel/pipeline.py). The V-shaped schedules
-    (zbv_zero_bubble, dualpipev) are named here and refused until moeyard places stages in a V."""
+    gradients (not the grouped GEMM's), under fsdp it is empty (parallel/pipeline.py). zbv_zero_bubble and
+    dualpipev (DeepSeek-V3's schedule; at least 2 x pp micro-batches): two stages a rank placed in a V, rank r
+    holding stages r and 2 pp - 1 - r (the first rank both the embedding and the output layer, so no copy of
+    the embedding), their backward split into input and weight steps as interleaved_zero_bubble's; dualpipev's
+    paired forward and backward run one after the other (their all-to-alls not yet overlapped)."""
     stages_per_rank: int = 2
     """interleaved_1f1b, looped_bfs, interleaved_zero_bubble: pipeline stages on each rank (virtual stages); the
-    model is cut into
-    parallel.pp x stages_per_rank stages, rank r holding stages r, r + pp, ..."""
+    model is cut into parallel.pp x stages_per_rank stages, rank r holding stages r, r + pp, ...
+    zbv_zero_bubble and dualpipev: 2, placed in a V."""
     memory_check: bool = True
     """moeyard train refuses, before any worker starts, a run whose predicted peak per rank exceeds this
     machine's memory (a GPU's, or the host's available memory shared by the local workers); with
@@ -311,8 +315,15 @@ class Config:
 
     @property
     def stages_per_rank(self) -> int:
-        """Pipeline stages on each rank: schedule.stages_per_rank for the looped schedules, else 1."""
+        """Pipeline stages on each rank: schedule.stages_per_rank for the looped schedules, two in a V, else 1."""
+        if self.schedule.pipeline in V_SHAPED:
+            return 2
         return self.schedule.stages_per_rank if self.schedule.pipeline in LOOPED else 1
+
+    @property
+    def v_shape(self) -> bool:
+        """Whether the pipeline's stages are placed in a V (parallel.stages.V_SHAPED)."""
+        return self.parallel.pp > 1 and self.schedule.pipeline in V_SHAPED
 
     @property
     def grad_sync(self) -> str:
@@ -391,7 +402,7 @@ def validate(cfg: Config) -> None:
 
 ONE_STAGE_PER_RANK = ("gpipe", "1f1b", "overlapped_1f1b")
 LOOPED = ("interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble")
-"""The pipeline schedules moeyard runs today (parallel/pipeline.py)."""
+"""The pipeline schedules moeyard runs (parallel/pipeline.py): one stage a rank, looped stages, and V_SHAPED."""
 ROUNDS = ("interleaved_1f1b", "interleaved_zero_bubble")
 """The schedules that run the micro-batches in rounds of pp (torch refuses a count that does not split)."""
 WITHOUT_FSDP = ("overlapped_1f1b",)
@@ -407,10 +418,10 @@ def _validate_pipeline(cfg: Config) -> None:
             f"has none: set it to null, or set parallel.pp")
     if pp == 1:
         return
-    require(s.pipeline in ONE_STAGE_PER_RANK + LOOPED,
-            f"schedule.pipeline={s.pipeline} places stages in a V (rank r holding stages r and 2 pp - 1 - r), "
-            f"which moeyard does not run yet: use schedule.pipeline=interleaved_zero_bubble (the zero-bubble order "
-            f"of looped stages), interleaved_1f1b, 1f1b, overlapped_1f1b, gpipe or looped_bfs")
+    require(s.pipeline not in V_SHAPED or s.stages_per_rank == 2,
+            f"schedule.pipeline={s.pipeline} places exactly 2 stages on each rank, in a V (rank r holds stages r and "
+            f"2 pp - 1 - r), and schedule.stages_per_rank={s.stages_per_rank}: set it to 2, or use "
+            f"schedule.pipeline=interleaved_zero_bubble for {s.stages_per_rank} looped stages a rank")
     require(s.pipeline not in LOOPED or s.stages_per_rank >= 2,
             f"schedule.pipeline={s.pipeline} runs schedule.stages_per_rank >= 2 stages on each rank "
             f"(it is {s.stages_per_rank}); use schedule.pipeline=1f1b for one")
@@ -478,6 +489,10 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
     require(pp == 1 or micro_steps >= pp,
             f"{micro_steps} micro-batches per step for parallel.pp={pp} stages: a pipeline needs at least one "
             f"micro-batch per stage in flight; lower train.micro_batch_size to {max(1, seqs // dp // pp)} or less")
+    require(pp == 1 or cfg.schedule.pipeline != "dualpipev" or micro_steps >= 2 * pp,
+            f"schedule.pipeline=dualpipev runs at least as many micro-batches as its 2 x parallel.pp={pp} stages, "
+            f"and each of {ranks} gets {micro_steps}: lower train.micro_batch_size to "
+            f"{max(1, seqs // dp // (2 * pp))} or less, or use schedule.pipeline=zbv_zero_bubble")
     rounds = max(1, micro_steps // pp)
     require(pp == 1 or cfg.schedule.pipeline not in ROUNDS or micro_steps % rounds == 0,
             f"schedule.pipeline={cfg.schedule.pipeline} runs the micro-batches in rounds of parallel.pp={pp}: "

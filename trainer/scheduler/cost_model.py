@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, Sequence
 
 from moeyard.models import ModelConfig
 from moeyard.parallel.plan import Plan
-from moeyard.parallel.stages import rank_layers
+from moeyard.parallel.stages import holds_ends, rank_layers
 from moeyard.trainer.scheduler.block_shapes import (
     attention_core_flops,
     block_elementwise_bytes,
@@ -92,6 +92,10 @@ class Workload:
     shorter."""
     layers_per_stage: tuple[int, ...] = ()
     """parallel.layers_per_stage: decoder blocks of each of the pp x stages_per_rank stages; (): even."""
+    v_shape: bool = False
+    """Two stages a rank placed in a V (zbv_zero_bubble, dualpipev): the first rank holds both ends of the model.
+    Their bubble is predicted as interleaved_1f1b's with two stages a rank (neither the weight steps' filling
+    of it nor dualpipev's pairing of a forward with a backward is modelled)."""
     stages_across_machines: bool = False
     """With pp > 1: neighbouring stages sit on different machines (activations cross the network)."""
     overlapped: bool = False
@@ -145,14 +149,14 @@ class Workload:
         return self.routed_rows * (G - 1) / G * self.dim * self.act_bytes
 
 
-def stage_workload(w: Workload, held: range, first: bool, last: bool) -> Workload:
-    """The part of whole-model workload `w` one pipeline stage runs: its blocks `held` (numbered from 0), the
-    embedding's parameters on the first stage, the output head on the last."""
-    start = held.start
+def stage_workload(w: Workload, held: Sequence[int], first: bool, last: bool) -> Workload:
+    """The part of whole-model workload `w` one pipeline rank runs: its blocks `held` (numbered from 0, in the
+    order they run), the embedding's parameters on the first stage's rank, the output head on the last's."""
+    position = {layer: k for k, layer in enumerate(held)}
 
     def local(layer: int) -> int | None:
-        if layer in held:
-            return layer - start
+        if layer in position:
+            return position[layer]
         if layer == -1:
             return -1 if first else None
         if layer == w.n_layers:
@@ -160,12 +164,12 @@ def stage_workload(w: Workload, held: range, first: bool, last: bool) -> Workloa
         return None
 
     params = tuple(dataclasses.replace(p, layer=local(p.layer)) for p in w.params if local(p.layer) is not None)
-    cut = slice(held.start, held.stop)
     return dataclasses.replace(
-        w, pp=1, mtp_blocks=0, n_layers=len(held), moe_layers=tuple(i - start for i in w.moe_layers if i in held), params=params,
-        dense_flops=w.dense_flops[cut], attention_flops=w.attention_flops[cut],
-        elementwise_bytes=w.elementwise_bytes[cut], head_flops=w.head_flops if last else 0.0,
-        model_flops_fwd=w.model_flops_fwd or sum(w.dense_flops) + w.head_flops)
+        w, pp=1, mtp_blocks=0, n_layers=len(held), moe_layers=tuple(position[i] for i in w.moe_layers if i in position),
+        params=params, dense_flops=tuple(w.dense_flops[i] for i in held),
+        attention_flops=tuple(w.attention_flops[i] for i in held),
+        elementwise_bytes=tuple(w.elementwise_bytes[i] for i in held), head_flops=w.head_flops if last else 0.0,
+        model_flops_fwd=w.model_flops_fwd or sum(w.dense_flops) + w.head_flops, v_shape=False)
 
 
 class Costs(Protocol):
@@ -431,8 +435,10 @@ def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     predicted as one, its blocks together.) `w` is the whole model's workload on one stage's dp ranks; each stage's part is predicted
     as the training loop runs it (gradients reduced after the schedule's last backward)."""
     pp = w.pp
-    spans = rank_layers(w.n_layers - w.mtp_blocks, pp, w.stages_per_rank, w.layers_per_stage)
-    spans[-1] = range(spans[-1].start, w.n_layers)  # the MTP depths run on the last stage
+    spans: list[Sequence[int]] = list(rank_layers(w.n_layers - w.mtp_blocks, pp, w.stages_per_rank,
+                                                  w.layers_per_stage, w.v_shape))
+    last = next(r for r in range(pp) if holds_ends(r, pp, w.v_shape)[1])  # the MTP depths run with the last stage
+    spans[last] = (*spans[last], *range(w.n_layers - w.mtp_blocks, w.n_layers))
     seen: dict[tuple, Prediction] = {}  # stages of the same blocks and plan predict the same
     stages = [stage_prediction(w, plan, costs, held, s, pp, seen) for s, held in enumerate(spans)]
     slowest = max(stages, key=lambda stage: stage.step)
@@ -445,14 +451,14 @@ def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
                       exposed_comm=slowest.exposed_comm + 2 * (pp - 1) * send - hidden, comm=slowest.comm)
 
 
-def stage_prediction(w: Workload, plan: Plan, costs: Costs, held: range, rank: int, pp: int,
+def stage_prediction(w: Workload, plan: Plan, costs: Costs, held: Sequence[int], rank: int, pp: int,
                      seen: dict[tuple, Prediction] | None = None) -> Prediction:
     """Pipeline rank `rank` of `pp`'s step over its blocks `held` of whole-model workload `w` (with the
     embedding on the first, the output head on the last), as the training loop runs it: gradients reduced after
     the schedule's last backward, or where fsdp reduces in every micro-step on this rank (Plan.reduce_once), in
     each. `seen`: predictions of stages already predicted, by what they run."""
     ordinal = {layer: k for k, layer in enumerate(w.moe_layers)}
-    ws = stage_workload(w, held, rank == 0, rank == pp - 1)
+    ws = stage_workload(w, held, *holds_ends(rank, pp, w.v_shape))
     mine = [ordinal[layer] for layer in w.moe_layers if layer in held]
     n_dense = sum(1 for p in ws.params if not p.expert)
     stage_plan = dataclasses.replace(  # one bucket per group, reduced after backward: PlainSync
@@ -487,11 +493,11 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                  act_bytes: int = 4, frozen: frozenset[str] = frozenset(), recompute: str = "none",
                  ranks_per_node: int = 0, grad_bytes: int = 4, moment_bytes: int = 4,
                  loss_chunk_tokens: int = 0, pp: int = 1, stages_per_rank: int = 1,
-                 layers_per_stage: tuple[int, ...] = (), overlapped: bool = False) -> Workload:
+                 layers_per_stage: tuple[int, ...] = (), overlapped: bool = False, v_shape: bool = False) -> Workload:
     """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
     Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer.
     `ranks_per_node`: machines of that many ranks (0: one machine). `pp` stages of `dp` ranks each, placed
-    stage after stage."""
+    stage after stage (`v_shape`: two a rank in a V)."""
     machines = ep // ranks_per_node if 0 < ranks_per_node < ep else 1
     infos = []
     for name, shape, expert in parameter_shapes(cfg):
@@ -512,7 +518,7 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     recompute=recompute, recompute_experts=cfg.moe.recompute_experts,
                     ranks_per_node=ranks_per_node, loss_chunk_tokens=loss_chunk_tokens, pp=pp, mtp_blocks=cfg.mtp_layers,
                     stages_per_rank=stages_per_rank, layers_per_stage=layers_per_stage,
-                    overlapped=overlapped and pp > 1,
+                    overlapped=overlapped and pp > 1, v_shape=v_shape and pp > 1,
                     stages_across_machines=pp > 1 and 0 < ranks_per_node <= dp,
                     nodes_per_token=expected_nodes_per_token(
                         cfg.moe.num_experts, cfg.moe.top_k, machines,

@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from moeyard.models import ModelConfig
 from moeyard.parallel.plan import ReduceOnce, reduce_once_on
 from moeyard.parallel.shards import expert_shard_dim, padded_shard_numel
-from moeyard.parallel.stages import rank_layers
+from moeyard.parallel.stages import V_SHAPED, holds_ends, rank_layers
 from moeyard.trainer.scheduler.block_shapes import attention_shape, block_index, parameter_shapes
 
 GB = 1e9
@@ -84,14 +85,22 @@ class Layout:
         """Ranks that split the batch and shard the state: those of one pipeline stage."""
         return self.world // self.pp
 
+    @property
+    def v_shape(self) -> bool:
+        """The stages placed in a V (parallel.stages.V_SHAPED): the first rank holds both ends of the model."""
+        return self.pp > 1 and self.pipeline in V_SHAPED
 
-def stage_blocks(cfg: ModelConfig, stage: int, pp: int, per_rank: int = 1, sizes: tuple[int, ...] = ()) -> range:
+
+def stage_blocks(cfg: ModelConfig, stage: int, pp: int, per_rank: int = 1, sizes: tuple[int, ...] = (),
+                 v_shape: bool = False) -> Sequence[int]:
     """The blocks pipeline rank `stage` of `pp` runs (parallel.stages.rank_layers of its `per_rank` stages of
-    `sizes` blocks): its decoder blocks, and on the last the MTP depths'."""
+    `sizes` blocks, looped or in a V): its decoder blocks, and on the rank of the last stage the MTP depths'."""
     if pp == 1:
         return range(cfg.n_blocks)
-    held = rank_layers(cfg.n_layers, pp, per_rank, sizes)[stage]
-    return range(held.start, cfg.n_blocks) if stage == pp - 1 else held
+    held = rank_layers(cfg.n_layers, pp, per_rank, sizes, v_shape)[stage]
+    if not holds_ends(stage, pp, v_shape)[1]:
+        return held
+    return (*held, *range(cfg.n_layers, cfg.n_blocks)) if v_shape else range(held.start, cfg.n_blocks)
 
 
 def in_flight(pipeline: str, pp: int, stage: int, micro_steps: int, per_rank: int = 1) -> float:
@@ -104,9 +113,16 @@ def in_flight(pipeline: str, pp: int, stage: int, micro_steps: int, per_rank: in
     likewise with (V - 1) x R + (pp - 1 - stage) (ZB1P; not counted: where the weight steps compute the
     experts' weight gradients, a rank's last few input steps (up to its pp rank + 1 in torch's order) keep
     their expert rows, output gradients and two hidden gradients until their weight step); overlapped_1f1b
-    holds one more than 1f1b (parallel/overlapped_1f1b.py)."""
+    holds one more than 1f1b (parallel/overlapped_1f1b.py); the V-placed schedules hold as many on every rank
+    from 2 pp micro-batches up: zbv_zero_bubble pp (with fewer, (micro-batches + 1 + stage) / 2 where that is
+    less), dualpipev (at least 2 pp) pp + 1/2, half a rank's blocks being one of its two stages (counted from
+    torch's orders, tests/unit/trainer/scheduler/test_memory_model.py)."""
     if pp == 1:
         return 1
+    if pipeline == "dualpipev":
+        return pp + 0.5
+    if pipeline == "zbv_zero_bubble":
+        return min(pp, (micro_steps + 1 + stage) / 2)
     if pipeline in ("gpipe", "looped_bfs"):
         return micro_steps
     if pipeline in ("interleaved_1f1b", "interleaved_zero_bubble") and per_rank > 1:
@@ -183,14 +199,15 @@ def block_counts(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozenset()
 
 def count_parameters(cfg: ModelConfig, ep: int, frozen: frozenset[str] = frozenset(), stage: int = 0,
                      pp: int = 1, per_rank: int = 1, sizes: tuple[int, ...] = (),
-                     blocks: dict[int, ParamCounts] | None = None) -> ParamCounts:
+                     blocks: dict[int, ParamCounts] | None = None, v_shape: bool = False) -> ParamCounts:
     """The parameters of the whole model, or of pipeline rank `stage` of `pp` (stage_blocks; the embedding on
     the first, the final norm and output layer on the last, with its copy of the embedding where tied or
-    read by the MTP depths). `blocks`: block_counts(cfg, ep, frozen), where the caller has them."""
+    read by the MTP depths; in a V the first rank holds both ends and one embedding). `blocks`:
+    block_counts(cfg, ep, frozen), where the caller has them."""
     blocks = blocks if blocks is not None else block_counts(cfg, ep, frozen)
-    held = stage_blocks(cfg, stage, pp, per_rank, sizes)
-    last = stage == pp - 1
-    embedding = stage == 0 or (last and (cfg.tie_embeddings or cfg.mtp_layers > 0))
+    held = stage_blocks(cfg, stage, pp, per_rank, sizes, v_shape)
+    first, last = holds_ends(stage, pp, v_shape)
+    embedding = first or (last and (cfg.tie_embeddings or cfg.mtp_layers > 0))
     where = [*([-1] if embedding else []), *held, *([cfg.n_blocks] if last else [])]
     return sum((blocks[b] for b in where if b in blocks), ParamCounts(0, 0, 0, 0, 0, 0))
 
@@ -289,7 +306,7 @@ def stage_counts(cfg: ModelConfig, layout: Layout) -> tuple[ParamCounts, ...]:
     """count_parameters of each pipeline stage."""
     blocks = block_counts(cfg, layout.ep, layout.frozen)
     return tuple(count_parameters(cfg, layout.ep, layout.frozen, s, layout.pp, layout.stages_per_rank,
-                                  layout.layers_per_stage, blocks) for s in range(layout.pp))
+                                  layout.layers_per_stage, blocks, layout.v_shape) for s in range(layout.pp))
 
 
 def predict_memory(cfg: ModelConfig, layout: Layout,
@@ -306,8 +323,8 @@ def predict_memory(cfg: ModelConfig, layout: Layout,
 def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) -> MemoryEstimate:
     """One rank of pipeline stage `stage` (the only one without stages): its parameters are `c`."""
     world = layout.dp  # the ranks that shard this stage's state
-    held = stage_blocks(cfg, stage, layout.pp, layout.stages_per_rank, layout.layers_per_stage)
-    last = stage == layout.pp - 1
+    held = stage_blocks(cfg, stage, layout.pp, layout.stages_per_rank, layout.layers_per_stage, layout.v_shape)
+    last = holds_ends(stage, layout.pp, layout.v_shape)[1]
     edp = world // layout.ep
     x, xt = c.experts / layout.ep, c.experts_trainable / layout.ep  # this rank's ep shard
     if layout.grad_sync == "fsdp":

@@ -40,7 +40,8 @@ def stage_split(w: Workload) -> str:
     """Which blocks each pipeline stage holds (the first also the embedding, the last the output layer)."""
     spans = stage_layers(w.n_layers - w.mtp_blocks, w.pp * w.stages_per_rank, w.layers_per_stage)
     mtp = f", the {w.mtp_blocks} MTP depth(s) on the last" if w.mtp_blocks else ""
-    looped = f" x {w.stages_per_rank} a rank (rank r holds stages r, r + {w.pp}, ...)" if w.stages_per_rank > 1 else ""
+    held = f"r and {2 * w.pp - 1} - r, in a V" if w.v_shape else f"r, r + {w.pp}, ..."
+    looped = f" x {w.stages_per_rank} a rank (rank r holds stages {held})" if w.stages_per_rank > 1 else ""
     return (f"{w.pp} pipeline stages{looped} of {w.dp} ranks, decoder blocks per stage {[len(r) for r in spans]} "
             f"({', '.join(f'{r.start}-{r.stop - 1}' for r in spans)}{mtp}); the work rows below are the slowest "
             f"stage's")

@@ -47,7 +47,7 @@ def workload(cfg: Config, dp: int, act_bytes: int, ranks_per_node: Optional[int]
                         loss_chunk_tokens=cfg.train.loss_chunk_tokens, pp=cfg.parallel.pp,
                         stages_per_rank=cfg.stages_per_rank,
                         layers_per_stage=tuple(cfg.parallel.layers_per_stage or ()),
-                        overlapped=cfg.schedule.pipeline == "overlapped_1f1b")
+                        overlapped=cfg.schedule.pipeline == "overlapped_1f1b", v_shape=cfg.v_shape)
 
 
 def run_mesh(cfg: Config, device_type: str) -> ParallelMesh:

@@ -170,7 +170,45 @@ def test_pipeline_stages_hold_their_blocks_and_the_micro_batches_in_flight() -> 
     assert in_flight("looped_bfs", 4, 3, 8, 2) == 8  # every forward of every stage before a backward
     layout = Layout(world=4, ep=2, tokens=256, micro_steps=4)
     one, two = predict_memory(cfg, layout), predict_memory(cfg, dataclasses.replace(layout, pp=2))
+    # In a V the first rank holds both ends (the embedding once) and the MTP depths, the last none of them
+    mtp = dataclasses.replace(cfg, mtp_layers=1)
+    v = [count_parameters(mtp, 2, frozenset(), s, 2, 2, v_shape=True) for s in range(2)]
+    looped = [count_parameters(mtp, 2, frozenset(), s, 2, 2) for s in range(2)]
+    assert v[0].root == 512 * 128 + 512 * 128 + 128 and v[1].root == 0
+    assert sum(c.dense + c.experts for c in v) == sum(c.dense + c.experts for c in looped) - 512 * 128  # no copy
     assert two.parameters < 0.7 * one.parameters  # the largest stage: two of four blocks and a 64k root
     gpipe = predict_memory(cfg, dataclasses.replace(layout, pp=2, pipeline="gpipe"))
     assert gpipe.activations > two.activations
     assert smallest_world(cfg, dataclasses.replace(layout, pp=2), 1.0) % 4 == 0  # a multiple of pp x ep
+
+
+def _torch_v_order(schedule: str, pp: int, n: int) -> dict:
+    """torch's compute order of a V-placed schedule for every rank, built without process groups."""
+    import types
+
+    from torch.distributed.pipelining.schedules import ScheduleDualPipeV, ScheduleZBVZeroBubble
+
+    cls = {"zbv_zero_bubble": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}[schedule]
+    fake = types.SimpleNamespace(pp_group_size=pp, _n_microbatches=n, n_local_stages=2, num_stages=2 * pp,
+                                 _num_stages=2 * pp)
+    return {r: cls._calculate_single_rank_operations(fake, r) for r in range(pp)}
+
+
+@pytest.mark.parametrize("schedule", ["zbv_zero_bubble", "dualpipev"])
+def test_v_schedules_hold_what_torchs_order_holds(schedule) -> None:
+    """in_flight of the V-placed schedules against torch's own order: each rank's peak of forwards run and not
+    yet backwarded (an input step frees them; a stage is half the rank's blocks), for pp 2-16 and every micro-batch
+    count the schedule takes (dualpipev at least 2 pp, zbv at least pp as the run config asks)."""
+    from torch.distributed.pipelining.schedules import BACKWARD_INPUT, FORWARD, FULL_BACKWARD, OVERLAP_F_B
+
+    from moeyard.trainer.scheduler.memory_model import in_flight
+
+    for pp in (2, 4, 8, 16):
+        for n in (pp, pp + 1, 2 * pp, 4 * pp, 64) if schedule == "zbv_zero_bubble" else (2 * pp, 2 * pp + 1, 64):
+            for rank, actions in _torch_v_order(schedule, pp, n).items():
+                live = peak = 0
+                for a in (sub for a in actions if a is not None
+                          for sub in (a.sub_actions if a.computation_type == OVERLAP_F_B else (a,))):
+                    live += {FORWARD: 1, FULL_BACKWARD: -1, BACKWARD_INPUT: -1}.get(a.computation_type, 0)
+                    peak = max(peak, live)
+                assert in_flight(schedule, pp, rank, n, 2) == peak / 2, (pp, n, rank, peak)
