@@ -248,13 +248,18 @@ class _VForwards(ScheduleZBVZeroBubble):
             stage_to_rank=lambda s: self.stage_index_to_group_rank[s], num_stages=self._num_stages)
 
 
-def _schedule_class(name: str) -> type:
-    """schedule.pipeline's class. overlapped_1f1b's module is imported only when asked for: it is built on torch's
-    private runtime schedule, which a torch release may lay out differently."""
+def _schedule_class(name: str, lanes: bool) -> type:
+    """schedule.pipeline's class; `lanes`: dualpipev's paired forward and backward side by side (replicated
+    stages: FSDP2's hooks are not made for two threads). overlapped_1f1b's module is imported only when asked
+    for: it is built on torch's private runtime schedule, which a torch release may lay out differently."""
     if name == "overlapped_1f1b":
         from moeyard.parallel.overlapped_1f1b import OverlappedOneFOneB
 
         return OverlappedOneFOneB
+    if name == "dualpipev" and lanes:
+        from moeyard.parallel.overlapped_1f1b import OverlappedDualPipeV
+
+        return OverlappedDualPipeV
     return {**SCHEDULES, **LOOPED_SCHEDULES, **V_SCHEDULES}[name]
 
 
@@ -271,7 +276,8 @@ class Pipeline:
         self.stage_count = pmesh.pp * per_rank
         self.modules = [StageModule(model, part, logits and i == self.stage_count - 1)
                         for i, part in zip(ids, model.held_parts)]
-        self.ids, self.schedule_class, self.loss_fn = ids, _schedule_class(schedule), loss_fn
+        lanes = not isinstance(model, FSDPModule)  # run_mesh made the lanes' twin groups (Config.lanes)
+        self.ids, self.schedule_class, self.loss_fn = ids, _schedule_class(schedule, lanes), loss_fn
         self.pmesh, self.device = pmesh, device
         self._schedules: dict[int, object] = {}
         self._evaluations: dict[tuple, object] = {}
@@ -288,7 +294,7 @@ class Pipeline:
         return self.ids[-1] == self.stage_count - 1
 
     def _stages(self, schedule_class) -> list[StepStage]:
-        weight_steps = self.weight_steps if schedule_class in SPLIT_BACKWARD else None
+        weight_steps = self.weight_steps if issubclass(schedule_class, SPLIT_BACKWARD) else None
         return [StepStage(module, i, self.stage_count, self.device, group=self.pmesh.pp_group,
                           before_backward=lambda last, i=i: self._stage_before_backward(i, last),
                           weight_steps=weight_steps)
@@ -341,7 +347,7 @@ class Pipeline:
         sends at its first step, and held-out rows need not have the training micro-batch's."""
         key = (micro_batches, shape)
         if key not in self._evaluations:
-            placed = _VForwards if self.schedule_class in V_SCHEDULES.values() else \
+            placed = _VForwards if issubclass(self.schedule_class, tuple(V_SCHEDULES.values())) else \
                 ScheduleLoopedBFS if len(self.modules) > 1 else ScheduleGPipe
             self._evaluations[key] = self._build(placed, micro_batches)
         return self._evaluations[key]

@@ -135,7 +135,8 @@ class ScheduleConfig:
     dualpipev (DeepSeek-V3's schedule; at least 2 x pp micro-batches): two stages a rank placed in a V, rank r
     holding stages r and 2 pp - 1 - r (the first rank both the embedding and the output layer, so no copy of
     the embedding), their backward split into input and weight steps as interleaved_zero_bubble's; dualpipev's
-    paired forward and backward run one after the other (their all-to-alls not yet overlapped)."""
+    paired forward and backward (of two micro-batches, on the rank's two stages) run side by side in two lanes
+    with replicated stages, as overlapped_1f1b's, and one after the other under fsdp."""
     stages_per_rank: int = 2
     """interleaved_1f1b, looped_bfs, interleaved_zero_bubble: pipeline stages on each rank (virtual stages); the
     model is cut into parallel.pp x stages_per_rank stages, rank r holding stages r, r + pp, ...
@@ -321,6 +322,14 @@ class Config:
         return self.schedule.stages_per_rank if self.schedule.pipeline in LOOPED else 1
 
     @property
+    def lanes(self) -> bool:
+        """Whether the pipeline runs a forward and a backward side by side in two threads (parallel/lanes.py):
+        overlapped_1f1b, and dualpipev's pairs with replicated stages (FSDP2's hooks are not made for two
+        threads: under fsdp dualpipev runs each pair one after the other)."""
+        return self.parallel.pp > 1 and (self.schedule.pipeline == "overlapped_1f1b" or (
+            self.schedule.pipeline == "dualpipev" and not self.parallel.fsdp))
+
+    @property
     def v_shape(self) -> bool:
         """Whether the pipeline's stages are placed in a V (parallel.stages.V_SHAPED)."""
         return self.parallel.pp > 1 and self.schedule.pipeline in V_SHAPED
@@ -429,10 +438,10 @@ def _validate_pipeline(cfg: Config) -> None:
             "schedule.pipeline=overlapped_1f1b with parallel.fsdp: a forward and a backward run side by side on "
             "the same FSDP units, whose hooks are not made for two threads; use parallel.fsdp=false (replicated "
             "stages) or schedule.pipeline=1f1b")
-    require(s.pipeline != "overlapped_1f1b" or m.moe.switch.jitter == 0,
-            "schedule.pipeline=overlapped_1f1b with model.moe.switch.jitter: the jitter is drawn from the process's "
-            "random state, which recomputation in the other lane saves and restores at the same time; set "
-            "model.moe.switch.jitter=0 or use schedule.pipeline=1f1b")
+    require(not cfg.lanes or m.moe.switch.jitter == 0,
+            f"schedule.pipeline={s.pipeline} with model.moe.switch.jitter: the jitter is drawn from the process's "
+            f"random state, which recomputation in the other lane saves and restores at the same time; set "
+            f"model.moe.switch.jitter=0 or use schedule.pipeline=1f1b")
     stages = pp * cfg.stages_per_rank
     require(stages <= m.n_layers, f"parallel.pp={pp} x {cfg.stages_per_rank} stages per rank for model.n_layers="
                                   f"{m.n_layers} blocks: every stage needs at least one block; lower parallel.pp"

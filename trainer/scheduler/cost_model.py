@@ -99,8 +99,9 @@ class Workload:
     stages_across_machines: bool = False
     """With pp > 1: neighbouring stages sit on different machines (activations cross the network)."""
     overlapped: bool = False
-    """schedule.pipeline=overlapped_1f1b: steady-state forward and backward of two micro-batches side by
-    side, each one's all-to-alls behind the other's compute (_predict_pipeline)."""
+    """Two lanes (Config.lanes: overlapped_1f1b, dualpipev with replicated stages): steady-state forward and
+    backward of two micro-batches side by side, each one's all-to-alls behind the other's compute
+    (_hidden_by_lanes)."""
     model_flops_fwd: float = 0.0
     """Forward FLOPs of the whole model's blocks and head, where this is one pipeline stage's workload
     (stage_workload; 0: this is the whole model). A profile measured the whole model's dense time."""
@@ -479,14 +480,17 @@ def _hidden_by_lanes(w: Workload, stage: Prediction) -> float:
     """What overlapped_1f1b saves on `stage`'s step: each of the first stage's micro_steps - pp steady-state
     pairs (one micro-batch's forward beside another's backward, a micro-step's work together) costs
     max(compute, all-to-all work) instead of compute plus the exposed all-to-all time, one lane's
-    collectives travelling while the other computes. The gradient reduction after the schedule stays
-    exposed (replicated stages: fsdp is refused with this schedule)."""
+    collectives travelling while the other computes. dualpipev's pairs are of half a rank's blocks (one of
+    its two stages each): its first rank's 2 n - 3 pp + 1 pairs in torch's order are n - 1.5 pp + 0.5 such
+    micro-steps. The gradient reduction after the schedule stays exposed (replicated stages: the lanes do
+    not run under fsdp)."""
     n = w.micro_steps
+    pairs = n - 1.5 * w.pp + 0.5 if w.v_shape else n - w.pp
     per = {kind: seconds / n for kind, seconds in stage.stages.items()}
     compute = per.get("dense", 0.0) + per.get("experts", 0.0) + per.get("chunk_overhead", 0.0)
     a2a = per.get("a2a", 0.0)
     exposed_a2a = max(0.0, stage.exposed_comm - stage.stages.get("grad_reduce", 0.0)) / n
-    return max(0, n - w.pp) * max(0.0, compute + exposed_a2a - max(compute, a2a))
+    return max(0.0, pairs) * max(0.0, compute + exposed_a2a - max(compute, a2a))
 
 
 def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: int, micro_steps: int,

@@ -47,14 +47,14 @@ def workload(cfg: Config, dp: int, act_bytes: int, ranks_per_node: Optional[int]
                         loss_chunk_tokens=cfg.train.loss_chunk_tokens, pp=cfg.parallel.pp,
                         stages_per_rank=cfg.stages_per_rank,
                         layers_per_stage=tuple(cfg.parallel.layers_per_stage or ()),
-                        overlapped=cfg.schedule.pipeline == "overlapped_1f1b", v_shape=cfg.v_shape)
+                        overlapped=cfg.lanes, v_shape=cfg.v_shape)
 
 
 def run_mesh(cfg: Config, device_type: str) -> ParallelMesh:
-    """The run's process groups as its config lays them out (with twins for overlapped_1f1b's backward lane,
-    parallel/lanes.py). Collective."""
+    """The run's process groups as its config lays them out (with twins for the backward lane of
+    overlapped_1f1b and dualpipev, parallel/lanes.py: Config.lanes). Collective."""
     return build_mesh(cfg.parallel.ep, device_type, cfg.parallel.timeout_s, cfg.parallel.ranks_per_node,
-                      cfg.parallel.pp, lanes=cfg.parallel.pp > 1 and cfg.schedule.pipeline == "overlapped_1f1b")
+                      cfg.parallel.pp, lanes=cfg.lanes)
 
 
 def profile_cache_dir() -> Path:
