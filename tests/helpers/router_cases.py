@@ -50,11 +50,12 @@ def sigmoid_bias_balances(rank: int, world: int, corpus: str, steps: int, rate: 
     pmesh = build_mesh(world, "cpu")
     apply_expert_parallel(model, pmesh)
     sync = PlainSync(split_parameters(model), pmesh, torch.optim.AdamW(model.parameters(), lr=1e-3))
-    worst = []
+    worst, loads = [], []
     for step in range(steps):
         rows = [stream[s:s + seq + 1].astype(np.int64) for s in starts[step, rank * per_rank:(rank + 1) * per_rank]]
         result = train_step(model, sync, torch.from_numpy(np.stack(rows)), micro_batch_size=per_rank, pmesh=pmesh,
                             lr=1e-3, grad_clip=1.0, dtype=torch.float32)
         worst.append(max(load_summary(c)["max_over_mean"] for c in result.expert_load.values()))
+        loads.append({layer: list(c) for layer, c in result.expert_load.items()})
     biases = {layer: moe.router.expert_bias_E.tolist() for layer, moe in model.moe_layers()}
-    return {"worst_max_over_mean": worst, "biases": biases}
+    return {"worst_max_over_mean": worst, "biases": biases, "loads": loads}
