@@ -182,7 +182,7 @@ def _label(cfg: Config, world: int) -> str:
     sync = "replicated"
     if cfg.parallel.fsdp:
         sync = "fsdp gathered once" if cfg.parallel.fsdp_gather_once else "fsdp"
-        if cfg.parallel.fsdp_gather_once and not cfg.parallel.fsdp_reduce_once:
+        if cfg.parallel.fsdp_gather_once and cfg.parallel.fsdp_reduce_once is False:
             sync = "fsdp resident weights"
     dp = world // cfg.parallel.pp
     micro = cfg.global_batch_sequences // dp // (cfg.train.micro_batch_size or cfg.global_batch_sequences // dp)

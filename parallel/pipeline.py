@@ -267,7 +267,9 @@ class Pipeline:
     """This rank's stages and the schedule that runs a step's micro-batches through every stage."""
 
     def __init__(self, model: Transformer, pmesh: ParallelMesh, schedule: str, device: torch.device,
-                 logits: bool, loss_fn: LossFn) -> None:
+                 logits: bool, loss_fn: LossFn, lanes: bool = False) -> None:
+        """`lanes`: `pmesh` has the backward lane's twin groups (parallel/lanes.py), so that dualpipev may run
+        its pairs side by side where the stages are replicated (the plan may have chosen fsdp instead)."""
         per_rank = len(model.held_parts)
         assert pmesh.pp_group is not None and schedule in (
             (*SCHEDULES, "overlapped_1f1b") if per_rank == 1 else {**LOOPED_SCHEDULES, **V_SCHEDULES}), \
@@ -276,7 +278,7 @@ class Pipeline:
         self.stage_count = pmesh.pp * per_rank
         self.modules = [StageModule(model, part, logits and i == self.stage_count - 1)
                         for i, part in zip(ids, model.held_parts)]
-        lanes = not isinstance(model, FSDPModule)  # run_mesh made the lanes' twin groups (Config.lanes)
+        lanes = lanes and not isinstance(model, FSDPModule)
         self.ids, self.schedule_class, self.loss_fn = ids, _schedule_class(schedule, lanes), loss_fn
         self.pmesh, self.device = pmesh, device
         self._schedules: dict[int, object] = {}

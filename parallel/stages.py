@@ -41,13 +41,16 @@ def holds_ends(pp_rank: int, pp: int, v_shape: bool = False) -> tuple[bool, bool
 
 
 def rank_layers(n_layers: int, pp: int, per_rank: int = 1, sizes: Optional[Sequence[int]] = None,
-                v_shape: bool = False) -> list[range]:
-    """What the cost and memory models take each pipeline rank to hold: as many decoder blocks as its stages
-    (stage_layers of pp x per_rank stages), as one run of blocks in rank order. Exact with one stage per rank;
-    a looped or V-placed rank's blocks are spread through the model, of the same count."""
+                v_shape: bool = False) -> list[Sequence[int]]:
+    """What the cost and memory models take each pipeline rank to hold. In a V, exactly its two stages' blocks
+    (the first rank's, the first blocks and the last); otherwise as many decoder blocks as its stages
+    (stage_layers of pp x per_rank stages), as one run of blocks in rank order: exact with one stage per rank,
+    a looped rank's blocks being spread through the model, of the same count."""
     spans = stage_layers(n_layers, pp * per_rank, sizes)
-    totals = [sum(len(spans[s]) for s in stage_ids(r, pp, per_rank, v_shape)) for r in range(pp)]
-    return stage_layers(n_layers, pp, totals)
+    if v_shape:
+        return [tuple(b for s in stage_ids(r, pp, per_rank, True) for b in spans[s]) for r in range(pp)]
+    totals = [sum(len(spans[s]) for s in stage_ids(r, pp, per_rank)) for r in range(pp)]
+    return list(stage_layers(n_layers, pp, totals))
 
 
 def rank_split(totals: Sequence[int], per_rank: int) -> list[int]:

@@ -221,7 +221,7 @@ def run_training(cfg: Config, device: torch.device, preemption: Preemption | Non
     dtype = resolve_dtype(cfg.train.dtype, device)
     plan = plan_for(cfg, pmesh, device)  # before the model exists: profiling builds models of its own
     model, sync = build_rank_model(cfg, pmesh, plan, device)
-    pipeline = pipeline_for(model, pmesh, cfg.schedule.pipeline, device, cfg.train.loss_chunk_tokens) \
+    pipeline = pipeline_for(model, pmesh, cfg.schedule.pipeline, device, cfg.train.loss_chunk_tokens, cfg.lanes) \
         if pmesh.pp > 1 else None
     checkpointer = Checkpointer(cfg, pmesh, plan)
 

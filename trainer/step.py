@@ -174,12 +174,13 @@ class LastStageLoss:
 
 
 def pipeline_for(model: Transformer, pmesh: ParallelMesh, schedule: str, device: torch.device,
-                 loss_chunk_tokens: int) -> Pipeline:
-    """The pipeline of this rank's stage (the model reduced to it by parallel.pipeline.keep_this_stage)."""
+                 loss_chunk_tokens: int, lanes: bool = False) -> Pipeline:
+    """The pipeline of this rank's stage (the model reduced to it by parallel.pipeline.keep_this_stage).
+    `lanes`: the mesh has the backward lane's twin groups (Config.lanes)."""
     from moeyard.parallel.pipeline import Pipeline
 
     loss = LastStageLoss(model.output, loss_chunk_tokens, model.cfg.mtp_loss_coef)  # output: None before the last
-    return Pipeline(model, pmesh, schedule, device, model.output is not None and loss.chunk <= 0, loss)
+    return Pipeline(model, pmesh, schedule, device, model.output is not None and loss.chunk <= 0, loss, lanes)
 
 
 def _pipeline_inputs(batch: Tensor | TokenBatch | SFTBatch, device: torch.device, loss: LastStageLoss

@@ -81,7 +81,7 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
     pmesh = run_mesh(cfg, "cpu")
     plan = plan_for(cfg, pmesh, device)
     model, sync = build_rank_model(cfg, pmesh, plan, device)
-    pipeline = pipeline_for(model, pmesh, cfg.schedule.pipeline, device, cfg.train.loss_chunk_tokens) \
+    pipeline = pipeline_for(model, pmesh, cfg.schedule.pipeline, device, cfg.train.loss_chunk_tokens, cfg.lanes) \
         if pmesh.pp > 1 else None
     initial = _full_parameters(model, pmesh)
     rows = cfg.global_batch_sequences // pmesh.dp

@@ -382,6 +382,10 @@ def validate(cfg: Config) -> None:
     require(isinstance(once, bool) or values == cfg.parallel.pp,
             f"parallel.fsdp_reduce_once={shown} has {values} values for parallel.pp={cfg.parallel.pp} pipeline "
             f"ranks: give one true or false for all of them, or one per pipeline rank")
+    require(not isinstance(once, list) or (cfg.parallel.fsdp and cfg.parallel.fsdp_gather_once),
+            f"parallel.fsdp_reduce_once={shown} chooses, rank by rank, between reducing once a step and in every "
+            f"micro-step, which only fsdp gathered once does: set parallel.fsdp=true and "
+            f"parallel.fsdp_gather_once=true, or give one true or false")
     require((all(once) if isinstance(once, list) else once) or cfg.parallel.fsdp_gather_once,
             f"parallel.fsdp_reduce_once={shown} needs parallel.fsdp_gather_once=true (per micro-step "
             f"fsdp reduces every micro-step already)")

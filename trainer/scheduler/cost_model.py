@@ -446,8 +446,9 @@ def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     micro = (slowest.step - slowest.stages["optimizer"]) / w.micro_steps
     send = costs.send(w, w.tokens * w.dim * w.act_bytes, w.stages_across_machines)
     bubble = (pp - 1) * (micro / w.stages_per_rank + 2 * send)
-    hidden = _hidden_by_lanes(w, slowest) if w.overlapped else 0.0
-    extra = {"lanes_hidden": -hidden} if w.overlapped else {}
+    lanes = w.overlapped and plan.grad_sync != "fsdp"  # the lanes run with replicated stages only
+    hidden = _hidden_by_lanes(w, slowest) if lanes else 0.0
+    extra = {"lanes_hidden": -hidden} if lanes else {}
     return Prediction(step=slowest.step + bubble - hidden, stages={**slowest.stages, "pipeline_bubble": bubble, **extra},
                       exposed_comm=slowest.exposed_comm + 2 * (pp - 1) * send - hidden, comm=slowest.comm)
 

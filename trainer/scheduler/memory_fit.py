@@ -90,8 +90,8 @@ def _candidates(cfg: Config, world: int) -> Iterator[tuple[list[str], Config]]:
     micros = [m for m in range(largest, 0, -1) if per_rank % m == 0]
     syncs = ["configured"] + ([] if cfg.parallel.fsdp else
                               (["reduce_scatter"] if cfg.schedule.grad_sync == "all_reduce" else []) + ["fsdp"])
-    if cfg.parallel.fsdp_gather_once:
-        syncs += (["fsdp resident weights"] if cfg.parallel.fsdp_reduce_once else []) + ["fsdp per micro-step"]
+    if cfg.parallel.fsdp_gather_once:  # resident weights where some pipeline rank reduces once
+        syncs += (["fsdp resident weights"] if cfg.parallel.reduce_once is not False else []) + ["fsdp per micro-step"]
     for micro in micros:
         # Modes keep less in no fixed order (selective can keep less than experts at long sequences):
         # the configured one first, then every other that keeps something back, fastest first.
@@ -113,7 +113,7 @@ def _candidates(cfg: Config, world: int) -> Iterator[tuple[list[str], Config]]:
                     parallel = dataclasses.replace(parallel, fsdp_reduce_once=False)
                 elif sync == "fsdp per micro-step":
                     overrides.append("parallel.fsdp_gather_once=false")
-                    if not parallel.fsdp_reduce_once:
+                    if parallel.fsdp_reduce_once is not True:  # false, or one value per pipeline rank
                         overrides.append("parallel.fsdp_reduce_once=true")
                     parallel = dataclasses.replace(parallel, fsdp_gather_once=False, fsdp_reduce_once=True)
                 elif sync == "reduce_scatter":

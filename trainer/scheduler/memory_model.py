@@ -94,7 +94,8 @@ class Layout:
 def stage_blocks(cfg: ModelConfig, stage: int, pp: int, per_rank: int = 1, sizes: tuple[int, ...] = (),
                  v_shape: bool = False) -> Sequence[int]:
     """The blocks pipeline rank `stage` of `pp` runs (parallel.stages.rank_layers of its `per_rank` stages of
-    `sizes` blocks, looped or in a V): its decoder blocks, and on the rank of the last stage the MTP depths'."""
+    `sizes` blocks, looped or in a V, where they are exact): its decoder blocks, and on the rank of the last
+    stage the MTP depths'."""
     if pp == 1:
         return range(cfg.n_blocks)
     held = rank_layers(cfg.n_layers, pp, per_rank, sizes, v_shape)[stage]

@@ -44,6 +44,7 @@ def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: L
     micro-step) each rank reduces once instead wherever that fits its memory and is not slower: the first and
     last ranks, whose embedding, dense blocks or output layer have many gradients to reduce and few experts to
     hold, and any other with room."""
+    assert not cfg.v_shape, "blocks are filled rank after rank, not in a V: the stage search does not weigh V schedules"
     pp, per_rank, n = cfg.parallel.pp, cfg.stages_per_rank, cfg.model.n_layers
     blocks = block_counts(cfg.model, layout.ep, layout.frozen)
     # Reducing once accumulates the unsharded gradients in reduce_dtype: weighed with float32 reduction only

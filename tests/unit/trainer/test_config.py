@@ -40,8 +40,9 @@ def test_overrides_are_typed() -> None:
     (["data.source=null"], "set data.dir to a prepared corpus"),
     (["parallel.pp=2", "parallel.fsdp=true", "parallel.fsdp_gather_once=true", "parallel.fsdp_reduce_once=[true]"],
      "parallel.fsdp_reduce_once=[true] has 1 values for parallel.pp=2 pipeline ranks"),
-    (["parallel.pp=2", "parallel.fsdp=true", "parallel.fsdp_reduce_once=[true,false]"],
-     "parallel.fsdp_reduce_once=[true, false] needs parallel.fsdp_gather_once=true"),
+    (["parallel.pp=2", "parallel.fsdp=true", "parallel.fsdp_reduce_once=[true,true]"],
+     "parallel.fsdp_reduce_once=[true, true] chooses, rank by rank, between reducing once a step and in every "
+     "micro-step, which only fsdp gathered once does"),
     (["parallel.fsdp_reduce_once=[sometimes]"], "parallel.fsdp_reduce_once[0]='sometimes' must be true or false"),
 ])
 def test_bad_values_name_the_key(override, fragment) -> None:
@@ -55,7 +56,8 @@ def test_fsdp_reduce_once_takes_one_value_or_one_per_pipeline_rank() -> None:
     base = ["parallel.pp=2", "parallel.fsdp=true", "parallel.fsdp_gather_once=true"]
     per_rank = read_config(configs.path("tiny.yaml"), [*base, "parallel.fsdp_reduce_once=[true,false]"]).parallel
     assert per_rank.fsdp_reduce_once == [True, False] and per_rank.reduce_once == (True, False)
-    assert read_config(configs.path("tiny.yaml"), [*base, "parallel.fsdp_reduce_once=false"]).parallel.reduce_once is False
+    every = read_config(configs.path("tiny.yaml"), [*base, "parallel.fsdp_reduce_once=false"]).parallel
+    assert every.reduce_once is False
 
 
 def test_router_settings_live_in_their_section_and_the_old_flat_keys_still_read(tmp_path) -> None:
