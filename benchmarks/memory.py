@@ -80,12 +80,20 @@ PIPELINE_LAYOUTS = [["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1
                      "parallel.fsdp=true"],
                     ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=interleaved_1f1b",
                      "parallel.fsdp=true", "parallel.fsdp_gather_once=true"],
-                    ["parallel.pp=4", "parallel.ep=1", "train.micro_batch_size=2"]]
+                    ["parallel.pp=4", "parallel.ep=1", "train.micro_batch_size=2"],
+                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "parallel.fsdp=true",
+                     "parallel.fsdp_gather_once=true", "parallel.fsdp_reduce_once=[false,true]"],
+                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=zbv_zero_bubble"],
+                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=dualpipev"],
+                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=dualpipev",
+                     "parallel.fsdp=true", "parallel.fsdp_gather_once=true"]]
 """Pipeline stages on the calibration model (4 micro-batches a step): 1f1b holds as many micro-batches'
 activations on a stage as there are stages from it to the last, gpipe all of them; fsdp per micro-step and
 gathered once per step (the stage's weights and unsharded gradients kept through the schedule); overlapped_1f1b
 (one micro-batch more in flight, a forward beside each backward); interleaved_1f1b with 2 stages a rank under fsdp,
-per micro-step and gathered once."""
+per micro-step and gathered once; pp 4; resident weights on the first rank and one reduction a step on the
+last (parallel.fsdp_reduce_once per rank); the V-placed zbv_zero_bubble and dualpipev (replicated: its pairs in
+two lanes; and under fsdp gathered once)."""
 
 
 def _status_kb(field: str) -> int:
@@ -128,7 +136,7 @@ def _measure(rank: int, world: int, overrides: list[str], steps: int, port: int,
     base = _status_kb("VmRSS")
     _reset_peak()
     model, sync = build_rank_model(cfg, pmesh, plan, device)
-    pipeline = pipeline_for(model, pmesh, cfg.schedule.pipeline, device, cfg.train.loss_chunk_tokens) \
+    pipeline = pipeline_for(model, pmesh, cfg.schedule.pipeline, device, cfg.train.loss_chunk_tokens, cfg.lanes) \
         if pmesh.pp > 1 else None
     build_peak = _status_kb("VmHWM") - base
     per_rank = cfg.global_batch_sequences // pmesh.dp
@@ -184,13 +192,17 @@ def _label(cfg: Config, world: int) -> str:
         sync = "fsdp gathered once" if cfg.parallel.fsdp_gather_once else "fsdp"
         if cfg.parallel.fsdp_gather_once and cfg.parallel.fsdp_reduce_once is False:
             sync = "fsdp resident weights"
+        elif cfg.parallel.fsdp_gather_once and isinstance(cfg.parallel.fsdp_reduce_once, list):
+            once = [str(r) for r, o in enumerate(cfg.parallel.fsdp_reduce_once) if o]
+            sync = f"fsdp resident weights, pp rank(s) {', '.join(once)} reducing once"
     dp = world // cfg.parallel.pp
     micro = cfg.global_batch_sequences // dp // (cfg.train.micro_batch_size or cfg.global_batch_sequences // dp)
     extra = f", {micro} micro-steps" if micro > 1 else ""
     if cfg.model.moe.num_experts // cfg.parallel.ep < dp // cfg.parallel.ep:
         extra += f", {cfg.model.moe.num_experts} experts over edp {dp // cfg.parallel.ep}"
     if cfg.parallel.pp > 1:
-        stages = f" x {cfg.stages_per_rank} a rank" if cfg.stages_per_rank > 1 else ""
+        stages = f" x {cfg.stages_per_rank} a rank" + (" in a V" if cfg.v_shape else "") \
+            if cfg.stages_per_rank > 1 else ""
         sync = f"pp {cfg.parallel.pp}{stages} {cfg.schedule.pipeline}, {sync}"
     if cfg.optim.moment_dtype != "float32":
         extra += f", {cfg.optim.moment_dtype} moments"
