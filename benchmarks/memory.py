@@ -212,7 +212,7 @@ def _label(cfg: Config, world: int) -> str:
 def predictions(overrides: list[str], world: int = WORLD) -> dict:
     """What the memory model says of a row's layout (its fields of a row)."""
     cfg = read_config(configs.path("tiny.yaml"), overrides)
-    predicted = predict_memory(cfg.model, memory_layout(cfg, world, 4))
+    predicted = predict_memory(cfg.model, memory_layout(cfg, world, 4, "cpu"))
     return {"predicted_peak": predicted.total,
             "predicted_state": predicted.parameters + predicted.gradients + predicted.optimizer,
             "predicted": {k: getattr(predicted, k) for k in

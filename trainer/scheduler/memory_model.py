@@ -79,6 +79,9 @@ class Layout:
     """The looped schedules' stages on each rank (counted as one stage of their blocks; in_flight)."""
     layers_per_stage: tuple[int, ...] = ()
     """parallel.layers_per_stage: decoder blocks of each of the pp x stages_per_rank stages; (): even."""
+    expert_loop: bool = False
+    """The routed experts run as a loop of matmuls (model.moe.expert_compute loop, or auto off a GPU): the
+    path whose weight GEMMs a split-backward schedule defers to its weight steps (pending_weight_steps)."""
 
     @property
     def dp(self) -> int:
@@ -104,6 +107,21 @@ def stage_blocks(cfg: ModelConfig, stage: int, pp: int, per_rank: int = 1, sizes
     return (*held, *range(cfg.n_layers, cfg.n_blocks)) if v_shape else range(held.start, cfg.n_blocks)
 
 
+SPLIT_BACKWARD = ("interleaved_zero_bubble", "zbv_zero_bubble", "dualpipev")
+"""The schedules whose backward runs in input and weight steps (parallel/pipeline.py SPLIT_BACKWARD)."""
+
+
+def pending_weight_steps(pipeline: str, pp: int, stage: int, per_rank: int) -> float:
+    """Input steps whose weight step has not run yet, at most, on the rank of stage `stage`, in whole-rank
+    micro-batches (an input step is one of its per_rank stages'): ZB1P and dualpipev (stage + 1) / per_rank,
+    zbv_zero_bubble stage + 1/2 (counted from torch's orders, tests/unit/trainer/scheduler/test_memory_model.py).
+    Each holds, where the weight steps compute the expert loop's weight gradients, its expert rows, output
+    gradient and two hidden gradients (models/moe/expert_loop.py)."""
+    if pp == 1 or pipeline not in SPLIT_BACKWARD:
+        return 0.0
+    return stage + 0.5 if pipeline == "zbv_zero_bubble" else (stage + 1) / per_rank
+
+
 def in_flight(pipeline: str, pp: int, stage: int, micro_steps: int, per_rank: int = 1) -> float:
     """Micro-batches whose activations the rank of stage `stage` holds at its peak, in whole-rank micro-batches:
     gpipe and looped_bfs run every forward before the first backward; 1f1b holds as many as the stages from
@@ -111,9 +129,8 @@ def in_flight(pipeline: str, pp: int, stage: int, micro_steps: int, per_rank: in
     (V - 1) x R + 2 x (pp - 1 - stage) forwards of one of its V stages (torch's ScheduleInterleaved1F1B; R the
     micro-batches of a round: pp, or all of them when there are fewer than 2 pp),
     and runs one more before its first backward: that many V-ths of a micro-batch; interleaved_zero_bubble
-    likewise with (V - 1) x R + (pp - 1 - stage) (ZB1P; not counted: where the weight steps compute the
-    experts' weight gradients, a rank's last few input steps (up to its pp rank + 1 in torch's order) keep
-    their expert rows, output gradients and two hidden gradients until their weight step); overlapped_1f1b
+    likewise with (V - 1) x R + (pp - 1 - stage) (ZB1P; what its pending weight steps hold besides is
+    pending_weight_steps'); overlapped_1f1b
     holds one more than 1f1b (parallel/overlapped_1f1b.py); the V-placed schedules hold as many on every rank
     from 2 pp micro-batches up: zbv_zero_bubble pp (with fewer, (micro-batches + 1 + stage) / 2 where that is
     less), dualpipev (at least 2 pp) pp + 1/2, half a rank's blocks being one of its two stages (counted from
@@ -368,6 +385,10 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
         activations = flight * sum(per_block)
     # the embedding's output (a later stage: the input it received), the final norm's (last stage)
     activations += flight * 4 * layout.tokens * cfg.dim * (1 + 2 * int(last))
+    if layout.expert_loop and layout.grad_sync != "fsdp":  # the weight steps hold the expert loops' GEMM inputs
+        stash = sum(layout.tokens * cfg.moe_for_layer(i).top_k * layout.act_bytes *
+                    (2 * cfg.dim + 3 * cfg.moe_for_layer(i).ffn_dim) for i in held if cfg.is_moe_layer(i))
+        activations += pending_weight_steps(layout.pipeline, layout.pp, stage, layout.stages_per_rank) * stash
     head = _head_bytes(cfg, layout) if last else 0.0
     throughout = layout.micro_steps > 1 or (layout.bucketed and layout.grad_sync != "fsdp")
     return MemoryEstimate(params, grads, optimizer, activations, with_activations + head, after_backward, throughout)

@@ -212,3 +212,44 @@ def test_v_schedules_hold_what_torchs_order_holds(schedule) -> None:
                     live += {FORWARD: 1, FULL_BACKWARD: -1, BACKWARD_INPUT: -1}.get(a.computation_type, 0)
                     peak = max(peak, live)
                 assert in_flight(schedule, pp, rank, n, 2) == peak / 2, (pp, n, rank, peak)
+
+
+def test_pending_weight_steps_are_torchs() -> None:
+    """pending_weight_steps against torch's own orders: each rank's peak of input steps whose weight step has
+    not run (ZB1P with 2 and 4 stages a rank, zbv_zero_bubble, dualpipev), in whole-rank micro-batches; and the
+    memory model adds what they hold only where the weight steps defer the expert loop's GEMMs (replicated,
+    the loop path)."""
+    import types
+
+    from torch.distributed.pipelining.schedules import BACKWARD_INPUT, BACKWARD_WEIGHT, ScheduleInterleavedZeroBubble
+
+    from moeyard.trainer.scheduler.memory_model import pending_weight_steps
+
+    def peak(actions) -> int:
+        pending = most = 0
+        for a in (a for a in actions if a is not None):
+            pending += {BACKWARD_INPUT: 1, BACKWARD_WEIGHT: -1}.get(a.computation_type, 0)
+            most = max(most, pending)
+        return most
+
+    for pp in (2, 4, 8):
+        for n in (2 * pp, 4 * pp):
+            for schedule in ("zbv_zero_bubble", "dualpipev"):
+                for rank, actions in _torch_v_order(schedule, pp, n).items():
+                    flat = [sub for a in actions if a is not None for sub in (a.sub_actions or (a,))]
+                    assert pending_weight_steps(schedule, pp, rank, 2) == peak(flat) / 2, (schedule, pp, n, rank)
+            for per_rank in (2, 4):
+                fake = types.SimpleNamespace(pp_group_size=pp, _n_microbatches=n, n_local_stages=per_rank,
+                                             number_of_rounds=n // pp, microbatches_per_round=pp)
+                for rank in range(pp):
+                    fake.rank = rank
+                    order = ScheduleInterleavedZeroBubble._calculate_single_rank_operations(fake, rank)
+                    assert pending_weight_steps("interleaved_zero_bubble", pp, rank, per_rank) == \
+                        peak(order) / per_rank, (pp, n, per_rank, rank)
+    layout = Layout(world=4, ep=2, tokens=256, micro_steps=4, pp=2, pipeline="zbv_zero_bubble", stages_per_rank=2)
+    plain = predict_memory(CFG, layout)
+    deferred = predict_memory(CFG, dataclasses.replace(layout, expert_loop=True))
+    fsdp = dataclasses.replace(layout, expert_loop=True, grad_sync="fsdp")
+    assert deferred.activations > plain.activations
+    unqueued = dataclasses.replace(fsdp, expert_loop=False)  # under fsdp the weight steps are empty
+    assert predict_memory(CFG, fsdp).activations == predict_memory(CFG, unqueued).activations
