@@ -240,7 +240,7 @@ schedule.mode=auto (pp, ep, schedule, micro-batch, layout, recompute: trainer/sc
 def stages_section(hw_name: str = "dgx-h100") -> list[str]:
     """`moeyard plan --hardware` under schedule.mode=auto for the published pipeline runs: the stage layouts
     weighed (at one chunk per MoE layer), the chosen one's full plan, against the published figure."""
-    from moeyard.trainer.scheduler.stage_search import stage_choices, stages_table
+    from moeyard.trainer.scheduler.stage_search import best_planned, stage_choices, stages_table
 
     hw = load_hardware(hw_name)
     costs, capacity = HardwareCosts(hw), usable_gb(hw.memory_gb)
@@ -252,7 +252,8 @@ def stages_section(hw_name: str = "dgx-h100") -> list[str]:
         if not choices:
             lines += ["nothing fits", ""]
             continue
-        run = choices[0].cfg
+        best = best_planned(choices, world, hw.devices_per_node, costs, capacity, hw.act_bytes)
+        run = best.cfg
         w = workload(run, world // run.parallel.pp, hw.act_bytes, hw.devices_per_node)
         chosen = choose_layout(layout_choices(run, w, costs, capacity))
         shaped = dataclasses.replace(w, recompute=chosen[0].recompute or run.train.recompute)
@@ -261,7 +262,7 @@ def stages_section(hw_name: str = "dgx-h100") -> list[str]:
         model_tflops = model_flops(shaped) / step / 1e12
         versus = f"{per_gpu / tokens:.2f} of its tokens/s per GPU" if tokens else \
             f"{model_tflops / tflops:.2f} of its TFLOP/s"
-        lines += [f"chosen: {' '.join(choices[0].changes)}; planned inside the stages: {chosen[0].summary()}", "",
+        lines += [f"chosen: {' '.join(best.changes)}; planned inside the stages: {chosen[0].summary()}", "",
                   f"step {step:.2f} s per {cfg.train.global_batch_tokens / 2**20:.0f}M tokens, {per_gpu:,.0f} tokens/s "
                   f"and {model_tflops:.0f} model TFLOP/s per GPU: {versus}. Published: {source}.", ""]
     return lines

@@ -33,7 +33,7 @@ from moeyard.trainer.scheduler.run_planning import (
     run_mesh,
     workload,
 )
-from moeyard.trainer.scheduler.stage_search import changes, stage_choices, stages_table
+from moeyard.trainer.scheduler.stage_search import best_planned, changes, stage_choices, stages_table
 
 
 def stage_split(w: Workload) -> str:
@@ -126,7 +126,8 @@ def hardware_report(cfg: Config, world_size: int, hardware_path: str) -> str:
     if cfg.schedule.mode == "auto":  # the planner also chooses the pipeline stages (and ep with them)
         choices = stage_choices(cfg, world_size, ranks_per_node, costs, capacity_gb, hw.act_bytes)
         stages = stages_table(choices, capacity_gb)
-        cfg = choices[0].cfg if choices else cfg
+        cfg = best_planned(choices, world_size, ranks_per_node, costs, capacity_gb, hw.act_bytes).cfg if choices \
+            else cfg
     check_node_layout(cfg, world_size, ranks_per_node)
     w = workload(cfg, world_size // cfg.parallel.pp, hw.act_bytes, ranks_per_node)
     plan, report = plan_report(cfg, w, costs, f"the hardware description {hw.name} ({hardware_path})",

@@ -9,7 +9,9 @@ depths, output layer and loss on the last: what _predict_pipeline takes the slow
 the memory model's. The search is the bottleneck partition: for a time T, fill ranks in order with as many blocks as fit
 within T and the memory (a rank that takes fewer never helps the ranks after it, whose work only grows with
 the blocks left), and bisect T. A looped rank (stages_per_rank V) is weighed as its V stages together, as
-the cost and memory models weigh it, and its blocks split as evenly as can be over its stages.
+the cost and memory models weigh it, and its blocks split as evenly as can be over its stages. Stages placed in
+a V (zbv_zero_bubble, dualpipev: rank r holds stages r and 2 pp - 1 - r) are split by a local search instead
+(_balance_v).
 """
 from __future__ import annotations
 
@@ -25,6 +27,14 @@ from moeyard.trainer.scheduler.memory_model import Layout, block_counts, count_p
 
 PRECISION = 1e-4
 """The bisection stops within this share of the slowest rank's time: far below the cost model's precision."""
+
+
+def _reduce_variants(plan: Plan, layout: Layout) -> tuple[bool, tuple[ReduceOnce, ...]]:
+    """(whether each rank chooses, the choices): fsdp resident weights may reduce once on a rank instead;
+    reducing once accumulates the unsharded gradients in reduce_dtype, so it is weighed with float32
+    reduction only (as run_planning.layout_choices weighs it)."""
+    choose = plan.grad_sync == "fsdp" and plan.gather_once and plan.reduce_once is False and layout.reduce_bytes == 4
+    return choose, (True, False) if choose else (plan.reduce_once,)
 
 
 @dataclass(frozen=True)
@@ -44,14 +54,11 @@ def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: L
     micro-step) each rank reduces once instead wherever that fits its memory and is not slower: the first and
     last ranks, whose embedding, dense blocks or output layer have many gradients to reduce and few experts to
     hold, and any other with room."""
-    assert not cfg.v_shape, "blocks are filled rank after rank, not in a V: the stage search does not weigh V schedules"
+    if cfg.v_shape:
+        return _balance_v(cfg, w, plan, costs, layout, capacity_bytes)
     pp, per_rank, n = cfg.parallel.pp, cfg.stages_per_rank, cfg.model.n_layers
     blocks = block_counts(cfg.model, layout.ep, layout.frozen)
-    # Reducing once accumulates the unsharded gradients in reduce_dtype: weighed with float32 reduction only
-    # (as run_planning.layout_choices weighs it).
-    per_rank_choice = plan.grad_sync == "fsdp" and plan.gather_once and plan.reduce_once is False and \
-        layout.reduce_bytes == 4
-    variants = (True, False) if per_rank_choice else (plan.reduce_once,)
+    per_rank_choice, variants = _reduce_variants(plan, layout)
     seen: dict = {}  # stage_prediction's, by what a stage runs
     timed: dict[tuple, float] = {}
 
@@ -122,3 +129,65 @@ def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: L
     totals, once = found
     return StageSplit(tuple(rank_split(totals, per_rank)),
                       tuple(bool(o) for o in once) if per_rank_choice else plan.reduce_once)
+
+
+def _balance_v(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: Layout,
+               capacity_bytes: float) -> Optional[StageSplit]:
+    """balance_stages for stages placed in a V (rank r holds stages r and 2 pp - 1 - r): from the even split,
+    move one block at a time across a stage boundary, taking it from a stage of the worst rank, while that
+    lowers first the bytes by which ranks exceed the memory, then the slowest rank's time (a rank's time and
+    peak as balance_stages weighs them, its two stages' blocks exactly). A local search: a V's rank holds two
+    runs of blocks at both ends of the model, which filling ranks in order cannot split. None: no split it
+    reaches fits."""
+    pp, n = cfg.parallel.pp, cfg.model.n_layers
+    stages = 2 * pp
+    blocks = block_counts(cfg.model, layout.ep, layout.frozen)
+    per_rank_choice, variants = _reduce_variants(plan, layout)
+    seen: dict = {}
+    memo: dict[tuple, tuple[float, float, ReduceOnce]] = {}
+
+    def rank_of(stage: int) -> int:
+        return stage if stage < pp else stages - 1 - stage
+
+    def weigh(sizes: tuple[int, ...], r: int) -> tuple[float, float, ReduceOnce]:
+        """Rank r's (bytes over the memory, time, variant): its fastest variant that fits, else the one over
+        by the least."""
+        spans = stage_layers(n, stages, sizes)
+        held = (*spans[r], *spans[stages - 1 - r])
+        if (held, r) not in memo:
+            options = []
+            for once in variants:
+                mem = dataclasses.replace(layout, layers_per_stage=sizes, reduce_once=once)
+                counts = count_parameters(cfg.model, layout.ep, layout.frozen, r, pp, 2, sizes, blocks, True)
+                over = max(0.0, predict_stage(cfg.model, mem, counts, r).total - capacity_bytes)
+                ran = (*held, *range(n, w.n_layers)) if r == 0 else held  # the MTP depths with the last stage
+                seconds = stage_prediction(w, dataclasses.replace(plan, reduce_once=once), costs, ran, r, pp, seen).step
+                options.append((over, seconds, once))
+            memo[held, r] = min(options, key=lambda o: o[:2])
+        return memo[held, r]
+
+    def score(sizes: tuple[int, ...]) -> tuple[float, float, list]:
+        ranks = [weigh(sizes, r) for r in range(pp)]
+        return sum(o[0] for o in ranks), max(o[1] for o in ranks), ranks
+
+    sizes = tuple(len(s) for s in stage_layers(n, stages))
+    current = score(sizes)
+    for _ in range(4 * n):  # each accepted move lowers the score
+        worst = max(range(pp), key=lambda r: current[2][r][:2])
+        moves = []
+        for s in (worst, stages - 1 - worst):
+            for t in (s - 1, s + 1):
+                if 0 <= t < stages and sizes[s] > 1 and rank_of(t) != worst:
+                    moved = list(sizes)
+                    moved[s] -= 1
+                    moved[t] += 1
+                    trial = score(tuple(moved))
+                    if trial[:2] < current[:2]:
+                        moves.append((trial[:2], tuple(moved), trial))
+        if not moves:
+            break
+        _, sizes, current = min(moves, key=lambda m: m[0])
+    if current[0] > 0:
+        return None
+    once = tuple(bool(o[2]) for o in current[2])
+    return StageSplit(sizes, once if per_rank_choice else plan.reduce_once)

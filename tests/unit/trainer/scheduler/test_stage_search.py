@@ -79,7 +79,8 @@ def test_plan_for_a_described_cluster_reports_the_stages_it_chose(tmp_path) -> N
 
 def test_a_training_run_under_auto_with_a_described_machine_takes_the_stages_chosen(tmp_path) -> None:
     """`moeyard train` with schedule.mode=auto and schedule.hardware: the launcher resolves the run to the
-    stage layout the search puts first, overlapped_1f1b left out (the config every worker reads), and says so;
+    stage layout whose full plan is fastest of the search's first few, the lanes left out (the config every worker
+    reads), and says so;
     without a hardware
     description the configured stages stay (a training run measures nothing before its workers start)."""
     from moeyard.trainer.config.resolve import machines_of, resolve_run
@@ -91,9 +92,12 @@ def test_a_training_run_under_auto_with_a_described_machine_takes_the_stages_cho
     run = resolve_run(configs.path("tiny.yaml"), overrides, machines_of(WORLD, PER_NODE), say=said.append)
     cfg = read_config(configs.path("tiny.yaml"), overrides)
     hw = load_hardware(hardware)
-    best = next(c for c in stage_choices(cfg, WORLD, PER_NODE, HardwareCosts(hw), usable_gb(hw.memory_gb),
-                                         hw.act_bytes)
-                if c.cfg.schedule.pipeline != "overlapped_1f1b")  # not taken for training before a GPU run
+    from moeyard.trainer.scheduler.stage_search import best_planned, chosen_for_training
+
+    trainable = [c for c in stage_choices(cfg, WORLD, PER_NODE, HardwareCosts(hw), usable_gb(hw.memory_gb),
+                                          hw.act_bytes)
+                 if chosen_for_training(c.cfg)]  # no lanes: not taken for training before a GPU run
+    best = best_planned(trainable, WORLD, PER_NODE, HardwareCosts(hw), usable_gb(hw.memory_gb), hw.act_bytes)
     assert run.parallel.pp == best.pp > 1
     for section in ("parallel", "schedule", "train"):
         assert getattr(run, section) == dataclasses.replace(getattr(best.cfg, section), **(
@@ -272,6 +276,42 @@ def test_deepseek_v3s_first_rank_reduces_once() -> None:
     every_s = predict(workload(_with_split(cfg, every.layers_per_stage), w.dp, w.act_bytes, PER_NODE), plan,
                       costs).step
     assert mixed_s < every_s, (mixed_s, every_s)  # 27.3 s against 28.9 s at one chunk per MoE layer
+
+
+def test_stages_in_a_v_are_balanced_and_weighed() -> None:
+    """zbv_zero_bubble on a model small enough to try every split (8 blocks, the first dense, an MTP depth, pp 2:
+    4 stages, rank 0 holding both ends): the V balancer's local search is within 2% of the fastest split that
+    fits, under a memory per rank where the even split does not fit too; the stage search weighs both V
+    schedules, and a training run does not take dualpipev's lanes (never run on a GPU)."""
+    import itertools
+
+    from moeyard.parallel.stages import stage_layers
+    from moeyard.trainer.scheduler.cost_model import predict
+    from moeyard.trainer.scheduler.memory_model import predict_memory
+    from moeyard.trainer.scheduler.run_planning import workload
+    from moeyard.trainer.scheduler.stage_balance import balance_stages
+    from moeyard.trainer.scheduler.stage_search import chosen_for_training
+
+    cfg, w, plan, layout, costs, _ = _balance_case(
+        configs.path("tiny.yaml"), BASE + ["parallel.pp=2", "model.n_layers=8", "model.mtp_layers=1",
+                                           "model.dim=256", "model.moe.ffn_dim=512", "model.vocab_size=32000",
+                                           "train.micro_batch_size=4", "schedule.pipeline=zbv_zero_bubble"], 32)
+    splits = [s for s in itertools.product(range(1, 6), repeat=4) if sum(s) == 8]
+    runs = {s: _with_split(cfg, s) for s in splits}
+    step = {s: predict(workload(r, w.dp, w.act_bytes, PER_NODE), plan, costs).step for s, r in runs.items()}
+    peak = {s: predict_memory(r.model, dataclasses.replace(layout, layers_per_stage=s)).total for s, r in runs.items()}
+    even = tuple(len(r) for r in stage_layers(8, 4))
+    for capacity in (max(peak.values()), peak[even] * 0.999):
+        fitting = [s for s in splits if peak[s] <= capacity]
+        split = balance_stages(cfg, w, plan, costs, layout, capacity)
+        assert split is not None and split.layers_per_stage in fitting, (split, capacity)
+        chosen = step[split.layers_per_stage]
+        assert chosen <= 1.02 * min(step[s] for s in fitting), (split, chosen, min(step[s] for s in fitting))
+    _, choices = _choices()
+    weighed = {c.cfg.schedule.pipeline for c in choices}
+    assert {"zbv_zero_bubble", "dualpipev"} <= weighed, weighed
+    assert not any(chosen_for_training(c.cfg) for c in choices
+                   if c.cfg.schedule.pipeline == "dualpipev" and not c.cfg.parallel.fsdp)
 
 
 def test_a_looped_ranks_blocks_are_its_stages_blocks() -> None:
