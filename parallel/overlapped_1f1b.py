@@ -35,47 +35,41 @@ class _Lanes:
     gradients to each other without a send, as torch's own runtime does)."""
 
     def _start_lanes(self, name: str) -> None:
+        self._held = {stage.stage_index: stage for stage in self._stages}  # this rank's stages, by index
         self.register_custom_function(OVERLAP_F_B, self._overlap)
         self._lane = ThreadPoolExecutor(1, thread_name_prefix="moeyard-backward-lane")
         if self._stages[0].device.type == "cuda" and dist.get_rank() == 0:
             print(f"warning: schedule.pipeline={name} has never run on a GPU; there its two lanes share one CUDA "
                   f"stream, so their all-to-alls do not overlap yet (parallel/overlapped_1f1b.py)", flush=True)
 
-    def _stage(self, index: int) -> PipelineStage:
-        return next(stage for stage in self._stages if stage.stage_index == index)
-
-    def _here(self, index: int) -> bool:
-        """Whether this rank holds stage `index`."""
-        return any(stage.stage_index == index for stage in self._stages)
-
     def _receive(self, action: _Action) -> None:
         """Wait for what the action needs from the neighbouring stage (its activation, or its gradient), unless
         that stage is on this rank."""
         index, mb = action.stage_index, action.microbatch_index
-        stage = self._stage(index)
-        if action.computation_type == FORWARD and not stage.is_first and not self._here(index - 1):
+        stage = self._held[index]
+        if action.computation_type == FORWARD and not stage.is_first and index - 1 not in self._held:
             _wait_batch_p2p(self.fwd_recv_ops.pop((index, mb)))
-        if action.computation_type == FULL_BACKWARD and not stage.is_last and not self._here(index + 1):
+        if action.computation_type == FULL_BACKWARD and not stage.is_last and index + 1 not in self._held:
             _wait_batch_p2p(self.bwd_recv_ops.pop((index, mb)))
 
     def _forward(self, action: _Action, ctx: _PipelineContext) -> None:
         # As the runtime's own forward with what Pipeline.run steps with: return_outputs=False, no loss kwargs.
         index, mb = action.stage_index, action.microbatch_index
-        stage = self._stage(index)
+        stage = self._held[index]
         with traced("micro-batch"):
             output = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb], save_forward_output=False)
             self._maybe_compute_loss(stage, output, ctx.target_mbs, mb)
-        if self._here(index + 1):
-            self._stage(index + 1).set_local_fwd_input(output, mb)
+        if index + 1 in self._held:
+            self._held[index + 1].set_local_fwd_input(output, mb)
 
     def _backward(self, action: _Action, last: bool) -> None:
         index, mb = action.stage_index, action.microbatch_index
-        stage = self._stage(index)
+        stage = self._held[index]
         with traced("micro-batch"):
             stage.backward_one_chunk(mb, loss=self._maybe_get_loss(stage, mb), full_backward=True,
                                      last_backward=last)
-        if self._here(index - 1):
-            self._stage(index - 1).set_local_bwd_input(stage.get_local_bwd_output(mb), mb)
+        if index - 1 in self._held:
+            self._held[index - 1].set_local_bwd_input(stage.get_local_bwd_output(mb), mb)
 
     def _overlap(self, action: _Action, ctx: _PipelineContext) -> None:
         """Both micro-batches start together, once both inputs are here: their sends follow the pair, so

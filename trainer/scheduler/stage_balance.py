@@ -156,9 +156,9 @@ def _balance_v(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: Layou
         held = (*spans[r], *spans[stages - 1 - r])
         if (held, r) not in memo:
             options = []
+            counts = count_parameters(cfg.model, layout.ep, layout.frozen, r, pp, 2, sizes, blocks, True)
             for once in variants:
                 mem = dataclasses.replace(layout, layers_per_stage=sizes, reduce_once=once)
-                counts = count_parameters(cfg.model, layout.ep, layout.frozen, r, pp, 2, sizes, blocks, True)
                 over = max(0.0, predict_stage(cfg.model, mem, counts, r).total - capacity_bytes)
                 ran = (*held, *range(n, w.n_layers)) if r == 0 else held  # the MTP depths with the last stage
                 seconds = stage_prediction(w, dataclasses.replace(plan, reduce_once=once), costs, ran, r, pp, seen).step

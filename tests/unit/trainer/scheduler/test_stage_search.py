@@ -154,6 +154,26 @@ def _with_split(cfg, split):
     return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, layers_per_stage=list(split)))
 
 
+SMALL = ["model.n_layers=8", "model.mtp_layers=1", "model.dim=256", "model.moe.ffn_dim=512",
+         "model.vocab_size=32000", "train.micro_batch_size=4"]
+"""A model small enough to try every split of its 8 blocks (the first dense, an MTP depth)."""
+
+
+def _every_split(cfg, w, plan, layout, costs, stages: int) -> tuple[list, dict, dict]:
+    """Every split of cfg's 8 blocks over `stages` stages, with its predicted step and largest rank's peak."""
+    import itertools
+
+    from moeyard.trainer.scheduler.cost_model import predict
+    from moeyard.trainer.scheduler.memory_model import predict_memory
+    from moeyard.trainer.scheduler.run_planning import workload
+
+    splits = [s for s in itertools.product(range(1, 9), repeat=stages) if sum(s) == 8]
+    runs = {s: _with_split(cfg, s) for s in splits}
+    step = {s: predict(workload(r, w.dp, w.act_bytes, PER_NODE), plan, costs).step for s, r in runs.items()}
+    peak = {s: predict_memory(r.model, dataclasses.replace(layout, layers_per_stage=s)).total for s, r in runs.items()}
+    return splits, step, peak
+
+
 def test_balanced_stages_fit_deepseek_v3_where_an_even_split_does_not() -> None:
     """DeepSeek-V3 on 256 H100 in 16 stages x ep 16, fsdp per micro-step, full recompute: split evenly, the
     last rank (the MTP depth, the output layer over 129k tokens, the loss) is over the memory per rank and
@@ -187,22 +207,11 @@ def test_the_balanced_split_is_as_fast_as_the_best_of_every_split() -> None:
     """On a model small enough to try every split (8 blocks, the first dense, an MTP depth, 3 stages), the
     balanced split's predicted step is within 2% of the fastest split's that fits; under a memory per rank
     too small for the even split, it is one that fits."""
-    import itertools
-
     from moeyard.parallel.stages import stage_layers
-    from moeyard.trainer.scheduler.cost_model import predict
-    from moeyard.trainer.scheduler.memory_model import predict_memory
-    from moeyard.trainer.scheduler.run_planning import workload
     from moeyard.trainer.scheduler.stage_balance import balance_stages
 
-    cfg, w, plan, layout, costs, _ = _balance_case(
-        configs.path("tiny.yaml"), BASE + ["parallel.pp=3", "model.n_layers=8", "model.mtp_layers=1",
-                                           "model.dim=256", "model.moe.ffn_dim=512", "model.vocab_size=32000",
-                                           "train.micro_batch_size=4"], 48)
-    splits = [s for s in itertools.product(range(1, 7), repeat=3) if sum(s) == 8]
-    runs = {s: _with_split(cfg, s) for s in splits}
-    step = {s: predict(workload(r, w.dp, w.act_bytes, PER_NODE), plan, costs).step for s, r in runs.items()}
-    peak = {s: predict_memory(r.model, dataclasses.replace(layout, layers_per_stage=s)).total for s, r in runs.items()}
+    cfg, w, plan, layout, costs, _ = _balance_case(configs.path("tiny.yaml"), BASE + ["parallel.pp=3", *SMALL], 48)
+    splits, step, peak = _every_split(cfg, w, plan, layout, costs, 3)
     even = tuple(len(r) for r in stage_layers(8, 3))
     for capacity in (max(peak.values()), peak[even] * 0.999):
         fitting = [s for s in splits if peak[s] <= capacity]
@@ -225,10 +234,8 @@ def test_each_rank_reduces_once_where_its_memory_allows() -> None:
     from moeyard.trainer.scheduler.stage_balance import balance_stages
 
     cfg, w, plan, layout, costs, _ = _balance_case(
-        configs.path("tiny.yaml"), BASE + ["parallel.pp=3", "model.n_layers=8", "model.mtp_layers=1",
-                                           "model.dim=256", "model.moe.ffn_dim=512", "model.vocab_size=32000",
-                                           "train.micro_batch_size=4", "parallel.fsdp=true",
-                                           "parallel.fsdp_gather_once=true", "parallel.fsdp_reduce_once=false"], 48)
+        configs.path("tiny.yaml"), BASE + ["parallel.pp=3", *SMALL, "parallel.fsdp=true", "parallel.fsdp_gather_once=true",
+                                           "parallel.fsdp_reduce_once=false"], 48)
     step, peak = {}, {}
     for split in (s for s in itertools.product(range(1, 7), repeat=3) if sum(s) == 8):
         run = _with_split(cfg, split)
@@ -283,23 +290,13 @@ def test_stages_in_a_v_are_balanced_and_weighed() -> None:
     4 stages, rank 0 holding both ends): the V balancer's local search is within 2% of the fastest split that
     fits, under a memory per rank where the even split does not fit too; the stage search weighs both V
     schedules, and a training run does not take dualpipev's lanes (never run on a GPU)."""
-    import itertools
-
     from moeyard.parallel.stages import stage_layers
-    from moeyard.trainer.scheduler.cost_model import predict
-    from moeyard.trainer.scheduler.memory_model import predict_memory
-    from moeyard.trainer.scheduler.run_planning import workload
     from moeyard.trainer.scheduler.stage_balance import balance_stages
     from moeyard.trainer.scheduler.stage_search import chosen_for_training
 
     cfg, w, plan, layout, costs, _ = _balance_case(
-        configs.path("tiny.yaml"), BASE + ["parallel.pp=2", "model.n_layers=8", "model.mtp_layers=1",
-                                           "model.dim=256", "model.moe.ffn_dim=512", "model.vocab_size=32000",
-                                           "train.micro_batch_size=4", "schedule.pipeline=zbv_zero_bubble"], 32)
-    splits = [s for s in itertools.product(range(1, 6), repeat=4) if sum(s) == 8]
-    runs = {s: _with_split(cfg, s) for s in splits}
-    step = {s: predict(workload(r, w.dp, w.act_bytes, PER_NODE), plan, costs).step for s, r in runs.items()}
-    peak = {s: predict_memory(r.model, dataclasses.replace(layout, layers_per_stage=s)).total for s, r in runs.items()}
+        configs.path("tiny.yaml"), BASE + ["parallel.pp=2", *SMALL, "schedule.pipeline=zbv_zero_bubble"], 32)
+    splits, step, peak = _every_split(cfg, w, plan, layout, costs, 4)
     even = tuple(len(r) for r in stage_layers(8, 4))
     for capacity in (max(peak.values()), peak[even] * 0.999):
         fitting = [s for s in splits if peak[s] <= capacity]
