@@ -234,8 +234,8 @@ def test_each_rank_reduces_once_where_its_memory_allows() -> None:
     from moeyard.trainer.scheduler.stage_balance import balance_stages
 
     cfg, w, plan, layout, costs, _ = _balance_case(
-        configs.path("tiny.yaml"), BASE + ["parallel.pp=3", *SMALL, "parallel.fsdp=true", "parallel.fsdp_gather_once=true",
-                                           "parallel.fsdp_reduce_once=false"], 48)
+        configs.path("tiny.yaml"), BASE + ["parallel.pp=3", *SMALL, "parallel.fsdp=true",
+                                           "parallel.fsdp_gather_once=true", "parallel.fsdp_reduce_once=false"], 48)
     step, peak = {}, {}
     for split in (s for s in itertools.product(range(1, 7), repeat=3) if sum(s) == 8):
         run = _with_split(cfg, split)
