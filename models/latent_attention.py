@@ -24,6 +24,7 @@ from moeyard.models.config import MLAConfig, RopeScalingConfig
 from moeyard.models.document_attention import DocumentSpans, document_attention
 from moeyard.models.layers import RMSNorm
 from moeyard.models.rope import apply_rope, softmax_scale_factor
+from moeyard.models.weight_steps import Linear
 
 
 class LatentAttention(nn.Module):
@@ -32,15 +33,15 @@ class LatentAttention(nn.Module):
         self.n_heads, self.mla = n_heads, mla
         qk_dim = mla.qk_head_dim
         if mla.q_lora_rank is None:
-            self.wq = nn.Linear(dim, n_heads * qk_dim, bias=False)
+            self.wq = Linear(dim, n_heads * qk_dim, bias=False)
         else:
-            self.wq_a = nn.Linear(dim, mla.q_lora_rank, bias=False)
+            self.wq_a = Linear(dim, mla.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(mla.q_lora_rank, mla.latent_norm_eps)
-            self.wq_b = nn.Linear(mla.q_lora_rank, n_heads * qk_dim, bias=False)
-        self.wkv_a = nn.Linear(dim, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=False)
+            self.wq_b = Linear(mla.q_lora_rank, n_heads * qk_dim, bias=False)
+        self.wkv_a = Linear(dim, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(mla.kv_lora_rank, mla.latent_norm_eps)
-        self.wkv_b = nn.Linear(mla.kv_lora_rank, n_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
-        self.wo = nn.Linear(n_heads * mla.v_head_dim, dim, bias=False)
+        self.wkv_b = Linear(mla.kv_lora_rank, n_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
+        self.wo = Linear(n_heads * mla.v_head_dim, dim, bias=False)
         self.softmax_scale = qk_dim ** -0.5 * softmax_scale_factor(rope_scaling)
 
     def _queries(self, x_BTD: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from moeyard.models.document_attention import DocumentSpans, document_attention
 from moeyard.models.local_attention import local_attention
 from moeyard.models.recompute import selective_checkpoint
 from moeyard.models.rope import apply_rope
+from moeyard.models.weight_steps import Linear
 
 
 class RMSNorm(nn.Module):
@@ -44,10 +45,10 @@ class Attention(nn.Module):
                  sinks: bool = False, window: int = 0) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.wq = nn.Linear(dim, n_heads * head_dim, bias=bias)
-        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.wo = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
+        self.wq = Linear(dim, n_heads * head_dim, bias=bias)
+        self.wk = Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.wv = Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.wo = Linear(n_heads * head_dim, dim, bias=out_bias)
         self.window = window
         """Sliding window (model.sliding_window on this layer): each token sees itself and window - 1 before."""
         if sinks:  # GPT-OSS: a learned logit per head in every softmax's denominator
@@ -88,9 +89,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.w_gate = nn.Linear(dim, hidden_dim, bias=False)
-        self.w_up = nn.Linear(dim, hidden_dim, bias=False)
-        self.w_down = nn.Linear(hidden_dim, dim, bias=False)
+        self.w_gate = Linear(dim, hidden_dim, bias=False)
+        self.w_up = Linear(dim, hidden_dim, bias=False)
+        self.w_down = Linear(hidden_dim, dim, bias=False)
         self.selective = False
         """train.recompute=selective: keep the three GEMM outputs, run SiLU and the product again in backward."""
 

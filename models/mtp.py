@@ -20,6 +20,7 @@ from moeyard.models.config import ModelConfig
 from moeyard.models.document_attention import DocumentSpans
 from moeyard.models.layers import RMSNorm
 from moeyard.models.moe.layer import MoEStats
+from moeyard.models.weight_steps import Linear
 
 
 class MTPModule(nn.Module):
@@ -30,7 +31,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.eh_proj = Linear(2 * cfg.dim, cfg.dim, bias=False)
         self.block = Block(cfg, block_index)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 

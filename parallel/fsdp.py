@@ -122,6 +122,24 @@ def set_gather_once(model: nn.Module, last_micro_step: bool, reduce_once: bool =
     model.set_reshard_after_backward(last_micro_step)
 
 
+def reduce_gathered(model: nn.Module) -> None:
+    """Reduce-scatter and reshard, now, the unsharded gradients every unit of gathered-once `model` accumulated
+    with its reduction held (begin_micro_step told each backward it was not the last): after a zero-bubble
+    schedule whose weight steps added to them after the last input step. FSDP2 reduces only from its backward
+    hooks; this runs what they run, as torch's own pipeline stage does for an FSDP module
+    (`_PipelineStageBase.perform_reduce_grad`, torch 2.13): each parameter group's post-backward, then the
+    root's final callback, which waits for the reductions."""
+    assert isinstance(model, FSDPModule), "reduce_gathered needs the model apply_fsdp made"
+    set_gather_once(model, last_micro_step=True)
+    state = fully_shard.state(model)
+    for unit in state._state_ctx.all_states:
+        groups = unit._fsdp_param_groups if hasattr(unit, "_fsdp_param_groups") else [unit._fsdp_param_group]
+        for group in groups:  # (one group, or None, a unit before torch 2.12)
+            if group is not None:
+                group.post_backward()
+    state._root_post_backward_final_callback()
+
+
 def _even_expert_shards(edp: int) -> Callable[[nn.Parameter], Shard]:
     def placement(p: nn.Parameter) -> Shard:
         return Shard(expert_shard_dim(p.shape, edp))

@@ -26,13 +26,14 @@ the stage's output, a view it detaches in place; past that, its weight step woul
 Function whose inputs hold both activations and weights (the experts' loop; the pipelined exchange, with its
 all-to-alls inside: on one rank alone). Its stages are given a weight-step builder instead (torch's
 `dw_builder`), with which torch runs the whole backward in the input step and then the weight step we build.
-Where the gradient sync reduces only after the whole backward (`GradSync.reduces_after_backward`: replicated
-stages, no hooks on gradients), the input step's expert loops queue their weight-gradient GEMMs
-(models/moe/expert_loop.py deferring_weight_gradients) and the weight step runs them: that work is what
-could fill the bubble. Under fsdp (a unit reduces when its input gradient is computed; the bucketed and
-ZeRO syncs, hooked on gradients, do not run with pp) the weight step is empty: the results of
-interleaved_1f1b, the bubble as large. The dense layers, the grouped GEMM (the GPU's experts) and the
-pipelined exchange's chunks (experts on copies of the weights) keep their weight gradients in the input step.
+Where the gradient sync can hold its reduction until the schedule is done (`GradSync.holds_reduction`:
+replicated stages, and fsdp gathered once and reducing once, whose units are told no backward is the last and
+reduce after the schedule, as torch's own stage reduces an FSDP module), the step is armed
+(models/weight_steps.py splitting_backward): the blocks' linear layers, the grouped GEMM and the expert loop
+queue their weight-gradient GEMMs in the input step, and the weight step runs them: the work that fills the
+bubble. Elsewhere (fsdp reducing in every micro-step: a unit reduces when its input gradient is computed) the
+weight step is empty and the bubble interleaved_1f1b's. What stays in the input step: the router's and the
+embedding's gradients, biases, and the pipelined exchange's chunks (experts on copies of the weights).
 
 The gradient sync is told before each of a stage's backwards whether it is the last of the step
 (`StepStage`), as the unpipelined loop tells it before each micro-step: FSDP units gathered once keep their
@@ -68,8 +69,8 @@ from torch.distributed.pipelining.schedules import _Action, _add_send_recv
 from torch.distributed.tensor import DTensor
 
 from moeyard.models import MoEStats, Transformer
-from moeyard.models.moe.expert_loop import deferring_weight_gradients
 from moeyard.models.peft.adapters import AdapterStats, recording_adapters, with_adapter_losses
+from moeyard.models.weight_steps import deferring_weight_gradients, splitting_backward
 from moeyard.parallel.mesh import ParallelMesh
 from moeyard.parallel.stages import V_SHAPED, holds_ends, stage_ids, stage_layers
 
@@ -181,9 +182,9 @@ class WeightSteps:
     """The weight steps of a split-backward schedule, shared by a rank's stages (Pipeline.run sets them)."""
 
     defer: bool = False
-    """Whether the experts' weight-gradient GEMMs wait for the weight step (GradSync.reduces_after_backward)."""
+    """Whether weight-gradient GEMMs wait for the weight step (GradSync.holds_reduction)."""
     ran: int = 0
-    """Expert loops whose weight gradients the weight steps computed in this step."""
+    """Weight-gradient GEMMs (an expert loop's: one) the weight steps computed in this step."""
     queued: list[Callable[[], None]] = field(default_factory=list)
     """What the input step being run has queued."""
 
@@ -193,7 +194,7 @@ class StepStage(PipelineStage):
     the last. torch sets FSDP2's per-backward flags itself only where the stage's module is an FSDP root; here
     the root is the model inside the StageModule, and the gradient sync decides what the flags are.
 
-    `weight_steps` (SPLIT_BACKWARD schedules): the whole backward runs in the input step, with the experts'
+    `weight_steps` (SPLIT_BACKWARD schedules): the whole backward runs in the input step, with the
     weight-gradient GEMMs queued where `weight_steps.defer`; the weight step runs what that input step queued.
     torch tells an input step it is never the last (the weight step is), so the stage counts its backwards:
     the step's last is the one of its last micro-batch (its gradient sync's flags are set there; a deferred
@@ -288,6 +289,11 @@ class Pipeline:
         self.weight_steps = WeightSteps()
 
     @property
+    def splits_backward(self) -> bool:
+        """Whether the schedule runs input and weight steps (SPLIT_BACKWARD)."""
+        return issubclass(self.schedule_class, SPLIT_BACKWARD)
+
+    @property
     def is_first(self) -> bool:
         return self.ids[0] == 0
 
@@ -315,7 +321,7 @@ class Pipeline:
         final = last and stage == self.ids[0]
         self._before_backward(final)
         model = self.modules[0].model
-        if not isinstance(model, FSDPModule):
+        if not isinstance(model, FSDPModule) or self.weight_steps.defer:  # held: reduced after the schedule
             return
         model.set_reshard_after_backward(final, recurse=False)
         if last:
@@ -360,19 +366,22 @@ class Pipeline:
         """Forward (and backward, when `train`) of `micro_batches` equal slices of the rows: the first stage
         feeds `tokens_BT`, the last computes loss_fn(its output, slice of `target`); every stage gets its
         slice of `segment_BT`; `before_backward(last)` before each backward (StepStage);
-        `defer_weight_gradients`: a split-backward schedule's weight steps compute the experts' weight
-        gradients (WeightSteps). Returns this rank's reports, per stage, one per micro-batch."""
+        `defer_weight_gradients`: a split-backward schedule's weight steps compute the weight gradients
+        (WeightSteps; the caller holds the reduction and tells no backward it is the last). Returns this rank's
+        reports, per stage, one per micro-batch."""
         for module in self.modules:
             module.router_scale, module.forwards = 1.0 / micro_batches, []
         self._before_backward = before_backward
-        self.weight_steps.defer, self.weight_steps.ran, self.weight_steps.queued = defer_weight_gradients, 0, []
+        defer = defer_weight_gradients and self.splits_backward
+        self.weight_steps.defer, self.weight_steps.ran, self.weight_steps.queued = defer, 0, []
         args = (tokens_BT,) if self.is_first else ()
         kwargs = {"segment_BT": segment_BT} if segment_BT is not None else {}
         if train and self.modules[0].model.cfg.mtp_layers:  # the last stage's MTP depths embed the tokens
             kwargs["tokens_BT"] = tokens_BT
         if train:
-            self._schedule(micro_batches).step(*args, target=target if self.is_last else None, return_outputs=False,
-                                               **kwargs)
+            with splitting_backward(defer):
+                self._schedule(micro_batches).step(*args, target=target if self.is_last else None,
+                                                   return_outputs=False, **kwargs)
         else:
             self._evaluation(micro_batches, tuple(tokens_BT.shape)).eval(
                 *args, target=target if self.is_last else None, **kwargs)

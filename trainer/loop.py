@@ -173,11 +173,12 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
             print(f"pipeline: {stages} stages{looped}, decoder blocks per stage {sizes}{mtp}", flush=True)
             if cfg.schedule.pipeline in ("interleaved_zero_bubble", *V_SHAPED):
                 print("pipeline weight steps: " + (
-                    "the expert loop's weight gradients (the grouped GEMM's and the dense layers' stay in the input "
-                    "step)" if sync.reduces_after_backward else
-                    "empty: fsdp reduces each unit as its input gradient is computed, so the whole backward runs in "
-                    "the input step and the bubble is interleaved_1f1b's (parallel.fsdp=false gives the weight "
-                    "steps the expert loop's weight gradients)"), flush=True)
+                    "the weight gradients of the blocks' linear layers and experts (the router's, the embedding's and "
+                    "the biases' stay in the input step)" if sync.holds_reduction else
+                    "empty: fsdp reducing in every micro-step reduces each unit as its input gradient is computed, so "
+                    "the whole backward runs in the input step and the bubble is interleaved_1f1b's "
+                    "(parallel.fsdp_gather_once=true reducing once, or parallel.fsdp=false, gives the weight steps the "
+                    "weight gradients)"), flush=True)
     return model, sync
 
 

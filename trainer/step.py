@@ -204,14 +204,19 @@ def _pipelined_micro_steps(pipeline: Pipeline, sync: GradSync, batch: Tensor | T
                            micro_batches: int, lm_scale: float, dtype: torch.dtype, device: torch.device,
                            stats: StepStats) -> None:
     """Forward and backward of every micro-batch through the stages, as the schedule orders them (`sync` told
-    before each backward whether it is the last: Pipeline._stage_before_backward); this stage's losses and router statistics into
-    `stats`."""
+    before each backward whether it is the last: Pipeline._stage_before_backward; under a zero-bubble schedule
+    whose sync can hold its reduction, never, and the reduction released once the weight steps have run); this
+    stage's losses and router statistics into `stats`."""
     loss = pipeline.loss_fn
     tokens_BT, target, segment_BT = _pipeline_inputs(batch, device, loss)
     loss.lm_scale, loss.sums = lm_scale, []
+    held = pipeline.splits_backward and sync.holds_reduction  # the weight steps add after the last input step
     with autocast_context(device, dtype):
-        forwards = pipeline.run(micro_batches, tokens_BT, target, segment_BT, before_backward=sync.begin_micro_step,
-                                defer_weight_gradients=sync.reduces_after_backward)
+        forwards = pipeline.run(micro_batches, tokens_BT, target, segment_BT, defer_weight_gradients=held,
+                                before_backward=(lambda last: sync.begin_micro_step(False)) if held else
+                                sync.begin_micro_step)
+    if held:
+        sync.release_reduction()
     for f in forwards:
         stats.add_forward(f.moe_stats, f.adapter_stats, f.aux_loss, f.z_loss)
     for lm_sum, mtp_sum in loss.sums[-micro_batches:]:  # the last stage's (parallel.pipeline.INFERRED_FORWARDS)

@@ -12,8 +12,8 @@ extra GEMMs of 9, most of the layer's activation memory saved); "selective"
 keeps the two up-projections and recomputes the activation and the product
 (half the activations, no GEMM again).
 
-Inside `deferring_weight_gradients(queue)` (the input step of a zero-bubble
-pipeline schedule, parallel/pipeline.py) the backward computes the input
+Inside `deferring_weight_gradients(queue)` (models/weight_steps.py: the input step
+of a zero-bubble pipeline schedule) the backward computes the input
 gradient only and queues the weight-gradient GEMMs (3 of the 6 a backward
 runs), which add to the weights' `.grad` when the queue is run: the schedule's
 weight step, which fills its bubble. It holds each expert's rows, output
@@ -23,14 +23,14 @@ Shape legend: see models/__init__.py; here as in expert_mlp.py.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+import moeyard.models.weight_steps as weight_steps
 from moeyard.models.moe.expert_mlp import ExpertActivation
 
 
@@ -42,23 +42,6 @@ def _rows(t: Tensor, order: Optional[Tensor], start: int, n: int) -> Tensor:
 def _put_rows(out: Tensor, order: Tensor, start: int, rows: Tensor) -> None:
     """Write an expert's output rows back to their positions in `order`."""
     out.index_copy_(0, order.narrow(0, start, rows.shape[0]), rows)
-
-
-_deferred: Optional[list[Callable[[], None]]] = None
-"""Where backward queues weight steps (deferring_weight_gradients). Process-wide, not per thread: autograd runs
-a GPU's backward on its own device thread while the caller waits."""
-
-
-@contextmanager
-def deferring_weight_gradients(queue: list[Callable[[], None]]) -> Iterator[None]:
-    """Within (one backward at a time): the loop's weight-gradient GEMMs are appended to `queue` as closures
-    instead of run, wherever it knows the model's own parameters (not copies an executor made)."""
-    global _deferred
-    previous, _deferred = _deferred, queue
-    try:
-        yield
-    finally:
-        _deferred = previous
 
 
 def _weight_step(params: tuple[nn.Parameter, ...], needs: tuple[bool, ...], dtype: torch.dtype,
@@ -74,8 +57,7 @@ def _weight_step(params: tuple[nn.Parameter, ...], needs: tuple[bool, ...], dtyp
             stash.clear()
             for p, g, need in zip(params, grads, needs):
                 if need:
-                    g = g.to(p.dtype)
-                    p.grad = g if p.grad is None else p.grad.add_(g)
+                    weight_steps.add_grad(p, g)
     return run
 
 
@@ -140,8 +122,7 @@ class _ExpertLoop(torch.autograd.Function):
         w_gate_EDF, w_up_EDF, w_down_EFD, *biases = weights
         activation, swiglu = ctx.activation, ctx.activation.kind == "swiglu"
         need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[6:])
-        queue = _deferred
-        stash: Optional[list[tuple[Tensor, ...]]] = [] if need_w and queue is not None and ctx.params else None
+        stash: Optional[list[tuple[Tensor, ...]]] = [] if need_w and weight_steps.deferring() and ctx.params else None
         grad_x_SD = torch.empty_like(x_SD) if need_x else None
         grads = [torch.empty_like(w) if need_w and stash is None else None for w in weights]
         grad_y_SD = grad_y_SD.contiguous()
@@ -177,7 +158,7 @@ class _ExpertLoop(torch.autograd.Function):
             start += n
         needs = ctx.needs_input_grad
         if stash is not None:
-            queue.append(_weight_step(ctx.params, needs[6:], w_gate_EDF.dtype, stash))
+            weight_steps.defer(_weight_step(ctx.params, needs[6:], w_gate_EDF.dtype, stash))
         return (grad_x_SD, None, None, None, None, None, *(g if n else None for g, n in zip(grads, needs[6:])))
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+import moeyard.models.weight_steps as weight_steps
 from moeyard.models.moe.expert_loop import expert_mlp_fused_loop
 from moeyard.models.moe.expert_mlp import ExpertActivation
 from moeyard.models.recompute import selective_checkpoint
@@ -88,12 +89,12 @@ def expert_mlp_grouped_mm(x_SD: Tensor, counts_E: Tensor, weights: tuple[Tensor,
     if order is not None:
         dest_S = torch.empty_like(dest_S).index_copy_(0, order, dest_S)
     x_AD = x_SD.new_zeros(total, x_SD.shape[1]).index_copy(0, dest_S, x_SD)
-    h1_AF, h2_AF = torch._grouped_mm(x_AD, w_gate_EDF, offs=offs_E), torch._grouped_mm(x_AD, w_up_EDF, offs=offs_E)
+    h1_AF, h2_AF = weight_steps.grouped_mm(x_AD, w_gate_EDF, offs_E), weight_steps.grouped_mm(x_AD, w_up_EDF, offs_E)
     if biases:
         expert_A = torch.searchsorted(offs_E, torch.arange(total, dtype=offs_E.dtype, device=offs_E.device),
                                       right=True)
         h1_AF, h2_AF = h1_AF + biases[0][expert_A], h2_AF + biases[1][expert_A]
-    y_SD = torch._grouped_mm(activation(h1_AF, h2_AF), w_down_EFD, offs=offs_E).index_select(0, dest_S)
+    y_SD = weight_steps.grouped_mm(activation(h1_AF, h2_AF), w_down_EFD, offs_E).index_select(0, dest_S)
     return y_SD + biases[2][expert_A[dest_S]] if biases else y_SD
 
 
@@ -152,13 +153,15 @@ class GroupedExperts(nn.Module):
         """The experts as a function of explicit weights (`self.weights`' order), for executors that manage
         autograd themselves."""
         device = x_SD.device.type
-        params = weights  # the loop's deferred weight step adds to these parameters' gradients
+        params = weights  # a deferred weight step adds to these parameters' gradients (models/weight_steps.py)
         if torch.is_autocast_enabled(device):
             # _grouped_mm is not an autocast op: cast explicitly to the autocast dtype.
             dtype = torch.get_autocast_dtype(device)
             x_SD, weights = x_SD.to(dtype), tuple(w.to(dtype) for w in weights)
         if self.uses_grouped_mm(x_SD):
             counts_E = rows_per_expert if isinstance(rows_per_expert, Tensor) else torch.tensor(rows_per_expert)
+            if weight_steps.armed():  # the matrices themselves (cast inside), so that their weight steps may wait
+                weights = (*params[:3], *weights[3:])
             return self._checkpointed(expert_mlp_grouped_mm, x_SD, counts_E, weights, self.activation, order)
         if isinstance(rows_per_expert, Tensor):
             rows_per_expert = rows_per_expert.tolist()  # the loop slices on the host

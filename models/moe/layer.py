@@ -31,6 +31,7 @@ from moeyard.models.moe.routers import (
     router_z_loss,
     sequence_balance_loss,
 )
+from moeyard.models.weight_steps import Linear
 
 
 class TokenExchange(Protocol):
@@ -148,7 +149,7 @@ class MoE(nn.Module):
         self.shared_experts: Optional[SwiGLU] = (
             SwiGLU(dim, cfg.shared_hidden_dim) if cfg.num_shared_experts > 0 else None
         )
-        self.shared_gate: Optional[nn.Linear] = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
+        self.shared_gate: Optional[nn.Linear] = Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
         self.exchange: TokenExchange = LocalExchange()
 
     def forward(self, x_BTD: Tensor) -> tuple[Tensor, MoEStats]:

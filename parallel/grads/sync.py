@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from moeyard.parallel.fsdp import set_gather_once
+from moeyard.parallel.fsdp import reduce_gathered, set_gather_once
 from moeyard.parallel.grads.buckets import BucketedReducer
 from moeyard.parallel.grads.reduce import (
     ParamGroups,
@@ -34,12 +34,20 @@ from moeyard.parallel.mesh import ParallelMesh
 
 
 class GradSync(Protocol):
-    reduces_after_backward: bool
-    """Whether the reduction waits for the whole backward, nothing hooked on gradients: a zero-bubble
-    schedule's weight step may then add to them after its input step (parallel/pipeline.py WeightSteps)."""
+    holds_reduction: bool
+    """Whether the reduction can wait until a zero-bubble schedule's weight steps have added to the gradients
+    after their input steps (parallel/pipeline.py WeightSteps): replicated stages reduce after the whole
+    backward anyway; fsdp gathered once and reducing once holds its units' reduce-scatters for
+    release_reduction. The bucketed and ZeRO syncs reduce from hooks on gradients, as do fsdp units reducing
+    in every micro-step."""
 
     def begin_micro_step(self, last: bool) -> None:
         """Before each micro-step's backward; only the last one reduces."""
+        ...
+
+    def release_reduction(self) -> None:
+        """After a schedule that told every backward it was not the last (holds_reduction): what the last
+        would have reduced, reduced now."""
         ...
 
     def reduce(self) -> Tensor:
@@ -62,7 +70,7 @@ class GradSync(Protocol):
 
 
 class PlainSync:
-    reduces_after_backward = True
+    holds_reduction = True  # reduce() reduces, after the whole backward
 
     def __init__(self, groups: ParamGroups, pmesh: ParallelMesh, optimizer: torch.optim.Optimizer,
                  reduce_dtype: torch.dtype = torch.float32) -> None:
@@ -70,6 +78,9 @@ class PlainSync:
         self.reduce_dtype = reduce_dtype
 
     def begin_micro_step(self, last: bool) -> None:
+        pass
+
+    def release_reduction(self) -> None:
         pass
 
     def _reduce(self) -> None:
@@ -100,7 +111,7 @@ class PlainSync:
 
 
 class OverlappedSync(PlainSync):
-    reduces_after_backward = False  # its buckets reduce when their gradients are accumulated
+    holds_reduction = False  # its buckets reduce when their gradients are accumulated
 
     def __init__(self, groups: ParamGroups, pmesh: ParallelMesh, optimizer: torch.optim.Optimizer,
                  reducer: BucketedReducer) -> None:
@@ -115,7 +126,7 @@ class OverlappedSync(PlainSync):
 
 
 class ShardedSync:
-    reduces_after_backward = False  # as OverlappedSync
+    holds_reduction = False  # as OverlappedSync
 
     def __init__(self, groups: ParamGroups, pmesh: ParallelMesh, reducer: BucketedReducer,
                  optimizer: ShardedAdamW) -> None:
@@ -123,6 +134,9 @@ class ShardedSync:
 
     def begin_micro_step(self, last: bool) -> None:
         self.reducer.sync = last
+
+    def release_reduction(self) -> None:
+        raise AssertionError("ShardedSync reduces from hooks on gradients: it holds no reduction")
 
     def reduce(self) -> Tensor:
         self.reducer.finish()
@@ -160,16 +174,24 @@ class FullyShardedSync(PlainSync):
     after forward), keeps them unsharded until the last micro-step reduces them once; what is left after
     backward is the norm, the clip and AdamW on each rank's shards."""
 
-    reduces_after_backward = False  # a unit reduces when its input gradient is computed
-
     def __init__(self, groups: ParamGroups, pmesh: ParallelMesh, optimizer: torch.optim.Optimizer,
                  gather_once_model: Optional[nn.Module] = None, reduce_once: bool = True) -> None:
         super().__init__(groups, pmesh, optimizer)
         self.gather_once_model, self.reduce_once = gather_once_model, reduce_once
 
+    @property
+    def holds_reduction(self) -> bool:
+        """Gathered once and reducing once: the units accumulate unsharded gradients until told to reduce (a
+        unit otherwise reduces when its input gradient is computed)."""
+        return self.gather_once_model is not None and self.reduce_once
+
     def begin_micro_step(self, last: bool) -> None:
         if self.gather_once_model is not None:
             set_gather_once(self.gather_once_model, last, self.reduce_once)
+
+    def release_reduction(self) -> None:
+        assert self.holds_reduction, "only a sync that holds its reduction releases it"
+        reduce_gathered(self.gather_once_model)
 
     def _grads(self) -> list[Tensor]:
         # A shard whose experts saw no rows joins AdamW with a zero gradient, as in the replicated path.

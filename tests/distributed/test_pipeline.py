@@ -82,19 +82,20 @@ def _assert_lanes(results: list[dict], overlapped: bool) -> None:
 
 
 def _assert_weight_steps(results: list[dict], layout: tuple[str, ...]) -> None:
-    """interleaved_zero_bubble with replicated stages (the reduction after the whole backward): every
-    micro-batch's expert loops had their weight gradients computed in the weight steps, on every rank, in
-    every step; under fsdp (and in every other schedule) none were."""
+    """The split-backward schedules where the gradient sync holds its reduction (replicated stages; fsdp gathered
+    once, reducing once): every micro-batch's weight-gradient GEMMs (each trained linear layer's and expert
+    loop's) ran in the weight steps, on every rank, in every step; with fsdp reducing in every micro-step, and
+    in every other schedule, none did."""
     split = ("schedule.pipeline=interleaved_zero_bubble", "schedule.pipeline=zbv_zero_bubble",
              "schedule.pipeline=dualpipev")
-    deferred = any(s in layout for s in split) and "parallel.fsdp=true" not in layout
     for r in results:
-        counts = [step["deferred_expert_loops"] for step in r["steps"]]
-        if not deferred:
-            assert counts == [0] * len(counts), f"stage {r['stage']}: weight steps ran expert work {counts}"
+        counts = [step["weight_step_gemms"] for step in r["steps"]]
+        held = "parallel.fsdp=true" not in layout or r["fsdp"] == "gathered once"
+        if not (any(s in layout for s in split) and held):
+            assert counts == [0] * len(counts), f"stage {r['stage']}: weight steps ran weight GEMMs {counts}"
             continue
-        # one expert loop per MoE block the rank holds, per micro-batch
-        assert counts == [r["moe_blocks"] * r["micro_batches"]] * len(counts), (r["stage"], r["moe_blocks"], counts)
+        assert counts == [r["weight_gemms"] * r["micro_batches"]] * len(counts), \
+            (r["stage"], r["weight_gemms"], r["micro_batches"], counts)
 
 
 @pytest.mark.parametrize("world,layout,router,sft", [

@@ -66,6 +66,17 @@ def _share(batch, dp_rank: int, rows: int):
     return SFTBatch(batch.tokens_BT1[cut], batch.mask_BT[cut], batch.segment_BT1[cut], batch.global_targets)
 
 
+def _weight_gemms(model) -> int:
+    """Weight-gradient GEMMs a micro-batch's backward on this rank can leave to a weight step
+    (models/weight_steps.py): one per trained linear layer (the output layer once more per MTP depth, which
+    it also projects) and one per expert loop."""
+    from moeyard.models.weight_steps import Linear
+
+    linears = sum(1 for m in model.modules() if isinstance(m, Linear) and m.weight.requires_grad)
+    head = model.cfg.mtp_layers if model.output is not None and model.output.weight.requires_grad else 0
+    return linears + head + sum(1 for _ in model.moe_layers())
+
+
 def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 6, sft: bool = False) -> dict:
     """`steps` optimizer steps on random batches (packed SFT rows with `sft`), built as trainer.loop builds a
     run, then the held-out loss of an SFT batch; returns the step results, the held-out loss and (from each
@@ -101,7 +112,7 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
                         "reductions": counts["reduce_scatter_single"],
                         "a2a_s": {lane: trace.a2a_seconds(lane) for lane in ("forward", "backward")},
                         "hidden_s": {lane: trace.hidden_seconds(lane) for lane in ("forward", "backward")},
-                        "deferred_expert_loops": pipeline.weight_steps.ran if pipeline is not None else 0})
+                        "weight_step_gemms": pipeline.weight_steps.ran if pipeline is not None else 0})
     heldout = _sft_batch(torch.randint(0, VOCAB, (cfg.global_batch_sequences, SEQ + 1),
                                        generator=torch.Generator().manual_seed(99)), 99)
     heldout, skipped = heldout_loss(model, _share(heldout, pmesh.dp_rank, rows), micro_batch_size=mbs, pmesh=pmesh,
@@ -122,5 +133,5 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
         "gathered once" if plan.reduce_once_on(pmesh.pp_rank) else "resident weights"  # as planned, on this rank
     return {"steps": results, "heldout": heldout, "stage": pmesh.pp_rank, "updates": updates, "fsdp": fsdp,
             "fsdp_units": units, "micro_batches": rows // mbs, "stages_per_rank": cfg.stages_per_rank,
-            "moe_blocks": sum(1 for _ in model.moe_layers()),
+            "moe_blocks": sum(1 for _ in model.moe_layers()), "weight_gemms": _weight_gemms(model),
             "plan": f"{plan.source}: {plan.summary()}"}

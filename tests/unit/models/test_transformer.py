@@ -10,10 +10,11 @@ from torch import Tensor
 
 from moeyard.errors import ConfigError
 from moeyard.models import GroupedExperts, ModelConfig, MoE, MoEConfig, Transformer
-from moeyard.models.moe.expert_loop import deferring_weight_gradients, expert_mlp_fused_loop
+from moeyard.models.moe.expert_loop import expert_mlp_fused_loop
 from moeyard.models.moe.expert_mlp import ExpertActivation, expert_mlp_reference
 from moeyard.models.moe.experts import expert_mlp_grouped_mm, grouped_mm_unsupported, padded_groups
 from moeyard.models.moe.routers import TopKRouter, load_balance_loss, router_z_loss
+from moeyard.models.weight_steps import deferring_weight_gradients
 from moeyard.trainer.step import skip_counts
 
 
