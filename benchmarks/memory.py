@@ -136,7 +136,7 @@ def _measure(rank: int, world: int, overrides: list[str], steps: int, port: int,
     base = _status_kb("VmRSS")
     _reset_peak()
     model, sync = build_rank_model(cfg, pmesh, plan, device)
-    pipeline = pipeline_for(model, pmesh, cfg.schedule.pipeline, device, cfg.train.loss_chunk_tokens, cfg.lanes) \
+    pipeline = pipeline_for(model, pmesh, cfg, device) \
         if pmesh.pp > 1 else None
     build_peak = _status_kb("VmHWM") - base
     per_rank = cfg.global_batch_sequences // pmesh.dp
@@ -212,7 +212,7 @@ def _label(cfg: Config, world: int) -> str:
 def predictions(overrides: list[str], world: int = WORLD) -> dict:
     """What the memory model says of a row's layout (its fields of a row)."""
     cfg = read_config(configs.path("tiny.yaml"), overrides)
-    predicted = predict_memory(cfg.model, memory_layout(cfg, world, 4, "cpu"))
+    predicted = predict_memory(cfg.model, memory_layout(cfg, world, 4))
     return {"predicted_peak": predicted.total,
             "predicted_state": predicted.parameters + predicted.gradients + predicted.optimizer,
             "predicted": {k: getattr(predicted, k) for k in

@@ -24,7 +24,6 @@ from moeyard.models.moe.layer import MoE, MoEStats
 from moeyard.models.mtp import MTPModule, depth_inputs
 from moeyard.models.recompute import RecomputeMode
 from moeyard.models.rope import rope_tables
-from moeyard.models.weight_steps import Linear
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # its weight gradient, in the input step: deferred, it would hold the logits gradient
         self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.mtp_layers))
         self.tie_weights()
         cos, sin = self._rope_tables()

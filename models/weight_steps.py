@@ -101,13 +101,22 @@ class _Matmul(torch.autograd.Function):
         transposed, param = ctx.transposed, ctx.param
 
         def weight_grad() -> Tensor:
-            if offs is None:
-                g = x.reshape(-1, x.shape[-1]).t() @ dy.reshape(-1, dy.shape[-1])
-            else:
-                g = torch._grouped_mm(x.t(), dy, offs=offs)
-            return g.t() if transposed else g
+            if offs is not None:
+                return torch._grouped_mm(x.t(), dy, offs=offs)
+            x_NI, dy_NO = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+            return dy_NO.t() @ x_NI if transposed else x_NI.t() @ dy_NO  # as the weight is laid out
 
-        if defer(lambda: add_grad(param, weight_grad())):
+        @torch.no_grad()  # run later, outside backward: x requires grad, and would tie a graph to the gradient
+        def weight_step() -> None:
+            grad = param.grad
+            if offs is None and grad is not None and grad.dtype == dy.dtype and grad.is_contiguous():
+                # straight into the gradient: no weight-sized temporary each micro-batch
+                x_NI, dy_NO = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+                grad.addmm_(dy_NO.t(), x_NI) if transposed else grad.addmm_(x_NI.t(), dy_NO)
+            else:
+                add_grad(param, weight_grad())
+
+        if defer(weight_step):
             return dx, None, None, None
         return dx, weight_grad().to(param.dtype), None, None
 

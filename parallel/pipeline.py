@@ -268,9 +268,10 @@ class Pipeline:
     """This rank's stages and the schedule that runs a step's micro-batches through every stage."""
 
     def __init__(self, model: Transformer, pmesh: ParallelMesh, schedule: str, device: torch.device,
-                 logits: bool, loss_fn: LossFn, lanes: bool = False) -> None:
+                 logits: bool, loss_fn: LossFn, lanes: bool = False, defer_weight_gradients: bool = True) -> None:
         """`lanes`: `pmesh` has the backward lane's twin groups (parallel/lanes.py), so that dualpipev may run
-        its pairs side by side where the stages are replicated (the plan may have chosen fsdp instead)."""
+        its pairs side by side where the stages are replicated (the plan may have chosen fsdp instead);
+        `defer_weight_gradients`: schedule.defer_weight_gradients."""
         per_rank = len(model.held_parts)
         assert pmesh.pp_group is not None and schedule in (
             (*SCHEDULES, "overlapped_1f1b") if per_rank == 1 else {**LOOPED_SCHEDULES, **V_SCHEDULES}), \
@@ -287,11 +288,13 @@ class Pipeline:
         self._before_backward: Callable[[bool], None] = lambda last: None
         """What this step's run was given (run), for every stage's StepStage."""
         self.weight_steps = WeightSteps()
+        self.defer = defer_weight_gradients
 
     @property
-    def splits_backward(self) -> bool:
-        """Whether the schedule runs input and weight steps (SPLIT_BACKWARD)."""
-        return issubclass(self.schedule_class, SPLIT_BACKWARD)
+    def defers_weight_gradients(self) -> bool:
+        """Whether the schedule runs input and weight steps (SPLIT_BACKWARD) and is to give the weight steps the
+        weight gradients (where the gradient sync holds its reduction: the caller's to say, run)."""
+        return self.defer and issubclass(self.schedule_class, SPLIT_BACKWARD)
 
     @property
     def is_first(self) -> bool:
@@ -372,7 +375,7 @@ class Pipeline:
         for module in self.modules:
             module.router_scale, module.forwards = 1.0 / micro_batches, []
         self._before_backward = before_backward
-        defer = defer_weight_gradients and self.splits_backward
+        defer = defer_weight_gradients and self.defers_weight_gradients
         self.weight_steps.defer, self.weight_steps.ran, self.weight_steps.queued = defer, 0, []
         args = (tokens_BT,) if self.is_first else ()
         kwargs = {"segment_BT": segment_BT} if segment_BT is not None else {}

@@ -23,6 +23,8 @@ def stage_layers(n_layers: int, stages: int, sizes: Optional[Sequence[int]] = No
 V_SHAPED = ("zbv_zero_bubble", "dualpipev")
 """schedule.pipeline: the schedules that place two stages a rank in a V, rank r holding stages r and 2 pp - 1 - r
 (the first rank both ends of the model, the last the two middle stages)."""
+SPLIT_BACKWARD = ("interleaved_zero_bubble", *V_SHAPED)
+"""The schedules whose backward runs in input and weight steps (parallel/pipeline.py SPLIT_BACKWARD)."""
 
 
 def stage_ids(pp_rank: int, pp: int, per_rank: int, v_shape: bool = False) -> list[int]:

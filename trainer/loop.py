@@ -173,8 +173,10 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
             print(f"pipeline: {stages} stages{looped}, decoder blocks per stage {sizes}{mtp}", flush=True)
             if cfg.schedule.pipeline in ("interleaved_zero_bubble", *V_SHAPED):
                 print("pipeline weight steps: " + (
+                    "empty (schedule.defer_weight_gradients=false): the whole backward in the input step" if
+                    not cfg.defers_weight_gradients else
                     "the weight gradients of the blocks' linear layers and experts (the router's, the embedding's and "
-                    "the biases' stay in the input step)" if sync.holds_reduction else
+                    "the output layer's stay in the input step)" if sync.holds_reduction else
                     "empty: fsdp reducing in every micro-step reduces each unit as its input gradient is computed, so "
                     "the whole backward runs in the input step and the bubble is interleaved_1f1b's "
                     "(parallel.fsdp_gather_once=true reducing once, or parallel.fsdp=false, gives the weight steps the "
@@ -222,7 +224,7 @@ def run_training(cfg: Config, device: torch.device, preemption: Preemption | Non
     dtype = resolve_dtype(cfg.train.dtype, device)
     plan = plan_for(cfg, pmesh, device)  # before the model exists: profiling builds models of its own
     model, sync = build_rank_model(cfg, pmesh, plan, device)
-    pipeline = pipeline_for(model, pmesh, cfg.schedule.pipeline, device, cfg.train.loss_chunk_tokens, cfg.lanes) \
+    pipeline = pipeline_for(model, pmesh, cfg, device) \
         if pmesh.pp > 1 else None
     checkpointer = Checkpointer(cfg, pmesh, plan)
 

@@ -23,6 +23,7 @@ from moeyard.parallel import ParallelMesh
 from moeyard.parallel.fsdp import reshard
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.parallelize import reset_traffic, take_cross_machine_bytes
+from moeyard.trainer.config.sections import Config
 from moeyard.trainer.data.blend import TokenBatch
 from moeyard.trainer.data.sft_batches import SFTBatch
 from moeyard.trainer.losses import chunked_lm_loss_sum, lm_loss_sum, mtp_loss_sum
@@ -173,14 +174,14 @@ class LastStageLoss:
         return lm_sum * self.lm_scale + self.mtp_loss_coef * mtp_sum * self.lm_scale
 
 
-def pipeline_for(model: Transformer, pmesh: ParallelMesh, schedule: str, device: torch.device,
-                 loss_chunk_tokens: int, lanes: bool = False) -> Pipeline:
-    """The pipeline of this rank's stage (the model reduced to it by parallel.pipeline.keep_this_stage).
-    `lanes`: the mesh has the backward lane's twin groups (Config.lanes)."""
+def pipeline_for(model: Transformer, pmesh: ParallelMesh, cfg: Config, device: torch.device) -> Pipeline:
+    """The pipeline of this rank's stage (the model reduced to it by parallel.pipeline.keep_this_stage), as the
+    run's schedule section says."""
     from moeyard.parallel.pipeline import Pipeline
 
-    loss = LastStageLoss(model.output, loss_chunk_tokens, model.cfg.mtp_loss_coef)  # output: None before the last
-    return Pipeline(model, pmesh, schedule, device, model.output is not None and loss.chunk <= 0, loss, lanes)
+    loss = LastStageLoss(model.output, cfg.train.loss_chunk_tokens, model.cfg.mtp_loss_coef)  # None before the last
+    return Pipeline(model, pmesh, cfg.schedule.pipeline, device, model.output is not None and loss.chunk <= 0, loss,
+                    cfg.lanes, cfg.schedule.defer_weight_gradients)
 
 
 def _pipeline_inputs(batch: Tensor | TokenBatch | SFTBatch, device: torch.device, loss: LastStageLoss
@@ -210,7 +211,7 @@ def _pipelined_micro_steps(pipeline: Pipeline, sync: GradSync, batch: Tensor | T
     loss = pipeline.loss_fn
     tokens_BT, target, segment_BT = _pipeline_inputs(batch, device, loss)
     loss.lm_scale, loss.sums = lm_scale, []
-    held = pipeline.splits_backward and sync.holds_reduction  # the weight steps add after the last input step
+    held = pipeline.defers_weight_gradients and sync.holds_reduction  # weight steps add after the last input step
     with autocast_context(device, dtype):
         forwards = pipeline.run(micro_batches, tokens_BT, target, segment_BT, defer_weight_gradients=held,
                                 before_backward=(lambda last: sync.begin_micro_step(False)) if held else

@@ -68,13 +68,12 @@ def _share(batch, dp_rank: int, rows: int):
 
 def _weight_gemms(model) -> int:
     """Weight-gradient GEMMs a micro-batch's backward on this rank can leave to a weight step
-    (models/weight_steps.py): one per trained linear layer (the output layer once more per MTP depth, which
-    it also projects) and one per expert loop."""
+    (models/weight_steps.py): one per trained linear layer of the blocks and MTP depths (not the output
+    layer's) and one per expert loop."""
     from moeyard.models.weight_steps import Linear
 
     linears = sum(1 for m in model.modules() if isinstance(m, Linear) and m.weight.requires_grad)
-    head = model.cfg.mtp_layers if model.output is not None and model.output.weight.requires_grad else 0
-    return linears + head + sum(1 for _ in model.moe_layers())
+    return linears + sum(1 for _ in model.moe_layers())
 
 
 def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 6, sft: bool = False) -> dict:
@@ -92,7 +91,7 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
     pmesh = run_mesh(cfg, "cpu")
     plan = plan_for(cfg, pmesh, device)
     model, sync = build_rank_model(cfg, pmesh, plan, device)
-    pipeline = pipeline_for(model, pmesh, cfg.schedule.pipeline, device, cfg.train.loss_chunk_tokens, cfg.lanes) \
+    pipeline = pipeline_for(model, pmesh, cfg, device) \
         if pmesh.pp > 1 else None
     initial = _full_parameters(model, pmesh)
     rows = cfg.global_batch_sequences // pmesh.dp

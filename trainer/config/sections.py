@@ -18,7 +18,7 @@ from moeyard.errors import ConfigError, require
 from moeyard.models import ModelConfig
 from moeyard.models.recompute import RecomputeMode
 from moeyard.parallel.plan import ReduceOnce
-from moeyard.parallel.stages import V_SHAPED
+from moeyard.parallel.stages import SPLIT_BACKWARD, V_SHAPED
 from moeyard.trainer.config.yaml_tree import build_dataclass, read_tree
 
 
@@ -130,8 +130,7 @@ class ScheduleConfig:
     micro-batch more in flight; parallel/lanes.py); interleaved_1f1b
     and looped_bfs: stages_per_rank stages on each rank, looped (a smaller bubble: (pp - 1) / stages_per_rank
     micro-steps); interleaved_zero_bubble: torch's ZB1P order of the same looped stages, its backward split
-    into input and weight steps: with replicated stages the weight step computes the expert loop's weight
-    gradients (not the grouped GEMM's), under fsdp it is empty (parallel/pipeline.py). zbv_zero_bubble and
+    into input and weight steps (defer_weight_gradients). zbv_zero_bubble and
     dualpipev (DeepSeek-V3's schedule; at least 2 x pp micro-batches): two stages a rank placed in a V, rank r
     holding stages r and 2 pp - 1 - r (the first rank both the embedding and the output layer, so no copy of
     the embedding), their backward split into input and weight steps as interleaved_zero_bubble's; dualpipev's
@@ -141,6 +140,13 @@ class ScheduleConfig:
     """interleaved_1f1b, looped_bfs, interleaved_zero_bubble: pipeline stages on each rank (virtual stages); the
     model is cut into parallel.pp x stages_per_rank stages, rank r holding stages r, r + pp, ...
     zbv_zero_bubble and dualpipev: 2, placed in a V."""
+    defer_weight_gradients: bool = True
+    """interleaved_zero_bubble, zbv_zero_bubble, dualpipev: their weight steps compute the weight gradients of the
+    blocks' linear layers and experts (models/weight_steps.py; not the router's, the embedding's or the output
+    layer's), filling the bubble, wherever the gradient sync can hold its reduction until they have run
+    (replicated stages; fsdp gathered once, on a pipeline rank reducing once); each pending weight step holds
+    its GEMMs' inputs and output gradients. false: the whole backward in the input step, the bubble
+    interleaved_1f1b's, nothing held. mode=auto weighs both."""
     memory_check: bool = True
     """moeyard train refuses, before any worker starts, a run whose predicted peak per rank exceeds this
     machine's memory (a GPU's, or the host's available memory shared by the local workers); with
@@ -328,6 +334,12 @@ class Config:
         threads: under fsdp dualpipev runs each pair one after the other)."""
         return self.parallel.pp > 1 and (self.schedule.pipeline == "overlapped_1f1b" or (
             self.schedule.pipeline == "dualpipev" and not self.parallel.fsdp))
+
+    @property
+    def defers_weight_gradients(self) -> bool:
+        """Whether a split-backward schedule's weight steps get the weight gradients (schedule.defer_weight_gradients;
+        where the gradient sync cannot hold its reduction, they stay empty)."""
+        return self.parallel.pp > 1 and self.schedule.pipeline in SPLIT_BACKWARD and self.schedule.defer_weight_gradients
 
     @property
     def v_shape(self) -> bool:

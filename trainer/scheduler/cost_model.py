@@ -87,15 +87,18 @@ class Workload:
     mtp_blocks: int = 0
     """The last `mtp_blocks` of the n_layers blocks are MTP depths (on the last pipeline stage)."""
     stages_per_rank: int = 1
-    """Pipeline stages on each rank (interleaved_1f1b, looped_bfs; interleaved_zero_bubble is predicted as
-    interleaved_1f1b, the weight steps' filling of the bubble not modelled): the bubble is that many times
-    shorter."""
+    """Pipeline stages on each rank (interleaved_1f1b, looped_bfs, interleaved_zero_bubble): the bubble is that
+    many times shorter."""
     layers_per_stage: tuple[int, ...] = ()
     """parallel.layers_per_stage: decoder blocks of each of the pp x stages_per_rank stages; (): even."""
     v_shape: bool = False
     """Two stages a rank placed in a V (zbv_zero_bubble, dualpipev): the first rank holds both ends of the model.
-    Their bubble is predicted as interleaved_1f1b's with two stages a rank (neither the weight steps' filling
-    of it nor dualpipev's pairing of a forward with a backward is modelled)."""
+    Their bubble is interleaved_1f1b's with two stages a rank, less what their weight steps fill
+    (deferred_weight_steps; dualpipev's pairs: `overlapped`)."""
+    deferred_weight_steps: bool = False
+    """A schedule that runs each backward as an input step and a weight step, with the weight GEMMs in the weight
+    steps (Config.defers_weight_gradients): where the gradient sync holds its reduction, they fill the bubble
+    (_weight_step_s)."""
     stages_across_machines: bool = False
     """With pp > 1: neighbouring stages sit on different machines (activations cross the network)."""
     overlapped: bool = False
@@ -442,15 +445,34 @@ def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     spans[last] = (*spans[last], *range(w.n_layers - w.mtp_blocks, w.n_layers))
     seen: dict[tuple, Prediction] = {}  # stages of the same blocks and plan predict the same
     stages = [stage_prediction(w, plan, costs, held, s, pp, seen) for s, held in enumerate(spans)]
-    slowest = max(stages, key=lambda stage: stage.step)
+    rank = max(range(pp), key=lambda r: stages[r].step)
+    slowest = stages[rank]
     micro = (slowest.step - slowest.stages["optimizer"]) / w.micro_steps
     send = costs.send(w, w.tokens * w.dim * w.act_bytes, w.stages_across_machines)
-    bubble = (pp - 1) * (micro / w.stages_per_rank + 2 * send)
+    holds = plan.grad_sync != "fsdp" or (plan.gather_once and plan.reduce_once_on(rank))  # GradSync.holds_reduction
+    filled = 3 * _weight_step_s(w, costs, spans[rank]) if w.deferred_weight_steps and holds else 0.0
+    bubble = (pp - 1) * (max(0.0, micro - filled) / w.stages_per_rank + 2 * send)
     lanes = w.overlapped and plan.grad_sync != "fsdp"  # the lanes run with replicated stages only
     hidden = _hidden_by_lanes(w, slowest) if lanes else 0.0
     extra = {"lanes_hidden": -hidden} if lanes else {}
     return Prediction(step=slowest.step + bubble - hidden, stages={**slowest.stages, "pipeline_bubble": bubble, **extra},
                       exposed_comm=slowest.exposed_comm + 2 * (pp - 1) * send - hidden, comm=slowest.comm)
+
+
+def _weight_step_s(w: Workload, costs: Costs, held: Sequence[int]) -> float:
+    """One micro-batch's weight step on a rank holding blocks `held` (models/weight_steps.py): the weight-gradient
+    GEMMs of its linear layers and experts, as many FLOPs as their forward's GEMMs (attention's core and the
+    memory-bound kernels have no weights; the output head's weight gradient stays in the input step).
+
+    A split backward's bubble is (pp - 1) (F + B - 2 W) per stage (Qi et al., Zero Bubble Pipeline Parallelism,
+    2024: ZB-H1 and ZB-V), F, B and W a micro-batch's forward, input step and weight step; with a micro-step
+    of F + B + W, micro - 3 W: what _predict_pipeline charges, none where W fills it all."""
+    seconds = 0.0
+    for layer in held:
+        seconds += costs.dense(w, layer, "fwd") - costs.selective_recompute(w, layer)
+        if layer in w.moe_layers:
+            seconds += costs.experts(w, w.routed_rows, "fwd")
+    return seconds
 
 
 def stage_prediction(w: Workload, plan: Plan, costs: Costs, held: Sequence[int], rank: int, pp: int,
@@ -498,7 +520,8 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                  act_bytes: int = 4, frozen: frozenset[str] = frozenset(), recompute: str = "none",
                  ranks_per_node: int = 0, grad_bytes: int = 4, moment_bytes: int = 4,
                  loss_chunk_tokens: int = 0, pp: int = 1, stages_per_rank: int = 1,
-                 layers_per_stage: tuple[int, ...] = (), overlapped: bool = False, v_shape: bool = False) -> Workload:
+                 layers_per_stage: tuple[int, ...] = (), overlapped: bool = False, v_shape: bool = False,
+                 deferred_weight_steps: bool = False) -> Workload:
     """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
     Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer.
     `ranks_per_node`: machines of that many ranks (0: one machine). `pp` stages of `dp` ranks each, placed
@@ -524,6 +547,7 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     ranks_per_node=ranks_per_node, loss_chunk_tokens=loss_chunk_tokens, pp=pp, mtp_blocks=cfg.mtp_layers,
                     stages_per_rank=stages_per_rank, layers_per_stage=layers_per_stage,
                     overlapped=overlapped and pp > 1, v_shape=v_shape and pp > 1,
+                    deferred_weight_steps=deferred_weight_steps and pp > 1,
                     stages_across_machines=pp > 1 and 0 < ranks_per_node <= dp,
                     nodes_per_token=expected_nodes_per_token(
                         cfg.moe.num_experts, cfg.moe.top_k, machines,

@@ -31,8 +31,8 @@ RECOMPUTE = RECOMPUTE_MODES
 """train.recompute from keeping the most to keeping the least."""
 
 
-def memory_layout(cfg: Config, world: int, act_bytes: int, device_type: str = "cuda") -> Layout:
-    """What the memory model needs to know of this run on `world` ranks of `device_type`."""
+def memory_layout(cfg: Config, world: int, act_bytes: int) -> Layout:
+    """What the memory model needs to know of this run on `world` ranks."""
     per_rank = cfg.global_batch_sequences // (world // cfg.parallel.pp)  # each stage's ranks split the batch
     micro = cfg.train.micro_batch_size or max(1, per_rank)
     grad_sync = cfg.grad_sync
@@ -46,8 +46,7 @@ def memory_layout(cfg: Config, world: int, act_bytes: int, device_type: str = "c
                   reduce_bytes=cfg.parallel.reduce_bytes,
                   moment_bytes=cfg.optim.moment_bytes, pp=cfg.parallel.pp, pipeline=cfg.schedule.pipeline,
                   stages_per_rank=cfg.stages_per_rank, layers_per_stage=tuple(cfg.parallel.layers_per_stage or ()),
-                  expert_loop=cfg.model.moe.expert_compute == "loop" or (
-                      cfg.model.moe.expert_compute == "auto" and device_type != "cuda"))
+                  defer_weight_gradients=cfg.schedule.defer_weight_gradients)
 
 
 def _what_would_fit(cfg: Config, layout: Layout, capacity_gb: float) -> str:
@@ -149,7 +148,7 @@ def fit_memory(cfg: Config, world: int, budget: MemoryBudget) -> tuple[Config, l
     counts = count_parameters(cfg.model, cfg.parallel.ep, frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen))
 
     def estimate(run: Config) -> MemoryEstimate:
-        return predict_memory(run.model, memory_layout(run, world, activation, budget.device.type), counts)
+        return predict_memory(run.model, memory_layout(run, world, activation), counts)
 
     configured = estimate(cfg)
     where = f"{budget.what} ({budget.capacity_gb:.1f} GB per rank, {budget.reserve_gb:g} GB of it for the runtime)"
@@ -164,5 +163,5 @@ def fit_memory(cfg: Config, world: int, budget: MemoryBudget) -> tuple[Config, l
     tried = " (schedule.mode=auto found no micro-batch size, recompute mode or sharding that fits)" \
         if cfg.schedule.mode == "auto" else ""
     raise ConfigError(f"{configured.line()}: does not fit {where}{tried}; "
-                      f"{_what_would_fit(cfg, memory_layout(cfg, world, activation, budget.device.type), usable)}; "
+                      f"{_what_would_fit(cfg, memory_layout(cfg, world, activation), usable)}; "
                       f"or schedule.memory_check=false to start anyway")

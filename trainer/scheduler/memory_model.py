@@ -19,7 +19,7 @@ import torch
 from moeyard.models import ModelConfig
 from moeyard.parallel.plan import ReduceOnce, reduce_once_on
 from moeyard.parallel.shards import expert_shard_dim, padded_shard_numel
-from moeyard.parallel.stages import V_SHAPED, holds_ends, rank_layers
+from moeyard.parallel.stages import SPLIT_BACKWARD, V_SHAPED, holds_ends, rank_layers
 from moeyard.trainer.scheduler.block_shapes import attention_shape, block_index, parameter_shapes
 
 GB = 1e9
@@ -79,9 +79,9 @@ class Layout:
     """The looped schedules' stages on each rank (counted as one stage of their blocks; in_flight)."""
     layers_per_stage: tuple[int, ...] = ()
     """parallel.layers_per_stage: decoder blocks of each of the pp x stages_per_rank stages; (): even."""
-    expert_loop: bool = False
-    """The routed experts run as a loop of matmuls (model.moe.expert_compute loop, or auto off a GPU): the
-    path whose weight GEMMs a split-backward schedule defers to its weight steps (pending_weight_steps)."""
+    defer_weight_gradients: bool = True
+    """schedule.defer_weight_gradients: a split-backward schedule's pending weight steps hold their GEMMs'
+    operands (pending_weight_steps, _weight_step_bytes)."""
 
     @property
     def dp(self) -> int:
@@ -107,16 +107,12 @@ def stage_blocks(cfg: ModelConfig, stage: int, pp: int, per_rank: int = 1, sizes
     return (*held, *range(cfg.n_layers, cfg.n_blocks)) if v_shape else range(held.start, cfg.n_blocks)
 
 
-SPLIT_BACKWARD = ("interleaved_zero_bubble", "zbv_zero_bubble", "dualpipev")
-"""The schedules whose backward runs in input and weight steps (parallel/pipeline.py SPLIT_BACKWARD)."""
-
-
 def pending_weight_steps(pipeline: str, pp: int, stage: int, per_rank: int) -> float:
     """Input steps whose weight step has not run yet, at most, on the rank of stage `stage`, in whole-rank
     micro-batches (an input step is one of its per_rank stages'): ZB1P and dualpipev (stage + 1) / per_rank,
     zbv_zero_bubble stage + 1/2 (counted from torch's orders, tests/unit/trainer/scheduler/test_memory_model.py).
-    Each holds, where the weight steps compute the expert loop's weight gradients, its expert rows, output
-    gradient and two hidden gradients (models/moe/expert_loop.py)."""
+    Each holds, where the gradient sync holds its reduction, its weight GEMMs' inputs and output gradients
+    (_weight_step_bytes)."""
     if pp == 1 or pipeline not in SPLIT_BACKWARD:
         return 0.0
     return stage + 0.5 if pipeline == "zbv_zero_bubble" else (stage + 1) / per_rank
@@ -312,6 +308,21 @@ def _block_activations(cfg: ModelConfig, layer: int, tokens: int, b: int, recomp
     return tokens * per_token + routed
 
 
+def _weight_step_bytes(cfg: ModelConfig, layer: int, tokens: int, b: int) -> float:
+    """What one block's pending weight step holds (models/weight_steps.py: the gradient sync holding its
+    reduction): each linear layer's and expert's input rows and output gradient, per token the attention's
+    normed input, latents and weighted sum, its projections' outputs, the FFNs' (dense, shared, routed: a
+    row per expert copy) input, hidden and outputs."""
+    d, a = cfg.dim, attention_shape(cfg)
+    per_token = 2 * d + a.q + a.k + a.v + a.out + 2 * a.latent
+    per_token += 3 * d if layer >= cfg.n_layers else 0  # an MTP depth's eh_proj
+    if not cfg.is_moe_layer(layer):
+        return tokens * b * (per_token + 2 * d + 3 * cfg.ffn_dim)
+    moe = cfg.moe_for_layer(layer)
+    per_token += 2 * d + 3 * moe.shared_hidden_dim if moe.num_shared_experts else 0
+    return tokens * b * (per_token + moe.top_k * (2 * d + 3 * moe.ffn_dim))
+
+
 def _head_bytes(cfg: ModelConfig, layout: Layout) -> float:
     """The output layer's float32 logits and their gradient: whole (the next token's and each MTP depth's,
     all kept for backward), or one chunk at a time."""
@@ -385,9 +396,9 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
         activations = flight * sum(per_block)
     # the embedding's output (a later stage: the input it received), the final norm's (last stage)
     activations += flight * 4 * layout.tokens * cfg.dim * (1 + 2 * int(last))
-    if layout.expert_loop and layout.grad_sync != "fsdp":  # the weight steps hold the expert loops' GEMM inputs
-        stash = sum(layout.tokens * cfg.moe_for_layer(i).top_k * layout.act_bytes *
-                    (2 * cfg.dim + 3 * cfg.moe_for_layer(i).ffn_dim) for i in held if cfg.is_moe_layer(i))
+    holds = layout.grad_sync != "fsdp" or (layout.gather_once and reduce_once_on(layout.reduce_once, stage))
+    if layout.defer_weight_gradients and holds:  # the gradient sync holds its reduction for the weight steps
+        stash = sum(_weight_step_bytes(cfg, i, layout.tokens, layout.act_bytes) for i in held)
         activations += pending_weight_steps(layout.pipeline, layout.pp, stage, layout.stages_per_rank) * stash
     head = _head_bytes(cfg, layout) if last else 0.0
     throughout = layout.micro_steps > 1 or (layout.bucketed and layout.grad_sync != "fsdp")

@@ -47,7 +47,8 @@ def workload(cfg: Config, dp: int, act_bytes: int, ranks_per_node: Optional[int]
                         loss_chunk_tokens=cfg.train.loss_chunk_tokens, pp=cfg.parallel.pp,
                         stages_per_rank=cfg.stages_per_rank,
                         layers_per_stage=tuple(cfg.parallel.layers_per_stage or ()),
-                        overlapped=cfg.lanes, v_shape=cfg.v_shape)
+                        overlapped=cfg.lanes, v_shape=cfg.v_shape,
+                        deferred_weight_steps=cfg.defers_weight_gradients)
 
 
 def run_mesh(cfg: Config, device_type: str) -> ParallelMesh:

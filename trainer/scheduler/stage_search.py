@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from moeyard.errors import ConfigError
-from moeyard.parallel.stages import V_SHAPED
+from moeyard.parallel.stages import SPLIT_BACKWARD, V_SHAPED
 from moeyard.trainer.config.node_layout import check_node_layout
 from moeyard.trainer.config.sections import LOOPED, Config, accepted
 from moeyard.trainer.freezing import frozen_set
@@ -119,15 +119,26 @@ def _candidates(cfg: Config, world: int, ranks_per_node: int) -> Iterator[Config
         micro = micro_batch(cfg, dp, pp)
         if pp > 1 and micro is None:
             continue
-        schedules = [(cfg.schedule.pipeline, cfg.schedule.stages_per_rank)] if pp == 1 else \
-            [("1f1b", cfg.schedule.stages_per_rank), ("overlapped_1f1b", cfg.schedule.stages_per_rank)] + \
-            [("interleaved_1f1b", v) for v in VIRTUAL_STAGES] + [(v_shaped, 2) for v_shaped in V_SHAPED]
+        defer = cfg.schedule.defer_weight_gradients
+        schedules = [(cfg.schedule.pipeline, cfg.schedule.stages_per_rank, defer)] if pp == 1 else \
+            [("1f1b", cfg.schedule.stages_per_rank, defer), ("overlapped_1f1b", cfg.schedule.stages_per_rank, defer)] + \
+            [("interleaved_1f1b", v, defer) for v in VIRTUAL_STAGES] + \
+            [(v_shaped, 2, deferred) for v_shaped in V_SHAPED for deferred in (True, False)]  # weight steps or not
         for ep in ep_choices(cfg, dp):
-            for pipeline, per_rank in schedules:
+            for pipeline, per_rank, deferred in schedules:
                 yield dataclasses.replace(  # the split is the balancer's (stage_balance), for each layout
                     cfg, parallel=dataclasses.replace(cfg.parallel, pp=pp, ep=ep, layers_per_stage=None),
-                    schedule=dataclasses.replace(cfg.schedule, pipeline=pipeline, stages_per_rank=per_rank),
+                    schedule=dataclasses.replace(cfg.schedule, pipeline=pipeline, stages_per_rank=per_rank,
+                                                 defer_weight_gradients=deferred),
                     train=dataclasses.replace(cfg.train, micro_batch_size=micro))
+
+
+def _weight_steps_empty(run: Config) -> bool:
+    """Weight gradients deferred where no rank's gradient sync can hold its reduction for them (fsdp reducing in
+    every micro-step everywhere): the weight steps stay empty, the run is the one without deferring."""
+    p = run.parallel
+    once = p.reduce_once if isinstance(p.reduce_once, bool) else any(p.reduce_once)
+    return run.defers_weight_gradients and p.fsdp and not (p.fsdp_gather_once and once)
 
 
 def stage_choices(cfg: Config, world: int, ranks_per_node: int, costs: Costs, capacity_gb: float,
@@ -164,6 +175,8 @@ def stage_choices(cfg: Config, world: int, ranks_per_node: int, costs: Costs, ca
                         reference = dataclasses.replace(reference, reduce_once=split.reduce_once)
                     run = dataclasses.replace(run, parallel=dataclasses.replace(
                         run.parallel, layers_per_stage=list(split.layers_per_stage)))
+                    if _weight_steps_empty(run):  # deferring changes nothing: weighed without
+                        break
                     mem_layout = memory_layout(run, world, act_bytes)
                     w = workload(run, world // pp, act_bytes, ranks_per_node)
                     memory = predict_memory(run.model, mem_layout)  # within the capacity: the split's
@@ -178,7 +191,8 @@ def stage_choices(cfg: Config, world: int, ranks_per_node: int, costs: Costs, ca
 def stages_table(choices: list[StageChoice], capacity_gb: float, shown: int = 12) -> list[str]:
     """The fastest of the stage layouts weighed, and how many were."""
     lines = [f"pipeline stages weighed (schedule.mode=auto; {len(choices)} layouts fit {capacity_gb:.1f} GB usable "
-             f"per rank; predicted at one chunk per MoE layer, fastest {min(shown, len(choices))} shown):",
+             f"per rank; predicted at one chunk per MoE layer, fastest {min(shown, len(choices))} shown; -W: "
+             f"weight gradients not deferred to the weight steps):",
              f"  {'pp':>3}{'ep':>5}{'schedule':>21}{'micro':>7}  {'layout':29}{'recompute':>10}{'step':>11}"
              f"{'memory':>10}"]
     for c in choices[:shown]:
@@ -187,6 +201,8 @@ def stages_table(choices: list[StageChoice], capacity_gb: float, shown: int = 12
         schedule = run.schedule.pipeline if run.parallel.pp > 1 else "-"
         if run.parallel.pp > 1 and run.schedule.pipeline in LOOPED:
             schedule += f" x{run.schedule.stages_per_rank}"
+        if run.parallel.pp > 1 and run.schedule.pipeline in SPLIT_BACKWARD and not run.defers_weight_gradients:
+            schedule += " -W"  # schedule.defer_weight_gradients=false: the weight steps empty
         lines.append(f"  {run.parallel.pp:>3}{run.parallel.ep:>5}{schedule:>21}{run.train.micro_batch_size or '-':>7}"
                      f"  {layout:29}{run.train.recompute:>10}{c.step_s:>10.3f}s{c.memory_gb:>8.1f}GB")
     return lines

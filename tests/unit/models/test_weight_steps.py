@@ -28,6 +28,8 @@ def _backward(module: torch.nn.Module, run, dy: Tensor, x0: Tensor, *, split: bo
             "the input step computed weight gradients"
     for step in queue:
         step()
+    # run outside backward, a weight step must not record a graph (it would hold the activations it read)
+    assert all(p.grad.grad_fn is None and not p.grad.requires_grad for p in trained.values())
     return x0.grad.clone(), {n: p.grad - 1 for n, p in trained.items()}, len(queue)
 
 

@@ -246,10 +246,12 @@ def test_pending_weight_steps_are_torchs() -> None:
                     order = ScheduleInterleavedZeroBubble._calculate_single_rank_operations(fake, rank)
                     assert pending_weight_steps("interleaved_zero_bubble", pp, rank, per_rank) == \
                         peak(order) / per_rank, (pp, n, per_rank, rank)
-    layout = Layout(world=4, ep=2, tokens=256, micro_steps=4, pp=2, pipeline="zbv_zero_bubble", stages_per_rank=2)
-    plain = predict_memory(CFG, layout)
-    deferred = predict_memory(CFG, dataclasses.replace(layout, expert_loop=True))
-    fsdp = dataclasses.replace(layout, expert_loop=True, grad_sync="fsdp")
-    assert deferred.activations > plain.activations
-    unqueued = dataclasses.replace(fsdp, expert_loop=False)  # under fsdp the weight steps are empty
-    assert predict_memory(CFG, fsdp).activations == predict_memory(CFG, unqueued).activations
+    # Where the gradient sync holds its reduction (replicated; fsdp gathered once reducing once) the pending
+    # weight steps hold their GEMMs' operands; fsdp reducing in every micro-step leaves the weight steps empty.
+    replicated = Layout(world=4, ep=2, tokens=256, micro_steps=4, pp=2, pipeline="zbv_zero_bubble", stages_per_rank=2)
+    held = dataclasses.replace(replicated, grad_sync="fsdp", gather_once=True)
+    resident = dataclasses.replace(held, reduce_once=False)
+    per_micro_step = dataclasses.replace(held, gather_once=False)
+    activations = {name: predict_memory(CFG, layout).activations for name, layout in
+                   [("replicated", replicated), ("held", held), ("resident", resident), ("per", per_micro_step)]}
+    assert activations["replicated"] == activations["held"] > activations["resident"] == activations["per"]

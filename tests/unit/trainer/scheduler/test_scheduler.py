@@ -231,6 +231,41 @@ def test_pipeline_stages_cost_the_slowest_stage_plus_the_bubble() -> None:
     _assert_lanes_hide_the_exposed_all_to_alls(two, overlapped, pairs=8 - 2)
 
 
+def test_deferred_weight_steps_fill_the_bubble_where_the_sync_holds_its_reduction() -> None:
+    """A split backward's bubble per idle micro-step is micro - 3 W (ZB-H1, ZB-V), W the weight GEMMs of the
+    slowest stage's blocks: a forward's GEMMs (the dense forward less what selective recompute runs, attention's
+    core and the memory-bound kernels; the experts' forward). Only where the gradient sync holds its reduction
+    (replicated; fsdp gathered once, reducing once), never below zero."""
+    w = dataclasses.replace(small_workload(), micro_steps=8, pp=2, stages_across_machines=True)
+    replicated = reference_plan(w, "all_reduce")
+    plain = predict(w, replicated, FakeCosts())
+    deferred_w = dataclasses.replace(w, deferred_weight_steps=True)
+    deferred = predict(deferred_w, replicated, FakeCosts())
+    micro = plain.stages["pipeline_bubble"] - 2 * 1e-4  # pp - 1 = 1 idle micro-step and its two sends
+    weights = 2 * (1e-4 - 2e-5 + w.routed_rows * 1e-6)  # a stage's two MoE blocks
+    assert 0 < micro - 3 * weights < micro
+    assert deferred.stages["pipeline_bubble"] == pytest.approx(micro - 3 * weights + 2 * 1e-4)
+    assert deferred.step == pytest.approx(plain.step - 3 * weights)
+    fsdp = reference_plan(w, "fsdp")
+    per_micro_step = predict(deferred_w, dataclasses.replace(fsdp, gather_once=False), FakeCosts())
+    gathered_once = predict(deferred_w, dataclasses.replace(fsdp, gather_once=True, reduce_once=True), FakeCosts())
+    assert per_micro_step.stages["pipeline_bubble"] == pytest.approx(
+        predict(w, dataclasses.replace(fsdp, gather_once=False), FakeCosts()).stages["pipeline_bubble"])
+    assert gathered_once.stages["pipeline_bubble"] < per_micro_step.stages["pipeline_bubble"]
+    heavier = predict(deferred_w, replicated, _WeightHeavy())
+    assert heavier.stages["pipeline_bubble"] == pytest.approx(2 * 1e-4)  # W fills it all: the sends remain
+
+
+class _WeightHeavy(FakeCosts):
+    """Forwards far above their backwards: three W outweigh a micro-step."""
+
+    def dense(self, w, layer, phase):
+        return 1e-2 if phase == "fwd" else 1e-3
+
+    def experts(self, w, rows, phase):
+        return rows * (1e-5 if phase == "fwd" else 1e-7)
+
+
 def _assert_lanes_hide_the_exposed_all_to_alls(plain, overlapped, pairs: int) -> None:
     """overlapped_1f1b's pairs each cost max(compute, all-to-all work) of a micro-step instead of compute plus
     its exposed all-to-alls; what is hidden is reported, negative, as lanes_hidden."""
