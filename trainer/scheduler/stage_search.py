@@ -152,8 +152,8 @@ def stage_choices(cfg: Config, world: int, ranks_per_node: int, costs: Costs, ca
         for layout in layouts_for(pp, base.schedule.pipeline):
             for recompute in RECOMPUTE:  # from keeping the most (fastest) to the least
                 run = as_layout(base, layout, recompute)
-                if not _runs(run, world, ranks_per_node):
-                    break
+                if not _runs(run, world, ranks_per_node) or (_weight_steps_empty(run) and not layout.gather_once):
+                    break  # (fsdp per micro-step leaves the weight steps empty: weighed as the run without deferring)
                 mem_layout = memory_layout(run, world, act_bytes)
                 if pp == 1:
                     if ep not in counted:
@@ -175,7 +175,7 @@ def stage_choices(cfg: Config, world: int, ranks_per_node: int, costs: Costs, ca
                         reference = dataclasses.replace(reference, reduce_once=split.reduce_once)
                     run = dataclasses.replace(run, parallel=dataclasses.replace(
                         run.parallel, layers_per_stage=list(split.layers_per_stage)))
-                    if _weight_steps_empty(run):  # deferring changes nothing: weighed without
+                    if _weight_steps_empty(run):  # the balancer's ranks all reduce every micro-step
                         break
                     mem_layout = memory_layout(run, world, act_bytes)
                     w = workload(run, world // pp, act_bytes, ranks_per_node)
