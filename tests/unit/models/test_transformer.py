@@ -318,6 +318,37 @@ def test_cuda_grouped_mm_layer_matches_the_loop_in_bf16() -> None:
 
 
 @needs_cuda
+def test_cuda_grouped_mm_defers_its_weight_gradients_in_bf16() -> None:
+    """A zero-bubble weight step on the GPU path (models/weight_steps.py): armed and deferring, the grouped GEMM
+    queues its three weight GEMMs, which give the plain backward's gradients to bf16's precision."""
+    from moeyard.models.weight_steps import splitting_backward
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(8, 64, 128, compute="grouped_mm").cuda()
+    for w in experts.weights:
+        torch.nn.init.normal_(w, std=0.05)
+    x, dy = torch.randn(64, 64, device="cuda"), torch.randn(64, 64, device="cuda")
+    rows = torch.tensor([9, 0, 7, 9, 0, 7, 18, 14], device="cuda")  # 64 rows, two experts without any
+
+    def grads(defer: bool) -> tuple[list[Tensor], int]:
+        for w in experts.weights:
+            w.grad = None
+        queue: list = []
+        with splitting_backward(defer), torch.autocast("cuda", dtype=torch.bfloat16):
+            y = experts(x, rows)
+        with deferring_weight_gradients(queue) if defer else torch.enable_grad():
+            y.float().backward(dy)
+        for step in queue:
+            step()
+        return [w.grad.clone() for w in experts.weights], len(queue)
+
+    (plain, none), (deferred, queued) = grads(False), grads(True)
+    assert none == 0 and queued == 3
+    for a, b in zip(deferred, plain):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@needs_cuda
 def test_cuda_layer_forward_backward_never_waits_for_the_host() -> None:
     """ep=1, dropless, grouped GEMM: no device-to-host synchronisation anywhere in the layer."""
     moe = MoE(64, MoEConfig(num_experts=8, top_k=2, ffn_dim=128, expert_compute="grouped_mm")).cuda()
