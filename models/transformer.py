@@ -67,7 +67,9 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # its weight gradient, in the input step: deferred, it would hold the logits gradient
+        # nn.Linear, not weight_steps.Linear: its weight gradient stays in the input step (deferred, a weight step
+        # would hold the logits' gradient)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.mtp_layers))
         self.tie_weights()
         cos, sin = self._rope_tables()

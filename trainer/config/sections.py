@@ -339,7 +339,8 @@ class Config:
     def defers_weight_gradients(self) -> bool:
         """Whether a split-backward schedule's weight steps get the weight gradients (schedule.defer_weight_gradients;
         where the gradient sync cannot hold its reduction, they stay empty)."""
-        return self.parallel.pp > 1 and self.schedule.pipeline in SPLIT_BACKWARD and self.schedule.defer_weight_gradients
+        return (self.parallel.pp > 1 and self.schedule.pipeline in SPLIT_BACKWARD
+                and self.schedule.defer_weight_gradients)
 
     @property
     def v_shape(self) -> bool:

@@ -119,9 +119,9 @@ def _candidates(cfg: Config, world: int, ranks_per_node: int) -> Iterator[Config
         micro = micro_batch(cfg, dp, pp)
         if pp > 1 and micro is None:
             continue
-        defer = cfg.schedule.defer_weight_gradients
-        schedules = [(cfg.schedule.pipeline, cfg.schedule.stages_per_rank, defer)] if pp == 1 else \
-            [("1f1b", cfg.schedule.stages_per_rank, defer), ("overlapped_1f1b", cfg.schedule.stages_per_rank, defer)] + \
+        defer, configured = cfg.schedule.defer_weight_gradients, cfg.schedule.stages_per_rank
+        schedules = [(cfg.schedule.pipeline, configured, defer)] if pp == 1 else \
+            [("1f1b", configured, defer), ("overlapped_1f1b", configured, defer)] + \
             [("interleaved_1f1b", v, defer) for v in VIRTUAL_STAGES] + \
             [(v_shaped, 2, deferred) for v_shaped in V_SHAPED for deferred in (True, False)]  # weight steps or not
         for ep in ep_choices(cfg, dp):
