@@ -78,20 +78,25 @@ def add_grad(param: nn.Parameter, grad: Tensor) -> None:
 
 
 class _Matmul(torch.autograd.Function):
-    """x @ weight (weight [I, O]) or, with `offs`, torch._grouped_mm(x, weight [E, I, O], offs): the weight
-    cast to x's dtype inside, so that a deferred weight gradient can be added to the parameter itself."""
+    """x @ weight (weight [I, O]; `transposed`: [O, I], as nn.Linear's) or, with `offs`,
+    torch._grouped_mm(x, weight [E, I, O], offs): the weight cast to x's dtype inside, so that a deferred
+    weight gradient can be added to the parameter itself. The parameter is saved, not its cast: a cast per
+    micro-batch in flight would be held until its backward (autocast's cache shares one), so backward casts
+    again."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: nn.Parameter, transposed: bool, offs: Optional[Tensor]) -> Tensor:
+        ctx.transposed, ctx.param = transposed, weight
+        ctx.save_for_backward(x, weight, offs)
         w = weight.to(x.dtype)
         w = w.t() if transposed else w
-        ctx.transposed, ctx.param, ctx.has_offs = transposed, weight, offs is not None
-        ctx.save_for_backward(x, w, offs)
         return x @ w if offs is None else torch._grouped_mm(x, w, offs=offs)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, w, offs = ctx.saved_tensors
+        x, weight, offs = ctx.saved_tensors
+        w = weight.to(dy.dtype)
+        w = w.t() if ctx.transposed else w
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx = None
         if need_x:

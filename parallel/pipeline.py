@@ -37,10 +37,11 @@ embedding's gradients, biases, and the pipelined exchange's chunks (experts on c
 
 The gradient sync is told before each of a stage's backwards whether it is the last of the step
 (`StepStage`), as the unpipelined loop tells it before each micro-step: FSDP units gathered once keep their
-weights and unsharded gradients through the schedule and reduce in their stage's last backward. A rank's
-stages share one FSDP root (parallel/fsdp.py): with several of them the sync hears `last` in the rank's final
-backward, each stage's own units are set to reduce in the stage's last, and the root stays gathered until the
-final one (Pipeline._stage_before_backward).
+weights and unsharded gradients through the schedule and reduce in their stage's last backward (or, where a
+zero-bubble schedule's weight steps hold the reduction, after the schedule: no backward is told it is the
+last). A rank's stages share one FSDP root (parallel/fsdp.py): with several of them the sync hears `last` in
+the rank's final backward, each stage's own units are set to reduce in the stage's last, and the root stays
+gathered until the final one (Pipeline._stage_before_backward).
 
 Shape legend (models/__init__.py): B, T, D, V.
 """
@@ -317,7 +318,8 @@ class Pipeline:
         stage's last (the looped schedules end there); a stage's own units are then set to reduce and reshard
         in that stage's last backward, as every layout does in its last, so their reductions overlap the
         backwards still to run. The root (embedding, output layer), which every stage's forward enters, stays
-        gathered until the final backward rather than being gathered again after each backward."""
+        gathered until the final backward rather than being gathered again after each backward. Where the weight
+        steps hold the reduction (weight_steps.defer), nothing is set: every unit reduces after the schedule."""
         if len(self.modules) == 1:
             self._before_backward(last)
             return

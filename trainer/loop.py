@@ -22,7 +22,7 @@ from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grads.sync import GradSync
 from moeyard.parallel.parallelize import FsdpSettings, parallelize
 from moeyard.parallel.plan import Plan
-from moeyard.parallel.stages import V_SHAPED, stage_layers
+from moeyard.parallel.stages import SPLIT_BACKWARD, stage_layers
 from moeyard.trainer.checkpoint.sharded import Checkpointer, config_hash
 from moeyard.trainer.config.sections import Config
 from moeyard.trainer.data.blend import DataPosition, TokenBatches
@@ -171,7 +171,7 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
                 if cfg.stages_per_rank > 1 else ""
             mtp = f" and the {cfg.model.mtp_layers} MTP depth(s) on the last" if cfg.model.mtp_layers else ""
             print(f"pipeline: {stages} stages{looped}, decoder blocks per stage {sizes}{mtp}", flush=True)
-            if cfg.schedule.pipeline in ("interleaved_zero_bubble", *V_SHAPED):
+            if cfg.schedule.pipeline in SPLIT_BACKWARD:
                 print("pipeline weight steps: " + (
                     "empty (schedule.defer_weight_gradients=false): the whole backward in the input step" if
                     not cfg.defers_weight_gradients else

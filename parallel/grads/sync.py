@@ -121,6 +121,9 @@ class OverlappedSync(PlainSync):
     def begin_micro_step(self, last: bool) -> None:
         self.reducer.sync = last
 
+    def release_reduction(self) -> None:
+        raise AssertionError("OverlappedSync reduces from hooks on gradients: it holds no reduction")
+
     def _reduce(self) -> None:
         self.reducer.finish()
 

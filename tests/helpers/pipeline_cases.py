@@ -132,5 +132,5 @@ def train_steps(rank: int, world: int, overrides: tuple[str, ...], steps: int = 
         "gathered once" if plan.reduce_once_on(pmesh.pp_rank) else "resident weights"  # as planned, on this rank
     return {"steps": results, "heldout": heldout, "stage": pmesh.pp_rank, "updates": updates, "fsdp": fsdp,
             "fsdp_units": units, "micro_batches": rows // mbs, "stages_per_rank": cfg.stages_per_rank,
-            "moe_blocks": sum(1 for _ in model.moe_layers()), "weight_gemms": _weight_gemms(model),
+            "weight_gemms": _weight_gemms(model),
             "plan": f"{plan.source}: {plan.summary()}"}

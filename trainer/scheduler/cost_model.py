@@ -434,8 +434,9 @@ def predict(w: Workload, plan: Plan, costs: Costs) -> Prediction:
 
 def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     """A step through w.pp pipeline stages (gpipe or 1f1b: both leave pp - 1 micro-steps of each stage idle,
-    the bubble; with V stages per rank, pp - 1 of a stage's V-times shorter micro-steps): the slowest
-    stage's step, plus the bubble and the activation transfers on its path. (The rank's V stages are
+    the bubble; with V stages per rank, pp - 1 of a stage's V-times shorter micro-steps, less what deferred
+    weight steps fill: _weight_step_s): the slowest stage's step, plus the bubble and the activation transfers
+    on its path. (The rank's V stages are
     predicted as one, its blocks together.) `w` is the whole model's workload on one stage's dp ranks; each stage's part is predicted
     as the training loop runs it (gradients reduced after the schedule's last backward)."""
     pp = w.pp
@@ -450,7 +451,7 @@ def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     micro = (slowest.step - slowest.stages["optimizer"]) / w.micro_steps
     send = costs.send(w, w.tokens * w.dim * w.act_bytes, w.stages_across_machines)
     holds = plan.grad_sync != "fsdp" or (plan.gather_once and plan.reduce_once_on(rank))  # GradSync.holds_reduction
-    filled = 3 * _weight_step_s(w, costs, spans[rank]) if w.deferred_weight_steps and holds else 0.0
+    filled = 3 * _weight_step_s(w, plan, costs, spans[rank]) if w.deferred_weight_steps and holds else 0.0
     bubble = (pp - 1) * (max(0.0, micro - filled) / w.stages_per_rank + 2 * send)
     lanes = w.overlapped and plan.grad_sync != "fsdp"  # the lanes run with replicated stages only
     hidden = _hidden_by_lanes(w, slowest) if lanes else 0.0
@@ -459,19 +460,29 @@ def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
                       exposed_comm=slowest.exposed_comm + 2 * (pp - 1) * send - hidden, comm=slowest.comm)
 
 
-def _weight_step_s(w: Workload, costs: Costs, held: Sequence[int]) -> float:
+def _weight_step_s(w: Workload, plan: Plan, costs: Costs, held: Sequence[int]) -> float:
     """One micro-batch's weight step on a rank holding blocks `held` (models/weight_steps.py): the weight-gradient
     GEMMs of its linear layers and experts, as many FLOPs as their forward's GEMMs (attention's core and the
-    memory-bound kernels have no weights; the output head's weight gradient stays in the input step).
+    memory-bound kernels have no weights; the output head's weight gradient stays in the input step), each
+    block's in the share of its weights that train (frozen ones have no weight step), and no expert GEMMs in a
+    layer the pipelined exchange runs (plan.chunks > 1: on copies of the weights, in the input step).
 
     A split backward's bubble is (pp - 1) (F + B - 2 W) per stage (Qi et al., Zero Bubble Pipeline Parallelism,
     2024: ZB-H1 and ZB-V), F, B and W a micro-batch's forward, input step and weight step; with a micro-step
     of F + B + W, micro - 3 W: what _predict_pipeline charges, none where W fills it all."""
+    trained: dict[tuple[int, bool], int] = {}
+    for p in w.params:
+        trained[p.layer, p.expert] = trained.get((p.layer, p.expert), 0) + p.numel
+    ordinal = {layer: k for k, layer in enumerate(w.moe_layers)}
+    expert_weights = 3 * w.num_experts // w.ep * w.dim * w.expert_hidden  # one layer's, on this rank
     seconds = 0.0
     for layer in held:
-        seconds += costs.dense(w, layer, "fwd") - costs.selective_recompute(w, layer)
-        if layer in w.moe_layers:
-            seconds += costs.experts(w, w.routed_rows, "fwd")
+        dense_weights = (w.layer_flops(layer) - w.attention_flops_of(layer)) / (2 * w.tokens)
+        share = min(1.0, trained.get((layer, False), 0) / dense_weights) if dense_weights > 0 else 0.0
+        seconds += share * (costs.dense(w, layer, "fwd") - costs.selective_recompute(w, layer))
+        if layer in ordinal and (plan.chunks[ordinal[layer]] if plan.chunks else 1) <= 1:
+            share = min(1.0, trained.get((layer, True), 0) / expert_weights)
+            seconds += share * costs.experts(w, w.routed_rows, "fwd")
     return seconds
 
 

@@ -70,13 +70,15 @@ def test_deferred_weight_gradients_are_the_plain_ones(case, steps: int, autocast
 
 
 def test_frozen_weight_queues_nothing() -> None:
-    """A frozen weight (an adapter's base layer) gets no gradient and no weight step."""
+    """A frozen weight (an adapter's base layer, a frozen expert) gets no gradient and no weight step; the others
+    of the same grouped GEMMs still defer theirs."""
     lin = Linear(4, 3, bias=False)
     lin.weight.requires_grad_(False)
-    x0 = torch.randn(5, 4, requires_grad=True)
+    experts, run, x0, dy = _grouped_case()
+    experts.w_gate_EDF.requires_grad_(False)
     queue: list = []
     with splitting_backward():
-        y = lin(x0)
+        y = lin(torch.randn(5, 4, requires_grad=True)).sum() + run(x0).mul(dy).sum()
     with deferring_weight_gradients(queue):
-        y.sum().backward()
-    assert queue == [] and lin.weight.grad is None and x0.grad is not None
+        y.backward()
+    assert len(queue) == 2 and lin.weight.grad is None and experts.w_gate_EDF.grad is None and x0.grad is not None

@@ -234,8 +234,9 @@ def test_pipeline_stages_cost_the_slowest_stage_plus_the_bubble() -> None:
 def test_deferred_weight_steps_fill_the_bubble_where_the_sync_holds_its_reduction() -> None:
     """A split backward's bubble per idle micro-step is micro - 3 W (ZB-H1, ZB-V), W the weight GEMMs of the
     slowest stage's blocks: a forward's GEMMs (the dense forward less what selective recompute runs, attention's
-    core and the memory-bound kernels; the experts' forward). Only where the gradient sync holds its reduction
-    (replicated; fsdp gathered once, reducing once), never below zero."""
+    core and the memory-bound kernels; the experts' forward), of weights that train, the experts' only where
+    they run in the input step (not the pipelined exchange's). Only where the gradient sync holds its
+    reduction (replicated; fsdp gathered once, reducing once), never below zero."""
     w = dataclasses.replace(small_workload(), micro_steps=8, pp=2, stages_across_machines=True)
     replicated = reference_plan(w, "all_reduce")
     plain = predict(w, replicated, FakeCosts())
@@ -252,6 +253,15 @@ def test_deferred_weight_steps_fill_the_bubble_where_the_sync_holds_its_reductio
     assert per_micro_step.stages["pipeline_bubble"] == pytest.approx(
         predict(w, dataclasses.replace(fsdp, gather_once=False), FakeCosts()).stages["pipeline_bubble"])
     assert gathered_once.stages["pipeline_bubble"] < per_micro_step.stages["pipeline_bubble"]
+    # Only weights that train have a weight step; the pipelined exchange runs its experts in the input step.
+    def filled(workload, plan) -> float:
+        plain_bubble = predict(workload, plan, FakeCosts()).stages["pipeline_bubble"]
+        deferred = dataclasses.replace(workload, deferred_weight_steps=True)
+        return plain_bubble - predict(deferred, plan, FakeCosts()).stages["pipeline_bubble"]
+    blocks_frozen = dataclasses.replace(w, params=tuple(p for p in w.params if p.expert or p.layer >= w.n_layers))
+    assert filled(blocks_frozen, replicated) == pytest.approx(3 * 2 * w.routed_rows * 1e-6)
+    chunked = dataclasses.replace(replicated, chunks=(2,) * len(w.moe_layers))
+    assert filled(w, chunked) == pytest.approx(3 * 2 * (1e-4 - 2e-5))
     heavier = predict(deferred_w, replicated, _WeightHeavy())
     assert heavier.stages["pipeline_bubble"] == pytest.approx(2 * 1e-4)  # W fills it all: the sends remain
 
