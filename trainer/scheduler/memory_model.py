@@ -308,6 +308,11 @@ def _block_activations(cfg: ModelConfig, layer: int, tokens: int, b: int, recomp
     return tokens * per_token + routed
 
 
+def _defers(layout: Layout) -> bool:
+    """A split-backward schedule whose weight steps get the weight gradients (schedule.defer_weight_gradients)."""
+    return layout.defer_weight_gradients and layout.pp > 1 and layout.pipeline in SPLIT_BACKWARD
+
+
 def _weight_step_bytes(cfg: ModelConfig, layer: int, tokens: int, b: int) -> float:
     """What one block's pending weight step holds (models/weight_steps.py: the gradient sync holding its
     reduction): each linear layer's and expert's input rows and output gradient, per token the attention's
@@ -373,6 +378,10 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
                 # step before): the larger of the two, not both (measured: the sum overestimated the peak of
                 # three gathered-once layouts by 5-10%).
                 grads = max(grads, layout.reduce_bytes * (c.dense_trainable + xt))
+                if _defers(layout) and layout.reduce_bytes > layout.act_bytes:
+                    # FSDP2 moves each backward's compute-dtype gradients into its reduce-dtype accumulator;
+                    # a deferred weight step adds to .grad after that, so both stand until the next backward
+                    grads += layout.act_bytes * (c.dense_trainable + xt)
     else:
         params = 4 * (c.dense + x)
         grads = 4 * (c.dense_trainable + xt)
@@ -397,7 +406,7 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
     # the embedding's output (a later stage: the input it received), the final norm's (last stage)
     activations += flight * 4 * layout.tokens * cfg.dim * (1 + 2 * int(last))
     holds = layout.grad_sync != "fsdp" or (layout.gather_once and reduce_once_on(layout.reduce_once, stage))
-    if layout.defer_weight_gradients and holds:  # the gradient sync holds its reduction for the weight steps
+    if _defers(layout) and holds:  # the gradient sync holds its reduction for the weight steps
         stash = sum(_weight_step_bytes(cfg, i, layout.tokens, layout.act_bytes) for i in held)
         activations += pending_weight_steps(layout.pipeline, layout.pp, stage, layout.stages_per_rank) * stash
     head = _head_bytes(cfg, layout) if last else 0.0

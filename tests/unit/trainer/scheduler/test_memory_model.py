@@ -255,3 +255,10 @@ def test_pending_weight_steps_are_torchs() -> None:
     activations = {name: predict_memory(CFG, layout).activations for name, layout in
                    [("replicated", replicated), ("held", held), ("resident", resident), ("per", per_micro_step)]}
     assert activations["replicated"] == activations["held"] > activations["resident"] == activations["per"]
+    # Under bf16 compute with float32 reduction, FSDP2's float32 accumulator and the weight steps' bf16 .grad
+    # stand together; without deferring only the accumulator does.
+    mixed = dataclasses.replace(held, act_bytes=2, reduce_bytes=4)
+    whole = dataclasses.replace(mixed, defer_weight_gradients=False)
+    assert predict_memory(CFG, mixed).gradients > predict_memory(CFG, whole).gradients
+    assert predict_memory(CFG, held).gradients == \
+        predict_memory(CFG, dataclasses.replace(held, defer_weight_gradients=False)).gradients  # float32 compute
