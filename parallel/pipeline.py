@@ -32,8 +32,9 @@ reduce after the schedule, as torch's own stage reduces an FSDP module), the ste
 (models/weight_steps.py splitting_backward): the blocks' linear layers, the grouped GEMM and the expert loop
 queue their weight-gradient GEMMs in the input step, and the weight step runs them: the work that fills the
 bubble. Elsewhere (fsdp reducing in every micro-step: a unit reduces when its input gradient is computed) the
-weight step is empty and the bubble interleaved_1f1b's. What stays in the input step: the router's and the
-embedding's gradients, biases, and the pipelined exchange's chunks (experts on copies of the weights).
+weight step is empty and the bubble interleaved_1f1b's. What stays in the input step: the router's, the
+embedding's and the output layer's gradients, biases, and the pipelined exchange's chunks (experts on copies
+of the weights).
 
 The gradient sync is told before each of a stage's backwards whether it is the last of the step
 (`StepStage`), as the unpipelined loop tells it before each micro-step: FSDP units gathered once keep their
@@ -289,13 +290,13 @@ class Pipeline:
         self._before_backward: Callable[[bool], None] = lambda last: None
         """What this step's run was given (run), for every stage's StepStage."""
         self.weight_steps = WeightSteps()
-        self.defer = defer_weight_gradients
+        self.defer_weight_gradients = defer_weight_gradients
 
     @property
     def defers_weight_gradients(self) -> bool:
         """Whether the schedule runs input and weight steps (SPLIT_BACKWARD) and is to give the weight steps the
         weight gradients (where the gradient sync holds its reduction: the caller's to say, run)."""
-        return self.defer and issubclass(self.schedule_class, SPLIT_BACKWARD)
+        return self.defer_weight_gradients and issubclass(self.schedule_class, SPLIT_BACKWARD)
 
     @property
     def is_first(self) -> bool:
@@ -371,13 +372,15 @@ class Pipeline:
         """Forward (and backward, when `train`) of `micro_batches` equal slices of the rows: the first stage
         feeds `tokens_BT`, the last computes loss_fn(its output, slice of `target`); every stage gets its
         slice of `segment_BT`; `before_backward(last)` before each backward (StepStage);
-        `defer_weight_gradients`: a split-backward schedule's weight steps compute the weight gradients
-        (WeightSteps; the caller holds the reduction and tells no backward it is the last). Returns this rank's
-        reports, per stage, one per micro-batch."""
+        `defer_weight_gradients` (only where defers_weight_gradients, and the caller's gradient sync holds its
+        reduction until it releases it after the run): the weight steps compute the weight gradients
+        (WeightSteps), and `before_backward` hears no backward is the last. Returns this rank's reports, per
+        stage, one per micro-batch."""
+        defer = defer_weight_gradients
+        assert not defer or self.defers_weight_gradients, "deferring needs a split-backward schedule that defers"
         for module in self.modules:
             module.router_scale, module.forwards = 1.0 / micro_batches, []
-        self._before_backward = before_backward
-        defer = defer_weight_gradients and self.defers_weight_gradients
+        self._before_backward = (lambda last: before_backward(False)) if defer else before_backward
         self.weight_steps.defer, self.weight_steps.ran, self.weight_steps.queued = defer, 0, []
         args = (tokens_BT,) if self.is_first else ()
         kwargs = {"segment_BT": segment_BT} if segment_BT is not None else {}

@@ -21,6 +21,13 @@ def reduce_once_on(reduce_once: bool | Sequence[bool], pp_rank: int) -> bool:
     return reduce_once if isinstance(reduce_once, bool) else bool(reduce_once[pp_rank])
 
 
+def holds_reduction(fsdp: bool, gather_once: bool, reduce_once: bool | Sequence[bool], pp_rank: int) -> bool:
+    """Whether pipeline rank `pp_rank`'s gradient sync can hold its reduction until a zero-bubble schedule's
+    weight steps have run (parallel/grads/sync.py GradSync.holds_reduction): replicated stages reduce after the
+    whole backward; fsdp only gathered once, on a rank that reduces once a step."""
+    return not fsdp or (gather_once and reduce_once_on(reduce_once, pp_rank))
+
+
 @dataclass(frozen=True)
 class Plan:
     chunks: tuple[int, ...]
@@ -55,6 +62,9 @@ class Plan:
 
     def reduce_once_on(self, pp_rank: int) -> bool:
         return reduce_once_on(self.reduce_once, pp_rank)
+
+    def holds_reduction_on(self, pp_rank: int) -> bool:
+        return holds_reduction(self.grad_sync == "fsdp", self.gather_once, self.reduce_once, pp_rank)
 
     def dispatch_of(self, moe_index: int) -> str:
         return self.dispatch[moe_index] if self.dispatch else "flat"

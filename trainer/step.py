@@ -213,9 +213,8 @@ def _pipelined_micro_steps(pipeline: Pipeline, sync: GradSync, batch: Tensor | T
     loss.lm_scale, loss.sums = lm_scale, []
     held = pipeline.defers_weight_gradients and sync.holds_reduction  # weight steps add after the last input step
     with autocast_context(device, dtype):
-        forwards = pipeline.run(micro_batches, tokens_BT, target, segment_BT, defer_weight_gradients=held,
-                                before_backward=(lambda last: sync.begin_micro_step(False)) if held else
-                                sync.begin_micro_step)
+        forwards = pipeline.run(micro_batches, tokens_BT, target, segment_BT, before_backward=sync.begin_micro_step,
+                                defer_weight_gradients=held)
     if held:
         sync.release_reduction()
     for f in forwards:

@@ -450,8 +450,8 @@ def _predict_pipeline(w: Workload, plan: Plan, costs: Costs) -> Prediction:
     slowest = stages[rank]
     micro = (slowest.step - slowest.stages["optimizer"]) / w.micro_steps
     send = costs.send(w, w.tokens * w.dim * w.act_bytes, w.stages_across_machines)
-    holds = plan.grad_sync != "fsdp" or (plan.gather_once and plan.reduce_once_on(rank))  # GradSync.holds_reduction
-    filled = 3 * _weight_step_s(w, plan, costs, spans[rank]) if w.deferred_weight_steps and holds else 0.0
+    filled = 3 * _weight_step_s(w, plan, costs, spans[rank]) \
+        if w.deferred_weight_steps and plan.holds_reduction_on(rank) else 0.0
     bubble = (pp - 1) * (max(0.0, micro - filled) / w.stages_per_rank + 2 * send)
     lanes = w.overlapped and plan.grad_sync != "fsdp"  # the lanes run with replicated stages only
     hidden = _hidden_by_lanes(w, slowest) if lanes else 0.0

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from moeyard.models import ModelConfig
-from moeyard.parallel.plan import ReduceOnce, reduce_once_on
+from moeyard.parallel.plan import ReduceOnce, holds_reduction, reduce_once_on
 from moeyard.parallel.shards import expert_shard_dim, padded_shard_numel
 from moeyard.parallel.stages import SPLIT_BACKWARD, V_SHAPED, holds_ends, rank_layers
 from moeyard.trainer.scheduler.block_shapes import attention_shape, block_index, parameter_shapes
@@ -405,8 +405,7 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
         activations = flight * sum(per_block)
     # the embedding's output (a later stage: the input it received), the final norm's (last stage)
     activations += flight * 4 * layout.tokens * cfg.dim * (1 + 2 * int(last))
-    holds = layout.grad_sync != "fsdp" or (layout.gather_once and reduce_once_on(layout.reduce_once, stage))
-    if _defers(layout) and holds:  # the gradient sync holds its reduction for the weight steps
+    if _defers(layout) and holds_reduction(layout.grad_sync == "fsdp", layout.gather_once, layout.reduce_once, stage):
         stash = sum(_weight_step_bytes(cfg, i, layout.tokens, layout.act_bytes) for i in held)
         activations += pending_weight_steps(layout.pipeline, layout.pp, stage, layout.stages_per_rank) * stash
     head = _head_bytes(cfg, layout) if last else 0.0

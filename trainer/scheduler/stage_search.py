@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from moeyard.errors import ConfigError
+from moeyard.parallel.plan import holds_reduction
 from moeyard.parallel.stages import SPLIT_BACKWARD, V_SHAPED
 from moeyard.trainer.config.node_layout import check_node_layout
 from moeyard.trainer.config.sections import LOOPED, Config, accepted
@@ -137,8 +138,8 @@ def _weight_steps_empty(run: Config) -> bool:
     """Weight gradients deferred where no rank's gradient sync can hold its reduction for them (fsdp reducing in
     every micro-step everywhere): the weight steps stay empty, the run is the one without deferring."""
     p = run.parallel
-    once = p.reduce_once if isinstance(p.reduce_once, bool) else any(p.reduce_once)
-    return run.defers_weight_gradients and p.fsdp and not (p.fsdp_gather_once and once)
+    return run.defers_weight_gradients and not any(
+        holds_reduction(p.fsdp, p.fsdp_gather_once, p.reduce_once, r) for r in range(p.pp))
 
 
 def stage_choices(cfg: Config, world: int, ranks_per_node: int, costs: Costs, capacity_gb: float,
