@@ -236,7 +236,8 @@ class Transformer(nn.Module):
             blocks = self.held_parts[0]
         # A pipeline stage after the first (keep_stage) is given the previous stage's output x_BTD, and the
         # last, for its MTP depths, the token ids too (`stage_tokens_BT`).
-        first, last = blocks.start == 0, blocks.stop == self.cfg.n_layers
+        # The last stage holds the final norm: a stage ending at the last block may be followed by one of none.
+        first, last = blocks.start == 0, blocks.stop == self.cfg.n_layers and self.norm is not None
         x_BTD = emb_BTD = residual_stream(self.tok_embeddings(tokens_BT)) if first else tokens_BT
         cos, sin, docs = self.position_tables(segment_BT, docs)
         moe_stats: dict[int, MoEStats] = {}

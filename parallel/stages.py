@@ -9,12 +9,14 @@ from typing import Optional, Sequence
 def stage_layers(n_layers: int, stages: int, sizes: Optional[Sequence[int]] = None) -> list[range]:
     """The decoder blocks of each stage: `sizes` blocks each (parallel.layers_per_stage), else as even as the
     count allows, a spare block going to the stages after the first and before the last first (those two
-    also run the embedding, or the output and loss)."""
+    also run the embedding, or the output and loss). Every stage holds at least one block but the last, which
+    may hold none: its final norm, MTP depths, output layer and loss are a stage's work of their own (Megatron-Core's
+    DeepSeek-V3 layout ends in a stage of the MTP layer and the loss)."""
     if not sizes:
         base, spare = divmod(n_layers, stages)
         takes_spare = [*range(1, stages - 1), stages - 1, 0][:spare]
         sizes = [base + (s in takes_spare) for s in range(stages)]
-    if len(sizes) != stages or sum(sizes) != n_layers or min(sizes) < 1:
+    if len(sizes) != stages or sum(sizes) != n_layers or min(sizes[:-1], default=1) < 1 or sizes[-1] < 0:
         raise ValueError(f"{list(sizes)} blocks per stage for {stages} stages of {n_layers} blocks")
     starts = [sum(sizes[:s]) for s in range(stages)]
     return [range(a, a + n) for a, n in zip(starts, sizes)]

@@ -108,7 +108,7 @@ def _assert_weight_steps(results: list[dict], layout: tuple[str, ...]) -> None:
     (4, ("parallel.pp=4", "schedule.pipeline=1f1b", "train.micro_batch_size=2", "train.loss_chunk_tokens=10"),
      "topk_softmax", True),
     (4, ("parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "model.mtp_layers=1",
-         "model.tie_embeddings=true", "parallel.layers_per_stage=[3, 1]"), "sigmoid_bias", True),
+         "model.tie_embeddings=true", "parallel.layers_per_stage=[4, 0]"), "sigmoid_bias", True),
     (4, ("parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=2", "model.mtp_layers=1", "parallel.fsdp=true",
          "parallel.fsdp_gather_once=true"), "topk_softmax", False),
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=gpipe", "train.micro_batch_size=1", "parallel.fsdp=true",
@@ -131,19 +131,22 @@ def _assert_weight_steps(results: list[dict], layout: tuple[str, ...]) -> None:
          "model.mtp_layers=1", "model.tie_embeddings=true", "parallel.fsdp=true", "parallel.fsdp_gather_once=true",
          "parallel.fsdp_reduce_once=[true,false]", "train.recompute=full"), "sigmoid_bias", False),
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=dualpipev", "train.micro_batch_size=1",
-         "model.mtp_layers=1", "model.moe.first_dense_layers=0"), "sigmoid_bias", True),
+         "model.mtp_layers=1", "model.moe.first_dense_layers=0", "parallel.layers_per_stage=[2, 1, 1, 0]"),
+     "sigmoid_bias", True),
 ], ids=["pp2-gpipe-sft", "pp2-ep2-1f1b-manual-chunks2", "pp2-ep2-fsdp-recompute-sigmoid_bias-auto",
-        "pp4-1f1b-sft-loss_chunks", "pp2-ep2-mtp-tied-split3+1-sft", "pp2-ep2-mtp-fsdp-gathered-once",
+        "pp4-1f1b-sft-loss_chunks", "pp2-ep2-mtp-tied-last-stage-of-no-block-sft", "pp2-ep2-mtp-fsdp-gathered-once",
         "pp2-ep2-gpipe-fsdp-once-on-rank0-resident-weights-on-rank1-sigmoid_bias",
         "pp2-ep2-overlapped-recompute-sigmoid_bias-sft",
         "pp2x2-interleaved-mtp-sft", "pp2x2-ep2-interleaved-mtp-fsdp-gathered-once-sft-loss_chunks",
         "pp2x2-ep2-looped_bfs-fsdp-recompute-sigmoid_bias",
         "pp2x2-ep2-zero_bubble-whole-backward-mtp-fsdp-gathered-once-recompute-sigmoid_bias",
-        "pp2x2-ep2-zero_bubble-weight-steps-sft", "pp2v-ep2-zbv-mtp-tied-fsdp-once-on-rank0-resident-on-rank1-recompute-sigmoid_bias",
-        "pp2v-ep2-dualpipev-lanes-weight-steps-mtp-sigmoid_bias-sft"])
+        "pp2x2-ep2-zero_bubble-weight-steps-sft",
+        "pp2v-ep2-zbv-mtp-tied-fsdp-once-on-rank0-resident-on-rank1-recompute-sigmoid_bias",
+        "pp2v-ep2-dualpipev-lanes-weight-steps-mtp-last-stage-of-no-block-sigmoid_bias-sft"])
 def test_pipeline_stages_train_the_one_process_model(reference, world, layout, router, sft) -> None:
     """Packed SFT rows (segments and loss masks through the stages) in three of them; MTP (the last stage
-    embeds the tokens with its copy of the embedding) with tied embeddings and with fsdp; fsdp gathered in
+    embeds the tokens with its copy of the embedding) with tied embeddings and with fsdp; a last stage of no
+    decoder block (its MTP depth, output layer and loss), on a rank of its own and in a V; fsdp gathered in
     every micro-step, once per step and as resident weights (reducing once on the first pipeline rank and every
     micro-step on the second: parallel.fsdp_reduce_once per rank), each with its count of collectives; a manual
     plan (pipelined exchange inside the stages) and schedule.mode=auto (the planner's, from measurements
@@ -196,6 +199,7 @@ def test_layouts_pipelines_cannot_run_are_refused_before_launch() -> None:
                                                  r"\(model.n_layers\) in all"),
         (("schedule.pipeline=interleaved_1f1b", "parallel.layers_per_stage=[2, 2]"), "each of the 4 stages"),
         (("parallel.layers_per_stage=[0, 4]",), "at least one block"),
+        (("parallel.pp=3", "parallel.layers_per_stage=[2, 0, 2]"), r"at least one block \(the last: zero or more"),
     ]:
         with pytest.raises(ConfigError, match=message):
             pipeline_cases._config(("parallel.pp=2", *settings))

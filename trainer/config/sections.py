@@ -464,10 +464,11 @@ def _validate_pipeline(cfg: Config) -> None:
                                   f"{m.n_layers} blocks: every stage needs at least one block; lower parallel.pp"
                                   f"{' or schedule.stages_per_rank' if cfg.stages_per_rank > 1 else ''}")
     split = cfg.parallel.layers_per_stage
-    require(split is None or (len(split) == stages and sum(split) == m.n_layers and min(split) >= 1),
+    require(split is None or (len(split) == stages and sum(split) == m.n_layers and min(split[:-1]) >= 1
+                              and split[-1] >= 0),
             f"parallel.layers_per_stage={split} must give each of the {stages} stages (parallel.pp={pp} x "
-            f"{cfg.stages_per_rank} a rank) at least one block, {m.n_layers} (model.n_layers) in all; set it "
-            f"to null for an even split")
+            f"{cfg.stages_per_rank} a rank) at least one block (the last: zero or more, beside its output layer "
+            f"and loss), {m.n_layers} (model.n_layers) in all; set it to null for an even split")
     require(s.grad_sync != "reduce_scatter",
             "schedule.grad_sync=reduce_scatter (ZeRO) with parallel.pp > 1: its gradient buckets are cut for the "
             "whole model, not a stage's part; use parallel.fsdp=true (with parallel.fsdp_gather_once=true it "

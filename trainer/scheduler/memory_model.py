@@ -397,10 +397,10 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
                                     "none" if layout.recompute == "full" else layout.recompute) for i in held]
     flight = in_flight(layout.pipeline, layout.pp, stage, layout.micro_steps, layout.stages_per_rank)
     if layout.recompute == "full":  # block inputs only, and one block's activations while it is recomputed
-        activations = flight * len(held) * layout.tokens * 4 * cfg.dim + max(per_block)
+        activations = flight * len(held) * layout.tokens * 4 * cfg.dim + max(per_block, default=0.0)
     elif layout.recompute == "selective":  # and what one block's recomputation brings back for its backward
         kept_all = [_block_activations(cfg, i, layout.tokens, layout.act_bytes, "none") for i in held]
-        activations = flight * sum(per_block) + max(k - p for k, p in zip(kept_all, per_block))
+        activations = flight * sum(per_block) + max((k - p for k, p in zip(kept_all, per_block)), default=0.0)
     else:
         activations = flight * sum(per_block)
     # the embedding's output (a later stage: the input it received), the final norm's (last stage)

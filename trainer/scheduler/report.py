@@ -43,8 +43,8 @@ def stage_split(w: Workload) -> str:
     held = f"r and {2 * w.pp - 1} - r, in a V" if w.v_shape else f"r, r + {w.pp}, ..."
     looped = f" x {w.stages_per_rank} a rank (rank r holds stages {held})" if w.stages_per_rank > 1 else ""
     return (f"{w.pp} pipeline stages{looped} of {w.dp} ranks, decoder blocks per stage {[len(r) for r in spans]} "
-            f"({', '.join(f'{r.start}-{r.stop - 1}' for r in spans)}{mtp}); the work rows below are the slowest "
-            f"stage's")
+            f"({', '.join(f'{r.start}-{r.stop - 1}' if r else 'none' for r in spans)}{mtp}); the work rows below "
+            f"are the slowest stage's")
 
 
 def layouts_table(cfg: Config, choices: list[LayoutChoice], capacity_gb: float, chosen: Plan) -> list[str]:

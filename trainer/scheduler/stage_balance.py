@@ -94,11 +94,12 @@ def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: L
         chosen: list[ReduceOnce] = []
         start = 0
         for r in range(pp - 1):
-            left_after = per_rank * (pp - 1 - r)  # blocks the later ranks need at the least
+            # blocks the later ranks need at the least: one a stage, but none for a last stage of its own
+            left_after = per_rank * (pp - 1 - r) - (per_rank == 1)
             count, variant = 0, variants[0]
             for k in range(per_rank, n - start - left_after + 1):
                 # the later ranks as evenly as can be: only rank r's blocks decide its memory
-                trial = totals + [k] + [len(s) for s in stage_layers(n - start - k, pp - 1 - r)]
+                trial = totals + [k] + _even(n - start - k, pp - 1 - r)
                 option = best(trial, r)
                 if option is None or option[0] > limit_s:
                     break
@@ -129,6 +130,14 @@ def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: L
     totals, once = found
     return StageSplit(tuple(rank_split(totals, per_rank)),
                       tuple(bool(o) for o in once) if per_rank_choice else plan.reduce_once)
+
+
+def _even(blocks: int, ranks: int) -> list[int]:
+    """`blocks` over `ranks` ranks of one stage as evenly as can be (stage_layers), the last taking none where
+    there is one block fewer than ranks."""
+    if blocks < ranks:
+        return [1] * blocks + [0]
+    return [len(s) for s in stage_layers(blocks, ranks)]
 
 
 def _balance_v(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: Layout,
@@ -177,7 +186,8 @@ def _balance_v(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: Layou
         moves = []
         for s in (worst, stages - 1 - worst):
             for t in (s - 1, s + 1):
-                if 0 <= t < stages and sizes[s] > 1 and rank_of(t) != worst:
+                least = 0 if s == stages - 1 else 1  # the last stage may hold no block (stage_layers)
+                if 0 <= t < stages and sizes[s] > least and rank_of(t) != worst:
                     moved = list(sizes)
                     moved[s] -= 1
                     moved[t] += 1
