@@ -11,7 +11,7 @@ def stage_layers(n_layers: int, stages: int, sizes: Optional[Sequence[int]] = No
     count allows, a spare block going to the stages after the first and before the last first (those two
     also run the embedding, or the output and loss). Every stage holds at least one block but the last, which
     may hold none: its final norm, MTP depths, output layer and loss are a stage's work of their own (Megatron-Core's
-    DeepSeek-V3 layout ends in a stage of the MTP layer and the loss)."""
+    documented DeepSeek-V3 layout, "Et*3|(tt|)*29,m|L", ends in a stage of the MTP layer and one of the loss)."""
     if not sizes:
         base, spare = divmod(n_layers, stages)
         takes_spare = [*range(1, stages - 1), stages - 1, 0][:spare]
