@@ -86,14 +86,17 @@ PIPELINE_LAYOUTS = [["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1
                     ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=zbv_zero_bubble"],
                     ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=dualpipev"],
                     ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=dualpipev",
-                     "parallel.fsdp=true", "parallel.fsdp_gather_once=true"]]
+                     "parallel.fsdp=true", "parallel.fsdp_gather_once=true"],
+                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=dualpipev",
+                     "parallel.layers_per_stage=[3,2,1,0]"]]
 """Pipeline stages on the calibration model (4 micro-batches a step): 1f1b holds as many micro-batches'
 activations on a stage as there are stages from it to the last, gpipe all of them; fsdp per micro-step and
 gathered once per step (the stage's weights and unsharded gradients kept through the schedule); overlapped_1f1b
 (one micro-batch more in flight, a forward beside each backward); interleaved_1f1b with 2 stages a rank under fsdp,
 per micro-step and gathered once; pp 4; resident weights on the first rank and one reduction a step on the
 last (parallel.fsdp_reduce_once per rank); the V-placed zbv_zero_bubble and dualpipev (replicated: its pairs in
-two lanes; and under fsdp gathered once)."""
+two lanes; and under fsdp gathered once); dualpipev whose last stage holds no block (the first rank: three blocks,
+the embedding, the output layer and the loss)."""
 
 
 def _status_kb(field: str) -> int:
@@ -204,6 +207,8 @@ def _label(cfg: Config, world: int) -> str:
         stages = f" x {cfg.stages_per_rank} a rank" + (" in a V" if cfg.v_shape else "") \
             if cfg.stages_per_rank > 1 else ""
         sync = f"pp {cfg.parallel.pp}{stages} {cfg.schedule.pipeline}, {sync}"
+        if cfg.parallel.layers_per_stage:
+            extra += f", blocks per stage {cfg.parallel.layers_per_stage}"
     if cfg.optim.moment_dtype != "float32":
         extra += f", {cfg.optim.moment_dtype} moments"
     return f"{sync}, ep={cfg.parallel.ep}, recompute {cfg.train.recompute}{extra}"

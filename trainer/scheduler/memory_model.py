@@ -19,7 +19,7 @@ import torch
 from moeyard.models import ModelConfig
 from moeyard.parallel.plan import ReduceOnce, holds_reduction, reduce_once_on
 from moeyard.parallel.shards import expert_shard_dim, padded_shard_numel
-from moeyard.parallel.stages import SPLIT_BACKWARD, V_SHAPED, holds_ends, rank_layers
+from moeyard.parallel.stages import SPLIT_BACKWARD, V_SHAPED, holds_ends, rank_layers, stage_layers
 from moeyard.trainer.scheduler.block_shapes import attention_shape, block_index, parameter_shapes
 
 GB = 1e9
@@ -107,6 +107,14 @@ def stage_blocks(cfg: ModelConfig, stage: int, pp: int, per_rank: int = 1, sizes
     return (*held, *range(cfg.n_layers, cfg.n_blocks)) if v_shape else range(held.start, cfg.n_blocks)
 
 
+def _v_stages(cfg: ModelConfig, layout: Layout, rank: int) -> tuple[Sequence[int], Sequence[int]]:
+    """The blocks of the two stages pipeline rank `rank` holds in a V: stage r's, then stage 2 pp - 1 - r's (on
+    the first rank the last stage, with the MTP depths)."""
+    spans = stage_layers(cfg.n_layers, 2 * layout.pp, layout.layers_per_stage)
+    second = spans[2 * layout.pp - 1 - rank]
+    return spans[rank], (*second, *range(cfg.n_layers, cfg.n_blocks)) if rank == 0 else second
+
+
 def pending_weight_steps(pipeline: str, pp: int, stage: int, per_rank: int) -> float:
     """Input steps whose weight step has not run yet, at most, on the rank of stage `stage`, in whole-rank
     micro-batches (an input step is one of its per_rank stages'): ZB1P and dualpipev (stage + 1) / per_rank,
@@ -118,6 +126,19 @@ def pending_weight_steps(pipeline: str, pp: int, stage: int, per_rank: int) -> f
     return stage + 0.5 if pipeline == "zbv_zero_bubble" else (stage + 1) / per_rank
 
 
+def v_in_flight(pipeline: str, pp: int, stage: int, micro_steps: int) -> tuple[tuple[int, int], ...]:
+    """The V-placed schedules, rank `stage` holding stages r and 2 pp - 1 - r: the micro-batches whose
+    activations each of its two stages holds at its peaks, as (stage r's, stage 2 pp - 1 - r's) pairs, every
+    pair of counts the rank goes through being within one of them (so that stages of unequal blocks weigh each
+    count by its own): dualpipev (at least 2 pp micro-batches) 2 pp - r and r + 1; zbv_zero_bubble min(n, 2 pp
+    - 1 - r) and r + 1, and where n allows one more of the first for one fewer of the second (n micro-batches;
+    counted from torch's orders, tests/unit/trainer/scheduler/test_memory_model.py)."""
+    if pipeline == "dualpipev":
+        return ((2 * pp - stage, stage + 1),)
+    first = min(micro_steps, 2 * pp - 1 - stage)
+    return ((first, stage + 1),) + (((first + 1, stage),) if first < micro_steps else ())
+
+
 def in_flight(pipeline: str, pp: int, stage: int, micro_steps: int, per_rank: int = 1) -> float:
     """Micro-batches whose activations the rank of stage `stage` holds at its peak, in whole-rank micro-batches:
     gpipe and looped_bfs run every forward before the first backward; 1f1b holds as many as the stages from
@@ -127,16 +148,13 @@ def in_flight(pipeline: str, pp: int, stage: int, micro_steps: int, per_rank: in
     and runs one more before its first backward: that many V-ths of a micro-batch; interleaved_zero_bubble
     likewise with (V - 1) x R + (pp - 1 - stage) (ZB1P; what its pending weight steps hold besides is
     pending_weight_steps'); overlapped_1f1b
-    holds one more than 1f1b (parallel/overlapped_1f1b.py); the V-placed schedules hold as many on every rank
-    from 2 pp micro-batches up: zbv_zero_bubble pp (with fewer, (micro-batches + 1 + stage) / 2 where that is
-    less), dualpipev (at least 2 pp) pp + 1/2, half a rank's blocks being one of its two stages (counted from
-    torch's orders, tests/unit/trainer/scheduler/test_memory_model.py)."""
+    holds one more than 1f1b (parallel/overlapped_1f1b.py); the V-placed schedules the most of v_in_flight's
+    two stages together, half a rank's blocks being one of its stages: zbv_zero_bubble pp from 2 pp
+    micro-batches up (with fewer, (micro-batches + 1 + stage) / 2 where that is less), dualpipev pp + 1/2."""
     if pp == 1:
         return 1
-    if pipeline == "dualpipev":
-        return pp + 0.5
-    if pipeline == "zbv_zero_bubble":
-        return min(pp, (micro_steps + 1 + stage) / 2)
+    if pipeline in V_SHAPED:
+        return max(sum(pair) for pair in v_in_flight(pipeline, pp, stage, micro_steps)) / 2
     if pipeline in ("gpipe", "looped_bfs"):
         return micro_steps
     if pipeline in ("interleaved_1f1b", "interleaved_zero_bubble") and per_rank > 1:
@@ -393,18 +411,31 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
         with_activations = layout.act_bytes * (c.dense + x) if layout.act_bytes < 4 else 0.0  # autocast's copies
         # Buckets reduce in place; the reference concatenates each group (dense, experts) once.
         after_backward = 0.0 if layout.bucketed else 4 * max(c.dense_trainable, xt)
-    per_block = [_block_activations(cfg, i, layout.tokens, layout.act_bytes,
-                                    "none" if layout.recompute == "full" else layout.recompute) for i in held]
+    per_block = {i: _block_activations(cfg, i, layout.tokens, layout.act_bytes,
+                                       "none" if layout.recompute == "full" else layout.recompute) for i in held}
     flight = in_flight(layout.pipeline, layout.pp, stage, layout.micro_steps, layout.stages_per_rank)
-    if layout.recompute == "full":  # block inputs only, and one block's activations while it is recomputed
-        activations = flight * len(held) * layout.tokens * 4 * cfg.dim + max(per_block, default=0.0)
-    elif layout.recompute == "selective":  # and what one block's recomputation brings back for its backward
-        kept_all = [_block_activations(cfg, i, layout.tokens, layout.act_bytes, "none") for i in held]
-        activations = flight * sum(per_block) + max((k - p for k, p in zip(kept_all, per_block)), default=0.0)
+
+    def kept(blocks: Sequence[int]) -> float:
+        """What one micro-batch of `blocks` keeps for backward: under full recompute their inputs only."""
+        if layout.recompute == "full":
+            return len(blocks) * layout.tokens * 4 * cfg.dim
+        return sum(per_block[i] for i in blocks)
+
+    # the final norm's input and output (the last stage), the embedding's output (a later stage: the input it
+    # received)
+    final_norm = 2.0 * 4 * layout.tokens * cfg.dim
+    if layout.v_shape and layout.pp > 1:  # each of the rank's two stages with its own count of micro-batches
+        first, second = _v_stages(cfg, layout, stage)
+        activations = max(a * kept(first) + b * (kept(second) + final_norm * int(last))
+                          for a, b in v_in_flight(layout.pipeline, layout.pp, stage, layout.micro_steps))
     else:
-        activations = flight * sum(per_block)
-    # the embedding's output (a later stage: the input it received), the final norm's (last stage)
-    activations += flight * 4 * layout.tokens * cfg.dim * (1 + 2 * int(last))
+        activations = flight * (kept(held) + final_norm * int(last))
+    activations += flight * 4 * layout.tokens * cfg.dim
+    if layout.recompute == "full":  # one block's activations while it is recomputed
+        activations += max(per_block.values(), default=0.0)
+    elif layout.recompute == "selective":  # what one block's recomputation brings back for its backward
+        activations += max((_block_activations(cfg, i, layout.tokens, layout.act_bytes, "none") - p
+                            for i, p in per_block.items()), default=0.0)
     if _defers(layout) and holds_reduction(layout.grad_sync == "fsdp", layout.gather_once, layout.reduce_once, stage):
         stash = sum(_weight_step_bytes(cfg, i, layout.tokens, layout.act_bytes) for i in held)
         activations += pending_weight_steps(layout.pipeline, layout.pp, stage, layout.stages_per_rank) * stash

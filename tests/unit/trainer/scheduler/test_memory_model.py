@@ -182,6 +182,27 @@ def test_pipeline_stages_hold_their_blocks_and_the_micro_batches_in_flight() -> 
     assert smallest_world(cfg, dataclasses.replace(layout, pp=2), 1.0) % 4 == 0  # a multiple of pp x ep
 
 
+def test_a_v_ranks_two_stages_each_hold_their_own_micro_batches() -> None:
+    """dualpipev at pp 2, full recompute: the first rank holds 4 micro-batches of stage 0 and 1 of the last stage
+    (v_in_flight), so moving a block from the last stage to stage 0 (blocks [1, 1, 1, 1] -> [2, 1, 1, 0]) keeps
+    3 more blocks' inputs (4 x 2 + 1 x 0 against 4 x 1 + 1 x 1), where half the rank's blocks a stage
+    would keep as many; and the final norm is kept for the last stage's one micro-batch."""
+    from moeyard.trainer.scheduler.memory_model import predict_stage, stage_counts
+
+    cfg = dataclasses.replace(CFG, tie_embeddings=False)
+    layout = Layout(world=4, ep=2, tokens=256, pp=2, pipeline="dualpipev", stages_per_rank=2, micro_steps=4,
+                    recompute="full")
+
+    def first_rank(sizes: tuple[int, ...]) -> float:
+        split = dataclasses.replace(layout, layers_per_stage=sizes)
+        return predict_stage(cfg, split, stage_counts(cfg, split)[0], 0).activations
+
+    block_input = 256 * 4 * cfg.dim
+    assert first_rank((2, 1, 1, 0)) - first_rank((1, 1, 1, 1)) == pytest.approx(3 * block_input)
+    with pytest.raises(ValueError):  # every stage but the last holds a block
+        first_rank((3, 0, 1, 0))
+
+
 def _torch_v_order(schedule: str, pp: int, n: int) -> dict:
     """torch's compute order of a V-placed schedule for every rank, built without process groups."""
     import types
@@ -197,21 +218,30 @@ def _torch_v_order(schedule: str, pp: int, n: int) -> dict:
 @pytest.mark.parametrize("schedule", ["zbv_zero_bubble", "dualpipev"])
 def test_v_schedules_hold_what_torchs_order_holds(schedule) -> None:
     """in_flight of the V-placed schedules against torch's own order: each rank's peak of forwards run and not
-    yet backwarded (an input step frees them; a stage is half the rank's blocks), for pp 2-16 and every micro-batch
-    count the schedule takes (dualpipev at least 2 pp, zbv at least pp as the run config asks)."""
+    yet backwarded (an input step frees them; a stage is half the rank's blocks), and v_in_flight's counts of each
+    of its two stages, for pp 2-16 and every micro-batch count the schedule takes (dualpipev at least 2 pp, zbv at
+    least pp as the run config asks)."""
     from torch.distributed.pipelining.schedules import BACKWARD_INPUT, FORWARD, FULL_BACKWARD, OVERLAP_F_B
 
-    from moeyard.trainer.scheduler.memory_model import in_flight
+    from moeyard.trainer.scheduler.memory_model import in_flight, v_in_flight
 
     for pp in (2, 4, 8, 16):
-        for n in (pp, pp + 1, 2 * pp, 4 * pp, 64) if schedule == "zbv_zero_bubble" else (2 * pp, 2 * pp + 1, 64):
+        for n in (pp, pp + 1, 2 * pp - 1, 2 * pp, 4 * pp, 64) if schedule == "zbv_zero_bubble" else \
+                (2 * pp, 2 * pp + 1, 64):
             for rank, actions in _torch_v_order(schedule, pp, n).items():
-                live = peak = 0
+                live = {rank: 0, 2 * pp - 1 - rank: 0}
+                seen = set()
                 for a in (sub for a in actions if a is not None
                           for sub in (a.sub_actions if a.computation_type == OVERLAP_F_B else (a,))):
-                    live += {FORWARD: 1, FULL_BACKWARD: -1, BACKWARD_INPUT: -1}.get(a.computation_type, 0)
-                    peak = max(peak, live)
-                assert in_flight(schedule, pp, rank, n, 2) == peak / 2, (pp, n, rank, peak)
+                    change = {FORWARD: 1, FULL_BACKWARD: -1, BACKWARD_INPUT: -1}.get(a.computation_type, 0)
+                    live[a.stage_index] += change
+                    seen.add((live[rank], live[2 * pp - 1 - rank]))
+                assert in_flight(schedule, pp, rank, n, 2) == max(map(sum, seen)) / 2, (pp, n, rank)
+                # each stage's own count: every pair torch's order goes through is within one of v_in_flight's
+                # pairs, each of which it reaches (stages of unequal blocks weigh them apart)
+                pairs = v_in_flight(schedule, pp, rank, n)
+                assert all(any(a <= p and b <= q for p, q in pairs) for a, b in seen), (pp, n, rank, pairs)
+                assert set(pairs) <= seen, (pp, n, rank, pairs)
 
 
 def test_pending_weight_steps_are_torchs() -> None:
