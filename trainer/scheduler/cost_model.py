@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, Protocol, Sequence
 
 from moeyard.models import ModelConfig
@@ -109,6 +110,17 @@ class Workload:
     """Forward FLOPs of the whole model's blocks and head, where this is one pipeline stage's workload
     (stage_workload; 0: this is the whole model). A profile measured the whole model's dense time."""
 
+    @cached_property
+    def param_runs(self) -> tuple[tuple[int, tuple[ParamInfo, ...]], ...]:
+        """`params` as runs of one block's, in order: stage_workload picks a stage's by block, not by parameter
+        (the stage search asks for ~10^5 stages of a 671B model's ~10^3 parameters)."""
+        runs: list[tuple[int, list[ParamInfo]]] = []
+        for p in self.params:
+            if not runs or runs[-1][0] != p.layer:
+                runs.append((p.layer, []))
+            runs[-1][1].append(p)
+        return tuple((layer, tuple(run)) for layer, run in runs)
+
     def attention_flops_of(self, layer: int) -> float:
         """attention_flops of a block; 0 for the embedding and the head."""
         return self.attention_flops[layer] if 0 <= layer < len(self.attention_flops) else 0.0
@@ -167,7 +179,8 @@ def stage_workload(w: Workload, held: Sequence[int], first: bool, last: bool) ->
             return len(held) if last else None
         return None
 
-    params = tuple(dataclasses.replace(p, layer=local(p.layer)) for p in w.params if local(p.layer) is not None)
+    params = tuple(ParamInfo(k, p.numel, p.expert) for layer, run in w.param_runs if (k := local(layer)) is not None
+                   for p in run)
     return dataclasses.replace(
         w, pp=1, mtp_blocks=0, n_layers=len(held), moe_layers=tuple(position[i] for i in w.moe_layers if i in position),
         params=params, dense_flops=tuple(w.dense_flops[i] for i in held),
