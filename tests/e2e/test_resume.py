@@ -74,8 +74,9 @@ micro-batching, so every layout's losses compare."""
 @pytest.mark.parametrize("origin,resumed", [
     ((4, 4, ()), [(2, 2, ()), (1, 1, ()), (2, 2, (FSDP,))]),  # replicated -> fsdp too
     ((4, 2, (FSDP,)), [(2, 2, ()), (1, 1, ()), (2, 1, (FSDP,))]),  # fsdp -> replicated, and fsdp at ep=1
-    # pipeline stages: pp 2 x ep 2 with fsdp and 2 + 1 blocks -> one process, and -> pp 3 (one block a stage)
-    ((4, 2, (*PIPELINE, FSDP, "parallel.pp=2", "parallel.layers_per_stage=[2,1]")),
+    # pipeline stages: pp 2 x ep 2 with fsdp, every block on the first stage (the last: the output layer and
+    # loss) -> one process, and -> pp 3 (one block a stage)
+    ((4, 2, (*PIPELINE, FSDP, "parallel.pp=2", "parallel.layers_per_stage=[3,0]")),
      [(1, 1, PIPELINE), (3, 1, (*PIPELINE, "parallel.pp=3"))]),
 ], ids=["replicated", "fsdp", "pipeline"])
 def test_resume_on_other_layouts_continues_the_same_run(tmp_path, small_corpus, origin, resumed) -> None:
@@ -86,7 +87,7 @@ def test_resume_on_other_layouts_continues_the_same_run(tmp_path, small_corpus, 
     nproc, ep, extra = origin
     first = train_forked(config, origin_dir, nproc, f"parallel.ep={ep}", "train.stop_at=6", *extra)
     if "parallel.pp=2" in extra:
-        assert "pipeline: 2 stages, decoder blocks per stage [2, 1]" in first.stdout, first.stdout[-2000:]
+        assert "pipeline: 2 stages, decoder blocks per stage [3, 0]" in first.stdout, first.stdout[-2000:]
     checkpoint = origin_dir / "checkpoints" / "step_000006"
     train_forked(config, origin_dir, nproc, f"parallel.ep={ep}", *extra)  # the 4-rank continuation, steps 7-10
     reference = losses(origin_dir)
