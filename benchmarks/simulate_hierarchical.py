@@ -10,6 +10,8 @@ are the uniform-routing expectation (cost_model.expected_nodes_per_token), not m
 """
 from __future__ import annotations
 
+import dataclasses
+
 from moeyard.models import ModelConfig, MoEConfig
 from moeyard.trainer.scheduler.cost_model import moe_layer_timeline, workload_for
 from moeyard.trainer.scheduler.hardware import HardwareCosts
@@ -55,8 +57,7 @@ def main() -> None:
             for bound in (None, 4):
                 if bound is not None and bound >= base.ep_nodes:
                     continue
-                w = base.__class__(**{**base.__dict__, "nodes_per_token":
-                                      expected_nodes_per_token(E, k, base.ep_nodes, bound)})
+                w = dataclasses.replace(base, nodes_per_token=expected_nodes_per_token(E, k, base.ep_nodes, bound))
                 for dispatch in ("flat", "hierarchical"):
                     if dispatch == "flat" and bound is not None:
                         continue  # flat sends a row per copy: the bound changes no byte

@@ -148,12 +148,13 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
     device, parallelized as the plan says, then each rank allocates and initialises its own part."""
     torch.manual_seed(cfg.run.seed)
     model, init = build_on_meta(cfg.model)  # no rank holds more than its part (and one parameter at a time)
+    # the whole model's names: the patterns mean what they mean in one process, whatever a stage holds
+    trainable, total = freeze(model, cfg.train.trainable, cfg.train.frozen)
     if pmesh.pp > 1:
         # imported here: torch's pipelining imports dynamo, 0.8 s of every worker's start
         from moeyard.parallel.pipeline import keep_this_stage
 
         keep_this_stage(model, pmesh, cfg.stages_per_rank, cfg.parallel.layers_per_stage, cfg.schedule.pipeline)
-    trainable, total = freeze(model, cfg.train.trainable, cfg.train.frozen)
     model.set_recompute(plan.recompute or cfg.train.recompute)  # the planner may keep more where memory allows
     fsdp = FsdpSettings(compute_dtype=resolve_dtype(cfg.train.dtype, device),
                         reduce_dtype=getattr(torch, cfg.parallel.effective_reduce_dtype),

@@ -2,6 +2,8 @@
 losses, grad norms and parameters after 6 optimizer steps, within 1e-5."""
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 import numpy as np
 import pytest
 from helpers import pipeline_cases
@@ -33,7 +35,8 @@ def _reference(cache: dict, settings: tuple[str, ...], sft: bool) -> dict:
     return cache[key]
 
 
-def _assert_same_run(results: list[dict], ref: dict) -> None:
+def _assert_same_run(results: list[dict], ref: dict, frozen: tuple[str, ...] = ()) -> None:
+    """`frozen`: patterns of parameters train.frozen names, which must not move on any stage."""
     for r in results:
         for step, (got, want) in enumerate(zip(r["steps"], ref["steps"])):
             for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "mtp_loss"):
@@ -46,6 +49,9 @@ def _assert_same_run(results: list[dict], ref: dict) -> None:
     for r in results:  # every stage's copy (the embedding and its copy on the last stage, both)
         for name, got in r["updates"].items():
             want = ref["updates"][name]
+            if any(fnmatchcase(name, pattern) for pattern in frozen):
+                assert not np.any(got) and not np.any(want), f"stage {r['stage']} {name}: frozen, and it moved"
+                continue
             assert np.linalg.norm(want) > 0, f"{name} did not train: the comparison would prove nothing"
             diff = float(np.linalg.norm(got - want) / np.linalg.norm(want))
             assert diff <= TOL, f"stage {r['stage']} {name}: its update over 6 steps differs by {diff:.2e} (relative)"
@@ -105,8 +111,8 @@ def _assert_weight_steps(results: list[dict], layout: tuple[str, ...]) -> None:
          "schedule.mode=manual", "schedule.chunks=2"), "topk_softmax", False),
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=1f1b", "train.micro_batch_size=1",
          "parallel.fsdp=true", "train.recompute=full", "schedule.mode=auto"), "sigmoid_bias", False),
-    (4, ("parallel.pp=4", "schedule.pipeline=1f1b", "train.micro_batch_size=2", "train.loss_chunk_tokens=10"),
-     "topk_softmax", True),
+    (4, ("parallel.pp=4", "schedule.pipeline=1f1b", "train.micro_batch_size=2", "train.loss_chunk_tokens=10",
+         "train.frozen=layers.3.*"), "topk_softmax", True),
     (4, ("parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "model.mtp_layers=1",
          "model.tie_embeddings=true", "parallel.layers_per_stage=[4, 0]"), "sigmoid_bias", True),
     (4, ("parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=2", "model.mtp_layers=1", "parallel.fsdp=true",
@@ -134,7 +140,7 @@ def _assert_weight_steps(results: list[dict], layout: tuple[str, ...]) -> None:
          "model.mtp_layers=1", "model.moe.first_dense_layers=0", "parallel.layers_per_stage=[2, 1, 1, 0]"),
      "sigmoid_bias", True),
 ], ids=["pp2-gpipe-sft", "pp2-ep2-1f1b-manual-chunks2", "pp2-ep2-fsdp-recompute-sigmoid_bias-auto",
-        "pp4-1f1b-sft-loss_chunks", "pp2-ep2-mtp-tied-last-stage-of-no-block-sft", "pp2-ep2-mtp-fsdp-gathered-once",
+        "pp4-1f1b-sft-loss_chunks-last-block-frozen", "pp2-ep2-mtp-tied-last-stage-of-no-block-sft", "pp2-ep2-mtp-fsdp-gathered-once",
         "pp2-ep2-gpipe-fsdp-once-on-rank0-resident-weights-on-rank1-sigmoid_bias",
         "pp2-ep2-overlapped-recompute-sigmoid_bias-sft",
         "pp2x2-interleaved-mtp-sft", "pp2x2-ep2-interleaved-mtp-fsdp-gathered-once-sft-loss_chunks",
@@ -151,12 +157,12 @@ def test_pipeline_stages_train_the_one_process_model(reference, world, layout, r
     micro-step on the second: parallel.fsdp_reduce_once per rank), each with its count of collectives; a manual
     plan (pipelined exchange inside the stages) and schedule.mode=auto (the planner's, from measurements
     made inside the stages); overlapped_1f1b, whose lanes' all-to-alls must each overlap the other lane's
-    computing (parallel/lanes.py's trace); every layout ends with a held-out evaluation through its
-    stages."""
+    computing (parallel/lanes.py's trace); a block frozen by name (the pattern is the whole model's, matching on
+    one stage only); every layout ends with a held-out evaluation through its stages."""
     settings = (*layout, f"model.moe.router={router}")
     results = run_distributed(pipeline_cases.train_steps, world, settings, 6, sft, timeout_s=240)
     ref = _reference(reference, settings, sft)
-    _assert_same_run(results, ref)
+    _assert_same_run(results, ref, tuple(s.split("=", 1)[1] for s in layout if s.startswith("train.frozen=")))
     _assert_lanes(results, overlapped="schedule.pipeline=overlapped_1f1b" in layout or (
         "schedule.pipeline=dualpipev" in layout and "parallel.fsdp=true" not in layout))
     _assert_weight_steps(results, layout)

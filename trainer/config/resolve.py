@@ -24,7 +24,7 @@ from moeyard.trainer.config.node_layout import node_layout_notes, ranks_per_mach
 from moeyard.trainer.config.sections import Config, build_config, config_from_tree, dump_yaml, validate_for_world
 from moeyard.trainer.config.yaml_tree import read_tree
 from moeyard.trainer.data.tokens import default_data_dir
-from moeyard.trainer.freezing import frozen_set
+from moeyard.trainer.freezing import frozen_set, trains_on_stage
 from moeyard.trainer.scheduler.memory_fit import MemoryBudget, fit_memory
 
 
@@ -117,8 +117,30 @@ def resolve_run(path: Optional[str | Path], overrides: Sequence[str] = (), machi
     for note in node_layout_notes(cfg, G):
         say(f"note: {note}")
     cfg = with_node_layout(cfg, len(machines), G)
+    _check_every_stage_trains(cfg)
     budget = memory(cfg) if memory is not None and cfg.schedule.memory_check else None
     return _fit(cfg, machines, budget, say) if budget is not None and budget.capacity_gb else cfg
+
+
+def _check_every_stage_trains(cfg: Config) -> None:
+    """A pipeline rank whose parameters are all frozen (train.trainable, train.frozen, adapters) would build an
+    optimizer of nothing: refused before launch, naming the rank."""
+    p = cfg.parallel
+    frozen = frozen_set(cfg.model, cfg.train.trainable, cfg.train.frozen)
+    if p.pp == 1 or not frozen:
+        return
+    from moeyard.parallel.stages import holds_ends
+    from moeyard.trainer.scheduler.memory_model import stage_blocks
+
+    for rank in range(p.pp):
+        held = stage_blocks(cfg.model, rank, p.pp, cfg.stages_per_rank, tuple(p.layers_per_stage or ()), cfg.v_shape)
+        first, last = holds_ends(rank, p.pp, cfg.v_shape)
+        if not trains_on_stage(cfg.model, frozen, held, first, last):
+            what = [f"blocks {list(held)}" if held else "no block"] + ["the embedding"] * first + \
+                ["the final norm and output layer"] * last
+            raise ConfigError(f"pipeline rank {rank} of parallel.pp={p.pp} holds {', '.join(what)}, and none of "
+                              f"its parameters trains (train.trainable, train.frozen, model.peft): give it blocks "
+                              f"that train (parallel.layers_per_stage) or let some of its parameters train")
 
 
 def machines_of(world: int, ranks_per_machine: int) -> list[str]:

@@ -42,7 +42,8 @@ class ParallelConfig:
     a stage ep, fsdp and the exchange work as without stages, over dp = world / pp ranks."""
     layers_per_stage: Optional[list[int]] = None
     """Decoder blocks of each pipeline stage, in stage order: parallel.pp x schedule.stages_per_rank counts of
-    at least one, adding up to model.n_layers (the MTP depths run on the last stage besides). null: as even
+    at least one (the last: zero or more, a stage of its output layer, loss and MTP depths), adding up to
+    model.n_layers (the MTP depths run on the last stage besides). null: as even
     as the count allows. schedule.mode=auto with schedule.hardware balances them with the cost and memory
     models (the first stage's embedding, the last's output layer, loss and MTP depths)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"

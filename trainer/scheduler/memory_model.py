@@ -437,8 +437,15 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
         activations += max((_block_activations(cfg, i, layout.tokens, layout.act_bytes, "none") - p
                             for i, p in per_block.items()), default=0.0)
     if _defers(layout) and holds_reduction(layout.grad_sync == "fsdp", layout.gather_once, layout.reduce_once, stage):
-        stash = sum(_weight_step_bytes(cfg, i, layout.tokens, layout.act_bytes) for i in held)
-        activations += pending_weight_steps(layout.pipeline, layout.pp, stage, layout.stages_per_rank) * stash
+        def stash(blocks: Sequence[int]) -> float:
+            return sum(_weight_step_bytes(cfg, i, layout.tokens, layout.act_bytes) for i in blocks)
+
+        pending = pending_weight_steps(layout.pipeline, layout.pp, stage, layout.stages_per_rank)
+        if layout.v_shape and layout.pp > 1:  # 2 x pending steps of its two stages, which torch's order splits
+            # unevenly between them: at most all of them the larger stage's
+            activations += 2 * pending * max(stash(first), stash(second))
+        else:
+            activations += pending * stash(held)
     head = _head_bytes(cfg, layout) if last else 0.0
     throughout = layout.micro_steps > 1 or (layout.bucketed and layout.grad_sync != "fsdp")
     return MemoryEstimate(params, grads, optimizer, activations, with_activations + head, after_backward, throughout)

@@ -22,6 +22,7 @@ from typing import Optional
 from moeyard.parallel.plan import Plan, ReduceOnce
 from moeyard.parallel.stages import rank_split, stage_layers
 from moeyard.trainer.config.sections import Config
+from moeyard.trainer.freezing import trains_on_stage
 from moeyard.trainer.scheduler.cost_model import Costs, Workload, stage_prediction
 from moeyard.trainer.scheduler.memory_model import Layout, block_counts, count_parameters, predict_stage
 
@@ -58,6 +59,8 @@ def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: L
         return _balance_v(cfg, w, plan, costs, layout, capacity_bytes)
     pp, per_rank, n = cfg.parallel.pp, cfg.stages_per_rank, cfg.model.n_layers
     blocks = block_counts(cfg.model, layout.ep, layout.frozen)
+    # a last stage of no block, where it trains alone (one stage a rank: a looped rank spreads its blocks)
+    empty_last = per_rank == 1 and trains_on_stage(cfg.model, layout.frozen, range(n, cfg.model.n_blocks), False, True)
     per_rank_choice, variants = _reduce_variants(plan, layout)
     seen: dict = {}  # stage_prediction's, by what a stage runs
     timed: dict[tuple, float] = {}
@@ -94,8 +97,7 @@ def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: L
         chosen: list[ReduceOnce] = []
         start = 0
         for r in range(pp - 1):
-            # blocks the later ranks need at the least: one a stage, but none for a last stage of its own
-            left_after = per_rank * (pp - 1 - r) - (per_rank == 1)
+            left_after = per_rank * (pp - 1 - r) - empty_last  # blocks the later ranks need at the least
             count, variant = 0, variants[0]
             for k in range(per_rank, n - start - left_after + 1):
                 # the later ranks as evenly as can be: only rank r's blocks decide its memory
@@ -163,7 +165,9 @@ def _balance_v(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: Layou
         by the least."""
         spans = stage_layers(n, stages, sizes)
         held = (*spans[r], *spans[stages - 1 - r])
-        if (held, r) not in memo:
+        down, up = spans[r], spans[stages - 1 - r]
+        key = (down.start, down.stop, up.start, up.stop, r)  # each stage's blocks: the memory weighs them apart
+        if key not in memo:
             options = []
             counts = count_parameters(cfg.model, layout.ep, layout.frozen, r, pp, 2, sizes, blocks, True)
             for once in variants:
@@ -172,8 +176,8 @@ def _balance_v(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: Layou
                 ran = (*held, *range(n, w.n_layers)) if r == 0 else held  # the MTP depths with the last stage
                 seconds = stage_prediction(w, dataclasses.replace(plan, reduce_once=once), costs, ran, r, pp, seen).step
                 options.append((over, seconds, once))
-            memo[held, r] = min(options, key=lambda o: o[:2])
-        return memo[held, r]
+            memo[key] = min(options, key=lambda o: o[:2])
+        return memo[key]
 
     def score(sizes: tuple[int, ...]) -> tuple[float, float, list]:
         ranks = [weigh(sizes, r) for r in range(pp)]

@@ -1,7 +1,8 @@
 """schedule.mode=auto over pipeline stages, for a described cluster: which pp, and with it which ep, pipeline
 schedule, micro-batch, layout and recompute, the run should take on `world` ranks.
 
-Every pp that divides the world (each stage at least one block, the last none or more) is weighed with every ep
+Every pp that divides the world (each stage at least one block; with one stage a rank or in a V the last none
+or more, where its own parameters train) is weighed with every ep
 that divides its stage's ranks and the experts, 1f1b, overlapped_1f1b, interleaved_1f1b with two or four stages
 per rank and the two V-placed schedules (zbv_zero_bubble, dualpipev; their split by stage_balance's local
 search), each layout parallel.pp runs (run_planning.layouts_for) and the least recompute that fits the memory

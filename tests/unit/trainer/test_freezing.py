@@ -48,3 +48,20 @@ def test_planner_and_predictions_with_every_dense_parameter_frozen() -> None:
     assert predict(w, reference_plan(w, "all_reduce"), costs).step > 0
     plan, prediction = search(w, costs)
     assert plan.dense_buckets == () and prediction.step > 0
+
+
+def test_every_pipeline_rank_trains_something() -> None:
+    """The patterns are the whole model's on every stage; a pipeline rank none of whose parameters trains is
+    refused before launch, naming it: a last stage of no block whose output layer is frozen (attention alone
+    trains), or a stage whose blocks are all frozen. The stage balancer leaves the last stage a block there."""
+    from moeyard.trainer.config.resolve import machines_of
+
+    machines = machines_of(4, 4)
+    with pytest.raises(ConfigError, match=r"pipeline rank 1 of parallel.pp=2 holds no block, the final norm and "
+                                          r"output layer, and none of its parameters trains"):
+        resolve_run(TINY, ["train.trainable=layers.*.attn.*", "parallel.pp=2", "parallel.layers_per_stage=[4,0]",
+                           "train.micro_batch_size=2"], machines)
+    with pytest.raises(ConfigError, match=r"pipeline rank 0 of parallel.pp=2 holds blocks \[0, 1\], the embedding"):
+        resolve_run(TINY, ["train.trainable=layers.3.*", "parallel.pp=2", "train.micro_batch_size=2"], machines)
+    resolve_run(TINY, ["train.trainable=layers.*.attn.*", "parallel.pp=2", "train.micro_batch_size=2"], machines)
+    resolve_run(TINY, ["parallel.pp=2", "parallel.layers_per_stage=[4,0]", "train.micro_batch_size=2"], machines)

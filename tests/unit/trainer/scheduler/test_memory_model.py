@@ -191,7 +191,7 @@ def test_a_v_ranks_two_stages_each_hold_their_own_micro_batches() -> None:
 
     cfg = dataclasses.replace(CFG, tie_embeddings=False)
     layout = Layout(world=4, ep=2, tokens=256, pp=2, pipeline="dualpipev", stages_per_rank=2, micro_steps=4,
-                    recompute="full")
+                    recompute="full", defer_weight_gradients=False)  # the activations alone
 
     def first_rank(sizes: tuple[int, ...]) -> float:
         split = dataclasses.replace(layout, layers_per_stage=sizes)
@@ -199,6 +199,13 @@ def test_a_v_ranks_two_stages_each_hold_their_own_micro_batches() -> None:
 
     block_input = 256 * 4 * cfg.dim
     assert first_rank((2, 1, 1, 0)) - first_rank((1, 1, 1, 1)) == pytest.approx(3 * block_input)
+    # Deferred weight steps: the rank's one pending step (pp 2, rank 0; torch's order puts it on either stage)
+    # counted as the larger stage's, stage 0's two blocks
+    from moeyard.trainer.scheduler.memory_model import _weight_step_bytes
+
+    deferred = dataclasses.replace(layout, defer_weight_gradients=True, layers_per_stage=(2, 1, 1, 0))
+    held = predict_stage(cfg, deferred, stage_counts(cfg, deferred)[0], 0).activations - first_rank((2, 1, 1, 0))
+    assert held == pytest.approx(sum(_weight_step_bytes(cfg, i, 256, 4) for i in (0, 1)))
     with pytest.raises(ValueError):  # every stage but the last holds a block
         first_rank((3, 0, 1, 0))
 

@@ -347,3 +347,21 @@ def test_a_looped_ranks_blocks_are_its_stages_blocks() -> None:
     looped = rank_split([6, 6, 6, 6], 4)  # 6 over 4 loops: two spares each, never all in the same loops
     assert len({tuple(looped[s] for s in stage_ids(r, 4, 4)) for r in range(4)}) > 1, looped
     assert [len(r) for r in rank_layers(61, 16)] == [len(r) for r in stage_layers(61, 16)]
+
+
+def test_the_last_stage_keeps_a_block_where_alone_it_would_train_nothing() -> None:
+    """On the small model, under the memory per rank where the balancer leaves the last stage no block (its MTP
+    depth, output layer and loss), the same run training only the decoder blocks' attention (the last stage's own
+    parameters frozen) keeps a block there: a rank with nothing to train is refused at launch."""
+    from moeyard.trainer.scheduler.stage_balance import balance_stages
+
+    cfg, w, plan, layout, costs, _ = _balance_case(configs.path("tiny.yaml"), BASE + ["parallel.pp=3", *SMALL], 48)
+    _, _, peak = _every_split(cfg, w, plan, layout, costs, 3)
+    emptied = [c for c in sorted(set(peak.values()))
+               if balance_stages(cfg, w, plan, costs, layout, c).layers_per_stage[-1] == 0]
+    assert emptied, "no memory per rank made the balancer empty the last stage: the case proves nothing"
+    cfg, w, plan, layout, costs, _ = _balance_case(configs.path("tiny.yaml"), BASE + [
+        "parallel.pp=3", *SMALL, "train.trainable=layers.*.attn.*"], 48)
+    for capacity in emptied:
+        split = balance_stages(cfg, w, plan, costs, layout, capacity)
+        assert split is None or split.layers_per_stage[-1] >= 1, (capacity, split)
