@@ -290,13 +290,13 @@ class Pipeline:
         self._before_backward: Callable[[bool], None] = lambda last: None
         """What this step's run was given (run), for every stage's StepStage."""
         self.weight_steps = WeightSteps()
-        self.defer_weight_gradients = defer_weight_gradients
+        self._weight_steps_asked = defer_weight_gradients
 
     @property
     def defers_weight_gradients(self) -> bool:
         """Whether the schedule runs input and weight steps (SPLIT_BACKWARD) and is to give the weight steps the
         weight gradients (where the gradient sync holds its reduction: the caller's to say, run)."""
-        return self.defer_weight_gradients and issubclass(self.schedule_class, SPLIT_BACKWARD)
+        return self._weight_steps_asked and issubclass(self.schedule_class, SPLIT_BACKWARD)
 
     @property
     def is_first(self) -> bool:

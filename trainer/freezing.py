@@ -11,14 +11,14 @@ same at any ep: expert shards keep their weight's name.
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import Optional, Sequence
+from typing import Optional
 
 from torch import nn
 
 from moeyard.errors import ConfigError
 from moeyard.models import ModelConfig
 from moeyard.models.peft.adapters import ADAPTER_PATTERN, is_adapter_parameter
-from moeyard.trainer.scheduler.block_shapes import block_index, parameter_shapes
+from moeyard.trainer.scheduler.block_shapes import parameter_shapes
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -61,18 +61,3 @@ def freeze(model: nn.Module, trainable: Optional[list[str]], frozen: list[str]) 
             params[name].requires_grad_(False)
     return sum(p.numel() for p in params.values() if p.requires_grad), sum(p.numel() for p in params.values())
 
-
-def trains_on_stage(model_cfg: ModelConfig, frozen: frozenset[str], held: Sequence[int], first: bool,
-                    last: bool) -> bool:
-    """Whether a pipeline rank holding blocks `held` (the MTP depths' among them on the last stage's rank), the
-    embedding where it holds the first stage and the final norm and output layer (and the embedding's copy the
-    MTP depths or a tied output layer read) where it holds the last, has a parameter that trains: a rank with
-    none would build an optimizer of nothing."""
-    blocks = set(held)
-    copy = last and (model_cfg.tie_embeddings or model_cfg.mtp_layers > 0)
-    for name, _, _ in parameter_shapes(model_cfg):
-        index = block_index(name, model_cfg)
-        on_rank = index in blocks or (index == -1 and (first or copy)) or (index == model_cfg.n_blocks and last)
-        if on_rank and name not in frozen:
-            return True
-    return False

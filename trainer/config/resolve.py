@@ -24,7 +24,7 @@ from moeyard.trainer.config.node_layout import node_layout_notes, ranks_per_mach
 from moeyard.trainer.config.sections import Config, build_config, config_from_tree, dump_yaml, validate_for_world
 from moeyard.trainer.config.yaml_tree import read_tree
 from moeyard.trainer.data.tokens import default_data_dir
-from moeyard.trainer.freezing import frozen_set, trains_on_stage
+from moeyard.trainer.freezing import frozen_set
 from moeyard.trainer.scheduler.memory_fit import MemoryBudget, fit_memory
 
 
@@ -130,12 +130,14 @@ def _check_every_stage_trains(cfg: Config) -> None:
     if p.pp == 1 or not frozen:
         return
     from moeyard.parallel.stages import holds_ends
-    from moeyard.trainer.scheduler.memory_model import stage_blocks
+    from moeyard.trainer.scheduler.memory_model import count_parameters, stage_blocks
 
+    sizes = tuple(p.layers_per_stage or ())
     for rank in range(p.pp):
-        held = stage_blocks(cfg.model, rank, p.pp, cfg.stages_per_rank, tuple(p.layers_per_stage or ()), cfg.v_shape)
-        first, last = holds_ends(rank, p.pp, cfg.v_shape)
-        if not trains_on_stage(cfg.model, frozen, held, first, last):
+        counts = count_parameters(cfg.model, 1, frozen, rank, p.pp, cfg.stages_per_rank, sizes, v_shape=cfg.v_shape)
+        if counts.dense_trainable + counts.experts_trainable == 0:
+            held = stage_blocks(cfg.model, rank, p.pp, cfg.stages_per_rank, sizes, cfg.v_shape)
+            first, last = holds_ends(rank, p.pp, cfg.v_shape)
             what = [f"blocks {list(held)}" if held else "no block"] + ["the embedding"] * first + \
                 ["the final norm and output layer"] * last
             raise ConfigError(f"pipeline rank {rank} of parallel.pp={p.pp} holds {', '.join(what)}, and none of "

@@ -19,7 +19,7 @@ import torch
 from moeyard.models import ModelConfig
 from moeyard.parallel.plan import ReduceOnce, holds_reduction, reduce_once_on
 from moeyard.parallel.shards import expert_shard_dim, padded_shard_numel
-from moeyard.parallel.stages import SPLIT_BACKWARD, V_SHAPED, holds_ends, rank_layers, stage_layers
+from moeyard.parallel.stages import SPLIT_BACKWARD, V_SHAPED, holds_ends, rank_layers, stage_ids, stage_layers
 from moeyard.trainer.scheduler.block_shapes import attention_shape, block_index, parameter_shapes
 
 GB = 1e9
@@ -111,8 +111,8 @@ def _v_stages(cfg: ModelConfig, layout: Layout, rank: int) -> tuple[Sequence[int
     """The blocks of the two stages pipeline rank `rank` holds in a V: stage r's, then stage 2 pp - 1 - r's (on
     the first rank the last stage, with the MTP depths)."""
     spans = stage_layers(cfg.n_layers, 2 * layout.pp, layout.layers_per_stage)
-    second = spans[2 * layout.pp - 1 - rank]
-    return spans[rank], (*second, *range(cfg.n_layers, cfg.n_blocks)) if rank == 0 else second
+    first, second = (spans[s] for s in stage_ids(rank, layout.pp, 2, v_shape=True))
+    return first, (*second, *range(cfg.n_layers, cfg.n_blocks)) if holds_ends(rank, layout.pp, True)[1] else second
 
 
 def pending_weight_steps(pipeline: str, pp: int, stage: int, per_rank: int) -> float:

@@ -22,7 +22,6 @@ from typing import Optional
 from moeyard.parallel.plan import Plan, ReduceOnce
 from moeyard.parallel.stages import rank_split, stage_layers
 from moeyard.trainer.config.sections import Config
-from moeyard.trainer.freezing import trains_on_stage
 from moeyard.trainer.scheduler.cost_model import Costs, Workload, stage_prediction
 from moeyard.trainer.scheduler.memory_model import Layout, block_counts, count_parameters, predict_stage
 
@@ -60,7 +59,9 @@ def balance_stages(cfg: Config, w: Workload, plan: Plan, costs: Costs, layout: L
     pp, per_rank, n = cfg.parallel.pp, cfg.stages_per_rank, cfg.model.n_layers
     blocks = block_counts(cfg.model, layout.ep, layout.frozen)
     # a last stage of no block, where it trains alone (one stage a rank: a looped rank spreads its blocks)
-    empty_last = per_rank == 1 and trains_on_stage(cfg.model, layout.frozen, range(n, cfg.model.n_blocks), False, True)
+    alone = count_parameters(cfg.model, layout.ep, layout.frozen, pp - 1, pp, 1, (*_even(n, pp - 1), 0), blocks) \
+        if per_rank == 1 else None
+    empty_last = alone is not None and alone.dense_trainable + alone.experts_trainable > 0
     per_rank_choice, variants = _reduce_variants(plan, layout)
     seen: dict = {}  # stage_prediction's, by what a stage runs
     timed: dict[tuple, float] = {}

@@ -2,14 +2,13 @@
 schedule, micro-batch, layout and recompute, the run should take on `world` ranks.
 
 Every pp that divides the world (each stage at least one block; with one stage a rank or in a V the last none
-or more, where its own parameters train) is weighed with every ep
-that divides its stage's ranks and the experts, 1f1b, overlapped_1f1b, interleaved_1f1b with two or four stages
-per rank and the two V-placed schedules (zbv_zero_bubble, dualpipev; their split by stage_balance's local
-search), each layout parallel.pp runs (run_planning.layouts_for) and the least recompute that fits the memory
-per rank, its blocks split over the stages by the cost and memory models (stage_balance:
-parallel.layers_per_stage). Each is predicted at one chunk per MoE layer, so that the search stays within
-minutes for a 671B model on 256 ranks;
-the chunk, bucket and dispatch search then runs on the chosen one (run_planning.layout_choices). The
+or more, where its own parameters train) is weighed with every ep that divides its stage's ranks and the
+experts, 1f1b, overlapped_1f1b, interleaved_1f1b with two or four stages per rank and the two V-placed schedules
+(zbv_zero_bubble, dualpipev; their split by stage_balance's local search), each layout parallel.pp runs
+(run_planning.layouts_for) and the least recompute that fits the memory per rank, its blocks split over the
+stages by the cost and memory models (stage_balance: parallel.layers_per_stage). Each is predicted at one chunk
+per MoE layer, so that the search stays within minutes for a 671B model on 256 ranks; the chunk, bucket and
+dispatch search then runs on the chosen one (run_planning.layout_choices). The
 micro-batch: the configured one where the stages leave it enough micro-steps (at least pp), else the largest
 that gives 4 x pp of them (a bubble of at most a quarter of the step), as Megatron-Core's guidance has it.
 
