@@ -436,7 +436,12 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
     elif layout.recompute == "selective":  # what one block's recomputation brings back for its backward
         activations += max((_block_activations(cfg, i, layout.tokens, layout.act_bytes, "none") - p
                             for i, p in per_block.items()), default=0.0)
-    if _defers(layout) and holds_reduction(layout.grad_sync == "fsdp", layout.gather_once, layout.reduce_once, stage):
+    held_reduction = holds_reduction(layout.grad_sync == "fsdp", layout.gather_once, layout.reduce_once, stage)
+    if layout.grad_sync != "fsdp" and layout.micro_steps > 1 and not (_defers(layout) and held_reduction):
+        # A block's backward computes its weight gradients into fresh tensors that are then added to the
+        # accumulated ones (fsdp counts its unit's above; deferred weight steps add into .grad in place)
+        activations += 4 * c.largest_block
+    if _defers(layout) and held_reduction:
         def stash(blocks: Sequence[int]) -> float:
             return sum(_weight_step_bytes(cfg, i, layout.tokens, layout.act_bytes) for i in blocks)
 
