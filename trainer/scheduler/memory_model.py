@@ -28,6 +28,8 @@ HEADROOM = 0.9
 the rest."""
 GPU_RUNTIME_GB = 2.0
 """What a GPU worker's CUDA context, NCCL's buffers and the allocator's reserve take beside the model."""
+ALL_FORWARDS_FIRST = ("gpipe", "looped_bfs")
+"""Pipeline schedules that run every micro-batch's forward before the first backward."""
 
 
 def usable_gb(device_gb: float) -> float:
@@ -155,7 +157,7 @@ def in_flight(pipeline: str, pp: int, stage: int, micro_steps: int, per_rank: in
         return 1
     if pipeline in V_SHAPED:
         return max(sum(pair) for pair in v_in_flight(pipeline, pp, stage, micro_steps)) / 2
-    if pipeline in ("gpipe", "looped_bfs"):
+    if pipeline in ALL_FORWARDS_FIRST:
         return micro_steps
     if pipeline in ("interleaved_1f1b", "interleaved_zero_bubble") and per_rank > 1:
         per_round = micro_steps // max(1, micro_steps // pp)  # pp, or all of them when fewer than 2 pp
@@ -320,7 +322,10 @@ def _block_activations(cfg: ModelConfig, layer: int, tokens: int, b: int, recomp
     rows = tokens * moe.top_k
     per_token += 3 * 4 * moe.num_experts  # router logits, probabilities, chosen weights (float32)
     per_token += b * swiglu(moe.shared_hidden_dim) if moe.num_shared_experts else 0
-    routed = rows * b * 4 * d  # rows sent, received, expert outputs, outputs back
+    # the rows the experts received and the outputs brought back (the combine's); what was sent and what the
+    # experts returned travel on and are not kept (counted by saved-tensor hooks on a block: 29.1 MiB where
+    # 4 rows' worth made 33.6)
+    routed = rows * b * 2 * d
     if recompute != "experts" and not cfg.moe.recompute_experts:
         routed += rows * b * (2 if selective else 4) * moe.ffn_dim  # gate, up (, silu(gate), their product)
     return tokens * per_token + routed
@@ -437,7 +442,9 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
         activations += max((_block_activations(cfg, i, layout.tokens, layout.act_bytes, "none") - p
                             for i, p in per_block.items()), default=0.0)
     held_reduction = holds_reduction(layout.grad_sync == "fsdp", layout.gather_once, layout.reduce_once, stage)
-    if layout.grad_sync != "fsdp" and layout.micro_steps > 1 and not (_defers(layout) and held_reduction):
+    # gpipe and looped_bfs run every forward before the first backward: no gradient exists at its start
+    accumulated = layout.micro_steps > 1 and not (layout.pp > 1 and layout.pipeline in ALL_FORWARDS_FIRST)
+    if layout.grad_sync != "fsdp" and accumulated and not (_defers(layout) and held_reduction):
         # A block's backward computes its weight gradients into fresh tensors that are then added to the
         # accumulated ones (fsdp counts its unit's above; deferred weight steps add into .grad in place)
         activations += 4 * c.largest_block
@@ -452,7 +459,7 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
         else:
             activations += pending * stash(held)
     head = _head_bytes(cfg, layout) if last else 0.0
-    throughout = layout.micro_steps > 1 or (layout.bucketed and layout.grad_sync != "fsdp")
+    throughout = accumulated or (layout.bucketed and layout.grad_sync != "fsdp")
     return MemoryEstimate(params, grads, optimizer, activations, with_activations + head, after_backward, throughout)
 
 

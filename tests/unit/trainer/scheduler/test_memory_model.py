@@ -326,3 +326,45 @@ def test_accumulating_backwards_hold_one_blocks_fresh_weight_gradients() -> None
         plain = predict_stage(CFG, v, c, stage).activations
         assert plain - predict_stage(CFG, dataclasses.replace(v, micro_steps=1), c, stage).activations \
             >= 4 * c.largest_block
+
+
+def test_a_blocks_activations_are_what_autograd_saves() -> None:
+    """_block_activations against the tensors autograd keeps for one block's backward (saved-tensor hooks,
+    each storage once, the parameters and RoPE tables left out), on a dense and an MoE block in float32."""
+    import torch
+
+    from moeyard.trainer.scheduler.memory_model import _block_activations
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CFG, dim=256, ffn_dim=512, moe=dataclasses.replace(CFG.moe, ffn_dim=256))
+    model = Transformer(cfg)
+    kept = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    T = 256
+    x = torch.randn(1, T, cfg.dim, requires_grad=True)
+    for layer in (0, 1):  # first_dense_layers=1: a dense block, then an MoE block
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in kept:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.layers[layer](x, model.rope_cos[:T], model.rope_sin[:T])
+        predicted = _block_activations(cfg, layer, T, 4, "none")
+        assert sum(saved.values()) == pytest.approx(predicted, rel=0.1), (layer, sum(saved.values()), predicted)
+
+
+def test_gpipe_holds_no_gradient_when_its_backwards_begin() -> None:
+    """gpipe runs every forward first: its peak is all micro-batches' activations without gradients (measured:
+    the pp 2 row of benchmarks/memory.py at 0.84 of the prediction that held both, 1.05 now), or the
+    gradients at the end; 1f1b's backwards begin with earlier micro-batches' gradients accumulated."""
+    layout = Layout(world=4, ep=2, tokens=256, micro_steps=4, pp=2, pipeline="gpipe")
+    gpipe = predict_memory(CFG, layout)
+    assert gpipe.start_of_backward == pytest.approx(gpipe.parameters + gpipe.optimizer + gpipe.activations
+                                                    + gpipe.with_activations)
+    one_f_one_b = predict_memory(CFG, dataclasses.replace(layout, pipeline="1f1b"))
+    assert one_f_one_b.start_of_backward == pytest.approx(
+        one_f_one_b.parameters + one_f_one_b.optimizer + one_f_one_b.gradients + one_f_one_b.activations
+        + one_f_one_b.with_activations)
