@@ -12,7 +12,13 @@ device, sharded, each rank initialising its part) and trains a few steps on rand
 - model state: the bytes of this rank's parameters, gradients and optimizer state after the last step
   (the tensors themselves, FSDP's local shards);
 - train peak: the peak resident set over the steps after the first (the optimizer state exists from
-  then on), minus base.
+  then on), minus base;
+- runtime: what the process holds after its first step that is no tensor -- library code paged in by the
+  first GEMMs, the math libraries' own buffers, malloc's heaps, the Python heap (60-75 MB a rank here,
+  about a tenth of a pipeline row; read as the resident set less base and every tensor alive, counted by
+  storage from the garbage collector's objects, at the start of the second step);
+- tensor peak: train peak less runtime, what a GPU's `max_memory_allocated` reads and the memory model
+  predicts. The tables compare it with the prediction.
 
 The workers run glibc with a fixed 64 KiB mmap threshold and no trim threshold, so that a freed tensor's
 pages go back to the system at once and the resident set follows the live tensors -- what a GPU's
@@ -27,12 +33,14 @@ fsdp. The slowest rank's median step time gives the fsdp/replicated ratio.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import queue
 import socket
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: one thread per rank
@@ -41,6 +49,7 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from moeyard import configs  # noqa: E402
+from moeyard.parallel.stages import SPLIT_BACKWARD  # noqa: E402
 from moeyard.trainer.config.sections import Config, read_config  # noqa: E402
 from moeyard.trainer.memory_stats import local_bytes  # noqa: E402
 from moeyard.trainer.scheduler.memory_fit import memory_layout  # noqa: E402
@@ -88,7 +97,14 @@ PIPELINE_LAYOUTS = [["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1
                     ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=dualpipev",
                      "parallel.fsdp=true", "parallel.fsdp_gather_once=true"],
                     ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=dualpipev",
-                     "parallel.layers_per_stage=[3,2,1,0]"]]
+                     "parallel.layers_per_stage=[3,2,1,0]"],
+                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "train.recompute=full"],
+                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=zbv_zero_bubble",
+                     "schedule.defer_weight_gradients=false"],
+                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=dualpipev",
+                     "schedule.defer_weight_gradients=false"],
+                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=dualpipev",
+                     "schedule.defer_weight_gradients=false", "train.recompute=full"]]
 """Pipeline stages on the calibration model (4 micro-batches a step): 1f1b holds as many micro-batches'
 activations on a stage as there are stages from it to the last, gpipe all of them; fsdp per micro-step and
 gathered once per step (the stage's weights and unsharded gradients kept through the schedule); overlapped_1f1b
@@ -96,7 +112,8 @@ gathered once per step (the stage's weights and unsharded gradients kept through
 per micro-step and gathered once; pp 4; resident weights on the first rank and one reduction a step on the
 last (parallel.fsdp_reduce_once per rank); the V-placed zbv_zero_bubble and dualpipev (replicated: its pairs in
 two lanes; and under fsdp gathered once); dualpipev whose last stage holds no block (the first rank: three blocks,
-the embedding, the output layer and the loss)."""
+the embedding, the output layer and the loss); then what the planner picks at scale: 1f1b under full recompute, the
+V schedules with their weight gradients not deferred, and dualpipev so under full recompute (DeepSeek-V3's plan)."""
 
 
 def _status_kb(field: str) -> int:
@@ -108,6 +125,22 @@ def _status_kb(field: str) -> int:
 
 def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor alive in this process, each storage once (DTensors through their local shards)."""
+    from torch.distributed.tensor import DTensor
+
+    gc.collect()
+    storages: dict[int, int] = {}
+    with warnings.catch_warnings():  # isinstance on deprecated objects (torch.distributed.reduce_op) warns
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and not isinstance(obj, DTensor)]
+    for t in tensors:
+        storage = t.untyped_storage() if t.device.type != "meta" else None
+        if storage is not None and storage.data_ptr():
+            storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(storages.values())
 
 
 def state_bytes(model: torch.nn.Module, sync) -> int:
@@ -147,6 +180,7 @@ def _measure(rank: int, world: int, overrides: list[str], steps: int, port: int,
     times = []
     for step in range(steps):
         if step == min(1, steps - 1):
+            runtime = _status_kb("VmRSS") - base - live_tensor_bytes()
             _reset_peak()
         batch = torch.randint(0, cfg.model.vocab_size, (per_rank, cfg.train.seq_len + 1))
         dist.barrier()
@@ -157,6 +191,7 @@ def _measure(rank: int, world: int, overrides: list[str], steps: int, port: int,
         times.append(time.perf_counter() - start)
     train_peak = _status_kb("VmHWM") - base
     results.put({"rank": rank, "base": base, "build_peak": build_peak, "train_peak": train_peak,
+                 "runtime": runtime, "tensor_peak": train_peak - runtime,
                  "state": state_bytes(model, sync), "times": times})
     dist.destroy_process_group()
 
@@ -211,6 +246,8 @@ def _label(cfg: Config, world: int) -> str:
             extra += f", blocks per stage {cfg.parallel.layers_per_stage}"
     if cfg.optim.moment_dtype != "float32":
         extra += f", {cfg.optim.moment_dtype} moments"
+    if cfg.parallel.pp > 1 and cfg.schedule.pipeline in SPLIT_BACKWARD and not cfg.defers_weight_gradients:
+        extra += ", weight gradients not deferred"
     return f"{sync}, ep={cfg.parallel.ep}, recompute {cfg.train.recompute}{extra}"
 
 
@@ -236,27 +273,32 @@ def row(overrides: list[str], steps: int, world: int = WORLD) -> dict:
         "largest_block_bytes": 4 * counts.largest_block,
         "base": max(r["base"] for r in ranks), "build_peak": max(r["build_peak"] for r in ranks),
         "train_peak": max(r["train_peak"] for r in ranks), "state": max(r["state"] for r in ranks),
+        "tensor_peak": max(r["tensor_peak"] for r in ranks), "runtime": max(r["runtime"] for r in ranks),
         "state_mean": statistics.mean(r["state"] for r in ranks),
         "step_s": statistics.median(slowest[1:] if steps > 1 else slowest),
     }
-    print(f"{out['layout']}: predicted {out['predicted_peak'] / GB:.3f} GB, measured {out['train_peak'] / GB:.3f} "
-          f"GB (base {out['base'] / GB:.2f}), state {out['state'] / GB:.3f} GB, step {out['step_s']:.2f} s",
+    print(f"{out['layout']}: predicted {out['predicted_peak'] / GB:.3f} GB, measured {out['tensor_peak'] / GB:.3f} "
+          f"GB (resident {out['train_peak'] / GB:.3f}, base {out['base'] / GB:.2f}, runtime {out['runtime'] / GB:.3f}), state {out['state'] / GB:.3f} GB, step {out['step_s']:.2f} s",
           flush=True)
     return out
 
 
 def _peak_cells(r: dict) -> str:
-    """A row's first cells: the layout, its predicted and measured peak, and their ratio."""
-    return (f"| {r['layout']} | {r['predicted_peak'] / GB:.3f} GB | {r['train_peak'] / GB:.3f} GB | "
-            f"{r['train_peak'] / r['predicted_peak']:.2f} |")
+    """A row's first cells: the layout, its predicted and measured (tensor) peak, their ratio, and the resident
+    peak it was read from (tensors and runtime)."""
+    return (f"| {r['layout']} | {r['predicted_peak'] / GB:.3f} GB | {r['tensor_peak'] / GB:.3f} GB | "
+            f"{r['tensor_peak'] / r['predicted_peak']:.2f} | {r['train_peak'] / GB:.3f} GB |")
+
+
+PEAK_HEADER = "| layout | predicted peak | measured tensor peak | measured / predicted | resident peak |"
+PEAK_RULE = "|---|---|---|---|---|"
 
 
 def state_markdown(rows: list[dict]) -> str:
     """Where the state lives with 4 micro-steps a step: peak against the model, the largest rank against the
     mean, and each layout's step time against replicated."""
     replicated = rows[0]
-    lines = ["| layout | predicted peak | measured peak | measured / predicted | largest rank's state / mean | "
-             "step | step / replicated |", "|---|---|---|---|---|---|---|"]
+    lines = [f"{PEAK_HEADER} largest rank's state / mean | step | step / replicated |", f"{PEAK_RULE}---|---|---|"]
     for r in rows:
         lines.append(f"{_peak_cells(r)} {r['state'] / r['state_mean']:.3f} | {r['step_s']:.2f} s | "
                      f"{r['step_s'] / replicated['step_s']:.2f} |")
@@ -265,8 +307,7 @@ def state_markdown(rows: list[dict]) -> str:
 
 def pipeline_markdown(rows: list[dict]) -> str:
     """Pipeline layouts: the largest rank's peak against the model's largest stage."""
-    lines = ["| layout | predicted peak | measured peak | measured / predicted | model state | step |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"{PEAK_HEADER} model state | step |", f"{PEAK_RULE}---|---|"]
     for r in rows:
         lines.append(f"{_peak_cells(r)} {r['state'] / GB:.3f} GB | {r['step_s']:.2f} s |")
     return "\n".join(lines)
@@ -274,8 +315,7 @@ def pipeline_markdown(rows: list[dict]) -> str:
 
 def markdown(calibration: list[dict], large: dict | None) -> str:
     gb = 1 / GB
-    lines = ["| layout | predicted peak | measured peak | measured / predicted | model state | "
-             "build peak | step |", "|---|---|---|---|---|---|---|"]
+    lines = [f"{PEAK_HEADER} model state | build peak | step |", f"{PEAK_RULE}---|---|---|"]
     for r in calibration:
         lines.append(f"{_peak_cells(r)} {r['state'] * gb:.3f} GB | {r['build_peak'] * gb:.3f} GB | "
                      f"{r['step_s']:.2f} s |")
@@ -289,8 +329,9 @@ def markdown(calibration: list[dict], large: dict | None) -> str:
                   f"- model state per rank {large['state'] * gb:.2f} GB measured, "
                   f"{large['ideal_state'] * gb:.2f} GB = 16 bytes x parameters / {WORLD} "
                   f"(ratio {large['state'] / large['ideal_state']:.3f});",
-                  f"- peak {large['train_peak'] * gb:.2f} GB measured, {large['predicted_peak'] * gb:.2f} GB "
-                  f"predicted (ratio {large['train_peak'] / large['predicted_peak']:.2f});",
+                  f"- peak {large['tensor_peak'] * gb:.2f} GB measured (resident {large['train_peak'] * gb:.2f} GB), "
+                  f"{large['predicted_peak'] * gb:.2f} GB predicted (ratio "
+                  f"{large['tensor_peak'] / large['predicted_peak']:.2f});",
                   f"- while building: {large['build_peak'] * gb:.2f} GB, against this rank's parameters "
                   f"({large['predicted']['parameters'] * gb:.2f} GB) plus one block "
                   f"({large['largest_block_bytes'] * gb:.2f} GB): ratio "

@@ -40,6 +40,8 @@ def test_memory_benchmark_smoke(tmp_path: Path) -> None:
     rows = json.loads(stem.with_suffix(".json").read_text())["calibration"]
     assert [r["layout"].split(",")[0] for r in rows] == ["replicated", "fsdp"]
     assert all(r["train_peak"] > 0 and r["predicted_peak"] > 0 and r["step_s"] > 0 for r in rows)
+    # The tensors' peak is the resident peak less what the process holds that is no tensor (code, heaps)
+    assert all(0 < r["tensor_peak"] < r["train_peak"] and r["runtime"] > 0 for r in rows)
     fsdp = rows[1]
     assert abs(fsdp["state"] / fsdp["predicted_state"] - 1) < 0.05, fsdp
     assert "fsdp / replicated step time" in stem.with_suffix(".md").read_text()
