@@ -14,7 +14,7 @@ device, sharded, each rank initialising its part) and trains a few steps on rand
 - train peak: the peak resident set over the steps after the first (the optimizer state exists from
   then on), minus base;
 - runtime: what the process holds after its first step that is no tensor -- library code paged in by the
-  first GEMMs, the math libraries' own buffers, malloc's heaps, the Python heap (60-75 MB a rank here,
+  first GEMMs, the math libraries' own buffers, malloc's heaps, the Python heap (58-73 MB a rank here,
   about a tenth of a pipeline row; read as the resident set less base and every tensor alive, counted by
   storage from the garbage collector's objects, at the start of the second step);
 - tensor peak: train peak less runtime, what a GPU's `max_memory_allocated` reads and the memory model
@@ -137,7 +137,10 @@ def live_tensor_bytes() -> int:
         warnings.simplefilter("ignore")
         tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and not isinstance(obj, DTensor)]
     for t in tensors:
-        storage = t.untyped_storage() if t.device.type != "meta" else None
+        try:  # sparse tensors and storage-less wrappers have no storage to count
+            storage = t.untyped_storage() if t.device.type != "meta" else None
+        except (RuntimeError, NotImplementedError):
+            continue
         if storage is not None and storage.data_ptr():
             storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
     return sum(storages.values())

@@ -61,7 +61,8 @@ class Layout:
     loss_chunk_tokens: int = 8192
     frozen: frozenset[str] = frozenset()
     micro_steps: int = 1
-    """Micro-steps per optimizer step: with more than one, gradients accumulate through the forwards."""
+    """Micro-steps per optimizer step: with more than one, gradients accumulate through the forwards (but
+    those of a pipeline stage that runs all of its forwards before its first backward)."""
     bucketed: bool = False
     """Gradients live in flat bucket buffers (a planned replicated sync, or reduce_scatter's ZeRO)."""
     gather_once: bool = False
@@ -442,12 +443,15 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
         activations += max((_block_activations(cfg, i, layout.tokens, layout.act_bytes, "none") - p
                             for i, p in per_block.items()), default=0.0)
     held_reduction = holds_reduction(layout.grad_sync == "fsdp", layout.gather_once, layout.reduce_once, stage)
-    # gpipe and looped_bfs run every forward before the first backward: no gradient exists at its start
-    accumulated = layout.micro_steps > 1 and not (layout.pp > 1 and layout.pipeline in ALL_FORWARDS_FIRST)
+    # Gradients have accumulated when the first backward starts, unless every forward of the step ran before it
+    # (gpipe, looped_bfs; 1f1b's first stages when the step has no more micro-batches than they hold)
+    accumulated = layout.micro_steps > 1 and (layout.pp == 1 or layout.v_shape or flight < layout.micro_steps)
     if layout.grad_sync != "fsdp" and accumulated and not (_defers(layout) and held_reduction):
-        # A block's backward computes its weight gradients into fresh tensors that are then added to the
-        # accumulated ones (fsdp counts its unit's above; deferred weight steps add into .grad in place)
-        activations += 4 * c.largest_block
+        # A backward computes a block's weight gradients (the output layer's, on the last stage: per loss
+        # chunk) into fresh tensors, then adds them to the accumulated ones; fsdp counts its unit's above.
+        # Deferred weight steps make theirs (the experts', and all under bf16) after their input step freed
+        # the activations, beside the stash counted below: an upper bound on them at the peak.
+        activations += 4 * max(c.largest_block, cfg.vocab_size * cfg.dim if last else 0)
     if _defers(layout) and held_reduction:
         def stash(blocks: Sequence[int]) -> float:
             return sum(_weight_step_bytes(cfg, i, layout.tokens, layout.act_bytes) for i in blocks)
