@@ -17,8 +17,8 @@ device, sharded, each rank initialising its part) and trains a few steps on rand
   first GEMMs, the math libraries' own buffers, malloc's heaps, the Python heap (58-73 MB a rank here,
   about a tenth of a pipeline row; read as the resident set less base and every tensor alive, counted by
   storage from the garbage collector's objects, at the start of the second step);
-- tensor peak: train peak less runtime, what a GPU's `max_memory_allocated` reads and the memory model
-  predicts. The tables compare it with the prediction.
+- tensor peak: train peak less runtime: the tensors alone, what the memory model predicts and what a GPU's
+  `max_memory_allocated` would count (no GPU has measured it). The tables compare it with the prediction.
 
 The workers run glibc with a fixed 64 KiB mmap threshold and no trim threshold, so that a freed tensor's
 pages go back to the system at once and the resident set follows the live tensors -- what a GPU's
@@ -79,32 +79,28 @@ STATE_LAYOUTS = [[], ["parallel.fsdp=true"], ["parallel.fsdp=true", "parallel.fs
 once per step, resident weights (gathered once, reduced every micro-step; then with bf16 AdamW moments),
 and 2 experts over edp 2 (one expert per ep rank, its weights split on dim 1)."""
 PIPELINE = [*CALIBRATION, "model.tie_embeddings=false"]
-PIPELINE_LAYOUTS = [["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=1f1b"],
-                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=gpipe"],
-                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "parallel.fsdp=true"],
-                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "parallel.fsdp=true",
+PP2 = ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1"]
+"""pp 2 x ep 2 on the 4 ranks, one sequence a micro-step: 4 micro-steps a step."""
+PIPELINE_LAYOUTS = [[*PP2, "schedule.pipeline=1f1b"],
+                    [*PP2, "schedule.pipeline=gpipe"],
+                    [*PP2, "parallel.fsdp=true"],
+                    [*PP2, "parallel.fsdp=true", "parallel.fsdp_gather_once=true"],
+                    [*PP2, "schedule.pipeline=overlapped_1f1b"],
+                    [*PP2, "schedule.pipeline=interleaved_1f1b", "parallel.fsdp=true"],
+                    [*PP2, "schedule.pipeline=interleaved_1f1b", "parallel.fsdp=true",
                      "parallel.fsdp_gather_once=true"],
-                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=overlapped_1f1b"],
-                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=interleaved_1f1b",
-                     "parallel.fsdp=true"],
-                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=interleaved_1f1b",
-                     "parallel.fsdp=true", "parallel.fsdp_gather_once=true"],
                     ["parallel.pp=4", "parallel.ep=1", "train.micro_batch_size=2"],
-                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "parallel.fsdp=true",
-                     "parallel.fsdp_gather_once=true", "parallel.fsdp_reduce_once=[false,true]"],
-                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=zbv_zero_bubble"],
-                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=dualpipev"],
-                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=dualpipev",
-                     "parallel.fsdp=true", "parallel.fsdp_gather_once=true"],
-                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=dualpipev",
-                     "parallel.layers_per_stage=[3,2,1,0]"],
-                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "train.recompute=full"],
-                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=zbv_zero_bubble",
-                     "schedule.defer_weight_gradients=false"],
-                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=dualpipev",
-                     "schedule.defer_weight_gradients=false"],
-                    ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1", "schedule.pipeline=dualpipev",
-                     "schedule.defer_weight_gradients=false", "train.recompute=full"]]
+                    [*PP2, "parallel.fsdp=true", "parallel.fsdp_gather_once=true",
+                     "parallel.fsdp_reduce_once=[false,true]"],
+                    [*PP2, "schedule.pipeline=zbv_zero_bubble"],
+                    [*PP2, "schedule.pipeline=dualpipev"],
+                    [*PP2, "schedule.pipeline=dualpipev", "parallel.fsdp=true", "parallel.fsdp_gather_once=true"],
+                    [*PP2, "schedule.pipeline=dualpipev", "parallel.layers_per_stage=[3,2,1,0]"],
+                    [*PP2, "train.recompute=full"],
+                    [*PP2, "schedule.pipeline=zbv_zero_bubble", "schedule.defer_weight_gradients=false"],
+                    [*PP2, "schedule.pipeline=dualpipev", "schedule.defer_weight_gradients=false"],
+                    [*PP2, "schedule.pipeline=dualpipev", "schedule.defer_weight_gradients=false",
+                     "train.recompute=full"]]
 """Pipeline stages on the calibration model (4 micro-batches a step): 1f1b holds as many micro-batches'
 activations on a stage as there are stages from it to the last, gpipe all of them; fsdp per micro-step and
 gathered once per step (the stage's weights and unsharded gradients kept through the schedule); overlapped_1f1b
@@ -281,7 +277,8 @@ def row(overrides: list[str], steps: int, world: int = WORLD) -> dict:
         "step_s": statistics.median(slowest[1:] if steps > 1 else slowest),
     }
     print(f"{out['layout']}: predicted {out['predicted_peak'] / GB:.3f} GB, measured {out['tensor_peak'] / GB:.3f} "
-          f"GB (resident {out['train_peak'] / GB:.3f}, base {out['base'] / GB:.2f}, runtime {out['runtime'] / GB:.3f}), state {out['state'] / GB:.3f} GB, step {out['step_s']:.2f} s",
+          f"GB (resident {out['train_peak'] / GB:.3f}, base {out['base'] / GB:.2f}, "
+          f"runtime {out['runtime'] / GB:.3f}), state {out['state'] / GB:.3f} GB, step {out['step_s']:.2f} s",
           flush=True)
     return out
 
