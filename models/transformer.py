@@ -18,12 +18,14 @@ from torch.utils.checkpoint import checkpoint
 from moeyard.models.block import Block
 from moeyard.models.config import ModelConfig
 from moeyard.models.document_attention import DocumentSpans
+from moeyard.models.float8 import RECIPES, eligible
 from moeyard.models.layers import RMSNorm, SwiGLU
 from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.moe.layer import MoE, MoEStats
 from moeyard.models.mtp import MTPModule, depth_inputs
 from moeyard.models.recompute import RecomputeMode
 from moeyard.models.rope import rope_tables
+from moeyard.models.weight_steps import Linear
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,19 @@ class Transformer(nn.Module):
                 full = mode == "experts" or self.cfg.moe.recompute_experts
                 module.recompute = "full" if full else "selective" if mode == "selective" else "none"
 
+    def set_fp8(self, recipe: str) -> tuple[int, int]:
+        """train.fp8 (models/float8.py): rowwise runs the GEMMs of every linear layer inside the blocks (attention
+        and MLA projections, dense and shared FFNs, MTP projections) in float8 where their widths allow; the
+        embedding, output layer, routers and routed experts keep the compute dtype. Returns (linear layers in
+        FP8, linear layers in the blocks)."""
+        if recipe not in RECIPES:
+            raise ValueError(f"train.fp8={recipe!r}: use one of {', '.join(RECIPES)}")
+        linears = [m for block in self.blocks() if isinstance(block, nn.Module) for m in block.modules()
+                   if isinstance(m, Linear)]
+        linears += [m.eh_proj for m in self.mtp if isinstance(m, MTPModule)]
+        for m in linears:
+            m.fp8 = recipe == "rowwise" and eligible(m.in_features, m.out_features)
+        return sum(m.fp8 for m in linears), len(linears)
 
     def blocks(self) -> Iterator[Block | HeldElsewhere]:
         """The decoder blocks, then the MTP modules' blocks (block index n_layers + k - 1 for depth k)."""

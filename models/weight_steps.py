@@ -23,6 +23,8 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from moeyard.models.float8 import float8_mm
+
 _queue: Optional[list[Callable[[], None]]] = None
 """Where backward queues weight steps (deferring_weight_gradients). Process-wide, not per thread: autograd runs
 a GPU's backward on its own device thread while the caller waits."""
@@ -82,14 +84,18 @@ class _Matmul(torch.autograd.Function):
     torch._grouped_mm(x, weight [E, I, O], offs): the weight cast to x's dtype inside, so that a deferred
     weight gradient can be added to the parameter itself. The parameter is saved, not its cast: a cast per
     micro-batch in flight would be held until its backward (autocast's cache shares one), so backward casts
-    again."""
+    again. `fp8` (no `offs`): the three GEMMs in float8 with row-wise scales (models/float8.py)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: nn.Parameter, transposed: bool, offs: Optional[Tensor]) -> Tensor:
-        ctx.transposed, ctx.param = transposed, weight
+    def forward(ctx, x: Tensor, weight: nn.Parameter, transposed: bool, offs: Optional[Tensor],
+                fp8: bool = False) -> Tensor:
+        ctx.transposed, ctx.param, ctx.fp8 = transposed, weight, fp8
+        ctx.armed = _armed  # an FP8 layer takes this function unarmed too: its backward then runs whole
         ctx.save_for_backward(x, weight, offs)
         w = weight.to(x.dtype)
         w = w.t() if transposed else w
+        if fp8:
+            return float8_mm(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[-1])
         return x @ w if offs is None else torch._grouped_mm(x, w, offs=offs)
 
     @staticmethod
@@ -98,32 +104,35 @@ class _Matmul(torch.autograd.Function):
         w = weight.to(dy.dtype)
         w = w.t() if ctx.transposed else w
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        transposed, param, fp8 = ctx.transposed, ctx.param, ctx.fp8
+        mm = float8_mm if fp8 else torch.mm
         dx = None
-        if need_x:
-            dx = dy @ w.t() if offs is None else torch._grouped_mm(dy, w.transpose(-2, -1), offs=offs)
+        if need_x and offs is None:
+            dx = mm(dy.reshape(-1, dy.shape[-1]), w.t()).view(*dy.shape[:-1], w.shape[0])
+        elif need_x:
+            dx = torch._grouped_mm(dy, w.transpose(-2, -1), offs=offs)
         if not need_w:
-            return dx, None, None, None
-        transposed, param = ctx.transposed, ctx.param
+            return dx, None, None, None, None
 
         def weight_grad() -> Tensor:
             if offs is not None:
                 return torch._grouped_mm(x.t(), dy, offs=offs)
             x_NI, dy_NO = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-            return dy_NO.t() @ x_NI if transposed else x_NI.t() @ dy_NO  # as the weight is laid out
+            return mm(dy_NO.t(), x_NI) if transposed else mm(x_NI.t(), dy_NO)  # as the weight is laid out
 
         @torch.no_grad()  # run later, outside backward: x requires grad, and would tie a graph to the gradient
         def weight_step() -> None:
             grad = param.grad
-            if offs is None and grad is not None and grad.dtype == dy.dtype and grad.is_contiguous():
+            if offs is None and not fp8 and grad is not None and grad.dtype == dy.dtype and grad.is_contiguous():
                 # straight into the gradient: no weight-sized temporary each micro-batch
                 x_NI, dy_NO = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
                 grad.addmm_(dy_NO.t(), x_NI) if transposed else grad.addmm_(x_NI.t(), dy_NO)
             else:
                 add_grad(param, weight_grad())
 
-        if defer(weight_step):
-            return dx, None, None, None
-        return dx, weight_grad().to(param.dtype), None, None
+        if ctx.armed and defer(weight_step):
+            return dx, None, None, None, None
+        return dx, weight_grad().to(param.dtype), None, None, None
 
 
 def grouped_mm(x_AI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:
@@ -135,16 +144,20 @@ def grouped_mm(x_AI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose weight gradient a split backward may defer (splitting_backward): the same parameters,
-    state-dict keys and, outside a splitting schedule, the same call."""
+    """nn.Linear whose weight gradient a split backward may defer (splitting_backward), and whose GEMMs may
+    run in FP8 (`fp8`, models/float8.py): the same parameters, state-dict keys and, outside a splitting
+    schedule and without FP8, the same call."""
+
+    fp8 = False
+    """Forward and both backward GEMMs in float8 e4m3 with row-wise scales (Transformer.set_fp8)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (_armed and torch.is_grad_enabled() and self.weight.requires_grad):
+        if not (self.fp8 or (_armed and torch.is_grad_enabled() and self.weight.requires_grad)):
             return super().forward(x)
         device = x.device.type
         if torch.is_autocast_enabled(device):  # as F.linear under autocast: both operands in its dtype
             x = x.to(torch.get_autocast_dtype(device))
-        y = _Matmul.apply(x, self.weight, True, None)
+        y = _Matmul.apply(x, self.weight, True, None, self.fp8)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from moeyard.errors import CheckpointError, DataError
 from moeyard.models import Transformer
 from moeyard.models.attention_kernels import Target, kernel_names
+from moeyard.models.float8 import float8_unsupported
 from moeyard.models.meta_init import build_on_meta
 from moeyard.parallel import ParallelMesh
 from moeyard.parallel.grads.sync import GradSync
@@ -156,6 +157,7 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
 
         keep_this_stage(model, pmesh, cfg.stages_per_rank, cfg.parallel.layers_per_stage, cfg.schedule.pipeline)
     model.set_recompute(plan.recompute or cfg.train.recompute)  # the planner may keep more where memory allows
+    fp8_linears, linears = _set_fp8(model, cfg.train.fp8, device, resolve_dtype(cfg.train.dtype, device))
     fsdp = FsdpSettings(compute_dtype=resolve_dtype(cfg.train.dtype, device),
                         reduce_dtype=getattr(torch, cfg.parallel.effective_reduce_dtype),
                         reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward)
@@ -165,6 +167,11 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
         sharded = ", fsdp the rest" if plan.grad_sync == "fsdp" else ""
         state = model_state_line(model, cfg.optim.moment_bytes)
         print(f"model state per rank (ep shards the experts evenly{sharded}): {state}", flush=True)
+        if cfg.train.fp8 != "none":
+            print(f"fp8 ({cfg.train.fp8}): {fp8_linears} of this rank's {linears} linear layers in the blocks "
+                  f"multiply in float8 e4m3 through torch._scaled_mm; the rest (widths not multiples of 16), the "
+                  f"routed experts, routers, embedding and output layer in {resolve_dtype(cfg.train.dtype, device)}",
+                  flush=True)
         if pmesh.pp > 1:
             stages = pmesh.pp * cfg.stages_per_rank
             sizes = [len(r) for r in stage_layers(cfg.model.n_layers, stages, cfg.parallel.layers_per_stage)]
@@ -183,6 +190,15 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
                     "(parallel.fsdp_gather_once=true reducing once, or parallel.fsdp=false, gives the weight steps the "
                     "weight gradients)"), flush=True)
     return model, sync
+
+
+def _set_fp8(model: Transformer, recipe: str, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
+    """train.fp8 on the model's linear layers, refused by name where this device cannot run it."""
+    if recipe != "none":
+        reason = float8_unsupported(device, dtype)
+        if reason is not None:
+            raise ValueError(f"train.fp8={recipe} cannot run here: {reason}. Set train.fp8=none")
+    return model.set_fp8(recipe)
 
 
 def _checked_plan(cfg: Config, check: PlanCheck | None, step_time: float, plan: Plan, pmesh: ParallelMesh,

@@ -38,6 +38,13 @@ def _linear_case() -> tuple[torch.nn.Module, object, Tensor, Tensor]:
     return lin, lin, torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 6)
 
 
+def _fp8_linear_case() -> tuple[torch.nn.Module, object, Tensor, Tensor]:
+    """An FP8 linear layer (models/float8.py): its deferred weight step runs the same FP8 GEMM as its backward."""
+    lin = Linear(32, 16, bias=True)
+    lin.fp8 = True
+    return lin, lin, torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 5, 16)
+
+
 def _grouped_case() -> tuple[torch.nn.Module, object, Tensor, Tensor]:
     experts = GroupedExperts(4, 16, 32, compute="grouped_mm")
     for w in experts.weights:
@@ -46,7 +53,8 @@ def _grouped_case() -> tuple[torch.nn.Module, object, Tensor, Tensor]:
     return experts, lambda x: experts(x, rows), torch.randn(16, 16, requires_grad=True), torch.randn(16, 16)
 
 
-@pytest.mark.parametrize("case,steps", [(_linear_case, 1), (_grouped_case, 3)], ids=["linear", "grouped_mm"])
+@pytest.mark.parametrize("case,steps", [(_linear_case, 1), (_fp8_linear_case, 1), (_grouped_case, 3)],
+                         ids=["linear", "fp8-linear", "grouped_mm"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
 def test_deferred_weight_gradients_are_the_plain_ones(case, steps: int, autocast: bool) -> None:
     """Armed and deferring, the input step leaves the weights' gradients alone and queues one weight step per

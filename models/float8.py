@@ -1,0 +1,76 @@
+"""FP8 GEMMs for training (train.fp8=rowwise): the blocks' linear layers multiply in float8 e4m3.
+
+DeepSeek-V3 trained its GEMMs in FP8 and kept the embedding, output layer, routers, norms and attention's
+core in higher precision; torchao's "rowwise" recipe does the same for dense models with one scale per row.
+Here every operand is scaled along the dimension the GEMM sums over: in forward a token's row over the model
+dim and a weight's row over its inputs; for the input gradient the output gradient's rows and the weight's
+columns; for the weight gradient the output gradient's and the input's columns over the tokens. Scales are
+powers of two (exact to apply, no rounding beyond the cast), outputs come back in the compute dtype, and
+the kernel is `torch._scaled_mm` (cuBLAS on sm89 and newer GPUs; a reference kernel on CPU, which the tests
+use). The routed experts do not take FP8 yet (models/moe/experts.py), nor do linear layers whose input or
+output width is not a multiple of 16 (the kernel's alignment: gates such as Qwen's shared-expert gate).
+
+Shape legend: see models/__init__.py; here M rows of a GEMM, K the dimension it sums over, N its columns.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max
+ALIGN = 16
+"""torch._scaled_mm on a GPU takes a GEMM's summed and column dimensions in multiples of 16."""
+RECIPES = ("none", "rowwise")
+
+
+def quantize_rows(t_MK: Tensor) -> tuple[Tensor, Tensor]:
+    """t_MK in e4m3, each row scaled by a power of two that brings its largest entry within e4m3's range,
+    and the scales [M, 1] (float32) that decode it: t = t8 * scale. Returned contiguous (row-major)."""
+    # an all-zero row gets a scale whose reciprocal is still finite (zero times it stays zero)
+    amax_M1 = t_MK.abs().amax(dim=-1, keepdim=True).float().clamp(min=2.0 ** -100)
+    scale_M1 = torch.exp2(torch.ceil(torch.log2(amax_M1 / E4M3_MAX)))
+    t8_MK = (t_MK.float() * scale_M1.reciprocal()).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return t8_MK.contiguous(), scale_M1
+
+
+def float8_mm(a_MK: Tensor, b_KN: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """a_MK @ b_KN with both in e4m3: a scaled per row, b per column (each over K), the product in
+    `out_dtype` (a's by default). K is padded with zeros to a multiple of ALIGN where it is not (the weight
+    gradient's K is the micro-batch's tokens)."""
+    out_dtype = out_dtype or a_MK.dtype
+    pad = -a_MK.shape[1] % ALIGN
+    if pad:
+        a_MK = torch.nn.functional.pad(a_MK, (0, pad))
+        b_KN = torch.nn.functional.pad(b_KN, (0, 0, 0, pad))
+    a8_MK, scale_a_M1 = quantize_rows(a_MK)
+    b8_NK, scale_b_N1 = quantize_rows(b_KN.t())
+    # the kernel takes the second operand column-major: b8_NK row-major, transposed
+    return torch._scaled_mm(a8_MK, b8_NK.t(), scale_a=scale_a_M1, scale_b=scale_b_N1.t(), out_dtype=out_dtype)
+
+
+def eligible(in_features: int, out_features: int) -> bool:
+    """Whether a linear layer of these widths takes FP8 (the kernel's alignment; a 1-wide gate never does)."""
+    return in_features % ALIGN == 0 and out_features % ALIGN == 0
+
+
+def float8_unsupported(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why this process cannot run FP8 GEMMs in `dtype` on `device`, or None: one small GEMM is tried
+    (the kernel exists by GPU generation and torch release, and on a GPU takes bfloat16 outputs only)."""
+    if device.type == "cuda" and dtype != torch.bfloat16:
+        return f"on a GPU its GEMMs return bfloat16, not {dtype} (set train.dtype=bfloat16 or auto)"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            return f"this GPU (sm{major}{minor}) has no FP8 tensor cores (sm89 Ada, sm90 Hopper and newer do)"
+    probe = torch.ones(ALIGN, ALIGN, device=device, dtype=dtype)
+    try:
+        float8_mm(probe, probe)
+    except (RuntimeError, NotImplementedError) as error:
+        return f"torch {torch.__version__} has no row-wise scaled GEMM here ({str(error).splitlines()[0]})"
+    return None
+
+
+__all__ = ["ALIGN", "RECIPES", "eligible", "float8_mm", "float8_unsupported", "quantize_rows"]

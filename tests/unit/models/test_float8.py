@@ -1,0 +1,135 @@
+"""models/float8.py (train.fp8=rowwise): row-wise scaled e4m3 GEMMs, exact where the operands are
+representable, within e4m3's rounding elsewhere, in the blocks' linear layers only; a model trained with them
+follows the float32 one; a device that cannot run them is refused by name. CPU runs torch's reference
+kernel; the GPU kernel (cuBLAS, sm89+) has never run here."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeyard.models import ModelConfig, MoEConfig, Transformer
+from moeyard.models.float8 import E4M3_MAX, float8_mm, float8_unsupported, quantize_rows
+from moeyard.models.mtp import MTPModule
+from moeyard.models.weight_steps import Linear
+from moeyard.trainer.loop import _set_fp8
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+def test_row_scales_are_powers_of_two_that_fit_e4m3() -> None:
+    t = torch.randn(6, 40) * torch.logspace(-4, 4, 6).unsqueeze(1)
+    t[2] = 0  # an all-zero row gets a finite scale and stays zero
+    t8, scale = quantize_rows(t.t().contiguous().t())  # a column-major input comes back row-major
+    assert t8.dtype == torch.float8_e4m3fn and t8.is_contiguous() and scale.shape == (6, 1)
+    assert torch.equal(scale, torch.exp2(torch.log2(scale).round())), "scales are not powers of two"
+    amax = t8.float().abs().amax(dim=1)
+    nonzero = amax > 0
+    assert torch.all(amax[nonzero] > E4M3_MAX / 2) and torch.all(amax <= E4M3_MAX), amax
+    assert not torch.any(t8[2].float()) and torch.isfinite(scale).all()
+    assert _relative(t8.float() * scale, t) < 0.04
+
+
+def test_representable_operands_multiply_exactly() -> None:
+    """Small integers times powers of two are e4m3 values, so the scaled GEMM is exact: the scales decode what
+    they encoded, also where K (37) is padded to the kernel's multiple of 16."""
+    torch.manual_seed(0)
+    a = torch.randint(-8, 9, (24, 37)).float() * 2.0 ** torch.randint(-3, 4, (24, 1)).float()
+    b = torch.randint(-8, 9, (37, 32)).float() * 0.25
+    assert torch.equal(float8_mm(a, b), a @ b)
+    assert torch.equal(float8_mm(a.t().contiguous().t(), b.t().contiguous().t()), a @ b)
+
+
+def test_random_operands_are_rounded_as_e4m3_rounds() -> None:
+    """e4m3 keeps 3 mantissa bits (a relative step of 1/8 to 1/16): products of Gaussian operands land a few
+    percent from float32's, never exactly on it."""
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 128), torch.randn(128, 48)
+    error = _relative(float8_mm(a, b), a @ b)
+    assert 1e-3 < error < 0.06, error
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert float8_mm(a.bfloat16(), b.bfloat16()).dtype == torch.bfloat16
+
+
+def test_an_fp8_linear_layers_gradients_follow_the_plain_ones() -> None:
+    torch.manual_seed(0)
+    lin = Linear(64, 32, bias=True)
+    lin.fp8 = True
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    dy = torch.randn(3, 7, 32)
+    lin(x).backward(dy)
+    got = (x.grad, lin.weight.grad, lin.bias.grad)
+    x2 = x.detach().clone().requires_grad_(True)
+    w2, b2 = lin.weight.detach().clone().requires_grad_(True), lin.bias.detach().clone().requires_grad_(True)
+    F.linear(x2, w2, b2).backward(dy)
+    for name, g, want in zip(("input", "weight", "bias"), got, (x2.grad, w2.grad, b2.grad)):
+        assert _relative(g, want) < 0.06, name
+    assert _relative(got[0], x2.grad) > 1e-3, "the input gradient was not computed in FP8"
+    assert torch.equal(got[2], b2.grad), "the bias gradient is a sum, not a GEMM: exact"
+
+
+def _model(**moe) -> Transformer:
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
+                      mtp_layers=1, moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=32, first_dense_layers=1,
+                                                  num_shared_experts=1, shared_expert_gate=True, **moe))
+    return Transformer(cfg)
+
+
+def test_set_fp8_takes_the_blocks_linear_layers_whose_widths_allow() -> None:
+    """Attention projections, dense and shared FFNs and the MTP projection; not the shared-expert gate (1 wide),
+    the output layer, the routers or the routed experts (no FP8 path yet)."""
+    model = _model()
+    fp8, linears = model.set_fp8("rowwise")
+    # 4 blocks (3 decoder, 1 MTP) x 4 attention projections + 4 FFNs x 3 + 3 gates + 1 eh_proj
+    assert (fp8, linears) == (4 * 4 + 4 * 3 + 1, 4 * 4 + 4 * 3 + 3 + 1)
+    names = {name for name, m in model.named_modules() if getattr(m, "fp8", False)}
+    assert "mtp.0.eh_proj" in names and "layers.0.attn.wq" in names
+    assert not any(name.endswith("shared_gate") for name in names)
+    assert not isinstance(model.output, Linear) and isinstance(model.mtp[0], MTPModule)
+    assert model.set_fp8("none") == (0, linears)
+    assert not any(getattr(m, "fp8", False) for m in model.modules())
+    with pytest.raises(ValueError, match="train.fp8='blockwise': use one of none, rowwise"):
+        model.set_fp8("blockwise")
+
+
+def test_a_model_trained_in_fp8_follows_the_float32_one() -> None:
+    """Ten AdamW steps of the same model on one batch: the FP8 run's losses stay within 0.5% of float32's (and
+    differ: its GEMMs are not float32's), and both learn the batch."""
+    losses = {}
+    for recipe in ("none", "rowwise"):
+        torch.manual_seed(0)
+        model = _model()
+        model.set_fp8(recipe)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        tokens = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
+        losses[recipe] = []
+        for _ in range(10):
+            out = model(tokens[:, :-1])
+            loss = F.cross_entropy(out.logits_BTV.flatten(0, 1), tokens[:, 1:].flatten())
+            opt.zero_grad()
+            (loss + out.aux_loss).backward()
+            opt.step()
+            losses[recipe].append(loss.item())
+    plain, fp8 = torch.tensor(losses["none"]), torch.tensor(losses["rowwise"])
+    assert not torch.equal(plain, fp8)
+    assert torch.allclose(fp8, plain, rtol=0.005), (plain, fp8)
+    assert fp8[-1] < fp8[0] - 0.5 and plain[-1] < plain[0] - 0.5
+
+
+def test_fp8_is_refused_by_name_where_it_cannot_run(monkeypatch) -> None:
+    gpu = torch.device("cuda")
+    assert "return bfloat16, not torch.float32" in float8_unsupported(gpu, torch.float32)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "(sm80) has no FP8 tensor cores" in float8_unsupported(gpu, torch.bfloat16)
+    assert float8_unsupported(torch.device("cpu"), torch.float32) is None
+
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("Could not run 'aten::_scaled_mm' with arguments from the 'CPU' backend.")
+
+    monkeypatch.setattr(torch, "_scaled_mm", no_kernel)
+    with pytest.raises(ValueError, match=r"train.fp8=rowwise cannot run here: torch .* has no row-wise scaled GEMM "
+                                         r"here \(Could not run 'aten::_scaled_mm'.*Set train.fp8=none"):
+        _set_fp8(_model(), "rowwise", torch.device("cpu"), torch.float32)
+    assert _set_fp8(_model(), "none", torch.device("cpu"), torch.float32)[0] == 0
