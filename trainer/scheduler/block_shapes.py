@@ -113,3 +113,19 @@ def parameter_shapes(cfg: ModelConfig) -> tuple[tuple[str, tuple[int, ...], bool
         expert_ids = expert_parameter_ids(model)
         _SHAPES[key] = tuple((name, tuple(p.shape), id(p) in expert_ids) for name, p in model.named_parameters())
     return _SHAPES[key]
+
+
+_FP8: dict[str, tuple[tuple[tuple[int, int], ...], ...]] = {}
+
+
+def fp8_linear_widths(cfg: ModelConfig) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """(input, output) widths of the linear layers train.fp8=rowwise runs in FP8, per block (decoder blocks,
+    then MTP depths with their eh_proj): the choice Transformer.set_fp8 makes, read off one meta-device build."""
+    key = repr(cfg)
+    if key not in _FP8:
+        model = shapes_only(cfg)
+        model.set_fp8("rowwise")
+        owners = [*model.layers, *model.mtp]  # an MTP depth owns its eh_proj and its block
+        _FP8[key] = tuple(tuple((m.in_features, m.out_features) for m in owner.modules() if getattr(m, "fp8", False))
+                          for owner in owners)
+    return _FP8[key]

@@ -20,6 +20,7 @@ from moeyard.trainer.scheduler.block_shapes import (
     block_elementwise_bytes,
     block_fwd_flops,
     block_index,
+    fp8_linear_widths,
     head_fwd_flops,
     parameter_shapes,
 )
@@ -72,6 +73,9 @@ class Workload:
     elementwise_bytes: tuple[float, ...] = ()
     """Bytes each block's forward moves in memory-bound kernels: norms, residual adds, RoPE, the SwiGLU
     product, permuting rows to experts and combining them back."""
+    fp8_linears: tuple[tuple[tuple[int, int], ...], ...] = ()
+    """train.fp8: (input, output) widths of each block's linear layers that multiply in FP8 (their FLOPs are
+    part of dense_flops); (): none do."""
     recompute: str = "none"
     """train.recompute: full runs every block's forward again in backward (its all-to-alls too); experts
     runs the expert MLPs' forward again; selective, attention's core and the memory-bound kernels."""
@@ -124,6 +128,14 @@ class Workload:
     def attention_flops_of(self, layer: int) -> float:
         """attention_flops of a block; 0 for the embedding and the head."""
         return self.attention_flops[layer] if 0 <= layer < len(self.attention_flops) else 0.0
+
+    def fp8_linears_of(self, layer: int) -> tuple[tuple[int, int], ...]:
+        """fp8_linears of a block; none for the embedding and the head."""
+        return self.fp8_linears[layer] if 0 <= layer < len(self.fp8_linears) else ()
+
+    @property
+    def fp8(self) -> bool:
+        return any(self.fp8_linears)
 
     def layer_flops(self, layer: int) -> float:
         """-1: embedding (a gather, ~0), n_layers: the output head."""
@@ -186,6 +198,7 @@ def stage_workload(w: Workload, held: Sequence[int], first: bool, last: bool) ->
         params=params, dense_flops=tuple(w.dense_flops[i] for i in held),
         attention_flops=tuple(w.attention_flops[i] for i in held),
         elementwise_bytes=tuple(w.elementwise_bytes[i] for i in held), head_flops=w.head_flops if last else 0.0,
+        fp8_linears=tuple(w.fp8_linears[i] for i in held) if w.fp8_linears else (),
         model_flops_fwd=w.model_flops_fwd or sum(w.dense_flops) + w.head_flops, v_shape=False)
 
 
@@ -545,11 +558,11 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                  ranks_per_node: int = 0, grad_bytes: int = 4, moment_bytes: int = 4,
                  loss_chunk_tokens: int = 0, pp: int = 1, stages_per_rank: int = 1,
                  layers_per_stage: tuple[int, ...] = (), overlapped: bool = False, v_shape: bool = False,
-                 deferred_weight_steps: bool = False) -> Workload:
+                 deferred_weight_steps: bool = False, fp8: str = "none") -> Workload:
     """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
     Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer.
     `ranks_per_node`: machines of that many ranks (0: one machine). `pp` stages of `dp` ranks each, placed
-    stage after stage (`v_shape`: two a rank in a V)."""
+    stage after stage (`v_shape`: two a rank in a V). `fp8`: train.fp8."""
     machines = ep // ranks_per_node if 0 < ranks_per_node < ep else 1
     infos = []
     for name, shape, expert in parameter_shapes(cfg):
@@ -567,6 +580,7 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     head_flops=head_fwd_flops(cfg, tokens),
                     attention_flops=tuple(attention_core_flops(cfg, tokens, seq_len, i) for i in blocks),
                     elementwise_bytes=tuple(block_elementwise_bytes(cfg, tokens, i, act_bytes) for i in blocks),
+                    fp8_linears=fp8_linear_widths(cfg) if fp8 == "rowwise" else (),
                     recompute=recompute, recompute_experts=cfg.moe.recompute_experts,
                     ranks_per_node=ranks_per_node, loss_chunk_tokens=loss_chunk_tokens, pp=pp, mtp_blocks=cfg.mtp_layers,
                     stages_per_rank=stages_per_rank, layers_per_stage=layers_per_stage,

@@ -18,6 +18,8 @@ class Hardware:
     devices_per_node: int
     gemm_tflops: float
     """Sustained dense GEMM rate per device."""
+    fp8_gemm_tflops: float = 0.0
+    """Sustained rate of GEMMs in float8 with row-wise scales (train.fp8); 0: unknown, charged at gemm_tflops."""
     attention_tflops: float = 0.0
     """Sustained rate of the attention kernel (scores and weighted sum, forward and backward); 0: the GEMM
     rate."""
@@ -60,10 +62,28 @@ class HardwareCosts:
         return flops / (self.hw.gemm_tflops * 1e12)
 
     def dense(self, w: Workload, layer: int, phase: Phase) -> float:
-        """GEMMs at the GEMM rate, attention at its kernel's, memory-bound kernels at memory bandwidth;
-        backward twice the forward."""
-        seconds = self._gemm(w.layer_flops(layer) - w.attention_flops_of(layer)) + self.selective_recompute(w, layer)
-        return seconds * (2 if phase == "bwd" else 1)
+        """GEMMs at the GEMM rate (FP8 ones at theirs, with their operands' casts), attention at its kernel's,
+        memory-bound kernels at memory bandwidth; backward twice the forward."""
+        fp8 = w.fp8_linears_of(layer)
+        fp8_flops = sum(2.0 * w.tokens * i * o for i, o in fp8)
+        seconds = (self._gemm(w.layer_flops(layer) - w.attention_flops_of(layer) - fp8_flops)
+                   + fp8_flops / ((self.hw.fp8_gemm_tflops or self.hw.gemm_tflops) * 1e12)
+                   + self.selective_recompute(w, layer))
+        return seconds * (2 if phase == "bwd" else 1) + self._fp8_casts(w, fp8, phase)
+
+    def _fp8_casts(self, w: Workload, widths: tuple[tuple[int, int], ...], phase: Phase) -> float:
+        """Quantizing the FP8 GEMMs' operands (models/float8.py, unfused): a pass for each row's largest entry,
+        then the scaled cast, reading the operand twice and writing a byte. Forward casts the input rows [M, K]
+        and the weight [N, K]; backward the output gradient twice (by rows, by columns), the input and the
+        weight again."""
+        if not widths:
+            return 0.0
+        m = w.tokens
+        if phase == "fwd":
+            elements = sum(m * k + k * n for k, n in widths)
+        else:
+            elements = sum(2 * m * n + m * k + k * n for k, n in widths)
+        return elements * (2 * w.act_bytes + 1) / (self.hw.memory_gbps * 1e9)
 
     def selective_recompute(self, w: Workload, layer: int) -> float:
         """Attention's core at its kernel's rate and the memory-bound kernels at memory bandwidth (those of

@@ -93,7 +93,7 @@ def profile_key(cfg: ModelConfig, w: Workload, device: torch.device) -> str:
              dist.get_backend()]
     trainable = sum(p.numel for p in w.params)  # frozen parameters change the optimizer's cost
     what = json.dumps([PROFILER_VERSION, hardware, world, torch.__version__, dataclasses.asdict(cfg), w.tokens,
-                       w.seq_len, w.ep, w.dp, w.act_bytes, trainable, w.ranks_per_node, w.loss_chunk_tokens],
+                       w.seq_len, w.ep, w.dp, w.act_bytes, trainable, w.ranks_per_node, w.loss_chunk_tokens, w.fp8],
                       sort_keys=True, default=str)
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
@@ -132,6 +132,7 @@ def _dense_times(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: tor
     with torch.device("meta"):  # this rank's part only: built empty, sharded, then given memory
         model = build_model(cfg)
     apply_expert_parallel(model, pmesh)
+    model.set_fp8("rowwise" if w.fp8 else "none")  # timed as it trains (train.fp8)
     model.to_empty(device=device)
     model.tie_weights()
     model.reset_buffers()

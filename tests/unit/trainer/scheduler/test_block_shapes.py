@@ -1,12 +1,14 @@
 """The cost and memory models' counts of MLA, MTP and sliding windows, against the model they describe."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moeyard.models import ModelConfig, MoEConfig, Transformer
 from moeyard.models.config import MLAConfig
 from moeyard.trainer.scheduler.block_shapes import attention_core_flops, attention_shape, block_index
 from moeyard.trainer.scheduler.cost_model import workload_for
+from moeyard.trainer.scheduler.hardware import Hardware, HardwareCosts
 from moeyard.trainer.scheduler.memory_model import count_parameters
 
 MOE = MoEConfig(num_experts=4, top_k=2, ffn_dim=16)
@@ -50,3 +52,36 @@ def test_sliding_window_core_flops_count_the_keys_each_query_sees() -> None:
     assert attention_core_flops(cfg, T, T, 0) == 2 * keys * (a.q + a.out)
     assert attention_core_flops(cfg, T, T, 1) == 2 * T * (T / 2) * (a.q + a.out)
     assert attention_core_flops(cfg, 4, 4, 0) == attention_core_flops(cfg, 4, 4, 1)  # a window wider than T
+
+
+def test_fp8_gemms_are_the_models_fp8_layers_at_their_rate_with_their_casts() -> None:
+    """train.fp8: the cost model's FP8 layers are the ones Transformer.set_fp8 picks (MLA's projections, the
+    shared expert, an MTP depth's eh_proj; not the 12-wide wkv_a, the routers or the routed experts); each
+    block's FP8 FLOPs move from the GEMM rate to the FP8 rate, and its casts cost memory bandwidth: forward
+    the input rows and the weight, backward the output gradient twice, the input and the weight."""
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=4, attention="mla", ffn_dim=48, mtp_layers=1,
+                      moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=16, num_shared_experts=1),
+                      mla=MLAConfig(q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                    v_head_dim=8))
+    model = Transformer(cfg)
+    model.set_fp8("rowwise")
+    w = workload_for(cfg, tokens=64, seq_len=32, ep=1, dp=1, micro_steps=1, act_bytes=2, fp8="rowwise")
+    for block, owner in enumerate([*model.layers, *model.mtp]):
+        want = sorted((m.in_features, m.out_features) for m in owner.modules() if getattr(m, "fp8", False))
+        assert sorted(w.fp8_linears_of(block)) == want and want, block
+    assert {(32, 32), (32, 48), (16, 64)} <= set(w.fp8_linears_of(0))  # wq_a, wq_b, wkv_b, wo
+    assert (32, 16 + 4) not in w.fp8_linears_of(0) and (64, 32) in w.fp8_linears_of(2)  # wkv_a; eh_proj
+    assert workload_for(cfg, tokens=64, seq_len=32, ep=1, dp=1, micro_steps=1).fp8_linears == ()
+
+    plain = workload_for(cfg, tokens=64, seq_len=32, ep=1, dp=1, micro_steps=1, act_bytes=2)
+    hw = dict(name="t", devices_per_node=8, gemm_tflops=100.0, intra_node_gbps=1.0, intra_node_latency_us=1.0,
+              inter_node_gbps=1.0, inter_node_latency_us=1.0, memory_gbps=1000.0)
+    same, double = HardwareCosts(Hardware(**hw, fp8_gemm_tflops=100.0)), HardwareCosts(Hardware(**hw, fp8_gemm_tflops=200.0))
+    for block in range(w.n_layers):
+        widths, m = w.fp8_linears_of(block), 64
+        fwd = sum(m * k + k * n for k, n in widths) * 5 / 1e12
+        bwd = sum(2 * m * n + m * k + k * n for k, n in widths) * 5 / 1e12
+        assert same.dense(w, block, "fwd") - same.dense(plain, block, "fwd") == pytest.approx(fwd, rel=1e-9)
+        assert same.dense(w, block, "bwd") - same.dense(plain, block, "bwd") == pytest.approx(bwd, rel=1e-9)
+        halved = sum(2 * m * k * n for k, n in widths) / 200e12
+        assert same.dense(w, block, "fwd") - double.dense(w, block, "fwd") == pytest.approx(halved, rel=1e-9)
