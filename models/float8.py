@@ -7,8 +7,11 @@ dim and a weight's row over its inputs; for the input gradient the output gradie
 columns; for the weight gradient the output gradient's and the input's columns over the tokens. Scales are
 powers of two (exact to apply, no rounding beyond the cast), outputs come back in the compute dtype, and
 the kernel is `torch._scaled_mm` (cuBLAS on sm89 and newer GPUs; a reference kernel on CPU, which the tests
-use). The routed experts do not take FP8 yet (models/moe/experts.py), nor do linear layers whose input or
-output width is not a multiple of 16 (the kernel's alignment: gates such as Qwen's shared-expert gate).
+use). The routed experts take FP8 in their forward and input-gradient GEMMs (the expert loop per expert; the
+grouped GEMM through `torch._scaled_grouped_mm` on sm90), their weight gradients in the compute dtype: torch's
+scaled grouped GEMM over token groups (2d x 2d) takes per-group scales this project has not run. Linear
+layers whose input or output width is not a multiple of 16 (the kernel's alignment: gates such as Qwen's
+shared-expert gate) stay in the compute dtype.
 
 Shape legend: see models/__init__.py; here M rows of a GEMM, K the dimension it sums over, N its columns.
 """
@@ -41,6 +44,8 @@ def float8_mm(a_MK: Tensor, b_KN: Tensor, out_dtype: Optional[torch.dtype] = Non
     `out_dtype` (a's by default). K is padded with zeros to a multiple of ALIGN where it is not (the weight
     gradient's K is the micro-batch's tokens)."""
     out_dtype = out_dtype or a_MK.dtype
+    if a_MK.shape[1] == 0:  # nothing summed (an expert's weight gradient over no rows)
+        return a_MK.new_zeros(a_MK.shape[0], b_KN.shape[1], dtype=out_dtype)
     pad = -a_MK.shape[1] % ALIGN
     if pad:
         a_MK = torch.nn.functional.pad(a_MK, (0, pad))
@@ -49,6 +54,28 @@ def float8_mm(a_MK: Tensor, b_KN: Tensor, out_dtype: Optional[torch.dtype] = Non
     b8_NK, scale_b_N1 = quantize_rows(b_KN.t())
     # the kernel takes the second operand column-major: b8_NK row-major, transposed
     return torch._scaled_mm(a8_MK, b8_NK.t(), scale_a=scale_a_M1, scale_b=scale_b_N1.t(), out_dtype=out_dtype)
+
+
+def float8_grouped_mm(x_AK: Tensor, w_EKN: Tensor, offs_E: Tensor) -> Tensor:
+    """torch._grouped_mm(x_AK, w_EKN, offs=offs_E) with both in e4m3: each row of x scaled, each expert's
+    weight per column (over K). GPU only (torch._scaled_grouped_mm: sm90; no CPU kernel in torch 2.13), so it
+    has never run here; groups must start at multiples of ALIGN rows (padded_groups)."""
+    x8_AK, scale_x_A1 = quantize_rows(x_AK)
+    w8_ENK, scale_w_EN1 = quantize_rows(w_EKN.transpose(-2, -1))
+    # each expert's weight column-major, as the kernel takes its second operand
+    return torch._scaled_grouped_mm(x8_AK, w8_ENK.transpose(-2, -1), scale_a=scale_x_A1.squeeze(-1),
+                                    scale_b=scale_w_EN1.squeeze(-1), offs=offs_E, out_dtype=x_AK.dtype)
+
+
+def float8_grouped_unsupported(x_SD: Tensor, capability: Optional[tuple[int, int]] = None) -> Optional[str]:
+    """Why torch's FP8 grouped GEMM cannot run rows like x_SD here, or None: torch 2.13 has it for sm90 GPUs
+    only (`capability`: this GPU's unless given, for tests)."""
+    if not x_SD.is_cuda and capability is None:
+        return f"torch {torch.__version__} has no CPU kernel for the FP8 grouped GEMM (torch._scaled_grouped_mm)"
+    major, minor = capability or torch.cuda.get_device_capability(x_SD.device)
+    if major != 9:
+        return f"torch's FP8 grouped GEMM runs on sm90 GPUs, this one is sm{major}{minor} (the expert loop runs FP8)"
+    return None
 
 
 def eligible(in_features: int, out_features: int) -> bool:
@@ -73,4 +100,4 @@ def float8_unsupported(device: torch.device, dtype: torch.dtype) -> Optional[str
     return None
 
 
-__all__ = ["ALIGN", "RECIPES", "eligible", "float8_mm", "float8_unsupported", "quantize_rows"]
+__all__ = ["ALIGN", "RECIPES", "eligible", "float8_grouped_mm", "float8_grouped_unsupported", "float8_mm", "float8_unsupported", "quantize_rows"]

@@ -169,17 +169,18 @@ class Transformer(nn.Module):
 
     def set_fp8(self, recipe: str) -> tuple[int, int]:
         """train.fp8 (models/float8.py): rowwise runs the GEMMs of every linear layer inside the blocks (attention
-        and MLA projections, dense and shared FFNs, MTP projections) in float8 where their widths allow; the
-        embedding, output layer, routers and routed experts keep the compute dtype. Returns (linear layers in
-        FP8, linear layers in the blocks)."""
+        and MLA projections, dense and shared FFNs, MTP projections) and the routed experts' forward and
+        input-gradient GEMMs in float8 where their widths allow; the embedding, output layer and routers keep
+        the compute dtype. Returns (layers in FP8, linear and expert layers in the blocks)."""
         if recipe not in RECIPES:
             raise ValueError(f"train.fp8={recipe!r}: use one of {', '.join(RECIPES)}")
-        linears = [m for block in self.blocks() if isinstance(block, nn.Module) for m in block.modules()
-                   if isinstance(m, Linear)]
-        linears += [m.eh_proj for m in self.mtp if isinstance(m, MTPModule)]
-        for m in linears:
-            m.fp8 = recipe == "rowwise" and eligible(m.in_features, m.out_features)
-        return sum(m.fp8 for m in linears), len(linears)
+        layers = [m for block in self.blocks() if isinstance(block, nn.Module) for m in block.modules()
+                  if isinstance(m, (Linear, GroupedExperts))]
+        layers += [m.eh_proj for m in self.mtp if isinstance(m, MTPModule)]
+        for m in layers:
+            widths = (m.in_features, m.out_features) if isinstance(m, Linear) else m.w_gate_EDF.shape[1:]
+            m.fp8 = recipe == "rowwise" and eligible(*widths)
+        return sum(m.fp8 for m in layers), len(layers)
 
     def blocks(self) -> Iterator[Block | HeldElsewhere]:
         """The decoder blocks, then the MTP modules' blocks (block index n_layers + k - 1 for depth k)."""

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from moeyard.models.float8 import float8_mm
+from moeyard.models.float8 import float8_grouped_mm, float8_mm
 
 _queue: Optional[list[Callable[[], None]]] = None
 """Where backward queues weight steps (deferring_weight_gradients). Process-wide, not per thread: autograd runs
@@ -90,13 +90,17 @@ class _Matmul(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: nn.Parameter, transposed: bool, offs: Optional[Tensor],
                 fp8: bool = False) -> Tensor:
         ctx.transposed, ctx.param, ctx.fp8 = transposed, weight, fp8
-        ctx.armed = _armed  # an FP8 layer takes this function unarmed too: its backward then runs whole
+        # FP8 layers take this function unarmed too (their backward then runs whole), and FP8 experts with
+        # weights an executor copied (no parameter to add a deferred gradient to)
+        ctx.armed = _armed and isinstance(weight, nn.Parameter)
         ctx.save_for_backward(x, weight, offs)
         w = weight.to(x.dtype)
         w = w.t() if transposed else w
+        if offs is not None:
+            return float8_grouped_mm(x, w, offs) if fp8 else torch._grouped_mm(x, w, offs=offs)
         if fp8:
             return float8_mm(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[-1])
-        return x @ w if offs is None else torch._grouped_mm(x, w, offs=offs)
+        return x @ w
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -109,13 +113,15 @@ class _Matmul(torch.autograd.Function):
         dx = None
         if need_x and offs is None:
             dx = mm(dy.reshape(-1, dy.shape[-1]), w.t()).view(*dy.shape[:-1], w.shape[0])
+        elif need_x and fp8:
+            dx = float8_grouped_mm(dy, w.transpose(-2, -1), offs)
         elif need_x:
             dx = torch._grouped_mm(dy, w.transpose(-2, -1), offs=offs)
         if not need_w:
             return dx, None, None, None, None
 
         def weight_grad() -> Tensor:
-            if offs is not None:
+            if offs is not None:  # in the compute dtype also with fp8 (models/float8.py says why)
                 return torch._grouped_mm(x.t(), dy, offs=offs)
             x_NI, dy_NO = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
             return mm(dy_NO.t(), x_NI) if transposed else mm(x_NI.t(), dy_NO)  # as the weight is laid out
@@ -135,11 +141,12 @@ class _Matmul(torch.autograd.Function):
         return dx, weight_grad().to(param.dtype), None, None, None
 
 
-def grouped_mm(x_AI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:
+def grouped_mm(x_AI: Tensor, w_EIO: Tensor, offs_E: Tensor, fp8: bool = False) -> Tensor:
     """torch._grouped_mm(x_AI, w_EIO, offs=offs_E) whose weight gradient a split backward may defer (armed and
-    `w_EIO` a parameter); the weight is cast to x_AI's dtype."""
-    if _armed and isinstance(w_EIO, nn.Parameter) and torch.is_grad_enabled():
-        return _Matmul.apply(x_AI, w_EIO, False, offs_E)
+    `w_EIO` a parameter); the weight is cast to x_AI's dtype. `fp8`: forward and input gradient in float8
+    (models/float8.py), the weight gradient in x_AI's dtype."""
+    if fp8 or (_armed and isinstance(w_EIO, nn.Parameter) and torch.is_grad_enabled()):
+        return _Matmul.apply(x_AI, w_EIO, False, offs_E, fp8)
     return torch._grouped_mm(x_AI, w_EIO.to(x_AI.dtype), offs=offs_E)
 
 

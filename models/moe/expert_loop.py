@@ -31,7 +31,11 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 import moeyard.models.weight_steps as weight_steps
+from moeyard.models.float8 import float8_mm
 from moeyard.models.moe.expert_mlp import ExpertActivation
+
+WEIGHTS = 7
+"""_ExpertLoop.apply's first weight argument: its inputs before are x, the row counts and five settings."""
 
 
 def _rows(t: Tensor, order: Optional[Tensor], start: int, n: int) -> Tensor:
@@ -76,35 +80,41 @@ def _weight_gemms(grads: list[Optional[Tensor]], e: int, biased: bool, x_nD: Ten
 class _ExpertLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_SD: Tensor, rows_per_expert: list[int], recompute: str, order: Optional[Tensor],
-                activation: ExpertActivation, params: Optional[Sequence[nn.Parameter]], *weights: Tensor) -> Tensor:
+                activation: ExpertActivation, params: Optional[Sequence[nn.Parameter]], fp8: bool,
+                *weights: Tensor) -> Tensor:
         w_gate_EDF, w_up_EDF, w_down_EFD, *biases = weights
+        mm = float8_mm if fp8 else torch.mm
         swiglu = activation.kind == "swiglu"
         y_SD = x_SD.new_empty(x_SD.shape[0], w_down_EFD.shape[-1])
         saved: list[Tensor] = []  # h1, h2 (unless full), SiLU(h1) (swiglu only) and h (unless selective)
         start = 0
         for e, n in enumerate(rows_per_expert):
             x_nD = _rows(x_SD, order, start, n)
-            h1_nF, h2_nF = x_nD @ w_gate_EDF[e], x_nD @ w_up_EDF[e]
+            h1_nF, h2_nF = mm(x_nD, w_gate_EDF[e]), mm(x_nD, w_up_EDF[e])
             if biases:
                 h1_nF += biases[0][e]
                 h2_nF += biases[1][e]
             act_nF = F.silu(h1_nF) if swiglu else None
             h_nF = act_nF * h2_nF if swiglu else activation(h1_nF, h2_nF)
-            if order is None:
+            if order is None and not fp8:
                 y_nD = y_SD.narrow(0, start, n)
                 if biases:
                     torch.addmm(biases[2][e], h_nF, w_down_EFD[e], out=y_nD)
                 else:
                     torch.mm(h_nF, w_down_EFD[e], out=y_nD)
+            elif order is None:
+                y_nD = y_SD.narrow(0, start, n).copy_(float8_mm(h_nF, w_down_EFD[e]))
+                if biases:
+                    y_nD += biases[2][e]
             else:
-                y_nD = h_nF @ w_down_EFD[e]
+                y_nD = mm(h_nF, w_down_EFD[e])
                 _put_rows(y_SD, order, start, y_nD + biases[2][e] if biases else y_nD)
             if recompute == "none":
                 saved += [h1_nF, h2_nF, act_nF, h_nF] if swiglu else [h1_nF, h2_nF, h_nF]
             elif recompute == "selective":
                 saved += [h1_nF, h2_nF]
             start += n
-        ctx.rows_per_expert, ctx.activation, ctx.weights = rows_per_expert, activation, len(weights)
+        ctx.rows_per_expert, ctx.activation, ctx.weights, ctx.fp8 = rows_per_expert, activation, len(weights), fp8
         # The model's parameters (not saved tensors: nothing held), for a deferred weight step's .grad: those
         # the weights were cast from, or the weights themselves; None for copies (an executor's).
         params = tuple(params) if params is not None else weights
@@ -121,7 +131,8 @@ class _ExpertLoop(torch.autograd.Function):
         weights, saved = rest[:ctx.weights], rest[ctx.weights:]
         w_gate_EDF, w_up_EDF, w_down_EFD, *biases = weights
         activation, swiglu = ctx.activation, ctx.activation.kind == "swiglu"
-        need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[6:])
+        mm = float8_mm if ctx.fp8 else torch.mm  # the weight gradients stay in the compute dtype
+        need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[WEIGHTS:])
         stash: Optional[list[tuple[Tensor, ...]]] = [] if need_w and weight_steps.deferring() and ctx.params else None
         grad_x_SD = torch.empty_like(x_SD) if need_x else None
         grads = [torch.empty_like(w) if need_w and stash is None else None for w in weights]
@@ -133,11 +144,11 @@ class _ExpertLoop(torch.autograd.Function):
             if kept:
                 h1_nF, h2_nF = kept[:2]
             else:
-                h1_nF, h2_nF = x_nD @ w_gate_EDF[e], x_nD @ w_up_EDF[e]
+                h1_nF, h2_nF = mm(x_nD, w_gate_EDF[e]), mm(x_nD, w_up_EDF[e])
                 if biases:
                     h1_nF += biases[0][e]
                     h2_nF += biases[1][e]
-            dh_nF = dy_nD @ w_down_EFD[e].t()
+            dh_nF = mm(dy_nD, w_down_EFD[e].t())
             if swiglu:
                 act_nF, h_nF = kept[2:] if ctx.kept == 4 else (F.silu(h1_nF), None)
                 h_nF = act_nF * h2_nF if h_nF is None else h_nF
@@ -151,20 +162,24 @@ class _ExpertLoop(torch.autograd.Function):
                 _weight_gemms(grads, e, bool(biases), x_nD, h_nF, dy_nD, dh1_nF, dh2_nF)
             if need_x:
                 dx_nD = grad_x_SD.narrow(0, start, n) if order is None else x_nD.new_empty(n, x_nD.shape[1])
-                torch.mm(dh1_nF, w_gate_EDF[e].t(), out=dx_nD)
-                dx_nD.addmm_(dh2_nF, w_up_EDF[e].t())
+                if ctx.fp8:
+                    dx_nD.copy_(float8_mm(dh1_nF, w_gate_EDF[e].t())).add_(float8_mm(dh2_nF, w_up_EDF[e].t()))
+                else:
+                    torch.mm(dh1_nF, w_gate_EDF[e].t(), out=dx_nD)
+                    dx_nD.addmm_(dh2_nF, w_up_EDF[e].t())
                 if order is not None:
                     _put_rows(grad_x_SD, order, start, dx_nD)
             start += n
         needs = ctx.needs_input_grad
         if stash is not None:
-            weight_steps.defer(_weight_step(ctx.params, needs[6:], w_gate_EDF.dtype, stash))
-        return (grad_x_SD, None, None, None, None, None, *(g if n else None for g, n in zip(grads, needs[6:])))
+            weight_steps.defer(_weight_step(ctx.params, needs[WEIGHTS:], w_gate_EDF.dtype, stash))
+        return (grad_x_SD, *(None,) * (WEIGHTS - 1), *(g if n else None for g, n in zip(grads, needs[WEIGHTS:])))
 
 
 def expert_mlp_fused_loop(x_SD: Tensor, rows_per_expert: list[int], weights: tuple[Tensor, ...],
                           activation: ExpertActivation = ExpertActivation(), recompute: str = "none",
-                          order: Optional[Tensor] = None, params: Optional[Sequence[nn.Parameter]] = None) -> Tensor:
+                          order: Optional[Tensor] = None, params: Optional[Sequence[nn.Parameter]] = None,
+                          fp8: bool = False) -> Tensor:
     """CPU fast path: the experts' MLP (expert_mlp.py; `weights` gate, up, down, then optionally the three
     biases) over each expert's rows, as one autograd node.
 
@@ -172,8 +187,10 @@ def expert_mlp_fused_loop(x_SD: Tensor, rows_per_expert: list[int], weights: tup
     of `rows_per_expert`, and its outputs land in the same positions: received rows (grouped by source
     rank) are regrouped inside the loop, one expert at a time while they are in cache, instead of
     by two whole-tensor gathers and their scatters in backward. `params`: the model's parameters `weights`
-    were cast from (under autocast), whose .grad a deferred weight step adds to."""
+    were cast from (under autocast), whose .grad a deferred weight step adds to. `fp8` (train.fp8): the
+    forward and input-gradient GEMMs in float8 with row-wise scales (models/float8.py), the weight gradients
+    in the compute dtype."""
     graph = torch.is_grad_enabled() and (x_SD.requires_grad or any(w.requires_grad for w in weights))
     # Without a graph nothing is kept: evaluation holds one expert's activations at a time.
     return _ExpertLoop.apply(x_SD, list(rows_per_expert), recompute if graph else "full", order, activation,
-                             params, *weights)
+                             params, fp8, *weights)

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import moeyard.models.weight_steps as weight_steps
+from moeyard.models.float8 import ALIGN as FP8_ALIGN
+from moeyard.models.float8 import float8_grouped_unsupported
 from moeyard.models.moe.expert_loop import expert_mlp_fused_loop
 from moeyard.models.moe.expert_mlp import ExpertActivation
 from moeyard.models.recompute import selective_checkpoint
@@ -76,25 +78,29 @@ def padded_groups(counts_E: Tensor, rows: int, align: int) -> tuple[Tensor, Tens
 
 
 def expert_mlp_grouped_mm(x_SD: Tensor, counts_E: Tensor, weights: tuple[Tensor, ...],
-                          activation: ExpertActivation = ExpertActivation(), order: Optional[Tensor] = None) -> Tensor:
+                          activation: ExpertActivation = ExpertActivation(), order: Optional[Tensor] = None,
+                          fp8: bool = False) -> Tensor:
     """GPU fast path: the experts' MLP (expert_mlp.py; `weights` gate, up, down, then optionally the three
     biases) as three grouped GEMMs over all experts at once, on padded groups (see padded_groups).
 
     `counts_E` is a device tensor: the layer runs without a device-to-host synchronisation; each row's bias
     is gathered by its expert index, found on the device too. With `order`, expert-grouped row j is
     x_SD[order[j]] and outputs come back in x_SD's order; the gather and the padding are one scatter into
-    the buffer. Padding rows get no gradient (their outputs are never read), so biases see real rows only."""
+    the buffer. Padding rows get no gradient (their outputs are never read), so biases see real rows only.
+    `fp8`: forward and input-gradient GEMMs in float8 (models/float8.py), groups of whole 16-row units."""
     w_gate_EDF, w_up_EDF, w_down_EFD, *biases = weights
-    dest_S, offs_E, total = padded_groups(counts_E.to(x_SD.device), x_SD.shape[0], group_row_alignment(x_SD))
+    align = FP8_ALIGN if fp8 else group_row_alignment(x_SD)
+    dest_S, offs_E, total = padded_groups(counts_E.to(x_SD.device), x_SD.shape[0], align)
     if order is not None:
         dest_S = torch.empty_like(dest_S).index_copy_(0, order, dest_S)
     x_AD = x_SD.new_zeros(total, x_SD.shape[1]).index_copy(0, dest_S, x_SD)
-    h1_AF, h2_AF = weight_steps.grouped_mm(x_AD, w_gate_EDF, offs_E), weight_steps.grouped_mm(x_AD, w_up_EDF, offs_E)
+    h1_AF = weight_steps.grouped_mm(x_AD, w_gate_EDF, offs_E, fp8)
+    h2_AF = weight_steps.grouped_mm(x_AD, w_up_EDF, offs_E, fp8)
     if biases:
         expert_A = torch.searchsorted(offs_E, torch.arange(total, dtype=offs_E.dtype, device=offs_E.device),
                                       right=True)
         h1_AF, h2_AF = h1_AF + biases[0][expert_A], h2_AF + biases[1][expert_A]
-    y_SD = weight_steps.grouped_mm(activation(h1_AF, h2_AF), w_down_EFD, offs_E).index_select(0, dest_S)
+    y_SD = weight_steps.grouped_mm(activation(h1_AF, h2_AF), w_down_EFD, offs_E, fp8).index_select(0, dest_S)
     return y_SD + biases[2][expert_A[dest_S]] if biases else y_SD
 
 
@@ -116,6 +122,8 @@ class GroupedExperts(nn.Module):
         """Activation checkpointing. full: keep only the input rows and run the expert MLPs again in backward;
         selective: keep the GEMM outputs and run the activation function and product again."""
         self.activation = activation
+        self.fp8 = False
+        """train.fp8: forward and input-gradient GEMMs in float8 (Transformer.set_fp8, models/float8.py)."""
         self.w_gate_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w_up_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -162,10 +170,12 @@ class GroupedExperts(nn.Module):
             counts_E = rows_per_expert if isinstance(rows_per_expert, Tensor) else torch.tensor(rows_per_expert)
             if weight_steps.armed():  # the matrices themselves (cast inside), so that their weight steps may wait
                 weights = (*params[:3], *weights[3:])
-            return self._checkpointed(expert_mlp_grouped_mm, x_SD, counts_E, weights, self.activation, order)
+            return self._checkpointed(expert_mlp_grouped_mm, x_SD, counts_E, weights, self.activation, order,
+                                      self.fp8)
         if isinstance(rows_per_expert, Tensor):
             rows_per_expert = rows_per_expert.tolist()  # the loop slices on the host
-        return expert_mlp_fused_loop(x_SD, rows_per_expert, weights, self.activation, self.recompute, order, params)
+        return expert_mlp_fused_loop(x_SD, rows_per_expert, weights, self.activation, self.recompute, order, params,
+                                     self.fp8)
 
     def _checkpointed(self, fn: Callable[..., Tensor], *args) -> Tensor:
         """`fn(*args)` under this module's recompute mode (the fused loop has its own)."""
@@ -186,9 +196,10 @@ class GroupedExperts(nn.Module):
         aligned = all(n % unit == 0 for n in self.w_gate_EDF.shape[1:])
         reason = None if aligned else (f"model.dim and model.moe.ffn_dim must be multiples of {unit} in "
                                        f"{x_SD.dtype}; got {tuple(self.w_gate_EDF.shape[1:])}")
+        kernel = grouped_mm_unsupported(x_SD) or (float8_grouped_unsupported(x_SD) if self.fp8 else None)
         if self.compute == "auto":
-            return reason is None and grouped_mm_unsupported(x_SD) is None
-        reason = reason or grouped_mm_unsupported(x_SD)
+            return reason is None and kernel is None
+        reason = reason or kernel
         if reason is not None:
             raise ValueError(f"model.moe.expert_compute=grouped_mm cannot run here: {reason}. Use "
                              f"expert_compute=auto to fall back to the expert loop")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from moeyard.models import ModelConfig, expert_parameter_ids
 from moeyard.models.meta_init import shapes_only
+from moeyard.models.weight_steps import Linear
 
 
 @dataclass(frozen=True)
@@ -120,12 +121,13 @@ _FP8: dict[str, tuple[tuple[tuple[int, int], ...], ...]] = {}
 
 def fp8_linear_widths(cfg: ModelConfig) -> tuple[tuple[tuple[int, int], ...], ...]:
     """(input, output) widths of the linear layers train.fp8=rowwise runs in FP8, per block (decoder blocks,
-    then MTP depths with their eh_proj): the choice Transformer.set_fp8 makes, read off one meta-device build."""
+    then MTP depths with their eh_proj): the choice Transformer.set_fp8 makes, read off one meta-device build.
+    The routed experts' choice is eligible(dim, moe.ffn_dim) (Workload.fp8_experts)."""
     key = repr(cfg)
     if key not in _FP8:
         model = shapes_only(cfg)
         model.set_fp8("rowwise")
         owners = [*model.layers, *model.mtp]  # an MTP depth owns its eh_proj and its block
-        _FP8[key] = tuple(tuple((m.in_features, m.out_features) for m in owner.modules() if getattr(m, "fp8", False))
-                          for owner in owners)
+        _FP8[key] = tuple(tuple((m.in_features, m.out_features) for m in owner.modules()
+                                if isinstance(m, Linear) and m.fp8) for owner in owners)
     return _FP8[key]

@@ -13,6 +13,7 @@ from functools import cached_property
 from typing import Literal, Protocol, Sequence
 
 from moeyard.models import ModelConfig
+from moeyard.models.float8 import eligible
 from moeyard.parallel.plan import Plan
 from moeyard.parallel.stages import holds_ends, rank_layers
 from moeyard.trainer.scheduler.block_shapes import (
@@ -76,6 +77,8 @@ class Workload:
     fp8_linears: tuple[tuple[tuple[int, int], ...], ...] = ()
     """train.fp8: (input, output) widths of each block's linear layers that multiply in FP8 (their FLOPs are
     part of dense_flops); (): none do."""
+    fp8_experts: bool = False
+    """train.fp8: the routed experts' forward and input-gradient GEMMs in FP8, weight gradients not."""
     recompute: str = "none"
     """train.recompute: full runs every block's forward again in backward (its all-to-alls too); experts
     runs the expert MLPs' forward again; selective, attention's core and the memory-bound kernels."""
@@ -581,6 +584,7 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     attention_flops=tuple(attention_core_flops(cfg, tokens, seq_len, i) for i in blocks),
                     elementwise_bytes=tuple(block_elementwise_bytes(cfg, tokens, i, act_bytes) for i in blocks),
                     fp8_linears=fp8_linear_widths(cfg) if fp8 == "rowwise" else (),
+                    fp8_experts=fp8 == "rowwise" and eligible(cfg.dim, cfg.moe.ffn_dim),
                     recompute=recompute, recompute_experts=cfg.moe.recompute_experts,
                     ranks_per_node=ranks_per_node, loss_chunk_tokens=loss_chunk_tokens, pp=pp, mtp_blocks=cfg.mtp_layers,
                     stages_per_rank=stages_per_rank, layers_per_stage=layers_per_stage,

@@ -93,7 +93,16 @@ class HardwareCosts:
         return w.attention_flops_of(layer) / rate + moved / (self.hw.memory_gbps * 1e9)
 
     def experts(self, w: Workload, rows: float, phase: Phase) -> float:
-        return self._gemm(6 * rows * w.dim * w.expert_hidden) * (2 if phase == "bwd" else 1)
+        """Three GEMMs forward, six backward; with fp8_experts the forward's and the input gradient's three at
+        the FP8 rate, with their operands' casts (each GEMM casts its rows, each expert weight once a pass)."""
+        gemms = self._gemm(6 * rows * w.dim * w.expert_hidden)
+        if not w.fp8_experts:
+            return gemms * (2 if phase == "bwd" else 1)
+        fp8 = 6 * rows * w.dim * w.expert_hidden / ((self.hw.fp8_gemm_tflops or self.hw.gemm_tflops) * 1e12)
+        d, f = w.dim, w.expert_hidden
+        weights = 3 * w.num_experts // w.ep * d * f
+        elements = rows * (2 * d + f) + weights if phase == "fwd" else rows * (d + 2 * f) + weights
+        return fp8 + (gemms if phase == "bwd" else 0.0) + elements * (2 * w.act_bytes + 1) / (self.hw.memory_gbps * 1e9)
 
     def all_to_all(self, w: Workload, nbytes: float) -> float:
         """ep consecutive ranks: peers in the same node use NVLink-class links, the rest the network."""

@@ -93,7 +93,8 @@ def profile_key(cfg: ModelConfig, w: Workload, device: torch.device) -> str:
              dist.get_backend()]
     trainable = sum(p.numel for p in w.params)  # frozen parameters change the optimizer's cost
     what = json.dumps([PROFILER_VERSION, hardware, world, torch.__version__, dataclasses.asdict(cfg), w.tokens,
-                       w.seq_len, w.ep, w.dp, w.act_bytes, trainable, w.ranks_per_node, w.loss_chunk_tokens, w.fp8],
+                       w.seq_len, w.ep, w.dp, w.act_bytes, trainable, w.ranks_per_node, w.loss_chunk_tokens, w.fp8,
+                       w.fp8_experts],
                       sort_keys=True, default=str)
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
@@ -248,6 +249,7 @@ def _measure(cfg: ModelConfig, w: Workload, pmesh: ParallelMesh, device: torch.d
     local = cfg.moe.num_experts // pmesh.ep
     experts = GroupedExperts(local, cfg.dim, cfg.moe.ffn_dim, cfg.moe.expert_compute,
                              recompute="full" if cfg.moe.recompute_experts else "none").to(device)
+    experts.fp8 = w.fp8_experts
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.02)
     rows_real = max(local, w.routed_rows)

@@ -6,6 +6,7 @@ import torch
 
 from moeyard.models import ModelConfig, MoEConfig, Transformer
 from moeyard.models.config import MLAConfig
+from moeyard.models.weight_steps import Linear
 from moeyard.trainer.scheduler.block_shapes import attention_core_flops, attention_shape, block_index
 from moeyard.trainer.scheduler.cost_model import workload_for
 from moeyard.trainer.scheduler.hardware import Hardware, HardwareCosts
@@ -56,9 +57,10 @@ def test_sliding_window_core_flops_count_the_keys_each_query_sees() -> None:
 
 def test_fp8_gemms_are_the_models_fp8_layers_at_their_rate_with_their_casts() -> None:
     """train.fp8: the cost model's FP8 layers are the ones Transformer.set_fp8 picks (MLA's projections, the
-    shared expert, an MTP depth's eh_proj; not the 12-wide wkv_a, the routers or the routed experts); each
-    block's FP8 FLOPs move from the GEMM rate to the FP8 rate, and its casts cost memory bandwidth: forward
-    the input rows and the weight, backward the output gradient twice, the input and the weight."""
+    shared expert, an MTP depth's eh_proj; not the 20-wide wkv_a or the routers); each block's FP8 FLOPs move
+    from the GEMM rate to the FP8 rate, and its casts cost memory bandwidth: forward the input rows and the
+    weight, backward the output gradient twice, the input and the weight. The routed experts' forward and
+    input-gradient GEMMs move to the FP8 rate, with their casts; their weight gradients stay."""
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=4, attention="mla", ffn_dim=48, mtp_layers=1,
                       moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=16, num_shared_experts=1),
                       mla=MLAConfig(q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
@@ -67,7 +69,7 @@ def test_fp8_gemms_are_the_models_fp8_layers_at_their_rate_with_their_casts() ->
     model.set_fp8("rowwise")
     w = workload_for(cfg, tokens=64, seq_len=32, ep=1, dp=1, micro_steps=1, act_bytes=2, fp8="rowwise")
     for block, owner in enumerate([*model.layers, *model.mtp]):
-        want = sorted((m.in_features, m.out_features) for m in owner.modules() if getattr(m, "fp8", False))
+        want = sorted((m.in_features, m.out_features) for m in owner.modules() if isinstance(m, Linear) and m.fp8)
         assert sorted(w.fp8_linears_of(block)) == want and want, block
     assert {(32, 32), (32, 48), (16, 64)} <= set(w.fp8_linears_of(0))  # wq_a, wq_b, wkv_b, wo
     assert (32, 16 + 4) not in w.fp8_linears_of(0) and (64, 32) in w.fp8_linears_of(2)  # wkv_a; eh_proj
@@ -85,3 +87,11 @@ def test_fp8_gemms_are_the_models_fp8_layers_at_their_rate_with_their_casts() ->
         assert same.dense(w, block, "bwd") - same.dense(plain, block, "bwd") == pytest.approx(bwd, rel=1e-9)
         halved = sum(2 * m * k * n for k, n in widths) / 200e12
         assert same.dense(w, block, "fwd") - double.dense(w, block, "fwd") == pytest.approx(halved, rel=1e-9)
+    # the routed experts (dim 32, hidden 16): forward and input gradient in FP8, weight gradients not
+    assert w.fp8_experts and not plain.fp8_experts
+    rows, d, f, weights = 128, 32, 16, 3 * 4 * 32 * 16
+    fwd_casts, bwd_casts = (rows * (2 * d + f) + weights) * 5 / 1e12, (rows * (d + 2 * f) + weights) * 5 / 1e12
+    gemms = 6 * rows * d * f / 100e12
+    assert same.experts(w, rows, "fwd") - same.experts(plain, rows, "fwd") == pytest.approx(fwd_casts, rel=1e-9)
+    assert same.experts(w, rows, "bwd") - same.experts(plain, rows, "bwd") == pytest.approx(bwd_casts, rel=1e-9)
+    assert same.experts(w, rows, "bwd") - double.experts(w, rows, "bwd") == pytest.approx(gemms / 2, rel=1e-9)
