@@ -191,9 +191,34 @@ def _no_sm90() -> str | None:
 
 
 @pytest.mark.skipif(_no_sm90() is not None, reason=str(_no_sm90()))
-def test_the_fp8_grouped_gemm_computes_what_the_fp8_loop_does() -> None:
+def test_the_fp8_grouped_gemm_on_gpu_computes_what_the_fp8_loop_does() -> None:
     """GPU only (never run here): torch._scaled_grouped_mm's experts against the FP8 loop's, bf16 autocast."""
     loop = _experts_run("none", False, True, True, "loop", "cuda", torch.bfloat16)
     grouped = _experts_run("none", False, True, True, "grouped_mm", "cuda", torch.bfloat16)
     for got, want in zip(grouped, loop):
         assert _relative(got.float(), want.float()) < 0.02
+
+
+def _no_fp8_gpu() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a GPU (benchmarks/gpu_check.sh runs it)"
+    return float8_unsupported(torch.device("cuda"), torch.bfloat16)
+
+
+@pytest.mark.skipif(_no_fp8_gpu() is not None, reason=str(_no_fp8_gpu()))
+def test_fp8_linear_on_gpu_follows_the_plain_one() -> None:
+    """GPU only (never run here): cuBLAS's row-wise scaled GEMM under bf16 autocast, forward and backward,
+    against float32 on the same device."""
+    torch.manual_seed(0)
+    lin = Linear(256, 128).cuda()
+    lin.fp8 = True
+    x, dy = torch.randn(4, 64, 256, device="cuda", requires_grad=True), torch.randn(4, 64, 128, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = lin(x)
+    y.float().backward(dy)
+    x2 = x.detach().clone().requires_grad_(True)
+    w2 = lin.weight.detach().clone().requires_grad_(True)
+    F.linear(x2, w2, lin.bias.detach()).backward(dy)
+    assert y.dtype == torch.bfloat16
+    for got, want in ((y.float(), F.linear(x2, w2, lin.bias.detach())), (x.grad, x2.grad), (lin.weight.grad, w2.grad)):
+        assert _relative(got.float(), want) < 0.08
