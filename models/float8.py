@@ -31,11 +31,15 @@ RECIPES = ("none", "rowwise")
 
 def quantize_rows(t_MK: Tensor) -> tuple[Tensor, Tensor]:
     """t_MK in e4m3, each row scaled by a power of two that brings its largest entry within e4m3's range,
-    and the scales [M, 1] (float32) that decode it: t = t8 * scale. Returned contiguous (row-major)."""
+    and the scales [M, 1] (float32) that decode it: t = t8 * scale. Returned contiguous (row-major).
+
+    Three passes over t in eager mode (its largest entries; the product with the reciprocal scale, exact in
+    t's own dtype since it is a power of two, and never beyond e4m3's largest value, so unclamped; the cast)."""
     # an all-zero row gets a scale whose reciprocal is still finite (zero times it stays zero)
-    amax_M1 = t_MK.abs().amax(dim=-1, keepdim=True).float().clamp(min=2.0 ** -100)
+    amax_M1 = torch.linalg.vector_norm(t_MK, ord=float("inf"), dim=-1, keepdim=True).float().clamp(min=2.0 ** -100)
     scale_M1 = torch.exp2(torch.ceil(torch.log2(amax_M1 / E4M3_MAX)))
-    t8_MK = (t_MK.float() * scale_M1.reciprocal()).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    wide = t_MK if t_MK.dtype in (torch.float32, torch.bfloat16) else t_MK.float()  # bf16 holds 2^+-126
+    t8_MK = (wide * scale_M1.reciprocal().to(wide.dtype)).to(E4M3)
     return t8_MK.contiguous(), scale_M1
 
 

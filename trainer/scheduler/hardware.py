@@ -50,6 +50,12 @@ class Hardware:
         return cls(**data)
 
 
+def fp8_cast_bytes(w: Workload) -> int:
+    """Bytes moved per element an FP8 cast quantizes (models/float8.py's quantize_rows, eager): the operand
+    read three times and written once in the compute dtype, one byte written."""
+    return 4 * w.act_bytes + 1
+
+
 class HardwareCosts:
     """Unit costs from a description, for a world of `world_size` devices laid out node by node."""
 
@@ -72,10 +78,10 @@ class HardwareCosts:
         return seconds * (2 if phase == "bwd" else 1) + self._fp8_casts(w, fp8, phase)
 
     def _fp8_casts(self, w: Workload, widths: tuple[tuple[int, int], ...], phase: Phase) -> float:
-        """Quantizing the FP8 GEMMs' operands (models/float8.py, unfused): a pass for each row's largest entry,
-        then the scaled cast, reading the operand twice and writing a byte. Forward casts the input rows [M, K]
-        and the weight [N, K]; backward the output gradient twice (by rows, by columns), the input and the
-        weight again."""
+        """Quantizing the FP8 GEMMs' operands (models/float8.py's three eager passes: read for each row's
+        largest entry, read and write the scaled operand, read it and write a byte). Forward casts the input
+        rows [M, K] and the weight [N, K]; backward the output gradient twice (by rows, by columns), the input
+        and the weight again."""
         if not widths:
             return 0.0
         m = w.tokens
@@ -83,7 +89,7 @@ class HardwareCosts:
             elements = sum(m * k + k * n for k, n in widths)
         else:
             elements = sum(2 * m * n + m * k + k * n for k, n in widths)
-        return elements * (2 * w.act_bytes + 1) / (self.hw.memory_gbps * 1e9)
+        return elements * fp8_cast_bytes(w) / (self.hw.memory_gbps * 1e9)
 
     def selective_recompute(self, w: Workload, layer: int) -> float:
         """Attention's core at its kernel's rate and the memory-bound kernels at memory bandwidth (those of
@@ -102,7 +108,7 @@ class HardwareCosts:
         d, f = w.dim, w.expert_hidden
         weights = 3 * w.num_experts // w.ep * d * f
         elements = rows * (2 * d + f) + weights if phase == "fwd" else rows * (d + 2 * f) + weights
-        return fp8 + (gemms if phase == "bwd" else 0.0) + elements * (2 * w.act_bytes + 1) / (self.hw.memory_gbps * 1e9)
+        return fp8 + (gemms if phase == "bwd" else 0.0) + elements * fp8_cast_bytes(w) / (self.hw.memory_gbps * 1e9)
 
     def all_to_all(self, w: Workload, nbytes: float) -> float:
         """ep consecutive ranks: peers in the same node use NVLink-class links, the rest the network."""
