@@ -157,7 +157,7 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
 
         keep_this_stage(model, pmesh, cfg.stages_per_rank, cfg.parallel.layers_per_stage, cfg.schedule.pipeline)
     model.set_recompute(plan.recompute or cfg.train.recompute)  # the planner may keep more where memory allows
-    fp8_linears, linears = _set_fp8(model, cfg.train.fp8, device, resolve_dtype(cfg.train.dtype, device))
+    fp8_layers, layers = _set_fp8(model, cfg.train.fp8, device, resolve_dtype(cfg.train.dtype, device))
     fsdp = FsdpSettings(compute_dtype=resolve_dtype(cfg.train.dtype, device),
                         reduce_dtype=getattr(torch, cfg.parallel.effective_reduce_dtype),
                         reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward)
@@ -168,10 +168,10 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
         state = model_state_line(model, cfg.optim.moment_bytes)
         print(f"model state per rank (ep shards the experts evenly{sharded}): {state}", flush=True)
         if cfg.train.fp8 != "none":
-            print(f"fp8 ({cfg.train.fp8}): {fp8_linears} of this rank's {linears} linear layers in the blocks "
-                  f"multiply in float8 e4m3 through torch._scaled_mm; the rest (widths not multiples of 16), the "
-                  f"routed experts, routers, embedding and output layer in {resolve_dtype(cfg.train.dtype, device)}",
-                  flush=True)
+            dtype = str(resolve_dtype(cfg.train.dtype, device)).removeprefix("torch.")
+            print(f"fp8 ({cfg.train.fp8}): {fp8_layers} of this rank's {layers} linear and expert layers in the "
+                  f"blocks multiply in float8 e4m3 (torch._scaled_mm; the experts' weight gradients, layers whose "
+                  f"widths are not multiples of 16, the routers, embedding and output layer in {dtype})", flush=True)
         if pmesh.pp > 1:
             stages = pmesh.pp * cfg.stages_per_rank
             sizes = [len(r) for r in stage_layers(cfg.model.n_layers, stages, cfg.parallel.layers_per_stage)]
