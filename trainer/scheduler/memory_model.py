@@ -10,7 +10,9 @@ on the largest rank: FSDP2 pads every rank to the first of `torch.chunk`'s piece
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import types
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -140,6 +142,40 @@ def v_in_flight(pipeline: str, pp: int, stage: int, micro_steps: int) -> tuple[t
         return ((2 * pp - stage, stage + 1),)
     first = min(micro_steps, 2 * pp - 1 - stage)
     return ((first, stage + 1),) + (((first + 1, stage),) if first < micro_steps else ())
+
+
+@functools.lru_cache(maxsize=None)
+def v_states(pipeline: str, pp: int, stage: int, micro_steps: int) -> tuple[tuple[float, ...], ...]:
+    """The V-placed schedules in torch's own order for the rank of stage `stage` (the schedule class's
+    `_calculate_single_rank_operations`, private, read without process groups; 3 ms for 16 ranks of 64
+    micro-batches): every (micro-batches whose activations stage r holds, stage 2 pp - 1 - r holds, input steps
+    of stage r whose weight step has not run, of stage 2 pp - 1 - r, 1 while a weight step runs: its fresh
+    weight gradients) the rank goes through that no other exceeds in all five. A torch without that function
+    gets v_in_flight's pairs with all the pending weight steps (pending_weight_steps) on either stage: the bound
+    this replaces."""
+    from torch.distributed.pipelining import schedules
+
+    cls = {"zbv_zero_bubble": schedules.ScheduleZBVZeroBubble, "dualpipev": schedules.ScheduleDualPipeV}[pipeline]
+    fake = types.SimpleNamespace(pp_group_size=pp, _n_microbatches=micro_steps, n_local_stages=2, num_stages=2 * pp,
+                                 _num_stages=2 * pp)
+    try:
+        actions = cls._calculate_single_rank_operations(fake, stage)
+    except (AttributeError, TypeError):
+        pending = 2 * pending_weight_steps(pipeline, pp, stage, 2)
+        return tuple((a, b, c, pending - c, 1) for a, b in v_in_flight(pipeline, pp, stage, micro_steps)
+                     for c in (0.0, pending))
+    first, second = stage, 2 * pp - 1 - stage
+    held, pending = {first: 0, second: 0}, {first: 0, second: 0}
+    seen = set()
+    for action in (sub for a in actions if a is not None
+                   for sub in (a.sub_actions if a.computation_type == schedules.OVERLAP_F_B else (a,))):
+        kind, index = action.computation_type, action.stage_index
+        if kind == schedules.BACKWARD_WEIGHT:  # it runs holding its operands, making its gradients
+            seen.add((held[first], held[second], pending[first], pending[second], 1))
+        held[index] += {schedules.FORWARD: 1, schedules.FULL_BACKWARD: -1, schedules.BACKWARD_INPUT: -1}.get(kind, 0)
+        pending[index] += {schedules.BACKWARD_INPUT: 1, schedules.BACKWARD_WEIGHT: -1}.get(kind, 0)
+        seen.add((held[first], held[second], pending[first], pending[second], 0))
+    return tuple(sorted(s for s in seen if not any(o != s and all(x >= y for x, y in zip(o, s)) for o in seen)))
 
 
 def in_flight(pipeline: str, pp: int, stage: int, micro_steps: int, per_rank: int = 1) -> float:
@@ -430,38 +466,36 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
     # the final norm's input and output (the last stage), the embedding's output (a later stage: the input it
     # received)
     final_norm = 2.0 * 4 * layout.tokens * cfg.dim
-    if layout.v_shape and layout.pp > 1:  # each of the rank's two stages with its own count of micro-batches
+    held_reduction = holds_reduction(layout.grad_sync == "fsdp", layout.gather_once, layout.reduce_once, stage)
+    deferred = _defers(layout) and held_reduction  # pending weight steps hold their GEMMs' operands
+
+    def stash(blocks: Sequence[int]) -> float:
+        return sum(_weight_step_bytes(cfg, i, layout.tokens, layout.act_bytes) for i in blocks) if deferred else 0.0
+
+    if layout.v_shape and layout.pp > 1:  # each of the rank's two stages with its own counts, as torch orders them
         first, second = _v_stages(cfg, layout, stage)
-        activations = max(a * kept(first) + b * (kept(second) + final_norm * int(last))
-                          for a, b in v_in_flight(layout.pipeline, layout.pp, stage, layout.micro_steps))
+        fresh = 4 * c.largest_block if deferred else 0.0  # a weight step's new gradients (the expert loop's)
+        activations = max(a * kept(first) + b * (kept(second) + final_norm * int(last)) + p * stash(first)
+                          + q * stash(second) + w * fresh
+                          for a, b, p, q, w in v_states(layout.pipeline, layout.pp, stage, layout.micro_steps))
     else:
-        activations = flight * (kept(held) + final_norm * int(last))
+        pending = pending_weight_steps(layout.pipeline, layout.pp, stage, layout.stages_per_rank)
+        activations = flight * (kept(held) + final_norm * int(last)) + pending * stash(held)
     activations += flight * 4 * layout.tokens * cfg.dim
     if layout.recompute == "full":  # one block's activations while it is recomputed
         activations += max(per_block.values(), default=0.0)
     elif layout.recompute == "selective":  # what one block's recomputation brings back for its backward
         activations += max((_block_activations(cfg, i, layout.tokens, layout.act_bytes, "none") - p
                             for i, p in per_block.items()), default=0.0)
-    held_reduction = holds_reduction(layout.grad_sync == "fsdp", layout.gather_once, layout.reduce_once, stage)
     # Gradients have accumulated when the first backward starts, unless every forward of the step ran before it
     # (gpipe, looped_bfs; 1f1b's first stages when the step has no more micro-batches than they hold)
     accumulated = layout.micro_steps > 1 and (layout.pp == 1 or layout.v_shape or flight < layout.micro_steps)
-    if layout.grad_sync != "fsdp" and accumulated and not (_defers(layout) and held_reduction):
+    if layout.grad_sync != "fsdp" and accumulated and not deferred:
         # A backward computes a block's weight gradients (the output layer's, on the last stage: per loss
         # chunk) into fresh tensors, then adds them to the accumulated ones; fsdp counts its unit's above.
         # Deferred weight steps make theirs (the experts', and all under bf16) after their input step freed
         # the activations, beside the stash counted below: an upper bound on them at the peak.
         activations += 4 * max(c.largest_block, cfg.vocab_size * cfg.dim if last else 0)
-    if _defers(layout) and held_reduction:
-        def stash(blocks: Sequence[int]) -> float:
-            return sum(_weight_step_bytes(cfg, i, layout.tokens, layout.act_bytes) for i in blocks)
-
-        pending = pending_weight_steps(layout.pipeline, layout.pp, stage, layout.stages_per_rank)
-        if layout.v_shape and layout.pp > 1:  # 2 x pending steps of its two stages, which torch's order splits
-            # unevenly between them: at most all of them the larger stage's
-            activations += 2 * pending * max(stash(first), stash(second))
-        else:
-            activations += pending * stash(held)
     head = _head_bytes(cfg, layout) if last else 0.0
     throughout = accumulated or (layout.bucketed and layout.grad_sync != "fsdp")
     return MemoryEstimate(params, grads, optimizer, activations, with_activations + head, after_backward, throughout)
