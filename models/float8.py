@@ -62,8 +62,8 @@ def float8_mm(a_MK: Tensor, b_KN: Tensor, out_dtype: Optional[torch.dtype] = Non
 
 def float8_grouped_mm(x_AK: Tensor, w_EKN: Tensor, offs_E: Tensor) -> Tensor:
     """torch._grouped_mm(x_AK, w_EKN, offs=offs_E) with both in e4m3: each row of x scaled, each expert's
-    weight per column (over K). GPU only (torch._scaled_grouped_mm: sm90; no CPU kernel in torch 2.13), so it
-    has never run here; groups must start at multiples of ALIGN rows (padded_groups)."""
+    weight per column (over K). GPU only (torch._scaled_grouped_mm; no CPU kernel in torch 2.13), so it has
+    never run here; groups must start at multiples of ALIGN rows (padded_groups)."""
     x8_AK, scale_x_A1 = quantize_rows(x_AK)
     w8_ENK, scale_w_EN1 = quantize_rows(w_EKN.transpose(-2, -1))
     # each expert's weight column-major, as the kernel takes its second operand
@@ -72,8 +72,9 @@ def float8_grouped_mm(x_AK: Tensor, w_EKN: Tensor, offs_E: Tensor) -> Tensor:
 
 
 def float8_grouped_unsupported(x_SD: Tensor, capability: Optional[tuple[int, int]] = None) -> Optional[str]:
-    """Why torch's FP8 grouped GEMM cannot run rows like x_SD here, or None: torch 2.13 has it for sm90 GPUs
-    only (`capability`: this GPU's unless given, for tests)."""
+    """Why torch's FP8 grouped GEMM cannot run rows like x_SD here, or None: taken on sm90 GPUs only (torch's
+    kernel may cover sm100 too; unverified here, so those run the expert loop's FP8 instead). `capability`:
+    this GPU's unless given, for tests."""
     if not x_SD.is_cuda and capability is None:
         return f"torch {torch.__version__} has no CPU kernel for the FP8 grouped GEMM (torch._scaled_grouped_mm)"
     major, minor = capability or torch.cuda.get_device_capability(x_SD.device)

@@ -22,10 +22,12 @@ RECOMPUTE_MODES: tuple[str, ...] = ("none", "selective", "experts", "full")
 """From keeping the most to keeping the least (for MoE blocks, whose expert activations dominate)."""
 
 _aten = torch.ops.aten
-_GEMMS = frozenset({_aten.mm.default, _aten.addmm.default, _aten._grouped_mm.default})
+_GEMMS = frozenset({_aten.mm.default, _aten.addmm.default, _aten._grouped_mm.default, _aten._scaled_mm.default,
+                    _aten._scaled_grouped_mm.default})
 """Ops whose outputs selective recompute keeps: the GEMMs with a weight matrix (linear layers, LoRA and the
-expert loop decompose to mm/addmm; the grouped experts run _grouped_mm). Not bmm: only attention's math
-kernel (SDPA's fallback) runs it, and its [T, T] scores are what selective recomputes."""
+expert loop decompose to mm/addmm; the grouped experts run _grouped_mm; under train.fp8 both run the scaled
+ones). Not bmm: only attention's math kernel (SDPA's fallback) runs it, and its [T, T] scores are what
+selective recomputes. FP8's casts run again in backward (their outputs are not kept), the GEMMs not."""
 
 
 def _keep_gemm_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:

@@ -192,12 +192,17 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
     return model, sync
 
 
-def _set_fp8(model: Transformer, recipe: str, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
-    """train.fp8 on the model's linear layers, refused by name where this device cannot run it."""
+def _check_fp8(recipe: str, device: torch.device, dtype: torch.dtype) -> None:
+    """train.fp8 refused by name where this device cannot run it."""
     if recipe != "none":
         reason = float8_unsupported(device, dtype)
         if reason is not None:
             raise ValueError(f"train.fp8={recipe} cannot run here: {reason}. Set train.fp8=none")
+
+
+def _set_fp8(model: Transformer, recipe: str, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
+    """train.fp8 on the model's linear and expert layers, refused by name where this device cannot run it."""
+    _check_fp8(recipe, device, dtype)
     return model.set_fp8(recipe)
 
 
@@ -239,6 +244,7 @@ def run_training(cfg: Config, device: torch.device, preemption: Preemption | Non
     prepare_run_dir(cfg)
     pmesh = run_mesh(cfg, device.type)
     dtype = resolve_dtype(cfg.train.dtype, device)
+    _check_fp8(cfg.train.fp8, device, dtype)  # before the profiler times FP8 GEMMs
     plan = plan_for(cfg, pmesh, device)  # before the model exists: profiling builds models of its own
     model, sync = build_rank_model(cfg, pmesh, plan, device)
     pipeline = pipeline_for(model, pmesh, cfg, device) \

@@ -179,9 +179,10 @@ class TrainConfig:
     """auto: float32 on CPU, bfloat16 autocast on GPU."""
     fp8: Literal["none", "rowwise"] = "none"
     """rowwise: the blocks' linear layers (attention and MLA projections, dense and shared FFNs, MTP
-    projections) run their GEMMs in float8 e4m3, one power-of-two scale per row of each operand
-    (models/float8.py); the embedding, output layer, routers, norms, attention's core and the routed experts
-    keep train.dtype. A GPU needs sm89 or newer and bfloat16; CPU runs torch's reference kernel (tests)."""
+    projections) run their GEMMs in float8 e4m3, one power-of-two scale per row of each operand, and the
+    routed experts their forward and input-gradient GEMMs (models/float8.py); the embedding, output layer,
+    routers, norms, attention's core and the experts' weight gradients keep train.dtype. A GPU needs sm89
+    or newer and bfloat16; CPU runs torch's reference kernel (tests)."""
     stop_at: Optional[int] = None
     """Save a checkpoint at this step and exit cleanly; the LR schedule and data order still follow
     train.steps, so the next launch (auto-resume) continues the same run. Splits a run into jobs."""

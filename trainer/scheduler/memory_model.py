@@ -174,6 +174,9 @@ def v_states(pipeline: str, pp: int, stage: int, micro_steps: int) -> tuple[tupl
             seen.add((held[first], held[second], pending[first], pending[second], 1))
         held[index] += {schedules.FORWARD: 1, schedules.FULL_BACKWARD: -1, schedules.BACKWARD_INPUT: -1}.get(kind, 0)
         pending[index] += {schedules.BACKWARD_INPUT: 1, schedules.BACKWARD_WEIGHT: -1}.get(kind, 0)
+        if kind == schedules.FULL_BACKWARD:  # torch runs its weight step at once, from the stash it just made
+            one = {first: int(index == first), second: int(index == second)}
+            seen.add((held[first], held[second], pending[first] + one[first], pending[second] + one[second], 1))
         seen.add((held[first], held[second], pending[first], pending[second], 0))
     return tuple(sorted(s for s in seen if not any(o != s and all(x >= y for x, y in zip(o, s)) for o in seen)))
 
@@ -474,7 +477,8 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
 
     if layout.v_shape and layout.pp > 1:  # each of the rank's two stages with its own counts, as torch orders them
         first, second = _v_stages(cfg, layout, stage)
-        fresh = 4 * c.largest_block if deferred else 0.0  # a weight step's new gradients (the expert loop's)
+        # a weight step's new gradients (the expert loop's); the output layer's, never deferred, in its input step
+        fresh = 4 * max(c.largest_block, cfg.vocab_size * cfg.dim if last else 0) if deferred else 0.0
         activations = max(a * kept(first) + b * (kept(second) + final_norm * int(last)) + p * stash(first)
                           + q * stash(second) + w * fresh
                           for a, b, p, q, w in v_states(layout.pipeline, layout.pp, stage, layout.micro_steps))

@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeyard.models import GroupedExperts, ModelConfig, MoEConfig, Transformer
 from moeyard.models.float8 import E4M3_MAX, float8_grouped_unsupported, float8_mm, float8_unsupported, quantize_rows
+from moeyard.models.layers import SwiGLU
 from moeyard.models.moe.expert_mlp import ExpertActivation
 from moeyard.models.mtp import MTPModule
 from moeyard.models.weight_steps import Linear
@@ -222,3 +224,27 @@ def test_fp8_linear_on_gpu_follows_the_plain_one() -> None:
     assert y.dtype == torch.bfloat16
     for got, want in ((y.float(), F.linear(x2, w2, lin.bias.detach())), (x.grad, x2.grad), (lin.weight.grad, w2.grad)):
         assert _relative(got.float(), want) < 0.08
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func] = self.counts.get(func, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_selective_recompute_keeps_the_fp8_gemms() -> None:
+    """train.recompute=selective keeps GEMM outputs, the scaled ones too: a SwiGLU FFN's backward runs its
+    three layers' input- and weight-gradient GEMMs in FP8 (6), none of its forward GEMMs again."""
+    ffn = SwiGLU(32, 64)
+    for m in ffn.modules():
+        if isinstance(m, Linear):
+            m.fp8 = True
+    ffn.selective = True
+    y = ffn(torch.randn(4, 32, requires_grad=True))
+    with _CountOps() as ops:
+        y.sum().backward()
+    assert ops.counts.get(torch.ops.aten._scaled_mm.default) == 6, ops.counts

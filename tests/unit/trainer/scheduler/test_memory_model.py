@@ -202,20 +202,22 @@ def test_a_v_ranks_two_stages_each_hold_their_own_micro_batches() -> None:
     block_input = 256 * 4 * cfg.dim
     assert first_rank((2, 1, 1, 0)) - first_rank((1, 1, 1, 1)) == pytest.approx(3 * block_input)
     # Deferred weight steps, at the states torch's order goes through (v_states: stage 0's and stage 3's
-    # micro-batches held, their pending weight steps, a weight step running): stage 0's weight step runs with one
-    # micro-batch held and its own pending stash; the not-deferred run holds 4 of stage 0 and 1 of stage 3 (its
-    # final norm) and adds a block's fresh weight gradients to the accumulated ones, which deferred weight
-    # steps do as they run
+    # micro-batches held, their pending weight steps, a weight step running; a full backward runs its weight
+    # step at once): stage 0's runs with 3 of its micro-batches and stage 3's one held, its stash and fresh
+    # gradients (the output layer's, larger than a block's, on this rank of the last stage); the not-deferred
+    # run holds 4 of stage 0 and 1 of stage 3 and adds the fresh gradients to the accumulated ones at its peak
     from moeyard.trainer.scheduler.memory_model import _weight_step_bytes, v_states
 
-    assert v_states("dualpipev", 2, 0, 4) == ((1, 0, 1, 0, 1), (3, 0, 0, 1, 1), (4, 1, 0, 0, 0))
+    assert v_states("dualpipev", 2, 0, 4) == ((3, 1, 1, 0, 1), (4, 0, 0, 1, 1), (4, 1, 0, 0, 0))
     deferred = dataclasses.replace(layout, defer_weight_gradients=True, layers_per_stage=(2, 1, 1, 0))
     counts = stage_counts(cfg, deferred)[0]
     held = predict_stage(cfg, deferred, counts, 0).activations - first_rank((2, 1, 1, 0))
     stash = sum(_weight_step_bytes(cfg, i, 256, 4) for i in (0, 1))
-    k, norm, fresh = 2 * block_input, 2 * block_input, 4 * counts.largest_block  # stage 3 holds no block
-    assert held == pytest.approx(max(k + stash + fresh, 3 * k + fresh, 4 * k + norm) - (4 * k + norm + fresh))
-    assert stash > 3 * k + norm  # the weight step's state is the peak: the test sees the stash
+    k, norm = 2 * block_input, 2 * block_input  # stage 3 holds no block, only the final norm
+    fresh = 4 * max(counts.largest_block, cfg.vocab_size * cfg.dim)
+    assert held == pytest.approx(max(3 * k + norm + stash + fresh, 4 * k + fresh, 4 * k + norm)
+                                 - (4 * k + norm + fresh))
+    assert stash > k  # the weight step's state is the peak: the test sees the stash
     with pytest.raises(ValueError):  # every stage but the last holds a block
         first_rank((3, 0, 1, 0))
 
