@@ -139,8 +139,8 @@ def _assert_weight_steps(results: list[dict], layout: tuple[str, ...]) -> None:
     (4, ("parallel.pp=2", "parallel.ep=2", "schedule.pipeline=dualpipev", "train.micro_batch_size=1",
          "model.mtp_layers=1", "model.moe.first_dense_layers=0", "parallel.layers_per_stage=[2, 1, 1, 0]"),
      "sigmoid_bias", True),
-    (2, ("parallel.pp=2", "schedule.pipeline=zbv_zero_bubble", "train.micro_batch_size=1", "train.fp8=rowwise"),
-     "topk_softmax", False),
+    (2, ("parallel.pp=2", "schedule.pipeline=zbv_zero_bubble", "train.micro_batch_size=1", "train.fp8=rowwise",
+         "parallel.fsdp=true", "parallel.fsdp_gather_once=true"), "topk_softmax", False),
 ], ids=["pp2-gpipe-sft", "pp2-ep2-1f1b-manual-chunks2", "pp2-ep2-fsdp-recompute-sigmoid_bias-auto",
         "pp4-1f1b-sft-loss_chunks-last-block-frozen", "pp2-ep2-mtp-tied-last-stage-of-no-block-sft", "pp2-ep2-mtp-fsdp-gathered-once",
         "pp2-ep2-gpipe-fsdp-once-on-rank0-resident-weights-on-rank1-sigmoid_bias",
@@ -151,7 +151,7 @@ def _assert_weight_steps(results: list[dict], layout: tuple[str, ...]) -> None:
         "pp2x2-ep2-zero_bubble-weight-steps-sft",
         "pp2v-ep2-zbv-mtp-tied-fsdp-once-on-rank0-resident-on-rank1-recompute-sigmoid_bias",
         "pp2v-ep2-dualpipev-lanes-weight-steps-mtp-last-stage-of-no-block-sigmoid_bias-sft",
-        "pp2v-zbv-weight-steps-fp8"])
+        "pp2v-zbv-weight-steps-fsdp-once-fp8"])
 def test_pipeline_stages_train_the_one_process_model(reference, world, layout, router, sft) -> None:
     """Packed SFT rows (segments and loss masks through the stages) in three of them; MTP (the last stage
     embeds the tokens with its copy of the embedding) with tied embeddings and with fsdp; a last stage of no
@@ -161,9 +161,9 @@ def test_pipeline_stages_train_the_one_process_model(reference, world, layout, r
     plan (pipelined exchange inside the stages) and schedule.mode=auto (the planner's, from measurements
     made inside the stages); overlapped_1f1b, whose lanes' all-to-alls must each overlap the other lane's
     computing (parallel/lanes.py's trace); a block frozen by name (the pattern is the whole model's, matching on
-    one stage only); FP8 linear layers (train.fp8: each stage sees the one-process run's micro-batches, so its
-    per-row scales are the same) whose weight GEMMs run in the weight steps; every layout ends with a held-out
-    evaluation through its stages."""
+    one stage only); FP8 linear and expert layers (train.fp8: each stage sees the one-process run's
+    micro-batches, so its per-row scales are the same) under FSDP2 gathered once, whose weight GEMMs run in the
+    weight steps; every layout ends with a held-out evaluation through its stages."""
     settings = (*layout, f"model.moe.router={router}")
     results = run_distributed(pipeline_cases.train_steps, world, settings, 6, sft, timeout_s=240)
     ref = _reference(reference, settings, sft)
