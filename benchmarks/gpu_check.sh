@@ -163,6 +163,8 @@ all_steps() {
     step "2b. GPU-only tests" 50 "pytest numpy yaml" "$PY" -m pytest -q -p no:cacheprovider \
       -o "addopts=--import-mode=importlib -ra" -k "cuda or gpu" "$REPO"/tests/unit/models
   fi
+  step "2c. FP8 GEMMs (train.fp8) against bf16: error, ms, cast bytes" 30 "" "$PY" "$REPO"/benchmarks/gpu_probe.py fp8 \
+    --device $DEVICE "${SMOKE_FLAG[@]}"
   step "3. Mixtral-shaped MoE layer fwd+bwd" 60 "" bash -c 'layer_benchmark "$@"' _ "${SMOKE_FLAG[@]}"
   step "4. moeyard train on one device, stop at $STOP, resume to $TOTAL" 80 "$TRAIN_NEEDS" bash -c train_stop_resume
   step "5. peak memory, replicated vs FSDP2-sharded state" 60 "$TRAIN_NEEDS" bash -c state_memory

@@ -3,6 +3,7 @@
     python benchmarks/gpu_probe.py grouped [--device cpu]   # padded grouped GEMM vs a float32 loop
     python benchmarks/gpu_probe.py syncs [--device cpu]     # MoE layer fwd+bwd under sync debug mode
     python benchmarks/gpu_probe.py attention [--device cpu --smoke]  # each attention path's kernel and speed
+    python benchmarks/gpu_probe.py fp8 [--device cpu --smoke]        # train.fp8's GEMMs against bf16's
 
 grouped: row counts with zeros (and one expert holding most rows) through `expert_mlp_grouped_mm` in the
 device's compute dtype (bf16 on CUDA, float32 on CPU) against the float32 reference, for SwiGLU experts and
@@ -11,6 +12,11 @@ whether the empty experts' gradients are exactly zero.
 syncs: ep=1, dropless, grouped GEMM, bf16 autocast on CUDA: a warm-up step, then one forward and backward
 under torch.cuda.set_sync_debug_mode("warn"); every warning is a host sync (on CPU the mode does not
 exist: the step runs, and tests/distributed/test_host_syncs.py counts the syncs by kind).
+fp8: train.fp8=rowwise's linear layer (DeepSeek-V3's 7168-wide projections at 4096 rows) and expert layer
+(16 local experts of 7168 x 2048, 2048 rows each, as its pp 16 x ep 16 plan has them) forward + backward
+against the same in bf16: ms of each, the ratio, and one cast's ms and bytes an element moved at the
+device's bandwidth (the planner's fp8_gemm_tflops and its 9-byte eager cast, models/float8.py, are what this
+calibrates); the check is the outputs' and gradients' error against bf16's (speed is reported, not judged).
 Each prints one JSON line and exits non-zero when its check fails.
 """
 from __future__ import annotations
@@ -197,15 +203,78 @@ def attention(device: torch.device, smoke: bool = False) -> dict:
             and fused_named}
 
 
+def fp8(device: torch.device, smoke: bool = False) -> dict:
+    from moeyard.models import GroupedExperts
+    from moeyard.models.float8 import float8_unsupported, quantize_rows
+    from moeyard.models.weight_steps import Linear
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    reason = float8_unsupported(device, dtype)
+    if reason is not None:
+        return {"device": str(device), "fp8": reason, "ok": False}
+    M, D, F, E = (64, 64, 32, 2) if smoke else (4096, 7168, 2048, 16)
+    reps = 2 if smoke else 10
+    timed_ms = functools.partial(moe_layer_gpu.timed_ms, warmup=1, reps=reps)
+
+    def run(module, fp8_on: bool, *inputs) -> tuple[float, list[torch.Tensor]]:
+        module.fp8 = fp8_on
+        leaves = [x.detach().clone().requires_grad_() for x in inputs[:1]]
+
+        def step() -> torch.Tensor:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                y = module(leaves[0], *inputs[1:])
+            y.float().square().mean().backward()
+            return y
+
+        ms = timed_ms(step, device)
+        for p in module.parameters():
+            p.grad = None
+        leaves[0].grad = None
+        y = step()
+        # copies: the next run's backward accumulates into these gradient tensors in place
+        return ms, [t.detach().clone() for t in [y, leaves[0].grad, *(p.grad for p in module.parameters())]]
+
+    rows = {}
+    linear = Linear(D, D, bias=False).to(device)
+    experts = GroupedExperts(E, D, F).to(device)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x_linear = torch.randn(M, D, device=device)
+    x_experts = torch.randn(M * E // 2, D, device=device)
+    counts = [M // 2] * E
+    for name, module, inputs in (("linear", linear, (x_linear,)),
+                                 ("experts", experts, (x_experts, counts if device.type == "cpu" else
+                                                       torch.tensor(counts, device=device)))):
+        plain_ms, plain = run(module, False, *inputs)
+        fp8_ms, got = run(module, True, *inputs)
+        rows[name] = {"bf16_ms" if dtype == torch.bfloat16 else "float32_ms": plain_ms, "fp8_ms": fp8_ms,
+                      "fp8_over_plain": fp8_ms / plain_ms, "rel_err": max(_rel(g, w) for g, w in zip(got, plain))}
+    operand = torch.randn(M * E // 2, D, device=device, dtype=dtype)
+    cast_ms = timed_ms(lambda: quantize_rows(operand), device)
+    peak_gbps = None
+    if device.type == "cuda":
+        copy_ms = timed_ms(lambda: operand.clone(), device)
+        peak_gbps = 2 * operand.numel() * operand.element_size() / copy_ms / 1e6
+    cast = {"ms": cast_ms, "elements": operand.numel(), "copy_gbps": peak_gbps,
+            "bytes_per_element_at_copy_rate": (cast_ms * 1e6 * peak_gbps / operand.numel()) if peak_gbps else None}
+    tolerance = 0.1
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
+            "torch": torch.__version__, "shapes": {"rows": M, "dim": D, "expert_hidden": F, "experts": E},
+            "layers": rows, "cast": cast, "ok": all(r["rel_err"] < tolerance for r in rows.values())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("check", choices=["grouped", "syncs", "attention"])
+    parser.add_argument("check", choices=["grouped", "syncs", "attention", "fp8"])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--smoke", action="store_true", help="attention: tiny shapes")
+    parser.add_argument("--smoke", action="store_true", help="attention, fp8: tiny shapes")
     args = parser.parse_args()
     device = torch.device(args.device)
-    result = attention(device, args.smoke) if args.check == "attention" else \
-        {"grouped": grouped, "syncs": syncs}[args.check](device)
+    if args.check in ("attention", "fp8"):
+        result = {"attention": attention, "fp8": fp8}[args.check](device, args.smoke)
+    else:
+        result = {"grouped": grouped, "syncs": syncs}[args.check](device)
     print(json.dumps(result))
     sys.exit(0 if result["ok"] else 1)
 

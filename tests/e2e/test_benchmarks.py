@@ -72,7 +72,8 @@ def test_soak_smoke_survives_repeated_kills_bit_exact(tmp_path: Path) -> None:
 def test_gpu_check_script_smoke_on_cpu(tmp_path: Path) -> None:
     """benchmarks/gpu_check.sh --smoke --gpus 2: every step of the device check runs and passes on CPU, the
     multi-GPU ones on 2 gloo ranks (grouped-GEMM probe with empty experts, the layer benchmark, a stopped
-    and resumed train, plain vs fsdp, the attention paths; the exchange against the one-device layer, fsdp
+    and resumed train, plain vs fsdp, the attention paths, FP8 against the compute dtype; the exchange against
+    the one-device layer, fsdp
     memory per rank, the pipelined exchange), moeyard taken from the clone without pip, within the budget;
     the report names each step's verdict."""
     report = tmp_path / "gpu_check.md"
@@ -80,7 +81,7 @@ def test_gpu_check_script_smoke_on_cpu(tmp_path: Path) -> None:
                            "300", "--report", str(report)], capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + report.read_text()[-4000:]
     text = report.read_text()
-    for title in ("1. grouped-GEMM probe", "2a. host syncs", "3. Mixtral-shaped", "4. moeyard train",
+    for title in ("1. grouped-GEMM probe", "2a. host syncs", "2c. FP8 GEMMs", "3. Mixtral-shaped", "4. moeyard train",
                   "5. peak memory", "6. attention paths", "7. 2 ranks: NCCL all-to-all", "8. 2 ranks: peak memory",
                   "9. 2 ranks: pipelined exchange"):
         assert f"## {title}" in text and text.split(f"## {title}")[1].split("\n")[0].count(": PASS") == 1, title
@@ -97,4 +98,5 @@ def test_gpu_check_script_smoke_on_cpu(tmp_path: Path) -> None:
     training = layer["training"]
     assert training["step_s"] > 0 and training["tokens_per_step"] == 256 and training["steps_timed"] >= 2
     limits = [int(line.split("(limit ")[1].split("s)")[0]) for line in text.splitlines() if "(limit " in line]
-    assert len(limits) == 9 and sum(limits) <= 300, limits
+    assert len(limits) == 10 and sum(limits) <= 300, limits
+    assert '"linear": {"float32_ms": ' in text  # the FP8 probe's timings, float32 on a CPU
