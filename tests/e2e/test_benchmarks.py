@@ -73,9 +73,8 @@ def test_gpu_check_script_smoke_on_cpu(tmp_path: Path) -> None:
     """benchmarks/gpu_check.sh --smoke --gpus 2: every step of the device check runs and passes on CPU, the
     multi-GPU ones on 2 gloo ranks (grouped-GEMM probe with empty experts, the layer benchmark, a stopped
     and resumed train, plain vs fsdp, the attention paths, FP8 against the compute dtype; the exchange against
-    the one-device layer, fsdp
-    memory per rank, the pipelined exchange), moeyard taken from the clone without pip, within the budget;
-    the report names each step's verdict."""
+    the one-device layer, fsdp memory per rank, the pipelined exchange), moeyard taken from the clone without
+    pip, within the budget; the report names each step's verdict."""
     report = tmp_path / "gpu_check.md"
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--gpus", "2", "--budget",
                            "300", "--report", str(report)], capture_output=True, text=True, timeout=420)
