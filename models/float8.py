@@ -1,4 +1,5 @@
-"""FP8 GEMMs for training (train.fp8=rowwise): the blocks' linear layers multiply in float8 e4m3.
+"""FP8 GEMMs for training (train.fp8=rowwise): the blocks' linear layers and routed experts multiply in
+float8 e4m3.
 
 DeepSeek-V3 trained its GEMMs in FP8 and kept the embedding, output layer, routers, norms and attention's
 core in higher precision; torchao's "rowwise" recipe does the same for dense models with one scale per row.
@@ -105,4 +106,5 @@ def float8_unsupported(device: torch.device, dtype: torch.dtype) -> Optional[str
     return None
 
 
-__all__ = ["ALIGN", "RECIPES", "eligible", "float8_grouped_mm", "float8_grouped_unsupported", "float8_mm", "float8_unsupported", "quantize_rows"]
+__all__ = ["ALIGN", "RECIPES", "eligible", "float8_grouped_mm", "float8_grouped_unsupported", "float8_mm",
+           "float8_unsupported", "quantize_rows"]

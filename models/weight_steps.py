@@ -84,7 +84,8 @@ class _Matmul(torch.autograd.Function):
     torch._grouped_mm(x, weight [E, I, O], offs): the weight cast to x's dtype inside, so that a deferred
     weight gradient can be added to the parameter itself. The parameter is saved, not its cast: a cast per
     micro-batch in flight would be held until its backward (autocast's cache shares one), so backward casts
-    again. `fp8` (no `offs`): the three GEMMs in float8 with row-wise scales (models/float8.py)."""
+    again. `fp8`: the forward and input-gradient GEMMs in float8 with row-wise scales (models/float8.py), and
+    without `offs` the weight gradient's too."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: nn.Parameter, transposed: bool, offs: Optional[Tensor],

@@ -78,7 +78,8 @@ def test_fp8_gemms_are_the_models_fp8_layers_at_their_rate_with_their_casts() ->
     plain = workload_for(cfg, tokens=64, seq_len=32, ep=1, dp=1, micro_steps=1, act_bytes=2)
     hw = dict(name="t", devices_per_node=8, gemm_tflops=100.0, intra_node_gbps=1.0, intra_node_latency_us=1.0,
               inter_node_gbps=1.0, inter_node_latency_us=1.0, memory_gbps=1000.0)
-    same, double = HardwareCosts(Hardware(**hw, fp8_gemm_tflops=100.0)), HardwareCosts(Hardware(**hw, fp8_gemm_tflops=200.0))
+    same = HardwareCosts(Hardware(**hw, fp8_gemm_tflops=100.0))  # FP8 at the bf16 rate: only the casts differ
+    double = HardwareCosts(Hardware(**hw, fp8_gemm_tflops=200.0))
     for block in range(w.n_layers):
         widths, m = w.fp8_linears_of(block), 64
         fwd = sum(m * k + k * n for k, n in widths) * 9 / 1e12
