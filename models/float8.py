@@ -30,18 +30,39 @@ ALIGN = 16
 RECIPES = ("none", "rowwise")
 
 
+_FUSED_CAST: dict[str, bool] = {}
+"""By device type: whether a multiply writes e4m3 directly (one pass), learned on first use."""
+
+
+def _scaled_cast(t_MK: Tensor, factor_M1: Tensor, out_MK: Tensor) -> None:
+    """out = e4m3(t * factor): the product written straight into the e4m3 buffer where the device's multiply
+    can (torch's elementwise kernels cast to the output's dtype as they store; CPU can), else through a
+    temporary in t's dtype (one pass more)."""
+    kind = t_MK.device.type
+    if _FUSED_CAST.get(kind, True):
+        try:
+            torch.mul(t_MK, factor_M1, out=out_MK)
+            _FUSED_CAST[kind] = True
+            return
+        except (RuntimeError, TypeError):
+            _FUSED_CAST[kind] = False
+    out_MK.copy_(t_MK * factor_M1)
+
+
 def quantize_rows(t_MK: Tensor) -> tuple[Tensor, Tensor]:
     """t_MK in e4m3, each row scaled by a power of two that brings its largest entry within e4m3's range,
-    and the scales [M, 1] (float32) that decode it: t = t8 * scale. Returned contiguous (row-major).
+    and the scales [M, 1] (float32) that decode it: t = t8 * scale. Returned row-major whatever t's layout.
 
-    Three passes over t in eager mode (its largest entries; the product with the reciprocal scale, exact in
-    t's own dtype since it is a power of two, and never beyond e4m3's largest value, so unclamped; the cast)."""
+    Two passes over t in eager mode: its largest entries, then the product with the reciprocal scale (exact
+    in t's own dtype since it is a power of two, and never beyond e4m3's largest value, so unclamped) cast
+    as it is written (_scaled_cast)."""
     # an all-zero row gets a scale whose reciprocal is still finite (zero times it stays zero)
     amax_M1 = torch.linalg.vector_norm(t_MK, ord=float("inf"), dim=-1, keepdim=True).float().clamp(min=2.0 ** -100)
     scale_M1 = torch.exp2(torch.ceil(torch.log2(amax_M1 / E4M3_MAX)))
     wide = t_MK if t_MK.dtype in (torch.float32, torch.bfloat16) else t_MK.float()  # bf16 holds 2^+-126
-    t8_MK = (wide * scale_M1.reciprocal().to(wide.dtype)).to(E4M3)
-    return t8_MK.contiguous(), scale_M1
+    t8_MK = torch.empty(t_MK.shape, dtype=E4M3, device=t_MK.device)
+    _scaled_cast(wide, scale_M1.reciprocal().to(wide.dtype), t8_MK)
+    return t8_MK, scale_M1
 
 
 def float8_mm(a_MK: Tensor, b_KN: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:

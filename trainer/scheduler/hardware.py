@@ -52,8 +52,8 @@ class Hardware:
 
 def fp8_cast_bytes(w: Workload) -> int:
     """Bytes moved per element an FP8 cast quantizes (models/float8.py's quantize_rows, eager): the operand
-    read three times and written once in the compute dtype, one byte written."""
-    return 4 * w.act_bytes + 1
+    read twice (its rows' largest entries, then the scaled cast), one byte written."""
+    return 2 * w.act_bytes + 1
 
 
 class HardwareCosts:
@@ -78,10 +78,9 @@ class HardwareCosts:
         return seconds * (2 if phase == "bwd" else 1) + self._fp8_casts(w, fp8, phase)
 
     def _fp8_casts(self, w: Workload, widths: tuple[tuple[int, int], ...], phase: Phase) -> float:
-        """Quantizing the FP8 GEMMs' operands (models/float8.py's three eager passes: read for each row's
-        largest entry, read and write the scaled operand, read it and write a byte). Forward casts the input
-        rows [M, K] and the weight [N, K]; backward the output gradient twice (by rows, by columns), the input
-        and the weight again."""
+        """Quantizing the FP8 GEMMs' operands (fp8_cast_bytes an element). Forward casts the input rows [M, K]
+        and the weight [N, K]; backward the output gradient twice (by rows, by columns), the input and the
+        weight again."""
         if not widths:
             return 0.0
         m = w.tokens

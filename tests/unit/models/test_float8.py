@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moeyard.models import GroupedExperts, ModelConfig, MoEConfig, Transformer
+from moeyard.models import GroupedExperts, ModelConfig, MoEConfig, Transformer, float8
 from moeyard.models.float8 import E4M3_MAX, float8_grouped_unsupported, float8_mm, float8_unsupported, quantize_rows
 from moeyard.models.layers import SwiGLU
 from moeyard.models.moe.expert_mlp import ExpertActivation
@@ -22,7 +22,7 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
-def test_row_scales_are_powers_of_two_that_fit_e4m3() -> None:
+def test_row_scales_are_powers_of_two_that_fit_e4m3(monkeypatch) -> None:
     t = torch.randn(6, 40) * torch.logspace(-4, 4, 6).unsqueeze(1)
     t[2] = 0  # an all-zero row gets a finite scale and stays zero
     t8, scale = quantize_rows(t.t().contiguous().t())  # a column-major input comes back row-major
@@ -33,6 +33,11 @@ def test_row_scales_are_powers_of_two_that_fit_e4m3() -> None:
     assert torch.all(amax[nonzero] >= E4M3_MAX / 2) and torch.all(amax <= E4M3_MAX), amax  # >=: rounding
     assert not torch.any(t8[2].float()) and torch.isfinite(scale).all()
     assert _relative(t8.float() * scale, t) < 0.04
+    # a device whose multiply cannot write e4m3 casts through a temporary: the same bits
+    assert float8._FUSED_CAST == {"cpu": True}
+    monkeypatch.setitem(float8._FUSED_CAST, "cpu", False)
+    slow8, slow_scale = quantize_rows(t.t().contiguous().t())
+    assert torch.equal(slow8.view(torch.uint8), t8.view(torch.uint8)) and torch.equal(slow_scale, scale)
 
 
 def test_representable_operands_multiply_exactly() -> None:
