@@ -18,6 +18,7 @@ Shape legend: see models/__init__.py; here M rows of a GEMM, K the dimension it 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -30,23 +31,25 @@ ALIGN = 16
 RECIPES = ("none", "rowwise")
 
 
-_FUSED_CAST: dict[str, bool] = {}
-"""By device type: whether a multiply writes e4m3 directly (one pass), learned on first use."""
+@functools.cache
+def multiply_writes_e4m3(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this device's multiply of `dtype` operands can store its product as e4m3 directly (torch's
+    elementwise kernels cast to the output's dtype as they store; CPU's can): tried once on a tiny tensor."""
+    try:
+        torch.mul(torch.ones(1, ALIGN, device=device_type, dtype=dtype), torch.ones(1, 1, device=device_type,
+                  dtype=dtype), out=torch.empty(1, ALIGN, device=device_type, dtype=E4M3))
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def _scaled_cast(t_MK: Tensor, factor_M1: Tensor, out_MK: Tensor) -> None:
     """out = e4m3(t * factor): the product written straight into the e4m3 buffer where the device's multiply
-    can (torch's elementwise kernels cast to the output's dtype as they store; CPU can), else through a
-    temporary in t's dtype (one pass more)."""
-    kind = t_MK.device.type
-    if _FUSED_CAST.get(kind, True):
-        try:
-            torch.mul(t_MK, factor_M1, out=out_MK)
-            _FUSED_CAST[kind] = True
-            return
-        except (RuntimeError, TypeError):
-            _FUSED_CAST[kind] = False
-    out_MK.copy_(t_MK * factor_M1)
+    can, else through a temporary in t's dtype (one pass more)."""
+    if multiply_writes_e4m3(t_MK.device.type, t_MK.dtype):
+        torch.mul(t_MK, factor_M1, out=out_MK)
+    else:
+        out_MK.copy_(t_MK * factor_M1)
 
 
 def quantize_rows(t_MK: Tensor) -> tuple[Tensor, Tensor]:

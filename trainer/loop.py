@@ -157,7 +157,7 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
 
         keep_this_stage(model, pmesh, cfg.stages_per_rank, cfg.parallel.layers_per_stage, cfg.schedule.pipeline)
     model.set_recompute(plan.recompute or cfg.train.recompute)  # the planner may keep more where memory allows
-    fp8_layers, layers = _set_fp8(model, cfg.train.fp8, device, resolve_dtype(cfg.train.dtype, device))
+    fp8_layers, layers = model.set_fp8(cfg.train.fp8)  # run_training refused it first where it cannot run
     fsdp = FsdpSettings(compute_dtype=resolve_dtype(cfg.train.dtype, device),
                         reduce_dtype=getattr(torch, cfg.parallel.effective_reduce_dtype),
                         reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward)
@@ -198,12 +198,6 @@ def _check_fp8(recipe: str, device: torch.device, dtype: torch.dtype) -> None:
         reason = float8_unsupported(device, dtype)
         if reason is not None:
             raise ValueError(f"train.fp8={recipe} cannot run here: {reason}. Set train.fp8=none")
-
-
-def _set_fp8(model: Transformer, recipe: str, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
-    """train.fp8 on the model's linear and expert layers, refused by name where this device cannot run it."""
-    _check_fp8(recipe, device, dtype)
-    return model.set_fp8(recipe)
 
 
 def _checked_plan(cfg: Config, check: PlanCheck | None, step_time: float, plan: Plan, pmesh: ParallelMesh,

@@ -105,7 +105,7 @@ class HardwareCosts:
             return gemms * (2 if phase == "bwd" else 1)
         fp8 = 6 * rows * w.dim * w.expert_hidden / ((self.hw.fp8_gemm_tflops or self.hw.gemm_tflops) * 1e12)
         d, f = w.dim, w.expert_hidden
-        weights = 3 * w.num_experts // w.ep * d * f
+        weights = 3 * (w.num_experts // w.ep) * d * f  # this rank's gate, up and down
         elements = rows * (2 * d + f) + weights if phase == "fwd" else rows * (d + 2 * f) + weights
         return fp8 + (gemms if phase == "bwd" else 0.0) + elements * fp8_cast_bytes(w) / (self.hw.memory_gbps * 1e9)
 

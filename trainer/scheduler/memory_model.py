@@ -471,16 +471,17 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
     final_norm = 2.0 * 4 * layout.tokens * cfg.dim
     held_reduction = holds_reduction(layout.grad_sync == "fsdp", layout.gather_once, layout.reduce_once, stage)
     deferred = _defers(layout) and held_reduction  # pending weight steps hold their GEMMs' operands
+    # a block's weight gradients made into new tensors before they are added to the accumulated ones (the output
+    # layer's, per loss chunk, on the last stage: never deferred)
+    fresh = 4 * max(c.largest_block, cfg.vocab_size * cfg.dim if last else 0)
 
     def stash(blocks: Sequence[int]) -> float:
         return sum(_weight_step_bytes(cfg, i, layout.tokens, layout.act_bytes) for i in blocks) if deferred else 0.0
 
     if layout.v_shape and layout.pp > 1:  # each of the rank's two stages with its own counts, as torch orders them
         first, second = _v_stages(cfg, layout, stage)
-        # a weight step's new gradients (the expert loop's); the output layer's, never deferred, in its input step
-        fresh = 4 * max(c.largest_block, cfg.vocab_size * cfg.dim if last else 0) if deferred else 0.0
         activations = max(a * kept(first) + b * (kept(second) + final_norm * int(last)) + p * stash(first)
-                          + q * stash(second) + w * fresh
+                          + q * stash(second) + w * (fresh if deferred else 0.0)  # w: a weight step runs
                           for a, b, p, q, w in v_states(layout.pipeline, layout.pp, stage, layout.micro_steps))
     else:
         pending = pending_weight_steps(layout.pipeline, layout.pp, stage, layout.stages_per_rank)
@@ -495,11 +496,10 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
     # (gpipe, looped_bfs; 1f1b's first stages when the step has no more micro-batches than they hold)
     accumulated = layout.micro_steps > 1 and (layout.pp == 1 or layout.v_shape or flight < layout.micro_steps)
     if layout.grad_sync != "fsdp" and accumulated and not deferred:
-        # A backward computes a block's weight gradients (the output layer's, on the last stage: per loss
-        # chunk) into fresh tensors, then adds them to the accumulated ones; fsdp counts its unit's above.
-        # Deferred weight steps make theirs (the experts', and all under bf16) after their input step freed
-        # the activations, beside the stash counted below: an upper bound on them at the peak.
-        activations += 4 * max(c.largest_block, cfg.vocab_size * cfg.dim if last else 0)
+        # at the peak, beside the activations (fsdp counts its unit's above). Deferred weight steps make theirs
+        # as they run: a V rank's states count them; interleaved_zero_bubble's are left out (no row of
+        # benchmarks/memory.py measures that schedule)
+        activations += fresh
     head = _head_bytes(cfg, layout) if last else 0.0
     throughout = accumulated or (layout.bucketed and layout.grad_sync != "fsdp")
     return MemoryEstimate(params, grads, optimizer, activations, with_activations + head, after_backward, throughout)

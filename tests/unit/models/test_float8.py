@@ -15,7 +15,7 @@ from moeyard.models.layers import SwiGLU
 from moeyard.models.moe.expert_mlp import ExpertActivation
 from moeyard.models.mtp import MTPModule
 from moeyard.models.weight_steps import Linear
-from moeyard.trainer.loop import _set_fp8
+from moeyard.trainer.loop import _check_fp8
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -34,8 +34,8 @@ def test_row_scales_are_powers_of_two_that_fit_e4m3(monkeypatch) -> None:
     assert not torch.any(t8[2].float()) and torch.isfinite(scale).all()
     assert _relative(t8.float() * scale, t) < 0.04
     # a device whose multiply cannot write e4m3 casts through a temporary: the same bits
-    assert float8._FUSED_CAST == {"cpu": True}
-    monkeypatch.setitem(float8._FUSED_CAST, "cpu", False)
+    assert float8.multiply_writes_e4m3("cpu", torch.float32)
+    monkeypatch.setattr(float8, "multiply_writes_e4m3", lambda device_type, dtype: False)
     slow8, slow_scale = quantize_rows(t.t().contiguous().t())
     assert torch.equal(slow8.view(torch.uint8), t8.view(torch.uint8)) and torch.equal(slow_scale, scale)
 
@@ -140,8 +140,8 @@ def test_fp8_is_refused_by_name_where_it_cannot_run(monkeypatch) -> None:
     monkeypatch.setattr(torch, "_scaled_mm", no_kernel)
     with pytest.raises(ValueError, match=r"train.fp8=rowwise cannot run here: torch .* has no row-wise scaled GEMM "
                                          r"here \(Could not run 'aten::_scaled_mm'.*Set train.fp8=none"):
-        _set_fp8(_model(), "rowwise", torch.device("cpu"), torch.float32)
-    assert _set_fp8(_model(), "none", torch.device("cpu"), torch.float32)[0] == 0
+        _check_fp8("rowwise", torch.device("cpu"), torch.float32)
+    _check_fp8("none", torch.device("cpu"), torch.float32)  # nothing to refuse: no GEMM tried
 
 
 def _experts_run(recompute: str, bias: bool, fp8: bool, order: bool, compute: str = "loop",
