@@ -19,7 +19,9 @@ Shape legend: see models/__init__.py; here M rows of a GEMM, K the dimension it 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -29,6 +31,8 @@ E4M3_MAX = torch.finfo(E4M3).max
 ALIGN = 16
 """torch._scaled_mm on a GPU takes a GEMM's summed and column dimensions in multiples of 16."""
 RECIPES = ("none", "rowwise")
+_shared = threading.local()
+"""This thread's table of weight casts (shared_weight_casts); a thread of its own per lane (parallel/lanes.py)."""
 
 
 @functools.cache
@@ -68,10 +72,45 @@ def quantize_rows(t_MK: Tensor) -> tuple[Tensor, Tensor]:
     return t8_MK, scale_M1
 
 
-def float8_mm(a_MK: Tensor, b_KN: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+@contextmanager
+def shared_weight_casts() -> Iterator[None]:
+    """Within it, a weight is quantized once per orientation and its casts shared: the pipelined exchange
+    runs a layer's experts in chunks (parallel/exchange/overlap.py), and each chunk would otherwise cast
+    every local expert's weights again, at DeepSeek-V3's shape several times the chunk's FP8 GEMM time.
+    The casts are held until the scope closes (one layer's pass: its local experts' weights, a byte an
+    element per orientation). Nested scopes share the outermost table."""
+    outer = getattr(_shared, "table", None)
+    if outer is None:
+        _shared.table = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _shared.table = None
+
+
+def quantize_weight(w_NK: Tensor) -> tuple[Tensor, Tensor]:
+    """quantize_rows of a weight operand, made once per shared_weight_casts() scope. Only views of a leaf
+    that takes gradients are shared (a parameter, or an executor's detached copy of it): a temporary (a
+    dtype cast made per call) is quantized afresh, never held. The key is the view's address, layout and
+    version, and the entry holds the view, so no other tensor can take its address while the scope lasts
+    and a weight changed in place is cast again."""
+    table = getattr(_shared, "table", None)
+    root = w_NK if w_NK._base is None else w_NK._base
+    if table is None or not (root.is_leaf and root.requires_grad):
+        return quantize_rows(w_NK)
+    key = (w_NK.data_ptr(), tuple(w_NK.shape), w_NK.stride(), w_NK.dtype, w_NK._version)
+    entry = table.get(key)
+    if entry is None:
+        entry = table[key] = (w_NK, *quantize_rows(w_NK))
+    return entry[1], entry[2]
+
+
+def float8_mm(a_MK: Tensor, b_KN: Tensor, out_dtype: Optional[torch.dtype] = None, weight: bool = False) -> Tensor:
     """a_MK @ b_KN with both in e4m3: a scaled per row, b per column (each over K), the product in
     `out_dtype` (a's by default). K is padded with zeros to a multiple of ALIGN where it is not (the weight
-    gradient's K is the micro-batch's tokens)."""
+    gradient's K is the micro-batch's tokens). `weight`: b is a weight (or its transpose), whose cast
+    shared_weight_casts() shares."""
     out_dtype = out_dtype or a_MK.dtype
     if a_MK.shape[1] == 0:  # nothing summed (an expert's weight gradient over no rows)
         return a_MK.new_zeros(a_MK.shape[0], b_KN.shape[1], dtype=out_dtype)
@@ -80,7 +119,7 @@ def float8_mm(a_MK: Tensor, b_KN: Tensor, out_dtype: Optional[torch.dtype] = Non
         a_MK = torch.nn.functional.pad(a_MK, (0, pad))
         b_KN = torch.nn.functional.pad(b_KN, (0, 0, 0, pad))
     a8_MK, scale_a_M1 = quantize_rows(a_MK)
-    b8_NK, scale_b_N1 = quantize_rows(b_KN.t())
+    b8_NK, scale_b_N1 = (quantize_weight if weight and not pad else quantize_rows)(b_KN.t())
     # the kernel takes the second operand column-major: b8_NK row-major, transposed
     return torch._scaled_mm(a8_MK, b8_NK.t(), scale_a=scale_a_M1, scale_b=scale_b_N1.t(), out_dtype=out_dtype)
 
@@ -90,7 +129,7 @@ def float8_grouped_mm(x_AK: Tensor, w_EKN: Tensor, offs_E: Tensor) -> Tensor:
     weight per column (over K). GPU only (torch._scaled_grouped_mm; no CPU kernel in torch 2.13), so it has
     never run here; groups must start at multiples of ALIGN rows (padded_groups)."""
     x8_AK, scale_x_A1 = quantize_rows(x_AK)
-    w8_ENK, scale_w_EN1 = quantize_rows(w_EKN.transpose(-2, -1))
+    w8_ENK, scale_w_EN1 = quantize_weight(w_EKN.transpose(-2, -1))
     # each expert's weight column-major, as the kernel takes its second operand
     return torch._scaled_grouped_mm(x8_AK, w8_ENK.transpose(-2, -1), scale_a=scale_x_A1.squeeze(-1),
                                     scale_b=scale_w_EN1.squeeze(-1), offs=offs_E, out_dtype=x_AK.dtype)
@@ -131,4 +170,4 @@ def float8_unsupported(device: torch.device, dtype: torch.dtype) -> Optional[str
 
 
 __all__ = ["ALIGN", "RECIPES", "eligible", "float8_grouped_mm", "float8_grouped_unsupported", "float8_mm",
-           "float8_unsupported", "quantize_rows"]
+           "float8_unsupported", "quantize_rows", "quantize_weight", "shared_weight_casts"]

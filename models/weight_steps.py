@@ -100,7 +100,7 @@ class _Matmul(torch.autograd.Function):
         if offs is not None:
             return float8_grouped_mm(x, w, offs) if fp8 else torch._grouped_mm(x, w, offs=offs)
         if fp8:
-            return float8_mm(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[-1])
+            return float8_mm(x.reshape(-1, x.shape[-1]), w, weight=True).view(*x.shape[:-1], w.shape[-1])
         return x @ w
 
     @staticmethod
@@ -113,7 +113,8 @@ class _Matmul(torch.autograd.Function):
         mm = float8_mm if fp8 else torch.mm
         dx = None
         if need_x and offs is None:
-            dx = mm(dy.reshape(-1, dy.shape[-1]), w.t()).view(*dy.shape[:-1], w.shape[0])
+            dy_NO = dy.reshape(-1, dy.shape[-1])
+            dx = (float8_mm(dy_NO, w.t(), weight=True) if fp8 else dy_NO @ w.t()).view(*dy.shape[:-1], w.shape[0])
         elif need_x and fp8:
             dx = float8_grouped_mm(dy, w.transpose(-2, -1), offs)
         elif need_x:

@@ -23,6 +23,7 @@ Shape legend: see models/__init__.py; here as in expert_mlp.py.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -83,7 +84,7 @@ class _ExpertLoop(torch.autograd.Function):
                 activation: ExpertActivation, params: Optional[Sequence[nn.Parameter]], fp8: bool,
                 *weights: Tensor) -> Tensor:
         w_gate_EDF, w_up_EDF, w_down_EFD, *biases = weights
-        mm = float8_mm if fp8 else torch.mm
+        mm = functools.partial(float8_mm, weight=True) if fp8 else torch.mm
         swiglu = activation.kind == "swiglu"
         y_SD = x_SD.new_empty(x_SD.shape[0], w_down_EFD.shape[-1])
         saved: list[Tensor] = []  # h1, h2 (unless full), SiLU(h1) (swiglu only) and h (unless selective)
@@ -103,7 +104,7 @@ class _ExpertLoop(torch.autograd.Function):
                 else:
                     torch.mm(h_nF, w_down_EFD[e], out=y_nD)
             elif order is None:
-                y_nD = y_SD.narrow(0, start, n).copy_(float8_mm(h_nF, w_down_EFD[e]))
+                y_nD = y_SD.narrow(0, start, n).copy_(mm(h_nF, w_down_EFD[e]))
                 if biases:
                     y_nD += biases[2][e]
             else:
@@ -131,7 +132,8 @@ class _ExpertLoop(torch.autograd.Function):
         weights, saved = rest[:ctx.weights], rest[ctx.weights:]
         w_gate_EDF, w_up_EDF, w_down_EFD, *biases = weights
         activation, swiglu = ctx.activation, ctx.activation.kind == "swiglu"
-        mm = float8_mm if ctx.fp8 else torch.mm  # the weight gradients stay in the compute dtype
+        # with weights as second operands only: the weight gradients stay in the compute dtype
+        mm = functools.partial(float8_mm, weight=True) if ctx.fp8 else torch.mm
         need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[WEIGHTS:])
         stash: Optional[list[tuple[Tensor, ...]]] = [] if need_w and weight_steps.deferring() and ctx.params else None
         grad_x_SD = torch.empty_like(x_SD) if need_x else None
@@ -163,7 +165,7 @@ class _ExpertLoop(torch.autograd.Function):
             if need_x:
                 dx_nD = grad_x_SD.narrow(0, start, n) if order is None else x_nD.new_empty(n, x_nD.shape[1])
                 if ctx.fp8:
-                    dx_nD.copy_(float8_mm(dh1_nF, w_gate_EDF[e].t())).add_(float8_mm(dh2_nF, w_up_EDF[e].t()))
+                    dx_nD.copy_(mm(dh1_nF, w_gate_EDF[e].t())).add_(mm(dh2_nF, w_up_EDF[e].t()))
                 else:
                     torch.mm(dh1_nF, w_gate_EDF[e].t(), out=dx_nD)
                     dx_nD.addmm_(dh2_nF, w_up_EDF[e].t())

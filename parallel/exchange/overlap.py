@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moeyard.models.float8 import shared_weight_casts
 from moeyard.parallel.exchange.regroup import inverse_permutation, local_expert_order
 from moeyard.parallel.lanes import lane_group
 
@@ -125,18 +126,19 @@ class _PipelinedExperts(torch.autograd.Function):
         dispatch = [_launch(recv[0], sent[0], schedule.recv_splits[0], schedule.send_splits[0], group)]
         combine = []
         graphs = []
-        for c in range(C):
-            dispatch[c].wait()
-            if c + 1 < C:  # travels while chunk c computes
-                dispatch.append(_launch(recv[c + 1], sent[c + 1], schedule.recv_splits[c + 1],
-                                        schedule.send_splits[c + 1], group))
-            x_in = recv[c].index_select(0, schedule.recv_order[c]).detach().requires_grad_(x_SD.requires_grad)
-            with torch.set_grad_enabled(build_graph):  # no per-chunk graphs under no_grad (evaluation)
-                y_in = expert_fn(x_in, schedule.rows_per_local_expert[c], *weight_leaves)
-            graphs.append((x_in, y_in))
-            y_recv = y_in.detach().index_select(0, inverse_permutation(schedule.recv_order[c]))
-            back.append(y_recv.new_empty(sent[c].shape[0], y_recv.shape[1]))
-            combine.append(_launch(back[c], y_recv, schedule.send_splits[c], schedule.recv_splits[c], group))
+        with shared_weight_casts():  # under train.fp8, the weights cast once for all chunks
+            for c in range(C):
+                dispatch[c].wait()
+                if c + 1 < C:  # travels while chunk c computes
+                    dispatch.append(_launch(recv[c + 1], sent[c + 1], schedule.recv_splits[c + 1],
+                                            schedule.send_splits[c + 1], group))
+                x_in = recv[c].index_select(0, schedule.recv_order[c]).detach().requires_grad_(x_SD.requires_grad)
+                with torch.set_grad_enabled(build_graph):  # no per-chunk graphs under no_grad (evaluation)
+                    y_in = expert_fn(x_in, schedule.rows_per_local_expert[c], *weight_leaves)
+                graphs.append((x_in, y_in))
+                y_recv = y_in.detach().index_select(0, inverse_permutation(schedule.recv_order[c]))
+                back.append(y_recv.new_empty(sent[c].shape[0], y_recv.shape[1]))
+                combine.append(_launch(back[c], y_recv, schedule.send_splits[c], schedule.recv_splits[c], group))
         y_SD = x_SD.new_empty(x_SD.shape[0], back[0].shape[1], dtype=back[0].dtype)
         for c in range(C):
             combine[c].wait()
@@ -157,26 +159,27 @@ class _PipelinedExperts(torch.autograd.Function):
         home, returns = [], []
         grad_weights: list[Tensor | None] = [None] * len(ctx.weight_leaves)
         wanted = [w for w in ctx.weight_leaves if w.requires_grad]
-        for c in range(C):
-            dispatch[c].wait()
-            if c + 1 < C:  # gradients of the next chunk travel while chunk c runs its expert backward
-                dispatch.append(_launch(recv[c + 1], sent[c + 1], schedule.recv_splits[c + 1],
-                                        schedule.send_splits[c + 1], group))
-            x_in, y_in = ctx.graphs[c]
-            g_in = recv[c].index_select(0, schedule.recv_order[c]).to(y_in.dtype)
-            inputs = ([x_in] if x_in.requires_grad else []) + wanted
-            grads = list(torch.autograd.grad(y_in, inputs, g_in, allow_unused=True))
-            gx_in = grads.pop(0) if x_in.requires_grad else torch.zeros_like(x_in)
-            gx_in = torch.zeros_like(x_in) if gx_in is None else gx_in
-            for i, w in enumerate(ctx.weight_leaves):
-                if w.requires_grad:
-                    g = grads.pop(0)
-                    if g is not None:
-                        g = g.float()
-                        grad_weights[i] = g if grad_weights[i] is None else grad_weights[i] + g
-            gx_recv = gx_in.index_select(0, inverse_permutation(schedule.recv_order[c])).to(ctx.x_dtype)
-            home.append(grad_y_SD.new_empty(sent[c].shape[0], gx_recv.shape[1], dtype=ctx.x_dtype))
-            returns.append(_launch(home[c], gx_recv, schedule.send_splits[c], schedule.recv_splits[c], group))
+        with shared_weight_casts():  # the weights' other orientation, cast once for all chunks
+            for c in range(C):
+                dispatch[c].wait()
+                if c + 1 < C:  # gradients of the next chunk travel while chunk c runs its expert backward
+                    dispatch.append(_launch(recv[c + 1], sent[c + 1], schedule.recv_splits[c + 1],
+                                            schedule.send_splits[c + 1], group))
+                x_in, y_in = ctx.graphs[c]
+                g_in = recv[c].index_select(0, schedule.recv_order[c]).to(y_in.dtype)
+                inputs = ([x_in] if x_in.requires_grad else []) + wanted
+                grads = list(torch.autograd.grad(y_in, inputs, g_in, allow_unused=True))
+                gx_in = grads.pop(0) if x_in.requires_grad else torch.zeros_like(x_in)
+                gx_in = torch.zeros_like(x_in) if gx_in is None else gx_in
+                for i, w in enumerate(ctx.weight_leaves):
+                    if w.requires_grad:
+                        g = grads.pop(0)
+                        if g is not None:
+                            g = g.float()
+                            grad_weights[i] = g if grad_weights[i] is None else grad_weights[i] + g
+                gx_recv = gx_in.index_select(0, inverse_permutation(schedule.recv_order[c])).to(ctx.x_dtype)
+                home.append(grad_y_SD.new_empty(sent[c].shape[0], gx_recv.shape[1], dtype=ctx.x_dtype))
+                returns.append(_launch(home[c], gx_recv, schedule.send_splits[c], schedule.recv_splits[c], group))
         grad_x_SD = grad_y_SD.new_empty(ctx.x_shape, dtype=ctx.x_dtype)
         for c in range(C):
             returns[c].wait()

@@ -49,3 +49,12 @@ def test_pipelined_chunks_under_bf16_autocast() -> None:
     for r in run_distributed(exchange_cases.pipelined_bf16_matches_plain, 2):
         assert r["grad_dtypes"] == ["torch.float32"] * 3
         assert r["worst_rel"] < 1e-2, f"bf16 pipelined differs by {r['worst_rel']:.2e} relative"
+
+
+def test_pipelined_fp8_experts_cast_each_weight_once_a_pass() -> None:
+    """train.fp8 in the pipelined exchange: r = 4 equals r = 1 to float32 rounding (FP8 scales are per row,
+    so chunking changes no cast), and each local expert's three weights are quantized once forward and once
+    backward (the input gradient's orientation) whatever the chunks: not once per chunk."""
+    for r in run_distributed(exchange_cases.pipelined_fp8_casts_each_weight_once, 2):
+        assert r["weight_casts"] == [6 * r["local_experts"]] * 2, r["weight_casts"]
+        assert r["worst_rel"] < 1e-6, f"fp8 pipelined r=4 differs from r=1 by {r['worst_rel']:.2e} relative"

@@ -161,3 +161,43 @@ def pipelined_bf16_matches_plain(rank: int, world: int) -> dict:
     y4, gx4, gw4 = run(4)
     return {"grad_dtypes": [str(p.grad.dtype) for p in experts.parameters()],
             "worst_rel": max(float((a - b).norm() / b.norm()) for a, b in [(y4, y1), (gx4, gx1), *zip(gw4, gw1)])}
+
+
+def pipelined_fp8_casts_each_weight_once(rank: int, world: int) -> dict:
+    """train.fp8 experts in the pipelined exchange: r = 4 against r = 1 (largest relative difference over the
+    output, input gradient and weight gradients), and how many weight operands were quantized in each run."""
+    import moeyard.models.float8 as float8
+
+    pmesh = build_mesh(world, "cpu")
+    g = torch.Generator().manual_seed(4321 + rank)
+    x0, idx = torch.randn(T, D, generator=g), skewed_routing(g, T)
+    w, dy = torch.rand(T, K, generator=g), torch.randn(T, D, generator=g)
+    experts = GroupedExperts(E // world, D, 32)  # FP8 widths: multiples of 16 (models/float8.py ALIGN)
+    experts.fp8 = True
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5 + rank)) * 0.2)
+    quantize_rows, casts = float8.quantize_rows, []
+    # the executor's weight copies share the parameters' storage (same dtype): a cast reading one is a weight's
+    storages = {p.untyped_storage().data_ptr() for p in experts.parameters()}
+
+    def counting(t: torch.Tensor):
+        casts[-1] += t.untyped_storage().data_ptr() in storages
+        return quantize_rows(t)
+
+    float8.quantize_rows = counting
+    try:
+        def run(chunks: int):
+            experts.zero_grad(set_to_none=True)
+            casts.append(0)
+            x = x0.clone().requires_grad_()
+            y, _ = _layer(x, idx, w, experts, ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, chunks), None)
+            (y * dy).sum().backward()
+            return y.detach(), x.grad, [p.grad.clone() for p in experts.parameters()]
+
+        y1, gx1, gw1 = run(1)
+        y4, gx4, gw4 = run(4)
+    finally:
+        float8.quantize_rows = quantize_rows
+    return {"weight_casts": casts, "local_experts": E // world,
+            "worst_rel": max(float((a - b).norm() / b.norm()) for a, b in [(y4, y1), (gx4, gx1), *zip(gw4, gw1)])}

@@ -215,7 +215,9 @@ class Costs(Protocol):
         layer -1 and n_layers are the embedding and the output head."""
         ...
 
-    def experts(self, w: Workload, rows: float, phase: Phase) -> float: ...
+    def experts(self, w: Workload, rows: float, phase: Phase, chunks: int = 1) -> float:
+        """The routed experts' GEMMs on `rows` rows, one of a pass's `chunks` (which share its FP8 weight casts)."""
+        ...
 
     def selective_recompute(self, w: Workload, layer: int) -> float:
         """What train.recompute=selective runs again in one block's backward: attention's core and the
@@ -270,9 +272,9 @@ def _chunked(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Phase, 
             prev_compute = s.add(f"{tag}.overhead{c}", "compute", costs.chunk_overhead_s, [prev_compute])
         if fan_out:
             prev_compute = s.add(f"{tag}.a2a_node_in{c}", "compute", fan_out, [dispatch[c], prev_compute])
-        seconds = costs.experts(w, w.routed_rows / chunks, phase)
+        seconds = costs.experts(w, w.routed_rows / chunks, phase, chunks)
         if phase == "bwd" and (w.recompute == "experts" or w.recompute_experts and w.recompute != "full"):
-            seconds += costs.experts(w, w.routed_rows / chunks, "fwd")
+            seconds += costs.experts(w, w.routed_rows / chunks, "fwd", chunks)
         prev_compute = s.add(f"{tag}.experts{c}", "compute", seconds, [dispatch[c], prev_compute])
         if fan_out:
             prev_compute = s.add(f"{tag}.a2a_node_out{c}", "compute", fan_out, [prev_compute])

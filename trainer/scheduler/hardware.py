@@ -97,15 +97,16 @@ class HardwareCosts:
         rate = (self.hw.attention_tflops or self.hw.gemm_tflops) * 1e12
         return w.attention_flops_of(layer) / rate + moved / (self.hw.memory_gbps * 1e9)
 
-    def experts(self, w: Workload, rows: float, phase: Phase) -> float:
+    def experts(self, w: Workload, rows: float, phase: Phase, chunks: int = 1) -> float:
         """Three GEMMs forward, six backward; with fp8_experts the forward's and the input gradient's three at
-        the FP8 rate, with their operands' casts (each GEMM casts its rows, each expert weight once a pass)."""
+        the FP8 rate, with their operands' casts: each GEMM casts its rows, each expert weight is cast once a
+        pass, shared by the pass's `chunks` (models/float8.py shared_weight_casts), each charged its part."""
         gemms = self._gemm(6 * rows * w.dim * w.expert_hidden)
         if not w.fp8_experts:
             return gemms * (2 if phase == "bwd" else 1)
         fp8 = 6 * rows * w.dim * w.expert_hidden / ((self.hw.fp8_gemm_tflops or self.hw.gemm_tflops) * 1e12)
         d, f = w.dim, w.expert_hidden
-        weights = 3 * (w.num_experts // w.ep) * d * f  # this rank's gate, up and down
+        weights = 3 * (w.num_experts // w.ep) * d * f / chunks  # this rank's gate, up and down
         elements = rows * (2 * d + f) + weights if phase == "fwd" else rows * (d + 2 * f) + weights
         return fp8 + (gemms if phase == "bwd" else 0.0) + elements * fp8_cast_bytes(w) / (self.hw.memory_gbps * 1e9)
 

@@ -62,7 +62,9 @@ class MeasuredCosts:
             share = 0.0
         return (self.p.dense_fwd_s if phase == "fwd" else self.p.dense_bwd_s) * share
 
-    def experts(self, w: Workload, rows: float, phase: Phase) -> float:
+    def experts(self, w: Workload, rows: float, phase: Phase, chunks: int = 1) -> float:
+        """The fit at `rows`: each chunk pays its intercept, which under train.fp8 includes casting the
+        weights that the chunks share (an overestimate of chunking's cost there)."""
         return at(self.p.experts_fwd if phase == "fwd" else self.p.experts_bwd, rows)
 
     def selective_recompute(self, w: Workload, layer: int) -> float:

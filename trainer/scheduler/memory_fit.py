@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from moeyard.errors import ConfigError
+from moeyard.models.float8 import eligible
 from moeyard.models.recompute import RECOMPUTE_MODES
 from moeyard.trainer.config.sections import Config, accepted
 from moeyard.trainer.freezing import frozen_set
@@ -46,7 +47,8 @@ def memory_layout(cfg: Config, world: int, act_bytes: int) -> Layout:
                   reduce_bytes=cfg.parallel.reduce_bytes,
                   moment_bytes=cfg.optim.moment_bytes, pp=cfg.parallel.pp, pipeline=cfg.schedule.pipeline,
                   stages_per_rank=cfg.stages_per_rank, layers_per_stage=tuple(cfg.parallel.layers_per_stage or ()),
-                  defer_weight_gradients=cfg.schedule.defer_weight_gradients)
+                  defer_weight_gradients=cfg.schedule.defer_weight_gradients,
+                  fp8_experts=cfg.train.fp8 == "rowwise" and eligible(cfg.model.dim, cfg.model.moe.ffn_dim))
 
 
 def _what_would_fit(cfg: Config, layout: Layout, capacity_gb: float) -> str:

@@ -87,6 +87,8 @@ class Layout:
     defer_weight_gradients: bool = True
     """schedule.defer_weight_gradients: a split-backward schedule's pending weight steps hold their GEMMs'
     operands (pending_weight_steps, _weight_step_bytes)."""
+    fp8_experts: bool = False
+    """train.fp8 on the routed experts: a block's pass holds its local experts' FP8 weight casts (_fp8_casts)."""
 
     @property
     def dp(self) -> int:
@@ -371,6 +373,18 @@ def _block_activations(cfg: ModelConfig, layer: int, tokens: int, b: int, recomp
     return tokens * per_token + routed
 
 
+def _fp8_casts(cfg: ModelConfig, layout: Layout, blocks: Sequence[int]) -> float:
+    """The FP8 casts of one MoE block's local experts held through its pass (models/float8.py
+    shared_weight_casts: the pipelined exchange's chunks share them), a byte an element; in backward with the
+    experts recomputed both orientations (the recomputed forward's and the input gradient's)."""
+    moe_blocks = [i for i in blocks if cfg.is_moe_layer(i)]
+    if not layout.fp8_experts or not moe_blocks:
+        return 0.0
+    local = max(3 * cfg.moe_for_layer(i).num_experts // layout.ep * cfg.dim * cfg.moe_for_layer(i).ffn_dim
+                for i in moe_blocks)
+    return local * (2 if layout.recompute == "experts" or cfg.moe.recompute_experts else 1)
+
+
 def _defers(layout: Layout) -> bool:
     """A split-backward schedule whose weight steps get the weight gradients (schedule.defer_weight_gradients)."""
     return layout.defer_weight_gradients and layout.pp > 1 and layout.pipeline in SPLIT_BACKWARD
@@ -486,7 +500,7 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
     else:
         pending = pending_weight_steps(layout.pipeline, layout.pp, stage, layout.stages_per_rank)
         activations = flight * (kept(held) + final_norm * int(last)) + pending * stash(held)
-    activations += flight * 4 * layout.tokens * cfg.dim
+    activations += flight * 4 * layout.tokens * cfg.dim + _fp8_casts(cfg, layout, held)
     if layout.recompute == "full":  # one block's activations while it is recomputed
         activations += max(per_block.values(), default=0.0)
     elif layout.recompute == "selective":  # what one block's recomputation brings back for its backward

@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeyard.models import GroupedExperts, ModelConfig, MoEConfig, Transformer, float8
-from moeyard.models.float8 import E4M3_MAX, float8_grouped_unsupported, float8_mm, float8_unsupported, quantize_rows
+from moeyard.models.float8 import (
+    E4M3_MAX,
+    float8_grouped_unsupported,
+    float8_mm,
+    float8_unsupported,
+    quantize_rows,
+    quantize_weight,
+    shared_weight_casts,
+)
 from moeyard.models.layers import SwiGLU
 from moeyard.models.moe.expert_mlp import ExpertActivation
 from moeyard.models.mtp import MTPModule
@@ -253,3 +261,31 @@ def test_selective_recompute_keeps_the_fp8_gemms() -> None:
     with _CountOps() as ops:
         y.sum().backward()
     assert ops.counts.get(torch.ops.aten._scaled_mm.default) == 6, ops.counts
+
+
+@pytest.fixture
+def no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.mark.usefixtures("no_grad")
+def test_weight_casts_are_shared_within_a_scope_and_only_for_weights() -> None:
+    """shared_weight_casts: a weight view quantized once per orientation (the same tensors back), cast again
+    after an in-place change, never shared outside a scope or for a temporary (a cast made per call). Called
+    without a graph, as inside the GEMMs' autograd Functions."""
+    w = torch.nn.Parameter(torch.randn(32, 16))
+    assert quantize_weight(w)[0] is not quantize_weight(w)[0]  # no scope: cast every time
+    with shared_weight_casts():
+        first8, first_scale = quantize_weight(w)
+        with shared_weight_casts():  # a nested scope shares the outer table
+            assert quantize_weight(w)[0] is first8 and quantize_weight(w)[1] is first_scale
+        assert quantize_weight(w.t())[0] is not first8  # the other orientation is a cast of its own
+        assert quantize_weight(w.t())[0] is quantize_weight(w.t())[0]
+        temporary = w.detach() * 1.0  # not a leaf that takes gradients: never held
+        assert quantize_weight(temporary)[0] is not quantize_weight(temporary)[0]
+        w.mul_(4.0)
+        again8, again_scale = quantize_weight(w)
+        assert again8 is not first8 and torch.equal(again_scale, first_scale * 4.0)
+        assert torch.equal(again8.float(), first8.float())  # the power-of-two scale took the whole change
+    assert quantize_weight(w)[0] is not quantize_weight(w)[0]  # the scope closed: nothing held

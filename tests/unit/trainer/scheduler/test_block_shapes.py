@@ -1,6 +1,8 @@
 """The cost and memory models' counts of MLA, MTP and sliding windows, against the model they describe."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from moeyard.models.weight_steps import Linear
 from moeyard.trainer.scheduler.block_shapes import attention_core_flops, attention_shape, block_index
 from moeyard.trainer.scheduler.cost_model import workload_for
 from moeyard.trainer.scheduler.hardware import Hardware, HardwareCosts
-from moeyard.trainer.scheduler.memory_model import count_parameters
+from moeyard.trainer.scheduler.memory_model import Layout, count_parameters, predict_memory, predict_stage, stage_counts
 
 MOE = MoEConfig(num_experts=4, top_k=2, ffn_dim=16)
 SHAPES = {
@@ -96,3 +98,22 @@ def test_fp8_gemms_are_the_models_fp8_layers_at_their_rate_with_their_casts() ->
     assert same.experts(w, rows, "fwd") - same.experts(plain, rows, "fwd") == pytest.approx(fwd_casts, rel=1e-9)
     assert same.experts(w, rows, "bwd") - same.experts(plain, rows, "bwd") == pytest.approx(bwd_casts, rel=1e-9)
     assert same.experts(w, rows, "bwd") - double.experts(w, rows, "bwd") == pytest.approx(gemms / 2, rel=1e-9)
+    # a pipelined pass in 4 chunks casts the weights once (shared_weight_casts): its chunks add up to one pass
+    for phase in ("fwd", "bwd"):
+        assert 4 * same.experts(w, rows / 4, phase, chunks=4) == pytest.approx(same.experts(w, rows, phase), rel=1e-9)
+    assert 4 * same.experts(w, rows / 4, "fwd") > same.experts(w, rows, "fwd")  # a cast per chunk would cost more
+
+
+@pytest.mark.parametrize("recompute,orientations", [("none", 1), ("full", 1), ("experts", 2)])
+def test_fp8_experts_hold_one_blocks_weight_casts_through_its_pass(recompute: str, orientations: int) -> None:
+    """train.fp8: the memory model counts one MoE block's local experts' FP8 weight casts at the peak, a byte
+    an element (both orientations where backward recomputes the experts); nothing for a dense-only stage."""
+    cfg = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=4, ffn_dim=48,
+                      moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=16, first_dense_layers=1))
+    layout = Layout(world=4, ep=2, tokens=64, recompute=recompute, act_bytes=2)
+    fp8 = dataclasses.replace(layout, fp8_experts=True)
+    local = 3 * (8 // 2) * 32 * 16
+    assert predict_memory(cfg, fp8).activations - predict_memory(cfg, layout).activations == orientations * local
+    dense_only = [dataclasses.replace(x, pp=3, pipeline="1f1b") for x in (layout, fp8)]
+    first = [predict_stage(cfg, x, stage_counts(cfg, x)[0], 0) for x in dense_only]  # block 0 only: dense
+    assert first[1].activations == first[0].activations

@@ -24,7 +24,7 @@ class FakeCosts:
     def dense(self, w, layer, phase):
         return 1e-4 * (2 if phase == "bwd" else 1)
 
-    def experts(self, w, rows, phase):
+    def experts(self, w, rows, phase, chunks=1):
         return rows * 1e-6 * (2 if phase == "bwd" else 1)
 
     def selective_recompute(self, w, layer):
@@ -272,7 +272,7 @@ class _WeightHeavy(FakeCosts):
     def dense(self, w, layer, phase):
         return 1e-2 if phase == "fwd" else 1e-3
 
-    def experts(self, w, rows, phase):
+    def experts(self, w, rows, phase, chunks=1):
         return rows * (1e-5 if phase == "fwd" else 1e-7)
 
 
