@@ -56,9 +56,10 @@ def _scaled_cast(t_MK: Tensor, factor_M1: Tensor, out_MK: Tensor) -> None:
         out_MK.copy_(t_MK * factor_M1)
 
 
-def quantize_rows(t_MK: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_rows(t_MK: Tensor, out_MK: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """t_MK in e4m3, each row scaled by a power of two that brings its largest entry within e4m3's range,
-    and the scales [M, 1] (float32) that decode it: t = t8 * scale. Returned row-major whatever t's layout.
+    and the scales [M, 1] (float32) that decode it: t = t8 * scale. Returned row-major whatever t's layout,
+    or written into `out_MK` (e4m3, any strides: a view into a larger buffer).
 
     Two passes over t in eager mode: its largest entries, then the product with the reciprocal scale (exact
     in t's own dtype since it is a power of two, and never beyond e4m3's largest value, so unclamped) cast
@@ -67,7 +68,7 @@ def quantize_rows(t_MK: Tensor) -> tuple[Tensor, Tensor]:
     amax_M1 = torch.linalg.vector_norm(t_MK, ord=float("inf"), dim=-1, keepdim=True).float().clamp(min=2.0 ** -100)
     scale_M1 = torch.exp2(torch.ceil(torch.log2(amax_M1 / E4M3_MAX)))
     wide = t_MK if t_MK.dtype in (torch.float32, torch.bfloat16) else t_MK.float()  # bf16 holds 2^+-126
-    t8_MK = torch.empty(t_MK.shape, dtype=E4M3, device=t_MK.device)
+    t8_MK = torch.empty(t_MK.shape, dtype=E4M3, device=t_MK.device) if out_MK is None else out_MK
     _scaled_cast(wide, scale_M1.reciprocal().to(wide.dtype), t8_MK)
     return t8_MK, scale_M1
 
@@ -104,6 +105,24 @@ def quantize_weight(w_NK: Tensor) -> tuple[Tensor, Tensor]:
     if entry is None:
         entry = table[key] = (w_NK, *quantize_rows(w_NK))
     return entry[1], entry[2]
+
+
+def pack_rows(x_SD: Tensor) -> Tensor:
+    """x_SD's rows as they travel under train.fp8_dispatch: each row's e4m3 bytes (quantize_rows) followed by
+    its float32 scale's four bytes, [S, D + 4] uint8: half of a bfloat16 row's bytes. DeepSeek-V3 dispatches
+    its experts' inputs in FP8 for the same reason; the experts' first GEMMs multiply in FP8 anyway."""
+    packed_SB = torch.empty(x_SD.shape[0], x_SD.shape[1] + 4, dtype=torch.uint8, device=x_SD.device)
+    _, scale_S1 = quantize_rows(x_SD, packed_SB[:, :-4].view(E4M3))  # cast straight into the rows' bytes
+    packed_SB[:, -4:] = scale_S1.view(torch.uint8)
+    return packed_SB
+
+
+def unpack_rows(packed_SB: Tensor, dtype: torch.dtype) -> Tensor:
+    """pack_rows undone, in `dtype`: exact (an e4m3 value times a power of two fits bfloat16 and float32),
+    and quantize_rows of the result gives back the same values (its GEMMs multiply what they would have
+    multiplied without the trip; only the rows kept for weight gradients carry the rounding)."""
+    scale_S1 = packed_SB[:, -4:].contiguous().view(torch.float32).to(dtype)  # a power of two: exact
+    return packed_SB[:, :-4].view(E4M3).to(dtype).mul_(scale_S1)
 
 
 def float8_mm(a_MK: Tensor, b_KN: Tensor, out_dtype: Optional[torch.dtype] = None, weight: bool = False) -> Tensor:
@@ -170,4 +189,5 @@ def float8_unsupported(device: torch.device, dtype: torch.dtype) -> Optional[str
 
 
 __all__ = ["ALIGN", "RECIPES", "eligible", "float8_grouped_mm", "float8_grouped_unsupported", "float8_mm",
-           "float8_unsupported", "quantize_rows", "quantize_weight", "shared_weight_casts"]
+           "float8_unsupported", "pack_rows", "quantize_rows", "quantize_weight", "shared_weight_casts",
+           "unpack_rows"]

@@ -167,11 +167,12 @@ class Transformer(nn.Module):
                 full = mode == "experts" or self.cfg.moe.recompute_experts
                 module.recompute = "full" if full else "selective" if mode == "selective" else "none"
 
-    def set_fp8(self, recipe: str) -> tuple[int, int]:
+    def set_fp8(self, recipe: str, dispatch: bool = False) -> tuple[int, int]:
         """train.fp8 (models/float8.py): rowwise runs the GEMMs of every linear layer inside the blocks (attention
         and MLA projections, dense and shared FFNs, MTP projections) and the routed experts' forward and
         input-gradient GEMMs in float8 where their widths allow; the embedding, output layer and routers keep
-        the compute dtype. Returns (layers in FP8, linear and expert layers in the blocks)."""
+        the compute dtype. `dispatch` (train.fp8_dispatch): FP8 experts get their rows as e4m3 bytes under
+        expert parallelism. Returns (layers in FP8, linear and expert layers in the blocks)."""
         if recipe not in RECIPES:
             raise ValueError(f"train.fp8={recipe!r}: use one of {', '.join(RECIPES)}")
         layers = [m for block in self.blocks() if isinstance(block, nn.Module) for m in block.modules()
@@ -180,6 +181,8 @@ class Transformer(nn.Module):
         for m in layers:
             widths = (m.in_features, m.out_features) if isinstance(m, Linear) else m.w_gate_EDF.shape[1:]
             m.fp8 = recipe == "rowwise" and eligible(*widths)
+            if isinstance(m, GroupedExperts):
+                m.fp8_dispatch = m.fp8 and dispatch
         return sum(m.fp8 for m in layers), len(layers)
 
     def blocks(self) -> Iterator[Block | HeldElsewhere]:

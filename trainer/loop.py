@@ -157,7 +157,8 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
 
         keep_this_stage(model, pmesh, cfg.stages_per_rank, cfg.parallel.layers_per_stage, cfg.schedule.pipeline)
     model.set_recompute(plan.recompute or cfg.train.recompute)  # the planner may keep more where memory allows
-    fp8_layers, layers = model.set_fp8(cfg.train.fp8)  # run_training refused it first where it cannot run
+    # run_training refused it first where it cannot run
+    fp8_layers, layers = model.set_fp8(cfg.train.fp8, cfg.train.fp8_dispatch)
     fsdp = FsdpSettings(compute_dtype=resolve_dtype(cfg.train.dtype, device),
                         reduce_dtype=getattr(torch, cfg.parallel.effective_reduce_dtype),
                         reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward)
@@ -171,7 +172,9 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
             dtype = str(resolve_dtype(cfg.train.dtype, device)).removeprefix("torch.")
             print(f"fp8 ({cfg.train.fp8}): {fp8_layers} of this rank's {layers} linear and expert layers in the "
                   f"blocks multiply in float8 e4m3 (torch._scaled_mm; the experts' weight gradients, layers whose "
-                  f"widths are not multiples of 16, the routers, embedding and output layer in {dtype})", flush=True)
+                  f"widths are not multiples of 16, the routers, embedding and output layer in {dtype})"
+                  + ("; the experts' rows dispatched as e4m3" if cfg.train.fp8_dispatch and pmesh.ep > 1 else ""),
+                  flush=True)
         if pmesh.pp > 1:
             stages = pmesh.pp * cfg.stages_per_rank
             sizes = [len(r) for r in stage_layers(cfg.model.n_layers, stages, cfg.parallel.layers_per_stage)]

@@ -124,6 +124,9 @@ class GroupedExperts(nn.Module):
         self.activation = activation
         self.fp8 = False
         """train.fp8: forward and input-gradient GEMMs in float8 (Transformer.set_fp8, models/float8.py)."""
+        self.fp8_dispatch = False
+        """train.fp8_dispatch: the expert-parallel exchange sends these experts their rows as e4m3 bytes
+        (models/float8.py pack_rows; parallel/exchange/flat.py): set with fp8 only."""
         self.w_gate_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w_up_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))

@@ -80,21 +80,25 @@ class Experts(Protocol):
 
     def uses_grouped_mm(self, x: Tensor) -> bool: ...
 
+    fp8_dispatch: bool
+    """The rows travel to these experts as e4m3 bytes (train.fp8_dispatch; models/float8.py pack_rows)."""
+
 
 RunExperts = Callable[..., Tensor]
 """(rows, rows per local expert, order=None) -> outputs in the rows' order."""
 
 
 def plain_exchange(x_SD: Tensor, tokens_per_expert_E: Tensor, group: dist.ProcessGroup, run: RunExperts,
-                   host_counts: bool, layout: Optional[ExchangeLayout] = None) -> Tensor:
+                   host_counts: bool, layout: Optional[ExchangeLayout] = None, fp8: bool = False) -> Tensor:
     """The unpipelined exchange: counts, rows out, `run` on the received rows, outputs back. `layout`: the
-    counts exchanged already (hierarchical dispatch plans them with the rest of the layer's)."""
+    counts exchanged already (hierarchical dispatch plans them with the rest of the layer's). `fp8`: the rows
+    go out as e4m3 bytes, the outputs come back in their own dtype."""
     if dist.get_world_size(group) == 1:
         if layout is not None:
             return run(x_SD, layout.expert_counts(host_counts))
         return run(x_SD, tokens_per_expert_E.tolist() if host_counts else tokens_per_expert_E)
     layout = layout or plan_exchange(tokens_per_expert_E, group)
-    x_CD = all_to_all(x_SD, layout.recv_splits, layout.send_splits, group)
+    x_CD = all_to_all(x_SD, layout.recv_splits, layout.send_splits, group, fp8)
     # Received rows are grouped by source rank; the experts regroup them by expert as they go.
     order = local_expert_order(layout.recv_counts_PX, x_CD.shape[0])
     y_CD = run(x_CD, layout.expert_counts(host_counts), order=order)
@@ -108,8 +112,8 @@ def flat_exchange(x_SD: Tensor, tokens_per_expert_E: Tensor, experts: Experts, g
     chunks = 1, a schedule otherwise)."""
     if dist.get_world_size(group) == 1:  # nothing planned comes here: hierarchical dispatch spans machines
         return experts(x_SD, tokens_per_expert_E)
-    host_counts = not experts.uses_grouped_mm(x_SD)
+    host_counts, fp8 = not experts.uses_grouped_mm(x_SD), experts.fp8_dispatch
     if chunks > 1:
         return experts(x_SD, tokens_per_expert_E, executor=lambda expert_fn, weights, x: pipelined_experts(
-            x, tokens_per_expert_E, chunks, group, expert_fn, weights, host_counts, planned))
-    return plain_exchange(x_SD, tokens_per_expert_E, group, experts, host_counts, planned)
+            x, tokens_per_expert_E, chunks, group, expert_fn, weights, host_counts, planned, fp8))
+    return plain_exchange(x_SD, tokens_per_expert_E, group, experts, host_counts, planned, fp8)

@@ -320,6 +320,10 @@ class MachineExperts:
         self.experts, self.expert_fn, self.weights = experts, expert_fn, weights
         self.node_group, self.width = node_group, width
 
+    fp8_dispatch = False
+    """Pair rows carry their copies' weights as columns: they travel in the compute dtype (train.fp8_dispatch
+    is refused with hierarchical dispatch)."""
+
     def uses_grouped_mm(self, x: Tensor) -> bool:
         return False  # its rows are told as a NodeStage, planned on the host
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moeyard.models.float8 import shared_weight_casts
+from moeyard.models.float8 import pack_rows, shared_weight_casts, unpack_rows
 from moeyard.parallel.exchange.regroup import inverse_permutation, local_expert_order
 from moeyard.parallel.lanes import lane_group
 
@@ -113,15 +113,16 @@ ExpertFn = Callable[..., Tensor]
 class _PipelinedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_SD: Tensor, schedule: ChunkSchedule, group: dist.ProcessGroup, expert_fn: ExpertFn,
-                build_graph: bool, *weights: Tensor) -> Tensor:
+                build_graph: bool, fp8: bool, *weights: Tensor) -> Tensor:
         C = schedule.chunks
         device = x_SD.device.type
         # Cast once for all chunks (under autocast the experts run in its dtype): one compute-dtype copy of
         # the weights is saved, not one per chunk. Gradients are summed over chunks in float32.
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         weight_leaves = [w.detach().to(dtype or w.dtype).requires_grad_(w.requires_grad) for w in weights]
-        recv = [x_SD.new_empty(sum(schedule.recv_splits[c]), x_SD.shape[1]) for c in range(C)]
-        sent = [x_SD.index_select(0, schedule.send_index[c]) for c in range(C)]
+        payload = pack_rows(x_SD) if fp8 else x_SD  # train.fp8_dispatch: the rows travel as e4m3 bytes
+        recv = [payload.new_empty(sum(schedule.recv_splits[c]), payload.shape[1]) for c in range(C)]
+        sent = [payload.index_select(0, schedule.send_index[c]) for c in range(C)]
         back: list[Tensor] = []  # each chunk's outputs home, as wide as the experts' outputs
         dispatch = [_launch(recv[0], sent[0], schedule.recv_splits[0], schedule.send_splits[0], group)]
         combine = []
@@ -132,7 +133,8 @@ class _PipelinedExperts(torch.autograd.Function):
                 if c + 1 < C:  # travels while chunk c computes
                     dispatch.append(_launch(recv[c + 1], sent[c + 1], schedule.recv_splits[c + 1],
                                             schedule.send_splits[c + 1], group))
-                x_in = recv[c].index_select(0, schedule.recv_order[c]).detach().requires_grad_(x_SD.requires_grad)
+                rows = unpack_rows(recv[c], x_SD.dtype) if fp8 else recv[c]
+                x_in = rows.index_select(0, schedule.recv_order[c]).detach().requires_grad_(x_SD.requires_grad)
                 with torch.set_grad_enabled(build_graph):  # no per-chunk graphs under no_grad (evaluation)
                     y_in = expert_fn(x_in, schedule.rows_per_local_expert[c], *weight_leaves)
                 graphs.append((x_in, y_in))
@@ -186,16 +188,17 @@ class _PipelinedExperts(torch.autograd.Function):
             grad_x_SD[schedule.send_index[c]] = home[c]
         ctx.graphs = None  # free the per-chunk graphs
         grad_weights = [g if g is None else g.to(dt) for g, dt in zip(grad_weights, ctx.weight_dtypes)]
-        return (grad_x_SD, None, None, None, None, *grad_weights)
+        return (grad_x_SD, None, None, None, None, None, *grad_weights)
 
 
 def pipelined_experts(x_SD: Tensor, tokens_per_expert_E: Tensor, chunks: int, group: dist.ProcessGroup,
                       expert_fn: ExpertFn, weights: tuple[Tensor, ...], host_counts: bool = True,
-                      schedule: Optional[ChunkSchedule] = None) -> Tensor:
+                      schedule: Optional[ChunkSchedule] = None, fp8: bool = False) -> Tensor:
     """Dispatch -> experts -> combine in `chunks` overlapped pieces; rows in and out grouped by global expert.
     `host_counts`: the experts read their row counts on the host (the loop), else on the device. `schedule`:
-    planned already (hierarchical dispatch plans its chunks with the rest of the layer's counts)."""
+    planned already (hierarchical dispatch plans its chunks with the rest of the layer's counts). `fp8`: the
+    rows are dispatched as e4m3 bytes (all_to_all's `fp8`)."""
     if schedule is None:
         schedule = plan_chunks(tokens_per_expert_E, x_SD.shape[0], chunks, group, host_counts)
     build_graph = torch.is_grad_enabled() and (x_SD.requires_grad or any(w.requires_grad for w in weights))
-    return _PipelinedExperts.apply(x_SD, schedule, group, expert_fn, build_graph, *weights)
+    return _PipelinedExperts.apply(x_SD, schedule, group, expert_fn, build_graph, fp8, *weights)

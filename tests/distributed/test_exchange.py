@@ -58,3 +58,21 @@ def test_pipelined_fp8_experts_cast_each_weight_once_a_pass() -> None:
     for r in run_distributed(exchange_cases.pipelined_fp8_casts_each_weight_once, 2):
         assert r["weight_casts"] == [6 * r["local_experts"]] * 2, r["weight_casts"]
         assert r["worst_rel"] < 1e-6, f"fp8 pipelined r=4 differs from r=1 by {r['worst_rel']:.2e} relative"
+
+
+def test_fp8_dispatch_sends_e4m3_rows_that_multiply_as_before() -> None:
+    """train.fp8_dispatch (2 ranks, plain and pipelined): the rows go out as e4m3 bytes with a 4-byte scale
+    (D + 4 bytes, not 4 D), everything else (outputs back, gradients both ways) in float32; the FP8 experts'
+    outputs and the input gradients equal those of FP8 experts fed float32 rows bit for bit (unpack_rows then
+    quantize_rows is exact); only the gate's and up's weight gradients, computed from the rounded rows, move
+    (by e4m3's rounding: a few percent); the down projection's (from the hidden rows) does not."""
+    D = exchange_cases.D
+    for r in run_distributed(exchange_cases.fp8_dispatch_matches_fp8_experts, 2):
+        for chunks, got in r.items():
+            assert got["same_output"] and got["same_input_grad"], chunks
+            gate, up, down = got["weight_grad_rel"]
+            assert 1e-4 < gate < 0.1 and 1e-4 < up < 0.1 and down == 0.0, (chunks, got["weight_grad_rel"])
+            sent = got["payloads"]
+            dispatches = chunks  # forward: a dispatch per chunk, then the combines; backward: both ways
+            assert sent[:dispatches] == [("torch.uint8", D + 4)] * dispatches, (chunks, sent)
+            assert sent[dispatches:] == [("torch.float32", D)] * (len(sent) - dispatches) and sent[dispatches:], sent

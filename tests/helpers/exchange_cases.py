@@ -201,3 +201,45 @@ def pipelined_fp8_casts_each_weight_once(rank: int, world: int) -> dict:
         float8.quantize_rows = quantize_rows
     return {"weight_casts": casts, "local_experts": E // world,
             "worst_rel": max(float((a - b).norm() / b.norm()) for a, b in [(y4, y1), (gx4, gx1), *zip(gw4, gw1)])}
+
+
+def fp8_dispatch_matches_fp8_experts(rank: int, world: int) -> dict:
+    """train.fp8_dispatch against FP8 experts fed rows in float32, plain (r = 1) and pipelined (r = 2):
+    whether outputs and input gradients are identical, the weight gradients' largest relative difference, and
+    the dtypes and row widths each forward all-to-all of rows carried."""
+    pmesh = build_mesh(world, "cpu")
+    g = torch.Generator().manual_seed(4321 + rank)
+    x0, idx = torch.randn(T, D, generator=g), skewed_routing(g, T)
+    w, dy = torch.rand(T, K, generator=g), torch.randn(T, D, generator=g)
+    experts = GroupedExperts(E // world, D, 32)  # FP8 widths: multiples of 16
+    experts.fp8 = True
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5 + rank)) * 0.2)
+    exchange_rows, payloads = dist.all_to_all_single, []
+
+    def recording(out, inp, *args, **kwargs):
+        if inp.dim() == 2:  # rows (the count exchange sends a vector)
+            payloads.append((str(inp.dtype), inp.shape[1]))
+        return exchange_rows(out, inp, *args, **kwargs)
+
+    def run(chunks: int, fp8_dispatch: bool):
+        experts.zero_grad(set_to_none=True)
+        experts.fp8_dispatch = fp8_dispatch
+        x = x0.clone().requires_grad_()
+        y, _ = _layer(x, idx, w, experts, ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, chunks), None)
+        (y * dy).sum().backward()
+        return y.detach(), x.grad, [p.grad.clone() for p in experts.parameters()]
+
+    result = {}
+    for chunks in (1, 2):
+        y0, gx0, gw0 = run(chunks, False)
+        dist.all_to_all_single, payloads = recording, []
+        try:
+            y1, gx1, gw1 = run(chunks, True)
+        finally:
+            dist.all_to_all_single = exchange_rows
+        result[chunks] = {"same_output": torch.equal(y1, y0), "same_input_grad": torch.equal(gx1, gx0),
+                          "weight_grad_rel": [float((a - b).norm() / b.norm()) for a, b in zip(gw1, gw0)],
+                          "payloads": payloads}
+    return result

@@ -183,6 +183,11 @@ class TrainConfig:
     routed experts their forward and input-gradient GEMMs (models/float8.py); the embedding, output layer,
     routers, norms, attention's core and the experts' weight gradients keep train.dtype. A GPU needs sm89
     or newer and bfloat16; CPU runs torch's reference kernel (tests)."""
+    fp8_dispatch: bool = False
+    """With fp8=rowwise, under expert parallelism: the routed experts' input rows travel to them as e4m3 bytes
+    with one float32 scale a row (half of a bfloat16 row; DeepSeek-V3's recipe). Their FP8 GEMMs multiply the
+    same values; the experts' weight gradients see the rounded rows; gradients travel back in train.dtype.
+    The flat exchange only (schedule.dispatch=flat)."""
     stop_at: Optional[int] = None
     """Save a checkpoint at this step and exit cleanly; the LR schedule and data order still follow
     train.steps, so the next launch (auto-resume) continues the same run. Splits a run into jobs."""
@@ -377,6 +382,12 @@ def validate(cfg: Config) -> None:
     require(t.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (0: no chunks)")
     require(cfg.parallel.ep >= 1, f"parallel.ep={cfg.parallel.ep} must be >= 1")
     _validate_pipeline(cfg)
+    require(not t.fp8_dispatch or t.fp8 == "rowwise",
+            f"train.fp8_dispatch=true sends the experts FP8 rows for their FP8 GEMMs: set train.fp8=rowwise "
+            f"(it is {t.fp8}) or drop train.fp8_dispatch")
+    require(not t.fp8_dispatch or cfg.schedule.dispatch == "flat",
+            f"train.fp8_dispatch=true is built for the flat exchange, not schedule.dispatch="
+            f"{cfg.schedule.dispatch} (hierarchical rows carry their weights as columns): set schedule.dispatch=flat")
     require(cfg.schedule.chunks >= 1, f"schedule.chunks={cfg.schedule.chunks} must be >= 1")
     require(cfg.schedule.bucket_mb > 0, f"schedule.bucket_mb={cfg.schedule.bucket_mb} must be > 0")
     require(cfg.schedule.check_steps >= 0, f"schedule.check_steps={cfg.schedule.check_steps} must be >= 0")

@@ -79,6 +79,8 @@ class Workload:
     part of dense_flops); (): none do."""
     fp8_experts: bool = False
     """train.fp8: the routed experts' forward and input-gradient GEMMs in FP8, weight gradients not."""
+    fp8_dispatch: bool = False
+    """train.fp8_dispatch: the forward dispatch sends each row as e4m3 bytes and a float32 scale (flat)."""
     recompute: str = "none"
     """train.recompute: full runs every block's forward again in backward (its all-to-alls too); experts
     runs the expert MLPs' forward again; selective, attention's core and the memory-bound kernels."""
@@ -154,6 +156,11 @@ class Workload:
     def a2a_bytes(self) -> float:
         """Bytes this rank sends in one dispatch (uniform routing: (ep-1)/ep of the copies leave)."""
         return self.routed_rows * self.dim * self.act_bytes * (self.ep - 1) / self.ep
+
+    @property
+    def fp8_dispatch_bytes(self) -> float:
+        """a2a_bytes under train.fp8_dispatch: a byte an element and 4 a row (models/float8.py pack_rows)."""
+        return self.routed_rows * (self.dim + 4) * (self.ep - 1) / self.ep
 
     @property
     def ep_nodes(self) -> int:
@@ -253,21 +260,26 @@ def _moe_pipeline(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Ph
         return _chunked(s, w, costs, chunks, phase, last, tag,
                         costs.staged_all_to_all(w, w.cross_node_bytes("hierarchical") / chunks, "cross"),
                         costs.staged_all_to_all(w, w.in_node_bytes / chunks, "node"))
-    return _chunked(s, w, costs, chunks, phase, last, tag,
-                    costs.all_to_all(w, w.a2a_bytes / chunks) if w.ep > 1 else 0.0)
+    if w.ep == 1:
+        return _chunked(s, w, costs, chunks, phase, last, tag, 0.0)
+    dispatch_bytes = w.fp8_dispatch_bytes if phase == "fwd" and w.fp8_dispatch else w.a2a_bytes
+    return _chunked(s, w, costs, chunks, phase, last, tag, costs.all_to_all(w, w.a2a_bytes / chunks),
+                    a2a_in=costs.all_to_all(w, dispatch_bytes / chunks))
 
 
 def _chunked(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Phase, last: int | None, tag: str,
-             a2a: float, fan_out: float = 0.0) -> int:
-    """The pipelined exchange: each chunk's dispatch (`a2a` seconds), experts and combine. `fan_out`: the
-    in-machine exchange of hierarchical dispatch, each way, which the chunk's compute waits for (it is on
-    the compute stream's path; counted as all-to-all work)."""
-    dispatch = [s.add(f"{tag}.a2a_in0", "comm", a2a, [last])]
+             a2a: float, fan_out: float = 0.0, a2a_in: float | None = None) -> int:
+    """The pipelined exchange: each chunk's dispatch (`a2a_in` seconds where it differs from the combine's
+    `a2a`: train.fp8_dispatch's forward), experts and combine. `fan_out`: the in-machine exchange of
+    hierarchical dispatch, each way, which the chunk's compute waits for (it is on the compute stream's path;
+    counted as all-to-all work)."""
+    a2a_in = a2a if a2a_in is None else a2a_in
+    dispatch = [s.add(f"{tag}.a2a_in0", "comm", a2a_in, [last])]
     prev_compute = last
     combines = []
     for c in range(chunks):
         if c + 1 < chunks:  # issued once chunk c has arrived (and chunk c-1 computed: program order)
-            dispatch.append(s.add(f"{tag}.a2a_in{c + 1}", "comm", a2a, [dispatch[c], prev_compute]))
+            dispatch.append(s.add(f"{tag}.a2a_in{c + 1}", "comm", a2a_in, [dispatch[c], prev_compute]))
         if c > 0 and costs.chunk_overhead_s > 0:
             prev_compute = s.add(f"{tag}.overhead{c}", "compute", costs.chunk_overhead_s, [prev_compute])
         if fan_out:
@@ -563,11 +575,11 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                  ranks_per_node: int = 0, grad_bytes: int = 4, moment_bytes: int = 4,
                  loss_chunk_tokens: int = 0, pp: int = 1, stages_per_rank: int = 1,
                  layers_per_stage: tuple[int, ...] = (), overlapped: bool = False, v_shape: bool = False,
-                 deferred_weight_steps: bool = False, fp8: str = "none") -> Workload:
+                 deferred_weight_steps: bool = False, fp8: str = "none", fp8_dispatch: bool = False) -> Workload:
     """Shapes of one rank's step, from the model config alone (the model is built on the meta device).
     Parameters named in `frozen` have no gradient: they are left out of the buckets and the optimizer.
     `ranks_per_node`: machines of that many ranks (0: one machine). `pp` stages of `dp` ranks each, placed
-    stage after stage (`v_shape`: two a rank in a V). `fp8`: train.fp8."""
+    stage after stage (`v_shape`: two a rank in a V). `fp8`, `fp8_dispatch`: train.fp8, train.fp8_dispatch."""
     machines = ep // ranks_per_node if 0 < ranks_per_node < ep else 1
     infos = []
     for name, shape, expert in parameter_shapes(cfg):
@@ -587,6 +599,7 @@ def workload_for(cfg: ModelConfig, *, tokens: int, seq_len: int, ep: int, dp: in
                     elementwise_bytes=tuple(block_elementwise_bytes(cfg, tokens, i, act_bytes) for i in blocks),
                     fp8_linears=fp8_linear_widths(cfg) if fp8 == "rowwise" else (),
                     fp8_experts=fp8 == "rowwise" and eligible(cfg.dim, cfg.moe.ffn_dim),
+                    fp8_dispatch=fp8_dispatch and fp8 == "rowwise" and eligible(cfg.dim, cfg.moe.ffn_dim) and ep > 1,
                     recompute=recompute, recompute_experts=cfg.moe.recompute_experts,
                     ranks_per_node=ranks_per_node, loss_chunk_tokens=loss_chunk_tokens, pp=pp, mtp_blocks=cfg.mtp_layers,
                     stages_per_rank=stages_per_rank, layers_per_stage=layers_per_stage,

@@ -48,7 +48,8 @@ def workload(cfg: Config, dp: int, act_bytes: int, ranks_per_node: Optional[int]
                         stages_per_rank=cfg.stages_per_rank,
                         layers_per_stage=tuple(cfg.parallel.layers_per_stage or ()),
                         overlapped=cfg.lanes, v_shape=cfg.v_shape,
-                        deferred_weight_steps=cfg.defers_weight_gradients, fp8=cfg.train.fp8)
+                        deferred_weight_steps=cfg.defers_weight_gradients, fp8=cfg.train.fp8,
+                        fp8_dispatch=cfg.train.fp8_dispatch)
 
 
 def run_mesh(cfg: Config, device_type: str) -> ParallelMesh:

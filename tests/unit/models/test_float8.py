@@ -15,9 +15,11 @@ from moeyard.models.float8 import (
     float8_grouped_unsupported,
     float8_mm,
     float8_unsupported,
+    pack_rows,
     quantize_rows,
     quantize_weight,
     shared_weight_casts,
+    unpack_rows,
 )
 from moeyard.models.layers import SwiGLU
 from moeyard.models.moe.expert_mlp import ExpertActivation
@@ -289,3 +291,21 @@ def test_weight_casts_are_shared_within_a_scope_and_only_for_weights() -> None:
         assert again8 is not first8 and torch.equal(again_scale, first_scale * 4.0)
         assert torch.equal(again8.float(), first8.float())  # the power-of-two scale took the whole change
     assert quantize_weight(w)[0] is not quantize_weight(w)[0]  # the scope closed: nothing held
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_rows_arrive_as_the_values_the_fp8_gemm_would_multiply(dtype: torch.dtype) -> None:
+    """train.fp8_dispatch's wire format: D e4m3 bytes and a 4-byte scale a row; unpacked, each row is exactly
+    its e4m3 rounding (rows from 1e-30 to 1e30 and an all-zero one), and quantizing it again gives the same
+    values, so the experts' FP8 GEMMs multiply what they would have without the trip."""
+    torch.manual_seed(0)
+    x = (torch.randn(300, 64) * torch.logspace(-30, 30, 300)[:, None]).to(dtype)
+    x[5] = 0
+    packed = pack_rows(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (300, 64 + 4)
+    rows = unpack_rows(packed, dtype)
+    x8, scale = quantize_rows(x)
+    assert rows.dtype == dtype and torch.equal(rows.float(), x8.float() * scale)
+    again8, again_scale = quantize_rows(rows)
+    assert torch.equal(again8.float() * again_scale, x8.float() * scale)
+    assert not torch.equal(rows, x)  # rounded: the weight gradients see this

@@ -44,6 +44,10 @@ def test_overrides_are_typed() -> None:
      "parallel.fsdp_reduce_once=[true, true] chooses, rank by rank, between reducing once a step and in every "
      "micro-step, which only fsdp gathered once does"),
     (["parallel.fsdp_reduce_once=[sometimes]"], "parallel.fsdp_reduce_once[0]='sometimes' must be true or false"),
+    (["train.fp8_dispatch=true"], "train.fp8_dispatch=true sends the experts FP8 rows for their FP8 GEMMs: set "
+                                  "train.fp8=rowwise (it is none)"),
+    (["train.fp8=rowwise", "train.fp8_dispatch=true", "schedule.dispatch=auto"],
+     "train.fp8_dispatch=true is built for the flat exchange, not schedule.dispatch=auto"),
 ])
 def test_bad_values_name_the_key(override, fragment) -> None:
     with pytest.raises(ConfigError, match=None) as err:

@@ -10,7 +10,7 @@ from moeyard.models import ModelConfig, MoEConfig, Transformer
 from moeyard.models.config import MLAConfig
 from moeyard.models.weight_steps import Linear
 from moeyard.trainer.scheduler.block_shapes import attention_core_flops, attention_shape, block_index
-from moeyard.trainer.scheduler.cost_model import workload_for
+from moeyard.trainer.scheduler.cost_model import moe_layer_timeline, workload_for
 from moeyard.trainer.scheduler.hardware import Hardware, HardwareCosts
 from moeyard.trainer.scheduler.memory_model import Layout, count_parameters, predict_memory, predict_stage, stage_counts
 
@@ -117,3 +117,27 @@ def test_fp8_experts_hold_one_blocks_weight_casts_through_its_pass(recompute: st
     dense_only = [dataclasses.replace(x, pp=3, pipeline="1f1b") for x in (layout, fp8)]
     first = [predict_stage(cfg, x, stage_counts(cfg, x)[0], 0) for x in dense_only]  # block 0 only: dense
     assert first[1].activations == first[0].activations
+
+
+def test_fp8_dispatch_halves_the_forward_dispatch_and_charges_its_packing() -> None:
+    """train.fp8_dispatch in the cost model: the forward's dispatches carry D + 4 bytes a row instead of 2 D
+    (bf16), the forward's combines and the backward's exchanges stay; the forward's expert work adds the
+    sender's packing and the receiver's unpacking at memory bandwidth. Without ep there is nothing to send."""
+    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=64,
+                      moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=32))
+    shape = dict(tokens=256, seq_len=64, dp=4, micro_steps=1, act_bytes=2, fp8="rowwise")
+    fp8 = workload_for(cfg, ep=4, **shape)
+    packed = workload_for(cfg, ep=4, fp8_dispatch=True, **shape)
+    assert packed.fp8_dispatch and not fp8.fp8_dispatch and not workload_for(cfg, ep=1, fp8_dispatch=True, **shape).fp8_dispatch
+    assert packed.fp8_dispatch_bytes == pytest.approx(fp8.a2a_bytes * (64 + 4) / (2 * 64))
+    hw = HardwareCosts(Hardware(name="t", devices_per_node=8, gemm_tflops=100.0, intra_node_gbps=10.0,
+                                intra_node_latency_us=0.0, inter_node_gbps=1.0, inter_node_latency_us=0.0,
+                                memory_gbps=1000.0, fp8_gemm_tflops=200.0))
+    rows = packed.routed_rows
+    assert hw.experts(packed, rows, "fwd") - hw.experts(fp8, rows, "fwd") == pytest.approx(rows * 64 * (5 + 7) / 1e12)
+    assert hw.experts(packed, rows, "bwd") == hw.experts(fp8, rows, "bwd")
+    work = {name: {(k, way): moe_layer_timeline(w, hw, 2).work("comm", f"moe.{k}.a2a_{way}")
+                   for k in ("fwd", "bwd") for way in ("in", "out")} for name, w in (("fp8", fp8), ("packed", packed))}
+    assert work["packed"][("fwd", "in")] == pytest.approx(work["fp8"][("fwd", "in")] * 68 / 128)
+    for key in (("fwd", "out"), ("bwd", "in"), ("bwd", "out")):
+        assert work["packed"][key] == work["fp8"][key] > 0, key
