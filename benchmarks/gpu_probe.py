@@ -205,7 +205,7 @@ def attention(device: torch.device, smoke: bool = False) -> dict:
 
 def fp8(device: torch.device, smoke: bool = False) -> dict:
     from moeyard.models import GroupedExperts
-    from moeyard.models.float8 import float8_unsupported, quantize_rows
+    from moeyard.models.float8 import float8_unsupported, pack_rows, quantize_rows, unpack_rows
     from moeyard.models.weight_steps import Linear
 
     torch.manual_seed(0)
@@ -258,10 +258,19 @@ def fp8(device: torch.device, smoke: bool = False) -> dict:
         peak_gbps = 2 * operand.numel() * operand.element_size() / copy_ms / 1e6
     cast = {"ms": cast_ms, "elements": operand.numel(), "copy_gbps": peak_gbps,
             "bytes_per_element_at_copy_rate": (cast_ms * 1e6 * peak_gbps / operand.numel()) if peak_gbps else None}
+    # train.fp8_dispatch's packing (sender) and unpacking (receiver): the cost model's fp8_dispatch_bytes
+    packed = pack_rows(operand)
+    dispatch_ms = timed_ms(lambda: pack_rows(operand), device) + timed_ms(lambda: unpack_rows(packed, dtype), device)
+    cast["dispatch_pack_unpack_ms"] = dispatch_ms
+    cast["dispatch_bytes_per_element_at_copy_rate"] = (dispatch_ms * 1e6 * peak_gbps / operand.numel()
+                                                       if peak_gbps else None)
+    cast["dispatch_round_trip_exact"] = torch.equal(unpack_rows(packed, dtype).float(),
+                                                    torch.mul(*(t.float() for t in quantize_rows(operand))))
     tolerance = 0.1
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
             "torch": torch.__version__, "shapes": {"rows": M, "dim": D, "expert_hidden": F, "experts": E},
-            "layers": rows, "cast": cast, "ok": all(r["rel_err"] < tolerance for r in rows.values())}
+            "layers": rows, "cast": cast,
+            "ok": all(r["rel_err"] < tolerance for r in rows.values()) and cast["dispatch_round_trip_exact"]}
 
 
 def main() -> None:
