@@ -64,7 +64,8 @@ class MeasuredCosts:
 
     def experts(self, w: Workload, rows: float, phase: Phase, chunks: int = 1) -> float:
         """The fit at `rows`: each chunk pays its intercept, which under train.fp8 includes casting the
-        weights that the chunks share (an overestimate of chunking's cost there)."""
+        weights that the chunks share (an overestimate of chunking's cost there); train.fp8_dispatch's packing
+        and unpacking are not timed (an underestimate; the all-to-all fit gets the packed bytes)."""
         return at(self.p.experts_fwd if phase == "fwd" else self.p.experts_bwd, rows)
 
     def selective_recompute(self, w: Workload, layer: int) -> float:
