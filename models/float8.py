@@ -21,7 +21,8 @@ from __future__ import annotations
 import functools
 import threading
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +33,7 @@ ALIGN = 16
 """torch._scaled_mm on a GPU takes a GEMM's summed and column dimensions in multiples of 16."""
 RECIPES = ("none", "rowwise")
 _shared = threading.local()
-"""This thread's table of weight casts (shared_weight_casts); a thread of its own per lane (parallel/lanes.py)."""
+"""This thread's shared_weight_casts scope; a thread of its own per lane (parallel/lanes.py)."""
 
 
 @functools.cache
@@ -73,37 +74,47 @@ def quantize_rows(t_MK: Tensor, out_MK: Optional[Tensor] = None) -> tuple[Tensor
     return t8_MK, scale_M1
 
 
+@dataclass
+class _WeightCasts:
+    """One scope's weights (by identity) and the casts made of their views."""
+
+    weights: dict[int, Tensor]
+    casts: dict[tuple, tuple[Tensor, Tensor, Tensor]]
+
+
 @contextmanager
-def shared_weight_casts() -> Iterator[None]:
-    """Within it, a weight is quantized once per orientation and its casts shared: the pipelined exchange
-    runs a layer's experts in chunks (parallel/exchange/overlap.py), and each chunk would otherwise cast
-    every local expert's weights again, at DeepSeek-V3's shape several times the chunk's FP8 GEMM time.
-    The casts are held until the scope closes (one layer's pass: its local experts' weights, a byte an
-    element per orientation). Nested scopes share the outermost table."""
-    outer = getattr(_shared, "table", None)
-    if outer is None:
-        _shared.table = {}
+def shared_weight_casts(weights: Sequence[Tensor]) -> Iterator[None]:
+    """Within it, a view of one of `weights` is quantized once per orientation and its casts shared: the
+    pipelined exchange runs a layer's experts in chunks (parallel/exchange/overlap.py), and each chunk would
+    otherwise cast every local expert's weights again, at DeepSeek-V3's shape several times the chunk's FP8
+    GEMM time. The casts are held until the scope closes (one layer's pass: its local experts' weights, a
+    byte an element per orientation). A nested scope adds its weights to the outermost one's."""
+    outer = getattr(_shared, "scope", None)
+    scope = outer or _WeightCasts({}, {})
+    added = [id(w) for w in weights if id(w) not in scope.weights]
+    scope.weights.update((id(w), w) for w in weights)  # held: their ids stay theirs while the scope lasts
+    _shared.scope = scope
     try:
         yield
     finally:
-        if outer is None:
-            _shared.table = None
+        for key in added:
+            del scope.weights[key]
+        _shared.scope = outer
 
 
 def quantize_weight(w_NK: Tensor) -> tuple[Tensor, Tensor]:
-    """quantize_rows of a weight operand, made once per shared_weight_casts() scope. Only views of a leaf
-    that takes gradients are shared (a parameter, or an executor's detached copy of it): a temporary (a
-    dtype cast made per call) is quantized afresh, never held. The key is the view's address, layout and
-    version, and the entry holds the view, so no other tensor can take its address while the scope lasts
-    and a weight changed in place is cast again."""
-    table = getattr(_shared, "table", None)
+    """quantize_rows of a weight operand, made once per shared_weight_casts() scope where w_NK is a view of
+    one of the scope's weights (anything else, such as a dtype cast made per call, is quantized afresh and
+    never held). The key is the view's address, layout and version, and the entry holds the view, so no
+    other tensor can take its address while the scope lasts, and a weight changed in place is cast again."""
+    scope = getattr(_shared, "scope", None)
     root = w_NK if w_NK._base is None else w_NK._base
-    if table is None or not (root.is_leaf and root.requires_grad):
+    if scope is None or scope.weights.get(id(root)) is not root:
         return quantize_rows(w_NK)
     key = (w_NK.data_ptr(), tuple(w_NK.shape), w_NK.stride(), w_NK.dtype, w_NK._version)
-    entry = table.get(key)
+    entry = scope.casts.get(key)
     if entry is None:
-        entry = table[key] = (w_NK, *quantize_rows(w_NK))
+        entry = scope.casts[key] = (w_NK, *quantize_rows(w_NK))
     return entry[1], entry[2]
 
 

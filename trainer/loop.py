@@ -173,7 +173,8 @@ def build_rank_model(cfg: Config, pmesh: ParallelMesh, plan: Plan, device: torch
             print(f"fp8 ({cfg.train.fp8}): {fp8_layers} of this rank's {layers} linear and expert layers in the "
                   f"blocks multiply in float8 e4m3 (torch._scaled_mm; the experts' weight gradients, layers whose "
                   f"widths are not multiples of 16, the routers, embedding and output layer in {dtype})"
-                  + ("; the experts' rows dispatched as e4m3" if cfg.train.fp8_dispatch and pmesh.ep > 1 else ""),
+                  + ("; the experts' rows dispatched as e4m3" if pmesh.ep > 1 and any(
+                      getattr(m, "fp8_dispatch", False) for m in model.modules()) else ""),
                   flush=True)
         if pmesh.pp > 1:
             stages = pmesh.pp * cfg.stages_per_rank

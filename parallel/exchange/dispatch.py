@@ -43,8 +43,8 @@ class ExpertParallelExchange(ExpertRows):
 
     def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, experts: GroupedExperts) -> Tensor:
         if self.node_groups is not None:
-            self.traffic.add(flat_cross_node_rows(tokens_per_expert_E, self.node_groups),
-                             x_SD.shape[1] * x_SD.element_size())
+            row_bytes = x_SD.shape[1] + 4 if experts.fp8_dispatch else x_SD.shape[1] * x_SD.element_size()
+            self.traffic.add(flat_cross_node_rows(tokens_per_expert_E, self.node_groups), row_bytes)
         return flat_exchange(x_SD, tokens_per_expert_E, experts, self.ep_group, self.chunks)
 
     def run_routed(self, x_ND: Tensor, perm: Permutation, weight: Tensor, experts: GroupedExperts) -> Tensor:

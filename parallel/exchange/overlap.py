@@ -127,7 +127,7 @@ class _PipelinedExperts(torch.autograd.Function):
         dispatch = [_launch(recv[0], sent[0], schedule.recv_splits[0], schedule.send_splits[0], group)]
         combine = []
         graphs = []
-        with shared_weight_casts():  # under train.fp8, the weights cast once for all chunks
+        with shared_weight_casts(weight_leaves):  # under train.fp8, the weights cast once for all chunks
             for c in range(C):
                 dispatch[c].wait()
                 if c + 1 < C:  # travels while chunk c computes
@@ -161,7 +161,7 @@ class _PipelinedExperts(torch.autograd.Function):
         home, returns = [], []
         grad_weights: list[Tensor | None] = [None] * len(ctx.weight_leaves)
         wanted = [w for w in ctx.weight_leaves if w.requires_grad]
-        with shared_weight_casts():  # the weights' other orientation, cast once for all chunks
+        with shared_weight_casts(ctx.weight_leaves):  # the weights' other orientation, once for all chunks
             for c in range(C):
                 dispatch[c].wait()
                 if c + 1 < C:  # gradients of the next chunk travel while chunk c runs its expert backward

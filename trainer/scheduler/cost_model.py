@@ -231,6 +231,10 @@ class Costs(Protocol):
         memory-bound kernels of its forward (no GEMM)."""
         ...
 
+    def fp8_dispatch_casts(self, w: Workload, rows: float) -> tuple[float, float]:
+        """train.fp8_dispatch: seconds to pack `rows` rows before their dispatch and to unpack them after."""
+        ...
+
     def all_to_all(self, w: Workload, nbytes: float) -> float: ...
 
     def staged_all_to_all(self, w: Workload, nbytes: float, stage: str) -> float:
@@ -262,17 +266,20 @@ def _moe_pipeline(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Ph
                         costs.staged_all_to_all(w, w.in_node_bytes / chunks, "node"))
     if w.ep == 1:
         return _chunked(s, w, costs, chunks, phase, last, tag, 0.0)
-    dispatch_bytes = w.fp8_dispatch_bytes if phase == "fwd" and w.fp8_dispatch else w.a2a_bytes
-    return _chunked(s, w, costs, chunks, phase, last, tag, costs.all_to_all(w, w.a2a_bytes / chunks),
-                    a2a_in=costs.all_to_all(w, dispatch_bytes / chunks))
+    if phase == "fwd" and w.fp8_dispatch:  # the layer's rows packed at once, each chunk's unpacked on arrival
+        pack, unpack = costs.fp8_dispatch_casts(w, w.routed_rows)
+        last = s.add(f"{tag}.experts_pack", "compute", pack, [last])
+        return _chunked(s, w, costs, chunks, phase, last, tag, costs.all_to_all(w, w.a2a_bytes / chunks),
+                        a2a_in=costs.all_to_all(w, w.fp8_dispatch_bytes / chunks), unpack=unpack / chunks)
+    return _chunked(s, w, costs, chunks, phase, last, tag, costs.all_to_all(w, w.a2a_bytes / chunks))
 
 
 def _chunked(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Phase, last: int | None, tag: str,
-             a2a: float, fan_out: float = 0.0, a2a_in: float | None = None) -> int:
+             a2a: float, fan_out: float = 0.0, a2a_in: float | None = None, unpack: float = 0.0) -> int:
     """The pipelined exchange: each chunk's dispatch (`a2a_in` seconds where it differs from the combine's
-    `a2a`: train.fp8_dispatch's forward), experts and combine. `fan_out`: the in-machine exchange of
-    hierarchical dispatch, each way, which the chunk's compute waits for (it is on the compute stream's path;
-    counted as all-to-all work)."""
+    `a2a`: train.fp8_dispatch's forward, whose chunks are unpacked in `unpack` seconds each before their
+    experts), experts and combine. `fan_out`: the in-machine exchange of hierarchical dispatch, each way, which
+    the chunk's compute waits for (it is on the compute stream's path; counted as all-to-all work)."""
     a2a_in = a2a if a2a_in is None else a2a_in
     dispatch = [s.add(f"{tag}.a2a_in0", "comm", a2a_in, [last])]
     prev_compute = last
@@ -284,6 +291,8 @@ def _chunked(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Phase, 
             prev_compute = s.add(f"{tag}.overhead{c}", "compute", costs.chunk_overhead_s, [prev_compute])
         if fan_out:
             prev_compute = s.add(f"{tag}.a2a_node_in{c}", "compute", fan_out, [dispatch[c], prev_compute])
+        if unpack:
+            prev_compute = s.add(f"{tag}.experts_unpack{c}", "compute", unpack, [dispatch[c], prev_compute])
         seconds = costs.experts(w, w.routed_rows / chunks, phase, chunks)
         if phase == "bwd" and (w.recompute == "experts" or w.recompute_experts and w.recompute != "full"):
             seconds += costs.experts(w, w.routed_rows / chunks, "fwd", chunks)

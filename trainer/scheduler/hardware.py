@@ -56,13 +56,6 @@ def fp8_cast_bytes(w: Workload) -> int:
     return 2 * w.act_bytes + 1
 
 
-def fp8_dispatch_bytes(w: Workload) -> int:
-    """Bytes moved per element of the rows train.fp8_dispatch sends (models/float8.py): packed by the sender
-    (fp8_cast_bytes, cast straight into the wire buffer), unpacked by the receiver (its byte read, the value
-    written in the compute dtype, then read and written again by the scale's multiply); 0 without it."""
-    return fp8_cast_bytes(w) + 1 + 3 * w.act_bytes if w.fp8_dispatch else 0
-
-
 class HardwareCosts:
     """Unit costs from a description, for a world of `world_size` devices laid out node by node."""
 
@@ -107,8 +100,7 @@ class HardwareCosts:
     def experts(self, w: Workload, rows: float, phase: Phase, chunks: int = 1) -> float:
         """Three GEMMs forward, six backward; with fp8_experts the forward's and the input gradient's three at
         the FP8 rate, with their operands' casts: each GEMM casts its rows, each expert weight is cast once a
-        pass, shared by the pass's `chunks` (models/float8.py shared_weight_casts), each charged its part; with
-        fp8_dispatch, the forward packs and unpacks its rows too (sender's and receiver's, one rank's share)."""
+        pass, shared by the pass's `chunks` (models/float8.py shared_weight_casts), each charged its part."""
         gemms = self._gemm(6 * rows * w.dim * w.expert_hidden)
         if not w.fp8_experts:
             return gemms * (2 if phase == "bwd" else 1)
@@ -116,8 +108,14 @@ class HardwareCosts:
         d, f = w.dim, w.expert_hidden
         weights = 3 * (w.num_experts // w.ep) * d * f / chunks  # this rank's gate, up and down
         elements = rows * (2 * d + f) + weights if phase == "fwd" else rows * (d + 2 * f) + weights
-        moved = elements * fp8_cast_bytes(w) + (rows * d * fp8_dispatch_bytes(w) if phase == "fwd" else 0.0)
-        return fp8 + (gemms if phase == "bwd" else 0.0) + moved / (self.hw.memory_gbps * 1e9)
+        return fp8 + (gemms if phase == "bwd" else 0.0) + elements * fp8_cast_bytes(w) / (self.hw.memory_gbps * 1e9)
+
+    def fp8_dispatch_casts(self, w: Workload, rows: float) -> tuple[float, float]:
+        """Packing (fp8_cast_bytes, cast straight into the wire buffer) and unpacking (the e4m3 byte read, the
+        value written in the compute dtype, then read and written again by the scale's multiply: 1 + 3
+        act_bytes) of `rows` rows, at memory bandwidth."""
+        elements, rate = rows * w.dim, self.hw.memory_gbps * 1e9
+        return elements * fp8_cast_bytes(w) / rate, elements * (1 + 3 * w.act_bytes) / rate
 
     def all_to_all(self, w: Workload, nbytes: float) -> float:
         """ep consecutive ranks: peers in the same node use NVLink-class links, the rest the network."""

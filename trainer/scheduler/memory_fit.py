@@ -48,7 +48,8 @@ def memory_layout(cfg: Config, world: int, act_bytes: int) -> Layout:
                   moment_bytes=cfg.optim.moment_bytes, pp=cfg.parallel.pp, pipeline=cfg.schedule.pipeline,
                   stages_per_rank=cfg.stages_per_rank, layers_per_stage=tuple(cfg.parallel.layers_per_stage or ()),
                   defer_weight_gradients=cfg.schedule.defer_weight_gradients,
-                  fp8_experts=cfg.train.fp8 == "rowwise" and eligible(cfg.model.dim, cfg.model.moe.ffn_dim))
+                  fp8_experts=cfg.train.fp8 == "rowwise" and eligible(cfg.model.dim, cfg.model.moe.ffn_dim),
+                  lanes=cfg.lanes)
 
 
 def _what_would_fit(cfg: Config, layout: Layout, capacity_gb: float) -> str:

@@ -89,6 +89,8 @@ class Layout:
     operands (pending_weight_steps, _weight_step_bytes)."""
     fp8_experts: bool = False
     """train.fp8 on the routed experts: a block's pass holds its local experts' FP8 weight casts (_fp8_casts)."""
+    lanes: bool = False
+    """A forward and a backward run side by side in two threads (Config.lanes): each holds its own casts."""
 
     @property
     def dp(self) -> int:
@@ -374,15 +376,18 @@ def _block_activations(cfg: ModelConfig, layer: int, tokens: int, b: int, recomp
 
 
 def _fp8_casts(cfg: ModelConfig, layout: Layout, blocks: Sequence[int]) -> float:
-    """The FP8 casts of one MoE block's local experts held through its pass (models/float8.py
-    shared_weight_casts: the pipelined exchange's chunks share them), a byte an element; in backward with the
-    experts recomputed both orientations (the recomputed forward's and the input gradient's)."""
+    """The FP8 casts of MoE blocks' local experts held at the peak, a byte an element: the pipelined exchange's
+    chunks share a block's through its pass (models/float8.py shared_weight_casts). A backward holds the input
+    gradient's orientation, and the forward's too where it runs the experts again (recompute=experts; under
+    selective the grouped GEMM's checkpoint reruns its forward); lanes add the other lane's forward. Counted
+    whatever the chunks: at one chunk the grouped GEMM holds one weight's cast at a time (an overcount there)."""
     moe_blocks = [i for i in blocks if cfg.is_moe_layer(i)]
     if not layout.fp8_experts or not moe_blocks:
         return 0.0
     local = max(3 * cfg.moe_for_layer(i).num_experts // layout.ep * cfg.dim * cfg.moe_for_layer(i).ffn_dim
                 for i in moe_blocks)
-    return local * (2 if layout.recompute == "experts" or cfg.moe.recompute_experts else 1)
+    rerun = layout.recompute in ("experts", "selective") or cfg.moe.recompute_experts
+    return local * (1 + int(rerun) + int(layout.lanes))
 
 
 def _defers(layout: Layout) -> bool:

@@ -16,7 +16,9 @@ BOUNDS: tuple[Optional[int], ...] = (1, 2, 4, None)
 def routing_bound_rows(cfg: Config, w: Workload, costs: Costs) -> list[dict]:
     """One row per routing bound M that the model allows (top_k experts must fit in M machines)."""
     machines, moe = w.ep_nodes, cfg.model.moe
-    auto = dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, dispatch="auto"))
+    # hierarchical dispatch weighed too, but not where train.fp8_dispatch keeps the flat exchange
+    dispatch = "flat" if cfg.train.fp8_dispatch else "auto"
+    auto = dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, dispatch=dispatch))
     rows = []
     for bound in BOUNDS:
         if bound is not None and (bound >= machines or moe.top_k > bound * (moe.num_experts // machines)):

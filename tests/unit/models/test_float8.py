@@ -216,6 +216,48 @@ def test_the_fp8_grouped_gemm_on_gpu_computes_what_the_fp8_loop_does() -> None:
         assert _relative(got.float(), want.float()) < 0.02
 
 
+@pytest.mark.skipif(_no_sm90() is not None, reason=str(_no_sm90()))
+def test_the_fp8_grouped_gemm_on_gpu_casts_each_weight_once_a_pass(monkeypatch) -> None:
+    """GPU only (never run here): the grouped FP8 path under shared_weight_casts, as the pipelined exchange
+    runs it: two chunks' forwards cast the three stacked weights once (3 casts, not 6), and two chunks'
+    backwards, run from an autograd Function's backward on the device's autograd thread, cast their other
+    orientation once more (3)."""
+    experts = GroupedExperts(4, 64, 64, compute="grouped_mm").cuda()
+    for w in experts.weights:
+        torch.nn.init.normal_(w, std=0.1)
+    experts.fp8 = True
+    leaves = [w.detach().bfloat16().requires_grad_() for w in experts.weights]
+    storages = {w.untyped_storage().data_ptr() for w in leaves}
+    casts, quantize_rows = [0], float8.quantize_rows
+
+    def counting(t: torch.Tensor):
+        casts[0] += t.untyped_storage().data_ptr() in storages
+        return quantize_rows(t)
+
+    monkeypatch.setattr(float8, "quantize_rows", counting)
+    counts = torch.tensor([16, 32, 0, 16], device="cuda")
+    xs = [torch.randn(64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    with shared_weight_casts(leaves):
+        ys = [experts.forward_with(x, counts, *leaves) for x in xs]
+    assert casts == [3]
+
+    class _Chunks(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, anchor: torch.Tensor) -> torch.Tensor:
+            return anchor.clone()
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor):
+            with shared_weight_casts(leaves):
+                for x, y in zip(xs, ys):
+                    torch.autograd.grad(y, [x, *leaves], torch.ones_like(y))
+            return grad
+
+    anchor = torch.zeros(1, device="cuda", requires_grad=True)
+    _Chunks.apply(anchor).sum().backward()
+    assert casts == [6]
+
+
 def _no_fp8_gpu() -> str | None:
     if not torch.cuda.is_available():
         return "needs a GPU (benchmarks/gpu_check.sh runs it)"
@@ -272,19 +314,23 @@ def no_grad():
 
 
 @pytest.mark.usefixtures("no_grad")
-def test_weight_casts_are_shared_within_a_scope_and_only_for_weights() -> None:
-    """shared_weight_casts: a weight view quantized once per orientation (the same tensors back), cast again
-    after an in-place change, never shared outside a scope or for a temporary (a cast made per call). Called
-    without a graph, as inside the GEMMs' autograd Functions."""
-    w = torch.nn.Parameter(torch.randn(32, 16))
+def test_weight_casts_are_shared_within_a_scope_and_only_for_its_weights() -> None:
+    """shared_weight_casts: a view of one of the scope's weights quantized once per orientation (the same
+    tensors back), cast again after an in-place change; never shared outside a scope, for a weight the scope
+    was not opened for, or for a temporary (a cast made per call). Called without a graph, as inside the
+    GEMMs' autograd Functions."""
+    w, other = torch.nn.Parameter(torch.randn(32, 16)), torch.nn.Parameter(torch.randn(32, 16))
     assert quantize_weight(w)[0] is not quantize_weight(w)[0]  # no scope: cast every time
-    with shared_weight_casts():
+    with shared_weight_casts([w]):
         first8, first_scale = quantize_weight(w)
-        with shared_weight_casts():  # a nested scope shares the outer table
+        with shared_weight_casts([other]):  # a nested scope adds its weights to the outer one's
             assert quantize_weight(w)[0] is first8 and quantize_weight(w)[1] is first_scale
+            assert quantize_weight(other)[0] is quantize_weight(other)[0]
+        assert quantize_weight(other)[0] is not quantize_weight(other)[0]  # its scope closed
         assert quantize_weight(w.t())[0] is not first8  # the other orientation is a cast of its own
         assert quantize_weight(w.t())[0] is quantize_weight(w.t())[0]
-        temporary = w.detach() * 1.0  # not a leaf that takes gradients: never held
+        assert quantize_weight(w[1:])[0] is quantize_weight(w[1:])[0]  # a view of it (one expert's weight)
+        temporary = w.detach() * 1.0  # not the scope's weight: never held
         assert quantize_weight(temporary)[0] is not quantize_weight(temporary)[0]
         w.mul_(4.0)
         again8, again_scale = quantize_weight(w)

@@ -104,13 +104,18 @@ def test_fp8_gemms_are_the_models_fp8_layers_at_their_rate_with_their_casts() ->
     assert 4 * same.experts(w, rows / 4, "fwd") > same.experts(w, rows, "fwd")  # a cast per chunk would cost more
 
 
-@pytest.mark.parametrize("recompute,orientations", [("none", 1), ("full", 1), ("experts", 2)])
-def test_fp8_experts_hold_one_blocks_weight_casts_through_its_pass(recompute: str, orientations: int) -> None:
+@pytest.mark.parametrize("recompute,lanes,orientations", [("none", False, 1), ("full", False, 1),
+                                                          ("experts", False, 2), ("selective", False, 2),
+                                                          ("full", True, 2)])
+def test_fp8_experts_hold_one_blocks_weight_casts_through_its_pass(recompute: str, lanes: bool,
+                                                                   orientations: int) -> None:
     """train.fp8: the memory model counts one MoE block's local experts' FP8 weight casts at the peak, a byte
-    an element (both orientations where backward recomputes the experts); nothing for a dense-only stage."""
+    an element: both orientations where backward runs the experts' forward again (recompute experts, and
+    selective's grouped-GEMM checkpoint), one more for the other lane's forward; nothing for a dense-only
+    stage."""
     cfg = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=4, ffn_dim=48,
                       moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=16, first_dense_layers=1))
-    layout = Layout(world=4, ep=2, tokens=64, recompute=recompute, act_bytes=2)
+    layout = Layout(world=4, ep=2, tokens=64, recompute=recompute, act_bytes=2, lanes=lanes)
     fp8 = dataclasses.replace(layout, fp8_experts=True)
     local = 3 * (8 // 2) * 32 * 16
     assert predict_memory(cfg, fp8).activations - predict_memory(cfg, layout).activations == orientations * local
@@ -121,8 +126,9 @@ def test_fp8_experts_hold_one_blocks_weight_casts_through_its_pass(recompute: st
 
 def test_fp8_dispatch_halves_the_forward_dispatch_and_charges_its_packing() -> None:
     """train.fp8_dispatch in the cost model: the forward's dispatches carry D + 4 bytes a row instead of 2 D
-    (bf16), the forward's combines and the backward's exchanges stay; the forward's expert work adds the
-    sender's packing and the receiver's unpacking at memory bandwidth. Without ep there is nothing to send."""
+    (bf16), the forward's combines and the backward's exchanges stay; the forward adds the sender's packing
+    (before the first dispatch) and each chunk's unpacking at memory bandwidth, as expert work; the backward
+    and the experts' own costs are unchanged. Without ep there is nothing to send."""
     cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=64,
                       moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=32))
     shape = dict(tokens=256, seq_len=64, dp=4, micro_steps=1, act_bytes=2, fp8="rowwise")
@@ -134,10 +140,15 @@ def test_fp8_dispatch_halves_the_forward_dispatch_and_charges_its_packing() -> N
                                 intra_node_latency_us=0.0, inter_node_gbps=1.0, inter_node_latency_us=0.0,
                                 memory_gbps=1000.0, fp8_gemm_tflops=200.0))
     rows = packed.routed_rows
-    assert hw.experts(packed, rows, "fwd") - hw.experts(fp8, rows, "fwd") == pytest.approx(rows * 64 * (5 + 7) / 1e12)
-    assert hw.experts(packed, rows, "bwd") == hw.experts(fp8, rows, "bwd")
-    work = {name: {(k, way): moe_layer_timeline(w, hw, 2).work("comm", f"moe.{k}.a2a_{way}")
-                   for k in ("fwd", "bwd") for way in ("in", "out")} for name, w in (("fp8", fp8), ("packed", packed))}
+    assert hw.fp8_dispatch_casts(packed, rows) == pytest.approx((rows * 64 * 5 / 1e12, rows * 64 * 7 / 1e12))
+    for phase in ("fwd", "bwd"):
+        assert hw.experts(packed, rows, phase) == hw.experts(fp8, rows, phase)
+    timelines = {name: moe_layer_timeline(w, hw, 2) for name, w in (("fp8", fp8), ("packed", packed))}
+    casts = {name: t.work("compute", "moe.fwd.experts_") for name, t in timelines.items()}
+    assert casts["packed"] == pytest.approx(rows * 64 * (5 + 7) / 1e12) and casts["fp8"] == 0.0
+    assert timelines["packed"].work("compute", "moe.bwd") == timelines["fp8"].work("compute", "moe.bwd")
+    work = {name: {(k, way): t.work("comm", f"moe.{k}.a2a_{way}") for k in ("fwd", "bwd") for way in ("in", "out")}
+            for name, t in timelines.items()}
     assert work["packed"][("fwd", "in")] == pytest.approx(work["fp8"][("fwd", "in")] * 68 / 128)
     for key in (("fwd", "out"), ("bwd", "in"), ("bwd", "out")):
         assert work["packed"][key] == work["fp8"][key] > 0, key
