@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Literal
 
 import torch
@@ -44,3 +45,39 @@ def selective_checkpoint(fn: Callable, *args):
     if not torch.is_grad_enabled():
         return fn(*args)
     return checkpoint(fn, *args, use_reentrant=False, context_fn=_gemm_policy_contexts)
+
+
+_blocks = threading.local()
+
+
+class _RecomputedBlock:
+    """Marks this thread inside a block_checkpoint region; re-enterable (checkpoint may recompute a region once
+    per backward graph that unpacks it)."""
+
+    def __init__(self) -> None:
+        self.outer: list[bool] = []
+
+    def __enter__(self) -> None:
+        self.outer.append(getattr(_blocks, "inside", False))
+        _blocks.inside = True
+
+    def __exit__(self, *exc) -> None:
+        _blocks.inside = self.outer.pop()
+
+
+def _block_contexts() -> tuple[_RecomputedBlock, _RecomputedBlock]:
+    return _RecomputedBlock(), _RecomputedBlock()
+
+
+def block_checkpoint(fn: Callable, *args):
+    """`fn(*args)` keeping only its inputs (train.recompute=full), its forward and its recomputation marked
+    (in_recomputed_block), so that code keeping tensors outside autograd's saved ones can keep none."""
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_block_contexts)
+
+
+def in_recomputed_block() -> bool:
+    """Whether this thread runs inside a block_checkpoint region: its forward, or its recomputation in backward.
+    Tensors saved through save_for_backward there are dropped after the forward and come back recomputed
+    (detached); a Python reference (an executor's per-chunk graphs) would hold them for every micro-batch in
+    flight, which the memory model does not count."""
+    return getattr(_blocks, "inside", False)

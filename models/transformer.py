@@ -13,7 +13,6 @@ from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from moeyard.models.block import Block
 from moeyard.models.config import ModelConfig
@@ -23,7 +22,7 @@ from moeyard.models.layers import RMSNorm, SwiGLU
 from moeyard.models.moe.experts import GroupedExperts
 from moeyard.models.moe.layer import MoE, MoEStats
 from moeyard.models.mtp import MTPModule, depth_inputs
-from moeyard.models.recompute import RecomputeMode
+from moeyard.models.recompute import RecomputeMode, block_checkpoint
 from moeyard.models.rope import rope_tables
 from moeyard.models.weight_steps import Linear
 
@@ -224,7 +223,7 @@ class Transformer(nn.Module):
 
     def _run_block(self, block: nn.Module, *args) -> tuple:
         if self.recompute_blocks and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
+            return block_checkpoint(block, *args)
         return block(*args)
 
     def _mtp_forward(self, h_BTD: Tensor, emb_BTD: Tensor, cos: Tensor, sin: Tensor,

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moeyard.models.float8 import pack_rows, shared_weight_casts, unpack_rows
+from moeyard.models.recompute import in_recomputed_block
 from moeyard.parallel.exchange.regroup import inverse_permutation, local_expert_order
 from moeyard.parallel.lanes import lane_group
 
@@ -127,6 +128,10 @@ class _PipelinedExperts(torch.autograd.Function):
         dispatch = [_launch(recv[0], sent[0], schedule.recv_splits[0], schedule.send_splits[0], group)]
         combine = []
         graphs = []
+        # In a block recomputed in backward, per-chunk graphs held here would outlive the checkpoint's drop
+        # (every micro-batch in flight keeping its rows, outputs and weight copies): keep only the received rows,
+        # through save_for_backward, and run the experts again in backward.
+        rerun = build_graph and in_recomputed_block()
         with shared_weight_casts(weight_leaves):  # under train.fp8, the weights cast once for all chunks
             for c in range(C):
                 dispatch[c].wait()
@@ -135,9 +140,9 @@ class _PipelinedExperts(torch.autograd.Function):
                                             schedule.send_splits[c + 1], group))
                 rows = unpack_rows(recv[c], x_SD.dtype) if fp8 else recv[c]
                 x_in = rows.index_select(0, schedule.recv_order[c]).detach().requires_grad_(x_SD.requires_grad)
-                with torch.set_grad_enabled(build_graph):  # no per-chunk graphs under no_grad (evaluation)
+                with torch.set_grad_enabled(build_graph and not rerun):  # no graphs in evaluation
                     y_in = expert_fn(x_in, schedule.rows_per_local_expert[c], *weight_leaves)
-                graphs.append((x_in, y_in))
+                graphs.append((x_in.detach(),) if rerun else (x_in, y_in))
                 y_recv = y_in.detach().index_select(0, inverse_permutation(schedule.recv_order[c]))
                 back.append(y_recv.new_empty(sent[c].shape[0], y_recv.shape[1]))
                 combine.append(_launch(back[c], y_recv, schedule.send_splits[c], schedule.recv_splits[c], group))
@@ -145,7 +150,13 @@ class _PipelinedExperts(torch.autograd.Function):
         for c in range(C):
             combine[c].wait()
             y_SD[schedule.send_index[c]] = back[c]
-        ctx.schedule, ctx.group, ctx.graphs, ctx.weight_leaves = schedule, group, graphs, weight_leaves
+        ctx.schedule, ctx.group, ctx.rerun = schedule, group, rerun
+        if rerun:  # the weights themselves, cast again in backward (their casts would be a copy per micro-batch)
+            ctx.save_for_backward(*(rows for rows, in graphs), *weights)
+            ctx.expert_fn, ctx.x_requires_grad, ctx.cast_dtype = expert_fn, x_SD.requires_grad, dtype
+            ctx.weights_require_grad = [w.requires_grad for w in weight_leaves]  # a recomputed one is detached
+        else:
+            ctx.graphs, ctx.weight_leaves = graphs, weight_leaves
         ctx.x_shape, ctx.x_dtype = x_SD.shape, x_SD.dtype
         ctx.weight_dtypes = [w.dtype for w in weights]
         return y_SD
@@ -159,21 +170,32 @@ class _PipelinedExperts(torch.autograd.Function):
         recv = [grad_y_SD.new_empty(sum(schedule.recv_splits[c]), grad_y_SD.shape[1]) for c in range(C)]
         dispatch = [_launch(recv[0], sent[0], schedule.recv_splits[0], schedule.send_splits[0], group)]
         home, returns = [], []
-        grad_weights: list[Tensor | None] = [None] * len(ctx.weight_leaves)
-        wanted = [w for w in ctx.weight_leaves if w.requires_grad]
-        with shared_weight_casts(ctx.weight_leaves):  # the weights' other orientation, once for all chunks
+        if ctx.rerun:  # the rows (recomputed with the block: detached), and the weights' leaves made again
+            saved = ctx.saved_tensors
+            weight_leaves = [w.detach().to(ctx.cast_dtype or w.dtype).requires_grad_(r)
+                             for w, r in zip(saved[C:], ctx.weights_require_grad)]
+        else:
+            weight_leaves = ctx.weight_leaves
+        grad_weights: list[Tensor | None] = [None] * len(weight_leaves)
+        wanted = [w for w in weight_leaves if w.requires_grad]
+        with shared_weight_casts(weight_leaves):  # the weights' other orientation, once for all chunks
             for c in range(C):
                 dispatch[c].wait()
                 if c + 1 < C:  # gradients of the next chunk travel while chunk c runs its expert backward
                     dispatch.append(_launch(recv[c + 1], sent[c + 1], schedule.recv_splits[c + 1],
                                             schedule.send_splits[c + 1], group))
-                x_in, y_in = ctx.graphs[c]
+                if ctx.rerun:
+                    x_in = saved[c].detach().requires_grad_(ctx.x_requires_grad)
+                    with torch.enable_grad():
+                        y_in = ctx.expert_fn(x_in, schedule.rows_per_local_expert[c], *weight_leaves)
+                else:
+                    x_in, y_in = ctx.graphs[c]
                 g_in = recv[c].index_select(0, schedule.recv_order[c]).to(y_in.dtype)
                 inputs = ([x_in] if x_in.requires_grad else []) + wanted
                 grads = list(torch.autograd.grad(y_in, inputs, g_in, allow_unused=True))
                 gx_in = grads.pop(0) if x_in.requires_grad else torch.zeros_like(x_in)
                 gx_in = torch.zeros_like(x_in) if gx_in is None else gx_in
-                for i, w in enumerate(ctx.weight_leaves):
+                for i, w in enumerate(weight_leaves):
                     if w.requires_grad:
                         g = grads.pop(0)
                         if g is not None:
@@ -186,7 +208,7 @@ class _PipelinedExperts(torch.autograd.Function):
         for c in range(C):
             returns[c].wait()
             grad_x_SD[schedule.send_index[c]] = home[c]
-        ctx.graphs = None  # free the per-chunk graphs
+        ctx.graphs = ctx.expert_fn = None  # free the per-chunk graphs
         grad_weights = [g if g is None else g.to(dt) for g, dt in zip(grad_weights, ctx.weight_dtypes)]
         return (grad_x_SD, None, None, None, None, None, *grad_weights)
 

@@ -76,3 +76,14 @@ def test_fp8_dispatch_sends_e4m3_rows_that_multiply_as_before() -> None:
             dispatches = chunks  # forward: a dispatch per chunk, then the combines; backward: both ways
             assert sent[:dispatches] == [("torch.uint8", D + 4)] * dispatches, (chunks, sent)
             assert sent[dispatches:] == [("torch.float32", D)] * (len(sent) - dispatches) and sent[dispatches:], sent
+
+
+def test_pipelined_exchange_in_a_recomputed_block_keeps_nothing_for_backward() -> None:
+    """train.recompute=full with the pipelined exchange (2 ranks, r = 2): gradients equal no recompute within
+    1e-6, and three micro-batches in flight under bf16 autocast keep none of their received rows or bf16
+    weight copies (without the checkpoint they do: the count that checks the counting), which the memory
+    model's full recompute (a block's input only) assumes."""
+    for r in run_distributed(exchange_cases.pipelined_in_a_recomputed_block, 2):
+        assert r["worst_rel"] < 1e-6, r["worst_rel"]
+        assert r["plain"][0] >= 3 and r["plain"][1] >= 3, r["plain"]
+        assert r["recomputed"] == (0, 0), r["recomputed"]

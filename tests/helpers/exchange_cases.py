@@ -243,3 +243,53 @@ def fp8_dispatch_matches_fp8_experts(rank: int, world: int) -> dict:
                           "weight_grad_rel": [float((a - b).norm() / b.norm()) for a, b in zip(gw1, gw0)],
                           "payloads": payloads}
     return result
+
+
+def pipelined_in_a_recomputed_block(rank: int, world: int) -> dict:
+    """The pipelined exchange (r = 2) inside block_checkpoint (train.recompute=full) against no recompute:
+    the largest relative difference of output, input gradient and weight gradients; and, after three
+    forwards (micro-batches in flight) under bf16 autocast, how many received-row chunks and bf16 copies of
+    the stacked weights are still alive, with and without the checkpoint."""
+    import gc
+
+    from moeyard.models.recompute import block_checkpoint
+
+    pmesh = build_mesh(world, "cpu")
+    g = torch.Generator().manual_seed(4321 + rank)
+    x0, idx = torch.randn(T, D, generator=g), skewed_routing(g, T)
+    w, dy = torch.rand(T, K, generator=g), torch.randn(T, D, generator=g)
+    experts = GroupedExperts(E // world, D, F)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5 + rank)) * 0.2)
+    exchange = ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, 2)
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        return _layer(x, idx, w, experts, exchange, None)[0]
+
+    def run(recompute: bool):
+        experts.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        y = block_checkpoint(layer, x) if recompute else layer(x)
+        (y * dy).sum().backward()
+        return y.detach(), x.grad, [p.grad.clone() for p in experts.parameters()]
+
+    (y0, gx0, gw0), (y1, gx1, gw1) = run(False), run(True)
+    worst = max(float((a - b).norm() / b.norm()) for a, b in [(y1, y0), (gx1, gx0), *zip(gw1, gw0)])
+
+    def alive(recompute: bool) -> tuple[int, int]:
+        inputs, outputs = [], []
+        for _ in range(3):
+            inputs.append(x0.clone().requires_grad_())
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outputs.append(block_checkpoint(layer, inputs[-1]) if recompute else layer(inputs[-1]))
+        gc.collect()
+        mine = {id(t) for t in inputs}
+        tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and id(o) not in mine]
+        copies = sum(o.dtype == torch.bfloat16 and o.shape == experts.w_gate_EDF.shape for o in tensors)
+        # the executor's received rows: leaves that take gradients, a row wide
+        rows = sum(o.dim() == 2 and o.shape[1] == D and o.requires_grad and o.is_leaf for o in tensors)
+        del inputs, outputs
+        return rows, copies
+
+    return {"worst_rel": worst, "plain": alive(False), "recomputed": alive(True)}

@@ -296,6 +296,8 @@ def _chunked(s: Schedule, w: Workload, costs: Costs, chunks: int, phase: Phase, 
         seconds = costs.experts(w, w.routed_rows / chunks, phase, chunks)
         if phase == "bwd" and (w.recompute == "experts" or w.recompute_experts and w.recompute != "full"):
             seconds += costs.experts(w, w.routed_rows / chunks, "fwd", chunks)
+        if phase == "bwd" and w.recompute == "full" and chunks > 1:  # the executor's own rerun (overlap.py)
+            seconds += costs.experts(w, w.routed_rows / chunks, "fwd", chunks)
         prev_compute = s.add(f"{tag}.experts{c}", "compute", seconds, [dispatch[c], prev_compute])
         if fan_out:
             prev_compute = s.add(f"{tag}.a2a_node_out{c}", "compute", fan_out, [prev_compute])

@@ -379,14 +379,15 @@ def _fp8_casts(cfg: ModelConfig, layout: Layout, blocks: Sequence[int]) -> float
     """The FP8 casts of MoE blocks' local experts held at the peak, a byte an element: the pipelined exchange's
     chunks share a block's through its pass (models/float8.py shared_weight_casts). A backward holds the input
     gradient's orientation, and the forward's too where it runs the experts again (recompute=experts; under
-    selective the grouped GEMM's checkpoint reruns its forward); lanes add the other lane's forward. Counted
-    whatever the chunks: at one chunk the grouped GEMM holds one weight's cast at a time (an overcount there)."""
+    selective the grouped GEMM's checkpoint reruns its forward; under full the pipelined exchange reruns its
+    chunks); lanes add the other lane's forward. Counted whatever the chunks: at one chunk the grouped GEMM
+    holds one weight's cast at a time (an overcount there)."""
     moe_blocks = [i for i in blocks if cfg.is_moe_layer(i)]
     if not layout.fp8_experts or not moe_blocks:
         return 0.0
     local = max(3 * cfg.moe_for_layer(i).num_experts // layout.ep * cfg.dim * cfg.moe_for_layer(i).ffn_dim
                 for i in moe_blocks)
-    rerun = layout.recompute in ("experts", "selective") or cfg.moe.recompute_experts
+    rerun = layout.recompute != "none" or cfg.moe.recompute_experts
     return local * (1 + int(rerun) + int(layout.lanes))
 
 

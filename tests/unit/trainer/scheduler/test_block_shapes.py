@@ -104,15 +104,15 @@ def test_fp8_gemms_are_the_models_fp8_layers_at_their_rate_with_their_casts() ->
     assert 4 * same.experts(w, rows / 4, "fwd") > same.experts(w, rows, "fwd")  # a cast per chunk would cost more
 
 
-@pytest.mark.parametrize("recompute,lanes,orientations", [("none", False, 1), ("full", False, 1),
+@pytest.mark.parametrize("recompute,lanes,orientations", [("none", False, 1), ("full", False, 2),
                                                           ("experts", False, 2), ("selective", False, 2),
-                                                          ("full", True, 2)])
+                                                          ("none", True, 2), ("full", True, 3)])
 def test_fp8_experts_hold_one_blocks_weight_casts_through_its_pass(recompute: str, lanes: bool,
                                                                    orientations: int) -> None:
     """train.fp8: the memory model counts one MoE block's local experts' FP8 weight casts at the peak, a byte
-    an element: both orientations where backward runs the experts' forward again (recompute experts, and
-    selective's grouped-GEMM checkpoint), one more for the other lane's forward; nothing for a dense-only
-    stage."""
+    an element: both orientations where backward runs the experts' forward again (recompute experts,
+    selective's grouped-GEMM checkpoint, full's rerun by the pipelined exchange), one more for the other
+    lane's forward; nothing for a dense-only stage."""
     cfg = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=4, ffn_dim=48,
                       moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=16, first_dense_layers=1))
     layout = Layout(world=4, ep=2, tokens=64, recompute=recompute, act_bytes=2, lanes=lanes)
@@ -152,3 +152,21 @@ def test_fp8_dispatch_halves_the_forward_dispatch_and_charges_its_packing() -> N
     assert work["packed"][("fwd", "in")] == pytest.approx(work["fp8"][("fwd", "in")] * 68 / 128)
     for key in (("fwd", "out"), ("bwd", "in"), ("bwd", "out")):
         assert work["packed"][key] == work["fp8"][key] > 0, key
+
+
+def test_full_recompute_with_chunks_runs_the_experts_forward_again_in_backward() -> None:
+    """train.recompute=full and the pipelined exchange: the executor keeps only its received rows and runs the
+    experts' forward again in backward (parallel/exchange/overlap.py), charged as one more forward of the
+    experts in the backward pass; at one chunk (the plain exchange) there is nothing to rerun."""
+    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=64,
+                      moe=MoEConfig(num_experts=8, top_k=2, ffn_dim=32))
+    shape = dict(tokens=256, seq_len=64, ep=4, dp=4, micro_steps=1, act_bytes=2)
+    hw = HardwareCosts(Hardware(name="t", devices_per_node=8, gemm_tflops=100.0, intra_node_gbps=10.0,
+                                intra_node_latency_us=0.0, inter_node_gbps=1.0, inter_node_latency_us=0.0,
+                                memory_gbps=1000.0))
+    full, kept = workload_for(cfg, recompute="full", **shape), workload_for(cfg, **shape)
+    forward = hw.experts(full, full.routed_rows, "fwd")
+    for chunks, extra in ((1, 0.0), (2, forward)):
+        got = moe_layer_timeline(full, hw, chunks).work("compute", "moe.bwd.experts")
+        want = moe_layer_timeline(kept, hw, chunks).work("compute", "moe.bwd.experts")
+        assert got == pytest.approx(want + extra), chunks
