@@ -134,7 +134,8 @@ def test_fp8_dispatch_halves_the_forward_dispatch_and_charges_its_packing() -> N
     shape = dict(tokens=256, seq_len=64, dp=4, micro_steps=1, act_bytes=2, fp8="rowwise")
     fp8 = workload_for(cfg, ep=4, **shape)
     packed = workload_for(cfg, ep=4, fp8_dispatch=True, **shape)
-    assert packed.fp8_dispatch and not fp8.fp8_dispatch and not workload_for(cfg, ep=1, fp8_dispatch=True, **shape).fp8_dispatch
+    alone = workload_for(cfg, ep=1, fp8_dispatch=True, **shape)
+    assert packed.fp8_dispatch and not fp8.fp8_dispatch and not alone.fp8_dispatch
     assert packed.fp8_dispatch_bytes == pytest.approx(fp8.a2a_bytes * (64 + 4) / (2 * 64))
     hw = HardwareCosts(Hardware(name="t", devices_per_node=8, gemm_tflops=100.0, intra_node_gbps=10.0,
                                 intra_node_latency_us=0.0, inter_node_gbps=1.0, inter_node_latency_us=0.0,
