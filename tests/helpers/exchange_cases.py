@@ -137,17 +137,24 @@ def pipelined_matches_plain(rank: int, world: int, ep: int, capacity_factor: flo
     return {"worst_rel": worst}
 
 
-def pipelined_bf16_matches_plain(rank: int, world: int) -> dict:
-    """Under bf16 autocast: the weight gradients' dtypes, and the largest relative difference of r=4 from r=1
-    (output, input gradient, weight gradients)."""
+def _one_layer(rank: int, world: int, hidden: int = F):
+    """The mesh over all ranks, this rank's tokens, skewed routing, routing weights, an output gradient, and
+    its share of the experts (E / world of them, weights seeded per rank)."""
     pmesh = build_mesh(world, "cpu")
     g = torch.Generator().manual_seed(4321 + rank)
     x0, idx = torch.randn(T, D, generator=g), skewed_routing(g, T)
     w, dy = torch.rand(T, K, generator=g), torch.randn(T, D, generator=g)
-    experts = GroupedExperts(E // world, D, F)
+    experts = GroupedExperts(E // world, D, hidden)
     with torch.no_grad():
         for p in experts.parameters():
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5 + rank)) * 0.2)
+    return pmesh, x0, idx, w, dy, experts
+
+
+def pipelined_bf16_matches_plain(rank: int, world: int) -> dict:
+    """Under bf16 autocast: the weight gradients' dtypes, and the largest relative difference of r=4 from r=1
+    (output, input gradient, weight gradients)."""
+    pmesh, x0, idx, w, dy, experts = _one_layer(rank, world)
 
     def run(chunks: int):
         experts.zero_grad(set_to_none=True)
@@ -168,15 +175,8 @@ def pipelined_fp8_casts_each_weight_once(rank: int, world: int) -> dict:
     output, input gradient and weight gradients), and how many weight operands were quantized in each run."""
     import moeyard.models.float8 as float8
 
-    pmesh = build_mesh(world, "cpu")
-    g = torch.Generator().manual_seed(4321 + rank)
-    x0, idx = torch.randn(T, D, generator=g), skewed_routing(g, T)
-    w, dy = torch.rand(T, K, generator=g), torch.randn(T, D, generator=g)
-    experts = GroupedExperts(E // world, D, 32)  # FP8 widths: multiples of 16 (models/float8.py ALIGN)
+    pmesh, x0, idx, w, dy, experts = _one_layer(rank, world, hidden=32)  # FP8 widths: multiples of 16
     experts.fp8 = True
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5 + rank)) * 0.2)
     quantize_rows, casts = float8.quantize_rows, []
     # the executor's weight copies share the parameters' storage (same dtype): a cast reading one is a weight's
     storages = {p.untyped_storage().data_ptr() for p in experts.parameters()}
@@ -207,15 +207,8 @@ def fp8_dispatch_matches_fp8_experts(rank: int, world: int) -> dict:
     """train.fp8_dispatch against FP8 experts fed rows in float32, plain (r = 1) and pipelined (r = 2):
     whether outputs and input gradients are identical, the weight gradients' largest relative difference, and
     the dtypes and row widths each forward all-to-all of rows carried."""
-    pmesh = build_mesh(world, "cpu")
-    g = torch.Generator().manual_seed(4321 + rank)
-    x0, idx = torch.randn(T, D, generator=g), skewed_routing(g, T)
-    w, dy = torch.rand(T, K, generator=g), torch.randn(T, D, generator=g)
-    experts = GroupedExperts(E // world, D, 32)  # FP8 widths: multiples of 16
+    pmesh, x0, idx, w, dy, experts = _one_layer(rank, world, hidden=32)  # FP8 widths: multiples of 16
     experts.fp8 = True
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5 + rank)) * 0.2)
     exchange_rows, payloads = dist.all_to_all_single, []
 
     def recording(out, inp, *args, **kwargs):
@@ -254,14 +247,7 @@ def pipelined_in_a_recomputed_block(rank: int, world: int) -> dict:
 
     from moeyard.models.recompute import block_checkpoint
 
-    pmesh = build_mesh(world, "cpu")
-    g = torch.Generator().manual_seed(4321 + rank)
-    x0, idx = torch.randn(T, D, generator=g), skewed_routing(g, T)
-    w, dy = torch.rand(T, K, generator=g), torch.randn(T, D, generator=g)
-    experts = GroupedExperts(E // world, D, F)
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5 + rank)) * 0.2)
+    pmesh, x0, idx, w, dy, experts = _one_layer(rank, world)
     exchange = ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, 2)
 
     def layer(x: torch.Tensor) -> torch.Tensor:
