@@ -375,6 +375,12 @@ def _block_activations(cfg: ModelConfig, layer: int, tokens: int, b: int, recomp
     return tokens * per_token + routed
 
 
+def _local_experts(cfg: ModelConfig, layout: Layout, block: int) -> int:
+    """Elements of one MoE block's gate, up and down weights on one rank (its experts / ep)."""
+    moe = cfg.moe_for_layer(block)
+    return 3 * moe.num_experts // layout.ep * cfg.dim * moe.ffn_dim
+
+
 def _fp8_casts(cfg: ModelConfig, layout: Layout, blocks: Sequence[int]) -> float:
     """The FP8 casts of MoE blocks' local experts held at the peak, a byte an element: the pipelined exchange's
     chunks share a block's through its pass (models/float8.py shared_weight_casts). A backward holds the input
@@ -385,8 +391,7 @@ def _fp8_casts(cfg: ModelConfig, layout: Layout, blocks: Sequence[int]) -> float
     moe_blocks = [i for i in blocks if cfg.is_moe_layer(i)]
     if not layout.fp8_experts or not moe_blocks:
         return 0.0
-    local = max(3 * cfg.moe_for_layer(i).num_experts // layout.ep * cfg.dim * cfg.moe_for_layer(i).ffn_dim
-                for i in moe_blocks)
+    local = max(_local_experts(cfg, layout, i) for i in moe_blocks)
     rerun = layout.recompute != "none" or cfg.moe.recompute_experts
     return local * (1 + int(rerun) + int(layout.lanes))
 
@@ -473,18 +478,26 @@ def predict_stage(cfg: ModelConfig, layout: Layout, c: ParamCounts, stage: int) 
             optimizer = (4 + 2 * layout.moment_bytes) * (c.dense_trainable / world + xt / edp)
         else:
             optimizer = 2 * layout.moment_bytes * (c.dense_trainable + xt)
-        with_activations = layout.act_bytes * (c.dense + x) if layout.act_bytes < 4 else 0.0  # autocast's copies
+        # autocast's copies: one of the dense weights for the step (its cache); the experts' paths cast their
+        # weights per call and save the casts, a copy per micro-batch in flight (kept() below), but under full
+        # recompute, where one block's copy stands at a time
+        with_activations = layout.act_bytes * (c.dense + (x if layout.recompute == "full" else 0.0)) \
+            if layout.act_bytes < 4 else 0.0
         # Buckets reduce in place; the reference concatenates each group (dense, experts) once.
         after_backward = 0.0 if layout.bucketed else 4 * max(c.dense_trainable, xt)
     per_block = {i: _block_activations(cfg, i, layout.tokens, layout.act_bytes,
                                        "none" if layout.recompute == "full" else layout.recompute) for i in held}
     flight = in_flight(layout.pipeline, layout.pp, stage, layout.micro_steps, layout.stages_per_rank)
 
+    # replicated or ZeRO under autocast: a micro-batch's MoE blocks keep the bf16 casts of their local experts
+    copies = layout.grad_sync != "fsdp" and layout.act_bytes < 4
+
     def kept(blocks: Sequence[int]) -> float:
         """What one micro-batch of `blocks` keeps for backward: under full recompute their inputs only."""
         if layout.recompute == "full":
             return len(blocks) * layout.tokens * 4 * cfg.dim
-        return sum(per_block[i] for i in blocks)
+        casts = sum(layout.act_bytes * _local_experts(cfg, layout, i) for i in blocks if cfg.is_moe_layer(i))
+        return sum(per_block[i] for i in blocks) + (casts if copies else 0.0)
 
     # the final norm's input and output (the last stage), the embedding's output (a later stage: the input it
     # received)

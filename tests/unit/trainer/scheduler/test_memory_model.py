@@ -377,3 +377,26 @@ def test_gpipe_holds_no_gradient_when_its_backwards_begin() -> None:
     assert one_f_one_b.start_of_backward == pytest.approx(
         one_f_one_b.parameters + one_f_one_b.optimizer + one_f_one_b.gradients + one_f_one_b.activations
         + one_f_one_b.with_activations)
+
+
+@pytest.mark.parametrize("grad_sync,recompute,copies", [("all_reduce", "none", True), ("all_reduce", "selective", True),
+                                                        ("all_reduce", "full", False), ("fsdp", "none", False)])
+def test_autocast_expert_copies_are_kept_per_micro_batch_in_flight(monkeypatch, grad_sync, recompute, copies) -> None:
+    """Replicated weights under autocast: the experts' paths save the bf16 casts of a MoE block's local
+    experts for backward, one set per micro-batch in flight (a pipeline stage holds several; measured on gloo:
+    tests/distributed/test_exchange.py). FSDP's units are gathered in bf16 already (no copy); under full
+    recompute one block's copy stands at a time, within autocast's copies."""
+    from moeyard.trainer.scheduler import memory_model
+
+    layout = Layout(world=4, ep=2, tokens=256, grad_sync=grad_sync, recompute=recompute, act_bytes=2, pp=2,
+                    pipeline="1f1b", micro_steps=8)
+    counts = memory_model.stage_counts(CFG, layout)[0]
+    real = memory_model.predict_stage(CFG, layout, counts, 0)
+    monkeypatch.setattr(memory_model, "_local_experts", lambda cfg, layout, block: 0)
+    without = memory_model.predict_stage(CFG, layout, counts, 0)
+    held = memory_model.stage_blocks(CFG, 0, 2)
+    per_micro_batch = sum(2 * 3 * (CFG.moe.num_experts // 2) * CFG.dim * CFG.moe.ffn_dim for i in held
+                          if CFG.is_moe_layer(i))
+    flight = memory_model.in_flight("1f1b", 2, 0, 8)
+    assert flight == 2 and per_micro_batch > 0
+    assert real.activations - without.activations == (flight * per_micro_batch if copies else 0)
