@@ -171,3 +171,43 @@ def expert_grads_reduced_during_backward(rank: int, world: int) -> dict:
     worst = max(float((a - b).norm() / b.norm()) for key in grads
                 for a, b in zip(grads[key], grads["flat/1"]))
     return {"reduced": seen, "worst_rel": worst}
+
+
+def hierarchical_in_a_recomputed_block(rank: int, world: int) -> dict:
+    """Hierarchical dispatch pipelined in 2 chunks inside block_checkpoint (train.recompute=full), whose
+    executor runs its chunks again in backward with the machine's fan-out collectives, against no recompute:
+    the largest relative difference of output and gradients (routing weights' and experts' included)."""
+    from moeyard.models.recompute import block_checkpoint
+
+    pmesh = build_mesh(world, "cpu", ranks_per_node=RANKS_PER_NODE)
+    groups = NodeGroups(pmesh.node_group, pmesh.cross_group)
+    g = torch.Generator().manual_seed(99 + rank)
+    x0, dy, w0 = torch.randn(T, D, generator=g), torch.randn(T, D, generator=g), torch.rand(T, K, generator=g)
+    perm = plan_permutation(skewed_routing(g, T), E, None)
+    experts = GroupedExperts(E // world, D, F)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5 + rank)) * 0.2)
+    exchange = ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, 2, "hierarchical", groups)
+
+    def run(recompute: bool):
+        experts.zero_grad(set_to_none=True)
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+
+        def layer(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return exchange.run_routed(x, perm, w, experts)
+
+        y = block_checkpoint(layer, x, w) if recompute else layer(x, w)
+        (y * dy).sum().backward()
+        return [y.detach(), x.grad, w.grad, *[p.grad.clone() for p in experts.parameters()]]
+
+    import moeyard.parallel.exchange.overlap as overlap
+
+    reruns, marked = [], overlap.in_recomputed_block
+    overlap.in_recomputed_block = lambda: reruns.append(marked()) or reruns[-1]
+    try:
+        kept, recomputed = run(False), run(True)
+    finally:
+        overlap.in_recomputed_block = marked
+    return {"worst_rel": max(float((a - b).norm() / b.norm()) for a, b in zip(recomputed, kept)),
+            "executor_reruns": sum(reruns)}
