@@ -5,6 +5,7 @@ A hung collective fails the calling test with a message; it never stalls the sui
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -29,7 +30,9 @@ def _entry(fn: Callable, rank: int, world: int, port: int, args: tuple, results:
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
         try:
-            results.put((rank, "ok", fn(rank, world, *args)))
+            # by value (plain pickle): torch's queue pickler would share a tensor's storage through a file
+            # descriptor the worker serves until it exits, which it may do before the parent reads it
+            results.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
         finally:
             dist.destroy_process_group()
     except BaseException:  # report everything, including assertion failures, to the parent
@@ -79,7 +82,7 @@ def run_distributed(fn: Callable, world: int, *args: Any, timeout_s: float = 120
             if status == "error":
                 errors.append(f"rank {rank}:\n{value}")
             else:
-                collected[rank] = value
+                collected[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=5)
