@@ -118,11 +118,16 @@ def quantize_weight(w_NK: Tensor) -> tuple[Tensor, Tensor]:
     return entry[1], entry[2]
 
 
+def packed_width(dim: int) -> int:
+    """Bytes of one row pack_rows sends: a byte an element and its float32 scale."""
+    return dim + 4
+
+
 def pack_rows(x_SD: Tensor) -> Tensor:
     """x_SD's rows as they travel under train.fp8_dispatch: each row's e4m3 bytes (quantize_rows) followed by
     its float32 scale's four bytes, [S, D + 4] uint8: half of a bfloat16 row's bytes. DeepSeek-V3 dispatches
     its experts' inputs in FP8 for the same reason; the experts' first GEMMs multiply in FP8 anyway."""
-    packed_SB = torch.empty(x_SD.shape[0], x_SD.shape[1] + 4, dtype=torch.uint8, device=x_SD.device)
+    packed_SB = torch.empty(x_SD.shape[0], packed_width(x_SD.shape[1]), dtype=torch.uint8, device=x_SD.device)
     _, scale_S1 = quantize_rows(x_SD, packed_SB[:, :-4].view(E4M3))  # cast straight into the rows' bytes
     packed_SB[:, -4:] = scale_S1.view(torch.uint8)
     return packed_SB
@@ -200,5 +205,5 @@ def float8_unsupported(device: torch.device, dtype: torch.dtype) -> Optional[str
 
 
 __all__ = ["ALIGN", "RECIPES", "eligible", "float8_grouped_mm", "float8_grouped_unsupported", "float8_mm",
-           "float8_unsupported", "pack_rows", "quantize_rows", "quantize_weight", "shared_weight_casts",
+           "float8_unsupported", "pack_rows", "packed_width", "quantize_rows", "quantize_weight", "shared_weight_casts",
            "unpack_rows"]

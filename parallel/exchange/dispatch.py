@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moeyard.models import GroupedExperts
+from moeyard.models.float8 import packed_width
 from moeyard.models.moe.layer import ExpertRows, PendingSum
 from moeyard.models.moe.permutation import Permutation
 from moeyard.parallel.exchange.flat import flat_exchange
@@ -43,7 +44,7 @@ class ExpertParallelExchange(ExpertRows):
 
     def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, experts: GroupedExperts) -> Tensor:
         if self.node_groups is not None:
-            row_bytes = x_SD.shape[1] + 4 if experts.fp8_dispatch else x_SD.shape[1] * x_SD.element_size()
+            row_bytes = packed_width(x_SD.shape[1]) if experts.fp8_dispatch else x_SD.shape[1] * x_SD.element_size()
             self.traffic.add(flat_cross_node_rows(tokens_per_expert_E, self.node_groups), row_bytes)
         return flat_exchange(x_SD, tokens_per_expert_E, experts, self.ep_group, self.chunks)
 

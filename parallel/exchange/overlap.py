@@ -118,7 +118,8 @@ class _PipelinedExperts(torch.autograd.Function):
         C = schedule.chunks
         device = x_SD.device.type
         # Cast once for all chunks (under autocast the experts run in its dtype): one compute-dtype copy of
-        # the weights is saved, not one per chunk. Gradients are summed over chunks in float32.
+        # the weights is kept, not one per chunk (none where the block reruns). Gradients are summed over
+        # chunks in float32.
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         weight_leaves = [w.detach().to(dtype or w.dtype).requires_grad_(w.requires_grad) for w in weights]
         payload = pack_rows(x_SD) if fp8 else x_SD  # train.fp8_dispatch: the rows travel as e4m3 bytes
@@ -127,7 +128,7 @@ class _PipelinedExperts(torch.autograd.Function):
         back: list[Tensor] = []  # each chunk's outputs home, as wide as the experts' outputs
         dispatch = [_launch(recv[0], sent[0], schedule.recv_splits[0], schedule.send_splits[0], group)]
         combine = []
-        graphs = []
+        graphs, kept_rows = [], []
         # In a block recomputed in backward, per-chunk graphs held here would outlive the checkpoint's drop
         # (every micro-batch in flight keeping its rows, outputs and weight copies): keep only the received rows,
         # through save_for_backward, and run the experts again in backward.
@@ -139,10 +140,16 @@ class _PipelinedExperts(torch.autograd.Function):
                     dispatch.append(_launch(recv[c + 1], sent[c + 1], schedule.recv_splits[c + 1],
                                             schedule.send_splits[c + 1], group))
                 rows = unpack_rows(recv[c], x_SD.dtype) if fp8 else recv[c]
-                x_in = rows.index_select(0, schedule.recv_order[c]).detach().requires_grad_(x_SD.requires_grad)
-                with torch.set_grad_enabled(build_graph and not rerun):  # no graphs in evaluation
-                    y_in = expert_fn(x_in, schedule.rows_per_local_expert[c], *weight_leaves)
-                graphs.append((x_in.detach(),) if rerun else (x_in, y_in))
+                x_in = rows.index_select(0, schedule.recv_order[c])
+                if rerun:
+                    kept_rows.append(x_in)
+                    with torch.no_grad():
+                        y_in = expert_fn(x_in, schedule.rows_per_local_expert[c], *weight_leaves)
+                else:
+                    x_in.requires_grad_(x_SD.requires_grad)
+                    with torch.set_grad_enabled(build_graph):  # no per-chunk graphs in evaluation
+                        y_in = expert_fn(x_in, schedule.rows_per_local_expert[c], *weight_leaves)
+                    graphs.append((x_in, y_in))
                 y_recv = y_in.detach().index_select(0, inverse_permutation(schedule.recv_order[c]))
                 back.append(y_recv.new_empty(sent[c].shape[0], y_recv.shape[1]))
                 combine.append(_launch(back[c], y_recv, schedule.send_splits[c], schedule.recv_splits[c], group))
@@ -152,7 +159,7 @@ class _PipelinedExperts(torch.autograd.Function):
             y_SD[schedule.send_index[c]] = back[c]
         ctx.schedule, ctx.group, ctx.rerun = schedule, group, rerun
         if rerun:  # the weights themselves, cast again in backward (their casts would be a copy per micro-batch)
-            ctx.save_for_backward(*(rows for rows, in graphs), *weights)
+            ctx.save_for_backward(*kept_rows, *weights)
             ctx.expert_fn, ctx.x_requires_grad, ctx.cast_dtype = expert_fn, x_SD.requires_grad, dtype
             ctx.weights_require_grad = [w.requires_grad for w in weight_leaves]  # a recomputed one is detached
         else:

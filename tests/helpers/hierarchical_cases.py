@@ -102,9 +102,9 @@ def hierarchical_matches_flat(rank: int, world: int) -> dict:
     return {"worst_rel": worst, "traffic": traffic, "host_syncs": syncs}
 
 
-def hierarchical_bf16_matches_flat(rank: int, world: int) -> dict:
-    """Under bf16 autocast, where expert ids ride in bf16 rows as raw bits: the largest relative difference
-    of hierarchical (chunks 2) from flat, output and gradients."""
+def _two_machines(rank: int, world: int):
+    """The mesh as machines of RANKS_PER_NODE ranks and their groups, this rank's tokens, output gradient and
+    routing weights, a skewed routing planned, and its share of the experts (weights seeded per rank)."""
     pmesh = build_mesh(world, "cpu", ranks_per_node=RANKS_PER_NODE)
     groups = NodeGroups(pmesh.node_group, pmesh.cross_group)
     g = torch.Generator().manual_seed(99 + rank)
@@ -114,6 +114,13 @@ def hierarchical_bf16_matches_flat(rank: int, world: int) -> dict:
     with torch.no_grad():
         for p in experts.parameters():
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5 + rank)) * 0.2)
+    return pmesh, groups, x0, dy, w0, perm, experts
+
+
+def hierarchical_bf16_matches_flat(rank: int, world: int) -> dict:
+    """Under bf16 autocast, where expert ids ride in bf16 rows as raw bits: the largest relative difference
+    of hierarchical (chunks 2) from flat, output and gradients."""
+    pmesh, groups, x0, dy, w0, perm, experts = _two_machines(rank, world)
 
     def run(dispatch: str, chunks: int):
         experts.zero_grad(set_to_none=True)
@@ -179,15 +186,7 @@ def hierarchical_in_a_recomputed_block(rank: int, world: int) -> dict:
     the largest relative difference of output and gradients (routing weights' and experts' included)."""
     from moeyard.models.recompute import block_checkpoint
 
-    pmesh = build_mesh(world, "cpu", ranks_per_node=RANKS_PER_NODE)
-    groups = NodeGroups(pmesh.node_group, pmesh.cross_group)
-    g = torch.Generator().manual_seed(99 + rank)
-    x0, dy, w0 = torch.randn(T, D, generator=g), torch.randn(T, D, generator=g), torch.rand(T, K, generator=g)
-    perm = plan_permutation(skewed_routing(g, T), E, None)
-    experts = GroupedExperts(E // world, D, F)
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5 + rank)) * 0.2)
+    pmesh, groups, x0, dy, w0, perm, experts = _two_machines(rank, world)
     exchange = ExpertParallelExchange(pmesh.ep_group, pmesh.dp_group, 2, "hierarchical", groups)
 
     def run(recompute: bool):

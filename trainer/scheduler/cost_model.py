@@ -13,7 +13,7 @@ from functools import cached_property
 from typing import Literal, Protocol, Sequence
 
 from moeyard.models import ModelConfig
-from moeyard.models.float8 import eligible
+from moeyard.models.float8 import eligible, packed_width
 from moeyard.parallel.plan import Plan
 from moeyard.parallel.stages import holds_ends, rank_layers
 from moeyard.trainer.scheduler.block_shapes import (
@@ -160,7 +160,7 @@ class Workload:
     @property
     def fp8_dispatch_bytes(self) -> float:
         """a2a_bytes under train.fp8_dispatch: a byte an element and 4 a row (models/float8.py pack_rows)."""
-        return self.routed_rows * (self.dim + 4) * (self.ep - 1) / self.ep
+        return self.routed_rows * packed_width(self.dim) * (self.ep - 1) / self.ep
 
     @property
     def ep_nodes(self) -> int:
